@@ -1,0 +1,109 @@
+# LocalMoE top-level build.
+#
+#   make            libmoe + moe CLI + unit tests + nginx module (.so)
+#   make deps       install what is missing (Debian packages), idempotent
+#   make test       deps + build + prove -r t/
+#   make run        deps + build + serve conf/nginx.conf on 127.0.0.1:8000
+#   MOE_CUDA=0      force a CPU-only build even where nvcc exists
+
+CC       ?= cc
+BUILD    := build
+NGX_SRC  ?= /usr/share/nginx/src
+NVCC     ?= $(shell command -v nvcc 2>/dev/null || \
+              ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+MOE_CUDA ?= $(if $(NVCC),1,0)
+
+WARN     := -Wall -Wextra -Werror
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -pthread $(WARN) -Iengine/include \
+            -Iengine
+LDLIBS   := -lyajl -lyaml -lpcre2-8 -lpthread -lm
+
+ENGINE_SRCS := $(wildcard engine/*.c)
+ENGINE_OBJS := $(ENGINE_SRCS:%.c=$(BUILD)/%.o)
+UNIT_SRCS   := $(wildcard t/unit/*.c)
+UNIT_BINS   := $(UNIT_SRCS:t/unit/%.c=$(BUILD)/t/%)
+KERNEL_SRCS := $(wildcard kernels/*.cu)
+KERNEL_OBJS := $(KERNEL_SRCS:%.cu=$(BUILD)/%.o)
+NGX_SO      := $(BUILD)/nginx/objs/ngx_http_moe_module.so
+
+# CUDA: CI compiles every .cu file; the CPU engine never needs them to link.
+ifeq ($(MOE_CUDA),1)
+CUDA_HOME   ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+NVCCFLAGS   ?= -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+               -Xcompiler -fPIC,-Wall,-Wextra,-Werror
+KERNELS_A   := $(BUILD)/libmoe_kernels.a
+else
+KERNELS_A   :=
+endif
+
+.PHONY: all deps test run clean engine module unit kernels tsan
+
+all: engine unit module kernels
+
+engine: $(BUILD)/libmoe.a $(BUILD)/moe
+unit: $(UNIT_BINS)
+module: $(NGX_SO)
+kernels: $(KERNELS_A)
+
+$(BUILD)/%.o: %.c $(wildcard engine/*.h) engine/include/moe.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/libmoe.a: $(ENGINE_OBJS)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/moe: engine/cli/moe.c $(BUILD)/libmoe.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoe.a $(LDLIBS)
+
+$(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(wildcard t/unit/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -It/unit -o $@ $< $(BUILD)/libmoe.a $(LDLIBS)
+
+# The ring stress test again under ThreadSanitizer (clang or gcc).
+tsan: $(BUILD)/t/ring_tsan
+$(BUILD)/t/ring_tsan: t/unit/ring.c engine/ring.c engine/ring.h
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
+	    -Iengine/include -Iengine -It/unit -o $@ t/unit/ring.c engine/ring.c
+
+$(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Ikernels -Iengine/include -c -o $@ $<
+
+$(BUILD)/libmoe_kernels.a: $(KERNEL_OBJS)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^ $(if $(KERNEL_OBJS),,$(error no kernels))
+
+# The dynamic module, built against Debian's nginx-dev tree with Debian's
+# own configure flags so that the .so loads into /usr/sbin/nginx.
+$(BUILD)/nginx/Makefile: config
+	@test -d $(NGX_SRC) || { echo "nginx-dev missing: run make deps"; exit 1; }
+	rm -rf $(BUILD)/nginx && mkdir -p $(BUILD)/nginx
+	cp -r $(NGX_SRC)/. $(BUILD)/nginx/
+	cd $(BUILD)/nginx && bash -c '. ./conf_flags && \
+	    ./configure "$${NGX_CONF_FLAGS[@]}" \
+	    --add-dynamic-module=$(CURDIR)' > configure.log 2>&1 || \
+	    { tail -30 $(BUILD)/nginx/configure.log; exit 1; }
+	touch $@
+
+$(NGX_SO): $(BUILD)/nginx/Makefile $(BUILD)/libmoe.a \
+           $(wildcard ngx_moe_module/*.c ngx_moe_module/*.h)
+	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules \
+	    CFLAGS="$$(sed -n 's/^CFLAGS = //p' $(BUILD)/nginx/objs/Makefile) -Werror"
+
+deps:
+	@tools/deps.sh
+
+test: deps
+	$(MAKE) all
+	$(MAKE) tsan
+	prove -r t/
+
+run: deps
+	$(MAKE) engine module
+	@tools/serve.sh
+
+clean:
+	rm -rf $(BUILD)

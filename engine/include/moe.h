@@ -1,0 +1,385 @@
+/*
+ * LocalMoE engine (libmoe): the one public header.
+ *
+ * The nginx module and the `moe` CLI use only what is declared here.  The
+ * engine is plain C11 and never includes ngx_*.h.  Every function that can
+ * fail returns a moe status (MOE_OK == 0, negative on failure) and, where it
+ * takes an `err` buffer, writes a one-line human readable reason there.
+ * Nothing here exits or aborts the process.
+ *
+ * Threading: a moe_engine_t owns one engine thread.  moe_engine_submit(),
+ * moe_engine_cancel(), moe_engine_drain() and moe_engine_stats() are called
+ * from ONE producer/consumer thread (the nginx worker); they are lock-free
+ * (single-producer/single-consumer rings).  The tokenizer and model info are
+ * immutable after create and may be read from any thread.
+ */
+
+#ifndef MOE_H
+#define MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- status */
+
+enum {
+    MOE_OK           =  0,
+    MOE_EINVAL       = -1,   /* bad argument or bad input */
+    MOE_ENOMEM       = -2,   /* allocation failed */
+    MOE_EFULL        = -3,   /* ring full: try again later (HTTP 503) */
+    MOE_EIO          = -4,   /* file missing or unreadable */
+    MOE_EFORMAT      = -5,   /* malformed file */
+    MOE_EUNSUPPORTED = -6,   /* valid but not supported (arch, dtype, ...) */
+    MOE_ETOOLONG     = -7,   /* prompt + max_tokens over max_model_len */
+    MOE_ESTATE       = -8,   /* call not valid in this state */
+    MOE_EBACKEND     = -9    /* backend (CPU/CUDA) failure */
+};
+
+/* Static string naming a status ("invalid argument", ...). Never NULL. */
+const char *moe_strerror(int status);
+
+
+/* ---------------------------------------------------------- configuration */
+
+#define MOE_PATH_MAX       1024
+#define MOE_NAME_MAX       256
+#define MOE_MAX_INSTANCES  8
+#define MOE_MAX_GPUS       16
+
+typedef struct {
+    char  model_name[MOE_PATH_MAX];   /* as written in the YAML */
+    char  model_path[MOE_PATH_MAX];   /* resolved model directory */
+    int   tensor_parallel_size;       /* >= 1 */
+    int   gpu_devices[MOE_MAX_GPUS];
+    int   n_gpu_devices;              /* 0: devices 0..tp-1 */
+    int   line;                       /* YAML line of the entry, for errors */
+} moe_instance_conf_t;
+
+/*
+ * The parsed YAML (see conf/localmoe.yaml).  -1 in an int field of the
+ * `model:` section means "not given" (the model's config.json decides).
+ */
+typedef struct moe_config {
+    char    file[MOE_PATH_MAX];       /* the YAML file it came from */
+
+    /* model: section (the seed's) */
+    int     num_experts;              /* -1 unset; model wins if it differs */
+    int     top_k_experts;            /* -1 unset; overrides the model's */
+    int     hidden_size;              /* -1 unset */
+    int     intermediate_size;        /* -1 unset */
+    int     max_sequence_length;      /* -1 unset */
+    char    quantization_type[16];    /* "fp32" "fp16" "bf16"; "" unset */
+    int     enable_compilation;       /* 1 default */
+
+    /* vllm: section */
+    char    model_name[MOE_PATH_MAX]; /* as written */
+    char    model_path[MOE_PATH_MAX]; /* resolved model directory */
+    char    served_model_name[MOE_NAME_MAX]; /* /v1/models id; default
+                                                model_name */
+    int     tensor_parallel_size;     /* 1 default */
+    double  gpu_memory_utilization;   /* 0.9 default, (0, 1] */
+    int     max_model_len;            /* 0: from the model (capped 2048
+                                         on CPU) */
+    int     block_size;               /* 16 default; 1..256 */
+    double  swap_space;               /* GiB, 4 default, >= 0 */
+    int     max_num_batched_tokens;   /* 8192 default */
+    int     max_num_seqs;             /* 256 default */
+    int     enable_prefix_caching;    /* 0/1, default 1 */
+    int     enable_chunked_prefill;   /* 0/1, default 1 */
+    int     use_v2_block_manager;     /* accepted, no effect */
+    int     max_chunked_prefill_tokens; /* 0: max_num_batched_tokens */
+    char    quantization[32];         /* "" (null) */
+    int     trust_remote_code;        /* accepted; never runs remote code */
+    char    load_format[32];          /* "auto" | "safetensors" */
+
+    /* LocalMoE extensions (engine: section or top level keys) */
+    char    backend[16];              /* "auto" | "cpu" | "cuda" */
+    int     cpu_threads;              /* 0: all cores */
+    int     kv_cache_blocks;          /* 0: size from memory settings */
+    int     ring_size;                /* submit/completion ring slots,
+                                         default 4096, power of two */
+
+    moe_instance_conf_t instances[MOE_MAX_INSTANCES];
+    int     n_instances;              /* vllm_instances: entries */
+} moe_config_t;
+
+/* Fill *c with the defaults above. */
+void moe_config_defaults(moe_config_t *c);
+
+/*
+ * Parse the YAML file `path` into *c (defaults first).  Unknown keys, wrong
+ * types and out-of-range values fail with MOE_EINVAL and err set to
+ * "<file>:<line>: <reason>".  A model_name that is a relative path is
+ * resolved against the YAML file's directory, then its parent, then the
+ * current directory; "org/name" ids are also looked up as models/org/name
+ * there.  A model directory that cannot be found fails with its line.
+ */
+int moe_config_load(const char *path, moe_config_t *c, char *err,
+    size_t errlen);
+
+
+/* -------------------------------------------------------------- tokenizer */
+
+typedef struct moe_tokenizer moe_tokenizer_t;
+
+/*
+ * Load a Hugging Face tokenizer.json (and, if present beside it,
+ * tokenizer_config.json for bos/eos/chat_template).  Supports byte-level BPE
+ * (GPT-2 / Llama-3 / Qwen) and SentencePiece-style BPE with byte fallback
+ * (Llama-2 / Mistral / Mixtral), added and special tokens.  The result is
+ * immutable and thread-safe to read.  Caller frees with
+ * moe_tokenizer_free().
+ */
+int moe_tokenizer_load(const char *tokenizer_json_path,
+    moe_tokenizer_t **out, char *err, size_t errlen);
+void moe_tokenizer_free(moe_tokenizer_t *t);
+
+/*
+ * Encode UTF-8 text exactly as HF tokenizers' encode(text,
+ * add_special_tokens) does.  *ids is malloc()ed (caller frees) and holds *n
+ * ids.  Invalid UTF-8 is replaced by U+FFFD first (as Python's
+ * errors="replace" would), never rejected.
+ */
+int moe_tokenizer_encode(const moe_tokenizer_t *t, const char *text,
+    size_t len, int add_special_tokens, int32_t **ids, size_t *n);
+
+/*
+ * Decode ids to UTF-8 as HF's decode(ids, skip_special_tokens).  *text is
+ * malloc()ed, NUL terminated, *len bytes.  Ids out of range: MOE_EINVAL.
+ */
+int moe_tokenizer_decode(const moe_tokenizer_t *t, const int32_t *ids,
+    size_t n, int skip_special_tokens, char **text, size_t *len);
+
+int         moe_tokenizer_vocab_size(const moe_tokenizer_t *t);
+/* id of an exact token string (added or vocab), -1 if none */
+int32_t     moe_tokenizer_token_to_id(const moe_tokenizer_t *t,
+    const char *token);
+/* token string of an id (vocab form, e.g. "Ġthe"), NULL if out of range */
+const char *moe_tokenizer_id_to_token(const moe_tokenizer_t *t, int32_t id);
+/* 1 if id is a special added token */
+int         moe_tokenizer_is_special(const moe_tokenizer_t *t, int32_t id);
+
+/*
+ * Incremental detokenizer for streaming.  Push generated ids one at a time;
+ * each push appends to *out only text that is final: never half a UTF-8
+ * character, and the concatenation of every piece plus the flush equals
+ * moe_tokenizer_decode(all ids, skip_special_tokens).  `out` is a
+ * malloc()ed buffer owned by the caller, grown with realloc.
+ */
+typedef struct moe_detok moe_detok_t;
+
+moe_detok_t *moe_detok_create(const moe_tokenizer_t *t,
+    int skip_special_tokens);
+void moe_detok_free(moe_detok_t *d);
+/* Appends final text to (*out, *len, *cap).  MOE_ENOMEM on failure. */
+int moe_detok_push(moe_detok_t *d, int32_t id, char **out, size_t *len,
+    size_t *cap);
+/* Appends whatever is still held back (replacement chars for a truncated
+ * UTF-8 tail, as HF decode would). */
+int moe_detok_flush(moe_detok_t *d, char **out, size_t *len, size_t *cap);
+
+
+/* ---------------------------------------------------------- text streams */
+
+#define MOE_MAX_STOP 8
+
+/*
+ * Detokenizer plus stop strings: push ids, get back text that is safe to
+ * send.  Text that might be the start of a stop string is held back until
+ * it is known not to be; when a stop string is completed (even across token
+ * boundaries) `stopped` becomes 1 and the text before the stop string is
+ * the last emitted.  The stop string itself is never emitted.
+ */
+typedef struct moe_textstream moe_textstream_t;
+
+moe_textstream_t *moe_textstream_create(const moe_tokenizer_t *t,
+    const char *const *stops, int n_stops, int skip_special_tokens);
+void moe_textstream_free(moe_textstream_t *s);
+/*
+ * Push one id.  On return (*text, *len) points at new text to send (owned
+ * by the stream, valid until the next call), possibly empty.  *stopped is
+ * set to 1 once a stop string matched; further pushes return nothing.
+ */
+int moe_textstream_push(moe_textstream_t *s, int32_t id, const char **text,
+    size_t *len, int *stopped);
+/* End of generation: returns the held back text (no stop matched). */
+int moe_textstream_finish(moe_textstream_t *s, const char **text,
+    size_t *len);
+
+
+/* ----------------------------------------------------------- chat prompts */
+
+typedef struct {
+    const char *role;        /* "system" "user" "assistant" "tool" ... */
+    const char *content;     /* UTF-8, may be "" */
+    size_t      content_len;
+} moe_chat_msg_t;
+
+/*
+ * Render a conversation into the prompt text the model expects.  Uses the
+ * model's chat template when the engine supports it, else ChatML
+ * (<|im_start|>role\ncontent<|im_end|>\n ... <|im_start|>assistant\n).
+ * *out is malloc()ed.  Fails with MOE_EINVAL and err set when the template
+ * cannot be rendered (names the construct).
+ */
+int moe_chat_render(const moe_tokenizer_t *t, const char *chat_template,
+    const moe_chat_msg_t *msgs, int n_msgs, int add_generation_prompt,
+    char **out, size_t *out_len, char *err, size_t errlen);
+
+
+/* --------------------------------------------------------------- sampling */
+
+#define MOE_MAX_STOP_IDS 16
+
+typedef struct {
+    float     temperature;         /* 0: greedy; default 1 */
+    float     top_p;               /* (0,1], default 1 */
+    int       top_k;               /* <= 0: off */
+    float     min_p;               /* [0,1], default 0 */
+    float     presence_penalty;    /* [-2,2], default 0 */
+    float     frequency_penalty;   /* [-2,2], default 0 */
+    float     repetition_penalty;  /* > 0, default 1 (HF semantics) */
+    uint64_t  seed;
+    int       has_seed;            /* 0: seeded from the request id+clock */
+    int       max_tokens;          /* tokens to generate, >= 1 */
+    int       ignore_eos;
+    int32_t   stop_token_ids[MOE_MAX_STOP_IDS];
+    int       n_stop_token_ids;
+} moe_sampling_t;
+
+void moe_sampling_defaults(moe_sampling_t *sp);
+
+
+/* ----------------------------------------------------------------- engine */
+
+typedef struct moe_engine moe_engine_t;
+
+typedef struct {
+    char     served_name[MOE_NAME_MAX];  /* /v1/models id */
+    char     model_path[MOE_PATH_MAX];
+    char     architecture[64];           /* "MixtralForCausalLM", ... */
+    char     backend[16];                /* "cpu" | "cuda" */
+    int      vocab_size;
+    int      max_model_len;
+    int      n_layers;
+    int      n_experts;                  /* 1 for dense models */
+    int      top_k;
+    int      hidden_size;
+    int32_t  eos_ids[8];                 /* from generation_config.json */
+    int      n_eos;
+    int      block_size;
+    int      kv_blocks_total;
+    const char *chat_template;           /* NULL: ChatML */
+    long     created;                    /* unix time the model loaded */
+} moe_model_info_t;
+
+typedef enum {
+    MOE_EV_TOKEN  = 1,   /* one generated token */
+    MOE_EV_FINISH = 2,   /* sequence ended; usage counts are final */
+    MOE_EV_ERROR  = 3    /* sequence failed; status says why */
+} moe_event_type_t;
+
+typedef enum {
+    MOE_FINISH_NONE      = 0,
+    MOE_FINISH_STOP      = 1,   /* EOS or a stop token id */
+    MOE_FINISH_LENGTH    = 2,   /* max_tokens or max_model_len */
+    MOE_FINISH_CANCELLED = 3,   /* moe_engine_cancel() */
+    MOE_FINISH_ERROR     = 4
+} moe_finish_t;
+
+typedef struct {
+    uint64_t  req_id;
+    int32_t   type;            /* moe_event_type_t */
+    int32_t   token;           /* TOKEN: the id; FINISH on EOS: the EOS id,
+                                  else -1 */
+    int32_t   finish_reason;   /* FINISH: moe_finish_t */
+    int32_t   status;          /* ERROR: a moe status */
+    int32_t   n_prompt;        /* FINISH: prompt tokens */
+    int32_t   n_cached;        /* FINISH: prompt tokens served from the
+                                  prefix cache */
+    int32_t   n_generated;     /* FINISH: tokens sampled, EOS included */
+    float     logprob;         /* TOKEN: log-probability of the token */
+} moe_event_t;
+
+typedef struct {
+    int64_t  kv_blocks_total;
+    int64_t  kv_blocks_used;
+    int64_t  kv_blocks_cached;     /* free but holding a cached prefix */
+    int64_t  block_size;
+    int64_t  kv_bytes_per_block;
+    int64_t  weights_bytes;
+    int64_t  seqs_running;
+    int64_t  seqs_waiting;
+    int64_t  requests_submitted;
+    int64_t  requests_finished;
+    int64_t  requests_cancelled;
+    int64_t  prompt_tokens_total;
+    int64_t  generated_tokens_total;
+    int64_t  cached_tokens_total;
+    int64_t  steps;
+    int64_t  busy_ns;              /* engine time spent in forward+sample */
+    int64_t  preemptions;
+    int64_t  submit_ring_free;
+} moe_stats_t;
+
+/*
+ * Load the model named by cfg (vllm.model_name, resolved), pick the backend
+ * (cfg->backend; "auto" = cuda when built with CUDA and a GPU is present),
+ * size the KV cache, and start the engine thread.  Start-up failures
+ * (missing file, malformed tensor, out of memory) return a status with err
+ * naming the file and tensor.  cfg is copied.
+ */
+int moe_engine_create(const moe_config_t *cfg, moe_engine_t **out,
+    char *err, size_t errlen);
+
+/* Stop the engine thread, free everything.  NULL is a no-op. */
+void moe_engine_destroy(moe_engine_t *e);
+
+/* Readable (EPOLLIN) when events are waiting; moe_engine_drain() clears it.
+ * Non-blocking, close-on-exec; owned by the engine. */
+int moe_engine_eventfd(const moe_engine_t *e);
+
+const moe_model_info_t *moe_engine_info(const moe_engine_t *e);
+const moe_tokenizer_t  *moe_engine_tokenizer(const moe_engine_t *e);
+
+/*
+ * Queue a request.  prompt is copied.  Returns MOE_OK, MOE_EFULL (submit
+ * ring full: answer 503), MOE_EINVAL (empty prompt, id out of vocab, bad
+ * params) or MOE_ETOOLONG (prompt longer than max_model_len - 1).  The
+ * request's events then arrive through moe_engine_drain(), ending with
+ * exactly one FINISH or ERROR event.  req_id must be unique among live
+ * requests.
+ */
+int moe_engine_submit(moe_engine_t *e, uint64_t req_id,
+    const int32_t *prompt, int n_prompt, const moe_sampling_t *sp);
+
+/*
+ * Ask the engine to drop a request and free its KV blocks within one step.
+ * The request still gets a FINISH event (reason CANCELLED) unless it had
+ * already finished.  MOE_EFULL: ring full, call again later.
+ */
+int moe_engine_cancel(moe_engine_t *e, uint64_t req_id);
+
+/* Copy up to max waiting events into ev; returns how many.  Non-blocking. */
+size_t moe_engine_drain(moe_engine_t *e, moe_event_t *ev, size_t max);
+
+/* Snapshot of counters (read with atomics; any thread). */
+void moe_engine_stats(const moe_engine_t *e, moe_stats_t *out);
+
+/*
+ * Per-expert routing counts: fills counts[layer * n_experts + expert] with
+ * tokens routed there since start.  n is the array length; returns the
+ * number of entries written (n_layers * n_experts) or a negative status.
+ */
+int moe_engine_expert_counts(const moe_engine_t *e, int64_t *counts,
+    size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_H */
