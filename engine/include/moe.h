@@ -42,6 +42,19 @@ enum {
 /* Static string naming a status ("invalid argument", ...). Never NULL. */
 const char *moe_strerror(int status);
 
+/*
+ * Log sink for engine messages (model load progress, config overrides,
+ * warnings).  Called from the creating thread and from the engine thread;
+ * fn must be thread-safe.  Default (fn == NULL): lines on stderr.
+ * Levels: MOE_LOG_ERROR .. MOE_LOG_DEBUG.
+ */
+enum { MOE_LOG_ERROR = 0, MOE_LOG_WARN = 1, MOE_LOG_INFO = 2,
+       MOE_LOG_DEBUG = 3 };
+typedef void (*moe_log_fn)(void *ctx, int level, const char *msg);
+void moe_set_log(moe_log_fn fn, void *ctx);
+void moe_log(int level, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
 
 /* ---------------------------------------------------------- configuration */
 

@@ -1,0 +1,1233 @@
+/*
+ * The engine: one thread that owns the model, the KV block manager and the
+ * scheduler.  The nginx worker talks to it through two lock-free SPSC rings
+ * (submit: worker -> engine; events: engine -> worker) and two eventfds
+ * (wake: worker -> engine when it queued work; events: engine -> worker,
+ * registered as an nginx read event).
+ *
+ * Scheduling (continuous batching): every step first gives each running
+ * sequence its next chunk (one token when decoding, up to the token budget
+ * when prefilling), then admits waiting sequences in arrival order while
+ * there are sequence slots, tokens in the budget and KV blocks.  When a
+ * running sequence cannot get a block, the most recently admitted one is
+ * preempted (its blocks freed, its prompt + output recomputed later, at the
+ * front of the queue), so the oldest requests always progress.
+ */
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <yajl/yajl_tree.h>
+
+#include "moe.h"
+#include "kv.h"
+#include "model.h"
+#include "ring.h"
+#include "sampling.h"
+
+#define MOE_EV_BATCH  256
+
+enum { MOE_MSG_SUBMIT = 1, MOE_MSG_CANCEL = 2 };
+
+typedef struct {
+    int32_t         type;
+    int32_t         n_prompt;
+    uint64_t        req_id;
+    int32_t        *prompt;        /* malloc()ed; the engine takes it */
+    moe_sampling_t  sp;
+} moe_msg_t;
+
+typedef struct moe_seq  moe_seq_t;
+
+struct moe_seq {
+    uint64_t        id;
+    moe_sampling_t  sp;
+    int32_t        *tokens;        /* (cap) prompt then generated ids */
+    int             n_tokens;
+    int             cap;
+    int             n_prompt;
+    int             n_computed;    /* positions whose K/V are cached */
+    int             n_generated;
+    int32_t        *blocks;        /* block table */
+    int             n_blocks;
+    int             cap_blocks;
+    int32_t        *counts;        /* (vocab) generated occurrences, or
+                                      NULL when no penalty needs them */
+    uint8_t        *seen;          /* (vocab) in prompt or output, or NULL */
+    moe_rng_t       rng;
+    moe_seq_t      *prev, *next;   /* waiting queue links */
+};
+
+struct moe_engine {
+    moe_config_t       cfg;
+    moe_model_info_t   info;
+    moe_model_t       *model;
+    moe_tokenizer_t   *tok;
+    moe_backend_t     *backend;
+    char              *chat_template;
+
+    moe_ring_t        *submit;     /* moe_msg_t, worker -> engine */
+    moe_ring_t        *events;     /* moe_event_t, engine -> worker */
+    int                ev_fd;      /* engine -> worker wake */
+    int                wake_fd;    /* worker -> engine wake */
+    pthread_t          thread;
+    int                thread_started;
+    atomic_int         stop;
+
+    /* engine thread only */
+    moe_blocks_t       blocks;
+    moe_seq_t        **running;    /* (max_num_seqs) in admission order */
+    int                n_running;
+    moe_seq_t         *wait_head, *wait_tail;
+    int                n_waiting;
+    moe_event_t       *overflow;   /* events the ring had no room for */
+    size_t             n_overflow, cap_overflow, overflow_pos;
+    moe_seq_batch_t   *batch;      /* (max_num_seqs) */
+    moe_seq_t        **batch_seq;  /* (max_num_seqs) */
+    float             *logits;     /* (max_num_seqs, vocab) */
+    moe_sampler_t      sampler;
+    int                n_sample;   /* ids the sampler may produce */
+
+    /* counters, written by the engine thread, read by anyone */
+    _Atomic int64_t    st_submitted, st_finished, st_cancelled,
+                       st_prompt_tokens, st_gen_tokens, st_steps,
+                       st_busy_ns, st_preemptions, st_running, st_waiting,
+                       st_blocks_used;
+    _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
+    size_t             n_expert_counts;
+};
+
+
+static int64_t
+moe_now_ns(void)
+{
+    struct timespec  ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+
+static void
+moe_seq_free(moe_seq_t *s)
+{
+    if (s == NULL) {
+        return;
+    }
+    free(s->tokens);
+    free(s->blocks);
+    free(s->counts);
+    free(s->seen);
+    free(s);
+}
+
+
+/* ------------------------------------------------------------- events */
+
+static void
+moe_emit(moe_engine_t *e, const moe_event_t *ev)
+{
+    moe_event_t  *p;
+
+    /* keep order: once anything overflowed, everything queues behind it */
+    if (e->n_overflow == e->overflow_pos
+        && moe_ring_push(e->events, ev) == MOE_OK)
+    {
+        return;
+    }
+
+    if (e->n_overflow == e->cap_overflow) {
+        size_t  cap = e->cap_overflow ? e->cap_overflow * 2 : 1024;
+
+        p = realloc(e->overflow, cap * sizeof(*p));
+        if (p == NULL) {
+            /* cannot happen in practice; the event is lost and logged */
+            moe_log(MOE_LOG_ERROR, "event queue: out of memory, request "
+                    "%llu loses an event", (unsigned long long) ev->req_id);
+            return;
+        }
+        e->overflow = p;
+        e->cap_overflow = cap;
+    }
+
+    e->overflow[e->n_overflow++] = *ev;
+}
+
+
+static void
+moe_flush_overflow(moe_engine_t *e)
+{
+    while (e->overflow_pos < e->n_overflow) {
+        if (moe_ring_push(e->events, &e->overflow[e->overflow_pos])
+            != MOE_OK)
+        {
+            return;
+        }
+        e->overflow_pos++;
+    }
+
+    e->n_overflow = e->overflow_pos = 0;
+}
+
+
+static void
+moe_wake_worker(moe_engine_t *e)
+{
+    uint64_t  one = 1;
+    ssize_t   n;
+
+    n = write(e->ev_fd, &one, sizeof(one));
+    (void) n;   /* EAGAIN: the counter is already non-zero, fine */
+}
+
+
+static void
+moe_finish_event(moe_engine_t *e, moe_seq_t *s, int reason, int32_t token)
+{
+    moe_event_t  ev;
+
+    memset(&ev, 0, sizeof(ev));
+    ev.req_id = s->id;
+    ev.type = MOE_EV_FINISH;
+    ev.token = token;
+    ev.finish_reason = reason;
+    ev.n_prompt = s->n_prompt;
+    ev.n_generated = s->n_generated;
+    moe_emit(e, &ev);
+}
+
+
+/* ---------------------------------------------------------- sequences */
+
+static void
+moe_wait_unlink(moe_engine_t *e, moe_seq_t *s)
+{
+    if (s->prev) s->prev->next = s->next; else e->wait_head = s->next;
+    if (s->next) s->next->prev = s->prev; else e->wait_tail = s->prev;
+    s->prev = s->next = NULL;
+    e->n_waiting--;
+}
+
+
+static void
+moe_wait_push_back(moe_engine_t *e, moe_seq_t *s)
+{
+    s->next = NULL;
+    s->prev = e->wait_tail;
+    if (e->wait_tail) e->wait_tail->next = s; else e->wait_head = s;
+    e->wait_tail = s;
+    e->n_waiting++;
+}
+
+
+static void
+moe_wait_push_front(moe_engine_t *e, moe_seq_t *s)
+{
+    s->prev = NULL;
+    s->next = e->wait_head;
+    if (e->wait_head) e->wait_head->prev = s; else e->wait_tail = s;
+    e->wait_head = s;
+    e->n_waiting++;
+}
+
+
+static void
+moe_running_remove(moe_engine_t *e, int i)
+{
+    memmove(&e->running[i], &e->running[i + 1],
+            sizeof(moe_seq_t *) * (size_t) (e->n_running - i - 1));
+    e->n_running--;
+}
+
+
+/* Finish a running sequence: event, blocks back, memory freed. */
+static void
+moe_retire(moe_engine_t *e, int i, int reason, int32_t token)
+{
+    moe_seq_t  *s = e->running[i];
+
+    moe_finish_event(e, s, reason, token);
+    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+    moe_running_remove(e, i);
+    moe_seq_free(s);
+
+    atomic_fetch_add_explicit(&e->st_finished, 1, memory_order_relaxed);
+}
+
+
+static void
+moe_cancel_seq(moe_engine_t *e, uint64_t id)
+{
+    int         i;
+    moe_seq_t  *s;
+
+    for (i = 0; i < e->n_running; i++) {
+        if (e->running[i]->id == id) {
+            moe_retire(e, i, MOE_FINISH_CANCELLED, -1);
+            atomic_fetch_add_explicit(&e->st_cancelled, 1,
+                                      memory_order_relaxed);
+            return;
+        }
+    }
+
+    for (s = e->wait_head; s != NULL; s = s->next) {
+        if (s->id == id) {
+            moe_wait_unlink(e, s);
+            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+            moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
+            moe_seq_free(s);
+            atomic_fetch_add_explicit(&e->st_finished, 1,
+                                      memory_order_relaxed);
+            atomic_fetch_add_explicit(&e->st_cancelled, 1,
+                                      memory_order_relaxed);
+            return;
+        }
+    }
+
+    /* already finished: its FINISH event is on its way; nothing to do */
+}
+
+
+static moe_seq_t *
+moe_seq_create(moe_engine_t *e, moe_msg_t *m)
+{
+    int         i, cap;
+    moe_seq_t  *s;
+
+    s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        return NULL;
+    }
+
+    cap = m->n_prompt + m->sp.max_tokens;
+    if (cap > e->info.max_model_len) {
+        cap = e->info.max_model_len;
+    }
+
+    s->id = m->req_id;
+    s->sp = m->sp;
+    s->n_prompt = m->n_prompt;
+    s->cap = cap;
+    s->tokens = realloc(m->prompt, sizeof(int32_t) * (size_t) cap);
+    if (s->tokens == NULL) {
+        free(s);
+        return NULL;
+    }
+    m->prompt = NULL;
+    s->n_tokens = m->n_prompt;
+
+    if (s->sp.frequency_penalty != 0.0f || s->sp.presence_penalty != 0.0f) {
+        s->counts = calloc((size_t) e->info.vocab_size, sizeof(int32_t));
+        if (s->counts == NULL) {
+            moe_seq_free(s);
+            return NULL;
+        }
+    }
+
+    if (s->sp.repetition_penalty != 1.0f) {
+        s->seen = calloc((size_t) e->info.vocab_size, 1);
+        if (s->seen == NULL) {
+            moe_seq_free(s);
+            return NULL;
+        }
+        for (i = 0; i < s->n_prompt; i++) {
+            s->seen[s->tokens[i]] = 1;
+        }
+    }
+
+    moe_rng_seed(&s->rng, s->sp.has_seed
+                          ? s->sp.seed
+                          : (s->id * 0x9e3779b97f4a7c15ULL)
+                            ^ (uint64_t) moe_now_ns());
+
+    return s;
+}
+
+
+static void
+moe_drain_submit(moe_engine_t *e)
+{
+    moe_msg_t    m;
+    moe_seq_t   *s;
+    moe_event_t  ev;
+
+    while (moe_ring_pop(e->submit, &m) == 1) {
+        if (m.type == MOE_MSG_CANCEL) {
+            moe_cancel_seq(e, m.req_id);
+            continue;
+        }
+
+        atomic_fetch_add_explicit(&e->st_submitted, 1, memory_order_relaxed);
+
+        s = moe_seq_create(e, &m);
+        if (s == NULL) {
+            free(m.prompt);
+            memset(&ev, 0, sizeof(ev));
+            ev.req_id = m.req_id;
+            ev.type = MOE_EV_ERROR;
+            ev.status = MOE_ENOMEM;
+            moe_emit(e, &ev);
+            atomic_fetch_add_explicit(&e->st_finished, 1,
+                                      memory_order_relaxed);
+            continue;
+        }
+
+        moe_wait_push_back(e, s);
+    }
+}
+
+
+/* ------------------------------------------------------------ the step */
+
+/* Preempt the most recently admitted running sequence (not yet in this
+ * step's batch).  Returns 0 when there is nothing to preempt. */
+static int
+moe_preempt_last(moe_engine_t *e, int first_allowed)
+{
+    moe_seq_t  *s;
+
+    if (e->n_running - 1 < first_allowed) {
+        return 0;
+    }
+
+    s = e->running[e->n_running - 1];
+    e->n_running--;
+    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+    s->n_computed = 0;
+    moe_wait_push_front(e, s);
+
+    atomic_fetch_add_explicit(&e->st_preemptions, 1, memory_order_relaxed);
+    moe_log(MOE_LOG_INFO, "preempted request %llu (recompute): KV cache full",
+            (unsigned long long) s->id);
+    return 1;
+}
+
+
+static int
+moe_step(moe_engine_t *e)
+{
+    int         i, n = 0, budget, want, chunk, rc, limit, reason;
+    int32_t     tok;
+    float       lp;
+    int64_t     t0;
+    moe_seq_t  *s;
+    moe_event_t ev;
+
+    budget = e->cfg.max_num_batched_tokens;
+    limit = e->cfg.max_chunked_prefill_tokens > 0
+            ? e->cfg.max_chunked_prefill_tokens : budget;
+
+    /* 1. running sequences: decode tokens and unfinished prefills */
+    for (i = 0; i < e->n_running && budget > 0; i++) {
+        s = e->running[i];
+        want = s->n_tokens - s->n_computed;
+        chunk = want < budget ? want : budget;
+        if (chunk > limit) {
+            chunk = limit;
+        }
+        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+            continue;
+        }
+
+        while ((rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
+                                        &s->cap_blocks,
+                                        s->n_computed + chunk))
+               == MOE_EFULL)
+        {
+            if (!moe_preempt_last(e, i + 1)) {
+                break;
+            }
+        }
+
+        if (rc == MOE_EFULL) {
+            /* s is the newest: it waits for blocks behind the others */
+            e->n_running--;
+            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+            s->n_computed = 0;
+            moe_wait_push_front(e, s);
+            atomic_fetch_add_explicit(&e->st_preemptions, 1,
+                                      memory_order_relaxed);
+            break;
+        }
+
+        if (rc != MOE_OK) {
+            return rc;
+        }
+
+        e->batch_seq[n] = s;
+        e->batch[n].tokens = s->tokens + s->n_computed;
+        e->batch[n].n_tokens = chunk;
+        e->batch[n].pos = s->n_computed;
+        e->batch[n].block_table = s->blocks;
+        e->batch[n].n_blocks = s->n_blocks;
+        e->batch[n].logits = NULL;
+        n++;
+        budget -= chunk;
+    }
+
+    /* 2. admit waiting sequences, oldest first */
+    while (e->wait_head != NULL && budget > 0
+           && e->n_running < e->cfg.max_num_seqs)
+    {
+        s = e->wait_head;
+        want = s->n_tokens - s->n_computed;
+        chunk = want < budget ? want : budget;
+        if (chunk > limit) {
+            chunk = limit;
+        }
+        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+            break;
+        }
+
+        rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
+                                &s->cap_blocks, s->n_computed + chunk);
+        if (rc == MOE_EFULL) {
+            break;
+        }
+        if (rc != MOE_OK) {
+            return rc;
+        }
+
+        moe_wait_unlink(e, s);
+        e->running[e->n_running++] = s;
+
+        e->batch_seq[n] = s;
+        e->batch[n].tokens = s->tokens + s->n_computed;
+        e->batch[n].n_tokens = chunk;
+        e->batch[n].pos = s->n_computed;
+        e->batch[n].block_table = s->blocks;
+        e->batch[n].n_blocks = s->n_blocks;
+        e->batch[n].logits = NULL;
+        n++;
+        budget -= chunk;
+    }
+
+    if (n == 0) {
+        return MOE_OK;
+    }
+
+    for (i = 0; i < n; i++) {
+        s = e->batch_seq[i];
+        if (s->n_computed + e->batch[i].n_tokens == s->n_tokens) {
+            e->batch[i].logits = e->logits + (size_t) i * e->info.vocab_size;
+        }
+    }
+
+    /* 3. forward */
+    t0 = moe_now_ns();
+    rc = e->backend->forward(e->backend, e->batch, n);
+    if (rc != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "forward step failed: %s", moe_strerror(rc));
+        /* fail the sequences of this step, keep serving the others */
+        for (i = e->n_running - 1; i >= 0; i--) {
+            int j;
+
+            for (j = 0; j < n; j++) {
+                if (e->batch_seq[j] == e->running[i]) {
+                    break;
+                }
+            }
+            if (j == n) {
+                continue;
+            }
+
+            s = e->running[i];
+            memset(&ev, 0, sizeof(ev));
+            ev.req_id = s->id;
+            ev.type = MOE_EV_ERROR;
+            ev.status = rc;
+            moe_emit(e, &ev);
+            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+            moe_running_remove(e, i);
+            moe_seq_free(s);
+            atomic_fetch_add_explicit(&e->st_finished, 1,
+                                      memory_order_relaxed);
+        }
+        return MOE_OK;
+    }
+
+    /* 4. sample and retire */
+    for (i = 0; i < n; i++) {
+        s = e->batch_seq[i];
+        s->n_computed += e->batch[i].n_tokens;
+
+        if (e->batch[i].logits == NULL) {
+            continue;
+        }
+
+        tok = moe_sample(&e->sampler, e->batch[i].logits, &s->sp, s->counts,
+                         s->seen, &s->rng, &lp);
+        s->n_generated++;
+        atomic_fetch_add_explicit(&e->st_gen_tokens, 1, memory_order_relaxed);
+        if (s->n_generated == 1) {
+            atomic_fetch_add_explicit(&e->st_prompt_tokens, s->n_prompt,
+                                      memory_order_relaxed);
+        }
+
+        reason = MOE_FINISH_NONE;
+
+        if (!s->sp.ignore_eos) {
+            int k;
+
+            for (k = 0; k < e->info.n_eos; k++) {
+                if (tok == e->info.eos_ids[k]) {
+                    reason = MOE_FINISH_STOP;
+                }
+            }
+        }
+
+        for (int k = 0; k < s->sp.n_stop_token_ids; k++) {
+            if (tok == s->sp.stop_token_ids[k]) {
+                reason = MOE_FINISH_STOP;
+            }
+        }
+
+        if (reason == MOE_FINISH_NONE) {
+            memset(&ev, 0, sizeof(ev));
+            ev.req_id = s->id;
+            ev.type = MOE_EV_TOKEN;
+            ev.token = tok;
+            ev.logprob = lp;
+            moe_emit(e, &ev);
+
+            if (s->counts) s->counts[tok]++;
+            if (s->seen) s->seen[tok] = 1;
+
+            if (s->n_generated >= s->sp.max_tokens
+                || s->n_tokens + 1 >= e->info.max_model_len
+                || s->n_tokens >= s->cap)
+            {
+                reason = MOE_FINISH_LENGTH;
+            } else {
+                s->tokens[s->n_tokens++] = tok;
+            }
+        }
+
+        if (reason != MOE_FINISH_NONE) {
+            int j;
+
+            for (j = 0; j < e->n_running; j++) {
+                if (e->running[j] == s) {
+                    break;
+                }
+            }
+            moe_retire(e, j, reason,
+                       reason == MOE_FINISH_STOP ? tok : -1);
+        }
+    }
+
+    atomic_fetch_add_explicit(&e->st_steps, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->st_busy_ns, moe_now_ns() - t0,
+                              memory_order_relaxed);
+
+    return MOE_OK;
+}
+
+
+static void
+moe_publish_stats(moe_engine_t *e)
+{
+    size_t          i;
+    const int64_t  *c;
+
+    atomic_store_explicit(&e->st_running, e->n_running, memory_order_relaxed);
+    atomic_store_explicit(&e->st_waiting, e->n_waiting, memory_order_relaxed);
+    atomic_store_explicit(&e->st_blocks_used,
+                          e->blocks.n_total - e->blocks.n_free,
+                          memory_order_relaxed);
+
+    if (e->backend->expert_counts != NULL
+        && (c = e->backend->expert_counts(e->backend)) != NULL)
+    {
+        for (i = 0; i < e->n_expert_counts; i++) {
+            atomic_store_explicit(&e->expert_counts[i], c[i],
+                                  memory_order_relaxed);
+        }
+    }
+}
+
+
+static void *
+moe_engine_main(void *arg)
+{
+    moe_engine_t   *e = arg;
+    struct pollfd   pfd;
+    uint64_t        v;
+    ssize_t         r;
+    int             rc, timeout;
+
+    pfd.fd = e->wake_fd;
+    pfd.events = POLLIN;
+
+    while (!atomic_load_explicit(&e->stop, memory_order_acquire)) {
+        moe_drain_submit(e);
+        moe_flush_overflow(e);
+
+        if (e->n_running == 0 && e->n_waiting == 0) {
+            moe_publish_stats(e);
+            if (e->n_overflow > 0) {
+                moe_wake_worker(e);
+            }
+            /* idle: sleep until the worker queues work (or, with events
+             * still waiting for ring space, retry soon) */
+            timeout = e->n_overflow > 0 ? 1 : 200;
+            if (poll(&pfd, 1, timeout) > 0) {
+                r = read(e->wake_fd, &v, sizeof(v));
+                (void) r;
+            }
+            continue;
+        }
+
+        rc = moe_step(e);
+        if (rc != MOE_OK) {
+            moe_log(MOE_LOG_ERROR, "scheduler step failed: %s",
+                    moe_strerror(rc));
+        }
+
+        moe_publish_stats(e);
+        moe_wake_worker(e);
+    }
+
+    return NULL;
+}
+
+
+/* ------------------------------------------------------------ creation */
+
+static void
+moe_seterr(char *err, size_t errlen, const char *fmt, const char *a)
+{
+    if (err != NULL && errlen > 0) {
+        snprintf(err, errlen, fmt, a);
+    }
+}
+
+
+/* chat_template from tokenizer_config.json (string, or the "default" entry
+ * of a list of named templates); NULL when absent. */
+static char *
+moe_read_chat_template(const char *dir)
+{
+    char        path[MOE_PATH_MAX + 64], ebuf[128], *text = NULL, *res = NULL;
+    FILE       *f;
+    long        len;
+    yajl_val    root, t;
+    const char *key[] = { "chat_template", NULL };
+    size_t      i;
+
+    snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
+    f = fopen(path, "rb");
+    if (f == NULL) {
+        return NULL;
+    }
+
+    if (fseek(f, 0, SEEK_END) == 0 && (len = ftell(f)) > 0
+        && fseek(f, 0, SEEK_SET) == 0 && (text = malloc((size_t) len + 1)))
+    {
+        if (fread(text, 1, (size_t) len, f) == (size_t) len) {
+            text[len] = '\0';
+        } else {
+            free(text);
+            text = NULL;
+        }
+    }
+    fclose(f);
+
+    if (text == NULL) {
+        return NULL;
+    }
+
+    root = yajl_tree_parse(text, ebuf, sizeof(ebuf));
+    free(text);
+    if (root == NULL) {
+        moe_log(MOE_LOG_WARN, "%s: not valid JSON (%s); ignoring it", path,
+                ebuf);
+        return NULL;
+    }
+
+    t = yajl_tree_get(root, key, yajl_t_any);
+    if (t != NULL && YAJL_IS_STRING(t)) {
+        res = strdup(t->u.string);
+    } else if (t != NULL && YAJL_IS_ARRAY(t)) {
+        for (i = 0; i < YAJL_GET_ARRAY(t)->len; i++) {
+            yajl_val  it = YAJL_GET_ARRAY(t)->values[i];
+            const char *nk[] = { "name", NULL }, *tk[] = { "template", NULL };
+            yajl_val  nm = yajl_tree_get(it, nk, yajl_t_string);
+            yajl_val  tp = yajl_tree_get(it, tk, yajl_t_string);
+
+            if (nm && tp && res == NULL
+                && strcmp(nm->u.string, "default") == 0)
+            {
+                res = strdup(tp->u.string);
+            }
+        }
+    }
+
+    yajl_tree_free(root);
+    return res;
+}
+
+
+static void
+moe_compare_model_section(const moe_config_t *c, const moe_hparams_t *hp)
+{
+    const char  *f = c->file;
+
+#define MOE_CMP(field, val, name)                                            \
+    if (c->field > 0 && c->field != (val)) {                                 \
+        moe_log(MOE_LOG_WARN, "%s: model.%s is %d but the model's "          \
+                "config.json says %d; using the model's value", f, name,     \
+                c->field, (int) (val));                                      \
+    }
+
+    MOE_CMP(num_experts, hp->n_experts, "num_experts")
+    MOE_CMP(hidden_size, hp->dim, "hidden_size")
+    MOE_CMP(intermediate_size, hp->ffn_dim, "intermediate_size")
+    MOE_CMP(max_sequence_length, hp->max_pos, "max_sequence_length")
+
+#undef MOE_CMP
+
+    if (c->top_k_experts > 0) {
+        moe_log(MOE_LOG_INFO, "%s: model.top_k_experts %d overrides the "
+                "model's top-k (now %d of %d experts)", f, c->top_k_experts,
+                hp->top_k, hp->n_experts);
+    }
+}
+
+
+int
+moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
+    size_t errlen)
+{
+    int                   rc, n_blocks, blocks_per_seq, i;
+    char                  path[MOE_PATH_MAX + 32];
+    const moe_hparams_t  *hp;
+    moe_engine_t         *e;
+    int64_t               cap_bytes;
+    long                  pages, page_size;
+
+    *out = NULL;
+
+    e = calloc(1, sizeof(*e));
+    if (e == NULL) {
+        moe_seterr(err, errlen, "%s", "out of memory");
+        return MOE_ENOMEM;
+    }
+    e->ev_fd = e->wake_fd = -1;
+    e->cfg = *cfg;
+
+    if (cfg->model_path[0] == '\0') {
+        moe_seterr(err, errlen, "%s", "no model path in the configuration");
+        rc = MOE_EINVAL;
+        goto fail;
+    }
+
+    if (strcmp(cfg->backend, "cuda") == 0) {
+        moe_seterr(err, errlen, "%s: backend 'cuda' requested, but the "
+                   "CUDA backend is not available in this build", cfg->file);
+        rc = MOE_EUNSUPPORTED;
+        goto fail;
+    }
+
+    moe_log(MOE_LOG_INFO, "loading model from %s", cfg->model_path);
+
+    rc = moe_model_load(cfg->model_path,
+                        cfg->top_k_experts > 0 ? cfg->top_k_experts : 0,
+                        &e->model, err, errlen);
+    if (rc != MOE_OK) {
+        goto fail;
+    }
+    hp = moe_model_hparams(e->model);
+    moe_compare_model_section(cfg, hp);
+
+    snprintf(path, sizeof(path), "%s/tokenizer.json", cfg->model_path);
+    rc = moe_tokenizer_load(path, &e->tok, err, errlen);
+    if (rc != MOE_OK) {
+        goto fail;
+    }
+
+    e->chat_template = moe_read_chat_template(cfg->model_path);
+    if (e->chat_template != NULL) {
+        moe_log(MOE_LOG_WARN, "%s: the model's chat_template is not rendered "
+                "yet; chat prompts use ChatML", cfg->model_path);
+    }
+
+    if (cfg->tensor_parallel_size > 1) {
+        moe_log(MOE_LOG_WARN, "tensor_parallel_size %d: the cpu backend runs "
+                "all ranks' shards in one process", cfg->tensor_parallel_size);
+    }
+
+    /* model info */
+    snprintf(e->info.served_name, sizeof(e->info.served_name), "%.255s",
+             cfg->served_model_name[0] ? cfg->served_model_name
+                                       : cfg->model_name);
+    memcpy(e->info.model_path, cfg->model_path, sizeof(e->info.model_path));
+    memcpy(e->info.architecture, hp->arch_name, sizeof(e->info.architecture));
+    snprintf(e->info.backend, sizeof(e->info.backend), "cpu");
+    e->info.vocab_size = hp->vocab_size;
+    e->info.n_layers = hp->n_layers;
+    e->info.n_experts = hp->n_experts;
+    e->info.top_k = hp->top_k;
+    e->info.hidden_size = hp->dim;
+    e->info.n_eos = hp->n_eos;
+    memcpy(e->info.eos_ids, hp->eos_ids, sizeof(e->info.eos_ids));
+    e->info.block_size = cfg->block_size;
+    e->info.chat_template = e->chat_template;
+    e->info.created = (long) time(NULL);
+
+    if (cfg->max_model_len > 0) {
+        if (cfg->max_model_len > hp->max_pos) {
+            snprintf(err, errlen, "%s: max_model_len %d is larger than the "
+                     "model's max_position_embeddings %d", cfg->file,
+                     cfg->max_model_len, hp->max_pos);
+            rc = MOE_EINVAL;
+            goto fail;
+        }
+        e->info.max_model_len = cfg->max_model_len;
+    } else {
+        e->info.max_model_len = hp->max_pos;
+    }
+
+    /* ids the tokenizer cannot decode (embedding padding) are never
+     * sampled */
+    e->n_sample = moe_tokenizer_vocab_size(e->tok);
+    if (e->n_sample <= 0 || e->n_sample > hp->vocab_size) {
+        e->n_sample = hp->vocab_size;
+    }
+
+    /* KV cache: every running sequence can reach max_model_len, within a
+     * quarter of the host's memory */
+    blocks_per_seq = (e->info.max_model_len + cfg->block_size - 1)
+                     / cfg->block_size;
+    n_blocks = cfg->kv_cache_blocks;
+
+    rc = moe_cpu_backend_create(e->model, n_blocks > 0 ? n_blocks : 1,
+                                cfg->block_size, cfg->cpu_threads,
+                                &e->backend, err, errlen);
+    if (rc != MOE_OK) {
+        goto fail;
+    }
+
+    if (n_blocks <= 0) {
+        /* size it now that the per-block cost is known */
+        e->backend->destroy(e->backend);
+        e->backend = NULL;
+
+        pages = sysconf(_SC_PHYS_PAGES);
+        page_size = sysconf(_SC_PAGESIZE);
+        cap_bytes = pages > 0 && page_size > 0
+                    ? (int64_t) pages * page_size / 4 : ((int64_t) 1 << 30);
+        n_blocks = blocks_per_seq * cfg->max_num_seqs;
+        /* kv_bytes_per_block: 2 (K,V) * layers * block * kv_heads * dim */
+        {
+            int64_t per = (int64_t) 2 * hp->n_layers * cfg->block_size
+                          * hp->n_kv_heads * hp->head_dim * 4;
+
+            if ((int64_t) n_blocks * per > cap_bytes) {
+                n_blocks = (int) (cap_bytes / per);
+            }
+        }
+
+        rc = moe_cpu_backend_create(e->model, n_blocks, cfg->block_size,
+                                    cfg->cpu_threads, &e->backend, err,
+                                    errlen);
+        if (rc != MOE_OK) {
+            goto fail;
+        }
+    }
+
+    if (n_blocks < blocks_per_seq) {
+        snprintf(err, errlen, "%s: the KV cache holds %d blocks of %d tokens, "
+                 "fewer than one max_model_len (%d) sequence needs (%d)",
+                 cfg->file, n_blocks, cfg->block_size, e->info.max_model_len,
+                 blocks_per_seq);
+        rc = MOE_EINVAL;
+        goto fail;
+    }
+
+    e->info.kv_blocks_total = n_blocks;
+
+    rc = moe_blocks_init(&e->blocks, n_blocks, cfg->block_size);
+    if (rc != MOE_OK) {
+        moe_seterr(err, errlen, "%s", "out of memory (block manager)");
+        goto fail;
+    }
+
+    e->running = calloc((size_t) cfg->max_num_seqs, sizeof(moe_seq_t *));
+    e->batch = calloc((size_t) cfg->max_num_seqs, sizeof(moe_seq_batch_t));
+    e->batch_seq = calloc((size_t) cfg->max_num_seqs, sizeof(moe_seq_t *));
+    e->logits = malloc(sizeof(float) * (size_t) cfg->max_num_seqs
+                       * (size_t) hp->vocab_size);
+    e->n_expert_counts = (size_t) hp->n_layers * (size_t) hp->n_experts;
+    e->expert_counts = calloc(e->n_expert_counts, sizeof(_Atomic int64_t));
+    e->submit = moe_ring_create((size_t) cfg->ring_size, sizeof(moe_msg_t));
+    e->events = moe_ring_create((size_t) cfg->ring_size * 4,
+                                sizeof(moe_event_t));
+
+    if (e->running == NULL || e->batch == NULL || e->batch_seq == NULL
+        || e->logits == NULL || e->expert_counts == NULL || e->submit == NULL
+        || e->events == NULL
+        || moe_sampler_init(&e->sampler, e->n_sample) != MOE_OK)
+    {
+        moe_seterr(err, errlen, "%s", "out of memory (engine buffers)");
+        rc = MOE_ENOMEM;
+        goto fail;
+    }
+
+    e->ev_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (e->ev_fd < 0 || e->wake_fd < 0) {
+        moe_seterr(err, errlen, "eventfd: %s", strerror(errno));
+        rc = MOE_ENOMEM;
+        goto fail;
+    }
+
+    if (pthread_create(&e->thread, NULL, moe_engine_main, e) != 0) {
+        moe_seterr(err, errlen, "%s", "cannot start the engine thread");
+        rc = MOE_ENOMEM;
+        goto fail;
+    }
+    e->thread_started = 1;
+
+    for (i = 0; i < 1; i++) {
+        moe_log(MOE_LOG_INFO, "engine ready: %s (%s, %d layers, %d experts "
+                "top-%d, vocab %d), backend %s, max_model_len %d, KV cache "
+                "%d blocks x %d tokens", e->info.served_name,
+                e->info.architecture, e->info.n_layers, e->info.n_experts,
+                e->info.top_k, e->info.vocab_size, e->info.backend,
+                e->info.max_model_len, n_blocks, cfg->block_size);
+    }
+
+    *out = e;
+    return MOE_OK;
+
+fail:
+    moe_engine_destroy(e);
+    return rc;
+}
+
+
+void
+moe_engine_destroy(moe_engine_t *e)
+{
+    moe_msg_t   m;
+    moe_seq_t  *s;
+    uint64_t    one = 1;
+    ssize_t     r;
+
+    if (e == NULL) {
+        return;
+    }
+
+    if (e->thread_started) {
+        atomic_store_explicit(&e->stop, 1, memory_order_release);
+        r = write(e->wake_fd, &one, sizeof(one));
+        (void) r;
+        pthread_join(e->thread, NULL);
+    }
+
+    if (e->submit != NULL) {
+        while (moe_ring_pop(e->submit, &m) == 1) {
+            free(m.prompt);
+        }
+    }
+
+    while (e->n_running > 0) {
+        moe_seq_free(e->running[--e->n_running]);
+    }
+    while ((s = e->wait_head) != NULL) {
+        moe_wait_unlink(e, s);
+        moe_seq_free(s);
+    }
+
+    if (e->backend != NULL) {
+        e->backend->destroy(e->backend);
+    }
+    moe_model_free(e->model);
+    moe_tokenizer_free(e->tok);
+    moe_blocks_destroy(&e->blocks);
+    moe_sampler_destroy(&e->sampler);
+    moe_ring_free(e->submit);
+    moe_ring_free(e->events);
+    if (e->ev_fd >= 0) close(e->ev_fd);
+    if (e->wake_fd >= 0) close(e->wake_fd);
+    free(e->running);
+    free(e->batch);
+    free(e->batch_seq);
+    free(e->logits);
+    free(e->overflow);
+    free((void *) e->expert_counts);
+    free(e->chat_template);
+    free(e);
+}
+
+
+/* ------------------------------------------------- worker-side calls */
+
+int
+moe_engine_eventfd(const moe_engine_t *e)
+{
+    return e->ev_fd;
+}
+
+
+const moe_model_info_t *
+moe_engine_info(const moe_engine_t *e)
+{
+    return &e->info;
+}
+
+
+const moe_tokenizer_t *
+moe_engine_tokenizer(const moe_engine_t *e)
+{
+    return e->tok;
+}
+
+
+static void
+moe_wake_engine(moe_engine_t *e)
+{
+    uint64_t  one = 1;
+    ssize_t   r;
+
+    r = write(e->wake_fd, &one, sizeof(one));
+    (void) r;
+}
+
+
+int
+moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
+    int n_prompt, const moe_sampling_t *sp)
+{
+    int        i;
+    moe_msg_t  m;
+
+    if (prompt == NULL || n_prompt < 1 || sp == NULL || sp->max_tokens < 1
+        || sp->temperature < 0.0f || sp->top_p <= 0.0f || sp->top_p > 1.0f
+        || sp->min_p < 0.0f || sp->min_p > 1.0f
+        || sp->repetition_penalty <= 0.0f
+        || sp->n_stop_token_ids < 0
+        || sp->n_stop_token_ids > MOE_MAX_STOP_IDS)
+    {
+        return MOE_EINVAL;
+    }
+
+    if (n_prompt >= e->info.max_model_len) {
+        return MOE_ETOOLONG;
+    }
+
+    for (i = 0; i < n_prompt; i++) {
+        if (prompt[i] < 0 || prompt[i] >= e->info.vocab_size) {
+            return MOE_EINVAL;
+        }
+    }
+
+    memset(&m, 0, sizeof(m));
+    m.type = MOE_MSG_SUBMIT;
+    m.req_id = req_id;
+    m.n_prompt = n_prompt;
+    m.sp = *sp;
+    m.prompt = malloc(sizeof(int32_t) * (size_t) n_prompt);
+    if (m.prompt == NULL) {
+        return MOE_ENOMEM;
+    }
+    memcpy(m.prompt, prompt, sizeof(int32_t) * (size_t) n_prompt);
+
+    if (moe_ring_push(e->submit, &m) != MOE_OK) {
+        free(m.prompt);
+        return MOE_EFULL;
+    }
+
+    moe_wake_engine(e);
+    return MOE_OK;
+}
+
+
+int
+moe_engine_cancel(moe_engine_t *e, uint64_t req_id)
+{
+    moe_msg_t  m;
+
+    memset(&m, 0, sizeof(m));
+    m.type = MOE_MSG_CANCEL;
+    m.req_id = req_id;
+
+    if (moe_ring_push(e->submit, &m) != MOE_OK) {
+        return MOE_EFULL;
+    }
+
+    moe_wake_engine(e);
+    return MOE_OK;
+}
+
+
+size_t
+moe_engine_drain(moe_engine_t *e, moe_event_t *ev, size_t max)
+{
+    size_t    n = 0;
+    uint64_t  v;
+    ssize_t   r;
+
+    /* clear the wake-up first: events pushed after this read set it again */
+    r = read(e->ev_fd, &v, sizeof(v));
+    (void) r;
+
+    while (n < max && moe_ring_pop(e->events, &ev[n]) == 1) {
+        n++;
+    }
+
+    return n;
+}
+
+
+void
+moe_engine_stats(const moe_engine_t *e, moe_stats_t *o)
+{
+    moe_engine_t  *m = (moe_engine_t *) e;
+
+    memset(o, 0, sizeof(*o));
+    o->kv_blocks_total = e->info.kv_blocks_total;
+    o->kv_blocks_used = atomic_load(&m->st_blocks_used);
+    o->block_size = e->cfg.block_size;
+    o->kv_bytes_per_block = e->backend->kv_bytes_per_block;
+    o->weights_bytes = moe_model_weight_bytes(e->model);
+    o->seqs_running = atomic_load(&m->st_running);
+    o->seqs_waiting = atomic_load(&m->st_waiting);
+    o->requests_submitted = atomic_load(&m->st_submitted);
+    o->requests_finished = atomic_load(&m->st_finished);
+    o->requests_cancelled = atomic_load(&m->st_cancelled);
+    o->prompt_tokens_total = atomic_load(&m->st_prompt_tokens);
+    o->generated_tokens_total = atomic_load(&m->st_gen_tokens);
+    o->steps = atomic_load(&m->st_steps);
+    o->busy_ns = atomic_load(&m->st_busy_ns);
+    o->preemptions = atomic_load(&m->st_preemptions);
+    o->submit_ring_free = (int64_t) (moe_ring_capacity(e->submit)
+                                     - moe_ring_count(e->submit));
+}
+
+
+int
+moe_engine_expert_counts(const moe_engine_t *e, int64_t *counts, size_t n)
+{
+    size_t  i;
+
+    if (n < e->n_expert_counts) {
+        return MOE_EINVAL;
+    }
+
+    for (i = 0; i < e->n_expert_counts; i++) {
+        counts[i] = atomic_load_explicit(&e->expert_counts[i],
+                                         memory_order_relaxed);
+    }
+
+    return (int) e->n_expert_counts;
+}

@@ -1,0 +1,45 @@
+/*
+ * Token sampling on the host (engine internal; the CPU backend's path and
+ * the reference for the device sampler).
+ */
+
+#ifndef MOE_SAMPLING_H
+#define MOE_SAMPLING_H
+
+#include <stdint.h>
+
+#include "moe.h"
+
+/* xoshiro256** state, seeded with splitmix64 */
+typedef struct {
+    uint64_t s[4];
+} moe_rng_t;
+
+void     moe_rng_seed(moe_rng_t *r, uint64_t seed);
+uint64_t moe_rng_next(moe_rng_t *r);
+/* uniform in [0, 1) with 24 bits */
+float    moe_rng_uniform(moe_rng_t *r);
+
+typedef struct {
+    float    *probs;      /* (vocab) scratch */
+    float    *raw;        /* (vocab) copy of the unpenalised logits */
+    int32_t  *idx;        /* (vocab) scratch */
+    int       vocab;
+} moe_sampler_t;
+
+int  moe_sampler_init(moe_sampler_t *s, int vocab);
+void moe_sampler_destroy(moe_sampler_t *s);
+
+/*
+ * Apply penalties and pick the next token from logits (vocab floats,
+ * modified in place).  counts: per-token occurrences in the generated
+ * text (may be NULL when no penalty needs it); seen: 1 for tokens in
+ * prompt or output (for repetition_penalty; may be NULL).  Returns the id;
+ * *logprob receives log p(id) under the unpenalised, untempered
+ * distribution.
+ */
+int32_t moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
+    const int32_t *counts, const uint8_t *seen, moe_rng_t *rng,
+    float *logprob);
+
+#endif /* MOE_SAMPLING_H */

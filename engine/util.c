@@ -1,0 +1,73 @@
+/*
+ * Status strings, logging and parameter defaults shared by the engine.
+ */
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "moe.h"
+
+static moe_log_fn  moe_log_sink;
+static void       *moe_log_ctx;
+
+
+const char *
+moe_strerror(int status)
+{
+    switch (status) {
+    case MOE_OK:           return "ok";
+    case MOE_EINVAL:       return "invalid argument";
+    case MOE_ENOMEM:       return "out of memory";
+    case MOE_EFULL:        return "queue full";
+    case MOE_EIO:          return "i/o error";
+    case MOE_EFORMAT:      return "malformed file";
+    case MOE_EUNSUPPORTED: return "not supported";
+    case MOE_ETOOLONG:     return "input too long";
+    case MOE_ESTATE:       return "invalid state";
+    case MOE_EBACKEND:     return "backend failure";
+    default:               return "unknown error";
+    }
+}
+
+
+void
+moe_set_log(moe_log_fn fn, void *ctx)
+{
+    moe_log_ctx = ctx;
+    moe_log_sink = fn;
+}
+
+
+void
+moe_log(int level, const char *fmt, ...)
+{
+    char     buf[1024];
+    va_list  ap;
+
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+
+    if (moe_log_sink != NULL) {
+        moe_log_sink(moe_log_ctx, level, buf);
+        return;
+    }
+
+    static const char *names[] = { "error", "warn", "info", "debug" };
+    fprintf(stderr, "moe [%s] %s\n",
+            names[level < 0 ? 0 : level > 3 ? 3 : level], buf);
+}
+
+
+void
+moe_sampling_defaults(moe_sampling_t *sp)
+{
+    memset(sp, 0, sizeof(*sp));
+    sp->temperature = 1.0f;
+    sp->top_p = 1.0f;
+    sp->top_k = 0;
+    sp->min_p = 0.0f;
+    sp->repetition_penalty = 1.0f;
+    sp->max_tokens = 16;
+}
