@@ -1,0 +1,166 @@
+/*
+ * Checks the host sampler (greedy, temperature, top-k, top-p, min-p,
+ * penalties, seeded RNG) and the KV block manager's all-or-nothing
+ * reservations.
+ */
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moe.h"
+#include "kv.h"
+#include "sampling.h"
+#include "tap.h"
+
+#define V 6
+
+static int32_t
+draw(moe_sampler_t *s, const float *base, const moe_sampling_t *sp,
+    const int32_t *counts, const uint8_t *seen, moe_rng_t *rng)
+{
+    float  l[V], lp;
+
+    memcpy(l, base, sizeof(l));
+    return moe_sample(s, l, sp, counts, seen, rng, &lp);
+}
+
+
+int
+main(void)
+{
+    moe_sampler_t   s;
+    moe_sampling_t  sp;
+    moe_rng_t       r1, r2;
+    float           base[V] = { 1.0f, 3.0f, 2.5f, 3.0f, -1.0f, 0.5f };
+    float           l[V], lp, p[V], mx, sum;
+    int             i, same, hist[V] = { 0 }, ok, n = 60000;
+    int32_t         a[50], b[50], counts[V] = { 0 };
+    uint8_t         seen[V] = { 0 };
+    moe_blocks_t    bm;
+    int32_t        *t1 = NULL, *t2 = NULL;
+    int             n1 = 0, c1 = 0, n2 = 0, c2 = 0;
+
+    TAP_PLAN(15);
+
+    moe_sampler_init(&s, V);
+    moe_sampling_defaults(&sp);
+
+    sp.temperature = 0.0f;
+    memcpy(l, base, sizeof(l));
+    TAP_OK(moe_sample(&s, l, &sp, NULL, NULL, &r1, &lp) == 1,
+           "greedy takes the argmax, lowest id on ties");
+    mx = 3.0f; sum = 0;
+    for (i = 0; i < V; i++) sum += expf(base[i] - mx);
+    TAP_OK(fabsf(lp - (3.0f - mx - logf(sum))) < 1e-5f,
+           "logprob of the greedy token is log softmax (%g)", lp);
+
+    sp.temperature = 1.0f;
+    moe_rng_seed(&r1, 42);
+    moe_rng_seed(&r2, 42);
+    for (i = 0; i < 50; i++) {
+        a[i] = draw(&s, base, &sp, NULL, NULL, &r1);
+        b[i] = draw(&s, base, &sp, NULL, NULL, &r2);
+    }
+    TAP_OK(memcmp(a, b, sizeof(a)) == 0, "same seed, same draws");
+    moe_rng_seed(&r2, 43);
+    same = 0;
+    for (i = 0; i < 50; i++) {
+        same += a[i] == draw(&s, base, &sp, NULL, NULL, &r2);
+    }
+    TAP_OK(same < 50, "another seed draws differently (%d/50 equal)", same);
+
+    /* empirical frequencies at T=1 follow softmax */
+    moe_rng_seed(&r1, 7);
+    for (i = 0; i < n; i++) {
+        hist[draw(&s, base, &sp, NULL, NULL, &r1)]++;
+    }
+    ok = 1;
+    for (i = 0; i < V; i++) {
+        p[i] = expf(base[i] - mx) / sum;
+        if (fabs((double) hist[i] / n - p[i]) > 0.01) {
+            ok = 0;
+            TAP_DIAG("token %d: %.4f vs %.4f", i, (double) hist[i] / n, p[i]);
+        }
+    }
+    TAP_OK(ok, "T=1 frequencies match softmax within 0.01 over %d draws", n);
+
+    sp.top_k = 2;
+    memset(hist, 0, sizeof(hist));
+    for (i = 0; i < 2000; i++) {
+        hist[draw(&s, base, &sp, NULL, NULL, &r1)]++;
+    }
+    TAP_OK(hist[1] > 0 && hist[3] > 0 && hist[1] + hist[3] == 2000,
+           "top_k 2 keeps only the two best tokens (%d, %d)", hist[1],
+           hist[3]);
+    sp.top_k = 0;
+
+    sp.top_p = 0.3f;
+    memset(hist, 0, sizeof(hist));
+    for (i = 0; i < 2000; i++) {
+        hist[draw(&s, base, &sp, NULL, NULL, &r1)]++;
+    }
+    TAP_OK(hist[1] == 2000, "top_p 0.3 keeps only the top token");
+    sp.top_p = 0.8f;
+    memset(hist, 0, sizeof(hist));
+    for (i = 0; i < 4000; i++) {
+        hist[draw(&s, base, &sp, NULL, NULL, &r1)]++;
+    }
+    TAP_OK(hist[1] > 0 && hist[3] > 0 && hist[2] > 0 && hist[0] == 0
+           && hist[4] == 0 && hist[5] == 0,
+           "top_p 0.8 keeps the nucleus {1,3,2}");
+    sp.top_p = 1.0f;
+
+    sp.min_p = 0.9f;
+    memset(hist, 0, sizeof(hist));
+    for (i = 0; i < 2000; i++) {
+        hist[draw(&s, base, &sp, NULL, NULL, &r1)]++;
+    }
+    TAP_OK(hist[1] + hist[3] == 2000, "min_p 0.9 keeps tokens within 90%% "
+           "of the best probability");
+    sp.min_p = 0.0f;
+
+    sp.temperature = 0.05f;
+    memset(hist, 0, sizeof(hist));
+    for (i = 0; i < 2000; i++) {
+        hist[draw(&s, base, &sp, NULL, NULL, &r1)]++;
+    }
+    TAP_OK(hist[2] + hist[0] + hist[4] + hist[5] == 0,
+           "low temperature concentrates on the best logits");
+
+    sp.temperature = 0.0f;
+    sp.frequency_penalty = 1.0f;
+    counts[1] = 1;
+    counts[3] = 1;
+    TAP_OK(draw(&s, base, &sp, counts, NULL, &r1) == 2,
+           "frequency penalty moves greedy off repeated tokens");
+    sp.frequency_penalty = 0.0f;
+    sp.presence_penalty = 0.6f;
+    TAP_OK(draw(&s, base, &sp, counts, NULL, &r1) == 2,
+           "presence penalty lowers tokens already present");
+    sp.presence_penalty = 0.0f;
+
+    sp.repetition_penalty = 2.0f;
+    seen[1] = seen[3] = 1;
+    TAP_OK(draw(&s, base, &sp, NULL, seen, &r1) == 2,
+           "repetition penalty divides positive logits of seen tokens");
+    sp.repetition_penalty = 1.0f;
+
+    moe_sampler_destroy(&s);
+
+    /* block manager */
+    moe_blocks_init(&bm, 5, 4);
+    TAP_OK(moe_blocks_reserve(&bm, &t1, &n1, &c1, 9) == MOE_OK && n1 == 3
+           && bm.n_free == 2, "9 tokens take 3 blocks of 4");
+    TAP_OK(moe_blocks_reserve(&bm, &t2, &n2, &c2, 13) == MOE_EFULL
+           && n2 == 0 && bm.n_free == 2
+           && (moe_blocks_release(&bm, t1, &n1), bm.n_free == 5)
+           && moe_blocks_reserve(&bm, &t2, &n2, &c2, 13) == MOE_OK
+           && n2 == 4, "reservation is all or nothing; released blocks "
+           "are reused");
+    free(t1);
+    free(t2);
+    moe_blocks_destroy(&bm);
+
+    return TAP_DONE();
+}
