@@ -40,7 +40,31 @@ typedef struct {
     int32_t    eos_ids[8];      /* generation_config.json eos_token_id,
                                    else config.json */
     int        n_eos;
+    int        sliding_window;  /* attend to the last N positions only
+                                   (Mistral/Mixtral sliding_window); 0: off */
 } moe_hparams_t;
+
+/*
+ * The fp32 host weights (CPU backend layout), row-major.  Linear weights are
+ * stored as HF does, (out_features, in_features), so y = W x is one dot
+ * product per output row.  Dense models have n_experts == 1 and router ==
+ * NULL.
+ */
+typedef struct {
+    float *embed;       /* (vocab_size, dim) */
+    float *attn_norm;   /* (n_layers, dim) */
+    float *wq;          /* (n_layers, n_heads * head_dim, dim) */
+    float *wk;          /* (n_layers, n_kv_heads * head_dim, dim) */
+    float *wv;          /* (n_layers, n_kv_heads * head_dim, dim) */
+    float *wo;          /* (n_layers, dim, n_heads * head_dim) */
+    float *ffn_norm;    /* (n_layers, dim) */
+    float *router;      /* (n_layers, n_experts, dim); NULL when dense */
+    float *w_gate;      /* (n_layers, n_experts, ffn_dim, dim)  w1 */
+    float *w_up;        /* (n_layers, n_experts, ffn_dim, dim)  w3 */
+    float *w_down;      /* (n_layers, n_experts, dim, ffn_dim)  w2 */
+    float *final_norm;  /* (dim) */
+    float *lm_head;     /* (vocab_size, dim); == embed when tied */
+} moe_weights_t;
 
 typedef struct moe_model moe_model_t;
 
@@ -56,6 +80,13 @@ void moe_model_free(moe_model_t *m);
 const moe_hparams_t *moe_model_hparams(const moe_model_t *m);
 /* bytes of weights as stored in the files */
 int64_t moe_model_weight_bytes(const moe_model_t *m);
+/* The fp32 weights (owned by the model, immutable). */
+const moe_weights_t *moe_model_weights(const moe_model_t *m);
+/* The mmapped safetensors set the weights came from (safetensors.h; still
+ * open while the model lives, e.g. for a backend that wants bf16). */
+const struct moe_st_set *moe_model_tensors(const moe_model_t *m);
+/* The model directory as given to moe_model_load(). */
+const char *moe_model_dir(const moe_model_t *m);
 
 
 /*

@@ -1,0 +1,884 @@
+/*
+ * CPU backend: the fp32 reference forward pass with a paged KV cache.
+ *
+ * Math follows Hugging Face's Llama/Mistral/Mixtral modelling code:
+ * RMSNorm in fp32, split-halves ("rotate_half") RoPE at absolute positions,
+ * grouped-query attention with an optional sliding window, SwiGLU experts,
+ * softmax -> top-k -> renormalised Mixtral routing.
+ *
+ * Determinism: every output element is one dot product computed in a fixed
+ * order over contiguous memory, and every token's math depends only on its
+ * own sequence.  So results are bitwise identical whatever else is in the
+ * step and whatever the thread count (threads split output rows or
+ * (token, head) pairs, never a reduction).
+ */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "model.h"
+
+#define CPU_MIN_PAR_WORK  (1 << 15)   /* multiply-adds worth a thread split */
+#define CPU_TOKEN_TILE    16          /* tokens per weight-row pass */
+
+
+/* ---------------------------------------------------------- thread pool */
+
+typedef void (*cpu_task_fn)(void *arg, int lo, int hi, int part);
+
+typedef struct cpu_pool cpu_pool_t;
+
+typedef struct {
+    cpu_pool_t  *pool;
+    int          part;
+} cpu_worker_t;
+
+struct cpu_pool {
+    pthread_mutex_t  mu;
+    pthread_cond_t   start;
+    pthread_cond_t   done;
+    int              n;          /* participants, caller included */
+    pthread_t       *threads;    /* n - 1 */
+    cpu_worker_t    *workers;
+    int              n_started;
+    cpu_task_fn      fn;
+    void            *arg;
+    int              total;
+    unsigned         gen;
+    int              pending;
+    int              stop;
+};
+
+
+static void
+cpu_pool_part(cpu_pool_t *p, int part)
+{
+    int lo = (int) ((int64_t) p->total * part / p->n);
+    int hi = (int) ((int64_t) p->total * (part + 1) / p->n);
+
+    if (lo < hi) {
+        p->fn(p->arg, lo, hi, part);
+    }
+}
+
+
+static void *
+cpu_pool_main(void *a)
+{
+    cpu_worker_t *w = a;
+    cpu_pool_t   *p = w->pool;
+    unsigned      seen = 0;
+
+    for ( ;; ) {
+        pthread_mutex_lock(&p->mu);
+        while (p->gen == seen && !p->stop) {
+            pthread_cond_wait(&p->start, &p->mu);
+        }
+        if (p->stop) {
+            pthread_mutex_unlock(&p->mu);
+            return NULL;
+        }
+        seen = p->gen;
+        pthread_mutex_unlock(&p->mu);
+
+        cpu_pool_part(p, w->part);
+
+        pthread_mutex_lock(&p->mu);
+        if (--p->pending == 0) {
+            pthread_cond_signal(&p->done);
+        }
+        pthread_mutex_unlock(&p->mu);
+    }
+}
+
+
+static void
+cpu_pool_destroy(cpu_pool_t *p)
+{
+    int i;
+
+    if (p == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    pthread_cond_broadcast(&p->start);
+    pthread_mutex_unlock(&p->mu);
+    for (i = 0; i < p->n_started; i++) {
+        pthread_join(p->threads[i], NULL);
+    }
+    pthread_cond_destroy(&p->start);
+    pthread_cond_destroy(&p->done);
+    pthread_mutex_destroy(&p->mu);
+    free(p->threads);
+    free(p->workers);
+    free(p);
+}
+
+
+static cpu_pool_t *
+cpu_pool_create(int n)
+{
+    cpu_pool_t *p;
+    int         i;
+
+    p = calloc(1, sizeof(*p));
+    if (p == NULL) {
+        return NULL;
+    }
+    p->n = n;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->start, NULL);
+    pthread_cond_init(&p->done, NULL);
+    p->threads = calloc((size_t) n, sizeof(*p->threads));
+    p->workers = calloc((size_t) n, sizeof(*p->workers));
+    if (p->threads == NULL || p->workers == NULL) {
+        cpu_pool_destroy(p);
+        return NULL;
+    }
+    for (i = 1; i < n; i++) {
+        p->workers[i].pool = p;
+        p->workers[i].part = i;
+        if (pthread_create(&p->threads[i - 1], NULL, cpu_pool_main,
+                           &p->workers[i]) != 0)
+        {
+            cpu_pool_destroy(p);
+            return NULL;
+        }
+        p->n_started++;
+    }
+    return p;
+}
+
+
+/* Run fn over [0, total) split into contiguous parts; serial if small. */
+static void
+cpu_pool_run(cpu_pool_t *p, cpu_task_fn fn, void *arg, int total,
+    int64_t work)
+{
+    if (p->n == 1 || work < CPU_MIN_PAR_WORK || total < 2) {
+        if (total > 0) {
+            fn(arg, 0, total, 0);
+        }
+        return;
+    }
+    pthread_mutex_lock(&p->mu);
+    p->fn = fn;
+    p->arg = arg;
+    p->total = total;
+    p->pending = p->n - 1;
+    p->gen++;
+    pthread_cond_broadcast(&p->start);
+    pthread_mutex_unlock(&p->mu);
+
+    cpu_pool_part(p, 0);
+
+    pthread_mutex_lock(&p->mu);
+    while (p->pending > 0) {
+        pthread_cond_wait(&p->done, &p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+
+/* ----------------------------------------------------------- the backend */
+
+typedef struct {
+    moe_backend_t         base;        /* first: the public interface */
+    const moe_model_t    *model;
+    const moe_hparams_t  *hp;
+    const moe_weights_t  *w;
+    int                   n_blocks;
+    int                   block_size;
+    int                   ctx_max;     /* n_blocks * block_size */
+    float                *kv;          /* (n_blocks, n_layers, 2,
+                                           block_size, n_kv_heads,
+                                           head_dim) */
+    int64_t              *counts;      /* (n_layers, n_experts) */
+    cpu_pool_t           *pool;
+    float                *scores;      /* (n_threads, ctx_max) */
+
+    /* per-step scratch, for up to cap tokens */
+    int                   cap;
+    float                *x;           /* (cap, dim) residual stream */
+    float                *xb;          /* (cap, dim) normed input */
+    float                *q;           /* (cap, n_heads * head_dim) */
+    float                *k;           /* (cap, n_kv_heads * head_dim) */
+    float                *v;           /* (cap, n_kv_heads * head_dim) */
+    float                *att;         /* (cap, n_heads * head_dim) */
+    float                *tmp;         /* (cap, dim) */
+    float                *rcos;        /* (cap, head_dim / 2) */
+    float                *rsin;        /* (cap, head_dim / 2) */
+    int                  *tseq;        /* (cap) sequence of each token */
+    int                  *tpos;        /* (cap) absolute position */
+    float                *rlogits;     /* (cap, n_experts) */
+    int                  *sel;         /* (cap, top_k) chosen experts */
+    float                *selw;        /* (cap, top_k) their weights */
+    int                  *slot_of;     /* (cap * top_k) -> row in xe */
+    float                *xe;          /* (cap * top_k, dim) gathered */
+    float                *hg;          /* (cap * top_k, ffn_dim) */
+    float                *hu;          /* (cap * top_k, ffn_dim) */
+    float                *ye;          /* (cap * top_k, dim) */
+    int                  *erow;        /* (cap * top_k) token slot by row */
+    int                  *ecount;      /* (n_experts) */
+    int                  *eoff;        /* (n_experts + 1) */
+
+    /* per-step sequence table */
+    const moe_seq_batch_t *seqs;
+} cpu_backend_t;
+
+
+static void
+c_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (err == NULL || errlen == 0) {
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+
+static inline float
+cpu_dot(const float *a, const float *b, int n)
+{
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+    float r;
+    int   i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+        s4 += a[i + 4] * b[i + 4];
+        s5 += a[i + 5] * b[i + 5];
+        s6 += a[i + 6] * b[i + 6];
+        s7 += a[i + 7] * b[i + 7];
+    }
+    r = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+    for (; i < n; i++) {
+        r += a[i] * b[i];
+    }
+    return r;
+}
+
+
+/* out[i * ldo + r] = W[r, :] . x[i, :] for i < m, r < n (W is (n, d)). */
+typedef struct {
+    float        *out;
+    int           ldo;
+    const float  *x;
+    int           m;
+    const float  *W;
+    int           d;
+} cpu_mm_t;
+
+
+static void
+cpu_mm_task(void *arg, int lo, int hi, int part)
+{
+    const cpu_mm_t *a = arg;
+    int             i0, i1, i, r;
+
+    (void) part;
+    for (i0 = 0; i0 < a->m; i0 += CPU_TOKEN_TILE) {
+        i1 = i0 + CPU_TOKEN_TILE < a->m ? i0 + CPU_TOKEN_TILE : a->m;
+        for (r = lo; r < hi; r++) {
+            const float *wr = a->W + (size_t) r * (size_t) a->d;
+
+            for (i = i0; i < i1; i++) {
+                a->out[(size_t) i * (size_t) a->ldo + (size_t) r] =
+                    cpu_dot(wr, a->x + (size_t) i * (size_t) a->d, a->d);
+            }
+        }
+    }
+}
+
+
+static void
+cpu_matmul(cpu_backend_t *b, float *out, int ldo, const float *x, int m,
+    const float *W, int n, int d)
+{
+    cpu_mm_t a;
+
+    if (m <= 0) {
+        return;
+    }
+    a.out = out;
+    a.ldo = ldo;
+    a.x = x;
+    a.m = m;
+    a.W = W;
+    a.d = d;
+    cpu_pool_run(b->pool, cpu_mm_task, &a, n, (int64_t) m * n * d);
+}
+
+
+static void
+cpu_rmsnorm(float *out, const float *x, const float *w, int n, float eps)
+{
+    double ss = 0;
+    float  inv;
+    int    i;
+
+    for (i = 0; i < n; i++) {
+        ss += (double) x[i] * x[i];
+    }
+    inv = 1.0f / sqrtf((float) (ss / n) + eps);
+    for (i = 0; i < n; i++) {
+        out[i] = w[i] * (x[i] * inv);
+    }
+}
+
+
+/* rotate_half RoPE on one head vector of length hd. */
+static void
+cpu_rope(float *v, const float *c, const float *s, int hd)
+{
+    int half = hd / 2, i;
+
+    for (i = 0; i < half; i++) {
+        float x1 = v[i], x2 = v[i + half];
+
+        v[i] = x1 * c[i] - x2 * s[i];
+        v[i + half] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+
+static inline float *
+cpu_kv_at(cpu_backend_t *b, int block, int layer, int which, int off)
+{
+    const moe_hparams_t *hp = b->hp;
+    size_t               row = (size_t) hp->n_kv_heads * hp->head_dim;
+
+    return b->kv + ((((size_t) block * hp->n_layers + layer) * 2 + which)
+                    * b->block_size + off) * row;
+}
+
+
+/* Attention over (token, head) pairs [lo, hi). */
+typedef struct {
+    cpu_backend_t  *b;
+    int             layer;
+} cpu_att_t;
+
+
+static void
+cpu_att_task(void *arg, int lo, int hi, int part)
+{
+    const cpu_att_t     *a = arg;
+    cpu_backend_t       *b = a->b;
+    const moe_hparams_t *hp = b->hp;
+    int                  hd = hp->head_dim, nh = hp->n_heads;
+    int                  group = hp->n_heads / hp->n_kv_heads;
+    float               *sc = b->scores + (size_t) part * b->ctx_max;
+    float                scale = 1.0f / sqrtf((float) hd);
+    int                  item;
+
+    for (item = lo; item < hi; item++) {
+        int                    t = item / nh, h = item % nh;
+        int                    p = b->tpos[t], kvh = h / group;
+        const moe_seq_batch_t *s = &b->seqs[b->tseq[t]];
+        const float           *q = b->q + (size_t) t * nh * hd
+                                   + (size_t) h * hd;
+        float                 *o = b->att + (size_t) t * nh * hd
+                                   + (size_t) h * hd;
+        int                    j, j0, d;
+        float                  mx, sum, pj;
+
+        j0 = 0;
+        if (hp->sliding_window > 0 && p - hp->sliding_window + 1 > 0) {
+            j0 = p - hp->sliding_window + 1;
+        }
+        mx = -INFINITY;
+        for (j = j0; j <= p; j++) {
+            const float *kp = cpu_kv_at(b, s->block_table[j / b->block_size],
+                                        a->layer, 0, j % b->block_size)
+                              + (size_t) kvh * hd;
+
+            sc[j] = cpu_dot(q, kp, hd) * scale;
+            if (sc[j] > mx) {
+                mx = sc[j];
+            }
+        }
+        sum = 0;
+        for (j = j0; j <= p; j++) {
+            sc[j] = expf(sc[j] - mx);
+            sum += sc[j];
+        }
+        for (d = 0; d < hd; d++) {
+            o[d] = 0;
+        }
+        for (j = j0; j <= p; j++) {
+            const float *vp = cpu_kv_at(b, s->block_table[j / b->block_size],
+                                        a->layer, 1, j % b->block_size)
+                              + (size_t) kvh * hd;
+
+            pj = sc[j] / sum;
+            for (d = 0; d < hd; d++) {
+                o[d] += pj * vp[d];
+            }
+        }
+    }
+}
+
+
+static void
+cpu_free_scratch(cpu_backend_t *b)
+{
+    free(b->x);
+    free(b->xb);
+    free(b->q);
+    free(b->k);
+    free(b->v);
+    free(b->att);
+    free(b->tmp);
+    free(b->rcos);
+    free(b->rsin);
+    free(b->tseq);
+    free(b->tpos);
+    free(b->rlogits);
+    free(b->sel);
+    free(b->selw);
+    free(b->slot_of);
+    free(b->xe);
+    free(b->hg);
+    free(b->hu);
+    free(b->ye);
+    free(b->erow);
+    b->x = b->xb = b->q = b->k = b->v = b->att = b->tmp = NULL;
+    b->rcos = b->rsin = b->rlogits = b->selw = NULL;
+    b->xe = b->hg = b->hu = b->ye = NULL;
+    b->tseq = b->tpos = b->sel = b->slot_of = b->erow = NULL;
+    b->cap = 0;
+}
+
+
+/* Make the scratch hold n tokens; MOE_ENOMEM leaves it empty but valid. */
+static int
+cpu_reserve(cpu_backend_t *b, int n)
+{
+    const moe_hparams_t *hp = b->hp;
+    size_t               N, K, D, Q, KV, F, E;
+
+    if (n <= b->cap) {
+        return MOE_OK;
+    }
+    cpu_free_scratch(b);
+    N = (size_t) n;
+    K = (size_t) hp->top_k;
+    D = (size_t) hp->dim;
+    Q = (size_t) hp->n_heads * hp->head_dim;
+    KV = (size_t) hp->n_kv_heads * hp->head_dim;
+    F = (size_t) hp->ffn_dim;
+    E = (size_t) hp->n_experts;
+
+    b->x = malloc(N * D * sizeof(float));
+    b->xb = malloc(N * D * sizeof(float));
+    b->q = malloc(N * Q * sizeof(float));
+    b->k = malloc(N * KV * sizeof(float));
+    b->v = malloc(N * KV * sizeof(float));
+    b->att = malloc(N * Q * sizeof(float));
+    b->tmp = malloc(N * D * sizeof(float));
+    b->rcos = malloc(N * (size_t) (hp->head_dim / 2) * sizeof(float));
+    b->rsin = malloc(N * (size_t) (hp->head_dim / 2) * sizeof(float));
+    b->tseq = malloc(N * sizeof(int));
+    b->tpos = malloc(N * sizeof(int));
+    b->rlogits = malloc(N * E * sizeof(float));
+    b->sel = malloc(N * K * sizeof(int));
+    b->selw = malloc(N * K * sizeof(float));
+    b->slot_of = malloc(N * K * sizeof(int));
+    b->xe = malloc(N * K * D * sizeof(float));
+    b->hg = malloc(N * K * F * sizeof(float));
+    b->hu = malloc(N * K * F * sizeof(float));
+    b->ye = malloc(N * K * D * sizeof(float));
+    b->erow = malloc(N * K * sizeof(int));
+    if (!b->x || !b->xb || !b->q || !b->k || !b->v || !b->att || !b->tmp
+        || !b->rcos || !b->rsin || !b->tseq || !b->tpos || !b->rlogits
+        || !b->sel || !b->selw || !b->slot_of || !b->xe || !b->hg || !b->hu
+        || !b->ye || !b->erow)
+    {
+        cpu_free_scratch(b);
+        return MOE_ENOMEM;
+    }
+    b->cap = n;
+    return MOE_OK;
+}
+
+
+/* Mixture of experts (or the one dense FFN) for T tokens of b->xb, result
+ * into b->tmp. */
+static void
+cpu_ffn(cpu_backend_t *b, int layer, int T)
+{
+    const moe_hparams_t *hp = b->hp;
+    const moe_weights_t *w = b->w;
+    int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
+    int                  K = hp->top_k;
+    size_t               lE = (size_t) layer * E;
+    int                  t, e, k, j, r, n_rows;
+
+    if (E == 1) {
+        for (t = 0; t < T; t++) {
+            b->sel[t * K] = 0;
+            b->selw[t * K] = 1.0f;
+        }
+    } else {
+        cpu_matmul(b, b->rlogits, E, b->xb, T, w->router + lE * D, E, D);
+        for (t = 0; t < T; t++) {
+            float *lg = b->rlogits + (size_t) t * E;
+            float  mx = -INFINITY, sum = 0, ksum = 0;
+
+            /* softmax over all experts, in fp32 */
+            for (e = 0; e < E; e++) {
+                mx = lg[e] > mx ? lg[e] : mx;
+            }
+            for (e = 0; e < E; e++) {
+                lg[e] = expf(lg[e] - mx);
+                sum += lg[e];
+            }
+            for (e = 0; e < E; e++) {
+                lg[e] /= sum;
+            }
+            /* top-k, ties to the lower index */
+            for (k = 0; k < K; k++) {
+                int best = -1;
+
+                for (e = 0; e < E; e++) {
+                    int taken = 0;
+
+                    for (j = 0; j < k; j++) {
+                        taken |= b->sel[t * K + j] == e;
+                    }
+                    if (!taken && (best < 0 || lg[e] > lg[best])) {
+                        best = e;
+                    }
+                }
+                b->sel[t * K + k] = best;
+                b->selw[t * K + k] = lg[best];
+                ksum += lg[best];
+            }
+            for (k = 0; k < K; k++) {
+                b->selw[t * K + k] /= ksum;
+            }
+        }
+    }
+
+    /* group (token, k) slots by expert */
+    memset(b->ecount, 0, (size_t) E * sizeof(int));
+    for (t = 0; t < T * K; t++) {
+        b->ecount[b->sel[t]]++;
+    }
+    b->eoff[0] = 0;
+    for (e = 0; e < E; e++) {
+        b->eoff[e + 1] = b->eoff[e] + b->ecount[e];
+        b->counts[lE + e] += b->ecount[e];
+        b->ecount[e] = 0;
+    }
+    for (t = 0; t < T * K; t++) {
+        e = b->sel[t];
+        r = b->eoff[e] + b->ecount[e]++;
+        b->erow[r] = t;
+        b->slot_of[t] = r;
+        memcpy(b->xe + (size_t) r * D, b->xb + (size_t) (t / K) * D,
+               (size_t) D * sizeof(float));
+    }
+
+    for (e = 0; e < E; e++) {
+        size_t wi = (lE + e) * (size_t) F * D;
+        int    r0 = b->eoff[e];
+
+        n_rows = b->ecount[e];
+        if (n_rows == 0) {
+            continue;
+        }
+        cpu_matmul(b, b->hg + (size_t) r0 * F, F, b->xe + (size_t) r0 * D,
+                   n_rows, w->w_gate + wi, F, D);
+        cpu_matmul(b, b->hu + (size_t) r0 * F, F, b->xe + (size_t) r0 * D,
+                   n_rows, w->w_up + wi, F, D);
+        for (r = r0; r < r0 + n_rows; r++) {
+            float *g = b->hg + (size_t) r * F, *u = b->hu + (size_t) r * F;
+
+            for (j = 0; j < F; j++) {
+                g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            }
+        }
+        cpu_matmul(b, b->ye + (size_t) r0 * D, D, b->hg + (size_t) r0 * F,
+                   n_rows, w->w_down + wi, D, F);
+    }
+
+    /* weighted sum per token, in ascending expert order (as HF adds) */
+    for (t = 0; t < T; t++) {
+        float *o = b->tmp + (size_t) t * D;
+
+        for (j = 0; j < D; j++) {
+            o[j] = 0;
+        }
+        for (e = 0; e < E; e++) {
+            for (k = 0; k < K; k++) {
+                if (b->sel[t * K + k] == e) {
+                    const float *y = b->ye
+                                     + (size_t) b->slot_of[t * K + k] * D;
+                    float        wk = b->selw[t * K + k];
+
+                    for (j = 0; j < D; j++) {
+                        o[j] += y[j] * wk;
+                    }
+                }
+            }
+        }
+    }
+}
+
+
+static int
+cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
+{
+    cpu_backend_t       *b = (cpu_backend_t *) base;
+    const moe_hparams_t *hp = b->hp;
+    const moe_weights_t *w = b->w;
+    int                  D = hp->dim, hd = hp->head_dim, half = hd / 2;
+    int                  Q = hp->n_heads * hd, KV = hp->n_kv_heads * hd;
+    int                  T, s, i, t, l, h, rc;
+    cpu_att_t            at;
+
+    if (n < 0 || (n > 0 && seqs == NULL)) {
+        return MOE_EINVAL;
+    }
+    /* validate everything before touching the cache */
+    T = 0;
+    for (s = 0; s < n; s++) {
+        const moe_seq_batch_t *sq = &seqs[s];
+        int                    need;
+
+        if (sq->n_tokens <= 0 || sq->tokens == NULL || sq->pos < 0
+            || sq->block_table == NULL || sq->n_tokens > (1 << 24)
+            || sq->pos > (1 << 30) - sq->n_tokens)
+        {
+            return MOE_EINVAL;
+        }
+        need = (sq->pos + sq->n_tokens + b->block_size - 1) / b->block_size;
+        if (need > sq->n_blocks) {
+            return MOE_EINVAL;
+        }
+        for (i = 0; i < need; i++) {
+            if (sq->block_table[i] < 0 || sq->block_table[i] >= b->n_blocks)
+            {
+                return MOE_EINVAL;
+            }
+        }
+        for (i = 0; i < sq->n_tokens; i++) {
+            if (sq->tokens[i] < 0 || sq->tokens[i] >= hp->vocab_size) {
+                return MOE_EINVAL;
+            }
+        }
+        if (T > (1 << 24) - sq->n_tokens) {
+            return MOE_EINVAL;
+        }
+        T += sq->n_tokens;
+    }
+    if (T == 0) {
+        return MOE_OK;
+    }
+    rc = cpu_reserve(b, T);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    b->seqs = seqs;
+
+    /* embeddings, token tables, RoPE angles */
+    t = 0;
+    for (s = 0; s < n; s++) {
+        for (i = 0; i < seqs[s].n_tokens; i++, t++) {
+            float pos = (float) (seqs[s].pos + i);
+
+            b->tseq[t] = s;
+            b->tpos[t] = seqs[s].pos + i;
+            memcpy(b->x + (size_t) t * D,
+                   w->embed + (size_t) seqs[s].tokens[i] * D,
+                   (size_t) D * sizeof(float));
+            for (h = 0; h < half; h++) {
+                /* as HF: inv_freq = 1 / theta^(2i/hd) and angle in fp32 */
+                float inv = 1.0f / powf(hp->rope_theta,
+                                        (float) (2 * h) / (float) hd);
+                float ang = pos * inv;
+
+                b->rcos[(size_t) t * half + h] = cosf(ang);
+                b->rsin[(size_t) t * half + h] = sinf(ang);
+            }
+        }
+    }
+
+    for (l = 0; l < hp->n_layers; l++) {
+        size_t lu = (size_t) l;
+
+        for (t = 0; t < T; t++) {
+            cpu_rmsnorm(b->xb + (size_t) t * D, b->x + (size_t) t * D,
+                        w->attn_norm + lu * D, D, hp->norm_eps);
+        }
+        cpu_matmul(b, b->q, Q, b->xb, T, w->wq + lu * Q * D, Q, D);
+        cpu_matmul(b, b->k, KV, b->xb, T, w->wk + lu * KV * D, KV, D);
+        cpu_matmul(b, b->v, KV, b->xb, T, w->wv + lu * KV * D, KV, D);
+
+        for (t = 0; t < T; t++) {
+            const moe_seq_batch_t *sq = &seqs[b->tseq[t]];
+            const float           *c = b->rcos + (size_t) t * half;
+            const float           *sn = b->rsin + (size_t) t * half;
+            int                    p = b->tpos[t];
+
+            for (h = 0; h < hp->n_heads; h++) {
+                cpu_rope(b->q + (size_t) t * Q + (size_t) h * hd, c, sn, hd);
+            }
+            for (h = 0; h < hp->n_kv_heads; h++) {
+                cpu_rope(b->k + (size_t) t * KV + (size_t) h * hd, c, sn, hd);
+            }
+            memcpy(cpu_kv_at(b, sq->block_table[p / b->block_size], l, 0,
+                             p % b->block_size),
+                   b->k + (size_t) t * KV, (size_t) KV * sizeof(float));
+            memcpy(cpu_kv_at(b, sq->block_table[p / b->block_size], l, 1,
+                             p % b->block_size),
+                   b->v + (size_t) t * KV, (size_t) KV * sizeof(float));
+        }
+
+        at.b = b;
+        at.layer = l;
+        cpu_pool_run(b->pool, cpu_att_task, &at, T * hp->n_heads,
+                     (int64_t) T * hp->n_heads * hd * 64);
+
+        cpu_matmul(b, b->tmp, D, b->att, T, w->wo + lu * D * Q, D, Q);
+        for (i = 0; i < T * D; i++) {
+            b->x[i] += b->tmp[i];
+        }
+
+        for (t = 0; t < T; t++) {
+            cpu_rmsnorm(b->xb + (size_t) t * D, b->x + (size_t) t * D,
+                        w->ffn_norm + lu * D, D, hp->norm_eps);
+        }
+        cpu_ffn(b, l, T);
+        for (i = 0; i < T * D; i++) {
+            b->x[i] += b->tmp[i];
+        }
+    }
+
+    /* logits of the last token of each sequence that asks for them */
+    t = 0;
+    for (s = 0; s < n; s++) {
+        t += seqs[s].n_tokens;
+        if (seqs[s].logits == NULL) {
+            continue;
+        }
+        cpu_rmsnorm(b->xb, b->x + (size_t) (t - 1) * D, w->final_norm, D,
+                    hp->norm_eps);
+        cpu_matmul(b, seqs[s].logits, hp->vocab_size, b->xb, 1, w->lm_head,
+                   hp->vocab_size, D);
+    }
+    b->seqs = NULL;
+    return MOE_OK;
+}
+
+
+static const int64_t *
+cpu_expert_counts(moe_backend_t *base)
+{
+    return ((cpu_backend_t *) base)->counts;
+}
+
+
+static void
+cpu_destroy(moe_backend_t *base)
+{
+    cpu_backend_t *b = (cpu_backend_t *) base;
+
+    if (b == NULL) {
+        return;
+    }
+    cpu_pool_destroy(b->pool);
+    cpu_free_scratch(b);
+    free(b->kv);
+    free(b->counts);
+    free(b->scores);
+    free(b->ecount);
+    free(b->eoff);
+    free(b);
+}
+
+
+int
+moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
+    int n_threads, moe_backend_t **out, char *err, size_t errlen)
+{
+    const moe_hparams_t *hp;
+    cpu_backend_t       *b;
+    size_t               kv_floats, per_block;
+    long                 ncpu;
+
+    *out = NULL;
+    if (m == NULL || n_blocks <= 0 || block_size <= 0 || n_threads < 0
+        || (int64_t) n_blocks * block_size > (1 << 30))
+    {
+        c_err(err, errlen, "cpu backend: bad arguments (n_blocks %d, "
+              "block_size %d, n_threads %d)", n_blocks, block_size,
+              n_threads);
+        return MOE_EINVAL;
+    }
+    hp = moe_model_hparams(m);
+    if (hp->n_experts > 256 || hp->top_k > hp->n_experts) {
+        c_err(err, errlen, "cpu backend: %d experts / top_k %d not "
+              "supported (at most 256 experts)", hp->n_experts, hp->top_k);
+        return MOE_EUNSUPPORTED;
+    }
+    if (n_threads == 0) {
+        ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = ncpu > 0 ? (int) (ncpu > 64 ? 64 : ncpu) : 1;
+    }
+
+    b = calloc(1, sizeof(*b));
+    if (b == NULL) {
+        c_err(err, errlen, "cpu backend: out of memory");
+        return MOE_ENOMEM;
+    }
+    b->model = m;
+    b->hp = hp;
+    b->w = moe_model_weights(m);
+    b->n_blocks = n_blocks;
+    b->block_size = block_size;
+    b->ctx_max = n_blocks * block_size;
+
+    per_block = (size_t) hp->n_layers * 2 * (size_t) block_size
+                * (size_t) hp->n_kv_heads * (size_t) hp->head_dim;
+    kv_floats = per_block * (size_t) n_blocks;
+    b->base.name = "cpu";
+    b->base.kv_bytes_per_block = (int64_t) (per_block * sizeof(float));
+    b->base.forward = cpu_forward;
+    b->base.expert_counts = cpu_expert_counts;
+    b->base.destroy = cpu_destroy;
+
+    b->kv = calloc(kv_floats, sizeof(float));
+    b->counts = calloc((size_t) hp->n_layers * hp->n_experts,
+                       sizeof(int64_t));
+    b->scores = malloc((size_t) n_threads * b->ctx_max * sizeof(float));
+    b->ecount = calloc((size_t) hp->n_experts, sizeof(int));
+    b->eoff = calloc((size_t) hp->n_experts + 1, sizeof(int));
+    b->pool = cpu_pool_create(n_threads);
+    if (!b->kv || !b->counts || !b->scores || !b->ecount || !b->eoff
+        || !b->pool || cpu_reserve(b, 256) != MOE_OK)
+    {
+        c_err(err, errlen, "cpu backend: out of memory for %d KV blocks "
+              "(%zu MiB) and scratch", n_blocks,
+              kv_floats * sizeof(float) >> 20);
+        cpu_destroy(&b->base);
+        return MOE_ENOMEM;
+    }
+    *out = &b->base;
+    return MOE_OK;
+}

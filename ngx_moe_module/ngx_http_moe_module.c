@@ -1,0 +1,562 @@
+
+/*
+ * Copyright (C) LocalMoE contributors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_moe_module.h"
+
+
+static void *ngx_http_moe_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_moe_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_moe_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_http_moe_engine(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_moe_api(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_moe_init_module(ngx_cycle_t *cycle);
+static ngx_int_t ngx_http_moe_init_process(ngx_cycle_t *cycle);
+static void ngx_http_moe_exit_process(ngx_cycle_t *cycle);
+static void ngx_http_moe_wake_handler(ngx_event_t *rev);
+static void ngx_http_moe_cancel_handler(ngx_event_t *ev);
+static void ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf);
+
+
+static ngx_command_t  ngx_http_moe_commands[] = {
+
+    { ngx_string("moe_engine"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_moe_engine,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("moe_api"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_moe_api,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("moe_max_body_size"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_moe_loc_conf_t, max_body_size),
+      NULL },
+
+    { ngx_string("moe_sse_keepalive"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_moe_loc_conf_t, keepalive),
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_moe_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    NULL,                                  /* postconfiguration */
+
+    ngx_http_moe_create_main_conf,         /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_moe_create_loc_conf,          /* create location configuration */
+    ngx_http_moe_merge_loc_conf            /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_moe_module = {
+    NGX_MODULE_V1,
+    &ngx_http_moe_module_ctx,              /* module context */
+    ngx_http_moe_commands,                 /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    ngx_http_moe_init_module,              /* init module */
+    ngx_http_moe_init_process,             /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_moe_exit_process,             /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static void *
+ngx_http_moe_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_moe_main_conf_t));
+    if (mcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     mcf->engine_file = { 0, NULL };
+     *     mcf->config = NULL;
+     *     mcf->engine = NULL;
+     */
+
+    return mcf;
+}
+
+
+static void *
+ngx_http_moe_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_moe_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_moe_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    conf->enable = NGX_CONF_UNSET;
+    conf->max_body_size = NGX_CONF_UNSET_SIZE;
+    conf->keepalive = NGX_CONF_UNSET_MSEC;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_moe_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_moe_loc_conf_t *prev = parent;
+    ngx_http_moe_loc_conf_t *conf = child;
+
+    ngx_http_core_loc_conf_t  *clcf;
+
+    ngx_conf_merge_value(conf->enable, prev->enable, 0);
+    ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size,
+                              1024 * 1024);
+    ngx_conf_merge_msec_value(conf->keepalive, prev->keepalive, 5000);
+
+    if (conf->enable) {
+        /*
+         * The API answers every error with an OpenAI JSON body; the core's
+         * own body size check would answer 413 with an HTML page before
+         * the content handler runs, so moe_max_body_size takes its place.
+         */
+
+        clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+        clcf->client_max_body_size = 0;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_moe_engine(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_moe_main_conf_t *mcf = conf;
+
+    u_char     *path;
+    ngx_str_t  *value, name;
+    char        err[NGX_HTTP_MOE_ERR_LEN];
+
+    if (mcf->config != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    name = value[1];
+
+    if (ngx_conf_full_name(cf->cycle, &name, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    path = ngx_pnalloc(cf->pool, name.len + 1);
+    if (path == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_cpystrn(path, name.data, name.len + 1);
+
+    mcf->config = ngx_pcalloc(cf->pool, sizeof(moe_config_t));
+    if (mcf->config == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    err[0] = '\0';
+
+    if (moe_config_load((char *) path, mcf->config, err, sizeof(err))
+        != MOE_OK)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "moe_engine: %s", err);
+        return NGX_CONF_ERROR;
+    }
+
+    mcf->engine_file.data = path;
+    mcf->engine_file.len = name.len;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_moe_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_moe_loc_conf_t *mlcf = conf;
+
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (mlcf->enable != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    mlcf->enable = 1;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_moe_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_moe_init_module(ngx_cycle_t *cycle)
+{
+    ngx_core_conf_t           *ccf;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_moe_module);
+
+    if (mcf == NULL || mcf->config == NULL) {
+        return NGX_OK;
+    }
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    if (ccf->master && ccf->worker_processes != 1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "moe_engine needs \"worker_processes 1\": one worker "
+                      "hosts the engine and its GPU memory, %i configured",
+                      ccf->worker_processes);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_moe_init_process(ngx_cycle_t *cycle)
+{
+    int                        fd, rc;
+    ngx_event_t               *rev;
+    ngx_connection_t          *c;
+    ngx_http_moe_main_conf_t  *mcf;
+    char                       err[NGX_HTTP_MOE_ERR_LEN];
+
+    mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_moe_module);
+
+    if (mcf == NULL || mcf->config == NULL) {
+        return NGX_OK;
+    }
+
+    ngx_rbtree_init(&mcf->requests, &mcf->sentinel, ngx_rbtree_insert_value);
+
+    mcf->cancels = ngx_array_create(cycle->pool, 16, sizeof(uint64_t));
+    if (mcf->cancels == NULL) {
+        return NGX_ERROR;
+    }
+
+    mcf->events = ngx_alloc(NGX_HTTP_MOE_DRAIN * sizeof(moe_event_t),
+                            cycle->log);
+    if (mcf->events == NULL) {
+        return NGX_ERROR;
+    }
+
+    mcf->cancel_timer.handler = ngx_http_moe_cancel_handler;
+    mcf->cancel_timer.data = mcf;
+    mcf->cancel_timer.log = cycle->log;
+    mcf->cancel_timer.cancelable = 1;
+
+    mcf->next_id = 1;
+
+    err[0] = '\0';
+
+    rc = moe_engine_create(mcf->config, &mcf->engine, err, sizeof(err));
+    if (rc != MOE_OK) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "moe_engine \"%V\" failed to start: %s (%s)",
+                      &mcf->engine_file, err, moe_strerror(rc));
+        mcf->engine = NULL;
+        return NGX_ERROR;
+    }
+
+    mcf->info = moe_engine_info(mcf->engine);
+    mcf->tokenizer = moe_engine_tokenizer(mcf->engine);
+
+    fd = moe_engine_eventfd(mcf->engine);
+
+    c = ngx_get_connection(fd, cycle->log);
+    if (c == NULL) {
+        return NGX_ERROR;
+    }
+
+    c->data = mcf;
+
+    rev = c->read;
+    rev->handler = ngx_http_moe_wake_handler;
+    rev->log = cycle->log;
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_free_connection(c);
+        return NGX_ERROR;
+    }
+
+    mcf->wake = c;
+
+    ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                  "moe: serving \"%s\" (%s, %s backend, max_model_len %d)",
+                  mcf->info->served_name, mcf->info->architecture,
+                  mcf->info->backend, mcf->info->max_model_len);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_moe_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_connection_t          *c;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_moe_module);
+
+    if (mcf == NULL || mcf->engine == NULL) {
+        return;
+    }
+
+    c = mcf->wake;
+
+    if (c) {
+        if (c->read->active || c->read->disabled) {
+            ngx_del_event(c->read, NGX_READ_EVENT, NGX_CLOSE_EVENT);
+        }
+
+        if (c->read->timer_set) {
+            ngx_del_timer(c->read);
+        }
+
+        /* the engine owns and closes the eventfd */
+        c->fd = (ngx_socket_t) -1;
+        ngx_free_connection(c);
+        mcf->wake = NULL;
+    }
+
+    if (mcf->cancel_timer.timer_set) {
+        ngx_del_timer(&mcf->cancel_timer);
+    }
+
+    moe_engine_destroy(mcf->engine);
+    mcf->engine = NULL;
+
+    ngx_free(mcf->events);
+    mcf->events = NULL;
+}
+
+
+/*
+ * The engine thread wrote its eventfd: take every waiting event and hand
+ * each one to its request.  Draining until the ring is empty makes this
+ * correct for both edge- and level-triggered notification.
+ */
+
+static void
+ngx_http_moe_wake_handler(ngx_event_t *rev)
+{
+    size_t                     i, n;
+    moe_event_t               *ev;
+    ngx_connection_t          *c, *conn;
+    ngx_http_moe_ctx_t        *ctx;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    c = rev->data;
+    mcf = c->data;
+
+    if (mcf->engine == NULL) {
+        return;
+    }
+
+    for ( ;; ) {
+        n = moe_engine_drain(mcf->engine, mcf->events, NGX_HTTP_MOE_DRAIN);
+
+        if (n == 0) {
+            break;
+        }
+
+        for (i = 0; i < n; i++) {
+            ev = &mcf->events[i];
+
+            /* a request may be gone: its late events are of no use */
+
+            ctx = ngx_http_moe_lookup(mcf, ev->req_id);
+            if (ctx == NULL) {
+                continue;
+            }
+
+            conn = ctx->request->connection;
+
+            ngx_http_moe_stream_event(ctx, ev);
+
+            ngx_http_run_posted_requests(conn);
+        }
+    }
+
+    if (mcf->cancels->nelts) {
+        ngx_http_moe_retry_cancels(mcf);
+    }
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ALERT, rev->log, 0,
+                      "moe: cannot re-arm the engine eventfd");
+    }
+}
+
+
+ngx_http_moe_ctx_t *
+ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf, uint64_t id)
+{
+    ngx_rbtree_key_t     key;
+    ngx_rbtree_node_t   *node, *sentinel;
+    ngx_http_moe_ctx_t  *ctx;
+
+    key = (ngx_rbtree_key_t) id;
+
+    node = mcf->requests.root;
+    sentinel = mcf->requests.sentinel;
+
+    while (node != sentinel) {
+
+        if (key < node->key) {
+            node = node->left;
+            continue;
+        }
+
+        if (key > node->key) {
+            node = node->right;
+            continue;
+        }
+
+        /* key == node->key; on 32-bit platforms the key is truncated */
+
+        ctx = (ngx_http_moe_ctx_t *) node;
+
+        if (ctx->id == id) {
+            return ctx;
+        }
+
+        node = node->right;
+    }
+
+    return NULL;
+}
+
+
+void
+ngx_http_moe_register(ngx_http_moe_ctx_t *ctx)
+{
+    ctx->node.key = (ngx_rbtree_key_t) ctx->id;
+    ngx_rbtree_insert(&ctx->mcf->requests, &ctx->node);
+    ctx->in_map = 1;
+}
+
+
+void
+ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx)
+{
+    if (ctx->in_map) {
+        ngx_rbtree_delete(&ctx->mcf->requests, &ctx->node);
+        ctx->in_map = 0;
+    }
+}
+
+
+/*
+ * Ask the engine to drop a sequence.  A full command ring is not an error:
+ * the id is kept and retried on the next wake-up or after 10 ms.
+ */
+
+void
+ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id)
+{
+    uint64_t  *p;
+
+    if (mcf->engine == NULL) {
+        return;
+    }
+
+    if (mcf->cancels->nelts == 0
+        && moe_engine_cancel(mcf->engine, id) != MOE_EFULL)
+    {
+        return;
+    }
+
+    p = ngx_array_push(mcf->cancels);
+    if (p == NULL) {
+        ngx_log_error(NGX_LOG_ALERT, ngx_cycle->log, 0,
+                      "moe: cannot queue cancel of request %uL", id);
+        return;
+    }
+
+    *p = id;
+
+    if (!mcf->cancel_timer.timer_set) {
+        ngx_add_timer(&mcf->cancel_timer, NGX_HTTP_MOE_CANCEL_RETRY);
+    }
+}
+
+
+static void
+ngx_http_moe_cancel_handler(ngx_event_t *ev)
+{
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ev->data;
+
+    ngx_http_moe_retry_cancels(mcf);
+}
+
+
+static void
+ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf)
+{
+    uint64_t    *ids;
+    ngx_uint_t   i, k;
+
+    ids = mcf->cancels->elts;
+
+    for (i = 0, k = 0; i < mcf->cancels->nelts; i++) {
+        if (moe_engine_cancel(mcf->engine, ids[i]) == MOE_EFULL) {
+            /* keep the order: later ones would fail the same way */
+            for ( /* void */ ; i < mcf->cancels->nelts; i++) {
+                ids[k++] = ids[i];
+            }
+
+            break;
+        }
+    }
+
+    mcf->cancels->nelts = k;
+
+    if (k && !mcf->cancel_timer.timer_set) {
+        ngx_add_timer(&mcf->cancel_timer, NGX_HTTP_MOE_CANCEL_RETRY);
+    }
+}

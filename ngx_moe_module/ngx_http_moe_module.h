@@ -1,0 +1,172 @@
+
+/*
+ * Copyright (C) LocalMoE contributors
+ */
+
+
+#ifndef _NGX_HTTP_MOE_MODULE_H_INCLUDED_
+#define _NGX_HTTP_MOE_MODULE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <yajl/yajl_gen.h>
+#include <yajl/yajl_tree.h>
+
+#include <moe.h>
+
+
+/* OpenAI accepts at most 4 stop strings; the engine could take more */
+#define NGX_HTTP_MOE_MAX_STOP      ngx_min(4, MOE_MAX_STOP)
+
+#define NGX_HTTP_MOE_DRAIN         256
+#define NGX_HTTP_MOE_CANCEL_RETRY  10
+#define NGX_HTTP_MOE_ERR_LEN       512
+#define NGX_HTTP_MOE_MAX_DEPTH     64
+
+
+typedef struct {
+    ngx_str_t                  engine_file;
+    moe_config_t              *config;
+
+    /* worker state, set up by init_process */
+    moe_engine_t              *engine;
+    const moe_model_info_t    *info;
+    const moe_tokenizer_t     *tokenizer;
+    ngx_connection_t          *wake;
+    moe_event_t               *events;
+
+    ngx_rbtree_t               requests;
+    ngx_rbtree_node_t          sentinel;
+
+    ngx_array_t               *cancels;     /* of uint64_t */
+    ngx_event_t                cancel_timer;
+
+    uint64_t                   next_id;
+} ngx_http_moe_main_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                 enable;
+    size_t                     max_body_size;
+    ngx_msec_t                 keepalive;
+} ngx_http_moe_loc_conf_t;
+
+
+/* an OpenAI error body in the making */
+typedef struct {
+    ngx_uint_t                 status;
+    const char                *type;
+    const char                *param;       /* NULL: null */
+    const char                *code;        /* NULL: null */
+    u_char                     msg[NGX_HTTP_MOE_ERR_LEN];
+    size_t                     len;
+} ngx_http_moe_err_t;
+
+
+typedef struct {
+    ngx_rbtree_node_t          node;        /* key: request id */
+
+    uint64_t                   id;
+    ngx_http_request_t        *request;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    moe_textstream_t          *ts;
+    yajl_gen                   gen;
+
+    /* non-streamed output */
+    u_char                    *text;
+    size_t                     text_len;
+    size_t                     text_cap;
+
+    ngx_int_t                  n_prompt;
+    ngx_int_t                  n_completion;
+    ngx_int_t                  n_cached;
+    const char                *finish_reason;
+
+    ngx_str_t                  rid;         /* "cmpl-..." */
+    ngx_str_t                  model;
+    time_t                     created;
+
+    ngx_chain_t               *free;
+    ngx_chain_t               *busy;
+
+    ngx_event_t                keepalive;
+    ngx_msec_t                 keepalive_interval;
+
+    unsigned                   chat:1;
+    unsigned                   stream:1;
+    unsigned                   include_usage:1;
+    unsigned                   live:1;      /* engine sequence not ended */
+    unsigned                   in_map:1;
+    unsigned                   got_token:1;
+    unsigned                   done:1;
+} ngx_http_moe_ctx_t;
+
+
+/* ngx_http_moe_module.c */
+ngx_http_moe_ctx_t *ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf,
+    uint64_t id);
+void ngx_http_moe_register(ngx_http_moe_ctx_t *ctx);
+void ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx);
+void ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id);
+
+/* ngx_http_moe_handler.c */
+ngx_int_t ngx_http_moe_handler(ngx_http_request_t *r);
+
+/* ngx_http_moe_info.c: GET routes and the tokenizer routes */
+ngx_int_t ngx_http_moe_health(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_models(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_model(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_stats_memory(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_stats_performance(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_metrics(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root);
+ngx_int_t ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root);
+
+/* ngx_http_moe_stream.c */
+ngx_int_t ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx);
+void ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev);
+
+/* ngx_http_moe_json.c */
+yajl_gen ngx_http_moe_gen_create(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_send_gen(ngx_http_request_t *r, ngx_uint_t status,
+    yajl_gen g);
+ngx_int_t ngx_http_moe_send_text(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, u_char *data, size_t len);
+ngx_int_t ngx_http_moe_fail(ngx_http_moe_err_t *err, ngx_uint_t status,
+    const char *param, const char *fmt, ...);
+ngx_int_t ngx_http_moe_send_err(ngx_http_request_t *r,
+    ngx_http_moe_err_t *err);
+ngx_int_t ngx_http_moe_send_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *param, const char *fmt, ...);
+void ngx_http_moe_gen_error(yajl_gen g, ngx_http_moe_err_t *err);
+ngx_int_t ngx_http_moe_json_parse(ngx_http_request_t *r, u_char *data,
+    size_t len, yajl_val *root, ngx_http_moe_err_t *err);
+yajl_val ngx_http_moe_json_get(yajl_val obj, const char *key);
+yajl_val ngx_http_moe_json_find(yajl_val obj, const char *key);
+ngx_int_t ngx_http_moe_json_int(yajl_val v, int64_t *out);
+ngx_int_t ngx_http_moe_json_number(yajl_val v, double *out);
+ngx_int_t ngx_http_moe_json_bool(yajl_val v, ngx_uint_t *out);
+ngx_int_t ngx_http_moe_json_ids(yajl_val v, int vocab, int32_t **ids,
+    size_t *n, ngx_pool_t *pool);
+ngx_int_t ngx_http_moe_messages(ngx_http_request_t *r, yajl_val v,
+    moe_chat_msg_t **msgs, ngx_int_t *n, ngx_http_moe_err_t *err);
+
+
+#define ngx_http_moe_gen_lit(g, s)                                            \
+    yajl_gen_string(g, (const unsigned char *) s, sizeof(s) - 1)
+
+#define ngx_http_moe_gen_cstr(g, s)                                           \
+    yajl_gen_string(g, (const unsigned char *) (s), ngx_strlen(s))
+
+#define ngx_http_moe_gen_str(g, p, n)                                         \
+    yajl_gen_string(g, (const unsigned char *) (p), n)
+
+
+extern ngx_module_t  ngx_http_moe_module;
+
+
+#endif /* _NGX_HTTP_MOE_MODULE_H_INCLUDED_ */

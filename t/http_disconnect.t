@@ -1,0 +1,97 @@
+#!/usr/bin/perl
+# Client aborts free engine resources: 4 long streams are cut after 2 events
+# each; within 2 s /v1/stats/memory shows kv_cache.blocks_used 0 and /health
+# running 0 (the engine cancelled them instead of generating to the end),
+# and the server still answers a normal request.
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use JSON::PP;
+use Time::HiRes qw(time sleep);
+use LocalMoE::Test;
+
+my $s = start_server(vllm => { max_model_len => 512 },
+                     engine => { kv_cache_blocks => 128 });
+my $M = model_id();
+my $MAXT = 400;
+
+sub mem {
+    my ($st, undef, $j) = http(GET => '/v1/stats/memory');
+    return ref $j eq 'HASH' ? $j : {};
+}
+sub health {
+    my ($st, undef, $j) = http(GET => '/health');
+    return ref $j eq 'HASH' ? $j : {};
+}
+
+my $m0 = mem();
+is($m0->{kv_cache}{blocks_used}, 0, 'idle: kv_cache.blocks_used 0')
+    or diag explain $m0;
+is($m0->{kv_cache}{blocks_total}, 128, 'kv_cache.blocks_total from the YAML')
+    if exists $m0->{kv_cache}{blocks_total};
+
+my @st = map {
+    sse_open('/v1/completions', { model => $M, prompt => "Stream $_ says",
+        max_tokens => $MAXT, temperature => 0, stream => JSON::PP::true,
+        ignore_eos => JSON::PP::true })
+} 1 .. 4;
+my $got = 0;
+$got += ($_->read_events(2, 30) >= 2) for @st;
+is($got, 4, 'each stream delivered 2 events');
+my $mid = mem();
+my $live = health();
+cmp_ok($mid->{kv_cache}{blocks_used} // 0, '>', 0,
+       'while streaming: blocks in use') or diag explain $mid;
+diag('while streaming: ' . json_encode($live));
+
+$_->close for @st;
+my $t0 = time;
+my ($m, $h);
+while (time - $t0 < 2) {
+    ($m, $h) = (mem(), health());
+    last if ($m->{kv_cache}{blocks_used} // -1) == 0
+         && ($h->{running} // -1) == 0;
+    sleep 0.05;
+}
+my $dt = time - $t0;
+is($m->{kv_cache}{blocks_used}, 0, 'after disconnect: blocks_used back to 0')
+    or diag explain $m;
+is($h->{running}, 0, 'after disconnect: /health running 0')
+    or diag explain $h;
+cmp_ok($dt, '<', 2, sprintf 'freed within 2 s (%.2fs)', $dt);
+
+# they were cancelled, not run to the end: the generated token count is far
+# below 4 * max_tokens (reported by /v1/stats/performance if it has one)
+my (undef, undef, $perf) = http(GET => '/v1/stats/performance');
+diag('performance: ' . (ref $perf ? json_encode($perf) : $perf));
+
+my ($st2, undef, $j2) = http(POST => '/v1/completions',
+    { model => $M, prompt => 'Still alive?', max_tokens => 4,
+      temperature => 0 });
+is($st2, 200, 'a normal request still works') or diag explain $j2;
+is($j2->{usage}{completion_tokens}, 4, 'and generates its 4 tokens');
+
+# a disconnect before any token (right after sending) also cleans up
+my $early = sse_open('/v1/chat/completions', { model => $M,
+    messages => [{ role => 'user', content => 'bye' }], max_tokens => $MAXT,
+    stream => JSON::PP::true, ignore_eos => JSON::PP::true });
+$early->close;
+# and a non-streaming request whose client goes away
+my $ns = sse_open('/v1/completions', { model => $M, prompt => 'gone',
+    max_tokens => $MAXT, ignore_eos => JSON::PP::true });
+sleep 0.05;
+$ns->close;
+$t0 = time;
+while (time - $t0 < 3) {
+    ($m, $h) = (mem(), health());
+    last if ($m->{kv_cache}{blocks_used} // -1) == 0
+         && ($h->{running} // -1) == 0 && ($h->{waiting} // 0) == 0;
+    sleep 0.05;
+}
+is($m->{kv_cache}{blocks_used}, 0, 'early disconnects: blocks_used 0')
+    or diag explain $m;
+is($h->{running}, 0, 'early disconnects: running 0') or diag explain $h;
+
+finish();

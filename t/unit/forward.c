@@ -1,0 +1,581 @@
+/*
+ * Checks the model loader and the fp32 CPU backend on the tiny test models
+ * in t/data/models (run from the repository root):
+ *  - every model loads (per-expert, fused, sharded, tied, GQA, sliding
+ *    window layouts) with the hparams its config.json gives;
+ *  - decoding token by token, chunked prefill (13 then chunks of 7) over a
+ *    shuffled non-contiguous block table, two sequences in one step, and 2
+ *    threads all give BITWISE identical logits (the server relies on it);
+ *  - expert counts add up to tokens * top_k per layer;
+ *  - with reference files from tools/ref_logits.py in t/data/ref (or
+ *    $MOE_REF_DIR): logits at every position within relative error 1e-4 of
+ *    transformers', and the greedy continuation equals transformers';
+ *  - load errors: unsupported architecture, rope_scaling, missing tensor,
+ *    bad top_k; forward rejects bad token ids and short block tables.
+ */
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <yajl/yajl_tree.h>
+
+#include "model.h"
+#include "tap.h"
+
+#define N_POS      40
+#define N_GREEDY   20
+#define BS         4
+#define N_BLOCKS   64
+#define MAX_TOK    (N_POS + N_GREEDY)
+
+static const char *models[] = {
+    "llama-mha", "llama-gqa", "mixtral-gqa", "mixtral-fused", "mistral-sw"
+};
+
+typedef struct {
+    int      have;
+    int      tokens[N_POS];
+    int      greedy[N_GREEDY];
+    int      n_greedy;
+    float   *logits;          /* (N_POS, vocab) */
+    int      vocab;
+    char     error[1024];
+} ref_t;
+
+
+static char *
+read_all(const char *path, size_t *len)
+{
+    FILE  *f = fopen(path, "rb");
+    char  *buf;
+    long   n;
+
+    if (f == NULL) {
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    buf = malloc((size_t) n + 1);
+    if (buf && fread(buf, 1, (size_t) n, f) != (size_t) n) {
+        free(buf);
+        buf = NULL;
+    }
+    if (buf) {
+        buf[n] = '\0';
+        if (len) {
+            *len = (size_t) n;
+        }
+    }
+    fclose(f);
+    return buf;
+}
+
+
+static int
+write_all(const char *path, const void *p, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    int   ok;
+
+    if (f == NULL) {
+        return -1;
+    }
+    ok = fwrite(p, 1, n, f) == n;
+    return (fclose(f) == 0 && ok) ? 0 : -1;
+}
+
+
+static void
+load_ref(const char *dir, const char *name, int vocab, ref_t *r)
+{
+    char         path[256], *text;
+    yajl_val     root, v;
+    size_t       i, len;
+    const char  *p_tokens[] = { "tokens", NULL };
+    const char  *p_greedy[] = { "greedy", NULL };
+    const char  *p_error[] = { "error", NULL };
+
+    memset(r, 0, sizeof(*r));
+    snprintf(path, sizeof(path), "%s/%s.json", dir, name);
+    text = read_all(path, NULL);
+    if (text == NULL) {
+        return;
+    }
+    root = yajl_tree_parse(text, NULL, 0);
+    free(text);
+    if (root == NULL) {
+        snprintf(r->error, sizeof(r->error), "%s: bad JSON", path);
+        return;
+    }
+    v = yajl_tree_get(root, p_error, yajl_t_string);
+    if (v != NULL) {
+        snprintf(r->error, sizeof(r->error), "%s", YAJL_GET_STRING(v));
+        yajl_tree_free(root);
+        return;
+    }
+    v = yajl_tree_get(root, p_tokens, yajl_t_array);
+    if (v == NULL || v->u.array.len != N_POS) {
+        snprintf(r->error, sizeof(r->error), "%s: needs %d tokens", path,
+                 N_POS);
+        yajl_tree_free(root);
+        return;
+    }
+    for (i = 0; i < N_POS; i++) {
+        r->tokens[i] = (int) YAJL_GET_INTEGER(v->u.array.values[i]);
+    }
+    v = yajl_tree_get(root, p_greedy, yajl_t_array);
+    for (i = 0; v != NULL && i < v->u.array.len && i < N_GREEDY; i++) {
+        r->greedy[i] = (int) YAJL_GET_INTEGER(v->u.array.values[i]);
+        r->n_greedy++;
+    }
+    yajl_tree_free(root);
+
+    snprintf(path, sizeof(path), "%s/%s.logits.bin", dir, name);
+    r->logits = (float *) read_all(path, &len);
+    if (r->logits == NULL || len != (size_t) N_POS * vocab * sizeof(float)) {
+        snprintf(r->error, sizeof(r->error), "%s: missing or not %d x %d "
+                 "floats", path, N_POS, vocab);
+        free(r->logits);
+        r->logits = NULL;
+        return;
+    }
+    r->vocab = vocab;
+    r->have = 1;
+}
+
+
+static double
+rel_err(const float *a, const float *b, int n)
+{
+    double num = 0, den = 0;
+    int    i;
+
+    for (i = 0; i < n; i++) {
+        double d = (double) a[i] - b[i];
+
+        num += d * d;
+        den += (double) b[i] * b[i];
+    }
+    return sqrt(num) / (den > 0 ? sqrt(den) : 1);
+}
+
+
+static int
+argmax(const float *x, int n)
+{
+    int i, best = 0;
+
+    for (i = 1; i < n; i++) {
+        if (x[i] > x[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+
+/* One sequence over a backend: run tokens [from, to) in one call. */
+static int
+step(moe_backend_t *be, const int32_t *tokens, int from, int to,
+    const int32_t *table, float *logits)
+{
+    moe_seq_batch_t s;
+
+    s.tokens = tokens + from;
+    s.n_tokens = to - from;
+    s.pos = from;
+    s.block_table = table;
+    s.n_blocks = N_BLOCKS;
+    s.logits = logits;
+    return be->forward(be, &s, 1);
+}
+
+
+static void
+test_model(const char *name, const char *ref_dir)
+{
+    char                 dir[256], err[512];
+    moe_model_t         *m = NULL;
+    moe_backend_t       *be = NULL, *be2 = NULL;
+    const moe_hparams_t *hp;
+    ref_t                ref;
+    int32_t              tokens[MAX_TOK], table[N_BLOCKS], table2[N_BLOCKS];
+    float               *dec, *chk, *lg, *bat;
+    int                  rc, V, i, p, ok, same, from, to;
+    double               e, worst;
+    int64_t              total;
+    const int64_t       *cnt;
+    unsigned             seed = 12345;
+
+    snprintf(dir, sizeof(dir), "t/data/models/%s", name);
+    err[0] = '\0';
+    rc = moe_model_load(dir, 0, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_OK, "%s: loads (%s)", name, rc ? err : "ok");
+    if (rc != MOE_OK) {
+        return;
+    }
+    hp = moe_model_hparams(m);
+    V = hp->vocab_size;
+    TAP_DIAG("%s: %s dim %d layers %d heads %d/%d head_dim %d ffn %d "
+             "experts %d top_k %d window %d tie %d vocab %d eos %d", name,
+             hp->arch_name, hp->dim, hp->n_layers, hp->n_heads,
+             hp->n_kv_heads, hp->head_dim, hp->ffn_dim, hp->n_experts,
+             hp->top_k, hp->sliding_window, hp->tie_embeddings, V,
+             hp->n_eos);
+    TAP_OK(V == 512 && hp->n_eos == 2 && hp->eos_ids[0] == 506
+           && hp->eos_ids[1] == 508 && hp->bos_id == 506,
+           "%s: vocab 512, eos from generation_config.json", name);
+
+    rc = moe_cpu_backend_create(m, N_BLOCKS, BS, 1, &be, err, sizeof(err));
+    TAP_OK(rc == MOE_OK, "%s: cpu backend (%s)", name, rc ? err : "ok");
+    if (rc != MOE_OK) {
+        moe_model_free(m);
+        return;
+    }
+
+    load_ref(ref_dir, name, V, &ref);
+    if (ref.error[0]) {
+        TAP_OK(0, "%s: reference readable: %.300s", name, ref.error);
+    }
+    for (i = 0; i < N_POS; i++) {
+        seed = seed * 1103515245u + 12345u;
+        tokens[i] = ref.have ? ref.tokens[i] : (int32_t) ((seed >> 8) % 506);
+    }
+
+    dec = calloc((size_t) MAX_TOK * V, sizeof(float));
+    chk = calloc((size_t) MAX_TOK * V, sizeof(float));
+    bat = calloc((size_t) 2 * V, sizeof(float));
+    lg = calloc((size_t) V, sizeof(float));
+
+    /* (a) token by token, contiguous blocks; then greedy continuation */
+    for (i = 0; i < N_BLOCKS; i++) {
+        table[i] = i;
+    }
+    ok = 1;
+    for (p = 0; p < N_POS && ok; p++) {
+        ok = step(be, tokens, p, p + 1, table, dec + (size_t) p * V)
+             == MOE_OK;
+    }
+    for (p = N_POS; p < MAX_TOK && ok; p++) {
+        tokens[p] = argmax(dec + (size_t) (p - 1) * V, V);
+        ok = step(be, tokens, p, p + 1, table, dec + (size_t) p * V)
+             == MOE_OK;
+    }
+    TAP_OK(ok, "%s: %d decode steps", name, MAX_TOK);
+
+    /* (b) chunked prefill 13 + 7 + 7 ... over a shuffled block table */
+    for (i = 0; i < N_BLOCKS; i++) {
+        table2[i] = i;
+    }
+    for (i = N_BLOCKS - 1; i > 0; i--) {
+        int j, t;
+
+        seed = seed * 1103515245u + 12345u;
+        j = (int) ((seed >> 8) % (unsigned) (i + 1));
+        t = table2[i];
+        table2[i] = table2[j];
+        table2[j] = t;
+    }
+    same = 1;
+    ok = 1;
+    for (from = 0; from < MAX_TOK && ok; from = to) {
+        to = from == 0 ? 13 : (from + 7 < MAX_TOK ? from + 7 : MAX_TOK);
+        ok = step(be, tokens, from, to, table2, chk) == MOE_OK;
+        same = same && memcmp(chk, dec + (size_t) (to - 1) * V,
+                              (size_t) V * sizeof(float)) == 0;
+    }
+    TAP_OK(ok && same, "%s: chunked prefill on shuffled blocks == decode, "
+           "bitwise", name);
+
+    /* (c) two sequences in one step, 2 threads, fresh backend */
+    rc = moe_cpu_backend_create(m, N_BLOCKS, BS, 2, &be2, err, sizeof(err));
+    if (rc == MOE_OK) {
+        moe_seq_batch_t s[2];
+
+        /* seq 0: prefix 0..21 in blocks table2[15..22], seq 1: all 60
+         * tokens in table2[0..14] (disjoint pages of one pool) */
+        for (i = 0; i < 8; i++) {
+            table[i] = table2[15 + i];
+        }
+        s[0].tokens = tokens;
+        s[0].n_tokens = 21;
+        s[0].pos = 0;
+        s[0].block_table = table;
+        s[0].n_blocks = 8;
+        s[0].logits = bat;
+        s[1].tokens = tokens;
+        s[1].n_tokens = 30;
+        s[1].pos = 0;
+        s[1].block_table = table2;
+        s[1].n_blocks = N_BLOCKS;
+        s[1].logits = NULL;
+        rc = be2->forward(be2, s, 2);
+        /* next step: seq 0 decodes one token, seq 1 prefills the rest */
+        if (rc == MOE_OK) {
+            s[0].tokens = tokens + 21;
+            s[0].n_tokens = 1;
+            s[0].pos = 21;
+            s[1].tokens = tokens + 30;
+            s[1].n_tokens = MAX_TOK - 30;
+            s[1].pos = 30;
+            s[1].logits = bat + V;
+            same = memcmp(bat, dec + (size_t) 20 * V,
+                          (size_t) V * sizeof(float)) == 0;
+            rc = be2->forward(be2, s, 2);
+        }
+        TAP_OK(rc == MOE_OK && same
+               && memcmp(bat, dec + (size_t) 21 * V,
+                         (size_t) V * sizeof(float)) == 0
+               && memcmp(bat + V, dec + (size_t) (MAX_TOK - 1) * V,
+                         (size_t) V * sizeof(float)) == 0,
+               "%s: batched 2 sequences, 2 threads == alone, bitwise", name);
+        be2->destroy(be2);
+    } else {
+        TAP_OK(0, "%s: second backend: %s", name, err);
+    }
+
+    /* expert counts: every layer saw 2 * MAX_TOK tokens, top_k each */
+    cnt = be->expert_counts(be);
+    ok = cnt != NULL;
+    for (i = 0; ok && i < hp->n_layers; i++) {
+        int e;
+
+        total = 0;
+        for (e = 0; e < hp->n_experts; e++) {
+            total += cnt[(size_t) i * hp->n_experts + e];
+        }
+        ok = total == (int64_t) 2 * MAX_TOK * hp->top_k;
+    }
+    TAP_OK(ok, "%s: expert counts sum to tokens * top_k per layer", name);
+
+    if (ref.have) {
+        worst = 0;
+        for (p = 0; p < N_POS; p++) {
+            e = rel_err(dec + (size_t) p * V, ref.logits + (size_t) p * V, V);
+            if (e > worst) {
+                worst = e;
+            }
+        }
+        TAP_OK(worst <= 1e-4, "%s: logits at all %d positions match "
+               "transformers (max rel err %.2e)", name, N_POS, worst);
+        ok = ref.n_greedy == N_GREEDY;
+        for (i = 0; ok && i < N_GREEDY; i++) {
+            ok = tokens[N_POS + i] == ref.greedy[i];
+        }
+        TAP_OK(ok, "%s: greedy continuation matches transformers", name);
+        if (!ok) {
+            for (i = 0; i < N_GREEDY; i++) {
+                printf("# pos %d: ours %d ref %d\n", N_POS + i,
+                       tokens[N_POS + i], ref.greedy[i]);
+            }
+        }
+    }
+
+    free(ref.logits);
+    free(dec);
+    free(chk);
+    free(bat);
+    free(lg);
+    be->destroy(be);
+    moe_model_free(m);
+}
+
+
+/* Copy t/data/models/llama-mha to a temp dir with one file edited. */
+static int
+copy_model(const char *tmp, const char *cfg_from, const char *cfg_to,
+    const char *st_from, const char *st_to)
+{
+    static const char *files[] = {
+        "config.json", "generation_config.json", "model.safetensors"
+    };
+    char    src[512], dst[512], *buf, *hit;
+    size_t  len, i;
+
+    mkdir(tmp, 0700);
+    for (i = 0; i < 3; i++) {
+        snprintf(src, sizeof(src), "t/data/models/llama-mha/%s", files[i]);
+        snprintf(dst, sizeof(dst), "%s/%s", tmp, files[i]);
+        buf = read_all(src, &len);
+        if (buf == NULL) {
+            return -1;
+        }
+        if (i == 0 && cfg_from != NULL) {
+            hit = strstr(buf, cfg_from);
+            if (hit == NULL) {
+                free(buf);
+                return -1;
+            }
+            /* splice, lengths may differ */
+            {
+                size_t pre = (size_t) (hit - buf);
+                size_t nl = strlen(cfg_to), ol = strlen(cfg_from);
+                char  *nb = malloc(len - ol + nl + 1);
+
+                memcpy(nb, buf, pre);
+                memcpy(nb + pre, cfg_to, nl);
+                memcpy(nb + pre + nl, hit + ol, len - pre - ol + 1);
+                free(buf);
+                buf = nb;
+                len = len - ol + nl;
+            }
+        }
+        if (i == 2 && st_from != NULL) {
+            hit = memmem(buf, len, st_from, strlen(st_from));
+            if (hit == NULL || strlen(st_to) != strlen(st_from)) {
+                free(buf);
+                return -1;
+            }
+            memcpy(hit, st_to, strlen(st_to));
+        }
+        if (write_all(dst, buf, len) != 0) {
+            free(buf);
+            return -1;
+        }
+        free(buf);
+    }
+    return 0;
+}
+
+
+static void
+rm_model(const char *tmp)
+{
+    char p[512];
+
+    snprintf(p, sizeof(p), "%s/config.json", tmp);
+    unlink(p);
+    snprintf(p, sizeof(p), "%s/generation_config.json", tmp);
+    unlink(p);
+    snprintf(p, sizeof(p), "%s/model.safetensors", tmp);
+    unlink(p);
+    rmdir(tmp);
+}
+
+
+static void
+test_load_errors(void)
+{
+    char           tmp[256], err[512];
+    moe_model_t   *m;
+    moe_backend_t *be;
+    int            rc;
+
+    snprintf(tmp, sizeof(tmp), "/tmp/moe-forward-%d", (int) getpid());
+
+    TAP_OK(copy_model(tmp, "\"LlamaForCausalLM\"", "\"GPT2LMHeadModel\"",
+                      NULL, NULL) == 0, "temp model copy");
+    m = NULL;
+    rc = moe_model_load(tmp, 0, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, "architecture "
+           "'GPT2LMHeadModel' is not supported") != NULL
+           && strstr(err, "MixtralForCausalLM") != NULL,
+           "unsupported architecture: %s", err);
+    moe_model_free(m);
+    rm_model(tmp);
+
+    copy_model(tmp, "\"rope_scaling\": null",
+               "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0}",
+               NULL, NULL);
+    m = NULL;
+    rc = moe_model_load(tmp, 0, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, "yarn") != NULL,
+           "rope_scaling yarn rejected: %s", err);
+    moe_model_free(m);
+    rm_model(tmp);
+
+    copy_model(tmp, NULL, NULL, "model.layers.1.self_attn.k_proj.weight",
+               "model.layers.1.self_attn.x_proj.weight");
+    m = NULL;
+    rc = moe_model_load(tmp, 0, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_EFORMAT && strstr(err, "missing tensor "
+           "'model.layers.1.self_attn.k_proj.weight'") != NULL,
+           "missing tensor named: %s", err);
+    moe_model_free(m);
+    rm_model(tmp);
+
+    copy_model(tmp, "\"intermediate_size\": 128",
+               "\"intermediate_size\": 96", NULL, NULL);
+    m = NULL;
+    rc = moe_model_load(tmp, 0, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_EFORMAT && strstr(err, "gate_proj.weight' has shape "
+           "[128, 64], expected [96, 64]") != NULL,
+           "shape mismatch named: %s", err);
+    moe_model_free(m);
+    rm_model(tmp);
+
+    m = NULL;
+    rc = moe_model_load("t/data/models/mixtral-gqa", 5, &m, err,
+                        sizeof(err));
+    TAP_OK(rc == MOE_EINVAL, "top_k override 5 > 4 experts: %s", err);
+    moe_model_free(m);
+    m = NULL;
+    rc = moe_model_load("t/data/models/mixtral-gqa", 1, &m, err,
+                        sizeof(err));
+    TAP_OK(rc == MOE_OK && moe_model_hparams(m)->top_k == 1,
+           "top_k override 1 applied");
+
+    if (rc == MOE_OK
+        && moe_cpu_backend_create(m, 4, 4, 1, &be, err, sizeof(err)) == 0)
+    {
+        moe_seq_batch_t s;
+        int32_t         toks[20] = { 0 }, table[4] = { 0, 1, 2, 3 };
+        float          *lg = malloc(512 * sizeof(float));
+
+        memset(&s, 0, sizeof(s));
+        s.tokens = toks;
+        s.n_tokens = 20;
+        s.block_table = table;
+        s.n_blocks = 4;
+        s.logits = lg;
+        TAP_OK(be->forward(be, &s, 1) == MOE_EINVAL,
+               "20 tokens on a 4-block table of 4 rejected");
+        s.n_tokens = 3;
+        toks[1] = 512;
+        TAP_OK(be->forward(be, &s, 1) == MOE_EINVAL,
+               "token id 512 (vocab 512) rejected");
+        toks[1] = 7;
+        table[0] = 4;
+        TAP_OK(be->forward(be, &s, 1) == MOE_EINVAL,
+               "block id outside the pool rejected");
+        table[0] = 0;
+        TAP_OK(be->forward(be, &s, 1) == MOE_OK && isfinite(lg[0]),
+               "valid step after rejected ones");
+        free(lg);
+        be->destroy(be);
+    }
+    moe_model_free(m);
+}
+
+
+int
+main(void)
+{
+    const char *ref_dir = getenv("MOE_REF_DIR");
+    size_t      i;
+
+    if (ref_dir == NULL) {
+        ref_dir = "t/data/ref";
+    }
+    if (access("t/data/models/llama-mha/config.json", F_OK) != 0) {
+        printf("1..0 # SKIP run from the repository root "
+               "(t/data/models missing)\n");
+        return 0;
+    }
+    if (access(ref_dir, F_OK) != 0) {
+        TAP_DIAG("no reference logits in %s: run `python3 "
+                 "tools/ref_logits.py` on a machine with transformers; "
+                 "only self-consistency is checked", ref_dir);
+    }
+    for (i = 0; i < sizeof(models) / sizeof(models[0]); i++) {
+        test_model(models[i], ref_dir);
+    }
+    test_load_errors();
+    TAP_PLAN(tap_n);
+    return TAP_DONE();
+}
