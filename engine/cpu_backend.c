@@ -23,7 +23,9 @@
 
 #include "model.h"
 
-#define CPU_MIN_PAR_WORK  (1 << 15)   /* multiply-adds worth a thread split */
+#define CPU_MIN_PAR_WORK  (1 << 18)   /* multiply-adds worth a thread split;
+                                         MOE_CPU_MIN_PAR_WORK overrides
+                                         (tests force threading with 1) */
 #define CPU_TOKEN_TILE    16          /* tokens per weight-row pass */
 
 
@@ -52,6 +54,7 @@ struct cpu_pool {
     unsigned         gen;
     int              pending;
     int              stop;
+    int64_t          min_work;   /* below this, run on the caller only */
 };
 
 
@@ -125,6 +128,7 @@ static cpu_pool_t *
 cpu_pool_create(int n)
 {
     cpu_pool_t *p;
+    const char *env;
     int         i;
 
     p = calloc(1, sizeof(*p));
@@ -132,6 +136,11 @@ cpu_pool_create(int n)
         return NULL;
     }
     p->n = n;
+    p->min_work = CPU_MIN_PAR_WORK;
+    env = getenv("MOE_CPU_MIN_PAR_WORK");
+    if (env != NULL && atoll(env) > 0) {
+        p->min_work = atoll(env);
+    }
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->start, NULL);
     pthread_cond_init(&p->done, NULL);
@@ -161,7 +170,7 @@ static void
 cpu_pool_run(cpu_pool_t *p, cpu_task_fn fn, void *arg, int total,
     int64_t work)
 {
-    if (p->n == 1 || work < CPU_MIN_PAR_WORK || total < 2) {
+    if (p->n == 1 || work < p->min_work || total < 2) {
         if (total > 0) {
             fn(arg, 0, total, 0);
         }
@@ -195,13 +204,16 @@ typedef struct {
     const moe_weights_t  *w;
     int                   n_blocks;
     int                   block_size;
-    int                   ctx_max;     /* n_blocks * block_size */
+    int                   n_threads;
+    int                   ctx_max;     /* scores row length (grown to the
+                                           longest context seen) */
     float                *kv;          /* (n_blocks, n_layers, 2,
                                            block_size, n_kv_heads,
                                            head_dim) */
     int64_t              *counts;      /* (n_layers, n_experts) */
     cpu_pool_t           *pool;
-    float                *scores;      /* (n_threads, ctx_max) */
+    float                *scores;      /* (n_threads, ctx_max) attention
+                                           probabilities */
 
     /* per-step scratch, for up to cap tokens */
     int                   cap;
@@ -649,7 +661,7 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     const moe_weights_t *w = b->w;
     int                  D = hp->dim, hd = hp->head_dim, half = hd / 2;
     int                  Q = hp->n_heads * hd, KV = hp->n_kv_heads * hd;
-    int                  T, s, i, t, l, h, rc;
+    int                  T, s, i, t, l, h, rc, ctx;
     cpu_att_t            at;
 
     if (n < 0 || (n > 0 && seqs == NULL)) {
@@ -657,6 +669,7 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     }
     /* validate everything before touching the cache */
     T = 0;
+    ctx = 0;
     for (s = 0; s < n; s++) {
         const moe_seq_batch_t *sq = &seqs[s];
         int                    need;
@@ -686,6 +699,9 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             return MOE_EINVAL;
         }
         T += sq->n_tokens;
+        if (sq->pos + sq->n_tokens > ctx) {
+            ctx = sq->pos + sq->n_tokens;
+        }
     }
     if (T == 0) {
         return MOE_OK;
@@ -693,6 +709,16 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     rc = cpu_reserve(b, T);
     if (rc != MOE_OK) {
         return rc;
+    }
+    if (ctx > b->ctx_max) {
+        float *ns = realloc(b->scores,
+                            (size_t) b->n_threads * ctx * sizeof(float));
+
+        if (ns == NULL) {
+            return MOE_ENOMEM;
+        }
+        b->scores = ns;
+        b->ctx_max = ctx;
     }
     b->seqs = seqs;
 
@@ -852,7 +878,8 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     b->w = moe_model_weights(m);
     b->n_blocks = n_blocks;
     b->block_size = block_size;
-    b->ctx_max = n_blocks * block_size;
+    b->n_threads = n_threads;
+    b->ctx_max = 4096 < n_blocks * block_size ? 4096 : n_blocks * block_size;
 
     per_block = (size_t) hp->n_layers * 2 * (size_t) block_size
                 * (size_t) hp->n_kv_heads * (size_t) hp->head_dim;

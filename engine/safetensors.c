@@ -206,15 +206,17 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
                (unsigned long long) data_len);
         return MOE_EFORMAT;
     }
-    if (numel == UINT64_MAX
-        || numel * moe_dtype_size(t.dtype) != e - b)
-    {
+    if (numel == UINT64_MAX) {
+        st_err(err, errlen, "%s: tensor '%s': shape has more elements than "
+               "the file has bytes", f->path, name);
+        return MOE_EFORMAT;
+    }
+    if (numel * moe_dtype_size(t.dtype) != e - b) {
         st_err(err, errlen, "%s: tensor '%s': %llu bytes for %s shape of "
                "%llu elements (expected %llu)", f->path, name,
                (unsigned long long) (e - b), dts,
                (unsigned long long) numel,
-               numel == UINT64_MAX ? 0ull
-               : (unsigned long long) (numel * moe_dtype_size(t.dtype)));
+               (unsigned long long) (numel * moe_dtype_size(t.dtype)));
         return MOE_EFORMAT;
     }
 

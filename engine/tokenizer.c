@@ -251,6 +251,32 @@ moe_utf8_sanitize(const char *s, size_t len, size_t *out_len)
     return b.p;
 }
 
+/* Byte value of a "<0xNN>" token (Rust u8::from_str_radix(_, 16) on the
+ * two digits), or -1. */
+static int
+byte_token_value(const char *s, size_t n)
+{
+    int i, v = 0, d;
+
+    if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>') {
+        return -1;
+    }
+    for (i = 3; i < 5; i++) {
+        char c = s[i];
+        if (c >= '0' && c <= '9') {
+            d = c - '0';
+        } else if (c >= 'a' && c <= 'f') {
+            d = c - 'a' + 10;
+        } else if (c >= 'A' && c <= 'F') {
+            d = c - 'A' + 10;
+        } else {
+            return -1;
+        }
+        v = v * 16 + d;
+    }
+    return v;
+}
+
 /* Unicode White_Space (Rust char::is_whitespace). */
 static int
 is_uspace(uint32_t c)
@@ -1502,6 +1528,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     root = yajl_tree_parse(buf, ebuf, sizeof(ebuf));
     free(buf);
     if (root == NULL) {
+        ebuf[strcspn(ebuf, "\n")] = '\0';     /* yajl adds a context dump */
         set_err(err, errlen, "%s: bad JSON: %.200s", tokenizer_json_path,
                 ebuf);
         return MOE_EFORMAT;
@@ -1570,14 +1597,10 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         goto fail;
     }
     for (b = 0; b < t->n_ids; b++) {
-        const char *ts = t->id_str[b];
-        unsigned    hi, lo;
-        t->id_byte[b] = -1;
-        if (ts && t->id_len[b] == 6 && memcmp(ts, "<0x", 3) == 0
-            && ts[5] == '>' && sscanf(ts + 3, "%1x%1x", &hi, &lo) == 2)
-        {
-            t->id_byte[b] = (int16_t) (hi * 16 + lo);
-        }
+        t->id_byte[b] = (int16_t) (t->id_str[b]
+                                   ? byte_token_value(t->id_str[b],
+                                                      t->id_len[b])
+                                   : -1);
     }
     yajl_tree_free(root);
     load_config(t, tokenizer_json_path);
@@ -2695,14 +2718,9 @@ dec_step(const dec_step_t *st, slist_t *in, slist_t *out)
         for (k = 0; k <= in->n; k++) {
             int byte = -1;
             if (k < in->n) {
-                unsigned hi, lo;
                 s = in->text.p + in->off[k];
                 n = in->off[k + 1] - in->off[k];
-                if (n == 6 && memcmp(s, "<0x", 3) == 0 && s[5] == '>'
-                    && sscanf(s + 3, "%1x%1x", &hi, &lo) == 2)
-                {
-                    byte = (int) (hi * 16 + lo);
-                }
+                byte = byte_token_value(s, n);
             }
             if (byte >= 0) {
                 char c = (char) byte;

@@ -115,6 +115,11 @@ void ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id);
 
 /* ngx_http_moe_handler.c */
 ngx_int_t ngx_http_moe_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_encode(ngx_http_request_t *r, u_char *text,
+    size_t len, ngx_uint_t add_special_tokens, int32_t **ids, size_t *n);
+ngx_int_t ngx_http_moe_render_chat(ngx_http_request_t *r,
+    moe_chat_msg_t *msgs, ngx_int_t n, ngx_uint_t add_generation_prompt,
+    u_char **text, size_t *len, ngx_http_moe_err_t *err);
 
 /* ngx_http_moe_info.c: GET routes and the tokenizer routes */
 ngx_int_t ngx_http_moe_health(ngx_http_request_t *r);

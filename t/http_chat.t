@@ -4,6 +4,7 @@
 # and the prompt being ChatML (the tiny model has no chat_template).
 use strict;
 use warnings;
+use utf8;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;

@@ -169,7 +169,9 @@ for my $c (@cases) {
         }
         $bd = $out;
     }
-    my %h = map { lc($1) => $2 } $hd =~ /^([^:\r\n]+):\s*([^\r\n]*)/mg;
+    my @kv = ($hd // '') =~ /^([^:\r\n]+):[ \t]*([^\r\n]*)/mg;
+    my %h;
+    while (my ($k, $v) = splice @kv, 0, 2) { $h{ lc $k } = $v }
     check_error_body('2 MB body', json_decode($bd), $bd, \%h);
 }
 

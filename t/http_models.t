@@ -5,6 +5,7 @@
 # /v1/stats/memory and /v1/stats/performance (JSON).
 use strict;
 use warnings;
+use utf8;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
@@ -50,9 +51,13 @@ is($dj->{prompt}, $text, 'detokenize(tokenize(x)) == x');
 
 my $sp = tokenize('<|im_start|>user<|im_end|><|endoftext|>',
                   add_special_tokens => $F);
-is(scalar @{ $sp->{tokens} }, 4,
-   'tokenize: special tokens are single tokens (3 specials + "user")')
-    or diag explain $sp;
+my $user = tokenize('user', add_special_tokens => $F)->{tokens};
+my @id = map { tokenize($_, add_special_tokens => $F)->{tokens} }
+         qw(<|im_start|> <|im_end|> <|endoftext|>);
+is(scalar(grep { @$_ == 1 } @id), 3, 'tokenize: each special token is one id')
+    or diag explain \@id;
+is_deeply($sp->{tokens}, [ $id[0][0], @$user, $id[1][0], $id[2][0] ],
+          'tokenize: special tokens split out of the text') or diag explain $sp;
 my ($ds2, undef, $dj2) = http(POST => '/detokenize', { tokens => $sp->{tokens} });
 is($dj2->{prompt}, '<|im_start|>user<|im_end|><|endoftext|>',
    'detokenize keeps special tokens');

@@ -40,6 +40,224 @@ def load(model_dir, torch, AutoModelForCausalLM):
                                                     **kw)
 
 
+# ----------------------------------------------------------------------
+# --backend python: an independent float64 re-implementation of the HF
+# Llama/Mistral/Mixtral forward in plain Python (no torch), for checking
+# the C engine where transformers is not installed.  Not a substitute for
+# the transformers references: it encodes our reading of HF's math.
+
+def _st_read(path):
+    import struct
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<Q", data[:8])[0]
+    hdr = json.loads(data[8:8 + n])
+    base = 8 + n
+    out = {}
+    for name, t in hdr.items():
+        if name == "__metadata__":
+            continue
+        b, e = t["data_offsets"]
+        raw = data[base + b:base + e]
+        cnt = 1
+        for d in t["shape"]:
+            cnt *= d
+        if t["dtype"] == "F32":
+            vals = list(struct.unpack("<%df" % cnt, raw))
+        elif t["dtype"] == "F16":
+            vals = list(struct.unpack("<%de" % cnt, raw))
+        elif t["dtype"] == "BF16":
+            u = struct.unpack("<%dH" % cnt, raw)
+            vals = list(struct.unpack("<%df" % cnt, struct.pack(
+                "<%dI" % cnt, *[x << 16 for x in u])))
+        else:
+            raise ValueError("dtype " + t["dtype"])
+        out[name] = (t["shape"], vals)
+    return out
+
+
+def _py_model(d):
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    idx = os.path.join(d, "model.safetensors.index.json")
+    W = {}
+    if os.path.exists(idx):
+        for fn in sorted(set(json.load(open(idx))["weight_map"].values())):
+            W.update(_st_read(os.path.join(d, fn)))
+    else:
+        W.update(_st_read(os.path.join(d, "model.safetensors")))
+    return cfg, W
+
+
+def _rows(t):
+    shape, v = t
+    n = shape[-1]
+    return [v[i:i + n] for i in range(0, len(v), n)]
+
+
+def _mv(rows, x):
+    return [sum(a * b for a, b in zip(r, x)) for r in rows]
+
+
+def _rms(x, w, eps):
+    import math
+    inv = 1.0 / math.sqrt(sum(v * v for v in x) / len(x) + eps)
+    return [wi * (xi * inv) for xi, wi in zip(x, w)]
+
+
+class PyModel:
+    def __init__(self, d):
+        import math
+        cfg, W = _py_model(d)
+        self.cfg = cfg
+        self.D = cfg["hidden_size"]
+        self.H = cfg["num_attention_heads"]
+        self.KV = cfg.get("num_key_value_heads") or self.H
+        self.hd = cfg.get("head_dim") or self.D // self.H
+        self.L = cfg["num_hidden_layers"]
+        self.eps = cfg.get("rms_norm_eps", 1e-6)
+        arch = cfg["architectures"][0]
+        self.moe = arch == "MixtralForCausalLM"
+        theta = cfg.get("rope_theta", 1e6 if self.moe else 1e4)
+        self.win = (cfg.get("sliding_window") or 0) \
+            if arch != "LlamaForCausalLM" else 0
+        self.inv = [1.0 / theta ** (2 * i / self.hd)
+                    for i in range(self.hd // 2)]
+        self.emb = _rows(W["model.embed_tokens.weight"])
+        self.head = (self.emb if cfg.get("tie_word_embeddings")
+                     else _rows(W["lm_head.weight"]))
+        self.norm = W["model.norm.weight"][1]
+        self.layers = []
+        F = cfg["intermediate_size"]
+        for l in range(self.L):
+            p = "model.layers.%d." % l
+            ly = {"an": W[p + "input_layernorm.weight"][1],
+                  "fn": W[p + "post_attention_layernorm.weight"][1]}
+            for k in "qkvo":
+                ly[k] = _rows(W[p + "self_attn.%s_proj.weight" % k])
+            if self.moe:
+                E = cfg["num_local_experts"]
+                ly["topk"] = cfg.get("num_experts_per_tok", 2)
+                if p + "mlp.experts.gate_up_proj" in W:
+                    ly["router"] = _rows(W[p + "mlp.gate.weight"])
+                    gu = _rows(W[p + "mlp.experts.gate_up_proj"])
+                    dn = _rows(W[p + "mlp.experts.down_proj"])
+                    D = self.D
+                    ly["ex"] = [(gu[e * 2 * F:e * 2 * F + F],
+                                 gu[e * 2 * F + F:(e + 1) * 2 * F],
+                                 dn[e * D:(e + 1) * D]) for e in range(E)]
+                else:
+                    ly["router"] = _rows(W[p + "block_sparse_moe.gate.weight"])
+                    q = p + "block_sparse_moe.experts.%d.%s.weight"
+                    ly["ex"] = [(_rows(W[q % (e, "w1")]),
+                                 _rows(W[q % (e, "w3")]),
+                                 _rows(W[q % (e, "w2")])) for e in range(E)]
+            else:
+                ly["ex"] = [(_rows(W[p + "mlp.gate_proj.weight"]),
+                             _rows(W[p + "mlp.up_proj.weight"]),
+                             _rows(W[p + "mlp.down_proj.weight"]))]
+            self.layers.append(ly)
+        self._math = math
+
+    def _rope(self, v, pos):
+        m = self._math
+        h = self.hd // 2
+        out = list(v)
+        for i in range(h):
+            c, s = m.cos(pos * self.inv[i]), m.sin(pos * self.inv[i])
+            out[i] = v[i] * c - v[i + h] * s
+            out[i + h] = v[i + h] * c + v[i] * s
+        return out
+
+    def _expert(self, ex, x):
+        g, u, dn = ex
+        gv, uv = _mv(g, x), _mv(u, x)
+        h = [a / (1.0 + self._math.exp(-a)) * b for a, b in zip(gv, uv)]
+        return _mv(dn, h)
+
+    def step(self, cache, tok, pos):
+        """Process one token at pos with cache [(K, V) per layer]."""
+        m = self._math
+        x = list(self.emb[tok])
+        hd, grp = self.hd, self.H // self.KV
+        for l, ly in enumerate(self.layers):
+            xb = _rms(x, ly["an"], self.eps)
+            q, k, v = _mv(ly["q"], xb), _mv(ly["k"], xb), _mv(ly["v"], xb)
+            q = sum((self._rope(q[h * hd:(h + 1) * hd], pos)
+                     for h in range(self.H)), [])
+            k = sum((self._rope(k[h * hd:(h + 1) * hd], pos)
+                     for h in range(self.KV)), [])
+            cache[l][0].append(k)
+            cache[l][1].append(v)
+            lo = max(0, pos - self.win + 1) if self.win else 0
+            att = []
+            for h in range(self.H):
+                kh = h // grp
+                qh = q[h * hd:(h + 1) * hd]
+                sc = [sum(a * b for a, b in
+                          zip(qh, cache[l][0][j][kh * hd:(kh + 1) * hd]))
+                      / m.sqrt(hd) for j in range(lo, pos + 1)]
+                mx = max(sc)
+                ex = [m.exp(s - mx) for s in sc]
+                z = sum(ex)
+                o = [0.0] * hd
+                for j, e in zip(range(lo, pos + 1), ex):
+                    vv = cache[l][1][j][kh * hd:(kh + 1) * hd]
+                    for i in range(hd):
+                        o[i] += e / z * vv[i]
+                att += o
+            x = [a + b for a, b in zip(x, _mv(ly["o"], att))]
+            xb = _rms(x, ly["fn"], self.eps)
+            if self.moe:
+                lg = _mv(ly["router"], xb)
+                mx = max(lg)
+                pr = [m.exp(a - mx) for a in lg]
+                z = sum(pr)
+                pr = [a / z for a in pr]
+                top = sorted(range(len(pr)), key=lambda e: (-pr[e], e))
+                top = sorted(top[:ly["topk"]])
+                z = sum(pr[e] for e in top)
+                y = [0.0] * self.D
+                for e in top:
+                    ye = self._expert(ly["ex"][e], xb)
+                    y = [a + pr[e] / z * b for a, b in zip(y, ye)]
+            else:
+                y = self._expert(ly["ex"][0], xb)
+            x = [a + b for a, b in zip(x, y)]
+        return _mv(self.head, _rms(x, self.norm, self.eps))
+
+
+def python_refs(a, models):
+    import struct
+    os.makedirs(a.out, exist_ok=True)
+    for d in models:
+        name = os.path.basename(os.path.normpath(d))
+        with open(os.path.join(d, "tokenizer.json"), encoding="utf-8") as f:
+            n_real = len(json.load(f)["model"]["vocab"])
+        rng = random.Random(a.seed)
+        tokens = [rng.randrange(n_real) for _ in range(a.n_pos)]
+        pm = PyModel(d)
+        cache = [([], []) for _ in range(pm.L)]
+        rows = []
+        for p, t in enumerate(tokens):
+            rows.append(pm.step(cache, t, p))
+        greedy = []
+        lg = rows[-1]
+        for i in range(a.n_greedy):
+            t = max(range(len(lg)), key=lambda j: (lg[j], -j))
+            greedy.append(t)
+            lg = pm.step(cache, t, a.n_pos + i)
+        with open(os.path.join(a.out, name + ".logits.bin"), "wb") as f:
+            for r in rows:
+                f.write(struct.pack("<%df" % len(r), *r))
+        info = {"model": name, "dir": d, "backend": "python-float64",
+                "tokens": tokens, "n_pos": a.n_pos, "vocab": len(rows[0]),
+                "greedy": greedy}
+        with open(os.path.join(a.out, name + ".json"), "w") as f:
+            json.dump(info, f, indent=1)
+            f.write("\n")
+        print("%s: ok (python float64)" % name)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="*",
@@ -48,15 +266,22 @@ def main():
     ap.add_argument("--n-pos", type=int, default=40)
     ap.add_argument("--n-greedy", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--backend", choices=["transformers", "python"],
+                    default="transformers",
+                    help="python: plain-Python float64 re-implementation "
+                         "(no torch; a cross-check, not the reference)")
     a = ap.parse_args()
+    models = a.models or sorted(d for d in glob.glob("t/data/models/*")
+                                if os.path.isdir(d))
+    if a.backend == "python":
+        python_refs(a, models)
+        return
 
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(0)
-    models = a.models or sorted(d for d in glob.glob("t/data/models/*")
-                                if os.path.isdir(d))
     if not models:
         sys.exit("ref_logits: no model directories")
     os.makedirs(a.out, exist_ok=True)

@@ -1,0 +1,32 @@
+/* Paged causal attention (decode and prefill, GQA, sliding window). */
+#ifndef MOE_KERNELS_ATTENTION_H
+#define MOE_KERNELS_ATTENTION_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+/*
+ * For every query token t (T of them, any mix of sequences) and head h:
+ *   out[t, h, :] = softmax_j(q . k_j / sqrt(hd)) v_j  over positions
+ *   j in [max(0, p - window + 1) (window > 0) or 0, p], p = tok_pos[t],
+ * with k_j, v_j read from the pages of sequence s = tok_seq[t]: position j
+ * lives in block bt[bt_off[s] + j / block_size] at offset j % block_size.
+ * q: qkv[t * ld + h * hd + d] fp32 (already rotated); head h uses kv head
+ * h / (n_heads / n_kv).  kv_layer: (n_blocks, 2, block_size, n_kv, hd)
+ * bf16.  out: (T, n_heads * hd) bf16.  K/V of every position attended to
+ * must already be in the cache (rope_kv first).
+ * Limits (MOE_EUNSUPPORTED otherwise, checked here): hd % 8 == 0,
+ * hd <= 256, n_heads % n_kv == 0, n_heads / n_kv <= 8.
+ */
+int moe_cuda_attention(const float *qkv, int ld, int T,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const moe_bf16_t *kv_layer, int block_size,
+    int n_heads, int n_kv, int hd, int window, moe_bf16_t *out,
+    cudaStream_t stream);
+
+/* 1 if moe_cuda_attention supports these shapes, else 0. */
+int moe_cuda_attention_supported(int n_heads, int n_kv, int hd);
+#ifdef __cplusplus
+}
+#endif
+#endif

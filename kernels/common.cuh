@@ -1,0 +1,133 @@
+/*
+ * Device helpers shared by the kernels: the MOE_CUDA_CHECK macro family,
+ * warp/block reductions, bf16 conversions.
+ */
+
+#ifndef MOE_KERNELS_COMMON_CUH
+#define MOE_KERNELS_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cublas_v2.h>
+#include <stdint.h>
+
+#include "moe.h"
+#include "common.h"
+
+/* Run a CUDA runtime call; on failure record it and return MOE_EBACKEND. */
+#define MOE_CUDA_CHECK(stmt)                                                 \
+    do {                                                                     \
+        cudaError_t moe_e_ = (stmt);                                         \
+        if (moe_e_ != cudaSuccess) {                                         \
+            moe_cuda_set_error("%s at %s:%d: %s", #stmt, __FILE__, __LINE__, \
+                               cudaGetErrorString(moe_e_));                  \
+            return MOE_EBACKEND;                                             \
+        }                                                                    \
+    } while (0)
+
+/* Same for cuBLAS calls. */
+#define MOE_CUBLAS_CHECK(stmt)                                               \
+    do {                                                                     \
+        cublasStatus_t moe_s_ = (stmt);                                      \
+        if (moe_s_ != CUBLAS_STATUS_SUCCESS) {                               \
+            moe_cuda_set_error("%s at %s:%d: cuBLAS %s", #stmt, __FILE__,    \
+                               __LINE__, cublasGetStatusString(moe_s_));     \
+            return MOE_EBACKEND;                                             \
+        }                                                                    \
+    } while (0)
+
+/* After a <<<>>> launch: catches bad configurations (not async faults). */
+#define MOE_CUDA_CHECK_LAUNCH(name)                                          \
+    do {                                                                     \
+        cudaError_t moe_e_ = cudaGetLastError();                             \
+        if (moe_e_ != cudaSuccess) {                                         \
+            moe_cuda_set_error("launch %s at %s:%d: %s", name, __FILE__,     \
+                               __LINE__, cudaGetErrorString(moe_e_));        \
+            return MOE_EBACKEND;                                             \
+        }                                                                    \
+    } while (0)
+
+/* Propagate a moe status from a nested call. */
+#define MOE_TRY(call)                                                        \
+    do {                                                                     \
+        int moe_rc_ = (call);                                                \
+        if (moe_rc_ != MOE_OK) {                                             \
+            return moe_rc_;                                                  \
+        }                                                                    \
+    } while (0)
+
+
+__device__ __forceinline__ float
+moe_warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+
+
+__device__ __forceinline__ float
+moe_warp_max(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    return v;
+}
+
+
+/*
+ * Sum over the block (blockDim.x a multiple of 32, at most 1024); every
+ * thread gets the result.  sh: 32 floats of shared memory.  Contains
+ * __syncthreads(): call from all threads.
+ */
+__device__ __forceinline__ float
+moe_block_sum(float v, float *sh)
+{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int nw = (blockDim.x + 31) >> 5;
+
+    v = moe_warp_sum(v);
+    __syncthreads();               /* sh may be in use by a previous call */
+    if (lane == 0) {
+        sh[warp] = v;
+    }
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    return moe_warp_sum(v);
+}
+
+
+__device__ __forceinline__ float
+moe_bf2f(__nv_bfloat16 v)
+{
+    return __bfloat162float(v);
+}
+
+
+__device__ __forceinline__ __nv_bfloat16
+moe_f2bf(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+
+
+/* Grid size for n items of `per` each, capped for grid-stride loops. */
+static inline unsigned
+moe_grid(int64_t n, int per)
+{
+    int64_t g = (n + per - 1) / per;
+
+    if (g < 1) {
+        g = 1;
+    }
+    if (g > 65535LL * 32) {
+        g = 65535LL * 32;
+    }
+    return (unsigned) g;
+}
+
+#endif /* MOE_KERNELS_COMMON_CUH */

@@ -1,0 +1,22 @@
+/* RoPE on q and k, and the K/V write into the paged cache. */
+#ifndef MOE_KERNELS_ROPE_H
+#define MOE_KERNELS_ROPE_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+/*
+ * qkv: (T, ld) fp32, row t = [q (n_heads*hd) | k (n_kv*hd) | v (n_kv*hd)].
+ * Rotates q and k in place, HF rotate_half layout: for i < hd/2,
+ * (x[i], x[i+hd/2]) rotated by pos[t] / theta^(2i/hd).  Then writes bf16
+ * k and v of token t into the layer's cache at slot[t] = block*bs + offset:
+ * kv_layer is (n_blocks, 2, block_size, n_kv, hd) bf16 (K then V).
+ * pos, slot: (T) int32 device.
+ */
+int moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv,
+    int hd, const int32_t *pos, const int32_t *slot, float theta,
+    moe_bf16_t *kv_layer, int block_size, cudaStream_t stream);
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,1068 @@
+
+/*
+ * Copyright (C) LocalMoE contributors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_moe_module.h"
+
+
+typedef ngx_int_t (*ngx_http_moe_get_pt)(ngx_http_request_t *r);
+typedef ngx_int_t (*ngx_http_moe_post_pt)(ngx_http_request_t *r,
+    yajl_val root);
+
+
+typedef struct {
+    ngx_str_t                  uri;
+    ngx_http_moe_get_pt        get;
+    ngx_http_moe_post_pt       post;
+} ngx_http_moe_route_t;
+
+
+typedef struct {
+    const char                *name;
+    size_t                     offset;      /* a float in moe_sampling_t */
+    double                     min;
+    double                     max;
+    ngx_uint_t                 min_open;    /* min itself not allowed */
+    const char                *range;
+} ngx_http_moe_float_param_t;
+
+
+typedef struct {
+    moe_sampling_t             sp;
+    int64_t                    max_tokens;  /* -1: not given */
+    const char                *max_tokens_name;
+    ngx_uint_t                 stream;
+    ngx_uint_t                 include_usage;
+    ngx_uint_t                 add_special_tokens;
+    ngx_uint_t                 skip_special_tokens;
+    const char                *stops[MOE_MAX_STOP];
+    int                        n_stops;
+} ngx_http_moe_params_t;
+
+
+static ngx_http_moe_route_t *ngx_http_moe_route(ngx_http_request_t *r);
+static void ngx_http_moe_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_moe_read_body(ngx_http_request_t *r,
+    ngx_str_t *body, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_completions(ngx_http_request_t *r,
+    yajl_val root);
+static ngx_int_t ngx_http_moe_chat(ngx_http_request_t *r, yajl_val root);
+static ngx_int_t ngx_http_moe_switch(ngx_http_request_t *r, yajl_val root);
+static ngx_int_t ngx_http_moe_generate(ngx_http_request_t *r, yajl_val root,
+    ngx_uint_t chat);
+static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
+    ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
+    ngx_uint_t chat, ngx_http_moe_params_t *p, int32_t **ids, size_t *n,
+    ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_submit(ngx_http_request_t *r,
+    ngx_http_moe_params_t *p, ngx_uint_t chat, int32_t *ids, size_t n,
+    ngx_http_moe_err_t *err);
+static void ngx_http_moe_ctx_cleanup(void *data);
+
+
+static ngx_http_moe_route_t  ngx_http_moe_routes[] = {
+
+    { ngx_string("/v1/completions"), NULL, ngx_http_moe_completions },
+    { ngx_string("/v1/chat/completions"), NULL, ngx_http_moe_chat },
+    { ngx_string("/v1/models"), ngx_http_moe_models, NULL },
+    { ngx_string("/v1/models/switch"), NULL, ngx_http_moe_switch },
+    { ngx_string("/health"), ngx_http_moe_health, NULL },
+    { ngx_string("/tokenize"), NULL, ngx_http_moe_tokenize },
+    { ngx_string("/detokenize"), NULL, ngx_http_moe_detokenize },
+    { ngx_string("/v1/stats/memory"), ngx_http_moe_stats_memory, NULL },
+    { ngx_string("/v1/stats/performance"),
+      ngx_http_moe_stats_performance, NULL },
+    { ngx_string("/metrics"), ngx_http_moe_metrics, NULL },
+    { ngx_null_string, NULL, NULL }
+};
+
+
+/* GET /v1/models/{id}: the served name may itself contain slashes */
+static ngx_http_moe_route_t  ngx_http_moe_model_route =
+    { ngx_string("/v1/models/"), ngx_http_moe_model, NULL };
+
+
+static ngx_http_moe_float_param_t  ngx_http_moe_float_params[] = {
+
+    { "temperature", offsetof(moe_sampling_t, temperature),
+      0, 2, 0, "[0, 2]" },
+    { "top_p", offsetof(moe_sampling_t, top_p), 0, 1, 1, "(0, 1]" },
+    { "min_p", offsetof(moe_sampling_t, min_p), 0, 1, 0, "[0, 1]" },
+    { "presence_penalty", offsetof(moe_sampling_t, presence_penalty),
+      -2, 2, 0, "[-2, 2]" },
+    { "frequency_penalty", offsetof(moe_sampling_t, frequency_penalty),
+      -2, 2, 0, "[-2, 2]" },
+    { "repetition_penalty", offsetof(moe_sampling_t, repetition_penalty),
+      0, 2, 1, "(0, 2]" },
+    { NULL, 0, 0, 0, 0, NULL }
+};
+
+
+static ngx_str_t  ngx_http_moe_allow_get = ngx_string("GET, HEAD");
+static ngx_str_t  ngx_http_moe_allow_post = ngx_string("POST");
+
+
+ngx_int_t
+ngx_http_moe_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                  rc;
+    ngx_str_t                 *allow;
+    ngx_table_elt_t           *h;
+    ngx_http_moe_route_t      *route;
+    ngx_http_moe_loc_conf_t   *mlcf;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    route = ngx_http_moe_route(r);
+
+    if (route == NULL) {
+        rc = ngx_http_discard_request_body(r);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return ngx_http_moe_send_error(r, NGX_HTTP_NOT_FOUND, NULL,
+                                       "no route for %V", &r->uri);
+    }
+
+    if ((route->get && !(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD)))
+        || (route->post && r->method != NGX_HTTP_POST))
+    {
+        rc = ngx_http_discard_request_body(r);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        allow = route->get ? &ngx_http_moe_allow_get
+                           : &ngx_http_moe_allow_post;
+
+        h = ngx_list_push(&r->headers_out.headers);
+        if (h == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        h->hash = 1;
+        ngx_str_set(&h->key, "Allow");
+        h->value = *allow;
+
+        return ngx_http_moe_send_error(r, NGX_HTTP_NOT_ALLOWED, NULL,
+                                       "method %V is not allowed for %V "
+                                       "(use %V)", &r->method_name,
+                                       &r->uri, allow);
+    }
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    if (mcf->engine == NULL) {
+        rc = ngx_http_discard_request_body(r);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return ngx_http_moe_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE, NULL,
+                                       "no engine is running (is "
+                                       "\"moe_engine\" configured?)");
+    }
+
+    if (route->get) {
+        rc = ngx_http_discard_request_body(r);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return route->get(r);
+    }
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+
+    if (r->headers_in.content_length_n > (off_t) mlcf->max_body_size) {
+        rc = ngx_http_discard_request_body(r);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return ngx_http_moe_send_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                       NULL, "request body is too large: "
+                                       "%O bytes, the limit is %uz",
+                                       r->headers_in.content_length_n,
+                                       mlcf->max_body_size);
+    }
+
+    rc = ngx_http_read_client_request_body(r, ngx_http_moe_body_handler);
+
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        return rc;
+    }
+
+    return NGX_DONE;
+}
+
+
+static ngx_http_moe_route_t *
+ngx_http_moe_route(ngx_http_request_t *r)
+{
+    ngx_str_t             *prefix;
+    ngx_http_moe_route_t  *route;
+
+    for (route = ngx_http_moe_routes; route->uri.len; route++) {
+        if (r->uri.len == route->uri.len
+            && ngx_strncmp(r->uri.data, route->uri.data, r->uri.len) == 0)
+        {
+            return route;
+        }
+    }
+
+    prefix = &ngx_http_moe_model_route.uri;
+
+    if (r->uri.len > prefix->len
+        && ngx_strncmp(r->uri.data, prefix->data, prefix->len) == 0)
+    {
+        return &ngx_http_moe_model_route;
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_moe_body_handler(ngx_http_request_t *r)
+{
+    ngx_int_t              rc;
+    ngx_str_t              body;
+    yajl_val               root;
+    ngx_http_moe_err_t     err;
+    ngx_http_moe_route_t  *route;
+
+    route = ngx_http_moe_route(r);
+
+    if (route == NULL || route->post == NULL) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    rc = ngx_http_moe_read_body(r, &body, &err);
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_moe_json_parse(r, body.data, body.len, &root, &err);
+    }
+
+    if (rc == NGX_ERROR) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    if (rc == NGX_DECLINED) {
+        ngx_http_finalize_request(r, ngx_http_moe_send_err(r, &err));
+        return;
+    }
+
+    rc = route->post(r, root);
+
+    if (rc == NGX_DONE) {
+        /* the engine's events finish the request */
+        return;
+    }
+
+    ngx_http_finalize_request(r, rc);
+}
+
+
+/*
+ * The body may sit in memory buffers or in a temporary file; the parser
+ * wants one NUL terminated string.
+ */
+
+static ngx_int_t
+ngx_http_moe_read_body(ngx_http_request_t *r, ngx_str_t *body,
+    ngx_http_moe_err_t *err)
+{
+    off_t                     len;
+    u_char                   *p;
+    ssize_t                   n;
+    ngx_buf_t                *b;
+    ngx_chain_t              *cl;
+    ngx_http_moe_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+
+    len = 0;
+
+    if (r->request_body) {
+        for (cl = r->request_body->bufs; cl; cl = cl->next) {
+            b = cl->buf;
+
+            if (ngx_buf_in_memory(b)) {
+                len += b->last - b->pos;
+
+            } else if (b->in_file) {
+                len += b->file_last - b->file_pos;
+            }
+        }
+    }
+
+    if (len > (off_t) mlcf->max_body_size) {
+        return ngx_http_moe_fail(err, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NULL,
+                                 "request body is too large: %O bytes, the "
+                                 "limit is %uz", len, mlcf->max_body_size);
+    }
+
+    p = ngx_pnalloc(r->pool, (size_t) len + 1);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    body->data = p;
+    body->len = (size_t) len;
+
+    if (r->request_body) {
+        for (cl = r->request_body->bufs; cl; cl = cl->next) {
+            b = cl->buf;
+
+            if (ngx_buf_in_memory(b)) {
+                p = ngx_cpymem(p, b->pos, b->last - b->pos);
+
+            } else if (b->in_file) {
+                n = ngx_read_file(b->file, p, b->file_last - b->file_pos,
+                                  b->file_pos);
+
+                if (n != b->file_last - b->file_pos) {
+                    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                                  "moe: cannot read request body from \"%V\"",
+                                  &b->file->name);
+                    return NGX_ERROR;
+                }
+
+                p += n;
+            }
+        }
+    }
+
+    *p = '\0';
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_moe_completions(ngx_http_request_t *r, yajl_val root)
+{
+    return ngx_http_moe_generate(r, root, 0);
+}
+
+
+static ngx_int_t
+ngx_http_moe_chat(ngx_http_request_t *r, yajl_val root)
+{
+    return ngx_http_moe_generate(r, root, 1);
+}
+
+
+static ngx_int_t
+ngx_http_moe_switch(ngx_http_request_t *r, yajl_val root)
+{
+    return ngx_http_moe_send_error(r, NGX_HTTP_NOT_IMPLEMENTED, NULL,
+                                   "model switching is not implemented yet");
+}
+
+
+static ngx_int_t
+ngx_http_moe_generate(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat)
+{
+    size_t                  n;
+    int32_t                *ids;
+    ngx_int_t               rc;
+    ngx_http_moe_err_t      err;
+    ngx_http_moe_params_t   p;
+
+    rc = ngx_http_moe_params(r, root, chat, &p, &err);
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_moe_prompt(r, root, chat, &p, &ids, &n, &err);
+    }
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_moe_submit(r, &p, chat, ids, n, &err);
+    }
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_moe_send_err(r, &err);
+    }
+
+    if (rc == NGX_ERROR) {
+        return ngx_http_moe_send_error(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                       NULL, "internal error");
+    }
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    size_t                       i;
+    float                       *f;
+    double                       d;
+    int64_t                      k;
+    yajl_val                     v, s;
+    ngx_uint_t                   b;
+    const char                  *name;
+    ngx_http_moe_float_param_t  *fp;
+    ngx_http_moe_main_conf_t    *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    ngx_memzero(p, sizeof(ngx_http_moe_params_t));
+    moe_sampling_defaults(&p->sp);
+
+    p->max_tokens = -1;
+    p->add_special_tokens = chat ? 0 : 1;
+    p->skip_special_tokens = 1;
+
+    v = ngx_http_moe_json_get(root, "model");
+
+    if (v) {
+        if (!YAJL_IS_STRING(v)) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "model",
+                                     "model must be a string");
+        }
+
+        if (ngx_strcmp(v->u.string, mcf->info->served_name) != 0) {
+            (void) ngx_http_moe_fail(err, NGX_HTTP_NOT_FOUND, "model",
+                                     "The model `%s` does not exist.",
+                                     v->u.string);
+            err->code = "model_not_found";
+            return NGX_DECLINED;
+        }
+    }
+
+    v = ngx_http_moe_json_get(root, "n");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n must be an integer");
+        }
+
+        if (k < 1) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n must be at least 1");
+        }
+
+        if (k > 1) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n > 1 is not supported yet");
+        }
+    }
+
+    v = ngx_http_moe_json_get(root, "stream");
+
+    if (v && ngx_http_moe_json_bool(v, &p->stream) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "stream",
+                                 "stream must be a boolean");
+    }
+
+    v = ngx_http_moe_json_get(root, "stream_options");
+
+    if (v) {
+        if (!YAJL_IS_OBJECT(v)) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "stream_options",
+                                     "stream_options must be an object");
+        }
+
+        if (!p->stream) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "stream_options",
+                                     "stream_options is only allowed when "
+                                     "stream is true");
+        }
+
+        s = ngx_http_moe_json_get(v, "include_usage");
+
+        if (s && ngx_http_moe_json_bool(s, &p->include_usage) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "stream_options",
+                                     "stream_options.include_usage must be "
+                                     "a boolean");
+        }
+    }
+
+    if (!chat) {
+        v = ngx_http_moe_json_get(root, "echo");
+
+        if (v) {
+            if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                         "echo must be a boolean");
+            }
+
+            if (b) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                         "echo is not supported yet");
+            }
+        }
+    }
+
+    v = ngx_http_moe_json_get(root, "logprobs");
+
+    if (v && !YAJL_IS_FALSE(v)) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                 "logprobs are not supported yet");
+    }
+
+    /* max_completion_tokens replaces the deprecated max_tokens */
+
+    name = "max_completion_tokens";
+    v = ngx_http_moe_json_get(root, name);
+
+    if (v == NULL) {
+        name = "max_tokens";
+        v = ngx_http_moe_json_get(root, name);
+    }
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                     "%s must be an integer", name);
+        }
+
+        if (k < 1) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                     "%s must be at least 1, got %L",
+                                     name, k);
+        }
+
+        p->max_tokens = k;
+        p->max_tokens_name = name;
+    }
+
+    for (fp = ngx_http_moe_float_params; fp->name; fp++) {
+        v = ngx_http_moe_json_get(root, fp->name);
+
+        if (v == NULL) {
+            continue;
+        }
+
+        if (ngx_http_moe_json_number(v, &d) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, fp->name,
+                                     "%s must be a number", fp->name);
+        }
+
+        if (d < fp->min || d > fp->max || (fp->min_open && d == fp->min)) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, fp->name,
+                                     "%s must be in %s", fp->name,
+                                     fp->range);
+        }
+
+        f = (float *) ((u_char *) &p->sp + fp->offset);
+        *f = (float) d;
+    }
+
+    v = ngx_http_moe_json_get(root, "top_k");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "top_k",
+                                     "top_k must be an integer");
+        }
+
+        if (k < -1 || k > 0x7fffffff) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "top_k",
+                                     "top_k must be -1 (disabled) or at "
+                                     "least 1, got %L", k);
+        }
+
+        p->sp.top_k = (k <= 0) ? 0 : (int) k;
+    }
+
+    v = ngx_http_moe_json_get(root, "seed");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "seed",
+                                     "seed must be an integer");
+        }
+
+        p->sp.seed = (uint64_t) k;
+        p->sp.has_seed = 1;
+    }
+
+    v = ngx_http_moe_json_get(root, "ignore_eos");
+
+    if (v) {
+        if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "ignore_eos",
+                                     "ignore_eos must be a boolean");
+        }
+
+        p->sp.ignore_eos = (int) b;
+    }
+
+    v = ngx_http_moe_json_get(root, "add_special_tokens");
+
+    if (v && ngx_http_moe_json_bool(v, &p->add_special_tokens) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                 "add_special_tokens",
+                                 "add_special_tokens must be a boolean");
+    }
+
+    v = ngx_http_moe_json_get(root, "skip_special_tokens");
+
+    if (v && ngx_http_moe_json_bool(v, &p->skip_special_tokens) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                 "skip_special_tokens",
+                                 "skip_special_tokens must be a boolean");
+    }
+
+    v = ngx_http_moe_json_get(root, "stop");
+
+    if (YAJL_IS_STRING(v)) {
+        if (v->u.string[0] == '\0') {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "stop",
+                                     "stop strings must not be empty");
+        }
+
+        p->stops[p->n_stops++] = v->u.string;
+
+    } else if (YAJL_IS_ARRAY(v)) {
+        if (v->u.array.len > (size_t) NGX_HTTP_MOE_MAX_STOP) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "stop",
+                                     "stop takes at most %d strings",
+                                     NGX_HTTP_MOE_MAX_STOP);
+        }
+
+        for (i = 0; i < v->u.array.len; i++) {
+            s = v->u.array.values[i];
+
+            if (!YAJL_IS_STRING(s)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "stop",
+                                         "stop must be a string or an array "
+                                         "of strings");
+            }
+
+            if (s->u.string[0] == '\0') {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "stop",
+                                         "stop strings must not be empty");
+            }
+
+            p->stops[p->n_stops++] = s->u.string;
+        }
+
+    } else if (v) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "stop",
+                                 "stop must be a string or an array of "
+                                 "strings");
+    }
+
+    v = ngx_http_moe_json_get(root, "stop_token_ids");
+
+    if (v) {
+        if (!YAJL_IS_ARRAY(v)) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "stop_token_ids",
+                                     "stop_token_ids must be an array of "
+                                     "token ids");
+        }
+
+        if (v->u.array.len > MOE_MAX_STOP_IDS) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "stop_token_ids",
+                                     "stop_token_ids takes at most %d ids",
+                                     MOE_MAX_STOP_IDS);
+        }
+
+        for (i = 0; i < v->u.array.len; i++) {
+            if (ngx_http_moe_json_int(v->u.array.values[i], &k) != NGX_OK
+                || k < 0 || k >= mcf->info->vocab_size)
+            {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                         "stop_token_ids",
+                                         "stop_token_ids must be token ids "
+                                         "in [0, %d)",
+                                         mcf->info->vocab_size);
+            }
+
+            p->sp.stop_token_ids[i] = (int32_t) k;
+        }
+
+        p->sp.n_stop_token_ids = (int) v->u.array.len;
+    }
+
+    return NGX_OK;
+}
+
+
+/* the prompt as token ids, in r->pool */
+
+static ngx_int_t
+ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, int32_t **ids, size_t *n,
+    ngx_http_moe_err_t *err)
+{
+    size_t                     len;
+    u_char                    *text;
+    yajl_val                   v, first;
+    ngx_int_t                  rc, nmsgs;
+    moe_chat_msg_t            *msgs;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    if (chat) {
+        v = ngx_http_moe_json_get(root, "messages");
+
+        if (v == NULL) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "messages",
+                                     "messages is required");
+        }
+
+        rc = ngx_http_moe_messages(r, v, &msgs, &nmsgs, err);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        rc = ngx_http_moe_render_chat(r, msgs, nmsgs, 1, &text, &len, err);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return ngx_http_moe_encode(r, text, len, p->add_special_tokens,
+                                   ids, n);
+    }
+
+    v = ngx_http_moe_json_get(root, "prompt");
+
+    if (v == NULL) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "prompt",
+                                 "prompt is required");
+    }
+
+    if (YAJL_IS_ARRAY(v)) {
+        if (v->u.array.len == 0) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "prompt",
+                                     "prompt must not be empty");
+        }
+
+        first = v->u.array.values[0];
+
+        if (YAJL_IS_STRING(first) || YAJL_IS_ARRAY(first)) {
+            if (v->u.array.len > 1) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                         "prompt",
+                                         "batched prompts are not "
+                                         "supported yet");
+            }
+
+            v = first;
+        }
+    }
+
+    if (YAJL_IS_STRING(v)) {
+        return ngx_http_moe_encode(r, (u_char *) v->u.string,
+                                   ngx_strlen(v->u.string),
+                                   p->add_special_tokens, ids, n);
+    }
+
+    if (!YAJL_IS_ARRAY(v)) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "prompt",
+                                 "prompt must be a string, an array of "
+                                 "token ids, or an array holding one of "
+                                 "those");
+    }
+
+    rc = ngx_http_moe_json_ids(v, mcf->info->vocab_size, ids, n, r->pool);
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "prompt",
+                                 "prompt token ids must be integers in "
+                                 "[0, %d)", mcf->info->vocab_size);
+    }
+
+    return rc;
+}
+
+
+/* moe_tokenizer_encode() into r->pool */
+
+ngx_int_t
+ngx_http_moe_encode(ngx_http_request_t *r, u_char *text, size_t len,
+    ngx_uint_t add_special_tokens, int32_t **ids, size_t *n)
+{
+    int                        rc;
+    size_t                     count;
+    int32_t                   *out, *p;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    out = NULL;
+    count = 0;
+
+    rc = moe_tokenizer_encode(mcf->tokenizer, (const char *) text, len,
+                              (int) add_special_tokens, &out, &count);
+    if (rc != MOE_OK) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "moe: tokenizer failed: %s", moe_strerror(rc));
+        free(out);
+        return NGX_ERROR;
+    }
+
+    p = ngx_palloc(r->pool, (count + 1) * sizeof(int32_t));
+    if (p == NULL) {
+        free(out);
+        return NGX_ERROR;
+    }
+
+    if (count) {
+        ngx_memcpy(p, out, count * sizeof(int32_t));
+    }
+
+    free(out);
+
+    *ids = p;
+    *n = count;
+
+    return NGX_OK;
+}
+
+
+/* moe_chat_render() into r->pool; a template failure is the client's 400 */
+
+ngx_int_t
+ngx_http_moe_render_chat(ngx_http_request_t *r, moe_chat_msg_t *msgs,
+    ngx_int_t n, ngx_uint_t add_generation_prompt, u_char **text,
+    size_t *len, ngx_http_moe_err_t *err)
+{
+    int                        rc;
+    char                      *out;
+    size_t                     out_len;
+    u_char                    *p;
+    ngx_http_moe_main_conf_t  *mcf;
+    char                       msg[NGX_HTTP_MOE_ERR_LEN];
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    out = NULL;
+    out_len = 0;
+    msg[0] = '\0';
+
+    rc = moe_chat_render(mcf->tokenizer, mcf->info->chat_template, msgs,
+                         (int) n, (int) add_generation_prompt, &out, &out_len,
+                         msg, sizeof(msg));
+    if (rc != MOE_OK) {
+        free(out);
+
+        if (rc == MOE_ENOMEM) {
+            return NGX_ERROR;
+        }
+
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "messages",
+                                 "cannot apply the chat template: %s",
+                                 msg[0] ? msg : moe_strerror(rc));
+    }
+
+    p = ngx_pnalloc(r->pool, out_len + 1);
+    if (p == NULL) {
+        free(out);
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(p, out, out_len);
+    p[out_len] = '\0';
+
+    free(out);
+
+    *text = p;
+    *len = out_len;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
+    ngx_uint_t chat, int32_t *ids, size_t n, ngx_http_moe_err_t *err)
+{
+    int                        rc;
+    u_char                    *s;
+    size_t                     max_len;
+    uint64_t                   rnd;
+    const char                *prefix;
+    ngx_pool_cleanup_t        *cln;
+    ngx_http_moe_ctx_t        *ctx;
+    ngx_http_moe_loc_conf_t   *mlcf;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+
+    max_len = (size_t) mcf->info->max_model_len;
+
+    if (n == 0) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                 chat ? "messages" : "prompt",
+                                 "The prompt cannot be empty");
+    }
+
+    if (p->max_tokens < 0) {
+        if (n >= max_len) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     chat ? "messages" : "prompt",
+                                     "This model's maximum context length "
+                                     "is %uz tokens. However, you requested "
+                                     "%uz tokens in the messages, Please "
+                                     "reduce the length of the messages.",
+                                     max_len, n);
+        }
+
+        p->max_tokens = (int64_t) (max_len - n);
+
+    } else if ((uint64_t) p->max_tokens + n > max_len) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                 p->max_tokens_name,
+                                 "This model's maximum context length is "
+                                 "%uz tokens. However, you requested %uL "
+                                 "tokens (%uz in the messages, %L in the "
+                                 "completion). Please reduce the length of "
+                                 "the messages or completion.",
+                                 max_len, (uint64_t) p->max_tokens + n, n,
+                                 p->max_tokens);
+    }
+
+    p->sp.max_tokens = (int) p->max_tokens;
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_moe_ctx_t));
+    if (ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_moe_ctx_cleanup;
+    cln->data = ctx;
+
+    ctx->request = r;
+    ctx->mcf = mcf;
+    ctx->id = mcf->next_id++;
+    ctx->chat = chat;
+    ctx->stream = p->stream;
+    ctx->include_usage = p->include_usage;
+    ctx->n_prompt = (ngx_int_t) n;
+    ctx->created = ngx_time();
+    ctx->keepalive_interval = mlcf->keepalive;
+
+    ctx->model.data = (u_char *) mcf->info->served_name;
+    ctx->model.len = ngx_strlen(mcf->info->served_name);
+
+    prefix = chat ? "chatcmpl-" : "cmpl-";
+
+    s = ngx_pnalloc(r->pool, sizeof("chatcmpl-") - 1 + 32);
+    if (s == NULL) {
+        return NGX_ERROR;
+    }
+
+    rnd = ((uint64_t) ngx_random() << 32) ^ (uint64_t) ngx_random();
+
+    ctx->rid.data = s;
+    ctx->rid.len = ngx_sprintf(s, "%s%016xL%016xL", prefix, rnd, ctx->id)
+                   - s;
+
+    ctx->gen = yajl_gen_alloc(NULL);
+    if (ctx->gen == NULL) {
+        return NGX_ERROR;
+    }
+
+    ctx->ts = moe_textstream_create(mcf->tokenizer, p->stops, p->n_stops,
+                                    (int) p->skip_special_tokens);
+    if (ctx->ts == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = moe_engine_submit(mcf->engine, ctx->id, ids, (int) n, &p->sp);
+
+    switch (rc) {
+
+    case MOE_OK:
+        break;
+
+    case MOE_EFULL:
+        return ngx_http_moe_fail(err, NGX_HTTP_SERVICE_UNAVAILABLE, NULL,
+                                 "the server is overloaded: the request "
+                                 "queue is full, retry later");
+
+    case MOE_ETOOLONG:
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                 chat ? "messages" : "prompt",
+                                 "This model's maximum context length is "
+                                 "%uz tokens. However, you requested %uz "
+                                 "tokens in the messages, Please reduce "
+                                 "the length of the messages.",
+                                 max_len, n);
+
+    case MOE_EINVAL:
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, NULL,
+                                 "the engine refused the request: %s",
+                                 moe_strerror(rc));
+
+    default:
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "moe: submit failed: %s", moe_strerror(rc));
+
+        return ngx_http_moe_fail(err, NGX_HTTP_INTERNAL_SERVER_ERROR, NULL,
+                                 "the engine failed: %s", moe_strerror(rc));
+    }
+
+    ctx->live = 1;
+
+    ngx_http_moe_register(ctx);
+    ngx_http_set_ctx(r, ctx, ngx_http_moe_module);
+
+    /* a client that goes away finalizes the request: 499 and a cancel */
+    r->read_event_handler = ngx_http_test_reading;
+
+    return ngx_http_moe_stream_start(ctx);
+}
+
+
+/*
+ * Runs when the request pool goes away, however the request ended: a
+ * sequence the engine still runs is cancelled so its KV blocks are freed.
+ */
+
+static void
+ngx_http_moe_ctx_cleanup(void *data)
+{
+    ngx_http_moe_ctx_t  *ctx = data;
+
+    if (ctx->live) {
+        ngx_http_moe_cancel(ctx->mcf, ctx->id);
+        ctx->live = 0;
+    }
+
+    ngx_http_moe_unregister(ctx);
+
+    if (ctx->keepalive.timer_set) {
+        ngx_del_timer(&ctx->keepalive);
+    }
+
+    if (ctx->ts) {
+        moe_textstream_free(ctx->ts);
+        ctx->ts = NULL;
+    }
+
+    if (ctx->gen) {
+        yajl_gen_free(ctx->gen);
+        ctx->gen = NULL;
+    }
+}

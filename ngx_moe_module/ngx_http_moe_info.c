@@ -1,0 +1,635 @@
+
+/*
+ * Copyright (C) LocalMoE contributors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_moe_module.h"
+
+
+static void ngx_http_moe_gen_model(yajl_gen g, const moe_model_info_t *info);
+static void ngx_http_moe_gen_int(yajl_gen g, const char *key, int64_t n);
+static void ngx_http_moe_gen_double(yajl_gen g, const char *key, double d);
+static u_char *ngx_http_moe_metric(u_char *p, u_char *last,
+    const char *name, const char *type, const char *help, ngx_str_t *model,
+    int64_t value);
+static ngx_int_t ngx_http_moe_check_model(ngx_http_request_t *r,
+    yajl_val root, ngx_http_moe_err_t *err);
+
+
+static ngx_str_t  ngx_http_moe_prometheus_type =
+    ngx_string("text/plain; version=0.0.4; charset=utf-8");
+
+
+ngx_int_t
+ngx_http_moe_health(ngx_http_request_t *r)
+{
+    yajl_gen                   g;
+    moe_stats_t                st;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    moe_engine_stats(mcf->engine, &st);
+
+    g = ngx_http_moe_gen_create(r);
+    if (g == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_lit(g, "status");
+    ngx_http_moe_gen_lit(g, "ok");
+    ngx_http_moe_gen_lit(g, "model");
+    ngx_http_moe_gen_cstr(g, mcf->info->served_name);
+    ngx_http_moe_gen_int(g, "running", st.seqs_running);
+    ngx_http_moe_gen_int(g, "waiting", st.seqs_waiting);
+    ngx_http_moe_gen_int(g, "kv_blocks_used", st.kv_blocks_used);
+    ngx_http_moe_gen_int(g, "kv_blocks_total", st.kv_blocks_total);
+    yajl_gen_map_close(g);
+
+    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+}
+
+
+ngx_int_t
+ngx_http_moe_models(ngx_http_request_t *r)
+{
+    yajl_gen                   g;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    g = ngx_http_moe_gen_create(r);
+    if (g == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_lit(g, "object");
+    ngx_http_moe_gen_lit(g, "list");
+    ngx_http_moe_gen_lit(g, "data");
+    yajl_gen_array_open(g);
+    ngx_http_moe_gen_model(g, mcf->info);
+    yajl_gen_array_close(g);
+    yajl_gen_map_close(g);
+
+    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+}
+
+
+/* GET /v1/models/{id} */
+
+ngx_int_t
+ngx_http_moe_model(ngx_http_request_t *r)
+{
+    size_t                     prefix;
+    ngx_str_t                  id;
+    yajl_gen                   g;
+    ngx_http_moe_err_t         err;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    prefix = sizeof("/v1/models/") - 1;
+
+    id.data = r->uri.data + prefix;
+    id.len = r->uri.len - prefix;
+
+    if (id.len != ngx_strlen(mcf->info->served_name)
+        || ngx_strncmp(id.data, mcf->info->served_name, id.len) != 0)
+    {
+        (void) ngx_http_moe_fail(&err, NGX_HTTP_NOT_FOUND, "model",
+                                 "The model `%V` does not exist.", &id);
+        err.code = "model_not_found";
+        return ngx_http_moe_send_err(r, &err);
+    }
+
+    g = ngx_http_moe_gen_create(r);
+    if (g == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_moe_gen_model(g, mcf->info);
+
+    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+}
+
+
+static void
+ngx_http_moe_gen_model(yajl_gen g, const moe_model_info_t *info)
+{
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_lit(g, "id");
+    ngx_http_moe_gen_cstr(g, info->served_name);
+    ngx_http_moe_gen_lit(g, "object");
+    ngx_http_moe_gen_lit(g, "model");
+    ngx_http_moe_gen_int(g, "created", info->created);
+    ngx_http_moe_gen_lit(g, "owned_by");
+    ngx_http_moe_gen_lit(g, "localmoe");
+    ngx_http_moe_gen_lit(g, "root");
+    ngx_http_moe_gen_cstr(g, info->model_path);
+    ngx_http_moe_gen_int(g, "max_model_len", info->max_model_len);
+    yajl_gen_map_close(g);
+}
+
+
+ngx_int_t
+ngx_http_moe_stats_memory(ngx_http_request_t *r)
+{
+    double                     usage;
+    yajl_gen                   g;
+    moe_stats_t                st;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    moe_engine_stats(mcf->engine, &st);
+
+    usage = st.kv_blocks_total
+            ? (double) st.kv_blocks_used / (double) st.kv_blocks_total : 0.0;
+
+    g = ngx_http_moe_gen_create(r);
+    if (g == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    yajl_gen_map_open(g);
+
+    ngx_http_moe_gen_lit(g, "kv_cache");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "blocks_total", st.kv_blocks_total);
+    ngx_http_moe_gen_int(g, "blocks_used", st.kv_blocks_used);
+    ngx_http_moe_gen_int(g, "blocks_free",
+                         st.kv_blocks_total - st.kv_blocks_used);
+    ngx_http_moe_gen_int(g, "blocks_cached", st.kv_blocks_cached);
+    ngx_http_moe_gen_int(g, "block_size", st.block_size);
+    ngx_http_moe_gen_int(g, "bytes_per_block", st.kv_bytes_per_block);
+    ngx_http_moe_gen_double(g, "usage", usage);
+    yajl_gen_map_close(g);
+
+    ngx_http_moe_gen_int(g, "weights_bytes", st.weights_bytes);
+
+    ngx_http_moe_gen_lit(g, "sequences");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "running", st.seqs_running);
+    ngx_http_moe_gen_int(g, "waiting", st.seqs_waiting);
+    yajl_gen_map_close(g);
+
+    yajl_gen_map_close(g);
+
+    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+}
+
+
+ngx_int_t
+ngx_http_moe_stats_performance(ngx_http_request_t *r)
+{
+    int                        n;
+    double                     uptime, busy;
+    size_t                     total;
+    int64_t                   *counts;
+    yajl_gen                   g;
+    ngx_int_t                  l, e, layers, experts;
+    moe_stats_t                st;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    moe_engine_stats(mcf->engine, &st);
+
+    uptime = (double) (ngx_time() - mcf->info->created);
+    if (uptime < 1.0) {
+        uptime = 1.0;
+    }
+
+    busy = (double) st.busy_ns / 1e9;
+
+    layers = mcf->info->n_layers > 0 ? mcf->info->n_layers : 0;
+    experts = mcf->info->n_experts > 0 ? mcf->info->n_experts : 0;
+    total = (size_t) (layers * experts);
+
+    counts = ngx_pcalloc(r->pool, (total + 1) * sizeof(int64_t));
+    if (counts == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    n = total ? moe_engine_expert_counts(mcf->engine, counts, total) : 0;
+    if (n < 0) {
+        n = 0;
+    }
+
+    g = ngx_http_moe_gen_create(r);
+    if (g == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    yajl_gen_map_open(g);
+
+    ngx_http_moe_gen_lit(g, "model");
+    ngx_http_moe_gen_cstr(g, mcf->info->served_name);
+    ngx_http_moe_gen_lit(g, "backend");
+    ngx_http_moe_gen_cstr(g, mcf->info->backend);
+    ngx_http_moe_gen_double(g, "uptime_s", uptime);
+
+    ngx_http_moe_gen_lit(g, "requests");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "submitted", st.requests_submitted);
+    ngx_http_moe_gen_int(g, "finished", st.requests_finished);
+    ngx_http_moe_gen_int(g, "cancelled", st.requests_cancelled);
+    ngx_http_moe_gen_int(g, "running", st.seqs_running);
+    ngx_http_moe_gen_int(g, "waiting", st.seqs_waiting);
+    yajl_gen_map_close(g);
+
+    ngx_http_moe_gen_lit(g, "tokens");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "prompt", st.prompt_tokens_total);
+    ngx_http_moe_gen_int(g, "generated", st.generated_tokens_total);
+    ngx_http_moe_gen_int(g, "cached", st.cached_tokens_total);
+    yajl_gen_map_close(g);
+
+    ngx_http_moe_gen_int(g, "steps", st.steps);
+    ngx_http_moe_gen_int(g, "preemptions", st.preemptions);
+    ngx_http_moe_gen_double(g, "busy_s", busy);
+    ngx_http_moe_gen_double(g, "busy_fraction",
+                            busy / uptime > 1.0 ? 1.0 : busy / uptime);
+
+    ngx_http_moe_gen_lit(g, "throughput");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_double(g, "generated_tokens_per_s",
+                            (double) st.generated_tokens_total / uptime);
+    ngx_http_moe_gen_double(g, "prompt_tokens_per_s",
+                            (double) st.prompt_tokens_total / uptime);
+    ngx_http_moe_gen_double(g, "generated_tokens_per_busy_s",
+                            busy > 0 ? st.generated_tokens_total / busy : 0);
+    yajl_gen_map_close(g);
+
+    ngx_http_moe_gen_lit(g, "experts");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "layers", layers);
+    ngx_http_moe_gen_int(g, "experts", experts);
+    ngx_http_moe_gen_int(g, "top_k", mcf->info->top_k);
+    ngx_http_moe_gen_lit(g, "counts");
+    yajl_gen_array_open(g);
+
+    if ((size_t) n == total) {
+        for (l = 0; l < layers; l++) {
+            yajl_gen_array_open(g);
+
+            for (e = 0; e < experts; e++) {
+                yajl_gen_integer(g, counts[l * experts + e]);
+            }
+
+            yajl_gen_array_close(g);
+        }
+    }
+
+    yajl_gen_array_close(g);
+    yajl_gen_map_close(g);
+
+    yajl_gen_map_close(g);
+
+    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+}
+
+
+ngx_int_t
+ngx_http_moe_metrics(ngx_http_request_t *r)
+{
+    u_char                    *p, *last, *start;
+    size_t                     size;
+    ngx_str_t                  model;
+    moe_stats_t                st;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    moe_engine_stats(mcf->engine, &st);
+
+    /* the label value: Prometheus escapes \ " and newline */
+
+    model.len = 0;
+
+    for (p = (u_char *) mcf->info->served_name; *p; p++) {
+        model.len += (*p == '\\' || *p == '"' || *p == '\n') ? 2 : 1;
+    }
+
+    model.data = ngx_pnalloc(r->pool, model.len);
+    if (model.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    last = model.data;
+
+    for (p = (u_char *) mcf->info->served_name; *p; p++) {
+        if (*p == '\\' || *p == '"' || *p == '\n') {
+            *last++ = '\\';
+            *last++ = (*p == '\n') ? 'n' : *p;
+
+        } else {
+            *last++ = *p;
+        }
+    }
+
+    size = 16 * (256 + model.len);
+
+    start = ngx_pnalloc(r->pool, size);
+    if (start == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = start;
+    last = start + size;
+
+    p = ngx_http_moe_metric(p, last, "requests_submitted_total", "counter",
+                            "Requests accepted by the engine.", &model,
+                            st.requests_submitted);
+    p = ngx_http_moe_metric(p, last, "requests_finished_total", "counter",
+                            "Requests that ended.", &model,
+                            st.requests_finished);
+    p = ngx_http_moe_metric(p, last, "requests_cancelled_total", "counter",
+                            "Requests cancelled (client gone or stop "
+                            "string).", &model, st.requests_cancelled);
+    p = ngx_http_moe_metric(p, last, "prompt_tokens_total", "counter",
+                            "Prompt tokens processed.", &model,
+                            st.prompt_tokens_total);
+    p = ngx_http_moe_metric(p, last, "generation_tokens_total", "counter",
+                            "Tokens generated.", &model,
+                            st.generated_tokens_total);
+    p = ngx_http_moe_metric(p, last, "prefix_cache_hit_tokens_total",
+                            "counter", "Prompt tokens served from the "
+                            "prefix cache.", &model, st.cached_tokens_total);
+    p = ngx_http_moe_metric(p, last, "engine_steps_total", "counter",
+                            "Scheduler steps run.", &model, st.steps);
+    p = ngx_http_moe_metric(p, last, "engine_busy_nanoseconds_total",
+                            "counter", "Engine time spent in forward and "
+                            "sampling.", &model, st.busy_ns);
+    p = ngx_http_moe_metric(p, last, "preemptions_total", "counter",
+                            "Sequences preempted for lack of KV blocks.",
+                            &model, st.preemptions);
+    p = ngx_http_moe_metric(p, last, "num_requests_running", "gauge",
+                            "Sequences running.", &model, st.seqs_running);
+    p = ngx_http_moe_metric(p, last, "num_requests_waiting", "gauge",
+                            "Sequences waiting.", &model, st.seqs_waiting);
+    p = ngx_http_moe_metric(p, last, "kv_cache_blocks_total", "gauge",
+                            "KV cache blocks.", &model, st.kv_blocks_total);
+    p = ngx_http_moe_metric(p, last, "kv_cache_blocks_used", "gauge",
+                            "KV cache blocks in use.", &model,
+                            st.kv_blocks_used);
+    p = ngx_http_moe_metric(p, last, "kv_cache_blocks_cached", "gauge",
+                            "Free KV cache blocks holding a cached prefix.",
+                            &model, st.kv_blocks_cached);
+    p = ngx_http_moe_metric(p, last, "weights_bytes", "gauge",
+                            "Bytes of model weights.", &model,
+                            st.weights_bytes);
+    p = ngx_http_moe_metric(p, last, "submit_ring_free", "gauge",
+                            "Free slots in the submit ring.", &model,
+                            st.submit_ring_free);
+
+    return ngx_http_moe_send_text(r, NGX_HTTP_OK,
+                                  &ngx_http_moe_prometheus_type, start,
+                                  p - start);
+}
+
+
+static u_char *
+ngx_http_moe_metric(u_char *p, u_char *last, const char *name,
+    const char *type, const char *help, ngx_str_t *model, int64_t value)
+{
+    return ngx_slprintf(p, last,
+                        "# HELP localmoe_%s %s\n"
+                        "# TYPE localmoe_%s %s\n"
+                        "localmoe_%s{model=\"%V\"} %L\n",
+                        name, help, name, type, name, model, value);
+}
+
+
+/* POST /tokenize: {"prompt": ...} or {"messages": [...]} */
+
+ngx_int_t
+ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root)
+{
+    size_t                     i, n, len;
+    u_char                    *text;
+    int32_t                   *ids;
+    yajl_val                   prompt, messages, v;
+    yajl_gen                   g;
+    ngx_int_t                  rc, nmsgs;
+    ngx_uint_t                 special, gen_prompt;
+    moe_chat_msg_t            *msgs;
+    ngx_http_moe_err_t         err;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    rc = ngx_http_moe_check_model(r, root, &err);
+    if (rc != NGX_OK) {
+        return ngx_http_moe_send_err(r, &err);
+    }
+
+    prompt = ngx_http_moe_json_get(root, "prompt");
+    messages = ngx_http_moe_json_get(root, "messages");
+
+    if ((prompt == NULL) == (messages == NULL)) {
+        return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "prompt",
+                                       "give either prompt or messages");
+    }
+
+    special = prompt ? 1 : 0;
+
+    v = ngx_http_moe_json_get(root, "add_special_tokens");
+    if (v && ngx_http_moe_json_bool(v, &special) != NGX_OK) {
+        return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                       "add_special_tokens",
+                                       "add_special_tokens must be a "
+                                       "boolean");
+    }
+
+    if (prompt) {
+        if (!YAJL_IS_STRING(prompt)) {
+            return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "prompt",
+                                           "prompt must be a string");
+        }
+
+        text = (u_char *) prompt->u.string;
+        len = ngx_strlen(prompt->u.string);
+
+    } else {
+        gen_prompt = 1;
+
+        v = ngx_http_moe_json_get(root, "add_generation_prompt");
+        if (v && ngx_http_moe_json_bool(v, &gen_prompt) != NGX_OK) {
+            return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                           "add_generation_prompt",
+                                           "add_generation_prompt must be a "
+                                           "boolean");
+        }
+
+        rc = ngx_http_moe_messages(r, messages, &msgs, &nmsgs, &err);
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_moe_render_chat(r, msgs, nmsgs, gen_prompt, &text,
+                                          &len, &err);
+        }
+
+        if (rc == NGX_DECLINED) {
+            return ngx_http_moe_send_err(r, &err);
+        }
+
+        if (rc != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
+
+    if (ngx_http_moe_encode(r, text, len, special, &ids, &n) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    g = ngx_http_moe_gen_create(r);
+    if (g == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "count", (int64_t) n);
+    ngx_http_moe_gen_int(g, "max_model_len", mcf->info->max_model_len);
+    ngx_http_moe_gen_lit(g, "tokens");
+    yajl_gen_array_open(g);
+
+    for (i = 0; i < n; i++) {
+        yajl_gen_integer(g, ids[i]);
+    }
+
+    yajl_gen_array_close(g);
+    yajl_gen_map_close(g);
+
+    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+}
+
+
+/* POST /detokenize: {"tokens": [...]} */
+
+ngx_int_t
+ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root)
+{
+    int                        rc;
+    char                      *text;
+    size_t                     n, len;
+    int32_t                   *ids;
+    yajl_val                   v;
+    yajl_gen                   g;
+    ngx_int_t                  irc;
+    ngx_http_moe_err_t         err;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    irc = ngx_http_moe_check_model(r, root, &err);
+    if (irc != NGX_OK) {
+        return ngx_http_moe_send_err(r, &err);
+    }
+
+    v = ngx_http_moe_json_get(root, "tokens");
+
+    if (v == NULL) {
+        return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "tokens",
+                                       "tokens is required");
+    }
+
+    irc = ngx_http_moe_json_ids(v, mcf->info->vocab_size, &ids, &n, r->pool);
+
+    if (irc == NGX_DECLINED) {
+        return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "tokens",
+                                       "tokens must be an array of token ids "
+                                       "in [0, %d)", mcf->info->vocab_size);
+    }
+
+    if (irc != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    text = NULL;
+    len = 0;
+
+    rc = moe_tokenizer_decode(mcf->tokenizer, ids, n, 0, &text, &len);
+
+    if (rc != MOE_OK) {
+        free(text);
+        return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "tokens",
+                                       "cannot decode tokens: %s",
+                                       moe_strerror(rc));
+    }
+
+    g = ngx_http_moe_gen_create(r);
+    if (g == NULL) {
+        free(text);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_lit(g, "prompt");
+    ngx_http_moe_gen_str(g, text ? text : "", len);
+    yajl_gen_map_close(g);
+
+    free(text);
+
+    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+}
+
+
+static ngx_int_t
+ngx_http_moe_check_model(ngx_http_request_t *r, yajl_val root,
+    ngx_http_moe_err_t *err)
+{
+    yajl_val                   v;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    v = ngx_http_moe_json_get(root, "model");
+
+    if (v == NULL) {
+        return NGX_OK;
+    }
+
+    if (!YAJL_IS_STRING(v)) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "model",
+                                 "model must be a string");
+    }
+
+    if (ngx_strcmp(v->u.string, mcf->info->served_name) != 0) {
+        (void) ngx_http_moe_fail(err, NGX_HTTP_NOT_FOUND, "model",
+                                 "The model `%s` does not exist.",
+                                 v->u.string);
+        err->code = "model_not_found";
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_moe_gen_int(yajl_gen g, const char *key, int64_t n)
+{
+    ngx_http_moe_gen_cstr(g, key);
+    yajl_gen_integer(g, (long long) n);
+}
+
+
+static void
+ngx_http_moe_gen_double(yajl_gen g, const char *key, double d)
+{
+    ngx_http_moe_gen_cstr(g, key);
+
+    if (d != d || d > 1e300 || d < -1e300) {
+        yajl_gen_null(g);
+        return;
+    }
+
+    yajl_gen_double(g, d);
+}

@@ -1,0 +1,152 @@
+// The official OpenAI Node SDK against LocalMoE: model list, streamed chat
+// (for await over chunks), non-stream chat, completions (plain and
+// streamed, with include_usage), and errors surfacing as the SDK's typed
+// errors (NotFoundError 404 for an unknown model, BadRequestError 400).
+// Prints TAP.  Env: BASE_URL (http://127.0.0.1:PORT/v1), NODE_PATH with the
+// SDK's node_modules (installed by t/http_openai_sdk.t into build/npm-sdk).
+import { createRequire } from 'node:module';
+
+const require = createRequire(import.meta.url);
+const sdk = require('openai');            // resolved through NODE_PATH
+const OpenAI = sdk.OpenAI ?? sdk.default ?? sdk;
+
+let n = 0;
+let failed = 0;
+function ok(cond, what, diag) {
+  n++;
+  if (!cond) failed++;
+  console.log(`${cond ? 'ok' : 'not ok'} ${n} - ${what}`);
+  if (!cond && diag !== undefined) {
+    for (const l of String(typeof diag === 'string' ? diag : JSON.stringify(diag))
+      .split('\n')) console.log(`# ${l}`);
+  }
+}
+async function step(what, fn) {
+  try {
+    await fn();
+  } catch (e) {
+    ok(false, `${what}: threw`, `${e?.constructor?.name}: ${e?.message}`);
+  }
+}
+
+const client = new OpenAI({
+  baseURL: process.env.BASE_URL,
+  apiKey: 'sk-localmoe-test',
+  maxRetries: 0,
+  timeout: 60_000,
+});
+let model = 'unknown';
+const messages = [{ role: 'user', content: 'Say something about nginx.' }];
+
+await step('models.list', async () => {
+  const list = await client.models.list();
+  const data = list.data ?? [];
+  ok(data.length >= 1 && typeof data[0].id === 'string', 'models.list has a model');
+  model = data[0]?.id ?? model;
+});
+
+let streamed = '';
+await step('streamed chat', async () => {
+  const stream = await client.chat.completions.create({
+    model, messages, max_tokens: 12, temperature: 0, stream: true,
+  });
+  let chunks = 0;
+  let finish = null;
+  let role = null;
+  for await (const chunk of stream) {
+    chunks++;
+    const c = chunk.choices?.[0];
+    if (c?.delta?.role) role = c.delta.role;
+    if (c?.delta?.content) streamed += c.delta.content;
+    if (c?.finish_reason) finish = c.finish_reason;
+    if (chunk.object !== 'chat.completion.chunk') {
+      ok(false, 'chunk object is chat.completion.chunk', chunk);
+    }
+  }
+  ok(chunks >= 2, `streamed chat: ${chunks} chunks (>= 2)`);
+  ok(role === 'assistant', 'streamed chat: role assistant');
+  ok(finish === 'length' || finish === 'stop', `streamed chat: finish_reason ${finish}`);
+});
+
+await step('chat', async () => {
+  const r = await client.chat.completions.create({
+    model, messages, max_tokens: 12, temperature: 0,
+  });
+  ok(r.object === 'chat.completion', 'chat: object chat.completion');
+  ok(r.choices[0].message.role === 'assistant', 'chat: assistant message');
+  ok(r.choices[0].message.content === streamed,
+    'chat: same text as the stream (greedy)',
+    { stream: streamed, plain: r.choices[0].message.content });
+  ok(r.usage.total_tokens === r.usage.prompt_tokens + r.usage.completion_tokens,
+    'chat: usage adds up', r.usage);
+});
+
+await step('completion', async () => {
+  const r = await client.completions.create({
+    model, prompt: 'Hello, my name is', max_tokens: 5, temperature: 0,
+  });
+  ok(r.object === 'text_completion', 'completion: object text_completion');
+  ok(typeof r.choices[0].text === 'string', 'completion: text is a string');
+  ok(r.choices[0].finish_reason === 'length' || r.choices[0].finish_reason === 'stop',
+    'completion: finish_reason');
+  ok(r.usage.completion_tokens >= 1 && r.usage.completion_tokens <= 5,
+    'completion: completion_tokens in 1..5', r.usage);
+
+  const s = await client.completions.create({
+    model, prompt: 'Hello, my name is', max_tokens: 5, temperature: 0,
+    stream: true, stream_options: { include_usage: true },
+  });
+  let text = '';
+  let usage = null;
+  for await (const chunk of s) {
+    for (const c of chunk.choices ?? []) text += c.text ?? '';
+    if (chunk.usage) usage = chunk.usage;
+  }
+  ok(text === r.choices[0].text, 'streamed completion: same text',
+    { stream: text, plain: r.choices[0].text });
+  ok(usage && usage.completion_tokens === r.usage.completion_tokens,
+    'streamed completion: include_usage', usage);
+});
+
+await step('errors', async () => {
+  let err = null;
+  try {
+    await client.chat.completions.create({
+      model: 'no-such-model', messages, max_tokens: 2,
+    });
+  } catch (e) {
+    err = e;
+  }
+  ok(err instanceof OpenAI.APIError, 'unknown model: an APIError',
+    `${err?.constructor?.name}: ${err?.message}`);
+  ok(err instanceof OpenAI.NotFoundError, 'unknown model: NotFoundError');
+  ok(err?.status === 404, `unknown model: status ${err?.status}`);
+  ok(err?.code === 'model_not_found', `unknown model: code ${err?.code}`);
+  ok(typeof err?.error?.message === 'string' && err.error.message.length > 0,
+    'unknown model: error.message', err?.error);
+
+  let bad = null;
+  try {
+    await client.completions.create({ model, prompt: 'x', max_tokens: 2,
+      temperature: 5 });
+  } catch (e) {
+    bad = e;
+  }
+  ok(bad instanceof OpenAI.BadRequestError && bad.status === 400,
+    'temperature 5: BadRequestError 400', `${bad?.constructor?.name} ${bad?.status}`);
+
+  let sbad = null;
+  try {
+    const st = await client.chat.completions.create({
+      model: 'no-such-model', messages, max_tokens: 2, stream: true,
+    });
+    for await (const _ of st) { /* drain */ }
+  } catch (e) {
+    sbad = e;
+  }
+  ok(sbad instanceof OpenAI.NotFoundError, 'streamed unknown model: NotFoundError',
+    `${sbad?.constructor?.name}: ${sbad?.message}`);
+});
+
+console.log(`1..${n}`);
+process.exit(failed ? 1 : 0);

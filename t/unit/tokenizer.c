@@ -1,0 +1,639 @@
+/*
+ * Tokenizer conformance: for Llama-3 (byte-level BPE), the Llama-2/Mistral
+ * 32k SentencePiece-style BPE and the tiny model's tokenizer, checks
+ *  - load succeeds within a second, vocabulary lookups agree;
+ *  - a few hand-verified encodings;
+ *  - encode ids and decode strings are identical to Hugging Face
+ *    `tokenizers` on every case of t/data/tok/corpus.json, using the goldens
+ *    t/data/tok/<name>.json made by tools/tok_goldens.py (a diag line gives
+ *    the conformance figure; no goldens yet: that check is skipped);
+ *  - decode(encode(s)) == s (invalid UTF-8 first replaced by U+FFFD);
+ *  - the incremental detokenizer: ids pushed one by one give pieces that are
+ *    each whole UTF-8 and whose concatenation plus flush equals decode(),
+ *    on the corpus and on random id sequences (byte tokens, specials);
+ *  - encoding 10 KB of text takes < 20 ms; error statuses.
+ * Run from the repository root (t/tokenizer.t does; it fetches the
+ * tokenizer files first).  MOE_TOK_GOLDENS overrides the goldens folder,
+ * MOE_TOK_CORPUS the corpus (for ad-hoc fuzzing against other references).
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <yajl/yajl_tree.h>
+
+#include "moe.h"
+#include "tokenizer.h"
+#include "tap.h"
+
+#define MAX_CASES 4096
+
+typedef struct {
+    char   *s;
+    size_t  len;
+} bytes_t;
+
+static bytes_t corpus[MAX_CASES];
+static int     n_corpus;
+
+static double
+now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static char *
+slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    char *buf;
+    long  n;
+
+    if (f == NULL) {
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    buf = malloc((size_t) n + 1);
+    if (buf == NULL || fread(buf, 1, (size_t) n, f) != (size_t) n) {
+        free(buf);
+        fclose(f);
+        return NULL;
+    }
+    buf[n] = '\0';
+    fclose(f);
+    if (len) {
+        *len = (size_t) n;
+    }
+    return buf;
+}
+
+static yajl_val
+jget(yajl_val o, const char *k)
+{
+    const char *path[2] = { k, NULL };
+
+    return yajl_tree_get(o, path, yajl_t_any);
+}
+
+static int
+unhex(const char *h, bytes_t *out)
+{
+    size_t n = strlen(h), i;
+    unsigned v;
+
+    out->s = malloc(n / 2 + 1);
+    out->len = n / 2;
+    if (out->s == NULL || n % 2) {
+        return -1;
+    }
+    for (i = 0; i < n / 2; i++) {
+        if (sscanf(h + 2 * i, "%2x", &v) != 1) {
+            return -1;
+        }
+        out->s[i] = (char) v;
+    }
+    out->s[out->len] = '\0';
+    return 0;
+}
+
+/* a golden string field: key (JSON string) or key_hex (hex UTF-8) */
+static int
+golden_str(yajl_val c, const char *key, bytes_t *out)
+{
+    char     hk[64];
+    yajl_val v = jget(c, key);
+
+    if (YAJL_IS_STRING(v)) {
+        out->len = strlen(v->u.string);
+        out->s = strdup(v->u.string);
+        return out->s ? 1 : -1;
+    }
+    snprintf(hk, sizeof(hk), "%s_hex", key);
+    v = jget(c, hk);
+    if (YAJL_IS_STRING(v)) {
+        return unhex(v->u.string, out) == 0 ? 1 : -1;
+    }
+    return 0;
+}
+
+static int
+load_corpus(void)
+{
+    const char *path = getenv("MOE_TOK_CORPUS");
+    char       *buf = slurp(path ? path : "t/data/tok/corpus.json", NULL);
+    char        eb[256];
+    yajl_val    root, cases;
+    size_t      i;
+
+    if (buf == NULL) {
+        return -1;
+    }
+    root = yajl_tree_parse(buf, eb, sizeof(eb));
+    free(buf);
+    cases = jget(root, "cases");
+    if (!YAJL_IS_ARRAY(cases)) {
+        return -1;
+    }
+    for (i = 0; i < cases->u.array.len && i < MAX_CASES; i++) {
+        yajl_val c = cases->u.array.values[i];
+        yajl_val tx = jget(c, "text"), hx = jget(c, "hex");
+        if (YAJL_IS_STRING(tx)) {
+            corpus[i].len = strlen(tx->u.string);
+            corpus[i].s = strdup(tx->u.string);
+        } else if (!YAJL_IS_STRING(hx) || unhex(hx->u.string, &corpus[i])) {
+            return -1;
+        }
+        n_corpus++;
+    }
+    yajl_tree_free(root);
+    return 0;
+}
+
+static int
+ids_equal(const int32_t *a, size_t na, yajl_val arr)
+{
+    size_t i;
+
+    if (!YAJL_IS_ARRAY(arr) || arr->u.array.len != na) {
+        return 0;
+    }
+    for (i = 0; i < na; i++) {
+        yajl_val v = arr->u.array.values[i];
+        if (!YAJL_IS_INTEGER(v) || YAJL_GET_INTEGER(v) != a[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void
+show_ids(const char *what, const int32_t *ids, size_t n)
+{
+    size_t i;
+    char   line[512];
+    int    o = 0;
+
+    for (i = 0; i < n && o < 400; i++) {
+        o += snprintf(line + o, sizeof(line) - (size_t) o, "%s%d",
+                      i ? "," : "", ids[i]);
+    }
+    TAP_DIAG("    %s [%s%s]", what, line, i < n ? ",..." : "");
+}
+
+/* Decode ids and compare with golden field `key` (or, when absent, with
+ * `fallback`).  Counts into *n / *ok; returns 0 on a mismatch. */
+static int
+dec_check(const moe_tokenizer_t *t, const int32_t *ids, size_t n, int skip,
+    yajl_val c, const char *key, const char *fallback, int *cnt, int *good)
+{
+    bytes_t  want;
+    char    *got = NULL;
+    size_t   gl = 0;
+    int      r = golden_str(c, key, &want), ok;
+
+    if (r == 0 && fallback) {
+        r = golden_str(c, fallback, &want);
+    }
+    if (r <= 0) {
+        return r == 0;                  /* nothing to compare */
+    }
+    (*cnt)++;
+    ok = moe_tokenizer_decode(t, ids, n, skip, &got, &gl) == MOE_OK
+         && gl == want.len && memcmp(got, want.s, gl) == 0;
+    *good += ok;
+    if (!ok) {
+        TAP_DIAG("    %s: got \"%.120s\" want \"%.120s\"", key,
+                 got ? got : "(error)", want.s);
+    }
+    free(got);
+    free(want.s);
+    return ok;
+}
+
+/* Compare against <dir>/<name>.json.  Returns 1 when compared. */
+static int
+check_goldens(const moe_tokenizer_t *t, const char *name,
+    const char *tok_path)
+{
+    char        path[512], eb[256];
+    const char *dir = getenv("MOE_TOK_GOLDENS");
+    char       *buf;
+    yajl_val    root, cases, bytes;
+    size_t      i, tl;
+    int         enc_ok = 0, enc_n = 0, dec_ok = 0, dec_n = 0, shown = 0;
+    char       *tj;
+
+    snprintf(path, sizeof(path), "%s/%s.json", dir ? dir : "t/data/tok",
+             name);
+    buf = slurp(path, NULL);
+    if (buf == NULL) {
+        TAP_OK(1, "# SKIP %s: no goldens %s yet (tools/tok_goldens.py)",
+               name, path);
+        return 0;
+    }
+    root = yajl_tree_parse(buf, eb, sizeof(eb));
+    free(buf);
+    cases = jget(root, "cases");
+    TAP_OK(YAJL_IS_ARRAY(cases) && (int) cases->u.array.len == n_corpus,
+           "%s: goldens %s parse, one per corpus case (%d)", name, path,
+           n_corpus);
+    if (!YAJL_IS_ARRAY(cases) || (int) cases->u.array.len != n_corpus) {
+        yajl_tree_free(root);
+        return 0;
+    }
+    bytes = jget(root, "tokenizer_json_bytes");
+    tj = slurp(tok_path, &tl);
+    TAP_OK(YAJL_IS_INTEGER(bytes) && (size_t) YAJL_GET_INTEGER(bytes) == tl,
+           "%s: goldens were made from this tokenizer.json (%zu bytes)",
+           name, tl);
+    free(tj);
+    for (i = 0; i < cases->u.array.len; i++) {
+        yajl_val c = cases->u.array.values[i];
+        yajl_val want_ids = jget(c, "ids"), want_sp = jget(c, "ids_sp");
+        int32_t *ids = NULL, *sp = NULL;
+        size_t   n = 0, nsp = 0;
+        int      e1, e2, bad = 0;
+
+        moe_tokenizer_encode(t, corpus[i].s, corpus[i].len, 0, &ids, &n);
+        moe_tokenizer_encode(t, corpus[i].s, corpus[i].len, 1, &sp, &nsp);
+        e1 = ids_equal(ids, n, want_ids);
+        e2 = ids_equal(sp, nsp, want_sp ? want_sp : want_ids);
+        enc_n++;
+        enc_ok += e1 && e2;
+        if (!(e1 && e2)) {
+            bad = 1;
+        }
+        bad |= !dec_check(t, ids, n, 0, c, "dec", NULL, &dec_n, &dec_ok);
+        bad |= !dec_check(t, ids, n, 1, c, "dec_skip", "dec", &dec_n,
+                          &dec_ok);
+        if (want_sp) {
+            bad |= !dec_check(t, sp, nsp, 0, c, "dec_sp", NULL, &dec_n,
+                              &dec_ok);
+        }
+        if ((bad || !e1 || !e2) && shown < 8) {
+            shown++;
+            TAP_DIAG("  %s case %zu \"%.60s\" differs", name, i, corpus[i].s);
+            if (!e1) {
+                show_ids("got ", ids, n);
+            }
+            if (!e2) {
+                show_ids("got+sp", sp, nsp);
+            }
+        }
+        free(ids);
+        free(sp);
+    }
+    TAP_DIAG("%s: %d/%d encodings identical, %d/%d decodings identical",
+             name, enc_ok, enc_n, dec_ok, dec_n);
+    TAP_OK(enc_ok == enc_n, "%s: encode == HF tokenizers on all %d cases",
+           name, enc_n);
+    TAP_OK(dec_ok == dec_n, "%s: decode == HF tokenizers on all %d decodes",
+           name, dec_n);
+    yajl_tree_free(root);
+    return 1;
+}
+
+static int
+utf8_whole(const char *s, size_t n)
+{
+    size_t l;
+    char  *c = moe_utf8_sanitize(s, n, &l);
+    int    ok = c && l == n && memcmp(c, s, n) == 0;
+
+    free(c);
+    return ok;
+}
+
+/* push ids one at a time; 1 if pieces are whole UTF-8 and add up */
+static int
+detok_ok(const moe_tokenizer_t *t, const int32_t *ids, size_t n, int skip,
+    int verbose)
+{
+    moe_detok_t *d = moe_detok_create(t, skip);
+    char        *out = NULL, *want = NULL;
+    size_t       len = 0, cap = 0, before, wl, i;
+    int          ok = d != NULL;
+
+    for (i = 0; ok && i < n; i++) {
+        before = len;
+        ok = moe_detok_push(d, ids[i], &out, &len, &cap) == MOE_OK
+             && utf8_whole(out ? out + before : "", len - before);
+    }
+    ok = ok && moe_detok_flush(d, &out, &len, &cap) == MOE_OK;
+    ok = ok && moe_tokenizer_decode(t, ids, n, skip, &want, &wl) == MOE_OK
+         && wl == len && (len == 0 || memcmp(want, out, len) == 0);
+    if (!ok && verbose) {
+        TAP_DIAG("    detok \"%.*s\" vs decode \"%s\"", (int) len,
+                 out ? out : "", want ? want : "");
+        show_ids("ids", ids, n);
+    }
+    free(out);
+    free(want);
+    moe_detok_free(d);
+    return ok;
+}
+
+static uint64_t rng = 0x9e3779b97f4a7c15ULL;
+
+static uint32_t
+rnd(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t) (rng >> 11);
+}
+
+typedef struct {
+    const char *text;
+    int         add_special;
+    int32_t     ids[8];
+    int         n;
+} known_t;
+
+typedef struct {
+    const char *name;
+    const char *path;
+    int         byte_level;
+    int         required;
+    known_t     known[4];
+} tok_case_t;
+
+static tok_case_t toks[] = {
+    { "llama3", "build/tok/llama3/tokenizer.json", 1, 1, {
+        /* hand-verified with the reference tokenizer */
+        { "Hello world", 0, { 9906, 1917 }, 2 },
+        { "Hello world", 1, { 9906, 1917 }, 2 },   /* this file: no BOS */
+        { NULL, 0, {0}, 0 } } },
+    { "llama2", "build/tok/llama2/tokenizer.json", 0, 1, {
+        { "Hello world", 1, { 1, 22557, 1526 }, 3 },
+        { "Hello world", 0, { 22557, 1526 }, 2 },
+        { NULL, 0, {0}, 0 } } },
+    { "localmoe-tiny", "models/localmoe-tiny/tokenizer.json", 1, 0, {
+        { NULL, 0, {0}, 0 } } },
+};
+
+static void
+check_tokenizer(tok_case_t *tc)
+{
+    moe_tokenizer_t *t = NULL;
+    char             err[256] = "";
+    double           t0, ms, best;
+    int              rc, i, k, rt_ok = 0, rt_n = 0, dt_ok = 0, dt_n = 0;
+    int              rand_ok = 0, n_ids, shown = 0;
+    FILE            *f;
+
+    f = fopen(tc->path, "rb");
+    if (f == NULL && !tc->required) {
+        TAP_OK(1, "# SKIP %s: %s not present", tc->name, tc->path);
+        return;
+    }
+    if (f) {
+        fclose(f);
+    }
+    t0 = now_ms();
+    rc = moe_tokenizer_load(tc->path, &t, err, sizeof(err));
+    ms = now_ms() - t0;
+    TAP_OK(rc == MOE_OK, "%s: load %s (%s)", tc->name, tc->path,
+           rc == MOE_OK ? "ok" : err);
+    if (rc != MOE_OK) {
+        return;
+    }
+    n_ids = moe_tokenizer_vocab_size(t);
+    TAP_DIAG("%s: loaded in %.0f ms, %d ids", tc->name, ms, n_ids);
+    TAP_OK(ms < 1000, "%s: loads in under a second (%.0f ms)", tc->name, ms);
+
+    /* lookups: every id's token maps back to an id with the same string */
+    {
+        int bad = 0;
+        for (i = 0; i < n_ids; i++) {
+            const char *s = moe_tokenizer_id_to_token(t, i);
+            int32_t     j = s ? moe_tokenizer_token_to_id(t, s) : i;
+            if (j < 0 || strcmp(moe_tokenizer_id_to_token(t, j), s) != 0) {
+                bad++;
+            }
+        }
+        TAP_OK(bad == 0 && moe_tokenizer_id_to_token(t, n_ids) == NULL
+               && moe_tokenizer_id_to_token(t, -1) == NULL,
+               "%s: id_to_token/token_to_id agree on all ids (%d bad)",
+               tc->name, bad);
+    }
+
+    for (k = 0; tc->known[k].text; k++) {
+        known_t *kn = &tc->known[k];
+        int32_t *ids;
+        size_t   n;
+        int      ok;
+        rc = moe_tokenizer_encode(t, kn->text, strlen(kn->text),
+                                  kn->add_special, &ids, &n);
+        ok = rc == MOE_OK && n == (size_t) kn->n
+             && memcmp(ids, kn->ids, n * sizeof(int32_t)) == 0;
+        TAP_OK(ok, "%s: \"%s\"%s -> known ids", tc->name, kn->text,
+               kn->add_special ? " +special" : "");
+        if (!ok && rc == MOE_OK) {
+            show_ids("got", ids, n);
+        }
+        free(ids);
+    }
+
+    check_goldens(t, tc->name, tc->path);
+
+    /* round trip and detok on the corpus */
+    for (i = 0; i < n_corpus; i++) {
+        int32_t *ids = NULL, *sp = NULL;
+        size_t   n, nsp, dl, cl;
+        char    *dec = NULL, *clean;
+        int      has_added = 0, ok;
+
+        moe_tokenizer_encode(t, corpus[i].s, corpus[i].len, 0, &ids, &n);
+        moe_tokenizer_encode(t, corpus[i].s, corpus[i].len, 1, &sp, &nsp);
+        for (k = 0; k < (int) n; k++) {
+            has_added |= moe_tokenizer_is_special(t, ids[k]);
+        }
+        /* SentencePiece: text after an added token gets a "▁" prepended
+         * by the normalizer and a "▁" in the input decodes as a space, so
+         * only byte-level tokenizers round-trip those */
+        if (tc->byte_level
+            || (!has_added && strstr(corpus[i].s, "\xe2\x96\x81") == NULL))
+        {
+            clean = moe_utf8_sanitize(corpus[i].s, corpus[i].len, &cl);
+            moe_tokenizer_decode(t, ids, n, 0, &dec, &dl);
+            ok = dec && dl == cl && memcmp(dec, clean, cl) == 0;
+            rt_n++;
+            rt_ok += ok;
+            if (!ok && shown++ < 5) {
+                TAP_DIAG("  %s round trip case %d: \"%.60s\" -> \"%.60s\"",
+                         tc->name, i, clean, dec ? dec : "(null)");
+            }
+            free(clean);
+            free(dec);
+        }
+        for (k = 0; k < 2; k++) {
+            dt_n++;
+            dt_ok += detok_ok(t, sp, nsp, k, dt_ok + 3 > dt_n);
+        }
+        free(ids);
+        free(sp);
+    }
+    TAP_OK(rt_ok == rt_n, "%s: decode(encode(s)) == s on %d/%d cases",
+           tc->name, rt_ok, rt_n);
+    TAP_OK(dt_ok == dt_n, "%s: streamed detok == decode on %d/%d corpus runs",
+           tc->name, dt_ok, dt_n);
+
+    /* detok on random id sequences: byte tokens, specials, anything */
+    {
+        int32_t seq[48], bytes[256], nb = 0, specials[64], nsp = 0;
+        int     runs = 400, r;
+        for (i = 0; i < n_ids && (nb < 256 || nsp < 64); i++) {
+            const char *s = moe_tokenizer_id_to_token(t, i);
+            if (s == NULL) {
+                continue;
+            }
+            if (moe_tokenizer_is_special(t, i) && nsp < 64) {
+                specials[nsp++] = i;
+            } else if (strlen(s) == 6 && strncmp(s, "<0x", 3) == 0
+                       && nb < 256)
+            {
+                bytes[nb++] = i;
+            }
+        }
+        for (r = 0; r < runs; r++) {
+            int len = 1 + (int) (rnd() % 40);
+            for (k = 0; k < len; k++) {
+                uint32_t p = rnd() % 10;
+                do {
+                    if (p < 3 && nb) {
+                        seq[k] = bytes[rnd() % (uint32_t) nb];
+                    } else if (p < 4 && nsp) {
+                        seq[k] = specials[rnd() % (uint32_t) nsp];
+                    } else if (p < 6) {
+                        seq[k] = (int32_t) (rnd() % 512);  /* short tokens */
+                    } else {
+                        seq[k] = (int32_t) (rnd() % (uint32_t) n_ids);
+                    }
+                } while (moe_tokenizer_id_to_token(t, seq[k]) == NULL);
+            }
+            rand_ok += detok_ok(t, seq, (size_t) len, r & 1,
+                                rand_ok + 3 > r);
+        }
+        TAP_OK(rand_ok == runs,
+               "%s: streamed detok == decode on %d/%d random id sequences",
+               tc->name, rand_ok, runs);
+    }
+
+    /* speed: 10 KB of mixed text */
+    {
+        char    *big = malloc(16384);
+        size_t   bl = 0, n;
+        int32_t *ids;
+        for (i = 0; bl < 10240; i = (i + 1) % n_corpus) {
+            char  *c = moe_utf8_sanitize(corpus[i].s, corpus[i].len, &n);
+            size_t take = n < 10240 - bl ? n : 10240 - bl;
+            while (take > 0 && take < n
+                   && ((unsigned char) c[take] & 0xc0) == 0x80)
+            {
+                take--;
+            }
+            memcpy(big + bl, c, take);
+            bl += take;
+            free(c);
+            if (take < n) {
+                break;
+            }
+        }
+        best = 1e9;
+        for (k = 0; k < 5; k++) {
+            t0 = now_ms();
+            moe_tokenizer_encode(t, big, bl, 1, &ids, &n);
+            ms = now_ms() - t0;
+            best = ms < best ? ms : best;
+            free(ids);
+        }
+        TAP_OK(best < 20, "%s: encode %zu bytes in %.2f ms (< 20)", tc->name,
+               bl, best);
+        free(big);
+    }
+
+    /* statuses */
+    {
+        int32_t bad = n_ids;
+        char   *txt = NULL;
+        size_t  tl;
+        moe_detok_t *d = moe_detok_create(t, 0);
+        char   *o = NULL;
+        size_t  ol = 0, oc = 0;
+        TAP_OK(moe_tokenizer_decode(t, &bad, 1, 0, &txt, &tl) == MOE_EINVAL
+               && txt == NULL
+               && moe_detok_push(d, bad, &o, &ol, &oc) == MOE_EINVAL
+               && moe_detok_push(d, -1, &o, &ol, &oc) == MOE_EINVAL,
+               "%s: out-of-range ids are MOE_EINVAL", tc->name);
+        moe_detok_free(d);
+        free(o);
+    }
+    moe_tokenizer_free(t);
+}
+
+int
+main(void)
+{
+    size_t           i;
+    moe_tokenizer_t *t = NULL;
+    char             err[256];
+    FILE            *f;
+
+    TAP_OK(load_corpus() == 0 && n_corpus >= 60,
+           "corpus t/data/tok/corpus.json: %d cases", n_corpus);
+
+    /* lossy UTF-8: each maximal invalid subpart is one U+FFFD */
+    {
+        static const struct { const char *in; size_t n; const char *out; }
+        u[] = {
+            { "\xff", 1, "\xef\xbf\xbd" },
+            { "a\xe4\xb8z", 4, "a\xef\xbf\xbdz" },
+            { "\xc0\x80", 2, "\xef\xbf\xbd\xef\xbf\xbd" },
+            { "\xed\xa0\x80", 3, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd" },
+            { "\xf0\x9f\x98", 3, "\xef\xbf\xbd" },
+            { "\xf4\x90\x80\x80", 4,
+              "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd" },
+            { "\xe2\x82\xac\xf0\x9f\x98\x80", 7,
+              "\xe2\x82\xac\xf0\x9f\x98\x80" },
+        };
+        int ok = 1;
+        for (i = 0; i < sizeof(u) / sizeof(u[0]); i++) {
+            size_t l;
+            char  *c = moe_utf8_sanitize(u[i].in, u[i].n, &l);
+            ok &= c && l == strlen(u[i].out) && memcmp(c, u[i].out, l) == 0;
+            free(c);
+        }
+        TAP_OK(ok, "invalid UTF-8 -> U+FFFD per maximal subpart");
+    }
+
+    TAP_OK(moe_tokenizer_load("t/data/tok/no-such/tokenizer.json", &t, err,
+                              sizeof(err)) == MOE_EIO && t == NULL,
+           "missing file: MOE_EIO (%s)", err);
+    f = fopen("build/t/tok_bad.json", "w");
+    if (f) {
+        fputs("{\"model\": {\"type\": \"BPE\", \"vocab\": ", f);
+        fclose(f);
+    }
+    TAP_OK(moe_tokenizer_load("build/t/tok_bad.json", &t, err, sizeof(err))
+           == MOE_EFORMAT && t == NULL, "truncated JSON: MOE_EFORMAT (%s)",
+           err);
+    remove("build/t/tok_bad.json");
+
+    for (i = 0; i < sizeof(toks) / sizeof(toks[0]); i++) {
+        check_tokenizer(&toks[i]);
+    }
+    TAP_PLAN(tap_n);
+    for (i = 0; i < (size_t) n_corpus; i++) {
+        free(corpus[i].s);
+    }
+    return TAP_DONE();
+}
