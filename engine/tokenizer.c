@@ -18,6 +18,7 @@
  */
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -508,17 +509,14 @@ struct moe_tokenizer {
 static char      bl_enc[256][3];    /* UTF-8 of the char for byte b */
 static uint8_t   bl_enc_len[256];
 static int16_t   bl_dec[0x144];     /* code point -> byte, -1 */
-static int       bl_ready;
+static pthread_once_t bl_once = PTHREAD_ONCE_INIT;
 
 static void
-bytelevel_init(void)
+bytelevel_build(void)
 {
     int      b, n = 0;
     uint32_t cp;
 
-    if (bl_ready) {
-        return;
-    }
     for (b = 0; b < 0x144; b++) {
         bl_dec[b] = -1;
     }
@@ -533,7 +531,6 @@ bytelevel_init(void)
         bl_enc_len[b] = (uint8_t) u8enc(cp, bl_enc[b]);
         bl_dec[cp] = (int16_t) b;
     }
-    bl_ready = 1;   /* idempotent: racing initializers write equal values */
 }
 
 static const char GPT2_RE[] =
@@ -1518,7 +1515,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         set_err(err, errlen, "no tokenizer path");
         return MOE_EINVAL;
     }
-    bytelevel_init();
+    (void) pthread_once(&bl_once, bytelevel_build);
     buf = read_file(tokenizer_json_path, &len);
     if (buf == NULL) {
         set_err(err, errlen, "%s: %s", tokenizer_json_path, strerror(errno));

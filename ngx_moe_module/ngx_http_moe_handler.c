@@ -239,6 +239,9 @@ ngx_http_moe_body_handler(ngx_http_request_t *r)
     ngx_http_moe_err_t     err;
     ngx_http_moe_route_t  *route;
 
+    ngx_str_null(&body);
+    root = NULL;
+
     route = ngx_http_moe_route(r);
 
     if (route == NULL || route->post == NULL) {

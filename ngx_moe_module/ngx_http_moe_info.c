@@ -621,15 +621,22 @@ ngx_http_moe_gen_int(yajl_gen g, const char *key, int64_t n)
 }
 
 
+/* three decimals: yajl_gen_double() prints 17 significant digits */
+
 static void
 ngx_http_moe_gen_double(yajl_gen g, const char *key, double d)
 {
+    u_char  *p;
+    u_char   buf[NGX_INT64_LEN + 8];
+
     ngx_http_moe_gen_cstr(g, key);
 
-    if (d != d || d > 1e300 || d < -1e300) {
+    if (d != d || d > 9.0e15 || d < -9.0e15) {
         yajl_gen_null(g);
         return;
     }
 
-    yajl_gen_double(g, d);
+    p = ngx_snprintf(buf, sizeof(buf), "%.3f", d);
+
+    yajl_gen_number(g, (const char *) buf, p - buf);
 }

@@ -443,6 +443,21 @@ check_tokenizer(tok_case_t *tc)
         free(ids);
     }
 
+    if (strcmp(tc->name, "llama2") == 0) {
+        const char *b = moe_tokenizer_bos_token(t);
+        const char *e = moe_tokenizer_eos_token(t);
+        TAP_OK(b && strcmp(b, "<s>") == 0 && e && strcmp(e, "</s>") == 0
+               && moe_tokenizer_add_bos_token(t) == 1
+               && moe_tokenizer_add_eos_token(t) == 0,
+               "llama2: tokenizer_config.json bos/eos/add_bos read");
+    }
+    if (strcmp(tc->name, "llama3") == 0) {
+        const char *ct = moe_tokenizer_chat_template(t);
+        TAP_OK(ct && strstr(ct, "<|start_header_id|>") != NULL
+               && moe_tokenizer_add_bos_token(t) == -1,
+               "llama3: tokenizer_config.json chat_template read");
+    }
+
     check_goldens(t, tc->name, tc->path);
 
     /* round trip and detok on the corpus */

@@ -1,0 +1,1086 @@
+/*
+ * The CUDA backend: moe_backend_t over one GPU.
+ *
+ * A step: the host packs token ids, positions, cache slots, sequence ids,
+ * block tables and the rows whose logits are wanted into one pinned
+ * buffer, copies it once, then per layer:
+ *   add+RMSNorm -> xb (bf16) -> one QKV GEMM (fp32 out) -> RoPE + K/V write
+ *   -> paged attention (bf16 out) -> O GEMM (fp32 delta) -> add+RMSNorm ->
+ *   router/top-k (fp32) -> count per expert (copied to the host: the only
+ *   sync inside the step) -> permute -> per-expert gate|up GEMM -> SiLU*up
+ *   -> per-expert down GEMM -> weighted un-permute (fp32 delta).
+ * Finally the last token of each sequence that wants logits goes through
+ * the final norm and lm_head (64 rows at a time), and the fp32 logits are
+ * copied back.  The residual stream stays fp32 throughout.
+ */
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+#include "cuda_backend.h"
+#include "attention.h"
+#include "embed.h"
+#include "gemm.h"
+#include "init.h"
+#include "moe_permute.h"
+#include "moe_route.h"
+#include "rmsnorm.h"
+#include "rope.h"
+#include "silu_mul.h"
+
+#define CB_ALIGN        256
+#define CB_LOGIT_ROWS   64                  /* lm_head rows per pass */
+#define CB_BLAS_WS      ((size_t) 32 << 20)
+#define CB_UPLOAD_ELEMS ((size_t) 16 << 20) /* fp32 elements per upload */
+#define CB_SLACK        ((int64_t) 256 << 20)
+
+typedef __nv_bfloat16 bf16;
+
+typedef struct {
+    moe_backend_t   base;          /* first: the public interface */
+    moe_hparams_t   hp;
+    int             device;
+    int             n_blocks;
+    int             block_size;
+    int             cap;           /* max tokens per forward */
+    int             K;             /* top_k (1 when dense) */
+    int             Q, KVD;        /* n_heads * hd, n_kv_heads * hd */
+    cudaStream_t    stream;
+    cublasHandle_t  blas;
+    void           *blas_ws;
+
+    /* weights: one allocation, layout in cuda_backend.h */
+    void           *wbuf;
+    bf16           *embed;         /* (vocab, dim) */
+    bf16           *lm_head;       /* (vocab, dim) */
+    bf16           *wqkv;          /* (L, Q + 2 KVD, dim) */
+    bf16           *wo;            /* (L, dim, Q) */
+    bf16           *w_gu;          /* (L, E, 2 ffn, dim) */
+    bf16           *w_down;        /* (L, E, dim, ffn) */
+    float          *attn_norm;     /* (L, dim) */
+    float          *ffn_norm;      /* (L, dim) */
+    float          *final_norm;    /* (dim) */
+    float          *router;        /* (L, E, dim) or NULL */
+
+    bf16           *kv;            /* (L, n_blocks, 2, bs, n_kv, hd) */
+
+    /* workspaces: one allocation, N = cap, NK = cap * K */
+    void           *wsbuf;
+    float          *x;             /* (N, dim) residual stream */
+    float          *tmp;           /* (N, dim) sublayer output */
+    float          *xf;            /* (N, dim) normed, fp32 (router) */
+    bf16           *xb;            /* (N, dim) normed, bf16 */
+    float          *qkv;           /* (N, Q + 2 KVD) */
+    bf16           *att;           /* (N, Q) */
+    int32_t        *sel;           /* (NK) */
+    float          *selw;          /* (NK) */
+    int32_t        *slot_of;       /* (NK) */
+    int32_t        *erow;          /* (NK) */
+    int32_t        *counts;        /* (E) */
+    bf16           *xe;            /* (NK, dim) */
+    float          *gu;            /* (NK, 2 ffn) */
+    bf16           *hbuf;          /* (NK, ffn) */
+    float          *ye;            /* (NK, dim) */
+    bf16           *xlast;         /* (CB_LOGIT_ROWS, dim) */
+    float          *logits;        /* (CB_LOGIT_ROWS, vocab) */
+    int32_t        *d_stage;       /* (stage_ints) */
+
+    /* host side */
+    int32_t        *h_stage;       /* (stage_ints) pinned */
+    size_t          stage_ints;
+    size_t          bt_cap;        /* block-table entries per step */
+    int32_t        *h_counts;      /* (E) pinned */
+    float          *h_logits;      /* (CB_LOGIT_ROWS, vocab) pinned */
+    int            *out_seq;       /* (cap) sequence of each logits row */
+    int64_t        *expert_counts; /* (L, E) */
+
+    /* profiling */
+    int             prof;
+    cudaEvent_t    *ev;
+    int            *ev_stage;
+    int             ev_cap;
+    int             n_ev;
+    double          prof_ms[MOE_CUDA_N_STAGES];
+} cuda_backend_t;
+
+
+static void
+cb_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (err == NULL || errlen == 0) {
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+
+/* ------------------------------------------------------------- layouts */
+
+typedef struct {
+    size_t off;
+} cb_carve_t;
+
+
+/* Reserve `bytes` (aligned) and return its offset. */
+static size_t
+cb_take(cb_carve_t *c, size_t bytes)
+{
+    size_t o = c->off;
+
+    c->off += (bytes + CB_ALIGN - 1) / CB_ALIGN * CB_ALIGN;
+    return o;
+}
+
+
+typedef struct {
+    size_t embed, lm_head, wqkv, wo, w_gu, w_down, attn_norm, ffn_norm,
+           final_norm, router, total;
+} cb_wlayout_t;
+
+
+static void
+cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
+{
+    cb_carve_t c = { 0 };
+    size_t     L = (size_t) hp->n_layers, D = (size_t) hp->dim;
+    size_t     V = (size_t) hp->vocab_size, E = (size_t) hp->n_experts;
+    size_t     F = (size_t) hp->ffn_dim;
+    size_t     Q = (size_t) hp->n_heads * hp->head_dim;
+    size_t     KV = (size_t) hp->n_kv_heads * hp->head_dim;
+
+    l->embed = cb_take(&c, V * D * 2);
+    l->lm_head = hp->tie_embeddings ? l->embed : cb_take(&c, V * D * 2);
+    l->wqkv = cb_take(&c, L * (Q + 2 * KV) * D * 2);
+    l->wo = cb_take(&c, L * D * Q * 2);
+    l->w_gu = cb_take(&c, L * E * 2 * F * D * 2);
+    l->w_down = cb_take(&c, L * E * D * F * 2);
+    l->attn_norm = cb_take(&c, L * D * 4);
+    l->ffn_norm = cb_take(&c, L * D * 4);
+    l->final_norm = cb_take(&c, D * 4);
+    l->router = E > 1 ? cb_take(&c, L * E * D * 4) : 0;
+    l->total = c.off;
+}
+
+
+typedef struct {
+    size_t x, tmp, xf, xb, qkv, att, sel, selw, slot_of, erow, counts, xe,
+           gu, hbuf, ye, xlast, logits, stage, total;
+    size_t stage_ints, bt_cap;
+} cb_slayout_t;
+
+
+static void
+cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
+{
+    cb_carve_t c = { 0 };
+    size_t     N = (size_t) cap, D = (size_t) hp->dim;
+    size_t     K = (size_t) (hp->n_experts > 1 ? hp->top_k : 1);
+    size_t     NK = N * K, F = (size_t) hp->ffn_dim;
+    size_t     E = (size_t) hp->n_experts, V = (size_t) hp->vocab_size;
+    size_t     Q = (size_t) hp->n_heads * hp->head_dim;
+    size_t     KV = (size_t) hp->n_kv_heads * hp->head_dim;
+
+    l->x = cb_take(&c, N * D * 4);
+    l->tmp = cb_take(&c, N * D * 4);
+    l->xf = cb_take(&c, N * D * 4);
+    l->xb = cb_take(&c, N * D * 2);
+    l->qkv = cb_take(&c, N * (Q + 2 * KV) * 4);
+    l->att = cb_take(&c, N * Q * 2);
+    l->sel = cb_take(&c, NK * 4);
+    l->selw = cb_take(&c, NK * 4);
+    l->slot_of = cb_take(&c, NK * 4);
+    l->erow = cb_take(&c, NK * 4);
+    l->counts = cb_take(&c, E * 4);
+    l->xe = cb_take(&c, NK * D * 2);
+    l->gu = cb_take(&c, NK * 2 * F * 4);
+    l->hbuf = cb_take(&c, NK * F * 2);
+    l->ye = cb_take(&c, NK * D * 4);
+    l->xlast = cb_take(&c, (size_t) CB_LOGIT_ROWS * D * 2);
+    l->logits = cb_take(&c, (size_t) CB_LOGIT_ROWS * V * 4);
+    /* staging: tokens, pos, slot, tseq, out rows, bt_off (cap each), then
+     * the block tables */
+    l->bt_cap = (size_t) n_blocks + 4 * N + 65536;
+    l->stage_ints = 6 * N + l->bt_cap;
+    l->stage = cb_take(&c, l->stage_ints * 4);
+    l->total = c.off;
+}
+
+
+extern "C" int64_t
+moe_cuda_weight_bytes(const moe_hparams_t *hp)
+{
+    cb_wlayout_t l;
+
+    cb_weight_layout(hp, &l);
+    return (int64_t) l.total;
+}
+
+
+extern "C" int64_t
+moe_cuda_workspace_bytes(const moe_hparams_t *hp, int max_batched_tokens)
+{
+    cb_slayout_t l;
+
+    cb_ws_layout(hp, max_batched_tokens, 0, &l);
+    return (int64_t) (l.total + CB_BLAS_WS);
+}
+
+
+static int64_t
+cb_kv_bytes_per_block(const moe_hparams_t *hp, int block_size)
+{
+    return (int64_t) hp->n_layers * 2 * block_size * hp->n_kv_heads
+           * hp->head_dim * 2;
+}
+
+
+/* ---------------------------------------------------------- device info */
+
+extern "C" int
+moe_cuda_device_count(void)
+{
+    int         n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+
+    if (e != cudaSuccess) {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+
+static int
+cb_check_shapes(const moe_hparams_t *hp, int block_size, int cap, char *err,
+    size_t errlen)
+{
+    if (hp->dim <= 0 || hp->n_layers <= 0 || hp->n_heads <= 0
+        || hp->n_kv_heads <= 0 || hp->head_dim <= 0 || hp->ffn_dim <= 0
+        || hp->vocab_size <= 0 || hp->n_experts <= 0 || hp->top_k <= 0
+        || block_size <= 0 || cap <= 0)
+    {
+        cb_err(err, errlen, "cuda backend: bad shape or arguments (dim %d, "
+               "layers %d, block_size %d, max tokens %d)", hp->dim,
+               hp->n_layers, block_size, cap);
+        return MOE_EINVAL;
+    }
+    if (!moe_cuda_attention_supported(hp->n_heads, hp->n_kv_heads,
+                                      hp->head_dim))
+    {
+        cb_err(err, errlen, "cuda backend: attention with %d heads, %d kv "
+               "heads, head_dim %d not supported (head_dim %% 8 == 0, <= "
+               "256; at most 8 query heads per kv head)", hp->n_heads,
+               hp->n_kv_heads, hp->head_dim);
+        return MOE_EUNSUPPORTED;
+    }
+    if (hp->n_experts > 256
+        || (hp->n_experts > 1 && (hp->top_k > hp->n_experts
+                                  || hp->top_k > 64)))
+    {
+        cb_err(err, errlen, "cuda backend: %d experts, top-%d not supported "
+               "(at most 256 experts, top-64)", hp->n_experts, hp->top_k);
+        return MOE_EUNSUPPORTED;
+    }
+    if ((int64_t) cap * (hp->n_experts > 1 ? hp->top_k : 1) > (1 << 24)) {
+        cb_err(err, errlen, "cuda backend: max tokens %d too large", cap);
+        return MOE_EINVAL;
+    }
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
+    int max_batched_tokens, double gpu_memory_utilization, int device,
+    int *n_blocks, char *err, size_t errlen)
+{
+    size_t  free_b = 0, total_b = 0;
+    int64_t budget, per;
+    int     rc;
+
+    *n_blocks = 0;
+    rc = cb_check_shapes(hp, block_size, max_batched_tokens, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (device < 0 || device >= moe_cuda_device_count()) {
+        cb_err(err, errlen, "cuda backend: no CUDA device %d", device);
+        return MOE_EBACKEND;
+    }
+    if (cudaSetDevice(device) != cudaSuccess
+        || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess)
+    {
+        cb_err(err, errlen, "cuda backend: cannot query device %d: %s",
+               device, cudaGetErrorString(cudaGetLastError()));
+        return MOE_EBACKEND;
+    }
+    budget = (int64_t) ((double) total_b * gpu_memory_utilization)
+             - (int64_t) (total_b - free_b) - moe_cuda_weight_bytes(hp)
+             - moe_cuda_workspace_bytes(hp, max_batched_tokens) - CB_SLACK;
+    per = cb_kv_bytes_per_block(hp, block_size);
+    if (budget < per) {
+        cb_err(err, errlen, "cuda backend: device %d: %lld MiB total, %lld "
+               "MiB free, weights %lld MiB, workspaces %lld MiB: no room for "
+               "the KV cache at gpu_memory_utilization %.2f", device,
+               (long long) (total_b >> 20), (long long) (free_b >> 20),
+               (long long) (moe_cuda_weight_bytes(hp) >> 20),
+               (long long) (moe_cuda_workspace_bytes(hp, max_batched_tokens)
+                            >> 20), gpu_memory_utilization);
+        return MOE_ENOMEM;
+    }
+    *n_blocks = budget / per > (1 << 30) ? (1 << 30) : (int) (budget / per);
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
+    int max_batched_tokens, double gpu_memory_utilization, int device,
+    int *n_blocks, char *err, size_t errlen)
+{
+    return moe_cuda_kv_blocks_for_hp(moe_model_hparams(m), block_size,
+                                     max_batched_tokens,
+                                     gpu_memory_utilization, device,
+                                     n_blocks, err, errlen);
+}
+
+
+/* ------------------------------------------------------------ lifecycle */
+
+static void
+cb_destroy(moe_backend_t *base)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    int             i;
+
+    if (b == NULL) {
+        return;
+    }
+    (void) cudaSetDevice(b->device);
+    if (b->stream != NULL) {
+        (void) cudaStreamSynchronize(b->stream);
+    }
+    if (b->ev != NULL) {
+        for (i = 0; i < b->ev_cap; i++) {
+            if (b->ev[i] != NULL) {
+                (void) cudaEventDestroy(b->ev[i]);
+            }
+        }
+    }
+    free(b->ev);
+    free(b->ev_stage);
+    if (b->blas != NULL) {
+        (void) cublasDestroy(b->blas);
+    }
+    (void) cudaFree(b->blas_ws);
+    (void) cudaFree(b->wbuf);
+    (void) cudaFree(b->kv);
+    (void) cudaFree(b->wsbuf);
+    (void) cudaFreeHost(b->h_stage);
+    (void) cudaFreeHost(b->h_counts);
+    (void) cudaFreeHost(b->h_logits);
+    if (b->stream != NULL) {
+        (void) cudaStreamDestroy(b->stream);
+    }
+    (void) cudaGetLastError();
+    free(b->out_seq);
+    free(b->expert_counts);
+    free(b);
+}
+
+
+/* n fp32 host values -> bf16 device dst, through tmp (CB_UPLOAD_ELEMS). */
+static int
+cb_upload_bf16(cuda_backend_t *b, float *tmp, bf16 *dst, const float *src,
+    size_t n)
+{
+    size_t i, c;
+
+    for (i = 0; i < n; i += c) {
+        c = n - i < CB_UPLOAD_ELEMS ? n - i : CB_UPLOAD_ELEMS;
+        MOE_CUDA_CHECK(cudaMemcpyAsync(tmp, src + i, c * sizeof(float),
+                                       cudaMemcpyHostToDevice, b->stream));
+        MOE_TRY(moe_cuda_f32_to_bf16(tmp, (moe_bf16_t *) (dst + i),
+                                     (int64_t) c, b->stream));
+        /* tmp is reused by the next chunk */
+        MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
+    }
+    return MOE_OK;
+}
+
+
+static int
+cb_upload_f32(cuda_backend_t *b, float *dst, const float *src, size_t n)
+{
+    MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float),
+                                   cudaMemcpyHostToDevice, b->stream));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
+    return MOE_OK;
+}
+
+
+static int
+cb_load_weights(cuda_backend_t *b, const moe_weights_t *w)
+{
+    const moe_hparams_t *hp = &b->hp;
+    size_t               L = (size_t) hp->n_layers, D = (size_t) hp->dim;
+    size_t               V = (size_t) hp->vocab_size;
+    size_t               E = (size_t) hp->n_experts, F = (size_t) hp->ffn_dim;
+    size_t               Q = (size_t) b->Q, KV = (size_t) b->KVD;
+    size_t               l, e;
+    float               *tmp = NULL;
+    int                  rc;
+
+    MOE_CUDA_CHECK(cudaMalloc(&tmp, CB_UPLOAD_ELEMS * sizeof(float)));
+
+#define UP(call) do { rc = (call); if (rc != MOE_OK) goto done; } while (0)
+    UP(cb_upload_bf16(b, tmp, b->embed, w->embed, V * D));
+    if (b->lm_head != b->embed) {
+        UP(cb_upload_bf16(b, tmp, b->lm_head, w->lm_head, V * D));
+    }
+    for (l = 0; l < L; l++) {
+        bf16 *qkv = b->wqkv + l * (Q + 2 * KV) * D;
+
+        UP(cb_upload_bf16(b, tmp, qkv, w->wq + l * Q * D, Q * D));
+        UP(cb_upload_bf16(b, tmp, qkv + Q * D, w->wk + l * KV * D, KV * D));
+        UP(cb_upload_bf16(b, tmp, qkv + (Q + KV) * D, w->wv + l * KV * D,
+                          KV * D));
+        for (e = 0; e < E; e++) {
+            bf16   *gu = b->w_gu + (l * E + e) * 2 * F * D;
+            size_t  src = (l * E + e) * F * D;
+
+            UP(cb_upload_bf16(b, tmp, gu, w->w_gate + src, F * D));
+            UP(cb_upload_bf16(b, tmp, gu + F * D, w->w_up + src, F * D));
+        }
+    }
+    UP(cb_upload_bf16(b, tmp, b->wo, w->wo, L * D * Q));
+    UP(cb_upload_bf16(b, tmp, b->w_down, w->w_down, L * E * D * F));
+    UP(cb_upload_f32(b, b->attn_norm, w->attn_norm, L * D));
+    UP(cb_upload_f32(b, b->ffn_norm, w->ffn_norm, L * D));
+    UP(cb_upload_f32(b, b->final_norm, w->final_norm, D));
+    if (b->router != NULL) {
+        UP(cb_upload_f32(b, b->router, w->router, L * E * D));
+    }
+#undef UP
+    rc = MOE_OK;
+done:
+    (void) cudaStreamSynchronize(b->stream);
+    (void) cudaFree(tmp);
+    return rc;
+}
+
+
+static int
+cb_random_weights(cuda_backend_t *b, uint64_t seed)
+{
+    const moe_hparams_t *hp = &b->hp;
+    int64_t              L = hp->n_layers, D = hp->dim, V = hp->vocab_size;
+    int64_t              E = hp->n_experts, F = hp->ffn_dim;
+    int64_t              Q = b->Q, KV = b->KVD;
+    cudaStream_t         s = b->stream;
+    float                sd = 1.0f / sqrtf((float) D);
+
+    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->embed, V * D, seed,
+                                      1.0f, s));
+    if (b->lm_head != b->embed) {
+        MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->lm_head, V * D,
+                                          seed + 1, sd, s));
+    }
+    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->wqkv,
+                                      L * (Q + 2 * KV) * D, seed + 2, sd, s));
+    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->wo, L * D * Q,
+                                      seed + 3, 1.0f / sqrtf((float) Q), s));
+    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_gu,
+                                      L * E * 2 * F * D, seed + 4, sd, s));
+    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_down, L * E * D * F,
+                                      seed + 5, 1.0f / sqrtf((float) F), s));
+    MOE_TRY(moe_cuda_fill_random_f32(b->attn_norm, L * D, seed + 6, 0.0f,
+                                     1.0f, s));
+    MOE_TRY(moe_cuda_fill_random_f32(b->ffn_norm, L * D, seed + 7, 0.0f,
+                                     1.0f, s));
+    MOE_TRY(moe_cuda_fill_random_f32(b->final_norm, D, seed + 8, 0.0f, 1.0f,
+                                     s));
+    if (b->router != NULL) {
+        MOE_TRY(moe_cuda_fill_random_f32(b->router, L * E * D, seed + 9, sd,
+                                         0.0f, s));
+    }
+    MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+    return MOE_OK;
+}
+
+
+static int cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs,
+    int n);
+static const int64_t *cb_expert_counts(moe_backend_t *base);
+
+
+/* Everything but the weights' values; MOE_* with err set. */
+static int
+cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
+{
+    const moe_hparams_t *hp = &b->hp;
+    cb_wlayout_t         wl;
+    cb_slayout_t         sl;
+    char                *w, *s;
+    size_t               kv_bytes;
+    cudaError_t          ce;
+
+#define CB_CUDA(stmt, what)                                                  \
+    do {                                                                     \
+        ce = (stmt);                                                         \
+        if (ce != cudaSuccess) {                                             \
+            cb_err(err, errlen, "cuda backend: %s: %s", what,                \
+                   cudaGetErrorString(ce));                                  \
+            (void) cudaGetLastError();                                       \
+            return ce == cudaErrorMemoryAllocation ? MOE_ENOMEM              \
+                                                   : MOE_EBACKEND;           \
+        }                                                                    \
+    } while (0)
+
+    CB_CUDA(cudaSetDevice(b->device), "cudaSetDevice");
+    CB_CUDA(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking),
+            "stream");
+    if (cublasCreate(&b->blas) != CUBLAS_STATUS_SUCCESS) {
+        b->blas = NULL;
+        cb_err(err, errlen, "cuda backend: cublasCreate failed");
+        return MOE_EBACKEND;
+    }
+    CB_CUDA(cudaMalloc(&b->blas_ws, CB_BLAS_WS), "cuBLAS workspace");
+    if (cublasSetStream(b->blas, b->stream) != CUBLAS_STATUS_SUCCESS
+        || cublasSetWorkspace(b->blas, b->blas_ws, CB_BLAS_WS)
+           != CUBLAS_STATUS_SUCCESS)
+    {
+        cb_err(err, errlen, "cuda backend: cuBLAS stream/workspace setup "
+               "failed");
+        return MOE_EBACKEND;
+    }
+
+    cb_weight_layout(hp, &wl);
+    {
+        char msg[96];
+
+        snprintf(msg, sizeof(msg), "weights (%zu MiB)", wl.total >> 20);
+        CB_CUDA(cudaMalloc(&b->wbuf, wl.total), msg);
+    }
+    w = (char *) b->wbuf;
+    b->embed = (bf16 *) (w + wl.embed);
+    b->lm_head = (bf16 *) (w + wl.lm_head);
+    b->wqkv = (bf16 *) (w + wl.wqkv);
+    b->wo = (bf16 *) (w + wl.wo);
+    b->w_gu = (bf16 *) (w + wl.w_gu);
+    b->w_down = (bf16 *) (w + wl.w_down);
+    b->attn_norm = (float *) (w + wl.attn_norm);
+    b->ffn_norm = (float *) (w + wl.ffn_norm);
+    b->final_norm = (float *) (w + wl.final_norm);
+    b->router = hp->n_experts > 1 ? (float *) (w + wl.router) : NULL;
+
+    kv_bytes = (size_t) b->n_blocks * (size_t) b->base.kv_bytes_per_block;
+    {
+        char msg[96];
+
+        snprintf(msg, sizeof(msg), "KV cache (%d blocks, %zu MiB)",
+                 b->n_blocks, kv_bytes >> 20);
+        CB_CUDA(cudaMalloc(&b->kv, kv_bytes), msg);
+    }
+    CB_CUDA(cudaMemsetAsync(b->kv, 0, kv_bytes, b->stream), "KV memset");
+
+    cb_ws_layout(hp, b->cap, b->n_blocks, &sl);
+    {
+        char msg[96];
+
+        snprintf(msg, sizeof(msg), "workspaces (%zu MiB for %d tokens)",
+                 sl.total >> 20, b->cap);
+        CB_CUDA(cudaMalloc(&b->wsbuf, sl.total), msg);
+    }
+    s = (char *) b->wsbuf;
+    b->x = (float *) (s + sl.x);
+    b->tmp = (float *) (s + sl.tmp);
+    b->xf = (float *) (s + sl.xf);
+    b->xb = (bf16 *) (s + sl.xb);
+    b->qkv = (float *) (s + sl.qkv);
+    b->att = (bf16 *) (s + sl.att);
+    b->sel = (int32_t *) (s + sl.sel);
+    b->selw = (float *) (s + sl.selw);
+    b->slot_of = (int32_t *) (s + sl.slot_of);
+    b->erow = (int32_t *) (s + sl.erow);
+    b->counts = (int32_t *) (s + sl.counts);
+    b->xe = (bf16 *) (s + sl.xe);
+    b->gu = (float *) (s + sl.gu);
+    b->hbuf = (bf16 *) (s + sl.hbuf);
+    b->ye = (float *) (s + sl.ye);
+    b->xlast = (bf16 *) (s + sl.xlast);
+    b->logits = (float *) (s + sl.logits);
+    b->d_stage = (int32_t *) (s + sl.stage);
+    b->stage_ints = sl.stage_ints;
+    b->bt_cap = sl.bt_cap;
+
+    CB_CUDA(cudaMallocHost(&b->h_stage, sl.stage_ints * sizeof(int32_t)),
+            "pinned staging");
+    CB_CUDA(cudaMallocHost(&b->h_counts,
+                           (size_t) hp->n_experts * sizeof(int32_t)),
+            "pinned counts");
+    CB_CUDA(cudaMallocHost(&b->h_logits, (size_t) CB_LOGIT_ROWS
+                                         * hp->vocab_size * sizeof(float)),
+            "pinned logits");
+#undef CB_CUDA
+
+    b->out_seq = (int *) calloc((size_t) b->cap, sizeof(int));
+    b->expert_counts = (int64_t *) calloc((size_t) hp->n_layers
+                                          * hp->n_experts, sizeof(int64_t));
+    if (b->out_seq == NULL || b->expert_counts == NULL) {
+        cb_err(err, errlen, "cuda backend: out of host memory");
+        return MOE_ENOMEM;
+    }
+    return MOE_OK;
+}
+
+
+static int
+cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
+    int n_blocks, int block_size, int cap, int device, moe_backend_t **out,
+    char *err, size_t errlen)
+{
+    cuda_backend_t *b;
+    int             rc, ndev;
+
+    *out = NULL;
+    rc = cb_check_shapes(hp, block_size, cap, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (n_blocks <= 0 || (int64_t) n_blocks * block_size > (1 << 30)) {
+        cb_err(err, errlen, "cuda backend: bad KV pool (%d blocks of %d)",
+               n_blocks, block_size);
+        return MOE_EINVAL;
+    }
+    ndev = moe_cuda_device_count();
+    if (device < 0 || device >= ndev) {
+        cb_err(err, errlen, "cuda backend: no CUDA device %d (%d found)",
+               device, ndev);
+        return MOE_EBACKEND;
+    }
+
+    b = (cuda_backend_t *) calloc(1, sizeof(*b));
+    if (b == NULL) {
+        cb_err(err, errlen, "cuda backend: out of memory");
+        return MOE_ENOMEM;
+    }
+    b->hp = *hp;
+    if (w != NULL && w->lm_head == w->embed) {
+        b->hp.tie_embeddings = 1;
+    }
+    b->device = device;
+    b->n_blocks = n_blocks;
+    b->block_size = block_size;
+    b->cap = cap;
+    b->K = hp->n_experts > 1 ? hp->top_k : 1;
+    b->Q = hp->n_heads * hp->head_dim;
+    b->KVD = hp->n_kv_heads * hp->head_dim;
+    b->base.name = "cuda";
+    b->base.kv_bytes_per_block = cb_kv_bytes_per_block(hp, block_size);
+    b->base.forward = cb_forward;
+    b->base.expert_counts = cb_expert_counts;
+    b->base.destroy = cb_destroy;
+
+    rc = cb_alloc(b, err, errlen);
+    if (rc == MOE_OK) {
+        rc = w != NULL ? cb_load_weights(b, w) : cb_random_weights(b, seed);
+        if (rc != MOE_OK) {
+            cb_err(err, errlen, "cuda backend: weights: %s",
+                   moe_cuda_last_error());
+        }
+    }
+    if (rc == MOE_OK && cudaStreamSynchronize(b->stream) != cudaSuccess) {
+        cb_err(err, errlen, "cuda backend: %s",
+               cudaGetErrorString(cudaGetLastError()));
+        rc = MOE_EBACKEND;
+    }
+    if (rc != MOE_OK) {
+        cb_destroy(&b->base);
+        return rc;
+    }
+    *out = &b->base;
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_backend_create(const moe_model_t *m, int n_blocks, int block_size,
+    int max_batched_tokens, int device, moe_backend_t **out, char *err,
+    size_t errlen)
+{
+    const moe_weights_t *w;
+
+    *out = NULL;
+    if (m == NULL || (w = moe_model_weights(m)) == NULL) {
+        cb_err(err, errlen, "cuda backend: no model weights");
+        return MOE_EINVAL;
+    }
+    return cb_create(moe_model_hparams(m), w, 0, n_blocks, block_size,
+                     max_batched_tokens, device, out, err, errlen);
+}
+
+
+extern "C" int
+moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
+    int n_blocks, int block_size, int max_batched_tokens, int device,
+    moe_backend_t **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (hp == NULL) {
+        cb_err(err, errlen, "cuda backend: no hparams");
+        return MOE_EINVAL;
+    }
+    return cb_create(hp, NULL, seed, n_blocks, block_size,
+                     max_batched_tokens, device, out, err, errlen);
+}
+
+
+/* ------------------------------------------------------------ profiling */
+
+extern "C" int
+moe_cuda_backend_profile(moe_backend_t *base, int enable,
+    double ms[MOE_CUDA_N_STAGES])
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    int             i;
+
+    if (ms != NULL) {
+        for (i = 0; i < MOE_CUDA_N_STAGES; i++) {
+            ms[i] = b->prof_ms[i];
+        }
+    }
+    for (i = 0; i < MOE_CUDA_N_STAGES; i++) {
+        b->prof_ms[i] = 0;
+    }
+    if (enable && b->ev == NULL) {
+        MOE_CUDA_CHECK(cudaSetDevice(b->device));
+        b->ev_cap = 16 * b->hp.n_layers + 64 + 2 * (b->cap / CB_LOGIT_ROWS);
+        b->ev = (cudaEvent_t *) calloc((size_t) b->ev_cap,
+                                       sizeof(cudaEvent_t));
+        b->ev_stage = (int *) calloc((size_t) b->ev_cap, sizeof(int));
+        if (b->ev == NULL || b->ev_stage == NULL) {
+            return MOE_ENOMEM;
+        }
+        for (i = 0; i < b->ev_cap; i++) {
+            MOE_CUDA_CHECK(cudaEventCreate(&b->ev[i]));
+        }
+    }
+    b->prof = enable != 0;
+    return MOE_OK;
+}
+
+
+/* The GPU work enqueued since the previous mark belongs to `stage`. */
+static int
+cb_mark(cuda_backend_t *b, int stage)
+{
+    if (!b->prof || b->n_ev >= b->ev_cap) {
+        return MOE_OK;
+    }
+    MOE_CUDA_CHECK(cudaEventRecord(b->ev[b->n_ev], b->stream));
+    b->ev_stage[b->n_ev++] = stage;
+    return MOE_OK;
+}
+
+
+static int
+cb_prof_collect(cuda_backend_t *b)
+{
+    int   i;
+    float t;
+
+    for (i = 1; i < b->n_ev; i++) {
+        MOE_CUDA_CHECK(cudaEventElapsedTime(&t, b->ev[i - 1], b->ev[i]));
+        b->prof_ms[b->ev_stage[i]] += t;
+    }
+    b->n_ev = 0;
+    return MOE_OK;
+}
+
+
+/* -------------------------------------------------------------- forward */
+
+static int
+cb_ffn(cuda_backend_t *b, int l, int T)
+{
+    const moe_hparams_t *hp = &b->hp;
+    int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
+    int                  K = b->K, e, r0;
+    cudaStream_t         s = b->stream;
+
+    if (E == 1) {
+        MOE_TRY(moe_cuda_gemm(b->blas, T, 2 * F, D, (moe_bf16_t *) b->xb, D,
+                              (moe_bf16_t *) (b->w_gu + (size_t) l * 2 * F
+                                                        * D), D,
+                              b->gu, 2 * F, 0, 0.0f));
+        MOE_TRY(moe_cuda_silu_mul(b->gu, T, F, (moe_bf16_t *) b->hbuf, s));
+        MOE_TRY(moe_cuda_gemm(b->blas, T, D, F, (moe_bf16_t *) b->hbuf, F,
+                              (moe_bf16_t *) (b->w_down + (size_t) l * D * F),
+                              F, b->tmp, D, 0, 0.0f));
+        b->expert_counts[l] += T;
+        return cb_mark(b, MOE_CUDA_ST_EXPERT);
+    }
+
+    MOE_TRY(moe_cuda_route(b->xf, T, D, b->router + (size_t) l * E * D, E, K,
+                           b->sel, b->selw, s));
+    MOE_TRY(moe_cuda_moe_count(b->sel, T * K, E, b->counts, s));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->counts,
+                                   (size_t) E * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost, s));
+    MOE_TRY(moe_cuda_moe_scatter(b->sel, T * K, E, b->counts, b->erow,
+                                 b->slot_of, s));
+    MOE_TRY(moe_cuda_moe_gather((moe_bf16_t *) b->xb, D, b->erow, K, T * K,
+                                (moe_bf16_t *) b->xe, s));
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+
+    for (e = 0, r0 = 0; e < E; e++) {
+        int    n = b->h_counts[e];
+        size_t we = (size_t) l * E + e;
+
+        if (n < 0 || r0 + n > T * K) {
+            moe_cuda_set_error("expert counts corrupt (layer %d expert %d: "
+                               "%d)", l, e, n);
+            return MOE_EBACKEND;
+        }
+        b->expert_counts[we] += n;
+        if (n > 0) {
+            MOE_TRY(moe_cuda_gemm(b->blas, n, 2 * F, D,
+                                  (moe_bf16_t *) (b->xe + (size_t) r0 * D), D,
+                                  (moe_bf16_t *) (b->w_gu + we * 2 * F * D),
+                                  D, b->gu + (size_t) r0 * 2 * F, 2 * F, 0,
+                                  0.0f));
+        }
+        r0 += n;
+    }
+    MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf, s));
+    for (e = 0, r0 = 0; e < E; e++) {
+        int    n = b->h_counts[e];
+        size_t we = (size_t) l * E + e;
+
+        if (n > 0) {
+            MOE_TRY(moe_cuda_gemm(b->blas, n, D, F,
+                                  (moe_bf16_t *) (b->hbuf + (size_t) r0 * F),
+                                  F, (moe_bf16_t *) (b->w_down + we * D * F),
+                                  F, b->ye + (size_t) r0 * D, D, 0, 0.0f));
+        }
+        r0 += n;
+    }
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
+    MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, b->sel, b->selw, b->slot_of, T,
+                                   K, b->tmp, s));
+    return cb_mark(b, MOE_CUDA_ST_ROUTE);
+}
+
+
+/* The step after validation and staging; T tokens, n_out logits rows. */
+static int
+cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
+    int n_out, size_t n_stage)
+{
+    const moe_hparams_t *hp = &b->hp;
+    int                  D = hp->dim, hd = hp->head_dim, L = hp->n_layers;
+    int                  QKV = b->Q + 2 * b->KVD;
+    size_t               N = (size_t) b->cap;
+    int32_t             *d_tok = b->d_stage, *d_pos = d_tok + N;
+    int32_t             *d_slot = d_pos + N, *d_seq = d_slot + N;
+    int32_t             *d_rows = d_seq + N, *d_btoff = d_rows + N;
+    int32_t             *d_bt = d_btoff + N;
+    size_t               kv_layer = (size_t) b->n_blocks * 2
+                                    * b->block_size * b->KVD;
+    cudaStream_t         s = b->stream;
+    int                  l, c0, i;
+
+    MOE_CUDA_CHECK(cudaSetDevice(b->device));
+    b->n_ev = 0;
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_stage, b->h_stage,
+                                   n_stage * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, s));
+    MOE_TRY(moe_cuda_embed(d_tok, T, (moe_bf16_t *) b->embed, D, b->x, s));
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+
+    for (l = 0; l < L; l++) {
+        bf16 *kvl = b->kv + (size_t) l * kv_layer;
+
+        MOE_TRY(moe_cuda_add_rmsnorm(b->x, l == 0 ? NULL : b->tmp, NULL, T, D,
+                                     b->attn_norm + (size_t) l * D,
+                                     hp->norm_eps, (moe_bf16_t *) b->xb, NULL,
+                                     s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+        MOE_TRY(moe_cuda_gemm(b->blas, T, QKV, D, (moe_bf16_t *) b->xb, D,
+                              (moe_bf16_t *) (b->wqkv + (size_t) l * QKV * D),
+                              D, b->qkv, QKV, 0, 0.0f));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+        MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads, hp->n_kv_heads,
+                                 hd, d_pos, d_slot, hp->rope_theta,
+                                 (moe_bf16_t *) kvl, b->block_size, s));
+        MOE_TRY(moe_cuda_attention(b->qkv, QKV, T, d_pos, d_seq, d_bt,
+                                   d_btoff, (moe_bf16_t *) kvl,
+                                   b->block_size, hp->n_heads,
+                                   hp->n_kv_heads, hd, hp->sliding_window,
+                                   (moe_bf16_t *) b->att, s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
+        MOE_TRY(moe_cuda_gemm(b->blas, T, D, b->Q, (moe_bf16_t *) b->att,
+                              b->Q,
+                              (moe_bf16_t *) (b->wo + (size_t) l * D * b->Q),
+                              b->Q, b->tmp, D, 0, 0.0f));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+        MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, NULL, T, D,
+                                     b->ffn_norm + (size_t) l * D,
+                                     hp->norm_eps, (moe_bf16_t *) b->xb,
+                                     hp->n_experts > 1 ? b->xf : NULL, s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+        MOE_TRY(cb_ffn(b, l, T));
+    }
+
+    for (c0 = 0; c0 < n_out; c0 += CB_LOGIT_ROWS) {
+        int nc = n_out - c0 < CB_LOGIT_ROWS ? n_out - c0 : CB_LOGIT_ROWS;
+
+        MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, d_rows + c0, nc, D,
+                                     b->final_norm, hp->norm_eps,
+                                     (moe_bf16_t *) b->xlast, NULL, s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+        MOE_TRY(moe_cuda_gemm(b->blas, nc, hp->vocab_size, D,
+                              (moe_bf16_t *) b->xlast, D,
+                              (moe_bf16_t *) b->lm_head, D, b->logits,
+                              hp->vocab_size, 0, 0.0f));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+        MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_logits, b->logits,
+                                       (size_t) nc * hp->vocab_size
+                                       * sizeof(float),
+                                       cudaMemcpyDeviceToHost, s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+        MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+        for (i = 0; i < nc; i++) {
+            memcpy(seqs[b->out_seq[c0 + i]].logits,
+                   b->h_logits + (size_t) i * hp->vocab_size,
+                   (size_t) hp->vocab_size * sizeof(float));
+        }
+    }
+    (void) n;
+    MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+    MOE_CUDA_CHECK(cudaGetLastError());
+    if (b->prof) {
+        MOE_TRY(cb_prof_collect(b));
+    }
+    return MOE_OK;
+}
+
+
+static int
+cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
+{
+    cuda_backend_t      *b = (cuda_backend_t *) base;
+    const moe_hparams_t *hp = &b->hp;
+    size_t               N = (size_t) b->cap, nbt = 0;
+    int32_t             *h_tok = b->h_stage, *h_pos = h_tok + N;
+    int32_t             *h_slot = h_pos + N, *h_seq = h_slot + N;
+    int32_t             *h_rows = h_seq + N, *h_btoff = h_rows + N;
+    int32_t             *h_bt = h_btoff + N;
+    int                  T, s, i, t, n_out, rc;
+
+    if (n < 0 || (n > 0 && seqs == NULL)) {
+        return MOE_EINVAL;
+    }
+    /* validate everything before touching the cache */
+    T = 0;
+    for (s = 0; s < n; s++) {
+        const moe_seq_batch_t *sq = &seqs[s];
+        int                    need;
+
+        if (sq->n_tokens <= 0 || sq->tokens == NULL || sq->pos < 0
+            || sq->block_table == NULL || sq->n_tokens > (1 << 24)
+            || sq->pos > (1 << 30) - sq->n_tokens)
+        {
+            return MOE_EINVAL;
+        }
+        need = (sq->pos + sq->n_tokens + b->block_size - 1) / b->block_size;
+        if (need > sq->n_blocks) {
+            return MOE_EINVAL;
+        }
+        for (i = 0; i < need; i++) {
+            if (sq->block_table[i] < 0 || sq->block_table[i] >= b->n_blocks)
+            {
+                return MOE_EINVAL;
+            }
+        }
+        for (i = 0; i < sq->n_tokens; i++) {
+            if (sq->tokens[i] < 0 || sq->tokens[i] >= hp->vocab_size) {
+                return MOE_EINVAL;
+            }
+        }
+        if (T > b->cap - sq->n_tokens) {
+            moe_cuda_set_error("cuda backend: step of more than %d tokens",
+                               b->cap);
+            moe_log(MOE_LOG_ERROR, "%s", moe_cuda_last_error());
+            return MOE_EINVAL;
+        }
+        T += sq->n_tokens;
+        nbt += (size_t) need;
+    }
+    if (nbt > b->bt_cap) {
+        moe_cuda_set_error("cuda backend: %zu block-table entries in one "
+                           "step (at most %zu)", nbt, b->bt_cap);
+        moe_log(MOE_LOG_ERROR, "%s", moe_cuda_last_error());
+        return MOE_EINVAL;
+    }
+    if (T == 0) {
+        return MOE_OK;
+    }
+
+    /* stage the step (the previous step has synchronised: free to reuse) */
+    t = 0;
+    n_out = 0;
+    nbt = 0;
+    for (s = 0; s < n; s++) {
+        const moe_seq_batch_t *sq = &seqs[s];
+        int need = (sq->pos + sq->n_tokens + b->block_size - 1)
+                   / b->block_size;
+
+        h_btoff[s] = (int32_t) nbt;
+        memcpy(h_bt + nbt, sq->block_table, (size_t) need * sizeof(int32_t));
+        nbt += (size_t) need;
+        for (i = 0; i < sq->n_tokens; i++, t++) {
+            int p = sq->pos + i;
+
+            h_tok[t] = sq->tokens[i];
+            h_pos[t] = p;
+            h_slot[t] = sq->block_table[p / b->block_size] * b->block_size
+                        + p % b->block_size;
+            h_seq[t] = s;
+        }
+        if (sq->logits != NULL) {
+            h_rows[n_out] = t - 1;
+            b->out_seq[n_out] = s;
+            n_out++;
+        }
+    }
+
+    rc = cb_run(b, seqs, n, T, n_out, 6 * N + nbt);
+    if (rc != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "cuda backend: forward: %s",
+                moe_cuda_last_error());
+        (void) cudaStreamSynchronize(b->stream);
+        (void) cudaGetLastError();
+        b->n_ev = 0;
+        return rc == MOE_EINVAL ? MOE_EBACKEND : rc;
+    }
+    return MOE_OK;
+}
+
+
+static const int64_t *
+cb_expert_counts(moe_backend_t *base)
+{
+    return ((cuda_backend_t *) base)->expert_counts;
+}

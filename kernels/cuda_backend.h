@@ -1,0 +1,106 @@
+/*
+ * The CUDA backend (one GPU, bf16 weights and KV cache, fp32 accumulation)
+ * behind the moe_backend_t interface of engine/model.h.  Plain C API.
+ *
+ * Device layouts (all in device memory of `device`):
+ *   weights, one allocation, bf16 unless noted:
+ *     embed      (vocab, dim)
+ *     lm_head    (vocab, dim)             aliases embed when tied
+ *     wqkv       (n_layers, q + 2 kv, dim)  rows: wq | wk | wv
+ *     wo         (n_layers, dim, q)
+ *     w_gu       (n_layers, n_experts, 2 ffn, dim)  rows: gate (w1) | up (w3)
+ *     w_down     (n_layers, n_experts, dim, ffn)
+ *     attn_norm, ffn_norm (n_layers, dim) fp32; final_norm (dim) fp32
+ *     router     (n_layers, n_experts, dim) fp32 (absent when dense)
+ *   with q = n_heads * head_dim, kv = n_kv_heads * head_dim.
+ *   KV pool: (n_layers, n_blocks, 2, block_size, n_kv_heads, head_dim) bf16
+ *     (layer outermost, unlike the CPU backend's block-outermost pool; a
+ *     block id means the same positions in both).
+ *
+ * Errors: every function returns a moe status; the CUDA/cuBLAS reason
+ * (statement, file:line) goes into err, or for forward() into
+ * moe_cuda_last_error() of the calling thread (also logged at
+ * MOE_LOG_ERROR).
+ */
+
+#ifndef MOE_CUDA_BACKEND_H
+#define MOE_CUDA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "model.h"
+
+/* Profiling stages (moe_cuda_backend_profile). */
+enum {
+    MOE_CUDA_ST_ATTENTION = 0,   /* rope + KV write + attention */
+    MOE_CUDA_ST_ROUTE,           /* router, top-k, permute, un-permute */
+    MOE_CUDA_ST_EXPERT,          /* expert (or dense FFN) GEMMs + SiLU */
+    MOE_CUDA_ST_DENSE,           /* qkv, o, lm_head GEMMs */
+    MOE_CUDA_ST_OTHER,           /* embed, norms, copies */
+    MOE_CUDA_N_STAGES
+};
+
+/* Number of CUDA devices; 0 when there is no driver or GPU (never fails). */
+int moe_cuda_device_count(void);
+
+/* The last CUDA failure recorded on this thread ("" if none). */
+const char *moe_cuda_last_error(void);
+
+/*
+ * Create the backend on `device` from the model's fp32 host weights
+ * (converted to bf16 once): KV pool of n_blocks pages of block_size
+ * tokens, workspaces for up to max_batched_tokens tokens per forward()
+ * (a larger step fails with MOE_EINVAL).  The model must outlive the
+ * backend only during this call (the weights are copied).  Fails with
+ * MOE_EUNSUPPORTED (shape), MOE_ENOMEM (device memory) or MOE_EBACKEND,
+ * reason in err.
+ */
+int moe_cuda_backend_create(const moe_model_t *m, int n_blocks,
+    int block_size, int max_batched_tokens, int device, moe_backend_t **out,
+    char *err, size_t errlen);
+
+/*
+ * The same with synthetic bf16 weights generated on the GPU from `seed`
+ * (benchmarks): uniform values scaled by 1/sqrt(fan_in), norms 1.
+ */
+int moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
+    int n_blocks, int block_size, int max_batched_tokens, int device,
+    moe_backend_t **out, char *err, size_t errlen);
+
+/* Device bytes of the weights and of the workspaces for these shapes. */
+int64_t moe_cuda_weight_bytes(const moe_hparams_t *hp);
+int64_t moe_cuda_workspace_bytes(const moe_hparams_t *hp,
+    int max_batched_tokens);
+
+/*
+ * KV pool size for `device`: blocks that fit in
+ * total * gpu_memory_utilization - (memory in use now) - weights -
+ * workspaces - 256 MiB slack.  Call before creating the backend.
+ * MOE_ENOMEM (with the numbers in err) when not even one block fits.
+ */
+int moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
+    int max_batched_tokens, double gpu_memory_utilization, int device,
+    int *n_blocks, char *err, size_t errlen);
+int moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
+    int max_batched_tokens, double gpu_memory_utilization, int device,
+    int *n_blocks, char *err, size_t errlen);
+
+/*
+ * Stage timing for benchmarks: enable != 0 turns it on (events recorded at
+ * stage boundaries of each forward, GPU time between boundaries summed per
+ * stage, launch gaps included); ms (may be NULL) receives the sums since
+ * the last call, which are then reset.  Not thread-safe with forward().
+ */
+int moe_cuda_backend_profile(moe_backend_t *b, int enable,
+    double ms[MOE_CUDA_N_STAGES]);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_CUDA_BACKEND_H */

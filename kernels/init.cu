@@ -1,0 +1,93 @@
+/* fp32 -> bf16 conversion and hash-based random fills. */
+#include "common.cuh"
+#include "init.h"
+
+
+__device__ __forceinline__ float
+moe_hash_u(uint64_t seed, uint64_t i)
+{
+    /* splitmix64 of (seed, i) -> uniform [-1, 1) */
+    uint64_t z = seed * 0x9e3779b97f4a7c15ULL + i + 0x632be59bd9b4e019ULL;
+
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    return (float) (z >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+
+__global__ void
+kernel_f32_to_bf16(const float *src, __nv_bfloat16 *dst, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
+         i += (int64_t) gridDim.x * blockDim.x)
+    {
+        dst[i] = moe_f2bf(src[i]);
+    }
+}
+
+
+__global__ void
+kernel_fill_random_bf16(__nv_bfloat16 *dst, int64_t n, uint64_t seed,
+    float scale)
+{
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
+         i += (int64_t) gridDim.x * blockDim.x)
+    {
+        dst[i] = moe_f2bf(scale * moe_hash_u(seed, (uint64_t) i));
+    }
+}
+
+
+__global__ void
+kernel_fill_random_f32(float *dst, int64_t n, uint64_t seed, float scale,
+    float offset)
+{
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
+         i += (int64_t) gridDim.x * blockDim.x)
+    {
+        dst[i] = offset + scale * moe_hash_u(seed, (uint64_t) i);
+    }
+}
+
+
+extern "C" int
+moe_cuda_f32_to_bf16(const float *src, moe_bf16_t *dst, int64_t n,
+    cudaStream_t stream)
+{
+    if (n <= 0) {
+        return MOE_OK;
+    }
+    kernel_f32_to_bf16<<<moe_grid(n, 256), 256, 0, stream>>>(src,
+        reinterpret_cast<__nv_bfloat16 *>(dst), n);
+    MOE_CUDA_CHECK_LAUNCH("kernel_f32_to_bf16");
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_fill_random_bf16(moe_bf16_t *dst, int64_t n, uint64_t seed,
+    float scale, cudaStream_t stream)
+{
+    if (n <= 0) {
+        return MOE_OK;
+    }
+    kernel_fill_random_bf16<<<moe_grid(n, 256 * 8), 256, 0, stream>>>(
+        reinterpret_cast<__nv_bfloat16 *>(dst), n, seed, scale);
+    MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_bf16");
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_fill_random_f32(float *dst, int64_t n, uint64_t seed, float scale,
+    float offset, cudaStream_t stream)
+{
+    if (n <= 0) {
+        return MOE_OK;
+    }
+    kernel_fill_random_f32<<<moe_grid(n, 256 * 8), 256, 0, stream>>>(dst, n,
+        seed, scale, offset);
+    MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_f32");
+    return MOE_OK;
+}

@@ -1,0 +1,23 @@
+/* Weight conversion and synthetic weights (benchmarks, tests). */
+#ifndef MOE_KERNELS_INIT_H
+#define MOE_KERNELS_INIT_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* dst[i] = bf16(src[i]) (round to nearest even), i < n. */
+int moe_cuda_f32_to_bf16(const float *src, moe_bf16_t *dst, int64_t n,
+    cudaStream_t stream);
+
+/* dst[i] = bf16(scale * u(seed, i)), u uniform in [-1, 1) from a hash of
+ * (seed, i): the same values whatever the launch shape. */
+int moe_cuda_fill_random_bf16(moe_bf16_t *dst, int64_t n, uint64_t seed,
+    float scale, cudaStream_t stream);
+
+/* Same in fp32, plus `offset`: dst[i] = offset + scale * u(seed, i). */
+int moe_cuda_fill_random_f32(float *dst, int64_t n, uint64_t seed,
+    float scale, float offset, cudaStream_t stream);
+#ifdef __cplusplus
+}
+#endif
+#endif

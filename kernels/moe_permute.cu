@@ -1,0 +1,204 @@
+/*
+ * Permutation by expert, deterministic and stable: one block per expert
+ * scans all slots (a block-wide prefix sum over each 256-slot window keeps
+ * the slots in ascending order).  O(E * T * K) reads: small next to the
+ * expert GEMMs.
+ */
+#include "common.cuh"
+#include "moe_permute.h"
+
+#define PERM_THREADS 256
+#define UNPERM_MAX_K 64
+
+
+__global__ void
+kernel_moe_count(const int32_t *sel, int n, int32_t *counts)
+{
+    __shared__ float sh[32];
+    int              e = blockIdx.x;
+    float            c = 0.0f;
+    int              ci = 0;
+
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        ci += sel[i] == e;
+    }
+    c = (float) ci;            /* exact: n < 2^24 */
+    c = moe_block_sum(c, sh);
+    if (threadIdx.x == 0) {
+        counts[e] = (int32_t) c;
+    }
+}
+
+
+__global__ void
+kernel_moe_scatter(const int32_t *sel, int n, const int32_t *counts,
+    int32_t *erow, int32_t *slot_of)
+{
+    __shared__ int wsum[PERM_THREADS / 32];
+    __shared__ int base_s;
+    int            e = blockIdx.x;
+    int            lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int            base;
+
+    if (threadIdx.x == 0) {
+        int off = 0;
+
+        for (int j = 0; j < e; j++) {
+            off += counts[j];
+        }
+        base_s = off;
+    }
+    __syncthreads();
+    base = base_s;
+
+    for (int i0 = 0; i0 < n; i0 += PERM_THREADS) {
+        int      i = i0 + threadIdx.x;
+        int      flag = i < n && sel[i] == e;
+        unsigned bal = __ballot_sync(0xffffffffu, flag);
+        int      before = __popc(bal & ((1u << lane) - 1u));
+        int      wpre = 0, total = 0;
+
+        if (lane == 0) {
+            wsum[warp] = __popc(bal);
+        }
+        __syncthreads();
+        for (int w = 0; w < PERM_THREADS / 32; w++) {
+            wpre += w < warp ? wsum[w] : 0;
+            total += wsum[w];
+        }
+        if (flag) {
+            int r = base + wpre + before;
+
+            erow[r] = i;
+            slot_of[i] = r;
+        }
+        base += total;
+        __syncthreads();        /* wsum is rewritten next window */
+    }
+}
+
+
+__global__ void
+kernel_moe_gather(const __nv_bfloat16 *xb, int D, const int32_t *erow, int K,
+    __nv_bfloat16 *xe)
+{
+    int                  r = blockIdx.x;
+    const __nv_bfloat16 *src = xb + (size_t) (erow[r] / K) * D;
+    __nv_bfloat16       *dst = xe + (size_t) r * D;
+
+    if ((D & 7) == 0) {
+        const uint4 *s4 = reinterpret_cast<const uint4 *>(src);
+        uint4       *d4 = reinterpret_cast<uint4 *>(dst);
+
+        for (int d = threadIdx.x; d < D / 8; d += blockDim.x) {
+            d4[d] = s4[d];
+        }
+    } else {
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            dst[d] = src[d];
+        }
+    }
+}
+
+
+__global__ void
+kernel_moe_unpermute(const float *ye, int D, const int32_t *sel,
+    const float *selw, const int32_t *slot_of, int K, float *out)
+{
+    __shared__ int   ord_row[UNPERM_MAX_K];
+    __shared__ float ord_w[UNPERM_MAX_K];
+    int              t = blockIdx.x;
+
+    if (threadIdx.x == 0) {
+        /* order the token's K slots by ascending expert (selection sort) */
+        int used[UNPERM_MAX_K];
+
+        for (int k = 0; k < K; k++) {
+            used[k] = 0;
+        }
+        for (int o = 0; o < K; o++) {
+            int best = -1;
+
+            for (int k = 0; k < K; k++) {
+                if (!used[k] && (best < 0 || sel[(size_t) t * K + k]
+                                             < sel[(size_t) t * K + best]))
+                {
+                    best = k;
+                }
+            }
+            used[best] = 1;
+            ord_row[o] = slot_of[(size_t) t * K + best];
+            ord_w[o] = selw[(size_t) t * K + best];
+        }
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+
+        for (int o = 0; o < K; o++) {
+            acc += ye[(size_t) ord_row[o] * D + d] * ord_w[o];
+        }
+        out[(size_t) t * D + d] = acc;
+    }
+}
+
+
+extern "C" int
+moe_cuda_moe_count(const int32_t *sel, int n, int E, int32_t *counts,
+    cudaStream_t stream)
+{
+    if (E <= 0) {
+        return MOE_OK;
+    }
+    kernel_moe_count<<<E, PERM_THREADS, 0, stream>>>(sel, n, counts);
+    MOE_CUDA_CHECK_LAUNCH("kernel_moe_count");
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_moe_scatter(const int32_t *sel, int n, int E, const int32_t *counts,
+    int32_t *erow, int32_t *slot_of, cudaStream_t stream)
+{
+    if (E <= 0 || n <= 0) {
+        return MOE_OK;
+    }
+    kernel_moe_scatter<<<E, PERM_THREADS, 0, stream>>>(sel, n, counts, erow,
+                                                       slot_of);
+    MOE_CUDA_CHECK_LAUNCH("kernel_moe_scatter");
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_moe_gather(const moe_bf16_t *xb, int D, const int32_t *erow, int K,
+    int n, moe_bf16_t *xe, cudaStream_t stream)
+{
+    if (n <= 0) {
+        return MOE_OK;
+    }
+    kernel_moe_gather<<<n, 128, 0, stream>>>(
+        reinterpret_cast<const __nv_bfloat16 *>(xb), D, erow, K,
+        reinterpret_cast<__nv_bfloat16 *>(xe));
+    MOE_CUDA_CHECK_LAUNCH("kernel_moe_gather");
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_moe_unpermute(const float *ye, int D, const int32_t *sel,
+    const float *selw, const int32_t *slot_of, int T, int K, float *out,
+    cudaStream_t stream)
+{
+    if (K < 1 || K > UNPERM_MAX_K) {
+        moe_cuda_set_error("unpermute: top-%d not supported", K);
+        return MOE_EUNSUPPORTED;
+    }
+    if (T <= 0) {
+        return MOE_OK;
+    }
+    kernel_moe_unpermute<<<T, 256, 0, stream>>>(ye, D, sel, selw, slot_of, K,
+                                                out);
+    MOE_CUDA_CHECK_LAUNCH("kernel_moe_unpermute");
+    return MOE_OK;
+}

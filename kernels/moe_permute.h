@@ -1,0 +1,39 @@
+/* Token permutation by expert and the weighted un-permute. */
+#ifndef MOE_KERNELS_MOE_PERMUTE_H
+#define MOE_KERNELS_MOE_PERMUTE_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+/*
+ * The (token, k) slots i = t * K + k (n = T * K of them) with expert sel[i]
+ * are grouped by expert: expert e owns rows [off_e, off_e + counts[e]),
+ * off_e = counts[0] + ... + counts[e-1], its slots in ascending i (the CPU
+ * backend's order).
+ */
+
+/* counts: (E) int32 out, counts[e] = #{i < n : sel[i] == e}. */
+int moe_cuda_moe_count(const int32_t *sel, int n, int E, int32_t *counts,
+    cudaStream_t stream);
+
+/* erow: (n) out, erow[r] = slot of row r; slot_of: (n) out, the inverse. */
+int moe_cuda_moe_scatter(const int32_t *sel, int n, int E,
+    const int32_t *counts, int32_t *erow, int32_t *slot_of,
+    cudaStream_t stream);
+
+/* xe[r, :] = xb[erow[r] / K, :] for r < n; xb, xe: (*, D) bf16. */
+int moe_cuda_moe_gather(const moe_bf16_t *xb, int D, const int32_t *erow,
+    int K, int n, moe_bf16_t *xe, cudaStream_t stream);
+
+/*
+ * out[t, :] = sum over k in ascending order of expert sel[t, k] of
+ * selw[t, k] * ye[slot_of[t * K + k], :]  (fp32; ye (T*K, D) fp32,
+ * out (T, D) fp32).  K <= 64.
+ */
+int moe_cuda_moe_unpermute(const float *ye, int D, const int32_t *sel,
+    const float *selw, const int32_t *slot_of, int T, int K, float *out,
+    cudaStream_t stream);
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,21 @@
+/* MoE routing: router logits -> softmax -> top-k -> renormalise. */
+#ifndef MOE_KERNELS_MOE_ROUTE_H
+#define MOE_KERNELS_MOE_ROUTE_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+/*
+ * Mixtral semantics, in fp32: logits[e] = router[e, :] . xf[t, :], softmax
+ * over all E experts, the K largest (ties to the lower index) in
+ * descending order into sel[t, k], their probabilities renormalised to sum
+ * 1 into selw[t, k].  xf: (T, D) fp32; router: (E, D) fp32;
+ * sel: (T, K) int32; selw: (T, K) fp32.  E <= 256, K <= E
+ * (MOE_EUNSUPPORTED otherwise).
+ */
+int moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
+    int K, int32_t *sel, float *selw, cudaStream_t stream);
+#ifdef __cplusplus
+}
+#endif
+#endif
