@@ -506,12 +506,15 @@ def export(torch, model, tok, out, a):
             os.remove(os.path.join(out, fn))
     m16 = copy.deepcopy(model).to("cpu", dtype=torch.bfloat16)
     m16.config.output_router_logits = False
+    set_experts_impl(m16, "eager")    # in case the config serialises it
     m16.config.use_cache = True
-    try:
-        m16.save_pretrained(out, safe_serialization=True,
-                            max_shard_size=a.shard_size)
-    except TypeError:           # a transformers without the argument
-        m16.save_pretrained(out, max_shard_size=a.shard_size)
+    import inspect
+    kw = {"max_shard_size": a.shard_size}
+    # transformers 5 always writes safetensors and dropped the argument
+    if "safe_serialization" in inspect.signature(
+            m16.save_pretrained).parameters:
+        kw["safe_serialization"] = True
+    m16.save_pretrained(out, **kw)
     del m16
     gen = GenerationConfig(bos_token_id=0, eos_token_id=[0, 2],
                            pad_token_id=0)
@@ -581,7 +584,13 @@ def reload_cpu(torch, out):
         m = load_pretrained(AutoModelForCausalLM, out, torch,
                             attn_implementation="eager")
     except Exception as e:
-        raise Fail("reloading %s failed: %s" % (out, str(e).splitlines()[0]))
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        try:
+            m = load_pretrained(AutoModelForCausalLM, out, torch,
+                                attn_implementation="eager",
+                                experts_implementation="eager")
+        except Exception:
+            raise Fail("reloading %s failed: %s" % (out, first))
     if type(m).__name__ != "MixtralForCausalLM":
         raise Fail("reloaded class is %s" % type(m).__name__)
     set_experts_impl(m, "eager")
@@ -755,6 +764,8 @@ def fill_card(template, out, vals):
             text = f.read()
     except OSError:
         return "no model card template at %s" % template
+    import re
+    text = re.sub(r"<!-- Template:.*?-->\n\n?", "", text, flags=re.S)
     for k, v in vals.items():
         text = text.replace("@@%s@@" % k, str(v))
     with open(os.path.join(out, "README.md"), "w") as f:
@@ -766,6 +777,10 @@ def fill_card(template, out, vals):
 def main():
     a = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # no network on the training machine: never wait on the Hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if a.hidden % a.heads or a.heads % a.kv_heads or a.top_k > a.experts:
         raise Fail("bad shape arguments")
     try:
@@ -1003,27 +1018,41 @@ def main():
     mem_loss = evaluate(torch, model, data, dev, data.val_plain[:8])
     log("reloaded float32 model: val loss on 8 chunks %.4f (in-memory bf16 "
         "autocast %.4f)" % (reload_loss, mem_loss))
+    problems = []
+    if info["tokenizer"].startswith("WARNING"):
+        problems.append(info["tokenizer"])
     if abs(reload_loss - mem_loss) > 0.05:
-        raise Fail("the saved model does not reproduce the trained one "
-                   "(loss %.4f vs %.4f)" % (reload_loss, mem_loss))
-    smp = samples(torch, m, tok)
+        problems.append("the saved model does not reproduce the trained one "
+                        "(loss %.4f vs %.4f)" % (reload_loss, mem_loss))
+        log("WARNING: " + problems[-1])
+    try:
+        smp = samples(torch, m, tok)
+    except Exception as e:
+        traceback.print_exc()
+        problems.append("samples: %s: %s" % (type(e).__name__, e))
+        smp = [{"kind": "-", "prompt": "-", "text": "(failed)"}] * 3
     print("\ngreedy samples (%d new tokens, float32 reload):" % SAMPLE_TOKENS)
     for s in smp:
         print("--- %s: %r\n%s" % (s["kind"], s["prompt"], s["text"]))
     print(flush=True)
-    ref = reference(torch, m, tok, a)
-    ref_doc = {
-        "what": "float32 reference of this directory's weights (bf16 files "
-                "upcast), transformers %s, eager attention and experts, CPU"
-                % transformers.__version__,
-        "greedy_note": "20 argmax steps, full forward each step, no EOS stop",
-        "vocab_size": vocab, "cases": ref}
-    with open(os.path.join(out, "reference.json"), "w") as f:
-        json.dump(ref_doc, f, separators=(",", ":"))
-        f.write("\n")
-    for c in ref:
-        log("reference %s: %d prompt tokens, greedy %s"
-            % (c["name"], len(c["tokens"]), c["greedy"][:8]))
+    try:
+        ref = reference(torch, m, tok, a)
+        ref_doc = {
+            "what": "float32 reference of this directory's weights (bf16 "
+                    "files upcast), transformers %s, eager attention and "
+                    "experts, CPU" % transformers.__version__,
+            "greedy_note": "20 argmax steps, full forward each step, no EOS "
+                           "stop",
+            "vocab_size": vocab, "cases": ref}
+        with open(os.path.join(out, "reference.json"), "w") as f:
+            json.dump(ref_doc, f, separators=(",", ":"))
+            f.write("\n")
+        for c in ref:
+            log("reference %s: %d prompt tokens, greedy %s"
+                % (c["name"], len(c["tokens"]), c["greedy"][:8]))
+    except Exception as e:
+        traceback.print_exc()
+        problems.append("reference.json: %s: %s" % (type(e).__name__, e))
 
     stats = {
         "val_loss": round(val_loss, 4),
@@ -1043,17 +1072,19 @@ def main():
         "params": total, "params_experts": expert, "params_active": active,
         "weights_bytes": total_bytes,
         "val_history": history,
-        "expert_share": [[round(s, 4) for s in row] for row in shares],
+        "expert_share": [[round(v, 4) for v in row] for row in shares],
         "experts_implementation": impl,
         "device": dev_name,
         "versions": {"torch": torch.__version__,
                      "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
-        "args": vars(a),
         "samples": [{k: s[k] for k in ("kind", "prompt", "text")}
                     for s in smp],
         "tensor_layout": layout,
         "tokenizer_check": info["tokenizer"],
+        "reload_check": {"reloaded_fp32_loss": round(reload_loss, 4),
+                         "in_memory_bf16_loss": round(mem_loss, 4)},
+        "problems": problems,
     }
     stats["args"] = {k: v for k, v in vars(a).items() if k != "card_template"}
     stats["total_wall_s"] = round(time.time() - T0, 1)
@@ -1081,6 +1112,13 @@ def main():
         "SAMPLE_PLAIN2": smp[1]["text"].strip(),
         "SAMPLE_CHAT": smp[2]["text"].strip(),
         "VOCAB": vocab,
+        "LAYERS": a.layers, "HIDDEN": a.hidden, "HEADS": a.heads,
+        "KV_HEADS": a.kv_heads, "HEAD_DIM": a.hidden // a.heads,
+        "ROPE_THETA": "%g" % a.rope_theta, "EXPERTS": a.experts,
+        "TOP_K": a.top_k, "FFN": a.ffn, "MAX_POS": a.max_pos, "SEQ": a.seq,
+        "BATCH": a.batch, "LR": "%g" % a.lr,
+        "WEIGHT_DECAY": "%g" % a.weight_decay, "AUX_COEF": "%g" % a.aux_coef,
+        "UNIFORM": "%.1f%%" % (100.0 / a.experts),
     })
     log(card)
     print("\nwrote %s: %s" % (out, ", ".join(sorted(os.listdir(out)))))
@@ -1088,6 +1126,8 @@ def main():
           "train_s=%.0f total_s=%.0f params=%d bytes=%d"
           % (val_loss, math.exp(val_loss), step, step * tokens_per_step,
              train_wall, time.time() - T0, total, total_bytes), flush=True)
+    if problems:
+        raise Fail("finished with problems: " + " | ".join(problems))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,714 @@
+/*
+ * Checks every CUDA kernel launcher against a straightforward fp32 CPU
+ * reference on fresh random inputs, outputs poisoned (NaN) before each run:
+ * embedding gather, add+RMSNorm (with and without the residual, gathered
+ * rows), RoPE + paged K/V write, paged attention (decode and prefill, MHA
+ * and GQA, several head dims, sliding window, shuffled block tables,
+ * garbage in positions past each query), SiLU*up, routing (softmax/top-k/
+ * renormalise), permute/count/gather/un-permute, cuBLAS GEMM (fp32 and
+ * bf16 out, beta), fp32->bf16 conversion and the random fill.
+ * Thresholds: relative L2 error 1e-5 for fp32-exact paths, 1e-2 where the
+ * output is bf16.  TAP; skips when there is no CUDA device.
+ */
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cublas_v2.h>
+
+#include "gpu_util.h"
+
+extern "C" {
+#include "tap.h"
+}
+#include "attention.h"
+#include "embed.h"
+#include "gemm.h"
+#include "init.h"
+#include "moe_permute.h"
+#include "moe_route.h"
+#include "rmsnorm.h"
+#include "rope.h"
+#include "silu_mul.h"
+
+#define F32_TOL 1e-5
+#define BF_TOL  1e-2
+
+static int
+sync_ok(int rc, const char *what)
+{
+    cudaError_t e = cudaDeviceSynchronize();
+
+    if (rc != 0 || e != cudaSuccess) {
+        TAP_DIAG("%s: rc %d, %s / %s", what, rc, moe_cuda_last_error(),
+                 cudaGetErrorString(e));
+        return 0;
+    }
+    return 1;
+}
+
+
+static void
+test_embed(void)
+{
+    int       V = 97, D = 72, T = 23;
+    float    *tab = (float *) malloc(sizeof(float) * V * D);
+    uint16_t *bits = (uint16_t *) malloc(2 * V * D);
+    int32_t   tok[23];
+    float    *ref = (float *) malloc(sizeof(float) * T * D);
+    float    *out = (float *) malloc(sizeof(float) * T * D);
+
+    gu_fill_bf(tab, bits, (size_t) V * D, 2.0f);
+    for (int t = 0; t < T; t++) {
+        tok[t] = (int32_t) (gu_rand() % V);
+        memcpy(ref + t * D, tab + tok[t] * D, sizeof(float) * D);
+    }
+    void *d_tab = gu_up(bits, 2 * V * D), *d_tok = gu_up(tok, sizeof(tok));
+    float *d_x = (float *) gu_dev(sizeof(float) * T * D);
+    int rc = moe_cuda_embed((int32_t *) d_tok, T, (moe_bf16_t *) d_tab, D,
+                            d_x, 0);
+    int ok = sync_ok(rc, "embed");
+
+    gu_down(out, d_x, sizeof(float) * T * D);
+    double e = gu_relerr(out, ref, (size_t) T * D);
+    TAP_OK(ok && e <= 1e-7, "embed gather exact (err %.2e)", e);
+    cudaFree(d_tab); cudaFree(d_tok); cudaFree(d_x);
+    free(tab); free(bits); free(ref); free(out);
+}
+
+
+static void
+ref_rmsnorm(float *o, const float *x, const float *w, int D, float eps)
+{
+    double ss = 0;
+
+    for (int d = 0; d < D; d++) {
+        ss += (double) x[d] * x[d];
+    }
+    float inv = 1.0f / sqrtf((float) (ss / D) + eps);
+    for (int d = 0; d < D; d++) {
+        o[d] = w[d] * (x[d] * inv);
+    }
+}
+
+
+static void
+test_rmsnorm(int with_delta, int with_rows)
+{
+    int    N = 37, D = 200, n = with_rows ? 11 : N;
+    float  eps = 1e-5f;
+    float *x = (float *) malloc(sizeof(float) * N * D);
+    float *dl = (float *) malloc(sizeof(float) * N * D);
+    float *w = (float *) malloc(sizeof(float) * D);
+    float *xr = (float *) malloc(sizeof(float) * N * D);
+    float *ref = (float *) malloc(sizeof(float) * n * D);
+    float *outf = (float *) malloc(sizeof(float) * n * D);
+    float *outb = (float *) malloc(sizeof(float) * n * D);
+    float *xo = (float *) malloc(sizeof(float) * N * D);
+    uint16_t *ob = (uint16_t *) malloc(2 * n * D);
+    int32_t rows[11];
+
+    gu_fill(x, (size_t) N * D, 3.0f);
+    gu_fill(dl, (size_t) N * D, 1.0f);
+    gu_fill(w, D, 1.0f);
+    for (int i = 0; i < 11; i++) {
+        rows[i] = (i * 7 + 3) % N;        /* distinct */
+    }
+    memcpy(xr, x, sizeof(float) * N * D);
+    for (int i = 0; i < n; i++) {
+        int r = with_rows ? rows[i] : i;
+
+        if (with_delta) {
+            for (int d = 0; d < D; d++) {
+                xr[r * D + d] = x[r * D + d] + dl[r * D + d];
+            }
+        }
+        ref_rmsnorm(ref + i * D, xr + r * D, w, D, eps);
+    }
+    float *d_x = (float *) gu_up(x, sizeof(float) * N * D);
+    float *d_dl = (float *) gu_up(dl, sizeof(float) * N * D);
+    float *d_w = (float *) gu_up(w, sizeof(float) * D);
+    int32_t *d_rows = (int32_t *) gu_up(rows, sizeof(rows));
+    void *d_ob = gu_dev(2 * n * D);
+    float *d_of = (float *) gu_dev(sizeof(float) * n * D);
+    int rc = moe_cuda_add_rmsnorm(d_x, with_delta ? d_dl : NULL,
+                                  with_rows ? d_rows : NULL, n, D, d_w, eps,
+                                  (moe_bf16_t *) d_ob, d_of, 0);
+    int ok = sync_ok(rc, "rmsnorm");
+
+    gu_down(outf, d_of, sizeof(float) * n * D);
+    gu_down(ob, d_ob, 2 * n * D);
+    gu_down(xo, d_x, sizeof(float) * N * D);
+    gu_bf_to_f(outb, ob, (size_t) n * D);
+    double ef = gu_relerr(outf, ref, (size_t) n * D);
+    double eb = gu_relerr(outb, ref, (size_t) n * D);
+    double ex = gu_relerr(xo, xr, (size_t) N * D);
+    TAP_OK(ok && ef <= F32_TOL && eb <= BF_TOL && ex <= 1e-7,
+           "add_rmsnorm delta=%d rows=%d (fp32 %.2e, bf16 %.2e, x %.2e)",
+           with_delta, with_rows, ef, eb, ex);
+    cudaFree(d_x); cudaFree(d_dl); cudaFree(d_w); cudaFree(d_rows);
+    cudaFree(d_ob); cudaFree(d_of);
+    free(x); free(dl); free(w); free(xr); free(ref); free(outf); free(outb);
+    free(xo); free(ob);
+}
+
+
+static void
+ref_rope(float *v, int hd, int pos, float theta)
+{
+    int half = hd / 2;
+
+    for (int i = 0; i < half; i++) {
+        float inv = 1.0f / powf(theta, (float) (2 * i) / (float) hd);
+        float ang = (float) pos * inv;
+        float c = cosf(ang), s = sinf(ang);
+        float x1 = v[i], x2 = v[i + half];
+
+        v[i] = x1 * c - x2 * s;
+        v[i + half] = x2 * c + x1 * s;
+    }
+}
+
+
+static void
+test_rope(int nh, int nkv, int hd, float theta)
+{
+    int    T = 19, bs = 4, nblk = 16, kvd = nkv * hd;
+    int    ld = (nh + 2 * nkv) * hd;
+    float *qkv = (float *) malloc(sizeof(float) * T * ld);
+    float *ref = (float *) malloc(sizeof(float) * T * ld);
+    float *out = (float *) malloc(sizeof(float) * T * ld);
+    size_t cache_n = (size_t) nblk * 2 * bs * kvd;
+    uint16_t *cache = (uint16_t *) malloc(2 * cache_n);
+    int32_t pos[19], slot[19];
+    double  ek = 0, ev = 0, nk = 0, nv = 0;
+
+    gu_fill(qkv, (size_t) T * ld, 1.0f);
+    memcpy(ref, qkv, sizeof(float) * T * ld);
+    for (int t = 0; t < T; t++) {
+        pos[t] = (int32_t) (gu_rand() % 4000);
+        slot[t] = (int32_t) ((t * 5 + 2) % (nblk * bs));   /* distinct */
+        for (int h = 0; h < nh + nkv; h++) {
+            ref_rope(ref + t * ld + h * hd, hd, pos[t], theta);
+        }
+    }
+    float *d_qkv = (float *) gu_up(qkv, sizeof(float) * T * ld);
+    int32_t *d_pos = (int32_t *) gu_up(pos, sizeof(pos));
+    int32_t *d_slot = (int32_t *) gu_up(slot, sizeof(slot));
+    void *d_cache = gu_dev(2 * cache_n);
+    int rc = moe_cuda_rope_kv(d_qkv, ld, T, nh, nkv, hd, d_pos, d_slot,
+                              theta, (moe_bf16_t *) d_cache, bs, 0);
+    int ok = sync_ok(rc, "rope_kv");
+
+    gu_down(out, d_qkv, sizeof(float) * T * ld);
+    gu_down(cache, d_cache, 2 * cache_n);
+    double eq = gu_relerr(out, ref, (size_t) T * ld);
+    for (int t = 0; t < T; t++) {
+        int b = slot[t] / bs, o = slot[t] % bs;
+
+        for (int d = 0; d < kvd; d++) {
+            float kr = ref[t * ld + nh * hd + d];
+            float vr = ref[t * ld + (nh + nkv) * hd + d];
+            float kg = gu_bf2f(cache[((size_t) (b * 2) * bs + o) * kvd + d]);
+            float vg = gu_bf2f(cache[((size_t) (b * 2 + 1) * bs + o) * kvd
+                                     + d]);
+
+            ek += (double) (kg - kr) * (kg - kr);
+            nk += (double) kr * kr;
+            ev += (double) (vg - vr) * (vg - vr);
+            nv += (double) vr * vr;
+            if (isnan(kg) || isnan(vg)) {
+                ek = NAN;
+            }
+        }
+    }
+    ek = sqrt(ek / nk);
+    ev = sqrt(ev / nv);
+    /* positions up to 4000 rad: device and host sinf/cosf differ by ulps */
+    TAP_OK(ok && eq <= 1e-4 && ek <= BF_TOL && ev <= BF_TOL,
+           "rope_kv heads %d/%d hd %d (q+k %.2e, cache k %.2e v %.2e)",
+           nh, nkv, hd, eq, ek, ev);
+    cudaFree(d_qkv); cudaFree(d_pos); cudaFree(d_slot); cudaFree(d_cache);
+    free(qkv); free(ref); free(out); free(cache);
+}
+
+
+/*
+ * Attention over n_seq sequences; seq s has len[s] cached positions and
+ * its last nq[s] positions are the queries (nq == 1: decode).
+ */
+static void
+test_attention(int nh, int nkv, int hd, int window, int prefill)
+{
+    enum { NS = 3 };
+    int     bs = 16, len[NS] = { 37, 200, 5 }, nq[NS];
+    int     kvd = nkv * hd, ld = (nh + 2 * nkv) * hd, grp = nh / nkv;
+    int     nblk = 0, T = 0;
+    int     bt_off[NS];
+
+    for (int s = 0; s < NS; s++) {
+        nq[s] = prefill ? (s == 1 ? 70 : len[s]) : 1;
+        bt_off[s] = nblk;
+        nblk += (len[s] + bs - 1) / bs + 1;     /* one spare: garbage */
+        T += nq[s];
+    }
+    int32_t *bt = (int32_t *) malloc(sizeof(int32_t) * nblk);
+    for (int i = 0; i < nblk; i++) {
+        bt[i] = i;
+    }
+    for (int i = nblk - 1; i > 0; i--) {          /* shuffle */
+        int j = (int) (gu_rand() % (uint32_t) (i + 1)), x = bt[i];
+
+        bt[i] = bt[j];
+        bt[j] = x;
+    }
+    size_t    cache_n = (size_t) nblk * 2 * bs * kvd;
+    float    *cache = (float *) malloc(sizeof(float) * cache_n);
+    uint16_t *cbits = (uint16_t *) malloc(2 * cache_n);
+    float    *qkv = (float *) malloc(sizeof(float) * T * ld);
+    float    *ref = (float *) malloc(sizeof(float) * T * nh * hd);
+    float    *out = (float *) malloc(sizeof(float) * T * nh * hd);
+    uint16_t *obits = (uint16_t *) malloc(2 * T * nh * hd);
+    int32_t  *tpos = (int32_t *) malloc(sizeof(int32_t) * T);
+    int32_t  *tseq = (int32_t *) malloc(sizeof(int32_t) * T);
+    float    *sc = (float *) malloc(sizeof(float) * 256);
+
+    /* everything random, including the positions past each query */
+    gu_fill_bf(cache, cbits, cache_n, 2.0f);
+    gu_fill(qkv, (size_t) T * ld, 1.0f);
+    int t = 0;
+    for (int s = 0; s < NS; s++) {
+        for (int i = 0; i < nq[s]; i++, t++) {
+            tpos[t] = len[s] - nq[s] + i;
+            tseq[t] = s;
+        }
+    }
+    float scale = 1.0f / sqrtf((float) hd);
+    for (t = 0; t < T; t++) {
+        int s = tseq[t], p = tpos[t];
+        int j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+
+        for (int h = 0; h < nh; h++) {
+            const float *q = qkv + (size_t) t * ld + h * hd;
+            int          g = h / grp;
+            float        mx = -INFINITY, sum = 0;
+
+            for (int j = j0; j <= p; j++) {
+                int    blk = bt[bt_off[s] + j / bs];
+                float *k = cache + ((size_t) (blk * 2) * bs + j % bs) * kvd
+                           + g * hd;
+                float  d = 0;
+
+                for (int e = 0; e < hd; e++) {
+                    d += q[e] * k[e];
+                }
+                sc[j - j0] = d * scale;
+                mx = fmaxf(mx, sc[j - j0]);
+            }
+            for (int j = j0; j <= p; j++) {
+                sc[j - j0] = expf(sc[j - j0] - mx);
+                sum += sc[j - j0];
+            }
+            float *o = ref + (size_t) t * nh * hd + h * hd;
+            for (int e = 0; e < hd; e++) {
+                o[e] = 0;
+            }
+            for (int j = j0; j <= p; j++) {
+                int    blk = bt[bt_off[s] + j / bs];
+                float *v = cache + ((size_t) (blk * 2 + 1) * bs + j % bs)
+                                   * kvd + g * hd;
+
+                for (int e = 0; e < hd; e++) {
+                    o[e] += sc[j - j0] / sum * v[e];
+                }
+            }
+        }
+    }
+    void *d_cache = gu_up(cbits, 2 * cache_n);
+    float *d_qkv = (float *) gu_up(qkv, sizeof(float) * T * ld);
+    int32_t *d_bt = (int32_t *) gu_up(bt, sizeof(int32_t) * nblk);
+    int32_t *d_off = (int32_t *) gu_up(bt_off, sizeof(bt_off));
+    int32_t *d_pos = (int32_t *) gu_up(tpos, sizeof(int32_t) * T);
+    int32_t *d_seq = (int32_t *) gu_up(tseq, sizeof(int32_t) * T);
+    void *d_out = gu_dev(2 * T * nh * hd);
+    int rc = moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt, d_off,
+                                (moe_bf16_t *) d_cache, bs, nh, nkv, hd,
+                                window, (moe_bf16_t *) d_out, 0);
+    int ok = sync_ok(rc, "attention");
+
+    gu_down(obits, d_out, 2 * T * nh * hd);
+    gu_bf_to_f(out, obits, (size_t) T * nh * hd);
+    double e = gu_relerr(out, ref, (size_t) T * nh * hd);
+    TAP_OK(ok && e <= BF_TOL, "attention %s heads %d/%d hd %d window %d "
+           "(%d queries, err %.2e)", prefill ? "prefill" : "decode", nh,
+           nkv, hd, window, T, e);
+    cudaFree(d_cache); cudaFree(d_qkv); cudaFree(d_bt); cudaFree(d_off);
+    cudaFree(d_pos); cudaFree(d_seq); cudaFree(d_out);
+    free(bt); free(cache); free(cbits); free(qkv); free(ref); free(out);
+    free(obits); free(tpos); free(tseq); free(sc);
+}
+
+
+static void
+test_silu(void)
+{
+    int       R = 33, F = 100;
+    float    *gu = (float *) malloc(sizeof(float) * R * 2 * F);
+    float    *ref = (float *) malloc(sizeof(float) * R * F);
+    float    *out = (float *) malloc(sizeof(float) * R * F);
+    uint16_t *ob = (uint16_t *) malloc(2 * R * F);
+
+    gu_fill(gu, (size_t) R * 2 * F, 4.0f);
+    for (int r = 0; r < R; r++) {
+        for (int j = 0; j < F; j++) {
+            float g = gu[r * 2 * F + j], u = gu[r * 2 * F + F + j];
+
+            ref[r * F + j] = g / (1.0f + expf(-g)) * u;
+        }
+    }
+    float *d_gu = (float *) gu_up(gu, sizeof(float) * R * 2 * F);
+    void *d_h = gu_dev(2 * R * F);
+    int ok = sync_ok(moe_cuda_silu_mul(d_gu, R, F, (moe_bf16_t *) d_h, 0),
+                     "silu_mul");
+    gu_down(ob, d_h, 2 * R * F);
+    gu_bf_to_f(out, ob, (size_t) R * F);
+    double e = gu_relerr(out, ref, (size_t) R * F);
+    TAP_OK(ok && e <= BF_TOL, "silu_mul (err %.2e)", e);
+    cudaFree(d_gu); cudaFree(d_h);
+    free(gu); free(ref); free(out); free(ob);
+}
+
+
+static void
+ref_route(const float *x, const float *W, int D, int E, int K, int *sel,
+    float *selw)
+{
+    float lg[256], mx = -INFINITY, sum = 0, ksum = 0;
+
+    for (int e = 0; e < E; e++) {
+        double s = 0;
+
+        for (int d = 0; d < D; d++) {
+            s += (double) W[e * D + d] * x[d];
+        }
+        lg[e] = (float) s;
+        mx = fmaxf(mx, lg[e]);
+    }
+    for (int e = 0; e < E; e++) {
+        lg[e] = expf(lg[e] - mx);
+        sum += lg[e];
+    }
+    for (int e = 0; e < E; e++) {
+        lg[e] /= sum;
+    }
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+
+            for (int j = 0; j < k; j++) {
+                taken |= sel[j] == e;
+            }
+            if (!taken && (best < 0 || lg[e] > lg[best])) {
+                best = e;
+            }
+        }
+        sel[k] = best;
+        selw[k] = lg[best];
+        ksum += lg[best];
+    }
+    for (int k = 0; k < K; k++) {
+        selw[k] /= ksum;
+    }
+}
+
+
+static void
+test_route(int T, int D, int E, int K)
+{
+    float   *x = (float *) malloc(sizeof(float) * T * D);
+    float   *W = (float *) malloc(sizeof(float) * E * D);
+    int     *sel = (int *) malloc(sizeof(int) * T * K);
+    float   *selw = (float *) malloc(sizeof(float) * T * K);
+    int32_t *gsel = (int32_t *) malloc(sizeof(int32_t) * T * K);
+    float   *gw = (float *) malloc(sizeof(float) * T * K);
+    int      mism = 0;
+
+    gu_fill(x, (size_t) T * D, 1.0f);
+    gu_fill(W, (size_t) E * D, 1.0f);
+    for (int t = 0; t < T; t++) {
+        ref_route(x + t * D, W, D, E, K, sel + t * K, selw + t * K);
+    }
+    float *d_x = (float *) gu_up(x, sizeof(float) * T * D);
+    float *d_W = (float *) gu_up(W, sizeof(float) * E * D);
+    int32_t *d_sel = (int32_t *) gu_dev(sizeof(int32_t) * T * K);
+    float *d_w = (float *) gu_dev(sizeof(float) * T * K);
+    int ok = sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, d_sel, d_w, 0),
+                     "route");
+    gu_down(gsel, d_sel, sizeof(int32_t) * T * K);
+    gu_down(gw, d_w, sizeof(float) * T * K);
+    for (int i = 0; i < T * K; i++) {
+        mism += gsel[i] != sel[i];
+    }
+    double e = gu_relerr(gw, selw, (size_t) T * K);
+    /* random logits are far apart: the same experts must be chosen */
+    TAP_OK(ok && mism == 0 && e <= 1e-4, "route E %d top-%d (%d of %d "
+           "choices differ, weights err %.2e)", E, K, mism, T * K, e);
+    cudaFree(d_x); cudaFree(d_W); cudaFree(d_sel); cudaFree(d_w);
+    free(x); free(W); free(sel); free(selw); free(gsel); free(gw);
+}
+
+
+static void
+test_permute(int T, int E, int K, int D)
+{
+    int       n = T * K;
+    int32_t  *sel = (int32_t *) malloc(sizeof(int32_t) * n);
+    float    *selw = (float *) malloc(sizeof(float) * n);
+    int32_t  *cnt = (int32_t *) calloc(E, sizeof(int32_t));
+    int32_t  *gcnt = (int32_t *) malloc(sizeof(int32_t) * E);
+    int32_t  *erow = (int32_t *) malloc(sizeof(int32_t) * n);
+    int32_t  *slot = (int32_t *) malloc(sizeof(int32_t) * n);
+    int32_t  *gerow = (int32_t *) malloc(sizeof(int32_t) * n);
+    int32_t  *gslot = (int32_t *) malloc(sizeof(int32_t) * n);
+    float    *xb = (float *) malloc(sizeof(float) * T * D);
+    uint16_t *xbits = (uint16_t *) malloc(2 * T * D);
+    uint16_t *xe = (uint16_t *) malloc(2 * n * D);
+    float    *ye = (float *) malloc(sizeof(float) * n * D);
+    float    *ref = (float *) malloc(sizeof(float) * T * D);
+    float    *out = (float *) malloc(sizeof(float) * T * D);
+    int       bad_rows = 0, bad_gather = 0;
+
+    /* distinct experts per token, expert E-1 never used */
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < K; k++) {
+            int e, dup;
+
+            do {
+                e = (int) (gu_rand() % (uint32_t) (E - 1));
+                dup = 0;
+                for (int j = 0; j < k; j++) {
+                    dup |= sel[t * K + j] == e;
+                }
+            } while (dup);
+            sel[t * K + k] = e;
+            selw[t * K + k] = gu_uniform();
+            cnt[e]++;
+        }
+    }
+    for (int e = 0, r = 0; e < E; e++) {
+        for (int i = 0; i < n; i++) {
+            if (sel[i] == e) {
+                erow[r] = i;
+                slot[i] = r++;
+            }
+        }
+    }
+    gu_fill_bf(xb, xbits, (size_t) T * D, 1.0f);
+    gu_fill(ye, (size_t) n * D, 1.0f);
+    for (int t = 0; t < T; t++) {
+        for (int d = 0; d < D; d++) {
+            float acc = 0;
+
+            for (int e = 0; e < E; e++) {
+                for (int k = 0; k < K; k++) {
+                    if (sel[t * K + k] == e) {
+                        acc += ye[(size_t) slot[t * K + k] * D + d]
+                               * selw[t * K + k];
+                    }
+                }
+            }
+            ref[t * D + d] = acc;
+        }
+    }
+    int32_t *d_sel = (int32_t *) gu_up(sel, sizeof(int32_t) * n);
+    float *d_selw = (float *) gu_up(selw, sizeof(float) * n);
+    int32_t *d_cnt = (int32_t *) gu_dev(sizeof(int32_t) * E);
+    int32_t *d_erow = (int32_t *) gu_dev(sizeof(int32_t) * n);
+    int32_t *d_slot = (int32_t *) gu_dev(sizeof(int32_t) * n);
+    void *d_xb = gu_up(xbits, 2 * T * D);
+    void *d_xe = gu_dev(2 * n * D);
+    float *d_ye = (float *) gu_up(ye, sizeof(float) * n * D);
+    float *d_out = (float *) gu_dev(sizeof(float) * T * D);
+    int rc = moe_cuda_moe_count(d_sel, n, E, d_cnt, 0);
+    if (rc == 0) {
+        rc = moe_cuda_moe_scatter(d_sel, n, E, d_cnt, d_erow, d_slot, 0);
+    }
+    if (rc == 0) {
+        rc = moe_cuda_moe_gather((moe_bf16_t *) d_xb, D, d_erow, K, n,
+                                 (moe_bf16_t *) d_xe, 0);
+    }
+    if (rc == 0) {
+        rc = moe_cuda_moe_unpermute(d_ye, D, d_sel, d_selw, d_slot, T, K,
+                                    d_out, 0);
+    }
+    int ok = sync_ok(rc, "permute");
+    gu_down(gcnt, d_cnt, sizeof(int32_t) * E);
+    gu_down(gerow, d_erow, sizeof(int32_t) * n);
+    gu_down(gslot, d_slot, sizeof(int32_t) * n);
+    gu_down(xe, d_xe, 2 * n * D);
+    gu_down(out, d_out, sizeof(float) * T * D);
+    TAP_OK(ok && memcmp(gcnt, cnt, sizeof(int32_t) * E) == 0,
+           "moe_count T %d E %d top-%d (last expert empty)", T, E, K);
+    for (int i = 0; i < n; i++) {
+        bad_rows += gerow[i] != erow[i] || gslot[i] != slot[i];
+    }
+    TAP_OK(ok && bad_rows == 0, "moe_scatter stable order and inverse (%d "
+           "bad)", bad_rows);
+    for (int r = 0; r < n; r++) {
+        bad_gather += memcmp(xe + (size_t) r * D,
+                             xbits + (size_t) (erow[r] / K) * D, 2 * D) != 0;
+    }
+    TAP_OK(ok && bad_gather == 0, "moe_gather rows (%d bad)", bad_gather);
+    double e = gu_relerr(out, ref, (size_t) T * D);
+    TAP_OK(ok && e <= 1e-6, "moe_unpermute weighted sum (err %.2e)", e);
+    cudaFree(d_sel); cudaFree(d_selw); cudaFree(d_cnt); cudaFree(d_erow);
+    cudaFree(d_slot); cudaFree(d_xb); cudaFree(d_xe); cudaFree(d_ye);
+    cudaFree(d_out);
+    free(sel); free(selw); free(cnt); free(gcnt); free(erow); free(slot);
+    free(gerow); free(gslot); free(xb); free(xbits); free(xe); free(ye);
+    free(ref); free(out);
+}
+
+
+static void
+test_gemm(cublasHandle_t h, int M, int N, int K, int ldx, int y_bf16,
+    float beta)
+{
+    float    *X = (float *) malloc(sizeof(float) * M * ldx);
+    uint16_t *Xb = (uint16_t *) malloc(2 * M * ldx);
+    float    *W = (float *) malloc(sizeof(float) * N * K);
+    uint16_t *Wb = (uint16_t *) malloc(2 * N * K);
+    float    *Y0 = (float *) malloc(sizeof(float) * M * N);
+    float    *ref = (float *) malloc(sizeof(float) * M * N);
+    float    *out = (float *) malloc(sizeof(float) * M * N);
+    uint16_t *ob = (uint16_t *) malloc(2 * M * N);
+
+    gu_fill_bf(X, Xb, (size_t) M * ldx, 1.0f);
+    gu_fill_bf(W, Wb, (size_t) N * K, 1.0f);
+    gu_fill(Y0, (size_t) M * N, 1.0f);
+    for (int m = 0; m < M; m++) {
+        for (int n = 0; n < N; n++) {
+            double s = 0;
+
+            for (int k = 0; k < K; k++) {
+                s += (double) X[m * ldx + k] * W[n * K + k];
+            }
+            ref[m * N + n] = (float) s + beta * Y0[m * N + n];
+        }
+    }
+    void *d_X = gu_up(Xb, 2 * M * ldx), *d_W = gu_up(Wb, 2 * N * K);
+    void *d_Y = y_bf16 ? gu_dev(2 * M * N)
+                       : gu_up(Y0, sizeof(float) * M * N);
+    int rc = moe_cuda_gemm(h, M, N, K, (moe_bf16_t *) d_X, ldx,
+                           (moe_bf16_t *) d_W, K, d_Y, N, y_bf16, beta);
+    int ok = sync_ok(rc, "gemm");
+    if (y_bf16) {
+        gu_down(ob, d_Y, 2 * M * N);
+        gu_bf_to_f(out, ob, (size_t) M * N);
+    } else {
+        gu_down(out, d_Y, sizeof(float) * M * N);
+    }
+    double e = gu_relerr(out, ref, (size_t) M * N);
+    TAP_OK(ok && e <= (y_bf16 ? BF_TOL : 1e-5), "gemm %dx%dx%d ldx %d %s "
+           "beta %g (err %.2e)", M, N, K, ldx, y_bf16 ? "bf16" : "fp32",
+           beta, e);
+    cudaFree(d_X); cudaFree(d_W); cudaFree(d_Y);
+    free(X); free(Xb); free(W); free(Wb); free(Y0); free(ref); free(out);
+    free(ob);
+}
+
+
+static void
+test_init(void)
+{
+    int64_t   n = 100003;
+    float    *src = (float *) malloc(sizeof(float) * n);
+    uint16_t *ref = (uint16_t *) malloc(2 * n);
+    uint16_t *out = (uint16_t *) malloc(2 * n);
+    float    *rf = (float *) malloc(sizeof(float) * n);
+    int       bad = 0;
+
+    gu_fill(src, (size_t) n, 100.0f);
+    for (int64_t i = 0; i < n; i++) {
+        ref[i] = gu_f2bf(src[i]);
+    }
+    float *d_src = (float *) gu_up(src, sizeof(float) * n);
+    void *d_dst = gu_dev(2 * n);
+    int ok = sync_ok(moe_cuda_f32_to_bf16(d_src, (moe_bf16_t *) d_dst, n, 0),
+                     "f32_to_bf16");
+    gu_down(out, d_dst, 2 * n);
+    for (int64_t i = 0; i < n; i++) {
+        bad += out[i] != ref[i];
+    }
+    TAP_OK(ok && bad == 0, "f32_to_bf16 rounds like the host (%d differ)",
+           bad);
+
+    double mean = 0, m2 = 0, mx = 0;
+    ok = sync_ok(moe_cuda_fill_random_bf16((moe_bf16_t *) d_dst, n, 7, 0.5f,
+                                           0), "fill_random_bf16");
+    gu_down(out, d_dst, 2 * n);
+    gu_bf_to_f(rf, out, (size_t) n);
+    for (int64_t i = 0; i < n; i++) {
+        mean += rf[i];
+        m2 += (double) rf[i] * rf[i];
+        mx = fmax(mx, fabs(rf[i]));
+    }
+    mean /= n;
+    m2 /= n;
+    /* uniform on [-0.5, 0.5): mean 0, E[x^2] = 1/12 */
+    TAP_OK(ok && fabs(mean) < 0.01 && fabs(m2 - 1.0 / 12) < 0.005
+           && mx <= 0.5, "fill_random_bf16 (mean %.4f, E[x^2] %.4f, max "
+           "%.3f)", mean, m2, mx);
+    cudaFree(d_src); cudaFree(d_dst);
+    free(src); free(ref); free(out); free(rf);
+}
+
+
+int
+main(void)
+{
+    int            ndev = 0;
+    cublasHandle_t h;
+
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+        printf("1..0 # SKIP no CUDA device\n");
+        return 0;
+    }
+    test_embed();
+    test_rmsnorm(0, 0);
+    test_rmsnorm(1, 0);
+    test_rmsnorm(1, 1);
+    test_rope(4, 2, 16, 10000.0f);
+    test_rope(32, 8, 128, 1000000.0f);
+    test_attention(4, 4, 16, 0, 0);
+    test_attention(8, 2, 8, 0, 1);
+    test_attention(32, 8, 128, 0, 0);
+    test_attention(32, 8, 128, 0, 1);
+    test_attention(16, 16, 128, 0, 1);
+    test_attention(4, 2, 32, 8, 1);
+    test_attention(4, 2, 32, 8, 0);
+    test_attention(12, 2, 64, 0, 1);      /* group 6: padded template */
+    test_attention(8, 1, 256, 0, 1);
+    test_silu();
+    test_route(50, 64, 8, 2);
+    test_route(40, 2048, 64, 8);
+    test_route(30, 128, 60, 4);
+    test_permute(100, 8, 2, 64);
+    test_permute(300, 64, 8, 40);
+    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+        TAP_OK(0, "cublasCreate");
+    } else {
+        test_gemm(h, 37, 96, 64, 64, 0, 0.0f);
+        test_gemm(h, 1, 1000, 256, 256, 0, 0.0f);
+        test_gemm(h, 64, 128, 512, 520, 1, 0.0f);
+        test_gemm(h, 17, 64, 64, 64, 0, 1.0f);
+        cublasDestroy(h);
+    }
+    test_init();
+    TAP_PLAN(tap_n);
+    return TAP_DONE();
+}
