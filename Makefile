@@ -33,8 +33,16 @@ CUDA_HOME   ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 NVCCFLAGS   ?= -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
                -Xcompiler -fPIC,-Wall,-Wextra,-Werror
 KERNELS_A   := $(BUILD)/libmoe_kernels.a
+include kernels/cuda.mk
+CFLAGS      += -DMOE_HAVE_CUDA -Ikernels
+# libmoe and the kernels call each other: list libmoe on both sides
+MOE_LIBS    := $(BUILD)/libmoe.a $(KERNELS_A) $(BUILD)/libmoe.a $(CUDA_LDLIBS)
+NGX_EXTRA_LIBS := $(CURDIR)/$(KERNELS_A) $(CURDIR)/$(BUILD)/libmoe.a \
+                  $(CUDA_LDLIBS)
 else
 KERNELS_A   :=
+MOE_LIBS    := $(BUILD)/libmoe.a
+NGX_EXTRA_LIBS :=
 endif
 
 .PHONY: all deps test run clean engine module unit kernels tsan
@@ -54,12 +62,12 @@ $(BUILD)/libmoe.a: $(ENGINE_OBJS)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
-$(BUILD)/moe: engine/cli/moe.c $(BUILD)/libmoe.a
-	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoe.a $(LDLIBS)
+$(BUILD)/moe: engine/cli/moe.c $(BUILD)/libmoe.a $(KERNELS_A)
+	$(CC) $(CFLAGS) -o $@ $< $(MOE_LIBS) $(LDLIBS)
 
-$(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(wildcard t/unit/*.h)
+$(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(KERNELS_A) $(wildcard t/unit/*.h)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -It/unit -o $@ $< $(BUILD)/libmoe.a $(LDLIBS)
+	$(CC) $(CFLAGS) -It/unit -o $@ $< $(MOE_LIBS) $(LDLIBS)
 
 # The ring stress test again under ThreadSanitizer (clang or gcc).
 tsan: $(BUILD)/t/ring_tsan
@@ -70,7 +78,7 @@ $(BUILD)/t/ring_tsan: t/unit/ring.c engine/ring.c engine/ring.h
 
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -Ikernels -Iengine/include -c -o $@ $<
+	$(NVCC) $(NVCCFLAGS) -Ikernels -Iengine/include -Iengine -c -o $@ $<
 
 $(BUILD)/libmoe_kernels.a: $(KERNEL_OBJS)
 	@mkdir -p $(dir $@)
@@ -78,17 +86,22 @@ $(BUILD)/libmoe_kernels.a: $(KERNEL_OBJS)
 
 # The dynamic module, built against Debian's nginx-dev tree with Debian's
 # own configure flags so that the .so loads into /usr/sbin/nginx.
-$(BUILD)/nginx/Makefile: config
+$(BUILD)/nginx/Makefile: config $(BUILD)/.cuda-$(MOE_CUDA)
 	@test -d $(NGX_SRC) || { echo "nginx-dev missing: run make deps"; exit 1; }
 	rm -rf $(BUILD)/nginx && mkdir -p $(BUILD)/nginx
 	cp -r $(NGX_SRC)/. $(BUILD)/nginx/
-	cd $(BUILD)/nginx && bash -c '. ./conf_flags && \
+	cd $(BUILD)/nginx && MOE_EXTRA_LIBS="$(NGX_EXTRA_LIBS)" \
+	    bash -c '. ./conf_flags && \
 	    ./configure "$${NGX_CONF_FLAGS[@]}" \
 	    --add-dynamic-module=$(CURDIR)' > configure.log 2>&1 || \
 	    { tail -30 $(BUILD)/nginx/configure.log; exit 1; }
 	touch $@
 
-$(NGX_SO): $(BUILD)/nginx/Makefile $(BUILD)/libmoe.a \
+# reconfigure nginx when the CUDA choice changes
+$(BUILD)/.cuda-$(MOE_CUDA):
+	@mkdir -p $(BUILD) && rm -f $(BUILD)/.cuda-* && touch $@
+
+$(NGX_SO): $(BUILD)/nginx/Makefile $(BUILD)/libmoe.a $(KERNELS_A) \
            $(wildcard ngx_moe_module/*.c ngx_moe_module/*.h)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules \
 	    CFLAGS="$$(sed -n 's/^CFLAGS = //p' $(BUILD)/nginx/objs/Makefile) -Werror"

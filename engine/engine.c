@@ -32,6 +32,9 @@
 #include "model.h"
 #include "ring.h"
 #include "sampling.h"
+#ifdef MOE_HAVE_CUDA
+#include "cuda_backend.h"
+#endif
 
 #define MOE_EV_BATCH  256
 
@@ -803,16 +806,45 @@ moe_compare_model_section(const moe_config_t *c, const moe_hparams_t *hp)
 }
 
 
+/* CPU backend with a KV pool of cfg.kv_cache_blocks, or enough for
+ * max_num_seqs sequences of max_model_len within a quarter of RAM. */
+static int
+moe_cpu_backend_create_sized(moe_engine_t *e, const moe_hparams_t *hp,
+    int *n_blocks, int blocks_per_seq, char *err, size_t errlen)
+{
+    const moe_config_t  *cfg = &e->cfg;
+    int64_t              cap_bytes, per;
+    long                 pages, page_size;
+    int                  n = cfg->kv_cache_blocks;
+
+    if (n <= 0) {
+        pages = sysconf(_SC_PHYS_PAGES);
+        page_size = sysconf(_SC_PAGESIZE);
+        cap_bytes = pages > 0 && page_size > 0
+                    ? (int64_t) pages * page_size / 4 : ((int64_t) 1 << 30);
+        /* K and V, fp32, every layer */
+        per = (int64_t) 2 * hp->n_layers * cfg->block_size * hp->n_kv_heads
+              * hp->head_dim * (int64_t) sizeof(float);
+        n = blocks_per_seq * cfg->max_num_seqs;
+        if ((int64_t) n * per > cap_bytes) {
+            n = (int) (cap_bytes / per);
+        }
+    }
+
+    *n_blocks = n;
+    return moe_cpu_backend_create(e->model, n > 0 ? n : 1, cfg->block_size,
+                                  cfg->cpu_threads, &e->backend, err, errlen);
+}
+
+
 int
 moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     size_t errlen)
 {
-    int                   rc, n_blocks, blocks_per_seq, i;
+    int                   rc, n_blocks, blocks_per_seq, i, use_cuda;
     char                  path[MOE_PATH_MAX + 32];
     const moe_hparams_t  *hp;
     moe_engine_t         *e;
-    int64_t               cap_bytes;
-    long                  pages, page_size;
 
     *out = NULL;
 
@@ -830,9 +862,21 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
-    if (strcmp(cfg->backend, "cuda") == 0) {
-        moe_seterr(err, errlen, "%s: backend 'cuda' requested, but the "
-                   "CUDA backend is not available in this build", cfg->file);
+    use_cuda = 0;
+#ifdef MOE_HAVE_CUDA
+    if (strcmp(cfg->backend, "cpu") != 0 && moe_cuda_device_count() > 0) {
+        use_cuda = 1;
+    }
+#endif
+    if (strcmp(cfg->backend, "cuda") == 0 && !use_cuda) {
+#ifdef MOE_HAVE_CUDA
+        moe_seterr(err, errlen, "%s: backend 'cuda' requested, but no CUDA "
+                   "device is visible", cfg->file);
+#else
+        moe_seterr(err, errlen, "%s: backend 'cuda' requested, but this "
+                   "build has no CUDA support (built with MOE_CUDA=0 or "
+                   "without nvcc)", cfg->file);
+#endif
         rc = MOE_EUNSUPPORTED;
         goto fail;
     }
@@ -860,18 +904,13 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                 "yet; chat prompts use ChatML", cfg->model_path);
     }
 
-    if (cfg->tensor_parallel_size > 1) {
-        moe_log(MOE_LOG_WARN, "tensor_parallel_size %d: the cpu backend runs "
-                "all ranks' shards in one process", cfg->tensor_parallel_size);
-    }
-
     /* model info */
     snprintf(e->info.served_name, sizeof(e->info.served_name), "%.255s",
              cfg->served_model_name[0] ? cfg->served_model_name
                                        : cfg->model_name);
     memcpy(e->info.model_path, cfg->model_path, sizeof(e->info.model_path));
     memcpy(e->info.architecture, hp->arch_name, sizeof(e->info.architecture));
-    snprintf(e->info.backend, sizeof(e->info.backend), "cpu");
+    snprintf(e->info.backend, sizeof(e->info.backend), "cpu");  /* or cuda */
     e->info.vocab_size = hp->vocab_size;
     e->info.n_layers = hp->n_layers;
     e->info.n_experts = hp->n_experts;
@@ -909,38 +948,46 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                      / cfg->block_size;
     n_blocks = cfg->kv_cache_blocks;
 
-    rc = moe_cpu_backend_create(e->model, n_blocks > 0 ? n_blocks : 1,
-                                cfg->block_size, cfg->cpu_threads,
-                                &e->backend, err, errlen);
-    if (rc != MOE_OK) {
-        goto fail;
-    }
+    if (use_cuda) {
+#ifdef MOE_HAVE_CUDA
+        int dev = cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0
+                  ? cfg->instances[0].gpu_devices[0] : 0;
 
-    if (n_blocks <= 0) {
-        /* size it now that the per-block cost is known */
-        e->backend->destroy(e->backend);
-        e->backend = NULL;
-
-        pages = sysconf(_SC_PHYS_PAGES);
-        page_size = sysconf(_SC_PAGESIZE);
-        cap_bytes = pages > 0 && page_size > 0
-                    ? (int64_t) pages * page_size / 4 : ((int64_t) 1 << 30);
-        n_blocks = blocks_per_seq * cfg->max_num_seqs;
-        /* kv_bytes_per_block: 2 (K,V) * layers * block * kv_heads * dim */
-        {
-            int64_t per = (int64_t) 2 * hp->n_layers * cfg->block_size
-                          * hp->n_kv_heads * hp->head_dim * 4;
-
-            if ((int64_t) n_blocks * per > cap_bytes) {
-                n_blocks = (int) (cap_bytes / per);
+        if (n_blocks <= 0) {
+            rc = moe_cuda_kv_blocks_for(e->model, cfg->block_size,
+                                        cfg->max_num_batched_tokens,
+                                        cfg->gpu_memory_utilization, dev,
+                                        &n_blocks, err, errlen);
+            if (rc != MOE_OK) {
+                goto fail;
+            }
+            if (n_blocks > blocks_per_seq * cfg->max_num_seqs) {
+                n_blocks = blocks_per_seq * cfg->max_num_seqs;
             }
         }
 
-        rc = moe_cpu_backend_create(e->model, n_blocks, cfg->block_size,
-                                    cfg->cpu_threads, &e->backend, err,
-                                    errlen);
+        rc = moe_cuda_backend_create(e->model, n_blocks, cfg->block_size,
+                                     cfg->max_num_batched_tokens, dev,
+                                     &e->backend, err, errlen);
         if (rc != MOE_OK) {
             goto fail;
+        }
+        snprintf(e->info.backend, sizeof(e->info.backend), "cuda");
+        if (cfg->tensor_parallel_size > 1) {
+            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d: this build runs "
+                    "one rank on device %d", cfg->tensor_parallel_size, dev);
+        }
+#endif
+    } else {
+        rc = moe_cpu_backend_create_sized(e, hp, &n_blocks, blocks_per_seq,
+                                          err, errlen);
+        if (rc != MOE_OK) {
+            goto fail;
+        }
+        if (cfg->tensor_parallel_size > 1) {
+            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d: the cpu backend "
+                    "runs all ranks' shards in one process",
+                    cfg->tensor_parallel_size);
         }
     }
 

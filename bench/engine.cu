@@ -1,0 +1,397 @@
+/*
+ * Engine benchmark on one GPU with synthetic bf16 weights of real model
+ * shapes, generated on the device (no files):
+ *   1. device-to-device copy bandwidth (2 GiB buffers, bytes read+written)
+ *      and cuBLAS bf16 GEMM rate (8192^3, fp32 accumulate): the ceilings;
+ *   2. per model: decode tokens/s at batch 1..256 with context 512,
+ *      prefill tokens/s for 512- and 2048-token prompts, per-stage time,
+ *      and each figure's ratio to its limit: decode = bytes the step must
+ *      read (attention weights + the experts actually hit + router +
+ *      lm_head + KV) / copy bandwidth; prefill = FLOPs / GEMM rate.
+ * Usage: bench_engine [model,...]   (default: all four; names below)
+ * Output: a human table plus one "RESULT key=value ..." line per figure.
+ */
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+extern "C" {
+#include "model.h"
+}
+#include "cuda_backend.h"
+#include "gemm.h"
+#include "init.h"
+
+#define CTX     512
+#define BS      16
+#define CAP     2048
+
+typedef struct {
+    const char *name;
+    int dim, layers, heads, kv_heads, head_dim, ffn, experts, top_k, vocab;
+    const char *note;
+} shape_t;
+
+static const shape_t shapes[] = {
+    { "mixtral-8x7b", 4096, 32, 32, 8, 128, 14336, 8, 2, 32000, "" },
+    { "llama-3-8b", 4096, 32, 32, 8, 128, 14336, 1, 1, 128256, "dense" },
+    { "olmoe-1b-7b", 2048, 16, 16, 16, 128, 1024, 64, 8, 50304,
+      "no q/k norm" },
+    { "qwen1.5-moe-a2.7b", 2048, 24, 16, 16, 128, 1408, 60, 4, 151936,
+      "shared expert (5632) skipped" },
+};
+
+static double copy_gbs, gemm_tfs;
+
+
+static double
+now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+
+#define CK(x)                                                                \
+    do {                                                                     \
+        cudaError_t e_ = (x);                                                \
+        if (e_ != cudaSuccess) {                                             \
+            printf("FAIL %s: %s\n", #x, cudaGetErrorString(e_));             \
+            return -1;                                                       \
+        }                                                                    \
+    } while (0)
+
+
+static int
+bench_ceilings(void)
+{
+    size_t         n = (size_t) 2 << 30;
+    void          *a, *b;
+    cudaEvent_t    e0, e1;
+    float          ms;
+    int            it = 20;
+    cublasHandle_t h;
+
+    CK(cudaMalloc(&a, n));
+    CK(cudaMalloc(&b, n));
+    CK(cudaMemset(a, 1, n));
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    CK(cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e0));
+    for (int i = 0; i < it; i++) {
+        CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice));
+    }
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    copy_gbs = 2.0 * n * it / (ms * 1e-3) / 1e9;
+    printf("copy bandwidth (D2D, read+write, 2 GiB x %d): %.0f GB/s\n", it,
+           copy_gbs);
+    printf("RESULT kind=copy_bw value=%.1f unit=GB/s\n", copy_gbs);
+
+    /* GEMM 8192^3 on the same buffers (3 x 128 MiB bf16 fits in 2 GiB) */
+    int M = 8192;
+    char *A = (char *) a, *B = A + (size_t) M * M * 2;
+    char *C = (char *) b;
+
+    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+        printf("FAIL cublasCreate\n");
+        return -1;
+    }
+    if (moe_cuda_fill_random_bf16((moe_bf16_t *) A, (int64_t) M * M, 1, 1.0f,
+                                  0) != 0
+        || moe_cuda_fill_random_bf16((moe_bf16_t *) B, (int64_t) M * M, 2,
+                                     1.0f, 0) != 0
+        || moe_cuda_gemm(h, M, M, M, (moe_bf16_t *) A, M, (moe_bf16_t *) B,
+                         M, C, M, 1, 0.0f) != 0)
+    {
+        printf("FAIL gemm warmup: %s\n", moe_cuda_last_error());
+        return -1;
+    }
+    CK(cudaDeviceSynchronize());
+    it = 10;
+    CK(cudaEventRecord(e0));
+    for (int i = 0; i < it; i++) {
+        if (moe_cuda_gemm(h, M, M, M, (moe_bf16_t *) A, M, (moe_bf16_t *) B,
+                          M, C, M, 1, 0.0f) != 0)
+        {
+            printf("FAIL gemm: %s\n", moe_cuda_last_error());
+            return -1;
+        }
+    }
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    gemm_tfs = 2.0 * M * (double) M * M * it / (ms * 1e-3) / 1e12;
+    printf("cuBLAS bf16 GEMM 8192^3 (fp32 accumulate): %.0f TFLOP/s\n",
+           gemm_tfs);
+    printf("RESULT kind=gemm value=%.1f unit=TFLOP/s\n", gemm_tfs);
+    cublasDestroy(h);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    return 0;
+}
+
+
+static void
+print_stages(const char *what, const double *ms, int steps)
+{
+    static const char *nm[MOE_CUDA_N_STAGES] = {
+        "attention", "router+permute", "expert GEMMs", "dense GEMMs", "other"
+    };
+    double tot = 0;
+
+    for (int i = 0; i < MOE_CUDA_N_STAGES; i++) {
+        tot += ms[i];
+    }
+    printf("    stages %-14s", what);
+    for (int i = 0; i < MOE_CUDA_N_STAGES; i++) {
+        printf(" %s %.2f ms (%.0f%%)%s", nm[i], ms[i] / steps,
+               tot > 0 ? 100 * ms[i] / tot : 0,
+               i + 1 < MOE_CUDA_N_STAGES ? "," : "\n");
+    }
+}
+
+
+static int
+bench_model(const shape_t *sh)
+{
+    moe_hparams_t   hp;
+    moe_backend_t  *b = NULL;
+    char            err[512];
+    int             rc, n_blocks, avail, per_seq;
+    static const int batches[] = { 1, 8, 32, 64, 128, 256 };
+    static const int prompts[] = { 512, 2048 };
+    double          t_create;
+
+    memset(&hp, 0, sizeof(hp));
+    hp.arch = sh->experts > 1 ? MOE_ARCH_MIXTRAL : MOE_ARCH_LLAMA;
+    snprintf(hp.arch_name, sizeof(hp.arch_name), "%s", sh->name);
+    hp.dim = sh->dim;
+    hp.n_layers = sh->layers;
+    hp.n_heads = sh->heads;
+    hp.n_kv_heads = sh->kv_heads;
+    hp.head_dim = sh->head_dim;
+    hp.ffn_dim = sh->ffn;
+    hp.n_experts = sh->experts;
+    hp.top_k = sh->top_k;
+    hp.vocab_size = sh->vocab;
+    hp.max_pos = 4096;
+    hp.rope_theta = 1e6f;
+    hp.norm_eps = 1e-5f;
+    hp.bos_id = -1;
+
+    double D = hp.dim, L = hp.n_layers, F = hp.ffn_dim, E = hp.n_experts;
+    double Q = (double) hp.n_heads * hp.head_dim;
+    double KVD = (double) hp.n_kv_heads * hp.head_dim;
+    double V = hp.vocab_size, K = hp.top_k;
+    double wbytes = (double) moe_cuda_weight_bytes(&hp);
+
+    printf("\n== %s: dim %d, %d layers, %d/%d heads, ffn %d, %d experts "
+           "top-%d, vocab %d %s%s%s; weights %.1f GB bf16\n", sh->name,
+           sh->dim, sh->layers, sh->heads, sh->kv_heads, sh->ffn,
+           sh->experts, sh->top_k, sh->vocab, sh->note[0] ? "(" : "",
+           sh->note, sh->note[0] ? ")" : "", wbytes / 1e9);
+
+    per_seq = (CTX + 16 + BS - 1) / BS + 1;
+    n_blocks = 256 * per_seq + CAP / BS + 8;
+    rc = moe_cuda_kv_blocks_for_hp(&hp, BS, CAP, 0.92, 0, &avail, err,
+                                   sizeof(err));
+    if (rc != MOE_OK) {
+        printf("SKIP %s: %s\n", sh->name, err);
+        printf("RESULT model=%s kind=skip\n", sh->name);
+        return 0;
+    }
+    if (avail < n_blocks) {
+        printf("  (KV pool %d blocks < %d wanted: sequences share pages)\n",
+               avail, n_blocks);
+        n_blocks = avail;
+    }
+    t_create = now_s();
+    rc = moe_cuda_backend_create_random(&hp, 42, n_blocks, BS, CAP, 0, &b,
+                                        err, sizeof(err));
+    if (rc != MOE_OK) {
+        printf("FAIL %s: create: %s\n", sh->name, err);
+        return -1;
+    }
+    printf("  created in %.2f s (KV pool %d blocks of %d)\n",
+           now_s() - t_create, n_blocks, BS);
+
+    float   *logits = (float *) malloc(sizeof(float) * 256 * (size_t) V);
+    int32_t *bt = (int32_t *) malloc(sizeof(int32_t) * 256 * per_seq);
+    int32_t *tok = (int32_t *) malloc(sizeof(int32_t) * CAP);
+    int64_t *cnt0 = (int64_t *) malloc(sizeof(int64_t) * (size_t) (L * E));
+    moe_seq_batch_t sb[256];
+
+    for (int i = 0; i < 256 * per_seq; i++) {
+        bt[i] = i % n_blocks;
+    }
+    for (int i = 0; i < CAP; i++) {
+        tok[i] = (int32_t) ((i * 2654435761u) % (unsigned) sh->vocab);
+    }
+
+    printf("  %-22s %10s %10s %10s %8s\n", "decode (ctx 512)", "tok/s",
+           "ms/step", "limit ms", "of limit");
+    for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++) {
+        int    B = batches[bi], steps = 6;
+        double t0, dt, ms[MOE_CUDA_N_STAGES];
+
+        for (int i = 0; i < B; i++) {
+            memset(&sb[i], 0, sizeof(sb[i]));
+            sb[i].tokens = tok + i;
+            sb[i].n_tokens = 1;
+            sb[i].pos = CTX;
+            sb[i].block_table = bt + (size_t) i * per_seq;
+            sb[i].n_blocks = per_seq;
+            sb[i].logits = logits + (size_t) i * (size_t) V;
+        }
+        for (int w = 0; w < 2; w++) {
+            if ((rc = b->forward(b, sb, B)) != MOE_OK) {
+                goto fwd_fail;
+            }
+        }
+        t0 = now_s();
+        for (int s = 0; s < steps; s++) {
+            if ((rc = b->forward(b, sb, B)) != MOE_OK) {
+                goto fwd_fail;
+            }
+        }
+        dt = (now_s() - t0) / steps;
+
+        /* experts hit in one step, and the stage split of 3 steps */
+        memcpy(cnt0, b->expert_counts(b), sizeof(int64_t) * (size_t) (L * E));
+        moe_cuda_backend_profile(b, 1, NULL);
+        for (int s = 0; s < 3; s++) {
+            if ((rc = b->forward(b, sb, B)) != MOE_OK) {
+                goto fwd_fail;
+            }
+        }
+        moe_cuda_backend_profile(b, 0, ms);
+        {
+            const int64_t *c1 = b->expert_counts(b);
+            double         hit = 0;
+
+            for (int i = 0; i < (int) (L * E); i++) {
+                hit += c1[i] > cnt0[i];
+            }
+            /* over 3 steps the set can only grow: an upper bound on one
+             * step's, so the limit is conservative (never too small) */
+            double bytes = L * (Q + 2 * KVD) * D * 2 + L * D * Q * 2
+                           + hit * 3 * F * D * 2
+                           + (E > 1 ? L * E * D * 4 : 0) + V * D * 2
+                           + (double) B * (CTX + 1) * L * 2 * KVD * 2;
+            double lim = bytes / (copy_gbs * 1e9);
+
+            printf("  batch %-16d %10.1f %10.2f %10.2f %7.0f%%\n", B, B / dt,
+                   dt * 1e3, lim * 1e3, 100 * lim / dt);
+            printf("RESULT model=%s kind=decode batch=%d tok_s=%.1f "
+                   "ms_step=%.3f limit_ms=%.3f of_limit=%.3f "
+                   "experts_hit=%.0f\n", sh->name, B, B / dt, dt * 1e3,
+                   lim * 1e3, lim / dt, hit);
+            print_stages("", ms, 3);
+        }
+    }
+
+    printf("  %-22s %10s %10s %10s %8s\n", "prefill (1 sequence)", "tok/s",
+           "ms", "limit ms", "of limit");
+    for (size_t pi = 0; pi < sizeof(prompts) / sizeof(prompts[0]); pi++) {
+        int    P = prompts[pi], runs = 3;
+        double t0, dt, ms[MOE_CUDA_N_STAGES];
+
+        memset(&sb[0], 0, sizeof(sb[0]));
+        sb[0].tokens = tok;
+        sb[0].n_tokens = P;
+        sb[0].pos = 0;
+        sb[0].block_table = bt;
+        sb[0].n_blocks = (P + BS - 1) / BS;
+        sb[0].logits = logits;
+        if (sb[0].n_blocks > 256 * per_seq) {
+            continue;
+        }
+        if ((rc = b->forward(b, sb, 1)) != MOE_OK) {
+            goto fwd_fail;
+        }
+        t0 = now_s();
+        for (int r = 0; r < runs; r++) {
+            if ((rc = b->forward(b, sb, 1)) != MOE_OK) {
+                goto fwd_fail;
+            }
+        }
+        dt = (now_s() - t0) / runs;
+        moe_cuda_backend_profile(b, 1, NULL);
+        if ((rc = b->forward(b, sb, 1)) != MOE_OK) {
+            goto fwd_fail;
+        }
+        moe_cuda_backend_profile(b, 0, ms);
+
+        double flops = 2.0 * P * L * ((Q + 2 * KVD) * D + D * Q
+                                      + K * 3 * F * D)
+                       + 2.0 * 2.0 * L * Q * (double) P * (P + 1) / 2
+                       + 2.0 * D * V;
+        double lim = flops / (gemm_tfs * 1e12);
+
+        printf("  prompt %-15d %10.0f %10.2f %10.2f %7.0f%%\n", P, P / dt,
+               dt * 1e3, lim * 1e3, 100 * lim / dt);
+        printf("RESULT model=%s kind=prefill prompt=%d tok_s=%.1f ms=%.3f "
+               "limit_ms=%.3f of_limit=%.3f\n", sh->name, P, P / dt,
+               dt * 1e3, lim * 1e3, lim / dt);
+        print_stages("", ms, 1);
+    }
+    rc = 0;
+    goto done;
+
+fwd_fail:
+    printf("FAIL %s: forward: %d %s\n", sh->name, rc, moe_cuda_last_error());
+    rc = -1;
+done:
+    b->destroy(b);
+    free(logits);
+    free(bt);
+    free(tok);
+    free(cnt0);
+    return rc;
+}
+
+
+int
+main(int argc, char **argv)
+{
+    const char *want = argc > 1 ? argv[1] : NULL;
+    int         fails = 0, ndev = moe_cuda_device_count();
+    double      t0 = now_s();
+
+    if (ndev == 0) {
+        printf("SKIP no CUDA device\n");
+        return 0;
+    }
+    {
+        cudaDeviceProp p;
+
+        if (cudaGetDeviceProperties(&p, 0) == cudaSuccess) {
+            printf("device 0: %s, %d SMs, %.1f GiB\n", p.name,
+                   p.multiProcessorCount, p.totalGlobalMem / 1073741824.0);
+        }
+    }
+    if (bench_ceilings() != 0) {
+        return 1;
+    }
+    for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
+        if (want != NULL && strstr(want, shapes[i].name) == NULL) {
+            continue;
+        }
+        fails += bench_model(&shapes[i]) != 0;
+    }
+    printf("\nbench total %.1f s, %d failure(s)\n", now_s() - t0, fails);
+    return fails ? 1 : 0;
+}

@@ -1,0 +1,79 @@
+#!/bin/bash
+# Runs the CUDA backend's GPU tests and the engine benchmark on the GPU
+# machine, from a tree where `make gpu` already built build/gpu/* (carry
+# `build`).  Run from the repository root:
+#
+#   tools/gpu_run.sh [MODELS]      MODELS: comma list for bench_engine
+#                                  (default: all four shapes)
+#
+# Logs go to $OUT (default ./gpu-out): nvidia-smi.log, test_kernels.log,
+# test_backend.log, bench_engine.log, sanitizer.log; a summary table is
+# printed last.  Each step has its own time limit so the whole run stays
+# under ~9.5 minutes.  Exit status: 0 when every step passed.
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-$PWD/gpu-out}
+MODELS=${1:-}
+mkdir -p "$OUT"
+
+declare -A RC
+STEPS=()
+
+step() {    # step NAME TIMEOUT CMD...
+    local name=$1 limit=$2 t0 t1
+    shift 2
+    STEPS+=("$name")
+    t0=$(date +%s)
+    echo "=== $name: $*"
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    RC[$name]=$?
+    t1=$(date +%s)
+    echo "=== $name: rc ${RC[$name]} in $((t1 - t0)) s (log $OUT/$name.log)"
+    tail -n 5 "$OUT/$name.log"
+}
+
+nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
+for b in test_kernels test_backend bench_engine; do
+    [ -x build/gpu/$b ] || { echo "build/gpu/$b missing: run make gpu"; exit 2; }
+done
+
+step test_kernels 90 build/gpu/test_kernels
+step test_backend 120 build/gpu/test_backend
+step bench_engine 270 build/gpu/bench_engine $MODELS
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ -n "$SAN" ]; then
+    step sanitizer 90 "$SAN" --error-exitcode 1 build/gpu/test_kernels
+fi
+
+tap_summary() {     # ok / not ok counts of a TAP log
+    local f=$OUT/$1.log
+    printf "%d ok, %d not ok" "$(grep -c '^ok ' "$f")" "$(grep -c '^not ok ' "$f")"
+}
+
+echo
+echo "==================== summary ===================="
+for s in "${STEPS[@]}"; do
+    case $s in
+    test_*|sanitizer) printf "%-14s rc %-4s %s\n" "$s" "${RC[$s]}" "$(tap_summary "$s")" ;;
+    *)                printf "%-14s rc %-4s\n" "$s" "${RC[$s]}" ;;
+    esac
+done
+grep -h '^not ok' "$OUT"/test_*.log "$OUT"/sanitizer.log 2>/dev/null | head -20
+grep -h 'ERROR SUMMARY\|FAIL' "$OUT"/sanitizer.log "$OUT"/bench_engine.log 2>/dev/null | head -10
+echo
+grep '^RESULT' "$OUT/bench_engine.log" | awk '
+{
+    delete kv; for (i = 2; i <= NF; i++) { split($i, a, "="); kv[a[1]] = a[2] }
+    if (kv["kind"] == "copy_bw") printf "copy bandwidth %s GB/s\n", kv["value"];
+    else if (kv["kind"] == "gemm") printf "bf16 GEMM      %s TFLOP/s\n", kv["value"];
+    else if (kv["kind"] == "decode")
+        printf "%-18s decode  batch %-4s %9s tok/s  %7s ms  %5.0f%% of limit\n",
+               kv["model"], kv["batch"], kv["tok_s"], kv["ms_step"], 100 * kv["of_limit"];
+    else if (kv["kind"] == "prefill")
+        printf "%-18s prefill %-10s %9s tok/s  %7s ms  %5.0f%% of limit\n",
+               kv["model"], kv["prompt"], kv["tok_s"], kv["ms"], 100 * kv["of_limit"];
+}'
+fail=0
+for s in "${STEPS[@]}"; do [ "${RC[$s]}" = 0 ] || fail=1; done
+exit $fail
