@@ -103,6 +103,8 @@ $(BUILD)/.cuda-$(MOE_CUDA):
 
 $(NGX_SO): $(BUILD)/nginx/Makefile $(BUILD)/libmoe.a $(KERNELS_A) \
            $(wildcard ngx_moe_module/*.c ngx_moe_module/*.h)
+	@# nginx's own Makefile does not know the .so depends on libmoe.a
+	rm -f $@
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules \
 	    CFLAGS="$$(sed -n 's/^CFLAGS = //p' $(BUILD)/nginx/objs/Makefile) -Werror"
 

@@ -922,17 +922,14 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     e->info.chat_template = e->chat_template;
     e->info.created = (long) time(NULL);
 
-    if (cfg->max_model_len > 0) {
-        if (cfg->max_model_len > hp->max_pos) {
-            snprintf(err, errlen, "%s: max_model_len %d is larger than the "
-                     "model's max_position_embeddings %d", cfg->file,
-                     cfg->max_model_len, hp->max_pos);
-            rc = MOE_EINVAL;
-            goto fail;
-        }
+    e->info.max_model_len = hp->max_pos;
+    if (cfg->max_model_len > 0 && cfg->max_model_len <= hp->max_pos) {
         e->info.max_model_len = cfg->max_model_len;
-    } else {
-        e->info.max_model_len = hp->max_pos;
+    } else if (cfg->max_model_len > hp->max_pos) {
+        /* as with the model: section, the model's own limit wins */
+        moe_log(MOE_LOG_WARN, "%s: max_model_len %d is larger than the "
+                "model's max_position_embeddings %d; using %d", cfg->file,
+                cfg->max_model_len, hp->max_pos, hp->max_pos);
     }
 
     /* ids the tokenizer cannot decode (embedding padding) are never

@@ -22,6 +22,7 @@ static char *ngx_http_moe_api(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t ngx_http_moe_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_moe_init_process(ngx_cycle_t *cycle);
 static void ngx_http_moe_exit_process(ngx_cycle_t *cycle);
+static void ngx_http_moe_engine_log(void *ctx, int level, const char *msg);
 static void ngx_http_moe_wake_handler(ngx_event_t *rev);
 static void ngx_http_moe_cancel_handler(ngx_event_t *ev);
 static void ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf);
@@ -291,6 +292,11 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
 
     err[0] = '\0';
 
+    /* engine messages (load progress, overrides, preemptions) go to the
+     * error log; ngx_log_error() only writes to file descriptors, which is
+     * safe from the engine thread too */
+    moe_set_log(ngx_http_moe_engine_log, cycle->log);
+
     rc = moe_engine_create(mcf->config, &mcf->engine, err, sizeof(err));
     if (rc != MOE_OK) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
@@ -333,6 +339,23 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
 
 
 static void
+ngx_http_moe_engine_log(void *ctx, int level, const char *msg)
+{
+    ngx_log_t   *log = ctx;
+    ngx_uint_t   lvl;
+
+    switch (level) {
+    case MOE_LOG_ERROR: lvl = NGX_LOG_ERR; break;
+    case MOE_LOG_WARN:  lvl = NGX_LOG_WARN; break;
+    case MOE_LOG_INFO:  lvl = NGX_LOG_NOTICE; break;
+    default:            lvl = NGX_LOG_INFO; break;
+    }
+
+    ngx_log_error(lvl, log, 0, "moe: %s", msg);
+}
+
+
+static void
 ngx_http_moe_exit_process(ngx_cycle_t *cycle)
 {
     ngx_connection_t          *c;
@@ -343,6 +366,8 @@ ngx_http_moe_exit_process(ngx_cycle_t *cycle)
     if (mcf == NULL || mcf->engine == NULL) {
         return;
     }
+
+    moe_set_log(NULL, NULL);
 
     c = mcf->wake;
 

@@ -2,7 +2,7 @@
  * Checks the YAML configuration loader (engine/config.c):
  *   - moe_config_defaults() gives the defaults documented in moe.h;
  *   - conf/localmoe.yaml (the seed's config.yaml sections) loads and every
- *     seed value lands in its field; when models/localmoe-tiny is not there
+ *     seed value lands in its field; when models/localmoe-kjv is not there
  *     yet, a copy of it pointing at the fake model in t/data/conf/models is
  *     loaded instead (diagnostics say which);
  *   - the seed's recommended configurations (large, medium, several
@@ -205,7 +205,7 @@ copy_conf(const char *model, char *out, size_t outlen)
     }
 
     while (fgets(line, sizeof(line), in) != NULL) {
-        if (strstr(line, "  model_name: \"models/localmoe-tiny\"") == line) {
+        if (strstr(line, "  model_name: \"models/localmoe-kjv\"") == line) {
             fprintf(o, "  model_name: \"%s\"\n", model);
             n++;
         } else {
@@ -289,14 +289,14 @@ main(int argc, char **argv)
 
     /* ---- conf/localmoe.yaml */
 
-    snprintf(path, sizeof(path), "%s/models/localmoe-tiny/config.json",
+    snprintf(path, sizeof(path), "%s/models/localmoe-kjv/config.json",
              root);
     if (access(path, F_OK) == 0) {
         snprintf(path, sizeof(path), "%s/conf/localmoe.yaml", root);
         rc = moe_config_load(path, &c, err, sizeof(err));
-        snprintf(want, sizeof(want), "%s/models/localmoe-tiny", root);
+        snprintf(want, sizeof(want), "%s/models/localmoe-kjv", root);
         TAP_OK(rc == MOE_OK && check_seed_values(&c)
-               && strcmp(c.model_name, "models/localmoe-tiny") == 0
+               && strcmp(c.model_name, "models/localmoe-kjv") == 0
                && strcmp(c.model_path, want) == 0
                && strcmp(c.served_model_name, c.model_name) == 0,
                "conf/localmoe.yaml loads, seed values kept, model at %s",
@@ -305,7 +305,7 @@ main(int argc, char **argv)
             TAP_DIAG("%s", err);
         }
     } else {
-        TAP_DIAG("models/localmoe-tiny not there yet: loading a copy of "
+        TAP_DIAG("models/localmoe-kjv not there yet: loading a copy of "
                  "conf/localmoe.yaml with model_name = %s", fake);
         rc = copy_conf(fake, tmp, sizeof(tmp));
         if (rc == 0) {
