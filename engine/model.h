@@ -17,8 +17,21 @@
 typedef enum {
     MOE_ARCH_LLAMA = 1,      /* LlamaForCausalLM */
     MOE_ARCH_MISTRAL,        /* MistralForCausalLM */
-    MOE_ARCH_MIXTRAL         /* MixtralForCausalLM */
+    MOE_ARCH_MIXTRAL,        /* MixtralForCausalLM */
+    MOE_ARCH_QWEN2,          /* Qwen2ForCausalLM */
+    MOE_ARCH_QWEN2_MOE,      /* Qwen2MoeForCausalLM */
+    MOE_ARCH_QWEN3_MOE,      /* Qwen3MoeForCausalLM */
+    MOE_ARCH_GPT2            /* GPT2LMHeadModel */
 } moe_arch_t;
+
+/* FFN activation (moe_hparams_t.act) */
+typedef enum {
+    MOE_ACT_SILU = 0,        /* silu(gate) * up (SwiGLU); the default */
+    MOE_ACT_GELU_TANH,       /* gelu_new / gelu_pytorch_tanh: tanh approx. */
+    MOE_ACT_GELU             /* exact erf GELU */
+} moe_act_t;
+
+#define MOE_MAX_LAYERS  512
 
 typedef struct {
     moe_arch_t arch;
@@ -42,6 +55,41 @@ typedef struct {
     int        n_eos;
     int        sliding_window;  /* attend to the last N positions only
                                    (Mistral/Mixtral sliding_window); 0: off */
+
+    /* Optional pieces (Qwen2, Qwen2-MoE, Qwen3-MoE, GPT-2).  All zero for
+     * Llama/Mistral/Mixtral, which keeps their forward unchanged.  A
+     * backend that does not implement a non-zero one must refuse the
+     * model (MOE_EUNSUPPORTED). */
+    int        norm_layer;      /* 1: LayerNorm with bias (x - mean) /
+                                   sqrt(var + norm_eps) * w + b instead of
+                                   RMSNorm, for every norm (GPT-2) */
+    int        act;             /* moe_act_t */
+    int        ffn_ungated;     /* 1: FFN is down(act(up x + b_up)) + b_down,
+                                   no gate projection, w_gate == NULL (GPT-2;
+                                   dense only) */
+    int        learned_pos;     /* 1: x = embed[tok] + pos_embed[pos], no RoPE
+                                   (GPT-2); positions < max_pos */
+    int        qkv_bias;        /* 1: bq, bk, bv added after the projections */
+    int        o_bias;          /* 1: bo added after the output projection */
+    int        mlp_bias;        /* 1: b_up, b_down (and b_gate when gated);
+                                   dense models only */
+    int        qk_norm;         /* 1: RMSNorm(head_dim) with q_norm / k_norm
+                                   on every q and k head, before RoPE
+                                   (Qwen3) */
+    int        router_no_renorm;/* 1: top-k weights are the raw softmax
+                                   probabilities (norm_topk_prob false);
+                                   0: renormalised to sum 1 (Mixtral) */
+    int        shared_ffn_dim;  /* shared expert intermediate size, added
+                                   as sigmoid(ws_gate_inp . x) *
+                                   shared(x) on MoE layers (Qwen2-MoE);
+                                   0: none */
+    int        dense_ffn_dim;   /* intermediate_size of the dense MLP layers
+                                   of an MoE model (wd_*); 0: none */
+    int        n_dense_layers;  /* how many layers have layer_dense[l] */
+    uint8_t    layer_dense[MOE_MAX_LAYERS]; /* 1: layer l of an MoE model
+                                   runs the dense MLP wd_* instead of
+                                   router + experts (mlp_only_layers,
+                                   decoder_sparse_step) */
 } moe_hparams_t;
 
 /*
@@ -64,6 +112,31 @@ typedef struct {
     float *w_down;      /* (n_layers, n_experts, dim, ffn_dim)  w2 */
     float *final_norm;  /* (dim) */
     float *lm_head;     /* (vocab_size, dim); == embed when tied */
+
+    /* Optional tensors, NULL unless the hparams flag named asks for them. */
+    float *pos_embed;   /* (max_pos, dim)             learned_pos */
+    float *attn_norm_b; /* (n_layers, dim)            norm_layer */
+    float *ffn_norm_b;  /* (n_layers, dim)            norm_layer */
+    float *final_norm_b;/* (dim)                      norm_layer */
+    float *bq;          /* (n_layers, n_heads * head_dim)     qkv_bias */
+    float *bk;          /* (n_layers, n_kv_heads * head_dim)  qkv_bias */
+    float *bv;          /* (n_layers, n_kv_heads * head_dim)  qkv_bias */
+    float *bo;          /* (n_layers, dim)            o_bias */
+    float *q_norm;      /* (n_layers, head_dim)       qk_norm */
+    float *k_norm;      /* (n_layers, head_dim)       qk_norm */
+    float *b_gate;      /* (n_layers, ffn_dim)        mlp_bias && gated */
+    float *b_up;        /* (n_layers, ffn_dim)        mlp_bias */
+    float *b_down;      /* (n_layers, dim)            mlp_bias */
+    float *ws_gate;     /* (n_layers, shared_ffn_dim, dim)   shared expert */
+    float *ws_up;       /* (n_layers, shared_ffn_dim, dim) */
+    float *ws_down;     /* (n_layers, dim, shared_ffn_dim) */
+    float *ws_gate_inp; /* (n_layers, dim)  shared_expert_gate (1, dim) */
+    float *wd_gate;     /* (n_layers, dense_ffn_dim, dim)  n_dense_layers > 0;
+                           only rows of layer_dense layers are filled (the
+                           others are zero), and the router / experts rows
+                           of those layers are zero */
+    float *wd_up;       /* (n_layers, dense_ffn_dim, dim) */
+    float *wd_down;     /* (n_layers, dim, dense_ffn_dim) */
 } moe_weights_t;
 
 typedef struct moe_model moe_model_t;
