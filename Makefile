@@ -19,6 +19,8 @@ CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -pthread $(WARN) -Iengine/include \
             -Iengine
 LDLIBS   := -lyajl -lyaml -lpcre2-8 -lpthread -lm
 
+include bench/Makefile.inc
+
 ENGINE_SRCS := $(wildcard engine/*.c)
 ENGINE_OBJS := $(ENGINE_SRCS:%.c=$(BUILD)/%.o)
 UNIT_SRCS   := $(wildcard t/unit/*.c)
@@ -45,9 +47,9 @@ MOE_LIBS    := $(BUILD)/libmoe.a
 NGX_EXTRA_LIBS :=
 endif
 
-.PHONY: all deps test run clean engine module unit kernels tsan
+.PHONY: all deps test run clean engine module unit kernels tsan bench
 
-all: engine unit module kernels
+all: engine unit module kernels bench
 
 engine: $(BUILD)/libmoe.a $(BUILD)/moe
 unit: $(UNIT_BINS)
