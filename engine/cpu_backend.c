@@ -4,7 +4,11 @@
  * Math follows Hugging Face's Llama/Mistral/Mixtral modelling code:
  * RMSNorm in fp32, split-halves ("rotate_half") RoPE at absolute positions,
  * grouped-query attention with an optional sliding window, SwiGLU experts,
- * softmax -> top-k -> renormalised Mixtral routing.
+ * softmax -> top-k -> renormalised Mixtral routing.  Optional pieces, each
+ * driven by an hparams flag, cover Qwen2 (q/k/v bias), Qwen2-MoE (raw
+ * top-k weights, a sigmoid-gated shared expert, dense mlp_only layers),
+ * Qwen3-MoE (per-head q/k RMSNorm) and GPT-2 (LayerNorm with bias, learned
+ * positions, GELU MLP with biases).
  *
  * Determinism: every output element is one dot product computed in a fixed
  * order over contiguous memory, and every token's math depends only on its
@@ -233,8 +237,12 @@ typedef struct {
     float                *selw;        /* (cap, top_k) their weights */
     int                  *slot_of;     /* (cap * top_k) -> row in xe */
     float                *xe;          /* (cap * top_k, dim) gathered */
-    float                *hg;          /* (cap * top_k, ffn_dim) */
-    float                *hu;          /* (cap * top_k, ffn_dim) */
+    float                *hg;          /* (cap * hmax) */
+    float                *hu;          /* (cap * hmax); hmax = max(top_k *
+                                           ffn_dim, shared_ffn_dim,
+                                           dense_ffn_dim) */
+    float                *ys;          /* (cap, dim) shared expert out */
+    float                *sg;          /* (cap) shared expert gate logit */
     float                *ye;          /* (cap * top_k, dim) */
     int                  *erow;        /* (cap * top_k) token slot by row */
     int                  *ecount;      /* (n_experts) */
@@ -468,6 +476,9 @@ cpu_free_scratch(cpu_backend_t *b)
     free(b->hu);
     free(b->ye);
     free(b->erow);
+    free(b->ys);
+    free(b->sg);
+    b->ys = b->sg = NULL;
     b->x = b->xb = b->q = b->k = b->v = b->att = b->tmp = NULL;
     b->rcos = b->rsin = b->rlogits = b->selw = NULL;
     b->xe = b->hg = b->hu = b->ye = NULL;
@@ -481,7 +492,7 @@ static int
 cpu_reserve(cpu_backend_t *b, int n)
 {
     const moe_hparams_t *hp = b->hp;
-    size_t               N, K, D, Q, KV, F, E;
+    size_t               N, K, D, Q, KV, F, E, H;
 
     if (n <= b->cap) {
         return MOE_OK;
@@ -494,6 +505,9 @@ cpu_reserve(cpu_backend_t *b, int n)
     KV = (size_t) hp->n_kv_heads * hp->head_dim;
     F = (size_t) hp->ffn_dim;
     E = (size_t) hp->n_experts;
+    H = K * F;
+    H = (size_t) hp->shared_ffn_dim > H ? (size_t) hp->shared_ffn_dim : H;
+    H = (size_t) hp->dense_ffn_dim > H ? (size_t) hp->dense_ffn_dim : H;
 
     b->x = malloc(N * D * sizeof(float));
     b->xb = malloc(N * D * sizeof(float));
@@ -511,20 +525,140 @@ cpu_reserve(cpu_backend_t *b, int n)
     b->selw = malloc(N * K * sizeof(float));
     b->slot_of = malloc(N * K * sizeof(int));
     b->xe = malloc(N * K * D * sizeof(float));
-    b->hg = malloc(N * K * F * sizeof(float));
-    b->hu = malloc(N * K * F * sizeof(float));
+    b->hg = malloc(N * H * sizeof(float));
+    b->hu = malloc(N * H * sizeof(float));
+    b->ys = malloc(N * D * sizeof(float));
+    b->sg = malloc(N * sizeof(float));
     b->ye = malloc(N * K * D * sizeof(float));
     b->erow = malloc(N * K * sizeof(int));
     if (!b->x || !b->xb || !b->q || !b->k || !b->v || !b->att || !b->tmp
         || !b->rcos || !b->rsin || !b->tseq || !b->tpos || !b->rlogits
         || !b->sel || !b->selw || !b->slot_of || !b->xe || !b->hg || !b->hu
-        || !b->ye || !b->erow)
+        || !b->ye || !b->erow || !b->ys || !b->sg)
     {
         cpu_free_scratch(b);
         return MOE_ENOMEM;
     }
     b->cap = n;
     return MOE_OK;
+}
+
+
+/* LayerNorm with bias over n (GPT-2), statistics in double. */
+static void
+cpu_layernorm(float *out, const float *x, const float *w, const float *bias,
+    int n, float eps)
+{
+    double s = 0, ss = 0;
+    float  mean, inv;
+    int    i;
+
+    for (i = 0; i < n; i++) {
+        s += x[i];
+    }
+    mean = (float) (s / n);
+    for (i = 0; i < n; i++) {
+        double d = (double) x[i] - mean;
+
+        ss += d * d;
+    }
+    inv = 1.0f / sqrtf((float) (ss / n) + eps);
+    for (i = 0; i < n; i++) {
+        out[i] = (x[i] - mean) * inv * w[i] + bias[i];
+    }
+}
+
+
+/* The model's norm (RMSNorm, or LayerNorm when hp->norm_layer) of T rows. */
+static void
+cpu_norm(cpu_backend_t *b, float *out, const float *x, int T, const float *w,
+    const float *bias)
+{
+    const moe_hparams_t *hp = b->hp;
+    int                  D = hp->dim, t;
+
+    for (t = 0; t < T; t++) {
+        if (hp->norm_layer) {
+            cpu_layernorm(out + (size_t) t * D, x + (size_t) t * D, w, bias,
+                          D, hp->norm_eps);
+        } else {
+            cpu_rmsnorm(out + (size_t) t * D, x + (size_t) t * D, w, D,
+                        hp->norm_eps);
+        }
+    }
+}
+
+
+static inline float
+cpu_gelu(float x, int act)
+{
+    if (act == MOE_ACT_GELU) {
+        return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    }
+    return 0.5f * x * (1.0f + tanhf(0.79788456080286536f
+                                    * (x + 0.044715f * x * x * x)));
+}
+
+
+/*
+ * One MLP over n rows of x (dim wide) into out (n, dim):
+ *   gated:   down(act(gate x + bg) * (up x + bu)) + bd
+ *   ungated: down(act(up x + bu)) + bd            (Wg == NULL)
+ * F is the hidden width; hg/hu hold n * F floats; biases may be NULL.
+ */
+static void
+cpu_mlp(cpu_backend_t *b, float *out, const float *x, int n, const float *Wg,
+    const float *Wu, const float *Wd, const float *bg, const float *bu,
+    const float *bd, int F, float *hg, float *hu)
+{
+    const moe_hparams_t *hp = b->hp;
+    int                  D = hp->dim, act = hp->act, r, j;
+
+    if (n <= 0) {
+        return;
+    }
+    if (Wg != NULL) {
+        cpu_matmul(b, hg, F, x, n, Wg, F, D);
+    }
+    cpu_matmul(b, hu, F, x, n, Wu, F, D);
+    for (r = 0; r < n; r++) {
+        float *g = hg + (size_t) r * F, *u = hu + (size_t) r * F;
+
+        if (bu != NULL) {
+            for (j = 0; j < F; j++) {
+                u[j] += bu[j];
+            }
+        }
+        if (Wg == NULL) {
+            for (j = 0; j < F; j++) {
+                u[j] = act == MOE_ACT_SILU ? u[j] / (1.0f + expf(-u[j]))
+                                           : cpu_gelu(u[j], act);
+            }
+            continue;
+        }
+        if (bg != NULL) {
+            for (j = 0; j < F; j++) {
+                g[j] += bg[j];
+            }
+        }
+        if (act == MOE_ACT_SILU) {
+            for (j = 0; j < F; j++) {
+                g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            }
+        } else {
+            for (j = 0; j < F; j++) {
+                g[j] = cpu_gelu(g[j], act) * u[j];
+            }
+        }
+    }
+    cpu_matmul(b, out, D, Wg != NULL ? hg : hu, n, Wd, D, F);
+    if (bd != NULL) {
+        for (r = 0; r < n; r++) {
+            for (j = 0; j < D; j++) {
+                out[(size_t) r * D + j] += bd[j];
+            }
+        }
+    }
 }
 
 
@@ -537,8 +671,18 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
     const moe_weights_t *w = b->w;
     int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
     int                  K = hp->top_k;
-    size_t               lE = (size_t) layer * E;
+    size_t               lE = (size_t) layer * E, lu = (size_t) layer;
     int                  t, e, k, j, r, n_rows;
+
+    if (hp->layer_dense[layer]) {
+        /* a dense layer of an MoE model (mlp_only_layers) */
+        size_t FD = (size_t) hp->dense_ffn_dim;
+
+        cpu_mlp(b, b->tmp, b->xb, T, w->wd_gate + lu * FD * D,
+                w->wd_up + lu * FD * D, w->wd_down + lu * D * FD, NULL, NULL,
+                NULL, (int) FD, b->hg, b->hu);
+        return;
+    }
 
     if (E == 1) {
         for (t = 0; t < T; t++) {
@@ -580,8 +724,11 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
                 b->selw[t * K + k] = lg[best];
                 ksum += lg[best];
             }
-            for (k = 0; k < K; k++) {
-                b->selw[t * K + k] /= ksum;
+            /* Mixtral / norm_topk_prob: renormalise the chosen weights */
+            if (!hp->router_no_renorm) {
+                for (k = 0; k < K; k++) {
+                    b->selw[t * K + k] /= ksum;
+                }
             }
         }
     }
@@ -614,19 +761,14 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
         if (n_rows == 0) {
             continue;
         }
-        cpu_matmul(b, b->hg + (size_t) r0 * F, F, b->xe + (size_t) r0 * D,
-                   n_rows, w->w_gate + wi, F, D);
-        cpu_matmul(b, b->hu + (size_t) r0 * F, F, b->xe + (size_t) r0 * D,
-                   n_rows, w->w_up + wi, F, D);
-        for (r = r0; r < r0 + n_rows; r++) {
-            float *g = b->hg + (size_t) r * F, *u = b->hu + (size_t) r * F;
-
-            for (j = 0; j < F; j++) {
-                g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-            }
-        }
-        cpu_matmul(b, b->ye + (size_t) r0 * D, D, b->hg + (size_t) r0 * F,
-                   n_rows, w->w_down + wi, D, F);
+        /* biases only exist on dense models (E == 1) */
+        cpu_mlp(b, b->ye + (size_t) r0 * D, b->xe + (size_t) r0 * D, n_rows,
+                w->w_gate != NULL ? w->w_gate + wi : NULL, w->w_up + wi,
+                w->w_down + wi,
+                w->b_gate != NULL ? w->b_gate + lu * F : NULL,
+                w->b_up != NULL ? w->b_up + lu * F : NULL,
+                w->b_down != NULL ? w->b_down + lu * D : NULL,
+                F, b->hg + (size_t) r0 * F, b->hu + (size_t) r0 * F);
     }
 
     /* weighted sum per token, in ascending expert order (as HF adds) */
@@ -647,6 +789,25 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
                         o[j] += y[j] * wk;
                     }
                 }
+            }
+        }
+    }
+
+    /* Qwen2-MoE shared expert: + sigmoid(gate . x) * shared(x) */
+    if (hp->shared_ffn_dim > 0) {
+        size_t FS = (size_t) hp->shared_ffn_dim;
+
+        cpu_mlp(b, b->ys, b->xb, T, w->ws_gate + lu * FS * D,
+                w->ws_up + lu * FS * D, w->ws_down + lu * D * FS, NULL, NULL,
+                NULL, (int) FS, b->hg, b->hu);
+        cpu_matmul(b, b->sg, 1, b->xb, T, w->ws_gate_inp + lu * D, 1, D);
+        for (t = 0; t < T; t++) {
+            float        sgm = 1.0f / (1.0f + expf(-b->sg[t]));
+            float       *o = b->tmp + (size_t) t * D;
+            const float *y = b->ys + (size_t) t * D;
+
+            for (j = 0; j < D; j++) {
+                o[j] += sgm * y[j];
             }
         }
     }
@@ -699,6 +860,9 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             return MOE_EINVAL;
         }
         T += sq->n_tokens;
+        if (hp->learned_pos && sq->pos + sq->n_tokens > hp->max_pos) {
+            return MOE_EINVAL;      /* past the position table */
+        }
         if (sq->pos + sq->n_tokens > ctx) {
             ctx = sq->pos + sq->n_tokens;
         }
@@ -733,6 +897,15 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             memcpy(b->x + (size_t) t * D,
                    w->embed + (size_t) seqs[s].tokens[i] * D,
                    (size_t) D * sizeof(float));
+            if (hp->learned_pos) {
+                const float *pe = w->pos_embed + (size_t) b->tpos[t] * D;
+                float       *xt = b->x + (size_t) t * D;
+
+                for (h = 0; h < D; h++) {
+                    xt[h] += pe[h];
+                }
+                continue;
+            }
             for (h = 0; h < half; h++) {
                 /* as HF: inv_freq = 1 / theta^(2i/hd) and angle in fp32 */
                 float inv = 1.0f / powf(hp->rope_theta,
@@ -748,13 +921,35 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     for (l = 0; l < hp->n_layers; l++) {
         size_t lu = (size_t) l;
 
-        for (t = 0; t < T; t++) {
-            cpu_rmsnorm(b->xb + (size_t) t * D, b->x + (size_t) t * D,
-                        w->attn_norm + lu * D, D, hp->norm_eps);
-        }
+        cpu_norm(b, b->xb, b->x, T, w->attn_norm + lu * D,
+                 hp->norm_layer ? w->attn_norm_b + lu * D : NULL);
         cpu_matmul(b, b->q, Q, b->xb, T, w->wq + lu * Q * D, Q, D);
         cpu_matmul(b, b->k, KV, b->xb, T, w->wk + lu * KV * D, KV, D);
         cpu_matmul(b, b->v, KV, b->xb, T, w->wv + lu * KV * D, KV, D);
+        if (hp->qkv_bias) {
+            for (t = 0; t < T; t++) {
+                for (i = 0; i < Q; i++) {
+                    b->q[(size_t) t * Q + i] += w->bq[lu * Q + i];
+                }
+                for (i = 0; i < KV; i++) {
+                    b->k[(size_t) t * KV + i] += w->bk[lu * KV + i];
+                    b->v[(size_t) t * KV + i] += w->bv[lu * KV + i];
+                }
+            }
+        }
+        if (hp->qk_norm) {
+            /* Qwen3: RMSNorm over each head, before RoPE */
+            for (t = 0; t < T * hp->n_heads; t++) {
+                float *qh = b->q + (size_t) t * hd;
+
+                cpu_rmsnorm(qh, qh, w->q_norm + lu * hd, hd, hp->norm_eps);
+            }
+            for (t = 0; t < T * hp->n_kv_heads; t++) {
+                float *kh = b->k + (size_t) t * hd;
+
+                cpu_rmsnorm(kh, kh, w->k_norm + lu * hd, hd, hp->norm_eps);
+            }
+        }
 
         for (t = 0; t < T; t++) {
             const moe_seq_batch_t *sq = &seqs[b->tseq[t]];
@@ -762,10 +957,10 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             const float           *sn = b->rsin + (size_t) t * half;
             int                    p = b->tpos[t];
 
-            for (h = 0; h < hp->n_heads; h++) {
+            for (h = 0; !hp->learned_pos && h < hp->n_heads; h++) {
                 cpu_rope(b->q + (size_t) t * Q + (size_t) h * hd, c, sn, hd);
             }
-            for (h = 0; h < hp->n_kv_heads; h++) {
+            for (h = 0; !hp->learned_pos && h < hp->n_kv_heads; h++) {
                 cpu_rope(b->k + (size_t) t * KV + (size_t) h * hd, c, sn, hd);
             }
             memcpy(cpu_kv_at(b, sq->block_table[p / b->block_size], l, 0,
@@ -782,14 +977,17 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
                      (int64_t) T * hp->n_heads * hd * 64);
 
         cpu_matmul(b, b->tmp, D, b->att, T, w->wo + lu * D * Q, D, Q);
+        if (hp->o_bias) {
+            for (i = 0; i < T * D; i++) {
+                b->tmp[i] += w->bo[lu * D + (size_t) (i % D)];
+            }
+        }
         for (i = 0; i < T * D; i++) {
             b->x[i] += b->tmp[i];
         }
 
-        for (t = 0; t < T; t++) {
-            cpu_rmsnorm(b->xb + (size_t) t * D, b->x + (size_t) t * D,
-                        w->ffn_norm + lu * D, D, hp->norm_eps);
-        }
+        cpu_norm(b, b->xb, b->x, T, w->ffn_norm + lu * D,
+                 hp->norm_layer ? w->ffn_norm_b + lu * D : NULL);
         cpu_ffn(b, l, T);
         for (i = 0; i < T * D; i++) {
             b->x[i] += b->tmp[i];
@@ -803,8 +1001,8 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
         if (seqs[s].logits == NULL) {
             continue;
         }
-        cpu_rmsnorm(b->xb, b->x + (size_t) (t - 1) * D, w->final_norm, D,
-                    hp->norm_eps);
+        cpu_norm(b, b->xb, b->x + (size_t) (t - 1) * D, 1, w->final_norm,
+                 w->final_norm_b);
         cpu_matmul(b, seqs[s].logits, hp->vocab_size, b->xb, 1, w->lm_head,
                    hp->vocab_size, D);
     }

@@ -13,6 +13,28 @@
  *                    (or ...experts.E.{gate,up,down}_proj.weight)
  *            or fused ...experts.gate_up_proj[.weight] (E, 2*ffn, dim),
  *                     ...experts.down_proj[.weight]    (E, dim, ffn)
+ *   Llama attention_bias / mlp_bias: ...{q,k,v,o}_proj.bias,
+ *            mlp.{gate,up,down}_proj.bias
+ *   Qwen2:   self_attn.{q,k,v}_proj.bias
+ *   Qwen2-MoE / Qwen3-MoE: router mlp.gate.weight, experts as above under
+ *            mlp.experts (per-expert gate/up/down_proj or fused); dense
+ *            (mlp_only_layers / decoder_sparse_step) layers
+ *            mlp.{gate,up,down}_proj.weight of intermediate_size;
+ *            Qwen2-MoE shared expert mlp.shared_expert.{gate,up,down}_proj
+ *            .weight + mlp.shared_expert_gate.weight (1, dim), q/k/v bias
+ *            when qkv_bias; Qwen3-MoE self_attn.{q,k}_norm.weight (head_dim)
+ *   GPT-2:   [transformer.]{wte,wpe}.weight, [transformer.]ln_f.{weight,bias},
+ *            [transformer.]h.L.{ln_1,ln_2}.{weight,bias},
+ *            h.L.attn.c_attn.{weight (dim, 3*dim),bias}, h.L.attn.c_proj.*,
+ *            h.L.mlp.c_fc.{weight (dim, ffn),bias}, h.L.mlp.c_proj.*; Conv1D
+ *            weights are stored (in, out) and transposed here; the
+ *            attn.bias / attn.masked_bias buffers are ignored; lm_head is
+ *            wte unless tie_word_embeddings is false.
+ *
+ * Config fields the engine cannot honour (unknown architecture, RoPE
+ * scaling, activations other than silu (GPT-2: gelu_new / gelu), a sliding
+ * window on only some layers, ...) fail the load with MOE_EUNSUPPORTED and
+ * a one-line reason.
  */
 
 #include <errno.h>
@@ -37,7 +59,9 @@ struct moe_model {
 };
 
 static const char *supported_archs =
-    "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM";
+    "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+    "Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, "
+    "GPT2LMHeadModel";
 
 
 static void
@@ -278,17 +302,323 @@ m_rope(yajl_val root, const char *file, double *theta, char *err,
 }
 
 
+/* First present key of a NULL-terminated list (GPT-2 has its own names for
+ * the common fields), else NULL. */
+static const char *
+m_key(yajl_val obj, const char *const *keys)
+{
+    for (; *keys != NULL; keys++) {
+        if (m_get(obj, *keys) != NULL && !YAJL_IS_NULL(m_get(obj, *keys))) {
+            return *keys;
+        }
+    }
+    return NULL;
+}
+
+
+/* Required integer under one of `keys`. */
+static int
+m_req_int(yajl_val root, const char *const *keys, long long min, int *out,
+    char *err, size_t errlen)
+{
+    const char *k = m_key(root, keys);
+    long long   x;
+    int         rc;
+
+    if (k == NULL) {
+        m_err(err, errlen, "config.json: needs '%s'", keys[0]);
+        return MOE_EFORMAT;
+    }
+    rc = m_int(root, "config.json", k, 0, min, &x, err, errlen);
+    if (rc == MOE_OK) {
+        *out = (int) x;
+    }
+    return rc;
+}
+
+
+/* String field: absent/null -> def. */
+static int
+m_str(yajl_val obj, const char *key, const char *def, const char **out,
+    char *err, size_t errlen)
+{
+    yajl_val v = m_get(obj, key);
+
+    if (v == NULL || YAJL_IS_NULL(v)) {
+        *out = def;
+        return MOE_OK;
+    }
+    if (!YAJL_IS_STRING(v)) {
+        m_err(err, errlen, "config.json: '%s' must be a string", key);
+        return MOE_EFORMAT;
+    }
+    *out = v->u.string;
+    return MOE_OK;
+}
+
+
+/*
+ * Which layers use sliding-window attention, as transformers derives it
+ * (explicit "layer_types", else per architecture from use_sliding_window /
+ * max_window_layers).  The engine honours a window only when every layer
+ * has it (or none does): a per-layer mix is refused.
+ */
+static int
+m_qwen_window(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
+{
+    yajl_val   lt;
+    long long  win, mwl;
+    int        use, l, n_slide = 0, rc;
+
+    rc = m_bool(root, "config.json", "use_sliding_window", 0, &use, err,
+                errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    rc = m_int(root, "config.json", "sliding_window", 4096, 0, &win, err,
+               errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    rc = m_int(root, "config.json", "max_window_layers", 28, 0, &mwl, err,
+               errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    lt = m_get(root, "layer_types");
+    if (lt != NULL && !YAJL_IS_NULL(lt) && hp->arch != MOE_ARCH_QWEN3_MOE) {
+        if (!YAJL_IS_ARRAY(lt) || (int) lt->u.array.len != hp->n_layers) {
+            m_err(err, errlen, "config.json: 'layer_types' must be a list of "
+                  "%d strings", hp->n_layers);
+            return MOE_EFORMAT;
+        }
+        for (l = 0; l < hp->n_layers; l++) {
+            yajl_val s = lt->u.array.values[l];
+
+            if (!YAJL_IS_STRING(s)
+                || (strcmp(s->u.string, "full_attention") != 0
+                    && strcmp(s->u.string, "sliding_attention") != 0))
+            {
+                m_err(err, errlen, "config.json: layer_types[%d] must be "
+                      "full_attention or sliding_attention", l);
+                return MOE_EUNSUPPORTED;
+            }
+            n_slide += strcmp(s->u.string, "sliding_attention") == 0;
+        }
+    } else if (use) {
+        for (l = 0; l < hp->n_layers; l++) {
+            if (hp->arch == MOE_ARCH_QWEN2) {
+                n_slide += l >= mwl;
+            } else if (hp->arch == MOE_ARCH_QWEN2_MOE) {
+                n_slide += (l + 1) % 2 != 0 && l < mwl;
+            } else {
+                n_slide++;          /* Qwen3-MoE: every layer */
+            }
+        }
+    }
+    if (n_slide == 0 || win == 0) {
+        hp->sliding_window = 0;
+        return MOE_OK;
+    }
+    if (n_slide != hp->n_layers) {
+        m_err(err, errlen, "config.json: sliding-window attention on %d of "
+              "%d layers is not supported (only all or none)", n_slide,
+              hp->n_layers);
+        return MOE_EUNSUPPORTED;
+    }
+    hp->sliding_window = (int) win;
+    return MOE_OK;
+}
+
+
+/* Qwen2-MoE / Qwen3-MoE: experts, routing and the dense-layer plan. */
+static int
+m_qwen_moe(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
+{
+    int        qwen2 = hp->arch == MOE_ARCH_QWEN2_MOE;
+    long long  x, step;
+    int        b, l, rc;
+    yajl_val   v;
+    size_t     i;
+
+#define CHECK(expr) do { rc = (expr); if (rc != MOE_OK) return rc; } while (0)
+
+    CHECK(m_int(root, "config.json", "num_experts", qwen2 ? 60 : 128, 1, &x,
+                err, errlen));
+    hp->n_experts = (int) x;
+    CHECK(m_int(root, "config.json", "num_experts_per_tok", qwen2 ? 4 : 8, 1,
+                &x, err, errlen));
+    hp->top_k = (int) x;
+    if (hp->top_k > hp->n_experts) {
+        m_err(err, errlen, "config.json: num_experts_per_tok %d > "
+              "num_experts %d", hp->top_k, hp->n_experts);
+        return MOE_EFORMAT;
+    }
+    CHECK(m_int(root, "config.json", "moe_intermediate_size",
+                qwen2 ? 1408 : 768, 1, &x, err, errlen));
+    hp->dense_ffn_dim = hp->ffn_dim;          /* intermediate_size */
+    hp->ffn_dim = (int) x;
+    CHECK(m_bool(root, "config.json", "norm_topk_prob", 0, &b, err, errlen));
+    hp->router_no_renorm = !b;
+    if (qwen2) {
+        CHECK(m_int(root, "config.json", "shared_expert_intermediate_size",
+                    5632, 1, &x, err, errlen));
+        hp->shared_ffn_dim = (int) x;
+    }
+    CHECK(m_int(root, "config.json", "decoder_sparse_step", 1, 1, &step, err,
+                errlen));
+    for (l = 0; l < hp->n_layers; l++) {
+        hp->layer_dense[l] = (l + 1) % step != 0;
+    }
+    v = m_get(root, "mlp_only_layers");
+    if (v != NULL && !YAJL_IS_NULL(v)) {
+        if (!YAJL_IS_ARRAY(v)) {
+            m_err(err, errlen, "config.json: 'mlp_only_layers' must be a "
+                  "list of layer indices");
+            return MOE_EFORMAT;
+        }
+        for (i = 0; i < v->u.array.len; i++) {
+            yajl_val e = v->u.array.values[i];
+
+            if (!YAJL_IS_INTEGER(e) || YAJL_GET_INTEGER(e) < 0
+                || YAJL_GET_INTEGER(e) >= hp->n_layers)
+            {
+                m_err(err, errlen, "config.json: mlp_only_layers[%zu] must "
+                      "be a layer index below %d", i, hp->n_layers);
+                return MOE_EFORMAT;
+            }
+            hp->layer_dense[YAJL_GET_INTEGER(e)] = 1;
+        }
+    }
+    hp->n_dense_layers = 0;
+    for (l = 0; l < hp->n_layers; l++) {
+        hp->n_dense_layers += hp->layer_dense[l];
+    }
+    if (hp->n_dense_layers == 0) {
+        hp->dense_ffn_dim = 0;
+    }
+#undef CHECK
+    return MOE_OK;
+}
+
+
+/* GPT2LMHeadModel: GPT2Config's own names (n_embd, n_layer, ...). */
+static int
+m_parse_gpt2(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
+{
+    static const char *const k_dim[] = { "n_embd", "hidden_size", NULL };
+    static const char *const k_lay[] = { "n_layer", "num_hidden_layers",
+                                         NULL };
+    static const char *const k_head[] = { "n_head", "num_attention_heads",
+                                          NULL };
+    static const char *const k_pos[] = { "n_positions",
+                                         "max_position_embeddings", "n_ctx",
+                                         NULL };
+    static const char *const k_voc[] = { "vocab_size", NULL };
+    const char *act;
+    long long   x;
+    double      d;
+    int         b, rc;
+
+#define CHECK(expr) do { rc = (expr); if (rc != MOE_OK) return rc; } while (0)
+
+    CHECK(m_req_int(root, k_dim, 1, &hp->dim, err, errlen));
+    CHECK(m_req_int(root, k_lay, 1, &hp->n_layers, err, errlen));
+    CHECK(m_req_int(root, k_head, 1, &hp->n_heads, err, errlen));
+    CHECK(m_req_int(root, k_voc, 1, &hp->vocab_size, err, errlen));
+    if (m_key(root, k_pos) == NULL) {
+        hp->max_pos = 1024;
+    } else {
+        CHECK(m_req_int(root, k_pos, 1, &hp->max_pos, err, errlen));
+    }
+    if (hp->dim % hp->n_heads != 0) {
+        m_err(err, errlen, "config.json: n_embd %d is not a multiple of "
+              "n_head %d", hp->dim, hp->n_heads);
+        return MOE_EFORMAT;
+    }
+    hp->n_kv_heads = hp->n_heads;
+    hp->head_dim = hp->dim / hp->n_heads;
+    CHECK(m_int(root, "config.json", "n_inner", 4ll * hp->dim, 1, &x, err,
+                errlen));
+    hp->ffn_dim = (int) x;
+    hp->n_experts = 1;
+    hp->top_k = 1;
+    hp->rope_theta = 10000.0f;                /* unused: no RoPE */
+    CHECK(m_num(root, "config.json", "layer_norm_epsilon", 1e-5, &d, err,
+                errlen));
+    hp->norm_eps = (float) d;
+    CHECK(m_bool(root, "config.json", "tie_word_embeddings", 1,
+                 &hp->tie_embeddings, err, errlen));
+
+    CHECK(m_str(root, "activation_function", "gelu_new", &act, err,
+                errlen));
+    if (strcmp(act, "gelu_new") == 0
+        || strcmp(act, "gelu_pytorch_tanh") == 0)
+    {
+        hp->act = MOE_ACT_GELU_TANH;
+    } else if (strcmp(act, "gelu") == 0) {
+        hp->act = MOE_ACT_GELU;
+    } else {
+        m_err(err, errlen, "config.json: activation_function '%.32s' is not "
+              "supported (gelu_new, gelu_pytorch_tanh, gelu)", act);
+        return MOE_EUNSUPPORTED;
+    }
+    CHECK(m_bool(root, "config.json", "scale_attn_weights", 1, &b, err,
+                 errlen));
+    if (!b) {
+        m_err(err, errlen, "config.json: scale_attn_weights false is not "
+              "supported");
+        return MOE_EUNSUPPORTED;
+    }
+    CHECK(m_bool(root, "config.json", "scale_attn_by_inverse_layer_idx", 0,
+                 &b, err, errlen));
+    if (b) {
+        m_err(err, errlen, "config.json: scale_attn_by_inverse_layer_idx is "
+              "not supported");
+        return MOE_EUNSUPPORTED;
+    }
+    CHECK(m_bool(root, "config.json", "add_cross_attention", 0, &b, err,
+                 errlen));
+    if (b) {
+        m_err(err, errlen, "config.json: add_cross_attention is not "
+              "supported");
+        return MOE_EUNSUPPORTED;
+    }
+    hp->norm_layer = 1;
+    hp->ffn_ungated = 1;
+    hp->learned_pos = 1;
+    hp->qkv_bias = 1;
+    hp->o_bias = 1;
+    hp->mlp_bias = 1;
+#undef CHECK
+    return MOE_OK;
+}
+
+
 static int
 m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
 {
+    static const struct {
+        const char  *name;
+        moe_arch_t   arch;
+    } archs[] = {
+        { "LlamaForCausalLM", MOE_ARCH_LLAMA },
+        { "MistralForCausalLM", MOE_ARCH_MISTRAL },
+        { "MixtralForCausalLM", MOE_ARCH_MIXTRAL },
+        { "Qwen2ForCausalLM", MOE_ARCH_QWEN2 },
+        { "Qwen2MoeForCausalLM", MOE_ARCH_QWEN2_MOE },
+        { "Qwen3MoeForCausalLM", MOE_ARCH_QWEN3_MOE },
+        { "GPT2LMHeadModel", MOE_ARCH_GPT2 },
+    };
     char        path[MOE_PATH_MAX + 64];
     yajl_val    root, v, groot;
     long long   x;
     double      d;
     int         rc, b;
-    const char *arch;
+    size_t      i;
+    const char *arch, *act;
     int32_t     eos[8];
-    int         n_eos;
+    int         n_eos, qwen_moe;
 
     memset(hp, 0, sizeof(*hp));
     snprintf(path, sizeof(path), "%s/config.json", dir);
@@ -309,19 +639,32 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
         goto done;
     }
     arch = v->u.array.values[0]->u.string;
-    if (strcmp(arch, "LlamaForCausalLM") == 0) {
-        hp->arch = MOE_ARCH_LLAMA;
-    } else if (strcmp(arch, "MistralForCausalLM") == 0) {
-        hp->arch = MOE_ARCH_MISTRAL;
-    } else if (strcmp(arch, "MixtralForCausalLM") == 0) {
-        hp->arch = MOE_ARCH_MIXTRAL;
-    } else {
+    for (i = 0; i < sizeof(archs) / sizeof(archs[0]); i++) {
+        if (strcmp(arch, archs[i].name) == 0) {
+            hp->arch = archs[i].arch;
+            break;
+        }
+    }
+    if (hp->arch == 0) {
         m_err(err, errlen, "config.json: architecture '%.64s' is not "
               "supported (supported: %s)", arch, supported_archs);
         rc = MOE_EUNSUPPORTED;
         goto done;
     }
     snprintf(hp->arch_name, sizeof(hp->arch_name), "%s", arch);
+    qwen_moe = hp->arch == MOE_ARCH_QWEN2_MOE
+               || hp->arch == MOE_ARCH_QWEN3_MOE;
+
+    if (hp->arch == MOE_ARCH_GPT2) {
+        CHECK(m_parse_gpt2(root, hp, err, errlen));
+        if (hp->n_layers > MOE_MAX_LAYERS) {
+            m_err(err, errlen, "config.json: %d layers (at most %d)",
+                  hp->n_layers, MOE_MAX_LAYERS);
+            rc = MOE_EUNSUPPORTED;
+            goto done;
+        }
+        goto ids;
+    }
 
     CHECK(m_int(root, "config.json", "hidden_size", -1, 1, &x, err, errlen));
     hp->dim = (int) x;
@@ -343,6 +686,12 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
               "num_hidden_layers, num_attention_heads, intermediate_size "
               "and vocab_size");
         rc = MOE_EFORMAT;
+        goto done;
+    }
+    if (hp->n_layers > MOE_MAX_LAYERS) {
+        m_err(err, errlen, "config.json: %d layers (at most %d)",
+              hp->n_layers, MOE_MAX_LAYERS);
+        rc = MOE_EUNSUPPORTED;
         goto done;
     }
     CHECK(m_int(root, "config.json", "num_key_value_heads", hp->n_heads, 1,
@@ -381,6 +730,8 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
             rc = MOE_EFORMAT;
             goto done;
         }
+    } else if (qwen_moe) {
+        CHECK(m_qwen_moe(root, hp, err, errlen));
     } else {
         hp->n_experts = 1;
         hp->top_k = 1;
@@ -400,34 +751,52 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
     CHECK(m_bool(root, "config.json", "tie_word_embeddings", 0,
                  &hp->tie_embeddings, err, errlen));
 
-    v = m_get(root, "hidden_act");
-    if (v != NULL && !YAJL_IS_NULL(v)
-        && (!YAJL_IS_STRING(v) || strcmp(v->u.string, "silu") != 0))
-    {
+    CHECK(m_str(root, "hidden_act", "silu", &act, err, errlen));
+    if (strcmp(act, "silu") != 0) {
         m_err(err, errlen, "config.json: hidden_act '%.32s' is not supported "
-              "(only silu)", YAJL_IS_STRING(v) ? v->u.string : "?");
-        rc = MOE_EUNSUPPORTED;
-        goto done;
-    }
-    CHECK(m_bool(root, "config.json", "attention_bias", 0, &b, err, errlen));
-    if (b) {
-        m_err(err, errlen, "config.json: attention_bias is not supported");
-        rc = MOE_EUNSUPPORTED;
-        goto done;
-    }
-    CHECK(m_bool(root, "config.json", "mlp_bias", 0, &b, err, errlen));
-    if (b) {
-        m_err(err, errlen, "config.json: mlp_bias is not supported");
+              "(only silu)", act);
         rc = MOE_EUNSUPPORTED;
         goto done;
     }
 
-    if (hp->arch != MOE_ARCH_LLAMA) {
+    /* attention biases: Qwen2 always has q/k/v bias; Qwen2-MoE by
+     * qkv_bias; Llama / Qwen3-MoE by attention_bias (q, k, v and o) */
+    CHECK(m_bool(root, "config.json", "attention_bias", 0, &b, err, errlen));
+    if (hp->arch == MOE_ARCH_QWEN2) {
+        hp->qkv_bias = 1;
+    } else if (hp->arch == MOE_ARCH_QWEN2_MOE) {
+        CHECK(m_bool(root, "config.json", "qkv_bias", 1, &hp->qkv_bias, err,
+                     errlen));
+    } else if (hp->arch == MOE_ARCH_LLAMA
+               || hp->arch == MOE_ARCH_QWEN3_MOE)
+    {
+        hp->qkv_bias = b;
+        hp->o_bias = b;
+    } else if (b) {
+        m_err(err, errlen, "config.json: attention_bias is not supported "
+              "for %s", arch);
+        rc = MOE_EUNSUPPORTED;
+        goto done;
+    }
+    hp->qk_norm = hp->arch == MOE_ARCH_QWEN3_MOE;
+    CHECK(m_bool(root, "config.json", "mlp_bias", 0, &b, err, errlen));
+    if (b && hp->arch != MOE_ARCH_LLAMA) {
+        m_err(err, errlen, "config.json: mlp_bias is not supported for %s",
+              arch);
+        rc = MOE_EUNSUPPORTED;
+        goto done;
+    }
+    hp->mlp_bias = b;
+
+    if (hp->arch == MOE_ARCH_MISTRAL || hp->arch == MOE_ARCH_MIXTRAL) {
         CHECK(m_int(root, "config.json", "sliding_window", 0, 0, &x, err,
                     errlen));
         hp->sliding_window = (int) x;
+    } else if (hp->arch != MOE_ARCH_LLAMA) {
+        CHECK(m_qwen_window(root, hp, err, errlen));
     }
 
+ids:
     CHECK(m_int(root, "config.json", "bos_token_id", -1, -1, &x, err,
                 errlen));
     hp->bos_id = (int32_t) x;
@@ -538,10 +907,12 @@ m_load(m_ctx_t *c, const char *name, float *dst, int64_t d0, int64_t d1)
 }
 
 
+/* Zeroed: rows a layer does not use (the experts of a dense layer of an
+ * MoE model) stay 0. */
 static float *
 m_alloc(size_t n)
 {
-    return malloc((n ? n : 1) * sizeof(float));
+    return calloc(n ? n : 1, sizeof(float));
 }
 
 
@@ -664,20 +1035,154 @@ m_load_experts(m_ctx_t *c, const moe_hparams_t *hp, moe_weights_t *w, int l)
 }
 
 
+/* Load a GPT-2 Conv1D weight, stored (in, out), as nn.Linear rows: dst
+ * (n_cols, in) = columns [col0, col0 + n_cols) of the (in, out) tensor,
+ * transposed.  tmp holds in * out floats. */
 static int
-m_load_weights(moe_model_t *m, char *err, size_t errlen)
+m_load_conv1d(m_ctx_t *c, const char *name, int64_t in, int64_t out,
+    float *tmp, float **dst, const int64_t *col0, int n_parts, int64_t n_cols)
+{
+    int64_t i, o;
+    int     p, rc;
+
+    rc = m_load(c, name, tmp, in, out);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    for (p = 0; p < n_parts; p++) {
+        for (o = 0; o < n_cols; o++) {
+            for (i = 0; i < in; i++) {
+                dst[p][o * in + i] = tmp[i * out + col0[p] + o];
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+
+/* GPT2LMHeadModel: names with or without the "transformer." prefix; the
+ * attn.bias / attn.masked_bias buffers some checkpoints hold are ignored. */
+static int
+m_load_gpt2(moe_model_t *m, m_ctx_t *c)
 {
     const moe_hparams_t *hp = &m->hp;
     moe_weights_t       *w = &m->w;
-    m_ctx_t              c;
-    size_t               D, L, V, Q, KV, F, E;
+    size_t               D = (size_t) hp->dim, F = (size_t) hp->ffn_dim;
+    size_t               V = (size_t) hp->vocab_size;
+    const char          *pre;
     char                 name[256];
+    float               *tmp, *dst[3];
+    int64_t              col0[3];
     int                  l, rc;
 
-    c.dir = m->dir;
-    c.st = m->st;
-    c.err = err;
-    c.errlen = errlen;
+    pre = moe_st_find(c->st, "transformer.wte.weight") != NULL
+          ? "transformer." : "";
+    tmp = m_alloc(D * (3 * D > F ? 3 * D : F));
+    if (tmp == NULL) {
+        m_err(c->err, c->errlen, "%s: out of memory", c->dir);
+        return MOE_ENOMEM;
+    }
+
+#define NAME(...) snprintf(name, sizeof(name), __VA_ARGS__)
+#define LOAD(dst_, d0, d1)                                                   \
+    do {                                                                     \
+        rc = m_load(c, name, dst_, (int64_t) (d0), (int64_t) (d1));          \
+        if (rc != MOE_OK) {                                                  \
+            goto done;                                                       \
+        }                                                                    \
+    } while (0)
+
+    NAME("%swte.weight", pre);
+    LOAD(w->embed, V, D);
+    NAME("%swpe.weight", pre);
+    LOAD(w->pos_embed, hp->max_pos, D);
+    NAME("%sln_f.weight", pre);
+    LOAD(w->final_norm, D, 0);
+    NAME("%sln_f.bias", pre);
+    LOAD(w->final_norm_b, D, 0);
+    if (!hp->tie_embeddings) {
+        NAME("lm_head.weight");
+        LOAD(w->lm_head, V, D);
+    }
+    for (l = 0; l < hp->n_layers; l++) {
+        size_t lu = (size_t) l;
+
+        NAME("%sh.%d.ln_1.weight", pre, l);
+        LOAD(w->attn_norm + lu * D, D, 0);
+        NAME("%sh.%d.ln_1.bias", pre, l);
+        LOAD(w->attn_norm_b + lu * D, D, 0);
+        NAME("%sh.%d.ln_2.weight", pre, l);
+        LOAD(w->ffn_norm + lu * D, D, 0);
+        NAME("%sh.%d.ln_2.bias", pre, l);
+        LOAD(w->ffn_norm_b + lu * D, D, 0);
+
+        /* c_attn (D, 3D) = [q | k | v] columns */
+        NAME("%sh.%d.attn.c_attn.weight", pre, l);
+        dst[0] = w->wq + lu * D * D;
+        dst[1] = w->wk + lu * D * D;
+        dst[2] = w->wv + lu * D * D;
+        col0[0] = 0;
+        col0[1] = (int64_t) D;
+        col0[2] = (int64_t) (2 * D);
+        rc = m_load_conv1d(c, name, (int64_t) D, (int64_t) (3 * D), tmp, dst,
+                           col0, 3, (int64_t) D);
+        if (rc != MOE_OK) {
+            goto done;
+        }
+        NAME("%sh.%d.attn.c_attn.bias", pre, l);
+        LOAD(tmp, 3 * D, 0);
+        memcpy(w->bq + lu * D, tmp, D * sizeof(float));
+        memcpy(w->bk + lu * D, tmp + D, D * sizeof(float));
+        memcpy(w->bv + lu * D, tmp + 2 * D, D * sizeof(float));
+
+        NAME("%sh.%d.attn.c_proj.weight", pre, l);
+        dst[0] = w->wo + lu * D * D;
+        col0[0] = 0;
+        rc = m_load_conv1d(c, name, (int64_t) D, (int64_t) D, tmp, dst, col0,
+                           1, (int64_t) D);
+        if (rc != MOE_OK) {
+            goto done;
+        }
+        NAME("%sh.%d.attn.c_proj.bias", pre, l);
+        LOAD(w->bo + lu * D, D, 0);
+
+        NAME("%sh.%d.mlp.c_fc.weight", pre, l);
+        dst[0] = w->w_up + lu * F * D;
+        rc = m_load_conv1d(c, name, (int64_t) D, (int64_t) F, tmp, dst, col0,
+                           1, (int64_t) F);
+        if (rc != MOE_OK) {
+            goto done;
+        }
+        NAME("%sh.%d.mlp.c_fc.bias", pre, l);
+        LOAD(w->b_up + lu * F, F, 0);
+        NAME("%sh.%d.mlp.c_proj.weight", pre, l);
+        dst[0] = w->w_down + lu * D * F;
+        rc = m_load_conv1d(c, name, (int64_t) F, (int64_t) D, tmp, dst, col0,
+                           1, (int64_t) D);
+        if (rc != MOE_OK) {
+            goto done;
+        }
+        NAME("%sh.%d.mlp.c_proj.bias", pre, l);
+        LOAD(w->b_down + lu * D, D, 0);
+    }
+    rc = MOE_OK;
+#undef LOAD
+#undef NAME
+
+done:
+    free(tmp);
+    return rc;
+}
+
+
+/* Allocate every array the hparams ask for (zeroed); MOE_ENOMEM. */
+static int
+m_alloc_weights(moe_model_t *m, char *err, size_t errlen)
+{
+    const moe_hparams_t *hp = &m->hp;
+    moe_weights_t       *w = &m->w;
+    size_t               D, L, V, Q, KV, F, E, HD, FS, FD;
+    int                  moe, bad;
 
     D = (size_t) hp->dim;
     L = (size_t) hp->n_layers;
@@ -686,6 +1191,11 @@ m_load_weights(moe_model_t *m, char *err, size_t errlen)
     KV = (size_t) hp->n_kv_heads * (size_t) hp->head_dim;
     F = (size_t) hp->ffn_dim;
     E = (size_t) hp->n_experts;
+    HD = (size_t) hp->head_dim;
+    FS = (size_t) hp->shared_ffn_dim;
+    FD = (size_t) hp->dense_ffn_dim;
+    moe = hp->arch == MOE_ARCH_MIXTRAL || hp->arch == MOE_ARCH_QWEN2_MOE
+          || hp->arch == MOE_ARCH_QWEN3_MOE;
 
     w->embed = m_alloc(V * D);
     w->attn_norm = m_alloc(L * D);
@@ -694,20 +1204,86 @@ m_load_weights(moe_model_t *m, char *err, size_t errlen)
     w->wv = m_alloc(L * KV * D);
     w->wo = m_alloc(L * D * Q);
     w->ffn_norm = m_alloc(L * D);
-    w->router = hp->arch == MOE_ARCH_MIXTRAL ? m_alloc(L * E * D) : NULL;
-    w->w_gate = m_alloc(L * E * F * D);
+    w->router = moe ? m_alloc(L * E * D) : NULL;
+    w->w_gate = hp->ffn_ungated ? NULL : m_alloc(L * E * F * D);
     w->w_up = m_alloc(L * E * F * D);
     w->w_down = m_alloc(L * E * D * F);
     w->final_norm = m_alloc(D);
     w->lm_head = hp->tie_embeddings ? w->embed : m_alloc(V * D);
-    if (!w->embed || !w->attn_norm || !w->wq || !w->wk || !w->wv || !w->wo
-        || !w->ffn_norm || (hp->arch == MOE_ARCH_MIXTRAL && !w->router)
-        || !w->w_gate || !w->w_up || !w->w_down || !w->final_norm
-        || !w->lm_head)
-    {
+    bad = !w->embed || !w->attn_norm || !w->wq || !w->wk || !w->wv || !w->wo
+          || !w->ffn_norm || (moe && !w->router)
+          || (!hp->ffn_ungated && !w->w_gate) || !w->w_up || !w->w_down
+          || !w->final_norm || !w->lm_head;
+
+#define OPT(cond, field, n)                                                  \
+    do {                                                                     \
+        if (cond) {                                                          \
+            w->field = m_alloc(n);                                           \
+            bad |= w->field == NULL;                                         \
+        }                                                                    \
+    } while (0)
+
+    OPT(hp->learned_pos, pos_embed, (size_t) hp->max_pos * D);
+    OPT(hp->norm_layer, attn_norm_b, L * D);
+    OPT(hp->norm_layer, ffn_norm_b, L * D);
+    OPT(hp->norm_layer, final_norm_b, D);
+    OPT(hp->qkv_bias, bq, L * Q);
+    OPT(hp->qkv_bias, bk, L * KV);
+    OPT(hp->qkv_bias, bv, L * KV);
+    OPT(hp->o_bias, bo, L * D);
+    OPT(hp->qk_norm, q_norm, L * HD);
+    OPT(hp->qk_norm, k_norm, L * HD);
+    OPT(hp->mlp_bias && !hp->ffn_ungated, b_gate, L * F);
+    OPT(hp->mlp_bias, b_up, L * F);
+    OPT(hp->mlp_bias, b_down, L * D);
+    OPT(FS > 0, ws_gate, L * FS * D);
+    OPT(FS > 0, ws_up, L * FS * D);
+    OPT(FS > 0, ws_down, L * D * FS);
+    OPT(FS > 0, ws_gate_inp, L * D);
+    OPT(hp->n_dense_layers > 0, wd_gate, L * FD * D);
+    OPT(hp->n_dense_layers > 0, wd_up, L * FD * D);
+    OPT(hp->n_dense_layers > 0, wd_down, L * D * FD);
+#undef OPT
+
+    if (bad) {
         m_err(err, errlen, "%s: out of memory for fp32 weights", m->dir);
         return MOE_ENOMEM;
     }
+    return MOE_OK;
+}
+
+
+static int
+m_load_weights(moe_model_t *m, char *err, size_t errlen)
+{
+    const moe_hparams_t *hp = &m->hp;
+    moe_weights_t       *w = &m->w;
+    m_ctx_t              c;
+    size_t               D, V, Q, KV, F, HD, FS, FD;
+    char                 name[256];
+    int                  l, rc;
+
+    c.dir = m->dir;
+    c.st = m->st;
+    c.err = err;
+    c.errlen = errlen;
+
+    rc = m_alloc_weights(m, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (hp->arch == MOE_ARCH_GPT2) {
+        return m_load_gpt2(m, &c);
+    }
+
+    D = (size_t) hp->dim;
+    V = (size_t) hp->vocab_size;
+    Q = (size_t) hp->n_heads * (size_t) hp->head_dim;
+    KV = (size_t) hp->n_kv_heads * (size_t) hp->head_dim;
+    F = (size_t) hp->ffn_dim;
+    HD = (size_t) hp->head_dim;
+    FS = (size_t) hp->shared_ffn_dim;
+    FD = (size_t) hp->dense_ffn_dim;
 
 #define LOAD(nm, dst, d0, d1)                                                \
     do {                                                                     \
@@ -716,6 +1292,7 @@ m_load_weights(moe_model_t *m, char *err, size_t errlen)
             return rc;                                                       \
         }                                                                    \
     } while (0)
+#define NAME(...) snprintf(name, sizeof(name), __VA_ARGS__)
 
     LOAD("model.embed_tokens.weight", w->embed, V, D);
     LOAD("model.norm.weight", w->final_norm, D, 0);
@@ -726,43 +1303,79 @@ m_load_weights(moe_model_t *m, char *err, size_t errlen)
     for (l = 0; l < hp->n_layers; l++) {
         size_t lu = (size_t) l;
 
-        snprintf(name, sizeof(name), "model.layers.%d.input_layernorm.weight",
-                 l);
+        NAME("model.layers.%d.input_layernorm.weight", l);
         LOAD(name, w->attn_norm + lu * D, D, 0);
-        snprintf(name, sizeof(name),
-                 "model.layers.%d.post_attention_layernorm.weight", l);
+        NAME("model.layers.%d.post_attention_layernorm.weight", l);
         LOAD(name, w->ffn_norm + lu * D, D, 0);
-        snprintf(name, sizeof(name), "model.layers.%d.self_attn.q_proj.weight",
-                 l);
+        NAME("model.layers.%d.self_attn.q_proj.weight", l);
         LOAD(name, w->wq + lu * Q * D, Q, D);
-        snprintf(name, sizeof(name), "model.layers.%d.self_attn.k_proj.weight",
-                 l);
+        NAME("model.layers.%d.self_attn.k_proj.weight", l);
         LOAD(name, w->wk + lu * KV * D, KV, D);
-        snprintf(name, sizeof(name), "model.layers.%d.self_attn.v_proj.weight",
-                 l);
+        NAME("model.layers.%d.self_attn.v_proj.weight", l);
         LOAD(name, w->wv + lu * KV * D, KV, D);
-        snprintf(name, sizeof(name), "model.layers.%d.self_attn.o_proj.weight",
-                 l);
+        NAME("model.layers.%d.self_attn.o_proj.weight", l);
         LOAD(name, w->wo + lu * D * Q, D, Q);
+        if (hp->qkv_bias) {
+            NAME("model.layers.%d.self_attn.q_proj.bias", l);
+            LOAD(name, w->bq + lu * Q, Q, 0);
+            NAME("model.layers.%d.self_attn.k_proj.bias", l);
+            LOAD(name, w->bk + lu * KV, KV, 0);
+            NAME("model.layers.%d.self_attn.v_proj.bias", l);
+            LOAD(name, w->bv + lu * KV, KV, 0);
+        }
+        if (hp->o_bias) {
+            NAME("model.layers.%d.self_attn.o_proj.bias", l);
+            LOAD(name, w->bo + lu * D, D, 0);
+        }
+        if (hp->qk_norm) {
+            NAME("model.layers.%d.self_attn.q_norm.weight", l);
+            LOAD(name, w->q_norm + lu * HD, HD, 0);
+            NAME("model.layers.%d.self_attn.k_norm.weight", l);
+            LOAD(name, w->k_norm + lu * HD, HD, 0);
+        }
 
-        if (hp->arch == MOE_ARCH_MIXTRAL) {
+        if (w->router != NULL && hp->layer_dense[l]) {
+            /* a dense MLP layer of an MoE model (mlp_only_layers) */
+            NAME("model.layers.%d.mlp.gate_proj.weight", l);
+            LOAD(name, w->wd_gate + lu * FD * D, FD, D);
+            NAME("model.layers.%d.mlp.up_proj.weight", l);
+            LOAD(name, w->wd_up + lu * FD * D, FD, D);
+            NAME("model.layers.%d.mlp.down_proj.weight", l);
+            LOAD(name, w->wd_down + lu * D * FD, D, FD);
+        } else if (w->router != NULL) {
             rc = m_load_experts(&c, hp, w, l);
             if (rc != MOE_OK) {
                 return rc;
             }
+            if (FS > 0) {
+                NAME("model.layers.%d.mlp.shared_expert.gate_proj.weight", l);
+                LOAD(name, w->ws_gate + lu * FS * D, FS, D);
+                NAME("model.layers.%d.mlp.shared_expert.up_proj.weight", l);
+                LOAD(name, w->ws_up + lu * FS * D, FS, D);
+                NAME("model.layers.%d.mlp.shared_expert.down_proj.weight", l);
+                LOAD(name, w->ws_down + lu * D * FS, D, FS);
+                NAME("model.layers.%d.mlp.shared_expert_gate.weight", l);
+                LOAD(name, w->ws_gate_inp + lu * D, 1, D);
+            }
         } else {
-            snprintf(name, sizeof(name),
-                     "model.layers.%d.mlp.gate_proj.weight", l);
+            NAME("model.layers.%d.mlp.gate_proj.weight", l);
             LOAD(name, w->w_gate + lu * F * D, F, D);
-            snprintf(name, sizeof(name),
-                     "model.layers.%d.mlp.up_proj.weight", l);
+            NAME("model.layers.%d.mlp.up_proj.weight", l);
             LOAD(name, w->w_up + lu * F * D, F, D);
-            snprintf(name, sizeof(name),
-                     "model.layers.%d.mlp.down_proj.weight", l);
+            NAME("model.layers.%d.mlp.down_proj.weight", l);
             LOAD(name, w->w_down + lu * D * F, D, F);
+            if (hp->mlp_bias) {
+                NAME("model.layers.%d.mlp.gate_proj.bias", l);
+                LOAD(name, w->b_gate + lu * F, F, 0);
+                NAME("model.layers.%d.mlp.up_proj.bias", l);
+                LOAD(name, w->b_up + lu * F, F, 0);
+                NAME("model.layers.%d.mlp.down_proj.bias", l);
+                LOAD(name, w->b_down + lu * D, D, 0);
+            }
         }
     }
 #undef LOAD
+#undef NAME
     return MOE_OK;
 }
 
@@ -842,6 +1455,26 @@ moe_model_free(moe_model_t *m)
     free(w->w_up);
     free(w->w_down);
     free(w->final_norm);
+    free(w->pos_embed);
+    free(w->attn_norm_b);
+    free(w->ffn_norm_b);
+    free(w->final_norm_b);
+    free(w->bq);
+    free(w->bk);
+    free(w->bv);
+    free(w->bo);
+    free(w->q_norm);
+    free(w->k_norm);
+    free(w->b_gate);
+    free(w->b_up);
+    free(w->b_down);
+    free(w->ws_gate);
+    free(w->ws_up);
+    free(w->ws_down);
+    free(w->ws_gate_inp);
+    free(w->wd_gate);
+    free(w->wd_up);
+    free(w->wd_down);
     moe_st_close(m->st);
     free(m);
 }

@@ -107,7 +107,8 @@ typedef struct {
     float *wo;          /* (n_layers, dim, n_heads * head_dim) */
     float *ffn_norm;    /* (n_layers, dim) */
     float *router;      /* (n_layers, n_experts, dim); NULL when dense */
-    float *w_gate;      /* (n_layers, n_experts, ffn_dim, dim)  w1 */
+    float *w_gate;      /* (n_layers, n_experts, ffn_dim, dim)  w1; NULL when
+                           ffn_ungated */
     float *w_up;        /* (n_layers, n_experts, ffn_dim, dim)  w3 */
     float *w_down;      /* (n_layers, n_experts, dim, ffn_dim)  w2 */
     float *final_norm;  /* (dim) */

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write a tiny random Hugging Face model directory (Llama, Mistral, Mixtral).
+"""Write a tiny random Hugging Face model directory (Llama, Mistral, Mixtral,
+Qwen2, Qwen2-MoE, Qwen3-MoE, GPT-2).
 
 Python 3 standard library only.  Output is deterministic for a given seed:
 
@@ -165,14 +166,20 @@ DTYPES = {"f32": ("F32", f32_bytes, 4), "f16": ("F16", f16_bytes, 2),
           "bf16": ("BF16", bf16_bytes, 2)}
 
 
+# Buffers some checkpoints carry next to the weights (GPT-2's causal mask
+# attn.bias / attn.masked_bias): always float32, whatever --dtype says.
+F32_BUFFERS = re.compile(r".*\.attn\.(masked_)?bias$")
+
+
 def write_safetensors(path, tensors, dtype):
     """tensors: list of (name, shape, values) in the order to write."""
-    st_name, conv, esize = DTYPES[dtype]
     header = collections.OrderedDict()
     header["__metadata__"] = {"format": "pt"}
     off = 0
     blobs = []
     for name, shape, vals in tensors:
+        st_name, conv, esize = DTYPES["f32" if F32_BUFFERS.match(name)
+                                      else dtype]
         n = 1
         for d in shape:
             n *= d
@@ -199,13 +206,58 @@ class Gen:
         g = self.r.gauss
         return [g(0.0, std) for _ in range(n)]
 
-    def norm_weight(self, n):
+    def norm_weight(self, n, spread=0.1):
         u = self.r.uniform
-        return [1.0 + u(-0.1, 0.1) for _ in range(n)]
+        return [1.0 + u(-spread, spread) for _ in range(n)]
+
+
+def build_gpt2_weights(a, vocab):
+    """GPT2LMHeadModel weights: Conv1D weights stored (in, out), biases,
+    LayerNorms with bias, learned positions, the attn.bias causal-mask
+    buffers DialoGPT's checkpoint holds; lm_head tied to wte."""
+    g = Gen(a.seed)
+    d, ff, P = a.dim, a.ffn, a.max_pos
+    p0 = a.prefix
+    w = collections.OrderedDict()
+    w[p0 + "wte.weight"] = ([vocab, d], g.normal(vocab * d, 1.0))
+    w[p0 + "wpe.weight"] = ([P, d], g.normal(P * d, 0.5))
+    mask = [1.0 if j <= i else 0.0 for i in range(P) for j in range(P)]
+    for l in range(a.layers):
+        p = p0 + "h.%d." % l
+        w[p + "ln_1.weight"] = ([d], g.norm_weight(d, 0.3))
+        w[p + "ln_1.bias"] = ([d], g.normal(d, 0.2))
+        w[p + "attn.bias"] = ([1, 1, P, P], mask)
+        w[p + "attn.masked_bias"] = ([], [-1e4])
+        w[p + "attn.c_attn.weight"] = ([d, 3 * d],
+                                       g.normal(3 * d * d, 1.5 / math.sqrt(d)))
+        w[p + "attn.c_attn.bias"] = ([3 * d], g.normal(3 * d, 0.3))
+        w[p + "attn.c_proj.weight"] = ([d, d], g.normal(d * d,
+                                                        1 / math.sqrt(d)))
+        w[p + "attn.c_proj.bias"] = ([d], g.normal(d, 0.2))
+        w[p + "ln_2.weight"] = ([d], g.norm_weight(d, 0.3))
+        w[p + "ln_2.bias"] = ([d], g.normal(d, 0.2))
+        w[p + "mlp.c_fc.weight"] = ([d, ff], g.normal(d * ff,
+                                                      1.5 / math.sqrt(d)))
+        w[p + "mlp.c_fc.bias"] = ([ff], g.normal(ff, 0.3))
+        w[p + "mlp.c_proj.weight"] = ([ff, d], g.normal(ff * d,
+                                                        1 / math.sqrt(ff)))
+        w[p + "mlp.c_proj.bias"] = ([d], g.normal(d, 0.2))
+    w[p0 + "ln_f.weight"] = ([d], g.norm_weight(d, 0.3))
+    w[p0 + "ln_f.bias"] = ([d], g.normal(d, 0.2))
+    return w
+
+
+def swiglu(w, g, pre, ff, d):
+    w[pre + "gate_proj.weight"] = ([ff, d], g.normal(ff * d, 1 / math.sqrt(d)))
+    w[pre + "up_proj.weight"] = ([ff, d], g.normal(ff * d, 1 / math.sqrt(d)))
+    w[pre + "down_proj.weight"] = ([d, ff], g.normal(d * ff,
+                                                     1 / math.sqrt(ff)))
 
 
 def build_weights(a, vocab):
     """Logical weights: dict name -> (shape, values), HF per-expert names."""
+    if a.arch == "gpt2":
+        return build_gpt2_weights(a, vocab)
     g = Gen(a.seed)
     d, ff, hd = a.dim, a.ffn, a.head_dim
     q, kv = a.heads * hd, a.kv_heads * hd
@@ -223,8 +275,31 @@ def build_weights(a, vocab):
                                             g.normal(kv * d, 1 / math.sqrt(d)))
         w[p + "self_attn.o_proj.weight"] = ([d, q],
                                             g.normal(d * q, 1 / math.sqrt(q)))
+        if a.arch == "llama" and a.bias:
+            w[p + "self_attn.q_proj.bias"] = ([q], g.normal(q, 0.5))
+            w[p + "self_attn.k_proj.bias"] = ([kv], g.normal(kv, 0.5))
+            w[p + "self_attn.v_proj.bias"] = ([kv], g.normal(kv, 0.3))
+            w[p + "self_attn.o_proj.bias"] = ([d], g.normal(d, 0.3))
+        if a.arch in ("qwen2", "qwen2moe"):
+            w[p + "self_attn.q_proj.bias"] = ([q], g.normal(q, 0.5))
+            w[p + "self_attn.k_proj.bias"] = ([kv], g.normal(kv, 0.5))
+            w[p + "self_attn.v_proj.bias"] = ([kv], g.normal(kv, 0.3))
+        if a.arch == "qwen3moe":
+            w[p + "self_attn.q_norm.weight"] = ([hd], g.norm_weight(hd, 0.5))
+            w[p + "self_attn.k_norm.weight"] = ([hd], g.norm_weight(hd, 0.5))
         w[p + "post_attention_layernorm.weight"] = ([d], g.norm_weight(d))
-        if a.arch == "mixtral":
+        if a.arch in ("qwen2moe", "qwen3moe") and moe_layer(a, l):
+            w[p + "mlp.gate.weight"] = (
+                [a.experts, d], g.normal(a.experts * d, 2 / math.sqrt(d)))
+            for e in range(a.experts):
+                swiglu(w, g, p + "mlp.experts.%d." % e, a.moe_ffn, d)
+            if a.arch == "qwen2moe":
+                swiglu(w, g, p + "mlp.shared_expert.", a.shared_ffn, d)
+                w[p + "mlp.shared_expert_gate.weight"] = (
+                    [1, d], g.normal(d, 2 / math.sqrt(d)))
+        elif a.arch in ("qwen2moe", "qwen3moe"):
+            swiglu(w, g, p + "mlp.", ff, d)
+        elif a.arch == "mixtral":
             w[p + "block_sparse_moe.gate.weight"] = (
                 [a.experts, d], g.normal(a.experts * d, 2 / math.sqrt(d)))
             for e in range(a.experts):
@@ -244,11 +319,21 @@ def build_weights(a, vocab):
             w[p + "mlp.down_proj.weight"] = ([d, ff],
                                              g.normal(d * ff,
                                                       1 / math.sqrt(ff)))
+            if a.arch == "llama" and a.bias:
+                w[p + "mlp.gate_proj.bias"] = ([ff], g.normal(ff, 0.5))
+                w[p + "mlp.up_proj.bias"] = ([ff], g.normal(ff, 0.5))
+                w[p + "mlp.down_proj.bias"] = ([d], g.normal(d, 0.3))
     w["model.norm.weight"] = ([d], g.norm_weight(d))
     if not a.tie:
         w["lm_head.weight"] = ([vocab, d], g.normal(vocab * d,
                                                     2 / math.sqrt(d)))
     return w
+
+
+def moe_layer(a, l):
+    """Qwen MoE: does layer l use the sparse block (as transformers
+    decides from mlp_only_layers and decoder_sparse_step)?"""
+    return l not in a.mlp_only and (l + 1) % a.sparse_step == 0
 
 
 def fuse_experts(w, a):
@@ -257,6 +342,22 @@ def fuse_experts(w, a):
     gate rows first, mlp.experts.down_proj (E, dim, ffn)."""
     out = collections.OrderedDict()
     for name, val in w.items():
+        mq = re.match(r"(model\.layers\.\d+\.)mlp\.experts\.(\d+)\.(.*)",
+                      name)
+        if mq:
+            p, e, rest = mq.groups()
+            if e == "0" and rest == "gate_proj.weight":
+                gu, dn = [], []
+                for e in range(a.experts):
+                    pe = p + "mlp.experts.%d." % e
+                    gu += (w[pe + "gate_proj.weight"][1]
+                           + w[pe + "up_proj.weight"][1])
+                    dn += w[pe + "down_proj.weight"][1]
+                out[p + "mlp.experts.gate_up_proj"] = (
+                    [a.experts, 2 * a.moe_ffn, a.dim], gu)
+                out[p + "mlp.experts.down_proj"] = (
+                    [a.experts, a.dim, a.moe_ffn], dn)
+            continue
         m = re.match(r"(model\.layers\.\d+\.)block_sparse_moe\.(.*)", name)
         if not m:
             out[name] = val
@@ -302,6 +403,23 @@ PRESETS = collections.OrderedDict([
     ("t/data/models/mistral-sw",
      "--arch mistral --dim 64 --layers 2 --heads 4 --kv-heads 2 "
      "--head-dim 32 --ffn 128 --sliding-window 8 --dtype bf16 --seed 6"),
+    ("t/data/models/llama-bias",
+     "--arch llama --dim 64 --layers 2 --heads 4 --kv-heads 2 --ffn 128 "
+     "--bias --dtype bf16 --seed 11"),
+    ("t/data/models/qwen2-bias",
+     "--arch qwen2 --dim 64 --layers 2 --heads 4 --kv-heads 2 --ffn 128 "
+     "--dtype f32 --tie --seed 7"),
+    ("t/data/models/qwen2moe-shared",
+     "--arch qwen2moe --dim 64 --layers 3 --heads 4 --kv-heads 2 --ffn 96 "
+     "--moe-ffn 32 --shared-ffn 64 --experts 4 --top-k 2 --mlp-only 1 "
+     "--dtype bf16 --seed 8"),
+    ("t/data/models/qwen3moe-qknorm",
+     "--arch qwen3moe --dim 64 --layers 2 --heads 4 --kv-heads 2 "
+     "--head-dim 32 --ffn 96 --moe-ffn 32 --experts 6 --top-k 3 "
+     "--norm-topk --expert-layout fused --dtype bf16 --seed 9"),
+    ("t/data/models/gpt2-tiny",
+     "--arch gpt2 --dim 64 --layers 2 --heads 4 --ffn 256 --max-pos 128 "
+     "--dtype f32 --seed 10"),
 ])
 
 
@@ -316,11 +434,92 @@ def main():
 
 
 _TOK_CACHE = {}
+NEW_ARCHS = ("qwen2", "qwen2moe", "qwen3moe", "gpt2")
+
+
+def new_config(a, arch_name, vocab, eos):
+    """config.json for Qwen2 / Qwen2-MoE / Qwen3-MoE / GPT-2, field names
+    as transformers' configuration_<arch>.py spells them."""
+    dt = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[a.dtype]
+    if a.arch == "gpt2":
+        return collections.OrderedDict([
+            ("architectures", [arch_name]),
+            ("model_type", "gpt2"),
+            ("activation_function", a.activation),
+            ("attn_pdrop", 0.0),
+            ("embd_pdrop", 0.0),
+            ("resid_pdrop", 0.0),
+            ("bos_token_id", eos),
+            ("eos_token_id", eos),
+            ("initializer_range", 0.02),
+            ("layer_norm_epsilon", 1e-5),
+            ("n_ctx", a.max_pos),
+            ("n_embd", a.dim),
+            ("n_head", a.heads),
+            ("n_inner", a.ffn),
+            ("n_layer", a.layers),
+            ("n_positions", a.max_pos),
+            ("reorder_and_upcast_attn", False),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("scale_attn_weights", True),
+            ("tie_word_embeddings", True),
+            ("use_cache", True),
+            ("vocab_size", vocab),
+            ("torch_dtype", dt),
+        ])
+    cfg = collections.OrderedDict([
+        ("architectures", [arch_name]),
+        ("model_type", {"qwen2": "qwen2", "qwen2moe": "qwen2_moe",
+                        "qwen3moe": "qwen3_moe"}[a.arch]),
+        ("hidden_size", a.dim),
+        ("intermediate_size", a.ffn),
+        ("num_hidden_layers", a.layers),
+        ("num_attention_heads", a.heads),
+        ("num_key_value_heads", a.kv_heads),
+        ("hidden_act", "silu"),
+        ("max_position_embeddings", a.max_pos),
+        ("rms_norm_eps", 1e-6),
+        ("tie_word_embeddings", bool(a.tie)),
+        ("vocab_size", vocab),
+        ("bos_token_id", eos),
+        ("eos_token_id", eos),
+        ("attention_dropout", 0.0),
+        ("initializer_range", 0.02),
+        ("use_cache", True),
+        # present but off, as in the published Qwen configs
+        ("use_sliding_window", False),
+        ("sliding_window", 4096),
+        ("max_window_layers", 28),
+        ("torch_dtype", dt),
+    ])
+    if a.arch == "qwen3moe":
+        cfg["head_dim"] = a.head_dim
+        cfg["attention_bias"] = False
+        cfg["rope_parameters"] = {"rope_type": "default",
+                                  "rope_theta": 1000000.0}
+    else:
+        cfg["rope_theta"] = 10000.0
+        cfg["rope_scaling"] = None
+    if a.arch in ("qwen2moe", "qwen3moe"):
+        cfg["num_experts"] = a.experts
+        cfg["num_experts_per_tok"] = a.top_k
+        cfg["moe_intermediate_size"] = a.moe_ffn
+        cfg["norm_topk_prob"] = bool(a.norm_topk)
+        cfg["decoder_sparse_step"] = a.sparse_step
+        cfg["mlp_only_layers"] = a.mlp_only
+        cfg["output_router_logits"] = False
+        cfg["router_aux_loss_coef"] = 0.001
+    if a.arch == "qwen2moe":
+        cfg["shared_expert_intermediate_size"] = a.shared_ffn
+        cfg["qkv_bias"] = True
+    return cfg
 
 
 def build(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", choices=["llama", "mistral", "mixtral"],
+    ap.add_argument("--arch", choices=["llama", "mistral", "mixtral",
+                                       "qwen2", "qwen2moe", "qwen3moe",
+                                       "gpt2"],
                     default="mixtral")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
@@ -340,6 +539,22 @@ def build(argv):
     ap.add_argument("--merges", type=int, default=250)
     ap.add_argument("--shard-bytes", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--moe-ffn", type=int, default=32,
+                    help="Qwen MoE moe_intermediate_size")
+    ap.add_argument("--shared-ffn", type=int, default=64,
+                    help="Qwen2-MoE shared_expert_intermediate_size")
+    ap.add_argument("--mlp-only", type=str, default="",
+                    help="Qwen MoE mlp_only_layers, comma separated")
+    ap.add_argument("--sparse-step", type=int, default=1,
+                    help="Qwen MoE decoder_sparse_step")
+    ap.add_argument("--norm-topk", action="store_true",
+                    help="Qwen MoE norm_topk_prob true")
+    ap.add_argument("--bias", action="store_true",
+                    help="Llama attention_bias and mlp_bias true")
+    ap.add_argument("--activation", default="gelu_new",
+                    help="GPT-2 activation_function")
+    ap.add_argument("--no-prefix", action="store_true",
+                    help="GPT-2 tensor names without 'transformer.'")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
 
@@ -348,7 +563,9 @@ def build(argv):
     if a.heads % a.kv_heads:
         sys.exit("--heads must be a multiple of --kv-heads")
     a.head_dim = a.head_dim or a.dim // a.heads
-    if a.arch == "mixtral" and a.top_k > a.experts:
+    a.mlp_only = [int(x) for x in a.mlp_only.split(",") if x != ""]
+    a.prefix = "" if a.no_prefix else "transformer."
+    if a.arch in ("mixtral", "qwen2moe", "qwen3moe") and a.top_k > a.experts:
         sys.exit("--top-k larger than --experts")
 
     if a.merges not in _TOK_CACHE:
@@ -360,7 +577,11 @@ def build(argv):
     os.makedirs(a.out, exist_ok=True)
     arch_name = {"llama": "LlamaForCausalLM",
                  "mistral": "MistralForCausalLM",
-                 "mixtral": "MixtralForCausalLM"}[a.arch]
+                 "mixtral": "MixtralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM",
+                 "qwen2moe": "Qwen2MoeForCausalLM",
+                 "qwen3moe": "Qwen3MoeForCausalLM",
+                 "gpt2": "GPT2LMHeadModel"}[a.arch]
     cfg = collections.OrderedDict([
         ("architectures", [arch_name]),
         ("model_type", a.arch),
@@ -387,8 +608,8 @@ def build(argv):
     if a.head_dim != a.dim // a.heads or a.arch == "mistral":
         cfg["head_dim"] = a.head_dim
     if a.arch == "llama":
-        cfg["attention_bias"] = False
-        cfg["mlp_bias"] = False
+        cfg["attention_bias"] = bool(a.bias)
+        cfg["mlp_bias"] = bool(a.bias)
         cfg["pretraining_tp"] = 1
     else:
         cfg["sliding_window"] = a.sliding_window
@@ -398,6 +619,8 @@ def build(argv):
         cfg["router_aux_loss_coef"] = 0.02
         cfg["output_router_logits"] = False
         cfg["router_jitter_noise"] = 0.0
+    if a.arch in NEW_ARCHS:
+        cfg = new_config(a, arch_name, vocab, eos)
 
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -429,7 +652,8 @@ def build(argv):
         f.write("\n")
 
     w = build_weights(a, vocab)
-    if a.arch == "mixtral" and a.expert_layout == "fused":
+    if (a.arch in ("mixtral", "qwen2moe", "qwen3moe")
+            and a.expert_layout == "fused"):
         w = fuse_experts(w, a)
     items = [(n, s, v) for n, (s, v) in w.items()]
 

@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import random
+import re
 import sys
 
 
@@ -42,7 +43,8 @@ def load(model_dir, torch, AutoModelForCausalLM):
 
 # ----------------------------------------------------------------------
 # --backend python: an independent float64 re-implementation of the HF
-# Llama/Mistral/Mixtral forward in plain Python (no torch), for checking
+# Llama/Mistral/Mixtral/Qwen2/Qwen2-MoE/Qwen3-MoE/GPT-2 forward in plain
+# Python (no torch), for checking
 # the C engine where transformers is not installed.  Not a substitute for
 # the transformers references: it encodes our reading of HF's math.
 
@@ -104,6 +106,104 @@ def _rms(x, w, eps):
     return [wi * (xi * inv) for xi, wi in zip(x, w)]
 
 
+def _ln(x, w, b, eps):
+    import math
+    mu = sum(x) / len(x)
+    var = sum((v - mu) ** 2 for v in x) / len(x)
+    inv = 1.0 / math.sqrt(var + eps)
+    return [(xi - mu) * inv * wi + bi for xi, wi, bi in zip(x, w, b)]
+
+
+def _add(a, b):
+    return [x + y for x, y in zip(a, b)]
+
+
+def _cols(t, c0, n):
+    """Conv1D weight (in, out): rows of the transposed columns c0..c0+n."""
+    shape, v = t
+    out = shape[1]
+    return [[v[i * out + c] for i in range(shape[0])]
+            for c in range(c0, c0 + n)]
+
+
+class PyGPT2:
+    """GPT2LMHeadModel: LayerNorm with bias, learned positions, Conv1D
+    projections, gelu_new MLP, tied lm_head."""
+
+    def __init__(self, d):
+        import math
+        cfg, W = _py_model(d)
+        self._math = math
+        pre = "transformer." if "transformer.wte.weight" in W else ""
+        self.D = cfg["n_embd"]
+        self.H = cfg["n_head"]
+        self.hd = self.D // self.H
+        self.L = cfg["n_layer"]
+        self.eps = cfg.get("layer_norm_epsilon", 1e-5)
+        self.act = cfg.get("activation_function", "gelu_new")
+        self.emb = _rows(W[pre + "wte.weight"])
+        self.pos = _rows(W[pre + "wpe.weight"])
+        self.head = self.emb
+        self.lnf = (W[pre + "ln_f.weight"][1], W[pre + "ln_f.bias"][1])
+        D = self.D
+        self.layers = []
+        for l in range(self.L):
+            p = pre + "h.%d." % l
+            ca = W[p + "attn.c_attn.weight"]
+            cb = W[p + "attn.c_attn.bias"][1]
+            fc = W[p + "mlp.c_fc.weight"]
+            self.layers.append({
+                "ln1": (W[p + "ln_1.weight"][1], W[p + "ln_1.bias"][1]),
+                "ln2": (W[p + "ln_2.weight"][1], W[p + "ln_2.bias"][1]),
+                "q": _cols(ca, 0, D), "k": _cols(ca, D, D),
+                "v": _cols(ca, 2 * D, D),
+                "bq": cb[:D], "bk": cb[D:2 * D], "bv": cb[2 * D:],
+                "o": _cols(W[p + "attn.c_proj.weight"], 0, D),
+                "bo": W[p + "attn.c_proj.bias"][1],
+                "fc": _cols(fc, 0, fc[0][1]), "bfc": W[p + "mlp.c_fc.bias"][1],
+                "pr": _cols(W[p + "mlp.c_proj.weight"], 0, D),
+                "bpr": W[p + "mlp.c_proj.bias"][1]})
+
+    def _gelu(self, x):
+        m = self._math
+        if self.act == "gelu":
+            return 0.5 * x * (1.0 + m.erf(x / m.sqrt(2.0)))
+        return 0.5 * x * (1.0 + m.tanh(m.sqrt(2.0 / m.pi)
+                                       * (x + 0.044715 * x ** 3)))
+
+    def step(self, cache, tok, pos):
+        m = self._math
+        hd = self.hd
+        x = _add(self.emb[tok], self.pos[pos])
+        for l, ly in enumerate(self.layers):
+            xb = _ln(x, ly["ln1"][0], ly["ln1"][1], self.eps)
+            q = _add(_mv(ly["q"], xb), ly["bq"])
+            k = _add(_mv(ly["k"], xb), ly["bk"])
+            v = _add(_mv(ly["v"], xb), ly["bv"])
+            cache[l][0].append(k)
+            cache[l][1].append(v)
+            att = []
+            for h in range(self.H):
+                qh = q[h * hd:(h + 1) * hd]
+                sc = [sum(a * b for a, b in
+                          zip(qh, cache[l][0][j][h * hd:(h + 1) * hd]))
+                      / m.sqrt(hd) for j in range(pos + 1)]
+                mx = max(sc)
+                ex = [m.exp(s - mx) for s in sc]
+                z = sum(ex)
+                o = [0.0] * hd
+                for j, e in enumerate(ex):
+                    vv = cache[l][1][j][h * hd:(h + 1) * hd]
+                    for i in range(hd):
+                        o[i] += e / z * vv[i]
+                att += o
+            x = _add(x, _add(_mv(ly["o"], att), ly["bo"]))
+            xb = _ln(x, ly["ln2"][0], ly["ln2"][1], self.eps)
+            h1 = [self._gelu(a) for a in _add(_mv(ly["fc"], xb), ly["bfc"])]
+            x = _add(x, _add(_mv(ly["pr"], h1), ly["bpr"]))
+        return _mv(self.head, _ln(x, self.lnf[0], self.lnf[1], self.eps))
+
+
 class PyModel:
     def __init__(self, d):
         import math
@@ -116,10 +216,16 @@ class PyModel:
         self.L = cfg["num_hidden_layers"]
         self.eps = cfg.get("rms_norm_eps", 1e-6)
         arch = cfg["architectures"][0]
-        self.moe = arch == "MixtralForCausalLM"
-        theta = cfg.get("rope_theta", 1e6 if self.moe else 1e4)
+        self.qwen_moe = arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+        self.moe = arch == "MixtralForCausalLM" or self.qwen_moe
+        theta = cfg.get("rope_theta",
+                        (cfg.get("rope_parameters") or {}).get(
+                            "rope_theta",
+                            1e6 if arch == "MixtralForCausalLM" else 1e4))
         self.win = (cfg.get("sliding_window") or 0) \
-            if arch != "LlamaForCausalLM" else 0
+            if arch in ("MistralForCausalLM", "MixtralForCausalLM") else 0
+        self.renorm = (cfg.get("norm_topk_prob", False) if self.qwen_moe
+                       else True)
         self.inv = [1.0 / theta ** (2 * i / self.hd)
                     for i in range(self.hd // 2)]
         self.emb = _rows(W["model.embed_tokens.weight"])
@@ -134,8 +240,25 @@ class PyModel:
                   "fn": W[p + "post_attention_layernorm.weight"][1]}
             for k in "qkvo":
                 ly[k] = _rows(W[p + "self_attn.%s_proj.weight" % k])
-            if self.moe:
-                E = cfg["num_local_experts"]
+                bn = p + "self_attn.%s_proj.bias" % k
+                ly["b" + k] = W[bn][1] if bn in W else None
+            if p + "self_attn.q_norm.weight" in W:
+                ly["qn"] = W[p + "self_attn.q_norm.weight"][1]
+                ly["kn"] = W[p + "self_attn.k_norm.weight"][1]
+            dense = False
+            if self.qwen_moe:
+                step = cfg.get("decoder_sparse_step", 1)
+                dense = (l in (cfg.get("mlp_only_layers") or [])
+                         or (l + 1) % step != 0)
+                F = cfg["moe_intermediate_size"]
+            ly["dense"] = dense
+            if p + "mlp.shared_expert_gate.weight" in W and not dense:
+                ly["sh"] = (_rows(W[p + "mlp.shared_expert.gate_proj.weight"]),
+                            _rows(W[p + "mlp.shared_expert.up_proj.weight"]),
+                            _rows(W[p + "mlp.shared_expert.down_proj.weight"]))
+                ly["shg"] = W[p + "mlp.shared_expert_gate.weight"][1]
+            if self.moe and not dense:
+                E = cfg.get("num_local_experts") or cfg.get("num_experts")
                 ly["topk"] = cfg.get("num_experts_per_tok", 2)
                 if p + "mlp.experts.gate_up_proj" in W:
                     ly["router"] = _rows(W[p + "mlp.gate.weight"])
@@ -145,6 +268,12 @@ class PyModel:
                     ly["ex"] = [(gu[e * 2 * F:e * 2 * F + F],
                                  gu[e * 2 * F + F:(e + 1) * 2 * F],
                                  dn[e * D:(e + 1) * D]) for e in range(E)]
+                elif p + "mlp.experts.0.gate_proj.weight" in W:
+                    ly["router"] = _rows(W[p + "mlp.gate.weight"])
+                    q = p + "mlp.experts.%d.%s_proj.weight"
+                    ly["ex"] = [(_rows(W[q % (e, "gate")]),
+                                 _rows(W[q % (e, "up")]),
+                                 _rows(W[q % (e, "down")])) for e in range(E)]
                 else:
                     ly["router"] = _rows(W[p + "block_sparse_moe.gate.weight"])
                     q = p + "block_sparse_moe.experts.%d.%s.weight"
@@ -154,7 +283,11 @@ class PyModel:
             else:
                 ly["ex"] = [(_rows(W[p + "mlp.gate_proj.weight"]),
                              _rows(W[p + "mlp.up_proj.weight"]),
-                             _rows(W[p + "mlp.down_proj.weight"]))]
+                             _rows(W[p + "mlp.down_proj.weight"]))
+                            + tuple(W[p + "mlp.%s_proj.bias" % n][1]
+                                    if p + "mlp.%s_proj.bias" % n in W
+                                    else None
+                                    for n in ("gate", "up", "down"))]
             self.layers.append(ly)
         self._math = math
 
@@ -169,10 +302,14 @@ class PyModel:
         return out
 
     def _expert(self, ex, x):
-        g, u, dn = ex
+        g, u, dn = ex[:3]
+        bg, bu, bd = (tuple(ex[3:]) + (None, None, None))[:3]
         gv, uv = _mv(g, x), _mv(u, x)
+        if bg is not None:
+            gv, uv = _add(gv, bg), _add(uv, bu)
         h = [a / (1.0 + self._math.exp(-a)) * b for a, b in zip(gv, uv)]
-        return _mv(dn, h)
+        y = _mv(dn, h)
+        return _add(y, bd) if bd is not None else y
 
     def step(self, cache, tok, pos):
         """Process one token at pos with cache [(K, V) per layer]."""
@@ -182,6 +319,14 @@ class PyModel:
         for l, ly in enumerate(self.layers):
             xb = _rms(x, ly["an"], self.eps)
             q, k, v = _mv(ly["q"], xb), _mv(ly["k"], xb), _mv(ly["v"], xb)
+            if ly["bq"] is not None:
+                q, k, v = _add(q, ly["bq"]), _add(k, ly["bk"]), \
+                    _add(v, ly["bv"])
+            if "qn" in ly:
+                q = sum((_rms(q[h * hd:(h + 1) * hd], ly["qn"], self.eps)
+                         for h in range(self.H)), [])
+                k = sum((_rms(k[h * hd:(h + 1) * hd], ly["kn"], self.eps)
+                         for h in range(self.KV)), [])
             q = sum((self._rope(q[h * hd:(h + 1) * hd], pos)
                      for h in range(self.H)), [])
             k = sum((self._rope(k[h * hd:(h + 1) * hd], pos)
@@ -205,9 +350,12 @@ class PyModel:
                     for i in range(hd):
                         o[i] += e / z * vv[i]
                 att += o
-            x = [a + b for a, b in zip(x, _mv(ly["o"], att))]
+            ao = _mv(ly["o"], att)
+            if ly["bo"] is not None:
+                ao = _add(ao, ly["bo"])
+            x = [a + b for a, b in zip(x, ao)]
             xb = _rms(x, ly["fn"], self.eps)
-            if self.moe:
+            if self.moe and not ly["dense"]:
                 lg = _mv(ly["router"], xb)
                 mx = max(lg)
                 pr = [m.exp(a - mx) for a in lg]
@@ -215,11 +363,16 @@ class PyModel:
                 pr = [a / z for a in pr]
                 top = sorted(range(len(pr)), key=lambda e: (-pr[e], e))
                 top = sorted(top[:ly["topk"]])
-                z = sum(pr[e] for e in top)
+                z = sum(pr[e] for e in top) if self.renorm else 1.0
                 y = [0.0] * self.D
                 for e in top:
                     ye = self._expert(ly["ex"][e], xb)
                     y = [a + pr[e] / z * b for a, b in zip(y, ye)]
+                if "sh" in ly:
+                    gs = sum(a * b for a, b in zip(ly["shg"], xb))
+                    sg = 1.0 / (1.0 + m.exp(-gs))
+                    ys = self._expert(ly["sh"], xb)
+                    y = [a + sg * b for a, b in zip(y, ys)]
             else:
                 y = self._expert(ly["ex"][0], xb)
             x = [a + b for a, b in zip(x, y)]
@@ -235,7 +388,9 @@ def python_refs(a, models):
             n_real = len(json.load(f)["model"]["vocab"])
         rng = random.Random(a.seed)
         tokens = [rng.randrange(n_real) for _ in range(a.n_pos)]
-        pm = PyModel(d)
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        pm = (PyGPT2(d) if cfg["architectures"][0] == "GPT2LMHeadModel"
+              else PyModel(d))
         cache = [([], []) for _ in range(pm.L)]
         rows = []
         for p, t in enumerate(tokens):
@@ -305,6 +460,11 @@ def main():
             bad = {k: list(li.get(k) or [])
                    for k in ("missing_keys", "unexpected_keys",
                              "mismatched_keys", "error_msgs")}
+            # GPT-2 checkpoints carry the causal-mask buffers
+            # h.N.attn.bias / attn.masked_bias; the model rebuilds them
+            bad["unexpected_keys"] = [
+                k for k in bad.get("unexpected_keys", [])
+                if not re.search(r"\.attn\.(masked_)?bias$", k)]
             bad = {k: v for k, v in bad.items() if v}
             if bad:
                 raise RuntimeError("weights not loaded cleanly: %s"
