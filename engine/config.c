@@ -66,7 +66,8 @@ typedef struct {
 #define SZ(f)   sizeof(((moe_config_t *) 0)->f)
 
 static const char *const cfg_qtypes[] = { "fp16", "bf16", "fp32", NULL };
-static const char *const cfg_formats[] = { "auto", "safetensors", NULL };
+static const char *const cfg_formats[] = { "auto", "safetensors", "dummy",
+                                           NULL };
 static const char *const cfg_backends[] = { "auto", "cpu", "cuda", NULL };
 static const char *const cfg_quants[] = {
     "awq", "gptq", "squeezellm", "fp8", NULL

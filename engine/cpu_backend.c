@@ -1056,6 +1056,11 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
         return MOE_EINVAL;
     }
     hp = moe_model_hparams(m);
+    if (moe_model_weights(m)->embed == NULL) {
+        c_err(err, errlen, "cpu backend: the model has no weights "
+              "(load_format 'dummy' needs the cuda backend)");
+        return MOE_EINVAL;
+    }
     if (hp->n_experts > 256 || hp->top_k > hp->n_experts) {
         c_err(err, errlen, "cpu backend: %d experts / top_k %d not "
               "supported (at most 256 experts)", hp->n_experts, hp->top_k);

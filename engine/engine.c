@@ -861,7 +861,7 @@ int
 moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     size_t errlen)
 {
-    int                   rc, n_blocks, blocks_per_seq, i, use_cuda;
+    int                   rc, n_blocks, blocks_per_seq, i, use_cuda, dummy;
     char                  path[MOE_PATH_MAX + 32];
     const moe_hparams_t  *hp;
     moe_engine_t         *e;
@@ -903,7 +903,17 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
 
     moe_log(MOE_LOG_INFO, "loading model from %s", cfg->model_path);
 
-    rc = moe_model_load(cfg->model_path,
+    /* load_format "dummy" (vLLM's): config.json only, random weights made
+     * on the GPU; for benchmarks of real shapes without the files */
+    dummy = strcmp(cfg->load_format, "dummy") == 0;
+    if (dummy && !use_cuda) {
+        moe_seterr(err, errlen, "%s: load_format 'dummy' needs the cuda "
+                   "backend (random weights are made on the GPU)", cfg->file);
+        rc = MOE_EUNSUPPORTED;
+        goto fail;
+    }
+
+    rc = (dummy ? moe_model_load_config : moe_model_load)(cfg->model_path,
                         cfg->top_k_experts > 0 ? cfg->top_k_experts : 0,
                         &e->model, err, errlen);
     if (rc != MOE_OK) {
@@ -984,10 +994,10 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                   ? cfg->instances[0].gpu_devices[0] : 0;
 
         if (n_blocks <= 0) {
-            rc = moe_cuda_kv_blocks_for(e->model, cfg->block_size,
-                                        cfg->max_num_batched_tokens,
-                                        cfg->gpu_memory_utilization, dev,
-                                        &n_blocks, err, errlen);
+            rc = moe_cuda_kv_blocks_for_hp(hp, cfg->block_size,
+                                           cfg->max_num_batched_tokens,
+                                           cfg->gpu_memory_utilization, dev,
+                                           &n_blocks, err, errlen);
             if (rc != MOE_OK) {
                 goto fail;
             }
@@ -996,9 +1006,14 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
             }
         }
 
-        rc = moe_cuda_backend_create(e->model, n_blocks, cfg->block_size,
-                                     cfg->max_num_batched_tokens, dev,
-                                     &e->backend, err, errlen);
+        rc = dummy
+             ? moe_cuda_backend_create_random(hp, 1234, n_blocks,
+                                              cfg->block_size,
+                                              cfg->max_num_batched_tokens,
+                                              dev, &e->backend, err, errlen)
+             : moe_cuda_backend_create(e->model, n_blocks, cfg->block_size,
+                                       cfg->max_num_batched_tokens, dev,
+                                       &e->backend, err, errlen);
         if (rc != MOE_OK) {
             goto fail;
         }

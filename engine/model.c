@@ -1380,8 +1380,29 @@ m_load_weights(moe_model_t *m, char *err, size_t errlen)
 }
 
 
+static int m_load_model(const char *dir, int top_k_override, int weights,
+    moe_model_t **out, char *err, size_t errlen);
+
+
 int
 moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
+    char *err, size_t errlen)
+{
+    return m_load_model(dir, top_k_override, 1, out, err, errlen);
+}
+
+
+int
+moe_model_load_config(const char *dir, int top_k_override,
+    moe_model_t **out, char *err, size_t errlen)
+{
+    return m_load_model(dir, top_k_override, 0, out, err, errlen);
+}
+
+
+static int
+m_load_model(const char *dir, int top_k_override, int weights,
+    moe_model_t **out,
     char *err, size_t errlen)
 {
     moe_model_t *m;
@@ -1411,6 +1432,11 @@ moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
             goto fail;
         }
         m->hp.top_k = top_k_override;
+    }
+
+    if (!weights) {
+        *out = m;
+        return MOE_OK;
     }
 
     rc = moe_st_open_dir(dir, &m->st, err, errlen);

@@ -151,6 +151,14 @@ typedef struct moe_model moe_model_t;
 int moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
     char *err, size_t errlen);
 void moe_model_free(moe_model_t *m);
+
+/*
+ * config.json only (vLLM's load_format "dummy"): hparams are set, no
+ * weights are read; only a backend that makes its own weights (the CUDA
+ * backend's random init, for benchmarks) can use the result.
+ */
+int moe_model_load_config(const char *dir, int top_k_override,
+    moe_model_t **out, char *err, size_t errlen);
 const moe_hparams_t *moe_model_hparams(const moe_model_t *m);
 /* bytes of weights as stored in the files */
 int64_t moe_model_weight_bytes(const moe_model_t *m);

@@ -17,12 +17,20 @@ extern "C" {
  * must already be in the cache (rope_kv first).
  * Limits (MOE_EUNSUPPORTED otherwise, checked here): hd % 8 == 0,
  * hd <= 256, n_heads % n_kv == 0, n_heads / n_kv <= 8.
+ * part: fp32 workspace of moe_cuda_attention_ws_floats(n_heads, n_kv, hd)
+ * elements: when T * n_kv is small (decode) the keys of each (token, kv
+ * head) are split over several blocks whose partial softmax states go
+ * there and are merged by a second kernel.  The split count depends on T
+ * only (never on the positions), so a captured graph stays valid.
  */
 int moe_cuda_attention(const float *qkv, int ld, int T,
     const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
     const int32_t *bt_off, const moe_bf16_t *kv_layer, int block_size,
     int n_heads, int n_kv, int hd, int window, moe_bf16_t *out,
-    cudaStream_t stream);
+    float *part, cudaStream_t stream);
+
+/* Floats of the `part` workspace moe_cuda_attention needs (any T). */
+int64_t moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd);
 
 /* 1 if moe_cuda_attention supports these shapes, else 0. */
 int moe_cuda_attention_supported(int n_heads, int n_kv, int hd);

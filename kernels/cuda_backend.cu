@@ -6,12 +6,25 @@
  * buffer, copies it once, then per layer:
  *   add+RMSNorm -> xb (bf16) -> one QKV GEMM (fp32 out) -> RoPE + K/V write
  *   -> paged attention (bf16 out) -> O GEMM (fp32 delta) -> add+RMSNorm ->
- *   router/top-k (fp32) -> count per expert (copied to the host: the only
- *   sync inside the step) -> permute -> per-expert gate|up GEMM -> SiLU*up
- *   -> per-expert down GEMM -> weighted un-permute (fp32 delta).
+ *   router/top-k (fp32) -> permute (one block: counts, offsets, rows) ->
+ *   experts -> weighted un-permute (fp32 delta).
+ * Experts, small steps (T <= gemv_max_t): one grouped tensor-core GEMV
+ *   launch for gate|up of all experts (inputs gathered through the row
+ *   map, SiLU*up fused, bf16 out) and one for down: no host sync.
+ * Experts, larger steps: the expert offsets are copied to the host (the
+ *   only sync inside the step), gather, per-expert cuBLAS GEMMs, SiLU*up.
+ * Dense GEMMs (qkv, o, lm_head, dense FFN) use the GEMV for T <= 64 and
+ * cuBLAS above.
  * Finally the last token of each sequence that wants logits goes through
  * the final norm and lm_head (64 rows at a time), and the fp32 logits are
  * copied back.  The residual stream stays fp32 throughout.
+ *
+ * CUDA graphs: a step of T <= CB_GRAPH_MAX_T tokens with at most
+ * CB_LOGIT_ROWS logits rows (decode, small prefill chunks) runs as a graph
+ * captured once per (T, logits rows): everything it reads from the host
+ * lives in the staging buffer, copied before the replay; kernel shapes
+ * depend on T only.  Off while profiling, or with MOE_CUDA_GRAPHS=0 in the
+ * environment.  MOE_CUDA_GEMV_MAX_T overrides gemv_max_t (default 128).
  */
 
 #include <math.h>
@@ -26,6 +39,7 @@
 #include "embed.h"
 #include "gemm.h"
 #include "init.h"
+#include "moe_gemv.h"
 #include "moe_permute.h"
 #include "moe_route.h"
 #include "rmsnorm.h"
@@ -37,6 +51,15 @@
 #define CB_BLAS_WS      ((size_t) 32 << 20)
 #define CB_UPLOAD_ELEMS ((size_t) 16 << 20) /* fp32 elements per upload */
 #define CB_SLACK        ((int64_t) 256 << 20)
+#define CB_DENSE_GEMV_T 64                  /* dense GEMMs: GEMV up to here */
+#define CB_GRAPH_MAX_T  64
+#define CB_MAX_GRAPHS   160
+#define CB_NOGRAPH      (-1000)             /* internal: run eagerly */
+
+typedef struct {
+    int             T, n_out;
+    cudaGraphExec_t exec;
+} cb_graph_t;
 
 typedef __nv_bfloat16 bf16;
 
@@ -81,6 +104,10 @@ typedef struct {
     int32_t        *slot_of;       /* (NK) */
     int32_t        *erow;          /* (NK) */
     int32_t        *counts;        /* (E) */
+    int32_t        *offs;          /* (E + 1) */
+    int64_t        *d_ecounts;     /* (L, E) running totals */
+    float          *att_part;      /* attention split partials */
+    float          *margin;        /* (L, N) router margins, last step */
     bf16           *xe;            /* (NK, dim) */
     float          *gu;            /* (NK, 2 ffn) */
     bf16           *hbuf;          /* (NK, ffn) */
@@ -93,10 +120,16 @@ typedef struct {
     int32_t        *h_stage;       /* (stage_ints) pinned */
     size_t          stage_ints;
     size_t          bt_cap;        /* block-table entries per step */
-    int32_t        *h_counts;      /* (E) pinned */
+    int32_t        *h_counts;      /* (E + 1) pinned: expert offsets */
     float          *h_logits;      /* (CB_LOGIT_ROWS, vocab) pinned */
     int            *out_seq;       /* (cap) sequence of each logits row */
     int64_t        *expert_counts; /* (L, E) */
+    int             last_T;        /* tokens of the last step */
+    int64_t         dense_tokens;  /* E == 1: tokens run (all layers) */
+    int             gemv_max_t;
+    int             use_graphs;
+    cb_graph_t      graphs[CB_MAX_GRAPHS];
+    int             n_graphs;
 
     /* profiling */
     int             prof;
@@ -172,7 +205,8 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
 
 typedef struct {
     size_t x, tmp, xf, xb, qkv, att, sel, selw, slot_of, erow, counts, xe,
-           gu, hbuf, ye, xlast, logits, stage, total;
+           gu, hbuf, ye, xlast, logits, stage, offs, ecounts, att_part,
+           margin, total;
     size_t stage_ints, bt_cap;
 } cb_slayout_t;
 
@@ -199,6 +233,12 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
     l->slot_of = cb_take(&c, NK * 4);
     l->erow = cb_take(&c, NK * 4);
     l->counts = cb_take(&c, E * 4);
+    l->offs = cb_take(&c, (E + 1) * 4);
+    l->margin = cb_take(&c, (size_t) hp->n_layers * N * 4);
+    l->ecounts = cb_take(&c, (size_t) hp->n_layers * E * 8);
+    l->att_part = cb_take(&c, (size_t) moe_cuda_attention_ws_floats(
+                                  hp->n_heads, hp->n_kv_heads,
+                                  hp->head_dim) * 4);
     l->xe = cb_take(&c, NK * D * 2);
     l->gu = cb_take(&c, NK * 2 * F * 4);
     l->hbuf = cb_take(&c, NK * F * 2);
@@ -374,6 +414,9 @@ cb_destroy(moe_backend_t *base)
                 (void) cudaEventDestroy(b->ev[i]);
             }
         }
+    }
+    for (i = 0; i < b->n_graphs; i++) {
+        (void) cudaGraphExecDestroy(b->graphs[i].exec);
     }
     free(b->ev);
     free(b->ev_stage);
@@ -612,6 +655,12 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->slot_of = (int32_t *) (s + sl.slot_of);
     b->erow = (int32_t *) (s + sl.erow);
     b->counts = (int32_t *) (s + sl.counts);
+    b->offs = (int32_t *) (s + sl.offs);
+    b->margin = (float *) (s + sl.margin);
+    b->d_ecounts = (int64_t *) (s + sl.ecounts);
+    b->att_part = (float *) (s + sl.att_part);
+    CB_CUDA(cudaMemsetAsync(b->d_ecounts, 0, (size_t) hp->n_layers
+                            * hp->n_experts * 8, b->stream), "counts memset");
     b->xe = (bf16 *) (s + sl.xe);
     b->gu = (float *) (s + sl.gu);
     b->hbuf = (bf16 *) (s + sl.hbuf);
@@ -625,7 +674,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     CB_CUDA(cudaMallocHost(&b->h_stage, sl.stage_ints * sizeof(int32_t)),
             "pinned staging");
     CB_CUDA(cudaMallocHost(&b->h_counts,
-                           (size_t) hp->n_experts * sizeof(int32_t)),
+                           (size_t) (hp->n_experts + 1) * sizeof(int32_t)),
             "pinned counts");
     CB_CUDA(cudaMallocHost(&b->h_logits, (size_t) CB_LOGIT_ROWS
                                          * hp->vocab_size * sizeof(float)),
@@ -689,6 +738,13 @@ cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
     b->base.forward = cb_forward;
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;
+    {
+        const char *ev = getenv("MOE_CUDA_GRAPHS");
+        const char *gv = getenv("MOE_CUDA_GEMV_MAX_T");
+
+        b->use_graphs = ev == NULL || strcmp(ev, "0") != 0;
+        b->gemv_max_t = gv != NULL ? atoi(gv) : 128;
+    }
 
     rc = cb_alloc(b, err, errlen);
     if (rc == MOE_OK) {
@@ -809,6 +865,30 @@ cb_prof_collect(cuda_backend_t *b)
 
 /* -------------------------------------------------------------- forward */
 
+/* Y (T, N) fp32 = X (T, Kd) . W^T: GEMV for small T, else cuBLAS. */
+static int
+cb_linear(cuda_backend_t *b, int T, int N, int Kd, const bf16 *X, int ldx,
+    const bf16 *W, float *Y, int ldy)
+{
+    if (T <= CB_DENSE_GEMV_T && moe_cuda_gemv_supported(Kd, ldx)) {
+        return moe_cuda_gemv((const moe_bf16_t *) X, ldx, NULL, 1,
+                             (const moe_bf16_t *) W, N, Kd, NULL, 1, T, T, 0,
+                             Y, NULL, ldy, b->stream);
+    }
+    return moe_cuda_gemm(b->blas, T, N, Kd, (const moe_bf16_t *) X, ldx,
+                         (const moe_bf16_t *) W, Kd, Y, ldy, 0, 0.0f);
+}
+
+
+/* Whether the MoE FFN of a T-token step runs without a host sync. */
+static int
+cb_ffn_gemv(const cuda_backend_t *b, int T)
+{
+    return T <= b->gemv_max_t && moe_cuda_gemv_supported(b->hp.dim, b->hp.dim)
+           && moe_cuda_gemv_supported(b->hp.ffn_dim, b->hp.ffn_dim);
+}
+
+
 static int
 cb_ffn(cuda_backend_t *b, int l, int T)
 {
@@ -818,41 +898,77 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     cudaStream_t         s = b->stream;
 
     if (E == 1) {
-        MOE_TRY(moe_cuda_gemm(b->blas, T, 2 * F, D, (moe_bf16_t *) b->xb, D,
-                              (moe_bf16_t *) (b->w_gu + (size_t) l * 2 * F
-                                                        * D), D,
-                              b->gu, 2 * F, 0, 0.0f));
-        MOE_TRY(moe_cuda_silu_mul(b->gu, T, F, (moe_bf16_t *) b->hbuf, s));
-        MOE_TRY(moe_cuda_gemm(b->blas, T, D, F, (moe_bf16_t *) b->hbuf, F,
-                              (moe_bf16_t *) (b->w_down + (size_t) l * D * F),
-                              F, b->tmp, D, 0, 0.0f));
-        b->expert_counts[l] += T;
+        const bf16 *wgu = b->w_gu + (size_t) l * 2 * F * D;
+        const bf16 *wd = b->w_down + (size_t) l * D * F;
+
+        if (T <= CB_DENSE_GEMV_T && cb_ffn_gemv(b, T)) {
+            MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, NULL, 1,
+                                  (const moe_bf16_t *) wgu, F, D, NULL, 1, T,
+                                  T, 1, NULL, (moe_bf16_t *) b->hbuf, F, s));
+        } else {
+            MOE_TRY(moe_cuda_gemm(b->blas, T, 2 * F, D, (moe_bf16_t *) b->xb,
+                                  D, (const moe_bf16_t *) wgu, D, b->gu,
+                                  2 * F, 0, 0.0f));
+            MOE_TRY(moe_cuda_silu_mul(b->gu, T, F, (moe_bf16_t *) b->hbuf,
+                                      s));
+        }
+        MOE_TRY(cb_linear(b, T, D, F, b->hbuf, F, wd, b->tmp, D));
         return cb_mark(b, MOE_CUDA_ST_EXPERT);
     }
 
     MOE_TRY(moe_cuda_route(b->xf, T, D, b->router + (size_t) l * E * D, E, K,
-                           b->sel, b->selw, s));
-    MOE_TRY(moe_cuda_moe_count(b->sel, T * K, E, b->counts, s));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->counts,
-                                   (size_t) E * sizeof(int32_t),
+                           b->sel, b->selw, b->margin + (size_t) l * b->cap,
+                           s));
+    MOE_TRY(moe_cuda_moe_permute(b->sel, T * K, E, b->offs, b->erow,
+                                 b->slot_of, b->d_ecounts + (size_t) l * E,
+                                 s));
+    if (cb_ffn_gemv(b, T)) {
+        /* tile for twice the mean rows per expert: a fuller expert takes
+         * another pass over its weights (correct for any count) */
+        int avg = (T * K + E - 1) / E, mr = 2 * avg < T ? 2 * avg : T;
+
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+        /* gate|up of every expert, rows gathered from xb, SiLU*up fused */
+        MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, b->erow, K,
+                              (const moe_bf16_t *) (b->w_gu + (size_t) l * E
+                                                    * 2 * F * D),
+                              F, D, b->offs, E, T * K, mr, 1, NULL,
+                              (moe_bf16_t *) b->hbuf, F, s));
+        MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->hbuf, F, NULL, 1,
+                              (const moe_bf16_t *) (b->w_down + (size_t) l * E
+                                                    * D * F),
+                              D, F, b->offs, E, T * K, mr, 0, b->ye, NULL, D,
+                              s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
+        MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, b->sel, b->selw, b->slot_of,
+                                       T, K, b->tmp, s));
+        return cb_mark(b, MOE_CUDA_ST_ROUTE);
+    }
+
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->offs,
+                                   (size_t) (E + 1) * sizeof(int32_t),
                                    cudaMemcpyDeviceToHost, s));
-    MOE_TRY(moe_cuda_moe_scatter(b->sel, T * K, E, b->counts, b->erow,
-                                 b->slot_of, s));
     MOE_TRY(moe_cuda_moe_gather((moe_bf16_t *) b->xb, D, b->erow, K, T * K,
                                 (moe_bf16_t *) b->xe, s));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
     MOE_CUDA_CHECK(cudaStreamSynchronize(s));
 
-    for (e = 0, r0 = 0; e < E; e++) {
-        int    n = b->h_counts[e];
-        size_t we = (size_t) l * E + e;
+    /* h_counts holds the offsets: expert e owns rows [h[e], h[e + 1]) */
+    for (e = 0; e < E; e++) {
+        int n = b->h_counts[e + 1] - b->h_counts[e];
 
-        if (n < 0 || r0 + n > T * K) {
-            moe_cuda_set_error("expert counts corrupt (layer %d expert %d: "
+        r0 = b->h_counts[e];
+        if (n < 0 || r0 < 0 || r0 + n > T * K) {
+            moe_cuda_set_error("expert offsets corrupt (layer %d expert %d: "
                                "%d)", l, e, n);
             return MOE_EBACKEND;
         }
-        b->expert_counts[we] += n;
+    }
+    for (e = 0; e < E; e++) {
+        int    n = b->h_counts[e + 1] - b->h_counts[e];
+        size_t we = (size_t) l * E + e;
+
+        r0 = b->h_counts[e];
         if (n > 0) {
             MOE_TRY(moe_cuda_gemm(b->blas, n, 2 * F, D,
                                   (moe_bf16_t *) (b->xe + (size_t) r0 * D), D,
@@ -860,20 +976,19 @@ cb_ffn(cuda_backend_t *b, int l, int T)
                                   D, b->gu + (size_t) r0 * 2 * F, 2 * F, 0,
                                   0.0f));
         }
-        r0 += n;
     }
     MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf, s));
-    for (e = 0, r0 = 0; e < E; e++) {
-        int    n = b->h_counts[e];
+    for (e = 0; e < E; e++) {
+        int    n = b->h_counts[e + 1] - b->h_counts[e];
         size_t we = (size_t) l * E + e;
 
+        r0 = b->h_counts[e];
         if (n > 0) {
             MOE_TRY(moe_cuda_gemm(b->blas, n, D, F,
                                   (moe_bf16_t *) (b->hbuf + (size_t) r0 * F),
                                   F, (moe_bf16_t *) (b->w_down + we * D * F),
                                   F, b->ye + (size_t) r0 * D, D, 0, 0.0f));
         }
-        r0 += n;
     }
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
     MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, b->sel, b->selw, b->slot_of, T,
@@ -882,10 +997,13 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 }
 
 
-/* The step after validation and staging; T tokens, n_out logits rows. */
+/*
+ * The device work of a step after the staging copy: embedding, the layers,
+ * and (n_out <= CB_LOGIT_ROWS only, graph) the final norm and lm_head of
+ * the n_out rows into b->logits.  Host-independent given (T, n_out).
+ */
 static int
-cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
-    int n_out, size_t n_stage)
+cb_body(cuda_backend_t *b, int T, int n_out)
 {
     const moe_hparams_t *hp = &b->hp;
     int                  D = hp->dim, hd = hp->head_dim, L = hp->n_layers;
@@ -898,14 +1016,8 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
     size_t               kv_layer = (size_t) b->n_blocks * 2
                                     * b->block_size * b->KVD;
     cudaStream_t         s = b->stream;
-    int                  l, c0, i;
+    int                  l;
 
-    MOE_CUDA_CHECK(cudaSetDevice(b->device));
-    b->n_ev = 0;
-    MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_stage, b->h_stage,
-                                   n_stage * sizeof(int32_t),
-                                   cudaMemcpyHostToDevice, s));
     MOE_TRY(moe_cuda_embed(d_tok, T, (moe_bf16_t *) b->embed, D, b->x, s));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
 
@@ -917,9 +1029,8 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
                                      hp->norm_eps, (moe_bf16_t *) b->xb, NULL,
                                      s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
-        MOE_TRY(moe_cuda_gemm(b->blas, T, QKV, D, (moe_bf16_t *) b->xb, D,
-                              (moe_bf16_t *) (b->wqkv + (size_t) l * QKV * D),
-                              D, b->qkv, QKV, 0, 0.0f));
+        MOE_TRY(cb_linear(b, T, QKV, D, b->xb, D,
+                          b->wqkv + (size_t) l * QKV * D, b->qkv, QKV));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
         MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads, hp->n_kv_heads,
                                  hd, d_pos, d_slot, hp->rope_theta,
@@ -928,12 +1039,10 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
                                    d_btoff, (moe_bf16_t *) kvl,
                                    b->block_size, hp->n_heads,
                                    hp->n_kv_heads, hd, hp->sliding_window,
-                                   (moe_bf16_t *) b->att, s));
+                                   (moe_bf16_t *) b->att, b->att_part, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
-        MOE_TRY(moe_cuda_gemm(b->blas, T, D, b->Q, (moe_bf16_t *) b->att,
-                              b->Q,
-                              (moe_bf16_t *) (b->wo + (size_t) l * D * b->Q),
-                              b->Q, b->tmp, D, 0, 0.0f));
+        MOE_TRY(cb_linear(b, T, D, b->Q, b->att, b->Q,
+                          b->wo + (size_t) l * D * b->Q, b->tmp, D));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
         MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, NULL, T, D,
                                      b->ffn_norm + (size_t) l * D,
@@ -942,19 +1051,109 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
         MOE_TRY(cb_ffn(b, l, T));
     }
+    if (n_out > 0 && n_out <= CB_LOGIT_ROWS) {
+        MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, d_rows, n_out, D,
+                                     b->final_norm, hp->norm_eps,
+                                     (moe_bf16_t *) b->xlast, NULL, s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+        MOE_TRY(cb_linear(b, n_out, hp->vocab_size, D, b->xlast, D,
+                          b->lm_head, b->logits, hp->vocab_size));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+    }
+    return MOE_OK;
+}
+
+
+/* Launch the step's body as a graph (captured on first use); CB_NOGRAPH
+ * when graphs cannot be used (the caller runs it eagerly). */
+static int
+cb_body_graph(cuda_backend_t *b, int T, int n_out)
+{
+    cudaGraph_t     g = NULL;
+    cudaGraphExec_t x = NULL;
+    cudaError_t     e1, e2;
+    int             i, rc;
+
+    for (i = 0; i < b->n_graphs; i++) {
+        if (b->graphs[i].T == T && b->graphs[i].n_out == n_out) {
+            MOE_CUDA_CHECK(cudaGraphLaunch(b->graphs[i].exec, b->stream));
+            return MOE_OK;
+        }
+    }
+    if (b->n_graphs >= CB_MAX_GRAPHS) {
+        return CB_NOGRAPH;
+    }
+    MOE_CUDA_CHECK(cudaStreamBeginCapture(b->stream,
+                                          cudaStreamCaptureModeThreadLocal));
+    rc = cb_body(b, T, n_out);
+    e1 = cudaStreamEndCapture(b->stream, &g);
+    e2 = (rc == MOE_OK && e1 == cudaSuccess)
+         ? cudaGraphInstantiate(&x, g, 0) : cudaErrorUnknown;
+    if (g != NULL) {
+        (void) cudaGraphDestroy(g);
+    }
+    if (rc != MOE_OK || e1 != cudaSuccess || e2 != cudaSuccess) {
+        (void) cudaGetLastError();
+        moe_log(MOE_LOG_WARN, "cuda backend: graph capture failed (T %d: "
+                "%s / %s / %s): running without graphs", T,
+                rc != MOE_OK ? moe_cuda_last_error() : "ok",
+                cudaGetErrorString(e1), cudaGetErrorString(e2));
+        b->use_graphs = 0;
+        return CB_NOGRAPH;
+    }
+    b->graphs[b->n_graphs].T = T;
+    b->graphs[b->n_graphs].n_out = n_out;
+    b->graphs[b->n_graphs].exec = x;
+    b->n_graphs++;
+    MOE_CUDA_CHECK(cudaGraphLaunch(x, b->stream));
+    return MOE_OK;
+}
+
+
+/* The step after validation and staging; T tokens, n_out logits rows. */
+static int
+cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
+    int n_out, size_t n_stage)
+{
+    const moe_hparams_t *hp = &b->hp;
+    int                  D = hp->dim;
+    size_t               N = (size_t) b->cap;
+    int32_t             *d_rows = b->d_stage + 4 * N;
+    cudaStream_t         s = b->stream;
+    int                  c0, i, rc = CB_NOGRAPH, one = n_out <= CB_LOGIT_ROWS;
+
+    MOE_CUDA_CHECK(cudaSetDevice(b->device));
+    b->n_ev = 0;
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_stage, b->h_stage,
+                                   n_stage * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, s));
+    if (b->use_graphs && !b->prof && T <= CB_GRAPH_MAX_T && one) {
+        rc = cb_body_graph(b, T, n_out);
+        if (rc != MOE_OK && rc != CB_NOGRAPH) {
+            return rc;
+        }
+    }
+    if (rc == CB_NOGRAPH) {
+        MOE_TRY(cb_body(b, T, one ? n_out : 0));
+    }
+    if (hp->n_experts == 1) {
+        b->dense_tokens += T;
+    }
+    b->last_T = T;
 
     for (c0 = 0; c0 < n_out; c0 += CB_LOGIT_ROWS) {
         int nc = n_out - c0 < CB_LOGIT_ROWS ? n_out - c0 : CB_LOGIT_ROWS;
 
-        MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, d_rows + c0, nc, D,
-                                     b->final_norm, hp->norm_eps,
-                                     (moe_bf16_t *) b->xlast, NULL, s));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
-        MOE_TRY(moe_cuda_gemm(b->blas, nc, hp->vocab_size, D,
-                              (moe_bf16_t *) b->xlast, D,
-                              (moe_bf16_t *) b->lm_head, D, b->logits,
-                              hp->vocab_size, 0, 0.0f));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+        if (!one) {
+            MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, d_rows + c0, nc, D,
+                                         b->final_norm, hp->norm_eps,
+                                         (moe_bf16_t *) b->xlast, NULL, s));
+            MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+            MOE_TRY(cb_linear(b, nc, hp->vocab_size, D, b->xlast, D,
+                              b->lm_head, b->logits, hp->vocab_size));
+            MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+        }
         MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_logits, b->logits,
                                        (size_t) nc * hp->vocab_size
                                        * sizeof(float),
@@ -1079,8 +1278,52 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
 }
 
 
+extern "C" int
+moe_cuda_backend_route_margins(moe_backend_t *base, int T, float *out)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    int             l, t;
+
+    if (b == NULL || out == NULL || T != b->last_T || T <= 0) {
+        return MOE_EINVAL;
+    }
+    if (b->hp.n_experts == 1) {
+        for (t = 0; t < b->hp.n_layers * T; t++) {
+            out[t] = 1.0f;
+        }
+        return MOE_OK;
+    }
+    MOE_CUDA_CHECK(cudaSetDevice(b->device));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
+    for (l = 0; l < b->hp.n_layers; l++) {
+        MOE_CUDA_CHECK(cudaMemcpy(out + (size_t) l * T,
+                                  b->margin + (size_t) l * b->cap,
+                                  (size_t) T * sizeof(float),
+                                  cudaMemcpyDeviceToHost));
+    }
+    return MOE_OK;
+}
+
+
 static const int64_t *
 cb_expert_counts(moe_backend_t *base)
 {
-    return ((cuda_backend_t *) base)->expert_counts;
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    size_t          n = (size_t) b->hp.n_layers * b->hp.n_experts;
+    size_t          i;
+
+    /* MoE: running totals kept on the device by the permute kernel */
+    if (b->hp.n_experts == 1) {
+        for (i = 0; i < n; i++) {
+            b->expert_counts[i] = b->dense_tokens;
+        }
+    } else if (cudaSetDevice(b->device) != cudaSuccess
+               || cudaStreamSynchronize(b->stream) != cudaSuccess
+               || cudaMemcpy(b->expert_counts, b->d_ecounts,
+                             n * sizeof(int64_t), cudaMemcpyDeviceToHost)
+                  != cudaSuccess)
+    {
+        (void) cudaGetLastError();      /* keep the last good values */
+    }
+    return b->expert_counts;
 }

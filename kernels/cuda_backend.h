@@ -99,6 +99,14 @@ int moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
 int moe_cuda_backend_profile(moe_backend_t *b, int enable,
     double ms[MOE_CUDA_N_STAGES]);
 
+/*
+ * Tests: the router margins of the last forward's T tokens, out (L, T):
+ * out[l * T + t] = k-th minus (k+1)-th router probability of token t at
+ * layer l (1 for dense models).  Synchronises.  MOE_EINVAL when T is not
+ * the last step's token count.
+ */
+int moe_cuda_backend_route_margins(moe_backend_t *b, int T, float *out);
+
 #ifdef __cplusplus
 }
 #endif

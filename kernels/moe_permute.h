@@ -21,6 +21,16 @@ int moe_cuda_moe_scatter(const int32_t *sel, int n, int E,
     const int32_t *counts, int32_t *erow, int32_t *slot_of,
     cudaStream_t stream);
 
+/*
+ * count + scatter in one launch (one block, no host sync): offs (E + 1)
+ * out, offs[e] = counts[0] + ... + counts[e-1] (offs[E] = n); erow and
+ * slot_of as moe_cuda_moe_scatter writes them; tot (E) int64 (may be
+ * NULL): tot[e] += counts[e] (running totals kept on the device).
+ * E <= 256.
+ */
+int moe_cuda_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
+    int32_t *erow, int32_t *slot_of, int64_t *tot, cudaStream_t stream);
+
 /* xe[r, :] = xb[erow[r] / K, :] for r < n; xb, xe: (*, D) bf16. */
 int moe_cuda_moe_gather(const moe_bf16_t *xb, int D, const int32_t *erow,
     int K, int n, moe_bf16_t *xe, cudaStream_t stream);

@@ -11,10 +11,12 @@ extern "C" {
  * descending order into sel[t, k], their probabilities renormalised to sum
  * 1 into selw[t, k].  xf: (T, D) fp32; router: (E, D) fp32;
  * sel: (T, K) int32; selw: (T, K) fp32.  E <= 256, K <= E
- * (MOE_EUNSUPPORTED otherwise).
+ * (MOE_EUNSUPPORTED otherwise).  margin (T) fp32, may be NULL: the
+ * K-th largest probability minus the (K+1)-th (1 when K == E): how near
+ * the token's choice is to a flip.
  */
 int moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
-    int K, int32_t *sel, float *selw, cudaStream_t stream);
+    int K, int32_t *sel, float *selw, float *margin, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

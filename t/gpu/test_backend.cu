@@ -10,7 +10,14 @@
  * so both backends always see the same sequence).  The CPU backend runs
  * each sequence alone, prompt in one step.  Checks:
  *  - logits after the prompt and after every decode step: relative L2
- *    error ||cuda - cpu|| / ||cpu|| <= 2e-2;
+ *    error ||cuda - cpu|| / ||cpu|| <= 2e-2, except at a position whose
+ *    token sits near a top-k tie in some layer: where the CUDA router's
+ *    k-th minus (k+1)-th probability (moe_cuda_backend_route_margins) is
+ *    below FLIP_MARGIN, the bf16 hidden state (~1e-2 relative error, which
+ *    moves a router probability by a few 1e-3) may legitimately pick
+ *    another expert than the CPU; such positions are held to FLIP_TOL
+ *    only, and counted.  At every other position both backends route the
+ *    same way, so a larger error there is a bug;
  *  - greedy agreement: at every such position where the CPU's top-1 logit
  *    beats its top-2 by more than 0.05, the CUDA argmax is the CPU's;
  *  - expert counts: per layer they add up to tokens * top_k;
@@ -40,6 +47,8 @@ extern "C" {
 #define LEN_B     29
 #define REL_TOL   2e-2
 #define MARGIN    0.05f
+#define FLIP_MARGIN 0.02f
+#define FLIP_TOL  2.5e-1
 
 static const char *model_dirs[] = {
     "t/data/models/llama-mha", "t/data/models/llama-gqa",
@@ -112,6 +121,40 @@ run_cpu(const moe_model_t *m, int32_t *toks, int len, float *logits)
 }
 
 
+/*
+ * After a step: the smallest router margin over the layers of each of its
+ * tokens goes to tokm[seq][position] (seq found by its token pointer).
+ */
+static void
+record_margins(moe_backend_t *gb, int L, const moe_seq_batch_t *sb, int n,
+    int32_t toks[2][LEN_A + N_DEC], float *mg,
+    float tokm[2][LEN_A + N_DEC + 1])
+{
+    int T = 0, t0 = 0;
+
+    for (int i = 0; i < n; i++) {
+        T += sb[i].n_tokens;
+    }
+    if (moe_cuda_backend_route_margins(gb, T, mg) != MOE_OK) {
+        TAP_DIAG("route margins: %s", moe_cuda_last_error());
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        int q = sb[i].tokens >= toks[1] ? 1 : 0;
+
+        for (int j = 0; j < sb[i].n_tokens; j++) {
+            float m = 1.0f;
+
+            for (int l = 0; l < L; l++) {
+                m = fminf(m, mg[(size_t) l * T + t0 + j]);
+            }
+            tokm[q][sb[i].pos + j] = m;
+        }
+        t0 += sb[i].n_tokens;
+    }
+}
+
+
 static void
 test_model(const char *dir)
 {
@@ -121,7 +164,8 @@ test_model(const char *dir)
     char                 err[512];
     int                  rc, V, len[2] = { LEN_A, LEN_B };
     int32_t              toks[2][LEN_A + N_DEC], bt[2][N_BLOCKS / 2];
-    float               *cpu[2], *gpu[2];
+    float               *cpu[2], *gpu[2], *mg = NULL;
+    float                tokm[2][LEN_A + N_DEC + 1];
     const char          *name = strrchr(dir, '/') + 1;
 
     if (access(dir, R_OK) != 0) {
@@ -153,6 +197,12 @@ test_model(const char *dir)
         bt[1][i] = 2 * ((i * 11 + 5) % (N_BLOCKS / 2)) + 1;
     }
 
+    for (int q = 0; q < 2; q++) {
+        for (int i = 0; i < LEN_A + N_DEC + 1; i++) {
+            tokm[q][i] = 1.0f;
+        }
+    }
+    mg = (float *) malloc(sizeof(float) * hp->n_layers * 64);
     rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
                                  sizeof(err));
     TAP_OK(rc == MOE_OK, "%s: cuda backend created (%s)", name,
@@ -190,6 +240,8 @@ test_model(const char *dir)
             if (rc != MOE_OK) {
                 TAP_DIAG("prefill step %d: %s", step, moe_cuda_last_error());
                 ok_fw = 0;
+            } else {
+                record_margins(gb, hp->n_layers, sb, n, toks, mg, tokm);
             }
             step++;
         }
@@ -208,24 +260,42 @@ test_model(const char *dir)
             if (rc != MOE_OK) {
                 TAP_DIAG("decode step %d: %s", s, moe_cuda_last_error());
                 ok_fw = 0;
+            } else {
+                record_margins(gb, hp->n_layers, sb, 2, toks, mg, tokm);
             }
         }
         TAP_OK(ok_fw, "%s: chunked prefill + %d decode steps ran", name,
                N_DEC);
 
-        double worst = 0;
-        int    checked = 0, disagree = 0;
+        double worst = 0, worst_near = 0;
+        int    checked = 0, disagree = 0, near = 0;
 
         for (int q = 0; q < 2 && ok_fw; q++) {
             for (int s = 0; s <= N_DEC; s++) {
                 const float *c = cpu[q] + (size_t) s * V;
                 const float *g = gpu[q] + (size_t) s * V;
                 double       e = gu_relerr(g, c, (size_t) V);
-                float        margin;
+                float        margin, rm = tokm[q][len[q] - 1 + s];
                 int          top = argmax(c, V, &margin);
 
-                if (!(e <= worst)) {
-                    worst = e;
+                if (rm < FLIP_MARGIN) {
+                    near++;
+                    if (!(e <= worst_near)) {
+                        worst_near = e;
+                    }
+                    if (e > REL_TOL) {
+                        TAP_DIAG("seq %d pos %d: rel err %.2e at router "
+                                 "margin %.4f (near a tie)", q,
+                                 len[q] - 1 + s, e, rm);
+                    }
+                } else {
+                    if (!(e <= worst)) {
+                        worst = e;
+                    }
+                    if (e > REL_TOL) {
+                        TAP_DIAG("seq %d pos %d: rel err %.2e, router "
+                                 "margin %.4f", q, len[q] - 1 + s, e, rm);
+                    }
                 }
                 if (margin > MARGIN) {
                     checked++;
@@ -238,9 +308,11 @@ test_model(const char *dir)
                 }
             }
         }
-        TAP_OK(ok_fw && worst <= REL_TOL, "%s: logits rel err max %.2e "
-               "(<= %.0e) over %d positions", name, worst, REL_TOL,
-               2 * (N_DEC + 1));
+        TAP_OK(ok_fw && worst <= REL_TOL && worst_near <= FLIP_TOL,
+               "%s: logits rel err max %.2e (<= %.0e) over %d positions; "
+               "%d near a router tie (margin < %.2f): max %.2e (<= %.0e)",
+               name, worst, REL_TOL, 2 * (N_DEC + 1) - near, near,
+               FLIP_MARGIN, worst_near, FLIP_TOL);
         TAP_OK(ok_fw && disagree == 0, "%s: greedy agrees where cpu margin "
                "> %.2f (%d positions checked, %d disagree)", name, MARGIN,
                checked, disagree);
@@ -284,6 +356,7 @@ test_model(const char *dir)
     }
     gb->destroy(gb);
 out_free:
+    free(mg);
     for (int q = 0; q < 2; q++) {
         free(cpu[q]);
         free(gpu[q]);

@@ -5,8 +5,11 @@
  * rows), RoPE + paged K/V write, paged attention (decode and prefill, MHA
  * and GQA, several head dims, sliding window, shuffled block tables,
  * garbage in positions past each query), SiLU*up, routing (softmax/top-k/
- * renormalise), permute/count/gather/un-permute, cuBLAS GEMM (fp32 and
- * bf16 out, beta), fp32->bf16 conversion and the random fill.
+ * renormalise), permute/count/gather/un-permute, the one-launch permute,
+ * the grouped tensor-core GEMV (gathered rows, empty groups, several
+ * passes, fused SiLU), cuBLAS GEMM (fp32 and bf16 out, beta), fp32->bf16
+ * conversion and the random fill.  Decode attention with long contexts
+ * exercises the key splits and their merge.
  * Thresholds: relative L2 error 1e-5 for fp32-exact paths, 1e-2 where the
  * output is bf16.  TAP; skips when there is no CUDA device.
  */
@@ -27,6 +30,7 @@ extern "C" {
 #include "embed.h"
 #include "gemm.h"
 #include "init.h"
+#include "moe_gemv.h"
 #include "moe_permute.h"
 #include "moe_route.h"
 #include "rmsnorm.h"
@@ -240,10 +244,10 @@ test_rope(int nh, int nkv, int hd, float theta)
  * its last nq[s] positions are the queries (nq == 1: decode).
  */
 static void
-test_attention(int nh, int nkv, int hd, int window, int prefill)
+test_attention(int nh, int nkv, int hd, int window, int prefill, int mid)
 {
     enum { NS = 3 };
-    int     bs = 16, len[NS] = { 37, 200, 5 }, nq[NS];
+    int     bs = 16, len[NS] = { 37, mid, 5 }, nq[NS];
     int     kvd = nkv * hd, ld = (nh + 2 * nkv) * hd, grp = nh / nkv;
     int     nblk = 0, T = 0;
     int     bt_off[NS];
@@ -273,7 +277,7 @@ test_attention(int nh, int nkv, int hd, int window, int prefill)
     uint16_t *obits = (uint16_t *) malloc(2 * T * nh * hd);
     int32_t  *tpos = (int32_t *) malloc(sizeof(int32_t) * T);
     int32_t  *tseq = (int32_t *) malloc(sizeof(int32_t) * T);
-    float    *sc = (float *) malloc(sizeof(float) * 256);
+    float    *sc = (float *) malloc(sizeof(float) * (mid + 64));
 
     /* everything random, including the positions past each query */
     gu_fill_bf(cache, cbits, cache_n, 2.0f);
@@ -333,17 +337,20 @@ test_attention(int nh, int nkv, int hd, int window, int prefill)
     int32_t *d_pos = (int32_t *) gu_up(tpos, sizeof(int32_t) * T);
     int32_t *d_seq = (int32_t *) gu_up(tseq, sizeof(int32_t) * T);
     void *d_out = gu_dev(2 * T * nh * hd);
+    float *d_part = (float *) gu_dev(
+        4 * (size_t) moe_cuda_attention_ws_floats(nh, nkv, hd));
     int rc = moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt, d_off,
                                 (moe_bf16_t *) d_cache, bs, nh, nkv, hd,
-                                window, (moe_bf16_t *) d_out, 0);
+                                window, (moe_bf16_t *) d_out, d_part, 0);
     int ok = sync_ok(rc, "attention");
 
     gu_down(obits, d_out, 2 * T * nh * hd);
     gu_bf_to_f(out, obits, (size_t) T * nh * hd);
     double e = gu_relerr(out, ref, (size_t) T * nh * hd);
     TAP_OK(ok && e <= BF_TOL, "attention %s heads %d/%d hd %d window %d "
-           "(%d queries, err %.2e)", prefill ? "prefill" : "decode", nh,
-           nkv, hd, window, T, e);
+           "ctx %d (%d queries, err %.2e)", prefill ? "prefill" : "decode",
+           nh, nkv, hd, window, mid, T, e);
+    cudaFree(d_part);
     cudaFree(d_cache); cudaFree(d_qkv); cudaFree(d_bt); cudaFree(d_off);
     cudaFree(d_pos); cudaFree(d_seq); cudaFree(d_out);
     free(bt); free(cache); free(cbits); free(qkv); free(ref); free(out);
@@ -383,7 +390,7 @@ test_silu(void)
 
 static void
 ref_route(const float *x, const float *W, int D, int E, int K, int *sel,
-    float *selw)
+    float *selw, float *margin)
 {
     float lg[256], mx = -INFINITY, sum = 0, ksum = 0;
 
@@ -420,6 +427,22 @@ ref_route(const float *x, const float *W, int D, int E, int K, int *sel,
         selw[k] = lg[best];
         ksum += lg[best];
     }
+    *margin = 1.0f;
+    if (K < E) {
+        float nb = -1.0f;
+
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+
+            for (int j = 0; j < K; j++) {
+                taken |= sel[j] == e;
+            }
+            if (!taken && lg[e] > nb) {
+                nb = lg[e];
+            }
+        }
+        *margin = selw[K - 1] - nb;
+    }
     for (int k = 0; k < K; k++) {
         selw[k] /= ksum;
     }
@@ -435,19 +458,24 @@ test_route(int T, int D, int E, int K)
     float   *selw = (float *) malloc(sizeof(float) * T * K);
     int32_t *gsel = (int32_t *) malloc(sizeof(int32_t) * T * K);
     float   *gw = (float *) malloc(sizeof(float) * T * K);
+    float   *mg = (float *) malloc(sizeof(float) * T);
+    float   *gmg = (float *) malloc(sizeof(float) * T);
     int      mism = 0;
 
     gu_fill(x, (size_t) T * D, 1.0f);
     gu_fill(W, (size_t) E * D, 1.0f);
     for (int t = 0; t < T; t++) {
-        ref_route(x + t * D, W, D, E, K, sel + t * K, selw + t * K);
+        ref_route(x + t * D, W, D, E, K, sel + t * K, selw + t * K, mg + t);
     }
     float *d_x = (float *) gu_up(x, sizeof(float) * T * D);
     float *d_W = (float *) gu_up(W, sizeof(float) * E * D);
     int32_t *d_sel = (int32_t *) gu_dev(sizeof(int32_t) * T * K);
     float *d_w = (float *) gu_dev(sizeof(float) * T * K);
-    int ok = sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, d_sel, d_w, 0),
-                     "route");
+    float *d_mg = (float *) gu_dev(sizeof(float) * T);
+    int ok = sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, d_sel, d_w, d_mg,
+                                    0), "route");
+    gu_down(gmg, d_mg, sizeof(float) * T);
+    double em = gu_relerr(gmg, mg, (size_t) T);
     gu_down(gsel, d_sel, sizeof(int32_t) * T * K);
     gu_down(gw, d_w, sizeof(float) * T * K);
     for (int i = 0; i < T * K; i++) {
@@ -455,10 +483,201 @@ test_route(int T, int D, int E, int K)
     }
     double e = gu_relerr(gw, selw, (size_t) T * K);
     /* random logits are far apart: the same experts must be chosen */
-    TAP_OK(ok && mism == 0 && e <= 1e-4, "route E %d top-%d (%d of %d "
-           "choices differ, weights err %.2e)", E, K, mism, T * K, e);
+    TAP_OK(ok && mism == 0 && e <= 1e-4 && em <= 1e-3, "route E %d top-%d "
+           "(%d of %d choices differ, weights err %.2e, margins err %.2e)",
+           E, K, mism, T * K, e, em);
+    cudaFree(d_mg); free(mg); free(gmg);
     cudaFree(d_x); cudaFree(d_W); cudaFree(d_sel); cudaFree(d_w);
     free(x); free(W); free(sel); free(selw); free(gsel); free(gw);
+}
+
+
+/*
+ * moe_permute (one launch): offsets, the stable row order and its inverse
+ * against the CPU, and the running totals after two calls.
+ */
+static void
+test_permute_one(int T, int E, int K)
+{
+    int      n = T * K, bad = 0;
+    int32_t *sel = (int32_t *) malloc(sizeof(int32_t) * n);
+    int32_t *offs = (int32_t *) calloc(E + 1, sizeof(int32_t));
+    int32_t *goffs = (int32_t *) malloc(sizeof(int32_t) * (E + 1));
+    int32_t *erow = (int32_t *) malloc(sizeof(int32_t) * n);
+    int32_t *gerow = (int32_t *) malloc(sizeof(int32_t) * n);
+    int32_t *gslot = (int32_t *) malloc(sizeof(int32_t) * n);
+    int64_t *gtot = (int64_t *) malloc(sizeof(int64_t) * E);
+
+    for (int t = 0; t < T; t++) {           /* K distinct, last unused */
+        for (int k = 0; k < K; k++) {
+            int e, dup;
+
+            do {
+                e = (int) (gu_rand() % (uint32_t) (E - 1));
+                dup = 0;
+                for (int j = 0; j < k; j++) {
+                    dup |= sel[t * K + j] == e;
+                }
+            } while (dup);
+            sel[t * K + k] = e;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        offs[sel[i] + 1]++;
+    }
+    for (int e = 0; e < E; e++) {
+        offs[e + 1] += offs[e];
+    }
+    {
+        int32_t *fill = (int32_t *) malloc(sizeof(int32_t) * E);
+
+        memcpy(fill, offs, sizeof(int32_t) * E);
+        for (int i = 0; i < n; i++) {
+            erow[fill[sel[i]]++] = i;
+        }
+        free(fill);
+    }
+    int32_t *d_sel = (int32_t *) gu_up(sel, sizeof(int32_t) * n);
+    int32_t *d_offs = (int32_t *) gu_dev(sizeof(int32_t) * (E + 1));
+    int32_t *d_erow = (int32_t *) gu_dev(sizeof(int32_t) * n);
+    int32_t *d_slot = (int32_t *) gu_dev(sizeof(int32_t) * n);
+    int64_t *d_tot = (int64_t *) gu_dev(sizeof(int64_t) * E);
+    cudaMemset(d_tot, 0, sizeof(int64_t) * E);
+    int rc = moe_cuda_moe_permute(d_sel, n, E, d_offs, d_erow, d_slot, d_tot,
+                                  0);
+    rc |= moe_cuda_moe_permute(d_sel, n, E, d_offs, d_erow, d_slot, d_tot, 0);
+    int ok = sync_ok(rc, "moe_permute");
+
+    gu_down(goffs, d_offs, sizeof(int32_t) * (E + 1));
+    gu_down(gerow, d_erow, sizeof(int32_t) * n);
+    gu_down(gslot, d_slot, sizeof(int32_t) * n);
+    gu_down(gtot, d_tot, sizeof(int64_t) * E);
+    for (int e = 0; e <= E; e++) {
+        bad += goffs[e] != offs[e];
+    }
+    for (int e = 0; e < E; e++) {
+        bad += gtot[e] != 2 * (int64_t) (offs[e + 1] - offs[e]);
+    }
+    for (int i = 0; i < n; i++) {
+        bad += gerow[i] != erow[i];
+        bad += gslot[i] < 0 || gslot[i] >= n || erow[gslot[i]] != i;
+    }
+    TAP_OK(ok && bad == 0, "moe_permute T %d E %d top-%d: offsets, stable "
+           "rows, inverse, totals (%d bad)", T, E, K, bad);
+    cudaFree(d_sel); cudaFree(d_offs); cudaFree(d_erow); cudaFree(d_slot);
+    cudaFree(d_tot);
+    free(sel); free(offs); free(goffs); free(erow); free(gerow); free(gslot);
+    free(gtot);
+}
+
+
+/*
+ * Grouped GEMV against an fp32 CPU reference on the bf16-rounded inputs:
+ * E groups of random sizes up to maxr (some empty), N output columns, Kd
+ * reduction, input rows gathered (xrow / xdiv) or direct; fp32 out or the
+ * fused SiLU*up (bf16 out); outputs poisoned, every row checked.
+ */
+static void
+test_gemv(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv)
+{
+    int       ldx = Kd + 8, ldy = N + 4, n = 0;
+    int32_t  *offs = (int32_t *) malloc(sizeof(int32_t) * (E + 1));
+    int       WR = silu ? 2 * N : N;
+
+    offs[0] = 0;
+    for (int e = 0; e < E; e++) {
+        int c = grouped ? (int) (gu_rand() % (uint32_t) (maxr + 1)) : maxr;
+
+        if (grouped && e % 3 == 1) {
+            c = 0;
+        }
+        if (grouped && e == 0) {
+            c = maxr;                   /* the largest group occurs */
+        }
+        offs[e + 1] = offs[e] + c;
+    }
+    n = offs[E];
+    int       nx = n * xdiv + 3;        /* rows of X */
+    float    *x = (float *) malloc(sizeof(float) * (size_t) nx * ldx);
+    uint16_t *xbits = (uint16_t *) malloc(2 * (size_t) nx * ldx);
+    float    *w = (float *) malloc(sizeof(float) * (size_t) E * WR * Kd);
+    uint16_t *wbits = (uint16_t *) malloc(2 * (size_t) E * WR * Kd);
+    int32_t  *xrow = (int32_t *) malloc(sizeof(int32_t) * (n + 1));
+    float    *ref = (float *) malloc(sizeof(float) * (size_t) (n + 1) * ldy);
+    float    *out = (float *) malloc(sizeof(float) * (size_t) (n + 1) * ldy);
+    uint16_t *obits = (uint16_t *) malloc(2 * (size_t) (n + 1) * ldy);
+
+    gu_fill_bf(x, xbits, (size_t) nx * ldx, 1.0f);
+    gu_fill_bf(w, wbits, (size_t) E * WR * Kd, 0.1f);
+    for (int r = 0; r < n; r++) {
+        xrow[r] = (int32_t) (gu_rand() % (uint32_t) (nx - 3)) / xdiv * xdiv
+                  + (int32_t) (gu_rand() % (uint32_t) xdiv);
+    }
+    for (int e = 0; e < E; e++) {
+        for (int r = offs[e]; r < offs[e + 1]; r++) {
+            const float *xr = x + (size_t) (grouped ? xrow[r] / xdiv : r)
+                                  * ldx;
+
+            for (int j = 0; j < N; j++) {
+                double a = 0, u = 0;
+                const float *wg = w + ((size_t) e * WR + j) * Kd;
+
+                for (int k = 0; k < Kd; k++) {
+                    a += (double) xr[k] * wg[k];
+                }
+                if (silu) {
+                    const float *wu = w + ((size_t) e * WR + N + j) * Kd;
+
+                    for (int k = 0; k < Kd; k++) {
+                        u += (double) xr[k] * wu[k];
+                    }
+                    a = a / (1.0 + exp(-a)) * u;
+                }
+                ref[(size_t) r * ldy + j] = (float) a;
+            }
+        }
+    }
+    void    *d_x = gu_up(xbits, 2 * (size_t) nx * ldx);
+    void    *d_w = gu_up(wbits, 2 * (size_t) E * WR * Kd);
+    int32_t *d_offs = (int32_t *) gu_up(offs, sizeof(int32_t) * (E + 1));
+    int32_t *d_xrow = (int32_t *) gu_up(xrow, sizeof(int32_t) * (n + 1));
+    void    *d_y = gu_dev(4 * (size_t) (n + 1) * ldy);
+    int rc = moe_cuda_gemv((moe_bf16_t *) d_x, ldx,
+                           grouped ? d_xrow : NULL, xdiv,
+                           (moe_bf16_t *) d_w, N, Kd,
+                           grouped ? d_offs : NULL, E, n, maxr, silu,
+                           (float *) d_y, (moe_bf16_t *) d_y, ldy, 0);
+    int ok = sync_ok(rc, "gemv");
+    double err = 0, num = 0, den = 0;
+
+    if (silu) {
+        gu_down(obits, d_y, 2 * (size_t) n * ldy);
+        gu_bf_to_f(out, obits, (size_t) n * ldy);
+    } else {
+        gu_down(out, d_y, 4 * (size_t) n * ldy);
+    }
+    for (int r = 0; r < n; r++) {
+        for (int j = 0; j < N; j++) {
+            double d = (double) out[(size_t) r * ldy + j]
+                       - ref[(size_t) r * ldy + j];
+
+            num += d * d;
+            den += (double) ref[(size_t) r * ldy + j]
+                   * ref[(size_t) r * ldy + j];
+        }
+    }
+    err = den > 0 ? sqrt(num / den) : (num > 0 ? 1 : 0);
+    if (!(err == err)) {
+        err = INFINITY;
+    }
+    TAP_OK(ok && n > 0 && err <= (silu ? BF_TOL : F32_TOL), "gemv E %d N %d "
+           "Kd %d rows %d (max %d) %s%s (err %.2e)", E, N, Kd, n, maxr,
+           silu ? "SiLU bf16" : "fp32", grouped ? " gathered" : " dense",
+           err);
+    cudaFree(d_x); cudaFree(d_w); cudaFree(d_offs); cudaFree(d_xrow);
+    cudaFree(d_y);
+    free(offs); free(x); free(xbits); free(w); free(wbits); free(xrow);
+    free(ref); free(out); free(obits);
 }
 
 
@@ -684,21 +903,35 @@ main(void)
     test_rmsnorm(1, 1);
     test_rope(4, 2, 16, 10000.0f);
     test_rope(32, 8, 128, 1000000.0f);
-    test_attention(4, 4, 16, 0, 0);
-    test_attention(8, 2, 8, 0, 1);
-    test_attention(32, 8, 128, 0, 0);
-    test_attention(32, 8, 128, 0, 1);
-    test_attention(16, 16, 128, 0, 1);
-    test_attention(4, 2, 32, 8, 1);
-    test_attention(4, 2, 32, 8, 0);
-    test_attention(12, 2, 64, 0, 1);      /* group 6: padded template */
-    test_attention(8, 1, 256, 0, 1);
+    test_attention(4, 4, 16, 0, 0, 200);
+    test_attention(8, 2, 8, 0, 1, 200);
+    test_attention(32, 8, 128, 0, 0, 200);
+    test_attention(32, 8, 128, 0, 1, 200);
+    test_attention(16, 16, 128, 0, 1, 200);
+    test_attention(4, 2, 32, 8, 1, 200);
+    test_attention(4, 2, 32, 8, 0, 200);
+    test_attention(12, 2, 64, 0, 1, 200);      /* group 6: padded template */
+    test_attention(8, 1, 256, 0, 1, 200);
+    test_attention(32, 8, 128, 0, 0, 2100);     /* decode: many splits */
+    test_attention(16, 16, 128, 0, 0, 1000);
+    test_attention(4, 2, 32, 100, 0, 1000);     /* window inside splits */
+    test_attention(8, 2, 96, 0, 1, 300);        /* hd not a power of 2 */
     test_silu();
     test_route(50, 64, 8, 2);
     test_route(40, 2048, 64, 8);
     test_route(30, 128, 60, 4);
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);
+    test_permute_one(100, 8, 2);
+    test_permute_one(3000, 8, 2);       /* several 1024-slot windows */
+    test_permute_one(300, 64, 8);
+    test_permute_one(1, 60, 4);
+    test_gemv(8, 100, 264, 20, 0, 1, 2);        /* k tail, gathered rows */
+    test_gemv(8, 72, 512, 70, 1, 1, 8);         /* SiLU, 2 passes */
+    test_gemv(1, 1000, 256, 5, 0, 0, 1);        /* dense, no offsets */
+    test_gemv(64, 64, 128, 8, 1, 1, 8);         /* many empty experts */
+    test_gemv(4, 48, 4096, 33, 0, 1, 2);        /* long k, NT 8 tile */
+    test_gemv(1, 40, 96, 3, 1, 0, 1);           /* dense SiLU */
     if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
         TAP_OK(0, "cublasCreate");
     } else {

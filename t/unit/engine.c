@@ -134,7 +134,7 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(10);
+    TAP_PLAN(11);
 
     e = make_engine(0, 16);
     if (e == NULL) {
@@ -239,6 +239,23 @@ main(int argc, char **argv)
            "small KV cache: %lld preemptions, outputs unchanged",
            (long long) st.preemptions);
     moe_engine_destroy(e);
+
+    /* load_format dummy makes random weights on the GPU only */
+    {
+        char          err[512] = "";
+        moe_config_t  cfg;
+        moe_engine_t *d = NULL;
+
+        moe_config_defaults(&cfg);
+        snprintf(cfg.model_path, sizeof(cfg.model_path),
+                 "%.900s/models/localmoe-tiny", srcdir);
+        snprintf(cfg.backend, sizeof(cfg.backend), "cpu");
+        snprintf(cfg.load_format, sizeof(cfg.load_format), "dummy");
+        TAP_OK(moe_engine_create(&cfg, &d, err, sizeof(err))
+               == MOE_EUNSUPPORTED && strstr(err, "cuda") != NULL,
+               "load_format dummy on the cpu backend is refused (%s)", err);
+        moe_engine_destroy(d);
+    }
 
     return TAP_DONE();
 }

@@ -1,0 +1,244 @@
+/*
+ * Grouped small-M GEMM on the tensor cores (mma.sync m16n8k16, bf16 in,
+ * fp32 accumulate) for decode-sized steps.
+ *
+ * A block of 4 warps owns 16 output columns (16 gate + 16 up columns when
+ * the SiLU epilogue is fused) of one group (expert); its warps split the
+ * reduction dimension in interleaved 32-wide chunks and their partial sums
+ * are added in shared memory.  The weights are the mma's A operand (rows =
+ * output columns), the tokens its B operand (8 per mma, up to 64 per
+ * pass), both loaded straight from global memory as 16-byte vectors: a
+ * thread (g = lane / 4, q = lane % 4) loads elements [8q, 8q + 8) of a
+ * 32-wide chunk for its rows, and the two mmas of the chunk take words
+ * {0, 1} and {2, 3} of it.  A and B use the same permutation of k, so the
+ * sum over k is unchanged.  Weights are read with streaming loads, once per
+ * pass; groups with no rows exit at once.
+ */
+#include "common.cuh"
+#include "moe_gemv.h"
+
+#define GV_WARPS 4
+
+typedef __nv_bfloat16 bf16;
+
+
+__device__ __forceinline__ void
+gv_mma(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+    uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+
+template <int NT, int MR, int UNR>
+__global__ void __launch_bounds__(GV_WARPS * 32)
+kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const bf16 *W, int N, int Kd, const int32_t *offs, int n, float *Y,
+    bf16 *H, int ldy)
+{
+    __shared__ float red[GV_WARPS][MR * NT * 4][32];
+    int              e = blockIdx.y;
+    int              r0 = offs != NULL ? offs[e] : 0;
+    int              r1 = offs != NULL ? offs[e + 1] : n;
+    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int              g = lane >> 2, q = lane & 3;
+    int              j0 = blockIdx.x * 16;
+    int              nch = (Kd + 31) >> 5;
+    const bf16      *We = W + (size_t) e * MR * N * Kd;
+    const bf16      *arow[MR][2];
+    bool             aval[MR][2];
+
+    if (r1 <= r0) {
+        return;                 /* uniform over the block */
+    }
+#pragma unroll
+    for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int j = j0 + g + 8 * h;
+
+            aval[mr][h] = j < N;
+            arow[mr][h] = We + (size_t) (mr * N + (j < N ? j : 0)) * Kd;
+        }
+    }
+
+    for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
+        float       acc[MR][NT][4];
+        const bf16 *brow[NT];
+        bool        bval[NT];
+
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            int r = p0 + 8 * j + g;
+            int xr = 0;
+
+            bval[j] = r < r1;
+            if (bval[j]) {
+                xr = xrow != NULL ? xrow[r] / xdiv : r;
+            }
+            brow[j] = X + (size_t) xr * ldx;
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    acc[mr][j][c] = 0.0f;
+                }
+            }
+        }
+
+        for (int c0 = warp; c0 < nch; c0 += GV_WARPS * UNR) {
+            uint4 a[UNR][MR][2];
+
+#pragma unroll
+            for (int u = 0; u < UNR; u++) {
+                int  c = c0 + u * GV_WARPS;
+                int  k = c * 32 + q * 8;
+                bool kv = c < nch && k < Kd;
+
+#pragma unroll
+                for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        if (kv && aval[mr][h]) {
+                            a[u][mr][h] = __ldcs(
+                                reinterpret_cast<const uint4 *>(
+                                    arow[mr][h] + k));
+                        } else {
+                            a[u][mr][h] = make_uint4(0, 0, 0, 0);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNR; u++) {
+                int  c = c0 + u * GV_WARPS;
+                int  k = c * 32 + q * 8;
+                bool kv = c < nch && k < Kd;
+
+                if (c >= nch) {
+                    break;      /* uniform over the warp */
+                }
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    uint4 bv = make_uint4(0, 0, 0, 0);
+
+                    if (kv && bval[j]) {
+                        bv = *reinterpret_cast<const uint4 *>(brow[j] + k);
+                    }
+#pragma unroll
+                    for (int mr = 0; mr < MR; mr++) {
+                        gv_mma(acc[mr][j], a[u][mr][0].x, a[u][mr][1].x,
+                               a[u][mr][0].y, a[u][mr][1].y, bv.x, bv.y);
+                        gv_mma(acc[mr][j], a[u][mr][0].z, a[u][mr][1].z,
+                               a[u][mr][0].w, a[u][mr][1].w, bv.z, bv.w);
+                    }
+                }
+            }
+        }
+
+#pragma unroll
+        for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    red[warp][(mr * NT + j) * 4 + c][lane] = acc[mr][j][c];
+                }
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < NT * 4 * 32; i += GV_WARPS * 32) {
+            int   l = i & 31, jc = i >> 5, j = jc >> 2, c = jc & 3;
+            int   col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
+            int   r = p0 + 8 * j + 2 * (l & 3) + (c & 1);
+            float v = 0.0f;
+
+#pragma unroll
+            for (int w = 0; w < GV_WARPS; w++) {
+                v += red[w][jc][l];
+            }
+            if (col < N && r < r1) {
+                if (MR == 2) {
+                    float u = 0.0f;
+
+#pragma unroll
+                    for (int w = 0; w < GV_WARPS; w++) {
+                        u += red[w][NT * 4 + jc][l];
+                    }
+                    H[(size_t) r * ldy + col] =
+                        moe_f2bf(v / (1.0f + expf(-v)) * u);
+                } else {
+                    Y[(size_t) r * ldy + col] = v;
+                }
+            }
+        }
+        __syncthreads();        /* red is rewritten by the next pass */
+    }
+}
+
+
+extern "C" int
+moe_cuda_gemv_supported(int Kd, int ldx)
+{
+    return Kd > 0 && Kd % 8 == 0 && ldx % 8 == 0 && ldx >= Kd;
+}
+
+
+template <int NT>
+static void
+gv_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const bf16 *W, int N, int Kd,
+    const int32_t *offs, int n, float *Y, bf16 *H, int ldy)
+{
+    if (silu) {
+        kernel_gemv<NT, 2, 2><<<grid, GV_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, N, Kd, offs, n, Y, H, ldy);
+    } else {
+        kernel_gemv<NT, 1, 4><<<grid, GV_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, N, Kd, offs, n, Y, H, ldy);
+    }
+}
+
+
+extern "C" int
+moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
+    const moe_bf16_t *W, int N, int Kd, const int32_t *offs, int E, int n,
+    int max_rows, int silu, float *Y, moe_bf16_t *H, int ldy,
+    cudaStream_t stream)
+{
+    const bf16 *x = reinterpret_cast<const bf16 *>(X);
+    const bf16 *w = reinterpret_cast<const bf16 *>(W);
+    bf16       *h = reinterpret_cast<bf16 *>(H);
+    dim3        grid;
+
+    if (!moe_cuda_gemv_supported(Kd, ldx) || N <= 0 || E <= 0
+        || (xrow != NULL && xdiv <= 0))
+    {
+        moe_cuda_set_error("gemv: unsupported shape (N %d, Kd %d, ldx %d, "
+                           "E %d)", N, Kd, ldx, E);
+        return MOE_EUNSUPPORTED;
+    }
+    if (offs == NULL && (n <= 0 || E != 1)) {
+        return n <= 0 ? MOE_OK : MOE_EUNSUPPORTED;
+    }
+    grid = dim3((unsigned) ((N + 15) / 16), (unsigned) E);
+    if (max_rows <= 8) {
+        gv_launch<1>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
+                     n, Y, h, ldy);
+    } else if (max_rows <= 16) {
+        gv_launch<2>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
+                     n, Y, h, ldy);
+    } else if (max_rows <= 32) {
+        gv_launch<4>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
+                     n, Y, h, ldy);
+    } else {
+        gv_launch<8>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
+                     n, Y, h, ldy);
+    }
+    MOE_CUDA_CHECK_LAUNCH("kernel_gemv");
+    return MOE_OK;
+}
