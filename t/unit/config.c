@@ -67,7 +67,7 @@ static const bad_case_t bad_cases[] = {
       "quantization must be null or awq, gptq, squeezellm, fp8, got "
       "'\"int4\"'" },
     { "bad_load_format.yaml", 3, MOE_EINVAL,
-      "load_format must be auto, safetensors, got '\"pt\"'" },
+      "load_format must be auto, safetensors, dummy, got '\"pt\"'" },
     { "bad_block_size.yaml", 3, MOE_EINVAL,
       "block_size must be a power of two in 1..256, got 24" },
     { "bad_block_big.yaml", 3, MOE_EINVAL,
