@@ -98,6 +98,7 @@ struct moe_engine {
     float             *logits;     /* (max_num_seqs, vocab) */
     moe_sampler_t      sampler;
     int                n_sample;   /* ids the sampler may produce */
+    int                wake_pending; /* events pushed, worker not woken */
 
     /* counters, written by the engine thread, read by anyone */
     _Atomic int64_t    st_submitted, st_finished, st_cancelled,
@@ -139,6 +140,8 @@ static void
 moe_emit(moe_engine_t *e, const moe_event_t *ev)
 {
     moe_event_t  *p;
+
+    e->wake_pending = 1;
 
     /* keep order: once anything overflowed, everything queues behind it */
     if (e->n_overflow == e->overflow_pos
@@ -187,6 +190,7 @@ moe_wake_worker(moe_engine_t *e)
     uint64_t  one = 1;
     ssize_t   n;
 
+    e->wake_pending = 0;
     n = write(e->ev_fd, &one, sizeof(one));
     (void) n;   /* EAGAIN: the counter is already non-zero, fine */
 }
@@ -676,7 +680,9 @@ moe_engine_main(void *arg)
 
         if (e->n_running == 0 && e->n_waiting == 0) {
             moe_publish_stats(e);
-            if (e->n_overflow > 0) {
+            /* events from cancels or failed submits (drain_submit) need
+             * their wake-up too, not only those of a step */
+            if (e->n_overflow > 0 || e->wake_pending) {
                 moe_wake_worker(e);
             }
             /* idle: sleep until the worker queues work (or, with events
@@ -696,7 +702,9 @@ moe_engine_main(void *arg)
         }
 
         moe_publish_stats(e);
-        moe_wake_worker(e);
+        if (e->wake_pending) {
+            moe_wake_worker(e);
+        }
     }
 
     return NULL;
@@ -942,11 +950,6 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     }
 
     e->chat_template = moe_read_chat_template(cfg->model_path);
-    if (e->chat_template != NULL) {
-        moe_log(MOE_LOG_WARN, "%s: the model's chat_template is not rendered "
-                "yet; chat prompts use ChatML", cfg->model_path);
-    }
-
     /* model info */
     snprintf(e->info.served_name, sizeof(e->info.served_name), "%.255s",
              cfg->served_model_name[0] ? cfg->served_model_name

@@ -134,7 +134,7 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(11);
+    TAP_PLAN(12);
 
     e = make_engine(0, 16);
     if (e == NULL) {
@@ -187,6 +187,16 @@ main(int argc, char **argv)
            && st.kv_blocks_used == 0,
            "cancel: reason cancelled after %d tokens, blocks used %lld",
            r2[0].n, (long long) st.kv_blocks_used);
+
+    /* cancelling the last running sequence must still wake the worker
+     * for its FINISH event (a lost wake-up here once hung the caller) */
+    ok = 1;
+    for (i = 0; i < 30 && ok; i++) {
+        ok = run(e, ids_n, ids, 0, 1, &sp, r2, 1) == 0
+             && r2[0].reason == MOE_FINISH_CANCELLED;
+    }
+    TAP_OK(ok, "30 cancels of the only running sequence: each FINISH "
+           "arrives (round %d)", i);
 
     /* seeded sampling */
     sp.max_tokens = 20;
