@@ -179,24 +179,34 @@ main(int argc, char **argv)
            (long long) st.kv_blocks_used);
 
     /* cancel after 3 tokens frees the blocks */
-    sp.max_tokens = 40;
+    sp.max_tokens = 100;
     ok = run(e, ids_n, ids, 0, 2, &sp, r2, 3) == 0;
     usleep(300000);
     moe_engine_stats(e, &st);
-    TAP_OK(ok && r2[0].reason == MOE_FINISH_CANCELLED && r2[0].n < 40
+    TAP_OK(ok && r2[0].reason == MOE_FINISH_CANCELLED && r2[0].n < 100
            && st.kv_blocks_used == 0,
            "cancel: reason cancelled after %d tokens, blocks used %lld",
            r2[0].n, (long long) st.kv_blocks_used);
 
     /* cancelling the last running sequence must still wake the worker
-     * for its FINISH event (a lost wake-up here once hung the caller) */
-    ok = 1;
-    for (i = 0; i < 30 && ok; i++) {
-        ok = run(e, ids_n, ids, 0, 1, &sp, r2, 1) == 0
-             && r2[0].reason == MOE_FINISH_CANCELLED;
+     * for its FINISH event (a lost wake-up here once hung the caller).
+     * The tiny model may finish all 40 tokens before the cancel lands, so
+     * LENGTH is a legal outcome; a missing FINISH (time-out) is not. */
+    {
+        int cancelled = 0;
+
+        ok = 1;
+        for (i = 0; i < 30 && ok; i++) {
+            ok = run(e, ids_n, ids, 0, 1, &sp, r2, 1) == 0
+                 && r2[0].finished == 1
+                 && (r2[0].reason == MOE_FINISH_CANCELLED
+                     || r2[0].reason == MOE_FINISH_LENGTH);
+            cancelled += r2[0].reason == MOE_FINISH_CANCELLED;
+        }
+        TAP_OK(ok && cancelled > 0, "30 cancels of the only running "
+               "sequence: every FINISH arrives (%d cancelled, the rest "
+               "finished first)", cancelled);
     }
-    TAP_OK(ok, "30 cancels of the only running sequence: each FINISH "
-           "arrives (round %d)", i);
 
     /* seeded sampling */
     sp.max_tokens = 20;
