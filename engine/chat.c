@@ -1,14 +1,28 @@
 /*
- * Chat prompts.  Until the Jinja-subset interpreter lands, every model is
- * prompted in ChatML; a model that ships its own chat_template is logged
- * once at load time (engine.c) so the difference is visible.
+ * Chat prompts: the model's chat_template rendered by the Jinja-subset
+ * interpreter (jinja.h), or ChatML when the model ships no template.
+ * Parsed templates are cached by their text (a handful per process; they
+ * stay until exit), so a request costs one render, not a parse.
  */
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "moe.h"
+#include "jinja.h"
+#include "tokenizer.h"
+
+#define MOE_CHAT_CACHE  8
+
+typedef struct {
+    char              *src;
+    moe_jinja_tmpl_t  *tmpl;
+} moe_chat_cache_t;
+
+static moe_chat_cache_t  moe_chat_cache[MOE_CHAT_CACHE];
+static pthread_mutex_t   moe_chat_mutex = PTHREAD_MUTEX_INITIALIZER;
 
 typedef struct {
     char   *p;
@@ -44,6 +58,50 @@ moe_buf_add(moe_buf_t *b, const char *s, size_t n)
 }
 
 
+/*
+ * The parsed template for `src`: from the cache, or parsed now and cached
+ * when a slot is free (*owned = 0), else parsed for this call only
+ * (*owned = 1: the caller frees it).
+ */
+static int
+moe_chat_template(const char *src, moe_jinja_tmpl_t **out, int *owned,
+    char *err, size_t errlen)
+{
+    int                i, rc;
+    moe_jinja_tmpl_t  *t;
+    char              *copy;
+
+    *owned = 0;
+    pthread_mutex_lock(&moe_chat_mutex);
+
+    for (i = 0; i < MOE_CHAT_CACHE && moe_chat_cache[i].src != NULL; i++) {
+        if (strcmp(moe_chat_cache[i].src, src) == 0) {
+            *out = moe_chat_cache[i].tmpl;
+            pthread_mutex_unlock(&moe_chat_mutex);
+            return MOE_OK;
+        }
+    }
+
+    rc = moe_jinja_parse(src, strlen(src), &t, err, errlen);
+    if (rc != MOE_OK) {
+        pthread_mutex_unlock(&moe_chat_mutex);
+        return rc;
+    }
+
+    copy = i < MOE_CHAT_CACHE ? strdup(src) : NULL;
+    if (copy != NULL) {
+        moe_chat_cache[i].src = copy;
+        moe_chat_cache[i].tmpl = t;
+    } else {
+        *owned = 1;
+    }
+    pthread_mutex_unlock(&moe_chat_mutex);
+
+    *out = t;
+    return MOE_OK;
+}
+
+
 int
 moe_chat_render(const moe_tokenizer_t *t, const char *chat_template,
     const moe_chat_msg_t *msgs, int n_msgs, int add_generation_prompt,
@@ -52,14 +110,32 @@ moe_chat_render(const moe_tokenizer_t *t, const char *chat_template,
     int        i, rc = MOE_OK;
     moe_buf_t  b = { NULL, 0, 0 };
 
-    (void) t;
-    (void) chat_template;
-
     if (n_msgs < 1) {
         if (err != NULL && errlen > 0) {
             snprintf(err, errlen, "messages must not be empty");
         }
         return MOE_EINVAL;
+    }
+
+    if (chat_template != NULL) {
+        moe_jinja_tmpl_t       *tmpl;
+        moe_jinja_chat_vars_t   v;
+        int                     owned;
+
+        rc = moe_chat_template(chat_template, &tmpl, &owned, err, errlen);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        v.msgs = msgs;
+        v.n_msgs = n_msgs;
+        v.add_generation_prompt = add_generation_prompt;
+        v.bos_token = moe_tokenizer_bos_token(t);
+        v.eos_token = moe_tokenizer_eos_token(t);
+        rc = moe_jinja_render_chat(tmpl, &v, out, out_len, err, errlen);
+        if (owned) {
+            moe_jinja_free(tmpl);
+        }
+        return rc;
     }
 
     for (i = 0; i < n_msgs && rc == MOE_OK; i++) {

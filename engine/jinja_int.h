@@ -177,6 +177,9 @@ typedef struct {
 void moe_jj_fail(moe_jj_ctx_t *c, int rc, const char *fmt, ...)
     __attribute__((noreturn, format(printf, 3, 4)));
 
+/* Runs statement n (jinja_eval.c). */
+void moe_jj_exec(moe_jj_ctx_t *c, moe_jn_t *n);
+
 /* value helpers (jinja_value.c) */
 moe_jv_t moe_jv_str(moe_jj_ctx_t *c, const char *p, size_t n);
 moe_jv_t moe_jv_cstr(moe_jj_ctx_t *c, const char *s);
@@ -217,5 +220,20 @@ moe_jv_t moe_jj_method(moe_jj_ctx_t *c, moe_jn_t *n, moe_jv_t obj,
     const char *name, moe_jv_t *args, int nargs, char **kw, int nkw);
 moe_jv_t moe_jj_global_call(moe_jj_ctx_t *c, moe_jn_t *n, const char *name,
     moe_jv_t *args, int nargs, char **kw, int nkw);
+
+/* helpers shared by jinja_builtins.c and jinja_methods.c */
+moe_jv_t moe_jj_arg(moe_jv_t *args, int nargs, char **kw, int nkw, int pos,
+    const char *name, moe_jv_t dflt);
+moe_jv_t moe_jj_need_str(moe_jj_ctx_t *c, moe_jv_t v, const char *what,
+    int line);
+moe_jv_t moe_jj_strip(moe_jv_t s, int which, moe_jv_t chars);
+moe_jv_t moe_jj_case(moe_jj_ctx_t *c, moe_jv_t s, int mode);
+moe_jv_t moe_jj_replace(moe_jj_ctx_t *c, moe_jv_t s, moe_jv_t old,
+    moe_jv_t new, long long count);
+moe_jv_t moe_jj_split(moe_jj_ctx_t *c, moe_jv_t s, moe_jv_t sep,
+    long long max, int line);
+int moe_jj_affix(moe_jj_ctx_t *c, moe_jv_t s, moe_jv_t a, int end, int line);
+long long moe_jj_len(moe_jj_ctx_t *c, moe_jv_t v, int line);
+moe_jv_t moe_jj_items_of(moe_jj_ctx_t *c, moe_jv_t v, int line);
 
 #endif /* MOE_JINJA_INT_H */

@@ -196,7 +196,8 @@ moe_jj_body(moe_jj_parser_t *P, const char **ends)
 
         if (t->t == MOE_JT_EOF) {
             if (ends != NULL) {
-                return moe_jj_fail_at(P, "missing", ends[0], strlen(ends[0]));
+                for (k = 0; ends[k + 1] != NULL; k++) { }
+                return moe_jj_fail_at(P, "missing", ends[k], strlen(ends[k]));
             }
             break;
         }
@@ -263,6 +264,8 @@ moe_jj_body(moe_jj_parser_t *P, const char **ends)
                 if (!moe_jj_expect_end(P)) {
                     return NULL;
                 }
+            } else if (t->n > 3 && memcmp(t->p, "end", 3) == 0) {
+                return moe_jj_fail_at(P, "unexpected", t->p, t->n);
             } else {
                 return moe_jj_fail_at(P, "unsupported statement", t->p, t->n);
             }
