@@ -178,7 +178,7 @@ def main():
     import jinja2
     try:
         import transformers
-        tf_version = tf_version
+        tf_version = transformers.__version__
     except ImportError:
         tf_version = None
 
