@@ -24,7 +24,9 @@
  * captured once per (T, logits rows): everything it reads from the host
  * lives in the staging buffer, copied before the replay; kernel shapes
  * depend on T only.  Off while profiling, or with MOE_CUDA_GRAPHS=0 in the
- * environment.  MOE_CUDA_GEMV_MAX_T overrides gemv_max_t (default 128).
+ * environment.  MOE_CUDA_GEMV_MAX_T overrides gemv_max_t (default 32 for
+ * <= 16 experts, 256 for more, 128 dense).  Steps whose experts take the
+ * cuBLAS path (host sync) never run as graphs.
  */
 
 #include <math.h>
@@ -108,6 +110,7 @@ typedef struct {
     int64_t        *d_ecounts;     /* (L, E) running totals */
     float          *att_part;      /* attention split partials */
     float          *margin;        /* (L, N) router margins, last step */
+    float          *rlogits;       /* (N, E) router logits */
     bf16           *xe;            /* (NK, dim) */
     float          *gu;            /* (NK, 2 ffn) */
     bf16           *hbuf;          /* (NK, ffn) */
@@ -206,7 +209,7 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
 typedef struct {
     size_t x, tmp, xf, xb, qkv, att, sel, selw, slot_of, erow, counts, xe,
            gu, hbuf, ye, xlast, logits, stage, offs, ecounts, att_part,
-           margin, total;
+           margin, rlogits, total;
     size_t stage_ints, bt_cap;
 } cb_slayout_t;
 
@@ -236,6 +239,7 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
     l->offs = cb_take(&c, (E + 1) * 4);
     l->margin = cb_take(&c, (size_t) hp->n_layers * N * 4);
     l->ecounts = cb_take(&c, (size_t) hp->n_layers * E * 8);
+    l->rlogits = cb_take(&c, N * E * 4);
     l->att_part = cb_take(&c, (size_t) moe_cuda_attention_ws_floats(
                                   hp->n_heads, hp->n_kv_heads,
                                   hp->head_dim) * 4);
@@ -657,6 +661,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->counts = (int32_t *) (s + sl.counts);
     b->offs = (int32_t *) (s + sl.offs);
     b->margin = (float *) (s + sl.margin);
+    b->rlogits = (float *) (s + sl.rlogits);
     b->d_ecounts = (int64_t *) (s + sl.ecounts);
     b->att_part = (float *) (s + sl.att_part);
     CB_CUDA(cudaMemsetAsync(b->d_ecounts, 0, (size_t) hp->n_layers
@@ -743,7 +748,13 @@ cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
         const char *gv = getenv("MOE_CUDA_GEMV_MAX_T");
 
         b->use_graphs = ev == NULL || strcmp(ev, "0") != 0;
-        b->gemv_max_t = gv != NULL ? atoi(gv) : 128;
+        /* GEMV vs per-expert cuBLAS crossover (run 2 vs run 1): mixtral
+         * (E 8) b64 experts 33.8 ms GEMV vs 25.4 ms cuBLAS, b32 GEMV 27.5;
+         * olmoe (E 64) b256 cuBLAS 19.0 ms (128 launches + sync per
+         * layer) vs GEMV b128 5.0 ms: many experts keep the GEMV longer */
+        b->gemv_max_t = gv != NULL ? atoi(gv)
+                        : hp->n_experts == 1 ? 128
+                        : hp->n_experts > 16 ? 256 : 32;
     }
 
     rc = cb_alloc(b, err, errlen);
@@ -917,8 +928,8 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     }
 
     MOE_TRY(moe_cuda_route(b->xf, T, D, b->router + (size_t) l * E * D, E, K,
-                           b->sel, b->selw, b->margin + (size_t) l * b->cap,
-                           s));
+                           b->rlogits, b->sel, b->selw,
+                           b->margin + (size_t) l * b->cap, s));
     MOE_TRY(moe_cuda_moe_permute(b->sel, T * K, E, b->offs, b->erow,
                                  b->slot_of, b->d_ecounts + (size_t) l * E,
                                  s));
@@ -1128,7 +1139,10 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_stage, b->h_stage,
                                    n_stage * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, s));
-    if (b->use_graphs && !b->prof && T <= CB_GRAPH_MAX_T && one) {
+    if (b->use_graphs && !b->prof && T <= CB_GRAPH_MAX_T && one
+        && (b->hp.n_experts == 1 || cb_ffn_gemv(b, T)))
+    {
+        /* the cuBLAS expert path syncs with the host: never in a graph */
         rc = cb_body_graph(b, T, n_out);
         if (rc != MOE_OK && rc != CB_NOGRAPH) {
             return rc;

@@ -37,14 +37,41 @@ gv_mma(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
 template <int NT, int MR, int UNR>
 __global__ void __launch_bounds__(GV_WARPS * 32)
 kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
-    const bf16 *W, int N, int Kd, const int32_t *offs, int n, float *Y,
-    bf16 *H, int ldy)
+    const bf16 *W, int N, int Kd, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy)
 {
     __shared__ float red[GV_WARPS][MR * NT * 4][32];
     int              e = blockIdx.y;
+    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    if (offs != NULL && (int) gridDim.y < E) {
+        /* compact grid (fewer rows than groups): block y takes the y-th
+         * non-empty group; every warp finds it alike (uniform exit) */
+        int y = (int) blockIdx.y;
+
+        e = -1;
+        for (int b0 = 0; b0 < E; b0 += 32) {
+            int      ex = b0 + lane;
+            unsigned m = __ballot_sync(0xffffffffu,
+                                       ex < E && offs[ex + 1] > offs[ex]);
+            int      c = __popc(m);
+
+            if (y < c) {
+                for (int i = 0; i < y; i++) {
+                    m &= m - 1u;        /* drop the lowest set bit */
+                }
+                e = b0 + __ffs((int) m) - 1;
+                break;
+            }
+            y -= c;
+        }
+        if (e < 0) {
+            return;             /* fewer non-empty groups than gridDim.y */
+        }
+    }
+
     int              r0 = offs != NULL ? offs[e] : 0;
     int              r1 = offs != NULL ? offs[e + 1] : n;
-    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int              g = lane >> 2, q = lane & 3;
     int              j0 = blockIdx.x * 16;
     int              nch = (Kd + 31) >> 5;
@@ -192,14 +219,14 @@ template <int NT>
 static void
 gv_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const bf16 *W, int N, int Kd,
-    const int32_t *offs, int n, float *Y, bf16 *H, int ldy)
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
     if (silu) {
         kernel_gemv<NT, 2, 2><<<grid, GV_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, n, Y, H, ldy);
+            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
     } else {
         kernel_gemv<NT, 1, 4><<<grid, GV_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, n, Y, H, ldy);
+            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
     }
 }
 
@@ -225,19 +252,24 @@ moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
     if (offs == NULL && (n <= 0 || E != 1)) {
         return n <= 0 ? MOE_OK : MOE_EUNSUPPORTED;
     }
-    grid = dim3((unsigned) ((N + 15) / 16), (unsigned) E);
+    /* at most min(E, n) groups are non-empty: with fewer rows than groups
+     * (decode: 2 of 8 experts at one token) the grid covers only that many
+     * and the blocks find their group on the device (v2 launched E and
+     * let the empty ones exit: 5376 idle blocks per mixtral layer) */
+    grid = dim3((unsigned) ((N + 15) / 16),
+                (unsigned) (offs != NULL && n > 0 && n < E ? n : E));
     if (max_rows <= 8) {
         gv_launch<1>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
-                     n, Y, h, ldy);
+                     E, n, Y, h, ldy);
     } else if (max_rows <= 16) {
         gv_launch<2>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
-                     n, Y, h, ldy);
+                     E, n, Y, h, ldy);
     } else if (max_rows <= 32) {
         gv_launch<4>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
-                     n, Y, h, ldy);
+                     E, n, Y, h, ldy);
     } else {
         gv_launch<8>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
-                     n, Y, h, ldy);
+                     E, n, Y, h, ldy);
     }
     MOE_CUDA_CHECK_LAUNCH("kernel_gemv");
     return MOE_OK;

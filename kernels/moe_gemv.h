@@ -23,7 +23,9 @@ extern "C" {
  * Kd % 8 == 0 (else MOE_EUNSUPPORTED).  max_rows: an upper bound on the
  * rows of any one group (chooses the tile; any count stays correct: a
  * group of more than 64 rows takes several passes over its weights).
- * offs is (E + 1) int32 on the device.
+ * offs is (E + 1) int32 on the device.  With offs, n is the total rows
+ * offs[E] (an upper bound suffices; 0: unknown): when n < E only n
+ * groups can be non-empty and the grid covers only n groups.
  */
 int moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, const moe_bf16_t *W, int N, int Kd, const int32_t *offs,

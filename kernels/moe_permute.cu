@@ -188,27 +188,20 @@ kernel_moe_unpermute(const float *ye, int D, const int32_t *sel,
     __shared__ float ord_w[UNPERM_MAX_K];
     int              t = blockIdx.x;
 
-    if (threadIdx.x == 0) {
-        /* order the token's K slots by ascending expert (selection sort) */
-        int used[UNPERM_MAX_K];
+    if (threadIdx.x < K) {
+        /* slot k's place in ascending expert order (ties by k: the top-k
+         * never picks one expert twice, so ties do not occur): its rank,
+         * computed by K threads at once (v2 ran a selection sort on one
+         * thread, ~K^2 dependent global loads) */
+        int k = threadIdx.x, ek = sel[(size_t) t * K + k], o = 0;
 
-        for (int k = 0; k < K; k++) {
-            used[k] = 0;
-        }
-        for (int o = 0; o < K; o++) {
-            int best = -1;
+        for (int j = 0; j < K; j++) {
+            int ej = sel[(size_t) t * K + j];
 
-            for (int k = 0; k < K; k++) {
-                if (!used[k] && (best < 0 || sel[(size_t) t * K + k]
-                                             < sel[(size_t) t * K + best]))
-                {
-                    best = k;
-                }
-            }
-            used[best] = 1;
-            ord_row[o] = slot_of[(size_t) t * K + best];
-            ord_w[o] = selw[(size_t) t * K + best];
+            o += ej < ek || (ej == ek && j < k);
         }
+        ord_row[o] = slot_of[(size_t) t * K + k];
+        ord_w[o] = selw[(size_t) t * K + k];
     }
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {

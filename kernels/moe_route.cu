@@ -1,47 +1,115 @@
 /*
- * Router GEMV in fp32 (one warp per expert) and the softmax/top-k done by
- * warp 0 of the token's block: K rounds of a warp argmax, ties to the lower
- * expert as in the CPU backend's scan.  The softmax sum is a warp tree
- * (the CPU sums in order): weights may differ from the CPU's in the last
- * bits; the choices differ only where two probabilities tie within that.
+ * Router in two launches.
+ *
+ * 1. Logits (fp32): one block of 256 threads per (expert, tile of up to
+ *    ROUTE_RT tokens); the threads split the reduction dimension, read the
+ *    expert's router row once as 16-byte vectors (when D % 4 == 0) and
+ *    apply it to every token of the tile, then reduce by warp shuffles and
+ *    shared memory.  Grid E x ceil(T / ROUTE_RT): every SM has work even at
+ *    one token (the v2 kernel ran one block per token, which at T = 1 read
+ *    the whole (E, D) router through a single SM: ~67 us per layer).
+ * 2. Softmax/top-k: one warp per token, K rounds of a warp argmax, ties to
+ *    the lower expert as in the CPU backend's scan.  The softmax sum is a
+ *    warp tree (the CPU sums in order): weights may differ from the CPU's
+ *    in the last bits; the choices differ only where two probabilities tie
+ *    within that.
  */
 #include <math.h>
 
 #include "common.cuh"
 #include "moe_route.h"
 
-#define ROUTE_MAX_E 256
+#define ROUTE_MAX_E    256
+#define ROUTE_RT       8           /* tokens per logits block */
+#define ROUTE_THREADS  256
+#define TOPK_WARPS     4           /* tokens per top-k block */
 
 
-__global__ void
-kernel_moe_route(const float *xf, int D, const float *router, int E, int K,
-    int32_t *sel, float *selw, float *margin)
+template <bool VEC>
+__global__ void __launch_bounds__(ROUTE_THREADS)
+kernel_route_logits(const float *xf, int T, int D, const float *router,
+    int E, float *logits)
 {
-    __shared__ float lg[ROUTE_MAX_E];
-    int              t = blockIdx.x;
+    __shared__ float red[ROUTE_THREADS / 32][ROUTE_RT];
+    int              e = blockIdx.x, t0 = blockIdx.y * ROUTE_RT;
+    int              nt = T - t0 < ROUTE_RT ? T - t0 : ROUTE_RT;
     int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int              nw = blockDim.x >> 5;
-    const float     *x = xf + (size_t) t * D;
+    const float     *w = router + (size_t) e * D;
+    const float     *x = xf + (size_t) t0 * D;
+    float            acc[ROUTE_RT];
 
-    for (int e = warp; e < E; e += nw) {
-        const float *w = router + (size_t) e * D;
-        float        s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ROUTE_RT; j++) {
+        acc[j] = 0.0f;
+    }
+    if (VEC) {
+        const float4 *w4 = reinterpret_cast<const float4 *>(w);
+        int           D4 = D >> 2;
 
-        for (int d = lane; d < D; d += 32) {
-            s += w[d] * x[d];
+#pragma unroll 4
+        for (int i = threadIdx.x; i < D4; i += ROUTE_THREADS) {
+            float4 wv = __ldg(w4 + i);
+
+#pragma unroll
+            for (int j = 0; j < ROUTE_RT; j++) {
+                if (j < nt) {
+                    float4 xv = *(reinterpret_cast<const float4 *>(
+                                      x + (size_t) j * D) + i);
+
+                    acc[j] += wv.x * xv.x + wv.y * xv.y + wv.z * xv.z
+                              + wv.w * xv.w;
+                }
+            }
         }
-        s = moe_warp_sum(s);
+    } else {
+        for (int i = threadIdx.x; i < D; i += ROUTE_THREADS) {
+            float wv = w[i];
+
+#pragma unroll
+            for (int j = 0; j < ROUTE_RT; j++) {
+                if (j < nt) {
+                    acc[j] += wv * x[(size_t) j * D + i];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < ROUTE_RT; j++) {
+        float v = moe_warp_sum(acc[j]);
+
         if (lane == 0) {
-            lg[e] = s;
+            red[warp][j] = v;
         }
     }
     __syncthreads();
-    if (warp != 0) {
-        return;
-    }
+    if (threadIdx.x < nt) {
+        float s = 0.0f;
 
-    /* warp 0: softmax over the E logits, then K rounds of a warp argmax
-     * (ties to the lower expert, as the CPU's strict > scan) */
+        for (int wi = 0; wi < ROUTE_THREADS / 32; wi++) {
+            s += red[wi][threadIdx.x];
+        }
+        logits[(size_t) (t0 + threadIdx.x) * E + e] = s;
+    }
+}
+
+
+__global__ void __launch_bounds__(TOPK_WARPS * 32)
+kernel_route_topk(const float *logits, int T, int E, int K, int32_t *sel,
+    float *selw, float *margin)
+{
+    __shared__ float lgs[TOPK_WARPS][ROUTE_MAX_E];
+    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int              t = blockIdx.x * TOPK_WARPS + warp;
+    float           *lg = lgs[warp];
+
+    if (t >= T) {
+        return;                 /* uniform over the warp; no block barrier */
+    }
+    for (int e = lane; e < E; e += 32) {
+        lg[e] = logits[(size_t) t * E + e];
+    }
+    __syncwarp();
+
     float mx = -INFINITY, sum = 0.0f, ksum = 0.0f;
 
     for (int e = lane; e < E; e += 32) {
@@ -86,6 +154,7 @@ kernel_moe_route(const float *xf, int D, const float *router, int E, int K,
             break;
         }
         pk = bv;
+        __syncwarp();           /* all lanes read lg before it changes */
         if (lane == 0) {
             sel[(size_t) t * K + k] = be;
             selw[(size_t) t * K + k] = bv;
@@ -97,10 +166,8 @@ kernel_moe_route(const float *xf, int D, const float *router, int E, int K,
     if (margin != NULL && K == E && lane == 0) {
         margin[t] = 1.0f;
     }
-    if (lane < K) {
-        selw[(size_t) t * K + lane] /= ksum;
-    }
-    for (int k = lane + 32; k < K; k += 32) {
+    __syncwarp();               /* lane 0's selw stores are visible */
+    for (int k = lane; k < K; k += 32) {
         selw[(size_t) t * K + k] /= ksum;
     }
 }
@@ -108,17 +175,31 @@ kernel_moe_route(const float *xf, int D, const float *router, int E, int K,
 
 extern "C" int
 moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
-    int K, int32_t *sel, float *selw, float *margin, cudaStream_t stream)
+    int K, float *logits, int32_t *sel, float *selw, float *margin,
+    cudaStream_t stream)
 {
-    if (E < 1 || E > ROUTE_MAX_E || K < 1 || K > E) {
+    dim3 grid;
+
+    if (E < 1 || E > ROUTE_MAX_E || K < 1 || K > E || D < 1) {
         moe_cuda_set_error("route: %d experts, top-%d not supported", E, K);
         return MOE_EUNSUPPORTED;
     }
     if (T <= 0) {
         return MOE_OK;
     }
-    kernel_moe_route<<<T, 256, 0, stream>>>(xf, D, router, E, K, sel, selw,
-                                                 margin);
-    MOE_CUDA_CHECK_LAUNCH("kernel_moe_route");
+    grid = dim3((unsigned) E, (unsigned) ((T + ROUTE_RT - 1) / ROUTE_RT));
+    if (D % 4 == 0
+        && ((uintptr_t) xf & 15) == 0 && ((uintptr_t) router & 15) == 0)
+    {
+        kernel_route_logits<true><<<grid, ROUTE_THREADS, 0, stream>>>(
+            xf, T, D, router, E, logits);
+    } else {
+        kernel_route_logits<false><<<grid, ROUTE_THREADS, 0, stream>>>(
+            xf, T, D, router, E, logits);
+    }
+    MOE_CUDA_CHECK_LAUNCH("kernel_route_logits");
+    kernel_route_topk<<<(T + TOPK_WARPS - 1) / TOPK_WARPS, TOPK_WARPS * 32,
+                        0, stream>>>(logits, T, E, K, sel, selw, margin);
+    MOE_CUDA_CHECK_LAUNCH("kernel_route_topk");
     return MOE_OK;
 }

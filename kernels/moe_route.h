@@ -13,10 +13,13 @@ extern "C" {
  * sel: (T, K) int32; selw: (T, K) fp32.  E <= 256, K <= E
  * (MOE_EUNSUPPORTED otherwise).  margin (T) fp32, may be NULL: the
  * K-th largest probability minus the (K+1)-th (1 when K == E): how near
- * the token's choice is to a flip.
+ * the token's choice is to a flip.  logits: (T, E) fp32 workspace on the
+ * device (overwritten).  Two launches, grid over (expert, token tile): no
+ * single-block stage, so T = 1 uses many SMs.
  */
 int moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
-    int K, int32_t *sel, float *selw, float *margin, cudaStream_t stream);
+    int K, float *logits, int32_t *sel, float *selw, float *margin,
+    cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -7,7 +7,8 @@
 #                                  (default: all four shapes)
 #
 # Logs go to $OUT (default ./gpu-out): nvidia-smi.log, test_kernels.log,
-# test_backend.log, test_backend_eager.log (graphs off), bench_engine.log,
+# test_backend.log, test_backend_eager.log (graphs off, cuBLAS experts for
+# steps > 4 tokens), bench_engine.log,
 # bench_nograph.log (mixtral, graphs off), sanitizer.log; a summary table
 # is printed last.  Each step has its own time limit so the whole run stays
 # under ~8 minutes (typically ~2).  Exit status: 0 when every step passed.
@@ -45,7 +46,10 @@ done
 
 step test_kernels 90 build/gpu/test_kernels
 step test_backend 120 build/gpu/test_backend
-step test_backend_eager 120 env MOE_CUDA_GRAPHS=0 build/gpu/test_backend
+# eager, and MoE steps of > 4 tokens (the prefill chunks) on the per-expert
+# cuBLAS path with its host sync: both expert paths are checked
+step test_backend_eager 120 env MOE_CUDA_GRAPHS=0 MOE_CUDA_GEMV_MAX_T=4 \
+    build/gpu/test_backend
 step bench_engine 240 build/gpu/bench_engine $MODELS
 # the same decode/prefill without CUDA graphs (graph gain = difference)
 step bench_nograph 120 env MOE_CUDA_GRAPHS=0 build/gpu/bench_engine \

@@ -10,14 +10,19 @@
  * so both backends always see the same sequence).  The CPU backend runs
  * each sequence alone, prompt in one step.  Checks:
  *  - logits after the prompt and after every decode step: relative L2
- *    error ||cuda - cpu|| / ||cpu|| <= 2e-2, except at a position whose
- *    token sits near a top-k tie in some layer: where the CUDA router's
- *    k-th minus (k+1)-th probability (moe_cuda_backend_route_margins) is
- *    below FLIP_MARGIN, the bf16 hidden state (~1e-2 relative error, which
- *    moves a router probability by a few 1e-3) may legitimately pick
- *    another expert than the CPU; such positions are held to FLIP_TOL
- *    only, and counted.  At every other position both backends route the
- *    same way, so a larger error there is a bug;
+ *    error ||cuda - cpu|| / ||cpu|| <= 2e-2, except from the first
+ *    near-tie of the sequence on: where the CUDA router's k-th minus
+ *    (k+1)-th probability (moe_cuda_backend_route_margins) is below
+ *    FLIP_MARGIN in some layer, the bf16 hidden state (~1e-2 relative
+ *    error, which moves a router probability by a few 1e-3) may
+ *    legitimately pick another expert than the CPU.  A flip at position p
+ *    changes p's hidden state and so its K/V in every later layer, which
+ *    every later position of the sequence attends to: a position is held
+ *    to FLIP_TOL only if it or any EARLIER position of its sequence had
+ *    such a near-tie (run 2: pos 48 of mixtral-gqa, margin 0.08 itself,
+ *    failed at 5.2e-2 after an earlier near-tie).  Positions before the
+ *    first near-tie route the same way on both backends and are held to
+ *    2e-2, so a larger error there is a bug.  Both counts are printed;
  *  - greedy agreement: at every such position where the CPU's top-1 logit
  *    beats its top-2 by more than 0.05, the CUDA argmax is the CPU's;
  *  - expert counts: per layer they add up to tokens * top_k;
@@ -271,11 +276,24 @@ test_model(const char *dir)
         int    checked = 0, disagree = 0, near = 0;
 
         for (int q = 0; q < 2 && ok_fw; q++) {
+            /* pmin[p]: smallest margin at positions 0..p of sequence q */
+            float pmin[LEN_A + N_DEC + 1];
+            int   first = -1;
+
+            for (int p = 0; p < len[q] + N_DEC; p++) {
+                pmin[p] = p == 0 ? tokm[q][0]
+                                 : fminf(pmin[p - 1], tokm[q][p]);
+                if (first < 0 && pmin[p] < FLIP_MARGIN) {
+                    first = p;
+                }
+            }
+            TAP_DIAG("%s seq %d: first router near-tie at position %d "
+                     "(of %d)", name, q, first, len[q] + N_DEC);
             for (int s = 0; s <= N_DEC; s++) {
                 const float *c = cpu[q] + (size_t) s * V;
                 const float *g = gpu[q] + (size_t) s * V;
                 double       e = gu_relerr(g, c, (size_t) V);
-                float        margin, rm = tokm[q][len[q] - 1 + s];
+                float        margin, rm = pmin[len[q] - 1 + s];
                 int          top = argmax(c, V, &margin);
 
                 if (rm < FLIP_MARGIN) {
@@ -284,17 +302,18 @@ test_model(const char *dir)
                         worst_near = e;
                     }
                     if (e > REL_TOL) {
-                        TAP_DIAG("seq %d pos %d: rel err %.2e at router "
-                                 "margin %.4f (near a tie)", q,
-                                 len[q] - 1 + s, e, rm);
+                        TAP_DIAG("seq %d pos %d: rel err %.2e, smallest "
+                                 "router margin up to here %.4f (after a "
+                                 "near-tie)", q, len[q] - 1 + s, e, rm);
                     }
                 } else {
                     if (!(e <= worst)) {
                         worst = e;
                     }
                     if (e > REL_TOL) {
-                        TAP_DIAG("seq %d pos %d: rel err %.2e, router "
-                                 "margin %.4f", q, len[q] - 1 + s, e, rm);
+                        TAP_DIAG("seq %d pos %d: rel err %.2e, smallest "
+                                 "router margin up to here %.4f", q,
+                                 len[q] - 1 + s, e, rm);
                     }
                 }
                 if (margin > MARGIN) {
@@ -309,8 +328,10 @@ test_model(const char *dir)
             }
         }
         TAP_OK(ok_fw && worst <= REL_TOL && worst_near <= FLIP_TOL,
-               "%s: logits rel err max %.2e (<= %.0e) over %d positions; "
-               "%d near a router tie (margin < %.2f): max %.2e (<= %.0e)",
+               "%s: logits rel err max %.2e (<= %.0e) over %d positions "
+               "before any router near-tie; %d at or after a near-tie "
+               "(margin < %.2f at this or an earlier position): max %.2e "
+               "(<= %.0e)",
                name, worst, REL_TOL, 2 * (N_DEC + 1) - near, near,
                FLIP_MARGIN, worst_near, FLIP_TOL);
         TAP_OK(ok_fw && disagree == 0, "%s: greedy agrees where cpu margin "

@@ -472,8 +472,9 @@ test_route(int T, int D, int E, int K)
     int32_t *d_sel = (int32_t *) gu_dev(sizeof(int32_t) * T * K);
     float *d_w = (float *) gu_dev(sizeof(float) * T * K);
     float *d_mg = (float *) gu_dev(sizeof(float) * T);
-    int ok = sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, d_sel, d_w, d_mg,
-                                    0), "route");
+    float *d_lg = (float *) gu_dev(sizeof(float) * T * E);
+    int ok = sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, d_lg, d_sel, d_w,
+                                    d_mg, 0), "route");
     gu_down(gmg, d_mg, sizeof(float) * T);
     double em = gu_relerr(gmg, mg, (size_t) T);
     gu_down(gsel, d_sel, sizeof(int32_t) * T * K);
@@ -486,7 +487,7 @@ test_route(int T, int D, int E, int K)
     TAP_OK(ok && mism == 0 && e <= 1e-4 && em <= 1e-3, "route E %d top-%d "
            "(%d of %d choices differ, weights err %.2e, margins err %.2e)",
            E, K, mism, T * K, e, em);
-    cudaFree(d_mg); free(mg); free(gmg);
+    cudaFree(d_mg); cudaFree(d_lg); free(mg); free(gmg);
     cudaFree(d_x); cudaFree(d_W); cudaFree(d_sel); cudaFree(d_w);
     free(x); free(W); free(sel); free(selw); free(gsel); free(gw);
 }
@@ -920,6 +921,8 @@ main(void)
     test_route(50, 64, 8, 2);
     test_route(40, 2048, 64, 8);
     test_route(30, 128, 60, 4);
+    test_route(1, 4096, 8, 2);          /* decode shape: one token */
+    test_route(19, 66, 8, 2);           /* D % 4 != 0: scalar path */
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);
     test_permute_one(100, 8, 2);
@@ -932,6 +935,8 @@ main(void)
     test_gemv(64, 64, 128, 8, 1, 1, 8);         /* many empty experts */
     test_gemv(4, 48, 4096, 33, 0, 1, 2);        /* long k, NT 8 tile */
     test_gemv(1, 40, 96, 3, 1, 0, 1);           /* dense SiLU */
+    test_gemv(64, 64, 256, 1, 1, 1, 8);         /* rows < groups: compact grid */
+    test_gemv(8, 96, 512, 1, 0, 1, 2);          /* decode-like, compact grid */
     if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
         TAP_OK(0, "cublasCreate");
     } else {
