@@ -56,7 +56,9 @@ unit: $(UNIT_BINS)
 module: $(NGX_SO)
 kernels: $(KERNELS_A)
 
-$(BUILD)/%.o: %.c $(wildcard engine/*.h) engine/include/moe.h
+# objects depend on the CUDA choice too (-DMOE_HAVE_CUDA changes engine.o)
+$(BUILD)/%.o: %.c $(wildcard engine/*.h) engine/include/moe.h \
+              $(BUILD)/.cuda-$(MOE_CUDA)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 

@@ -65,6 +65,12 @@ struct moe_seq {
     int32_t        *counts;        /* (vocab) generated occurrences, or
                                       NULL when no penalty needs them */
     uint8_t        *seen;          /* (vocab) in prompt or output, or NULL */
+    uint64_t       *bhash;         /* (cap / block_size + 1) chain hashes of
+                                      the full blocks, for prefix caching */
+    int             n_published;   /* full blocks offered to the cache */
+    int             n_cached;      /* prompt tokens found in the cache at
+                                      first admission */
+    int             admitted;      /* admitted at least once */
     moe_rng_t       rng;
     moe_seq_t      *prev, *next;   /* waiting queue links */
 };
@@ -104,7 +110,7 @@ struct moe_engine {
     _Atomic int64_t    st_submitted, st_finished, st_cancelled,
                        st_prompt_tokens, st_gen_tokens, st_steps,
                        st_busy_ns, st_preemptions, st_running, st_waiting,
-                       st_blocks_used;
+                       st_blocks_used, st_blocks_cached, st_cached_tokens;
     _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
     size_t             n_expert_counts;
 };
@@ -130,6 +136,7 @@ moe_seq_free(moe_seq_t *s)
     free(s->blocks);
     free(s->counts);
     free(s->seen);
+    free(s->bhash);
     free(s);
 }
 
@@ -207,6 +214,7 @@ moe_finish_event(moe_engine_t *e, moe_seq_t *s, int reason, int32_t token)
     ev.token = token;
     ev.finish_reason = reason;
     ev.n_prompt = s->n_prompt;
+    ev.n_cached = s->n_cached;
     ev.n_generated = s->n_generated;
     moe_emit(e, &ev);
 }
@@ -331,6 +339,13 @@ moe_seq_create(moe_engine_t *e, moe_msg_t *m)
     m->prompt = NULL;
     s->n_tokens = m->n_prompt;
 
+    s->bhash = malloc(sizeof(uint64_t)
+                      * (size_t) (cap / e->cfg.block_size + 1));
+    if (s->bhash == NULL) {
+        moe_seq_free(s);
+        return NULL;
+    }
+
     if (s->sp.frequency_penalty != 0.0f || s->sp.presence_penalty != 0.0f) {
         s->counts = calloc((size_t) e->info.vocab_size, sizeof(int32_t));
         if (s->counts == NULL) {
@@ -409,6 +424,7 @@ moe_preempt_last(moe_engine_t *e, int first_allowed)
     e->n_running--;
     moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
     s->n_computed = 0;
+    s->n_published = 0;
     moe_wait_push_front(e, s);
 
     atomic_fetch_add_explicit(&e->st_preemptions, 1, memory_order_relaxed);
@@ -459,6 +475,7 @@ moe_step(moe_engine_t *e)
             e->n_running--;
             moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
             s->n_computed = 0;
+            s->n_published = 0;
             moe_wait_push_front(e, s);
             atomic_fetch_add_explicit(&e->st_preemptions, 1,
                                       memory_order_relaxed);
@@ -485,22 +502,49 @@ moe_step(moe_engine_t *e)
            && e->n_running < e->cfg.max_num_seqs)
     {
         s = e->wait_head;
+
+        /* prefix cache: reuse whole blocks of an equal prefix; the last
+         * prompt token is always computed (its logits are needed, and its
+         * block must be private since K/V will be written there) */
+        if (s->n_blocks == 0 && s->n_computed == 0) {
+            int hit = moe_blocks_match(&e->blocks, s->tokens,
+                                       s->n_tokens - 1, &s->blocks,
+                                       &s->n_blocks, &s->cap_blocks,
+                                       s->bhash);
+            s->n_computed = hit > 0 ? hit : 0;
+            s->n_published = s->n_computed / e->cfg.block_size;
+            if (!s->admitted) {
+                s->n_cached = s->n_computed;
+            }
+        }
+
         want = s->n_tokens - s->n_computed;
         chunk = want < budget ? want : budget;
         if (chunk > limit) {
             chunk = limit;
         }
         if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
-            break;
+            chunk = 0;
         }
 
-        rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
-                                &s->cap_blocks, s->n_computed + chunk);
-        if (rc == MOE_EFULL) {
-            break;
-        }
+        rc = chunk == 0 ? MOE_EFULL
+             : moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
+                                  &s->cap_blocks, s->n_computed + chunk);
         if (rc != MOE_OK) {
+            /* not this step: give the matched blocks back for now */
+            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+            s->n_computed = 0;
+            s->n_published = 0;
+            if (rc == MOE_EFULL) {
+                break;
+            }
             return rc;
+        }
+
+        if (!s->admitted) {
+            s->admitted = 1;
+            atomic_fetch_add_explicit(&e->st_cached_tokens, s->n_cached,
+                                      memory_order_relaxed);
         }
 
         moe_wait_unlink(e, s);
@@ -565,6 +609,13 @@ moe_step(moe_engine_t *e)
     for (i = 0; i < n; i++) {
         s = e->batch_seq[i];
         s->n_computed += e->batch[i].n_tokens;
+
+        if (s->n_computed / e->cfg.block_size > s->n_published) {
+            moe_blocks_publish(&e->blocks, s->blocks, s->tokens, s->bhash,
+                               s->n_published,
+                               s->n_computed / e->cfg.block_size);
+            s->n_published = s->n_computed / e->cfg.block_size;
+        }
 
         if (e->batch[i].logits == NULL) {
             continue;
@@ -649,6 +700,8 @@ moe_publish_stats(moe_engine_t *e)
     atomic_store_explicit(&e->st_waiting, e->n_waiting, memory_order_relaxed);
     atomic_store_explicit(&e->st_blocks_used,
                           e->blocks.n_total - e->blocks.n_free,
+                          memory_order_relaxed);
+    atomic_store_explicit(&e->st_blocks_cached, e->blocks.n_cached,
                           memory_order_relaxed);
 
     if (e->backend->expert_counts != NULL
@@ -1050,7 +1103,8 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
 
     e->info.kv_blocks_total = n_blocks;
 
-    rc = moe_blocks_init(&e->blocks, n_blocks, cfg->block_size);
+    rc = moe_blocks_init(&e->blocks, n_blocks, cfg->block_size,
+                         cfg->enable_prefix_caching);
     if (rc != MOE_OK) {
         moe_seterr(err, errlen, "%s", "out of memory (block manager)");
         goto fail;
@@ -1292,6 +1346,8 @@ moe_engine_stats(const moe_engine_t *e, moe_stats_t *o)
     memset(o, 0, sizeof(*o));
     o->kv_blocks_total = e->info.kv_blocks_total;
     o->kv_blocks_used = atomic_load(&m->st_blocks_used);
+    o->kv_blocks_cached = atomic_load(&m->st_blocks_cached);
+    o->cached_tokens_total = atomic_load(&m->st_cached_tokens);
     o->block_size = e->cfg.block_size;
     o->kv_bytes_per_block = e->backend->kv_bytes_per_block;
     o->weights_bytes = moe_model_weight_bytes(e->model);

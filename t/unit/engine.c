@@ -134,7 +134,7 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(12);
+    TAP_PLAN(14);
 
     e = make_engine(0, 16);
     if (e == NULL) {
@@ -206,6 +206,53 @@ main(int argc, char **argv)
         TAP_OK(ok && cancelled > 0, "30 cancels of the only running "
                "sequence: every FINISH arrives (%d cancelled, the rest "
                "finished first)", cancelled);
+    }
+
+    /* prefix caching: the same 14-token prompt again reuses its 3 full
+     * blocks of 4 (the block holding the last prompt token is computed)
+     * and gives the same greedy tokens */
+    {
+        static const char *p = "one two three four five six seven";
+        int32_t *pp;
+        size_t   pn;
+        int32_t  pids[1][256];
+        int      pn_[1];
+        result_t c1[1], c2[1];
+        moe_event_t ev[64];
+        struct pollfd pfd = { moe_engine_eventfd(e), POLLIN, 0 };
+        int      cached[2] = { -1, -1 }, k, done;
+
+        moe_tokenizer_encode(moe_engine_tokenizer(e), p, strlen(p), 1, &pp,
+                             &pn);
+        memcpy(pids[0], pp, pn * sizeof(int32_t));
+        pn_[0] = (int) pn;
+        free(pp);
+        sp.max_tokens = 8;
+        sp.temperature = 0.0f;
+        for (k = 0; k < 2; k++) {
+            result_t *r = k ? c2 : c1;
+
+            memset(r, 0, sizeof(*r));
+            moe_engine_submit(e, 500 + k, pids[0], pn_[0], &sp);
+            for (done = 0; !done && poll(&pfd, 1, 5000) > 0; ) {
+                size_t m = moe_engine_drain(e, ev, 64), q;
+
+                for (q = 0; q < m; q++) {
+                    if (ev[q].type == MOE_EV_TOKEN && r->n < MAXT) {
+                        r->toks[r->n++] = ev[q].token;
+                    } else if (ev[q].type != MOE_EV_TOKEN) {
+                        cached[k] = ev[q].n_cached;
+                        done = 1;
+                    }
+                }
+            }
+        }
+        TAP_OK(cached[0] == 0 && cached[1] == ((int) pn - 1) / 4 * 4,
+               "second identical prompt (%d tokens): %d cached tokens "
+               "(first %d)", (int) pn, cached[1], cached[0]);
+        TAP_OK(c1[0].n == 8 && c1[0].n == c2[0].n
+               && memcmp(c1[0].toks, c2[0].toks, 8 * sizeof(int32_t)) == 0,
+               "cached prefix gives the same greedy tokens");
     }
 
     /* seeded sampling */

@@ -41,7 +41,7 @@ main(void)
     int32_t        *t1 = NULL, *t2 = NULL;
     int             n1 = 0, c1 = 0, n2 = 0, c2 = 0;
 
-    TAP_PLAN(15);
+    TAP_PLAN(19);
 
     moe_sampler_init(&s, V);
     moe_sampling_defaults(&sp);
@@ -149,7 +149,7 @@ main(void)
     moe_sampler_destroy(&s);
 
     /* block manager */
-    moe_blocks_init(&bm, 5, 4);
+    moe_blocks_init(&bm, 5, 4, 0);
     TAP_OK(moe_blocks_reserve(&bm, &t1, &n1, &c1, 9) == MOE_OK && n1 == 3
            && bm.n_free == 2, "9 tokens take 3 blocks of 4");
     TAP_OK(moe_blocks_reserve(&bm, &t2, &n2, &c2, 13) == MOE_EFULL
@@ -161,6 +161,48 @@ main(void)
     free(t1);
     free(t2);
     moe_blocks_destroy(&bm);
+
+    /* prefix cache: 3 full blocks published by one sequence are found by
+     * the next one with the same prefix, shared, then cached and evicted */
+    {
+        int32_t   toks[16], other[16];
+        uint64_t  h1[4], h2[4];
+        int32_t  *a = NULL, *c = NULL;
+        int       na = 0, ca = 0, nc = 0, cc = 0, hit;
+
+        for (i = 0; i < 16; i++) {
+            toks[i] = 100 + i;
+            other[i] = 100 + i;
+        }
+        other[9] = 7;     /* differs inside block 2 */
+
+        moe_blocks_init(&bm, 6, 4, 1);
+        moe_blocks_reserve(&bm, &a, &na, &ca, 14);
+        moe_blocks_publish(&bm, a, toks, h1, 0, 3);
+        hit = moe_blocks_match(&bm, toks, 13, &c, &nc, &cc, h2);
+        TAP_OK(hit == 12 && nc == 3 && memcmp(a, c, 3 * sizeof(int32_t)) == 0
+               && bm.n_free == 2 && h1[2] == h2[2],
+               "equal prefix: 3 blocks shared (hit %d, free %d)", hit,
+               bm.n_free);
+        moe_blocks_release(&bm, c, &nc);
+        hit = moe_blocks_match(&bm, other, 13, &c, &nc, &cc, h2);
+        TAP_OK(hit == 8 && nc == 2, "prefix differing in block 2: 2 blocks "
+               "shared (hit %d)", hit);
+        moe_blocks_release(&bm, c, &nc);
+        moe_blocks_release(&bm, a, &na);
+        TAP_OK(bm.n_free == 6 && bm.n_cached == 3,
+               "released published blocks stay cached (%d cached)",
+               bm.n_cached);
+        /* 6 fresh blocks: the 3 plain ones, then the cached ones evicted */
+        TAP_OK(moe_blocks_reserve(&bm, &a, &na, &ca, 24) == MOE_OK
+               && na == 6 && bm.n_cached == 0
+               && moe_blocks_match(&bm, toks, 13, &c, &nc, &cc, h2) == 0,
+               "eviction reuses cached blocks and forgets them");
+        moe_blocks_release(&bm, a, &na);
+        free(a);
+        free(c);
+        moe_blocks_destroy(&bm);
+    }
 
     return TAP_DONE();
 }
