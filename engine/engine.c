@@ -867,26 +867,6 @@ moe_compare_model_section(const moe_config_t *c, const moe_hparams_t *hp)
 }
 
 
-/* Model features the CUDA backend does not implement yet: NULL when it
- * can run the model, else the first one found. */
-static const char *
-moe_cuda_unsupported(const moe_hparams_t *hp)
-{
-    if (hp->norm_layer)         return "LayerNorm";
-    if (hp->act != 0)           return "GELU activation";
-    if (hp->ffn_ungated)        return "ungated FFN";
-    if (hp->learned_pos)        return "learned position embeddings";
-    if (hp->qkv_bias)           return "q/k/v bias";
-    if (hp->o_bias)             return "output projection bias";
-    if (hp->mlp_bias)           return "MLP bias";
-    if (hp->qk_norm)            return "q/k norm";
-    if (hp->router_no_renorm)   return "top-k without renormalisation";
-    if (hp->shared_ffn_dim > 0) return "shared expert";
-    if (hp->n_dense_layers > 0) return "dense layers in an MoE model";
-    return NULL;
-}
-
-
 /* CPU backend with a KV pool of cfg.kv_cache_blocks, or enough for
  * max_num_seqs sequences of max_model_len within a quarter of RAM. */
 static int
@@ -983,18 +963,23 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     hp = moe_model_hparams(e->model);
     moe_compare_model_section(cfg, hp);
 
-    if (use_cuda && moe_cuda_unsupported(hp) != NULL) {
-        if (strcmp(cfg->backend, "cuda") == 0) {
-            snprintf(err, errlen, "%s: backend 'cuda' cannot run %s yet (%s)",
-                     cfg->file, hp->arch_name, moe_cuda_unsupported(hp));
-            rc = MOE_EUNSUPPORTED;
-            goto fail;
+#ifdef MOE_HAVE_CUDA
+    {
+        char  why[256];
+
+        if (use_cuda && !moe_cuda_supports(hp, why, sizeof(why))) {
+            if (strcmp(cfg->backend, "cuda") == 0) {
+                snprintf(err, errlen, "%s: backend 'cuda' cannot run %s "
+                         "(%s)", cfg->file, hp->arch_name, why);
+                rc = MOE_EUNSUPPORTED;
+                goto fail;
+            }
+            moe_log(MOE_LOG_WARN, "the cuda backend cannot run %s (%s); "
+                    "serving from the cpu backend", hp->arch_name, why);
+            use_cuda = 0;
         }
-        moe_log(MOE_LOG_WARN, "the cuda backend cannot run %s yet (%s); "
-                "serving from the cpu backend", hp->arch_name,
-                moe_cuda_unsupported(hp));
-        use_cuda = 0;
     }
+#endif
 
     snprintf(path, sizeof(path), "%s/tokenizer.json", cfg->model_path);
     rc = moe_tokenizer_load(path, &e->tok, err, errlen);

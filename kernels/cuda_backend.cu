@@ -27,6 +27,15 @@
  * environment.  MOE_CUDA_GEMV_MAX_T overrides gemv_max_t (default 32 for
  * <= 16 experts, 256 for more, 128 dense).  Steps whose experts take the
  * cuBLAS path (host sync) never run as graphs.
+ *
+ * Optional architecture pieces (moe_hparams_t flags; Qwen2, Qwen2-MoE,
+ * Qwen3-MoE, GPT-2) follow cpu_backend.c step by step: q/k/v and o biases
+ * added after their GEMMs, per-head q/k RMSNorm before RoPE, LayerNorm
+ * with bias, learned positions (no RoPE), GELU, ungated and biased MLPs
+ * (a generic GEMM -> activation -> GEMM path; the fused SiLU GEMV stays
+ * the fast path for plain SwiGLU), raw top-k weights, the sigmoid-gated
+ * shared expert added after the routed sum, and dense layers of an MoE
+ * model.  All of it is graph-safe (no host sync).
  */
 
 #include <math.h>
@@ -37,6 +46,7 @@
 
 #include "common.cuh"
 #include "cuda_backend.h"
+#include "arch.h"
 #include "attention.h"
 #include "embed.h"
 #include "gemm.h"
@@ -90,6 +100,25 @@ typedef struct {
     float          *ffn_norm;      /* (L, dim) */
     float          *final_norm;    /* (dim) */
     float          *router;        /* (L, E, dim) or NULL */
+    /* optional pieces (NULL unless the hparams flag asks for them) */
+    float          *pos_embed;     /* (max_pos, dim) learned_pos */
+    float          *attn_norm_b;   /* (L, dim) norm_layer */
+    float          *ffn_norm_b;    /* (L, dim) norm_layer */
+    float          *final_norm_b;  /* (dim) norm_layer */
+    float          *bqkv;          /* (L, Q + 2 KVD) qkv_bias */
+    float          *bo;            /* (L, dim) o_bias */
+    float          *q_norm;        /* (L, hd) qk_norm */
+    float          *k_norm;        /* (L, hd) qk_norm */
+    float          *b_gu;          /* (L, 2 ffn) mlp_bias: gate | up */
+    float          *b_down;        /* (L, dim) mlp_bias */
+    bf16           *ws_gu;         /* (L, 2 FS, dim) shared expert */
+    bf16           *ws_down;       /* (L, dim, FS) */
+    float          *ws_gate_inp;   /* (L, dim) */
+    bf16           *wd_gu;         /* (n_dense, 2 FD, dim) dense layers */
+    bf16           *wd_down;       /* (n_dense, dim, FD) */
+    int             G;             /* rows of w_gu per expert: 2 ffn, or
+                                      ffn when ungated */
+    int             dense_slot[MOE_MAX_LAYERS]; /* layer -> wd_* index */
 
     bf16           *kv;            /* (L, n_blocks, 2, bs, n_kv, hd) */
 
@@ -178,8 +207,34 @@ cb_take(cb_carve_t *c, size_t bytes)
 
 typedef struct {
     size_t embed, lm_head, wqkv, wo, w_gu, w_down, attn_norm, ffn_norm,
-           final_norm, router, total;
+           final_norm, router, pos_embed, attn_norm_b, ffn_norm_b,
+           final_norm_b, bqkv, bo, q_norm, k_norm, b_gu, b_down, ws_gu,
+           ws_down, ws_gate_inp, wd_gu, wd_down, total;
 } cb_wlayout_t;
+
+
+/* Layers of the model that run the dense MLP wd_* (layer_dense). */
+static int
+cb_n_dense(const moe_hparams_t *hp)
+{
+    int l, n = 0;
+
+    if (hp->dense_ffn_dim <= 0) {
+        return 0;
+    }
+    for (l = 0; l < hp->n_layers && l < MOE_MAX_LAYERS; l++) {
+        n += hp->layer_dense[l] != 0;
+    }
+    return n;
+}
+
+
+/* Offset of an optional piece: 0 (unused) unless `on`. */
+static size_t
+cb_take_if(cb_carve_t *c, int on, size_t bytes)
+{
+    return on ? cb_take(c, bytes) : 0;
+}
 
 
 static void
@@ -188,20 +243,42 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
     cb_carve_t c = { 0 };
     size_t     L = (size_t) hp->n_layers, D = (size_t) hp->dim;
     size_t     V = (size_t) hp->vocab_size, E = (size_t) hp->n_experts;
-    size_t     F = (size_t) hp->ffn_dim;
+    size_t     F = (size_t) hp->ffn_dim, G = hp->ffn_ungated ? F : 2 * F;
     size_t     Q = (size_t) hp->n_heads * hp->head_dim;
     size_t     KV = (size_t) hp->n_kv_heads * hp->head_dim;
+    size_t     HD = (size_t) hp->head_dim;
+    size_t     FS = (size_t) (hp->shared_ffn_dim > 0 ? hp->shared_ffn_dim
+                                                     : 0);
+    size_t     FD = (size_t) (hp->dense_ffn_dim > 0 ? hp->dense_ffn_dim : 0);
+    size_t     ND = (size_t) cb_n_dense(hp);
 
     l->embed = cb_take(&c, V * D * 2);
     l->lm_head = hp->tie_embeddings ? l->embed : cb_take(&c, V * D * 2);
     l->wqkv = cb_take(&c, L * (Q + 2 * KV) * D * 2);
     l->wo = cb_take(&c, L * D * Q * 2);
-    l->w_gu = cb_take(&c, L * E * 2 * F * D * 2);
+    l->w_gu = cb_take(&c, L * E * G * D * 2);
     l->w_down = cb_take(&c, L * E * D * F * 2);
     l->attn_norm = cb_take(&c, L * D * 4);
     l->ffn_norm = cb_take(&c, L * D * 4);
     l->final_norm = cb_take(&c, D * 4);
     l->router = E > 1 ? cb_take(&c, L * E * D * 4) : 0;
+    l->pos_embed = cb_take_if(&c, hp->learned_pos,
+                              (size_t) (hp->max_pos > 0 ? hp->max_pos : 1)
+                              * D * 4);
+    l->attn_norm_b = cb_take_if(&c, hp->norm_layer, L * D * 4);
+    l->ffn_norm_b = cb_take_if(&c, hp->norm_layer, L * D * 4);
+    l->final_norm_b = cb_take_if(&c, hp->norm_layer, D * 4);
+    l->bqkv = cb_take_if(&c, hp->qkv_bias, L * (Q + 2 * KV) * 4);
+    l->bo = cb_take_if(&c, hp->o_bias, L * D * 4);
+    l->q_norm = cb_take_if(&c, hp->qk_norm, L * HD * 4);
+    l->k_norm = cb_take_if(&c, hp->qk_norm, L * HD * 4);
+    l->b_gu = cb_take_if(&c, hp->mlp_bias, L * 2 * F * 4);
+    l->b_down = cb_take_if(&c, hp->mlp_bias, L * D * 4);
+    l->ws_gu = cb_take_if(&c, FS > 0, L * 2 * FS * D * 2);
+    l->ws_down = cb_take_if(&c, FS > 0, L * D * FS * 2);
+    l->ws_gate_inp = cb_take_if(&c, FS > 0, L * D * 4);
+    l->wd_gu = cb_take_if(&c, ND > 0, ND * 2 * FD * D * 2);
+    l->wd_down = cb_take_if(&c, ND > 0, ND * D * FD * 2);
     l->total = c.off;
 }
 
@@ -222,9 +299,16 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
     size_t     K = (size_t) (hp->n_experts > 1 ? hp->top_k : 1);
     size_t     NK = N * K, F = (size_t) hp->ffn_dim;
     size_t     E = (size_t) hp->n_experts, V = (size_t) hp->vocab_size;
+    size_t     H = K * F;          /* hidden width per token, widest MLP */
     size_t     Q = (size_t) hp->n_heads * hp->head_dim;
     size_t     KV = (size_t) hp->n_kv_heads * hp->head_dim;
 
+    if ((size_t) hp->shared_ffn_dim > H) {
+        H = (size_t) hp->shared_ffn_dim;
+    }
+    if ((size_t) hp->dense_ffn_dim > H) {
+        H = (size_t) hp->dense_ffn_dim;
+    }
     l->x = cb_take(&c, N * D * 4);
     l->tmp = cb_take(&c, N * D * 4);
     l->xf = cb_take(&c, N * D * 4);
@@ -244,8 +328,8 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
                                   hp->n_heads, hp->n_kv_heads,
                                   hp->head_dim) * 4);
     l->xe = cb_take(&c, NK * D * 2);
-    l->gu = cb_take(&c, NK * 2 * F * 4);
-    l->hbuf = cb_take(&c, NK * F * 2);
+    l->gu = cb_take(&c, N * 2 * H * 4);
+    l->hbuf = cb_take(&c, N * H * 2);
     l->ye = cb_take(&c, NK * D * 4);
     l->xlast = cb_take(&c, (size_t) CB_LOGIT_ROWS * D * 2);
     l->logits = cb_take(&c, (size_t) CB_LOGIT_ROWS * V * 4);
@@ -338,6 +422,69 @@ cb_check_shapes(const moe_hparams_t *hp, int block_size, int cap, char *err,
         return MOE_EINVAL;
     }
     return MOE_OK;
+}
+
+
+/* The architecture flags: MOE_OK, or MOE_EUNSUPPORTED with the reason. */
+static int
+cb_check_arch(const moe_hparams_t *hp, char *err, size_t errlen)
+{
+    const char *why = NULL;
+
+    if (hp->act < MOE_ACT_SILU || hp->act > MOE_ACT_GELU) {
+        why = "unknown FFN activation";
+    } else if (hp->ffn_ungated && hp->n_experts > 1) {
+        why = "ungated FFN in an MoE model";
+    } else if (hp->mlp_bias && hp->n_experts > 1) {
+        why = "MLP biases in an MoE model";
+    } else if (hp->learned_pos && hp->max_pos <= 0) {
+        why = "learned positions without max_position_embeddings";
+    } else if (hp->n_dense_layers > 0 && hp->dense_ffn_dim <= 0) {
+        why = "dense layers without their intermediate size";
+    } else if (hp->n_layers > MOE_MAX_LAYERS) {
+        why = "too many layers";
+    } else if (!hp->learned_pos && hp->head_dim % 2 != 0) {
+        why = "odd head_dim with RoPE";
+    }
+    if (why != NULL) {
+        cb_err(err, errlen, "cuda backend: %s not supported (%s)",
+               why, hp->arch_name);
+        return MOE_EUNSUPPORTED;
+    }
+    return MOE_OK;
+}
+
+
+/* Whether hparams use any piece beyond Llama/Mistral/Mixtral. */
+static int
+cb_has_extras(const moe_hparams_t *hp)
+{
+    return hp->norm_layer || hp->act != MOE_ACT_SILU || hp->ffn_ungated
+           || hp->learned_pos || hp->qkv_bias || hp->o_bias || hp->mlp_bias
+           || hp->qk_norm || hp->router_no_renorm || hp->shared_ffn_dim > 0
+           || hp->n_dense_layers > 0;
+}
+
+
+extern "C" int
+moe_cuda_supports(const moe_hparams_t *hp, char *why, size_t n)
+{
+    char buf[256];
+
+    if (why != NULL && n > 0) {
+        why[0] = '\0';
+    }
+    if (hp == NULL) {
+        cb_err(why, n, "no hparams");
+        return 0;
+    }
+    if (cb_check_shapes(hp, 16, 1, buf, sizeof(buf)) != MOE_OK
+        || cb_check_arch(hp, buf, sizeof(buf)) != MOE_OK)
+    {
+        cb_err(why, n, "%s", buf);
+        return 0;
+    }
+    return 1;
 }
 
 
@@ -482,6 +629,11 @@ cb_load_weights(cuda_backend_t *b, const moe_weights_t *w)
     size_t               V = (size_t) hp->vocab_size;
     size_t               E = (size_t) hp->n_experts, F = (size_t) hp->ffn_dim;
     size_t               Q = (size_t) b->Q, KV = (size_t) b->KVD;
+    size_t               G = (size_t) b->G, HD = (size_t) hp->head_dim;
+    size_t               FS = (size_t) (hp->shared_ffn_dim > 0
+                                        ? hp->shared_ffn_dim : 0);
+    size_t               FD = (size_t) (hp->dense_ffn_dim > 0
+                                        ? hp->dense_ffn_dim : 0);
     size_t               l, e;
     float               *tmp = NULL;
     int                  rc;
@@ -501,11 +653,52 @@ cb_load_weights(cuda_backend_t *b, const moe_weights_t *w)
         UP(cb_upload_bf16(b, tmp, qkv + (Q + KV) * D, w->wv + l * KV * D,
                           KV * D));
         for (e = 0; e < E; e++) {
-            bf16   *gu = b->w_gu + (l * E + e) * 2 * F * D;
+            bf16   *gu = b->w_gu + (l * E + e) * G * D;
             size_t  src = (l * E + e) * F * D;
 
+            if (hp->ffn_ungated) {          /* up rows only */
+                UP(cb_upload_bf16(b, tmp, gu, w->w_up + src, F * D));
+                continue;
+            }
             UP(cb_upload_bf16(b, tmp, gu, w->w_gate + src, F * D));
             UP(cb_upload_bf16(b, tmp, gu + F * D, w->w_up + src, F * D));
+        }
+        if (hp->qkv_bias) {
+            float *bq = b->bqkv + l * (Q + 2 * KV);
+
+            UP(cb_upload_f32(b, bq, w->bq + l * Q, Q));
+            UP(cb_upload_f32(b, bq + Q, w->bk + l * KV, KV));
+            UP(cb_upload_f32(b, bq + Q + KV, w->bv + l * KV, KV));
+        }
+        if (hp->mlp_bias) {
+            float *bgu = b->b_gu + l * 2 * F;
+
+            if (w->b_gate != NULL) {
+                UP(cb_upload_f32(b, bgu, w->b_gate + l * F, F));
+            } else {
+                MOE_CUDA_CHECK(cudaMemsetAsync(bgu, 0, F * sizeof(float),
+                                               b->stream));
+            }
+            UP(cb_upload_f32(b, bgu + F, w->b_up + l * F, F));
+        }
+        if (FS > 0) {
+            bf16 *sgu = b->ws_gu + l * 2 * FS * D;
+
+            UP(cb_upload_bf16(b, tmp, sgu, w->ws_gate + l * FS * D, FS * D));
+            UP(cb_upload_bf16(b, tmp, sgu + FS * D, w->ws_up + l * FS * D,
+                              FS * D));
+            UP(cb_upload_bf16(b, tmp, b->ws_down + l * D * FS,
+                              w->ws_down + l * D * FS, D * FS));
+        }
+        if (b->dense_slot[l] >= 0) {
+            size_t k = (size_t) b->dense_slot[l];
+            bf16  *dgu = b->wd_gu + k * 2 * FD * D;
+
+            UP(cb_upload_bf16(b, tmp, dgu, w->wd_gate + l * FD * D, FD * D));
+            UP(cb_upload_bf16(b, tmp, dgu + FD * D, w->wd_up + l * FD * D,
+                              FD * D));
+            UP(cb_upload_bf16(b, tmp, b->wd_down + k * D * FD,
+                              w->wd_down + l * D * FD, D * FD));
         }
     }
     UP(cb_upload_bf16(b, tmp, b->wo, w->wo, L * D * Q));
@@ -515,6 +708,28 @@ cb_load_weights(cuda_backend_t *b, const moe_weights_t *w)
     UP(cb_upload_f32(b, b->final_norm, w->final_norm, D));
     if (b->router != NULL) {
         UP(cb_upload_f32(b, b->router, w->router, L * E * D));
+    }
+    if (hp->learned_pos) {
+        UP(cb_upload_f32(b, b->pos_embed, w->pos_embed,
+                         (size_t) hp->max_pos * D));
+    }
+    if (hp->norm_layer) {
+        UP(cb_upload_f32(b, b->attn_norm_b, w->attn_norm_b, L * D));
+        UP(cb_upload_f32(b, b->ffn_norm_b, w->ffn_norm_b, L * D));
+        UP(cb_upload_f32(b, b->final_norm_b, w->final_norm_b, D));
+    }
+    if (hp->o_bias) {
+        UP(cb_upload_f32(b, b->bo, w->bo, L * D));
+    }
+    if (hp->qk_norm) {
+        UP(cb_upload_f32(b, b->q_norm, w->q_norm, L * HD));
+        UP(cb_upload_f32(b, b->k_norm, w->k_norm, L * HD));
+    }
+    if (hp->mlp_bias) {
+        UP(cb_upload_f32(b, b->b_down, w->b_down, L * D));
+    }
+    if (FS > 0) {
+        UP(cb_upload_f32(b, b->ws_gate_inp, w->ws_gate_inp, L * D));
     }
 #undef UP
     rc = MOE_OK;
@@ -560,6 +775,58 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
                                          0.0f, s));
     }
     MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+    return MOE_OK;
+}
+
+
+/* The host tensors the hparams flags ask for are all there. */
+static int
+cb_check_weights(const moe_hparams_t *hp, const moe_weights_t *w, char *err,
+    size_t errlen)
+{
+    const char *miss = NULL;
+
+    if (w->embed == NULL || w->wq == NULL || w->wk == NULL || w->wv == NULL
+        || w->wo == NULL || w->w_up == NULL || w->w_down == NULL
+        || w->attn_norm == NULL || w->ffn_norm == NULL
+        || w->final_norm == NULL || w->lm_head == NULL)
+    {
+        miss = "core weights (load_format 'dummy'?)";
+    } else if (!hp->ffn_ungated && w->w_gate == NULL) {
+        miss = "w_gate";
+    } else if (hp->n_experts > 1 && w->router == NULL) {
+        miss = "router";
+    } else if (hp->learned_pos && w->pos_embed == NULL) {
+        miss = "pos_embed";
+    } else if (hp->norm_layer && (w->attn_norm_b == NULL
+                                  || w->ffn_norm_b == NULL
+                                  || w->final_norm_b == NULL))
+    {
+        miss = "norm biases";
+    } else if (hp->qkv_bias && (w->bq == NULL || w->bk == NULL
+                                || w->bv == NULL))
+    {
+        miss = "q/k/v biases";
+    } else if (hp->o_bias && w->bo == NULL) {
+        miss = "o bias";
+    } else if (hp->qk_norm && (w->q_norm == NULL || w->k_norm == NULL)) {
+        miss = "q/k norms";
+    } else if (hp->mlp_bias && (w->b_up == NULL || w->b_down == NULL)) {
+        miss = "MLP biases";
+    } else if (hp->shared_ffn_dim > 0
+               && (w->ws_gate == NULL || w->ws_up == NULL
+                   || w->ws_down == NULL || w->ws_gate_inp == NULL))
+    {
+        miss = "shared expert weights";
+    } else if (cb_n_dense(hp) > 0 && (w->wd_gate == NULL || w->wd_up == NULL
+                                      || w->wd_down == NULL))
+    {
+        miss = "dense layer weights";
+    }
+    if (miss != NULL) {
+        cb_err(err, errlen, "cuda backend: model has no %s", miss);
+        return MOE_EINVAL;
+    }
     return MOE_OK;
 }
 
@@ -628,6 +895,24 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->ffn_norm = (float *) (w + wl.ffn_norm);
     b->final_norm = (float *) (w + wl.final_norm);
     b->router = hp->n_experts > 1 ? (float *) (w + wl.router) : NULL;
+#define CB_OPT(field, type, on) \
+    b->field = (on) ? (type *) (w + wl.field) : NULL
+    CB_OPT(pos_embed, float, hp->learned_pos);
+    CB_OPT(attn_norm_b, float, hp->norm_layer);
+    CB_OPT(ffn_norm_b, float, hp->norm_layer);
+    CB_OPT(final_norm_b, float, hp->norm_layer);
+    CB_OPT(bqkv, float, hp->qkv_bias);
+    CB_OPT(bo, float, hp->o_bias);
+    CB_OPT(q_norm, float, hp->qk_norm);
+    CB_OPT(k_norm, float, hp->qk_norm);
+    CB_OPT(b_gu, float, hp->mlp_bias);
+    CB_OPT(b_down, float, hp->mlp_bias);
+    CB_OPT(ws_gu, bf16, hp->shared_ffn_dim > 0);
+    CB_OPT(ws_down, bf16, hp->shared_ffn_dim > 0);
+    CB_OPT(ws_gate_inp, float, hp->shared_ffn_dim > 0);
+    CB_OPT(wd_gu, bf16, cb_n_dense(hp) > 0);
+    CB_OPT(wd_down, bf16, cb_n_dense(hp) > 0);
+#undef CB_OPT
 
     kv_bytes = (size_t) b->n_blocks * (size_t) b->base.kv_bytes_per_block;
     {
@@ -666,6 +951,18 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->att_part = (float *) (s + sl.att_part);
     CB_CUDA(cudaMemsetAsync(b->d_ecounts, 0, (size_t) hp->n_layers
                             * hp->n_experts * 8, b->stream), "counts memset");
+    /* dense layers of an MoE model never route: margin 1 for good */
+    for (int l = 0; l < hp->n_layers; l++) {
+        if (b->dense_slot[l] >= 0
+            && moe_cuda_fill_random_f32(b->margin + (size_t) l * b->cap,
+                                        b->cap, 0, 0.0f, 1.0f, b->stream)
+               != MOE_OK)
+        {
+            cb_err(err, errlen, "cuda backend: margins: %s",
+                   moe_cuda_last_error());
+            return MOE_EBACKEND;
+        }
+    }
     b->xe = (bf16 *) (s + sl.xe);
     b->gu = (float *) (s + sl.gu);
     b->hbuf = (bf16 *) (s + sl.hbuf);
@@ -707,6 +1004,12 @@ cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
 
     *out = NULL;
     rc = cb_check_shapes(hp, block_size, cap, err, errlen);
+    if (rc == MOE_OK) {
+        rc = cb_check_arch(hp, err, errlen);
+    }
+    if (rc == MOE_OK && w != NULL) {
+        rc = cb_check_weights(hp, w, err, errlen);
+    }
     if (rc != MOE_OK) {
         return rc;
     }
@@ -738,6 +1041,15 @@ cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
     b->K = hp->n_experts > 1 ? hp->top_k : 1;
     b->Q = hp->n_heads * hp->head_dim;
     b->KVD = hp->n_kv_heads * hp->head_dim;
+    b->G = hp->ffn_ungated ? hp->ffn_dim : 2 * hp->ffn_dim;
+    {
+        int l, nd = 0, on = cb_n_dense(hp) > 0;
+
+        for (l = 0; l < MOE_MAX_LAYERS; l++) {
+            b->dense_slot[l] = on && l < hp->n_layers && hp->layer_dense[l]
+                               ? nd++ : -1;
+        }
+    }
     b->base.name = "cuda";
     b->base.kv_bytes_per_block = cb_kv_bytes_per_block(hp, block_size);
     b->base.forward = cb_forward;
@@ -805,6 +1117,11 @@ moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
     if (hp == NULL) {
         cb_err(err, errlen, "cuda backend: no hparams");
         return MOE_EINVAL;
+    }
+    if (cb_has_extras(hp)) {
+        cb_err(err, errlen, "cuda backend: random weights only for the "
+               "Llama/Mistral/Mixtral feature set (%s)", hp->arch_name);
+        return MOE_EUNSUPPORTED;
     }
     return cb_create(hp, NULL, seed, n_blocks, block_size,
                      max_batched_tokens, device, out, err, errlen);
@@ -900,19 +1217,45 @@ cb_ffn_gemv(const cuda_backend_t *b, int T)
 }
 
 
+/* The model's norm (RMSNorm, or LayerNorm with bias when norm_layer),
+ * fused with the residual add: moe_cuda_add_rmsnorm's contract. */
 static int
-cb_ffn(cuda_backend_t *b, int l, int T)
+cb_norm(cuda_backend_t *b, const float *delta, const int32_t *rows,
+    int n_rows, const float *w, const float *bias, bf16 *out, float *out_f32)
+{
+    if (b->hp.norm_layer) {
+        return moe_cuda_add_layernorm(b->x, delta, rows, n_rows, b->hp.dim,
+                                      w, bias, b->hp.norm_eps,
+                                      (moe_bf16_t *) out, out_f32,
+                                      b->stream);
+    }
+    return moe_cuda_add_rmsnorm(b->x, delta, rows, n_rows, b->hp.dim, w,
+                                b->hp.norm_eps, (moe_bf16_t *) out, out_f32,
+                                b->stream);
+}
+
+
+/*
+ * One dense MLP over the T rows of b->xb into out (T, dim) fp32, as
+ * cpu_mlp: gated: down(act(gate x + bg) * (up x + bu)) + bd; ungated
+ * (gated == 0, wgu holds the F up rows only): down(act(up x + bu)) + bd.
+ * wgu (gated ? 2F : F, dim) rows gate | up; wd (dim, F); biases may be
+ * NULL.  Plain SwiGLU keeps the fused GEMV (small T) / cuBLAS path.
+ */
+static int
+cb_mlp(cuda_backend_t *b, int T, const bf16 *wgu, const bf16 *wd, int F,
+    int gated, const float *bg, const float *bu, const float *bd,
+    float *out)
 {
     const moe_hparams_t *hp = &b->hp;
-    int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
-    int                  K = b->K, e, r0;
+    int                  D = hp->dim, G = gated ? 2 * F : F;
     cudaStream_t         s = b->stream;
 
-    if (E == 1) {
-        const bf16 *wgu = b->w_gu + (size_t) l * 2 * F * D;
-        const bf16 *wd = b->w_down + (size_t) l * D * F;
-
-        if (T <= CB_DENSE_GEMV_T && cb_ffn_gemv(b, T)) {
+    if (gated && hp->act == MOE_ACT_SILU && bg == NULL && bu == NULL) {
+        if (T <= CB_DENSE_GEMV_T && T <= b->gemv_max_t
+            && moe_cuda_gemv_supported(D, D)
+            && moe_cuda_gemv_supported(F, F))
+        {
             MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, NULL, 1,
                                   (const moe_bf16_t *) wgu, F, D, NULL, 1, T,
                                   T, 1, NULL, (moe_bf16_t *) b->hbuf, F, s));
@@ -923,12 +1266,75 @@ cb_ffn(cuda_backend_t *b, int l, int T)
             MOE_TRY(moe_cuda_silu_mul(b->gu, T, F, (moe_bf16_t *) b->hbuf,
                                       s));
         }
-        MOE_TRY(cb_linear(b, T, D, F, b->hbuf, F, wd, b->tmp, D));
+    } else {
+        MOE_TRY(cb_linear(b, T, G, D, b->xb, D, wgu, b->gu, G));
+        MOE_TRY(moe_cuda_act_mul(gated ? b->gu : NULL, G, bg,
+                                 gated ? b->gu + F : b->gu, G, bu, T, F,
+                                 hp->act, (moe_bf16_t *) b->hbuf, F, s));
+    }
+    MOE_TRY(cb_linear(b, T, D, F, b->hbuf, F, wd, out, D));
+    if (bd != NULL) {
+        MOE_TRY(moe_cuda_add_bias(out, D, T, D, bd, s));
+    }
+    return MOE_OK;
+}
+
+
+/* Qwen2-MoE shared expert of layer l after the routed sum in b->tmp:
+ * tmp += sigmoid(ws_gate_inp . xf) * shared(xb); no-op without one. */
+static int
+cb_shared(cuda_backend_t *b, int l, int T)
+{
+    const moe_hparams_t *hp = &b->hp;
+    size_t               D = (size_t) hp->dim, FS;
+
+    if (hp->shared_ffn_dim <= 0) {
+        return MOE_OK;
+    }
+    FS = (size_t) hp->shared_ffn_dim;
+    /* ye is free once the routed rows are summed into tmp */
+    MOE_TRY(cb_mlp(b, T, b->ws_gu + (size_t) l * 2 * FS * D,
+                   b->ws_down + (size_t) l * D * FS, (int) FS, 1, NULL, NULL,
+                   NULL, b->ye));
+    MOE_TRY(moe_cuda_sigmoid_gate_add(b->tmp, b->ye, (int) D, b->xf,
+                                      b->ws_gate_inp + (size_t) l * D, T,
+                                      (int) D, b->stream));
+    return cb_mark(b, MOE_CUDA_ST_EXPERT);
+}
+
+
+static int
+cb_ffn(cuda_backend_t *b, int l, int T)
+{
+    const moe_hparams_t *hp = &b->hp;
+    int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
+    int                  K = b->K, e, r0;
+    cudaStream_t         s = b->stream;
+
+    if (b->dense_slot[l] >= 0) {
+        /* a dense layer of an MoE model (mlp_only_layers) */
+        size_t FD = (size_t) hp->dense_ffn_dim, k = (size_t) b->dense_slot[l];
+
+        MOE_TRY(cb_mlp(b, T, b->wd_gu + k * 2 * FD * D,
+                       b->wd_down + k * D * FD, (int) FD, 1, NULL, NULL,
+                       NULL, b->tmp));
         return cb_mark(b, MOE_CUDA_ST_EXPERT);
+    }
+    if (E == 1) {
+        MOE_TRY(cb_mlp(b, T, b->w_gu + (size_t) l * b->G * D,
+                       b->w_down + (size_t) l * D * F, F, !hp->ffn_ungated,
+                       b->b_gu != NULL && !hp->ffn_ungated
+                       ? b->b_gu + (size_t) l * 2 * F : NULL,
+                       b->b_gu != NULL ? b->b_gu + (size_t) l * 2 * F + F
+                                       : NULL,
+                       b->b_down != NULL ? b->b_down + (size_t) l * D : NULL,
+                       b->tmp));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
+        return cb_shared(b, l, T);
     }
 
     MOE_TRY(moe_cuda_route(b->xf, T, D, b->router + (size_t) l * E * D, E, K,
-                           b->rlogits, b->sel, b->selw,
+                           !hp->router_no_renorm, b->rlogits, b->sel, b->selw,
                            b->margin + (size_t) l * b->cap, s));
     MOE_TRY(moe_cuda_moe_permute(b->sel, T * K, E, b->offs, b->erow,
                                  b->slot_of, b->d_ecounts + (size_t) l * E,
@@ -953,7 +1359,8 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, b->sel, b->selw, b->slot_of,
                                        T, K, b->tmp, s));
-        return cb_mark(b, MOE_CUDA_ST_ROUTE);
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+        return cb_shared(b, l, T);
     }
 
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->offs,
@@ -1004,7 +1411,8 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
     MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, b->sel, b->selw, b->slot_of, T,
                                    K, b->tmp, s));
-    return cb_mark(b, MOE_CUDA_ST_ROUTE);
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+    return cb_shared(b, l, T);
 }
 
 
@@ -1030,21 +1438,39 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     int                  l;
 
     MOE_TRY(moe_cuda_embed(d_tok, T, (moe_bf16_t *) b->embed, D, b->x, s));
+    if (hp->learned_pos) {
+        MOE_TRY(moe_cuda_add_pos(b->x, d_pos, T, D, b->pos_embed, s));
+    }
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
 
     for (l = 0; l < L; l++) {
         bf16 *kvl = b->kv + (size_t) l * kv_layer;
 
-        MOE_TRY(moe_cuda_add_rmsnorm(b->x, l == 0 ? NULL : b->tmp, NULL, T, D,
-                                     b->attn_norm + (size_t) l * D,
-                                     hp->norm_eps, (moe_bf16_t *) b->xb, NULL,
-                                     s));
+        MOE_TRY(cb_norm(b, l == 0 ? NULL : b->tmp, NULL, T,
+                        b->attn_norm + (size_t) l * D,
+                        hp->norm_layer ? b->attn_norm_b + (size_t) l * D
+                                       : NULL, b->xb, NULL));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
         MOE_TRY(cb_linear(b, T, QKV, D, b->xb, D,
                           b->wqkv + (size_t) l * QKV * D, b->qkv, QKV));
+        if (hp->qkv_bias) {
+            MOE_TRY(moe_cuda_add_bias(b->qkv, QKV, T, QKV,
+                                      b->bqkv + (size_t) l * QKV, s));
+        }
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+        if (hp->qk_norm) {
+            /* Qwen3: RMSNorm over each q and k head, before RoPE */
+            MOE_TRY(moe_cuda_head_rmsnorm(b->qkv, QKV, T, hp->n_heads, hd,
+                                          b->q_norm + (size_t) l * hd,
+                                          hp->norm_eps, s));
+            MOE_TRY(moe_cuda_head_rmsnorm(b->qkv + b->Q, QKV, T,
+                                          hp->n_kv_heads, hd,
+                                          b->k_norm + (size_t) l * hd,
+                                          hp->norm_eps, s));
+        }
         MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads, hp->n_kv_heads,
-                                 hd, d_pos, d_slot, hp->rope_theta,
+                                 hd, d_pos, d_slot,
+                                 hp->learned_pos ? 0.0f : hp->rope_theta,
                                  (moe_bf16_t *) kvl, b->block_size, s));
         MOE_TRY(moe_cuda_attention(b->qkv, QKV, T, d_pos, d_seq, d_bt,
                                    d_btoff, (moe_bf16_t *) kvl,
@@ -1054,18 +1480,22 @@ cb_body(cuda_backend_t *b, int T, int n_out)
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
         MOE_TRY(cb_linear(b, T, D, b->Q, b->att, b->Q,
                           b->wo + (size_t) l * D * b->Q, b->tmp, D));
+        if (hp->o_bias) {
+            MOE_TRY(moe_cuda_add_bias(b->tmp, D, T, D,
+                                      b->bo + (size_t) l * D, s));
+        }
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
-        MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, NULL, T, D,
-                                     b->ffn_norm + (size_t) l * D,
-                                     hp->norm_eps, (moe_bf16_t *) b->xb,
-                                     hp->n_experts > 1 ? b->xf : NULL, s));
+        MOE_TRY(cb_norm(b, b->tmp, NULL, T, b->ffn_norm + (size_t) l * D,
+                        hp->norm_layer ? b->ffn_norm_b + (size_t) l * D
+                                       : NULL, b->xb,
+                        hp->n_experts > 1 || hp->shared_ffn_dim > 0
+                        ? b->xf : NULL));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
         MOE_TRY(cb_ffn(b, l, T));
     }
     if (n_out > 0 && n_out <= CB_LOGIT_ROWS) {
-        MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, d_rows, n_out, D,
-                                     b->final_norm, hp->norm_eps,
-                                     (moe_bf16_t *) b->xlast, NULL, s));
+        MOE_TRY(cb_norm(b, b->tmp, d_rows, n_out, b->final_norm,
+                        b->final_norm_b, b->xlast, NULL));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
         MOE_TRY(cb_linear(b, n_out, hp->vocab_size, D, b->xlast, D,
                           b->lm_head, b->logits, hp->vocab_size));
@@ -1160,9 +1590,8 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
         int nc = n_out - c0 < CB_LOGIT_ROWS ? n_out - c0 : CB_LOGIT_ROWS;
 
         if (!one) {
-            MOE_TRY(moe_cuda_add_rmsnorm(b->x, b->tmp, d_rows + c0, nc, D,
-                                         b->final_norm, hp->norm_eps,
-                                         (moe_bf16_t *) b->xlast, NULL, s));
+            MOE_TRY(cb_norm(b, b->tmp, d_rows + c0, nc, b->final_norm,
+                            b->final_norm_b, b->xlast, NULL));
             MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
             MOE_TRY(cb_linear(b, nc, hp->vocab_size, D, b->xlast, D,
                               b->lm_head, b->logits, hp->vocab_size));
@@ -1231,6 +1660,9 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             if (sq->tokens[i] < 0 || sq->tokens[i] >= hp->vocab_size) {
                 return MOE_EINVAL;
             }
+        }
+        if (hp->learned_pos && sq->pos + sq->n_tokens > hp->max_pos) {
+            return MOE_EINVAL;      /* past the position table */
         }
         if (T > b->cap - sq->n_tokens) {
             moe_cuda_set_error("cuda backend: step of more than %d tokens",

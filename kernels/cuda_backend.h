@@ -12,6 +12,24 @@
  *     w_down     (n_layers, n_experts, dim, ffn)
  *     attn_norm, ffn_norm (n_layers, dim) fp32; final_norm (dim) fp32
  *     router     (n_layers, n_experts, dim) fp32 (absent when dense)
+ *   optional pieces, present only when their hparams flag asks:
+ *     w_gu holds only the ffn up rows per expert when ffn_ungated:
+ *                (n_layers, 1, ffn, dim)
+ *     pos_embed  (max_pos, dim) fp32           learned_pos
+ *     attn_norm_b, ffn_norm_b (n_layers, dim), final_norm_b (dim) fp32
+ *                                              norm_layer
+ *     bqkv       (n_layers, q + 2 kv) fp32     qkv_bias (bq | bk | bv)
+ *     bo         (n_layers, dim) fp32          o_bias
+ *     q_norm, k_norm (n_layers, head_dim) fp32 qk_norm
+ *     b_gu       (n_layers, 2 ffn) fp32        mlp_bias (b_gate | b_up;
+ *                                              gate part 0 when absent)
+ *     b_down     (n_layers, dim) fp32          mlp_bias
+ *     ws_gu      (n_layers, 2 fs, dim)         shared expert (fs =
+ *     ws_down    (n_layers, dim, fs)            shared_ffn_dim): gate | up
+ *     ws_gate_inp (n_layers, dim) fp32
+ *     wd_gu      (n_dense, 2 fd, dim)          dense layers of an MoE model
+ *     wd_down    (n_dense, dim, fd)             (fd = dense_ffn_dim), in
+ *                                               layer order of layer_dense
  *   with q = n_heads * head_dim, kv = n_kv_heads * head_dim.
  *   KV pool: (n_layers, n_blocks, 2, block_size, n_kv_heads, head_dim) bf16
  *     (layer outermost, unlike the CPU backend's block-outermost pool; a
@@ -45,6 +63,13 @@ enum {
     MOE_CUDA_N_STAGES
 };
 
+/*
+ * Whether the backend can run a model of these hparams (shapes and
+ * architecture flags; no device is touched): 1, or 0 with the one-line
+ * reason in why (may be NULL).
+ */
+int moe_cuda_supports(const moe_hparams_t *hp, char *why, size_t n);
+
 /* Number of CUDA devices; 0 when there is no driver or GPU (never fails). */
 int moe_cuda_device_count(void);
 
@@ -66,7 +91,9 @@ int moe_cuda_backend_create(const moe_model_t *m, int n_blocks,
 
 /*
  * The same with synthetic bf16 weights generated on the GPU from `seed`
- * (benchmarks): uniform values scaled by 1/sqrt(fan_in), norms 1.
+ * (benchmarks): uniform values scaled by 1/sqrt(fan_in), norms 1.  Only
+ * the Llama/Mistral/Mixtral feature set (MOE_EUNSUPPORTED for any of the
+ * optional hparams flags).
  */
 int moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
     int n_blocks, int block_size, int max_batched_tokens, int device,

@@ -94,8 +94,8 @@ kernel_route_logits(const float *xf, int T, int D, const float *router,
 
 
 __global__ void __launch_bounds__(TOPK_WARPS * 32)
-kernel_route_topk(const float *logits, int T, int E, int K, int32_t *sel,
-    float *selw, float *margin)
+kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin)
 {
     __shared__ float lgs[TOPK_WARPS][ROUTE_MAX_E];
     int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -167,7 +167,7 @@ kernel_route_topk(const float *logits, int T, int E, int K, int32_t *sel,
         margin[t] = 1.0f;
     }
     __syncwarp();               /* lane 0's selw stores are visible */
-    for (int k = lane; k < K; k += 32) {
+    for (int k = lane; renorm && k < K; k += 32) {
         selw[(size_t) t * K + k] /= ksum;
     }
 }
@@ -175,7 +175,7 @@ kernel_route_topk(const float *logits, int T, int E, int K, int32_t *sel,
 
 extern "C" int
 moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
-    int K, float *logits, int32_t *sel, float *selw, float *margin,
+    int K, int renorm, float *logits, int32_t *sel, float *selw, float *margin,
     cudaStream_t stream)
 {
     dim3 grid;
@@ -199,7 +199,8 @@ moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
     }
     MOE_CUDA_CHECK_LAUNCH("kernel_route_logits");
     kernel_route_topk<<<(T + TOPK_WARPS - 1) / TOPK_WARPS, TOPK_WARPS * 32,
-                        0, stream>>>(logits, T, E, K, sel, selw, margin);
+                        0, stream>>>(logits, T, E, K, renorm, sel, selw,
+                                     margin);
     MOE_CUDA_CHECK_LAUNCH("kernel_route_topk");
     return MOE_OK;
 }

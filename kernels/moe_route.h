@@ -9,7 +9,8 @@ extern "C" {
  * Mixtral semantics, in fp32: logits[e] = router[e, :] . xf[t, :], softmax
  * over all E experts, the K largest (ties to the lower index) in
  * descending order into sel[t, k], their probabilities renormalised to sum
- * 1 into selw[t, k].  xf: (T, D) fp32; router: (E, D) fp32;
+ * 1 into selw[t, k] (renorm != 0), else the raw probabilities (Qwen2-MoE
+ * norm_topk_prob false).  xf: (T, D) fp32; router: (E, D) fp32;
  * sel: (T, K) int32; selw: (T, K) fp32.  E <= 256, K <= E
  * (MOE_EUNSUPPORTED otherwise).  margin (T) fp32, may be NULL: the
  * K-th largest probability minus the (K+1)-th (1 when K == E): how near
@@ -18,7 +19,7 @@ extern "C" {
  * single-block stage, so T = 1 uses many SMs.
  */
 int moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
-    int K, float *logits, int32_t *sel, float *selw, float *margin,
+    int K, int renorm, float *logits, int32_t *sel, float *selw, float *margin,
     cudaStream_t stream);
 #ifdef __cplusplus
 }

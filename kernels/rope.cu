@@ -9,7 +9,8 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
     __nv_bfloat16 *kv_layer, int block_size)
 {
     int            t = blockIdx.x, half = hd / 2;
-    int            kvd = n_kv * hd, nrot = (n_heads + n_kv) * half;
+    int            kvd = n_kv * hd;
+    int            nrot = theta > 0.0f ? (n_heads + n_kv) * half : 0;
     float         *row = qkv + (size_t) t * ld;
     float          p = (float) pos[t];
     int            s = slot[t];

@@ -11,7 +11,8 @@ extern "C" {
  * (x[i], x[i+hd/2]) rotated by pos[t] / theta^(2i/hd).  Then writes bf16
  * k and v of token t into the layer's cache at slot[t] = block*bs + offset:
  * kv_layer is (n_blocks, 2, block_size, n_kv, hd) bf16 (K then V).
- * pos, slot: (T) int32 device.
+ * pos, slot: (T) int32 device.  theta <= 0: no rotation (learned
+ * positions, GPT-2), the K/V write only.
  */
 int moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv,
     int hd, const int32_t *pos, const int32_t *slot, float theta,

@@ -1,7 +1,12 @@
 /*
  * Whole-backend check: the CUDA backend (bf16 weights and KV, fp32
  * accumulation) against the fp32 CPU backend on the tiny models in
- * t/data/models (and models/localmoe-tiny), run from the repository root.
+ * t/data/models (and models/localmoe-tiny), run from the repository root:
+ * Llama, Mistral (sliding window), Mixtral, and the optional pieces
+ * (qwen2-bias: q/k/v bias; qwen2moe-shared: raw top-k, shared expert, a
+ * dense layer, q/k/v bias; qwen3moe-qknorm: q/k norm; gpt2-tiny:
+ * LayerNorm, learned positions, GELU, ungated biased MLP, o bias, tied
+ * lm_head; llama-bias: attention and MLP biases).
  *
  * Per model, two sequences A and B (different random prompts of 40 and 29
  * tokens) run together in every CUDA step: chunked prefill (13 tokens, then
@@ -58,7 +63,10 @@ extern "C" {
 static const char *model_dirs[] = {
     "t/data/models/llama-mha", "t/data/models/llama-gqa",
     "t/data/models/mixtral-gqa", "t/data/models/mixtral-fused",
-    "t/data/models/mistral-sw", "models/localmoe-tiny"
+    "t/data/models/mistral-sw", "t/data/models/qwen2-bias",
+    "t/data/models/qwen2moe-shared", "t/data/models/qwen3moe-qknorm",
+    "t/data/models/gpt2-tiny", "t/data/models/llama-bias",
+    "models/localmoe-tiny"
 };
 
 
@@ -343,18 +351,27 @@ test_model(const char *dir)
         int            K = hp->n_experts > 1 ? hp->top_k : 1;
 
         for (int l = 0; cnt_ok && l < hp->n_layers; l++) {
-            int64_t sum = 0;
+            int64_t sum = 0, want = (int64_t) total * K;
 
+            if (hp->n_dense_layers > 0 && hp->layer_dense[l]) {
+                want = 0;       /* a dense layer routes nothing (as cpu) */
+            }
             for (int e = 0; e < hp->n_experts; e++) {
                 sum += cnt[(size_t) l * hp->n_experts + e];
             }
-            if (sum != (int64_t) total * K) {
+            if (sum != want) {
                 TAP_DIAG("layer %d: %lld expert slots, want %lld", l,
-                         (long long) sum, (long long) total * K);
+                         (long long) sum, (long long) want);
                 cnt_ok = 0;
             }
         }
-        TAP_OK(cnt_ok, "%s: expert counts add up to tokens * top_k", name);
+        TAP_OK(cnt_ok, "%s: expert counts add up to tokens * top_k (0 on "
+               "dense layers)", name);
+
+        char why[256];
+        int  sup = moe_cuda_supports(hp, why, sizeof(why));
+        TAP_OK(sup == 1, "%s: moe_cuda_supports says yes (%s)", name,
+               sup ? "ok" : why);
 
         /* bad input is rejected, and the backend still works afterwards */
         int32_t bad_tok = V;

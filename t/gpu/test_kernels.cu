@@ -8,8 +8,11 @@
  * renormalise), permute/count/gather/un-permute, the one-launch permute,
  * the grouped tensor-core GEMV (gathered rows, empty groups, several
  * passes, fused SiLU), cuBLAS GEMM (fp32 and bf16 out, beta), fp32->bf16
- * conversion and the random fill.  Decode attention with long contexts
- * exercises the key splits and their merge.
+ * conversion and the random fill; the architecture pieces of arch.h
+ * (LayerNorm, bias add, per-head RMSNorm, SiLU/GELU with biases, gated
+ * and ungated, the sigmoid-gated shared-expert add, learned positions),
+ * raw top-k routing and RoPE-less K/V write.  Decode attention with long
+ * contexts exercises the key splits and their merge.
  * Thresholds: relative L2 error 1e-5 for fp32-exact paths, 1e-2 where the
  * output is bf16.  TAP; skips when there is no CUDA device.
  */
@@ -26,6 +29,7 @@
 extern "C" {
 #include "tap.h"
 }
+#include "arch.h"
 #include "attention.h"
 #include "embed.h"
 #include "gemm.h"
@@ -194,7 +198,7 @@ test_rope(int nh, int nkv, int hd, float theta)
     for (int t = 0; t < T; t++) {
         pos[t] = (int32_t) (gu_rand() % 4000);
         slot[t] = (int32_t) ((t * 5 + 2) % (nblk * bs));   /* distinct */
-        for (int h = 0; h < nh + nkv; h++) {
+        for (int h = 0; theta > 0 && h < nh + nkv; h++) {
             ref_rope(ref + t * ld + h * hd, hd, pos[t], theta);
         }
     }
@@ -389,8 +393,8 @@ test_silu(void)
 
 
 static void
-ref_route(const float *x, const float *W, int D, int E, int K, int *sel,
-    float *selw, float *margin)
+ref_route(const float *x, const float *W, int D, int E, int K, int renorm,
+    int *sel, float *selw, float *margin)
 {
     float lg[256], mx = -INFINITY, sum = 0, ksum = 0;
 
@@ -443,14 +447,14 @@ ref_route(const float *x, const float *W, int D, int E, int K, int *sel,
         }
         *margin = selw[K - 1] - nb;
     }
-    for (int k = 0; k < K; k++) {
+    for (int k = 0; renorm && k < K; k++) {
         selw[k] /= ksum;
     }
 }
 
 
 static void
-test_route(int T, int D, int E, int K)
+test_route(int T, int D, int E, int K, int renorm)
 {
     float   *x = (float *) malloc(sizeof(float) * T * D);
     float   *W = (float *) malloc(sizeof(float) * E * D);
@@ -465,7 +469,8 @@ test_route(int T, int D, int E, int K)
     gu_fill(x, (size_t) T * D, 1.0f);
     gu_fill(W, (size_t) E * D, 1.0f);
     for (int t = 0; t < T; t++) {
-        ref_route(x + t * D, W, D, E, K, sel + t * K, selw + t * K, mg + t);
+        ref_route(x + t * D, W, D, E, K, renorm, sel + t * K, selw + t * K,
+                  mg + t);
     }
     float *d_x = (float *) gu_up(x, sizeof(float) * T * D);
     float *d_W = (float *) gu_up(W, sizeof(float) * E * D);
@@ -473,8 +478,8 @@ test_route(int T, int D, int E, int K)
     float *d_w = (float *) gu_dev(sizeof(float) * T * K);
     float *d_mg = (float *) gu_dev(sizeof(float) * T);
     float *d_lg = (float *) gu_dev(sizeof(float) * T * E);
-    int ok = sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, d_lg, d_sel, d_w,
-                                    d_mg, 0), "route");
+    int ok = sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, renorm, d_lg, d_sel,
+                                    d_w, d_mg, 0), "route");
     gu_down(gmg, d_mg, sizeof(float) * T);
     double em = gu_relerr(gmg, mg, (size_t) T);
     gu_down(gsel, d_sel, sizeof(int32_t) * T * K);
@@ -485,8 +490,8 @@ test_route(int T, int D, int E, int K)
     double e = gu_relerr(gw, selw, (size_t) T * K);
     /* random logits are far apart: the same experts must be chosen */
     TAP_OK(ok && mism == 0 && e <= 1e-4 && em <= 1e-3, "route E %d top-%d "
-           "(%d of %d choices differ, weights err %.2e, margins err %.2e)",
-           E, K, mism, T * K, e, em);
+           "renorm %d (%d of %d choices differ, weights err %.2e, margins "
+           "err %.2e)", E, K, renorm, mism, T * K, e, em);
     cudaFree(d_mg); cudaFree(d_lg); free(mg); free(gmg);
     cudaFree(d_x); cudaFree(d_W); cudaFree(d_sel); cudaFree(d_w);
     free(x); free(W); free(sel); free(selw); free(gsel); free(gw);
@@ -887,6 +892,289 @@ test_init(void)
     free(src); free(ref); free(out); free(rf);
 }
 
+/* ------------------------------------------------ architecture pieces */
+
+static void
+ref_layernorm(float *o, const float *x, const float *w, const float *bias,
+    int D, float eps)
+{
+    double s = 0, ss = 0;
+
+    for (int d = 0; d < D; d++) {
+        s += x[d];
+    }
+    float mean = (float) (s / D);
+    for (int d = 0; d < D; d++) {
+        double v = (double) x[d] - mean;
+
+        ss += v * v;
+    }
+    float inv = 1.0f / sqrtf((float) (ss / D) + eps);
+    for (int d = 0; d < D; d++) {
+        o[d] = (x[d] - mean) * inv * w[d] + bias[d];
+    }
+}
+
+
+static void
+test_layernorm(int with_delta, int with_rows)
+{
+    int    N = 29, D = 264, n = with_rows ? 9 : N;
+    float  eps = 1e-5f;
+    float *x = (float *) malloc(sizeof(float) * N * D);
+    float *dl = (float *) malloc(sizeof(float) * N * D);
+    float *w = (float *) malloc(sizeof(float) * D);
+    float *bs = (float *) malloc(sizeof(float) * D);
+    float *xr = (float *) malloc(sizeof(float) * N * D);
+    float *ref = (float *) malloc(sizeof(float) * n * D);
+    float *outf = (float *) malloc(sizeof(float) * n * D);
+    float *outb = (float *) malloc(sizeof(float) * n * D);
+    float *xo = (float *) malloc(sizeof(float) * N * D);
+    uint16_t *ob = (uint16_t *) malloc(2 * n * D);
+    int32_t rows[9];
+
+    gu_fill(x, (size_t) N * D, 3.0f);
+    for (int i = 0; i < N * D; i++) {
+        x[i] += 1.5f;                   /* a non-zero mean */
+    }
+    gu_fill(dl, (size_t) N * D, 1.0f);
+    gu_fill(w, D, 1.0f);
+    gu_fill(bs, D, 0.5f);
+    for (int i = 0; i < 9; i++) {
+        rows[i] = (i * 5 + 2) % N;        /* distinct */
+    }
+    memcpy(xr, x, sizeof(float) * N * D);
+    for (int i = 0; i < n; i++) {
+        int r = with_rows ? rows[i] : i;
+
+        if (with_delta) {
+            for (int d = 0; d < D; d++) {
+                xr[r * D + d] = x[r * D + d] + dl[r * D + d];
+            }
+        }
+        ref_layernorm(ref + i * D, xr + r * D, w, bs, D, eps);
+    }
+    float *d_x = (float *) gu_up(x, sizeof(float) * N * D);
+    float *d_dl = (float *) gu_up(dl, sizeof(float) * N * D);
+    float *d_w = (float *) gu_up(w, sizeof(float) * D);
+    float *d_b = (float *) gu_up(bs, sizeof(float) * D);
+    int32_t *d_rows = (int32_t *) gu_up(rows, sizeof(rows));
+    void *d_ob = gu_dev(2 * n * D);
+    float *d_of = (float *) gu_dev(sizeof(float) * n * D);
+    int rc = moe_cuda_add_layernorm(d_x, with_delta ? d_dl : NULL,
+                                    with_rows ? d_rows : NULL, n, D, d_w,
+                                    d_b, eps, (moe_bf16_t *) d_ob, d_of, 0);
+    int ok = sync_ok(rc, "layernorm");
+
+    gu_down(outf, d_of, sizeof(float) * n * D);
+    gu_down(ob, d_ob, 2 * n * D);
+    gu_down(xo, d_x, sizeof(float) * N * D);
+    gu_bf_to_f(outb, ob, (size_t) n * D);
+    double ef = gu_relerr(outf, ref, (size_t) n * D);
+    double eb = gu_relerr(outb, ref, (size_t) n * D);
+    double ex = gu_relerr(xo, xr, (size_t) N * D);
+    TAP_OK(ok && ef <= F32_TOL && eb <= BF_TOL && ex <= 1e-7,
+           "add_layernorm delta=%d rows=%d (fp32 %.2e, bf16 %.2e, x %.2e)",
+           with_delta, with_rows, ef, eb, ex);
+    cudaFree(d_x); cudaFree(d_dl); cudaFree(d_w); cudaFree(d_b);
+    cudaFree(d_rows); cudaFree(d_ob); cudaFree(d_of);
+    free(x); free(dl); free(w); free(bs); free(xr); free(ref); free(outf);
+    free(outb); free(xo); free(ob);
+}
+
+
+static void
+test_add_bias(void)
+{
+    int    T = 23, N = 100, ld = 112;
+    float *y = (float *) malloc(sizeof(float) * T * ld);
+    float *bs = (float *) malloc(sizeof(float) * N);
+    float *ref = (float *) malloc(sizeof(float) * T * ld);
+    float *out = (float *) malloc(sizeof(float) * T * ld);
+
+    gu_fill(y, (size_t) T * ld, 2.0f);
+    gu_fill(bs, N, 1.0f);
+    memcpy(ref, y, sizeof(float) * T * ld);
+    for (int t = 0; t < T; t++) {
+        for (int j = 0; j < N; j++) {
+            ref[t * ld + j] += bs[j];      /* columns >= N stay as they were */
+        }
+    }
+    float *d_y = (float *) gu_up(y, sizeof(float) * T * ld);
+    float *d_b = (float *) gu_up(bs, sizeof(float) * N);
+    int ok = sync_ok(moe_cuda_add_bias(d_y, ld, T, N, d_b, 0), "add_bias");
+
+    gu_down(out, d_y, sizeof(float) * T * ld);
+    double e = gu_relerr(out, ref, (size_t) T * ld);
+    TAP_OK(ok && e <= 1e-7, "add_bias ld %d > N %d (err %.2e)", ld, N, e);
+    cudaFree(d_y); cudaFree(d_b);
+    free(y); free(bs); free(ref); free(out);
+}
+
+
+static void
+test_head_rmsnorm(int nh, int hd)
+{
+    int    T = 17, ld = nh * hd + 40;      /* heads inside a wider row */
+    float  eps = 1e-6f;
+    float *x = (float *) malloc(sizeof(float) * T * ld);
+    float *w = (float *) malloc(sizeof(float) * hd);
+    float *ref = (float *) malloc(sizeof(float) * T * ld);
+    float *out = (float *) malloc(sizeof(float) * T * ld);
+
+    gu_fill(x, (size_t) T * ld, 2.0f);
+    gu_fill(w, hd, 1.0f);
+    memcpy(ref, x, sizeof(float) * T * ld);
+    for (int t = 0; t < T; t++) {
+        for (int h = 0; h < nh; h++) {
+            float *v = ref + t * ld + h * hd;
+
+            ref_rmsnorm(v, v, w, hd, eps);
+        }
+    }
+    float *d_x = (float *) gu_up(x, sizeof(float) * T * ld);
+    float *d_w = (float *) gu_up(w, sizeof(float) * hd);
+    int ok = sync_ok(moe_cuda_head_rmsnorm(d_x, ld, T, nh, hd, d_w, eps, 0),
+                     "head_rmsnorm");
+
+    gu_down(out, d_x, sizeof(float) * T * ld);
+    double e = gu_relerr(out, ref, (size_t) T * ld);
+    TAP_OK(ok && e <= F32_TOL, "head_rmsnorm %d heads hd %d (err %.2e)", nh,
+           hd, e);
+    cudaFree(d_x); cudaFree(d_w);
+    free(x); free(w); free(ref); free(out);
+}
+
+
+static float
+ref_act(float x, int act)
+{
+    if (act == 2) {
+        return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    }
+    if (act == 1) {
+        return 0.5f * x * (1.0f + tanhf(0.79788456080286536f
+                                        * (x + 0.044715f * x * x * x)));
+    }
+    return x / (1.0f + expf(-x));
+}
+
+
+static void
+test_act_mul(int act, int gated, int bias)
+{
+    int    R = 21, F = 150, ld = 2 * F, ldh = F + 8;
+    float *gu = (float *) malloc(sizeof(float) * R * ld);
+    float *bg = (float *) malloc(sizeof(float) * F);
+    float *bu = (float *) malloc(sizeof(float) * F);
+    float *ref = (float *) malloc(sizeof(float) * R * F);
+    float *out = (float *) malloc(sizeof(float) * R * F);
+    uint16_t *ob = (uint16_t *) malloc(2 * R * ldh);
+
+    gu_fill(gu, (size_t) R * ld, 4.0f);
+    gu_fill(bg, F, 1.0f);
+    gu_fill(bu, F, 1.0f);
+    for (int r = 0; r < R; r++) {
+        for (int j = 0; j < F; j++) {
+            float g = gu[r * ld + j] + (bias ? bg[j] : 0.0f);
+            float u = gu[r * ld + F + j] + (bias ? bu[j] : 0.0f);
+
+            ref[r * F + j] = gated ? ref_act(g, act) * u : ref_act(u, act);
+        }
+    }
+    float *d_gu = (float *) gu_up(gu, sizeof(float) * R * ld);
+    float *d_bg = (float *) gu_up(bg, sizeof(float) * F);
+    float *d_bu = (float *) gu_up(bu, sizeof(float) * F);
+    void *d_h = gu_dev(2 * R * ldh);
+    int ok = sync_ok(moe_cuda_act_mul(gated ? d_gu : NULL, ld,
+                                      bias ? d_bg : NULL, d_gu + F, ld,
+                                      bias ? d_bu : NULL, R, F, act,
+                                      (moe_bf16_t *) d_h, ldh, 0),
+                     "act_mul");
+
+    gu_down(ob, d_h, 2 * R * ldh);
+    for (int r = 0; r < R; r++) {
+        gu_bf_to_f(out + r * F, ob + r * ldh, F);
+    }
+    double e = gu_relerr(out, ref, (size_t) R * F);
+    TAP_OK(ok && e <= BF_TOL, "act_mul act %d gated %d bias %d (err %.2e)",
+           act, gated, bias, e);
+    cudaFree(d_gu); cudaFree(d_bg); cudaFree(d_bu); cudaFree(d_h);
+    free(gu); free(bg); free(bu); free(ref); free(out); free(ob);
+}
+
+
+static void
+test_sigmoid_gate_add(void)
+{
+    int    T = 13, D = 200, ldy = 2 * D;
+    float *out = (float *) malloc(sizeof(float) * T * D);
+    float *y = (float *) malloc(sizeof(float) * T * ldy);
+    float *xf = (float *) malloc(sizeof(float) * T * D);
+    float *wg = (float *) malloc(sizeof(float) * D);
+    float *ref = (float *) malloc(sizeof(float) * T * D);
+    float *got = (float *) malloc(sizeof(float) * T * D);
+
+    gu_fill(out, (size_t) T * D, 1.0f);
+    gu_fill(y, (size_t) T * ldy, 1.0f);
+    gu_fill(xf, (size_t) T * D, 1.0f);
+    gu_fill(wg, D, 0.2f);
+    for (int t = 0; t < T; t++) {
+        double s = 0;
+
+        for (int d = 0; d < D; d++) {
+            s += (double) wg[d] * xf[t * D + d];
+        }
+        float sg = 1.0f / (1.0f + expf(-(float) s));
+        for (int d = 0; d < D; d++) {
+            ref[t * D + d] = out[t * D + d] + sg * y[t * ldy + d];
+        }
+    }
+    float *d_out = (float *) gu_up(out, sizeof(float) * T * D);
+    float *d_y = (float *) gu_up(y, sizeof(float) * T * ldy);
+    float *d_xf = (float *) gu_up(xf, sizeof(float) * T * D);
+    float *d_wg = (float *) gu_up(wg, sizeof(float) * D);
+    int ok = sync_ok(moe_cuda_sigmoid_gate_add(d_out, d_y, ldy, d_xf, d_wg,
+                                               T, D, 0), "sigmoid_gate_add");
+
+    gu_down(got, d_out, sizeof(float) * T * D);
+    double e = gu_relerr(got, ref, (size_t) T * D);
+    TAP_OK(ok && e <= F32_TOL, "sigmoid_gate_add (err %.2e)", e);
+    cudaFree(d_out); cudaFree(d_y); cudaFree(d_xf); cudaFree(d_wg);
+    free(out); free(y); free(xf); free(wg); free(ref); free(got);
+}
+
+
+static void
+test_add_pos(void)
+{
+    int     T = 19, D = 72, P = 128;
+    float  *x = (float *) malloc(sizeof(float) * T * D);
+    float  *pe = (float *) malloc(sizeof(float) * P * D);
+    float  *ref = (float *) malloc(sizeof(float) * T * D);
+    float  *got = (float *) malloc(sizeof(float) * T * D);
+    int32_t pos[19];
+
+    gu_fill(x, (size_t) T * D, 1.0f);
+    gu_fill(pe, (size_t) P * D, 1.0f);
+    for (int t = 0; t < T; t++) {
+        pos[t] = (int32_t) (gu_rand() % P);
+        for (int d = 0; d < D; d++) {
+            ref[t * D + d] = x[t * D + d] + pe[pos[t] * D + d];
+        }
+    }
+    float *d_x = (float *) gu_up(x, sizeof(float) * T * D);
+    float *d_pe = (float *) gu_up(pe, sizeof(float) * P * D);
+    int32_t *d_pos = (int32_t *) gu_up(pos, sizeof(pos));
+    int ok = sync_ok(moe_cuda_add_pos(d_x, d_pos, T, D, d_pe, 0), "add_pos");
+
+    gu_down(got, d_x, sizeof(float) * T * D);
+    double e = gu_relerr(got, ref, (size_t) T * D);
+    TAP_OK(ok && e <= 1e-7, "add_pos (err %.2e)", e);
+    cudaFree(d_x); cudaFree(d_pe); cudaFree(d_pos);
+    free(x); free(pe); free(ref); free(got);
+}
+
 
 int
 main(void)
@@ -904,6 +1192,7 @@ main(void)
     test_rmsnorm(1, 1);
     test_rope(4, 2, 16, 10000.0f);
     test_rope(32, 8, 128, 1000000.0f);
+    test_rope(4, 4, 16, 0.0f);          /* learned positions: write only */
     test_attention(4, 4, 16, 0, 0, 200);
     test_attention(8, 2, 8, 0, 1, 200);
     test_attention(32, 8, 128, 0, 0, 200);
@@ -918,11 +1207,13 @@ main(void)
     test_attention(4, 2, 32, 100, 0, 1000);     /* window inside splits */
     test_attention(8, 2, 96, 0, 1, 300);        /* hd not a power of 2 */
     test_silu();
-    test_route(50, 64, 8, 2);
-    test_route(40, 2048, 64, 8);
-    test_route(30, 128, 60, 4);
-    test_route(1, 4096, 8, 2);          /* decode shape: one token */
-    test_route(19, 66, 8, 2);           /* D % 4 != 0: scalar path */
+    test_route(50, 64, 8, 2, 1);
+    test_route(40, 2048, 64, 8, 1);
+    test_route(30, 128, 60, 4, 1);
+    test_route(1, 4096, 8, 2, 1);       /* decode shape: one token */
+    test_route(19, 66, 8, 2, 1);        /* D % 4 != 0: scalar path */
+    test_route(40, 128, 60, 4, 0);      /* raw top-k weights (Qwen2-MoE) */
+    test_route(7, 64, 4, 2, 0);
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);
     test_permute_one(100, 8, 2);
@@ -947,6 +1238,19 @@ main(void)
         cublasDestroy(h);
     }
     test_init();
+    test_layernorm(0, 0);
+    test_layernorm(1, 0);
+    test_layernorm(1, 1);
+    test_add_bias();
+    test_head_rmsnorm(4, 32);
+    test_head_rmsnorm(2, 128);
+    for (int act = 0; act < 3; act++) {
+        test_act_mul(act, 1, 0);
+        test_act_mul(act, 1, 1);
+        test_act_mul(act, 0, 1);
+    }
+    test_sigmoid_gate_add();
+    test_add_pos();
     TAP_PLAN(tap_n);
     return TAP_DONE();
 }
