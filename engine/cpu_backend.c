@@ -15,6 +15,10 @@
  * own sequence.  So results are bitwise identical whatever else is in the
  * step and whatever the thread count (threads split output rows or
  * (token, head) pairs, never a reduction).
+ *
+ * Tests can force the experts of the next step (moe_cpu_backend_force_
+ * routing) and read back those of the last (moe_cpu_backend_last_routing)
+ * to compare another backend's arithmetic with its routing taken out.
  */
 
 #include <math.h>
@@ -250,6 +254,16 @@ typedef struct {
 
     /* per-step sequence table */
     const moe_seq_batch_t *seqs;
+
+    /* tests: routing of the last step and a forced routing for the next
+     * (moe_cpu_backend_force_routing / _last_routing) */
+    int32_t              *route_last;  /* (route_cap, n_layers, top_k) */
+    int                   route_cap;   /* tokens route_last can hold */
+    int                   route_T;     /* tokens of the last step; -1 after
+                                           a failed step */
+    int32_t              *route_force; /* (force_T, n_layers, top_k) or
+                                           NULL: next step picks itself */
+    int                   force_T;
 } cpu_backend_t;
 
 
@@ -662,6 +676,23 @@ cpu_mlp(cpu_backend_t *b, float *out, const float *x, int n, const float *Wg,
 }
 
 
+/* Record the experts of `layer` for the T tokens of this step into
+ * route_last (b->sel, or -1 when the layer does not route). */
+static void
+cpu_route_log(cpu_backend_t *b, int layer, int T, int routed)
+{
+    int    K = b->hp->top_k, L = b->hp->n_layers, t, k;
+
+    for (t = 0; t < T; t++) {
+        int32_t *o = b->route_last + ((size_t) t * L + layer) * K;
+
+        for (k = 0; k < K; k++) {
+            o[k] = routed ? b->sel[t * K + k] : -1;
+        }
+    }
+}
+
+
 /* Mixture of experts (or the one dense FFN) for T tokens of b->xb, result
  * into b->tmp. */
 static void
@@ -681,6 +712,7 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
         cpu_mlp(b, b->tmp, b->xb, T, w->wd_gate + lu * FD * D,
                 w->wd_up + lu * FD * D, w->wd_down + lu * D * FD, NULL, NULL,
                 NULL, (int) FD, b->hg, b->hu);
+        cpu_route_log(b, layer, T, 0);
         return;
     }
 
@@ -706,11 +738,16 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
             for (e = 0; e < E; e++) {
                 lg[e] /= sum;
             }
-            /* top-k, ties to the lower index */
+            /* top-k, ties to the lower index; or the forced experts
+             * (tests), weighted by these same probabilities */
             for (k = 0; k < K; k++) {
                 int best = -1;
 
-                for (e = 0; e < E; e++) {
+                if (b->route_force != NULL) {
+                    best = b->route_force[((size_t) t * hp->n_layers + lu)
+                                          * K + k];
+                }
+                for (e = 0; b->route_force == NULL && e < E; e++) {
                     int taken = 0;
 
                     for (j = 0; j < k; j++) {
@@ -732,6 +769,8 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
             }
         }
     }
+
+    cpu_route_log(b, layer, T, E > 1);
 
     /* group (token, k) slots by expert */
     memset(b->ecount, 0, (size_t) E * sizeof(int));
@@ -815,7 +854,7 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
 
 
 static int
-cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
+cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
 {
     cpu_backend_t       *b = (cpu_backend_t *) base;
     const moe_hparams_t *hp = b->hp;
@@ -870,9 +909,22 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     if (T == 0) {
         return MOE_OK;
     }
+    if (b->route_force != NULL && b->force_T != T) {
+        return MOE_EINVAL;          /* forced routing for another step */
+    }
     rc = cpu_reserve(b, T);
     if (rc != MOE_OK) {
         return rc;
+    }
+    if (T > b->route_cap) {
+        int32_t *nr = realloc(b->route_last, (size_t) T * hp->n_layers
+                                             * hp->top_k * sizeof(int32_t));
+
+        if (nr == NULL) {
+            return MOE_ENOMEM;
+        }
+        b->route_last = nr;
+        b->route_cap = T;
     }
     if (ctx > b->ctx_max) {
         float *ns = realloc(b->scores,
@@ -1007,6 +1059,93 @@ cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
                    hp->vocab_size, D);
     }
     b->seqs = NULL;
+    b->route_T = T;
+    return MOE_OK;
+}
+
+
+/* One step; a forced routing applies to this step only, whatever it
+ * returns. */
+static int
+cpu_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
+{
+    cpu_backend_t *b = (cpu_backend_t *) base;
+    int            rc;
+
+    b->route_T = -1;
+    rc = cpu_forward_step(base, seqs, n);
+    free(b->route_force);
+    b->route_force = NULL;
+    b->force_T = 0;
+    return rc;
+}
+
+
+int
+moe_cpu_backend_force_routing(moe_backend_t *base, const int32_t *experts,
+    int n_tokens)
+{
+    cpu_backend_t       *b = (cpu_backend_t *) base;
+    const moe_hparams_t *hp;
+    size_t               n;
+    int                  t, l, k, j, K;
+
+    if (b == NULL || strcmp(base->name, "cpu") != 0 || experts == NULL
+        || n_tokens <= 0 || n_tokens > (1 << 24))
+    {
+        return MOE_EINVAL;
+    }
+    hp = b->hp;
+    K = hp->top_k;
+    for (t = 0; t < n_tokens; t++) {
+        for (l = 0; hp->n_experts > 1 && l < hp->n_layers; l++) {
+            const int32_t *x = experts + ((size_t) t * hp->n_layers + l) * K;
+
+            if (hp->layer_dense[l]) {
+                continue;
+            }
+            for (k = 0; k < K; k++) {
+                if (x[k] < 0 || x[k] >= hp->n_experts) {
+                    return MOE_EINVAL;
+                }
+                for (j = 0; j < k; j++) {
+                    if (x[j] == x[k]) {
+                        return MOE_EINVAL;
+                    }
+                }
+            }
+        }
+    }
+    free(b->route_force);
+    b->route_force = NULL;
+    b->force_T = 0;
+    if (hp->n_experts == 1) {
+        return MOE_OK;              /* nothing routes; nothing to force */
+    }
+    n = (size_t) n_tokens * hp->n_layers * K;
+    b->route_force = malloc(n * sizeof(int32_t));
+    if (b->route_force == NULL) {
+        return MOE_ENOMEM;
+    }
+    memcpy(b->route_force, experts, n * sizeof(int32_t));
+    b->force_T = n_tokens;
+    return MOE_OK;
+}
+
+
+int
+moe_cpu_backend_last_routing(moe_backend_t *base, int32_t *experts,
+    int n_tokens)
+{
+    cpu_backend_t *b = (cpu_backend_t *) base;
+
+    if (b == NULL || strcmp(base->name, "cpu") != 0 || experts == NULL
+        || n_tokens <= 0 || n_tokens != b->route_T)
+    {
+        return MOE_EINVAL;
+    }
+    memcpy(experts, b->route_last, (size_t) n_tokens * b->hp->n_layers
+           * b->hp->top_k * sizeof(int32_t));
     return MOE_OK;
 }
 
@@ -1033,6 +1172,8 @@ cpu_destroy(moe_backend_t *base)
     free(b->scores);
     free(b->ecount);
     free(b->eoff);
+    free(b->route_last);
+    free(b->route_force);
     free(b);
 }
 
@@ -1083,6 +1224,7 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     b->block_size = block_size;
     b->n_threads = n_threads;
     b->ctx_max = 4096 < n_blocks * block_size ? 4096 : n_blocks * block_size;
+    b->route_T = -1;
 
     per_block = (size_t) hp->n_layers * 2 * (size_t) block_size
                 * (size_t) hp->n_kv_heads * (size_t) hp->head_dim;

@@ -209,4 +209,31 @@ int moe_cpu_backend_create(const moe_model_t *m, int n_blocks,
     int block_size, int n_threads, moe_backend_t **out, char *err,
     size_t errlen);
 
+/*
+ * Tests only (comparing backends with the routing decisions taken out):
+ * routing tables are (n_tokens, n_layers, top_k) int32, tokens in step
+ * order (sequences in batch order, each one's tokens in order), each
+ * token's experts in the order they were chosen (descending probability);
+ * -1 on layers that do not route (dense models, layer_dense layers).
+ *
+ * moe_cpu_backend_force_routing: the NEXT forward() of the CPU backend b
+ * uses exactly these experts for each (token, layer) instead of its own
+ * top-k; the gate weights still come from b's own fp32 router (softmax
+ * over all experts, the forced experts' probabilities, renormalised unless
+ * router_no_renorm), summed in the given order.  The table is copied; it
+ * applies to that one forward() only, which fails with MOE_EINVAL if its
+ * token count is not n_tokens.  Entries of non-routing layers are ignored
+ * (on a dense model the call does nothing).  MOE_EINVAL: not a CPU
+ * backend, an expert out of range or repeated within a (token, layer);
+ * MOE_ENOMEM.
+ *
+ * moe_cpu_backend_last_routing: the experts the last successful forward()
+ * used (chosen or forced) into experts; MOE_EINVAL when n_tokens is not
+ * that step's token count (or the last forward failed).
+ */
+int moe_cpu_backend_force_routing(moe_backend_t *b, const int32_t *experts,
+    int n_tokens);
+int moe_cpu_backend_last_routing(moe_backend_t *b, int32_t *experts,
+    int n_tokens);
+
 #endif /* MOE_MODEL_H */

@@ -130,7 +130,10 @@ typedef struct {
     bf16           *xb;            /* (N, dim) normed, bf16 */
     float          *qkv;           /* (N, Q + 2 KVD) */
     bf16           *att;           /* (N, Q) */
-    int32_t        *sel;           /* (NK) */
+    int32_t        *sel;           /* (L, NK) chosen experts, per layer so
+                                      the last step's routing stays
+                                      readable (moe_cuda_backend_last_
+                                      routing); layer l at l * NK */
     float          *selw;          /* (NK) */
     int32_t        *slot_of;       /* (NK) */
     int32_t        *erow;          /* (NK) */
@@ -315,7 +318,7 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
     l->xb = cb_take(&c, N * D * 2);
     l->qkv = cb_take(&c, N * (Q + 2 * KV) * 4);
     l->att = cb_take(&c, N * Q * 2);
-    l->sel = cb_take(&c, NK * 4);
+    l->sel = cb_take(&c, (size_t) hp->n_layers * NK * 4);
     l->selw = cb_take(&c, NK * 4);
     l->slot_of = cb_take(&c, NK * 4);
     l->erow = cb_take(&c, NK * 4);
@@ -1333,10 +1336,12 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         return cb_shared(b, l, T);
     }
 
+    int32_t *sel = b->sel + (size_t) l * b->cap * K;
+
     MOE_TRY(moe_cuda_route(b->xf, T, D, b->router + (size_t) l * E * D, E, K,
-                           !hp->router_no_renorm, b->rlogits, b->sel, b->selw,
+                           !hp->router_no_renorm, b->rlogits, sel, b->selw,
                            b->margin + (size_t) l * b->cap, s));
-    MOE_TRY(moe_cuda_moe_permute(b->sel, T * K, E, b->offs, b->erow,
+    MOE_TRY(moe_cuda_moe_permute(sel, T * K, E, b->offs, b->erow,
                                  b->slot_of, b->d_ecounts + (size_t) l * E,
                                  s));
     if (cb_ffn_gemv(b, T)) {
@@ -1357,7 +1362,7 @@ cb_ffn(cuda_backend_t *b, int l, int T)
                               D, F, b->offs, E, T * K, mr, 0, b->ye, NULL, D,
                               s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
-        MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, b->sel, b->selw, b->slot_of,
+        MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
                                        T, K, b->tmp, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
         return cb_shared(b, l, T);
@@ -1409,7 +1414,7 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         }
     }
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
-    MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, b->sel, b->selw, b->slot_of, T,
+    MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of, T,
                                    K, b->tmp, s));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
     return cb_shared(b, l, T);
@@ -1747,6 +1752,63 @@ moe_cuda_backend_route_margins(moe_backend_t *base, int T, float *out)
                                   (size_t) T * sizeof(float),
                                   cudaMemcpyDeviceToHost));
     }
+    return MOE_OK;
+}
+
+
+extern "C" int
+moe_cuda_backend_last_routing(moe_backend_t *base, int32_t *experts,
+    int n_tokens)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    int             L, K, T = n_tokens, l, t, k;
+    int32_t        *h;
+
+    if (b == NULL || experts == NULL || T != b->last_T || T <= 0) {
+        return MOE_EINVAL;
+    }
+    L = b->hp.n_layers;
+    K = b->hp.top_k;            /* the table's width, even when dense */
+    for (t = 0; t < L * T * K; t++) {
+        experts[t] = -1;
+    }
+    if (b->hp.n_experts == 1) {
+        return MOE_OK;
+    }
+    /* b->K == top_k here; the device holds (L, cap * K), token-major
+     * within a layer */
+    h = (int32_t *) malloc((size_t) T * K * sizeof(int32_t));
+    if (h == NULL) {
+        return MOE_ENOMEM;
+    }
+    if (cudaSetDevice(b->device) != cudaSuccess
+        || cudaStreamSynchronize(b->stream) != cudaSuccess)
+    {
+        free(h);
+        moe_cuda_set_error("last routing: %s",
+                           cudaGetErrorString(cudaGetLastError()));
+        return MOE_EBACKEND;
+    }
+    for (l = 0; l < L; l++) {
+        if (b->dense_slot[l] >= 0) {
+            continue;           /* a dense layer routes nothing: -1 */
+        }
+        if (cudaMemcpy(h, b->sel + (size_t) l * b->cap * K,
+                       (size_t) T * K * sizeof(int32_t),
+                       cudaMemcpyDeviceToHost) != cudaSuccess)
+        {
+            free(h);
+            moe_cuda_set_error("last routing: %s",
+                               cudaGetErrorString(cudaGetLastError()));
+            return MOE_EBACKEND;
+        }
+        for (t = 0; t < T; t++) {
+            for (k = 0; k < K; k++) {
+                experts[((size_t) t * L + l) * K + k] = h[(size_t) t * K + k];
+            }
+        }
+    }
+    free(h);
     return MOE_OK;
 }
 

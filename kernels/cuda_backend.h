@@ -134,6 +134,18 @@ int moe_cuda_backend_profile(moe_backend_t *b, int enable,
  */
 int moe_cuda_backend_route_margins(moe_backend_t *b, int T, float *out);
 
+/*
+ * Tests: the experts the last forward() chose, in the layout of
+ * moe_cpu_backend_force_routing (engine/model.h): experts (n_tokens,
+ * n_layers, top_k), tokens in step order, each token's experts in
+ * descending router probability, -1 on layers that do not route (dense
+ * models, layer_dense layers).  Synchronises.  MOE_EINVAL when n_tokens is
+ * not the last step's token count; MOE_EBACKEND (reason in
+ * moe_cuda_last_error()) or MOE_ENOMEM.
+ */
+int moe_cuda_backend_last_routing(moe_backend_t *b, int32_t *experts,
+    int n_tokens);
+
 #ifdef __cplusplus
 }
 #endif

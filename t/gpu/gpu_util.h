@@ -24,6 +24,18 @@ gu_rand(void)
     return (uint32_t) (gu_rng >> 16);
 }
 
+/* Restart the generator from seed (any value; mixed so that 0 works). */
+static inline void
+gu_seed(uint64_t seed)
+{
+    uint64_t z = seed + 0x9e3779b97f4a7c15ULL;
+
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    gu_rng = z != 0 ? z : 0x2545f4914f6cdd1dULL;
+}
+
 /* uniform [-1, 1) */
 static inline float
 gu_uniform(void)

@@ -17,6 +17,13 @@
  *    these two checks);
  *  - GPT-2 tensor names without the "transformer." prefix give the same
  *    logits; positions past n_positions are refused;
+ *  - forced routing (moe_cpu_backend_force_routing, for the GPU test) on
+ *    Mixtral, Qwen2-MoE (raw top-k, a dense layer) and Qwen3-MoE: replaying
+ *    a backend's own routing (moe_cpu_backend_last_routing) on a fresh
+ *    backend, two sequences per chunked step, gives bitwise identical
+ *    logits; another forced expert changes the logits and is what the
+ *    backend reports; bad tables and a token-count mismatch are refused and
+ *    a forced table applies to one step only;
  *  - load errors: unsupported architecture, rope_scaling, missing tensor,
  *    bad top_k, GPT-2 activation, Qwen2-MoE without shared_expert_gate,
  *    per-layer sliding windows; forward rejects bad token ids and short
@@ -731,6 +738,277 @@ test_load_errors(void)
 }
 
 
+/*
+ * The steps of the forced-routing check: two sequences of FR_LEN0 and
+ * FR_LEN1 tokens, prefill chunks of 13 then 7 for both per step, then
+ * FR_DEC decode steps; logits of every sequence at every step.
+ */
+#define FR_LEN0   33
+#define FR_LEN1   22
+#define FR_DEC    3
+#define FR_STEPS  16
+#define FR_TOK    (FR_LEN0 + FR_LEN1 + 2 * FR_DEC)
+
+typedef struct {
+    int32_t  toks[2][FR_LEN0 + FR_DEC];
+    int      n_steps;
+    int      T[FR_STEPS];        /* tokens of step i */
+    int      from[FR_STEPS][2];  /* seq q's first position in step i */
+    int      cnt[FR_STEPS][2];   /* and its token count (0: not in it) */
+} fr_plan_t;
+
+
+static void
+fr_make_plan(fr_plan_t *pl)
+{
+    int      len[2] = { FR_LEN0, FR_LEN1 }, done[2] = { 0, 0 }, q, i;
+    unsigned seed = 777;
+
+    memset(pl, 0, sizeof(*pl));
+    for (q = 0; q < 2; q++) {
+        for (i = 0; i < len[q] + FR_DEC; i++) {
+            seed = seed * 1103515245u + 12345u;
+            pl->toks[q][i] = (int32_t) ((seed >> 8) % 506);
+        }
+    }
+    while (done[0] < len[0] + FR_DEC) {
+        int chunk = pl->n_steps == 0 ? 13 : 7;
+
+        for (q = 0; q < 2; q++) {
+            int c = done[q] < len[q] ? len[q] - done[q] : 1;
+
+            c = c < chunk ? c : chunk;
+            if (done[q] >= len[q] + FR_DEC) {
+                c = 0;
+            }
+            pl->from[pl->n_steps][q] = done[q];
+            pl->cnt[pl->n_steps][q] = c;
+            pl->T[pl->n_steps] += c;
+            done[q] += c;
+        }
+        pl->n_steps++;
+    }
+}
+
+
+/*
+ * Run the plan on be.  route: (FR_TOK, L, K) in step order; force != 0:
+ * force step i's part of it before step i, else record it there.  logits:
+ * (n_steps, 2, V).  MOE_OK or the first failing status.
+ */
+static int
+fr_run(moe_backend_t *be, const fr_plan_t *pl, int LK, int32_t *route,
+    int force, float *logits, int V)
+{
+    int32_t         table[2][N_BLOCKS / 2];
+    moe_seq_batch_t s[2];
+    int             i, q, n, rc, off = 0;
+
+    for (i = 0; i < N_BLOCKS / 2; i++) {
+        table[0][i] = N_BLOCKS - 1 - 2 * i;     /* odd pages, backwards */
+        table[1][i] = 2 * i;
+    }
+    for (i = 0; i < pl->n_steps; i++) {
+        n = 0;
+        for (q = 0; q < 2; q++) {
+            if (pl->cnt[i][q] == 0) {
+                continue;
+            }
+            s[n].tokens = pl->toks[q] + pl->from[i][q];
+            s[n].n_tokens = pl->cnt[i][q];
+            s[n].pos = pl->from[i][q];
+            s[n].block_table = table[q];
+            s[n].n_blocks = N_BLOCKS / 2;
+            s[n].logits = logits + ((size_t) i * 2 + q) * V;
+            n++;
+        }
+        if (force) {
+            rc = moe_cpu_backend_force_routing(be, route + (size_t) off * LK,
+                                               pl->T[i]);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+        }
+        rc = be->forward(be, s, n);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        if (!force) {
+            rc = moe_cpu_backend_last_routing(be, route + (size_t) off * LK,
+                                              pl->T[i]);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+        }
+        off += pl->T[i];
+    }
+    return MOE_OK;
+}
+
+
+static void
+test_force_routing(const char *name)
+{
+    char                 dir[256], err[512];
+    moe_model_t         *m = NULL;
+    moe_backend_t       *be[3] = { NULL, NULL, NULL };
+    const moe_hparams_t *hp;
+    fr_plan_t            pl;
+    int32_t             *own = NULL, *alt = NULL, *back = NULL;
+    float               *lg[3] = { NULL, NULL, NULL };
+    int                  rc, V, L, K, LK, i, k, l, e, ok, nl;
+    size_t               nlg;
+
+    snprintf(dir, sizeof(dir), "t/data/models/%s", name);
+    rc = moe_model_load(dir, 0, &m, err, sizeof(err));
+    if (rc != MOE_OK) {
+        TAP_OK(0, "%s: forced routing: load: %s", name, err);
+        return;
+    }
+    hp = moe_model_hparams(m);
+    V = hp->vocab_size;
+    L = hp->n_layers;
+    K = hp->top_k;
+    LK = L * K;
+    fr_make_plan(&pl);
+    nlg = (size_t) pl.n_steps * 2 * V;
+    own = calloc((size_t) FR_TOK * LK, sizeof(int32_t));
+    alt = calloc((size_t) FR_TOK * LK, sizeof(int32_t));
+    back = calloc((size_t) FR_TOK * LK, sizeof(int32_t));
+    for (i = 0; i < 3; i++) {
+        lg[i] = calloc(nlg, sizeof(float));
+        if (i == 1) {
+            setenv("MOE_CPU_MIN_PAR_WORK", "1", 1);     /* split all */
+        }
+        rc = moe_cpu_backend_create(m, N_BLOCKS, BS, 1 + (i == 1), &be[i],
+                                    err, sizeof(err));
+        unsetenv("MOE_CPU_MIN_PAR_WORK");
+        if (rc != MOE_OK) {
+            TAP_OK(0, "%s: forced routing: backend: %s", name, err);
+            goto out;
+        }
+    }
+
+    /* own routing, recorded; then replayed on a fresh backend */
+    rc = fr_run(be[0], &pl, LK, own, 0, lg[0], V);
+    TAP_OK(rc == MOE_OK, "%s: %d steps of 2 sequences, routing recorded "
+           "(%d)", name, pl.n_steps, rc);
+    ok = rc == MOE_OK;
+    nl = 0;
+    for (i = 0; ok && i < FR_TOK; i++) {
+        for (l = 0; l < L; l++) {
+            const int32_t *x = own + ((size_t) i * L + l) * K;
+
+            for (k = 0; k < K; k++) {
+                if (hp->layer_dense[l]) {
+                    ok = ok && x[k] == -1;
+                    nl += k == 0 && i == 0;
+                } else {
+                    ok = ok && x[k] >= 0 && x[k] < hp->n_experts;
+                    for (e = 0; e < k; e++) {
+                        ok = ok && x[e] != x[k];
+                    }
+                }
+            }
+        }
+    }
+    TAP_OK(ok, "%s: recorded experts in range, distinct, -1 on the %d "
+           "dense layer(s)", name, nl);
+    rc = fr_run(be[1], &pl, LK, own, 1, lg[1], V);
+    TAP_OK(rc == MOE_OK && memcmp(lg[0], lg[1], nlg * sizeof(float)) == 0,
+           "%s: forcing the own routing (2 threads) gives bitwise identical "
+           "logits at all %d steps (%d)", name, pl.n_steps, rc);
+
+    /* another expert for the last token of sequence 0 in step 0, at every
+     * routed layer: its logits change, the rest of step 0 does not */
+    memcpy(alt, own, (size_t) FR_TOK * LK * sizeof(int32_t));
+    for (l = 0; l < L; l++) {
+        int32_t *x = alt + ((size_t) (pl.cnt[0][0] - 1) * L + l) * K;
+
+        for (e = 0; !hp->layer_dense[l] && e < hp->n_experts; e++) {
+            int used = 0;
+
+            for (k = 0; k < K; k++) {
+                used |= x[k] == e;
+            }
+            if (!used) {
+                x[K - 1] = e;
+                break;
+            }
+        }
+    }
+    {
+        moe_seq_batch_t s[2];
+        int32_t         t0[N_BLOCKS / 2], t1[N_BLOCKS / 2];
+
+        for (i = 0; i < N_BLOCKS / 2; i++) {
+            t0[i] = i;
+            t1[i] = N_BLOCKS / 2 + i;
+        }
+        memset(s, 0, sizeof(s));
+        s[0].tokens = pl.toks[0];
+        s[0].n_tokens = pl.cnt[0][0];
+        s[0].block_table = t0;
+        s[0].n_blocks = N_BLOCKS / 2;
+        s[0].logits = lg[2];
+        s[1].tokens = pl.toks[1];
+        s[1].n_tokens = pl.cnt[0][1];
+        s[1].block_table = t1;
+        s[1].n_blocks = N_BLOCKS / 2;
+        s[1].logits = lg[2] + V;
+        rc = moe_cpu_backend_force_routing(be[2], alt, pl.T[0]);
+        if (rc == MOE_OK) {
+            rc = be[2]->forward(be[2], s, 2);
+        }
+        ok = rc == MOE_OK
+             && moe_cpu_backend_last_routing(be[2], back, pl.T[0]) == MOE_OK
+             && memcmp(back, alt, (size_t) pl.T[0] * LK * sizeof(int32_t))
+                == 0;
+        TAP_OK(ok && memcmp(lg[2], lg[0], (size_t) V * sizeof(float)) != 0
+               && memcmp(lg[2] + V, lg[0] + V, (size_t) V * sizeof(float))
+                  == 0,
+               "%s: another forced expert changes that sequence's logits "
+               "only, and is reported back (%d)", name, rc);
+
+        /* refused: out of range, repeated, wrong token count; a forced
+         * table lasts one step (a 1-token step after a 2-token table) */
+        alt[K - 1] = hp->n_experts;
+        ok = moe_cpu_backend_force_routing(be[2], alt, 1) == MOE_EINVAL;
+        alt[K - 1] = -1;
+        ok = ok && moe_cpu_backend_force_routing(be[2], alt, 1)
+                   == MOE_EINVAL;
+        if (K > 1) {
+            alt[K - 1] = alt[0];
+            ok = ok && moe_cpu_backend_force_routing(be[2], alt, 1)
+                       == MOE_EINVAL;
+        }
+        memcpy(alt, own, (size_t) 2 * LK * sizeof(int32_t));
+        s[0].tokens = pl.toks[0] + s[0].n_tokens;
+        s[0].pos = s[0].n_tokens;
+        s[0].n_tokens = 1;
+        ok = ok && moe_cpu_backend_force_routing(be[2], alt, 2) == MOE_OK
+             && be[2]->forward(be[2], s, 1) == MOE_EINVAL
+             && be[2]->forward(be[2], s, 1) == MOE_OK
+             && moe_cpu_backend_last_routing(be[2], back, 2) == MOE_EINVAL
+             && moe_cpu_backend_last_routing(be[2], back, 1) == MOE_OK;
+        TAP_OK(ok, "%s: bad forced tables refused; a table for another "
+               "token count fails that step only", name);
+    }
+
+out:
+    for (i = 0; i < 3; i++) {
+        if (be[i] != NULL) {
+            be[i]->destroy(be[i]);
+        }
+        free(lg[i]);
+    }
+    free(own);
+    free(alt);
+    free(back);
+    moe_model_free(m);
+}
+
+
 /* GPT-2 names without "transformer." load to the same logits. */
 static void
 test_gpt2_prefix(void)
@@ -800,6 +1078,9 @@ main(void)
     for (i = 0; i < sizeof(models) / sizeof(models[0]); i++) {
         test_model(models[i], ref_dir);
     }
+    test_force_routing("mixtral-gqa");
+    test_force_routing("qwen2moe-shared");
+    test_force_routing("qwen3moe-qknorm");
     test_load_errors();
     test_gpt2_prefix();
     TAP_PLAN(tap_n);
