@@ -954,11 +954,27 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
-    rc = (dummy ? moe_model_load_config : moe_model_load)(cfg->model_path,
-                        cfg->top_k_experts > 0 ? cfg->top_k_experts : 0,
-                        &e->model, err, errlen);
-    if (rc != MOE_OK) {
-        goto fail;
+    /* the cuda backend reads the mapped files itself: no fp32 host copy
+     * (a real model's fp32 copy does not fit in host memory) */
+    {
+        int64_t t0 = moe_now_ns();
+
+        rc = (dummy ? moe_model_load_config
+                    : use_cuda ? moe_model_open : moe_model_load)(
+                 cfg->model_path,
+                 cfg->top_k_experts > 0 ? cfg->top_k_experts : 0,
+                 &e->model, err, errlen);
+        if (rc != MOE_OK) {
+            goto fail;
+        }
+        if (!dummy) {
+            moe_log(MOE_LOG_INFO, "model %s: %.2f GB of weights in the "
+                    "files, %s in %.2f s", cfg->model_path,
+                    (double) moe_model_weight_bytes(e->model) / 1e9,
+                    use_cuda ? "mapped and checked"
+                             : "converted to fp32 host memory",
+                    (double) (moe_now_ns() - t0) / 1e9);
+        }
     }
     hp = moe_model_hparams(e->model);
     moe_compare_model_section(cfg, hp);
@@ -977,6 +993,10 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
             moe_log(MOE_LOG_WARN, "the cuda backend cannot run %s (%s); "
                     "serving from the cpu backend", hp->arch_name, why);
             use_cuda = 0;
+            rc = moe_model_load_f32(e->model, err, errlen);
+            if (rc != MOE_OK) {
+                goto fail;
+            }
         }
     }
 #endif

@@ -836,11 +836,22 @@ done:
 
 /* ------------------------------------------------------------ weights */
 
+/*
+ * The tensor walk: one naming logic for every consumer.  It finds each
+ * tensor the hparams ask for, checks its shape, and hands the callback one
+ * moe_tensor_ref_t per logical piece (a fused gate_up tensor gives a gate
+ * and an up piece per expert, a GPT-2 c_attn gives q, k and v columns).
+ * fn == NULL only validates.
+ */
+typedef int (*m_fn_t)(void *ctx, const moe_tensor_ref_t *t);
+
 typedef struct {
     const char          *dir;
     const moe_st_set_t  *st;
     char                *err;
     size_t               errlen;
+    m_fn_t               fn;
+    void                *ctx;
 } m_ctx_t;
 
 
@@ -891,9 +902,38 @@ m_find(m_ctx_t *c, const char *name, int nd, const int64_t *shape,
 }
 
 
-/* Load 1-D or 2-D tensor `name` (shape d0[, d1]) into dst as fp32. */
+/* Hand the callback one piece of t: destination (rows, cols) read from
+ * element `first` on with source row stride ld (transposed: Conv1D). */
 static int
-m_load(m_ctx_t *c, const char *name, float *dst, int64_t d0, int64_t d1)
+m_emit(m_ctx_t *c, const moe_st_tensor_t *t, int kind, int layer,
+    int expert, int64_t first, int64_t rows, int64_t cols, int transposed,
+    int64_t ld)
+{
+    moe_tensor_ref_t r;
+
+    if (c->fn == NULL) {
+        return MOE_OK;
+    }
+    r.kind = kind;
+    r.layer = layer;
+    r.expert = expert;
+    r.name = t->name;
+    r.file = t->file;
+    r.dtype = (int) t->dtype;
+    r.data = (const unsigned char *) t->data
+             + first * (int64_t) moe_dtype_size(t->dtype);
+    r.rows = rows;
+    r.cols = cols;
+    r.transposed = transposed;
+    r.ld = ld;
+    return c->fn(c->ctx, &r);
+}
+
+
+/* The whole 1-D or 2-D tensor `name` (shape d0[, d1]) as one piece. */
+static int
+m_load(m_ctx_t *c, const char *name, int kind, int layer, int expert,
+    int64_t d0, int64_t d1)
 {
     const moe_st_tensor_t *t;
     int64_t                shape[2] = { d0, d1 };
@@ -903,7 +943,8 @@ m_load(m_ctx_t *c, const char *name, float *dst, int64_t d0, int64_t d1)
     if (rc != MOE_OK) {
         return rc;
     }
-    return moe_st_to_f32(t, 0, t->numel, dst);
+    return d1 > 0 ? m_emit(c, t, kind, layer, expert, 0, d0, d1, 0, d1)
+                  : m_emit(c, t, kind, layer, expert, 0, 1, d0, 0, d0);
 }
 
 
@@ -917,21 +958,23 @@ m_alloc(size_t n)
 
 
 static int
-m_load_experts(m_ctx_t *c, const moe_hparams_t *hp, moe_weights_t *w, int l)
+m_is_moe(const moe_hparams_t *hp)
+{
+    return hp->arch == MOE_ARCH_MIXTRAL || hp->arch == MOE_ARCH_QWEN2_MOE
+           || hp->arch == MOE_ARCH_QWEN3_MOE;
+}
+
+
+static int
+m_walk_experts(m_ctx_t *c, const moe_hparams_t *hp, int l)
 {
     const moe_st_tensor_t *gu, *dn;
     const char            *pre, *s_gate, *s_up, *s_down;
     char                   name[256], name2[256];
-    size_t                 D = (size_t) hp->dim, F = (size_t) hp->ffn_dim;
-    size_t                 E = (size_t) hp->n_experts;
-    float                 *wg, *wu, *wd;
+    int64_t                D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
     int64_t                shape[3];
-    size_t                 e;
+    int64_t                e;
     int                    rc, p;
-
-    wg = w->w_gate + (size_t) l * E * F * D;
-    wu = w->w_up + (size_t) l * E * F * D;
-    wd = w->w_down + (size_t) l * E * D * F;
 
     /* which prefix: Mixtral's block_sparse_moe or transformers 5's mlp */
     pre = "block_sparse_moe";
@@ -947,8 +990,7 @@ m_load_experts(m_ctx_t *c, const moe_hparams_t *hp, moe_weights_t *w, int l)
     }
 
     snprintf(name, sizeof(name), "model.layers.%d.%s.gate.weight", l, pre);
-    rc = m_load(c, name, w->router + (size_t) l * E * D, (int64_t) E,
-                (int64_t) D);
+    rc = m_load(c, name, MOE_WK_ROUTER, l, -1, E, D);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -960,9 +1002,9 @@ m_load_experts(m_ctx_t *c, const moe_hparams_t *hp, moe_weights_t *w, int l)
         strcat(name, ".weight");
     }
     if (moe_st_find(c->st, name) != NULL) {
-        shape[0] = (int64_t) E;
-        shape[1] = (int64_t) (2 * F);
-        shape[2] = (int64_t) D;
+        shape[0] = E;
+        shape[1] = 2 * F;
+        shape[2] = D;
         rc = m_find(c, name, 3, shape, &gu);
         if (rc != MOE_OK) {
             return rc;
@@ -970,24 +1012,31 @@ m_load_experts(m_ctx_t *c, const moe_hparams_t *hp, moe_weights_t *w, int l)
         snprintf(name2, sizeof(name2),
                  "model.layers.%d.%s.experts.down_proj%s", l, pre,
                  strstr(name, ".weight") ? ".weight" : "");
-        shape[1] = (int64_t) D;
-        shape[2] = (int64_t) F;
+        shape[1] = D;
+        shape[2] = F;
         rc = m_find(c, name2, 3, shape, &dn);
         if (rc != MOE_OK) {
             return rc;
         }
         for (e = 0; e < E; e++) {
-            rc = moe_st_to_f32(gu, (int64_t) (e * 2 * F * D),
-                               (int64_t) (F * D), wg + e * F * D);
+            rc = m_emit(c, gu, MOE_WK_GATE, l, (int) e, e * 2 * F * D, F, D,
+                        0, D);
             if (rc == MOE_OK) {
-                rc = moe_st_to_f32(gu, (int64_t) ((e * 2 + 1) * F * D),
-                                   (int64_t) (F * D), wu + e * F * D);
+                rc = m_emit(c, gu, MOE_WK_UP, l, (int) e,
+                            (e * 2 + 1) * F * D, F, D, 0, D);
             }
             if (rc != MOE_OK) {
                 return rc;
             }
         }
-        return moe_st_to_f32(dn, 0, dn->numel, wd);
+        for (e = 0; e < E; e++) {
+            rc = m_emit(c, dn, MOE_WK_DOWN, l, (int) e, e * D * F, D, F, 0,
+                        F);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+        }
+        return MOE_OK;
     }
 
     /* per-expert layout: w1/w3/w2 (Mixtral) or gate/up/down_proj */
@@ -1012,48 +1061,23 @@ m_load_experts(m_ctx_t *c, const moe_hparams_t *hp, moe_weights_t *w, int l)
         }
     }
     for (e = 0; e < E; e++) {
-        snprintf(name, sizeof(name), "model.layers.%d.%s.experts.%zu.%s"
-                 ".weight", l, pre, e, s_gate);
-        rc = m_load(c, name, wg + e * F * D, (int64_t) F, (int64_t) D);
+        snprintf(name, sizeof(name), "model.layers.%d.%s.experts.%lld.%s"
+                 ".weight", l, pre, (long long) e, s_gate);
+        rc = m_load(c, name, MOE_WK_GATE, l, (int) e, F, D);
         if (rc != MOE_OK) {
             return rc;
         }
-        snprintf(name, sizeof(name), "model.layers.%d.%s.experts.%zu.%s"
-                 ".weight", l, pre, e, s_up);
-        rc = m_load(c, name, wu + e * F * D, (int64_t) F, (int64_t) D);
+        snprintf(name, sizeof(name), "model.layers.%d.%s.experts.%lld.%s"
+                 ".weight", l, pre, (long long) e, s_up);
+        rc = m_load(c, name, MOE_WK_UP, l, (int) e, F, D);
         if (rc != MOE_OK) {
             return rc;
         }
-        snprintf(name, sizeof(name), "model.layers.%d.%s.experts.%zu.%s"
-                 ".weight", l, pre, e, s_down);
-        rc = m_load(c, name, wd + e * D * F, (int64_t) D, (int64_t) F);
+        snprintf(name, sizeof(name), "model.layers.%d.%s.experts.%lld.%s"
+                 ".weight", l, pre, (long long) e, s_down);
+        rc = m_load(c, name, MOE_WK_DOWN, l, (int) e, D, F);
         if (rc != MOE_OK) {
             return rc;
-        }
-    }
-    return MOE_OK;
-}
-
-
-/* Load a GPT-2 Conv1D weight, stored (in, out), as nn.Linear rows: dst
- * (n_cols, in) = columns [col0, col0 + n_cols) of the (in, out) tensor,
- * transposed.  tmp holds in * out floats. */
-static int
-m_load_conv1d(m_ctx_t *c, const char *name, int64_t in, int64_t out,
-    float *tmp, float **dst, const int64_t *col0, int n_parts, int64_t n_cols)
-{
-    int64_t i, o;
-    int     p, rc;
-
-    rc = m_load(c, name, tmp, in, out);
-    if (rc != MOE_OK) {
-        return rc;
-    }
-    for (p = 0; p < n_parts; p++) {
-        for (o = 0; o < n_cols; o++) {
-            for (i = 0; i < in; i++) {
-                dst[p][o * in + i] = tmp[i * out + col0[p] + o];
-            }
         }
     }
     return MOE_OK;
@@ -1061,119 +1085,220 @@ m_load_conv1d(m_ctx_t *c, const char *name, int64_t in, int64_t out,
 
 
 /* GPT2LMHeadModel: names with or without the "transformer." prefix; the
- * attn.bias / attn.masked_bias buffers some checkpoints hold are ignored. */
+ * attn.bias / attn.masked_bias buffers some checkpoints hold are ignored.
+ * Conv1D weights are stored (in, out): their pieces are transposed, c_attn
+ * (D, 3D) gives the q | k | v column blocks. */
 static int
-m_load_gpt2(moe_model_t *m, m_ctx_t *c)
+m_walk_gpt2(m_ctx_t *c, const moe_hparams_t *hp)
 {
-    const moe_hparams_t *hp = &m->hp;
-    moe_weights_t       *w = &m->w;
-    size_t               D = (size_t) hp->dim, F = (size_t) hp->ffn_dim;
-    size_t               V = (size_t) hp->vocab_size;
-    const char          *pre;
-    char                 name[256];
-    float               *tmp, *dst[3];
-    int64_t              col0[3];
-    int                  l, rc;
+    const moe_st_tensor_t *t;
+    int64_t                D = hp->dim, F = hp->ffn_dim, V = hp->vocab_size;
+    int64_t                shape[2];
+    const char            *pre;
+    char                   name[256];
+    int                    l, p, rc;
 
     pre = moe_st_find(c->st, "transformer.wte.weight") != NULL
           ? "transformer." : "";
-    tmp = m_alloc(D * (3 * D > F ? 3 * D : F));
-    if (tmp == NULL) {
-        m_err(c->err, c->errlen, "%s: out of memory", c->dir);
-        return MOE_ENOMEM;
-    }
 
 #define NAME(...) snprintf(name, sizeof(name), __VA_ARGS__)
-#define LOAD(dst_, d0, d1)                                                   \
-    do {                                                                     \
-        rc = m_load(c, name, dst_, (int64_t) (d0), (int64_t) (d1));          \
-        if (rc != MOE_OK) {                                                  \
-            goto done;                                                       \
-        }                                                                    \
-    } while (0)
+#define TRY(call) do { rc = (call); if (rc != MOE_OK) return rc; } while (0)
 
     NAME("%swte.weight", pre);
-    LOAD(w->embed, V, D);
+    TRY(m_load(c, name, MOE_WK_EMBED, -1, -1, V, D));
     NAME("%swpe.weight", pre);
-    LOAD(w->pos_embed, hp->max_pos, D);
+    TRY(m_load(c, name, MOE_WK_POS_EMBED, -1, -1, hp->max_pos, D));
     NAME("%sln_f.weight", pre);
-    LOAD(w->final_norm, D, 0);
+    TRY(m_load(c, name, MOE_WK_FINAL_NORM, -1, -1, D, 0));
     NAME("%sln_f.bias", pre);
-    LOAD(w->final_norm_b, D, 0);
+    TRY(m_load(c, name, MOE_WK_FINAL_NORM_B, -1, -1, D, 0));
     if (!hp->tie_embeddings) {
         NAME("lm_head.weight");
-        LOAD(w->lm_head, V, D);
+        TRY(m_load(c, name, MOE_WK_LM_HEAD, -1, -1, V, D));
     }
     for (l = 0; l < hp->n_layers; l++) {
-        size_t lu = (size_t) l;
-
         NAME("%sh.%d.ln_1.weight", pre, l);
-        LOAD(w->attn_norm + lu * D, D, 0);
+        TRY(m_load(c, name, MOE_WK_ATTN_NORM, l, -1, D, 0));
         NAME("%sh.%d.ln_1.bias", pre, l);
-        LOAD(w->attn_norm_b + lu * D, D, 0);
+        TRY(m_load(c, name, MOE_WK_ATTN_NORM_B, l, -1, D, 0));
         NAME("%sh.%d.ln_2.weight", pre, l);
-        LOAD(w->ffn_norm + lu * D, D, 0);
+        TRY(m_load(c, name, MOE_WK_FFN_NORM, l, -1, D, 0));
         NAME("%sh.%d.ln_2.bias", pre, l);
-        LOAD(w->ffn_norm_b + lu * D, D, 0);
+        TRY(m_load(c, name, MOE_WK_FFN_NORM_B, l, -1, D, 0));
 
-        /* c_attn (D, 3D) = [q | k | v] columns */
         NAME("%sh.%d.attn.c_attn.weight", pre, l);
-        dst[0] = w->wq + lu * D * D;
-        dst[1] = w->wk + lu * D * D;
-        dst[2] = w->wv + lu * D * D;
-        col0[0] = 0;
-        col0[1] = (int64_t) D;
-        col0[2] = (int64_t) (2 * D);
-        rc = m_load_conv1d(c, name, (int64_t) D, (int64_t) (3 * D), tmp, dst,
-                           col0, 3, (int64_t) D);
-        if (rc != MOE_OK) {
-            goto done;
+        shape[0] = D;
+        shape[1] = 3 * D;
+        TRY(m_find(c, name, 2, shape, &t));
+        for (p = 0; p < 3; p++) {
+            TRY(m_emit(c, t, MOE_WK_WQ + p, l, -1, p * D, D, D, 1, 3 * D));
         }
         NAME("%sh.%d.attn.c_attn.bias", pre, l);
-        LOAD(tmp, 3 * D, 0);
-        memcpy(w->bq + lu * D, tmp, D * sizeof(float));
-        memcpy(w->bk + lu * D, tmp + D, D * sizeof(float));
-        memcpy(w->bv + lu * D, tmp + 2 * D, D * sizeof(float));
+        shape[0] = 3 * D;
+        TRY(m_find(c, name, 1, shape, &t));
+        for (p = 0; p < 3; p++) {
+            TRY(m_emit(c, t, MOE_WK_BQ + p, l, -1, p * D, 1, D, 0, D));
+        }
 
         NAME("%sh.%d.attn.c_proj.weight", pre, l);
-        dst[0] = w->wo + lu * D * D;
-        col0[0] = 0;
-        rc = m_load_conv1d(c, name, (int64_t) D, (int64_t) D, tmp, dst, col0,
-                           1, (int64_t) D);
-        if (rc != MOE_OK) {
-            goto done;
-        }
+        shape[0] = D;
+        shape[1] = D;
+        TRY(m_find(c, name, 2, shape, &t));
+        TRY(m_emit(c, t, MOE_WK_WO, l, -1, 0, D, D, 1, D));
         NAME("%sh.%d.attn.c_proj.bias", pre, l);
-        LOAD(w->bo + lu * D, D, 0);
+        TRY(m_load(c, name, MOE_WK_BO, l, -1, D, 0));
 
         NAME("%sh.%d.mlp.c_fc.weight", pre, l);
-        dst[0] = w->w_up + lu * F * D;
-        rc = m_load_conv1d(c, name, (int64_t) D, (int64_t) F, tmp, dst, col0,
-                           1, (int64_t) F);
-        if (rc != MOE_OK) {
-            goto done;
-        }
+        shape[0] = D;
+        shape[1] = F;
+        TRY(m_find(c, name, 2, shape, &t));
+        TRY(m_emit(c, t, MOE_WK_UP, l, 0, 0, F, D, 1, F));
         NAME("%sh.%d.mlp.c_fc.bias", pre, l);
-        LOAD(w->b_up + lu * F, F, 0);
+        TRY(m_load(c, name, MOE_WK_B_UP, l, -1, F, 0));
         NAME("%sh.%d.mlp.c_proj.weight", pre, l);
-        dst[0] = w->w_down + lu * D * F;
-        rc = m_load_conv1d(c, name, (int64_t) F, (int64_t) D, tmp, dst, col0,
-                           1, (int64_t) D);
-        if (rc != MOE_OK) {
-            goto done;
-        }
+        shape[0] = F;
+        shape[1] = D;
+        TRY(m_find(c, name, 2, shape, &t));
+        TRY(m_emit(c, t, MOE_WK_DOWN, l, 0, 0, D, F, 1, D));
         NAME("%sh.%d.mlp.c_proj.bias", pre, l);
-        LOAD(w->b_down + lu * D, D, 0);
+        TRY(m_load(c, name, MOE_WK_B_DOWN, l, -1, D, 0));
     }
-    rc = MOE_OK;
-#undef LOAD
+#undef TRY
 #undef NAME
-
-done:
-    free(tmp);
-    return rc;
+    return MOE_OK;
 }
 
+
+int
+moe_model_for_each_tensor(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
+{
+    const moe_hparams_t *hp = &m->hp;
+    m_ctx_t              c;
+    int64_t              D, V, Q, KV, F, HD, FS, FD;
+    char                 name[256];
+    int                  l, rc;
+
+    if (m->st == NULL) {
+        m_err(err, errlen, "%s: no weights were opened (load_format "
+              "'dummy')", m->dir);
+        return MOE_EINVAL;
+    }
+    c.dir = m->dir;
+    c.st = m->st;
+    c.err = err;
+    c.errlen = errlen;
+    c.fn = fn;
+    c.ctx = ctx;
+
+    if (hp->arch == MOE_ARCH_GPT2) {
+        return m_walk_gpt2(&c, hp);
+    }
+
+    D = hp->dim;
+    V = hp->vocab_size;
+    Q = (int64_t) hp->n_heads * hp->head_dim;
+    KV = (int64_t) hp->n_kv_heads * hp->head_dim;
+    F = hp->ffn_dim;
+    HD = hp->head_dim;
+    FS = hp->shared_ffn_dim;
+    FD = hp->dense_ffn_dim;
+
+#define LOAD(nm, kind, l_, e_, d0, d1)                                       \
+    do {                                                                     \
+        rc = m_load(&c, nm, kind, l_, e_, (int64_t) (d0), (int64_t) (d1));   \
+        if (rc != MOE_OK) {                                                  \
+            return rc;                                                       \
+        }                                                                    \
+    } while (0)
+#define NAME(...) snprintf(name, sizeof(name), __VA_ARGS__)
+
+    LOAD("model.embed_tokens.weight", MOE_WK_EMBED, -1, -1, V, D);
+    LOAD("model.norm.weight", MOE_WK_FINAL_NORM, -1, -1, D, 0);
+    if (!hp->tie_embeddings) {
+        LOAD("lm_head.weight", MOE_WK_LM_HEAD, -1, -1, V, D);
+    }
+
+    for (l = 0; l < hp->n_layers; l++) {
+        NAME("model.layers.%d.input_layernorm.weight", l);
+        LOAD(name, MOE_WK_ATTN_NORM, l, -1, D, 0);
+        NAME("model.layers.%d.post_attention_layernorm.weight", l);
+        LOAD(name, MOE_WK_FFN_NORM, l, -1, D, 0);
+        NAME("model.layers.%d.self_attn.q_proj.weight", l);
+        LOAD(name, MOE_WK_WQ, l, -1, Q, D);
+        NAME("model.layers.%d.self_attn.k_proj.weight", l);
+        LOAD(name, MOE_WK_WK, l, -1, KV, D);
+        NAME("model.layers.%d.self_attn.v_proj.weight", l);
+        LOAD(name, MOE_WK_WV, l, -1, KV, D);
+        NAME("model.layers.%d.self_attn.o_proj.weight", l);
+        LOAD(name, MOE_WK_WO, l, -1, D, Q);
+        if (hp->qkv_bias) {
+            NAME("model.layers.%d.self_attn.q_proj.bias", l);
+            LOAD(name, MOE_WK_BQ, l, -1, Q, 0);
+            NAME("model.layers.%d.self_attn.k_proj.bias", l);
+            LOAD(name, MOE_WK_BK, l, -1, KV, 0);
+            NAME("model.layers.%d.self_attn.v_proj.bias", l);
+            LOAD(name, MOE_WK_BV, l, -1, KV, 0);
+        }
+        if (hp->o_bias) {
+            NAME("model.layers.%d.self_attn.o_proj.bias", l);
+            LOAD(name, MOE_WK_BO, l, -1, D, 0);
+        }
+        if (hp->qk_norm) {
+            NAME("model.layers.%d.self_attn.q_norm.weight", l);
+            LOAD(name, MOE_WK_Q_NORM, l, -1, HD, 0);
+            NAME("model.layers.%d.self_attn.k_norm.weight", l);
+            LOAD(name, MOE_WK_K_NORM, l, -1, HD, 0);
+        }
+
+        if (m_is_moe(hp) && hp->layer_dense[l]) {
+            /* a dense MLP layer of an MoE model (mlp_only_layers) */
+            NAME("model.layers.%d.mlp.gate_proj.weight", l);
+            LOAD(name, MOE_WK_WD_GATE, l, -1, FD, D);
+            NAME("model.layers.%d.mlp.up_proj.weight", l);
+            LOAD(name, MOE_WK_WD_UP, l, -1, FD, D);
+            NAME("model.layers.%d.mlp.down_proj.weight", l);
+            LOAD(name, MOE_WK_WD_DOWN, l, -1, D, FD);
+        } else if (m_is_moe(hp)) {
+            rc = m_walk_experts(&c, hp, l);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            if (FS > 0) {
+                NAME("model.layers.%d.mlp.shared_expert.gate_proj.weight", l);
+                LOAD(name, MOE_WK_WS_GATE, l, -1, FS, D);
+                NAME("model.layers.%d.mlp.shared_expert.up_proj.weight", l);
+                LOAD(name, MOE_WK_WS_UP, l, -1, FS, D);
+                NAME("model.layers.%d.mlp.shared_expert.down_proj.weight", l);
+                LOAD(name, MOE_WK_WS_DOWN, l, -1, D, FS);
+                NAME("model.layers.%d.mlp.shared_expert_gate.weight", l);
+                LOAD(name, MOE_WK_WS_GATE_INP, l, -1, 1, D);
+            }
+        } else {
+            NAME("model.layers.%d.mlp.gate_proj.weight", l);
+            LOAD(name, MOE_WK_GATE, l, 0, F, D);
+            NAME("model.layers.%d.mlp.up_proj.weight", l);
+            LOAD(name, MOE_WK_UP, l, 0, F, D);
+            NAME("model.layers.%d.mlp.down_proj.weight", l);
+            LOAD(name, MOE_WK_DOWN, l, 0, D, F);
+            if (hp->mlp_bias) {
+                NAME("model.layers.%d.mlp.gate_proj.bias", l);
+                LOAD(name, MOE_WK_B_GATE, l, -1, F, 0);
+                NAME("model.layers.%d.mlp.up_proj.bias", l);
+                LOAD(name, MOE_WK_B_UP, l, -1, F, 0);
+                NAME("model.layers.%d.mlp.down_proj.bias", l);
+                LOAD(name, MOE_WK_B_DOWN, l, -1, D, 0);
+            }
+        }
+    }
+#undef LOAD
+#undef NAME
+    return MOE_OK;
+}
+
+
+/* ------------------------------------------------- fp32 host weights */
 
 /* Allocate every array the hparams ask for (zeroed); MOE_ENOMEM. */
 static int
@@ -1194,8 +1319,7 @@ m_alloc_weights(moe_model_t *m, char *err, size_t errlen)
     HD = (size_t) hp->head_dim;
     FS = (size_t) hp->shared_ffn_dim;
     FD = (size_t) hp->dense_ffn_dim;
-    moe = hp->arch == MOE_ARCH_MIXTRAL || hp->arch == MOE_ARCH_QWEN2_MOE
-          || hp->arch == MOE_ARCH_QWEN3_MOE;
+    moe = m_is_moe(hp);
 
     w->embed = m_alloc(V * D);
     w->attn_norm = m_alloc(L * D);
@@ -1253,219 +1377,9 @@ m_alloc_weights(moe_model_t *m, char *err, size_t errlen)
 }
 
 
-static int
-m_load_weights(moe_model_t *m, char *err, size_t errlen)
+static void
+m_free_weights(moe_weights_t *w)
 {
-    const moe_hparams_t *hp = &m->hp;
-    moe_weights_t       *w = &m->w;
-    m_ctx_t              c;
-    size_t               D, V, Q, KV, F, HD, FS, FD;
-    char                 name[256];
-    int                  l, rc;
-
-    c.dir = m->dir;
-    c.st = m->st;
-    c.err = err;
-    c.errlen = errlen;
-
-    rc = m_alloc_weights(m, err, errlen);
-    if (rc != MOE_OK) {
-        return rc;
-    }
-    if (hp->arch == MOE_ARCH_GPT2) {
-        return m_load_gpt2(m, &c);
-    }
-
-    D = (size_t) hp->dim;
-    V = (size_t) hp->vocab_size;
-    Q = (size_t) hp->n_heads * (size_t) hp->head_dim;
-    KV = (size_t) hp->n_kv_heads * (size_t) hp->head_dim;
-    F = (size_t) hp->ffn_dim;
-    HD = (size_t) hp->head_dim;
-    FS = (size_t) hp->shared_ffn_dim;
-    FD = (size_t) hp->dense_ffn_dim;
-
-#define LOAD(nm, dst, d0, d1)                                                \
-    do {                                                                     \
-        rc = m_load(&c, nm, dst, (int64_t) (d0), (int64_t) (d1));            \
-        if (rc != MOE_OK) {                                                  \
-            return rc;                                                       \
-        }                                                                    \
-    } while (0)
-#define NAME(...) snprintf(name, sizeof(name), __VA_ARGS__)
-
-    LOAD("model.embed_tokens.weight", w->embed, V, D);
-    LOAD("model.norm.weight", w->final_norm, D, 0);
-    if (!hp->tie_embeddings) {
-        LOAD("lm_head.weight", w->lm_head, V, D);
-    }
-
-    for (l = 0; l < hp->n_layers; l++) {
-        size_t lu = (size_t) l;
-
-        NAME("model.layers.%d.input_layernorm.weight", l);
-        LOAD(name, w->attn_norm + lu * D, D, 0);
-        NAME("model.layers.%d.post_attention_layernorm.weight", l);
-        LOAD(name, w->ffn_norm + lu * D, D, 0);
-        NAME("model.layers.%d.self_attn.q_proj.weight", l);
-        LOAD(name, w->wq + lu * Q * D, Q, D);
-        NAME("model.layers.%d.self_attn.k_proj.weight", l);
-        LOAD(name, w->wk + lu * KV * D, KV, D);
-        NAME("model.layers.%d.self_attn.v_proj.weight", l);
-        LOAD(name, w->wv + lu * KV * D, KV, D);
-        NAME("model.layers.%d.self_attn.o_proj.weight", l);
-        LOAD(name, w->wo + lu * D * Q, D, Q);
-        if (hp->qkv_bias) {
-            NAME("model.layers.%d.self_attn.q_proj.bias", l);
-            LOAD(name, w->bq + lu * Q, Q, 0);
-            NAME("model.layers.%d.self_attn.k_proj.bias", l);
-            LOAD(name, w->bk + lu * KV, KV, 0);
-            NAME("model.layers.%d.self_attn.v_proj.bias", l);
-            LOAD(name, w->bv + lu * KV, KV, 0);
-        }
-        if (hp->o_bias) {
-            NAME("model.layers.%d.self_attn.o_proj.bias", l);
-            LOAD(name, w->bo + lu * D, D, 0);
-        }
-        if (hp->qk_norm) {
-            NAME("model.layers.%d.self_attn.q_norm.weight", l);
-            LOAD(name, w->q_norm + lu * HD, HD, 0);
-            NAME("model.layers.%d.self_attn.k_norm.weight", l);
-            LOAD(name, w->k_norm + lu * HD, HD, 0);
-        }
-
-        if (w->router != NULL && hp->layer_dense[l]) {
-            /* a dense MLP layer of an MoE model (mlp_only_layers) */
-            NAME("model.layers.%d.mlp.gate_proj.weight", l);
-            LOAD(name, w->wd_gate + lu * FD * D, FD, D);
-            NAME("model.layers.%d.mlp.up_proj.weight", l);
-            LOAD(name, w->wd_up + lu * FD * D, FD, D);
-            NAME("model.layers.%d.mlp.down_proj.weight", l);
-            LOAD(name, w->wd_down + lu * D * FD, D, FD);
-        } else if (w->router != NULL) {
-            rc = m_load_experts(&c, hp, w, l);
-            if (rc != MOE_OK) {
-                return rc;
-            }
-            if (FS > 0) {
-                NAME("model.layers.%d.mlp.shared_expert.gate_proj.weight", l);
-                LOAD(name, w->ws_gate + lu * FS * D, FS, D);
-                NAME("model.layers.%d.mlp.shared_expert.up_proj.weight", l);
-                LOAD(name, w->ws_up + lu * FS * D, FS, D);
-                NAME("model.layers.%d.mlp.shared_expert.down_proj.weight", l);
-                LOAD(name, w->ws_down + lu * D * FS, D, FS);
-                NAME("model.layers.%d.mlp.shared_expert_gate.weight", l);
-                LOAD(name, w->ws_gate_inp + lu * D, 1, D);
-            }
-        } else {
-            NAME("model.layers.%d.mlp.gate_proj.weight", l);
-            LOAD(name, w->w_gate + lu * F * D, F, D);
-            NAME("model.layers.%d.mlp.up_proj.weight", l);
-            LOAD(name, w->w_up + lu * F * D, F, D);
-            NAME("model.layers.%d.mlp.down_proj.weight", l);
-            LOAD(name, w->w_down + lu * D * F, D, F);
-            if (hp->mlp_bias) {
-                NAME("model.layers.%d.mlp.gate_proj.bias", l);
-                LOAD(name, w->b_gate + lu * F, F, 0);
-                NAME("model.layers.%d.mlp.up_proj.bias", l);
-                LOAD(name, w->b_up + lu * F, F, 0);
-                NAME("model.layers.%d.mlp.down_proj.bias", l);
-                LOAD(name, w->b_down + lu * D, D, 0);
-            }
-        }
-    }
-#undef LOAD
-#undef NAME
-    return MOE_OK;
-}
-
-
-static int m_load_model(const char *dir, int top_k_override, int weights,
-    moe_model_t **out, char *err, size_t errlen);
-
-
-int
-moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
-    char *err, size_t errlen)
-{
-    return m_load_model(dir, top_k_override, 1, out, err, errlen);
-}
-
-
-int
-moe_model_load_config(const char *dir, int top_k_override,
-    moe_model_t **out, char *err, size_t errlen)
-{
-    return m_load_model(dir, top_k_override, 0, out, err, errlen);
-}
-
-
-static int
-m_load_model(const char *dir, int top_k_override, int weights,
-    moe_model_t **out,
-    char *err, size_t errlen)
-{
-    moe_model_t *m;
-    int          rc;
-
-    *out = NULL;
-    if (dir == NULL || strlen(dir) >= MOE_PATH_MAX) {
-        m_err(err, errlen, "model directory path missing or too long");
-        return MOE_EINVAL;
-    }
-    m = calloc(1, sizeof(*m));
-    if (m == NULL) {
-        m_err(err, errlen, "out of memory");
-        return MOE_ENOMEM;
-    }
-    snprintf(m->dir, sizeof(m->dir), "%s", dir);
-
-    rc = m_parse_config(dir, &m->hp, err, errlen);
-    if (rc != MOE_OK) {
-        goto fail;
-    }
-    if (top_k_override > 0 && m->hp.n_experts > 1) {
-        if (top_k_override > m->hp.n_experts) {
-            m_err(err, errlen, "top_k %d is larger than the model's %d "
-                  "experts", top_k_override, m->hp.n_experts);
-            rc = MOE_EINVAL;
-            goto fail;
-        }
-        m->hp.top_k = top_k_override;
-    }
-
-    if (!weights) {
-        *out = m;
-        return MOE_OK;
-    }
-
-    rc = moe_st_open_dir(dir, &m->st, err, errlen);
-    if (rc != MOE_OK) {
-        goto fail;
-    }
-    rc = m_load_weights(m, err, errlen);
-    if (rc != MOE_OK) {
-        goto fail;
-    }
-    m->weight_bytes = moe_st_total_bytes(m->st);
-    *out = m;
-    return MOE_OK;
-
-fail:
-    moe_model_free(m);
-    return rc;
-}
-
-
-void
-moe_model_free(moe_model_t *m)
-{
-    moe_weights_t *w;
-
-    if (m == NULL) {
-        return;
-    }
-    w = &m->w;
     if (w->lm_head != w->embed) {
         free(w->lm_head);
     }
@@ -1501,6 +1415,234 @@ moe_model_free(moe_model_t *m)
     free(w->wd_gate);
     free(w->wd_up);
     free(w->wd_down);
+    memset(w, 0, sizeof(*w));
+}
+
+
+/* The fp32 array of a weight kind (NULL when the model has none). */
+static float *
+m_f32_array(moe_weights_t *w, int kind)
+{
+    switch (kind) {
+    case MOE_WK_EMBED:        return w->embed;
+    case MOE_WK_LM_HEAD:      return w->lm_head;
+    case MOE_WK_POS_EMBED:    return w->pos_embed;
+    case MOE_WK_FINAL_NORM:   return w->final_norm;
+    case MOE_WK_FINAL_NORM_B: return w->final_norm_b;
+    case MOE_WK_ATTN_NORM:    return w->attn_norm;
+    case MOE_WK_ATTN_NORM_B:  return w->attn_norm_b;
+    case MOE_WK_FFN_NORM:     return w->ffn_norm;
+    case MOE_WK_FFN_NORM_B:   return w->ffn_norm_b;
+    case MOE_WK_WQ:           return w->wq;
+    case MOE_WK_WK:           return w->wk;
+    case MOE_WK_WV:           return w->wv;
+    case MOE_WK_WO:           return w->wo;
+    case MOE_WK_BQ:           return w->bq;
+    case MOE_WK_BK:           return w->bk;
+    case MOE_WK_BV:           return w->bv;
+    case MOE_WK_BO:           return w->bo;
+    case MOE_WK_Q_NORM:       return w->q_norm;
+    case MOE_WK_K_NORM:       return w->k_norm;
+    case MOE_WK_ROUTER:       return w->router;
+    case MOE_WK_GATE:         return w->w_gate;
+    case MOE_WK_UP:           return w->w_up;
+    case MOE_WK_DOWN:         return w->w_down;
+    case MOE_WK_B_GATE:       return w->b_gate;
+    case MOE_WK_B_UP:         return w->b_up;
+    case MOE_WK_B_DOWN:       return w->b_down;
+    case MOE_WK_WS_GATE:      return w->ws_gate;
+    case MOE_WK_WS_UP:        return w->ws_up;
+    case MOE_WK_WS_DOWN:      return w->ws_down;
+    case MOE_WK_WS_GATE_INP:  return w->ws_gate_inp;
+    case MOE_WK_WD_GATE:      return w->wd_gate;
+    case MOE_WK_WD_UP:        return w->wd_up;
+    case MOE_WK_WD_DOWN:      return w->wd_down;
+    default:                  return NULL;
+    }
+}
+
+
+/* Element i of a source tensor of dtype dt, exactly as fp32. */
+static float
+m_elem_f32(int dt, const unsigned char *p, int64_t i)
+{
+    uint16_t h;
+    float    f;
+
+    if (dt == MOE_DT_F32) {
+        memcpy(&f, p + 4 * i, sizeof(f));
+        return f;
+    }
+    h = (uint16_t) (p[2 * i] | (p[2 * i + 1] << 8));
+    return dt == MOE_DT_F16 ? moe_f16_to_f32(h) : moe_bf16_to_f32(h);
+}
+
+
+/* moe_model_for_each_tensor callback: one piece into the fp32 arrays
+ * (each array is (layers, [experts,] rows, cols) of its kind). */
+static int
+m_store_f32(void *ctx, const moe_tensor_ref_t *t)
+{
+    moe_model_t         *m = ctx;
+    const unsigned char *p = t->data;
+    float               *dst;
+    moe_st_tensor_t      src;
+    int64_t              n = t->rows * t->cols, r, k, per;
+
+    dst = m_f32_array(&m->w, t->kind);
+    if (dst == NULL) {
+        return MOE_EINVAL;          /* walk and allocation disagree */
+    }
+    per = t->expert >= 0 ? m->hp.n_experts : 1;
+    dst += ((t->layer > 0 ? t->layer : 0) * per
+            + (t->expert > 0 ? t->expert : 0)) * n;
+    if (!t->transposed && (t->ld == t->cols || t->rows == 1)) {
+        memset(&src, 0, sizeof(src));
+        src.dtype = (moe_dtype_t) t->dtype;
+        src.numel = n;
+        src.data = t->data;
+        return moe_st_to_f32(&src, 0, n, dst);
+    }
+    /* source row k: a destination row, or a column when transposed */
+    for (k = 0; k < (t->transposed ? t->cols : t->rows); k++) {
+        for (r = 0; r < (t->transposed ? t->rows : t->cols); r++) {
+            float v = m_elem_f32(t->dtype, p, k * t->ld + r);
+
+            if (t->transposed) {
+                dst[r * t->cols + k] = v;
+            } else {
+                dst[k * t->cols + r] = v;
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+
+int
+moe_model_load_f32(moe_model_t *m, char *err, size_t errlen)
+{
+    int rc;
+
+    if (m->w.embed != NULL) {
+        return MOE_OK;
+    }
+    if (m->st == NULL) {
+        m_err(err, errlen, "%s: no weights were opened (load_format "
+              "'dummy')", m->dir);
+        return MOE_EINVAL;
+    }
+    rc = m_alloc_weights(m, err, errlen);
+    if (rc == MOE_OK) {
+        rc = moe_model_for_each_tensor(m, m_store_f32, m, err, errlen);
+        if (rc == MOE_EINVAL) {
+            m_err(err, errlen, "%s: internal error storing fp32 weights",
+                  m->dir);
+        }
+    }
+    if (rc != MOE_OK) {
+        m_free_weights(&m->w);
+    }
+    return rc;
+}
+
+
+/* what: 0 config only, 1 + tensors opened and checked, 2 + fp32 weights */
+static int m_load_model(const char *dir, int top_k_override, int what,
+    moe_model_t **out, char *err, size_t errlen);
+
+
+int
+moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
+    char *err, size_t errlen)
+{
+    return m_load_model(dir, top_k_override, 2, out, err, errlen);
+}
+
+
+int
+moe_model_open(const char *dir, int top_k_override, moe_model_t **out,
+    char *err, size_t errlen)
+{
+    return m_load_model(dir, top_k_override, 1, out, err, errlen);
+}
+
+
+int
+moe_model_load_config(const char *dir, int top_k_override,
+    moe_model_t **out, char *err, size_t errlen)
+{
+    return m_load_model(dir, top_k_override, 0, out, err, errlen);
+}
+
+
+static int
+m_load_model(const char *dir, int top_k_override, int what,
+    moe_model_t **out, char *err, size_t errlen)
+{
+    moe_model_t *m;
+    int          rc;
+
+    *out = NULL;
+    if (dir == NULL || strlen(dir) >= MOE_PATH_MAX) {
+        m_err(err, errlen, "model directory path missing or too long");
+        return MOE_EINVAL;
+    }
+    m = calloc(1, sizeof(*m));
+    if (m == NULL) {
+        m_err(err, errlen, "out of memory");
+        return MOE_ENOMEM;
+    }
+    snprintf(m->dir, sizeof(m->dir), "%s", dir);
+
+    rc = m_parse_config(dir, &m->hp, err, errlen);
+    if (rc != MOE_OK) {
+        goto fail;
+    }
+    if (top_k_override > 0 && m->hp.n_experts > 1) {
+        if (top_k_override > m->hp.n_experts) {
+            m_err(err, errlen, "top_k %d is larger than the model's %d "
+                  "experts", top_k_override, m->hp.n_experts);
+            rc = MOE_EINVAL;
+            goto fail;
+        }
+        m->hp.top_k = top_k_override;
+    }
+
+    if (what == 0) {
+        *out = m;
+        return MOE_OK;
+    }
+
+    rc = moe_st_open_dir(dir, &m->st, err, errlen);
+    if (rc != MOE_OK) {
+        goto fail;
+    }
+    /* every tensor present with its shape before anything is allocated */
+    rc = moe_model_for_each_tensor(m, NULL, NULL, err, errlen);
+    if (rc == MOE_OK && what == 2) {
+        rc = moe_model_load_f32(m, err, errlen);
+    }
+    if (rc != MOE_OK) {
+        goto fail;
+    }
+    m->weight_bytes = moe_st_total_bytes(m->st);
+    *out = m;
+    return MOE_OK;
+
+fail:
+    moe_model_free(m);
+    return rc;
+}
+
+
+void
+moe_model_free(moe_model_t *m)
+{
+    if (m == NULL) {
+        return;
+    }
+    m_free_weights(&m->w);
     moe_st_close(m->st);
     free(m);
 }

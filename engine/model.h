@@ -170,6 +170,79 @@ const struct moe_st_set *moe_model_tensors(const moe_model_t *m);
 /* The model directory as given to moe_model_load(). */
 const char *moe_model_dir(const moe_model_t *m);
 
+/*
+ * Open without the fp32 copy (the CUDA backend's load: weights go from the
+ * mapped files straight to the device): config.json as moe_model_load(),
+ * the safetensors set mapped, every tensor the hparams ask for checked
+ * for presence and shape (same errors as moe_model_load()), nothing
+ * converted.  moe_model_weights() then has NULL arrays until
+ * moe_model_load_f32().  Caller frees with moe_model_free().
+ */
+int moe_model_open(const char *dir, int top_k_override, moe_model_t **out,
+    char *err, size_t errlen);
+
+/*
+ * Fill the fp32 host weights of an opened model (e.g. falling back to the
+ * CPU backend); MOE_OK at once when they are there.  MOE_ENOMEM (nothing
+ * kept) or MOE_EINVAL (no tensors: moe_model_load_config()).
+ */
+int moe_model_load_f32(moe_model_t *m, char *err, size_t errlen);
+
+/* Logical weights: the moe_weights_t field of the same name. */
+typedef enum {
+    MOE_WK_EMBED = 0, MOE_WK_LM_HEAD, MOE_WK_POS_EMBED, MOE_WK_FINAL_NORM,
+    MOE_WK_FINAL_NORM_B, MOE_WK_ATTN_NORM, MOE_WK_ATTN_NORM_B,
+    MOE_WK_FFN_NORM, MOE_WK_FFN_NORM_B,
+    MOE_WK_WQ, MOE_WK_WK, MOE_WK_WV,         /* consecutive */
+    MOE_WK_WO,
+    MOE_WK_BQ, MOE_WK_BK, MOE_WK_BV,         /* consecutive */
+    MOE_WK_BO, MOE_WK_Q_NORM, MOE_WK_K_NORM, MOE_WK_ROUTER,
+    MOE_WK_GATE, MOE_WK_UP, MOE_WK_DOWN,     /* w_gate, w_up, w_down */
+    MOE_WK_B_GATE, MOE_WK_B_UP, MOE_WK_B_DOWN,
+    MOE_WK_WS_GATE, MOE_WK_WS_UP, MOE_WK_WS_DOWN, MOE_WK_WS_GATE_INP,
+    MOE_WK_WD_GATE, MOE_WK_WD_UP, MOE_WK_WD_DOWN,
+    MOE_WK_COUNT
+} moe_wkind_t;
+
+/*
+ * One piece of a source tensor that is one logical weight: the (rows,
+ * cols) row-major matrix (a vector: rows 1) of `kind` for `layer` and
+ * `expert`, i.e. the slice of the moe_weights_t array of that kind at
+ * ((layer * (expert >= 0 ? n_experts : 1) + expert) * rows * cols), with
+ * layer / expert read as 0 when -1.  Destination element (r, c) is source
+ * element data[r * ld + c], or data[c * ld + r] when transposed (GPT-2
+ * Conv1D); so the source bytes used are the span of (transposed ? cols :
+ * rows) source rows of ld elements, the last one only (transposed ? rows :
+ * cols) long.  Pointers point into the mapped files (alive while the model
+ * is); data may be unaligned.  A tied lm_head has no piece.
+ */
+typedef struct {
+    int          kind;        /* moe_wkind_t */
+    int          layer;       /* -1: not per layer */
+    int          expert;      /* -1: not per expert (0: a dense FFN) */
+    const char  *name;        /* source tensor name */
+    const char  *file;        /* file holding it */
+    int          dtype;       /* moe_dtype_t of the source (safetensors.h) */
+    const void  *data;        /* source element of destination (0, 0) */
+    int64_t      rows, cols;  /* destination shape */
+    int          transposed;  /* 1: source is (cols, ld), read by column */
+    int64_t      ld;          /* source row stride, elements */
+} moe_tensor_ref_t;
+
+/*
+ * The one naming logic (both Mixtral expert layouts, transformers 5
+ * prefixes, fused gate_up halves, GPT-2 names and Conv1D transposes, tied
+ * lm_head, Qwen shared experts, dense layers, biases): call fn once per
+ * piece, in checkpoint order (embeddings, then layer by layer).  Missing
+ * tensor / wrong shape: MOE_EFORMAT with the file and tensor in err, as
+ * moe_model_load().  fn returns MOE_OK to go on; anything else stops the
+ * walk and is returned (fn writes its own reason).  fn == NULL only
+ * checks.  MOE_EINVAL when the model has no tensors (load_config).
+ */
+int moe_model_for_each_tensor(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen);
+
 
 /*
  * One sequence's share of a forward step.  The backend processes

@@ -43,6 +43,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#include <cuda_fp16.h>
 
 #include "common.cuh"
 #include "cuda_backend.h"
@@ -58,10 +61,13 @@
 #include "rope.h"
 #include "silu_mul.h"
 
+extern "C" {
+#include "safetensors.h"
+}
+
 #define CB_ALIGN        256
 #define CB_LOGIT_ROWS   64                  /* lm_head rows per pass */
 #define CB_BLAS_WS      ((size_t) 32 << 20)
-#define CB_UPLOAD_ELEMS ((size_t) 16 << 20) /* fp32 elements per upload */
 #define CB_SLACK        ((int64_t) 256 << 20)
 #define CB_DENSE_GEMV_T 64                  /* dense GEMMs: GEMV up to here */
 #define CB_GRAPH_MAX_T  64
@@ -594,152 +600,394 @@ cb_destroy(moe_backend_t *base)
 }
 
 
-/* n fp32 host values -> bf16 device dst, through tmp (CB_UPLOAD_ELEMS). */
-static int
-cb_upload_bf16(cuda_backend_t *b, float *tmp, bf16 *dst, const float *src,
-    size_t n)
-{
-    size_t i, c;
+/*
+ * Weights from the mapped safetensors straight to the device: the model's
+ * tensor walk (moe_model_for_each_tensor) gives each piece; its source
+ * bytes are copied into one of two pinned buffers, sent to one of two
+ * device staging buffers (cudaMemcpyAsync; the host fills the other
+ * buffer meanwhile) and converted there into the backend layout (bf16
+ * matrices, fp32 norms / biases / router; Conv1D pieces transposed).
+ * No fp32 host copy is ever made.
+ */
+#define CB_STAGE_BYTES  ((size_t) 64 << 20)   /* each of 2 pinned + 2 dev */
+#define CB_LOG_MIN      ((int64_t) 1 << 30)   /* progress lines from 1 GiB */
 
-    for (i = 0; i < n; i += c) {
-        c = n - i < CB_UPLOAD_ELEMS ? n - i : CB_UPLOAD_ELEMS;
-        MOE_CUDA_CHECK(cudaMemcpyAsync(tmp, src + i, c * sizeof(float),
-                                       cudaMemcpyHostToDevice, b->stream));
-        MOE_TRY(moe_cuda_f32_to_bf16(tmp, (moe_bf16_t *) (dst + i),
-                                     (int64_t) c, b->stream));
-        /* tmp is reused by the next chunk */
-        MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
+
+/* A chunk of a piece (moe_tensor_ref_t semantics): ns source rows from
+ * s0 on, `used` elements each, row stride ld, at src; destination row
+ * length cols, bf16 (out_bf16) or fp32.  bf16 -> bf16 copies the bits;
+ * otherwise exact to fp32, then round to nearest even. */
+__global__ void
+kernel_cb_convert(const void *src, int dtype, int64_t s0, int64_t ns,
+    int64_t used, int64_t ld, int transposed, int64_t cols, void *dst,
+    int out_bf16)
+{
+    int64_t n = ns * used;
+
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
+         i += (int64_t) gridDim.x * blockDim.x)
+    {
+        int64_t s = i / used, j = i - s * used;
+        int64_t si = s * ld + j;
+        int64_t di = transposed ? j * cols + (s0 + s) : (s0 + s) * cols + j;
+        float   v;
+
+        if (out_bf16 && dtype == MOE_DT_BF16) {
+            ((uint16_t *) dst)[di] = ((const uint16_t *) src)[si];
+            continue;
+        }
+        if (dtype == MOE_DT_F32) {
+            v = ((const float *) src)[si];
+        } else if (dtype == MOE_DT_F16) {
+            v = __half2float(((const __half *) src)[si]);
+        } else {
+            v = moe_bf2f(((const __nv_bfloat16 *) src)[si]);
+        }
+        if (out_bf16) {
+            ((__nv_bfloat16 *) dst)[di] = moe_f2bf(v);
+        } else {
+            ((float *) dst)[di] = v;
+        }
     }
-    return MOE_OK;
 }
 
 
-static int
-cb_upload_f32(cuda_backend_t *b, float *dst, const float *src, size_t n)
+typedef struct {
+    cuda_backend_t *b;
+    unsigned char  *h_buf[2];     /* (CB_STAGE_BYTES) pinned */
+    void           *d_buf[2];     /* (CB_STAGE_BYTES) device */
+    cudaEvent_t     sent[2];      /* the copy out of h_buf[k] is done */
+    int             k;            /* buffer of the next chunk */
+    size_t          wbytes;       /* size of b->wbuf */
+    int64_t         total;        /* source bytes of all pieces */
+    int64_t         done;
+    int64_t         n_pieces;
+    int             next_pct;
+    double          t0;
+    char           *err;
+    size_t          errlen;
+} cb_loader_t;
+
+
+static double
+cb_now(void)
 {
-    MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float),
-                                   cudaMemcpyHostToDevice, b->stream));
-    MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
-    return MOE_OK;
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+
+static size_t
+cb_dtype_size(int dtype)
+{
+    return dtype == MOE_DT_F32 ? 4 : 2;
+}
+
+
+/* Source bytes of a piece (the span its rows cover). */
+static int64_t
+cb_piece_bytes(const moe_tensor_ref_t *t)
+{
+    int64_t nsrc = t->transposed ? t->cols : t->rows;
+    int64_t used = t->transposed ? t->rows : t->cols;
+
+    return ((nsrc - 1) * t->ld + used) * (int64_t) cb_dtype_size(t->dtype);
 }
 
 
 static int
-cb_load_weights(cuda_backend_t *b, const moe_weights_t *w)
+cb_count(void *ctx, const moe_tensor_ref_t *t)
+{
+    cb_loader_t *ld = (cb_loader_t *) ctx;
+
+    ld->total += cb_piece_bytes(t);
+    ld->n_pieces++;
+    return MOE_OK;
+}
+
+
+/* Where piece t goes: *dst (NULL: the backend keeps none, e.g. the
+ * router of a one-expert model) and whether it is stored bf16. */
+static int
+cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
+    int *bf)
 {
     const moe_hparams_t *hp = &b->hp;
-    size_t               L = (size_t) hp->n_layers, D = (size_t) hp->dim;
-    size_t               V = (size_t) hp->vocab_size;
-    size_t               E = (size_t) hp->n_experts, F = (size_t) hp->ffn_dim;
+    size_t               l = (size_t) (t->layer > 0 ? t->layer : 0);
+    size_t               e = (size_t) (t->expert > 0 ? t->expert : 0);
+    size_t               D = (size_t) hp->dim, E = (size_t) hp->n_experts;
+    size_t               F = (size_t) hp->ffn_dim, G = (size_t) b->G;
     size_t               Q = (size_t) b->Q, KV = (size_t) b->KVD;
-    size_t               G = (size_t) b->G, HD = (size_t) hp->head_dim;
+    size_t               HD = (size_t) hp->head_dim;
     size_t               FS = (size_t) (hp->shared_ffn_dim > 0
                                         ? hp->shared_ffn_dim : 0);
     size_t               FD = (size_t) (hp->dense_ffn_dim > 0
                                         ? hp->dense_ffn_dim : 0);
-    size_t               l, e;
-    float               *tmp = NULL;
-    int                  rc;
+    size_t               k = 0;
+    bf16                *h = NULL;
+    float               *f = NULL;
 
-    MOE_CUDA_CHECK(cudaMalloc(&tmp, CB_UPLOAD_ELEMS * sizeof(float)));
-
-#define UP(call) do { rc = (call); if (rc != MOE_OK) goto done; } while (0)
-    UP(cb_upload_bf16(b, tmp, b->embed, w->embed, V * D));
-    if (b->lm_head != b->embed) {
-        UP(cb_upload_bf16(b, tmp, b->lm_head, w->lm_head, V * D));
-    }
-    for (l = 0; l < L; l++) {
-        bf16 *qkv = b->wqkv + l * (Q + 2 * KV) * D;
-
-        UP(cb_upload_bf16(b, tmp, qkv, w->wq + l * Q * D, Q * D));
-        UP(cb_upload_bf16(b, tmp, qkv + Q * D, w->wk + l * KV * D, KV * D));
-        UP(cb_upload_bf16(b, tmp, qkv + (Q + KV) * D, w->wv + l * KV * D,
-                          KV * D));
-        for (e = 0; e < E; e++) {
-            bf16   *gu = b->w_gu + (l * E + e) * G * D;
-            size_t  src = (l * E + e) * F * D;
-
-            if (hp->ffn_ungated) {          /* up rows only */
-                UP(cb_upload_bf16(b, tmp, gu, w->w_up + src, F * D));
-                continue;
-            }
-            UP(cb_upload_bf16(b, tmp, gu, w->w_gate + src, F * D));
-            UP(cb_upload_bf16(b, tmp, gu + F * D, w->w_up + src, F * D));
+    if (t->kind == MOE_WK_WD_GATE || t->kind == MOE_WK_WD_UP
+        || t->kind == MOE_WK_WD_DOWN)
+    {
+        if (t->layer < 0 || t->layer >= MOE_MAX_LAYERS
+            || b->dense_slot[t->layer] < 0)
+        {
+            return MOE_EINVAL;
         }
-        if (hp->qkv_bias) {
-            float *bq = b->bqkv + l * (Q + 2 * KV);
-
-            UP(cb_upload_f32(b, bq, w->bq + l * Q, Q));
-            UP(cb_upload_f32(b, bq + Q, w->bk + l * KV, KV));
-            UP(cb_upload_f32(b, bq + Q + KV, w->bv + l * KV, KV));
+        k = (size_t) b->dense_slot[t->layer];
+    }
+#define CB_F(p, off)  f = (p) != NULL ? (p) + (off) : NULL
+#define CB_H(p, off)  h = (p) != NULL ? (p) + (off) : NULL
+    switch (t->kind) {
+    case MOE_WK_EMBED:        CB_H(b->embed, 0); break;
+    case MOE_WK_LM_HEAD:
+        if (b->lm_head == b->embed) {
+            return MOE_EINVAL;
         }
-        if (hp->mlp_bias) {
-            float *bgu = b->b_gu + l * 2 * F;
-
-            if (w->b_gate != NULL) {
-                UP(cb_upload_f32(b, bgu, w->b_gate + l * F, F));
-            } else {
-                MOE_CUDA_CHECK(cudaMemsetAsync(bgu, 0, F * sizeof(float),
-                                               b->stream));
-            }
-            UP(cb_upload_f32(b, bgu + F, w->b_up + l * F, F));
+        CB_H(b->lm_head, 0);
+        break;
+    case MOE_WK_POS_EMBED:    CB_F(b->pos_embed, 0); break;
+    case MOE_WK_FINAL_NORM:   CB_F(b->final_norm, 0); break;
+    case MOE_WK_FINAL_NORM_B: CB_F(b->final_norm_b, 0); break;
+    case MOE_WK_ATTN_NORM:    CB_F(b->attn_norm, l * D); break;
+    case MOE_WK_ATTN_NORM_B:  CB_F(b->attn_norm_b, l * D); break;
+    case MOE_WK_FFN_NORM:     CB_F(b->ffn_norm, l * D); break;
+    case MOE_WK_FFN_NORM_B:   CB_F(b->ffn_norm_b, l * D); break;
+    case MOE_WK_WQ:           CB_H(b->wqkv, l * (Q + 2 * KV) * D); break;
+    case MOE_WK_WK:
+        CB_H(b->wqkv, (l * (Q + 2 * KV) + Q) * D);
+        break;
+    case MOE_WK_WV:
+        CB_H(b->wqkv, (l * (Q + 2 * KV) + Q + KV) * D);
+        break;
+    case MOE_WK_WO:           CB_H(b->wo, l * D * Q); break;
+    case MOE_WK_BQ:           CB_F(b->bqkv, l * (Q + 2 * KV)); break;
+    case MOE_WK_BK:           CB_F(b->bqkv, l * (Q + 2 * KV) + Q); break;
+    case MOE_WK_BV:           CB_F(b->bqkv, l * (Q + 2 * KV) + Q + KV); break;
+    case MOE_WK_BO:           CB_F(b->bo, l * D); break;
+    case MOE_WK_Q_NORM:       CB_F(b->q_norm, l * HD); break;
+    case MOE_WK_K_NORM:       CB_F(b->k_norm, l * HD); break;
+    case MOE_WK_ROUTER:
+        *dst = b->router != NULL ? (char *) (b->router + l * E * D) : NULL;
+        *bf = 0;
+        return MOE_OK;
+    case MOE_WK_GATE:
+        if (hp->ffn_ungated) {
+            return MOE_EINVAL;
         }
-        if (FS > 0) {
-            bf16 *sgu = b->ws_gu + l * 2 * FS * D;
+        CB_H(b->w_gu, (l * E + e) * G * D);
+        break;
+    case MOE_WK_UP:
+        CB_H(b->w_gu, (l * E + e) * G * D + (hp->ffn_ungated ? 0 : F * D));
+        break;
+    case MOE_WK_DOWN:         CB_H(b->w_down, (l * E + e) * D * F); break;
+    case MOE_WK_B_GATE:       CB_F(b->b_gu, l * 2 * F); break;
+    case MOE_WK_B_UP:         CB_F(b->b_gu, l * 2 * F + F); break;
+    case MOE_WK_B_DOWN:       CB_F(b->b_down, l * D); break;
+    case MOE_WK_WS_GATE:      CB_H(b->ws_gu, l * 2 * FS * D); break;
+    case MOE_WK_WS_UP:        CB_H(b->ws_gu, (l * 2 + 1) * FS * D); break;
+    case MOE_WK_WS_DOWN:      CB_H(b->ws_down, l * D * FS); break;
+    case MOE_WK_WS_GATE_INP:  CB_F(b->ws_gate_inp, l * D); break;
+    case MOE_WK_WD_GATE:      CB_H(b->wd_gu, k * 2 * FD * D); break;
+    case MOE_WK_WD_UP:        CB_H(b->wd_gu, (k * 2 + 1) * FD * D); break;
+    case MOE_WK_WD_DOWN:      CB_H(b->wd_down, k * D * FD); break;
+    default:
+        return MOE_EINVAL;
+    }
+#undef CB_F
+#undef CB_H
+    if (h == NULL && f == NULL) {
+        return MOE_EINVAL;
+    }
+    *dst = h != NULL ? (char *) h : (char *) f;
+    *bf = h != NULL;
+    return MOE_OK;
+}
 
-            UP(cb_upload_bf16(b, tmp, sgu, w->ws_gate + l * FS * D, FS * D));
-            UP(cb_upload_bf16(b, tmp, sgu + FS * D, w->ws_up + l * FS * D,
-                              FS * D));
-            UP(cb_upload_bf16(b, tmp, b->ws_down + l * D * FS,
-                              w->ws_down + l * D * FS, D * FS));
-        }
-        if (b->dense_slot[l] >= 0) {
-            size_t k = (size_t) b->dense_slot[l];
-            bf16  *dgu = b->wd_gu + k * 2 * FD * D;
 
-            UP(cb_upload_bf16(b, tmp, dgu, w->wd_gate + l * FD * D, FD * D));
-            UP(cb_upload_bf16(b, tmp, dgu + FD * D, w->wd_up + l * FD * D,
-                              FD * D));
-            UP(cb_upload_bf16(b, tmp, b->wd_down + k * D * FD,
-                              w->wd_down + l * D * FD, D * FD));
+/* One chunk: `bytes` source bytes at src through the next staging pair,
+ * then kernel_cb_convert (see there for the other arguments). */
+static int
+cb_chunk(cb_loader_t *ld, const moe_tensor_ref_t *t, const void *src,
+    size_t bytes, int64_t s0, int64_t ns, int64_t used, int64_t ldim,
+    int64_t cols, char *dst, int bf)
+{
+    cudaStream_t s = ld->b->stream;
+    int          k = ld->k;
+    double       dt;
+    int          pct;
+
+    ld->k ^= 1;
+    MOE_CUDA_CHECK(cudaEventSynchronize(ld->sent[k]));
+    memcpy(ld->h_buf[k], src, bytes);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(ld->d_buf[k], ld->h_buf[k], bytes,
+                                   cudaMemcpyHostToDevice, s));
+    MOE_CUDA_CHECK(cudaEventRecord(ld->sent[k], s));
+    kernel_cb_convert<<<moe_grid(ns * used, 256 * 4), 256, 0, s>>>(
+        ld->d_buf[k], t->dtype, s0, ns, used, ldim, t->transposed, cols, dst,
+        bf);
+    MOE_CUDA_CHECK_LAUNCH("kernel_cb_convert");
+
+    ld->done += (int64_t) bytes;
+    pct = ld->total > 0 ? (int) (ld->done * 100 / ld->total) : 100;
+    if (ld->total >= CB_LOG_MIN && pct >= ld->next_pct && pct < 100) {
+        dt = cb_now() - ld->t0;
+        moe_log(MOE_LOG_INFO, "cuda backend: loading weights %d%% (%.1f of "
+                "%.1f GB, %.2f GB/s)", pct, ld->done / 1e9, ld->total / 1e9,
+                dt > 0 ? ld->done / 1e9 / dt : 0.0);
+        ld->next_pct = pct / 10 * 10 + 10;
+    }
+    return MOE_OK;
+}
+
+
+/* moe_model_for_each_tensor callback: one piece onto the device. */
+static int
+cb_put(void *ctx, const moe_tensor_ref_t *t)
+{
+    cb_loader_t         *ld = (cb_loader_t *) ctx;
+    const unsigned char *p = (const unsigned char *) t->data;
+    size_t               esz = cb_dtype_size(t->dtype), osz;
+    int64_t              n = t->rows * t->cols, nsrc, used, s0, ns, per;
+    char                *dst;
+    int                  bf, rc;
+
+    rc = cb_dest(ld->b, t, &dst, &bf);
+    if (rc != MOE_OK) {
+        cb_err(ld->err, ld->errlen, "cuda backend: no place for tensor "
+               "'%s' (piece %d of layer %d, expert %d)", t->name, t->kind,
+               t->layer, t->expert);
+        return MOE_EINVAL;
+    }
+    if (dst == NULL) {
+        ld->done += cb_piece_bytes(t);      /* not kept */
+        return MOE_OK;
+    }
+    osz = bf ? 2 : 4;
+    if (dst < (char *) ld->b->wbuf
+        || dst + (size_t) n * osz > (char *) ld->b->wbuf + ld->wbytes)
+    {
+        cb_err(ld->err, ld->errlen, "cuda backend: tensor '%s' does not fit "
+               "its place in the weights", t->name);
+        return MOE_EINVAL;
+    }
+
+#define CB_PUT(call)                                                         \
+    do {                                                                     \
+        if ((call) != MOE_OK) {                                              \
+            cb_err(ld->err, ld->errlen, "cuda backend: loading '%s' from "   \
+                   "%s: %s", t->name, t->file, moe_cuda_last_error());       \
+            return MOE_EBACKEND;                                             \
+        }                                                                    \
+    } while (0)
+
+    if (!t->transposed && (t->ld == t->cols || t->rows == 1)) {
+        /* contiguous: flat chunks of elements */
+        per = (int64_t) (CB_STAGE_BYTES / esz);
+        for (s0 = 0; s0 < n; s0 += ns) {
+            ns = n - s0 < per ? n - s0 : per;
+            CB_PUT(cb_chunk(ld, t, p + s0 * (int64_t) esz,
+                            (size_t) ns * esz, 0, 1, ns, ns, ns,
+                            dst + (size_t) s0 * osz, bf));
+        }
+        return MOE_OK;
+    }
+
+    /* strided or transposed: whole source rows per chunk */
+    nsrc = t->transposed ? t->cols : t->rows;
+    used = t->transposed ? t->rows : t->cols;
+    per = (int64_t) (CB_STAGE_BYTES / ((size_t) t->ld * esz));
+    if (per < 1) {
+        cb_err(ld->err, ld->errlen, "cuda backend: tensor '%s': a row of "
+               "%lld elements exceeds the %zu MiB staging buffer", t->name,
+               (long long) t->ld, CB_STAGE_BYTES >> 20);
+        return MOE_EUNSUPPORTED;
+    }
+    for (s0 = 0; s0 < nsrc; s0 += ns) {
+        ns = nsrc - s0 < per ? nsrc - s0 : per;
+        CB_PUT(cb_chunk(ld, t, p + s0 * t->ld * (int64_t) esz,
+                        (size_t) ((ns - 1) * t->ld + used) * esz, s0, ns,
+                        used, t->ld, t->cols, dst, bf));
+    }
+#undef CB_PUT
+    return MOE_OK;
+}
+
+
+static int
+cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
+    size_t errlen)
+{
+    cb_loader_t   ld;
+    cb_wlayout_t  wl;
+    double        dt;
+    int           rc, i;
+    cudaError_t   ce = cudaSuccess;
+
+    memset(&ld, 0, sizeof(ld));
+    ld.b = b;
+    ld.err = err;
+    ld.errlen = errlen;
+    ld.next_pct = 10;
+    cb_weight_layout(&b->hp, &wl);
+    ld.wbytes = wl.total;
+    ld.t0 = cb_now();
+
+    rc = moe_model_for_each_tensor(m, cb_count, &ld, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    /* pieces the model lacks (no b_gate, the experts of dense layers)
+     * read as zeros */
+    for (i = 0; i < 2 && ce == cudaSuccess; i++) {
+        ce = cudaMallocHost(&ld.h_buf[i], CB_STAGE_BYTES);
+        if (ce == cudaSuccess) {
+            ce = cudaMalloc(&ld.d_buf[i], CB_STAGE_BYTES);
+        }
+        if (ce == cudaSuccess) {
+            ce = cudaEventCreateWithFlags(&ld.sent[i],
+                                          cudaEventDisableTiming);
         }
     }
-    UP(cb_upload_bf16(b, tmp, b->wo, w->wo, L * D * Q));
-    UP(cb_upload_bf16(b, tmp, b->w_down, w->w_down, L * E * D * F));
-    UP(cb_upload_f32(b, b->attn_norm, w->attn_norm, L * D));
-    UP(cb_upload_f32(b, b->ffn_norm, w->ffn_norm, L * D));
-    UP(cb_upload_f32(b, b->final_norm, w->final_norm, D));
-    if (b->router != NULL) {
-        UP(cb_upload_f32(b, b->router, w->router, L * E * D));
+    if (ce == cudaSuccess) {
+        ce = cudaMemsetAsync(b->wbuf, 0, wl.total, b->stream);
     }
-    if (hp->learned_pos) {
-        UP(cb_upload_f32(b, b->pos_embed, w->pos_embed,
-                         (size_t) hp->max_pos * D));
+    if (ce != cudaSuccess) {
+        cb_err(err, errlen, "cuda backend: weight staging buffers (2 x %zu "
+               "MiB pinned + device): %s", CB_STAGE_BYTES >> 20,
+               cudaGetErrorString(ce));
+        (void) cudaGetLastError();
+        rc = ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
+    } else {
+        rc = moe_model_for_each_tensor(m, cb_put, &ld, err, errlen);
     }
-    if (hp->norm_layer) {
-        UP(cb_upload_f32(b, b->attn_norm_b, w->attn_norm_b, L * D));
-        UP(cb_upload_f32(b, b->ffn_norm_b, w->ffn_norm_b, L * D));
-        UP(cb_upload_f32(b, b->final_norm_b, w->final_norm_b, D));
+    ce = cudaStreamSynchronize(b->stream);
+    if (rc == MOE_OK && ce != cudaSuccess) {
+        cb_err(err, errlen, "cuda backend: loading weights: %s",
+               cudaGetErrorString(ce));
+        rc = MOE_EBACKEND;
     }
-    if (hp->o_bias) {
-        UP(cb_upload_f32(b, b->bo, w->bo, L * D));
+    for (i = 0; i < 2; i++) {
+        if (ld.sent[i] != NULL) {
+            (void) cudaEventDestroy(ld.sent[i]);
+        }
+        (void) cudaFreeHost(ld.h_buf[i]);
+        (void) cudaFree(ld.d_buf[i]);
     }
-    if (hp->qk_norm) {
-        UP(cb_upload_f32(b, b->q_norm, w->q_norm, L * HD));
-        UP(cb_upload_f32(b, b->k_norm, w->k_norm, L * HD));
+    (void) cudaGetLastError();
+    if (rc != MOE_OK) {
+        return rc;
     }
-    if (hp->mlp_bias) {
-        UP(cb_upload_f32(b, b->b_down, w->b_down, L * D));
-    }
-    if (FS > 0) {
-        UP(cb_upload_f32(b, b->ws_gate_inp, w->ws_gate_inp, L * D));
-    }
-#undef UP
-    rc = MOE_OK;
-done:
-    (void) cudaStreamSynchronize(b->stream);
-    (void) cudaFree(tmp);
-    return rc;
+    dt = cb_now() - ld.t0;
+    moe_log(MOE_LOG_INFO, "cuda backend: weights loaded to device %d: "
+            "%.2f GB read from %s (%lld pieces), %.2f GB on the device, "
+            "%.2f s (%.2f GB/s)", b->device, ld.total / 1e9,
+            moe_model_dir(m), (long long) ld.n_pieces, wl.total / 1e9, dt,
+            dt > 0 ? ld.total / 1e9 / dt : 0.0);
+    return MOE_OK;
 }
 
 
@@ -778,58 +1026,6 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
                                          0.0f, s));
     }
     MOE_CUDA_CHECK(cudaStreamSynchronize(s));
-    return MOE_OK;
-}
-
-
-/* The host tensors the hparams flags ask for are all there. */
-static int
-cb_check_weights(const moe_hparams_t *hp, const moe_weights_t *w, char *err,
-    size_t errlen)
-{
-    const char *miss = NULL;
-
-    if (w->embed == NULL || w->wq == NULL || w->wk == NULL || w->wv == NULL
-        || w->wo == NULL || w->w_up == NULL || w->w_down == NULL
-        || w->attn_norm == NULL || w->ffn_norm == NULL
-        || w->final_norm == NULL || w->lm_head == NULL)
-    {
-        miss = "core weights (load_format 'dummy'?)";
-    } else if (!hp->ffn_ungated && w->w_gate == NULL) {
-        miss = "w_gate";
-    } else if (hp->n_experts > 1 && w->router == NULL) {
-        miss = "router";
-    } else if (hp->learned_pos && w->pos_embed == NULL) {
-        miss = "pos_embed";
-    } else if (hp->norm_layer && (w->attn_norm_b == NULL
-                                  || w->ffn_norm_b == NULL
-                                  || w->final_norm_b == NULL))
-    {
-        miss = "norm biases";
-    } else if (hp->qkv_bias && (w->bq == NULL || w->bk == NULL
-                                || w->bv == NULL))
-    {
-        miss = "q/k/v biases";
-    } else if (hp->o_bias && w->bo == NULL) {
-        miss = "o bias";
-    } else if (hp->qk_norm && (w->q_norm == NULL || w->k_norm == NULL)) {
-        miss = "q/k norms";
-    } else if (hp->mlp_bias && (w->b_up == NULL || w->b_down == NULL)) {
-        miss = "MLP biases";
-    } else if (hp->shared_ffn_dim > 0
-               && (w->ws_gate == NULL || w->ws_up == NULL
-                   || w->ws_down == NULL || w->ws_gate_inp == NULL))
-    {
-        miss = "shared expert weights";
-    } else if (cb_n_dense(hp) > 0 && (w->wd_gate == NULL || w->wd_up == NULL
-                                      || w->wd_down == NULL))
-    {
-        miss = "dense layer weights";
-    }
-    if (miss != NULL) {
-        cb_err(err, errlen, "cuda backend: model has no %s", miss);
-        return MOE_EINVAL;
-    }
     return MOE_OK;
 }
 
@@ -998,7 +1194,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
 
 
 static int
-cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
+cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     int n_blocks, int block_size, int cap, int device, moe_backend_t **out,
     char *err, size_t errlen)
 {
@@ -1010,8 +1206,10 @@ cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
     if (rc == MOE_OK) {
         rc = cb_check_arch(hp, err, errlen);
     }
-    if (rc == MOE_OK && w != NULL) {
-        rc = cb_check_weights(hp, w, err, errlen);
+    if (rc == MOE_OK && m != NULL && moe_model_tensors(m) == NULL) {
+        cb_err(err, errlen, "cuda backend: the model has no weights "
+               "(load_format 'dummy'?)");
+        rc = MOE_EINVAL;
     }
     if (rc != MOE_OK) {
         return rc;
@@ -1034,9 +1232,6 @@ cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
         return MOE_ENOMEM;
     }
     b->hp = *hp;
-    if (w != NULL && w->lm_head == w->embed) {
-        b->hp.tie_embeddings = 1;
-    }
     b->device = device;
     b->n_blocks = n_blocks;
     b->block_size = block_size;
@@ -1074,10 +1269,14 @@ cb_create(const moe_hparams_t *hp, const moe_weights_t *w, uint64_t seed,
 
     rc = cb_alloc(b, err, errlen);
     if (rc == MOE_OK) {
-        rc = w != NULL ? cb_load_weights(b, w) : cb_random_weights(b, seed);
-        if (rc != MOE_OK) {
-            cb_err(err, errlen, "cuda backend: weights: %s",
-                   moe_cuda_last_error());
+        if (m != NULL) {
+            rc = cb_load_weights(b, m, err, errlen);
+        } else {
+            rc = cb_random_weights(b, seed);
+            if (rc != MOE_OK) {
+                cb_err(err, errlen, "cuda backend: weights: %s",
+                       moe_cuda_last_error());
+            }
         }
     }
     if (rc == MOE_OK && cudaStreamSynchronize(b->stream) != cudaSuccess) {
@@ -1099,14 +1298,12 @@ moe_cuda_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     int max_batched_tokens, int device, moe_backend_t **out, char *err,
     size_t errlen)
 {
-    const moe_weights_t *w;
-
     *out = NULL;
-    if (m == NULL || (w = moe_model_weights(m)) == NULL) {
-        cb_err(err, errlen, "cuda backend: no model weights");
+    if (m == NULL) {
+        cb_err(err, errlen, "cuda backend: no model");
         return MOE_EINVAL;
     }
-    return cb_create(moe_model_hparams(m), w, 0, n_blocks, block_size,
+    return cb_create(moe_model_hparams(m), m, 0, n_blocks, block_size,
                      max_batched_tokens, device, out, err, errlen);
 }
 

@@ -77,13 +77,19 @@ int moe_cuda_device_count(void);
 const char *moe_cuda_last_error(void);
 
 /*
- * Create the backend on `device` from the model's fp32 host weights
- * (converted to bf16 once): KV pool of n_blocks pages of block_size
- * tokens, workspaces for up to max_batched_tokens tokens per forward()
- * (a larger step fails with MOE_EINVAL).  The model must outlive the
- * backend only during this call (the weights are copied).  Fails with
- * MOE_EUNSUPPORTED (shape), MOE_ENOMEM (device memory) or MOE_EBACKEND,
- * reason in err.
+ * Create the backend on `device` from the model's mapped safetensors
+ * (moe_model_open() or moe_model_load(); the fp32 host copy is never
+ * read): every piece of moe_model_for_each_tensor() goes through two
+ * pinned staging buffers (64 MiB each, double-buffered) to the device and
+ * is converted there (bf16 matrices, fp32 norms / biases / router, from
+ * F32, F16 or BF16).  Progress (every 10%, models of 1 GiB and more) and
+ * the total (GB, seconds, GB/s) are logged at MOE_LOG_INFO.  KV pool of
+ * n_blocks pages of block_size tokens, workspaces for up to
+ * max_batched_tokens tokens per forward() (a larger step fails with
+ * MOE_EINVAL).  The model must outlive the backend only during this call
+ * (the weights are copied).  Fails with MOE_EUNSUPPORTED (shape),
+ * MOE_ENOMEM (device memory), MOE_EINVAL (a model without tensors:
+ * moe_model_load_config()) or MOE_EBACKEND, reason in err.
  */
 int moe_cuda_backend_create(const moe_model_t *m, int n_blocks,
     int block_size, int max_batched_tokens, int device, moe_backend_t **out,
