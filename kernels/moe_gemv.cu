@@ -14,6 +14,8 @@
  * sum over k is unchanged.  Weights are read with streaming loads, once per
  * pass; groups with no rows exit at once.
  */
+#include <stdlib.h>
+
 #include "common.cuh"
 #include "moe_gemv.h"
 
@@ -33,8 +35,79 @@ gv_mma(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-
+/* One stage of operands in registers: UNR 32-wide k chunks of the warp,
+ * A (weights: MR row sets x 2 row halves) and B (NT x 8 tokens). */
 template <int NT, int MR, int UNR>
+struct gv_stage {
+    uint4 a[UNR][MR][2];
+    uint4 b[UNR][NT];
+};
+
+
+/* Issue the loads of the UNR chunks c0, c0 + GV_WARPS, ...; chunks past
+ * nch (or k past Kd, rows out of range) load zeros and issue no access. */
+template <int NT, int MR, int UNR>
+__device__ __forceinline__ void
+gv_load(gv_stage<NT, MR, UNR> &st, const bf16 *const (&arow)[MR][2],
+    const bool (&aval)[MR][2], const bf16 *const (&brow)[NT],
+    const bool (&bval)[NT], int c0, int nch, int Kd, int q)
+{
+#pragma unroll
+    for (int u = 0; u < UNR; u++) {
+        int  c = c0 + u * GV_WARPS;
+        int  k = c * 32 + q * 8;
+        bool kv = c < nch && k < Kd;
+
+#pragma unroll
+        for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (kv && aval[mr][h]) {
+                    st.a[u][mr][h] = __ldcs(
+                        reinterpret_cast<const uint4 *>(arow[mr][h] + k));
+                } else {
+                    st.a[u][mr][h] = make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            if (kv && bval[j]) {
+                st.b[u][j] = *reinterpret_cast<const uint4 *>(brow[j] + k);
+            } else {
+                st.b[u][j] = make_uint4(0, 0, 0, 0);
+            }
+        }
+    }
+}
+
+
+/* acc += the stage's products (zero operands add nothing). */
+template <int NT, int MR, int UNR>
+__device__ __forceinline__ void
+gv_compute(float (&acc)[MR][NT][4], const gv_stage<NT, MR, UNR> &st)
+{
+#pragma unroll
+    for (int u = 0; u < UNR; u++) {
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            uint4 bv = st.b[u][j];
+
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+                const uint4 *a = st.a[u][mr];
+
+                gv_mma(acc[mr][j], a[0].x, a[1].x, a[0].y, a[1].y, bv.x,
+                       bv.y);
+                gv_mma(acc[mr][j], a[0].z, a[1].z, a[0].w, a[1].w, bv.z,
+                       bv.w);
+            }
+        }
+    }
+}
+
+
+template <int NT, int MR, int UNR, bool PIPE>
 __global__ void __launch_bounds__(GV_WARPS * 32)
 kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const bf16 *W, int N, int Kd, const int32_t *offs, int E, int n,
@@ -117,52 +190,33 @@ kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             }
         }
 
-        for (int c0 = warp; c0 < nch; c0 += GV_WARPS * UNR) {
-            uint4 a[UNR][MR][2];
+        gv_stage<NT, MR, UNR> st[2];
+        const int             step = GV_WARPS * UNR;
 
-#pragma unroll
-            for (int u = 0; u < UNR; u++) {
-                int  c = c0 + u * GV_WARPS;
-                int  k = c * 32 + q * 8;
-                bool kv = c < nch && k < Kd;
-
-#pragma unroll
-                for (int mr = 0; mr < MR; mr++) {
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        if (kv && aval[mr][h]) {
-                            a[u][mr][h] = __ldcs(
-                                reinterpret_cast<const uint4 *>(
-                                    arow[mr][h] + k));
-                        } else {
-                            a[u][mr][h] = make_uint4(0, 0, 0, 0);
-                        }
-                    }
-                }
+        if (!PIPE) {
+            for (int c0 = warp; c0 < nch; c0 += step) {
+                gv_load<NT, MR, UNR>(st[0], arow, aval, brow, bval, c0, nch,
+                                     Kd, q);
+                gv_compute<NT, MR, UNR>(acc, st[0]);
             }
-#pragma unroll
-            for (int u = 0; u < UNR; u++) {
-                int  c = c0 + u * GV_WARPS;
-                int  k = c * 32 + q * 8;
-                bool kv = c < nch && k < Kd;
-
-                if (c >= nch) {
-                    break;      /* uniform over the warp */
+        } else if (warp < nch) {
+            /* two stages in registers: the loads of chunk set i + 1 are in
+             * flight while set i is multiplied (v3 waited one full memory
+             * round trip per set) */
+            gv_load<NT, MR, UNR>(st[0], arow, aval, brow, bval, warp, nch,
+                                 Kd, q);
+            for (int c0 = warp;; c0 += 2 * step) {
+                gv_load<NT, MR, UNR>(st[1], arow, aval, brow, bval,
+                                     c0 + step, nch, Kd, q);
+                gv_compute<NT, MR, UNR>(acc, st[0]);
+                if (c0 + step >= nch) {
+                    break;
                 }
-#pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    uint4 bv = make_uint4(0, 0, 0, 0);
-
-                    if (kv && bval[j]) {
-                        bv = *reinterpret_cast<const uint4 *>(brow[j] + k);
-                    }
-#pragma unroll
-                    for (int mr = 0; mr < MR; mr++) {
-                        gv_mma(acc[mr][j], a[u][mr][0].x, a[u][mr][1].x,
-                               a[u][mr][0].y, a[u][mr][1].y, bv.x, bv.y);
-                        gv_mma(acc[mr][j], a[u][mr][0].z, a[u][mr][1].z,
-                               a[u][mr][0].w, a[u][mr][1].w, bv.z, bv.w);
-                    }
+                gv_load<NT, MR, UNR>(st[0], arow, aval, brow, bval,
+                                     c0 + 2 * step, nch, Kd, q);
+                gv_compute<NT, MR, UNR>(acc, st[1]);
+                if (c0 + 2 * step >= nch) {
+                    break;
                 }
             }
         }
@@ -215,18 +269,51 @@ moe_cuda_gemv_supported(int Kd, int ldx)
 }
 
 
+/* MOE_CUDA_GEMV_PIPE=0 turns the two-stage main loop off (A/B runs). */
+static bool
+gv_pipe_on(void)
+{
+    static int on = -1;
+
+    if (on < 0) {
+        const char *v = getenv("MOE_CUDA_GEMV_PIPE");
+
+        on = v == NULL || atoi(v) != 0;
+    }
+    return on != 0;
+}
+
+
+template <int NT, bool PIPE>
+static void
+gv_launch_t(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const bf16 *W, int N, int Kd,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+{
+    if (silu) {
+        kernel_gemv<NT, 2, 2, PIPE><<<grid, GV_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+    } else {
+        kernel_gemv<NT, 1, 4, PIPE><<<grid, GV_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+    }
+}
+
+
+/* NT <= 2 (decode: up to 16 rows per group): two register stages; wider
+ * tiles keep one (their B operands fill the registers). */
 template <int NT>
 static void
 gv_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const bf16 *W, int N, int Kd,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
-    if (silu) {
-        kernel_gemv<NT, 2, 2><<<grid, GV_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+    if (NT <= 2 && gv_pipe_on()) {
+        gv_launch_t<NT, NT <= 2>(grid, s, silu, X, ldx, xrow, xdiv, W, N, Kd,
+                                 offs, E, n, Y, H, ldy);
     } else {
-        kernel_gemv<NT, 1, 4><<<grid, GV_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+        gv_launch_t<NT, false>(grid, s, silu, X, ldx, xrow, xdiv, W, N, Kd,
+                               offs, E, n, Y, H, ldy);
     }
 }
 

@@ -54,6 +54,9 @@ step bench_engine 240 build/gpu/bench_engine $MODELS
 # the same decode/prefill without CUDA graphs (graph gain = difference)
 step bench_nograph 120 env MOE_CUDA_GRAPHS=0 build/gpu/bench_engine \
     mixtral-8x7b
+# A/B of the two-stage GEMV main loop (pass 4): the same, one stage
+step bench_nopipe 120 env MOE_CUDA_GEMV_PIPE=0 build/gpu/bench_engine \
+    mixtral-8x7b
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SAN" ]; then
     step sanitizer 60 "$SAN" --error-exitcode 1 build/gpu/test_kernels
@@ -91,6 +94,12 @@ if [ -f "$OUT/bench_nograph.log" ]; then
     echo "without CUDA graphs (MOE_CUDA_GRAPHS=0):"
     grep '^RESULT.*kind=decode' "$OUT/bench_nograph.log" | \
         sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
+fi
+if [ -f "$OUT/bench_nopipe.log" ]; then
+    echo "one-stage GEMV (MOE_CUDA_GEMV_PIPE=0):"
+    grep '^RESULT.*kind=decode' "$OUT/bench_nopipe.log" | \
+        sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
+    grep stages "$OUT/bench_nopipe.log" | head -2      # batch 1, batch 8
 fi
 fail=0
 for s in "${STEPS[@]}"; do [ "${RC[$s]}" = 0 ] || fail=1; done

@@ -1228,6 +1228,13 @@ main(void)
     test_gemv(1, 40, 96, 3, 1, 0, 1);           /* dense SiLU */
     test_gemv(64, 64, 256, 1, 1, 1, 8);         /* rows < groups: compact grid */
     test_gemv(8, 96, 512, 1, 0, 1, 2);          /* decode-like, compact grid */
+    /* two-stage (NT <= 2) main loop: odd / even numbers of chunk sets,
+     * both loop exits, partial last chunk, fewer chunks than warps */
+    test_gemv(1, 200, 4136, 8, 0, 0, 1);        /* 130 chunks, k tail */
+    test_gemv(8, 48, 2056, 16, 1, 1, 4);        /* SiLU NT 2, 65 chunks */
+    test_gemv(3, 64, 1000, 12, 0, 1, 1);        /* NT 2, 32 chunks */
+    test_gemv(1, 80, 1536, 2, 0, 0, 1);         /* 3 chunk sets */
+    test_gemv(2, 24, 40, 1, 1, 1, 2);           /* 2 chunks < 4 warps */
     if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
         TAP_OK(0, "cublasCreate");
     } else {
