@@ -264,6 +264,11 @@ typedef struct {
     int32_t              *route_force; /* (force_T, n_layers, top_k) or
                                            NULL: next step picks itself */
     int                   force_T;
+
+    /* swap space: n_swap_slots slots, each one block as in kv */
+    float                *swap;        /* (n_swap_slots, n_layers, 2,
+                                           block_size, n_kv_heads,
+                                           head_dim) */
 } cpu_backend_t;
 
 
@@ -1157,6 +1162,95 @@ cpu_expert_counts(moe_backend_t *base)
 }
 
 
+/* ------------------------------------------------------- swap space */
+
+static int
+cpu_swap_alloc(moe_backend_t *base, int n_slots, char *err, size_t errlen)
+{
+    cpu_backend_t *b = (cpu_backend_t *) base;
+
+    free(b->swap);
+    b->swap = NULL;
+    b->base.n_swap_slots = 0;
+    if (n_slots < 0) {
+        c_err(err, errlen, "cpu backend: bad swap slot count %d", n_slots);
+        return MOE_EINVAL;
+    }
+    if (n_slots == 0) {
+        return MOE_OK;
+    }
+    /* malloc, not calloc: pages are touched only when slots are used */
+    b->swap = malloc((size_t) n_slots * (size_t) b->base.kv_bytes_per_block);
+    if (b->swap == NULL) {
+        c_err(err, errlen, "cpu backend: out of memory for %d swap slots "
+              "(%lld MiB)", n_slots, (long long) n_slots
+              * b->base.kv_bytes_per_block >> 20);
+        return MOE_ENOMEM;
+    }
+    b->base.n_swap_slots = n_slots;
+    return MOE_OK;
+}
+
+
+/* dir 0: blocks -> slots, 1: slots -> blocks */
+static int
+cpu_swap_copy(cpu_backend_t *b, const int32_t *blocks, const int32_t *slots,
+    int n, int dir)
+{
+    size_t  per = (size_t) b->base.kv_bytes_per_block;
+    char   *kv = (char *) b->kv, *sw = (char *) b->swap;
+    int     i;
+
+    for (i = 0; i < n; i++) {
+        if (blocks[i] < 0 || blocks[i] >= b->n_blocks || slots[i] < 0
+            || slots[i] >= b->base.n_swap_slots)
+        {
+            return MOE_EINVAL;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        if (dir == 0) {
+            memcpy(sw + (size_t) slots[i] * per,
+                   kv + (size_t) blocks[i] * per, per);
+        } else {
+            memcpy(kv + (size_t) blocks[i] * per,
+                   sw + (size_t) slots[i] * per, per);
+        }
+    }
+    return MOE_OK;
+}
+
+
+static int
+cpu_swap_out(moe_backend_t *base, const int32_t *blocks,
+    const int32_t *slots, int n)
+{
+    return cpu_swap_copy((cpu_backend_t *) base, blocks, slots, n, 0);
+}
+
+
+static int
+cpu_swap_in(moe_backend_t *base, const int32_t *slots,
+    const int32_t *blocks, int n)
+{
+    return cpu_swap_copy((cpu_backend_t *) base, blocks, slots, n, 1);
+}
+
+
+static int
+cpu_swap_read(moe_backend_t *base, int32_t slot, void *dst)
+{
+    cpu_backend_t *b = (cpu_backend_t *) base;
+    size_t         per = (size_t) b->base.kv_bytes_per_block;
+
+    if (slot < 0 || slot >= b->base.n_swap_slots) {
+        return MOE_EINVAL;
+    }
+    memcpy(dst, (char *) b->swap + (size_t) slot * per, per);
+    return MOE_OK;
+}
+
+
 static void
 cpu_destroy(moe_backend_t *base)
 {
@@ -1168,6 +1262,7 @@ cpu_destroy(moe_backend_t *base)
     cpu_pool_destroy(b->pool);
     cpu_free_scratch(b);
     free(b->kv);
+    free(b->swap);
     free(b->counts);
     free(b->scores);
     free(b->ecount);
@@ -1234,6 +1329,10 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     b->base.forward = cpu_forward;
     b->base.expert_counts = cpu_expert_counts;
     b->base.destroy = cpu_destroy;
+    b->base.swap_alloc = cpu_swap_alloc;
+    b->base.swap_out = cpu_swap_out;
+    b->base.swap_in = cpu_swap_in;
+    b->base.swap_read = cpu_swap_read;
 
     b->kv = calloc(kv_floats, sizeof(float));
     b->counts = calloc((size_t) hp->n_layers * hp->n_experts,

@@ -10,8 +10,11 @@
  * when prefilling), then admits waiting sequences in arrival order while
  * there are sequence slots, tokens in the budget and KV blocks.  When a
  * running sequence cannot get a block, the most recently admitted one is
- * preempted (its blocks freed, its prompt + output recomputed later, at the
- * front of the queue), so the oldest requests always progress.
+ * preempted: swapped out (its blocks copied to the backend's host swap
+ * pool, resumed later from where it was) when the swap slots suffice, else
+ * recomputed (its blocks freed, its prompt + output computed again later,
+ * at the front of the queue).  Swapped and waiting sequences are resumed /
+ * admitted strictly oldest first, so the oldest requests always progress.
  */
 
 #include <errno.h>
@@ -71,8 +74,13 @@ struct moe_seq {
     int             n_cached;      /* prompt tokens found in the cache at
                                       first admission */
     int             admitted;      /* admitted at least once */
+    uint64_t        order;         /* arrival number: scheduling priority
+                                      (lower is older, goes first) */
+    int32_t        *slots;         /* (n_slots) host swap slots holding
+                                      blocks 0..n_slots-1 while swapped */
+    int             n_slots;
     moe_rng_t       rng;
-    moe_seq_t      *prev, *next;   /* waiting queue links */
+    moe_seq_t      *prev, *next;   /* waiting or swapped queue links */
 };
 
 struct moe_engine {
@@ -97,6 +105,11 @@ struct moe_engine {
     int                n_running;
     moe_seq_t         *wait_head, *wait_tail;
     int                n_waiting;
+    moe_seq_t         *swap_head, *swap_tail;  /* swapped out, oldest
+                                                   first */
+    int                n_swapped;
+    moe_slots_t        slots;      /* host swap slots (backend's pool) */
+    uint64_t           next_order;
     moe_event_t       *overflow;   /* events the ring had no room for */
     size_t             n_overflow, cap_overflow, overflow_pos;
     moe_seq_batch_t   *batch;      /* (max_num_seqs) */
@@ -110,7 +123,9 @@ struct moe_engine {
     _Atomic int64_t    st_submitted, st_finished, st_cancelled,
                        st_prompt_tokens, st_gen_tokens, st_steps,
                        st_busy_ns, st_preemptions, st_running, st_waiting,
-                       st_blocks_used, st_blocks_cached, st_cached_tokens;
+                       st_blocks_used, st_blocks_cached, st_cached_tokens,
+                       st_swap_outs, st_swap_ins, st_swap_blocks_out,
+                       st_swapped, st_swap_used;
     _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
     size_t             n_expert_counts;
 };
@@ -137,6 +152,7 @@ moe_seq_free(moe_seq_t *s)
     free(s->counts);
     free(s->seen);
     free(s->bhash);
+    free(s->slots);
     free(s);
 }
 
@@ -243,14 +259,81 @@ moe_wait_push_back(moe_engine_t *e, moe_seq_t *s)
 }
 
 
+/* A preempted sequence back into the waiting queue at its place by
+ * arrival (in practice the front: it is older than anything never
+ * admitted). */
 static void
-moe_wait_push_front(moe_engine_t *e, moe_seq_t *s)
+moe_wait_insert(moe_engine_t *e, moe_seq_t *s)
 {
-    s->prev = NULL;
-    s->next = e->wait_head;
-    if (e->wait_head) e->wait_head->prev = s; else e->wait_tail = s;
-    e->wait_head = s;
+    moe_seq_t  *p = e->wait_head;
+
+    while (p != NULL && p->order < s->order) {
+        p = p->next;
+    }
+    if (p == NULL) {
+        moe_wait_push_back(e, s);
+        return;
+    }
+    s->next = p;
+    s->prev = p->prev;
+    if (p->prev) p->prev->next = s; else e->wait_head = s;
+    p->prev = s;
     e->n_waiting++;
+}
+
+
+/* The swapped queue, kept in arrival order. */
+static void
+moe_swap_insert(moe_engine_t *e, moe_seq_t *s)
+{
+    moe_seq_t  *p = e->swap_head;
+
+    while (p != NULL && p->order < s->order) {
+        p = p->next;
+    }
+    s->next = p;
+    s->prev = p != NULL ? p->prev : e->swap_tail;
+    if (s->prev) s->prev->next = s; else e->swap_head = s;
+    if (p) p->prev = s; else e->swap_tail = s;
+    e->n_swapped++;
+}
+
+
+static void
+moe_swap_unlink(moe_engine_t *e, moe_seq_t *s)
+{
+    if (s->prev) s->prev->next = s->next; else e->swap_head = s->next;
+    if (s->next) s->next->prev = s->prev; else e->swap_tail = s->prev;
+    s->prev = s->next = NULL;
+    e->n_swapped--;
+}
+
+
+/* Give a sequence's host swap slots back. */
+static void
+moe_seq_drop_slots(moe_engine_t *e, moe_seq_t *s)
+{
+    moe_slots_free(&e->slots, s->slots, s->n_slots);
+    free(s->slots);
+    s->slots = NULL;
+    s->n_slots = 0;
+}
+
+
+/* Into the running list at its place by arrival (admission order is
+ * arrival order: the newest running sequence is preempted first). */
+static void
+moe_running_insert(moe_engine_t *e, moe_seq_t *s)
+{
+    int  j = e->n_running;
+
+    while (j > 0 && e->running[j - 1]->order > s->order) {
+        j--;
+    }
+    memmove(&e->running[j + 1], &e->running[j],
+            sizeof(moe_seq_t *) * (size_t) (e->n_running - j));
+    e->running[j] = s;
+    e->n_running++;
 }
 
 
@@ -307,6 +390,20 @@ moe_cancel_seq(moe_engine_t *e, uint64_t id)
         }
     }
 
+    for (s = e->swap_head; s != NULL; s = s->next) {
+        if (s->id == id) {
+            moe_swap_unlink(e, s);
+            moe_seq_drop_slots(e, s);
+            moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
+            moe_seq_free(s);
+            atomic_fetch_add_explicit(&e->st_finished, 1,
+                                      memory_order_relaxed);
+            atomic_fetch_add_explicit(&e->st_cancelled, 1,
+                                      memory_order_relaxed);
+            return;
+        }
+    }
+
     /* already finished: its FINISH event is on its way; nothing to do */
 }
 
@@ -328,6 +425,7 @@ moe_seq_create(moe_engine_t *e, moe_msg_t *m)
     }
 
     s->id = m->req_id;
+    s->order = e->next_order++;
     s->sp = m->sp;
     s->n_prompt = m->n_prompt;
     s->cap = cap;
@@ -409,8 +507,57 @@ moe_drain_submit(moe_engine_t *e)
 
 /* ------------------------------------------------------------ the step */
 
+/*
+ * Swap a sequence that left the running list out to host memory: copies of
+ * the blocks holding its n_computed positions go to free swap slots (all
+ * of them, shared prefix blocks too: the copy is what gets resumed), then
+ * its table is released.  MOE_OK, or MOE_EFULL (swapping off, not enough
+ * slots, nothing computed) / another status with nothing changed.
+ */
+static int
+moe_swap_out_seq(moe_engine_t *e, moe_seq_t *s)
+{
+    int  nb, rc;
+
+    nb = moe_blocks_for(&e->blocks, s->n_computed);
+    if (nb == 0 || nb > s->n_blocks || e->backend->swap_out == NULL
+        || e->backend->swap_in == NULL || nb > e->slots.n_free)
+    {
+        return MOE_EFULL;
+    }
+
+    s->slots = malloc(sizeof(int32_t) * (size_t) nb);
+    if (s->slots == NULL) {
+        return MOE_ENOMEM;
+    }
+    (void) moe_slots_alloc(&e->slots, nb, s->slots);
+    s->n_slots = nb;
+
+    rc = e->backend->swap_out(e->backend, s->blocks, s->slots, nb);
+    if (rc != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "swap out of request %llu failed (%s); "
+                "recomputing it instead", (unsigned long long) s->id,
+                moe_strerror(rc));
+        moe_seq_drop_slots(e, s);
+        return rc;
+    }
+
+    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+    s->n_published = 0;       /* its blocks will be fresh when resumed */
+    moe_swap_insert(e, s);
+
+    atomic_fetch_add_explicit(&e->st_swap_outs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->st_swap_blocks_out, nb,
+                              memory_order_relaxed);
+    moe_log(MOE_LOG_INFO, "preempted request %llu (swap): KV cache full, "
+            "%d blocks to host memory", (unsigned long long) s->id, nb);
+    return MOE_OK;
+}
+
+
 /* Preempt the most recently admitted running sequence (not yet in this
- * step's batch).  Returns 0 when there is nothing to preempt. */
+ * step's batch): swapped out when the swap slots hold its blocks, else
+ * recomputed later.  Returns 0 when there is nothing to preempt. */
 static int
 moe_preempt_last(moe_engine_t *e, int first_allowed)
 {
@@ -422,10 +569,15 @@ moe_preempt_last(moe_engine_t *e, int first_allowed)
 
     s = e->running[e->n_running - 1];
     e->n_running--;
+
+    if (moe_swap_out_seq(e, s) == MOE_OK) {
+        return 1;
+    }
+
     moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
     s->n_computed = 0;
     s->n_published = 0;
-    moe_wait_push_front(e, s);
+    moe_wait_insert(e, s);
 
     atomic_fetch_add_explicit(&e->st_preemptions, 1, memory_order_relaxed);
     moe_log(MOE_LOG_INFO, "preempted request %llu (recompute): KV cache full",
@@ -434,10 +586,58 @@ moe_preempt_last(moe_engine_t *e, int first_allowed)
 }
 
 
+/*
+ * Resume the oldest swapped sequence s with a chunk of `chunk` tokens:
+ * fresh blocks for its computed positions plus the chunk, swap_in of its
+ * slots into the first of them.  MOE_OK (s is running), MOE_EFULL (not
+ * enough free blocks, nothing changed) or another status; a failed copy
+ * sends s back to be recomputed (MOE_OK is still returned: s left the
+ * swapped queue but is not in the step).
+ */
+static int
+moe_swap_in_seq(moe_engine_t *e, moe_seq_t *s, int chunk, int *resumed)
+{
+    int  rc;
+
+    *resumed = 0;
+    rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
+                            &s->cap_blocks, s->n_computed + chunk);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+
+    moe_swap_unlink(e, s);
+    rc = e->backend->swap_in(e->backend, s->slots, s->blocks, s->n_slots);
+    moe_seq_drop_slots(e, s);
+
+    if (rc != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "swap in of request %llu failed (%s); "
+                "recomputing it", (unsigned long long) s->id,
+                moe_strerror(rc));
+        moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+        s->n_computed = 0;
+        s->n_published = 0;
+        moe_wait_insert(e, s);
+        atomic_fetch_add_explicit(&e->st_preemptions, 1,
+                                  memory_order_relaxed);
+        return MOE_OK;
+    }
+
+    moe_running_insert(e, s);
+    *resumed = 1;
+    atomic_fetch_add_explicit(&e->st_swap_ins, 1, memory_order_relaxed);
+    moe_log(MOE_LOG_INFO, "resumed request %llu: %d blocks swapped in",
+            (unsigned long long) s->id, moe_blocks_for(&e->blocks,
+                                                       s->n_computed));
+    return MOE_OK;
+}
+
+
 static int
 moe_step(moe_engine_t *e)
 {
     int         i, n = 0, budget, want, chunk, rc, limit, reason;
+    int         preempted = 0, resumed;
     int32_t     tok;
     float       lp;
     int64_t     t0;
@@ -468,17 +668,14 @@ moe_step(moe_engine_t *e)
             if (!moe_preempt_last(e, i + 1)) {
                 break;
             }
+            preempted = 1;
         }
 
         if (rc == MOE_EFULL) {
-            /* s is the newest: it waits for blocks behind the others */
-            e->n_running--;
-            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-            s->n_computed = 0;
-            s->n_published = 0;
-            moe_wait_push_front(e, s);
-            atomic_fetch_add_explicit(&e->st_preemptions, 1,
-                                      memory_order_relaxed);
+            /* s is the newest: it waits for blocks behind the others
+             * (swapped out or to be recomputed) */
+            (void) moe_preempt_last(e, i);
+            preempted = 1;
             break;
         }
 
@@ -497,10 +694,47 @@ moe_step(moe_engine_t *e)
         budget -= chunk;
     }
 
-    /* 2. admit waiting sequences, oldest first */
-    while (e->wait_head != NULL && budget > 0
-           && e->n_running < e->cfg.max_num_seqs)
+    /* 2. resume swapped sequences and admit waiting ones, strictly oldest
+     * first (swapped ones were admitted before any never-admitted one);
+     * not in a step that had to preempt (it would only swap back) */
+    while (!preempted && (e->wait_head != NULL || e->swap_head != NULL)
+           && budget > 0 && e->n_running < e->cfg.max_num_seqs)
     {
+        s = e->swap_head;
+        if (s != NULL
+            && (e->wait_head == NULL || s->order < e->wait_head->order))
+        {
+            want = s->n_tokens - s->n_computed;
+            chunk = want < budget ? want : budget;
+            if (chunk > limit) {
+                chunk = limit;
+            }
+            if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+                break;
+            }
+            rc = moe_swap_in_seq(e, s, chunk, &resumed);
+            if (rc == MOE_EFULL) {
+                break;
+            }
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            if (!resumed) {
+                continue;       /* copy failed: s waits for a recompute */
+            }
+
+            e->batch_seq[n] = s;
+            e->batch[n].tokens = s->tokens + s->n_computed;
+            e->batch[n].n_tokens = chunk;
+            e->batch[n].pos = s->n_computed;
+            e->batch[n].block_table = s->blocks;
+            e->batch[n].n_blocks = s->n_blocks;
+            e->batch[n].logits = NULL;
+            n++;
+            budget -= chunk;
+            continue;
+        }
+
         s = e->wait_head;
 
         /* prefix cache: reuse whole blocks of an equal prefix; the last
@@ -548,7 +782,7 @@ moe_step(moe_engine_t *e)
         }
 
         moe_wait_unlink(e, s);
-        e->running[e->n_running++] = s;
+        moe_running_insert(e, s);
 
         e->batch_seq[n] = s;
         e->batch[n].tokens = s->tokens + s->n_computed;
@@ -703,6 +937,10 @@ moe_publish_stats(moe_engine_t *e)
                           memory_order_relaxed);
     atomic_store_explicit(&e->st_blocks_cached, e->blocks.n_cached,
                           memory_order_relaxed);
+    atomic_store_explicit(&e->st_swapped, e->n_swapped, memory_order_relaxed);
+    atomic_store_explicit(&e->st_swap_used,
+                          e->slots.n_total - e->slots.n_free,
+                          memory_order_relaxed);
 
     if (e->backend->expert_counts != NULL
         && (c = e->backend->expert_counts(e->backend)) != NULL)
@@ -731,7 +969,7 @@ moe_engine_main(void *arg)
         moe_drain_submit(e);
         moe_flush_overflow(e);
 
-        if (e->n_running == 0 && e->n_waiting == 0) {
+        if (e->n_running == 0 && e->n_waiting == 0 && e->n_swapped == 0) {
             moe_publish_stats(e);
             /* events from cancels or failed submits (drain_submit) need
              * their wake-up too, not only those of a step */
@@ -895,6 +1133,62 @@ moe_cpu_backend_create_sized(moe_engine_t *e, const moe_hparams_t *hp,
     *n_blocks = n;
     return moe_cpu_backend_create(e->model, n > 0 ? n : 1, cfg->block_size,
                                   cfg->cpu_threads, &e->backend, err, errlen);
+}
+
+
+/*
+ * The backend's host swap pool from cfg.swap_space (GiB; 0 off): at most
+ * what max_num_seqs sequences of max_model_len can hold and 40% of the
+ * host's memory.  Swapping is an optimisation: any failure is logged and
+ * preemption falls back to recompute.
+ */
+static void
+moe_swap_space_init(moe_engine_t *e, int blocks_per_seq)
+{
+    const moe_config_t  *cfg = &e->cfg;
+    moe_backend_t       *b = e->backend;
+    int64_t              per = b->kv_bytes_per_block, n, cap;
+    long                 pages, page_size;
+    char                 err[256];
+
+    if (cfg->swap_space <= 0 || b->swap_alloc == NULL || b->swap_out == NULL
+        || b->swap_in == NULL || per <= 0)
+    {
+        return;
+    }
+
+    n = (int64_t) (cfg->swap_space * 1073741824.0 / (double) per);
+    cap = (int64_t) blocks_per_seq * cfg->max_num_seqs;
+    if (n > cap) {
+        n = cap;
+    }
+    pages = sysconf(_SC_PHYS_PAGES);
+    page_size = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page_size > 0
+        && n * per > (int64_t) pages * page_size / 10 * 4)
+    {
+        n = (int64_t) pages * page_size / 10 * 4 / per;
+        moe_log(MOE_LOG_WARN, "%s: swap_space %.2f GiB is more than 40%% of "
+                "the host's memory; using %.2f GiB", cfg->file,
+                cfg->swap_space, (double) (n * per) / 1073741824.0);
+    }
+    if (n > (1 << 30)) {
+        n = 1 << 30;
+    }
+    if (n < 1) {
+        moe_log(MOE_LOG_WARN, "%s: swap_space %g GiB holds no KV block of "
+                "%lld bytes; preemption recomputes", cfg->file,
+                cfg->swap_space, (long long) per);
+        return;
+    }
+
+    if (b->swap_alloc(b, (int) n, err, sizeof(err)) != MOE_OK) {
+        moe_log(MOE_LOG_WARN, "swap space: %s; preemption recomputes", err);
+        return;
+    }
+    moe_log(MOE_LOG_INFO, "swap space: %d blocks (%.1f MiB of host memory)",
+            b->n_swap_slots, (double) b->n_swap_slots * (double) per
+                             / 1048576.0);
 }
 
 
@@ -1115,6 +1409,13 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
+    moe_swap_space_init(e, blocks_per_seq);
+    rc = moe_slots_init(&e->slots, e->backend->n_swap_slots);
+    if (rc != MOE_OK) {
+        moe_seterr(err, errlen, "%s", "out of memory (swap slots)");
+        goto fail;
+    }
+
     e->running = calloc((size_t) cfg->max_num_seqs, sizeof(moe_seq_t *));
     e->batch = calloc((size_t) cfg->max_num_seqs, sizeof(moe_seq_batch_t));
     e->batch_seq = calloc((size_t) cfg->max_num_seqs, sizeof(moe_seq_t *));
@@ -1201,6 +1502,10 @@ moe_engine_destroy(moe_engine_t *e)
         moe_wait_unlink(e, s);
         moe_seq_free(s);
     }
+    while ((s = e->swap_head) != NULL) {
+        moe_swap_unlink(e, s);
+        moe_seq_free(s);
+    }
 
     if (e->backend != NULL) {
         e->backend->destroy(e->backend);
@@ -1208,6 +1513,7 @@ moe_engine_destroy(moe_engine_t *e)
     moe_model_free(e->model);
     moe_tokenizer_free(e->tok);
     moe_blocks_destroy(&e->blocks);
+    moe_slots_destroy(&e->slots);
     moe_sampler_destroy(&e->sampler);
     moe_ring_free(e->submit);
     moe_ring_free(e->events);
@@ -1368,6 +1674,12 @@ moe_engine_stats(const moe_engine_t *e, moe_stats_t *o)
     o->preemptions = atomic_load(&m->st_preemptions);
     o->submit_ring_free = (int64_t) (moe_ring_capacity(e->submit)
                                      - moe_ring_count(e->submit));
+    o->swap_outs = atomic_load(&m->st_swap_outs);
+    o->swap_ins = atomic_load(&m->st_swap_ins);
+    o->swap_blocks_out = atomic_load(&m->st_swap_blocks_out);
+    o->seqs_swapped = atomic_load(&m->st_swapped);
+    o->swap_slots_total = e->slots.n_total;
+    o->swap_slots_used = atomic_load(&m->st_swap_used);
 }
 
 

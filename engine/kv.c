@@ -306,3 +306,64 @@ moe_blocks_publish(moe_blocks_t *b, const int32_t *table,
         b->buckets[k] = id;
     }
 }
+
+
+/* ------------------------------------------------------ host swap slots */
+
+int
+moe_slots_init(moe_slots_t *s, int n_total)
+{
+    int  i;
+
+    memset(s, 0, sizeof(*s));
+    if (n_total < 0) {
+        return MOE_EINVAL;
+    }
+    if (n_total == 0) {
+        return MOE_OK;
+    }
+
+    s->free_ids = malloc(sizeof(int32_t) * (size_t) n_total);
+    if (s->free_ids == NULL) {
+        return MOE_ENOMEM;
+    }
+    for (i = 0; i < n_total; i++) {
+        s->free_ids[i] = n_total - 1 - i;
+    }
+    s->n_free = s->n_total = n_total;
+    return MOE_OK;
+}
+
+
+void
+moe_slots_destroy(moe_slots_t *s)
+{
+    free(s->free_ids);
+    memset(s, 0, sizeof(*s));
+}
+
+
+int
+moe_slots_alloc(moe_slots_t *s, int n, int32_t *ids)
+{
+    int  i;
+
+    if (n > s->n_free) {
+        return MOE_EFULL;
+    }
+    for (i = 0; i < n; i++) {
+        ids[i] = s->free_ids[--s->n_free];
+    }
+    return MOE_OK;
+}
+
+
+void
+moe_slots_free(moe_slots_t *s, const int32_t *ids, int n)
+{
+    int  i;
+
+    for (i = n - 1; i >= 0; i--) {
+        s->free_ids[s->n_free++] = ids[i];
+    }
+}

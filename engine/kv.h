@@ -87,4 +87,27 @@ int  moe_blocks_match(moe_blocks_t *b, const int32_t *tokens, int max_tokens,
 void moe_blocks_publish(moe_blocks_t *b, const int32_t *table,
     const int32_t *tokens, uint64_t *hashes, int from, int to);
 
+
+/*
+ * Host swap slots (preemption by swapping): ids 0..n_total-1 of the
+ * backend's swap pool (moe_backend_t.swap_*), a plain stack of free ids.
+ * n_total may be 0 (swapping off).  Engine thread only.
+ */
+typedef struct {
+    int32_t  *free_ids;    /* (n_total) stack of free slots */
+    int       n_free;
+    int       n_total;
+} moe_slots_t;
+
+/* MOE_OK or MOE_ENOMEM; n_total >= 0. */
+int  moe_slots_init(moe_slots_t *s, int n_total);
+void moe_slots_destroy(moe_slots_t *s);
+
+/* Take n slots into ids (all or nothing): MOE_OK, or MOE_EFULL with
+ * nothing taken. */
+int  moe_slots_alloc(moe_slots_t *s, int n, int32_t *ids);
+
+/* Give back n slots taken by moe_slots_alloc(). */
+void moe_slots_free(moe_slots_t *s, const int32_t *ids, int n);
+
 #endif /* MOE_KV_H */

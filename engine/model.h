@@ -271,6 +271,36 @@ struct moe_backend {
     /* per-expert token counts (n_layers * n_experts), may be NULL */
     const int64_t *(*expert_counts)(moe_backend_t *b);
     void (*destroy)(moe_backend_t *b);
+
+    /*
+     * Swap space (preemption by swapping, vLLM's swap_space): a host pool
+     * of n_swap_slots slots of kv_bytes_per_block bytes each, owned by the
+     * backend; a slot holds one whole block (every layer, K and V) in the
+     * backend's own KV element type.  The engine does the slot
+     * book-keeping (moe_slots_t, kv.h).  Any of these pointers may be NULL
+     * (then swapping is unavailable and the engine recomputes).
+     *
+     * swap_alloc: (re)allocate the pool with n_slots slots (0 frees it);
+     *   CPU: malloc, CUDA: pinned host memory.  MOE_OK, MOE_EINVAL or
+     *   MOE_ENOMEM (pool then empty, n_swap_slots 0) with the reason in err.
+     * swap_out: copy device/pool blocks[i] into host slot slots[i], i < n.
+     * swap_in:  copy host slot slots[i] into blocks[i], i < n.
+     *   Both are queued in order with forward() (CUDA: async copies on the
+     *   backend's stream), so a block freed right after swap_out may be
+     *   written by the next forward, and a block filled by swap_in is read
+     *   correctly by it; a slot may be reused for a later swap_out as soon
+     *   as swap_in returns.  MOE_EINVAL (id out of range) or MOE_EBACKEND.
+     * swap_read (tests): wait for queued copies, then copy slot's
+     *   kv_bytes_per_block bytes to dst.
+     */
+    int  n_swap_slots;
+    int  (*swap_alloc)(moe_backend_t *b, int n_slots, char *err,
+                       size_t errlen);
+    int  (*swap_out)(moe_backend_t *b, const int32_t *blocks,
+                     const int32_t *slots, int n);
+    int  (*swap_in)(moe_backend_t *b, const int32_t *slots,
+                    const int32_t *blocks, int n);
+    int  (*swap_read)(moe_backend_t *b, int32_t slot, void *dst);
 };
 
 /*

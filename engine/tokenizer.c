@@ -40,25 +40,40 @@ typedef struct {
     size_t  cap;
 } tbuf_t;
 
+/*
+ * Make room for `need` elements of size sz in the array v of *cap elements,
+ * doubling from `first`.  Returns the (maybe moved) array, or NULL when out
+ * of memory; then v and *cap are unchanged, so the caller can still free v.
+ */
+static void *
+grow(void *v, size_t *cap, size_t need, size_t sz, size_t first)
+{
+    size_t  c;
+
+    if (need <= *cap) {
+        return v;
+    }
+    c = *cap ? *cap * 2 : first;
+    while (c < need) {
+        c *= 2;
+    }
+    v = realloc(v, c * sz);
+    if (v != NULL) {
+        *cap = c;
+    }
+    return v;
+}
+
 static int
 tb_reserve(tbuf_t *b, size_t extra)
 {
-    size_t  cap;
-    char   *p;
+    char  *p;
 
-    if (b->len + extra + 1 <= b->cap) {
-        return 0;
-    }
-    cap = b->cap ? b->cap : 64;
-    while (cap < b->len + extra + 1) {
-        cap *= 2;
-    }
-    p = realloc(b->p, cap);
+    p = grow(b->p, &b->cap, b->len + extra + 1, 1, 64);
     if (p == NULL) {
         return -1;
     }
     b->p = p;
-    b->cap = cap;
     return 0;
 }
 
@@ -540,14 +555,23 @@ static const char GPT2_RE[] =
 
 /* -------------------------------------------------------- map functions */
 
-static int
-strmap_init(strmap_t *m, size_t n)
+/* open addressing: a power of two at least twice the number of keys */
+static size_t
+table_cap(size_t n)
 {
     size_t cap = 16;
 
     while (cap < n * 2) {
         cap *= 2;
     }
+    return cap;
+}
+
+static int
+strmap_init(strmap_t *m, size_t n)
+{
+    size_t cap = table_cap(n);
+
     m->slot = malloc(cap * sizeof(*m->slot));
     if (m->slot == NULL) {
         return -1;
@@ -600,11 +624,8 @@ vocab_put(moe_tokenizer_t *t, int32_t id)
 static int
 pairmap_init(pairmap_t *m, size_t n)
 {
-    size_t cap = 16;
+    size_t cap = table_cap(n);
 
-    while (cap < n * 2) {
-        cap *= 2;
-    }
     m->key = calloc(cap, sizeof(*m->key));
     m->rank = malloc(cap * sizeof(*m->rank));
     m->new_id = malloc(cap * sizeof(*m->new_id));
@@ -917,43 +938,83 @@ parse_pattern(yajl_val pat, const char **lit, const char **regex)
     return (*lit || *regex) ? 0 : -1;
 }
 
+/*
+ * A kind of pipeline component: normalizer, pre_tokenizer, decoder or
+ * post_processor.  All four share the JSON shape {"type": T, ...} where a
+ * T of "Sequence" lists its members under the kind's own key; add_steps()
+ * does that part once, so a kind's fill() handles only its leaf types.
+ */
+typedef struct {
+    const char  *name;        /* in error messages: "normalizer" */
+    const char  *list_key;    /* a Sequence's members: "normalizers" */
+    size_t       size;        /* one step; 0: the kind keeps no step array */
+
+    /* fill the zeroed step (NULL when size is 0) from leaf node n */
+    int        (*fill)(moe_tokenizer_t *t, yajl_val n, const char *type,
+                       void *step, char *err, size_t errlen);
+} step_kind_t;
+
+/*
+ * Flatten node n (absent or null: nothing) of kind k into the array *steps
+ * of *n_steps steps.  A step is counted only when its fill() succeeds, so on
+ * failure *steps still holds *n_steps complete steps for the caller to free.
+ */
 static int
-add_norm(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
+add_steps(moe_tokenizer_t *t, yajl_val n, const step_kind_t *k, void **steps,
+    int *n_steps, char *err, size_t errlen)
 {
     const char  *type = jstr(n, "type");
-    norm_step_t  *s;
     yajl_val     list;
     size_t       i;
+    char        *s;
     int          rc;
 
     if (n == NULL || YAJL_IS_NULL(n)) {
         return MOE_OK;
     }
     if (type == NULL) {
-        set_err(err, errlen, "normalizer without type");
+        set_err(err, errlen, "%s without type", k->name);
         return MOE_EFORMAT;
     }
     if (strcmp(type, "Sequence") == 0) {
-        list = jget(n, "normalizers");
+        list = jget(n, k->list_key);
         if (!YAJL_IS_ARRAY(list)) {
-            set_err(err, errlen, "normalizer Sequence without normalizers");
+            set_err(err, errlen, "%s Sequence without %s", k->name,
+                    k->list_key);
             return MOE_EFORMAT;
         }
         for (i = 0; i < list->u.array.len; i++) {
-            rc = add_norm(t, list->u.array.values[i], err, errlen);
+            rc = add_steps(t, list->u.array.values[i], k, steps, n_steps,
+                           err, errlen);
             if (rc != MOE_OK) {
                 return rc;
             }
         }
         return MOE_OK;
     }
-    s = realloc(t->norm, (size_t) (t->n_norm + 1) * sizeof(*s));
+    if (k->size == 0) {
+        return k->fill(t, n, type, NULL, err, errlen);
+    }
+    s = realloc(*steps, (size_t) (*n_steps + 1) * k->size);
     if (s == NULL) {
         return MOE_ENOMEM;
     }
-    t->norm = s;
-    s = &t->norm[t->n_norm];
-    memset(s, 0, sizeof(*s));
+    *steps = s;
+    s += (size_t) *n_steps * k->size;
+    memset(s, 0, k->size);
+    rc = k->fill(t, n, type, s, err, errlen);
+    if (rc == MOE_OK) {
+        (*n_steps)++;
+    }
+    return rc;
+}
+
+static int
+fill_norm(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
+    char *err, size_t errlen)
+{
+    norm_step_t  *s = step;
+
     if (strcmp(type, "Prepend") == 0) {
         const char *p = jstr(n, "prepend");
         if (p == NULL) {
@@ -988,7 +1049,6 @@ add_norm(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
         set_err(err, errlen, "normalizer %s not supported", type);
         return MOE_EUNSUPPORTED;
     }
-    t->n_norm++;
     return MOE_OK;
 }
 
@@ -1010,42 +1070,11 @@ scheme_of(yajl_val n)
 }
 
 static int
-add_pre(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
+fill_pre(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
+    char *err, size_t errlen)
 {
-    const char  *type = jstr(n, "type");
-    pre_step_t  *s;
-    yajl_val     list;
-    size_t       i;
-    int          rc;
+    pre_step_t  *s = step;
 
-    if (n == NULL || YAJL_IS_NULL(n)) {
-        return MOE_OK;
-    }
-    if (type == NULL) {
-        set_err(err, errlen, "pre_tokenizer without type");
-        return MOE_EFORMAT;
-    }
-    if (strcmp(type, "Sequence") == 0) {
-        list = jget(n, "pretokenizers");
-        if (!YAJL_IS_ARRAY(list)) {
-            set_err(err, errlen, "pre_tokenizer Sequence without list");
-            return MOE_EFORMAT;
-        }
-        for (i = 0; i < list->u.array.len; i++) {
-            rc = add_pre(t, list->u.array.values[i], err, errlen);
-            if (rc != MOE_OK) {
-                return rc;
-            }
-        }
-        return MOE_OK;
-    }
-    s = realloc(t->pre, (size_t) (t->n_pre + 1) * sizeof(*s));
-    if (s == NULL) {
-        return MOE_ENOMEM;
-    }
-    t->pre = s;
-    s = &t->pre[t->n_pre];
-    memset(s, 0, sizeof(*s));
     if (strcmp(type, "Split") == 0) {
         const char *lit, *rx, *beh = jstr(n, "behavior");
         if (parse_pattern(jget(n, "pattern"), &lit, &rx) != 0 || beh == NULL) {
@@ -1078,6 +1107,7 @@ add_pre(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
             s->behavior = BEH_CONTIGUOUS;
         } else {
             set_err(err, errlen, "pre_tokenizer Split: behavior %s", beh);
+            pcre2_code_free(s->re);     /* the step is not counted */
             return MOE_EFORMAT;
         }
         s->invert = jbool(n, "invert", 0);
@@ -1115,47 +1145,16 @@ add_pre(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
         set_err(err, errlen, "pre_tokenizer %s not supported", type);
         return MOE_EUNSUPPORTED;
     }
-    t->n_pre++;
     return MOE_OK;
 }
 
 static int
-add_dec(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
+fill_dec(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
+    char *err, size_t errlen)
 {
-    const char  *type = jstr(n, "type");
-    dec_step_t  *s;
-    yajl_val     list;
-    size_t       i, cl;
-    int          rc;
+    dec_step_t  *s = step;
+    size_t       cl;
 
-    if (n == NULL || YAJL_IS_NULL(n)) {
-        return MOE_OK;
-    }
-    if (type == NULL) {
-        set_err(err, errlen, "decoder without type");
-        return MOE_EFORMAT;
-    }
-    if (strcmp(type, "Sequence") == 0) {
-        list = jget(n, "decoders");
-        if (!YAJL_IS_ARRAY(list)) {
-            set_err(err, errlen, "decoder Sequence without decoders");
-            return MOE_EFORMAT;
-        }
-        for (i = 0; i < list->u.array.len; i++) {
-            rc = add_dec(t, list->u.array.values[i], err, errlen);
-            if (rc != MOE_OK) {
-                return rc;
-            }
-        }
-        return MOE_OK;
-    }
-    s = realloc(t->dec, (size_t) (t->n_dec + 1) * sizeof(*s));
-    if (s == NULL) {
-        return MOE_ENOMEM;
-    }
-    t->dec = s;
-    s = &t->dec[t->n_dec];
-    memset(s, 0, sizeof(*s));
     if (strcmp(type, "ByteLevel") == 0) {
         s->type = DEC_BYTELEVEL;
     } else if (strcmp(type, "Replace") == 0) {
@@ -1200,39 +1199,18 @@ add_dec(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
         set_err(err, errlen, "decoder %s not supported", type);
         return MOE_EUNSUPPORTED;
     }
-    t->n_dec++;
     return MOE_OK;
 }
 
+/* Post-processors keep no steps: only a TemplateProcessing changes ids. */
 static int
-add_post(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
+fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
+    char *err, size_t errlen)
 {
-    const char  *type = jstr(n, "type");
     yajl_val     list, specials, item, sp, ids;
     size_t       i, j;
-    int          rc;
 
-    if (n == NULL || YAJL_IS_NULL(n)) {
-        return MOE_OK;
-    }
-    if (type == NULL) {
-        set_err(err, errlen, "post_processor without type");
-        return MOE_EFORMAT;
-    }
-    if (strcmp(type, "Sequence") == 0) {
-        list = jget(n, "processors");
-        if (!YAJL_IS_ARRAY(list)) {
-            set_err(err, errlen, "post_processor Sequence without list");
-            return MOE_EFORMAT;
-        }
-        for (i = 0; i < list->u.array.len; i++) {
-            rc = add_post(t, list->u.array.values[i], err, errlen);
-            if (rc != MOE_OK) {
-                return rc;
-            }
-        }
-        return MOE_OK;
-    }
+    (void) step;
     if (strcmp(type, "ByteLevel") == 0) {
         return MOE_OK;                  /* offsets only; ids unchanged */
     }
@@ -1286,6 +1264,53 @@ add_post(moe_tokenizer_t *t, yajl_val n, char *err, size_t errlen)
         t->n_tpl++;
     }
     return MOE_OK;
+}
+
+static const step_kind_t  norm_kind = {
+    "normalizer", "normalizers", sizeof(norm_step_t), fill_norm
+};
+static const step_kind_t  pre_kind = {
+    "pre_tokenizer", "pretokenizers", sizeof(pre_step_t), fill_pre
+};
+static const step_kind_t  dec_kind = {
+    "decoder", "decoders", sizeof(dec_step_t), fill_dec
+};
+static const step_kind_t  post_kind = {
+    "post_processor", "processors", 0, fill_post
+};
+
+/*
+ * Load the normalizer, pre-tokenizer, decoder and post-processor chains.
+ * The step arrays pass through a void * so that add_steps() can grow any of
+ * them; t takes each array back even on failure, for moe_tokenizer_free().
+ */
+static int
+load_pipeline(moe_tokenizer_t *t, yajl_val root, char *err, size_t errlen)
+{
+    void      *norm = NULL, *pre = NULL, *dec = NULL;
+    yajl_val   d = jget(root, "decoder");
+    int        rc;
+
+    rc = add_steps(t, jget(root, "normalizer"), &norm_kind, &norm, &t->n_norm,
+                   err, errlen);
+    t->norm = norm;
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    rc = add_steps(t, jget(root, "pre_tokenizer"), &pre_kind, &pre,
+                   &t->n_pre, err, errlen);
+    t->pre = pre;
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    t->has_decoder = d != NULL && !YAJL_IS_NULL(d);
+    rc = add_steps(t, d, &dec_kind, &dec, &t->n_dec, err, errlen);
+    t->dec = dec;
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    return add_steps(t, jget(root, "post_processor"), &post_kind, NULL, NULL,
+                     err, errlen);
 }
 
 static int normalize_piece(const moe_tokenizer_t *t, const char *s, size_t n,
@@ -1574,18 +1599,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     }
     rc = load_merges(t, model, err, errlen);
     if (rc == MOE_OK) {
-        rc = add_norm(t, jget(root, "normalizer"), err, errlen);
-    }
-    if (rc == MOE_OK) {
-        rc = add_pre(t, jget(root, "pre_tokenizer"), err, errlen);
-    }
-    if (rc == MOE_OK) {
-        yajl_val d = jget(root, "decoder");
-        t->has_decoder = d != NULL && !YAJL_IS_NULL(d);
-        rc = add_dec(t, d, err, errlen);
-    }
-    if (rc == MOE_OK) {
-        rc = add_post(t, jget(root, "post_processor"), err, errlen);
+        rc = load_pipeline(t, root, err, errlen);
     }
     if (rc == MOE_OK) {
         rc = load_added(t, added, err, errlen);
@@ -1675,14 +1689,11 @@ pl_add(plist_t *l, const char *s, size_t n, int32_t id, int at_start)
 {
     piece_t *v;
 
-    if (l->n == l->cap) {
-        l->cap = l->cap ? l->cap * 2 : 16;
-        v = realloc(l->v, l->cap * sizeof(*v));
-        if (v == NULL) {
-            return -1;
-        }
-        l->v = v;
+    v = grow(l->v, &l->cap, l->n + 1, sizeof(*v), 16);
+    if (v == NULL) {
+        return -1;
     }
+    l->v = v;
     l->v[l->n].off = l->text.len;
     l->v[l->n].len = n;
     l->v[l->n].id = id;
@@ -1941,14 +1952,11 @@ sp_add(spans_t *sp, size_t s, size_t e, int m)
 {
     span_t *v;
 
-    if (sp->n == sp->cap) {
-        sp->cap = sp->cap ? sp->cap * 2 : 64;
-        v = realloc(sp->v, sp->cap * sizeof(*v));
-        if (v == NULL) {
-            return -1;
-        }
-        sp->v = v;
+    v = grow(sp->v, &sp->cap, sp->n + 1, sizeof(*v), 64);
+    if (v == NULL) {
+        return -1;
     }
+    sp->v = v;
     sp->v[sp->n].s = s;
     sp->v[sp->n].e = e;
     sp->v[sp->n].m = m;
@@ -1961,33 +1969,30 @@ static int
 find_spans(const pre_step_t *st, const char *s, size_t n, spans_t *sp,
     pcre2_match_data *md)
 {
-    size_t      prev = 0, pos = 0, ms, me, cl;
+    size_t      prev = 0, pos = 0, ms, me, cl, litlen = st->litlen;
+    const char *lit = st->lit;
     PCRE2_SIZE *ov;
     int         rc;
 
+    /* Metaspace splits on its replacement: a literal pattern too */
+    if (lit == NULL && st->type == PRE_METASPACE) {
+        lit = st->rep;
+        litlen = st->replen;
+    }
     sp->n = 0;
     if (n == 0) {
         return sp_add(sp, 0, 0, 0);
     }
     for (;;) {
-        if (st->lit) {
-            const char *f = pos + st->litlen <= n
-                            ? memmem(s + pos, n - pos, st->lit, st->litlen)
+        if (lit) {
+            const char *f = pos + litlen <= n
+                            ? memmem(s + pos, n - pos, lit, litlen)
                             : NULL;
             if (f == NULL) {
                 break;
             }
             ms = (size_t) (f - s);
-            me = ms + st->litlen;
-        } else if (st->type == PRE_METASPACE) {
-            const char *f = pos + st->replen <= n
-                            ? memmem(s + pos, n - pos, st->rep, st->replen)
-                            : NULL;
-            if (f == NULL) {
-                break;
-            }
-            ms = (size_t) (f - s);
-            me = ms + st->replen;
+            me = ms + litlen;
         } else {
             if (pos > n) {
                 break;
@@ -2250,14 +2255,11 @@ ids_push(ids_t *o, int32_t id)
 {
     int32_t *v;
 
-    if (o->n == o->cap) {
-        o->cap = o->cap ? o->cap * 2 : 64;
-        v = realloc(o->v, o->cap * sizeof(*v));
-        if (v == NULL) {
-            return -1;
-        }
-        o->v = v;
+    v = grow(o->v, &o->cap, o->n + 1, sizeof(*v), 64);
+    if (v == NULL) {
+        return -1;
     }
+    o->v = v;
     o->v[o->n++] = id;
     return 0;
 }
@@ -2274,14 +2276,11 @@ heap_push(bpe_scratch_t *sc, uint32_t rank, uint32_t pos, int32_t nid)
     size_t i;
     mrg_t  m, *h;
 
-    if (sc->heap_n == sc->heap_cap) {
-        sc->heap_cap = sc->heap_cap ? sc->heap_cap * 2 : 64;
-        h = realloc(sc->heap, sc->heap_cap * sizeof(*h));
-        if (h == NULL) {
-            return -1;
-        }
-        sc->heap = h;
+    h = grow(sc->heap, &sc->heap_cap, sc->heap_n + 1, sizeof(*h), 64);
+    if (h == NULL) {
+        return -1;
     }
+    sc->heap = h;
     m.rank = rank;
     m.pos = pos;
     m.new_id = nid;
@@ -2325,14 +2324,11 @@ sym_add(bpe_scratch_t *sc, size_t *ns, int32_t id)
 {
     sym_t *s;
 
-    if (*ns == sc->sym_cap) {
-        sc->sym_cap = sc->sym_cap ? sc->sym_cap * 2 : 64;
-        s = realloc(sc->sym, sc->sym_cap * sizeof(*s));
-        if (s == NULL) {
-            return -1;
-        }
-        sc->sym = s;
+    s = grow(sc->sym, &sc->sym_cap, *ns + 1, sizeof(*s), 64);
+    if (s == NULL) {
+        return -1;
     }
+    sc->sym = s;
     sc->sym[*ns].id = id;
     sc->sym[*ns].prev = (int32_t) *ns - 1;
     sc->sym[*ns].next = (int32_t) *ns + 1;
@@ -2610,14 +2606,11 @@ sl_add(slist_t *l, const char *s, size_t n)
 {
     size_t *o;
 
-    if (l->n + 2 > l->cap) {
-        l->cap = l->cap ? l->cap * 2 : 32;
-        o = realloc(l->off, l->cap * sizeof(*o));
-        if (o == NULL) {
-            return -1;
-        }
-        l->off = o;
+    o = grow(l->off, &l->cap, l->n + 2, sizeof(*o), 32);
+    if (o == NULL) {
+        return -1;
     }
+    l->off = o;
     if (l->n == 0) {
         l->off[0] = l->text.len;
     }

@@ -179,6 +179,10 @@ typedef struct {
     int             ev_cap;
     int             n_ev;
     double          prof_ms[MOE_CUDA_N_STAGES];
+
+    /* swap space (cb_swap_*): pinned host pool, (n_swap_slots, L, 2, bs,
+     * n_kv, hd) bf16, a slot is one block of every layer */
+    bf16           *swap_host;
 } cuda_backend_t;
 
 
@@ -1033,6 +1037,14 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
 static int cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs,
     int n);
 static const int64_t *cb_expert_counts(moe_backend_t *base);
+static void cb_swap_destroy(moe_backend_t *base);
+static int cb_swap_alloc(moe_backend_t *base, int n_slots, char *err,
+    size_t errlen);
+static int cb_swap_out(moe_backend_t *base, const int32_t *blocks,
+    const int32_t *slots, int n);
+static int cb_swap_in(moe_backend_t *base, const int32_t *slots,
+    const int32_t *blocks, int n);
+static int cb_swap_read(moe_backend_t *base, int32_t slot, void *dst);
 
 
 /* Everything but the weights' values; MOE_* with err set. */
@@ -1288,6 +1300,12 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
         cb_destroy(&b->base);
         return rc;
     }
+    /* swap space: allocated later by the engine (cb_swap_alloc) */
+    b->base.destroy = cb_swap_destroy;
+    b->base.swap_alloc = cb_swap_alloc;
+    b->base.swap_out = cb_swap_out;
+    b->base.swap_in = cb_swap_in;
+    b->base.swap_read = cb_swap_read;
     *out = &b->base;
     return MOE_OK;
 }
@@ -2031,4 +2049,151 @@ cb_expert_counts(moe_backend_t *base)
         (void) cudaGetLastError();      /* keep the last good values */
     }
     return b->expert_counts;
+}
+
+
+/* ---------------------------------------------------------- swap space */
+
+/*
+ * Preemption by swapping: whole blocks between the device KV pool and a
+ * pinned host pool.  A block is L strided pieces on the device (layer
+ * outermost: piece l at kv + (l * n_blocks + block) * piece) and one
+ * contiguous slot on the host, so each copy is one cudaMemcpy2DAsync (L
+ * rows of `piece` bytes).  Copies go on the backend's stream, in order
+ * with forward(): a block freed after swap_out is overwritten only after
+ * the copy, a block filled by swap_in is read only after it; the engine
+ * never touches the host pool itself, so nothing synchronises here except
+ * swap_read (tests) and the pool's reallocation.
+ */
+
+static void
+cb_swap_destroy(moe_backend_t *base)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+
+    if (b == NULL) {
+        return;
+    }
+    if (b->swap_host != NULL) {
+        (void) cudaSetDevice(b->device);
+        (void) cudaStreamSynchronize(b->stream);
+        (void) cudaFreeHost(b->swap_host);
+        b->swap_host = NULL;
+    }
+    cb_destroy(base);
+}
+
+
+static int
+cb_swap_alloc(moe_backend_t *base, int n_slots, char *err, size_t errlen)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    size_t          bytes;
+    cudaError_t     ce;
+
+    if (n_slots < 0) {
+        cb_err(err, errlen, "cuda backend: bad swap slot count %d", n_slots);
+        return MOE_EINVAL;
+    }
+    if (cudaSetDevice(b->device) != cudaSuccess
+        || cudaStreamSynchronize(b->stream) != cudaSuccess)
+    {
+        cb_err(err, errlen, "cuda backend: swap space: %s",
+               cudaGetErrorString(cudaGetLastError()));
+        return MOE_EBACKEND;
+    }
+    if (b->swap_host != NULL) {
+        (void) cudaFreeHost(b->swap_host);
+        b->swap_host = NULL;
+    }
+    b->base.n_swap_slots = 0;
+    if (n_slots == 0) {
+        return MOE_OK;
+    }
+
+    bytes = (size_t) n_slots * (size_t) b->base.kv_bytes_per_block;
+    ce = cudaHostAlloc((void **) &b->swap_host, bytes, cudaHostAllocDefault);
+    if (ce != cudaSuccess) {
+        b->swap_host = NULL;
+        (void) cudaGetLastError();
+        cb_err(err, errlen, "cuda backend: pinned swap space of %d blocks "
+               "(%zu MiB): %s", n_slots, bytes >> 20,
+               cudaGetErrorString(ce));
+        return ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
+    }
+    b->base.n_swap_slots = n_slots;
+    return MOE_OK;
+}
+
+
+/* dir 0: device blocks -> host slots, 1: host slots -> device blocks */
+static int
+cb_swap_copy(cuda_backend_t *b, const int32_t *blocks, const int32_t *slots,
+    int n, int dir)
+{
+    size_t  piece = (size_t) 2 * b->block_size * b->KVD * sizeof(bf16);
+    size_t  dpitch = piece * (size_t) b->n_blocks;
+    char   *dev, *host;
+    int     i;
+
+    for (i = 0; i < n; i++) {
+        if (blocks[i] < 0 || blocks[i] >= b->n_blocks || slots[i] < 0
+            || slots[i] >= b->base.n_swap_slots)
+        {
+            moe_cuda_set_error("swap: block %d / slot %d out of range",
+                               blocks[i], slots[i]);
+            return MOE_EINVAL;
+        }
+    }
+    MOE_CUDA_CHECK(cudaSetDevice(b->device));
+    for (i = 0; i < n; i++) {
+        dev = (char *) b->kv + (size_t) blocks[i] * piece;
+        host = (char *) b->swap_host
+               + (size_t) slots[i] * (size_t) b->base.kv_bytes_per_block;
+        if (dir == 0) {
+            MOE_CUDA_CHECK(cudaMemcpy2DAsync(host, piece, dev, dpitch, piece,
+                                             (size_t) b->hp.n_layers,
+                                             cudaMemcpyDeviceToHost,
+                                             b->stream));
+        } else {
+            MOE_CUDA_CHECK(cudaMemcpy2DAsync(dev, dpitch, host, piece, piece,
+                                             (size_t) b->hp.n_layers,
+                                             cudaMemcpyHostToDevice,
+                                             b->stream));
+        }
+    }
+    return MOE_OK;
+}
+
+
+static int
+cb_swap_out(moe_backend_t *base, const int32_t *blocks,
+    const int32_t *slots, int n)
+{
+    return cb_swap_copy((cuda_backend_t *) base, blocks, slots, n, 0);
+}
+
+
+static int
+cb_swap_in(moe_backend_t *base, const int32_t *slots,
+    const int32_t *blocks, int n)
+{
+    return cb_swap_copy((cuda_backend_t *) base, blocks, slots, n, 1);
+}
+
+
+static int
+cb_swap_read(moe_backend_t *base, int32_t slot, void *dst)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+
+    if (slot < 0 || slot >= b->base.n_swap_slots) {
+        return MOE_EINVAL;
+    }
+    MOE_CUDA_CHECK(cudaSetDevice(b->device));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
+    memcpy(dst, (char *) b->swap_host
+                + (size_t) slot * (size_t) b->base.kv_bytes_per_block,
+           (size_t) b->base.kv_bytes_per_block);
+    return MOE_OK;
 }

@@ -335,8 +335,15 @@ typedef struct {
     int64_t  cached_tokens_total;
     int64_t  steps;
     int64_t  busy_ns;              /* engine time spent in forward+sample */
-    int64_t  preemptions;
+    int64_t  preemptions;          /* preemptions by recompute */
     int64_t  submit_ring_free;
+    /* preemption by swapping to host memory (swap_space) */
+    int64_t  swap_outs;            /* sequences swapped out, total */
+    int64_t  swap_ins;             /* sequences swapped back in, total */
+    int64_t  swap_blocks_out;      /* KV blocks copied to host, total */
+    int64_t  seqs_swapped;         /* sequences in host memory now */
+    int64_t  swap_slots_total;     /* host swap pool, in blocks; 0: off */
+    int64_t  swap_slots_used;
 } moe_stats_t;
 
 /*

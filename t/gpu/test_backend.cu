@@ -37,7 +37,12 @@
  *  - expert counts: per layer they add up to tokens * top_k, and (same
  *    routing) equal the CPU backend's per (layer, expert);
  *  - forward rejects a short block table and an out-of-vocab token
- *    (MOE_EINVAL) without breaking later steps.
+ *    (MOE_EINVAL) without breaking later steps;
+ *  - swap space (models/localmoe-tiny): a prefilled sequence's blocks
+ *    swapped out to host slots, overwritten by another sequence, swapped
+ *    in to other blocks and out again give bit-identical slot bytes (and
+ *    the overwritten blocks do differ), and decoding after the swap-in
+ *    still matches the CPU (never swapped) within the same bound.
  * TAP; skips when there is no CUDA device.
  */
 
@@ -407,6 +412,200 @@ out_free:
 }
 
 
+/* One step of one sequence on the CUDA backend (table gt), then on the CPU
+ * (table ct) with the CUDA routing forced; MOE_OK or a status. */
+static int
+swap_step(moe_backend_t *gb, moe_backend_t *cb, const moe_hparams_t *hp,
+    const int32_t *toks, int n, int pos, const int32_t *gt,
+    const int32_t *ct, int nb, float *glog, float *clog, int32_t *route)
+{
+    moe_seq_batch_t sb;
+    int             rc;
+
+    memset(&sb, 0, sizeof(sb));
+    sb.tokens = toks;
+    sb.n_tokens = n;
+    sb.pos = pos;
+    sb.block_table = gt;
+    sb.n_blocks = nb;
+    sb.logits = glog;
+    rc = gb->forward(gb, &sb, 1);
+    if (rc == MOE_OK && hp->n_experts > 1) {
+        rc = moe_cuda_backend_last_routing(gb, route, n);
+        if (rc == MOE_OK) {
+            rc = moe_cpu_backend_force_routing(cb, route, n);
+        }
+    }
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    sb.block_table = ct;
+    sb.logits = clog;
+    return cb->forward(cb, &sb, 1);
+}
+
+
+#define SW_LEN   21                 /* prompt: 6 blocks of 4 with decode */
+#define SW_NB    8
+#define SW_DEC   6
+
+static void
+test_swap(const char *dir)
+{
+    moe_model_t         *m;
+    moe_backend_t       *gb = NULL, *cb = NULL;
+    const moe_hparams_t *hp;
+    char                 err[512];
+    int                  rc, V, ok, nb = 6;
+    int32_t              toks[SW_LEN + SW_DEC], other[SW_LEN];
+    int32_t              ta[SW_NB] = { 1, 3, 5, 7, 9, 11, 13, 15 };
+    int32_t              tn[SW_NB] = { 40, 41, 42, 43, 44, 45, 46, 47 };
+    int32_t              s1[6] = { 0, 1, 2, 3, 4, 5 };
+    int32_t              s2[6] = { 6, 7, 8, 9, 10, 11 };
+    int32_t             *route = NULL;
+    float               *glog = NULL, *clog = NULL;
+    unsigned char       *x1 = NULL, *x2 = NULL;
+    size_t               per;
+
+    if (access(dir, R_OK) != 0) {
+        TAP_DIAG("%s: missing, swap test skipped", dir);
+        return;
+    }
+    if (moe_model_load(dir, 0, &m, err, sizeof(err)) != MOE_OK) {
+        TAP_OK(0, "swap: load %s: %s", dir, err);
+        return;
+    }
+    hp = moe_model_hparams(m);
+    V = hp->vocab_size;
+    for (int i = 0; i < SW_LEN; i++) {
+        toks[i] = (int32_t) (gu_rand() % (uint32_t) V);
+        other[i] = (int32_t) (gu_rand() % (uint32_t) V);
+    }
+    glog = (float *) malloc(sizeof(float) * V);
+    clog = (float *) malloc(sizeof(float) * V);
+    route = (int32_t *) malloc(sizeof(int32_t) * SW_LEN * hp->n_layers
+                               * hp->top_k);
+
+    rc = moe_cpu_backend_create(m, N_BLOCKS, BS, 1, &cb, err, sizeof(err));
+    if (rc == MOE_OK) {
+        rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
+                                     sizeof(err));
+    }
+    if (rc == MOE_OK) {
+        rc = gb->swap_alloc != NULL && gb->swap_out != NULL
+             && gb->swap_in != NULL && gb->swap_read != NULL
+             ? gb->swap_alloc(gb, 12, err, sizeof(err)) : MOE_EUNSUPPORTED;
+    }
+    TAP_OK(rc == MOE_OK && gb->n_swap_slots == 12, "swap: cuda backend "
+           "with 12 pinned swap slots (%s)", rc == MOE_OK ? "ok" : err);
+    if (rc != MOE_OK) {
+        goto out;
+    }
+    per = (size_t) gb->kv_bytes_per_block;
+    x1 = (unsigned char *) malloc(per);
+    x2 = (unsigned char *) malloc(per);
+
+    /* prefill on both (CPU in ta, never swapped); on the GPU: out to
+     * slots s1, another sequence written over ta, in to tn, out to s2 */
+    ok = swap_step(gb, cb, hp, toks, SW_LEN, 0, ta, ta, nb, glog, clog,
+                   route) == MOE_OK;
+    ok = ok && gb->swap_out(gb, ta, s1, nb) == MOE_OK;
+    {
+        moe_seq_batch_t sb;
+
+        memset(&sb, 0, sizeof(sb));
+        sb.tokens = other;
+        sb.n_tokens = SW_LEN;
+        sb.block_table = ta;
+        sb.n_blocks = nb;
+        ok = ok && gb->forward(gb, &sb, 1) == MOE_OK;
+    }
+    ok = ok && gb->swap_in(gb, s1, tn, nb) == MOE_OK;
+    ok = ok && gb->swap_out(gb, tn, s2, nb) == MOE_OK;
+    {
+        int same = 1, nonzero = 0;
+
+        for (int i = 0; ok && i < nb; i++) {
+            same &= gb->swap_read(gb, s1[i], x1) == MOE_OK
+                    && gb->swap_read(gb, s2[i], x2) == MOE_OK
+                    && memcmp(x1, x2, per) == 0;
+            for (size_t k = 0; k < per; k++) {
+                nonzero |= x1[k] != 0;
+            }
+        }
+        TAP_OK(ok && same && nonzero, "swap: cuda blocks -> host slots -> "
+               "other blocks -> host slots is bit-exact, %d blocks of %zu "
+               "bytes (%s)", nb, per, ok ? "ok" : moe_cuda_last_error());
+    }
+    {
+        int32_t s3[1] = { 0 }, s0[1] = { 6 };
+
+        ok = ok && gb->swap_out(gb, ta, s0, 1) == MOE_OK
+             && gb->swap_read(gb, s3[0], x1) == MOE_OK
+             && gb->swap_read(gb, s0[0], x2) == MOE_OK;
+        TAP_OK(ok && memcmp(x1, x2, per) != 0, "swap: the overwritten "
+               "block differs from its swapped copy");
+    }
+
+    /* decode after the swap-in: cuda on tn, cpu on ta (never swapped) */
+    {
+        double worst = 0;
+        int    disagree = 0, dok = ok;
+
+        for (int d = 0; dok && d < SW_DEC; d++) {
+            float margin;
+            int   pos = SW_LEN + d;
+
+            toks[pos] = (int32_t) argmax(clog, V, NULL);
+            /* 27 positions: one more block than was swapped */
+            dok = swap_step(gb, cb, hp, toks + pos, 1, pos, tn, ta, nb + 1,
+                            glog, clog, route) == MOE_OK;
+            if (!dok) {
+                TAP_DIAG("swap decode %d: %s", d, moe_cuda_last_error());
+                break;
+            }
+            double e = gu_relerr(glog, clog, (size_t) V);
+            if (!(e <= worst)) {
+                worst = e;
+            }
+            if (argmax(clog, V, &margin) != argmax(glog, V, NULL)
+                && margin > MARGIN)
+            {
+                disagree++;
+            }
+        }
+        TAP_OK(dok && worst <= REL_TOL && disagree == 0, "swap: %d decode "
+               "steps after swap-in match the never-swapped cpu (rel err "
+               "max %.2e, %d greedy disagreements)", SW_DEC, worst,
+               disagree);
+    }
+
+    {
+        int32_t bad[1] = { N_BLOCKS }, good[1] = { 0 }, bads[1] = { 12 };
+
+        TAP_OK(gb->swap_out(gb, bad, good, 1) == MOE_EINVAL
+               && gb->swap_in(gb, bads, good, 1) == MOE_EINVAL
+               && gb->swap_alloc(gb, 0, err, sizeof(err)) == MOE_OK
+               && gb->n_swap_slots == 0
+               && gb->swap_out(gb, good, good, 1) == MOE_EINVAL,
+               "swap: bad ids refused; swap_alloc(0) frees the pool");
+    }
+out:
+    if (gb != NULL) {
+        gb->destroy(gb);
+    }
+    if (cb != NULL) {
+        cb->destroy(cb);
+    }
+    free(x1);
+    free(x2);
+    free(route);
+    free(glog);
+    free(clog);
+    moe_model_free(m);
+}
+
+
 int
 main(void)
 {
@@ -429,6 +628,7 @@ main(void)
     for (size_t i = 0; i < sizeof(model_dirs) / sizeof(model_dirs[0]); i++) {
         test_model(model_dirs[i]);
     }
+    test_swap("models/localmoe-tiny");
     if (tap_n == 0) {
         TAP_OK(0, "no test model found (run from the repository root)");
     }

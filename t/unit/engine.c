@@ -2,8 +2,11 @@
  * Checks the engine end to end without nginx, on the tiny default model:
  * continuous batching gives every request exactly the tokens it gets when
  * run alone (greedy), also when the KV cache is so small that sequences are
- * preempted and recomputed; max_tokens is honoured; a cancel frees the KV
- * blocks; same seed gives the same sample; bad submissions are refused.
+ * preempted and recomputed, or swapped out to host memory (swap_space:
+ * large enough, only swaps and no recompute; small, a mix of both) and
+ * resumed; afterwards every KV block and swap slot is free; max_tokens is
+ * honoured; a cancel frees the KV blocks; same seed gives the same sample;
+ * bad submissions are refused.
  */
 
 #include <limits.h>
@@ -86,7 +89,7 @@ run(moe_engine_t *e, const int *ids_n, int32_t ids[][256], int first,
 
 
 static moe_engine_t *
-make_engine(int kv_blocks, int max_seqs)
+make_engine(int kv_blocks, int max_seqs, double swap_gib)
 {
     char           err[1024];
     moe_config_t   cfg;
@@ -103,6 +106,7 @@ make_engine(int kv_blocks, int max_seqs)
     cfg.max_num_seqs = max_seqs;
     cfg.max_num_batched_tokens = 64;
     cfg.cpu_threads = 1;
+    cfg.swap_space = swap_gib;
 
     if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
         TAP_DIAG("engine: %s", err);
@@ -134,9 +138,9 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(14);
+    TAP_PLAN(18);
 
-    e = make_engine(0, 16);
+    e = make_engine(0, 16, 0);
     if (e == NULL) {
         TAP_OK(0, "engine starts on models/localmoe-tiny");
         return 1;
@@ -289,7 +293,7 @@ main(int argc, char **argv)
 
     /* a KV cache of 40 blocks (160 tokens) for 12 sequences of up to ~35
      * tokens: preemption by recompute must not change any output */
-    e = make_engine(40, 16);
+    e = make_engine(40, 16, 0);
     sp.temperature = 0.0f;
     sp.has_seed = 0;
     sp.max_tokens = 24;
@@ -302,10 +306,56 @@ main(int argc, char **argv)
     if (e != NULL) {
         moe_engine_stats(e, &st);
     }
-    TAP_OK(ok && st.preemptions > 0,
+    TAP_OK(ok && st.preemptions > 0 && st.swap_outs == 0,
            "small KV cache: %lld preemptions, outputs unchanged",
            (long long) st.preemptions);
     moe_engine_destroy(e);
+
+    /* the same with swap space: a block of the tiny model is 2 layers x
+     * K,V x 4 tokens x 2 heads x 16 dims fp32 = 2 KiB.  ~1 MiB holds every
+     * sequence (only swaps); 10 slots hold one sequence at a time (swaps
+     * and recomputes).  Swapped sequences resume with their K/V, so the
+     * outputs must still be the solo ones. */
+    {
+        static const double  gib[2] = { 1.0 / 1024,
+                                         10.0 * 2048 / 1073741824.0 };
+        static const char   *what[2] = { "large", "small" };
+        int                  k;
+
+        for (k = 0; k < 2; k++) {
+            memset(&st, 0, sizeof(st));
+            e = make_engine(40, 16, gib[k]);
+            ok = e != NULL && run(e, ids_n, ids, 0, NREQ, &sp, small, 0) == 0;
+            for (i = 0; ok && i < NREQ; i++) {
+                ok &= small[i].finished == 1 && small[i].n == solo[i].n
+                      && memcmp(small[i].toks, solo[i].toks,
+                                sizeof(int32_t) * (size_t) solo[i].n) == 0;
+            }
+            usleep(100000);
+            if (e != NULL) {
+                moe_engine_stats(e, &st);
+            }
+            TAP_DIAG("swap space %s (%lld slots): %lld swaps out, %lld in, "
+                     "%lld blocks, %lld recompute preemptions", what[k],
+                     (long long) st.swap_slots_total,
+                     (long long) st.swap_outs, (long long) st.swap_ins,
+                     (long long) st.swap_blocks_out,
+                     (long long) st.preemptions);
+            TAP_OK(ok && st.swap_outs > 0 && st.swap_ins == st.swap_outs
+                   && (k == 0 ? st.preemptions == 0 : st.preemptions > 0),
+                   "small KV cache, %s swap space: %lld swaps, %lld "
+                   "recomputes, outputs unchanged", what[k],
+                   (long long) st.swap_outs, (long long) st.preemptions);
+            TAP_OK(e != NULL && st.kv_blocks_used == 0
+                   && st.swap_slots_used == 0 && st.seqs_swapped == 0
+                   && st.seqs_running == 0 && st.seqs_waiting == 0,
+                   "%s swap space: all KV blocks (%lld used) and swap slots "
+                   "(%lld used) free at the end", what[k],
+                   (long long) st.kv_blocks_used,
+                   (long long) st.swap_slots_used);
+            moe_engine_destroy(e);
+        }
+    }
 
     /* load_format dummy makes random weights on the GPU only */
     {
