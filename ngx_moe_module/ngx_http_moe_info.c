@@ -254,6 +254,8 @@ ngx_http_moe_stats_performance(ngx_http_request_t *r)
 
     ngx_http_moe_gen_int(g, "steps", st.steps);
     ngx_http_moe_gen_int(g, "preemptions", st.preemptions);
+    ngx_http_moe_gen_int(g, "swap_outs", st.swap_outs);
+    ngx_http_moe_gen_int(g, "swap_ins", st.swap_ins);
     ngx_http_moe_gen_double(g, "busy_s", busy);
     ngx_http_moe_gen_double(g, "busy_fraction",
                             busy / uptime > 1.0 ? 1.0 : busy / uptime);
@@ -335,7 +337,7 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
         }
     }
 
-    size = 16 * (256 + model.len);
+    size = 24 * (256 + model.len);
 
     start = ngx_pnalloc(r->pool, size);
     if (start == NULL) {
@@ -369,8 +371,15 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
                             "counter", "Engine time spent in forward and "
                             "sampling.", &model, st.busy_ns);
     p = ngx_http_moe_metric(p, last, "preemptions_total", "counter",
-                            "Sequences preempted for lack of KV blocks.",
-                            &model, st.preemptions);
+                            "Sequences preempted for lack of KV blocks "
+                            "(recomputed or swapped).",
+                            &model, st.preemptions + st.swap_outs);
+    p = ngx_http_moe_metric(p, last, "swap_outs_total", "counter",
+                            "Sequences whose KV blocks were swapped to host "
+                            "memory.", &model, st.swap_outs);
+    p = ngx_http_moe_metric(p, last, "swap_slots_used", "gauge",
+                            "Host swap slots holding KV blocks.", &model,
+                            st.swap_slots_used);
     p = ngx_http_moe_metric(p, last, "num_requests_running", "gauge",
                             "Sequences running.", &model, st.seqs_running);
     p = ngx_http_moe_metric(p, last, "num_requests_waiting", "gauge",
