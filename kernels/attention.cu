@@ -1,41 +1,66 @@
 /*
- * Paged attention: one block of ATT_WARPS warps per (query token, kv head,
- * key split), serving the G query heads of that kv head so each K/V row is
- * read once.  The keys are cut into chunks of 32; chunk c goes to warp
- * c mod (splits * ATT_WARPS).  A warp scores its chunk with lane = key,
- * keeps an online softmax (running max m, sum l) per head, and accumulates
- * V with LPR = hd / 8 lanes per V row (16-byte loads, 32 / LPR keys per
- * step); the sub-sums are added across lanes at the end, the warps' states
- * merged in shared memory.  With one split the block writes the output;
- * with several it writes its unnormalised state (m, l, acc) and
- * kernel_attention_combine merges the splits.  Prefill and decode are the
- * same kernel: a token attends to the positions up to its own, which
- * rope_kv has already written.
+ * Paged attention, two kernels.
+ *
+ * Small T * n_kv (decode, and short prefills: up to ATT_MAX_PAIRS (token,
+ * kv head) pairs), v5: kernel_attention_split.  One block of ATT_NT
+ * threads per (token, kv head, key split) serves the G query heads of that
+ * kv head, so each K/V row is read once per kv head.  The grid's split
+ * count depends on T * n_kv only (graph-safe: ~2 blocks per SM); inside,
+ * each block derives the effective split count from its token's context
+ * (at least one KT-key tile per split), so short contexts do not scatter a
+ * few keys over many blocks: splits past the effective count exit at once.
+ * Per tile of KT keys the block loads K and V together (16-byte loads,
+ * the next tile's loads in flight while this one is computed) into shared
+ * memory, scores all (head, key) pairs, does the online softmax one warp
+ * per head, and accumulates P.V with HDP / 8 lanes per V row.  With one
+ * effective split the block writes the output; with several each writes
+ * its unnormalised state (m, l, acc) to the workspace and the last block of
+ * the (token, kv head) -- an atomic counter per pair, reset by that last
+ * block so the next launch (and a graph replay) finds it zero -- merges
+ * them: no second launch.
+ *
+ * Larger T (prefill), v4: kernel_attention, one block of ATT_WARPS warps
+ * per (query token, kv head); keys cut into chunks of 32, chunk c to warp
+ * c mod ATT_WARPS; lane = key for the scores, LPR = hd / 8 lanes per V row.
+ * MOE_CUDA_ATT_SPLIT=0 sends every T to the v4 path (with its own split +
+ * combine launch for small T) for A/B runs.
+ *
+ * Prefill and decode compute the same function: a token attends to the
+ * positions up to its own, which rope_kv has already written.
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "common.cuh"
 #include "attention.h"
 
+/* v4 (prefill) kernel */
 #define ATT_WARPS      4
-#define ATT_MAX_SPLIT  32
-#define ATT_TARGET     528          /* blocks wanted: 4 per SM of 132 */
-#define ATT_MAX_REC    (ATT_TARGET * 2 + 64)
+#define ATT_V4_SPLIT   32
+#define ATT_V4_TARGET  528          /* blocks wanted: 4 per SM of 132 */
+#define ATT_V4_MAX_REC (ATT_V4_TARGET * 2 + 64)
+
+/* v5 (split) kernel */
+#define ATT_NT         128          /* threads per block */
+#define ATT_MAX_SPLIT  64           /* grid splits per (token, kv head) */
+#define ATT_MAX_PAIRS  1024         /* T * n_kv handled by the split kernel */
+#define ATT_MAX_REC    2048         /* split records in the workspace */
+#define ATT_CNT_FLOATS ATT_MAX_PAIRS    /* counters at the workspace start */
 
 typedef __nv_bfloat16 bf16;
 
 
-/* Splits for T * n_kv (token, kv head) pairs: depends on the count only. */
+/* v4 splits for T * n_kv (token, kv head) pairs: the count only. */
 static int
 att_splits(int pairs)
 {
     int ns;
 
-    if (pairs >= ATT_TARGET) {
+    if (pairs >= ATT_V4_TARGET) {
         return 1;
     }
-    ns = (ATT_TARGET + pairs - 1) / pairs;
-    return ns > ATT_MAX_SPLIT ? ATT_MAX_SPLIT : ns;
+    ns = (ATT_V4_TARGET + pairs - 1) / pairs;
+    return ns > ATT_V4_SPLIT ? ATT_V4_SPLIT : ns;
 }
 
 
@@ -269,6 +294,423 @@ kernel_attention_combine(const float *part, int ns, int n_heads, int n_kv,
 }
 
 
+/* ------------------------------------------------------- v5: split kernel */
+
+/* Tile shape of the split kernel for padded head dim HDP. */
+template <int HDP>
+struct att_shape {
+    static constexpr int CPR = HDP / 8;             /* 16-byte chunks / row */
+    static constexpr int KT = 4096 / HDP < 16 ? 16
+                              : 4096 / HDP > 64 ? 64 : 4096 / HDP;  /* keys */
+    static constexpr int LPT = 2 * KT * CPR / ATT_NT;  /* loads / thread */
+    static constexpr int ROW = HDP + 8;             /* bf16 per smem row */
+    static constexpr int KG = ATT_NT / CPR;         /* key groups in P.V */
+};
+
+
+/*
+ * Issue the 16-byte loads of K and V rows [jt, jt + nv) of kv head g into
+ * buf (element e = tid + r * ATT_NT: K rows first, then V rows; chunk c of
+ * row `row`).  Rows past nv and chunks past hd are not loaded.
+ */
+template <int HDP>
+__device__ __forceinline__ void
+att_load_tile(uint4 (&buf)[att_shape<HDP>::LPT], const bf16 *kvg,
+    const int32_t *table, int block_size, int kvd, int hd, int jt, int nv)
+{
+    typedef att_shape<HDP> S;
+
+#pragma unroll
+    for (int r = 0; r < S::LPT; r++) {
+        int e = (int) threadIdx.x + r * ATT_NT;
+        int sel = e / (S::KT * S::CPR), rem = e % (S::KT * S::CPR);
+        int row = rem / S::CPR, c = rem % S::CPR;
+
+        if (row < nv && c * 8 < hd) {
+            int j = jt + row;
+            int blk = table[j / block_size];
+
+            buf[r] = __ldg(reinterpret_cast<const uint4 *>(
+                         kvg + (((size_t) blk * 2 + sel) * block_size
+                                + j % block_size) * kvd + c * 8));
+        }
+    }
+}
+
+
+/* Store what att_load_tile loaded into kv_s[sel][row][chunk]. */
+template <int HDP>
+__device__ __forceinline__ void
+att_store_tile(const uint4 (&buf)[att_shape<HDP>::LPT],
+    bf16 (*kv_s)[att_shape<HDP>::KT][att_shape<HDP>::ROW], int hd, int nv)
+{
+    typedef att_shape<HDP> S;
+
+#pragma unroll
+    for (int r = 0; r < S::LPT; r++) {
+        int e = (int) threadIdx.x + r * ATT_NT;
+        int sel = e / (S::KT * S::CPR), rem = e % (S::KT * S::CPR);
+        int row = rem / S::CPR, c = rem % S::CPR;
+
+        if (row < nv && c * 8 < hd) {
+            *reinterpret_cast<uint4 *>(&kv_s[sel][row][c * 8]) = buf[r];
+        }
+    }
+}
+
+
+/*
+ * grid (T * n_kv, nsg), ATT_NT threads.  Workspace `part` (when nsg > 1):
+ * ATT_CNT_FLOATS unsigned counters (zero between launches), then
+ * ATT_MAX_REC records of (m[grp], l[grp]), then ATT_MAX_REC records of
+ * acc[grp][hd]; record of (pair, split) = pair * nsg + split.
+ */
+template <int G, int HDP>
+__global__ void __launch_bounds__(ATT_NT)
+kernel_attention_split(const float *qkv, int ld, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const bf16 *kv_layer, int block_size, int n_heads, int n_kv, int hd,
+    int window, bf16 *out, float *part)
+{
+    typedef att_shape<HDP> S;
+    constexpr int KT = S::KT, CPR = S::CPR, KG = S::KG;
+    constexpr int HPW = (G + 3) / 4;        /* heads per warp (softmax) */
+    constexpr int NW = ATT_NT / 32;
+
+    __shared__ __align__(16) bf16  kv_s[2][KT][S::ROW];
+    __shared__ __align__(16) float q_s[G][HDP];
+    __shared__ __align__(16) float o_s[G][HDP];
+    __shared__ float s_s[G][KT];            /* scores, then probabilities */
+    __shared__ float c_s[G];                /* this tile's rescale */
+    __shared__ float m_s[G], l_s[G];        /* the block's final state */
+    __shared__ float f_s[ATT_MAX_SPLIT][G]; /* merge weights */
+    __shared__ float li_s[G];
+    __shared__ int   last_s;
+
+    const int pair = blockIdx.x, split = blockIdx.y, nsg = gridDim.y;
+    const int t = pair / n_kv, g = pair % n_kv;
+    const int grp = n_heads / n_kv, kvd = n_kv * hd;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int p = tok_pos[t];
+    const int j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const int nkeys = p - j0 + 1;
+
+    /* effective splits: whole tiles each, at most nsg */
+    int per = (nkeys + nsg - 1) / nsg;
+
+    per = (per + KT - 1) / KT * KT;
+
+    const int nse = (nkeys + per - 1) / per;
+
+    if (split >= nse) {
+        return;                             /* whole block: no barrier */
+    }
+
+    const int      ks = j0 + split * per;
+    const int      ke = min(ks + per, p + 1);
+    const int32_t *table = bt + bt_off[tok_seq[t]];
+    const bf16    *kvg = kv_layer + (size_t) g * hd;
+    const float    scale = 1.0f / sqrtf((float) hd);
+    uint4          buf[S::LPT];
+
+#pragma unroll
+    for (int r = 0; r < S::LPT; r++) {
+        buf[r] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    att_load_tile<HDP>(buf, kvg, table, block_size, kvd, hd, ks,
+                       min(KT, ke - ks));
+    {
+        const float *qrow = qkv + (size_t) t * ld + (size_t) g * grp * hd;
+        int          q4 = hd / 4;
+
+        for (int i = tid; i < grp * q4; i += ATT_NT) {
+            int    h = i / q4, d = (i % q4) * 4;
+            float4 v = *reinterpret_cast<const float4 *>(
+                           qrow + (size_t) h * hd + d);
+
+            q_s[h][d] = v.x * scale;
+            q_s[h][d + 1] = v.y * scale;
+            q_s[h][d + 2] = v.z * scale;
+            q_s[h][d + 3] = v.w * scale;
+        }
+    }
+
+    const int  c = tid % CPR, kg = tid / CPR;
+    const bool dval = c * 8 < hd;
+    float      m_r[HPW], l_r[HPW], acc[G][8];
+
+#pragma unroll
+    for (int hh = 0; hh < HPW; hh++) {
+        m_r[hh] = -INFINITY;
+        l_r[hh] = 0.0f;
+    }
+#pragma unroll
+    for (int h = 0; h < G; h++) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            acc[h][e] = 0.0f;
+        }
+    }
+
+    for (int jt = ks; jt < ke; jt += KT) {
+        int nv = min(KT, ke - jt);
+
+        __syncthreads();                    /* last tile's readers done */
+        att_store_tile<HDP>(buf, kv_s, hd, nv);
+        if (jt + KT < ke) {                 /* next tile in flight */
+            att_load_tile<HDP>(buf, kvg, table, block_size, kvd, hd,
+                               jt + KT, min(KT, ke - jt - KT));
+        }
+        __syncthreads();
+
+        /* scores: one (head, key) per thread and step */
+        for (int i = tid; i < grp * KT; i += ATT_NT) {
+            int   h = i / KT, j = i % KT;
+            float s = -INFINITY;
+
+            if (j < nv) {
+                float a0 = 0.0f, a1 = 0.0f;
+
+#pragma unroll
+                for (int d = 0; d < HDP; d += 8) {
+                    if (d < hd) {
+                        uint4  raw = *reinterpret_cast<const uint4 *>(
+                                         &kv_s[0][j][d]);
+                        float4 qa = *reinterpret_cast<const float4 *>(
+                                        &q_s[h][d]);
+                        float4 qb = *reinterpret_cast<const float4 *>(
+                                        &q_s[h][d + 4]);
+                        const __nv_bfloat162 *k2 =
+                            reinterpret_cast<const __nv_bfloat162 *>(&raw);
+                        float2 k0 = __bfloat1622float2(k2[0]);
+                        float2 k1 = __bfloat1622float2(k2[1]);
+                        float2 k2f = __bfloat1622float2(k2[2]);
+                        float2 k3 = __bfloat1622float2(k2[3]);
+
+                        a0 += qa.x * k0.x + qa.y * k0.y + qa.z * k1.x
+                              + qa.w * k1.y;
+                        a1 += qb.x * k2f.x + qb.y * k2f.y + qb.z * k3.x
+                              + qb.w * k3.y;
+                    }
+                }
+                s = a0 + a1;
+            }
+            s_s[h][j] = s;
+        }
+        __syncthreads();
+
+        /* online softmax, one warp per head */
+#pragma unroll
+        for (int hh = 0; hh < HPW; hh++) {
+            int h = warp + NW * hh;
+
+            if (h < grp) {
+                float mx = -INFINITY, sum = 0.0f, mn, corr;
+
+                for (int j = lane; j < KT; j += 32) {
+                    mx = fmaxf(mx, s_s[h][j]);
+                }
+                mx = moe_warp_max(mx);      /* finite: nv >= 1 */
+                mn = fmaxf(m_r[hh], mx);
+                for (int j = lane; j < KT; j += 32) {
+                    float e = expf(s_s[h][j] - mn);
+
+                    s_s[h][j] = e;
+                    sum += e;
+                }
+                sum = moe_warp_sum(sum);
+                corr = expf(m_r[hh] - mn);
+                l_r[hh] = l_r[hh] * corr + sum;
+                m_r[hh] = mn;
+                if (lane == 0) {
+                    c_s[h] = corr;
+                }
+            }
+        }
+        __syncthreads();
+
+        /* P.V: chunk c of the rows j = kg, kg + KG, ... */
+#pragma unroll
+        for (int h = 0; h < G; h++) {
+            float cr = h < grp ? c_s[h] : 0.0f;
+
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                acc[h][e] *= cr;
+            }
+        }
+        if (dval) {
+#pragma unroll 2
+            for (int j = kg; j < nv; j += KG) {
+                uint4       raw = *reinterpret_cast<const uint4 *>(
+                                      &kv_s[1][j][c * 8]);
+                const bf16 *vb = reinterpret_cast<const bf16 *>(&raw);
+                float       pj[G];
+
+#pragma unroll
+                for (int h = 0; h < G; h++) {
+                    pj[h] = h < grp ? s_s[h][j] : 0.0f;
+                }
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float vf = moe_bf2f(vb[e]);
+
+#pragma unroll
+                    for (int h = 0; h < G; h++) {
+                        acc[h][e] += pj[h] * vf;
+                    }
+                }
+            }
+        }
+    }
+
+    /* the block's state: m, l per head; acc summed over the key groups */
+#pragma unroll
+    for (int hh = 0; hh < HPW; hh++) {
+        int h = warp + NW * hh;
+
+        if (h < grp && lane == 0) {
+            m_s[h] = m_r[hh];
+            l_s[h] = l_r[hh];
+        }
+    }
+#pragma unroll
+    for (int o = CPR; o < 32; o <<= 1) {
+#pragma unroll
+        for (int h = 0; h < G; h++) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], o);
+            }
+        }
+    }
+    for (int w = 0; w < NW; w++) {          /* fixed order: deterministic */
+        if (warp == w && lane < CPR && dval) {
+#pragma unroll
+            for (int h = 0; h < G; h++) {
+                if (h < grp) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        o_s[h][c * 8 + e] = (w > 0 ? o_s[h][c * 8 + e] : 0.0f)
+                                            + acc[h][e];
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    const int h8 = hd / 8, h4 = hd / 4;
+
+    if (nse == 1) {
+        for (int i = tid; i < grp * h8; i += ATT_NT) {
+            int            h = i / h8, d = (i % h8) * 8;
+            float          inv = 1.0f / l_s[h];
+            uint4          pk;
+            __nv_bfloat162 *o2 = reinterpret_cast<__nv_bfloat162 *>(&pk);
+
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                o2[e] = __floats2bfloat162_rn(o_s[h][d + 2 * e] * inv,
+                                              o_s[h][d + 2 * e + 1] * inv);
+            }
+            *reinterpret_cast<uint4 *>(
+                out + ((size_t) t * n_heads + (size_t) g * grp + h) * hd + d)
+                = pk;
+        }
+        return;
+    }
+
+    /* several splits: write this one's record, the last block merges */
+    unsigned    *cnt = reinterpret_cast<unsigned *>(part);
+    float       *mlb = part + ATT_CNT_FLOATS;
+    float       *ob = mlb + (size_t) ATT_MAX_REC * 2 * grp;
+    const size_t rec0 = (size_t) pair * nsg;
+    const size_t rs = (size_t) grp * hd;
+
+    for (int i = tid; i < grp; i += ATT_NT) {
+        mlb[(rec0 + split) * 2 * grp + i] = m_s[i];
+        mlb[(rec0 + split) * 2 * grp + grp + i] = l_s[i];
+    }
+    for (int i = tid; i < grp * h4; i += ATT_NT) {
+        int h = i / h4, d = (i % h4) * 4;
+
+        *reinterpret_cast<float4 *>(ob + (rec0 + split) * rs
+                                    + (size_t) h * hd + d)
+            = make_float4(o_s[h][d], o_s[h][d + 1], o_s[h][d + 2],
+                          o_s[h][d + 3]);
+    }
+    __threadfence();                        /* record visible device-wide */
+    __syncthreads();
+    if (tid == 0) {
+        unsigned prev = atomicAdd(&cnt[pair], 1u);
+        int      last = prev == (unsigned) (nse - 1);
+
+        if (last) {
+            atomicExch(&cnt[pair], 0u);     /* ready for the next launch */
+        }
+        last_s = last;
+    }
+    __syncthreads();
+    if (!last_s) {
+        return;
+    }
+    __threadfence();
+
+    /* merge the nse records (L2 reads: other blocks wrote them) */
+#pragma unroll
+    for (int hh = 0; hh < HPW; hh++) {
+        int h = warp + NW * hh;
+
+        if (h < grp) {
+            float M = -INFINITY, L = 0.0f;
+
+            for (int s = lane; s < nse; s += 32) {
+                M = fmaxf(M, __ldcg(mlb + (rec0 + s) * 2 * grp + h));
+            }
+            M = moe_warp_max(M);
+            for (int s = lane; s < nse; s += 32) {
+                const float *r = mlb + (rec0 + s) * 2 * grp;
+                float        f = expf(__ldcg(r + h) - M);
+
+                f_s[s][h] = f;
+                L += f * __ldcg(r + grp + h);
+            }
+            L = moe_warp_sum(L);
+            if (lane == 0) {
+                li_s[h] = 1.0f / L;
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < grp * h4; i += ATT_NT) {
+        int          h = i / h4, d = (i % h4) * 4;
+        const float *src = ob + rec0 * rs + (size_t) h * hd + d;
+        float4       a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+#pragma unroll 8
+        for (int s = 0; s < nse; s++) {
+            float4 v = __ldcg(reinterpret_cast<const float4 *>(src + s * rs));
+            float  f = f_s[s][h];
+
+            a.x += f * v.x;
+            a.y += f * v.y;
+            a.z += f * v.z;
+            a.w += f * v.w;
+        }
+
+        float          inv = li_s[h];
+        uint2          pk;
+        __nv_bfloat162 *o2 = reinterpret_cast<__nv_bfloat162 *>(&pk);
+
+        o2[0] = __floats2bfloat162_rn(a.x * inv, a.y * inv);
+        o2[1] = __floats2bfloat162_rn(a.z * inv, a.w * inv);
+        *reinterpret_cast<uint2 *>(
+            out + ((size_t) t * n_heads + (size_t) g * grp + h) * hd + d) = pk;
+    }
+}
+
+
 extern "C" int
 moe_cuda_attention_supported(int n_heads, int n_kv, int hd)
 {
@@ -283,22 +725,102 @@ moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd)
     if (n_kv <= 0) {
         return 0;
     }
-    return (int64_t) ATT_MAX_REC * (n_heads / n_kv) * (hd + 2);
+    /* counters, then 2 + hd floats per head per record (v5 and v4 fit) */
+    return (int64_t) ATT_CNT_FLOATS
+           + (int64_t) ATT_MAX_REC * (n_heads / n_kv) * (hd + 2);
+}
+
+
+extern "C" int
+moe_cuda_attention_ws_init(float *part, cudaStream_t stream)
+{
+    MOE_CUDA_CHECK(cudaMemsetAsync(part, 0, ATT_CNT_FLOATS * sizeof(float),
+                                   stream));
+    return MOE_OK;
+}
+
+
+/* MOE_CUDA_ATT_SPLIT=0 sends every T to the v4 kernels (A/B runs). */
+static bool
+att_v5_on(void)
+{
+    static int on = -1;
+
+    if (on < 0) {
+        const char *v = getenv("MOE_CUDA_ATT_SPLIT");
+
+        on = v == NULL || atoi(v) != 0;
+    }
+    return on != 0;
+}
+
+
+/* Multiprocessors of the current device (132 if it cannot be read). */
+static int
+att_sms(void)
+{
+    static int n = 0;
+
+    if (n == 0) {
+        int dev = 0, v = 0;
+
+        if (cudaGetDevice(&dev) == cudaSuccess
+            && cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount,
+                                      dev) == cudaSuccess && v > 0)
+        {
+            n = v;
+        } else {
+            n = 132;
+        }
+    }
+    return n;
+}
+
+
+/*
+ * v5 grid splits for `pairs` (token, kv head) pairs: enough blocks for 2
+ * per SM; a function of the pair count only (graph-safe).  The kernel
+ * uses fewer when a token's context is short.
+ */
+static int
+att_v5_splits(int pairs)
+{
+    int want = 2 * att_sms(), ns;
+
+    if (pairs >= want) {
+        return 1;
+    }
+    ns = (want + pairs - 1) / pairs;
+    if (ns > ATT_MAX_SPLIT) {
+        ns = ATT_MAX_SPLIT;
+    }
+    if (ns * pairs > ATT_MAX_REC) {
+        ns = ATT_MAX_REC / pairs;
+    }
+    return ns < 1 ? 1 : ns;
 }
 
 
 template <int G>
 static void
-att_launch_g(int hdp, dim3 grid, cudaStream_t stream, const float *qkv,
-    int ld, const int32_t *tok_pos, const int32_t *tok_seq,
+att_launch_g(int v5, int hdp, dim3 grid, cudaStream_t stream,
+    const float *qkv, int ld, const int32_t *tok_pos, const int32_t *tok_seq,
     const int32_t *bt, const int32_t *bt_off, const bf16 *kv,
     int block_size, int n_heads, int n_kv, int hd, int window, bf16 *out,
     float *part)
 {
 #define ATT_ARGS qkv, ld, tok_pos, tok_seq, bt, bt_off, kv, block_size,       \
                  n_heads, n_kv, hd, window, out, part
-#define ATT_L(H) kernel_attention<G, H><<<grid, ATT_WARPS * 32, 0, stream>>>( \
-                     ATT_ARGS)
+#define ATT_L(H)                                                              \
+    do {                                                                      \
+        if (v5) {                                                             \
+            kernel_attention_split<G, H><<<grid, ATT_NT, 0, stream>>>(        \
+                ATT_ARGS);                                                    \
+        } else {                                                              \
+            kernel_attention<G, H><<<grid, ATT_WARPS * 32, 0, stream>>>(      \
+                ATT_ARGS);                                                    \
+        }                                                                     \
+    } while (0)
     switch (hdp) {
     case 8:   ATT_L(8);   break;
     case 16:  ATT_L(16);  break;
@@ -320,7 +842,9 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
 {
     const bf16 *kv = reinterpret_cast<const bf16 *>(kv_layer);
     bf16       *o = reinterpret_cast<bf16 *>(out);
-    int         grp, hdp, ns;
+    float      *p4 = part != NULL ? part + ATT_CNT_FLOATS : NULL;
+    int         grp, hdp, ns, v5;
+    int64_t     pairs;
     dim3        grid;
 
     if (T <= 0) {
@@ -334,32 +858,34 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
     grp = n_heads / n_kv;
     for (hdp = 8; hdp < hd; hdp *= 2) {
     }
-    ns = att_splits(T * n_kv);
-    if (ns > 1 && (part == NULL || (int64_t) T * n_kv * ns > ATT_MAX_REC)) {
-        ns = 1;
-    }
-    grid = dim3((unsigned) T * (unsigned) n_kv, (unsigned) ns);
-    if (grp == 1) {
-        att_launch_g<1>(hdp, grid, stream, qkv, ld, tok_pos, tok_seq, bt,
-                        bt_off, kv, block_size, n_heads, n_kv, hd, window, o,
-                        part);
-    } else if (grp == 2) {
-        att_launch_g<2>(hdp, grid, stream, qkv, ld, tok_pos, tok_seq, bt,
-                        bt_off, kv, block_size, n_heads, n_kv, hd, window, o,
-                        part);
-    } else if (grp <= 4) {
-        att_launch_g<4>(hdp, grid, stream, qkv, ld, tok_pos, tok_seq, bt,
-                        bt_off, kv, block_size, n_heads, n_kv, hd, window, o,
-                        part);
+    pairs = (int64_t) T * n_kv;
+    v5 = att_v5_on() && pairs <= ATT_MAX_PAIRS;
+    if (v5) {
+        ns = part != NULL ? att_v5_splits((int) pairs) : 1;
     } else {
-        att_launch_g<8>(hdp, grid, stream, qkv, ld, tok_pos, tok_seq, bt,
-                        bt_off, kv, block_size, n_heads, n_kv, hd, window, o,
-                        part);
+        ns = pairs < ATT_V4_TARGET ? att_splits((int) pairs) : 1;
+        if (ns > 1 && (p4 == NULL || pairs * ns > ATT_V4_MAX_REC)) {
+            ns = 1;
+        }
     }
-    MOE_CUDA_CHECK_LAUNCH("kernel_attention");
-    if (ns > 1) {
-        kernel_attention_combine<<<(unsigned) T * (unsigned) n_kv, 128, 0,
-                                   stream>>>(part, ns, n_heads, n_kv, hd, o);
+    grid = dim3((unsigned) pairs, (unsigned) ns);
+#define ATT_G(G) att_launch_g<G>(v5, hdp, grid, stream, qkv, ld, tok_pos,      \
+                                 tok_seq, bt, bt_off, kv, block_size, n_heads, \
+                                 n_kv, hd, window, o, v5 ? part : p4)
+    if (grp == 1) {
+        ATT_G(1);
+    } else if (grp == 2) {
+        ATT_G(2);
+    } else if (grp <= 4) {
+        ATT_G(4);
+    } else {
+        ATT_G(8);
+    }
+#undef ATT_G
+    MOE_CUDA_CHECK_LAUNCH(v5 ? "kernel_attention_split" : "kernel_attention");
+    if (!v5 && ns > 1) {
+        kernel_attention_combine<<<(unsigned) pairs, 128, 0, stream>>>(
+            p4, ns, n_heads, n_kv, hd, o);
         MOE_CUDA_CHECK_LAUNCH("kernel_attention_combine");
     }
     return MOE_OK;

@@ -18,10 +18,14 @@ extern "C" {
  * Limits (MOE_EUNSUPPORTED otherwise, checked here): hd % 8 == 0,
  * hd <= 256, n_heads % n_kv == 0, n_heads / n_kv <= 8.
  * part: fp32 workspace of moe_cuda_attention_ws_floats(n_heads, n_kv, hd)
- * elements: when T * n_kv is small (decode) the keys of each (token, kv
- * head) are split over several blocks whose partial softmax states go
- * there and are merged by a second kernel.  The split count depends on T
- * only (never on the positions), so a captured graph stays valid.
+ * elements, prepared once by moe_cuda_attention_ws_init (every call leaves
+ * it ready for the next, graph replays included), or NULL (no key splits):
+ * when T * n_kv is small (decode) the keys of each (token, kv head) are
+ * split over several blocks whose partial softmax states go there and are
+ * merged by the last of those blocks (atomic counters in the workspace).
+ * The grid depends on T, n_kv and the device only (never on the
+ * positions), so a captured graph stays valid.  One stream at a time per
+ * workspace.
  */
 int moe_cuda_attention(const float *qkv, int ld, int T,
     const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
@@ -31,6 +35,13 @@ int moe_cuda_attention(const float *qkv, int ld, int T,
 
 /* Floats of the `part` workspace moe_cuda_attention needs (any T). */
 int64_t moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd);
+
+/*
+ * Prepare a fresh `part` workspace (zero its split counters; async on
+ * stream).  Call once after allocating it, before its first use.
+ * Returns MOE_OK or MOE_EBACKEND (moe_cuda_last_error says why).
+ */
+int moe_cuda_attention_ws_init(float *part, cudaStream_t stream);
 
 /* 1 if moe_cuda_attention supports these shapes, else 0. */
 int moe_cuda_attention_supported(int n_heads, int n_kv, int hd);

@@ -1160,6 +1160,12 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->rlogits = (float *) (s + sl.rlogits);
     b->d_ecounts = (int64_t *) (s + sl.ecounts);
     b->att_part = (float *) (s + sl.att_part);
+    /* the split kernel's counters must start at zero (it keeps them so) */
+    if (moe_cuda_attention_ws_init(b->att_part, b->stream) != MOE_OK) {
+        cb_err(err, errlen, "cuda backend: attention workspace: %s",
+               moe_cuda_last_error());
+        return MOE_EBACKEND;
+    }
     CB_CUDA(cudaMemsetAsync(b->d_ecounts, 0, (size_t) hp->n_layers
                             * hp->n_experts * 8, b->stream), "counts memset");
     /* dense layers of an MoE model never route: margin 1 for good */

@@ -9,7 +9,8 @@
 # Logs go to $OUT (default ./gpu-out): nvidia-smi.log, test_kernels.log,
 # test_backend.log, test_backend_eager.log (graphs off, cuBLAS experts for
 # steps > 4 tokens), bench_engine.log,
-# bench_nograph.log (mixtral, graphs off), sanitizer.log; a summary table
+# bench_nograph.log (mixtral, graphs off), bench_nopipe.log (one-stage
+# GEMV), bench_attv4.log (v4 attention), sanitizer.log; a summary table
 # is printed last.  Each step has its own time limit so the whole run stays
 # under ~8 minutes (typically ~2).  Exit status: 0 when every step passed.
 
@@ -57,9 +58,12 @@ step bench_nograph 120 env MOE_CUDA_GRAPHS=0 build/gpu/bench_engine \
 # A/B of the two-stage GEMV main loop (pass 4): the same, one stage
 step bench_nopipe 120 env MOE_CUDA_GEMV_PIPE=0 build/gpu/bench_engine \
     mixtral-8x7b
+# A/B of the v5 split attention kernel (pass 5): the same, v4 kernels
+step bench_attv4 120 env MOE_CUDA_ATT_SPLIT=0 build/gpu/bench_engine \
+    mixtral-8x7b
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SAN" ]; then
-    step sanitizer 60 "$SAN" --error-exitcode 1 build/gpu/test_kernels
+    step sanitizer 90 "$SAN" --error-exitcode 1 build/gpu/test_kernels
 fi
 
 tap_summary() {     # ok / not ok counts of a TAP log
@@ -100,6 +104,12 @@ if [ -f "$OUT/bench_nopipe.log" ]; then
     grep '^RESULT.*kind=decode' "$OUT/bench_nopipe.log" | \
         sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
     grep stages "$OUT/bench_nopipe.log" | head -2      # batch 1, batch 8
+fi
+if [ -f "$OUT/bench_attv4.log" ]; then
+    echo "v4 attention (MOE_CUDA_ATT_SPLIT=0):"
+    grep '^RESULT.*kind=decode' "$OUT/bench_attv4.log" | \
+        sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
+    grep stages "$OUT/bench_attv4.log" | head -2      # batch 1, batch 8
 fi
 fail=0
 for s in "${STEPS[@]}"; do [ "${RC[$s]}" = 0 ] || fail=1; done

@@ -11,8 +11,12 @@
  * conversion and the random fill; the architecture pieces of arch.h
  * (LayerNorm, bias add, per-head RMSNorm, SiLU/GELU with biases, gated
  * and ungated, the sigmoid-gated shared-expert add, learned positions),
- * raw top-k routing and RoPE-less K/V write.  Decode attention with long
- * contexts exercises the key splits and their merge.
+ * raw top-k routing and RoPE-less K/V write.  Attention covers both
+ * kernels: the split kernel (decode and short prefills: contexts 1 to 2100
+ * around the tile and split edges, one sequence (most splits) and batches,
+ * windows, groups 1/2/4/6/8, head dims 8-256; each case runs twice on one
+ * workspace so a split counter left non-zero fails) and the prefill
+ * kernel (more than 1024 token x kv-head pairs).
  * Thresholds: relative L2 error 1e-5 for fp32-exact paths, 1e-2 where the
  * output is bf16.  TAP; skips when there is no CUDA device.
  */
@@ -244,23 +248,27 @@ test_rope(int nh, int nkv, int hd, float theta)
 
 
 /*
- * Attention over n_seq sequences; seq s has len[s] cached positions and
- * its last nq[s] positions are the queries (nq == 1: decode).
+ * Attention over ns sequences; seq s has len[s] cached positions and its
+ * last nq[s] positions are the queries (decode: 1; prefill: up to 70).
+ * The workspace is poisoned except for its counters (ws_init); the call
+ * runs twice on it, the output poisoned before each, and both results
+ * must match the reference: the second run fails if the first left a
+ * split counter non-zero.
  */
 static void
-test_attention(int nh, int nkv, int hd, int window, int prefill, int mid)
+test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
+    const int *len, const char *what)
 {
-    enum { NS = 3 };
-    int     bs = 16, len[NS] = { 37, mid, 5 }, nq[NS];
+    int     bs = 16, nq[64], bt_off[64];
     int     kvd = nkv * hd, ld = (nh + 2 * nkv) * hd, grp = nh / nkv;
-    int     nblk = 0, T = 0;
-    int     bt_off[NS];
+    int     nblk = 0, T = 0, maxlen = 0;
 
-    for (int s = 0; s < NS; s++) {
-        nq[s] = prefill ? (s == 1 ? 70 : len[s]) : 1;
+    for (int s = 0; s < ns; s++) {
+        nq[s] = prefill ? (len[s] < 70 ? len[s] : 70) : 1;
         bt_off[s] = nblk;
         nblk += (len[s] + bs - 1) / bs + 1;     /* one spare: garbage */
         T += nq[s];
+        maxlen = len[s] > maxlen ? len[s] : maxlen;
     }
     int32_t *bt = (int32_t *) malloc(sizeof(int32_t) * nblk);
     for (int i = 0; i < nblk; i++) {
@@ -281,13 +289,13 @@ test_attention(int nh, int nkv, int hd, int window, int prefill, int mid)
     uint16_t *obits = (uint16_t *) malloc(2 * T * nh * hd);
     int32_t  *tpos = (int32_t *) malloc(sizeof(int32_t) * T);
     int32_t  *tseq = (int32_t *) malloc(sizeof(int32_t) * T);
-    float    *sc = (float *) malloc(sizeof(float) * (mid + 64));
+    float    *sc = (float *) malloc(sizeof(float) * (maxlen + 64));
 
     /* everything random, including the positions past each query */
     gu_fill_bf(cache, cbits, cache_n, 2.0f);
     gu_fill(qkv, (size_t) T * ld, 1.0f);
     int t = 0;
-    for (int s = 0; s < NS; s++) {
+    for (int s = 0; s < ns; s++) {
         for (int i = 0; i < nq[s]; i++, t++) {
             tpos[t] = len[s] - nq[s] + i;
             tseq[t] = s;
@@ -337,28 +345,73 @@ test_attention(int nh, int nkv, int hd, int window, int prefill, int mid)
     void *d_cache = gu_up(cbits, 2 * cache_n);
     float *d_qkv = (float *) gu_up(qkv, sizeof(float) * T * ld);
     int32_t *d_bt = (int32_t *) gu_up(bt, sizeof(int32_t) * nblk);
-    int32_t *d_off = (int32_t *) gu_up(bt_off, sizeof(bt_off));
+    int32_t *d_off = (int32_t *) gu_up(bt_off, sizeof(int) * ns);
     int32_t *d_pos = (int32_t *) gu_up(tpos, sizeof(int32_t) * T);
     int32_t *d_seq = (int32_t *) gu_up(tseq, sizeof(int32_t) * T);
     void *d_out = gu_dev(2 * T * nh * hd);
     float *d_part = (float *) gu_dev(
         4 * (size_t) moe_cuda_attention_ws_floats(nh, nkv, hd));
-    int rc = moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt, d_off,
-                                (moe_bf16_t *) d_cache, bs, nh, nkv, hd,
-                                window, (moe_bf16_t *) d_out, d_part, 0);
-    int ok = sync_ok(rc, "attention");
+    int ok = sync_ok(moe_cuda_attention_ws_init(d_part, 0), "ws_init");
+    double e[2] = { NAN, NAN };
 
-    gu_down(obits, d_out, 2 * T * nh * hd);
-    gu_bf_to_f(out, obits, (size_t) T * nh * hd);
-    double e = gu_relerr(out, ref, (size_t) T * nh * hd);
-    TAP_OK(ok && e <= BF_TOL, "attention %s heads %d/%d hd %d window %d "
-           "ctx %d (%d queries, err %.2e)", prefill ? "prefill" : "decode",
-           nh, nkv, hd, window, mid, T, e);
+    for (int run = 0; run < 2 && ok; run++) {
+        cudaMemset(d_out, 0xff, 2 * T * nh * hd);       /* poison */
+        int rc = moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt, d_off,
+                                    (moe_bf16_t *) d_cache, bs, nh, nkv, hd,
+                                    window, (moe_bf16_t *) d_out, d_part, 0);
+        ok = sync_ok(rc, "attention");
+        gu_down(obits, d_out, 2 * T * nh * hd);
+        gu_bf_to_f(out, obits, (size_t) T * nh * hd);
+        e[run] = gu_relerr(out, ref, (size_t) T * nh * hd);
+    }
+    TAP_OK(ok && e[0] <= BF_TOL && e[1] <= BF_TOL, "attention %s heads "
+           "%d/%d hd %d window %d %s (%d queries, err %.2e / rerun %.2e)",
+           prefill ? "prefill" : "decode", nh, nkv, hd, window, what, T,
+           e[0], e[1]);
     cudaFree(d_part);
     cudaFree(d_cache); cudaFree(d_qkv); cudaFree(d_bt); cudaFree(d_off);
     cudaFree(d_pos); cudaFree(d_seq); cudaFree(d_out);
     free(bt); free(cache); free(cbits); free(qkv); free(ref); free(out);
     free(obits); free(tpos); free(tseq); free(sc);
+}
+
+
+/* Three sequences of 37, mid and 5 positions. */
+static void
+test_attention(int nh, int nkv, int hd, int window, int prefill, int mid)
+{
+    int  len[3] = { 37, mid, 5 };
+    char what[32];
+
+    snprintf(what, sizeof(what), "ctx 37/%d/5", mid);
+    test_attention_v(nh, nkv, hd, window, prefill, 3, len, what);
+}
+
+
+/* One sequence (T = 1 decode: the most key splits) of ctx positions. */
+static void
+test_attention_1(int nh, int nkv, int hd, int window, int ctx)
+{
+    char what[32];
+
+    snprintf(what, sizeof(what), "one seq ctx %d", ctx);
+    test_attention_v(nh, nkv, hd, window, 0, 1, &ctx, what);
+}
+
+
+/* n sequences of random lengths 1..maxlen (a decode batch). */
+static void
+test_attention_batch(int nh, int nkv, int hd, int window, int prefill, int n,
+    int maxlen)
+{
+    int  len[64];
+    char what[48];
+
+    for (int s = 0; s < n; s++) {
+        len[s] = 1 + (int) (gu_rand() % (uint32_t) maxlen);
+    }
+    snprintf(what, sizeof(what), "%d seqs ctx 1..%d", n, maxlen);
+    test_attention_v(nh, nkv, hd, window, prefill, n, len, what);
 }
 
 
@@ -1206,6 +1259,41 @@ main(void)
     test_attention(16, 16, 128, 0, 0, 1000);
     test_attention(4, 2, 32, 100, 0, 1000);     /* window inside splits */
     test_attention(8, 2, 96, 0, 1, 300);        /* hd not a power of 2 */
+    /* v5 split kernel: contexts around the tile and split edges */
+    {
+        static const int c1[] = { 1, 15, 16, 17, 31, 32, 33, 512, 1000,
+                                  1537, 2100 };
+
+        for (size_t i = 0; i < sizeof(c1) / sizeof(c1[0]); i++) {
+            test_attention_1(32, 8, 128, 0, c1[i]);     /* mixtral */
+        }
+    }
+    test_attention_1(16, 16, 128, 0, 512);              /* group 1 */
+    test_attention_1(16, 16, 128, 0, 2100);
+    test_attention_1(12, 2, 64, 0, 1000);               /* group 6 */
+    test_attention_1(12, 2, 64, 0, 17);
+    test_attention_1(8, 2, 96, 0, 1999);                /* hd 96 */
+    test_attention_1(16, 4, 64, 0, 2048);               /* hd 64, group 4 */
+    test_attention_1(8, 1, 256, 0, 2100);               /* 64 grid splits */
+    test_attention_1(4, 2, 32, 0, 1200);
+    test_attention_1(8, 2, 8, 0, 1300);                 /* KT 64, 1 load */
+    test_attention_1(32, 8, 128, 100, 2100);            /* window */
+    test_attention_1(32, 8, 128, 16, 17);
+    test_attention_1(32, 8, 128, 1, 512);               /* window 1 */
+    test_attention_1(12, 2, 64, 4096, 1000);            /* window > ctx */
+    {
+        int l3[3] = { 15, 16, 17 }, l4[4] = { 1, 512, 1000, 2100 };
+
+        test_attention_v(32, 8, 128, 0, 0, 3, l3, "ctx 15/16/17");
+        test_attention_v(32, 8, 128, 0, 0, 4, l4, "ctx 1/512/1000/2100");
+        test_attention_v(12, 2, 96, 0, 0, 4, l4, "ctx 1/512/1000/2100");
+        test_attention_v(8, 2, 64, 300, 0, 4, l4, "ctx 1/512/1000/2100");
+    }
+    test_attention_batch(32, 8, 128, 0, 0, 8, 1100);    /* b8 */
+    test_attention_batch(32, 8, 128, 0, 0, 64, 700);    /* b64: 1 split */
+    test_attention_batch(16, 16, 64, 0, 0, 64, 300);    /* 1024 pairs */
+    test_attention_batch(12, 2, 128, 0, 1, 6, 150);     /* short prefill */
+    test_attention(64, 16, 64, 0, 1, 200);      /* v4 kernel: 1792 pairs */
     test_silu();
     test_route(50, 64, 8, 2, 1);
     test_route(40, 2048, 64, 8, 1);
