@@ -17,8 +17,9 @@ for i in $(seq 1 120); do
     sleep 1
 done
 grep 'moe:' build/run/bench-error.log | tail -3
-build/bench/serve --base-url http://127.0.0.1:8000 --num-prompts $((C * 4)) \
-    --max-concurrency "$C" --random-input-len 512 --random-output-len 256 \
+build/bench/serve --base-url http://127.0.0.1:8000 --num-prompts "${NUM_PROMPTS:-$((C * 4))}" \
+    --max-concurrency "$C" --random-input-len "${INPUT_LEN:-512}" \
+    --random-output-len "${OUTPUT_LEN:-256}" \
     --vocab-min 100 --vocab-max 31000 --warmup 4 --seed 0 \
     --json "$OUT/bench_serve.json" | tee "$OUT/bench_serve.txt"
 kill %1 2>/dev/null; sleep 2

@@ -117,31 +117,66 @@ moe_cmp_desc(const void *a, const void *b)
 }
 
 
+/* log-sum-exp of the raw logits: only when the caller wants logprobs */
+static float
+moe_lse(const float *x, int V)
+{
+    int    i;
+    float  mx = x[0], sum = 0.0f;
+
+    for (i = 1; i < V; i++) {
+        if (x[i] > mx) {
+            mx = x[i];
+        }
+    }
+    for (i = 0; i < V; i++) {
+        sum += expf(x[i] - mx);
+    }
+    return mx + logf(sum);
+}
+
+
+/* Keep the k largest logits' ids in ix[0..k) in descending order (ties:
+ * lower id first) with a bounded insertion pass: O(V k) worst case but
+ * O(V) in practice, no full sort. */
+static int
+moe_top_k(const float *l, int V, int k, int32_t *ix)
+{
+    int  i, j, n = 0;
+
+    for (i = 0; i < V; i++) {
+        if (n == k && !(l[i] > l[ix[n - 1]])) {
+            continue;
+        }
+        j = n < k ? n++ : n - 1;
+        while (j > 0 && l[i] > l[ix[j - 1]]) {
+            ix[j] = ix[j - 1];
+            j--;
+        }
+        ix[j] = i;
+    }
+    return n;
+}
+
+
 int32_t
 moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     const int32_t *counts, const uint8_t *seen, moe_rng_t *rng,
     float *logprob)
 {
     int      V = s->vocab, i, n, best;
-    float    mx, sum, cum, u, lse;
+    float    mx, sum, cum, u, lse = 0.0f;
     float   *p = s->probs;
     int32_t *ix = s->idx;
+    int      want_lp = sp->logprobs;
 
-    /* log-probability reference: the raw distribution */
-    mx = logits[0];
-    for (i = 1; i < V; i++) {
-        if (logits[i] > mx) {
-            mx = logits[i];
-        }
-    }
-    sum = 0.0f;
-    for (i = 0; i < V; i++) {
-        sum += expf(logits[i] - mx);
-    }
-    lse = mx + logf(sum);
+    *logprob = 0.0f;
 
-    /* keep the raw logits for the logprob of the chosen token */
-    memcpy(s->raw, logits, sizeof(float) * (size_t) V);
+    if (want_lp) {
+        /* the raw distribution, before penalties and temperature */
+        lse = moe_lse(logits, V);
+        memcpy(s->raw, logits, sizeof(float) * (size_t) V);
+    }
 
     if (seen != NULL && sp->repetition_penalty != 1.0f) {
         for (i = 0; i < V; i++) {
@@ -170,25 +205,38 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
                 best = i;
             }
         }
-        *logprob = s->raw[best] - lse;
+        if (want_lp) {
+            *logprob = s->raw[best] - lse;
+        }
         return best;
     }
 
-    for (i = 0; i < V; i++) {
-        ix[i] = i;
+    /* candidates in descending logit order: all of them only when top-p
+     * needs the order; top-k alone needs k; plain temperature and min-p
+     * need no order at all */
+    if (sp->top_k > 0 && sp->top_k < V) {
+        n = moe_top_k(logits, V, sp->top_k, ix);
+    } else if (sp->top_p < 1.0f) {
+        for (i = 0; i < V; i++) {
+            ix[i] = i;
+        }
+        moe_sort_keys = logits;
+        qsort(ix, (size_t) V, sizeof(int32_t), moe_cmp_desc);
+        n = V;
+    } else {
+        for (i = 0; i < V; i++) {
+            ix[i] = i;
+        }
+        n = V;
     }
 
-    /* sort candidates by logit, descending (only as many as top-k needs) */
-    moe_sort_keys = logits;
-    qsort(ix, (size_t) V, sizeof(int32_t), moe_cmp_desc);
-
-    n = V;
-    if (sp->top_k > 0 && sp->top_k < n) {
-        n = sp->top_k;
-    }
-
-    /* softmax over the candidates with temperature */
     mx = logits[ix[0]];
+    for (i = 1; i < n; i++) {
+        if (logits[ix[i]] > mx) {
+            mx = logits[ix[i]];
+        }
+    }
+
     sum = 0.0f;
     for (i = 0; i < n; i++) {
         float e = expf((logits[ix[i]] - mx) / sp->temperature);
@@ -197,6 +245,7 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     }
 
     if (sp->top_p < 1.0f) {
+        /* ix is sorted here (qsort or top-k order) */
         cum = 0.0f;
         for (i = 0; i < n; i++) {
             cum += p[ix[i]] / sum;
@@ -208,14 +257,16 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     }
 
     if (sp->min_p > 0.0f) {
-        float  thr = sp->min_p * p[ix[0]];
+        /* exp((max - max) / T) == 1: the best candidate's weight */
+        float  thr = sp->min_p;
+        int    m = 0;
 
-        for (i = 1; i < n; i++) {
-            if (p[ix[i]] < thr) {
-                n = i;
-                break;
+        for (i = 0; i < n; i++) {
+            if (p[ix[i]] >= thr) {
+                ix[m++] = ix[i];
             }
         }
+        n = m;
     }
 
     sum = 0.0f;
@@ -234,6 +285,8 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
         }
     }
 
-    *logprob = s->raw[best] - lse;
+    if (want_lp) {
+        *logprob = s->raw[best] - lse;
+    }
     return best;
 }

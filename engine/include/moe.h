@@ -262,6 +262,9 @@ typedef struct {
     int       ignore_eos;
     int32_t   stop_token_ids[MOE_MAX_STOP_IDS];
     int       n_stop_token_ids;
+    int       logprobs;            /* 1: TOKEN events carry the token's
+                                      log-probability (costs a pass over the
+                                      vocabulary); 0: logprob is 0 */
 } moe_sampling_t;
 
 void moe_sampling_defaults(moe_sampling_t *sp);
@@ -315,7 +318,8 @@ typedef struct {
     int32_t   n_cached;        /* FINISH: prompt tokens served from the
                                   prefix cache */
     int32_t   n_generated;     /* FINISH: tokens sampled, EOS included */
-    float     logprob;         /* TOKEN: log-probability of the token */
+    float     logprob;         /* TOKEN: log-probability of the token
+                                  (when sampling.logprobs), else 0 */
 } moe_event_t;
 
 typedef struct {

@@ -41,19 +41,23 @@ main(void)
     int32_t        *t1 = NULL, *t2 = NULL;
     int             n1 = 0, c1 = 0, n2 = 0, c2 = 0;
 
-    TAP_PLAN(19);
+    TAP_PLAN(20);
 
     moe_sampler_init(&s, V);
     moe_sampling_defaults(&sp);
 
     sp.temperature = 0.0f;
     memcpy(l, base, sizeof(l));
-    TAP_OK(moe_sample(&s, l, &sp, NULL, NULL, &r1, &lp) == 1,
-           "greedy takes the argmax, lowest id on ties");
+    TAP_OK(moe_sample(&s, l, &sp, NULL, NULL, &r1, &lp) == 1 && lp == 0.0f,
+           "greedy takes the argmax, lowest id on ties (no logprob asked)");
+    sp.logprobs = 1;
+    memcpy(l, base, sizeof(l));
+    moe_sample(&s, l, &sp, NULL, NULL, &r1, &lp);
     mx = 3.0f; sum = 0;
     for (i = 0; i < V; i++) sum += expf(base[i] - mx);
     TAP_OK(fabsf(lp - (3.0f - mx - logf(sum))) < 1e-5f,
            "logprob of the greedy token is log softmax (%g)", lp);
+    sp.logprobs = 0;
 
     sp.temperature = 1.0f;
     moe_rng_seed(&r1, 42);
@@ -93,6 +97,16 @@ main(void)
     TAP_OK(hist[1] > 0 && hist[3] > 0 && hist[1] + hist[3] == 2000,
            "top_k 2 keeps only the two best tokens (%d, %d)", hist[1],
            hist[3]);
+    sp.top_k = 3;
+    sp.top_p = 0.6f;
+    memset(hist, 0, sizeof(hist));
+    for (i = 0; i < 2000; i++) {
+        hist[draw(&s, base, &sp, NULL, NULL, &r1)]++;
+    }
+    TAP_OK(hist[1] > 0 && hist[3] > 0 && hist[1] + hist[3] == 2000,
+           "top_k 3 then top_p 0.6 keeps the two tied best (%d, %d)",
+           hist[1], hist[3]);
+    sp.top_p = 1.0f;
     sp.top_k = 0;
 
     sp.top_p = 0.3f;
