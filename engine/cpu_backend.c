@@ -272,18 +272,6 @@ typedef struct {
 } cpu_backend_t;
 
 
-static void
-c_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 
 static inline float
@@ -1173,7 +1161,7 @@ cpu_swap_alloc(moe_backend_t *base, int n_slots, char *err, size_t errlen)
     b->swap = NULL;
     b->base.n_swap_slots = 0;
     if (n_slots < 0) {
-        c_err(err, errlen, "cpu backend: bad swap slot count %d", n_slots);
+        moe_errf(err, errlen, "cpu backend: bad swap slot count %d", n_slots);
         return MOE_EINVAL;
     }
     if (n_slots == 0) {
@@ -1182,7 +1170,7 @@ cpu_swap_alloc(moe_backend_t *base, int n_slots, char *err, size_t errlen)
     /* malloc, not calloc: pages are touched only when slots are used */
     b->swap = malloc((size_t) n_slots * (size_t) b->base.kv_bytes_per_block);
     if (b->swap == NULL) {
-        c_err(err, errlen, "cpu backend: out of memory for %d swap slots "
+        moe_errf(err, errlen, "cpu backend: out of memory for %d swap slots "
               "(%lld MiB)", n_slots, (long long) n_slots
               * b->base.kv_bytes_per_block >> 20);
         return MOE_ENOMEM;
@@ -1286,19 +1274,19 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     if (m == NULL || n_blocks <= 0 || block_size <= 0 || n_threads < 0
         || (int64_t) n_blocks * block_size > (1 << 30))
     {
-        c_err(err, errlen, "cpu backend: bad arguments (n_blocks %d, "
+        moe_errf(err, errlen, "cpu backend: bad arguments (n_blocks %d, "
               "block_size %d, n_threads %d)", n_blocks, block_size,
               n_threads);
         return MOE_EINVAL;
     }
     hp = moe_model_hparams(m);
     if (moe_model_weights(m)->embed == NULL) {
-        c_err(err, errlen, "cpu backend: the model has no weights "
+        moe_errf(err, errlen, "cpu backend: the model has no weights "
               "(load_format 'dummy' needs the cuda backend)");
         return MOE_EINVAL;
     }
     if (hp->n_experts > 256 || hp->top_k > hp->n_experts) {
-        c_err(err, errlen, "cpu backend: %d experts / top_k %d not "
+        moe_errf(err, errlen, "cpu backend: %d experts / top_k %d not "
               "supported (at most 256 experts)", hp->n_experts, hp->top_k);
         return MOE_EUNSUPPORTED;
     }
@@ -1309,7 +1297,7 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
 
     b = calloc(1, sizeof(*b));
     if (b == NULL) {
-        c_err(err, errlen, "cpu backend: out of memory");
+        moe_errf(err, errlen, "cpu backend: out of memory");
         return MOE_ENOMEM;
     }
     b->model = m;
@@ -1344,7 +1332,7 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     if (!b->kv || !b->counts || !b->scores || !b->ecount || !b->eoff
         || !b->pool || cpu_reserve(b, 256) != MOE_OK)
     {
-        c_err(err, errlen, "cpu backend: out of memory for %d KV blocks "
+        moe_errf(err, errlen, "cpu backend: out of memory for %d KV blocks "
               "(%zu MiB) and scratch", n_blocks,
               kv_floats * sizeof(float) >> 20);
         cpu_destroy(&b->base);

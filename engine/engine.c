@@ -1004,13 +1004,6 @@ moe_engine_main(void *arg)
 
 /* ------------------------------------------------------------ creation */
 
-static void
-moe_seterr(char *err, size_t errlen, const char *fmt, const char *a)
-{
-    if (err != NULL && errlen > 0) {
-        snprintf(err, errlen, fmt, a);
-    }
-}
 
 
 /* chat_template from tokenizer_config.json (string, or the "default" entry
@@ -1205,14 +1198,14 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
 
     e = calloc(1, sizeof(*e));
     if (e == NULL) {
-        moe_seterr(err, errlen, "%s", "out of memory");
+        moe_errf(err, errlen, "%s", "out of memory");
         return MOE_ENOMEM;
     }
     e->ev_fd = e->wake_fd = -1;
     e->cfg = *cfg;
 
     if (cfg->model_path[0] == '\0') {
-        moe_seterr(err, errlen, "%s", "no model path in the configuration");
+        moe_errf(err, errlen, "%s", "no model path in the configuration");
         rc = MOE_EINVAL;
         goto fail;
     }
@@ -1225,10 +1218,10 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
 #endif
     if (strcmp(cfg->backend, "cuda") == 0 && !use_cuda) {
 #ifdef MOE_HAVE_CUDA
-        moe_seterr(err, errlen, "%s: backend 'cuda' requested, but no CUDA "
+        moe_errf(err, errlen, "%s: backend 'cuda' requested, but no CUDA "
                    "device is visible", cfg->file);
 #else
-        moe_seterr(err, errlen, "%s: backend 'cuda' requested, but this "
+        moe_errf(err, errlen, "%s: backend 'cuda' requested, but this "
                    "build has no CUDA support (built with MOE_CUDA=0 or "
                    "without nvcc)", cfg->file);
 #endif
@@ -1242,7 +1235,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
      * on the GPU; for benchmarks of real shapes without the files */
     dummy = strcmp(cfg->load_format, "dummy") == 0;
     if (dummy && !use_cuda) {
-        moe_seterr(err, errlen, "%s: load_format 'dummy' needs the cuda "
+        moe_errf(err, errlen, "%s: load_format 'dummy' needs the cuda "
                    "backend (random weights are made on the GPU)", cfg->file);
         rc = MOE_EUNSUPPORTED;
         goto fail;
@@ -1405,14 +1398,14 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     rc = moe_blocks_init(&e->blocks, n_blocks, cfg->block_size,
                          cfg->enable_prefix_caching);
     if (rc != MOE_OK) {
-        moe_seterr(err, errlen, "%s", "out of memory (block manager)");
+        moe_errf(err, errlen, "%s", "out of memory (block manager)");
         goto fail;
     }
 
     moe_swap_space_init(e, blocks_per_seq);
     rc = moe_slots_init(&e->slots, e->backend->n_swap_slots);
     if (rc != MOE_OK) {
-        moe_seterr(err, errlen, "%s", "out of memory (swap slots)");
+        moe_errf(err, errlen, "%s", "out of memory (swap slots)");
         goto fail;
     }
 
@@ -1432,7 +1425,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         || e->events == NULL
         || moe_sampler_init(&e->sampler, e->n_sample) != MOE_OK)
     {
-        moe_seterr(err, errlen, "%s", "out of memory (engine buffers)");
+        moe_errf(err, errlen, "%s", "out of memory (engine buffers)");
         rc = MOE_ENOMEM;
         goto fail;
     }
@@ -1440,13 +1433,13 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     e->ev_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (e->ev_fd < 0 || e->wake_fd < 0) {
-        moe_seterr(err, errlen, "eventfd: %s", strerror(errno));
+        moe_errf(err, errlen, "eventfd: %s", strerror(errno));
         rc = MOE_ENOMEM;
         goto fail;
     }
 
     if (pthread_create(&e->thread, NULL, moe_engine_main, e) != 0) {
-        moe_seterr(err, errlen, "%s", "cannot start the engine thread");
+        moe_errf(err, errlen, "%s", "cannot start the engine thread");
         rc = MOE_ENOMEM;
         goto fail;
     }

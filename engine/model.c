@@ -64,18 +64,6 @@ static const char *supported_archs =
     "GPT2LMHeadModel";
 
 
-static void
-m_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 
 static char *
@@ -119,7 +107,7 @@ m_parse_json(const char *path, yajl_val *out, char *err, size_t errlen)
     *out = NULL;
     text = m_read_file(path);
     if (text == NULL) {
-        m_err(err, errlen, "%s: %s", path, strerror(errno));
+        moe_errf(err, errlen, "%s: %s", path, strerror(errno));
         return MOE_EIO;
     }
     jerr[0] = '\0';
@@ -131,7 +119,7 @@ m_parse_json(const char *path, yajl_val *out, char *err, size_t errlen)
                 *p = ' ';
             }
         }
-        m_err(err, errlen, "%s: not a JSON object%s%s", path,
+        moe_errf(err, errlen, "%s: not a JSON object%s%s", path,
               jerr[0] ? ": " : "", jerr);
         yajl_tree_free(root);
         return MOE_EFORMAT;
@@ -172,7 +160,7 @@ m_int(yajl_val obj, const char *file, const char *key, long long def,
     if (!YAJL_IS_INTEGER(v) || YAJL_GET_INTEGER(v) < min
         || YAJL_GET_INTEGER(v) > (1ll << 31) - 1)
     {
-        m_err(err, errlen, "%s: '%s' must be an integer >= %lld", file, key,
+        moe_errf(err, errlen, "%s: '%s' must be an integer >= %lld", file, key,
               min);
         return MOE_EFORMAT;
     }
@@ -192,7 +180,7 @@ m_num(yajl_val obj, const char *file, const char *key, double def,
         return MOE_OK;
     }
     if (!YAJL_IS_NUMBER(v)) {
-        m_err(err, errlen, "%s: '%s' must be a number", file, key);
+        moe_errf(err, errlen, "%s: '%s' must be a number", file, key);
         return MOE_EFORMAT;
     }
     *out = YAJL_IS_INTEGER(v) ? (double) YAJL_GET_INTEGER(v)
@@ -214,7 +202,7 @@ m_bool(yajl_val obj, const char *file, const char *key, int def, int *out,
     } else if (YAJL_IS_FALSE(v)) {
         *out = 0;
     } else {
-        m_err(err, errlen, "%s: '%s' must be true or false", file, key);
+        moe_errf(err, errlen, "%s: '%s' must be true or false", file, key);
         return MOE_EFORMAT;
     }
     return MOE_OK;
@@ -239,13 +227,13 @@ m_eos(yajl_val obj, const char *file, int32_t *ids, int *n, char *err,
         return 1;
     }
     if (!YAJL_IS_ARRAY(v) || v->u.array.len > 8) {
-        m_err(err, errlen, "%s: 'eos_token_id' must be an integer or a list "
+        moe_errf(err, errlen, "%s: 'eos_token_id' must be an integer or a list "
               "of at most 8 integers", file);
         return MOE_EFORMAT;
     }
     for (i = 0; i < v->u.array.len; i++) {
         if (!YAJL_IS_INTEGER(v->u.array.values[i])) {
-            m_err(err, errlen, "%s: 'eos_token_id' must be an integer or a "
+            moe_errf(err, errlen, "%s: 'eos_token_id' must be an integer or a "
                   "list of integers", file);
             return MOE_EFORMAT;
         }
@@ -272,7 +260,7 @@ m_rope(yajl_val root, const char *file, double *theta, char *err,
             continue;
         }
         if (!YAJL_IS_OBJECT(v)) {
-            m_err(err, errlen, "%s: '%s' must be an object or null", file,
+            moe_errf(err, errlen, "%s: '%s' must be an object or null", file,
                   keys[k]);
             return MOE_EFORMAT;
         }
@@ -285,7 +273,7 @@ m_rope(yajl_val root, const char *file, double *theta, char *err,
                 || (strcmp(t->u.string, "default") != 0
                     && strcmp(t->u.string, "none") != 0)))
         {
-            m_err(err, errlen, "%s: %s type '%.40s' is not supported (only "
+            moe_errf(err, errlen, "%s: %s type '%.40s' is not supported (only "
                   "plain RoPE: type default/none)", file, keys[k],
                   YAJL_IS_STRING(t) ? t->u.string : "?");
             return MOE_EUNSUPPORTED;
@@ -326,7 +314,7 @@ m_req_int(yajl_val root, const char *const *keys, long long min, int *out,
     int         rc;
 
     if (k == NULL) {
-        m_err(err, errlen, "config.json: needs '%s'", keys[0]);
+        moe_errf(err, errlen, "config.json: needs '%s'", keys[0]);
         return MOE_EFORMAT;
     }
     rc = m_int(root, "config.json", k, 0, min, &x, err, errlen);
@@ -349,7 +337,7 @@ m_str(yajl_val obj, const char *key, const char *def, const char **out,
         return MOE_OK;
     }
     if (!YAJL_IS_STRING(v)) {
-        m_err(err, errlen, "config.json: '%s' must be a string", key);
+        moe_errf(err, errlen, "config.json: '%s' must be a string", key);
         return MOE_EFORMAT;
     }
     *out = v->u.string;
@@ -388,7 +376,7 @@ m_qwen_window(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
     lt = m_get(root, "layer_types");
     if (lt != NULL && !YAJL_IS_NULL(lt) && hp->arch != MOE_ARCH_QWEN3_MOE) {
         if (!YAJL_IS_ARRAY(lt) || (int) lt->u.array.len != hp->n_layers) {
-            m_err(err, errlen, "config.json: 'layer_types' must be a list of "
+            moe_errf(err, errlen, "config.json: 'layer_types' must be a list of "
                   "%d strings", hp->n_layers);
             return MOE_EFORMAT;
         }
@@ -399,7 +387,7 @@ m_qwen_window(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
                 || (strcmp(s->u.string, "full_attention") != 0
                     && strcmp(s->u.string, "sliding_attention") != 0))
             {
-                m_err(err, errlen, "config.json: layer_types[%d] must be "
+                moe_errf(err, errlen, "config.json: layer_types[%d] must be "
                       "full_attention or sliding_attention", l);
                 return MOE_EUNSUPPORTED;
             }
@@ -421,7 +409,7 @@ m_qwen_window(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
         return MOE_OK;
     }
     if (n_slide != hp->n_layers) {
-        m_err(err, errlen, "config.json: sliding-window attention on %d of "
+        moe_errf(err, errlen, "config.json: sliding-window attention on %d of "
               "%d layers is not supported (only all or none)", n_slide,
               hp->n_layers);
         return MOE_EUNSUPPORTED;
@@ -450,7 +438,7 @@ m_qwen_moe(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
                 &x, err, errlen));
     hp->top_k = (int) x;
     if (hp->top_k > hp->n_experts) {
-        m_err(err, errlen, "config.json: num_experts_per_tok %d > "
+        moe_errf(err, errlen, "config.json: num_experts_per_tok %d > "
               "num_experts %d", hp->top_k, hp->n_experts);
         return MOE_EFORMAT;
     }
@@ -473,7 +461,7 @@ m_qwen_moe(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
     v = m_get(root, "mlp_only_layers");
     if (v != NULL && !YAJL_IS_NULL(v)) {
         if (!YAJL_IS_ARRAY(v)) {
-            m_err(err, errlen, "config.json: 'mlp_only_layers' must be a "
+            moe_errf(err, errlen, "config.json: 'mlp_only_layers' must be a "
                   "list of layer indices");
             return MOE_EFORMAT;
         }
@@ -483,7 +471,7 @@ m_qwen_moe(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
             if (!YAJL_IS_INTEGER(e) || YAJL_GET_INTEGER(e) < 0
                 || YAJL_GET_INTEGER(e) >= hp->n_layers)
             {
-                m_err(err, errlen, "config.json: mlp_only_layers[%zu] must "
+                moe_errf(err, errlen, "config.json: mlp_only_layers[%zu] must "
                       "be a layer index below %d", i, hp->n_layers);
                 return MOE_EFORMAT;
             }
@@ -532,7 +520,7 @@ m_parse_gpt2(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
         CHECK(m_req_int(root, k_pos, 1, &hp->max_pos, err, errlen));
     }
     if (hp->dim % hp->n_heads != 0) {
-        m_err(err, errlen, "config.json: n_embd %d is not a multiple of "
+        moe_errf(err, errlen, "config.json: n_embd %d is not a multiple of "
               "n_head %d", hp->dim, hp->n_heads);
         return MOE_EFORMAT;
     }
@@ -559,28 +547,28 @@ m_parse_gpt2(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
     } else if (strcmp(act, "gelu") == 0) {
         hp->act = MOE_ACT_GELU;
     } else {
-        m_err(err, errlen, "config.json: activation_function '%.32s' is not "
+        moe_errf(err, errlen, "config.json: activation_function '%.32s' is not "
               "supported (gelu_new, gelu_pytorch_tanh, gelu)", act);
         return MOE_EUNSUPPORTED;
     }
     CHECK(m_bool(root, "config.json", "scale_attn_weights", 1, &b, err,
                  errlen));
     if (!b) {
-        m_err(err, errlen, "config.json: scale_attn_weights false is not "
+        moe_errf(err, errlen, "config.json: scale_attn_weights false is not "
               "supported");
         return MOE_EUNSUPPORTED;
     }
     CHECK(m_bool(root, "config.json", "scale_attn_by_inverse_layer_idx", 0,
                  &b, err, errlen));
     if (b) {
-        m_err(err, errlen, "config.json: scale_attn_by_inverse_layer_idx is "
+        moe_errf(err, errlen, "config.json: scale_attn_by_inverse_layer_idx is "
               "not supported");
         return MOE_EUNSUPPORTED;
     }
     CHECK(m_bool(root, "config.json", "add_cross_attention", 0, &b, err,
                  errlen));
     if (b) {
-        m_err(err, errlen, "config.json: add_cross_attention is not "
+        moe_errf(err, errlen, "config.json: add_cross_attention is not "
               "supported");
         return MOE_EUNSUPPORTED;
     }
@@ -633,7 +621,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
     if (v == NULL || !YAJL_IS_ARRAY(v) || v->u.array.len == 0
         || !YAJL_IS_STRING(v->u.array.values[0]))
     {
-        m_err(err, errlen, "config.json: 'architectures' must be a list of "
+        moe_errf(err, errlen, "config.json: 'architectures' must be a list of "
               "names (supported: %s)", supported_archs);
         rc = MOE_EFORMAT;
         goto done;
@@ -646,7 +634,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
         }
     }
     if (hp->arch == 0) {
-        m_err(err, errlen, "config.json: architecture '%.64s' is not "
+        moe_errf(err, errlen, "config.json: architecture '%.64s' is not "
               "supported (supported: %s)", arch, supported_archs);
         rc = MOE_EUNSUPPORTED;
         goto done;
@@ -658,7 +646,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
     if (hp->arch == MOE_ARCH_GPT2) {
         CHECK(m_parse_gpt2(root, hp, err, errlen));
         if (hp->n_layers > MOE_MAX_LAYERS) {
-            m_err(err, errlen, "config.json: %d layers (at most %d)",
+            moe_errf(err, errlen, "config.json: %d layers (at most %d)",
                   hp->n_layers, MOE_MAX_LAYERS);
             rc = MOE_EUNSUPPORTED;
             goto done;
@@ -682,14 +670,14 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
     if (hp->dim < 0 || hp->n_layers < 0 || hp->n_heads < 0
         || hp->ffn_dim < 0 || hp->vocab_size < 0)
     {
-        m_err(err, errlen, "config.json: needs hidden_size, "
+        moe_errf(err, errlen, "config.json: needs hidden_size, "
               "num_hidden_layers, num_attention_heads, intermediate_size "
               "and vocab_size");
         rc = MOE_EFORMAT;
         goto done;
     }
     if (hp->n_layers > MOE_MAX_LAYERS) {
-        m_err(err, errlen, "config.json: %d layers (at most %d)",
+        moe_errf(err, errlen, "config.json: %d layers (at most %d)",
               hp->n_layers, MOE_MAX_LAYERS);
         rc = MOE_EUNSUPPORTED;
         goto done;
@@ -698,7 +686,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
                 &x, err, errlen));
     hp->n_kv_heads = (int) x;
     if (hp->n_heads % hp->n_kv_heads != 0) {
-        m_err(err, errlen, "config.json: num_attention_heads %d is not a "
+        moe_errf(err, errlen, "config.json: num_attention_heads %d is not a "
               "multiple of num_key_value_heads %d", hp->n_heads,
               hp->n_kv_heads);
         rc = MOE_EFORMAT;
@@ -708,7 +696,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
                 &x, err, errlen));
     hp->head_dim = (int) x;
     if (hp->head_dim % 2 != 0 || hp->head_dim < 2) {
-        m_err(err, errlen, "config.json: head_dim %d must be even",
+        moe_errf(err, errlen, "config.json: head_dim %d must be even",
               hp->head_dim);
         rc = MOE_EFORMAT;
         goto done;
@@ -725,7 +713,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
                     err, errlen));
         hp->top_k = (int) x;
         if (hp->top_k > hp->n_experts) {
-            m_err(err, errlen, "config.json: num_experts_per_tok %d > "
+            moe_errf(err, errlen, "config.json: num_experts_per_tok %d > "
                   "num_local_experts %d", hp->top_k, hp->n_experts);
             rc = MOE_EFORMAT;
             goto done;
@@ -741,7 +729,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
     CHECK(m_num(root, "config.json", "rope_theta", d, &d, err, errlen));
     CHECK(m_rope(root, "config.json", &d, err, errlen));
     if (!(d > 0)) {
-        m_err(err, errlen, "config.json: rope_theta must be > 0");
+        moe_errf(err, errlen, "config.json: rope_theta must be > 0");
         rc = MOE_EFORMAT;
         goto done;
     }
@@ -753,7 +741,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
 
     CHECK(m_str(root, "hidden_act", "silu", &act, err, errlen));
     if (strcmp(act, "silu") != 0) {
-        m_err(err, errlen, "config.json: hidden_act '%.32s' is not supported "
+        moe_errf(err, errlen, "config.json: hidden_act '%.32s' is not supported "
               "(only silu)", act);
         rc = MOE_EUNSUPPORTED;
         goto done;
@@ -773,7 +761,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
         hp->qkv_bias = b;
         hp->o_bias = b;
     } else if (b) {
-        m_err(err, errlen, "config.json: attention_bias is not supported "
+        moe_errf(err, errlen, "config.json: attention_bias is not supported "
               "for %s", arch);
         rc = MOE_EUNSUPPORTED;
         goto done;
@@ -781,7 +769,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
     hp->qk_norm = hp->arch == MOE_ARCH_QWEN3_MOE;
     CHECK(m_bool(root, "config.json", "mlp_bias", 0, &b, err, errlen));
     if (b && hp->arch != MOE_ARCH_LLAMA) {
-        m_err(err, errlen, "config.json: mlp_bias is not supported for %s",
+        moe_errf(err, errlen, "config.json: mlp_bias is not supported for %s",
               arch);
         rc = MOE_EUNSUPPORTED;
         goto done;
@@ -883,7 +871,7 @@ m_find(m_ctx_t *c, const char *name, int nd, const int64_t *shape,
 
     t = moe_st_find(c->st, name);
     if (t == NULL) {
-        m_err(c->err, c->errlen, "%s: missing tensor '%s'", c->dir, name);
+        moe_errf(c->err, c->errlen, "%s: missing tensor '%s'", c->dir, name);
         return MOE_EFORMAT;
     }
     same = t->n_dims == nd;
@@ -893,7 +881,7 @@ m_find(m_ctx_t *c, const char *name, int nd, const int64_t *shape,
     if (!same) {
         m_shape_str(a, sizeof(a), t->n_dims, t->shape);
         m_shape_str(b, sizeof(b), nd, shape);
-        m_err(c->err, c->errlen, "%s: tensor '%s' has shape %s, expected %s",
+        moe_errf(c->err, c->errlen, "%s: tensor '%s' has shape %s, expected %s",
               t->file, name, a, b);
         return MOE_EFORMAT;
     }
@@ -1054,7 +1042,7 @@ m_walk_experts(m_ctx_t *c, const moe_hparams_t *hp, int l)
             s_up = "up_proj";
             s_down = "down_proj";
         } else {
-            m_err(c->err, c->errlen, "%s: missing tensor "
+            moe_errf(c->err, c->errlen, "%s: missing tensor "
                   "'model.layers.%d.%s.experts.0.w1.weight' (nor a fused "
                   "'experts.gate_up_proj')", c->dir, l, pre);
             return MOE_EFORMAT;
@@ -1181,7 +1169,7 @@ moe_model_for_each_tensor(const moe_model_t *m,
     int                  l, rc;
 
     if (m->st == NULL) {
-        m_err(err, errlen, "%s: no weights were opened (load_format "
+        moe_errf(err, errlen, "%s: no weights were opened (load_format "
               "'dummy')", m->dir);
         return MOE_EINVAL;
     }
@@ -1370,7 +1358,7 @@ m_alloc_weights(moe_model_t *m, char *err, size_t errlen)
 #undef OPT
 
     if (bad) {
-        m_err(err, errlen, "%s: out of memory for fp32 weights", m->dir);
+        moe_errf(err, errlen, "%s: out of memory for fp32 weights", m->dir);
         return MOE_ENOMEM;
     }
     return MOE_OK;
@@ -1528,7 +1516,7 @@ moe_model_load_f32(moe_model_t *m, char *err, size_t errlen)
         return MOE_OK;
     }
     if (m->st == NULL) {
-        m_err(err, errlen, "%s: no weights were opened (load_format "
+        moe_errf(err, errlen, "%s: no weights were opened (load_format "
               "'dummy')", m->dir);
         return MOE_EINVAL;
     }
@@ -1536,7 +1524,7 @@ moe_model_load_f32(moe_model_t *m, char *err, size_t errlen)
     if (rc == MOE_OK) {
         rc = moe_model_for_each_tensor(m, m_store_f32, m, err, errlen);
         if (rc == MOE_EINVAL) {
-            m_err(err, errlen, "%s: internal error storing fp32 weights",
+            moe_errf(err, errlen, "%s: internal error storing fp32 weights",
                   m->dir);
         }
     }
@@ -1585,12 +1573,12 @@ m_load_model(const char *dir, int top_k_override, int what,
 
     *out = NULL;
     if (dir == NULL || strlen(dir) >= MOE_PATH_MAX) {
-        m_err(err, errlen, "model directory path missing or too long");
+        moe_errf(err, errlen, "model directory path missing or too long");
         return MOE_EINVAL;
     }
     m = calloc(1, sizeof(*m));
     if (m == NULL) {
-        m_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     snprintf(m->dir, sizeof(m->dir), "%s", dir);
@@ -1601,7 +1589,7 @@ m_load_model(const char *dir, int top_k_override, int what,
     }
     if (top_k_override > 0 && m->hp.n_experts > 1) {
         if (top_k_override > m->hp.n_experts) {
-            m_err(err, errlen, "top_k %d is larger than the model's %d "
+            moe_errf(err, errlen, "top_k %d is larger than the model's %d "
                   "experts", top_k_override, m->hp.n_experts);
             rc = MOE_EINVAL;
             goto fail;

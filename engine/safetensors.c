@@ -42,18 +42,6 @@ struct moe_st_set {
 };
 
 
-static void
-st_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 
 size_t
@@ -122,7 +110,7 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
 
     memset(&t, 0, sizeof(t));
     if (!YAJL_IS_OBJECT(v)) {
-        st_err(err, errlen, "%s: tensor '%s': entry is not an object",
+        moe_errf(err, errlen, "%s: tensor '%s': entry is not an object",
                f->path, name);
         return MOE_EFORMAT;
     }
@@ -143,7 +131,7 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
     if (dt == NULL || !YAJL_IS_STRING(dt) || shape == NULL
         || !YAJL_IS_ARRAY(shape) || offs == NULL || !YAJL_IS_ARRAY(offs))
     {
-        st_err(err, errlen, "%s: tensor '%s': needs string \"dtype\", array "
+        moe_errf(err, errlen, "%s: tensor '%s': needs string \"dtype\", array "
                "\"shape\" and array \"data_offsets\"", f->path, name);
         return MOE_EFORMAT;
     }
@@ -156,13 +144,13 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
     } else if (strcmp(dts, "BF16") == 0) {
         t.dtype = MOE_DT_BF16;
     } else {
-        st_err(err, errlen, "%s: tensor '%s': dtype '%.32s' is not supported "
+        moe_errf(err, errlen, "%s: tensor '%s': dtype '%.32s' is not supported "
                "(supported: F32, F16, BF16)", f->path, name, dts);
         return MOE_EUNSUPPORTED;
     }
 
     if (shape->u.array.len > MOE_ST_MAX_DIMS) {
-        st_err(err, errlen, "%s: tensor '%s': %zu dims (at most %d "
+        moe_errf(err, errlen, "%s: tensor '%s': %zu dims (at most %d "
                "supported)", f->path, name, shape->u.array.len,
                MOE_ST_MAX_DIMS);
         return MOE_EUNSUPPORTED;
@@ -174,7 +162,7 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
         long long x;
 
         if (!YAJL_IS_INTEGER(d) || (x = YAJL_GET_INTEGER(d)) < 0) {
-            st_err(err, errlen, "%s: tensor '%s': shape[%zu] is not a "
+            moe_errf(err, errlen, "%s: tensor '%s': shape[%zu] is not a "
                    "non-negative integer", f->path, name, i);
             return MOE_EFORMAT;
         }
@@ -193,26 +181,26 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
         || YAJL_GET_INTEGER(offs->u.array.values[0]) < 0
         || YAJL_GET_INTEGER(offs->u.array.values[1]) < 0)
     {
-        st_err(err, errlen, "%s: tensor '%s': data_offsets must be two "
+        moe_errf(err, errlen, "%s: tensor '%s': data_offsets must be two "
                "non-negative integers", f->path, name);
         return MOE_EFORMAT;
     }
     b = (uint64_t) YAJL_GET_INTEGER(offs->u.array.values[0]);
     e = (uint64_t) YAJL_GET_INTEGER(offs->u.array.values[1]);
     if (b > e || e > data_len) {
-        st_err(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] "
+        moe_errf(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] "
                "outside the data (%llu bytes)", f->path, name,
                (unsigned long long) b, (unsigned long long) e,
                (unsigned long long) data_len);
         return MOE_EFORMAT;
     }
     if (numel == UINT64_MAX) {
-        st_err(err, errlen, "%s: tensor '%s': shape has more elements than "
+        moe_errf(err, errlen, "%s: tensor '%s': shape has more elements than "
                "the file has bytes", f->path, name);
         return MOE_EFORMAT;
     }
     if (numel * moe_dtype_size(t.dtype) != e - b) {
-        st_err(err, errlen, "%s: tensor '%s': %llu bytes for %s shape of "
+        moe_errf(err, errlen, "%s: tensor '%s': %llu bytes for %s shape of "
                "%llu elements (expected %llu)", f->path, name,
                (unsigned long long) (e - b), dts,
                (unsigned long long) numel,
@@ -222,7 +210,7 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
 
     t.name = strdup(name);
     if (t.name == NULL) {
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     t.file = f->path;
@@ -232,7 +220,7 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
     rc = st_push_tensor(s, &t);
     if (rc != MOE_OK) {
         free((char *) t.name);
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
     }
     return rc;
 }
@@ -254,7 +242,7 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
 
     nf = realloc(s->files, (s->n_files + 1) * sizeof(*nf));
     if (nf == NULL) {
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     s->files = nf;
@@ -262,24 +250,24 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
     memset(f, 0, sizeof(*f));
     f->path = strdup(path);
     if (f->path == NULL) {
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     s->n_files++;   /* from here on moe_st_close() cleans up */
 
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        st_err(err, errlen, "%s: %s", path, strerror(errno));
+        moe_errf(err, errlen, "%s: %s", path, strerror(errno));
         return MOE_EIO;
     }
     if (fstat(fd, &st) != 0) {
-        st_err(err, errlen, "%s: %s", path, strerror(errno));
+        moe_errf(err, errlen, "%s: %s", path, strerror(errno));
         close(fd);
         return MOE_EIO;
     }
     if (st.st_size < 8) {
         close(fd);
-        st_err(err, errlen, "%s: truncated header (file is %lld bytes)",
+        moe_errf(err, errlen, "%s: truncated header (file is %lld bytes)",
                path, (long long) st.st_size);
         return MOE_EFORMAT;
     }
@@ -288,7 +276,7 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
     close(fd);
     if (f->map == MAP_FAILED) {
         f->map = NULL;
-        st_err(err, errlen, "%s: mmap: %s", path, strerror(errno));
+        moe_errf(err, errlen, "%s: mmap: %s", path, strerror(errno));
         return MOE_EIO;
     }
 
@@ -298,14 +286,14 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
         hlen |= (uint64_t) p[i] << (8 * i);
     }
     if (hlen < 2 || hlen > ST_MAX_HEADER || hlen > f->size - 8) {
-        st_err(err, errlen, "%s: header length %llu does not fit the file "
+        moe_errf(err, errlen, "%s: header length %llu does not fit the file "
                "(%zu bytes)", path, (unsigned long long) hlen, f->size);
         return MOE_EFORMAT;
     }
 
     json = malloc(hlen + 1);
     if (json == NULL) {
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     memcpy(json, p + 8, hlen);
@@ -321,7 +309,7 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
                 *nl = ' ';
             }
         }
-        st_err(err, errlen, "%s: header is not a JSON object%s%s", path,
+        moe_errf(err, errlen, "%s: header is not a JSON object%s%s", path,
                jerr[0] ? ": " : "", jerr);
         yajl_tree_free(root);
         return MOE_EFORMAT;
@@ -357,7 +345,7 @@ st_build_index(moe_st_set_t *s, char *err, size_t errlen)
     free(s->slots);
     s->slots = calloc(n, sizeof(*s->slots));
     if (s->slots == NULL) {
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     s->n_slots = n;
@@ -367,7 +355,7 @@ st_build_index(moe_st_set_t *s, char *err, size_t errlen)
             const moe_st_tensor_t *o = &s->tensors[s->slots[j] - 1];
 
             if (strcmp(o->name, s->tensors[i].name) == 0) {
-                st_err(err, errlen, "%s: tensor '%s': also in %s",
+                moe_errf(err, errlen, "%s: tensor '%s': also in %s",
                        s->tensors[i].file, s->tensors[i].name, o->file);
                 return MOE_EFORMAT;
             }
@@ -389,7 +377,7 @@ moe_st_open_file(const char *path, moe_st_set_t **out, char *err,
     *out = NULL;
     s = calloc(1, sizeof(*s));
     if (s == NULL) {
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     rc = st_add_file(s, path, err, errlen);
@@ -467,7 +455,7 @@ st_open_index(moe_st_set_t *s, const char *dir, const char *ipath,
 
     text = st_read_file(ipath, NULL);
     if (text == NULL) {
-        st_err(err, errlen, "%s: %s", ipath, strerror(errno));
+        moe_errf(err, errlen, "%s: %s", ipath, strerror(errno));
         return MOE_EIO;
     }
     jerr[0] = '\0';
@@ -475,7 +463,7 @@ st_open_index(moe_st_set_t *s, const char *dir, const char *ipath,
     free(text);
     wm = root ? yajl_tree_get(root, wm_path, yajl_t_object) : NULL;
     if (wm == NULL) {
-        st_err(err, errlen, "%s: no \"weight_map\" object", ipath);
+        moe_errf(err, errlen, "%s: no \"weight_map\" object", ipath);
         yajl_tree_free(root);
         return MOE_EFORMAT;
     }
@@ -486,14 +474,14 @@ st_open_index(moe_st_set_t *s, const char *dir, const char *ipath,
         const char *shard;
 
         if (!YAJL_IS_STRING(v)) {
-            st_err(err, errlen, "%s: weight_map['%s'] is not a string",
+            moe_errf(err, errlen, "%s: weight_map['%s'] is not a string",
                    ipath, wm->u.object.keys[i]);
             rc = MOE_EFORMAT;
             break;
         }
         shard = v->u.string;
         if (strstr(shard, "..") != NULL || shard[0] == '/') {
-            st_err(err, errlen, "%s: shard name '%s' leaves the model "
+            moe_errf(err, errlen, "%s: shard name '%s' leaves the model "
                    "directory", ipath, shard);
             rc = MOE_EFORMAT;
             break;
@@ -513,7 +501,7 @@ st_open_index(moe_st_set_t *s, const char *dir, const char *ipath,
         }
         path = st_join(dir, shard);
         if (path == NULL) {
-            st_err(err, errlen, "out of memory");
+            moe_errf(err, errlen, "out of memory");
             rc = MOE_ENOMEM;
             break;
         }
@@ -530,14 +518,14 @@ st_open_index(moe_st_set_t *s, const char *dir, const char *ipath,
         const char            *base;
 
         if (t == NULL) {
-            st_err(err, errlen, "%s: tensor '%s' is not in shard %s", ipath,
+            moe_errf(err, errlen, "%s: tensor '%s' is not in shard %s", ipath,
                    name, shard);
             rc = MOE_EFORMAT;
             break;
         }
         base = t->file + strlen(dir) + 1;
         if (strcmp(base, shard) != 0) {
-            st_err(err, errlen, "%s: tensor '%s' is in %s, not in %s", ipath,
+            moe_errf(err, errlen, "%s: tensor '%s' is in %s, not in %s", ipath,
                    name, base, shard);
             rc = MOE_EFORMAT;
         }
@@ -568,14 +556,14 @@ moe_st_open_dir(const char *dir, moe_st_set_t **out, char *err,
     *out = NULL;
     s = calloc(1, sizeof(*s));
     if (s == NULL) {
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
 
     path = st_join(dir, "model.safetensors.index.json");
     if (path == NULL) {
         moe_st_close(s);
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     if (access(path, F_OK) == 0) {
@@ -588,7 +576,7 @@ moe_st_open_dir(const char *dir, moe_st_set_t **out, char *err,
     path = st_join(dir, "model.safetensors");
     if (path == NULL) {
         moe_st_close(s);
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
     if (access(path, F_OK) == 0) {
@@ -603,7 +591,7 @@ moe_st_open_dir(const char *dir, moe_st_set_t **out, char *err,
 
     d = opendir(dir);
     if (d == NULL) {
-        st_err(err, errlen, "%s: %s", dir, strerror(errno));
+        moe_errf(err, errlen, "%s: %s", dir, strerror(errno));
         moe_st_close(s);
         return MOE_EIO;
     }
@@ -634,16 +622,16 @@ moe_st_open_dir(const char *dir, moe_st_set_t **out, char *err,
     }
     closedir(d);
     if (rc == MOE_ENOMEM) {
-        st_err(err, errlen, "out of memory");
+        moe_errf(err, errlen, "out of memory");
     } else if (n == 0) {
-        st_err(err, errlen, "%s: no *.safetensors weights", dir);
+        moe_errf(err, errlen, "%s: no *.safetensors weights", dir);
         rc = MOE_EIO;
     } else {
         qsort(names, n, sizeof(*names), st_name_cmp);
         for (i = 0; i < n && rc == MOE_OK; i++) {
             path = st_join(dir, names[i]);
             if (path == NULL) {
-                st_err(err, errlen, "out of memory");
+                moe_errf(err, errlen, "out of memory");
                 rc = MOE_ENOMEM;
                 break;
             }

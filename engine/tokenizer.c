@@ -99,18 +99,6 @@ tb_free(tbuf_t *b)
     b->len = b->cap = 0;
 }
 
-static void
-set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* Length of the (valid) UTF-8 char starting with byte c. */
 static size_t
@@ -764,7 +752,7 @@ re_compile(const char *pat, char *err, size_t errlen)
                        PCRE2_UTF | PCRE2_UCP, &ec, &eo, NULL);
     if (re == NULL) {
         pcre2_get_error_message(ec, msg, sizeof(msg));
-        set_err(err, errlen, "regex /%s/ at %zu: %s", pat, (size_t) eo,
+        moe_errf(err, errlen, "regex /%s/ at %zu: %s", pat, (size_t) eo,
                 (char *) msg);
         return NULL;
     }
@@ -784,7 +772,7 @@ load_vocab(moe_tokenizer_t *t, yajl_val model, yajl_val added, char *err,
     long long   id, max_id = -1;
 
     if (!YAJL_IS_OBJECT(vocab)) {
-        set_err(err, errlen, "model.vocab missing or not an object");
+        moe_errf(err, errlen, "model.vocab missing or not an object");
         return MOE_EFORMAT;
     }
     nv = vocab->u.object.len;
@@ -793,7 +781,7 @@ load_vocab(moe_tokenizer_t *t, yajl_val model, yajl_val added, char *err,
         if (!YAJL_IS_INTEGER(v) || YAJL_GET_INTEGER(v) < 0
             || YAJL_GET_INTEGER(v) > 0x7fffffff)
         {
-            set_err(err, errlen, "model.vocab[\"%s\"]: bad id",
+            moe_errf(err, errlen, "model.vocab[\"%s\"]: bad id",
                     vocab->u.object.keys[i]);
             return MOE_EFORMAT;
         }
@@ -807,7 +795,7 @@ load_vocab(moe_tokenizer_t *t, yajl_val model, yajl_val added, char *err,
             if (id < 0 || id > 0x7fffffff
                 || jstr(added->u.array.values[i], "content") == NULL)
             {
-                set_err(err, errlen, "added_tokens[%zu]: bad id or content",
+                moe_errf(err, errlen, "added_tokens[%zu]: bad id or content",
                         i);
                 return MOE_EFORMAT;
             }
@@ -817,7 +805,7 @@ load_vocab(moe_tokenizer_t *t, yajl_val model, yajl_val added, char *err,
         }
     }
     if (max_id > 16 * 1024 * 1024) {
-        set_err(err, errlen, "token id %lld too large", max_id);
+        moe_errf(err, errlen, "token id %lld too large", max_id);
         return MOE_EFORMAT;
     }
     t->n_ids = (int32_t) (max_id + 1);
@@ -863,7 +851,7 @@ load_merges(moe_tokenizer_t *t, yajl_val model, char *err, size_t errlen)
         return MOE_OK;
     }
     if (!YAJL_IS_ARRAY(merges)) {
-        set_err(err, errlen, "model.merges is not an array");
+        moe_errf(err, errlen, "model.merges is not an array");
         return MOE_EFORMAT;
     }
     n = merges->u.array.len;
@@ -877,7 +865,7 @@ load_merges(moe_tokenizer_t *t, yajl_val model, char *err, size_t errlen)
             a = m->u.string;
             sp = strchr(a, ' ');
             if (sp == NULL || strchr(sp + 1, ' ') != NULL) {
-                set_err(err, errlen, "merges[%zu] \"%s\": not \"a b\"", i, a);
+                moe_errf(err, errlen, "merges[%zu] \"%s\": not \"a b\"", i, a);
                 tb_free(&cat);
                 return MOE_EFORMAT;
             }
@@ -893,7 +881,7 @@ load_merges(moe_tokenizer_t *t, yajl_val model, char *err, size_t errlen)
             la = strlen(a);
             lb = strlen(b);
         } else {
-            set_err(err, errlen, "merges[%zu]: neither \"a b\" nor [a, b]", i);
+            moe_errf(err, errlen, "merges[%zu]: neither \"a b\" nor [a, b]", i);
             tb_free(&cat);
             return MOE_EFORMAT;
         }
@@ -920,7 +908,7 @@ load_merges(moe_tokenizer_t *t, yajl_val model, char *err, size_t errlen)
         }
         in = vocab_get(t, cat.p, cat.len);
         if (ia < 0 || ib < 0 || in < 0) {
-            set_err(err, errlen, "merges[%zu]: token not in vocab", i);
+            moe_errf(err, errlen, "merges[%zu]: token not in vocab", i);
             tb_free(&cat);
             return MOE_EFORMAT;
         }
@@ -973,13 +961,13 @@ add_steps(moe_tokenizer_t *t, yajl_val n, const step_kind_t *k, void **steps,
         return MOE_OK;
     }
     if (type == NULL) {
-        set_err(err, errlen, "%s without type", k->name);
+        moe_errf(err, errlen, "%s without type", k->name);
         return MOE_EFORMAT;
     }
     if (strcmp(type, "Sequence") == 0) {
         list = jget(n, k->list_key);
         if (!YAJL_IS_ARRAY(list)) {
-            set_err(err, errlen, "%s Sequence without %s", k->name,
+            moe_errf(err, errlen, "%s Sequence without %s", k->name,
                     k->list_key);
             return MOE_EFORMAT;
         }
@@ -1018,7 +1006,7 @@ fill_norm(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
     if (strcmp(type, "Prepend") == 0) {
         const char *p = jstr(n, "prepend");
         if (p == NULL) {
-            set_err(err, errlen, "normalizer Prepend without prepend");
+            moe_errf(err, errlen, "normalizer Prepend without prepend");
             return MOE_EFORMAT;
         }
         s->type = NORM_PREPEND;
@@ -1027,7 +1015,7 @@ fill_norm(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
     } else if (strcmp(type, "Replace") == 0) {
         const char *lit, *rx, *c = jstr(n, "content");
         if (parse_pattern(jget(n, "pattern"), &lit, &rx) != 0 || c == NULL) {
-            set_err(err, errlen, "normalizer Replace: bad pattern/content");
+            moe_errf(err, errlen, "normalizer Replace: bad pattern/content");
             return MOE_EFORMAT;
         }
         s->type = NORM_REPLACE;
@@ -1046,7 +1034,7 @@ fill_norm(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         /* Identity: exact for text already in NFC (nearly all input). */
         s->type = NORM_NFC;
     } else {
-        set_err(err, errlen, "normalizer %s not supported", type);
+        moe_errf(err, errlen, "normalizer %s not supported", type);
         return MOE_EUNSUPPORTED;
     }
     return MOE_OK;
@@ -1078,7 +1066,7 @@ fill_pre(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
     if (strcmp(type, "Split") == 0) {
         const char *lit, *rx, *beh = jstr(n, "behavior");
         if (parse_pattern(jget(n, "pattern"), &lit, &rx) != 0 || beh == NULL) {
-            set_err(err, errlen, "pre_tokenizer Split: bad pattern/behavior");
+            moe_errf(err, errlen, "pre_tokenizer Split: bad pattern/behavior");
             return MOE_EFORMAT;
         }
         s->type = PRE_SPLIT;
@@ -1086,7 +1074,7 @@ fill_pre(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
             s->litlen = strlen(lit);
             s->lit = arena_strdup(&t->arena, lit, s->litlen);
             if (s->litlen == 0) {
-                set_err(err, errlen, "pre_tokenizer Split: empty pattern");
+                moe_errf(err, errlen, "pre_tokenizer Split: empty pattern");
                 return MOE_EFORMAT;
             }
         } else {
@@ -1106,7 +1094,7 @@ fill_pre(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         } else if (strcmp(beh, "Contiguous") == 0) {
             s->behavior = BEH_CONTIGUOUS;
         } else {
-            set_err(err, errlen, "pre_tokenizer Split: behavior %s", beh);
+            moe_errf(err, errlen, "pre_tokenizer Split: behavior %s", beh);
             pcre2_code_free(s->re);     /* the step is not counted */
             return MOE_EFORMAT;
         }
@@ -1125,7 +1113,7 @@ fill_pre(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         const char *r = jstr(n, "replacement");
         s->type = PRE_METASPACE;
         if (r == NULL || strlen(r) == 0 || strlen(r) > 4) {
-            set_err(err, errlen, "pre_tokenizer Metaspace: bad replacement");
+            moe_errf(err, errlen, "pre_tokenizer Metaspace: bad replacement");
             return MOE_EFORMAT;
         }
         s->replen = strlen(r);
@@ -1142,7 +1130,7 @@ fill_pre(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         }
         s->behavior = BEH_ISOLATED;
     } else {
-        set_err(err, errlen, "pre_tokenizer %s not supported", type);
+        moe_errf(err, errlen, "pre_tokenizer %s not supported", type);
         return MOE_EUNSUPPORTED;
     }
     return MOE_OK;
@@ -1162,7 +1150,7 @@ fill_dec(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         if (parse_pattern(jget(n, "pattern"), &lit, &rx) != 0 || c == NULL
             || lit == NULL || lit[0] == '\0')
         {
-            set_err(err, errlen, "decoder Replace: only non-empty String "
+            moe_errf(err, errlen, "decoder Replace: only non-empty String "
                     "patterns are supported");
             return MOE_EUNSUPPORTED;
         }
@@ -1180,7 +1168,7 @@ fill_dec(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         const char *c = jstr(n, "content");
         s->type = DEC_STRIP;
         if (c == NULL || c[0] == '\0') {
-            set_err(err, errlen, "decoder Strip without content");
+            moe_errf(err, errlen, "decoder Strip without content");
             return MOE_EFORMAT;
         }
         s->strip_char = u8dec(c, strlen(c), &cl);
@@ -1190,13 +1178,13 @@ fill_dec(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         const char *r = jstr(n, "replacement");
         s->type = DEC_METASPACE;
         if (r == NULL || r[0] == '\0') {
-            set_err(err, errlen, "decoder Metaspace: bad replacement");
+            moe_errf(err, errlen, "decoder Metaspace: bad replacement");
             return MOE_EFORMAT;
         }
         s->replacement = u8dec(r, strlen(r), &cl);
         s->scheme = scheme_of(n);
     } else {
-        set_err(err, errlen, "decoder %s not supported", type);
+        moe_errf(err, errlen, "decoder %s not supported", type);
         return MOE_EUNSUPPORTED;
     }
     return MOE_OK;
@@ -1215,17 +1203,17 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         return MOE_OK;                  /* offsets only; ids unchanged */
     }
     if (strcmp(type, "TemplateProcessing") != 0) {
-        set_err(err, errlen, "post_processor %s not supported", type);
+        moe_errf(err, errlen, "post_processor %s not supported", type);
         return MOE_EUNSUPPORTED;
     }
     if (t->tpl != NULL) {
-        set_err(err, errlen, "two TemplateProcessing post_processors");
+        moe_errf(err, errlen, "two TemplateProcessing post_processors");
         return MOE_EUNSUPPORTED;
     }
     list = jget(n, "single");
     specials = jget(n, "special_tokens");
     if (!YAJL_IS_ARRAY(list)) {
-        set_err(err, errlen, "TemplateProcessing without single");
+        moe_errf(err, errlen, "TemplateProcessing without single");
         return MOE_EFORMAT;
     }
     t->tpl = calloc(list->u.array.len + 1, sizeof(*t->tpl));
@@ -1242,7 +1230,7 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         ids = jget(jget(specials, jstr(sp, "id") ? jstr(sp, "id") : ""),
                    "ids");
         if (!YAJL_IS_ARRAY(ids)) {
-            set_err(err, errlen, "TemplateProcessing: special token %s "
+            moe_errf(err, errlen, "TemplateProcessing: special token %s "
                     "not in special_tokens", jstr(sp, "id") ? jstr(sp, "id")
                     : "?");
             return MOE_EFORMAT;
@@ -1255,7 +1243,7 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         for (j = 0; j < ids->u.array.len; j++) {
             yajl_val v = ids->u.array.values[j];
             if (!YAJL_IS_INTEGER(v)) {
-                set_err(err, errlen, "TemplateProcessing: bad id");
+                moe_errf(err, errlen, "TemplateProcessing: bad id");
                 return MOE_EFORMAT;
             }
             t->tpl[t->n_tpl].ids[j] = (int32_t) YAJL_GET_INTEGER(v);
@@ -1537,13 +1525,13 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
 
     *out = NULL;
     if (tokenizer_json_path == NULL) {
-        set_err(err, errlen, "no tokenizer path");
+        moe_errf(err, errlen, "no tokenizer path");
         return MOE_EINVAL;
     }
     (void) pthread_once(&bl_once, bytelevel_build);
     buf = read_file(tokenizer_json_path, &len);
     if (buf == NULL) {
-        set_err(err, errlen, "%s: %s", tokenizer_json_path, strerror(errno));
+        moe_errf(err, errlen, "%s: %s", tokenizer_json_path, strerror(errno));
         return MOE_EIO;
     }
     ebuf[0] = '\0';
@@ -1551,7 +1539,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     free(buf);
     if (root == NULL) {
         ebuf[strcspn(ebuf, "\n")] = '\0';     /* yajl adds a context dump */
-        set_err(err, errlen, "%s: bad JSON: %.200s", tokenizer_json_path,
+        moe_errf(err, errlen, "%s: bad JSON: %.200s", tokenizer_json_path,
                 ebuf);
         return MOE_EFORMAT;
     }
@@ -1569,7 +1557,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         type = "BPE";
     }
     if (type == NULL || strcmp(type, "BPE") != 0) {
-        set_err(err, errlen, "%s: model type %s not supported (BPE only)",
+        moe_errf(err, errlen, "%s: model type %s not supported (BPE only)",
                 tokenizer_json_path, type ? type : "(none)");
         rc = type ? MOE_EUNSUPPORTED : MOE_EFORMAT;
         goto fail;
@@ -1620,7 +1608,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
 
 fail:
     if (rc == MOE_ENOMEM) {
-        set_err(err, errlen, "%s: out of memory", tokenizer_json_path);
+        moe_errf(err, errlen, "%s: out of memory", tokenizer_json_path);
     }
     yajl_tree_free(root);
     moe_tokenizer_free(t);

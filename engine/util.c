@@ -61,6 +61,21 @@ moe_log(int level, const char *fmt, ...)
 
 
 void
+moe_errf(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list  ap;
+
+    if (err == NULL || errlen == 0) {
+        return;
+    }
+
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+
+void
 moe_sampling_defaults(moe_sampling_t *sp)
 {
     memset(sp, 0, sizeof(*sp));

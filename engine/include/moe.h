@@ -55,6 +55,10 @@ void moe_set_log(moe_log_fn fn, void *ctx);
 void moe_log(int level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* printf into an err buffer of errlen bytes; NULL or 0 is a no-op. */
+void moe_errf(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 
 /* ---------------------------------------------------------- configuration */
 
