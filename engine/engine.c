@@ -53,6 +53,11 @@ typedef struct {
 
 typedef struct moe_seq  moe_seq_t;
 
+typedef struct {
+    moe_seq_t  *head, *tail;
+    int         n;
+} moe_seq_queue_t;
+
 struct moe_seq {
     uint64_t        id;
     moe_sampling_t  sp;
@@ -103,11 +108,8 @@ struct moe_engine {
     moe_blocks_t       blocks;
     moe_seq_t        **running;    /* (max_num_seqs) in admission order */
     int                n_running;
-    moe_seq_t         *wait_head, *wait_tail;
-    int                n_waiting;
-    moe_seq_t         *swap_head, *swap_tail;  /* swapped out, oldest
-                                                   first */
-    int                n_swapped;
+    moe_seq_queue_t    waitq;      /* admitted never or preempted */
+    moe_seq_queue_t    swapq;      /* swapped out, oldest first */
     moe_slots_t        slots;      /* host swap slots (backend's pool) */
     uint64_t           next_order;
     moe_event_t       *overflow;   /* events the ring had no room for */
@@ -238,74 +240,34 @@ moe_finish_event(moe_engine_t *e, moe_seq_t *s, int reason, int32_t token)
 
 /* ---------------------------------------------------------- sequences */
 
+/* Doubly linked queues of sequences in arrival order (waiting, swapped). */
+
 static void
-moe_wait_unlink(moe_engine_t *e, moe_seq_t *s)
+moe_q_unlink(moe_seq_queue_t *q, moe_seq_t *s)
 {
-    if (s->prev) s->prev->next = s->next; else e->wait_head = s->next;
-    if (s->next) s->next->prev = s->prev; else e->wait_tail = s->prev;
+    if (s->prev) s->prev->next = s->next; else q->head = s->next;
+    if (s->next) s->next->prev = s->prev; else q->tail = s->prev;
     s->prev = s->next = NULL;
-    e->n_waiting--;
+    q->n--;
 }
 
 
+/* Insert before the first sequence that arrived later: new requests land
+ * at the back, preempted ones at their place (in practice the front). */
 static void
-moe_wait_push_back(moe_engine_t *e, moe_seq_t *s)
+moe_q_insert(moe_seq_queue_t *q, moe_seq_t *s)
 {
-    s->next = NULL;
-    s->prev = e->wait_tail;
-    if (e->wait_tail) e->wait_tail->next = s; else e->wait_head = s;
-    e->wait_tail = s;
-    e->n_waiting++;
-}
+    moe_seq_t  *p = q->tail;
 
-
-/* A preempted sequence back into the waiting queue at its place by
- * arrival (in practice the front: it is older than anything never
- * admitted). */
-static void
-moe_wait_insert(moe_engine_t *e, moe_seq_t *s)
-{
-    moe_seq_t  *p = e->wait_head;
-
-    while (p != NULL && p->order < s->order) {
-        p = p->next;
+    /* walk from the back: new arrivals, the common case, stop at once */
+    while (p != NULL && p->order > s->order) {
+        p = p->prev;
     }
-    if (p == NULL) {
-        moe_wait_push_back(e, s);
-        return;
-    }
-    s->next = p;
-    s->prev = p->prev;
-    if (p->prev) p->prev->next = s; else e->wait_head = s;
-    p->prev = s;
-    e->n_waiting++;
-}
-
-
-/* The swapped queue, kept in arrival order. */
-static void
-moe_swap_insert(moe_engine_t *e, moe_seq_t *s)
-{
-    moe_seq_t  *p = e->swap_head;
-
-    while (p != NULL && p->order < s->order) {
-        p = p->next;
-    }
-    s->next = p;
-    s->prev = p != NULL ? p->prev : e->swap_tail;
-    if (s->prev) s->prev->next = s; else e->swap_head = s;
-    if (p) p->prev = s; else e->swap_tail = s;
-    e->n_swapped++;
-}
-
-
-static void
-moe_swap_unlink(moe_engine_t *e, moe_seq_t *s)
-{
-    if (s->prev) s->prev->next = s->next; else e->swap_head = s->next;
-    if (s->next) s->next->prev = s->prev; else e->swap_tail = s->prev;
-    s->prev = s->next = NULL;
-    e->n_swapped--;
+    s->prev = p;
+    s->next = p != NULL ? p->next : q->head;
+    if (s->next) s->next->prev = s; else q->tail = s;
+    if (p) p->next = s; else q->head = s;
+    q->n++;
 }
 
 
@@ -376,9 +338,9 @@ moe_cancel_seq(moe_engine_t *e, uint64_t id)
         }
     }
 
-    for (s = e->wait_head; s != NULL; s = s->next) {
+    for (s = e->waitq.head; s != NULL; s = s->next) {
         if (s->id == id) {
-            moe_wait_unlink(e, s);
+            moe_q_unlink(&e->waitq, s);
             moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
             moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
             moe_seq_free(s);
@@ -390,9 +352,9 @@ moe_cancel_seq(moe_engine_t *e, uint64_t id)
         }
     }
 
-    for (s = e->swap_head; s != NULL; s = s->next) {
+    for (s = e->swapq.head; s != NULL; s = s->next) {
         if (s->id == id) {
-            moe_swap_unlink(e, s);
+            moe_q_unlink(&e->swapq, s);
             moe_seq_drop_slots(e, s);
             moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
             moe_seq_free(s);
@@ -500,7 +462,7 @@ moe_drain_submit(moe_engine_t *e)
             continue;
         }
 
-        moe_wait_push_back(e, s);
+        moe_q_insert(&e->waitq, s);
     }
 }
 
@@ -544,7 +506,7 @@ moe_swap_out_seq(moe_engine_t *e, moe_seq_t *s)
 
     moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
     s->n_published = 0;       /* its blocks will be fresh when resumed */
-    moe_swap_insert(e, s);
+    moe_q_insert(&e->swapq, s);
 
     atomic_fetch_add_explicit(&e->st_swap_outs, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&e->st_swap_blocks_out, nb,
@@ -577,7 +539,7 @@ moe_preempt_last(moe_engine_t *e, int first_allowed)
     moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
     s->n_computed = 0;
     s->n_published = 0;
-    moe_wait_insert(e, s);
+    moe_q_insert(&e->waitq, s);
 
     atomic_fetch_add_explicit(&e->st_preemptions, 1, memory_order_relaxed);
     moe_log(MOE_LOG_INFO, "preempted request %llu (recompute): KV cache full",
@@ -606,7 +568,7 @@ moe_swap_in_seq(moe_engine_t *e, moe_seq_t *s, int chunk, int *resumed)
         return rc;
     }
 
-    moe_swap_unlink(e, s);
+    moe_q_unlink(&e->swapq, s);
     rc = e->backend->swap_in(e->backend, s->slots, s->blocks, s->n_slots);
     moe_seq_drop_slots(e, s);
 
@@ -617,7 +579,7 @@ moe_swap_in_seq(moe_engine_t *e, moe_seq_t *s, int chunk, int *resumed)
         moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
         s->n_computed = 0;
         s->n_published = 0;
-        moe_wait_insert(e, s);
+        moe_q_insert(&e->waitq, s);
         atomic_fetch_add_explicit(&e->st_preemptions, 1,
                                   memory_order_relaxed);
         return MOE_OK;
@@ -697,12 +659,12 @@ moe_step(moe_engine_t *e)
     /* 2. resume swapped sequences and admit waiting ones, strictly oldest
      * first (swapped ones were admitted before any never-admitted one);
      * not in a step that had to preempt (it would only swap back) */
-    while (!preempted && (e->wait_head != NULL || e->swap_head != NULL)
+    while (!preempted && (e->waitq.head != NULL || e->swapq.head != NULL)
            && budget > 0 && e->n_running < e->cfg.max_num_seqs)
     {
-        s = e->swap_head;
+        s = e->swapq.head;
         if (s != NULL
-            && (e->wait_head == NULL || s->order < e->wait_head->order))
+            && (e->waitq.head == NULL || s->order < e->waitq.head->order))
         {
             want = s->n_tokens - s->n_computed;
             chunk = want < budget ? want : budget;
@@ -735,7 +697,7 @@ moe_step(moe_engine_t *e)
             continue;
         }
 
-        s = e->wait_head;
+        s = e->waitq.head;
 
         /* prefix cache: reuse whole blocks of an equal prefix; the last
          * prompt token is always computed (its logits are needed, and its
@@ -781,7 +743,7 @@ moe_step(moe_engine_t *e)
                                       memory_order_relaxed);
         }
 
-        moe_wait_unlink(e, s);
+        moe_q_unlink(&e->waitq, s);
         moe_running_insert(e, s);
 
         e->batch_seq[n] = s;
@@ -931,13 +893,13 @@ moe_publish_stats(moe_engine_t *e)
     const int64_t  *c;
 
     atomic_store_explicit(&e->st_running, e->n_running, memory_order_relaxed);
-    atomic_store_explicit(&e->st_waiting, e->n_waiting, memory_order_relaxed);
+    atomic_store_explicit(&e->st_waiting, e->waitq.n, memory_order_relaxed);
     atomic_store_explicit(&e->st_blocks_used,
                           e->blocks.n_total - e->blocks.n_free,
                           memory_order_relaxed);
     atomic_store_explicit(&e->st_blocks_cached, e->blocks.n_cached,
                           memory_order_relaxed);
-    atomic_store_explicit(&e->st_swapped, e->n_swapped, memory_order_relaxed);
+    atomic_store_explicit(&e->st_swapped, e->swapq.n, memory_order_relaxed);
     atomic_store_explicit(&e->st_swap_used,
                           e->slots.n_total - e->slots.n_free,
                           memory_order_relaxed);
@@ -969,7 +931,7 @@ moe_engine_main(void *arg)
         moe_drain_submit(e);
         moe_flush_overflow(e);
 
-        if (e->n_running == 0 && e->n_waiting == 0 && e->n_swapped == 0) {
+        if (e->n_running == 0 && e->waitq.n == 0 && e->swapq.n == 0) {
             moe_publish_stats(e);
             /* events from cancels or failed submits (drain_submit) need
              * their wake-up too, not only those of a step */
@@ -1491,12 +1453,12 @@ moe_engine_destroy(moe_engine_t *e)
     while (e->n_running > 0) {
         moe_seq_free(e->running[--e->n_running]);
     }
-    while ((s = e->wait_head) != NULL) {
-        moe_wait_unlink(e, s);
+    while ((s = e->waitq.head) != NULL) {
+        moe_q_unlink(&e->waitq, s);
         moe_seq_free(s);
     }
-    while ((s = e->swap_head) != NULL) {
-        moe_swap_unlink(e, s);
+    while ((s = e->swapq.head) != NULL) {
+        moe_q_unlink(&e->swapq, s);
         moe_seq_free(s);
     }
 
