@@ -28,6 +28,7 @@
  * Prefill and decode compute the same function: a token attends to the
  * positions up to its own, which rope_kv has already written.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 
@@ -47,7 +48,31 @@
 #define ATT_MAX_REC    2048         /* split records in the workspace */
 #define ATT_CNT_FLOATS ATT_MAX_PAIRS    /* counters at the workspace start */
 
+/* v6 (tensor-core prefill) kernel */
+#define ATT_TC_BM      128          /* query rows per CTA (8 warps x 16) */
+#define ATT_TC_BN      64           /* keys per tile */
+#define ATT_TC_NT      256          /* threads per CTA */
+#define ATT_TC_RUNS    4            /* sequence runs per row tile, at most */
+#define ATT_TC_MIN_T   64           /* fewest tokens sent to the kernel */
+
 typedef __nv_bfloat16 bf16;
+
+static_assert(ATT_WARPS * 32 == ATT_TC_BM, "v4 skip test: a thread a row");
+
+
+/*
+ * Runs of equal tok_seq among rows [tile * ATT_TC_BM, +ATT_TC_BM) of T.
+ * Called by all threads of a block of at least ATT_TC_BM threads (it is a
+ * barrier); the same value in every thread.
+ */
+__device__ __forceinline__ int
+att_tc_runs(const int32_t *tok_seq, int T, int tile)
+{
+    int i = (int) threadIdx.x, r = tile * ATT_TC_BM + i;
+    int chg = i > 0 && i < ATT_TC_BM && r < T && tok_seq[r] != tok_seq[r - 1];
+
+    return 1 + __syncthreads_count(chg);
+}
 
 
 /* v4 splits for T * n_kv (token, kv head) pairs: the count only. */
@@ -69,9 +94,17 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 kernel_attention(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const bf16 *kv_layer, int block_size, int n_heads, int n_kv, int hd,
-    int window, bf16 *out, float *part)
+    int window, bf16 *out, float *part, int tc)
 {
     constexpr int LPR = HDP / 8;          /* lanes per V row */
+
+    /* after kernel_attention_tc: only the tokens of tiles it refused */
+    if (tc && att_tc_runs(tok_seq, (int) gridDim.x / n_kv,
+                          (int) blockIdx.x / n_kv / ATT_TC_BM) <= ATT_TC_RUNS)
+    {
+        return;
+    }
+
     constexpr int KPS = 32 / LPR;         /* keys per V step */
     __shared__ float q_s[G][HDP];
     __shared__ float m_s[ATT_WARPS][G];
@@ -711,6 +744,371 @@ kernel_attention_split(const float *qkv, int ld, const int32_t *tok_pos,
 }
 
 
+/* ------------------------------------------ v6: tensor-core prefill kernel */
+
+__device__ __forceinline__ void
+tc_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+    uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+
+/* Four 8x8 bf16 matrices from shared memory (lane l gives row l's address). */
+__device__ __forceinline__ void
+tc_ldm4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
+    const bf16 *p)
+{
+    unsigned a = (unsigned) __cvta_generic_to_shared(p);
+
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
+                 "{%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+
+
+/* The same, each matrix transposed. */
+__device__ __forceinline__ void
+tc_ldm4t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
+    const bf16 *p)
+{
+    unsigned a = (unsigned) __cvta_generic_to_shared(p);
+
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
+                 "{%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+
+
+/* 16-byte global -> shared copy; n = 0 fills the 16 bytes with zeros. */
+__device__ __forceinline__ void
+tc_cp16(bf16 *dst, const bf16 *src, int n)
+{
+    unsigned a = (unsigned) __cvta_generic_to_shared(dst);
+
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(a), "l"(src), "r"(n) : "memory");
+}
+
+
+__device__ __forceinline__ void
+tc_commit(void)
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+
+template <int N>
+__device__ __forceinline__ void
+tc_wait(void)
+{
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
+
+__device__ __forceinline__ uint32_t
+tc_pack(float x, float y)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(x, y);     /* x: low half */
+
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+
+/* Dynamic shared memory of kernel_attention_tc<HD>: Q, then 2 x (K, V). */
+static constexpr size_t
+att_tc_smem(int hd)
+{
+    return (size_t) (ATT_TC_BM + 4 * ATT_TC_BN) * (hd + 8) * sizeof(bf16);
+}
+
+
+/*
+ * grid (n_heads, ceil(T / ATT_TC_BM)), ATT_TC_NT threads, att_tc_smem(HD)
+ * bytes of dynamic shared memory.  CTA = ATT_TC_BM consecutive tokens
+ * (rows) x one q head h; the last row tile goes first (the longest causal
+ * ranges).  Warp w owns rows 16 w .. 16 w + 15: in mma fragments, lane
+ * (gq = lane / 4, tq = lane % 4) holds rows gq and gq + 8 and columns
+ * 2 tq, 2 tq + 1 of each 8-wide tile.  The rows are handled one run of
+ * equal tok_seq at a time; a tile with more than ATT_TC_RUNS runs is left
+ * to the v4 kernel (launched after this one with its skip test).  Per run:
+ * keys [min lo, max pos] of its rows in tiles of ATT_TC_BN, gathered
+ * through the block table with cp.async (two stages), masked per row to
+ * [lo, pos] (window and causal limit), online softmax in base 2.
+ */
+template <int HD>
+__global__ void __launch_bounds__(ATT_TC_NT, 1)
+kernel_attention_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const bf16 *kv_layer, int block_size, int n_heads, int n_kv,
+    int window, bf16 *out)
+{
+    constexpr int BM = ATT_TC_BM, BN = ATT_TC_BN, NT = ATT_TC_NT;
+    constexpr int ROW = HD + 8;             /* bf16 per smem row */
+    constexpr int CPR = HD / 8;             /* 16-byte chunks per row */
+    constexpr int KS = HD / 16;             /* k steps of S = Q K^T */
+    constexpr int DN = HD / 8;              /* 8-wide d tiles of O */
+    constexpr int LPT = 2 * BN * CPR / NT;  /* cp.async per thread / tile */
+    static_assert(LPT * NT == 2 * BN * CPR, "tile load split");
+
+    extern __shared__ __align__(16) unsigned char att_tc_sm[];
+    bf16 *q_s = reinterpret_cast<bf16 *>(att_tc_sm);     /* [BM][ROW] */
+    bf16 *kv_s = q_s + BM * ROW;            /* [stage][K, V][BN][ROW] */
+    __shared__ int seq_s[BM], pos_s[BM], lo_s[BM];
+
+    const int h = blockIdx.x;
+    const int tile = (int) gridDim.y - 1 - (int) blockIdx.y;
+    const int r0 = tile * BM, nrows = min(BM, T - r0);
+    const int grp = n_heads / n_kv, kvd = n_kv * HD;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int ra = warp * 16 + gq, rb = ra + 8;
+    const bf16 *kvg = kv_layer + (size_t) (h / grp) * HD;
+
+    if (tid < BM) {
+        int s = -1, p = -1, lo = 0;
+
+        if (tid < nrows) {
+            s = tok_seq[r0 + tid];
+            p = tok_pos[r0 + tid];
+            lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        }
+        seq_s[tid] = s;
+        pos_s[tid] = p;
+        lo_s[tid] = lo;
+    }
+    if (att_tc_runs(tok_seq, T, tile) > ATT_TC_RUNS) {
+        return;                             /* the v4 kernel does it */
+    }
+
+    /* Q rows, scaled by log2(e) / sqrt(hd), to bf16 */
+    {
+        const float qs = 1.4426950408889634f * rsqrtf((float) HD);
+
+        for (int i = tid; i < BM * (HD / 4); i += NT) {
+            int    row = i / (HD / 4), d = (i % (HD / 4)) * 4;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+            if (row < nrows) {
+                v = *reinterpret_cast<const float4 *>(
+                        qkv + (size_t) (r0 + row) * ld + (size_t) h * HD + d);
+            }
+            uint2 pk = make_uint2(tc_pack(v.x * qs, v.y * qs),
+                                  tc_pack(v.z * qs, v.w * qs));
+
+            *reinterpret_cast<uint2 *>(q_s + row * ROW + d) = pk;
+        }
+    }
+
+    int rs = 0;
+
+    while (rs < nrows) {                    /* one run of a sequence */
+        const int cs = seq_s[rs];
+        int       re = rs + 1;
+
+        while (re < nrows && seq_s[re] == cs) {
+            re++;
+        }
+
+        int kmin = INT_MAX, kmax = -1;      /* the run's key range */
+
+        for (int r = rs; r < re; r++) {
+            kmin = min(kmin, lo_s[r]);
+            kmax = max(kmax, pos_s[r]);
+        }
+
+        /* this warp's rows in the run, their key range and common part */
+        const int wlo = max(rs, warp * 16), whi = min(re, warp * 16 + 16);
+        int       wkmin = INT_MAX, wkmax = -1, wlomax = -1, wposmin = INT_MAX;
+
+        for (int r = wlo; r < whi; r++) {
+            wkmin = min(wkmin, lo_s[r]);
+            wkmax = max(wkmax, pos_s[r]);
+            wlomax = max(wlomax, lo_s[r]);
+            wposmin = min(wposmin, pos_s[r]);
+        }
+
+        const bool wfull = wlo == warp * 16 && whi == warp * 16 + 16;
+        const bool acta = ra >= rs && ra < re, actb = rb >= rs && rb < re;
+        const int  pa = pos_s[ra], la = lo_s[ra];
+        const int  pb = pos_s[rb], lb = lo_s[rb];
+        const int32_t *table = bt + bt_off[cs];
+        const int  ntl = (kmax - kmin) / BN + 1;
+        float      o[DN][4], m[2], l[2];
+
+#pragma unroll
+        for (int n = 0; n < DN; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                o[n][e] = 0.0f;
+            }
+        }
+        m[0] = m[1] = -INFINITY;
+        l[0] = l[1] = 0.0f;
+
+        /* cp.async of K and V rows of key tile i into stage st */
+        auto load = [&](int i, int st) {
+            int kb = kmin + i * BN;
+
+#pragma unroll
+            for (int c = 0; c < LPT; c++) {
+                int  e = tid + c * NT;
+                int  sel = e / (BN * CPR), rem = e % (BN * CPR);
+                int  row = rem / CPR, ch = rem % CPR;
+                int  j = kb + row;
+                bool ok = j <= kmax;
+                const bf16 *src = kvg;
+
+                if (ok) {
+                    src = kvg + (((size_t) table[j / block_size] * 2 + sel)
+                                 * block_size + j % block_size) * kvd
+                          + ch * 8;
+                }
+                tc_cp16(kv_s + ((st * 2 + sel) * BN + row) * ROW + ch * 8,
+                        src, ok ? 16 : 0);
+            }
+        };
+
+        load(0, 0);
+        tc_commit();
+        for (int i = 0; i < ntl; i++) {
+            const int kb = kmin + i * BN;
+
+            if (i + 1 < ntl) {
+                load(i + 1, (i + 1) & 1);
+            }
+            tc_commit();
+            tc_wait<1>();
+            __syncthreads();
+
+            if (wlo < whi && kb <= wkmax && kb + BN - 1 >= wkmin) {
+                const bf16 *ks = kv_s + ((i & 1) * 2) * BN * ROW;
+                const bf16 *vs = ks + BN * ROW;
+                float       s[8][4];
+
+#pragma unroll
+                for (int n = 0; n < 8; n++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        s[n][e] = 0.0f;
+                    }
+                }
+#pragma unroll
+                for (int kk = 0; kk < KS; kk++) {
+                    uint32_t a0, a1, a2, a3;
+
+                    tc_ldm4(a0, a1, a2, a3, q_s + (warp * 16 + (lane & 15))
+                                            * ROW + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                    for (int np = 0; np < 4; np++) {
+                        uint32_t b0, b1, b2, b3;
+
+                        tc_ldm4(b0, b1, b2, b3,
+                                ks + (np * 16 + (lane & 7) + ((lane >> 4) << 3))
+                                     * ROW + kk * 16 + ((lane >> 3) & 1) * 8);
+                        tc_mma(s[2 * np], a0, a1, a2, a3, b0, b1);
+                        tc_mma(s[2 * np + 1], a0, a1, a2, a3, b2, b3);
+                    }
+                }
+
+                /* mask unless every row of the warp sees the whole tile */
+                if (!(wfull && kb >= wlomax && kb + BN - 1 <= wposmin)) {
+#pragma unroll
+                    for (int n = 0; n < 8; n++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int  j = kb + n * 8 + 2 * tq + (e & 1);
+                            bool ok = e < 2 ? acta && j >= la && j <= pa
+                                            : actb && j >= lb && j <= pb;
+
+                            if (!ok) {
+                                s[n][e] = -INFINITY;
+                            }
+                        }
+                    }
+                }
+
+                /* online softmax, rows a (e 0, 1) and b (e 2, 3) */
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    float mx = -INFINITY, sum = 0.0f, mn, mu, corr;
+
+#pragma unroll
+                    for (int n = 0; n < 8; n++) {
+                        mx = fmaxf(mx, fmaxf(s[n][2 * hf], s[n][2 * hf + 1]));
+                    }
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    mn = fmaxf(m[hf], mx);
+                    mu = mn == -INFINITY ? 0.0f : mn;
+                    corr = exp2f(m[hf] - mu);
+                    m[hf] = mn;
+#pragma unroll
+                    for (int n = 0; n < 8; n++) {
+                        s[n][2 * hf] = exp2f(s[n][2 * hf] - mu);
+                        s[n][2 * hf + 1] = exp2f(s[n][2 * hf + 1] - mu);
+                        sum += s[n][2 * hf] + s[n][2 * hf + 1];
+                    }
+                    l[hf] = l[hf] * corr + sum;
+#pragma unroll
+                    for (int n = 0; n < DN; n++) {
+                        o[n][2 * hf] *= corr;
+                        o[n][2 * hf + 1] *= corr;
+                    }
+                }
+
+                /* O += P V: P from the S fragments, V transposed */
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; kk++) {
+                    uint32_t a0 = tc_pack(s[2 * kk][0], s[2 * kk][1]);
+                    uint32_t a1 = tc_pack(s[2 * kk][2], s[2 * kk][3]);
+                    uint32_t a2 = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                    uint32_t a3 = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+
+#pragma unroll
+                    for (int dp = 0; dp < DN / 2; dp++) {
+                        uint32_t b0, b1, b2, b3;
+
+                        tc_ldm4t(b0, b1, b2, b3,
+                                 vs + (kk * 16 + (lane & 7)
+                                       + ((lane >> 3) & 1) * 8) * ROW
+                                    + (dp * 2 + (lane >> 4)) * 8);
+                        tc_mma(o[2 * dp], a0, a1, a2, a3, b0, b1);
+                        tc_mma(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
+                    }
+                }
+            }
+            __syncthreads();                /* stage free for the next load */
+        }
+
+        /* normalise and write the run's rows */
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float sum = l[hf];
+
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            if (hf == 0 ? acta : actb) {
+                float inv = 1.0f / sum;
+                bf16 *orow = out + ((size_t) (r0 + (hf == 0 ? ra : rb))
+                                    * n_heads + h) * HD + 2 * tq;
+
+#pragma unroll
+                for (int n = 0; n < DN; n++) {
+                    *reinterpret_cast<uint32_t *>(orow + n * 8) =
+                        tc_pack(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
+                }
+            }
+        }
+        rs = re;
+    }
+}
+
+
 extern "C" int
 moe_cuda_attention_supported(int n_heads, int n_kv, int hd)
 {
@@ -752,6 +1150,56 @@ att_v5_on(void)
         on = v == NULL || atoi(v) != 0;
     }
     return on != 0;
+}
+
+
+/* MOE_CUDA_ATT_TC=0 keeps prefill on the v4 kernel (A/B runs). */
+static int att_tc_mode = -1;
+
+
+static bool
+att_tc_on(void)
+{
+    if (att_tc_mode < 0) {
+        const char *v = getenv("MOE_CUDA_ATT_TC");
+
+        att_tc_mode = v == NULL || atoi(v) != 0;
+    }
+    return att_tc_mode != 0;
+}
+
+
+extern "C" void
+moe_cuda_attention_set_tc(int on)
+{
+    att_tc_mode = on < 0 ? -1 : on != 0;
+}
+
+
+/* Launch kernel_attention_tc<HD> (raising its shared-memory limit once). */
+template <int HD>
+static int
+att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const bf16 *kv, int block_size, int n_heads, int n_kv, int window,
+    bf16 *out, cudaStream_t stream)
+{
+    static int   ready = 0;
+    const size_t sm = att_tc_smem(HD);
+    dim3         grid((unsigned) n_heads,
+                      (unsigned) ((T + ATT_TC_BM - 1) / ATT_TC_BM));
+
+    if (!ready) {
+        MOE_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel_attention_tc<HD>,
+            cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm));
+        ready = 1;
+    }
+    kernel_attention_tc<HD><<<grid, ATT_TC_NT, sm, stream>>>(
+        qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv, block_size, n_heads,
+        n_kv, window, out);
+    MOE_CUDA_CHECK_LAUNCH("kernel_attention_tc");
+    return MOE_OK;
 }
 
 
@@ -803,7 +1251,7 @@ att_v5_splits(int pairs)
 
 template <int G>
 static void
-att_launch_g(int v5, int hdp, dim3 grid, cudaStream_t stream,
+att_launch_g(int v5, int tc, int hdp, dim3 grid, cudaStream_t stream,
     const float *qkv, int ld, const int32_t *tok_pos, const int32_t *tok_seq,
     const int32_t *bt, const int32_t *bt_off, const bf16 *kv,
     int block_size, int n_heads, int n_kv, int hd, int window, bf16 *out,
@@ -818,7 +1266,7 @@ att_launch_g(int v5, int hdp, dim3 grid, cudaStream_t stream,
                 ATT_ARGS);                                                    \
         } else {                                                              \
             kernel_attention<G, H><<<grid, ATT_WARPS * 32, 0, stream>>>(      \
-                ATT_ARGS);                                                    \
+                ATT_ARGS, tc);                                                \
         }                                                                     \
     } while (0)
     switch (hdp) {
@@ -843,7 +1291,7 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
     const bf16 *kv = reinterpret_cast<const bf16 *>(kv_layer);
     bf16       *o = reinterpret_cast<bf16 *>(out);
     float      *p4 = part != NULL ? part + ATT_CNT_FLOATS : NULL;
-    int         grp, hdp, ns, v5;
+    int         grp, hdp, ns, v5, tc = 0;
     int64_t     pairs;
     dim3        grid;
 
@@ -868,8 +1316,27 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
             ns = 1;
         }
     }
+    /* prefill: tensor cores for the row tiles of few sequences, then the
+     * v4 kernel for the tokens of the tiles it refused (if any) */
+    if (!v5 && att_tc_on() && T >= ATT_TC_MIN_T && pairs > ATT_MAX_PAIRS
+        && (hd == 64 || hd == 128))
+    {
+        int rc = hd == 64
+                 ? att_tc_launch<64>(T, qkv, ld, tok_pos, tok_seq, bt,
+                                     bt_off, kv, block_size, n_heads, n_kv,
+                                     window, o, stream)
+                 : att_tc_launch<128>(T, qkv, ld, tok_pos, tok_seq, bt,
+                                      bt_off, kv, block_size, n_heads, n_kv,
+                                      window, o, stream);
+
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        tc = 1;
+        ns = 1;
+    }
     grid = dim3((unsigned) pairs, (unsigned) ns);
-#define ATT_G(G) att_launch_g<G>(v5, hdp, grid, stream, qkv, ld, tok_pos,      \
+#define ATT_G(G) att_launch_g<G>(v5, tc, hdp, grid, stream, qkv, ld, tok_pos,      \
                                  tok_seq, bt, bt_off, kv, block_size, n_heads, \
                                  n_kv, hd, window, o, v5 ? part : p4)
     if (grp == 1) {

@@ -43,6 +43,14 @@ int64_t moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd);
  */
 int moe_cuda_attention_ws_init(float *part, cudaStream_t stream);
 
+/*
+ * Prefill kernel choice (tests, A/B): 1 sends prefill steps (T >= 64,
+ * T * n_kv > 1024, hd 64 or 128) to the tensor-core kernel, 0 to the v4
+ * CUDA-core kernel, -1 back to the environment (MOE_CUDA_ATT_TC, default
+ * on).  Not thread-safe: call between steps.
+ */
+void moe_cuda_attention_set_tc(int on);
+
 /* 1 if moe_cuda_attention supports these shapes, else 0. */
 int moe_cuda_attention_supported(int n_heads, int n_kv, int hd);
 #ifdef __cplusplus

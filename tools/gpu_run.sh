@@ -10,7 +10,8 @@
 # test_backend.log, test_backend_eager.log (graphs off, cuBLAS experts for
 # steps > 4 tokens), bench_engine.log,
 # bench_nograph.log (mixtral, graphs off), bench_nopipe.log (one-stage
-# GEMV), bench_attv4.log (v4 attention), sanitizer.log; a summary table
+# GEMV), bench_attv4.log (v4 attention), bench_atttc0.log (v4 prefill
+# attention), sanitizer.log; a summary table
 # is printed last.  Each step has its own time limit so the whole run stays
 # under ~8 minutes (typically ~2).  Exit status: 0 when every step passed.
 
@@ -45,7 +46,7 @@ for b in test_kernels test_backend bench_engine; do
     [ -x build/gpu/$b ] || { echo "build/gpu/$b missing: run make gpu"; exit 2; }
 done
 
-step test_kernels 90 build/gpu/test_kernels
+step test_kernels 180 build/gpu/test_kernels
 step test_backend 120 build/gpu/test_backend
 # eager, and MoE steps of > 4 tokens (the prefill chunks) on the per-expert
 # cuBLAS path with its host sync: both expert paths are checked
@@ -60,6 +61,9 @@ step bench_nopipe 120 env MOE_CUDA_GEMV_PIPE=0 build/gpu/bench_engine \
     mixtral-8x7b
 # A/B of the v5 split attention kernel (pass 5): the same, v4 kernels
 step bench_attv4 120 env MOE_CUDA_ATT_SPLIT=0 build/gpu/bench_engine \
+    mixtral-8x7b
+# A/B of the tensor-core prefill attention (pass 6): prefill on v4
+step bench_atttc0 120 env MOE_CUDA_ATT_TC=0 build/gpu/bench_engine \
     mixtral-8x7b
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SAN" ]; then
@@ -110,6 +114,12 @@ if [ -f "$OUT/bench_attv4.log" ]; then
     grep '^RESULT.*kind=decode' "$OUT/bench_attv4.log" | \
         sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
     grep stages "$OUT/bench_attv4.log" | head -2      # batch 1, batch 8
+fi
+if [ -f "$OUT/bench_atttc0.log" ]; then
+    echo "v4 prefill attention (MOE_CUDA_ATT_TC=0):"
+    grep '^RESULT.*kind=prefill' "$OUT/bench_atttc0.log" | \
+        sed 's/.*model=\([^ ]*\).*prompt=\([^ ]*\).*ms=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 prefill \2: \3 ms (of limit \4)/'
+    grep stages "$OUT/bench_atttc0.log" | tail -1
 fi
 fail=0
 for s in "${STEPS[@]}"; do [ "${RC[$s]}" = 0 ] || fail=1; done

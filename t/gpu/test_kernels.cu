@@ -249,7 +249,9 @@ test_rope(int nh, int nkv, int hd, float theta)
 
 /*
  * Attention over ns sequences; seq s has len[s] cached positions and its
- * last nq[s] positions are the queries (decode: 1; prefill: up to 70).
+ * last nq[s] positions are the queries (decode: prefill 0, 1 query;
+ * prefill 1: up to 70; prefill > 1: up to that many, so a chunk with
+ * pos > 0 when len[s] > prefill, the whole prompt otherwise).
  * The workspace is poisoned except for its counters (ws_init); the call
  * runs twice on it, the output poisoned before each, and both results
  * must match the reference: the second run fails if the first left a
@@ -264,7 +266,9 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
     int     nblk = 0, T = 0, maxlen = 0;
 
     for (int s = 0; s < ns; s++) {
-        nq[s] = prefill ? (len[s] < 70 ? len[s] : 70) : 1;
+        int cap = prefill > 1 ? prefill : 70;
+
+        nq[s] = prefill ? (len[s] < cap ? len[s] : cap) : 1;
         bt_off[s] = nblk;
         nblk += (len[s] + bs - 1) / bs + 1;     /* one spare: garbage */
         T += nq[s];
@@ -396,6 +400,39 @@ test_attention_1(int nh, int nkv, int hd, int window, int ctx)
 
     snprintf(what, sizeof(what), "one seq ctx %d", ctx);
     test_attention_v(nh, nkv, hd, window, 0, 1, &ctx, what);
+}
+
+
+/*
+ * Tensor-core prefill (v6) or, tc 0, the v4 kernel: one sequence of len
+ * positions whose last nq are the queries (nq < len: a later chunk, the
+ * earlier keys already in the cache).
+ */
+static void
+test_attention_tc(int tc, int nh, int nkv, int hd, int window, int len,
+    int nq)
+{
+    char what[64];
+
+    snprintf(what, sizeof(what), "%s one seq ctx %d, %d queries",
+             tc ? "tc" : "v4", len, nq);
+    moe_cuda_attention_set_tc(tc);
+    test_attention_v(nh, nkv, hd, window, nq, 1, &len, what);
+    moe_cuda_attention_set_tc(-1);
+}
+
+
+/* The same over several sequences (row tiles holding several of them). */
+static void
+test_attention_tc_v(int tc, int nh, int nkv, int hd, int window, int ns,
+    const int *len, int nq, const char *what)
+{
+    char w[96];
+
+    snprintf(w, sizeof(w), "%s %s", tc ? "tc" : "v4", what);
+    moe_cuda_attention_set_tc(tc);
+    test_attention_v(nh, nkv, hd, window, nq, ns, len, w);
+    moe_cuda_attention_set_tc(-1);
 }
 
 
@@ -1293,7 +1330,42 @@ main(void)
     test_attention_batch(32, 8, 128, 0, 0, 64, 700);    /* b64: 1 split */
     test_attention_batch(16, 16, 64, 0, 0, 64, 300);    /* 1024 pairs */
     test_attention_batch(12, 2, 128, 0, 1, 6, 150);     /* short prefill */
-    test_attention(64, 16, 64, 0, 1, 200);      /* v4 kernel: 1792 pairs */
+    test_attention(64, 16, 64, 0, 1, 200);      /* 1792 pairs: tc, 3 runs */
+    /* v6 tensor-core prefill: T >= 64 and T * n_kv > 1024, hd 64 / 128 */
+    test_attention_tc(1, 32, 32, 64, 0, 64, 64);        /* group 1 */
+    test_attention_tc(1, 32, 32, 128, 0, 64, 64);
+    test_attention_tc(1, 64, 16, 64, 0, 100, 100);      /* group 4 */
+    test_attention_tc(1, 64, 16, 128, 0, 100, 100);
+    test_attention_tc(1, 64, 8, 128, 0, 257, 257);      /* group 8 */
+    test_attention_tc(1, 32, 8, 128, 0, 257, 257);      /* mixtral */
+    test_attention_tc(1, 16, 4, 64, 0, 257, 257);
+    test_attention_tc(1, 8, 2, 128, 0, 2048, 2048);     /* long prompt */
+    test_attention_tc(1, 8, 8, 64, 0, 2048, 2048);
+    test_attention_tc(1, 8, 2, 128, 0, 2048, 512);      /* chunk pos 1536 */
+    test_attention_tc(1, 32, 8, 128, 0, 700, 300);      /* chunk pos 400 */
+    test_attention_tc(1, 16, 16, 64, 0, 333, 129);      /* chunk, 2 tiles */
+    test_attention_tc(1, 32, 8, 128, 100, 400, 400);    /* window */
+    test_attention_tc(1, 16, 16, 64, 300, 1000, 1000);
+    test_attention_tc(1, 32, 8, 128, 1, 300, 300);      /* window 1 */
+    test_attention_tc(1, 32, 8, 128, 64, 900, 200);     /* window, chunk */
+    test_attention_tc(0, 32, 8, 128, 0, 257, 257);      /* the v4 fallback */
+    test_attention_tc(0, 8, 2, 128, 0, 700, 300);
+    {
+        int l3[3] = { 300, 5, 200 }, l2[2] = { 70, 90 };
+        int l7[7] = { 20, 30, 10, 25, 40, 15, 35 };
+
+        /* tiles holding 2-3 runs; the 7 short prompts: > 4 runs per tile
+         * (v4 via the skip test) */
+        test_attention_tc_v(1, 32, 8, 128, 0, 3, l3, 100000, "300/5/200");
+        test_attention_tc_v(1, 16, 16, 64, 50, 3, l3, 100000,
+                            "300/5/200 window 50");
+        test_attention_tc_v(1, 32, 8, 128, 0, 2, l2, 100000, "70/90");
+        test_attention_tc_v(1, 32, 8, 128, 0, 7, l7, 100000,
+                            "7 prompts of 10..40");
+        test_attention_tc_v(1, 16, 8, 64, 0, 3, l3, 120,
+                            "300/5/200 chunks of 120");
+    }
+    test_attention_batch(32, 8, 128, 0, 1, 40, 60);     /* mixed runs */
     test_silu();
     test_route(50, 64, 8, 2, 1);
     test_route(40, 2048, 64, 8, 1);
