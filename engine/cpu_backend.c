@@ -251,6 +251,8 @@ typedef struct {
     int                  *erow;        /* (cap * top_k) token slot by row */
     int                  *ecount;      /* (n_experts) */
     int                  *eoff;        /* (n_experts + 1) */
+    float                *vlogits;     /* (vocab_size) logits of a row that
+                                           wants only token_out */
 
     /* per-step sequence table */
     const moe_seq_batch_t *seqs;
@@ -485,12 +487,30 @@ cpu_free_scratch(cpu_backend_t *b)
     free(b->erow);
     free(b->ys);
     free(b->sg);
+    free(b->vlogits);
+    b->vlogits = NULL;
     b->ys = b->sg = NULL;
     b->x = b->xb = b->q = b->k = b->v = b->att = b->tmp = NULL;
     b->rcos = b->rsin = b->rlogits = b->selw = NULL;
     b->xe = b->hg = b->hu = b->ye = NULL;
     b->tseq = b->tpos = b->sel = b->slot_of = b->erow = NULL;
     b->cap = 0;
+}
+
+
+/* The greedy id: the first maximum of lg[0..n) (n = n_valid when 0 <
+ * n_valid < V, else V), the same scan as moe_sample()'s greedy path. */
+static int32_t
+cpu_argmax(const float *lg, int V, int n_valid)
+{
+    int  i, n = n_valid > 0 && n_valid < V ? n_valid : V, best = 0;
+
+    for (i = 1; i < n; i++) {
+        if (lg[i] > lg[best]) {
+            best = i;
+        }
+    }
+    return (int32_t) best;
 }
 
 
@@ -538,7 +558,8 @@ cpu_reserve(cpu_backend_t *b, int n)
     b->sg = malloc(N * sizeof(float));
     b->ye = malloc(N * K * D * sizeof(float));
     b->erow = malloc(N * K * sizeof(int));
-    if (!b->x || !b->xb || !b->q || !b->k || !b->v || !b->att || !b->tmp
+    b->vlogits = malloc((size_t) hp->vocab_size * sizeof(float));
+    if (!b->vlogits || !b->x || !b->xb || !b->q || !b->k || !b->v || !b->att || !b->tmp
         || !b->rcos || !b->rsin || !b->tseq || !b->tpos || !b->rlogits
         || !b->sel || !b->selw || !b->slot_of || !b->xe || !b->hg || !b->hu
         || !b->ye || !b->erow || !b->ys || !b->sg)
@@ -1039,17 +1060,24 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
         }
     }
 
-    /* logits of the last token of each sequence that asks for them */
+    /* logits and / or the greedy token of the last token of each
+     * sequence that asks for them */
     t = 0;
     for (s = 0; s < n; s++) {
+        float *lg = seqs[s].logits != NULL ? seqs[s].logits : b->vlogits;
+
         t += seqs[s].n_tokens;
-        if (seqs[s].logits == NULL) {
+        if (seqs[s].logits == NULL && seqs[s].token_out == NULL) {
             continue;
         }
         cpu_norm(b, b->xb, b->x + (size_t) (t - 1) * D, 1, w->final_norm,
                  w->final_norm_b);
-        cpu_matmul(b, seqs[s].logits, hp->vocab_size, b->xb, 1, w->lm_head,
+        cpu_matmul(b, lg, hp->vocab_size, b->xb, 1, w->lm_head,
                    hp->vocab_size, D);
+        if (seqs[s].token_out != NULL) {
+            *seqs[s].token_out = cpu_argmax(lg, hp->vocab_size,
+                                            seqs[s].n_valid);
+        }
     }
     b->seqs = NULL;
     b->route_T = T;

@@ -117,6 +117,9 @@ struct moe_engine {
     moe_seq_batch_t   *batch;      /* (max_num_seqs) */
     moe_seq_t        **batch_seq;  /* (max_num_seqs) */
     float             *logits;     /* (max_num_seqs, vocab) */
+    int32_t           *tok_out;    /* (max_num_seqs) greedy ids picked by
+                                      the backend (moe_seq_batch_t
+                                      token_out) */
     moe_sampler_t      sampler;
     int                n_sample;   /* ids the sampler may produce */
     int                wake_pending; /* events pushed, worker not woken */
@@ -595,6 +598,22 @@ moe_swap_in_seq(moe_engine_t *e, moe_seq_t *s, int chunk, int *resumed)
 }
 
 
+/* 1: s's next token is the plain argmax of its logits (what moe_sample()
+ * does for it: greedy, no penalty that applies, no logprobs), so the
+ * backend may pick it (token_out). */
+static int
+moe_seq_greedy(const moe_seq_t *s)
+{
+    const moe_sampling_t *sp = &s->sp;
+
+    return sp->temperature < 1e-5f && !sp->logprobs
+           && (s->seen == NULL || sp->repetition_penalty == 1.0f)
+           && (s->counts == NULL
+               || (sp->frequency_penalty == 0.0f
+                   && sp->presence_penalty == 0.0f));
+}
+
+
 static int
 moe_step(moe_engine_t *e)
 {
@@ -761,9 +780,20 @@ moe_step(moe_engine_t *e)
         return MOE_OK;
     }
 
+    /* the last prompt / generated token's output: greedy sequences
+     * without penalties or logprobs take the backend's argmax (no logits
+     * copy, no host scan), the others logits for moe_sample() */
     for (i = 0; i < n; i++) {
         s = e->batch_seq[i];
-        if (s->n_computed + e->batch[i].n_tokens == s->n_tokens) {
+        e->batch[i].logits = NULL;
+        e->batch[i].token_out = NULL;
+        e->batch[i].n_valid = e->n_sample;
+        if (s->n_computed + e->batch[i].n_tokens != s->n_tokens) {
+            continue;
+        }
+        if (moe_seq_greedy(s)) {
+            e->batch[i].token_out = e->tok_out + i;
+        } else {
             e->batch[i].logits = e->logits + (size_t) i * e->info.vocab_size;
         }
     }
@@ -813,12 +843,15 @@ moe_step(moe_engine_t *e)
             s->n_published = s->n_computed / e->cfg.block_size;
         }
 
-        if (e->batch[i].logits == NULL) {
+        if (e->batch[i].token_out != NULL) {
+            tok = e->tok_out[i];
+            lp = 0.0f;
+        } else if (e->batch[i].logits != NULL) {
+            tok = moe_sample(&e->sampler, e->batch[i].logits, &s->sp,
+                             s->counts, s->seen, &s->rng, &lp);
+        } else {
             continue;
         }
-
-        tok = moe_sample(&e->sampler, e->batch[i].logits, &s->sp, s->counts,
-                         s->seen, &s->rng, &lp);
         s->n_generated++;
         atomic_fetch_add_explicit(&e->st_gen_tokens, 1, memory_order_relaxed);
         if (s->n_generated == 1) {
@@ -1376,6 +1409,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     e->batch_seq = calloc((size_t) cfg->max_num_seqs, sizeof(moe_seq_t *));
     e->logits = malloc(sizeof(float) * (size_t) cfg->max_num_seqs
                        * (size_t) hp->vocab_size);
+    e->tok_out = calloc((size_t) cfg->max_num_seqs, sizeof(int32_t));
     e->n_expert_counts = (size_t) hp->n_layers * (size_t) hp->n_experts;
     e->expert_counts = calloc(e->n_expert_counts, sizeof(_Atomic int64_t));
     e->submit = moe_ring_create((size_t) cfg->ring_size, sizeof(moe_msg_t));
@@ -1383,7 +1417,8 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                                 sizeof(moe_event_t));
 
     if (e->running == NULL || e->batch == NULL || e->batch_seq == NULL
-        || e->logits == NULL || e->expert_counts == NULL || e->submit == NULL
+        || e->logits == NULL || e->tok_out == NULL
+        || e->expert_counts == NULL || e->submit == NULL
         || e->events == NULL
         || moe_sampler_init(&e->sampler, e->n_sample) != MOE_OK)
     {
@@ -1478,6 +1513,7 @@ moe_engine_destroy(moe_engine_t *e)
     free(e->batch);
     free(e->batch_seq);
     free(e->logits);
+    free(e->tok_out);
     free(e->overflow);
     free((void *) e->expert_counts);
     free(e->chat_template);

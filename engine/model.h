@@ -250,7 +250,14 @@ int moe_model_for_each_tensor(const moe_model_t *m,
  * into the pages named by block_table (block b holds positions
  * [b*block_size, (b+1)*block_size)), attending causally over positions
  * 0..pos+i.  If logits != NULL the logits (vocab_size floats) of the LAST
- * token are written there.
+ * token are written there.  If token_out != NULL the greedy token of the
+ * last token's logits is written to *token_out: the id i < n of the
+ * largest logit (fp32 compare; ties: the lowest id, as moe_sample()'s
+ * greedy path), n = n_valid when 0 < n_valid < vocab_size, else
+ * vocab_size (ids >= n_valid are padding the tokenizer never produces).
+ * Either, both or neither may be requested; a backend computes a row's
+ * lm_head only when one of them is.  Entries must be zeroed (or set)
+ * by callers that do not know these fields.
  */
 typedef struct {
     const int32_t *tokens;
@@ -259,6 +266,10 @@ typedef struct {
     const int32_t *block_table;
     int            n_blocks;      /* entries in block_table */
     float         *logits;        /* (vocab_size) or NULL */
+    int32_t       *token_out;     /* (1) greedy id of the last token, or
+                                     NULL */
+    int            n_valid;       /* token_out considers ids < n_valid;
+                                     <= 0: all vocab_size */
 } moe_seq_batch_t;
 
 typedef struct moe_backend moe_backend_t;

@@ -15,9 +15,11 @@
  *   only sync inside the step), gather, per-expert cuBLAS GEMMs, SiLU*up.
  * Dense GEMMs (qkv, o, lm_head, dense FFN) use the GEMV for T <= 64 and
  * cuBLAS above.
- * Finally the last token of each sequence that wants logits goes through
- * the final norm and lm_head (64 rows at a time), and the fp32 logits are
- * copied back.  The residual stream stays fp32 throughout.
+ * Finally the last token of each sequence that wants logits or a greedy
+ * token goes through the final norm and lm_head (64 rows at a time); an
+ * argmax kernel picks each row's greedy id (below its n_valid), and only
+ * the ids plus the fp32 logits of rows that asked for logits are copied
+ * back.  The residual stream stays fp32 throughout.
  *
  * CUDA graphs: a step of T <= CB_GRAPH_MAX_T tokens with at most
  * CB_LOGIT_ROWS logits rows (decode, small prefill chunks) runs as a graph
@@ -50,6 +52,7 @@
 #include "common.cuh"
 #include "cuda_backend.h"
 #include "arch.h"
+#include "argmax.h"
 #include "attention.h"
 #include "embed.h"
 #include "gemm.h"
@@ -67,6 +70,7 @@ extern "C" {
 
 #define CB_ALIGN        256
 #define CB_LOGIT_ROWS   64                  /* lm_head rows per pass */
+#define CB_STAGE_FIXED  7                   /* staging arrays of cap ints */
 #define CB_BLAS_WS      ((size_t) 32 << 20)
 #define CB_SLACK        ((int64_t) 256 << 20)
 #define CB_DENSE_GEMV_T 64                  /* dense GEMMs: GEMV up to here */
@@ -155,6 +159,7 @@ typedef struct {
     float          *ye;            /* (NK, dim) */
     bf16           *xlast;         /* (CB_LOGIT_ROWS, dim) */
     float          *logits;        /* (CB_LOGIT_ROWS, vocab) */
+    int32_t        *d_tokout;      /* (CB_LOGIT_ROWS) greedy ids */
     int32_t        *d_stage;       /* (stage_ints) */
 
     /* host side */
@@ -163,6 +168,7 @@ typedef struct {
     size_t          bt_cap;        /* block-table entries per step */
     int32_t        *h_counts;      /* (E + 1) pinned: expert offsets */
     float          *h_logits;      /* (CB_LOGIT_ROWS, vocab) pinned */
+    int32_t        *h_tokout;      /* (CB_LOGIT_ROWS) pinned greedy ids */
     int            *out_seq;       /* (cap) sequence of each logits row */
     int64_t        *expert_counts; /* (L, E) */
     int             last_T;        /* tokens of the last step */
@@ -298,8 +304,8 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
 
 typedef struct {
     size_t x, tmp, xf, xb, qkv, att, sel, selw, slot_of, erow, counts, xe,
-           gu, hbuf, ye, xlast, logits, stage, offs, ecounts, att_part,
-           margin, rlogits, total;
+           gu, hbuf, ye, xlast, logits, tokout, stage, offs, ecounts,
+           att_part, margin, rlogits, total;
     size_t stage_ints, bt_cap;
 } cb_slayout_t;
 
@@ -346,10 +352,11 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
     l->ye = cb_take(&c, NK * D * 4);
     l->xlast = cb_take(&c, (size_t) CB_LOGIT_ROWS * D * 2);
     l->logits = cb_take(&c, (size_t) CB_LOGIT_ROWS * V * 4);
-    /* staging: tokens, pos, slot, tseq, out rows, bt_off (cap each), then
-     * the block tables */
+    l->tokout = cb_take(&c, (size_t) CB_LOGIT_ROWS * 4);
+    /* staging: tokens, pos, slot, tseq, out rows, bt_off, out rows'
+     * n_valid (cap each), then the block tables */
     l->bt_cap = (size_t) n_blocks + 4 * N + 65536;
-    l->stage_ints = 6 * N + l->bt_cap;
+    l->stage_ints = CB_STAGE_FIXED * N + l->bt_cap;
     l->stage = cb_take(&c, l->stage_ints * 4);
     l->total = c.off;
 }
@@ -594,6 +601,7 @@ cb_destroy(moe_backend_t *base)
     (void) cudaFreeHost(b->h_stage);
     (void) cudaFreeHost(b->h_counts);
     (void) cudaFreeHost(b->h_logits);
+    (void) cudaFreeHost(b->h_tokout);
     if (b->stream != NULL) {
         (void) cudaStreamDestroy(b->stream);
     }
@@ -1186,6 +1194,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->ye = (float *) (s + sl.ye);
     b->xlast = (bf16 *) (s + sl.xlast);
     b->logits = (float *) (s + sl.logits);
+    b->d_tokout = (int32_t *) (s + sl.tokout);
     b->d_stage = (int32_t *) (s + sl.stage);
     b->stage_ints = sl.stage_ints;
     b->bt_cap = sl.bt_cap;
@@ -1198,6 +1207,9 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     CB_CUDA(cudaMallocHost(&b->h_logits, (size_t) CB_LOGIT_ROWS
                                          * hp->vocab_size * sizeof(float)),
             "pinned logits");
+    CB_CUDA(cudaMallocHost(&b->h_tokout, (size_t) CB_LOGIT_ROWS
+                                         * sizeof(int32_t)),
+            "pinned greedy ids");
 #undef CB_CUDA
 
     b->out_seq = (int *) calloc((size_t) b->cap, sizeof(int));
@@ -1644,8 +1656,9 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 
 /*
  * The device work of a step after the staging copy: embedding, the layers,
- * and (n_out <= CB_LOGIT_ROWS only, graph) the final norm and lm_head of
- * the n_out rows into b->logits.  Host-independent given (T, n_out).
+ * and (n_out <= CB_LOGIT_ROWS only, graph) the final norm, lm_head and
+ * greedy argmax of the n_out rows into b->logits and b->d_tokout.
+ * Host-independent given (T, n_out).
  */
 static int
 cb_body(cuda_backend_t *b, int T, int n_out)
@@ -1657,7 +1670,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     int32_t             *d_tok = b->d_stage, *d_pos = d_tok + N;
     int32_t             *d_slot = d_pos + N, *d_seq = d_slot + N;
     int32_t             *d_rows = d_seq + N, *d_btoff = d_rows + N;
-    int32_t             *d_bt = d_btoff + N;
+    int32_t             *d_nvalid = d_btoff + N, *d_bt = d_nvalid + N;
     size_t               kv_layer = (size_t) b->n_blocks * 2
                                     * b->block_size * b->KVD;
     cudaStream_t         s = b->stream;
@@ -1726,6 +1739,11 @@ cb_body(cuda_backend_t *b, int T, int n_out)
         MOE_TRY(cb_linear(b, n_out, hp->vocab_size, D, b->xlast, D,
                           b->lm_head, b->logits, hp->vocab_size));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+        /* a few microseconds: always, so the graph key stays (T, n_out) */
+        MOE_TRY(moe_cuda_argmax_rows(b->logits, hp->vocab_size, n_out,
+                                     hp->vocab_size, d_nvalid, b->d_tokout,
+                                     s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
     }
     return MOE_OK;
 }
@@ -1786,8 +1804,10 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
     int                  D = hp->dim;
     size_t               N = (size_t) b->cap;
     int32_t             *d_rows = b->d_stage + 4 * N;
+    int32_t             *d_nvalid = b->d_stage + 6 * N;
     cudaStream_t         s = b->stream;
-    int                  c0, i, rc = CB_NOGRAPH, one = n_out <= CB_LOGIT_ROWS;
+    int                  c0, i, j, rc = CB_NOGRAPH;
+    int                  one = n_out <= CB_LOGIT_ROWS;
 
     MOE_CUDA_CHECK(cudaSetDevice(b->device));
     b->n_ev = 0;
@@ -1822,17 +1842,42 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
             MOE_TRY(cb_linear(b, nc, hp->vocab_size, D, b->xlast, D,
                               b->lm_head, b->logits, hp->vocab_size));
             MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+            MOE_TRY(moe_cuda_argmax_rows(b->logits, hp->vocab_size, nc,
+                                         hp->vocab_size, d_nvalid + c0,
+                                         b->d_tokout, s));
         }
-        MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_logits, b->logits,
-                                       (size_t) nc * hp->vocab_size
-                                       * sizeof(float),
+        /* the ids (one small copy), then the logits of runs of rows that
+         * asked for them; token-only rows cost no vocab-wide copy */
+        MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_tokout, b->d_tokout,
+                                       (size_t) nc * sizeof(int32_t),
                                        cudaMemcpyDeviceToHost, s));
+        for (i = 0; i < nc; i = j) {
+            if (seqs[b->out_seq[c0 + i]].logits == NULL) {
+                j = i + 1;
+                continue;
+            }
+            j = i + 1;
+            while (j < nc && seqs[b->out_seq[c0 + j]].logits != NULL) {
+                j++;
+            }
+            MOE_CUDA_CHECK(cudaMemcpyAsync(
+                b->h_logits + (size_t) i * hp->vocab_size,
+                b->logits + (size_t) i * hp->vocab_size,
+                (size_t) (j - i) * hp->vocab_size * sizeof(float),
+                cudaMemcpyDeviceToHost, s));
+        }
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
         MOE_CUDA_CHECK(cudaStreamSynchronize(s));
         for (i = 0; i < nc; i++) {
-            memcpy(seqs[b->out_seq[c0 + i]].logits,
-                   b->h_logits + (size_t) i * hp->vocab_size,
-                   (size_t) hp->vocab_size * sizeof(float));
+            const moe_seq_batch_t *sq = &seqs[b->out_seq[c0 + i]];
+
+            if (sq->token_out != NULL) {
+                *sq->token_out = b->h_tokout[i];
+            }
+            if (sq->logits != NULL) {
+                memcpy(sq->logits, b->h_logits + (size_t) i * hp->vocab_size,
+                       (size_t) hp->vocab_size * sizeof(float));
+            }
         }
     }
     (void) n;
@@ -1854,7 +1899,7 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     int32_t             *h_tok = b->h_stage, *h_pos = h_tok + N;
     int32_t             *h_slot = h_pos + N, *h_seq = h_slot + N;
     int32_t             *h_rows = h_seq + N, *h_btoff = h_rows + N;
-    int32_t             *h_bt = h_btoff + N;
+    int32_t             *h_nvalid = h_btoff + N, *h_bt = h_nvalid + N;
     int                  T, s, i, t, n_out, rc;
 
     if (n < 0 || (n > 0 && seqs == NULL)) {
@@ -1930,14 +1975,15 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
                         + p % b->block_size;
             h_seq[t] = s;
         }
-        if (sq->logits != NULL) {
+        if (sq->logits != NULL || sq->token_out != NULL) {
             h_rows[n_out] = t - 1;
+            h_nvalid[n_out] = sq->n_valid;
             b->out_seq[n_out] = s;
             n_out++;
         }
     }
 
-    rc = cb_run(b, seqs, n, T, n_out, 6 * N + nbt);
+    rc = cb_run(b, seqs, n, T, n_out, CB_STAGE_FIXED * N + nbt);
     if (rc != MOE_OK) {
         moe_log(MOE_LOG_ERROR, "cuda backend: forward: %s",
                 moe_cuda_last_error());

@@ -379,6 +379,7 @@ cmd_logits(int argc, char **argv)
         table[i] = i;
     }
 
+    memset(&sb, 0, sizeof(sb));
     sb.tokens = ids;
     sb.n_tokens = (int) n;
     sb.pos = 0;

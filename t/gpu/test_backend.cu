@@ -31,6 +31,11 @@
  *    position compared (see REL_TOL);
  *  - greedy agreement: wherever the CPU's top-1 logit beats its top-2 by
  *    more than 0.05, the CUDA argmax is the CPU's;
+ *  - device greedy (token_out): every CUDA row also asks for its token;
+ *    where logits are asked too it equals the first maximum of those CUDA
+ *    logits below the row's n_valid (0, or random on every other row);
+ *    on odd steps sequence B asks for the token only (no logits copy)
+ *    and it equals the CPU's top-1 where the margin exceeds 0.05;
  *  - the CUDA routing tables are well formed (experts in range, distinct
  *    per token and layer, -1 exactly on dense layers) and the CPU accepts
  *    them;
@@ -152,8 +157,11 @@ route_valid(const moe_hparams_t *hp, const int32_t *rt, int T)
 
 /* One compared position: sequence q, absolute position pos. */
 typedef struct {
-    int    q, pos;
-    float *cpu, *gpu;           /* (V) each */
+    int     q, pos;
+    float  *cpu, *gpu;          /* (V) each; gpu unused when tok_only */
+    int32_t gtok;               /* cuda token_out */
+    int     nv;                 /* its n_valid */
+    int     tok_only;           /* 1: cuda asked for the token only */
 } out_row_t;
 
 
@@ -251,8 +259,20 @@ test_model(const char *dir)
                 sb[n].block_table = bt[q];
                 sb[n].n_blocks = N_BLOCKS / 2;
                 sb[n].logits = out[n_out].gpu;
+                out[n_out].gtok = -1;
+                out[n_out].nv = n_out % 2 == 0 ? 0
+                                : 1 + (int) (gu_rand() % (uint32_t) V);
+                out[n_out].tok_only = q == 1 && step % 2 == 1;
+                if (out[n_out].tok_only) {
+                    out[n_out].nv = 0;
+                    sb[n].logits = NULL;
+                }
+                sb[n].token_out = &out[n_out].gtok;
+                sb[n].n_valid = out[n_out].nv;
                 sc[n] = sb[n];
                 sc[n].logits = out[n_out].cpu;
+                sc[n].token_out = NULL;
+                sc[n].n_valid = 0;
                 n_out++;
                 done[q] += c;
                 T += c;
@@ -308,12 +328,35 @@ test_model(const char *dir)
 
         double worst = 0;
         int    worst_at = -1, checked = 0, disagree = 0;
+        int    tok_bad = 0, tok_rows = 0, tok_only = 0, tok_only_bad = 0;
 
         for (int r = 0; ok_fw && r < n_out; r++) {
-            double e = gu_relerr(out[r].gpu, out[r].cpu, (size_t) V);
             float  margin;
             int    top = argmax(out[r].cpu, V, &margin);
+
+            if (out[r].tok_only) {
+                tok_only++;
+                if (margin > MARGIN && out[r].gtok != top) {
+                    TAP_DIAG("seq %d pos %d: token-only cuda token %d, cpu "
+                             "top %d (margin %.3f)", out[r].q, out[r].pos,
+                             out[r].gtok, top, margin);
+                    tok_only_bad++;
+                }
+                continue;
+            }
+
+            double e = gu_relerr(out[r].gpu, out[r].cpu, (size_t) V);
             int    gtop = argmax(out[r].gpu, V, NULL);
+            int    nvr = out[r].nv > 0 && out[r].nv < V ? out[r].nv : V;
+            int    want = argmax(out[r].gpu, nvr, NULL);
+
+            tok_rows++;
+            if (out[r].gtok != want) {
+                TAP_DIAG("seq %d pos %d: token_out %d, first max of the cuda "
+                         "logits below %d is %d", out[r].q, out[r].pos,
+                         out[r].gtok, out[r].nv, want);
+                tok_bad++;
+            }
 
             if (!(e <= worst)) {
                 worst = e;
@@ -334,13 +377,19 @@ test_model(const char *dir)
             }
         }
         TAP_OK(ok_fw && worst <= REL_TOL, "%s: logits rel err max %.2e "
-               "(<= %.0e) over all %d positions compared (worst: seq %d "
-               "pos %d)", name, worst, REL_TOL, n_out,
+               "(<= %.0e) over all %d logits rows compared (worst: seq %d "
+               "pos %d)", name, worst, REL_TOL, tok_rows,
                worst_at >= 0 ? out[worst_at].q : -1,
                worst_at >= 0 ? out[worst_at].pos : -1);
         TAP_OK(ok_fw && disagree == 0, "%s: greedy agrees where cpu margin "
                "> %.2f (%d positions checked, %d disagree)", name, MARGIN,
                checked, disagree);
+        TAP_OK(ok_fw && tok_rows > 0 && tok_bad == 0, "%s: cuda token_out == "
+               "argmax of the same step's cuda logits below n_valid (%d "
+               "rows, %d differ)", name, tok_rows, tok_bad);
+        TAP_OK(ok_fw && tok_only > 0 && tok_only_bad == 0, "%s: token-only "
+               "cuda rows (no logits) == cpu top-1 where margin > %.2f (%d "
+               "rows, %d differ)", name, MARGIN, tok_only, tok_only_bad);
 
         const int64_t *cnt = gb->expert_counts(gb);
         const int64_t *ccnt = cb->expert_counts(cb);

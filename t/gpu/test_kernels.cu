@@ -11,7 +11,11 @@
  * conversion and the random fill; the architecture pieces of arch.h
  * (LayerNorm, bias add, per-head RMSNorm, SiLU/GELU with biases, gated
  * and ungated, the sigmoid-gated shared-expert add, learned positions),
- * raw top-k routing and RoPE-less K/V write.  Attention covers both
+ * raw top-k routing and RoPE-less K/V write; the row argmax (greedy
+ * sampling: vocabularies 512, 32000, 128256 and an odd 50257 with a row
+ * stride, planted ties within a thread, a warp and across warps, coarse
+ * values with ties everywhere, all-equal rows, n_valid limits that cut
+ * off the maximum) against the host's first-maximum scan.  Attention covers both
  * kernels: the split kernel (decode and short prefills: contexts 1 to 2100
  * around the tile and split edges, one sequence (most splits) and batches,
  * windows, groups 1/2/4/6/8, head dims 8-256; each case runs twice on one
@@ -34,6 +38,7 @@ extern "C" {
 #include "tap.h"
 }
 #include "arch.h"
+#include "argmax.h"
 #include "attention.h"
 #include "embed.h"
 #include "gemm.h"
@@ -449,6 +454,99 @@ test_attention_batch(int nh, int nkv, int hd, int window, int prefill, int n,
     }
     snprintf(what, sizeof(what), "%d seqs ctx 1..%d", n, maxlen);
     test_attention_v(nh, nkv, hd, window, prefill, n, len, what);
+}
+
+
+/* the host greedy scan (moe_sample): first maximum of x[0..n) */
+static int
+ref_argmax(const float *x, int n)
+{
+    int best = 0;
+
+    for (int i = 1; i < n; i++) {
+        if (x[i] > x[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+
+/*
+ * rows of V logits at stride ld: mode 0 random, 1 random with the maximum
+ * planted several times (same thread, same warp, other warps, near the
+ * end), 2 coarse values (ties everywhere); row 0 is all equal (answer 0).
+ * with_nv: every row gets an n_valid (some cut off the maximum, some <= 0
+ * or >= V meaning all).
+ */
+static void
+test_argmax(int rows, int V, int ld, int mode, int with_nv)
+{
+    float   *x = (float *) malloc(sizeof(float) * (size_t) rows * ld);
+    int32_t *nv = (int32_t *) malloc(sizeof(int32_t) * rows);
+    int32_t *out = (int32_t *) malloc(sizeof(int32_t) * rows);
+    int      bad = -1, ok, r;
+
+    for (size_t i = 0; i < (size_t) rows * ld; i++) {
+        float v = gu_uniform() * 8.0f;
+
+        x[i] = mode == 2 ? floorf(v) : v;   /* 16 levels */
+    }
+    for (r = 0; r < rows; r++) {
+        float *row = x + (size_t) r * ld;
+
+        if (r == 0) {
+            for (int i = 0; i < V; i++) {
+                row[i] = -3.5f;
+            }
+        } else if (mode == 1) {
+            /* a new maximum at p and copies at p + 512 (same thread),
+             * p + 1 (same warp), p + 37, p + 1000 (other warps), V - 1 */
+            int p = (int) (gu_rand() % (unsigned) (V / 2));
+            int at[6] = { p + 512, p, p + 1, p + 37, p + 1000, V - 1 };
+
+            for (int k = 0; k < 6; k++) {
+                if (at[k] < V) {
+                    row[at[k]] = 9.0f;
+                }
+            }
+        }
+        if (!with_nv) {
+            nv[r] = 0;
+        } else if (r % 4 == 1) {
+            nv[r] = ref_argmax(row, V);       /* cuts the maximum off */
+        } else if (r % 4 == 2) {
+            nv[r] = 1 + (int) (gu_rand() % (unsigned) V);
+        } else {
+            nv[r] = r % 4 == 0 ? 0 : V + 5;   /* all */
+        }
+    }
+
+    float   *d_x = (float *) gu_up(x, sizeof(float) * (size_t) rows * ld);
+    int32_t *d_nv = (int32_t *) gu_up(nv, sizeof(int32_t) * rows);
+    int32_t *d_out = (int32_t *) gu_dev(sizeof(int32_t) * rows);
+
+    ok = sync_ok(moe_cuda_argmax_rows(d_x, ld, rows, V,
+                                      with_nv ? d_nv : NULL, d_out, 0),
+                 "argmax");
+    gu_down(out, d_out, sizeof(int32_t) * rows);
+    for (r = 0; ok && r < rows; r++) {
+        int n = nv[r] > 0 && nv[r] < V ? nv[r] : V;
+        int want = ref_argmax(x + (size_t) r * ld, n);
+
+        if (out[r] != want) {
+            TAP_DIAG("argmax row %d (n_valid %d): got %d want %d", r, nv[r],
+                     out[r], want);
+            bad = r;
+            ok = 0;
+        }
+    }
+    TAP_OK(ok && bad < 0, "argmax %d rows x %d (ld %d, %s%s) == host "
+           "first-maximum scan", rows, V, ld,
+           mode == 0 ? "random" : mode == 1 ? "planted ties" : "coarse ties",
+           with_nv ? ", n_valid" : "");
+    cudaFree(d_x); cudaFree(d_nv); cudaFree(d_out);
+    free(x); free(nv); free(out);
 }
 
 
@@ -1418,6 +1516,13 @@ main(void)
     }
     test_sigmoid_gate_add();
     test_add_pos();
+    test_argmax(7, 512, 512, 0, 0);
+    test_argmax(64, 32000, 32000, 0, 0);
+    test_argmax(64, 32000, 32000, 1, 0);
+    test_argmax(64, 32000, 32000, 2, 1);
+    test_argmax(17, 128256, 128256, 1, 1);
+    test_argmax(9, 128256, 128256, 2, 0);
+    test_argmax(13, 50257, 50260, 1, 1);
     TAP_PLAN(tap_n);
     return TAP_DONE();
 }

@@ -6,7 +6,10 @@
  * large enough, only swaps and no recompute; small, a mix of both) and
  * resumed; afterwards every KV block and swap slot is free; max_tokens is
  * honoured; a cancel frees the KV blocks; same seed gives the same sample;
- * bad submissions are refused.
+ * bad submissions are refused.  Greedy requests take the backend's argmax
+ * (token_out): their tokens equal moe_sample()'s greedy pick over CPU
+ * backend logits run by hand, and equal the engine's own host-sampling
+ * path (logprobs on forces logits + moe_sample()).
  */
 
 #include <limits.h>
@@ -17,7 +20,10 @@
 #include <unistd.h>
 
 #include "moe.h"
+#include "model.h"
+#include "sampling.h"
 #include "tap.h"
+#include "tokenizer.h"
 
 #define NREQ  12
 #define MAXT  40
@@ -88,6 +94,82 @@ run(moe_engine_t *e, const int *ids_n, int32_t ids[][256], int first,
 }
 
 
+/*
+ * Greedy reference outside the engine: prefill prompt ids on a fresh CPU
+ * backend, then decode, each token moe_sample() (temperature 0) over the
+ * logits restricted to the tokenizer's ids, as the engine's host path.
+ * n_gen tokens into out; 0 or -1.
+ */
+static int
+greedy_ref(const int32_t *ids, int n_ids, int n_vocab_tok, int n_gen,
+    int32_t *out)
+{
+    char             err[512], dir[PATH_MAX + 64];
+    moe_model_t     *m = NULL;
+    moe_backend_t   *b = NULL;
+    moe_sampler_t    smp;
+    moe_sampling_t   sp;
+    moe_seq_batch_t  sb;
+    moe_rng_t        rng;
+    int32_t          toks[256], table[16];
+    float           *logits = NULL, lp;
+    int              i, n = n_ids, rc = -1, V, have_smp = 0;
+
+    snprintf(dir, sizeof(dir), "%s/models/localmoe-tiny", srcdir);
+    if (moe_model_load(dir, 0, &m, err, sizeof(err)) != MOE_OK
+        || moe_cpu_backend_create(m, 16, 16, 1, &b, err, sizeof(err))
+           != MOE_OK)
+    {
+        TAP_DIAG("reference: %s", err);
+        goto done;
+    }
+    V = moe_model_hparams(m)->vocab_size;
+    if (n_vocab_tok <= 0 || n_vocab_tok > V) {
+        n_vocab_tok = V;
+    }
+    logits = malloc(sizeof(float) * (size_t) V);
+    if (logits == NULL || moe_sampler_init(&smp, n_vocab_tok) != MOE_OK
+        || n_ids + n_gen > 256)
+    {
+        goto done;
+    }
+    have_smp = 1;
+    moe_sampling_defaults(&sp);
+    sp.temperature = 0.0f;
+    moe_rng_seed(&rng, 1);
+    memcpy(toks, ids, sizeof(int32_t) * (size_t) n_ids);
+    for (i = 0; i < 16; i++) {
+        table[i] = i;
+    }
+    for (i = 0; i < n_gen; i++) {
+        memset(&sb, 0, sizeof(sb));
+        sb.tokens = i == 0 ? toks : toks + n - 1;
+        sb.n_tokens = i == 0 ? n : 1;
+        sb.pos = i == 0 ? 0 : n - 1;
+        sb.block_table = table;
+        sb.n_blocks = 16;
+        sb.logits = logits;
+        if (b->forward(b, &sb, 1) != MOE_OK) {
+            goto done;
+        }
+        out[i] = moe_sample(&smp, logits, &sp, NULL, NULL, &rng, &lp);
+        toks[n++] = out[i];
+    }
+    rc = 0;
+
+done:
+    if (have_smp) {
+        moe_sampler_destroy(&smp);
+    }
+    free(logits);
+    if (b != NULL) {
+        b->destroy(b);
+    }
+    moe_model_free(m);
+    return rc;
+}
+
+
 static moe_engine_t *
 make_engine(int kv_blocks, int max_seqs, double swap_gib)
 {
@@ -138,7 +220,7 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(18);
+    TAP_PLAN(20);
 
     e = make_engine(0, 16, 0);
     if (e == NULL) {
@@ -167,6 +249,37 @@ main(int argc, char **argv)
     TAP_OK(ok && solo[0].n == 24 && solo[0].reason == MOE_FINISH_LENGTH
            && solo[0].n_gen == 24,
            "one at a time: max_tokens 24 gives 24 tokens, reason length");
+
+    /* the engine's greedy tokens (backend argmax) == moe_sample() over
+     * CPU logits, and == the engine's host path (logprobs forces it) */
+    {
+        int32_t  ref[24];
+        int      nv = moe_tokenizer_vocab_size(moe_engine_tokenizer(e));
+
+        ok = 1;
+        for (i = 0; i < 4 && ok; i++) {
+            ok = solo[i].n == 24
+                 && greedy_ref(ids[i], ids_n[i], nv, 24, ref) == 0
+                 && memcmp(ref, solo[i].toks, sizeof(ref)) == 0;
+            if (!ok) {
+                TAP_DIAG("prompt %d differs from the moe_sample reference",
+                         i);
+            }
+        }
+        TAP_OK(ok, "greedy tokens of 4 prompts == moe_sample over CPU "
+               "backend logits");
+
+        sp.logprobs = 1;
+        ok = run(e, ids_n, ids, 0, 4, &sp, batch, 0) == 0;
+        for (i = 0; ok && i < 4; i++) {
+            ok = batch[i].n == solo[i].n
+                 && memcmp(batch[i].toks, solo[i].toks,
+                           sizeof(int32_t) * (size_t) solo[i].n) == 0;
+        }
+        sp.logprobs = 0;
+        TAP_OK(ok, "greedy with logprobs (host sampling) == without "
+               "(backend argmax), 4 prompts batched");
+    }
 
     ok = run(e, ids_n, ids, 0, NREQ, &sp, batch, 0) == 0;
     for (i = 0; i < NREQ; i++) {

@@ -9,6 +9,11 @@
  *  - decoding token by token, chunked prefill (13 then chunks of 7) over a
  *    shuffled non-contiguous block table, two sequences in one step, and 2
  *    threads all give BITWISE identical logits (the server relies on it);
+ *  - token_out (the backend's greedy id) equals the argmax of the same
+ *    step's logits at every decode step, restricted to ids < n_valid when
+ *    set (every other step n_valid is the full argmax, so the restricted
+ *    answer must differ), and with logits NULL (token only) at every
+ *    chunked-prefill step;
  *  - expert counts add up to tokens * top_k per layer;
  *  - with reference files from tools/ref_logits.py in t/data/ref (or
  *    $MOE_REF_DIR): logits at every position within relative error 1e-4 of
@@ -197,6 +202,27 @@ argmax(const float *x, int n)
 }
 
 
+/* As step(), also asking for the greedy id below n_valid in *tok;
+ * logits may be NULL (token only). */
+static int
+step_tok(moe_backend_t *be, const int32_t *tokens, int from, int to,
+    const int32_t *table, float *logits, int32_t *tok, int n_valid)
+{
+    moe_seq_batch_t s;
+
+    memset(&s, 0, sizeof(s));
+    s.tokens = tokens + from;
+    s.n_tokens = to - from;
+    s.pos = from;
+    s.block_table = table;
+    s.n_blocks = N_BLOCKS;
+    s.logits = logits;
+    s.token_out = tok;
+    s.n_valid = n_valid;
+    return be->forward(be, &s, 1);
+}
+
+
 /* One sequence over a backend: run tokens [from, to) in one call. */
 static int
 step(moe_backend_t *be, const int32_t *tokens, int from, int to,
@@ -204,6 +230,7 @@ step(moe_backend_t *be, const int32_t *tokens, int from, int to,
 {
     moe_seq_batch_t s;
 
+    memset(&s, 0, sizeof(s));
     s.tokens = tokens + from;
     s.n_tokens = to - from;
     s.pos = from;
@@ -268,7 +295,7 @@ test_model(const char *name, const char *ref_dir)
     ref_t                ref;
     int32_t              tokens[MAX_TOK], table[N_BLOCKS], table2[N_BLOCKS];
     float               *dec, *chk, *lg, *bat;
-    int                  rc, V, i, p, ok, same, from, to;
+    int                  rc, V, i, p, ok, same, from, to, n_extra;
     double               e, worst;
     int64_t              total;
     const int64_t       *cnt;
@@ -324,16 +351,38 @@ test_model(const char *name, const char *ref_dir)
         table[i] = i;
     }
     ok = 1;
-    for (p = 0; p < N_POS && ok; p++) {
-        ok = step(be, tokens, p, p + 1, table, dec + (size_t) p * V)
-             == MOE_OK;
-    }
-    for (p = N_POS; p < MAX_TOK && ok; p++) {
-        tokens[p] = argmax(dec + (size_t) (p - 1) * V, V);
-        ok = step(be, tokens, p, p + 1, table, dec + (size_t) p * V)
-             == MOE_OK;
+    same = 1;
+    n_extra = 0;
+    for (p = 0; p < MAX_TOK && ok; p++) {
+        int32_t got = -1, got2 = -1;
+        int     a, want;
+
+        if (p >= N_POS) {
+            tokens[p] = argmax(dec + (size_t) (p - 1) * V, V);
+        }
+        ok = step_tok(be, tokens, p, p + 1, table, dec + (size_t) p * V,
+                      &got, p % 3 == 0 ? 0 : V) == MOE_OK;
+        a = argmax(dec + (size_t) p * V, V);
+        want = -1;
+        if (ok && p % 2 == 1 && a > 0) {
+            /* the same step again (same K/V), token only, limited to the
+             * ids below its argmax: must pick another id */
+            ok = step_tok(be, tokens, p, p + 1, table, NULL, &got2, a)
+                 == MOE_OK;
+            want = argmax(dec + (size_t) p * V, a);
+            n_extra++;
+        }
+        if (ok && (got != a || (want >= 0 && got2 != want))) {
+            if (same) {
+                TAP_DIAG("%s: pos %d: token_out %d / %d, argmax %d / %d "
+                         "(< %d)", name, p, got, got2, a, want, a);
+            }
+            same = 0;
+        }
     }
     TAP_OK(ok, "%s: %d decode steps", name, MAX_TOK);
+    TAP_OK(ok && same, "%s: token_out == argmax of the step's logits "
+           "(ids < n_valid) at every decode step", name);
 
     /* (b) chunked prefill 13 + 7 + 7 ... over a shuffled block table */
     for (i = 0; i < N_BLOCKS; i++) {
@@ -359,6 +408,20 @@ test_model(const char *name, const char *ref_dir)
     TAP_OK(ok && same, "%s: chunked prefill on shuffled blocks == decode, "
            "bitwise", name);
 
+    /* (b') the same chunks again asking only for the token (no logits) */
+    same = 1;
+    ok = 1;
+    for (from = 0; from < MAX_TOK && ok; from = to) {
+        int32_t got = -1;
+
+        to = from == 0 ? 13 : (from + 7 < MAX_TOK ? from + 7 : MAX_TOK);
+        ok = step_tok(be, tokens, from, to, table2, NULL, &got, 0)
+             == MOE_OK;
+        same = same && got == argmax(dec + (size_t) (to - 1) * V, V);
+    }
+    TAP_OK(ok && same, "%s: token_out alone (logits NULL) == argmax of the "
+           "decode logits at every chunk", name);
+
     /* (c) two sequences in one step, 2 threads (forced to split even the
      * tiny matmuls), fresh backend */
     setenv("MOE_CPU_MIN_PAR_WORK", "1", 1);
@@ -367,6 +430,7 @@ test_model(const char *name, const char *ref_dir)
     if (rc == MOE_OK) {
         moe_seq_batch_t s[2];
 
+        memset(s, 0, sizeof(s));
         /* seq 0: prefix 0..21 in blocks table2[15..22], seq 1: all 60
          * tokens in table2[0..14] (disjoint pages of one pool) */
         for (i = 0; i < 8; i++) {
@@ -409,8 +473,9 @@ test_model(const char *name, const char *ref_dir)
         TAP_OK(0, "%s: second backend: %s", name, err);
     }
 
-    /* expert counts: every layer saw 2 * MAX_TOK tokens, top_k each
-     * (none on the dense layers of an MoE model) */
+    /* expert counts: every layer saw 3 * MAX_TOK + n_extra tokens
+     * (decode, chunked, token-only chunked, repeated decode steps), top_k
+     * each (none on the dense layers of an MoE model) */
     cnt = be->expert_counts(be);
     ok = cnt != NULL;
     for (i = 0; ok && i < hp->n_layers; i++) {
@@ -421,7 +486,7 @@ test_model(const char *name, const char *ref_dir)
             total += cnt[(size_t) i * hp->n_experts + e];
         }
         ok = total == (hp->layer_dense[i] ? 0
-                       : (int64_t) 2 * MAX_TOK * hp->top_k);
+                       : (int64_t) (3 * MAX_TOK + n_extra) * hp->top_k);
     }
     TAP_OK(ok, "%s: expert counts sum to tokens * top_k per layer", name);
 
@@ -804,6 +869,7 @@ fr_run(moe_backend_t *be, const fr_plan_t *pl, int LK, int32_t *route,
     moe_seq_batch_t s[2];
     int             i, q, n, rc, off = 0;
 
+    memset(s, 0, sizeof(s));
     for (i = 0; i < N_BLOCKS / 2; i++) {
         table[0][i] = N_BLOCKS - 1 - 2 * i;     /* odd pages, backwards */
         table[1][i] = 2 * i;

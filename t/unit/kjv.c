@@ -129,6 +129,7 @@ main(int argc, char **argv)
         }
         moe_cpu_backend_create(m, n_blocks, 16, 1, &b, err, sizeof(err));
 
+        memset(&sb, 0, sizeof(sb));
         sb.tokens = ids;
         sb.n_tokens = nt;
         sb.pos = 0;

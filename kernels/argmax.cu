@@ -1,0 +1,97 @@
+/* Row argmax over fp32 logits (device greedy sampling). */
+#include <limits.h>
+#include <math.h>
+
+#include "common.cuh"
+#include "argmax.h"
+
+#define AM_THREADS 512
+
+
+/* (va, ia) beats (vb, ib): larger value, or equal value and lower id */
+__device__ __forceinline__ bool
+am_better(float va, int ia, float vb, int ib)
+{
+    return va > vb || (va == vb && ia < ib);
+}
+
+
+__global__ void
+kernel_argmax_rows(const float *x, int64_t ld, int V, const int32_t *n_valid,
+    int32_t *out)
+{
+    __shared__ float sv[32];
+    __shared__ int   si[32];
+    const float     *row = x + (int64_t) blockIdx.x * ld;
+    int              n = V, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int              nw = (blockDim.x + 31) >> 5, bi = INT_MAX, i;
+    float            bv = -INFINITY;
+
+    if (n_valid != NULL) {
+        int k = n_valid[blockIdx.x];
+
+        if (k > 0 && k < V) {
+            n = k;
+        }
+    }
+    /* NaN compares false both ways: never taken */
+    for (i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = row[i];
+
+        if (am_better(v, i, bv, bi)) {
+            bv = v;
+            bi = i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_down_sync(0xffffffffu, bv, o);
+        int   oi = __shfl_down_sync(0xffffffffu, bi, o);
+
+        if (am_better(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    if (lane == 0) {
+        sv[warp] = bv;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        bv = lane < nw ? sv[lane] : -INFINITY;
+        bi = lane < nw ? si[lane] : INT_MAX;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_down_sync(0xffffffffu, bv, o);
+            int   oi = __shfl_down_sync(0xffffffffu, bi, o);
+
+            if (am_better(ov, oi, bv, bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            out[blockIdx.x] = bi == INT_MAX ? 0 : bi;
+        }
+    }
+}
+
+
+extern "C" int
+moe_cuda_argmax_rows(const float *x, int64_t ld, int rows, int V,
+    const int32_t *n_valid, int32_t *out, cudaStream_t stream)
+{
+    if (rows <= 0) {
+        return MOE_OK;
+    }
+    if (V <= 0 || ld < V) {
+        moe_cuda_set_error("argmax: bad shape (V %d, ld %lld)", V,
+                           (long long) ld);
+        return MOE_EBACKEND;
+    }
+    kernel_argmax_rows<<<rows, AM_THREADS, 0, stream>>>(x, ld, V, n_valid,
+                                                        out);
+    MOE_CUDA_CHECK_LAUNCH("kernel_argmax_rows");
+    return MOE_OK;
+}
