@@ -882,43 +882,10 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
         return MOE_EINVAL;
     }
     /* validate everything before touching the cache */
-    T = 0;
-    ctx = 0;
-    for (s = 0; s < n; s++) {
-        const moe_seq_batch_t *sq = &seqs[s];
-        int                    need;
-
-        if (sq->n_tokens <= 0 || sq->tokens == NULL || sq->pos < 0
-            || sq->block_table == NULL || sq->n_tokens > (1 << 24)
-            || sq->pos > (1 << 30) - sq->n_tokens)
-        {
-            return MOE_EINVAL;
-        }
-        need = (sq->pos + sq->n_tokens + b->block_size - 1) / b->block_size;
-        if (need > sq->n_blocks) {
-            return MOE_EINVAL;
-        }
-        for (i = 0; i < need; i++) {
-            if (sq->block_table[i] < 0 || sq->block_table[i] >= b->n_blocks)
-            {
-                return MOE_EINVAL;
-            }
-        }
-        for (i = 0; i < sq->n_tokens; i++) {
-            if (sq->tokens[i] < 0 || sq->tokens[i] >= hp->vocab_size) {
-                return MOE_EINVAL;
-            }
-        }
-        if (T > (1 << 24) - sq->n_tokens) {
-            return MOE_EINVAL;
-        }
-        T += sq->n_tokens;
-        if (hp->learned_pos && sq->pos + sq->n_tokens > hp->max_pos) {
-            return MOE_EINVAL;      /* past the position table */
-        }
-        if (sq->pos + sq->n_tokens > ctx) {
-            ctx = sq->pos + sq->n_tokens;
-        }
+    if (moe_batch_check(hp, seqs, n, b->n_blocks, b->block_size, 1 << 24,
+                        &T, NULL, &ctx) != MOE_OK)
+    {
+        return MOE_EINVAL;
     }
     if (T == 0) {
         return MOE_OK;

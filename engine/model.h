@@ -272,6 +272,18 @@ typedef struct {
                                      <= 0: all vocab_size */
 } moe_seq_batch_t;
 
+/*
+ * Check one step's batch before a backend touches its KV cache: every
+ * entry has tokens in the vocabulary, a position range within the model's
+ * limits, and a block table covering it with ids in [0, n_blocks).  On
+ * MOE_OK *n_tokens is the step's token count (at most max_tokens),
+ * *n_table the block-table entries the step needs and *max_ctx the largest
+ * pos + n_tokens.  MOE_EINVAL otherwise.
+ */
+int moe_batch_check(const moe_hparams_t *hp, const moe_seq_batch_t *seqs,
+    int n, int n_blocks, int block_size, int max_tokens, int *n_tokens,
+    size_t *n_table, int *max_ctx);
+
 typedef struct moe_backend moe_backend_t;
 
 struct moe_backend {

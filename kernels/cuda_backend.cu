@@ -40,6 +40,7 @@
  * model.  All of it is graph-safe (no host sync).
  */
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1906,43 +1907,16 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
         return MOE_EINVAL;
     }
     /* validate everything before touching the cache */
-    T = 0;
-    for (s = 0; s < n; s++) {
-        const moe_seq_batch_t *sq = &seqs[s];
-        int                    need;
-
-        if (sq->n_tokens <= 0 || sq->tokens == NULL || sq->pos < 0
-            || sq->block_table == NULL || sq->n_tokens > (1 << 24)
-            || sq->pos > (1 << 30) - sq->n_tokens)
-        {
-            return MOE_EINVAL;
-        }
-        need = (sq->pos + sq->n_tokens + b->block_size - 1) / b->block_size;
-        if (need > sq->n_blocks) {
-            return MOE_EINVAL;
-        }
-        for (i = 0; i < need; i++) {
-            if (sq->block_table[i] < 0 || sq->block_table[i] >= b->n_blocks)
-            {
-                return MOE_EINVAL;
-            }
-        }
-        for (i = 0; i < sq->n_tokens; i++) {
-            if (sq->tokens[i] < 0 || sq->tokens[i] >= hp->vocab_size) {
-                return MOE_EINVAL;
-            }
-        }
-        if (hp->learned_pos && sq->pos + sq->n_tokens > hp->max_pos) {
-            return MOE_EINVAL;      /* past the position table */
-        }
-        if (T > b->cap - sq->n_tokens) {
-            moe_cuda_set_error("cuda backend: step of more than %d tokens",
-                               b->cap);
-            moe_log(MOE_LOG_ERROR, "%s", moe_cuda_last_error());
-            return MOE_EINVAL;
-        }
-        T += sq->n_tokens;
-        nbt += (size_t) need;
+    if (moe_batch_check(hp, seqs, n, b->n_blocks, b->block_size, INT_MAX,
+                        &T, &nbt, NULL) != MOE_OK)
+    {
+        return MOE_EINVAL;
+    }
+    if (T > b->cap) {
+        moe_cuda_set_error("cuda backend: step of more than %d tokens",
+                           b->cap);
+        moe_log(MOE_LOG_ERROR, "%s", moe_cuda_last_error());
+        return MOE_EINVAL;
     }
     if (nbt > b->bt_cap) {
         moe_cuda_set_error("cuda backend: %zu block-table entries in one "
