@@ -329,8 +329,9 @@ moe_retire(moe_engine_t *e, int i, int reason, int32_t token)
 static void
 moe_cancel_seq(moe_engine_t *e, uint64_t id)
 {
-    int         i;
-    moe_seq_t  *s;
+    int               i, k;
+    moe_seq_t        *s;
+    moe_seq_queue_t  *q[2] = { &e->waitq, &e->swapq };
 
     for (i = 0; i < e->n_running; i++) {
         if (e->running[i]->id == id) {
@@ -341,23 +342,14 @@ moe_cancel_seq(moe_engine_t *e, uint64_t id)
         }
     }
 
-    for (s = e->waitq.head; s != NULL; s = s->next) {
-        if (s->id == id) {
-            moe_q_unlink(&e->waitq, s);
+    /* waiting (maybe holding prefix blocks) or swapped (holding slots) */
+    for (k = 0; k < 2; k++) {
+        for (s = q[k]->head; s != NULL; s = s->next) {
+            if (s->id != id) {
+                continue;
+            }
+            moe_q_unlink(q[k], s);
             moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-            moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
-            moe_seq_free(s);
-            atomic_fetch_add_explicit(&e->st_finished, 1,
-                                      memory_order_relaxed);
-            atomic_fetch_add_explicit(&e->st_cancelled, 1,
-                                      memory_order_relaxed);
-            return;
-        }
-    }
-
-    for (s = e->swapq.head; s != NULL; s = s->next) {
-        if (s->id == id) {
-            moe_q_unlink(&e->swapq, s);
             moe_seq_drop_slots(e, s);
             moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
             moe_seq_free(s);
