@@ -606,6 +606,23 @@ moe_seq_greedy(const moe_seq_t *s)
 }
 
 
+/* Entry i of the step: s's next chunk of `chunk` tokens (no outputs yet;
+ * the step decides logits or token after admission). */
+static void
+moe_batch_add(moe_engine_t *e, int i, moe_seq_t *s, int chunk)
+{
+    moe_seq_batch_t  *b = &e->batch[i];
+
+    memset(b, 0, sizeof(*b));
+    e->batch_seq[i] = s;
+    b->tokens = s->tokens + s->n_computed;
+    b->n_tokens = chunk;
+    b->pos = s->n_computed;
+    b->block_table = s->blocks;
+    b->n_blocks = s->n_blocks;
+}
+
+
 static int
 moe_step(moe_engine_t *e)
 {
@@ -656,14 +673,7 @@ moe_step(moe_engine_t *e)
             return rc;
         }
 
-        e->batch_seq[n] = s;
-        e->batch[n].tokens = s->tokens + s->n_computed;
-        e->batch[n].n_tokens = chunk;
-        e->batch[n].pos = s->n_computed;
-        e->batch[n].block_table = s->blocks;
-        e->batch[n].n_blocks = s->n_blocks;
-        e->batch[n].logits = NULL;
-        n++;
+        moe_batch_add(e, n++, s, chunk);
         budget -= chunk;
     }
 
@@ -696,14 +706,7 @@ moe_step(moe_engine_t *e)
                 continue;       /* copy failed: s waits for a recompute */
             }
 
-            e->batch_seq[n] = s;
-            e->batch[n].tokens = s->tokens + s->n_computed;
-            e->batch[n].n_tokens = chunk;
-            e->batch[n].pos = s->n_computed;
-            e->batch[n].block_table = s->blocks;
-            e->batch[n].n_blocks = s->n_blocks;
-            e->batch[n].logits = NULL;
-            n++;
+            moe_batch_add(e, n++, s, chunk);
             budget -= chunk;
             continue;
         }
@@ -757,14 +760,7 @@ moe_step(moe_engine_t *e)
         moe_q_unlink(&e->waitq, s);
         moe_running_insert(e, s);
 
-        e->batch_seq[n] = s;
-        e->batch[n].tokens = s->tokens + s->n_computed;
-        e->batch[n].n_tokens = chunk;
-        e->batch[n].pos = s->n_computed;
-        e->batch[n].block_table = s->blocks;
-        e->batch[n].n_blocks = s->n_blocks;
-        e->batch[n].logits = NULL;
-        n++;
+        moe_batch_add(e, n++, s, chunk);
         budget -= chunk;
     }
 

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "jinja_int.h"
+#include "tokenizer.h"
 
 typedef struct {
     moe_jj_arena_t  *a;
@@ -69,31 +70,6 @@ moe_jj_hexval(int ch)
 }
 
 
-static size_t
-moe_jj_put_utf8(char *o, unsigned long cp)
-{
-    if (cp < 0x80) {
-        o[0] = (char) cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        o[0] = (char) (0xc0 | (cp >> 6));
-        o[1] = (char) (0x80 | (cp & 0x3f));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        o[0] = (char) (0xe0 | (cp >> 12));
-        o[1] = (char) (0x80 | ((cp >> 6) & 0x3f));
-        o[2] = (char) (0x80 | (cp & 0x3f));
-        return 3;
-    }
-    o[0] = (char) (0xf0 | (cp >> 18));
-    o[1] = (char) (0x80 | ((cp >> 12) & 0x3f));
-    o[2] = (char) (0x80 | ((cp >> 6) & 0x3f));
-    o[3] = (char) (0x80 | (cp & 0x3f));
-    return 4;
-}
-
 
 /* Decode a string literal body with Python's unicode-escape rules. */
 static int
@@ -145,7 +121,7 @@ moe_jj_string(moe_jj_lexer_t *L, const char *p, size_t n)
                 return MOE_EINVAL;
             }
             i += (size_t) w;
-            k += moe_jj_put_utf8(o + k, cp);
+            k += moe_utf8_encode((uint32_t) cp, o + k);
             break;
         }
         default:
@@ -158,7 +134,7 @@ moe_jj_string(moe_jj_lexer_t *L, const char *p, size_t n)
                 {
                     cp = cp * 8 + (unsigned long) (p[++i] - '0');
                 }
-                k += moe_jj_put_utf8(o + k, cp);
+                k += moe_utf8_encode((uint32_t) cp, o + k);
                 break;
             }
             if (ch == 'N') {

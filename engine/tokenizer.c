@@ -144,8 +144,8 @@ u8dec(const char *s, size_t n, size_t *cl)
     }
 }
 
-static size_t
-u8enc(uint32_t cp, char *o)
+size_t
+moe_utf8_encode(uint32_t cp, char *o)
 {
     if (cp < 0x80) {
         o[0] = (char) cp;
@@ -531,7 +531,7 @@ bytelevel_build(void)
         } else {
             cp = 256 + (uint32_t) n++;
         }
-        bl_enc_len[b] = (uint8_t) u8enc(cp, bl_enc[b]);
+        bl_enc_len[b] = (uint8_t) moe_utf8_encode(cp, bl_enc[b]);
         bl_dec[cp] = (int16_t) b;
     }
 }

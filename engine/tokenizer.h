@@ -40,4 +40,8 @@ int moe_tokenizer_is_byte_token(const moe_tokenizer_t *t, int32_t id);
  */
 char *moe_utf8_sanitize(const char *s, size_t len, size_t *out_len);
 
+/* Write code point cp (< 0x110000) as UTF-8 at o (room for 4 bytes);
+ * returns the byte count. */
+size_t moe_utf8_encode(uint32_t cp, char *o);
+
 #endif /* MOE_TOKENIZER_H */
