@@ -9,6 +9,8 @@
  *      read (attention weights + the experts actually hit + router +
  *      lm_head + KV) / copy bandwidth; prefill = FLOPs / GEMM rate.
  * Usage: bench_engine [model,...]   (default: all four; names below)
+ * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 run only those
+ * decode batches / prefill prompts ("0": none), e.g. under ncu.
  * Output: a human table plus one "RESULT key=value ..." line per figure.
  */
 
@@ -48,6 +50,33 @@ static const shape_t shapes[] = {
 };
 
 static double copy_gbs, gemm_tfs;
+
+
+/* Whether v is in the comma list of environment variable var (unset: all
+ * of them; "0" or "": none), e.g. BENCH_BATCHES=1,64 BENCH_PROMPTS=0 to
+ * profile one decode shape. */
+static int
+bench_wanted(const char *var, int v)
+{
+    const char *s = getenv(var);
+
+    if (s == NULL) {
+        return 1;
+    }
+    while (*s != '\0') {
+        char *end;
+        long  x = strtol(s, &end, 10);
+
+        if (end == s) {
+            break;
+        }
+        if (x == v) {
+            return 1;
+        }
+        s = *end == ',' ? end + 1 : end;
+    }
+    return 0;
+}
 
 
 static double
@@ -247,6 +276,10 @@ bench_model(const shape_t *sh)
         int    B = batches[bi], steps = 6;
         double t0, dt, ms[MOE_CUDA_N_STAGES];
 
+        if (!bench_wanted("BENCH_BATCHES", B)) {
+            continue;
+        }
+
         for (int i = 0; i < B; i++) {
             memset(&sb[i], 0, sizeof(sb[i]));
             sb[i].tokens = tok + i;
@@ -308,6 +341,10 @@ bench_model(const shape_t *sh)
     for (size_t pi = 0; pi < sizeof(prompts) / sizeof(prompts[0]); pi++) {
         int    P = prompts[pi], runs = 3;
         double t0, dt, ms[MOE_CUDA_N_STAGES];
+
+        if (!bench_wanted("BENCH_PROMPTS", P)) {
+            continue;
+        }
 
         memset(&sb[0], 0, sizeof(sb[0]));
         sb[0].tokens = tok;

@@ -262,6 +262,219 @@ kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
+/*
+ * CUDA-core path for groups of at most a few rows per pass (decode at
+ * batch 1-8: the mma tile above wastes 7 of its 8 token columns there).  A
+ * warp owns GF_CW output columns (their gate and up rows with the SiLU
+ * epilogue) and reads each weight row as whole 512-byte segments (32 lanes
+ * x 16 bytes), GF_U segments of every row in flight per lane; the input
+ * rows are read at the same k (L1/L2 hits); partial sums are reduced
+ * across the warp with shuffles.  No shared memory, no block barrier.
+ */
+#define GF_WARPS 4
+#define GF_CW    2
+#define GF_U     4
+
+__device__ __forceinline__ float
+gf_dot8(uint4 w, uint4 x, float acc)
+{
+    const __nv_bfloat162 *wp = reinterpret_cast<const __nv_bfloat162 *>(&w);
+    const __nv_bfloat162 *xp = reinterpret_cast<const __nv_bfloat162 *>(&x);
+
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 a = __bfloat1622float2(wp[i]);
+        float2 b = __bfloat1622float2(xp[i]);
+
+        acc = fmaf(a.x, b.x, acc);
+        acc = fmaf(a.y, b.y, acc);
+    }
+    return acc;
+}
+
+
+/* the group of block y (compact grid: the y-th non-empty group), or -1 */
+__device__ __forceinline__ int
+gv_group(const int32_t *offs, int E, int lane)
+{
+    int y = (int) blockIdx.y;
+
+    if (offs == NULL || (int) gridDim.y >= E) {
+        return y;
+    }
+    for (int b0 = 0; b0 < E; b0 += 32) {
+        int      ex = b0 + lane;
+        unsigned m = __ballot_sync(0xffffffffu,
+                                   ex < E && offs[ex + 1] > offs[ex]);
+        int      c = __popc(m);
+
+        if (y < c) {
+            for (int i = 0; i < y; i++) {
+                m &= m - 1u;
+            }
+            return b0 + __ffs((int) m) - 1;
+        }
+        y -= c;
+    }
+    return -1;
+}
+
+
+template <int NTF, bool SILU>
+__global__ void __launch_bounds__(GF_WARPS * 32)
+kernel_gemv_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const bf16 *W, int N, int Kd, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy)
+{
+    constexpr int RW = SILU ? 2 * GF_CW : GF_CW;
+    int           lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int           e = gv_group(offs, E, lane);
+    int           col0 = (blockIdx.x * GF_WARPS + warp) * GF_CW;
+
+    if (e < 0 || col0 >= N) {
+        return;
+    }
+
+    int         r0 = offs != NULL ? offs[e] : 0;
+    int         r1 = offs != NULL ? offs[e + 1] : n;
+    const bf16 *We = W + (size_t) e * (SILU ? 2 : 1) * N * Kd;
+    const bf16 *wr[RW];
+    bool        wv[RW];
+
+#pragma unroll
+    for (int i = 0; i < RW; i++) {
+        int c = col0 + (i % GF_CW);
+
+        wv[i] = c < N;
+        wr[i] = We + (size_t) ((i >= GF_CW ? N : 0) + (c < N ? c : 0)) * Kd;
+    }
+
+    for (int p0 = r0; p0 < r1; p0 += NTF) {
+        float       acc[RW][NTF];
+        const bf16 *xp[NTF];
+        bool        xv[NTF];
+
+#pragma unroll
+        for (int t = 0; t < NTF; t++) {
+            int r = p0 + t;
+
+            xv[t] = r < r1;
+            xp[t] = X + (size_t) (xv[t] ? (xrow != NULL ? xrow[r] / xdiv : r)
+                                        : 0) * ldx;
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                acc[i][t] = 0.0f;
+            }
+        }
+
+        for (int k0 = lane * 8; k0 < Kd; k0 += 256 * GF_U) {
+            uint4 w[GF_U][RW];
+
+#pragma unroll
+            for (int u = 0; u < GF_U; u++) {
+                int k = k0 + u * 256;
+
+#pragma unroll
+                for (int i = 0; i < RW; i++) {
+                    w[u][i] = k < Kd && wv[i]
+                              ? __ldcs(reinterpret_cast<const uint4 *>(
+                                    wr[i] + k))
+                              : make_uint4(0, 0, 0, 0);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GF_U; u++) {
+                int k = k0 + u * 256;
+
+                if (k >= Kd) {
+                    break;
+                }
+#pragma unroll
+                for (int t = 0; t < NTF; t++) {
+                    uint4 x = xv[t] ? __ldg(reinterpret_cast<const uint4 *>(
+                                          xp[t] + k))
+                                    : make_uint4(0, 0, 0, 0);
+
+#pragma unroll
+                    for (int i = 0; i < RW; i++) {
+                        acc[i][t] = gf_dot8(w[u][i], x, acc[i][t]);
+                    }
+                }
+            }
+        }
+
+#pragma unroll
+        for (int i = 0; i < RW; i++) {
+#pragma unroll
+            for (int t = 0; t < NTF; t++) {
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) {
+                    acc[i][t] += __shfl_xor_sync(0xffffffffu, acc[i][t], o);
+                }
+            }
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int t = 0; t < NTF; t++) {
+                if (!xv[t]) {
+                    continue;
+                }
+#pragma unroll
+                for (int i = 0; i < GF_CW; i++) {
+                    if (!wv[i]) {
+                        continue;
+                    }
+                    size_t o = (size_t) (p0 + t) * ldy + col0 + i;
+
+                    if (SILU) {
+                        float g = acc[i][t], v = acc[RW - GF_CW + i][t];
+
+                        H[o] = moe_f2bf(g / (1.0f + expf(-g)) * v);
+                    } else {
+                        Y[o] = acc[i][t];
+                    }
+                }
+            }
+        }
+    }
+}
+
+
+/* MOE_CUDA_GEMV_FMA=0 keeps every shape on the tensor-core kernel (A/B);
+ * default: groups of up to GF_MAX_ROWS rows take the CUDA-core path. */
+#define GF_MAX_ROWS 2
+
+static int
+gv_fma_rows(void)
+{
+    static int rows = -1;
+
+    if (rows < 0) {
+        const char *v = getenv("MOE_CUDA_GEMV_FMA");
+
+        rows = v == NULL ? GF_MAX_ROWS : atoi(v);
+        rows = rows < 0 ? 0 : rows;
+    }
+    return rows;
+}
+
+
+template <int NTF>
+static void
+gf_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const bf16 *W, int N, int Kd,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+{
+    if (silu) {
+        kernel_gemv_fma<NTF, true><<<grid, GF_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+    } else {
+        kernel_gemv_fma<NTF, false><<<grid, GF_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+    }
+}
+
+
 extern "C" int
 moe_cuda_gemv_supported(int Kd, int ldx)
 {
@@ -345,6 +558,21 @@ moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
      * let the empty ones exit: 5376 idle blocks per mixtral layer) */
     grid = dim3((unsigned) ((N + 15) / 16),
                 (unsigned) (offs != NULL && n > 0 && n < E ? n : E));
+    if (max_rows <= gv_fma_rows()) {
+        grid.x = (unsigned) ((N + GF_WARPS * GF_CW - 1) / (GF_WARPS * GF_CW));
+        if (max_rows <= 1) {
+            gf_launch<1>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd,
+                         offs, E, n, Y, h, ldy);
+        } else if (max_rows <= 2) {
+            gf_launch<2>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd,
+                         offs, E, n, Y, h, ldy);
+        } else {
+            gf_launch<4>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd,
+                         offs, E, n, Y, h, ldy);
+        }
+        MOE_CUDA_CHECK_LAUNCH("kernel_gemv_fma");
+        return MOE_OK;
+    }
     if (max_rows <= 8) {
         gv_launch<1>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
                      E, n, Y, h, ldy);

@@ -215,6 +215,51 @@ kernel_moe_unpermute(const float *ye, int D, const int32_t *sel,
 }
 
 
+/* The same over (token, 1024-column slice) blocks with float4 accesses
+ * (D % 4 == 0): at decode one token's row is 4+ blocks, and every load is
+ * in flight at once. */
+#define UNPERM_V_COLS 1024
+
+__global__ void
+kernel_moe_unpermute_v(const float *__restrict__ ye, int D,
+    const int32_t *sel, const float *selw, const int32_t *slot_of, int K,
+    float *__restrict__ out)
+{
+    __shared__ int   ord_row[UNPERM_MAX_K];
+    __shared__ float ord_w[UNPERM_MAX_K];
+    int              t = blockIdx.x;
+    int              d = blockIdx.y * UNPERM_V_COLS + 4 * threadIdx.x;
+
+    if (threadIdx.x < K) {
+        int k = threadIdx.x, ek = sel[(size_t) t * K + k], o = 0;
+
+        for (int j = 0; j < K; j++) {
+            int ej = sel[(size_t) t * K + j];
+
+            o += ej < ek || (ej == ek && j < k);
+        }
+        ord_row[o] = slot_of[(size_t) t * K + k];
+        ord_w[o] = selw[(size_t) t * K + k];
+    }
+    __syncthreads();
+    if (d < D) {
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+        for (int o = 0; o < K; o++) {
+            float4 y = *reinterpret_cast<const float4 *>(
+                           ye + (size_t) ord_row[o] * D + d);
+            float  wo = ord_w[o];
+
+            acc.x += y.x * wo;
+            acc.y += y.y * wo;
+            acc.z += y.z * wo;
+            acc.w += y.w * wo;
+        }
+        *reinterpret_cast<float4 *>(out + (size_t) t * D + d) = acc;
+    }
+}
+
+
 extern "C" int
 moe_cuda_moe_count(const int32_t *sel, int n, int E, int32_t *counts,
     cudaStream_t stream)
@@ -283,6 +328,15 @@ moe_cuda_moe_unpermute(const float *ye, int D, const int32_t *sel,
         return MOE_EUNSUPPORTED;
     }
     if (T <= 0) {
+        return MOE_OK;
+    }
+    if (D % 4 == 0 && ((uintptr_t) ye | (uintptr_t) out) % 16 == 0) {
+        kernel_moe_unpermute_v<<<dim3((unsigned) T,
+                                      (unsigned) ((D + UNPERM_V_COLS - 1)
+                                                  / UNPERM_V_COLS)),
+                                 UNPERM_V_COLS / 4, 0, stream>>>(
+            ye, D, sel, selw, slot_of, K, out);
+        MOE_CUDA_CHECK_LAUNCH("kernel_moe_unpermute_v");
         return MOE_OK;
     }
     kernel_moe_unpermute<<<T, 256, 0, stream>>>(ye, D, sel, selw, slot_of, K,

@@ -39,12 +39,72 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
 }
 
 
+/*
+ * The same with one block per (token, head): q heads are rotated in
+ * place, k heads rotated and written to the cache (and the row), v heads
+ * copied to the cache; thread i owns the pair (i, i + hd / 2), so a
+ * decode step waits for one memory round trip instead of 20.
+ */
+__global__ void
+kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
+    const int32_t *pos, const int32_t *slot, float theta,
+    __nv_bfloat16 *kv_layer, int block_size)
+{
+    int            t = blockIdx.x, h = blockIdx.y, half = hd / 2;
+    int            kvd = n_kv * hd, i = threadIdx.x;
+    float         *v = qkv + (size_t) t * ld + (size_t) h * hd;
+    float          x1, x2;
+
+    if (i >= half) {
+        return;
+    }
+    x1 = v[i];
+    x2 = v[i + half];
+    if (theta > 0.0f && h < n_heads + n_kv) {
+        float inv = 1.0f / powf(theta, (float) (2 * i) / (float) hd);
+        float ang = (float) pos[t] * inv;
+        float c = cosf(ang), sn = sinf(ang);
+        float y1 = x1 * c - x2 * sn, y2 = x2 * c + x1 * sn;
+
+        x1 = y1;
+        x2 = y2;
+        v[i] = x1;
+        v[i + half] = x2;
+    }
+    if (h >= n_heads) {
+        int            s = slot[t], blk = s / block_size, off = s % block_size;
+        int            kh = h - n_heads;
+        __nv_bfloat16 *d = kv_layer + ((size_t) blk * 2 * block_size + off)
+                                      * kvd;
+
+        if (kh >= n_kv) {
+            kh -= n_kv;
+            d += (size_t) block_size * kvd;     /* the V half of the block */
+        }
+        d += (size_t) kh * hd;
+        d[i] = moe_f2bf(x1);
+        d[i + half] = moe_f2bf(x2);
+    }
+}
+
+
 extern "C" int
 moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
     const int32_t *pos, const int32_t *slot, float theta,
     moe_bf16_t *kv_layer, int block_size, cudaStream_t stream)
 {
     if (T <= 0) {
+        return MOE_OK;
+    }
+    if (hd % 2 == 0 && hd / 2 <= 1024) {
+        int threads = (hd / 2 + 31) / 32 * 32;
+
+        kernel_rope_kv_heads<<<dim3((unsigned) T,
+                                    (unsigned) (n_heads + 2 * n_kv)),
+                               threads, 0, stream>>>(qkv, ld, n_heads, n_kv,
+            hd, pos, slot, theta,
+            reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size);
+        MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads");
         return MOE_OK;
     }
     kernel_rope_kv<<<T, 128, 0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos,

@@ -112,9 +112,9 @@ ref_rmsnorm(float *o, const float *x, const float *w, int D, float eps)
 
 
 static void
-test_rmsnorm(int with_delta, int with_rows)
+test_rmsnorm_d(int with_delta, int with_rows, int D)
 {
-    int    N = 37, D = 200, n = with_rows ? 11 : N;
+    int    N = 37, n = with_rows ? 11 : N;
     float  eps = 1e-5f;
     float *x = (float *) malloc(sizeof(float) * N * D);
     float *dl = (float *) malloc(sizeof(float) * N * D);
@@ -163,12 +163,22 @@ test_rmsnorm(int with_delta, int with_rows)
     double eb = gu_relerr(outb, ref, (size_t) n * D);
     double ex = gu_relerr(xo, xr, (size_t) N * D);
     TAP_OK(ok && ef <= F32_TOL && eb <= BF_TOL && ex <= 1e-7,
-           "add_rmsnorm delta=%d rows=%d (fp32 %.2e, bf16 %.2e, x %.2e)",
-           with_delta, with_rows, ef, eb, ex);
+           "add_rmsnorm D %d delta=%d rows=%d (fp32 %.2e, bf16 %.2e, "
+           "x %.2e)", D, with_delta, with_rows, ef, eb, ex);
     cudaFree(d_x); cudaFree(d_dl); cudaFree(d_w); cudaFree(d_rows);
     cudaFree(d_ob); cudaFree(d_of);
     free(x); free(dl); free(w); free(xr); free(ref); free(outf); free(outb);
     free(xo); free(ob);
+}
+
+
+/* D 200: the register kernel with 1 float4 per thread; 4096 (mixtral) and
+ * 14000 (4 per thread, a partial last one); 130: D % 4 != 0, the loop
+ * kernel */
+static void
+test_rmsnorm(int with_delta, int with_rows)
+{
+    test_rmsnorm_d(with_delta, with_rows, 200);
 }
 
 
@@ -772,7 +782,8 @@ test_permute_one(int T, int E, int K)
  * fused SiLU*up (bf16 out); outputs poisoned, every row checked.
  */
 static void
-test_gemv(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv)
+test_gemv_h(int E, int N, int Kd, int maxr, int hint, int silu, int grouped,
+    int xdiv)
 {
     int       ldx = Kd + 8, ldy = N + 4, n = 0;
     int32_t  *offs = (int32_t *) malloc(sizeof(int32_t) * (E + 1));
@@ -839,7 +850,7 @@ test_gemv(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv)
     int rc = moe_cuda_gemv((moe_bf16_t *) d_x, ldx,
                            grouped ? d_xrow : NULL, xdiv,
                            (moe_bf16_t *) d_w, N, Kd,
-                           grouped ? d_offs : NULL, E, n, maxr, silu,
+                           grouped ? d_offs : NULL, E, n, hint, silu,
                            (float *) d_y, (moe_bf16_t *) d_y, ldy, 0);
     int ok = sync_ok(rc, "gemv");
     double err = 0, num = 0, den = 0;
@@ -865,13 +876,21 @@ test_gemv(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv)
         err = INFINITY;
     }
     TAP_OK(ok && n > 0 && err <= (silu ? BF_TOL : F32_TOL), "gemv E %d N %d "
-           "Kd %d rows %d (max %d) %s%s (err %.2e)", E, N, Kd, n, maxr,
+           "Kd %d rows %d (max %d, hint %d) %s%s (err %.2e)", E, N, Kd, n,
+           maxr, hint,
            silu ? "SiLU bf16" : "fp32", grouped ? " gathered" : " dense",
            err);
     cudaFree(d_x); cudaFree(d_w); cudaFree(d_offs); cudaFree(d_xrow);
     cudaFree(d_y);
     free(offs); free(x); free(xbits); free(w); free(wbits); free(xrow);
     free(ref); free(out); free(obits);
+}
+
+
+static void
+test_gemv(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv)
+{
+    test_gemv_h(E, N, Kd, maxr, maxr, silu, grouped, xdiv);
 }
 
 
@@ -1378,6 +1397,9 @@ main(void)
     test_rmsnorm(0, 0);
     test_rmsnorm(1, 0);
     test_rmsnorm(1, 1);
+    test_rmsnorm_d(1, 1, 4096);
+    test_rmsnorm_d(1, 0, 14000);
+    test_rmsnorm_d(1, 1, 130);
     test_rope(4, 2, 16, 10000.0f);
     test_rope(32, 8, 128, 1000000.0f);
     test_rope(4, 4, 16, 0.0f);          /* learned positions: write only */
@@ -1474,6 +1496,8 @@ main(void)
     test_route(7, 64, 4, 2, 0);
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);
+    test_permute(1, 8, 2, 4096);        /* decode: 4 column blocks */
+    test_permute(50, 8, 2, 42);         /* D % 4 != 0: the loop kernel */
     test_permute_one(100, 8, 2);
     test_permute_one(3000, 8, 2);       /* several 1024-slot windows */
     test_permute_one(300, 64, 8);
@@ -1493,6 +1517,16 @@ main(void)
     test_gemv(3, 64, 1000, 12, 0, 1, 1);        /* NT 2, 32 chunks */
     test_gemv(1, 80, 1536, 2, 0, 0, 1);         /* 3 chunk sets */
     test_gemv(2, 24, 40, 1, 1, 1, 2);           /* 2 chunks < 4 warps */
+    /* CUDA-core path (hint <= 4 rows): whole 512-byte row segments, NTF
+     * 1/2/4, groups fuller than the hint take several passes, k tails,
+     * N not a multiple of the 8 columns of a block, decode shapes */
+    test_gemv_h(8, 100, 264, 9, 1, 0, 1, 2);    /* passes of 1 row */
+    test_gemv_h(8, 72, 520, 7, 2, 1, 1, 8);     /* SiLU, passes of 2 */
+    test_gemv_h(5, 30, 4104, 11, 4, 0, 1, 1);   /* passes of 4, k tail */
+    test_gemv_h(1, 1003, 2056, 3, 3, 0, 0, 1);  /* dense, N % 8 != 0 */
+    test_gemv_h(1, 37, 96, 4, 4, 1, 0, 1);      /* dense SiLU, short k */
+    test_gemv_h(8, 512, 4096, 1, 1, 1, 1, 2);   /* mixtral-like decode */
+    test_gemv_h(64, 64, 1024, 1, 1, 1, 1, 8);   /* compact grid, 64 groups */
     if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
         TAP_OK(0, "cublasCreate");
     } else {
