@@ -46,6 +46,7 @@
 #define ATT_MAX_SPLIT  64           /* grid splits per (token, kv head) */
 #define ATT_MAX_PAIRS  1024         /* T * n_kv handled by the split kernel */
 #define ATT_MAX_REC    2048         /* split records in the workspace */
+#define ATT_V5_BPS     2            /* split-kernel blocks wanted per SM */
 #define ATT_CNT_FLOATS ATT_MAX_PAIRS    /* counters at the workspace start */
 
 /* v6 (tensor-core prefill) kernel */
@@ -1226,17 +1227,36 @@ att_sms(void)
 
 
 /*
- * v5 grid splits for `pairs` (token, kv head) pairs: enough blocks for 2
- * per SM; a function of the pair count only (graph-safe).  The kernel
- * uses fewer when a token's context is short.
+ * v5 grid splits for `pairs` (token, kv head) pairs: enough blocks for
+ * ATT_V5_BPS per SM (MOE_CUDA_ATT_BPS overrides it); a function of the
+ * pair count only (graph-safe).  The kernel uses fewer when a token's
+ * context is short.
  */
+static int
+att_v5_bps(void)
+{
+    static int bps = -1;
+
+    if (bps < 0) {
+        const char *v = getenv("MOE_CUDA_ATT_BPS");
+
+        bps = v != NULL && atoi(v) > 0 ? atoi(v) : ATT_V5_BPS;
+    }
+    return bps;
+}
+
+
 static int
 att_v5_splits(int pairs)
 {
-    int want = 2 * att_sms(), ns;
+    int want = att_v5_bps() * att_sms(), ns;
 
     if (pairs >= want) {
-        return 1;
+        /* 1-2 blocks per SM (mixtral b64: 512 pairs, 3 resident per SM,
+         * 1.3 waves): 3 splits gave 3.75 ms of attention per step against
+         * 4.39 unsplit and 3.92 with 2 (run 4); from 4 per SM (b128) one
+         * split is best again (6.65 vs 7.41 ms with 2) */
+        return pairs <= 2 * want && 3 * pairs <= ATT_MAX_REC ? 3 : 1;
     }
     ns = (want + pairs - 1) / pairs;
     if (ns > ATT_MAX_SPLIT) {
