@@ -3,6 +3,8 @@
 # through nginx and drive it with bench/serve at fixed concurrency, next to
 # bench_engine's decode figure at the same batch.
 #   bench/gpu_serve.sh [CONCURRENCY] [NGINX]
+# Environment: INPUT_LEN, OUTPUT_LEN, NUM_PROMPTS, TEMPERATURE (default 0:
+# greedy; > 0: tokens drawn on the GPU).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 C=${1:-64}
@@ -21,6 +23,7 @@ build/bench/serve --base-url http://127.0.0.1:8000 --num-prompts "${NUM_PROMPTS:
     --max-concurrency "$C" --random-input-len "${INPUT_LEN:-512}" \
     --random-output-len "${OUTPUT_LEN:-256}" \
     --vocab-min 100 --vocab-max 31000 --warmup 4 --seed 0 \
+    --temperature "${TEMPERATURE:-0}" \
     --json "$OUT/bench_serve.json" | tee "$OUT/bench_serve.txt"
 kill %1 2>/dev/null; sleep 2
 cp build/run/bench-error.log "$OUT/bench_serve_error.log" 2>/dev/null

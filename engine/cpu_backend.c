@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "model.h"
+#include "sampling.h"
 
 #define CPU_MIN_PAR_WORK  (1 << 18)   /* multiply-adds worth a thread split;
                                          MOE_CPU_MIN_PAR_WORK overrides
@@ -253,6 +254,10 @@ typedef struct {
     int                  *eoff;        /* (n_experts + 1) */
     float                *vlogits;     /* (vocab_size) logits of a row that
                                            wants only token_out */
+    moe_sampler_t         sampler;     /* token_out rows with .sample */
+    int32_t              *pcounts;     /* (vocab_size) zero but while one
+                                           row's penalty list is applied */
+    uint8_t              *pseen;       /* (vocab_size) likewise */
 
     /* per-step sequence table */
     const moe_seq_batch_t *seqs;
@@ -495,6 +500,36 @@ cpu_free_scratch(cpu_backend_t *b)
     b->xe = b->hg = b->hu = b->ye = NULL;
     b->tseq = b->tpos = b->sel = b->slot_of = b->erow = NULL;
     b->cap = 0;
+}
+
+
+/* A row's drawn token (moe_seq_batch_t.sample): moe_sample_u() over ids
+ * < n_valid with the row's penalty lists spread into the zeroed pcounts /
+ * pseen for the call.  lg is modified (penalties). */
+static int32_t
+cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
+{
+    int      V = b->hp->vocab_size, i, n;
+    float    lp;
+    int32_t  tok;
+
+    n = sq->n_valid > 0 && sq->n_valid < V ? sq->n_valid : V;
+    for (i = 0; i < sq->n_pen; i++) {
+        if (sq->pen_tok[i] >= 0 && sq->pen_tok[i] < V) {
+            b->pcounts[sq->pen_tok[i]] = sq->pen_cnt[i];
+            b->pseen[sq->pen_tok[i]] = sq->pen_seen[i];
+        }
+    }
+    b->sampler.vocab = n;           /* scratch holds V >= n entries */
+    tok = moe_sample_u(&b->sampler, lg, sq->sample, b->pcounts, b->pseen,
+                       sq->u, &lp);
+    for (i = 0; i < sq->n_pen; i++) {
+        if (sq->pen_tok[i] >= 0 && sq->pen_tok[i] < V) {
+            b->pcounts[sq->pen_tok[i]] = 0;
+            b->pseen[sq->pen_tok[i]] = 0;
+        }
+    }
+    return tok;
 }
 
 
@@ -1041,7 +1076,11 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
                  w->final_norm_b);
         cpu_matmul(b, lg, hp->vocab_size, b->xb, 1, w->lm_head,
                    hp->vocab_size, D);
-        if (seqs[s].token_out != NULL) {
+        if (seqs[s].token_out != NULL && seqs[s].sample != NULL
+            && b->base.sample_tokens)
+        {
+            *seqs[s].token_out = cpu_sample_row(b, lg, &seqs[s]);
+        } else if (seqs[s].token_out != NULL) {
             *seqs[s].token_out = cpu_argmax(lg, hp->vocab_size,
                                             seqs[s].n_valid);
         }
@@ -1252,6 +1291,9 @@ cpu_destroy(moe_backend_t *base)
     free(b->eoff);
     free(b->route_last);
     free(b->route_force);
+    moe_sampler_destroy(&b->sampler);
+    free(b->pcounts);
+    free(b->pseen);
     free(b);
 }
 
@@ -1261,6 +1303,7 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     int n_threads, moe_backend_t **out, char *err, size_t errlen)
 {
     const moe_hparams_t *hp;
+    const char          *env;
     cpu_backend_t       *b;
     size_t               kv_floats, per_block;
     long                 ncpu;
@@ -1324,8 +1367,17 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     b->ecount = calloc((size_t) hp->n_experts, sizeof(int));
     b->eoff = calloc((size_t) hp->n_experts + 1, sizeof(int));
     b->pool = cpu_pool_create(n_threads);
+    b->pcounts = calloc((size_t) hp->vocab_size, sizeof(int32_t));
+    b->pseen = calloc((size_t) hp->vocab_size, 1);
+    /* tokens drawn here too (moe_seq_batch_t.sample), as on the GPU;
+     * MOE_CPU_SAMPLE_TOKENS=0 leaves them to the engine's own sampler
+     * (the test of the two paths' equality) */
+    env = getenv("MOE_CPU_SAMPLE_TOKENS");
+    b->base.sample_tokens = env == NULL || atoi(env) != 0;
     if (!b->kv || !b->counts || !b->scores || !b->ecount || !b->eoff
-        || !b->pool || cpu_reserve(b, 256) != MOE_OK)
+        || !b->pool || !b->pcounts || !b->pseen
+        || moe_sampler_init(&b->sampler, hp->vocab_size) != MOE_OK
+        || cpu_reserve(b, 256) != MOE_OK)
     {
         moe_errf(err, errlen, "cpu backend: out of memory for %d KV blocks "
               "(%zu MiB) and scratch", n_blocks,

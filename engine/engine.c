@@ -73,6 +73,12 @@ struct moe_seq {
     int32_t        *counts;        /* (vocab) generated occurrences, or
                                       NULL when no penalty needs them */
     uint8_t        *seen;          /* (vocab) in prompt or output, or NULL */
+    int32_t        *pen_ids;       /* the distinct ids with seen or counts
+                                      set: the penalty list a backend that
+                                      samples gets (moe_seq_batch_t) */
+    int             n_pen, cap_pen;
+    int             pen_lost;      /* 1: pen_ids incomplete (no memory):
+                                      sample on the host */
     uint64_t       *bhash;         /* (cap / block_size + 1) chain hashes of
                                       the full blocks, for prefix caching */
     int             n_published;   /* full blocks offered to the cache */
@@ -120,6 +126,11 @@ struct moe_engine {
     int32_t           *tok_out;    /* (max_num_seqs) greedy ids picked by
                                       the backend (moe_seq_batch_t
                                       token_out) */
+    int32_t           *pen_tok;    /* (cap_pen) the step's penalty lists,
+                                      row after row */
+    int32_t           *pen_cnt;
+    uint8_t           *pen_seen;
+    size_t             cap_pen;
     moe_sampler_t      sampler;
     int                n_sample;   /* ids the sampler may produce */
     int                wake_pending; /* events pushed, worker not woken */
@@ -130,7 +141,7 @@ struct moe_engine {
                        st_busy_ns, st_preemptions, st_running, st_waiting,
                        st_blocks_used, st_blocks_cached, st_cached_tokens,
                        st_swap_outs, st_swap_ins, st_swap_blocks_out,
-                       st_swapped, st_swap_used;
+                       st_swapped, st_swap_used, st_backend_sampled;
     _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
     size_t             n_expert_counts;
 };
@@ -146,6 +157,34 @@ moe_now_ns(void)
 }
 
 
+/* Note that tok is about to get seen / counts set: list it if it has
+ * neither yet (the list stays the set of ids with either). */
+static void
+moe_seq_pen_note(moe_seq_t *s, int32_t tok)
+{
+    int32_t *p;
+    int      cap;
+
+    if ((s->seen == NULL && s->counts == NULL) || s->pen_lost
+        || (s->seen != NULL && s->seen[tok])
+        || (s->counts != NULL && s->counts[tok] > 0))
+    {
+        return;
+    }
+    if (s->n_pen == s->cap_pen) {
+        cap = s->cap_pen ? 2 * s->cap_pen : 64;
+        p = realloc(s->pen_ids, sizeof(int32_t) * (size_t) cap);
+        if (p == NULL) {
+            s->pen_lost = 1;
+            return;
+        }
+        s->pen_ids = p;
+        s->cap_pen = cap;
+    }
+    s->pen_ids[s->n_pen++] = tok;
+}
+
+
 static void
 moe_seq_free(moe_seq_t *s)
 {
@@ -156,6 +195,7 @@ moe_seq_free(moe_seq_t *s)
     free(s->blocks);
     free(s->counts);
     free(s->seen);
+    free(s->pen_ids);
     free(s->bhash);
     free(s->slots);
     free(s);
@@ -416,6 +456,7 @@ moe_seq_create(moe_engine_t *e, moe_msg_t *m)
             return NULL;
         }
         for (i = 0; i < s->n_prompt; i++) {
+            moe_seq_pen_note(s, s->tokens[i]);
             s->seen[s->tokens[i]] = 1;
         }
     }
@@ -590,6 +631,41 @@ moe_swap_in_seq(moe_engine_t *e, moe_seq_t *s, int chunk, int *resumed)
 }
 
 
+/* Room for n more penalty-list entries in the step's lists. */
+static int
+moe_pen_reserve(moe_engine_t *e, size_t need)
+{
+    size_t    cap;
+    int32_t  *t, *c;
+    uint8_t  *v;
+
+    if (need <= e->cap_pen) {
+        return MOE_OK;
+    }
+    cap = e->cap_pen ? e->cap_pen : 1024;
+    while (cap < need) {
+        cap *= 2;
+    }
+    t = realloc(e->pen_tok, sizeof(int32_t) * cap);
+    if (t != NULL) {
+        e->pen_tok = t;
+    }
+    c = realloc(e->pen_cnt, sizeof(int32_t) * cap);
+    if (c != NULL) {
+        e->pen_cnt = c;
+    }
+    v = realloc(e->pen_seen, cap);
+    if (v != NULL) {
+        e->pen_seen = v;
+    }
+    if (t == NULL || c == NULL || v == NULL) {
+        return MOE_ENOMEM;
+    }
+    e->cap_pen = cap;
+    return MOE_OK;
+}
+
+
 /* 1: s's next token is the plain argmax of its logits (what moe_sample()
  * does for it: greedy, no penalty that applies, no logprobs), so the
  * backend may pick it (token_out). */
@@ -603,6 +679,73 @@ moe_seq_greedy(const moe_seq_t *s)
            && (s->counts == NULL
                || (sp->frequency_penalty == 0.0f
                    && sp->presence_penalty == 0.0f));
+}
+
+
+/*
+ * Decide each step row's output: rows that end their sequence's known
+ * tokens get token_out (greedy: the backend's argmax; otherwise, with a
+ * backend that samples, the draw with the sequence's parameters: its RNG
+ * gives u here exactly when moe_sample() would draw, so the stream of a
+ * seeded request is the same either way) or logits for moe_sample() on
+ * the host (logprobs, or a backend that only does argmax).
+ */
+static void
+moe_step_outputs(moe_engine_t *e, int n)
+{
+    moe_seq_batch_t *b;
+    moe_seq_t       *s;
+    size_t           used = 0;
+    int              i, k;
+
+    for (i = 0; i < n; i++) {
+        s = e->batch_seq[i];
+        b = &e->batch[i];
+        b->logits = NULL;
+        b->token_out = NULL;
+        b->sample = NULL;
+        b->n_pen = 0;
+        b->n_valid = e->n_sample;
+        if (s->n_computed + b->n_tokens != s->n_tokens) {
+            continue;
+        }
+        if (moe_seq_greedy(s)) {
+            b->token_out = e->tok_out + i;
+            continue;
+        }
+        if (!e->backend->sample_tokens || s->sp.logprobs || s->pen_lost
+            || moe_pen_reserve(e, used + (size_t) s->n_pen) != MOE_OK)
+        {
+            b->logits = e->logits + (size_t) i * e->info.vocab_size;
+            continue;
+        }
+        b->token_out = e->tok_out + i;
+        b->sample = &s->sp;
+        b->u = s->sp.temperature < 1e-5f ? 0.0f : moe_rng_uniform(&s->rng);
+        for (k = 0; k < s->n_pen; k++) {
+            int32_t t = s->pen_ids[k];
+
+            e->pen_tok[used + k] = t;
+            e->pen_cnt[used + k] = s->counts != NULL ? s->counts[t] : 0;
+            e->pen_seen[used + k] = s->seen != NULL ? s->seen[t] : 0;
+        }
+        b->n_pen = s->n_pen;
+        used += (size_t) s->n_pen;
+    }
+    /* pointers last: the lists may have moved while they grew */
+    used = 0;
+    for (i = 0; i < n; i++) {
+        b = &e->batch[i];
+        if (b->n_pen == 0) {
+            b->pen_tok = b->pen_cnt = NULL;
+            b->pen_seen = NULL;
+            continue;
+        }
+        b->pen_tok = e->pen_tok + used;
+        b->pen_cnt = e->pen_cnt + used;
+        b->pen_seen = e->pen_seen + used;
+        used += (size_t) b->n_pen;
+    }
 }
 
 
@@ -770,21 +913,9 @@ moe_step(moe_engine_t *e)
 
     /* the last prompt / generated token's output: greedy sequences
      * without penalties or logprobs take the backend's argmax (no logits
-     * copy, no host scan), the others logits for moe_sample() */
-    for (i = 0; i < n; i++) {
-        s = e->batch_seq[i];
-        e->batch[i].logits = NULL;
-        e->batch[i].token_out = NULL;
-        e->batch[i].n_valid = e->n_sample;
-        if (s->n_computed + e->batch[i].n_tokens != s->n_tokens) {
-            continue;
-        }
-        if (moe_seq_greedy(s)) {
-            e->batch[i].token_out = e->tok_out + i;
-        } else {
-            e->batch[i].logits = e->logits + (size_t) i * e->info.vocab_size;
-        }
-    }
+     * copy, no host scan); with a backend that samples, the others
+     * without logprobs too; the rest logits for moe_sample() */
+    moe_step_outputs(e, n);
 
     /* 3. forward */
     t0 = moe_now_ns();
@@ -834,6 +965,10 @@ moe_step(moe_engine_t *e)
         if (e->batch[i].token_out != NULL) {
             tok = e->tok_out[i];
             lp = 0.0f;
+            if (e->batch[i].sample != NULL) {
+                atomic_fetch_add_explicit(&e->st_backend_sampled, 1,
+                                          memory_order_relaxed);
+            }
         } else if (e->batch[i].logits != NULL) {
             tok = moe_sample(&e->sampler, e->batch[i].logits, &s->sp,
                              s->counts, s->seen, &s->rng, &lp);
@@ -873,6 +1008,7 @@ moe_step(moe_engine_t *e)
             ev.logprob = lp;
             moe_emit(e, &ev);
 
+            moe_seq_pen_note(s, tok);
             if (s->counts) s->counts[tok]++;
             if (s->seen) s->seen[tok] = 1;
 
@@ -1502,6 +1638,9 @@ moe_engine_destroy(moe_engine_t *e)
     free(e->batch_seq);
     free(e->logits);
     free(e->tok_out);
+    free(e->pen_tok);
+    free(e->pen_cnt);
+    free(e->pen_seen);
     free(e->overflow);
     free((void *) e->expert_counts);
     free(e->chat_template);
@@ -1659,6 +1798,7 @@ moe_engine_stats(const moe_engine_t *e, moe_stats_t *o)
     o->seqs_swapped = atomic_load(&m->st_swapped);
     o->swap_slots_total = e->slots.n_total;
     o->swap_slots_used = atomic_load(&m->st_swap_used);
+    o->backend_sampled_tokens = atomic_load(&m->st_backend_sampled);
 }
 
 

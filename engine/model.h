@@ -270,6 +270,19 @@ typedef struct {
                                      NULL */
     int            n_valid;       /* token_out considers ids < n_valid;
                                      <= 0: all vocab_size */
+    /* With token_out and a backend that has sample_tokens: draw the
+     * token by these parameters, exactly moe_sample_u() (sampling.h) with
+     * this u over ids < n_valid, instead of the argmax.  The penalty
+     * lists give, for n_pen distinct ids, the generated count (pen_cnt,
+     * frequency/presence penalties) and whether the id is in the prompt
+     * or output (pen_seen, repetition penalty); ids not listed have
+     * neither.  sample NULL: greedy (the argmax above). */
+    const moe_sampling_t *sample;
+    float          u;
+    const int32_t *pen_tok;
+    const int32_t *pen_cnt;
+    const uint8_t *pen_seen;
+    int            n_pen;
 } moe_seq_batch_t;
 
 /*
@@ -289,6 +302,9 @@ typedef struct moe_backend moe_backend_t;
 struct moe_backend {
     const char *name;             /* "cpu" | "cuda" */
     int64_t     kv_bytes_per_block;
+    /* 1: forward() honours moe_seq_batch_t.sample (draws tokens itself,
+     * no logits copy); 0: only greedy token_out */
+    int         sample_tokens;
     /* run one step over n sequences; MOE_OK or a status */
     int  (*forward)(moe_backend_t *b, const moe_seq_batch_t *seqs, int n);
     /* per-expert token counts (n_layers * n_experts), may be NULL */

@@ -5,6 +5,22 @@
  * positive logits, multiply negative ones), frequency and presence
  * penalties (OpenAI semantics, on generated tokens), then greedy when
  * temperature is 0, else temperature, top-k, top-p, min-p and a draw.
+ *
+ * Exactly (the device sampler, kernels/sample.cu, computes the same):
+ *   greedy (temperature < 1e-5): the first maximum (lowest id on ties);
+ *   weights w_i = expf((l_i - max) / T) in float (the best one is 1);
+ *   order: logit descending, ties by ascending id (a total order);
+ *   top-k: the first k tokens of that order (exactly k);
+ *   top-p: the shortest prefix of that order (within top-k) whose running
+ *          sum of w reaches top_p * sum(w); none reaches it: all of them;
+ *   min-p: keep w >= min_p;
+ *   draw:  u' = u * sum of the kept weights; walking the kept tokens in
+ *          ASCENDING ID order (not the logit order), the first whose
+ *          running sum of weights exceeds u'; none (rounding): the largest
+ *          kept id.  An id-order draw is a prefix sum on the device.
+ * Sums and running sums are in double, so the host is an accurate
+ * reference (a float running sum over 150k tokens drifts by up to ~1e-3).
+ * Greedy consumes no random number; otherwise one uniform per token.
  */
 
 #include <math.h>
@@ -138,7 +154,10 @@ moe_lse(const float *x, int V)
 
 /* Keep the k largest logits' ids in ix[0..k) in descending order (ties:
  * lower id first) with a bounded insertion pass: O(V k) worst case but
- * O(V) in practice, no full sort. */
+ * O(V) in practice for small k, no full sort.  Larger k (the insertions
+ * then cost O(k^2 log(V/k))): a full sort instead. */
+#define MOE_TOP_K_INSERT  256
+
 static int
 moe_top_k(const float *l, int V, int k, int32_t *ix)
 {
@@ -159,13 +178,22 @@ moe_top_k(const float *l, int V, int k, int32_t *ix)
 }
 
 
-int32_t
-moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
-    const int32_t *counts, const uint8_t *seen, moe_rng_t *rng,
-    float *logprob)
+static int
+moe_cmp_id(const void *a, const void *b)
 {
-    int      V = s->vocab, i, n, best;
-    float    mx, sum, cum, u, lse = 0.0f;
+    int32_t  ia = *(const int32_t *) a, ib = *(const int32_t *) b;
+
+    return ia < ib ? -1 : (ia > ib);
+}
+
+
+int32_t
+moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
+    const int32_t *counts, const uint8_t *seen, float u, float *logprob)
+{
+    int      V = s->vocab, i, n, best, sorted;
+    float    mx, lse = 0.0f;
+    double   sum, cum, thr;
     float   *p = s->probs;
     int32_t *ix = s->idx;
     int      want_lp = sp->logprobs;
@@ -213,21 +241,25 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
 
     /* candidates in descending logit order: all of them only when top-p
      * needs the order; top-k alone needs k; plain temperature and min-p
-     * need no order at all */
-    if (sp->top_k > 0 && sp->top_k < V) {
+     * need no order at all (ix is then in id order already) */
+    sorted = 1;
+    if (sp->top_k > 0 && sp->top_k < V && sp->top_k <= MOE_TOP_K_INSERT) {
         n = moe_top_k(logits, V, sp->top_k, ix);
-    } else if (sp->top_p < 1.0f) {
+    } else if ((sp->top_k > 0 && sp->top_k < V) || sp->top_p < 1.0f) {
+        /* a full sort: top-p, or a k too large for the insertion pass
+         * (the same order, then the first k) */
         for (i = 0; i < V; i++) {
             ix[i] = i;
         }
         moe_sort_keys = logits;
         qsort(ix, (size_t) V, sizeof(int32_t), moe_cmp_desc);
-        n = V;
+        n = sp->top_k > 0 && sp->top_k < V ? sp->top_k : V;
     } else {
         for (i = 0; i < V; i++) {
             ix[i] = i;
         }
         n = V;
+        sorted = 0;
     }
 
     mx = logits[ix[0]];
@@ -237,7 +269,7 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
         }
     }
 
-    sum = 0.0f;
+    sum = 0.0;
     for (i = 0; i < n; i++) {
         float e = expf((logits[ix[i]] - mx) / sp->temperature);
         p[ix[i]] = e;
@@ -245,11 +277,13 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     }
 
     if (sp->top_p < 1.0f) {
-        /* ix is sorted here (qsort or top-k order) */
-        cum = 0.0f;
+        /* ix is sorted here (qsort or top-k order): the shortest prefix
+         * whose mass reaches top_p of the candidates' */
+        thr = (double) sp->top_p * sum;
+        cum = 0.0;
         for (i = 0; i < n; i++) {
-            cum += p[ix[i]] / sum;
-            if (cum >= sp->top_p) {
+            cum += p[ix[i]];
+            if (cum >= thr) {
                 n = i + 1;
                 break;
             }
@@ -258,28 +292,47 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
 
     if (sp->min_p > 0.0f) {
         /* exp((max - max) / T) == 1: the best candidate's weight */
-        float  thr = sp->min_p;
+        float  thr_p = sp->min_p;
         int    m = 0;
 
         for (i = 0; i < n; i++) {
-            if (p[ix[i]] >= thr) {
+            if (p[ix[i]] >= thr_p) {
                 ix[m++] = ix[i];
             }
         }
         n = m;
     }
 
-    sum = 0.0f;
+    if (n == 0) {
+        /* only min_p > 1 removes the best token: take it */
+        best = 0;
+        for (i = 1; i < V; i++) {
+            if (logits[i] > logits[best]) {
+                best = i;
+            }
+        }
+        if (want_lp) {
+            *logprob = s->raw[best] - lse;
+        }
+        return best;
+    }
+
+    /* the draw walks the kept ids in ascending order */
+    if (sorted) {
+        qsort(ix, (size_t) n, sizeof(int32_t), moe_cmp_id);
+    }
+
+    sum = 0.0;
     for (i = 0; i < n; i++) {
         sum += p[ix[i]];
     }
 
-    u = moe_rng_uniform(rng) * sum;
-    cum = 0.0f;
+    thr = (double) u * sum;
+    cum = 0.0;
     best = ix[n - 1];
     for (i = 0; i < n; i++) {
         cum += p[ix[i]];
-        if (u < cum) {
+        if (thr < cum) {
             best = ix[i];
             break;
         }
@@ -289,4 +342,19 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
         *logprob = s->raw[best] - lse;
     }
     return best;
+}
+
+
+int32_t
+moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
+    const int32_t *counts, const uint8_t *seen, moe_rng_t *rng,
+    float *logprob)
+{
+    float  u = 0.0f;
+
+    /* greedy draws nothing: the stream stays where it was */
+    if (!(sp->temperature < 1e-5f)) {
+        u = moe_rng_uniform(rng);
+    }
+    return moe_sample_u(s, logits, sp, counts, seen, u, logprob);
 }

@@ -36,10 +36,20 @@ void moe_sampler_destroy(moe_sampler_t *s);
  * text (may be NULL when no penalty needs it); seen: 1 for tokens in
  * prompt or output (for repetition_penalty; may be NULL).  Returns the id;
  * *logprob receives log p(id) under the unpenalised, untempered
- * distribution.
+ * distribution.  Draws one moe_rng_uniform() from rng unless greedy
+ * (temperature < 1e-5), then does moe_sample_u() with it.
  */
 int32_t moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     const int32_t *counts, const uint8_t *seen, moe_rng_t *rng,
     float *logprob);
+
+/*
+ * The same with the uniform u in [0, 1) given (unused when greedy): the
+ * exact semantics are at the top of sampling.c; the draw walks the kept
+ * tokens in ascending id order.  The reference of the device sampler.
+ */
+int32_t moe_sample_u(moe_sampler_t *s, float *logits,
+    const moe_sampling_t *sp, const int32_t *counts, const uint8_t *seen,
+    float u, float *logprob);
 
 #endif /* MOE_SAMPLING_H */

@@ -3,7 +3,8 @@
 # variables NVCC, NVCCFLAGS, BUILD, CUDA_HOME and KERNELS_A are set.
 #
 #   make gpu     build/libmoe_kernels.a + build/gpu/test_kernels,
-#                build/gpu/test_backend, build/gpu/bench_engine
+#                build/gpu/test_backend, build/gpu/test_sample,
+#                build/gpu/bench_engine
 #
 # cuda_backend.cu includes engine/model.h, so every kernel object gets
 # -Iengine (see the pattern rule override below).
@@ -15,7 +16,7 @@ GPU_NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
                  -Xcompiler -Wall,-Wextra,-Werror \
                  -Ikernels -Iengine/include -Iengine -It/unit -It/gpu
 GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
-                $(BUILD)/gpu/bench_engine
+                $(BUILD)/gpu/test_sample $(BUILD)/gpu/bench_engine
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)

@@ -56,6 +56,7 @@
 #include "cuda_backend.h"
 #include "arch.h"
 #include "argmax.h"
+#include "sample.h"
 #include "attention.h"
 #include "embed.h"
 #include "gemm.h"
@@ -174,6 +175,12 @@ typedef struct {
     int32_t        *h_counts;      /* (E + 1) pinned: expert offsets */
     float          *h_logits;      /* (CB_LOGIT_ROWS, vocab) pinned */
     int32_t        *h_tokout;      /* (CB_LOGIT_ROWS) pinned greedy ids */
+    /* device sampling (moe_seq_batch_t.sample): per-row parameters and
+     * the rows' penalty lists, pinned host + device, grown on demand */
+    moe_cuda_sample_param_t *h_sp, *d_sp;   /* (CB_LOGIT_ROWS) */
+    int32_t        *h_pen, *d_pen; /* ids (pen_cap) | counts (pen_cap) |
+                                      seen bytes (pen_cap) */
+    size_t          pen_cap;
     int            *out_seq;       /* (cap) sequence of each logits row */
     int64_t        *expert_counts; /* (L, E) */
     int             last_T;        /* tokens of the last step */
@@ -608,6 +615,10 @@ cb_destroy(moe_backend_t *base)
     (void) cudaFreeHost(b->h_counts);
     (void) cudaFreeHost(b->h_logits);
     (void) cudaFreeHost(b->h_tokout);
+    (void) cudaFreeHost(b->h_sp);
+    (void) cudaFree(b->d_sp);
+    (void) cudaFreeHost(b->h_pen);
+    (void) cudaFree(b->d_pen);
     if (b->stream != NULL) {
         (void) cudaStreamDestroy(b->stream);
     }
@@ -1213,6 +1224,12 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     CB_CUDA(cudaMallocHost(&b->h_logits, (size_t) CB_LOGIT_ROWS
                                          * hp->vocab_size * sizeof(float)),
             "pinned logits");
+    CB_CUDA(cudaMallocHost(&b->h_sp, (size_t) CB_LOGIT_ROWS
+                           * sizeof(moe_cuda_sample_param_t)),
+            "pinned sampling parameters");
+    CB_CUDA(cudaMalloc(&b->d_sp, (size_t) CB_LOGIT_ROWS
+                       * sizeof(moe_cuda_sample_param_t)),
+            "sampling parameters");
     CB_CUDA(cudaMallocHost(&b->h_tokout, (size_t) CB_LOGIT_ROWS
                                          * sizeof(int32_t)),
             "pinned greedy ids");
@@ -1289,6 +1306,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     b->base.forward = cb_forward;
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;
+    b->base.sample_tokens = 1;          /* moe_cuda_sample_rows */
     {
         const char *ev = getenv("MOE_CUDA_GRAPHS");
         const char *gv = getenv("MOE_CUDA_GEMV_MAX_T");
@@ -1804,6 +1822,114 @@ cb_body_graph(cuda_backend_t *b, int T, int n_out)
 }
 
 
+/* Room for n penalty-list entries (pinned + device); only between steps
+ * (nothing queued uses the buffers then). */
+static int
+cb_pen_reserve(cuda_backend_t *b, size_t n)
+{
+    size_t cap = b->pen_cap ? b->pen_cap : 4096;
+    size_t bytes;
+
+    if (n <= b->pen_cap) {
+        return MOE_OK;
+    }
+    while (cap < n) {
+        cap *= 2;
+    }
+    bytes = cap * (2 * sizeof(int32_t) + 1);
+    (void) cudaFreeHost(b->h_pen);
+    (void) cudaFree(b->d_pen);
+    b->h_pen = NULL;
+    b->d_pen = NULL;
+    b->pen_cap = 0;
+    MOE_CUDA_CHECK(cudaMallocHost(&b->h_pen, bytes));
+    MOE_CUDA_CHECK(cudaMalloc(&b->d_pen, bytes));
+    b->pen_cap = cap;
+    return MOE_OK;
+}
+
+
+/*
+ * Rows c0 .. c0 + nc of the step's outputs (logits in b->logits): when
+ * any asks for a drawn token (sample), upload every row's parameters
+ * (greedy rows: temperature 0, no penalty: the argmax again) and penalty
+ * lists and overwrite d_tokout with moe_cuda_sample_rows.  Queued on the
+ * stream before the ids' copy back.
+ */
+static int
+cb_sample(cuda_backend_t *b, const moe_seq_batch_t *seqs, int c0, int nc)
+{
+    size_t  npen = 0, o = 0;
+    int     i, any = 0, V = b->hp.vocab_size;
+
+    for (i = 0; i < nc; i++) {
+        const moe_seq_batch_t *sq = &seqs[b->out_seq[c0 + i]];
+
+        if (sq->token_out != NULL && sq->sample != NULL) {
+            any = 1;
+            npen += (size_t) (sq->n_pen > 0 ? sq->n_pen : 0);
+        }
+    }
+    if (!any) {
+        return MOE_OK;
+    }
+    if (npen > 0) {
+        MOE_TRY(cb_pen_reserve(b, npen));
+    }
+    for (i = 0; i < nc; i++) {
+        const moe_seq_batch_t   *sq = &seqs[b->out_seq[c0 + i]];
+        moe_cuda_sample_param_t *p = &b->h_sp[i];
+        const moe_sampling_t    *sp = sq->token_out != NULL ? sq->sample
+                                                            : NULL;
+
+        memset(p, 0, sizeof(*p));
+        p->top_p = 1.0f;
+        p->repetition_penalty = 1.0f;
+        p->n_valid = sq->n_valid;
+        if (sp == NULL) {
+            continue;                   /* greedy: temperature 0 */
+        }
+        p->temperature = sp->temperature;
+        p->top_p = sp->top_p;
+        p->min_p = sp->min_p;
+        p->top_k = sp->top_k;
+        p->repetition_penalty = sp->repetition_penalty;
+        p->frequency_penalty = sp->frequency_penalty;
+        p->presence_penalty = sp->presence_penalty;
+        p->u = sq->u;
+        p->pen_off = (int32_t) o;
+        p->pen_n = sq->n_pen > 0 ? sq->n_pen : 0;
+        if (p->pen_n > 0) {
+            memcpy(b->h_pen + o, sq->pen_tok, sizeof(int32_t) * p->pen_n);
+            memcpy(b->h_pen + b->pen_cap + o, sq->pen_cnt,
+                   sizeof(int32_t) * p->pen_n);
+            memcpy((uint8_t *) (b->h_pen + 2 * b->pen_cap) + o, sq->pen_seen,
+                   (size_t) p->pen_n);
+            o += (size_t) p->pen_n;
+        }
+    }
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_sp, b->h_sp, sizeof(*b->h_sp)
+                                   * (size_t) nc, cudaMemcpyHostToDevice,
+                                   b->stream));
+    for (i = 0; o > 0 && i < 3; i++) {
+        /* ids, counts, seen bytes: the used part of each region */
+        size_t off = (size_t) i * b->pen_cap * sizeof(int32_t);
+
+        MOE_CUDA_CHECK(cudaMemcpyAsync((char *) b->d_pen + off,
+                                       (char *) b->h_pen + off,
+                                       o * (i < 2 ? sizeof(int32_t) : 1),
+                                       cudaMemcpyHostToDevice, b->stream));
+    }
+    return moe_cuda_sample_rows(b->logits, V, nc, V, b->d_sp,
+                                o > 0 ? b->d_pen : NULL,
+                                o > 0 ? b->d_pen + b->pen_cap : NULL,
+                                o > 0 ? (const uint8_t *) (b->d_pen
+                                                           + 2 * b->pen_cap)
+                                      : NULL,
+                                b->d_tokout, b->stream);
+}
+
+
 /* The step after validation and staging; T tokens, n_out logits rows. */
 static int
 cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
@@ -1855,6 +1981,7 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
                                          hp->vocab_size, d_nvalid + c0,
                                          b->d_tokout, s));
         }
+        MOE_TRY(cb_sample(b, seqs, c0, nc));
         /* the ids (one small copy), then the logits of runs of rows that
          * asked for them; token-only rows cost no vocab-wide copy */
         MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_tokout, b->d_tokout,

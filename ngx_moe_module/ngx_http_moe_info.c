@@ -337,7 +337,7 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
         }
     }
 
-    size = 24 * (256 + model.len);
+    size = 26 * (256 + model.len);     /* 19 metrics of <= 256 + name */
 
     start = ngx_pnalloc(r->pool, size);
     if (start == NULL) {
@@ -380,6 +380,10 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
     p = ngx_http_moe_metric(p, last, "swap_slots_used", "gauge",
                             "Host swap slots holding KV blocks.", &model,
                             st.swap_slots_used);
+    p = ngx_http_moe_metric(p, last, "backend_sampled_tokens_total",
+                            "counter", "Tokens of non-greedy requests drawn "
+                            "by the backend (on the GPU for cuda).", &model,
+                            st.backend_sampled_tokens);
     p = ngx_http_moe_metric(p, last, "num_requests_running", "gauge",
                             "Sequences running.", &model, st.seqs_running);
     p = ngx_http_moe_metric(p, last, "num_requests_waiting", "gauge",

@@ -7,8 +7,8 @@
 #                                  (default: all four shapes)
 #
 # Logs go to $OUT (default ./gpu-out): nvidia-smi.log, test_kernels.log,
-# test_backend.log, test_backend_eager.log (graphs off, cuBLAS experts for
-# steps > 4 tokens), bench_engine.log,
+# test_sample.log, test_backend.log, test_backend_eager.log (graphs off,
+# cuBLAS experts for steps > 4 tokens), bench_engine.log,
 # bench_nograph.log (mixtral, graphs off), bench_nopipe.log (one-stage
 # GEMV), bench_attv4.log (v4 attention), bench_atttc0.log (v4 prefill
 # attention), sanitizer.log; a summary table
@@ -42,11 +42,12 @@ step() {    # step NAME TIMEOUT CMD...
 }
 
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
-for b in test_kernels test_backend bench_engine; do
+for b in test_kernels test_sample test_backend bench_engine; do
     [ -x build/gpu/$b ] || { echo "build/gpu/$b missing: run make gpu"; exit 2; }
 done
 
 step test_kernels 180 build/gpu/test_kernels
+step test_sample 120 build/gpu/test_sample
 step test_backend 120 build/gpu/test_backend
 # eager, and MoE steps of > 4 tokens (the prefill chunks) on the per-expert
 # cuBLAS path with its host sync: both expert paths are checked

@@ -352,6 +352,9 @@ typedef struct {
     int64_t  seqs_swapped;         /* sequences in host memory now */
     int64_t  swap_slots_total;     /* host swap pool, in blocks; 0: off */
     int64_t  swap_slots_used;
+    /* tokens of non-greedy requests drawn by the backend (on the GPU for
+     * cuda) rather than by the host sampler over copied logits */
+    int64_t  backend_sampled_tokens;
 } moe_stats_t;
 
 /*

@@ -36,6 +36,11 @@
  *    1.4 sigma, so 6 sigma is ~4 standard deviations; a fixed 0.05 failed
  *    on llama-mha once the GEMV summation order changed: margin 0.058,
  *    sigma ~0.016);
+ *  - device sampling: every third row with logits also has its token
+ *    drawn on the GPU (moe_seq_batch_t.sample, T 0.8 + top-k/p + min-p,
+ *    random u); it equals moe_sample_u on the copied CUDA logits with the
+ *    same u, except where moving u or top-p by 1e-4 changes the host's
+ *    pick (boundary; at most 10% of the drawn rows);
  *  - device greedy (token_out): every CUDA row also asks for its token;
  *    where logits are asked too it equals the first maximum of those CUDA
  *    logits below the row's n_valid (0, or random on every other row);
@@ -67,6 +72,7 @@
 
 extern "C" {
 #include "model.h"
+#include "sampling.h"
 #include "tap.h"
 }
 #include "cuda_backend.h"
@@ -167,7 +173,36 @@ typedef struct {
     int32_t gtok;               /* cuda token_out */
     int     nv;                 /* its n_valid */
     int     tok_only;           /* 1: cuda asked for the token only */
+    int     sampled;            /* 1: token drawn on the device (sample) */
+    float   u;                  /* its uniform */
 } out_row_t;
+
+
+/* Device-drawn rows' parameters (no penalties: the copied logits stay the
+ * model's, so the host can redo the draw on them). */
+static moe_sampling_t  samp;
+
+
+/* moe_sample_u over the first nv of the V logits in l with u scaled by
+ * fu and top-p by fp (the boundary test). */
+static int32_t
+host_draw(const float *l, int V, int nv, float u, float fu, float fp)
+{
+    moe_sampler_t  sm;
+    moe_sampling_t sp = samp;
+    float         *c = (float *) malloc(sizeof(float) * (size_t) V), lp;
+    int32_t        t = -1;
+
+    if (c != NULL && moe_sampler_init(&sm, nv) == MOE_OK) {
+        memcpy(c, l, sizeof(float) * (size_t) V);
+        sp.top_p = fminf(1.0f, sp.top_p * fp);
+        t = moe_sample_u(&sm, c, &sp, NULL, NULL, fminf(u * fu, 0.99999994f),
+                         &lp);
+        moe_sampler_destroy(&sm);
+    }
+    free(c);
+    return t;
+}
 
 
 static void
@@ -274,10 +309,17 @@ test_model(const char *dir)
                 }
                 sb[n].token_out = &out[n_out].gtok;
                 sb[n].n_valid = out[n_out].nv;
+                out[n_out].sampled = !out[n_out].tok_only && n_out % 3 == 2;
+                if (out[n_out].sampled) {
+                    out[n_out].u = (float) (gu_rand() >> 8) / 16777216.0f;
+                    sb[n].sample = &samp;
+                    sb[n].u = out[n_out].u;
+                }
                 sc[n] = sb[n];
                 sc[n].logits = out[n_out].cpu;
                 sc[n].token_out = NULL;
                 sc[n].n_valid = 0;
+                sc[n].sample = NULL;
                 n_out++;
                 done[q] += c;
                 T += c;
@@ -334,6 +376,7 @@ test_model(const char *dir)
         double worst = 0, sigma = 0;
         int    worst_at = -1, checked = 0, disagree = 0;
         int    tok_bad = 0, tok_rows = 0, tok_only = 0, tok_only_bad = 0;
+        int    n_sampled = 0, n_boundary = 0;
         float  margin_min;
 
         for (int r = 0; ok_fw && r < n_out; r++) {
@@ -375,6 +418,24 @@ test_model(const char *dir)
             int    want = argmax(out[r].gpu, nvr, NULL);
 
             tok_rows++;
+            if (out[r].sampled) {
+                /* the host's draw on the same (cuda) logits with the same
+                 * u; skipped when u or top-p moved by 1e-4 changes it */
+                want = host_draw(out[r].gpu, V, nvr, out[r].u, 1, 1);
+                n_sampled++;
+                if (want != host_draw(out[r].gpu, V, nvr, out[r].u, 1.0001f,
+                                      1)
+                    || want != host_draw(out[r].gpu, V, nvr, out[r].u,
+                                         0.9999f, 1)
+                    || want != host_draw(out[r].gpu, V, nvr, out[r].u, 1,
+                                         1.0001f)
+                    || want != host_draw(out[r].gpu, V, nvr, out[r].u, 1,
+                                         0.9999f))
+                {
+                    n_boundary++;
+                    want = out[r].gtok;
+                }
+            }
             if (out[r].gtok != want) {
                 TAP_DIAG("seq %d pos %d: token_out %d, first max of the cuda "
                          "logits below %d is %d", out[r].q, out[r].pos,
@@ -409,9 +470,13 @@ test_model(const char *dir)
                "> %.3f = max(%.2f, 6 x rms diff %.4f) (%d positions checked, "
                "%d disagree)", name, margin_min, MARGIN, sigma, checked,
                disagree);
-        TAP_OK(ok_fw && tok_rows > 0 && tok_bad == 0, "%s: cuda token_out == "
-               "argmax of the same step's cuda logits below n_valid (%d "
-               "rows, %d differ)", name, tok_rows, tok_bad);
+        TAP_OK(ok_fw && tok_rows > 0 && tok_bad == 0 && n_sampled > 0
+               && n_boundary * 10 <= n_sampled, "%s: cuda token_out == "
+               "argmax of the same step's cuda logits below n_valid, or for "
+               "device-drawn rows (T 0.8, top-k 40, top-p 0.95, min-p 0.01) "
+               "the host moe_sample_u on them with the same u (%d rows, %d "
+               "drawn, %d at a boundary, %d differ)", name, tok_rows,
+               n_sampled, n_boundary, tok_bad);
         TAP_OK(ok_fw && tok_only > 0 && tok_only_bad == 0, "%s: token-only "
                "cuda rows (no logits) == cpu top-1 where margin > %.2f (%d "
                "rows, %d differ)", name, MARGIN, tok_only, tok_only_bad);
@@ -690,6 +755,11 @@ main(void)
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
     }
+    moe_sampling_defaults(&samp);
+    samp.temperature = 0.8f;
+    samp.top_k = 40;
+    samp.top_p = 0.95f;
+    samp.min_p = 0.01f;
     if (env != NULL && *env != '\0') {
         seed = strtoull(env, NULL, 0);
     } else {

@@ -9,7 +9,9 @@
  * bad submissions are refused.  Greedy requests take the backend's argmax
  * (token_out): their tokens equal moe_sample()'s greedy pick over CPU
  * backend logits run by hand, and equal the engine's own host-sampling
- * path (logprobs on forces logits + moe_sample()).
+ * path (logprobs on forces logits + moe_sample()).  Non-greedy requests
+ * drawn by the backend (moe_seq_batch_t.sample) give the same seeded
+ * streams as the engine's host sampler, penalties included.
  */
 
 #include <limits.h>
@@ -220,7 +222,7 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(20);
+    TAP_PLAN(23);
 
     e = make_engine(0, 16, 0);
     if (e == NULL) {
@@ -485,6 +487,73 @@ main(int argc, char **argv)
                == MOE_EUNSUPPORTED && strstr(err, "cuda") != NULL,
                "load_format dummy on the cpu backend is refused (%s)", err);
         moe_engine_destroy(d);
+    }
+
+    /* sampling in the backend (moe_seq_batch_t.sample, what the GPU
+     * does) against the engine's host sampler over copied logits
+     * (MOE_CPU_SAMPLE_TOKENS=0): the same seeded streams for 12
+     * concurrent requests, with truncation and with every penalty (the
+     * backend gets the sequences' penalty lists), and the backend really
+     * drew them (backend_sampled_tokens) */
+    {
+        static const char *what[3] = {
+            "temperature 0.9, top-k 20, top-p 0.9, min-p 0.02",
+            "temperature 0.8, repetition 1.3, frequency 0.5, presence 0.3",
+            "greedy with repetition penalty 1.5 and presence 0.4"
+        };
+        result_t  ra[NREQ], rb[NREQ];
+        int64_t   na = -1, nb = -1, gen;
+
+        for (int k = 0; k < 3; k++) {
+            moe_sampling_defaults(&sp);
+            sp.max_tokens = 24;
+            sp.seed = 1234 + (uint64_t) k;
+            sp.has_seed = 1;
+            if (k == 0) {
+                sp.temperature = 0.9f;
+                sp.top_k = 20;
+                sp.top_p = 0.9f;
+                sp.min_p = 0.02f;
+            } else if (k == 1) {
+                sp.temperature = 0.8f;
+                sp.repetition_penalty = 1.3f;
+                sp.frequency_penalty = 0.5f;
+                sp.presence_penalty = 0.3f;
+            } else {
+                sp.temperature = 0.0f;
+                sp.repetition_penalty = 1.5f;
+                sp.presence_penalty = 0.4f;
+            }
+            for (int pass = 0; pass < 2; pass++) {
+                result_t *r = pass == 0 ? ra : rb;
+
+                if (pass == 1) {
+                    setenv("MOE_CPU_SAMPLE_TOKENS", "0", 1);
+                }
+                e = make_engine(0, 16, 0);
+                unsetenv("MOE_CPU_SAMPLE_TOKENS");
+                ok = e != NULL && run(e, ids_n, ids, 0, NREQ, &sp, r, 0) == 0;
+                if (e != NULL) {
+                    moe_engine_stats(e, &st);
+                    *(pass == 0 ? &na : &nb) = st.backend_sampled_tokens;
+                    moe_engine_destroy(e);
+                }
+                if (!ok) {
+                    break;
+                }
+            }
+            gen = 0;
+            for (i = 0; ok && i < NREQ; i++) {
+                ok &= ra[i].finished == 1 && ra[i].n == rb[i].n
+                      && memcmp(ra[i].toks, rb[i].toks,
+                                sizeof(int32_t) * (size_t) ra[i].n) == 0;
+                gen += ra[i].n_gen;
+            }
+            TAP_OK(ok && na == gen && nb == 0, "%s: tokens drawn by the "
+                   "backend (%lld of %lld) equal the host sampler's, 12 "
+                   "concurrent seeded requests", what[k], (long long) na,
+                   (long long) gen);
+        }
     }
 
     return TAP_DONE();

@@ -1,6 +1,7 @@
 /*
  * Checks the host sampler (greedy, temperature, top-k, top-p, min-p,
- * penalties, seeded RNG) and the KV block manager's all-or-nothing
+ * penalties, seeded RNG, the id-order draw of moe_sample_u, the RNG
+ * stream of moe_sample) and the KV block manager's all-or-nothing
  * reservations.
  */
 
@@ -41,7 +42,7 @@ main(void)
     int32_t        *t1 = NULL, *t2 = NULL;
     int             n1 = 0, c1 = 0, n2 = 0, c2 = 0;
 
-    TAP_PLAN(20);
+    TAP_PLAN(25);
 
     moe_sampler_init(&s, V);
     moe_sampling_defaults(&sp);
@@ -159,6 +160,88 @@ main(void)
     TAP_OK(draw(&s, base, &sp, NULL, seen, &r1) == 2,
            "repetition penalty divides positive logits of seen tokens");
     sp.repetition_penalty = 1.0f;
+
+    /* the draw walks the kept ids in ascending order: 3 equal logits
+     * (ids 1, 3, 5) kept by top-k, each a third of the mass */
+    {
+        static const float  eq[V] = { 0.0f, 4.0f, -9.0f, 4.0f, -9.0f, 4.0f };
+        static const float  us[4] = { 0.0f, 0.3333f, 0.3334f, 0.6666f };
+        static const int    want[4] = { 1, 1, 3, 3 };
+        int32_t             got[5];
+
+        sp.temperature = 1.0f;
+        sp.top_k = 3;
+        ok = 1;
+        for (i = 0; i < 4; i++) {
+            memcpy(l, eq, sizeof(l));
+            got[i] = moe_sample_u(&s, l, &sp, NULL, NULL, us[i], &lp);
+            ok = ok && got[i] == want[i];
+        }
+        memcpy(l, eq, sizeof(l));
+        got[4] = moe_sample_u(&s, l, &sp, NULL, NULL, 0.6667f, &lp);
+        TAP_OK(ok && got[4] == 5, "3 equal kept logits: u below 1/3 gives "
+               "the lowest id, above 2/3 the highest (%d %d %d %d %d)",
+               got[0], got[1], got[2], got[3], got[4]);
+
+        /* distinct logits, top-p sorted them best first: u = 0 still
+         * takes the lowest kept id (0), not the best one (2) */
+        sp.top_k = 0;
+        sp.top_p = 0.999f;
+        memcpy(l, (const float[V]) { 2.0f, 2.5f, 3.0f, -20.0f, -20.0f,
+                                     -20.0f }, sizeof(l));
+        got[0] = moe_sample_u(&s, l, &sp, NULL, NULL, 0.0f, &lp);
+        memcpy(l, (const float[V]) { 2.0f, 2.5f, 3.0f, -20.0f, -20.0f,
+                                     -20.0f }, sizeof(l));
+        got[1] = moe_sample_u(&s, l, &sp, NULL, NULL, 0.99999f, &lp);
+        TAP_OK(got[0] == 0 && got[1] == 2, "top-p keeps {0,1,2}: u 0 takes "
+               "id 0, u ~1 id 2 (%d %d)", got[0], got[1]);
+        sp.top_p = 1.0f;
+    }
+
+    /* moe_sample = one uniform + moe_sample_u; greedy draws nothing */
+    {
+        moe_rng_t  ra, rb;
+        float      ua;
+
+        moe_rng_seed(&ra, 99);
+        moe_rng_seed(&rb, 99);
+        ok = 1;
+        for (i = 0; i < 200; i++) {
+            int32_t  x, y;
+
+            sp.temperature = i % 3 == 0 ? 0.0f : 0.7f;
+            sp.top_p = i % 2 ? 0.8f : 1.0f;
+            memcpy(l, base, sizeof(l));
+            x = moe_sample(&s, l, &sp, NULL, NULL, &ra, &lp);
+            ua = sp.temperature < 1e-5f ? 0.5f : moe_rng_uniform(&rb);
+            memcpy(l, base, sizeof(l));
+            y = moe_sample_u(&s, l, &sp, NULL, NULL, ua, &lp);
+            ok = ok && x == y;
+        }
+        TAP_OK(ok && moe_rng_next(&ra) == moe_rng_next(&rb),
+               "moe_sample == moe_rng_uniform + moe_sample_u, greedy "
+               "consumes no random number");
+        sp.top_p = 1.0f;
+        sp.temperature = 1.0f;
+    }
+
+    /* one token kept: any u gives it; temperature alone, u -> 1: the
+     * last id with weight */
+    sp.top_k = 1;
+    memcpy(l, base, sizeof(l));
+    ok = moe_sample_u(&s, l, &sp, NULL, NULL, 0.99f, &lp) == 1;
+    sp.top_k = 0;
+    memcpy(l, base, sizeof(l));
+    TAP_OK(ok && moe_sample_u(&s, l, &sp, NULL, NULL, 0.9999999f, &lp) == 5,
+           "top_k 1 keeps the first of the tied best; u near 1 takes the "
+           "largest id");
+
+    /* min_p > 1 keeps nothing: the best token, no out-of-range read */
+    sp.min_p = 1.5f;
+    memcpy(l, base, sizeof(l));
+    TAP_OK(moe_sample_u(&s, l, &sp, NULL, NULL, 0.5f, &lp) == 1,
+           "min_p over 1 falls back to the best token");
+    sp.min_p = 0.0f;
 
     moe_sampler_destroy(&s);
 
