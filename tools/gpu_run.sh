@@ -7,11 +7,12 @@
 #                                  (default: all four shapes)
 #
 # Logs go to $OUT (default ./gpu-out): nvidia-smi.log, test_kernels.log,
-# test_sample.log, test_backend.log, test_backend_eager.log (graphs off,
-# cuBLAS experts for steps > 4 tokens), bench_engine.log,
-# bench_nograph.log (mixtral, graphs off), bench_nopipe.log (one-stage
-# GEMV), bench_attv4.log (v4 attention), bench_atttc0.log (v4 prefill
-# attention), sanitizer.log; a summary table
+# test_kernels_fma0.log (tensor-core GEMV only), test_sample.log,
+# test_backend.log, test_backend_eager.log (graphs off, cuBLAS experts for
+# steps > 4 tokens), bench_engine.log, bench_nograph.log (mixtral decode,
+# graphs off), bench_fma0.log (mixtral batch 1, tensor-core GEMV only),
+# sanitizer.log / sanitizer_sample.log (memcheck), racecheck_sample.log;
+# a summary table
 # is printed last.  Each step has its own time limit so the whole run stays
 # under ~8 minutes (typically ~2).  Exit status: 0 when every step passed.
 
@@ -47,6 +48,9 @@ for b in test_kernels test_sample test_backend bench_engine; do
 done
 
 step test_kernels 180 build/gpu/test_kernels
+# the same with every small GEMV on the tensor-core kernel (the CUDA-core
+# path takes groups of <= 2 rows by default): both paths checked
+step test_kernels_fma0 180 env MOE_CUDA_GEMV_FMA=0 build/gpu/test_kernels
 step test_sample 120 build/gpu/test_sample
 step test_backend 120 build/gpu/test_backend
 # eager, and MoE steps of > 4 tokens (the prefill chunks) on the per-expert
@@ -54,21 +58,19 @@ step test_backend 120 build/gpu/test_backend
 step test_backend_eager 120 env MOE_CUDA_GRAPHS=0 MOE_CUDA_GEMV_MAX_T=4 \
     build/gpu/test_backend
 step bench_engine 240 build/gpu/bench_engine $MODELS
-# the same decode/prefill without CUDA graphs (graph gain = difference)
-step bench_nograph 120 env MOE_CUDA_GRAPHS=0 build/gpu/bench_engine \
-    mixtral-8x7b
-# A/B of the two-stage GEMV main loop (pass 4): the same, one stage
-step bench_nopipe 120 env MOE_CUDA_GEMV_PIPE=0 build/gpu/bench_engine \
-    mixtral-8x7b
-# A/B of the v5 split attention kernel (pass 5): the same, v4 kernels
-step bench_attv4 120 env MOE_CUDA_ATT_SPLIT=0 build/gpu/bench_engine \
-    mixtral-8x7b
-# A/B of the tensor-core prefill attention (pass 6): prefill on v4
-step bench_atttc0 120 env MOE_CUDA_ATT_TC=0 build/gpu/bench_engine \
-    mixtral-8x7b
+# the same decode without CUDA graphs (graph gain = difference)
+step bench_nograph 120 env MOE_CUDA_GRAPHS=0 BENCH_PROMPTS=0 \
+    build/gpu/bench_engine mixtral-8x7b
+# A/B of the CUDA-core GEMV for 1-2 rows per expert (pass 7): tensor cores
+step bench_fma0 120 env MOE_CUDA_GEMV_FMA=0 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
+    build/gpu/bench_engine mixtral-8x7b
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SAN" ]; then
     step sanitizer 90 "$SAN" --error-exitcode 1 build/gpu/test_kernels
+    step sanitizer_sample 240 env MOE_TEST_NO_TIMING=1 "$SAN" \
+        --error-exitcode 1 build/gpu/test_sample
+    step racecheck_sample 300 env MOE_TEST_NO_TIMING=1 "$SAN" \
+        --tool racecheck --error-exitcode 1 build/gpu/test_sample
 fi
 
 tap_summary() {     # ok / not ok counts of a TAP log
@@ -80,12 +82,13 @@ echo
 echo "==================== summary ===================="
 for s in "${STEPS[@]}"; do
     case $s in
-    test_*|sanitizer) printf "%-14s rc %-4s %s\n" "$s" "${RC[$s]}" "$(tap_summary "$s")" ;;
+    test_*|sanitizer*|racecheck*) printf "%-14s rc %-4s %s\n" "$s" "${RC[$s]}" "$(tap_summary "$s")" ;;
     *)                printf "%-14s rc %-4s\n" "$s" "${RC[$s]}" ;;
     esac
 done
-grep -h '^not ok' "$OUT"/test_*.log "$OUT"/sanitizer.log 2>/dev/null | head -20
-grep -h 'ERROR SUMMARY\|FAIL' "$OUT"/sanitizer.log "$OUT"/bench_engine.log 2>/dev/null | head -10
+grep -h '^not ok' "$OUT"/test_*.log "$OUT"/sanitizer*.log 2>/dev/null | head -20
+grep -h 'ERROR SUMMARY\|RACECHECK SUMMARY\|FAIL' "$OUT"/sanitizer*.log \
+    "$OUT"/racecheck*.log "$OUT"/bench_engine.log 2>/dev/null | head -10
 echo
 grep -h '^RESULT' "$OUT/bench_engine.log" | awk '
 {
@@ -104,23 +107,11 @@ if [ -f "$OUT/bench_nograph.log" ]; then
     grep '^RESULT.*kind=decode' "$OUT/bench_nograph.log" | \
         sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
 fi
-if [ -f "$OUT/bench_nopipe.log" ]; then
-    echo "one-stage GEMV (MOE_CUDA_GEMV_PIPE=0):"
-    grep '^RESULT.*kind=decode' "$OUT/bench_nopipe.log" | \
+if [ -f "$OUT/bench_fma0.log" ]; then
+    echo "tensor-core GEMV for 1-2 rows too (MOE_CUDA_GEMV_FMA=0):"
+    grep '^RESULT.*kind=decode' "$OUT/bench_fma0.log" | \
         sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
-    grep stages "$OUT/bench_nopipe.log" | head -2      # batch 1, batch 8
-fi
-if [ -f "$OUT/bench_attv4.log" ]; then
-    echo "v4 attention (MOE_CUDA_ATT_SPLIT=0):"
-    grep '^RESULT.*kind=decode' "$OUT/bench_attv4.log" | \
-        sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
-    grep stages "$OUT/bench_attv4.log" | head -2      # batch 1, batch 8
-fi
-if [ -f "$OUT/bench_atttc0.log" ]; then
-    echo "v4 prefill attention (MOE_CUDA_ATT_TC=0):"
-    grep '^RESULT.*kind=prefill' "$OUT/bench_atttc0.log" | \
-        sed 's/.*model=\([^ ]*\).*prompt=\([^ ]*\).*ms=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 prefill \2: \3 ms (of limit \4)/'
-    grep stages "$OUT/bench_atttc0.log" | tail -1
+    grep stages "$OUT/bench_fma0.log" | head -1
 fi
 fail=0
 for s in "${STEPS[@]}"; do [ "${RC[$s]}" = 0 ] || fail=1; done
