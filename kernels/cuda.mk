@@ -16,7 +16,8 @@ GPU_NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
                  -Xcompiler -Wall,-Wextra,-Werror \
                  -Ikernels -Iengine/include -Iengine -It/unit -It/gpu
 GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
-                $(BUILD)/gpu/test_sample $(BUILD)/gpu/bench_engine
+                $(BUILD)/gpu/test_sample $(BUILD)/gpu/bench_engine \
+                $(BUILD)/gpu/test_ggemm
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)

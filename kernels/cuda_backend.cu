@@ -28,7 +28,9 @@
  * depend on T only.  Off while profiling, or with MOE_CUDA_GRAPHS=0 in the
  * environment.  MOE_CUDA_GEMV_MAX_T overrides gemv_max_t (default 32 for
  * <= 16 experts, 256 for more, 128 dense).  Steps whose experts take the
- * cuBLAS path (host sync) never run as graphs.  MOE_CUDA_DENSE_GEMV_T
+ * cuBLAS path (host sync) never run as graphs; steps above gemv_max_t up
+ * to ggemm_max_t (default 64; MOE_CUDA_GGEMM_MAX_T) take the grouped
+ * tensor-core GEMM with device-side offsets instead.  MOE_CUDA_DENSE_GEMV_T
  * overrides the largest T whose dense GEMMs (attention projections,
  * lm_head, dense MLPs) take the GEMV (default CB_DENSE_GEMV_T).
  *
@@ -62,6 +64,7 @@
 #include "gemm.h"
 #include "init.h"
 #include "moe_gemv.h"
+#include "moe_ggemm.h"
 #include "moe_permute.h"
 #include "moe_route.h"
 #include "rmsnorm.h"
@@ -81,6 +84,10 @@ extern "C" {
  * b32 2.32 -> 1.38 ms, b64 2.11 -> 1.18 ms with cuBLAS above 16 rows) */
 #define CB_DENSE_GEMV_T 16
 #define CB_GRAPH_MAX_T  64
+/* MoE steps of gemv_max_t < T <= this: the grouped tensor-core GEMM (run 7,
+ * mixtral b64: 31.5 ms vs 31.7 on per-expert cuBLAS, and no host sync, so
+ * the step is a graph); above, per-expert cuBLAS (b128: 45.4 vs 37.2 ms) */
+#define CB_GGEMM_MAX_T  64
 #define CB_MAX_GRAPHS   160
 #define CB_NOGRAPH      (-1000)             /* internal: run eagerly */
 
@@ -187,6 +194,9 @@ typedef struct {
     int64_t         dense_tokens;  /* E == 1: tokens run (all layers) */
     int             gemv_max_t;
     int             dense_gemv_t;   /* dense GEMMs: GEMV up to this T */
+    int             ggemm_max_t;    /* MoE steps above gemv_max_t and up
+                                       to this T: grouped tensor-core GEMM
+                                       (no host sync); above: cuBLAS */
     int             use_graphs;
     cb_graph_t      graphs[CB_MAX_GRAPHS];
     int             n_graphs;
@@ -1318,7 +1328,10 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
          * layer) vs GEMV b128 5.0 ms: many experts keep the GEMV longer */
         const char *dv = getenv("MOE_CUDA_DENSE_GEMV_T");
 
+        const char *gg = getenv("MOE_CUDA_GGEMM_MAX_T");
+
         b->dense_gemv_t = dv != NULL ? atoi(dv) : CB_DENSE_GEMV_T;
+        b->ggemm_max_t = gg != NULL ? atoi(gg) : CB_GGEMM_MAX_T;
         b->gemv_max_t = gv != NULL ? atoi(gv)
                         : hp->n_experts == 1 ? 128
                         : hp->n_experts > 16 ? 256 : 32;
@@ -1471,12 +1484,31 @@ cb_linear(cuda_backend_t *b, int T, int N, int Kd, const bf16 *X, int ldx,
 }
 
 
-/* Whether the MoE FFN of a T-token step runs without a host sync. */
+/* Whether the MoE FFN of a T-token step takes the grouped GEMV. */
 static int
 cb_ffn_gemv(const cuda_backend_t *b, int T)
 {
     return T <= b->gemv_max_t && moe_cuda_gemv_supported(b->hp.dim, b->hp.dim)
            && moe_cuda_gemv_supported(b->hp.ffn_dim, b->hp.ffn_dim);
+}
+
+
+/* Whether it takes the grouped tensor-core GEMM (above the GEMV). */
+static int
+cb_ffn_ggemm(const cuda_backend_t *b, int T)
+{
+    return !cb_ffn_gemv(b, T) && T <= b->ggemm_max_t
+           && moe_cuda_ggemm_supported(b->hp.ffn_dim, b->hp.dim, b->hp.dim)
+           && moe_cuda_ggemm_supported(b->hp.dim, b->hp.ffn_dim,
+                                       b->hp.ffn_dim);
+}
+
+
+/* Whether the MoE FFN of a T-token step runs without a host sync. */
+static int
+cb_ffn_nosync(const cuda_backend_t *b, int T)
+{
+    return cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T);
 }
 
 
@@ -1628,6 +1660,26 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         return cb_shared(b, l, T);
     }
 
+    if (cb_ffn_ggemm(b, T)) {
+        /* every expert in one launch per matrix, offsets read on the
+         * device: no host sync, so the step can be a graph */
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+        MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->xb, D, b->erow, K,
+                               (const moe_bf16_t *) (b->w_gu + (size_t) l * E
+                                                     * 2 * F * D),
+                               F, D, b->offs, E, T * K, 1, NULL,
+                               (moe_bf16_t *) b->hbuf, F, s));
+        MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->hbuf, F, NULL, 1,
+                               (const moe_bf16_t *) (b->w_down + (size_t) l
+                                                     * E * D * F),
+                               D, F, b->offs, E, T * K, 0, b->ye, NULL, D,
+                               s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
+        MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
+                                       T, K, b->tmp, s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+        return cb_shared(b, l, T);
+    }
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->offs,
                                    (size_t) (E + 1) * sizeof(int32_t),
                                    cudaMemcpyDeviceToHost, s));
@@ -1951,7 +2003,7 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
                                    n_stage * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, s));
     if (b->use_graphs && !b->prof && T <= CB_GRAPH_MAX_T && one
-        && (b->hp.n_experts == 1 || cb_ffn_gemv(b, T)))
+        && (b->hp.n_experts == 1 || cb_ffn_nosync(b, T)))
     {
         /* the cuBLAS expert path syncs with the host: never in a graph */
         rc = cb_body_graph(b, T, n_out);

@@ -9,9 +9,11 @@
 # Logs go to $OUT (default ./gpu-out): nvidia-smi.log, test_kernels.log,
 # test_kernels_fma0.log (tensor-core GEMV only), test_sample.log,
 # test_backend.log, test_backend_eager.log (graphs off, cuBLAS experts for
-# steps > 4 tokens), bench_engine.log, bench_nograph.log (mixtral decode,
+# steps > 4 tokens), test_backend_ggemm.log (grouped GEMM for every MoE
+# step), test_ggemm.log, bench_engine.log, bench_nograph.log (mixtral decode,
 # graphs off), bench_fma0.log (mixtral batch 1, tensor-core GEMV only),
-# sanitizer.log / sanitizer_sample.log (memcheck), racecheck_sample.log;
+# sanitizer.log / sanitizer_sample.log / sanitizer_ggemm.log (memcheck),
+# racecheck_sample.log;
 # a summary table
 # is printed last.  Each step has its own time limit so the whole run stays
 # under ~8 minutes (typically ~2).  Exit status: 0 when every step passed.
@@ -43,7 +45,7 @@ step() {    # step NAME TIMEOUT CMD...
 }
 
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
-for b in test_kernels test_sample test_backend bench_engine; do
+for b in test_kernels test_sample test_ggemm test_backend bench_engine; do
     [ -x build/gpu/$b ] || { echo "build/gpu/$b missing: run make gpu"; exit 2; }
 done
 
@@ -54,9 +56,13 @@ step test_kernels_fma0 180 env MOE_CUDA_GEMV_FMA=0 build/gpu/test_kernels
 step test_sample 120 build/gpu/test_sample
 step test_backend 120 build/gpu/test_backend
 # eager, and MoE steps of > 4 tokens (the prefill chunks) on the per-expert
-# cuBLAS path with its host sync: both expert paths are checked
+# cuBLAS path with its host sync; then every MoE step on the grouped
+# tensor-core GEMM: all three expert paths are checked
 step test_backend_eager 120 env MOE_CUDA_GRAPHS=0 MOE_CUDA_GEMV_MAX_T=4 \
-    build/gpu/test_backend
+    MOE_CUDA_GGEMM_MAX_T=0 build/gpu/test_backend
+step test_backend_ggemm 120 env MOE_CUDA_GEMV_MAX_T=0 \
+    MOE_CUDA_GGEMM_MAX_T=100000 build/gpu/test_backend
+step test_ggemm 150 build/gpu/test_ggemm
 step bench_engine 240 build/gpu/bench_engine $MODELS
 # the same decode without CUDA graphs (graph gain = difference)
 step bench_nograph 120 env MOE_CUDA_GRAPHS=0 BENCH_PROMPTS=0 \
@@ -69,8 +75,10 @@ if [ -n "$SAN" ]; then
     step sanitizer 90 "$SAN" --error-exitcode 1 build/gpu/test_kernels
     step sanitizer_sample 240 env MOE_TEST_NO_TIMING=1 "$SAN" \
         --error-exitcode 1 build/gpu/test_sample
-    step racecheck_sample 300 env MOE_TEST_NO_TIMING=1 "$SAN" \
+    step racecheck_sample 150 env MOE_TEST_NO_TIMING=1 "$SAN" \
         --tool racecheck --error-exitcode 1 build/gpu/test_sample
+    step sanitizer_ggemm 150 env MOE_TEST_NO_TIMING=1 "$SAN" \
+        --error-exitcode 1 build/gpu/test_ggemm
 fi
 
 tap_summary() {     # ok / not ok counts of a TAP log

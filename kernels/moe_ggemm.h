@@ -1,0 +1,54 @@
+/*
+ * Grouped tensor-core GEMM for MoE expert layers at 8-64 tokens per
+ * expert: every expert's weights are streamed through shared memory (cp.async
+ * pipeline) once per token tile, all experts of a layer in one launch, the
+ * per-expert row ranges read on the device (no host sync; the grid depends
+ * only on N, E and n, so a launch can be captured in a CUDA graph).  The
+ * same contract as moe_cuda_gemv (moe_gemv.h) without its max_rows hint.
+ */
+#ifndef MOE_KERNELS_MOE_GGEMM_H
+#define MOE_KERNELS_MOE_GGEMM_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+/*
+ * For each group e < E with rows [r0, r1) = [offs[e], offs[e+1]) (offs
+ * NULL: one group, E must be 1, rows [0, n)), and each output column
+ * j < N:
+ *   acc[r, j] = sum_k X[xr(r), k] * W_e[j, k],
+ *   xr(r) = xrow ? xrow[r] / xdiv : r   (gathered input rows)
+ * W_e = W + e * (silu ? 2 N : N) * Kd, row-major (rows, Kd) bf16.
+ * silu == 0: Y[r * ldy + j] = acc (fp32).
+ * silu == 1: W_e has 2N rows, gate rows [0, N) then up rows [N, 2N);
+ *   H[r * ldy + j] = bf16(silu(gate) * up)  (H bf16).
+ * X: bf16 rows of leading dimension ldx; X, W 16-byte aligned.
+ * offs: (E + 1) int32 on the device; n: an upper bound of offs[E] (the
+ * total rows; it chooses the token tile, and with n < E the grid covers
+ * only n groups, each block finding its non-empty group on the device).
+ * n == 0: nothing to do (MOE_OK).  Unsupported shapes (see below):
+ * MOE_EUNSUPPORTED.  Any group size is correct: a group of more rows than
+ * the token tile takes several passes over its weights.
+ */
+int moe_cuda_ggemm(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const moe_bf16_t *W, int N, int Kd, const int32_t *offs,
+    int E, int n, int silu, float *Y, moe_bf16_t *H, int ldy,
+    cudaStream_t stream);
+
+/* Whether moe_cuda_ggemm supports this shape: N > 0, Kd > 0, Kd % 8 == 0,
+ * ldx % 8 == 0, ldx >= Kd (any N; Kd % 64 == 0 wastes nothing). */
+int moe_cuda_ggemm_supported(int N, int Kd, int ldx);
+
+/*
+ * Force the tile for A/B runs and tests: bt = tokens per tile (16, 32 or
+ * 64), mt = 16-row weight tiles per warp (1: 64 weight rows per block, 4
+ * pipeline stages; 2: 128 rows, 3 stages); 0 = automatic (also the default;
+ * the environment MOE_CUDA_GGEMM_BT / MOE_CUDA_GGEMM_MT sets the initial
+ * values).  pf: L2 256-byte prefetch on the weight loads (1 on, 0 off,
+ * -1 keep; environment MOE_CUDA_GGEMM_PF, default off).
+ */
+void moe_cuda_ggemm_set_tile(int bt, int mt, int pf);
+#ifdef __cplusplus
+}
+#endif
+#endif
