@@ -25,5 +25,7 @@ build/bench/serve --base-url http://127.0.0.1:8000 --num-prompts "${NUM_PROMPTS:
     --vocab-min 100 --vocab-max 31000 --warmup 4 --seed 0 \
     --temperature "${TEMPERATURE:-0}" \
     --json "$OUT/bench_serve.json" | tee "$OUT/bench_serve.txt"
-kill %1 2>/dev/null; sleep 2
+# wait for the master: it exits after its worker freed the GPU (run 9 found
+# a worker of the previous run still holding the weights 2 s after kill)
+kill %1 2>/dev/null; wait %1 2>/dev/null
 cp build/run/bench-error.log "$OUT/bench_serve_error.log" 2>/dev/null
