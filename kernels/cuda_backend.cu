@@ -1316,7 +1316,13 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     b->base.forward = cb_forward;
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;
-    b->base.sample_tokens = 1;          /* moe_cuda_sample_rows */
+    {
+        /* moe_cuda_sample_rows; MOE_CUDA_SAMPLE_TOKENS=0 leaves non-greedy
+         * rows to the engine's host sampler (the test of both paths) */
+        const char *sv = getenv("MOE_CUDA_SAMPLE_TOKENS");
+
+        b->base.sample_tokens = sv == NULL || atoi(sv) != 0;
+    }
     {
         const char *ev = getenv("MOE_CUDA_GRAPHS");
         const char *gv = getenv("MOE_CUDA_GEMV_MAX_T");
