@@ -104,4 +104,22 @@ http(POST => '/v1/completions', { model => $m->{id}, prompt => 'count me',
 my ($st1, undef, undef, $after) = http(GET => '/metrics');
 isnt($after, $before, 'metrics change after a request');
 
+# a sampled request is drawn by the backend (CPU here, the GPU with cuda):
+# backend_sampled_tokens_total grows by its tokens
+sub sampled_total {
+    my ($t) = @_;
+    return $t =~ /^localmoe_backend_sampled_tokens_total(?:\{[^}]*\})? (\d+)/m
+           ? $1 : undef;
+}
+my $bs0 = sampled_total($after);
+my ($cs, undef, $cj) = http(POST => '/v1/completions',
+    { model => $m->{id}, prompt => 'sample me', max_tokens => 4,
+      temperature => 0.9, top_p => 0.9, seed => 3, ignore_eos => JSON::PP::true });
+is($cs, 200, 'sampled completion: 200');
+my (undef, undef, undef, $after2) = http(GET => '/metrics');
+ok(defined $bs0 && defined sampled_total($after2)
+   && sampled_total($after2) - $bs0 == ($cj->{usage}{completion_tokens} // -1),
+   'backend_sampled_tokens_total grows by the sampled completion\'s tokens ('
+   . ($bs0 // 'undef') . ' -> ' . (sampled_total($after2) // 'undef') . ')');
+
 finish();
