@@ -73,12 +73,19 @@ $(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(KERNELS_A) $(wildcard t/unit/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -It/unit -o $@ $< $(MOE_LIBS) $(LDLIBS)
 
-# The ring stress test again under ThreadSanitizer (clang or gcc).
-tsan: $(BUILD)/t/ring_tsan
+# The ring stress test and the tensor-parallel ranks (threads with a
+# shared all-reduce) again under ThreadSanitizer (clang or gcc).
+tsan: $(BUILD)/t/ring_tsan $(BUILD)/t/tp_tsan
 $(BUILD)/t/ring_tsan: t/unit/ring.c engine/ring.c engine/ring.h
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
 	    -Iengine/include -Iengine -It/unit -o $@ t/unit/ring.c engine/ring.c
+$(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(wildcard engine/*.h) \
+                    engine/include/moe.h
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
+	    -Iengine/include -Iengine -It/unit -o $@ t/unit/tp.c $(ENGINE_SRCS) \
+	    $(LDLIBS)
 
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
 	@mkdir -p $(dir $@)

@@ -262,6 +262,11 @@ typedef struct {
     /* per-step sequence table */
     const moe_seq_batch_t *seqs;
 
+    /* tensor parallel: sums the (T, dim) partial outputs of o_proj and of
+     * the FFN over the ranks, in place (moe_tp_backend_create) */
+    moe_reduce_fn         reduce;
+    void                 *reduce_ctx;
+
     /* tests: routing of the last step and a forced routing for the next
      * (moe_cpu_backend_force_routing / _last_routing) */
     int32_t              *route_last;  /* (route_cap, n_layers, top_k) */
@@ -1050,6 +1055,9 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
                 b->tmp[i] += w->bo[lu * D + (size_t) (i % D)];
             }
         }
+        if (b->reduce != NULL) {
+            b->reduce(b->reduce_ctx, b->tmp, (size_t) T * D);
+        }
         for (i = 0; i < T * D; i++) {
             b->x[i] += b->tmp[i];
         }
@@ -1057,6 +1065,9 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
         cpu_norm(b, b->xb, b->x, T, w->ffn_norm + lu * D,
                  hp->norm_layer ? w->ffn_norm_b + lu * D : NULL);
         cpu_ffn(b, l, T);
+        if (b->reduce != NULL) {
+            b->reduce(b->reduce_ctx, b->tmp, (size_t) T * D);
+        }
         for (i = 0; i < T * D; i++) {
             b->x[i] += b->tmp[i];
         }
@@ -1387,4 +1398,14 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     }
     *out = &b->base;
     return MOE_OK;
+}
+
+
+void
+moe_cpu_backend_set_reduce(moe_backend_t *base, moe_reduce_fn fn, void *ctx)
+{
+    cpu_backend_t *b = (cpu_backend_t *) base;
+
+    b->reduce = fn;
+    b->reduce_ctx = ctx;
 }

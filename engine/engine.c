@@ -1243,8 +1243,11 @@ moe_cpu_backend_create_sized(moe_engine_t *e, const moe_hparams_t *hp,
     }
 
     *n_blocks = n;
-    return moe_cpu_backend_create(e->model, n > 0 ? n : 1, cfg->block_size,
-                                  cfg->cpu_threads, &e->backend, err, errlen);
+    /* tensor_parallel_size > 1: the ranks' shards, one thread each, their
+     * partial sums all-reduced (tp.c); 1: one CPU backend */
+    return moe_tp_backend_create(e->model, cfg->tensor_parallel_size,
+                                 n > 0 ? n : 1, cfg->block_size,
+                                 cfg->cpu_threads, &e->backend, err, errlen);
 }
 
 
@@ -1497,8 +1500,9 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
             goto fail;
         }
         if (cfg->tensor_parallel_size > 1) {
-            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d: the cpu backend "
-                    "runs all ranks' shards in one process",
+            moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
+                    "runs the %d ranks' shards in one process, all-reducing "
+                    "their partial sums", cfg->tensor_parallel_size,
                     cfg->tensor_parallel_size);
         }
     }

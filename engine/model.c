@@ -56,6 +56,11 @@ struct moe_model {
     moe_weights_t   w;
     moe_st_set_t   *st;
     int64_t         weight_bytes;
+    /* a tensor-parallel shard (moe_model_shard): the arrays it allocated
+     * (the sliced ones); the others alias the parent's, which outlives it */
+    int             shard;
+    float          *owned[32];
+    int             n_owned;
 };
 
 static const char *supported_archs =
@@ -1630,6 +1635,13 @@ moe_model_free(moe_model_t *m)
     if (m == NULL) {
         return;
     }
+    if (m->shard) {
+        for (int i = 0; i < m->n_owned; i++) {
+            free(m->owned[i]);
+        }
+        free(m);
+        return;
+    }
     m_free_weights(&m->w);
     moe_st_close(m->st);
     free(m);
@@ -1726,5 +1738,182 @@ moe_batch_check(const moe_hparams_t *hp, const moe_seq_batch_t *seqs,
     if (max_ctx != NULL) {
         *max_ctx = ctx;
     }
+    return MOE_OK;
+}
+
+
+/* ------------------------------------------------------- tensor parallel */
+
+/* (outer, rows, cols) -> rows [r0, r0 + nr) of each outer block. */
+static float *
+m_slice_rows(moe_model_t *sh, const float *src, size_t outer, size_t rows,
+    size_t cols, size_t r0, size_t nr)
+{
+    float  *d;
+    size_t  o;
+
+    if (src == NULL) {
+        return NULL;
+    }
+    d = malloc(sizeof(float) * outer * nr * cols);
+    if (d == NULL) {
+        return NULL;
+    }
+    sh->owned[sh->n_owned++] = d;
+    for (o = 0; o < outer; o++) {
+        memcpy(d + o * nr * cols, src + (o * rows + r0) * cols,
+               sizeof(float) * nr * cols);
+    }
+    return d;
+}
+
+
+/* (outer, rows, cols) -> columns [c0, c0 + nc) of every row. */
+static float *
+m_slice_cols(moe_model_t *sh, const float *src, size_t outer, size_t rows,
+    size_t cols, size_t c0, size_t nc)
+{
+    float  *d;
+    size_t  o;
+
+    if (src == NULL) {
+        return NULL;
+    }
+    d = malloc(sizeof(float) * outer * rows * nc);
+    if (d == NULL) {
+        return NULL;
+    }
+    sh->owned[sh->n_owned++] = d;
+    for (o = 0; o < outer * rows; o++) {
+        memcpy(d + o * nc, src + o * cols + c0, sizeof(float) * nc);
+    }
+    return d;
+}
+
+
+/* A bias added after a row-parallel projection: rank 0 keeps it, the
+ * others get zeros (the all-reduce adds it once). */
+static float *
+m_rank0_bias(moe_model_t *sh, const float *src, size_t n, int rank)
+{
+    float *d;
+
+    if (src == NULL || rank == 0) {
+        return (float *) src;
+    }
+    d = calloc(n, sizeof(float));
+    if (d != NULL) {
+        sh->owned[sh->n_owned++] = d;
+    }
+    return d;
+}
+
+
+int
+moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
+    char *err, size_t errlen)
+{
+    const moe_hparams_t *hp = &m->hp;
+    const moe_weights_t *w = &m->w;
+    moe_model_t         *sh;
+    moe_weights_t       *o;
+    size_t               L, D, hd, H, KV, E, F, FS, FD, r;
+    int                  ok;
+
+    *out = NULL;
+    if (tp < 1 || rank < 0 || rank >= tp) {
+        moe_errf(err, errlen, "tensor parallel: rank %d of %d", rank, tp);
+        return MOE_EINVAL;
+    }
+    if (w->embed == NULL) {
+        moe_errf(err, errlen, "tensor parallel: the model has no fp32 "
+                 "weights to shard");
+        return MOE_EINVAL;
+    }
+    if (hp->n_heads % tp || hp->n_kv_heads % tp || hp->ffn_dim % tp
+        || hp->shared_ffn_dim % tp || hp->dense_ffn_dim % tp)
+    {
+        moe_errf(err, errlen, "tensor_parallel_size %d must divide the "
+                 "attention heads (%d), kv heads (%d) and intermediate sizes "
+                 "(%d, shared %d, dense %d) of %s", tp, hp->n_heads,
+                 hp->n_kv_heads, hp->ffn_dim, hp->shared_ffn_dim,
+                 hp->dense_ffn_dim, m->dir);
+        return MOE_EUNSUPPORTED;
+    }
+    sh = calloc(1, sizeof(*sh));
+    if (sh == NULL) {
+        return MOE_ENOMEM;
+    }
+    memcpy(sh->dir, m->dir, sizeof(sh->dir));
+    sh->hp = *hp;
+    sh->w = *w;                     /* replicated tensors alias the parent */
+    sh->st = m->st;
+    sh->weight_bytes = m->weight_bytes / tp;
+    sh->shard = 1;
+
+    L = (size_t) hp->n_layers;
+    D = (size_t) hp->dim;
+    hd = (size_t) hp->head_dim;
+    H = (size_t) hp->n_heads / tp;
+    KV = (size_t) hp->n_kv_heads / tp;
+    E = (size_t) hp->n_experts;
+    F = (size_t) hp->ffn_dim / tp;
+    FS = (size_t) hp->shared_ffn_dim / tp;
+    FD = (size_t) hp->dense_ffn_dim / tp;
+    r = (size_t) rank;
+    sh->hp.n_heads = (int) H;
+    sh->hp.n_kv_heads = (int) KV;
+    sh->hp.ffn_dim = (int) F;
+    sh->hp.shared_ffn_dim = (int) FS;
+    sh->hp.dense_ffn_dim = (int) FD;
+
+    o = &sh->w;
+    /* column-parallel (output rows split): q/k/v heads, gate/up rows */
+    o->wq = m_slice_rows(sh, w->wq, L, H * tp * hd, D, r * H * hd, H * hd);
+    o->wk = m_slice_rows(sh, w->wk, L, KV * tp * hd, D, r * KV * hd,
+                         KV * hd);
+    o->wv = m_slice_rows(sh, w->wv, L, KV * tp * hd, D, r * KV * hd,
+                         KV * hd);
+    o->bq = m_slice_rows(sh, w->bq, L, H * tp * hd, 1, r * H * hd, H * hd);
+    o->bk = m_slice_rows(sh, w->bk, L, KV * tp * hd, 1, r * KV * hd,
+                         KV * hd);
+    o->bv = m_slice_rows(sh, w->bv, L, KV * tp * hd, 1, r * KV * hd,
+                         KV * hd);
+    o->w_gate = m_slice_rows(sh, w->w_gate, L * E, F * tp, D, r * F, F);
+    o->w_up = m_slice_rows(sh, w->w_up, L * E, F * tp, D, r * F, F);
+    o->b_gate = m_slice_rows(sh, w->b_gate, L, F * tp, 1, r * F, F);
+    o->b_up = m_slice_rows(sh, w->b_up, L, F * tp, 1, r * F, F);
+    o->ws_gate = m_slice_rows(sh, w->ws_gate, L, FS * tp, D, r * FS, FS);
+    o->ws_up = m_slice_rows(sh, w->ws_up, L, FS * tp, D, r * FS, FS);
+    o->wd_gate = m_slice_rows(sh, w->wd_gate, L, FD * tp, D, r * FD, FD);
+    o->wd_up = m_slice_rows(sh, w->wd_up, L, FD * tp, D, r * FD, FD);
+    /* row-parallel (input columns split): partial sums, all-reduced */
+    o->wo = m_slice_cols(sh, w->wo, L, D, H * tp * hd, r * H * hd, H * hd);
+    o->w_down = m_slice_cols(sh, w->w_down, L * E, D, F * tp, r * F, F);
+    o->ws_down = m_slice_cols(sh, w->ws_down, L, D, FS * tp, r * FS, FS);
+    o->wd_down = m_slice_cols(sh, w->wd_down, L, D, FD * tp, r * FD, FD);
+    o->bo = m_rank0_bias(sh, w->bo, L * D, rank);
+    o->b_down = m_rank0_bias(sh, w->b_down, L * D, rank);
+
+    ok = (w->wq == NULL || o->wq) && (w->wk == NULL || o->wk)
+         && (w->wv == NULL || o->wv) && (w->bq == NULL || o->bq)
+         && (w->bk == NULL || o->bk) && (w->bv == NULL || o->bv)
+         && (w->w_gate == NULL || o->w_gate) && (w->w_up == NULL || o->w_up)
+         && (w->b_gate == NULL || o->b_gate) && (w->b_up == NULL || o->b_up)
+         && (w->ws_gate == NULL || o->ws_gate)
+         && (w->ws_up == NULL || o->ws_up)
+         && (w->wd_gate == NULL || o->wd_gate)
+         && (w->wd_up == NULL || o->wd_up) && (w->wo == NULL || o->wo)
+         && (w->w_down == NULL || o->w_down)
+         && (w->ws_down == NULL || o->ws_down)
+         && (w->wd_down == NULL || o->wd_down) && (w->bo == NULL || o->bo)
+         && (w->b_down == NULL || o->b_down);
+    if (!ok) {
+        moe_model_free(sh);
+        moe_errf(err, errlen, "tensor parallel: out of memory for rank %d's "
+                 "shard", rank);
+        return MOE_ENOMEM;
+    }
+    *out = sh;
     return MOE_OK;
 }

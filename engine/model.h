@@ -160,6 +160,19 @@ void moe_model_free(moe_model_t *m);
 int moe_model_load_config(const char *dir, int top_k_override,
     moe_model_t **out, char *err, size_t errlen);
 const moe_hparams_t *moe_model_hparams(const moe_model_t *m);
+
+/*
+ * Rank `rank` of a tensor-parallel split of a loaded model (fp32 weights):
+ * its hparams have n_heads, n_kv_heads and the intermediate sizes divided
+ * by tp; q/k/v rows of its heads and gate/up rows of its slice of every
+ * expert (column parallel), the matching input columns of o_proj and down
+ * (row parallel: their outputs are partial sums that the ranks add, see
+ * moe_tp_backend_create); o/down biases on rank 0 only; embeddings, norms,
+ * router and lm_head shared with m (which must outlive the shard).
+ * MOE_EUNSUPPORTED (err names the sizes) when tp does not divide them.
+ */
+int moe_model_shard(const moe_model_t *m, int tp, int rank,
+    moe_model_t **out, char *err, size_t errlen);
 /* bytes of weights as stored in the files */
 int64_t moe_model_weight_bytes(const moe_model_t *m);
 /* The fp32 weights (owned by the model, immutable). */
@@ -348,6 +361,30 @@ struct moe_backend {
  * head_dim) floats.  The model must outlive the backend.
  */
 int moe_cpu_backend_create(const moe_model_t *m, int n_blocks,
+    int block_size, int n_threads, moe_backend_t **out, char *err,
+    size_t errlen);
+
+/* Sums a buffer of n floats over the tensor-parallel ranks, in place, as
+ * an all-reduce: every rank calls it at the same point of its forward and
+ * gets the same sum (ranks added in order 0..tp-1). */
+typedef void (*moe_reduce_fn)(void *ctx, float *buf, size_t n);
+
+/* A CPU backend calls fn after o_proj and after the FFN of every layer
+ * (the row-parallel partial sums of a shard, moe_model_shard). */
+void moe_cpu_backend_set_reduce(moe_backend_t *b, moe_reduce_fn fn,
+    void *ctx);
+
+/*
+ * Tensor parallelism on the CPU: tp ranks, each a CPU backend over
+ * moe_model_shard(m, tp, rank) with its own KV pool (its kv heads) of
+ * n_blocks blocks and n_threads / tp threads, run one step together: rank
+ * 0 on the calling thread, the others on their own threads, the partial
+ * sums all-reduced between them (moe_reduce_fn).  Rank 0 writes the
+ * step's logits / tokens.  The same block ids name the same positions on
+ * every rank; swap slots likewise.  The model must outlive the backend.
+ * tp 1 is a plain CPU backend.
+ */
+int moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
     int block_size, int n_threads, moe_backend_t **out, char *err,
     size_t errlen);
 

@@ -1,0 +1,429 @@
+/*
+ * Tensor parallelism on the CPU: the ranks' shards (moe_model_shard) run
+ * in one process, one thread per rank, and the row-parallel partial sums
+ * are all-reduced through shared memory with barriers.  The reference for
+ * the sharding math of a multi-GPU backend (NCCL all-reduce at the same
+ * two points of every layer) and the CPU path of tensor_parallel_size.
+ */
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+
+typedef struct tp_backend tp_backend_t;
+
+typedef struct {
+    tp_backend_t  *tp;
+    int            rank;
+} tp_rank_t;
+
+struct tp_backend {
+    moe_backend_t           base;          /* first: the interface */
+    int                     tp;
+    moe_backend_t         **rank;          /* (tp) CPU backends */
+    moe_model_t           **shard;         /* (tp) their models */
+    tp_rank_t              *rctx;          /* (tp) reduce contexts */
+    pthread_t              *th;            /* (tp) ranks 1.. */
+    int                     n_threads;     /* started */
+
+    pthread_mutex_t         mu;
+    pthread_cond_t          cv;            /* every state change */
+    uint64_t                step;          /* bumped per forward */
+    int                     stop;
+    const moe_seq_batch_t  *seqs;          /* rank 0's view */
+    moe_seq_batch_t        *rseqs;         /* the others': no outputs */
+    int                     cap_rseqs;
+    int                     n;
+    int                    *rc;            /* (tp) per rank */
+    int                     n_done;
+
+    /* all-reduce state */
+    int                     active;        /* ranks still in this step */
+    int                     arrived;
+    uint64_t                bar_gen;
+    float                 **buf;           /* (tp) the ranks' buffers */
+    float                  *sum;
+    size_t                  sum_cap, count;
+    int                     sum_bad;
+};
+
+
+/* Barrier over the ranks still in the step (a rank that returned early
+ * does not hold the others).  Called with mu held. */
+static void
+tp_release_if_full(tp_backend_t *b)
+{
+    if (b->arrived > 0 && b->arrived >= b->active) {
+        b->arrived = 0;
+        b->bar_gen++;
+        pthread_cond_broadcast(&b->cv);
+    }
+}
+
+
+static void
+tp_barrier(tp_backend_t *b)
+{
+    uint64_t g = b->bar_gen;
+
+    b->arrived++;
+    tp_release_if_full(b);
+    while (g == b->bar_gen) {
+        pthread_cond_wait(&b->cv, &b->mu);
+    }
+}
+
+
+static void
+tp_reduce(void *ctx, float *buf, size_t n)
+{
+    tp_rank_t    *rc = ctx;
+    tp_backend_t *b = rc->tp;
+    size_t        i, lo, hi;
+    int           r, R = b->tp;
+
+    pthread_mutex_lock(&b->mu);
+    b->buf[rc->rank] = buf;
+    b->count = n;
+    if (n > b->sum_cap) {
+        /* every rank asks the same n: the first one grows the buffer
+         * before anyone can be past the barrier below */
+        float *s = realloc(b->sum, n * sizeof(float));
+
+        if (s == NULL) {
+            b->sum_bad = 1;
+        } else {
+            b->sum = s;
+            b->sum_cap = n;
+        }
+    }
+    tp_barrier(b);
+    pthread_mutex_unlock(&b->mu);
+
+    /* this rank's slice of the sum, ranks added in order */
+    lo = n * (size_t) rc->rank / (size_t) R;
+    hi = n * (size_t) (rc->rank + 1) / (size_t) R;
+    if (!b->sum_bad) {
+        for (i = lo; i < hi; i++) {
+            float s = 0.0f;
+
+            for (r = 0; r < R; r++) {
+                s += b->buf[r] != NULL ? b->buf[r][i] : 0.0f;
+            }
+            b->sum[i] = s;
+        }
+    }
+
+    pthread_mutex_lock(&b->mu);
+    tp_barrier(b);
+    pthread_mutex_unlock(&b->mu);
+
+    if (!b->sum_bad) {
+        memcpy(buf, b->sum, n * sizeof(float));
+    }
+
+    pthread_mutex_lock(&b->mu);
+    tp_barrier(b);                  /* sum free for the next reduce */
+    pthread_mutex_unlock(&b->mu);
+}
+
+
+/* A rank left the step: the barriers stop counting it. */
+static void
+tp_leave(tp_backend_t *b, int rank, int rc)
+{
+    pthread_mutex_lock(&b->mu);
+    b->rc[rank] = rc;
+    b->active--;
+    b->n_done++;
+    b->buf[rank] = NULL;
+    tp_release_if_full(b);
+    pthread_cond_broadcast(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+}
+
+
+static void *
+tp_worker(void *arg)
+{
+    tp_rank_t    *rc = arg;
+    tp_backend_t *b = rc->tp;
+    uint64_t      seen = 0;
+    int           r;
+
+    for ( ;; ) {
+        pthread_mutex_lock(&b->mu);
+        while (!b->stop && b->step == seen) {
+            pthread_cond_wait(&b->cv, &b->mu);
+        }
+        if (b->stop) {
+            pthread_mutex_unlock(&b->mu);
+            return NULL;
+        }
+        seen = b->step;
+        pthread_mutex_unlock(&b->mu);
+
+        r = b->rank[rc->rank]->forward(b->rank[rc->rank], b->rseqs, b->n);
+        tp_leave(b, rc->rank, r);
+    }
+}
+
+
+static int
+tp_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+    int           i, r, rc = MOE_OK;
+
+    if (n < 0 || (n > 0 && seqs == NULL)) {
+        return MOE_EINVAL;
+    }
+    if (n > b->cap_rseqs) {
+        moe_seq_batch_t *p = realloc(b->rseqs, sizeof(*p) * (size_t) n);
+
+        if (p == NULL) {
+            return MOE_ENOMEM;
+        }
+        b->rseqs = p;
+        b->cap_rseqs = n;
+    }
+    for (i = 0; i < n; i++) {
+        /* ranks > 0 compute their shard but no outputs */
+        b->rseqs[i] = seqs[i];
+        b->rseqs[i].logits = NULL;
+        b->rseqs[i].token_out = NULL;
+        b->rseqs[i].sample = NULL;
+    }
+
+    pthread_mutex_lock(&b->mu);
+    b->seqs = seqs;
+    b->n = n;
+    b->n_done = 0;
+    b->active = b->tp;
+    b->arrived = 0;
+    b->sum_bad = 0;
+    for (r = 0; r < b->tp; r++) {
+        b->rc[r] = MOE_OK;
+        b->buf[r] = NULL;
+    }
+    b->step++;
+    pthread_cond_broadcast(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+
+    r = b->rank[0]->forward(b->rank[0], seqs, n);
+    tp_leave(b, 0, r);
+
+    pthread_mutex_lock(&b->mu);
+    while (b->n_done < b->tp) {
+        pthread_cond_wait(&b->cv, &b->mu);
+    }
+    for (r = 0; r < b->tp; r++) {
+        if (b->rc[r] != MOE_OK && rc == MOE_OK) {
+            rc = b->rc[r];
+        }
+    }
+    if (rc == MOE_OK && b->sum_bad) {
+        rc = MOE_ENOMEM;
+    }
+    pthread_mutex_unlock(&b->mu);
+    return rc;
+}
+
+
+static const int64_t *
+tp_expert_counts(moe_backend_t *base)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+
+    /* every rank routes the same tokens alike: rank 0's */
+    return b->rank[0]->expert_counts(b->rank[0]);
+}
+
+
+static void
+tp_destroy(moe_backend_t *base)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+    int           r;
+
+    if (b == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&b->mu);
+    b->stop = 1;
+    pthread_cond_broadcast(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+    for (r = 0; r < b->n_threads; r++) {
+        pthread_join(b->th[r], NULL);
+    }
+    for (r = 0; r < b->tp; r++) {
+        if (b->rank != NULL && b->rank[r] != NULL) {
+            b->rank[r]->destroy(b->rank[r]);
+        }
+        if (b->shard != NULL) {
+            moe_model_free(b->shard[r]);
+        }
+    }
+    pthread_cond_destroy(&b->cv);
+    pthread_mutex_destroy(&b->mu);
+    free(b->rank);
+    free(b->shard);
+    free(b->rctx);
+    free(b->th);
+    free(b->rseqs);
+    free(b->rc);
+    free(b->buf);
+    free(b->sum);
+    free(b);
+}
+
+
+static int
+tp_swap_alloc(moe_backend_t *base, int n_slots, char *err, size_t errlen)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+    int           r, rc = MOE_OK;
+
+    for (r = 0; r < b->tp && rc == MOE_OK; r++) {
+        rc = b->rank[r]->swap_alloc(b->rank[r], n_slots, err, errlen);
+    }
+    if (rc != MOE_OK) {
+        for (r = 0; r < b->tp; r++) {
+            (void) b->rank[r]->swap_alloc(b->rank[r], 0, NULL, 0);
+        }
+    }
+    base->n_swap_slots = b->rank[0]->n_swap_slots;
+    return rc;
+}
+
+
+static int
+tp_swap_out(moe_backend_t *base, const int32_t *blocks, const int32_t *slots,
+    int n)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+    int           r, rc;
+
+    for (r = 0; r < b->tp; r++) {
+        rc = b->rank[r]->swap_out(b->rank[r], blocks, slots, n);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+    }
+    return MOE_OK;
+}
+
+
+static int
+tp_swap_in(moe_backend_t *base, const int32_t *slots, const int32_t *blocks,
+    int n)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+    int           r, rc;
+
+    for (r = 0; r < b->tp; r++) {
+        rc = b->rank[r]->swap_in(b->rank[r], slots, blocks, n);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+    }
+    return MOE_OK;
+}
+
+
+/* The slot of every rank, one after the other (rank order). */
+static int
+tp_swap_read(moe_backend_t *base, int32_t slot, void *dst)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+    char         *p = dst;
+    int           r, rc;
+
+    for (r = 0; r < b->tp; r++) {
+        rc = b->rank[r]->swap_read(b->rank[r], slot, p);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        p += b->rank[r]->kv_bytes_per_block;
+    }
+    return MOE_OK;
+}
+
+
+int
+moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
+    int block_size, int n_threads, moe_backend_t **out, char *err,
+    size_t errlen)
+{
+    tp_backend_t *b;
+    int           r, rc, per;
+
+    *out = NULL;
+    if (tp <= 1) {
+        return moe_cpu_backend_create(m, n_blocks, block_size, n_threads,
+                                      out, err, errlen);
+    }
+    if (tp > 64) {
+        moe_errf(err, errlen, "tensor_parallel_size %d: at most 64", tp);
+        return MOE_EINVAL;
+    }
+    b = calloc(1, sizeof(*b));
+    if (b == NULL) {
+        moe_errf(err, errlen, "tensor parallel: out of memory");
+        return MOE_ENOMEM;
+    }
+    b->tp = tp;
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_cond_init(&b->cv, NULL);
+    b->rank = calloc((size_t) tp, sizeof(*b->rank));
+    b->shard = calloc((size_t) tp, sizeof(*b->shard));
+    b->rctx = calloc((size_t) tp, sizeof(*b->rctx));
+    b->th = calloc((size_t) tp, sizeof(*b->th));
+    b->rc = calloc((size_t) tp, sizeof(*b->rc));
+    b->buf = calloc((size_t) tp, sizeof(*b->buf));
+    if (!b->rank || !b->shard || !b->rctx || !b->th || !b->rc || !b->buf) {
+        tp_destroy(&b->base);
+        moe_errf(err, errlen, "tensor parallel: out of memory");
+        return MOE_ENOMEM;
+    }
+    per = n_threads > 0 ? (n_threads + tp - 1) / tp : 0;
+    for (r = 0; r < tp; r++) {
+        rc = moe_model_shard(m, tp, r, &b->shard[r], err, errlen);
+        if (rc == MOE_OK) {
+            rc = moe_cpu_backend_create(b->shard[r], n_blocks, block_size,
+                                        per, &b->rank[r], err, errlen);
+        }
+        if (rc != MOE_OK) {
+            tp_destroy(&b->base);
+            return rc;
+        }
+        b->rctx[r].tp = b;
+        b->rctx[r].rank = r;
+        moe_cpu_backend_set_reduce(b->rank[r], tp_reduce, &b->rctx[r]);
+        b->base.kv_bytes_per_block += b->rank[r]->kv_bytes_per_block;
+    }
+    for (r = 1; r < tp; r++) {
+        if (pthread_create(&b->th[b->n_threads], NULL, tp_worker,
+                           &b->rctx[r]) != 0)
+        {
+            tp_destroy(&b->base);
+            moe_errf(err, errlen, "tensor parallel: cannot start rank %d's "
+                     "thread", r);
+            return MOE_ENOMEM;
+        }
+        b->n_threads++;
+    }
+    b->base.name = "cpu";
+    b->base.sample_tokens = b->rank[0]->sample_tokens;
+    b->base.forward = tp_forward;
+    b->base.expert_counts = tp_expert_counts;
+    b->base.destroy = tp_destroy;
+    b->base.swap_alloc = tp_swap_alloc;
+    b->base.swap_out = tp_swap_out;
+    b->base.swap_in = tp_swap_in;
+    b->base.swap_read = tp_swap_read;
+    *out = &b->base;
+    return MOE_OK;
+}

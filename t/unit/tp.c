@@ -1,0 +1,361 @@
+/*
+ * Checks tensor parallelism on the CPU (engine/tp.c, moe_model_shard):
+ * for every test model and every tp that divides its heads, kv heads and
+ * intermediate sizes (2, 4), the ranks' shards run together with their
+ * partial sums all-reduced give the logits of the unsharded CPU backend
+ * (fp32, only the order of the partial sums differs: relative error
+ * <= 1e-5) over chunked prefill of two interleaved sequences on shuffled
+ * pages and decode steps, the same greedy tokens, and the same expert
+ * counts; a tp that does not divide the model is refused by name; swap
+ * out / in on the sharded backend round-trips every rank's pages; and the
+ * engine with tensor_parallel_size 2 gives the greedy streams of tp 1.
+ */
+
+#include <math.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "moe.h"
+#include "model.h"
+#include "tap.h"
+
+#define BS      4
+#define NB      48
+#define LEN_A   23
+#define LEN_B   17
+#define N_DEC   8
+#define CHUNK   7
+
+static char  srcdir[PATH_MAX];
+
+static const char *models[] = {
+    "t/data/models/llama-mha", "t/data/models/llama-gqa",
+    "t/data/models/mixtral-gqa", "t/data/models/mixtral-fused",
+    "t/data/models/mistral-sw", "t/data/models/qwen2-bias",
+    "t/data/models/qwen2moe-shared", "t/data/models/qwen3moe-qknorm",
+    "t/data/models/gpt2-tiny", "t/data/models/llama-bias",
+    "models/localmoe-tiny", "models/localmoe-kjv"
+};
+
+
+static double
+rel_err(const float *a, const float *ref, int n)
+{
+    double num = 0, den = 0;
+
+    for (int i = 0; i < n; i++) {
+        double d = (double) a[i] - ref[i];
+
+        num += d * d;
+        den += (double) ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+
+static int
+argmax(const float *v, int n)
+{
+    int b = 0;
+
+    for (int i = 1; i < n; i++) {
+        if (v[i] > v[b]) {
+            b = i;
+        }
+    }
+    return b;
+}
+
+
+/* One model at one tp: 0 when skipped (tp does not divide), else tests. */
+static void
+test_model(const char *rel, int tp)
+{
+    char                 dir[PATH_MAX + 64], err[512];
+    moe_model_t         *m = NULL;
+    moe_backend_t       *one = NULL, *par = NULL;
+    const moe_hparams_t *hp;
+    int32_t              toks[2][LEN_A + N_DEC], bt[2][NB / 2];
+    int                  len[2] = { LEN_A, LEN_B }, done[2] = { 0, 0 };
+    int                  V, rc, steps = 0, rows = 0, greedy_bad = 0;
+    double               worst = 0;
+    float               *l1 = NULL, *l2 = NULL;
+    const char          *name = strrchr(rel, '/') + 1;
+
+    snprintf(dir, sizeof(dir), "%s/%s", srcdir, rel);
+    if (moe_model_load(dir, 0, &m, err, sizeof(err)) != MOE_OK) {
+        TAP_OK(0, "%s: load: %s", name, err);
+        return;
+    }
+    hp = moe_model_hparams(m);
+    if (hp->n_heads % tp || hp->n_kv_heads % tp || hp->ffn_dim % tp
+        || hp->shared_ffn_dim % tp || hp->dense_ffn_dim % tp)
+    {
+        rc = moe_tp_backend_create(m, tp, NB, BS, 1, &par, err, sizeof(err));
+        TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, "must divide") != NULL,
+               "%s tp %d: refused (%s)", name, tp, err);
+        moe_model_free(m);
+        return;
+    }
+    V = hp->vocab_size;
+    l1 = malloc(sizeof(float) * 2 * V);
+    l2 = malloc(sizeof(float) * 2 * V);
+    for (int q = 0; q < 2; q++) {
+        for (int i = 0; i < len[q]; i++) {
+            toks[q][i] = (int32_t) ((i * 37 + q * 101 + 11) % V);
+        }
+    }
+    for (int i = 0; i < NB / 2; i++) {
+        bt[0][i] = 2 * ((i * 7 + 3) % (NB / 2));
+        bt[1][i] = 2 * ((i * 11 + 5) % (NB / 2)) + 1;
+    }
+    if (moe_cpu_backend_create(m, NB, BS, 2, &one, err, sizeof(err))
+        != MOE_OK
+        || moe_tp_backend_create(m, tp, NB, BS, 2, &par, err, sizeof(err))
+           != MOE_OK)
+    {
+        TAP_OK(0, "%s tp %d: backends: %s", name, tp, err);
+        goto out;
+    }
+    /* chunked prefill of both, then decode; every step both backends */
+    for (;;) {
+        moe_seq_batch_t sb[2];
+        int             n = 0;
+
+        for (int q = 0; q < 2; q++) {
+            int c = done[q] < len[q] ? len[q] - done[q] : 1;
+
+            if (done[q] >= len[q] + N_DEC - 1) {
+                continue;
+            }
+            if (c > CHUNK) {
+                c = CHUNK;
+            }
+            memset(&sb[n], 0, sizeof(sb[n]));
+            sb[n].tokens = toks[q] + done[q];
+            sb[n].n_tokens = c;
+            sb[n].pos = done[q];
+            sb[n].block_table = bt[q];
+            sb[n].n_blocks = NB / 2;
+            sb[n].logits = l1 + (size_t) n * V;
+            n++;
+        }
+        if (n == 0) {
+            break;
+        }
+        if (one->forward(one, sb, n) != MOE_OK) {
+            TAP_OK(0, "%s tp %d: step %d on one backend", name, tp, steps);
+            goto out;
+        }
+        for (int i = 0; i < n; i++) {
+            sb[i].logits = l2 + (size_t) i * V;
+        }
+        if (par->forward(par, sb, n) != MOE_OK) {
+            TAP_OK(0, "%s tp %d: step %d on %d ranks", name, tp, steps, tp);
+            goto out;
+        }
+        n = 0;
+        for (int q = 0; q < 2; q++) {
+            if (done[q] >= len[q] + N_DEC - 1) {
+                continue;
+            }
+            int c = done[q] < len[q] ? len[q] - done[q] : 1;
+
+            c = c > CHUNK ? CHUNK : c;
+            done[q] += c;
+            if (done[q] >= len[q]) {
+                const float *a = l1 + (size_t) n * V, *b = l2 + (size_t) n * V;
+                double       e = rel_err(b, a, V);
+
+                worst = e > worst || e != e ? e : worst;
+                greedy_bad += argmax(a, V) != argmax(b, V);
+                rows++;
+                /* decode continues with the unsharded backend's choice */
+                if (done[q] < len[q] + N_DEC) {
+                    toks[q][done[q]] = (int32_t) argmax(a, V);
+                }
+            }
+            n++;
+        }
+        steps++;
+    }
+    {
+        const int64_t *c1 = one->expert_counts(one);
+        const int64_t *c2 = par->expert_counts(par);
+        int            same = 1;
+
+        for (int i = 0; c1 && c2 && i < hp->n_layers * hp->n_experts; i++) {
+            same &= c1[i] == c2[i];
+        }
+        TAP_OK(worst <= 1e-5 && greedy_bad == 0 && rows > 0 && same,
+               "%s tp %d: %d steps (chunked prefill + decode, 2 sequences), "
+               "%d logits rows: rel err max %.2e (<= 1e-5), greedy equal "
+               "(%d differ), expert counts equal (%s)", name, tp, steps, rows,
+               worst, greedy_bad, same ? "yes" : "no");
+    }
+
+out:
+    if (par != NULL) {
+        par->destroy(par);
+    }
+    if (one != NULL) {
+        one->destroy(one);
+    }
+    free(l1);
+    free(l2);
+    moe_model_free(m);
+}
+
+
+/* swap out / in on 2 ranks: every rank's pages come back bit for bit */
+static void
+test_swap(void)
+{
+    char            dir[PATH_MAX + 64], err[512];
+    moe_model_t    *m = NULL;
+    moe_backend_t  *par = NULL;
+    moe_seq_batch_t sb;
+    int32_t         toks[12], bt[4] = { 5, 1, 7, 2 }, blk = 1, slot = 3;
+    int32_t         back = 9;
+    char           *a = NULL, *b = NULL;
+    int             ok = 0;
+
+    snprintf(dir, sizeof(dir), "%s/models/localmoe-tiny", srcdir);
+    if (moe_model_load(dir, 0, &m, err, sizeof(err)) != MOE_OK
+        || moe_tp_backend_create(m, 2, 16, BS, 1, &par, err, sizeof(err))
+           != MOE_OK)
+    {
+        TAP_OK(0, "swap on 2 ranks: %s", err);
+        moe_model_free(m);
+        return;
+    }
+    for (int i = 0; i < 12; i++) {
+        toks[i] = 10 + 3 * i;
+    }
+    memset(&sb, 0, sizeof(sb));
+    sb.tokens = toks;
+    sb.n_tokens = 12;
+    sb.block_table = bt;
+    sb.n_blocks = 4;
+    a = malloc((size_t) par->kv_bytes_per_block);
+    b = malloc((size_t) par->kv_bytes_per_block);
+    if (a != NULL && b != NULL && par->forward(par, &sb, 1) == MOE_OK
+        && par->swap_alloc(par, 8, err, sizeof(err)) == MOE_OK
+        && par->swap_out(par, &blk, &slot, 1) == MOE_OK
+        && par->swap_read(par, slot, a) == MOE_OK
+        && par->swap_in(par, &slot, &back, 1) == MOE_OK
+        && par->swap_out(par, &back, &slot, 1) == MOE_OK
+        && par->swap_read(par, slot, b) == MOE_OK)
+    {
+        int nz = 0;
+
+        for (int64_t i = 0; i < par->kv_bytes_per_block; i++) {
+            nz += a[i] != 0;
+        }
+        ok = memcmp(a, b, (size_t) par->kv_bytes_per_block) == 0 && nz > 0;
+    }
+    TAP_OK(ok, "swap on 2 ranks: block 1 -> slot -> block 9 -> slot is the "
+           "same %lld bytes (both ranks' halves)",
+           (long long) par->kv_bytes_per_block);
+    free(a);
+    free(b);
+    par->destroy(par);
+    moe_model_free(m);
+}
+
+
+/* the engine with tensor_parallel_size tp: greedy streams of 6 requests */
+static int
+engine_run(int tp, int32_t out[6][16])
+{
+    char            err[1024];
+    moe_config_t    cfg;
+    moe_engine_t   *e;
+    moe_sampling_t  sp;
+    moe_event_t     ev[64];
+    int32_t         prompt[6][9];
+    int             live = 6, n[6] = { 0 };
+    struct pollfd   pfd;
+
+    moe_config_defaults(&cfg);
+    snprintf(cfg.model_path, sizeof(cfg.model_path),
+             "%.900s/models/localmoe-tiny", srcdir);
+    snprintf(cfg.backend, sizeof(cfg.backend), "cpu");
+    cfg.max_model_len = 64;
+    cfg.block_size = 4;
+    cfg.kv_cache_blocks = 64;
+    cfg.tensor_parallel_size = tp;
+    cfg.cpu_threads = 2;
+    if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
+        TAP_DIAG("engine tp %d: %s", tp, err);
+        return -1;
+    }
+    moe_sampling_defaults(&sp);
+    sp.temperature = 0.0f;
+    sp.max_tokens = 16;
+    sp.ignore_eos = 1;
+    for (int i = 0; i < 6; i++) {
+        for (int j = 0; j < 9; j++) {
+            prompt[i][j] = (int32_t) (3 + (i * 41 + j * 13) % 400);
+        }
+        if (moe_engine_submit(e, (uint64_t) i + 1, prompt[i], 9, &sp)
+            != MOE_OK)
+        {
+            moe_engine_destroy(e);
+            return -1;
+        }
+    }
+    pfd.fd = moe_engine_eventfd(e);
+    pfd.events = POLLIN;
+    while (live > 0) {
+        if (poll(&pfd, 1, 10000) <= 0) {
+            break;
+        }
+        size_t k = moe_engine_drain(e, ev, 64);
+
+        for (size_t j = 0; j < k; j++) {
+            int r = (int) ev[j].req_id - 1;
+
+            if (ev[j].type == MOE_EV_TOKEN && n[r] < 16) {
+                out[r][n[r]++] = ev[j].token;
+            } else if (ev[j].type != MOE_EV_TOKEN) {
+                live--;
+            }
+        }
+    }
+    moe_engine_destroy(e);
+    return live == 0 ? 0 : -1;
+}
+
+
+int
+main(int argc, char **argv)
+{
+    static int32_t a[6][16], b[6][16];
+    char          *slash;
+    int            i;
+
+    (void) argc;
+    if (getenv("MOE_SRCDIR")) {
+        snprintf(srcdir, sizeof(srcdir), "%s", getenv("MOE_SRCDIR"));
+    } else if (realpath(argv[0], srcdir) != NULL) {
+        for (i = 0; i < 3 && (slash = strrchr(srcdir, '/')); i++) {
+            *slash = '\0';
+        }
+    }
+    for (size_t k = 0; k < sizeof(models) / sizeof(models[0]); k++) {
+        test_model(models[k], 2);
+        test_model(models[k], 4);
+    }
+    test_swap();
+    TAP_OK(engine_run(1, a) == 0 && engine_run(2, b) == 0
+           && memcmp(a, b, sizeof(a)) == 0, "engine: tensor_parallel_size 2 "
+           "on the cpu gives the greedy streams of tp 1 (6 requests x 16 "
+           "tokens)");
+    TAP_PLAN(tap_n);
+    return TAP_DONE();
+}
