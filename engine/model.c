@@ -1917,3 +1917,116 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
     *out = sh;
     return MOE_OK;
 }
+
+
+/* hparams of rank shards: n_heads, n_kv_heads and intermediate sizes / tp */
+int
+moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
+    char *err, size_t errlen)
+{
+    if (tp < 1 || hp->n_heads % tp || hp->n_kv_heads % tp
+        || hp->ffn_dim % tp || hp->shared_ffn_dim % tp
+        || hp->dense_ffn_dim % tp)
+    {
+        moe_errf(err, errlen, "tensor_parallel_size %d must divide the "
+                 "attention heads (%d), kv heads (%d) and intermediate sizes "
+                 "(%d, shared %d, dense %d)", tp, hp->n_heads,
+                 hp->n_kv_heads, hp->ffn_dim, hp->shared_ffn_dim,
+                 hp->dense_ffn_dim);
+        return MOE_EUNSUPPORTED;
+    }
+    *out = *hp;
+    out->n_heads /= tp;
+    out->n_kv_heads /= tp;
+    out->ffn_dim /= tp;
+    out->shared_ffn_dim /= tp;
+    out->dense_ffn_dim /= tp;
+    return MOE_OK;
+}
+
+
+typedef struct {
+    int    tp, rank;
+    int  (*fn)(void *ctx, const moe_tensor_ref_t *t);
+    void  *ctx;
+    char  *err;
+    size_t errlen;
+} m_shard_ctx_t;
+
+
+/* The rank's slice of one piece: rows (slice 0) or columns (slice 1) */
+static int
+m_shard_piece(void *vctx, const moe_tensor_ref_t *t0)
+{
+    m_shard_ctx_t    *c = vctx;
+    moe_tensor_ref_t  t = *t0;
+    size_t            esz = t.dtype == MOE_DT_F32 ? 4 : 2;
+    int64_t           n, start;
+    int               slice;
+
+    switch (t.kind) {
+    case MOE_WK_WQ: case MOE_WK_WK: case MOE_WK_WV:
+    case MOE_WK_GATE: case MOE_WK_UP:
+    case MOE_WK_WS_GATE: case MOE_WK_WS_UP:
+    case MOE_WK_WD_GATE: case MOE_WK_WD_UP:
+        slice = 0;
+        break;
+    case MOE_WK_BQ: case MOE_WK_BK: case MOE_WK_BV:
+    case MOE_WK_B_GATE: case MOE_WK_B_UP:
+    case MOE_WK_WO: case MOE_WK_DOWN: case MOE_WK_WS_DOWN:
+    case MOE_WK_WD_DOWN:
+        slice = 1;
+        break;
+    case MOE_WK_BO: case MOE_WK_B_DOWN:
+        /* after a row-parallel projection: added once, by rank 0 */
+        return c->rank == 0 ? c->fn(c->ctx, &t) : MOE_OK;
+    default:
+        return c->fn(c->ctx, &t);       /* replicated */
+    }
+    n = slice == 0 ? t.rows : t.cols;
+    if (n % c->tp != 0) {
+        moe_errf(c->err, c->errlen, "tensor parallel: %s (%lld x %lld) does "
+                 "not split in %d", t.name, (long long) t.rows,
+                 (long long) t.cols, c->tp);
+        return MOE_EUNSUPPORTED;
+    }
+    n /= c->tp;
+    start = n * c->rank;
+    /* a destination row is a source row, or a source column when
+     * transposed; likewise columns */
+    if ((slice == 0) != (t.transposed != 0)) {
+        t.data = (const char *) t.data + (size_t) (start * t.ld) * esz;
+    } else {
+        t.data = (const char *) t.data + (size_t) start * esz;
+    }
+    if (slice == 0) {
+        t.rows = n;
+    } else {
+        t.cols = n;
+    }
+    return c->fn(c->ctx, &t);
+}
+
+
+int
+moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
+{
+    m_shard_ctx_t c;
+
+    if (tp <= 1) {
+        return moe_model_for_each_tensor(m, fn, ctx, err, errlen);
+    }
+    if (rank < 0 || rank >= tp || fn == NULL) {
+        moe_errf(err, errlen, "tensor parallel: rank %d of %d", rank, tp);
+        return MOE_EINVAL;
+    }
+    c.tp = tp;
+    c.rank = rank;
+    c.fn = fn;
+    c.ctx = ctx;
+    c.err = err;
+    c.errlen = errlen;
+    return moe_model_for_each_tensor(m, m_shard_piece, &c, err, errlen);
+}

@@ -256,6 +256,22 @@ int moe_model_for_each_tensor(const moe_model_t *m,
     int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
     size_t errlen);
 
+/*
+ * The same walk restricted to rank `rank` of tp (moe_model_shard's split):
+ * each piece's rows or columns narrowed to the rank's slice (data moved,
+ * rows / cols divided, ld kept), replicated pieces unchanged, o_proj and
+ * down biases given to rank 0 only (other ranks' destinations must hold
+ * zeros).  tp <= 1: moe_model_for_each_tensor.
+ */
+int moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen);
+
+/* hp with n_heads, n_kv_heads and the intermediate sizes divided by tp;
+ * MOE_EUNSUPPORTED (err names the sizes) when tp does not divide them. */
+int moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
+    char *err, size_t errlen);
+
 
 /*
  * One sequence's share of a forward step.  The backend processes
@@ -387,6 +403,33 @@ void moe_cpu_backend_set_reduce(moe_backend_t *b, moe_reduce_fn fn,
 int moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
     int block_size, int n_threads, moe_backend_t **out, char *err,
     size_t errlen);
+
+/* How the all-reduce adds and copies the ranks' buffers: host loops for
+ * CPU ranks, kernels for CUDA ranks (moe_cuda_tp_ops). sum: dst[i] =
+ * srcs[0][i] + ... + srcs[R-1][i] for lo <= i < hi (a NULL src adds
+ * nothing); copy: n floats; both complete before returning. */
+typedef struct {
+    int   (*sum)(void *rank_ctx, float *dst, float *const *srcs, int R,
+                 size_t lo, size_t hi);
+    int   (*copy)(void *rank_ctx, float *dst, const float *src, size_t n);
+    void *(*alloc)(size_t bytes);       /* the shared sum buffer */
+    void  (*free)(void *p);
+} moe_tp_ops_t;
+
+/*
+ * The tensor-parallel step around tp rank backends already made (each over
+ * its shard; shards may be NULL when the ranks own nothing of the caller):
+ * set_reduce installs the all-reduce in each.  Takes ownership of the
+ * ranks (and shards) also on failure.
+ */
+int moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
+    const moe_tp_ops_t *ops, void **op_ctx,
+    void (*set_reduce)(moe_backend_t *b, moe_reduce_fn fn, void *ctx),
+    moe_backend_t **out, char *err, size_t errlen);
+
+/* Rank `rank` of a tensor-parallel backend (tests); a plain backend is its
+ * own rank 0. */
+moe_backend_t *moe_tp_backend_rank(moe_backend_t *b, int rank);
 
 /*
  * Tests only (comparing backends with the routing decisions taken out):

@@ -39,6 +39,14 @@ struct tp_backend {
     int                    *rc;            /* (tp) per rank */
     int                     n_done;
 
+    /* how buffers are added and copied (host memory, or device memory
+     * through the kernels of the CUDA ranks) */
+    const moe_tp_ops_t     *ops;
+    void                  **op_ctx;        /* (tp) per rank */
+    void                  (*set_reduce)(moe_backend_t *b, moe_reduce_fn fn,
+                                        void *ctx);
+    int                     own_shards;
+
     /* all-reduce state */
     int                     active;        /* ranks still in this step */
     int                     arrived;
@@ -81,8 +89,8 @@ tp_reduce(void *ctx, float *buf, size_t n)
 {
     tp_rank_t    *rc = ctx;
     tp_backend_t *b = rc->tp;
-    size_t        i, lo, hi;
-    int           r, R = b->tp;
+    size_t        lo, hi;
+    int           R = b->tp;
 
     pthread_mutex_lock(&b->mu);
     b->buf[rc->rank] = buf;
@@ -90,11 +98,12 @@ tp_reduce(void *ctx, float *buf, size_t n)
     if (n > b->sum_cap) {
         /* every rank asks the same n: the first one grows the buffer
          * before anyone can be past the barrier below */
-        float *s = realloc(b->sum, n * sizeof(float));
+        float *s = b->ops->alloc(n * sizeof(float));
 
         if (s == NULL) {
             b->sum_bad = 1;
         } else {
+            b->ops->free(b->sum);
             b->sum = s;
             b->sum_cap = n;
         }
@@ -102,26 +111,25 @@ tp_reduce(void *ctx, float *buf, size_t n)
     tp_barrier(b);
     pthread_mutex_unlock(&b->mu);
 
-    /* this rank's slice of the sum, ranks added in order */
+    /* this rank's slice of the sum, ranks added in order; a rank that
+     * left the step early adds nothing (the step fails anyway) */
     lo = n * (size_t) rc->rank / (size_t) R;
     hi = n * (size_t) (rc->rank + 1) / (size_t) R;
-    if (!b->sum_bad) {
-        for (i = lo; i < hi; i++) {
-            float s = 0.0f;
-
-            for (r = 0; r < R; r++) {
-                s += b->buf[r] != NULL ? b->buf[r][i] : 0.0f;
-            }
-            b->sum[i] = s;
-        }
+    if (!b->sum_bad && b->ops->sum(b->op_ctx[rc->rank], b->sum,
+                                   (float *const *) b->buf, R, lo, hi)
+                       != MOE_OK)
+    {
+        b->sum_bad = 1;
     }
 
     pthread_mutex_lock(&b->mu);
     tp_barrier(b);
     pthread_mutex_unlock(&b->mu);
 
-    if (!b->sum_bad) {
-        memcpy(buf, b->sum, n * sizeof(float));
+    if (!b->sum_bad && b->ops->copy(b->op_ctx[rc->rank], buf, b->sum, n)
+                       != MOE_OK)
+    {
+        b->sum_bad = 1;
     }
 
     pthread_mutex_lock(&b->mu);
@@ -262,9 +270,13 @@ tp_destroy(moe_backend_t *base)
         if (b->rank != NULL && b->rank[r] != NULL) {
             b->rank[r]->destroy(b->rank[r]);
         }
-        if (b->shard != NULL) {
+        if (b->shard != NULL && b->own_shards) {
             moe_model_free(b->shard[r]);
         }
+    }
+    if (b->ops != NULL && b->sum != NULL) {
+        b->ops->free(b->sum);
+        b->sum = NULL;
     }
     pthread_cond_destroy(&b->cv);
     pthread_mutex_destroy(&b->mu);
@@ -275,7 +287,7 @@ tp_destroy(moe_backend_t *base)
     free(b->rseqs);
     free(b->rc);
     free(b->buf);
-    free(b->sum);
+    free(b->op_ctx);
     free(b);
 }
 
@@ -352,29 +364,69 @@ tp_swap_read(moe_backend_t *base, int32_t slot, void *dst)
 }
 
 
+/* host ops: the CPU ranks' buffers are host memory */
+static int
+tp_host_sum(void *octx, float *dst, float *const *srcs, int R, size_t lo,
+    size_t hi)
+{
+    size_t i;
+    int    r;
+
+    (void) octx;
+    for (i = lo; i < hi; i++) {
+        float s = 0.0f;
+
+        for (r = 0; r < R; r++) {
+            s += srcs[r] != NULL ? srcs[r][i] : 0.0f;
+        }
+        dst[i] = s;
+    }
+    return MOE_OK;
+}
+
+
+static int
+tp_host_copy(void *octx, float *dst, const float *src, size_t n)
+{
+    (void) octx;
+    memcpy(dst, src, n * sizeof(float));
+    return MOE_OK;
+}
+
+
+static const moe_tp_ops_t tp_host_ops = {
+    tp_host_sum, tp_host_copy, malloc, free
+};
+
+
 int
-moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
-    int block_size, int n_threads, moe_backend_t **out, char *err,
-    size_t errlen)
+moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
+    const moe_tp_ops_t *ops, void **op_ctx,
+    void (*set_reduce)(moe_backend_t *b, moe_reduce_fn fn, void *ctx),
+    moe_backend_t **out, char *err, size_t errlen)
 {
     tp_backend_t *b;
-    int           r, rc, per;
+    int           r;
 
     *out = NULL;
-    if (tp <= 1) {
-        return moe_cpu_backend_create(m, n_blocks, block_size, n_threads,
-                                      out, err, errlen);
-    }
-    if (tp > 64) {
-        moe_errf(err, errlen, "tensor_parallel_size %d: at most 64", tp);
-        return MOE_EINVAL;
-    }
     b = calloc(1, sizeof(*b));
-    if (b == NULL) {
-        moe_errf(err, errlen, "tensor parallel: out of memory");
-        return MOE_ENOMEM;
+    if (b == NULL || tp < 2 || tp > 64) {
+        free(b);
+        for (r = 0; r < tp; r++) {
+            if (ranks[r] != NULL) {
+                ranks[r]->destroy(ranks[r]);
+            }
+            if (shards != NULL) {
+                moe_model_free(shards[r]);
+            }
+        }
+        moe_errf(err, errlen, "tensor parallel: %s", b == NULL
+                 ? "out of memory" : "tensor_parallel_size must be 2..64");
+        return b == NULL ? MOE_ENOMEM : MOE_EINVAL;
     }
     b->tp = tp;
+    b->ops = ops;
+    b->set_reduce = set_reduce;
     pthread_mutex_init(&b->mu, NULL);
     pthread_cond_init(&b->cv, NULL);
     b->rank = calloc((size_t) tp, sizeof(*b->rank));
@@ -383,25 +435,28 @@ moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
     b->th = calloc((size_t) tp, sizeof(*b->th));
     b->rc = calloc((size_t) tp, sizeof(*b->rc));
     b->buf = calloc((size_t) tp, sizeof(*b->buf));
-    if (!b->rank || !b->shard || !b->rctx || !b->th || !b->rc || !b->buf) {
+    b->op_ctx = calloc((size_t) tp, sizeof(*b->op_ctx));
+    for (r = 0; r < tp; r++) {
+        if (b->rank != NULL) {
+            b->rank[r] = ranks[r];      /* owned from here on */
+        }
+        if (b->shard != NULL && shards != NULL) {
+            b->shard[r] = shards[r];
+        }
+    }
+    b->own_shards = shards != NULL;
+    if (!b->rank || !b->shard || !b->rctx || !b->th || !b->rc || !b->buf
+        || !b->op_ctx)
+    {
         tp_destroy(&b->base);
         moe_errf(err, errlen, "tensor parallel: out of memory");
         return MOE_ENOMEM;
     }
-    per = n_threads > 0 ? (n_threads + tp - 1) / tp : 0;
     for (r = 0; r < tp; r++) {
-        rc = moe_model_shard(m, tp, r, &b->shard[r], err, errlen);
-        if (rc == MOE_OK) {
-            rc = moe_cpu_backend_create(b->shard[r], n_blocks, block_size,
-                                        per, &b->rank[r], err, errlen);
-        }
-        if (rc != MOE_OK) {
-            tp_destroy(&b->base);
-            return rc;
-        }
+        b->op_ctx[r] = op_ctx != NULL ? op_ctx[r] : NULL;
         b->rctx[r].tp = b;
         b->rctx[r].rank = r;
-        moe_cpu_backend_set_reduce(b->rank[r], tp_reduce, &b->rctx[r]);
+        set_reduce(b->rank[r], tp_reduce, &b->rctx[r]);
         b->base.kv_bytes_per_block += b->rank[r]->kv_bytes_per_block;
     }
     for (r = 1; r < tp; r++) {
@@ -415,15 +470,82 @@ moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
         }
         b->n_threads++;
     }
-    b->base.name = "cpu";
+    b->base.name = b->rank[0]->name;
     b->base.sample_tokens = b->rank[0]->sample_tokens;
     b->base.forward = tp_forward;
     b->base.expert_counts = tp_expert_counts;
     b->base.destroy = tp_destroy;
-    b->base.swap_alloc = tp_swap_alloc;
-    b->base.swap_out = tp_swap_out;
-    b->base.swap_in = tp_swap_in;
-    b->base.swap_read = tp_swap_read;
+    b->base.swap_alloc = b->rank[0]->swap_alloc != NULL ? tp_swap_alloc
+                                                       : NULL;
+    b->base.swap_out = b->rank[0]->swap_out != NULL ? tp_swap_out : NULL;
+    b->base.swap_in = b->rank[0]->swap_in != NULL ? tp_swap_in : NULL;
+    b->base.swap_read = b->rank[0]->swap_read != NULL ? tp_swap_read : NULL;
     *out = &b->base;
     return MOE_OK;
+}
+
+
+moe_backend_t *
+moe_tp_backend_rank(moe_backend_t *base, int rank)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+
+    if (base == NULL || base->forward != tp_forward || rank < 0
+        || rank >= b->tp)
+    {
+        return rank == 0 ? base : NULL;
+    }
+    return b->rank[rank];
+}
+
+
+int
+moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
+    int block_size, int n_threads, moe_backend_t **out, char *err,
+    size_t errlen)
+{
+    moe_backend_t **ranks;
+    moe_model_t   **shards;
+    int             r, rc = MOE_OK, per;
+
+    *out = NULL;
+    if (tp <= 1) {
+        return moe_cpu_backend_create(m, n_blocks, block_size, n_threads,
+                                      out, err, errlen);
+    }
+    if (tp > 64) {
+        moe_errf(err, errlen, "tensor_parallel_size %d: at most 64", tp);
+        return MOE_EINVAL;
+    }
+    ranks = calloc((size_t) tp, sizeof(*ranks));
+    shards = calloc((size_t) tp, sizeof(*shards));
+    if (ranks == NULL || shards == NULL) {
+        free(ranks);
+        free(shards);
+        moe_errf(err, errlen, "tensor parallel: out of memory");
+        return MOE_ENOMEM;
+    }
+    per = n_threads > 0 ? (n_threads + tp - 1) / tp : 0;
+    for (r = 0; r < tp && rc == MOE_OK; r++) {
+        rc = moe_model_shard(m, tp, r, &shards[r], err, errlen);
+        if (rc == MOE_OK) {
+            rc = moe_cpu_backend_create(shards[r], n_blocks, block_size, per,
+                                        &ranks[r], err, errlen);
+        }
+    }
+    if (rc != MOE_OK) {
+        for (r = 0; r < tp; r++) {
+            if (ranks[r] != NULL) {
+                ranks[r]->destroy(ranks[r]);
+            }
+            moe_model_free(shards[r]);
+        }
+    } else {
+        rc = moe_tp_backend_wrap(ranks, shards, tp, &tp_host_ops, NULL,
+                                 moe_cpu_backend_set_reduce, out, err,
+                                 errlen);
+    }
+    free(ranks);
+    free(shards);
+    return rc;
 }

@@ -7,8 +7,10 @@
  * <= 1e-5) over chunked prefill of two interleaved sequences on shuffled
  * pages and decode steps, the same greedy tokens, and the same expert
  * counts; a tp that does not divide the model is refused by name; swap
- * out / in on the sharded backend round-trips every rank's pages; and the
- * engine with tensor_parallel_size 2 gives the greedy streams of tp 1.
+ * out / in on the sharded backend round-trips every rank's pages; the
+ * engine with tensor_parallel_size 2 gives the greedy streams of tp 1; and
+ * the sharded tensor walk (moe_model_for_each_tensor_shard, what the CUDA
+ * ranks load from the files) yields exactly moe_model_shard's weights.
  */
 
 #include <math.h>
@@ -19,8 +21,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <stddef.h>
+
 #include "moe.h"
 #include "model.h"
+#include "safetensors.h"
 #include "tap.h"
 
 #define BS      4
@@ -211,6 +216,138 @@ out:
 }
 
 
+
+/* ------------------------------------------- the sharded tensor walk */
+
+static const size_t wk_field[MOE_WK_COUNT] = {
+    offsetof(moe_weights_t, embed), offsetof(moe_weights_t, lm_head),
+    offsetof(moe_weights_t, pos_embed), offsetof(moe_weights_t, final_norm),
+    offsetof(moe_weights_t, final_norm_b),
+    offsetof(moe_weights_t, attn_norm), offsetof(moe_weights_t, attn_norm_b),
+    offsetof(moe_weights_t, ffn_norm), offsetof(moe_weights_t, ffn_norm_b),
+    offsetof(moe_weights_t, wq), offsetof(moe_weights_t, wk),
+    offsetof(moe_weights_t, wv), offsetof(moe_weights_t, wo),
+    offsetof(moe_weights_t, bq), offsetof(moe_weights_t, bk),
+    offsetof(moe_weights_t, bv), offsetof(moe_weights_t, bo),
+    offsetof(moe_weights_t, q_norm), offsetof(moe_weights_t, k_norm),
+    offsetof(moe_weights_t, router), offsetof(moe_weights_t, w_gate),
+    offsetof(moe_weights_t, w_up), offsetof(moe_weights_t, w_down),
+    offsetof(moe_weights_t, b_gate), offsetof(moe_weights_t, b_up),
+    offsetof(moe_weights_t, b_down), offsetof(moe_weights_t, ws_gate),
+    offsetof(moe_weights_t, ws_up), offsetof(moe_weights_t, ws_down),
+    offsetof(moe_weights_t, ws_gate_inp), offsetof(moe_weights_t, wd_gate),
+    offsetof(moe_weights_t, wd_up), offsetof(moe_weights_t, wd_down)
+};
+
+typedef struct {
+    const moe_hparams_t *hp;        /* the shard's */
+    const moe_weights_t *w;         /* moe_model_shard's arrays */
+    int64_t              checked, bad, pieces;
+} walk_ctx_t;
+
+
+static float
+src_elem(const moe_tensor_ref_t *t, int64_t i)
+{
+    const unsigned char *p = (const unsigned char *) t->data;
+    uint32_t             u = 0;
+    uint16_t             h;
+    float                f;
+
+    if (t->dtype == MOE_DT_F32) {
+        memcpy(&f, p + i * 4, 4);
+        return f;
+    }
+    memcpy(&h, p + i * 2, 2);
+    if (t->dtype == MOE_DT_BF16) {
+        u = (uint32_t) h << 16;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    /* f16 */
+    {
+        int e = (h >> 10) & 31, m = h & 1023;
+        float v = e == 0 ? ldexpf((float) m, -24)
+                         : e == 31 ? (m ? NAN : INFINITY)
+                                   : ldexpf((float) (m | 1024), e - 25);
+
+        return (h & 0x8000) ? -v : v;
+    }
+}
+
+
+/* every element of the piece equals the shard array's at its place */
+static int
+walk_check(void *vctx, const moe_tensor_ref_t *t)
+{
+    walk_ctx_t  *c = vctx;
+    const float *arr = *(float *const *) ((const char *) c->w
+                                         + wk_field[t->kind]);
+    int64_t      layer = t->layer > 0 ? t->layer : 0;
+    int64_t      ex = t->expert > 0 ? t->expert : 0;
+    int64_t      E = t->expert >= 0 ? c->hp->n_experts : 1;
+    int64_t      off = (layer * E + ex) * t->rows * t->cols;
+
+    c->pieces++;
+    if (arr == NULL) {
+        c->bad++;
+        return MOE_OK;
+    }
+    for (int64_t r = 0; r < t->rows; r++) {
+        for (int64_t k = 0; k < t->cols; k++) {
+            float v = src_elem(t, t->transposed ? k * t->ld + r
+                                                : r * t->ld + k);
+
+            c->bad += !(v == arr[off + r * t->cols + k]);
+            c->checked++;
+        }
+    }
+    return MOE_OK;
+}
+
+
+static void
+test_walk(const char *rel, int tp)
+{
+    char         dir[PATH_MAX + 64], err[512] = "";
+    moe_model_t *m = NULL, *sh = NULL;
+    walk_ctx_t   c;
+    int          ok = 1, r, rc = MOE_OK;
+    int64_t      checked = 0, bad = 0, pieces = 0;
+    const char  *name = strrchr(rel, '/') + 1;
+
+    snprintf(dir, sizeof(dir), "%s/%s", srcdir, rel);
+    if (moe_model_load(dir, 0, &m, err, sizeof(err)) != MOE_OK) {
+        TAP_OK(0, "%s: load: %s", name, err);
+        return;
+    }
+    for (r = 0; r < tp && ok; r++) {
+        rc = moe_model_shard(m, tp, r, &sh, err, sizeof(err));
+        if (rc != MOE_OK) {
+            break;
+        }
+        memset(&c, 0, sizeof(c));
+        c.hp = moe_model_hparams(sh);
+        c.w = moe_model_weights(sh);
+        ok = moe_model_for_each_tensor_shard(m, tp, r, walk_check, &c, err,
+                                             sizeof(err)) == MOE_OK;
+        checked += c.checked;
+        bad += c.bad;
+        pieces += c.pieces;
+        moe_model_free(sh);
+    }
+    if (rc == MOE_EUNSUPPORTED) {
+        TAP_DIAG("%s tp %d: %s", name, tp, err);
+        moe_model_free(m);
+        return;
+    }
+    TAP_OK(ok && rc == MOE_OK && bad == 0 && checked > 0, "%s tp %d: the "
+           "sharded tensor walk (%lld pieces, %lld elements over the ranks) "
+           "equals moe_model_shard's weights (%lld differ)", name, tp,
+           (long long) pieces, (long long) checked, (long long) bad);
+    moe_model_free(m);
+}
+
 /* swap out / in on 2 ranks: every rank's pages come back bit for bit */
 static void
 test_swap(void)
@@ -350,6 +487,10 @@ main(int argc, char **argv)
     for (size_t k = 0; k < sizeof(models) / sizeof(models[0]); k++) {
         test_model(models[k], 2);
         test_model(models[k], 4);
+    }
+    for (size_t k = 0; k < sizeof(models) / sizeof(models[0]); k++) {
+        test_walk(models[k], 2);
+        test_walk(models[k], 4);
     }
     test_swap();
     TAP_OK(engine_run(1, a) == 0 && engine_run(2, b) == 0
