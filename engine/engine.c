@@ -1463,11 +1463,39 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         int dev = cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0
                   ? cfg->instances[0].gpu_devices[0] : 0;
 
+        int tp = cfg->tensor_parallel_size > 1 ? cfg->tensor_parallel_size
+                                                : 1;
+        int ndev = moe_cuda_device_count(), devs[MOE_MAX_GPUS];
+        int on_dev0 = 0;
+        moe_hparams_t rhp = *hp;
+
+        if (tp > 1 && dummy) {
+            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d with load_format "
+                    "dummy: random weights run as one rank", tp);
+            tp = 1;
+        }
+        for (int r = 0; r < tp && r < MOE_MAX_GPUS; r++) {
+            /* the instance's gpu_devices, else rank modulo the devices */
+            devs[r] = cfg->n_instances > 0
+                      && cfg->instances[0].n_gpu_devices > r
+                      ? cfg->instances[0].gpu_devices[r]
+                      : (dev + r) % (ndev > 0 ? ndev : 1);
+            on_dev0 += devs[r] == devs[0];
+        }
+        if (tp > 1) {
+            rc = moe_hparams_shard(hp, tp, &rhp, err, errlen);
+            if (rc != MOE_OK) {
+                goto fail;
+            }
+        }
         if (n_blocks <= 0) {
-            rc = moe_cuda_kv_blocks_for_hp(hp, cfg->block_size,
+            /* each rank holds its kv heads; ranks sharing a device share
+             * its memory budget */
+            rc = moe_cuda_kv_blocks_for_hp(&rhp, cfg->block_size,
                                            cfg->max_num_batched_tokens,
-                                           cfg->gpu_memory_utilization, dev,
-                                           &n_blocks, err, errlen);
+                                           cfg->gpu_memory_utilization
+                                           / (on_dev0 > 0 ? on_dev0 : 1),
+                                           devs[0], &n_blocks, err, errlen);
             if (rc != MOE_OK) {
                 goto fail;
             }
@@ -1481,17 +1509,14 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                                               cfg->block_size,
                                               cfg->max_num_batched_tokens,
                                               dev, &e->backend, err, errlen)
-             : moe_cuda_backend_create(e->model, n_blocks, cfg->block_size,
-                                       cfg->max_num_batched_tokens, dev,
-                                       &e->backend, err, errlen);
+             : moe_cuda_tp_backend_create(e->model, tp, n_blocks,
+                                          cfg->block_size,
+                                          cfg->max_num_batched_tokens, devs,
+                                          &e->backend, err, errlen);
         if (rc != MOE_OK) {
             goto fail;
         }
         snprintf(e->info.backend, sizeof(e->info.backend), "cuda");
-        if (cfg->tensor_parallel_size > 1) {
-            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d: this build runs "
-                    "one rank on device %d", cfg->tensor_parallel_size, dev);
-        }
 #endif
     } else {
         rc = moe_cpu_backend_create_sized(e, hp, &n_blocks, blocks_per_seq,

@@ -102,6 +102,9 @@ typedef struct {
     moe_backend_t   base;          /* first: the public interface */
     moe_hparams_t   hp;
     int             device;
+    int             tp, rank;       /* tensor-parallel rank (1, 0: all) */
+    moe_reduce_fn   reduce;         /* all-reduce of the partial sums */
+    void           *reduce_ctx;
     int             n_blocks;
     int             block_size;
     int             cap;           /* max tokens per forward */
@@ -975,7 +978,8 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
     ld.wbytes = wl.total;
     ld.t0 = cb_now();
 
-    rc = moe_model_for_each_tensor(m, cb_count, &ld, err, errlen);
+    rc = moe_model_for_each_tensor_shard(m, b->tp, b->rank, cb_count, &ld,
+                                         err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -1001,7 +1005,8 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
         (void) cudaGetLastError();
         rc = ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
     } else {
-        rc = moe_model_for_each_tensor(m, cb_put, &ld, err, errlen);
+        rc = moe_model_for_each_tensor_shard(m, b->tp, b->rank, cb_put, &ld,
+                                             err, errlen);
     }
     ce = cudaStreamSynchronize(b->stream);
     if (rc == MOE_OK && ce != cudaSuccess) {
@@ -1258,8 +1263,8 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
 
 static int
 cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
-    int n_blocks, int block_size, int cap, int device, moe_backend_t **out,
-    char *err, size_t errlen)
+    int n_blocks, int block_size, int cap, int device, int tp, int rank,
+    moe_backend_t **out, char *err, size_t errlen)
 {
     cuda_backend_t *b;
     int             rc, ndev;
@@ -1296,6 +1301,8 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     }
     b->hp = *hp;
     b->device = device;
+    b->tp = tp;
+    b->rank = rank;
     b->n_blocks = n_blocks;
     b->block_size = block_size;
     b->cap = cap;
@@ -1386,7 +1393,7 @@ moe_cuda_backend_create(const moe_model_t *m, int n_blocks, int block_size,
         return MOE_EINVAL;
     }
     return cb_create(moe_model_hparams(m), m, 0, n_blocks, block_size,
-                     max_batched_tokens, device, out, err, errlen);
+                     max_batched_tokens, device, 1, 0, out, err, errlen);
 }
 
 
@@ -1406,7 +1413,7 @@ moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
         return MOE_EUNSUPPORTED;
     }
     return cb_create(hp, NULL, seed, n_blocks, block_size,
-                     max_batched_tokens, device, out, err, errlen);
+                     max_batched_tokens, device, 1, 0, out, err, errlen);
 }
 
 
@@ -1739,6 +1746,21 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 }
 
 
+/* Tensor parallel: the (T, dim) partial sums in b->tmp added over the
+ * ranks (the rank threads meet in b->reduce; this rank's queued work
+ * first completes). */
+static int
+cb_reduce(cuda_backend_t *b, int T)
+{
+    if (b->reduce == NULL) {
+        return MOE_OK;
+    }
+    MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
+    b->reduce(b->reduce_ctx, b->tmp, (size_t) T * b->hp.dim);
+    return MOE_OK;
+}
+
+
 /*
  * The device work of a step after the staging copy: embedding, the layers,
  * and (n_out <= CB_LOGIT_ROWS only, graph) the final norm, lm_head and
@@ -1808,6 +1830,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
             MOE_TRY(moe_cuda_add_bias(b->tmp, D, T, D,
                                       b->bo + (size_t) l * D, s));
         }
+        MOE_TRY(cb_reduce(b, T));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
         MOE_TRY(cb_norm(b, b->tmp, NULL, T, b->ffn_norm + (size_t) l * D,
                         hp->norm_layer ? b->ffn_norm_b + (size_t) l * D
@@ -1816,6 +1839,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                         ? b->xf : NULL));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
         MOE_TRY(cb_ffn(b, l, T));
+        MOE_TRY(cb_reduce(b, T));
     }
     if (n_out > 0 && n_out <= CB_LOGIT_ROWS) {
         MOE_TRY(cb_norm(b, b->tmp, d_rows, n_out, b->final_norm,
@@ -2008,7 +2032,8 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_stage, b->h_stage,
                                    n_stage * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, s));
-    if (b->use_graphs && !b->prof && T <= CB_GRAPH_MAX_T && one
+    if (b->use_graphs && !b->prof && b->reduce == NULL
+        && T <= CB_GRAPH_MAX_T && one
         && (b->hp.n_experts == 1 || cb_ffn_nosync(b, T)))
     {
         /* the cuBLAS expert path syncs with the host: never in a graph */
@@ -2415,4 +2440,194 @@ cb_swap_read(moe_backend_t *base, int32_t slot, void *dst)
                 + (size_t) slot * (size_t) b->base.kv_bytes_per_block,
            (size_t) b->base.kv_bytes_per_block);
     return MOE_OK;
+}
+
+
+/* ------------------------------------------------- tensor parallelism */
+
+#define CB_TP_MAX 64
+
+typedef struct {
+    const float *p[CB_TP_MAX];
+} cb_tp_srcs_t;
+
+
+__global__ void
+kernel_tp_sum(float *dst, cb_tp_srcs_t s, int R, size_t lo, size_t hi)
+{
+    for (size_t i = lo + (size_t) blockIdx.x * blockDim.x + threadIdx.x;
+         i < hi; i += (size_t) gridDim.x * blockDim.x)
+    {
+        float acc = 0.0f;
+
+        for (int r = 0; r < R; r++) {
+            if (s.p[r] != NULL) {
+                acc += s.p[r][i];
+            }
+        }
+        dst[i] = acc;
+    }
+}
+
+
+/* moe_tp_ops_t for CUDA ranks: device buffers, the rank's stream */
+static int
+cb_tp_sum(void *rank_ctx, float *dst, float *const *srcs, int R, size_t lo,
+    size_t hi)
+{
+    cuda_backend_t *b = (cuda_backend_t *) rank_ctx;
+    cb_tp_srcs_t    sp;
+
+    if (R > CB_TP_MAX) {
+        return MOE_EINVAL;
+    }
+    memset(&sp, 0, sizeof(sp));
+    for (int r = 0; r < R; r++) {
+        sp.p[r] = srcs[r];
+    }
+    if (hi > lo) {
+        kernel_tp_sum<<<moe_grid((int64_t) (hi - lo), 256 * 4), 256, 0,
+                        b->stream>>>(dst, sp, R, lo, hi);
+        MOE_CUDA_CHECK_LAUNCH("kernel_tp_sum");
+    }
+    MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
+    return MOE_OK;
+}
+
+
+static int
+cb_tp_copy(void *rank_ctx, float *dst, const float *src, size_t n)
+{
+    cuda_backend_t *b = (cuda_backend_t *) rank_ctx;
+
+    MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float),
+                                   cudaMemcpyDefault, b->stream));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
+    return MOE_OK;
+}
+
+
+static void *
+cb_tp_alloc(size_t bytes)
+{
+    void *p = NULL;
+
+    return cudaMalloc(&p, bytes) == cudaSuccess ? p : NULL;
+}
+
+
+static void
+cb_tp_free(void *p)
+{
+    if (p != NULL) {
+        (void) cudaFree(p);
+    }
+}
+
+
+static const moe_tp_ops_t cb_tp_ops = {
+    cb_tp_sum, cb_tp_copy, cb_tp_alloc, cb_tp_free
+};
+
+
+extern "C" void
+moe_cuda_backend_set_reduce(moe_backend_t *base, moe_reduce_fn fn, void *ctx)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+
+    b->reduce = fn;
+    b->reduce_ctx = ctx;
+}
+
+
+extern "C" int
+moe_cuda_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
+    int block_size, int max_batched_tokens, const int *devices,
+    moe_backend_t **out, char *err, size_t errlen)
+{
+    moe_hparams_t   rhp;
+    moe_backend_t **ranks;
+    void          **ctx;
+    int             r, q, rc, ndev = moe_cuda_device_count(), dev[CB_TP_MAX];
+
+    *out = NULL;
+    if (tp <= 1) {
+        return moe_cuda_backend_create(m, n_blocks, block_size,
+                                       max_batched_tokens,
+                                       devices != NULL ? devices[0] : 0, out,
+                                       err, errlen);
+    }
+    if (m == NULL || tp > CB_TP_MAX || ndev < 1) {
+        cb_err(err, errlen, "cuda backend: tensor_parallel_size %d (at most "
+               "%d, %d devices)", tp, CB_TP_MAX, ndev);
+        return MOE_EINVAL;
+    }
+    rc = moe_hparams_shard(moe_model_hparams(m), tp, &rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    for (r = 0; r < tp; r++) {
+        dev[r] = devices != NULL ? devices[r] : r % ndev;
+        if (dev[r] < 0 || dev[r] >= ndev) {
+            cb_err(err, errlen, "cuda backend: rank %d: no CUDA device %d",
+                   r, dev[r]);
+            return MOE_EINVAL;
+        }
+    }
+    /* ranks on different devices read each other's partial sums */
+    for (r = 0; r < tp; r++) {
+        for (q = 0; q < tp; q++) {
+            int ok = 0;
+
+            if (dev[r] == dev[q]) {
+                continue;
+            }
+            if (cudaDeviceCanAccessPeer(&ok, dev[r], dev[q]) != cudaSuccess
+                || !ok)
+            {
+                cb_err(err, errlen, "cuda backend: tensor parallel ranks on "
+                       "devices %d and %d need peer access (NVLink or PCIe "
+                       "P2P), which this system does not give", dev[r],
+                       dev[q]);
+                return MOE_EUNSUPPORTED;
+            }
+            (void) cudaSetDevice(dev[r]);
+            if (cudaDeviceEnablePeerAccess(dev[q], 0) != cudaSuccess) {
+                (void) cudaGetLastError();  /* already enabled */
+            }
+        }
+    }
+    ranks = (moe_backend_t **) calloc((size_t) tp, sizeof(*ranks));
+    ctx = (void **) calloc((size_t) tp, sizeof(*ctx));
+    if (ranks == NULL || ctx == NULL) {
+        free(ranks);
+        free(ctx);
+        cb_err(err, errlen, "cuda backend: out of memory");
+        return MOE_ENOMEM;
+    }
+    for (r = 0, rc = MOE_OK; r < tp && rc == MOE_OK; r++) {
+        rc = cb_create(&rhp, m, 0, n_blocks, block_size, max_batched_tokens,
+                       dev[r], tp, r, &ranks[r], err, errlen);
+        ctx[r] = ranks[r];
+    }
+    if (rc != MOE_OK) {
+        for (r = 0; r < tp; r++) {
+            if (ranks[r] != NULL) {
+                ranks[r]->destroy(ranks[r]);
+            }
+        }
+    } else {
+        rc = moe_tp_backend_wrap(ranks, NULL, tp, &cb_tp_ops, ctx,
+                                 moe_cuda_backend_set_reduce, out, err,
+                                 errlen);
+    }
+    free(ranks);
+    free(ctx);
+    if (rc == MOE_OK) {
+        moe_log(MOE_LOG_INFO, "cuda backend: %d tensor-parallel ranks (%d "
+                "heads, %d kv heads, intermediate %d each), devices %d..%d",
+                tp, rhp.n_heads, rhp.n_kv_heads, rhp.ffn_dim, dev[0],
+                dev[tp - 1]);
+    }
+    return rc;
 }

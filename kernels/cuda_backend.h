@@ -105,6 +105,26 @@ int moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
     int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen);
 
+/*
+ * Tensor parallelism over tp ranks, rank r on devices[r] (NULL: r modulo
+ * the device count; several ranks may share a device, which is how one
+ * GPU tests the sharding): each rank a CUDA backend over the rank's slice
+ * of the weights read straight from the files
+ * (moe_model_for_each_tensor_shard) with n_blocks KV blocks of its kv
+ * heads, driven by its own thread; after o_proj and after the FFN of every
+ * layer the ranks' partial sums are added by a kernel reading the other
+ * ranks' buffers (peer access across devices; MOE_EUNSUPPORTED without
+ * it), ranks in order, so every rank gets the same sums.  Steps run
+ * without CUDA graphs.  tp 1: moe_cuda_backend_create.
+ */
+int moe_cuda_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
+    int block_size, int max_batched_tokens, const int *devices,
+    moe_backend_t **out, char *err, size_t errlen);
+
+/* A CUDA rank calls fn(ctx, partial, T * dim) at those two points. */
+void moe_cuda_backend_set_reduce(moe_backend_t *b, moe_reduce_fn fn,
+    void *ctx);
+
 /* Device bytes of the weights and of the workspaces for these shapes. */
 int64_t moe_cuda_weight_bytes(const moe_hparams_t *hp);
 int64_t moe_cuda_workspace_bytes(const moe_hparams_t *hp,
