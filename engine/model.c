@@ -1830,22 +1830,15 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
                  "weights to shard");
         return MOE_EINVAL;
     }
-    if (hp->n_heads % tp || hp->n_kv_heads % tp || hp->ffn_dim % tp
-        || hp->shared_ffn_dim % tp || hp->dense_ffn_dim % tp)
-    {
-        moe_errf(err, errlen, "tensor_parallel_size %d must divide the "
-                 "attention heads (%d), kv heads (%d) and intermediate sizes "
-                 "(%d, shared %d, dense %d) of %s", tp, hp->n_heads,
-                 hp->n_kv_heads, hp->ffn_dim, hp->shared_ffn_dim,
-                 hp->dense_ffn_dim, m->dir);
-        return MOE_EUNSUPPORTED;
-    }
     sh = calloc(1, sizeof(*sh));
     if (sh == NULL) {
         return MOE_ENOMEM;
     }
+    if (moe_hparams_shard(hp, tp, &sh->hp, err, errlen) != MOE_OK) {
+        free(sh);
+        return MOE_EUNSUPPORTED;
+    }
     memcpy(sh->dir, m->dir, sizeof(sh->dir));
-    sh->hp = *hp;
     sh->w = *w;                     /* replicated tensors alias the parent */
     sh->st = m->st;
     sh->weight_bytes = m->weight_bytes / tp;
@@ -1861,11 +1854,6 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
     FS = (size_t) hp->shared_ffn_dim / tp;
     FD = (size_t) hp->dense_ffn_dim / tp;
     r = (size_t) rank;
-    sh->hp.n_heads = (int) H;
-    sh->hp.n_kv_heads = (int) KV;
-    sh->hp.ffn_dim = (int) F;
-    sh->hp.shared_ffn_dim = (int) FS;
-    sh->hp.dense_ffn_dim = (int) FD;
 
     o = &sh->w;
     /* column-parallel (output rows split): q/k/v heads, gate/up rows */
