@@ -133,6 +133,21 @@ moe_cmp_desc(const void *a, const void *b)
 }
 
 
+/* the first maximum (lowest id on ties) */
+static int
+moe_argmax(const float *l, int V)
+{
+    int i, best = 0;
+
+    for (i = 1; i < V; i++) {
+        if (l[i] > l[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+
 /* log-sum-exp of the raw logits: only when the caller wants logprobs */
 static float
 moe_lse(const float *x, int V)
@@ -227,12 +242,7 @@ moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     }
 
     if (sp->temperature < 1e-5f) {
-        best = 0;
-        for (i = 1; i < V; i++) {
-            if (logits[i] > logits[best]) {
-                best = i;
-            }
-        }
+        best = moe_argmax(logits, V);
         if (want_lp) {
             *logprob = s->raw[best] - lse;
         }
@@ -305,12 +315,7 @@ moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
 
     if (n == 0) {
         /* only min_p > 1 removes the best token: take it */
-        best = 0;
-        for (i = 1; i < V; i++) {
-            if (logits[i] > logits[best]) {
-                best = i;
-            }
-        }
+        best = moe_argmax(logits, V);
         if (want_lp) {
             *logprob = s->raw[best] - lse;
         }
