@@ -126,6 +126,8 @@ static const cfg_key_t cfg_engine_keys[] = {
     { "backend", CFG_ENUM, OFF(backend), SZ(backend), 0, 0, 0,
       cfg_backends },
     { "cpu_threads", CFG_INT, OFF(cpu_threads), 0, 0, 4096, 0, NULL },
+    { "cpu_tensor_parallel", CFG_BOOL, OFF(cpu_tensor_parallel), 0, 0, 1, 0,
+      NULL },
     { "kv_cache_blocks", CFG_INT, OFF(kv_cache_blocks), 0, 0, INT_MAX, 0,
       NULL },
     { "ring_size", CFG_INT, OFF(ring_size), 0, 16, 1048576, CFG_POW2, NULL },

@@ -116,6 +116,11 @@ typedef struct moe_config {
     /* LocalMoE extensions (engine: section or top level keys) */
     char    backend[16];              /* "auto" | "cpu" | "cuda" */
     int     cpu_threads;              /* 0: all cores */
+    int     cpu_tensor_parallel;      /* 1: the CPU backend also splits the
+                                         model over tensor_parallel_size
+                                         ranks (threads; the reference of
+                                         the sharding, slower than one
+                                         rank); 0: one rank (default) */
     int     kv_cache_blocks;          /* 0: size from memory settings */
     int     ring_size;                /* submit/completion ring slots,
                                          default 4096, power of two */

@@ -968,6 +968,14 @@ eg_run(const char *model, int host, int tp, int32_t out[EG_N][EG_MAXT],
     cfg.max_num_seqs = 16;
     cfg.gpu_memory_utilization = 0.5;
     cfg.tensor_parallel_size = tp < 0 ? 1 : tp;
+    if (tp > 1) {
+        /* several ranks on this one GPU: only when gpu_devices says so */
+        cfg.n_instances = 1;
+        cfg.instances[0].n_gpu_devices = tp;
+        for (int r = 0; r < tp; r++) {
+            cfg.instances[0].gpu_devices[r] = 0;
+        }
+    }
     if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
         unsetenv("MOE_CUDA_SAMPLE_TOKENS");
         TAP_DIAG("engine: %s", err);

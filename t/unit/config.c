@@ -350,7 +350,7 @@ main(int argc, char **argv)
            && c.quantization[0] == '\0' && c.trust_remote_code == 0
            && strcmp(c.load_format, "safetensors") == 0
            && strcmp(c.backend, "cpu") == 0 && c.cpu_threads == 2
-           && c.kv_cache_blocks == 100 && c.ring_size == 1024
+           && c.cpu_tensor_parallel == 1 && c.kv_cache_blocks == 100 && c.ring_size == 1024
            && strcmp(c.file, path) == 0,
            "good_full.yaml: every key of every type lands in its field");
 

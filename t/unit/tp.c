@@ -426,6 +426,7 @@ engine_run(int tp, int32_t out[6][16])
     cfg.block_size = 4;
     cfg.kv_cache_blocks = 64;
     cfg.tensor_parallel_size = tp;
+    cfg.cpu_tensor_parallel = 1;
     cfg.cpu_threads = 2;
     if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
         TAP_DIAG("engine tp %d: %s", tp, err);
