@@ -1744,50 +1744,48 @@ moe_batch_check(const moe_hparams_t *hp, const moe_seq_batch_t *seqs,
 
 /* ------------------------------------------------------- tensor parallel */
 
-/* (outer, rows, cols) -> rows [r0, r0 + nr) of each outer block. */
+/* (outer, rows, cols) -> the block rows [r0, r0 + nr) x columns [c0,
+ * c0 + nc) of each outer matrix, owned by the shard; NULL src: NULL. */
 static float *
-m_slice_rows(moe_model_t *sh, const float *src, size_t outer, size_t rows,
-    size_t cols, size_t r0, size_t nr)
+m_slice(moe_model_t *sh, const float *src, size_t outer, size_t rows,
+    size_t cols, size_t r0, size_t nr, size_t c0, size_t nc)
 {
     float  *d;
-    size_t  o;
+    size_t  o, r;
 
     if (src == NULL) {
         return NULL;
     }
-    d = malloc(sizeof(float) * outer * nr * cols);
+    d = malloc(sizeof(float) * outer * nr * nc);
     if (d == NULL) {
         return NULL;
     }
     sh->owned[sh->n_owned++] = d;
     for (o = 0; o < outer; o++) {
-        memcpy(d + o * nr * cols, src + (o * rows + r0) * cols,
-               sizeof(float) * nr * cols);
+        for (r = 0; r < nr; r++) {
+            memcpy(d + (o * nr + r) * nc, src + (o * rows + r0 + r) * cols + c0,
+                   sizeof(float) * nc);
+        }
     }
     return d;
 }
 
 
-/* (outer, rows, cols) -> columns [c0, c0 + nc) of every row. */
+/* rows [r0, r0 + nr) of each outer block (column parallel) */
+static float *
+m_slice_rows(moe_model_t *sh, const float *src, size_t outer, size_t rows,
+    size_t cols, size_t r0, size_t nr)
+{
+    return m_slice(sh, src, outer, rows, cols, r0, nr, 0, cols);
+}
+
+
+/* columns [c0, c0 + nc) of every row (row parallel) */
 static float *
 m_slice_cols(moe_model_t *sh, const float *src, size_t outer, size_t rows,
     size_t cols, size_t c0, size_t nc)
 {
-    float  *d;
-    size_t  o;
-
-    if (src == NULL) {
-        return NULL;
-    }
-    d = malloc(sizeof(float) * outer * rows * nc);
-    if (d == NULL) {
-        return NULL;
-    }
-    sh->owned[sh->n_owned++] = d;
-    for (o = 0; o < outer * rows; o++) {
-        memcpy(d + o * nc, src + o * cols + c0, sizeof(float) * nc);
-    }
-    return d;
+    return m_slice(sh, src, outer, rows, cols, 0, rows, c0, nc);
 }
 
 

@@ -311,15 +311,19 @@ tp_swap_alloc(moe_backend_t *base, int n_slots, char *err, size_t errlen)
 }
 
 
+/* The same swap on every rank (their pools are indexed alike). */
 static int
-tp_swap_out(moe_backend_t *base, const int32_t *blocks, const int32_t *slots,
-    int n)
+tp_swap_each(moe_backend_t *base, int out, const int32_t *blocks,
+    const int32_t *slots, int n)
 {
-    tp_backend_t *b = (tp_backend_t *) base;
-    int           r, rc;
+    tp_backend_t  *b = (tp_backend_t *) base;
+    moe_backend_t *r;
+    int            i, rc;
 
-    for (r = 0; r < b->tp; r++) {
-        rc = b->rank[r]->swap_out(b->rank[r], blocks, slots, n);
+    for (i = 0; i < b->tp; i++) {
+        r = b->rank[i];
+        rc = out ? r->swap_out(r, blocks, slots, n)
+                 : r->swap_in(r, slots, blocks, n);
         if (rc != MOE_OK) {
             return rc;
         }
@@ -329,19 +333,18 @@ tp_swap_out(moe_backend_t *base, const int32_t *blocks, const int32_t *slots,
 
 
 static int
+tp_swap_out(moe_backend_t *base, const int32_t *blocks, const int32_t *slots,
+    int n)
+{
+    return tp_swap_each(base, 1, blocks, slots, n);
+}
+
+
+static int
 tp_swap_in(moe_backend_t *base, const int32_t *slots, const int32_t *blocks,
     int n)
 {
-    tp_backend_t *b = (tp_backend_t *) base;
-    int           r, rc;
-
-    for (r = 0; r < b->tp; r++) {
-        rc = b->rank[r]->swap_in(b->rank[r], slots, blocks, n);
-        if (rc != MOE_OK) {
-            return rc;
-        }
-    }
-    return MOE_OK;
+    return tp_swap_each(base, 0, blocks, slots, n);
 }
 
 

@@ -46,7 +46,6 @@
 
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -216,20 +215,6 @@ typedef struct {
      * n_kv, hd) bf16, a slot is one block of every layer */
     bf16           *swap_host;
 } cuda_backend_t;
-
-
-static void
-cb_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 
 /* ------------------------------------------------------------- layouts */
@@ -441,7 +426,7 @@ cb_check_shapes(const moe_hparams_t *hp, int block_size, int cap, char *err,
         || hp->vocab_size <= 0 || hp->n_experts <= 0 || hp->top_k <= 0
         || block_size <= 0 || cap <= 0)
     {
-        cb_err(err, errlen, "cuda backend: bad shape or arguments (dim %d, "
+        moe_errf(err, errlen, "cuda backend: bad shape or arguments (dim %d, "
                "layers %d, block_size %d, max tokens %d)", hp->dim,
                hp->n_layers, block_size, cap);
         return MOE_EINVAL;
@@ -449,7 +434,7 @@ cb_check_shapes(const moe_hparams_t *hp, int block_size, int cap, char *err,
     if (!moe_cuda_attention_supported(hp->n_heads, hp->n_kv_heads,
                                       hp->head_dim))
     {
-        cb_err(err, errlen, "cuda backend: attention with %d heads, %d kv "
+        moe_errf(err, errlen, "cuda backend: attention with %d heads, %d kv "
                "heads, head_dim %d not supported (head_dim %% 8 == 0, <= "
                "256; at most 8 query heads per kv head)", hp->n_heads,
                hp->n_kv_heads, hp->head_dim);
@@ -459,12 +444,12 @@ cb_check_shapes(const moe_hparams_t *hp, int block_size, int cap, char *err,
         || (hp->n_experts > 1 && (hp->top_k > hp->n_experts
                                   || hp->top_k > 64)))
     {
-        cb_err(err, errlen, "cuda backend: %d experts, top-%d not supported "
+        moe_errf(err, errlen, "cuda backend: %d experts, top-%d not supported "
                "(at most 256 experts, top-64)", hp->n_experts, hp->top_k);
         return MOE_EUNSUPPORTED;
     }
     if ((int64_t) cap * (hp->n_experts > 1 ? hp->top_k : 1) > (1 << 24)) {
-        cb_err(err, errlen, "cuda backend: max tokens %d too large", cap);
+        moe_errf(err, errlen, "cuda backend: max tokens %d too large", cap);
         return MOE_EINVAL;
     }
     return MOE_OK;
@@ -493,7 +478,7 @@ cb_check_arch(const moe_hparams_t *hp, char *err, size_t errlen)
         why = "odd head_dim with RoPE";
     }
     if (why != NULL) {
-        cb_err(err, errlen, "cuda backend: %s not supported (%s)",
+        moe_errf(err, errlen, "cuda backend: %s not supported (%s)",
                why, hp->arch_name);
         return MOE_EUNSUPPORTED;
     }
@@ -521,13 +506,13 @@ moe_cuda_supports(const moe_hparams_t *hp, char *why, size_t n)
         why[0] = '\0';
     }
     if (hp == NULL) {
-        cb_err(why, n, "no hparams");
+        moe_errf(why, n, "no hparams");
         return 0;
     }
     if (cb_check_shapes(hp, 16, 1, buf, sizeof(buf)) != MOE_OK
         || cb_check_arch(hp, buf, sizeof(buf)) != MOE_OK)
     {
-        cb_err(why, n, "%s", buf);
+        moe_errf(why, n, "%s", buf);
         return 0;
     }
     return 1;
@@ -549,13 +534,13 @@ moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
         return rc;
     }
     if (device < 0 || device >= moe_cuda_device_count()) {
-        cb_err(err, errlen, "cuda backend: no CUDA device %d", device);
+        moe_errf(err, errlen, "cuda backend: no CUDA device %d", device);
         return MOE_EBACKEND;
     }
     if (cudaSetDevice(device) != cudaSuccess
         || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess)
     {
-        cb_err(err, errlen, "cuda backend: cannot query device %d: %s",
+        moe_errf(err, errlen, "cuda backend: cannot query device %d: %s",
                device, cudaGetErrorString(cudaGetLastError()));
         return MOE_EBACKEND;
     }
@@ -564,7 +549,7 @@ moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
              - moe_cuda_workspace_bytes(hp, max_batched_tokens) - CB_SLACK;
     per = cb_kv_bytes_per_block(hp, block_size);
     if (budget < per) {
-        cb_err(err, errlen, "cuda backend: device %d: %lld MiB total, %lld "
+        moe_errf(err, errlen, "cuda backend: device %d: %lld MiB total, %lld "
                "MiB free, weights %lld MiB, workspaces %lld MiB: no room for "
                "the KV cache at gpu_memory_utilization %.2f", device,
                (long long) (total_b >> 20), (long long) (free_b >> 20),
@@ -899,7 +884,7 @@ cb_put(void *ctx, const moe_tensor_ref_t *t)
 
     rc = cb_dest(ld->b, t, &dst, &bf);
     if (rc != MOE_OK) {
-        cb_err(ld->err, ld->errlen, "cuda backend: no place for tensor "
+        moe_errf(ld->err, ld->errlen, "cuda backend: no place for tensor "
                "'%s' (piece %d of layer %d, expert %d)", t->name, t->kind,
                t->layer, t->expert);
         return MOE_EINVAL;
@@ -912,7 +897,7 @@ cb_put(void *ctx, const moe_tensor_ref_t *t)
     if (dst < (char *) ld->b->wbuf
         || dst + (size_t) n * osz > (char *) ld->b->wbuf + ld->wbytes)
     {
-        cb_err(ld->err, ld->errlen, "cuda backend: tensor '%s' does not fit "
+        moe_errf(ld->err, ld->errlen, "cuda backend: tensor '%s' does not fit "
                "its place in the weights", t->name);
         return MOE_EINVAL;
     }
@@ -920,7 +905,7 @@ cb_put(void *ctx, const moe_tensor_ref_t *t)
 #define CB_PUT(call)                                                         \
     do {                                                                     \
         if ((call) != MOE_OK) {                                              \
-            cb_err(ld->err, ld->errlen, "cuda backend: loading '%s' from "   \
+            moe_errf(ld->err, ld->errlen, "cuda backend: loading '%s' from "   \
                    "%s: %s", t->name, t->file, moe_cuda_last_error());       \
             return MOE_EBACKEND;                                             \
         }                                                                    \
@@ -943,7 +928,7 @@ cb_put(void *ctx, const moe_tensor_ref_t *t)
     used = t->transposed ? t->rows : t->cols;
     per = (int64_t) (CB_STAGE_BYTES / ((size_t) t->ld * esz));
     if (per < 1) {
-        cb_err(ld->err, ld->errlen, "cuda backend: tensor '%s': a row of "
+        moe_errf(ld->err, ld->errlen, "cuda backend: tensor '%s': a row of "
                "%lld elements exceeds the %zu MiB staging buffer", t->name,
                (long long) t->ld, CB_STAGE_BYTES >> 20);
         return MOE_EUNSUPPORTED;
@@ -999,7 +984,7 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
         ce = cudaMemsetAsync(b->wbuf, 0, wl.total, b->stream);
     }
     if (ce != cudaSuccess) {
-        cb_err(err, errlen, "cuda backend: weight staging buffers (2 x %zu "
+        moe_errf(err, errlen, "cuda backend: weight staging buffers (2 x %zu "
                "MiB pinned + device): %s", CB_STAGE_BYTES >> 20,
                cudaGetErrorString(ce));
         (void) cudaGetLastError();
@@ -1010,7 +995,7 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
     }
     ce = cudaStreamSynchronize(b->stream);
     if (rc == MOE_OK && ce != cudaSuccess) {
-        cb_err(err, errlen, "cuda backend: loading weights: %s",
+        moe_errf(err, errlen, "cuda backend: loading weights: %s",
                cudaGetErrorString(ce));
         rc = MOE_EBACKEND;
     }
@@ -1102,7 +1087,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     do {                                                                     \
         ce = (stmt);                                                         \
         if (ce != cudaSuccess) {                                             \
-            cb_err(err, errlen, "cuda backend: %s: %s", what,                \
+            moe_errf(err, errlen, "cuda backend: %s: %s", what,                \
                    cudaGetErrorString(ce));                                  \
             (void) cudaGetLastError();                                       \
             return ce == cudaErrorMemoryAllocation ? MOE_ENOMEM              \
@@ -1115,7 +1100,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
             "stream");
     if (cublasCreate(&b->blas) != CUBLAS_STATUS_SUCCESS) {
         b->blas = NULL;
-        cb_err(err, errlen, "cuda backend: cublasCreate failed");
+        moe_errf(err, errlen, "cuda backend: cublasCreate failed");
         return MOE_EBACKEND;
     }
     CB_CUDA(cudaMalloc(&b->blas_ws, CB_BLAS_WS), "cuBLAS workspace");
@@ -1123,7 +1108,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
         || cublasSetWorkspace(b->blas, b->blas_ws, CB_BLAS_WS)
            != CUBLAS_STATUS_SUCCESS)
     {
-        cb_err(err, errlen, "cuda backend: cuBLAS stream/workspace setup "
+        moe_errf(err, errlen, "cuda backend: cuBLAS stream/workspace setup "
                "failed");
         return MOE_EBACKEND;
     }
@@ -1202,7 +1187,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->att_part = (float *) (s + sl.att_part);
     /* the split kernel's counters must start at zero (it keeps them so) */
     if (moe_cuda_attention_ws_init(b->att_part, b->stream) != MOE_OK) {
-        cb_err(err, errlen, "cuda backend: attention workspace: %s",
+        moe_errf(err, errlen, "cuda backend: attention workspace: %s",
                moe_cuda_last_error());
         return MOE_EBACKEND;
     }
@@ -1215,7 +1200,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
                                         b->cap, 0, 0.0f, 1.0f, b->stream)
                != MOE_OK)
         {
-            cb_err(err, errlen, "cuda backend: margins: %s",
+            moe_errf(err, errlen, "cuda backend: margins: %s",
                    moe_cuda_last_error());
             return MOE_EBACKEND;
         }
@@ -1254,7 +1239,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->expert_counts = (int64_t *) calloc((size_t) hp->n_layers
                                           * hp->n_experts, sizeof(int64_t));
     if (b->out_seq == NULL || b->expert_counts == NULL) {
-        cb_err(err, errlen, "cuda backend: out of host memory");
+        moe_errf(err, errlen, "cuda backend: out of host memory");
         return MOE_ENOMEM;
     }
     return MOE_OK;
@@ -1275,7 +1260,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
         rc = cb_check_arch(hp, err, errlen);
     }
     if (rc == MOE_OK && m != NULL && moe_model_tensors(m) == NULL) {
-        cb_err(err, errlen, "cuda backend: the model has no weights "
+        moe_errf(err, errlen, "cuda backend: the model has no weights "
                "(load_format 'dummy'?)");
         rc = MOE_EINVAL;
     }
@@ -1283,20 +1268,20 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
         return rc;
     }
     if (n_blocks <= 0 || (int64_t) n_blocks * block_size > (1 << 30)) {
-        cb_err(err, errlen, "cuda backend: bad KV pool (%d blocks of %d)",
+        moe_errf(err, errlen, "cuda backend: bad KV pool (%d blocks of %d)",
                n_blocks, block_size);
         return MOE_EINVAL;
     }
     ndev = moe_cuda_device_count();
     if (device < 0 || device >= ndev) {
-        cb_err(err, errlen, "cuda backend: no CUDA device %d (%d found)",
+        moe_errf(err, errlen, "cuda backend: no CUDA device %d (%d found)",
                device, ndev);
         return MOE_EBACKEND;
     }
 
     b = (cuda_backend_t *) calloc(1, sizeof(*b));
     if (b == NULL) {
-        cb_err(err, errlen, "cuda backend: out of memory");
+        moe_errf(err, errlen, "cuda backend: out of memory");
         return MOE_ENOMEM;
     }
     b->hp = *hp;
@@ -1357,13 +1342,13 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
         } else {
             rc = cb_random_weights(b, seed);
             if (rc != MOE_OK) {
-                cb_err(err, errlen, "cuda backend: weights: %s",
+                moe_errf(err, errlen, "cuda backend: weights: %s",
                        moe_cuda_last_error());
             }
         }
     }
     if (rc == MOE_OK && cudaStreamSynchronize(b->stream) != cudaSuccess) {
-        cb_err(err, errlen, "cuda backend: %s",
+        moe_errf(err, errlen, "cuda backend: %s",
                cudaGetErrorString(cudaGetLastError()));
         rc = MOE_EBACKEND;
     }
@@ -1389,7 +1374,7 @@ moe_cuda_backend_create(const moe_model_t *m, int n_blocks, int block_size,
 {
     *out = NULL;
     if (m == NULL) {
-        cb_err(err, errlen, "cuda backend: no model");
+        moe_errf(err, errlen, "cuda backend: no model");
         return MOE_EINVAL;
     }
     return cb_create(moe_model_hparams(m), m, 0, n_blocks, block_size,
@@ -1404,11 +1389,11 @@ moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
 {
     *out = NULL;
     if (hp == NULL) {
-        cb_err(err, errlen, "cuda backend: no hparams");
+        moe_errf(err, errlen, "cuda backend: no hparams");
         return MOE_EINVAL;
     }
     if (cb_has_extras(hp)) {
-        cb_err(err, errlen, "cuda backend: random weights only for the "
+        moe_errf(err, errlen, "cuda backend: random weights only for the "
                "Llama/Mistral/Mixtral feature set (%s)", hp->arch_name);
         return MOE_EUNSUPPORTED;
     }
@@ -2336,13 +2321,13 @@ cb_swap_alloc(moe_backend_t *base, int n_slots, char *err, size_t errlen)
     cudaError_t     ce;
 
     if (n_slots < 0) {
-        cb_err(err, errlen, "cuda backend: bad swap slot count %d", n_slots);
+        moe_errf(err, errlen, "cuda backend: bad swap slot count %d", n_slots);
         return MOE_EINVAL;
     }
     if (cudaSetDevice(b->device) != cudaSuccess
         || cudaStreamSynchronize(b->stream) != cudaSuccess)
     {
-        cb_err(err, errlen, "cuda backend: swap space: %s",
+        moe_errf(err, errlen, "cuda backend: swap space: %s",
                cudaGetErrorString(cudaGetLastError()));
         return MOE_EBACKEND;
     }
@@ -2360,7 +2345,7 @@ cb_swap_alloc(moe_backend_t *base, int n_slots, char *err, size_t errlen)
     if (ce != cudaSuccess) {
         b->swap_host = NULL;
         (void) cudaGetLastError();
-        cb_err(err, errlen, "cuda backend: pinned swap space of %d blocks "
+        moe_errf(err, errlen, "cuda backend: pinned swap space of %d blocks "
                "(%zu MiB): %s", n_slots, bytes >> 20,
                cudaGetErrorString(ce));
         return ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
@@ -2558,7 +2543,7 @@ moe_cuda_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
                                        err, errlen);
     }
     if (m == NULL || tp > CB_TP_MAX || ndev < 1) {
-        cb_err(err, errlen, "cuda backend: tensor_parallel_size %d (at most "
+        moe_errf(err, errlen, "cuda backend: tensor_parallel_size %d (at most "
                "%d, %d devices)", tp, CB_TP_MAX, ndev);
         return MOE_EINVAL;
     }
@@ -2569,7 +2554,7 @@ moe_cuda_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
     for (r = 0; r < tp; r++) {
         dev[r] = devices != NULL ? devices[r] : r % ndev;
         if (dev[r] < 0 || dev[r] >= ndev) {
-            cb_err(err, errlen, "cuda backend: rank %d: no CUDA device %d",
+            moe_errf(err, errlen, "cuda backend: rank %d: no CUDA device %d",
                    r, dev[r]);
             return MOE_EINVAL;
         }
@@ -2585,7 +2570,7 @@ moe_cuda_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
             if (cudaDeviceCanAccessPeer(&ok, dev[r], dev[q]) != cudaSuccess
                 || !ok)
             {
-                cb_err(err, errlen, "cuda backend: tensor parallel ranks on "
+                moe_errf(err, errlen, "cuda backend: tensor parallel ranks on "
                        "devices %d and %d need peer access (NVLink or PCIe "
                        "P2P), which this system does not give", dev[r],
                        dev[q]);
@@ -2602,7 +2587,7 @@ moe_cuda_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
     if (ranks == NULL || ctx == NULL) {
         free(ranks);
         free(ctx);
-        cb_err(err, errlen, "cuda backend: out of memory");
+        moe_errf(err, errlen, "cuda backend: out of memory");
         return MOE_ENOMEM;
     }
     for (r = 0, rc = MOE_OK; r < tp && rc == MOE_OK; r++) {
