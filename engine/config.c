@@ -245,6 +245,28 @@ cfg_is_null(const yaml_node_t *n)
 }
 
 
+/*
+ * The text of a plain scalar that may hold a number: not empty and not
+ * starting with a space (strtoll / strtod would skip it); NULL otherwise.
+ */
+static const char *
+cfg_number_text(const yaml_node_t *n)
+{
+    const char  *v;
+
+    if (!cfg_is_plain(n)) {
+        return NULL;
+    }
+
+    v = (const char *) n->data.scalar.value;
+    if (*v == '\0' || isspace((unsigned char) *v)) {
+        return NULL;
+    }
+
+    return v;
+}
+
+
 /* Plain decimal integer scalar into *out; -1 if not one or out of int. */
 static int
 cfg_parse_int(const yaml_node_t *n, long long *out)
@@ -253,12 +275,8 @@ cfg_parse_int(const yaml_node_t *n, long long *out)
     char        *end;
     long long    x;
 
-    if (!cfg_is_plain(n)) {
-        return -1;
-    }
-
-    v = (const char *) n->data.scalar.value;
-    if (*v == '\0' || isspace((unsigned char) *v)) {
+    v = cfg_number_text(n);
+    if (v == NULL) {
         return -1;
     }
 
@@ -281,12 +299,8 @@ cfg_parse_double(const yaml_node_t *n, double *out)
     char        *end;
     double       x;
 
-    if (!cfg_is_plain(n)) {
-        return -1;
-    }
-
-    v = (const char *) n->data.scalar.value;
-    if (*v == '\0' || isspace((unsigned char) *v)) {
+    v = cfg_number_text(n);
+    if (v == NULL) {
         return -1;
     }
 

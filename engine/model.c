@@ -71,66 +71,22 @@ static const char *supported_archs =
 
 
 
-static char *
-m_read_file(const char *path)
-{
-    FILE  *fp;
-    char  *buf = NULL;
-    long   n;
-
-    fp = fopen(path, "rb");
-    if (fp == NULL) {
-        return NULL;
-    }
-    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) >= 0
-        && fseek(fp, 0, SEEK_SET) == 0)
-    {
-        buf = malloc((size_t) n + 1);
-        if (buf != NULL) {
-            if (fread(buf, 1, (size_t) n, fp) != (size_t) n) {
-                free(buf);
-                buf = NULL;
-                errno = EIO;
-            } else {
-                buf[n] = '\0';
-            }
-        }
-    }
-    fclose(fp);
-    return buf;
-}
-
-
 /* Parse a JSON file; MOE_EIO when missing, MOE_EFORMAT when malformed. */
 static int
 m_parse_json(const char *path, yajl_val *out, char *err, size_t errlen)
 {
-    char      *text, *p;
-    char       jerr[256];
-    yajl_val   root;
+    char  *text;
+    int    rc;
 
     *out = NULL;
-    text = m_read_file(path);
+    text = moe_read_file(path, NULL);
     if (text == NULL) {
         moe_errf(err, errlen, "%s: %s", path, strerror(errno));
         return MOE_EIO;
     }
-    jerr[0] = '\0';
-    root = yajl_tree_parse(text, jerr, sizeof(jerr));
+    rc = moe_json_parse_object(text, path, "", out, err, errlen);
     free(text);
-    if (root == NULL || !YAJL_IS_OBJECT(root)) {
-        for (p = jerr; *p; p++) {
-            if (*p == '\n' || *p == '\r') {
-                *p = ' ';
-            }
-        }
-        moe_errf(err, errlen, "%s: not a JSON object%s%s", path,
-              jerr[0] ? ": " : "", jerr);
-        yajl_tree_free(root);
-        return MOE_EFORMAT;
-    }
-    *out = root;
-    return MOE_OK;
+    return rc;
 }
 
 

@@ -11,8 +11,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -40,8 +38,6 @@ struct moe_st_set {
     size_t           *slots;      /* hash table of tensor index + 1; 0 empty */
     size_t            n_slots;    /* power of two */
 };
-
-
 
 
 size_t
@@ -92,6 +88,32 @@ st_push_tensor(moe_st_set_t *s, const moe_st_tensor_t *t)
         s->cap_tensors = cap;
     }
     s->tensors[s->n_tensors++] = *t;
+    return MOE_OK;
+}
+
+
+int
+moe_json_parse_object(const char *text, const char *path, const char *what,
+    yajl_val *out, char *err, size_t errlen)
+{
+    char      jerr[256], *nl;
+    yajl_val  root;
+
+    *out = NULL;
+    jerr[0] = '\0';
+    root = yajl_tree_parse(text, jerr, sizeof(jerr));
+    if (root == NULL || !YAJL_IS_OBJECT(root)) {
+        for (nl = jerr; *nl; nl++) {
+            if (*nl == '\n' || *nl == '\r') {
+                *nl = ' ';
+            }
+        }
+        moe_errf(err, errlen, "%s: %snot a JSON object%s%s", path, what,
+               jerr[0] ? ": " : "", jerr);
+        yajl_tree_free(root);
+        return MOE_EFORMAT;
+    }
+    *out = root;
     return MOE_OK;
 }
 
@@ -236,7 +258,6 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
     uint64_t        hlen;
     const unsigned char *p;
     char           *json;
-    char            jerr[256];
     yajl_val        root;
     size_t          i;
 
@@ -298,24 +319,12 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
     }
     memcpy(json, p + 8, hlen);
     json[hlen] = '\0';
-    jerr[0] = '\0';
-    root = yajl_tree_parse(json, jerr, sizeof(jerr));
+    rc = moe_json_parse_object(json, path, "header is ", &root, err, errlen);
     free(json);
-    if (root == NULL || !YAJL_IS_OBJECT(root)) {
-        char *nl;
-
-        for (nl = jerr; *nl; nl++) {
-            if (*nl == '\n' || *nl == '\r') {
-                *nl = ' ';
-            }
-        }
-        moe_errf(err, errlen, "%s: header is not a JSON object%s%s", path,
-               jerr[0] ? ": " : "", jerr);
-        yajl_tree_free(root);
-        return MOE_EFORMAT;
+    if (rc != MOE_OK) {
+        return rc;
     }
 
-    rc = MOE_OK;
     for (i = 0; i < root->u.object.len; i++) {
         const char *name = root->u.object.keys[i];
 
@@ -408,36 +417,22 @@ st_join(const char *dir, const char *name)
 }
 
 
-static char *
-st_read_file(const char *path, size_t *len)
+/* st_add_file() of dir/name. */
+static int
+st_add_dir_file(moe_st_set_t *s, const char *dir, const char *name,
+    char *err, size_t errlen)
 {
-    FILE   *fp;
-    char   *buf;
-    long    n;
+    char  *path;
+    int    rc;
 
-    fp = fopen(path, "rb");
-    if (fp == NULL) {
-        return NULL;
+    path = st_join(dir, name);
+    if (path == NULL) {
+        moe_errf(err, errlen, "out of memory");
+        return MOE_ENOMEM;
     }
-    buf = NULL;
-    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) >= 0
-        && fseek(fp, 0, SEEK_SET) == 0)
-    {
-        buf = malloc((size_t) n + 1);
-        if (buf != NULL) {
-            if (fread(buf, 1, (size_t) n, fp) != (size_t) n) {
-                free(buf);
-                buf = NULL;
-            } else {
-                buf[n] = '\0';
-                if (len) {
-                    *len = (size_t) n;
-                }
-            }
-        }
-    }
-    fclose(fp);
-    return buf;
+    rc = st_add_file(s, path, err, errlen);
+    free(path);
+    return rc;
 }
 
 
@@ -446,14 +441,14 @@ static int
 st_open_index(moe_st_set_t *s, const char *dir, const char *ipath,
     char *err, size_t errlen)
 {
-    char        *text, *path;
+    char        *text;
     char         jerr[256];
     yajl_val     root, wm;
     const char  *wm_path[] = { "weight_map", NULL };
     size_t       i, j;
     int          rc, seen;
 
-    text = st_read_file(ipath, NULL);
+    text = moe_read_file(ipath, NULL);
     if (text == NULL) {
         moe_errf(err, errlen, "%s: %s", ipath, strerror(errno));
         return MOE_EIO;
@@ -499,14 +494,7 @@ st_open_index(moe_st_set_t *s, const char *dir, const char *ipath,
         if (seen) {
             continue;
         }
-        path = st_join(dir, shard);
-        if (path == NULL) {
-            moe_errf(err, errlen, "out of memory");
-            rc = MOE_ENOMEM;
-            break;
-        }
-        rc = st_add_file(s, path, err, errlen);
-        free(path);
+        rc = st_add_dir_file(s, dir, shard, err, errlen);
     }
     if (rc == MOE_OK) {
         rc = st_build_index(s, err, errlen);
@@ -562,9 +550,9 @@ moe_st_open_dir(const char *dir, moe_st_set_t **out, char *err,
 
     path = st_join(dir, "model.safetensors.index.json");
     if (path == NULL) {
-        moe_st_close(s);
         moe_errf(err, errlen, "out of memory");
-        return MOE_ENOMEM;
+        rc = MOE_ENOMEM;
+        goto done;
     }
     if (access(path, F_OK) == 0) {
         rc = st_open_index(s, dir, path, err, errlen);
@@ -575,9 +563,9 @@ moe_st_open_dir(const char *dir, moe_st_set_t **out, char *err,
 
     path = st_join(dir, "model.safetensors");
     if (path == NULL) {
-        moe_st_close(s);
         moe_errf(err, errlen, "out of memory");
-        return MOE_ENOMEM;
+        rc = MOE_ENOMEM;
+        goto done;
     }
     if (access(path, F_OK) == 0) {
         rc = st_add_file(s, path, err, errlen);
@@ -592,8 +580,8 @@ moe_st_open_dir(const char *dir, moe_st_set_t **out, char *err,
     d = opendir(dir);
     if (d == NULL) {
         moe_errf(err, errlen, "%s: %s", dir, strerror(errno));
-        moe_st_close(s);
-        return MOE_EIO;
+        rc = MOE_EIO;
+        goto done;
     }
     names = NULL;
     n = cap = 0;
@@ -629,14 +617,7 @@ moe_st_open_dir(const char *dir, moe_st_set_t **out, char *err,
     } else {
         qsort(names, n, sizeof(*names), st_name_cmp);
         for (i = 0; i < n && rc == MOE_OK; i++) {
-            path = st_join(dir, names[i]);
-            if (path == NULL) {
-                moe_errf(err, errlen, "out of memory");
-                rc = MOE_ENOMEM;
-                break;
-            }
-            rc = st_add_file(s, path, err, errlen);
-            free(path);
+            rc = st_add_dir_file(s, dir, names[i], err, errlen);
         }
         if (rc == MOE_OK) {
             rc = st_build_index(s, err, errlen);

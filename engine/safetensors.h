@@ -87,6 +87,16 @@ int64_t moe_st_total_bytes(const moe_st_set_t *s);
 int moe_st_to_f32(const moe_st_tensor_t *t, int64_t first, int64_t n,
     float *dst);
 
+/*
+ * Parse '\0'-terminated JSON text that must be an object (shared with the
+ * config.json reader).  Otherwise MOE_EFORMAT with
+ * "<path>: <what>not a JSON object[: <yajl message on one line>]".  The
+ * caller frees *out with yajl_tree_free().
+ */
+struct yajl_val_s;
+int moe_json_parse_object(const char *text, const char *path,
+    const char *what, struct yajl_val_s **out, char *err, size_t errlen);
+
 /* Exact scalar conversions. */
 float moe_bf16_to_f32(uint16_t h);
 float moe_f16_to_f32(uint16_t h);

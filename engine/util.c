@@ -1,9 +1,12 @@
 /*
- * Status strings, logging and parameter defaults shared by the engine.
+ * Status strings, logging, file reading and parameter defaults shared by the
+ * engine.
  */
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "moe.h"
@@ -72,6 +75,40 @@ moe_errf(char *err, size_t errlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
     va_end(ap);
+}
+
+
+char *
+moe_read_file(const char *path, size_t *len)
+{
+    FILE  *fp;
+    char  *buf;
+    long   n;
+
+    fp = fopen(path, "rb");
+    if (fp == NULL) {
+        return NULL;
+    }
+    buf = NULL;
+    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) >= 0
+        && fseek(fp, 0, SEEK_SET) == 0)
+    {
+        buf = malloc((size_t) n + 1);
+        if (buf != NULL) {
+            if (fread(buf, 1, (size_t) n, fp) != (size_t) n) {
+                free(buf);
+                buf = NULL;
+                errno = EIO;
+            } else {
+                buf[n] = '\0';
+                if (len != NULL) {
+                    *len = (size_t) n;
+                }
+            }
+        }
+    }
+    fclose(fp);
+    return buf;
 }
 
 

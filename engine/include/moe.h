@@ -59,6 +59,13 @@ void moe_log(int level, const char *fmt, ...)
 void moe_errf(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/*
+ * The whole file in a malloc'ed buffer with a '\0' appended (*len, when len
+ * is not NULL: the bytes before it).  NULL with errno set on failure (EIO
+ * for a short read).
+ */
+char *moe_read_file(const char *path, size_t *len);
+
 
 /* ---------------------------------------------------------- configuration */
 
