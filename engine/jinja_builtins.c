@@ -33,20 +33,6 @@ moe_jj_arg(moe_jv_t *args, int nargs, char **kw, int nkw, int pos,
 }
 
 
-static moe_jv_t
-moe_jj_filter_cat(moe_jj_ctx_t *c, moe_jv_t a, moe_jv_t b)
-{
-    char  *p = moe_jj_alloc(&c->arena, a.u.s.n + b.u.s.n + 1);
-
-    if (p == NULL) {
-        moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
-    }
-    memcpy(p, a.u.s.p, a.u.s.n);
-    memcpy(p + a.u.s.n, b.u.s.p, b.u.s.n);
-    return moe_jv_str(NULL, p, a.u.s.n + b.u.s.n);
-}
-
-
 moe_jv_t
 moe_jj_need_str(moe_jj_ctx_t *c, moe_jv_t v, const char *what, int line)
 {
@@ -167,10 +153,7 @@ moe_jj_replace(moe_jj_ctx_t *c, moe_jv_t s, moe_jv_t old, moe_jv_t new,
     if (new.u.s.n > 0 && max > (MOE_JJ_MAX_OUT - s.u.s.n) / new.u.s.n) {
         max = (MOE_JJ_MAX_OUT - s.u.s.n) / new.u.s.n;
     }
-    o = moe_jj_alloc(&c->arena, s.u.s.n + max * new.u.s.n + 1);
-    if (o == NULL) {
-        moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
-    }
+    o = moe_jj_xalloc(c, s.u.s.n + max * new.u.s.n + 1);
     while (i < s.u.s.n) {
         if ((count < 0 || (long long) hits < count) && hits < max
             && i + old.u.s.n <= s.u.s.n
@@ -260,7 +243,7 @@ moe_jj_affix(moe_jj_ctx_t *c, moe_jv_t s, moe_jv_t a, int end, int line)
 }
 
 
-long long
+static long long
 moe_jj_len(moe_jj_ctx_t *c, moe_jv_t v, int line)
 {
     switch (v.t) {
@@ -456,9 +439,9 @@ moe_jj_filter(moe_jj_ctx_t *c, moe_jn_t *n, moe_jv_t v, moe_jv_t *args,
                 x = moe_jj_attr_path(x, at);
             }
             if (i > 0) {
-                r = moe_jj_filter_cat(c, r, sep);
+                r = moe_jv_concat(c, r, sep);
             }
-            r = moe_jj_filter_cat(c, r, moe_jv_tostr(c, x));
+            r = moe_jv_concat(c, r, moe_jv_tostr(c, x));
         }
         return r;
     }
@@ -490,7 +473,7 @@ moe_jj_filter(moe_jj_ctx_t *c, moe_jn_t *n, moe_jv_t v, moe_jv_t *args,
             moe_jv_t  s = moe_jv_str(NULL, "", 0);
 
             for (i = 0; i < r.u.l->n; i++) {
-                s = moe_jj_filter_cat(c, s, r.u.l->v[i]);
+                s = moe_jv_concat(c, s, r.u.l->v[i]);
             }
             return s;
         }

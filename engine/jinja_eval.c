@@ -53,11 +53,7 @@ moe_jj_out(moe_jj_ctx_t *c, const char *p, size_t n)
         while (cap < c->len + n + 1) {
             cap *= 2;
         }
-        o = moe_jj_alloc(&c->arena, cap);
-        if (o == NULL) {
-            moe_jj_fail(c, MOE_EINVAL, "template render used too much "
-                        "memory");
-        }
+        o = moe_jj_xalloc(c, cap);
         if (c->len > 0) {
             memcpy(o, c->out, c->len);
         }
@@ -185,10 +181,7 @@ moe_jj_slice(moe_jj_ctx_t *c, moe_jn_t *n)
         len = (long long) o.u.l->n;
     } else if (o.t == MOE_JV_STR) {
         len = (long long) moe_jj_utf8_len(o.u.s.p, o.u.s.n);
-        offs = moe_jj_alloc(&c->arena, (size_t) (len + 1) * sizeof(*offs));
-        if (offs == NULL) {
-            moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
-        }
+        offs = moe_jj_xalloc(c, (size_t) (len + 1) * sizeof(*offs));
         for (i = 0, k = 0; i < (long long) o.u.s.n; i++) {
             if (((unsigned char) o.u.s.p[i] & 0xc0) != 0x80) {
                 offs[k++] = (size_t) i;
@@ -239,11 +232,7 @@ moe_jj_slice(moe_jj_ctx_t *c, moe_jn_t *n)
         size_t   bn = 0;
 
         if (o.t == MOE_JV_STR) {
-            buf = moe_jj_alloc(&c->arena, o.u.s.n + 1);
-            if (buf == NULL) {
-                moe_jj_fail(c, MOE_EINVAL, "template render used too much "
-                            "memory");
-            }
+            buf = moe_jj_xalloc(c, o.u.s.n + 1);
         }
         for (i = v[0]; v[2] > 0 ? i < v[1] : i > v[1]; i += v[2]) {
             if (o.t == MOE_JV_LIST) {
@@ -303,11 +292,8 @@ moe_jj_repeat(moe_jj_ctx_t *c, moe_jv_t s, long long k)
         moe_jj_fail(c, MOE_EINVAL, "string repetition too large");
     }
     {
-        char  *p = moe_jj_alloc(&c->arena, s.u.s.n * (size_t) k + 1);
+        char  *p = moe_jj_xalloc(c, s.u.s.n * (size_t) k + 1);
 
-        if (p == NULL) {
-            moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
-        }
         for (i = 0; i < k; i++) {
             memcpy(p + (size_t) i * s.u.s.n, s.u.s.p, s.u.s.n);
         }
@@ -327,24 +313,11 @@ moe_jj_binop(moe_jj_ctx_t *c, moe_jn_t *n, moe_jv_t a, moe_jv_t b)
 
     if (op[0] == '~') {
         moe_jv_t  sa = moe_jv_tostr(c, a), sb = moe_jv_tostr(c, b);
-        char     *p = moe_jj_alloc(&c->arena, sa.u.s.n + sb.u.s.n + 1);
 
-        if (p == NULL) {
-            moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
-        }
-        memcpy(p, sa.u.s.p, sa.u.s.n);
-        memcpy(p + sa.u.s.n, sb.u.s.p, sb.u.s.n);
-        return moe_jv_str(NULL, p, sa.u.s.n + sb.u.s.n);
+        return moe_jv_concat(c, sa, sb);
     }
     if (op[0] == '+' && a.t == MOE_JV_STR && b.t == MOE_JV_STR) {
-        char  *p = moe_jj_alloc(&c->arena, a.u.s.n + b.u.s.n + 1);
-
-        if (p == NULL) {
-            moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
-        }
-        memcpy(p, a.u.s.p, a.u.s.n);
-        memcpy(p + a.u.s.n, b.u.s.p, b.u.s.n);
-        return moe_jv_str(NULL, p, a.u.s.n + b.u.s.n);
+        return moe_jv_concat(c, a, b);
     }
     if (op[0] == '+' && a.t == MOE_JV_LIST && b.t == MOE_JV_LIST) {
         moe_jv_t  l = moe_jv_list(c);
@@ -488,10 +461,7 @@ moe_jj_args(moe_jj_ctx_t *c, moe_jn_t *n)
     int        i;
 
     if (n->nkids > 0) {
-        args = moe_jj_alloc(&c->arena, (size_t) n->nkids * sizeof(*args));
-        if (args == NULL) {
-            moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
-        }
+        args = moe_jj_xalloc(c, (size_t) n->nkids * sizeof(*args));
         for (i = 0; i < n->nkids; i++) {
             args[i] = moe_jj_eval(c, n->kids[i]);
         }

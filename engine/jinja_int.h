@@ -142,14 +142,10 @@ moe_jj_tok_t *moe_jj_cur(moe_jj_parser_t *P);
 int moe_jj_is_op(moe_jj_parser_t *P, const char *op);
 int moe_jj_is_name(moe_jj_parser_t *P, const char *name);
 int moe_jj_accept_op(moe_jj_parser_t *P, const char *op);
-int moe_jj_expect_op(moe_jj_parser_t *P, const char *op);
 moe_jn_t *moe_jj_node(moe_jj_parser_t *P, int type);
 int moe_jj_add_kid(moe_jj_parser_t *P, moe_jn_t *n, moe_jn_t *kid, char *kw);
 char *moe_jj_tokstr(moe_jj_parser_t *P, moe_jj_tok_t *t);
 moe_jn_t *moe_jj_expr(moe_jj_parser_t *P);
-
-int moe_jj_parse_tokens(moe_jj_arena_t *a, moe_jj_tok_t *toks, size_t n,
-    moe_jn_t **root, char *err, size_t errlen);
 
 /* ------------------------------------------------------------- render */
 
@@ -181,8 +177,12 @@ void moe_jj_fail(moe_jj_ctx_t *c, int rc, const char *fmt, ...)
 void moe_jj_exec(moe_jj_ctx_t *c, moe_jn_t *n);
 
 /* value helpers (jinja_value.c) */
+/* moe_jj_alloc() in the render arena; fails the render when over cap. */
+void *moe_jj_xalloc(moe_jj_ctx_t *c, size_t n);
 moe_jv_t moe_jv_str(moe_jj_ctx_t *c, const char *p, size_t n);
 moe_jv_t moe_jv_cstr(moe_jj_ctx_t *c, const char *s);
+/* a + b of two strings */
+moe_jv_t moe_jv_concat(moe_jj_ctx_t *c, moe_jv_t a, moe_jv_t b);
 moe_jv_t moe_jv_int(long long i);
 moe_jv_t moe_jv_float(double f);
 moe_jv_t moe_jv_bool(int b);
@@ -233,7 +233,6 @@ moe_jv_t moe_jj_replace(moe_jj_ctx_t *c, moe_jv_t s, moe_jv_t old,
 moe_jv_t moe_jj_split(moe_jj_ctx_t *c, moe_jv_t s, moe_jv_t sep,
     long long max, int line);
 int moe_jj_affix(moe_jj_ctx_t *c, moe_jv_t s, moe_jv_t a, int end, int line);
-long long moe_jj_len(moe_jj_ctx_t *c, moe_jv_t v, int line);
 moe_jv_t moe_jj_items_of(moe_jj_ctx_t *c, moe_jv_t v, int line);
 
 #endif /* MOE_JINJA_INT_H */

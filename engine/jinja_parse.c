@@ -74,7 +74,7 @@ moe_jj_accept_op(moe_jj_parser_t *P, const char *op)
 }
 
 
-int
+static int
 moe_jj_expect_op(moe_jj_parser_t *P, const char *op)
 {
     if (moe_jj_accept_op(P, op)) {
@@ -179,6 +179,48 @@ moe_jj_args(moe_jj_parser_t *P, moe_jn_t *n)
 }
 
 
+/*
+ * A `type` node (ATTR, FILTER, TEST) over node, named by the current token;
+ * `what` is the error when that is not a name (ATTR also takes an integer).
+ */
+static moe_jn_t *
+moe_jj_named(moe_jj_parser_t *P, int type, moe_jn_t *node, const char *what)
+{
+    moe_jj_tok_t  *t = moe_jj_cur(P);
+    moe_jn_t      *n;
+
+    if (t->t != MOE_JT_NAME && (type != MOE_JN_ATTR || t->t != MOE_JT_INT)) {
+        return moe_jj_fail_at(P, what, NULL, 0);
+    }
+    n = moe_jj_node(P, type);
+    if (n == NULL) {
+        return NULL;
+    }
+    n->a = node;
+    n->s = t->p;
+    n->sn = t->n;
+    P->i++;
+    return n;
+}
+
+
+/* A call of node, after the '(' was consumed. */
+static moe_jn_t *
+moe_jj_call(moe_jj_parser_t *P, moe_jn_t *node)
+{
+    moe_jn_t  *n = moe_jj_node(P, MOE_JN_CALL);
+
+    if (n == NULL) {
+        return NULL;
+    }
+    n->a = node;
+    if (!moe_jj_args(P, n)) {
+        return NULL;
+    }
+    return n;
+}
+
+
 static moe_jn_t *
 moe_jj_postfix(moe_jj_parser_t *P, moe_jn_t *node)
 {
@@ -186,21 +228,8 @@ moe_jj_postfix(moe_jj_parser_t *P, moe_jn_t *node)
         moe_jn_t  *n;
 
         if (moe_jj_accept_op(P, ".")) {
-            moe_jj_tok_t  *t = moe_jj_cur(P);
-
-            if (t->t != MOE_JT_NAME && t->t != MOE_JT_INT) {
-                return moe_jj_fail_at(P, "expected a name after '.'",
-                                      NULL, 0);
-            }
-            n = moe_jj_node(P, MOE_JN_ATTR);
-            if (n == NULL) {
-                return NULL;
-            }
-            n->a = node;
-            n->s = t->p;
-            n->sn = t->n;
-            P->i++;
-            node = n;
+            node = moe_jj_named(P, MOE_JN_ATTR, node,
+                                "expected a name after '.'");
 
         } else if (moe_jj_accept_op(P, "[")) {
             moe_jn_t  *part[3] = { NULL, NULL, NULL };
@@ -237,15 +266,7 @@ moe_jj_postfix(moe_jj_parser_t *P, moe_jn_t *node)
             node = n;
 
         } else if (moe_jj_accept_op(P, "(")) {
-            n = moe_jj_node(P, MOE_JN_CALL);
-            if (n == NULL) {
-                return NULL;
-            }
-            n->a = node;
-            if (!moe_jj_args(P, n)) {
-                return NULL;
-            }
-            node = n;
+            node = moe_jj_call(P, node);
 
         } else {
             break;
@@ -264,19 +285,10 @@ moe_jj_filters(moe_jj_parser_t *P, moe_jn_t *node)
         int            neg = 0;
 
         if (moe_jj_accept_op(P, "|")) {
-            t = moe_jj_cur(P);
-            if (t->t != MOE_JT_NAME) {
-                return moe_jj_fail_at(P, "expected a filter name", NULL, 0);
-            }
-            n = moe_jj_node(P, MOE_JN_FILTER);
-            if (n == NULL) {
-                return NULL;
-            }
-            n->a = node;
-            n->s = t->p;
-            n->sn = t->n;
-            P->i++;
-            if (moe_jj_accept_op(P, "(") && !moe_jj_args(P, n)) {
+            n = moe_jj_named(P, MOE_JN_FILTER, node, "expected a filter name");
+            if (n == NULL
+                || (moe_jj_accept_op(P, "(") && !moe_jj_args(P, n)))
+            {
                 return NULL;
             }
             node = n;
@@ -287,18 +299,10 @@ moe_jj_filters(moe_jj_parser_t *P, moe_jn_t *node)
                 neg = 1;
                 P->i++;
             }
-            t = moe_jj_cur(P);
-            if (t->t != MOE_JT_NAME) {
-                return moe_jj_fail_at(P, "expected a test name", NULL, 0);
-            }
-            n = moe_jj_node(P, MOE_JN_TEST);
+            n = moe_jj_named(P, MOE_JN_TEST, node, "expected a test name");
             if (n == NULL) {
                 return NULL;
             }
-            n->a = node;
-            n->s = t->p;
-            n->sn = t->n;
-            P->i++;
             t = moe_jj_cur(P);
             if (moe_jj_accept_op(P, "(")) {
                 if (!moe_jj_args(P, n)) {
@@ -330,15 +334,7 @@ moe_jj_filters(moe_jj_parser_t *P, moe_jn_t *node)
             }
 
         } else if (moe_jj_accept_op(P, "(")) {
-            n = moe_jj_node(P, MOE_JN_CALL);
-            if (n == NULL) {
-                return NULL;
-            }
-            n->a = node;
-            if (!moe_jj_args(P, n)) {
-                return NULL;
-            }
-            node = n;
+            node = moe_jj_call(P, node);
 
         } else {
             break;
@@ -544,12 +540,13 @@ moe_jj_pow(moe_jj_parser_t *P)
 }
 
 
+/* A left-associative level: operand (ops[k] operand)*, ops NULL-ended. */
 static moe_jn_t *
-moe_jj_math2(moe_jj_parser_t *P)
+moe_jj_binops(moe_jj_parser_t *P, const char *const *ops,
+    moe_jn_t *(*operand)(moe_jj_parser_t *P))
 {
-    static const char  *ops[] = { "*", "/", "//", "%", NULL };
-    moe_jn_t           *n = moe_jj_pow(P);
-    int                 k;
+    moe_jn_t  *n = operand(P);
+    int        k;
 
     while (n != NULL) {
         for (k = 0; ops[k] && !moe_jj_is_op(P, ops[k]); k++) { }
@@ -557,36 +554,36 @@ moe_jj_math2(moe_jj_parser_t *P)
             break;
         }
         P->i++;
-        n = moe_jj_bin(P, MOE_JN_BIN, ops[k], n, moe_jj_pow(P));
+        n = moe_jj_bin(P, MOE_JN_BIN, ops[k], n, operand(P));
     }
     return n;
+}
+
+
+static moe_jn_t *
+moe_jj_math2(moe_jj_parser_t *P)
+{
+    static const char *const  ops[] = { "*", "/", "//", "%", NULL };
+
+    return moe_jj_binops(P, ops, moe_jj_pow);
 }
 
 
 static moe_jn_t *
 moe_jj_concat(moe_jj_parser_t *P)
 {
-    moe_jn_t  *n = moe_jj_math2(P);
+    static const char *const  ops[] = { "~", NULL };
 
-    while (n != NULL && moe_jj_accept_op(P, "~")) {
-        n = moe_jj_bin(P, MOE_JN_BIN, "~", n, moe_jj_math2(P));
-    }
-    return n;
+    return moe_jj_binops(P, ops, moe_jj_math2);
 }
 
 
 static moe_jn_t *
 moe_jj_math1(moe_jj_parser_t *P)
 {
-    moe_jn_t  *n = moe_jj_concat(P);
+    static const char *const  ops[] = { "+", "-", NULL };
 
-    while (n != NULL && (moe_jj_is_op(P, "+") || moe_jj_is_op(P, "-"))) {
-        const char  *op = moe_jj_is_op(P, "+") ? "+" : "-";
-
-        P->i++;
-        n = moe_jj_bin(P, MOE_JN_BIN, op, n, moe_jj_concat(P));
-    }
-    return n;
+    return moe_jj_binops(P, ops, moe_jj_concat);
 }
 
 

@@ -287,7 +287,7 @@ moe_jj_body(moe_jj_parser_t *P, const char **ends)
 }
 
 
-int
+static int
 moe_jj_parse_tokens(moe_jj_arena_t *a, moe_jj_tok_t *toks, size_t n,
     moe_jn_t **root, char *err, size_t errlen)
 {

@@ -78,14 +78,23 @@ moe_jj_arena_free(moe_jj_arena_t *a)
 }
 
 
-static void *
-moe_jj_calloc(moe_jj_ctx_t *c, size_t n)
+void *
+moe_jj_xalloc(moe_jj_ctx_t *c, size_t n)
 {
     void  *p = moe_jj_alloc(&c->arena, n);
 
     if (p == NULL) {
         moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
     }
+    return p;
+}
+
+
+static void *
+moe_jj_calloc(moe_jj_ctx_t *c, size_t n)
+{
+    void  *p = moe_jj_xalloc(c, n);
+
     memset(p, 0, n);
     return p;
 }
@@ -170,22 +179,28 @@ moe_jj_space_back(const char *p, size_t n)
 
 /* ------------------------------------------------------------ make */
 
-moe_jv_t
-moe_jv_str(moe_jj_ctx_t *c, const char *p, size_t n)
+/* A zeroed value of type t. */
+static moe_jv_t
+moe_jv_new(int t)
 {
     moe_jv_t  v;
 
     memset(&v, 0, sizeof(v));
-    v.t = MOE_JV_STR;
+    v.t = t;
+    return v;
+}
+
+
+moe_jv_t
+moe_jv_str(moe_jj_ctx_t *c, const char *p, size_t n)
+{
+    moe_jv_t  v = moe_jv_new(MOE_JV_STR);
+
     v.u.s.p = p;
     v.u.s.n = n;
     if (c != NULL) {
-        char  *s = moe_jj_alloc(&c->arena, n + 1);
+        char  *s = moe_jj_xalloc(c, n + 1);
 
-        if (s == NULL) {
-            moe_jj_fail(c, MOE_EINVAL, "template render used too much "
-                        "memory");
-        }
         memcpy(s, p, n);
         s[n] = '\0';
         v.u.s.p = s;
@@ -201,13 +216,23 @@ moe_jv_cstr(moe_jj_ctx_t *c, const char *s)
 }
 
 
+/* a + b of two strings, in the render arena */
+moe_jv_t
+moe_jv_concat(moe_jj_ctx_t *c, moe_jv_t a, moe_jv_t b)
+{
+    char  *p = moe_jj_xalloc(c, a.u.s.n + b.u.s.n + 1);
+
+    memcpy(p, a.u.s.p, a.u.s.n);
+    memcpy(p + a.u.s.n, b.u.s.p, b.u.s.n);
+    return moe_jv_str(NULL, p, a.u.s.n + b.u.s.n);
+}
+
+
 moe_jv_t
 moe_jv_int(long long i)
 {
-    moe_jv_t  v;
+    moe_jv_t  v = moe_jv_new(MOE_JV_INT);
 
-    memset(&v, 0, sizeof(v));
-    v.t = MOE_JV_INT;
     v.u.i = i;
     return v;
 }
@@ -216,10 +241,8 @@ moe_jv_int(long long i)
 moe_jv_t
 moe_jv_float(double f)
 {
-    moe_jv_t  v;
+    moe_jv_t  v = moe_jv_new(MOE_JV_FLOAT);
 
-    memset(&v, 0, sizeof(v));
-    v.t = MOE_JV_FLOAT;
     v.u.f = f;
     return v;
 }
@@ -228,9 +251,9 @@ moe_jv_float(double f)
 moe_jv_t
 moe_jv_bool(int b)
 {
-    moe_jv_t  v = moe_jv_int(b != 0);
+    moe_jv_t  v = moe_jv_new(MOE_JV_BOOL);
 
-    v.t = MOE_JV_BOOL;
+    v.u.i = b != 0;
     return v;
 }
 
@@ -238,21 +261,15 @@ moe_jv_bool(int b)
 moe_jv_t
 moe_jv_none(void)
 {
-    moe_jv_t  v;
-
-    memset(&v, 0, sizeof(v));
-    v.t = MOE_JV_NONE;
-    return v;
+    return moe_jv_new(MOE_JV_NONE);
 }
 
 
 moe_jv_t
 moe_jv_undef(const char *name)
 {
-    moe_jv_t  v;
+    moe_jv_t  v = moe_jv_new(MOE_JV_UNDEF);
 
-    memset(&v, 0, sizeof(v));
-    v.t = MOE_JV_UNDEF;
     v.name = name;
     return v;
 }
@@ -261,10 +278,8 @@ moe_jv_undef(const char *name)
 moe_jv_t
 moe_jv_list(moe_jj_ctx_t *c)
 {
-    moe_jv_t  v;
+    moe_jv_t  v = moe_jv_new(MOE_JV_LIST);
 
-    memset(&v, 0, sizeof(v));
-    v.t = MOE_JV_LIST;
     v.u.l = moe_jj_calloc(c, sizeof(*v.u.l));
     return v;
 }
@@ -273,10 +288,8 @@ moe_jv_list(moe_jj_ctx_t *c)
 moe_jv_t
 moe_jv_dict(moe_jj_ctx_t *c)
 {
-    moe_jv_t  v;
+    moe_jv_t  v = moe_jv_new(MOE_JV_DICT);
 
-    memset(&v, 0, sizeof(v));
-    v.t = MOE_JV_DICT;
     v.u.d = moe_jj_calloc(c, sizeof(*v.u.d));
     return v;
 }
@@ -505,11 +518,7 @@ moe_jj_sb_add(moe_jj_sb_t *b, const char *s, size_t n)
         while (cap < b->n + n + 1) {
             cap *= 2;
         }
-        p = moe_jj_alloc(&b->c->arena, cap);
-        if (p == NULL) {
-            moe_jj_fail(b->c, MOE_EINVAL, "template render used too much "
-                        "memory");
-        }
+        p = moe_jj_xalloc(b->c, cap);
         if (b->n > 0) {
             memcpy(p, b->p, b->n);
         }
