@@ -429,21 +429,8 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     p->add_special_tokens = chat ? 0 : 1;
     p->skip_special_tokens = 1;
 
-    v = ngx_http_moe_json_get(root, "model");
-
-    if (v) {
-        if (!YAJL_IS_STRING(v)) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "model",
-                                     "model must be a string");
-        }
-
-        if (ngx_strcmp(v->u.string, mcf->info->served_name) != 0) {
-            (void) ngx_http_moe_fail(err, NGX_HTTP_NOT_FOUND, "model",
-                                     "The model `%s` does not exist.",
-                                     v->u.string);
-            err->code = "model_not_found";
-            return NGX_DECLINED;
-        }
+    if (ngx_http_moe_check_model(r, root, err) != NGX_OK) {
+        return NGX_DECLINED;
     }
 
     v = ngx_http_moe_json_get(root, "n");

@@ -17,8 +17,8 @@ static void ngx_http_moe_gen_double(yajl_gen g, const char *key, double d);
 static u_char *ngx_http_moe_metric(u_char *p, u_char *last,
     const char *name, const char *type, const char *help, ngx_str_t *model,
     int64_t value);
-static ngx_int_t ngx_http_moe_check_model(ngx_http_request_t *r,
-    yajl_val root, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_check_name(ngx_http_request_t *r,
+    ngx_str_t *name, ngx_http_moe_err_t *err);
 
 
 static ngx_str_t  ngx_http_moe_prometheus_type =
@@ -100,12 +100,7 @@ ngx_http_moe_model(ngx_http_request_t *r)
     id.data = r->uri.data + prefix;
     id.len = r->uri.len - prefix;
 
-    if (id.len != ngx_strlen(mcf->info->served_name)
-        || ngx_strncmp(id.data, mcf->info->served_name, id.len) != 0)
-    {
-        (void) ngx_http_moe_fail(&err, NGX_HTTP_NOT_FOUND, "model",
-                                 "The model `%V` does not exist.", &id);
-        err.code = "model_not_found";
+    if (ngx_http_moe_check_name(r, &id, &err) != NGX_OK) {
         return ngx_http_moe_send_err(r, &err);
     }
 
@@ -594,14 +589,14 @@ ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root)
 }
 
 
-static ngx_int_t
+/* the optional "model" of a POST body must name the served model */
+
+ngx_int_t
 ngx_http_moe_check_model(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_err_t *err)
 {
-    yajl_val                   v;
-    ngx_http_moe_main_conf_t  *mcf;
-
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    yajl_val   v;
+    ngx_str_t  name;
 
     v = ngx_http_moe_json_get(root, "model");
 
@@ -614,15 +609,32 @@ ngx_http_moe_check_model(ngx_http_request_t *r, yajl_val root,
                                  "model must be a string");
     }
 
-    if (ngx_strcmp(v->u.string, mcf->info->served_name) != 0) {
-        (void) ngx_http_moe_fail(err, NGX_HTTP_NOT_FOUND, "model",
-                                 "The model `%s` does not exist.",
-                                 v->u.string);
-        err->code = "model_not_found";
-        return NGX_DECLINED;
+    name.data = (u_char *) v->u.string;
+    name.len = ngx_strlen(v->u.string);
+
+    return ngx_http_moe_check_name(r, &name, err);
+}
+
+
+static ngx_int_t
+ngx_http_moe_check_name(ngx_http_request_t *r, ngx_str_t *name,
+    ngx_http_moe_err_t *err)
+{
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+
+    if (name->len == ngx_strlen(mcf->info->served_name)
+        && ngx_strncmp(name->data, mcf->info->served_name, name->len) == 0)
+    {
+        return NGX_OK;
     }
 
-    return NGX_OK;
+    (void) ngx_http_moe_fail(err, NGX_HTTP_NOT_FOUND, "model",
+                             "The model `%V` does not exist.", name);
+    err->code = "model_not_found";
+
+    return NGX_DECLINED;
 }
 
 

@@ -130,6 +130,8 @@ ngx_int_t ngx_http_moe_stats_performance(ngx_http_request_t *r);
 ngx_int_t ngx_http_moe_metrics(ngx_http_request_t *r);
 ngx_int_t ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root);
 ngx_int_t ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root);
+ngx_int_t ngx_http_moe_check_model(ngx_http_request_t *r, yajl_val root,
+    ngx_http_moe_err_t *err);
 
 /* ngx_http_moe_stream.c */
 ngx_int_t ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx);

@@ -22,6 +22,8 @@ static ngx_int_t ngx_http_moe_text(ngx_http_moe_ctx_t *ctx, const char *text,
 static void ngx_http_moe_finish(ngx_http_moe_ctx_t *ctx);
 static void ngx_http_moe_fail_request(ngx_http_moe_ctx_t *ctx,
     ngx_http_moe_err_t *err);
+static void ngx_http_moe_stream_done(ngx_http_moe_ctx_t *ctx);
+static void ngx_http_moe_sse_done(ngx_http_moe_ctx_t *ctx);
 static ngx_int_t ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx);
 static void ngx_http_moe_gen_chunk(ngx_http_moe_ctx_t *ctx, const char *text,
     size_t len, ngx_uint_t role, const char *finish);
@@ -235,10 +237,7 @@ ngx_http_moe_token(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
     size_t       len;
     const char  *text;
 
-    if (!ctx->got_token) {
-        ctx->got_token = 1;
-    }
-
+    ctx->got_token = 1;
     ctx->n_completion++;
 
     text = NULL;
@@ -310,16 +309,9 @@ ngx_http_moe_finish(ngx_http_moe_ctx_t *ctx)
     ngx_int_t            rc;
     ngx_http_request_t  *r;
 
-    static u_char  done[] = "data: [DONE]\n\n";
-
     r = ctx->request;
 
-    ctx->done = 1;
-    ngx_http_moe_unregister(ctx);
-
-    if (ctx->keepalive.timer_set) {
-        ngx_del_timer(&ctx->keepalive);
-    }
+    ngx_http_moe_stream_done(ctx);
 
     if (!ctx->stream) {
         rc = ngx_http_moe_gen_response(ctx);
@@ -333,14 +325,11 @@ ngx_http_moe_finish(ngx_http_moe_ctx_t *ctx)
 
     ngx_http_moe_gen_chunk(ctx, "", 0, 0, ctx->finish_reason);
 
-    if (ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA) == NGX_ERROR) {
-        ngx_http_finalize_request(r, NGX_ERROR);
-        return;
-    }
-
     if (ctx->include_usage) {
-        yajl_gen_reset(ctx->gen, NULL);
-        yajl_gen_clear(ctx->gen);
+        if (ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA) == NGX_ERROR) {
+            ngx_http_finalize_request(r, NGX_ERROR);
+            return;
+        }
 
         ngx_http_moe_gen_head(ctx, ctx->chat ? "chat.completion.chunk"
                                              : "text_completion");
@@ -349,17 +338,9 @@ ngx_http_moe_finish(ngx_http_moe_ctx_t *ctx)
         yajl_gen_array_close(ctx->gen);
         ngx_http_moe_gen_usage(ctx);
         yajl_gen_map_close(ctx->gen);
-
-        if (ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA) == NGX_ERROR) {
-            ngx_http_finalize_request(r, NGX_ERROR);
-            return;
-        }
     }
 
-    rc = ngx_http_moe_sse_write(ctx, done, sizeof(done) - 1,
-                                NGX_HTTP_MOE_SSE_LAST);
-
-    ngx_http_finalize_request(r, rc);
+    ngx_http_moe_sse_done(ctx);
 }
 
 
@@ -371,19 +352,11 @@ ngx_http_moe_finish(ngx_http_moe_ctx_t *ctx)
 static void
 ngx_http_moe_fail_request(ngx_http_moe_ctx_t *ctx, ngx_http_moe_err_t *err)
 {
-    ngx_int_t            rc;
     ngx_http_request_t  *r;
-
-    static u_char  done[] = "data: [DONE]\n\n";
 
     r = ctx->request;
 
-    ctx->done = 1;
-    ngx_http_moe_unregister(ctx);
-
-    if (ctx->keepalive.timer_set) {
-        ngx_del_timer(&ctx->keepalive);
-    }
+    ngx_http_moe_stream_done(ctx);
 
     if (!r->header_sent) {
         ngx_http_finalize_request(r, ngx_http_moe_send_err(r, err));
@@ -393,6 +366,36 @@ ngx_http_moe_fail_request(ngx_http_moe_ctx_t *ctx, ngx_http_moe_err_t *err)
     yajl_gen_reset(ctx->gen, NULL);
     yajl_gen_clear(ctx->gen);
     ngx_http_moe_gen_error(ctx->gen, err);
+
+    ngx_http_moe_sse_done(ctx);
+}
+
+
+/* the request ends: no more engine events, no more keep-alive comments */
+
+static void
+ngx_http_moe_stream_done(ngx_http_moe_ctx_t *ctx)
+{
+    ctx->done = 1;
+    ngx_http_moe_unregister(ctx);
+
+    if (ctx->keepalive.timer_set) {
+        ngx_del_timer(&ctx->keepalive);
+    }
+}
+
+
+/* the last event of a stream: the one in ctx->gen, then [DONE]; finalizes */
+
+static void
+ngx_http_moe_sse_done(ngx_http_moe_ctx_t *ctx)
+{
+    ngx_int_t            rc;
+    ngx_http_request_t  *r;
+
+    static u_char  done[] = "data: [DONE]\n\n";
+
+    r = ctx->request;
 
     if (ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA) == NGX_ERROR) {
         ngx_http_finalize_request(r, NGX_ERROR);
@@ -412,9 +415,6 @@ ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx)
     yajl_gen  g;
 
     g = ctx->gen;
-
-    yajl_gen_reset(g, NULL);
-    yajl_gen_clear(g);
 
     ngx_http_moe_gen_head(ctx, ctx->chat ? "chat.completion"
                                          : "text_completion");
@@ -461,7 +461,7 @@ ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx)
 }
 
 
-/* opens the object and writes id, object, created, model */
+/* a new document: opens the object and writes id, object, created, model */
 
 static void
 ngx_http_moe_gen_head(ngx_http_moe_ctx_t *ctx, const char *object)
@@ -469,6 +469,9 @@ ngx_http_moe_gen_head(ngx_http_moe_ctx_t *ctx, const char *object)
     yajl_gen  g;
 
     g = ctx->gen;
+
+    yajl_gen_reset(g, NULL);
+    yajl_gen_clear(g);
 
     yajl_gen_map_open(g);
 
@@ -524,9 +527,6 @@ ngx_http_moe_gen_chunk(ngx_http_moe_ctx_t *ctx, const char *text, size_t len,
     yajl_gen  g;
 
     g = ctx->gen;
-
-    yajl_gen_reset(g, NULL);
-    yajl_gen_clear(g);
 
     ngx_http_moe_gen_head(ctx, ctx->chat ? "chat.completion.chunk"
                                          : "text_completion");
@@ -735,8 +735,6 @@ ngx_http_moe_stream_arm(ngx_http_request_t *r)
     c = r->connection;
     wev = c->write;
 
-    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
-
     if (!r->buffered && !c->buffered) {
         if (wev->timer_set) {
             ngx_del_timer(wev);
@@ -744,6 +742,8 @@ ngx_http_moe_stream_arm(ngx_http_request_t *r)
 
         return NGX_OK;
     }
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
     if (!wev->delayed) {
         ngx_add_timer(wev, clcf->send_timeout);
