@@ -1130,33 +1130,17 @@ moe_engine_main(void *arg)
 static char *
 moe_read_chat_template(const char *dir)
 {
-    char        path[MOE_PATH_MAX + 64], ebuf[128], *text = NULL, *res = NULL;
-    FILE       *f;
-    long        len;
+    char        path[MOE_PATH_MAX + 64], ebuf[128], *text, *res = NULL;
+    size_t      len;
     yajl_val    root, t;
     const char *key[] = { "chat_template", NULL };
     size_t      i;
 
     snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
-    f = fopen(path, "rb");
-    if (f == NULL) {
-        return NULL;
-    }
-
-    if (fseek(f, 0, SEEK_END) == 0 && (len = ftell(f)) > 0
-        && fseek(f, 0, SEEK_SET) == 0 && (text = malloc((size_t) len + 1)))
-    {
-        if (fread(text, 1, (size_t) len, f) == (size_t) len) {
-            text[len] = '\0';
-        } else {
-            free(text);
-            text = NULL;
-        }
-    }
-    fclose(f);
-
-    if (text == NULL) {
-        return NULL;
+    text = moe_read_file(path, &len);
+    if (text == NULL || len == 0) {
+        free(text);
+        return NULL;            /* absent or empty: no template */
     }
 
     root = yajl_tree_parse(text, ebuf, sizeof(ebuf));

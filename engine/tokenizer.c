@@ -707,38 +707,6 @@ jint(yajl_val obj, const char *key, long long dflt)
     return YAJL_IS_INTEGER(v) ? YAJL_GET_INTEGER(v) : dflt;
 }
 
-static char *
-read_file(const char *path, size_t *len)
-{
-    FILE  *f;
-    long   sz;
-    char  *buf;
-
-    f = fopen(path, "rb");
-    if (f == NULL) {
-        return NULL;
-    }
-    if (fseek(f, 0, SEEK_END) != 0 || (sz = ftell(f)) < 0
-        || fseek(f, 0, SEEK_SET) != 0)
-    {
-        fclose(f);
-        return NULL;
-    }
-    buf = malloc((size_t) sz + 1);
-    if (buf == NULL) {
-        fclose(f);
-        return NULL;
-    }
-    if (fread(buf, 1, (size_t) sz, f) != (size_t) sz) {
-        free(buf);
-        fclose(f);
-        return NULL;
-    }
-    fclose(f);
-    buf[sz] = '\0';
-    *len = (size_t) sz;
-    return buf;
-}
 
 static pcre2_code *
 re_compile(const char *pat, char *err, size_t errlen)
@@ -1482,7 +1450,7 @@ load_config(moe_tokenizer_t *t, const char *json_path)
     }
     memcpy(path, json_path, dl);
     memcpy(path + dl, "tokenizer_config.json", sizeof("tokenizer_config.json"));
-    buf = read_file(path, &len);
+    buf = moe_read_file(path, &len);
     if (buf == NULL) {
         return;
     }
@@ -1529,7 +1497,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         return MOE_EINVAL;
     }
     (void) pthread_once(&bl_once, bytelevel_build);
-    buf = read_file(tokenizer_json_path, &len);
+    buf = moe_read_file(tokenizer_json_path, &len);
     if (buf == NULL) {
         moe_errf(err, errlen, "%s: %s", tokenizer_json_path, strerror(errno));
         return MOE_EIO;
