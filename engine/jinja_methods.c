@@ -210,10 +210,7 @@ moe_jj_str_method(moe_jj_ctx_t *c, moe_jn_t *n, moe_jv_t s, const char *name,
             len += moe_jj_need_str(c, items.u.l->v[i], name, n->line).u.s.n
                    + s.u.s.n;
         }
-        p = moe_jj_alloc(&c->arena, len + 1);
-        if (p == NULL) {
-            moe_jj_fail(c, MOE_EINVAL, "template render used too much memory");
-        }
+        p = moe_jj_xalloc(c, len + 1);
         for (i = 0; i < items.u.l->n; i++) {
             r = items.u.l->v[i];
             if (i > 0) {
