@@ -228,16 +228,7 @@ static int
 step(moe_backend_t *be, const int32_t *tokens, int from, int to,
     const int32_t *table, float *logits)
 {
-    moe_seq_batch_t s;
-
-    memset(&s, 0, sizeof(s));
-    s.tokens = tokens + from;
-    s.n_tokens = to - from;
-    s.pos = from;
-    s.block_table = table;
-    s.n_blocks = N_BLOCKS;
-    s.logits = logits;
-    return be->forward(be, &s, 1);
+    return step_tok(be, tokens, from, to, table, logits, NULL, 0);
 }
 
 
