@@ -75,7 +75,7 @@ if [ -n "$SAN" ]; then
     step sanitizer 90 "$SAN" --error-exitcode 1 build/gpu/test_kernels
     step sanitizer_sample 240 env MOE_TEST_NO_TIMING=1 "$SAN" \
         --error-exitcode 1 build/gpu/test_sample
-    step racecheck_sample 100 env MOE_TEST_NO_TIMING=1 "$SAN" \
+    step racecheck_sample 100 env MOE_TEST_NO_TIMING=1 MOE_TEST_QUICK=1 "$SAN" \
         --tool racecheck --error-exitcode 1 build/gpu/test_sample
     step sanitizer_ggemm 100 env MOE_TEST_NO_TIMING=1 "$SAN" \
         --error-exitcode 1 build/gpu/test_ggemm
