@@ -21,7 +21,9 @@ LDLIBS   := -lyajl -lyaml -lpcre2-8 -lpthread -lm
 
 include bench/Makefile.inc
 
-ENGINE_SRCS := $(wildcard engine/*.c)
+ENGINE_SRCS := $(wildcard engine/*/*.c)
+ENGINE_SRCS := $(filter-out engine/cli/%,$(ENGINE_SRCS))
+ENGINE_HDRS := $(wildcard engine/*/*.h) engine/include/moe.h
 ENGINE_OBJS := $(ENGINE_SRCS:%.c=$(BUILD)/%.o)
 UNIT_SRCS   := $(wildcard t/unit/*.c)
 UNIT_BINS   := $(UNIT_SRCS:t/unit/%.c=$(BUILD)/t/%)
@@ -29,7 +31,9 @@ KERNEL_SRCS := $(wildcard kernels/*.cu)
 KERNEL_OBJS := $(KERNEL_SRCS:%.cu=$(BUILD)/%.o)
 NGX_SO      := $(BUILD)/nginx/objs/ngx_http_moe_module.so
 
-# CUDA: CI compiles every .cu file; the CPU engine never needs them to link.
+# CUDA: built where nvcc exists.  The CUDA backend (engine/backends/*.cu)
+# is part of libmoe; it calls the kernels' launchers (libmoe_kernels.a),
+# which call nothing back, so each library is listed once.
 ifeq ($(MOE_CUDA)$(if $(KERNEL_SRCS),y,n),1y)
 CUDA_HOME   ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 NVCCFLAGS   ?= -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
@@ -37,12 +41,13 @@ NVCCFLAGS   ?= -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
 KERNELS_A   := $(BUILD)/libmoe_kernels.a
 include kernels/cuda.mk
 CFLAGS      += -DMOE_HAVE_CUDA -Ikernels
-# libmoe and the kernels call each other: list libmoe on both sides
-MOE_LIBS    := $(BUILD)/libmoe.a $(KERNELS_A) $(BUILD)/libmoe.a $(CUDA_LDLIBS)
-NGX_EXTRA_LIBS := $(CURDIR)/$(KERNELS_A) $(CURDIR)/$(BUILD)/libmoe.a \
-                  $(CUDA_LDLIBS)
+ENGINE_CU   := $(wildcard engine/backends/*.cu)
+ENGINE_OBJS_CU := $(ENGINE_CU:%.cu=$(BUILD)/%.o)
+MOE_LIBS    := $(BUILD)/libmoe.a $(KERNELS_A) $(CUDA_LDLIBS)
+NGX_EXTRA_LIBS := $(CURDIR)/$(KERNELS_A) $(CUDA_LDLIBS)
 else
 KERNELS_A   :=
+ENGINE_OBJS_CU :=
 MOE_LIBS    := $(BUILD)/libmoe.a
 NGX_EXTRA_LIBS :=
 endif
@@ -57,12 +62,12 @@ module: $(NGX_SO)
 kernels: $(KERNELS_A)
 
 # objects depend on the CUDA choice too (-DMOE_HAVE_CUDA changes engine.o)
-$(BUILD)/%.o: %.c $(wildcard engine/*.h) engine/include/moe.h \
+$(BUILD)/%.o: %.c $(ENGINE_HDRS) \
               $(BUILD)/.cuda-$(MOE_CUDA)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
-$(BUILD)/libmoe.a: $(ENGINE_OBJS)
+$(BUILD)/libmoe.a: $(ENGINE_OBJS) $(ENGINE_OBJS_CU)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
@@ -76,20 +81,28 @@ $(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(KERNELS_A) $(wildcard t/unit/*.h)
 # The ring stress test and the tensor-parallel ranks (threads with a
 # shared all-reduce) again under ThreadSanitizer (clang or gcc).
 tsan: $(BUILD)/t/ring_tsan $(BUILD)/t/tp_tsan
-$(BUILD)/t/ring_tsan: t/unit/ring.c engine/ring.c engine/ring.h
+$(BUILD)/t/ring_tsan: t/unit/ring.c engine/sched/ring.c engine/sched/ring.h
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
-	    -Iengine/include -Iengine -It/unit -o $@ t/unit/ring.c engine/ring.c
-$(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(wildcard engine/*.h) \
-                    engine/include/moe.h
+	    -Iengine/include -Iengine -It/unit -o $@ t/unit/ring.c \
+	    engine/sched/ring.c
+$(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(ENGINE_HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
 	    -Iengine/include -Iengine -It/unit -o $@ t/unit/tp.c $(ENGINE_SRCS) \
 	    $(LDLIBS)
 
+# kernels/ sees only its own headers: it includes nothing from engine/.
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -Ikernels -Iengine/include -Iengine -c -o $@ $<
+	$(NVCC) $(NVCCFLAGS) -Ikernels -c -o $@ $<
+
+# The CUDA backend: engine code compiled by nvcc, calling the launchers.
+$(BUILD)/engine/%.o: engine/%.cu $(ENGINE_HDRS) $(wildcard kernels/*.h \
+                     kernels/*.cuh) $(BUILD)/.cuda-$(MOE_CUDA)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -DMOE_HAVE_CUDA -Ikernels -Iengine/include -Iengine \
+	    -c -o $@ $<
 
 $(BUILD)/libmoe_kernels.a: $(KERNEL_OBJS)
 	@mkdir -p $(dir $@)

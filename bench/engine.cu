@@ -24,9 +24,9 @@
 #include <cuda_runtime_api.h>
 
 extern "C" {
-#include "model.h"
+#include "model/model.h"
 }
-#include "cuda_backend.h"
+#include "backends/cuda_backend.h"
 #include "gemm.h"
 #include "init.h"
 

@@ -53,12 +53,12 @@ moe_cuda_add_layernorm(float *x, const float *delta, const int32_t *rows,
     moe_bf16_t *out, float *out_f32, cudaStream_t stream)
 {
     if (n_rows <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_add_layernorm<<<n_rows, 256, 0, stream>>>(x, delta, rows, D, w,
         bias, eps, reinterpret_cast<__nv_bfloat16 *>(out), out_f32);
     MOE_CUDA_CHECK_LAUNCH("kernel_add_layernorm");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -82,12 +82,12 @@ moe_cuda_add_bias(float *y, int ldy, int T, int N, const float *bias,
     int64_t n = (int64_t) T * N;
 
     if (n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_add_bias<<<moe_grid(n, 256), 256, 0, stream>>>(y, ldy, n, N,
                                                           bias);
     MOE_CUDA_CHECK_LAUNCH("kernel_add_bias");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -124,12 +124,12 @@ moe_cuda_head_rmsnorm(float *x, int ld, int T, int n_heads, int hd,
     int64_t items = (int64_t) T * n_heads;
 
     if (items <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_head_rmsnorm<<<(unsigned) ((items + 7) / 8), 256, 0, stream>>>(
         x, ld, T, n_heads, hd, w, eps);
     MOE_CUDA_CHECK_LAUNCH("kernel_head_rmsnorm");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -184,16 +184,16 @@ moe_cuda_act_mul(const float *g, int ldg, const float *bg, const float *u,
     int64_t n = (int64_t) R * F;
 
     if (n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     if (act < 0 || act > 2) {
         moe_cuda_set_error("act_mul: unknown activation %d", act);
-        return MOE_EUNSUPPORTED;
+        return MOE_K_EUNSUPPORTED;
     }
     kernel_act_mul<<<moe_grid(n, 256), 256, 0, stream>>>(g, ldg, bg, u, ldu,
         bu, n, F, act, reinterpret_cast<__nv_bfloat16 *>(h), ldh);
     MOE_CUDA_CHECK_LAUNCH("kernel_act_mul");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -223,11 +223,11 @@ moe_cuda_sigmoid_gate_add(float *out, const float *y, int ldy,
     const float *xf, const float *wg, int T, int D, cudaStream_t stream)
 {
     if (T <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_sigmoid_gate_add<<<T, 256, 0, stream>>>(out, y, ldy, xf, wg, D);
     MOE_CUDA_CHECK_LAUNCH("kernel_sigmoid_gate_add");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -252,9 +252,9 @@ moe_cuda_add_pos(float *x, const int32_t *pos, int T, int D, const float *pe,
     int64_t n = (int64_t) T * D;
 
     if (n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_add_pos<<<moe_grid(n, 256), 256, 0, stream>>>(x, pos, n, D, pe);
     MOE_CUDA_CHECK_LAUNCH("kernel_add_pos");
-    return MOE_OK;
+    return MOE_K_OK;
 }

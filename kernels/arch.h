@@ -3,7 +3,7 @@
  * Qwen3-MoE, GPT-2): LayerNorm, bias add, per-head RMSNorm, GELU/SiLU
  * activations with biases, the sigmoid-gated shared-expert add and learned
  * position embeddings.  Same formulas and order of operations as
- * engine/cpu_backend.c.
+ * engine/backends/cpu_backend.c.
  */
 #ifndef MOE_KERNELS_ARCH_H
 #define MOE_KERNELS_ARCH_H

@@ -83,15 +83,15 @@ moe_cuda_argmax_rows(const float *x, int64_t ld, int rows, int V,
     const int32_t *n_valid, int32_t *out, cudaStream_t stream)
 {
     if (rows <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     if (V <= 0 || ld < V) {
         moe_cuda_set_error("argmax: bad shape (V %d, ld %lld)", V,
                            (long long) ld);
-        return MOE_EBACKEND;
+        return MOE_K_EBACKEND;
     }
     kernel_argmax_rows<<<rows, AM_THREADS, 0, stream>>>(x, ld, V, n_valid,
                                                         out);
     MOE_CUDA_CHECK_LAUNCH("kernel_argmax_rows");
-    return MOE_OK;
+    return MOE_K_OK;
 }

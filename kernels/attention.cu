@@ -1135,7 +1135,7 @@ moe_cuda_attention_ws_init(float *part, cudaStream_t stream)
 {
     MOE_CUDA_CHECK(cudaMemsetAsync(part, 0, ATT_CNT_FLOATS * sizeof(float),
                                    stream));
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -1200,7 +1200,7 @@ att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
         qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv, block_size, n_heads,
         n_kv, window, out);
     MOE_CUDA_CHECK_LAUNCH("kernel_attention_tc");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -1316,12 +1316,12 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
     dim3        grid;
 
     if (T <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     if (!moe_cuda_attention_supported(n_heads, n_kv, hd)) {
         moe_cuda_set_error("attention: unsupported shape (heads %d, kv heads "
                            "%d, head_dim %d)", n_heads, n_kv, hd);
-        return MOE_EUNSUPPORTED;
+        return MOE_K_EUNSUPPORTED;
     }
     grp = n_heads / n_kv;
     for (hdp = 8; hdp < hd; hdp *= 2) {
@@ -1349,7 +1349,7 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
                                       bt_off, kv, block_size, n_heads, n_kv,
                                       window, o, stream);
 
-        if (rc != MOE_OK) {
+        if (rc != MOE_K_OK) {
             return rc;
         }
         tc = 1;
@@ -1375,5 +1375,5 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
             p4, ns, n_heads, n_kv, hd, o);
         MOE_CUDA_CHECK_LAUNCH("kernel_attention_combine");
     }
-    return MOE_OK;
+    return MOE_K_OK;
 }

@@ -15,7 +15,7 @@ extern "C" {
  * h / (n_heads / n_kv).  kv_layer: (n_blocks, 2, block_size, n_kv, hd)
  * bf16.  out: (T, n_heads * hd) bf16.  K/V of every position attended to
  * must already be in the cache (rope_kv first).
- * Limits (MOE_EUNSUPPORTED otherwise, checked here): hd % 8 == 0,
+ * Limits (MOE_K_EUNSUPPORTED otherwise, checked here): hd % 8 == 0,
  * hd <= 256, n_heads % n_kv == 0, n_heads / n_kv <= 8.
  * part: fp32 workspace of moe_cuda_attention_ws_floats(n_heads, n_kv, hd)
  * elements, prepared once by moe_cuda_attention_ws_init (every call leaves
@@ -39,7 +39,7 @@ int64_t moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd);
 /*
  * Prepare a fresh `part` workspace (zero its split counters; async on
  * stream).  Call once after allocating it, before its first use.
- * Returns MOE_OK or MOE_EBACKEND (moe_cuda_last_error says why).
+ * Returns MOE_K_OK or MOE_K_EBACKEND (moe_cuda_last_error says why).
  */
 int moe_cuda_attention_ws_init(float *part, cudaStream_t stream);
 

@@ -11,17 +11,16 @@
 #include <cublas_v2.h>
 #include <stdint.h>
 
-#include "moe.h"
 #include "common.h"
 
-/* Run a CUDA runtime call; on failure record it and return MOE_EBACKEND. */
+/* Run a CUDA runtime call; on failure record it and return MOE_K_EBACKEND. */
 #define MOE_CUDA_CHECK(stmt)                                                 \
     do {                                                                     \
         cudaError_t moe_e_ = (stmt);                                         \
         if (moe_e_ != cudaSuccess) {                                         \
             moe_cuda_set_error("%s at %s:%d: %s", #stmt, __FILE__, __LINE__, \
                                cudaGetErrorString(moe_e_));                  \
-            return MOE_EBACKEND;                                             \
+            return MOE_K_EBACKEND;                                           \
         }                                                                    \
     } while (0)
 
@@ -32,7 +31,7 @@
         if (moe_s_ != CUBLAS_STATUS_SUCCESS) {                               \
             moe_cuda_set_error("%s at %s:%d: cuBLAS %s", #stmt, __FILE__,    \
                                __LINE__, cublasGetStatusString(moe_s_));     \
-            return MOE_EBACKEND;                                             \
+            return MOE_K_EBACKEND;                                           \
         }                                                                    \
     } while (0)
 
@@ -43,7 +42,7 @@
         if (moe_e_ != cudaSuccess) {                                         \
             moe_cuda_set_error("launch %s at %s:%d: %s", name, __FILE__,     \
                                __LINE__, cudaGetErrorString(moe_e_));        \
-            return MOE_EBACKEND;                                             \
+            return MOE_K_EBACKEND;                                           \
         }                                                                    \
     } while (0)
 
@@ -51,7 +50,7 @@
 #define MOE_TRY(call)                                                        \
     do {                                                                     \
         int moe_rc_ = (call);                                                \
-        if (moe_rc_ != MOE_OK) {                                             \
+        if (moe_rc_ != MOE_K_OK) {                                           \
             return moe_rc_;                                                  \
         }                                                                    \
     } while (0)

@@ -1,7 +1,7 @@
 /*
  * CUDA kernels: what every launcher shares (C ABI).
  *
- * Every moe_cuda_*() launcher returns MOE_OK or MOE_EBACKEND; on failure the
+ * Every moe_cuda_*() launcher returns MOE_K_OK or MOE_K_EBACKEND; on failure the
  * failing statement, file, line and CUDA/cuBLAS message are recorded in a
  * per-thread buffer that moe_cuda_last_error() returns.  Launchers only
  * enqueue work on the given stream; they never synchronise, allocate or
@@ -13,6 +13,19 @@
 
 #include <stdint.h>
 #include <cuda_runtime_api.h>
+
+/*
+ * Launcher status codes.  kernels/ includes nothing from the engine: these
+ * carry the same values as the engine's MOE_OK, MOE_EINVAL,
+ * MOE_EUNSUPPORTED and MOE_EBACKEND (the CUDA backend checks that at
+ * compile time), so a launcher's status passes up unchanged.
+ */
+enum {
+    MOE_K_OK           =  0,
+    MOE_K_EINVAL       = -1,   /* bad argument */
+    MOE_K_EUNSUPPORTED = -6,   /* shape or feature the kernel lacks */
+    MOE_K_EBACKEND     = -9    /* CUDA / cuBLAS failure (see last_error) */
+};
 
 /* bf16 values as raw bits in the C ABI (__nv_bfloat16 on the device). */
 typedef uint16_t moe_bf16_t;

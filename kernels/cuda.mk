@@ -6,8 +6,6 @@
 #                build/gpu/test_backend, build/gpu/test_sample,
 #                build/gpu/bench_engine
 #
-# cuda_backend.cu includes engine/model.h, so every kernel object gets
-# -Iengine (see the pattern rule override below).
 
 CUDA_LIBDIR  := $(CUDA_HOME)/lib64
 CUDA_LDLIBS  := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublas -lcudart \
@@ -22,16 +20,15 @@ GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)
 
-$(BUILD)/gpu/%.o: t/gpu/%.cu $(wildcard t/gpu/*.h kernels/*.h) \
-                  $(wildcard engine/*.h) engine/include/moe.h
+$(BUILD)/gpu/%.o: t/gpu/%.cu $(wildcard t/gpu/*.h kernels/*.h) $(ENGINE_HDRS)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(GPU_NVCCFLAGS) -c -o $@ $<
 
 $(BUILD)/gpu/bench_engine.o: bench/engine.cu $(wildcard kernels/*.h) \
-                             $(wildcard engine/*.h) engine/include/moe.h
+                             $(ENGINE_HDRS)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(GPU_NVCCFLAGS) -c -o $@ $<
 
-# Link with the host compiler: kernels lib first (it calls into libmoe).
+# Link with the host compiler: libmoe, then the kernels it calls.
 $(BUILD)/gpu/%: $(BUILD)/gpu/%.o $(KERNELS_A) $(BUILD)/libmoe.a
-	$(CC) -o $@ $< $(KERNELS_A) $(BUILD)/libmoe.a $(CUDA_LDLIBS) $(LDLIBS)
+	$(CC) -o $@ $< $(BUILD)/libmoe.a $(KERNELS_A) $(CUDA_LDLIBS) $(LDLIBS)

@@ -22,10 +22,10 @@ moe_cuda_embed(const int32_t *tokens, int T, const moe_bf16_t *table, int D,
     float *x, cudaStream_t stream)
 {
     if (T <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_embed<<<T, 256, 0, stream>>>(tokens,
         reinterpret_cast<const __nv_bfloat16 *>(table), D, x);
     MOE_CUDA_CHECK_LAUNCH("kernel_embed");
-    return MOE_OK;
+    return MOE_K_OK;
 }

@@ -15,12 +15,12 @@ moe_cuda_gemm(cublasHandle_t h, int M, int N, int K, const moe_bf16_t *X,
     float alpha = 1.0f;
 
     if (M <= 0 || N <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K,
                                   &alpha, W, CUDA_R_16BF, ldw, X, CUDA_R_16BF,
                                   ldx, &beta, Y,
                                   y_bf16 ? CUDA_R_16BF : CUDA_R_32F, ldy,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    return MOE_OK;
+    return MOE_K_OK;
 }

@@ -56,12 +56,12 @@ moe_cuda_f32_to_bf16(const float *src, moe_bf16_t *dst, int64_t n,
     cudaStream_t stream)
 {
     if (n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_f32_to_bf16<<<moe_grid(n, 256), 256, 0, stream>>>(src,
         reinterpret_cast<__nv_bfloat16 *>(dst), n);
     MOE_CUDA_CHECK_LAUNCH("kernel_f32_to_bf16");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -70,12 +70,12 @@ moe_cuda_fill_random_bf16(moe_bf16_t *dst, int64_t n, uint64_t seed,
     float scale, cudaStream_t stream)
 {
     if (n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_fill_random_bf16<<<moe_grid(n, 256 * 8), 256, 0, stream>>>(
         reinterpret_cast<__nv_bfloat16 *>(dst), n, seed, scale);
     MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_bf16");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -84,10 +84,10 @@ moe_cuda_fill_random_f32(float *dst, int64_t n, uint64_t seed, float scale,
     float offset, cudaStream_t stream)
 {
     if (n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_fill_random_f32<<<moe_grid(n, 256 * 8), 256, 0, stream>>>(dst, n,
         seed, scale, offset);
     MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_f32");
-    return MOE_OK;
+    return MOE_K_OK;
 }

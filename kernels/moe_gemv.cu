@@ -547,10 +547,10 @@ moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
     {
         moe_cuda_set_error("gemv: unsupported shape (N %d, Kd %d, ldx %d, "
                            "E %d)", N, Kd, ldx, E);
-        return MOE_EUNSUPPORTED;
+        return MOE_K_EUNSUPPORTED;
     }
     if (offs == NULL && (n <= 0 || E != 1)) {
-        return n <= 0 ? MOE_OK : MOE_EUNSUPPORTED;
+        return n <= 0 ? MOE_K_OK : MOE_K_EUNSUPPORTED;
     }
     /* at most min(E, n) groups are non-empty: with fewer rows than groups
      * (decode: 2 of 8 experts at one token) the grid covers only that many
@@ -571,7 +571,7 @@ moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
                          offs, E, n, Y, h, ldy);
         }
         MOE_CUDA_CHECK_LAUNCH("kernel_gemv_fma");
-        return MOE_OK;
+        return MOE_K_OK;
     }
     if (max_rows <= 8) {
         gv_launch<1>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
@@ -587,5 +587,5 @@ moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
                      E, n, Y, h, ldy);
     }
     MOE_CUDA_CHECK_LAUNCH("kernel_gemv");
-    return MOE_OK;
+    return MOE_K_OK;
 }

@@ -20,7 +20,7 @@ extern "C" {
  * silu == 1: W_e has 2N rows, gate rows [0, N) then up rows [N, 2N);
  *   H[r * ldy + j] = bf16(silu(gate) * up)  (H bf16).
  * X: bf16 rows of leading dimension ldx (>= Kd, multiple of 8).
- * Kd % 8 == 0 (else MOE_EUNSUPPORTED).  max_rows: an upper bound on the
+ * Kd % 8 == 0 (else MOE_K_EUNSUPPORTED).  max_rows: an upper bound on the
  * rows of any one group (chooses the tile; any count stays correct: a
  * group of more than 64 rows takes several passes over its weights).
  * offs is (E + 1) int32 on the device.  With offs, n is the total rows

@@ -447,7 +447,7 @@ gg_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
     kernel_ggemm<BT, MT, SILU><<<grid, GG_NT, sm, s>>>(
         X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy, gg_pf);
     MOE_CUDA_CHECK_LAUNCH("kernel_ggemm");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -490,10 +490,10 @@ moe_cuda_ggemm(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
     {
         moe_cuda_set_error("ggemm: unsupported shape (N %d, Kd %d, ldx %d, "
                            "E %d, n %d)", N, Kd, ldx, E, n);
-        return MOE_EUNSUPPORTED;
+        return MOE_K_EUNSUPPORTED;
     }
     if (n == 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     gg_env();
     /* at most min(E, n) groups are non-empty */

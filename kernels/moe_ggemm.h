@@ -26,8 +26,8 @@ extern "C" {
  * offs: (E + 1) int32 on the device; n: an upper bound of offs[E] (the
  * total rows; it chooses the token tile, and with n < E the grid covers
  * only n groups, each block finding its non-empty group on the device).
- * n == 0: nothing to do (MOE_OK).  Unsupported shapes (see below):
- * MOE_EUNSUPPORTED.  Any group size is correct: a group of more rows than
+ * n == 0: nothing to do (MOE_K_OK).  Unsupported shapes (see below):
+ * MOE_K_EUNSUPPORTED.  Any group size is correct: a group of more rows than
  * the token tile takes several passes over its weights.
  */
 int moe_cuda_ggemm(const moe_bf16_t *X, int ldx, const int32_t *xrow,

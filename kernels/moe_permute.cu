@@ -265,11 +265,11 @@ moe_cuda_moe_count(const int32_t *sel, int n, int E, int32_t *counts,
     cudaStream_t stream)
 {
     if (E <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_moe_count<<<E, PERM_THREADS, 0, stream>>>(sel, n, counts);
     MOE_CUDA_CHECK_LAUNCH("kernel_moe_count");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -278,12 +278,12 @@ moe_cuda_moe_scatter(const int32_t *sel, int n, int E, const int32_t *counts,
     int32_t *erow, int32_t *slot_of, cudaStream_t stream)
 {
     if (E <= 0 || n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_moe_scatter<<<E, PERM_THREADS, 0, stream>>>(sel, n, counts, erow,
                                                        slot_of);
     MOE_CUDA_CHECK_LAUNCH("kernel_moe_scatter");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -293,13 +293,13 @@ moe_cuda_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
 {
     if (E <= 0 || E > PERM_MAX_E) {
         moe_cuda_set_error("permute: %d experts not supported", E);
-        return MOE_EUNSUPPORTED;
+        return MOE_K_EUNSUPPORTED;
     }
     kernel_moe_permute<<<1, PERM_ONE, 0, stream>>>(
         sel, n, E, offs, erow, slot_of,
         reinterpret_cast<unsigned long long *>(tot));
     MOE_CUDA_CHECK_LAUNCH("kernel_moe_permute");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -308,13 +308,13 @@ moe_cuda_moe_gather(const moe_bf16_t *xb, int D, const int32_t *erow, int K,
     int n, moe_bf16_t *xe, cudaStream_t stream)
 {
     if (n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_moe_gather<<<n, 128, 0, stream>>>(
         reinterpret_cast<const __nv_bfloat16 *>(xb), D, erow, K,
         reinterpret_cast<__nv_bfloat16 *>(xe));
     MOE_CUDA_CHECK_LAUNCH("kernel_moe_gather");
-    return MOE_OK;
+    return MOE_K_OK;
 }
 
 
@@ -325,10 +325,10 @@ moe_cuda_moe_unpermute(const float *ye, int D, const int32_t *sel,
 {
     if (K < 1 || K > UNPERM_MAX_K) {
         moe_cuda_set_error("unpermute: top-%d not supported", K);
-        return MOE_EUNSUPPORTED;
+        return MOE_K_EUNSUPPORTED;
     }
     if (T <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     if (D % 4 == 0 && ((uintptr_t) ye | (uintptr_t) out) % 16 == 0) {
         kernel_moe_unpermute_v<<<dim3((unsigned) T,
@@ -337,10 +337,10 @@ moe_cuda_moe_unpermute(const float *ye, int D, const int32_t *sel,
                                  UNPERM_V_COLS / 4, 0, stream>>>(
             ye, D, sel, selw, slot_of, K, out);
         MOE_CUDA_CHECK_LAUNCH("kernel_moe_unpermute_v");
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_moe_unpermute<<<T, 256, 0, stream>>>(ye, D, sel, selw, slot_of, K,
                                                 out);
     MOE_CUDA_CHECK_LAUNCH("kernel_moe_unpermute");
-    return MOE_OK;
+    return MOE_K_OK;
 }

@@ -182,10 +182,10 @@ moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
 
     if (E < 1 || E > ROUTE_MAX_E || K < 1 || K > E || D < 1) {
         moe_cuda_set_error("route: %d experts, top-%d not supported", E, K);
-        return MOE_EUNSUPPORTED;
+        return MOE_K_EUNSUPPORTED;
     }
     if (T <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     grid = dim3((unsigned) E, (unsigned) ((T + ROUTE_RT - 1) / ROUTE_RT));
     if (D % 4 == 0
@@ -202,5 +202,5 @@ moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
                         0, stream>>>(logits, T, E, K, renorm, sel, selw,
                                      margin);
     MOE_CUDA_CHECK_LAUNCH("kernel_route_topk");
-    return MOE_OK;
+    return MOE_K_OK;
 }

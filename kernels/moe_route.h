@@ -12,7 +12,7 @@ extern "C" {
  * 1 into selw[t, k] (renorm != 0), else the raw probabilities (Qwen2-MoE
  * norm_topk_prob false).  xf: (T, D) fp32; router: (E, D) fp32;
  * sel: (T, K) int32; selw: (T, K) fp32.  E <= 256, K <= E
- * (MOE_EUNSUPPORTED otherwise).  margin (T) fp32, may be NULL: the
+ * (MOE_K_EUNSUPPORTED otherwise).  margin (T) fp32, may be NULL: the
  * K-th largest probability minus the (K+1)-th (1 when K == E): how near
  * the token's choice is to a flip.  logits: (T, E) fp32 workspace on the
  * device (overwritten).  Two launches, grid over (expert, token tile): no

@@ -129,7 +129,7 @@ moe_cuda_add_rmsnorm(float *x, const float *delta, const int32_t *rows,
     float *out_f32, cudaStream_t stream)
 {
     if (n_rows <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     __nv_bfloat16 *o = reinterpret_cast<__nv_bfloat16 *>(out);
     int            nv = (D / 4 + RMS_THREADS - 1) / RMS_THREADS;
@@ -156,5 +156,5 @@ moe_cuda_add_rmsnorm(float *x, const float *delta, const int32_t *rows,
             x, delta, rows, D, w, eps, o, out_f32);
     }
     MOE_CUDA_CHECK_LAUNCH("kernel_add_rmsnorm");
-    return MOE_OK;
+    return MOE_K_OK;
 }

@@ -94,7 +94,7 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
     moe_bf16_t *kv_layer, int block_size, cudaStream_t stream)
 {
     if (T <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     if (hd % 2 == 0 && hd / 2 <= 1024) {
         int threads = (hd / 2 + 31) / 32 * 32;
@@ -105,11 +105,11 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
             hd, pos, slot, theta,
             reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size);
         MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads");
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_rope_kv<<<T, 128, 0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos,
         slot, theta, reinterpret_cast<__nv_bfloat16 *>(kv_layer),
         block_size);
     MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv");
-    return MOE_OK;
+    return MOE_K_OK;
 }

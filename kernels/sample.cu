@@ -1,6 +1,6 @@
 /*
  * Token sampling on the device, one block of 1024 threads per row, with the
- * host sampler's semantics (moe_sample_u, engine/sampling.c):
+ * host sampler's semantics (moe_sample_u, engine/sched/sampling.c):
  *
  *   1. penalties on the listed ids (the host's float operations, rounded
  *      the same way: no contraction into FMAs);
@@ -598,18 +598,18 @@ moe_cuda_sample_rows(float *logits, int64_t ld, int rows, int V,
     cudaStream_t stream)
 {
     if (rows <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     if (V <= 0 || ld < V || logits == NULL || params == NULL || out == NULL) {
         moe_cuda_set_error("sample: bad arguments (V %d, ld %lld, logits %p, "
                            "params %p, out %p)", V, (long long) ld,
                            (void *) logits, (const void *) params,
                            (void *) out);
-        return MOE_EINVAL;
+        return MOE_K_EINVAL;
     }
     kernel_sample_rows<<<rows, SM_THREADS, 0, stream>>>(logits, ld, V, params,
                                                         pen_tok, pen_cnt,
                                                         pen_seen, out);
     MOE_CUDA_CHECK_LAUNCH("kernel_sample_rows");
-    return MOE_OK;
+    return MOE_K_OK;
 }

@@ -28,7 +28,7 @@ typedef struct {
 /*
  * One block per row: logits (rows, ld) fp32 are modified in place
  * (penalties applied to the listed ids < n).  out[r] = the chosen id of
- * row r, exactly moe_sample_u() (engine/sampling.c) over ids < n with the
+ * row r, exactly moe_sample_u() (engine/sched/sampling.c) over ids < n with the
  * row's u, counts and seen given by the lists, up to floating point at
  * boundaries (CUDA expf; weights summed as 2^-40 fixed point, the host in
  * double).  params (rows), pen_tok, pen_cnt, pen_seen, out (rows) are
@@ -36,8 +36,8 @@ typedef struct {
  * (generated occurrences) and seen (1: in prompt or output); the lists may
  * be NULL when every pen_n is 0 (pen_cnt / pen_seen NULL: all 0).  NaN
  * logits are never chosen.  Reads everything on the device, so it can be
- * captured in a CUDA graph.  rows <= 0: nothing.  MOE_EINVAL on a bad
- * shape or NULL pointer, MOE_EBACKEND when the launch fails.
+ * captured in a CUDA graph.  rows <= 0: nothing.  MOE_K_EINVAL on a bad
+ * shape or NULL pointer, MOE_K_EBACKEND when the launch fails.
  */
 int moe_cuda_sample_rows(float *logits, int64_t ld, int rows, int V,
     const moe_cuda_sample_param_t *params, const int32_t *pen_tok,

@@ -24,10 +24,10 @@ moe_cuda_silu_mul(const float *gu, int R, int F, moe_bf16_t *h,
     int64_t n = (int64_t) R * F;
 
     if (n <= 0) {
-        return MOE_OK;
+        return MOE_K_OK;
     }
     kernel_silu_mul<<<moe_grid(n, 256), 256, 0, stream>>>(gu, n, F,
         reinterpret_cast<__nv_bfloat16 *>(h));
     MOE_CUDA_CHECK_LAUNCH("kernel_silu_mul");
-    return MOE_OK;
+    return MOE_K_OK;
 }

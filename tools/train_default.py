@@ -549,7 +549,7 @@ def list_tensors(out):
 
 
 def check_layout(rows, a):
-    """Which expert layout the files use (both are read by engine/model.c)."""
+    """Which expert layout the files use (both are read by engine/model/model.c)."""
     names = {r[0] for r in rows}
     need = ["model.embed_tokens.weight", "model.norm.weight"]
     for l in range(a.layers):

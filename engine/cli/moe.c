@@ -17,7 +17,7 @@
 #include <string.h>
 
 #include "moe.h"
-#include "model.h"
+#include "model/model.h"
 
 static void
 usage(void)

@@ -80,11 +80,11 @@
 #include "gpu_util.h"
 
 extern "C" {
-#include "model.h"
-#include "sampling.h"
+#include "model/model.h"
+#include "sched/sampling.h"
 #include "tap.h"
 }
-#include "cuda_backend.h"
+#include "backends/cuda_backend.h"
 
 #define BS        4
 #define N_BLOCKS  64

@@ -40,7 +40,7 @@
 #include "gpu_util.h"
 
 extern "C" {
-#include "sampling.h"
+#include "sched/sampling.h"
 #include "tap.h"
 }
 #include "sample.h"

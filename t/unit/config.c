@@ -1,5 +1,5 @@
 /*
- * Checks the YAML configuration loader (engine/config.c):
+ * Checks the YAML configuration loader (engine/config/config.c):
  *   - moe_config_defaults() gives the defaults documented in moe.h;
  *   - conf/localmoe.yaml (the seed's config.yaml sections) loads and every
  *     seed value lands in its field; when models/localmoe-kjv is not there

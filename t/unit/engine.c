@@ -22,10 +22,10 @@
 #include <unistd.h>
 
 #include "moe.h"
-#include "model.h"
-#include "sampling.h"
+#include "model/model.h"
+#include "sched/sampling.h"
 #include "tap.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 #define NREQ  12
 #define MAXT  40

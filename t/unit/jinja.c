@@ -18,7 +18,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
-#include "jinja.h"
+#include "text/jinja.h"
 #include "tap.h"
 
 #define DATA  "t/data/chat/"

@@ -1,5 +1,5 @@
 /*
- * Checks the lock-free SPSC ring (engine/ring.c):
+ * Checks the lock-free SPSC ring (engine/sched/ring.c):
  *   - create rejects bad sizes; capacity is what was asked for;
  *   - single thread: pop on empty, fill to capacity then MOE_EFULL, FIFO
  *     order, wrap-around many times with an odd message size, count;
@@ -18,7 +18,7 @@
 #include <string.h>
 
 #include "moe.h"
-#include "ring.h"
+#include "sched/ring.h"
 #include "tap.h"
 
 #define PAYLOAD  44

@@ -1,5 +1,5 @@
 /*
- * Checks the safetensors reader (engine/safetensors.c):
+ * Checks the safetensors reader (engine/model/safetensors.c):
  *  - a valid file with F32/F16/BF16 tensors and __metadata__ parses, shapes
  *    and bytes are right, lookups work, conversions are exact (all 65536
  *    f16 values against an independent formula; bf16 incl. inf/nan);
@@ -20,7 +20,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "safetensors.h"
+#include "model/safetensors.h"
 #include "tap.h"
 
 static char tmpdir[256];

@@ -10,8 +10,8 @@
 #include <string.h>
 
 #include "moe.h"
-#include "kv.h"
-#include "sampling.h"
+#include "sched/kv.h"
+#include "sched/sampling.h"
 #include "tap.h"
 
 #define V 6

@@ -19,8 +19,8 @@
 #include <string.h>
 
 #include "moe.h"
-#include "kv.h"
-#include "model.h"
+#include "sched/kv.h"
+#include "model/model.h"
 #include "tap.h"
 
 #define BS      4

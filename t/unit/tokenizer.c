@@ -25,7 +25,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 #include "tap.h"
 
 #define MAX_CASES 4096

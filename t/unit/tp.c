@@ -1,5 +1,5 @@
 /*
- * Checks tensor parallelism on the CPU (engine/tp.c, moe_model_shard):
+ * Checks tensor parallelism on the CPU (engine/backends/tp.c, moe_model_shard):
  * for every test model and every tp that divides its heads, kv heads and
  * intermediate sizes (2, 4), the ranks' shards run together with their
  * partial sums all-reduced give the logits of the unsharded CPU backend
@@ -24,8 +24,8 @@
 #include <stddef.h>
 
 #include "moe.h"
-#include "model.h"
-#include "safetensors.h"
+#include "model/model.h"
+#include "model/safetensors.h"
 #include "tap.h"
 
 #define BS      4

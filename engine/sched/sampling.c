@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "sampling.h"
+#include "sched/sampling.h"
 
 
 static uint64_t

@@ -27,7 +27,7 @@
 #include <string.h>
 
 #include "moe.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 struct moe_detok {
     const moe_tokenizer_t *t;

@@ -29,7 +29,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 
 /* ------------------------------------------------------------ utilities */

@@ -8,7 +8,7 @@
 #include <string.h>
 
 #include "moe.h"
-#include "kv.h"
+#include "sched/kv.h"
 
 
 int

@@ -21,7 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ring.h"
+#include "sched/ring.h"
 
 #define MOE_RING_LINE  64
 

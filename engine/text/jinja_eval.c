@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "jinja_int.h"
+#include "text/jinja_int.h"
 
 static moe_jv_t moe_jj_eval(moe_jj_ctx_t *c, moe_jn_t *n);
 

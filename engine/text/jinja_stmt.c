@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "jinja_int.h"
+#include "text/jinja_int.h"
 
 
 static moe_jn_t *moe_jj_body(moe_jj_parser_t *P, const char **ends);

@@ -51,7 +51,7 @@
 extern "C" {
 #endif
 
-#include "model.h"
+#include "model/model.h"
 
 /* Profiling stages (moe_cuda_backend_profile). */
 enum {

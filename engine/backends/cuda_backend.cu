@@ -54,7 +54,7 @@
 #include <cuda_fp16.h>
 
 #include "common.cuh"
-#include "cuda_backend.h"
+#include "backends/cuda_backend.h"
 #include "arch.h"
 #include "argmax.h"
 #include "sample.h"
@@ -71,7 +71,13 @@
 #include "silu_mul.h"
 
 extern "C" {
-#include "safetensors.h"
+#include "model/safetensors.h"
+
+static_assert((int) MOE_K_OK == (int) MOE_OK
+              && (int) MOE_K_EINVAL == (int) MOE_EINVAL
+              && (int) MOE_K_EUNSUPPORTED == (int) MOE_EUNSUPPORTED
+              && (int) MOE_K_EBACKEND == (int) MOE_EBACKEND,
+              "kernel launcher status codes match the engine's");
 }
 
 #define CB_ALIGN        256

@@ -19,7 +19,7 @@
 
 #include <yajl/yajl_tree.h>
 
-#include "safetensors.h"
+#include "model/safetensors.h"
 
 #define ST_MAX_HEADER  (100u * 1024 * 1024)   /* as the reference reader */
 

@@ -9,7 +9,7 @@
 #include <setjmp.h>
 #include <stddef.h>
 
-#include "jinja.h"
+#include "text/jinja.h"
 
 #define MOE_JJ_MAX_DEPTH    200          /* nesting of expressions/blocks */
 #define MOE_JJ_MAX_STEPS    20000000     /* evaluation steps per render */

@@ -29,8 +29,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "model.h"
-#include "sampling.h"
+#include "model/model.h"
+#include "sched/sampling.h"
 
 #define CPU_MIN_PAR_WORK  (1 << 18)   /* multiply-adds worth a thread split;
                                          MOE_CPU_MIN_PAR_WORK overrides

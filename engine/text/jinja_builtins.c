@@ -10,7 +10,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "jinja_int.h"
+#include "text/jinja_int.h"
 
 #define MOE_JJ_IS(name, lit)  (strcmp(name, lit) == 0)
 

@@ -9,7 +9,7 @@
 
 #include <yajl/yajl_tree.h>
 
-#include "jinja_int.h"
+#include "text/jinja_int.h"
 
 
 /* Runs the template with the globals `vars` filled by fill(). */

@@ -11,8 +11,8 @@
 #include <string.h>
 
 #include "moe.h"
-#include "jinja.h"
-#include "tokenizer.h"
+#include "text/jinja.h"
+#include "text/tokenizer.h"
 
 #define MOE_CHAT_CACHE  8
 

@@ -47,8 +47,8 @@
 
 #include <yajl/yajl_tree.h>
 
-#include "model.h"
-#include "safetensors.h"
+#include "model/model.h"
+#include "model/safetensors.h"
 
 struct moe_model {
     char            dir[MOE_PATH_MAX];

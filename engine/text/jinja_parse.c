@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "jinja_int.h"
+#include "text/jinja_int.h"
 
 
 

@@ -31,12 +31,12 @@
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
-#include "kv.h"
-#include "model.h"
-#include "ring.h"
-#include "sampling.h"
+#include "sched/kv.h"
+#include "model/model.h"
+#include "sched/ring.h"
+#include "sched/sampling.h"
 #ifdef MOE_HAVE_CUDA
-#include "cuda_backend.h"
+#include "backends/cuda_backend.h"
 #endif
 
 #define MOE_EV_BATCH  256

@@ -10,8 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "jinja_int.h"
-#include "tokenizer.h"
+#include "text/jinja_int.h"
+#include "text/tokenizer.h"
 
 typedef struct {
     moe_jj_arena_t  *a;
