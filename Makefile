@@ -92,6 +92,54 @@ $(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(ENGINE_HDRS)
 	    -Iengine/include -Iengine -It/unit -o $@ t/unit/tp.c $(ENGINE_SRCS) \
 	    $(LDLIBS)
 
+# The unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer
+# (LeakSanitizer included): libmoe's C sources (CPU-only) and each test in
+# build/asan/, then run by prove; any sanitizer report exits non-zero and
+# fails the run.  The tokenizer test needs tools/fetch_tokenizers.sh's files.
+ASAN_FLAGS := -std=c11 -D_GNU_SOURCE -pthread $(WARN) -O1 -g \
+              -fsanitize=address,undefined -fno-omit-frame-pointer \
+              -fno-sanitize-recover=undefined -Iengine/include -Iengine
+ASAN_TESTS := tokenizer jinja safetensors config engine sampling ring swap \
+              forward kjv tp
+ASAN_BINS  := $(patsubst %,$(BUILD)/asan/t/%,$(filter $(ASAN_TESTS), \
+              $(UNIT_SRCS:t/unit/%.c=%)))
+ASAN_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/asan/%.o)
+ASAN_OPTS  := detect_leaks=1:detect_stack_use_after_return=1
+ASAN_OPTS  := $(ASAN_OPTS):check_initialization_order=1:strict_init_order=1
+ASAN_ENV   := MOE_SRCDIR=$(CURDIR) MOE_TEST_NO_TIMING=1 \
+              ASAN_OPTIONS=$(ASAN_OPTS) \
+              UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+.PHONY: asan asan-build
+asan: asan-build
+	@tools/fetch_tokenizers.sh > /dev/null
+	$(ASAN_ENV) prove --exec '' $(ASAN_BINS)
+asan-build: $(ASAN_BINS)
+
+# yajl_tree grows arrays one element per realloc, which ASan's realloc makes
+# quadratic (a 128k-token tokenizer.json takes hours): link a copy of yajl
+# whose allocations go through t/asan/yajl_alloc.c (capacity doubling).
+ifneq ($(BENCH_YAJL_A),)
+ASAN_YAJL  := $(BUILD)/asan/yajl.o $(BUILD)/asan/yajl_alloc.o
+$(BUILD)/asan/yajl.o: $(BENCH_YAJL_A)
+	@rm -rf $(BUILD)/asan/yajl && mkdir -p $(BUILD)/asan/yajl
+	cd $(BUILD)/asan/yajl && ar x $(BENCH_YAJL_A) && ld -r -o all.o *.o
+	objcopy $(foreach f,malloc calloc realloc free, \
+	    --redefine-sym $(f)=moe_asan_yajl_$(f)) $(BUILD)/asan/yajl/all.o $@
+$(BUILD)/asan/yajl_alloc.o: t/asan/yajl_alloc.c
+	$(CC) $(ASAN_FLAGS) -c -o $@ $<
+endif
+$(BUILD)/asan/engine/%.o: engine/%.c $(ENGINE_HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_FLAGS) -c -o $@ $<
+$(BUILD)/asan/libmoe.a: $(ASAN_OBJS)
+	rm -f $@ && ar rcs $@ $^
+$(BUILD)/asan/t/%: t/unit/%.c $(BUILD)/asan/libmoe.a $(ASAN_YAJL) \
+                   $(wildcard t/unit/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_FLAGS) -It/unit -o $@ $< $(BUILD)/asan/libmoe.a \
+	    $(ASAN_YAJL) $(LDLIBS)
+
 # kernels/ sees only its own headers: it includes nothing from engine/.
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
 	@mkdir -p $(dir $@)
