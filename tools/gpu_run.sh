@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs the CUDA backend's GPU tests and the engine benchmark on the GPU
 # machine, from a tree where `make gpu` already built build/gpu/* (carry
-# `build`).  Run from the repository root:
+# build/gpu and .dev: README, GPUs).  Run from the repository root:
 #
 #   tools/gpu_run.sh [MODELS]      MODELS: comma list for bench_engine
 #                                  (default: all four shapes)
@@ -20,13 +20,9 @@
 
 set -u
 cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-$PWD/gpu-out}
 MODELS=${1:-}
-mkdir -p "$OUT"
-# libyajl / libyaml carried from the build machine, when the lead carries .dev
-if [ -d .dev/lib ]; then
-    export LD_LIBRARY_PATH=$PWD/.dev/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
+# OUT, and .dev/lib (make gpu-bundle) on the library path
+. tools/gpu_env.sh
 
 declare -A RC
 STEPS=()
