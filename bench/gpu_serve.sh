@@ -23,7 +23,7 @@ trap 'gpu_nginx_stop; save_log' EXIT
 gpu_bench_tokenizer || exit 1
 [ -x build/bench/serve ] || { echo "build/bench/serve missing: make bench" >&2; exit 1; }
 gpu_nginx_start bench/conf/nginx-bench.conf $PORT $LOG || exit 1
-gpu_wait_health $PORT 240 || { tail -20 $LOG; exit 1; }
+gpu_wait_health $PORT 240 $LOG || { tail -20 $LOG; exit 1; }
 grep 'moe:' $LOG | tail -3
 set -o pipefail
 build/bench/serve --base-url http://127.0.0.1:$PORT \

@@ -101,13 +101,13 @@ done
 summary() {
 echo
 echo "======================== summary ========================"
-printf "%-14s %-22s %6s  %s\n" step status seconds detail
+printf "%-14s %-30s %6s  %s\n" step status seconds detail
 for s in "${GPU_STEPS[@]}"; do
     detail=
     case $s in test_*|sanitizer) [ -f "$OUT/$s.log" ] && detail=$(tap "$s") ;; esac
-    printf "%-14s %-22s %6s  %s\n" "$s" "${STATUS[$s]}" "${GPU_SEC[$s]}" "$detail"
+    printf "%-14s %-30s %6s  %s\n" "$s" "${STATUS[$s]}" "${GPU_SEC[$s]}" "$detail"
 done
-printf "%-14s %-22s %6s\n" total "" "$(($(date +%s) - T_START))"
+printf "%-14s %-30s %6s\n" total "" "$(($(date +%s) - T_START))"
 grep -h '^not ok' "$OUT"/test_*.log 2>/dev/null | head -10
 
 echo

@@ -53,13 +53,20 @@ gpu_nginx_start() {
     echo "gpu_env: $NGINX -c $conf: pid $GPU_NGINX_PID, port $port"
 }
 
-# gpu_wait_health PORT SECONDS: waits until GET /health answers 200, or the
-# server started last exits, or the time is up (then returns 1).
+# gpu_wait_health PORT SECONDS [ERROR_LOG]: waits until GET /health answers
+# 200; returns 1 when the server started last exits, its error log shows an
+# [emerg] or a worker that cannot be respawned (the engine failed to start),
+# or the time is up.
 gpu_wait_health() {
-    local port=$1 limit=$2 i
+    local port=$1 limit=$2 log=${3:-} i
     for ((i = 0; i < limit * 2; i++)); do
         if [ -n "${GPU_NGINX_PID:-}" ] && ! kill -0 "$GPU_NGINX_PID" 2>/dev/null; then
             echo "gpu_env: nginx (pid $GPU_NGINX_PID) exited before answering" >&2
+            return 1
+        fi
+        if [ -n "$log" ] && grep -q 'cannot be respawned\|\[emerg\]' "$log" 2>/dev/null; then
+            echo "gpu_env: nginx failed to start (from $log):" >&2
+            grep 'cannot be respawned\|\[emerg\]\|\[crit\]\|\[error\]' "$log" | tail -5 >&2
             return 1
         fi
         if python3 - "$port" <<'PY' 2>/dev/null

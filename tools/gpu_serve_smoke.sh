@@ -18,7 +18,7 @@ save_log() { cp build/run/error.log "$OUT/serve_smoke_error.log" 2>/dev/null; }
 trap 'gpu_nginx_stop; save_log' EXIT
 
 gpu_nginx_start conf/nginx.conf $PORT build/run/error.log || exit 1
-gpu_wait_health $PORT 120 || { tail -20 build/run/error.log; exit 1; }
+gpu_wait_health $PORT 120 build/run/error.log || { tail -20 build/run/error.log; exit 1; }
 
 python3 - "$PORT" <<'PY'
 import json, sys, time, urllib.request
