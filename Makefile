@@ -4,6 +4,8 @@
 #   make deps       install what is missing (Debian packages), idempotent
 #   make test       deps + build + prove -r t/
 #   make run        deps + build + serve conf/nginx.conf on 127.0.0.1:8000
+#   make asan       the unit tests under ASan + UBSan (build/asan/)
+#   make gpu-bundle .dev/: nginx + libraries + tokenizer for a GPU machine
 #   MOE_CUDA=0      force a CPU-only build even where nvcc exists
 
 CC       ?= cc
@@ -31,9 +33,11 @@ KERNEL_SRCS := $(wildcard kernels/*.cu)
 KERNEL_OBJS := $(KERNEL_SRCS:%.cu=$(BUILD)/%.o)
 NGX_SO      := $(BUILD)/nginx/objs/ngx_http_moe_module.so
 
-# CUDA: built where nvcc exists.  The CUDA backend (engine/backends/*.cu)
-# is part of libmoe; it calls the kernels' launchers (libmoe_kernels.a),
-# which call nothing back, so each library is listed once.
+# CUDA: built where nvcc exists (CI: .ci/run compiles every .cu file when
+# nvcc is there or the distribution offers it).  The CUDA backend
+# (engine/backends/*.cu) is part of libmoe; it calls the kernels' launchers
+# (libmoe_kernels.a), which call nothing back, so each library is listed
+# once.
 ifeq ($(MOE_CUDA)$(if $(KERNEL_SRCS),y,n),1y)
 CUDA_HOME   ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 NVCCFLAGS   ?= -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
@@ -179,6 +183,14 @@ $(NGX_SO): $(BUILD)/nginx/Makefile $(BUILD)/libmoe.a $(KERNELS_A) \
 	rm -f $@
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules \
 	    CFLAGS="$$(sed -n 's/^CFLAGS = //p' $(BUILD)/nginx/objs/Makefile) -Werror"
+
+# Everything a GPU machine without a package registry needs beside the
+# build outputs (nginx, the shared libraries that are not glibc / GCC /
+# CUDA, the bench model's tokenizer) in .dev/ (ignored); .dev/MANIFEST
+# lists it.  README, GPUs: what to carry.
+.PHONY: gpu-bundle
+gpu-bundle: engine module bench $(if $(KERNELS_A),gpu)
+	@tools/gpu_bundle.sh
 
 deps:
 	@tools/deps.sh
