@@ -5,8 +5,7 @@
 # summary table (step, status, seconds) plus the key figures at the end.
 #
 # Needs (build machine: make all gpu gpu-bundle; then carry .dev build/gpu
-# build/bench build/moe build/nginx/objs/ngx_http_moe_module.so; README,
-# GPUs):
+# build/bench build/nginx/objs/ngx_http_moe_module.so; README, GPUs):
 #   tools/gpu_all.sh
 # Environment:
 #   GPU_ALL_BUDGET=560      seconds for all steps together

@@ -16,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NGINX_BIN=${NGINX_BIN:-/usr/sbin/nginx}
 DEV=.dev
+CARRY=".dev build/gpu build/bench build/nginx/objs/ngx_http_moe_module.so"
 
 die() { echo "gpu-bundle: $*" >&2; exit 1; }
 
@@ -80,7 +81,7 @@ fi
     echo "# .dev: made by 'make gpu-bundle' (tools/gpu_bundle.sh) on $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "# host: $(. /etc/os-release && echo "$PRETTY_NAME"), $(ldd --version | head -1)"
     echo "# commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (modified)')"
-    echo "# carry to the GPU machine: .dev build/gpu build/bench build/moe build/nginx/objs/ngx_http_moe_module.so"
+    echo "# carry to the GPU machine: $CARRY (add build/moe for the CLI)"
     echo "nginx                       $NGINX_BIN ($("$NGINX_BIN" -v 2>&1 | sed 's/.*: //'))"
     for l in $(printf '%s\n' "${!seen[@]}" | sort); do
         printf 'lib/%-24s %s\n' "$l" "$(readlink -f "${seen[$l]}")"
@@ -94,6 +95,12 @@ fi
 rm -rf "$DEV"
 mv "$DEV.new" "$DEV"
 cat "$DEV/MANIFEST"
-echo "gpu-bundle: $DEV is $(du -sh "$DEV" | cut -f1);" \
-     "with the build outputs to carry: $(du -csh "$DEV" build/gpu build/bench \
-         build/moe build/nginx/objs/ngx_http_moe_module.so 2>/dev/null | tail -1 | cut -f1)"
+# The device tool sends the working tree plus the carried paths, 64 MiB in
+# all: report both.
+tree=$(git ls-files -z 2>/dev/null | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+carry=$(du -cb $CARRY 2>/dev/null | tail -1 | cut -f1)
+echo "gpu-bundle: $DEV is $(du -sh "$DEV" | cut -f1); carry $CARRY:" \
+     "$((carry / 1048576)) MiB, + tracked tree $((${tree:-0} / 1048576)) MiB" \
+     "= $(((carry + ${tree:-0}) / 1048576)) MiB of the device tool's 64"
+[ $((carry + ${tree:-0})) -lt $((60 * 1048576)) ] || \
+    echo "gpu-bundle: WARNING: near or over the 64 MiB the device tool sends" >&2
