@@ -26,6 +26,7 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <utf8proc.h>
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
@@ -380,7 +381,8 @@ typedef struct {
 
 /* --------------------------------------------------------------- model */
 
-enum { NORM_PREPEND, NORM_REPLACE, NORM_NFC };
+/* NFC, NFD, NFKC, NFKD: Unicode normalization forms, through utf8proc */
+enum { NORM_PREPEND, NORM_REPLACE, NORM_UNICODE };
 
 typedef struct {
     int          type;
@@ -389,6 +391,7 @@ typedef struct {
     char        *b;           /* Replace: content */
     size_t       blen;
     pcre2_code  *re;          /* Replace with a Regex pattern */
+    int          uform;       /* NORM_UNICODE: utf8proc_option_t flags */
 } norm_step_t;
 
 enum { PRE_SPLIT, PRE_BYTELEVEL, PRE_METASPACE, PRE_DIGITS };
@@ -999,8 +1002,17 @@ fill_norm(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         s->blen = strlen(c);
         s->b = arena_strdup(&t->arena, c, s->blen);
     } else if (strcmp(type, "NFC") == 0) {
-        /* Identity: exact for text already in NFC (nearly all input). */
-        s->type = NORM_NFC;
+        s->type = NORM_UNICODE;
+        s->uform = UTF8PROC_STABLE | UTF8PROC_COMPOSE;
+    } else if (strcmp(type, "NFD") == 0) {
+        s->type = NORM_UNICODE;
+        s->uform = UTF8PROC_STABLE | UTF8PROC_DECOMPOSE;
+    } else if (strcmp(type, "NFKC") == 0) {
+        s->type = NORM_UNICODE;
+        s->uform = UTF8PROC_STABLE | UTF8PROC_COMPOSE | UTF8PROC_COMPAT;
+    } else if (strcmp(type, "NFKD") == 0) {
+        s->type = NORM_UNICODE;
+        s->uform = UTF8PROC_STABLE | UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT;
     } else {
         moe_errf(err, errlen, "normalizer %s not supported", type);
         return MOE_EUNSUPPORTED;
@@ -1844,6 +1856,40 @@ replace_re(const pcre2_code *re, const char *s, size_t n, const char *rep,
     return rc;
 }
 
+/*
+ * Unicode normalization form `form` (utf8proc option flags) of the valid
+ * UTF-8 s[0..n), appended to out.  ASCII text is its own normal form in
+ * all four forms, so it is copied without a call.  Returns -1 when out of
+ * memory (or when utf8proc refuses the input, which sanitized text never
+ * gives it).
+ */
+static int
+unicode_normalize(const char *s, size_t n, int form, tbuf_t *out)
+{
+    utf8proc_uint8_t  *d = NULL;
+    utf8proc_ssize_t   dl;
+    size_t             i;
+    int                rc;
+
+    for (i = 0; i < n && (unsigned char) s[i] < 0x80; i++) {
+        /* find the first non-ASCII byte */
+    }
+    if (i == n) {
+        return tb_put(out, s, n);
+    }
+    if (n > ((size_t) -1 >> 4)) {               /* utf8proc_ssize_t */
+        return -1;
+    }
+    dl = utf8proc_map((const utf8proc_uint8_t *) s, (utf8proc_ssize_t) n, &d,
+                      (utf8proc_option_t) form);
+    if (dl < 0) {
+        return -1;
+    }
+    rc = tb_put(out, d, (size_t) dl);
+    free(d);
+    return rc;
+}
+
 /* Apply the normalizer chain to s[0..n); result in out (reset first). */
 static int
 normalize_piece(const moe_tokenizer_t *t, const char *s, size_t n,
@@ -1880,7 +1926,12 @@ normalize_piece(const moe_tokenizer_t *t, const char *s, size_t n,
                 return -1;
             }
             break;
-        default:                        /* NFC: identity */
+        case NORM_UNICODE:
+            if (unicode_normalize(out->p, out->len, st->uform, tmp) != 0) {
+                return -1;
+            }
+            break;
+        default:
             continue;
         }
         x = *out;
