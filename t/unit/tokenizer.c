@@ -26,6 +26,7 @@
 
 #include "moe.h"
 #include "text/tokenizer.h"
+#include "text/utf8.h"
 #include "tap.h"
 
 #define MAX_CASES 4096
