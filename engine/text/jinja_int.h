@@ -3,8 +3,8 @@
  * values, tokens, syntax tree and the render context.
  *
  * Files, each calling only those below it (tools/callgraph.sh checks):
- *   jinja_render.c    render entry points (moe_jinja_render*)
- *   jinja_stmt.c      statement parser, moe_jinja_parse
+ *   jinja_render.c    render entry points (moe_jinja_render*) -> eval
+ *   jinja_stmt.c      statement parser, moe_jinja_parse -> parse, lex
  *   jinja_parse.c     expression parser
  *   jinja_lex.c       lexer
  *   jinja_eval.c      evaluator (expressions and statements)
