@@ -117,8 +117,9 @@ dec_step(const dec_step_t *st, slist_t *in, slist_t *out)
             }
             bytes.len = 0;
             if (moe_tok_replace_all(in->text.p + in->off[k],
-                            in->off[k + 1] - in->off[k], st->pat, st->patlen,
-                            st->content, st->contentlen, &bytes) != 0
+                                    in->off[k + 1] - in->off[k], st->pat,
+                                    st->patlen, st->content, st->contentlen,
+                                    &bytes) != 0
                 || sl_append_last(out, bytes.p, bytes.len) != 0)
             {
                 goto out;
@@ -281,7 +282,7 @@ moe_tokenizer_decode(const moe_tokenizer_t *t, const int32_t *ids, size_t n,
             b = x;
         }
         if (moe_tok_buf_put(&res, a.n ? a.text.p + a.off[0] : "",
-                   a.n ? a.off[a.n] - a.off[0] : 0) != 0)
+                            a.n ? a.off[a.n] - a.off[0] : 0) != 0)
         {
             goto done;
         }

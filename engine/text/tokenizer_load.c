@@ -273,7 +273,7 @@ load_merges(moe_tokenizer_t *t, yajl_val model, char *err, size_t errlen)
             && memcmp(b, t->cont_prefix, t->cont_prefix_len) == 0)
         {
             if (moe_tok_buf_put(&cat, b + t->cont_prefix_len,
-                       lb - t->cont_prefix_len) != 0)
+                                lb - t->cont_prefix_len) != 0)
             {
                 moe_tok_buf_free(&cat);
                 return MOE_ENOMEM;
@@ -981,7 +981,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     for (b = 0; b < t->n_ids; b++) {
         t->id_byte[b] = (int16_t) (t->id_str[b]
                                    ? moe_tok_byte_value(t->id_str[b],
-                                                      t->id_len[b])
+                                                        t->id_len[b])
                                    : -1);
     }
     yajl_tree_free(root);

@@ -127,8 +127,8 @@ moe_tok_normalize(const moe_tokenizer_t *t, const char *s, size_t n,
         case NORM_REPLACE:
             if ((st->re ? replace_re(st->re, out->p, out->len, st->b,
                                      st->blen, tmp)
-                 : moe_tok_replace_all(out->p, out->len, st->a, st->alen, st->b,
-                               st->blen, tmp)) != 0)
+                 : moe_tok_replace_all(out->p, out->len, st->a, st->alen,
+                                       st->b, st->blen, tmp)) != 0)
             {
                 return -1;
             }

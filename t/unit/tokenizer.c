@@ -681,6 +681,20 @@ static const norm_case_t norm_cases[] = {
     { "seq_nfd_strip", E_ACUTE, { 0, -1 } },
     { "seq_nfd_strip", E_COMB, { 0, -1 } },
     { "seq_nfd_strip", ANGSTROM, { 16, 17, -1 } },
+    /*
+     * Qwen's layout: NFC, then a ByteLevel pre-tokenizer (GPT-2 regex) on
+     * the bytes.  bytelevel_*.json vocab: 0 e  1 U+00CC (byte CC)
+     * 2 U+0123 (byte 81)  3 U+00C3 (byte C3)  4 U+00A9 (byte A9)
+     * 5 U+00C3 U+00A9 (the merge: U+00E9 as bytes C3 A9)  6 U+0120  7 x.
+     * Without NFC, e + U+0301 (65 CC 81) is two words (U+0301 is not \p{L}):
+     * [0] and [1 2].
+     */
+    { "bytelevel_none", E_ACUTE, { 5, -1 } },
+    { "bytelevel_none", E_COMB, { 0, 1, 2, -1 } },
+    { "bytelevel_nfc", E_ACUTE, { 5, -1 } },
+    { "bytelevel_nfc", E_COMB, { 5, -1 } },
+    { "bytelevel_nfc", "x" E_COMB "x", { 7, 5, 7, -1 } },
+
     /* Sequence [NFKD, NFC] is NFKC */
     { "seq_nfkd_nfc", E_ACUTE, { 2, -1 } },
     { "seq_nfkd_nfc", HAN_JAMO, { 6, -1 } },
@@ -729,6 +743,24 @@ check_normalizers(void)
                "normalizer %s: case %zu gives [%s ] (want [%s ])", cur, i,
                got, want);
         free(ids);
+    }
+    moe_tokenizer_free(t);
+
+    /* decoding the NFC ids gives the precomposed text */
+    t = NULL;
+    rc = moe_tokenizer_load("t/data/norm/bytelevel_nfc.json", &t, err,
+                            sizeof(err));
+    {
+        int32_t  e5 = 5;
+        char    *txt = NULL;
+        size_t   tl = 0;
+
+        if (rc == MOE_OK) {
+            rc = moe_tokenizer_decode(t, &e5, 1, 0, &txt, &tl);
+        }
+        TAP_OK(rc == MOE_OK && txt && tl == 2 && memcmp(txt, E_ACUTE, 2) == 0,
+               "normalizer bytelevel_nfc: decode [5] is U+00E9");
+        free(txt);
     }
     moe_tokenizer_free(t);
 
