@@ -34,7 +34,7 @@
 #include "sched/kv.h"
 #include "model/model.h"
 #include "sched/ring.h"
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 #ifdef MOE_HAVE_CUDA
 #include "backends/cuda_backend.h"
 #endif
