@@ -246,6 +246,12 @@ moe_flush_overflow(moe_engine_t *e)
             return;
         }
         e->overflow_pos++;
+
+        /* the worker was woken when these were emitted and may have
+         * emptied the ring since: the ones that only arrive now need a
+         * wake-up of their own, or the last of them sit there unseen once
+         * the engine goes idle */
+        e->wake_pending = 1;
     }
 
     e->n_overflow = e->overflow_pos = 0;
@@ -1784,7 +1790,7 @@ size_t
 moe_engine_drain(moe_engine_t *e, moe_event_t *ev, size_t max)
 {
     size_t    n = 0;
-    uint64_t  v;
+    uint64_t  v, one = 1;
     ssize_t   r;
 
     /* clear the wake-up first: events pushed after this read set it again */
@@ -1793,6 +1799,17 @@ moe_engine_drain(moe_engine_t *e, moe_event_t *ev, size_t max)
 
     while (n < max && moe_ring_pop(e->events, &ev[n]) == 1) {
         n++;
+    }
+
+    /*
+     * ev is full and events remain: keep the eventfd readable, as the
+     * contract says, for a caller that takes one batch per wake-up.  The
+     * read above cleared it, and once the engine is idle nothing else would
+     * set it again: the rest would wait unseen.
+     */
+    if (n == max && moe_ring_count(e->events) > 0) {
+        r = write(e->ev_fd, &one, sizeof(one));
+        (void) r;
     }
 
     return n;
