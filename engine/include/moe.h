@@ -409,6 +409,19 @@ int moe_engine_submit(moe_engine_t *e, uint64_t req_id,
  */
 int moe_engine_cancel(moe_engine_t *e, uint64_t req_id);
 
+/*
+ * Hold the engine thread, for tests that must fix what the scheduler sees
+ * at once rather than hope for it: after moe_engine_hold(e, n) with n >= 0
+ * the engine takes at most n more scheduler steps, then parks between two
+ * steps, before it reads the submit ring again (submits and cancels queued
+ * meanwhile wait there, and all of them are read together when it goes
+ * on).  n == 0 returns once the engine is parked (its stats are then those
+ * after its last step).  n < 0 releases it (the default state).  Called
+ * from the producer thread.  MOE_ESTATE when the engine thread is not
+ * running.
+ */
+int moe_engine_hold(moe_engine_t *e, int steps);
+
 /* Copy up to max waiting events into ev; returns how many.  Non-blocking.
  * Events left waiting (the return was max) keep the eventfd readable, so
  * one drain per wake-up loses none. */
