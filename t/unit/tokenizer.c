@@ -1,7 +1,8 @@
 /*
  * Tokenizer conformance: for Llama-3 (byte-level BPE), the Llama-2/Mistral
  * 32k SentencePiece-style BPE and the tiny model's tokenizer, checks
- *  - load succeeds within a second, vocabulary lookups agree;
+ *  - load succeeds (its time is printed, not judged), vocabulary lookups
+ *    agree;
  *  - a few hand-verified encodings;
  *  - encode ids and decode strings are identical to Hugging Face
  *    `tokenizers` on every case of t/data/tok/corpus.json, using the goldens
@@ -409,7 +410,8 @@ check_tokenizer(tok_case_t *tc)
     }
     n_ids = moe_tokenizer_vocab_size(t);
     TAP_DIAG("%s: loaded in %.0f ms, %d ids", tc->name, ms, n_ids);
-    TAP_OK(ms < 1000, "%s: loads in under a second (%.0f ms)", tc->name, ms);
+    /* the load time is a figure, not a pass/fail threshold: a timed check
+     * fails on a busy machine (tests must pass beside a busy loop) */
 
     /* lookups: every id's token maps back to an id with the same string */
     {
@@ -549,6 +551,7 @@ check_tokenizer(tok_case_t *tc)
         char    *big = malloc(16384);
         size_t   bl = 0, n;
         int32_t *ids;
+        int      enc_ok;
         for (i = 0; bl < 10240; i = (i + 1) % n_corpus) {
             char  *c = moe_utf8_sanitize(corpus[i].s, corpus[i].len, &n);
             size_t take = n < 10240 - bl ? n : 10240 - bl;
@@ -565,15 +568,21 @@ check_tokenizer(tok_case_t *tc)
             }
         }
         best = 1e9;
+        enc_ok = 1;
         for (k = 0; k < 5; k++) {
             t0 = now_ms();
-            moe_tokenizer_encode(t, big, bl, 1, &ids, &n);
+            n = 0;
+            ids = NULL;
+            enc_ok &= moe_tokenizer_encode(t, big, bl, 1, &ids, &n) == MOE_OK;
             ms = now_ms() - t0;
             best = ms < best ? ms : best;
             free(ids);
         }
-        TAP_OK(best < 20, "%s: encode %zu bytes in %.2f ms (< 20)", tc->name,
-               bl, best);
+        /* a figure (bench material), not a pass/fail threshold: a timed
+         * check fails beside a busy loop; the ids must still come back */
+        TAP_OK(enc_ok && n > 0,
+               "%s: encode %zu bytes: %zu ids (best of 5: %.2f ms)",
+               tc->name, bl, n, best);
         free(big);
     }
 
