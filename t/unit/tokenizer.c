@@ -1,7 +1,7 @@
 /*
  * Tokenizer conformance: for Llama-3 (byte-level BPE), the Llama-2/Mistral
  * 32k SentencePiece-style BPE and the tiny model's tokenizer, checks
- *  - load succeeds within a second, vocabulary lookups agree;
+ *  - load succeeds within a second of CPU time, vocabulary lookups agree;
  *  - a few hand-verified encodings;
  *  - encode ids and decode strings are identical to Hugging Face
  *    `tokenizers` on every case of t/data/tok/corpus.json, using the goldens
@@ -11,7 +11,7 @@
  *  - the incremental detokenizer: ids pushed one by one give pieces that are
  *    each whole UTF-8 and whose concatenation plus flush equals decode(),
  *    on the corpus and on random id sequences (byte tokens, specials);
- *  - encoding 10 KB of text takes < 20 ms; error statuses.
+ *  - encoding 10 KB of text takes < 20 ms of CPU time; error statuses.
  * Run from the repository root (t/tokenizer.t does; it fetches the
  * tokenizer files first).  MOE_TOK_GOLDENS overrides the goldens folder,
  * MOE_TOK_CORPUS the corpus (for ad-hoc fuzzing against other references).
@@ -38,12 +38,15 @@ typedef struct {
 static bytes_t corpus[MAX_CASES];
 static int     n_corpus;
 
+/* CPU time of this process, not wall time: the limits below are on the
+ * work a load or an encode costs, which must not fail because other
+ * programs share the cores (wall time under load was 3x the limit) */
 static double
 now_ms(void)
 {
     struct timespec ts;
 
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
@@ -407,8 +410,9 @@ check_tokenizer(tok_case_t *tc)
         return;
     }
     n_ids = moe_tokenizer_vocab_size(t);
-    TAP_DIAG("%s: loaded in %.0f ms, %d ids", tc->name, ms, n_ids);
-    TAP_OK(ms < 1000, "%s: loads in under a second (%.0f ms)", tc->name, ms);
+    TAP_DIAG("%s: loaded in %.0f ms of CPU, %d ids", tc->name, ms, n_ids);
+    TAP_OK(ms < 1000, "%s: loads in under a second of CPU (%.0f ms)",
+           tc->name, ms);
 
     /* lookups: every id's token maps back to an id with the same string */
     {
@@ -571,8 +575,8 @@ check_tokenizer(tok_case_t *tc)
             best = ms < best ? ms : best;
             free(ids);
         }
-        TAP_OK(best < 20, "%s: encode %zu bytes in %.2f ms (< 20)", tc->name,
-               bl, best);
+        TAP_OK(best < 20, "%s: encode %zu bytes in %.2f ms of CPU (< 20)",
+               tc->name, bl, best);
         free(big);
     }
 
