@@ -708,7 +708,7 @@ kernel_attention_decode_split(const float *qkv, int ld, const int32_t *tok_pos,
 /* ---------------------------------------- prefill: the tensor-core kernel */
 
 __device__ __forceinline__ uint32_t
-att_pack_bf16x2(float x, float y)
+att_pack(float x, float y)
 {
     __nv_bfloat162 v = __floats2bfloat162_rn(x, y);     /* x: low half */
 
@@ -716,7 +716,8 @@ att_pack_bf16x2(float x, float y)
 }
 
 
-/* Dynamic shared memory of kernel_attention_prefill_tc<HD>: Q, then 2 x (K, V). */
+/* Dynamic shared memory of kernel_attention_prefill_tc<HD>: Q, then
+ * 2 x (K, V). */
 static constexpr size_t
 att_tc_smem(int hd)
 {
@@ -739,10 +740,10 @@ att_tc_smem(int hd)
  */
 template <int HD>
 __global__ void __launch_bounds__(ATT_TC_NT, 1)
-kernel_attention_prefill_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
-    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
-    const bf16 *kv_layer, int block_size, int n_heads, int n_kv,
-    int window, bf16 *out)
+kernel_attention_prefill_tc(const float *qkv, int ld, int T,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const bf16 *kv_layer, int block_size, int n_heads,
+    int n_kv, int window, bf16 *out)
 {
     constexpr int BM = ATT_TC_BM, BN = ATT_TC_BN, NT = ATT_TC_NT;
     constexpr int ROW = HD + 8;             /* bf16 per smem row */
@@ -794,8 +795,8 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T, const int32_t *tok_
                 v = *reinterpret_cast<const float4 *>(
                         qkv + (size_t) (r0 + row) * ld + (size_t) h * HD + d);
             }
-            uint2 pk = make_uint2(att_pack_bf16x2(v.x * qs, v.y * qs),
-                                  att_pack_bf16x2(v.z * qs, v.w * qs));
+            uint2 pk = make_uint2(att_pack(v.x * qs, v.y * qs),
+                                  att_pack(v.z * qs, v.w * qs));
 
             *reinterpret_cast<uint2 *>(q_s + row * ROW + d) = pk;
         }
@@ -865,8 +866,8 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T, const int32_t *tok_
                                  * block_size + j % block_size) * kvd
                           + ch * 8;
                 }
-                moe_cp_async16(kv_s + ((st * 2 + sel) * BN + row) * ROW + ch * 8,
-                        src, ok ? 16 : 0);
+                moe_cp_async16(kv_s + ((st * 2 + sel) * BN + row) * ROW
+                                   + ch * 8, src, ok ? 16 : 0);
             }
         };
 
@@ -898,8 +899,9 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T, const int32_t *tok_
                 for (int kk = 0; kk < KS; kk++) {
                     uint32_t a0, a1, a2, a3;
 
-                    moe_ldmatrix_x4(a0, a1, a2, a3, q_s + (warp * 16 + (lane & 15))
-                                            * ROW + kk * 16 + (lane >> 4) * 8);
+                    moe_ldmatrix_x4(a0, a1, a2, a3,
+                                    q_s + (warp * 16 + (lane & 15)) * ROW
+                                        + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
                     for (int np = 0; np < 4; np++) {
                         uint32_t b0, b1, b2, b3;
@@ -961,10 +963,10 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T, const int32_t *tok_
                 /* O += P V: P from the S fragments, V transposed */
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; kk++) {
-                    uint32_t a0 = att_pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-                    uint32_t a1 = att_pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-                    uint32_t a2 = att_pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                    uint32_t a3 = att_pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                    uint32_t a0 = att_pack(s[2 * kk][0], s[2 * kk][1]);
+                    uint32_t a1 = att_pack(s[2 * kk][2], s[2 * kk][3]);
+                    uint32_t a2 = att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                    uint32_t a3 = att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 
 #pragma unroll
                     for (int dp = 0; dp < DN / 2; dp++) {
@@ -997,7 +999,7 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T, const int32_t *tok_
 #pragma unroll
                 for (int n = 0; n < DN; n++) {
                     *reinterpret_cast<uint32_t *>(orow + n * 8) =
-                        att_pack_bf16x2(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
+                        att_pack(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
                 }
             }
         }
@@ -1035,7 +1037,8 @@ moe_cuda_attention_ws_init(float *part, cudaStream_t stream)
 }
 
 
-/* Launch kernel_attention_prefill_tc<HD> (raising its shared-memory limit once). */
+/* Launch kernel_attention_prefill_tc<HD> (raising its shared-memory limit
+ * once). */
 template <int HD>
 static int
 att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
@@ -1199,7 +1202,7 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
         tc = 1;
     }
     grid = dim3((unsigned) pairs, (unsigned) ns);
-#define ATT_G(G) att_launch_g<G>(split, tc, hdp, grid, stream, qkv, ld,         \
+#define ATT_G(G) att_launch_g<G>(split, tc, hdp, grid, stream, qkv, ld,      \
                                  tok_pos, tok_seq, bt, bt_off, kv, block_size, \
                                  n_heads, n_kv, hd, window, o,                 \
                                  split ? part : p4)

@@ -2,14 +2,14 @@
  * Grouped small-M GEMM for decode-sized steps, two kernels:
  *
  * kernel_gemv_mma: tensor cores (mma.sync m16n8k16, bf16 in, fp32
- * accumulate).  A block of 4 warps owns 16 output columns (16 gate + 16 up columns when
- * the SiLU epilogue is fused) of one group (expert); its warps split the
- * reduction dimension in interleaved 32-wide chunks and their partial sums
- * are added in shared memory.  The weights are the mma's A operand (rows =
- * output columns), the tokens its B operand (8 per mma, up to 64 per
- * pass), both loaded straight from global memory as 16-byte vectors: a
- * thread (g = lane / 4, q = lane % 4) loads elements [8q, 8q + 8) of a
- * 32-wide chunk for its rows, and the two mmas of the chunk take words
+ * accumulate).  A block of 4 warps owns 16 output columns (16 gate + 16 up
+ * columns when the SiLU epilogue is fused) of one group (expert); its warps
+ * split the reduction dimension in interleaved 32-wide chunks and their
+ * partial sums are added in shared memory.  The weights are the mma's A
+ * operand (rows = output columns), the tokens its B operand (8 per mma, up
+ * to 64 per pass), both loaded straight from global memory as 16-byte
+ * vectors: a thread (g = lane / 4, q = lane % 4) loads elements [8q, 8q + 8)
+ * of a 32-wide chunk for its rows, and the two mmas of the chunk take words
  * {0, 1} and {2, 3} of it.  A and B use the same permutation of k, so the
  * sum over k is unchanged.  Weights are read with streaming loads, once per
  * pass; groups with no rows exit at once.
@@ -234,12 +234,12 @@ kernel_gemv_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
 
 /*
- * kernel_gemv_fma: CUDA-core path for groups of at most a few rows per pass (decode at
- * batch 1-8: the mma tile above wastes 7 of its 8 token columns there).  A
- * warp owns GF_CW output columns (their gate and up rows with the SiLU
- * epilogue) and reads each weight row as whole 512-byte segments (32 lanes
- * x 16 bytes), GF_U segments of every row in flight per lane; the input
- * rows are read at the same k (L1/L2 hits); partial sums are reduced
+ * kernel_gemv_fma: CUDA-core path for groups of at most a few rows per pass
+ * (decode at batch 1-8: the mma tile above wastes 7 of its 8 token columns
+ * there).  A warp owns GF_CW output columns (their gate and up rows with the
+ * SiLU epilogue) and reads each weight row as whole 512-byte segments (32
+ * lanes x 16 bytes), GF_U segments of every row in flight per lane; the
+ * input rows are read at the same k (L1/L2 hits); partial sums are reduced
  * across the warp with shuffles.  No shared memory, no block barrier.
  */
 #define GF_WARPS 4

@@ -12,6 +12,10 @@
 
 #include "../../kernels/tuning.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /*
  * Fill *t with the defaults, then apply every MOE_CUDA_* variable that is
  * set (and not empty) in the environment; resolve gemv_max_t's automatic
@@ -30,5 +34,9 @@ int moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, char *err,
  */
 int moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf,
     size_t len);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* MOE_BACKENDS_CUDA_TUNING_H */

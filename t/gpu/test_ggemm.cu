@@ -611,8 +611,8 @@ bench_shape(const uint16_t *d_w, int N, int Kd, int silu, int rows)
                         tiles[t][0], tiles[t][1],
                         us > 0 ? bytes / us / 1e3 : 0);
     }
-    us = bench_time(1, 0, 0, iters, d_x, Kd, xr, d_w, N, d_offs, E, n, rows, silu,
-                    d_y, ldy);
+    us = bench_time(1, 0, 0, iters, d_x, Kd, xr, d_w, N, d_offs, E, n, rows,
+                    silu, d_y, ldy);
     snprintf(line + len, sizeof(line) - len, "; gemv %.0f us %.0f GB/s", us,
              us > 0 ? bytes / us / 1e3 : 0);
     TAP_DIAG("%s", line);
