@@ -53,4 +53,6 @@ $(BUILD)/bench/dev/%.o: bench/dev/%.cu bench/dev/dev.cuh t/gpu/gpu_util.h \
 	$(NVCC) $(NVCCFLAGS) -Ikernels -It/gpu -c -o $@ $<
 
 $(BUILD)/bench/dev/%: $(BUILD)/bench/dev/%.o $(KERNELS_A)
-	$(CC) -o $@ $< $(KERNELS_A) $(CUDA_LDLIBS)
+	$(CC) -o $@ $< $(KERNELS_A) $(CUDA_LDLIBS) -lm
+
+.PRECIOUS: $(BUILD)/bench/dev/%.o
