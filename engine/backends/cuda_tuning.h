@@ -10,7 +10,7 @@
 
 #include <stddef.h>
 
-#include "../../kernels/tuning.h"
+#include "tuning.h"                 /* kernels/: the record itself */
 
 #ifdef __cplusplus
 extern "C" {
