@@ -231,8 +231,9 @@ my $streams_during = grep {
 
 diag(sprintf "window from the last byte to the 400: %.3fs; probe answered "
      . "at +%.3fs; %d reads with events; longest stretch without one: "
-     . "%.3fs", $window, ($probe->{t_end} // $t_big) - $t_last,
-     scalar @all, $gap);
+     . "%.3fs; most events of a stream so far: %d of %d", $window,
+     ($probe->{t_end} // $t_big) - $t_last, scalar @all, $gap,
+     (sort { $b <=> $a } map { $_->{n} } @st)[0], $MAXT);
 
 is($streams_during, $N, "all $N streams received events while the big "
    . "prompt was read, parsed and tokenized");
