@@ -20,6 +20,7 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/../t/lib";
+use Cwd ();
 use Getopt::Long;
 use IO::Select;
 use IO::Socket::INET;
@@ -32,7 +33,7 @@ my %o = (streams => 32, 'prompt-kb' => 500, big => 8, quiet => 2);
 GetOptions(\%o, 'so=s', 'streams=i', 'prompt-kb=i', 'big=i', 'quiet=f')
     or die "usage: $0 [--so PATH] [--streams N] [--prompt-kb KB] "
          . "[--big N] [--quiet S]\n";
-$ENV{LOCALMOE_SO} = $o{so} if $o{so};
+$ENV{LOCALMOE_SO} = Cwd::abs_path($o{so}) if $o{so};
 
 require LocalMoE::Test;
 LocalMoE::Test->import;
