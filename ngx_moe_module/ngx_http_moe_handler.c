@@ -51,10 +51,7 @@ static ngx_http_moe_route_t *ngx_http_moe_route(ngx_http_request_t *r);
 static void ngx_http_moe_body_handler(ngx_http_request_t *r);
 static void ngx_http_moe_body_read(ngx_http_request_t *r,
     ngx_http_moe_text_t *t);
-static ngx_int_t ngx_http_moe_post(ngx_http_request_t *r, ngx_str_t *body,
-    ngx_http_moe_err_t *err);
-static void ngx_http_moe_post_done(ngx_http_request_t *r, ngx_int_t rc,
-    ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_post(ngx_http_request_t *r, ngx_str_t *body);
 static ngx_int_t ngx_http_moe_read_body(ngx_http_request_t *r,
     ngx_str_t *body, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_completions(ngx_http_request_t *r,
@@ -256,11 +253,27 @@ ngx_http_moe_body_handler(ngx_http_request_t *r)
 
     rc = ngx_http_moe_read_body(r, body, &err);
 
-    if (rc == NGX_OK) {
-        rc = ngx_http_moe_post(r, body, &err);
+    switch (rc) {
+
+    case NGX_OK:
+        rc = ngx_http_moe_post(r, body);
+        break;
+
+    case NGX_DECLINED:
+        rc = ngx_http_moe_send_err(r, &err);
+        break;
+
+    case NGX_ERROR:
+        rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        break;
     }
 
-    ngx_http_moe_post_done(r, rc, &err);
+    if (rc == NGX_DONE) {
+        /* a thread task or the engine's events go on with the request */
+        return;
+    }
+
+    ngx_http_finalize_request(r, rc);
 }
 
 
@@ -269,8 +282,7 @@ ngx_http_moe_body_handler(ngx_http_request_t *r)
 static void
 ngx_http_moe_body_read(ngx_http_request_t *r, ngx_http_moe_text_t *t)
 {
-    ngx_int_t            rc;
-    ngx_http_moe_err_t   err;
+    ngx_int_t  rc;
 
     if (t->rc != MOE_OK) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, t->err,
@@ -280,20 +292,28 @@ ngx_http_moe_body_read(ngx_http_request_t *r, ngx_http_moe_text_t *t)
         return;
     }
 
-    rc = ngx_http_moe_post(r, t->data, &err);
+    rc = ngx_http_moe_post(r, t->data);
 
-    ngx_http_moe_post_done(r, rc, &err);
+    if (rc == NGX_DONE) {
+        return;
+    }
+
+    ngx_http_finalize_request(r, rc);
 }
 
 
-/* the body as JSON to the POST route */
+/*
+ * The body as JSON to the POST route; returns what the request is to be
+ * finalized with, or NGX_DONE when a thread task or the engine's events go
+ * on with it.
+ */
 
 static ngx_int_t
-ngx_http_moe_post(ngx_http_request_t *r, ngx_str_t *body,
-    ngx_http_moe_err_t *err)
+ngx_http_moe_post(ngx_http_request_t *r, ngx_str_t *body)
 {
     ngx_int_t              rc;
     yajl_val               root;
+    ngx_http_moe_err_t     err;
     ngx_http_moe_route_t  *route;
 
     route = ngx_http_moe_route(r);
@@ -304,40 +324,17 @@ ngx_http_moe_post(ngx_http_request_t *r, ngx_str_t *body,
 
     root = NULL;
 
-    rc = ngx_http_moe_json_parse(r, body->data, body->len, &root, err);
+    rc = ngx_http_moe_json_parse(r, body->data, body->len, &root, &err);
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_moe_send_err(r, &err);
+    }
+
     if (rc != NGX_OK) {
-        return rc;
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     return route->post(r, root);
-}
-
-
-/*
- * Ends a step of a POST request: NGX_DONE: a thread task or the engine's
- * events go on with it; NGX_ERROR and NGX_DECLINED (*err) from reading or
- * parsing the body; else what the route returned.
- */
-
-static void
-ngx_http_moe_post_done(ngx_http_request_t *r, ngx_int_t rc,
-    ngx_http_moe_err_t *err)
-{
-    switch (rc) {
-
-    case NGX_DONE:
-        return;
-
-    case NGX_ERROR:
-        rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
-        break;
-
-    case NGX_DECLINED:
-        rc = ngx_http_moe_send_err(r, err);
-        break;
-    }
-
-    ngx_http_finalize_request(r, rc);
 }
 
 

@@ -421,6 +421,13 @@ ngx_http_moe_exit_process(ngx_cycle_t *cycle)
 
     moe_set_log(NULL, NULL);
 
+    /*
+     * the thread pool module, a core module listed before this one, has
+     * already run its exit_process: every text task posted has finished
+     * and the pool threads are gone, so none uses the tokenizer the engine
+     * frees below
+     */
+
     c = mcf->wake;
 
     if (c) {

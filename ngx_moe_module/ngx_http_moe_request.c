@@ -48,6 +48,8 @@ ngx_http_moe_ctx_create(ngx_http_request_t *r)
 }
 
 
+/* the live request with engine id `id`, NULL if it is gone */
+
 ngx_http_moe_ctx_t *
 ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf, uint64_t id)
 {
@@ -87,6 +89,8 @@ ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf, uint64_t id)
 }
 
 
+/* makes ctx findable by its id (once its sequence is submitted) */
+
 void
 ngx_http_moe_register(ngx_http_moe_ctx_t *ctx)
 {
@@ -95,6 +99,8 @@ ngx_http_moe_register(ngx_http_moe_ctx_t *ctx)
     ctx->in_map = 1;
 }
 
+
+/* the engine's late events for ctx are dropped from now on */
 
 void
 ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx)
@@ -141,6 +147,8 @@ ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id)
 }
 
 
+/* mcf->cancel_timer: retries the cancels the full ring refused */
+
 void
 ngx_http_moe_cancel_handler(ngx_event_t *ev)
 {
@@ -151,6 +159,8 @@ ngx_http_moe_cancel_handler(ngx_event_t *ev)
     ngx_http_moe_retry_cancels(mcf);
 }
 
+
+/* sends the queued cancels in order until the ring is full again */
 
 void
 ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf)
