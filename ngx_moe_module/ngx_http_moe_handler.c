@@ -164,7 +164,7 @@ ngx_http_moe_handler(ngx_http_request_t *r)
                                        &r->uri, allow);
     }
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     if (mcf->engine == NULL) {
         rc = ngx_http_discard_request_body(r);
@@ -186,7 +186,7 @@ ngx_http_moe_handler(ngx_http_request_t *r)
         return route->get(r);
     }
 
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+    mlcf = ngx_http_moe_loc_conf(r);
 
     if (r->headers_in.content_length_n > (off_t) mlcf->max_body_size) {
         rc = ngx_http_discard_request_body(r);
@@ -358,7 +358,7 @@ ngx_http_moe_read_body(ngx_http_request_t *r, ngx_str_t *body,
     ngx_http_moe_loc_conf_t   *mlcf;
     ngx_http_moe_text_file_t  *f;
 
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+    mlcf = ngx_http_moe_loc_conf(r);
 
     len = 0;
     nfiles = 0;
@@ -560,7 +560,7 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     ngx_http_moe_float_param_t  *fp;
     ngx_http_moe_main_conf_t    *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     ngx_memzero(p, sizeof(ngx_http_moe_params_t));
     moe_sampling_defaults(&p->sp);
@@ -847,7 +847,7 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_text_t       *t;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     t = ngx_http_moe_text_create(r, NGX_HTTP_MOE_TEXT_ENCODE);
     if (t == NULL) {
@@ -950,8 +950,8 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ngx_http_moe_loc_conf_t   *mlcf;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
+    mlcf = ngx_http_moe_loc_conf(r);
 
     chat = p->chat;
     max_len = (size_t) mcf->info->max_model_len;
@@ -990,7 +990,7 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     p->sp.max_tokens = (int) p->max_tokens;
 
     /* made with the request body (ngx_http_moe_body_handler) */
-    ctx = ngx_http_get_module_ctx(r, ngx_http_moe_module);
+    ctx = ngx_http_moe_get_ctx(r);
 
     ctx->id = mcf->next_id++;
     ctx->chat = chat;

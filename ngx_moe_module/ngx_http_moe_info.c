@@ -36,7 +36,7 @@ ngx_http_moe_health(ngx_http_request_t *r)
     moe_stats_t                st;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     moe_engine_stats(mcf->engine, &st);
 
@@ -66,7 +66,7 @@ ngx_http_moe_models(ngx_http_request_t *r)
     yajl_gen                   g;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     g = ngx_http_moe_gen_create(r);
     if (g == NULL) {
@@ -97,7 +97,7 @@ ngx_http_moe_model(ngx_http_request_t *r)
     ngx_http_moe_err_t         err;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     prefix = sizeof("/v1/models/") - 1;
 
@@ -145,7 +145,7 @@ ngx_http_moe_stats_memory(ngx_http_request_t *r)
     moe_stats_t                st;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     moe_engine_stats(mcf->engine, &st);
 
@@ -197,7 +197,7 @@ ngx_http_moe_stats_performance(ngx_http_request_t *r)
     moe_stats_t                st;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     moe_engine_stats(mcf->engine, &st);
 
@@ -307,7 +307,7 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
     moe_stats_t                st;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     moe_engine_stats(mcf->engine, &st);
 
@@ -522,7 +522,7 @@ ngx_http_moe_tokenize_done(ngx_http_request_t *r, ngx_http_moe_text_t *t)
     ngx_http_moe_err_t         err;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     rc = ngx_http_moe_text_ids(r, t, &ids, &n, &err);
 
@@ -572,7 +572,7 @@ ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root)
     ngx_http_moe_text_t       *t;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     rc = ngx_http_moe_check_model(r, root, &err);
     if (rc != NGX_OK) {
@@ -685,7 +685,7 @@ ngx_http_moe_check_name(ngx_http_request_t *r, ngx_str_t *name,
 {
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     if (name->len == ngx_strlen(mcf->info->served_name)
         && ngx_strncmp(name->data, mcf->info->served_name, name->len) == 0)

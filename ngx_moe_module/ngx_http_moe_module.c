@@ -110,6 +110,9 @@ ngx_http_moe_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    /* the files below this one find their configuration by this index */
+    ngx_http_moe_ctx_index = ngx_http_moe_module.ctx_index;
+
     /*
      * set by ngx_pcalloc():
      *
@@ -321,6 +324,9 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
     if (mcf == NULL || mcf->config == NULL) {
         return NGX_OK;
     }
+
+    /* the cycle this worker serves (a failed reload may have reset it) */
+    ngx_http_moe_ctx_index = ngx_http_moe_module.ctx_index;
 
     ngx_rbtree_init(&mcf->requests, &mcf->sentinel, ngx_rbtree_insert_value);
 

@@ -216,6 +216,26 @@ ngx_int_t ngx_http_moe_json_ids(yajl_val v, int vocab, int32_t **ids,
 ngx_int_t ngx_http_moe_messages(ngx_http_request_t *r, yajl_val v,
     moe_chat_msg_t **msgs, ngx_int_t *n, ngx_http_moe_err_t *err);
 
+/*
+ * The module's configuration and request context by the module's index,
+ * for the files below ngx_http_moe_module.c: naming the module struct
+ * itself would make each of them depend on the file that defines it,
+ * which calls into them.  ngx_http_moe_module.c sets the index when it
+ * creates the main configuration.
+ */
+
+extern ngx_uint_t  ngx_http_moe_ctx_index;
+
+#define ngx_http_moe_main_conf(r)                                             \
+    ((ngx_http_moe_main_conf_t *) (r)->main_conf[ngx_http_moe_ctx_index])
+#define ngx_http_moe_loc_conf(r)                                              \
+    ((ngx_http_moe_loc_conf_t *) (r)->loc_conf[ngx_http_moe_ctx_index])
+#define ngx_http_moe_get_ctx(r)                                               \
+    ((ngx_http_moe_ctx_t *) (r)->ctx[ngx_http_moe_ctx_index])
+#define ngx_http_moe_set_ctx(r, c)                                            \
+    (r)->ctx[ngx_http_moe_ctx_index] = (c)
+
+
 /* ngx_http_moe_request.c */
 ngx_http_moe_ctx_t *ngx_http_moe_ctx_create(ngx_http_request_t *r);
 ngx_http_moe_ctx_t *ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf,

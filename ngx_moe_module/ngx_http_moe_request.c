@@ -14,6 +14,10 @@
 static void ngx_http_moe_ctx_cleanup(void *data);
 
 
+/* ngx_http_moe_module.ctx_index (see ngx_http_moe_module.h) */
+ngx_uint_t  ngx_http_moe_ctx_index;
+
+
 /*
  * The request's context, set as the module ctx, with a pool cleanup that
  * ends whatever the request still holds (an engine sequence, a timer, the
@@ -40,9 +44,9 @@ ngx_http_moe_ctx_create(ngx_http_request_t *r)
     cln->data = ctx;
 
     ctx->request = r;
-    ctx->mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    ctx->mcf = ngx_http_moe_main_conf(r);
 
-    ngx_http_set_ctx(r, ctx, ngx_http_moe_module);
+    ngx_http_moe_set_ctx(r, ctx);
 
     return ctx;
 }

@@ -54,7 +54,7 @@ ngx_http_moe_text_create(ngx_http_request_t *r, ngx_uint_t op)
     ngx_http_moe_text_t       *t;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {
@@ -97,8 +97,8 @@ ngx_http_moe_text_post(ngx_http_request_t *r, ngx_http_moe_text_t *t,
     ngx_http_moe_ctx_t       *ctx;
     ngx_http_moe_loc_conf_t  *mlcf;
 
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
-    ctx = ngx_http_get_module_ctx(r, ngx_http_moe_module);
+    mlcf = ngx_http_moe_loc_conf(r);
+    ctx = ngx_http_moe_get_ctx(r);
 
     if (ctx == NULL || ctx->task != NULL || mlcf->thread_pool == NULL) {
         ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
@@ -295,7 +295,7 @@ ngx_http_moe_text_resume(ngx_http_request_t *r)
     ngx_http_moe_ctx_t   *ctx;
     ngx_http_moe_text_t  *t;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_moe_module);
+    ctx = ngx_http_moe_get_ctx(r);
 
     if (ctx == NULL || ctx->task == NULL || ctx->task->running) {
         return;
