@@ -183,7 +183,7 @@ typedef struct {
  * above it:
  *
  *   json      OpenAI JSON in and out, error bodies, sending a response
- *   request   the engine's requests by id, cancels
+ *   request   the request context, requests by id, cancels, the index
  *   text      text work on the thread pool (body file, template, tokenizer)
  *   stream    engine events to SSE chunks or the final JSON
  *   info      GET routes, /tokenize, /detokenize
