@@ -31,13 +31,10 @@
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
+#include "backends/backend.h"
 #include "sched/kv.h"
-#include "model/model.h"
 #include "sched/ring.h"
 #include "sched/sampling.h"
-#ifdef MOE_HAVE_CUDA
-#include "backends/cuda_backend.h"
-#endif
 
 #define MOE_EV_BATCH  256
 
@@ -1201,96 +1198,29 @@ moe_compare_model_section(const moe_config_t *c, const moe_hparams_t *hp)
 }
 
 
-/* CPU backend with a KV pool of cfg.kv_cache_blocks, or enough for
- * max_num_seqs sequences of max_model_len within a quarter of RAM. */
-static int
-moe_cpu_backend_create_sized(moe_engine_t *e, const moe_hparams_t *hp,
-    int *n_blocks, int blocks_per_seq, char *err, size_t errlen)
-{
-    const moe_config_t  *cfg = &e->cfg;
-    int64_t              cap_bytes, per;
-    long                 pages, page_size;
-    int                  n = cfg->kv_cache_blocks;
-
-    if (n <= 0) {
-        pages = sysconf(_SC_PHYS_PAGES);
-        page_size = sysconf(_SC_PAGESIZE);
-        cap_bytes = pages > 0 && page_size > 0
-                    ? (int64_t) pages * page_size / 4 : ((int64_t) 1 << 30);
-        /* K and V, fp32, every layer */
-        per = (int64_t) 2 * hp->n_layers * cfg->block_size * hp->n_kv_heads
-              * hp->head_dim * (int64_t) sizeof(float);
-        n = blocks_per_seq * cfg->max_num_seqs;
-        if ((int64_t) n * per > cap_bytes) {
-            n = (int) (cap_bytes / per);
-        }
-    }
-
-    *n_blocks = n;
-    /* cpu_tensor_parallel with tensor_parallel_size > 1: the ranks' shards,
-     * one thread each, their partial sums all-reduced (tp.c); else one
-     * CPU backend (sharding threads buys nothing on one host: run 16 of
-     * this session measured 200 tokens in 0.54 s on 4 ranks, 0.37 on 1) */
-    return moe_tp_backend_create(e->model, cfg->cpu_tensor_parallel
-                                           ? cfg->tensor_parallel_size : 1,
-                                 n > 0 ? n : 1, cfg->block_size,
-                                 cfg->cpu_threads, &e->backend, err, errlen);
-}
-
-
-/*
- * The backend's host swap pool from cfg.swap_space (GiB; 0 off): at most
- * what max_num_seqs sequences of max_model_len can hold and 40% of the
- * host's memory.  Swapping is an optimisation: any failure is logged and
- * preemption falls back to recompute.
- */
+/* The factory's view of the configuration (backends/backend.h). */
 static void
-moe_swap_space_init(moe_engine_t *e, int blocks_per_seq)
+moe_backend_opts(const moe_config_t *cfg, int max_model_len,
+    moe_backend_opts_t *o)
 {
-    const moe_config_t  *cfg = &e->cfg;
-    moe_backend_t       *b = e->backend;
-    int64_t              per = b->kv_bytes_per_block, n, cap;
-    long                 pages, page_size;
-    char                 err[256];
-
-    if (cfg->swap_space <= 0 || b->swap_alloc == NULL || b->swap_out == NULL
-        || b->swap_in == NULL || per <= 0)
-    {
-        return;
+    memset(o, 0, sizeof(*o));
+    o->file = cfg->file;
+    o->backend = cfg->backend;
+    o->dummy = strcmp(cfg->load_format, "dummy") == 0;
+    o->tensor_parallel_size = cfg->tensor_parallel_size;
+    if (cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0) {
+        o->gpu_devices = cfg->instances[0].gpu_devices;
+        o->n_gpu_devices = cfg->instances[0].n_gpu_devices;
     }
-
-    n = (int64_t) (cfg->swap_space * 1073741824.0 / (double) per);
-    cap = (int64_t) blocks_per_seq * cfg->max_num_seqs;
-    if (n > cap) {
-        n = cap;
-    }
-    pages = sysconf(_SC_PHYS_PAGES);
-    page_size = sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page_size > 0
-        && n * per > (int64_t) pages * page_size / 10 * 4)
-    {
-        n = (int64_t) pages * page_size / 10 * 4 / per;
-        moe_log(MOE_LOG_WARN, "%s: swap_space %.2f GiB is more than 40%% of "
-                "the host's memory; using %.2f GiB", cfg->file,
-                cfg->swap_space, (double) (n * per) / 1073741824.0);
-    }
-    if (n > (1 << 30)) {
-        n = 1 << 30;
-    }
-    if (n < 1) {
-        moe_log(MOE_LOG_WARN, "%s: swap_space %g GiB holds no KV block of "
-                "%lld bytes; preemption recomputes", cfg->file,
-                cfg->swap_space, (long long) per);
-        return;
-    }
-
-    if (b->swap_alloc(b, (int) n, err, sizeof(err)) != MOE_OK) {
-        moe_log(MOE_LOG_WARN, "swap space: %s; preemption recomputes", err);
-        return;
-    }
-    moe_log(MOE_LOG_INFO, "swap space: %d blocks (%.1f MiB of host memory)",
-            b->n_swap_slots, (double) b->n_swap_slots * (double) per
-                             / 1048576.0);
+    o->cpu_tensor_parallel = cfg->cpu_tensor_parallel;
+    o->cpu_threads = cfg->cpu_threads;
+    o->kv_cache_blocks = cfg->kv_cache_blocks;
+    o->gpu_memory_utilization = cfg->gpu_memory_utilization;
+    o->swap_space = cfg->swap_space;
+    o->block_size = cfg->block_size;
+    o->max_model_len = max_model_len;
+    o->max_num_seqs = cfg->max_num_seqs;
+    o->max_num_batched_tokens = cfg->max_num_batched_tokens;
 }
 
 
@@ -1298,10 +1228,12 @@ int
 moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     size_t errlen)
 {
-    int                   rc, n_blocks, blocks_per_seq, i, use_cuda, dummy;
+    int                   rc, n_blocks, i;
     char                  path[MOE_PATH_MAX + 32];
     const moe_hparams_t  *hp;
     moe_engine_t         *e;
+    moe_backend_opts_t    bo;
+    moe_backend_kind_t    kind;
 
     *out = NULL;
 
@@ -1319,83 +1251,17 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
-    use_cuda = 0;
-#ifdef MOE_HAVE_CUDA
-    if (strcmp(cfg->backend, "cpu") != 0 && moe_cuda_device_count() > 0) {
-        use_cuda = 1;
-    }
-#endif
-    if (strcmp(cfg->backend, "cuda") == 0 && !use_cuda) {
-#ifdef MOE_HAVE_CUDA
-        moe_errf(err, errlen, "%s: backend 'cuda' requested, but no CUDA "
-                   "device is visible", cfg->file);
-#else
-        moe_errf(err, errlen, "%s: backend 'cuda' requested, but this "
-                   "build has no CUDA support (built with MOE_CUDA=0 or "
-                   "without nvcc)", cfg->file);
-#endif
-        rc = MOE_EUNSUPPORTED;
+    /* which backend, and the model loaded the way it reads it */
+    moe_backend_opts(cfg, 0, &bo);
+    rc = moe_backend_load_model(&bo, cfg->model_path,
+                                cfg->top_k_experts > 0 ? cfg->top_k_experts
+                                                       : 0,
+                                &kind, &e->model, err, errlen);
+    if (rc != MOE_OK) {
         goto fail;
-    }
-
-    moe_log(MOE_LOG_INFO, "loading model from %s", cfg->model_path);
-
-    /* load_format "dummy" (vLLM's): config.json only, random weights made
-     * on the GPU; for benchmarks of real shapes without the files */
-    dummy = strcmp(cfg->load_format, "dummy") == 0;
-    if (dummy && !use_cuda) {
-        moe_errf(err, errlen, "%s: load_format 'dummy' needs the cuda "
-                   "backend (random weights are made on the GPU)", cfg->file);
-        rc = MOE_EUNSUPPORTED;
-        goto fail;
-    }
-
-    /* the cuda backend reads the mapped files itself: no fp32 host copy
-     * (a real model's fp32 copy does not fit in host memory) */
-    {
-        int64_t t0 = moe_now_ns();
-
-        rc = (dummy ? moe_model_load_config
-                    : use_cuda ? moe_model_open : moe_model_load)(
-                 cfg->model_path,
-                 cfg->top_k_experts > 0 ? cfg->top_k_experts : 0,
-                 &e->model, err, errlen);
-        if (rc != MOE_OK) {
-            goto fail;
-        }
-        if (!dummy) {
-            moe_log(MOE_LOG_INFO, "model %s: %.2f GB of weights in the "
-                    "files, %s in %.2f s", cfg->model_path,
-                    (double) moe_model_weight_bytes(e->model) / 1e9,
-                    use_cuda ? "mapped and checked"
-                             : "converted to fp32 host memory",
-                    (double) (moe_now_ns() - t0) / 1e9);
-        }
     }
     hp = moe_model_hparams(e->model);
     moe_compare_model_section(cfg, hp);
-
-#ifdef MOE_HAVE_CUDA
-    {
-        char  why[256];
-
-        if (use_cuda && !moe_cuda_supports(hp, why, sizeof(why))) {
-            if (strcmp(cfg->backend, "cuda") == 0) {
-                snprintf(err, errlen, "%s: backend 'cuda' cannot run %s "
-                         "(%s)", cfg->file, hp->arch_name, why);
-                rc = MOE_EUNSUPPORTED;
-                goto fail;
-            }
-            moe_log(MOE_LOG_WARN, "the cuda backend cannot run %s (%s); "
-                    "serving from the cpu backend", hp->arch_name, why);
-            use_cuda = 0;
-            rc = moe_model_load_f32(e->model, err, errlen);
-            if (rc != MOE_OK) {
-                goto fail;
-            }
-        }
-    }
-#endif
 
     snprintf(path, sizeof(path), "%s/tokenizer.json", cfg->model_path);
     rc = moe_tokenizer_load(path, &e->tok, err, errlen);
@@ -1410,7 +1276,6 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                                        : cfg->model_name);
     memcpy(e->info.model_path, cfg->model_path, sizeof(e->info.model_path));
     memcpy(e->info.architecture, hp->arch_name, sizeof(e->info.architecture));
-    snprintf(e->info.backend, sizeof(e->info.backend), "cpu");  /* or cuda */
     e->info.vocab_size = hp->vocab_size;
     e->info.n_layers = hp->n_layers;
     e->info.n_experts = hp->n_experts;
@@ -1439,111 +1304,16 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         e->n_sample = hp->vocab_size;
     }
 
-    /* KV cache: every running sequence can reach max_model_len, within a
-     * quarter of the host's memory */
-    blocks_per_seq = (e->info.max_model_len + cfg->block_size - 1)
-                     / cfg->block_size;
-    n_blocks = cfg->kv_cache_blocks;
-
-    if (use_cuda) {
-#ifdef MOE_HAVE_CUDA
-        int dev = cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0
-                  ? cfg->instances[0].gpu_devices[0] : 0;
-
-        int tp = cfg->tensor_parallel_size > 1 ? cfg->tensor_parallel_size
-                                                : 1;
-        int ndev = moe_cuda_device_count(), devs[MOE_MAX_GPUS];
-        int on_dev0 = 0;
-        moe_hparams_t rhp = *hp;
-
-        if (tp > 1 && dummy) {
-            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d with load_format "
-                    "dummy: random weights run as one rank", tp);
-            tp = 1;
-        }
-        if (tp > 1 && tp > ndev
-            && !(cfg->n_instances > 0
-                 && cfg->instances[0].n_gpu_devices >= tp))
-        {
-            /* ranks share a GPU only when gpu_devices says so (the test
-             * setup); the seed's tensor_parallel_size 4 on a smaller
-             * machine runs one rank with CUDA graphs */
-            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d but %d GPU(s) "
-                    "visible: running one rank (list gpu_devices to place "
-                    "several ranks on one GPU)", tp, ndev);
-            tp = 1;
-        }
-        for (int r = 0; r < tp && r < MOE_MAX_GPUS; r++) {
-            /* the instance's gpu_devices, else rank modulo the devices */
-            devs[r] = cfg->n_instances > 0
-                      && cfg->instances[0].n_gpu_devices > r
-                      ? cfg->instances[0].gpu_devices[r]
-                      : (dev + r) % (ndev > 0 ? ndev : 1);
-            on_dev0 += devs[r] == devs[0];
-        }
-        if (tp > 1) {
-            rc = moe_hparams_shard(hp, tp, &rhp, err, errlen);
-            if (rc != MOE_OK) {
-                goto fail;
-            }
-        }
-        if (n_blocks <= 0) {
-            /* each rank holds its kv heads; ranks sharing a device share
-             * its memory budget */
-            rc = moe_cuda_kv_blocks_for_hp(&rhp, cfg->block_size,
-                                           cfg->max_num_batched_tokens,
-                                           cfg->gpu_memory_utilization
-                                           / (on_dev0 > 0 ? on_dev0 : 1),
-                                           devs[0], &n_blocks, err, errlen);
-            if (rc != MOE_OK) {
-                goto fail;
-            }
-            if (n_blocks > blocks_per_seq * cfg->max_num_seqs) {
-                n_blocks = blocks_per_seq * cfg->max_num_seqs;
-            }
-        }
-
-        rc = dummy
-             ? moe_cuda_backend_create_random(hp, 1234, n_blocks,
-                                              cfg->block_size,
-                                              cfg->max_num_batched_tokens,
-                                              dev, &e->backend, err, errlen)
-             : moe_cuda_tp_backend_create(e->model, tp, n_blocks,
-                                          cfg->block_size,
-                                          cfg->max_num_batched_tokens, devs,
-                                          &e->backend, err, errlen);
-        if (rc != MOE_OK) {
-            goto fail;
-        }
-        snprintf(e->info.backend, sizeof(e->info.backend), "cuda");
-#endif
-    } else {
-        rc = moe_cpu_backend_create_sized(e, hp, &n_blocks, blocks_per_seq,
-                                          err, errlen);
-        if (rc != MOE_OK) {
-            goto fail;
-        }
-        if (cfg->tensor_parallel_size > 1 && cfg->cpu_tensor_parallel) {
-            moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
-                    "runs the %d ranks' shards in one process, all-reducing "
-                    "their partial sums", cfg->tensor_parallel_size,
-                    cfg->tensor_parallel_size);
-        } else if (cfg->tensor_parallel_size > 1) {
-            moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
-                    "runs one rank (engine.cpu_tensor_parallel: true "
-                    "shards it)", cfg->tensor_parallel_size);
-        }
-    }
-
-    if (n_blocks < blocks_per_seq) {
-        snprintf(err, errlen, "%s: the KV cache holds %d blocks of %d tokens, "
-                 "fewer than one max_model_len (%d) sequence needs (%d)",
-                 cfg->file, n_blocks, cfg->block_size, e->info.max_model_len,
-                 blocks_per_seq);
-        rc = MOE_EINVAL;
+    /* the backend: CPU fallback, rank placement, KV pool and swap space
+     * (every running sequence can reach max_model_len) */
+    moe_backend_opts(cfg, e->info.max_model_len, &bo);
+    rc = moe_backend_create(&bo, kind, e->model, &e->backend, err, errlen);
+    if (rc != MOE_OK) {
         goto fail;
     }
-
+    snprintf(e->info.backend, sizeof(e->info.backend), "%s",
+             e->backend->name);
+    n_blocks = e->backend->n_kv_blocks;
     e->info.kv_blocks_total = n_blocks;
 
     rc = moe_blocks_init(&e->blocks, n_blocks, cfg->block_size,
@@ -1553,7 +1323,6 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
-    moe_swap_space_init(e, blocks_per_seq);
     rc = moe_slots_init(&e->slots, e->backend->n_swap_slots);
     if (rc != MOE_OK) {
         moe_errf(err, errlen, "%s", "out of memory (swap slots)");

@@ -80,7 +80,7 @@
 #include "gpu_util.h"
 
 extern "C" {
-#include "model/model.h"
+#include "backends/backend.h"
 #include "sched/sampling.h"
 #include "tap.h"
 }

@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 #include "moe.h"
-#include "model/model.h"
+#include "backends/backend.h"
 #include "sched/sampling.h"
 #include "tap.h"
 #include "text/tokenizer.h"
