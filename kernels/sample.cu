@@ -1,6 +1,6 @@
 /*
  * Token sampling on the device, one block of 1024 threads per row, with the
- * host sampler's semantics (moe_sample_u, engine/sched/sampling.c):
+ * host sampler's semantics (moe_sample_u, engine/sampling/sampling.c):
  *
  *   1. penalties on the listed ids (the host's float operations, rounded
  *      the same way: no contraction into FMAs);

@@ -28,7 +28,7 @@ typedef struct {
 /*
  * One block per row: logits (rows, ld) fp32 are modified in place
  * (penalties applied to the listed ids < n).  out[r] = the chosen id of
- * row r, exactly moe_sample_u() (engine/sched/sampling.c) over ids < n with the
+ * row r, exactly moe_sample_u() (engine/sampling/sampling.c) over ids < n with the
  * row's u, counts and seen given by the lists, up to floating point at
  * boundaries (CUDA expf; weights summed as 2^-40 fixed point, the host in
  * double).  params (rows), pen_tok, pen_cnt, pen_seen, out (rows) are

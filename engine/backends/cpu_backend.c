@@ -30,7 +30,7 @@
 #include <unistd.h>
 
 #include "backends/backend.h"
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 
 #define CPU_MIN_PAR_WORK  (1 << 18)   /* multiply-adds worth a thread split;
                                          MOE_CPU_MIN_PAR_WORK overrides

@@ -34,7 +34,7 @@
 #include "backends/backend.h"
 #include "sched/kv.h"
 #include "sched/ring.h"
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 
 #define MOE_EV_BATCH  256
 

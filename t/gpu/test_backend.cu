@@ -81,7 +81,7 @@
 
 extern "C" {
 #include "backends/backend.h"
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 #include "tap.h"
 }
 #include "backends/cuda_backend.h"

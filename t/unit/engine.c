@@ -23,7 +23,7 @@
 
 #include "moe.h"
 #include "backends/backend.h"
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 #include "tap.h"
 #include "text/tokenizer.h"
 

@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 
 
 static uint64_t
