@@ -74,6 +74,7 @@
 
 extern "C" {
 #include "model/safetensors.h"
+#include "sampling/sampling.h"
 
 static_assert((int) MOE_K_OK == (int) MOE_OK
               && (int) MOE_K_EINVAL == (int) MOE_EINVAL
@@ -84,6 +85,8 @@ static_assert((int) MOE_K_DT_F32 == (int) MOE_DT_F32
               && (int) MOE_K_DT_F16 == (int) MOE_DT_F16
               && (int) MOE_K_DT_BF16 == (int) MOE_DT_BF16,
               "moe_cuda_convert's dtypes are the safetensors reader's");
+static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
+              "the device sampler's greedy threshold is the host's");
 }
 
 #define CB_ALIGN        256

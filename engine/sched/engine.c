@@ -50,6 +50,22 @@ typedef struct {
 
 typedef struct moe_seq  moe_seq_t;
 
+/*
+ * How a sequence's tokens are chosen, decided once when it is first
+ * admitted (moe_seq_plan) and kept: the step only reads it.
+ */
+typedef enum {
+    MOE_PLAN_ARGMAX = 1,    /* greedy, no penalty that applies, no
+                               logprobs: the backend's argmax (token_out),
+                               no logits copy */
+    MOE_PLAN_BACKEND,       /* drawn by a backend that samples
+                               (sample_tokens): token_out with .sample, u
+                               and the penalty list */
+    MOE_PLAN_HOST           /* logits to the host, moe_sample() there
+                               (logprobs, or a backend that only does
+                               argmax, or the penalty list was lost) */
+} moe_plan_t;
+
 typedef struct {
     moe_seq_t  *head, *tail;
     int         n;
@@ -88,6 +104,7 @@ struct moe_seq {
                                       blocks 0..n_slots-1 while swapped */
     int             n_slots;
     moe_rng_t       rng;
+    moe_plan_t      plan;          /* set at first admission */
     moe_seq_t      *prev, *next;   /* waiting or swapped queue links */
 };
 
@@ -173,6 +190,9 @@ moe_seq_pen_note(moe_seq_t *s, int32_t tok)
         p = realloc(s->pen_ids, sizeof(int32_t) * (size_t) cap);
         if (p == NULL) {
             s->pen_lost = 1;
+            if (s->plan == MOE_PLAN_BACKEND) {
+                s->plan = MOE_PLAN_HOST;
+            }
             return;
         }
         s->pen_ids = p;
@@ -663,29 +683,41 @@ moe_pen_reserve(moe_engine_t *e, size_t need)
 }
 
 
-/* 1: s's next token is the plain argmax of its logits (what moe_sample()
+/*
+ * The sampling plan of s, for its whole life: MOE_PLAN_ARGMAX when its
+ * next token is always the plain argmax of its logits (what moe_sample()
  * does for it: greedy, no penalty that applies, no logprobs), so the
- * backend may pick it (token_out). */
-static int
-moe_seq_greedy(const moe_seq_t *s)
+ * backend may pick it; MOE_PLAN_BACKEND when the backend can draw it
+ * (sample_tokens, no logprobs, the penalty list complete); else
+ * MOE_PLAN_HOST.
+ */
+static moe_plan_t
+moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
 {
     const moe_sampling_t *sp = &s->sp;
 
-    return sp->temperature < 1e-5f && !sp->logprobs
-           && (s->seen == NULL || sp->repetition_penalty == 1.0f)
-           && (s->counts == NULL
-               || (sp->frequency_penalty == 0.0f
-                   && sp->presence_penalty == 0.0f));
+    if (moe_sampling_is_greedy(sp) && !sp->logprobs
+        && (s->seen == NULL || sp->repetition_penalty == 1.0f)
+        && (s->counts == NULL
+            || (sp->frequency_penalty == 0.0f
+                && sp->presence_penalty == 0.0f)))
+    {
+        return MOE_PLAN_ARGMAX;
+    }
+    if (e->backend->sample_tokens && !sp->logprobs && !s->pen_lost) {
+        return MOE_PLAN_BACKEND;
+    }
+    return MOE_PLAN_HOST;
 }
 
 
 /*
- * Decide each step row's output: rows that end their sequence's known
- * tokens get token_out (greedy: the backend's argmax; otherwise, with a
- * backend that samples, the draw with the sequence's parameters: its RNG
- * gives u here exactly when moe_sample() would draw, so the stream of a
- * seeded request is the same either way) or logits for moe_sample() on
- * the host (logprobs, or a backend that only does argmax).
+ * Each step row's output, by its sequence's plan (moe_seq_plan): rows that
+ * end their sequence's known tokens get token_out (ARGMAX: the backend's
+ * argmax; BACKEND: the draw with the sequence's parameters: its RNG gives
+ * u here exactly when moe_sample() would draw, so the stream of a seeded
+ * request is the same either way) or logits for moe_sample() on the host
+ * (HOST, or BACKEND in a step whose penalty lists found no memory).
  */
 static void
 moe_step_outputs(moe_engine_t *e, int n)
@@ -706,11 +738,12 @@ moe_step_outputs(moe_engine_t *e, int n)
         if (s->n_computed + b->n_tokens != s->n_tokens) {
             continue;
         }
-        if (moe_seq_greedy(s)) {
+        if (s->plan == MOE_PLAN_ARGMAX) {
             b->token_out = e->tok_out + i;
             continue;
         }
-        if (!e->backend->sample_tokens || s->sp.logprobs || s->pen_lost
+        /* no room for the penalty lists: the host samples this step */
+        if (s->plan != MOE_PLAN_BACKEND
             || moe_pen_reserve(e, used + (size_t) s->n_pen) != MOE_OK)
         {
             b->logits = e->logits + (size_t) i * e->info.vocab_size;
@@ -718,7 +751,8 @@ moe_step_outputs(moe_engine_t *e, int n)
         }
         b->token_out = e->tok_out + i;
         b->sample = &s->sp;
-        b->u = s->sp.temperature < 1e-5f ? 0.0f : moe_rng_uniform(&s->rng);
+        b->u = moe_sampling_is_greedy(&s->sp) ? 0.0f
+                                               : moe_rng_uniform(&s->rng);
         for (k = 0; k < s->n_pen; k++) {
             int32_t t = s->pen_ids[k];
 
@@ -893,6 +927,7 @@ moe_step(moe_engine_t *e)
 
         if (!s->admitted) {
             s->admitted = 1;
+            s->plan = moe_seq_plan(e, s);
             atomic_fetch_add_explicit(&e->st_cached_tokens, s->n_cached,
                                       memory_order_relaxed);
         }
