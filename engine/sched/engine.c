@@ -124,6 +124,16 @@ struct moe_engine {
     int                thread_started;
     atomic_int         stop;
 
+    /* moe_engine_hold(): hold_steps is how many steps the engine thread
+     * may still take before it parks (-1: no limit), parked says it is
+     * parked; both under hold_mu.  held (hold_steps >= 0) spares the
+     * thread the lock when nobody holds it. */
+    pthread_mutex_t    hold_mu;
+    pthread_cond_t     hold_cv;
+    atomic_int         held;
+    int                hold_steps;
+    int                parked;
+
     /* engine thread only */
     moe_blocks_t       blocks;
     moe_seq_t        **running;    /* (max_num_seqs) in admission order */
@@ -263,6 +273,12 @@ moe_flush_overflow(moe_engine_t *e)
             return;
         }
         e->overflow_pos++;
+
+        /* the worker was woken when these were emitted and may have
+         * emptied the ring since: the ones that only arrive now need a
+         * wake-up of their own, or the last of them sit there unseen once
+         * the engine goes idle */
+        e->wake_pending = 1;
     }
 
     e->n_overflow = e->overflow_pos = 0;
@@ -1104,6 +1120,24 @@ moe_publish_stats(moe_engine_t *e)
 }
 
 
+/* With the engine held (moe_engine_hold) and no steps left: park here,
+ * between steps and before the submit ring is read, until released. */
+static void
+moe_hold_gate(moe_engine_t *e)
+{
+    pthread_mutex_lock(&e->hold_mu);
+    while (e->hold_steps == 0
+           && !atomic_load_explicit(&e->stop, memory_order_acquire))
+    {
+        e->parked = 1;
+        pthread_cond_broadcast(&e->hold_cv);
+        pthread_cond_wait(&e->hold_cv, &e->hold_mu);
+    }
+    e->parked = 0;
+    pthread_mutex_unlock(&e->hold_mu);
+}
+
+
 static void *
 moe_engine_main(void *arg)
 {
@@ -1117,6 +1151,10 @@ moe_engine_main(void *arg)
     pfd.events = POLLIN;
 
     while (!atomic_load_explicit(&e->stop, memory_order_acquire)) {
+        if (atomic_load_explicit(&e->held, memory_order_acquire)) {
+            moe_hold_gate(e);
+        }
+
         moe_drain_submit(e);
         moe_flush_overflow(e);
 
@@ -1141,6 +1179,14 @@ moe_engine_main(void *arg)
         if (rc != MOE_OK) {
             moe_log(MOE_LOG_ERROR, "scheduler step failed: %s",
                     moe_strerror(rc));
+        }
+
+        if (atomic_load_explicit(&e->held, memory_order_acquire)) {
+            pthread_mutex_lock(&e->hold_mu);
+            if (e->hold_steps > 0) {
+                e->hold_steps--;
+            }
+            pthread_mutex_unlock(&e->hold_mu);
         }
 
         moe_publish_stats(e);
@@ -1279,6 +1325,18 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     }
     e->ev_fd = e->wake_fd = -1;
     e->cfg = *cfg;
+    e->hold_steps = -1;
+    if (pthread_mutex_init(&e->hold_mu, NULL) != 0) {
+        free(e);
+        moe_errf(err, errlen, "%s", "pthread_mutex_init failed");
+        return MOE_ENOMEM;
+    }
+    if (pthread_cond_init(&e->hold_cv, NULL) != 0) {
+        pthread_mutex_destroy(&e->hold_mu);
+        free(e);
+        moe_errf(err, errlen, "%s", "pthread_cond_init failed");
+        return MOE_ENOMEM;
+    }
 
     if (cfg->model_path[0] == '\0') {
         moe_errf(err, errlen, "%s", "no model path in the configuration");
@@ -1436,6 +1494,10 @@ moe_engine_destroy(moe_engine_t *e)
         atomic_store_explicit(&e->stop, 1, memory_order_release);
         r = write(e->wake_fd, &one, sizeof(one));
         (void) r;
+        /* a held engine waits in moe_hold_gate(): wake it to see stop */
+        pthread_mutex_lock(&e->hold_mu);
+        pthread_cond_broadcast(&e->hold_cv);
+        pthread_mutex_unlock(&e->hold_mu);
         pthread_join(e->thread, NULL);
     }
 
@@ -1480,6 +1542,8 @@ moe_engine_destroy(moe_engine_t *e)
     free(e->overflow);
     free((void *) e->expert_counts);
     free(e->chat_template);
+    pthread_cond_destroy(&e->hold_cv);
+    pthread_mutex_destroy(&e->hold_mu);
     free(e);
 }
 
@@ -1584,11 +1648,39 @@ moe_engine_cancel(moe_engine_t *e, uint64_t req_id)
 }
 
 
+int
+moe_engine_hold(moe_engine_t *e, int steps)
+{
+    if (!e->thread_started) {
+        return MOE_ESTATE;
+    }
+
+    pthread_mutex_lock(&e->hold_mu);
+    e->hold_steps = steps < 0 ? -1 : steps;
+    atomic_store_explicit(&e->held, steps >= 0, memory_order_release);
+    pthread_cond_broadcast(&e->hold_cv);
+    pthread_mutex_unlock(&e->hold_mu);
+
+    /* out of its idle poll, so that it reaches the gate now */
+    moe_wake_engine(e);
+
+    if (steps == 0) {
+        pthread_mutex_lock(&e->hold_mu);
+        while (!e->parked && e->hold_steps == 0) {
+            pthread_cond_wait(&e->hold_cv, &e->hold_mu);
+        }
+        pthread_mutex_unlock(&e->hold_mu);
+    }
+
+    return MOE_OK;
+}
+
+
 size_t
 moe_engine_drain(moe_engine_t *e, moe_event_t *ev, size_t max)
 {
     size_t    n = 0;
-    uint64_t  v;
+    uint64_t  v, one = 1;
     ssize_t   r;
 
     /* clear the wake-up first: events pushed after this read set it again */
@@ -1597,6 +1689,17 @@ moe_engine_drain(moe_engine_t *e, moe_event_t *ev, size_t max)
 
     while (n < max && moe_ring_pop(e->events, &ev[n]) == 1) {
         n++;
+    }
+
+    /*
+     * ev is full and events remain: keep the eventfd readable, as the
+     * contract says, for a caller that takes one batch per wake-up.  The
+     * read above cleared it, and once the engine is idle nothing else would
+     * set it again: the rest would wait unseen.
+     */
+    if (n == max && moe_ring_count(e->events) > 0) {
+        r = write(e->ev_fd, &one, sizeof(one));
+        (void) r;
     }
 
     return n;
