@@ -15,8 +15,8 @@
  *   map, SiLU*up fused, bf16 out) and one for down: no host sync.
  * Experts, larger steps: the expert offsets are copied to the host (the
  *   only sync inside the step), gather, per-expert cuBLAS GEMMs, SiLU*up.
- * Dense GEMMs (qkv, o, lm_head, dense FFN) use the GEMV for T <= 16
- * (CB_DENSE_GEMV_T) and cuBLAS above.
+ * Dense GEMMs (qkv, o, lm_head, dense FFN) use the GEMV for T <=
+ * dense_gemv_t (16) and cuBLAS above.
  * Finally the last token of each sequence that wants logits or a greedy
  * token goes through the final norm and lm_head (64 rows at a time); an
  * argmax kernel picks each row's greedy id (below its n_valid), and only
