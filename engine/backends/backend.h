@@ -54,7 +54,7 @@ typedef struct {
     int            n_valid;       /* token_out considers ids < n_valid;
                                      <= 0: all vocab_size */
     /* With token_out and a backend that has sample_tokens: draw the
-     * token by these parameters, exactly moe_sample_u() (sampling.h) with
+     * token by these parameters, exactly moe_sample_u() (sampling/sampling.h) with
      * this u over ids < n_valid, instead of the argmax.  The penalty
      * lists give, for n_pen distinct ids, the generated count (pen_cnt,
      * frequency/presence penalties) and whether the id is in the prompt
@@ -74,7 +74,8 @@ typedef struct {
  * limits, and a block table covering it with ids in [0, n_blocks).  On
  * MOE_OK *n_tokens is the step's token count (at most max_tokens),
  * *n_table the block-table entries the step needs and *max_ctx the largest
- * pos + n_tokens.  MOE_EINVAL otherwise.
+ * pos + n_tokens (either may be NULL).  MOE_EINVAL otherwise, nothing
+ * written.
  */
 int moe_batch_check(const moe_hparams_t *hp, const moe_seq_batch_t *seqs,
     int n, int n_blocks, int block_size, int max_tokens, int *n_tokens,

@@ -263,7 +263,7 @@ typedef struct {
     const moe_seq_batch_t *seqs;
 
     /* tensor parallel: sums the (T, dim) partial outputs of o_proj and of
-     * the FFN over the ranks, in place (moe_tp_backend_create) */
+     * the FFN over the ranks, in place (moe_tp_backend_wrap) */
     moe_reduce_fn         reduce;
     void                 *reduce_ctx;
 

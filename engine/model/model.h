@@ -152,6 +152,8 @@ typedef struct moe_model moe_model_t;
  */
 int moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
     char *err, size_t errlen);
+/* Free a model (and its mapped files); a shard frees only the arrays it
+ * sliced.  NULL is ignored. */
 void moe_model_free(moe_model_t *m);
 
 /*
@@ -161,6 +163,8 @@ void moe_model_free(moe_model_t *m);
  */
 int moe_model_load_config(const char *dir, int top_k_override,
     moe_model_t **out, char *err, size_t errlen);
+/* The model's hyperparameters (owned by the model; a shard's are
+ * divided by tp, moe_hparams_shard). */
 const moe_hparams_t *moe_model_hparams(const moe_model_t *m);
 
 /*
