@@ -17,7 +17,7 @@ WARN     := -Wall -Wextra -Werror
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -pthread $(WARN) -Iengine/include \
             -Iengine
-LDLIBS   := -lyajl -lyaml -lpcre2-8 -lpthread -lm
+LDLIBS   := -lyajl -lyaml -lpcre2-8 -lutf8proc -lpthread -lm
 
 include bench/Makefile.inc
 
