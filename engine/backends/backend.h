@@ -3,6 +3,7 @@
  * backend each step, what a backend is, and how one is made.
  *
  *   moe_seq_batch_t, moe_batch_check   one step's work and its validation
+ *                                      (batch.c)
  *   moe_backend_t                      the vtable every backend fills
  *   moe_backend_load_model,            the factory (backend.c): backend
  *   moe_backend_create                 choice, rank placement, KV sizing
