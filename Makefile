@@ -15,8 +15,11 @@ MOE_CUDA ?= $(if $(NVCC),1,0)
 
 WARN     := -Wall -Wextra -Werror
 CFLAGS   ?= -O2 -g
+# -Ikernels: engine/backends/ reads the plain-C kernels/tuning.h (the CUDA
+# tuning record) in every build, CPU-only included (t/layering.t allows
+# kernel headers in backends/ only).
 CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -pthread $(WARN) -Iengine/include \
-            -Iengine
+            -Iengine -Ikernels
 LDLIBS   := -lyajl -lyaml -lpcre2-8 -lutf8proc -lpthread -lm
 
 include bench/Makefile.inc
@@ -89,7 +92,8 @@ $(BUILD)/t/ring_tsan: t/unit/ring.c engine/sched/ring.c engine/sched/ring.h
 $(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(ENGINE_HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
-	    -Iengine/include -Iengine -It/unit -o $@ t/unit/tp.c $(ENGINE_SRCS) \
+	    -Iengine/include -Iengine -Ikernels -It/unit -o $@ t/unit/tp.c \
+	    $(ENGINE_SRCS) \
 	    $(LDLIBS)
 
 # kernels/ sees only its own headers: it includes nothing from engine/.

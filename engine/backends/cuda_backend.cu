@@ -27,14 +27,15 @@
  * CB_LOGIT_ROWS logits rows (decode, small prefill chunks) runs as a graph
  * captured once per (T, logits rows): everything it reads from the host
  * lives in the staging buffer, copied before the replay; kernel shapes
- * depend on T only.  Off while profiling, or with MOE_CUDA_GRAPHS=0 in the
- * environment.  MOE_CUDA_GEMV_MAX_T overrides gemv_max_t (default 32 for
- * <= 16 experts, 256 for more, 128 dense).  Steps whose experts take the
- * cuBLAS path (host sync) never run as graphs; steps above gemv_max_t up
- * to ggemm_max_t (default 64; MOE_CUDA_GGEMM_MAX_T) take the grouped
- * tensor-core GEMM with device-side offsets instead.  MOE_CUDA_DENSE_GEMV_T
- * overrides the largest T whose dense GEMMs (attention projections,
- * lm_head, dense MLPs) take the GEMV (default CB_DENSE_GEMV_T).
+ * depend on T only.  Off while profiling, or with the tuning record's
+ * graphs = 0.  Steps whose experts take the cuBLAS path (host sync) never
+ * run as graphs; steps above gemv_max_t up to ggemm_max_t take the grouped
+ * tensor-core GEMM with device-side offsets instead.
+ *
+ * Tuning: one moe_cuda_tuning_t per backend (kernels/tuning.h), read once
+ * in cb_create by moe_cuda_tuning_read (defaults + MOE_CUDA_* overrides,
+ * cuda_tuning.c), logged, and handed to the launchers that use a knob.
+ * Every knob, its default and its measurement: kernels/TUNING.md.
  *
  * Optional architecture pieces (moe_hparams_t flags; Qwen2, Qwen2-MoE,
  * Qwen3-MoE, GPT-2) follow cpu_backend.c step by step: q/k/v and o biases
@@ -55,6 +56,7 @@
 
 #include "common.cuh"
 #include "backends/cuda_backend.h"
+#include "backends/cuda_tuning.h"
 #include "arch.h"
 #include "argmax.h"
 #include "convert.h"
@@ -94,14 +96,7 @@ static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
 #define CB_STAGE_FIXED  7                   /* staging arrays of cap ints */
 #define CB_BLAS_WS      ((size_t) 32 << 20)
 #define CB_SLACK        ((int64_t) 256 << 20)
-/* dense GEMMs: GEMV up to here; cuBLAS above (run 4, mixtral: dense stage
- * b32 2.32 -> 1.38 ms, b64 2.11 -> 1.18 ms with cuBLAS above 16 rows) */
-#define CB_DENSE_GEMV_T 16
 #define CB_GRAPH_MAX_T  64
-/* MoE steps of gemv_max_t < T <= this: the grouped tensor-core GEMM (run 7,
- * mixtral b64: 31.5 ms vs 31.7 on per-expert cuBLAS, and no host sync, so
- * the step is a graph); above, per-expert cuBLAS (b128: 45.4 vs 37.2 ms) */
-#define CB_GGEMM_MAX_T  64
 #define CB_MAX_GRAPHS   160
 #define CB_NOGRAPH      (-1000)             /* internal: run eagerly */
 
@@ -209,12 +204,9 @@ typedef struct {
     int64_t        *expert_counts; /* (L, E) */
     int             last_T;        /* tokens of the last step */
     int64_t         dense_tokens;  /* E == 1: tokens run (all layers) */
-    int             gemv_max_t;
-    int             dense_gemv_t;   /* dense GEMMs: GEMV up to this T */
-    int             ggemm_max_t;    /* MoE steps above gemv_max_t and up
-                                       to this T: grouped tensor-core GEMM
-                                       (no host sync); above: cuBLAS */
-    int             use_graphs;
+    moe_cuda_tuning_t tune;         /* read once in cb_create */
+    int             use_graphs;     /* tune.graphs, 0 after a failed
+                                       capture */
     cb_graph_t      graphs[CB_MAX_GRAPHS];
     int             n_graphs;
 
@@ -1283,32 +1275,22 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     b->base.forward = cb_forward;
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;
-    {
-        /* moe_cuda_sample_rows; MOE_CUDA_SAMPLE_TOKENS=0 leaves non-greedy
-         * rows to the engine's host sampler (the test of both paths) */
-        const char *sv = getenv("MOE_CUDA_SAMPLE_TOKENS");
-
-        b->base.sample_tokens = sv == NULL || atoi(sv) != 0;
+    rc = moe_cuda_tuning_read(&b->tune, hp->n_experts, err, errlen);
+    if (rc != MOE_OK) {
+        free(b);
+        return rc;
     }
     {
-        const char *ev = getenv("MOE_CUDA_GRAPHS");
-        const char *gv = getenv("MOE_CUDA_GEMV_MAX_T");
+        char line[256];
 
-        b->use_graphs = ev == NULL || strcmp(ev, "0") != 0;
-        /* GEMV vs per-expert cuBLAS crossover (run 2 vs run 1): mixtral
-         * (E 8) b64 experts 33.8 ms GEMV vs 25.4 ms cuBLAS, b32 GEMV 27.5;
-         * olmoe (E 64) b256 cuBLAS 19.0 ms (128 launches + sync per
-         * layer) vs GEMV b128 5.0 ms: many experts keep the GEMV longer */
-        const char *dv = getenv("MOE_CUDA_DENSE_GEMV_T");
-
-        const char *gg = getenv("MOE_CUDA_GGEMM_MAX_T");
-
-        b->dense_gemv_t = dv != NULL ? atoi(dv) : CB_DENSE_GEMV_T;
-        b->ggemm_max_t = gg != NULL ? atoi(gg) : CB_GGEMM_MAX_T;
-        b->gemv_max_t = gv != NULL ? atoi(gv)
-                        : hp->n_experts == 1 ? 128
-                        : hp->n_experts > 16 ? 256 : 32;
+        moe_cuda_tuning_format(&b->tune, line, sizeof(line));
+        moe_log(MOE_LOG_INFO, "cuda backend: device %d tuning: %s", device,
+                line);
     }
+    /* sample_tokens 0 leaves non-greedy rows to the engine's host sampler
+     * (the test of both paths) */
+    b->base.sample_tokens = b->tune.sample_tokens;
+    b->use_graphs = b->tune.graphs;
 
     rc = cb_alloc(b, err, errlen);
     if (rc == MOE_OK) {
@@ -1466,10 +1448,10 @@ static int
 cb_linear(cuda_backend_t *b, int T, int N, int Kd, const bf16 *X, int ldx,
     const bf16 *W, float *Y, int ldy)
 {
-    if (T <= b->dense_gemv_t && moe_cuda_gemv_supported(Kd, ldx)) {
+    if (T <= b->tune.dense_gemv_t && moe_cuda_gemv_supported(Kd, ldx)) {
         return moe_cuda_gemv((const moe_bf16_t *) X, ldx, NULL, 1,
                              (const moe_bf16_t *) W, N, Kd, NULL, 1, T, T, 0,
-                             Y, NULL, ldy, b->stream);
+                             Y, NULL, ldy, &b->tune, b->stream);
     }
     return moe_cuda_gemm(b->blas, T, N, Kd, (const moe_bf16_t *) X, ldx,
                          (const moe_bf16_t *) W, Kd, Y, ldy, 0, 0.0f);
@@ -1480,7 +1462,8 @@ cb_linear(cuda_backend_t *b, int T, int N, int Kd, const bf16 *X, int ldx,
 static int
 cb_ffn_gemv(const cuda_backend_t *b, int T)
 {
-    return T <= b->gemv_max_t && moe_cuda_gemv_supported(b->hp.dim, b->hp.dim)
+    return T <= b->tune.gemv_max_t
+           && moe_cuda_gemv_supported(b->hp.dim, b->hp.dim)
            && moe_cuda_gemv_supported(b->hp.ffn_dim, b->hp.ffn_dim);
 }
 
@@ -1489,7 +1472,7 @@ cb_ffn_gemv(const cuda_backend_t *b, int T)
 static int
 cb_ffn_ggemm(const cuda_backend_t *b, int T)
 {
-    return !cb_ffn_gemv(b, T) && T <= b->ggemm_max_t
+    return !cb_ffn_gemv(b, T) && T <= b->tune.ggemm_max_t
            && moe_cuda_ggemm_supported(b->hp.ffn_dim, b->hp.dim, b->hp.dim)
            && moe_cuda_ggemm_supported(b->hp.dim, b->hp.ffn_dim,
                                        b->hp.ffn_dim);
@@ -1539,13 +1522,14 @@ cb_mlp(cuda_backend_t *b, int T, const bf16 *wgu, const bf16 *wd, int F,
     cudaStream_t         s = b->stream;
 
     if (gated && hp->act == MOE_ACT_SILU && bg == NULL && bu == NULL) {
-        if (T <= b->dense_gemv_t && T <= b->gemv_max_t
+        if (T <= b->tune.dense_gemv_t && T <= b->tune.gemv_max_t
             && moe_cuda_gemv_supported(D, D)
             && moe_cuda_gemv_supported(F, F))
         {
             MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, NULL, 1,
                                   (const moe_bf16_t *) wgu, F, D, NULL, 1, T,
-                                  T, 1, NULL, (moe_bf16_t *) b->hbuf, F, s));
+                                  T, 1, NULL, (moe_bf16_t *) b->hbuf, F,
+                                  &b->tune, s));
         } else {
             MOE_TRY(moe_cuda_gemm(b->blas, T, 2 * F, D, (moe_bf16_t *) b->xb,
                                   D, (const moe_bf16_t *) wgu, D, b->gu,
@@ -1639,12 +1623,12 @@ cb_ffn(cuda_backend_t *b, int l, int T)
                               (const moe_bf16_t *) (b->w_gu + (size_t) l * E
                                                     * 2 * F * D),
                               F, D, b->offs, E, T * K, mr, 1, NULL,
-                              (moe_bf16_t *) b->hbuf, F, s));
+                              (moe_bf16_t *) b->hbuf, F, &b->tune, s));
         MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->hbuf, F, NULL, 1,
                               (const moe_bf16_t *) (b->w_down + (size_t) l * E
                                                     * D * F),
                               D, F, b->offs, E, T * K, mr, 0, b->ye, NULL, D,
-                              s));
+                              &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
                                        T, K, b->tmp, s));
@@ -1801,7 +1785,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                    d_btoff, (moe_bf16_t *) kvl,
                                    b->block_size, hp->n_heads,
                                    hp->n_kv_heads, hd, hp->sliding_window,
-                                   (moe_bf16_t *) b->att, b->att_part, s));
+                                   (moe_bf16_t *) b->att, b->att_part,
+                                   &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
         MOE_TRY(cb_linear(b, T, D, b->Q, b->att, b->Q,
                           b->wo + (size_t) l * D * b->Q, b->tmp, D));

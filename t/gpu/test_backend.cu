@@ -1106,6 +1106,59 @@ test_engine_tp(const char *model)
 }
 
 
+/*
+ * The tuning record is read when the backend is created: a malformed or
+ * out-of-range MOE_CUDA_* value fails the creation with MOE_EINVAL and a
+ * message naming the variable (never a silent default), and the next
+ * creation without it succeeds.
+ */
+static void
+test_tuning_env(const char *dir)
+{
+    static const char *bad[][2] = {
+        { "MOE_CUDA_GEMV_FMA", "9" }, { "MOE_CUDA_GRAPHS", "yes" },
+        { "MOE_CUDA_ATT_BPS", "0" }
+    };
+    moe_model_t   *m;
+    moe_backend_t *gb = NULL;
+    char           err[512];
+    int            rc, refused = 0;
+
+    if (access(dir, R_OK) != 0 || moe_model_load(dir, 0, &m, err,
+                                                 sizeof(err)) != MOE_OK)
+    {
+        TAP_DIAG("%s: missing, tuning test skipped", dir);
+        return;
+    }
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        setenv(bad[i][0], bad[i][1], 1);
+        err[0] = '\0';
+        rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
+                                     sizeof(err));
+        unsetenv(bad[i][0]);
+        if (rc == MOE_EINVAL && gb == NULL && strstr(err, bad[i][0]) != NULL)
+        {
+            refused++;
+        } else {
+            TAP_DIAG("%s=%s: rc %d, %s", bad[i][0], bad[i][1], rc, err);
+            if (gb != NULL) {
+                gb->destroy(gb);
+                gb = NULL;
+            }
+        }
+    }
+    rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
+                                 sizeof(err));
+    TAP_OK(refused == 3 && rc == MOE_OK, "cuda backend: bad MOE_CUDA_* "
+           "values refused at create (%d of 3, naming the variable); "
+           "created without them (%s)", refused, rc == MOE_OK ? "ok" : err);
+    if (gb != NULL) {
+        gb->destroy(gb);
+    }
+    moe_model_free(m);
+}
+
+
 int
 main(void)
 {
@@ -1140,6 +1193,7 @@ main(void)
         test_vs_hf(strrchr(model_dirs[i], '/') + 1, 2);
     }
     test_swap("models/localmoe-tiny");
+    test_tuning_env("models/localmoe-tiny");
     test_engine_sampling("t/data/models/mixtral-gqa");
     test_engine_tp("t/data/models/mixtral-gqa");
     if (tap_n == 0) {

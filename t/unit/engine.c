@@ -12,6 +12,20 @@
  * path (logprobs on forces logits + moe_sample()).  Non-greedy requests
  * drawn by the backend (moe_seq_batch_t.sample) give the same seeded
  * streams as the engine's host sampler, penalties included.
+ *
+ * Batch invariance: a request's tokens do not depend on what shares its
+ * steps: 12 requests in lockstep (checked by the step count), joining a
+ * running batch one step apart in either order (each prefilled beside
+ * others decoding), beside a long prompt prefilled in other chunks, with
+ * 2 threads splitting each step, and a seeded request amid differently
+ * sampled ones.  Every composition is forced with moe_engine_hold(), never
+ * left to thread timing, so the outcome is the same on an idle machine,
+ * pinned to one busy core (t/engine_load.t) or anywhere between.
+ *
+ * Events: the eventfd stays readable while events wait (one event per
+ * drain), and events that waited in the engine's overflow queue (a tiny
+ * ring) all arrive.  Each group of requests has fresh ids: a subtest that
+ * fails (time-out) cancels its requests and cannot spill into the next.
  */
 
 #include <limits.h>
