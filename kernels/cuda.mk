@@ -20,7 +20,7 @@ GPU_NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
                  -Ikernels -Iengine/include -Iengine -It/unit -It/gpu
 GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_sample $(BUILD)/gpu/bench_engine \
-                $(BUILD)/gpu/test_ggemm
+                $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_convert
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)

@@ -540,7 +540,7 @@ kernel_sample_rows(float *logits, int64_t ld, int V,
     if (bi == INT_MAX) {
         bi = 0;                     /* nothing but NaN */
     }
-    if (p.temperature < 1e-5f) {
+    if (p.temperature < MOE_K_GREEDY_TEMPERATURE) {
         if (threadIdx.x == 0) {
             out[blockIdx.x] = bi;
         }

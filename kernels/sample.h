@@ -6,8 +6,13 @@
 extern "C" {
 #endif
 
+/* temperature below this: greedy (the engine's MOE_GREEDY_TEMPERATURE,
+ * checked equal at compile time by the CUDA backend) */
+#define MOE_K_GREEDY_TEMPERATURE  1e-5f
+
 typedef struct {
-    float    temperature;        /* < 1e-5: greedy (after penalties) */
+    float    temperature;        /* < MOE_K_GREEDY_TEMPERATURE: greedy
+                                    (after penalties) */
     float    top_p;              /* (0, 1]; 1: off */
     float    min_p;              /* 0: off */
     int32_t  top_k;              /* <= 0 or >= n: off */

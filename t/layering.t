@@ -1,6 +1,7 @@
 #!/usr/bin/perl
 # Checks the include graph of the sources: module -> moe.h -> engine rooms ->
-# backends -> kernels, with no arrow back.
+# backends -> kernels, with no arrow back; only engine/backends/ knows
+# whether the build has CUDA (cuda_backend.h, MOE_HAVE_CUDA).
 #   * ngx_moe_module/ includes nginx headers and the public <moe.h>, nothing
 #     else of the engine's;
 #   * engine/ never includes an ngx_*.h;
@@ -55,6 +56,9 @@ for my $f (sort @files) {
                 unless $kernel_hdr{$inc};
         } elsif ($rel =~ m{^engine/([a-z_]+)/}) {
             my $room = $1;
+            # the engine reaches CUDA through the backend factory only
+            push @bad, "$where: engine/$room includes $inc (only backends/ may)"
+                if $inc eq 'backends/cuda_backend.h' && $room ne 'backends';
             if ($inc =~ /^ngx_/) {
                 push @bad, "$where: the engine includes nginx header $inc";
                 next;
@@ -77,6 +81,20 @@ for my $f (sort @files) {
     }
     close $fh;
 }
+
+# MOE_HAVE_CUDA (the build has CUDA) is tested only inside engine/backends/
+my @cuda_ifdef;
+for my $f (sort grep { m{/engine/} } @files) {
+    (my $rel = $f) =~ s{^\Q$root\E/}{};
+    next if $rel =~ m{^engine/backends/};
+    open(my $fh, '<', $f) or die "$f: $!";
+    while (my $line = <$fh>) {
+        push @cuda_ifdef, "$rel:$." if $line =~ /\bMOE_HAVE_CUDA\b/;
+    }
+    close $fh;
+}
+ok(!@cuda_ifdef, "MOE_HAVE_CUDA only in engine/backends/ (the factory)")
+    or diag(join("\n", @cuda_ifdef));
 
 ok($n_inc > 100, "scanned the includes of engine/, kernels/ and the module ($n_inc)");
 ok(!@bad, "no include breaks the layering") or diag(join("\n", @bad));

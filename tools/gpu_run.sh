@@ -64,6 +64,8 @@ step test_backend_eager 120 env MOE_CUDA_GRAPHS=0 MOE_CUDA_GEMV_MAX_T=4 \
 step test_backend_ggemm 120 env MOE_CUDA_GEMV_MAX_T=0 \
     MOE_CUDA_GGEMM_MAX_T=100000 build/gpu/test_backend
 step test_ggemm 150 build/gpu/test_ggemm
+# the weight-upload conversion and the tensor-parallel add (bit-exact)
+step test_convert 60 build/gpu/test_convert
 step bench_engine 240 build/gpu/bench_engine $MODELS
 # the same decode without CUDA graphs (graph gain = difference)
 step bench_nograph 120 env MOE_CUDA_GRAPHS=0 BENCH_PROMPTS=0 \

@@ -47,7 +47,7 @@
  *    position (MoE: up to the first token whose bf16 routing differs from
  *    the fp32 CPU's; run 12: none differed, worst 1.34e-2);
  *  - tensor parallelism: the same transformers comparison through 2
- *    ranks sharing this GPU (moe_cuda_tp_backend_create);
+ *    ranks sharing this GPU (moe_backend_create_ranks, kind cuda);
  *  - the engine on the cuda backend: seeded sampling with penalties drawn
  *    on the GPU equals the host sampler's streams (test_engine_sampling);
  *  - device greedy (token_out): every CUDA row also asks for its token;
@@ -80,7 +80,7 @@
 #include "gpu_util.h"
 
 extern "C" {
-#include "model/model.h"
+#include "backends/backend.h"
 #include "sampling/sampling.h"
 #include "tap.h"
 }
@@ -771,6 +771,7 @@ test_vs_hf(const char *name, int tp)
     char                 path[256], err[512], *text = NULL, *p;
     moe_model_t         *m = NULL;
     moe_backend_t       *gb = NULL, *cb = NULL;
+    moe_ranks_t          gp;
     const moe_hparams_t *hp;
     int32_t              toks[64], bt[N_BLOCKS], *rg = NULL, *rc_ = NULL;
     float               *ref = NULL, *gl = NULL, *cl = NULL;
@@ -846,10 +847,19 @@ test_vs_hf(const char *name, int tp)
     for (int i = 0; i < N_BLOCKS; i++) {
         bt[i] = (i * 5 + 1) % N_BLOCKS;
     }
+    /* tp CUDA ranks (devices NULL: rank r on GPU r modulo the count, so
+     * on a one-GPU machine they share it) */
+    memset(&gp, 0, sizeof(gp));
+    gp.kind = MOE_BACKEND_CUDA;
+    gp.tp = tp;
+    gp.devices = NULL;
+    gp.n_blocks = N_BLOCKS;
+    gp.block_size = BS;
+    gp.max_batched_tokens = 64;
     if (moe_cpu_backend_create(m, N_BLOCKS, BS, 1, &cb, err, sizeof(err))
         != MOE_OK
-        || moe_cuda_tp_backend_create(m, tp, N_BLOCKS, BS, 64, NULL, &gb,
-                                      err, sizeof(err)) != MOE_OK)
+        || moe_backend_create_ranks(m, &gp, &gb, err, sizeof(err))
+           != MOE_OK)
     {
         TAP_OK(0, "%s tp %d: backends: %s", name, tp, err);
         goto done;

@@ -36,7 +36,7 @@
 #include <unistd.h>
 
 #include "moe.h"
-#include "model/model.h"
+#include "backends/backend.h"
 #include "sampling/sampling.h"
 #include "tap.h"
 #include "text/tokenizer.h"
