@@ -17,9 +17,12 @@ MOE_CUDA ?= $(if $(NVCC),1,0)
 
 WARN     := -Wall -Wextra -Werror
 CFLAGS   ?= -O2 -g
+# -Ikernels: engine/backends/ reads the plain-C kernels/tuning.h (the CUDA
+# tuning record) in every build, CPU-only included (t/layering.t allows
+# kernel headers in backends/ only).
 CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -pthread $(WARN) -Iengine/include \
-            -Iengine
-LDLIBS   := -lyajl -lyaml -lpcre2-8 -lpthread -lm
+            -Iengine -Ikernels
+LDLIBS   := -lyajl -lyaml -lpcre2-8 -lutf8proc -lpthread -lm
 
 include bench/Makefile.inc
 
@@ -93,7 +96,8 @@ $(BUILD)/t/ring_tsan: t/unit/ring.c engine/sched/ring.c engine/sched/ring.h
 $(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(ENGINE_HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
-	    -Iengine/include -Iengine -It/unit -o $@ t/unit/tp.c $(ENGINE_SRCS) \
+	    -Iengine/include -Iengine -Ikernels -It/unit -o $@ t/unit/tp.c \
+	    $(ENGINE_SRCS) \
 	    $(LDLIBS)
 
 # The unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer
@@ -110,7 +114,7 @@ ASAN_BINS  := $(patsubst %,$(BUILD)/asan/t/%,$(filter $(ASAN_TESTS), \
 ASAN_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/asan/%.o)
 ASAN_OPTS  := detect_leaks=1:detect_stack_use_after_return=1
 ASAN_OPTS  := $(ASAN_OPTS):check_initialization_order=1:strict_init_order=1
-ASAN_ENV   := MOE_SRCDIR=$(CURDIR) MOE_TEST_NO_TIMING=1 \
+ASAN_ENV   := MOE_SRCDIR=$(CURDIR) \
               ASAN_OPTIONS=$(ASAN_OPTS) \
               UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 

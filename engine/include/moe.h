@@ -382,8 +382,10 @@ int moe_engine_create(const moe_config_t *cfg, moe_engine_t **out,
 /* Stop the engine thread, free everything.  NULL is a no-op. */
 void moe_engine_destroy(moe_engine_t *e);
 
-/* Readable (EPOLLIN) when events are waiting; moe_engine_drain() clears it.
- * Non-blocking, close-on-exec; owned by the engine. */
+/* Readable (EPOLLIN) when events are waiting; moe_engine_drain() clears it
+ * when it takes the last waiting event (it stays readable after a drain that
+ * filled its array with more still waiting).  Non-blocking, close-on-exec;
+ * owned by the engine. */
 int moe_engine_eventfd(const moe_engine_t *e);
 
 const moe_model_info_t *moe_engine_info(const moe_engine_t *e);
@@ -407,7 +409,22 @@ int moe_engine_submit(moe_engine_t *e, uint64_t req_id,
  */
 int moe_engine_cancel(moe_engine_t *e, uint64_t req_id);
 
-/* Copy up to max waiting events into ev; returns how many.  Non-blocking. */
+/*
+ * Hold the engine thread, for tests that must fix what the scheduler sees
+ * at once rather than hope for it: after moe_engine_hold(e, n) with n >= 0
+ * the engine takes at most n more scheduler steps, then parks between two
+ * steps, before it reads the submit ring again (submits and cancels queued
+ * meanwhile wait there, and all of them are read together when it goes
+ * on).  n == 0 returns once the engine is parked (its stats are then those
+ * after its last step).  n < 0 releases it (the default state).  Called
+ * from the producer thread.  MOE_ESTATE when the engine thread is not
+ * running.
+ */
+int moe_engine_hold(moe_engine_t *e, int steps);
+
+/* Copy up to max waiting events into ev; returns how many.  Non-blocking.
+ * Events left waiting (the return was max) keep the eventfd readable, so
+ * one drain per wake-up loses none. */
 size_t moe_engine_drain(moe_engine_t *e, moe_event_t *ev, size_t max);
 
 /* Snapshot of counters (read with atomics; any thread). */

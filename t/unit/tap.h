@@ -6,7 +6,6 @@
 #define MOE_TAP_H
 
 #include <stdio.h>
-#include <stdlib.h>
 
 static int tap_n;
 static int tap_failed;
@@ -35,22 +34,6 @@ static int tap_failed;
         printf(__VA_ARGS__);                                                 \
         printf("\n");                                                        \
         fflush(stdout);                                                      \
-    } while (0)
-
-/* A speed check: skipped (reported as "ok ... # SKIP") when
- * MOE_TEST_NO_TIMING is set, as in the sanitizer builds (make asan), where
- * run time says nothing about the code. */
-#define TAP_TIMING_OK(cond, ...)                                             \
-    do {                                                                     \
-        if (getenv("MOE_TEST_NO_TIMING") != NULL) {                          \
-            tap_n++;                                                         \
-            printf("ok %d - ", tap_n);                                       \
-            printf(__VA_ARGS__);                                             \
-            printf(" # SKIP timing not checked (MOE_TEST_NO_TIMING)\n");     \
-            fflush(stdout);                                                  \
-        } else {                                                             \
-            TAP_OK(cond, __VA_ARGS__);                                       \
-        }                                                                    \
     } while (0)
 
 #define TAP_DONE()  (tap_failed ? 1 : 0)
