@@ -106,9 +106,10 @@ $(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(ENGINE_HDRS)
 # fails the run.  The tokenizer test needs tools/fetch_tokenizers.sh's files.
 ASAN_FLAGS := -std=c11 -D_GNU_SOURCE -pthread $(WARN) -O1 -g \
               -fsanitize=address,undefined -fno-omit-frame-pointer \
-              -fno-sanitize-recover=undefined -Iengine/include -Iengine
+              -fno-sanitize-recover=undefined -Iengine/include -Iengine \
+              -Ikernels
 ASAN_TESTS := tokenizer jinja safetensors config engine sampling ring swap \
-              forward kjv tp
+              forward kjv tp backend cuda_tuning
 ASAN_BINS  := $(patsubst %,$(BUILD)/asan/t/%,$(filter $(ASAN_TESTS), \
               $(UNIT_SRCS:t/unit/%.c=%)))
 ASAN_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/asan/%.o)
