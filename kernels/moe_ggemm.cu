@@ -336,8 +336,9 @@ moe_cuda_ggemm_supported(int N, int Kd, int ldx)
 }
 
 
-/* The launch's group count, or 0 with the error set for a bad shape. */
-static unsigned
+/* The launch's group count (0 when n is 0), or -1 with the error set for a
+ * bad shape. */
+static int
 gg_groups(int N, int Kd, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *offs, int E, int n)
 {
@@ -347,10 +348,10 @@ gg_groups(int N, int Kd, int ldx, const int32_t *xrow, int xdiv,
     {
         moe_cuda_set_error("ggemm: unsupported shape (N %d, Kd %d, ldx %d, "
                            "E %d, n %d)", N, Kd, ldx, E, n);
-        return 0;
+        return -1;
     }
     /* at most min(E, n) groups are non-empty */
-    return (unsigned) (offs != NULL && n < E ? n : E);
+    return offs != NULL && n < E ? n : E;
 }
 
 
@@ -385,9 +386,9 @@ moe_cuda_ggemm_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     const bf16 *x = reinterpret_cast<const bf16 *>(X);
     const bf16 *w = reinterpret_cast<const bf16 *>(W);
     bf16       *h = reinterpret_cast<bf16 *>(H);
-    unsigned    groups = gg_groups(N, Kd, ldx, xrow, xdiv, offs, E, n);
+    int         groups = gg_groups(N, Kd, ldx, xrow, xdiv, offs, E, n);
 
-    if (groups == 0) {
+    if (groups < 0) {
         return MOE_K_EUNSUPPORTED;
     }
     if (n == 0) {
@@ -395,8 +396,9 @@ moe_cuda_ggemm_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     }
 #define GG_TILE(B, M)                                                        \
     if (bt == B && mt == M) {                                                \
-        return gg_launch_s<B, M>(silu, groups, stream, x, ldx, xrow, xdiv,   \
-                                 w, N, Kd, offs, E, n, Y, h, ldy);           \
+        return gg_launch_s<B, M>(silu, (unsigned) groups, stream, x, ldx,    \
+                                 xrow, xdiv, w, N, Kd, offs, E, n, Y, h,     \
+                                 ldy);                                       \
     }
     GG_TILE(16, 1) GG_TILE(16, 2) GG_TILE(32, 1) GG_TILE(32, 2)
     GG_TILE(64, 1)
@@ -414,7 +416,7 @@ moe_cuda_ggemm(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
 {
     int bt, mt;
 
-    if (gg_groups(N, Kd, ldx, xrow, xdiv, offs, E, n) == 0) {
+    if (gg_groups(N, Kd, ldx, xrow, xdiv, offs, E, n) < 0) {
         return MOE_K_EUNSUPPORTED;
     }
     if (n == 0) {
