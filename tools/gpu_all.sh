@@ -88,7 +88,11 @@ run serve_smoke  serve 90  build/nginx/objs/ngx_http_moe_module.so \
     tools/gpu_serve_smoke.sh
 run serve_bench  serve 200 build/bench/serve bench/gpu_serve.sh "${SERVE_C:-64}"
 
-tap() {         # "N ok, M not ok" of a TAP log
+tap() {         # "N ok, M not ok" of a TAP log, or its skip reason
+    if grep -q '^1\.\.0' "$OUT/$1.log" 2>/dev/null; then
+        sed -n 's/^1\.\.0 *# *//p' "$OUT/$1.log" | head -1
+        return
+    fi
     printf "%d ok, %d not ok" "$(grep -c '^ok ' "$OUT/$1.log" 2>/dev/null)" \
         "$(grep -c '^not ok ' "$OUT/$1.log" 2>/dev/null)"
 }
@@ -104,7 +108,10 @@ echo "======================== summary ========================"
 printf "%-14s %-30s %6s  %s\n" step status seconds detail
 for s in "${GPU_STEPS[@]}"; do
     detail=
-    case $s in test_*|sanitizer) [ -f "$OUT/$s.log" ] && detail=$(tap "$s") ;; esac
+    case $s in
+    test_*|sanitizer) [ -f "$OUT/$s.log" ] && detail=$(tap "$s") ;;
+    bench_engine) detail=$(grep -m1 '^SKIP' "$OUT/$s.log" 2>/dev/null) ;;
+    esac
     printf "%-14s %-30s %6s  %s\n" "$s" "${STATUS[$s]}" "${GPU_SEC[$s]}" "$detail"
 done
 printf "%-14s %-30s %6s\n" total "" "$(($(date +%s) - T_START))"

@@ -15,7 +15,8 @@
 # dev_attention.log / dev_moe_gemv.log / dev_moe_ggemm.log (the kernel dev
 # harness: shipped kernels against the variants that lost, when `make
 # bench-dev` built it), sanitizer.log / sanitizer_sample.log /
-# sanitizer_ggemm.log (memcheck), racecheck_sample.log;
+# sanitizer_ggemm.log (memcheck), racecheck_sample.log, packed at the end
+# into $OUT/gpu_run_logs.tar.gz (bench_engine.log also left as is);
 # a summary table
 # is printed last.  Each step has its own time limit so the whole run stays
 # under ~8 minutes (typically ~2).  Exit status: 0 when every step passed.
@@ -130,6 +131,11 @@ if [ -f "$OUT/bench_fma0.log" ]; then
         sed 's/.*model=\([^ ]*\).*batch=\([0-9]*\).*ms_step=\([0-9.]*\).*of_limit=\([0-9.]*\).*/  \1 decode batch \2: \3 ms (of limit \4)/'
     grep stages "$OUT/bench_fma0.log" | head -1
 fi
+# The device tool brings back at most 8 files from $OUT: every log goes
+# into $OUT/gpu_run_logs.tar.gz; bench_engine.log also stays beside it.
+(cd "$OUT" && ls *.log > /dev/null 2>&1 && \
+    tar czf gpu_run_logs.tar.gz *.log && \
+    find . -maxdepth 1 -name '*.log' ! -name bench_engine.log -delete)
 fail=0
 for s in "${STEPS[@]}"; do [ "${RC[$s]}" = 0 ] || fail=1; done
 exit $fail
