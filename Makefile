@@ -4,6 +4,8 @@
 #   make deps       install what is missing (Debian packages), idempotent
 #   make test       deps + build + prove -r t/
 #   make run        deps + build + serve conf/nginx.conf on 127.0.0.1:8000
+#   make asan       the unit tests under ASan + UBSan (build/asan/)
+#   make gpu-bundle .dev/: nginx + libraries + tokenizer for a GPU machine
 #   MOE_CUDA=0      force a CPU-only build even where nvcc exists
 
 CC       ?= cc
@@ -15,9 +17,12 @@ MOE_CUDA ?= $(if $(NVCC),1,0)
 
 WARN     := -Wall -Wextra -Werror
 CFLAGS   ?= -O2 -g
+# -Ikernels: engine/backends/ reads the plain-C kernels/tuning.h (the CUDA
+# tuning record) in every build, CPU-only included (t/layering.t allows
+# kernel headers in backends/ only).
 CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -pthread $(WARN) -Iengine/include \
-            -Iengine
-LDLIBS   := -lyajl -lyaml -lpcre2-8 -lpthread -lm
+            -Iengine -Ikernels
+LDLIBS   := -lyajl -lyaml -lpcre2-8 -lutf8proc -lpthread -lm
 
 include bench/Makefile.inc
 
@@ -31,9 +36,11 @@ KERNEL_SRCS := $(wildcard kernels/*.cu)
 KERNEL_OBJS := $(KERNEL_SRCS:%.cu=$(BUILD)/%.o)
 NGX_SO      := $(BUILD)/nginx/objs/ngx_http_moe_module.so
 
-# CUDA: built where nvcc exists.  The CUDA backend (engine/backends/*.cu)
-# is part of libmoe; it calls the kernels' launchers (libmoe_kernels.a),
-# which call nothing back, so each library is listed once.
+# CUDA: built where nvcc exists (CI: .ci/run compiles every .cu file when
+# nvcc is there or the distribution offers it).  The CUDA backend
+# (engine/backends/*.cu) is part of libmoe; it calls the kernels' launchers
+# (libmoe_kernels.a), which call nothing back, so each library is listed
+# once.
 ifeq ($(MOE_CUDA)$(if $(KERNEL_SRCS),y,n),1y)
 CUDA_HOME   ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 NVCCFLAGS   ?= -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
@@ -89,8 +96,58 @@ $(BUILD)/t/ring_tsan: t/unit/ring.c engine/sched/ring.c engine/sched/ring.h
 $(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(ENGINE_HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
-	    -Iengine/include -Iengine -It/unit -o $@ t/unit/tp.c $(ENGINE_SRCS) \
+	    -Iengine/include -Iengine -Ikernels -It/unit -o $@ t/unit/tp.c \
+	    $(ENGINE_SRCS) \
 	    $(LDLIBS)
+
+# The unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer
+# (LeakSanitizer included): libmoe's C sources (CPU-only) and each test in
+# build/asan/, then run by prove; any sanitizer report exits non-zero and
+# fails the run.  The tokenizer test needs tools/fetch_tokenizers.sh's files.
+ASAN_FLAGS := -std=c11 -D_GNU_SOURCE -pthread $(WARN) -O1 -g \
+              -fsanitize=address,undefined -fno-omit-frame-pointer \
+              -fno-sanitize-recover=undefined -Iengine/include -Iengine \
+              -Ikernels
+ASAN_TESTS := tokenizer jinja safetensors config engine sampling ring swap \
+              forward kjv tp backend cuda_tuning
+ASAN_BINS  := $(patsubst %,$(BUILD)/asan/t/%,$(filter $(ASAN_TESTS), \
+              $(UNIT_SRCS:t/unit/%.c=%)))
+ASAN_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/asan/%.o)
+ASAN_OPTS  := detect_leaks=1:detect_stack_use_after_return=1
+ASAN_OPTS  := $(ASAN_OPTS):check_initialization_order=1:strict_init_order=1
+ASAN_ENV   := MOE_SRCDIR=$(CURDIR) \
+              ASAN_OPTIONS=$(ASAN_OPTS) \
+              UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+.PHONY: asan asan-build
+asan: asan-build
+	@tools/fetch_tokenizers.sh > /dev/null
+	$(ASAN_ENV) prove --exec '' $(ASAN_BINS)
+asan-build: $(ASAN_BINS)
+
+# yajl_tree grows arrays one element per realloc, which ASan's realloc makes
+# quadratic (a 128k-token tokenizer.json takes hours): link a copy of yajl
+# whose allocations go through t/asan/yajl_alloc.c (capacity doubling).
+ifneq ($(BENCH_YAJL_A),)
+ASAN_YAJL  := $(BUILD)/asan/yajl.o $(BUILD)/asan/yajl_alloc.o
+$(BUILD)/asan/yajl.o: $(BENCH_YAJL_A)
+	@rm -rf $(BUILD)/asan/yajl && mkdir -p $(BUILD)/asan/yajl
+	cd $(BUILD)/asan/yajl && ar x $(BENCH_YAJL_A) && ld -r -o all.o *.o
+	objcopy $(foreach f,malloc calloc realloc free, \
+	    --redefine-sym $(f)=moe_asan_yajl_$(f)) $(BUILD)/asan/yajl/all.o $@
+$(BUILD)/asan/yajl_alloc.o: t/asan/yajl_alloc.c
+	$(CC) $(ASAN_FLAGS) -c -o $@ $<
+endif
+$(BUILD)/asan/engine/%.o: engine/%.c $(ENGINE_HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_FLAGS) -c -o $@ $<
+$(BUILD)/asan/libmoe.a: $(ASAN_OBJS)
+	rm -f $@ && ar rcs $@ $^
+$(BUILD)/asan/t/%: t/unit/%.c $(BUILD)/asan/libmoe.a $(ASAN_YAJL) \
+                   $(wildcard t/unit/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_FLAGS) -It/unit -o $@ $< $(BUILD)/asan/libmoe.a \
+	    $(ASAN_YAJL) $(LDLIBS)
 
 # kernels/ sees only its own headers: it includes nothing from engine/.
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
@@ -131,6 +188,14 @@ $(NGX_SO): $(BUILD)/nginx/Makefile $(BUILD)/libmoe.a $(KERNELS_A) \
 	rm -f $@
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules \
 	    CFLAGS="$$(sed -n 's/^CFLAGS = //p' $(BUILD)/nginx/objs/Makefile) -Werror"
+
+# Everything a GPU machine without a package registry needs beside the
+# build outputs (nginx, the shared libraries that are not glibc / GCC /
+# CUDA, the bench model's tokenizer) in .dev/ (ignored); .dev/MANIFEST
+# lists it.  README, GPUs: what to carry.
+.PHONY: gpu-bundle
+gpu-bundle: engine module bench $(if $(KERNELS_A),gpu)
+	@tools/gpu_bundle.sh
 
 deps:
 	@tools/deps.sh

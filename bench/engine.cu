@@ -24,7 +24,7 @@
 #include <cuda_runtime_api.h>
 
 extern "C" {
-#include "model/model.h"
+#include "backends/backend.h"
 }
 #include "backends/cuda_backend.h"
 #include "gemm.h"

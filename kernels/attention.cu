@@ -1,55 +1,61 @@
 /*
- * Paged attention, two kernels.
+ * Paged attention, three kernels chosen by step shape (all graph-safe: the
+ * grid depends on T, n_kv and the device, never on positions):
  *
- * Small T * n_kv (decode, and short prefills: up to ATT_MAX_PAIRS (token,
- * kv head) pairs), v5: kernel_attention_split.  One block of ATT_NT
- * threads per (token, kv head, key split) serves the G query heads of that
- * kv head, so each K/V row is read once per kv head.  The grid's split
- * count depends on T * n_kv only (graph-safe: ~2 blocks per SM); inside,
- * each block derives the effective split count from its token's context
- * (at least one KT-key tile per split), so short contexts do not scatter a
- * few keys over many blocks: splits past the effective count exit at once.
- * Per tile of KT keys the block loads K and V together (16-byte loads,
- * the next tile's loads in flight while this one is computed) into shared
- * memory, scores all (head, key) pairs, does the online softmax one warp
- * per head, and accumulates P.V with HDP / 8 lanes per V row.  With one
- * effective split the block writes the output; with several each writes
- * its unnormalised state (m, l, acc) to the workspace and the last block of
- * the (token, kv head) -- an atomic counter per pair, reset by that last
- * block so the next launch (and a graph replay) finds it zero -- merges
- * them: no second launch.
+ * kernel_attention_decode_split: small T * n_kv (decode, and short
+ * prefills: up to ATT_MAX_PAIRS (token, kv head) pairs).  One block of
+ * ATT_NT threads per (token, kv head, key split) serves the G query heads
+ * of that kv head, so each K/V row is read once per kv head.  The grid's
+ * split count depends on T * n_kv only (graph-safe: att_split_bps blocks
+ * per SM, a tuning-record knob); inside, each block derives the effective
+ * split count from its token's context (at least one KT-key tile per
+ * split), so short contexts do not scatter a few keys over many blocks:
+ * splits past the effective count exit at once.  Per tile of KT keys the
+ * block loads K and V together (16-byte loads, the next tile's loads in
+ * flight while this one is computed) into shared memory, scores all
+ * (head, key) pairs, does the online softmax one warp per head, and
+ * accumulates P.V with HDP / 8 lanes per V row.  With one effective split
+ * the block writes the output; with several each writes its unnormalised
+ * state (m, l, acc) to the workspace and the last block of the (token, kv
+ * head) -- an atomic counter per pair, reset by that last block so the
+ * next launch (and a graph replay) finds it zero -- merges them: no second
+ * launch.
  *
- * Larger T (prefill), v4: kernel_attention, one block of ATT_WARPS warps
- * per (query token, kv head); keys cut into chunks of 32, chunk c to warp
- * c mod ATT_WARPS; lane = key for the scores, LPR = hd / 8 lanes per V row.
- * MOE_CUDA_ATT_SPLIT=0 sends every T to the v4 path (with its own split +
- * combine launch for small T) for A/B runs.
+ * kernel_attention_prefill_tc: larger T (T >= ATT_TC_MIN_T, more than
+ * ATT_MAX_PAIRS pairs, head_dim 64 or 128): tensor cores (mma.sync), one
+ * CTA per (128-row tile, q head), keys streamed with cp.async.  It refuses
+ * row tiles of more than ATT_TC_RUNS sequences.
+ *
+ * kernel_attention_prefill_simt: the CUDA-core prefill kernel for the
+ * rest: the tiles the tensor-core kernel refused (launched after it, with
+ * a skip test), T < ATT_TC_MIN_T, other head dims.  One block of
+ * ATT_WARPS warps per (query token, kv head); keys cut into chunks of 32,
+ * chunk c to warp c mod ATT_WARPS; lane = key for the scores, LPR = hd / 8
+ * lanes per V row.  (It can also split keys over gridDim.y blocks with a
+ * combine pass; the shipped launcher never does: bench/dev measures that
+ * variant against the split kernel.)
  *
  * Prefill and decode compute the same function: a token attends to the
  * positions up to its own, which rope_kv has already written.
  */
 #include <limits.h>
 #include <math.h>
-#include <stdlib.h>
 
 #include "common.cuh"
+#include "ptx.cuh"
 #include "attention.h"
 
-/* v4 (prefill) kernel */
+/* kernel_attention_prefill_simt */
 #define ATT_WARPS      4
-#define ATT_V4_SPLIT   32
-#define ATT_V4_TARGET  528          /* blocks wanted: 4 per SM of 132 */
-#define ATT_V4_MAX_REC (ATT_V4_TARGET * 2 + 64)
 
-/* v5 (split) kernel */
+/* kernel_attention_decode_split */
 #define ATT_NT         128          /* threads per block */
 #define ATT_MAX_SPLIT  64           /* grid splits per (token, kv head) */
 #define ATT_MAX_PAIRS  1024         /* T * n_kv handled by the split kernel */
 #define ATT_MAX_REC    2048         /* split records in the workspace */
-#define ATT_V5_BPS     2            /* split-kernel blocks wanted per SM */
 #define ATT_CNT_FLOATS ATT_MAX_PAIRS    /* counters at the workspace start */
 
-/* v6 (tensor-core prefill) kernel */
+/* kernel_attention_prefill_tc */
 #define ATT_TC_BM      128          /* query rows per CTA (8 warps x 16) */
 #define ATT_TC_BN      64           /* keys per tile */
 #define ATT_TC_NT      256          /* threads per CTA */
@@ -58,7 +64,7 @@
 
 typedef __nv_bfloat16 bf16;
 
-static_assert(ATT_WARPS * 32 == ATT_TC_BM, "v4 skip test: a thread a row");
+static_assert(ATT_WARPS * 32 == ATT_TC_BM, "simt skip test: a thread a row");
 
 
 /*
@@ -76,30 +82,17 @@ att_tc_runs(const int32_t *tok_seq, int T, int tile)
 }
 
 
-/* v4 splits for T * n_kv (token, kv head) pairs: the count only. */
-static int
-att_splits(int pairs)
-{
-    int ns;
-
-    if (pairs >= ATT_V4_TARGET) {
-        return 1;
-    }
-    ns = (ATT_V4_TARGET + pairs - 1) / pairs;
-    return ns > ATT_V4_SPLIT ? ATT_V4_SPLIT : ns;
-}
-
-
 template <int G, int HDP>
 __global__ void __launch_bounds__(ATT_WARPS * 32)
-kernel_attention(const float *qkv, int ld, const int32_t *tok_pos,
+kernel_attention_prefill_simt(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const bf16 *kv_layer, int block_size, int n_heads, int n_kv, int hd,
     int window, bf16 *out, float *part, int tc)
 {
     constexpr int LPR = HDP / 8;          /* lanes per V row */
 
-    /* after kernel_attention_tc: only the tokens of tiles it refused */
+    /* after kernel_attention_prefill_tc: only the tokens of the tiles it
+     * refused */
     if (tc && att_tc_runs(tok_seq, (int) gridDim.x / n_kv,
                           (int) blockIdx.x / n_kv / ATT_TC_BM) <= ATT_TC_RUNS)
     {
@@ -295,40 +288,7 @@ kernel_attention(const float *qkv, int ld, const int32_t *tok_pos,
 }
 
 
-/* One block per (token, kv head): merge the ns split states. */
-__global__ void
-kernel_attention_combine(const float *part, int ns, int n_heads, int n_kv,
-    int hd, bf16 *out)
-{
-    int          t = blockIdx.x / n_kv, g = blockIdx.x % n_kv;
-    int          grp = n_heads / n_kv;
-    size_t       rs = (size_t) grp * (hd + 2);
-    const float *p0 = part + (size_t) blockIdx.x * ns * rs;
-
-    for (int i = threadIdx.x; i < grp * hd; i += blockDim.x) {
-        int   h = i / hd, d = i % hd;
-        float M = -INFINITY, L = 0.0f, o = 0.0f;
-
-        for (int s = 0; s < ns; s++) {
-            M = fmaxf(M, p0[s * rs + h]);
-        }
-        for (int s = 0; s < ns; s++) {
-            const float *r = p0 + s * rs;
-
-            if (r[h] != -INFINITY) {
-                float f = expf(r[h] - M);
-
-                L += r[grp + h] * f;
-                o += r[2 * grp + h * hd + d] * f;
-            }
-        }
-        out[(size_t) t * n_heads * hd + (size_t) (g * grp + h) * hd + d] =
-            moe_f2bf(o / L);
-    }
-}
-
-
-/* ------------------------------------------------------- v5: split kernel */
+/* ------------------------------------------ decode: the key-split kernel */
 
 /* Tile shape of the split kernel for padded head dim HDP. */
 template <int HDP>
@@ -401,7 +361,7 @@ att_store_tile(const uint4 (&buf)[att_shape<HDP>::LPT],
  */
 template <int G, int HDP>
 __global__ void __launch_bounds__(ATT_NT)
-kernel_attention_split(const float *qkv, int ld, const int32_t *tok_pos,
+kernel_attention_decode_split(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const bf16 *kv_layer, int block_size, int n_heads, int n_kv, int hd,
     int window, bf16 *out, float *part)
@@ -745,74 +705,10 @@ kernel_attention_split(const float *qkv, int ld, const int32_t *tok_pos,
 }
 
 
-/* ------------------------------------------ v6: tensor-core prefill kernel */
-
-__device__ __forceinline__ void
-tc_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-    uint32_t b0, uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-
-/* Four 8x8 bf16 matrices from shared memory (lane l gives row l's address). */
-__device__ __forceinline__ void
-tc_ldm4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
-    const bf16 *p)
-{
-    unsigned a = (unsigned) __cvta_generic_to_shared(p);
-
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
-                 "{%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
-
-
-/* The same, each matrix transposed. */
-__device__ __forceinline__ void
-tc_ldm4t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
-    const bf16 *p)
-{
-    unsigned a = (unsigned) __cvta_generic_to_shared(p);
-
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
-                 "{%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
-
-
-/* 16-byte global -> shared copy; n = 0 fills the 16 bytes with zeros. */
-__device__ __forceinline__ void
-tc_cp16(bf16 *dst, const bf16 *src, int n)
-{
-    unsigned a = (unsigned) __cvta_generic_to_shared(dst);
-
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(a), "l"(src), "r"(n) : "memory");
-}
-
-
-__device__ __forceinline__ void
-tc_commit(void)
-{
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-
-template <int N>
-__device__ __forceinline__ void
-tc_wait(void)
-{
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-}
-
+/* ---------------------------------------- prefill: the tensor-core kernel */
 
 __device__ __forceinline__ uint32_t
-tc_pack(float x, float y)
+att_pack(float x, float y)
 {
     __nv_bfloat162 v = __floats2bfloat162_rn(x, y);     /* x: low half */
 
@@ -820,7 +716,8 @@ tc_pack(float x, float y)
 }
 
 
-/* Dynamic shared memory of kernel_attention_tc<HD>: Q, then 2 x (K, V). */
+/* Dynamic shared memory of kernel_attention_prefill_tc<HD>: Q, then
+ * 2 x (K, V). */
 static constexpr size_t
 att_tc_smem(int hd)
 {
@@ -836,17 +733,17 @@ att_tc_smem(int hd)
  * (gq = lane / 4, tq = lane % 4) holds rows gq and gq + 8 and columns
  * 2 tq, 2 tq + 1 of each 8-wide tile.  The rows are handled one run of
  * equal tok_seq at a time; a tile with more than ATT_TC_RUNS runs is left
- * to the v4 kernel (launched after this one with its skip test).  Per run:
+ * to the SIMT kernel (launched after this one with its skip test).  Per run:
  * keys [min lo, max pos] of its rows in tiles of ATT_TC_BN, gathered
  * through the block table with cp.async (two stages), masked per row to
  * [lo, pos] (window and causal limit), online softmax in base 2.
  */
 template <int HD>
 __global__ void __launch_bounds__(ATT_TC_NT, 1)
-kernel_attention_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
-    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
-    const bf16 *kv_layer, int block_size, int n_heads, int n_kv,
-    int window, bf16 *out)
+kernel_attention_prefill_tc(const float *qkv, int ld, int T,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const bf16 *kv_layer, int block_size, int n_heads,
+    int n_kv, int window, bf16 *out)
 {
     constexpr int BM = ATT_TC_BM, BN = ATT_TC_BN, NT = ATT_TC_NT;
     constexpr int ROW = HD + 8;             /* bf16 per smem row */
@@ -883,7 +780,7 @@ kernel_attention_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
         lo_s[tid] = lo;
     }
     if (att_tc_runs(tok_seq, T, tile) > ATT_TC_RUNS) {
-        return;                             /* the v4 kernel does it */
+        return;                             /* the SIMT kernel does it */
     }
 
     /* Q rows, scaled by log2(e) / sqrt(hd), to bf16 */
@@ -898,8 +795,8 @@ kernel_attention_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
                 v = *reinterpret_cast<const float4 *>(
                         qkv + (size_t) (r0 + row) * ld + (size_t) h * HD + d);
             }
-            uint2 pk = make_uint2(tc_pack(v.x * qs, v.y * qs),
-                                  tc_pack(v.z * qs, v.w * qs));
+            uint2 pk = make_uint2(att_pack(v.x * qs, v.y * qs),
+                                  att_pack(v.z * qs, v.w * qs));
 
             *reinterpret_cast<uint2 *>(q_s + row * ROW + d) = pk;
         }
@@ -969,21 +866,21 @@ kernel_attention_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
                                  * block_size + j % block_size) * kvd
                           + ch * 8;
                 }
-                tc_cp16(kv_s + ((st * 2 + sel) * BN + row) * ROW + ch * 8,
-                        src, ok ? 16 : 0);
+                moe_cp_async16(kv_s + ((st * 2 + sel) * BN + row) * ROW
+                                   + ch * 8, src, ok ? 16 : 0);
             }
         };
 
         load(0, 0);
-        tc_commit();
+        moe_cp_async_commit();
         for (int i = 0; i < ntl; i++) {
             const int kb = kmin + i * BN;
 
             if (i + 1 < ntl) {
                 load(i + 1, (i + 1) & 1);
             }
-            tc_commit();
-            tc_wait<1>();
+            moe_cp_async_commit();
+            moe_cp_async_wait<1>();
             __syncthreads();
 
             if (wlo < whi && kb <= wkmax && kb + BN - 1 >= wkmin) {
@@ -1002,17 +899,18 @@ kernel_attention_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
                 for (int kk = 0; kk < KS; kk++) {
                     uint32_t a0, a1, a2, a3;
 
-                    tc_ldm4(a0, a1, a2, a3, q_s + (warp * 16 + (lane & 15))
-                                            * ROW + kk * 16 + (lane >> 4) * 8);
+                    moe_ldmatrix_x4(a0, a1, a2, a3,
+                                    q_s + (warp * 16 + (lane & 15)) * ROW
+                                        + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
                     for (int np = 0; np < 4; np++) {
                         uint32_t b0, b1, b2, b3;
 
-                        tc_ldm4(b0, b1, b2, b3,
+                        moe_ldmatrix_x4(b0, b1, b2, b3,
                                 ks + (np * 16 + (lane & 7) + ((lane >> 4) << 3))
                                      * ROW + kk * 16 + ((lane >> 3) & 1) * 8);
-                        tc_mma(s[2 * np], a0, a1, a2, a3, b0, b1);
-                        tc_mma(s[2 * np + 1], a0, a1, a2, a3, b2, b3);
+                        moe_mma_bf16(s[2 * np], a0, a1, a2, a3, b0, b1);
+                        moe_mma_bf16(s[2 * np + 1], a0, a1, a2, a3, b2, b3);
                     }
                 }
 
@@ -1065,21 +963,21 @@ kernel_attention_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
                 /* O += P V: P from the S fragments, V transposed */
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; kk++) {
-                    uint32_t a0 = tc_pack(s[2 * kk][0], s[2 * kk][1]);
-                    uint32_t a1 = tc_pack(s[2 * kk][2], s[2 * kk][3]);
-                    uint32_t a2 = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                    uint32_t a3 = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                    uint32_t a0 = att_pack(s[2 * kk][0], s[2 * kk][1]);
+                    uint32_t a1 = att_pack(s[2 * kk][2], s[2 * kk][3]);
+                    uint32_t a2 = att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                    uint32_t a3 = att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 
 #pragma unroll
                     for (int dp = 0; dp < DN / 2; dp++) {
                         uint32_t b0, b1, b2, b3;
 
-                        tc_ldm4t(b0, b1, b2, b3,
+                        moe_ldmatrix_x4_trans(b0, b1, b2, b3,
                                  vs + (kk * 16 + (lane & 7)
                                        + ((lane >> 3) & 1) * 8) * ROW
                                     + (dp * 2 + (lane >> 4)) * 8);
-                        tc_mma(o[2 * dp], a0, a1, a2, a3, b0, b1);
-                        tc_mma(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
+                        moe_mma_bf16(o[2 * dp], a0, a1, a2, a3, b0, b1);
+                        moe_mma_bf16(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
                     }
                 }
             }
@@ -1101,7 +999,7 @@ kernel_attention_tc(const float *qkv, int ld, int T, const int32_t *tok_pos,
 #pragma unroll
                 for (int n = 0; n < DN; n++) {
                     *reinterpret_cast<uint32_t *>(orow + n * 8) =
-                        tc_pack(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
+                        att_pack(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
                 }
             }
         }
@@ -1124,7 +1022,7 @@ moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd)
     if (n_kv <= 0) {
         return 0;
     }
-    /* counters, then 2 + hd floats per head per record (v5 and v4 fit) */
+    /* counters, then 2 + hd floats per head per split record */
     return (int64_t) ATT_CNT_FLOATS
            + (int64_t) ATT_MAX_REC * (n_heads / n_kv) * (hd + 2);
 }
@@ -1139,45 +1037,8 @@ moe_cuda_attention_ws_init(float *part, cudaStream_t stream)
 }
 
 
-/* MOE_CUDA_ATT_SPLIT=0 sends every T to the v4 kernels (A/B runs). */
-static bool
-att_v5_on(void)
-{
-    static int on = -1;
-
-    if (on < 0) {
-        const char *v = getenv("MOE_CUDA_ATT_SPLIT");
-
-        on = v == NULL || atoi(v) != 0;
-    }
-    return on != 0;
-}
-
-
-/* MOE_CUDA_ATT_TC=0 keeps prefill on the v4 kernel (A/B runs). */
-static int att_tc_mode = -1;
-
-
-static bool
-att_tc_on(void)
-{
-    if (att_tc_mode < 0) {
-        const char *v = getenv("MOE_CUDA_ATT_TC");
-
-        att_tc_mode = v == NULL || atoi(v) != 0;
-    }
-    return att_tc_mode != 0;
-}
-
-
-extern "C" void
-moe_cuda_attention_set_tc(int on)
-{
-    att_tc_mode = on < 0 ? -1 : on != 0;
-}
-
-
-/* Launch kernel_attention_tc<HD> (raising its shared-memory limit once). */
+/* Launch kernel_attention_prefill_tc<HD> (raising its shared-memory limit
+ * once). */
 template <int HD>
 static int
 att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
@@ -1192,14 +1053,14 @@ att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
 
     if (!ready) {
         MOE_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel_attention_tc<HD>,
+            kernel_attention_prefill_tc<HD>,
             cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm));
         ready = 1;
     }
-    kernel_attention_tc<HD><<<grid, ATT_TC_NT, sm, stream>>>(
+    kernel_attention_prefill_tc<HD><<<grid, ATT_TC_NT, sm, stream>>>(
         qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv, block_size, n_heads,
         n_kv, window, out);
-    MOE_CUDA_CHECK_LAUNCH("kernel_attention_tc");
+    MOE_CUDA_CHECK_LAUNCH("kernel_attention_prefill_tc");
     return MOE_K_OK;
 }
 
@@ -1227,29 +1088,15 @@ att_sms(void)
 
 
 /*
- * v5 grid splits for `pairs` (token, kv head) pairs: enough blocks for
- * ATT_V5_BPS per SM (MOE_CUDA_ATT_BPS overrides it); a function of the
- * pair count only (graph-safe).  The kernel uses fewer when a token's
+ * Grid splits of the decode kernel for `pairs` (token, kv head) pairs:
+ * enough blocks for bps per SM (the record's att_split_bps); a function of
+ * the pair count only (graph-safe).  The kernel uses fewer when a token's
  * context is short.
  */
 static int
-att_v5_bps(void)
+att_split_count(int pairs, int bps)
 {
-    static int bps = -1;
-
-    if (bps < 0) {
-        const char *v = getenv("MOE_CUDA_ATT_BPS");
-
-        bps = v != NULL && atoi(v) > 0 ? atoi(v) : ATT_V5_BPS;
-    }
-    return bps;
-}
-
-
-static int
-att_v5_splits(int pairs)
-{
-    int want = att_v5_bps() * att_sms(), ns;
+    int want = bps * att_sms(), ns;
 
     if (pairs >= want) {
         /* 1-2 blocks per SM (mixtral b64: 512 pairs, 3 resident per SM,
@@ -1269,9 +1116,10 @@ att_v5_splits(int pairs)
 }
 
 
+/* Launch the decode kernel (split) or the SIMT prefill kernel for G. */
 template <int G>
 static void
-att_launch_g(int v5, int tc, int hdp, dim3 grid, cudaStream_t stream,
+att_launch_g(int split, int tc, int hdp, dim3 grid, cudaStream_t stream,
     const float *qkv, int ld, const int32_t *tok_pos, const int32_t *tok_seq,
     const int32_t *bt, const int32_t *bt_off, const bf16 *kv,
     int block_size, int n_heads, int n_kv, int hd, int window, bf16 *out,
@@ -1281,12 +1129,12 @@ att_launch_g(int v5, int tc, int hdp, dim3 grid, cudaStream_t stream,
                  n_heads, n_kv, hd, window, out, part
 #define ATT_L(H)                                                              \
     do {                                                                      \
-        if (v5) {                                                             \
-            kernel_attention_split<G, H><<<grid, ATT_NT, 0, stream>>>(        \
+        if (split) {                                                          \
+            kernel_attention_decode_split<G, H><<<grid, ATT_NT, 0, stream>>>( \
                 ATT_ARGS);                                                    \
         } else {                                                              \
-            kernel_attention<G, H><<<grid, ATT_WARPS * 32, 0, stream>>>(      \
-                ATT_ARGS, tc);                                                \
+            kernel_attention_prefill_simt<G, H>                               \
+                <<<grid, ATT_WARPS * 32, 0, stream>>>(ATT_ARGS, tc);          \
         }                                                                     \
     } while (0)
     switch (hdp) {
@@ -1306,12 +1154,14 @@ extern "C" int
 moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const moe_bf16_t *kv_layer, int block_size, int n_heads, int n_kv,
-    int hd, int window, moe_bf16_t *out, float *part, cudaStream_t stream)
+    int hd, int window, moe_bf16_t *out, float *part,
+    const moe_cuda_tuning_t *tune, cudaStream_t stream)
 {
+    static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
     const bf16 *kv = reinterpret_cast<const bf16 *>(kv_layer);
     bf16       *o = reinterpret_cast<bf16 *>(out);
     float      *p4 = part != NULL ? part + ATT_CNT_FLOATS : NULL;
-    int         grp, hdp, ns, v5, tc = 0;
+    int         grp, hdp, ns = 1, split, tc = 0;
     int64_t     pairs;
     dim3        grid;
 
@@ -1323,24 +1173,21 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
                            "%d, head_dim %d)", n_heads, n_kv, hd);
         return MOE_K_EUNSUPPORTED;
     }
+    if (tune == NULL) {
+        tune = &defaults;
+    }
     grp = n_heads / n_kv;
     for (hdp = 8; hdp < hd; hdp *= 2) {
     }
     pairs = (int64_t) T * n_kv;
-    v5 = att_v5_on() && pairs <= ATT_MAX_PAIRS;
-    if (v5) {
-        ns = part != NULL ? att_v5_splits((int) pairs) : 1;
-    } else {
-        ns = pairs < ATT_V4_TARGET ? att_splits((int) pairs) : 1;
-        if (ns > 1 && (p4 == NULL || pairs * ns > ATT_V4_MAX_REC)) {
-            ns = 1;
-        }
+    split = pairs <= ATT_MAX_PAIRS;
+    if (split && part != NULL) {
+        ns = att_split_count((int) pairs, tune->att_split_bps > 0
+                                          ? tune->att_split_bps : 1);
     }
     /* prefill: tensor cores for the row tiles of few sequences, then the
-     * v4 kernel for the tokens of the tiles it refused (if any) */
-    if (!v5 && att_tc_on() && T >= ATT_TC_MIN_T && pairs > ATT_MAX_PAIRS
-        && (hd == 64 || hd == 128))
-    {
+     * SIMT kernel for the tokens of the tiles it refused (if any) */
+    if (!split && T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)) {
         int rc = hd == 64
                  ? att_tc_launch<64>(T, qkv, ld, tok_pos, tok_seq, bt,
                                      bt_off, kv, block_size, n_heads, n_kv,
@@ -1353,12 +1200,12 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
             return rc;
         }
         tc = 1;
-        ns = 1;
     }
     grid = dim3((unsigned) pairs, (unsigned) ns);
-#define ATT_G(G) att_launch_g<G>(v5, tc, hdp, grid, stream, qkv, ld, tok_pos,      \
-                                 tok_seq, bt, bt_off, kv, block_size, n_heads, \
-                                 n_kv, hd, window, o, v5 ? part : p4)
+#define ATT_G(G) att_launch_g<G>(split, tc, hdp, grid, stream, qkv, ld,      \
+                                 tok_pos, tok_seq, bt, bt_off, kv, block_size, \
+                                 n_heads, n_kv, hd, window, o,                 \
+                                 split ? part : p4)
     if (grp == 1) {
         ATT_G(1);
     } else if (grp == 2) {
@@ -1369,11 +1216,7 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
         ATT_G(8);
     }
 #undef ATT_G
-    MOE_CUDA_CHECK_LAUNCH(v5 ? "kernel_attention_split" : "kernel_attention");
-    if (!v5 && ns > 1) {
-        kernel_attention_combine<<<(unsigned) pairs, 128, 0, stream>>>(
-            p4, ns, n_heads, n_kv, hd, o);
-        MOE_CUDA_CHECK_LAUNCH("kernel_attention_combine");
-    }
+    MOE_CUDA_CHECK_LAUNCH(split ? "kernel_attention_decode_split"
+                                : "kernel_attention_prefill_simt");
     return MOE_K_OK;
 }

@@ -2,6 +2,7 @@
 #ifndef MOE_KERNELS_ATTENTION_H
 #define MOE_KERNELS_ATTENTION_H
 #include "common.h"
+#include "tuning.h"
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -23,15 +24,18 @@ extern "C" {
  * when T * n_kv is small (decode) the keys of each (token, kv head) are
  * split over several blocks whose partial softmax states go there and are
  * merged by the last of those blocks (atomic counters in the workspace).
- * The grid depends on T, n_kv and the device only (never on the
+ * The grid depends on T, n_kv, the device and tune only (never on the
  * positions), so a captured graph stays valid.  One stream at a time per
- * workspace.
+ * workspace.  tune (NULL: the defaults): att_split_bps sizes the split
+ * grid.  Kernels by shape: T * n_kv <= 1024 the decode (key-split)
+ * kernel; above, the tensor-core prefill kernel (T >= 64, hd 64 or 128)
+ * and the SIMT prefill kernel for the rest.
  */
 int moe_cuda_attention(const float *qkv, int ld, int T,
     const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
     const int32_t *bt_off, const moe_bf16_t *kv_layer, int block_size,
     int n_heads, int n_kv, int hd, int window, moe_bf16_t *out,
-    float *part, cudaStream_t stream);
+    float *part, const moe_cuda_tuning_t *tune, cudaStream_t stream);
 
 /* Floats of the `part` workspace moe_cuda_attention needs (any T). */
 int64_t moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd);
@@ -42,14 +46,6 @@ int64_t moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd);
  * Returns MOE_K_OK or MOE_K_EBACKEND (moe_cuda_last_error says why).
  */
 int moe_cuda_attention_ws_init(float *part, cudaStream_t stream);
-
-/*
- * Prefill kernel choice (tests, A/B): 1 sends prefill steps (T >= 64,
- * T * n_kv > 1024, hd 64 or 128) to the tensor-core kernel, 0 to the v4
- * CUDA-core kernel, -1 back to the environment (MOE_CUDA_ATT_TC, default
- * on).  Not thread-safe: call between steps.
- */
-void moe_cuda_attention_set_tc(int on);
 
 /* 1 if moe_cuda_attention supports these shapes, else 0. */
 int moe_cuda_attention_supported(int n_heads, int n_kv, int hd);

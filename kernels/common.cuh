@@ -1,6 +1,8 @@
 /*
  * Device helpers shared by the kernels: the MOE_CUDA_CHECK macro family,
- * warp/block reductions, bf16 conversions.
+ * warp/block reductions, bf16 conversions, the group of a block in a
+ * grouped (per-expert) launch.  Inline PTX (mma, ldmatrix, cp.async):
+ * ptx.cuh.
  */
 
 #ifndef MOE_KERNELS_COMMON_CUH
@@ -97,6 +99,39 @@ moe_block_sum(float v, float *sh)
     __syncthreads();
     v = lane < nw ? sh[lane] : 0.0f;
     return moe_warp_sum(v);
+}
+
+
+/*
+ * The group (expert) of block y of a grouped launch whose per-group rows
+ * are [offs[e], offs[e + 1]): y itself, or, with a compact grid (offs
+ * given and gridDim.y < E), the y-th non-empty group; -1 when there are
+ * fewer non-empty groups than y + 1.  Called by all 32 lanes of a warp
+ * (lane = threadIdx.x & 31); every warp of the block gets the same value.
+ */
+__device__ __forceinline__ int
+moe_block_group(const int32_t *offs, int E, int lane)
+{
+    int y = (int) blockIdx.y;
+
+    if (offs == NULL || (int) gridDim.y >= E) {
+        return y;
+    }
+    for (int b0 = 0; b0 < E; b0 += 32) {
+        int      ex = b0 + lane;
+        unsigned m = __ballot_sync(0xffffffffu,
+                                   ex < E && offs[ex + 1] > offs[ex]);
+        int      c = __popc(m);
+
+        if (y < c) {
+            for (int i = 0; i < y; i++) {
+                m &= m - 1u;            /* drop the lowest set bit */
+            }
+            return b0 + __ffs((int) m) - 1;
+        }
+        y -= c;
+    }
+    return -1;
 }
 
 

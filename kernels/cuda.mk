@@ -2,9 +2,14 @@
 # top-level Makefile inside its `ifeq ($(MOE_CUDA)...,1y)` block, after the
 # variables NVCC, NVCCFLAGS, BUILD, CUDA_HOME and KERNELS_A are set.
 #
-#   make gpu     build/libmoe_kernels.a + build/gpu/test_kernels,
-#                build/gpu/test_backend, build/gpu/test_sample,
-#                build/gpu/bench_engine
+#   make gpu        build/libmoe_kernels.a + build/gpu/test_kernels,
+#                   build/gpu/test_backend, build/gpu/test_sample,
+#                   build/gpu/test_ggemm, build/gpu/bench_engine
+#   make bench-dev  the kernel dev harness (bench/dev/*.cu):
+#                   build/bench/dev/attention, .../moe_gemv,
+#                   .../moe_ggemm; each
+#                   runs the shipped launcher against the variants that do
+#                   not ship (kernels/TUNING.md)
 #
 
 CUDA_LIBDIR  := $(CUDA_HOME)/lib64
@@ -15,7 +20,7 @@ GPU_NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
                  -Ikernels -Iengine/include -Iengine -It/unit -It/gpu
 GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_sample $(BUILD)/gpu/bench_engine \
-                $(BUILD)/gpu/test_ggemm
+                $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_convert
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)
@@ -32,3 +37,22 @@ $(BUILD)/gpu/bench_engine.o: bench/engine.cu $(wildcard kernels/*.h) \
 # Link with the host compiler: libmoe, then the kernels it calls.
 $(BUILD)/gpu/%: $(BUILD)/gpu/%.o $(KERNELS_A) $(BUILD)/libmoe.a
 	$(CC) -o $@ $< $(BUILD)/libmoe.a $(KERNELS_A) $(CUDA_LDLIBS) $(LDLIBS)
+
+# The dev harness: each program compiles one kernel source into itself
+# (the variants are instantiations of the shipped templates, built with
+# the library's flags) and links the rest from libmoe_kernels.a.
+DEV_BINS := $(patsubst bench/dev/%.cu,$(BUILD)/bench/dev/%, \
+              $(wildcard bench/dev/*.cu))
+
+.PHONY: bench-dev
+bench-dev: $(DEV_BINS)
+
+$(BUILD)/bench/dev/%.o: bench/dev/%.cu bench/dev/dev.cuh t/gpu/gpu_util.h \
+                        kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Ikernels -It/gpu -c -o $@ $<
+
+$(BUILD)/bench/dev/%: $(BUILD)/bench/dev/%.o $(KERNELS_A)
+	$(CC) -o $@ $< $(KERNELS_A) $(CUDA_LDLIBS) -lm
+
+.PRECIOUS: $(BUILD)/bench/dev/%.o

@@ -1,39 +1,27 @@
 /*
- * Grouped small-M GEMM on the tensor cores (mma.sync m16n8k16, bf16 in,
- * fp32 accumulate) for decode-sized steps.
+ * Grouped small-M GEMM for decode-sized steps, two kernels:
  *
- * A block of 4 warps owns 16 output columns (16 gate + 16 up columns when
- * the SiLU epilogue is fused) of one group (expert); its warps split the
- * reduction dimension in interleaved 32-wide chunks and their partial sums
- * are added in shared memory.  The weights are the mma's A operand (rows =
- * output columns), the tokens its B operand (8 per mma, up to 64 per
- * pass), both loaded straight from global memory as 16-byte vectors: a
- * thread (g = lane / 4, q = lane % 4) loads elements [8q, 8q + 8) of a
- * 32-wide chunk for its rows, and the two mmas of the chunk take words
+ * kernel_gemv_mma: tensor cores (mma.sync m16n8k16, bf16 in, fp32
+ * accumulate).  A block of 4 warps owns 16 output columns (16 gate + 16 up
+ * columns when the SiLU epilogue is fused) of one group (expert); its warps
+ * split the reduction dimension in interleaved 32-wide chunks and their
+ * partial sums are added in shared memory.  The weights are the mma's A
+ * operand (rows = output columns), the tokens its B operand (8 per mma, up
+ * to 64 per pass), both loaded straight from global memory as 16-byte
+ * vectors: a thread (g = lane / 4, q = lane % 4) loads elements [8q, 8q + 8)
+ * of a 32-wide chunk for its rows, and the two mmas of the chunk take words
  * {0, 1} and {2, 3} of it.  A and B use the same permutation of k, so the
  * sum over k is unchanged.  Weights are read with streaming loads, once per
  * pass; groups with no rows exit at once.
  */
-#include <stdlib.h>
-
 #include "common.cuh"
+#include "ptx.cuh"
 #include "moe_gemv.h"
 
 #define GV_WARPS 4
 
 typedef __nv_bfloat16 bf16;
 
-
-__device__ __forceinline__ void
-gv_mma(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-    uint32_t b0, uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 /* One stage of operands in registers: UNR 32-wide k chunks of the warp,
  * A (weights: MR row sets x 2 row halves) and B (NT x 8 tokens). */
@@ -97,10 +85,10 @@ gv_compute(float (&acc)[MR][NT][4], const gv_stage<NT, MR, UNR> &st)
             for (int mr = 0; mr < MR; mr++) {
                 const uint4 *a = st.a[u][mr];
 
-                gv_mma(acc[mr][j], a[0].x, a[1].x, a[0].y, a[1].y, bv.x,
-                       bv.y);
-                gv_mma(acc[mr][j], a[0].z, a[1].z, a[0].w, a[1].w, bv.z,
-                       bv.w);
+                moe_mma_bf16(acc[mr][j], a[0].x, a[1].x, a[0].y, a[1].y,
+                             bv.x, bv.y);
+                moe_mma_bf16(acc[mr][j], a[0].z, a[1].z, a[0].w, a[1].w,
+                             bv.z, bv.w);
             }
         }
     }
@@ -109,7 +97,7 @@ gv_compute(float (&acc)[MR][NT][4], const gv_stage<NT, MR, UNR> &st)
 
 template <int NT, int MR, int UNR, bool PIPE>
 __global__ void __launch_bounds__(GV_WARPS * 32)
-kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+kernel_gemv_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const bf16 *W, int N, int Kd, const int32_t *offs, int E, int n,
     float *Y, bf16 *H, int ldy)
 {
@@ -120,24 +108,7 @@ kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     if (offs != NULL && (int) gridDim.y < E) {
         /* compact grid (fewer rows than groups): block y takes the y-th
          * non-empty group; every warp finds it alike (uniform exit) */
-        int y = (int) blockIdx.y;
-
-        e = -1;
-        for (int b0 = 0; b0 < E; b0 += 32) {
-            int      ex = b0 + lane;
-            unsigned m = __ballot_sync(0xffffffffu,
-                                       ex < E && offs[ex + 1] > offs[ex]);
-            int      c = __popc(m);
-
-            if (y < c) {
-                for (int i = 0; i < y; i++) {
-                    m &= m - 1u;        /* drop the lowest set bit */
-                }
-                e = b0 + __ffs((int) m) - 1;
-                break;
-            }
-            y -= c;
-        }
+        e = moe_block_group(offs, E, lane);
         if (e < 0) {
             return;             /* fewer non-empty groups than gridDim.y */
         }
@@ -201,8 +172,8 @@ kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             }
         } else if (warp < nch) {
             /* two stages in registers: the loads of chunk set i + 1 are in
-             * flight while set i is multiplied (v3 waited one full memory
-             * round trip per set) */
+             * flight while set i is multiplied (one stage waits a full
+             * memory round trip per set) */
             gv_load<NT, MR, UNR>(st[0], arow, aval, brow, bval, warp, nch,
                                  Kd, q);
             for (int c0 = warp;; c0 += 2 * step) {
@@ -263,12 +234,12 @@ kernel_gemv(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
 
 /*
- * CUDA-core path for groups of at most a few rows per pass (decode at
- * batch 1-8: the mma tile above wastes 7 of its 8 token columns there).  A
- * warp owns GF_CW output columns (their gate and up rows with the SiLU
- * epilogue) and reads each weight row as whole 512-byte segments (32 lanes
- * x 16 bytes), GF_U segments of every row in flight per lane; the input
- * rows are read at the same k (L1/L2 hits); partial sums are reduced
+ * kernel_gemv_fma: CUDA-core path for groups of at most a few rows per pass
+ * (decode at batch 1-8: the mma tile above wastes 7 of its 8 token columns
+ * there).  A warp owns GF_CW output columns (their gate and up rows with the
+ * SiLU epilogue) and reads each weight row as whole 512-byte segments (32
+ * lanes x 16 bytes), GF_U segments of every row in flight per lane; the
+ * input rows are read at the same k (L1/L2 hits); partial sums are reduced
  * across the warp with shuffles.  No shared memory, no block barrier.
  */
 #define GF_WARPS 4
@@ -293,33 +264,6 @@ gf_dot8(uint4 w, uint4 x, float acc)
 }
 
 
-/* the group of block y (compact grid: the y-th non-empty group), or -1 */
-__device__ __forceinline__ int
-gv_group(const int32_t *offs, int E, int lane)
-{
-    int y = (int) blockIdx.y;
-
-    if (offs == NULL || (int) gridDim.y >= E) {
-        return y;
-    }
-    for (int b0 = 0; b0 < E; b0 += 32) {
-        int      ex = b0 + lane;
-        unsigned m = __ballot_sync(0xffffffffu,
-                                   ex < E && offs[ex + 1] > offs[ex]);
-        int      c = __popc(m);
-
-        if (y < c) {
-            for (int i = 0; i < y; i++) {
-                m &= m - 1u;
-            }
-            return b0 + __ffs((int) m) - 1;
-        }
-        y -= c;
-    }
-    return -1;
-}
-
-
 template <int NTF, bool SILU>
 __global__ void __launch_bounds__(GF_WARPS * 32)
 kernel_gemv_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
@@ -328,7 +272,7 @@ kernel_gemv_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 {
     constexpr int RW = SILU ? 2 * GF_CW : GF_CW;
     int           lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int           e = gv_group(offs, E, lane);
+    int           e = moe_block_group(offs, E, lane);
     int           col0 = (blockIdx.x * GF_WARPS + warp) * GF_CW;
 
     if (e < 0 || col0 >= N) {
@@ -440,25 +384,6 @@ kernel_gemv_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
-/* MOE_CUDA_GEMV_FMA=0 keeps every shape on the tensor-core kernel (A/B);
- * default: groups of up to GF_MAX_ROWS rows take the CUDA-core path. */
-#define GF_MAX_ROWS 2
-
-static int
-gv_fma_rows(void)
-{
-    static int rows = -1;
-
-    if (rows < 0) {
-        const char *v = getenv("MOE_CUDA_GEMV_FMA");
-
-        rows = v == NULL ? GF_MAX_ROWS : atoi(v);
-        rows = rows < 0 ? 0 : rows;
-    }
-    return rows;
-}
-
-
 template <int NTF>
 static void
 gf_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
@@ -482,37 +407,6 @@ moe_cuda_gemv_supported(int Kd, int ldx)
 }
 
 
-/* MOE_CUDA_GEMV_PIPE=0 turns the two-stage main loop off (A/B runs). */
-static bool
-gv_pipe_on(void)
-{
-    static int on = -1;
-
-    if (on < 0) {
-        const char *v = getenv("MOE_CUDA_GEMV_PIPE");
-
-        on = v == NULL || atoi(v) != 0;
-    }
-    return on != 0;
-}
-
-
-template <int NT, bool PIPE>
-static void
-gv_launch_t(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
-    const int32_t *xrow, int xdiv, const bf16 *W, int N, int Kd,
-    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
-{
-    if (silu) {
-        kernel_gemv<NT, 2, 2, PIPE><<<grid, GV_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
-    } else {
-        kernel_gemv<NT, 1, 4, PIPE><<<grid, GV_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
-    }
-}
-
-
 /* NT <= 2 (decode: up to 16 rows per group): two register stages; wider
  * tiles keep one (their B operands fill the registers). */
 template <int NT>
@@ -521,12 +415,14 @@ gv_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const bf16 *W, int N, int Kd,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
-    if (NT <= 2 && gv_pipe_on()) {
-        gv_launch_t<NT, NT <= 2>(grid, s, silu, X, ldx, xrow, xdiv, W, N, Kd,
-                                 offs, E, n, Y, H, ldy);
+    constexpr bool PIPE = NT <= 2;
+
+    if (silu) {
+        kernel_gemv_mma<NT, 2, 2, PIPE><<<grid, GV_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
     } else {
-        gv_launch_t<NT, false>(grid, s, silu, X, ldx, xrow, xdiv, W, N, Kd,
-                               offs, E, n, Y, H, ldy);
+        kernel_gemv_mma<NT, 1, 4, PIPE><<<grid, GV_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
     }
 }
 
@@ -535,13 +431,17 @@ extern "C" int
 moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
     const moe_bf16_t *W, int N, int Kd, const int32_t *offs, int E, int n,
     int max_rows, int silu, float *Y, moe_bf16_t *H, int ldy,
-    cudaStream_t stream)
+    const moe_cuda_tuning_t *tune, cudaStream_t stream)
 {
+    static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
     const bf16 *x = reinterpret_cast<const bf16 *>(X);
     const bf16 *w = reinterpret_cast<const bf16 *>(W);
     bf16       *h = reinterpret_cast<bf16 *>(H);
     dim3        grid;
 
+    if (tune == NULL) {
+        tune = &defaults;
+    }
     if (!moe_cuda_gemv_supported(Kd, ldx) || N <= 0 || E <= 0
         || (xrow != NULL && xdiv <= 0))
     {
@@ -554,11 +454,13 @@ moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
     }
     /* at most min(E, n) groups are non-empty: with fewer rows than groups
      * (decode: 2 of 8 experts at one token) the grid covers only that many
-     * and the blocks find their group on the device (v2 launched E and
-     * let the empty ones exit: 5376 idle blocks per mixtral layer) */
+     * and the blocks find their group on the device (a grid of E lets
+     * the empty ones exit: 5376 idle blocks per mixtral layer) */
     grid = dim3((unsigned) ((N + 15) / 16),
                 (unsigned) (offs != NULL && n > 0 && n < E ? n : E));
-    if (max_rows <= gv_fma_rows()) {
+    /* groups of up to gemv_fma_rows rows per pass: the CUDA-core kernel
+     * (its tile is at most 4 rows) */
+    if (max_rows <= tune->gemv_fma_rows && max_rows <= 4) {
         grid.x = (unsigned) ((N + GF_WARPS * GF_CW - 1) / (GF_WARPS * GF_CW));
         if (max_rows <= 1) {
             gf_launch<1>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd,
@@ -586,6 +488,6 @@ moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
         gv_launch<8>(grid, stream, silu, x, ldx, xrow, xdiv, w, N, Kd, offs,
                      E, n, Y, h, ldy);
     }
-    MOE_CUDA_CHECK_LAUNCH("kernel_gemv");
+    MOE_CUDA_CHECK_LAUNCH("kernel_gemv_mma");
     return MOE_K_OK;
 }

@@ -1,12 +1,14 @@
 /*
- * Grouped small-M GEMM ("GEMV") on the tensor cores, for decode-sized
- * steps: every expert's weights are streamed from device memory once per
- * 64 of its tokens, all experts of a layer in one launch, the per-expert
- * row ranges read on the device (no host sync).
+ * Grouped small-M GEMM ("GEMV") for decode-sized steps: every expert's
+ * weights are streamed from device memory once per 64 of its tokens, all
+ * experts of a layer in one launch, the per-expert row ranges read on the
+ * device (no host sync).  Two kernels: kernel_gemv_fma (CUDA cores, groups
+ * of 1-4 rows per pass) and kernel_gemv_mma (tensor cores, more rows).
  */
 #ifndef MOE_KERNELS_MOE_GEMV_H
 #define MOE_KERNELS_MOE_GEMV_H
 #include "common.h"
+#include "tuning.h"
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -26,11 +28,13 @@ extern "C" {
  * offs is (E + 1) int32 on the device.  With offs, n is the total rows
  * offs[E] (an upper bound suffices; 0: unknown): when n < E only n
  * groups can be non-empty and the grid covers only n groups.
+ * tune (NULL: the defaults): max_rows <= tune->gemv_fma_rows (and <= 4)
+ * takes the CUDA-core kernel, larger hints the tensor-core one.
  */
 int moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, const moe_bf16_t *W, int N, int Kd, const int32_t *offs,
     int E, int n, int max_rows, int silu, float *Y, moe_bf16_t *H, int ldy,
-    cudaStream_t stream);
+    const moe_cuda_tuning_t *tune, cudaStream_t stream);
 
 /* Whether moe_cuda_gemv supports this shape (Kd % 8 == 0, ldx % 8 == 0). */
 int moe_cuda_gemv_supported(int Kd, int ldx);

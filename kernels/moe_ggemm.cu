@@ -23,9 +23,8 @@
  * the device; the grid is (column tiles, groups), groups = min(E, n) (with
  * n < E each block finds the y-th non-empty group).
  */
-#include <stdlib.h>
-
 #include "common.cuh"
+#include "ptx.cuh"
 #include "moe_ggemm.h"
 
 typedef __nv_bfloat16 bf16;
@@ -50,109 +49,6 @@ struct gg_cfg {
 };
 
 
-__device__ __forceinline__ void
-gg_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0),
-                   "r"(b1));
-}
-
-
-/* Four 8x8 bf16 matrices from shared memory (lane l gives row l's address). */
-__device__ __forceinline__ void
-gg_ldm4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
-    const bf16 *p)
-{
-    unsigned a = (unsigned) __cvta_generic_to_shared(p);
-
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
-                 "{%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
-
-
-/* 16-byte global -> shared copy (L2 default policy); n = 0: zeros. */
-__device__ __forceinline__ void
-gg_cp16(bf16 *dst, const bf16 *src, int n)
-{
-    unsigned a = (unsigned) __cvta_generic_to_shared(dst);
-
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(a), "l"(src), "r"(n) : "memory");
-}
-
-
-/* The same with an L2 cache policy (weights: evict first). */
-__device__ __forceinline__ void
-gg_cp16_pol(bf16 *dst, const bf16 *src, int n, uint64_t pol)
-{
-    unsigned a = (unsigned) __cvta_generic_to_shared(dst);
-
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint "
-                 "[%0], [%1], 16, %2, %3;\n"
-                 :: "r"(a), "l"(src), "r"(n), "l"(pol) : "memory");
-}
-
-
-/* The same, also prefetching the 256-byte L2 block around src. */
-__device__ __forceinline__ void
-gg_cp16_pol_pf(bf16 *dst, const bf16 *src, int n, uint64_t pol)
-{
-    unsigned a = (unsigned) __cvta_generic_to_shared(dst);
-
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B "
-                 "[%0], [%1], 16, %2, %3;\n"
-                 :: "r"(a), "l"(src), "r"(n), "l"(pol) : "memory");
-}
-
-
-__device__ __forceinline__ void
-gg_commit(void)
-{
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-
-template <int N>
-__device__ __forceinline__ void
-gg_wait(void)
-{
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-}
-
-
-/* The group of block y (compact grid: the y-th non-empty group), or -1.
- * Uniform over the block (every warp computes the same). */
-__device__ __forceinline__ int
-gg_group(const int32_t *offs, int E, int lane)
-{
-    int y = (int) blockIdx.y;
-
-    if (offs == NULL || (int) gridDim.y >= E) {
-        return y;
-    }
-    for (int b0 = 0; b0 < E; b0 += 32) {
-        int      ex = b0 + lane;
-        unsigned m = __ballot_sync(0xffffffffu,
-                                   ex < E && offs[ex + 1] > offs[ex]);
-        int      c = __popc(m);
-
-        if (y < c) {
-            for (int i = 0; i < y; i++) {
-                m &= m - 1u;            /* drop the lowest set bit */
-            }
-            return b0 + __ffs((int) m) - 1;
-        }
-        y -= c;
-    }
-    return -1;
-}
-
-
 /*
  * grid (ceil(N / (SILU ? 32 MT : 64 MT)), groups), GG_NT threads,
  * gg_cfg<BT, MT>::SMEM bytes of dynamic shared memory.
@@ -173,7 +69,7 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int   tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int   g = lane >> 2, q = lane & 3;
     const int   lr = tid >> 3, ch = tid & 7;    /* copy row (+16 i), chunk */
-    const int   e = gg_group(offs, E, lane);
+    const int   e = moe_block_group(offs, E, lane);
     const int   nk = (Kd + GG_BK - 1) / GG_BK;
     const int   j0 = blockIdx.x * (SILU ? 32 : 64) * MT;
     int         r0, r1;
@@ -190,8 +86,7 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     if (r1 <= r0) {
         return;                 /* uniform over the block */
     }
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n"
-                 : "=l"(pol));
+    pol = moe_l2_evict_first();
 
     /* this thread's weight rows: shared rows lr + 16 i (m-tile i), i < WL;
      * global rows base + i * wstep, valid while the column is < N */
@@ -252,19 +147,19 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 const bf16 *src = ok ? wsrc + i * wstep + k : W;
 
                 if (pf) {
-                    gg_cp16_pol_pf(wd + i * 16 * GG_ROW, src, ok ? 16 : 0,
-                                   pol);
+                    moe_cp_async16_pol_pf(wd + i * 16 * GG_ROW, src,
+                                          ok ? 16 : 0, pol);
                 } else {
-                    gg_cp16_pol(wd + i * 16 * GG_ROW, src, ok ? 16 : 0,
-                                pol);
+                    moe_cp_async16_pol(wd + i * 16 * GG_ROW, src,
+                                       ok ? 16 : 0, pol);
                 }
             }
 #pragma unroll
             for (int i = 0; i < XL; i++) {
                 bool ok = kv && ((xval >> i) & 1u);
 
-                gg_cp16(xd + i * 16 * GG_ROW, ok ? xsrc[i] + k : X,
-                        ok ? 16 : 0);
+                moe_cp_async16(xd + i * 16 * GG_ROW, ok ? xsrc[i] + k : X,
+                               ok ? 16 : 0);
             }
         };
 
@@ -275,7 +170,7 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             if (s < nk) {
                 load(s, s);
             }
-            gg_commit();
+            moe_cp_async_commit();
         }
 
         int cs = 0, ls = ST - 1;        /* compute and load stages */
@@ -284,12 +179,12 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             /* groups committed: ST - 1 + kc; at most ST - 2 pending means
              * chunk kc has landed (this thread's copies; the barrier makes
              * every thread's visible and frees stage ls, read at kc - 1) */
-            gg_wait<ST - 2>();
+            moe_cp_async_wait<ST - 2>();
             __syncthreads();
             if (kc + ST - 1 < nk) {
                 load(kc + ST - 1, ls);
             }
-            gg_commit();
+            moe_cp_async_commit();
 
             const bf16 *ws = w_s + (cs * BR + warp * 16 * MT) * GG_ROW;
             const bf16 *xs = x_s + cs * BT * GG_ROW;
@@ -300,21 +195,24 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
-                    gg_ldm4(a[m][0], a[m][1], a[m][2], a[m][3],
-                            ws + (m * 16 + (lane & 15)) * GG_ROW + kk * 16
-                               + (lane >> 4) * 8);
+                    moe_ldmatrix_x4(a[m][0], a[m][1], a[m][2], a[m][3],
+                                    ws + (m * 16 + (lane & 15)) * GG_ROW
+                                       + kk * 16 + (lane >> 4) * 8);
                 }
 #pragma unroll
                 for (int np = 0; np < NP; np++) {
                     uint32_t b0, b1, b2, b3;
 
-                    gg_ldm4(b0, b1, b2, b3,
-                            xs + (np * 16 + (lane & 7) + ((lane >> 4) << 3))
-                                 * GG_ROW + kk * 16 + ((lane >> 3) & 1) * 8);
+                    moe_ldmatrix_x4(b0, b1, b2, b3,
+                                    xs + (np * 16 + (lane & 7)
+                                          + ((lane >> 4) << 3)) * GG_ROW
+                                       + kk * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
                     for (int m = 0; m < MT; m++) {
-                        gg_mma(acc[m][2 * np], a[m], b0, b1);
-                        gg_mma(acc[m][2 * np + 1], a[m], b2, b3);
+                        moe_mma_bf16(acc[m][2 * np], a[m][0], a[m][1],
+                                     a[m][2], a[m][3], b0, b1);
+                        moe_mma_bf16(acc[m][2 * np + 1], a[m][0], a[m][1],
+                                     a[m][2], a[m][3], b2, b3);
                     }
                 }
             }
@@ -361,45 +259,6 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
-/* Tile overrides (0 = automatic); -1: not read from the environment yet. */
-static int gg_bt = -1, gg_mt = -1, gg_pf = -1;
-
-
-static void
-gg_env(void)
-{
-    const char *v;
-
-    if (gg_bt < 0) {
-        v = getenv("MOE_CUDA_GGEMM_BT");
-        gg_bt = v != NULL ? atoi(v) : 0;
-    }
-    if (gg_mt < 0) {
-        v = getenv("MOE_CUDA_GGEMM_MT");
-        gg_mt = v != NULL ? atoi(v) : 0;
-    }
-    if (gg_pf < 0) {
-        v = getenv("MOE_CUDA_GGEMM_PF");
-        /* off by default: the 256-byte L2 prefetch lost 4-7 % at 16 rows
-         * per expert (run 7: gate/up 3805 vs 3661 GB/s, down 3833 vs
-         * 3583) */
-        gg_pf = v != NULL && atoi(v) != 0;
-    }
-}
-
-
-extern "C" void
-moe_cuda_ggemm_set_tile(int bt, int mt, int pf)
-{
-    gg_env();
-    gg_bt = bt == 16 || bt == 32 || bt == 64 ? bt : 0;
-    gg_mt = mt == 1 || mt == 2 ? mt : 0;
-    if (pf >= 0) {
-        gg_pf = pf != 0;
-    }
-}
-
-
 /* Multiprocessors of the current device (132 if it cannot be read). */
 static int
 gg_sms(void)
@@ -422,12 +281,16 @@ gg_sms(void)
 }
 
 
-/* Launch kernel_ggemm<BT, MT, SILU> (raising its shared-memory limit once). */
+/*
+ * Launch kernel_ggemm<BT, MT, SILU> (raising its shared-memory limit once).
+ * pf: the 256-byte L2 prefetch on the weight loads; the shipped launches
+ * pass 0 (it lost 4-7 %: kernels/TUNING.md), bench/dev measures 1.
+ */
 template <int BT, int MT, bool SILU>
 static int
 gg_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const bf16 *W, int N, int Kd,
-    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy, int pf)
 {
     static int   ready = 0;
     const size_t sm = gg_cfg<BT, MT>::SMEM;
@@ -445,7 +308,7 @@ gg_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
         ready = 1;
     }
     kernel_ggemm<BT, MT, SILU><<<grid, GG_NT, sm, s>>>(
-        X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy, gg_pf);
+        X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy, pf);
     MOE_CUDA_CHECK_LAUNCH("kernel_ggemm");
     return MOE_K_OK;
 }
@@ -459,10 +322,10 @@ gg_launch_s(int silu, unsigned groups, cudaStream_t s, const bf16 *X,
 {
     if (silu) {
         return gg_launch<BT, MT, true>(groups, s, X, ldx, xrow, xdiv, W, N,
-                                       Kd, offs, E, n, Y, H, ldy);
+                                       Kd, offs, E, n, Y, H, ldy, 0);
     }
     return gg_launch<BT, MT, false>(groups, s, X, ldx, xrow, xdiv, W, N, Kd,
-                                    offs, E, n, Y, H, ldy);
+                                    offs, E, n, Y, H, ldy, 0);
 }
 
 
@@ -473,65 +336,91 @@ moe_cuda_ggemm_supported(int N, int Kd, int ldx)
 }
 
 
-extern "C" int
-moe_cuda_ggemm(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
-    const moe_bf16_t *W, int N, int Kd, const int32_t *offs, int E, int n,
-    int silu, float *Y, moe_bf16_t *H, int ldy, cudaStream_t stream)
+/* The launch's group count, or 0 with the error set for a bad shape. */
+static unsigned
+gg_groups(int N, int Kd, int ldx, const int32_t *xrow, int xdiv,
+    const int32_t *offs, int E, int n)
 {
-    const bf16 *x = reinterpret_cast<const bf16 *>(X);
-    const bf16 *w = reinterpret_cast<const bf16 *>(W);
-    bf16       *h = reinterpret_cast<bf16 *>(H);
-    unsigned    groups;
-    int         bt, mt, avg, cols2;
-
     if (!moe_cuda_ggemm_supported(N, Kd, ldx) || E <= 0 || n < 0
         || (xrow != NULL && xdiv <= 0) || (offs == NULL && E != 1)
         || E > 65535)
     {
         moe_cuda_set_error("ggemm: unsupported shape (N %d, Kd %d, ldx %d, "
                            "E %d, n %d)", N, Kd, ldx, E, n);
+        return 0;
+    }
+    /* at most min(E, n) groups are non-empty */
+    return (unsigned) (offs != NULL && n < E ? n : E);
+}
+
+
+extern "C" void
+moe_cuda_ggemm_pick(int N, int E, int n, int silu, const int32_t *offs,
+    int *bt, int *mt)
+{
+    unsigned groups = (unsigned) (offs != NULL && n < E ? n : E);
+    int      avg, cols2;
+
+    if (groups < 1) {
+        groups = 1;
+    }
+    /* token tile: about 1.5x the mean rows per group (fuller groups take
+     * a second pass over their weights) */
+    avg = (n + (int) groups - 1) / (int) groups;
+    *bt = avg <= 10 ? 16 : avg <= 22 ? 32 : 64;
+    /* 128 weight rows per block (3 stages, 3 blocks per SM at BT <= 32)
+     * when that still gives 3 blocks per SM, else 64 rows (4 stages) */
+    cols2 = silu ? 64 : 128;
+    *mt = *bt <= 32 && (int64_t) ((N + cols2 - 1) / cols2) * groups
+                       >= 3 * (int64_t) gg_sms() ? 2 : 1;
+}
+
+
+extern "C" int
+moe_cuda_ggemm_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const moe_bf16_t *W, int N, int Kd, const int32_t *offs,
+    int E, int n, int silu, float *Y, moe_bf16_t *H, int ldy, int bt,
+    int mt, cudaStream_t stream)
+{
+    const bf16 *x = reinterpret_cast<const bf16 *>(X);
+    const bf16 *w = reinterpret_cast<const bf16 *>(W);
+    bf16       *h = reinterpret_cast<bf16 *>(H);
+    unsigned    groups = gg_groups(N, Kd, ldx, xrow, xdiv, offs, E, n);
+
+    if (groups == 0) {
         return MOE_K_EUNSUPPORTED;
     }
     if (n == 0) {
         return MOE_K_OK;
     }
-    gg_env();
-    /* at most min(E, n) groups are non-empty */
-    groups = (unsigned) (offs != NULL && n < E ? n : E);
+#define GG_TILE(B, M)                                                        \
+    if (bt == B && mt == M) {                                                \
+        return gg_launch_s<B, M>(silu, groups, stream, x, ldx, xrow, xdiv,   \
+                                 w, N, Kd, offs, E, n, Y, h, ldy);           \
+    }
+    GG_TILE(16, 1) GG_TILE(16, 2) GG_TILE(32, 1) GG_TILE(32, 2)
+    GG_TILE(64, 1)
+#undef GG_TILE
+    moe_cuda_set_error("ggemm: tile %d/%d is not shipped (16/1, 16/2, 32/1, "
+                       "32/2, 64/1)", bt, mt);
+    return MOE_K_EUNSUPPORTED;
+}
 
-    /* token tile: about 1.5x the mean rows per group (fuller groups take
-     * a second pass over their weights) */
-    avg = (n + (int) groups - 1) / (int) groups;
-    bt = avg <= 10 ? 16 : avg <= 22 ? 32 : 64;
-    if (gg_bt != 0) {
-        bt = gg_bt;
-    }
-    /* 128 weight rows per block (3 stages, 3 blocks per SM at BT <= 32)
-     * when that still gives 3 blocks per SM, else 64 rows (4 stages) */
-    cols2 = silu ? 64 : 128;
-    mt = bt <= 32 && (int64_t) ((N + cols2 - 1) / cols2) * groups
-                     >= 3 * (int64_t) gg_sms() ? 2 : 1;
-    if (gg_mt != 0) {
-        mt = gg_mt;
-    }
 
-    if (bt == 16) {
-        return mt == 1
-               ? gg_launch_s<16, 1>(silu, groups, stream, x, ldx, xrow, xdiv,
-                                    w, N, Kd, offs, E, n, Y, h, ldy)
-               : gg_launch_s<16, 2>(silu, groups, stream, x, ldx, xrow, xdiv,
-                                    w, N, Kd, offs, E, n, Y, h, ldy);
+extern "C" int
+moe_cuda_ggemm(const moe_bf16_t *X, int ldx, const int32_t *xrow, int xdiv,
+    const moe_bf16_t *W, int N, int Kd, const int32_t *offs, int E, int n,
+    int silu, float *Y, moe_bf16_t *H, int ldy, cudaStream_t stream)
+{
+    int bt, mt;
+
+    if (gg_groups(N, Kd, ldx, xrow, xdiv, offs, E, n) == 0) {
+        return MOE_K_EUNSUPPORTED;
     }
-    if (bt == 32) {
-        return mt == 1
-               ? gg_launch_s<32, 1>(silu, groups, stream, x, ldx, xrow, xdiv,
-                                    w, N, Kd, offs, E, n, Y, h, ldy)
-               : gg_launch_s<32, 2>(silu, groups, stream, x, ldx, xrow, xdiv,
-                                    w, N, Kd, offs, E, n, Y, h, ldy);
+    if (n == 0) {
+        return MOE_K_OK;
     }
-    return mt == 1
-           ? gg_launch_s<64, 1>(silu, groups, stream, x, ldx, xrow, xdiv, w,
-                                N, Kd, offs, E, n, Y, h, ldy)
-           : gg_launch_s<64, 2>(silu, groups, stream, x, ldx, xrow, xdiv, w,
-                                N, Kd, offs, E, n, Y, h, ldy);
+    moe_cuda_ggemm_pick(N, E, n, silu, offs, &bt, &mt);
+    return moe_cuda_ggemm_tiled(X, ldx, xrow, xdiv, W, N, Kd, offs, E, n,
+                                silu, Y, H, ldy, bt, mt, stream);
 }

@@ -40,14 +40,25 @@ int moe_cuda_ggemm(const moe_bf16_t *X, int ldx, const int32_t *xrow,
 int moe_cuda_ggemm_supported(int N, int Kd, int ldx);
 
 /*
- * Force the tile for A/B runs and tests: bt = tokens per tile (16, 32 or
- * 64), mt = 16-row weight tiles per warp (1: 64 weight rows per block, 4
- * pipeline stages; 2: 128 rows, 3 stages); 0 = automatic (also the default;
- * the environment MOE_CUDA_GGEMM_BT / MOE_CUDA_GGEMM_MT sets the initial
- * values).  pf: L2 256-byte prefetch on the weight loads (1 on, 0 off,
- * -1 keep; environment MOE_CUDA_GGEMM_PF, default off).
+ * The tile moe_cuda_ggemm chooses for a launch of these sizes (the same
+ * arguments): *bt tokens per tile (16, 32 or 64; about 1.5x the mean rows
+ * per group), *mt 16-row weight tiles per warp (2: 128 weight rows per
+ * block, 3 pipeline stages, when that still gives 3 blocks per SM at
+ * bt <= 32; else 1: 64 rows, 4 stages).  Reads the device's SM count once.
  */
-void moe_cuda_ggemm_set_tile(int bt, int mt, int pf);
+void moe_cuda_ggemm_pick(int N, int E, int n, int silu, const int32_t *offs,
+    int *bt, int *mt);
+
+/*
+ * moe_cuda_ggemm with the tile given instead of picked (tests run every
+ * shipped tile on one shape): bt/mt one of 16/1, 16/2, 32/1, 32/2, 64/1,
+ * else MOE_K_EUNSUPPORTED.  Other variants (64/2, the L2 prefetch) live in
+ * bench/dev.
+ */
+int moe_cuda_ggemm_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const moe_bf16_t *W, int N, int Kd, const int32_t *offs,
+    int E, int n, int silu, float *Y, moe_bf16_t *H, int ldy, int bt,
+    int mt, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -1,6 +1,6 @@
 /*
  * Token sampling on the device, one block of 1024 threads per row, with the
- * host sampler's semantics (moe_sample_u, engine/sched/sampling.c):
+ * host sampler's semantics (moe_sample_u, engine/sampling/sampling.c):
  *
  *   1. penalties on the listed ids (the host's float operations, rounded
  *      the same way: no contraction into FMAs);
@@ -540,7 +540,7 @@ kernel_sample_rows(float *logits, int64_t ld, int V,
     if (bi == INT_MAX) {
         bi = 0;                     /* nothing but NaN */
     }
-    if (p.temperature < 1e-5f) {
+    if (p.temperature < MOE_K_GREEDY_TEMPERATURE) {
         if (threadIdx.x == 0) {
             out[blockIdx.x] = bi;
         }

@@ -6,8 +6,13 @@
 extern "C" {
 #endif
 
+/* temperature below this: greedy (the engine's MOE_GREEDY_TEMPERATURE,
+ * checked equal at compile time by the CUDA backend) */
+#define MOE_K_GREEDY_TEMPERATURE  1e-5f
+
 typedef struct {
-    float    temperature;        /* < 1e-5: greedy (after penalties) */
+    float    temperature;        /* < MOE_K_GREEDY_TEMPERATURE: greedy
+                                    (after penalties) */
     float    top_p;              /* (0, 1]; 1: off */
     float    min_p;              /* 0: off */
     int32_t  top_k;              /* <= 0 or >= n: off */
@@ -28,7 +33,7 @@ typedef struct {
 /*
  * One block per row: logits (rows, ld) fp32 are modified in place
  * (penalties applied to the listed ids < n).  out[r] = the chosen id of
- * row r, exactly moe_sample_u() (engine/sched/sampling.c) over ids < n with the
+ * row r, exactly moe_sample_u() (engine/sampling/sampling.c) over ids < n with the
  * row's u, counts and seen given by the lists, up to floating point at
  * boundaries (CUDA expf; weights summed as 2^-40 fixed point, the host in
  * double).  params (rows), pen_tok, pen_cnt, pen_seen, out (rows) are

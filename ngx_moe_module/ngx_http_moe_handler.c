@@ -35,6 +35,7 @@ typedef struct {
 
 typedef struct {
     moe_sampling_t             sp;
+    ngx_uint_t                 chat;
     int64_t                    max_tokens;  /* -1: not given */
     const char                *max_tokens_name;
     ngx_uint_t                 stream;
@@ -48,6 +49,9 @@ typedef struct {
 
 static ngx_http_moe_route_t *ngx_http_moe_route(ngx_http_request_t *r);
 static void ngx_http_moe_body_handler(ngx_http_request_t *r);
+static void ngx_http_moe_body_read(ngx_http_request_t *r,
+    ngx_http_moe_text_t *t);
+static ngx_int_t ngx_http_moe_post(ngx_http_request_t *r, ngx_str_t *body);
 static ngx_int_t ngx_http_moe_read_body(ngx_http_request_t *r,
     ngx_str_t *body, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_completions(ngx_http_request_t *r,
@@ -56,15 +60,18 @@ static ngx_int_t ngx_http_moe_chat(ngx_http_request_t *r, yajl_val root);
 static ngx_int_t ngx_http_moe_switch(ngx_http_request_t *r, yajl_val root);
 static ngx_int_t ngx_http_moe_generate(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat);
+static void ngx_http_moe_prompt_done(ngx_http_request_t *r,
+    ngx_http_moe_text_t *t);
+static ngx_int_t ngx_http_moe_answer(ngx_http_request_t *r, ngx_int_t rc,
+    ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
-    ngx_uint_t chat, ngx_http_moe_params_t *p, int32_t **ids, size_t *n,
+    ngx_http_moe_params_t *p, int32_t **ids, size_t *n,
     ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_submit(ngx_http_request_t *r,
-    ngx_http_moe_params_t *p, ngx_uint_t chat, int32_t *ids, size_t n,
+    ngx_http_moe_params_t *p, int32_t *ids, size_t n,
     ngx_http_moe_err_t *err);
-static void ngx_http_moe_ctx_cleanup(void *data);
 
 
 static ngx_http_moe_route_t  ngx_http_moe_routes[] = {
@@ -157,7 +164,7 @@ ngx_http_moe_handler(ngx_http_request_t *r)
                                        &r->uri, allow);
     }
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     if (mcf->engine == NULL) {
         rc = ngx_http_discard_request_body(r);
@@ -179,7 +186,7 @@ ngx_http_moe_handler(ngx_http_request_t *r)
         return route->get(r);
     }
 
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+    mlcf = ngx_http_moe_loc_conf(r);
 
     if (r->headers_in.content_length_n > (off_t) mlcf->max_body_size) {
         rc = ngx_http_discard_request_body(r);
@@ -233,42 +240,61 @@ ngx_http_moe_route(ngx_http_request_t *r)
 static void
 ngx_http_moe_body_handler(ngx_http_request_t *r)
 {
-    ngx_int_t              rc;
-    ngx_str_t              body;
-    yajl_val               root;
-    ngx_http_moe_err_t     err;
-    ngx_http_moe_route_t  *route;
+    ngx_int_t            rc;
+    ngx_str_t           *body;
+    ngx_http_moe_err_t   err;
 
-    ngx_str_null(&body);
-    root = NULL;
+    body = ngx_pcalloc(r->pool, sizeof(ngx_str_t));
 
-    route = ngx_http_moe_route(r);
-
-    if (route == NULL || route->post == NULL) {
+    if (body == NULL || ngx_http_moe_ctx_create(r) == NULL) {
         ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
         return;
     }
 
-    rc = ngx_http_moe_read_body(r, &body, &err);
+    rc = ngx_http_moe_read_body(r, body, &err);
 
-    if (rc == NGX_OK) {
-        rc = ngx_http_moe_json_parse(r, body.data, body.len, &root, &err);
+    switch (rc) {
+
+    case NGX_OK:
+        rc = ngx_http_moe_post(r, body);
+        break;
+
+    case NGX_DECLINED:
+        rc = ngx_http_moe_send_err(r, &err);
+        break;
+
+    case NGX_ERROR:
+        rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        break;
     }
-
-    if (rc == NGX_ERROR) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-        return;
-    }
-
-    if (rc == NGX_DECLINED) {
-        ngx_http_finalize_request(r, ngx_http_moe_send_err(r, &err));
-        return;
-    }
-
-    rc = route->post(r, root);
 
     if (rc == NGX_DONE) {
-        /* the engine's events finish the request */
+        /* a thread task or the engine's events go on with the request */
+        return;
+    }
+
+    ngx_http_finalize_request(r, rc);
+}
+
+
+/* a pool thread read the part of the body that nginx had spilled to a file */
+
+static void
+ngx_http_moe_body_read(ngx_http_request_t *r, ngx_http_moe_text_t *t)
+{
+    ngx_int_t  rc;
+
+    if (t->rc != MOE_OK) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, t->err,
+                      "moe: cannot read request body from \"%V\"",
+                      &r->request_body->temp_file->file.name);
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    rc = ngx_http_moe_post(r, t->data);
+
+    if (rc == NGX_DONE) {
         return;
     }
 
@@ -277,24 +303,65 @@ ngx_http_moe_body_handler(ngx_http_request_t *r)
 
 
 /*
+ * The body as JSON to the POST route; returns what the request is to be
+ * finalized with, or NGX_DONE when a thread task or the engine's events go
+ * on with it.
+ */
+
+static ngx_int_t
+ngx_http_moe_post(ngx_http_request_t *r, ngx_str_t *body)
+{
+    ngx_int_t              rc;
+    yajl_val               root;
+    ngx_http_moe_err_t     err;
+    ngx_http_moe_route_t  *route;
+
+    route = ngx_http_moe_route(r);
+
+    if (route == NULL || route->post == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    root = NULL;
+
+    rc = ngx_http_moe_json_parse(r, body->data, body->len, &root, &err);
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_moe_send_err(r, &err);
+    }
+
+    if (rc != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return route->post(r, root);
+}
+
+
+/*
  * The body may sit in memory buffers or in a temporary file; the parser
- * wants one NUL terminated string.
+ * wants one NUL terminated string.  Memory is copied now; the file is read
+ * on a pool thread (NGX_DONE: ngx_http_moe_body_read goes on).
  */
 
 static ngx_int_t
 ngx_http_moe_read_body(ngx_http_request_t *r, ngx_str_t *body,
     ngx_http_moe_err_t *err)
 {
-    off_t                     len;
-    u_char                   *p;
-    ssize_t                   n;
-    ngx_buf_t                *b;
-    ngx_chain_t              *cl;
-    ngx_http_moe_loc_conf_t  *mlcf;
+    off_t                      len;
+    u_char                    *p;
+    ngx_int_t                  rc;
+    ngx_buf_t                 *b;
+    ngx_uint_t                 nfiles;
+    ngx_chain_t               *cl;
+    ngx_http_moe_text_t       *t;
+    ngx_http_moe_loc_conf_t   *mlcf;
+    ngx_http_moe_text_file_t  *f;
 
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+    mlcf = ngx_http_moe_loc_conf(r);
 
     len = 0;
+    nfiles = 0;
 
     if (r->request_body) {
         for (cl = r->request_body->bufs; cl; cl = cl->next) {
@@ -305,6 +372,7 @@ ngx_http_moe_read_body(ngx_http_request_t *r, ngx_str_t *body,
 
             } else if (b->in_file) {
                 len += b->file_last - b->file_pos;
+                nfiles++;
             }
         }
     }
@@ -322,6 +390,24 @@ ngx_http_moe_read_body(ngx_http_request_t *r, ngx_str_t *body,
 
     body->data = p;
     body->len = (size_t) len;
+    body->data[len] = '\0';
+
+    t = NULL;
+    f = NULL;
+
+    if (nfiles) {
+        t = ngx_http_moe_text_create(r, NGX_HTTP_MOE_TEXT_READ);
+        if (t == NULL) {
+            return NGX_ERROR;
+        }
+
+        f = ngx_pcalloc(r->pool, nfiles * sizeof(ngx_http_moe_text_file_t));
+        if (f == NULL) {
+            return NGX_ERROR;
+        }
+
+        t->files = f;
+    }
 
     if (r->request_body) {
         for (cl = r->request_body->bufs; cl; cl = cl->next) {
@@ -331,24 +417,28 @@ ngx_http_moe_read_body(ngx_http_request_t *r, ngx_str_t *body,
                 p = ngx_cpymem(p, b->pos, b->last - b->pos);
 
             } else if (b->in_file) {
-                n = ngx_read_file(b->file, p, b->file_last - b->file_pos,
-                                  b->file_pos);
+                f->fd = b->file->fd;
+                f->offset = b->file_pos;
+                f->size = (size_t) (b->file_last - b->file_pos);
+                f->dst = p;
 
-                if (n != b->file_last - b->file_pos) {
-                    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                                  "moe: cannot read request body from \"%V\"",
-                                  &b->file->name);
-                    return NGX_ERROR;
-                }
-
-                p += n;
+                p += f->size;
+                f++;
+                t->n_files++;
             }
         }
     }
 
-    *p = '\0';
+    if (t == NULL) {
+        return NGX_OK;
+    }
 
-    return NGX_OK;
+    rc = ngx_http_moe_text_post(r, t, ngx_http_moe_body_read, body, err);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    return NGX_DONE;
 }
 
 
@@ -381,20 +471,70 @@ ngx_http_moe_generate(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat)
     int32_t                *ids;
     ngx_int_t               rc;
     ngx_http_moe_err_t      err;
-    ngx_http_moe_params_t   p;
+    ngx_http_moe_params_t  *p;
 
-    rc = ngx_http_moe_params(r, root, chat, &p, &err);
+    p = ngx_palloc(r->pool, sizeof(ngx_http_moe_params_t));
+    if (p == NULL) {
+        return ngx_http_moe_answer(r, NGX_ERROR, &err);
+    }
+
+    rc = ngx_http_moe_params(r, root, chat, p, &err);
 
     if (rc == NGX_OK) {
-        rc = ngx_http_moe_prompt(r, root, chat, &p, &ids, &n, &err);
+        rc = ngx_http_moe_prompt(r, root, p, &ids, &n, &err);
+
+        if (rc == NGX_DONE) {
+            /* ngx_http_moe_prompt_done goes on */
+            return NGX_DONE;
+        }
     }
 
     if (rc == NGX_OK) {
-        rc = ngx_http_moe_submit(r, &p, chat, ids, n, &err);
+        rc = ngx_http_moe_submit(r, p, ids, n, &err);
     }
 
+    return ngx_http_moe_answer(r, rc, &err);
+}
+
+
+/* a pool thread made the prompt's token ids */
+
+static void
+ngx_http_moe_prompt_done(ngx_http_request_t *r, ngx_http_moe_text_t *t)
+{
+    size_t                  n;
+    int32_t                *ids;
+    ngx_int_t               rc;
+    ngx_http_moe_err_t      err;
+    ngx_http_moe_params_t  *p;
+
+    p = t->data;
+
+    rc = ngx_http_moe_text_ids(r, t, &ids, &n, &err);
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_moe_submit(r, p, ids, n, &err);
+    }
+
+    rc = ngx_http_moe_answer(r, rc, &err);
+
+    if (rc == NGX_DONE) {
+        /* the engine's events finish the request */
+        return;
+    }
+
+    ngx_http_finalize_request(r, rc);
+}
+
+
+/* the error body for a failed step of a generation */
+
+static ngx_int_t
+ngx_http_moe_answer(ngx_http_request_t *r, ngx_int_t rc,
+    ngx_http_moe_err_t *err)
+{
     if (rc == NGX_DECLINED) {
-        return ngx_http_moe_send_err(r, &err);
+        return ngx_http_moe_send_err(r, err);
     }
 
     if (rc == NGX_ERROR) {
@@ -420,11 +560,12 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     ngx_http_moe_float_param_t  *fp;
     ngx_http_moe_main_conf_t    *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     ngx_memzero(p, sizeof(ngx_http_moe_params_t));
     moe_sampling_defaults(&p->sp);
 
+    p->chat = chat;
     p->max_tokens = -1;
     p->add_special_tokens = chat ? 0 : 1;
     p->skip_special_tokens = 1;
@@ -690,23 +831,32 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
 }
 
 
-/* the prompt as token ids, in r->pool */
+/*
+ * The prompt as token ids in r->pool: given as ids (NGX_OK), or text or
+ * messages for a pool thread to render and encode (NGX_DONE:
+ * ngx_http_moe_prompt_done goes on).
+ */
 
 static ngx_int_t
-ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
+ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_params_t *p, int32_t **ids, size_t *n,
     ngx_http_moe_err_t *err)
 {
-    size_t                     len;
-    u_char                    *text;
     yajl_val                   v, first;
-    ngx_int_t                  rc, nmsgs;
-    moe_chat_msg_t            *msgs;
+    ngx_int_t                  rc;
+    ngx_http_moe_text_t       *t;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
-    if (chat) {
+    t = ngx_http_moe_text_create(r, NGX_HTTP_MOE_TEXT_ENCODE);
+    if (t == NULL) {
+        return NGX_ERROR;
+    }
+
+    t->add_special_tokens = p->add_special_tokens;
+
+    if (p->chat) {
         v = ngx_http_moe_json_get(root, "messages");
 
         if (v == NULL) {
@@ -714,18 +864,14 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
                                      "messages is required");
         }
 
-        rc = ngx_http_moe_messages(r, v, &msgs, &nmsgs, err);
+        rc = ngx_http_moe_messages(r, v, &t->msgs, &t->n_msgs, err);
         if (rc != NGX_OK) {
             return rc;
         }
 
-        rc = ngx_http_moe_render_chat(r, msgs, nmsgs, 1, &text, &len, err);
-        if (rc != NGX_OK) {
-            return rc;
-        }
+        t->add_generation_prompt = 1;
 
-        return ngx_http_moe_encode(r, text, len, p->add_special_tokens,
-                                   ids, n);
+        goto post;
     }
 
     v = ngx_http_moe_json_get(root, "prompt");
@@ -756,9 +902,10 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     }
 
     if (YAJL_IS_STRING(v)) {
-        return ngx_http_moe_encode(r, (u_char *) v->u.string,
-                                   ngx_strlen(v->u.string),
-                                   p->add_special_tokens, ids, n);
+        t->text = (u_char *) v->u.string;
+        t->len = ngx_strlen(v->u.string);
+
+        goto post;
     }
 
     if (!YAJL_IS_ARRAY(v)) {
@@ -777,123 +924,36 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     }
 
     return rc;
-}
 
+post:
 
-/* moe_tokenizer_encode() into r->pool */
-
-ngx_int_t
-ngx_http_moe_encode(ngx_http_request_t *r, u_char *text, size_t len,
-    ngx_uint_t add_special_tokens, int32_t **ids, size_t *n)
-{
-    int                        rc;
-    size_t                     count;
-    int32_t                   *out, *p;
-    ngx_http_moe_main_conf_t  *mcf;
-
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
-
-    out = NULL;
-    count = 0;
-
-    rc = moe_tokenizer_encode(mcf->tokenizer, (const char *) text, len,
-                              (int) add_special_tokens, &out, &count);
-    if (rc != MOE_OK) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "moe: tokenizer failed: %s", moe_strerror(rc));
-        free(out);
-        return NGX_ERROR;
+    rc = ngx_http_moe_text_post(r, t, ngx_http_moe_prompt_done, p, err);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
-    p = ngx_palloc(r->pool, (count + 1) * sizeof(int32_t));
-    if (p == NULL) {
-        free(out);
-        return NGX_ERROR;
-    }
-
-    if (count) {
-        ngx_memcpy(p, out, count * sizeof(int32_t));
-    }
-
-    free(out);
-
-    *ids = p;
-    *n = count;
-
-    return NGX_OK;
-}
-
-
-/* moe_chat_render() into r->pool; a template failure is the client's 400 */
-
-ngx_int_t
-ngx_http_moe_render_chat(ngx_http_request_t *r, moe_chat_msg_t *msgs,
-    ngx_int_t n, ngx_uint_t add_generation_prompt, u_char **text,
-    size_t *len, ngx_http_moe_err_t *err)
-{
-    int                        rc;
-    char                      *out;
-    size_t                     out_len;
-    u_char                    *p;
-    ngx_http_moe_main_conf_t  *mcf;
-    char                       msg[NGX_HTTP_MOE_ERR_LEN];
-
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
-
-    out = NULL;
-    out_len = 0;
-    msg[0] = '\0';
-
-    rc = moe_chat_render(mcf->tokenizer, mcf->info->chat_template, msgs,
-                         (int) n, (int) add_generation_prompt, &out, &out_len,
-                         msg, sizeof(msg));
-    if (rc != MOE_OK) {
-        free(out);
-
-        if (rc == MOE_ENOMEM) {
-            return NGX_ERROR;
-        }
-
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "messages",
-                                 "cannot apply the chat template: %s",
-                                 msg[0] ? msg : moe_strerror(rc));
-    }
-
-    p = ngx_pnalloc(r->pool, out_len + 1);
-    if (p == NULL) {
-        free(out);
-        return NGX_ERROR;
-    }
-
-    ngx_memcpy(p, out, out_len);
-    p[out_len] = '\0';
-
-    free(out);
-
-    *text = p;
-    *len = out_len;
-
-    return NGX_OK;
+    return NGX_DONE;
 }
 
 
 static ngx_int_t
 ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
-    ngx_uint_t chat, int32_t *ids, size_t n, ngx_http_moe_err_t *err)
+    int32_t *ids, size_t n, ngx_http_moe_err_t *err)
 {
     int                        rc;
     u_char                    *s;
     size_t                     max_len;
+    ngx_uint_t                 chat;
     uint64_t                   rnd;
     const char                *prefix;
-    ngx_pool_cleanup_t        *cln;
     ngx_http_moe_ctx_t        *ctx;
     ngx_http_moe_loc_conf_t   *mlcf;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
+    mlcf = ngx_http_moe_loc_conf(r);
 
+    chat = p->chat;
     max_len = (size_t) mcf->info->max_model_len;
 
     if (n == 0) {
@@ -929,21 +989,9 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
 
     p->sp.max_tokens = (int) p->max_tokens;
 
-    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_moe_ctx_t));
-    if (ctx == NULL) {
-        return NGX_ERROR;
-    }
+    /* made with the request body (ngx_http_moe_body_handler) */
+    ctx = ngx_http_moe_get_ctx(r);
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        return NGX_ERROR;
-    }
-
-    cln->handler = ngx_http_moe_ctx_cleanup;
-    cln->data = ctx;
-
-    ctx->request = r;
-    ctx->mcf = mcf;
     ctx->id = mcf->next_id++;
     ctx->chat = chat;
     ctx->stream = p->stream;
@@ -1016,43 +1064,9 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->live = 1;
 
     ngx_http_moe_register(ctx);
-    ngx_http_set_ctx(r, ctx, ngx_http_moe_module);
 
     /* a client that goes away finalizes the request: 499 and a cancel */
     r->read_event_handler = ngx_http_test_reading;
 
     return ngx_http_moe_stream_start(ctx);
-}
-
-
-/*
- * Runs when the request pool goes away, however the request ended: a
- * sequence the engine still runs is cancelled so its KV blocks are freed.
- */
-
-static void
-ngx_http_moe_ctx_cleanup(void *data)
-{
-    ngx_http_moe_ctx_t  *ctx = data;
-
-    if (ctx->live) {
-        ngx_http_moe_cancel(ctx->mcf, ctx->id);
-        ctx->live = 0;
-    }
-
-    ngx_http_moe_unregister(ctx);
-
-    if (ctx->keepalive.timer_set) {
-        ngx_del_timer(&ctx->keepalive);
-    }
-
-    if (ctx->ts) {
-        moe_textstream_free(ctx->ts);
-        ctx->ts = NULL;
-    }
-
-    if (ctx->gen) {
-        yajl_gen_free(ctx->gen);
-        ctx->gen = NULL;
-    }
 }

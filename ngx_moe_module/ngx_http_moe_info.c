@@ -19,6 +19,10 @@ static u_char *ngx_http_moe_metric(u_char *p, u_char *last,
     int64_t value);
 static ngx_int_t ngx_http_moe_check_name(ngx_http_request_t *r,
     ngx_str_t *name, ngx_http_moe_err_t *err);
+static void ngx_http_moe_tokenize_done(ngx_http_request_t *r,
+    ngx_http_moe_text_t *t);
+static void ngx_http_moe_detokenize_done(ngx_http_request_t *r,
+    ngx_http_moe_text_t *t);
 
 
 static ngx_str_t  ngx_http_moe_prometheus_type =
@@ -32,7 +36,7 @@ ngx_http_moe_health(ngx_http_request_t *r)
     moe_stats_t                st;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     moe_engine_stats(mcf->engine, &st);
 
@@ -62,7 +66,7 @@ ngx_http_moe_models(ngx_http_request_t *r)
     yajl_gen                   g;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     g = ngx_http_moe_gen_create(r);
     if (g == NULL) {
@@ -93,7 +97,7 @@ ngx_http_moe_model(ngx_http_request_t *r)
     ngx_http_moe_err_t         err;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     prefix = sizeof("/v1/models/") - 1;
 
@@ -141,7 +145,7 @@ ngx_http_moe_stats_memory(ngx_http_request_t *r)
     moe_stats_t                st;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     moe_engine_stats(mcf->engine, &st);
 
@@ -193,7 +197,7 @@ ngx_http_moe_stats_performance(ngx_http_request_t *r)
     moe_stats_t                st;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     moe_engine_stats(mcf->engine, &st);
 
@@ -303,7 +307,7 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
     moe_stats_t                st;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     moe_engine_stats(mcf->engine, &st);
 
@@ -416,23 +420,19 @@ ngx_http_moe_metric(u_char *p, u_char *last, const char *name,
 }
 
 
-/* POST /tokenize: {"prompt": ...} or {"messages": [...]} */
+/*
+ * POST /tokenize: {"prompt": ...} or {"messages": [...]}; a pool thread
+ * renders and encodes, ngx_http_moe_tokenize_done answers.
+ */
 
 ngx_int_t
 ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root)
 {
-    size_t                     i, n, len;
-    u_char                    *text;
-    int32_t                   *ids;
-    yajl_val                   prompt, messages, v;
-    yajl_gen                   g;
-    ngx_int_t                  rc, nmsgs;
-    ngx_uint_t                 special, gen_prompt;
-    moe_chat_msg_t            *msgs;
-    ngx_http_moe_err_t         err;
-    ngx_http_moe_main_conf_t  *mcf;
-
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    ngx_int_t             rc;
+    yajl_val              prompt, messages, v;
+    ngx_uint_t            special, gen_prompt;
+    ngx_http_moe_err_t    err;
+    ngx_http_moe_text_t  *t;
 
     rc = ngx_http_moe_check_model(r, root, &err);
     if (rc != NGX_OK) {
@@ -457,14 +457,21 @@ ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root)
                                        "boolean");
     }
 
+    t = ngx_http_moe_text_create(r, NGX_HTTP_MOE_TEXT_ENCODE);
+    if (t == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    t->add_special_tokens = special;
+
     if (prompt) {
         if (!YAJL_IS_STRING(prompt)) {
             return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "prompt",
                                            "prompt must be a string");
         }
 
-        text = (u_char *) prompt->u.string;
-        len = ngx_strlen(prompt->u.string);
+        t->text = (u_char *) prompt->u.string;
+        t->len = ngx_strlen(prompt->u.string);
 
     } else {
         gen_prompt = 1;
@@ -477,12 +484,7 @@ ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root)
                                            "boolean");
         }
 
-        rc = ngx_http_moe_messages(r, messages, &msgs, &nmsgs, &err);
-
-        if (rc == NGX_OK) {
-            rc = ngx_http_moe_render_chat(r, msgs, nmsgs, gen_prompt, &text,
-                                          &len, &err);
-        }
+        rc = ngx_http_moe_messages(r, messages, &t->msgs, &t->n_msgs, &err);
 
         if (rc == NGX_DECLINED) {
             return ngx_http_moe_send_err(r, &err);
@@ -491,15 +493,53 @@ ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root)
         if (rc != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
+
+        t->add_generation_prompt = gen_prompt;
     }
 
-    if (ngx_http_moe_encode(r, text, len, special, &ids, &n) != NGX_OK) {
+    rc = ngx_http_moe_text_post(r, t, ngx_http_moe_tokenize_done, NULL,
+                                &err);
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_moe_send_err(r, &err);
+    }
+
+    if (rc != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_moe_tokenize_done(ngx_http_request_t *r, ngx_http_moe_text_t *t)
+{
+    size_t                     i, n;
+    int32_t                   *ids;
+    yajl_gen                   g;
+    ngx_int_t                  rc;
+    ngx_http_moe_err_t         err;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_moe_main_conf(r);
+
+    rc = ngx_http_moe_text_ids(r, t, &ids, &n, &err);
+
+    if (rc == NGX_DECLINED) {
+        ngx_http_finalize_request(r, ngx_http_moe_send_err(r, &err));
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
     }
 
     g = ngx_http_moe_gen_create(r);
     if (g == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
     }
 
     yajl_gen_map_open(g);
@@ -515,29 +555,27 @@ ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root)
     yajl_gen_array_close(g);
     yajl_gen_map_close(g);
 
-    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+    ngx_http_finalize_request(r, ngx_http_moe_send_gen(r, NGX_HTTP_OK, g));
 }
 
 
-/* POST /detokenize: {"tokens": [...]} */
+/* POST /detokenize: {"tokens": [...]}; decoded on a pool thread */
 
 ngx_int_t
 ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root)
 {
-    int                        rc;
-    char                      *text;
-    size_t                     n, len;
+    size_t                     n;
     int32_t                   *ids;
+    ngx_int_t                  rc;
     yajl_val                   v;
-    yajl_gen                   g;
-    ngx_int_t                  irc;
     ngx_http_moe_err_t         err;
+    ngx_http_moe_text_t       *t;
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
-    irc = ngx_http_moe_check_model(r, root, &err);
-    if (irc != NGX_OK) {
+    rc = ngx_http_moe_check_model(r, root, &err);
+    if (rc != NGX_OK) {
         return ngx_http_moe_send_err(r, &err);
     }
 
@@ -548,44 +586,69 @@ ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root)
                                        "tokens is required");
     }
 
-    irc = ngx_http_moe_json_ids(v, mcf->info->vocab_size, &ids, &n, r->pool);
+    t = ngx_http_moe_text_create(r, NGX_HTTP_MOE_TEXT_DECODE);
+    if (t == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
-    if (irc == NGX_DECLINED) {
+    rc = ngx_http_moe_json_ids(v, mcf->info->vocab_size, &ids, &n, r->pool);
+
+    if (rc == NGX_DECLINED) {
         return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "tokens",
                                        "tokens must be an array of token ids "
                                        "in [0, %d)", mcf->info->vocab_size);
     }
 
-    if (irc != NGX_OK) {
+    if (rc != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    text = NULL;
-    len = 0;
+    t->ids = ids;
+    t->n_ids = n;
 
-    rc = moe_tokenizer_decode(mcf->tokenizer, ids, n, 0, &text, &len);
+    rc = ngx_http_moe_text_post(r, t, ngx_http_moe_detokenize_done, NULL,
+                                &err);
 
-    if (rc != MOE_OK) {
-        free(text);
-        return ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "tokens",
-                                       "cannot decode tokens: %s",
-                                       moe_strerror(rc));
+    if (rc == NGX_DECLINED) {
+        return ngx_http_moe_send_err(r, &err);
+    }
+
+    if (rc != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_moe_detokenize_done(ngx_http_request_t *r, ngx_http_moe_text_t *t)
+{
+    yajl_gen   g;
+    ngx_int_t  rc;
+
+    if (t->rc != MOE_OK) {
+        rc = ngx_http_moe_send_error(r, NGX_HTTP_BAD_REQUEST, "tokens",
+                                     "cannot decode tokens: %s",
+                                     moe_strerror(t->rc));
+        ngx_http_finalize_request(r, rc);
+        return;
     }
 
     g = ngx_http_moe_gen_create(r);
     if (g == NULL) {
-        free(text);
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
     }
 
     yajl_gen_map_open(g);
     ngx_http_moe_gen_lit(g, "prompt");
-    ngx_http_moe_gen_str(g, text ? text : "", len);
+    ngx_http_moe_gen_str(g, t->out_text ? t->out_text : "", t->out_len);
     yajl_gen_map_close(g);
 
-    free(text);
+    ngx_http_moe_text_free(t);
 
-    return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+    ngx_http_finalize_request(r, ngx_http_moe_send_gen(r, NGX_HTTP_OK, g));
 }
 
 
@@ -622,7 +685,7 @@ ngx_http_moe_check_name(ngx_http_request_t *r, ngx_str_t *name,
 {
     ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_moe_module);
+    mcf = ngx_http_moe_main_conf(r);
 
     if (name->len == ngx_strlen(mcf->info->served_name)
         && ngx_strncmp(name->data, mcf->info->served_name, name->len) == 0)

@@ -19,13 +19,13 @@ static char *ngx_http_moe_engine(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_moe_api(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_moe_thread_pool(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_http_moe_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_moe_init_process(ngx_cycle_t *cycle);
 static void ngx_http_moe_exit_process(ngx_cycle_t *cycle);
 static void ngx_http_moe_engine_log(void *ctx, int level, const char *msg);
 static void ngx_http_moe_wake_handler(ngx_event_t *rev);
-static void ngx_http_moe_cancel_handler(ngx_event_t *ev);
-static void ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf);
 
 
 static ngx_command_t  ngx_http_moe_commands[] = {
@@ -56,6 +56,13 @@ static ngx_command_t  ngx_http_moe_commands[] = {
       ngx_conf_set_msec_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_moe_loc_conf_t, keepalive),
+      NULL },
+
+    { ngx_string("moe_thread_pool"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_moe_thread_pool,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
       NULL },
 
       ngx_null_command
@@ -103,6 +110,9 @@ ngx_http_moe_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    /* the files below this one find their configuration by this index */
+    ngx_http_moe_ctx_index = ngx_http_moe_module.ctx_index;
+
     /*
      * set by ngx_pcalloc():
      *
@@ -129,6 +139,13 @@ ngx_http_moe_create_loc_conf(ngx_conf_t *cf)
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
     conf->keepalive = NGX_CONF_UNSET_MSEC;
 
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->thread_pool_name = { 0, NULL };
+     *     conf->thread_pool = NULL;
+     */
+
     return conf;
 }
 
@@ -145,8 +162,21 @@ ngx_http_moe_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size,
                               1024 * 1024);
     ngx_conf_merge_msec_value(conf->keepalive, prev->keepalive, 5000);
+    ngx_conf_merge_str_value(conf->thread_pool_name, prev->thread_pool_name,
+                             "default");
 
     if (conf->enable) {
+        /*
+         * templates and the tokenizer run on this pool; "default" is made
+         * by the thread pool module (32 threads) when no "thread_pool"
+         * directive declares it, any other name must be declared
+         */
+
+        conf->thread_pool = ngx_thread_pool_add(cf, &conf->thread_pool_name);
+        if (conf->thread_pool == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
         /*
          * The API answers every error with an OpenAI JSON body; the core's
          * own body size check would answer 413 with an HTML page before
@@ -229,6 +259,31 @@ ngx_http_moe_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+static char *
+ngx_http_moe_thread_pool(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_moe_loc_conf_t *mlcf = conf;
+
+    ngx_str_t  *value;
+
+    if (mlcf->thread_pool_name.data != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "moe_thread_pool: empty pool name");
+        return NGX_CONF_ERROR;
+    }
+
+    mlcf->thread_pool_name = value[1];
+
+    return NGX_CONF_OK;
+}
+
+
 static ngx_int_t
 ngx_http_moe_init_module(ngx_cycle_t *cycle)
 {
@@ -269,6 +324,9 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
     if (mcf == NULL || mcf->config == NULL) {
         return NGX_OK;
     }
+
+    /* the cycle this worker serves (a failed reload may have reset it) */
+    ngx_http_moe_ctx_index = ngx_http_moe_module.ctx_index;
 
     ngx_rbtree_init(&mcf->requests, &mcf->sentinel, ngx_rbtree_insert_value);
 
@@ -369,6 +427,13 @@ ngx_http_moe_exit_process(ngx_cycle_t *cycle)
 
     moe_set_log(NULL, NULL);
 
+    /*
+     * the thread pool module, a core module listed before this one, has
+     * already run its exit_process: every text task posted has finished
+     * and the pool threads are gone, so none uses the tokenizer the engine
+     * frees below
+     */
+
     c = mcf->wake;
 
     if (c) {
@@ -452,136 +517,5 @@ ngx_http_moe_wake_handler(ngx_event_t *rev)
     if (ngx_handle_read_event(rev, 0) != NGX_OK) {
         ngx_log_error(NGX_LOG_ALERT, rev->log, 0,
                       "moe: cannot re-arm the engine eventfd");
-    }
-}
-
-
-ngx_http_moe_ctx_t *
-ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf, uint64_t id)
-{
-    ngx_rbtree_key_t     key;
-    ngx_rbtree_node_t   *node, *sentinel;
-    ngx_http_moe_ctx_t  *ctx;
-
-    key = (ngx_rbtree_key_t) id;
-
-    node = mcf->requests.root;
-    sentinel = mcf->requests.sentinel;
-
-    while (node != sentinel) {
-
-        if (key < node->key) {
-            node = node->left;
-            continue;
-        }
-
-        if (key > node->key) {
-            node = node->right;
-            continue;
-        }
-
-        /* key == node->key; on 32-bit platforms the key is truncated */
-
-        ctx = (ngx_http_moe_ctx_t *) node;
-
-        if (ctx->id == id) {
-            return ctx;
-        }
-
-        node = node->right;
-    }
-
-    return NULL;
-}
-
-
-void
-ngx_http_moe_register(ngx_http_moe_ctx_t *ctx)
-{
-    ctx->node.key = (ngx_rbtree_key_t) ctx->id;
-    ngx_rbtree_insert(&ctx->mcf->requests, &ctx->node);
-    ctx->in_map = 1;
-}
-
-
-void
-ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx)
-{
-    if (ctx->in_map) {
-        ngx_rbtree_delete(&ctx->mcf->requests, &ctx->node);
-        ctx->in_map = 0;
-    }
-}
-
-
-/*
- * Ask the engine to drop a sequence.  A full command ring is not an error:
- * the id is kept and retried on the next wake-up or after 10 ms.
- */
-
-void
-ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id)
-{
-    uint64_t  *p;
-
-    if (mcf->engine == NULL) {
-        return;
-    }
-
-    if (mcf->cancels->nelts == 0
-        && moe_engine_cancel(mcf->engine, id) != MOE_EFULL)
-    {
-        return;
-    }
-
-    p = ngx_array_push(mcf->cancels);
-    if (p == NULL) {
-        ngx_log_error(NGX_LOG_ALERT, ngx_cycle->log, 0,
-                      "moe: cannot queue cancel of request %uL", id);
-        return;
-    }
-
-    *p = id;
-
-    if (!mcf->cancel_timer.timer_set) {
-        ngx_add_timer(&mcf->cancel_timer, NGX_HTTP_MOE_CANCEL_RETRY);
-    }
-}
-
-
-static void
-ngx_http_moe_cancel_handler(ngx_event_t *ev)
-{
-    ngx_http_moe_main_conf_t  *mcf;
-
-    mcf = ev->data;
-
-    ngx_http_moe_retry_cancels(mcf);
-}
-
-
-static void
-ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf)
-{
-    uint64_t    *ids;
-    ngx_uint_t   i, k;
-
-    ids = mcf->cancels->elts;
-
-    for (i = 0, k = 0; i < mcf->cancels->nelts; i++) {
-        if (moe_engine_cancel(mcf->engine, ids[i]) == MOE_EFULL) {
-            /* keep the order: later ones would fail the same way */
-            for ( /* void */ ; i < mcf->cancels->nelts; i++) {
-                ids[k++] = ids[i];
-            }
-
-            break;
-        }
-    }
-
-    mcf->cancels->nelts = k;
-
-    if (k && !mcf->cancel_timer.timer_set) {
-        ngx_add_timer(&mcf->cancel_timer, NGX_HTTP_MOE_CANCEL_RETRY);
     }
 }

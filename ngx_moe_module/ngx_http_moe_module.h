@@ -18,6 +18,11 @@
 #include <moe.h>
 
 
+#if !(NGX_THREADS)
+#error ngx_http_moe_module needs nginx built with --with-threads
+#endif
+
+
 /* OpenAI accepts at most 4 stop strings; the engine could take more */
 #define NGX_HTTP_MOE_MAX_STOP      ngx_min(4, MOE_MAX_STOP)
 
@@ -52,6 +57,8 @@ typedef struct {
     ngx_flag_t                 enable;
     size_t                     max_body_size;
     ngx_msec_t                 keepalive;
+    ngx_str_t                  thread_pool_name;
+    ngx_thread_pool_t         *thread_pool;
 } ngx_http_moe_loc_conf_t;
 
 
@@ -64,6 +71,69 @@ typedef struct {
     u_char                     msg[NGX_HTTP_MOE_ERR_LEN];
     size_t                     len;
 } ngx_http_moe_err_t;
+
+
+#define NGX_HTTP_MOE_TEXT_READ    1    /* read the spilled request body */
+#define NGX_HTTP_MOE_TEXT_ENCODE  2    /* render messages (if any), encode */
+#define NGX_HTTP_MOE_TEXT_DECODE  3    /* decode token ids */
+
+
+/* a part of the request body that nginx wrote to its temporary file */
+typedef struct {
+    ngx_fd_t                   fd;
+    off_t                      offset;
+    size_t                     size;
+    u_char                    *dst;
+} ngx_http_moe_text_file_t;
+
+
+typedef struct ngx_http_moe_text_s  ngx_http_moe_text_t;
+
+typedef void (*ngx_http_moe_text_done_pt)(ngx_http_request_t *r,
+    ngx_http_moe_text_t *t);
+
+
+/*
+ * Text work for a thread of the pool.  The thread sees only this struct:
+ * the inputs are set on the event loop before the task is posted and stay
+ * untouched until it is done (they may point into r->pool, which lives
+ * while r->main->blocked holds the request); the outputs are malloc()ed
+ * by the thread and freed by a request pool cleanup.
+ */
+
+struct ngx_http_moe_text_s {
+    /* inputs */
+    ngx_uint_t                 op;          /* NGX_HTTP_MOE_TEXT_* */
+    const moe_tokenizer_t     *tokenizer;
+    const char                *chat_template;
+    moe_chat_msg_t            *msgs;        /* ENCODE: NULL: encode text */
+    ngx_int_t                  n_msgs;
+    ngx_uint_t                 add_generation_prompt;
+    ngx_uint_t                 add_special_tokens;
+    const u_char              *text;        /* ENCODE without msgs */
+    size_t                     len;
+    const int32_t             *ids;         /* DECODE */
+    size_t                     n_ids;
+    ngx_http_moe_text_file_t  *files;       /* READ */
+    ngx_uint_t                 n_files;
+
+    /* outputs */
+    int                        rc;          /* MOE_OK or a moe status */
+    unsigned                   render_failed:1;
+    ngx_err_t                  err;         /* READ: errno */
+    char                      *out_text;    /* rendered or decoded */
+    size_t                     out_len;
+    int32_t                   *out_ids;
+    size_t                     n_out;
+    char                       msg[NGX_HTTP_MOE_ERR_LEN];
+
+    /* the event loop's side */
+    ngx_thread_task_t         *task;
+    ngx_http_request_t        *request;
+    ngx_http_moe_text_done_pt  done;
+    void                      *data;
+    unsigned                   running:1;
+};
 
 
 typedef struct {
@@ -96,6 +166,8 @@ typedef struct {
     ngx_event_t                keepalive;
     ngx_msec_t                 keepalive_interval;
 
+    ngx_http_moe_text_t       *task;        /* text work in flight */
+
     unsigned                   chat:1;
     unsigned                   stream:1;
     unsigned                   include_usage:1;
@@ -106,36 +178,18 @@ typedef struct {
 } ngx_http_moe_ctx_t;
 
 
-/* ngx_http_moe_module.c */
-ngx_http_moe_ctx_t *ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf,
-    uint64_t id);
-void ngx_http_moe_register(ngx_http_moe_ctx_t *ctx);
-void ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx);
-void ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id);
-
-/* ngx_http_moe_handler.c */
-ngx_int_t ngx_http_moe_handler(ngx_http_request_t *r);
-ngx_int_t ngx_http_moe_encode(ngx_http_request_t *r, u_char *text,
-    size_t len, ngx_uint_t add_special_tokens, int32_t **ids, size_t *n);
-ngx_int_t ngx_http_moe_render_chat(ngx_http_request_t *r,
-    moe_chat_msg_t *msgs, ngx_int_t n, ngx_uint_t add_generation_prompt,
-    u_char **text, size_t *len, ngx_http_moe_err_t *err);
-
-/* ngx_http_moe_info.c: GET routes and the tokenizer routes */
-ngx_int_t ngx_http_moe_health(ngx_http_request_t *r);
-ngx_int_t ngx_http_moe_models(ngx_http_request_t *r);
-ngx_int_t ngx_http_moe_model(ngx_http_request_t *r);
-ngx_int_t ngx_http_moe_stats_memory(ngx_http_request_t *r);
-ngx_int_t ngx_http_moe_stats_performance(ngx_http_request_t *r);
-ngx_int_t ngx_http_moe_metrics(ngx_http_request_t *r);
-ngx_int_t ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root);
-ngx_int_t ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root);
-ngx_int_t ngx_http_moe_check_model(ngx_http_request_t *r, yajl_val root,
-    ngx_http_moe_err_t *err);
-
-/* ngx_http_moe_stream.c */
-ngx_int_t ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx);
-void ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev);
+/*
+ * The files call each other without loops; each uses only those listed
+ * above it:
+ *
+ *   json      OpenAI JSON in and out, error bodies, sending a response
+ *   request   the request context, requests by id, cancels, the index
+ *   text      text work on the thread pool (body file, template, tokenizer)
+ *   stream    engine events to SSE chunks or the final JSON
+ *   info      GET routes, /tokenize, /detokenize
+ *   handler   routing, request bodies, completions and chat
+ *   module    directives, worker start and stop, the engine's eventfd
+ */
 
 /* ngx_http_moe_json.c */
 yajl_gen ngx_http_moe_gen_create(ngx_http_request_t *r);
@@ -161,6 +215,66 @@ ngx_int_t ngx_http_moe_json_ids(yajl_val v, int vocab, int32_t **ids,
     size_t *n, ngx_pool_t *pool);
 ngx_int_t ngx_http_moe_messages(ngx_http_request_t *r, yajl_val v,
     moe_chat_msg_t **msgs, ngx_int_t *n, ngx_http_moe_err_t *err);
+
+/*
+ * The module's configuration and request context by the module's index,
+ * for the files below ngx_http_moe_module.c: naming the module struct
+ * itself would make each of them depend on the file that defines it,
+ * which calls into them.  ngx_http_moe_module.c sets the index when it
+ * creates the main configuration.
+ */
+
+extern ngx_uint_t  ngx_http_moe_ctx_index;
+
+#define ngx_http_moe_main_conf(r)                                             \
+    ((ngx_http_moe_main_conf_t *) (r)->main_conf[ngx_http_moe_ctx_index])
+#define ngx_http_moe_loc_conf(r)                                              \
+    ((ngx_http_moe_loc_conf_t *) (r)->loc_conf[ngx_http_moe_ctx_index])
+#define ngx_http_moe_get_ctx(r)                                               \
+    ((ngx_http_moe_ctx_t *) (r)->ctx[ngx_http_moe_ctx_index])
+#define ngx_http_moe_set_ctx(r, c)                                            \
+    (r)->ctx[ngx_http_moe_ctx_index] = (c)
+
+
+/* ngx_http_moe_request.c */
+ngx_http_moe_ctx_t *ngx_http_moe_ctx_create(ngx_http_request_t *r);
+ngx_http_moe_ctx_t *ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf,
+    uint64_t id);
+void ngx_http_moe_register(ngx_http_moe_ctx_t *ctx);
+void ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx);
+void ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id);
+void ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf);
+void ngx_http_moe_cancel_handler(ngx_event_t *ev);
+
+/* ngx_http_moe_text.c */
+ngx_http_moe_text_t *ngx_http_moe_text_create(ngx_http_request_t *r,
+    ngx_uint_t op);
+ngx_int_t ngx_http_moe_text_post(ngx_http_request_t *r,
+    ngx_http_moe_text_t *t, ngx_http_moe_text_done_pt done, void *data,
+    ngx_http_moe_err_t *err);
+ngx_int_t ngx_http_moe_text_ids(ngx_http_request_t *r,
+    ngx_http_moe_text_t *t, int32_t **ids, size_t *n,
+    ngx_http_moe_err_t *err);
+void ngx_http_moe_text_free(ngx_http_moe_text_t *t);
+
+/* ngx_http_moe_stream.c */
+ngx_int_t ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx);
+void ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev);
+
+/* ngx_http_moe_info.c: GET routes and the tokenizer routes */
+ngx_int_t ngx_http_moe_health(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_models(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_model(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_stats_memory(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_stats_performance(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_metrics(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root);
+ngx_int_t ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root);
+ngx_int_t ngx_http_moe_check_model(ngx_http_request_t *r, yajl_val root,
+    ngx_http_moe_err_t *err);
+
+/* ngx_http_moe_handler.c */
+ngx_int_t ngx_http_moe_handler(ngx_http_request_t *r);
 
 
 #define ngx_http_moe_gen_lit(g, s)                                            \

@@ -657,7 +657,7 @@ ngx_http_moe_sse_write(ngx_http_moe_ctx_t *ctx, const u_char *data,
         b->last = ngx_cpymem(b->last, "\n\n", sizeof("\n\n") - 1);
     }
 
-    b->tag = (ngx_buf_tag_t) &ngx_http_moe_module;
+    b->tag = (ngx_buf_tag_t) &ngx_http_moe_ctx_index;
     b->flush = 1;
     b->last_buf = (flags & NGX_HTTP_MOE_SSE_LAST) ? 1 : 0;
     b->last_in_chain = 1;
@@ -665,7 +665,7 @@ ngx_http_moe_sse_write(ngx_http_moe_ctx_t *ctx, const u_char *data,
     rc = ngx_http_output_filter(r, cl);
 
     ngx_chain_update_chains(r->pool, &ctx->free, &ctx->busy, &cl,
-                            (ngx_buf_tag_t) &ngx_http_moe_module);
+                            (ngx_buf_tag_t) &ngx_http_moe_ctx_index);
 
     if (rc == NGX_ERROR) {
         return NGX_ERROR;
@@ -696,7 +696,7 @@ ngx_http_moe_stream_writer(ngx_http_request_t *r)
     c = r->connection;
     wev = c->write;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_moe_module);
+    ctx = ngx_http_moe_get_ctx(r);
 
     if (wev->timedout) {
         ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT,
@@ -715,7 +715,7 @@ ngx_http_moe_stream_writer(ngx_http_request_t *r)
     rc = ngx_http_output_filter(r, NULL);
 
     ngx_chain_update_chains(r->pool, &ctx->free, &ctx->busy, &cl,
-                            (ngx_buf_tag_t) &ngx_http_moe_module);
+                            (ngx_buf_tag_t) &ngx_http_moe_ctx_index);
 
     if (rc == NGX_ERROR || ngx_http_moe_stream_arm(r) != NGX_OK) {
         ngx_http_finalize_request(r, NGX_ERROR);

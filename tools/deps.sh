@@ -3,7 +3,7 @@
 # Idempotent: only missing packages are installed.
 set -euo pipefail
 pkgs=(build-essential nginx nginx-dev libyajl-dev libyaml-dev libpcre2-dev
-      libssl-dev zlib1g-dev perl libjson-pp-perl nodejs npm curl ca-certificates
+      libutf8proc-dev libssl-dev zlib1g-dev perl libjson-pp-perl nodejs npm curl ca-certificates
       clang)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,32 +1,30 @@
 #!/bin/bash
 # Runs the CUDA backend's GPU tests and the engine benchmark on the GPU
 # machine, from a tree where `make gpu` already built build/gpu/* (carry
-# `build`).  Run from the repository root:
+# build/gpu and .dev: README, GPUs).  Run from the repository root:
 #
 #   tools/gpu_run.sh [MODELS]      MODELS: comma list for bench_engine
 #                                  (default: all four shapes)
 #
-# Logs go to $OUT (default ./gpu-out): nvidia-smi.log, test_kernels.log,
-# test_kernels_fma0.log (tensor-core GEMV only), test_sample.log,
+# Logs go to $OUT (default ./gpu-out): nvidia-smi.log, test_kernels.log
+# (both GEMV kernels through the tuning record's argument), test_sample.log,
 # test_backend.log, test_backend_eager.log (graphs off, cuBLAS experts for
 # steps > 4 tokens), test_backend_ggemm.log (grouped GEMM for every MoE
 # step), test_ggemm.log, bench_engine.log, bench_nograph.log (mixtral decode,
 # graphs off), bench_fma0.log (mixtral batch 1, tensor-core GEMV only),
-# sanitizer.log / sanitizer_sample.log / sanitizer_ggemm.log (memcheck),
-# racecheck_sample.log;
+# dev_attention.log / dev_moe_gemv.log / dev_moe_ggemm.log (the kernel dev
+# harness: shipped kernels against the variants that lost, when `make
+# bench-dev` built it), sanitizer.log / sanitizer_sample.log /
+# sanitizer_ggemm.log (memcheck), racecheck_sample.log;
 # a summary table
 # is printed last.  Each step has its own time limit so the whole run stays
 # under ~8 minutes (typically ~2).  Exit status: 0 when every step passed.
 
 set -u
 cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-$PWD/gpu-out}
 MODELS=${1:-}
-mkdir -p "$OUT"
-# libyajl / libyaml carried from the build machine, when the lead carries .dev
-if [ -d .dev/lib ]; then
-    export LD_LIBRARY_PATH=$PWD/.dev/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
+# OUT, and .dev/lib (make gpu-bundle) on the library path
+. tools/gpu_env.sh
 
 declare -A RC
 STEPS=()
@@ -50,11 +48,10 @@ for b in test_kernels test_sample test_ggemm test_backend bench_engine; do
 done
 
 step test_kernels 180 build/gpu/test_kernels
-# the same with every small GEMV on the tensor-core kernel (the CUDA-core
-# path takes groups of <= 2 rows by default): both paths checked
-step test_kernels_fma0 180 env MOE_CUDA_GEMV_FMA=0 build/gpu/test_kernels
 step test_sample 120 build/gpu/test_sample
 step test_backend 120 build/gpu/test_backend
+# MOE_CUDA_* below: the CUDA backend's tuning record (kernels/TUNING.md),
+# read once when the backend is created.
 # eager, and MoE steps of > 4 tokens (the prefill chunks) on the per-expert
 # cuBLAS path with its host sync; then every MoE step on the grouped
 # tensor-core GEMM: all three expert paths are checked
@@ -63,6 +60,8 @@ step test_backend_eager 120 env MOE_CUDA_GRAPHS=0 MOE_CUDA_GEMV_MAX_T=4 \
 step test_backend_ggemm 120 env MOE_CUDA_GEMV_MAX_T=0 \
     MOE_CUDA_GGEMM_MAX_T=100000 build/gpu/test_backend
 step test_ggemm 150 build/gpu/test_ggemm
+# the weight-upload conversion and the tensor-parallel add (bit-exact)
+step test_convert 60 build/gpu/test_convert
 step bench_engine 240 build/gpu/bench_engine $MODELS
 # the same decode without CUDA graphs (graph gain = difference)
 step bench_nograph 120 env MOE_CUDA_GRAPHS=0 BENCH_PROMPTS=0 \
@@ -70,6 +69,15 @@ step bench_nograph 120 env MOE_CUDA_GRAPHS=0 BENCH_PROMPTS=0 \
 # A/B of the CUDA-core GEMV for 1-2 rows per expert (pass 7): tensor cores
 step bench_fma0 120 env MOE_CUDA_GEMV_FMA=0 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b
+# the kernel dev harness (make bench-dev): each variant's time and share of
+# the copy bandwidth / cuBLAS rate next to the shipped kernel's
+for d in attention moe_gemv moe_ggemm; do
+    if [ -x build/bench/dev/$d ]; then
+        step dev_$d 120 build/bench/dev/$d
+    else
+        echo "=== dev_$d: build/bench/dev/$d not built (make bench-dev): skipped"
+    fi
+done
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SAN" ]; then
     step sanitizer 90 "$SAN" --error-exitcode 1 build/gpu/test_kernels
@@ -96,7 +104,8 @@ for s in "${STEPS[@]}"; do
 done
 grep -h '^not ok' "$OUT"/test_*.log "$OUT"/sanitizer*.log 2>/dev/null | head -20
 grep -h 'ERROR SUMMARY\|RACECHECK SUMMARY\|FAIL' "$OUT"/sanitizer*.log \
-    "$OUT"/racecheck*.log "$OUT"/bench_engine.log 2>/dev/null | head -10
+    "$OUT"/racecheck*.log "$OUT"/bench_engine.log "$OUT"/dev_*.log \
+    2>/dev/null | head -10
 echo
 grep -h '^RESULT' "$OUT/bench_engine.log" | awk '
 {

@@ -29,8 +29,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "model/model.h"
-#include "sched/sampling.h"
+#include "backends/backend.h"
+#include "sampling/sampling.h"
 
 #define CPU_MIN_PAR_WORK  (1 << 18)   /* multiply-adds worth a thread split;
                                          MOE_CPU_MIN_PAR_WORK overrides
@@ -263,7 +263,7 @@ typedef struct {
     const moe_seq_batch_t *seqs;
 
     /* tensor parallel: sums the (T, dim) partial outputs of o_proj and of
-     * the FFN over the ranks, in place (moe_tp_backend_create) */
+     * the FFN over the ranks, in place (moe_tp_backend_wrap) */
     moe_reduce_fn         reduce;
     void                 *reduce_ctx;
 
@@ -1362,6 +1362,7 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
                 * (size_t) hp->n_kv_heads * (size_t) hp->head_dim;
     kv_floats = per_block * (size_t) n_blocks;
     b->base.name = "cpu";
+    b->base.n_kv_blocks = n_blocks;
     b->base.kv_bytes_per_block = (int64_t) (per_block * sizeof(float));
     b->base.forward = cpu_forward;
     b->base.expert_counts = cpu_expert_counts;

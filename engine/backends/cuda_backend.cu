@@ -1,5 +1,7 @@
 /*
- * The CUDA backend: moe_backend_t over one GPU.
+ * The CUDA backend: moe_backend_t over one GPU, one rank (the whole model
+ * or one tensor-parallel rank's slice; backend.c composes ranks through
+ * tp.c, with moe_cuda_tp_ops for the all-reduce).
  *
  * A step: the host packs token ids, positions, cache slots, sequence ids,
  * block tables and the rows whose logits are wanted into one pinned
@@ -13,8 +15,8 @@
  *   map, SiLU*up fused, bf16 out) and one for down: no host sync.
  * Experts, larger steps: the expert offsets are copied to the host (the
  *   only sync inside the step), gather, per-expert cuBLAS GEMMs, SiLU*up.
- * Dense GEMMs (qkv, o, lm_head, dense FFN) use the GEMV for T <= 64 and
- * cuBLAS above.
+ * Dense GEMMs (qkv, o, lm_head, dense FFN) use the GEMV for T <=
+ * dense_gemv_t (16) and cuBLAS above.
  * Finally the last token of each sequence that wants logits or a greedy
  * token goes through the final norm and lm_head (64 rows at a time); an
  * argmax kernel picks each row's greedy id (below its n_valid), and only
@@ -25,14 +27,15 @@
  * CB_LOGIT_ROWS logits rows (decode, small prefill chunks) runs as a graph
  * captured once per (T, logits rows): everything it reads from the host
  * lives in the staging buffer, copied before the replay; kernel shapes
- * depend on T only.  Off while profiling, or with MOE_CUDA_GRAPHS=0 in the
- * environment.  MOE_CUDA_GEMV_MAX_T overrides gemv_max_t (default 32 for
- * <= 16 experts, 256 for more, 128 dense).  Steps whose experts take the
- * cuBLAS path (host sync) never run as graphs; steps above gemv_max_t up
- * to ggemm_max_t (default 64; MOE_CUDA_GGEMM_MAX_T) take the grouped
- * tensor-core GEMM with device-side offsets instead.  MOE_CUDA_DENSE_GEMV_T
- * overrides the largest T whose dense GEMMs (attention projections,
- * lm_head, dense MLPs) take the GEMV (default CB_DENSE_GEMV_T).
+ * depend on T only.  Off while profiling, or with the tuning record's
+ * graphs = 0.  Steps whose experts take the cuBLAS path (host sync) never
+ * run as graphs; steps above gemv_max_t up to ggemm_max_t take the grouped
+ * tensor-core GEMM with device-side offsets instead.
+ *
+ * Tuning: one moe_cuda_tuning_t per backend (kernels/tuning.h), read once
+ * in cb_create by moe_cuda_tuning_read (defaults + MOE_CUDA_* overrides,
+ * cuda_tuning.c), logged, and handed to the launchers that use a knob.
+ * Every knob, its default and its measurement: kernels/TUNING.md.
  *
  * Optional architecture pieces (moe_hparams_t flags; Qwen2, Qwen2-MoE,
  * Qwen3-MoE, GPT-2) follow cpu_backend.c step by step: q/k/v and o biases
@@ -51,12 +54,12 @@
 #include <string.h>
 #include <time.h>
 
-#include <cuda_fp16.h>
-
 #include "common.cuh"
 #include "backends/cuda_backend.h"
+#include "backends/cuda_tuning.h"
 #include "arch.h"
 #include "argmax.h"
+#include "convert.h"
 #include "sample.h"
 #include "attention.h"
 #include "embed.h"
@@ -69,15 +72,23 @@
 #include "rmsnorm.h"
 #include "rope.h"
 #include "silu_mul.h"
+#include "tp_sum.h"
 
 extern "C" {
 #include "model/safetensors.h"
+#include "sampling/sampling.h"
 
 static_assert((int) MOE_K_OK == (int) MOE_OK
               && (int) MOE_K_EINVAL == (int) MOE_EINVAL
               && (int) MOE_K_EUNSUPPORTED == (int) MOE_EUNSUPPORTED
               && (int) MOE_K_EBACKEND == (int) MOE_EBACKEND,
               "kernel launcher status codes match the engine's");
+static_assert((int) MOE_K_DT_F32 == (int) MOE_DT_F32
+              && (int) MOE_K_DT_F16 == (int) MOE_DT_F16
+              && (int) MOE_K_DT_BF16 == (int) MOE_DT_BF16,
+              "moe_cuda_convert's dtypes are the safetensors reader's");
+static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
+              "the device sampler's greedy threshold is the host's");
 }
 
 #define CB_ALIGN        256
@@ -85,14 +96,7 @@ static_assert((int) MOE_K_OK == (int) MOE_OK
 #define CB_STAGE_FIXED  7                   /* staging arrays of cap ints */
 #define CB_BLAS_WS      ((size_t) 32 << 20)
 #define CB_SLACK        ((int64_t) 256 << 20)
-/* dense GEMMs: GEMV up to here; cuBLAS above (run 4, mixtral: dense stage
- * b32 2.32 -> 1.38 ms, b64 2.11 -> 1.18 ms with cuBLAS above 16 rows) */
-#define CB_DENSE_GEMV_T 16
 #define CB_GRAPH_MAX_T  64
-/* MoE steps of gemv_max_t < T <= this: the grouped tensor-core GEMM (run 7,
- * mixtral b64: 31.5 ms vs 31.7 on per-expert cuBLAS, and no host sync, so
- * the step is a graph); above, per-expert cuBLAS (b128: 45.4 vs 37.2 ms) */
-#define CB_GGEMM_MAX_T  64
 #define CB_MAX_GRAPHS   160
 #define CB_NOGRAPH      (-1000)             /* internal: run eagerly */
 
@@ -200,12 +204,9 @@ typedef struct {
     int64_t        *expert_counts; /* (L, E) */
     int             last_T;        /* tokens of the last step */
     int64_t         dense_tokens;  /* E == 1: tokens run (all layers) */
-    int             gemv_max_t;
-    int             dense_gemv_t;   /* dense GEMMs: GEMV up to this T */
-    int             ggemm_max_t;    /* MoE steps above gemv_max_t and up
-                                       to this T: grouped tensor-core GEMM
-                                       (no host sync); above: cuBLAS */
-    int             use_graphs;
+    moe_cuda_tuning_t tune;         /* read once in cb_create */
+    int             use_graphs;     /* tune.graphs, 0 after a failed
+                                       capture */
     cb_graph_t      graphs[CB_MAX_GRAPHS];
     int             n_graphs;
 
@@ -646,45 +647,6 @@ cb_destroy(moe_backend_t *base)
 #define CB_LOG_MIN      ((int64_t) 1 << 30)   /* progress lines from 1 GiB */
 
 
-/* A chunk of a piece (moe_tensor_ref_t semantics): ns source rows from
- * s0 on, `used` elements each, row stride ld, at src; destination row
- * length cols, bf16 (out_bf16) or fp32.  bf16 -> bf16 copies the bits;
- * otherwise exact to fp32, then round to nearest even. */
-__global__ void
-kernel_cb_convert(const void *src, int dtype, int64_t s0, int64_t ns,
-    int64_t used, int64_t ld, int transposed, int64_t cols, void *dst,
-    int out_bf16)
-{
-    int64_t n = ns * used;
-
-    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
-         i += (int64_t) gridDim.x * blockDim.x)
-    {
-        int64_t s = i / used, j = i - s * used;
-        int64_t si = s * ld + j;
-        int64_t di = transposed ? j * cols + (s0 + s) : (s0 + s) * cols + j;
-        float   v;
-
-        if (out_bf16 && dtype == MOE_DT_BF16) {
-            ((uint16_t *) dst)[di] = ((const uint16_t *) src)[si];
-            continue;
-        }
-        if (dtype == MOE_DT_F32) {
-            v = ((const float *) src)[si];
-        } else if (dtype == MOE_DT_F16) {
-            v = __half2float(((const __half *) src)[si]);
-        } else {
-            v = moe_bf2f(((const __nv_bfloat16 *) src)[si]);
-        }
-        if (out_bf16) {
-            ((__nv_bfloat16 *) dst)[di] = moe_f2bf(v);
-        } else {
-            ((float *) dst)[di] = v;
-        }
-    }
-}
-
-
 typedef struct {
     cuda_backend_t *b;
     unsigned char  *h_buf[2];     /* (CB_STAGE_BYTES) pinned */
@@ -842,7 +804,7 @@ cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
 
 
 /* One chunk: `bytes` source bytes at src through the next staging pair,
- * then kernel_cb_convert (see there for the other arguments). */
+ * then moe_cuda_convert (kernels/convert.h: the other arguments). */
 static int
 cb_chunk(cb_loader_t *ld, const moe_tensor_ref_t *t, const void *src,
     size_t bytes, int64_t s0, int64_t ns, int64_t used, int64_t ldim,
@@ -859,10 +821,8 @@ cb_chunk(cb_loader_t *ld, const moe_tensor_ref_t *t, const void *src,
     MOE_CUDA_CHECK(cudaMemcpyAsync(ld->d_buf[k], ld->h_buf[k], bytes,
                                    cudaMemcpyHostToDevice, s));
     MOE_CUDA_CHECK(cudaEventRecord(ld->sent[k], s));
-    kernel_cb_convert<<<moe_grid(ns * used, 256 * 4), 256, 0, s>>>(
-        ld->d_buf[k], t->dtype, s0, ns, used, ldim, t->transposed, cols, dst,
-        bf);
-    MOE_CUDA_CHECK_LAUNCH("kernel_cb_convert");
+    MOE_TRY(moe_cuda_convert(ld->d_buf[k], t->dtype, s0, ns, used, ldim,
+                             t->transposed, cols, dst, bf, s));
 
     ld->done += (int64_t) bytes;
     pct = ld->total > 0 ? (int) (ld->done * 100 / ld->total) : 100;
@@ -1310,36 +1270,27 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
         }
     }
     b->base.name = "cuda";
+    b->base.n_kv_blocks = n_blocks;
     b->base.kv_bytes_per_block = cb_kv_bytes_per_block(hp, block_size);
     b->base.forward = cb_forward;
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;
-    {
-        /* moe_cuda_sample_rows; MOE_CUDA_SAMPLE_TOKENS=0 leaves non-greedy
-         * rows to the engine's host sampler (the test of both paths) */
-        const char *sv = getenv("MOE_CUDA_SAMPLE_TOKENS");
-
-        b->base.sample_tokens = sv == NULL || atoi(sv) != 0;
+    rc = moe_cuda_tuning_read(&b->tune, hp->n_experts, err, errlen);
+    if (rc != MOE_OK) {
+        free(b);
+        return rc;
     }
     {
-        const char *ev = getenv("MOE_CUDA_GRAPHS");
-        const char *gv = getenv("MOE_CUDA_GEMV_MAX_T");
+        char line[256];
 
-        b->use_graphs = ev == NULL || strcmp(ev, "0") != 0;
-        /* GEMV vs per-expert cuBLAS crossover (run 2 vs run 1): mixtral
-         * (E 8) b64 experts 33.8 ms GEMV vs 25.4 ms cuBLAS, b32 GEMV 27.5;
-         * olmoe (E 64) b256 cuBLAS 19.0 ms (128 launches + sync per
-         * layer) vs GEMV b128 5.0 ms: many experts keep the GEMV longer */
-        const char *dv = getenv("MOE_CUDA_DENSE_GEMV_T");
-
-        const char *gg = getenv("MOE_CUDA_GGEMM_MAX_T");
-
-        b->dense_gemv_t = dv != NULL ? atoi(dv) : CB_DENSE_GEMV_T;
-        b->ggemm_max_t = gg != NULL ? atoi(gg) : CB_GGEMM_MAX_T;
-        b->gemv_max_t = gv != NULL ? atoi(gv)
-                        : hp->n_experts == 1 ? 128
-                        : hp->n_experts > 16 ? 256 : 32;
+        moe_cuda_tuning_format(&b->tune, line, sizeof(line));
+        moe_log(MOE_LOG_INFO, "cuda backend: device %d tuning: %s", device,
+                line);
     }
+    /* sample_tokens 0 leaves non-greedy rows to the engine's host sampler
+     * (the test of both paths) */
+    b->base.sample_tokens = b->tune.sample_tokens;
+    b->use_graphs = b->tune.graphs;
 
     rc = cb_alloc(b, err, errlen);
     if (rc == MOE_OK) {
@@ -1378,13 +1329,32 @@ moe_cuda_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     int max_batched_tokens, int device, moe_backend_t **out, char *err,
     size_t errlen)
 {
+    return moe_cuda_backend_create_rank(m, 1, 0, n_blocks, block_size,
+                                        max_batched_tokens, device, out, err,
+                                        errlen);
+}
+
+
+extern "C" int
+moe_cuda_backend_create_rank(const moe_model_t *m, int tp, int rank,
+    int n_blocks, int block_size, int max_batched_tokens, int device,
+    moe_backend_t **out, char *err, size_t errlen)
+{
+    moe_hparams_t rhp;
+    int           rc;
+
     *out = NULL;
-    if (m == NULL) {
-        moe_errf(err, errlen, "cuda backend: no model");
+    if (m == NULL || tp < 1 || rank < 0 || rank >= tp) {
+        moe_errf(err, errlen, "cuda backend: no model, or rank %d of %d",
+                 rank, tp);
         return MOE_EINVAL;
     }
-    return cb_create(moe_model_hparams(m), m, 0, n_blocks, block_size,
-                     max_batched_tokens, device, 1, 0, out, err, errlen);
+    rc = moe_hparams_shard(moe_model_hparams(m), tp, &rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    return cb_create(&rhp, m, 0, n_blocks, block_size, max_batched_tokens,
+                     device, tp, rank, out, err, errlen);
 }
 
 
@@ -1478,10 +1448,10 @@ static int
 cb_linear(cuda_backend_t *b, int T, int N, int Kd, const bf16 *X, int ldx,
     const bf16 *W, float *Y, int ldy)
 {
-    if (T <= b->dense_gemv_t && moe_cuda_gemv_supported(Kd, ldx)) {
+    if (T <= b->tune.dense_gemv_t && moe_cuda_gemv_supported(Kd, ldx)) {
         return moe_cuda_gemv((const moe_bf16_t *) X, ldx, NULL, 1,
                              (const moe_bf16_t *) W, N, Kd, NULL, 1, T, T, 0,
-                             Y, NULL, ldy, b->stream);
+                             Y, NULL, ldy, &b->tune, b->stream);
     }
     return moe_cuda_gemm(b->blas, T, N, Kd, (const moe_bf16_t *) X, ldx,
                          (const moe_bf16_t *) W, Kd, Y, ldy, 0, 0.0f);
@@ -1492,7 +1462,8 @@ cb_linear(cuda_backend_t *b, int T, int N, int Kd, const bf16 *X, int ldx,
 static int
 cb_ffn_gemv(const cuda_backend_t *b, int T)
 {
-    return T <= b->gemv_max_t && moe_cuda_gemv_supported(b->hp.dim, b->hp.dim)
+    return T <= b->tune.gemv_max_t
+           && moe_cuda_gemv_supported(b->hp.dim, b->hp.dim)
            && moe_cuda_gemv_supported(b->hp.ffn_dim, b->hp.ffn_dim);
 }
 
@@ -1501,7 +1472,7 @@ cb_ffn_gemv(const cuda_backend_t *b, int T)
 static int
 cb_ffn_ggemm(const cuda_backend_t *b, int T)
 {
-    return !cb_ffn_gemv(b, T) && T <= b->ggemm_max_t
+    return !cb_ffn_gemv(b, T) && T <= b->tune.ggemm_max_t
            && moe_cuda_ggemm_supported(b->hp.ffn_dim, b->hp.dim, b->hp.dim)
            && moe_cuda_ggemm_supported(b->hp.dim, b->hp.ffn_dim,
                                        b->hp.ffn_dim);
@@ -1551,13 +1522,14 @@ cb_mlp(cuda_backend_t *b, int T, const bf16 *wgu, const bf16 *wd, int F,
     cudaStream_t         s = b->stream;
 
     if (gated && hp->act == MOE_ACT_SILU && bg == NULL && bu == NULL) {
-        if (T <= b->dense_gemv_t && T <= b->gemv_max_t
+        if (T <= b->tune.dense_gemv_t && T <= b->tune.gemv_max_t
             && moe_cuda_gemv_supported(D, D)
             && moe_cuda_gemv_supported(F, F))
         {
             MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, NULL, 1,
                                   (const moe_bf16_t *) wgu, F, D, NULL, 1, T,
-                                  T, 1, NULL, (moe_bf16_t *) b->hbuf, F, s));
+                                  T, 1, NULL, (moe_bf16_t *) b->hbuf, F,
+                                  &b->tune, s));
         } else {
             MOE_TRY(moe_cuda_gemm(b->blas, T, 2 * F, D, (moe_bf16_t *) b->xb,
                                   D, (const moe_bf16_t *) wgu, D, b->gu,
@@ -1651,12 +1623,12 @@ cb_ffn(cuda_backend_t *b, int l, int T)
                               (const moe_bf16_t *) (b->w_gu + (size_t) l * E
                                                     * 2 * F * D),
                               F, D, b->offs, E, T * K, mr, 1, NULL,
-                              (moe_bf16_t *) b->hbuf, F, s));
+                              (moe_bf16_t *) b->hbuf, F, &b->tune, s));
         MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->hbuf, F, NULL, 1,
                               (const moe_bf16_t *) (b->w_down + (size_t) l * E
                                                     * D * F),
                               D, F, b->offs, E, T * K, mr, 0, b->ye, NULL, D,
-                              s));
+                              &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
                                        T, K, b->tmp, s));
@@ -1813,7 +1785,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                    d_btoff, (moe_bf16_t *) kvl,
                                    b->block_size, hp->n_heads,
                                    hp->n_kv_heads, hd, hp->sliding_window,
-                                   (moe_bf16_t *) b->att, b->att_part, s));
+                                   (moe_bf16_t *) b->att, b->att_part,
+                                   &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
         MOE_TRY(cb_linear(b, T, D, b->Q, b->att, b->Q,
                           b->wo + (size_t) l * D * b->Q, b->tmp, D));
@@ -2436,51 +2409,15 @@ cb_swap_read(moe_backend_t *base, int32_t slot, void *dst)
 
 /* ------------------------------------------------- tensor parallelism */
 
-#define CB_TP_MAX 64
-
-typedef struct {
-    const float *p[CB_TP_MAX];
-} cb_tp_srcs_t;
-
-
-__global__ void
-kernel_tp_sum(float *dst, cb_tp_srcs_t s, int R, size_t lo, size_t hi)
-{
-    for (size_t i = lo + (size_t) blockIdx.x * blockDim.x + threadIdx.x;
-         i < hi; i += (size_t) gridDim.x * blockDim.x)
-    {
-        float acc = 0.0f;
-
-        for (int r = 0; r < R; r++) {
-            if (s.p[r] != NULL) {
-                acc += s.p[r][i];
-            }
-        }
-        dst[i] = acc;
-    }
-}
-
-
-/* moe_tp_ops_t for CUDA ranks: device buffers, the rank's stream */
+/* moe_tp_ops_t for CUDA ranks: device buffers, the rank's stream; the op
+ * context of a rank is its backend */
 static int
 cb_tp_sum(void *rank_ctx, float *dst, float *const *srcs, int R, size_t lo,
     size_t hi)
 {
     cuda_backend_t *b = (cuda_backend_t *) rank_ctx;
-    cb_tp_srcs_t    sp;
 
-    if (R > CB_TP_MAX) {
-        return MOE_EINVAL;
-    }
-    memset(&sp, 0, sizeof(sp));
-    for (int r = 0; r < R; r++) {
-        sp.p[r] = srcs[r];
-    }
-    if (hi > lo) {
-        kernel_tp_sum<<<moe_grid((int64_t) (hi - lo), 256 * 4), 256, 0,
-                        b->stream>>>(dst, sp, R, lo, hi);
-        MOE_CUDA_CHECK_LAUNCH("kernel_tp_sum");
-    }
+    MOE_TRY(moe_cuda_tp_sum(dst, srcs, R, lo, hi, b->stream));
     MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
     return MOE_OK;
 }
@@ -2521,6 +2458,13 @@ static const moe_tp_ops_t cb_tp_ops = {
 };
 
 
+extern "C" const moe_tp_ops_t *
+moe_cuda_tp_ops(void)
+{
+    return &cb_tp_ops;
+}
+
+
 extern "C" void
 moe_cuda_backend_set_reduce(moe_backend_t *base, moe_reduce_fn fn, void *ctx)
 {
@@ -2532,93 +2476,39 @@ moe_cuda_backend_set_reduce(moe_backend_t *base, moe_reduce_fn fn, void *ctx)
 
 
 extern "C" int
-moe_cuda_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
-    int block_size, int max_batched_tokens, const int *devices,
-    moe_backend_t **out, char *err, size_t errlen)
+moe_cuda_peer_access(const int *devices, int n, char *err, size_t errlen)
 {
-    moe_hparams_t   rhp;
-    moe_backend_t **ranks;
-    void          **ctx;
-    int             r, q, rc, ndev = moe_cuda_device_count(), dev[CB_TP_MAX];
+    int r, q, ndev = moe_cuda_device_count();
 
-    *out = NULL;
-    if (tp <= 1) {
-        return moe_cuda_backend_create(m, n_blocks, block_size,
-                                       max_batched_tokens,
-                                       devices != NULL ? devices[0] : 0, out,
-                                       err, errlen);
-    }
-    if (m == NULL || tp > CB_TP_MAX || ndev < 1) {
-        moe_errf(err, errlen, "cuda backend: tensor_parallel_size %d (at most "
-               "%d, %d devices)", tp, CB_TP_MAX, ndev);
-        return MOE_EINVAL;
-    }
-    rc = moe_hparams_shard(moe_model_hparams(m), tp, &rhp, err, errlen);
-    if (rc != MOE_OK) {
-        return rc;
-    }
-    for (r = 0; r < tp; r++) {
-        dev[r] = devices != NULL ? devices[r] : r % ndev;
-        if (dev[r] < 0 || dev[r] >= ndev) {
-            moe_errf(err, errlen, "cuda backend: rank %d: no CUDA device %d",
-                   r, dev[r]);
+    for (r = 0; r < n; r++) {
+        if (devices[r] < 0 || devices[r] >= ndev) {
+            moe_errf(err, errlen, "cuda backend: rank %d: no CUDA device %d "
+                   "(%d found)", r, devices[r], ndev);
             return MOE_EINVAL;
         }
     }
-    /* ranks on different devices read each other's partial sums */
-    for (r = 0; r < tp; r++) {
-        for (q = 0; q < tp; q++) {
+    for (r = 0; r < n; r++) {
+        for (q = 0; q < n; q++) {
             int ok = 0;
 
-            if (dev[r] == dev[q]) {
+            if (devices[r] == devices[q]) {
                 continue;
             }
-            if (cudaDeviceCanAccessPeer(&ok, dev[r], dev[q]) != cudaSuccess
-                || !ok)
+            if (cudaDeviceCanAccessPeer(&ok, devices[r], devices[q])
+                != cudaSuccess || !ok)
             {
+                (void) cudaGetLastError();
                 moe_errf(err, errlen, "cuda backend: tensor parallel ranks on "
                        "devices %d and %d need peer access (NVLink or PCIe "
-                       "P2P), which this system does not give", dev[r],
-                       dev[q]);
+                       "P2P), which this system does not give", devices[r],
+                       devices[q]);
                 return MOE_EUNSUPPORTED;
             }
-            (void) cudaSetDevice(dev[r]);
-            if (cudaDeviceEnablePeerAccess(dev[q], 0) != cudaSuccess) {
+            (void) cudaSetDevice(devices[r]);
+            if (cudaDeviceEnablePeerAccess(devices[q], 0) != cudaSuccess) {
                 (void) cudaGetLastError();  /* already enabled */
             }
         }
     }
-    ranks = (moe_backend_t **) calloc((size_t) tp, sizeof(*ranks));
-    ctx = (void **) calloc((size_t) tp, sizeof(*ctx));
-    if (ranks == NULL || ctx == NULL) {
-        free(ranks);
-        free(ctx);
-        moe_errf(err, errlen, "cuda backend: out of memory");
-        return MOE_ENOMEM;
-    }
-    for (r = 0, rc = MOE_OK; r < tp && rc == MOE_OK; r++) {
-        rc = cb_create(&rhp, m, 0, n_blocks, block_size, max_batched_tokens,
-                       dev[r], tp, r, &ranks[r], err, errlen);
-        ctx[r] = ranks[r];
-    }
-    if (rc != MOE_OK) {
-        for (r = 0; r < tp; r++) {
-            if (ranks[r] != NULL) {
-                ranks[r]->destroy(ranks[r]);
-            }
-        }
-    } else {
-        rc = moe_tp_backend_wrap(ranks, NULL, tp, &cb_tp_ops, ctx,
-                                 moe_cuda_backend_set_reduce, out, err,
-                                 errlen);
-    }
-    free(ranks);
-    free(ctx);
-    if (rc == MOE_OK) {
-        moe_log(MOE_LOG_INFO, "cuda backend: %d tensor-parallel ranks (%d "
-                "heads, %d kv heads, intermediate %d each), devices %d..%d",
-                tp, rhp.n_heads, rhp.n_kv_heads, rhp.ffn_dim, dev[0],
-                dev[tp - 1]);
-    }
-    return rc;
+    return MOE_OK;
 }

@@ -1,6 +1,9 @@
 /*
  * The CUDA backend (one GPU, bf16 weights and KV cache, fp32 accumulation)
- * behind the moe_backend_t interface of engine/model.h.  Plain C API.
+ * behind the moe_backend_t interface of backends/backend.h.  Plain C API;
+ * one backend is one rank: the whole model, or one tensor-parallel rank's
+ * slice (moe_backend_create_ranks composes ranks with tp.c).  Included by
+ * engine/backends/ only (and the GPU tests and benchmarks).
  *
  * Device layouts (all in device memory of `device`):
  *   weights, one allocation, bf16 unless noted:
@@ -51,7 +54,7 @@
 extern "C" {
 #endif
 
-#include "model/model.h"
+#include "backends/backend.h"
 
 /* Profiling stages (moe_cuda_backend_profile). */
 enum {
@@ -106,20 +109,36 @@ int moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
     moe_backend_t **out, char *err, size_t errlen);
 
 /*
- * Tensor parallelism over tp ranks, rank r on devices[r] (NULL: r modulo
- * the device count; several ranks may share a device, which is how one
- * GPU tests the sharding): each rank a CUDA backend over the rank's slice
- * of the weights read straight from the files
- * (moe_model_for_each_tensor_shard) with n_blocks KV blocks of its kv
- * heads, driven by its own thread; after o_proj and after the FFN of every
- * layer the ranks' partial sums are added by a kernel reading the other
- * ranks' buffers (peer access across devices; MOE_EUNSUPPORTED without
- * it), ranks in order, so every rank gets the same sums.  Steps run
- * without CUDA graphs.  tp 1: moe_cuda_backend_create.
+ * Rank `rank` of a tensor-parallel split into tp ranks (tp 1, rank 0:
+ * moe_cuda_backend_create): the rank's slice of the weights read straight
+ * from the files (moe_model_for_each_tensor_shard; hparams as
+ * moe_hparams_shard), a KV pool of n_blocks blocks of the rank's kv heads.
+ * Its o_proj and FFN outputs are partial sums: give it the all-reduce
+ * with moe_cuda_backend_set_reduce (moe_tp_backend_wrap does).  Steps of
+ * a rank with a reduce run without CUDA graphs.  Fails as
+ * moe_cuda_backend_create, or MOE_EUNSUPPORTED when tp does not divide
+ * the model.
  */
-int moe_cuda_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
-    int block_size, int max_batched_tokens, const int *devices,
+int moe_cuda_backend_create_rank(const moe_model_t *m, int tp, int rank,
+    int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen);
+
+/*
+ * The all-reduce ops of CUDA ranks (moe_tp_backend_wrap): the op context
+ * of a rank is its backend; the sum is moe_cuda_tp_sum (kernels/tp_sum.h)
+ * on the rank's stream reading the other ranks' device buffers, the sum
+ * buffer cudaMalloc'ed on the current device.  Static, never NULL.
+ */
+const moe_tp_ops_t *moe_cuda_tp_ops(void);
+
+/*
+ * Enable peer access between every two of the n devices that differ (ranks
+ * on different GPUs read each other's partial sums).  MOE_EINVAL (a device
+ * out of range) or MOE_EUNSUPPORTED (no peer access: NVLink or PCIe P2P
+ * missing), reason in err.  The calling thread's current device changes.
+ */
+int moe_cuda_peer_access(const int *devices, int n, char *err,
+    size_t errlen);
 
 /* A CUDA rank calls fn(ctx, partial, T * dim) at those two points. */
 void moe_cuda_backend_set_reduce(moe_backend_t *b, moe_reduce_fn fn,
@@ -162,7 +181,7 @@ int moe_cuda_backend_route_margins(moe_backend_t *b, int T, float *out);
 
 /*
  * Tests: the experts the last forward() chose, in the layout of
- * moe_cpu_backend_force_routing (engine/model.h): experts (n_tokens,
+ * moe_cpu_backend_force_routing (backends/backend.h): experts (n_tokens,
  * n_layers, top_k), tokens in step order, each token's experts in
  * descending router probability, -1 on layers that do not route (dense
  * models, layer_dense layers).  Synchronises.  MOE_EINVAL when n_tokens is

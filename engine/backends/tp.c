@@ -1,16 +1,18 @@
 /*
- * Tensor parallelism on the CPU: the ranks' shards (moe_model_shard) run
- * in one process, one thread per rank, and the row-parallel partial sums
- * are all-reduced through shared memory with barriers.  The reference for
- * the sharding math of a multi-GPU backend (NCCL all-reduce at the same
- * two points of every layer) and the CPU path of tensor_parallel_size.
+ * Tensor parallelism: one backend over tp rank backends of any kind (CPU
+ * ranks over moe_model_shard's shards, CUDA ranks over their slices on
+ * their GPUs; made by moe_backend_create_ranks, backend.c), one thread per
+ * rank in one process.  The row-parallel partial sums of o_proj and the
+ * FFN are all-reduced with barriers; the adds and copies go through
+ * moe_tp_ops_t (host loops here, a kernel over device buffers for CUDA
+ * ranks), ranks in order, so every rank gets the same bits.
  */
 
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/model.h"
+#include "backends/backend.h"
 
 typedef struct tp_backend tp_backend_t;
 
@@ -22,7 +24,7 @@ typedef struct {
 struct tp_backend {
     moe_backend_t           base;          /* first: the interface */
     int                     tp;
-    moe_backend_t         **rank;          /* (tp) CPU backends */
+    moe_backend_t         **rank;          /* (tp) rank backends */
     moe_model_t           **shard;         /* (tp) their models */
     tp_rank_t              *rctx;          /* (tp) reduce contexts */
     pthread_t              *th;            /* (tp) ranks 1.. */
@@ -397,7 +399,7 @@ tp_host_copy(void *octx, float *dst, const float *src, size_t n)
 }
 
 
-static const moe_tp_ops_t tp_host_ops = {
+const moe_tp_ops_t moe_tp_host_ops = {
     tp_host_sum, tp_host_copy, malloc, free
 };
 
@@ -474,6 +476,7 @@ moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
         b->n_threads++;
     }
     b->base.name = b->rank[0]->name;
+    b->base.n_kv_blocks = b->rank[0]->n_kv_blocks;
     b->base.sample_tokens = b->rank[0]->sample_tokens;
     b->base.forward = tp_forward;
     b->base.expert_counts = tp_expert_counts;
@@ -501,54 +504,3 @@ moe_tp_backend_rank(moe_backend_t *base, int rank)
     return b->rank[rank];
 }
 
-
-int
-moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
-    int block_size, int n_threads, moe_backend_t **out, char *err,
-    size_t errlen)
-{
-    moe_backend_t **ranks;
-    moe_model_t   **shards;
-    int             r, rc = MOE_OK, per;
-
-    *out = NULL;
-    if (tp <= 1) {
-        return moe_cpu_backend_create(m, n_blocks, block_size, n_threads,
-                                      out, err, errlen);
-    }
-    if (tp > 64) {
-        moe_errf(err, errlen, "tensor_parallel_size %d: at most 64", tp);
-        return MOE_EINVAL;
-    }
-    ranks = calloc((size_t) tp, sizeof(*ranks));
-    shards = calloc((size_t) tp, sizeof(*shards));
-    if (ranks == NULL || shards == NULL) {
-        free(ranks);
-        free(shards);
-        moe_errf(err, errlen, "tensor parallel: out of memory");
-        return MOE_ENOMEM;
-    }
-    per = n_threads > 0 ? (n_threads + tp - 1) / tp : 0;
-    for (r = 0; r < tp && rc == MOE_OK; r++) {
-        rc = moe_model_shard(m, tp, r, &shards[r], err, errlen);
-        if (rc == MOE_OK) {
-            rc = moe_cpu_backend_create(shards[r], n_blocks, block_size, per,
-                                        &ranks[r], err, errlen);
-        }
-    }
-    if (rc != MOE_OK) {
-        for (r = 0; r < tp; r++) {
-            if (ranks[r] != NULL) {
-                ranks[r]->destroy(ranks[r]);
-            }
-            moe_model_free(shards[r]);
-        }
-    } else {
-        rc = moe_tp_backend_wrap(ranks, shards, tp, &tp_host_ops, NULL,
-                                 moe_cpu_backend_set_reduce, out, err,
-                                 errlen);
-    }
-    free(ranks);
-    free(shards);
-    return rc;
-}

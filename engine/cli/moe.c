@@ -17,7 +17,7 @@
 #include <string.h>
 
 #include "moe.h"
-#include "model/model.h"
+#include "backends/backend.h"
 
 static void
 usage(void)

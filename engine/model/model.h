@@ -1,5 +1,7 @@
 /*
- * Model description, loading and the backend interface (engine internal).
+ * The model (engine internal): hyperparameters, fp32 host weights, loading,
+ * the tensor walk the backends load from, and tensor-parallel sharding.
+ * What a backend is and how one is made: backends/backend.h.
  *
  * A model is a Hugging Face directory: config.json, *.safetensors (or
  * model.safetensors.index.json + shards), tokenizer.json,
@@ -150,6 +152,8 @@ typedef struct moe_model moe_model_t;
  */
 int moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
     char *err, size_t errlen);
+/* Free a model (and its mapped files); a shard frees only the arrays it
+ * sliced.  NULL is ignored. */
 void moe_model_free(moe_model_t *m);
 
 /*
@@ -159,6 +163,8 @@ void moe_model_free(moe_model_t *m);
  */
 int moe_model_load_config(const char *dir, int top_k_override,
     moe_model_t **out, char *err, size_t errlen);
+/* The model's hyperparameters (owned by the model; a shard's are
+ * divided by tp, moe_hparams_shard). */
 const moe_hparams_t *moe_model_hparams(const moe_model_t *m);
 
 /*
@@ -167,7 +173,7 @@ const moe_hparams_t *moe_model_hparams(const moe_model_t *m);
  * by tp; q/k/v rows of its heads and gate/up rows of its slice of every
  * expert (column parallel), the matching input columns of o_proj and down
  * (row parallel: their outputs are partial sums that the ranks add, see
- * moe_tp_backend_create); o/down biases on rank 0 only; embeddings, norms,
+ * moe_tp_backend_wrap, backends/backend.h); o/down biases on rank 0 only; embeddings, norms,
  * router and lm_head shared with m (which must outlive the shard).
  * MOE_EUNSUPPORTED (err names the sizes) when tp does not divide them.
  */
@@ -271,191 +277,5 @@ int moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
  * MOE_EUNSUPPORTED (err names the sizes) when tp does not divide them. */
 int moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
     char *err, size_t errlen);
-
-
-/*
- * One sequence's share of a forward step.  The backend processes
- * tokens[0..n_tokens) at positions pos..pos+n_tokens-1, writing their K/V
- * into the pages named by block_table (block b holds positions
- * [b*block_size, (b+1)*block_size)), attending causally over positions
- * 0..pos+i.  If logits != NULL the logits (vocab_size floats) of the LAST
- * token are written there.  If token_out != NULL the greedy token of the
- * last token's logits is written to *token_out: the id i < n of the
- * largest logit (fp32 compare; ties: the lowest id, as moe_sample()'s
- * greedy path), n = n_valid when 0 < n_valid < vocab_size, else
- * vocab_size (ids >= n_valid are padding the tokenizer never produces).
- * Either, both or neither may be requested; a backend computes a row's
- * lm_head only when one of them is.  Entries must be zeroed (or set)
- * by callers that do not know these fields.
- */
-typedef struct {
-    const int32_t *tokens;
-    int            n_tokens;
-    int            pos;
-    const int32_t *block_table;
-    int            n_blocks;      /* entries in block_table */
-    float         *logits;        /* (vocab_size) or NULL */
-    int32_t       *token_out;     /* (1) greedy id of the last token, or
-                                     NULL */
-    int            n_valid;       /* token_out considers ids < n_valid;
-                                     <= 0: all vocab_size */
-    /* With token_out and a backend that has sample_tokens: draw the
-     * token by these parameters, exactly moe_sample_u() (sampling.h) with
-     * this u over ids < n_valid, instead of the argmax.  The penalty
-     * lists give, for n_pen distinct ids, the generated count (pen_cnt,
-     * frequency/presence penalties) and whether the id is in the prompt
-     * or output (pen_seen, repetition penalty); ids not listed have
-     * neither.  sample NULL: greedy (the argmax above). */
-    const moe_sampling_t *sample;
-    float          u;
-    const int32_t *pen_tok;
-    const int32_t *pen_cnt;
-    const uint8_t *pen_seen;
-    int            n_pen;
-} moe_seq_batch_t;
-
-/*
- * Check one step's batch before a backend touches its KV cache: every
- * entry has tokens in the vocabulary, a position range within the model's
- * limits, and a block table covering it with ids in [0, n_blocks).  On
- * MOE_OK *n_tokens is the step's token count (at most max_tokens),
- * *n_table the block-table entries the step needs and *max_ctx the largest
- * pos + n_tokens.  MOE_EINVAL otherwise.
- */
-int moe_batch_check(const moe_hparams_t *hp, const moe_seq_batch_t *seqs,
-    int n, int n_blocks, int block_size, int max_tokens, int *n_tokens,
-    size_t *n_table, int *max_ctx);
-
-typedef struct moe_backend moe_backend_t;
-
-struct moe_backend {
-    const char *name;             /* "cpu" | "cuda" */
-    int64_t     kv_bytes_per_block;
-    /* 1: forward() honours moe_seq_batch_t.sample (draws tokens itself,
-     * no logits copy); 0: only greedy token_out */
-    int         sample_tokens;
-    /* run one step over n sequences; MOE_OK or a status */
-    int  (*forward)(moe_backend_t *b, const moe_seq_batch_t *seqs, int n);
-    /* per-expert token counts (n_layers * n_experts), may be NULL */
-    const int64_t *(*expert_counts)(moe_backend_t *b);
-    void (*destroy)(moe_backend_t *b);
-
-    /*
-     * Swap space (preemption by swapping, vLLM's swap_space): a host pool
-     * of n_swap_slots slots of kv_bytes_per_block bytes each, owned by the
-     * backend; a slot holds one whole block (every layer, K and V) in the
-     * backend's own KV element type.  The engine does the slot
-     * book-keeping (moe_slots_t, kv.h).  Any of these pointers may be NULL
-     * (then swapping is unavailable and the engine recomputes).
-     *
-     * swap_alloc: (re)allocate the pool with n_slots slots (0 frees it);
-     *   CPU: malloc, CUDA: pinned host memory.  MOE_OK, MOE_EINVAL or
-     *   MOE_ENOMEM (pool then empty, n_swap_slots 0) with the reason in err.
-     * swap_out: copy device/pool blocks[i] into host slot slots[i], i < n.
-     * swap_in:  copy host slot slots[i] into blocks[i], i < n.
-     *   Both are queued in order with forward() (CUDA: async copies on the
-     *   backend's stream), so a block freed right after swap_out may be
-     *   written by the next forward, and a block filled by swap_in is read
-     *   correctly by it; a slot may be reused for a later swap_out as soon
-     *   as swap_in returns.  MOE_EINVAL (id out of range) or MOE_EBACKEND.
-     * swap_read (tests): wait for queued copies, then copy slot's
-     *   kv_bytes_per_block bytes to dst.
-     */
-    int  n_swap_slots;
-    int  (*swap_alloc)(moe_backend_t *b, int n_slots, char *err,
-                       size_t errlen);
-    int  (*swap_out)(moe_backend_t *b, const int32_t *blocks,
-                     const int32_t *slots, int n);
-    int  (*swap_in)(moe_backend_t *b, const int32_t *slots,
-                    const int32_t *blocks, int n);
-    int  (*swap_read)(moe_backend_t *b, int32_t slot, void *dst);
-};
-
-/*
- * CPU backend (fp32 reference).  Allocates a KV pool of n_blocks pages of
- * block_size tokens: (n_blocks, n_layers, 2, block_size, n_kv_heads,
- * head_dim) floats.  The model must outlive the backend.
- */
-int moe_cpu_backend_create(const moe_model_t *m, int n_blocks,
-    int block_size, int n_threads, moe_backend_t **out, char *err,
-    size_t errlen);
-
-/* Sums a buffer of n floats over the tensor-parallel ranks, in place, as
- * an all-reduce: every rank calls it at the same point of its forward and
- * gets the same sum (ranks added in order 0..tp-1). */
-typedef void (*moe_reduce_fn)(void *ctx, float *buf, size_t n);
-
-/* A CPU backend calls fn after o_proj and after the FFN of every layer
- * (the row-parallel partial sums of a shard, moe_model_shard). */
-void moe_cpu_backend_set_reduce(moe_backend_t *b, moe_reduce_fn fn,
-    void *ctx);
-
-/*
- * Tensor parallelism on the CPU: tp ranks, each a CPU backend over
- * moe_model_shard(m, tp, rank) with its own KV pool (its kv heads) of
- * n_blocks blocks and n_threads / tp threads, run one step together: rank
- * 0 on the calling thread, the others on their own threads, the partial
- * sums all-reduced between them (moe_reduce_fn).  Rank 0 writes the
- * step's logits / tokens.  The same block ids name the same positions on
- * every rank; swap slots likewise.  The model must outlive the backend.
- * tp 1 is a plain CPU backend.
- */
-int moe_tp_backend_create(const moe_model_t *m, int tp, int n_blocks,
-    int block_size, int n_threads, moe_backend_t **out, char *err,
-    size_t errlen);
-
-/* How the all-reduce adds and copies the ranks' buffers: host loops for
- * CPU ranks, kernels for CUDA ranks (moe_cuda_tp_ops). sum: dst[i] =
- * srcs[0][i] + ... + srcs[R-1][i] for lo <= i < hi (a NULL src adds
- * nothing); copy: n floats; both complete before returning. */
-typedef struct {
-    int   (*sum)(void *rank_ctx, float *dst, float *const *srcs, int R,
-                 size_t lo, size_t hi);
-    int   (*copy)(void *rank_ctx, float *dst, const float *src, size_t n);
-    void *(*alloc)(size_t bytes);       /* the shared sum buffer */
-    void  (*free)(void *p);
-} moe_tp_ops_t;
-
-/*
- * The tensor-parallel step around tp rank backends already made (each over
- * its shard; shards may be NULL when the ranks own nothing of the caller):
- * set_reduce installs the all-reduce in each.  Takes ownership of the
- * ranks (and shards) also on failure.
- */
-int moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
-    const moe_tp_ops_t *ops, void **op_ctx,
-    void (*set_reduce)(moe_backend_t *b, moe_reduce_fn fn, void *ctx),
-    moe_backend_t **out, char *err, size_t errlen);
-
-/* Rank `rank` of a tensor-parallel backend (tests); a plain backend is its
- * own rank 0. */
-moe_backend_t *moe_tp_backend_rank(moe_backend_t *b, int rank);
-
-/*
- * Tests only (comparing backends with the routing decisions taken out):
- * routing tables are (n_tokens, n_layers, top_k) int32, tokens in step
- * order (sequences in batch order, each one's tokens in order), each
- * token's experts in the order they were chosen (descending probability);
- * -1 on layers that do not route (dense models, layer_dense layers).
- *
- * moe_cpu_backend_force_routing: the NEXT forward() of the CPU backend b
- * uses exactly these experts for each (token, layer) instead of its own
- * top-k; the gate weights still come from b's own fp32 router (softmax
- * over all experts, the forced experts' probabilities, renormalised unless
- * router_no_renorm), summed in the given order.  The table is copied; it
- * applies to that one forward() only, which fails with MOE_EINVAL if its
- * token count is not n_tokens.  Entries of non-routing layers are ignored
- * (on a dense model the call does nothing).  MOE_EINVAL: not a CPU
- * backend, an expert out of range or repeated within a (token, layer);
- * MOE_ENOMEM.
- *
- * moe_cpu_backend_last_routing: the experts the last successful forward()
- * used (chosen or forced) into experts; MOE_EINVAL when n_tokens is not
- * that step's token count (or the last forward failed).
- */
-int moe_cpu_backend_force_routing(moe_backend_t *b, const int32_t *experts,
-    int n_tokens);
-int moe_cpu_backend_last_routing(moe_backend_t *b, int32_t *experts,
-    int n_tokens);
 
 #endif /* MOE_MODEL_H */

@@ -1,20 +1,11 @@
 /*
  * The engine: one thread that owns the model, the KV block manager and the
- * scheduler.  The nginx worker talks to it through two lock-free SPSC rings
- * (submit: worker -> engine; events: engine -> worker) and two eventfds
- * (wake: worker -> engine when it queued work; events: engine -> worker,
- * registered as an nginx read event).
- *
- * Scheduling (continuous batching): every step first gives each running
- * sequence its next chunk (one token when decoding, up to the token budget
- * when prefilling), then admits waiting sequences in arrival order while
- * there are sequence slots, tokens in the budget and KV blocks.  When a
- * running sequence cannot get a block, the most recently admitted one is
- * preempted: swapped out (its blocks copied to the backend's host swap
- * pool, resumed later from where it was) when the swap slots suffice, else
- * recomputed (its blocks freed, its prompt + output computed again later,
- * at the front of the queue).  Swapped and waiting sequences are resumed /
- * admitted strictly oldest first, so the oldest requests always progress.
+ * scheduler (scheduler.c).  The nginx worker talks to it through two
+ * lock-free SPSC rings (submit: worker -> engine; events: engine ->
+ * worker) and two eventfds (wake: worker -> engine when it queued work;
+ * events: engine -> worker, registered as an nginx read event).  This
+ * file: the thread's loop, the rings' worker side, create / destroy (the
+ * backend comes from the factory, backends/backend.h), stats.
  */
 
 #include <errno.h>
@@ -30,242 +21,7 @@
 
 #include <yajl/yajl_tree.h>
 
-#include "moe.h"
-#include "sched/kv.h"
-#include "model/model.h"
-#include "sched/ring.h"
-#include "sched/sampling.h"
-#ifdef MOE_HAVE_CUDA
-#include "backends/cuda_backend.h"
-#endif
-
-#define MOE_EV_BATCH  256
-
-enum { MOE_MSG_SUBMIT = 1, MOE_MSG_CANCEL = 2 };
-
-typedef struct {
-    int32_t         type;
-    int32_t         n_prompt;
-    uint64_t        req_id;
-    int32_t        *prompt;        /* malloc()ed; the engine takes it */
-    moe_sampling_t  sp;
-} moe_msg_t;
-
-typedef struct moe_seq  moe_seq_t;
-
-typedef struct {
-    moe_seq_t  *head, *tail;
-    int         n;
-} moe_seq_queue_t;
-
-struct moe_seq {
-    uint64_t        id;
-    moe_sampling_t  sp;
-    int32_t        *tokens;        /* (cap) prompt then generated ids */
-    int             n_tokens;
-    int             cap;
-    int             n_prompt;
-    int             n_computed;    /* positions whose K/V are cached */
-    int             n_generated;
-    int32_t        *blocks;        /* block table */
-    int             n_blocks;
-    int             cap_blocks;
-    int32_t        *counts;        /* (vocab) generated occurrences, or
-                                      NULL when no penalty needs them */
-    uint8_t        *seen;          /* (vocab) in prompt or output, or NULL */
-    int32_t        *pen_ids;       /* the distinct ids with seen or counts
-                                      set: the penalty list a backend that
-                                      samples gets (moe_seq_batch_t) */
-    int             n_pen, cap_pen;
-    int             pen_lost;      /* 1: pen_ids incomplete (no memory):
-                                      sample on the host */
-    uint64_t       *bhash;         /* (cap / block_size + 1) chain hashes of
-                                      the full blocks, for prefix caching */
-    int             n_published;   /* full blocks offered to the cache */
-    int             n_cached;      /* prompt tokens found in the cache at
-                                      first admission */
-    int             admitted;      /* admitted at least once */
-    uint64_t        order;         /* arrival number: scheduling priority
-                                      (lower is older, goes first) */
-    int32_t        *slots;         /* (n_slots) host swap slots holding
-                                      blocks 0..n_slots-1 while swapped */
-    int             n_slots;
-    moe_rng_t       rng;
-    moe_seq_t      *prev, *next;   /* waiting or swapped queue links */
-};
-
-struct moe_engine {
-    moe_config_t       cfg;
-    moe_model_info_t   info;
-    moe_model_t       *model;
-    moe_tokenizer_t   *tok;
-    moe_backend_t     *backend;
-    char              *chat_template;
-
-    moe_ring_t        *submit;     /* moe_msg_t, worker -> engine */
-    moe_ring_t        *events;     /* moe_event_t, engine -> worker */
-    int                ev_fd;      /* engine -> worker wake */
-    int                wake_fd;    /* worker -> engine wake */
-    pthread_t          thread;
-    int                thread_started;
-    atomic_int         stop;
-
-    /* moe_engine_hold(): hold_steps is how many steps the engine thread
-     * may still take before it parks (-1: no limit), parked says it is
-     * parked; both under hold_mu.  held (hold_steps >= 0) spares the
-     * thread the lock when nobody holds it. */
-    pthread_mutex_t    hold_mu;
-    pthread_cond_t     hold_cv;
-    atomic_int         held;
-    int                hold_steps;
-    int                parked;
-
-    /* engine thread only */
-    moe_blocks_t       blocks;
-    moe_seq_t        **running;    /* (max_num_seqs) in admission order */
-    int                n_running;
-    moe_seq_queue_t    waitq;      /* admitted never or preempted */
-    moe_seq_queue_t    swapq;      /* swapped out, oldest first */
-    moe_slots_t        slots;      /* host swap slots (backend's pool) */
-    uint64_t           next_order;
-    moe_event_t       *overflow;   /* events the ring had no room for */
-    size_t             n_overflow, cap_overflow, overflow_pos;
-    moe_seq_batch_t   *batch;      /* (max_num_seqs) */
-    moe_seq_t        **batch_seq;  /* (max_num_seqs) */
-    float             *logits;     /* (max_num_seqs, vocab) */
-    int32_t           *tok_out;    /* (max_num_seqs) greedy ids picked by
-                                      the backend (moe_seq_batch_t
-                                      token_out) */
-    int32_t           *pen_tok;    /* (cap_pen) the step's penalty lists,
-                                      row after row */
-    int32_t           *pen_cnt;
-    uint8_t           *pen_seen;
-    size_t             cap_pen;
-    moe_sampler_t      sampler;
-    int                n_sample;   /* ids the sampler may produce */
-    int                wake_pending; /* events pushed, worker not woken */
-
-    /* counters, written by the engine thread, read by anyone */
-    _Atomic int64_t    st_submitted, st_finished, st_cancelled,
-                       st_prompt_tokens, st_gen_tokens, st_steps,
-                       st_busy_ns, st_preemptions, st_running, st_waiting,
-                       st_blocks_used, st_blocks_cached, st_cached_tokens,
-                       st_swap_outs, st_swap_ins, st_swap_blocks_out,
-                       st_swapped, st_swap_used, st_backend_sampled;
-    _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
-    size_t             n_expert_counts;
-};
-
-
-static int64_t
-moe_now_ns(void)
-{
-    struct timespec  ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-
-/* Note that tok is about to get seen / counts set: list it if it has
- * neither yet (the list stays the set of ids with either). */
-static void
-moe_seq_pen_note(moe_seq_t *s, int32_t tok)
-{
-    int32_t *p;
-    int      cap;
-
-    if ((s->seen == NULL && s->counts == NULL) || s->pen_lost
-        || (s->seen != NULL && s->seen[tok])
-        || (s->counts != NULL && s->counts[tok] > 0))
-    {
-        return;
-    }
-    if (s->n_pen == s->cap_pen) {
-        cap = s->cap_pen ? 2 * s->cap_pen : 64;
-        p = realloc(s->pen_ids, sizeof(int32_t) * (size_t) cap);
-        if (p == NULL) {
-            s->pen_lost = 1;
-            return;
-        }
-        s->pen_ids = p;
-        s->cap_pen = cap;
-    }
-    s->pen_ids[s->n_pen++] = tok;
-}
-
-
-static void
-moe_seq_free(moe_seq_t *s)
-{
-    if (s == NULL) {
-        return;
-    }
-    free(s->tokens);
-    free(s->blocks);
-    free(s->counts);
-    free(s->seen);
-    free(s->pen_ids);
-    free(s->bhash);
-    free(s->slots);
-    free(s);
-}
-
-
-/* ------------------------------------------------------------- events */
-
-static void
-moe_emit(moe_engine_t *e, const moe_event_t *ev)
-{
-    moe_event_t  *p;
-
-    e->wake_pending = 1;
-
-    /* keep order: once anything overflowed, everything queues behind it */
-    if (e->n_overflow == e->overflow_pos
-        && moe_ring_push(e->events, ev) == MOE_OK)
-    {
-        return;
-    }
-
-    if (e->n_overflow == e->cap_overflow) {
-        size_t  cap = e->cap_overflow ? e->cap_overflow * 2 : 1024;
-
-        p = realloc(e->overflow, cap * sizeof(*p));
-        if (p == NULL) {
-            /* cannot happen in practice; the event is lost and logged */
-            moe_log(MOE_LOG_ERROR, "event queue: out of memory, request "
-                    "%llu loses an event", (unsigned long long) ev->req_id);
-            return;
-        }
-        e->overflow = p;
-        e->cap_overflow = cap;
-    }
-
-    e->overflow[e->n_overflow++] = *ev;
-}
-
-
-static void
-moe_flush_overflow(moe_engine_t *e)
-{
-    while (e->overflow_pos < e->n_overflow) {
-        if (moe_ring_push(e->events, &e->overflow[e->overflow_pos])
-            != MOE_OK)
-        {
-            return;
-        }
-        e->overflow_pos++;
-
-        /* the worker was woken when these were emitted and may have
-         * emptied the ring since: the ones that only arrive now need a
-         * wake-up of their own, or the last of them sit there unseen once
-         * the engine goes idle */
-        e->wake_pending = 1;
-    }
-
-    e->n_overflow = e->overflow_pos = 0;
-}
+#include "sched/engine_int.h"
 
 
 static void
@@ -280,782 +36,21 @@ moe_wake_worker(moe_engine_t *e)
 }
 
 
-static void
-moe_finish_event(moe_engine_t *e, moe_seq_t *s, int reason, int32_t token)
-{
-    moe_event_t  ev;
-
-    memset(&ev, 0, sizeof(ev));
-    ev.req_id = s->id;
-    ev.type = MOE_EV_FINISH;
-    ev.token = token;
-    ev.finish_reason = reason;
-    ev.n_prompt = s->n_prompt;
-    ev.n_cached = s->n_cached;
-    ev.n_generated = s->n_generated;
-    moe_emit(e, &ev);
-}
-
-
-/* ---------------------------------------------------------- sequences */
-
-/* Doubly linked queues of sequences in arrival order (waiting, swapped). */
-
-static void
-moe_q_unlink(moe_seq_queue_t *q, moe_seq_t *s)
-{
-    if (s->prev) s->prev->next = s->next; else q->head = s->next;
-    if (s->next) s->next->prev = s->prev; else q->tail = s->prev;
-    s->prev = s->next = NULL;
-    q->n--;
-}
-
-
-/* Insert before the first sequence that arrived later: new requests land
- * at the back, preempted ones at their place (in practice the front). */
-static void
-moe_q_insert(moe_seq_queue_t *q, moe_seq_t *s)
-{
-    moe_seq_t  *p = q->tail;
-
-    /* walk from the back: new arrivals, the common case, stop at once */
-    while (p != NULL && p->order > s->order) {
-        p = p->prev;
-    }
-    s->prev = p;
-    s->next = p != NULL ? p->next : q->head;
-    if (s->next) s->next->prev = s; else q->tail = s;
-    if (p) p->next = s; else q->head = s;
-    q->n++;
-}
-
-
-/* Give a sequence's host swap slots back. */
-static void
-moe_seq_drop_slots(moe_engine_t *e, moe_seq_t *s)
-{
-    moe_slots_free(&e->slots, s->slots, s->n_slots);
-    free(s->slots);
-    s->slots = NULL;
-    s->n_slots = 0;
-}
-
-
-/* Into the running list at its place by arrival (admission order is
- * arrival order: the newest running sequence is preempted first). */
-static void
-moe_running_insert(moe_engine_t *e, moe_seq_t *s)
-{
-    int  j = e->n_running;
-
-    while (j > 0 && e->running[j - 1]->order > s->order) {
-        j--;
-    }
-    memmove(&e->running[j + 1], &e->running[j],
-            sizeof(moe_seq_t *) * (size_t) (e->n_running - j));
-    e->running[j] = s;
-    e->n_running++;
-}
-
-
-static void
-moe_running_remove(moe_engine_t *e, int i)
-{
-    memmove(&e->running[i], &e->running[i + 1],
-            sizeof(moe_seq_t *) * (size_t) (e->n_running - i - 1));
-    e->n_running--;
-}
-
-
-/* Finish a running sequence: event, blocks back, memory freed. */
-static void
-moe_retire(moe_engine_t *e, int i, int reason, int32_t token)
-{
-    moe_seq_t  *s = e->running[i];
-
-    moe_finish_event(e, s, reason, token);
-    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-    moe_running_remove(e, i);
-    moe_seq_free(s);
-
-    atomic_fetch_add_explicit(&e->st_finished, 1, memory_order_relaxed);
-}
-
-
-static void
-moe_cancel_seq(moe_engine_t *e, uint64_t id)
-{
-    int               i, k;
-    moe_seq_t        *s;
-    moe_seq_queue_t  *q[2] = { &e->waitq, &e->swapq };
-
-    for (i = 0; i < e->n_running; i++) {
-        if (e->running[i]->id == id) {
-            moe_retire(e, i, MOE_FINISH_CANCELLED, -1);
-            atomic_fetch_add_explicit(&e->st_cancelled, 1,
-                                      memory_order_relaxed);
-            return;
-        }
-    }
-
-    /* waiting (maybe holding prefix blocks) or swapped (holding slots) */
-    for (k = 0; k < 2; k++) {
-        for (s = q[k]->head; s != NULL; s = s->next) {
-            if (s->id != id) {
-                continue;
-            }
-            moe_q_unlink(q[k], s);
-            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-            moe_seq_drop_slots(e, s);
-            moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
-            moe_seq_free(s);
-            atomic_fetch_add_explicit(&e->st_finished, 1,
-                                      memory_order_relaxed);
-            atomic_fetch_add_explicit(&e->st_cancelled, 1,
-                                      memory_order_relaxed);
-            return;
-        }
-    }
-
-    /* already finished: its FINISH event is on its way; nothing to do */
-}
-
-
-static moe_seq_t *
-moe_seq_create(moe_engine_t *e, moe_msg_t *m)
-{
-    int         i, cap;
-    moe_seq_t  *s;
-
-    s = calloc(1, sizeof(*s));
-    if (s == NULL) {
-        return NULL;
-    }
-
-    cap = m->n_prompt + m->sp.max_tokens;
-    if (cap > e->info.max_model_len) {
-        cap = e->info.max_model_len;
-    }
-
-    s->id = m->req_id;
-    s->order = e->next_order++;
-    s->sp = m->sp;
-    s->n_prompt = m->n_prompt;
-    s->cap = cap;
-    s->tokens = realloc(m->prompt, sizeof(int32_t) * (size_t) cap);
-    if (s->tokens == NULL) {
-        free(s);
-        return NULL;
-    }
-    m->prompt = NULL;
-    s->n_tokens = m->n_prompt;
-
-    s->bhash = malloc(sizeof(uint64_t)
-                      * (size_t) (cap / e->cfg.block_size + 1));
-    if (s->bhash == NULL) {
-        moe_seq_free(s);
-        return NULL;
-    }
-
-    if (s->sp.frequency_penalty != 0.0f || s->sp.presence_penalty != 0.0f) {
-        s->counts = calloc((size_t) e->info.vocab_size, sizeof(int32_t));
-        if (s->counts == NULL) {
-            moe_seq_free(s);
-            return NULL;
-        }
-    }
-
-    if (s->sp.repetition_penalty != 1.0f) {
-        s->seen = calloc((size_t) e->info.vocab_size, 1);
-        if (s->seen == NULL) {
-            moe_seq_free(s);
-            return NULL;
-        }
-        for (i = 0; i < s->n_prompt; i++) {
-            moe_seq_pen_note(s, s->tokens[i]);
-            s->seen[s->tokens[i]] = 1;
-        }
-    }
-
-    moe_rng_seed(&s->rng, s->sp.has_seed
-                          ? s->sp.seed
-                          : (s->id * 0x9e3779b97f4a7c15ULL)
-                            ^ (uint64_t) moe_now_ns());
-
-    return s;
-}
-
-
+/* The submit ring: requests to the scheduler, cancels done at once. */
 static void
 moe_drain_submit(moe_engine_t *e)
 {
-    moe_msg_t    m;
-    moe_seq_t   *s;
-    moe_event_t  ev;
+    moe_msg_t  m;
 
     while (moe_ring_pop(e->submit, &m) == 1) {
         if (m.type == MOE_MSG_CANCEL) {
-            moe_cancel_seq(e, m.req_id);
+            moe_sched_cancel(e, m.req_id);
             continue;
         }
 
         atomic_fetch_add_explicit(&e->st_submitted, 1, memory_order_relaxed);
-
-        s = moe_seq_create(e, &m);
-        if (s == NULL) {
-            free(m.prompt);
-            memset(&ev, 0, sizeof(ev));
-            ev.req_id = m.req_id;
-            ev.type = MOE_EV_ERROR;
-            ev.status = MOE_ENOMEM;
-            moe_emit(e, &ev);
-            atomic_fetch_add_explicit(&e->st_finished, 1,
-                                      memory_order_relaxed);
-            continue;
-        }
-
-        moe_q_insert(&e->waitq, s);
+        moe_sched_submit(e, &m);
     }
-}
-
-
-/* ------------------------------------------------------------ the step */
-
-/*
- * Swap a sequence that left the running list out to host memory: copies of
- * the blocks holding its n_computed positions go to free swap slots (all
- * of them, shared prefix blocks too: the copy is what gets resumed), then
- * its table is released.  MOE_OK, or MOE_EFULL (swapping off, not enough
- * slots, nothing computed) / another status with nothing changed.
- */
-static int
-moe_swap_out_seq(moe_engine_t *e, moe_seq_t *s)
-{
-    int  nb, rc;
-
-    nb = moe_blocks_for(&e->blocks, s->n_computed);
-    if (nb == 0 || nb > s->n_blocks || e->backend->swap_out == NULL
-        || e->backend->swap_in == NULL || nb > e->slots.n_free)
-    {
-        return MOE_EFULL;
-    }
-
-    s->slots = malloc(sizeof(int32_t) * (size_t) nb);
-    if (s->slots == NULL) {
-        return MOE_ENOMEM;
-    }
-    (void) moe_slots_alloc(&e->slots, nb, s->slots);
-    s->n_slots = nb;
-
-    rc = e->backend->swap_out(e->backend, s->blocks, s->slots, nb);
-    if (rc != MOE_OK) {
-        moe_log(MOE_LOG_ERROR, "swap out of request %llu failed (%s); "
-                "recomputing it instead", (unsigned long long) s->id,
-                moe_strerror(rc));
-        moe_seq_drop_slots(e, s);
-        return rc;
-    }
-
-    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-    s->n_published = 0;       /* its blocks will be fresh when resumed */
-    moe_q_insert(&e->swapq, s);
-
-    atomic_fetch_add_explicit(&e->st_swap_outs, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&e->st_swap_blocks_out, nb,
-                              memory_order_relaxed);
-    moe_log(MOE_LOG_INFO, "preempted request %llu (swap): KV cache full, "
-            "%d blocks to host memory", (unsigned long long) s->id, nb);
-    return MOE_OK;
-}
-
-
-/* Preempt the most recently admitted running sequence (not yet in this
- * step's batch): swapped out when the swap slots hold its blocks, else
- * recomputed later.  Returns 0 when there is nothing to preempt. */
-static int
-moe_preempt_last(moe_engine_t *e, int first_allowed)
-{
-    moe_seq_t  *s;
-
-    if (e->n_running - 1 < first_allowed) {
-        return 0;
-    }
-
-    s = e->running[e->n_running - 1];
-    e->n_running--;
-
-    if (moe_swap_out_seq(e, s) == MOE_OK) {
-        return 1;
-    }
-
-    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-    s->n_computed = 0;
-    s->n_published = 0;
-    moe_q_insert(&e->waitq, s);
-
-    atomic_fetch_add_explicit(&e->st_preemptions, 1, memory_order_relaxed);
-    moe_log(MOE_LOG_INFO, "preempted request %llu (recompute): KV cache full",
-            (unsigned long long) s->id);
-    return 1;
-}
-
-
-/*
- * Resume the oldest swapped sequence s with a chunk of `chunk` tokens:
- * fresh blocks for its computed positions plus the chunk, swap_in of its
- * slots into the first of them.  MOE_OK (s is running), MOE_EFULL (not
- * enough free blocks, nothing changed) or another status; a failed copy
- * sends s back to be recomputed (MOE_OK is still returned: s left the
- * swapped queue but is not in the step).
- */
-static int
-moe_swap_in_seq(moe_engine_t *e, moe_seq_t *s, int chunk, int *resumed)
-{
-    int  rc;
-
-    *resumed = 0;
-    rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
-                            &s->cap_blocks, s->n_computed + chunk);
-    if (rc != MOE_OK) {
-        return rc;
-    }
-
-    moe_q_unlink(&e->swapq, s);
-    rc = e->backend->swap_in(e->backend, s->slots, s->blocks, s->n_slots);
-    moe_seq_drop_slots(e, s);
-
-    if (rc != MOE_OK) {
-        moe_log(MOE_LOG_ERROR, "swap in of request %llu failed (%s); "
-                "recomputing it", (unsigned long long) s->id,
-                moe_strerror(rc));
-        moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-        s->n_computed = 0;
-        s->n_published = 0;
-        moe_q_insert(&e->waitq, s);
-        atomic_fetch_add_explicit(&e->st_preemptions, 1,
-                                  memory_order_relaxed);
-        return MOE_OK;
-    }
-
-    moe_running_insert(e, s);
-    *resumed = 1;
-    atomic_fetch_add_explicit(&e->st_swap_ins, 1, memory_order_relaxed);
-    moe_log(MOE_LOG_INFO, "resumed request %llu: %d blocks swapped in",
-            (unsigned long long) s->id, moe_blocks_for(&e->blocks,
-                                                       s->n_computed));
-    return MOE_OK;
-}
-
-
-/* Room for n more penalty-list entries in the step's lists. */
-static int
-moe_pen_reserve(moe_engine_t *e, size_t need)
-{
-    size_t    cap;
-    int32_t  *t, *c;
-    uint8_t  *v;
-
-    if (need <= e->cap_pen) {
-        return MOE_OK;
-    }
-    cap = e->cap_pen ? e->cap_pen : 1024;
-    while (cap < need) {
-        cap *= 2;
-    }
-    t = realloc(e->pen_tok, sizeof(int32_t) * cap);
-    if (t != NULL) {
-        e->pen_tok = t;
-    }
-    c = realloc(e->pen_cnt, sizeof(int32_t) * cap);
-    if (c != NULL) {
-        e->pen_cnt = c;
-    }
-    v = realloc(e->pen_seen, cap);
-    if (v != NULL) {
-        e->pen_seen = v;
-    }
-    if (t == NULL || c == NULL || v == NULL) {
-        return MOE_ENOMEM;
-    }
-    e->cap_pen = cap;
-    return MOE_OK;
-}
-
-
-/* 1: s's next token is the plain argmax of its logits (what moe_sample()
- * does for it: greedy, no penalty that applies, no logprobs), so the
- * backend may pick it (token_out). */
-static int
-moe_seq_greedy(const moe_seq_t *s)
-{
-    const moe_sampling_t *sp = &s->sp;
-
-    return sp->temperature < 1e-5f && !sp->logprobs
-           && (s->seen == NULL || sp->repetition_penalty == 1.0f)
-           && (s->counts == NULL
-               || (sp->frequency_penalty == 0.0f
-                   && sp->presence_penalty == 0.0f));
-}
-
-
-/*
- * Decide each step row's output: rows that end their sequence's known
- * tokens get token_out (greedy: the backend's argmax; otherwise, with a
- * backend that samples, the draw with the sequence's parameters: its RNG
- * gives u here exactly when moe_sample() would draw, so the stream of a
- * seeded request is the same either way) or logits for moe_sample() on
- * the host (logprobs, or a backend that only does argmax).
- */
-static void
-moe_step_outputs(moe_engine_t *e, int n)
-{
-    moe_seq_batch_t *b;
-    moe_seq_t       *s;
-    size_t           used = 0;
-    int              i, k;
-
-    for (i = 0; i < n; i++) {
-        s = e->batch_seq[i];
-        b = &e->batch[i];
-        b->logits = NULL;
-        b->token_out = NULL;
-        b->sample = NULL;
-        b->n_pen = 0;
-        b->n_valid = e->n_sample;
-        if (s->n_computed + b->n_tokens != s->n_tokens) {
-            continue;
-        }
-        if (moe_seq_greedy(s)) {
-            b->token_out = e->tok_out + i;
-            continue;
-        }
-        if (!e->backend->sample_tokens || s->sp.logprobs || s->pen_lost
-            || moe_pen_reserve(e, used + (size_t) s->n_pen) != MOE_OK)
-        {
-            b->logits = e->logits + (size_t) i * e->info.vocab_size;
-            continue;
-        }
-        b->token_out = e->tok_out + i;
-        b->sample = &s->sp;
-        b->u = s->sp.temperature < 1e-5f ? 0.0f : moe_rng_uniform(&s->rng);
-        for (k = 0; k < s->n_pen; k++) {
-            int32_t t = s->pen_ids[k];
-
-            e->pen_tok[used + k] = t;
-            e->pen_cnt[used + k] = s->counts != NULL ? s->counts[t] : 0;
-            e->pen_seen[used + k] = s->seen != NULL ? s->seen[t] : 0;
-        }
-        b->n_pen = s->n_pen;
-        used += (size_t) s->n_pen;
-    }
-    /* pointers last: the lists may have moved while they grew */
-    used = 0;
-    for (i = 0; i < n; i++) {
-        b = &e->batch[i];
-        if (b->n_pen == 0) {
-            b->pen_tok = b->pen_cnt = NULL;
-            b->pen_seen = NULL;
-            continue;
-        }
-        b->pen_tok = e->pen_tok + used;
-        b->pen_cnt = e->pen_cnt + used;
-        b->pen_seen = e->pen_seen + used;
-        used += (size_t) b->n_pen;
-    }
-}
-
-
-/* Entry i of the step: s's next chunk of `chunk` tokens (no outputs yet;
- * the step decides logits or token after admission). */
-static void
-moe_batch_add(moe_engine_t *e, int i, moe_seq_t *s, int chunk)
-{
-    moe_seq_batch_t  *b = &e->batch[i];
-
-    memset(b, 0, sizeof(*b));
-    e->batch_seq[i] = s;
-    b->tokens = s->tokens + s->n_computed;
-    b->n_tokens = chunk;
-    b->pos = s->n_computed;
-    b->block_table = s->blocks;
-    b->n_blocks = s->n_blocks;
-}
-
-
-static int
-moe_step(moe_engine_t *e)
-{
-    int         i, n = 0, budget, want, chunk, rc, limit, reason;
-    int         preempted = 0, resumed;
-    int32_t     tok;
-    float       lp;
-    int64_t     t0;
-    moe_seq_t  *s;
-    moe_event_t ev;
-
-    budget = e->cfg.max_num_batched_tokens;
-    limit = e->cfg.max_chunked_prefill_tokens > 0
-            ? e->cfg.max_chunked_prefill_tokens : budget;
-
-    /* 1. running sequences: decode tokens and unfinished prefills */
-    for (i = 0; i < e->n_running && budget > 0; i++) {
-        s = e->running[i];
-        want = s->n_tokens - s->n_computed;
-        chunk = want < budget ? want : budget;
-        if (chunk > limit) {
-            chunk = limit;
-        }
-        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
-            continue;
-        }
-
-        while ((rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
-                                        &s->cap_blocks,
-                                        s->n_computed + chunk))
-               == MOE_EFULL)
-        {
-            if (!moe_preempt_last(e, i + 1)) {
-                break;
-            }
-            preempted = 1;
-        }
-
-        if (rc == MOE_EFULL) {
-            /* s is the newest: it waits for blocks behind the others
-             * (swapped out or to be recomputed) */
-            (void) moe_preempt_last(e, i);
-            preempted = 1;
-            break;
-        }
-
-        if (rc != MOE_OK) {
-            return rc;
-        }
-
-        moe_batch_add(e, n++, s, chunk);
-        budget -= chunk;
-    }
-
-    /* 2. resume swapped sequences and admit waiting ones, strictly oldest
-     * first (swapped ones were admitted before any never-admitted one);
-     * not in a step that had to preempt (it would only swap back) */
-    while (!preempted && (e->waitq.head != NULL || e->swapq.head != NULL)
-           && budget > 0 && e->n_running < e->cfg.max_num_seqs)
-    {
-        s = e->swapq.head;
-        if (s != NULL
-            && (e->waitq.head == NULL || s->order < e->waitq.head->order))
-        {
-            want = s->n_tokens - s->n_computed;
-            chunk = want < budget ? want : budget;
-            if (chunk > limit) {
-                chunk = limit;
-            }
-            if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
-                break;
-            }
-            rc = moe_swap_in_seq(e, s, chunk, &resumed);
-            if (rc == MOE_EFULL) {
-                break;
-            }
-            if (rc != MOE_OK) {
-                return rc;
-            }
-            if (!resumed) {
-                continue;       /* copy failed: s waits for a recompute */
-            }
-
-            moe_batch_add(e, n++, s, chunk);
-            budget -= chunk;
-            continue;
-        }
-
-        s = e->waitq.head;
-
-        /* prefix cache: reuse whole blocks of an equal prefix; the last
-         * prompt token is always computed (its logits are needed, and its
-         * block must be private since K/V will be written there) */
-        if (s->n_blocks == 0 && s->n_computed == 0) {
-            int hit = moe_blocks_match(&e->blocks, s->tokens,
-                                       s->n_tokens - 1, &s->blocks,
-                                       &s->n_blocks, &s->cap_blocks,
-                                       s->bhash);
-            s->n_computed = hit > 0 ? hit : 0;
-            s->n_published = s->n_computed / e->cfg.block_size;
-            if (!s->admitted) {
-                s->n_cached = s->n_computed;
-            }
-        }
-
-        want = s->n_tokens - s->n_computed;
-        chunk = want < budget ? want : budget;
-        if (chunk > limit) {
-            chunk = limit;
-        }
-        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
-            chunk = 0;
-        }
-
-        rc = chunk == 0 ? MOE_EFULL
-             : moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
-                                  &s->cap_blocks, s->n_computed + chunk);
-        if (rc != MOE_OK) {
-            /* not this step: give the matched blocks back for now */
-            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-            s->n_computed = 0;
-            s->n_published = 0;
-            if (rc == MOE_EFULL) {
-                break;
-            }
-            return rc;
-        }
-
-        if (!s->admitted) {
-            s->admitted = 1;
-            atomic_fetch_add_explicit(&e->st_cached_tokens, s->n_cached,
-                                      memory_order_relaxed);
-        }
-
-        moe_q_unlink(&e->waitq, s);
-        moe_running_insert(e, s);
-
-        moe_batch_add(e, n++, s, chunk);
-        budget -= chunk;
-    }
-
-    if (n == 0) {
-        return MOE_OK;
-    }
-
-    /* the last prompt / generated token's output: greedy sequences
-     * without penalties or logprobs take the backend's argmax (no logits
-     * copy, no host scan); with a backend that samples, the others
-     * without logprobs too; the rest logits for moe_sample() */
-    moe_step_outputs(e, n);
-
-    /* 3. forward */
-    t0 = moe_now_ns();
-    rc = e->backend->forward(e->backend, e->batch, n);
-    if (rc != MOE_OK) {
-        moe_log(MOE_LOG_ERROR, "forward step failed: %s", moe_strerror(rc));
-        /* fail the sequences of this step, keep serving the others */
-        for (i = e->n_running - 1; i >= 0; i--) {
-            int j;
-
-            for (j = 0; j < n; j++) {
-                if (e->batch_seq[j] == e->running[i]) {
-                    break;
-                }
-            }
-            if (j == n) {
-                continue;
-            }
-
-            s = e->running[i];
-            memset(&ev, 0, sizeof(ev));
-            ev.req_id = s->id;
-            ev.type = MOE_EV_ERROR;
-            ev.status = rc;
-            moe_emit(e, &ev);
-            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-            moe_running_remove(e, i);
-            moe_seq_free(s);
-            atomic_fetch_add_explicit(&e->st_finished, 1,
-                                      memory_order_relaxed);
-        }
-        return MOE_OK;
-    }
-
-    /* 4. sample and retire */
-    for (i = 0; i < n; i++) {
-        s = e->batch_seq[i];
-        s->n_computed += e->batch[i].n_tokens;
-
-        if (s->n_computed / e->cfg.block_size > s->n_published) {
-            moe_blocks_publish(&e->blocks, s->blocks, s->tokens, s->bhash,
-                               s->n_published,
-                               s->n_computed / e->cfg.block_size);
-            s->n_published = s->n_computed / e->cfg.block_size;
-        }
-
-        if (e->batch[i].token_out != NULL) {
-            tok = e->tok_out[i];
-            lp = 0.0f;
-            if (e->batch[i].sample != NULL) {
-                atomic_fetch_add_explicit(&e->st_backend_sampled, 1,
-                                          memory_order_relaxed);
-            }
-        } else if (e->batch[i].logits != NULL) {
-            tok = moe_sample(&e->sampler, e->batch[i].logits, &s->sp,
-                             s->counts, s->seen, &s->rng, &lp);
-        } else {
-            continue;
-        }
-        s->n_generated++;
-        atomic_fetch_add_explicit(&e->st_gen_tokens, 1, memory_order_relaxed);
-        if (s->n_generated == 1) {
-            atomic_fetch_add_explicit(&e->st_prompt_tokens, s->n_prompt,
-                                      memory_order_relaxed);
-        }
-
-        reason = MOE_FINISH_NONE;
-
-        if (!s->sp.ignore_eos) {
-            int k;
-
-            for (k = 0; k < e->info.n_eos; k++) {
-                if (tok == e->info.eos_ids[k]) {
-                    reason = MOE_FINISH_STOP;
-                }
-            }
-        }
-
-        for (int k = 0; k < s->sp.n_stop_token_ids; k++) {
-            if (tok == s->sp.stop_token_ids[k]) {
-                reason = MOE_FINISH_STOP;
-            }
-        }
-
-        if (reason == MOE_FINISH_NONE) {
-            memset(&ev, 0, sizeof(ev));
-            ev.req_id = s->id;
-            ev.type = MOE_EV_TOKEN;
-            ev.token = tok;
-            ev.logprob = lp;
-            moe_emit(e, &ev);
-
-            moe_seq_pen_note(s, tok);
-            if (s->counts) s->counts[tok]++;
-            if (s->seen) s->seen[tok] = 1;
-
-            if (s->n_generated >= s->sp.max_tokens
-                || s->n_tokens + 1 >= e->info.max_model_len
-                || s->n_tokens >= s->cap)
-            {
-                reason = MOE_FINISH_LENGTH;
-            } else {
-                s->tokens[s->n_tokens++] = tok;
-            }
-        }
-
-        if (reason != MOE_FINISH_NONE) {
-            int j;
-
-            for (j = 0; j < e->n_running; j++) {
-                if (e->running[j] == s) {
-                    break;
-                }
-            }
-            moe_retire(e, j, reason,
-                       reason == MOE_FINISH_STOP ? tok : -1);
-        }
-    }
-
-    atomic_fetch_add_explicit(&e->st_steps, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&e->st_busy_ns, moe_now_ns() - t0,
-                              memory_order_relaxed);
-
-    return MOE_OK;
 }
 
 
@@ -1124,9 +119,9 @@ moe_engine_main(void *arg)
         }
 
         moe_drain_submit(e);
-        moe_flush_overflow(e);
+        moe_sched_flush_events(e);
 
-        if (e->n_running == 0 && e->waitq.n == 0 && e->swapq.n == 0) {
+        if (moe_sched_idle(e)) {
             moe_publish_stats(e);
             /* events from cancels or failed submits (drain_submit) need
              * their wake-up too, not only those of a step */
@@ -1143,7 +138,7 @@ moe_engine_main(void *arg)
             continue;
         }
 
-        rc = moe_step(e);
+        rc = moe_sched_step(e);
         if (rc != MOE_OK) {
             moe_log(MOE_LOG_ERROR, "scheduler step failed: %s",
                     moe_strerror(rc));
@@ -1247,96 +242,29 @@ moe_compare_model_section(const moe_config_t *c, const moe_hparams_t *hp)
 }
 
 
-/* CPU backend with a KV pool of cfg.kv_cache_blocks, or enough for
- * max_num_seqs sequences of max_model_len within a quarter of RAM. */
-static int
-moe_cpu_backend_create_sized(moe_engine_t *e, const moe_hparams_t *hp,
-    int *n_blocks, int blocks_per_seq, char *err, size_t errlen)
-{
-    const moe_config_t  *cfg = &e->cfg;
-    int64_t              cap_bytes, per;
-    long                 pages, page_size;
-    int                  n = cfg->kv_cache_blocks;
-
-    if (n <= 0) {
-        pages = sysconf(_SC_PHYS_PAGES);
-        page_size = sysconf(_SC_PAGESIZE);
-        cap_bytes = pages > 0 && page_size > 0
-                    ? (int64_t) pages * page_size / 4 : ((int64_t) 1 << 30);
-        /* K and V, fp32, every layer */
-        per = (int64_t) 2 * hp->n_layers * cfg->block_size * hp->n_kv_heads
-              * hp->head_dim * (int64_t) sizeof(float);
-        n = blocks_per_seq * cfg->max_num_seqs;
-        if ((int64_t) n * per > cap_bytes) {
-            n = (int) (cap_bytes / per);
-        }
-    }
-
-    *n_blocks = n;
-    /* cpu_tensor_parallel with tensor_parallel_size > 1: the ranks' shards,
-     * one thread each, their partial sums all-reduced (tp.c); else one
-     * CPU backend (sharding threads buys nothing on one host: run 16 of
-     * this session measured 200 tokens in 0.54 s on 4 ranks, 0.37 on 1) */
-    return moe_tp_backend_create(e->model, cfg->cpu_tensor_parallel
-                                           ? cfg->tensor_parallel_size : 1,
-                                 n > 0 ? n : 1, cfg->block_size,
-                                 cfg->cpu_threads, &e->backend, err, errlen);
-}
-
-
-/*
- * The backend's host swap pool from cfg.swap_space (GiB; 0 off): at most
- * what max_num_seqs sequences of max_model_len can hold and 40% of the
- * host's memory.  Swapping is an optimisation: any failure is logged and
- * preemption falls back to recompute.
- */
+/* The factory's view of the configuration (backends/backend.h). */
 static void
-moe_swap_space_init(moe_engine_t *e, int blocks_per_seq)
+moe_backend_opts(const moe_config_t *cfg, int max_model_len,
+    moe_backend_opts_t *o)
 {
-    const moe_config_t  *cfg = &e->cfg;
-    moe_backend_t       *b = e->backend;
-    int64_t              per = b->kv_bytes_per_block, n, cap;
-    long                 pages, page_size;
-    char                 err[256];
-
-    if (cfg->swap_space <= 0 || b->swap_alloc == NULL || b->swap_out == NULL
-        || b->swap_in == NULL || per <= 0)
-    {
-        return;
+    memset(o, 0, sizeof(*o));
+    o->file = cfg->file;
+    o->backend = cfg->backend;
+    o->dummy = strcmp(cfg->load_format, "dummy") == 0;
+    o->tensor_parallel_size = cfg->tensor_parallel_size;
+    if (cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0) {
+        o->gpu_devices = cfg->instances[0].gpu_devices;
+        o->n_gpu_devices = cfg->instances[0].n_gpu_devices;
     }
-
-    n = (int64_t) (cfg->swap_space * 1073741824.0 / (double) per);
-    cap = (int64_t) blocks_per_seq * cfg->max_num_seqs;
-    if (n > cap) {
-        n = cap;
-    }
-    pages = sysconf(_SC_PHYS_PAGES);
-    page_size = sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page_size > 0
-        && n * per > (int64_t) pages * page_size / 10 * 4)
-    {
-        n = (int64_t) pages * page_size / 10 * 4 / per;
-        moe_log(MOE_LOG_WARN, "%s: swap_space %.2f GiB is more than 40%% of "
-                "the host's memory; using %.2f GiB", cfg->file,
-                cfg->swap_space, (double) (n * per) / 1073741824.0);
-    }
-    if (n > (1 << 30)) {
-        n = 1 << 30;
-    }
-    if (n < 1) {
-        moe_log(MOE_LOG_WARN, "%s: swap_space %g GiB holds no KV block of "
-                "%lld bytes; preemption recomputes", cfg->file,
-                cfg->swap_space, (long long) per);
-        return;
-    }
-
-    if (b->swap_alloc(b, (int) n, err, sizeof(err)) != MOE_OK) {
-        moe_log(MOE_LOG_WARN, "swap space: %s; preemption recomputes", err);
-        return;
-    }
-    moe_log(MOE_LOG_INFO, "swap space: %d blocks (%.1f MiB of host memory)",
-            b->n_swap_slots, (double) b->n_swap_slots * (double) per
-                             / 1048576.0);
+    o->cpu_tensor_parallel = cfg->cpu_tensor_parallel;
+    o->cpu_threads = cfg->cpu_threads;
+    o->kv_cache_blocks = cfg->kv_cache_blocks;
+    o->gpu_memory_utilization = cfg->gpu_memory_utilization;
+    o->swap_space = cfg->swap_space;
+    o->block_size = cfg->block_size;
+    o->max_model_len = max_model_len;
+    o->max_num_seqs = cfg->max_num_seqs;
+    o->max_num_batched_tokens = cfg->max_num_batched_tokens;
 }
 
 
@@ -1344,10 +272,12 @@ int
 moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     size_t errlen)
 {
-    int                   rc, n_blocks, blocks_per_seq, i, use_cuda, dummy;
+    int                   rc, n_blocks, i;
     char                  path[MOE_PATH_MAX + 32];
     const moe_hparams_t  *hp;
     moe_engine_t         *e;
+    moe_backend_opts_t    bo;
+    moe_backend_kind_t    kind;
 
     *out = NULL;
 
@@ -1377,83 +307,17 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
-    use_cuda = 0;
-#ifdef MOE_HAVE_CUDA
-    if (strcmp(cfg->backend, "cpu") != 0 && moe_cuda_device_count() > 0) {
-        use_cuda = 1;
-    }
-#endif
-    if (strcmp(cfg->backend, "cuda") == 0 && !use_cuda) {
-#ifdef MOE_HAVE_CUDA
-        moe_errf(err, errlen, "%s: backend 'cuda' requested, but no CUDA "
-                   "device is visible", cfg->file);
-#else
-        moe_errf(err, errlen, "%s: backend 'cuda' requested, but this "
-                   "build has no CUDA support (built with MOE_CUDA=0 or "
-                   "without nvcc)", cfg->file);
-#endif
-        rc = MOE_EUNSUPPORTED;
+    /* which backend, and the model loaded the way it reads it */
+    moe_backend_opts(cfg, 0, &bo);
+    rc = moe_backend_load_model(&bo, cfg->model_path,
+                                cfg->top_k_experts > 0 ? cfg->top_k_experts
+                                                       : 0,
+                                &kind, &e->model, err, errlen);
+    if (rc != MOE_OK) {
         goto fail;
-    }
-
-    moe_log(MOE_LOG_INFO, "loading model from %s", cfg->model_path);
-
-    /* load_format "dummy" (vLLM's): config.json only, random weights made
-     * on the GPU; for benchmarks of real shapes without the files */
-    dummy = strcmp(cfg->load_format, "dummy") == 0;
-    if (dummy && !use_cuda) {
-        moe_errf(err, errlen, "%s: load_format 'dummy' needs the cuda "
-                   "backend (random weights are made on the GPU)", cfg->file);
-        rc = MOE_EUNSUPPORTED;
-        goto fail;
-    }
-
-    /* the cuda backend reads the mapped files itself: no fp32 host copy
-     * (a real model's fp32 copy does not fit in host memory) */
-    {
-        int64_t t0 = moe_now_ns();
-
-        rc = (dummy ? moe_model_load_config
-                    : use_cuda ? moe_model_open : moe_model_load)(
-                 cfg->model_path,
-                 cfg->top_k_experts > 0 ? cfg->top_k_experts : 0,
-                 &e->model, err, errlen);
-        if (rc != MOE_OK) {
-            goto fail;
-        }
-        if (!dummy) {
-            moe_log(MOE_LOG_INFO, "model %s: %.2f GB of weights in the "
-                    "files, %s in %.2f s", cfg->model_path,
-                    (double) moe_model_weight_bytes(e->model) / 1e9,
-                    use_cuda ? "mapped and checked"
-                             : "converted to fp32 host memory",
-                    (double) (moe_now_ns() - t0) / 1e9);
-        }
     }
     hp = moe_model_hparams(e->model);
     moe_compare_model_section(cfg, hp);
-
-#ifdef MOE_HAVE_CUDA
-    {
-        char  why[256];
-
-        if (use_cuda && !moe_cuda_supports(hp, why, sizeof(why))) {
-            if (strcmp(cfg->backend, "cuda") == 0) {
-                snprintf(err, errlen, "%s: backend 'cuda' cannot run %s "
-                         "(%s)", cfg->file, hp->arch_name, why);
-                rc = MOE_EUNSUPPORTED;
-                goto fail;
-            }
-            moe_log(MOE_LOG_WARN, "the cuda backend cannot run %s (%s); "
-                    "serving from the cpu backend", hp->arch_name, why);
-            use_cuda = 0;
-            rc = moe_model_load_f32(e->model, err, errlen);
-            if (rc != MOE_OK) {
-                goto fail;
-            }
-        }
-    }
-#endif
 
     snprintf(path, sizeof(path), "%s/tokenizer.json", cfg->model_path);
     rc = moe_tokenizer_load(path, &e->tok, err, errlen);
@@ -1468,7 +332,6 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                                        : cfg->model_name);
     memcpy(e->info.model_path, cfg->model_path, sizeof(e->info.model_path));
     memcpy(e->info.architecture, hp->arch_name, sizeof(e->info.architecture));
-    snprintf(e->info.backend, sizeof(e->info.backend), "cpu");  /* or cuda */
     e->info.vocab_size = hp->vocab_size;
     e->info.n_layers = hp->n_layers;
     e->info.n_experts = hp->n_experts;
@@ -1497,111 +360,16 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         e->n_sample = hp->vocab_size;
     }
 
-    /* KV cache: every running sequence can reach max_model_len, within a
-     * quarter of the host's memory */
-    blocks_per_seq = (e->info.max_model_len + cfg->block_size - 1)
-                     / cfg->block_size;
-    n_blocks = cfg->kv_cache_blocks;
-
-    if (use_cuda) {
-#ifdef MOE_HAVE_CUDA
-        int dev = cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0
-                  ? cfg->instances[0].gpu_devices[0] : 0;
-
-        int tp = cfg->tensor_parallel_size > 1 ? cfg->tensor_parallel_size
-                                                : 1;
-        int ndev = moe_cuda_device_count(), devs[MOE_MAX_GPUS];
-        int on_dev0 = 0;
-        moe_hparams_t rhp = *hp;
-
-        if (tp > 1 && dummy) {
-            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d with load_format "
-                    "dummy: random weights run as one rank", tp);
-            tp = 1;
-        }
-        if (tp > 1 && tp > ndev
-            && !(cfg->n_instances > 0
-                 && cfg->instances[0].n_gpu_devices >= tp))
-        {
-            /* ranks share a GPU only when gpu_devices says so (the test
-             * setup); the seed's tensor_parallel_size 4 on a smaller
-             * machine runs one rank with CUDA graphs */
-            moe_log(MOE_LOG_WARN, "tensor_parallel_size %d but %d GPU(s) "
-                    "visible: running one rank (list gpu_devices to place "
-                    "several ranks on one GPU)", tp, ndev);
-            tp = 1;
-        }
-        for (int r = 0; r < tp && r < MOE_MAX_GPUS; r++) {
-            /* the instance's gpu_devices, else rank modulo the devices */
-            devs[r] = cfg->n_instances > 0
-                      && cfg->instances[0].n_gpu_devices > r
-                      ? cfg->instances[0].gpu_devices[r]
-                      : (dev + r) % (ndev > 0 ? ndev : 1);
-            on_dev0 += devs[r] == devs[0];
-        }
-        if (tp > 1) {
-            rc = moe_hparams_shard(hp, tp, &rhp, err, errlen);
-            if (rc != MOE_OK) {
-                goto fail;
-            }
-        }
-        if (n_blocks <= 0) {
-            /* each rank holds its kv heads; ranks sharing a device share
-             * its memory budget */
-            rc = moe_cuda_kv_blocks_for_hp(&rhp, cfg->block_size,
-                                           cfg->max_num_batched_tokens,
-                                           cfg->gpu_memory_utilization
-                                           / (on_dev0 > 0 ? on_dev0 : 1),
-                                           devs[0], &n_blocks, err, errlen);
-            if (rc != MOE_OK) {
-                goto fail;
-            }
-            if (n_blocks > blocks_per_seq * cfg->max_num_seqs) {
-                n_blocks = blocks_per_seq * cfg->max_num_seqs;
-            }
-        }
-
-        rc = dummy
-             ? moe_cuda_backend_create_random(hp, 1234, n_blocks,
-                                              cfg->block_size,
-                                              cfg->max_num_batched_tokens,
-                                              dev, &e->backend, err, errlen)
-             : moe_cuda_tp_backend_create(e->model, tp, n_blocks,
-                                          cfg->block_size,
-                                          cfg->max_num_batched_tokens, devs,
-                                          &e->backend, err, errlen);
-        if (rc != MOE_OK) {
-            goto fail;
-        }
-        snprintf(e->info.backend, sizeof(e->info.backend), "cuda");
-#endif
-    } else {
-        rc = moe_cpu_backend_create_sized(e, hp, &n_blocks, blocks_per_seq,
-                                          err, errlen);
-        if (rc != MOE_OK) {
-            goto fail;
-        }
-        if (cfg->tensor_parallel_size > 1 && cfg->cpu_tensor_parallel) {
-            moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
-                    "runs the %d ranks' shards in one process, all-reducing "
-                    "their partial sums", cfg->tensor_parallel_size,
-                    cfg->tensor_parallel_size);
-        } else if (cfg->tensor_parallel_size > 1) {
-            moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
-                    "runs one rank (engine.cpu_tensor_parallel: true "
-                    "shards it)", cfg->tensor_parallel_size);
-        }
-    }
-
-    if (n_blocks < blocks_per_seq) {
-        snprintf(err, errlen, "%s: the KV cache holds %d blocks of %d tokens, "
-                 "fewer than one max_model_len (%d) sequence needs (%d)",
-                 cfg->file, n_blocks, cfg->block_size, e->info.max_model_len,
-                 blocks_per_seq);
-        rc = MOE_EINVAL;
+    /* the backend: CPU fallback, rank placement, KV pool and swap space
+     * (every running sequence can reach max_model_len) */
+    moe_backend_opts(cfg, e->info.max_model_len, &bo);
+    rc = moe_backend_create(&bo, kind, e->model, &e->backend, err, errlen);
+    if (rc != MOE_OK) {
         goto fail;
     }
-
+    snprintf(e->info.backend, sizeof(e->info.backend), "%s",
+             e->backend->name);
+    n_blocks = e->backend->n_kv_blocks;
     e->info.kv_blocks_total = n_blocks;
 
     rc = moe_blocks_init(&e->blocks, n_blocks, cfg->block_size,
@@ -1611,7 +379,6 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
-    moe_swap_space_init(e, blocks_per_seq);
     rc = moe_slots_init(&e->slots, e->backend->n_swap_slots);
     if (rc != MOE_OK) {
         moe_errf(err, errlen, "%s", "out of memory (swap slots)");
@@ -1678,7 +445,6 @@ void
 moe_engine_destroy(moe_engine_t *e)
 {
     moe_msg_t   m;
-    moe_seq_t  *s;
     uint64_t    one = 1;
     ssize_t     r;
 
@@ -1703,17 +469,7 @@ moe_engine_destroy(moe_engine_t *e)
         }
     }
 
-    while (e->n_running > 0) {
-        moe_seq_free(e->running[--e->n_running]);
-    }
-    while ((s = e->waitq.head) != NULL) {
-        moe_q_unlink(&e->waitq, s);
-        moe_seq_free(s);
-    }
-    while ((s = e->swapq.head) != NULL) {
-        moe_q_unlink(&e->swapq, s);
-        moe_seq_free(s);
-    }
+    moe_sched_free_all(e);
 
     if (e->backend != NULL) {
         e->backend->destroy(e->backend);

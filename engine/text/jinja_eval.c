@@ -5,7 +5,6 @@
  */
 
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,19 +12,6 @@
 #include "text/jinja_int.h"
 
 static moe_jv_t moe_jj_eval(moe_jj_ctx_t *c, moe_jn_t *n);
-
-
-void
-moe_jj_fail(moe_jj_ctx_t *c, int rc, const char *fmt, ...)
-{
-    va_list  ap;
-
-    va_start(ap, fmt);
-    vsnprintf(c->err, sizeof(c->err), fmt, ap);
-    va_end(ap);
-    c->rc = rc;
-    longjmp(c->jb, 1);
-}
 
 
 static void

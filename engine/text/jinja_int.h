@@ -1,6 +1,17 @@
 /*
  * Internals of the Jinja-subset interpreter (jinja_*.c only): arena,
  * values, tokens, syntax tree and the render context.
+ *
+ * Files, each calling only those below it (tools/callgraph.sh checks):
+ *   jinja_render.c    render entry points (moe_jinja_render*) -> eval
+ *   jinja_stmt.c      statement parser, moe_jinja_parse -> parse, lex
+ *   jinja_parse.c     expression parser
+ *   jinja_lex.c       lexer
+ *   jinja_eval.c      evaluator (expressions and statements)
+ *   jinja_builtins.c  filters
+ *   jinja_methods.c   tests, str/dict methods, globals
+ *   jinja_helpers.c   argument lookup and string operations of the two above
+ *   jinja_value.c     base: failure path, arena, values, UTF-8 counts
  */
 
 #ifndef MOE_JINJA_INT_H
@@ -169,7 +180,8 @@ typedef struct {
     char             err[512];
 } moe_jj_ctx_t;
 
-/* Fail the render: sets rc/err and longjmps out. */
+/* Fail the render: sets rc/err and longjmps out (jinja_value.c, the base
+ * layer, so that no file calls back up to report an error). */
 void moe_jj_fail(moe_jj_ctx_t *c, int rc, const char *fmt, ...)
     __attribute__((noreturn, format(printf, 3, 4)));
 
@@ -211,7 +223,7 @@ size_t moe_jj_utf8_off(const char *p, size_t n, size_t i);
 size_t moe_jj_space(const char *p, size_t n);
 size_t moe_jj_space_back(const char *p, size_t n);
 
-/* builtins (jinja_builtins.c) */
+/* filters (jinja_builtins.c); tests, methods, globals (jinja_methods.c) */
 moe_jv_t moe_jj_filter(moe_jj_ctx_t *c, moe_jn_t *n, moe_jv_t v,
     moe_jv_t *args, int nargs, char **kw, int nkw);
 int moe_jj_test(moe_jj_ctx_t *c, moe_jn_t *n, moe_jv_t v, moe_jv_t *args,
@@ -221,7 +233,8 @@ moe_jv_t moe_jj_method(moe_jj_ctx_t *c, moe_jn_t *n, moe_jv_t obj,
 moe_jv_t moe_jj_global_call(moe_jj_ctx_t *c, moe_jn_t *n, const char *name,
     moe_jv_t *args, int nargs, char **kw, int nkw);
 
-/* helpers shared by jinja_builtins.c and jinja_methods.c */
+/* helpers shared by jinja_builtins.c and jinja_methods.c
+ * (jinja_helpers.c) */
 moe_jv_t moe_jj_arg(moe_jv_t *args, int nargs, char **kw, int nkw, int pos,
     const char *name, moe_jv_t dflt);
 moe_jv_t moe_jj_need_str(moe_jj_ctx_t *c, moe_jv_t v, const char *what,

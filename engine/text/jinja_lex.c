@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "text/jinja_int.h"
-#include "text/tokenizer.h"
+#include "text/utf8.h"
 
 typedef struct {
     moe_jj_arena_t  *a;

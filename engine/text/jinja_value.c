@@ -1,14 +1,36 @@
 /*
- * Jinja values: arena, constructors, Python-compatible truth, equality,
+ * Jinja base layer, called by every other jinja_*.c file and calling none
+ * of them: the render failure path (moe_jj_fail), the arena, value
+ * constructors, Python-compatible truth, equality,
  * ordering, str()/repr() and json.dumps(ensure_ascii=False).
  */
 
 #include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "text/jinja_int.h"
+
+/*
+ * The one failure path of a render: every layer (values, helpers,
+ * builtins, methods, the evaluator) reports through it, so it lives here
+ * at the bottom and no file has to call back up to report an error.
+ */
+void
+moe_jj_fail(moe_jj_ctx_t *c, int rc, const char *fmt, ...)
+{
+    va_list  ap;
+
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof(c->err), fmt, ap);
+    va_end(ap);
+    c->rc = rc;
+    longjmp(c->jb, 1);
+}
+
 
 struct moe_jj_chunk_s {
     moe_jj_chunk_t  *next;

@@ -1,10 +1,13 @@
 /*
  * Tokenizer internals shared inside libmoe (the public API is in moe.h).
  *
- * The tokenizer (tokenizer.c) reproduces Hugging Face `tokenizers`: added
- * tokens split first, then normalizer, pre-tokenizer, BPE model and
- * post-processor on encode; the decoder chain on decode.  tokenizer_detok.c
- * builds the incremental detokenizer on top of moe_tokenizer_decode().
+ * The tokenizer reproduces Hugging Face `tokenizers`: added tokens split
+ * first, then normalizer, pre-tokenizer, BPE model and post-processor on
+ * encode (tokenizer_encode.c, _normalize.c, _bpe.c); the decoder chain on
+ * decode (tokenizer_decode.c).  tokenizer_load.c reads tokenizer.json;
+ * tokenizer_int.h lists the files and their shared internals.
+ * tokenizer_detok.c builds the incremental detokenizer on top of
+ * moe_tokenizer_decode().  UTF-8 helpers are in text/utf8.h.
  */
 
 #ifndef MOE_TOKENIZER_H
@@ -31,17 +34,5 @@ int         moe_tokenizer_add_eos_token(const moe_tokenizer_t *t);
 /* 1 if the decoder chain has a ByteFallback step and `id` is a <0xNN>
  * byte token (its byte group stays open until a non-byte token follows). */
 int moe_tokenizer_is_byte_token(const moe_tokenizer_t *t, int32_t id);
-
-/*
- * Copy `len` bytes of possibly invalid UTF-8 into a malloc()ed, NUL
- * terminated buffer, replacing each maximal invalid subpart by U+FFFD (the
- * rule of Python's bytes.decode("utf-8", "replace") and Rust's
- * String::from_utf8_lossy).  Returns NULL when out of memory.
- */
-char *moe_utf8_sanitize(const char *s, size_t len, size_t *out_len);
-
-/* Write code point cp (< 0x110000) as UTF-8 at o (room for 4 bytes);
- * returns the byte count. */
-size_t moe_utf8_encode(uint32_t cp, char *o);
 
 #endif /* MOE_TOKENIZER_H */

@@ -47,7 +47,7 @@
  *    position (MoE: up to the first token whose bf16 routing differs from
  *    the fp32 CPU's; run 12: none differed, worst 1.34e-2);
  *  - tensor parallelism: the same transformers comparison through 2
- *    ranks sharing this GPU (moe_cuda_tp_backend_create);
+ *    ranks sharing this GPU (moe_backend_create_ranks, kind cuda);
  *  - the engine on the cuda backend: seeded sampling with penalties drawn
  *    on the GPU equals the host sampler's streams (test_engine_sampling);
  *  - device greedy (token_out): every CUDA row also asks for its token;
@@ -80,8 +80,8 @@
 #include "gpu_util.h"
 
 extern "C" {
-#include "model/model.h"
-#include "sched/sampling.h"
+#include "backends/backend.h"
+#include "sampling/sampling.h"
 #include "tap.h"
 }
 #include "backends/cuda_backend.h"
@@ -771,6 +771,7 @@ test_vs_hf(const char *name, int tp)
     char                 path[256], err[512], *text = NULL, *p;
     moe_model_t         *m = NULL;
     moe_backend_t       *gb = NULL, *cb = NULL;
+    moe_ranks_t          gp;
     const moe_hparams_t *hp;
     int32_t              toks[64], bt[N_BLOCKS], *rg = NULL, *rc_ = NULL;
     float               *ref = NULL, *gl = NULL, *cl = NULL;
@@ -846,10 +847,19 @@ test_vs_hf(const char *name, int tp)
     for (int i = 0; i < N_BLOCKS; i++) {
         bt[i] = (i * 5 + 1) % N_BLOCKS;
     }
+    /* tp CUDA ranks (devices NULL: rank r on GPU r modulo the count, so
+     * on a one-GPU machine they share it) */
+    memset(&gp, 0, sizeof(gp));
+    gp.kind = MOE_BACKEND_CUDA;
+    gp.tp = tp;
+    gp.devices = NULL;
+    gp.n_blocks = N_BLOCKS;
+    gp.block_size = BS;
+    gp.max_batched_tokens = 64;
     if (moe_cpu_backend_create(m, N_BLOCKS, BS, 1, &cb, err, sizeof(err))
         != MOE_OK
-        || moe_cuda_tp_backend_create(m, tp, N_BLOCKS, BS, 64, NULL, &gb,
-                                      err, sizeof(err)) != MOE_OK)
+        || moe_backend_create_ranks(m, &gp, &gb, err, sizeof(err))
+           != MOE_OK)
     {
         TAP_OK(0, "%s tp %d: backends: %s", name, tp, err);
         goto done;
@@ -1096,6 +1106,59 @@ test_engine_tp(const char *model)
 }
 
 
+/*
+ * The tuning record is read when the backend is created: a malformed or
+ * out-of-range MOE_CUDA_* value fails the creation with MOE_EINVAL and a
+ * message naming the variable (never a silent default), and the next
+ * creation without it succeeds.
+ */
+static void
+test_tuning_env(const char *dir)
+{
+    static const char *bad[][2] = {
+        { "MOE_CUDA_GEMV_FMA", "9" }, { "MOE_CUDA_GRAPHS", "yes" },
+        { "MOE_CUDA_ATT_BPS", "0" }
+    };
+    moe_model_t   *m;
+    moe_backend_t *gb = NULL;
+    char           err[512];
+    int            rc, refused = 0;
+
+    if (access(dir, R_OK) != 0 || moe_model_load(dir, 0, &m, err,
+                                                 sizeof(err)) != MOE_OK)
+    {
+        TAP_DIAG("%s: missing, tuning test skipped", dir);
+        return;
+    }
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        setenv(bad[i][0], bad[i][1], 1);
+        err[0] = '\0';
+        rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
+                                     sizeof(err));
+        unsetenv(bad[i][0]);
+        if (rc == MOE_EINVAL && gb == NULL && strstr(err, bad[i][0]) != NULL)
+        {
+            refused++;
+        } else {
+            TAP_DIAG("%s=%s: rc %d, %s", bad[i][0], bad[i][1], rc, err);
+            if (gb != NULL) {
+                gb->destroy(gb);
+                gb = NULL;
+            }
+        }
+    }
+    rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
+                                 sizeof(err));
+    TAP_OK(refused == 3 && rc == MOE_OK, "cuda backend: bad MOE_CUDA_* "
+           "values refused at create (%d of 3, naming the variable); "
+           "created without them (%s)", refused, rc == MOE_OK ? "ok" : err);
+    if (gb != NULL) {
+        gb->destroy(gb);
+    }
+    moe_model_free(m);
+}
+
+
 int
 main(void)
 {
@@ -1130,6 +1193,7 @@ main(void)
         test_vs_hf(strrchr(model_dirs[i], '/') + 1, 2);
     }
     test_swap("models/localmoe-tiny");
+    test_tuning_env("models/localmoe-tiny");
     test_engine_sampling("t/data/models/mixtral-gqa");
     test_engine_tp("t/data/models/mixtral-gqa");
     if (tap_n == 0) {

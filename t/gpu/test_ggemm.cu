@@ -209,12 +209,13 @@ gg_groups(int32_t *offs, int E, int maxr)
 /*
  * One case: E groups of up to maxr rows (grouped == 0: E = 1, no offsets,
  * maxr rows), N columns, Kd, fp32 or SiLU, input rows gathered through
- * xrow / xdiv (xdiv 0: direct), the tile forced to (bt, mt) (0: auto),
- * n passed as the rows + nplus.
+ * xrow / xdiv (xdiv 0: direct), the tile forced to (bt, mt) through
+ * moe_cuda_ggemm_tiled (0: moe_cuda_ggemm's own pick), n passed as the
+ * rows + nplus.
  */
 static void
 test_gg(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv,
-    int bt, int mt, int pf, int nplus)
+    int bt, int mt, int nplus)
 {
     int       ldx = Kd + 8, ldy = N + 4, WR = silu ? 2 * N : N, n, nx;
     int32_t  *offs = (int32_t *) malloc(sizeof(int32_t) * (E + 1));
@@ -253,21 +254,26 @@ test_gg(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv,
     void    *d_y = gu_dev(4 * (size_t) (n + 2) * ldy);
     gg_wref  wr = { w, NULL, cols, N, N, Kd, WR, silu };
 
-    moe_cuda_ggemm_set_tile(bt, mt, pf);
-    int rc = moe_cuda_ggemm((moe_bf16_t *) d_x, ldx,
-                            xdiv > 0 ? d_xrow : NULL, xdiv > 0 ? xdiv : 1,
-                            (moe_bf16_t *) d_w, N, Kd,
-                            grouped ? d_offs : NULL, E, n + nplus, silu,
-                            (float *) d_y, (moe_bf16_t *) d_y, ldy, 0);
+    int rc = bt == 0
+             ? moe_cuda_ggemm((moe_bf16_t *) d_x, ldx,
+                              xdiv > 0 ? d_xrow : NULL, xdiv > 0 ? xdiv : 1,
+                              (moe_bf16_t *) d_w, N, Kd,
+                              grouped ? d_offs : NULL, E, n + nplus, silu,
+                              (float *) d_y, (moe_bf16_t *) d_y, ldy, 0)
+             : moe_cuda_ggemm_tiled((moe_bf16_t *) d_x, ldx,
+                                    xdiv > 0 ? d_xrow : NULL,
+                                    xdiv > 0 ? xdiv : 1, (moe_bf16_t *) d_w,
+                                    N, Kd, grouped ? d_offs : NULL, E,
+                                    n + nplus, silu, (float *) d_y,
+                                    (moe_bf16_t *) d_y, ldy, bt, mt, 0);
     int ok = sync_ok(rc, "ggemm");
 
-    moe_cuda_ggemm_set_tile(0, 0, 1);
     snprintf(what, sizeof(what), "ggemm E %d N %d Kd %d rows %d (max %d, n "
-             "%d) %s %s%s tile %s%d/%d%s", E, N, Kd, n, maxr, n + nplus,
+             "%d) %s %s%s tile %s%d/%d", E, N, Kd, n, maxr, n + nplus,
              silu ? "SiLU bf16" : "fp32", grouped ? "grouped" : "dense",
              xdiv > 0 ? (xdiv == 1 ? " gathered" : " gathered/div")
                       : " direct",
-             bt == 0 ? "auto " : "", bt, mt, pf ? "" : " no prefetch");
+             bt == 0 ? "auto " : "", bt, mt);
     gg_check(what, ok, E, grouped ? offs : NULL, n, xdiv > 0 ? xrow : NULL,
              xdiv > 0 ? xdiv : 1, x, ldx, &wr, d_y, ldy, n + 2,
              silu ? SILU_TOL : F32_TOL);
@@ -492,6 +498,12 @@ test_edges(void)
     TAP_OK(moe_cuda_ggemm(x, 64, d_offs, 0, w, 64, 64, d_offs, 2, 4, 0,
                           (float *) d_y, NULL, 64, 0) == MOE_EUNSUPPORTED,
            "ggemm xdiv 0: MOE_EUNSUPPORTED");
+    TAP_OK(moe_cuda_ggemm_tiled(x, 64, NULL, 1, w, 64, 64, d_offs, 2, 4, 0,
+                                (float *) d_y, NULL, 64, 64, 2, 0)
+           == MOE_EUNSUPPORTED && moe_cuda_ggemm_tiled(x, 64, NULL, 1, w, 64,
+                                64, d_offs, 2, 4, 0, (float *) d_y, NULL, 64,
+                                24, 1, 0) == MOE_EUNSUPPORTED,
+           "ggemm_tiled: tiles that do not ship (64/2, 24/1) refused");
     TAP_OK(moe_cuda_ggemm_supported(14336, 4096, 4096)
            && moe_cuda_ggemm_supported(4096, 14336, 14336)
            && moe_cuda_ggemm_supported(136, 200, 208)
@@ -505,9 +517,10 @@ test_edges(void)
 
 
 /* Mean time of iters launches (after 2 warm-ups), microseconds; 0 on
- * failure.  kind 0: ggemm, 1: gemv (max_rows = rows). */
+ * failure.  kind 0: ggemm (tile bt/mt, 0: its own pick), 1: gemv
+ * (max_rows = rows). */
 static double
-bench_time(int kind, int iters, const uint16_t *d_x, int Kd,
+bench_time(int kind, int bt, int mt, int iters, const uint16_t *d_x, int Kd,
     const int32_t *d_xrow, const uint16_t *d_w, int N, const int32_t *d_offs,
     int E, int n, int rows, int silu, void *d_y, int ldy)
 {
@@ -521,14 +534,18 @@ bench_time(int kind, int iters, const uint16_t *d_x, int Kd,
         if (i == 2) {
             cudaEventRecord(a, 0);
         }
-        if (kind == 0) {
+        if (kind == 0 && bt == 0) {
             rc = moe_cuda_ggemm(d_x, Kd, d_xrow, 2, d_w, N, Kd, d_offs, E, n,
                                 silu, (float *) d_y, (moe_bf16_t *) d_y, ldy,
                                 0);
+        } else if (kind == 0) {
+            rc = moe_cuda_ggemm_tiled(d_x, Kd, d_xrow, 2, d_w, N, Kd, d_offs,
+                                      E, n, silu, (float *) d_y,
+                                      (moe_bf16_t *) d_y, ldy, bt, mt, 0);
         } else {
             rc = moe_cuda_gemv(d_x, Kd, d_xrow, 2, d_w, N, Kd, d_offs, E, n,
                                rows, silu, (float *) d_y, (moe_bf16_t *) d_y,
-                               ldy, 0);
+                               ldy, NULL, 0);
         }
     }
     cudaEventRecord(b, 0);
@@ -546,7 +563,8 @@ bench_time(int kind, int iters, const uint16_t *d_x, int Kd,
 
 
 /* Weight-streaming bandwidth of a mixtral shape at rows per expert:
- * automatic tile, forced tiles, prefetch off, moe_cuda_gemv. */
+ * automatic tile, each shipped tile, moe_cuda_gemv (the variants that do
+ * not ship: bench/dev). */
 static void
 bench_shape(const uint16_t *d_w, int N, int Kd, int silu, int rows)
 {
@@ -556,9 +574,8 @@ bench_shape(const uint16_t *d_w, int N, int Kd, int silu, int rows)
     int32_t   offs[9], *xrow = (int32_t *) malloc(sizeof(int32_t) * n);
     uint16_t *xbits = (uint16_t *) malloc(2 * (size_t) nx * Kd);
     float    *xf = (float *) malloc(sizeof(float) * (size_t) nx * Kd);
-    static const int tiles[][3] = {
-        { 16, 1, 1 }, { 16, 2, 1 }, { 32, 1, 1 }, { 32, 2, 1 },
-        { 64, 1, 1 }, { 0, 0, 0 }
+    static const int tiles[][2] = {
+        { 16, 1 }, { 16, 2 }, { 32, 1 }, { 32, 2 }, { 64, 1 }
     };
     char      line[600];
     int       len;
@@ -580,26 +597,22 @@ bench_shape(const uint16_t *d_w, int N, int Kd, int silu, int rows)
     len = snprintf(line, sizeof(line), "bench %s N %d Kd %d, %d rows/expert "
                    "(%.0f MB): ", silu ? "gate/up" : "down", N, Kd, rows,
                    bytes / 1e6);
-    moe_cuda_ggemm_set_tile(0, 0, 1);
-    us = bench_time(0, iters, d_x, Kd, xr, d_w, N, d_offs, E, n, rows, silu,
-                    d_y, ldy);
+    us = bench_time(0, 0, 0, iters, d_x, Kd, xr, d_w, N, d_offs, E, n, rows,
+                    silu, d_y, ldy);
     len += snprintf(line + len, sizeof(line) - len, "auto %.0f us %.0f GB/s",
                     us, us > 0 ? bytes / us / 1e3 : 0);
-    for (int t = 0; t < 6 && len < (int) sizeof(line) - 80; t++) {
-        if (tiles[t][0] != 0 && tiles[t][0] < rows) {
+    for (int t = 0; t < 5 && len < (int) sizeof(line) - 80; t++) {
+        if (tiles[t][0] < rows) {
             continue;           /* two passes: not a candidate */
         }
-        moe_cuda_ggemm_set_tile(tiles[t][0], tiles[t][1], tiles[t][2]);
-        us = bench_time(0, iters, d_x, Kd, xr, d_w, N, d_offs, E, n, rows,
-                        silu, d_y, ldy);
-        len += snprintf(line + len, sizeof(line) - len, ", %s%d/%d %.0f",
-                        tiles[t][0] == 0 ? "auto no-pf " : "bt/mt ",
+        us = bench_time(0, tiles[t][0], tiles[t][1], iters, d_x, Kd, xr, d_w,
+                        N, d_offs, E, n, rows, silu, d_y, ldy);
+        len += snprintf(line + len, sizeof(line) - len, ", bt/mt %d/%d %.0f",
                         tiles[t][0], tiles[t][1],
                         us > 0 ? bytes / us / 1e3 : 0);
     }
-    moe_cuda_ggemm_set_tile(0, 0, 1);
-    us = bench_time(1, iters, d_x, Kd, xr, d_w, N, d_offs, E, n, rows, silu,
-                    d_y, ldy);
+    us = bench_time(1, 0, 0, iters, d_x, Kd, xr, d_w, N, d_offs, E, n, rows,
+                    silu, d_y, ldy);
     snprintf(line + len, sizeof(line) - len, "; gemv %.0f us %.0f GB/s", us,
              us > 0 ? bytes / us / 1e3 : 0);
     TAP_DIAG("%s", line);
@@ -668,28 +681,28 @@ main(void)
     TAP_DIAG("random inputs from seed %llu (MOE_TEST_SEED=%llu repeats "
              "this run)", seed, seed);
 
-    /* E, N, Kd, max rows, silu, grouped, xdiv, bt, mt, pf, n extra */
-    test_gg(8, 128, 640, 70, 0, 1, 2, 0, 0, 1, 0);
-    test_gg(8, 192, 640, 70, 1, 1, 2, 0, 0, 1, 0);
-    test_gg(8, 128, 640, 70, 0, 1, 0, 0, 0, 1, 0);      /* direct rows */
-    test_gg(8, 192, 640, 70, 1, 1, 8, 0, 0, 1, 17);     /* n over-estimate */
+    /* E, N, Kd, max rows, silu, grouped, xdiv, bt, mt, n extra */
+    test_gg(8, 128, 640, 70, 0, 1, 2, 0, 0, 0);
+    test_gg(8, 192, 640, 70, 1, 1, 2, 0, 0, 0);
+    test_gg(8, 128, 640, 70, 0, 1, 0, 0, 0, 0);      /* direct rows */
+    test_gg(8, 192, 640, 70, 1, 1, 8, 0, 0, 17);     /* n over-estimate */
+    /* every shipped tile (64/2 is not one: bench/dev measures it) */
     for (int bt = 16; bt <= 64; bt *= 2) {
-        for (int mt = 1; mt <= 2; mt++) {
-            test_gg(8, 192, 640, 70, 0, 1, 0, bt, mt, 1, 0);
-            test_gg(8, 192, 640, 70, 1, 1, 2, bt, mt, 1, 0);
+        for (int mt = 1; mt <= (bt < 64 ? 2 : 1); mt++) {
+            test_gg(8, 192, 640, 70, 0, 1, 0, bt, mt, 0);
+            test_gg(8, 192, 640, 70, 1, 1, 2, bt, mt, 0);
         }
     }
-    test_gg(8, 192, 640, 70, 1, 1, 2, 32, 2, 0, 0);     /* no prefetch */
-    test_gg(1, 128, 64, 37, 0, 0, 0, 0, 0, 1, 0);       /* dense, 1 chunk */
-    test_gg(1, 128, 64, 37, 1, 0, 0, 0, 0, 1, 0);
-    test_gg(1, 192, 4096, 70, 1, 1, 1, 0, 0, 1, 0);     /* E 1, offsets */
-    test_gg(8, 128, 4096, 40, 0, 1, 0, 0, 0, 1, 0);     /* long k */
-    test_gg(8, 136, 200, 40, 0, 1, 1, 0, 0, 1, 0);      /* N, k tails */
-    test_gg(8, 72, 200, 40, 1, 1, 2, 16, 2, 1, 0);
-    test_gg(8, 136, 200, 40, 0, 1, 1, 64, 2, 1, 0);
-    test_gg(60, 128, 64, 20, 1, 1, 8, 0, 0, 1, 0);      /* 60 groups */
-    test_gg(60, 128, 640, 1, 0, 1, 2, 0, 0, 1, 0);      /* compact grid */
-    test_gg(60, 192, 64, 1, 1, 1, 8, 0, 0, 1, 3);
+    test_gg(1, 128, 64, 37, 0, 0, 0, 0, 0, 0);       /* dense, 1 chunk */
+    test_gg(1, 128, 64, 37, 1, 0, 0, 0, 0, 0);
+    test_gg(1, 192, 4096, 70, 1, 1, 1, 0, 0, 0);     /* E 1, offsets */
+    test_gg(8, 128, 4096, 40, 0, 1, 0, 0, 0, 0);     /* long k */
+    test_gg(8, 136, 200, 40, 0, 1, 1, 0, 0, 0);      /* N, k tails */
+    test_gg(8, 72, 200, 40, 1, 1, 2, 16, 2, 0);
+    test_gg(8, 136, 200, 40, 0, 1, 1, 64, 1, 0);
+    test_gg(60, 128, 64, 20, 1, 1, 8, 0, 0, 0);      /* 60 groups */
+    test_gg(60, 128, 640, 1, 0, 1, 2, 0, 0, 0);      /* compact grid */
+    test_gg(60, 192, 64, 1, 1, 1, 8, 0, 0, 3);
     test_graph(0);
     test_graph(1);
     test_edges();

@@ -377,7 +377,8 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
         cudaMemset(d_out, 0xff, 2 * T * nh * hd);       /* poison */
         int rc = moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt, d_off,
                                     (moe_bf16_t *) d_cache, bs, nh, nkv, hd,
-                                    window, (moe_bf16_t *) d_out, d_part, 0);
+                                    window, (moe_bf16_t *) d_out, d_part,
+                                    NULL, 0);
         ok = sync_ok(rc, "attention");
         gu_down(obits, d_out, 2 * T * nh * hd);
         gu_bf_to_f(out, obits, (size_t) T * nh * hd);
@@ -419,9 +420,11 @@ test_attention_1(int nh, int nkv, int hd, int window, int ctx)
 
 
 /*
- * Tensor-core prefill (v6) or, tc 0, the v4 kernel: one sequence of len
- * positions whose last nq are the queries (nq < len: a later chunk, the
- * earlier keys already in the cache).
+ * Prefill shapes: one sequence of len positions whose last nq are the
+ * queries (nq < len: a later chunk, the earlier keys already in the
+ * cache).  tc: the kernel the shape reaches (a label: the launcher picks
+ * by shape), 1 the tensor-core prefill kernel (T >= 64, T * n_kv > 1024,
+ * hd 64 or 128), 0 the SIMT prefill kernel.
  */
 static void
 test_attention_tc(int tc, int nh, int nkv, int hd, int window, int len,
@@ -430,10 +433,8 @@ test_attention_tc(int tc, int nh, int nkv, int hd, int window, int len,
     char what[64];
 
     snprintf(what, sizeof(what), "%s one seq ctx %d, %d queries",
-             tc ? "tc" : "v4", len, nq);
-    moe_cuda_attention_set_tc(tc);
+             tc ? "tc" : "simt", len, nq);
     test_attention_v(nh, nkv, hd, window, nq, 1, &len, what);
-    moe_cuda_attention_set_tc(-1);
 }
 
 
@@ -444,10 +445,8 @@ test_attention_tc_v(int tc, int nh, int nkv, int hd, int window, int ns,
 {
     char w[96];
 
-    snprintf(w, sizeof(w), "%s %s", tc ? "tc" : "v4", what);
-    moe_cuda_attention_set_tc(tc);
+    snprintf(w, sizeof(w), "%s %s", tc ? "tc" : "simt", what);
     test_attention_v(nh, nkv, hd, window, nq, ns, len, w);
-    moe_cuda_attention_set_tc(-1);
 }
 
 
@@ -779,15 +778,20 @@ test_permute_one(int T, int E, int K)
  * Grouped GEMV against an fp32 CPU reference on the bf16-rounded inputs:
  * E groups of random sizes up to maxr (some empty), N output columns, Kd
  * reduction, input rows gathered (xrow / xdiv) or direct; fp32 out or the
- * fused SiLU*up (bf16 out); outputs poisoned, every row checked.
+ * fused SiLU*up (bf16 out); outputs poisoned, every row checked.  fma: the
+ * tuning record's gemv_fma_rows (hint <= fma and <= 4: the CUDA-core
+ * kernel, else the tensor-core one).
  */
 static void
-test_gemv_h(int E, int N, int Kd, int maxr, int hint, int silu, int grouped,
-    int xdiv)
+test_gemv_t(int E, int N, int Kd, int maxr, int hint, int fma, int silu,
+    int grouped, int xdiv)
 {
+    moe_cuda_tuning_t tune = MOE_CUDA_TUNING_DEFAULTS;
     int       ldx = Kd + 8, ldy = N + 4, n = 0;
     int32_t  *offs = (int32_t *) malloc(sizeof(int32_t) * (E + 1));
     int       WR = silu ? 2 * N : N;
+
+    tune.gemv_fma_rows = fma;
 
     offs[0] = 0;
     for (int e = 0; e < E; e++) {
@@ -851,7 +855,7 @@ test_gemv_h(int E, int N, int Kd, int maxr, int hint, int silu, int grouped,
                            grouped ? d_xrow : NULL, xdiv,
                            (moe_bf16_t *) d_w, N, Kd,
                            grouped ? d_offs : NULL, E, n, hint, silu,
-                           (float *) d_y, (moe_bf16_t *) d_y, ldy, 0);
+                           (float *) d_y, (moe_bf16_t *) d_y, ldy, &tune, 0);
     int ok = sync_ok(rc, "gemv");
     double err = 0, num = 0, den = 0;
 
@@ -876,10 +880,10 @@ test_gemv_h(int E, int N, int Kd, int maxr, int hint, int silu, int grouped,
         err = INFINITY;
     }
     TAP_OK(ok && n > 0 && err <= (silu ? BF_TOL : F32_TOL), "gemv E %d N %d "
-           "Kd %d rows %d (max %d, hint %d) %s%s (err %.2e)", E, N, Kd, n,
-           maxr, hint,
+           "Kd %d rows %d (max %d, hint %d) %s%s, %s kernel (err %.2e)", E,
+           N, Kd, n, maxr, hint,
            silu ? "SiLU bf16" : "fp32", grouped ? " gathered" : " dense",
-           err);
+           hint <= fma && hint <= 4 ? "CUDA-core" : "tensor-core", err);
     cudaFree(d_x); cudaFree(d_w); cudaFree(d_offs); cudaFree(d_xrow);
     cudaFree(d_y);
     free(offs); free(x); free(xbits); free(w); free(wbits); free(xrow);
@@ -887,10 +891,28 @@ test_gemv_h(int E, int N, int Kd, int maxr, int hint, int silu, int grouped,
 }
 
 
+/* Every shipped path for this hint: the CUDA-core kernel (a record that
+ * sends up to 4 rows there) when the hint allows it, and the tensor-core
+ * kernel (gemv_fma_rows 0). */
+static void
+test_gemv_h(int E, int N, int Kd, int maxr, int hint, int silu, int grouped,
+    int xdiv)
+{
+    if (hint <= 4) {
+        test_gemv_t(E, N, Kd, maxr, hint, 4, silu, grouped, xdiv);
+    }
+    test_gemv_t(E, N, Kd, maxr, hint, 0, silu, grouped, xdiv);
+}
+
+
+/* The default record's path for a hint of maxr rows. */
 static void
 test_gemv(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv)
 {
-    test_gemv_h(E, N, Kd, maxr, maxr, silu, grouped, xdiv);
+    moe_cuda_tuning_t dflt = MOE_CUDA_TUNING_DEFAULTS;
+
+    test_gemv_t(E, N, Kd, maxr, maxr, dflt.gemv_fma_rows, silu, grouped,
+                xdiv);
 }
 
 
@@ -1416,7 +1438,7 @@ main(void)
     test_attention(16, 16, 128, 0, 0, 1000);
     test_attention(4, 2, 32, 100, 0, 1000);     /* window inside splits */
     test_attention(8, 2, 96, 0, 1, 300);        /* hd not a power of 2 */
-    /* v5 split kernel: contexts around the tile and split edges */
+    /* decode (split) kernel: contexts around the tile and split edges */
     {
         static const int c1[] = { 1, 15, 16, 17, 31, 32, 33, 512, 1000,
                                   1537, 2100 };
@@ -1451,7 +1473,7 @@ main(void)
     test_attention_batch(16, 16, 64, 0, 0, 64, 300);    /* 1024 pairs */
     test_attention_batch(12, 2, 128, 0, 1, 6, 150);     /* short prefill */
     test_attention(64, 16, 64, 0, 1, 200);      /* 1792 pairs: tc, 3 runs */
-    /* v6 tensor-core prefill: T >= 64 and T * n_kv > 1024, hd 64 / 128 */
+    /* tensor-core prefill: T >= 64 and T * n_kv > 1024, hd 64 / 128 */
     test_attention_tc(1, 32, 32, 64, 0, 64, 64);        /* group 1 */
     test_attention_tc(1, 32, 32, 128, 0, 64, 64);
     test_attention_tc(1, 64, 16, 64, 0, 100, 100);      /* group 4 */
@@ -1468,14 +1490,18 @@ main(void)
     test_attention_tc(1, 16, 16, 64, 300, 1000, 1000);
     test_attention_tc(1, 32, 8, 128, 1, 300, 300);      /* window 1 */
     test_attention_tc(1, 32, 8, 128, 64, 900, 200);     /* window, chunk */
-    test_attention_tc(0, 32, 8, 128, 0, 257, 257);      /* the v4 fallback */
-    test_attention_tc(0, 8, 2, 128, 0, 700, 300);
+    /* the SIMT prefill kernel: head dims the tensor-core kernel lacks,
+     * and T < 64 with more than 1024 (token, kv head) pairs */
+    test_attention_tc(0, 32, 8, 96, 0, 257, 257);
+    test_attention_tc(0, 16, 8, 256, 0, 700, 300);
+    test_attention_tc(0, 32, 32, 64, 0, 100, 40);
+    test_attention_tc(0, 32, 32, 128, 0, 40, 40);
     {
         int l3[3] = { 300, 5, 200 }, l2[2] = { 70, 90 };
         int l7[7] = { 20, 30, 10, 25, 40, 15, 35 };
 
         /* tiles holding 2-3 runs; the 7 short prompts: > 4 runs per tile
-         * (v4 via the skip test) */
+         * (the SIMT kernel via its skip test) */
         test_attention_tc_v(1, 32, 8, 128, 0, 3, l3, 100000, "300/5/200");
         test_attention_tc_v(1, 16, 16, 64, 50, 3, l3, 100000,
                             "300/5/200 window 50");
@@ -1517,9 +1543,11 @@ main(void)
     test_gemv(3, 64, 1000, 12, 0, 1, 1);        /* NT 2, 32 chunks */
     test_gemv(1, 80, 1536, 2, 0, 0, 1);         /* 3 chunk sets */
     test_gemv(2, 24, 40, 1, 1, 1, 2);           /* 2 chunks < 4 warps */
-    /* CUDA-core path (hint <= 4 rows): whole 512-byte row segments, NTF
-     * 1/2/4, groups fuller than the hint take several passes, k tails,
-     * N not a multiple of the 8 columns of a block, decode shapes */
+    /* CUDA-core path (hint <= 4 rows, record gemv_fma_rows 4) and the
+     * tensor-core kernel on the same shapes (gemv_fma_rows 0): whole
+     * 512-byte row segments, NTF 1/2/4, groups fuller than the hint take
+     * several passes, k tails, N not a multiple of the 8 columns of a
+     * block, decode shapes */
     test_gemv_h(8, 100, 264, 9, 1, 0, 1, 2);    /* passes of 1 row */
     test_gemv_h(8, 72, 520, 7, 2, 1, 1, 8);     /* SiLU, passes of 2 */
     test_gemv_h(5, 30, 4104, 11, 4, 0, 1, 1);   /* passes of 4, k tail */

@@ -40,7 +40,7 @@
 #include "gpu_util.h"
 
 extern "C" {
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 #include "tap.h"
 }
 #include "sample.h"

@@ -36,8 +36,8 @@
 #include <unistd.h>
 
 #include "moe.h"
-#include "model/model.h"
-#include "sched/sampling.h"
+#include "backends/backend.h"
+#include "sampling/sampling.h"
 #include "tap.h"
 #include "text/tokenizer.h"
 

@@ -44,7 +44,7 @@
 
 #include <yajl/yajl_tree.h>
 
-#include "model/model.h"
+#include "backends/backend.h"
 #include "tap.h"
 
 #define N_POS      40

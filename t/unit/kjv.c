@@ -15,7 +15,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
-#include "model/model.h"
+#include "backends/backend.h"
 #include "tap.h"
 
 

@@ -11,7 +11,7 @@
 
 #include "moe.h"
 #include "sched/kv.h"
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 #include "tap.h"
 
 #define V 6

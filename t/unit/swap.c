@@ -20,7 +20,7 @@
 
 #include "moe.h"
 #include "sched/kv.h"
-#include "model/model.h"
+#include "backends/backend.h"
 #include "tap.h"
 
 #define BS      4

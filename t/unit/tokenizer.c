@@ -1,7 +1,8 @@
 /*
  * Tokenizer conformance: for Llama-3 (byte-level BPE), the Llama-2/Mistral
  * 32k SentencePiece-style BPE and the tiny model's tokenizer, checks
- *  - load succeeds within a second of CPU time, vocabulary lookups agree;
+ *  - load succeeds (its time is printed, not judged), vocabulary lookups
+ *    agree;
  *  - a few hand-verified encodings;
  *  - encode ids and decode strings are identical to Hugging Face
  *    `tokenizers` on every case of t/data/tok/corpus.json, using the goldens
@@ -26,6 +27,7 @@
 
 #include "moe.h"
 #include "text/tokenizer.h"
+#include "text/utf8.h"
 #include "tap.h"
 
 #define MAX_CASES 4096
@@ -411,8 +413,8 @@ check_tokenizer(tok_case_t *tc)
     }
     n_ids = moe_tokenizer_vocab_size(t);
     TAP_DIAG("%s: loaded in %.0f ms of CPU, %d ids", tc->name, ms, n_ids);
-    TAP_OK(ms < 1000, "%s: loads in under a second of CPU (%.0f ms)",
-           tc->name, ms);
+    /* the load time is a figure, not a pass/fail threshold: a timed check
+     * fails on a busy machine (tests must pass beside a busy loop) */
 
     /* lookups: every id's token maps back to an id with the same string */
     {
@@ -552,6 +554,7 @@ check_tokenizer(tok_case_t *tc)
         char    *big = malloc(16384);
         size_t   bl = 0, n;
         int32_t *ids;
+        int      enc_ok;
         for (i = 0; bl < 10240; i = (i + 1) % n_corpus) {
             char  *c = moe_utf8_sanitize(corpus[i].s, corpus[i].len, &n);
             size_t take = n < 10240 - bl ? n : 10240 - bl;
@@ -568,15 +571,21 @@ check_tokenizer(tok_case_t *tc)
             }
         }
         best = 1e9;
+        enc_ok = 1;
         for (k = 0; k < 5; k++) {
             t0 = now_ms();
-            moe_tokenizer_encode(t, big, bl, 1, &ids, &n);
+            n = 0;
+            ids = NULL;
+            enc_ok &= moe_tokenizer_encode(t, big, bl, 1, &ids, &n) == MOE_OK;
             ms = now_ms() - t0;
             best = ms < best ? ms : best;
             free(ids);
         }
-        TAP_OK(best < 20, "%s: encode %zu bytes in %.2f ms of CPU (< 20)",
-               tc->name, bl, best);
+        /* a figure (bench material), not a pass/fail threshold: a timed
+         * check fails beside a busy loop; the ids must still come back */
+        TAP_OK(enc_ok && n > 0,
+               "%s: encode %zu bytes: %zu ids (best of 5: %.2f ms of CPU)",
+               tc->name, bl, n, best);
         free(big);
     }
 
@@ -597,6 +606,181 @@ check_tokenizer(tok_case_t *tc)
         free(o);
     }
     moe_tokenizer_free(t);
+}
+
+/*
+ * Unicode normalizers (NFC, NFD, NFKC, NFKD, and inside a Sequence) on the
+ * hand-made fixtures t/data/norm/NAME.json: one BPE vocabulary, no
+ * pre-tokenizer, unk [UNK] = 4, merges "e U+0301" and "f i"; they differ
+ * only in the normalizer.  Ids (see the fixtures' vocab):
+ *   0 e  1 U+0301  2 U+00E9 (precomposed e acute)  3 x  4 [UNK]
+ *   5 e+U+0301 (the merge)  6 U+D55C (Hangul HAN)  7 U+1112  8 U+1161
+ *   9 U+11AB (the jamo of HAN)  10 f  11 i  12 U+FB01 (fi ligature)
+ *   13 fi (the merge)  14 U+00C5 (A ring)  15 U+212B (Angstrom sign)
+ *   16 A  17 U+030A  18 1  19 U+2460 (circled one)
+ *   20 added "U+FB01 x", normalized=true (matched after normalization)
+ *   21 added "U+FB01 !", normalized=false (matched on the raw text)
+ * Each expectation below is what Hugging Face `tokenizers` gives: it
+ * normalizes each piece left after the raw added tokens, matches the
+ * normalized added tokens (whose content it normalized the same way),
+ * then runs BPE.  The "none" rows show that the inputs differ when not
+ * normalized, so a normalizer treated as identity fails here.
+ */
+#define E_ACUTE   "\xc3\xa9"              /* U+00E9 */
+#define E_COMB    "e\xcc\x81"             /* e U+0301 */
+#define HAN       "\xed\x95\x9c"          /* U+D55C */
+#define HAN_JAMO  "\xe1\x84\x92\xe1\x85\xa1\xe1\x86\xab"
+#define FI_LIG    "\xef\xac\x81"          /* U+FB01 */
+#define ANGSTROM  "\xe2\x84\xab"          /* U+212B */
+#define CIRCLED1  "\xe2\x91\xa0"          /* U+2460 */
+
+typedef struct {
+    const char  *file;
+    const char  *in;
+    int32_t      ids[6];                  /* -1 ends */
+} norm_case_t;
+
+static const norm_case_t norm_cases[] = {
+    { "none", E_ACUTE, { 2, -1 } },
+    { "none", E_COMB, { 5, -1 } },
+    { "none", HAN, { 6, -1 } },
+    { "none", HAN_JAMO, { 7, 8, 9, -1 } },
+    { "none", ANGSTROM, { 15, -1 } },
+    { "none", "fix", { 13, 3, -1 } },
+
+    { "nfc", E_ACUTE, { 2, -1 } },
+    { "nfc", E_COMB, { 2, -1 } },
+    { "nfc", HAN, { 6, -1 } },
+    { "nfc", HAN_JAMO, { 6, -1 } },
+    { "nfc", FI_LIG, { 12, -1 } },
+    { "nfc", ANGSTROM, { 14, -1 } },      /* singleton: changes under NFC */
+    { "nfc", CIRCLED1, { 19, -1 } },
+    { "nfc", "x" E_COMB HAN_JAMO "x", { 3, 2, 6, 3, -1 } },
+    { "nfc", FI_LIG "x", { 20, -1 } },
+    { "nfc", "fix", { 13, 3, -1 } },
+    { "nfc", FI_LIG "!", { 21, -1 } },
+
+    { "nfd", E_ACUTE, { 5, -1 } },
+    { "nfd", E_COMB, { 5, -1 } },
+    { "nfd", HAN, { 7, 8, 9, -1 } },
+    { "nfd", HAN_JAMO, { 7, 8, 9, -1 } },
+    { "nfd", FI_LIG, { 12, -1 } },
+    { "nfd", ANGSTROM, { 16, 17, -1 } },
+    { "nfd", CIRCLED1, { 19, -1 } },
+    { "nfd", FI_LIG "x", { 20, -1 } },
+    { "nfd", "fix", { 13, 3, -1 } },
+
+    { "nfkc", E_ACUTE, { 2, -1 } },
+    { "nfkc", E_COMB, { 2, -1 } },
+    { "nfkc", HAN_JAMO, { 6, -1 } },
+    { "nfkc", FI_LIG, { 13, -1 } },
+    { "nfkc", ANGSTROM, { 14, -1 } },
+    { "nfkc", CIRCLED1, { 18, -1 } },
+    { "nfkc", FI_LIG "x", { 20, -1 } },
+    { "nfkc", "fix", { 20, -1 } },        /* added content normalized */
+    { "nfkc", FI_LIG "!", { 21, -1 } },   /* raw match before NFKC */
+    { "nfkc", "fi!", { 13, 4, -1 } },     /* "!" is not in the vocab */
+
+    { "nfkd", E_ACUTE, { 5, -1 } },
+    { "nfkd", E_COMB, { 5, -1 } },
+    { "nfkd", HAN, { 7, 8, 9, -1 } },
+    { "nfkd", FI_LIG, { 13, -1 } },
+    { "nfkd", ANGSTROM, { 16, 17, -1 } },
+    { "nfkd", CIRCLED1, { 18, -1 } },
+    { "nfkd", "fix", { 20, -1 } },
+
+    /* Sequence [NFD, Replace U+0301 -> ""]: accents stripped, in order */
+    { "seq_nfd_strip", E_ACUTE, { 0, -1 } },
+    { "seq_nfd_strip", E_COMB, { 0, -1 } },
+    { "seq_nfd_strip", ANGSTROM, { 16, 17, -1 } },
+    /*
+     * Qwen's layout: NFC, then a ByteLevel pre-tokenizer (GPT-2 regex) on
+     * the bytes.  bytelevel_*.json vocab: 0 e  1 U+00CC (byte CC)
+     * 2 U+0123 (byte 81)  3 U+00C3 (byte C3)  4 U+00A9 (byte A9)
+     * 5 U+00C3 U+00A9 (the merge: U+00E9 as bytes C3 A9)  6 U+0120  7 x.
+     * Without NFC, e + U+0301 (65 CC 81) is two words (U+0301 is not \p{L}):
+     * [0] and [1 2].
+     */
+    { "bytelevel_none", E_ACUTE, { 5, -1 } },
+    { "bytelevel_none", E_COMB, { 0, 1, 2, -1 } },
+    { "bytelevel_nfc", E_ACUTE, { 5, -1 } },
+    { "bytelevel_nfc", E_COMB, { 5, -1 } },
+    { "bytelevel_nfc", "x" E_COMB "x", { 7, 5, 7, -1 } },
+
+    /* Sequence [NFKD, NFC] is NFKC */
+    { "seq_nfkd_nfc", E_ACUTE, { 2, -1 } },
+    { "seq_nfkd_nfc", HAN_JAMO, { 6, -1 } },
+    { "seq_nfkd_nfc", FI_LIG, { 13, -1 } },
+    { "seq_nfkd_nfc", ANGSTROM, { 14, -1 } },
+};
+
+static void
+check_normalizers(void)
+{
+    moe_tokenizer_t *t = NULL;
+    char             path[128], err[256], got[128], want[128];
+    const char      *cur = "";
+    int32_t         *ids;
+    size_t           i, n, k, w;
+    int              rc;
+
+    for (i = 0; i < sizeof(norm_cases) / sizeof(norm_cases[0]); i++) {
+        const norm_case_t *c = &norm_cases[i];
+
+        if (strcmp(cur, c->file) != 0) {
+            moe_tokenizer_free(t);
+            t = NULL;
+            cur = c->file;
+            snprintf(path, sizeof(path), "t/data/norm/%s.json", cur);
+            rc = moe_tokenizer_load(path, &t, err, sizeof(err));
+            TAP_OK(rc == MOE_OK, "normalizer %s: load (%s)", cur,
+                   rc == MOE_OK ? "ok" : err);
+        }
+        if (t == NULL) {
+            continue;
+        }
+        ids = NULL;
+        n = 0;
+        rc = moe_tokenizer_encode(t, c->in, strlen(c->in), 0, &ids, &n);
+        got[0] = want[0] = '\0';
+        for (k = 0; rc == MOE_OK && k < n && k < 8; k++) {
+            w = strlen(got);
+            snprintf(got + w, sizeof(got) - w, " %d", (int) ids[k]);
+        }
+        for (k = 0; c->ids[k] >= 0; k++) {
+            w = strlen(want);
+            snprintf(want + w, sizeof(want) - w, " %d", (int) c->ids[k]);
+        }
+        TAP_OK(rc == MOE_OK && strcmp(got, want) == 0 && n == k,
+               "normalizer %s: case %zu gives [%s ] (want [%s ])", cur, i,
+               got, want);
+        free(ids);
+    }
+    moe_tokenizer_free(t);
+
+    /* decoding the NFC ids gives the precomposed text */
+    t = NULL;
+    rc = moe_tokenizer_load("t/data/norm/bytelevel_nfc.json", &t, err,
+                            sizeof(err));
+    {
+        int32_t  e5 = 5;
+        char    *txt = NULL;
+        size_t   tl = 0;
+
+        if (rc == MOE_OK) {
+            rc = moe_tokenizer_decode(t, &e5, 1, 0, &txt, &tl);
+        }
+        TAP_OK(rc == MOE_OK && txt && tl == 2 && memcmp(txt, E_ACUTE, 2) == 0,
+               "normalizer bytelevel_nfc: decode [5] is U+00E9");
+        free(txt);
+    }
+    moe_tokenizer_free(t);
+
+    t = NULL;
+    rc = moe_tokenizer_load("t/data/norm/unknown.json", &t, err, sizeof(err));
+    TAP_OK(rc == MOE_EUNSUPPORTED && t == NULL
+           && strstr(err, "Frobnicate") != NULL,
+           "unknown normalizer refused, named in the error (%s)", err);
 }
 
 int
@@ -646,6 +830,8 @@ main(void)
            == MOE_EFORMAT && t == NULL, "truncated JSON: MOE_EFORMAT (%s)",
            err);
     remove("build/t/tok_bad.json");
+
+    check_normalizers();
 
     for (i = 0; i < sizeof(toks) / sizeof(toks[0]); i++) {
         check_tokenizer(&toks[i]);

@@ -10,6 +10,23 @@
 
 #include "moe.h"
 
+/*
+ * Greedy: a temperature below this picks the first maximum of the
+ * (penalised) logits and draws no uniform.  The one threshold: the host
+ * sampler here, the scheduler's sampling plan (sched/) and the device
+ * sampler (kernels/sample.h MOE_K_GREEDY_TEMPERATURE, checked equal at
+ * compile time by the CUDA backend) all decide greedy by it.
+ */
+#define MOE_GREEDY_TEMPERATURE  1e-5f
+
+/* 1 when sp samples greedily (temperature below MOE_GREEDY_TEMPERATURE;
+ * penalties still apply before the argmax). */
+static inline int
+moe_sampling_is_greedy(const moe_sampling_t *sp)
+{
+    return sp->temperature < MOE_GREEDY_TEMPERATURE;
+}
+
 /* xoshiro256** state, seeded with splitmix64 */
 typedef struct {
     uint64_t s[4];
@@ -37,7 +54,7 @@ void moe_sampler_destroy(moe_sampler_t *s);
  * prompt or output (for repetition_penalty; may be NULL).  Returns the id;
  * *logprob receives log p(id) under the unpenalised, untempered
  * distribution.  Draws one moe_rng_uniform() from rng unless greedy
- * (temperature < 1e-5), then does moe_sample_u() with it.
+ * (moe_sampling_is_greedy), then does moe_sample_u() with it.
  */
 int32_t moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     const int32_t *counts, const uint8_t *seen, moe_rng_t *rng,

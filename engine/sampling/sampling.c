@@ -7,7 +7,7 @@
  * temperature is 0, else temperature, top-k, top-p, min-p and a draw.
  *
  * Exactly (the device sampler, kernels/sample.cu, computes the same):
- *   greedy (temperature < 1e-5): the first maximum (lowest id on ties);
+ *   greedy (temperature < MOE_GREEDY_TEMPERATURE, 1e-5): the first maximum (lowest id on ties);
  *   weights w_i = expf((l_i - max) / T) in float (the best one is 1);
  *   order: logit descending, ties by ascending id (a total order);
  *   top-k: the first k tokens of that order (exactly k);
@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "sched/sampling.h"
+#include "sampling/sampling.h"
 
 
 static uint64_t
@@ -241,7 +241,7 @@ moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
         }
     }
 
-    if (sp->temperature < 1e-5f) {
+    if (moe_sampling_is_greedy(sp)) {
         best = moe_argmax(logits, V);
         if (want_lp) {
             *logprob = s->raw[best] - lse;
@@ -358,7 +358,7 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     float  u = 0.0f;
 
     /* greedy draws nothing: the stream stays where it was */
-    if (!(sp->temperature < 1e-5f)) {
+    if (!moe_sampling_is_greedy(sp)) {
         u = moe_rng_uniform(rng);
     }
     return moe_sample_u(s, logits, sp, counts, seen, u, logprob);

@@ -1,0 +1,505 @@
+/*
+ * The backend factory.
+ *
+ * The engine asks for a backend in two calls: moe_backend_load_model
+ * (which backend, and the model loaded the way that backend reads it),
+ * then moe_backend_create (the CUDA-cannot-run-this fallback, where the
+ * tensor-parallel ranks go, how many KV blocks and swap slots).  Ranks of
+ * either kind are made here and composed by tp.c.  This is the only file
+ * outside the CUDA backend itself that knows whether the build has CUDA
+ * (MOE_HAVE_CUDA).
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backends/backend.h"
+#ifdef MOE_HAVE_CUDA
+#include "backends/cuda_backend.h"
+#endif
+
+
+/* ------------------------------------------------------------- choice */
+
+static int
+be_is(const moe_backend_opts_t *o, const char *name)
+{
+    return o->backend != NULL && strcmp(o->backend, name) == 0;
+}
+
+
+static const char *
+be_file(const moe_backend_opts_t *o)
+{
+    return o->file != NULL && o->file[0] != '\0' ? o->file : "config";
+}
+
+
+static double
+be_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + (double) ts.tv_nsec * 1e-9;
+}
+
+
+int
+moe_backend_load_model(const moe_backend_opts_t *o, const char *dir,
+    int top_k_override, moe_backend_kind_t *kind, moe_model_t **out,
+    char *err, size_t errlen)
+{
+    moe_backend_kind_t  k = MOE_BACKEND_CPU;
+    double              t0;
+    int                 rc;
+
+    *out = NULL;
+#ifdef MOE_HAVE_CUDA
+    if (!be_is(o, "cpu") && moe_cuda_device_count() > 0) {
+        k = MOE_BACKEND_CUDA;
+    }
+#endif
+    if (be_is(o, "cuda") && k != MOE_BACKEND_CUDA) {
+#ifdef MOE_HAVE_CUDA
+        moe_errf(err, errlen, "%s: backend 'cuda' requested, but no CUDA "
+                 "device is visible", be_file(o));
+#else
+        moe_errf(err, errlen, "%s: backend 'cuda' requested, but this "
+                 "build has no CUDA support (built with MOE_CUDA=0 or "
+                 "without nvcc)", be_file(o));
+#endif
+        return MOE_EUNSUPPORTED;
+    }
+
+    /* load_format "dummy" (vLLM's): config.json only, random weights made
+     * on the GPU; for benchmarks of real shapes without the files */
+    if (o->dummy && k != MOE_BACKEND_CUDA) {
+        moe_errf(err, errlen, "%s: load_format 'dummy' needs the cuda "
+                 "backend (random weights are made on the GPU)", be_file(o));
+        return MOE_EUNSUPPORTED;
+    }
+
+    moe_log(MOE_LOG_INFO, "loading model from %s", dir);
+    t0 = be_now();
+    /* the cuda backend reads the mapped files itself: no fp32 host copy
+     * (a real model's fp32 copy does not fit in host memory) */
+    rc = (o->dummy ? moe_model_load_config
+                   : k == MOE_BACKEND_CUDA ? moe_model_open
+                                           : moe_model_load)(
+             dir, top_k_override > 0 ? top_k_override : 0, out, err,
+             errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (!o->dummy) {
+        moe_log(MOE_LOG_INFO, "model %s: %.2f GB of weights in the files, "
+                "%s in %.2f s", dir,
+                (double) moe_model_weight_bytes(*out) / 1e9,
+                k == MOE_BACKEND_CUDA ? "mapped and checked"
+                                      : "converted to fp32 host memory",
+                be_now() - t0);
+    }
+    *kind = k;
+    return MOE_OK;
+}
+
+
+/* ------------------------------------------------------------- ranks */
+
+static void
+be_free_ranks(moe_backend_t **ranks, moe_model_t **shards, int tp)
+{
+    int r;
+
+    for (r = 0; r < tp; r++) {
+        if (ranks[r] != NULL) {
+            ranks[r]->destroy(ranks[r]);
+        }
+        if (shards != NULL) {
+            moe_model_free(shards[r]);
+        }
+    }
+}
+
+
+int
+moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
+    moe_backend_t **out, char *err, size_t errlen)
+{
+    moe_backend_t      **ranks;
+    moe_model_t        **shards = NULL;
+    void               **ctx;
+    const moe_tp_ops_t  *ops = &moe_tp_host_ops;
+    void               (*set_reduce)(moe_backend_t *, moe_reduce_fn,
+                                     void *) = moe_cpu_backend_set_reduce;
+    int                  r, rc = MOE_OK, tp = p->tp > 1 ? p->tp : 1, per;
+
+    *out = NULL;
+    if (m == NULL || (p->kind != MOE_BACKEND_CPU
+                      && p->kind != MOE_BACKEND_CUDA))
+    {
+        moe_errf(err, errlen, "%s", "backend: no model or no backend kind");
+        return MOE_EINVAL;
+    }
+#ifndef MOE_HAVE_CUDA
+    if (p->kind == MOE_BACKEND_CUDA) {
+        moe_errf(err, errlen, "%s", "backend: this build has no CUDA "
+                 "support");
+        return MOE_EUNSUPPORTED;
+    }
+#endif
+    if (tp == 1) {
+#ifdef MOE_HAVE_CUDA
+        if (p->kind == MOE_BACKEND_CUDA) {
+            return moe_cuda_backend_create(m, p->n_blocks, p->block_size,
+                                           p->max_batched_tokens,
+                                           p->devices != NULL
+                                           ? p->devices[0] : 0,
+                                           out, err, errlen);
+        }
+#endif
+        return moe_cpu_backend_create(m, p->n_blocks, p->block_size,
+                                      p->n_threads, out, err, errlen);
+    }
+    if (tp > 64) {
+        moe_errf(err, errlen, "tensor_parallel_size %d: at most 64", tp);
+        return MOE_EINVAL;
+    }
+
+    ranks = calloc((size_t) tp, sizeof(*ranks));
+    ctx = calloc((size_t) tp, sizeof(*ctx));
+    if (p->kind == MOE_BACKEND_CPU) {
+        shards = calloc((size_t) tp, sizeof(*shards));
+    }
+    if (ranks == NULL || ctx == NULL
+        || (p->kind == MOE_BACKEND_CPU && shards == NULL))
+    {
+        free(ranks);
+        free(ctx);
+        free(shards);
+        moe_errf(err, errlen, "%s", "tensor parallel: out of memory");
+        return MOE_ENOMEM;
+    }
+
+#ifdef MOE_HAVE_CUDA
+    if (p->kind == MOE_BACKEND_CUDA) {
+        int ndev = moe_cuda_device_count(), dev[64];
+
+        for (r = 0; r < tp; r++) {
+            dev[r] = p->devices != NULL ? p->devices[r]
+                                        : r % (ndev > 0 ? ndev : 1);
+        }
+        rc = moe_cuda_peer_access(dev, tp, err, errlen);
+        for (r = 0; r < tp && rc == MOE_OK; r++) {
+            rc = moe_cuda_backend_create_rank(m, tp, r, p->n_blocks,
+                                              p->block_size,
+                                              p->max_batched_tokens, dev[r],
+                                              &ranks[r], err, errlen);
+            ctx[r] = ranks[r];
+        }
+        ops = moe_cuda_tp_ops();
+        set_reduce = moe_cuda_backend_set_reduce;
+        if (rc == MOE_OK) {
+            const moe_hparams_t *hp = moe_model_hparams(m);
+
+            moe_log(MOE_LOG_INFO, "cuda backend: %d tensor-parallel ranks "
+                    "(%d heads, %d kv heads, intermediate %d each), devices "
+                    "%d..%d", tp, hp->n_heads / tp, hp->n_kv_heads / tp,
+                    hp->ffn_dim / tp, dev[0], dev[tp - 1]);
+        }
+    }
+#endif
+    if (p->kind == MOE_BACKEND_CPU) {
+        /* each rank a CPU backend over its fp32 shard, its share of the
+         * threads */
+        per = p->n_threads > 0 ? (p->n_threads + tp - 1) / tp : 0;
+        for (r = 0; r < tp && rc == MOE_OK; r++) {
+            rc = moe_model_shard(m, tp, r, &shards[r], err, errlen);
+            if (rc == MOE_OK) {
+                rc = moe_cpu_backend_create(shards[r], p->n_blocks,
+                                            p->block_size, per, &ranks[r],
+                                            err, errlen);
+            }
+        }
+    }
+
+    if (rc != MOE_OK) {
+        be_free_ranks(ranks, shards, tp);
+    } else {
+        rc = moe_tp_backend_wrap(ranks, shards, tp, ops, ctx, set_reduce,
+                                 out, err, errlen);
+    }
+    free(ranks);
+    free(shards);
+    free(ctx);
+    return rc;
+}
+
+
+/* ---------------------------------------------------------- KV sizing */
+
+/* blocks one max_model_len sequence needs */
+static int
+be_blocks_per_seq(const moe_backend_opts_t *o)
+{
+    return (o->max_model_len + o->block_size - 1) / o->block_size;
+}
+
+
+/* The CPU pool: kv_cache_blocks, or enough for max_num_seqs sequences of
+ * max_model_len within a quarter of the host's memory (the whole model's
+ * K and V, however many ranks split them). */
+static int
+be_cpu_blocks(const moe_backend_opts_t *o, const moe_hparams_t *hp)
+{
+    int64_t  cap_bytes, per;
+    long     pages, page_size;
+    int64_t  n = o->kv_cache_blocks;
+
+    if (n <= 0) {
+        pages = sysconf(_SC_PHYS_PAGES);
+        page_size = sysconf(_SC_PAGESIZE);
+        cap_bytes = pages > 0 && page_size > 0
+                    ? (int64_t) pages * page_size / 4 : ((int64_t) 1 << 30);
+        /* K and V, fp32, every layer */
+        per = (int64_t) 2 * hp->n_layers * o->block_size * hp->n_kv_heads
+              * hp->head_dim * (int64_t) sizeof(float);
+        n = (int64_t) be_blocks_per_seq(o) * o->max_num_seqs;
+        if (n * per > cap_bytes) {
+            n = cap_bytes / per;
+        }
+    }
+    return n > 0 ? (n < (1 << 30) ? (int) n : 1 << 30) : 1;
+}
+
+
+/*
+ * The backend's host swap pool from swap_space (GiB; 0 off): at most what
+ * max_num_seqs sequences of max_model_len can hold and 40% of the host's
+ * memory.  Swapping is an optimisation: any failure is logged and
+ * preemption falls back to recompute.
+ */
+static void
+be_swap_space(const moe_backend_opts_t *o, moe_backend_t *b)
+{
+    int64_t  per = b->kv_bytes_per_block, n, cap;
+    long     pages, page_size;
+    char     err[256];
+
+    if (o->swap_space <= 0 || b->swap_alloc == NULL || b->swap_out == NULL
+        || b->swap_in == NULL || per <= 0)
+    {
+        return;
+    }
+
+    n = (int64_t) (o->swap_space * 1073741824.0 / (double) per);
+    cap = (int64_t) be_blocks_per_seq(o) * o->max_num_seqs;
+    if (n > cap) {
+        n = cap;
+    }
+    pages = sysconf(_SC_PHYS_PAGES);
+    page_size = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page_size > 0
+        && n * per > (int64_t) pages * page_size / 10 * 4)
+    {
+        n = (int64_t) pages * page_size / 10 * 4 / per;
+        moe_log(MOE_LOG_WARN, "%s: swap_space %.2f GiB is more than 40%% of "
+                "the host's memory; using %.2f GiB", be_file(o),
+                o->swap_space, (double) (n * per) / 1073741824.0);
+    }
+    if (n > (1 << 30)) {
+        n = 1 << 30;
+    }
+    if (n < 1) {
+        moe_log(MOE_LOG_WARN, "%s: swap_space %g GiB holds no KV block of "
+                "%lld bytes; preemption recomputes", be_file(o),
+                o->swap_space, (long long) per);
+        return;
+    }
+
+    if (b->swap_alloc(b, (int) n, err, sizeof(err)) != MOE_OK) {
+        moe_log(MOE_LOG_WARN, "swap space: %s; preemption recomputes", err);
+        return;
+    }
+    moe_log(MOE_LOG_INFO, "swap space: %d blocks (%.1f MiB of host memory)",
+            b->n_swap_slots, (double) b->n_swap_slots * (double) per
+                             / 1048576.0);
+}
+
+
+/* ------------------------------------------------------------ factory */
+
+static int
+be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
+    moe_backend_t **out, char *err, size_t errlen)
+{
+    moe_ranks_t  p;
+    int          tp = o->tensor_parallel_size;
+
+    memset(&p, 0, sizeof(p));
+    p.kind = MOE_BACKEND_CPU;
+    /* cpu_tensor_parallel with tensor_parallel_size > 1: the ranks'
+     * shards, one thread each, their partial sums all-reduced (tp.c);
+     * else one CPU backend (sharding threads buys nothing on one host: run
+     * 16 of an earlier session measured 200 tokens in 0.54 s on 4 ranks,
+     * 0.37 on 1) */
+    p.tp = o->cpu_tensor_parallel && tp > 1 ? tp : 1;
+    p.n_threads = o->cpu_threads;
+    p.n_blocks = be_cpu_blocks(o, moe_model_hparams(m));
+    p.block_size = o->block_size;
+
+    if (tp > 1 && o->cpu_tensor_parallel) {
+        moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
+                "runs the %d ranks' shards in one process, all-reducing "
+                "their partial sums", tp, tp);
+    } else if (tp > 1) {
+        moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
+                "runs one rank (engine.cpu_tensor_parallel: true shards it)",
+                tp);
+    }
+    return moe_backend_create_ranks(m, &p, out, err, errlen);
+}
+
+
+#ifdef MOE_HAVE_CUDA
+static int
+be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
+    moe_backend_t **out, char *err, size_t errlen)
+{
+    const moe_hparams_t *hp = moe_model_hparams(m);
+    moe_hparams_t        rhp;
+    moe_ranks_t          p;
+    int                  tp, ndev, r, on_dev0 = 0, devs[64], rc;
+    int                  dev = o->n_gpu_devices > 0 ? o->gpu_devices[0] : 0;
+    int                  n_blocks = o->kv_cache_blocks;
+
+    tp = o->tensor_parallel_size > 1 ? o->tensor_parallel_size : 1;
+    ndev = moe_cuda_device_count();
+    if (tp > 1 && o->dummy) {
+        moe_log(MOE_LOG_WARN, "tensor_parallel_size %d with load_format "
+                "dummy: random weights run as one rank", tp);
+        tp = 1;
+    }
+    if (tp > 1 && tp > ndev && o->n_gpu_devices < tp) {
+        /* ranks share a GPU only when gpu_devices says so (the test setup);
+         * the seed's tensor_parallel_size 4 on a smaller machine runs one
+         * rank with CUDA graphs */
+        moe_log(MOE_LOG_WARN, "tensor_parallel_size %d but %d GPU(s) "
+                "visible: running one rank (list gpu_devices to place "
+                "several ranks on one GPU)", tp, ndev);
+        tp = 1;
+    }
+    if (tp > 64) {
+        moe_errf(err, errlen, "%s: tensor_parallel_size %d: at most 64",
+                 be_file(o), tp);
+        return MOE_EINVAL;
+    }
+    for (r = 0; r < tp; r++) {
+        /* the instance's gpu_devices, else rank modulo the devices */
+        devs[r] = o->n_gpu_devices > r ? o->gpu_devices[r]
+                                       : (dev + r) % (ndev > 0 ? ndev : 1);
+        on_dev0 += devs[r] == devs[0];
+    }
+    rc = moe_hparams_shard(hp, tp, &rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (n_blocks <= 0) {
+        /* each rank holds its kv heads; ranks sharing a device share its
+         * memory budget */
+        rc = moe_cuda_kv_blocks_for_hp(&rhp, o->block_size,
+                                       o->max_num_batched_tokens,
+                                       o->gpu_memory_utilization / on_dev0,
+                                       devs[0], &n_blocks, err, errlen);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        if (n_blocks > be_blocks_per_seq(o) * o->max_num_seqs) {
+            n_blocks = be_blocks_per_seq(o) * o->max_num_seqs;
+        }
+    }
+
+    if (o->dummy) {
+        return moe_cuda_backend_create_random(hp, 1234, n_blocks,
+                                              o->block_size,
+                                              o->max_num_batched_tokens,
+                                              dev, out, err, errlen);
+    }
+    memset(&p, 0, sizeof(p));
+    p.kind = MOE_BACKEND_CUDA;
+    p.tp = tp;
+    p.devices = devs;
+    p.n_blocks = n_blocks;
+    p.block_size = o->block_size;
+    p.max_batched_tokens = o->max_num_batched_tokens;
+    return moe_backend_create_ranks(m, &p, out, err, errlen);
+}
+#endif
+
+
+int
+moe_backend_create(const moe_backend_opts_t *o, moe_backend_kind_t kind,
+    moe_model_t *m, moe_backend_t **out, char *err, size_t errlen)
+{
+    moe_backend_t       *b = NULL;
+    int                  rc, need;
+
+    *out = NULL;
+    if (o == NULL || m == NULL || o->block_size <= 0
+        || o->max_model_len <= 0 || o->max_num_seqs <= 0)
+    {
+        moe_errf(err, errlen, "%s", "backend: bad arguments");
+        return MOE_EINVAL;
+    }
+
+#ifdef MOE_HAVE_CUDA
+    if (kind == MOE_BACKEND_CUDA) {
+        const moe_hparams_t *hp = moe_model_hparams(m);
+        char                 why[256];
+
+        if (!moe_cuda_supports(hp, why, sizeof(why))) {
+            if (be_is(o, "cuda") || o->dummy) {
+                moe_errf(err, errlen, "%s: backend 'cuda' cannot run %s (%s)",
+                         be_file(o), hp->arch_name, why);
+                return MOE_EUNSUPPORTED;
+            }
+            moe_log(MOE_LOG_WARN, "the cuda backend cannot run %s (%s); "
+                    "serving from the cpu backend", hp->arch_name, why);
+            kind = MOE_BACKEND_CPU;
+            rc = moe_model_load_f32(m, err, errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+        }
+    }
+    rc = kind == MOE_BACKEND_CUDA ? be_create_cuda(o, m, &b, err, errlen)
+                                  : be_create_cpu(o, m, &b, err, errlen);
+#else
+    if (kind == MOE_BACKEND_CUDA) {
+        moe_errf(err, errlen, "%s: backend 'cuda' requested, but this build "
+                 "has no CUDA support", be_file(o));
+        return MOE_EUNSUPPORTED;
+    }
+    rc = be_create_cpu(o, m, &b, err, errlen);
+#endif
+    if (rc != MOE_OK) {
+        return rc;
+    }
+
+    need = be_blocks_per_seq(o);
+    if (b->n_kv_blocks < need) {
+        moe_errf(err, errlen, "%s: the KV cache holds %d blocks of %d "
+                 "tokens, fewer than one max_model_len (%d) sequence needs "
+                 "(%d)", be_file(o), b->n_kv_blocks, o->block_size,
+                 o->max_model_len, need);
+        b->destroy(b);
+        return MOE_EINVAL;
+    }
+    be_swap_space(o, b);
+    *out = b;
+    return MOE_OK;
+}

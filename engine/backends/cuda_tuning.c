@@ -1,0 +1,98 @@
+/*
+ * The CUDA tuning record: defaults + MOE_CUDA_* overrides, read once per
+ * backend (see cuda_tuning.h and kernels/TUNING.md).
+ */
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "moe.h"
+#include "backends/cuda_tuning.h"
+
+/* One knob: its variable, where it goes, its accepted range. */
+typedef struct {
+    const char *env;
+    size_t      off;
+    int         lo, hi;
+} cuda_knob_t;
+
+#define CT_FIELD(f)  offsetof(moe_cuda_tuning_t, f)
+#define CT_T_MAX     (1 << 20)          /* token thresholds: "any T" */
+
+static const cuda_knob_t ct_knobs[] = {
+    { "MOE_CUDA_GRAPHS",        CT_FIELD(graphs),        0, 1 },
+    { "MOE_CUDA_SAMPLE_TOKENS", CT_FIELD(sample_tokens), 0, 1 },
+    { "MOE_CUDA_GEMV_MAX_T",    CT_FIELD(gemv_max_t),    0, CT_T_MAX },
+    { "MOE_CUDA_DENSE_GEMV_T",  CT_FIELD(dense_gemv_t),  0, CT_T_MAX },
+    { "MOE_CUDA_GGEMM_MAX_T",   CT_FIELD(ggemm_max_t),   0, CT_T_MAX },
+    { "MOE_CUDA_GEMV_FMA",      CT_FIELD(gemv_fma_rows), 0, 4 },
+    { "MOE_CUDA_ATT_BPS",       CT_FIELD(att_split_bps), 1, 64 },
+};
+
+
+/* v as a whole number in [lo, hi] into *out; 0 if it is not one. */
+static int
+ct_parse(const char *v, int lo, int hi, int *out)
+{
+    char *end;
+    long  x;
+
+    errno = 0;
+    x = strtol(v, &end, 10);
+    while (*end == ' ' || *end == '\t') {
+        end++;
+    }
+    if (errno != 0 || end == v || *end != '\0' || x < lo || x > hi) {
+        return 0;
+    }
+    *out = (int) x;
+    return 1;
+}
+
+
+int
+moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, char *err,
+    size_t errlen)
+{
+    static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
+    moe_cuda_tuning_t              r = defaults;
+    size_t                         i;
+
+    *t = defaults;
+    for (i = 0; i < sizeof(ct_knobs) / sizeof(ct_knobs[0]); i++) {
+        const cuda_knob_t *k = &ct_knobs[i];
+        const char        *v = getenv(k->env);
+
+        if (v == NULL || *v == '\0') {
+            continue;
+        }
+        if (!ct_parse(v, k->lo, k->hi, (int *) ((char *) &r + k->off))) {
+            moe_errf(err, errlen, "cuda backend: %s=\"%s\": expected a "
+                     "whole number in [%d, %d] (see kernels/TUNING.md)",
+                     k->env, v, k->lo, k->hi);
+            return MOE_EINVAL;
+        }
+    }
+    if (r.gemv_max_t == MOE_CUDA_TUNING_AUTO) {
+        /* GEMV vs per-expert cuBLAS crossover (run 2 vs run 1): mixtral
+         * (E 8) b64 experts 33.8 ms GEMV vs 25.4 ms cuBLAS, b32 GEMV 27.5;
+         * olmoe (E 64) b256 cuBLAS 19.0 ms (128 launches + sync per
+         * layer) vs GEMV b128 5.0 ms: many experts keep the GEMV longer */
+        r.gemv_max_t = n_experts <= 1 ? 128 : n_experts > 16 ? 256 : 32;
+    }
+    *t = r;
+    return MOE_OK;
+}
+
+
+int
+moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf, size_t len)
+{
+    return snprintf(buf, len, "graphs=%d sample_tokens=%d gemv_max_t=%d "
+                    "dense_gemv_t=%d ggemm_max_t=%d gemv_fma_rows=%d "
+                    "att_split_bps=%d", t->graphs, t->sample_tokens,
+                    t->gemv_max_t, t->dense_gemv_t, t->ggemm_max_t,
+                    t->gemv_fma_rows, t->att_split_bps);
+}

@@ -1,0 +1,42 @@
+/*
+ * Reading the CUDA tuning record (kernels/tuning.h) once, when a CUDA
+ * backend is created: defaults, then the MOE_CUDA_* environment
+ * overrides, each parsed and range-checked here and nowhere else.  Plain
+ * C, no CUDA: the CPU-only build compiles and tests it too.  The knobs are
+ * documented in kernels/TUNING.md.
+ */
+#ifndef MOE_BACKENDS_CUDA_TUNING_H
+#define MOE_BACKENDS_CUDA_TUNING_H
+
+#include <stddef.h>
+
+#include "tuning.h"                 /* kernels/: the record itself */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * Fill *t with the defaults, then apply every MOE_CUDA_* variable that is
+ * set (and not empty) in the environment; resolve gemv_max_t's automatic
+ * default for a model of n_experts experts per layer (1: dense).
+ * Returns MOE_OK, or MOE_EINVAL with err naming the variable, its value
+ * and the accepted range when a value is not a whole number in range (the
+ * backend then fails to start; *t holds the defaults).
+ */
+int moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, char *err,
+    size_t errlen);
+
+/*
+ * The record as one line of "name=value" pairs (for the start-up log)
+ * into buf of len bytes (truncated, always terminated when len > 0).
+ * Returns the length snprintf would have written.
+ */
+int moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf,
+    size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_BACKENDS_CUDA_TUNING_H */

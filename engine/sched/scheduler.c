@@ -1,0 +1,936 @@
+/*
+ * The scheduler: sequences, their queues, and the step (continuous
+ * batching).  Every step first gives each running sequence its next chunk
+ * (one token when decoding, up to the token budget when prefilling), then
+ * admits waiting sequences in arrival order while there are sequence
+ * slots, tokens in the budget and KV blocks.  When a running sequence
+ * cannot get a block, the most recently admitted one is preempted:
+ * swapped out (its blocks copied to the backend's host swap pool, resumed
+ * later from where it was) when the swap slots suffice, else recomputed
+ * (its blocks freed, its prompt + output computed again later, at the
+ * front of the queue).  Swapped and waiting sequences are resumed /
+ * admitted strictly oldest first, so the oldest requests always progress.
+ * Each sequence's sampling plan (moe_plan_t) is decided at its first
+ * admission.  Events go out through the event ring (an overflow queue
+ * keeps their order when it is full).
+ */
+
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sched/engine_int.h"
+
+
+/* Note that tok is about to get seen / counts set: list it if it has
+ * neither yet (the list stays the set of ids with either). */
+static void
+moe_seq_pen_note(moe_seq_t *s, int32_t tok)
+{
+    int32_t *p;
+    int      cap;
+
+    if ((s->seen == NULL && s->counts == NULL) || s->pen_lost
+        || (s->seen != NULL && s->seen[tok])
+        || (s->counts != NULL && s->counts[tok] > 0))
+    {
+        return;
+    }
+    if (s->n_pen == s->cap_pen) {
+        cap = s->cap_pen ? 2 * s->cap_pen : 64;
+        p = realloc(s->pen_ids, sizeof(int32_t) * (size_t) cap);
+        if (p == NULL) {
+            s->pen_lost = 1;
+            if (s->plan == MOE_PLAN_BACKEND) {
+                s->plan = MOE_PLAN_HOST;
+            }
+            return;
+        }
+        s->pen_ids = p;
+        s->cap_pen = cap;
+    }
+    s->pen_ids[s->n_pen++] = tok;
+}
+
+
+static void
+moe_seq_free(moe_seq_t *s)
+{
+    if (s == NULL) {
+        return;
+    }
+    free(s->tokens);
+    free(s->blocks);
+    free(s->counts);
+    free(s->seen);
+    free(s->pen_ids);
+    free(s->bhash);
+    free(s->slots);
+    free(s);
+}
+
+
+/* ------------------------------------------------------------- events */
+
+static void
+moe_emit(moe_engine_t *e, const moe_event_t *ev)
+{
+    moe_event_t  *p;
+
+    e->wake_pending = 1;
+
+    /* keep order: once anything overflowed, everything queues behind it */
+    if (e->n_overflow == e->overflow_pos
+        && moe_ring_push(e->events, ev) == MOE_OK)
+    {
+        return;
+    }
+
+    if (e->n_overflow == e->cap_overflow) {
+        size_t  cap = e->cap_overflow ? e->cap_overflow * 2 : 1024;
+
+        p = realloc(e->overflow, cap * sizeof(*p));
+        if (p == NULL) {
+            /* cannot happen in practice; the event is lost and logged */
+            moe_log(MOE_LOG_ERROR, "event queue: out of memory, request "
+                    "%llu loses an event", (unsigned long long) ev->req_id);
+            return;
+        }
+        e->overflow = p;
+        e->cap_overflow = cap;
+    }
+
+    e->overflow[e->n_overflow++] = *ev;
+}
+
+
+void
+moe_sched_flush_events(moe_engine_t *e)
+{
+    while (e->overflow_pos < e->n_overflow) {
+        if (moe_ring_push(e->events, &e->overflow[e->overflow_pos])
+            != MOE_OK)
+        {
+            return;
+        }
+        e->overflow_pos++;
+
+        /* the worker was woken when these were emitted and may have
+         * emptied the ring since: the ones that only arrive now need a
+         * wake-up of their own, or the last of them sit there unseen once
+         * the engine goes idle */
+        e->wake_pending = 1;
+    }
+
+    e->n_overflow = e->overflow_pos = 0;
+}
+
+
+static void
+moe_finish_event(moe_engine_t *e, moe_seq_t *s, int reason, int32_t token)
+{
+    moe_event_t  ev;
+
+    memset(&ev, 0, sizeof(ev));
+    ev.req_id = s->id;
+    ev.type = MOE_EV_FINISH;
+    ev.token = token;
+    ev.finish_reason = reason;
+    ev.n_prompt = s->n_prompt;
+    ev.n_cached = s->n_cached;
+    ev.n_generated = s->n_generated;
+    moe_emit(e, &ev);
+}
+
+
+/* ---------------------------------------------------------- sequences */
+
+/* Doubly linked queues of sequences in arrival order (waiting, swapped). */
+
+static void
+moe_q_unlink(moe_seq_queue_t *q, moe_seq_t *s)
+{
+    if (s->prev) s->prev->next = s->next; else q->head = s->next;
+    if (s->next) s->next->prev = s->prev; else q->tail = s->prev;
+    s->prev = s->next = NULL;
+    q->n--;
+}
+
+
+/* Insert before the first sequence that arrived later: new requests land
+ * at the back, preempted ones at their place (in practice the front). */
+static void
+moe_q_insert(moe_seq_queue_t *q, moe_seq_t *s)
+{
+    moe_seq_t  *p = q->tail;
+
+    /* walk from the back: new arrivals, the common case, stop at once */
+    while (p != NULL && p->order > s->order) {
+        p = p->prev;
+    }
+    s->prev = p;
+    s->next = p != NULL ? p->next : q->head;
+    if (s->next) s->next->prev = s; else q->tail = s;
+    if (p) p->next = s; else q->head = s;
+    q->n++;
+}
+
+
+/* Give a sequence's host swap slots back. */
+static void
+moe_seq_drop_slots(moe_engine_t *e, moe_seq_t *s)
+{
+    moe_slots_free(&e->slots, s->slots, s->n_slots);
+    free(s->slots);
+    s->slots = NULL;
+    s->n_slots = 0;
+}
+
+
+/* Into the running list at its place by arrival (admission order is
+ * arrival order: the newest running sequence is preempted first). */
+static void
+moe_running_insert(moe_engine_t *e, moe_seq_t *s)
+{
+    int  j = e->n_running;
+
+    while (j > 0 && e->running[j - 1]->order > s->order) {
+        j--;
+    }
+    memmove(&e->running[j + 1], &e->running[j],
+            sizeof(moe_seq_t *) * (size_t) (e->n_running - j));
+    e->running[j] = s;
+    e->n_running++;
+}
+
+
+static void
+moe_running_remove(moe_engine_t *e, int i)
+{
+    memmove(&e->running[i], &e->running[i + 1],
+            sizeof(moe_seq_t *) * (size_t) (e->n_running - i - 1));
+    e->n_running--;
+}
+
+
+/* Finish a running sequence: event, blocks back, memory freed. */
+static void
+moe_retire(moe_engine_t *e, int i, int reason, int32_t token)
+{
+    moe_seq_t  *s = e->running[i];
+
+    moe_finish_event(e, s, reason, token);
+    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+    moe_running_remove(e, i);
+    moe_seq_free(s);
+
+    atomic_fetch_add_explicit(&e->st_finished, 1, memory_order_relaxed);
+}
+
+
+void
+moe_sched_cancel(moe_engine_t *e, uint64_t id)
+{
+    int               i, k;
+    moe_seq_t        *s;
+    moe_seq_queue_t  *q[2] = { &e->waitq, &e->swapq };
+
+    for (i = 0; i < e->n_running; i++) {
+        if (e->running[i]->id == id) {
+            moe_retire(e, i, MOE_FINISH_CANCELLED, -1);
+            atomic_fetch_add_explicit(&e->st_cancelled, 1,
+                                      memory_order_relaxed);
+            return;
+        }
+    }
+
+    /* waiting (maybe holding prefix blocks) or swapped (holding slots) */
+    for (k = 0; k < 2; k++) {
+        for (s = q[k]->head; s != NULL; s = s->next) {
+            if (s->id != id) {
+                continue;
+            }
+            moe_q_unlink(q[k], s);
+            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+            moe_seq_drop_slots(e, s);
+            moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
+            moe_seq_free(s);
+            atomic_fetch_add_explicit(&e->st_finished, 1,
+                                      memory_order_relaxed);
+            atomic_fetch_add_explicit(&e->st_cancelled, 1,
+                                      memory_order_relaxed);
+            return;
+        }
+    }
+
+    /* already finished: its FINISH event is on its way; nothing to do */
+}
+
+
+static moe_seq_t *
+moe_seq_create(moe_engine_t *e, moe_msg_t *m)
+{
+    int         i, cap;
+    moe_seq_t  *s;
+
+    s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        return NULL;
+    }
+
+    cap = m->n_prompt + m->sp.max_tokens;
+    if (cap > e->info.max_model_len) {
+        cap = e->info.max_model_len;
+    }
+
+    s->id = m->req_id;
+    s->order = e->next_order++;
+    s->sp = m->sp;
+    s->n_prompt = m->n_prompt;
+    s->cap = cap;
+    s->tokens = realloc(m->prompt, sizeof(int32_t) * (size_t) cap);
+    if (s->tokens == NULL) {
+        free(s);
+        return NULL;
+    }
+    m->prompt = NULL;
+    s->n_tokens = m->n_prompt;
+
+    s->bhash = malloc(sizeof(uint64_t)
+                      * (size_t) (cap / e->cfg.block_size + 1));
+    if (s->bhash == NULL) {
+        moe_seq_free(s);
+        return NULL;
+    }
+
+    if (s->sp.frequency_penalty != 0.0f || s->sp.presence_penalty != 0.0f) {
+        s->counts = calloc((size_t) e->info.vocab_size, sizeof(int32_t));
+        if (s->counts == NULL) {
+            moe_seq_free(s);
+            return NULL;
+        }
+    }
+
+    if (s->sp.repetition_penalty != 1.0f) {
+        s->seen = calloc((size_t) e->info.vocab_size, 1);
+        if (s->seen == NULL) {
+            moe_seq_free(s);
+            return NULL;
+        }
+        for (i = 0; i < s->n_prompt; i++) {
+            moe_seq_pen_note(s, s->tokens[i]);
+            s->seen[s->tokens[i]] = 1;
+        }
+    }
+
+    moe_rng_seed(&s->rng, s->sp.has_seed
+                          ? s->sp.seed
+                          : (s->id * 0x9e3779b97f4a7c15ULL)
+                            ^ (uint64_t) moe_now_ns());
+
+    return s;
+}
+
+
+void
+moe_sched_submit(moe_engine_t *e, moe_msg_t *m)
+{
+    moe_seq_t   *s;
+    moe_event_t  ev;
+
+    s = moe_seq_create(e, m);
+    if (s == NULL) {
+        free(m->prompt);
+        m->prompt = NULL;
+        memset(&ev, 0, sizeof(ev));
+        ev.req_id = m->req_id;
+        ev.type = MOE_EV_ERROR;
+        ev.status = MOE_ENOMEM;
+        moe_emit(e, &ev);
+        atomic_fetch_add_explicit(&e->st_finished, 1, memory_order_relaxed);
+        return;
+    }
+
+    moe_q_insert(&e->waitq, s);
+}
+
+
+int
+moe_sched_idle(const moe_engine_t *e)
+{
+    return e->n_running == 0 && e->waitq.n == 0 && e->swapq.n == 0;
+}
+
+
+void
+moe_sched_free_all(moe_engine_t *e)
+{
+    moe_seq_t  *s;
+
+    while (e->n_running > 0) {
+        moe_seq_free(e->running[--e->n_running]);
+    }
+    while ((s = e->waitq.head) != NULL) {
+        moe_q_unlink(&e->waitq, s);
+        moe_seq_free(s);
+    }
+    while ((s = e->swapq.head) != NULL) {
+        moe_q_unlink(&e->swapq, s);
+        moe_seq_free(s);
+    }
+}
+
+
+/* ------------------------------------------------------------ the step */
+
+/*
+ * Swap a sequence that left the running list out to host memory: copies of
+ * the blocks holding its n_computed positions go to free swap slots (all
+ * of them, shared prefix blocks too: the copy is what gets resumed), then
+ * its table is released.  MOE_OK, or MOE_EFULL (swapping off, not enough
+ * slots, nothing computed) / another status with nothing changed.
+ */
+static int
+moe_swap_out_seq(moe_engine_t *e, moe_seq_t *s)
+{
+    int  nb, rc;
+
+    nb = moe_blocks_for(&e->blocks, s->n_computed);
+    if (nb == 0 || nb > s->n_blocks || e->backend->swap_out == NULL
+        || e->backend->swap_in == NULL || nb > e->slots.n_free)
+    {
+        return MOE_EFULL;
+    }
+
+    s->slots = malloc(sizeof(int32_t) * (size_t) nb);
+    if (s->slots == NULL) {
+        return MOE_ENOMEM;
+    }
+    (void) moe_slots_alloc(&e->slots, nb, s->slots);
+    s->n_slots = nb;
+
+    rc = e->backend->swap_out(e->backend, s->blocks, s->slots, nb);
+    if (rc != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "swap out of request %llu failed (%s); "
+                "recomputing it instead", (unsigned long long) s->id,
+                moe_strerror(rc));
+        moe_seq_drop_slots(e, s);
+        return rc;
+    }
+
+    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+    s->n_published = 0;       /* its blocks will be fresh when resumed */
+    moe_q_insert(&e->swapq, s);
+
+    atomic_fetch_add_explicit(&e->st_swap_outs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->st_swap_blocks_out, nb,
+                              memory_order_relaxed);
+    moe_log(MOE_LOG_INFO, "preempted request %llu (swap): KV cache full, "
+            "%d blocks to host memory", (unsigned long long) s->id, nb);
+    return MOE_OK;
+}
+
+
+/* Preempt the most recently admitted running sequence (not yet in this
+ * step's batch): swapped out when the swap slots hold its blocks, else
+ * recomputed later.  Returns 0 when there is nothing to preempt. */
+static int
+moe_preempt_last(moe_engine_t *e, int first_allowed)
+{
+    moe_seq_t  *s;
+
+    if (e->n_running - 1 < first_allowed) {
+        return 0;
+    }
+
+    s = e->running[e->n_running - 1];
+    e->n_running--;
+
+    if (moe_swap_out_seq(e, s) == MOE_OK) {
+        return 1;
+    }
+
+    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+    s->n_computed = 0;
+    s->n_published = 0;
+    moe_q_insert(&e->waitq, s);
+
+    atomic_fetch_add_explicit(&e->st_preemptions, 1, memory_order_relaxed);
+    moe_log(MOE_LOG_INFO, "preempted request %llu (recompute): KV cache full",
+            (unsigned long long) s->id);
+    return 1;
+}
+
+
+/*
+ * Resume the oldest swapped sequence s with a chunk of `chunk` tokens:
+ * fresh blocks for its computed positions plus the chunk, swap_in of its
+ * slots into the first of them.  MOE_OK (s is running), MOE_EFULL (not
+ * enough free blocks, nothing changed) or another status; a failed copy
+ * sends s back to be recomputed (MOE_OK is still returned: s left the
+ * swapped queue but is not in the step).
+ */
+static int
+moe_swap_in_seq(moe_engine_t *e, moe_seq_t *s, int chunk, int *resumed)
+{
+    int  rc;
+
+    *resumed = 0;
+    rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
+                            &s->cap_blocks, s->n_computed + chunk);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+
+    moe_q_unlink(&e->swapq, s);
+    rc = e->backend->swap_in(e->backend, s->slots, s->blocks, s->n_slots);
+    moe_seq_drop_slots(e, s);
+
+    if (rc != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "swap in of request %llu failed (%s); "
+                "recomputing it", (unsigned long long) s->id,
+                moe_strerror(rc));
+        moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+        s->n_computed = 0;
+        s->n_published = 0;
+        moe_q_insert(&e->waitq, s);
+        atomic_fetch_add_explicit(&e->st_preemptions, 1,
+                                  memory_order_relaxed);
+        return MOE_OK;
+    }
+
+    moe_running_insert(e, s);
+    *resumed = 1;
+    atomic_fetch_add_explicit(&e->st_swap_ins, 1, memory_order_relaxed);
+    moe_log(MOE_LOG_INFO, "resumed request %llu: %d blocks swapped in",
+            (unsigned long long) s->id, moe_blocks_for(&e->blocks,
+                                                       s->n_computed));
+    return MOE_OK;
+}
+
+
+/* Room for n more penalty-list entries in the step's lists. */
+static int
+moe_pen_reserve(moe_engine_t *e, size_t need)
+{
+    size_t    cap;
+    int32_t  *t, *c;
+    uint8_t  *v;
+
+    if (need <= e->cap_pen) {
+        return MOE_OK;
+    }
+    cap = e->cap_pen ? e->cap_pen : 1024;
+    while (cap < need) {
+        cap *= 2;
+    }
+    t = realloc(e->pen_tok, sizeof(int32_t) * cap);
+    if (t != NULL) {
+        e->pen_tok = t;
+    }
+    c = realloc(e->pen_cnt, sizeof(int32_t) * cap);
+    if (c != NULL) {
+        e->pen_cnt = c;
+    }
+    v = realloc(e->pen_seen, cap);
+    if (v != NULL) {
+        e->pen_seen = v;
+    }
+    if (t == NULL || c == NULL || v == NULL) {
+        return MOE_ENOMEM;
+    }
+    e->cap_pen = cap;
+    return MOE_OK;
+}
+
+
+/*
+ * The sampling plan of s, for its whole life: MOE_PLAN_ARGMAX when its
+ * next token is always the plain argmax of its logits (what moe_sample()
+ * does for it: greedy, no penalty that applies, no logprobs), so the
+ * backend may pick it; MOE_PLAN_BACKEND when the backend can draw it
+ * (sample_tokens, no logprobs, the penalty list complete); else
+ * MOE_PLAN_HOST.
+ */
+static moe_plan_t
+moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
+{
+    const moe_sampling_t *sp = &s->sp;
+
+    if (moe_sampling_is_greedy(sp) && !sp->logprobs
+        && (s->seen == NULL || sp->repetition_penalty == 1.0f)
+        && (s->counts == NULL
+            || (sp->frequency_penalty == 0.0f
+                && sp->presence_penalty == 0.0f)))
+    {
+        return MOE_PLAN_ARGMAX;
+    }
+    if (e->backend->sample_tokens && !sp->logprobs && !s->pen_lost) {
+        return MOE_PLAN_BACKEND;
+    }
+    return MOE_PLAN_HOST;
+}
+
+
+/*
+ * Each step row's output, by its sequence's plan (moe_seq_plan): rows that
+ * end their sequence's known tokens get token_out (ARGMAX: the backend's
+ * argmax; BACKEND: the draw with the sequence's parameters: its RNG gives
+ * u here exactly when moe_sample() would draw, so the stream of a seeded
+ * request is the same either way) or logits for moe_sample() on the host
+ * (HOST, or BACKEND in a step whose penalty lists found no memory).
+ */
+static void
+moe_step_outputs(moe_engine_t *e, int n)
+{
+    moe_seq_batch_t *b;
+    moe_seq_t       *s;
+    size_t           used = 0;
+    int              i, k;
+
+    for (i = 0; i < n; i++) {
+        s = e->batch_seq[i];
+        b = &e->batch[i];
+        b->logits = NULL;
+        b->token_out = NULL;
+        b->sample = NULL;
+        b->n_pen = 0;
+        b->n_valid = e->n_sample;
+        if (s->n_computed + b->n_tokens != s->n_tokens) {
+            continue;
+        }
+        if (s->plan == MOE_PLAN_ARGMAX) {
+            b->token_out = e->tok_out + i;
+            continue;
+        }
+        /* no room for the penalty lists: the host samples this step */
+        if (s->plan != MOE_PLAN_BACKEND
+            || moe_pen_reserve(e, used + (size_t) s->n_pen) != MOE_OK)
+        {
+            b->logits = e->logits + (size_t) i * e->info.vocab_size;
+            continue;
+        }
+        b->token_out = e->tok_out + i;
+        b->sample = &s->sp;
+        b->u = moe_sampling_is_greedy(&s->sp) ? 0.0f
+                                               : moe_rng_uniform(&s->rng);
+        for (k = 0; k < s->n_pen; k++) {
+            int32_t t = s->pen_ids[k];
+
+            e->pen_tok[used + k] = t;
+            e->pen_cnt[used + k] = s->counts != NULL ? s->counts[t] : 0;
+            e->pen_seen[used + k] = s->seen != NULL ? s->seen[t] : 0;
+        }
+        b->n_pen = s->n_pen;
+        used += (size_t) s->n_pen;
+    }
+    /* pointers last: the lists may have moved while they grew */
+    used = 0;
+    for (i = 0; i < n; i++) {
+        b = &e->batch[i];
+        if (b->n_pen == 0) {
+            b->pen_tok = b->pen_cnt = NULL;
+            b->pen_seen = NULL;
+            continue;
+        }
+        b->pen_tok = e->pen_tok + used;
+        b->pen_cnt = e->pen_cnt + used;
+        b->pen_seen = e->pen_seen + used;
+        used += (size_t) b->n_pen;
+    }
+}
+
+
+/* Entry i of the step: s's next chunk of `chunk` tokens (no outputs yet;
+ * the step decides logits or token after admission). */
+static void
+moe_batch_add(moe_engine_t *e, int i, moe_seq_t *s, int chunk)
+{
+    moe_seq_batch_t  *b = &e->batch[i];
+
+    memset(b, 0, sizeof(*b));
+    e->batch_seq[i] = s;
+    b->tokens = s->tokens + s->n_computed;
+    b->n_tokens = chunk;
+    b->pos = s->n_computed;
+    b->block_table = s->blocks;
+    b->n_blocks = s->n_blocks;
+}
+
+
+int
+moe_sched_step(moe_engine_t *e)
+{
+    int         i, n = 0, budget, want, chunk, rc, limit, reason;
+    int         preempted = 0, resumed;
+    int32_t     tok;
+    float       lp;
+    int64_t     t0;
+    moe_seq_t  *s;
+    moe_event_t ev;
+
+    budget = e->cfg.max_num_batched_tokens;
+    limit = e->cfg.max_chunked_prefill_tokens > 0
+            ? e->cfg.max_chunked_prefill_tokens : budget;
+
+    /* 1. running sequences: decode tokens and unfinished prefills */
+    for (i = 0; i < e->n_running && budget > 0; i++) {
+        s = e->running[i];
+        want = s->n_tokens - s->n_computed;
+        chunk = want < budget ? want : budget;
+        if (chunk > limit) {
+            chunk = limit;
+        }
+        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+            continue;
+        }
+
+        while ((rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
+                                        &s->cap_blocks,
+                                        s->n_computed + chunk))
+               == MOE_EFULL)
+        {
+            if (!moe_preempt_last(e, i + 1)) {
+                break;
+            }
+            preempted = 1;
+        }
+
+        if (rc == MOE_EFULL) {
+            /* s is the newest: it waits for blocks behind the others
+             * (swapped out or to be recomputed) */
+            (void) moe_preempt_last(e, i);
+            preempted = 1;
+            break;
+        }
+
+        if (rc != MOE_OK) {
+            return rc;
+        }
+
+        moe_batch_add(e, n++, s, chunk);
+        budget -= chunk;
+    }
+
+    /* 2. resume swapped sequences and admit waiting ones, strictly oldest
+     * first (swapped ones were admitted before any never-admitted one);
+     * not in a step that had to preempt (it would only swap back) */
+    while (!preempted && (e->waitq.head != NULL || e->swapq.head != NULL)
+           && budget > 0 && e->n_running < e->cfg.max_num_seqs)
+    {
+        s = e->swapq.head;
+        if (s != NULL
+            && (e->waitq.head == NULL || s->order < e->waitq.head->order))
+        {
+            want = s->n_tokens - s->n_computed;
+            chunk = want < budget ? want : budget;
+            if (chunk > limit) {
+                chunk = limit;
+            }
+            if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+                break;
+            }
+            rc = moe_swap_in_seq(e, s, chunk, &resumed);
+            if (rc == MOE_EFULL) {
+                break;
+            }
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            if (!resumed) {
+                continue;       /* copy failed: s waits for a recompute */
+            }
+
+            moe_batch_add(e, n++, s, chunk);
+            budget -= chunk;
+            continue;
+        }
+
+        s = e->waitq.head;
+
+        /* prefix cache: reuse whole blocks of an equal prefix; the last
+         * prompt token is always computed (its logits are needed, and its
+         * block must be private since K/V will be written there) */
+        if (s->n_blocks == 0 && s->n_computed == 0) {
+            int hit = moe_blocks_match(&e->blocks, s->tokens,
+                                       s->n_tokens - 1, &s->blocks,
+                                       &s->n_blocks, &s->cap_blocks,
+                                       s->bhash);
+            s->n_computed = hit > 0 ? hit : 0;
+            s->n_published = s->n_computed / e->cfg.block_size;
+            if (!s->admitted) {
+                s->n_cached = s->n_computed;
+            }
+        }
+
+        want = s->n_tokens - s->n_computed;
+        chunk = want < budget ? want : budget;
+        if (chunk > limit) {
+            chunk = limit;
+        }
+        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+            chunk = 0;
+        }
+
+        rc = chunk == 0 ? MOE_EFULL
+             : moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
+                                  &s->cap_blocks, s->n_computed + chunk);
+        if (rc != MOE_OK) {
+            /* not this step: give the matched blocks back for now */
+            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+            s->n_computed = 0;
+            s->n_published = 0;
+            if (rc == MOE_EFULL) {
+                break;
+            }
+            return rc;
+        }
+
+        if (!s->admitted) {
+            s->admitted = 1;
+            s->plan = moe_seq_plan(e, s);
+            atomic_fetch_add_explicit(&e->st_cached_tokens, s->n_cached,
+                                      memory_order_relaxed);
+        }
+
+        moe_q_unlink(&e->waitq, s);
+        moe_running_insert(e, s);
+
+        moe_batch_add(e, n++, s, chunk);
+        budget -= chunk;
+    }
+
+    if (n == 0) {
+        return MOE_OK;
+    }
+
+    /* the last prompt / generated token's output: greedy sequences
+     * without penalties or logprobs take the backend's argmax (no logits
+     * copy, no host scan); with a backend that samples, the others
+     * without logprobs too; the rest logits for moe_sample() */
+    moe_step_outputs(e, n);
+
+    /* 3. forward */
+    t0 = moe_now_ns();
+    rc = e->backend->forward(e->backend, e->batch, n);
+    if (rc != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "forward step failed: %s", moe_strerror(rc));
+        /* fail the sequences of this step, keep serving the others */
+        for (i = e->n_running - 1; i >= 0; i--) {
+            int j;
+
+            for (j = 0; j < n; j++) {
+                if (e->batch_seq[j] == e->running[i]) {
+                    break;
+                }
+            }
+            if (j == n) {
+                continue;
+            }
+
+            s = e->running[i];
+            memset(&ev, 0, sizeof(ev));
+            ev.req_id = s->id;
+            ev.type = MOE_EV_ERROR;
+            ev.status = rc;
+            moe_emit(e, &ev);
+            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+            moe_running_remove(e, i);
+            moe_seq_free(s);
+            atomic_fetch_add_explicit(&e->st_finished, 1,
+                                      memory_order_relaxed);
+        }
+        return MOE_OK;
+    }
+
+    /* 4. sample and retire */
+    for (i = 0; i < n; i++) {
+        s = e->batch_seq[i];
+        s->n_computed += e->batch[i].n_tokens;
+
+        if (s->n_computed / e->cfg.block_size > s->n_published) {
+            moe_blocks_publish(&e->blocks, s->blocks, s->tokens, s->bhash,
+                               s->n_published,
+                               s->n_computed / e->cfg.block_size);
+            s->n_published = s->n_computed / e->cfg.block_size;
+        }
+
+        if (e->batch[i].token_out != NULL) {
+            tok = e->tok_out[i];
+            lp = 0.0f;
+            if (e->batch[i].sample != NULL) {
+                atomic_fetch_add_explicit(&e->st_backend_sampled, 1,
+                                          memory_order_relaxed);
+            }
+        } else if (e->batch[i].logits != NULL) {
+            tok = moe_sample(&e->sampler, e->batch[i].logits, &s->sp,
+                             s->counts, s->seen, &s->rng, &lp);
+        } else {
+            continue;
+        }
+        s->n_generated++;
+        atomic_fetch_add_explicit(&e->st_gen_tokens, 1, memory_order_relaxed);
+        if (s->n_generated == 1) {
+            atomic_fetch_add_explicit(&e->st_prompt_tokens, s->n_prompt,
+                                      memory_order_relaxed);
+        }
+
+        reason = MOE_FINISH_NONE;
+
+        if (!s->sp.ignore_eos) {
+            int k;
+
+            for (k = 0; k < e->info.n_eos; k++) {
+                if (tok == e->info.eos_ids[k]) {
+                    reason = MOE_FINISH_STOP;
+                }
+            }
+        }
+
+        for (int k = 0; k < s->sp.n_stop_token_ids; k++) {
+            if (tok == s->sp.stop_token_ids[k]) {
+                reason = MOE_FINISH_STOP;
+            }
+        }
+
+        if (reason == MOE_FINISH_NONE) {
+            memset(&ev, 0, sizeof(ev));
+            ev.req_id = s->id;
+            ev.type = MOE_EV_TOKEN;
+            ev.token = tok;
+            ev.logprob = lp;
+            moe_emit(e, &ev);
+
+            moe_seq_pen_note(s, tok);
+            if (s->counts) s->counts[tok]++;
+            if (s->seen) s->seen[tok] = 1;
+
+            if (s->n_generated >= s->sp.max_tokens
+                || s->n_tokens + 1 >= e->info.max_model_len
+                || s->n_tokens >= s->cap)
+            {
+                reason = MOE_FINISH_LENGTH;
+            } else {
+                s->tokens[s->n_tokens++] = tok;
+            }
+        }
+
+        if (reason != MOE_FINISH_NONE) {
+            int j;
+
+            for (j = 0; j < e->n_running; j++) {
+                if (e->running[j] == s) {
+                    break;
+                }
+            }
+            moe_retire(e, j, reason,
+                       reason == MOE_FINISH_STOP ? tok : -1);
+        }
+    }
+
+    atomic_fetch_add_explicit(&e->st_steps, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->st_busy_ns, moe_now_ns() - t0,
+                              memory_order_relaxed);
+
+    return MOE_OK;
+}

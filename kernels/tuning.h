@@ -1,0 +1,49 @@
+/*
+ * The CUDA tuning record: every knob that chooses among the shipped
+ * kernel paths, with its default, in one plain C struct.
+ *
+ * The CUDA backend fills one record when it is created (defaults, then the
+ * MOE_CUDA_* environment overrides, range-checked, in
+ * engine/backends/cuda_tuning.c), logs it in one line, and hands it to the
+ * launchers that read a knob (moe_cuda_gemv, moe_cuda_attention).  Nothing
+ * in kernels/ reads the environment.  A launcher given NULL uses the
+ * defaults below.  What each knob trades and how its default was measured:
+ * kernels/TUNING.md.
+ */
+#ifndef MOE_KERNELS_TUNING_H
+#define MOE_KERNELS_TUNING_H
+
+typedef struct {
+    /* backend: step shapes -> paths */
+    int graphs;          /* MOE_CUDA_GRAPHS 0|1: replay decode steps as
+                            CUDA graphs (default 1) */
+    int sample_tokens;   /* MOE_CUDA_SAMPLE_TOKENS 0|1: draw non-greedy
+                            tokens on the device (default 1) */
+    int gemv_max_t;      /* MOE_CUDA_GEMV_MAX_T >= 0: MoE steps of up to
+                            this many tokens take the grouped GEMV;
+                            MOE_CUDA_TUNING_AUTO (default): 128 for dense
+                            models, 32 for <= 16 experts, 256 above */
+    int dense_gemv_t;    /* MOE_CUDA_DENSE_GEMV_T >= 0: dense GEMMs (qkv,
+                            o, lm_head, dense MLP) of up to this many rows
+                            take the GEMV, cuBLAS above (default 16) */
+    int ggemm_max_t;     /* MOE_CUDA_GGEMM_MAX_T >= 0: MoE steps above
+                            gemv_max_t and up to this take the grouped
+                            tensor-core GEMM, per-expert cuBLAS above
+                            (default 64) */
+    /* launchers */
+    int gemv_fma_rows;   /* MOE_CUDA_GEMV_FMA 0..4: GEMV groups of up to
+                            this many rows per pass take the CUDA-core
+                            kernel, more the tensor-core one (default 2;
+                            0: tensor cores only) */
+    int att_split_bps;   /* MOE_CUDA_ATT_BPS 1..64: decode attention
+                            (split kernel) grid sized for this many blocks
+                            per SM (default 2) */
+} moe_cuda_tuning_t;
+
+#define MOE_CUDA_TUNING_AUTO  (-1)
+
+/* The defaults, as an initializer (field order above). */
+#define MOE_CUDA_TUNING_DEFAULTS                                             \
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2 }
+
+#endif /* MOE_KERNELS_TUNING_H */

@@ -1,0 +1,380 @@
+
+/*
+ * Copyright (C) LocalMoE contributors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_moe_module.h"
+
+
+/*
+ * Text work runs on an nginx thread pool, never on the event loop: a long
+ * prompt takes its tokenizer time away from one pool thread, not from every
+ * stream the worker serves.  The shape is ngx_http_copy_thread_handler's:
+ * the task is posted with r->main->blocked raised, so the request (and its
+ * pool, which the task reads) outlives a client that goes away meanwhile;
+ * the completion event comes back on the loop, lowers blocked and runs the
+ * request's write event handler: ours resumes the request, or nginx's
+ * finalizer when the request was terminated in between.
+ *
+ * moe_tokenizer_encode(), moe_tokenizer_decode() and moe_chat_render() may
+ * run on several threads at once: the tokenizer is read-only after loading
+ * (its byte table is built under pthread_once, PCRE2 match data is made per
+ * call), and the parsed chat templates are cached under a mutex and only
+ * read while rendering.
+ */
+
+
+#define NGX_HTTP_MOE_TEXT_TIMEOUT  60000
+
+
+static void ngx_http_moe_text_thread(void *data, ngx_log_t *log);
+static void ngx_http_moe_text_read(ngx_http_moe_text_t *t);
+static void ngx_http_moe_text_encode(ngx_http_moe_text_t *t);
+static void ngx_http_moe_text_event(ngx_event_t *ev);
+static void ngx_http_moe_text_resume(ngx_http_request_t *r);
+static void ngx_http_moe_text_cleanup(void *data);
+
+
+/*
+ * A task for op (NGX_HTTP_MOE_TEXT_*) in r->pool, with a pool cleanup that
+ * frees whatever the thread left in it.  The caller sets the inputs, then
+ * posts it.  NULL: out of memory.
+ */
+
+ngx_http_moe_text_t *
+ngx_http_moe_text_create(ngx_http_request_t *r, ngx_uint_t op)
+{
+    ngx_thread_task_t         *task;
+    ngx_pool_cleanup_t        *cln;
+    ngx_http_moe_text_t       *t;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_moe_main_conf(r);
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NULL;
+    }
+
+    task = ngx_thread_task_alloc(r->pool, sizeof(ngx_http_moe_text_t));
+    if (task == NULL) {
+        return NULL;
+    }
+
+    t = task->ctx;
+
+    t->op = op;
+    t->tokenizer = mcf->tokenizer;
+    t->chat_template = mcf->info->chat_template;
+    t->task = task;
+    t->request = r;
+
+    cln->handler = ngx_http_moe_text_cleanup;
+    cln->data = t;
+
+    return t;
+}
+
+
+/*
+ * Hands t to the location's thread pool; done(r, t) runs on the event loop
+ * once the thread is through, unless the request was terminated meanwhile.
+ * done owns the request from then on (it finalizes it).  The caller must
+ * not touch t's inputs until then, and returns NGX_DONE up the stack.
+ * NGX_DECLINED: the pool's queue is full, *err holds the 503.
+ */
+
+ngx_int_t
+ngx_http_moe_text_post(ngx_http_request_t *r, ngx_http_moe_text_t *t,
+    ngx_http_moe_text_done_pt done, void *data, ngx_http_moe_err_t *err)
+{
+    ngx_thread_task_t        *task;
+    ngx_http_moe_ctx_t       *ctx;
+    ngx_http_moe_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_moe_loc_conf(r);
+    ctx = ngx_http_moe_get_ctx(r);
+
+    if (ctx == NULL || ctx->task != NULL || mlcf->thread_pool == NULL) {
+        ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
+                      "moe: text task posted out of turn");
+        return NGX_ERROR;
+    }
+
+    task = t->task;
+
+    t->done = done;
+    t->data = data;
+
+    task->handler = ngx_http_moe_text_thread;
+    task->event.handler = ngx_http_moe_text_event;
+    task->event.data = t;
+    task->event.log = r->connection->log;
+
+    if (ngx_thread_task_post(mlcf->thread_pool, task) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_SERVICE_UNAVAILABLE, NULL,
+                                 "the server is overloaded: the thread "
+                                 "pool queue is full, retry later");
+    }
+
+    /*
+     * the timer only reports a task that hangs; it also keeps a graceful
+     * shutdown waiting for the request, as for a running generation
+     */
+
+    ngx_add_timer(&task->event, NGX_HTTP_MOE_TEXT_TIMEOUT);
+
+    t->running = 1;
+    ctx->task = t;
+
+    r->main->blocked++;
+    r->aio = 1;
+
+    r->write_event_handler = ngx_http_moe_text_resume;
+
+    /* a client that goes away is noticed now, and the request terminated
+     * as soon as the task is done */
+    r->read_event_handler = ngx_http_test_reading;
+
+    return NGX_OK;
+}
+
+
+/* runs on a pool thread: no nginx structure, no request pool */
+
+static void
+ngx_http_moe_text_thread(void *data, ngx_log_t *log)
+{
+    ngx_http_moe_text_t  *t = data;
+
+    switch (t->op) {
+
+    case NGX_HTTP_MOE_TEXT_READ:
+        ngx_http_moe_text_read(t);
+        break;
+
+    case NGX_HTTP_MOE_TEXT_ENCODE:
+        ngx_http_moe_text_encode(t);
+        break;
+
+    case NGX_HTTP_MOE_TEXT_DECODE:
+        t->rc = moe_tokenizer_decode(t->tokenizer, t->ids, t->n_ids, 0,
+                                     &t->out_text, &t->out_len);
+        break;
+
+    default:
+        t->rc = MOE_EINVAL;
+    }
+}
+
+
+static void
+ngx_http_moe_text_read(ngx_http_moe_text_t *t)
+{
+    off_t                      offset;
+    size_t                     left;
+    ssize_t                    n;
+    u_char                    *p;
+    ngx_uint_t                 i;
+    ngx_http_moe_text_file_t  *f;
+
+    t->rc = MOE_OK;
+
+    for (i = 0; i < t->n_files; i++) {
+        f = &t->files[i];
+
+        p = f->dst;
+        left = f->size;
+        offset = f->offset;
+
+        while (left) {
+            n = pread(f->fd, p, left, offset);
+
+            if (n == -1 && ngx_errno == NGX_EINTR) {
+                continue;
+            }
+
+            if (n <= 0) {
+                t->err = (n == -1) ? ngx_errno : 0;
+                t->rc = MOE_EIO;
+                return;
+            }
+
+            p += n;
+            left -= n;
+            offset += n;
+        }
+    }
+}
+
+
+static void
+ngx_http_moe_text_encode(ngx_http_moe_text_t *t)
+{
+    const char  *text;
+    size_t       len;
+
+    text = (const char *) t->text;
+    len = t->len;
+
+    if (t->msgs) {
+        t->rc = moe_chat_render(t->tokenizer, t->chat_template, t->msgs,
+                                (int) t->n_msgs,
+                                (int) t->add_generation_prompt,
+                                &t->out_text, &t->out_len, t->msg,
+                                sizeof(t->msg));
+        if (t->rc != MOE_OK) {
+            t->render_failed = 1;
+            return;
+        }
+
+        text = t->out_text;
+        len = t->out_len;
+    }
+
+    t->rc = moe_tokenizer_encode(t->tokenizer, text, len,
+                                 (int) t->add_special_tokens, &t->out_ids,
+                                 &t->n_out);
+}
+
+
+/* on the event loop: the thread is done (or the watchdog fired) */
+
+static void
+ngx_http_moe_text_event(ngx_event_t *ev)
+{
+    ngx_connection_t     *c;
+    ngx_http_request_t   *r;
+    ngx_http_moe_text_t  *t;
+
+    t = ev->data;
+    r = t->request;
+    c = r->connection;
+
+    ngx_http_set_log_request(c->log, r);
+
+    if (ev->timedout) {
+        ngx_log_error(NGX_LOG_ALERT, c->log, 0,
+                      "moe: text thread task took too long");
+        ev->timedout = 0;
+        return;
+    }
+
+    if (ev->timer_set) {
+        ngx_del_timer(ev);
+    }
+
+    t->running = 0;
+
+    r->main->blocked--;
+    r->aio = 0;
+
+    if (r->done) {
+        c->write->handler(c->write);
+
+    } else {
+        r->write_event_handler(r);
+        ngx_http_run_posted_requests(c);
+    }
+}
+
+
+/*
+ * The request's write event handler while a task runs: nothing to do
+ * until the task is done, then its continuation.
+ */
+
+static void
+ngx_http_moe_text_resume(ngx_http_request_t *r)
+{
+    ngx_http_moe_ctx_t   *ctx;
+    ngx_http_moe_text_t  *t;
+
+    ctx = ngx_http_moe_get_ctx(r);
+
+    if (ctx == NULL || ctx->task == NULL || ctx->task->running) {
+        return;
+    }
+
+    t = ctx->task;
+    ctx->task = NULL;
+
+    r->write_event_handler = ngx_http_request_empty_handler;
+
+    t->done(r, t);
+}
+
+
+/*
+ * The ids of an ENCODE task, copied into r->pool.  A template that cannot
+ * be rendered is the client's 400 (NGX_DECLINED, *err set); a tokenizer
+ * failure or no memory is NGX_ERROR.
+ */
+
+ngx_int_t
+ngx_http_moe_text_ids(ngx_http_request_t *r, ngx_http_moe_text_t *t,
+    int32_t **ids, size_t *n, ngx_http_moe_err_t *err)
+{
+    int32_t  *p;
+
+    if (t->render_failed) {
+        if (t->rc == MOE_ENOMEM) {
+            return NGX_ERROR;
+        }
+
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "messages",
+                                 "cannot apply the chat template: %s",
+                                 t->msg[0] ? t->msg : moe_strerror(t->rc));
+    }
+
+    if (t->rc != MOE_OK) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "moe: tokenizer failed: %s", moe_strerror(t->rc));
+        return NGX_ERROR;
+    }
+
+    p = ngx_palloc(r->pool, (t->n_out + 1) * sizeof(int32_t));
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (t->n_out) {
+        ngx_memcpy(p, t->out_ids, t->n_out * sizeof(int32_t));
+    }
+
+    *ids = p;
+    *n = t->n_out;
+
+    ngx_http_moe_text_free(t);
+
+    return NGX_OK;
+}
+
+
+/* frees the thread's outputs early; the pool cleanup frees them otherwise */
+
+void
+ngx_http_moe_text_free(ngx_http_moe_text_t *t)
+{
+    free(t->out_text);
+    free(t->out_ids);
+
+    t->out_text = NULL;
+    t->out_ids = NULL;
+}
+
+
+/* the request pool goes away only once no task runs (r->main->blocked) */
+
+static void
+ngx_http_moe_text_cleanup(void *data)
+{
+    ngx_http_moe_text_t  *t = data;
+
+    ngx_http_moe_text_free(t);
+}

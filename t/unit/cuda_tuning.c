@@ -1,0 +1,108 @@
+/*
+ * The CUDA tuning record reader (engine/backends/cuda_tuning.c): defaults,
+ * the automatic gemv_max_t, each MOE_CUDA_* override, and the refusal of
+ * malformed or out-of-range values with a message naming the variable.
+ * Plain C: runs in the CPU-only build too.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "moe.h"
+#include "backends/cuda_tuning.h"
+#include "tap.h"
+
+static const char *vars[] = {
+    "MOE_CUDA_GRAPHS", "MOE_CUDA_SAMPLE_TOKENS", "MOE_CUDA_GEMV_MAX_T",
+    "MOE_CUDA_DENSE_GEMV_T", "MOE_CUDA_GGEMM_MAX_T", "MOE_CUDA_GEMV_FMA",
+    "MOE_CUDA_ATT_BPS"
+};
+
+
+static void
+clear_env(void)
+{
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        unsetenv(vars[i]);
+    }
+}
+
+
+/* One bad value of var: refused, err names it, *t back to the defaults. */
+static void
+refused(const char *var, const char *val)
+{
+    moe_cuda_tuning_t t;
+    char              err[256] = "";
+    int               rc;
+
+    clear_env();
+    setenv(var, val, 1);
+    rc = moe_cuda_tuning_read(&t, 8, err, sizeof(err));
+    TAP_OK(rc == MOE_EINVAL && strstr(err, var) != NULL
+           && strstr(err, val) != NULL && t.graphs == 1
+           && t.att_split_bps == 2,
+           "%s=\"%s\" refused (rc %d: %s)", var, val, rc, err);
+    unsetenv(var);
+}
+
+
+int
+main(void)
+{
+    moe_cuda_tuning_t t;
+    char              err[256] = "", line[256];
+    int               rc;
+
+    clear_env();
+    rc = moe_cuda_tuning_read(&t, 8, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.graphs == 1 && t.sample_tokens == 1
+           && t.gemv_max_t == 32 && t.dense_gemv_t == 16
+           && t.ggemm_max_t == 64 && t.gemv_fma_rows == 2
+           && t.att_split_bps == 2,
+           "defaults with no MOE_CUDA_* set (8 experts)");
+    rc = moe_cuda_tuning_read(&t, 1, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.gemv_max_t == 128, "dense model: gemv_max_t "
+           "128 (%d)", t.gemv_max_t);
+    rc = moe_cuda_tuning_read(&t, 64, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.gemv_max_t == 256, "64 experts: gemv_max_t 256 "
+           "(%d)", t.gemv_max_t);
+    rc = moe_cuda_tuning_read(&t, 16, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.gemv_max_t == 32, "16 experts: gemv_max_t 32 "
+           "(%d)", t.gemv_max_t);
+
+    setenv("MOE_CUDA_GRAPHS", "0", 1);
+    setenv("MOE_CUDA_SAMPLE_TOKENS", "0", 1);
+    setenv("MOE_CUDA_GEMV_MAX_T", "0", 1);
+    setenv("MOE_CUDA_DENSE_GEMV_T", "7", 1);
+    setenv("MOE_CUDA_GGEMM_MAX_T", "100000", 1);
+    setenv("MOE_CUDA_GEMV_FMA", "4", 1);
+    setenv("MOE_CUDA_ATT_BPS", " 3", 1);
+    rc = moe_cuda_tuning_read(&t, 8, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.graphs == 0 && t.sample_tokens == 0
+           && t.gemv_max_t == 0 && t.dense_gemv_t == 7
+           && t.ggemm_max_t == 100000 && t.gemv_fma_rows == 4
+           && t.att_split_bps == 3,
+           "every override applied (an explicit gemv_max_t 0 is kept)");
+    moe_cuda_tuning_format(&t, line, sizeof(line));
+    TAP_OK(strcmp(line, "graphs=0 sample_tokens=0 gemv_max_t=0 "
+                  "dense_gemv_t=7 ggemm_max_t=100000 gemv_fma_rows=4 "
+                  "att_split_bps=3") == 0, "the log line: %s", line);
+    clear_env();
+    setenv("MOE_CUDA_GRAPHS", "", 1);
+    rc = moe_cuda_tuning_read(&t, 8, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.graphs == 1, "an empty variable is unset");
+
+    refused("MOE_CUDA_GRAPHS", "yes");
+    refused("MOE_CUDA_GRAPHS", "2");
+    refused("MOE_CUDA_SAMPLE_TOKENS", "-1");
+    refused("MOE_CUDA_GEMV_MAX_T", "32x");
+    refused("MOE_CUDA_GEMV_MAX_T", "-1");
+    refused("MOE_CUDA_DENSE_GEMV_T", "99999999999");
+    refused("MOE_CUDA_GGEMM_MAX_T", "1e3");
+    refused("MOE_CUDA_GEMV_FMA", "5");
+    refused("MOE_CUDA_ATT_BPS", "0");
+    refused("MOE_CUDA_ATT_BPS", "65");
+    clear_env();
+    TAP_PLAN(tap_n);
+    return TAP_DONE();
+}

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# One device call: the GPU tests, the engine benchmark and the serving
+# benchmark, each step with its own time limit inside one budget (default
+# 560 s, so the whole run fits a 600 s call), every log under $OUT, and a
+# summary table (step, status, seconds) plus the key figures at the end.
+#
+# Needs (build machine: make all gpu gpu-bundle; then carry .dev build/gpu
+# build/bench build/nginx/objs/ngx_http_moe_module.so; README, GPUs):
+#   tools/gpu_all.sh
+# Environment:
+#   GPU_ALL_BUDGET=560      seconds for all steps together
+#   GPU_SKIP=a,b            skip the named steps (names in the table)
+#   SKIP_TESTS=1 SKIP_BENCH=1 SKIP_SERVE=1   skip a whole group
+#   GPU_SANITIZE=1          also test_kernels under compute-sanitizer memcheck
+#   BENCH_MODELS=mixtral-8x7b   bench_engine's model list
+#   SERVE_C=64 (+ INPUT_LEN, OUTPUT_LEN, NUM_PROMPTS, TEMPERATURE: see
+#   bench/gpu_serve.sh)
+# The longer run with every A/B and sanitizer step: tools/gpu_run.sh.
+# Exit status: 0 when every step that ran passed.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+# The device tool brings back at most 8 files from $OUT: the steps log into
+# $OUT/logs, packed at the end into $OUT/gpu_logs.tar.gz beside
+# $OUT/summary.txt, $OUT/bench_engine.log and $OUT/bench_serve.json.
+FINAL_OUT=${OUT:-$PWD/gpu-out}
+export OUT=$FINAL_OUT/logs
+rm -rf "$OUT"
+. tools/gpu_env.sh
+
+BUDGET=${GPU_ALL_BUDGET:-560}
+T_START=$(date +%s)
+declare -A STATUS
+
+skipped() {     # skipped NAME GROUP: true when the step is to be left out
+    case ",${GPU_SKIP:-}," in *",$1,"*) return 0 ;; esac
+    case $2 in
+    tests) [ "${SKIP_TESTS:-0}" = 1 ] ;;
+    bench) [ "${SKIP_BENCH:-0}" = 1 ] ;;
+    serve) [ "${SKIP_SERVE:-0}" = 1 ] ;;
+    *) return 1 ;;
+    esac
+}
+
+# run NAME GROUP LIMIT NEEDS CMD...: a step limited to LIMIT seconds and to
+# what is left of the budget (less 5 s); NEEDS: a file that must exist
+run() {
+    local name=$1 group=$2 limit=$3 needs=$4 left
+    shift 4
+    if skipped "$name" "$group"; then
+        GPU_STEPS+=("$name"); STATUS[$name]=skipped; GPU_SEC[$name]=0
+        return
+    fi
+    if [ ! -e "$needs" ]; then
+        GPU_STEPS+=("$name"); STATUS[$name]="missing $needs"; GPU_SEC[$name]=0
+        echo "=== $name: $needs missing (make all gpu gpu-bundle; carry it)"
+        return
+    fi
+    left=$((BUDGET - ($(date +%s) - T_START) - 5))
+    if [ $left -lt 15 ]; then
+        GPU_STEPS+=("$name"); STATUS[$name]="no time left"; GPU_SEC[$name]=0
+        return
+    fi
+    [ $limit -gt $left ] && limit=$left
+    gpu_step "$name" "$limit" "$@"
+    case ${GPU_RC[$name]} in
+    0) STATUS[$name]=ok ;;
+    124|137) STATUS[$name]="TIMEOUT ($limit s)" ;;
+    *) STATUS[$name]="FAIL rc ${GPU_RC[$name]}" ;;
+    esac
+}
+
+nvidia-smi > "$OUT/nvidia-smi.log" 2>&1 || echo "nvidia-smi failed (no GPU?)"
+head -1 .dev/MANIFEST 2>/dev/null || echo "no .dev/MANIFEST: make gpu-bundle and carry .dev"
+
+run test_kernels tests 90  build/gpu/test_kernels build/gpu/test_kernels
+run test_sample  tests 60  build/gpu/test_sample  build/gpu/test_sample
+run test_backend tests 90  build/gpu/test_backend build/gpu/test_backend
+run test_ggemm   tests 60  build/gpu/test_ggemm   build/gpu/test_ggemm
+run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
+if [ "${GPU_SANITIZE:-0}" = 1 ]; then
+    SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+    run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \
+        --error-exitcode 1 build/gpu/test_kernels
+fi
+run bench_engine bench 150 build/gpu/bench_engine build/gpu/bench_engine \
+    "${BENCH_MODELS:-mixtral-8x7b}"
+run serve_smoke  serve 90  build/nginx/objs/ngx_http_moe_module.so \
+    tools/gpu_serve_smoke.sh
+run serve_bench  serve 200 build/bench/serve bench/gpu_serve.sh "${SERVE_C:-64}"
+
+tap() {         # "N ok, M not ok" of a TAP log
+    printf "%d ok, %d not ok" "$(grep -c '^ok ' "$OUT/$1.log" 2>/dev/null)" \
+        "$(grep -c '^not ok ' "$OUT/$1.log" 2>/dev/null)"
+}
+
+fail=0
+for s in "${GPU_STEPS[@]}"; do
+    case ${STATUS[$s]} in ok|skipped) ;; *) fail=1 ;; esac
+done
+
+summary() {
+echo
+echo "======================== summary ========================"
+printf "%-14s %-30s %6s  %s\n" step status seconds detail
+for s in "${GPU_STEPS[@]}"; do
+    detail=
+    case $s in test_*|sanitizer) [ -f "$OUT/$s.log" ] && detail=$(tap "$s") ;; esac
+    printf "%-14s %-30s %6s  %s\n" "$s" "${STATUS[$s]}" "${GPU_SEC[$s]}" "$detail"
+done
+printf "%-14s %-30s %6s\n" total "" "$(($(date +%s) - T_START))"
+grep -h '^not ok' "$OUT"/test_*.log 2>/dev/null | head -10
+
+echo
+echo "key figures:"
+if [ -f "$OUT/bench_engine.log" ]; then
+    grep -h '^RESULT' "$OUT/bench_engine.log" | awk '
+    {
+        delete kv; for (i = 2; i <= NF; i++) { split($i, a, "="); kv[a[1]] = a[2] }
+        if (kv["kind"] == "copy_bw") printf "  copy bandwidth %s GB/s\n", kv["value"];
+        else if (kv["kind"] == "gemm") printf "  bf16 GEMM      %s TFLOP/s\n", kv["value"];
+        else if (kv["kind"] == "decode" && (kv["batch"] == 1 || kv["batch"] == 64))
+            printf "  %-14s decode  batch %-4s %9s tok/s %8s ms  %3.0f%% of limit\n",
+                   kv["model"], kv["batch"], kv["tok_s"], kv["ms_step"], 100 * kv["of_limit"];
+        else if (kv["kind"] == "prefill" && kv["prompt"] == 2048)
+            printf "  %-14s prefill %-10s %9s tok/s %8s ms  %3.0f%% of limit\n",
+                   kv["model"], kv["prompt"], kv["tok_s"], kv["ms"], 100 * kv["of_limit"];
+    }'
+fi
+if [ -f "$OUT/bench_serve.json" ] && [ "${STATUS[serve_bench]:-}" = ok ]; then
+    python3 - "$OUT/bench_serve.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+print("  serving: %s streams, %d ok / %d failed, output %.1f tok/s" % (
+    j.get("max_concurrency", "?"), j.get("completed", 0), j.get("failed", 0),
+    j.get("output_throughput", 0.0)))
+PY
+fi
+echo "logs: $FINAL_OUT/gpu_logs.tar.gz (every step's log), summary.txt"
+}
+
+summary | tee "$FINAL_OUT/summary.txt"
+for f in bench_engine.log bench_serve.json; do
+    [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL_OUT/"
+done
+tar czf "$FINAL_OUT/gpu_logs.tar.gz" -C "$FINAL_OUT" logs && rm -rf "$OUT"
+exit $fail
