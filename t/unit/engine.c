@@ -348,7 +348,7 @@ done:
 
 static moe_engine_t *
 make_engine_with(int kv_blocks, int max_seqs, double swap_gib, int threads,
-    int ring_size)
+    int ring_size, int prefix_cache)
 {
     char           err[1024];
     moe_config_t   cfg;
@@ -366,6 +366,7 @@ make_engine_with(int kv_blocks, int max_seqs, double swap_gib, int threads,
     cfg.max_num_batched_tokens = 64;
     cfg.cpu_threads = threads;
     cfg.swap_space = swap_gib;
+    cfg.enable_prefix_caching = prefix_cache;
     if (ring_size > 0) {
         cfg.ring_size = ring_size;
     }
@@ -381,7 +382,7 @@ make_engine_with(int kv_blocks, int max_seqs, double swap_gib, int threads,
 static moe_engine_t *
 make_engine(int kv_blocks, int max_seqs, double swap_gib)
 {
-    return make_engine_with(kv_blocks, max_seqs, swap_gib, 1, 0);
+    return make_engine_with(kv_blocks, max_seqs, swap_gib, 1, 0, 1);
 }
 
 
@@ -525,11 +526,15 @@ main(int argc, char **argv)
     /* staggered: request i joins after exactly one more step, so it is
      * prefilled beside i decoding sequences (each at another position)
      * and decodes beside others that are prefilling or finished; once in
-     * arrival order, once reversed (other neighbours, other steps) */
+     * arrival order, once reversed (other neighbours, other steps).  On an
+     * engine without prefix caching: every prompt is computed whole in
+     * its step, none taken from blocks another composition computed. */
     {
         static const char *what[2] = { "staggered", "staggered, reversed" };
+        moe_engine_t      *e0 = e;
 
-        for (int k = 0; k < 2; k++) {
+        e = make_engine_with(0, 16, 0, 1, 0, 0);
+        for (int k = 0; e != NULL && k < 2; k++) {
             group_init(&g, e, NREQ, batch);
             moe_engine_hold(e, 0);
             ok = 1;
@@ -549,6 +554,12 @@ main(int argc, char **argv)
                    "%s: 12 requests each joining a running batch one step "
                    "apart: identical greedy tokens", what[k]);
         }
+        if (e == NULL) {
+            TAP_OK(0, "staggered: engine without prefix caching");
+            TAP_OK(0, "staggered, reversed: engine without prefix caching");
+        }
+        moe_engine_destroy(e);
+        e = e0;
     }
 
     /* cancel after 3 tokens frees the blocks: the engine is held after 3
@@ -679,13 +690,16 @@ main(int argc, char **argv)
                == MOE_ETOOLONG, "prompt over max_model_len refused");
     }
 
-    /* a prompt too long for one step's budget of 64 tokens: alone it is
-     * prefilled in chunks of 64 + the rest; joining 11 decoding sequences
-     * it gets the budget they leave (53), then the rest beside them */
+    /* a prompt too long for one step's budget of 64 tokens, never seen
+     * before (nothing cached), joining 12 decoding sequences: prefilled
+     * in the budget they leave (52 tokens), then the rest beside them;
+     * its tokens are those of the reference run by hand (the whole prompt
+     * in one forward call), the others' their solo tokens */
     {
-        int32_t   lids[1][256];
+        int32_t   lids[1][256], ref[24];
         int       ln[1] = { 90 };
         result_t  lalone[1], lmix[NREQ + 1];
+        int       nv = moe_tokenizer_vocab_size(moe_engine_tokenizer(e));
 
         for (i = 0; i < ln[0]; i++) {
             lids[0][i] = ids[i % NREQ][i % ids_n[i % NREQ]];
@@ -693,7 +707,10 @@ main(int argc, char **argv)
         sp.temperature = 0.0f;
         sp.has_seed = 0;
         sp.max_tokens = 24;
-        ok = run(e, ln, lids, 0, 1, &sp, lalone) == 0;
+        memset(lalone, 0, sizeof(lalone));
+        ok = greedy_ref(lids[0], ln[0], nv, 24, ref) == 0;
+        memcpy(lalone[0].toks, ref, sizeof(ref));
+        lalone[0].n = 24;
 
         group_init(&g, e, NREQ + 1, lmix);
         moe_engine_hold(e, 0);
@@ -709,9 +726,9 @@ main(int argc, char **argv)
                && same_tokens("chunked beside decodes", &lmix[NREQ],
                               &lalone[0], 1)
                && same_tokens("beside a chunked prefill", lmix, solo, NREQ),
-               "a 90-token prompt prefilled in other chunks beside 11 "
-               "decoding sequences: every request's greedy tokens "
-               "unchanged");
+               "a 90-token prompt prefilled in chunks beside 12 decoding "
+               "sequences: its greedy tokens == one whole prefill by hand, "
+               "the others' unchanged");
     }
 
     /* the eventfd stays readable while events wait: 12 x 24 tokens + 12
@@ -745,7 +762,7 @@ main(int argc, char **argv)
     /* events that wait in the engine's overflow queue (an event ring of
      * 64 for 300 events, drained only after the engine finished) all
      * arrive, each batch moved into the ring with its own wake-up */
-    e = make_engine_with(0, 16, 0, 1, 16);
+    e = make_engine_with(0, 16, 0, 1, 16, 1);
     {
         ok = e != NULL;
         if (ok) {
@@ -765,7 +782,7 @@ main(int argc, char **argv)
 
     /* the staggered batch again with 2 threads splitting every step */
     setenv("MOE_CPU_MIN_PAR_WORK", "1", 1);
-    e = make_engine_with(0, 16, 0, 2, 0);
+    e = make_engine_with(0, 16, 0, 2, 0, 0);
     unsetenv("MOE_CPU_MIN_PAR_WORK");
     ok = e != NULL;
     if (ok) {
