@@ -17,6 +17,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <yaml.h>
 
@@ -57,6 +58,7 @@ typedef struct {
     int               model_name_line;
     int               tp_line;              /* 0: vllm tp not given */
     int               top_k_line;
+    int               template_line;        /* 0: chat_template not given */
     int               served_line;          /* 0: not given */
     int               dev_line[MOE_MAX_INSTANCES][MOE_MAX_GPUS];
     int               name_line[MOE_MAX_INSTANCES];
@@ -119,6 +121,8 @@ static const cfg_key_t cfg_vllm_keys[] = {
       NULL },
     { "load_format", CFG_ENUM, OFF(load_format), SZ(load_format), 0, 0, 0,
       cfg_formats },
+    { "chat_template", CFG_STR, OFF(chat_template), SZ(chat_template), 0, 0,
+      0, NULL },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -133,6 +137,10 @@ static const cfg_key_t cfg_engine_keys[] = {
     { "ring_size", CFG_INT, OFF(ring_size), 0, 16, 1048576, CFG_POW2, NULL },
     { "served_model_name", CFG_STR, OFF(served_model_name),
       SZ(served_model_name), 0, 0, 0, NULL },
+    { "max_waiting_requests", CFG_INT, OFF(max_waiting_requests), 0, 1,
+      INT_MAX, 0, NULL },
+    { "max_waiting_tokens", CFG_INT, OFF(max_waiting_tokens), 0, 0,
+      INT_MAX, 0, NULL },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -600,6 +608,8 @@ cfg_section(cfg_ctx_t *ctx, const char *name, const yaml_node_t *sec,
             ctx->tp_line = cfg_line(v);
         } else if (strcmp(key, "top_k_experts") == 0) {
             ctx->top_k_line = cfg_line(v);
+        } else if (strcmp(key, "chat_template") == 0) {
+            ctx->template_line = cfg_line(v);
         }
     }
 
@@ -914,6 +924,94 @@ cfg_resolve(cfg_ctx_t *ctx, const char *name, int line, char *out)
 }
 
 
+/*
+ * vllm.chat_template, as vLLM's --chat-template takes it: Jinja text when
+ * it holds "{{" or "{%", else a file name relative to the YAML's directory
+ * (then the current directory), which must be a readable file.
+ */
+static int
+cfg_chat_template(cfg_ctx_t *ctx)
+{
+    moe_config_t  *c = ctx->c;
+    char           dir[MOE_PATH_MAX], cand[MOE_PATH_MAX * 2 + 2];
+    char          *slash, *real;
+    struct stat    st;
+    int            i, n;
+
+    c->chat_template_file[0] = '\0';
+
+    if (c->chat_template[0] == '\0') {
+        if (ctx->template_line) {
+            return cfg_err(ctx, MOE_EINVAL, ctx->template_line,
+                           "chat_template is empty (give a Jinja template "
+                           "or a file name)");
+        }
+        return MOE_OK;
+    }
+
+    if (strstr(c->chat_template, "{{") || strstr(c->chat_template, "{%")) {
+        return MOE_OK;
+    }
+
+    if (cfg_copy(dir, sizeof(dir), ctx->file) != 0) {
+        return cfg_err(ctx, MOE_EINVAL, ctx->template_line,
+                       "file name too long");
+    }
+    slash = strrchr(dir, '/');
+    if (slash == NULL) {
+        strcpy(dir, ".");
+    } else if (slash == dir) {
+        dir[1] = '\0';
+    } else {
+        *slash = '\0';
+    }
+
+    if (strlen(c->chat_template) >= MOE_PATH_MAX) {
+        return cfg_err(ctx, MOE_EINVAL, ctx->template_line,
+                       "chat_template is neither a Jinja template (no "
+                       "\"{{\" or \"{%%\") nor a file name (too long)");
+    }
+
+    n = (c->chat_template[0] == '/') ? 1 : 2;
+
+    for (i = 0; i < n; i++) {
+        if (c->chat_template[0] == '/' || i == 1) {
+            snprintf(cand, sizeof(cand), "%.1023s", c->chat_template);
+        } else {
+            snprintf(cand, sizeof(cand), "%s/%.1023s", dir,
+                     c->chat_template);
+        }
+
+        if (stat(cand, &st) != 0 || !S_ISREG(st.st_mode)) {
+            continue;
+        }
+
+        if (access(cand, R_OK) != 0) {
+            return cfg_err(ctx, MOE_EIO, ctx->template_line,
+                           "chat_template file '%s' is not readable: %s",
+                           cand, strerror(errno));
+        }
+
+        real = realpath(cand, NULL);
+        if (real == NULL || cfg_copy(c->chat_template_file,
+                                     sizeof(c->chat_template_file), real)
+                            != 0)
+        {
+            free(real);
+            return cfg_err(ctx, MOE_EINVAL, ctx->template_line,
+                           "chat_template file name too long");
+        }
+        free(real);
+        return MOE_OK;
+    }
+
+    return cfg_err(ctx, MOE_EIO, ctx->template_line,
+                   "chat_template '%s' is neither a Jinja template (no "
+                   "\"{{\" or \"{%%\") nor a file (looked in %s and the "
+                   "current directory)", c->chat_template, dir);
+}
+
+
 void
 moe_config_defaults(moe_config_t *c)
 {
@@ -1023,7 +1121,21 @@ cfg_document(cfg_ctx_t *ctx)
         }
     }
 
+    /* admission: room for a few scheduler batches of waiting requests */
+
+    if (c->max_waiting_requests == 0) {
+        c->max_waiting_requests = c->max_num_seqs > INT_MAX / 4
+                                  ? INT_MAX : 4 * c->max_num_seqs;
+    }
+
+    rc = cfg_chat_template(ctx);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+
     /* model paths */
+
+    c->model_line = ctx->model_name_line;
 
     rc = cfg_resolve(ctx, c->model_name, ctx->model_name_line,
                      c->model_path);

@@ -119,6 +119,14 @@ typedef struct moe_config {
     char    quantization[32];         /* "" (null) */
     int     trust_remote_code;        /* accepted; never runs remote code */
     char    load_format[32];          /* "auto" | "safetensors" */
+    char    chat_template[8192];      /* vllm.chat_template as written: an
+                                         inline Jinja template or a file
+                                         name; "" unset (the model's) */
+    char    chat_template_file[MOE_PATH_MAX]; /* the file, resolved against
+                                         the YAML's directory; "" when
+                                         chat_template is inline/unset */
+    int     model_line;               /* YAML line of model_name, for
+                                         errors; 0 unknown */
 
     /* LocalMoE extensions (engine: section or top level keys) */
     char    backend[16];              /* "auto" | "cpu" | "cuda" */
@@ -131,6 +139,14 @@ typedef struct moe_config {
     int     kv_cache_blocks;          /* 0: size from memory settings */
     int     ring_size;                /* submit/completion ring slots,
                                          default 4096, power of two */
+    int     max_waiting_requests;     /* admission: requests admitted but
+                                         not yet running (tokenizing,
+                                         queued, prefilling) above which
+                                         the server answers 429; default
+                                         4 * max_num_seqs */
+    int     max_waiting_tokens;       /* admission: prompt tokens of those
+                                         requests; 0: no token budget
+                                         (default) */
 
     moe_instance_conf_t instances[MOE_MAX_INSTANCES];
     int     n_instances;              /* vllm_instances: entries */
@@ -149,6 +165,17 @@ void moe_config_defaults(moe_config_t *c);
  */
 int moe_config_load(const char *path, moe_config_t *c, char *err,
     size_t errlen);
+
+/*
+ * What can be checked of the configured models without loading them, for
+ * the nginx master before it forks (nginx -t): each model directory is
+ * readable, config.json parses and names a supported architecture, the
+ * safetensors headers parse and hold every tensor the model needs with its
+ * shape and within its file (the weights are mapped, never read),
+ * tokenizer.json is readable (it is parsed by the worker only).  MOE_OK, or a
+ * status with err "<yaml>:<line>: model '<name>': <reason>".
+ */
+int moe_model_check(const moe_config_t *c, char *err, size_t errlen);
 
 
 /* -------------------------------------------------------------- tokenizer */

@@ -215,10 +215,18 @@ moe_read_chat_template(const char *dir)
 }
 
 
-static void
-moe_compare_model_section(const moe_config_t *c, const moe_hparams_t *hp)
+/*
+ * The seed's model: section describes a model; the model's config.json
+ * wins.  A key that disagrees is a warning, never a silent change of the
+ * model's shape.  top_k_experts is the one override (routing may be
+ * changed): the top-k to load with, 0 to keep the model's.  `native` holds
+ * the model's own hyperparameters (config.json, before any override).
+ */
+static int
+moe_compare_model_section(const moe_config_t *c, const moe_hparams_t *native)
 {
     const char  *f = c->file;
+    int          dense = native->n_experts <= 1;
 
 #define MOE_CMP(field, val, name)                                            \
     if (c->field > 0 && c->field != (val)) {                                 \
@@ -227,18 +235,50 @@ moe_compare_model_section(const moe_config_t *c, const moe_hparams_t *hp)
                 c->field, (int) (val));                                      \
     }
 
-    MOE_CMP(num_experts, hp->n_experts, "num_experts")
-    MOE_CMP(hidden_size, hp->dim, "hidden_size")
-    MOE_CMP(intermediate_size, hp->ffn_dim, "intermediate_size")
-    MOE_CMP(max_sequence_length, hp->max_pos, "max_sequence_length")
+    if (dense) {
+        if (c->num_experts > 0) {
+            moe_log(MOE_LOG_WARN, "%s: model.num_experts (%d) is ignored: "
+                    "%s is a dense model (no experts)", f, c->num_experts,
+                    native->arch_name);
+        }
+    } else {
+        MOE_CMP(num_experts, native->n_experts, "num_experts")
+    }
+    MOE_CMP(hidden_size, native->dim, "hidden_size")
+    MOE_CMP(intermediate_size, native->ffn_dim, "intermediate_size")
+    MOE_CMP(max_sequence_length, native->max_pos, "max_sequence_length")
 
 #undef MOE_CMP
 
-    if (c->top_k_experts > 0) {
-        moe_log(MOE_LOG_INFO, "%s: model.top_k_experts %d overrides the "
-                "model's top-k (now %d of %d experts)", f, c->top_k_experts,
-                hp->top_k, hp->n_experts);
+    if (c->top_k_experts <= 0) {
+        return 0;
     }
+
+    if (dense) {
+        moe_log(MOE_LOG_WARN, "%s: model.top_k_experts (%d) is ignored: "
+                "%s is a dense model (no experts)", f, c->top_k_experts,
+                native->arch_name);
+        return 0;
+    }
+
+    if (c->top_k_experts == native->top_k) {
+        return 0;
+    }
+
+    if (c->top_k_experts > native->n_experts) {
+        moe_log(MOE_LOG_WARN, "%s: model.top_k_experts %d is more than the "
+                "model's %d experts; ignored (the model routes to %d)", f,
+                c->top_k_experts, native->n_experts, native->top_k);
+        return 0;
+    }
+
+    moe_log(MOE_LOG_WARN, "%s: model.top_k_experts %d overrides the model's "
+            "routing: each token now goes to %d of %d experts, the model "
+            "was trained with %d (remove the key to keep the model's)", f,
+            c->top_k_experts, c->top_k_experts, native->n_experts,
+            native->top_k);
+
+    return c->top_k_experts;
 }
 
 
@@ -268,13 +308,83 @@ moe_backend_opts(const moe_config_t *cfg, int max_model_len,
 }
 
 
+/* one model directory of moe_model_check() */
+static int
+moe_model_check_dir(const moe_config_t *c, const char *name,
+    const char *dir, int line, char *err, size_t errlen)
+{
+    int           rc;
+    char          why[MOE_PATH_MAX + 512], path[MOE_PATH_MAX + 32];
+    moe_model_t  *m = NULL;
+
+    why[0] = '\0';
+
+    if (access(dir, R_OK | X_OK) != 0) {
+        snprintf(why, sizeof(why), "%s: %s", dir, strerror(errno));
+        rc = MOE_EIO;
+        goto fail;
+    }
+
+    snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
+    if (access(path, R_OK) != 0) {
+        snprintf(why, sizeof(why), "%s: %s", path, strerror(errno));
+        rc = MOE_EIO;
+        goto fail;
+    }
+
+    if (strcmp(c->load_format, "dummy") == 0) {
+        rc = moe_model_load_config(dir, 0, &m, why, sizeof(why));
+    } else {
+        rc = moe_model_open(dir, 0, &m, why, sizeof(why));
+    }
+    moe_model_free(m);
+
+    if (rc == MOE_OK) {
+        return MOE_OK;
+    }
+
+fail:
+
+    moe_errf(err, errlen, "%s:%d: model '%s': %s", c->file, line, name, why);
+    return rc;
+}
+
+
+int
+moe_model_check(const moe_config_t *c, char *err, size_t errlen)
+{
+    int  rc, i;
+
+    rc = moe_model_check_dir(c, c->model_name, c->model_path, c->model_line,
+                             err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+
+    for (i = 0; i < c->n_instances; i++) {
+        if (strcmp(c->instances[i].model_path, c->model_path) == 0) {
+            continue;
+        }
+        rc = moe_model_check_dir(c, c->instances[i].model_name,
+                                 c->instances[i].model_path,
+                                 c->instances[i].line, err, errlen);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+    }
+
+    return MOE_OK;
+}
+
+
 int
 moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     size_t errlen)
 {
-    int                   rc, n_blocks, i;
+    int                   rc, n_blocks, i, top_k;
     char                  path[MOE_PATH_MAX + 32];
     const moe_hparams_t  *hp;
+    moe_model_t          *native;
     moe_engine_t         *e;
     moe_backend_opts_t    bo;
     moe_backend_kind_t    kind;
@@ -307,17 +417,23 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
+    /* the model's own shape first: the model: section is checked
+     * against it (config.json only) */
+    rc = moe_model_load_config(cfg->model_path, 0, &native, err, errlen);
+    if (rc != MOE_OK) {
+        goto fail;
+    }
+    top_k = moe_compare_model_section(cfg, moe_model_hparams(native));
+    moe_model_free(native);
+
     /* which backend, and the model loaded the way it reads it */
     moe_backend_opts(cfg, 0, &bo);
-    rc = moe_backend_load_model(&bo, cfg->model_path,
-                                cfg->top_k_experts > 0 ? cfg->top_k_experts
-                                                       : 0,
-                                &kind, &e->model, err, errlen);
+    rc = moe_backend_load_model(&bo, cfg->model_path, top_k, &kind,
+                                &e->model, err, errlen);
     if (rc != MOE_OK) {
         goto fail;
     }
     hp = moe_model_hparams(e->model);
-    moe_compare_model_section(cfg, hp);
 
     snprintf(path, sizeof(path), "%s/tokenizer.json", cfg->model_path);
     rc = moe_tokenizer_load(path, &e->tok, err, errlen);
@@ -325,7 +441,25 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         goto fail;
     }
 
-    e->chat_template = moe_read_chat_template(cfg->model_path);
+    /* vllm.chat_template (inline or a file) replaces the model's */
+    if (cfg->chat_template_file[0] != '\0') {
+        e->chat_template = moe_read_file(cfg->chat_template_file, NULL);
+        if (e->chat_template == NULL) {
+            moe_errf(err, errlen, "%s: chat_template '%s': %s", cfg->file,
+                     cfg->chat_template_file, strerror(errno));
+            rc = MOE_EIO;
+            goto fail;
+        }
+    } else if (cfg->chat_template[0] != '\0') {
+        e->chat_template = strdup(cfg->chat_template);
+        if (e->chat_template == NULL) {
+            moe_errf(err, errlen, "%s", "out of memory");
+            rc = MOE_ENOMEM;
+            goto fail;
+        }
+    } else {
+        e->chat_template = moe_read_chat_template(cfg->model_path);
+    }
     /* model info */
     snprintf(e->info.served_name, sizeof(e->info.served_name), "%.255s",
              cfg->served_model_name[0] ? cfg->served_model_name
