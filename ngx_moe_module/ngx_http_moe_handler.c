@@ -172,6 +172,16 @@ ngx_http_moe_handler(ngx_http_request_t *r)
             return rc;
         }
 
+        if (route->get == ngx_http_moe_health) {
+            return ngx_http_moe_health(r);
+        }
+
+        if (mcf->failed.len) {
+            return ngx_http_moe_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                           NULL, "the model failed to load: "
+                                           "%V", &mcf->failed);
+        }
+
         return ngx_http_moe_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE, NULL,
                                        "no engine is running (is "
                                        "\"moe_engine\" configured?)");
@@ -476,6 +486,12 @@ ngx_http_moe_generate(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat)
     p = ngx_palloc(r->pool, sizeof(ngx_http_moe_params_t));
     if (p == NULL) {
         return ngx_http_moe_answer(r, NGX_ERROR, &err);
+    }
+
+    /* 429 at once past the waiting limits (ngx_http_moe_admit.c) */
+    rc = ngx_http_moe_admit(r, ngx_http_moe_get_ctx(r), &err);
+    if (rc != NGX_OK) {
+        return ngx_http_moe_answer(r, rc, &err);
     }
 
     rc = ngx_http_moe_params(r, root, chat, p, &err);
@@ -991,6 +1007,11 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
 
     /* made with the request body (ngx_http_moe_body_handler) */
     ctx = ngx_http_moe_get_ctx(r);
+
+    rc = ngx_http_moe_admit_tokens(r, ctx, n, err);
+    if (rc != NGX_OK) {
+        return rc;
+    }
 
     ctx->id = mcf->next_id++;
     ctx->chat = chat;

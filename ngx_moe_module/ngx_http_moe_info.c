@@ -38,12 +38,28 @@ ngx_http_moe_health(ngx_http_request_t *r)
 
     mcf = ngx_http_moe_main_conf(r);
 
-    moe_engine_stats(mcf->engine, &st);
-
     g = ngx_http_moe_gen_create(r);
     if (g == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
+
+    if (mcf->engine == NULL) {
+        /* the engine is made before the worker accepts: never "loading" */
+        yajl_gen_map_open(g);
+        ngx_http_moe_gen_lit(g, "status");
+        ngx_http_moe_gen_lit(g, "failed");
+        ngx_http_moe_gen_lit(g, "reason");
+        if (mcf->failed.len) {
+            ngx_http_moe_gen_str(g, mcf->failed.data, mcf->failed.len);
+        } else {
+            ngx_http_moe_gen_lit(g, "no engine is running");
+        }
+        yajl_gen_map_close(g);
+
+        return ngx_http_moe_send_gen(r, NGX_HTTP_SERVICE_UNAVAILABLE, g);
+    }
+
+    moe_engine_stats(mcf->engine, &st);
 
     yajl_gen_map_open(g);
     ngx_http_moe_gen_lit(g, "status");
@@ -133,6 +149,9 @@ ngx_http_moe_gen_model(yajl_gen g, const moe_model_info_t *info)
     ngx_http_moe_gen_lit(g, "root");
     ngx_http_moe_gen_cstr(g, info->model_path);
     ngx_http_moe_gen_int(g, "max_model_len", info->max_model_len);
+    /* the routing actually used (model.top_k_experts may override it) */
+    ngx_http_moe_gen_int(g, "num_experts", info->n_experts);
+    ngx_http_moe_gen_int(g, "top_k_experts", info->top_k);
     yajl_gen_map_close(g);
 }
 
@@ -242,6 +261,21 @@ ngx_http_moe_stats_performance(ngx_http_request_t *r)
     ngx_http_moe_gen_int(g, "cancelled", st.requests_cancelled);
     ngx_http_moe_gen_int(g, "running", st.seqs_running);
     ngx_http_moe_gen_int(g, "waiting", st.seqs_waiting);
+    ngx_http_moe_gen_int(g, "rejected", (int64_t) mcf->admit.rejected);
+    yajl_gen_map_close(g);
+
+    /* admission control (ngx_http_moe_admit.c) */
+    ngx_http_moe_gen_lit(g, "admission");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "waiting_requests",
+                         (int64_t) mcf->admit.waiting);
+    ngx_http_moe_gen_int(g, "waiting_tokens",
+                         (int64_t) mcf->admit.waiting_tokens);
+    ngx_http_moe_gen_int(g, "max_waiting_requests",
+                         (int64_t) mcf->admit.max_waiting);
+    ngx_http_moe_gen_int(g, "max_waiting_tokens",
+                         (int64_t) mcf->admit.max_tokens);
+    ngx_http_moe_gen_int(g, "rejected", (int64_t) mcf->admit.rejected);
     yajl_gen_map_close(g);
 
     ngx_http_moe_gen_lit(g, "tokens");
@@ -336,7 +370,7 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
         }
     }
 
-    size = 26 * (256 + model.len);     /* 19 metrics of <= 256 + name */
+    size = 30 * (256 + model.len);     /* 22 metrics of <= 256 + name */
 
     start = ngx_pnalloc(r->pool, size);
     if (start == NULL) {
@@ -355,6 +389,16 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
     p = ngx_http_moe_metric(p, last, "requests_cancelled_total", "counter",
                             "Requests cancelled (client gone or stop "
                             "string).", &model, st.requests_cancelled);
+    p = ngx_http_moe_metric(p, last, "requests_rejected_total", "counter",
+                            "Requests answered 429 by admission control.",
+                            &model, (int64_t) mcf->admit.rejected);
+    p = ngx_http_moe_metric(p, last, "admission_waiting_requests", "gauge",
+                            "Requests admitted, not yet running.", &model,
+                            (int64_t) mcf->admit.waiting);
+    p = ngx_http_moe_metric(p, last, "admission_waiting_tokens", "gauge",
+                            "Prompt tokens of requests admitted, not yet "
+                            "running.", &model,
+                            (int64_t) mcf->admit.waiting_tokens);
     p = ngx_http_moe_metric(p, last, "prompt_tokens_total", "counter",
                             "Prompt tokens processed.", &model,
                             st.prompt_tokens_total);

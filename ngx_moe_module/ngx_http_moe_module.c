@@ -232,6 +232,17 @@ ngx_http_moe_engine(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    /*
+     * what can be known of the model before the worker loads it (path,
+     * permissions, config.json, safetensors headers) fails "nginx -t" and
+     * the start here, not a worker later
+     */
+
+    if (moe_model_check(mcf->config, err, sizeof(err)) != MOE_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "moe_engine: %s", err);
+        return NGX_CONF_ERROR;
+    }
+
     mcf->engine_file.data = path;
     mcf->engine_file.len = name.len;
 
@@ -348,6 +359,8 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
 
     mcf->next_id = 1;
 
+    ngx_http_moe_admit_init(mcf);
+
     err[0] = '\0';
 
     /* engine messages (load progress, overrides, preemptions) go to the
@@ -358,10 +371,27 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
     rc = moe_engine_create(mcf->config, &mcf->engine, err, sizeof(err));
     if (rc != MOE_OK) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
-                      "moe_engine \"%V\" failed to start: %s (%s)",
+                      "moe_engine \"%V\" failed to start: %s (%s); "
+                      "every request is answered 503 with the reason",
                       &mcf->engine_file, err, moe_strerror(rc));
         mcf->engine = NULL;
-        return NGX_ERROR;
+
+        /*
+         * The worker stays up and says why: exiting would leave the
+         * master holding the port with no worker ("fatal code 2"), and
+         * every client hanging.
+         */
+
+        mcf->failed.len = ngx_strlen(err) + sizeof(" ()") - 1
+                          + ngx_strlen(moe_strerror(rc));
+        mcf->failed.data = ngx_pnalloc(cycle->pool, mcf->failed.len + 1);
+        if (mcf->failed.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_sprintf(mcf->failed.data, "%s (%s)%Z", err, moe_strerror(rc));
+
+        return NGX_OK;
     }
 
     mcf->info = moe_engine_info(mcf->engine);

@@ -32,6 +32,22 @@
 #define NGX_HTTP_MOE_MAX_DEPTH     64
 
 
+/*
+ * Admission control (ngx_http_moe_admit.c).  Only the worker's event loop
+ * touches these, so plain counters are exact without locks or atomics: a
+ * request is "waiting" from the moment it is admitted (before its body is
+ * templated and tokenized on the thread pool) until the engine's first
+ * event for it (its first token, or its end).
+ */
+typedef struct {
+    ngx_uint_t                 waiting;          /* requests */
+    uint64_t                   waiting_tokens;   /* their prompt tokens */
+    ngx_uint_t                 max_waiting;      /* 429 past this */
+    uint64_t                   max_tokens;       /* 0: no token budget */
+    uint64_t                   rejected;         /* 429s sent */
+} ngx_http_moe_admit_t;
+
+
 typedef struct {
     ngx_str_t                  engine_file;
     moe_config_t              *config;
@@ -50,6 +66,10 @@ typedef struct {
     ngx_event_t                cancel_timer;
 
     uint64_t                   next_id;
+
+    ngx_http_moe_admit_t       admit;
+    ngx_str_t                  failed;      /* why the engine did not
+                                               start; 503 with it */
 } ngx_http_moe_main_conf_t;
 
 
@@ -168,6 +188,8 @@ typedef struct {
 
     ngx_http_moe_text_t       *task;        /* text work in flight */
 
+    uint64_t                   waiting_tokens; /* counted in admit */
+
     unsigned                   chat:1;
     unsigned                   stream:1;
     unsigned                   include_usage:1;
@@ -175,6 +197,7 @@ typedef struct {
     unsigned                   in_map:1;
     unsigned                   got_token:1;
     unsigned                   done:1;
+    unsigned                   waiting:1;   /* counted in admit */
 } ngx_http_moe_ctx_t;
 
 
@@ -183,6 +206,7 @@ typedef struct {
  * above it:
  *
  *   json      OpenAI JSON in and out, error bodies, sending a response
+ *   admit     admission control: 429 past the waiting limits
  *   request   the request context, requests by id, cancels, the index
  *   text      text work on the thread pool (body file, template, tokenizer)
  *   stream    engine events to SSE chunks or the final JSON
@@ -235,6 +259,14 @@ extern ngx_uint_t  ngx_http_moe_ctx_index;
 #define ngx_http_moe_set_ctx(r, c)                                            \
     (r)->ctx[ngx_http_moe_ctx_index] = (c)
 
+
+/* ngx_http_moe_admit.c */
+void ngx_http_moe_admit_init(ngx_http_moe_main_conf_t *mcf);
+ngx_int_t ngx_http_moe_admit(ngx_http_request_t *r, ngx_http_moe_ctx_t *ctx,
+    ngx_http_moe_err_t *err);
+ngx_int_t ngx_http_moe_admit_tokens(ngx_http_request_t *r,
+    ngx_http_moe_ctx_t *ctx, size_t n, ngx_http_moe_err_t *err);
+void ngx_http_moe_admit_done(ngx_http_moe_ctx_t *ctx);
 
 /* ngx_http_moe_request.c */
 ngx_http_moe_ctx_t *ngx_http_moe_ctx_create(ngx_http_request_t *r);

@@ -203,6 +203,8 @@ ngx_http_moe_ctx_cleanup(void *data)
 {
     ngx_http_moe_ctx_t  *ctx = data;
 
+    ngx_http_moe_admit_done(ctx);
+
     if (ctx->live) {
         ngx_http_moe_cancel(ctx->mcf, ctx->id);
         ctx->live = 0;

@@ -131,6 +131,9 @@ ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
     const char          *text;
     ngx_http_moe_err_t   err;
 
+    /* its first event: the request no longer waits to run */
+    ngx_http_moe_admit_done(ctx);
+
     if (ctx->done) {
         return;
     }

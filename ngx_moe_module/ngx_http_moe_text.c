@@ -93,12 +93,34 @@ ngx_int_t
 ngx_http_moe_text_post(ngx_http_request_t *r, ngx_http_moe_text_t *t,
     ngx_http_moe_text_done_pt done, void *data, ngx_http_moe_err_t *err)
 {
-    ngx_thread_task_t        *task;
-    ngx_http_moe_ctx_t       *ctx;
-    ngx_http_moe_loc_conf_t  *mlcf;
+    ngx_thread_task_t         *task;
+    ngx_http_moe_ctx_t        *ctx;
+    ngx_http_moe_loc_conf_t   *mlcf;
+    ngx_http_moe_main_conf_t  *mcf;
 
     mlcf = ngx_http_moe_loc_conf(r);
     ctx = ngx_http_moe_get_ctx(r);
+
+    /*
+     * messages need the model's template; wrapping them in ChatML for a
+     * model that never saw ChatML gives junk, so say how to fix it (as
+     * vLLM answers 400)
+     */
+
+    if (t->op == NGX_HTTP_MOE_TEXT_ENCODE && t->msgs != NULL
+        && t->chat_template == NULL)
+    {
+        mcf = ngx_http_moe_main_conf(r);
+
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "messages",
+                                 "the model \"%s\" has no chat template "
+                                 "(its tokenizer_config.json has no "
+                                 "chat_template), so chat messages cannot "
+                                 "be rendered: add \"chat_template:\" (a "
+                                 "Jinja template or a file) to the vllm "
+                                 "section of %V, or use /v1/completions",
+                                 mcf->info->served_name, &mcf->engine_file);
+    }
 
     if (ctx == NULL || ctx->task != NULL || mlcf->thread_pool == NULL) {
         ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,

@@ -36,6 +36,14 @@ CORPUS_FILES = ["/usr/share/common-licenses/GPL-3",
                 "/usr/share/common-licenses/Apache-2.0"]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# --chat-template chatml (models/localmoe-tiny): the vocabulary has the
+# ChatML tokens, so ChatML is the template that fits it
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + "
+    "'\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}")
+
 
 # ------------------------------------------------------------- tokenizer
 
@@ -555,6 +563,9 @@ def build(argv):
                     help="GPT-2 activation_function")
     ap.add_argument("--no-prefix", action="store_true",
                     help="GPT-2 tensor names without 'transformer.'")
+    ap.add_argument("--chat-template", choices=("none", "chatml"),
+                    default="none",
+                    help="chat_template in tokenizer_config.json")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
 
@@ -647,6 +658,8 @@ def build(argv):
         ("model_max_length", a.max_pos),
         ("tokenizer_class", "PreTrainedTokenizerFast"),
     ])
+    if a.chat_template == "chatml":
+        tcfg["chat_template"] = CHATML_TEMPLATE
     with open(os.path.join(a.out, "tokenizer_config.json"), "w") as f:
         json.dump(tcfg, f, indent=2)
         f.write("\n")
