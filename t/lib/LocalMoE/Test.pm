@@ -156,13 +156,15 @@ sub merge {
 # ----------------------------------------------------------------- server
 
 my %HARNESS_OPT = map { $_ => 1 } qw(main_conf http_conf server_conf
-    location_conf yaml_raw wait_timeout worker_processes no_skip);
+    location_conf yaml_raw wait_timeout worker_processes no_skip
+    health_status);
 
 # Write nginx.conf and engine.yaml into a fresh temp prefix; start nothing.
 # Options: vllm/engine/model/... hashes deep-merged into the default YAML
 # (undef deletes a key), yaml_raw (the YAML text itself), main_conf,
 # http_conf, server_conf, location_conf (extra nginx directives),
-# worker_processes.
+# worker_processes, health_status (the /health status start() waits for:
+# 200 unless given, 503 for a worker whose model failed to load).
 sub prepare_server {
     my (%o) = @_;
     my $dir = tempdir('localmoe-t-XXXXXX', TMPDIR => 1,
@@ -314,7 +316,7 @@ sub start {
             last;
         }
         my $r = $ht->get($s->url . '/health');
-        if ($r->{status} == 200) {
+        if ($r->{status} == ($s->{opts}{health_status} // 200)) {
             $s->{started} = time;
             return $s;
         }
