@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 # POST /v1/chat/completions (non-stream): OpenAI response shape, assistant
 # message, usage.prompt_tokens agreeing with /tokenize of the same messages,
-# and the prompt being ChatML (the tiny model has no chat_template).
+# and the prompt being ChatML (the tiny model's chat_template).
 use strict;
 use warnings;
 use utf8;
