@@ -29,8 +29,8 @@
 
 
 static ngx_int_t ngx_http_moe_admit_reject(ngx_http_request_t *r,
-    ngx_http_moe_err_t *err, const char *fmt, ngx_uint_t what,
-    uint64_t limit);
+    ngx_http_moe_admit_t *a, ngx_http_moe_err_t *err, const char *fmt,
+    ngx_uint_t what, uint64_t limit);
 
 
 static ngx_str_t  ngx_http_moe_retry_after = ngx_string("1");
@@ -57,18 +57,18 @@ ngx_int_t
 ngx_http_moe_admit(ngx_http_request_t *r, ngx_http_moe_ctx_t *ctx,
     ngx_http_moe_err_t *err)
 {
-    ngx_http_moe_admit_t      *a;
-    ngx_http_moe_main_conf_t  *mcf;
+    ngx_http_moe_admit_t  *a;
 
-    mcf = ngx_http_moe_main_conf(r);
-    a = &mcf->admit;
+    /* ctx->mcf, not the request's main conf: this file sits below
+     * ngx_http_moe_request.c, which holds the module's index */
+    a = &ctx->mcf->admit;
 
     if (ctx->waiting) {
         return NGX_OK;
     }
 
     if (a->max_waiting && a->waiting >= a->max_waiting) {
-        return ngx_http_moe_admit_reject(r, err,
+        return ngx_http_moe_admit_reject(r, a, err,
                                          "the server is at capacity: %ui "
                                          "requests are waiting to run (the "
                                          "limit is %uL, "
@@ -96,11 +96,9 @@ ngx_int_t
 ngx_http_moe_admit_tokens(ngx_http_request_t *r, ngx_http_moe_ctx_t *ctx,
     size_t n, ngx_http_moe_err_t *err)
 {
-    ngx_http_moe_admit_t      *a;
-    ngx_http_moe_main_conf_t  *mcf;
+    ngx_http_moe_admit_t  *a;
 
-    mcf = ngx_http_moe_main_conf(r);
-    a = &mcf->admit;
+    a = &ctx->mcf->admit;
 
     if (!ctx->waiting) {
         return NGX_OK;
@@ -111,7 +109,7 @@ ngx_http_moe_admit_tokens(ngx_http_request_t *r, ngx_http_moe_ctx_t *ctx,
     {
         ngx_http_moe_admit_done(ctx);
 
-        return ngx_http_moe_admit_reject(r, err,
+        return ngx_http_moe_admit_reject(r, a, err,
                                          "the server is at capacity: %ui "
                                          "prompt tokens are waiting to run "
                                          "(the limit is %uL, "
@@ -150,14 +148,13 @@ ngx_http_moe_admit_done(ngx_http_moe_ctx_t *ctx)
 
 
 static ngx_int_t
-ngx_http_moe_admit_reject(ngx_http_request_t *r, ngx_http_moe_err_t *err,
-    const char *fmt, ngx_uint_t what, uint64_t limit)
+ngx_http_moe_admit_reject(ngx_http_request_t *r, ngx_http_moe_admit_t *a,
+    ngx_http_moe_err_t *err, const char *fmt, ngx_uint_t what,
+    uint64_t limit)
 {
-    ngx_table_elt_t           *h;
-    ngx_http_moe_main_conf_t  *mcf;
+    ngx_table_elt_t  *h;
 
-    mcf = ngx_http_moe_main_conf(r);
-    mcf->admit.rejected++;
+    a->rejected++;
 
     /*
      * Retry-After: 1.  The queue drains at the engine's pace, and a
