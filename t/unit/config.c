@@ -106,6 +106,12 @@ static const bad_case_t bad_cases[] = {
       "the top level must be a mapping" },
     { "bad_served_twice.yaml", 5, MOE_EINVAL,
       "served_model_name given twice (first at line 3)" },
+    { "bad_waiting.yaml", 4, MOE_EINVAL,
+      "max_waiting_requests must be >= 1, got 0" },
+    { "bad_chat_template.yaml", 3, MOE_EIO,
+      "chat_template 'no-such-template.jinja' is neither a Jinja template" },
+    { "bad_chat_template_empty.yaml", 3, MOE_EINVAL,
+      "chat_template is empty" },
     { "seed_tuning.yaml", 10, MOE_EUNSUPPORTED,
       "quantization 'awq' is not supported by this build" },
 };
@@ -238,7 +244,11 @@ check_seed_values(const moe_config_t *c)
            /* not in the file: defaults */
            && c->max_num_seqs == 256 && c->enable_chunked_prefill == 1
            && c->ring_size == 4096 && strcmp(c->load_format, "auto") == 0
-           && c->n_instances == 0;
+           && c->n_instances == 0
+           /* admission: 4 x max_num_seqs, no token budget */
+           && c->max_waiting_requests == 1024 && c->max_waiting_tokens == 0
+           && c->chat_template[0] == '\0'
+           && c->chat_template_file[0] == '\0';
 }
 
 
@@ -351,6 +361,7 @@ main(int argc, char **argv)
            && strcmp(c.load_format, "safetensors") == 0
            && strcmp(c.backend, "cpu") == 0 && c.cpu_threads == 2
            && c.cpu_tensor_parallel == 1 && c.kv_cache_blocks == 100 && c.ring_size == 1024
+           && c.max_waiting_requests == 16 && c.max_waiting_tokens == 0
            && strcmp(c.file, path) == 0,
            "good_full.yaml: every key of every type lands in its field");
 
