@@ -382,6 +382,9 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
          * every client hanging.
          */
 
+        ngx_free(mcf->events);
+        mcf->events = NULL;
+
         mcf->failed.len = ngx_strlen(err) + sizeof(" ()") - 1
                           + ngx_strlen(moe_strerror(rc));
         mcf->failed.data = ngx_pnalloc(cycle->pool, mcf->failed.len + 1);
