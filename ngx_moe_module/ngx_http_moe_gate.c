@@ -448,7 +448,9 @@ ngx_http_moe_gate_header_filter(ngx_http_request_t *r)
         }
     }
 
-    if (r->headers_in.content_length_n >= 0) {
+    /* a chunked body's content_length_n counts what was read so far */
+
+    if (!r->headers_in.chunked && r->headers_in.content_length_n >= 0) {
         (void) ngx_http_moe_fail(&err, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
                                  NULL, "request body is too large: %O "
                                  "bytes, the limit is %uz",
@@ -457,7 +459,9 @@ ngx_http_moe_gate_header_filter(ngx_http_request_t *r)
     } else {
         (void) ngx_http_moe_fail(&err, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
                                  NULL, "request body is too large: the "
-                                 "limit is %uz bytes", mlcf->max_body_size);
+                                 "limit is %uz bytes (chunked body "
+                                 "refused as it crossed it)",
+                                 mlcf->max_body_size);
     }
 
     g = ngx_http_moe_gen_create(r);

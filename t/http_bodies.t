@@ -119,8 +119,8 @@ sub chunked {
     my $j = json_decode($bd);
     is(ref $j eq 'HASH' && $j->{error}{code}, 'request_too_large',
        '413: OpenAI error body, code request_too_large') or diag $bd;
-    like($j->{error}{message} // '', qr/limit is 262144/,
-         '413: names the limit');
+    like($j->{error}{message} // '', qr/the limit is 262144 bytes/,
+         '413: names the limit (not the bytes read so far)');
     cmp_ok($sent, '<', 64 * 1024 * 1024,
            'refused early: less than 64 MiB of the 1 GiB was sent')
         or diag "sent $sent";
