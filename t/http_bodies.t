@@ -99,13 +99,16 @@ sub chunked {
     return ($code // 0, $hd // '', $bd // '', $sent, $max_temp);
 }
 
-# 1 GiB in 64 KiB chunks, made as they go
+# 1 GiB in 64 KiB chunks, made as they go; should the server still be
+# reading after 64 MiB the test stops there (and fails) rather than fill
+# the disk
 {
     my $chunk = 'a' x 65536;
     my $left = 1024 * 1024 * 1024;
+    my $cap = $left - 64 * 1024 * 1024;
     my $first = 1;
     my ($code, $hd, $bd, $sent, $max_temp) = chunked(sub {
-        return undef if $left <= 0;
+        return undef if $left <= $cap;
         $left -= 65536;
         if ($first) {
             $first = 0;
