@@ -171,6 +171,12 @@ ok($s->reload, 'nginx -s reload: a new worker serves');
     like($out, qr/api_key: a key must be/, 'nginx -t: says why');
     unlike($out, qr/sk-hidden-value-555/, 'nginx -t: the keys are not quoted');
 
+    my $badm = LocalMoE::Test::prepare_server(
+        location_conf => 'moe_metrics everyone;');
+    ($rc, $out) = nginx_test($badm);
+    isnt($rc, 0, 'nginx -t: moe_metrics takes only open, key or admin');
+    like($out, qr/invalid value "everyone"/, 'nginx -t: names the value');
+
     my $nofile = LocalMoE::Test::prepare_server(
         server => { api_key_file => 'missing-keys.txt' });
     ($rc, $out) = nginx_test($nofile);
