@@ -85,18 +85,19 @@ $(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(KERNELS_A) $(wildcard t/unit/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -It/unit -o $@ $< $(MOE_LIBS) $(LDLIBS)
 
-# The ring stress test and the tensor-parallel ranks (threads with a
-# shared all-reduce) again under ThreadSanitizer (clang or gcc).
-tsan: $(BUILD)/t/ring_tsan $(BUILD)/t/tp_tsan
+# The ring stress test, the tensor-parallel ranks (threads with a shared
+# all-reduce) and the engine test (engine thread, rings, wake-ups, the
+# hold hook) again under ThreadSanitizer (clang or gcc).
+tsan: $(BUILD)/t/ring_tsan $(BUILD)/t/tp_tsan $(BUILD)/t/engine_tsan
 $(BUILD)/t/ring_tsan: t/unit/ring.c engine/sched/ring.c engine/sched/ring.h
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
 	    -Iengine/include -Iengine -It/unit -o $@ t/unit/ring.c \
 	    engine/sched/ring.c
-$(BUILD)/t/tp_tsan: t/unit/tp.c $(ENGINE_SRCS) $(ENGINE_HDRS)
+$(BUILD)/t/%_tsan: t/unit/%.c $(ENGINE_SRCS) $(ENGINE_HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=thread -pthread $(WARN) \
-	    -Iengine/include -Iengine -Ikernels -It/unit -o $@ t/unit/tp.c \
+	    -Iengine/include -Iengine -Ikernels -It/unit -o $@ $< \
 	    $(ENGINE_SRCS) \
 	    $(LDLIBS)
 

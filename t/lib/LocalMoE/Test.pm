@@ -356,14 +356,17 @@ sub reload {
     return 0;
 }
 
-# SIGQUIT (graceful), SIGKILL to the process group after 5 s; then check
-# that nginx exited in time and error.log holds no alert or crash.
+# SIGQUIT (graceful), SIGKILL to the process group after 30 s (a hang
+# guard: on a loaded machine the engine's threads take what they take to
+# join; the time is printed, not judged); then check that nginx exited by
+# itself and error.log holds no alert or crash.
 sub stop {
     my ($s, %o) = @_;
     return if $s->{stopped}++;
     my $pid = $s->{pid};
     kill 'QUIT', $pid;
-    my $deadline = time + 5;
+    my $t_quit = time;
+    my $deadline = $t_quit + 30;
     my $exited = 0;
     while (time < $deadline) {
         if (waitpid($pid, WNOHANG) == $pid) { $exited = 1; last }
@@ -377,7 +380,8 @@ sub stop {
     kill 'KILL', -$pid if kill 0, -$pid;
     return if $o{quiet};
 
-    Test::More::ok($exited, 'nginx exits within 5 s of SIGQUIT');
+    Test::More::ok($exited, sprintf('nginx exits by itself after SIGQUIT '
+                                    . '(%.2f s)', time - $t_quit));
     my @bad;
     my $log = $s->error_log;
     for my $l (split /\n/, $log) {
