@@ -126,6 +126,13 @@ ngx_http_moe_handler(ngx_http_request_t *r)
     ngx_http_moe_loc_conf_t   *mlcf;
     ngx_http_moe_main_conf_t  *mcf;
 
+    /* API keys first: an unknown route is no answer to a stranger */
+
+    rc = ngx_http_moe_gate_auth(r);
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+
     route = ngx_http_moe_route(r);
 
     if (route == NULL) {

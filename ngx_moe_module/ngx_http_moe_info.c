@@ -138,6 +138,8 @@ ngx_http_moe_model(ngx_http_request_t *r)
 static void
 ngx_http_moe_gen_model(yajl_gen g, const moe_model_info_t *info)
 {
+    u_char  *root, *p, *last;
+
     yajl_gen_map_open(g);
     ngx_http_moe_gen_lit(g, "id");
     ngx_http_moe_gen_cstr(g, info->served_name);
@@ -146,8 +148,20 @@ ngx_http_moe_gen_model(yajl_gen g, const moe_model_info_t *info)
     ngx_http_moe_gen_int(g, "created", info->created);
     ngx_http_moe_gen_lit(g, "owned_by");
     ngx_http_moe_gen_lit(g, "localmoe");
+    /* the model directory's name: an absolute path tells strangers how
+     * the disk is laid out */
+
+    root = (u_char *) info->model_path;
+    last = root + ngx_strlen(root);
+
+    while (last > root + 1 && last[-1] == '/') {
+        last--;
+    }
+
+    for (p = last; p > root && p[-1] != '/'; p--) { /* void */ }
+
     ngx_http_moe_gen_lit(g, "root");
-    ngx_http_moe_gen_cstr(g, info->model_path);
+    ngx_http_moe_gen_str(g, p, last - p);
     ngx_http_moe_gen_int(g, "max_model_len", info->max_model_len);
     /* the routing actually used (model.top_k_experts may override it) */
     ngx_http_moe_gen_int(g, "num_experts", info->n_experts);

@@ -14,6 +14,8 @@
 static void ngx_http_moe_gen_cleanup(void *data);
 static void ngx_http_moe_tree_cleanup(void *data);
 static ngx_int_t ngx_http_moe_json_depth(u_char *p, u_char *last);
+static const char *ngx_http_moe_json_dup(yajl_val v);
+static int ngx_http_moe_key_cmp(const void *a, const void *b);
 static const char *ngx_http_moe_error_type(ngx_uint_t status);
 
 
@@ -233,6 +235,7 @@ ngx_http_moe_json_parse(ngx_http_request_t *r, u_char *data, size_t len,
 {
     char                 msg[256];
     yajl_val             v;
+    const char          *dup;
     ngx_pool_cleanup_t  *cln;
 
     if (len == 0) {
@@ -247,7 +250,23 @@ ngx_http_moe_json_parse(ngx_http_request_t *r, u_char *data, size_t len,
                                  "NUL byte");
     }
 
-    if (ngx_http_moe_json_depth(data, data + len) != NGX_OK) {
+    switch (ngx_http_moe_json_depth(data, data + len)) {
+
+    case NGX_OK:
+        break;
+
+    case NGX_DECLINED:
+        /*
+         * yajl_tree hands strings over NUL terminated: a \u0000 would cut
+         * a prompt or make "name\u0000zzz" a model name; refused, never
+         * truncated
+         */
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, NULL,
+                                 "request body holds a NUL character "
+                                 "(\\u0000) in a string, which is not "
+                                 "supported");
+
+    default:
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, NULL,
                                  "request body is nested deeper than %d "
                                  "levels", NGX_HTTP_MOE_MAX_DEPTH);
@@ -280,6 +299,20 @@ ngx_http_moe_json_parse(ngx_http_request_t *r, u_char *data, size_t len,
                                  "request body must be a JSON object");
     }
 
+    /* yajl_tree keeps both of a duplicated key and lookups see the first */
+
+    dup = ngx_http_moe_json_dup(v);
+
+    if (dup == (const char *) -1) {
+        return NGX_ERROR;
+    }
+
+    if (dup) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, dup,
+                                 "request body is not valid: duplicate key "
+                                 "\"%s\" in a JSON object", dup);
+    }
+
     *root = v;
 
     return NGX_OK;
@@ -292,6 +325,11 @@ ngx_http_moe_tree_cleanup(void *data)
     yajl_tree_free(data);
 }
 
+
+/*
+ * NGX_ERROR: nested deeper than NGX_HTTP_MOE_MAX_DEPTH; NGX_DECLINED: a
+ * string holds a \u0000 escape
+ */
 
 static ngx_int_t
 ngx_http_moe_json_depth(u_char *p, u_char *last)
@@ -307,6 +345,12 @@ ngx_http_moe_json_depth(u_char *p, u_char *last)
         if (in_string) {
             if (*p == '\\') {
                 p++;
+
+                if (last - p >= 5 && p[0] == 'u'
+                    && ngx_strncmp(p + 1, "0000", 4) == 0)
+                {
+                    return NGX_DECLINED;
+                }
 
             } else if (*p == '"') {
                 in_string = 0;
@@ -336,6 +380,89 @@ ngx_http_moe_json_depth(u_char *p, u_char *last)
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * The first key found twice in an object anywhere in the tree, NULL if
+ * none, (const char *) -1 when out of memory.  Small objects are checked
+ * pairwise, large ones sorted, so a body of many keys costs n log n.
+ */
+
+static const char *
+ngx_http_moe_json_dup(yajl_val v)
+{
+    size_t        i, j, n;
+    const char  **keys, *dup;
+
+    if (YAJL_IS_ARRAY(v)) {
+        for (i = 0; i < v->u.array.len; i++) {
+            dup = ngx_http_moe_json_dup(v->u.array.values[i]);
+            if (dup) {
+                return dup;
+            }
+        }
+
+        return NULL;
+    }
+
+    if (!YAJL_IS_OBJECT(v)) {
+        return NULL;
+    }
+
+    n = v->u.object.len;
+
+    if (n <= 16) {
+        for (i = 1; i < n; i++) {
+            for (j = 0; j < i; j++) {
+                if (ngx_strcmp(v->u.object.keys[i], v->u.object.keys[j])
+                    == 0)
+                {
+                    return v->u.object.keys[i];
+                }
+            }
+        }
+
+    } else {
+        keys = ngx_alloc(n * sizeof(const char *), ngx_cycle->log);
+        if (keys == NULL) {
+            return (const char *) -1;
+        }
+
+        ngx_memcpy(keys, v->u.object.keys, n * sizeof(const char *));
+        ngx_qsort(keys, n, sizeof(const char *), ngx_http_moe_key_cmp);
+
+        dup = NULL;
+
+        for (i = 1; i < n; i++) {
+            if (ngx_strcmp(keys[i], keys[i - 1]) == 0) {
+                dup = keys[i];
+                break;
+            }
+        }
+
+        ngx_free(keys);
+
+        if (dup) {
+            return dup;
+        }
+    }
+
+    for (i = 0; i < n; i++) {
+        dup = ngx_http_moe_json_dup(v->u.object.values[i]);
+        if (dup) {
+            return dup;
+        }
+    }
+
+    return NULL;
+}
+
+
+static int
+ngx_http_moe_key_cmp(const void *a, const void *b)
+{
+    return ngx_strcmp(*(const char **) a, *(const char **) b);
 }
 
 

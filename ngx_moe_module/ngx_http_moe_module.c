@@ -28,6 +28,14 @@ static void ngx_http_moe_engine_log(void *ctx, int level, const char *msg);
 static void ngx_http_moe_wake_handler(ngx_event_t *rev);
 
 
+static ngx_conf_enum_t  ngx_http_moe_metrics_access[] = {
+    { ngx_string("open"), NGX_HTTP_MOE_METRICS_OPEN },
+    { ngx_string("key"), NGX_HTTP_MOE_METRICS_KEY },
+    { ngx_string("admin"), NGX_HTTP_MOE_METRICS_ADMIN },
+    { ngx_null_string, 0 }
+};
+
+
 static ngx_command_t  ngx_http_moe_commands[] = {
 
     { ngx_string("moe_engine"),
@@ -65,13 +73,20 @@ static ngx_command_t  ngx_http_moe_commands[] = {
       0,
       NULL },
 
+    { ngx_string("moe_metrics"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_moe_loc_conf_t, metrics),
+      &ngx_http_moe_metrics_access },
+
       ngx_null_command
 };
 
 
 static ngx_http_module_t  ngx_http_moe_module_ctx = {
     NULL,                                  /* preconfiguration */
-    NULL,                                  /* postconfiguration */
+    ngx_http_moe_gate_init,                /* postconfiguration */
 
     ngx_http_moe_create_main_conf,         /* create main configuration */
     NULL,                                  /* init main configuration */
@@ -138,6 +153,7 @@ ngx_http_moe_create_loc_conf(ngx_conf_t *cf)
     conf->enable = NGX_CONF_UNSET;
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
     conf->keepalive = NGX_CONF_UNSET_MSEC;
+    conf->metrics = NGX_CONF_UNSET_UINT;
 
     /*
      * set by ngx_pcalloc():
@@ -162,6 +178,8 @@ ngx_http_moe_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size,
                               1024 * 1024);
     ngx_conf_merge_msec_value(conf->keepalive, prev->keepalive, 5000);
+    ngx_conf_merge_uint_value(conf->metrics, prev->metrics,
+                              NGX_HTTP_MOE_METRICS_KEY);
     ngx_conf_merge_str_value(conf->thread_pool_name, prev->thread_pool_name,
                              "default");
 
@@ -178,13 +196,14 @@ ngx_http_moe_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         }
 
         /*
-         * The API answers every error with an OpenAI JSON body; the core's
-         * own body size check would answer 413 with an HTML page before
-         * the content handler runs, so moe_max_body_size takes its place.
+         * moe_max_body_size is the core's limit here: nginx checks it
+         * while reading, chunked bodies included, so nothing past it is
+         * ever buffered; ngx_http_moe_gate.c turns the core's HTML 413
+         * into the API's JSON error.
          */
 
         clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-        clcf->client_max_body_size = 0;
+        clcf->client_max_body_size = conf->max_body_size;
     }
 
     return NGX_CONF_OK;
@@ -245,6 +264,10 @@ ngx_http_moe_engine(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     mcf->engine_file.data = path;
     mcf->engine_file.len = name.len;
+
+    if (ngx_http_moe_gate_load(cf, mcf) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
 
     return NGX_CONF_OK;
 }

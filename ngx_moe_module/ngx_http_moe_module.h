@@ -31,6 +31,14 @@
 #define NGX_HTTP_MOE_ERR_LEN       512
 #define NGX_HTTP_MOE_MAX_DEPTH     64
 
+/* API keys are kept as SHA-1 digests (ngx_http_moe_gate.c) */
+#define NGX_HTTP_MOE_KEY_DIGEST    20
+
+/* moe_metrics: who may read /metrics */
+#define NGX_HTTP_MOE_METRICS_OPEN  0
+#define NGX_HTTP_MOE_METRICS_KEY   1
+#define NGX_HTTP_MOE_METRICS_ADMIN 2
+
 
 /*
  * Admission control (ngx_http_moe_admit.c).  Only the worker's event loop
@@ -70,6 +78,11 @@ typedef struct {
     ngx_http_moe_admit_t       admit;
     ngx_str_t                  failed;      /* why the engine did not
                                                start; 503 with it */
+    /* API keys (ngx_http_moe_gate.c), digests of NGX_HTTP_MOE_KEY_DIGEST */
+    ngx_array_t               *keys;
+    ngx_array_t               *admin_keys;
+    ngx_flag_t                 auth;        /* some key source configured */
+    ngx_flag_t                 admin_auth;
 } ngx_http_moe_main_conf_t;
 
 
@@ -79,6 +92,7 @@ typedef struct {
     ngx_msec_t                 keepalive;
     ngx_str_t                  thread_pool_name;
     ngx_thread_pool_t         *thread_pool;
+    ngx_uint_t                 metrics;     /* NGX_HTTP_MOE_METRICS_* */
 } ngx_http_moe_loc_conf_t;
 
 
@@ -189,6 +203,7 @@ typedef struct {
     ngx_http_moe_text_t       *task;        /* text work in flight */
 
     uint64_t                   waiting_tokens; /* counted in admit */
+    ngx_chain_t               *gate_body;   /* JSON for the core's 413 */
 
     unsigned                   chat:1;
     unsigned                   stream:1;
@@ -198,6 +213,7 @@ typedef struct {
     unsigned                   got_token:1;
     unsigned                   done:1;
     unsigned                   waiting:1;   /* counted in admit */
+    unsigned                   gate_sent:1;
 } ngx_http_moe_ctx_t;
 
 
@@ -211,6 +227,7 @@ typedef struct {
  *   text      text work on the thread pool (body file, template, tokenizer)
  *   stream    engine events to SSE chunks or the final JSON
  *   info      GET routes, /tokenize, /detokenize
+ *   gate      API keys, the JSON 413 of the body size limit
  *   handler   routing, request bodies, completions and chat
  *   module    directives, worker start and stop, the engine's eventfd
  */
@@ -304,6 +321,12 @@ ngx_int_t ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root);
 ngx_int_t ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root);
 ngx_int_t ngx_http_moe_check_model(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_err_t *err);
+
+/* ngx_http_moe_gate.c */
+ngx_int_t ngx_http_moe_gate_load(ngx_conf_t *cf,
+    ngx_http_moe_main_conf_t *mcf);
+ngx_int_t ngx_http_moe_gate_auth(ngx_http_request_t *r);
+ngx_int_t ngx_http_moe_gate_init(ngx_conf_t *cf);
 
 /* ngx_http_moe_handler.c */
 ngx_int_t ngx_http_moe_handler(ngx_http_request_t *r);

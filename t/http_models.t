@@ -30,6 +30,10 @@ like($m->{created} // '', qr/^\d{9,}$/, 'models: created unix time');
 ok(defined $m->{owned_by} && !ref $m->{owned_by}, 'models: owned_by');
 is($m->{max_model_len}, 256, 'models: max_model_len from the YAML')
     if exists $m->{max_model_len};
+(my $dirname = model_dir()) =~ s{/+\z}{};
+$dirname =~ s{.*/}{};
+is($m->{root}, $dirname, 'models: root is the model directory\'s name');
+unlike($m->{root} // '/', qr{^/}, 'models: root is not an absolute path');
 
 # /health
 my ($hs, $hh, $hj) = http(GET => '/health');

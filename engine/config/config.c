@@ -617,6 +617,167 @@ cfg_section(cfg_ctx_t *ctx, const char *name, const yaml_node_t *sec,
 }
 
 
+/* One key of server.api_key / server.admin_api_key, appended to keys. */
+static int
+cfg_key_one(cfg_ctx_t *ctx, const char *name, const yaml_node_t *e,
+    char (*keys)[MOE_API_KEY_MAX], int *n)
+{
+    size_t  len;
+
+    if (e->type != YAML_SCALAR_NODE || cfg_is_null(e)) {
+        return cfg_err(ctx, MOE_EINVAL, cfg_line(e),
+                       "%s: each key must be a string", name);
+    }
+
+    len = e->data.scalar.length;
+
+    if (len == 0 || len >= MOE_API_KEY_MAX
+        || memchr(e->data.scalar.value, '\0', len) != NULL)
+    {
+        return cfg_err(ctx, MOE_EINVAL, cfg_line(e),
+                       "%s: a key must be 1 to %d bytes (value not shown)",
+                       name, MOE_API_KEY_MAX - 1);
+    }
+
+    if (*n == MOE_MAX_API_KEYS) {
+        return cfg_err(ctx, MOE_EINVAL, cfg_line(e),
+                       "%s: at most %d keys (use a key file for more)",
+                       name, MOE_MAX_API_KEYS);
+    }
+
+    memcpy(keys[*n], e->data.scalar.value, len);
+    keys[*n][len] = '\0';
+    (*n)++;
+
+    return MOE_OK;
+}
+
+
+/*
+ * One key or a list of keys.  Keys are secrets: errors name the setting
+ * and its line, never the value.
+ */
+static int
+cfg_keys(cfg_ctx_t *ctx, const char *name, const yaml_node_t *v,
+    char (*keys)[MOE_API_KEY_MAX], int *n)
+{
+    yaml_node_item_t  *it;
+    int                rc;
+
+    if (v->type == YAML_SCALAR_NODE) {
+        return cfg_is_null(v) ? MOE_OK : cfg_key_one(ctx, name, v, keys, n);
+    }
+
+    if (v->type != YAML_SEQUENCE_NODE) {
+        return cfg_err(ctx, MOE_EINVAL, cfg_line(v),
+                       "%s: expected a key or a list of keys", name);
+    }
+
+    for (it = v->data.sequence.items.start; it < v->data.sequence.items.top;
+         it++)
+    {
+        rc = cfg_key_one(ctx, name, yaml_document_get_node(ctx->doc, *it),
+                         keys, n);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+    }
+
+    return MOE_OK;
+}
+
+
+/* a key file's path, relative ones against the YAML file's directory */
+static int
+cfg_key_file(cfg_ctx_t *ctx, const char *name, const yaml_node_t *v,
+    char *out)
+{
+    const char  *val, *slash;
+    int          n;
+
+    if (v->type != YAML_SCALAR_NODE || cfg_is_null(v)
+        || v->data.scalar.length == 0)
+    {
+        return cfg_err(ctx, MOE_EINVAL, cfg_line(v),
+                       "%s: expected a file name", name);
+    }
+
+    val = (const char *) v->data.scalar.value;
+    slash = strrchr(ctx->file, '/');
+
+    if (val[0] == '/' || slash == NULL) {
+        n = snprintf(out, MOE_PATH_MAX, "%s", val);
+    } else {
+        n = snprintf(out, MOE_PATH_MAX, "%.*s/%s",
+                     (int) (slash - ctx->file), ctx->file, val);
+    }
+
+    if (n < 0 || n >= MOE_PATH_MAX) {
+        out[0] = '\0';
+        return cfg_err(ctx, MOE_EINVAL, cfg_line(v), "%s: path too long",
+                       name);
+    }
+
+    return MOE_OK;
+}
+
+
+/* server: the HTTP front's keys (api_key, api_key_file, admin_...) */
+static int
+cfg_server(cfg_ctx_t *ctx, const yaml_node_t *sec)
+{
+    moe_config_t      *c = ctx->c;
+    yaml_node_pair_t  *p;
+    yaml_node_t       *k, *v;
+    const char        *key;
+    int                rc;
+
+    if (cfg_is_null(sec)) {
+        return MOE_OK;
+    }
+
+    if (sec->type != YAML_MAPPING_NODE) {
+        return cfg_err(ctx, MOE_EINVAL, cfg_line(sec),
+                       "section 'server' must be a mapping of keys");
+    }
+
+    rc = cfg_check_keys(ctx, sec, "section 'server'");
+    if (rc != MOE_OK) {
+        return rc;
+    }
+
+    for (p = sec->data.mapping.pairs.start; p < sec->data.mapping.pairs.top;
+         p++)
+    {
+        k = yaml_document_get_node(ctx->doc, p->key);
+        v = yaml_document_get_node(ctx->doc, p->value);
+        key = (const char *) k->data.scalar.value;
+
+        if (strcmp(key, "api_key") == 0) {
+            rc = cfg_keys(ctx, key, v, c->api_keys, &c->n_api_keys);
+        } else if (strcmp(key, "admin_api_key") == 0) {
+            rc = cfg_keys(ctx, key, v, c->admin_api_keys,
+                          &c->n_admin_api_keys);
+        } else if (strcmp(key, "api_key_file") == 0) {
+            rc = cfg_key_file(ctx, key, v, c->api_key_file);
+        } else if (strcmp(key, "admin_api_key_file") == 0) {
+            rc = cfg_key_file(ctx, key, v, c->admin_api_key_file);
+        } else {
+            rc = cfg_err(ctx, MOE_EINVAL, cfg_line(k),
+                         "unknown key '%s' in section 'server' (expected "
+                         "api_key, api_key_file, admin_api_key or "
+                         "admin_api_key_file)", key);
+        }
+
+        if (rc != MOE_OK) {
+            return rc;
+        }
+    }
+
+    return MOE_OK;
+}
+
+
 /* gpu_devices: [ints] of instance i */
 static int
 cfg_devices(cfg_ctx_t *ctx, int i, const yaml_node_t *v)
@@ -1084,10 +1245,12 @@ cfg_document(cfg_ctx_t *ctx)
                 rc = cfg_section(ctx, name, v, cfg_engine_keys);
             } else if (strcmp(name, "vllm_instances") == 0) {
                 rc = cfg_instances(ctx, v);
+            } else if (strcmp(name, "server") == 0) {
+                rc = cfg_server(ctx, v);
             } else {
                 rc = cfg_err(ctx, MOE_EINVAL, cfg_line(k),
                              "unknown section '%s' (expected model, vllm, "
-                             "vllm_instances or engine)", name);
+                             "vllm_instances, engine or server)", name);
             }
 
             if (rc != MOE_OK) {

@@ -73,6 +73,8 @@ char *moe_read_file(const char *path, size_t *len);
 #define MOE_NAME_MAX       256
 #define MOE_MAX_INSTANCES  8
 #define MOE_MAX_GPUS       16
+#define MOE_MAX_API_KEYS   16
+#define MOE_API_KEY_MAX    256
 
 typedef struct {
     char  model_name[MOE_PATH_MAX];   /* as written in the YAML */
@@ -150,6 +152,16 @@ typedef struct moe_config {
 
     moe_instance_conf_t instances[MOE_MAX_INSTANCES];
     int     n_instances;              /* vllm_instances: entries */
+
+    /* server: section (the HTTP front; the engine itself ignores it).
+     * Keys are secrets: nothing here is ever quoted in an error. */
+    char    api_keys[MOE_MAX_API_KEYS][MOE_API_KEY_MAX]; /* api_key */
+    int     n_api_keys;
+    char    api_key_file[MOE_PATH_MAX];       /* "" none; resolved
+                                                 against the YAML's dir */
+    char    admin_api_keys[MOE_MAX_API_KEYS][MOE_API_KEY_MAX];
+    int     n_admin_api_keys;                 /* admin_api_key */
+    char    admin_api_key_file[MOE_PATH_MAX];
 } moe_config_t;
 
 /* Fill *c with the defaults above. */

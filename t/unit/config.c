@@ -10,6 +10,8 @@
  *     quantization "awq" fails at that line;
  *   - a key of every type, model path resolution (YAML dir, its parent,
  *     models/<org>/<name>, absolute);
+ *   - the server: section (API keys: one, a list, key files resolved
+ *     against the YAML's directory); its errors never quote a key;
  *   - a table of bad files in t/data/conf/ each fails with the expected
  *     status, "<file>:<line>: " prefix and reason substring.
  * The source tree is found from argv[0] (build/t/config) or $MOE_SRCDIR.
@@ -112,6 +114,14 @@ static const bad_case_t bad_cases[] = {
       "chat_template 'no-such-template.jinja' is neither a Jinja template" },
     { "bad_chat_template_empty.yaml", 3, MOE_EINVAL,
       "chat_template is empty" },
+    { "bad_server_key.yaml", 4, MOE_EINVAL,
+      "unknown key 'apikey' in section 'server'" },
+    { "bad_server_key_type.yaml", 5, MOE_EINVAL,
+      "api_key: expected a key or a list of keys" },
+    { "bad_server_key_empty.yaml", 4, MOE_EINVAL,
+      "admin_api_key: a key must be 1 to 255 bytes (value not shown)" },
+    { "bad_server_key_file.yaml", 4, MOE_EINVAL,
+      "api_key_file: expected a file name" },
     { "seed_tuning.yaml", 10, MOE_EUNSUPPORTED,
       "quantization 'awq' is not supported by this build" },
 };
@@ -266,7 +276,7 @@ main(int argc, char **argv)
 
     n_bad = sizeof(bad_cases) / sizeof(bad_cases[0]);
 
-    TAP_PLAN(14 + n_bad);
+    TAP_PLAN(17 + n_bad);
 
     if (find_root(argv[0]) != 0) {
         TAP_DIAG("cannot find the source tree (t/data/conf) from %s; "
@@ -364,6 +374,32 @@ main(int argc, char **argv)
            && c.max_waiting_requests == 16 && c.max_waiting_tokens == 0
            && strcmp(c.file, path) == 0,
            "good_full.yaml: every key of every type lands in its field");
+
+    /* ---- server: the HTTP front's API keys */
+
+    rc = load("good_server.yaml", &c, err, sizeof(err), path, sizeof(path));
+    if (rc != MOE_OK) {
+        TAP_DIAG("%s", err);
+    }
+    snprintf(want, sizeof(want), "%s/keys/users.txt", data);
+    TAP_OK(rc == MOE_OK && c.n_api_keys == 1
+           && strcmp(c.api_keys[0], "sk-one") == 0
+           && c.n_admin_api_keys == 2
+           && strcmp(c.admin_api_keys[0], "sk-admin-a") == 0
+           && strcmp(c.admin_api_keys[1], "sk-admin-b") == 0
+           && strcmp(c.api_key_file, want) == 0
+           && strcmp(c.admin_api_key_file, "/etc/localmoe/admin.keys") == 0,
+           "good_server.yaml: a key, a list, key files (relative ones "
+           "against the YAML's directory)");
+
+    rc = load("bad_server_key_type.yaml", &c, err, sizeof(err), path,
+              sizeof(path));
+    TAP_OK(rc != MOE_OK && strstr(err, "sk-secret") == NULL,
+           "a bad api_key: the message quotes no key");
+    rc = load("bad_server_key_empty.yaml", &c, err, sizeof(err), path,
+              sizeof(path));
+    TAP_OK(rc != MOE_OK && strstr(err, "sk-secret") == NULL,
+           "a bad admin_api_key: the message quotes no key");
 
     /* ---- the seed's recommendations */
 

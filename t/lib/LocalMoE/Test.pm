@@ -335,6 +335,29 @@ sub start {
     exit 1;
 }
 
+# `nginx -s reload` (the master re-reads nginx.conf and the engine YAML and
+# starts a new worker); waits until the new worker logs that it serves
+# ("moe: serving" once more in error.log) and /health answers 200.  Returns
+# true on success, false after `timeout` seconds (default 30).
+sub reload {
+    my ($s, %o) = @_;
+    my $d = $s->{dir};
+    my $count = () = $s->error_log =~ /moe: serving/g;
+    system($NGINX, '-p', "$d/", '-c', "$d/nginx.conf", '-e',
+           "$d/error.log", '-s', 'reload') == 0 or return 0;
+    my $ht = HTTP::Tiny->new(timeout => 2);
+    my $deadline = time + ($o{timeout} // 30);
+    while (time < $deadline) {
+        my $now = () = $s->error_log =~ /moe: serving/g;
+        if ($now > $count) {
+            my $r = $ht->get($s->url . '/health');
+            return 1 if $r->{status} == 200;
+        }
+        sleep 0.1;
+    }
+    return 0;
+}
+
 # SIGQUIT (graceful), SIGKILL to the process group after 30 s (a hang
 # guard: on a loaded machine the engine's threads take what they take to
 # join; the time is printed, not judged); then check that nginx exited by
