@@ -61,6 +61,7 @@ typedef struct {
     const char                *max_tokens_name;
     ngx_uint_t                 stream;
     ngx_uint_t                 include_usage;
+    ngx_uint_t                 continuous_usage;
     ngx_uint_t                 add_special_tokens;
     ngx_uint_t                 skip_special_tokens;
     const char                *stops[MOE_MAX_STOP];
@@ -709,22 +710,17 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
                                      "a boolean");
         }
 
-        /* vLLM's usage in every chunk: not yet */
+        /* vLLM's usage in every chunk, with include_usage as vLLM */
         s = ngx_http_moe_json_get(v, "continuous_usage_stats");
 
-        if (s && ngx_http_moe_json_bool(s, &b) != NGX_OK) {
+        if (s && ngx_http_moe_json_bool(s, &p->continuous_usage) != NGX_OK) {
             return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
                                      "stream_options",
                                      "stream_options.continuous_usage_stats "
                                      "must be a boolean");
         }
 
-        if (s && b) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
-                                     "stream_options",
-                                     "stream_options.continuous_usage_stats "
-                                     "is not supported yet");
-        }
+        p->continuous_usage &= p->include_usage;
     }
 
     if (ngx_http_moe_fields(root, chat, err) != NGX_OK) {
@@ -1374,6 +1370,7 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->chat = chat;
     ctx->stream = p->stream;
     ctx->include_usage = p->include_usage;
+    ctx->continuous_usage = p->continuous_usage;
     ctx->n_prompt = (ngx_int_t) n;
     ctx->created = ngx_time();
     ctx->keepalive_interval = mlcf->keepalive;

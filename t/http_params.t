@@ -6,7 +6,9 @@
 # -100 bans the greedy one, greedy and sampled, completions and chat; bad
 # keys / values refused), stop_token_ids (checked in http_stop.t; here its
 # type errors), content given as an array of text parts (same prompt as the
-# joined string; other part types refused), max_completion_tokens.
+# joined string; other part types refused), max_completion_tokens,
+# stream_options.continuous_usage_stats (with include_usage, as vLLM: usage
+# in every chunk, counting up to the final usage).
 use strict;
 use warnings;
 use FindBin;
@@ -94,10 +96,6 @@ my @refused = (
         'guided_grammar'],
     ['prompt_logprobs', $P, { %cmp, prompt_logprobs => 1 },
         'prompt_logprobs'],
-    ['continuous_usage_stats', $C, { %chat, stream => $T,
-        stream_options => { include_usage => $T,
-                            continuous_usage_stats => $T } },
-        'stream_options'],
     ['continuous_usage_stats wrong type', $C, { %chat, stream => $T,
         stream_options => { continuous_usage_stats => 'x' } },
         'stream_options', 'type'],
@@ -257,6 +255,41 @@ is($j->{choices}[0]{message}{content}, $want,
        'text parts: the same prompt tokens as the parts joined by \n');
     is($j2->{choices}[0]{message}{content}, $j1->{choices}[0]{message}{content},
        'text parts: the same greedy output');
+}
+
+# --- stream_options.continuous_usage_stats --------------------------------
+
+for my $path ($C, $P) {
+    my $base = $path eq $C ? \%chat : \%cmp;
+    my $x3 = sse($path, { %$base, max_tokens => 5, ignore_eos => $T,
+        temperature => 0, stream => $T,
+        stream_options => { include_usage => $T,
+                            continuous_usage_stats => $T } });
+    my @ch = $x3->chunks;
+    ok(@ch >= 6, "$path continuous usage: a chunk per token and the usage "
+       . "chunk (" . scalar(@ch) . ')');
+    my ($all, $up, $last) = (1, 1, -1);
+    for my $c (@ch) {
+        my $u = $c->{usage};
+        $all &&= ref $u eq 'HASH' && defined $u->{completion_tokens}
+                 && $u->{total_tokens}
+                    == $u->{prompt_tokens} + $u->{completion_tokens};
+        last unless $all;
+        $up &&= $u->{completion_tokens} >= $last;
+        $last = $u->{completion_tokens};
+    }
+    ok($all, "$path continuous usage: every chunk carries usage");
+    ok($up, "$path continuous usage: completion_tokens never goes down");
+    is($last, 5, "$path continuous usage: ends at 5 completion tokens");
+    ok((grep { @{ $_->{choices} // [] } && $_->{usage}
+               && $_->{usage}{completion_tokens} > 0 } @ch) >= 3,
+       "$path continuous usage: token chunks count their tokens");
+
+    # without include_usage it has no effect (vLLM), chunks keep no usage
+    my $x4 = sse($path, { %$base, stream => $T,
+        stream_options => { continuous_usage_stats => $T } });
+    ok(!grep({ exists $_->{usage} } $x4->chunks),
+       "$path continuous_usage_stats alone: no usage (as vLLM)");
 }
 
 # --- max_completion_tokens is honoured (and wins over max_tokens) -------
