@@ -433,7 +433,7 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(34);
+    TAP_PLAN(35);
 
     e = make_engine(0, 16, 0);
     if (e == NULL) {
@@ -518,6 +518,30 @@ main(int argc, char **argv)
             ok = batch[0].toks[i] == forced;
         }
         TAP_OK(ok, "logit_bias +100 forces token %d at every step", forced);
+
+        /* in one batch with plain greedy requests (backend argmax): the
+         * biased one is forced, the others keep their solo tokens */
+        {
+            group_t  g;
+
+            group_init(&g, e, 3, batch);
+            moe_engine_hold(e, 0);
+            ok = group_submit(&g, 0, ids[1], ids_n[1], &sp) == 0
+                 && group_submit(&g, 1, ids[0], ids_n[0], &bsp) == 0
+                 && group_submit(&g, 2, ids[2], ids_n[2], &sp) == 0;
+            moe_engine_hold(e, -1);
+            ok = group_finish(&g) == 0 && ok
+                 && same_tokens("batched with a biased one", batch,
+                                solo + 1, 1)
+                 && same_tokens("batched with a biased one", batch + 2,
+                                solo + 2, 1)
+                 && batch[1].n == 24;
+            for (i = 0; ok && i < batch[1].n; i++) {
+                ok = batch[1].toks[i] == forced;
+            }
+            TAP_OK(ok, "logit_bias in a batch with plain greedy requests: "
+                   "forced there, the others unchanged");
+        }
 
         bsp.logit_bias_ids[0] = moe_engine_info(e)->vocab_size;
         ok = moe_engine_submit(e, 999999, ids[0], ids_n[0], &bsp)
