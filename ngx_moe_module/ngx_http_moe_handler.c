@@ -33,6 +33,27 @@ typedef struct {
 } ngx_http_moe_float_param_t;
 
 
+/* what a request field that the server does not honour may hold */
+typedef enum {
+    NGX_HTTP_MOE_FIELD_ANY = 0,     /* any value but null changes output */
+    NGX_HTTP_MOE_FIELD_ARRAY,       /* an array; [] is off */
+    NGX_HTTP_MOE_FIELD_FALSE,       /* a boolean; false is off */
+    NGX_HTTP_MOE_FIELD_STRING,      /* a string; "" is off */
+    NGX_HTTP_MOE_FIELD_INT,         /* an integer; off is off, below it is
+                                       an error */
+    NGX_HTTP_MOE_FIELD_BOOL,        /* a boolean, no effect on output */
+    NGX_HTTP_MOE_FIELD_TEXT,        /* a string, no effect on output */
+    NGX_HTTP_MOE_FIELD_OBJECT       /* an object, no effect on output */
+} ngx_http_moe_field_e;
+
+
+typedef struct {
+    const char                *name;
+    ngx_http_moe_field_e       kind;
+    int64_t                    off;
+} ngx_http_moe_field_t;
+
+
 typedef struct {
     moe_sampling_t             sp;
     ngx_uint_t                 chat;
@@ -40,6 +61,7 @@ typedef struct {
     const char                *max_tokens_name;
     ngx_uint_t                 stream;
     ngx_uint_t                 include_usage;
+    ngx_uint_t                 continuous_usage;
     ngx_uint_t                 add_special_tokens;
     ngx_uint_t                 skip_special_tokens;
     const char                *stops[MOE_MAX_STOP];
@@ -66,6 +88,10 @@ static ngx_int_t ngx_http_moe_answer(ngx_http_request_t *r, ngx_int_t rc,
     ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_fields(yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_logit_bias(yajl_val v, int vocab,
+    moe_sampling_t *sp, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_params_t *p, int32_t **ids, size_t *n,
     ngx_http_moe_err_t *err);
@@ -109,6 +135,42 @@ static ngx_http_moe_float_param_t  ngx_http_moe_float_params[] = {
     { "repetition_penalty", offsetof(moe_sampling_t, repetition_penalty),
       0, 2, 1, "(0, 2]" },
     { NULL, 0, 0, 0, 0, NULL }
+};
+
+
+/*
+ * Request fields with a value the server does not honour yet: refused with
+ * a 400 naming them rather than ignored, except the values that mean "off"
+ * (null always counts as absent).  Fields with no effect on the output are
+ * only type-checked.  Unknown fields are ignored, as OpenAI clients send
+ * vendor extensions.  Fields with more shapes (tool_choice, function_call,
+ * response_format, modalities, logprobs) are checked in
+ * ngx_http_moe_fields() itself.
+ */
+
+static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
+
+    { "tools", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
+    { "functions", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
+    { "echo", NGX_HTTP_MOE_FIELD_FALSE, 0 },
+    { "suffix", NGX_HTTP_MOE_FIELD_STRING, 0 },
+    { "best_of", NGX_HTTP_MOE_FIELD_INT, 1 },
+    { "top_logprobs", NGX_HTTP_MOE_FIELD_INT, 0 },
+    { "min_tokens", NGX_HTTP_MOE_FIELD_INT, 0 },
+    { "audio", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "prediction", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "web_search_options", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "prompt_logprobs", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "guided_json", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "guided_regex", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "guided_grammar", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "guided_choice", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "structured_outputs", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "parallel_tool_calls", NGX_HTTP_MOE_FIELD_BOOL, 0 },
+    { "store", NGX_HTTP_MOE_FIELD_BOOL, 0 },
+    { "user", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "metadata", NGX_HTTP_MOE_FIELD_OBJECT, 0 },
+    { NULL, NGX_HTTP_MOE_FIELD_ANY, 0 }
 };
 
 
@@ -647,29 +709,30 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
                                      "stream_options.include_usage must be "
                                      "a boolean");
         }
-    }
 
-    if (!chat) {
-        v = ngx_http_moe_json_get(root, "echo");
+        /* vLLM's usage in every chunk, with include_usage as vLLM */
+        s = ngx_http_moe_json_get(v, "continuous_usage_stats");
 
-        if (v) {
-            if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
-                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
-                                         "echo must be a boolean");
-            }
-
-            if (b) {
-                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
-                                         "echo is not supported yet");
-            }
+        if (s && ngx_http_moe_json_bool(s, &p->continuous_usage) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "stream_options",
+                                     "stream_options.continuous_usage_stats "
+                                     "must be a boolean");
         }
+
+        p->continuous_usage &= p->include_usage;
     }
 
-    v = ngx_http_moe_json_get(root, "logprobs");
+    if (ngx_http_moe_fields(root, chat, err) != NGX_OK) {
+        return NGX_DECLINED;
+    }
 
-    if (v && !YAJL_IS_FALSE(v)) {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
-                                 "logprobs are not supported yet");
+    v = ngx_http_moe_json_get(root, "logit_bias");
+
+    if (v && ngx_http_moe_logit_bias(v, mcf->info->vocab_size, &p->sp, err)
+             != NGX_OK)
+    {
+        return NGX_DECLINED;
     }
 
     /* max_completion_tokens replaces the deprecated max_tokens */
@@ -855,6 +918,289 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
 
 
 /*
+ * The fields the server does not honour yet (ngx_http_moe_fields_table and
+ * the few with more shapes): NGX_OK when each is absent, null, or a value
+ * that means "off"; else NGX_DECLINED with a 400 naming the field.
+ */
+
+static ngx_int_t
+ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
+{
+    size_t                 i;
+    int64_t                k;
+    yajl_val               v, s;
+    const char            *name;
+    ngx_http_moe_field_t  *f;
+
+    for (f = ngx_http_moe_fields_table; f->name; f++) {
+        name = f->name;
+        v = ngx_http_moe_json_get(root, name);
+
+        if (v == NULL) {
+            continue;
+        }
+
+        switch (f->kind) {
+
+        case NGX_HTTP_MOE_FIELD_ARRAY:
+            if (!YAJL_IS_ARRAY(v)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "%s must be an array", name);
+            }
+
+            if (v->u.array.len == 0) {
+                continue;
+            }
+
+            break;
+
+        case NGX_HTTP_MOE_FIELD_FALSE:
+        case NGX_HTTP_MOE_FIELD_BOOL:
+            if (!YAJL_IS_TRUE(v) && !YAJL_IS_FALSE(v)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "%s must be a boolean", name);
+            }
+
+            if (f->kind == NGX_HTTP_MOE_FIELD_BOOL || YAJL_IS_FALSE(v)) {
+                continue;
+            }
+
+            break;
+
+        case NGX_HTTP_MOE_FIELD_STRING:
+        case NGX_HTTP_MOE_FIELD_TEXT:
+            if (!YAJL_IS_STRING(v)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "%s must be a string", name);
+            }
+
+            if (f->kind == NGX_HTTP_MOE_FIELD_TEXT || v->u.string[0] == '\0') {
+                continue;
+            }
+
+            break;
+
+        case NGX_HTTP_MOE_FIELD_INT:
+            if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "%s must be an integer", name);
+            }
+
+            if (k < f->off) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "%s must be at least %L, got %L",
+                                         name, f->off, k);
+            }
+
+            if (k == f->off) {
+                continue;
+            }
+
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                     "%s other than %L is not supported yet",
+                                     name, f->off);
+
+        case NGX_HTTP_MOE_FIELD_OBJECT:
+            if (!YAJL_IS_OBJECT(v)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "%s must be an object", name);
+            }
+
+            continue;
+
+        default: /* NGX_HTTP_MOE_FIELD_ANY */
+            break;
+        }
+
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                 "%s is not supported yet", name);
+    }
+
+    /* "none" and "auto" (no tools: nothing to call) are off */
+
+    name = "tool_choice";
+    v = ngx_http_moe_json_get(root, name);
+
+    if (v == NULL) {
+        name = "function_call";
+        v = ngx_http_moe_json_get(root, name);
+    }
+
+    if (YAJL_IS_STRING(v)) {
+        if (ngx_strcmp(v->u.string, "none") != 0
+            && ngx_strcmp(v->u.string, "auto") != 0)
+        {
+            if (name[0] == 't' && ngx_strcmp(v->u.string, "required") == 0) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "%s \"required\" is not supported "
+                                         "yet", name);
+            }
+
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                     "%s must be \"none\", \"auto\"%s or an "
+                                     "object naming a function", name,
+                                     name[0] == 't' ? ", \"required\"" : "");
+        }
+
+    } else if (YAJL_IS_OBJECT(v)) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                 "%s naming a function is not supported yet",
+                                 name);
+
+    } else if (v) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                 "%s must be a string or an object", name);
+    }
+
+    /* both given: the second one is checked too */
+
+    if (name[0] == 't') {
+        v = ngx_http_moe_json_get(root, "function_call");
+
+        if (v && !(YAJL_IS_STRING(v)
+                   && (ngx_strcmp(v->u.string, "none") == 0
+                       || ngx_strcmp(v->u.string, "auto") == 0)))
+        {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "function_call",
+                                     "function_call other than \"none\" or "
+                                     "\"auto\" is not supported yet");
+        }
+    }
+
+    v = ngx_http_moe_json_get(root, "response_format");
+
+    if (v) {
+        s = ngx_http_moe_json_get(v, "type");
+
+        if (!YAJL_IS_OBJECT(v) || !YAJL_IS_STRING(s)) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "response_format",
+                                     "response_format must be an object "
+                                     "with a string \"type\"");
+        }
+
+        if (ngx_strcmp(s->u.string, "json_object") == 0
+            || ngx_strcmp(s->u.string, "json_schema") == 0)
+        {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "response_format",
+                                     "response_format \"%s\" is not "
+                                     "supported yet", s->u.string);
+        }
+
+        if (ngx_strcmp(s->u.string, "text") != 0) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "response_format",
+                                     "response_format.type must be \"text\", "
+                                     "\"json_object\" or \"json_schema\"");
+        }
+    }
+
+    v = ngx_http_moe_json_get(root, "modalities");
+
+    if (v) {
+        if (!YAJL_IS_ARRAY(v)) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "modalities",
+                                     "modalities must be an array of "
+                                     "strings");
+        }
+
+        for (i = 0; i < v->u.array.len; i++) {
+            s = v->u.array.values[i];
+
+            if (!YAJL_IS_STRING(s)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                         "modalities",
+                                         "modalities must be an array of "
+                                         "strings");
+            }
+
+            if (ngx_strcmp(s->u.string, "text") != 0) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                         "modalities",
+                                         "modalities other than \"text\" are "
+                                         "not supported yet");
+            }
+        }
+    }
+
+    /* chat: a boolean; completions: an integer (0-5) or false */
+
+    v = ngx_http_moe_json_get(root, "logprobs");
+
+    if (v && !YAJL_IS_FALSE(v)) {
+        if (chat ? !YAJL_IS_TRUE(v) : ngx_http_moe_json_int(v, &k) != NGX_OK)
+        {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                     chat ? "logprobs must be a boolean"
+                                          : "logprobs must be an integer");
+        }
+
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                 "logprobs are not supported yet");
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * logit_bias: an object mapping token ids (decimal strings) in [0, vocab)
+ * to numbers in [-100, 100], at most MOE_MAX_LOGIT_BIAS entries, into sp.
+ * NGX_DECLINED with a 400 naming logit_bias when malformed.
+ */
+
+static ngx_int_t
+ngx_http_moe_logit_bias(yajl_val v, int vocab, moe_sampling_t *sp,
+    ngx_http_moe_err_t *err)
+{
+    size_t       i;
+    double       d;
+    ngx_int_t    id;
+    const char  *key;
+
+    if (!YAJL_IS_OBJECT(v)) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logit_bias",
+                                 "logit_bias must be an object mapping "
+                                 "token ids to numbers");
+    }
+
+    if (v->u.object.len > MOE_MAX_LOGIT_BIAS) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logit_bias",
+                                 "logit_bias takes at most %d entries",
+                                 MOE_MAX_LOGIT_BIAS);
+    }
+
+    for (i = 0; i < v->u.object.len; i++) {
+        key = v->u.object.keys[i];
+        id = ngx_atoi((u_char *) key, ngx_strlen(key));
+
+        if (id == NGX_ERROR || id >= vocab) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logit_bias",
+                                     "logit_bias keys must be token ids in "
+                                     "[0, %d), got \"%s\"", vocab, key);
+        }
+
+        if (ngx_http_moe_json_number(v->u.object.values[i], &d) != NGX_OK
+            || !(d >= -100.0 && d <= 100.0))
+        {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logit_bias",
+                                     "logit_bias values must be numbers in "
+                                     "[-100, 100] (token \"%s\")", key);
+        }
+
+        sp->logit_bias_ids[i] = (int32_t) id;
+        sp->logit_bias[i] = (float) d;
+    }
+
+    sp->n_logit_bias = (int) v->u.object.len;
+
+    return NGX_OK;
+}
+
+
+/*
  * The prompt as token ids in r->pool: given as ids (NGX_OK), or text or
  * messages for a pool thread to render and encode (NGX_DONE:
  * ngx_http_moe_prompt_done goes on).
@@ -1024,6 +1370,7 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->chat = chat;
     ctx->stream = p->stream;
     ctx->include_usage = p->include_usage;
+    ctx->continuous_usage = p->continuous_usage;
     ctx->n_prompt = (ngx_int_t) n;
     ctx->created = ngx_time();
     ctx->keepalive_interval = mlcf->keepalive;

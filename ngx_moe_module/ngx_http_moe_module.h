@@ -208,6 +208,7 @@ typedef struct {
     unsigned                   chat:1;
     unsigned                   stream:1;
     unsigned                   include_usage:1;
+    unsigned                   continuous_usage:1;  /* usage per chunk */
     unsigned                   live:1;      /* engine sequence not ended */
     unsigned                   in_map:1;
     unsigned                   got_token:1;

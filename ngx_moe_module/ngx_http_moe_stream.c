@@ -577,7 +577,10 @@ ngx_http_moe_gen_chunk(ngx_http_moe_ctx_t *ctx, const char *text, size_t len,
     yajl_gen_map_close(g);
     yajl_gen_array_close(g);
 
-    if (ctx->include_usage) {
+    if (ctx->continuous_usage) {
+        ngx_http_moe_gen_usage(ctx);
+
+    } else if (ctx->include_usage) {
         ngx_http_moe_gen_lit(g, "usage");
         yajl_gen_null(g);
     }

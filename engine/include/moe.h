@@ -302,6 +302,7 @@ int moe_chat_render(const moe_tokenizer_t *t, const char *chat_template,
 /* --------------------------------------------------------------- sampling */
 
 #define MOE_MAX_STOP_IDS 16
+#define MOE_MAX_LOGIT_BIAS 300     /* OpenAI's limit on logit_bias entries */
 
 typedef struct {
     float     temperature;         /* 0: greedy; default 1 */
@@ -320,6 +321,12 @@ typedef struct {
     int       logprobs;            /* 1: TOKEN events carry the token's
                                       log-probability (costs a pass over the
                                       vocabulary); 0: logprob is 0 */
+    /* logit_bias: logit_bias[i] (in [-100, 100]) is added to the logit of
+     * token logit_bias_ids[i] (in [0, vocab)) before penalties, temperature
+     * and greedy; a sequence with any takes the host sampler */
+    int32_t   logit_bias_ids[MOE_MAX_LOGIT_BIAS];
+    float     logit_bias[MOE_MAX_LOGIT_BIAS];
+    int       n_logit_bias;
 } moe_sampling_t;
 
 void moe_sampling_defaults(moe_sampling_t *sp);

@@ -1,9 +1,9 @@
 /*
  * Host sampling: penalties, temperature, top-k, top-p, min-p, seeded RNG.
  *
- * Order (as vLLM applies them): repetition penalty (HF semantics: divide
- * positive logits, multiply negative ones), frequency and presence
- * penalties (OpenAI semantics, on generated tokens), then greedy when
+ * Order (as vLLM applies them): logit_bias (added to the logits),
+ * repetition penalty (HF semantics: divide positive logits, multiply
+ * negative ones), frequency and presence penalties (OpenAI semantics, on generated tokens), then greedy when
  * temperature is 0, else temperature, top-k, top-p, min-p and a draw.
  *
  * Exactly (the device sampler, kernels/sample.cu, computes the same):
@@ -219,6 +219,13 @@ moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
         /* the raw distribution, before penalties and temperature */
         lse = moe_lse(logits, V);
         memcpy(s->raw, logits, sizeof(float) * (size_t) V);
+    }
+
+    /* logit_bias first (OpenAI: added to the logits before sampling) */
+    for (i = 0; i < sp->n_logit_bias; i++) {
+        if (sp->logit_bias_ids[i] >= 0 && sp->logit_bias_ids[i] < V) {
+            logits[sp->logit_bias_ids[i]] += sp->logit_bias[i];
+        }
     }
 
     if (seen != NULL && sp->repetition_penalty != 1.0f) {

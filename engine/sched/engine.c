@@ -680,9 +680,19 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         || sp->min_p < 0.0f || sp->min_p > 1.0f
         || sp->repetition_penalty <= 0.0f
         || sp->n_stop_token_ids < 0
-        || sp->n_stop_token_ids > MOE_MAX_STOP_IDS)
+        || sp->n_stop_token_ids > MOE_MAX_STOP_IDS
+        || sp->n_logit_bias < 0 || sp->n_logit_bias > MOE_MAX_LOGIT_BIAS)
     {
         return MOE_EINVAL;
+    }
+
+    for (i = 0; i < sp->n_logit_bias; i++) {
+        if (sp->logit_bias_ids[i] < 0
+            || sp->logit_bias_ids[i] >= e->info.vocab_size
+            || !(sp->logit_bias[i] >= -100.0f && sp->logit_bias[i] <= 100.0f))
+        {
+            return MOE_EINVAL;
+        }
     }
 
     if (n_prompt >= e->info.max_model_len) {

@@ -550,13 +550,17 @@ moe_pen_reserve(moe_engine_t *e, size_t need)
  * does for it: greedy, no penalty that applies, no logprobs), so the
  * backend may pick it; MOE_PLAN_BACKEND when the backend can draw it
  * (sample_tokens, no logprobs, the penalty list complete); else
- * MOE_PLAN_HOST.
+ * MOE_PLAN_HOST.  A logit_bias is applied by the host sampler only, so a
+ * sequence with one always takes MOE_PLAN_HOST (greedy too).
  */
 static moe_plan_t
 moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
 {
     const moe_sampling_t *sp = &s->sp;
 
+    if (sp->n_logit_bias > 0) {
+        return MOE_PLAN_HOST;
+    }
     if (moe_sampling_is_greedy(sp) && !sp->logprobs
         && (s->seen == NULL || sp->repetition_penalty == 1.0f)
         && (s->counts == NULL

@@ -1076,6 +1076,121 @@ test_engine_sampling(const char *model)
 
 
 /*
+ * logit_bias on the cuda backend: the engine routes a request with one to
+ * the host sampler over copied logits (greedy too), so -100 on the greedy
+ * first token bans it and +100 forces a token at every step, greedy and
+ * sampled, and the device sampler draws none of their tokens.
+ */
+static int
+lb_run(moe_engine_t *e, uint64_t id, const int32_t *prompt,
+    const moe_sampling_t *sp, int32_t *out, int *n_out)
+{
+    moe_event_t  ev[64];
+    int          spins = 0, done = 0;
+
+    *n_out = 0;
+    if (moe_engine_submit(e, id, prompt, 12, sp) != MOE_OK) {
+        return -1;
+    }
+    while (!done && spins < 20000) {
+        size_t n = moe_engine_drain(e, ev, 64);
+
+        if (n == 0) {
+            usleep(1000);
+            spins++;
+            continue;
+        }
+        for (size_t k = 0; k < n; k++) {
+            if (ev[k].req_id != id) {
+                continue;
+            }
+            if (ev[k].type == MOE_EV_TOKEN) {
+                if (*n_out < EG_MAXT) {
+                    out[*n_out] = ev[k].token;
+                }
+                (*n_out)++;
+            } else {
+                done = 1;
+            }
+        }
+    }
+    return done ? 0 : -1;
+}
+
+
+static void
+test_engine_logit_bias(const char *model)
+{
+    char            err[512];
+    moe_config_t    cfg;
+    moe_engine_t   *e = NULL;
+    moe_sampling_t  sp;
+    moe_stats_t     s0, s1;
+    int32_t         prompt[12], g[EG_MAXT], b[EG_MAXT], forced;
+    int             ng, nb, ok, ban_ok, force_ok = 1;
+
+    moe_config_defaults(&cfg);
+    snprintf(cfg.model_path, sizeof(cfg.model_path), "%s", model);
+    snprintf(cfg.backend, sizeof(cfg.backend), "cuda");
+    cfg.max_model_len = 128;
+    cfg.kv_cache_blocks = 256;
+    cfg.max_num_seqs = 16;
+    cfg.gpu_memory_utilization = 0.5;
+    if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
+        TAP_OK(0, "logit_bias on cuda: engine: %s", err);
+        return;
+    }
+    for (int j = 0; j < 12; j++) {
+        prompt[j] = (int32_t) ((j * 17 + 3) % 200);
+    }
+    moe_sampling_defaults(&sp);
+    sp.max_tokens = 8;
+    sp.ignore_eos = 1;
+    sp.temperature = 0.0f;
+
+    ok = lb_run(e, 1, prompt, &sp, g, &ng) == 0 && ng == 8;
+    moe_engine_stats(e, &s0);
+
+    sp.n_logit_bias = 1;
+    sp.logit_bias_ids[0] = g[0];
+    sp.logit_bias[0] = -100.0f;
+    ok = ok && lb_run(e, 2, prompt, &sp, b, &nb) == 0 && nb == 8;
+    ban_ok = ok;
+    for (int i = 0; ban_ok && i < nb; i++) {
+        ban_ok = b[i] != g[0];
+    }
+
+    forced = (g[0] + 7) % 200;
+    sp.logit_bias_ids[0] = forced;
+    sp.logit_bias[0] = 100.0f;
+    for (int pass = 0; pass < 2; pass++) {
+        /* greedy, then seeded top-k/p sampling */
+        sp.temperature = pass ? 0.9f : 0.0f;
+        sp.top_k = pass ? 50 : 0;
+        sp.top_p = pass ? 0.95f : 1.0f;
+        sp.has_seed = 1;
+        sp.seed = 5;
+        ok = ok && lb_run(e, 3 + (uint64_t) pass, prompt, &sp, b, &nb) == 0
+             && nb == 8;
+        for (int i = 0; ok && i < nb; i++) {
+            force_ok &= b[i] == forced;
+        }
+    }
+    moe_engine_stats(e, &s1);
+    moe_engine_destroy(e);
+
+    TAP_OK(ok && ban_ok && force_ok
+           && s1.backend_sampled_tokens == s0.backend_sampled_tokens,
+           "%s: logit_bias on cuda (host sampler): -100 bans the greedy "
+           "token %d, +100 forces %d greedy and sampled, no token drawn "
+           "on the device (%lld before, %lld after)",
+           strrchr(model, '/') + 1, g[0], forced,
+           (long long) s0.backend_sampled_tokens,
+           (long long) s1.backend_sampled_tokens);
+}
+
+
+/*
  * The engine with tensor_parallel_size 2 on the cuda backend (both ranks
  * on this GPU): 8 greedy requests complete, and their streams equal tp 1's
  * except where bf16 rounding of the differently ordered partial sums
@@ -1195,6 +1310,7 @@ main(void)
     test_swap("models/localmoe-tiny");
     test_tuning_env("models/localmoe-tiny");
     test_engine_sampling("t/data/models/mixtral-gqa");
+    test_engine_logit_bias("t/data/models/mixtral-gqa");
     test_engine_tp("t/data/models/mixtral-gqa");
     if (tap_n == 0) {
         TAP_OK(0, "no test model found (run from the repository root)");

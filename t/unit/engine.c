@@ -433,7 +433,7 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(31);
+    TAP_PLAN(35);
 
     e = make_engine(0, 16, 0);
     if (e == NULL) {
@@ -490,6 +490,67 @@ main(int argc, char **argv)
         sp.logprobs = 0;
         TAP_OK(ok, "greedy with logprobs (host sampling) == without "
                "(backend argmax), 4 prompts batched");
+    }
+
+    /* logit_bias takes the host sampler, greedy included: -100 on the
+     * greedy first token changes it, +100 on a token forces it at every
+     * step; a bad id or value is refused */
+    {
+        moe_sampling_t  bsp = sp;
+        int32_t         banned = solo[0].toks[0], forced;
+        int             nv = moe_tokenizer_vocab_size(moe_engine_tokenizer(e));
+
+        bsp.n_logit_bias = 1;
+        bsp.logit_bias_ids[0] = banned;
+        bsp.logit_bias[0] = -100.0f;
+        ok = run(e, ids_n, ids, 0, 1, &bsp, batch) == 0
+             && batch[0].n == 24 && batch[0].toks[0] != banned;
+        for (i = 0; ok && i < batch[0].n; i++) {
+            ok = batch[0].toks[i] != banned;
+        }
+        TAP_OK(ok, "logit_bias -100 bans the greedy token %d", banned);
+
+        forced = (banned + nv / 2) % nv;
+        bsp.logit_bias_ids[0] = forced;
+        bsp.logit_bias[0] = 100.0f;
+        ok = run(e, ids_n, ids, 0, 1, &bsp, batch) == 0 && batch[0].n == 24;
+        for (i = 0; ok && i < batch[0].n; i++) {
+            ok = batch[0].toks[i] == forced;
+        }
+        TAP_OK(ok, "logit_bias +100 forces token %d at every step", forced);
+
+        /* in one batch with plain greedy requests (backend argmax): the
+         * biased one is forced, the others keep their solo tokens */
+        {
+            group_t  g;
+
+            group_init(&g, e, 3, batch);
+            moe_engine_hold(e, 0);
+            ok = group_submit(&g, 0, ids[1], ids_n[1], &sp) == 0
+                 && group_submit(&g, 1, ids[0], ids_n[0], &bsp) == 0
+                 && group_submit(&g, 2, ids[2], ids_n[2], &sp) == 0;
+            moe_engine_hold(e, -1);
+            ok = group_finish(&g) == 0 && ok
+                 && same_tokens("batched with a biased one", batch,
+                                solo + 1, 1)
+                 && same_tokens("batched with a biased one", batch + 2,
+                                solo + 2, 1)
+                 && batch[1].n == 24;
+            for (i = 0; ok && i < batch[1].n; i++) {
+                ok = batch[1].toks[i] == forced;
+            }
+            TAP_OK(ok, "logit_bias in a batch with plain greedy requests: "
+                   "forced there, the others unchanged");
+        }
+
+        bsp.logit_bias_ids[0] = moe_engine_info(e)->vocab_size;
+        ok = moe_engine_submit(e, 999999, ids[0], ids_n[0], &bsp)
+             == MOE_EINVAL;
+        bsp.logit_bias_ids[0] = 0;
+        bsp.logit_bias[0] = 101.0f;
+        ok &= moe_engine_submit(e, 999999, ids[0], ids_n[0], &bsp)
+              == MOE_EINVAL;
+        TAP_OK(ok, "logit_bias id out of vocab or value past 100: EINVAL");
     }
 
     /*

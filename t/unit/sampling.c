@@ -42,7 +42,7 @@ main(void)
     int32_t        *t1 = NULL, *t2 = NULL;
     int             n1 = 0, c1 = 0, n2 = 0, c2 = 0;
 
-    TAP_PLAN(25);
+    TAP_PLAN(28);
 
     moe_sampler_init(&s, V);
     moe_sampling_defaults(&sp);
@@ -160,6 +160,30 @@ main(void)
     TAP_OK(draw(&s, base, &sp, NULL, seen, &r1) == 2,
            "repetition penalty divides positive logits of seen tokens");
     sp.repetition_penalty = 1.0f;
+
+    /* logit_bias: added before greedy; -100 bans the argmax (1, first of
+     * the tied 1 and 3), +100 forces a low token, whatever the penalties */
+    sp.temperature = 0.0f;
+    sp.n_logit_bias = 1;
+    sp.logit_bias_ids[0] = 1;
+    sp.logit_bias[0] = -100.0f;
+    TAP_OK(draw(&s, base, &sp, NULL, NULL, &r1) == 3,
+           "logit_bias -100 on the greedy token moves greedy to the next");
+    sp.logit_bias_ids[0] = 4;
+    sp.logit_bias[0] = 100.0f;
+    sp.presence_penalty = 2.0f;
+    counts[4] = 1;
+    TAP_OK(draw(&s, base, &sp, counts, NULL, &r1) == 4,
+           "logit_bias +100 forces a low token, before penalties");
+    counts[4] = 0;
+    sp.presence_penalty = 0.0f;
+    sp.temperature = 1.0f;
+    ok = 1;
+    for (i = 0; i < 200; i++) {
+        ok &= draw(&s, base, &sp, NULL, NULL, &r1) == 4;
+    }
+    TAP_OK(ok, "logit_bias +100 forces the token when sampling too");
+    sp.n_logit_bias = 0;
 
     /* the draw walks the kept ids in ascending order: 3 equal logits
      * (ids 1, 3, 5) kept by top-k, each a third of the mass */
