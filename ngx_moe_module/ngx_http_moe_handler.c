@@ -90,8 +90,8 @@ static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_fields(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_err_t *err);
-static ngx_int_t ngx_http_moe_logit_bias(yajl_val v, int vocab,
-    moe_sampling_t *sp, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_logit_bias(ngx_http_request_t *r, yajl_val v,
+    int vocab, moe_sampling_t *sp, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_params_t *p, int32_t **ids, size_t *n,
     ngx_http_moe_err_t *err);
@@ -729,7 +729,8 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
 
     v = ngx_http_moe_json_get(root, "logit_bias");
 
-    if (v && ngx_http_moe_logit_bias(v, mcf->info->vocab_size, &p->sp, err)
+    if (v && ngx_http_moe_logit_bias(r, v, mcf->info->vocab_size, &p->sp,
+                                      err)
              != NGX_OK)
     {
         return NGX_DECLINED;
@@ -1152,11 +1153,13 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
  */
 
 static ngx_int_t
-ngx_http_moe_logit_bias(yajl_val v, int vocab, moe_sampling_t *sp,
-    ngx_http_moe_err_t *err)
+ngx_http_moe_logit_bias(ngx_http_request_t *r, yajl_val v, int vocab,
+    moe_sampling_t *sp, ngx_http_moe_err_t *err)
 {
     size_t       i;
+    float       *bias;
     double       d;
+    int32_t     *ids;
     ngx_int_t    id;
     const char  *key;
 
@@ -1170,6 +1173,19 @@ ngx_http_moe_logit_bias(yajl_val v, int vocab, moe_sampling_t *sp,
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logit_bias",
                                  "logit_bias takes at most %d entries",
                                  MOE_MAX_LOGIT_BIAS);
+    }
+
+    if (v->u.object.len == 0) {
+        sp->n_logit_bias = 0;
+        return NGX_OK;
+    }
+
+    /* the request's until moe_engine_submit(), which copies them */
+    ids = ngx_palloc(r->pool, v->u.object.len * sizeof(int32_t));
+    bias = ngx_palloc(r->pool, v->u.object.len * sizeof(float));
+    if (ids == NULL || bias == NULL) {
+        return ngx_http_moe_fail(err, NGX_HTTP_INTERNAL_SERVER_ERROR, NULL,
+                                 "out of memory");
     }
 
     for (i = 0; i < v->u.object.len; i++) {
@@ -1190,10 +1206,12 @@ ngx_http_moe_logit_bias(yajl_val v, int vocab, moe_sampling_t *sp,
                                      "[-100, 100] (token \"%s\")", key);
         }
 
-        sp->logit_bias_ids[i] = (int32_t) id;
-        sp->logit_bias[i] = (float) d;
+        ids[i] = (int32_t) id;
+        bias[i] = (float) d;
     }
 
+    sp->logit_bias_ids = ids;
+    sp->logit_bias = bias;
     sp->n_logit_bias = (int) v->u.object.len;
 
     return NGX_OK;

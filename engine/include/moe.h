@@ -323,9 +323,12 @@ typedef struct {
                                       vocabulary); 0: logprob is 0 */
     /* logit_bias: logit_bias[i] (in [-100, 100]) is added to the logit of
      * token logit_bias_ids[i] (in [0, vocab)) before penalties, temperature
-     * and greedy; a sequence with any takes the host sampler */
-    int32_t   logit_bias_ids[MOE_MAX_LOGIT_BIAS];
-    float     logit_bias[MOE_MAX_LOGIT_BIAS];
+     * and greedy; a sequence with any takes the host sampler.  The arrays
+     * (n_logit_bias <= MOE_MAX_LOGIT_BIAS entries each) are the caller's:
+     * moe_engine_submit() copies them, so they need to live only until it
+     * returns; the submit ring carries a pointer, not 300 entries a slot. */
+    const int32_t *logit_bias_ids;
+    const float   *logit_bias;
     int       n_logit_bias;
 } moe_sampling_t;
 

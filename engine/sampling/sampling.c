@@ -370,3 +370,41 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     }
     return moe_sample_u(s, logits, sp, counts, seen, u, logprob);
 }
+
+
+int
+moe_sampling_bias_copy(moe_sampling_t *dst, const moe_sampling_t *src)
+{
+    size_t   n = (size_t) src->n_logit_bias;
+    int32_t *ids;
+    float   *bias;
+
+    dst->logit_bias_ids = NULL;
+    dst->logit_bias = NULL;
+    dst->n_logit_bias = 0;
+    if (n == 0) {
+        return MOE_OK;
+    }
+    /* one block: n ids, then n biases (4-byte aligned both) */
+    ids = malloc(n * (sizeof(int32_t) + sizeof(float)));
+    if (ids == NULL) {
+        return MOE_ENOMEM;
+    }
+    bias = (float *) (ids + n);
+    memcpy(ids, src->logit_bias_ids, n * sizeof(int32_t));
+    memcpy(bias, src->logit_bias, n * sizeof(float));
+    dst->logit_bias_ids = ids;
+    dst->logit_bias = bias;
+    dst->n_logit_bias = (int) n;
+    return MOE_OK;
+}
+
+
+void
+moe_sampling_bias_free(moe_sampling_t *sp)
+{
+    free((void *) sp->logit_bias_ids);
+    sp->logit_bias_ids = NULL;
+    sp->logit_bias = NULL;
+    sp->n_logit_bias = 0;
+}

@@ -32,6 +32,15 @@ typedef struct {
     uint64_t s[4];
 } moe_rng_t;
 
+/*
+ * The engine's own copy of src's logit_bias arrays into dst (one malloc,
+ * ids then biases; dst's other fields untouched): MOE_OK, or MOE_ENOMEM
+ * with dst's arrays NULL.  moe_sampling_bias_free() releases it and
+ * clears the arrays (safe on a dst that has none).
+ */
+int      moe_sampling_bias_copy(moe_sampling_t *dst, const moe_sampling_t *src);
+void     moe_sampling_bias_free(moe_sampling_t *sp);
+
 void     moe_rng_seed(moe_rng_t *r, uint64_t seed);
 uint64_t moe_rng_next(moe_rng_t *r);
 /* uniform in [0, 1) with 24 bits */

@@ -600,6 +600,7 @@ moe_engine_destroy(moe_engine_t *e)
     if (e->submit != NULL) {
         while (moe_ring_pop(e->submit, &m) == 1) {
             free(m.prompt);
+            moe_sampling_bias_free(&m.sp);
         }
     }
 
@@ -716,8 +717,19 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
     }
     memcpy(m.prompt, prompt, sizeof(int32_t) * (size_t) n_prompt);
 
+    /* the engine's own copy of the bias (freed with the sequence) */
+    m.sp.logit_bias_ids = NULL;
+    m.sp.logit_bias = NULL;
+    if (sp->n_logit_bias > 0
+        && moe_sampling_bias_copy(&m.sp, sp) != MOE_OK)
+    {
+        free(m.prompt);
+        return MOE_ENOMEM;
+    }
+
     if (moe_ring_push(e->submit, &m) != MOE_OK) {
         free(m.prompt);
+        moe_sampling_bias_free(&m.sp);
         return MOE_EFULL;
     }
 

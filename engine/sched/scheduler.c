@@ -66,6 +66,7 @@ moe_seq_free(moe_seq_t *s)
     free(s->pen_ids);
     free(s->bhash);
     free(s->slots);
+    moe_sampling_bias_free(&s->sp);
     free(s);
 }
 
@@ -285,12 +286,15 @@ moe_seq_create(moe_engine_t *e, moe_msg_t *m)
 
     s->id = m->req_id;
     s->order = e->next_order++;
-    s->sp = m->sp;
+    s->sp = m->sp;              /* the bias copy is the sequence's now */
+    m->sp.logit_bias_ids = NULL;
+    m->sp.logit_bias = NULL;
+    m->sp.n_logit_bias = 0;
     s->n_prompt = m->n_prompt;
     s->cap = cap;
     s->tokens = realloc(m->prompt, sizeof(int32_t) * (size_t) cap);
     if (s->tokens == NULL) {
-        free(s);
+        moe_seq_free(s);        /* m->prompt is still the caller's */
         return NULL;
     }
     m->prompt = NULL;

@@ -86,6 +86,10 @@ extern "C" {
 }
 #include "backends/cuda_backend.h"
 
+/* one logit_bias entry for the tests (moe_sampling_t points at it) */
+static int32_t lb_id[1];
+static float   lb_val[1];
+
 #define BS        4
 #define N_BLOCKS  64
 #define N_DEC     20
@@ -1152,8 +1156,10 @@ test_engine_logit_bias(const char *model)
     moe_engine_stats(e, &s0);
 
     sp.n_logit_bias = 1;
-    sp.logit_bias_ids[0] = g[0];
-    sp.logit_bias[0] = -100.0f;
+    sp.logit_bias_ids = lb_id;
+    sp.logit_bias = lb_val;
+    lb_id[0] = g[0];
+    lb_val[0] = -100.0f;
     ok = ok && lb_run(e, 2, prompt, &sp, b, &nb) == 0 && nb == 8;
     ban_ok = ok;
     for (int i = 0; ban_ok && i < nb; i++) {
@@ -1161,8 +1167,8 @@ test_engine_logit_bias(const char *model)
     }
 
     forced = (g[0] + 7) % 200;
-    sp.logit_bias_ids[0] = forced;
-    sp.logit_bias[0] = 100.0f;
+    lb_id[0] = forced;
+    lb_val[0] = 100.0f;
     for (int pass = 0; pass < 2; pass++) {
         /* greedy, then seeded top-k/p sampling */
         sp.temperature = pass ? 0.9f : 0.0f;

@@ -41,6 +41,10 @@
 #include "tap.h"
 #include "text/tokenizer.h"
 
+/* one logit_bias entry for the tests (moe_sampling_t points at it) */
+static int32_t lb_id[1];
+static float   lb_val[1];
+
 #define NREQ  12
 #define MAXT  40
 
@@ -501,8 +505,10 @@ main(int argc, char **argv)
         int             nv = moe_tokenizer_vocab_size(moe_engine_tokenizer(e));
 
         bsp.n_logit_bias = 1;
-        bsp.logit_bias_ids[0] = banned;
-        bsp.logit_bias[0] = -100.0f;
+        bsp.logit_bias_ids = lb_id;
+        bsp.logit_bias = lb_val;
+        lb_id[0] = banned;
+        lb_val[0] = -100.0f;
         ok = run(e, ids_n, ids, 0, 1, &bsp, batch) == 0
              && batch[0].n == 24 && batch[0].toks[0] != banned;
         for (i = 0; ok && i < batch[0].n; i++) {
@@ -511,8 +517,8 @@ main(int argc, char **argv)
         TAP_OK(ok, "logit_bias -100 bans the greedy token %d", banned);
 
         forced = (banned + nv / 2) % nv;
-        bsp.logit_bias_ids[0] = forced;
-        bsp.logit_bias[0] = 100.0f;
+        lb_id[0] = forced;
+        lb_val[0] = 100.0f;
         ok = run(e, ids_n, ids, 0, 1, &bsp, batch) == 0 && batch[0].n == 24;
         for (i = 0; ok && i < batch[0].n; i++) {
             ok = batch[0].toks[i] == forced;
@@ -529,6 +535,10 @@ main(int argc, char **argv)
             ok = group_submit(&g, 0, ids[1], ids_n[1], &sp) == 0
                  && group_submit(&g, 1, ids[0], ids_n[0], &bsp) == 0
                  && group_submit(&g, 2, ids[2], ids_n[2], &sp) == 0;
+            /* the engine copied the bias at submit: the caller's array
+             * may change (or be freed) before the sequence runs */
+            lb_id[0] = banned;
+            lb_val[0] = -3.0f;
             moe_engine_hold(e, -1);
             ok = group_finish(&g) == 0 && ok
                  && same_tokens("batched with a biased one", batch,
@@ -540,14 +550,15 @@ main(int argc, char **argv)
                 ok = batch[1].toks[i] == forced;
             }
             TAP_OK(ok, "logit_bias in a batch with plain greedy requests: "
-                   "forced there, the others unchanged");
+                   "forced there (as submitted, though the caller's array "
+                   "changed before it ran), the others unchanged");
         }
 
-        bsp.logit_bias_ids[0] = moe_engine_info(e)->vocab_size;
+        lb_id[0] = moe_engine_info(e)->vocab_size;
         ok = moe_engine_submit(e, 999999, ids[0], ids_n[0], &bsp)
              == MOE_EINVAL;
-        bsp.logit_bias_ids[0] = 0;
-        bsp.logit_bias[0] = 101.0f;
+        lb_id[0] = 0;
+        lb_val[0] = 101.0f;
         ok &= moe_engine_submit(e, 999999, ids[0], ids_n[0], &bsp)
               == MOE_EINVAL;
         TAP_OK(ok, "logit_bias id out of vocab or value past 100: EINVAL");

@@ -14,6 +14,10 @@
 #include "sampling/sampling.h"
 #include "tap.h"
 
+/* one logit_bias entry for the tests (moe_sampling_t points at it) */
+static int32_t lb_id[1];
+static float   lb_val[1];
+
 #define V 6
 
 static int32_t
@@ -165,12 +169,14 @@ main(void)
      * the tied 1 and 3), +100 forces a low token, whatever the penalties */
     sp.temperature = 0.0f;
     sp.n_logit_bias = 1;
-    sp.logit_bias_ids[0] = 1;
-    sp.logit_bias[0] = -100.0f;
+    sp.logit_bias_ids = lb_id;
+    sp.logit_bias = lb_val;
+    lb_id[0] = 1;
+    lb_val[0] = -100.0f;
     TAP_OK(draw(&s, base, &sp, NULL, NULL, &r1) == 3,
            "logit_bias -100 on the greedy token moves greedy to the next");
-    sp.logit_bias_ids[0] = 4;
-    sp.logit_bias[0] = 100.0f;
+    lb_id[0] = 4;
+    lb_val[0] = 100.0f;
     sp.presence_penalty = 2.0f;
     counts[4] = 1;
     TAP_OK(draw(&s, base, &sp, counts, NULL, &r1) == 4,
