@@ -19,6 +19,8 @@ static u_char *ngx_http_moe_metric(u_char *p, u_char *last,
     int64_t value);
 static ngx_int_t ngx_http_moe_check_name(ngx_http_request_t *r,
     ngx_str_t *name, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_info_post(ngx_http_request_t *r,
+    ngx_http_moe_text_t *t, ngx_http_moe_text_done_pt done);
 static void ngx_http_moe_tokenize_done(ngx_http_request_t *r,
     ngx_http_moe_text_t *t);
 static void ngx_http_moe_detokenize_done(ngx_http_request_t *r,
@@ -555,18 +557,7 @@ ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root)
         t->add_generation_prompt = gen_prompt;
     }
 
-    rc = ngx_http_moe_text_post(r, t, ngx_http_moe_tokenize_done, NULL,
-                                &err);
-
-    if (rc == NGX_DECLINED) {
-        return ngx_http_moe_send_err(r, &err);
-    }
-
-    if (rc != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    return NGX_DONE;
+    return ngx_http_moe_info_post(r, t, ngx_http_moe_tokenize_done);
 }
 
 
@@ -664,8 +655,23 @@ ngx_http_moe_detokenize(ngx_http_request_t *r, yajl_val root)
     t->ids = ids;
     t->n_ids = n;
 
-    rc = ngx_http_moe_text_post(r, t, ngx_http_moe_detokenize_done, NULL,
-                                &err);
+    return ngx_http_moe_info_post(r, t, ngx_http_moe_detokenize_done);
+}
+
+
+/*
+ * Hand /tokenize's or /detokenize's text work to the thread pool: NGX_DONE
+ * (done answers), else the answer now (400 body, 500).
+ */
+
+static ngx_int_t
+ngx_http_moe_info_post(ngx_http_request_t *r, ngx_http_moe_text_t *t,
+    ngx_http_moe_text_done_pt done)
+{
+    ngx_int_t           rc;
+    ngx_http_moe_err_t  err;
+
+    rc = ngx_http_moe_text_post(r, t, done, NULL, &err);
 
     if (rc == NGX_DECLINED) {
         return ngx_http_moe_send_err(r, &err);
