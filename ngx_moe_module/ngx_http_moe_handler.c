@@ -185,7 +185,6 @@ ngx_http_moe_handler(ngx_http_request_t *r)
     ngx_str_t                 *allow;
     ngx_table_elt_t           *h;
     ngx_http_moe_route_t      *route;
-    ngx_http_moe_loc_conf_t   *mlcf;
     ngx_http_moe_main_conf_t  *mcf;
 
     /* API keys first: an unknown route is no answer to a stranger */
@@ -265,20 +264,9 @@ ngx_http_moe_handler(ngx_http_request_t *r)
         return route->get(r);
     }
 
-    mlcf = ngx_http_moe_loc_conf(r);
-
-    if (r->headers_in.content_length_n > (off_t) mlcf->max_body_size) {
-        rc = ngx_http_discard_request_body(r);
-        if (rc != NGX_OK) {
-            return rc;
-        }
-
-        return ngx_http_moe_send_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
-                                       NULL, "request body is too large: "
-                                       "%O bytes, the limit is %uz",
-                                       r->headers_in.content_length_n,
-                                       mlcf->max_body_size);
-    }
+    /* the body limit (moe_max_body_size) is the core's
+     * client_max_body_size in this location: nginx enforces it while
+     * reading, and ngx_http_moe_gate.c gives its 413 the JSON body */
 
     rc = ngx_http_read_client_request_body(r, ngx_http_moe_body_handler);
 
@@ -434,10 +422,7 @@ ngx_http_moe_read_body(ngx_http_request_t *r, ngx_str_t *body,
     ngx_uint_t                 nfiles;
     ngx_chain_t               *cl;
     ngx_http_moe_text_t       *t;
-    ngx_http_moe_loc_conf_t   *mlcf;
     ngx_http_moe_text_file_t  *f;
-
-    mlcf = ngx_http_moe_loc_conf(r);
 
     len = 0;
     nfiles = 0;
@@ -454,12 +439,6 @@ ngx_http_moe_read_body(ngx_http_request_t *r, ngx_str_t *body,
                 nfiles++;
             }
         }
-    }
-
-    if (len > (off_t) mlcf->max_body_size) {
-        return ngx_http_moe_fail(err, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NULL,
-                                 "request body is too large: %O bytes, the "
-                                 "limit is %uz", len, mlcf->max_body_size);
     }
 
     p = ngx_pnalloc(r->pool, (size_t) len + 1);
