@@ -299,6 +299,42 @@ int moe_chat_render(const moe_tokenizer_t *t, const char *chat_template,
     char **out, size_t *out_len, char *err, size_t errlen);
 
 
+/* ------------------------------------------------------- guided decoding */
+
+/*
+ * A guide constrains generation to a language: the allowed-token mask over
+ * the vocabulary is computed per sequence per step from a compiled guide
+ * and applied before sampling (both backends); EOS is allowed only where
+ * the language may end.  Compiling is slow work (module: on the text
+ * thread pool); a compiled guide is immutable, reference counted and may be
+ * shared by any number of sequences and threads.
+ */
+typedef enum {
+    MOE_GUIDED_NONE        = 0,
+    MOE_GUIDED_JSON        = 1,   /* spec: a JSON Schema (JSON text) */
+    MOE_GUIDED_JSON_OBJECT = 2,   /* any JSON object; spec ignored */
+    MOE_GUIDED_REGEX       = 3,   /* spec: a regular expression */
+    MOE_GUIDED_GRAMMAR     = 4,   /* spec: a GBNF grammar (root rule) */
+    MOE_GUIDED_CHOICE      = 5    /* spec: JSON array of strings */
+} moe_guided_kind_t;
+
+typedef struct moe_guide moe_guide_t;
+
+/*
+ * Compile spec (len bytes, not NUL-terminated necessarily) of the given kind
+ * against tokenizer t.  MOE_OK with *out holding one reference; MOE_EINVAL
+ * with err naming the problem (unsupported keyword, syntax error at offset,
+ * a language with no string, a schema too large) otherwise.
+ */
+int moe_guide_compile(const moe_tokenizer_t *t, moe_guided_kind_t kind,
+    const char *spec, size_t len, moe_guide_t **out, char *err,
+    size_t errlen);
+
+/* Take / drop one reference (thread-safe).  NULL is a no-op. */
+moe_guide_t *moe_guide_ref(moe_guide_t *g);
+void moe_guide_release(moe_guide_t *g);
+
+
 /* --------------------------------------------------------------- sampling */
 
 #define MOE_MAX_STOP_IDS 16
@@ -330,6 +366,10 @@ typedef struct {
     const int32_t *logit_bias_ids;
     const float   *logit_bias;
     int       n_logit_bias;
+    /* guided decoding: NULL = none.  moe_engine_submit() takes its own
+     * reference (released when the sequence ends); the caller keeps and
+     * releases its own. */
+    moe_guide_t *guide;
 } moe_sampling_t;
 
 void moe_sampling_defaults(moe_sampling_t *sp);
