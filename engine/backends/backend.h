@@ -187,6 +187,20 @@ int moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
  * own rank 0; NULL for a rank out of range. */
 moe_backend_t *moe_tp_backend_rank(moe_backend_t *b, int rank);
 
+/* Expert parallelism: mark a tensor-parallel backend's ranks as holding
+ * whole experts (E / tp each, contiguous; moe_model_shard_ep), and ask
+ * it: the number of ranks when marked, else 0 (any backend). */
+void moe_tp_backend_set_ep(moe_backend_t *b);
+int  moe_tp_backend_ep_ranks(moe_backend_t *b);
+
+/* How CUDA ranks add their partial sums (moe_ranks_t.nccl). */
+enum {
+    MOE_NCCL_AUTO = 0,          /* NCCL when built with it and the ranks
+                                   are on distinct GPUs, else local sums */
+    MOE_NCCL_ON,                /* NCCL or fail; with one rank as well */
+    MOE_NCCL_OFF                /* peer-access sums (kernels/tp_sum.cu) */
+};
+
 
 
 /* ---------------------------------------------- the CPU backend (fp32) */
@@ -277,6 +291,11 @@ typedef struct {
     int          max_num_seqs;   /* the pool need not hold more than
                                     this many max_model_len sequences */
     int          max_num_batched_tokens; /* tokens per forward() */
+
+    /* scale-out (issue 11) */
+    int          expert_parallel; /* 1: whole experts per rank
+                                    (moe_model_shard_ep) */
+    const char  *nccl;           /* "auto" | "on" | "off"; NULL: auto */
 } moe_backend_opts_t;
 
 /*
@@ -328,6 +347,9 @@ typedef struct {
     int                 block_size;
     int                 max_batched_tokens; /* CUDA: tokens per forward
                                         (workspaces) */
+    /* scale-out (issue 11) */
+    int                 ep;          /* 1: expert parallel shards */
+    int                 nccl;        /* CUDA: MOE_NCCL_* */
 } moe_ranks_t;
 
 /*

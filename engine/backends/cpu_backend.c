@@ -758,6 +758,8 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
     int                  K = hp->top_k;
     size_t               lE = (size_t) layer * E, lu = (size_t) layer;
     int                  t, e, k, j, r, n_rows;
+    int                  El = moe_hp_local_experts(hp);
+    int                  e_lo = hp->expert_first, e_hi = e_lo + El;
 
     if (hp->layer_dense[layer]) {
         /* a dense layer of an MoE model (mlp_only_layers) */
@@ -846,8 +848,10 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
                (size_t) D * sizeof(float));
     }
 
-    for (e = 0; e < E; e++) {
-        size_t wi = (lE + e) * (size_t) F * D;
+    for (e = e_lo; e < e_hi; e++) {
+        /* expert parallel: only this rank's experts, stored from 0 */
+        size_t wi = (lu * (size_t) El + (size_t) (e - e_lo)) * (size_t) F
+                    * D;
         int    r0 = b->eoff[e];
 
         n_rows = b->ecount[e];
@@ -871,7 +875,7 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
         for (j = 0; j < D; j++) {
             o[j] = 0;
         }
-        for (e = 0; e < E; e++) {
+        for (e = e_lo; e < e_hi; e++) {
             for (k = 0; k < K; k++) {
                 if (b->sel[t * K + k] == e) {
                     const float *y = b->ye

@@ -48,6 +48,7 @@ struct tp_backend {
     void                  (*set_reduce)(moe_backend_t *b, moe_reduce_fn fn,
                                         void *ctx);
     int                     own_shards;
+    int                     ep;            /* ranks hold whole experts */
 
     /* all-reduce state */
     int                     active;        /* ranks still in this step */
@@ -504,3 +505,26 @@ moe_tp_backend_rank(moe_backend_t *base, int rank)
     return b->rank[rank];
 }
 
+
+
+/* ------------------------------------------------ expert parallelism */
+
+void
+moe_tp_backend_set_ep(moe_backend_t *base)
+{
+    if (base != NULL && base->forward == tp_forward) {
+        ((tp_backend_t *) base)->ep = 1;
+    }
+}
+
+
+int
+moe_tp_backend_ep_ranks(moe_backend_t *base)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+
+    if (base == NULL || base->forward != tp_forward || !b->ep) {
+        return 0;
+    }
+    return b->tp;
+}

@@ -71,6 +71,7 @@ static const char *const cfg_qtypes[] = { "fp16", "bf16", "fp32", NULL };
 static const char *const cfg_formats[] = { "auto", "safetensors", "dummy",
                                            NULL };
 static const char *const cfg_backends[] = { "auto", "cpu", "cuda", NULL };
+static const char *const cfg_nccl_modes[] = { "auto", "on", "off", NULL };
 static const char *const cfg_quants[] = {
     "awq", "gptq", "squeezellm", "fp8", NULL
 };
@@ -123,6 +124,8 @@ static const cfg_key_t cfg_vllm_keys[] = {
       cfg_formats },
     { "chat_template", CFG_STR, OFF(chat_template), SZ(chat_template), 0, 0,
       0, NULL },
+    /* scale-out: whole experts per rank */
+    { "expert_parallel", CFG_BOOL, OFF(expert_parallel), 0, 0, 1, 0, NULL },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -141,6 +144,8 @@ static const cfg_key_t cfg_engine_keys[] = {
       INT_MAX, 0, NULL },
     { "max_waiting_tokens", CFG_INT, OFF(max_waiting_tokens), 0, 0,
       INT_MAX, 0, NULL },
+    /* scale-out: collectives between GPU ranks */
+    { "nccl", CFG_ENUM, OFF(nccl), SZ(nccl), 0, 0, 0, cfg_nccl_modes },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -1200,6 +1205,8 @@ moe_config_defaults(moe_config_t *c)
     strcpy(c->load_format, "auto");
 
     strcpy(c->backend, "auto");
+    strcpy(c->nccl, "auto");
+    c->expert_parallel = 0;
     c->cpu_threads = 0;
     c->kv_cache_blocks = 0;
     c->ring_size = 4096;
@@ -1282,6 +1289,17 @@ cfg_document(cfg_ctx_t *ctx)
         if (ctx->tp_line == 0) {
             c->tensor_parallel_size = c->instances[0].tensor_parallel_size;
         }
+    }
+
+    /* expert parallelism: whole experts on each rank */
+    if (c->expert_parallel && c->num_experts > 0
+        && c->num_experts % c->tensor_parallel_size != 0)
+    {
+        return cfg_err(ctx, MOE_EINVAL, ctx->tp_line > 0 ? ctx->tp_line : 1,
+                       "expert_parallel: tensor_parallel_size %d does not "
+                       "divide num_experts %d (each rank holds num_experts "
+                       "/ tensor_parallel_size whole experts)",
+                       c->tensor_parallel_size, c->num_experts);
     }
 
     /* admission: room for a few scheduler batches of waiting requests */

@@ -138,6 +138,19 @@ typedef struct moe_config {
                                          ranks (threads; the reference of
                                          the sharding, slower than one
                                          rank); 0: one rank (default) */
+
+    /* scale-out over ranks (issue 11): expert parallelism and NCCL */
+    int     expert_parallel;          /* vllm.expert_parallel: 1: routed
+                                         experts placed whole on the
+                                         tensor_parallel_size ranks (E / tp
+                                         each), attention still split;
+                                         0 (default): experts split too */
+    char    nccl[8];                  /* engine.nccl: "auto" (default:
+                                         NCCL between ranks on distinct
+                                         GPUs when the build has it),
+                                         "on" (required; with one rank
+                                         too: an identity all-reduce),
+                                         "off" (peer-access sums) */
     int     kv_cache_blocks;          /* 0: size from memory settings */
     int     ring_size;                /* submit/completion ring slots,
                                          default 4096, power of two */
@@ -526,6 +539,16 @@ void moe_engine_stats(const moe_engine_t *e, moe_stats_t *out);
  */
 int moe_engine_expert_counts(const moe_engine_t *e, int64_t *counts,
     size_t n);
+
+/*
+ * Expert-parallel load: fills tokens[r] with the (token, expert) rows
+ * that rank r's experts computed since start, summed over the layers
+ * (from the routing counts and the contiguous placement, E / ranks
+ * experts each).  n is the array length.  Returns the number of ranks
+ * written; 0 when the backend is not expert parallel; MOE_EINVAL when n
+ * is too small.
+ */
+int moe_engine_rank_load(const moe_engine_t *e, int64_t *tokens, int n);
 
 #ifdef __cplusplus
 }

@@ -1708,6 +1708,14 @@ int
 moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
     char *err, size_t errlen)
 {
+    return moe_model_shard_ep(m, tp, rank, 0, out, err, errlen);
+}
+
+
+int
+moe_model_shard_ep(const moe_model_t *m, int tp, int rank, int ep,
+    moe_model_t **out, char *err, size_t errlen)
+{
     const moe_hparams_t *hp = &m->hp;
     const moe_weights_t *w = &m->w;
     moe_model_t         *sh;
@@ -1729,7 +1737,9 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
     if (sh == NULL) {
         return MOE_ENOMEM;
     }
-    if (moe_hparams_shard(hp, tp, &sh->hp, err, errlen) != MOE_OK) {
+    if (moe_hparams_shard_ep(hp, tp, rank, ep, &sh->hp, err, errlen)
+        != MOE_OK)
+    {
         free(sh);
         return MOE_EUNSUPPORTED;
     }
@@ -1762,8 +1772,22 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
                          KV * hd);
     o->bv = m_slice_rows(sh, w->bv, L, KV * tp * hd, 1, r * KV * hd,
                          KV * hd);
-    o->w_gate = m_slice_rows(sh, w->w_gate, L * E, F * tp, D, r * F, F);
-    o->w_up = m_slice_rows(sh, w->w_up, L * E, F * tp, D, r * F, F);
+    if (ep) {
+        /* expert parallel: whole experts [e0, e0 + El) of every layer */
+        size_t El = (size_t) sh->hp.n_local_experts;
+        size_t e0 = (size_t) sh->hp.expert_first;
+
+        F = (size_t) hp->ffn_dim;
+        o->w_gate = m_slice_rows(sh, w->w_gate, L, E * F, D, e0 * F,
+                                 El * F);
+        o->w_up = m_slice_rows(sh, w->w_up, L, E * F, D, e0 * F, El * F);
+        o->w_down = m_slice_rows(sh, w->w_down, L, E * D, F, e0 * D,
+                                 El * D);
+    } else {
+        o->w_gate = m_slice_rows(sh, w->w_gate, L * E, F * tp, D, r * F, F);
+        o->w_up = m_slice_rows(sh, w->w_up, L * E, F * tp, D, r * F, F);
+        o->w_down = m_slice_cols(sh, w->w_down, L * E, D, F * tp, r * F, F);
+    }
     o->b_gate = m_slice_rows(sh, w->b_gate, L, F * tp, 1, r * F, F);
     o->b_up = m_slice_rows(sh, w->b_up, L, F * tp, 1, r * F, F);
     o->ws_gate = m_slice_rows(sh, w->ws_gate, L, FS * tp, D, r * FS, FS);
@@ -1772,7 +1796,6 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
     o->wd_up = m_slice_rows(sh, w->wd_up, L, FD * tp, D, r * FD, FD);
     /* row-parallel (input columns split): partial sums, all-reduced */
     o->wo = m_slice_cols(sh, w->wo, L, D, H * tp * hd, r * H * hd, H * hd);
-    o->w_down = m_slice_cols(sh, w->w_down, L * E, D, F * tp, r * F, F);
     o->ws_down = m_slice_cols(sh, w->ws_down, L, D, FS * tp, r * FS, FS);
     o->wd_down = m_slice_cols(sh, w->wd_down, L, D, FD * tp, r * FD, FD);
     o->bo = m_rank0_bias(sh, w->bo, L * D, rank);
@@ -1807,6 +1830,48 @@ int
 moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
     char *err, size_t errlen)
 {
+    return moe_hparams_shard_ep(hp, tp, 0, 0, out, err, errlen);
+}
+
+
+int
+moe_hparams_shard_ep(const moe_hparams_t *hp, int tp, int rank, int ep,
+    moe_hparams_t *out, char *err, size_t errlen)
+{
+    if (ep) {
+        /* whole experts per rank: the routed FFN is not split */
+        if (hp->n_experts <= 1 || hp->n_local_experts > 0) {
+            moe_errf(err, errlen, "expert_parallel: the model has no routed "
+                     "experts to place on ranks (n_experts %d)",
+                     hp->n_experts);
+            return MOE_EUNSUPPORTED;
+        }
+        if (tp < 1 || rank < 0 || rank >= tp || hp->n_experts % tp) {
+            moe_errf(err, errlen, "expert_parallel: tensor_parallel_size "
+                     "%d must divide the number of experts (%d)", tp,
+                     hp->n_experts);
+            return MOE_EUNSUPPORTED;
+        }
+        if (hp->n_heads % tp || hp->n_kv_heads % tp
+            || hp->shared_ffn_dim % tp || hp->dense_ffn_dim % tp)
+        {
+            moe_errf(err, errlen, "expert_parallel: tensor_parallel_size "
+                     "%d must divide the attention heads (%d), kv heads "
+                     "(%d) and the shared / dense intermediate sizes (%d, "
+                     "%d)", tp, hp->n_heads, hp->n_kv_heads,
+                     hp->shared_ffn_dim, hp->dense_ffn_dim);
+            return MOE_EUNSUPPORTED;
+        }
+        *out = *hp;
+        out->n_heads /= tp;
+        out->n_kv_heads /= tp;
+        out->shared_ffn_dim /= tp;
+        out->dense_ffn_dim /= tp;
+        out->n_local_experts = hp->n_experts / tp;
+        out->expert_first = rank * out->n_local_experts;
+        return MOE_OK;
+    }
+
     if (tp < 1 || hp->n_heads % tp || hp->n_kv_heads % tp
         || hp->ffn_dim % tp || hp->shared_ffn_dim % tp
         || hp->dense_ffn_dim % tp)
@@ -1830,6 +1895,7 @@ moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
 
 typedef struct {
     int    tp, rank;
+    int    ep, e0, el;          /* expert parallel: experts [e0, e0 + el) */
     int  (*fn)(void *ctx, const moe_tensor_ref_t *t);
     void  *ctx;
     char  *err;
@@ -1846,6 +1912,22 @@ m_shard_piece(void *vctx, const moe_tensor_ref_t *t0)
     size_t            esz = t.dtype == MOE_DT_F32 ? 4 : 2;
     int64_t           n, start;
     int               slice;
+
+    if (c->ep && (t.kind == MOE_WK_GATE || t.kind == MOE_WK_UP
+                  || t.kind == MOE_WK_DOWN))
+    {
+        /* expert parallel: a routed expert goes whole to its rank */
+        if (t.expert < 0) {
+            moe_errf(c->err, c->errlen, "expert_parallel: %s is not one "
+                     "expert's weight", t.name);
+            return MOE_EUNSUPPORTED;
+        }
+        if (t.expert < c->e0 || t.expert >= c->e0 + c->el) {
+            return MOE_OK;
+        }
+        t.expert -= c->e0;
+        return c->fn(c->ctx, &t);
+    }
 
     switch (t.kind) {
     case MOE_WK_WQ: case MOE_WK_WK: case MOE_WK_WV:
@@ -1896,8 +1978,30 @@ moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
     int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
     size_t errlen)
 {
-    m_shard_ctx_t c;
+    return moe_model_for_each_tensor_shard_ep(m, tp, rank, 0, fn, ctx, err,
+                                              errlen);
+}
 
+
+int
+moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp, int rank,
+    int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx,
+    char *err, size_t errlen)
+{
+    m_shard_ctx_t  c;
+    moe_hparams_t  rhp;
+
+    memset(&c, 0, sizeof(c));
+    if (ep && tp > 1) {
+        if (moe_hparams_shard_ep(&m->hp, tp, rank, 1, &rhp, err, errlen)
+            != MOE_OK)
+        {
+            return MOE_EUNSUPPORTED;
+        }
+        c.ep = 1;
+        c.e0 = rhp.expert_first;
+        c.el = rhp.n_local_experts;
+    }
     if (tp <= 1) {
         return moe_model_for_each_tensor(m, fn, ctx, err, errlen);
     }

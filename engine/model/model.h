@@ -92,7 +92,24 @@ typedef struct {
                                    runs the dense MLP wd_* instead of
                                    router + experts (mlp_only_layers,
                                    decoder_sparse_step) */
+
+    /* Expert parallelism (a rank's shard, moe_hparams_shard_ep): this
+     * rank holds the whole experts [expert_first, expert_first +
+     * n_local_experts) of the n_experts its router scores; its expert
+     * weight arrays have n_local_experts entries per layer, and its FFN
+     * output holds only those experts' weighted rows (a partial sum the
+     * ranks add).  n_local_experts 0: every expert (no expert
+     * parallelism); use moe_hp_local_experts(). */
+    int        expert_first;
+    int        n_local_experts;
 } moe_hparams_t;
+
+/* Experts whose weights this model (or shard) holds, per layer. */
+static inline int
+moe_hp_local_experts(const moe_hparams_t *hp)
+{
+    return hp->n_local_experts > 0 ? hp->n_local_experts : hp->n_experts;
+}
 
 /*
  * The fp32 host weights (CPU backend layout), row-major.  Linear weights are
@@ -277,5 +294,32 @@ int moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
  * MOE_EUNSUPPORTED (err names the sizes) when tp does not divide them. */
 int moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
     char *err, size_t errlen);
+
+/* ---------------------------------------------- expert parallelism */
+
+/*
+ * The expert-parallel split (expert_parallel: true): attention, the
+ * shared expert and dense layers split over tp as moe_model_shard does;
+ * the routed experts are NOT split but placed whole, n_experts / tp
+ * contiguous experts per rank (rank r: experts [r * E / tp, (r + 1) * E /
+ * tp)), every rank keeping the whole router.  ep 0: exactly the
+ * tensor-parallel functions above.
+ *
+ * moe_hparams_shard_ep: as moe_hparams_shard, ffn_dim kept, expert_first
+ *   and n_local_experts set; MOE_EUNSUPPORTED (err says why) when the
+ *   model has no routed experts or tp does not divide n_experts.
+ * moe_model_shard_ep: the fp32 shard (expert arrays (n_layers,
+ *   n_local_experts, ...), sliced copies owned by the shard).
+ * moe_model_for_each_tensor_shard_ep: the walk; routed expert pieces of
+ *   other ranks are skipped, the rank's own passed whole with expert
+ *   renumbered from 0 (expert - expert_first).
+ */
+int moe_hparams_shard_ep(const moe_hparams_t *hp, int tp, int rank, int ep,
+    moe_hparams_t *out, char *err, size_t errlen);
+int moe_model_shard_ep(const moe_model_t *m, int tp, int rank, int ep,
+    moe_model_t **out, char *err, size_t errlen);
+int moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp,
+    int rank, int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, char *err, size_t errlen);
 
 #endif /* MOE_MODEL_H */

@@ -297,6 +297,8 @@ moe_backend_opts(const moe_config_t *cfg, int max_model_len,
         o->n_gpu_devices = cfg->instances[0].n_gpu_devices;
     }
     o->cpu_tensor_parallel = cfg->cpu_tensor_parallel;
+    o->expert_parallel = cfg->expert_parallel;
+    o->nccl = cfg->nccl[0] != '\0' ? cfg->nccl : NULL;
     o->cpu_threads = cfg->cpu_threads;
     o->kv_cache_blocks = cfg->kv_cache_blocks;
     o->gpu_memory_utilization = cfg->gpu_memory_utilization;
@@ -434,6 +436,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     }
     snprintf(e->info.backend, sizeof(e->info.backend), "%s",
              e->backend->name);
+    e->ep_ranks = moe_tp_backend_ep_ranks(e->backend);
     n_blocks = e->backend->n_kv_blocks;
     e->info.kv_blocks_total = n_blocks;
 
@@ -795,4 +798,33 @@ moe_engine_expert_counts(const moe_engine_t *e, int64_t *counts, size_t n)
     }
 
     return (int) e->n_expert_counts;
+}
+
+
+/* ------------------------------------------------ expert parallelism */
+
+int
+moe_engine_rank_load(const moe_engine_t *e, int64_t *tokens, int n)
+{
+    size_t  i, E, per;
+    int     r;
+
+    if (e->ep_ranks <= 0) {
+        return 0;
+    }
+    if (n < e->ep_ranks) {
+        return MOE_EINVAL;
+    }
+    /* rank r owns experts [r * E / ranks, (r + 1) * E / ranks) */
+    E = (size_t) moe_model_hparams(e->model)->n_experts;
+    per = E / (size_t) e->ep_ranks;
+    for (r = 0; r < e->ep_ranks; r++) {
+        tokens[r] = 0;
+    }
+    for (i = 0; per > 0 && i < e->n_expert_counts; i++) {
+        r = (int) ((i % E) / per);
+        tokens[r] += atomic_load_explicit(&e->expert_counts[i],
+                                          memory_order_relaxed);
+    }
+    return e->ep_ranks;
 }

@@ -149,6 +149,9 @@ struct moe_engine {
                        st_swapped, st_swap_used, st_backend_sampled;
     _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
     size_t             n_expert_counts;
+
+    /* expert parallelism: ranks holding whole experts (0: none) */
+    int                ep_ranks;
 };
 
 

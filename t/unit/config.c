@@ -90,6 +90,11 @@ static const bad_case_t bad_cases[] = {
       "quantization_type must be fp16, bf16, fp32, got 'int8'" },
     { "bad_topk.yaml", 3, MOE_EINVAL,
       "top_k_experts (4) is larger than num_experts (2)" },
+    { "bad_expert_parallel.yaml", 5, MOE_EINVAL,
+      "expert_parallel: tensor_parallel_size 3 does not divide "
+      "num_experts 8" },
+    { "bad_nccl.yaml", 4, MOE_EINVAL,
+      "nccl must be auto, on, off, got 'maybe'" },
     { "bad_inst_len.yaml", 4, MOE_EINVAL,
       "gpu_devices has 3 entries but tensor_parallel_size is 2" },
     { "bad_inst_dup_gpu.yaml", 7, MOE_EINVAL,
