@@ -59,6 +59,10 @@ MOE_LIBS    := $(BUILD)/libmoe.a
 NGX_EXTRA_LIBS :=
 endif
 
+# the CUDA (and NCCL) choice as a file: objects and the nginx configure
+# depend on it
+CUDA_MARK   := $(BUILD)/.cuda-$(MOE_CUDA)$(if $(NCCL_CFLAGS),-nccl)
+
 .PHONY: all deps test run clean engine module unit kernels tsan bench
 
 all: engine unit module kernels bench
@@ -70,7 +74,7 @@ kernels: $(KERNELS_A)
 
 # objects depend on the CUDA choice too (-DMOE_HAVE_CUDA changes engine.o)
 $(BUILD)/%.o: %.c $(ENGINE_HDRS) \
-              $(BUILD)/.cuda-$(MOE_CUDA)
+              $(CUDA_MARK)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
@@ -157,10 +161,10 @@ $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
 
 # The CUDA backend: engine code compiled by nvcc, calling the launchers.
 $(BUILD)/engine/%.o: engine/%.cu $(ENGINE_HDRS) $(wildcard kernels/*.h \
-                     kernels/*.cuh) $(BUILD)/.cuda-$(MOE_CUDA)
+                     kernels/*.cuh) $(CUDA_MARK)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -DMOE_HAVE_CUDA -Ikernels -Iengine/include -Iengine \
-	    -c -o $@ $<
+	$(NVCC) $(NVCCFLAGS) -DMOE_HAVE_CUDA $(NCCL_CFLAGS) -Ikernels \
+	    -Iengine/include -Iengine -c -o $@ $<
 
 $(BUILD)/libmoe_kernels.a: $(KERNEL_OBJS)
 	@mkdir -p $(dir $@)
@@ -168,7 +172,7 @@ $(BUILD)/libmoe_kernels.a: $(KERNEL_OBJS)
 
 # The dynamic module, built against Debian's nginx-dev tree with Debian's
 # own configure flags so that the .so loads into /usr/sbin/nginx.
-$(BUILD)/nginx/Makefile: config $(BUILD)/.cuda-$(MOE_CUDA)
+$(BUILD)/nginx/Makefile: config $(CUDA_MARK)
 	@test -d $(NGX_SRC) || { echo "nginx-dev missing: run make deps"; exit 1; }
 	rm -rf $(BUILD)/nginx && mkdir -p $(BUILD)/nginx
 	cp -r $(NGX_SRC)/. $(BUILD)/nginx/
@@ -180,7 +184,7 @@ $(BUILD)/nginx/Makefile: config $(BUILD)/.cuda-$(MOE_CUDA)
 	touch $@
 
 # reconfigure nginx when the CUDA choice changes
-$(BUILD)/.cuda-$(MOE_CUDA):
+$(CUDA_MARK):
 	@mkdir -p $(BUILD) && rm -f $(BUILD)/.cuda-* && touch $@
 
 $(NGX_SO): $(BUILD)/nginx/Makefile $(BUILD)/libmoe.a $(KERNELS_A) \

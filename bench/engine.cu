@@ -8,9 +8,20 @@
  *      and each figure's ratio to its limit: decode = bytes the step must
  *      read (attention weights + the experts actually hit + router +
  *      lm_head + KV) / copy bandwidth; prefill = FLOPs / GEMM rate.
- * Usage: bench_engine [model,...]   (default: all four; names below)
+ * Usage: bench_engine [model,...] [--tp N] [--ep] [--nccl auto|on|off]
+ *   (models: default all four; names below)
  * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 run only those
- * decode batches / prefill prompts ("0": none), e.g. under ncu.
+ * decode batches / prefill prompts ("0": none), e.g. under ncu;
+ * BENCH_TP=N, BENCH_EP=1, BENCH_NCCL=on as the options.
+ * Tensor / expert parallelism (--tp N, --ep): N ranks (tp.c), rank r on
+ * GPU r modulo the visible GPUs, so with fewer GPUs than N several ranks
+ * share one (the emulated placement: local sums, no graphs); on distinct
+ * GPUs the ranks all-reduce with NCCL (graphs kept) when the build has it.
+ * Each rank has its own random weights of its shard's shapes.  The
+ * collectives are timed with CUDA events recorded around each all-reduce
+ * (stage "collectives", moe_cuda_backend_profile; the wait for the other
+ * ranks included) and reported per layer (two all-reduces: after the
+ * attention output and after the FFN) and as a share of the step.
  * Output: a human table plus one "RESULT key=value ..." line per figure.
  */
 
@@ -50,6 +61,10 @@ static const shape_t shapes[] = {
 };
 
 static double copy_gbs, gemm_tfs;
+
+/* parallelism of the run (--tp, --ep, --nccl) */
+static int         opt_tp = 1, opt_ep;
+static const char *opt_nccl = "auto";
 
 
 /* Whether v is in the comma list of environment variable var (unset: all
@@ -177,7 +192,8 @@ static void
 print_stages(const char *what, const double *ms, int steps)
 {
     static const char *nm[MOE_CUDA_N_STAGES] = {
-        "attention", "router+permute", "expert GEMMs", "dense GEMMs", "other"
+        "attention", "router+permute", "expert GEMMs", "dense GEMMs", "other",
+        "collectives"
     };
     double tot = 0;
 
@@ -193,13 +209,123 @@ print_stages(const char *what, const double *ms, int steps)
 }
 
 
+/* Stage timing on every rank (the figures: rank 0's). */
+static int
+bench_profile(moe_backend_t *b, int enable, double *ms)
+{
+    moe_backend_t *r;
+    int            i, rc = MOE_OK;
+
+    for (i = 0; (r = moe_tp_backend_rank(b, i)) != NULL; i++) {
+        int x = moe_cuda_backend_profile(r, enable, i == 0 ? ms : NULL);
+
+        rc = rc == MOE_OK ? x : rc;
+    }
+    return rc;
+}
+
+
+/* The all-reduces' share: two per layer, event-timed on rank 0. */
+static void
+print_comm(const char *model, const char *kind, int size, const double *ms,
+    int steps, int layers)
+{
+    double tot = 0, c = ms[MOE_CUDA_ST_COMM] / steps;
+
+    if (opt_tp <= 1) {
+        return;
+    }
+    for (int i = 0; i < MOE_CUDA_N_STAGES; i++) {
+        tot += ms[i] / steps;
+    }
+    printf("    collectives: %.3f ms per layer (2 all-reduces), %.1f%% of "
+           "the step\n", c / layers, tot > 0 ? 100 * c / tot : 0);
+    printf("RESULT model=%s kind=collective phase=%s size=%d tp=%d ep=%d "
+           "ms_layer=%.4f share=%.4f\n", model, kind, size, opt_tp, opt_ep,
+           c / layers, tot > 0 ? c / tot : 0);
+}
+
+
+/*
+ * opt_tp ranks of random weights, rank r on GPU r % (visible GPUs),
+ * composed by tp.c; NCCL between distinct GPUs (opt_nccl), else the local
+ * sum.  *n_blocks: the pool of each rank (sized per GPU share);
+ * *n_gpus: distinct GPUs used.
+ */
+static int
+bench_create_ranks(const moe_hparams_t *hp, int *n_blocks,
+    moe_backend_t **out, int *n_gpus, char *err, size_t errlen)
+{
+    moe_backend_t *ranks[64] = { 0 };
+    void          *ctx[64];
+    moe_hparams_t  rhp;
+    int            ndev = moe_cuda_device_count(), dev[64], r, rc, per_dev;
+    int            distinct, nb = *n_blocks, avail;
+
+    rc = moe_hparams_shard_ep(hp, opt_tp, 0, opt_ep, &rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    for (r = 0; r < opt_tp; r++) {
+        dev[r] = r % ndev;
+    }
+    distinct = opt_tp <= ndev;
+    *n_gpus = distinct ? opt_tp : ndev;
+    per_dev = (opt_tp + ndev - 1) / ndev;
+    rc = moe_cuda_kv_blocks_for_hp(&rhp, BS, CAP, 0.92 / per_dev, 0, &avail,
+                                   err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    nb = avail < nb ? avail : nb;
+    if (!distinct || strcmp(opt_nccl, "off") == 0
+        || !moe_cuda_nccl_available())
+    {
+        rc = moe_cuda_peer_access(dev, opt_tp, err, errlen);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+    }
+    for (r = 0; r < opt_tp; r++) {
+        rc = moe_cuda_backend_create_random_rank(hp, 42, opt_tp, r, opt_ep,
+                                                 nb, BS, CAP, dev[r],
+                                                 &ranks[r], err, errlen);
+        if (rc != MOE_OK) {
+            break;
+        }
+        ctx[r] = ranks[r];
+    }
+    if (rc == MOE_OK && distinct && strcmp(opt_nccl, "off") != 0
+        && (moe_cuda_nccl_available() || strcmp(opt_nccl, "on") == 0))
+    {
+        rc = moe_cuda_nccl_attach(ranks, dev, opt_tp, err, errlen);
+    }
+    if (rc != MOE_OK) {
+        for (r = 0; r < opt_tp; r++) {
+            if (ranks[r] != NULL) {
+                ranks[r]->destroy(ranks[r]);
+            }
+        }
+        return rc == MOE_EUNSUPPORTED ? MOE_EBACKEND : rc;
+    }
+    printf("  %d ranks on GPUs %d..%d, all-reduce by %s\n", opt_tp, dev[0],
+           dev[opt_tp - 1], distinct && strcmp(opt_nccl, "off") != 0
+           && moe_cuda_nccl_available() ? "NCCL (graphs)"
+                                        : "local sums (no graphs)");
+    *n_blocks = nb;
+    return moe_tp_backend_wrap(ranks, NULL, opt_tp, moe_cuda_tp_ops(), ctx,
+                               moe_cuda_backend_set_reduce, out, err,
+                               errlen);
+}
+
+
 static int
 bench_model(const shape_t *sh)
 {
     moe_hparams_t   hp;
     moe_backend_t  *b = NULL;
     char            err[512];
-    int             rc, n_blocks, avail, per_seq;
+    int             rc, n_blocks, avail, per_seq, n_gpus = 1;
     static const int batches[] = { 1, 8, 32, 64, 128, 256 };
     static const int prompts[] = { 512, 2048 };
     double          t_create;
@@ -242,20 +368,35 @@ bench_model(const shape_t *sh)
         printf("RESULT model=%s kind=skip\n", sh->name);
         return 0;
     }
+    if (opt_tp > 1) {
+        avail = n_blocks;       /* the ranks size their own pools */
+    }
     if (avail < n_blocks) {
         printf("  (KV pool %d blocks < %d wanted: sequences share pages)\n",
                avail, n_blocks);
         n_blocks = avail;
     }
     t_create = now_s();
-    rc = moe_cuda_backend_create_random(&hp, 42, n_blocks, BS, CAP, 0, &b,
-                                        err, sizeof(err));
+    if (opt_tp > 1) {
+        rc = bench_create_ranks(&hp, &n_blocks, &b, &n_gpus, err,
+                                sizeof(err));
+        if (rc == MOE_EUNSUPPORTED) {
+            printf("SKIP %s: %s\n", sh->name, err);
+            printf("RESULT model=%s kind=skip tp=%d ep=%d\n", sh->name,
+                   opt_tp, opt_ep);
+            return 0;
+        }
+    } else {
+        rc = moe_cuda_backend_create_random(&hp, 42, n_blocks, BS, CAP, 0,
+                                            &b, err, sizeof(err));
+    }
     if (rc != MOE_OK) {
         printf("FAIL %s: create: %s\n", sh->name, err);
         return -1;
     }
-    printf("  created in %.2f s (KV pool %d blocks of %d)\n",
-           now_s() - t_create, n_blocks, BS);
+    printf("  created in %.2f s (KV pool %d blocks of %d; tp %d%s on %d "
+           "GPU(s))\n", now_s() - t_create, n_blocks, BS, opt_tp,
+           opt_ep ? " expert parallel" : "", n_gpus);
 
     float   *logits = (float *) malloc(sizeof(float) * 256 * (size_t) V);
     int32_t *bt = (int32_t *) malloc(sizeof(int32_t) * 256 * per_seq);
@@ -304,13 +445,13 @@ bench_model(const shape_t *sh)
 
         /* experts hit in one step, and the stage split of 3 steps */
         memcpy(cnt0, b->expert_counts(b), sizeof(int64_t) * (size_t) (L * E));
-        moe_cuda_backend_profile(b, 1, NULL);
+        bench_profile(b, 1, NULL);
         for (int s = 0; s < 3; s++) {
             if ((rc = b->forward(b, sb, B)) != MOE_OK) {
                 goto fwd_fail;
             }
         }
-        moe_cuda_backend_profile(b, 0, ms);
+        bench_profile(b, 0, ms);
         {
             const int64_t *c1 = b->expert_counts(b);
             double         hit = 0;
@@ -324,15 +465,18 @@ bench_model(const shape_t *sh)
                            + hit * 3 * F * D * 2
                            + (E > 1 ? L * E * D * 4 : 0) + V * D * 2
                            + (double) B * (CTX + 1) * L * 2 * KVD * 2;
-            double lim = bytes / (copy_gbs * 1e9);
+            /* the ranks on n_gpus GPUs read these bytes in parallel */
+            double lim = bytes / (copy_gbs * 1e9 * n_gpus);
 
             printf("  batch %-16d %10.1f %10.2f %10.2f %7.0f%%\n", B, B / dt,
                    dt * 1e3, lim * 1e3, 100 * lim / dt);
             printf("RESULT model=%s kind=decode batch=%d tok_s=%.1f "
                    "ms_step=%.3f limit_ms=%.3f of_limit=%.3f "
-                   "experts_hit=%.0f\n", sh->name, B, B / dt, dt * 1e3,
-                   lim * 1e3, lim / dt, hit);
+                   "experts_hit=%.0f tp=%d ep=%d gpus=%d\n", sh->name, B,
+                   B / dt, dt * 1e3, lim * 1e3, lim / dt, hit, opt_tp,
+                   opt_ep, n_gpus);
             print_stages("", ms, 3);
+            print_comm(sh->name, "decode", B, ms, 3, sh->layers);
         }
     }
 
@@ -366,11 +510,11 @@ bench_model(const shape_t *sh)
             }
         }
         dt = (now_s() - t0) / runs;
-        moe_cuda_backend_profile(b, 1, NULL);
+        bench_profile(b, 1, NULL);
         if ((rc = b->forward(b, sb, 1)) != MOE_OK) {
             goto fwd_fail;
         }
-        moe_cuda_backend_profile(b, 0, ms);
+        bench_profile(b, 0, ms);
 
         double flops = 2.0 * P * L * ((Q + 2 * KVD) * D + D * Q
                                       + K * 3 * F * D)
@@ -381,9 +525,11 @@ bench_model(const shape_t *sh)
         printf("  prompt %-15d %10.0f %10.2f %10.2f %7.0f%%\n", P, P / dt,
                dt * 1e3, lim * 1e3, 100 * lim / dt);
         printf("RESULT model=%s kind=prefill prompt=%d tok_s=%.1f ms=%.3f "
-               "limit_ms=%.3f of_limit=%.3f\n", sh->name, P, P / dt,
-               dt * 1e3, lim * 1e3, lim / dt);
+               "limit_ms=%.3f of_limit=%.3f tp=%d ep=%d gpus=%d\n",
+               sh->name, P, P / dt, dt * 1e3, lim * 1e3, lim / dt, opt_tp,
+               opt_ep, n_gpus);
         print_stages("", ms, 1);
+        print_comm(sh->name, "prefill", P, ms, 1, sh->layers);
     }
     rc = 0;
     goto done;
@@ -404,9 +550,37 @@ done:
 int
 main(int argc, char **argv)
 {
-    const char *want = argc > 1 ? argv[1] : NULL;
+    const char *want = NULL;
     int         fails = 0, ndev = moe_cuda_device_count();
     double      t0 = now_s();
+
+    if (getenv("BENCH_TP") != NULL) {
+        opt_tp = atoi(getenv("BENCH_TP"));
+    }
+    if (getenv("BENCH_EP") != NULL) {
+        opt_ep = atoi(getenv("BENCH_EP")) != 0;
+    }
+    if (getenv("BENCH_NCCL") != NULL) {
+        opt_nccl = getenv("BENCH_NCCL");
+    }
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--tp") == 0 && i + 1 < argc) {
+            opt_tp = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--ep") == 0) {
+            opt_ep = 1;
+        } else if (strcmp(argv[i], "--nccl") == 0 && i + 1 < argc) {
+            opt_nccl = argv[++i];
+        } else {
+            want = argv[i];
+        }
+    }
+    if (opt_tp < 1 || opt_tp > 64) {
+        printf("FAIL --tp %d: 1..64\n", opt_tp);
+        return 2;
+    }
+    printf("tensor parallel %d%s, nccl %s (this build: %s)\n", opt_tp,
+           opt_ep ? ", expert parallel" : "", opt_nccl,
+           moe_cuda_nccl_available() ? "with NCCL" : "without NCCL");
 
     if (ndev == 0) {
         printf("SKIP no CUDA device\n");

@@ -73,6 +73,22 @@
 #include "rope.h"
 #include "silu_mul.h"
 #include "tp_sum.h"
+#ifdef MOE_HAVE_NCCL
+#include <nccl.h>
+
+/* An NCCL call: on failure the statement, file:line and NCCL's reason go
+ * to moe_cuda_last_error() and the caller returns MOE_EBACKEND. */
+#define MOE_NCCL_CHECK(stmt)                                                 \
+    do {                                                                     \
+        ncclResult_t moe_n_ = (stmt);                                        \
+        if (moe_n_ != ncclSuccess) {                                         \
+            moe_cuda_set_error("%s at %s:%d: %s (%s)", #stmt, __FILE__,      \
+                               __LINE__, ncclGetErrorString(moe_n_),         \
+                               ncclGetLastError(NULL));                      \
+            return MOE_K_EBACKEND;                                           \
+        }                                                                    \
+    } while (0)
+#endif
 
 extern "C" {
 #include "model/safetensors.h"
@@ -114,6 +130,12 @@ typedef struct {
     int             tp, rank;       /* tensor-parallel rank (1, 0: all) */
     moe_reduce_fn   reduce;         /* all-reduce of the partial sums */
     void           *reduce_ctx;
+    /* NCCL (moe_cuda_nccl_attach): this rank's communicator, used instead
+     * of reduce; the owner (rank 0) also holds the clique to free */
+    void           *nccl;           /* ncclComm_t */
+    void          **nccl_all;       /* (nccl_n) on the owner, else NULL */
+    int             nccl_n;
+    int             El;             /* experts held (moe_hp_local_experts) */
     int             n_blocks;
     int             block_size;
     int             cap;           /* max tokens per forward */
@@ -280,6 +302,7 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
     cb_carve_t c = { 0 };
     size_t     L = (size_t) hp->n_layers, D = (size_t) hp->dim;
     size_t     V = (size_t) hp->vocab_size, E = (size_t) hp->n_experts;
+    size_t     EL = (size_t) moe_hp_local_experts(hp);
     size_t     F = (size_t) hp->ffn_dim, G = hp->ffn_ungated ? F : 2 * F;
     size_t     Q = (size_t) hp->n_heads * hp->head_dim;
     size_t     KV = (size_t) hp->n_kv_heads * hp->head_dim;
@@ -293,8 +316,9 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
     l->lm_head = hp->tie_embeddings ? l->embed : cb_take(&c, V * D * 2);
     l->wqkv = cb_take(&c, L * (Q + 2 * KV) * D * 2);
     l->wo = cb_take(&c, L * D * Q * 2);
-    l->w_gu = cb_take(&c, L * E * G * D * 2);
-    l->w_down = cb_take(&c, L * E * D * F * 2);
+    /* routed experts: the rank's own (expert parallel) or all */
+    l->w_gu = cb_take(&c, L * EL * G * D * 2);
+    l->w_down = cb_take(&c, L * EL * D * F * 2);
     l->attn_norm = cb_take(&c, L * D * 4);
     l->ffn_norm = cb_take(&c, L * D * 4);
     l->final_norm = cb_take(&c, D * 4);
@@ -584,6 +608,32 @@ moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
 
 /* ------------------------------------------------------------ lifecycle */
 
+/* The NCCL clique goes with its owner (rank 0, destroyed first by tp.c;
+ * the other ranks run no step after that): finalized as a group (one
+ * thread, several communicators), then destroyed. */
+static void
+cb_nccl_release(cuda_backend_t *b)
+{
+#ifdef MOE_HAVE_NCCL
+    int i;
+
+    if (b->nccl_all != NULL) {
+        (void) ncclGroupStart();
+        for (i = 0; i < b->nccl_n; i++) {
+            (void) ncclCommFinalize((ncclComm_t) b->nccl_all[i]);
+        }
+        (void) ncclGroupEnd();
+        for (i = 0; i < b->nccl_n; i++) {
+            (void) ncclCommDestroy((ncclComm_t) b->nccl_all[i]);
+        }
+        free(b->nccl_all);
+    }
+#endif
+    b->nccl_all = NULL;
+    b->nccl = NULL;
+}
+
+
 static void
 cb_destroy(moe_backend_t *base)
 {
@@ -597,6 +647,7 @@ cb_destroy(moe_backend_t *base)
     if (b->stream != NULL) {
         (void) cudaStreamSynchronize(b->stream);
     }
+    cb_nccl_release(b);
     if (b->ev != NULL) {
         for (i = 0; i < b->ev_cap; i++) {
             if (b->ev[i] != NULL) {
@@ -713,6 +764,7 @@ cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
     size_t               l = (size_t) (t->layer > 0 ? t->layer : 0);
     size_t               e = (size_t) (t->expert > 0 ? t->expert : 0);
     size_t               D = (size_t) hp->dim, E = (size_t) hp->n_experts;
+    size_t               EL = (size_t) b->El;
     size_t               F = (size_t) hp->ffn_dim, G = (size_t) b->G;
     size_t               Q = (size_t) b->Q, KV = (size_t) b->KVD;
     size_t               HD = (size_t) hp->head_dim;
@@ -770,15 +822,23 @@ cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
         *bf = 0;
         return MOE_OK;
     case MOE_WK_GATE:
-        if (hp->ffn_ungated) {
+        if (hp->ffn_ungated || e >= EL) {
             return MOE_EINVAL;
         }
-        CB_H(b->w_gu, (l * E + e) * G * D);
+        CB_H(b->w_gu, (l * EL + e) * G * D);
         break;
     case MOE_WK_UP:
-        CB_H(b->w_gu, (l * E + e) * G * D + (hp->ffn_ungated ? 0 : F * D));
+        if (e >= EL) {
+            return MOE_EINVAL;
+        }
+        CB_H(b->w_gu, (l * EL + e) * G * D + (hp->ffn_ungated ? 0 : F * D));
         break;
-    case MOE_WK_DOWN:         CB_H(b->w_down, (l * E + e) * D * F); break;
+    case MOE_WK_DOWN:
+        if (e >= EL) {
+            return MOE_EINVAL;
+        }
+        CB_H(b->w_down, (l * EL + e) * D * F);
+        break;
     case MOE_WK_B_GATE:       CB_F(b->b_gu, l * 2 * F); break;
     case MOE_WK_B_UP:         CB_F(b->b_gu, l * 2 * F + F); break;
     case MOE_WK_B_DOWN:       CB_F(b->b_down, l * D); break;
@@ -929,8 +989,9 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
     ld.wbytes = wl.total;
     ld.t0 = cb_now();
 
-    rc = moe_model_for_each_tensor_shard(m, b->tp, b->rank, cb_count, &ld,
-                                         err, errlen);
+    rc = moe_model_for_each_tensor_shard_ep(m, b->tp, b->rank,
+                                            b->hp.n_local_experts > 0,
+                                            cb_count, &ld, err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -956,8 +1017,9 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
         (void) cudaGetLastError();
         rc = ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
     } else {
-        rc = moe_model_for_each_tensor_shard(m, b->tp, b->rank, cb_put, &ld,
-                                             err, errlen);
+        rc = moe_model_for_each_tensor_shard_ep(m, b->tp, b->rank,
+                                                b->hp.n_local_experts > 0,
+                                                cb_put, &ld, err, errlen);
     }
     ce = cudaStreamSynchronize(b->stream);
     if (rc == MOE_OK && ce != cudaSuccess) {
@@ -992,6 +1054,7 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
     const moe_hparams_t *hp = &b->hp;
     int64_t              L = hp->n_layers, D = hp->dim, V = hp->vocab_size;
     int64_t              E = hp->n_experts, F = hp->ffn_dim;
+    int64_t              EL = b->El;
     int64_t              Q = b->Q, KV = b->KVD;
     cudaStream_t         s = b->stream;
     float                sd = 1.0f / sqrtf((float) D);
@@ -1007,9 +1070,10 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
     MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->wo, L * D * Q,
                                       seed + 3, 1.0f / sqrtf((float) Q), s));
     MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_gu,
-                                      L * E * 2 * F * D, seed + 4, sd, s));
-    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_down, L * E * D * F,
-                                      seed + 5, 1.0f / sqrtf((float) F), s));
+                                      L * EL * 2 * F * D, seed + 4, sd, s));
+    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_down,
+                                      L * EL * D * F, seed + 5,
+                                      1.0f / sqrtf((float) F), s));
     MOE_TRY(moe_cuda_fill_random_f32(b->attn_norm, L * D, seed + 6, 0.0f,
                                      1.0f, s));
     MOE_TRY(moe_cuda_fill_random_f32(b->ffn_norm, L * D, seed + 7, 0.0f,
@@ -1258,6 +1322,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     b->block_size = block_size;
     b->cap = cap;
     b->K = hp->n_experts > 1 ? hp->top_k : 1;
+    b->El = moe_hp_local_experts(hp);
     b->Q = hp->n_heads * hp->head_dim;
     b->KVD = hp->n_kv_heads * hp->head_dim;
     b->G = hp->ffn_ungated ? hp->ffn_dim : 2 * hp->ffn_dim;
@@ -1340,6 +1405,17 @@ moe_cuda_backend_create_rank(const moe_model_t *m, int tp, int rank,
     int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen)
 {
+    return moe_cuda_backend_create_rank_ep(m, tp, rank, 0, n_blocks,
+                                           block_size, max_batched_tokens,
+                                           device, out, err, errlen);
+}
+
+
+extern "C" int
+moe_cuda_backend_create_rank_ep(const moe_model_t *m, int tp, int rank,
+    int ep, int n_blocks, int block_size, int max_batched_tokens, int device,
+    moe_backend_t **out, char *err, size_t errlen)
+{
     moe_hparams_t rhp;
     int           rc;
 
@@ -1349,7 +1425,8 @@ moe_cuda_backend_create_rank(const moe_model_t *m, int tp, int rank,
                  rank, tp);
         return MOE_EINVAL;
     }
-    rc = moe_hparams_shard(moe_model_hparams(m), tp, &rhp, err, errlen);
+    rc = moe_hparams_shard_ep(moe_model_hparams(m), tp, rank, ep && tp > 1,
+                              &rhp, err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -1378,6 +1455,37 @@ moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
 }
 
 
+extern "C" int
+moe_cuda_backend_create_random_rank(const moe_hparams_t *hp, uint64_t seed,
+    int tp, int rank, int ep, int n_blocks, int block_size,
+    int max_batched_tokens, int device, moe_backend_t **out, char *err,
+    size_t errlen)
+{
+    moe_hparams_t rhp;
+    int           rc;
+
+    *out = NULL;
+    if (hp == NULL || tp < 1 || rank < 0 || rank >= tp) {
+        moe_errf(err, errlen, "cuda backend: no hparams, or rank %d of %d",
+                 rank, tp);
+        return MOE_EINVAL;
+    }
+    if (cb_has_extras(hp)) {
+        moe_errf(err, errlen, "cuda backend: random weights only for the "
+               "Llama/Mistral/Mixtral feature set (%s)", hp->arch_name);
+        return MOE_EUNSUPPORTED;
+    }
+    rc = moe_hparams_shard_ep(hp, tp, rank, ep && tp > 1, &rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    /* each rank its own random values: shapes and timing, not outputs */
+    return cb_create(&rhp, NULL, seed + 7919 * (uint64_t) rank, n_blocks,
+                     block_size, max_batched_tokens, device, tp, rank, out,
+                     err, errlen);
+}
+
+
 /* ------------------------------------------------------------ profiling */
 
 extern "C" int
@@ -1397,7 +1505,7 @@ moe_cuda_backend_profile(moe_backend_t *base, int enable,
     }
     if (enable && b->ev == NULL) {
         MOE_CUDA_CHECK(cudaSetDevice(b->device));
-        b->ev_cap = 16 * b->hp.n_layers + 64 + 2 * (b->cap / CB_LOGIT_ROWS);
+        b->ev_cap = 20 * b->hp.n_layers + 64 + 2 * (b->cap / CB_LOGIT_ROWS);
         b->ev = (cudaEvent_t *) calloc((size_t) b->ev_cap,
                                        sizeof(cudaEvent_t));
         b->ev_stage = (int *) calloc((size_t) b->ev_cap, sizeof(int));
@@ -1581,6 +1689,11 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
     int                  K = b->K, e, r0;
     cudaStream_t         s = b->stream;
+    /* expert parallel: this rank computes experts [e0, e0 + EL) only;
+     * their row groups are offs[e0 .. e0 + EL] of the routing over all E
+     * experts, their weights stored from 0 */
+    int                  EL = b->El, e0 = hp->expert_first;
+    int32_t             *loffs = b->offs + e0;
 
     if (b->dense_slot[l] >= 0) {
         /* a dense layer of an MoE model (mlp_only_layers) */
@@ -1612,6 +1725,12 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     MOE_TRY(moe_cuda_moe_permute(sel, T * K, E, b->offs, b->erow,
                                  b->slot_of, b->d_ecounts + (size_t) l * E,
                                  s));
+    if (EL < E) {
+        /* rows of other ranks' experts stay 0: the weighted un-permute
+         * then adds only this rank's experts (the ranks' sum is whole) */
+        MOE_CUDA_CHECK(cudaMemsetAsync(b->ye, 0, (size_t) T * K * D
+                                       * sizeof(float), s));
+    }
     if (cb_ffn_gemv(b, T)) {
         /* tile for twice the mean rows per expert: a fuller expert takes
          * another pass over its weights (correct for any count) */
@@ -1620,14 +1739,14 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
         /* gate|up of every expert, rows gathered from xb, SiLU*up fused */
         MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, b->erow, K,
-                              (const moe_bf16_t *) (b->w_gu + (size_t) l * E
+                              (const moe_bf16_t *) (b->w_gu + (size_t) l * EL
                                                     * 2 * F * D),
-                              F, D, b->offs, E, T * K, mr, 1, NULL,
+                              F, D, loffs, EL, T * K, mr, 1, NULL,
                               (moe_bf16_t *) b->hbuf, F, &b->tune, s));
         MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->hbuf, F, NULL, 1,
-                              (const moe_bf16_t *) (b->w_down + (size_t) l * E
-                                                    * D * F),
-                              D, F, b->offs, E, T * K, mr, 0, b->ye, NULL, D,
+                              (const moe_bf16_t *) (b->w_down + (size_t) l
+                                                    * EL * D * F),
+                              D, F, loffs, EL, T * K, mr, 0, b->ye, NULL, D,
                               &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
@@ -1641,14 +1760,14 @@ cb_ffn(cuda_backend_t *b, int l, int T)
          * device: no host sync, so the step can be a graph */
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
         MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->xb, D, b->erow, K,
-                               (const moe_bf16_t *) (b->w_gu + (size_t) l * E
-                                                     * 2 * F * D),
-                               F, D, b->offs, E, T * K, 1, NULL,
+                               (const moe_bf16_t *) (b->w_gu + (size_t) l
+                                                     * EL * 2 * F * D),
+                               F, D, loffs, EL, T * K, 1, NULL,
                                (moe_bf16_t *) b->hbuf, F, s));
         MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->hbuf, F, NULL, 1,
                                (const moe_bf16_t *) (b->w_down + (size_t) l
-                                                     * E * D * F),
-                               D, F, b->offs, E, T * K, 0, b->ye, NULL, D,
+                                                     * EL * D * F),
+                               D, F, loffs, EL, T * K, 0, b->ye, NULL, D,
                                s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
@@ -1675,9 +1794,9 @@ cb_ffn(cuda_backend_t *b, int l, int T)
             return MOE_EBACKEND;
         }
     }
-    for (e = 0; e < E; e++) {
+    for (e = e0; e < e0 + EL; e++) {
         int    n = b->h_counts[e + 1] - b->h_counts[e];
-        size_t we = (size_t) l * E + e;
+        size_t we = (size_t) l * EL + (e - e0);
 
         r0 = b->h_counts[e];
         if (n > 0) {
@@ -1689,9 +1808,9 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         }
     }
     MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf, s));
-    for (e = 0; e < E; e++) {
+    for (e = e0; e < e0 + EL; e++) {
         int    n = b->h_counts[e + 1] - b->h_counts[e];
-        size_t we = (size_t) l * E + e;
+        size_t we = (size_t) l * EL + (e - e0);
 
         r0 = b->h_counts[e];
         if (n > 0) {
@@ -1715,12 +1834,24 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 static int
 cb_reduce(cuda_backend_t *b, int T)
 {
-    if (b->reduce == NULL) {
+    if (b->reduce == NULL && b->nccl == NULL) {
         return MOE_OK;
     }
+    /* the work before belongs to its stage, the collective to COMM */
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+#ifdef MOE_HAVE_NCCL
+    if (b->nccl != NULL) {
+        /* on the rank's compute stream: ordered after the partial sum
+         * and before its readers, and captured with a graph */
+        MOE_NCCL_CHECK(ncclAllReduce(b->tmp, b->tmp, (size_t) T * b->hp.dim,
+                                     ncclFloat, ncclSum,
+                                     (ncclComm_t) b->nccl, b->stream));
+        return cb_mark(b, MOE_CUDA_ST_COMM);
+    }
+#endif
     MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
     b->reduce(b->reduce_ctx, b->tmp, (size_t) T * b->hp.dim);
-    return MOE_OK;
+    return cb_mark(b, MOE_CUDA_ST_COMM);
 }
 
 
@@ -1996,7 +2127,9 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_stage, b->h_stage,
                                    n_stage * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, s));
-    if (b->use_graphs && !b->prof && b->reduce == NULL
+    /* NCCL's all-reduce is captured with the step; the host-side sum of
+     * the emulated placement is not capturable */
+    if (b->use_graphs && !b->prof && (b->reduce == NULL || b->nccl != NULL)
         && T <= CB_GRAPH_MAX_T && one
         && (b->hp.n_experts == 1 || cb_ffn_nosync(b, T)))
     {
@@ -2511,4 +2644,117 @@ moe_cuda_peer_access(const int *devices, int n, char *err, size_t errlen)
         }
     }
     return MOE_OK;
+}
+
+
+/* ------------------------------------------------------------- NCCL */
+
+extern "C" int
+moe_cuda_nccl_available(void)
+{
+#ifdef MOE_HAVE_NCCL
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+
+extern "C" int
+moe_cuda_nccl_attach(moe_backend_t **ranks, const int *devices, int n,
+    char *err, size_t errlen)
+{
+#ifdef MOE_HAVE_NCCL
+    ncclComm_t     *comms;
+    ncclResult_t    nr;
+    cuda_backend_t *b;
+    int             i, j, version = 0;
+
+    if (n < 1 || n > 64 || ranks == NULL || devices == NULL) {
+        moe_errf(err, errlen, "nccl: %d ranks (1..64)", n);
+        return MOE_EINVAL;
+    }
+    for (i = 0; i < n; i++) {
+        for (j = 0; j < i; j++) {
+            if (devices[i] == devices[j]) {
+                moe_errf(err, errlen, "nccl: ranks %d and %d are both on "
+                         "GPU %d (NCCL places one rank per device)", j, i,
+                         devices[i]);
+                return MOE_EUNSUPPORTED;
+            }
+        }
+        b = (cuda_backend_t *) ranks[i];
+        if (b == NULL || b->base.forward != cb_forward || b->nccl != NULL) {
+            moe_errf(err, errlen, "nccl: rank %d is not a cuda backend "
+                     "without a communicator", i);
+            return MOE_EINVAL;
+        }
+    }
+    /* NVLink multicast (NVLS) stays off unless the user asks for it; every
+     * other NCCL_* variable is the user's */
+    (void) setenv("NCCL_NVLS_ENABLE", "0", 0);
+    comms = (ncclComm_t *) calloc((size_t) n, sizeof(*comms));
+    if (comms == NULL) {
+        moe_errf(err, errlen, "nccl: out of memory");
+        return MOE_ENOMEM;
+    }
+    nr = ncclCommInitAll(comms, n, devices);
+    if (nr != ncclSuccess) {
+        moe_errf(err, errlen, "nccl: ncclCommInitAll over %d device(s): %s "
+                 "(%s)", n, ncclGetErrorString(nr), ncclGetLastError(NULL));
+        free(comms);
+        return MOE_EBACKEND;
+    }
+    /* one all-reduce outside any graph: NCCL connects its peers lazily,
+     * and the first decode step may be captured */
+    (void) ncclGroupStart();
+    for (i = 0; i < n; i++) {
+        b = (cuda_backend_t *) ranks[i];
+        nr = ncclAllReduce(b->tmp, b->tmp, (size_t) b->hp.dim, ncclFloat,
+                           ncclSum, comms[i], b->stream);
+        if (nr != ncclSuccess) {
+            break;
+        }
+    }
+    if (ncclGroupEnd() != ncclSuccess || nr != ncclSuccess) {
+        moe_errf(err, errlen, "nccl: first all-reduce over %d device(s): "
+                 "%s", n, ncclGetLastError(NULL));
+        for (i = 0; i < n; i++) {
+            (void) ncclCommAbort(comms[i]);
+        }
+        free(comms);
+        return MOE_EBACKEND;
+    }
+    for (i = 0; i < n; i++) {
+        b = (cuda_backend_t *) ranks[i];
+        (void) cudaSetDevice(b->device);
+        if (cudaStreamSynchronize(b->stream) != cudaSuccess) {
+            moe_errf(err, errlen, "nccl: first all-reduce on device %d: %s",
+                     b->device, cudaGetErrorString(cudaGetLastError()));
+            for (j = 0; j < n; j++) {
+                (void) ncclCommAbort(comms[j]);
+            }
+            free(comms);
+            return MOE_EBACKEND;
+        }
+        b->nccl = (void *) comms[i];
+    }
+    b = (cuda_backend_t *) ranks[0];
+    b->nccl_all = (void **) comms;
+    b->nccl_n = n;
+    (void) ncclGetVersion(&version);
+    moe_log(MOE_LOG_INFO, "nccl %d.%d.%d: one communicator over %d device(s) "
+            "(%d..%d), all-reduce of the partial sums on the ranks' "
+            "streams, NCCL_NVLS_ENABLE=%s", version / 10000,
+            version / 100 % 100, version % 100, n, devices[0],
+            devices[n - 1], getenv("NCCL_NVLS_ENABLE"));
+    return MOE_OK;
+#else
+    (void) ranks;
+    (void) devices;
+    (void) n;
+    moe_errf(err, errlen, "nccl: this build has no NCCL (nccl.h and libnccl "
+             "were not found at build time; README, NCCL)");
+    return MOE_EUNSUPPORTED;
+#endif
 }
