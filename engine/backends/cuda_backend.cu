@@ -608,9 +608,10 @@ moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
 
 /* ------------------------------------------------------------ lifecycle */
 
-/* The NCCL clique goes with its owner (rank 0, destroyed first by tp.c;
- * the other ranks run no step after that): finalized as a group (one
- * thread, several communicators), then destroyed. */
+/* The NCCL clique goes with its owner, the last rank (tp.c destroys the
+ * ranks in order, so every other rank and its captured graphs are gone by
+ * then): finalized as a group (one thread, several communicators), then
+ * destroyed. */
 static void
 cb_nccl_release(cuda_backend_t *b)
 {
@@ -647,7 +648,6 @@ cb_destroy(moe_backend_t *base)
     if (b->stream != NULL) {
         (void) cudaStreamSynchronize(b->stream);
     }
-    cb_nccl_release(b);
     if (b->ev != NULL) {
         for (i = 0; i < b->ev_cap; i++) {
             if (b->ev[i] != NULL) {
@@ -658,6 +658,7 @@ cb_destroy(moe_backend_t *base)
     for (i = 0; i < b->n_graphs; i++) {
         (void) cudaGraphExecDestroy(b->graphs[i].exec);
     }
+    cb_nccl_release(b);             /* after this rank's captured graphs */
     free(b->ev);
     free(b->ev_stage);
     if (b->blas != NULL) {
@@ -2739,7 +2740,7 @@ moe_cuda_nccl_attach(moe_backend_t **ranks, const int *devices, int n,
         }
         b->nccl = (void *) comms[i];
     }
-    b = (cuda_backend_t *) ranks[0];
+    b = (cuda_backend_t *) ranks[n - 1];
     b->nccl_all = (void **) comms;
     b->nccl_n = n;
     (void) ncclGetVersion(&version);

@@ -158,11 +158,12 @@ int moe_cuda_backend_create_random_rank(const moe_hparams_t *hp,
  *   of the reduce hook, which lets its decode steps run as CUDA graphs
  *   again (the collective is captured).  n == 1 is allowed (an identity
  *   all-reduce: the communicator path on one GPU).  The clique is freed
- *   with rank 0.  MOE_EUNSUPPORTED (no NCCL in the build, two ranks on
- *   one device), MOE_EINVAL, MOE_ENOMEM, MOE_EBACKEND (NCCL's reason in
- *   err); on failure no rank is changed.  A rank whose peer fails
- *   mid-step waits in the collective: the step of every rank fails only
- *   on a CUDA or NCCL error.
+ *   with the last rank (destroy the ranks in order, as tp.c does).
+ *   MOE_EUNSUPPORTED (no NCCL in the build, two ranks on one device),
+ *   MOE_EINVAL, MOE_ENOMEM, MOE_EBACKEND (NCCL's reason in err); on
+ *   failure no rank is changed.  Caveat: a rank whose step
+ *   fails before a collective leaves its peers waiting in it (NCCL has no
+ *   timeout unless the user's environment sets one).
  */
 int moe_cuda_nccl_available(void);
 int moe_cuda_nccl_attach(moe_backend_t **ranks, const int *devices, int n,
