@@ -132,6 +132,10 @@ if [ -f "$OUT/bench_engine.log" ]; then
         else if (kv["kind"] == "prefill" && kv["prompt"] == 2048)
             printf "  %-14s prefill %-10s %9s tok/s %8s ms  %3.0f%% of limit\n",
                    kv["model"], kv["prompt"], kv["tok_s"], kv["ms"], 100 * kv["of_limit"];
+        else if (kv["kind"] == "collective" && kv["phase"] == "decode" &&
+                 (kv["size"] == 1 || kv["size"] == 64))
+            printf "  %-14s tp %s ep %s batch %-4s all-reduces %s ms/layer, %.1f%% of the step\n",
+                   kv["model"], kv["tp"], kv["ep"], kv["size"], kv["ms_layer"], 100 * kv["share"];
     }'
 fi
 if [ -f "$OUT/bench_serve.json" ] && [ "${STATUS[serve_bench]:-}" = ok ]; then
