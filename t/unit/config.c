@@ -125,7 +125,7 @@ static const bad_case_t bad_cases[] = {
       "admin_api_key: a key must be 1 to 255 bytes (value not shown)" },
     { "bad_server_key_file.yaml", 4, MOE_EINVAL,
       "api_key_file: expected a file name" },
-    { "seed_tuning.yaml", 1, MOE_EINVAL,
+    { "seed_tuning.yaml", 3, MOE_EINVAL,
       "no model: set vllm.model_name" },
 };
 
