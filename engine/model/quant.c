@@ -782,20 +782,33 @@ moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
     case MOE_QM_FP8:
     case MOE_QM_CT_FP8:
         rc = q_tensor(st, dir, base, "weight", "", 0, &w, err, errlen);
-        if (w == NULL || moe_dtype_is_float(w->dtype)) {
-            return 0;           /* unquantized module: a float .weight */
+        if (w == NULL) {
+            return 0;           /* the caller names the missing .weight */
+        }
+        if (moe_dtype_is_float(w->dtype)) {
+            if (moe_qconfig_ignored(q, base)) {
+                return 0;       /* unquantized module: a float .weight */
+            }
+            moe_errf(err, errlen, "%s: tensor '%s' is %s, but quantization_"
+                     "config %s quantizes '%s' (not in its ignore list)",
+                     w->file, w->name, moe_dtype_name(w->dtype), q->name,
+                     base);
+            return MOE_EINVAL;
         }
         rc = q_find_fp8(st, q, dir, base, N, K, w, out, err, errlen);
         break;
     case MOE_QM_AWQ:
     case MOE_QM_GPTQ:
         rc = q_tensor(st, dir, base, "qweight", "", 0, &w, err, errlen);
-        if (w == NULL) {
-            return 0;
-        }
         (void) q_tensor(st, dir, base, "weight", "", 0, &f, err, errlen);
         if (f != NULL && moe_qconfig_ignored(q, base)) {
-            return 0;           /* both; the config says float */
+            return 0;           /* the config says float */
+        }
+        if (w == NULL) {
+            moe_errf(err, errlen, "%s: missing tensor '%s.qweight' "
+                     "(quantization_config %s; '%s' is not in "
+                     "modules_to_not_convert)", dir, base, q->name, base);
+            return MOE_EINVAL;
         }
         rc = q_find_int4(st, q, dir, base, N, K, w, out, err, errlen);
         break;

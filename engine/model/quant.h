@@ -134,9 +134,8 @@ typedef struct moe_qtensor {
  * object, struct yajl_val_s *) into q; none: q->method MOE_QM_NONE.  Unknown
  * quant_method, bits other than 4 (awq/gptq) or 8 (fp8), group_size not
  * -1/32/64/128, an AWQ version other than gemm or without zero points,
- * malformed weight_block_size or ignore lists: MOE_EINVAL (or
- * MOE_EUNSUPPORTED for a known but unsupported variant) with
- * "<file>: quantization_config: ..." in err.
+ * malformed weight_block_size or ignore lists, compressed-tensors other
+ * than fp8: MOE_EINVAL with "<file>: quantization_config: ..." in err.
  */
 struct yajl_val_s;
 int moe_qconfig_parse(const struct yajl_val_s *root, const char *file,
@@ -158,10 +157,11 @@ int moe_qconfig_ignored(const moe_qconfig_t *q, const char *module);
 /*
  * Find the quantized form of module `base` (no ".weight") with logical
  * shape (N, K) in st: 1 and *out filled when found and valid, 0 when the
- * module is not quantized in the files (caller loads <base>.weight as a
- * float tensor), or MOE_EFORMAT naming the file, tensor and problem
- * (missing scale / zero tensors, wrong shape or dtype, K not divisible by
- * the group, g_idx out of range, ...).  dir names the model in errors.
+ * module stays float by the ignore list (caller loads <base>.weight as a
+ * float tensor), or MOE_EINVAL naming the file, tensor and problem
+ * (a float or missing weight for a module the config quantizes, missing
+ * scale / zero tensors, wrong shape or dtype, K not divisible by the
+ * group, g_idx out of range, ...).  dir names the model in errors.
  */
 int moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
     const char *dir, const char *base, int64_t N, int64_t K,
