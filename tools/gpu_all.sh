@@ -77,6 +77,13 @@ run test_sample  tests 60  build/gpu/test_sample  build/gpu/test_sample
 run test_backend tests 90  build/gpu/test_backend build/gpu/test_backend
 run test_ggemm   tests 60  build/gpu/test_ggemm   build/gpu/test_ggemm
 run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
+# quantized checkpoints (engine/model/quant.h): the C engine's CPU path
+# (build/moe) on every tiny quantized layout against transformers on its
+# dequantized reference, and transformers' own fp8 loading (information);
+# tools/ref_quant.py prints SKIP without torch.  Carry build/moe and
+# build/quantize.
+run quant_ref    tests 120 build/quantize bash -c \
+    'tools/quant_models.sh build/quant && python3 tools/ref_quant.py build/quant'
 if [ "${GPU_SANITIZE:-0}" = 1 ]; then
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
     run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \
