@@ -77,6 +77,11 @@ run test_sample  tests 60  build/gpu/test_sample  build/gpu/test_sample
 run test_backend tests 90  build/gpu/test_backend build/gpu/test_backend
 run test_ggemm   tests 60  build/gpu/test_ggemm   build/gpu/test_ggemm
 run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
+if [ "${GPU_SANITIZE:-0}" = 1 ]; then
+    SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+    run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \
+        --error-exitcode 1 build/gpu/test_kernels
+fi
 # quantized checkpoints (engine/model/quant.h): the C engine's CPU path
 # (build/moe) on every tiny quantized layout against transformers on its
 # dequantized reference, and transformers' own fp8 loading (information);
@@ -84,11 +89,6 @@ run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
 # build/quantize.
 run quant_ref    tests 120 build/quantize bash -c \
     'tools/quant_models.sh build/quant && python3 tools/ref_quant.py build/quant'
-if [ "${GPU_SANITIZE:-0}" = 1 ]; then
-    SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-    run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \
-        --error-exitcode 1 build/gpu/test_kernels
-fi
 run bench_engine bench 150 build/gpu/bench_engine build/gpu/bench_engine \
     "${BENCH_MODELS:-mixtral-8x7b}"
 run serve_smoke  serve 90  build/nginx/objs/ngx_http_moe_module.so \
