@@ -28,10 +28,12 @@ is(system($q, '--in', model_dir(), '--out', "$dir/awq", '--ref',
 my $req = { prompt => 'Hello there', max_tokens => 8, temperature => 0,
             ignore_eos => JSON::PP::true };
 my %text;
-for my $m (['awq', "$dir/awq", 'awq'], ['reference', "$dir/awq.ref", undef],
-           ['fp8 at load', model_dir(), 'fp8'])
+for my $m (['awq', "$dir/awq", 'awq', qr/quantization awq \(4-bit weights\)/],
+           ['reference', "$dir/awq.ref", undef, qr/loading model from/],
+           ['fp8 at load', model_dir(), 'fp8',
+            qr/quantization fp8 at load, per channel \(8-bit weights\)/])
 {
-    my ($what, $path, $quant) = @$m;
+    my ($what, $path, $quant, $log) = @$m;
     my $s = start_server(vllm => { model_name => $path,
                                    defined $quant ? (quantization => $quant)
                                                   : () });
@@ -40,8 +42,8 @@ for my $m (['awq', "$dir/awq", 'awq'], ['reference', "$dir/awq.ref", undef],
     is($st, 200, "$what: completion 200") or diag explain $j;
     is($j->{usage}{completion_tokens}, 8, "$what: 8 tokens");
     $text{$what} = $j->{choices}[0]{text} // '';
-    like(LocalMoE::Test::slurp($s->dir . '/error.log'),
-         qr/loading model from/, "$what: the engine loaded it");
+    like(LocalMoE::Test::slurp($s->dir . '/error.log'), $log,
+         "$what: the engine's log says how it loaded it");
     stop_server($s);
 }
 is($text{awq}, $text{reference},

@@ -99,6 +99,13 @@ moe_backend_load_model(const moe_backend_opts_t *o, const char *dir,
     if (rc != MOE_OK) {
         return rc;
     }
+    if (!o->dummy && moe_model_quant(*out)->method != MOE_QM_NONE) {
+        /* quantized checkpoints (model/quant.h) */
+        moe_log(MOE_LOG_INFO, "model %s: quantization %s%s (%d-bit "
+                "weights)", dir, moe_model_quant(*out)->name,
+                moe_model_quant(*out)->method == MOE_QM_FP8_LOAD
+                ? " at load, per channel" : "", moe_model_quant(*out)->bits);
+    }
     if (!o->dummy) {
         moe_log(MOE_LOG_INFO, "model %s: %.2f GB of weights in the files, "
                 "%s in %.2f s", dir,
