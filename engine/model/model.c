@@ -934,6 +934,8 @@ typedef struct {
     m_fn_t               fn;
     void                *ctx;
     const moe_qconfig_t *q;         /* NULL or method NONE: float only */
+    int                  packed;    /* quantized pieces not dequantized
+                                       (moe_model_for_each_tensor_packed) */
 } m_ctx_t;
 
 
@@ -1287,10 +1289,11 @@ m_walk_gpt2(m_ctx_t *c, const moe_hparams_t *hp)
 }
 
 
-int
-moe_model_for_each_tensor(const moe_model_t *m,
-    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
-    size_t errlen)
+/* the walk; packed: quantized pieces as they are in the files
+ * (moe_model_for_each_tensor_packed) */
+static int
+m_walk(const moe_model_t *m, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, int packed, char *err, size_t errlen)
 {
     const moe_hparams_t *hp = &m->hp;
     m_ctx_t              c;
@@ -1310,6 +1313,7 @@ moe_model_for_each_tensor(const moe_model_t *m,
     c.fn = fn;
     c.ctx = ctx;
     c.q = &m->q;
+    c.packed = packed;
 
     if (hp->arch == MOE_ARCH_GPT2) {
         return m_walk_gpt2(&c, hp);
@@ -1414,6 +1418,15 @@ moe_model_for_each_tensor(const moe_model_t *m,
 #undef LOAD
 #undef NAME
     return MOE_OK;
+}
+
+
+int
+moe_model_for_each_tensor(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
+{
+    return m_walk(m, fn, ctx, 0, err, errlen);
 }
 
 
@@ -2095,6 +2108,19 @@ moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
 
 /* ------------------------------------------------ quantized weights */
 
+int
+moe_model_for_each_tensor_packed(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
+{
+    if (fn == NULL) {
+        moe_errf(err, errlen, "moe_model_for_each_tensor_packed: no "
+                 "callback");
+        return MOE_EINVAL;
+    }
+    return m_walk(m, fn, ctx, 1, err, errlen);
+}
+
 /*
  * Quantized checkpoints (model/quant.h): config.json's quantization_config
  * and the YAML `quantization` checked against each other at load; the
@@ -2253,6 +2279,21 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
         }
     }
     *done = 1;
+    if (c->packed && c->q->method != MOE_QM_FP8_LOAD) {
+        memset(&r, 0, sizeof(r));
+        r.kind = kind;
+        r.layer = layer;
+        r.expert = expert;
+        r.name = qt.name;
+        r.file = qt.file;
+        r.dtype = qt.qdtype;
+        r.data = qt.qweight;
+        r.rows = N;
+        r.cols = K;
+        r.ld = K;
+        r.quant = &qt;
+        return c->fn(c->ctx, &r);
+    }
     w = malloc((size_t) (N * K) * sizeof(float));
     if (w == NULL) {
         moe_errf(c->err, c->errlen, "out of memory dequantizing '%s'", name);
@@ -2263,7 +2304,7 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
     } else {
         rc = MOE_OK;
     }
-    if (rc == MOE_OK) {
+    if (rc == MOE_OK && !c->packed) {
         rc = moe_qtensor_dequant(&qt, w);
     }
     if (rc == MOE_OK) {
@@ -2273,8 +2314,8 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
         r.expert = expert;
         r.name = qt.name;
         r.file = qt.file;
-        r.dtype = MOE_DT_F32;
-        r.data = w;
+        r.dtype = c->packed ? qt.qdtype : MOE_DT_F32;
+        r.data = c->packed ? qt.qweight : w;
         r.rows = N;
         r.cols = K;
         r.ld = K;

@@ -347,6 +347,18 @@ int moe_model_load_quant(const char *dir, int top_k_override,
     const char *quantization, int open_only, moe_model_t **out, char *err,
     size_t errlen);
 
+/*
+ * moe_model_for_each_tensor (one rank, no tensor parallelism) for a
+ * backend that reads quantized weights as they are: a quantized piece has
+ * quant set, data == quant->qweight and dtype == quant->qdtype, and
+ * nothing is dequantized (YAML fp8 at load still quantizes each weight,
+ * into buffers alive during the callback).  Other pieces as
+ * moe_model_for_each_tensor.  fn must not be NULL (MOE_EINVAL).
+ */
+int moe_model_for_each_tensor_packed(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen);
+
 /* The model's quantization (method MOE_QM_NONE: float weights). */
 const moe_qconfig_t *moe_model_quant(const moe_model_t *m);
 

@@ -11,7 +11,9 @@
  *    own codes), logits at 12 prompt positions within 1e-4 (relative to
  *    the largest logit) and 8 greedy tokens equal; the tensor walk hands
  *    its linear weights with their packed form (quant != NULL, layout of
- *    the format) except the modules the ignore list keeps in float;
+ *    the format) except the modules the ignore list keeps in float, and
+ *    the packed walk (moe_model_for_each_tensor_packed) hands the files'
+ *    own bytes;
  *  - YAML quantization: fp8 quantizes the float tiny model at load (per
  *    channel, every weight within half an fp8 step of the original),
  *    agreeing values load, disagreeing ones are refused with the message;
@@ -279,6 +281,28 @@ walk_fn(void *ctx, const moe_tensor_ref_t *t)
 }
 
 
+typedef struct {
+    int n_q, ok;
+} packed_t;
+
+
+static int
+packed_fn(void *ctx, const moe_tensor_ref_t *t)
+{
+    packed_t *p = ctx;
+
+    if (t->quant != NULL) {
+        p->n_q++;
+        if (t->data != t->quant->qweight || t->dtype != t->quant->qdtype
+            || t->dtype == MOE_DT_F32)
+        {
+            p->ok = 0;
+        }
+    }
+    return MOE_OK;
+}
+
+
 static int
 run(const moe_model_t *m, const int32_t *prompt, float *logits,
     int32_t *greedy)
@@ -413,6 +437,17 @@ test_model(const char *name)
            "%s: the walk gives %d of %d linear pieces quantized (layout %d),"
            " %d kept float by the ignore list", name, w.n_quant, w.n_lin,
            w.expect, w.n_ignored_float);
+
+    {
+        packed_t p = { 0, 1 };
+
+        rc = moe_model_for_each_tensor_packed(m, packed_fn, &p, err,
+                                              sizeof(err));
+        TAP_OK(rc == MOE_OK && p.ok && p.n_q == w.n_quant,
+               "%s: the packed walk hands the %d quantized pieces as the "
+               "files hold them (data == quant->qweight, dtype %s)", name,
+               p.n_q, w.expect <= MOE_QL_FP8_BLOCK ? "F8_E4M3" : "I32");
+    }
 
     V = moe_model_hparams(m)->vocab_size;
     for (i = 0; i < N_PROMPT; i++) {
