@@ -34,7 +34,9 @@ mk gptq-g32-sym      $tiny --format gptq --group 32 --sym
 mk gptq-g64-asym-gidx $tiny --format gptq --group 64 --g-idx
 mk gptq-g32-asym-act $tiny --format gptq --group 32 --desc-act
 mk gptq-g64-sym-act  $tiny --format gptq --group 64 --sym --desc-act
+mk ct-fp8-tensor     $tiny --format ct-fp8-tensor
 mk fp8-block-128     "$out/base128" --format fp8-block --block 128,128
+mk ct-fp8-block-128  "$out/base128" --format ct-fp8-block --block 128,128
 mk ct-fp8-128        "$out/base128" --format ct-fp8 --static
 mk awq-g128          "$out/base128" --format awq --group 128
 mk gptq-g128-sym-act "$out/base128" --format gptq --group 128 --sym --desc-act

@@ -11,7 +11,8 @@
  *      fp8-block     quant_method fp8, weight_block_size --block BN,BK
  *                    (default 128,128), weight_scale_inv
  *      ct-fp8        compressed-tensors float-quantized, per-channel
- *                    weight_scale (BF16 [N, 1])
+ *                    weight_scale (BF16 [N, 1]); ct-fp8-tensor (F32 []),
+ *                    ct-fp8-block (--block, F32 blocks)
  *      awq           AWQ gemm, 4 bit, --group G (32/64/128), zero points
  *      gptq          GPTQ v1, 4 bit, --group G, --sym, --desc-act (a
  *                    permuted g_idx), --g-idx (g_idx k / G written)
@@ -193,11 +194,13 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
     float    sc, lo, hi, x;
     int      first = !corrupted && corrupt != NULL;
 
-    if (strncmp(fmt, "fp8", 3) == 0 || strcmp(fmt, "ct-fp8") == 0) {
+    if (strncmp(fmt, "fp8", 3) == 0 || strncmp(fmt, "ct-fp8", 6) == 0) {
         snprintf(nm, sizeof(nm), "%s.weight", base);
         q = add(o, nm, MOE_DT_F8_E4M3, 2, N, K);
         codes = q->data;
-        if (strcmp(fmt, "fp8-tensor") == 0) {
+        if (strcmp(fmt, "fp8-tensor") == 0
+            || strcmp(fmt, "ct-fp8-tensor") == 0)
+        {
             snprintf(nm, sizeof(nm), "%s.weight_scale", base);
             s = add(o, nm, MOE_DT_F32, 0, 0, 0);
             sc = amax(w, N * K) / 448.0f;
@@ -207,8 +210,11 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
             for (i = 0; i < N * K; i++) {
                 deq[i] = moe_fp8_e4m3_to_f32(codes[i]) * sc;
             }
-        } else if (strcmp(fmt, "fp8-block") == 0) {
-            snprintf(nm, sizeof(nm), "%s.weight_scale_inv", base);
+        } else if (strcmp(fmt, "fp8-block") == 0
+                   || strcmp(fmt, "ct-fp8-block") == 0)
+        {
+            snprintf(nm, sizeof(nm), "%s.weight_scale%s", base,
+                     fmt[0] == 'f' ? "_inv" : "");
             s = add(o, nm, MOE_DT_F32, 2, (N + bn - 1) / bn, (K + bk - 1) / bk);
             for (r = 0; r < s->shape[0]; r++) {
                 for (c = 0; c < s->shape[1]; c++) {
@@ -527,7 +533,8 @@ main(int argc, char **argv)
             corrupt = argv[++a];
         } else {
             fprintf(stderr, "usage: quantize --in DIR --out DIR --format "
-                    "fp8-tensor|fp8-block|ct-fp8|awq|gptq [--group G] "
+                    "fp8-tensor|fp8-block|ct-fp8[-tensor|-block]|awq|gptq "
+                    "[--group G] "
                     "[--block BN,BK] [--sym] [--desc-act] [--g-idx] "
                     "[--static] [--ignore S] [--corrupt C] [--ref DIR]\n");
             return 2;
@@ -537,7 +544,8 @@ main(int argc, char **argv)
         die("--in, --out and --format are required");
     }
     if (strcmp(fmt, "fp8-tensor") != 0 && strcmp(fmt, "fp8-block") != 0
-        && strcmp(fmt, "ct-fp8") != 0 && strcmp(fmt, "awq") != 0
+        && strcmp(fmt, "ct-fp8") != 0 && strcmp(fmt, "ct-fp8-tensor") != 0
+        && strcmp(fmt, "ct-fp8-block") != 0 && strcmp(fmt, "awq") != 0
         && strcmp(fmt, "gptq") != 0)
     {
         die("unknown --format");
@@ -548,7 +556,7 @@ main(int argc, char **argv)
     }
     ign[0] = '\0';
     if (ignore_s != NULL) {
-        snprintf(ign, sizeof(ign), strcmp(fmt, "ct-fp8") == 0
+        snprintf(ign, sizeof(ign), strncmp(fmt, "ct-fp8", 6) == 0
                  ? "\"re:.*%s.*\"" : "\"%s\"", ignore_s);
     }
     if (strcmp(fmt, "fp8-tensor") == 0) {
@@ -560,16 +568,21 @@ main(int argc, char **argv)
                  "\"activation_scheme\": \"%s\", \"weight_block_size\": "
                  "[%d, %d], \"modules_to_not_convert\": [%s]}", static_act
                  ? "static" : "dynamic", bn, bk, ign);
-    } else if (strcmp(fmt, "ct-fp8") == 0) {
+    } else if (strncmp(fmt, "ct-fp8", 6) == 0) {
+        char strat[96];
+
+        snprintf(strat, sizeof(strat), fmt[6] == '\0' ? "\"channel\""
+                 : fmt[7] == 't' ? "\"tensor\"" : "\"block\", "
+                 "\"block_structure\": [%d, %d]", bn, bk);
         snprintf(qc, sizeof(qc), "{\"quant_method\": \"compressed-tensors\","
                  " \"format\": \"float-quantized\", \"config_groups\": "
                  "{\"group_0\": {\"targets\": [\"Linear\"], \"weights\": "
                  "{\"num_bits\": 8, \"type\": \"float\", \"strategy\": "
-                 "\"channel\", \"symmetric\": true, \"dynamic\": false}, "
+                 "%s, \"symmetric\": true, \"dynamic\": false}, "
                  "\"input_activations\": {\"num_bits\": 8, \"type\": "
                  "\"float\", \"strategy\": \"tensor\", \"dynamic\": %s}}}, "
-                 "\"ignore\": [\"lm_head\"%s%s]}", static_act ? "false"
-                 : "true", ign[0] ? ", " : "", ign);
+                 "\"ignore\": [\"lm_head\"%s%s]}", strat, static_act
+                 ? "false" : "true", ign[0] ? ", " : "", ign);
     } else if (strcmp(fmt, "awq") == 0) {
         snprintf(qc, sizeof(qc), "{\"quant_method\": \"awq\", \"bits\": 4, "
                  "\"group_size\": %d, \"zero_point\": true, \"version\": "

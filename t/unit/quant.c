@@ -392,6 +392,12 @@ expect_layout(const char *name)
     if (strncmp(name, "fp8-block", 9) == 0) {
         return MOE_QL_FP8_BLOCK;
     }
+    if (strncmp(name, "ct-fp8-tensor", 13) == 0) {
+        return MOE_QL_FP8_TENSOR;
+    }
+    if (strncmp(name, "ct-fp8-block", 12) == 0) {
+        return MOE_QL_FP8_BLOCK;
+    }
     if (strncmp(name, "ct-fp8", 6) == 0) {
         return MOE_QL_FP8_CHANNEL;
     }
