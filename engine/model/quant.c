@@ -305,10 +305,15 @@ q_bits4(yajl_val qc, const char *file, const char *k1, const char *k2,
     {
         b = -3;
     }
+    if (b == -2 || b == -3) {
+        moe_errf(err, errlen, "%s: quantization_config: %s bits must be 4 "
+                 "(got %s)", file, q->name, b == -2 ? "none"
+                 : "a non-integer");
+        return MOE_EINVAL;
+    }
     if (b != 4) {
         moe_errf(err, errlen, "%s: quantization_config: %s bits must be 4 "
-                 "(got %s)", file, q->name, b == -2 ? "none" : b == -3
-                 ? "a non-integer" : "another value");
+                 "(got %lld)", file, q->name, b);
         return MOE_EINVAL;
     }
     q->bits = 4;
@@ -594,8 +599,9 @@ q_find_fp8(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
 
     want_dt = q->fp8_e5m2 ? MOE_DT_F8_E5M2 : MOE_DT_F8_E4M3;
     if ((int) w->dtype != want_dt) {
-        moe_errf(err, errlen, "%s: tensor '%s' has dtype %s (quantization_config "
-                 "%s needs %s)", w->file, w->name, moe_dtype_name(w->dtype),
+        moe_errf(err, errlen, "%s: tensor '%s' has dtype %s "
+                 "(quantization_config %s needs %s)", w->file, w->name,
+                 moe_dtype_name(w->dtype),
                  q->name, moe_dtype_name((moe_dtype_t) want_dt));
         return MOE_EINVAL;
     }

@@ -564,9 +564,11 @@ test_refusals(void)
         "quantization_config: quant_method 'int3' is not supported",
         "config.json");
     CFG("{\"quant_method\": \"awq\", \"bits\": 3, \"group_size\": 32}",
-        "AWQ bits 3", "quantization_config: awq bits must be 4", NULL);
+        "AWQ bits 3", "quantization_config: awq bits must be 4 (got 3)",
+        NULL);
     CFG("{\"quant_method\": \"gptq\", \"bits\": 8, \"group_size\": 32}",
-        "GPTQ bits 8", "quantization_config: gptq bits must be 4", NULL);
+        "GPTQ bits 8", "quantization_config: gptq bits must be 4 (got 8)",
+        NULL);
     CFG("{\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 48}",
         "group_size 48", "group_size 48 is not supported", NULL);
     CFG("{\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 128}",
