@@ -89,6 +89,24 @@ sc_solve(const moe_stepcost_t *m, const int use[3], double out[3])
 }
 
 
+/* Weighted residual sum of squares of coefficients c over the steps
+ * seen: sum t^2 - 2 c.b + c.S.c */
+static double
+sc_rss(const moe_stepcost_t *m, const double c[3])
+{
+    double  r = m->tt;
+    int     i, j;
+
+    for (i = 0; i < 3; i++) {
+        r -= 2.0 * c[i] * m->b[i];
+        for (j = 0; j < 3; j++) {
+            r += c[i] * m->s[i][j] * c[j];
+        }
+    }
+    return r;
+}
+
+
 void
 moe_stepcost_observe(moe_stepcost_t *m, int tokens, double attn, double ns)
 {
@@ -109,19 +127,29 @@ moe_stepcost_observe(moe_stepcost_t *m, int tokens, double attn, double ns)
         }
         m->b[i] = LAMBDA * m->b[i] + x[i] * ns;
     }
+    m->tt = LAMBDA * m->tt + ns * ns;
     m->n++;
 
-    /* drop a feature the data prices negative (noise, or no variation),
-     * then the token feature's partner, so what remains is >= 0 */
-    if (!sc_solve(m, use, c)) {
-        m->ok = 0;
-        return;
-    }
-    if (c[2] < 0) {
-        use[2] = 0;
-        if (!sc_solve(m, use, c)) {
+    /* attention is priced only when the steps seen tell it apart from
+     * tokens: the full fit must come out non-negative and explain at
+     * least 5% of what the tokens-only fit leaves unexplained.  Steps of
+     * two shapes (decodes, and decodes + whole prompts at position 0)
+     * make the two collinear: then a token carries its attention's share.
+     * Then the fixed part is dropped when negative, so what remains is
+     * >= 0. */
+    {
+        double  cr[3];
+        int     ur[3] = { 1, 1, 0 };
+
+        if (!sc_solve(m, ur, cr)) {
             m->ok = 0;
             return;
+        }
+        if (!sc_solve(m, use, c) || c[2] < 0 || c[1] <= 0
+            || sc_rss(m, c) > 0.95 * sc_rss(m, cr))
+        {
+            memcpy(c, cr, sizeof(c));
+            use[2] = 0;
         }
     }
     if (c[0] < 0) {

@@ -30,6 +30,7 @@
 typedef struct {
     double  s[3][3];               /* forgetting sums of x x^T */
     double  b[3];                  /* of x t */
+    double  tt;                    /* of t^2 */
     double  c[3];                  /* the fitted coefficients (ns) */
     int64_t n;                     /* steps observed */
     int     ok;                    /* c prices a token (c1 > 0) */

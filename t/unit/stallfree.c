@@ -102,6 +102,30 @@ test_model(void)
            "no negative coefficient (%.3g %.3g %.3g)", m.c[0], m.c[1],
            m.c[2]);
 
+    /* 1c'. steps of two shapes only (what a GPU serving long prompts
+     * sees: 16 decodes, or 16 decodes + a whole 8192-token prompt at
+     * position 0): tokens and attention are collinear; the model must
+     * still price a token (attention's share folded in), not give up
+     * (a device run found it never warm this way) */
+    moe_stepcost_init(&m);
+    for (i = 0; i < 300; i++) {
+        x = x * 1103515245u + 12345u;
+        tok = i % 10 == 0 ? 8192 + 16 : 16;
+        attn = i % 10 == 0 ? moe_stepcost_attn(0, 8192)
+                             + 16 * moe_stepcost_attn(8192, 1)
+                           : 16 * moe_stepcost_attn(8192, 1);
+        t = (25e6 + 5e4 * tok + 100 * attn)
+            * (0.97 + 0.06 * (double) ((x >> 16) & 1023) / 1023.0);
+        moe_stepcost_observe(&m, tok, attn, t);
+    }
+    TAP_OK(m.ok && m.c[1] > 4e4 && m.c[1] < 7e4
+           && moe_stepcost_predict(&m, 16, 16 * moe_stepcost_attn(8192, 1))
+              < 30e6,
+           "two step shapes: usable, c1 %.4g ns/token (attention folded "
+           "in: 5e4-7e4), decode step %.3g ms", m.c[1],
+           moe_stepcost_predict(&m, 16, 16 * moe_stepcost_attn(8192, 1))
+           / 1e6);
+
     /* 1d. solver: budget 1e6 ns, c1 = 1e4 -> 100 tokens at pos 0 w/o
      * attention; with attention the largest p whose cost fits */
     moe_stepcost_pin(&m, 5e5, 1e4, 0);
