@@ -67,7 +67,7 @@ CUDA_MARK   := $(BUILD)/.cuda-$(MOE_CUDA)$(if $(NCCL_CFLAGS),-nccl)
 
 all: engine unit module kernels bench
 
-engine: $(BUILD)/libmoe.a $(BUILD)/moe
+engine: $(BUILD)/libmoe.a $(BUILD)/moe $(BUILD)/quantize
 unit: $(UNIT_BINS)
 module: $(NGX_SO)
 kernels: $(KERNELS_A)
@@ -84,6 +84,16 @@ $(BUILD)/libmoe.a: $(ENGINE_OBJS) $(ENGINE_OBJS_CU)
 
 $(BUILD)/moe: engine/cli/moe.c $(BUILD)/libmoe.a $(KERNELS_A)
 	$(CC) $(CFLAGS) -o $@ $< $(MOE_LIBS) $(LDLIBS)
+
+# The quantizer (tools/quantize.c): quantized copies of a float model in
+# each layout libmoe loads (engine/model/quant.h), for t/quant.t and the
+# GPU tests; `make quant-models` writes them to build/quant/.
+$(BUILD)/quantize: tools/quantize.c $(BUILD)/libmoe.a $(KERNELS_A)
+	$(CC) $(CFLAGS) -o $@ $< $(MOE_LIBS) $(LDLIBS)
+
+.PHONY: quant-models
+quant-models: $(BUILD)/quantize
+	@tools/quant_models.sh $(BUILD)/quant
 
 $(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(KERNELS_A) $(wildcard t/unit/*.h)
 	@mkdir -p $(dir $@)

@@ -83,6 +83,13 @@ if [ "${GPU_SANITIZE:-0}" = 1 ]; then
     run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \
         --error-exitcode 1 build/gpu/test_kernels
 fi
+# quantized checkpoints (engine/model/quant.h): the C engine's CPU path
+# (build/moe) on every tiny quantized layout against transformers on its
+# dequantized reference, and transformers' own fp8 loading (information);
+# tools/ref_quant.py prints SKIP without torch.  Carry build/moe and
+# build/quantize.
+run quant_ref    tests 120 build/quantize bash -c \
+    'tools/quant_models.sh build/quant && python3 tools/ref_quant.py build/quant'
 run bench_engine bench 150 build/gpu/bench_engine build/gpu/bench_engine \
     "${BENCH_MODELS:-mixtral-8x7b}"
 run serve_smoke  serve 90  build/nginx/objs/ngx_http_moe_module.so \

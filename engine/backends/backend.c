@@ -87,13 +87,24 @@ moe_backend_load_model(const moe_backend_opts_t *o, const char *dir,
     t0 = be_now();
     /* the cuda backend reads the mapped files itself: no fp32 host copy
      * (a real model's fp32 copy does not fit in host memory) */
-    rc = (o->dummy ? moe_model_load_config
-                   : k == MOE_BACKEND_CUDA ? moe_model_open
-                                           : moe_model_load)(
-             dir, top_k_override > 0 ? top_k_override : 0, out, err,
-             errlen);
+    if (o->dummy) {
+        rc = moe_model_load_config(dir, top_k_override > 0
+                                   ? top_k_override : 0, out, err, errlen);
+    } else {
+        /* quantized checkpoints and vLLM's `quantization` (model/quant.h) */
+        rc = moe_model_load_quant(dir, top_k_override > 0
+                                  ? top_k_override : 0, o->quantization,
+                                  k == MOE_BACKEND_CUDA, out, err, errlen);
+    }
     if (rc != MOE_OK) {
         return rc;
+    }
+    if (!o->dummy && moe_model_quant(*out)->method != MOE_QM_NONE) {
+        /* quantized checkpoints (model/quant.h) */
+        moe_log(MOE_LOG_INFO, "model %s: quantization %s%s (%d-bit "
+                "weights)", dir, moe_model_quant(*out)->name,
+                moe_model_quant(*out)->method == MOE_QM_FP8_LOAD
+                ? " at load, per channel" : "", moe_model_quant(*out)->bits);
     }
     if (!o->dummy) {
         moe_log(MOE_LOG_INFO, "model %s: %.2f GB of weights in the files, "

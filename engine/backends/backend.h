@@ -270,6 +270,8 @@ typedef struct {
     const char  *backend;        /* "auto" | "cpu" | "cuda"; NULL: auto */
     int          dummy;          /* load_format "dummy": config.json only,
                                     random weights made on the GPU */
+    const char  *quantization;   /* vLLM's key (model/quant.h); NULL or
+                                    "": as the checkpoint is */
 
     /* rank placement */
     int          tensor_parallel_size;   /* <= 1: one rank */

@@ -73,7 +73,7 @@ static const char *const cfg_formats[] = { "auto", "safetensors", "dummy",
 static const char *const cfg_backends[] = { "auto", "cpu", "cuda", NULL };
 static const char *const cfg_nccl_modes[] = { "auto", "on", "off", NULL };
 static const char *const cfg_quants[] = {
-    "awq", "gptq", "squeezellm", "fp8", NULL
+    "awq", "gptq", "squeezellm", "fp8", "compressed-tensors", NULL
 };
 
 static const cfg_key_t cfg_model_keys[] = {
@@ -489,12 +489,14 @@ cfg_set(cfg_ctx_t *ctx, const cfg_key_t *k, const yaml_node_t *v)
                 if (strcasecmp(s, k->values[i]) != 0) {
                     continue;
                 }
-                if (k->type == CFG_QUANT) {
+                if (k->type == CFG_QUANT
+                    && strcmp(k->values[i], "squeezellm") == 0)
+                {
                     /* a known method, but this engine has no kernels */
                     return cfg_err(ctx, MOE_EUNSUPPORTED, line,
                                    "quantization '%s' is not supported by "
-                                   "this build (weights must be "
-                                   "unquantized; set quantization: null)",
+                                   "this build (awq, gptq, fp8, "
+                                   "compressed-tensors or null)",
                                    k->values[i]);
                 }
                 cfg_copy(dst, k->size, k->values[i]);

@@ -48,6 +48,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "model/model.h"
+#include "model/quant.h"
 #include "model/safetensors.h"
 
 struct moe_model {
@@ -61,6 +62,9 @@ struct moe_model {
     int             shard;
     float          *owned[32];
     int             n_owned;
+    /* quantized checkpoints (model/quant.h): quantization_config, and the
+     * YAML `quantization` applied (MOE_QM_NONE: plain float weights) */
+    moe_qconfig_t   q;
 };
 
 static const char *supported_archs =
@@ -929,6 +933,9 @@ typedef struct {
     size_t               errlen;
     m_fn_t               fn;
     void                *ctx;
+    const moe_qconfig_t *q;         /* NULL or method NONE: float only */
+    int                  packed;    /* quantized pieces not dequantized
+                                       (moe_model_for_each_tensor_packed) */
 } m_ctx_t;
 
 
@@ -974,6 +981,15 @@ m_find(m_ctx_t *c, const char *name, int nd, const int64_t *shape,
               t->file, name, a, b);
         return MOE_EFORMAT;
     }
+    if (!moe_dtype_is_float(t->dtype)) {
+        moe_errf(c->err, c->errlen, "%s: tensor '%s' has dtype %s, but this "
+              "weight must be F32, F16 or BF16 (%s)", t->file, name,
+              moe_dtype_name(t->dtype), c->q == NULL
+              || c->q->method == MOE_QM_NONE
+              ? "config.json has no quantization_config"
+              : "it is not one the quantization_config quantizes");
+        return MOE_EFORMAT;
+    }
     *out = t;
     return MOE_OK;
 }
@@ -1003,19 +1019,31 @@ m_emit(m_ctx_t *c, const moe_st_tensor_t *t, int kind, int layer,
     r.cols = cols;
     r.transposed = transposed;
     r.ld = ld;
+    r.quant = NULL;
     return c->fn(c->ctx, &r);
 }
 
 
-/* The whole 1-D or 2-D tensor `name` (shape d0[, d1]) as one piece. */
+static int m_qload(m_ctx_t *c, const char *name, int kind, int layer,
+    int expert, int64_t N, int64_t K, int *done);
+
+
+/* The whole 1-D or 2-D tensor `name` (shape d0[, d1]) as one piece
+ * (a quantized linear weight: m_qload). */
 static int
 m_load(m_ctx_t *c, const char *name, int kind, int layer, int expert,
     int64_t d0, int64_t d1)
 {
     const moe_st_tensor_t *t;
     int64_t                shape[2] = { d0, d1 };
-    int                    rc;
+    int                    rc, done;
 
+    if (c->q != NULL && c->q->method != MOE_QM_NONE && d1 > 0) {
+        rc = m_qload(c, name, kind, layer, expert, d0, d1, &done);
+        if (rc != MOE_OK || done) {
+            return rc;
+        }
+    }
     rc = m_find(c, name, d1 > 0 ? 2 : 1, shape, &t);
     if (rc != MOE_OK) {
         return rc;
@@ -1039,6 +1067,21 @@ m_is_moe(const moe_hparams_t *hp)
 {
     return hp->arch == MOE_ARCH_MIXTRAL || hp->arch == MOE_ARCH_QWEN2_MOE
            || hp->arch == MOE_ARCH_QWEN3_MOE;
+}
+
+
+/* <base>.qweight exists for name "<base>.weight" (AWQ / GPTQ experts) */
+static int
+m_has_qweight(const moe_st_set_t *st, const char *name)
+{
+    char   q[300];
+    size_t n = strlen(name);
+
+    if (n < 7 || n + 2 > sizeof(q)) {
+        return 0;
+    }
+    snprintf(q, sizeof(q), "%.*sqweight", (int) (n - 6), name);
+    return moe_st_find(st, q) != NULL;
 }
 
 
@@ -1119,14 +1162,14 @@ m_walk_experts(m_ctx_t *c, const moe_hparams_t *hp, int l)
     /* per-expert layout: w1/w3/w2 (Mixtral) or gate/up/down_proj */
     snprintf(name, sizeof(name), "model.layers.%d.%s.experts.0.w1.weight", l,
              pre);
-    if (moe_st_find(c->st, name) != NULL) {
+    if (moe_st_find(c->st, name) != NULL || m_has_qweight(c->st, name)) {
         s_gate = "w1";
         s_up = "w3";
         s_down = "w2";
     } else {
         snprintf(name, sizeof(name),
                  "model.layers.%d.%s.experts.0.gate_proj.weight", l, pre);
-        if (moe_st_find(c->st, name) != NULL) {
+        if (moe_st_find(c->st, name) != NULL || m_has_qweight(c->st, name)) {
             s_gate = "gate_proj";
             s_up = "up_proj";
             s_down = "down_proj";
@@ -1246,10 +1289,11 @@ m_walk_gpt2(m_ctx_t *c, const moe_hparams_t *hp)
 }
 
 
-int
-moe_model_for_each_tensor(const moe_model_t *m,
-    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
-    size_t errlen)
+/* the walk; packed: quantized pieces as they are in the files
+ * (moe_model_for_each_tensor_packed) */
+static int
+m_walk(const moe_model_t *m, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, int packed, char *err, size_t errlen)
 {
     const moe_hparams_t *hp = &m->hp;
     m_ctx_t              c;
@@ -1268,6 +1312,8 @@ moe_model_for_each_tensor(const moe_model_t *m,
     c.errlen = errlen;
     c.fn = fn;
     c.ctx = ctx;
+    c.q = &m->q;
+    c.packed = packed;
 
     if (hp->arch == MOE_ARCH_GPT2) {
         return m_walk_gpt2(&c, hp);
@@ -1372,6 +1418,15 @@ moe_model_for_each_tensor(const moe_model_t *m,
 #undef LOAD
 #undef NAME
     return MOE_OK;
+}
+
+
+int
+moe_model_for_each_tensor(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
+{
+    return m_walk(m, fn, ctx, 0, err, errlen);
 }
 
 
@@ -1626,14 +1681,14 @@ moe_model_load_f32(moe_model_t *m, char *err, size_t errlen)
 
 /* what: 0 config only, 1 + tensors opened and checked, 2 + fp32 weights */
 static int m_load_model(const char *dir, int top_k_override, int what,
-    moe_model_t **out, char *err, size_t errlen);
+    const char *quantization, moe_model_t **out, char *err, size_t errlen);
 
 
 int
 moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
     char *err, size_t errlen)
 {
-    return m_load_model(dir, top_k_override, 2, out, err, errlen);
+    return m_load_model(dir, top_k_override, 2, NULL, out, err, errlen);
 }
 
 
@@ -1641,7 +1696,7 @@ int
 moe_model_open(const char *dir, int top_k_override, moe_model_t **out,
     char *err, size_t errlen)
 {
-    return m_load_model(dir, top_k_override, 1, out, err, errlen);
+    return m_load_model(dir, top_k_override, 1, NULL, out, err, errlen);
 }
 
 
@@ -1649,13 +1704,17 @@ int
 moe_model_load_config(const char *dir, int top_k_override,
     moe_model_t **out, char *err, size_t errlen)
 {
-    return m_load_model(dir, top_k_override, 0, out, err, errlen);
+    return m_load_model(dir, top_k_override, 0, NULL, out, err, errlen);
 }
+
+
+static int m_quant_config(moe_model_t *m, const char *quantization,
+    char *err, size_t errlen);
 
 
 static int
 m_load_model(const char *dir, int top_k_override, int what,
-    moe_model_t **out, char *err, size_t errlen)
+    const char *quantization, moe_model_t **out, char *err, size_t errlen)
 {
     moe_model_t *m;
     int          rc;
@@ -1684,6 +1743,10 @@ m_load_model(const char *dir, int top_k_override, int what,
             goto fail;
         }
         m->hp.top_k = top_k_override;
+    }
+    rc = m_quant_config(m, quantization, err, errlen);
+    if (rc != MOE_OK) {
+        goto fail;
     }
 
     if (what == 0) {
@@ -2144,4 +2207,227 @@ moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp, int rank,
     c.err = err;
     c.errlen = errlen;
     return moe_model_for_each_tensor(m, m_shard_piece, &c, err, errlen);
+}
+
+
+/* ------------------------------------------------ quantized weights */
+
+int
+moe_model_for_each_tensor_packed(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
+{
+    if (fn == NULL) {
+        moe_errf(err, errlen, "moe_model_for_each_tensor_packed: no "
+                 "callback");
+        return MOE_EINVAL;
+    }
+    return m_walk(m, fn, ctx, 1, err, errlen);
+}
+
+/*
+ * Quantized checkpoints (model/quant.h): config.json's quantization_config
+ * and the YAML `quantization` checked against each other at load; the
+ * walk hands each quantized linear weight over dequantized to fp32 (data,
+ * alive during the callback only) with its packed form in t->quant.
+ */
+
+int
+moe_model_load_quant(const char *dir, int top_k_override,
+    const char *quantization, int open_only, moe_model_t **out, char *err,
+    size_t errlen)
+{
+    return m_load_model(dir, top_k_override, open_only ? 1 : 2,
+                        quantization, out, err, errlen);
+}
+
+
+const moe_qconfig_t *
+moe_model_quant(const moe_model_t *m)
+{
+    return &m->q;
+}
+
+
+static int
+m_quant_config(moe_model_t *m, const char *quantization, char *err,
+    size_t errlen)
+{
+    char      path[MOE_PATH_MAX + 64];
+    yajl_val  root;
+    int       rc;
+
+    snprintf(path, sizeof(path), "%s/config.json", m->dir);
+    rc = m_parse_json(path, &root, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    rc = moe_qconfig_parse(root, path, &m->q, err, errlen);
+    yajl_tree_free(root);
+    if (rc == MOE_OK) {
+        rc = moe_qconfig_request(&m->q, quantization, m->dir, err, errlen);
+    }
+    if (rc == MOE_OK && m->q.method != MOE_QM_NONE
+        && m->hp.arch == MOE_ARCH_GPT2)
+    {
+        moe_errf(err, errlen, "%s: quantized GPT-2 checkpoints are not "
+                 "supported", m->dir);
+        rc = MOE_EUNSUPPORTED;
+    }
+    return rc;
+}
+
+
+static int
+m_is_linear(int kind)
+{
+    switch (kind) {
+    case MOE_WK_WQ: case MOE_WK_WK: case MOE_WK_WV: case MOE_WK_WO:
+    case MOE_WK_GATE: case MOE_WK_UP: case MOE_WK_DOWN:
+    case MOE_WK_WS_GATE: case MOE_WK_WS_UP: case MOE_WK_WS_DOWN:
+    case MOE_WK_WD_GATE: case MOE_WK_WD_UP: case MOE_WK_WD_DOWN:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+
+/* YAML fp8 on a float checkpoint: per output channel, scale amax / 448 */
+static int
+m_fp8_load(m_ctx_t *c, const char *name, moe_qtensor_t *qt, float *w,
+    uint8_t **qbuf, float **sbuf)
+{
+    const moe_st_tensor_t *t;
+    int64_t                N = qt->rows, K = qt->cols, shape[2] = { N, K };
+    int64_t                n, k;
+    float                  amax, s;
+    int                    rc;
+
+    rc = m_find(c, name, 2, shape, &t);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    *qbuf = malloc((size_t) (N * K));
+    *sbuf = malloc((size_t) N * sizeof(float));
+    if (*qbuf == NULL || *sbuf == NULL) {
+        moe_errf(c->err, c->errlen, "out of memory quantizing '%s'", name);
+        return MOE_ENOMEM;
+    }
+    (void) moe_st_to_f32(t, 0, N * K, w);
+    for (n = 0; n < N; n++) {
+        amax = 0.0f;
+        for (k = 0; k < K; k++) {
+            amax = fmaxf(amax, fabsf(w[n * K + k]));
+        }
+        s = amax > 0.0f ? amax / 448.0f : 1.0f;
+        (*sbuf)[n] = s;
+        for (k = 0; k < K; k++) {
+            (*qbuf)[n * K + k] = moe_f32_to_fp8_e4m3(w[n * K + k] / s);
+        }
+    }
+    qt->layout = MOE_QL_FP8_CHANNEL;
+    qt->name = t->name;
+    qt->file = t->file;
+    qt->qweight = *qbuf;
+    qt->qdtype = MOE_DT_F8_E4M3;
+    qt->scales = *sbuf;
+    qt->sdtype = MOE_DT_F32;
+    qt->s_rows = N;
+    qt->s_cols = 1;
+    return MOE_OK;
+}
+
+
+/*
+ * A linear weight `name` ("<module>.weight", logical (N, K)) that may be
+ * quantized: *done 1 when handled here (quantized piece emitted, or only
+ * checked when c->fn is NULL), 0 when it is a plain float tensor.
+ */
+static int
+m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
+    int64_t N, int64_t K, int *done)
+{
+    moe_qtensor_t     qt;
+    moe_tensor_ref_t  r;
+    char              base[300];
+    size_t            n = strlen(name);
+    float            *w = NULL, *sbuf = NULL;
+    uint8_t          *qbuf = NULL;
+    int               rc;
+
+    *done = 0;
+    if (!m_is_linear(kind) || n < 8 || strcmp(name + n - 7, ".weight") != 0
+        || n - 7 >= sizeof(base))
+    {
+        return MOE_OK;
+    }
+    snprintf(base, sizeof(base), "%.*s", (int) (n - 7), name);
+
+    if (c->q->method == MOE_QM_FP8_LOAD) {
+        if (c->fn == NULL) {
+            return MOE_OK;          /* the float tensor is checked as is */
+        }
+        memset(&qt, 0, sizeof(qt));
+        qt.rows = N;
+        qt.cols = K;
+    } else {
+        rc = moe_qtensor_find(c->st, c->q, c->dir, base, N, K, &qt, c->err,
+                              c->errlen);
+        if (rc <= 0) {
+            return rc;              /* 0: a float tensor; or the error */
+        }
+        if (c->fn == NULL) {
+            *done = 1;
+            return MOE_OK;
+        }
+    }
+    *done = 1;
+    if (c->packed && c->q->method != MOE_QM_FP8_LOAD) {
+        memset(&r, 0, sizeof(r));
+        r.kind = kind;
+        r.layer = layer;
+        r.expert = expert;
+        r.name = qt.name;
+        r.file = qt.file;
+        r.dtype = qt.qdtype;
+        r.data = qt.qweight;
+        r.rows = N;
+        r.cols = K;
+        r.ld = K;
+        r.quant = &qt;
+        return c->fn(c->ctx, &r);
+    }
+    w = malloc((size_t) (N * K) * sizeof(float));
+    if (w == NULL) {
+        moe_errf(c->err, c->errlen, "out of memory dequantizing '%s'", name);
+        return MOE_ENOMEM;
+    }
+    if (c->q->method == MOE_QM_FP8_LOAD) {
+        rc = m_fp8_load(c, name, &qt, w, &qbuf, &sbuf);
+    } else {
+        rc = MOE_OK;
+    }
+    if (rc == MOE_OK && !c->packed) {
+        rc = moe_qtensor_dequant(&qt, w);
+    }
+    if (rc == MOE_OK) {
+        memset(&r, 0, sizeof(r));
+        r.kind = kind;
+        r.layer = layer;
+        r.expert = expert;
+        r.name = qt.name;
+        r.file = qt.file;
+        r.dtype = c->packed ? qt.qdtype : MOE_DT_F32;
+        r.data = c->packed ? qt.qweight : w;
+        r.rows = N;
+        r.cols = K;
+        r.ld = K;
+        r.quant = &qt;
+        rc = c->fn(c->ctx, &r);
+    }
+    free(w);
+    free(qbuf);
+    free(sbuf);
+    return rc;
 }

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "moe.h"
+#include "model/quant.h"
 
 typedef enum {
     MOE_ARCH_LLAMA = 1,      /* LlamaForCausalLM */
@@ -309,6 +310,12 @@ typedef struct {
     int64_t      rows, cols;  /* destination shape */
     int          transposed;  /* 1: source is (cols, ld), read by column */
     int64_t      ld;          /* source row stride, elements */
+    /* quantized checkpoints (model/quant.h): non-NULL for a quantized
+     * linear weight, its packed form (the whole tensor, rows x cols
+     * before any tensor-parallel narrowing); then dtype is F32 and data
+     * the exact fp32 dequantization, both alive during the callback
+     * only (copy what you keep) */
+    const struct moe_qtensor *quant;
 } moe_tensor_ref_t;
 
 /*
@@ -367,5 +374,35 @@ int moe_model_shard_ep(const moe_model_t *m, int tp, int rank, int ep,
 int moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp,
     int rank, int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
     void *ctx, char *err, size_t errlen);
+/* ---- quantized checkpoints (model/quant.h) ---- */
+
+/*
+ * moe_model_load (open_only 0) or moe_model_open (1) with vLLM's
+ * `quantization` value (NULL or "": none) checked against config.json's
+ * quantization_config; "fp8" on an unquantized checkpoint quantizes every
+ * linear weight per output channel at load.  Quantized weights reach the
+ * fp32 arrays dequantized, and the tensor walk's pieces carry their packed
+ * form (moe_tensor_ref_t.quant).  A malformed quantization_config or
+ * quantized tensor, or a disagreeing `quantization`: MOE_EINVAL naming the
+ * file, tensor and problem.
+ */
+int moe_model_load_quant(const char *dir, int top_k_override,
+    const char *quantization, int open_only, moe_model_t **out, char *err,
+    size_t errlen);
+
+/*
+ * moe_model_for_each_tensor (one rank, no tensor parallelism) for a
+ * backend that reads quantized weights as they are: a quantized piece has
+ * quant set, data == quant->qweight and dtype == quant->qdtype, and
+ * nothing is dequantized (YAML fp8 at load still quantizes each weight,
+ * into buffers alive during the callback).  Other pieces as
+ * moe_model_for_each_tensor.  fn must not be NULL (MOE_EINVAL).
+ */
+int moe_model_for_each_tensor_packed(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen);
+
+/* The model's quantization (method MOE_QM_NONE: float weights). */
+const moe_qconfig_t *moe_model_quant(const moe_model_t *m);
 
 #endif /* MOE_MODEL_H */

@@ -291,6 +291,7 @@ moe_backend_opts(const moe_config_t *cfg, int max_model_len,
     o->file = cfg->file;
     o->backend = cfg->backend;
     o->dummy = strcmp(cfg->load_format, "dummy") == 0;
+    o->quantization = cfg->quantization;
     o->tensor_parallel_size = cfg->tensor_parallel_size;
     if (cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0) {
         o->gpu_devices = cfg->instances[0].gpu_devices;
