@@ -204,6 +204,17 @@ int moe_cpu_backend_create(const moe_model_t *m, int n_blocks,
     int block_size, int n_threads, moe_backend_t **out, char *err,
     size_t errlen);
 
+/*
+ * fp8 KV cache (kv_cache_dtype fp8): from now on the CPU backend stores
+ * every K / V value it writes rounded through e4m3 with these per-tensor
+ * scales (value = e4m3(x / scale) * scale, kernels/fp8.h), the values the
+ * CUDA backend's fp8 cache holds, so that both backends compute the same
+ * function.  Call before the first forward().  MOE_EINVAL for a scale
+ * that is not finite and > 0; reason in err.
+ */
+int moe_cpu_backend_set_kv_fp8(moe_backend_t *b, float k_scale,
+    float v_scale, char *err, size_t errlen);
+
 /* A CPU backend calls fn(ctx, partial, T * dim) after o_proj and after
  * the FFN of every layer (the row-parallel partial sums of a shard,
  * moe_model_shard); fn NULL: no reduce (a whole model). */
@@ -277,6 +288,11 @@ typedef struct {
     int          max_num_seqs;   /* the pool need not hold more than
                                     this many max_model_len sequences */
     int          max_num_batched_tokens; /* tokens per forward() */
+
+    /* KV cache element (kv_cache_dtype): 0 the model's dtype (auto);
+     * 1 fp8 e4m3 with per-tensor scales kv_k_scale / kv_v_scale (0: 1.0) */
+    int          kv_fp8;
+    float        kv_k_scale, kv_v_scale;
 } moe_backend_opts_t;
 
 /*
@@ -328,6 +344,9 @@ typedef struct {
     int                 block_size;
     int                 max_batched_tokens; /* CUDA: tokens per forward
                                         (workspaces) */
+    int                 kv_fp8;      /* fp8 KV cache on every rank
+                                        (moe_backend_opts_t) */
+    float               kv_k_scale, kv_v_scale;
 } moe_ranks_t;
 
 /*

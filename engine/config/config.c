@@ -71,6 +71,8 @@ static const char *const cfg_qtypes[] = { "fp16", "bf16", "fp32", NULL };
 static const char *const cfg_formats[] = { "auto", "safetensors", "dummy",
                                            NULL };
 static const char *const cfg_backends[] = { "auto", "cpu", "cuda", NULL };
+static const char *const cfg_kv_dtypes[] = { "auto", "fp8", "fp8_e4m3",
+                                             NULL };
 static const char *const cfg_quants[] = {
     "awq", "gptq", "squeezellm", "fp8", NULL
 };
@@ -123,6 +125,13 @@ static const cfg_key_t cfg_vllm_keys[] = {
       cfg_formats },
     { "chat_template", CFG_STR, OFF(chat_template), SZ(chat_template), 0, 0,
       0, NULL },
+    /* fp8 KV cache (vLLM's key; the scales are LocalMoE's) */
+    { "kv_cache_dtype", CFG_ENUM, OFF(kv_cache_dtype), SZ(kv_cache_dtype),
+      0, 0, 0, cfg_kv_dtypes },
+    { "kv_cache_scale_k", CFG_DOUBLE, OFF(kv_cache_scale_k), 0, 0, 448.0,
+      CFG_OPEN_MIN, NULL },
+    { "kv_cache_scale_v", CFG_DOUBLE, OFF(kv_cache_scale_v), 0, 0, 448.0,
+      CFG_OPEN_MIN, NULL },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -1198,6 +1207,9 @@ moe_config_defaults(moe_config_t *c)
     c->max_chunked_prefill_tokens = 0;
     c->trust_remote_code = 0;
     strcpy(c->load_format, "auto");
+    strcpy(c->kv_cache_dtype, "auto");
+    c->kv_cache_scale_k = 1.0;
+    c->kv_cache_scale_v = 1.0;
 
     strcpy(c->backend, "auto");
     c->cpu_threads = 0;
