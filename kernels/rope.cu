@@ -4,14 +4,27 @@
 #include <cuda_fp8.h>
 
 
+/* Frequency i of token t: the table, or (dynamic NTK scaling) the
+ * token's own base as transformers computes it: 1 / base^(2i / hd). */
+__device__ __forceinline__ float
+rope_inv(const float *inv_freq, const float *tok_base, int t, int i, int hd)
+{
+    if (tok_base != NULL) {
+        return 1.0f / powf(tok_base[t], (float) (2 * i) / (float) hd);
+    }
+    return inv_freq[i];
+}
+
+
 __global__ void
 kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
-    const int32_t *pos, const int32_t *slot, float theta,
-    __nv_bfloat16 *kv_layer, int block_size)
+    const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, __nv_bfloat16 *kv_layer,
+    int block_size)
 {
     int            t = blockIdx.x, half = hd / 2;
     int            kvd = n_kv * hd;
-    int            nrot = theta > 0.0f ? (n_heads + n_kv) * half : 0;
+    int            nrot = inv_freq != NULL ? (n_heads + n_kv) * half : 0;
     float         *row = qkv + (size_t) t * ld;
     float          p = (float) pos[t];
     int            s = slot[t];
@@ -24,9 +37,9 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
     for (int idx = threadIdx.x; idx < nrot; idx += blockDim.x) {
         int    h = idx / half, i = idx % half;
         float *v = row + (size_t) h * hd;
-        float  inv = 1.0f / powf(theta, (float) (2 * i) / (float) hd);
+        float  inv = rope_inv(inv_freq, tok_base, t, i, hd);
         float  ang = p * inv;
-        float  c = cosf(ang), sn = sinf(ang);
+        float  c = cosf(ang) * attn, sn = sinf(ang) * attn;
         float  x1 = v[i], x2 = v[i + half];
 
         v[i] = x1 * c - x2 * sn;
@@ -49,8 +62,9 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
 template <typename KV>
 __global__ void
 kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
-    const int32_t *pos, const int32_t *slot, float theta,
-    KV *kv_layer, int block_size, float ksc, float vsc)
+    const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, KV *kv_layer, int block_size,
+    float ksc, float vsc)
 {
     int            t = blockIdx.x, h = blockIdx.y, half = hd / 2;
     int            kvd = n_kv * hd, i = threadIdx.x;
@@ -62,10 +76,10 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     }
     x1 = v[i];
     x2 = v[i + half];
-    if (theta > 0.0f && h < n_heads + n_kv) {
-        float inv = 1.0f / powf(theta, (float) (2 * i) / (float) hd);
+    if (inv_freq != NULL && h < n_heads + n_kv) {
+        float inv = rope_inv(inv_freq, tok_base, t, i, hd);
         float ang = (float) pos[t] * inv;
-        float c = cosf(ang), sn = sinf(ang);
+        float c = cosf(ang) * attn, sn = sinf(ang) * attn;
         float y1 = x1 * c - x2 * sn, y2 = x2 * c + x1 * sn;
 
         x1 = y1;
@@ -103,8 +117,9 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
 
 extern "C" int
 moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
-    const int32_t *pos, const int32_t *slot, float theta,
-    moe_bf16_t *kv_layer, int block_size, cudaStream_t stream)
+    const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, moe_bf16_t *kv_layer, int block_size,
+    cudaStream_t stream)
 {
     if (T <= 0) {
         return MOE_K_OK;
@@ -113,15 +128,17 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
         int threads = (hd / 2 + 31) / 32 * 32;
 
         kernel_rope_kv_heads<__nv_bfloat16>
-            <<<dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)),
-               threads, 0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos, slot,
-            theta, reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size,
-            1.0f, 1.0f);
+            <<<dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads,
+               0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq,
+                            tok_base, attn,
+                            reinterpret_cast<__nv_bfloat16 *>(kv_layer),
+                            block_size, 1.0f, 1.0f);
         MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads");
         return MOE_K_OK;
     }
     kernel_rope_kv<<<T, 128, 0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos,
-        slot, theta, reinterpret_cast<__nv_bfloat16 *>(kv_layer),
+        slot, inv_freq, tok_base, attn,
+        reinterpret_cast<__nv_bfloat16 *>(kv_layer),
         block_size);
     MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv");
     return MOE_K_OK;
@@ -130,9 +147,9 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
 
 extern "C" int
 moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
-    int hd, const int32_t *pos, const int32_t *slot, float theta,
-    uint8_t *kv_layer, int block_size, float k_scale, float v_scale,
-    cudaStream_t stream)
+    int hd, const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, uint8_t *kv_layer, int block_size,
+    float k_scale, float v_scale, cudaStream_t stream)
 {
     int threads = (hd / 2 + 31) / 32 * 32;
 
@@ -150,8 +167,8 @@ moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
     }
     kernel_rope_kv_heads<uint8_t>
         <<<dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads, 0,
-           stream>>>(qkv, ld, n_heads, n_kv, hd, pos, slot, theta, kv_layer,
-                     block_size, k_scale, v_scale);
+           stream>>>(qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq,
+                     tok_base, attn, kv_layer, block_size, k_scale, v_scale);
     MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads<fp8>");
     return MOE_K_OK;
 }

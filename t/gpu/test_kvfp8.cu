@@ -299,7 +299,7 @@ test_rope_fp8(float theta)
     uint8_t  *kv = (uint8_t *) malloc(ncache);
     int32_t   pos[7], slot[7];
     int       bad = 0, bad_pad = 0, rc1, rc2;
-    float    *dqa, *dqb;
+    float    *dqa, *dqb, *dinv = NULL, inv[HD / 2];
     uint16_t *dkvb;
     uint8_t  *dkv8;
     int32_t  *dpos, *dslot;
@@ -321,10 +321,16 @@ test_rope_fp8(float theta)
     dkv8 = (uint8_t *) gu_dev(ncache);      /* poisoned 0xff */
     dpos = (int32_t *) gu_up(pos, sizeof(pos));
     dslot = (int32_t *) gu_up(slot, sizeof(slot));
-    rc1 = moe_cuda_rope_kv(dqa, LD, T, NH, NKV, HD, dpos, dslot, theta,
-                           (moe_bf16_t *) dkvb, BS, 0);
-    rc2 = moe_cuda_rope_kv_fp8(dqb, LD, T, NH, NKV, HD, dpos, dslot, theta,
-                               dkv8, BS, KSC, VSC, 0);
+    if (theta > 0.0f) {                     /* the plain RoPE table */
+        for (int i = 0; i < HD / 2; i++) {
+            inv[i] = 1.0f / powf(theta, (float) (2 * i) / (float) HD);
+        }
+        dinv = (float *) gu_up(inv, sizeof(inv));
+    }
+    rc1 = moe_cuda_rope_kv(dqa, LD, T, NH, NKV, HD, dpos, dslot, dinv, NULL,
+                           1.0f, (moe_bf16_t *) dkvb, BS, 0);
+    rc2 = moe_cuda_rope_kv_fp8(dqb, LD, T, NH, NKV, HD, dpos, dslot, dinv,
+                               NULL, 1.0f, dkv8, BS, KSC, VSC, 0);
     cudaDeviceSynchronize();
     gu_down(qa, dqa, (size_t) T * LD * 4);
     gu_down(qb, dqb, (size_t) T * LD * 4);
@@ -368,6 +374,7 @@ test_rope_fp8(float theta)
     cudaFree(dkv8);
     cudaFree(dpos);
     cudaFree(dslot);
+    cudaFree(dinv);
     free(q);
     free(qa);
     free(qb);
