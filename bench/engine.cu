@@ -3,15 +3,26 @@
  * shapes, generated on the device (no files):
  *   1. device-to-device copy bandwidth (2 GiB buffers, bytes read+written)
  *      and cuBLAS bf16 GEMM rate (8192^3, fp32 accumulate): the ceilings;
- *   2. per model: decode tokens/s at batch 1..256 with context 512,
+ *   2. per model: decode tokens/s at batch 1..256 with context 512 (and
+ *      at batches 1 and 64 with contexts 8192 and 32768: long contexts),
  *      prefill tokens/s for 512- and 2048-token prompts, per-stage time,
  *      and each figure's ratio to its limit: decode = bytes the step must
  *      read (attention weights + the experts actually hit + router +
- *      lm_head + KV) / copy bandwidth; prefill = FLOPs / GEMM rate.
+ *      lm_head + KV) / copy bandwidth; prefill = FLOPs / GEMM rate;
+ *   3. the weight formats (mixtral-8x7b expert shape, one MoE layer's
+ *      experts, synthetic weights): the expert GEMVs of a decode step at
+ *      batch 1 and 64 in bf16, fp8 (e4m3, per-channel scales), AWQ and
+ *      GPTQ (4-bit, group 128), each next to its limit (the bytes of the
+ *      experts hit, scales included, / copy bandwidth);
+ *   4. decode attention alone (mixtral heads, one layer) at contexts 512,
+ *      8192 and 32768, batch 1 and 64, bf16 and fp8 KV cache, with the
+ *      default split grid and the long-context one, against KV bytes /
+ *      copy bandwidth.
  * Usage: bench_engine [model,...] [--tp N] [--ep] [--nccl auto|on|off]
  *   (models: default all four; names below)
- * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 run only those
- * decode batches / prefill prompts ("0": none), e.g. under ncu;
+ * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 / BENCH_CTX=8192
+ * run only those decode batches / prefill prompts / decode contexts ("0":
+ * none), e.g. under ncu; BENCH_QUANT=0 / BENCH_ATT=0 skip parts 3 / 4;
  * BENCH_TP=N, BENCH_EP=1, BENCH_NCCL=on as the options.
  * Tensor / expert parallelism (--tp N, --ep): N ranks (tp.c), rank r on
  * GPU r modulo the visible GPUs, so with fewer GPUs than N several ranks
@@ -38,10 +49,14 @@ extern "C" {
 #include "backends/backend.h"
 }
 #include "backends/cuda_backend.h"
+#include "attention.h"
 #include "gemm.h"
 #include "init.h"
+#include "moe_gemv.h"
+#include "quant_gemv.h"
+#include "silu_mul.h"
 
-#define CTX     512
+#define CTX_MAX 32768
 #define BS      16
 #define CAP     2048
 
@@ -327,6 +342,7 @@ bench_model(const shape_t *sh)
     char            err[512];
     int             rc, n_blocks, avail, per_seq, n_gpus = 1;
     static const int batches[] = { 1, 8, 32, 64, 128, 256 };
+    static const int ctxs[] = { 512, 8192, 32768 };
     static const int prompts[] = { 512, 2048 };
     double          t_create;
 
@@ -342,7 +358,7 @@ bench_model(const shape_t *sh)
     hp.n_experts = sh->experts;
     hp.top_k = sh->top_k;
     hp.vocab_size = sh->vocab;
-    hp.max_pos = 4096;
+    hp.max_pos = CTX_MAX + 64;
     hp.rope_theta = 1e6f;
     hp.norm_eps = 1e-5f;
     hp.bos_id = -1;
@@ -359,8 +375,10 @@ bench_model(const shape_t *sh)
            sh->experts, sh->top_k, sh->vocab, sh->note[0] ? "(" : "",
            sh->note, sh->note[0] ? ")" : "", wbytes / 1e9);
 
-    per_seq = (CTX + 16 + BS - 1) / BS + 1;
-    n_blocks = 256 * per_seq + CAP / BS + 8;
+    per_seq = (CTX_MAX + 16 + BS - 1) / BS + 1;
+    /* enough for 256 sequences at 512 or 64 at 8192 (the pool caps it
+     * below: then sequences share pages, still read from memory) */
+    n_blocks = 64 * ((8192 + 16 + BS - 1) / BS + 1) + CAP / BS + 8;
     rc = moe_cuda_kv_blocks_for_hp(&hp, BS, CAP, 0.92, 0, &avail, err,
                                    sizeof(err));
     if (rc != MOE_OK) {
@@ -411,13 +429,21 @@ bench_model(const shape_t *sh)
         tok[i] = (int32_t) ((i * 2654435761u) % (unsigned) sh->vocab);
     }
 
-    printf("  %-22s %10s %10s %10s %8s\n", "decode (ctx 512)", "tok/s",
+    for (size_t ci = 0; ci < sizeof(ctxs) / sizeof(ctxs[0]); ci++) {
+    int CTX = ctxs[ci];
+
+    if (!bench_wanted("BENCH_CTX", CTX)) {
+        continue;
+    }
+    printf("  decode (ctx %-5d)      %10s %10s %10s %8s\n", CTX, "tok/s",
            "ms/step", "limit ms", "of limit");
     for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++) {
         int    B = batches[bi], steps = 6;
         double t0, dt, ms[MOE_CUDA_N_STAGES];
 
-        if (!bench_wanted("BENCH_BATCHES", B)) {
+        if (!bench_wanted("BENCH_BATCHES", B)
+            || (CTX > 512 && B != 1 && B != 64))
+        {
             continue;
         }
 
@@ -472,12 +498,13 @@ bench_model(const shape_t *sh)
                    dt * 1e3, lim * 1e3, 100 * lim / dt);
             printf("RESULT model=%s kind=decode batch=%d tok_s=%.1f "
                    "ms_step=%.3f limit_ms=%.3f of_limit=%.3f "
-                   "experts_hit=%.0f tp=%d ep=%d gpus=%d\n", sh->name, B,
-                   B / dt, dt * 1e3, lim * 1e3, lim / dt, hit, opt_tp,
-                   opt_ep, n_gpus);
+                   "experts_hit=%.0f ctx=%d tp=%d ep=%d gpus=%d\n", sh->name,
+                   B, B / dt, dt * 1e3, lim * 1e3, lim / dt, hit, CTX,
+                   opt_tp, opt_ep, n_gpus);
             print_stages("", ms, 3);
             print_comm(sh->name, "decode", B, ms, 3, sh->layers);
         }
+    }
     }
 
     printf("  %-22s %10s %10s %10s %8s\n", "prefill (1 sequence)", "tok/s",
@@ -547,6 +574,339 @@ done:
 }
 
 
+/* ------------------------------ weight formats and long-context attention */
+
+/* Hash-random bytes (and mask): e4m3 with mask 0xf7 has no NaN code. */
+__global__ void
+k_bench_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t) gridDim.x * blockDim.x)
+    {
+        uint32_t h = (uint32_t) i * 2654435761u ^ seed;
+
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = (uint8_t) h & mask;
+    }
+}
+
+/* n fp16 values v (raw bits) */
+__global__ void
+k_bench_u16(uint16_t *p, size_t n, uint16_t v)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t) gridDim.x * blockDim.x)
+    {
+        p[i] = v;
+    }
+}
+
+
+/* ms per call of fn (after 2 warm-up calls), events on the null stream */
+template <typename Fn>
+static double
+bench_time(Fn fn, int iters)
+{
+    cudaEvent_t e0, e1;
+    float       ms = -1.0f;
+
+    for (int i = 0; i < 2; i++) {
+        if (fn() != 0) {
+            return -1.0;
+        }
+    }
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    cudaEventRecord(e0);
+    for (int i = 0; i < iters; i++) {
+        if (fn() != 0) {
+            return -1.0;
+        }
+    }
+    cudaEventRecord(e1);
+    if (cudaEventSynchronize(e1) != cudaSuccess) {
+        return -1.0;
+    }
+    cudaEventElapsedTime(&ms, e0, e1);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return (double) ms / iters;
+}
+
+
+/*
+ * Part 3: one MoE layer's expert GEMVs (mixtral-8x7b: D 4096, F 14336,
+ * 8 experts) per weight format at batch 1 (2 rows: experts 0 and 1) and
+ * 64 (128 rows, 16 per expert): gate|up (N 2F, K D), SwiGLU, down (N D,
+ * K F).  bf16: moe_cuda_gemv (SwiGLU fused); the others: the quantized
+ * GEMV, moe_cuda_silu_mul, the quantized GEMV.
+ */
+static int
+bench_quant(void)
+{
+    const int    D = 4096, F = 14336, E = 8, G = 128;
+    const size_t w13 = (size_t) 2 * F * D, w2 = (size_t) D * F;
+    const size_t nw = (size_t) E * (w13 + w2);  /* weights per layer */
+    static const char *fmts[4] = { "bf16", "fp8", "awq", "gptq" };
+    static const int   batches[2] = { 1, 64 };
+    uint8_t  *wbuf, *sbuf, *zbuf;
+    int32_t  *offs, *xrow, hoffs[9], hxrow[128];
+    moe_bf16_t *x, *h;
+    float    *y, *gu;
+    int       rc = 0;
+
+    if (cudaMalloc(&wbuf, nw * 2) != cudaSuccess          /* bf16 size */
+        || cudaMalloc(&sbuf, (size_t) E * (2 * F + D) * (D / G + F / G) * 2
+                             + (size_t) E * (2 * F + D) * 4) != cudaSuccess
+        || cudaMalloc(&zbuf, (size_t) E * (2 * F + D) * (D / G + F / G) / 2)
+           != cudaSuccess
+        || cudaMalloc(&x, (size_t) 128 * F * 2) != cudaSuccess
+        || cudaMalloc(&h, (size_t) 128 * F * 2) != cudaSuccess
+        || cudaMalloc(&y, (size_t) 128 * 2 * F * 4) != cudaSuccess
+        || cudaMalloc(&gu, (size_t) 128 * 2 * F * 4) != cudaSuccess
+        || cudaMalloc(&offs, 9 * 4) != cudaSuccess
+        || cudaMalloc(&xrow, 128 * 4) != cudaSuccess)
+    {
+        printf("FAIL quant bench: cudaMalloc\n");
+        return -1;
+    }
+    moe_cuda_fill_random_bf16(x, (int64_t) 128 * F, 5, 1.0f, 0);
+    moe_cuda_fill_random_bf16(h, (int64_t) 128 * F, 6, 1.0f, 0);
+    printf("\n== weight formats: one mixtral-8x7b MoE layer's expert GEMVs "
+           "(gate|up, SwiGLU, down)\n");
+    printf("  %-22s %10s %10s %8s %10s\n", "format / batch", "ms/layer",
+           "limit ms", "of limit", "GB read");
+    for (int f = 0; f < 4; f++) {
+        size_t bpw2 = f == 0 ? 4 : f == 1 ? 2 : 1;  /* bytes per weight x2 */
+
+        /* weights: bf16 random; fp8 NaN-free bytes; 4-bit any bits */
+        if (f == 0) {
+            moe_cuda_fill_random_bf16((moe_bf16_t *) wbuf, (int64_t) nw, 7,
+                                      0.02f, 0);
+        } else {
+            k_bench_bytes<<<4096, 256>>>(wbuf, nw * bpw2 / 2, 7u,
+                                         f == 1 ? 0xf7 : 0xff);
+        }
+        /* scales: fp8 per-channel fp32 1/448-ish; 4-bit fp16 0.01;
+         * zeros: any nibbles */
+        if (f == 1) {
+            moe_cuda_fill_random_f32((float *) sbuf, (int64_t) E * 2 * F, 8,
+                                     1e-4f, 2e-3f, 0);
+        } else if (f > 1) {
+            k_bench_u16<<<1024, 256>>>((uint16_t *) sbuf,
+                                       (size_t) E * 2 * F * (F / G),
+                                       0x211f);
+            k_bench_bytes<<<1024, 256>>>(zbuf, (size_t) E * 2 * F * (F / G)
+                                               / 2, 9u, 0xff);
+        }
+        for (int bi = 0; bi < 2; bi++) {
+            int    B = batches[bi], n = 2 * B, hit = B == 1 ? 2 : E;
+            double ms, bytes, lim;
+
+            for (int e = 0; e <= E; e++) {
+                hoffs[e] = B == 1 ? (e == 0 ? 0 : e == 1 ? 1 : 2)
+                                  : e * n / E;
+            }
+            for (int r = 0; r < n; r++) {
+                hxrow[r] = r;                   /* xdiv 2: token r / 2 */
+            }
+            cudaMemcpy(offs, hoffs, sizeof(hoffs), cudaMemcpyHostToDevice);
+            cudaMemcpy(xrow, hxrow, sizeof(hxrow), cudaMemcpyHostToDevice);
+
+            auto run = [&]() -> int {
+                if (f == 0) {
+                    const moe_bf16_t *W = (const moe_bf16_t *) wbuf;
+
+                    if (moe_cuda_gemv(x, D, xrow, 2, W, F, D, offs, E, n,
+                                      B == 1 ? 1 : 16, 1, NULL, h, F, NULL,
+                                      0) != 0)
+                    {
+                        return -1;
+                    }
+                    return moe_cuda_gemv(h, F, NULL, 1, W + E * w13, D, F,
+                                         offs, E, n, B == 1 ? 1 : 16, 0, y,
+                                         NULL, D, NULL, 0);
+                }
+                if (f == 1) {
+                    const float *sc = (const float *) sbuf;
+
+                    if (moe_cuda_qgemv_fp8(x, D, xrow, 2, wbuf, sc,
+                                           MOE_K_FP8_CHANNEL, 0, 2 * F, D,
+                                           offs, E, n, gu, 2 * F, 0) != 0
+                        || moe_cuda_silu_mul(gu, n, F, h, 0) != 0)
+                    {
+                        return -1;
+                    }
+                    return moe_cuda_qgemv_fp8(h, F, NULL, 1,
+                                              wbuf + E * w13, sc,
+                                              MOE_K_FP8_CHANNEL, 0, D, F,
+                                              offs, E, n, y, D, 0);
+                }
+                int             fmt = f == 2 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
+                const int32_t  *qw = (const int32_t *) wbuf;
+                const int32_t  *qz = (const int32_t *) zbuf;
+                const uint16_t *sc = (const uint16_t *) sbuf;
+
+                if (moe_cuda_qgemv_q4(fmt, x, D, xrow, 2, qw, qz, sc, NULL,
+                                      G, 1, 2 * F, D, offs, E, n, gu, 2 * F,
+                                      0) != 0
+                    || moe_cuda_silu_mul(gu, n, F, h, 0) != 0)
+                {
+                    return -1;
+                }
+                return moe_cuda_qgemv_q4(fmt, h, F, NULL, 1,
+                                         qw + E * w13 / 8, qz, sc, NULL, G,
+                                         1, D, F, offs, E, n, y, D, 0);
+            };
+            ms = bench_time(run, 20);
+            if (ms < 0) {
+                printf("FAIL quant bench %s batch %d: %s\n", fmts[f], B,
+                       moe_cuda_last_error());
+                rc = -1;
+                continue;
+            }
+            /* weights of the experts hit + their scales (+ zeros) */
+            bytes = (double) hit * (w13 + w2) * bpw2 / 2;
+            if (f == 1) {
+                bytes += (double) hit * (2 * F + D) * 4;
+            } else if (f > 1) {
+                bytes += (double) hit * (w13 + w2) / G * (2 + 0.5);
+            }
+            lim = bytes / (copy_gbs * 1e9) * 1e3;
+            printf("  %-6s batch %-9d %10.3f %10.3f %7.0f%% %10.3f\n",
+                   fmts[f], B, ms, lim, 100 * lim / ms, bytes / 1e9);
+            printf("RESULT kind=quant_experts format=%s batch=%d "
+                   "ms_layer=%.4f limit_ms=%.4f of_limit=%.3f\n", fmts[f], B,
+                   ms, lim, lim / ms);
+        }
+    }
+    cudaFree(wbuf);
+    cudaFree(sbuf);
+    cudaFree(zbuf);
+    cudaFree(x);
+    cudaFree(h);
+    cudaFree(y);
+    cudaFree(gu);
+    cudaFree(offs);
+    cudaFree(xrow);
+    return rc;
+}
+
+
+/*
+ * Part 4: decode attention of one layer (32 q heads, 8 kv heads, head_dim
+ * 128), every sequence its own pages (16 tokens each).
+ */
+static int
+bench_attention(void)
+{
+    const int    NH = 32, NKV = 8, HD = 128, LDQ = (NH + 2 * NKV) * HD;
+    static const int ctxs[3] = { 512, 8192, 32768 };
+    static const int batches[2] = { 1, 64 };
+    const size_t tok_bytes = (size_t) 2 * NKV * HD * 2;      /* bf16 K+V */
+    size_t       kv_bytes = (size_t) 64 * 32768 * tok_bytes;
+    uint8_t     *kv;
+    float       *q, *part;
+    moe_bf16_t  *out;
+    int32_t     *pos, *seq, *bt, *off;
+    int          rc = 0;
+    int64_t      wsf = moe_cuda_attention_ws_floats(NH, NKV, HD);
+
+    if (cudaMalloc(&kv, kv_bytes) != cudaSuccess
+        || cudaMalloc(&q, (size_t) 64 * LDQ * 4) != cudaSuccess
+        || cudaMalloc(&out, (size_t) 64 * NH * HD * 2) != cudaSuccess
+        || cudaMalloc(&part, (size_t) wsf * 4) != cudaSuccess
+        || cudaMalloc(&pos, 64 * 4) != cudaSuccess
+        || cudaMalloc(&seq, 64 * 4) != cudaSuccess
+        || cudaMalloc(&off, 64 * 4) != cudaSuccess
+        || cudaMalloc(&bt, (size_t) 64 * (32768 / BS) * 4) != cudaSuccess)
+    {
+        printf("SKIP attention bench: cudaMalloc of %.1f GB\n",
+               kv_bytes / 1e9);
+        return 0;
+    }
+    moe_cuda_fill_random_f32(q, (int64_t) 64 * LDQ, 11, 1.0f, 0.0f, 0);
+    moe_cuda_attention_ws_init(part, 0);
+    printf("\n== decode attention, one layer (32/8 heads, head_dim 128)\n");
+    printf("  %-34s %10s %10s %8s\n", "ctx / batch / cache / grid", "ms",
+           "limit ms", "of limit");
+    for (int kvf = 0; kvf < 2; kvf++) {
+        if (kvf == 0) {
+            moe_cuda_fill_random_bf16((moe_bf16_t *) kv,
+                                      (int64_t) (kv_bytes / 2), 12, 1.0f, 0);
+        } else {
+            k_bench_bytes<<<4096, 256>>>(kv, kv_bytes / 2, 13u, 0xb7);
+        }
+        for (int ci = 0; ci < 3; ci++) {
+            for (int bi = 0; bi < 2; bi++) {
+                int     ctx = ctxs[ci], B = batches[bi];
+                int     per = (ctx + BS - 1) / BS;
+                int32_t hp[64], hs[64], ho[64];
+                int32_t *hbt = (int32_t *) malloc((size_t) B * per * 4);
+
+                if (!bench_wanted("BENCH_CTX", ctx)) {
+                    free(hbt);
+                    continue;
+                }
+                for (int i = 0; i < B; i++) {
+                    hp[i] = ctx - 1;
+                    hs[i] = i;
+                    ho[i] = i * per;
+                }
+                for (int i = 0; i < B * per; i++) {
+                    hbt[i] = i;                 /* distinct pages */
+                }
+                cudaMemcpy(pos, hp, (size_t) B * 4, cudaMemcpyHostToDevice);
+                cudaMemcpy(seq, hs, (size_t) B * 4, cudaMemcpyHostToDevice);
+                cudaMemcpy(off, ho, (size_t) B * 4, cudaMemcpyHostToDevice);
+                cudaMemcpy(bt, hbt, (size_t) B * per * 4,
+                           cudaMemcpyHostToDevice);
+                free(hbt);
+                for (int grid = 0; grid < 2; grid++) {
+                    moe_cuda_att_kv_t o = { kvf, 1.0f, 1.0f,
+                                            grid ? ctx : 0 };
+                    double ms, lim;
+
+                    ms = bench_time([&]() -> int {
+                        return moe_cuda_attention_ex(q, LDQ, B, pos, seq, bt,
+                                                     off, kv, BS, NH, NKV,
+                                                     HD, 0, out, part, &o,
+                                                     NULL, 0);
+                    }, 20);
+                    if (ms < 0) {
+                        printf("FAIL attention bench: %s\n",
+                               moe_cuda_last_error());
+                        rc = -1;
+                        continue;
+                    }
+                    lim = (double) B * ctx * tok_bytes / (kvf ? 2 : 1)
+                          / (copy_gbs * 1e9) * 1e3;
+                    printf("  ctx %-6d batch %-3d %-4s %-9s %10.4f %10.4f "
+                           "%7.0f%%\n", ctx, B, kvf ? "fp8" : "bf16",
+                           grid ? "long" : "default", ms, lim,
+                           100 * lim / ms);
+                    printf("RESULT kind=attention ctx=%d batch=%d kv=%s "
+                           "grid=%s ms=%.4f limit_ms=%.4f of_limit=%.3f\n",
+                           ctx, B, kvf ? "fp8" : "bf16",
+                           grid ? "long" : "default", ms, lim, lim / ms);
+                }
+            }
+        }
+    }
+    cudaFree(kv);
+    cudaFree(q);
+    cudaFree(out);
+    cudaFree(part);
+    cudaFree(pos);
+    cudaFree(seq);
+    cudaFree(off);
+    cudaFree(bt);
+    return rc;
+}
+
+
 int
 main(int argc, char **argv)
 {
@@ -602,6 +962,12 @@ main(int argc, char **argv)
             continue;
         }
         fails += bench_model(&shapes[i]) != 0;
+    }
+    if (bench_wanted("BENCH_QUANT", 1)) {
+        fails += bench_quant() != 0;
+    }
+    if (bench_wanted("BENCH_ATT", 1)) {
+        fails += bench_attention() != 0;
     }
     printf("\nbench total %.1f s, %d failure(s)\n", now_s() - t0, fails);
     return fails ? 1 : 0;

@@ -78,6 +78,10 @@ run test_backend tests 90  build/gpu/test_backend build/gpu/test_backend
 run test_ggemm   tests 60  build/gpu/test_ggemm   build/gpu/test_ggemm
 run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
 run test_tp      tests 90  build/gpu/test_tp      build/gpu/test_tp
+run test_quant   tests 60  build/gpu/test_quant   build/gpu/test_quant
+run test_kvfp8   tests 90  build/gpu/test_kvfp8   build/gpu/test_kvfp8
+run test_backend_kvfp8 tests 90 build/gpu/test_backend env MOE_TEST_KV_FP8=1 \
+    build/gpu/test_backend
 if [ "${GPU_SANITIZE:-0}" = 1 ]; then
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
     run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \
@@ -90,7 +94,7 @@ fi
 # build/quantize.
 run quant_ref    tests 120 build/quantize bash -c \
     'tools/quant_models.sh build/quant && python3 tools/ref_quant.py build/quant'
-run bench_engine bench 150 build/gpu/bench_engine build/gpu/bench_engine \
+run bench_engine bench 180 build/gpu/bench_engine build/gpu/bench_engine \
     "${BENCH_MODELS:-mixtral-8x7b}"
 run serve_smoke  serve 90  build/nginx/objs/ngx_http_moe_module.so \
     tools/gpu_serve_smoke.sh
@@ -134,8 +138,14 @@ if [ -f "$OUT/bench_engine.log" ]; then
         if (kv["kind"] == "copy_bw") printf "  copy bandwidth %s GB/s\n", kv["value"];
         else if (kv["kind"] == "gemm") printf "  bf16 GEMM      %s TFLOP/s\n", kv["value"];
         else if (kv["kind"] == "decode" && (kv["batch"] == 1 || kv["batch"] == 64))
-            printf "  %-14s decode  batch %-4s %9s tok/s %8s ms  %3.0f%% of limit\n",
-                   kv["model"], kv["batch"], kv["tok_s"], kv["ms_step"], 100 * kv["of_limit"];
+            printf "  %-14s decode  batch %-4s %9s tok/s %8s ms  %3.0f%% of limit (ctx %s)\n",
+                   kv["model"], kv["batch"], kv["tok_s"], kv["ms_step"], 100 * kv["of_limit"], kv["ctx"];
+        else if (kv["kind"] == "quant_experts")
+            printf "  experts %-6s batch %-4s %8s ms/layer  %3.0f%% of limit\n",
+                   kv["format"], kv["batch"], kv["ms_layer"], 100 * kv["of_limit"];
+        else if (kv["kind"] == "attention" && kv["ctx"] > 512)
+            printf "  attention ctx %-6s batch %-3s %-4s %-7s %8s ms  %3.0f%% of limit\n",
+                   kv["ctx"], kv["batch"], kv["kv"], kv["grid"], kv["ms"], 100 * kv["of_limit"];
         else if (kv["kind"] == "prefill" && kv["prompt"] == 2048)
             printf "  %-14s prefill %-10s %9s tok/s %8s ms  %3.0f%% of limit\n",
                    kv["model"], kv["prompt"], kv["tok_s"], kv["ms"], 100 * kv["of_limit"];

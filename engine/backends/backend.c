@@ -176,6 +176,40 @@ be_nccl_choice(int mode, const int *devs, int tp, int *use, char *err,
 #endif
 
 
+/* ------------------------------------------------- KV cache dtype */
+
+/*
+ * After creating one backend (rank) *b with status rc: the fp8 KV cache
+ * when p asks for it (kv_cache_dtype fp8; scales 0 mean 1.0), the
+ * backend destroyed on failure.  Returns the status.
+ */
+static int
+be_kv_dtype(const moe_ranks_t *p, moe_backend_t **b, int rc, char *err,
+    size_t errlen)
+{
+    float ks, vs;
+
+    if (rc != MOE_OK || !p->kv_fp8 || *b == NULL) {
+        return rc;
+    }
+    ks = p->kv_k_scale > 0.0f ? p->kv_k_scale : 1.0f;
+    vs = p->kv_v_scale > 0.0f ? p->kv_v_scale : 1.0f;
+#ifdef MOE_HAVE_CUDA
+    if (p->kind == MOE_BACKEND_CUDA) {
+        rc = moe_cuda_backend_set_kv_fp8(*b, ks, vs, err, errlen);
+    } else
+#endif
+    {
+        rc = moe_cpu_backend_set_kv_fp8(*b, ks, vs, err, errlen);
+    }
+    if (rc != MOE_OK) {
+        (*b)->destroy(*b);
+        *b = NULL;
+    }
+    return rc;
+}
+
+
 int
 moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
     moe_backend_t **out, char *err, size_t errlen)
@@ -219,11 +253,12 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
                     *out = NULL;
                 }
             }
-            return rc;
+            return be_kv_dtype(p, out, rc, err, errlen);
         }
 #endif
-        return moe_cpu_backend_create(m, p->n_blocks, p->block_size,
-                                      p->n_threads, out, err, errlen);
+        rc = moe_cpu_backend_create(m, p->n_blocks, p->block_size,
+                                    p->n_threads, out, err, errlen);
+        return be_kv_dtype(p, out, rc, err, errlen);
     }
     if (tp > 64) {
         moe_errf(err, errlen, "tensor_parallel_size %d: at most 64", tp);
@@ -263,6 +298,7 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
                                                  p->max_batched_tokens,
                                                  dev[r], &ranks[r], err,
                                                  errlen);
+            rc = be_kv_dtype(p, &ranks[r], rc, err, errlen);
             ctx[r] = ranks[r];
         }
         if (rc == MOE_OK && use_nccl) {
@@ -294,6 +330,7 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
                 rc = moe_cpu_backend_create(shards[r], p->n_blocks,
                                             p->block_size, per, &ranks[r],
                                             err, errlen);
+                rc = be_kv_dtype(p, &ranks[r], rc, err, errlen);
             }
         }
     }
@@ -426,6 +463,9 @@ be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
     p.n_threads = o->cpu_threads;
     p.n_blocks = be_cpu_blocks(o, moe_model_hparams(m));
     p.block_size = o->block_size;
+    p.kv_fp8 = o->kv_fp8;
+    p.kv_k_scale = o->kv_k_scale;
+    p.kv_v_scale = o->kv_v_scale;
 
     if (tp > 1 && o->cpu_tensor_parallel) {
         moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
@@ -515,14 +555,18 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
         }
     }
 
-    if (o->dummy) {
-        return moe_cuda_backend_create_random(hp, 1234, n_blocks,
-                                              o->block_size,
-                                              o->max_num_batched_tokens,
-                                              dev, out, err, errlen);
-    }
     memset(&p, 0, sizeof(p));
+    p.kv_fp8 = o->kv_fp8;
+    p.kv_k_scale = o->kv_k_scale;
+    p.kv_v_scale = o->kv_v_scale;
     p.kind = MOE_BACKEND_CUDA;
+    if (o->dummy) {
+        rc = moe_cuda_backend_create_random(hp, 1234, n_blocks,
+                                            o->block_size,
+                                            o->max_num_batched_tokens,
+                                            dev, out, err, errlen);
+        return be_kv_dtype(&p, out, rc, err, errlen);
+    }
     p.tp = tp;
     p.devices = devs;
     p.n_blocks = n_blocks;

@@ -218,6 +218,17 @@ int moe_cpu_backend_create(const moe_model_t *m, int n_blocks,
     int block_size, int n_threads, moe_backend_t **out, char *err,
     size_t errlen);
 
+/*
+ * fp8 KV cache (kv_cache_dtype fp8): from now on the CPU backend stores
+ * every K / V value it writes rounded through e4m3 with these per-tensor
+ * scales (value = e4m3(x / scale) * scale, kernels/fp8.h), the values the
+ * CUDA backend's fp8 cache holds, so that both backends compute the same
+ * function.  Call before the first forward().  MOE_EINVAL for a scale
+ * that is not finite and > 0; reason in err.
+ */
+int moe_cpu_backend_set_kv_fp8(moe_backend_t *b, float k_scale,
+    float v_scale, char *err, size_t errlen);
+
 /* A CPU backend calls fn(ctx, partial, T * dim) after o_proj and after
  * the FFN of every layer (the row-parallel partial sums of a shard,
  * moe_model_shard); fn NULL: no reduce (a whole model). */
@@ -298,6 +309,10 @@ typedef struct {
     int          expert_parallel; /* 1: whole experts per rank
                                     (moe_model_shard_ep) */
     const char  *nccl;           /* "auto" | "on" | "off"; NULL: auto */
+    /* KV cache element (kv_cache_dtype): 0 the model's dtype (auto);
+     * 1 fp8 e4m3 with per-tensor scales kv_k_scale / kv_v_scale (0: 1.0) */
+    int          kv_fp8;
+    float        kv_k_scale, kv_v_scale;
 } moe_backend_opts_t;
 
 /*
@@ -352,6 +367,9 @@ typedef struct {
     /* scale-out (issue 11) */
     int                 ep;          /* 1: expert parallel shards */
     int                 nccl;        /* CUDA: MOE_NCCL_* */
+    int                 kv_fp8;      /* fp8 KV cache on every rank
+                                        (moe_backend_opts_t) */
+    float               kv_k_scale, kv_v_scale;
 } moe_ranks_t;
 
 /*

@@ -117,7 +117,7 @@ static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
 #define CB_NOGRAPH      (-1000)             /* internal: run eagerly */
 
 typedef struct {
-    int             T, n_out;
+    int             T, n_out, long_ctx;
     cudaGraphExec_t exec;
 } cb_graph_t;
 
@@ -177,7 +177,13 @@ typedef struct {
                                       ffn when ungated */
     int             dense_slot[MOE_MAX_LAYERS]; /* layer -> wd_* index */
 
-    bf16           *kv;            /* (L, n_blocks, 2, bs, n_kv, hd) */
+    bf16           *kv;            /* (L, n_blocks, 2, bs, n_kv, hd);
+                                      e4m3 bytes when kv_fp8 */
+    /* fp8 KV cache and long contexts (moe_cuda_backend_set_kv_fp8) */
+    int             kv_fp8;        /* 1: the cache holds e4m3 */
+    float           kv_ks, kv_vs;  /* its per-tensor K / V scales */
+    int             long_ctx;      /* this step's longest context reaches
+                                      tune.att_long_ctx (a graph key) */
 
     /* workspaces: one allocation, N = cap, NK = cap * K */
     void           *wsbuf;
@@ -1907,7 +1913,10 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
 
     for (l = 0; l < L; l++) {
-        bf16 *kvl = b->kv + (size_t) l * kv_layer;
+        char *kvl = (char *) b->kv
+                    + (size_t) l * kv_layer * (b->kv_fp8 ? 1 : sizeof(bf16));
+        moe_cuda_att_kv_t kvo = { b->kv_fp8, b->kv_ks, b->kv_vs,
+                                  b->long_ctx ? b->tune.att_long_ctx : 0 };
 
         MOE_TRY(cb_norm(b, l == 0 ? NULL : b->tmp, NULL, T,
                         b->attn_norm + (size_t) l * D,
@@ -1931,18 +1940,30 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                           b->k_norm + (size_t) l * hd,
                                           hp->norm_eps, s));
         }
-        MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads, hp->n_kv_heads,
-                                 hd, d_pos, d_slot, b->d_rope_inv,
-                                 hp->rope_type == MOE_ROPE_DYNAMIC
-                                 ? (const float *) d_rbase : NULL,
-                                 b->rope_att, (moe_bf16_t *) kvl,
-                                 b->block_size, s));
-        MOE_TRY(moe_cuda_attention(b->qkv, QKV, T, d_pos, d_seq, d_bt,
-                                   d_btoff, (moe_bf16_t *) kvl,
-                                   b->block_size, hp->n_heads,
-                                   hp->n_kv_heads, hd, hp->sliding_window,
-                                   (moe_bf16_t *) b->att, b->att_part,
-                                   &b->tune, s));
+        if (b->kv_fp8) {
+            MOE_TRY(moe_cuda_rope_kv_fp8(b->qkv, QKV, T, hp->n_heads,
+                                         hp->n_kv_heads, hd, d_pos, d_slot,
+                                         b->d_rope_inv,
+                                         hp->rope_type == MOE_ROPE_DYNAMIC
+                                         ? (const float *) d_rbase : NULL,
+                                         b->rope_att, (uint8_t *) kvl,
+                                         b->block_size, b->kv_ks, b->kv_vs,
+                                         s));
+        } else {
+            MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads,
+                                     hp->n_kv_heads, hd, d_pos, d_slot,
+                                     b->d_rope_inv,
+                                     hp->rope_type == MOE_ROPE_DYNAMIC
+                                     ? (const float *) d_rbase : NULL,
+                                     b->rope_att, (moe_bf16_t *) kvl,
+                                     b->block_size, s));
+        }
+        MOE_TRY(moe_cuda_attention_ex(b->qkv, QKV, T, d_pos, d_seq, d_bt,
+                                      d_btoff, kvl, b->block_size,
+                                      hp->n_heads, hp->n_kv_heads, hd,
+                                      hp->sliding_window,
+                                      (moe_bf16_t *) b->att, b->att_part,
+                                      &kvo, &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
         MOE_TRY(cb_linear(b, T, D, b->Q, b->att, b->Q,
                           b->wo + (size_t) l * D * b->Q, b->tmp, D));
@@ -1989,7 +2010,9 @@ cb_body_graph(cuda_backend_t *b, int T, int n_out)
     int             i, rc;
 
     for (i = 0; i < b->n_graphs; i++) {
-        if (b->graphs[i].T == T && b->graphs[i].n_out == n_out) {
+        if (b->graphs[i].T == T && b->graphs[i].n_out == n_out
+            && b->graphs[i].long_ctx == b->long_ctx)
+        {
             MOE_CUDA_CHECK(cudaGraphLaunch(b->graphs[i].exec, b->stream));
             return MOE_OK;
         }
@@ -2017,6 +2040,7 @@ cb_body_graph(cuda_backend_t *b, int T, int n_out)
     }
     b->graphs[b->n_graphs].T = T;
     b->graphs[b->n_graphs].n_out = n_out;
+    b->graphs[b->n_graphs].long_ctx = b->long_ctx;
     b->graphs[b->n_graphs].exec = x;
     b->n_graphs++;
     MOE_CUDA_CHECK(cudaGraphLaunch(x, b->stream));
@@ -2242,17 +2266,20 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     int32_t             *h_rows = h_seq + N, *h_btoff = h_rows + N;
     int32_t             *h_nvalid = h_btoff + N, *h_rbase = h_nvalid + N;
     int32_t             *h_bt = h_rbase + N;
-    int                  T, s, i, t, n_out, rc;
+    int                  T, s, i, t, n_out, rc, max_ctx = 0;
 
     if (n < 0 || (n > 0 && seqs == NULL)) {
         return MOE_EINVAL;
     }
     /* validate everything before touching the cache */
     if (moe_batch_check(hp, seqs, n, b->n_blocks, b->block_size, INT_MAX,
-                        &T, &nbt, NULL) != MOE_OK)
+                        &T, &nbt, &max_ctx) != MOE_OK)
     {
         return MOE_EINVAL;
     }
+    /* the split-K attention grid for long contexts (a graph key) */
+    b->long_ctx = b->tune.att_long_ctx > 0
+                  && max_ctx >= b->tune.att_long_ctx;
     if (T > b->cap) {
         moe_cuda_set_error("cuda backend: step of more than %d tokens",
                            b->cap);
@@ -2504,7 +2531,8 @@ static int
 cb_swap_copy(cuda_backend_t *b, const int32_t *blocks, const int32_t *slots,
     int n, int dir)
 {
-    size_t  piece = (size_t) 2 * b->block_size * b->KVD * sizeof(bf16);
+    size_t  piece = (size_t) 2 * b->block_size * b->KVD
+                    * (b->kv_fp8 ? 1 : sizeof(bf16));
     size_t  dpitch = piece * (size_t) b->n_blocks;
     char   *dev, *host;
     int     i;
@@ -2789,4 +2817,67 @@ moe_cuda_nccl_attach(moe_backend_t **ranks, const int *devices, int n,
              "were not found at build time; README, NCCL)");
     return MOE_EUNSUPPORTED;
 #endif
+}
+
+
+/* ------------------------------------------------------ fp8 KV cache */
+
+int
+moe_cuda_backend_set_kv_fp8(moe_backend_t *base, float k_scale,
+    float v_scale, char *err, size_t errlen)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    size_t          per, bytes;
+    cudaError_t     ce;
+    void           *kv = NULL;
+
+    if (!(k_scale > 0.0f) || !(v_scale > 0.0f) || !isfinite(k_scale)
+        || !isfinite(v_scale))
+    {
+        moe_errf(err, errlen, "cuda backend: fp8 KV scales must be finite "
+                 "and > 0 (k %g, v %g)", (double) k_scale, (double) v_scale);
+        return MOE_EINVAL;
+    }
+    if (b->kv_fp8) {
+        b->kv_ks = k_scale;
+        b->kv_vs = v_scale;
+        return MOE_OK;
+    }
+    if (b->base.n_swap_slots > 0) {
+        moe_errf(err, errlen, "%s", "cuda backend: the KV dtype is set "
+                 "before the swap pool");
+        return MOE_EINVAL;
+    }
+    /* the same blocks at one byte per element: the bf16 pool goes */
+    per = (size_t) b->base.kv_bytes_per_block / 2;
+    bytes = per * (size_t) b->n_blocks;
+    if (cudaSetDevice(b->device) != cudaSuccess
+        || cudaStreamSynchronize(b->stream) != cudaSuccess)
+    {
+        moe_errf(err, errlen, "cuda backend: %s",
+                 cudaGetErrorString(cudaGetLastError()));
+        return MOE_EBACKEND;
+    }
+    (void) cudaFree(b->kv);
+    b->kv = NULL;
+    ce = cudaMalloc(&kv, bytes);
+    if (ce == cudaSuccess) {
+        ce = cudaMemsetAsync(kv, 0, bytes, b->stream);
+    }
+    if (ce != cudaSuccess) {
+        (void) cudaFree(kv);
+        moe_errf(err, errlen, "cuda backend: fp8 KV cache (%d blocks, %zu "
+                 "MiB): %s", b->n_blocks, bytes >> 20,
+                 cudaGetErrorString(ce));
+        return ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
+    }
+    b->kv = (bf16 *) kv;
+    b->kv_fp8 = 1;
+    b->kv_ks = k_scale;
+    b->kv_vs = v_scale;
+    b->base.kv_bytes_per_block = (int64_t) per;
+    moe_log(MOE_LOG_INFO, "cuda backend: fp8 (e4m3) KV cache, %d blocks, "
+            "%zu MiB, scales k %g v %g", b->n_blocks, bytes >> 20,
+            (double) k_scale, (double) v_scale);
+    return MOE_OK;
 }

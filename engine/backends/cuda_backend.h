@@ -102,6 +102,18 @@ int moe_cuda_backend_create(const moe_model_t *m, int n_blocks,
     char *err, size_t errlen);
 
 /*
+ * fp8 KV cache (kv_cache_dtype fp8): replace b's bf16 KV pool by an e4m3
+ * one of the same blocks (half the bytes; the freed memory stays free),
+ * K / V written as e4m3(x / scale) (moe_cuda_rope_kv_fp8) and read by
+ * moe_cuda_attention_ex.  Call right after creating b, before the first
+ * forward() and before the swap pool (kv_bytes_per_block halves).
+ * MOE_EINVAL (a scale not finite and > 0, or a swap pool already made),
+ * MOE_ENOMEM, MOE_EBACKEND; reason in err.
+ */
+int moe_cuda_backend_set_kv_fp8(moe_backend_t *b, float k_scale,
+    float v_scale, char *err, size_t errlen);
+
+/*
  * The same with synthetic bf16 weights generated on the GPU from `seed`
  * (benchmarks): uniform values scaled by 1/sqrt(fan_in), norms 1.  Only
  * the Llama/Mistral/Mixtral feature set (MOE_EUNSUPPORTED for any of the

@@ -72,6 +72,8 @@ static const char *const cfg_formats[] = { "auto", "safetensors", "dummy",
                                            NULL };
 static const char *const cfg_backends[] = { "auto", "cpu", "cuda", NULL };
 static const char *const cfg_nccl_modes[] = { "auto", "on", "off", NULL };
+static const char *const cfg_kv_dtypes[] = { "auto", "fp8", "fp8_e4m3",
+                                             NULL };
 static const char *const cfg_quants[] = {
     "awq", "gptq", "squeezellm", "fp8", "compressed-tensors", NULL
 };
@@ -126,6 +128,13 @@ static const cfg_key_t cfg_vllm_keys[] = {
       0, NULL },
     /* scale-out: whole experts per rank */
     { "expert_parallel", CFG_BOOL, OFF(expert_parallel), 0, 0, 1, 0, NULL },
+    /* fp8 KV cache (vLLM's key; the scales are LocalMoE's) */
+    { "kv_cache_dtype", CFG_ENUM, OFF(kv_cache_dtype), SZ(kv_cache_dtype),
+      0, 0, 0, cfg_kv_dtypes },
+    { "kv_cache_scale_k", CFG_DOUBLE, OFF(kv_cache_scale_k), 0, 0, 448.0,
+      CFG_OPEN_MIN, NULL },
+    { "kv_cache_scale_v", CFG_DOUBLE, OFF(kv_cache_scale_v), 0, 0, 448.0,
+      CFG_OPEN_MIN, NULL },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -1208,6 +1217,9 @@ moe_config_defaults(moe_config_t *c)
     c->prefill_step_ratio = 3.0;
     c->trust_remote_code = 0;
     strcpy(c->load_format, "auto");
+    strcpy(c->kv_cache_dtype, "auto");
+    c->kv_cache_scale_k = 1.0;
+    c->kv_cache_scale_v = 1.0;
 
     strcpy(c->backend, "auto");
     strcpy(c->nccl, "auto");

@@ -133,6 +133,12 @@ typedef struct moe_config {
                                          chat_template is inline/unset */
     int     model_line;               /* YAML line of model_name, for
                                          errors; 0 unknown */
+    /* the KV cache element (vllm.kv_cache_dtype): "auto" (the model's
+     * dtype, default) | "fp8" | "fp8_e4m3" (e4m3 with per-tensor scales
+     * kv_cache_scale_k / _v, default 1.0: value = e4m3(x / scale) *
+     * scale) */
+    char    kv_cache_dtype[16];
+    double  kv_cache_scale_k, kv_cache_scale_v;
 
     /* LocalMoE extensions (engine: section or top level keys) */
     char    backend[16];              /* "auto" | "cpu" | "cuda" */

@@ -308,6 +308,10 @@ moe_backend_opts(const moe_config_t *cfg, int max_model_len,
     o->max_model_len = max_model_len;
     o->max_num_seqs = cfg->max_num_seqs;
     o->max_num_batched_tokens = cfg->max_num_batched_tokens;
+    /* fp8 KV cache (vllm.kv_cache_dtype) */
+    o->kv_fp8 = strncmp(cfg->kv_cache_dtype, "fp8", 3) == 0;
+    o->kv_k_scale = (float) cfg->kv_cache_scale_k;
+    o->kv_v_scale = (float) cfg->kv_cache_scale_v;
 }
 
 
