@@ -14,7 +14,7 @@
  * readOnly, writeOnly) are ignored.  Any other keyword is refused by name.
  *
  * Output: compact JSON with limited optional whitespace (the generic
- * `ws` rule: nothing, or one space or newline and up to 16 spaces) between
+ * `ws` rule: nothing, or one space or newline then up to 8 spaces) between
  * tokens; listed properties come in the schema's order; a required
  * property must be present, an optional one may be skipped.
  */
@@ -30,7 +30,7 @@
 
 
 const char moe_gbnf_json_rules[] =
-    "ws ::= ([ \\n] [ ]{0,16})?\n"
+    "ws ::= ([ \\n] [ ]{0,8})?\n"
     "json-value ::= json-object | json-array | json-string | json-number"
     " | \"true\" | \"false\" | \"null\"\n"
     "json-object ::= \"{\" ws ( json-string ws \":\" ws json-value ws"

@@ -18,6 +18,7 @@
 #include "sched/kv.h"
 #include "sched/ring.h"
 #include "sampling/sampling.h"
+#include "guided/guided.h"
 
 enum { MOE_MSG_SUBMIT = 1, MOE_MSG_CANCEL = 2 };
 
@@ -87,6 +88,12 @@ struct moe_seq {
     moe_rng_t       rng;
     moe_plan_t      plan;          /* set at first admission */
     moe_seq_t      *prev, *next;   /* waiting or swapped queue links */
+
+    /* guided decoding: the matcher of sp.guide (NULL: none); the step's
+     * allowed-token mask is e->gmask's row of this sequence's batch row */
+    moe_guided_state_t *guided;
+    int             guided_n;      /* allowed tokens this step (0: dead
+                                      end: the sequence fails) */
 };
 
 struct moe_engine {
@@ -139,6 +146,11 @@ struct moe_engine {
     moe_sampler_t      sampler;
     int                n_sample;   /* ids the sampler may produce */
     int                wake_pending; /* events pushed, worker not woken */
+
+    /* guided decoding: (max_num_seqs, gmask_words) allowed-token bits of
+     * the step's guided rows (moe_seq_batch_t.mask points here) */
+    uint32_t          *gmask;
+    int                gmask_words;
 
     /* counters, written by the engine thread, read by anyone */
     _Atomic int64_t    st_submitted, st_finished, st_cancelled,

@@ -169,7 +169,7 @@ static const char *schema_person =
     "\"tags\":{\"type\":\"array\",\"items\":{\"enum\":[\"a\",\"b\",1]},"
     "\"minItems\":1,\"maxItems\":2},"
     "\"pet\":{\"anyOf\":[{\"$ref\":\"#/$defs/pet\"},{\"type\":\"null\"}]},"
-    "\"code\":{\"type\":\"string\",\"pattern\":\"^[A-Z]{2}-\\\\d+$\"}"
+    "\"code\":{\"type\":\"string\",\"pattern\":\"^[A-Z]{2}-\\\\d{1,4}$\"}"
     "},\"required\":[\"name\",\"age\"],\"additionalProperties\":false,"
     "\"$defs\":{\"pet\":{\"type\":\"object\",\"properties\":{"
     "\"kind\":{\"const\":\"cat\"},\"born\":{\"type\":\"string\","
@@ -381,6 +381,19 @@ generate(moe_engine_t *e, uint64_t id, moe_guide_t *g, float temperature,
 }
 
 
+/* code points of a UTF-8 string (maxLength counts characters) */
+static size_t
+u8len(const char *s)
+{
+    size_t n = 0;
+
+    for (; *s; s++) {
+        n += ((unsigned char) *s & 0xc0) != 0x80;
+    }
+    return n;
+}
+
+
 /* the person schema's own checks on a parsed document */
 static int
 valid_person(const char *text)
@@ -399,8 +412,8 @@ valid_person(const char *text)
     name = yajl_tree_get(v, pn, yajl_t_string);
     age = yajl_tree_get(v, pa, yajl_t_number);
     ok = name != NULL && age != NULL && YAJL_IS_INTEGER(age)
-         && YAJL_GET_INTEGER(age) >= 0 && strlen(name->u.string) >= 1
-         && strlen(name->u.string) <= 8;
+         && YAJL_GET_INTEGER(age) >= 0 && u8len(name->u.string) >= 1
+         && u8len(name->u.string) <= 8;
     for (i = 0; i < v->u.object.len; i++) {
         const char *k = v->u.object.keys[i];
         if (strcmp(k, "name") && strcmp(k, "age") && strcmp(k, "tags")
@@ -471,7 +484,7 @@ generation_tests(const char *model)
     for (k = 0; k < 4; k++) {
         float temp = k == 0 ? 0.0f : 1.0f;
 
-        ok = generate(e, 100 + (uint64_t) k, gp, temp, (uint64_t) k, 200,
+        ok = generate(e, 100 + (uint64_t) k, gp, temp, (uint64_t) k, 400,
                       &r) == 0;
         TAP_OK(ok && r.finish == MOE_FINISH_STOP && valid_person(r.text)
                && accepts(t, MOE_GUIDED_JSON, schema_person, r.text) == 1,
