@@ -162,5 +162,6 @@ moe_guide_release(moe_guide_t *g)
     moe_mask_cache_free(g->cache);
     pthread_mutex_destroy(&g->lock);
     moe_gram_free(&g->g);
+    moe_vocab_trie_unref(g->trie);
     free(g);
 }

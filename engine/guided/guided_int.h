@@ -88,6 +88,7 @@ typedef struct {
 } moe_trie_node_t;
 
 typedef struct {
+    atomic_int        refs;       /* the tokenizer's + one per guide */
     int               vocab;
     moe_trie_node_t  *node;       /* (n_node) */
     uint32_t          n_node;
@@ -110,7 +111,11 @@ struct moe_guide {
     moe_mask_cache_t        *cache;
 };
 
+/* t's trie with one more reference (NULL: no memory); _unref drops one */
 const moe_vocab_trie_t *moe_vocab_trie_get(const moe_tokenizer_t *t);
+void moe_vocab_trie_unref(const moe_vocab_trie_t *t);
+/* t's trie as it is now, no reference taken (NULL: none made yet) */
+const moe_vocab_trie_t *moe_vocab_trie_peek(const moe_tokenizer_t *t);
 void moe_mask_cache_free(moe_mask_cache_t *c);
 
 #endif /* MOE_GUIDED_INT_H */

@@ -620,7 +620,9 @@ trie_free(void *p)
 {
     moe_vocab_trie_t *t = p;
 
-    if (t == NULL) {
+    if (t == NULL
+        || atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) != 1)
+    {
         return;
     }
     free(t->node);
@@ -647,6 +649,7 @@ trie_make(const moe_tokenizer_t *tk)
     if (t == NULL) {
         return NULL;
     }
+    atomic_init(&t->refs, 1);
     t->vocab = vocab;
     t->boff = calloc((size_t) vocab + 1, sizeof(uint32_t));
     t->bytes = malloc(cap);
@@ -753,7 +756,33 @@ fail:
 const moe_vocab_trie_t *
 moe_vocab_trie_get(const moe_tokenizer_t *t)
 {
-    return moe_tokenizer_ext(t, trie_make, trie_free);
+    moe_vocab_trie_t *v = moe_tokenizer_ext(t, trie_make, trie_free);
+
+    if (v != NULL) {
+        atomic_fetch_add_explicit(&v->refs, 1, memory_order_relaxed);
+    }
+    return v;
+}
+
+
+void
+moe_vocab_trie_unref(const moe_vocab_trie_t *t)
+{
+    trie_free((void *) t);
+}
+
+
+const moe_vocab_trie_t *
+moe_vocab_trie_peek(const moe_tokenizer_t *t)
+{
+    return moe_tokenizer_ext(t, NULL, NULL);
+}
+
+
+int
+moe_guide_matches(const moe_guide_t *g, const moe_tokenizer_t *t)
+{
+    return g != NULL && t != NULL && g->trie == moe_vocab_trie_peek(t);
 }
 
 
