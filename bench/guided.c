@@ -180,9 +180,17 @@ main(int argc, char **argv)
             logits[k] = (float) k;
         }
         t0 = now_us();
-        for (k = 0; k < (size_t) V; k++) {
-            if (!(mask[k >> 5] >> (k & 31) & 1)) {
-                logits[k] = -INFINITY;
+        for (k = 0; k < W; k++) {       /* the scheduler's loop */
+            uint32_t m = mask[k];
+            size_t   b;
+
+            if (m == 0xffffffffu) {
+                continue;
+            }
+            for (b = 0; b < 32 && k * 32 + b < (size_t) V; b++) {
+                if (!(m & (1u << b))) {
+                    logits[k * 32 + b] = -INFINITY;
+                }
             }
         }
         v[i] = now_us() - t0;

@@ -160,6 +160,7 @@ moe_guide_release(moe_guide_t *g)
         return;
     }
     moe_mask_cache_free(g->cache);
+    moe_state_store_free(g->store);
     pthread_mutex_destroy(&g->lock);
     moe_gram_free(&g->g);
     moe_vocab_trie_unref(g->trie);

@@ -100,6 +100,7 @@ typedef struct {
 } moe_vocab_trie_t;
 
 typedef struct moe_mask_cache moe_mask_cache_t;
+typedef struct moe_state_store moe_state_store_t;
 
 struct moe_guide {
     atomic_int               refs;
@@ -107,8 +108,9 @@ struct moe_guide {
     moe_gram_t               g;
     const moe_vocab_trie_t  *trie;      /* the tokenizer's, shared */
     int                      n_words;
-    pthread_mutex_t          lock;      /* the mask cache */
+    pthread_mutex_t          lock;      /* the mask cache, the store */
     moe_mask_cache_t        *cache;
+    moe_state_store_t       *store;     /* interned states, transitions */
 };
 
 /* t's trie with one more reference (NULL: no memory); _unref drops one */
@@ -117,5 +119,6 @@ void moe_vocab_trie_unref(const moe_vocab_trie_t *t);
 /* t's trie as it is now, no reference taken (NULL: none made yet) */
 const moe_vocab_trie_t *moe_vocab_trie_peek(const moe_tokenizer_t *t);
 void moe_mask_cache_free(moe_mask_cache_t *c);
+void moe_state_store_free(moe_state_store_t *ss);
 
 #endif /* MOE_GUIDED_INT_H */

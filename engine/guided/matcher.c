@@ -277,14 +277,14 @@ moe_mask_cache_free(moe_mask_cache_t *c)
 }
 
 
-/* copy a cached mask of state s into words: its n_allowed, or -1 */
+/* copy a cached mask of state s into words: its n_allowed, or -1
+ * (g->lock held) */
 static int
 mc_get(moe_guide_t *g, const sv_t *s, uint64_t h, uint32_t *words)
 {
     mc_slot_t *sl;
     int        i, rc = -1;
 
-    pthread_mutex_lock(&g->lock);
     if (g->cache != NULL) {
         for (i = 0; i < MC_SLOTS; i++) {
             sl = &g->cache->slot[(h + (uint64_t) i) & (MC_SLOTS - 1)];
@@ -300,7 +300,6 @@ mc_get(moe_guide_t *g, const sv_t *s, uint64_t h, uint32_t *words)
             }
         }
     }
-    pthread_mutex_unlock(&g->lock);
     return rc;
 }
 
@@ -312,12 +311,10 @@ mc_put(moe_guide_t *g, const sv_t *s, uint64_t h, const uint32_t *words,
     mc_slot_t *sl;
     int        i;
 
-    pthread_mutex_lock(&g->lock);
     if (g->cache == NULL) {
         g->cache = calloc(1, sizeof(*g->cache));
     }
     if (g->cache == NULL || g->cache->fill >= MC_MAX_FILL) {
-        pthread_mutex_unlock(&g->lock);
         return;
     }
     for (i = 0; i < MC_SLOTS; i++) {
@@ -348,7 +345,202 @@ mc_put(moe_guide_t *g, const sv_t *s, uint64_t h, const uint32_t *words,
         g->cache->fill++;
         break;
     }
-    pthread_mutex_unlock(&g->lock);
+}
+
+
+
+/* -------------------------------------------------- the state store */
+
+/*
+ * Interned states and their byte transitions, per guide, filled lazily by
+ * the mask walks: a state met again (the inside of a string after any
+ * plain character, the same whitespace count, ...) costs an array lookup
+ * per trie node instead of a stack expansion.  Under g->lock.  Flushed at
+ * the start of a walk once it holds more than ST_MAX_STATES states (a
+ * pushdown language has unboundedly many).
+ */
+
+#define ST_MAX_STATES  8192
+#define ST_UNKNOWN     (-2)
+#define ST_DEAD        (-1)
+
+struct moe_state_store {
+    sv_t        pool;           /* records of every state, back to back */
+    size_t     *off;            /* (cap) state id -> pool offset */
+    size_t     *len;            /* (cap) its length in int32 */
+    uint64_t   *hash;           /* (cap) */
+    int32_t   **trans;          /* (cap) NULL or (256) next ids */
+    int         n, cap;
+    int32_t    *slot;           /* (nslot) open addressing: id or -1 */
+    size_t      nslot;          /* power of two */
+};
+
+
+void
+moe_state_store_free(moe_state_store_t *ss)
+{
+    int i;
+
+    if (ss == NULL) {
+        return;
+    }
+    for (i = 0; i < ss->n; i++) {
+        free(ss->trans[i]);
+    }
+    free(ss->pool.v);
+    free(ss->off);
+    free(ss->len);
+    free(ss->hash);
+    free(ss->trans);
+    free(ss->slot);
+    free(ss);
+}
+
+
+static void
+store_clear(moe_state_store_t *ss)
+{
+    int i;
+
+    for (i = 0; i < ss->n; i++) {
+        free(ss->trans[i]);
+        ss->trans[i] = NULL;
+    }
+    ss->n = 0;
+    ss->pool.n = 0;
+    memset(ss->slot, 0xff, sizeof(int32_t) * ss->nslot);
+}
+
+
+static int
+store_grow_slots(moe_state_store_t *ss)
+{
+    size_t   ns = ss->nslot ? ss->nslot * 2 : 1024, j;
+    int32_t *sl = malloc(sizeof(int32_t) * ns);
+    int      i;
+
+    if (sl == NULL) {
+        return -1;
+    }
+    memset(sl, 0xff, sizeof(int32_t) * ns);
+    for (i = 0; i < ss->n; i++) {
+        j = ss->hash[i] & (ns - 1);
+        while (sl[j] >= 0) {
+            j = (j + 1) & (ns - 1);
+        }
+        sl[j] = i;
+    }
+    free(ss->slot);
+    ss->slot = sl;
+    ss->nslot = ns;
+    return 0;
+}
+
+
+/* the id of state s (interned on first sight); -1: no memory */
+static int32_t
+store_intern(moe_state_store_t *ss, const sv_t *s)
+{
+    uint64_t h = state_hash(s);
+    size_t   j;
+    int32_t  id;
+
+    if ((size_t) (ss->n + 1) * 2 > ss->nslot && store_grow_slots(ss) != 0) {
+        return -1;
+    }
+    for (j = h & (ss->nslot - 1); (id = ss->slot[j]) >= 0;
+         j = (j + 1) & (ss->nslot - 1))
+    {
+        if (ss->hash[id] == h && ss->len[id] == s->n
+            && memcmp(ss->pool.v + ss->off[id], s->v,
+                      sizeof(int32_t) * s->n) == 0)
+        {
+            return id;
+        }
+    }
+    if (ss->n == ss->cap) {
+        int      c = ss->cap ? ss->cap * 2 : 256;
+        size_t  *o = realloc(ss->off, sizeof(*o) * (size_t) c);
+        size_t  *l = o ? realloc(ss->len, sizeof(*l) * (size_t) c) : NULL;
+        uint64_t *hh;
+        int32_t **t;
+
+        if (o != NULL) {
+            ss->off = o;
+        }
+        if (l == NULL) {
+            return -1;
+        }
+        ss->len = l;
+        hh = realloc(ss->hash, sizeof(*hh) * (size_t) c);
+        if (hh == NULL) {
+            return -1;
+        }
+        ss->hash = hh;
+        t = realloc(ss->trans, sizeof(*t) * (size_t) c);
+        if (t == NULL) {
+            return -1;
+        }
+        ss->trans = t;
+        ss->cap = c;
+    }
+    if (sv_reserve(&ss->pool, s->n + 1) != 0) {
+        return -1;
+    }
+    id = ss->n++;
+    ss->off[id] = ss->pool.n;
+    ss->len[id] = s->n;
+    ss->hash[id] = h;
+    ss->trans[id] = NULL;
+    memcpy(ss->pool.v + ss->pool.n, s->v, sizeof(int32_t) * s->n);
+    ss->pool.n += s->n;
+    ss->slot[j] = id;
+    return id;
+}
+
+
+/* the state after byte c from state id; ST_DEAD, or -3 on no memory */
+static int32_t
+store_next(moe_guided_state_t *st, moe_state_store_t *ss, int32_t id,
+    unsigned c, sv_t *scratch_in, sv_t *scratch_out)
+{
+    int32_t nx;
+    int     k;
+
+    if (ss->trans[id] == NULL) {
+        ss->trans[id] = malloc(sizeof(int32_t) * 256);
+        if (ss->trans[id] == NULL) {
+            return -3;
+        }
+        for (k = 0; k < 256; k++) {
+            ss->trans[id][k] = ST_UNKNOWN;
+        }
+    }
+    nx = ss->trans[id][c];
+    if (nx != ST_UNKNOWN) {
+        return nx;
+    }
+    /* the pool may move while interning: work on a copy */
+    scratch_in->n = 0;
+    if (sv_reserve(scratch_in, ss->len[id] + 1) != 0) {
+        return -3;
+    }
+    memcpy(scratch_in->v, ss->pool.v + ss->off[id],
+           sizeof(int32_t) * ss->len[id]);
+    scratch_in->n = ss->len[id];
+    if (advance_byte(st, scratch_in, c, scratch_out) != 0) {
+        return -3;
+    }
+    if (scratch_out->n == 0) {
+        nx = ST_DEAD;
+    } else {
+        nx = store_intern(ss, scratch_out);
+        if (nx < 0) {
+            return -3;
+        }
+    }
+    ss->trans[id][c] = nx;
+    return nx;
 }
 
 
@@ -372,7 +564,7 @@ moe_guided_state_create(moe_guide_t *g, const int32_t *eos, int n_eos)
     for (st->n_eos = 0; st->n_eos < n_eos && st->n_eos < 8; st->n_eos++) {
         st->eos[st->n_eos] = eos[st->n_eos];
     }
-    st->n_depth = g->trie->max_depth + 2;
+    st->n_depth = 2;                    /* the walk's two scratch states */
     st->depth = calloc((size_t) st->n_depth, sizeof(sv_t));
     if (st->depth == NULL) {
         moe_guided_state_free(st);
@@ -446,32 +638,53 @@ moe_guided_is_accepting(const moe_guided_state_t *st)
 }
 
 
-/* walk the trie from state st->cur; words get the allowed tokens */
+/*
+ * Walk the trie from state st->cur through the guide's state store (one
+ * state id per depth); words get the allowed tokens.  g->lock held.
+ */
 static int
 mask_walk(moe_guided_state_t *st, uint32_t *words)
 {
     const moe_vocab_trie_t *t = st->g->trie;
     const moe_trie_node_t  *nd;
+    moe_state_store_t      *ss;
     uint32_t                i, k;
+    int32_t                *sid, nx;
     int                     n_allowed = 0;
-    sv_t                   *d = st->depth;
 
-    /* depth 0 is the current state (borrowed, not freed here) */
-    d[0] = st->cur;
+    if (st->g->store == NULL) {
+        st->g->store = calloc(1, sizeof(*st->g->store));
+        if (st->g->store == NULL) {
+            return -1;
+        }
+    }
+    ss = st->g->store;
+    if (ss->n > ST_MAX_STATES) {
+        store_clear(ss);
+    }
+    sid = malloc(sizeof(int32_t) * (size_t) (t->max_depth + 2));
+    if (sid == NULL) {
+        return -1;
+    }
+    sid[0] = store_intern(ss, &st->cur);
+    if (sid[0] < 0) {
+        free(sid);
+        return -1;
+    }
     i = 0;
     while (i < t->n_node) {
         nd = &t->node[i];
-        if (advance_byte(st, &d[nd->depth - 1], nd->byte, &d[nd->depth])
-            != 0)
-        {
-            st->cur = d[0];
-            memset(&d[0], 0, sizeof(d[0]));
+        nx = store_next(st, ss, sid[nd->depth - 1], nd->byte, &st->depth[0],
+                        &st->depth[1]);
+        if (nx == -3) {
+            free(sid);
             return -1;
         }
-        if (d[nd->depth].n == 0) {
+        if (nx == ST_DEAD) {
             i = nd->end;
             continue;
         }
+        sid[nd->depth] = nx;
         for (k = 0; k < nd->tok_n; k++) {
             int32_t id = t->tok[nd->tok_first + k];
             words[id >> 5] |= 1u << (id & 31);
@@ -479,8 +692,7 @@ mask_walk(moe_guided_state_t *st, uint32_t *words)
         n_allowed += (int) nd->tok_n;
         i++;
     }
-    st->cur = d[0];
-    memset(&d[0], 0, sizeof(d[0]));
+    free(sid);
     return n_allowed;
 }
 
@@ -502,13 +714,17 @@ moe_guided_mask(moe_guided_state_t *st, uint32_t *words, size_t n_words)
     acc = moe_guided_is_accepting(st);
     if (!st->done) {
         h = state_hash(&st->cur);
+        pthread_mutex_lock(&g->lock);
         n = mc_get(g, &st->cur, h, words);
         if (n < 0) {
             n = mask_walk(st, words);
-            if (n < 0) {
-                return MOE_ENOMEM;
+            if (n >= 0) {
+                mc_put(g, &st->cur, h, words, n);
             }
-            mc_put(g, &st->cur, h, words, n);
+        }
+        pthread_mutex_unlock(&g->lock);
+        if (n < 0) {
+            return MOE_ENOMEM;
         }
     } else {
         n = 0;

@@ -579,15 +579,24 @@ moe_guided_step_mask(moe_engine_t *e, moe_seq_t *s, int i)
 }
 
 
-/* the masked ids' logits to -inf (host sampling of a guided row) */
+/* the masked ids' logits to -inf (host sampling of a guided row): word
+ * by word, all-allowed words skipped */
 static void
 moe_guided_apply(const uint32_t *mask, float *logits, int vocab)
 {
-    int id;
+    int       w, k, base, nw = (vocab + 31) / 32;
+    uint32_t  m;
 
-    for (id = 0; id < vocab; id++) {
-        if (!(mask[id >> 5] & (1u << (id & 31)))) {
-            logits[id] = -INFINITY;
+    for (w = 0; w < nw; w++) {
+        m = mask[w];
+        if (m == 0xffffffffu) {
+            continue;
+        }
+        base = w * 32;
+        for (k = 0; k < 32 && base + k < vocab; k++) {
+            if (!(m & (1u << k))) {
+                logits[base + k] = -INFINITY;
+            }
         }
     }
 }
