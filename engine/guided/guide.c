@@ -1,7 +1,9 @@
 /*
- * moe_guide_compile / _ref / _release (moe.h): every kind goes through
- * GBNF text (gbnf.c) to the flat grammar; the guide keeps the tokenizer's
- * vocabulary trie (made once per tokenizer) and its own mask cache.
+ * moe_guide_compile (moe.h): every kind goes through GBNF text (gbnf.c)
+ * to the flat grammar; the guide keeps the tokenizer's vocabulary trie
+ * (made once per tokenizer) and its own mask cache.  Its references
+ * (moe_guide_ref / _release) live in matcher.c with the matcher states
+ * that hold them, so the two files call in one direction only.
  */
 
 #include <stdatomic.h>
@@ -134,35 +136,4 @@ moe_guide_compile(const moe_tokenizer_t *t, moe_guided_kind_t kind,
     pthread_mutex_init(&g->lock, NULL);
     *out = g;
     return MOE_OK;
-}
-
-
-moe_guide_t *
-moe_guide_ref(moe_guide_t *g)
-{
-    if (g != NULL) {
-        atomic_fetch_add_explicit(&g->refs, 1,
-                                  memory_order_relaxed);
-    }
-    return g;
-}
-
-
-void
-moe_guide_release(moe_guide_t *g)
-{
-    if (g == NULL) {
-        return;
-    }
-    if (atomic_fetch_sub_explicit(&g->refs, 1,
-                                  memory_order_acq_rel) != 1)
-    {
-        return;
-    }
-    moe_mask_cache_free(g->cache);
-    moe_state_store_free(g->store);
-    pthread_mutex_destroy(&g->lock);
-    moe_gram_free(&g->g);
-    moe_vocab_trie_unref(g->trie);
-    free(g);
 }

@@ -1008,3 +1008,35 @@ moe_guided_vocab(const moe_guide_t *g)
     return g->trie->vocab;
 }
 
+
+/* ----------------------------------------------- guide references */
+
+moe_guide_t *
+moe_guide_ref(moe_guide_t *g)
+{
+    if (g != NULL) {
+        atomic_fetch_add_explicit(&g->refs, 1,
+                                  memory_order_relaxed);
+    }
+    return g;
+}
+
+
+void
+moe_guide_release(moe_guide_t *g)
+{
+    if (g == NULL) {
+        return;
+    }
+    if (atomic_fetch_sub_explicit(&g->refs, 1,
+                                  memory_order_acq_rel) != 1)
+    {
+        return;
+    }
+    moe_mask_cache_free(g->cache);
+    moe_state_store_free(g->store);
+    pthread_mutex_destroy(&g->lock);
+    moe_gram_free(&g->g);
+    moe_vocab_trie_unref(g->trie);
+    free(g);
+}
