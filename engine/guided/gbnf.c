@@ -1128,8 +1128,10 @@ gp_prune(gp_t *p, int root)
                     if (w > 0) {
                         b->v[w++] = GE_ALT;
                     }
-                    memmove(b->v + w, b->v + start,
-                            sizeof(int32_t) * (size_t) (k - start));
+                    if (k > start) {
+                        memmove(b->v + w, b->v + start,
+                                sizeof(int32_t) * (size_t) (k - start));
+                    }
                     w += k - start;
                 }
                 start = k + 1;
