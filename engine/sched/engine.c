@@ -537,6 +537,18 @@ moe_engine_destroy(moe_engine_t *e)
 
     moe_sched_free_all(e);
 
+    /* logprobs records of events nobody drained */
+    if (e->events != NULL) {
+        moe_event_t  ev;
+
+        while (moe_ring_pop(e->events, &ev) == 1) {
+            moe_event_release(&ev);
+        }
+    }
+    while (e->overflow_pos < e->n_overflow) {
+        moe_event_release(&e->overflow[e->overflow_pos++]);
+    }
+
     if (e->backend != NULL) {
         e->backend->destroy(e->backend);
     }
@@ -613,7 +625,10 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         || sp->repetition_penalty <= 0.0f
         || sp->n_stop_token_ids < 0
         || sp->n_stop_token_ids > MOE_MAX_STOP_IDS
-        || sp->n_logit_bias < 0 || sp->n_logit_bias > MOE_MAX_LOGIT_BIAS)
+        || sp->n_logit_bias < 0 || sp->n_logit_bias > MOE_MAX_LOGIT_BIAS
+        || sp->top_logprobs < 0 || sp->top_logprobs > MOE_MAX_TOP_LOGPROBS
+        || (sp->top_logprobs > 0 && !sp->logprobs)
+        || (sp->prompt_logprobs != 0 && sp->prompt_logprobs != 1))
     {
         return MOE_EINVAL;
     }
@@ -712,6 +727,14 @@ moe_engine_hold(moe_engine_t *e, int steps)
     }
 
     return MOE_OK;
+}
+
+
+void
+moe_event_release(moe_event_t *ev)
+{
+    free(ev->lp);
+    ev->lp = NULL;
 }
 
 

@@ -86,6 +86,11 @@ struct moe_seq {
     int             n_slots;
     moe_rng_t       rng;
     moe_plan_t      plan;          /* set at first admission */
+    /* prompt logprobs (sp.prompt_logprobs): rows filled as the prompt is
+     * prefilled one position per step; sent (MOE_EV_PROMPT) before the
+     * first token, then owned by the event */
+    moe_logprobs_t *plp;
+    int             plp_sent;
     moe_seq_t      *prev, *next;   /* waiting or swapped queue links */
 };
 

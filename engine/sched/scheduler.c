@@ -17,6 +17,7 @@
 
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include "sched/engine_int.h"
@@ -66,6 +67,7 @@ moe_seq_free(moe_seq_t *s)
     free(s->pen_ids);
     free(s->bhash);
     free(s->slots);
+    free(s->plp);
     moe_sampling_bias_free(&s->sp);
     free(s);
 }
@@ -95,6 +97,7 @@ moe_emit(moe_engine_t *e, const moe_event_t *ev)
             /* cannot happen in practice; the event is lost and logged */
             moe_log(MOE_LOG_ERROR, "event queue: out of memory, request "
                     "%llu loses an event", (unsigned long long) ev->req_id);
+            free(ev->lp);
             return;
         }
         e->overflow = p;
@@ -327,6 +330,20 @@ moe_seq_create(moe_engine_t *e, moe_msg_t *m)
         }
     }
 
+    if (s->sp.prompt_logprobs) {
+        s->plp = moe_logprobs_alloc(s->n_prompt, s->sp.top_logprobs);
+        if (s->plp == NULL) {
+            moe_seq_free(s);
+            return NULL;
+        }
+        s->plp->token[0] = s->tokens[0];
+        s->plp->logprob[0] = NAN;
+        for (i = 0; i < s->sp.top_logprobs; i++) {
+            s->plp->top[i].id = -1;
+            s->plp->top[i].logprob = NAN;
+        }
+    }
+
     moe_rng_seed(&s->rng, s->sp.has_seed
                           ? s->sp.seed
                           : (s->id * 0x9e3779b97f4a7c15ULL)
@@ -548,6 +565,76 @@ moe_pen_reserve(moe_engine_t *e, size_t need)
 }
 
 
+/* ---------------------------------------------- logprobs (issue 10) */
+
+/* 1 while s prefills its prompt one position per step for its prompt
+ * logprobs (each position's logits are needed) */
+static int
+moe_seq_scoring(const moe_seq_t *s)
+{
+    return s->plp != NULL && !s->plp_sent && s->n_computed < s->n_prompt;
+}
+
+
+/* the chunk s may take this step: one position while it scores */
+static int
+moe_seq_chunk(const moe_seq_t *s, int chunk)
+{
+    return moe_seq_scoring(s) && chunk > 1 ? 1 : chunk;
+}
+
+
+/* Row n_computed of s's prompt logprobs from the logits of the position
+ * before it (raw model distribution: temperature 1). */
+static void
+moe_seq_score(moe_engine_t *e, moe_seq_t *s, const float *logits)
+{
+    int              row = s->n_computed;
+    moe_logprobs_t  *lp = s->plp;
+
+    lp->token[row] = s->tokens[row];
+    lp->logprob[row] = moe_logprobs_row(logits, e->n_sample, 1.0f,
+                                        s->tokens[row], lp->k,
+                                        lp->top + (size_t) row * lp->k);
+}
+
+
+/* the prompt's last logits arrived: its rows are complete, send them */
+static void
+moe_seq_send_prompt(moe_engine_t *e, moe_seq_t *s)
+{
+    moe_event_t  ev;
+
+    memset(&ev, 0, sizeof(ev));
+    ev.req_id = s->id;
+    ev.type = MOE_EV_PROMPT;
+    ev.lp = s->plp;
+    s->plp = NULL;
+    s->plp_sent = 1;
+    moe_emit(e, &ev);
+}
+
+
+/* A TOKEN event's top entries (sp.top_logprobs > 0) from the biased,
+ * penalised logits moe_sample() left; NULL (none sent) out of memory. */
+static moe_logprobs_t *
+moe_token_lp(moe_engine_t *e, moe_seq_t *s, const float *logits, int32_t tok,
+    float lp)
+{
+    moe_logprobs_t  *r;
+
+    r = moe_logprobs_alloc(1, s->sp.top_logprobs);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->token[0] = tok;
+    r->logprob[0] = lp;
+    (void) moe_logprobs_row(logits, e->n_sample, s->sp.temperature, tok,
+                            r->k, r->top);
+    return r;
+}
+
+
 /*
  * The sampling plan of s, for its whole life: MOE_PLAN_ARGMAX when its
  * next token is always the plain argmax of its logits (what moe_sample()
@@ -604,6 +691,11 @@ moe_step_outputs(moe_engine_t *e, int n)
         b->sample = NULL;
         b->n_pen = 0;
         b->n_valid = e->n_sample;
+        if (moe_seq_scoring(s)) {
+            /* every prompt position's logits, the last one's included */
+            b->logits = e->logits + (size_t) i * e->info.vocab_size;
+            continue;
+        }
         if (s->n_computed + b->n_tokens != s->n_tokens) {
             continue;
         }
@@ -689,7 +781,10 @@ moe_sched_step(moe_engine_t *e)
         if (chunk > limit) {
             chunk = limit;
         }
-        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+        chunk = moe_seq_chunk(s, chunk);
+        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0
+            && !moe_seq_scoring(s))
+        {
             continue;
         }
 
@@ -735,7 +830,10 @@ moe_sched_step(moe_engine_t *e)
             if (chunk > limit) {
                 chunk = limit;
             }
-            if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+            chunk = moe_seq_chunk(s, chunk);
+            if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0
+                && !moe_seq_scoring(s))
+            {
                 break;
             }
             rc = moe_swap_in_seq(e, s, chunk, &resumed);
@@ -759,7 +857,9 @@ moe_sched_step(moe_engine_t *e)
         /* prefix cache: reuse whole blocks of an equal prefix; the last
          * prompt token is always computed (its logits are needed, and its
          * block must be private since K/V will be written there) */
-        if (s->n_blocks == 0 && s->n_computed == 0) {
+        if (s->n_blocks == 0 && s->n_computed == 0
+            && !moe_seq_scoring(s))
+        {
             int hit = moe_blocks_match(&e->blocks, s->tokens,
                                        s->n_tokens - 1, &s->blocks,
                                        &s->n_blocks, &s->cap_blocks,
@@ -776,7 +876,10 @@ moe_sched_step(moe_engine_t *e)
         if (chunk > limit) {
             chunk = limit;
         }
-        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+        chunk = moe_seq_chunk(s, chunk);
+        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0
+            && !moe_seq_scoring(s))
+        {
             chunk = 0;
         }
 
@@ -863,6 +966,14 @@ moe_sched_step(moe_engine_t *e)
             s->n_published = s->n_computed / e->cfg.block_size;
         }
 
+        if (s->plp != NULL && !s->plp_sent && e->batch[i].logits != NULL) {
+            if (s->n_computed < s->n_prompt) {
+                moe_seq_score(e, s, e->batch[i].logits);
+                continue;
+            }
+            moe_seq_send_prompt(e, s);
+        }
+
         if (e->batch[i].token_out != NULL) {
             tok = e->tok_out[i];
             lp = 0.0f;
@@ -907,6 +1018,9 @@ moe_sched_step(moe_engine_t *e)
             ev.type = MOE_EV_TOKEN;
             ev.token = tok;
             ev.logprob = lp;
+            if (s->sp.top_logprobs > 0 && e->batch[i].logits != NULL) {
+                ev.lp = moe_token_lp(e, s, e->batch[i].logits, tok, lp);
+            }
             moe_emit(e, &ev);
 
             moe_seq_pen_note(s, tok);
