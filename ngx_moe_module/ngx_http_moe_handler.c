@@ -66,6 +66,10 @@ typedef struct {
     ngx_uint_t                 skip_special_tokens;
     const char                *stops[MOE_MAX_STOP];
     int                        n_stops;
+    /* logprobs and echo (ngx_http_moe_lp_params) */
+    ngx_uint_t                 echo;
+    u_char                    *echo_text;
+    size_t                     echo_len;
 } ngx_http_moe_params_t;
 
 
@@ -90,6 +94,8 @@ static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_fields(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_logit_bias(ngx_http_request_t *r, yajl_val v,
     int vocab, moe_sampling_t *sp, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
@@ -152,10 +158,8 @@ static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
 
     { "tools", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
     { "functions", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
-    { "echo", NGX_HTTP_MOE_FIELD_FALSE, 0 },
     { "suffix", NGX_HTTP_MOE_FIELD_STRING, 0 },
     { "best_of", NGX_HTTP_MOE_FIELD_INT, 1 },
-    { "top_logprobs", NGX_HTTP_MOE_FIELD_INT, 0 },
     { "min_tokens", NGX_HTTP_MOE_FIELD_INT, 0 },
     { "audio", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { "prediction", NGX_HTTP_MOE_FIELD_ANY, 0 },
@@ -706,6 +710,10 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         return NGX_DECLINED;
     }
 
+    if (ngx_http_moe_lp_params(root, chat, p, err) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
     v = ngx_http_moe_json_get(root, "logit_bias");
 
     if (v && ngx_http_moe_logit_bias(r, v, mcf->info->vocab_size, &p->sp,
@@ -1105,21 +1113,129 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
         }
     }
 
-    /* chat: a boolean; completions: an integer (0-5) or false */
+    /* logprobs, top_logprobs, echo: ngx_http_moe_lp_params() */
+
+    return NGX_OK;
+}
+
+
+/*
+ * logprobs, top_logprobs and echo into p.  Chat: logprobs a boolean,
+ * top_logprobs 0-20 with logprobs true; completions: logprobs an integer
+ * 0-5 (the top entries per token), echo a boolean (the prompt text, which
+ * must then be text, before the completion; with logprobs also the
+ * prompt tokens' logprobs, the first one null).  null is absent.
+ * NGX_DECLINED with a 400 naming the field.
+ */
+
+static ngx_int_t
+ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    int64_t     k, top;
+    yajl_val    v, t;
+    ngx_uint_t  b;
+
+    top = -1;
 
     v = ngx_http_moe_json_get(root, "logprobs");
 
-    if (v && !YAJL_IS_FALSE(v)) {
-        if (chat ? !YAJL_IS_TRUE(v) : ngx_http_moe_json_int(v, &k) != NGX_OK)
-        {
+    if (v && chat) {
+        if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
             return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
-                                     chat ? "logprobs must be a boolean"
-                                          : "logprobs must be an integer");
+                                     "logprobs must be a boolean");
         }
 
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
-                                 "logprobs are not supported yet");
+        p->sp.logprobs = (int) b;
+
+    } else if (v && !YAJL_IS_FALSE(v)) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                     "logprobs must be an integer");
+        }
+
+        if (k < 0 || k > 5) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                     "logprobs must be in [0, 5], got %L",
+                                     k);
+        }
+
+        p->sp.logprobs = 1;
+        p->sp.top_logprobs = (int) k;
     }
+
+    v = ngx_http_moe_json_get(root, "top_logprobs");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &top) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs must be an integer");
+        }
+
+        if (!chat) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs is a chat field: "
+                                     "completions take logprobs (0-5)");
+        }
+
+        if (top < 0 || top > MOE_MAX_TOP_LOGPROBS) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs must be in [0, %d], "
+                                     "got %L", MOE_MAX_TOP_LOGPROBS, top);
+        }
+
+        if (top > 0 && !p->sp.logprobs) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs requires logprobs to be "
+                                     "true");
+        }
+
+        p->sp.top_logprobs = (int) top;
+    }
+
+    v = ngx_http_moe_json_get(root, "echo");
+
+    if (v == NULL) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo must be a boolean");
+    }
+
+    if (!b) {
+        return NGX_OK;
+    }
+
+    if (chat) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo is a completions field; chat "
+                                 "completions do not support it");
+    }
+
+    /* the text to echo: a string prompt, or an array holding one */
+
+    t = ngx_http_moe_json_get(root, "prompt");
+
+    if (YAJL_IS_ARRAY(t) && t->u.array.len == 1) {
+        t = t->u.array.values[0];
+    }
+
+    if (!YAJL_IS_STRING(t)) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo needs a text prompt (not token "
+                                 "ids)");
+    }
+
+    p->echo = 1;
+    p->echo_text = (u_char *) t->u.string;
+    p->echo_len = ngx_strlen(t->u.string);
+    p->sp.prompt_logprobs = p->sp.logprobs;
 
     return NGX_OK;
 }
@@ -1370,6 +1486,12 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->continuous_usage = p->continuous_usage;
     ctx->n_prompt = (ngx_int_t) n;
     ctx->created = ngx_time();
+
+    ctx->logprobs = p->sp.logprobs ? 1 : 0;
+    ctx->lp_top = (ngx_uint_t) p->sp.top_logprobs;
+    ctx->echo_on = p->echo;
+    ctx->echo = p->echo_text;
+    ctx->echo_len = p->echo_len;
     ctx->keepalive_interval = mlcf->keepalive;
 
     ctx->model.data = (u_char *) mcf->info->served_name;

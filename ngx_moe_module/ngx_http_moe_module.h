@@ -205,6 +205,17 @@ typedef struct {
     uint64_t                   waiting_tokens; /* counted in admit */
     ngx_chain_t               *gate_body;   /* JSON for the core's 413 */
 
+    /* logprobs and echo (the logprobs block of ngx_http_moe_stream.c) */
+    ngx_array_t               *lp;          /* ngx_http_moe_lp_tok_t: the
+                                               tokens not yet sent */
+    ngx_uint_t                 lp_top;      /* top entries per token */
+    size_t                     lp_offset;   /* text_offset of the next */
+    u_char                    *echo;        /* the prompt text to echo */
+    size_t                     echo_len;
+    unsigned                   logprobs:1;
+    unsigned                   echo_on:1;
+    unsigned                   echo_sent:1;
+
     unsigned                   chat:1;
     unsigned                   stream:1;
     unsigned                   include_usage:1;
@@ -216,6 +227,22 @@ typedef struct {
     unsigned                   waiting:1;   /* counted in admit */
     unsigned                   gate_sent:1;
 } ngx_http_moe_ctx_t;
+
+
+/* one token's logprobs, its text decoded alone (the module's pool) */
+typedef struct {
+    ngx_str_t                  text;
+    float                      logprob;
+} ngx_http_moe_lp_top_t;
+
+typedef struct {
+    ngx_str_t                  text;
+    float                      logprob;
+    ngx_uint_t                 no_logprob;  /* the first prompt token */
+    size_t                     offset;      /* completions text_offset */
+    ngx_uint_t                 n_top;
+    ngx_http_moe_lp_top_t     *top;
+} ngx_http_moe_lp_tok_t;
 
 
 /*

@@ -39,6 +39,20 @@ static ngx_int_t ngx_http_moe_stream_arm(ngx_http_request_t *r);
 static void ngx_http_moe_keepalive_handler(ngx_event_t *ev);
 static ngx_uint_t ngx_http_moe_status(int status);
 
+static ngx_int_t ngx_http_moe_lp_echo(ngx_http_moe_ctx_t *ctx);
+static ngx_int_t ngx_http_moe_lp_token(ngx_http_moe_ctx_t *ctx,
+    moe_event_t *ev);
+static ngx_int_t ngx_http_moe_lp_prompt(ngx_http_moe_ctx_t *ctx,
+    moe_event_t *ev);
+static ngx_int_t ngx_http_moe_lp_add(ngx_http_moe_ctx_t *ctx, int32_t token,
+    float logprob, ngx_uint_t no_logprob, const moe_logprob_entry_t *top,
+    ngx_uint_t n_top);
+static ngx_int_t ngx_http_moe_lp_decode(ngx_http_moe_ctx_t *ctx, int32_t id,
+    ngx_str_t *out);
+static void ngx_http_moe_gen_logprobs(ngx_http_moe_ctx_t *ctx);
+static void ngx_http_moe_gen_lp_chat(yajl_gen g, ngx_http_moe_lp_tok_t *t);
+static void ngx_http_moe_gen_lp_value(yajl_gen g, float logprob);
+
 
 static ngx_str_t  ngx_http_moe_sse_type = ngx_string("text/event-stream");
 
@@ -67,6 +81,10 @@ ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx)
     ngx_add_timer(&ctx->keepalive, ctx->keepalive_interval);
 
     if (!ctx->stream) {
+        if (ngx_http_moe_lp_echo(ctx) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
         return NGX_DONE;
     }
 
@@ -110,7 +128,7 @@ ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx)
         rc = ngx_http_moe_sse_write(ctx, NULL, 0, 0);
     }
 
-    if (rc == NGX_ERROR) {
+    if (rc == NGX_ERROR || ngx_http_moe_lp_echo(ctx) != NGX_OK) {
         return NGX_ERROR;
     }
 
@@ -139,6 +157,13 @@ ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
     }
 
     switch (ev->type) {
+
+    case MOE_EV_PROMPT:
+        if (ngx_http_moe_lp_prompt(ctx, ev) != NGX_OK) {
+            ngx_http_finalize_request(ctx->request, NGX_ERROR);
+        }
+
+        return;
 
     case MOE_EV_TOKEN:
         rc = ngx_http_moe_token(ctx, ev);
@@ -242,6 +267,10 @@ ngx_http_moe_token(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
 
     ctx->got_token = 1;
     ctx->n_completion++;
+
+    if (ctx->logprobs && ngx_http_moe_lp_token(ctx, ev) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     text = NULL;
     len = 0;
@@ -445,8 +474,7 @@ ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx)
                              ctx->text_len);
     }
 
-    ngx_http_moe_gen_lit(g, "logprobs");
-    yajl_gen_null(g);
+    ngx_http_moe_gen_logprobs(ctx);
 
     ngx_http_moe_gen_lit(g, "finish_reason");
     ngx_http_moe_gen_cstr(g, ctx->finish_reason);
@@ -562,8 +590,7 @@ ngx_http_moe_gen_chunk(ngx_http_moe_ctx_t *ctx, const char *text, size_t len,
         ngx_http_moe_gen_str(g, text, len);
     }
 
-    ngx_http_moe_gen_lit(g, "logprobs");
-    yajl_gen_null(g);
+    ngx_http_moe_gen_logprobs(ctx);
 
     ngx_http_moe_gen_lit(g, "finish_reason");
 
@@ -793,4 +820,347 @@ ngx_http_moe_keepalive_handler(ngx_event_t *ev)
     ngx_add_timer(ev, ctx->keepalive_interval);
 
     ngx_http_run_posted_requests(c);
+}
+
+
+/* ------------------------------------------------- logprobs and echo */
+
+/*
+ * Each generated token (and, with echo, each prompt token) gets an entry:
+ * its text decoded alone, its logprob and its top entries.  A streamed
+ * chunk carries the entries of the tokens whose text it sends (text held
+ * back for a stop string or half a character waits with its entries);
+ * the final answer carries them all.  Decoding one id is a table lookup
+ * per byte, as the incremental detokenizer does on this loop anyway.
+ */
+
+
+/* echo without prompt logprobs: the prompt text first, at once */
+
+static ngx_int_t
+ngx_http_moe_lp_echo(ngx_http_moe_ctx_t *ctx)
+{
+    if (!ctx->echo_on || ctx->echo_sent || ctx->logprobs) {
+        return NGX_OK;
+    }
+
+    ctx->echo_sent = 1;
+
+    if (ctx->echo_len == 0) {
+        return NGX_OK;
+    }
+
+    return ngx_http_moe_text(ctx, (const char *) ctx->echo, ctx->echo_len);
+}
+
+
+static ngx_int_t
+ngx_http_moe_lp_token(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
+{
+    moe_logprobs_t  *lp;
+
+    lp = ev->lp;
+
+    return ngx_http_moe_lp_add(ctx, ev->token, ev->logprob, 0,
+                               lp ? lp->top : NULL,
+                               lp ? (ngx_uint_t) lp->k : 0);
+}
+
+
+/* echo with logprobs: the prompt's rows, then the prompt text with them */
+
+static ngx_int_t
+ngx_http_moe_lp_prompt(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
+{
+    int32_t          i;
+    moe_logprobs_t  *lp;
+
+    lp = ev->lp;
+
+    if (lp == NULL || !ctx->echo_on || ctx->echo_sent) {
+        return NGX_OK;
+    }
+
+    for (i = 0; i < lp->n_rows; i++) {
+        if (ngx_http_moe_lp_add(ctx, lp->token[i], lp->logprob[i], i == 0,
+                                i == 0 ? NULL : lp->top + (size_t) i * lp->k,
+                                i == 0 ? 0 : (ngx_uint_t) lp->k)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    ctx->echo_sent = 1;
+
+    if (ctx->stream && ctx->echo_len == 0) {
+        ngx_http_moe_gen_chunk(ctx, "", 0, 0, NULL);
+        return ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA);
+    }
+
+    return ngx_http_moe_text(ctx, (const char *) ctx->echo, ctx->echo_len);
+}
+
+
+static ngx_int_t
+ngx_http_moe_lp_add(ngx_http_moe_ctx_t *ctx, int32_t token, float logprob,
+    ngx_uint_t no_logprob, const moe_logprob_entry_t *top, ngx_uint_t n_top)
+{
+    ngx_uint_t              i, n;
+    ngx_http_moe_lp_tok_t  *t;
+
+    if (ctx->lp == NULL) {
+        ctx->lp = ngx_array_create(ctx->request->pool, 16,
+                                   sizeof(ngx_http_moe_lp_tok_t));
+        if (ctx->lp == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    t = ngx_array_push(ctx->lp);
+    if (t == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memzero(t, sizeof(ngx_http_moe_lp_tok_t));
+
+    if (ngx_http_moe_lp_decode(ctx, token, &t->text) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    t->logprob = logprob;
+    t->no_logprob = no_logprob;
+    t->offset = ctx->lp_offset;
+    ctx->lp_offset += t->text.len;
+
+    n = ngx_min(n_top, ctx->lp_top);
+
+    if (top == NULL || n == 0) {
+        return NGX_OK;
+    }
+
+    t->top = ngx_palloc(ctx->request->pool,
+                        n * sizeof(ngx_http_moe_lp_top_t));
+    if (t->top == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (top[i].id < 0) {
+            break;
+        }
+
+        if (ngx_http_moe_lp_decode(ctx, top[i].id, &t->top[i].text)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        t->top[i].logprob = top[i].logprob;
+    }
+
+    t->n_top = i;
+
+    return NGX_OK;
+}
+
+
+/* one id's text, special tokens included, in the request's pool */
+
+static ngx_int_t
+ngx_http_moe_lp_decode(ngx_http_moe_ctx_t *ctx, int32_t id, ngx_str_t *out)
+{
+    char    *text;
+    size_t   len;
+
+    text = NULL;
+    len = 0;
+
+    if (moe_tokenizer_decode(ctx->mcf->tokenizer, &id, 1, 0, &text, &len)
+        != MOE_OK)
+    {
+        ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
+                      "moe: cannot decode token %D for logprobs", id);
+        return NGX_ERROR;
+    }
+
+    out->len = len;
+    out->data = ngx_pnalloc(ctx->request->pool, len + 1);
+
+    if (out->data == NULL) {
+        free(text);
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(out->data, text, len);
+    free(text);
+
+    return NGX_OK;
+}
+
+
+/*
+ * "logprobs": null without logprobs or, in a stream chunk, without new
+ * tokens; else chat's {"content": [...], "refusal": null} or completions'
+ * {"tokens", "token_logprobs", "top_logprobs", "text_offset"}.  A stream
+ * forgets the entries it sent.
+ */
+
+static void
+ngx_http_moe_gen_logprobs(ngx_http_moe_ctx_t *ctx)
+{
+    yajl_gen                g;
+    ngx_uint_t              i, j;
+    ngx_http_moe_lp_tok_t  *t;
+
+    g = ctx->gen;
+
+    ngx_http_moe_gen_lit(g, "logprobs");
+
+    if (!ctx->logprobs
+        || (ctx->stream && (ctx->lp == NULL || ctx->lp->nelts == 0)))
+    {
+        yajl_gen_null(g);
+        return;
+    }
+
+    t = ctx->lp ? ctx->lp->elts : NULL;
+    yajl_gen_map_open(g);
+
+    if (ctx->chat) {
+        ngx_http_moe_gen_lit(g, "content");
+        yajl_gen_array_open(g);
+
+        for (i = 0; ctx->lp && i < ctx->lp->nelts; i++) {
+            ngx_http_moe_gen_lp_chat(g, &t[i]);
+        }
+
+        yajl_gen_array_close(g);
+
+        ngx_http_moe_gen_lit(g, "refusal");
+        yajl_gen_null(g);
+
+        goto done;
+    }
+
+    ngx_http_moe_gen_lit(g, "tokens");
+    yajl_gen_array_open(g);
+    for (i = 0; ctx->lp && i < ctx->lp->nelts; i++) {
+        ngx_http_moe_gen_str(g, t[i].text.data, t[i].text.len);
+    }
+    yajl_gen_array_close(g);
+
+    ngx_http_moe_gen_lit(g, "token_logprobs");
+    yajl_gen_array_open(g);
+    for (i = 0; ctx->lp && i < ctx->lp->nelts; i++) {
+        if (t[i].no_logprob) {
+            yajl_gen_null(g);
+
+        } else {
+            ngx_http_moe_gen_lp_value(g, t[i].logprob);
+        }
+    }
+    yajl_gen_array_close(g);
+
+    ngx_http_moe_gen_lit(g, "top_logprobs");
+    yajl_gen_array_open(g);
+    for (i = 0; ctx->lp && i < ctx->lp->nelts; i++) {
+        if (t[i].no_logprob) {
+            yajl_gen_null(g);
+            continue;
+        }
+
+        yajl_gen_map_open(g);
+        for (j = 0; j < t[i].n_top; j++) {
+            ngx_http_moe_gen_str(g, t[i].top[j].text.data,
+                                 t[i].top[j].text.len);
+            ngx_http_moe_gen_lp_value(g, t[i].top[j].logprob);
+        }
+        yajl_gen_map_close(g);
+    }
+    yajl_gen_array_close(g);
+
+    ngx_http_moe_gen_lit(g, "text_offset");
+    yajl_gen_array_open(g);
+    for (i = 0; ctx->lp && i < ctx->lp->nelts; i++) {
+        yajl_gen_integer(g, (long long) t[i].offset);
+    }
+    yajl_gen_array_close(g);
+
+done:
+
+    yajl_gen_map_close(g);
+
+    if (ctx->stream && ctx->lp) {
+        ctx->lp->nelts = 0;
+    }
+}
+
+
+/* chat's {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]} */
+
+static void
+ngx_http_moe_gen_lp_chat(yajl_gen g, ngx_http_moe_lp_tok_t *t)
+{
+    size_t      k;
+    ngx_uint_t  j;
+    ngx_str_t  *text;
+    float       logprob;
+
+    for (j = 0; j <= t->n_top; j++) {
+        if (j == 0) {
+            text = &t->text;
+            logprob = t->logprob;
+
+        } else {
+            text = &t->top[j - 1].text;
+            logprob = t->top[j - 1].logprob;
+        }
+
+        yajl_gen_map_open(g);
+
+        ngx_http_moe_gen_lit(g, "token");
+        ngx_http_moe_gen_str(g, text->data, text->len);
+
+        ngx_http_moe_gen_lit(g, "logprob");
+        ngx_http_moe_gen_lp_value(g, logprob);
+
+        ngx_http_moe_gen_lit(g, "bytes");
+        yajl_gen_array_open(g);
+        for (k = 0; k < text->len; k++) {
+            yajl_gen_integer(g, text->data[k]);
+        }
+        yajl_gen_array_close(g);
+
+        if (j > 0) {
+            yajl_gen_map_close(g);
+            continue;
+        }
+
+        ngx_http_moe_gen_lit(g, "top_logprobs");
+        yajl_gen_array_open(g);
+
+        if (t->n_top == 0) {
+            yajl_gen_array_close(g);
+            yajl_gen_map_close(g);
+            return;
+        }
+    }
+
+    yajl_gen_array_close(g);
+    yajl_gen_map_close(g);
+}
+
+
+/* JSON has no -inf: a token the sampler could not pick gets OpenAI's
+ * -9999.0 */
+
+static void
+ngx_http_moe_gen_lp_value(yajl_gen g, float logprob)
+{
+    if (!(logprob > -9999.0f)) {
+        logprob = -9999.0f;
+    }
+
+    yajl_gen_double(g, (double) logprob);
 }
