@@ -1214,8 +1214,8 @@ ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
 
     if (chat) {
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
-                                 "echo is a completions field; chat "
-                                 "completions do not support it");
+                                 "echo is not supported on chat "
+                                 "completions (a completions field)");
     }
 
     /* the text to echo: a string prompt, or an array holding one */

@@ -930,8 +930,10 @@ ngx_http_moe_lp_add(ngx_http_moe_ctx_t *ctx, int32_t token, float logprob,
 
     t->logprob = logprob;
     t->no_logprob = no_logprob;
+    /* text_offset counts characters, as Python's len() of the text */
     t->offset = ctx->lp_offset;
-    ctx->lp_offset += t->text.len;
+    n = ngx_utf8_length(t->text.data, t->text.len);
+    ctx->lp_offset += (n == (ngx_uint_t) NGX_ERROR) ? t->text.len : n;
 
     n = ngx_min(n_top, ctx->lp_top);
 

@@ -83,7 +83,8 @@ my @cases = (
     ['unknown path (POST)', POST => '/v2/completions', { %cmp }, 404],
     ['stream_options without stream', POST => $C,
         { %chat, stream_options => { include_usage => $T } }, 400],
-    ['logprobs true', POST => $C, { %chat, logprobs => $T }, 400],
+    ['top_logprobs without logprobs', POST => $C,
+        { %chat, top_logprobs => 2 }, 400],
     ['presence_penalty 5', POST => $P, { %cmp, presence_penalty => 5 }, 400],
     ['seed wrong type', POST => $P, { %cmp, seed => 'abc' }, 400],
 );
