@@ -340,6 +340,7 @@ void moe_guide_release(moe_guide_t *g);
 #define MOE_MAX_STOP_IDS 16
 #define MOE_MAX_LOGIT_BIAS 300     /* OpenAI's limit on logit_bias entries */
 #define MOE_MAX_TOP_LOGPROBS 20    /* OpenAI's limit on top_logprobs */
+#define MOE_MAX_CHOICES      16    /* sampling.n_choices limit */
 
 typedef struct {
     float     temperature;         /* 0: greedy; default 1 */
@@ -381,6 +382,17 @@ typedef struct {
      * prefilled one position per step and skips the prefix cache. */
     int       top_logprobs;
     int       prompt_logprobs;
+
+    /* ---- several choices (issue 10 item 5) ----
+     * n_choices (0 or 1: one; up to MOE_MAX_CHOICES and max_num_seqs):
+     * the request is prefilled once, then forked into n_choices sequences
+     * that share the prompt's KV blocks (reference counts; the last
+     * partial block copied for each).  Choice i draws from its own stream
+     * (seed + i when seeded) and gets its own TOKEN and FINISH events
+     * (moe_event_t.index); the request has ended when every choice sent
+     * its FINISH or ERROR.  FINISH n_prompt / n_cached are the request's
+     * (count them once), n_generated the choice's. */
+    int       n_choices;
 } moe_sampling_t;
 
 void moe_sampling_defaults(moe_sampling_t *sp);
@@ -463,6 +475,7 @@ typedef struct {
     int32_t   n_generated;     /* FINISH: tokens sampled, EOS included */
     float     logprob;         /* TOKEN: log-probability of the token
                                   (when sampling.logprobs), else 0 */
+    int32_t   index;           /* the choice (0..n_choices-1) */
     moe_logprobs_t *lp;        /* TOKEN with top_logprobs > 0, PROMPT: a
                                   malloc()ed record the drainer owns and
                                   frees with moe_event_release(); else
@@ -542,6 +555,13 @@ int moe_engine_submit(moe_engine_t *e, uint64_t req_id,
  * already finished.  MOE_EFULL: ring full, call again later.
  */
 int moe_engine_cancel(moe_engine_t *e, uint64_t req_id);
+
+/*
+ * The same for one choice of a request with n_choices > 1 (a stop string
+ * ended it): that choice's sequence is dropped (FINISH CANCELLED for its
+ * index), the others go on.  index -1: every choice, as moe_engine_cancel.
+ */
+int moe_engine_cancel_choice(moe_engine_t *e, uint64_t req_id, int index);
 
 /*
  * Hold the engine thread, for tests that must fix what the scheduler sees

@@ -44,7 +44,7 @@ moe_drain_submit(moe_engine_t *e)
 
     while (moe_ring_pop(e->submit, &m) == 1) {
         if (m.type == MOE_MSG_CANCEL) {
-            moe_sched_cancel(e, m.req_id);
+            moe_sched_cancel(e, m.req_id, m.index);
             continue;
         }
 
@@ -628,7 +628,9 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         || sp->n_logit_bias < 0 || sp->n_logit_bias > MOE_MAX_LOGIT_BIAS
         || sp->top_logprobs < 0 || sp->top_logprobs > MOE_MAX_TOP_LOGPROBS
         || (sp->top_logprobs > 0 && !sp->logprobs)
-        || (sp->prompt_logprobs != 0 && sp->prompt_logprobs != 1))
+        || (sp->prompt_logprobs != 0 && sp->prompt_logprobs != 1)
+        || sp->n_choices < 0 || sp->n_choices > MOE_MAX_CHOICES
+        || sp->n_choices > e->cfg.max_num_seqs)
     {
         return MOE_EINVAL;
     }
@@ -692,6 +694,26 @@ moe_engine_cancel(moe_engine_t *e, uint64_t req_id)
     memset(&m, 0, sizeof(m));
     m.type = MOE_MSG_CANCEL;
     m.req_id = req_id;
+    m.index = -1;
+
+    if (moe_ring_push(e->submit, &m) != MOE_OK) {
+        return MOE_EFULL;
+    }
+
+    moe_wake_engine(e);
+    return MOE_OK;
+}
+
+
+int
+moe_engine_cancel_choice(moe_engine_t *e, uint64_t req_id, int index)
+{
+    moe_msg_t  m;
+
+    memset(&m, 0, sizeof(m));
+    m.type = MOE_MSG_CANCEL;
+    m.req_id = req_id;
+    m.index = index < 0 ? -1 : index;
 
     if (moe_ring_push(e->submit, &m) != MOE_OK) {
         return MOE_EFULL;

@@ -27,6 +27,7 @@ typedef struct {
     uint64_t        req_id;
     int32_t        *prompt;        /* malloc()ed; the engine takes it */
     moe_sampling_t  sp;
+    int32_t         index;         /* CANCEL: the choice, -1 all */
 } moe_msg_t;
 
 typedef struct moe_seq  moe_seq_t;
@@ -91,6 +92,10 @@ struct moe_seq {
      * first token, then owned by the event */
     moe_logprobs_t *plp;
     int             plp_sent;
+    /* choices (sp.n_choices > 1): choice 0 is the one submitted; it forks
+     * the others when its prompt is prefilled (forked = 1) */
+    int             choice;
+    int             forked;
     moe_seq_t      *prev, *next;   /* waiting or swapped queue links */
 };
 
@@ -178,10 +183,10 @@ void moe_sched_submit(moe_engine_t *e, moe_msg_t *m);
 
 /*
  * Cancel request id wherever it is (running, waiting, swapped): its KV
- * blocks and swap slots freed now, FINISH(CANCELLED) sent.  An id that
- * already finished is ignored.
+ * blocks and swap slots freed now, FINISH(CANCELLED) sent (per choice).
+ * index >= 0: only that choice.  An id that already finished is ignored.
  */
-void moe_sched_cancel(moe_engine_t *e, uint64_t id);
+void moe_sched_cancel(moe_engine_t *e, uint64_t id, int index);
 
 /*
  * One scheduler step: chunks for the running sequences, resumes and

@@ -348,7 +348,8 @@ main(int argc, char **argv)
          && collect(e, 3, &c) == 0;
     TAP_OK(ok && c.prompt != NULL && c.prompt_at == 0,
            "prompt logprobs: one PROMPT event before the first token");
-    TAP_OK(c.prompt && c.prompt->n_rows == (int) n && isnan(c.prompt->logprob[0])
+    TAP_OK(c.prompt && c.prompt->n_rows == (int) n
+           && isnan(c.prompt->logprob[0])
            && c.prompt->top[0].id == -1,
            "PROMPT: %d rows, row 0 NAN", c.prompt ? c.prompt->n_rows : -1);
     ok = c.prompt != NULL && lg != NULL && V > 0;
