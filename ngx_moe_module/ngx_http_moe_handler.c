@@ -66,7 +66,10 @@ typedef struct {
     ngx_uint_t                 skip_special_tokens;
     const char                *stops[MOE_MAX_STOP];
     int                        n_stops;
-    /* logprobs and echo (ngx_http_moe_lp_params) */
+    /* logprobs and echo (ngx_http_moe_lp_params), n and best_of
+     * (ngx_http_moe_n_params) */
+    ngx_uint_t                 n;
+    ngx_uint_t                 best_of;
     ngx_uint_t                 echo;
     u_char                    *echo_text;
     size_t                     echo_len;
@@ -96,6 +99,8 @@ static ngx_int_t ngx_http_moe_fields(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root,
+    ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_logit_bias(ngx_http_request_t *r, yajl_val v,
     int vocab, moe_sampling_t *sp, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
@@ -159,7 +164,6 @@ static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
     { "tools", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
     { "functions", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
     { "suffix", NGX_HTTP_MOE_FIELD_STRING, 0 },
-    { "best_of", NGX_HTTP_MOE_FIELD_INT, 1 },
     { "min_tokens", NGX_HTTP_MOE_FIELD_INT, 0 },
     { "audio", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { "prediction", NGX_HTTP_MOE_FIELD_ANY, 0 },
@@ -642,25 +646,6 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         return NGX_DECLINED;
     }
 
-    v = ngx_http_moe_json_get(root, "n");
-
-    if (v) {
-        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n must be an integer");
-        }
-
-        if (k < 1) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n must be at least 1");
-        }
-
-        if (k > 1) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n > 1 is not supported yet");
-        }
-    }
-
     v = ngx_http_moe_json_get(root, "stream");
 
     if (v && ngx_http_moe_json_bool(v, &p->stream) != NGX_OK) {
@@ -710,7 +695,9 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         return NGX_DECLINED;
     }
 
-    if (ngx_http_moe_lp_params(root, chat, p, err) != NGX_OK) {
+    if (ngx_http_moe_lp_params(root, chat, p, err) != NGX_OK
+        || ngx_http_moe_n_params(r, root, chat, p, err) != NGX_OK)
+    {
         return NGX_DECLINED;
     }
 
@@ -1120,6 +1107,86 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
 
 
 /*
+ * n (chat and completions) and best_of (completions) into p: n in
+ * 1..min(MOE_MAX_CHOICES, max_num_seqs), best_of in n..that limit (the
+ * engine runs best_of choices; the answer has the n with the highest
+ * cumulative logprob), best_of > n not with stream (OpenAI's rule).
+ * NGX_DECLINED with a 400 naming the field.
+ */
+
+static ngx_int_t
+ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    int64_t                    k, limit;
+    yajl_val                   v;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_moe_main_conf(r);
+
+    limit = ngx_min(MOE_MAX_CHOICES, mcf->config->max_num_seqs);
+
+    p->n = 1;
+
+    v = ngx_http_moe_json_get(root, "n");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n must be an integer");
+        }
+
+        if (k < 1 || k > limit) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n must be in [1, %L], got %L",
+                                     limit, k);
+        }
+
+        p->n = (ngx_uint_t) k;
+    }
+
+    p->best_of = p->n;
+
+    v = ngx_http_moe_json_get(root, "best_of");
+
+    if (v == NULL) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of must be an integer");
+    }
+
+    if (chat) {
+        if (k == 1) {
+            return NGX_OK;
+        }
+
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of is not supported on chat "
+                                 "completions (a completions field)");
+    }
+
+    if (k < (int64_t) p->n || k > limit) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of must be in [n, %L] (n is %ui), "
+                                 "got %L", limit, p->n, k);
+    }
+
+    if (k > (int64_t) p->n && p->stream) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of cannot be used with stream "
+                                 "(choices are ranked once complete)");
+    }
+
+    p->best_of = (ngx_uint_t) k;
+
+    return NGX_OK;
+}
+
+
+/*
  * logprobs, top_logprobs and echo into p.  Chat: logprobs a boolean,
  * top_logprobs 0-20 with logprobs true; completions: logprobs an integer
  * 0-5 (the top entries per token), echo a boolean (the prompt text, which
@@ -1492,6 +1559,12 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->echo_on = p->echo;
     ctx->echo = p->echo_text;
     ctx->echo_len = p->echo_len;
+
+    /* best_of ranks the choices by their cumulative logprob */
+    p->sp.n_choices = (int) p->best_of;
+    if (p->best_of > p->n) {
+        p->sp.logprobs = 1;
+    }
     ctx->keepalive_interval = mlcf->keepalive;
 
     ctx->model.data = (u_char *) mcf->info->served_name;
@@ -1518,6 +1591,15 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->ts = moe_textstream_create(mcf->tokenizer, p->stops, p->n_stops,
                                     (int) p->skip_special_tokens);
     if (ctx->ts == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (p->best_of > 1
+        && ngx_http_moe_choices_init(ctx, p->best_of, p->n, p->stops,
+                                     p->n_stops,
+                                     (int) p->skip_special_tokens)
+           != NGX_OK)
+    {
         return NGX_ERROR;
     }
 

@@ -53,6 +53,16 @@ static void ngx_http_moe_gen_logprobs(ngx_http_moe_ctx_t *ctx);
 static void ngx_http_moe_gen_lp_chat(yajl_gen g, ngx_http_moe_lp_tok_t *t);
 static void ngx_http_moe_gen_lp_value(yajl_gen g, float logprob);
 
+static void ngx_http_moe_choice_cleanup(void *data);
+static void ngx_http_moe_choice_load(ngx_http_moe_ctx_t *ctx, ngx_uint_t c);
+static void ngx_http_moe_choice_save(ngx_http_moe_ctx_t *ctx);
+static ngx_int_t ngx_http_moe_choices_echo(ngx_http_moe_ctx_t *ctx,
+    ngx_uint_t role);
+static void ngx_http_moe_choice_event(ngx_http_moe_ctx_t *ctx,
+    moe_event_t *ev);
+static void ngx_http_moe_choice_end(ngx_http_moe_ctx_t *ctx);
+static void ngx_http_moe_choice_pick(ngx_http_moe_ctx_t *ctx, ngx_uint_t k);
+
 
 static ngx_str_t  ngx_http_moe_sse_type = ngx_string("text/event-stream");
 
@@ -81,6 +91,11 @@ ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx)
     ngx_add_timer(&ctx->keepalive, ctx->keepalive_interval);
 
     if (!ctx->stream) {
+        if (ctx->choices) {
+            return ngx_http_moe_choices_echo(ctx, 0) == NGX_OK ? NGX_DONE
+                                                              : NGX_ERROR;
+        }
+
         if (ngx_http_moe_lp_echo(ctx) != NGX_OK) {
             return NGX_ERROR;
         }
@@ -120,6 +135,18 @@ ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx)
 
     r->write_event_handler = ngx_http_moe_stream_writer;
 
+    if (ctx->choices) {
+        rc = ngx_http_moe_sse_write(ctx, NULL, 0, 0);
+
+        if (rc == NGX_ERROR
+            || ngx_http_moe_choices_echo(ctx, ctx->chat) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        return NGX_DONE;
+    }
+
     if (ctx->chat) {
         ngx_http_moe_gen_chunk(ctx, "", 0, 1, NULL);
         rc = ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA);
@@ -153,6 +180,11 @@ ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
     ngx_http_moe_admit_done(ctx);
 
     if (ctx->done) {
+        return;
+    }
+
+    if (ctx->choices) {
+        ngx_http_moe_choice_event(ctx, ev);
         return;
     }
 
@@ -444,7 +476,8 @@ ngx_http_moe_sse_done(ngx_http_moe_ctx_t *ctx)
 static ngx_int_t
 ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx)
 {
-    yajl_gen  g;
+    yajl_gen    g;
+    ngx_uint_t  k;
 
     g = ctx->gen;
 
@@ -453,33 +486,42 @@ ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx)
 
     ngx_http_moe_gen_lit(g, "choices");
     yajl_gen_array_open(g);
-    yajl_gen_map_open(g);
 
-    ngx_http_moe_gen_lit(g, "index");
-    yajl_gen_integer(g, 0);
+    /* n > 1: the n_return best choices, in rank order */
+    for (k = 0; k < (ctx->choices ? ctx->n_return : 1); k++) {
+        if (ctx->choices) {
+            ngx_http_moe_choice_pick(ctx, k);
+        }
 
-    if (ctx->chat) {
-        ngx_http_moe_gen_lit(g, "message");
         yajl_gen_map_open(g);
-        ngx_http_moe_gen_lit(g, "role");
-        ngx_http_moe_gen_lit(g, "assistant");
-        ngx_http_moe_gen_lit(g, "content");
-        ngx_http_moe_gen_str(g, ctx->text ? ctx->text : (u_char *) "",
-                             ctx->text_len);
-        yajl_gen_map_close(g);
 
-    } else {
-        ngx_http_moe_gen_lit(g, "text");
-        ngx_http_moe_gen_str(g, ctx->text ? ctx->text : (u_char *) "",
-                             ctx->text_len);
+        ngx_http_moe_gen_lit(g, "index");
+        yajl_gen_integer(g, k);
+
+        if (ctx->chat) {
+            ngx_http_moe_gen_lit(g, "message");
+            yajl_gen_map_open(g);
+            ngx_http_moe_gen_lit(g, "role");
+            ngx_http_moe_gen_lit(g, "assistant");
+            ngx_http_moe_gen_lit(g, "content");
+            ngx_http_moe_gen_str(g, ctx->text ? ctx->text : (u_char *) "",
+                                 ctx->text_len);
+            yajl_gen_map_close(g);
+
+        } else {
+            ngx_http_moe_gen_lit(g, "text");
+            ngx_http_moe_gen_str(g, ctx->text ? ctx->text : (u_char *) "",
+                                 ctx->text_len);
+        }
+
+        ngx_http_moe_gen_logprobs(ctx);
+
+        ngx_http_moe_gen_lit(g, "finish_reason");
+        ngx_http_moe_gen_cstr(g, ctx->finish_reason);
+
+        yajl_gen_map_close(g);
     }
 
-    ngx_http_moe_gen_logprobs(ctx);
-
-    ngx_http_moe_gen_lit(g, "finish_reason");
-    ngx_http_moe_gen_cstr(g, ctx->finish_reason);
-
-    yajl_gen_map_close(g);
     yajl_gen_array_close(g);
 
     ngx_http_moe_gen_usage(ctx);
@@ -567,7 +609,7 @@ ngx_http_moe_gen_chunk(ngx_http_moe_ctx_t *ctx, const char *text, size_t len,
     yajl_gen_map_open(g);
 
     ngx_http_moe_gen_lit(g, "index");
-    yajl_gen_integer(g, 0);
+    yajl_gen_integer(g, ctx->cur);
 
     if (ctx->chat) {
         ngx_http_moe_gen_lit(g, "delta");
@@ -1165,4 +1207,341 @@ ngx_http_moe_gen_lp_value(yajl_gen g, float logprob)
     }
 
     yajl_gen_double(g, (double) logprob);
+}
+
+
+/* ------------------------------------------------------- n > 1 choices */
+
+/*
+ * A request of n_choices engine choices (n, or best_of on completions):
+ * each choice has its own text stream, text, logprobs and finish reason,
+ * loaded into the request's fields while one of its events is handled, so
+ * the single-choice functions above serve it unchanged.  A streamed
+ * answer sends each choice's chunks with its index as they come, a
+ * finish chunk per choice, and ends (usage, [DONE]) with the last; the
+ * final JSON lists the n_return choices with the highest cumulative
+ * logprob (all of them, in index order, without best_of).  Usage counts
+ * the prompt once and the tokens of every choice.
+ */
+
+ngx_int_t
+ngx_http_moe_choices_init(ngx_http_moe_ctx_t *ctx, ngx_uint_t n_choices,
+    ngx_uint_t n_return, const char *const *stops, int n_stops,
+    int skip_special_tokens)
+{
+    ngx_uint_t              c;
+    ngx_pool_cleanup_t     *cln;
+    ngx_http_moe_choice_t  *ch;
+
+    ch = ngx_pcalloc(ctx->request->pool,
+                     n_choices * sizeof(ngx_http_moe_choice_t));
+    if (ch == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(ctx->request->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_moe_choice_cleanup;
+    cln->data = ctx;
+
+    ctx->choices = ch;
+    ctx->n_choices = n_choices;
+    ctx->n_return = n_return;
+
+    /* choice 0 keeps the stream the request made */
+    ch[0].ts = ctx->ts;
+
+    for (c = 1; c < n_choices; c++) {
+        ch[c].ts = moe_textstream_create(ctx->mcf->tokenizer, stops, n_stops,
+                                         skip_special_tokens);
+        if (ch[c].ts == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    ctx->cur = 0;
+
+    return NGX_OK;
+}
+
+
+/* runs before the request's own cleanup (pool cleanups run last first) */
+
+static void
+ngx_http_moe_choice_cleanup(void *data)
+{
+    ngx_http_moe_ctx_t  *ctx = data;
+
+    ngx_uint_t  c;
+
+    for (c = 0; c < ctx->n_choices; c++) {
+        if (ctx->choices[c].ts) {
+            moe_textstream_free(ctx->choices[c].ts);
+            ctx->choices[c].ts = NULL;
+        }
+    }
+
+    ctx->ts = NULL;
+}
+
+
+static void
+ngx_http_moe_choice_load(ngx_http_moe_ctx_t *ctx, ngx_uint_t c)
+{
+    ngx_http_moe_choice_t  *ch;
+
+    ch = &ctx->choices[c];
+
+    ctx->cur = c;
+    ctx->ts = ch->ts;
+    ctx->text = ch->text;
+    ctx->text_len = ch->text_len;
+    ctx->text_cap = ch->text_cap;
+    ctx->lp = ch->lp;
+    ctx->lp_offset = ch->lp_offset;
+    ctx->finish_reason = ch->finish_reason;
+    ctx->echo_sent = ch->echo_sent;
+}
+
+
+static void
+ngx_http_moe_choice_save(ngx_http_moe_ctx_t *ctx)
+{
+    ngx_http_moe_choice_t  *ch;
+
+    ch = &ctx->choices[ctx->cur];
+
+    ch->ts = ctx->ts;
+    ch->text = ctx->text;
+    ch->text_len = ctx->text_len;
+    ch->text_cap = ctx->text_cap;
+    ch->lp = ctx->lp;
+    ch->lp_offset = ctx->lp_offset;
+    ch->finish_reason = ctx->finish_reason;
+    ch->echo_sent = ctx->echo_sent;
+}
+
+
+/* at the start: each choice's role chunk (chat streams) and echo */
+
+static ngx_int_t
+ngx_http_moe_choices_echo(ngx_http_moe_ctx_t *ctx, ngx_uint_t role)
+{
+    ngx_int_t   rc;
+    ngx_uint_t  c;
+
+    for (c = 0; c < ctx->n_choices; c++) {
+        ngx_http_moe_choice_load(ctx, c);
+
+        rc = NGX_OK;
+
+        if (role) {
+            ngx_http_moe_gen_chunk(ctx, "", 0, 1, NULL);
+            rc = ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA);
+        }
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_moe_lp_echo(ctx);
+        }
+
+        ngx_http_moe_choice_save(ctx);
+
+        if (rc != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_moe_choice_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
+{
+    size_t                  len;
+    ngx_int_t               rc;
+    ngx_uint_t              c;
+    const char             *text;
+    ngx_http_moe_err_t      err;
+    ngx_http_moe_choice_t  *ch;
+
+    c = (ngx_uint_t) ev->index;
+
+    if (ev->type == MOE_EV_ERROR) {
+        ctx->live = 0;
+        (void) ngx_http_moe_fail(&err, ngx_http_moe_status(ev->status),
+                                 NULL, "generation failed: %s",
+                                 moe_strerror(ev->status));
+        ngx_http_moe_fail_request(ctx, &err);
+        return;
+    }
+
+    if (ev->index < 0 || c >= ctx->n_choices) {
+        return;
+    }
+
+    ch = &ctx->choices[c];
+
+    if (ev->type == MOE_EV_PROMPT) {
+        /* the prompt is every choice's: its rows and echo for each */
+        for (c = 0; c < ctx->n_choices; c++) {
+            ngx_http_moe_choice_load(ctx, c);
+            rc = ngx_http_moe_lp_prompt(ctx, ev);
+            ngx_http_moe_choice_save(ctx);
+
+            if (rc != NGX_OK) {
+                ngx_http_finalize_request(ctx->request, NGX_ERROR);
+                return;
+            }
+        }
+
+        return;
+    }
+
+    if (ev->type == MOE_EV_FINISH) {
+        if (++ctx->n_ended == ctx->n_choices) {
+            ctx->live = 0;
+        }
+
+        if (ch->done) {
+            return;
+        }
+
+        if (ev->finish_reason == MOE_FINISH_ERROR) {
+            ctx->live = 0;
+            (void) ngx_http_moe_fail(&err, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                     NULL, "generation failed: %s",
+                                     moe_strerror(ev->status));
+            ngx_http_moe_fail_request(ctx, &err);
+            return;
+        }
+
+        ctx->n_prompt = ev->n_prompt;
+        ctx->n_cached = ev->n_cached;
+
+        /* the EOS token counts, as in the engine's n_generated */
+        if (ev->n_generated > ch->n_seen) {
+            ctx->n_completion += ev->n_generated - ch->n_seen;
+        }
+
+        ngx_http_moe_choice_load(ctx, c);
+
+        ctx->finish_reason = (ev->finish_reason == MOE_FINISH_LENGTH)
+                             ? "length" : "stop";
+
+        text = NULL;
+        len = 0;
+
+        if (moe_textstream_finish(ctx->ts, &text, &len) != MOE_OK) {
+            (void) ngx_http_moe_fail(&err, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                     NULL, "detokenizer failed");
+            ngx_http_moe_fail_request(ctx, &err);
+            return;
+        }
+
+        if (len && ngx_http_moe_text(ctx, text, len) == NGX_ERROR) {
+            ngx_http_finalize_request(ctx->request, NGX_ERROR);
+            return;
+        }
+
+        ngx_http_moe_choice_end(ctx);
+        return;
+    }
+
+    if (ev->type != MOE_EV_TOKEN || ch->done) {
+        return;
+    }
+
+    ch->n_seen++;
+    ch->cum_logprob += ev->logprob;
+
+    ngx_http_moe_choice_load(ctx, c);
+
+    rc = ngx_http_moe_token(ctx, ev);
+
+    if (rc == NGX_ERROR) {
+        ngx_http_finalize_request(ctx->request, NGX_ERROR);
+        return;
+    }
+
+    if (rc == NGX_DONE) {
+        /* a stop string ended this choice: the engine may drop it (a
+         * full ring: it runs on and its tokens are ignored) */
+        (void) moe_engine_cancel_choice(ctx->mcf->engine, ctx->id,
+                                        (int) c);
+        ctx->finish_reason = "stop";
+        ngx_http_moe_choice_end(ctx);
+        return;
+    }
+
+    ngx_http_moe_choice_save(ctx);
+}
+
+
+/* the loaded choice is complete: its finish chunk, or the whole answer
+ * after the last one */
+
+static void
+ngx_http_moe_choice_end(ngx_http_moe_ctx_t *ctx)
+{
+    ngx_http_moe_choice_t  *ch;
+
+    ch = &ctx->choices[ctx->cur];
+    ch->done = 1;
+
+    ngx_http_moe_choice_save(ctx);
+
+    if (++ctx->n_done == ctx->n_choices) {
+        /* the last: its finish chunk, usage and [DONE], or the JSON */
+        ngx_http_moe_finish(ctx);
+        return;
+    }
+
+    if (!ctx->stream) {
+        return;
+    }
+
+    ngx_http_moe_gen_chunk(ctx, "", 0, 0, ctx->finish_reason);
+
+    if (ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA) == NGX_ERROR) {
+        ngx_http_finalize_request(ctx->request, NGX_ERROR);
+    }
+}
+
+
+/* load the k-th choice of the answer: by cumulative logprob when best_of
+ * asked for more than n (ties: the lower index), else choice k */
+
+static void
+ngx_http_moe_choice_pick(ngx_http_moe_ctx_t *ctx, ngx_uint_t k)
+{
+    ngx_uint_t              c, j, rank;
+    ngx_http_moe_choice_t  *ch;
+
+    ch = ctx->choices;
+
+    if (ctx->n_return == ctx->n_choices) {
+        ngx_http_moe_choice_load(ctx, k);
+        return;
+    }
+
+    for (c = 0; c < ctx->n_choices; c++) {
+        rank = 0;
+
+        for (j = 0; j < ctx->n_choices; j++) {
+            if (ch[j].cum_logprob > ch[c].cum_logprob
+                || (ch[j].cum_logprob == ch[c].cum_logprob && j < c))
+            {
+                rank++;
+            }
+        }
+
+        if (rank == k) {
+            ngx_http_moe_choice_load(ctx, c);
+            return;
+        }
+    }
 }
