@@ -2,8 +2,8 @@
 // (for await over chunks), non-stream chat, completions (plain and
 // streamed, with include_usage), logprobs (chat top_logprobs streamed and
 // not, completions logprobs with echo), n = 2, and errors surfacing as the
-// SDK's typed
-// errors (NotFoundError 404 for an unknown model, BadRequestError 400).
+// SDK's typed errors (NotFoundError 404 for an unknown model,
+// BadRequestError 400).
 // Prints TAP.  Env: BASE_URL (http://127.0.0.1:PORT/v1), NODE_PATH with the
 // SDK's node_modules (installed by t/http_openai_sdk.t into build/npm-sdk).
 import { createRequire } from 'node:module';
