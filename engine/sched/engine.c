@@ -456,6 +456,9 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     e->logits = malloc(sizeof(float) * (size_t) cfg->max_num_seqs
                        * (size_t) hp->vocab_size);
     e->tok_out = calloc((size_t) cfg->max_num_seqs, sizeof(int32_t));
+    e->lp_val = calloc((size_t) cfg->max_num_seqs, sizeof(float));
+    e->lp_top = calloc((size_t) cfg->max_num_seqs * MOE_MAX_TOP_LOGPROBS,
+                       sizeof(moe_logprob_entry_t));
     e->n_expert_counts = (size_t) hp->n_layers * (size_t) hp->n_experts;
     e->expert_counts = calloc(e->n_expert_counts, sizeof(_Atomic int64_t));
     e->submit = moe_ring_create((size_t) cfg->ring_size, sizeof(moe_msg_t));
@@ -464,6 +467,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
 
     if (e->running == NULL || e->batch == NULL || e->batch_seq == NULL
         || e->logits == NULL || e->tok_out == NULL
+        || e->lp_val == NULL || e->lp_top == NULL
         || e->expert_counts == NULL || e->submit == NULL
         || e->events == NULL
         || moe_sampler_init(&e->sampler, e->n_sample) != MOE_OK)
@@ -566,6 +570,8 @@ moe_engine_destroy(moe_engine_t *e)
     free(e->batch_seq);
     free(e->logits);
     free(e->tok_out);
+    free(e->lp_val);
+    free(e->lp_top);
     free(e->pen_tok);
     free(e->pen_cnt);
     free(e->pen_seen);

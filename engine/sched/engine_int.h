@@ -141,6 +141,10 @@ struct moe_engine {
     int32_t           *tok_out;    /* (max_num_seqs) greedy ids picked by
                                       the backend (moe_seq_batch_t
                                       token_out) */
+    float             *lp_val;     /* (max_num_seqs) logprobs a backend
+                                      with logprobs_tokens computed */
+    moe_logprob_entry_t *lp_top;   /* (max_num_seqs, MOE_MAX_TOP_LOGPROBS)
+                                      their top entries */
     int32_t           *pen_tok;    /* (cap_pen) the step's penalty lists,
                                       row after row */
     int32_t           *pen_cnt;

@@ -676,6 +676,41 @@ moe_seq_send_prompt(moe_engine_t *e, moe_seq_t *s)
 }
 
 
+/* Row i's logprobs by the backend (a sequence with logprobs on an
+ * ARGMAX / BACKEND plan: the backend has logprobs_tokens) */
+static void
+moe_row_lp(moe_engine_t *e, int i, const moe_seq_t *s)
+{
+    moe_seq_batch_t  *b = &e->batch[i];
+
+    if (!s->sp.logprobs) {
+        return;
+    }
+    b->lp_out = e->lp_val + i;
+    b->lp_top = e->lp_top + (size_t) i * MOE_MAX_TOP_LOGPROBS;
+    b->lp_k = s->sp.top_logprobs;
+}
+
+
+/* A TOKEN event's top entries (sp.top_logprobs > 0) as the backend
+ * computed them (moe_row_lp); NULL (none sent) out of memory. */
+static moe_logprobs_t *
+moe_token_lp_backend(moe_engine_t *e, int i, moe_seq_t *s, int32_t tok)
+{
+    moe_logprobs_t  *r;
+
+    r = moe_logprobs_alloc(1, s->sp.top_logprobs);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->token[0] = tok;
+    r->logprob[0] = e->lp_val[i];
+    memcpy(r->top, e->lp_top + (size_t) i * MOE_MAX_TOP_LOGPROBS,
+           sizeof(moe_logprob_entry_t) * (size_t) r->k);
+    return r;
+}
+
+
 /* A TOKEN event's top entries (sp.top_logprobs > 0) from the biased,
  * penalised logits moe_sample() left; NULL (none sent) out of memory. */
 static moe_logprobs_t *
@@ -709,11 +744,16 @@ static moe_plan_t
 moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
 {
     const moe_sampling_t *sp = &s->sp;
+    int                   lp_ok;
 
     if (sp->n_logit_bias > 0) {
         return MOE_PLAN_HOST;
     }
-    if (moe_sampling_is_greedy(sp) && !sp->logprobs
+    /* logprobs: the backend's when it computes them (logprobs_tokens),
+     * else logits to the host */
+    lp_ok = !sp->logprobs || e->backend->logprobs_tokens;
+
+    if (moe_sampling_is_greedy(sp) && lp_ok
         && (s->seen == NULL || sp->repetition_penalty == 1.0f)
         && (s->counts == NULL
             || (sp->frequency_penalty == 0.0f
@@ -721,7 +761,7 @@ moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
     {
         return MOE_PLAN_ARGMAX;
     }
-    if (e->backend->sample_tokens && !sp->logprobs && !s->pen_lost) {
+    if (e->backend->sample_tokens && lp_ok && !s->pen_lost) {
         return MOE_PLAN_BACKEND;
     }
     return MOE_PLAN_HOST;
@@ -749,6 +789,9 @@ moe_step_outputs(moe_engine_t *e, int n)
         b = &e->batch[i];
         b->logits = NULL;
         b->token_out = NULL;
+        b->lp_out = NULL;
+        b->lp_top = NULL;
+        b->lp_k = 0;
         b->sample = NULL;
         b->n_pen = 0;
         b->n_valid = e->n_sample;
@@ -769,6 +812,7 @@ moe_step_outputs(moe_engine_t *e, int n)
         }
         if (s->plan == MOE_PLAN_ARGMAX) {
             b->token_out = e->tok_out + i;
+            moe_row_lp(e, i, s);
             continue;
         }
         /* no room for the penalty lists: the host samples this step */
@@ -779,6 +823,7 @@ moe_step_outputs(moe_engine_t *e, int n)
             continue;
         }
         b->token_out = e->tok_out + i;
+        moe_row_lp(e, i, s);
         b->sample = &s->sp;
         b->u = moe_sampling_is_greedy(&s->sp) ? 0.0f
                                                : moe_rng_uniform(&s->rng);
@@ -1253,7 +1298,7 @@ moe_sched_step(moe_engine_t *e)
 
         if (e->batch[i].token_out != NULL) {
             tok = e->tok_out[i];
-            lp = 0.0f;
+            lp = e->batch[i].lp_out != NULL ? e->lp_val[i] : 0.0f;
             if (e->batch[i].sample != NULL) {
                 atomic_fetch_add_explicit(&e->st_backend_sampled, 1,
                                           memory_order_relaxed);
@@ -1298,6 +1343,10 @@ moe_sched_step(moe_engine_t *e)
             ev.index = s->choice;
             if (s->sp.top_logprobs > 0 && e->batch[i].logits != NULL) {
                 ev.lp = moe_token_lp(e, s, e->batch[i].logits, tok, lp);
+            } else if (s->sp.top_logprobs > 0
+                       && e->batch[i].lp_out != NULL)
+            {
+                ev.lp = moe_token_lp_backend(e, i, s, tok);
             }
             moe_emit(e, &ev);
 

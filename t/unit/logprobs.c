@@ -159,9 +159,36 @@ test_sample(void)
 typedef struct {
     int32_t   toks[NGEN];
     float     lp[NGEN];
+    int32_t   top[NGEN][TOPK];
+    float     top_lp[NGEN][TOPK];
     int       n, n_with_rec, rec_ok, finished, prompt_at, n_events;
     moe_logprobs_t *prompt;
 } res_t;
+
+
+static moe_engine_t *
+make_engine(void)
+{
+    char           err[1024];
+    moe_config_t   cfg;
+    moe_engine_t  *e;
+
+    moe_config_defaults(&cfg);
+    snprintf(cfg.model_name, sizeof(cfg.model_name), "localmoe-tiny");
+    snprintf(cfg.model_path, sizeof(cfg.model_path),
+             "%.900s/models/localmoe-tiny", srcdir);
+    snprintf(cfg.backend, sizeof(cfg.backend), "cpu");
+    cfg.max_model_len = 128;
+    cfg.block_size = 4;
+    cfg.kv_cache_blocks = 64;
+    cfg.max_num_seqs = 8;
+    cfg.cpu_threads = 1;
+    if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
+        TAP_DIAG("engine: %s", err);
+        return NULL;
+    }
+    return e;
+}
 
 
 static int
@@ -197,6 +224,10 @@ collect(moe_engine_t *e, uint64_t id, res_t *r)
                 r->n++;
                 if (ev[k].lp != NULL) {
                     moe_logprobs_t *p = ev[k].lp;
+                    for (int j = 0; j < TOPK && j < p->k; j++) {
+                        r->top[r->n - 1][j] = p->top[j].id;
+                        r->top_lp[r->n - 1][j] = p->top[j].logprob;
+                    }
                     r->n_with_rec++;
                     r->rec_ok &= p->n_rows == 1 && p->k == TOPK
                                  && p->token[0] == ev[k].token
@@ -258,9 +289,7 @@ done:
 int
 main(int argc, char **argv)
 {
-    char            err[1024];
-    moe_config_t    cfg;
-    moe_engine_t   *e;
+    moe_engine_t   *e, *h;
     moe_sampling_t  sp;
     moe_stats_t     st;
     res_t           a, b, c;
@@ -280,22 +309,12 @@ main(int argc, char **argv)
         }
     }
 
-    TAP_PLAN(25);
+    TAP_PLAN(27);
     test_row();
     test_sample();
 
-    moe_config_defaults(&cfg);
-    snprintf(cfg.model_name, sizeof(cfg.model_name), "localmoe-tiny");
-    snprintf(cfg.model_path, sizeof(cfg.model_path),
-             "%.900s/models/localmoe-tiny", srcdir);
-    snprintf(cfg.backend, sizeof(cfg.backend), "cpu");
-    cfg.max_model_len = 128;
-    cfg.block_size = 4;
-    cfg.kv_cache_blocks = 64;
-    cfg.max_num_seqs = 8;
-    cfg.cpu_threads = 1;
-    if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
-        TAP_DIAG("engine: %s", err);
+    e = make_engine();
+    if (e == NULL) {
         TAP_OK(0, "engine starts");
         return 1;
     }
@@ -387,6 +406,52 @@ main(int argc, char **argv)
     moe_engine_stats(e, &st);
     TAP_OK(st.kv_blocks_used == 0, "every KV block free afterwards (%lld)",
            (long long) st.kv_blocks_used);
+
+    /* the backend's logprobs (lp_out, as CUDA computes them on the
+     * device) == the host sampler's: an engine whose CPU backend leaves
+     * them to the host (MOE_CPU_LOGPROBS_TOKENS=0), a seeded sampled
+     * request with a frequency penalty and top_logprobs */
+    setenv("MOE_CPU_LOGPROBS_TOKENS", "0", 1);
+    h = make_engine();
+    unsetenv("MOE_CPU_LOGPROBS_TOKENS");
+    moe_sampling_defaults(&sp);
+    sp.temperature = 0.8f;
+    sp.frequency_penalty = 0.7f;
+    sp.seed = 42;
+    sp.has_seed = 1;
+    sp.max_tokens = NGEN;
+    sp.ignore_eos = 1;
+    sp.logprobs = 1;
+    sp.top_logprobs = TOPK;
+    ok = h != NULL && moe_engine_submit(e, 20, ids, (int) n, &sp) == MOE_OK
+         && collect(e, 20, &a) == 0
+         && moe_engine_submit(h, 21, ids, (int) n, &sp) == MOE_OK
+         && collect(h, 21, &b) == 0
+         && a.n == NGEN && b.n == NGEN && a.n_with_rec == NGEN
+         && b.n_with_rec == NGEN;
+    {
+        moe_stats_t  se, sh;
+
+        moe_engine_stats(e, &se);
+        if (h != NULL) moe_engine_stats(h, &sh);
+        ok = ok && se.backend_sampled_tokens >= NGEN
+             && sh.backend_sampled_tokens == 0;
+        TAP_OK(ok && memcmp(a.toks, b.toks, sizeof(a.toks)) == 0,
+               "sampled + penalty: the backend's draw with its logprobs "
+               "(%lld tokens) gives the host sampler's tokens",
+               (long long) se.backend_sampled_tokens);
+    }
+    for (i = 0; ok && i < NGEN; i++) {
+        ok = fabsf(a.lp[i] - b.lp[i]) < 1e-5f
+             && memcmp(a.top[i], b.top[i], sizeof(a.top[i])) == 0;
+        for (int j = 0; ok && j < TOPK; j++) {
+            ok = fabsf(a.top_lp[i][j] - b.top_lp[i][j]) < 1e-5f;
+        }
+        if (!ok) TAP_DIAG("token %d: %g vs host %g", i, a.lp[i], b.lp[i]);
+    }
+    TAP_OK(ok, "backend logprobs and top entries == the host sampler's "
+           "(penalised, tempered distribution)");
+    moe_engine_destroy(h);
 
     free(ids);
     moe_engine_destroy(e);
