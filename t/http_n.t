@@ -8,7 +8,8 @@
 # highest cumulative logprob (checked against the three run alone with
 # logprobs), and usage counts all three; a stop string ends one choice
 # without ending the others' text; the engine's KV blocks are all free
-# afterwards (stats).
+# afterwards (stats); a client that disconnects from a streamed n=3
+# request gets all three choices cancelled (blocks free, nothing running).
 use strict;
 use warnings;
 use FindBin;
@@ -18,7 +19,7 @@ use JSON::PP;
 use List::Util qw(sum);
 use LocalMoE::Test;
 
-my $s = start_server();
+my $s = start_server(vllm => { max_model_len => 2048 });
 my $M = model_id();
 my $T = JSON::PP::true;
 my $C = '/v1/chat/completions';
@@ -126,5 +127,32 @@ for (1 .. 100) {
 }
 ok(defined $used && $used == 0, 'KV blocks all free afterwards')
     or diag json_encode($mem);
+
+# --- disconnect cancels every choice -------------------------------------------
+{
+    my $cancelled = sub {
+        my (undef, undef, undef, $m) = http(GET => '/metrics');
+        my ($v) = $m =~ /^localmoe_\w*cancel\w*_total\S* (\S+)/m;
+        return $v // 0;
+    };
+    my $c0 = $cancelled->();
+    my $st = sse_open($C, { %chat, n => 3, max_tokens => 1900,
+                            stream => $T });
+    ok($st->read_events(4, 30) >= 4, 'n=3 stream: events arrive');
+    $st->close;
+    my ($h, $m2);
+    for (1 .. 300) {            # a hang guard, not a speed limit
+        (undef, undef, $h) = http(GET => '/health');
+        (undef, undef, $m2) = http(GET => '/v1/stats/memory');
+        last if ref $h eq 'HASH' && ($h->{running} // -1) == 0
+             && ($m2->{kv_cache}{blocks_used} // -1) == 0;
+        select(undef, undef, undef, 0.1);
+    }
+    is($h->{running}, 0, 'disconnect: no choice left running');
+    is($m2->{kv_cache}{blocks_used}, 0, 'disconnect: every block free');
+    is($cancelled->() - $c0, 1,
+       'disconnect: the request counted cancelled once (its 3 choices '
+       . 'cut short, not run to 1900 tokens)');
+}
 
 finish();
