@@ -63,6 +63,8 @@ step test_backend_ggemm 120 env MOE_CUDA_GEMV_MAX_T=0 \
 step test_ggemm 150 build/gpu/test_ggemm
 # the weight-upload conversion and the tensor-parallel add (bit-exact)
 step test_convert 60 build/gpu/test_convert
+# device logprobs (log-softmax + top-k) against the host computation
+step test_logprobs 60 build/gpu/test_logprobs
 step bench_engine 240 build/gpu/bench_engine $MODELS
 # the same decode without CUDA graphs (graph gain = difference)
 step bench_nograph 120 env MOE_CUDA_GRAPHS=0 BENCH_PROMPTS=0 \
