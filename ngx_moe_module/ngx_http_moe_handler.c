@@ -76,6 +76,13 @@ typedef struct {
                                                guide: kept while the guide
                                                compiles */
     size_t                     n_ids;
+    /* logprobs and echo (ngx_http_moe_lp_params), n and best_of
+     * (ngx_http_moe_n_params) */
+    ngx_uint_t                 n;
+    ngx_uint_t                 best_of;
+    ngx_uint_t                 echo;
+    u_char                    *echo_text;
+    size_t                     echo_len;
 } ngx_http_moe_params_t;
 
 
@@ -104,6 +111,10 @@ static ngx_int_t ngx_http_moe_guided(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_guided_text(ngx_http_request_t *r, yajl_val v,
     ngx_http_moe_params_t *p);
+static ngx_int_t ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root,
+    ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_logit_bias(ngx_http_request_t *r, yajl_val v,
     int vocab, moe_sampling_t *sp, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
@@ -166,10 +177,7 @@ static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
 
     { "tools", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
     { "functions", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
-    { "echo", NGX_HTTP_MOE_FIELD_FALSE, 0 },
     { "suffix", NGX_HTTP_MOE_FIELD_STRING, 0 },
-    { "best_of", NGX_HTTP_MOE_FIELD_INT, 1 },
-    { "top_logprobs", NGX_HTTP_MOE_FIELD_INT, 0 },
     { "min_tokens", NGX_HTTP_MOE_FIELD_INT, 0 },
     { "audio", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { "prediction", NGX_HTTP_MOE_FIELD_ANY, 0 },
@@ -670,25 +678,6 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         return NGX_DECLINED;
     }
 
-    v = ngx_http_moe_json_get(root, "n");
-
-    if (v) {
-        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n must be an integer");
-        }
-
-        if (k < 1) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n must be at least 1");
-        }
-
-        if (k > 1) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n > 1 is not supported yet");
-        }
-    }
-
     v = ngx_http_moe_json_get(root, "stream");
 
     if (v && ngx_http_moe_json_bool(v, &p->stream) != NGX_OK) {
@@ -738,7 +727,10 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         return NGX_DECLINED;
     }
 
-    if (ngx_http_moe_guided(r, root, p, err) != NGX_OK) {
+    if (ngx_http_moe_guided(r, root, p, err) != NGX_OK
+        || ngx_http_moe_lp_params(root, chat, p, err) != NGX_OK
+        || ngx_http_moe_n_params(r, root, chat, p, err) != NGX_OK)
+    {
         return NGX_DECLINED;
     }
 
@@ -1112,21 +1104,217 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
         }
     }
 
-    /* chat: a boolean; completions: an integer (0-5) or false */
+    /* logprobs, top_logprobs, echo: ngx_http_moe_lp_params() */
+
+    return NGX_OK;
+}
+
+
+/*
+ * n (chat and completions) and best_of (completions) into p: n in
+ * 1..min(MOE_MAX_CHOICES, max_num_seqs), best_of in n..that limit (the
+ * engine runs best_of choices; the answer has the n with the highest
+ * cumulative logprob), best_of > n not with stream (OpenAI's rule).
+ * NGX_DECLINED with a 400 naming the field.
+ */
+
+static ngx_int_t
+ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    int64_t                    k, limit;
+    yajl_val                   v;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_moe_main_conf(r);
+
+    limit = ngx_min(MOE_MAX_CHOICES, mcf->config->max_num_seqs);
+
+    p->n = 1;
+
+    v = ngx_http_moe_json_get(root, "n");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n must be an integer");
+        }
+
+        if (k < 1 || k > limit) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n must be in [1, %L], got %L",
+                                     limit, k);
+        }
+
+        /* ngx_http_moe_guided ran first: a guide is already chosen */
+        if (k > 1 && p->guide_kind != MOE_GUIDED_NONE) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n > 1 with guided decoding "
+                                     "(response_format, guided_*, tools) "
+                                     "is not supported yet");
+        }
+
+        p->n = (ngx_uint_t) k;
+    }
+
+    p->best_of = p->n;
+
+    v = ngx_http_moe_json_get(root, "best_of");
+
+    if (v == NULL) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of must be an integer");
+    }
+
+    if (chat) {
+        if (k == 1) {
+            return NGX_OK;
+        }
+
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of is not supported on chat "
+                                 "completions (a completions field)");
+    }
+
+    if (k < (int64_t) p->n || k > limit) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of must be in [n, %L] (n is %ui), "
+                                 "got %L", limit, p->n, k);
+    }
+
+    if (k > (int64_t) p->n && p->stream) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of cannot be used with stream "
+                                 "(choices are ranked once complete)");
+    }
+
+    p->best_of = (ngx_uint_t) k;
+
+    return NGX_OK;
+}
+
+
+/*
+ * logprobs, top_logprobs and echo into p.  Chat: logprobs a boolean,
+ * top_logprobs 0-20 with logprobs true; completions: logprobs an integer
+ * 0-5 (the top entries per token), echo a boolean (the prompt text, which
+ * must then be text, before the completion; with logprobs also the
+ * prompt tokens' logprobs, the first one null).  null is absent.
+ * NGX_DECLINED with a 400 naming the field.
+ */
+
+static ngx_int_t
+ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    int64_t     k, top;
+    yajl_val    v, t;
+    ngx_uint_t  b;
+
+    top = -1;
 
     v = ngx_http_moe_json_get(root, "logprobs");
 
-    if (v && !YAJL_IS_FALSE(v)) {
-        if (chat ? !YAJL_IS_TRUE(v) : ngx_http_moe_json_int(v, &k) != NGX_OK)
-        {
+    if (v && chat) {
+        if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
             return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
-                                     chat ? "logprobs must be a boolean"
-                                          : "logprobs must be an integer");
+                                     "logprobs must be a boolean");
         }
 
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
-                                 "logprobs are not supported yet");
+        p->sp.logprobs = (int) b;
+
+    } else if (v && !YAJL_IS_FALSE(v)) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                     "logprobs must be an integer");
+        }
+
+        if (k < 0 || k > 5) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                     "logprobs must be in [0, 5], got %L",
+                                     k);
+        }
+
+        p->sp.logprobs = 1;
+        p->sp.top_logprobs = (int) k;
     }
+
+    v = ngx_http_moe_json_get(root, "top_logprobs");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &top) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs must be an integer");
+        }
+
+        if (!chat) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs is a chat field: "
+                                     "completions take logprobs (0-5)");
+        }
+
+        if (top < 0 || top > MOE_MAX_TOP_LOGPROBS) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs must be in [0, %d], "
+                                     "got %L", MOE_MAX_TOP_LOGPROBS, top);
+        }
+
+        if (top > 0 && !p->sp.logprobs) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs requires logprobs to be "
+                                     "true");
+        }
+
+        p->sp.top_logprobs = (int) top;
+    }
+
+    v = ngx_http_moe_json_get(root, "echo");
+
+    if (v == NULL) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo must be a boolean");
+    }
+
+    if (!b) {
+        return NGX_OK;
+    }
+
+    if (chat) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo is not supported on chat "
+                                 "completions (a completions field)");
+    }
+
+    /* the text to echo: a string prompt, or an array holding one */
+
+    t = ngx_http_moe_json_get(root, "prompt");
+
+    if (YAJL_IS_ARRAY(t) && t->u.array.len == 1) {
+        t = t->u.array.values[0];
+    }
+
+    if (!YAJL_IS_STRING(t)) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo needs a text prompt (not token "
+                                 "ids)");
+    }
+
+    p->echo = 1;
+    p->echo_text = (u_char *) t->u.string;
+    p->echo_len = ngx_strlen(t->u.string);
+    p->sp.prompt_logprobs = p->sp.logprobs;
 
     return NGX_OK;
 }
@@ -1641,6 +1829,18 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->continuous_usage = p->continuous_usage;
     ctx->n_prompt = (ngx_int_t) n;
     ctx->created = ngx_time();
+
+    ctx->logprobs = p->sp.logprobs ? 1 : 0;
+    ctx->lp_top = (ngx_uint_t) p->sp.top_logprobs;
+    ctx->echo_on = p->echo;
+    ctx->echo = p->echo_text;
+    ctx->echo_len = p->echo_len;
+
+    /* best_of ranks the choices by their cumulative logprob */
+    p->sp.n_choices = (int) p->best_of;
+    if (p->best_of > p->n) {
+        p->sp.logprobs = 1;
+    }
     ctx->keepalive_interval = mlcf->keepalive;
 
     ctx->model.data = (u_char *) mcf->info->served_name;
@@ -1667,6 +1867,15 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->ts = moe_textstream_create(mcf->tokenizer, p->stops, p->n_stops,
                                     (int) p->skip_special_tokens);
     if (ctx->ts == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (p->best_of > 1
+        && ngx_http_moe_choices_init(ctx, p->best_of, p->n, p->stops,
+                                     p->n_stops,
+                                     (int) p->skip_special_tokens)
+           != NGX_OK)
+    {
         return NGX_ERROR;
     }
 

@@ -555,12 +555,16 @@ ngx_http_moe_wake_handler(ngx_event_t *rev)
 
             ctx = ngx_http_moe_lookup(mcf, ev->req_id);
             if (ctx == NULL) {
+                moe_event_release(ev);
                 continue;
             }
 
             conn = ctx->request->connection;
 
             ngx_http_moe_stream_event(ctx, ev);
+
+            /* its logprobs record, copied from by now */
+            moe_event_release(ev);
 
             ngx_http_run_posted_requests(conn);
         }

@@ -215,6 +215,27 @@ typedef struct {
     uint64_t                   waiting_tokens; /* counted in admit */
     ngx_chain_t               *gate_body;   /* JSON for the core's 413 */
 
+    /* logprobs and echo (the logprobs block of ngx_http_moe_stream.c) */
+    ngx_array_t               *lp;          /* ngx_http_moe_lp_tok_t: the
+                                               tokens not yet sent */
+    ngx_uint_t                 lp_top;      /* top entries per token */
+    size_t                     lp_offset;   /* text_offset of the next */
+    u_char                    *echo;        /* the prompt text to echo */
+    size_t                     echo_len;
+    unsigned                   logprobs:1;
+    unsigned                   echo_on:1;
+    unsigned                   echo_sent:1;
+
+    /* n > 1 / best_of (the choices block of ngx_http_moe_stream.c): each
+     * choice's text state lives in choices[] and is loaded into the
+     * fields above while one of its events is handled */
+    struct ngx_http_moe_choice_s  *choices; /* (n_choices) or NULL */
+    ngx_uint_t                 n_choices;   /* the engine's (best_of) */
+    ngx_uint_t                 n_return;    /* n: in the answer */
+    ngx_uint_t                 n_ended;     /* engine FINISH events */
+    ngx_uint_t                 n_done;      /* choices complete */
+    ngx_uint_t                 cur;         /* the choice loaded */
+
     unsigned                   chat:1;
     unsigned                   stream:1;
     unsigned                   include_usage:1;
@@ -226,6 +247,38 @@ typedef struct {
     unsigned                   waiting:1;   /* counted in admit */
     unsigned                   gate_sent:1;
 } ngx_http_moe_ctx_t;
+
+
+/* one choice of a request with n > 1 (ngx_http_moe_stream.c) */
+typedef struct ngx_http_moe_choice_s {
+    moe_textstream_t          *ts;
+    u_char                    *text;
+    size_t                     text_len;
+    size_t                     text_cap;
+    ngx_array_t               *lp;
+    size_t                     lp_offset;
+    const char                *finish_reason;
+    ngx_int_t                  n_seen;      /* TOKEN events */
+    double                     cum_logprob; /* best_of ranks by it */
+    unsigned                   done:1;
+    unsigned                   echo_sent:1;
+} ngx_http_moe_choice_t;
+
+
+/* one token's logprobs, its text decoded alone (the module's pool) */
+typedef struct {
+    ngx_str_t                  text;
+    float                      logprob;
+} ngx_http_moe_lp_top_t;
+
+typedef struct {
+    ngx_str_t                  text;
+    float                      logprob;
+    ngx_uint_t                 no_logprob;  /* the first prompt token */
+    size_t                     offset;      /* completions text_offset */
+    ngx_uint_t                 n_top;
+    ngx_http_moe_lp_top_t     *top;
+} ngx_http_moe_lp_tok_t;
 
 
 /*
@@ -318,6 +371,9 @@ ngx_int_t ngx_http_moe_text_ids(ngx_http_request_t *r,
 void ngx_http_moe_text_free(ngx_http_moe_text_t *t);
 
 /* ngx_http_moe_stream.c */
+ngx_int_t ngx_http_moe_choices_init(ngx_http_moe_ctx_t *ctx,
+    ngx_uint_t n_choices, ngx_uint_t n_return, const char *const *stops,
+    int n_stops, int skip_special_tokens);
 ngx_int_t ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx);
 void ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev);
 

@@ -545,9 +545,10 @@ cpu_free_scratch(cpu_backend_t *b)
 static int32_t
 cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
 {
-    int      V = b->hp->vocab_size, i, n;
-    float    lp;
-    int32_t  tok;
+    int             V = b->hp->vocab_size, i, n;
+    float           lp;
+    int32_t         tok;
+    moe_sampling_t  sp;
 
     n = sq->n_valid > 0 && sq->n_valid < V ? sq->n_valid : V;
     for (i = 0; i < sq->n_pen; i++) {
@@ -557,7 +558,9 @@ cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
         }
     }
     b->sampler.vocab = n;           /* scratch holds V >= n entries */
-    tok = moe_sample_u(&b->sampler, lg, sq->sample, b->pcounts, b->pseen,
+    sp = *sq->sample;
+    sp.logprobs = 0;                /* lp_out: cpu_logprobs_row() */
+    tok = moe_sample_u(&b->sampler, lg, &sp, b->pcounts, b->pseen,
                        sq->u, &lp);
     for (i = 0; i < sq->n_pen; i++) {
         if (sq->pen_tok[i] >= 0 && sq->pen_tok[i] < V) {
@@ -566,6 +569,22 @@ cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
         }
     }
     return tok;
+}
+
+
+/* lp_out / lp_top of a row whose token_out is set, from its logits as the
+ * draw left them (penalised in place) */
+static void
+cpu_logprobs_row(cpu_backend_t *b, const float *lg, const moe_seq_batch_t *sq)
+{
+    int    V = b->hp->vocab_size, n;
+    float  t;
+
+    n = sq->n_valid > 0 && sq->n_valid < V ? sq->n_valid : V;
+    t = sq->sample != NULL && b->base.sample_tokens
+        ? sq->sample->temperature : 0.0f;
+    *sq->lp_out = moe_logprobs_row(lg, n, t, *sq->token_out, sq->lp_k,
+                                   sq->lp_top);
 }
 
 
@@ -1148,6 +1167,9 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             *seqs[s].token_out = cpu_argmax(lg, hp->vocab_size,
                                             seqs[s].n_valid);
         }
+        if (seqs[s].token_out != NULL && seqs[s].lp_out != NULL) {
+            cpu_logprobs_row(b, lg, &seqs[s]);
+        }
     }
     b->seqs = NULL;
     b->route_T = T;
@@ -1439,6 +1461,8 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
      * (the test of the two paths' equality) */
     env = getenv("MOE_CPU_SAMPLE_TOKENS");
     b->base.sample_tokens = env == NULL || atoi(env) != 0;
+    env = getenv("MOE_CPU_LOGPROBS_TOKENS");
+    b->base.logprobs_tokens = env == NULL || atoi(env) != 0;
     if (!b->kv || !b->counts || !b->scores || !b->ecount || !b->eoff
         || !b->pool || !b->pcounts || !b->pseen
         || moe_sampler_init(&b->sampler, hp->vocab_size) != MOE_OK

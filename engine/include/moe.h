@@ -367,6 +367,8 @@ int moe_guide_matches(const moe_guide_t *g, const moe_tokenizer_t *t);
 
 #define MOE_MAX_STOP_IDS 16
 #define MOE_MAX_LOGIT_BIAS 300     /* OpenAI's limit on logit_bias entries */
+#define MOE_MAX_TOP_LOGPROBS 20    /* OpenAI's limit on top_logprobs */
+#define MOE_MAX_CHOICES      16    /* sampling.n_choices limit */
 
 typedef struct {
     float     temperature;         /* 0: greedy; default 1 */
@@ -396,8 +398,29 @@ typedef struct {
     int       n_logit_bias;
     /* guided decoding: NULL = none.  moe_engine_submit() takes its own
      * reference (released when the sequence ends); the caller keeps and
-     * releases its own. */
+     * releases its own.  Not with n_choices > 1 (MOE_EINVAL). */
     moe_guide_t *guide;
+
+    /* ---- logprobs detail (issue 10 item 4) ----
+     * top_logprobs (0..MOE_MAX_TOP_LOGPROBS, needs logprobs): TOKEN events
+     * also carry (ev.lp) the top entries of the distribution the token was
+     * drawn from.  prompt_logprobs (0/1): one MOE_EV_PROMPT event before
+     * the first token gives each prompt token's logprob given its prefix
+     * (and top_logprobs entries per position); the prompt is then
+     * prefilled one position per step and skips the prefix cache. */
+    int       top_logprobs;
+    int       prompt_logprobs;
+
+    /* ---- several choices (issue 10 item 5) ----
+     * n_choices (0 or 1: one; up to MOE_MAX_CHOICES and max_num_seqs):
+     * the request is prefilled once, then forked into n_choices sequences
+     * that share the prompt's KV blocks (reference counts; the last
+     * partial block copied for each).  Choice i draws from its own stream
+     * (seed + i when seeded) and gets its own TOKEN and FINISH events
+     * (moe_event_t.index); the request has ended when every choice sent
+     * its FINISH or ERROR.  FINISH n_prompt / n_cached are the request's
+     * (count them once), n_generated the choice's. */
+    int       n_choices;
 } moe_sampling_t;
 
 void moe_sampling_defaults(moe_sampling_t *sp);
@@ -429,8 +452,35 @@ typedef struct {
 typedef enum {
     MOE_EV_TOKEN  = 1,   /* one generated token */
     MOE_EV_FINISH = 2,   /* sequence ended; usage counts are final */
-    MOE_EV_ERROR  = 3    /* sequence failed; status says why */
+    MOE_EV_ERROR  = 3,   /* sequence failed; status says why */
+    MOE_EV_PROMPT = 4    /* sampling.prompt_logprobs: ev.lp holds one row
+                            per prompt token, before the first TOKEN */
 } moe_event_type_t;
+
+/*
+ * Log-probabilities riding on an event (moe_event_t.lp): a side record so
+ * that events of requests that ask for none stay small.  Logprobs are of
+ * the distribution the token was drawn from: the logits after logit_bias
+ * and the penalties, divided by the temperature (1 when greedy), over the
+ * whole vocabulary (before top-k / top-p / min-p truncation), as vLLM
+ * reports them.  Prompt rows: the raw model distribution (no bias, no
+ * penalties, temperature 1).
+ */
+typedef struct {
+    int32_t  id;
+    float    logprob;
+} moe_logprob_entry_t;
+
+typedef struct {
+    int32_t              n_rows;   /* 1 for a TOKEN; n_prompt for PROMPT */
+    int32_t              k;        /* top entries per row (0..20) */
+    int32_t             *token;    /* (n_rows) the row's token */
+    float               *logprob;  /* (n_rows) its logprob; PROMPT row 0
+                                      (no prefix): NAN */
+    moe_logprob_entry_t *top;      /* (n_rows, k) logprob descending, ties
+                                      by ascending id; PROMPT row 0: all
+                                      id -1 */
+} moe_logprobs_t;
 
 typedef enum {
     MOE_FINISH_NONE      = 0,
@@ -453,7 +503,15 @@ typedef struct {
     int32_t   n_generated;     /* FINISH: tokens sampled, EOS included */
     float     logprob;         /* TOKEN: log-probability of the token
                                   (when sampling.logprobs), else 0 */
+    int32_t   index;           /* the choice (0..n_choices-1) */
+    moe_logprobs_t *lp;        /* TOKEN with top_logprobs > 0, PROMPT: a
+                                  malloc()ed record the drainer owns and
+                                  frees with moe_event_release(); else
+                                  NULL */
 } moe_event_t;
+
+/* Free what an event owns (ev->lp) and clear it.  Safe on any event. */
+void moe_event_release(moe_event_t *ev);
 
 typedef struct {
     int64_t  kv_blocks_total;
@@ -530,6 +588,13 @@ int moe_engine_submit(moe_engine_t *e, uint64_t req_id,
  * already finished.  MOE_EFULL: ring full, call again later.
  */
 int moe_engine_cancel(moe_engine_t *e, uint64_t req_id);
+
+/*
+ * The same for one choice of a request with n_choices > 1 (a stop string
+ * ended it): that choice's sequence is dropped (FINISH CANCELLED for its
+ * index), the others go on.  index -1: every choice, as moe_engine_cancel.
+ */
+int moe_engine_cancel_choice(moe_engine_t *e, uint64_t req_id, int index);
 
 /*
  * Hold the engine thread, for tests that must fix what the scheduler sees
