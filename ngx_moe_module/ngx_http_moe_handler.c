@@ -66,6 +66,10 @@ typedef struct {
     ngx_uint_t                 skip_special_tokens;
     const char                *stops[MOE_MAX_STOP];
     int                        n_stops;
+
+    /* tools, tool_choice, functions (ngx_http_moe_tools.c) */
+    ngx_http_moe_tools_t       tools;
+    ngx_uint_t                 skip_special_given;
 } ngx_http_moe_params_t;
 
 
@@ -86,10 +90,14 @@ static void ngx_http_moe_prompt_done(ngx_http_request_t *r,
     ngx_http_moe_text_t *t);
 static ngx_int_t ngx_http_moe_answer(ngx_http_request_t *r, ngx_int_t rc,
     ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_prompt_guide(ngx_http_moe_params_t *p,
+    ngx_http_moe_text_t *t, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_fields(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_params_tools(ngx_http_request_t *r,
+    yajl_val root, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_logit_bias(ngx_http_request_t *r, yajl_val v,
     int vocab, moe_sampling_t *sp, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
@@ -150,8 +158,6 @@ static ngx_http_moe_float_param_t  ngx_http_moe_float_params[] = {
 
 static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
 
-    { "tools", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
-    { "functions", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
     { "echo", NGX_HTTP_MOE_FIELD_FALSE, 0 },
     { "suffix", NGX_HTTP_MOE_FIELD_STRING, 0 },
     { "best_of", NGX_HTTP_MOE_FIELD_INT, 1 },
@@ -577,6 +583,10 @@ ngx_http_moe_prompt_done(ngx_http_request_t *r, ngx_http_moe_text_t *t)
     rc = ngx_http_moe_text_ids(r, t, &ids, &n, &err);
 
     if (rc == NGX_OK) {
+        rc = ngx_http_moe_prompt_guide(p, t, &err);
+    }
+
+    if (rc == NGX_OK) {
         rc = ngx_http_moe_submit(r, p, ids, n, &err);
     }
 
@@ -588,6 +598,44 @@ ngx_http_moe_prompt_done(ngx_http_request_t *r, ngx_http_moe_text_t *t)
     }
 
     ngx_http_finalize_request(r, rc);
+}
+
+
+/*
+ * tool_choice required / named: the guide the text thread compiled goes
+ * to the sampler (the task keeps its reference until the request ends;
+ * the engine takes its own)
+ */
+
+static ngx_int_t
+ngx_http_moe_prompt_guide(ngx_http_moe_params_t *p, ngx_http_moe_text_t *t,
+    ngx_http_moe_err_t *err)
+{
+    const char  *field;
+
+    if (t->guide_spec == NULL) {
+        return NGX_OK;
+    }
+
+    field = p->tools.legacy ? "function_call" : "tool_choice";
+
+    if (t->guide_rc == MOE_ENOMEM) {
+        return NGX_ERROR;
+    }
+
+    if (t->guide_rc != MOE_OK || t->guide == NULL) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, field,
+                                 "%s %s needs the guided decoder, which "
+                                 "refused the tools' schema: %s", field,
+                                 p->tools.choice == NGX_HTTP_MOE_TOOL_NAMED
+                                 ? "naming a function" : "\"required\"",
+                                 t->guide_msg[0] ? t->guide_msg
+                                 : moe_strerror(t->guide_rc));
+    }
+
+    p->sp.guide = t->guide;
+
+    return NGX_OK;
 }
 
 
@@ -812,6 +860,7 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     }
 
     v = ngx_http_moe_json_get(root, "skip_special_tokens");
+    p->skip_special_given = (v != NULL);
 
     if (v && ngx_http_moe_json_bool(v, &p->skip_special_tokens) != NGX_OK) {
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
@@ -891,6 +940,38 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         }
 
         p->sp.n_stop_token_ids = (int) v->u.array.len;
+    }
+
+    if (ngx_http_moe_params_tools(r, root, p, err) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * tools, tool_choice, functions, function_call (ngx_http_moe_tools.c).
+ * The mistral and llama3_json parsers look for special tokens
+ * ([TOOL_CALLS], <|python_tag|>), so they are kept in the text unless
+ * the request says otherwise (as vLLM does for mistral).
+ */
+
+static ngx_int_t
+ngx_http_moe_params_tools(ngx_http_request_t *r, yajl_val root,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    if (ngx_http_moe_tools_parse(r, root, p->chat, &p->tools, err)
+        != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    if (!p->skip_special_given
+        && (p->tools.format == MOE_TOOL_MISTRAL
+            || p->tools.format == MOE_TOOL_LLAMA3_JSON))
+    {
+        p->skip_special_tokens = 0;
     }
 
     return NGX_OK;
@@ -994,58 +1075,6 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
 
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
                                  "%s is not supported yet", name);
-    }
-
-    /* "none" and "auto" (no tools: nothing to call) are off */
-
-    name = "tool_choice";
-    v = ngx_http_moe_json_get(root, name);
-
-    if (v == NULL) {
-        name = "function_call";
-        v = ngx_http_moe_json_get(root, name);
-    }
-
-    if (YAJL_IS_STRING(v)) {
-        if (ngx_strcmp(v->u.string, "none") != 0
-            && ngx_strcmp(v->u.string, "auto") != 0)
-        {
-            if (name[0] == 't' && ngx_strcmp(v->u.string, "required") == 0) {
-                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                         "%s \"required\" is not supported "
-                                         "yet", name);
-            }
-
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                     "%s must be \"none\", \"auto\"%s or an "
-                                     "object naming a function", name,
-                                     name[0] == 't' ? ", \"required\"" : "");
-        }
-
-    } else if (YAJL_IS_OBJECT(v)) {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                 "%s naming a function is not supported yet",
-                                 name);
-
-    } else if (v) {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                 "%s must be a string or an object", name);
-    }
-
-    /* both given: the second one is checked too */
-
-    if (name[0] == 't') {
-        v = ngx_http_moe_json_get(root, "function_call");
-
-        if (v && !(YAJL_IS_STRING(v)
-                   && (ngx_strcmp(v->u.string, "none") == 0
-                       || ngx_strcmp(v->u.string, "auto") == 0)))
-        {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
-                                     "function_call",
-                                     "function_call other than \"none\" or "
-                                     "\"auto\" is not supported yet");
-        }
     }
 
     v = ngx_http_moe_json_get(root, "response_format");
@@ -1235,6 +1264,12 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
             return rc;
         }
 
+        /* tools and tool calls: the template sees them as JSON */
+        rc = ngx_http_moe_tools_prompt(r, v, t->msgs, &p->tools, t, err);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
         t->add_generation_prompt = 1;
 
         goto post;
@@ -1396,6 +1431,11 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->ts = moe_textstream_create(mcf->tokenizer, p->stops, p->n_stops,
                                     (int) p->skip_special_tokens);
     if (ctx->ts == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* tool calls in the output (ngx_http_moe_stream.c) */
+    if (ngx_http_moe_stream_tools(ctx, &p->tools) != NGX_OK) {
         return NGX_ERROR;
     }
 

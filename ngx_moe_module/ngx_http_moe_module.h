@@ -107,6 +107,25 @@ typedef struct {
 } ngx_http_moe_err_t;
 
 
+/* a request's tools (ngx_http_moe_tools.c) */
+typedef struct {
+    yajl_val                   tools;       /* the request's tools array
+                                               (or functions); NULL none */
+    ngx_uint_t                 legacy;      /* given as functions */
+    ngx_uint_t                 choice;      /* NGX_HTTP_MOE_TOOL_* */
+    const char                *name;        /* CHOICE_NAMED: the function */
+    ngx_uint_t                 format;      /* moe_tool_format_t of the
+                                               output parser; 0: none */
+    u_char                    *guide_spec;  /* a JSON Schema; NULL none */
+    size_t                     guide_len;
+} ngx_http_moe_tools_t;
+
+#define NGX_HTTP_MOE_TOOL_NONE      0
+#define NGX_HTTP_MOE_TOOL_AUTO      1
+#define NGX_HTTP_MOE_TOOL_REQUIRED  2
+#define NGX_HTTP_MOE_TOOL_NAMED     3
+
+
 #define NGX_HTTP_MOE_TEXT_READ    1    /* read the spilled request body */
 #define NGX_HTTP_MOE_TEXT_ENCODE  2    /* render messages (if any), encode */
 #define NGX_HTTP_MOE_TEXT_DECODE  3    /* decode token ids */
@@ -146,6 +165,18 @@ struct ngx_http_moe_text_s {
     ngx_uint_t                 add_special_tokens;
     const u_char              *text;        /* ENCODE without msgs */
     size_t                     len;
+    /* tool calling (ngx_http_moe_tools.c): the prompt as JSON, and the
+     * schema the guided decoder forces for tool_choice required/named */
+    const char                *chat_json;   /* ENCODE: messages as JSON
+                                               (used instead of msgs) */
+    const char                *tools_json;  /* NULL: tools = none */
+    const char                *guide_spec;  /* NULL: none */
+    size_t                     guide_len;
+    moe_guide_t               *guide;       /* output: compiled; released
+                                               by the task's cleanup */
+    int                        guide_rc;    /* output: MOE_OK or a status */
+    char                       guide_msg[NGX_HTTP_MOE_ERR_LEN];
+
     const int32_t             *ids;         /* DECODE */
     size_t                     n_ids;
     ngx_http_moe_text_file_t  *files;       /* READ */
@@ -205,6 +236,10 @@ typedef struct {
     uint64_t                   waiting_tokens; /* counted in admit */
     ngx_chain_t               *gate_body;   /* JSON for the core's 413 */
 
+    /* tool calls in the output (ngx_http_moe_stream.c, tool block) */
+    moe_toolparse_t           *tp;          /* NULL: no tool parsing */
+    unsigned                   tool_legacy:1; /* functions: function_call */
+
     unsigned                   chat:1;
     unsigned                   stream:1;
     unsigned                   include_usage:1;
@@ -225,6 +260,7 @@ typedef struct {
  *   json      OpenAI JSON in and out, error bodies, sending a response
  *   admit     admission control: 429 past the waiting limits
  *   request   the request context, requests by id, cancels, the index
+ *   tools     tools, tool_choice, functions: checked; the prompt as JSON
  *   text      text work on the thread pool (body file, template, tokenizer)
  *   stream    engine events to SSE chunks or the final JSON
  *   info      GET routes, /tokenize, /detokenize
@@ -296,6 +332,13 @@ void ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id);
 void ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf);
 void ngx_http_moe_cancel_handler(ngx_event_t *ev);
 
+/* ngx_http_moe_tools.c */
+ngx_int_t ngx_http_moe_tools_parse(ngx_http_request_t *r, yajl_val root,
+    ngx_uint_t chat, ngx_http_moe_tools_t *tl, ngx_http_moe_err_t *err);
+ngx_int_t ngx_http_moe_tools_prompt(ngx_http_request_t *r, yajl_val messages,
+    moe_chat_msg_t *msgs, ngx_http_moe_tools_t *tl, ngx_http_moe_text_t *t,
+    ngx_http_moe_err_t *err);
+
 /* ngx_http_moe_text.c */
 ngx_http_moe_text_t *ngx_http_moe_text_create(ngx_http_request_t *r,
     ngx_uint_t op);
@@ -310,6 +353,8 @@ void ngx_http_moe_text_free(ngx_http_moe_text_t *t);
 /* ngx_http_moe_stream.c */
 ngx_int_t ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx);
 void ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev);
+ngx_int_t ngx_http_moe_stream_tools(ngx_http_moe_ctx_t *ctx,
+    ngx_http_moe_tools_t *tl);
 
 /* ngx_http_moe_info.c: GET routes and the tokenizer routes */
 ngx_int_t ngx_http_moe_health(ngx_http_request_t *r);

@@ -244,7 +244,22 @@ ngx_http_moe_text_encode(ngx_http_moe_text_t *t)
     text = (const char *) t->text;
     len = t->len;
 
-    if (t->msgs) {
+    if (t->chat_json) {
+        /* tools or tool calls: the template gets them as JSON */
+        t->rc = moe_chat_render_json(t->tokenizer, t->chat_template,
+                                     t->chat_json, t->tools_json,
+                                     (int) t->add_generation_prompt,
+                                     &t->out_text, &t->out_len, t->msg,
+                                     sizeof(t->msg));
+        if (t->rc != MOE_OK) {
+            t->render_failed = 1;
+            return;
+        }
+
+        text = t->out_text;
+        len = t->out_len;
+
+    } else if (t->msgs) {
         t->rc = moe_chat_render(t->tokenizer, t->chat_template, t->msgs,
                                 (int) t->n_msgs,
                                 (int) t->add_generation_prompt,
@@ -262,6 +277,14 @@ ngx_http_moe_text_encode(ngx_http_moe_text_t *t)
     t->rc = moe_tokenizer_encode(t->tokenizer, text, len,
                                  (int) t->add_special_tokens, &t->out_ids,
                                  &t->n_out);
+
+    /* tool_choice required / named: the guided decoder's schema */
+    if (t->rc == MOE_OK && t->guide_spec != NULL) {
+        t->guide_rc = moe_guide_compile(t->tokenizer, MOE_GUIDED_JSON,
+                                        t->guide_spec, t->guide_len,
+                                        &t->guide, t->guide_msg,
+                                        sizeof(t->guide_msg));
+    }
 }
 
 
@@ -399,4 +422,8 @@ ngx_http_moe_text_cleanup(void *data)
     ngx_http_moe_text_t  *t = data;
 
     ngx_http_moe_text_free(t);
+
+    /* the engine holds its own reference while the sequence runs */
+    moe_guide_release(t->guide);
+    t->guide = NULL;
 }

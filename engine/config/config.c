@@ -71,6 +71,11 @@ static const char *const cfg_qtypes[] = { "fp16", "bf16", "fp32", NULL };
 static const char *const cfg_formats[] = { "auto", "safetensors", "dummy",
                                            NULL };
 static const char *const cfg_backends[] = { "auto", "cpu", "cuda", NULL };
+
+/* tool calling: vLLM's --tool-call-parser names; "auto": from the model */
+static const char *const cfg_tool_parsers[] = {
+    "auto", "hermes", "mistral", "llama3_json", "none", NULL
+};
 static const char *const cfg_quants[] = {
     "awq", "gptq", "squeezellm", "fp8", NULL
 };
@@ -123,6 +128,11 @@ static const cfg_key_t cfg_vllm_keys[] = {
       cfg_formats },
     { "chat_template", CFG_STR, OFF(chat_template), SZ(chat_template), 0, 0,
       0, NULL },
+    /* tool calling (vLLM's --tool-call-parser, --enable-auto-tool-choice) */
+    { "tool_call_parser", CFG_ENUM, OFF(tool_call_parser),
+      SZ(tool_call_parser), 0, 0, 0, cfg_tool_parsers },
+    { "enable_auto_tool_choice", CFG_BOOL, OFF(enable_auto_tool_choice), 0,
+      0, 1, 0, NULL },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -1198,6 +1208,10 @@ moe_config_defaults(moe_config_t *c)
     c->max_chunked_prefill_tokens = 0;
     c->trust_remote_code = 0;
     strcpy(c->load_format, "auto");
+
+    /* tool calling */
+    strcpy(c->tool_call_parser, "auto");
+    c->enable_auto_tool_choice = 1;
 
     strcpy(c->backend, "auto");
     c->cpu_threads = 0;

@@ -130,6 +130,14 @@ typedef struct moe_config {
     int     model_line;               /* YAML line of model_name, for
                                          errors; 0 unknown */
 
+    /* vllm: tool calling (vLLM's --tool-call-parser and
+     * --enable-auto-tool-choice) */
+    char    tool_call_parser[16];     /* "auto" (default: from the model's
+                                         template/architecture), "hermes",
+                                         "mistral", "llama3_json", "none" */
+    int     enable_auto_tool_choice;  /* 0/1, default 1: tool_choice "auto"
+                                         parses calls; 0: refused (400) */
+
     /* LocalMoE extensions (engine: section or top level keys) */
     char    backend[16];              /* "auto" | "cpu" | "cuda" */
     int     cpu_threads;              /* 0: all cores */

@@ -116,6 +116,9 @@ moe_tool_format_detect(const char *architecture, const char *chat_template)
         {
             return MOE_TOOL_LLAMA3_JSON;
         }
+        if (strstr(chat_template, "<|im_start|>")) {
+            return MOE_TOOL_HERMES;     /* ChatML: Hermes and Qwen */
+        }
     }
 
     if (architecture != NULL) {
