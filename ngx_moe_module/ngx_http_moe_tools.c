@@ -591,6 +591,8 @@ ngx_http_moe_tools_gen_done(ngx_http_request_t *r, yajl_gen g, size_t *len)
         *len = n;
     }
 
+    /* g may make another document */
+    yajl_gen_reset(g, NULL);
     yajl_gen_clear(g);
 
     return p;

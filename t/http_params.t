@@ -32,22 +32,27 @@ my $fn = { type => 'function',
 # [ what, path, body, param ] refused with 400 and error.param == param;
 # the message says "not supported" unless it is a type error (last 'type')
 my @refused = (
-    ['tools', $C, { %chat, tools => [$fn] }, 'tools'],
+    # tools are honoured (t/http_tools.t); their wrong shapes stay 400s
     ['tools wrong type', $C, { %chat, tools => 'x' }, 'tools', 'type'],
-    ['tool_choice required', $C, { %chat, tool_choice => 'required' },
-        'tool_choice'],
-    ['tool_choice named', $C, { %chat, tool_choice =>
-        { type => 'function', function => { name => 'f' } } }, 'tool_choice'],
+    ['tool_choice required without tools', $C,
+        { %chat, tool_choice => 'required' }, 'tool_choice', 'type'],
+    ['tool_choice naming a function without tools', $C, { %chat,
+        tool_choice => { type => 'function', function => { name => 'f' } } },
+        'tool_choice', 'type'],
     ['tool_choice bad string', $C, { %chat, tool_choice => 'always' },
         'tool_choice', 'type'],
     ['tool_choice wrong type', $C, { %chat, tool_choice => 5 },
         'tool_choice', 'type'],
-    ['functions', $C, { %chat, functions => [$fn->{function}] },
-        'functions'],
-    ['function_call named', $C, { %chat, function_call => { name => 'f' } },
-        'function_call'],
+    ['function_call naming a function without functions', $C,
+        { %chat, function_call => { name => 'f' } }, 'function_call',
+        'type'],
     ['function_call wrong type', $C, { %chat, function_call => 1 },
         'function_call', 'type'],
+    ['web_search_options', $C, { %chat, web_search_options => {} },
+        'web_search_options'],
+    ['input_audio content part', $C, { %chat, messages => [{ role => 'user',
+        content => [{ type => 'input_audio', input_audio =>
+            { data => 'AAAA', format => 'wav' } }] }] }, 'messages', 'type'],
     ['response_format json_object', $C,
         { %chat, response_format => { type => 'json_object' } },
         'response_format'],
@@ -156,6 +161,9 @@ for my $c (@refused) {
 # values that mean "off" (and fields with no effect on the output): 200
 my @accepted = (
     ['tools []', $C, { %chat, tools => [] }],
+    ['tools (tool_choice auto)', $C, { %chat, tools => [$fn] }],
+    ['functions (function_call auto)', $C,
+        { %chat, functions => [$fn->{function}] }],
     ['tool_choice none', $C, { %chat, tool_choice => 'none' }],
     ['tool_choice auto, no tools', $C, { %chat, tool_choice => 'auto' }],
     ['functions [] + function_call none', $C,
