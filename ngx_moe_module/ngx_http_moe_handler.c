@@ -176,6 +176,12 @@ static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
     { "store", NGX_HTTP_MOE_FIELD_BOOL, 0 },
     { "user", NGX_HTTP_MOE_FIELD_TEXT, 0 },
     { "metadata", NGX_HTTP_MOE_FIELD_OBJECT, 0 },
+    /* strict checking (tools helper): the rest of OpenAI's chat fields */
+    { "service_tier", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "prompt_cache_key", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "safety_identifier", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "reasoning_effort", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "verbosity", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { NULL, NGX_HTTP_MOE_FIELD_ANY, 0 }
 };
 

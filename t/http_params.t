@@ -50,6 +50,11 @@ my @refused = (
         'function_call', 'type'],
     ['web_search_options', $C, { %chat, web_search_options => {} },
         'web_search_options'],
+    ['reasoning_effort', $C, { %chat, reasoning_effort => 'high' },
+        'reasoning_effort'],
+    ['verbosity', $C, { %chat, verbosity => 'low' }, 'verbosity'],
+    ['service_tier wrong type', $C, { %chat, service_tier => 1 },
+        'service_tier', 'type'],
     ['input_audio content part', $C, { %chat, messages => [{ role => 'user',
         content => [{ type => 'input_audio', input_audio =>
             { data => 'AAAA', format => 'wav' } }] }] }, 'messages', 'type'],
@@ -186,6 +191,9 @@ my @accepted = (
     ['user, metadata, store, parallel_tool_calls', $C, { %chat,
         user => 'u1', metadata => { a => 'b' }, store => $F,
         parallel_tool_calls => $T }],
+    ['service_tier, prompt_cache_key, safety_identifier', $C, { %chat,
+        service_tier => 'auto', prompt_cache_key => 'k',
+        safety_identifier => 's' }],
     ['an unknown field (ignored, as before)', $P,
         { %cmp, x_vendor_extension => 1 }],
 );
