@@ -116,6 +116,7 @@ typedef struct {
     const char                *name;        /* CHOICE_NAMED: the function */
     ngx_uint_t                 format;      /* moe_tool_format_t of the
                                                output parser; 0: none */
+    ngx_uint_t                 single;      /* parallel_tool_calls false */
     u_char                    *guide_spec;  /* a JSON Schema; NULL none */
     size_t                     guide_len;
 } ngx_http_moe_tools_t;

@@ -102,6 +102,10 @@ ngx_http_moe_tools_parse(ngx_http_request_t *r, yajl_val root,
         return NGX_DECLINED;
     }
 
+    /* parallel_tool_calls: false caps "required" at one call */
+    tl->single = YAJL_IS_FALSE(ngx_http_moe_json_get(root,
+                                                     "parallel_tool_calls"));
+
     if (tl->choice == NGX_HTTP_MOE_TOOL_REQUIRED
         || tl->choice == NGX_HTTP_MOE_TOOL_NAMED)
     {
@@ -429,7 +433,8 @@ ngx_http_moe_tools_find(ngx_http_moe_tools_t *tl, const char *name)
 /*
  * The schema the guided decoder forces, as vLLM builds it: "required" is
  * an array (minItems 1) of {"name": one of the tools, "parameters": its
- * schema} (anyOf over the tools); a named function is its parameters.
+ * schema} (anyOf over the tools), at most one with parallel_tool_calls
+ * false; a named function is its parameters.
  */
 
 static ngx_int_t
@@ -457,6 +462,12 @@ ngx_http_moe_tools_schema(ngx_http_request_t *r, ngx_http_moe_tools_t *tl)
     ngx_http_moe_gen_lit(g, "array");
     ngx_http_moe_gen_lit(g, "minItems");
     yajl_gen_integer(g, 1);
+
+    if (tl->single) {
+        ngx_http_moe_gen_lit(g, "maxItems");
+        yajl_gen_integer(g, 1);
+    }
+
     ngx_http_moe_gen_lit(g, "items");
     yajl_gen_map_open(g);
     ngx_http_moe_gen_lit(g, "type");

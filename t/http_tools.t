@@ -38,8 +38,9 @@ my $T = JSON::PP::true;
 my $weather = { type => 'function', function => {
     name => 'get_weather', description => 'Weather in a city',
     parameters => { type => 'object',
-        properties => { city => { type => 'string' },
-                        days => { type => 'integer' } },
+        properties => { city => { type => 'string',
+                                  enum => ['Paris', 'Rome'] },
+                        days => { type => 'integer', enum => [1, 2, 3] } },
         required => ['city', 'days'], additionalProperties => JSON::PP::false },
 } };
 my $time = { type => 'function', function => {
@@ -190,7 +191,8 @@ is($sse->text, $msg->{content} // '',
 # --- required and named: the guided decoder -----------------------------
 
 my %forced = (
-    required => { tools => [$weather, $time], tool_choice => 'required' },
+    required => { tools => [$weather, $time], tool_choice => 'required',
+                  parallel_tool_calls => JSON::PP::false },
     named    => { tools => [$weather, $time], tool_choice =>
         { type => 'function', function => { name => 'get_weather' } } },
 );
@@ -332,6 +334,8 @@ sub validate {
     if ($t eq 'integer') {
         return 'not an integer' unless defined $v && !ref $v
             && $v =~ /\A-?\d+\z/;
+        return "not one of the enum" if $sc->{enum}
+            && !grep { $_ == $v } @{ $sc->{enum} };
         return '';
     }
     return '';

@@ -54,7 +54,10 @@ function validate(v, s) {
     if (s.enum && !s.enum.includes(v)) return 'not in the enum';
     return '';
   }
-  if (s.type === 'integer') return Number.isInteger(v) ? '' : 'not an integer';
+  if (s.type === 'integer') {
+    if (!Number.isInteger(v)) return 'not an integer';
+    return s.enum && !s.enum.includes(v) ? 'not in the enum' : '';
+  }
   return '';
 }
 
@@ -70,7 +73,11 @@ const weather = {
     name: 'get_weather', description: 'Current weather in a city',
     parameters: {
       type: 'object',
-      properties: { city: { type: 'string' }, days: { type: 'integer' } },
+      // enums keep a random tiny model's output short; the shape is the test
+      properties: {
+        city: { type: 'string', enum: ['Paris', 'Rome'] },
+        days: { type: 'integer', enum: [1, 2, 3] },
+      },
       required: ['city', 'days'], additionalProperties: false,
     },
   },
@@ -125,7 +132,8 @@ function checkCalls(what, r, wantName) {
 let first = null;
 await step('required', async () => {
   if (!guided) { skip('required', NOGUIDE); return; }
-  const r = await client.chat.completions.create({ ...base, tool_choice: 'required' });
+  const r = await client.chat.completions.create({ ...base, tool_choice: 'required',
+    parallel_tool_calls: false });
   checkCalls('required', r);
   first = r.choices[0].message;
 });
