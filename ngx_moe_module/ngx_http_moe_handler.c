@@ -151,9 +151,9 @@ static ngx_http_moe_float_param_t  ngx_http_moe_float_params[] = {
  * a 400 naming them rather than ignored, except the values that mean "off"
  * (null always counts as absent).  Fields with no effect on the output are
  * only type-checked.  Unknown fields are ignored, as OpenAI clients send
- * vendor extensions.  Fields with more shapes (tool_choice, function_call,
- * response_format, modalities, logprobs) are checked in
- * ngx_http_moe_fields() itself.
+ * vendor extensions.  Fields with more shapes (response_format,
+ * modalities, logprobs) are checked in ngx_http_moe_fields() itself; tools,
+ * tool_choice, functions and function_call in ngx_http_moe_tools.c.
  */
 
 static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {

@@ -501,6 +501,9 @@ ngx_http_moe_tools_schema(ngx_http_request_t *r, ngx_http_moe_tools_t *tl)
         ngx_http_moe_gen_lit(g, "name");
         ngx_http_moe_gen_lit(g, "parameters");
         yajl_gen_array_close(g);
+        /* xgrammar's strict mode, vLLM's default: no other keys */
+        ngx_http_moe_gen_lit(g, "additionalProperties");
+        yajl_gen_bool(g, 0);
         yajl_gen_map_close(g);
     }
 
