@@ -491,8 +491,8 @@ test_render(void)
            && strstr(out, "<|im_start|>assistant\n") != NULL,
            "qwen3's own template: tools, the call and its response (%s)",
            err);
-    if (rc == MOE_OK && out) {
-        printf("# qwen3:\n# %.600s\n", out);
+    if (tap_failed && rc == MOE_OK && out) {
+        printf("# qwen3 rendered %zu bytes\n", len);
     }
     free(out);
     free(tmpl);
@@ -507,8 +507,8 @@ test_render(void)
            && strstr(out, "<|start_header_id|>ipython<|end_header_id|>\n\n"
                           "\"22C\"<|eot_id|>"),
            "llama-3.1's own template: tools, ipython turn (%s)", err);
-    if (rc == MOE_OK && out) {
-        printf("# llama-3.1 tail: %s\n", out + (len > 300 ? len - 300 : 0));
+    if (tap_failed && rc == MOE_OK && out) {
+        printf("# llama-3.1 rendered %zu bytes\n", len);
     }
     free(out);
     free(tmpl);
