@@ -46,6 +46,7 @@ static void ngx_http_moe_tool_cleanup(void *data);
 static void ngx_http_moe_gen_tool_chunk(ngx_http_moe_ctx_t *ctx,
     moe_toolev_t *ev);
 static void ngx_http_moe_gen_tool_calls(ngx_http_moe_ctx_t *ctx);
+static ngx_uint_t ngx_http_moe_tool_blank(u_char *p, size_t len);
 
 
 static ngx_str_t  ngx_http_moe_sse_type = ngx_string("text/event-stream");
@@ -467,9 +468,10 @@ ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx)
         ngx_http_moe_gen_lit(g, "assistant");
         ngx_http_moe_gen_lit(g, "content");
 
-        if (ctx->tp && ctx->text_len == 0
-            && moe_toolparse_n_calls(ctx->tp) > 0)
+        if (ctx->tp && moe_toolparse_n_calls(ctx->tp) > 0
+            && ngx_http_moe_tool_blank(ctx->text, ctx->text_len))
         {
+            /* only calls (blanks around them are no content) */
             yajl_gen_null(g);
 
         } else {
@@ -1088,4 +1090,19 @@ ngx_http_moe_gen_tool_calls(ngx_http_moe_ctx_t *ctx)
     }
 
     yajl_gen_array_close(g);
+}
+
+
+static ngx_uint_t
+ngx_http_moe_tool_blank(u_char *p, size_t len)
+{
+    size_t  i;
+
+    for (i = 0; i < len; i++) {
+        if (p[i] != ' ' && p[i] != '\n' && p[i] != '\t' && p[i] != '\r') {
+            return 0;
+        }
+    }
+
+    return 1;
 }
