@@ -686,6 +686,9 @@ tp_step_content(moe_toolparse_t *p, int final, int *more)
 }
 
 
+static int tp_step_mistral_args(moe_toolparse_t *p, int final, int *more);
+
+
 /* the body was not a call: it goes out as content, marker included */
 static int
 tp_body_failed(moe_toolparse_t *p, size_t n)
@@ -769,6 +772,11 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
 
     end = tp_json_end(p->buf, p->len);
 
+    if (end < 0 && p->fmt == MOE_TOOL_MISTRAL) {
+        /* Mistral's newer tokenizers (v11): name[ARGS]{arguments} */
+        return tp_step_mistral_args(p, final, more);
+    }
+
     if (end == 0 && !final) {
         return MOE_OK;
     }
@@ -789,6 +797,113 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
     tp_consume(p, n);
     p->mode = TP_AFTER;
     *more = 1;
+
+    return MOE_OK;
+}
+
+
+/*
+ * [TOOL_CALLS]name[ARGS]{...}: a function name (a-z A-Z 0-9 _ -), the
+ * [ARGS] token, the arguments object.  Anything else is content.
+ */
+static int
+tp_step_mistral_args(moe_toolparse_t *p, int final, int *more)
+{
+    int          rc;
+    long         end;
+    size_t       i, a;
+    tp_call_t   *c;
+    const char  *args;
+
+    *more = 1;
+
+    for (i = 0; i < p->len && i < 64; i++) {
+        char  ch = p->buf[i];
+
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z')
+              || (ch >= '0' && ch <= '9') || ch == '_' || ch == '-'))
+        {
+            break;
+        }
+    }
+
+    a = p->len - i;
+
+    if (i == 0 || i == 64 || (a < 6 && memcmp(p->buf + i, "[ARGS]", a))
+        || (a >= 6 && memcmp(p->buf + i, "[ARGS]", 6)))
+    {
+        if (i < p->len || final) {
+            return tp_body_failed(p, i < p->len ? i : p->len);
+        }
+        *more = 0;
+        return MOE_OK;              /* the name may go on */
+    }
+
+    if (a < 6) {
+        if (final) {
+            return tp_body_failed(p, p->len);
+        }
+        *more = 0;
+        return MOE_OK;
+    }
+
+    args = p->buf + i + 6;
+    end = tp_json_end(args, p->len - i - 6);
+
+    if (end <= 0) {
+        if (end < 0 || final) {
+            return tp_body_failed(p, p->len);
+        }
+        *more = 0;
+        return MOE_OK;
+    }
+
+    /* a call whose arguments parse as an object */
+    {
+        char      *z = malloc((size_t) end + 1);
+        yajl_val   v;
+
+        if (z == NULL) {
+            return MOE_ENOMEM;
+        }
+        memcpy(z, args, (size_t) end);
+        z[end] = '\0';
+        v = yajl_tree_parse(z, NULL, 0);
+        free(z);
+
+        if (!YAJL_IS_OBJECT(v)) {
+            yajl_tree_free(v);
+            return tp_body_failed(p, i + 6 + (size_t) end);
+        }
+
+        p->buf[i] = '\0';
+        c = tp_new_call(p, p->buf);
+        rc = (c == NULL) ? MOE_ENOMEM
+                         : tp_event(p, MOE_TOOLEV_CALL, p->n_calls - 1, "", 0);
+        if (rc == MOE_OK) {
+            yajl_gen              g = yajl_gen_alloc(NULL);
+            const unsigned char  *out;
+            size_t                len;
+
+            rc = MOE_ENOMEM;
+            if (g != NULL) {
+                tp_gen_value(g, v);
+                if (yajl_gen_get_buf(g, &out, &len) == yajl_gen_status_ok) {
+                    rc = tp_add_args(p, p->n_calls - 1, (const char *) out,
+                                     len);
+                }
+                yajl_gen_free(g);
+            }
+        }
+        yajl_tree_free(v);
+
+        if (rc != MOE_OK) {
+            return rc;
+        }
+    }
+
+    tp_consume(p, i + 6 + (size_t) end);
+    p->mode = TP_AFTER;
 
     return MOE_OK;
 }

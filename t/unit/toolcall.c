@@ -244,6 +244,15 @@ test_parsers(void)
           "\"Paris\", \"days\": [1, 2.5]}}",
           "", 1, n1, a1, NULL);
 
+    check("mistral (v11): [TOOL_CALLS]name[ARGS]{...} twice",
+          MOE_TOOL_MISTRAL, NULL,
+          "[TOOL_CALLS]f[ARGS]{\"s\": \"}]</tool_call>\\\"\"}"
+          "[TOOL_CALLS]g[ARGS]{}",
+          "", 2, n2, a2, "[");
+
+    check("mistral (v11): no [ARGS] is content", MOE_TOOL_MISTRAL, NULL,
+          "[TOOL_CALLS]f oops", "[TOOL_CALLS]f oops", 0, NULL, NULL, NULL);
+
     check("mistral: plain text with brackets", MOE_TOOL_MISTRAL, NULL,
           "[1, 2] and [TOOL", "[1, 2] and [TOOL", 0, NULL, NULL, NULL);
 
