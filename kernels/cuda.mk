@@ -4,7 +4,8 @@
 #
 #   make gpu        build/libmoe_kernels.a + build/gpu/test_kernels,
 #                   build/gpu/test_backend, build/gpu/test_sample,
-#                   build/gpu/test_ggemm, build/gpu/bench_engine
+#                   build/gpu/test_ggemm, build/gpu/test_mask,
+#                   build/gpu/bench_engine
 #   make bench-dev  the kernel dev harness (bench/dev/*.cu):
 #                   build/bench/dev/attention, .../moe_gemv,
 #                   .../moe_ggemm; each
@@ -20,7 +21,8 @@ GPU_NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
                  -Ikernels -Iengine/include -Iengine -It/unit -It/gpu
 GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_sample $(BUILD)/gpu/bench_engine \
-                $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_convert
+                $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_convert \
+                $(BUILD)/gpu/test_mask
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)

@@ -603,12 +603,9 @@ ngx_http_moe_info_tools(ngx_http_request_t *r, yajl_val root,
         return rc;
     }
 
-    rc = ngx_http_moe_tools_prompt(r, messages, t->msgs, &tl, t, err);
 
-    /* no guide to compile: nothing is generated */
-    t->guide_spec = NULL;
-
-    return rc;
+    /* (no guide: nothing is generated here) */
+    return ngx_http_moe_tools_prompt(r, messages, t->msgs, &tl, t, err);
 }
 
 

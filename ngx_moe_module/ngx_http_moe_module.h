@@ -166,22 +166,22 @@ struct ngx_http_moe_text_s {
     ngx_uint_t                 add_special_tokens;
     const u_char              *text;        /* ENCODE without msgs */
     size_t                     len;
-    /* tool calling (ngx_http_moe_tools.c): the prompt as JSON, and the
-     * schema the guided decoder forces for tool_choice required/named */
+    /* tool calling (ngx_http_moe_tools.c): the prompt as JSON (the
+     * schema of tool_choice required/named goes as guide_* below) */
     const char                *chat_json;   /* ENCODE: messages as JSON
                                                (used instead of msgs) */
     const char                *tools_json;  /* NULL: tools = none */
-    const char                *guide_spec;  /* NULL: none */
-    size_t                     guide_len;
-    moe_guide_t               *guide;       /* output: compiled; released
-                                               by the task's cleanup */
-    int                        guide_rc;    /* output: MOE_OK or a status */
-    char                       guide_msg[NGX_HTTP_MOE_ERR_LEN];
 
     const int32_t             *ids;         /* DECODE */
     size_t                     n_ids;
     ngx_http_moe_text_file_t  *files;       /* READ */
     ngx_uint_t                 n_files;
+    ngx_uint_t                 skip_encode; /* ENCODE: ids given, the
+                                               guide only */
+    moe_guided_kind_t          guide_kind;  /* ENCODE: NONE or the guide
+                                               to compile (cached) */
+    const char                *guide_spec;
+    size_t                     guide_len;
 
     /* outputs */
     int                        rc;          /* MOE_OK or a moe status */
@@ -192,6 +192,10 @@ struct ngx_http_moe_text_s {
     int32_t                   *out_ids;
     size_t                     n_out;
     char                       msg[NGX_HTTP_MOE_ERR_LEN];
+    moe_guide_t               *guide;       /* one reference, released by
+                                               the pool cleanup */
+    int                        guide_rc;
+    char                       guide_msg[NGX_HTTP_MOE_ERR_LEN];
 
     /* the event loop's side */
     ngx_thread_task_t         *task;

@@ -618,8 +618,9 @@ ngx_http_moe_tools_gen_done(ngx_http_request_t *r, yajl_gen g, size_t *len)
  * the template as JSON (t->chat_json, t->tools_json): content as
  * ngx_http_moe_messages() made it (text parts joined; null is ""), name,
  * tool_call_id, and tool_calls whose arguments (a JSON string in the API)
- * are objects again, as vLLM hands them to templates.  The guide's schema
- * goes with the task too.  Others keep the plain messages.
+ * are objects again, as vLLM hands them to templates.  Others keep the
+ * plain messages.  (The guide's schema goes through the handler's
+ * guide_* fields, as response_format's does.)
  */
 
 ngx_int_t
@@ -631,9 +632,6 @@ ngx_http_moe_tools_prompt(ngx_http_request_t *r, yajl_val messages,
     yajl_val    m;
     yajl_gen    g;
     ngx_uint_t  need;
-
-    t->guide_spec = (const char *) tl->guide_spec;
-    t->guide_len = tl->guide_len;
 
     need = (tl->tools != NULL);
 

@@ -87,6 +87,9 @@ my @refused = (
     ['function_call required (not in the legacy API)',
         { functions => [$weather->{function}],
           function_call => 'required' }, 'function_call'],
+    ['tool_choice required with response_format', { tools => [$weather],
+        tool_choice => 'required',
+        response_format => { type => 'json_object' } }, 'tool_choice'],
     ['tool_calls not an array', { messages => [@user,
         { role => 'assistant', content => undef, tool_calls => 'x' }] },
         'messages'],
@@ -197,20 +200,7 @@ my %forced = (
         { type => 'function', function => { name => 'get_weather' } } },
 );
 
-($st, undef, $j, $raw) = http(POST => $C, { %chat, %{ $forced{named} } });
-my $no_guide = $st == 400 && ($j->{error}{message} // '')
-    =~ /guided decoding is not built into this server/;
-
-SKIP: {
-    skip 'the guided decoder is not in this build (engine/text/'
-         . 'guide_stub.c)', 1 unless $no_guide;
-    is($j->{error}{param}, 'tool_choice',
-       'without the guided decoder: 400 naming tool_choice');
-}
-
-SKIP: {
-    skip 'the guided decoder is not in this build', 1 if $no_guide;
-
+{
     for my $mode (qw(required named)) {
         my %b = (%chat, %{ $forced{$mode} }, max_tokens => 120);
         ($st, undef, $j, $raw) = http(POST => $C, \%b);

@@ -77,6 +77,7 @@ run test_sample  tests 60  build/gpu/test_sample  build/gpu/test_sample
 run test_backend tests 90  build/gpu/test_backend build/gpu/test_backend
 run test_ggemm   tests 60  build/gpu/test_ggemm   build/gpu/test_ggemm
 run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
+run test_mask    tests 60  build/gpu/test_mask    build/gpu/test_mask
 if [ "${GPU_SANITIZE:-0}" = 1 ]; then
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
     run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \

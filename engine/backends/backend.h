@@ -67,6 +67,12 @@ typedef struct {
     const int32_t *pen_cnt;
     const uint8_t *pen_seen;
     int            n_pen;
+    /* guided decoding: ((vocab_size + 31) / 32) words, bit (id & 31) of
+     * mask[id >> 5] set for the ids the next token may be, or NULL (all).
+     * Honoured by the greedy argmax and the draw (token_out) and applied
+     * to logits (their masked ids read -inf) by backends that set
+     * guided_mask; the scheduler applies it on the host otherwise. */
+    const uint32_t *mask;
 } moe_seq_batch_t;
 
 /*
@@ -96,6 +102,8 @@ struct moe_backend {
     /* 1: forward() honours moe_seq_batch_t.sample (draws tokens itself,
      * no logits copy); 0: only greedy token_out */
     int         sample_tokens;
+    /* 1: forward() honours moe_seq_batch_t.mask (on the device) */
+    int         guided_mask;
     /* run one step over n sequences (each entry checked with
      * moe_batch_check first); MOE_OK or a status, the KV cache of the
      * step's blocks undefined after a failure */

@@ -61,6 +61,7 @@
 #include "argmax.h"
 #include "convert.h"
 #include "sample.h"
+#include "mask.h"
 #include "attention.h"
 #include "embed.h"
 #include "gemm.h"
@@ -204,6 +205,10 @@ typedef struct {
     int32_t        *h_pen, *d_pen; /* ids (pen_cap) | counts (pen_cap) |
                                       seen bytes (pen_cap) */
     size_t          pen_cap;
+    /* guided decoding (moe_seq_batch_t.mask): the rows' allowed-token
+     * bits, pinned host + device, (CB_LOGIT_ROWS, mask_words) */
+    uint32_t       *h_mask, *d_mask;
+    size_t          mask_words;
     int            *out_seq;       /* (cap) sequence of each logits row */
     int64_t        *expert_counts; /* (L, E) */
     int             last_T;        /* tokens of the last step */
@@ -627,6 +632,8 @@ cb_destroy(moe_backend_t *base)
     (void) cudaFreeHost(b->h_tokout);
     (void) cudaFreeHost(b->h_sp);
     (void) cudaFree(b->d_sp);
+    (void) cudaFreeHost(b->h_mask);
+    (void) cudaFree(b->d_mask);
     (void) cudaFreeHost(b->h_pen);
     (void) cudaFree(b->d_pen);
     if (b->stream != NULL) {
@@ -1220,6 +1227,13 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     CB_CUDA(cudaMallocHost(&b->h_tokout, (size_t) CB_LOGIT_ROWS
                                          * sizeof(int32_t)),
             "pinned greedy ids");
+    b->mask_words = ((size_t) hp->vocab_size + 31) / 32;
+    CB_CUDA(cudaMallocHost(&b->h_mask, (size_t) CB_LOGIT_ROWS
+                                       * b->mask_words * sizeof(uint32_t)),
+            "pinned guided masks");
+    CB_CUDA(cudaMalloc(&b->d_mask, (size_t) CB_LOGIT_ROWS * b->mask_words
+                                   * sizeof(uint32_t)),
+            "guided masks");
 #undef CB_CUDA
 
     b->out_seq = (int *) calloc((size_t) b->cap, sizeof(int));
@@ -1311,6 +1325,8 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     /* sample_tokens 0 leaves non-greedy rows to the engine's host sampler
      * (the test of both paths) */
     b->base.sample_tokens = b->tune.sample_tokens;
+    /* guided rows keep the device path: their masks are applied here */
+    b->base.guided_mask = 1;
     b->use_graphs = b->tune.graphs;
 
     rc = cb_alloc(b, err, errlen);
@@ -1920,6 +1936,48 @@ cb_pen_reserve(cuda_backend_t *b, size_t n)
 
 
 /*
+ * Guided decoding for rows c0 .. c0 + nc (logits in b->logits): when any
+ * row has a mask, upload the rows' bitmasks (all ones for the others),
+ * set the masked logits to -inf on the device and redo the greedy argmax
+ * (cb_sample then draws from the masked logits; the logits copied to the
+ * host for host sampling are masked too).  No logits leave the device.
+ */
+static int
+cb_mask(cuda_backend_t *b, const moe_seq_batch_t *seqs, int c0, int nc,
+    const int32_t *d_nvalid)
+{
+    size_t  W = b->mask_words;
+    int     i, any = 0, V = b->hp.vocab_size;
+
+    for (i = 0; i < nc; i++) {
+        if (seqs[b->out_seq[c0 + i]].mask != NULL) {
+            any = 1;
+        }
+    }
+    if (!any) {
+        return MOE_OK;
+    }
+    for (i = 0; i < nc; i++) {
+        const moe_seq_batch_t *sq = &seqs[b->out_seq[c0 + i]];
+
+        if (sq->mask != NULL) {
+            memcpy(b->h_mask + (size_t) i * W, sq->mask,
+                   W * sizeof(uint32_t));
+        } else {
+            memset(b->h_mask + (size_t) i * W, 0xff, W * sizeof(uint32_t));
+        }
+    }
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_mask, b->h_mask,
+                                   (size_t) nc * W * sizeof(uint32_t),
+                                   cudaMemcpyHostToDevice, b->stream));
+    MOE_TRY(moe_cuda_mask_rows(b->logits, V, nc, V, b->d_mask, (int64_t) W,
+                               b->stream));
+    return moe_cuda_argmax_rows(b->logits, V, nc, V, d_nvalid, b->d_tokout,
+                                b->stream);
+}
+
+
+/*
  * Rows c0 .. c0 + nc of the step's outputs (logits in b->logits): when
  * any asks for a drawn token (sample), upload every row's parameters
  * (greedy rows: temperature 0, no penalty: the argmax again) and penalty
@@ -2052,6 +2110,7 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
                                          hp->vocab_size, d_nvalid + c0,
                                          b->d_tokout, s));
         }
+        MOE_TRY(cb_mask(b, seqs, c0, nc, d_nvalid + c0));
         MOE_TRY(cb_sample(b, seqs, c0, nc));
         /* the ids (one small copy), then the logits of runs of rows that
          * asked for them; token-only rows cost no vocab-wide copy */

@@ -478,6 +478,7 @@ moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
     b->base.name = b->rank[0]->name;
     b->base.n_kv_blocks = b->rank[0]->n_kv_blocks;
     b->base.sample_tokens = b->rank[0]->sample_tokens;
+    b->base.guided_mask = b->rank[0]->guided_mask;
     b->base.forward = tp_forward;
     b->base.expert_counts = tp_expert_counts;
     b->base.destroy = tp_destroy;

@@ -451,6 +451,11 @@ int moe_guide_compile(const moe_tokenizer_t *t, moe_guided_kind_t kind,
 moe_guide_t *moe_guide_ref(moe_guide_t *g);
 void moe_guide_release(moe_guide_t *g);
 
+/* 1 when g was compiled against tokenizer t (as loaded now): a cached
+ * guide may serve t's requests; 0 otherwise (another model's, or a
+ * reloaded one).  A guide stays valid after its tokenizer is freed. */
+int moe_guide_matches(const moe_guide_t *g, const moe_tokenizer_t *t);
+
 
 /* --------------------------------------------------------------- sampling */
 

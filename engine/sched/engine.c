@@ -456,6 +456,9 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     e->logits = malloc(sizeof(float) * (size_t) cfg->max_num_seqs
                        * (size_t) hp->vocab_size);
     e->tok_out = calloc((size_t) cfg->max_num_seqs, sizeof(int32_t));
+    e->gmask_words = (hp->vocab_size + 31) / 32;
+    e->gmask = calloc((size_t) cfg->max_num_seqs * (size_t) e->gmask_words,
+                      sizeof(uint32_t));
     e->n_expert_counts = (size_t) hp->n_layers * (size_t) hp->n_experts;
     e->expert_counts = calloc(e->n_expert_counts, sizeof(_Atomic int64_t));
     e->submit = moe_ring_create((size_t) cfg->ring_size, sizeof(moe_msg_t));
@@ -463,7 +466,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                                 sizeof(moe_event_t));
 
     if (e->running == NULL || e->batch == NULL || e->batch_seq == NULL
-        || e->logits == NULL || e->tok_out == NULL
+        || e->logits == NULL || e->tok_out == NULL || e->gmask == NULL
         || e->expert_counts == NULL || e->submit == NULL
         || e->events == NULL
         || moe_sampler_init(&e->sampler, e->n_sample) != MOE_OK)
@@ -532,6 +535,7 @@ moe_engine_destroy(moe_engine_t *e)
         while (moe_ring_pop(e->submit, &m) == 1) {
             free(m.prompt);
             moe_sampling_bias_free(&m.sp);
+            moe_guide_release(m.sp.guide);
         }
     }
 
@@ -554,6 +558,7 @@ moe_engine_destroy(moe_engine_t *e)
     free(e->batch_seq);
     free(e->logits);
     free(e->tok_out);
+    free(e->gmask);
     free(e->pen_tok);
     free(e->pen_cnt);
     free(e->pen_seen);
@@ -627,6 +632,13 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         }
     }
 
+    /* a guide compiled against another tokenizer cannot mask this one */
+    if (sp->guide != NULL
+        && moe_guided_vocab(sp->guide) != moe_tokenizer_vocab_size(e->tok))
+    {
+        return MOE_EINVAL;
+    }
+
     if (n_prompt >= e->info.max_model_len) {
         return MOE_ETOOLONG;
     }
@@ -658,9 +670,14 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         return MOE_ENOMEM;
     }
 
+    /* the engine's own reference to the guide (released with the
+     * sequence) */
+    moe_guide_ref(m.sp.guide);
+
     if (moe_ring_push(e->submit, &m) != MOE_OK) {
         free(m.prompt);
         moe_sampling_bias_free(&m.sp);
+        moe_guide_release(m.sp.guide);
         return MOE_EFULL;
     }
 
