@@ -67,6 +67,10 @@ typedef struct {
     const char                *stops[MOE_MAX_STOP];
     int                        n_stops;
 
+    /* tools, tool_choice, functions (ngx_http_moe_tools.c) */
+    ngx_http_moe_tools_t       tools;
+    ngx_uint_t                 skip_special_given;
+
     /* guided decoding: the guide a pool thread compiles (cached) */
     moe_guided_kind_t          guide_kind;
     const char                *guide_spec;
@@ -107,6 +111,8 @@ static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_fields(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_params_tools(ngx_http_request_t *r,
+    yajl_val root, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_guided(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_guided_text(ngx_http_request_t *r, yajl_val v,
@@ -168,15 +174,14 @@ static ngx_http_moe_float_param_t  ngx_http_moe_float_params[] = {
  * a 400 naming them rather than ignored, except the values that mean "off"
  * (null always counts as absent).  Fields with no effect on the output are
  * only type-checked.  Unknown fields are ignored, as OpenAI clients send
- * vendor extensions.  Fields with more shapes (tool_choice, function_call,
- * modalities, logprobs) are checked in ngx_http_moe_fields() itself;
- * guided decoding's (guided_*, response_format) in ngx_http_moe_guided().
+ * vendor extensions.  Fields with more shapes (modalities, logprobs) are
+ * checked in ngx_http_moe_fields() itself; guided decoding's (guided_*,
+ * response_format) in ngx_http_moe_guided(); tools, tool_choice,
+ * functions and function_call in ngx_http_moe_tools.c.
  */
 
 static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
 
-    { "tools", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
-    { "functions", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
     { "suffix", NGX_HTTP_MOE_FIELD_STRING, 0 },
     { "min_tokens", NGX_HTTP_MOE_FIELD_INT, 0 },
     { "audio", NGX_HTTP_MOE_FIELD_ANY, 0 },
@@ -188,6 +193,12 @@ static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
     { "store", NGX_HTTP_MOE_FIELD_BOOL, 0 },
     { "user", NGX_HTTP_MOE_FIELD_TEXT, 0 },
     { "metadata", NGX_HTTP_MOE_FIELD_OBJECT, 0 },
+    /* strict checking (tools helper): the rest of OpenAI's chat fields */
+    { "service_tier", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "prompt_cache_key", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "safety_identifier", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "reasoning_effort", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "verbosity", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { NULL, NGX_HTTP_MOE_FIELD_ANY, 0 }
 };
 
@@ -840,6 +851,7 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     }
 
     v = ngx_http_moe_json_get(root, "skip_special_tokens");
+    p->skip_special_given = (v != NULL);
 
     if (v && ngx_http_moe_json_bool(v, &p->skip_special_tokens) != NGX_OK) {
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
@@ -919,6 +931,56 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         }
 
         p->sp.n_stop_token_ids = (int) v->u.array.len;
+    }
+
+    if (ngx_http_moe_params_tools(r, root, p, err) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * tools, tool_choice, functions, function_call (ngx_http_moe_tools.c).
+ * The mistral and llama3_json parsers look for special tokens
+ * ([TOOL_CALLS], <|python_tag|>), so they are kept in the text unless
+ * the request says otherwise (as vLLM does for mistral).
+ */
+
+static ngx_int_t
+ngx_http_moe_params_tools(ngx_http_request_t *r, yajl_val root,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    const char  *name;
+
+    if (ngx_http_moe_tools_parse(r, root, p->chat, &p->tools, err)
+        != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    /* required / named: the guided decoder forces the tools' schema */
+    if (p->tools.guide_spec != NULL) {
+        name = p->tools.legacy ? "function_call" : "tool_choice";
+
+        if (p->guide_kind != MOE_GUIDED_NONE) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                     "%s forcing a call cannot be combined "
+                                     "with %s", name, p->guide_param);
+        }
+
+        p->guide_kind = MOE_GUIDED_JSON;
+        p->guide_spec = (const char *) p->tools.guide_spec;
+        p->guide_len = p->tools.guide_len;
+        p->guide_param = name;
+    }
+
+    if (!p->skip_special_given
+        && (p->tools.format == MOE_TOOL_MISTRAL
+            || p->tools.format == MOE_TOOL_LLAMA3_JSON))
+    {
+        p->skip_special_tokens = 0;
     }
 
     return NGX_OK;
@@ -1022,58 +1084,6 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
 
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
                                  "%s is not supported yet", name);
-    }
-
-    /* "none" and "auto" (no tools: nothing to call) are off */
-
-    name = "tool_choice";
-    v = ngx_http_moe_json_get(root, name);
-
-    if (v == NULL) {
-        name = "function_call";
-        v = ngx_http_moe_json_get(root, name);
-    }
-
-    if (YAJL_IS_STRING(v)) {
-        if (ngx_strcmp(v->u.string, "none") != 0
-            && ngx_strcmp(v->u.string, "auto") != 0)
-        {
-            if (name[0] == 't' && ngx_strcmp(v->u.string, "required") == 0) {
-                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                         "%s \"required\" is not supported "
-                                         "yet", name);
-            }
-
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                     "%s must be \"none\", \"auto\"%s or an "
-                                     "object naming a function", name,
-                                     name[0] == 't' ? ", \"required\"" : "");
-        }
-
-    } else if (YAJL_IS_OBJECT(v)) {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                 "%s naming a function is not supported yet",
-                                 name);
-
-    } else if (v) {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                 "%s must be a string or an object", name);
-    }
-
-    /* both given: the second one is checked too */
-
-    if (name[0] == 't') {
-        v = ngx_http_moe_json_get(root, "function_call");
-
-        if (v && !(YAJL_IS_STRING(v)
-                   && (ngx_strcmp(v->u.string, "none") == 0
-                       || ngx_strcmp(v->u.string, "auto") == 0)))
-        {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
-                                     "function_call",
-                                     "function_call other than \"none\" or "
-                                     "\"auto\" is not supported yet");
-        }
     }
 
     v = ngx_http_moe_json_get(root, "modalities");
@@ -1686,6 +1696,12 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
             return rc;
         }
 
+        /* tools and tool calls: the template sees them as JSON */
+        rc = ngx_http_moe_tools_prompt(r, v, t->msgs, &p->tools, t, err);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
         t->add_generation_prompt = 1;
 
         goto post;
@@ -1871,11 +1887,23 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     }
 
     if (p->best_of > 1
+        && p->tools.format != MOE_TOOL_NONE)
+    {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                 "n > 1 with tools is not supported yet");
+    }
+
+    if (p->best_of > 1
         && ngx_http_moe_choices_init(ctx, p->best_of, p->n, p->stops,
                                      p->n_stops,
                                      (int) p->skip_special_tokens)
            != NGX_OK)
     {
+        return NGX_ERROR;
+    }
+
+    /* tool calls in the output (ngx_http_moe_stream.c) */
+    if (ngx_http_moe_stream_tools(ctx, &p->tools) != NGX_OK) {
         return NGX_ERROR;
     }
 

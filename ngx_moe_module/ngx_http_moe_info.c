@@ -22,6 +22,9 @@ static ngx_int_t ngx_http_moe_check_name(ngx_http_request_t *r,
     ngx_str_t *name, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_info_post(ngx_http_request_t *r,
     ngx_http_moe_text_t *t, ngx_http_moe_text_done_pt done);
+static ngx_int_t ngx_http_moe_info_tools(ngx_http_request_t *r,
+    yajl_val root, yajl_val messages, ngx_http_moe_text_t *t,
+    ngx_http_moe_err_t *err);
 static void ngx_http_moe_tokenize_done(ngx_http_request_t *r,
     ngx_http_moe_text_t *t);
 static void ngx_http_moe_detokenize_done(ngx_http_request_t *r,
@@ -598,10 +601,40 @@ ngx_http_moe_tokenize(ngx_http_request_t *r, yajl_val root)
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
+        /* tools, as vLLM's /tokenize takes them: the prompt a chat
+         * completion with the same fields would get */
+        rc = ngx_http_moe_info_tools(r, root, messages, t, &err);
+
+        if (rc == NGX_DECLINED) {
+            return ngx_http_moe_send_err(r, &err);
+        }
+
+        if (rc != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         t->add_generation_prompt = gen_prompt;
     }
 
     return ngx_http_moe_info_post(r, t, ngx_http_moe_tokenize_done);
+}
+
+
+static ngx_int_t
+ngx_http_moe_info_tools(ngx_http_request_t *r, yajl_val root,
+    yajl_val messages, ngx_http_moe_text_t *t, ngx_http_moe_err_t *err)
+{
+    ngx_int_t              rc;
+    ngx_http_moe_tools_t   tl;
+
+    rc = ngx_http_moe_tools_parse(r, root, 1, &tl, err);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+
+    /* (no guide: nothing is generated here) */
+    return ngx_http_moe_tools_prompt(r, messages, t->msgs, &tl, t, err);
 }
 
 

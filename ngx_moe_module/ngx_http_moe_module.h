@@ -107,6 +107,26 @@ typedef struct {
 } ngx_http_moe_err_t;
 
 
+/* a request's tools (ngx_http_moe_tools.c) */
+typedef struct {
+    yajl_val                   tools;       /* the request's tools array
+                                               (or functions); NULL none */
+    ngx_uint_t                 legacy;      /* given as functions */
+    ngx_uint_t                 choice;      /* NGX_HTTP_MOE_TOOL_* */
+    const char                *name;        /* CHOICE_NAMED: the function */
+    ngx_uint_t                 format;      /* moe_tool_format_t of the
+                                               output parser; 0: none */
+    ngx_uint_t                 single;      /* parallel_tool_calls false */
+    u_char                    *guide_spec;  /* a JSON Schema; NULL none */
+    size_t                     guide_len;
+} ngx_http_moe_tools_t;
+
+#define NGX_HTTP_MOE_TOOL_NONE      0
+#define NGX_HTTP_MOE_TOOL_AUTO      1
+#define NGX_HTTP_MOE_TOOL_REQUIRED  2
+#define NGX_HTTP_MOE_TOOL_NAMED     3
+
+
 #define NGX_HTTP_MOE_TEXT_READ    1    /* read the spilled request body */
 #define NGX_HTTP_MOE_TEXT_ENCODE  2    /* render messages (if any), encode */
 #define NGX_HTTP_MOE_TEXT_DECODE  3    /* decode token ids */
@@ -146,6 +166,12 @@ struct ngx_http_moe_text_s {
     ngx_uint_t                 add_special_tokens;
     const u_char              *text;        /* ENCODE without msgs */
     size_t                     len;
+    /* tool calling (ngx_http_moe_tools.c): the prompt as JSON (the
+     * schema of tool_choice required/named goes as guide_* below) */
+    const char                *chat_json;   /* ENCODE: messages as JSON
+                                               (used instead of msgs) */
+    const char                *tools_json;  /* NULL: tools = none */
+
     const int32_t             *ids;         /* DECODE */
     size_t                     n_ids;
     ngx_http_moe_text_file_t  *files;       /* READ */
@@ -235,6 +261,9 @@ typedef struct {
     ngx_uint_t                 n_ended;     /* engine FINISH events */
     ngx_uint_t                 n_done;      /* choices complete */
     ngx_uint_t                 cur;         /* the choice loaded */
+    /* tool calls in the output (ngx_http_moe_stream.c, tool block) */
+    moe_toolparse_t           *tp;          /* NULL: no tool parsing */
+    unsigned                   tool_legacy:1; /* functions: function_call */
 
     unsigned                   chat:1;
     unsigned                   stream:1;
@@ -288,6 +317,7 @@ typedef struct {
  *   json      OpenAI JSON in and out, error bodies, sending a response
  *   admit     admission control: 429 past the waiting limits
  *   request   the request context, requests by id, cancels, the index
+ *   tools     tools, tool_choice, functions: checked; the prompt as JSON
  *   text      text work on the thread pool (body file, template, tokenizer)
  *   stream    engine events to SSE chunks or the final JSON
  *   info      GET routes, /tokenize, /detokenize
@@ -359,6 +389,13 @@ void ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id);
 void ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf);
 void ngx_http_moe_cancel_handler(ngx_event_t *ev);
 
+/* ngx_http_moe_tools.c */
+ngx_int_t ngx_http_moe_tools_parse(ngx_http_request_t *r, yajl_val root,
+    ngx_uint_t chat, ngx_http_moe_tools_t *tl, ngx_http_moe_err_t *err);
+ngx_int_t ngx_http_moe_tools_prompt(ngx_http_request_t *r, yajl_val messages,
+    moe_chat_msg_t *msgs, ngx_http_moe_tools_t *tl, ngx_http_moe_text_t *t,
+    ngx_http_moe_err_t *err);
+
 /* ngx_http_moe_text.c */
 ngx_http_moe_text_t *ngx_http_moe_text_create(ngx_http_request_t *r,
     ngx_uint_t op);
@@ -376,6 +413,8 @@ ngx_int_t ngx_http_moe_choices_init(ngx_http_moe_ctx_t *ctx,
     int n_stops, int skip_special_tokens);
 ngx_int_t ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx);
 void ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev);
+ngx_int_t ngx_http_moe_stream_tools(ngx_http_moe_ctx_t *ctx,
+    ngx_http_moe_tools_t *tl);
 
 /* ngx_http_moe_info.c: GET routes and the tokenizer routes */
 ngx_int_t ngx_http_moe_health(ngx_http_request_t *r);

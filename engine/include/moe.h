@@ -140,6 +140,14 @@ typedef struct moe_config {
     char    kv_cache_dtype[16];
     double  kv_cache_scale_k, kv_cache_scale_v;
 
+    /* vllm: tool calling (vLLM's --tool-call-parser and
+     * --enable-auto-tool-choice) */
+    char    tool_call_parser[16];     /* "auto" (default: from the model's
+                                         template/architecture), "hermes",
+                                         "mistral", "llama3_json", "none" */
+    int     enable_auto_tool_choice;  /* 0/1, default 1: tool_choice "auto"
+                                         parses calls; 0: refused (400) */
+
     /* LocalMoE extensions (engine: section or top level keys) */
     char    backend[16];              /* "auto" | "cpu" | "cuda" */
     int     cpu_threads;              /* 0: all cores */
@@ -320,6 +328,111 @@ typedef struct {
 int moe_chat_render(const moe_tokenizer_t *t, const char *chat_template,
     const moe_chat_msg_t *msgs, int n_msgs, int add_generation_prompt,
     char **out, size_t *out_len, char *err, size_t errlen);
+
+
+/* ------------------------------------------------- tool calls (chat tools) */
+
+/*
+ * Prompts with tools: the conversation and the tools as JSON texts, so a
+ * template sees messages with their structure (role "tool" with
+ * tool_call_id and name, assistant turns with tool_calls whose
+ * function.arguments may be objects) and `tools` as transformers passes
+ * them.  messages_json: a JSON array of message objects (NUL terminated);
+ * tools_json: a JSON array or NULL (the template sees tools = none).
+ * chat_template NULL: ChatML as moe_chat_render().  *out is malloc()ed;
+ * MOE_EINVAL with err set for malformed JSON or a template that fails.
+ */
+int moe_chat_render_json(const moe_tokenizer_t *t, const char *chat_template,
+    const char *messages_json, const char *tools_json,
+    int add_generation_prompt, char **out, size_t *out_len, char *err,
+    size_t errlen);
+
+/*
+ * How a model writes tool calls in its output (vLLM's tool_call_parser
+ * names), and the two shapes the guided decoder forces for tool_choice
+ * "required" (a JSON array of {"name", "parameters"}) and a named function
+ * (the whole output is that function's arguments).
+ */
+typedef enum {
+    MOE_TOOL_NONE        = 0,   /* no parsing: all output is content */
+    MOE_TOOL_HERMES      = 1,   /* <tool_call>{"name","arguments"}</tool_call> */
+    MOE_TOOL_MISTRAL     = 2,   /* [TOOL_CALLS][{"name","arguments"}, ...] */
+    MOE_TOOL_LLAMA3_JSON = 3,   /* {"name","parameters"} (after
+                                   <|python_tag|> or as the whole output),
+                                   several separated by ';' */
+    MOE_TOOL_REQUIRED    = 4,   /* [{"name","parameters"}, ...] */
+    MOE_TOOL_NAMED       = 5    /* the arguments of one named function */
+} moe_tool_format_t;
+
+/* "hermes" "mistral" "llama3_json" "none" -> the format; -1 unknown. */
+int moe_tool_format_from_name(const char *name);
+
+/* The vLLM name of a format ("hermes", ..., "required", "named"). */
+const char *moe_tool_format_name(int format);
+
+/*
+ * The parser for a model family: from the markers its chat template writes
+ * (<tool_call>, [TOOL_CALLS], <|python_tag|>/ipython), else from the
+ * architecture (Qwen -> hermes, Mistral/Mixtral -> mistral, Llama ->
+ * llama3_json), else hermes.  Either argument may be NULL.
+ */
+moe_tool_format_t moe_tool_format_detect(const char *architecture,
+    const char *chat_template);
+
+/*
+ * A tool-call parser over streamed output text.  Push text as it is
+ * decoded; then take events in order with moe_toolparse_next(): content
+ * that is safe to show (text that may be the start of a tool call is held
+ * back until it is known not to be one), the start of a call (index, id
+ * "call_" + random, or 9 random characters for mistral as its template
+ * wants; function name; arguments "") and fragments of its arguments (a
+ * JSON text).  A call whose JSON is malformed is given back as content.
+ * NAMED: the call starts at once and every pushed byte is arguments.
+ * Owned by one thread at a time.
+ */
+typedef struct moe_toolparse moe_toolparse_t;
+
+typedef enum {
+    MOE_TOOLEV_CONTENT   = 1,   /* text: content */
+    MOE_TOOLEV_CALL      = 2,   /* a call starts: index, id, name */
+    MOE_TOOLEV_ARGUMENTS = 3    /* text: a fragment of call index's
+                                   arguments */
+} moe_toolev_type_t;
+
+typedef struct {
+    int          type;          /* moe_toolev_type_t */
+    int          index;         /* CALL, ARGUMENTS: the call, from 0 */
+    const char  *id;            /* CALL */
+    const char  *name;          /* CALL */
+    const char  *text;          /* CONTENT, ARGUMENTS (not NUL terminated) */
+    size_t       len;
+} moe_toolev_t;
+
+/*
+ * A parser for `format`; fn_name: the function of a NAMED format (copied),
+ * else ignored; seed: for the call ids.  NULL when out of memory or
+ * NAMED without a name.
+ */
+moe_toolparse_t *moe_toolparse_create(moe_tool_format_t format,
+    const char *fn_name, uint64_t seed);
+void moe_toolparse_free(moe_toolparse_t *p);
+
+/* Push output text.  Events of an earlier push not yet taken stay queued.
+ * MOE_ENOMEM on failure (the parser is then unusable). */
+int moe_toolparse_push(moe_toolparse_t *p, const char *text, size_t len);
+
+/* End of output: what was held back is resolved (a last call without its
+ * closing tag is still a call when its JSON parses, as vLLM does). */
+int moe_toolparse_finish(moe_toolparse_t *p);
+
+/* The next event of the last push or finish: 1 and *ev (its strings live
+ * until the next push/finish/free), or 0 when there is none. */
+int moe_toolparse_next(moe_toolparse_t *p, moe_toolev_t *ev);
+
+/* Calls parsed so far, and call i whole (arguments: a JSON text). */
+int moe_toolparse_n_calls(const moe_toolparse_t *p);
+int moe_toolparse_call(const moe_toolparse_t *p, int i, const char **id,
+    const char **name, const char **args, size_t *args_len);
 
 
 /* ------------------------------------------------------- guided decoding */
