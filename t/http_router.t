@@ -14,13 +14,15 @@
 #   * different conversations spread over both nodes;
 #   * a stream through the front is unbuffered SSE to [DONE];
 #   * a node stopped mid-test is routed around with no failed request
-#     (proxy_next_upstream error ... non_idempotent retries the first one).
+#     (proxy_next_upstream error ... non_idempotent retries the first one);
+#   * conf/router.conf and conf/front-proxy.conf pass `nginx -t`.
 use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
 use JSON::PP;
+use File::Temp ();
 use LocalMoE::Test;
 use LocalMoE::Router;
 
@@ -175,6 +177,20 @@ ok(($first{A} // 0) > 0 && ($first{B} // 0) > 0 && keys(%first) == 2,
     ok(!@bad, "node $home{0} stopped: 8 more requests, none failed")
         or diag(join "\n", @bad);
     is(join(',', keys %now), $left, "all of them answered by node $left");
+}
+
+# ---- the conf/ examples pass nginx -t (paths moved to a temp prefix)
+for my $name (qw(router front-proxy)) {
+    my $d = File::Temp::tempdir('localmoe-conf-XXXXXX', TMPDIR => 1,
+                                CLEANUP => 1);
+    my $c = slurp(root_dir() . "/conf/$name.conf");
+    $c =~ s{build/front/}{$d/}g;
+    $c =~ s{build/nginx/objs/ngx_http_moe_module\.so}{${\ so_path()}}g;
+    open my $fh, '>', "$d/nginx.conf" or die "$d/nginx.conf: $!";
+    print $fh $c;
+    close $fh;
+    my ($rc, $msg) = nginx_test(bless { dir => $d }, 'LocalMoE::Test::Server');
+    is($rc, 0, "conf/$name.conf passes nginx -t") or diag($msg);
 }
 
 my $flog = $F->error_log;
