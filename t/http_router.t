@@ -15,7 +15,8 @@
 #   * a stream through the front is unbuffered SSE to [DONE];
 #   * a node stopped mid-test is routed around with no failed request
 #     (proxy_next_upstream error ... non_idempotent retries the first one);
-#   * conf/router.conf and conf/front-proxy.conf pass `nginx -t`.
+#   * conf/router.conf and conf/front-proxy.conf pass `nginx -t`;
+#     moe_prefix_key_bytes 0 does not.
 use strict;
 use warnings;
 use FindBin;
@@ -191,6 +192,17 @@ for my $name (qw(router front-proxy)) {
     close $fh;
     my ($rc, $msg) = nginx_test(bless { dir => $d }, 'LocalMoE::Test::Server');
     is($rc, 0, "conf/$name.conf passes nginx -t") or diag($msg);
+    next unless $name eq 'router';
+
+    # a budget of 0 bytes is refused, naming the directive
+    $c =~ s/moe_prefix_key_bytes\s+1024;/moe_prefix_key_bytes 0;/
+        or die 'conf/router.conf: no "moe_prefix_key_bytes 1024;" line';
+    open $fh, '>', "$d/nginx.conf" or die "$d/nginx.conf: $!";
+    print $fh $c;
+    close $fh;
+    ($rc, $msg) = nginx_test(bless { dir => $d }, 'LocalMoE::Test::Server');
+    ok($rc != 0 && $msg =~ /moe_prefix_key_bytes.*must be between 1 and 1m/,
+       'moe_prefix_key_bytes 0: nginx -t fails and says why') or diag($msg);
 }
 
 my $flog = $F->error_log;
