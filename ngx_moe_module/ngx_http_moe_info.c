@@ -305,6 +305,17 @@ ngx_http_moe_stats_performance(ngx_http_request_t *r)
     ngx_http_moe_gen_int(g, "preemptions", st.preemptions);
     ngx_http_moe_gen_int(g, "swap_outs", st.swap_outs);
     ngx_http_moe_gen_int(g, "swap_ins", st.swap_ins);
+
+    /* stall-free batching: steps whose prefill the cost model cut, and the
+     * model (ns = c0 + c1 tokens + c2 attention pairs / 1024) */
+    ngx_http_moe_gen_lit(g, "stall_free");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "prefill_limited_steps",
+                         st.prefill_limited_steps);
+    ngx_http_moe_gen_double(g, "step_cost_c0_ns", st.step_cost_ns[0]);
+    ngx_http_moe_gen_double(g, "step_cost_c1_ns", st.step_cost_ns[1]);
+    ngx_http_moe_gen_double(g, "step_cost_c2_ns", st.step_cost_ns[2]);
+    yajl_gen_map_close(g);
     ngx_http_moe_gen_double(g, "busy_s", busy);
     ngx_http_moe_gen_double(g, "busy_fraction",
                             busy / uptime > 1.0 ? 1.0 : busy / uptime);
@@ -443,6 +454,10 @@ ngx_http_moe_metrics(ngx_http_request_t *r)
                             "counter", "Tokens of non-greedy requests drawn "
                             "by the backend (on the GPU for cuda).", &model,
                             st.backend_sampled_tokens);
+    p = ngx_http_moe_metric(p, last, "prefill_limited_steps_total",
+                            "counter", "Steps whose prefill chunks "
+                            "stall-free batching cut to keep decodes at "
+                            "pace.", &model, st.prefill_limited_steps);
     p = ngx_http_moe_metric(p, last, "num_requests_running", "gauge",
                             "Sequences running.", &model, st.seqs_running);
     p = ngx_http_moe_metric(p, last, "num_requests_waiting", "gauge",
