@@ -324,6 +324,10 @@ typedef struct {
  *   gate      API keys, the JSON 413 of the body size limit
  *   handler   routing, request bodies, completions and chat
  *   module    directives, worker start and stop, the engine's eventfd
+ *
+ * ngx_http_moe_router.c is a module of its own in the same .so
+ * (ngx_http_moe_router_module: $moe_prefix_key for a front nginx with no
+ * engine); it uses none of the files above, and they do not use it.
  */
 
 /* ngx_http_moe_json.c */

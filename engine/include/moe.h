@@ -757,6 +757,44 @@ int moe_engine_expert_counts(const moe_engine_t *e, int64_t *counts,
  * is too small.
  */
 int moe_engine_rank_load(const moe_engine_t *e, int64_t *tokens, int n);
+/* ---------------------------------------------------------------------
+ * Prefix affinity key (engine/text/prefix_key.c), for a front nginx that
+ * routes conversations to the node holding their prefix in its KV cache.
+ * Pure computation on request bytes: no engine, no model, no tokenizer.
+ *
+ * The key covers the stable start of a request body, as a canonical byte
+ * string clipped to `budget` bytes:
+ *   chat ("messages"): role and text of each message up to and including
+ *     the first "user" message (text parts of array contents joined), so
+ *     later turns of a conversation, which repeat those messages and add
+ *     more, give the same key;
+ *   completions ("prompt"): the prompt's text (the first prompt of an
+ *     array), or its token ids written in decimal.
+ * JSON escapes are decoded first, so the same text spelled differently
+ * gives the same key.  The body may be fed in pieces (a spilled body is
+ * read in chunks); feeding stops being useful once the key is complete.
+ * --------------------------------------------------------------------- */
+
+typedef struct moe_prefix_key_s  moe_prefix_key_t;
+
+/* A fresh key computation over at most `budget` canonical bytes (0 picks
+ * 1024).  malloc()ed; free with moe_prefix_key_destroy.  NULL on ENOMEM. */
+moe_prefix_key_t *moe_prefix_key_create(size_t budget);
+
+/* Feeds the next len bytes of the body.  Returns 1 when the key is
+ * complete (more input would not change it), 0 when more input may
+ * matter, MOE_EINVAL when the body is not JSON (the key is then absent
+ * for good), MOE_ENOMEM. */
+int moe_prefix_key_feed(moe_prefix_key_t *k, const void *data, size_t len);
+
+/* Ends the input (the body is over, or the caller read all it will).
+ * MOE_OK with *hash set (a 64-bit hash of the canonical prefix) when the
+ * body yielded a prefix; MOE_EINVAL when it did not (not JSON, no
+ * "messages" or "prompt", a body cut before the prefix was complete). */
+int moe_prefix_key_finish(moe_prefix_key_t *k, uint64_t *hash);
+
+/* Frees k (NULL is fine). */
+void moe_prefix_key_destroy(moe_prefix_key_t *k);
 
 #ifdef __cplusplus
 }
