@@ -1122,8 +1122,8 @@ ngx_http_moe_inst_switch(ngx_http_request_t *r, yajl_val root)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    /* the reply finalizes the request */
-    r->main->count++;
+    /* ngx_http_moe_switch_reply() finalizes the request (the reference
+     * the body reading took) */
 
     return NGX_DONE;
 }
