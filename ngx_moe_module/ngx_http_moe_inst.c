@@ -607,12 +607,15 @@ ngx_http_moe_load_failed(ngx_http_moe_inst_t *inst, ngx_http_moe_load_t *ld)
          * upgrade) may still hold the memory: wait for it, bounded.
          */
 
-        ngx_log_error(NGX_LOG_WARN, inst->mcf->log, 0,
-                      "moe: \"%V\": waiting for memory held by the old "
-                      "worker (attempt %ui, %M ms of %M): %s",
-                      &inst->name, inst->attempts,
-                      ngx_current_msec - inst->load_start,
-                      inst->mcf->load_wait, ld->err);
+        /* the first attempt and one in 20 after it (every 5 s) */
+        if (inst->attempts % 20 == 1) {
+            ngx_log_error(NGX_LOG_WARN, inst->mcf->log, 0,
+                          "moe: \"%V\": waiting for memory held by the old "
+                          "worker (attempt %ui, %M ms of %M): %s",
+                          &inst->name, inst->attempts,
+                          ngx_current_msec - inst->load_start,
+                          inst->mcf->load_wait, ld->err);
+        }
 
         ngx_add_timer(&inst->load_timer, NGX_HTTP_MOE_LOAD_RETRY);
         return;
