@@ -306,25 +306,6 @@ ngx_http_moe_inst_unavailable(ngx_http_request_t *r,
 }
 
 
-/* a request's reference to its engine ends */
-
-void
-ngx_http_moe_eng_unref(ngx_http_moe_eng_t *eng)
-{
-    if (eng->refs > 0) {
-        eng->refs--;
-    }
-
-    if (eng->refs == 0 && eng->retired && !eng->reap.posted
-        && !eng->destroying)
-    {
-        /* not here: the wake handler may be in the middle of this
-         * engine's events */
-        ngx_post_event(&eng->reap, &ngx_posted_events);
-    }
-}
-
-
 /* ------------------------------------------------------------- loading */
 
 
@@ -990,7 +971,7 @@ ngx_http_moe_inst_switch(ngx_http_request_t *r, yajl_val root)
     mcf = ngx_http_moe_main_conf(r);
 
     if (mcf->models_dir.len == 0) {
-        return ngx_http_moe_send_error(r, NGX_HTTP_FORBIDDEN, NULL,
+        return ngx_http_moe_send_error(r, NGX_HTTP_NOT_IMPLEMENTED, NULL,
                                        "model switching is off: set "
                                        "\"moe_models_dir\" to the directory "
                                        "that holds the models it may "

@@ -308,10 +308,11 @@ struct ngx_http_moe_inst_s {
  *
  *   json      OpenAI JSON in and out, error bodies, sending a response
  *   admit     admission control: 429 past the waiting limits
+ *   request   the request context, requests by id, cancels, the index,
+ *             engine references
  *   inst      model instances: engines loaded on threads, routing by
  *             "model", /v1/models/switch, engines retired after their
- *             last stream
- *   request   the request context, requests by id, cancels, the index
+ *             last request
  *   text      text work on the thread pool (body file, template, tokenizer)
  *   stream    engine events to SSE chunks or the final JSON
  *   info      GET routes, /tokenize, /detokenize
@@ -380,6 +381,17 @@ void ngx_http_moe_admit_done(ngx_http_moe_ctx_t *ctx);
 time_t ngx_http_moe_retry_after(ngx_http_moe_inst_t *inst);
 ngx_int_t ngx_http_moe_set_retry_after(ngx_http_request_t *r, time_t sec);
 
+/* ngx_http_moe_request.c */
+ngx_http_moe_ctx_t *ngx_http_moe_ctx_create(ngx_http_request_t *r);
+ngx_http_moe_ctx_t *ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf,
+    uint64_t id);
+void ngx_http_moe_register(ngx_http_moe_ctx_t *ctx);
+void ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx);
+void ngx_http_moe_cancel(ngx_http_moe_eng_t *eng, uint64_t id);
+void ngx_http_moe_retry_cancels(ngx_http_moe_eng_t *eng);
+void ngx_http_moe_cancel_handler(ngx_event_t *ev);
+void ngx_http_moe_eng_unref(ngx_http_moe_eng_t *eng);
+
 /* ngx_http_moe_inst.c */
 ngx_int_t ngx_http_moe_inst_init(ngx_cycle_t *cycle,
     ngx_http_moe_main_conf_t *mcf);
@@ -392,19 +404,8 @@ ngx_int_t ngx_http_moe_inst_route(ngx_http_request_t *r,
 ngx_http_moe_eng_t *ngx_http_moe_inst_any(ngx_http_moe_main_conf_t *mcf);
 ngx_int_t ngx_http_moe_inst_unavailable(ngx_http_request_t *r,
     ngx_http_moe_main_conf_t *mcf);
-void ngx_http_moe_eng_unref(ngx_http_moe_eng_t *eng);
 ngx_int_t ngx_http_moe_inst_switch(ngx_http_request_t *r, yajl_val root);
 const char *ngx_http_moe_inst_state(ngx_http_moe_inst_t *inst);
-
-/* ngx_http_moe_request.c */
-ngx_http_moe_ctx_t *ngx_http_moe_ctx_create(ngx_http_request_t *r);
-ngx_http_moe_ctx_t *ngx_http_moe_lookup(ngx_http_moe_main_conf_t *mcf,
-    uint64_t id);
-void ngx_http_moe_register(ngx_http_moe_ctx_t *ctx);
-void ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx);
-void ngx_http_moe_cancel(ngx_http_moe_eng_t *eng, uint64_t id);
-void ngx_http_moe_retry_cancels(ngx_http_moe_eng_t *eng);
-void ngx_http_moe_cancel_handler(ngx_event_t *ev);
 
 /* ngx_http_moe_text.c */
 ngx_http_moe_text_t *ngx_http_moe_text_create(ngx_http_request_t *r,

@@ -213,6 +213,29 @@ ngx_http_moe_retry_cancels(ngx_http_moe_eng_t *eng)
 
 
 /*
+ * A request's reference to its engine ends; a retired engine (switched
+ * out) with no reference left is destroyed by ngx_http_moe_inst.c's reap
+ * event.
+ */
+
+void
+ngx_http_moe_eng_unref(ngx_http_moe_eng_t *eng)
+{
+    if (eng->refs > 0) {
+        eng->refs--;
+    }
+
+    if (eng->refs == 0 && eng->retired && !eng->reap.posted
+        && !eng->destroying)
+    {
+        /* not here: the wake handler may be in the middle of this
+         * engine's events */
+        ngx_post_event(&eng->reap, &ngx_posted_events);
+    }
+}
+
+
+/*
  * Runs when the request pool goes away, however the request ended: a
  * sequence the engine still runs is cancelled so its KV blocks are freed.
  */
