@@ -56,7 +56,8 @@ my $body = LocalMoE::Test::json_encode({ model => 'kjv', prompt => 'And God said
 my @st = map {
     LocalMoE::Test::sse_open('/v1/completions',
         { model => 'kjv', prompt => "stream $_ of the reload", max_tokens => 200,
-          ignore_eos => JSON::PP::true, stream => JSON::PP::true })
+          ignore_eos => JSON::PP::true, stream => JSON::PP::true,
+          stream_options => { include_usage => JSON::PP::true } })
 } 1 .. 16;
 my $deadline = time + 60;
 for my $x (@st) {
@@ -105,8 +106,13 @@ ok(!$slow, 'no request hung (none timed out)');
 ok(($seen{503} // 0) > 0, 'the new worker answered 503 while it waited for memory');
 
 $_->read_all(180) for @st;
+sub usage_tokens {
+    my ($x) = @_;
+    my ($u) = grep { $_->{usage} } $x->chunks;
+    return $u ? $u->{usage}{completion_tokens} // 0 : 0;
+}
 my $ok = grep { $_->done && !$_->errors && ($_->finish_reason // '') eq 'length'
-                && scalar($_->chunks) >= 200 } @st;
+                && usage_tokens($_) == 200 } @st;
 is($ok, 16, 'every stream finished with its 200 tokens: 0 dropped')
     or diag join "\n", map { $_->summary } @st;
 
