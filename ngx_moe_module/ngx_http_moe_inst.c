@@ -55,6 +55,7 @@ static ngx_uint_t ngx_http_moe_load_check(ngx_http_moe_load_t *ld);
 static void ngx_http_moe_load_handler(ngx_event_t *ev);
 static void ngx_http_moe_load_done(ngx_http_moe_inst_t *inst,
     ngx_http_moe_load_t *ld);
+static ngx_uint_t ngx_http_moe_load_oom(ngx_http_moe_load_t *ld);
 static void ngx_http_moe_load_failed(ngx_http_moe_inst_t *inst,
     ngx_http_moe_load_t *ld);
 static ngx_http_moe_eng_t *ngx_http_moe_eng_create(ngx_http_moe_inst_t *inst,
@@ -574,13 +575,30 @@ ngx_http_moe_load_done(ngx_http_moe_inst_t *inst, ngx_http_moe_load_t *ld)
 }
 
 
+/*
+ * The load failed for memory: MOE_ENOMEM, or a device allocation that a
+ * backend reported as its own failure (CUDA: "out of memory")
+ */
+
+static ngx_uint_t
+ngx_http_moe_load_oom(ngx_http_moe_load_t *ld)
+{
+    if (ld->rc == MOE_ENOMEM) {
+        return 1;
+    }
+
+    return ld->rc == MOE_EBACKEND
+           && ngx_strstr(ld->err, "out of memory") != NULL;
+}
+
+
 static void
 ngx_http_moe_load_failed(ngx_http_moe_inst_t *inst, ngx_http_moe_load_t *ld)
 {
     u_char              *p;
     ngx_http_moe_eng_t  *eng;
 
-    if (ld->rc == MOE_ENOMEM && inst->switch_cfg == NULL
+    if (ngx_http_moe_load_oom(ld) && inst->switch_cfg == NULL
         && ngx_current_msec - inst->load_start < inst->mcf->load_wait)
     {
         /*
@@ -604,7 +622,8 @@ ngx_http_moe_load_failed(ngx_http_moe_inst_t *inst, ngx_http_moe_load_t *ld)
 
     if (inst->switch_cfg != NULL) {
 
-        if (ld->rc == MOE_ENOMEM && inst->eng != NULL && !inst->drained) {
+        if (ngx_http_moe_load_oom(ld) && inst->eng != NULL && !inst->drained)
+        {
             /*
              * No room for both: drain the old model, then load the new
              * one alone.  Requests meanwhile get 503 + Retry-After.

@@ -73,7 +73,7 @@ my $t0 = time;
 system(LocalMoE::Test::nginx_bin(), '-p', "$d/", '-c', "$d/nginx.conf", '-e',
        "$d/error.log", '-s', 'reload') == 0 or die "reload: $?";
 
-my (%seen, $first_ok, $bad, $slow);
+my (%seen, %health, $first_ok, $bad, $slow);
 $deadline = time + 180;
 while (time < $deadline) {
     $_->pump for @st;
@@ -84,6 +84,9 @@ while (time < $deadline) {
     $slow++ if $r->{status} == 599;
     $seen{ $r->{status} }++;
     if ($r->{status} == 503) {
+        my $h = $ht->get("$url/health");
+        my $hj = LocalMoE::Test::json_decode($h->{content} // '') // {};
+        $health{"$h->{status} " . ($hj->{status} // '?')}++;
         $bad++ unless ($r->{headers}{'retry-after'} // '') =~ /^[1-9]\d*$/
                       && $r->{content} =~ /"error"/;
     } elsif ($r->{status} == 200) {
@@ -104,6 +107,10 @@ diag(sprintf 'reload under 16 streams: first request served by the new worker '
 ok(!$bad, 'meanwhile every answer was 200 or 503 with Retry-After and an error body');
 ok(!$slow, 'no request hung (none timed out)');
 ok(($seen{503} // 0) > 0, 'the new worker answered 503 while it waited for memory');
+ok($health{'503 loading'}, '... and /health said 503 "loading" meanwhile')
+    or diag explain \%health;
+is(scalar(grep { !/^(503 loading|200 ok)$/ } keys %health), 0,
+   '... never anything but loading or ok') or diag explain \%health;
 
 $_->read_all(180) for @st;
 sub usage_tokens {
