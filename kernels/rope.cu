@@ -3,14 +3,27 @@
 #include "rope.h"
 
 
+/* Frequency i of token t: the table, or (dynamic NTK scaling) the
+ * token's own base as transformers computes it: 1 / base^(2i / hd). */
+__device__ __forceinline__ float
+rope_inv(const float *inv_freq, const float *tok_base, int t, int i, int hd)
+{
+    if (tok_base != NULL) {
+        return 1.0f / powf(tok_base[t], (float) (2 * i) / (float) hd);
+    }
+    return inv_freq[i];
+}
+
+
 __global__ void
 kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
-    const int32_t *pos, const int32_t *slot, float theta,
-    __nv_bfloat16 *kv_layer, int block_size)
+    const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, __nv_bfloat16 *kv_layer,
+    int block_size)
 {
     int            t = blockIdx.x, half = hd / 2;
     int            kvd = n_kv * hd;
-    int            nrot = theta > 0.0f ? (n_heads + n_kv) * half : 0;
+    int            nrot = inv_freq != NULL ? (n_heads + n_kv) * half : 0;
     float         *row = qkv + (size_t) t * ld;
     float          p = (float) pos[t];
     int            s = slot[t];
@@ -23,9 +36,9 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
     for (int idx = threadIdx.x; idx < nrot; idx += blockDim.x) {
         int    h = idx / half, i = idx % half;
         float *v = row + (size_t) h * hd;
-        float  inv = 1.0f / powf(theta, (float) (2 * i) / (float) hd);
+        float  inv = rope_inv(inv_freq, tok_base, t, i, hd);
         float  ang = p * inv;
-        float  c = cosf(ang), sn = sinf(ang);
+        float  c = cosf(ang) * attn, sn = sinf(ang) * attn;
         float  x1 = v[i], x2 = v[i + half];
 
         v[i] = x1 * c - x2 * sn;
@@ -47,8 +60,9 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
  */
 __global__ void
 kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
-    const int32_t *pos, const int32_t *slot, float theta,
-    __nv_bfloat16 *kv_layer, int block_size)
+    const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, __nv_bfloat16 *kv_layer,
+    int block_size)
 {
     int            t = blockIdx.x, h = blockIdx.y, half = hd / 2;
     int            kvd = n_kv * hd, i = threadIdx.x;
@@ -60,10 +74,10 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     }
     x1 = v[i];
     x2 = v[i + half];
-    if (theta > 0.0f && h < n_heads + n_kv) {
-        float inv = 1.0f / powf(theta, (float) (2 * i) / (float) hd);
+    if (inv_freq != NULL && h < n_heads + n_kv) {
+        float inv = rope_inv(inv_freq, tok_base, t, i, hd);
         float ang = (float) pos[t] * inv;
-        float c = cosf(ang), sn = sinf(ang);
+        float c = cosf(ang) * attn, sn = sinf(ang) * attn;
         float y1 = x1 * c - x2 * sn, y2 = x2 * c + x1 * sn;
 
         x1 = y1;
@@ -90,8 +104,9 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
 
 extern "C" int
 moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
-    const int32_t *pos, const int32_t *slot, float theta,
-    moe_bf16_t *kv_layer, int block_size, cudaStream_t stream)
+    const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, moe_bf16_t *kv_layer, int block_size,
+    cudaStream_t stream)
 {
     if (T <= 0) {
         return MOE_K_OK;
@@ -102,13 +117,14 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
         kernel_rope_kv_heads<<<dim3((unsigned) T,
                                     (unsigned) (n_heads + 2 * n_kv)),
                                threads, 0, stream>>>(qkv, ld, n_heads, n_kv,
-            hd, pos, slot, theta,
+            hd, pos, slot, inv_freq, tok_base, attn,
             reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size);
         MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads");
         return MOE_K_OK;
     }
     kernel_rope_kv<<<T, 128, 0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos,
-        slot, theta, reinterpret_cast<__nv_bfloat16 *>(kv_layer),
+        slot, inv_freq, tok_base, attn,
+        reinterpret_cast<__nv_bfloat16 *>(kv_layer),
         block_size);
     MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv");
     return MOE_K_OK;

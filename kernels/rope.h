@@ -8,15 +8,19 @@ extern "C" {
 /*
  * qkv: (T, ld) fp32, row t = [q (n_heads*hd) | k (n_kv*hd) | v (n_kv*hd)].
  * Rotates q and k in place, HF rotate_half layout: for i < hd/2,
- * (x[i], x[i+hd/2]) rotated by pos[t] / theta^(2i/hd).  Then writes bf16
- * k and v of token t into the layer's cache at slot[t] = block*bs + offset:
- * kv_layer is (n_blocks, 2, block_size, n_kv, hd) bf16 (K then V).
- * pos, slot: (T) int32 device.  theta <= 0: no rotation (learned
- * positions, GPT-2), the K/V write only.
+ * (x[i], x[i+hd/2]) rotated by the angle pos[t] * inv_freq[i], cos and
+ * sin scaled by attn (yarn's attention scaling; 1 otherwise).  Then writes
+ * bf16 k and v of token t into the layer's cache at slot[t] =
+ * block*bs + offset: kv_layer is (n_blocks, 2, block_size, n_kv, hd) bf16
+ * (K then V).  pos, slot: (T) int32 device; inv_freq: (hd/2) fp32 device,
+ * NULL: no rotation (learned positions, GPT-2), the K/V write only;
+ * tok_base: NULL, or (T) fp32 device rope bases per token (dynamic NTK
+ * scaling: inv_freq[i] = 1 / tok_base[t]^(2i/hd) instead of the table).
  */
 int moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv,
-    int hd, const int32_t *pos, const int32_t *slot, float theta,
-    moe_bf16_t *kv_layer, int block_size, cudaStream_t stream);
+    int hd, const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, moe_bf16_t *kv_layer, int block_size,
+    cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

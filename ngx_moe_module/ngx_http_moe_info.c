@@ -536,6 +536,17 @@ ngx_http_moe_stats_performance(ngx_http_request_t *r)
     ngx_http_moe_gen_int(g, "preemptions", st.preemptions);
     ngx_http_moe_gen_int(g, "swap_outs", st.swap_outs);
     ngx_http_moe_gen_int(g, "swap_ins", st.swap_ins);
+
+    /* stall-free batching: steps whose prefill the cost model cut, and the
+     * model (ns = c0 + c1 tokens + c2 attention pairs / 1024) */
+    ngx_http_moe_gen_lit(g, "stall_free");
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_int(g, "prefill_limited_steps",
+                         st.prefill_limited_steps);
+    ngx_http_moe_gen_double(g, "step_cost_c0_ns", st.step_cost_ns[0]);
+    ngx_http_moe_gen_double(g, "step_cost_c1_ns", st.step_cost_ns[1]);
+    ngx_http_moe_gen_double(g, "step_cost_c2_ns", st.step_cost_ns[2]);
+    yajl_gen_map_close(g);
     ngx_http_moe_gen_double(g, "busy_s", busy);
     ngx_http_moe_gen_double(g, "busy_fraction",
                             busy / uptime > 1.0 ? 1.0 : busy / uptime);
@@ -642,6 +653,9 @@ static ngx_http_moe_metric_t  ngx_http_moe_metric_list[] = {
     { "backend_sampled_tokens_total", "counter",
       "Tokens of non-greedy requests drawn by the backend (on the GPU "
       "for cuda)." },
+    { "prefill_limited_steps_total", "counter",
+      "Steps whose prefill chunks stall-free batching cut to keep decodes "
+      "at pace." },
     { "num_requests_running", "gauge", "Sequences running." },
     { "num_requests_waiting", "gauge", "Sequences waiting." },
     { "kv_cache_blocks_total", "gauge", "KV cache blocks." },
@@ -694,6 +708,7 @@ ngx_http_moe_metric_values(ngx_http_moe_inst_t *inst, int64_t *v)
     *v++ = st.swap_outs;
     *v++ = st.swap_slots_used;
     *v++ = st.backend_sampled_tokens;
+    *v++ = st.prefill_limited_steps;
     *v++ = st.seqs_running;
     *v++ = st.seqs_waiting;
     *v++ = st.kv_blocks_total;

@@ -425,6 +425,26 @@ PRESETS = collections.OrderedDict([
      "--arch qwen3moe --dim 64 --layers 2 --heads 4 --kv-heads 2 "
      "--head-dim 32 --ffn 96 --moe-ffn 32 --experts 6 --top-k 3 "
      "--norm-topk --expert-layout fused --dtype bf16 --seed 9"),
+    # RoPE scaling: the llama-gqa shape (head_dim 16: 8 frequencies from
+    # wavelength 6 to 20000, so each scheme's regions are all hit)
+    ("t/data/models/llama-rope-linear",
+     "--arch llama --dim 64 --layers 2 --heads 4 --kv-heads 2 --ffn 64 "
+     "--dtype bf16 --seed 12 "
+     "--rope-scaling {\"rope_type\":\"linear\",\"factor\":2.5}"),
+    ("t/data/models/llama-rope-llama3",
+     "--arch llama --dim 64 --layers 2 --heads 4 --kv-heads 2 --ffn 64 "
+     "--dtype bf16 --seed 13 --rope-scaling {\"rope_type\":\"llama3\","
+     "\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,"
+     "\"original_max_position_embeddings\":64}"),
+    ("t/data/models/llama-rope-yarn",
+     "--arch llama --dim 64 --layers 2 --heads 4 --kv-heads 2 --ffn 64 "
+     "--dtype bf16 --seed 14 --max-pos 1024 --rope-scaling "
+     "{\"rope_type\":\"yarn\",\"factor\":4.0,"
+     "\"original_max_position_embeddings\":256}"),
+    ("t/data/models/llama-rope-dynamic",
+     "--arch llama --dim 64 --layers 2 --heads 4 --kv-heads 2 --ffn 64 "
+     "--dtype bf16 --seed 15 --max-pos 24 "
+     "--rope-scaling {\"rope_type\":\"dynamic\",\"factor\":2.0}"),
     ("t/data/models/gpt2-tiny",
      "--arch gpt2 --dim 64 --layers 2 --heads 4 --ffn 256 --max-pos 128 "
      "--dtype f32 --seed 10"),
@@ -544,6 +564,8 @@ def build(argv):
     ap.add_argument("--tie", action="store_true")
     ap.add_argument("--sliding-window", type=int, default=None)
     ap.add_argument("--max-pos", type=int, default=2048)
+    ap.add_argument("--rope-scaling", type=str, default=None,
+                    help="config.json rope_scaling, as JSON")
     ap.add_argument("--merges", type=int, default=250)
     ap.add_argument("--shard-bytes", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)
@@ -605,7 +627,8 @@ def build(argv):
         ("max_position_embeddings", a.max_pos),
         ("rms_norm_eps", 1e-5),
         ("rope_theta", 1e6 if a.arch == "mixtral" else 10000.0),
-        ("rope_scaling", None),
+        ("rope_scaling", json.loads(a.rope_scaling) if a.rope_scaling
+                         else None),
         ("tie_word_embeddings", bool(a.tie)),
         ("vocab_size", vocab),
         ("bos_token_id", eos),

@@ -29,6 +29,17 @@ import re
 import sys
 
 
+def dynamic_rope(model_dir):
+    """True when config.json asks for dynamic NTK RoPE scaling."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    for k in ("rope_scaling", "rope_parameters"):
+        v = cfg.get(k) or {}
+        if (v.get("rope_type") or v.get("type")) == "dynamic":
+            return True
+    return False
+
+
 def load(model_dir, torch, AutoModelForCausalLM):
     kw = dict(attn_implementation="eager", output_loading_info=True)
     try:
@@ -472,6 +483,31 @@ def main():
             model.eval()
             with torch.no_grad():
                 ids = torch.tensor([tokens], dtype=torch.long)
+                if dynamic_rope(d):
+                    # dynamic NTK scaling depends on the path: the base
+                    # follows the sequence length of each forward call.
+                    # The engine decodes token by token with a KV cache,
+                    # as transformers' generate does: the reference is the
+                    # same, one token per call over a cache.
+                    info["incremental"] = True
+                    rows, past, seq = [], None, list(tokens)
+                    for p in range(a.n_pos + a.n_greedy):
+                        if p >= a.n_pos:
+                            seq.append(int(torch.argmax(rows[-1])))
+                        out = model(torch.tensor([[seq[p]]]),
+                                    past_key_values=past, use_cache=True)
+                        past = out.past_key_values
+                        rows.append(out.logits[0, -1].to(torch.float32))
+                    logits = torch.stack(rows[:a.n_pos])
+                    info["vocab"] = int(logits.shape[-1])
+                    logits.numpy().astype("<f4").tofile(bin_path)
+                    info["greedy"] = seq[a.n_pos:]
+                    print("%s: ok (%d positions, incremental)" % (name,
+                                                                  a.n_pos))
+                    with open(os.path.join(a.out, name + ".json"), "w") as f:
+                        json.dump(info, f, indent=1)
+                        f.write("\n")
+                    continue
                 logits = model(ids).logits[0].to(torch.float32)
                 info["vocab"] = int(logits.shape[-1])
                 logits.numpy().astype("<f4").tofile(bin_path)

@@ -234,6 +234,11 @@ typedef struct {
     float                *att;         /* (cap, n_heads * head_dim) */
     float                *tmp;         /* (cap, dim) */
     float                *rcos;        /* (cap, head_dim / 2) */
+    float                *rinv;        /* (head_dim / 2) RoPE frequencies
+                                          (model/rope.c), and per sequence
+                                          for dynamic scaling */
+    float                *rinv_seq;
+    float                 ratt;        /* cos/sin scale (yarn) */
     float                *rsin;        /* (cap, head_dim / 2) */
     int                  *tseq;        /* (cap) sequence of each token */
     int                  *tpos;        /* (cap) absolute position */
@@ -485,6 +490,8 @@ cpu_free_scratch(cpu_backend_t *b)
     free(b->att);
     free(b->tmp);
     free(b->rcos);
+    free(b->rinv);
+    free(b->rinv_seq);
     free(b->rsin);
     free(b->tseq);
     free(b->tpos);
@@ -586,6 +593,11 @@ cpu_reserve(cpu_backend_t *b, int n)
     b->att = malloc(N * Q * sizeof(float));
     b->tmp = malloc(N * D * sizeof(float));
     b->rcos = malloc(N * (size_t) (hp->head_dim / 2) * sizeof(float));
+    b->rinv = malloc((size_t) (hp->head_dim / 2) * sizeof(float));
+    b->rinv_seq = malloc((size_t) (hp->head_dim / 2) * sizeof(float));
+    if (b->rinv != NULL) {
+        moe_rope_inv_freq(hp, b->rinv, &b->ratt);
+    }
     b->rsin = malloc(N * (size_t) (hp->head_dim / 2) * sizeof(float));
     b->tseq = malloc(N * sizeof(int));
     b->tpos = malloc(N * sizeof(int));
@@ -602,7 +614,7 @@ cpu_reserve(cpu_backend_t *b, int n)
     b->erow = malloc(N * K * sizeof(int));
     b->vlogits = malloc((size_t) hp->vocab_size * sizeof(float));
     if (!b->vlogits || !b->x || !b->xb || !b->q || !b->k || !b->v || !b->att || !b->tmp
-        || !b->rcos || !b->rsin || !b->tseq || !b->tpos || !b->rlogits
+        || !b->rcos || !b->rsin || !b->rinv || !b->rinv_seq || !b->tseq || !b->tpos || !b->rlogits
         || !b->sel || !b->selw || !b->slot_of || !b->xe || !b->hg || !b->hu
         || !b->ye || !b->erow || !b->ys || !b->sg)
     {
@@ -964,6 +976,16 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     /* embeddings, token tables, RoPE angles */
     t = 0;
     for (s = 0; s < n; s++) {
+        const float *inv = b->rinv;
+
+        if (hp->rope_type == MOE_ROPE_DYNAMIC && !hp->learned_pos) {
+            /* transformers: the base for the sequence's length so far
+             * (the largest position in this forward, + 1) */
+            moe_rope_inv_freq_base(hp, moe_rope_dynamic_base(hp,
+                                   seqs[s].pos + seqs[s].n_tokens),
+                                   b->rinv_seq);
+            inv = b->rinv_seq;
+        }
         for (i = 0; i < seqs[s].n_tokens; i++, t++) {
             float pos = (float) (seqs[s].pos + i);
 
@@ -982,13 +1004,12 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
                 continue;
             }
             for (h = 0; h < half; h++) {
-                /* as HF: inv_freq = 1 / theta^(2i/hd) and angle in fp32 */
-                float inv = 1.0f / powf(hp->rope_theta,
-                                        (float) (2 * h) / (float) hd);
-                float ang = pos * inv;
+                /* as HF: angle = pos * inv_freq in fp32, cos and sin
+                 * times the attention scaling (1 but for yarn) */
+                float ang = pos * inv[h];
 
-                b->rcos[(size_t) t * half + h] = cosf(ang);
-                b->rsin[(size_t) t * half + h] = sinf(ang);
+                b->rcos[(size_t) t * half + h] = cosf(ang) * b->ratt;
+                b->rsin[(size_t) t * half + h] = sinf(ang) * b->ratt;
             }
         }
     }

@@ -93,7 +93,7 @@ static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
 
 #define CB_ALIGN        256
 #define CB_LOGIT_ROWS   64                  /* lm_head rows per pass */
-#define CB_STAGE_FIXED  7                   /* staging arrays of cap ints */
+#define CB_STAGE_FIXED  8                   /* staging arrays of cap ints */
 #define CB_BLAS_WS      ((size_t) 32 << 20)
 #define CB_SLACK        ((int64_t) 256 << 20)
 #define CB_GRAPH_MAX_T  64
@@ -186,6 +186,10 @@ typedef struct {
     float          *logits;        /* (CB_LOGIT_ROWS, vocab) */
     int32_t        *d_tokout;      /* (CB_LOGIT_ROWS) greedy ids */
     int32_t        *d_stage;       /* (stage_ints) */
+    float          *d_rope_inv;    /* (head_dim / 2) RoPE frequencies
+                                      (model/rope.c); NULL: learned
+                                      positions */
+    float           rope_att;      /* cos/sin scale (yarn; else 1) */
 
     /* host side */
     int32_t        *h_stage;       /* (stage_ints) pinned */
@@ -616,6 +620,7 @@ cb_destroy(moe_backend_t *base)
     (void) cudaFree(b->wbuf);
     (void) cudaFree(b->kv);
     (void) cudaFree(b->wsbuf);
+    (void) cudaFree(b->d_rope_inv);
     (void) cudaFreeHost(b->h_stage);
     (void) cudaFreeHost(b->h_counts);
     (void) cudaFreeHost(b->h_logits);
@@ -1184,6 +1189,22 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
 
     CB_CUDA(cudaMallocHost(&b->h_stage, sl.stage_ints * sizeof(int32_t)),
             "pinned staging");
+    if (!hp->learned_pos) {
+        float  inv[512];
+
+        if (hp->head_dim / 2 > 512) {
+            moe_cuda_set_error("cuda backend: head_dim %d > 1024",
+                               hp->head_dim);
+            return MOE_EUNSUPPORTED;
+        }
+        moe_rope_inv_freq(hp, inv, &b->rope_att);
+        CB_CUDA(cudaMalloc(&b->d_rope_inv,
+                           (size_t) (hp->head_dim / 2) * sizeof(float)),
+                "RoPE frequencies");
+        CB_CUDA(cudaMemcpy(b->d_rope_inv, inv,
+                           (size_t) (hp->head_dim / 2) * sizeof(float),
+                           cudaMemcpyHostToDevice), "RoPE frequencies");
+    }
     CB_CUDA(cudaMallocHost(&b->h_counts,
                            (size_t) (hp->n_experts + 1) * sizeof(int32_t)),
             "pinned counts");
@@ -1740,7 +1761,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     int32_t             *d_tok = b->d_stage, *d_pos = d_tok + N;
     int32_t             *d_slot = d_pos + N, *d_seq = d_slot + N;
     int32_t             *d_rows = d_seq + N, *d_btoff = d_rows + N;
-    int32_t             *d_nvalid = d_btoff + N, *d_bt = d_nvalid + N;
+    int32_t             *d_nvalid = d_btoff + N, *d_rbase = d_nvalid + N;
+    int32_t             *d_bt = d_rbase + N;
     size_t               kv_layer = (size_t) b->n_blocks * 2
                                     * b->block_size * b->KVD;
     cudaStream_t         s = b->stream;
@@ -1778,9 +1800,11 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                           hp->norm_eps, s));
         }
         MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads, hp->n_kv_heads,
-                                 hd, d_pos, d_slot,
-                                 hp->learned_pos ? 0.0f : hp->rope_theta,
-                                 (moe_bf16_t *) kvl, b->block_size, s));
+                                 hd, d_pos, d_slot, b->d_rope_inv,
+                                 hp->rope_type == MOE_ROPE_DYNAMIC
+                                 ? (const float *) d_rbase : NULL,
+                                 b->rope_att, (moe_bf16_t *) kvl,
+                                 b->block_size, s));
         MOE_TRY(moe_cuda_attention(b->qkv, QKV, T, d_pos, d_seq, d_bt,
                                    d_btoff, (moe_bf16_t *) kvl,
                                    b->block_size, hp->n_heads,
@@ -2082,7 +2106,8 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     int32_t             *h_tok = b->h_stage, *h_pos = h_tok + N;
     int32_t             *h_slot = h_pos + N, *h_seq = h_slot + N;
     int32_t             *h_rows = h_seq + N, *h_btoff = h_rows + N;
-    int32_t             *h_nvalid = h_btoff + N, *h_bt = h_nvalid + N;
+    int32_t             *h_nvalid = h_btoff + N, *h_rbase = h_nvalid + N;
+    int32_t             *h_bt = h_rbase + N;
     int                  T, s, i, t, n_out, rc;
 
     if (n < 0 || (n > 0 && seqs == NULL)) {
@@ -2119,6 +2144,11 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
         int need = (sq->pos + sq->n_tokens + b->block_size - 1)
                    / b->block_size;
 
+        float rbase = hp->rope_type == MOE_ROPE_DYNAMIC
+                      ? (float) moe_rope_dynamic_base(hp, sq->pos
+                                                      + sq->n_tokens)
+                      : 0.0f;
+
         h_btoff[s] = (int32_t) nbt;
         memcpy(h_bt + nbt, sq->block_table, (size_t) need * sizeof(int32_t));
         nbt += (size_t) need;
@@ -2130,6 +2160,7 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             h_slot[t] = sq->block_table[p / b->block_size] * b->block_size
                         + p % b->block_size;
             h_seq[t] = s;
+            memcpy(&h_rbase[t], &rbase, sizeof(float));
         }
         if (sq->logits != NULL || sq->token_out != NULL) {
             h_rows[n_out] = t - 1;

@@ -135,6 +135,8 @@ static const cfg_key_t cfg_engine_keys[] = {
     { "kv_cache_blocks", CFG_INT, OFF(kv_cache_blocks), 0, 0, INT_MAX, 0,
       NULL },
     { "ring_size", CFG_INT, OFF(ring_size), 0, 16, 1048576, CFG_POW2, NULL },
+    { "prefill_step_ratio", CFG_DOUBLE, OFF(prefill_step_ratio), 0, 0, 1000,
+      0, NULL },
     { "served_model_name", CFG_STR, OFF(served_model_name),
       SZ(served_model_name), 0, 0, 0, NULL },
     { "max_waiting_requests", CFG_INT, OFF(max_waiting_requests), 0, 1,
@@ -1196,6 +1198,7 @@ moe_config_defaults(moe_config_t *c)
     c->enable_chunked_prefill = 1;
     c->use_v2_block_manager = 0;
     c->max_chunked_prefill_tokens = 0;
+    c->prefill_step_ratio = 3.0;
     c->trust_remote_code = 0;
     strcpy(c->load_format, "auto");
 

@@ -118,6 +118,10 @@ typedef struct moe_config {
     int     enable_chunked_prefill;   /* 0/1, default 1 */
     int     use_v2_block_manager;     /* accepted, no effect */
     int     max_chunked_prefill_tokens; /* 0: max_num_batched_tokens */
+    double  prefill_step_ratio;       /* stall-free batching: a step with
+                                         decodes may take at most this
+                                         times the decodes' own measured
+                                         cost; 0: off; default 3 */
     char    quantization[32];         /* "" (null) */
     int     trust_remote_code;        /* accepted; never runs remote code */
     char    load_format[32];          /* "auto" | "safetensors" */
@@ -456,6 +460,11 @@ typedef struct {
     /* tokens of non-greedy requests drawn by the backend (on the GPU for
      * cuda) rather than by the host sampler over copied logits */
     int64_t  backend_sampled_tokens;
+    /* stall-free batching: steps whose prefill chunks the step cost model
+     * cut, and the model itself (ns = c0 + c1 tokens + c2 attn, attn in
+     * 1024 query x context pairs; all 0 until it is warm) */
+    int64_t  prefill_limited_steps;
+    double   step_cost_ns[3];
 } moe_stats_t;
 
 /*
@@ -510,6 +519,16 @@ int moe_engine_cancel(moe_engine_t *e, uint64_t req_id);
  * running.
  */
 int moe_engine_hold(moe_engine_t *e, int steps);
+
+/*
+ * Fix the step cost model stall-free batching uses (ns per step =
+ * c0 + c1 x tokens + c2 x attention pairs / 1024) instead of measuring
+ * it; c1 <= 0 goes back to measuring.  For tests and for operators who
+ * want a fixed pace.  Only while the engine is parked (moe_engine_hold(e,
+ * 0)): MOE_ESTATE otherwise.
+ */
+int moe_engine_pin_step_cost(moe_engine_t *e, double c0, double c1,
+    double c2);
 
 /* Copy up to max waiting events into ev; returns how many.  Non-blocking.
  * Events left waiting (the return was max) keep the eventfd readable, so

@@ -205,45 +205,173 @@ m_eos(yajl_val obj, const char *file, int32_t *ids, int *n, char *err,
 }
 
 
-/* rope_scaling / rope_parameters: only plain RoPE is supported. */
+/* A positive number field of a rope_scaling object: *out keeps def when
+ * absent (def < 0: required). */
 static int
-m_rope(yajl_val root, const char *file, double *theta, char *err,
-    size_t errlen)
+m_rope_num(yajl_val v, const char *file, const char *obj, const char *key,
+    double def, double *out, char *err, size_t errlen)
+{
+    yajl_val  x = m_get(v, key);
+
+    if (x == NULL || YAJL_IS_NULL(x)) {
+        if (def < 0) {
+            moe_errf(err, errlen, "%s: %s needs '%s'", file, obj, key);
+            return MOE_EFORMAT;
+        }
+        *out = def;
+        return MOE_OK;
+    }
+    if (!YAJL_IS_NUMBER(x) || !(YAJL_GET_DOUBLE(x) > 0)) {
+        moe_errf(err, errlen, "%s: %s.%s must be a number > 0", file, obj,
+                 key);
+        return MOE_EFORMAT;
+    }
+    *out = YAJL_GET_DOUBLE(x);
+    return MOE_OK;
+}
+
+
+/*
+ * rope_scaling / rope_parameters (transformers 5 keeps rope_theta there):
+ * default, linear, dynamic, yarn, llama3 (model/rope.c); other types are
+ * refused by name.  hp->max_pos must be set.
+ */
+static int
+m_rope(yajl_val root, const char *file, double *theta, moe_hparams_t *hp,
+    char *err, size_t errlen)
 {
     static const char *keys[] = { "rope_scaling", "rope_parameters" };
     yajl_val           v, t;
     size_t             k;
     int                rc;
+    double             x;
+    const char        *ty;
+
+    hp->rope_type = MOE_ROPE_DEFAULT;
+    hp->rope_factor = 1.0f;
+    hp->rope_orig_max = hp->max_pos;
+    hp->rope_truncate = 1;
 
     for (k = 0; k < 2; k++) {
-        v = m_get(root, keys[k]);
+        const char *o = keys[k];
+
+        v = m_get(root, o);
         if (v == NULL || YAJL_IS_NULL(v)) {
             continue;
         }
         if (!YAJL_IS_OBJECT(v)) {
             moe_errf(err, errlen, "%s: '%s' must be an object or null", file,
-                  keys[k]);
+                  o);
             return MOE_EFORMAT;
-        }
-        t = m_get(v, "rope_type");
-        if (t == NULL) {
-            t = m_get(v, "type");
-        }
-        if (t != NULL && !YAJL_IS_NULL(t)
-            && (!YAJL_IS_STRING(t)
-                || (strcmp(t->u.string, "default") != 0
-                    && strcmp(t->u.string, "none") != 0)))
-        {
-            moe_errf(err, errlen, "%s: %s type '%.40s' is not supported (only "
-                  "plain RoPE: type default/none)", file, keys[k],
-                  YAJL_IS_STRING(t) ? t->u.string : "?");
-            return MOE_EUNSUPPORTED;
         }
         /* transformers 5 keeps rope_theta inside rope_parameters */
         if (m_get(v, "rope_theta") != NULL) {
             rc = m_num(v, file, "rope_theta", *theta, theta, err, errlen);
             if (rc != MOE_OK) {
                 return rc;
+            }
+        }
+        t = m_get(v, "rope_type");
+        if (t == NULL) {
+            t = m_get(v, "type");
+        }
+        if (t == NULL || YAJL_IS_NULL(t)) {
+            continue;
+        }
+        if (!YAJL_IS_STRING(t)) {
+            moe_errf(err, errlen, "%s: %s.rope_type must be a string", file,
+                     o);
+            return MOE_EFORMAT;
+        }
+        ty = t->u.string;
+        if (strcmp(ty, "default") == 0 || strcmp(ty, "none") == 0) {
+            continue;
+        }
+        if (strcmp(ty, "linear") == 0) {
+            hp->rope_type = MOE_ROPE_LINEAR;
+        } else if (strcmp(ty, "dynamic") == 0) {
+            hp->rope_type = MOE_ROPE_DYNAMIC;
+        } else if (strcmp(ty, "yarn") == 0) {
+            hp->rope_type = MOE_ROPE_YARN;
+        } else if (strcmp(ty, "llama3") == 0) {
+            hp->rope_type = MOE_ROPE_LLAMA3;
+        } else {
+            moe_errf(err, errlen, "%s: %s type '%.40s' is not supported "
+                     "(default, linear, dynamic, yarn, llama3 are)", file, o,
+                     ty);
+            return MOE_EUNSUPPORTED;
+        }
+
+        rc = m_rope_num(v, file, o, "factor", -1, &x, err, errlen);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        hp->rope_factor = (float) x;
+
+        if (m_get(v, "original_max_position_embeddings") != NULL
+            || hp->rope_type == MOE_ROPE_LLAMA3)
+        {
+            rc = m_rope_num(v, file, o, "original_max_position_embeddings",
+                            -1, &x, err, errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            hp->rope_orig_max = (int) x;
+            hp->rope_factor_from_len = hp->rope_type == MOE_ROPE_YARN;
+        }
+
+        if (hp->rope_type == MOE_ROPE_LLAMA3) {
+            rc = m_rope_num(v, file, o, "low_freq_factor", -1, &x, err,
+                            errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            hp->rope_low_freq = (float) x;
+            rc = m_rope_num(v, file, o, "high_freq_factor", -1, &x, err,
+                            errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            hp->rope_high_freq = (float) x;
+            if (!(hp->rope_high_freq > hp->rope_low_freq)) {
+                moe_errf(err, errlen, "%s: %s.high_freq_factor must be "
+                         "larger than low_freq_factor", file, o);
+                return MOE_EFORMAT;
+            }
+        }
+
+        if (hp->rope_type == MOE_ROPE_YARN) {
+            yajl_val tr = m_get(v, "truncate");
+
+            rc = m_rope_num(v, file, o, "beta_fast", 32, &x, err, errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            hp->rope_beta_fast = (float) x;
+            rc = m_rope_num(v, file, o, "beta_slow", 1, &x, err, errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            hp->rope_beta_slow = (float) x;
+            rc = m_rope_num(v, file, o, "mscale", 0, &x, err, errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            hp->rope_mscale = (float) x;
+            rc = m_rope_num(v, file, o, "mscale_all_dim", 0, &x, err,
+                            errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            hp->rope_mscale_all = (float) x;
+            rc = m_rope_num(v, file, o, "attention_factor", 0, &x, err,
+                            errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            hp->rope_attn_factor = (float) x;
+            if (tr != NULL && !YAJL_IS_NULL(tr)) {
+                hp->rope_truncate = !YAJL_IS_FALSE(tr);
             }
         }
     }
@@ -688,7 +816,7 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
 
     d = hp->arch == MOE_ARCH_MIXTRAL ? 1e6 : 1e4;
     CHECK(m_num(root, "config.json", "rope_theta", d, &d, err, errlen));
-    CHECK(m_rope(root, "config.json", &d, err, errlen));
+    CHECK(m_rope(root, "config.json", &d, hp, err, errlen));
     if (!(d > 0)) {
         moe_errf(err, errlen, "config.json: rope_theta must be > 0");
         rc = MOE_EFORMAT;

@@ -92,7 +92,53 @@ typedef struct {
                                    runs the dense MLP wd_* instead of
                                    router + experts (mlp_only_layers,
                                    decoder_sparse_step) */
+
+    /* RoPE scaling (config.json rope_scaling / rope_parameters; the
+     * frequencies: model/rope.c) */
+    int        rope_type;       /* moe_rope_type_t */
+    float      rope_factor;     /* linear, dynamic, yarn, llama3 */
+    int        rope_orig_max;   /* original_max_position_embeddings (yarn,
+                                   llama3, dynamic: else max_pos) */
+    float      rope_low_freq;   /* llama3 low_freq_factor */
+    float      rope_high_freq;  /* llama3 high_freq_factor */
+    float      rope_beta_fast;  /* yarn, default 32 */
+    float      rope_beta_slow;  /* yarn, default 1 */
+    float      rope_mscale;     /* yarn mscale (0: absent) */
+    float      rope_mscale_all; /* yarn mscale_all_dim (0: absent) */
+    float      rope_attn_factor;/* yarn attention_factor (0: derived) */
+    int        rope_truncate;   /* yarn truncate (default 1) */
+    int        rope_factor_from_len; /* yarn: factor = max_pos / orig_max
+                                   (original_max_position_embeddings given) */
 } moe_hparams_t;
+
+typedef enum {
+    MOE_ROPE_DEFAULT = 0,
+    MOE_ROPE_LINEAR  = 1,
+    MOE_ROPE_DYNAMIC = 2,
+    MOE_ROPE_YARN    = 3,
+    MOE_ROPE_LLAMA3  = 4
+} moe_rope_type_t;
+
+/*
+ * The rotary frequencies transformers computes for hp (rope_theta,
+ * head_dim, the scaling type): inv_freq[i] for i < head_dim / 2, and the
+ * factor cos and sin are multiplied by (yarn's attention scaling; 1 for
+ * the others).  For dynamic scaling these are the frequencies up to the
+ * original context; moe_rope_dynamic_base() gives the base for a longer
+ * sequence.
+ */
+void moe_rope_inv_freq(const moe_hparams_t *hp, float *inv_freq,
+    float *attn_scale);
+
+/*
+ * Dynamic NTK scaling: the rope base for a sequence of seq_len positions
+ * (transformers: base * (factor * L / orig - (factor - 1))^(d / (d - 2))
+ * once L > orig; rope_theta otherwise), and the per-dimension frequencies
+ * of that base.  Other types: rope_theta.
+ */
+double moe_rope_dynamic_base(const moe_hparams_t *hp, int seq_len);
+void moe_rope_inv_freq_base(const moe_hparams_t *hp, double base,
+    float *inv_freq);
 
 /*
  * The fp32 host weights (CPU backend layout), row-major.  Linear weights are

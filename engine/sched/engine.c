@@ -715,6 +715,22 @@ moe_engine_hold(moe_engine_t *e, int steps)
 }
 
 
+int
+moe_engine_pin_step_cost(moe_engine_t *e, double c0, double c1, double c2)
+{
+    int  rc = MOE_ESTATE;
+
+    pthread_mutex_lock(&e->hold_mu);
+    if (e->parked) {
+        moe_stepcost_pin(&e->cost, c0, c1, c2);
+        moe_stepcost_publish(e);
+        rc = MOE_OK;
+    }
+    pthread_mutex_unlock(&e->hold_mu);
+    return rc;
+}
+
+
 size_t
 moe_engine_drain(moe_engine_t *e, moe_event_t *ev, size_t max)
 {
@@ -777,6 +793,11 @@ moe_engine_stats(const moe_engine_t *e, moe_stats_t *o)
     o->swap_slots_total = e->slots.n_total;
     o->swap_slots_used = atomic_load(&m->st_swap_used);
     o->backend_sampled_tokens = atomic_load(&m->st_backend_sampled);
+    o->prefill_limited_steps = atomic_load(&m->st_pf_limited);
+    for (int k = 0; k < 3; k++) {
+        o->step_cost_ns[k] = (double) atomic_load(&m->st_cost_milli[k])
+                             / 1000.0;
+    }
 }
 
 

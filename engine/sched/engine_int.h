@@ -17,6 +17,7 @@
 #include "backends/backend.h"
 #include "sched/kv.h"
 #include "sched/ring.h"
+#include "sched/stepcost.h"
 #include "sampling/sampling.h"
 
 enum { MOE_MSG_SUBMIT = 1, MOE_MSG_CANCEL = 2 };
@@ -139,6 +140,8 @@ struct moe_engine {
     moe_sampler_t      sampler;
     int                n_sample;   /* ids the sampler may produce */
     int                wake_pending; /* events pushed, worker not woken */
+    moe_stepcost_t     cost;       /* measured step costs: stall-free
+                                      prefill sizing (stepcost.h) */
 
     /* counters, written by the engine thread, read by anyone */
     _Atomic int64_t    st_submitted, st_finished, st_cancelled,
@@ -146,10 +149,26 @@ struct moe_engine {
                        st_busy_ns, st_preemptions, st_running, st_waiting,
                        st_blocks_used, st_blocks_cached, st_cached_tokens,
                        st_swap_outs, st_swap_ins, st_swap_blocks_out,
-                       st_swapped, st_swap_used, st_backend_sampled;
+                       st_swapped, st_swap_used, st_backend_sampled,
+                       st_pf_limited;
+    _Atomic int64_t    st_cost_milli[3];   /* cost.c x 1000 when cost.ok */
     _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
     size_t             n_expert_counts;
 };
+
+
+/* Copy the step cost model's coefficients where stats readers see them
+ * (engine thread, or a caller holding the parked engine). */
+static inline void
+moe_stepcost_publish(moe_engine_t *e)
+{
+    for (int k = 0; k < 3; k++) {
+        atomic_store_explicit(&e->st_cost_milli[k],
+                              e->cost.ok ? (int64_t) (e->cost.c[k] * 1000.0)
+                                         : 0,
+                              memory_order_relaxed);
+    }
+}
 
 
 static inline int64_t

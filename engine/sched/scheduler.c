@@ -666,6 +666,45 @@ moe_batch_add(moe_engine_t *e, int i, moe_seq_t *s, int chunk)
 }
 
 
+/*
+ * Stall-free batching: the prefill chunk that fits the step's prefill
+ * time (*pf_ns, < 0: no limit) for a sequence at pos wanting `chunk`
+ * tokens.  The first prefill chunk of a step always gets at least one
+ * block's worth (prompts always progress); later ones get what the time
+ * left buys, possibly 0.  Sets *limited when it cut the chunk.
+ */
+static int
+moe_pf_chunk(moe_engine_t *e, double *pf_ns, int *pf_any, int pos,
+    int chunk, int *limited)
+{
+    int  p, floor_;
+
+    if (*pf_ns < 0 || chunk <= 1) {
+        return chunk;
+    }
+
+    p = moe_stepcost_fit_tokens(&e->cost, *pf_ns, pos, chunk);
+    if (p < chunk) {
+        *limited = 1;
+        floor_ = e->cfg.block_size < chunk ? e->cfg.block_size : chunk;
+        if (!*pf_any && p < floor_) {
+            p = floor_;
+        }
+    }
+
+    if (p > 0) {
+        *pf_any = 1;
+        *pf_ns -= moe_stepcost_predict(&e->cost, p,
+                                       moe_stepcost_attn(pos, p))
+                  - e->cost.c[0];
+        if (*pf_ns < 0) {
+            *pf_ns = 0;
+        }
+    }
+    return p;
+}
+
+
 int
 moe_sched_step(moe_engine_t *e)
 {
@@ -676,10 +715,37 @@ moe_sched_step(moe_engine_t *e)
     int64_t     t0;
     moe_seq_t  *s;
     moe_event_t ev;
+    double      pf_ns = -1, attn = 0;
+    int         pf_any = 0, pf_limited = 0, n_tok = 0;
 
     budget = e->cfg.max_num_batched_tokens;
     limit = e->cfg.max_chunked_prefill_tokens > 0
             ? e->cfg.max_chunked_prefill_tokens : budget;
+
+    /* 0. stall-free batching: with decodes running, this step's prefill
+     * chunks may add at most (ratio - 1) times what the decodes alone
+     * cost, by the measured step cost model */
+    if (e->cfg.prefill_step_ratio > 0 && e->cfg.enable_chunked_prefill
+        && e->cost.ok)
+    {
+        int     dec = 0;
+        double  dattn = 0;
+
+        for (i = 0; i < e->n_running; i++) {
+            s = e->running[i];
+            if (s->n_tokens - s->n_computed == 1) {
+                dec++;
+                dattn += moe_stepcost_attn(s->n_computed, 1);
+            }
+        }
+        if (dec > 0) {
+            pf_ns = (e->cfg.prefill_step_ratio - 1.0)
+                    * moe_stepcost_predict(&e->cost, dec, dattn);
+            if (pf_ns < 0) {
+                pf_ns = 0;
+            }
+        }
+    }
 
     /* 1. running sequences: decode tokens and unfinished prefills */
     for (i = 0; i < e->n_running && budget > 0; i++) {
@@ -691,6 +757,13 @@ moe_sched_step(moe_engine_t *e)
         }
         if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
             continue;
+        }
+        if (want > 1) {
+            chunk = moe_pf_chunk(e, &pf_ns, &pf_any, s->n_computed, chunk,
+                                 &pf_limited);
+            if (chunk == 0) {
+                continue;
+            }
         }
 
         while ((rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
@@ -738,6 +811,13 @@ moe_sched_step(moe_engine_t *e)
             if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
                 break;
             }
+            if (want > 1) {
+                chunk = moe_pf_chunk(e, &pf_ns, &pf_any, s->n_computed,
+                                     chunk, &pf_limited);
+                if (chunk == 0) {
+                    break;
+                }
+            }
             rc = moe_swap_in_seq(e, s, chunk, &resumed);
             if (rc == MOE_EFULL) {
                 break;
@@ -779,6 +859,10 @@ moe_sched_step(moe_engine_t *e)
         if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
             chunk = 0;
         }
+        if (chunk > 1) {
+            chunk = moe_pf_chunk(e, &pf_ns, &pf_any, s->n_computed, chunk,
+                                 &pf_limited);
+        }
 
         rc = chunk == 0 ? MOE_EFULL
              : moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
@@ -817,6 +901,15 @@ moe_sched_step(moe_engine_t *e)
      * copy, no host scan); with a backend that samples, the others
      * without logprobs too; the rest logits for moe_sample() */
     moe_step_outputs(e, n);
+
+    for (i = 0; i < n; i++) {
+        n_tok += e->batch[i].n_tokens;
+        attn += moe_stepcost_attn(e->batch[i].pos, e->batch[i].n_tokens);
+    }
+    if (pf_limited) {
+        atomic_fetch_add_explicit(&e->st_pf_limited, 1,
+                                  memory_order_relaxed);
+    }
 
     /* 3. forward */
     t0 = moe_now_ns();
@@ -936,9 +1029,11 @@ moe_sched_step(moe_engine_t *e)
         }
     }
 
+    t0 = moe_now_ns() - t0;
+    moe_stepcost_observe(&e->cost, n_tok, attn, (double) t0);
+    moe_stepcost_publish(e);
     atomic_fetch_add_explicit(&e->st_steps, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&e->st_busy_ns, moe_now_ns() - t0,
-                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->st_busy_ns, t0, memory_order_relaxed);
 
     return MOE_OK;
 }

@@ -117,6 +117,8 @@ static const char *model_dirs[] = {
     "t/data/models/mistral-sw", "t/data/models/qwen2-bias",
     "t/data/models/qwen2moe-shared", "t/data/models/qwen3moe-qknorm",
     "t/data/models/gpt2-tiny", "t/data/models/llama-bias",
+    "t/data/models/llama-rope-linear", "t/data/models/llama-rope-llama3",
+    "t/data/models/llama-rope-yarn", "t/data/models/llama-rope-dynamic",
     "models/localmoe-tiny"
 };
 

@@ -183,14 +183,14 @@ test_rmsnorm(int with_delta, int with_rows)
 
 
 static void
-ref_rope(float *v, int hd, int pos, float theta)
+ref_rope(float *v, int hd, int pos, float theta, float attn)
 {
     int half = hd / 2;
 
     for (int i = 0; i < half; i++) {
         float inv = 1.0f / powf(theta, (float) (2 * i) / (float) hd);
         float ang = (float) pos * inv;
-        float c = cosf(ang), s = sinf(ang);
+        float c = cosf(ang) * attn, s = sinf(ang) * attn;
         float x1 = v[i], x2 = v[i + half];
 
         v[i] = x1 * c - x2 * s;
@@ -199,8 +199,10 @@ ref_rope(float *v, int hd, int pos, float theta)
 }
 
 
+/* theta <= 0: no rotation; per_token: the bases go per token (dynamic
+ * NTK scaling: token t's base theta + 1000 t) instead of the table */
 static void
-test_rope(int nh, int nkv, int hd, float theta)
+test_rope(int nh, int nkv, int hd, float theta, int per_token, float attn)
 {
     int    T = 19, bs = 4, nblk = 16, kvd = nkv * hd;
     int    ld = (nh + 2 * nkv) * hd;
@@ -210,23 +212,33 @@ test_rope(int nh, int nkv, int hd, float theta)
     size_t cache_n = (size_t) nblk * 2 * bs * kvd;
     uint16_t *cache = (uint16_t *) malloc(2 * cache_n);
     int32_t pos[19], slot[19];
+    float   inv[512], base[19];
     double  ek = 0, ev = 0, nk = 0, nv = 0;
+
+    for (int i = 0; i < hd / 2; i++) {
+        inv[i] = 1.0f / powf(theta, (float) (2 * i) / (float) hd);
+    }
 
     gu_fill(qkv, (size_t) T * ld, 1.0f);
     memcpy(ref, qkv, sizeof(float) * T * ld);
     for (int t = 0; t < T; t++) {
         pos[t] = (int32_t) (gu_rand() % 4000);
         slot[t] = (int32_t) ((t * 5 + 2) % (nblk * bs));   /* distinct */
+        base[t] = per_token ? theta + 1000.0f * (float) t : theta;
         for (int h = 0; theta > 0 && h < nh + nkv; h++) {
-            ref_rope(ref + t * ld + h * hd, hd, pos[t], theta);
+            ref_rope(ref + t * ld + h * hd, hd, pos[t], base[t], attn);
         }
     }
     float *d_qkv = (float *) gu_up(qkv, sizeof(float) * T * ld);
     int32_t *d_pos = (int32_t *) gu_up(pos, sizeof(pos));
     int32_t *d_slot = (int32_t *) gu_up(slot, sizeof(slot));
     void *d_cache = gu_dev(2 * cache_n);
+    float *d_inv = (float *) gu_up(inv, sizeof(float) * (hd / 2));
+    float *d_base = (float *) gu_up(base, sizeof(base));
     int rc = moe_cuda_rope_kv(d_qkv, ld, T, nh, nkv, hd, d_pos, d_slot,
-                              theta, (moe_bf16_t *) d_cache, bs, 0);
+                              theta > 0 ? d_inv : NULL,
+                              per_token ? d_base : NULL, attn,
+                              (moe_bf16_t *) d_cache, bs, 0);
     int ok = sync_ok(rc, "rope_kv");
 
     gu_down(out, d_qkv, sizeof(float) * T * ld);
@@ -255,8 +267,10 @@ test_rope(int nh, int nkv, int hd, float theta)
     ev = sqrt(ev / nv);
     /* positions up to 4000 rad: device and host sinf/cosf differ by ulps */
     TAP_OK(ok && eq <= 1e-4 && ek <= BF_TOL && ev <= BF_TOL,
-           "rope_kv heads %d/%d hd %d (q+k %.2e, cache k %.2e v %.2e)",
-           nh, nkv, hd, eq, ek, ev);
+           "rope_kv heads %d/%d hd %d%s attn %.2f (q+k %.2e, cache k %.2e "
+           "v %.2e)", nh, nkv, hd, per_token ? " per-token bases" : "",
+           attn, eq, ek, ev);
+    cudaFree(d_inv); cudaFree(d_base);
     cudaFree(d_qkv); cudaFree(d_pos); cudaFree(d_slot); cudaFree(d_cache);
     free(qkv); free(ref); free(out); free(cache);
 }
@@ -1422,9 +1436,11 @@ main(void)
     test_rmsnorm_d(1, 1, 4096);
     test_rmsnorm_d(1, 0, 14000);
     test_rmsnorm_d(1, 1, 130);
-    test_rope(4, 2, 16, 10000.0f);
-    test_rope(32, 8, 128, 1000000.0f);
-    test_rope(4, 4, 16, 0.0f);          /* learned positions: write only */
+    test_rope(4, 2, 16, 10000.0f, 0, 1.0f);
+    test_rope(32, 8, 128, 1000000.0f, 0, 1.0f);
+    test_rope(32, 8, 128, 500000.0f, 0, 1.1386f);   /* yarn's cos/sin scale */
+    test_rope(8, 2, 64, 10000.0f, 1, 1.0f);         /* dynamic NTK bases */
+    test_rope(4, 4, 16, 0.0f, 0, 1.0f); /* learned positions: write only */
     test_attention(4, 4, 16, 0, 0, 200);
     test_attention(8, 2, 8, 0, 1, 200);
     test_attention(32, 8, 128, 0, 0, 200);

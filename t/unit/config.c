@@ -84,6 +84,8 @@ static const bad_case_t bad_cases[] = {
     { "bad_seqs.yaml", 3, MOE_EINVAL, "max_num_seqs must be >= 1, got 0" },
     { "bad_ring_size.yaml", 4, MOE_EINVAL,
       "ring_size must be a power of two in 16..1048576, got 1000" },
+    { "bad_step_ratio.yaml", 4, MOE_EINVAL,
+      "prefill_step_ratio must be in [0, 1000], got -1" },
     { "bad_backend.yaml", 4, MOE_EINVAL,
       "backend must be auto, cpu, cuda, got 'tpu'" },
     { "bad_qtype.yaml", 2, MOE_EINVAL,
@@ -304,6 +306,7 @@ main(int argc, char **argv)
            && strcmp(c.load_format, "auto") == 0
            && strcmp(c.backend, "auto") == 0 && c.cpu_threads == 0
            && c.kv_cache_blocks == 0 && c.ring_size == 4096
+           && c.prefill_step_ratio == 3.0
            && c.n_instances == 0,
            "moe_config_defaults() matches moe.h");
 

@@ -29,7 +29,8 @@
  *    logits; another forced expert changes the logits and is what the
  *    backend reports; bad tables and a token-count mismatch are refused and
  *    a forced table applies to one step only;
- *  - load errors: unsupported architecture, rope_scaling, missing tensor,
+ *  - load errors: unsupported architecture, rope_scaling longrope,
+ *    missing tensor,
  *    bad top_k, GPT-2 activation, Qwen2-MoE without shared_expert_gate,
  *    per-layer sliding windows; forward rejects bad token ids and short
  *    block tables.
@@ -56,7 +57,8 @@
 static const char *models[] = {
     "llama-mha", "llama-gqa", "mixtral-gqa", "mixtral-fused", "mistral-sw",
     "llama-bias", "qwen2-bias", "qwen2moe-shared", "qwen3moe-qknorm",
-    "gpt2-tiny"
+    "gpt2-tiny", "llama-rope-linear", "llama-rope-llama3",
+    "llama-rope-yarn", "llama-rope-dynamic"
 };
 
 typedef struct {
@@ -287,6 +289,7 @@ test_model(const char *name, const char *ref_dir)
     int32_t              tokens[MAX_TOK], table[N_BLOCKS], table2[N_BLOCKS];
     float               *dec, *chk, *lg, *bat;
     int                  rc, V, i, p, ok, same, from, to, n_extra;
+    int                  dyn;
     double               e, worst;
     int64_t              total;
     const int64_t       *cnt;
@@ -301,6 +304,7 @@ test_model(const char *name, const char *ref_dir)
     }
     hp = moe_model_hparams(m);
     V = hp->vocab_size;
+    dyn = hp->rope_type == MOE_ROPE_DYNAMIC;
     TAP_DIAG("%s: %s dim %d layers %d heads %d/%d head_dim %d ffn %d "
              "experts %d top_k %d window %d tie %d vocab %d eos %d", name,
              hp->arch_name, hp->dim, hp->n_layers, hp->n_heads,
@@ -396,8 +400,12 @@ test_model(const char *name, const char *ref_dir)
         same = same && memcmp(chk, dec + (size_t) (to - 1) * V,
                               (size_t) V * sizeof(float)) == 0;
     }
-    TAP_OK(ok && same, "%s: chunked prefill on shuffled blocks == decode, "
-           "bitwise", name);
+    /* dynamic NTK RoPE follows each forward's sequence length (as in
+     * transformers): a chunk's tokens take the chunk end's base, so only
+     * token-by-token decoding reproduces the decode logits */
+    TAP_OK(ok && (same || dyn), "%s: chunked prefill on shuffled blocks == "
+           "decode, bitwise%s", name, dyn ? " # SKIP dynamic RoPE scaling "
+           "is path dependent (ran, not compared)" : "");
 
     /* (b') the same chunks again asking only for the token (no logits) */
     same = 1;
@@ -410,8 +418,9 @@ test_model(const char *name, const char *ref_dir)
              == MOE_OK;
         same = same && got == argmax(dec + (size_t) (to - 1) * V, V);
     }
-    TAP_OK(ok && same, "%s: token_out alone (logits NULL) == argmax of the "
-           "decode logits at every chunk", name);
+    TAP_OK(ok && (same || dyn), "%s: token_out alone (logits NULL) == "
+           "argmax of the decode logits at every chunk%s", name,
+           dyn ? " # SKIP dynamic RoPE scaling is path dependent" : "");
 
     /* (c) two sequences in one step, 2 threads (forced to split even the
      * tiny matmuls), fresh backend */
@@ -453,12 +462,14 @@ test_model(const char *name, const char *ref_dir)
                           (size_t) V * sizeof(float)) == 0;
             rc = be2->forward(be2, s, 2);
         }
-        TAP_OK(rc == MOE_OK && same
+        TAP_OK(rc == MOE_OK && ((same
                && memcmp(bat, dec + (size_t) 21 * V,
                          (size_t) V * sizeof(float)) == 0
                && memcmp(bat + V, dec + (size_t) (MAX_TOK - 1) * V,
-                         (size_t) V * sizeof(float)) == 0,
-               "%s: batched 2 sequences, 2 threads == alone, bitwise", name);
+                         (size_t) V * sizeof(float)) == 0) || dyn),
+               "%s: batched 2 sequences, 2 threads == alone, bitwise%s",
+               name, dyn ? " # SKIP dynamic RoPE scaling is path dependent"
+                         : "");
         be2->destroy(be2);
     } else {
         TAP_OK(0, "%s: second backend: %s", name, err);
@@ -690,12 +701,12 @@ test_load_errors(void)
     rm_model(tmp);
 
     copy_model(tmp, "\"rope_scaling\": null",
-               "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0}",
-               NULL, NULL);
+               "\"rope_scaling\": {\"type\": \"longrope\", "
+               "\"factor\": 4.0}", NULL, NULL);
     m = NULL;
     rc = moe_model_load(tmp, 0, &m, err, sizeof(err));
-    TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, "yarn") != NULL,
-           "rope_scaling yarn rejected: %s", err);
+    TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, "longrope") != NULL,
+           "rope_scaling longrope rejected: %s", err);
     moe_model_free(m);
     rm_model(tmp);
 
