@@ -20,6 +20,8 @@ use lib "$FindBin::Bin/lib";
 use Test::More;
 use Time::HiRes qw(time sleep);
 use HTTP::Tiny;
+use Cwd ();
+use File::Spec;
 use LocalMoE::Test;
 
 LocalMoE::Test::skip_unless_built();
@@ -27,35 +29,56 @@ LocalMoE::Test::skip_unless_built();
 my $root = LocalMoE::Test::root_dir();
 my $model = "$root/models/localmoe-kjv";
 
-my $s = LocalMoE::Test::prepare_server(
-    vllm => { model_name => $model, served_model_name => 'kjv',
-              max_num_seqs => 32 },
-    main_conf => "env MOE_CPU_MEMORY_LIMIT=100g;\n"
-                 . "env MOE_CPU_MEMORY_FILE=__DIR__/device-memory;");
-my $conf = LocalMoE::Test::slurp($s->dir . '/nginx.conf');
-$conf =~ s/__DIR__/$s->{dir}/g;
-LocalMoE::Test::spew($s->dir . '/nginx.conf', $conf);
-$s->start;
-$LocalMoE::Test::CURRENT = $s;
+# On a GPU (the lead's device run): LOCALMOE_RELOAD_YAML names an engine
+# YAML (e.g. bench/conf/mixtral-8x7b-dummy.yaml, gpu_memory_utilization
+# 0.92: the GPU itself cannot hold two copies) and LOCALMOE_RELOAD_MODEL its
+# served name; no emulated budget then.
+my $gpu_yaml = $ENV{LOCALMOE_RELOAD_YAML};
+my $served = $gpu_yaml ? ($ENV{LOCALMOE_RELOAD_MODEL} // 'mixtral-8x7b') : 'kjv';
+my $s;
 
-my $acct = $s->dir . '/device-memory';
-my ($held) = LocalMoE::Test::slurp($acct) =~ /^\d+ (\d+)$/m;
-ok($held && $held > 0, "the worker holds ${\ ($held // 0)} bytes of the budget");
+if ($gpu_yaml) {
+    my $text = LocalMoE::Test::slurp($gpu_yaml);
+    my ($ydir) = $gpu_yaml =~ m{^(.*)/[^/]*$};
+    $ydir = File::Spec->rel2abs($ydir // '.');
+    # the YAML is copied to a temp dir: its relative model_name is made
+    # absolute against its own directory
+    $text =~ s{^(\s*model_name:\s*)"?([^"\s/][^"\s]*)"?\s*$}
+              {my $p = "$ydir/$2"; -d $p ? "$1\"" . Cwd::abs_path($p) . "\"" : "$1\"$2\""}me;
+    $s = LocalMoE::Test::prepare_server(yaml_raw => $text, wait_timeout => 600);
+    $s->start;
+    $LocalMoE::Test::CURRENT = $s;
+} else {
+    $s = LocalMoE::Test::prepare_server(
+        vllm => { model_name => $model, served_model_name => 'kjv',
+                  max_num_seqs => 32 },
+        main_conf => "env MOE_CPU_MEMORY_LIMIT=100g;\n"
+                     . "env MOE_CPU_MEMORY_FILE=__DIR__/device-memory;");
+    my $conf = LocalMoE::Test::slurp($s->dir . '/nginx.conf');
+    $conf =~ s/__DIR__/$s->{dir}/g;
+    LocalMoE::Test::spew($s->dir . '/nginx.conf', $conf);
+    $s->start;
+    $LocalMoE::Test::CURRENT = $s;
 
-# a budget for one copy and a half
-my $limit = int($held * 1.5);
-$conf =~ s/MOE_CPU_MEMORY_LIMIT=100g/MOE_CPU_MEMORY_LIMIT=$limit/;
-LocalMoE::Test::spew($s->dir . '/nginx.conf', $conf);
-ok($s->reload(timeout => 120), 'a first reload (no streams) puts the budget in force');
+    my $acct = $s->dir . '/device-memory';
+    my ($held) = LocalMoE::Test::slurp($acct) =~ /^\d+ (\d+)$/m;
+    ok($held && $held > 0, "the worker holds ${\ ($held // 0)} bytes of the budget");
+
+    # a budget for one copy and a half
+    my $limit = int(($held // 0) * 1.5);
+    $conf =~ s/MOE_CPU_MEMORY_LIMIT=100g/MOE_CPU_MEMORY_LIMIT=$limit/;
+    LocalMoE::Test::spew($s->dir . '/nginx.conf', $conf);
+    ok($s->reload(timeout => 120), 'a first reload (no streams) puts the budget in force');
+}
 
 my $ht = HTTP::Tiny->new(timeout => 15);
 my $url = $s->url;
-my $body = LocalMoE::Test::json_encode({ model => 'kjv', prompt => 'And God said',
+my $body = LocalMoE::Test::json_encode({ model => $served, prompt => 'And God said',
                                          max_tokens => 2 });
 
 my @st = map {
     LocalMoE::Test::sse_open('/v1/completions',
-        { model => 'kjv', prompt => "stream $_ of the reload", max_tokens => 200,
+        { model => $served, prompt => "stream $_ of the reload", max_tokens => 200,
           ignore_eos => JSON::PP::true, stream => JSON::PP::true,
           stream_options => { include_usage => JSON::PP::true } })
 } 1 .. 16;
@@ -74,7 +97,7 @@ system(LocalMoE::Test::nginx_bin(), '-p', "$d/", '-c', "$d/nginx.conf", '-e',
        "$d/error.log", '-s', 'reload') == 0 or die "reload: $?";
 
 my (%seen, %health, $first_ok, $bad, $slow);
-$deadline = time + 180;
+$deadline = time + ($gpu_yaml ? 600 : 180);
 while (time < $deadline) {
     $_->pump for @st;
     my $t = time;
@@ -93,8 +116,8 @@ while (time < $deadline) {
         # the old worker answers until it stops accepting; the new one
         # answers 200 only once it has loaded
         my $log = $s->error_log;
-        my $n = () = $log =~ /moe: serving "kjv"/g;
-        if ($n >= 3) { $first_ok = time - $t0; last }
+        my $n = () = $log =~ /moe: serving "\Q$served\E"/g;
+        if ($n >= ($gpu_yaml ? 2 : 3)) { $first_ok = time - $t0; last }
     } else {
         $bad++;
     }
