@@ -984,7 +984,7 @@ ngx_http_moe_inst_switch(ngx_http_request_t *r, yajl_val root)
     ngx_str_t                  name;
     ngx_uint_t                 i;
     moe_config_t              *cfg;
-    ngx_http_moe_inst_t       *inst;
+    ngx_http_moe_inst_t       *inst, *other;
     ngx_http_moe_main_conf_t  *mcf;
 
     mcf = ngx_http_moe_main_conf(r);
@@ -1054,6 +1054,14 @@ ngx_http_moe_inst_switch(ngx_http_request_t *r, yajl_val root)
                                            "served model name or its index "
                                            "in vllm_instances)");
         }
+    }
+
+    other = ngx_http_moe_inst_find(mcf, name.data, name.len);
+
+    if (other != NULL && other != inst) {
+        return ngx_http_moe_send_error(r, NGX_HTTP_CONFLICT, "model_name",
+                                       "another instance already serves "
+                                       "\"%V\"", &name);
     }
 
     if (inst->switch_cfg != NULL || inst->load != NULL

@@ -8,6 +8,7 @@
 #   * an unknown model is 404 model_not_found (OpenAI's answer);
 #   * /metrics and /v1/stats/performance are labelled per instance
 #     (model="..."), with each instance's own request counts;
+#   * switching is off (501, naming moe_models_dir) without moe_models_dir;
 #   * nginx -t refuses a GPU listed by two instances and a gpu_devices list
 #     whose length is not tensor_parallel_size, naming engine.yaml:line.
 use strict;
@@ -90,6 +91,10 @@ ok(($j->{instances}[0]{weights_bytes} // 0) > 0
    '/v1/stats/memory: each instance holds its own weights');
 isnt($j->{instances}[0]{weights_bytes}, $j->{instances}[1]{weights_bytes},
      '... two different models');
+
+($st, undef, $j) = http(POST => '/v1/models/switch', { model_name => 'x' });
+is($st, 501, 'switch without moe_models_dir: 501');
+like($j->{error}{message} // '', qr/moe_models_dir/, '... naming the directive');
 
 $s->stop;
 
