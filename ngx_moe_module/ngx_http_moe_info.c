@@ -16,6 +16,8 @@ static void ngx_http_moe_gen_int(yajl_gen g, const char *key, int64_t n);
 static void ngx_http_moe_gen_double(yajl_gen g, const char *key, double d);
 static ngx_int_t ngx_http_moe_check_name(ngx_http_request_t *r,
     ngx_str_t *name, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_health_inst(ngx_http_request_t *r,
+    ngx_str_t *name);
 static ngx_int_t ngx_http_moe_info_post(ngx_http_request_t *r,
     ngx_http_moe_text_t *t, ngx_http_moe_text_done_pt done);
 static void ngx_http_moe_tokenize_done(ngx_http_request_t *r,
@@ -46,12 +48,17 @@ ngx_int_t
 ngx_http_moe_health(ngx_http_request_t *r)
 {
     yajl_gen                   g;
+    ngx_str_t                  name;
     ngx_uint_t                 i, n_ok, n_failed;
     moe_stats_t                st;
     ngx_http_moe_inst_t       *inst, *bad;
     ngx_http_moe_main_conf_t  *mcf;
 
     mcf = ngx_http_moe_main_conf(r);
+
+    if (ngx_http_arg(r, (u_char *) "model", 5, &name) == NGX_OK) {
+        return ngx_http_moe_health_inst(r, &name);
+    }
 
     g = ngx_http_moe_gen_create(r);
     if (g == NULL) {
@@ -146,6 +153,70 @@ ngx_http_moe_health(ngx_http_request_t *r)
 
     if (!n_failed && bad != NULL
         && ngx_http_moe_set_retry_after(r, ngx_http_moe_retry_after(bad))
+           != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return ngx_http_moe_send_gen(r, NGX_HTTP_SERVICE_UNAVAILABLE, g);
+}
+
+
+/*
+ * GET /health?model=NAME: that instance alone (for a front nginx that
+ * balances one model over replicas): 200 ok, 503 loading (Retry-After) or
+ * failed, 404 for a name no instance serves
+ */
+
+static ngx_int_t
+ngx_http_moe_health_inst(ngx_http_request_t *r, ngx_str_t *name)
+{
+    yajl_gen                   g;
+    moe_stats_t                st;
+    ngx_http_moe_err_t         err;
+    ngx_http_moe_inst_t       *inst;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_moe_main_conf(r);
+
+    inst = ngx_http_moe_inst_find(mcf, name->data, name->len);
+
+    if (inst == NULL) {
+        (void) ngx_http_moe_check_name(r, name, &err);
+        return ngx_http_moe_send_err(r, &err);
+    }
+
+    g = ngx_http_moe_gen_create(r);
+    if (g == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    yajl_gen_map_open(g);
+    ngx_http_moe_gen_lit(g, "status");
+    ngx_http_moe_gen_cstr(g, ngx_http_moe_inst_state(inst));
+    ngx_http_moe_gen_lit(g, "model");
+    ngx_http_moe_gen_str(g, inst->name.data, inst->name.len);
+
+    if (inst->eng) {
+        moe_engine_stats(inst->eng->engine, &st);
+        ngx_http_moe_gen_int(g, "running", st.seqs_running);
+        ngx_http_moe_gen_int(g, "waiting", st.seqs_waiting);
+        ngx_http_moe_gen_int(g, "kv_blocks_used", st.kv_blocks_used);
+        ngx_http_moe_gen_int(g, "kv_blocks_total", st.kv_blocks_total);
+
+    } else if (inst->state == NGX_HTTP_MOE_INST_FAILED) {
+        ngx_http_moe_gen_lit(g, "reason");
+        ngx_http_moe_gen_str(g, inst->failed.data, inst->failed.len);
+    }
+
+    yajl_gen_map_close(g);
+
+    if (inst->eng) {
+        return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+    }
+
+    if (inst->state != NGX_HTTP_MOE_INST_FAILED
+        && ngx_http_moe_set_retry_after(r, ngx_http_moe_retry_after(inst))
            != NGX_OK)
     {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;

@@ -1,7 +1,8 @@
 #!/usr/bin/perl
 # Several models in one worker (issue 9 item 4): two vllm_instances entries
 # (models/localmoe-tiny and models/localmoe-kjv), each with its own engine:
-#   * /v1/models lists both; /health reports each instance "ok";
+#   * /v1/models lists both; /health reports each instance "ok", and
+#     /health?model=NAME that one alone (404 for an unknown name);
 #   * streams to both models at once all finish, each answered by the model
 #     it named (the chunks' "model"), with the texts the models give alone
 #     (greedy: the same prompt to the same model gives the same text);
@@ -36,6 +37,12 @@ is_deeply([ sort map { $_->{id} } @{ $j->{data} // [] } ], [ sort $tiny, $kjv ],
 is($st, 200, '/health: 200 with both serving');
 is_deeply([ map { $_->{status} } @{ $j->{instances} // [] } ], [ 'ok', 'ok' ],
           '/health: each instance ok');
+
+($st, undef, $j) = http(GET => "/health?model=$kjv");
+is($st, 200, '/health?model=: 200 for a serving instance');
+is($j->{model}, $kjv, '... about that instance');
+($st, undef, $j) = http(GET => '/health?model=nope');
+is($st, 404, '/health?model= of an unknown model: 404');
 
 # each model alone first (greedy), then both at once
 my %alone;
