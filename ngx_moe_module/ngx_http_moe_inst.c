@@ -392,11 +392,11 @@ ngx_http_moe_load_thread(void *data)
 static ngx_uint_t
 ngx_http_moe_load_check(ngx_http_moe_load_t *ld)
 {
-    size_t        n;
-    struct stat   st;
-    moe_config_t *c;
-    char          root[PATH_MAX], real[PATH_MAX];
-    char          path[2 * MOE_PATH_MAX + 16];
+    size_t         n;
+    struct stat    st;
+    moe_config_t  *c;
+    char           root[PATH_MAX], real[PATH_MAX];
+    char           path[2 * MOE_PATH_MAX + 16];
 
     c = ld->cfg;
 

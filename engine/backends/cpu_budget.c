@@ -79,10 +79,10 @@ budget_open(void)
 static int
 budget_read(int fd, budget_entry_t *e)
 {
-    FILE    *fp;
-    int      n, dup_fd;
-    long     pid;
-    long long bytes;
+    FILE       *fp;
+    int         n, dup_fd;
+    long        pid;
+    long long   bytes;
 
     n = 0;
     dup_fd = dup(fd);
