@@ -14,6 +14,7 @@
 static void ngx_http_moe_gen_model(yajl_gen g, const moe_model_info_t *info);
 static void ngx_http_moe_gen_int(yajl_gen g, const char *key, int64_t n);
 static void ngx_http_moe_gen_double(yajl_gen g, const char *key, double d);
+static void ngx_http_moe_gen_rank_load(yajl_gen g, moe_engine_t *engine);
 static ngx_int_t ngx_http_moe_check_name(ngx_http_request_t *r,
     ngx_str_t *name, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_health_inst(ngx_http_request_t *r,
@@ -653,6 +654,7 @@ ngx_http_moe_stats_performance(ngx_http_request_t *r)
     }
 
     yajl_gen_array_close(g);
+    ngx_http_moe_gen_rank_load(g, inst->eng->engine);
     yajl_gen_map_close(g);
 
     /* every instance's request counters and engines */
@@ -794,6 +796,33 @@ ngx_http_moe_metric_values(ngx_http_moe_inst_t *inst, int64_t *v)
 
 
 /* GET /metrics: Prometheus text, one sample per instance, model="..." */
+
+/*
+ * Expert parallelism: "rank_load", the (token, expert) rows each rank's
+ * experts computed, only when the engine places whole experts on ranks
+ * (so a skewed router shows as one busy GPU).
+ */
+static void
+ngx_http_moe_gen_rank_load(yajl_gen g, moe_engine_t *engine)
+{
+    int      n, i;
+    int64_t  load[64];
+
+    n = moe_engine_rank_load(engine, load, 64);
+    if (n <= 0) {
+        return;
+    }
+
+    ngx_http_moe_gen_lit(g, "rank_load");
+    yajl_gen_array_open(g);
+
+    for (i = 0; i < n; i++) {
+        yajl_gen_integer(g, load[i]);
+    }
+
+    yajl_gen_array_close(g);
+}
+
 
 ngx_int_t
 ngx_http_moe_metrics(ngx_http_request_t *r)
