@@ -263,7 +263,12 @@ ngx_http_moe_handler(ngx_http_request_t *r)
 
     mcf = ngx_http_moe_main_conf(r);
 
-    if (mcf->engine == NULL) {
+    /* no instance serves yet (loading, failed): 503 with the reason,
+     * Retry-After while loading; a switch is the admin's way out */
+
+    if (ngx_http_moe_inst_any(mcf) == NULL
+        && route->post != ngx_http_moe_switch)
+    {
         rc = ngx_http_discard_request_body(r);
         if (rc != NGX_OK) {
             return rc;
@@ -273,15 +278,7 @@ ngx_http_moe_handler(ngx_http_request_t *r)
             return ngx_http_moe_health(r);
         }
 
-        if (mcf->failed.len) {
-            return ngx_http_moe_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                           NULL, "the model failed to load: "
-                                           "%V", &mcf->failed);
-        }
-
-        return ngx_http_moe_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE, NULL,
-                                       "no engine is running (is "
-                                       "\"moe_engine\" configured?)");
+        return ngx_http_moe_inst_unavailable(r, mcf);
     }
 
     if (route->get) {
@@ -546,8 +543,7 @@ ngx_http_moe_chat(ngx_http_request_t *r, yajl_val root)
 static ngx_int_t
 ngx_http_moe_switch(ngx_http_request_t *r, yajl_val root)
 {
-    return ngx_http_moe_send_error(r, NGX_HTTP_NOT_IMPLEMENTED, NULL,
-                                   "model switching is not implemented yet");
+    return ngx_http_moe_inst_switch(r, root);
 }
 
 
@@ -563,6 +559,13 @@ ngx_http_moe_generate(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat)
     p = ngx_palloc(r->pool, sizeof(ngx_http_moe_params_t));
     if (p == NULL) {
         return ngx_http_moe_answer(r, NGX_ERROR, &err);
+    }
+
+    /* the instance "model" names (ngx_http_moe_inst.c): 404, or 503 while
+     * it loads */
+    rc = ngx_http_moe_check_model(r, root, &err);
+    if (rc != NGX_OK) {
+        return ngx_http_moe_answer(r, rc, &err);
     }
 
     /* 429 at once past the waiting limits (ngx_http_moe_admit.c) */
@@ -673,9 +676,6 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     ngx_uint_t                   b;
     const char                  *name;
     ngx_http_moe_float_param_t  *fp;
-    ngx_http_moe_main_conf_t    *mcf;
-
-    mcf = ngx_http_moe_main_conf(r);
 
     ngx_memzero(p, sizeof(ngx_http_moe_params_t));
     moe_sampling_defaults(&p->sp);
@@ -747,8 +747,9 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
 
     v = ngx_http_moe_json_get(root, "logit_bias");
 
-    if (v && ngx_http_moe_logit_bias(r, v, mcf->info->vocab_size, &p->sp,
-                                      err)
+    if (v && ngx_http_moe_logit_bias(r, v,
+                                     ngx_http_moe_model_info(r)->vocab_size,
+                                     &p->sp, err)
              != NGX_OK)
     {
         return NGX_DECLINED;
@@ -918,13 +919,14 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
 
         for (i = 0; i < v->u.array.len; i++) {
             if (ngx_http_moe_json_int(v->u.array.values[i], &k) != NGX_OK
-                || k < 0 || k >= mcf->info->vocab_size)
+                || k < 0 || k >= ngx_http_moe_model_info(r)->vocab_size)
             {
                 return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
                                          "stop_token_ids",
                                          "stop_token_ids must be token ids "
                                          "in [0, %d)",
-                                         mcf->info->vocab_size);
+                                         ngx_http_moe_model_info(r)
+                                             ->vocab_size);
             }
 
             p->sp.stop_token_ids[i] = (int32_t) k;
@@ -1668,9 +1670,6 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
     yajl_val                   v, first;
     ngx_int_t                  rc;
     ngx_http_moe_text_t       *t;
-    ngx_http_moe_main_conf_t  *mcf;
-
-    mcf = ngx_http_moe_main_conf(r);
 
     t = ngx_http_moe_text_create(r, NGX_HTTP_MOE_TEXT_ENCODE);
     if (t == NULL) {
@@ -1748,12 +1747,14 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
                                  "those");
     }
 
-    rc = ngx_http_moe_json_ids(v, mcf->info->vocab_size, ids, n, r->pool);
+    rc = ngx_http_moe_json_ids(v, ngx_http_moe_model_info(r)->vocab_size,
+                               ids, n, r->pool);
 
     if (rc == NGX_DECLINED) {
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "prompt",
                                  "prompt token ids must be integers in "
-                                 "[0, %d)", mcf->info->vocab_size);
+                                 "[0, %d)",
+                                 ngx_http_moe_model_info(r)->vocab_size);
     }
 
     if (rc != NGX_OK || p->guide_kind == MOE_GUIDED_NONE) {
@@ -1795,7 +1796,7 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     mlcf = ngx_http_moe_loc_conf(r);
 
     chat = p->chat;
-    max_len = (size_t) mcf->info->max_model_len;
+    max_len = (size_t) ngx_http_moe_model_info(r)->max_model_len;
 
     if (n == 0) {
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
@@ -1859,8 +1860,8 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     }
     ctx->keepalive_interval = mlcf->keepalive;
 
-    ctx->model.data = (u_char *) mcf->info->served_name;
-    ctx->model.len = ngx_strlen(mcf->info->served_name);
+    ctx->model.data = (u_char *) ctx->eng->info->served_name;
+    ctx->model.len = ngx_strlen(ctx->eng->info->served_name);
 
     prefix = chat ? "chatcmpl-" : "cmpl-";
 
@@ -1880,7 +1881,7 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
         return NGX_ERROR;
     }
 
-    ctx->ts = moe_textstream_create(mcf->tokenizer, p->stops, p->n_stops,
+    ctx->ts = moe_textstream_create(ctx->eng->tokenizer, p->stops, p->n_stops,
                                     (int) p->skip_special_tokens);
     if (ctx->ts == NULL) {
         return NGX_ERROR;
@@ -1907,7 +1908,7 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
         return NGX_ERROR;
     }
 
-    rc = moe_engine_submit(mcf->engine, ctx->id, ids, (int) n, &p->sp);
+    rc = moe_engine_submit(ctx->eng->engine, ctx->id, ids, (int) n, &p->sp);
 
     switch (rc) {
 

@@ -214,7 +214,7 @@ ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
 
         } else if (rc == NGX_DONE) {
             /* a stop string matched: the engine need not go on */
-            ngx_http_moe_cancel(ctx->mcf, ctx->id);
+            ngx_http_moe_cancel(ctx->eng, ctx->id);
             ctx->live = 0;
             ctx->finish_reason = "stop";
             ngx_http_moe_finish(ctx);
