@@ -1064,7 +1064,7 @@ ngx_http_moe_lp_decode(ngx_http_moe_ctx_t *ctx, int32_t id, ngx_str_t *out)
     text = NULL;
     len = 0;
 
-    if (moe_tokenizer_decode(ctx->mcf->tokenizer, &id, 1, 0, &text, &len)
+    if (moe_tokenizer_decode(ctx->eng->tokenizer, &id, 1, 0, &text, &len)
         != MOE_OK)
     {
         ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
@@ -1299,7 +1299,7 @@ ngx_http_moe_choices_init(ngx_http_moe_ctx_t *ctx, ngx_uint_t n_choices,
     ch[0].ts = ctx->ts;
 
     for (c = 1; c < n_choices; c++) {
-        ch[c].ts = moe_textstream_create(ctx->mcf->tokenizer, stops, n_stops,
+        ch[c].ts = moe_textstream_create(ctx->eng->tokenizer, stops, n_stops,
                                          skip_special_tokens);
         if (ch[c].ts == NULL) {
             return NGX_ERROR;
@@ -1514,7 +1514,7 @@ ngx_http_moe_choice_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
     if (rc == NGX_DONE) {
         /* a stop string ended this choice: the engine may drop it (a
          * full ring: it runs on and its tokens are ignored) */
-        (void) moe_engine_cancel_choice(ctx->mcf->engine, ctx->id,
+        (void) moe_engine_cancel_choice(ctx->eng->engine, ctx->id,
                                         (int) c);
         ctx->finish_reason = "stop";
         ngx_http_moe_choice_end(ctx);

@@ -263,6 +263,8 @@ ngx_http_moe_tools_choice(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t                 legacy;
     const char                *field;
     moe_config_t              *conf;
+    ngx_http_moe_ctx_t        *ctx;
+    ngx_http_moe_eng_t        *eng;
     ngx_http_moe_main_conf_t  *mcf;
 
     field = "tool_choice";
@@ -356,8 +358,12 @@ ngx_http_moe_tools_choice(ngx_http_request_t *r, yajl_val root,
     switch (tl->choice) {
 
     case NGX_HTTP_MOE_TOOL_AUTO:
+        /* the instance the request was routed to: its keys and model */
         mcf = ngx_http_moe_main_conf(r);
-        conf = mcf->config;
+        ctx = ngx_http_moe_get_ctx(r);
+        eng = ctx != NULL ? ctx->eng : NULL;
+        conf = (eng != NULL && eng->inst != NULL && eng->inst->config)
+               ? eng->inst->config : mcf->config;
 
         if (!conf->enable_auto_tool_choice) {
             return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, field,
@@ -371,8 +377,10 @@ ngx_http_moe_tools_choice(ngx_http_request_t *r, yajl_val root,
 
         if (fmt < 0) {
             /* "auto": by the model's template and architecture */
-            fmt = moe_tool_format_detect(mcf->info->architecture,
-                                         mcf->info->chat_template);
+            fmt = eng != NULL
+                  ? moe_tool_format_detect(eng->info->architecture,
+                                           eng->info->chat_template)
+                  : MOE_TOOL_NONE;
         }
 
         tl->format = (ngx_uint_t) fmt;
