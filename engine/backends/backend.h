@@ -83,12 +83,25 @@ typedef struct {
     float               *lp_out;
     moe_logprob_entry_t *lp_top;
     int                  lp_k;
+    /* logit_bias on the backend (a backend with logit_bias_device, with
+     * token_out): bias[j] is added to the logit of id bias_ids[j] (in
+     * [0, vocab_size); an id listed twice gets both), j < n_bias (<=
+     * MOE_MAX_LOGIT_BIAS), before the penalties, the temperature, the
+     * mask, the argmax and the draw, exactly as moe_sample_u() applies
+     * sampling_t's logit_bias (which backends ignore: these fields are the
+     * only bias they apply), so lp_out sees the biased distribution.
+     * n_bias 0: none. */
+    const int32_t *bias_ids;
+    const float   *bias;
+    int            n_bias;
 } moe_seq_batch_t;
 
 /*
  * Check one step's batch before a backend touches its KV cache: every
  * entry has tokens in the vocabulary, a position range within the model's
- * limits, and a block table covering it with ids in [0, n_blocks).  On
+ * limits, a block table covering it with ids in [0, n_blocks), and a
+ * logit_bias list of at most MOE_MAX_LOGIT_BIAS entries (both arrays
+ * given when n_bias > 0).  On
  * MOE_OK *n_tokens is the step's token count (at most max_tokens),
  * *n_table the block-table entries the step needs and *max_ctx the largest
  * pos + n_tokens (either may be NULL).  MOE_EINVAL otherwise, nothing
@@ -118,6 +131,10 @@ struct moe_backend {
      * where the logits are, only the entries copied); 0: the engine
      * takes logits to the host for them */
     int         logprobs_tokens;
+    /* 1: forward() honours moe_seq_batch_t.bias_ids / bias (logit_bias
+     * added where the logits are); 0: a sequence with a logit_bias takes
+     * its logits to the host sampler */
+    int         logit_bias_device;
     /* run one step over n sequences (each entry checked with
      * moe_batch_check first); MOE_OK or a status, the KV cache of the
      * step's blocks undefined after a failure */

@@ -44,6 +44,14 @@ moe_batch_check(const moe_hparams_t *hp, const moe_seq_batch_t *seqs,
                 return MOE_EINVAL;
             }
         }
+        /* logit_bias: a bounded list, both arrays given (ids out of
+         * the vocabulary are skipped by the backends) */
+        if (sq->n_bias < 0 || sq->n_bias > MOE_MAX_LOGIT_BIAS
+            || (sq->n_bias > 0
+                && (sq->bias_ids == NULL || sq->bias == NULL)))
+        {
+            return MOE_EINVAL;
+        }
         if (hp->learned_pos && sq->pos + sq->n_tokens > hp->max_pos) {
             return MOE_EINVAL;      /* past the position table */
         }

@@ -560,6 +560,7 @@ cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
     b->sampler.vocab = n;           /* scratch holds V >= n entries */
     sp = *sq->sample;
     sp.logprobs = 0;                /* lp_out: cpu_logprobs_row() */
+    sp.n_logit_bias = 0;            /* the row's bias: cpu_bias_row() */
     tok = moe_sample_u(&b->sampler, lg, &sp, b->pcounts, b->pseen,
                        sq->u, &lp);
     for (i = 0; i < sq->n_pen; i++) {
@@ -569,6 +570,23 @@ cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
         }
     }
     return tok;
+}
+
+
+/* ---- logit_bias on the backend (moe_seq_batch_t.bias_ids / bias) */
+
+/* Add a token_out row's logit_bias to its logits lg (vocab_size floats),
+ * in list order, as moe_sample_u() does before its penalties. */
+static void
+cpu_bias_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
+{
+    int  V = b->hp->vocab_size, j;
+
+    for (j = 0; j < sq->n_bias; j++) {
+        if (sq->bias_ids[j] >= 0 && sq->bias_ids[j] < V) {
+            lg[sq->bias_ids[j]] += sq->bias[j];
+        }
+    }
 }
 
 
@@ -1159,6 +1177,11 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
                  w->final_norm_b);
         cpu_matmul(b, lg, hp->vocab_size, b->xb, 1, w->lm_head,
                    hp->vocab_size, D);
+        if (seqs[s].token_out != NULL && seqs[s].n_bias > 0
+            && b->base.logit_bias_device)
+        {
+            cpu_bias_row(b, lg, &seqs[s]);
+        }
         if (seqs[s].token_out != NULL && seqs[s].sample != NULL
             && b->base.sample_tokens)
         {
@@ -1476,6 +1499,10 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     b->base.sample_tokens = env == NULL || atoi(env) != 0;
     env = getenv("MOE_CPU_LOGPROBS_TOKENS");
     b->base.logprobs_tokens = env == NULL || atoi(env) != 0;
+    /* logit_bias added here (moe_seq_batch_t.bias_ids); 0: the engine's
+     * host sampler adds it (the test of the two paths' equality) */
+    env = getenv("MOE_CPU_LOGIT_BIAS");
+    b->base.logit_bias_device = env == NULL || atoi(env) != 0;
     if (!b->kv || !b->counts || !b->scores || !b->ecount || !b->eoff
         || !b->pool || !b->pcounts || !b->pseen
         || moe_sampler_init(&b->sampler, hp->vocab_size) != MOE_OK

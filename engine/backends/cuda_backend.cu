@@ -62,6 +62,7 @@
 #include "convert.h"
 #include "sample.h"
 #include "mask.h"
+#include "logit_bias.h"
 #include "logprobs.h"
 #include "attention.h"
 #include "embed.h"
@@ -116,6 +117,10 @@ static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
 /* the logprobs results buffer (cb_logprobs): values, top ids, top lps */
 #define CB_LP_K         MOE_K_LOGPROBS_MAX_K
 #define CB_LP_FLOATS    ((size_t) CB_LOGIT_ROWS * (1 + 2 * CB_LP_K))
+/* the logit_bias buffers (cb_bias): every row's whole list fits */
+#define CB_BIAS_N       ((size_t) CB_LOGIT_ROWS * MOE_MAX_LOGIT_BIAS)
+#define CB_BIAS_BYTES   ((2 * (size_t) CB_LOGIT_ROWS + 2 * CB_BIAS_N) \
+                         * sizeof(int32_t))
 #define CB_LP_VAL(p)    (p)
 #define CB_LP_ID(p)     ((int32_t *) ((p) + CB_LOGIT_ROWS))
 #define CB_LP_TOP(p)    ((p) + CB_LOGIT_ROWS                               \
@@ -254,6 +259,11 @@ typedef struct {
      * logits */
     moe_cuda_logprobs_param_t *h_lpp, *d_lpp;
     float          *h_lpo, *d_lpo;
+    /* logit_bias on the device (moe_seq_batch_t.bias_ids / bias): pinned
+     * host + device, CB_BIAS_BYTES each: per-row offsets (CB_LOGIT_ROWS)
+     * and counts (CB_LOGIT_ROWS) int32, then the rows' ids (CB_BIAS_N)
+     * int32, then their biases (CB_BIAS_N) fp32 */
+    int32_t        *h_bias, *d_bias;
     int            *out_seq;       /* (cap) sequence of each logits row */
     int64_t        *expert_counts; /* (L, E) */
     int             last_T;        /* tokens of the last step */
@@ -711,6 +721,8 @@ cb_destroy(moe_backend_t *base)
     (void) cudaFree(b->d_mask);
     (void) cudaFreeHost(b->h_pen);
     (void) cudaFree(b->d_pen);
+    (void) cudaFreeHost(b->h_bias);
+    (void) cudaFree(b->d_bias);
     (void) cudaFreeHost(b->h_lpp);
     (void) cudaFree(b->d_lpp);
     (void) cudaFreeHost(b->h_lpo);
@@ -1336,6 +1348,8 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
             "pinned logprobs");
     CB_CUDA(cudaMalloc(&b->d_lpo, CB_LP_FLOATS * sizeof(float)),
             "logprobs");
+    CB_CUDA(cudaMallocHost(&b->h_bias, CB_BIAS_BYTES), "pinned logit_bias");
+    CB_CUDA(cudaMalloc(&b->d_bias, CB_BIAS_BYTES), "logit_bias");
 #undef CB_CUDA
 
     b->out_seq = (int *) calloc((size_t) b->cap, sizeof(int));
@@ -1431,6 +1445,8 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     /* guided rows keep the device path: their masks are applied here */
     b->base.guided_mask = 1;
     b->base.logprobs_tokens = 1;
+    /* logit_bias added on the device (cb_bias): no logits leave it */
+    b->base.logit_bias_device = 1;
     b->use_graphs = b->tune.graphs;
 
     rc = cb_alloc(b, err, errlen);
@@ -2124,6 +2140,58 @@ cb_pen_reserve(cuda_backend_t *b, size_t n)
 
 
 /*
+ * logit_bias for rows c0 .. c0 + nc (logits in b->logits): when any
+ * token_out row has a list, upload the rows' offsets, counts, ids and
+ * biases (one copy of the used ints, one of the used floats), add them on
+ * the device and redo the greedy argmax; queued before cb_mask (which
+ * only sets ids to -inf, so either order gives the same logits) and
+ * cb_sample's penalties, as moe_sample_u() orders them.  No logits leave
+ * the device.
+ */
+static int
+cb_bias(cuda_backend_t *b, const moe_seq_batch_t *seqs, int c0, int nc,
+    const int32_t *d_nvalid)
+{
+    size_t    R = CB_LOGIT_ROWS, o = 0;
+    int32_t  *off = b->h_bias, *cnt = off + R, *ids = cnt + R;
+    float    *bias = (float *) (ids + CB_BIAS_N);
+    int       i, any = 0, V = b->hp.vocab_size;
+
+    for (i = 0; i < nc; i++) {
+        const moe_seq_batch_t *sq = &seqs[b->out_seq[c0 + i]];
+        int                    k = sq->token_out != NULL ? sq->n_bias : 0;
+
+        /* moe_batch_check bounded k: the row's list fits */
+        off[i] = (int32_t) o;
+        cnt[i] = k > 0 ? k : 0;
+        if (k > 0) {
+            memcpy(ids + o, sq->bias_ids, sizeof(int32_t) * (size_t) k);
+            memcpy(bias + o, sq->bias, sizeof(float) * (size_t) k);
+            o += (size_t) k;
+            any = 1;
+        }
+    }
+    if (!any) {
+        return MOE_OK;
+    }
+    /* offsets, counts and the used ids are contiguous; then the floats */
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_bias, b->h_bias,
+                                   (2 * R + o) * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, b->stream));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_bias + 2 * R + CB_BIAS_N,
+                                   bias, o * sizeof(float),
+                                   cudaMemcpyHostToDevice, b->stream));
+    MOE_TRY(moe_cuda_logit_bias_rows(b->logits, V, nc, V, b->d_bias,
+                                     b->d_bias + R, b->d_bias + 2 * R,
+                                     (const float *) (b->d_bias + 2 * R
+                                                      + CB_BIAS_N),
+                                     b->stream));
+    return moe_cuda_argmax_rows(b->logits, V, nc, V, d_nvalid, b->d_tokout,
+                                b->stream);
+}
+
+
+/*
  * Guided decoding for rows c0 .. c0 + nc (logits in b->logits): when any
  * row has a mask, upload the rows' bitmasks (all ones for the others),
  * set the masked logits to -inf on the device and redo the greedy argmax
@@ -2362,6 +2430,7 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
                                          hp->vocab_size, d_nvalid + c0,
                                          b->d_tokout, s));
         }
+        MOE_TRY(cb_bias(b, seqs, c0, nc, d_nvalid + c0));
         MOE_TRY(cb_mask(b, seqs, c0, nc, d_nvalid + c0));
         MOE_TRY(cb_sample(b, seqs, c0, nc));
         MOE_TRY(cb_logprobs(b, seqs, c0, nc, &any_lp));

@@ -485,6 +485,8 @@ moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
     b->base.n_kv_blocks = b->rank[0]->n_kv_blocks;
     b->base.sample_tokens = b->rank[0]->sample_tokens;
     b->base.guided_mask = b->rank[0]->guided_mask;
+    /* logit_bias rides with rank 0's rows, which alone give tokens */
+    b->base.logit_bias_device = b->rank[0]->logit_bias_device;
     b->base.forward = tp_forward;
     b->base.expert_counts = tp_expert_counts;
     b->base.destroy = tp_destroy;

@@ -816,14 +816,32 @@ moe_token_lp(moe_engine_t *e, moe_seq_t *s, const float *logits, int32_t tok,
 }
 
 
+/* Row i's logit_bias for the backend to add (a token_out row of a
+ * sequence on an ARGMAX / BACKEND plan: the backend has logit_bias_device;
+ * the lists are the sequence's own copy, alive for the step) */
+static void
+moe_row_bias(moe_engine_t *e, int i, const moe_seq_t *s)
+{
+    moe_seq_batch_t  *b = &e->batch[i];
+
+    if (s->sp.n_logit_bias <= 0) {
+        return;
+    }
+    b->bias_ids = s->sp.logit_bias_ids;
+    b->bias = s->sp.logit_bias;
+    b->n_bias = s->sp.n_logit_bias;
+}
+
+
 /*
  * The sampling plan of s, for its whole life: MOE_PLAN_ARGMAX when its
  * next token is always the plain argmax of its logits (what moe_sample()
  * does for it: greedy, no penalty that applies, no logprobs), so the
  * backend may pick it; MOE_PLAN_BACKEND when the backend can draw it
  * (sample_tokens, no logprobs, the penalty list complete); else
- * MOE_PLAN_HOST.  A logit_bias is applied by the host sampler only, so a
- * sequence with one always takes MOE_PLAN_HOST (greedy too).
+ * MOE_PLAN_HOST.  A logit_bias rides with the row (moe_row_bias) when
+ * the backend adds it (logit_bias_device), greedy or drawn; else the
+ * sequence takes MOE_PLAN_HOST (greedy too).
  */
 static moe_plan_t
 moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
@@ -831,7 +849,7 @@ moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
     const moe_sampling_t *sp = &s->sp;
     int                   lp_ok;
 
-    if (sp->n_logit_bias > 0) {
+    if (sp->n_logit_bias > 0 && !e->backend->logit_bias_device) {
         return MOE_PLAN_HOST;
     }
     /* guided: the mask rides with the row when the backend applies it
@@ -886,6 +904,9 @@ moe_step_outputs(moe_engine_t *e, int n)
         b->n_pen = 0;
         b->n_valid = e->n_sample;
         b->mask = NULL;
+        b->bias_ids = NULL;
+        b->bias = NULL;
+        b->n_bias = 0;
         if (s->guided != NULL
             && s->n_computed + b->n_tokens == s->n_tokens)
         {
@@ -912,6 +933,7 @@ moe_step_outputs(moe_engine_t *e, int n)
         if (s->plan == MOE_PLAN_ARGMAX) {
             b->token_out = e->tok_out + i;
             moe_row_lp(e, i, s);
+            moe_row_bias(e, i, s);
             continue;
         }
         /* no room for the penalty lists: the host samples this step */
@@ -923,6 +945,7 @@ moe_step_outputs(moe_engine_t *e, int n)
         }
         b->token_out = e->tok_out + i;
         moe_row_lp(e, i, s);
+        moe_row_bias(e, i, s);
         b->sample = &s->sp;
         b->u = moe_sampling_is_greedy(&s->sp) ? 0.0f
                                                : moe_rng_uniform(&s->rng);
