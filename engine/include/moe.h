@@ -655,6 +655,11 @@ typedef struct {
     /* tokens of non-greedy requests drawn by the backend (on the GPU for
      * cuda) rather than by the host sampler over copied logits */
     int64_t  backend_sampled_tokens;
+    /* tokens (greedy too) drawn by the engine's host sampler over logits
+     * copied from the backend: 0 while every sequence's plan keeps its
+     * logits on the backend (greedy, sampled, guided, logprobs,
+     * logit_bias on the CUDA backend) */
+    int64_t  host_sampled_tokens;
     /* stall-free batching: steps whose prefill chunks the step cost model
      * cut, and the model itself (ns = c0 + c1 tokens + c2 attn, attn in
      * 1024 query x context pairs; all 0 until it is warm) */

@@ -871,6 +871,7 @@ moe_engine_stats(const moe_engine_t *e, moe_stats_t *o)
     o->swap_slots_total = e->slots.n_total;
     o->swap_slots_used = atomic_load(&m->st_swap_used);
     o->backend_sampled_tokens = atomic_load(&m->st_backend_sampled);
+    o->host_sampled_tokens = atomic_load(&m->st_host_sampled);
     o->prefill_limited_steps = atomic_load(&m->st_pf_limited);
     for (int k = 0; k < 3; k++) {
         o->step_cost_ns[k] = (double) atomic_load(&m->st_cost_milli[k])

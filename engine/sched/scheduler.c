@@ -1533,6 +1533,8 @@ moe_sched_step(moe_engine_t *e)
             }
             tok = moe_sample(&e->sampler, e->batch[i].logits, &s->sp,
                              s->counts, s->seen, &s->rng, &lp);
+            atomic_fetch_add_explicit(&e->st_host_sampled, 1,
+                                      memory_order_relaxed);
         } else {
             continue;
         }
