@@ -1445,8 +1445,14 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     /* guided rows keep the device path: their masks are applied here */
     b->base.guided_mask = 1;
     b->base.logprobs_tokens = 1;
-    /* logit_bias added on the device (cb_bias): no logits leave it */
-    b->base.logit_bias_device = 1;
+    /* logit_bias added on the device (cb_bias): no logits leave it.
+     * MOE_CUDA_LOGIT_BIAS=0 leaves it to the engine's host sampler (a
+     * test switch, as MOE_CPU_LOGIT_BIAS: the two paths' equality) */
+    {
+        const char *lb = getenv("MOE_CUDA_LOGIT_BIAS");
+
+        b->base.logit_bias_device = lb == NULL || atoi(lb) != 0;
+    }
     b->use_graphs = b->tune.graphs;
 
     rc = cb_alloc(b, err, errlen);

@@ -985,6 +985,16 @@ done:
 #define EG_N    8
 #define EG_MAXT 32
 
+/* eg_run's logit_bias (test_engine_logit_bias_eq): eg_bias_n entries per
+ * request (0: none), greedy when eg_greedy; host runs add the bias on the
+ * host too (MOE_CUDA_LOGIT_BIAS=0); eg_host_sampled: the run's
+ * host_sampled_tokens */
+#define EG_BIAS 24
+static int      eg_bias_n, eg_greedy;
+static int32_t  eg_bias_id[EG_N][EG_BIAS];
+static float    eg_bias_val[EG_N][EG_BIAS];
+static int64_t  eg_host_sampled;
+
 static int
 eg_run(const char *model, int host, int tp, int32_t out[EG_N][EG_MAXT],
     int *n_out, int64_t *backend_sampled)
@@ -1000,6 +1010,7 @@ eg_run(const char *model, int host, int tp, int32_t out[EG_N][EG_MAXT],
 
     if (host) {
         setenv("MOE_CUDA_SAMPLE_TOKENS", "0", 1);
+        setenv("MOE_CUDA_LOGIT_BIAS", "0", 1);
     }
     moe_config_defaults(&cfg);
     snprintf(cfg.model_path, sizeof(cfg.model_path), "%s", model);
@@ -1019,10 +1030,12 @@ eg_run(const char *model, int host, int tp, int32_t out[EG_N][EG_MAXT],
     }
     if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
         unsetenv("MOE_CUDA_SAMPLE_TOKENS");
+        unsetenv("MOE_CUDA_LOGIT_BIAS");
         TAP_DIAG("engine: %s", err);
         return -1;
     }
     unsetenv("MOE_CUDA_SAMPLE_TOKENS");
+    unsetenv("MOE_CUDA_LOGIT_BIAS");
     moe_sampling_defaults(&sp);
     sp.max_tokens = EG_MAXT;
     sp.ignore_eos = 1;
@@ -1033,12 +1046,21 @@ eg_run(const char *model, int host, int tp, int32_t out[EG_N][EG_MAXT],
     sp.frequency_penalty = tp != 1 ? 0.0f : 0.4f;
     sp.presence_penalty = tp != 1 ? 0.0f : 0.2f;
     sp.has_seed = 1;
+    if (eg_greedy) {
+        sp.temperature = 0.0f;
+        sp.repetition_penalty = 1.0f;
+        sp.frequency_penalty = 0.0f;
+        sp.presence_penalty = 0.0f;
+    }
     for (int i = 0; i < EG_N; i++) {
         for (int j = 0; j < 12; j++) {
             prompt[i][j] = (int32_t) ((i * 131 + j * 17 + 3) % 200);
         }
         n_out[i] = 0;
         sp.seed = 77 + (uint64_t) i;
+        sp.n_logit_bias = eg_bias_n;
+        sp.logit_bias_ids = eg_bias_n > 0 ? eg_bias_id[i] : NULL;
+        sp.logit_bias = eg_bias_n > 0 ? eg_bias_val[i] : NULL;
         if (moe_engine_submit(e, (uint64_t) i + 1, prompt[i], 12, &sp)
             != MOE_OK)
         {
@@ -1072,6 +1094,7 @@ eg_run(const char *model, int host, int tp, int32_t out[EG_N][EG_MAXT],
     }
     moe_engine_stats(e, &st);
     *backend_sampled = st.backend_sampled_tokens;
+    eg_host_sampled = st.host_sampled_tokens;
     moe_engine_destroy(e);
     return live == 0 ? 0 : -1;
 }
@@ -1107,10 +1130,11 @@ test_engine_sampling(const char *model)
 
 
 /*
- * logit_bias on the cuda backend: the engine routes a request with one to
- * the host sampler over copied logits (greedy too), so -100 on the greedy
- * first token bans it and +100 forces a token at every step, greedy and
- * sampled, and the device sampler draws none of their tokens.
+ * logit_bias on the cuda backend: the bias is added on the device
+ * (logit_bias_device, kernels/logit_bias.cu), so -100 on the greedy first
+ * token bans it and +100 forces a token at every step, greedy and
+ * sampled; the device sampler draws the sampled request's tokens and the
+ * host sampler none of the three requests' (no logits copied).
  */
 static int
 lb_run(moe_engine_t *e, uint64_t id, const int32_t *prompt,
@@ -1213,13 +1237,80 @@ test_engine_logit_bias(const char *model)
     moe_engine_destroy(e);
 
     TAP_OK(ok && ban_ok && force_ok
-           && s1.backend_sampled_tokens == s0.backend_sampled_tokens,
-           "%s: logit_bias on cuda (host sampler): -100 bans the greedy "
-           "token %d, +100 forces %d greedy and sampled, no token drawn "
-           "on the device (%lld before, %lld after)",
+           && s1.backend_sampled_tokens == s0.backend_sampled_tokens + 8
+           && s1.host_sampled_tokens == s0.host_sampled_tokens,
+           "%s: logit_bias on the device: -100 bans the greedy token %d, "
+           "+100 forces %d greedy and sampled; %lld tokens drawn on the "
+           "device, %lld by the host sampler",
            strrchr(model, '/') + 1, g[0], forced,
-           (long long) s0.backend_sampled_tokens,
-           (long long) s1.backend_sampled_tokens);
+           (long long) (s1.backend_sampled_tokens
+                        - s0.backend_sampled_tokens),
+           (long long) (s1.host_sampled_tokens - s0.host_sampled_tokens));
+}
+
+
+/*
+ * logit_bias on the device == on the host: 8 requests, each with 24
+ * (id, bias) entries (ids among the likely ones: < 200, the prompts'
+ * range; biases -100 or -2.5 .. +5.5, one id listed twice), run by eg_run on
+ * the device (bias added by kernels/logit_bias.cu, tokens by the device
+ * argmax / sampler) and on the host (MOE_CUDA_SAMPLE_TOKENS=0,
+ * MOE_CUDA_LOGIT_BIAS=0: logits copied, moe_sample adds the bias).
+ * Greedy: both see the same device logits and add the same fp32 bias, so
+ * every stream is equal; seeded top-k/p sampling with penalties: at least
+ * 7 of 8 (a draw on a floating-point boundary, as test_engine_sampling).
+ * The device runs draw no token on the host, the host runs all of them.
+ */
+static void
+test_engine_logit_bias_eq(const char *model)
+{
+    static int32_t a[EG_N][EG_MAXT], h[EG_N][EG_MAXT];
+    int            na[EG_N], nh[EG_N], same, ok;
+    int64_t        sa, sh, ha, hh;
+
+    for (int i = 0; i < EG_N; i++) {
+        for (int j = 0; j < EG_BIAS; j++) {
+            eg_bias_id[i][j] = (int32_t) ((i * 29 + j * 41 + 5) % 200);
+            eg_bias_val[i][j] = j % 4 == 0 ? -100.0f
+                                           : (float) (j % 9) - 2.5f;
+        }
+        eg_bias_id[i][EG_BIAS - 1] = eg_bias_id[i][1];  /* listed twice */
+    }
+    eg_bias_n = EG_BIAS;
+    for (int greedy = 1; greedy >= 0; greedy--) {
+        eg_greedy = greedy;
+        sa = sh = -1;
+        ok = eg_run(model, 0, 1, a, na, &sa) == 0;
+        ha = eg_host_sampled;
+        ok = ok && eg_run(model, 1, 1, h, nh, &sh) == 0;
+        hh = eg_host_sampled;
+        same = 0;
+        for (int i = 0; ok && i < EG_N; i++) {
+            int k = 0;
+
+            while (k < EG_MAXT && k < na[i] && k < nh[i]
+                   && a[i][k] == h[i][k])
+            {
+                k++;
+            }
+            same += na[i] == nh[i] && k == na[i] && na[i] == EG_MAXT;
+            if (k < EG_MAXT) {
+                TAP_DIAG("logit_bias, %s, request %d: streams part at "
+                         "token %d", greedy ? "greedy" : "sampled", i, k);
+            }
+        }
+        TAP_OK(ok && same >= (greedy ? EG_N : EG_N - 1) && ha == 0
+               && hh == EG_N * EG_MAXT
+               && sa == (greedy ? 0 : EG_N * EG_MAXT) && sh == 0,
+               "%s: logit_bias (%d entries) %s: %d of %d streams with the "
+               "bias on the device (%lld drawn by the device sampler, %lld "
+               "by the host) equal the host sampler's (%lld host-drawn)",
+               strrchr(model, '/') + 1, EG_BIAS,
+               greedy ? "greedy" : "seeded top-k/p + penalties", same, EG_N,
+               (long long) sa, (long long) ha, (long long) hh);
+    }
+    eg_bias_n = 0;
+    eg_greedy = 0;
 }
 
 
@@ -1491,6 +1582,7 @@ main(void)
     test_tuning_env("models/localmoe-tiny");
     test_engine_sampling("t/data/models/mixtral-gqa");
     test_engine_logit_bias("t/data/models/mixtral-gqa");
+    test_engine_logit_bias_eq("t/data/models/mixtral-gqa");
     test_engine_tp("t/data/models/mixtral-gqa");
     test_backend_logprobs("models/localmoe-tiny");
     if (tap_n == 0) {
