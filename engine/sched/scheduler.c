@@ -734,9 +734,10 @@ moe_token_lp(moe_engine_t *e, moe_seq_t *s, const float *logits, int32_t tok,
 /*
  * The sampling plan of s, for its whole life: MOE_PLAN_ARGMAX when its
  * next token is always the plain argmax of its logits (what moe_sample()
- * does for it: greedy, no penalty that applies, no logprobs), so the
- * backend may pick it; MOE_PLAN_BACKEND when the backend can draw it
- * (sample_tokens, no logprobs, the penalty list complete); else
+ * does for it: greedy, no penalty that applies), so the backend may pick
+ * it; MOE_PLAN_BACKEND when the backend can draw it (sample_tokens, the
+ * penalty list complete); logprobs allow either only on a backend that
+ * computes them (logprobs_tokens); else
  * MOE_PLAN_HOST.  A logit_bias is applied by the host sampler only, so a
  * sequence with one always takes MOE_PLAN_HOST (greedy too).
  */
