@@ -66,6 +66,16 @@ typedef struct {
     ngx_uint_t                 skip_special_tokens;
     const char                *stops[MOE_MAX_STOP];
     int                        n_stops;
+
+    /* guided decoding: the guide a pool thread compiles (cached) */
+    moe_guided_kind_t          guide_kind;
+    const char                *guide_spec;
+    size_t                     guide_len;
+    const char                *guide_param;
+    int32_t                   *ids;         /* prompt ids given with a
+                                               guide: kept while the guide
+                                               compiles */
+    size_t                     n_ids;
     /* logprobs and echo (ngx_http_moe_lp_params), n and best_of
      * (ngx_http_moe_n_params) */
     ngx_uint_t                 n;
@@ -97,6 +107,10 @@ static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_fields(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_guided(ngx_http_request_t *r, yajl_val root,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_guided_text(ngx_http_request_t *r, yajl_val v,
+    ngx_http_moe_params_t *p);
 static ngx_int_t ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root,
@@ -155,8 +169,8 @@ static ngx_http_moe_float_param_t  ngx_http_moe_float_params[] = {
  * (null always counts as absent).  Fields with no effect on the output are
  * only type-checked.  Unknown fields are ignored, as OpenAI clients send
  * vendor extensions.  Fields with more shapes (tool_choice, function_call,
- * response_format, modalities, logprobs) are checked in
- * ngx_http_moe_fields() itself.
+ * modalities, logprobs) are checked in ngx_http_moe_fields() itself;
+ * guided decoding's (guided_*, response_format) in ngx_http_moe_guided().
  */
 
 static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
@@ -169,10 +183,6 @@ static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
     { "prediction", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { "web_search_options", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { "prompt_logprobs", NGX_HTTP_MOE_FIELD_ANY, 0 },
-    { "guided_json", NGX_HTTP_MOE_FIELD_ANY, 0 },
-    { "guided_regex", NGX_HTTP_MOE_FIELD_ANY, 0 },
-    { "guided_grammar", NGX_HTTP_MOE_FIELD_ANY, 0 },
-    { "guided_choice", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { "structured_outputs", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { "parallel_tool_calls", NGX_HTTP_MOE_FIELD_BOOL, 0 },
     { "store", NGX_HTTP_MOE_FIELD_BOOL, 0 },
@@ -582,7 +592,29 @@ ngx_http_moe_prompt_done(ngx_http_request_t *r, ngx_http_moe_text_t *t)
 
     p = t->data;
 
-    rc = ngx_http_moe_text_ids(r, t, &ids, &n, &err);
+    if (t->guide_kind != MOE_GUIDED_NONE && t->guide_rc != MOE_OK) {
+        if (t->guide_rc == MOE_ENOMEM) {
+            rc = NGX_ERROR;
+
+        } else {
+            rc = ngx_http_moe_fail(&err, NGX_HTTP_BAD_REQUEST,
+                                   p->guide_param, "%s: %s", p->guide_param,
+                                   t->guide_msg[0] ? t->guide_msg
+                                   : moe_strerror(t->guide_rc));
+        }
+
+    } else if (t->skip_encode) {
+        ids = p->ids;
+        n = p->n_ids;
+        rc = NGX_OK;
+
+    } else {
+        rc = ngx_http_moe_text_ids(r, t, &ids, &n, &err);
+    }
+
+    /* the task keeps its reference until the pool goes; the engine takes
+     * its own at submit */
+    p->sp.guide = t->guide;
 
     if (rc == NGX_OK) {
         rc = ngx_http_moe_submit(r, p, ids, n, &err);
@@ -695,7 +727,8 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         return NGX_DECLINED;
     }
 
-    if (ngx_http_moe_lp_params(root, chat, p, err) != NGX_OK
+    if (ngx_http_moe_guided(r, root, p, err) != NGX_OK
+        || ngx_http_moe_lp_params(root, chat, p, err) != NGX_OK
         || ngx_http_moe_n_params(r, root, chat, p, err) != NGX_OK)
     {
         return NGX_DECLINED;
@@ -1043,35 +1076,6 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
         }
     }
 
-    v = ngx_http_moe_json_get(root, "response_format");
-
-    if (v) {
-        s = ngx_http_moe_json_get(v, "type");
-
-        if (!YAJL_IS_OBJECT(v) || !YAJL_IS_STRING(s)) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
-                                     "response_format",
-                                     "response_format must be an object "
-                                     "with a string \"type\"");
-        }
-
-        if (ngx_strcmp(s->u.string, "json_object") == 0
-            || ngx_strcmp(s->u.string, "json_schema") == 0)
-        {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
-                                     "response_format",
-                                     "response_format \"%s\" is not "
-                                     "supported yet", s->u.string);
-        }
-
-        if (ngx_strcmp(s->u.string, "text") != 0) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
-                                     "response_format",
-                                     "response_format.type must be \"text\", "
-                                     "\"json_object\" or \"json_schema\"");
-        }
-    }
-
     v = ngx_http_moe_json_get(root, "modalities");
 
     if (v) {
@@ -1309,6 +1313,258 @@ ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
 
 
 /*
+ * Guided decoding: guided_json (a schema object or its JSON text),
+ * guided_regex, guided_grammar (GBNF) and guided_choice (strings), as vLLM
+ * names them, or response_format {"type": "json_object"} /
+ * {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} /
+ * {"type": "text"}; at most one of them.  Only the shapes are checked
+ * here: the guide compiles on a pool thread with the prompt (its errors
+ * are the 400 of ngx_http_moe_prompt_done, param = the field).
+ */
+
+static ngx_int_t
+ngx_http_moe_guided(ngx_http_request_t *r, yajl_val root,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    size_t                i, j;
+    yajl_val              v, js, s;
+    ngx_uint_t            n;
+    const char           *name;
+    moe_guided_kind_t     kind;
+
+    static const char    *names[] = { "guided_json", "guided_regex",
+                                      "guided_grammar", "guided_choice",
+                                      "response_format" };
+    static const moe_guided_kind_t  kinds[] = {
+        MOE_GUIDED_JSON, MOE_GUIDED_REGEX, MOE_GUIDED_GRAMMAR,
+        MOE_GUIDED_CHOICE, MOE_GUIDED_NONE
+    };
+
+    n = 0;
+
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        v = ngx_http_moe_json_get(root, names[i]);
+
+        if (v == NULL || YAJL_IS_NULL(v)) {
+            continue;
+        }
+
+        name = names[i];
+        kind = kinds[i];
+
+        switch (kind) {
+
+        case MOE_GUIDED_JSON:
+            if (!YAJL_IS_OBJECT(v) && !YAJL_IS_STRING(v)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "guided_json must be a JSON Schema "
+                                         "(an object or its JSON text)");
+            }
+            break;
+
+        case MOE_GUIDED_REGEX:
+        case MOE_GUIDED_GRAMMAR:
+            if (!YAJL_IS_STRING(v) || v->u.string[0] == '\0') {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "%s must be a non-empty string",
+                                         name);
+            }
+            break;
+
+        case MOE_GUIDED_CHOICE:
+            if (!YAJL_IS_ARRAY(v) || v->u.array.len == 0) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "guided_choice must be a non-empty "
+                                         "array of strings");
+            }
+
+            for (j = 0; j < v->u.array.len; j++) {
+                if (!YAJL_IS_STRING(v->u.array.values[j])) {
+                    return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                             "guided_choice must be a "
+                                             "non-empty array of strings");
+                }
+            }
+
+            break;
+
+        default:        /* response_format */
+            s = ngx_http_moe_json_get(v, "type");
+
+            if (!YAJL_IS_OBJECT(v) || !YAJL_IS_STRING(s)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "response_format must be an object "
+                                         "with a string \"type\"");
+            }
+
+            if (ngx_strcmp(s->u.string, "text") == 0) {
+                continue;
+            }
+
+            if (ngx_strcmp(s->u.string, "json_object") == 0) {
+                kind = MOE_GUIDED_JSON_OBJECT;
+                break;
+            }
+
+            if (ngx_strcmp(s->u.string, "json_schema") != 0) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "response_format.type must be "
+                                         "\"text\", \"json_object\" or "
+                                         "\"json_schema\"");
+            }
+
+            js = ngx_http_moe_json_get(v, "json_schema");
+
+            if (!YAJL_IS_OBJECT(js)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "response_format json_schema needs "
+                                         "a \"json_schema\" object");
+            }
+
+            s = ngx_http_moe_json_get(js, "name");
+
+            if (s != NULL && !YAJL_IS_STRING(s)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "response_format.json_schema.name "
+                                         "must be a string");
+            }
+
+            s = ngx_http_moe_json_get(js, "strict");
+
+            if (s != NULL && !YAJL_IS_TRUE(s) && !YAJL_IS_FALSE(s)
+                && !YAJL_IS_NULL(s))
+            {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "response_format.json_schema.strict "
+                                         "must be a boolean");
+            }
+
+            v = ngx_http_moe_json_get(js, "schema");
+
+            if (v == NULL) {
+                kind = MOE_GUIDED_JSON_OBJECT;      /* any object */
+                break;
+            }
+
+            if (!YAJL_IS_OBJECT(v)) {
+                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                         "response_format.json_schema.schema "
+                                         "must be an object");
+            }
+
+            kind = MOE_GUIDED_JSON;
+            break;
+        }
+
+        if (++n > 1) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                     "only one of guided_json, "
+                                     "guided_regex, guided_grammar, "
+                                     "guided_choice and response_format "
+                                     "may be given");
+        }
+
+        p->guide_kind = kind;
+        p->guide_param = name;
+
+        if (kind == MOE_GUIDED_JSON_OBJECT) {
+            p->guide_spec = "";
+            p->guide_len = 0;
+
+        } else if (YAJL_IS_STRING(v)) {
+            p->guide_spec = v->u.string;
+            p->guide_len = ngx_strlen(v->u.string);
+
+        } else if (ngx_http_moe_guided_text(r, v, p) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                     NULL, "out of memory");
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_moe_guided_gen(yajl_gen g, yajl_val v)
+{
+    size_t  i;
+
+    if (YAJL_IS_STRING(v)) {
+        yajl_gen_string(g, (const u_char *) v->u.string,
+                        ngx_strlen(v->u.string));
+
+    } else if (YAJL_IS_NUMBER(v)) {
+        yajl_gen_number(g, v->u.number.r, ngx_strlen(v->u.number.r));
+
+    } else if (YAJL_IS_TRUE(v) || YAJL_IS_FALSE(v)) {
+        yajl_gen_bool(g, YAJL_IS_TRUE(v));
+
+    } else if (YAJL_IS_ARRAY(v)) {
+        yajl_gen_array_open(g);
+
+        for (i = 0; i < v->u.array.len; i++) {
+            ngx_http_moe_guided_gen(g, v->u.array.values[i]);
+        }
+
+        yajl_gen_array_close(g);
+
+    } else if (YAJL_IS_OBJECT(v)) {
+        yajl_gen_map_open(g);
+
+        for (i = 0; i < v->u.object.len; i++) {
+            yajl_gen_string(g, (const u_char *) v->u.object.keys[i],
+                            ngx_strlen(v->u.object.keys[i]));
+            ngx_http_moe_guided_gen(g, v->u.object.values[i]);
+        }
+
+        yajl_gen_map_close(g);
+
+    } else {
+        yajl_gen_null(g);
+    }
+}
+
+
+/* v (a schema object or a choice array) as JSON text in r->pool */
+
+static ngx_int_t
+ngx_http_moe_guided_text(ngx_http_request_t *r, yajl_val v,
+    ngx_http_moe_params_t *p)
+{
+    size_t          len;
+    u_char         *s;
+    yajl_gen        g;
+    const u_char   *buf;
+
+    g = yajl_gen_alloc(NULL);
+    if (g == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_http_moe_guided_gen(g, v);
+
+    yajl_gen_get_buf(g, &buf, &len);
+
+    s = ngx_pnalloc(r->pool, len + 1);
+    if (s == NULL) {
+        yajl_gen_free(g);
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(s, buf, len);
+    s[len] = '\0';
+
+    yajl_gen_free(g);
+
+    p->guide_spec = (const char *) s;
+    p->guide_len = len;
+
+    return NGX_OK;
+}
+
+
+/*
  * logit_bias: an object mapping token ids (decimal strings) in [0, vocab)
  * to numbers in [-100, 100], at most MOE_MAX_LOGIT_BIAS entries, into sp.
  * NGX_DECLINED with a 400 naming logit_bias when malformed.
@@ -1405,6 +1661,10 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
 
     t->add_special_tokens = p->add_special_tokens;
 
+    t->guide_kind = p->guide_kind;
+    t->guide_spec = p->guide_spec;
+    t->guide_len = p->guide_len;
+
     if (p->chat) {
         v = ngx_http_moe_json_get(root, "messages");
 
@@ -1472,7 +1732,15 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
                                  "[0, %d)", mcf->info->vocab_size);
     }
 
-    return rc;
+    if (rc != NGX_OK || p->guide_kind == MOE_GUIDED_NONE) {
+        return rc;
+    }
+
+    /* the ids are ready, the guide is compiled on the pool all the same */
+
+    p->ids = *ids;
+    p->n_ids = *n;
+    t->skip_encode = 1;
 
 post:
 

@@ -150,6 +150,12 @@ struct ngx_http_moe_text_s {
     size_t                     n_ids;
     ngx_http_moe_text_file_t  *files;       /* READ */
     ngx_uint_t                 n_files;
+    ngx_uint_t                 skip_encode; /* ENCODE: ids given, the
+                                               guide only */
+    moe_guided_kind_t          guide_kind;  /* ENCODE: NONE or the guide
+                                               to compile (cached) */
+    const char                *guide_spec;
+    size_t                     guide_len;
 
     /* outputs */
     int                        rc;          /* MOE_OK or a moe status */
@@ -160,6 +166,10 @@ struct ngx_http_moe_text_s {
     int32_t                   *out_ids;
     size_t                     n_out;
     char                       msg[NGX_HTTP_MOE_ERR_LEN];
+    moe_guide_t               *guide;       /* one reference, released by
+                                               the pool cleanup */
+    int                        guide_rc;
+    char                       guide_msg[NGX_HTTP_MOE_ERR_LEN];
 
     /* the event loop's side */
     ngx_thread_task_t         *task;

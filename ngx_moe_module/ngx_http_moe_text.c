@@ -10,6 +10,8 @@
 
 #include "ngx_http_moe_module.h"
 
+#include <pthread.h>
+
 
 /*
  * Text work runs on an nginx thread pool, never on the event loop: a long
@@ -38,6 +40,9 @@ static void ngx_http_moe_text_encode(ngx_http_moe_text_t *t);
 static void ngx_http_moe_text_event(ngx_event_t *ev);
 static void ngx_http_moe_text_resume(ngx_http_request_t *r);
 static void ngx_http_moe_text_cleanup(void *data);
+static int ngx_http_moe_guide_get(const moe_tokenizer_t *tok,
+    moe_guided_kind_t kind, const char *spec, size_t len, moe_guide_t **out,
+    char *msg, size_t msglen);
 
 
 /*
@@ -244,6 +249,22 @@ ngx_http_moe_text_encode(ngx_http_moe_text_t *t)
     text = (const char *) t->text;
     len = t->len;
 
+    if (t->guide_kind != MOE_GUIDED_NONE) {
+        t->guide_rc = ngx_http_moe_guide_get(t->tokenizer, t->guide_kind,
+                                             t->guide_spec, t->guide_len,
+                                             &t->guide, t->guide_msg,
+                                             sizeof(t->guide_msg));
+        if (t->guide_rc != MOE_OK) {
+            t->rc = MOE_OK;
+            return;
+        }
+    }
+
+    if (t->skip_encode) {
+        t->rc = MOE_OK;
+        return;
+    }
+
     if (t->msgs) {
         t->rc = moe_chat_render(t->tokenizer, t->chat_template, t->msgs,
                                 (int) t->n_msgs,
@@ -399,4 +420,144 @@ ngx_http_moe_text_cleanup(void *data)
     ngx_http_moe_text_t  *t = data;
 
     ngx_http_moe_text_free(t);
+
+    moe_guide_release(t->guide);
+    t->guide = NULL;
+}
+
+
+/*
+ * Compiled guides, per worker, keyed by (tokenizer, kind, text): a bounded
+ * LRU shared by the pool threads under a mutex.  Compiling runs outside
+ * the lock (two threads may compile the same guide at once; the second
+ * result replaces nothing and is used once).  An entry holds one
+ * reference; a guide of another tokenizer (a model switch) is never
+ * served (moe_guide_matches) and ages out.
+ */
+
+#define NGX_HTTP_MOE_GUIDE_CACHE  64
+
+typedef struct {
+    moe_guide_t               *guide;
+    const moe_tokenizer_t     *tok;
+    moe_guided_kind_t          kind;
+    uint32_t                   hash;
+    char                      *spec;
+    size_t                     len;
+    ngx_uint_t                 used;
+} ngx_http_moe_guide_entry_t;
+
+
+static ngx_http_moe_guide_entry_t  ngx_http_moe_guides[
+                                       NGX_HTTP_MOE_GUIDE_CACHE];
+static ngx_uint_t                  ngx_http_moe_guides_tick;
+static pthread_mutex_t             ngx_http_moe_guides_lock =
+                                       PTHREAD_MUTEX_INITIALIZER;
+
+
+static ngx_http_moe_guide_entry_t *
+ngx_http_moe_guide_find(const moe_tokenizer_t *tok, moe_guided_kind_t kind,
+    uint32_t hash, const char *spec, size_t len)
+{
+    ngx_uint_t                   i;
+    ngx_http_moe_guide_entry_t  *e;
+
+    for (i = 0; i < NGX_HTTP_MOE_GUIDE_CACHE; i++) {
+        e = &ngx_http_moe_guides[i];
+
+        if (e->guide != NULL && e->tok == tok && e->kind == kind
+            && e->hash == hash && e->len == len
+            && ngx_memcmp(e->spec, spec, len) == 0
+            && moe_guide_matches(e->guide, tok))
+        {
+            return e;
+        }
+    }
+
+    return NULL;
+}
+
+
+/* on a pool thread: a reference to the guide, from the cache or compiled */
+
+static int
+ngx_http_moe_guide_get(const moe_tokenizer_t *tok, moe_guided_kind_t kind,
+    const char *spec, size_t len, moe_guide_t **out, char *msg,
+    size_t msglen)
+{
+    int                          rc;
+    char                        *copy;
+    uint32_t                     hash;
+    ngx_uint_t                   i;
+    moe_guide_t                 *g, *old;
+    ngx_http_moe_guide_entry_t  *e, *victim;
+
+    hash = ngx_crc32_long((u_char *) spec, len) ^ (uint32_t) kind;
+
+    pthread_mutex_lock(&ngx_http_moe_guides_lock);
+
+    e = ngx_http_moe_guide_find(tok, kind, hash, spec, len);
+    if (e != NULL) {
+        e->used = ++ngx_http_moe_guides_tick;
+        *out = moe_guide_ref(e->guide);
+        pthread_mutex_unlock(&ngx_http_moe_guides_lock);
+        return MOE_OK;
+    }
+
+    pthread_mutex_unlock(&ngx_http_moe_guides_lock);
+
+    rc = moe_guide_compile(tok, kind, spec, len, &g, msg, msglen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+
+    *out = g;
+
+    copy = malloc(len + 1);
+    if (copy == NULL) {
+        return MOE_OK;          /* served, not cached */
+    }
+
+    ngx_memcpy(copy, spec, len);
+    copy[len] = '\0';
+
+    pthread_mutex_lock(&ngx_http_moe_guides_lock);
+
+    if (ngx_http_moe_guide_find(tok, kind, hash, spec, len) != NULL) {
+        pthread_mutex_unlock(&ngx_http_moe_guides_lock);
+        free(copy);
+        return MOE_OK;
+    }
+
+    victim = &ngx_http_moe_guides[0];
+
+    for (i = 0; i < NGX_HTTP_MOE_GUIDE_CACHE; i++) {
+        e = &ngx_http_moe_guides[i];
+
+        if (e->guide == NULL) {
+            victim = e;
+            break;
+        }
+
+        if (e->used < victim->used) {
+            victim = e;
+        }
+    }
+
+    old = victim->guide;
+    free(victim->spec);
+
+    victim->guide = moe_guide_ref(g);
+    victim->tok = tok;
+    victim->kind = kind;
+    victim->hash = hash;
+    victim->spec = copy;
+    victim->len = len;
+    victim->used = ++ngx_http_moe_guides_tick;
+
+    pthread_mutex_unlock(&ngx_http_moe_guides_lock);
+
+    moe_guide_release(old);
+
+    return MOE_OK;
 }

@@ -2,7 +2,9 @@
 # Nothing silently ignored: every OpenAI / vLLM request field the server
 # does not honour yet is a 400 naming it (param) when it holds a value that
 # changes the output, and accepted when its value means "off"; wrong types
-# are a 400 naming the field.  Honoured: logit_bias (+100 forces a token,
+# are a 400 naming the field.  Honoured: guided decoding (guided_*,
+# response_format json_object / json_schema: accepted here, their output
+# checked in http_guided.t), logit_bias (+100 forces a token,
 # -100 bans the greedy one, greedy and sampled, completions and chat; bad
 # keys / values refused), stop_token_ids (checked in http_stop.t; here its
 # type errors), content given as an array of text parts (same prompt as the
@@ -48,13 +50,6 @@ my @refused = (
         'function_call'],
     ['function_call wrong type', $C, { %chat, function_call => 1 },
         'function_call', 'type'],
-    ['response_format json_object', $C,
-        { %chat, response_format => { type => 'json_object' } },
-        'response_format'],
-    ['response_format json_schema', $P,
-        { %cmp, response_format => { type => 'json_schema', json_schema =>
-            { name => 'x', schema => { type => 'object' } } } },
-        'response_format'],
     ['response_format wrong type', $C, { %chat, response_format => 5 },
         'response_format', 'type'],
     ['response_format unknown type', $C,
@@ -103,13 +98,10 @@ my @refused = (
         'modalities', 'type'],
     ['prediction', $C, { %chat, prediction =>
         { type => 'content', content => 'x' } }, 'prediction'],
-    ['guided_json', $C, { %chat, guided_json => { type => 'object' } },
-        'guided_json'],
-    ['guided_regex', $P, { %cmp, guided_regex => 'a+' }, 'guided_regex'],
-    ['guided_choice', $P, { %cmp, guided_choice => ['a', 'b'] },
-        'guided_choice'],
-    ['guided_grammar', $P, { %cmp, guided_grammar => 'root ::= "a"' },
-        'guided_grammar'],
+    ['guided_json wrong type', $C, { %chat, guided_json => 5 },
+        'guided_json', 'type'],
+    ['guided_choice wrong type', $P, { %cmp, guided_choice => 'a' },
+        'guided_choice', 'type'],
     ['prompt_logprobs', $P, { %cmp, prompt_logprobs => 1 },
         'prompt_logprobs'],
     ['continuous_usage_stats wrong type', $C, { %chat, stream => $T,
@@ -177,6 +169,16 @@ my @accepted = (
     ['functions [] + function_call none', $C,
         { %chat, functions => [], function_call => 'none' }],
     ['response_format text', $C, { %chat, response_format => { type => 'text' } }],
+    # guided decoding is honoured now (t/http_guided.t checks the output)
+    ['response_format json_object', $C,
+        { %chat, response_format => { type => 'json_object' } }],
+    ['response_format json_schema', $P,
+        { %cmp, response_format => { type => 'json_schema', json_schema =>
+            { name => 'x', schema => { type => 'object' } } } }],
+    ['guided_json', $C, { %chat, guided_json => { type => 'object' } }],
+    ['guided_regex', $P, { %cmp, guided_regex => 'a+' }],
+    ['guided_choice', $P, { %cmp, guided_choice => ['a', 'b'] }],
+    ['guided_grammar', $P, { %cmp, guided_grammar => 'root ::= "a"' }],
     ['best_of 1', $P, { %cmp, best_of => 1 }],
     ['echo false (chat)', $C, { %chat, echo => $F }],
     ['echo false (completions)', $P, { %cmp, echo => $F }],

@@ -21,9 +21,10 @@ my %allowed = (
     config   => [],
     text     => [qw(text)],
     model    => [qw(model)],
-    sampling => [qw(sampling)],
+    sampling => [qw(sampling guided)],
+    guided   => [qw(guided text util)],
     backends => [qw(backends model sampling)],
-    sched    => [qw(sched backends model sampling text)],
+    sched    => [qw(sched backends model sampling text guided)],
     cli      => [qw(model backends sampling sched text config util)],
     include  => [],
 );

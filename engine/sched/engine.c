@@ -291,12 +291,15 @@ moe_backend_opts(const moe_config_t *cfg, int max_model_len,
     o->file = cfg->file;
     o->backend = cfg->backend;
     o->dummy = strcmp(cfg->load_format, "dummy") == 0;
+    o->quantization = cfg->quantization;
     o->tensor_parallel_size = cfg->tensor_parallel_size;
     if (cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0) {
         o->gpu_devices = cfg->instances[0].gpu_devices;
         o->n_gpu_devices = cfg->instances[0].n_gpu_devices;
     }
     o->cpu_tensor_parallel = cfg->cpu_tensor_parallel;
+    o->expert_parallel = cfg->expert_parallel;
+    o->nccl = cfg->nccl[0] != '\0' ? cfg->nccl : NULL;
     o->cpu_threads = cfg->cpu_threads;
     o->kv_cache_blocks = cfg->kv_cache_blocks;
     o->gpu_memory_utilization = cfg->gpu_memory_utilization;
@@ -305,6 +308,10 @@ moe_backend_opts(const moe_config_t *cfg, int max_model_len,
     o->max_model_len = max_model_len;
     o->max_num_seqs = cfg->max_num_seqs;
     o->max_num_batched_tokens = cfg->max_num_batched_tokens;
+    /* fp8 KV cache (vllm.kv_cache_dtype) */
+    o->kv_fp8 = strncmp(cfg->kv_cache_dtype, "fp8", 3) == 0;
+    o->kv_k_scale = (float) cfg->kv_cache_scale_k;
+    o->kv_v_scale = (float) cfg->kv_cache_scale_v;
 }
 
 
@@ -434,6 +441,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     }
     snprintf(e->info.backend, sizeof(e->info.backend), "%s",
              e->backend->name);
+    e->ep_ranks = moe_tp_backend_ep_ranks(e->backend);
     n_blocks = e->backend->n_kv_blocks;
     e->info.kv_blocks_total = n_blocks;
 
@@ -456,6 +464,9 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     e->logits = malloc(sizeof(float) * (size_t) cfg->max_num_seqs
                        * (size_t) hp->vocab_size);
     e->tok_out = calloc((size_t) cfg->max_num_seqs, sizeof(int32_t));
+    e->gmask_words = (hp->vocab_size + 31) / 32;
+    e->gmask = calloc((size_t) cfg->max_num_seqs * (size_t) e->gmask_words,
+                      sizeof(uint32_t));
     e->lp_val = calloc((size_t) cfg->max_num_seqs, sizeof(float));
     e->lp_top = calloc((size_t) cfg->max_num_seqs * MOE_MAX_TOP_LOGPROBS,
                        sizeof(moe_logprob_entry_t));
@@ -466,7 +477,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
                                 sizeof(moe_event_t));
 
     if (e->running == NULL || e->batch == NULL || e->batch_seq == NULL
-        || e->logits == NULL || e->tok_out == NULL
+        || e->logits == NULL || e->tok_out == NULL || e->gmask == NULL
         || e->lp_val == NULL || e->lp_top == NULL
         || e->expert_counts == NULL || e->submit == NULL
         || e->events == NULL
@@ -536,6 +547,7 @@ moe_engine_destroy(moe_engine_t *e)
         while (moe_ring_pop(e->submit, &m) == 1) {
             free(m.prompt);
             moe_sampling_bias_free(&m.sp);
+            moe_guide_release(m.sp.guide);
         }
     }
 
@@ -570,6 +582,7 @@ moe_engine_destroy(moe_engine_t *e)
     free(e->batch_seq);
     free(e->logits);
     free(e->tok_out);
+    free(e->gmask);
     free(e->lp_val);
     free(e->lp_top);
     free(e->pen_tok);
@@ -650,6 +663,13 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         }
     }
 
+    /* a guide compiled against another tokenizer cannot mask this one */
+    if (sp->guide != NULL
+        && moe_guided_vocab(sp->guide) != moe_tokenizer_vocab_size(e->tok))
+    {
+        return MOE_EINVAL;
+    }
+
     if (n_prompt >= e->info.max_model_len) {
         return MOE_ETOOLONG;
     }
@@ -681,9 +701,14 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         return MOE_ENOMEM;
     }
 
+    /* the engine's own reference to the guide (released with the
+     * sequence) */
+    moe_guide_ref(m.sp.guide);
+
     if (moe_ring_push(e->submit, &m) != MOE_OK) {
         free(m.prompt);
         moe_sampling_bias_free(&m.sp);
+        moe_guide_release(m.sp.guide);
         return MOE_EFULL;
     }
 
@@ -867,4 +892,33 @@ moe_engine_expert_counts(const moe_engine_t *e, int64_t *counts, size_t n)
     }
 
     return (int) e->n_expert_counts;
+}
+
+
+/* ------------------------------------------------ expert parallelism */
+
+int
+moe_engine_rank_load(const moe_engine_t *e, int64_t *tokens, int n)
+{
+    size_t  i, E, per;
+    int     r;
+
+    if (e->ep_ranks <= 0) {
+        return 0;
+    }
+    if (n < e->ep_ranks) {
+        return MOE_EINVAL;
+    }
+    /* rank r owns experts [r * E / ranks, (r + 1) * E / ranks) */
+    E = (size_t) moe_model_hparams(e->model)->n_experts;
+    per = E / (size_t) e->ep_ranks;
+    for (r = 0; r < e->ep_ranks; r++) {
+        tokens[r] = 0;
+    }
+    for (i = 0; per > 0 && i < e->n_expert_counts; i++) {
+        r = (int) ((i % E) / per);
+        tokens[r] += atomic_load_explicit(&e->expert_counts[i],
+                                          memory_order_relaxed);
+    }
+    return e->ep_ranks;
 }

@@ -19,6 +19,7 @@
 #include "sched/ring.h"
 #include "sched/stepcost.h"
 #include "sampling/sampling.h"
+#include "guided/guided.h"
 
 enum { MOE_MSG_SUBMIT = 1, MOE_MSG_CANCEL = 2 };
 
@@ -100,6 +101,12 @@ struct moe_seq {
     int             choice;
     int             forked;
     moe_seq_t      *prev, *next;   /* waiting or swapped queue links */
+
+    /* guided decoding: the matcher of sp.guide (NULL: none); the step's
+     * allowed-token mask is e->gmask's row of this sequence's batch row */
+    moe_guided_state_t *guided;
+    int             guided_n;      /* allowed tokens this step (0: dead
+                                      end: the sequence fails) */
 };
 
 struct moe_engine {
@@ -159,6 +166,11 @@ struct moe_engine {
     moe_stepcost_t     cost;       /* measured step costs: stall-free
                                       prefill sizing (stepcost.h) */
 
+    /* guided decoding: (max_num_seqs, gmask_words) allowed-token bits of
+     * the step's guided rows (moe_seq_batch_t.mask points here) */
+    uint32_t          *gmask;
+    int                gmask_words;
+
     /* counters, written by the engine thread, read by anyone */
     _Atomic int64_t    st_submitted, st_finished, st_cancelled,
                        st_prompt_tokens, st_gen_tokens, st_steps,
@@ -170,6 +182,9 @@ struct moe_engine {
     _Atomic int64_t    st_cost_milli[3];   /* cost.c x 1000 when cost.ok */
     _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
     size_t             n_expert_counts;
+
+    /* expert parallelism: ranks holding whole experts (0: none) */
+    int                ep_ranks;
 };
 
 

@@ -35,4 +35,28 @@ int         moe_tokenizer_add_eos_token(const moe_tokenizer_t *t);
  * byte token (its byte group stays open until a non-byte token follows). */
 int moe_tokenizer_is_byte_token(const moe_tokenizer_t *t, int32_t id);
 
+
+/* ------------------------------------------- token bytes (guided decoding) */
+
+/*
+ * The bytes token `id` adds to a decoded text in the middle of a sequence
+ * (ByteLevel characters mapped back to their bytes, <0xNN> byte tokens to
+ * their byte, Replace/Metaspace's replacement to a space; the Strip step
+ * and the Metaspace prefix rule, which only touch the text's first
+ * character, are not applied).  Writes at most cap bytes to buf and
+ * returns the full length, or -1 for an id out of range or a hole.
+ */
+int moe_tokenizer_token_bytes(const moe_tokenizer_t *t, int32_t id,
+    char *buf, size_t cap);
+
+/*
+ * The tokenizer's one attachment: returns it, making it with make(t) on
+ * the first call (under a lock; thread-safe); free(ext) runs in
+ * moe_tokenizer_free().  NULL when make returns NULL (tried again on the
+ * next call).  One kind of attachment per process (guided decoding's
+ * vocabulary trie); the first caller's free function is kept.
+ */
+void *moe_tokenizer_ext(const moe_tokenizer_t *t,
+    void *(*make)(const moe_tokenizer_t *t), void (*free_fn)(void *));
+
 #endif /* MOE_TOKENIZER_H */

@@ -184,6 +184,11 @@ struct moe_tokenizer {
     char          *chat_template;
     int            add_bos;
     int            add_eos;
+
+    /* an attachment owned by the tokenizer (guided decoding's vocabulary
+     * trie), made once on first use by moe_tokenizer_ext(); freed with it */
+    void          *ext;
+    void         (*ext_free)(void *);
 };
 
 

@@ -1006,6 +1006,9 @@ moe_tokenizer_free(moe_tokenizer_t *t)
     if (t == NULL) {
         return;
     }
+    if (t->ext != NULL && t->ext_free != NULL) {
+        t->ext_free(t->ext);
+    }
     for (i = 0; i < t->n_norm; i++) {
         pcre2_code_free(t->norm[i].re);
     }
