@@ -50,7 +50,8 @@ GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_convert \
                 $(BUILD)/gpu/test_tp \
                 $(BUILD)/gpu/test_quant $(BUILD)/gpu/test_kvfp8 \
-                $(BUILD)/gpu/test_mask $(BUILD)/gpu/test_logprobs
+                $(BUILD)/gpu/test_mask \
+                $(BUILD)/gpu/test_logprobs
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)

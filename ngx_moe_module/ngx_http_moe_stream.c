@@ -38,6 +38,15 @@ static void ngx_http_moe_stream_writer(ngx_http_request_t *r);
 static ngx_int_t ngx_http_moe_stream_arm(ngx_http_request_t *r);
 static void ngx_http_moe_keepalive_handler(ngx_event_t *ev);
 static ngx_uint_t ngx_http_moe_status(int status);
+static ngx_int_t ngx_http_moe_text_out(ngx_http_moe_ctx_t *ctx,
+    const char *text, size_t len);
+static ngx_int_t ngx_http_moe_tool_events(ngx_http_moe_ctx_t *ctx);
+static ngx_int_t ngx_http_moe_tool_finish(ngx_http_moe_ctx_t *ctx);
+static void ngx_http_moe_tool_cleanup(void *data);
+static void ngx_http_moe_gen_tool_chunk(ngx_http_moe_ctx_t *ctx,
+    moe_toolev_t *ev);
+static void ngx_http_moe_gen_tool_calls(ngx_http_moe_ctx_t *ctx);
+static ngx_uint_t ngx_http_moe_tool_blank(u_char *p, size_t len);
 
 static ngx_int_t ngx_http_moe_lp_echo(ngx_http_moe_ctx_t *ctx);
 static ngx_int_t ngx_http_moe_lp_token(ngx_http_moe_ctx_t *ctx,
@@ -205,7 +214,7 @@ ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
 
         } else if (rc == NGX_DONE) {
             /* a stop string matched: the engine need not go on */
-            ngx_http_moe_cancel(ctx->mcf, ctx->id);
+            ngx_http_moe_cancel(ctx->eng, ctx->id);
             ctx->live = 0;
             ctx->finish_reason = "stop";
             ngx_http_moe_finish(ctx);
@@ -324,10 +333,27 @@ ngx_http_moe_token(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
 }
 
 
-/* new text: an SSE chunk, or appended to the answer being built */
+/* new text: through the tool-call parser when there is one */
 
 static ngx_int_t
 ngx_http_moe_text(ngx_http_moe_ctx_t *ctx, const char *text, size_t len)
+{
+    if (ctx->tp) {
+        if (moe_toolparse_push(ctx->tp, text, len) != MOE_OK) {
+            return NGX_ERROR;
+        }
+
+        return ngx_http_moe_tool_events(ctx);
+    }
+
+    return ngx_http_moe_text_out(ctx, text, len);
+}
+
+
+/* content: an SSE chunk, or appended to the answer being built */
+
+static ngx_int_t
+ngx_http_moe_text_out(ngx_http_moe_ctx_t *ctx, const char *text, size_t len)
 {
     u_char  *p;
     size_t   cap;
@@ -374,6 +400,12 @@ ngx_http_moe_finish(ngx_http_moe_ctx_t *ctx)
     ngx_http_request_t  *r;
 
     r = ctx->request;
+
+    if (ctx->tp && ngx_http_moe_tool_finish(ctx) != NGX_OK) {
+        ngx_http_moe_stream_done(ctx);
+        ngx_http_finalize_request(r, NGX_ERROR);
+        return;
+    }
 
     ngx_http_moe_stream_done(ctx);
 
@@ -504,8 +536,20 @@ ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx)
             ngx_http_moe_gen_lit(g, "role");
             ngx_http_moe_gen_lit(g, "assistant");
             ngx_http_moe_gen_lit(g, "content");
-            ngx_http_moe_gen_str(g, ctx->text ? ctx->text : (u_char *) "",
-                                 ctx->text_len);
+
+            if (ctx->tp && moe_toolparse_n_calls(ctx->tp) > 0
+                && ngx_http_moe_tool_blank(ctx->text, ctx->text_len))
+            {
+                /* only calls (blanks around them are no content) */
+                yajl_gen_null(g);
+
+            } else {
+                ngx_http_moe_gen_str(g, ctx->text ? ctx->text
+                                                  : (u_char *) "",
+                                     ctx->text_len);
+            }
+
+            ngx_http_moe_gen_tool_calls(ctx);
             yajl_gen_map_close(g);
 
         } else {
@@ -1020,7 +1064,7 @@ ngx_http_moe_lp_decode(ngx_http_moe_ctx_t *ctx, int32_t id, ngx_str_t *out)
     text = NULL;
     len = 0;
 
-    if (moe_tokenizer_decode(ctx->mcf->tokenizer, &id, 1, 0, &text, &len)
+    if (moe_tokenizer_decode(ctx->eng->tokenizer, &id, 1, 0, &text, &len)
         != MOE_OK)
     {
         ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
@@ -1255,7 +1299,7 @@ ngx_http_moe_choices_init(ngx_http_moe_ctx_t *ctx, ngx_uint_t n_choices,
     ch[0].ts = ctx->ts;
 
     for (c = 1; c < n_choices; c++) {
-        ch[c].ts = moe_textstream_create(ctx->mcf->tokenizer, stops, n_stops,
+        ch[c].ts = moe_textstream_create(ctx->eng->tokenizer, stops, n_stops,
                                          skip_special_tokens);
         if (ch[c].ts == NULL) {
             return NGX_ERROR;
@@ -1469,7 +1513,7 @@ ngx_http_moe_choice_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
     if (rc == NGX_DONE) {
         /* a stop string ended this choice: the engine may drop it (a
          * full ring: it runs on and its tokens are ignored) */
-        (void) moe_engine_cancel_choice(ctx->mcf->engine, ctx->id,
+        (void) moe_engine_cancel_choice(ctx->eng->engine, ctx->id,
                                         (int) c);
         ctx->finish_reason = "stop";
         ngx_http_moe_choice_end(ctx);
@@ -1543,4 +1587,273 @@ ngx_http_moe_choice_pick(ngx_http_moe_ctx_t *ctx, ngx_uint_t k)
             return;
         }
     }
+}
+
+
+/* ------------------------------------------------------------- tool calls */
+
+/*
+ * A request with tools (tool_choice not "none", a parser configured) gets
+ * a parser over its output text (ngx_http_moe_tools.c chose the format);
+ * content goes out as before, calls as tool_calls (function_call for the
+ * deprecated functions), streamed as OpenAI streams them: a first delta
+ * with index, id, type, function.name and arguments "", then fragments
+ * of the arguments; finish_reason "tool_calls".
+ */
+
+ngx_int_t
+ngx_http_moe_stream_tools(ngx_http_moe_ctx_t *ctx, ngx_http_moe_tools_t *tl)
+{
+    uint64_t             seed;
+    ngx_pool_cleanup_t  *cln;
+
+    if (tl->format == MOE_TOOL_NONE) {
+        return NGX_OK;
+    }
+
+    cln = ngx_pool_cleanup_add(ctx->request->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    seed = ((uint64_t) ngx_random() << 32) ^ (uint64_t) ngx_random()
+           ^ ctx->id;
+
+    ctx->tp = moe_toolparse_create((moe_tool_format_t) tl->format, tl->name,
+                                   seed);
+    if (ctx->tp == NULL) {
+        return NGX_ERROR;
+    }
+
+    ctx->tool_legacy = tl->legacy;
+
+    cln->handler = ngx_http_moe_tool_cleanup;
+    cln->data = ctx;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_moe_tool_cleanup(void *data)
+{
+    ngx_http_moe_ctx_t  *ctx = data;
+
+    moe_toolparse_free(ctx->tp);
+    ctx->tp = NULL;
+}
+
+
+/* what the parser made of the last text: content, call deltas */
+
+static ngx_int_t
+ngx_http_moe_tool_events(ngx_http_moe_ctx_t *ctx)
+{
+    moe_toolev_t  ev;
+
+    while (moe_toolparse_next(ctx->tp, &ev)) {
+
+        if (ev.type == MOE_TOOLEV_CONTENT) {
+            if (ngx_http_moe_text_out(ctx, ev.text, ev.len) == NGX_ERROR) {
+                return NGX_ERROR;
+            }
+
+            continue;
+        }
+
+        /* whole calls are read at the end of a non-streamed answer */
+        if (!ctx->stream) {
+            continue;
+        }
+
+        /* the legacy function_call holds one call */
+        if (ctx->tool_legacy && ev.index > 0) {
+            continue;
+        }
+
+        ngx_http_moe_gen_tool_chunk(ctx, &ev);
+
+        if (ngx_http_moe_sse_gen(ctx, NGX_HTTP_MOE_SSE_DATA) == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/* the output ended: what the parser held back, and the finish reason */
+
+static ngx_int_t
+ngx_http_moe_tool_finish(ngx_http_moe_ctx_t *ctx)
+{
+    if (moe_toolparse_finish(ctx->tp) != MOE_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_moe_tool_events(ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (moe_toolparse_n_calls(ctx->tp) > 0
+        && ngx_strcmp(ctx->finish_reason, "stop") == 0)
+    {
+        ctx->finish_reason = ctx->tool_legacy ? "function_call"
+                                              : "tool_calls";
+    }
+
+    return NGX_OK;
+}
+
+
+/* one streamed tool-call delta */
+
+static void
+ngx_http_moe_gen_tool_chunk(ngx_http_moe_ctx_t *ctx, moe_toolev_t *ev)
+{
+    yajl_gen  g;
+
+    g = ctx->gen;
+
+    ngx_http_moe_gen_head(ctx, "chat.completion.chunk");
+
+    ngx_http_moe_gen_lit(g, "choices");
+    yajl_gen_array_open(g);
+    yajl_gen_map_open(g);
+
+    ngx_http_moe_gen_lit(g, "index");
+    yajl_gen_integer(g, 0);
+
+    ngx_http_moe_gen_lit(g, "delta");
+    yajl_gen_map_open(g);
+
+    if (ctx->tool_legacy) {
+        ngx_http_moe_gen_lit(g, "function_call");
+
+    } else {
+        ngx_http_moe_gen_lit(g, "tool_calls");
+        yajl_gen_array_open(g);
+        yajl_gen_map_open(g);
+        ngx_http_moe_gen_lit(g, "index");
+        yajl_gen_integer(g, ev->index);
+
+        if (ev->type == MOE_TOOLEV_CALL) {
+            ngx_http_moe_gen_lit(g, "id");
+            ngx_http_moe_gen_cstr(g, ev->id);
+            ngx_http_moe_gen_lit(g, "type");
+            ngx_http_moe_gen_lit(g, "function");
+        }
+
+        ngx_http_moe_gen_lit(g, "function");
+    }
+
+    yajl_gen_map_open(g);
+
+    if (ev->type == MOE_TOOLEV_CALL) {
+        ngx_http_moe_gen_lit(g, "name");
+        ngx_http_moe_gen_cstr(g, ev->name);
+    }
+
+    ngx_http_moe_gen_lit(g, "arguments");
+    ngx_http_moe_gen_str(g, ev->text, ev->len);
+    yajl_gen_map_close(g);
+
+    if (!ctx->tool_legacy) {
+        yajl_gen_map_close(g);
+        yajl_gen_array_close(g);
+    }
+
+    yajl_gen_map_close(g);
+
+    ngx_http_moe_gen_lit(g, "logprobs");
+    yajl_gen_null(g);
+    ngx_http_moe_gen_lit(g, "finish_reason");
+    yajl_gen_null(g);
+
+    yajl_gen_map_close(g);
+    yajl_gen_array_close(g);
+
+    if (ctx->continuous_usage) {
+        ngx_http_moe_gen_usage(ctx);
+
+    } else if (ctx->include_usage) {
+        ngx_http_moe_gen_lit(g, "usage");
+        yajl_gen_null(g);
+    }
+
+    yajl_gen_map_close(g);
+}
+
+
+/* the message's tool_calls (or function_call) of a non-streamed answer */
+
+static void
+ngx_http_moe_gen_tool_calls(ngx_http_moe_ctx_t *ctx)
+{
+    int          i, n;
+    size_t       len;
+    yajl_gen     g;
+    const char  *id, *name, *args;
+
+    if (ctx->tp == NULL) {
+        return;
+    }
+
+    g = ctx->gen;
+    n = moe_toolparse_n_calls(ctx->tp);
+
+    if (n == 0) {
+        return;
+    }
+
+    if (ctx->tool_legacy) {
+        (void) moe_toolparse_call(ctx->tp, 0, &id, &name, &args, &len);
+
+        ngx_http_moe_gen_lit(g, "function_call");
+        yajl_gen_map_open(g);
+        ngx_http_moe_gen_lit(g, "name");
+        ngx_http_moe_gen_cstr(g, name);
+        ngx_http_moe_gen_lit(g, "arguments");
+        ngx_http_moe_gen_str(g, args, len);
+        yajl_gen_map_close(g);
+        return;
+    }
+
+    ngx_http_moe_gen_lit(g, "tool_calls");
+    yajl_gen_array_open(g);
+
+    for (i = 0; i < n; i++) {
+        (void) moe_toolparse_call(ctx->tp, i, &id, &name, &args, &len);
+
+        yajl_gen_map_open(g);
+        ngx_http_moe_gen_lit(g, "id");
+        ngx_http_moe_gen_cstr(g, id);
+        ngx_http_moe_gen_lit(g, "type");
+        ngx_http_moe_gen_lit(g, "function");
+        ngx_http_moe_gen_lit(g, "function");
+        yajl_gen_map_open(g);
+        ngx_http_moe_gen_lit(g, "name");
+        ngx_http_moe_gen_cstr(g, name);
+        ngx_http_moe_gen_lit(g, "arguments");
+        ngx_http_moe_gen_str(g, args, len);
+        yajl_gen_map_close(g);
+        yajl_gen_map_close(g);
+    }
+
+    yajl_gen_array_close(g);
+}
+
+
+static ngx_uint_t
+ngx_http_moe_tool_blank(u_char *p, size_t len)
+{
+    size_t  i;
+
+    for (i = 0; i < len; i++) {
+        if (p[i] != ' ' && p[i] != '\n' && p[i] != '\t' && p[i] != '\r') {
+            return 0;
+        }
+    }
+
+    return 1;
 }

@@ -142,6 +142,17 @@ ok(defined $used && $used == 0, 'KV blocks all free afterwards')
        . 'choices (' . join('|', @t) . ')');
 }
 
+# n > 1 with tools: refused (tool calls are parsed per request, not per
+# choice, yet)
+{
+    my ($st3, undef, $tj) = http(POST => $C, { %chat, n => 2,
+        tools => [{ type => 'function', function => { name => 'f',
+            parameters => { type => 'object' } } }] });
+    is($st3, 400, 'n=2 with tools: 400');
+    is(ref $tj eq 'HASH' ? $tj->{error}{param} : undef, 'n',
+       'n=2 with tools: param n');
+}
+
 # --- disconnect cancels every choice -------------------------------------------
 {
     my $cancelled = sub {

@@ -228,6 +228,18 @@ enum {
 /* ---------------------------------------------- the CPU backend (fp32) */
 
 /*
+ * The CPU backend's emulated device-memory budget (cpu_budget.c): with
+ * MOE_CPU_MEMORY_LIMIT set, every process sharing MOE_CPU_MEMORY_FILE
+ * draws from one budget, as processes on one GPU share its memory.
+ * reserve: MOE_OK, or MOE_ENOMEM with err naming the budget and what holds
+ * it (MOE_EIO when the accounting file cannot be used); a no-op without a
+ * limit.  release: gives back what this process reserved.  Memory of a
+ * process that exited is free again (its entry is dropped).
+ */
+int moe_cpu_budget_reserve(int64_t bytes, char *err, size_t errlen);
+void moe_cpu_budget_release(int64_t bytes);
+
+/*
  * CPU backend (fp32 reference) over a model loaded with its fp32 weights
  * (moe_model_load, moe_model_load_f32 or a shard).  Allocates a KV pool of
  * n_blocks pages of block_size tokens: (n_blocks, n_layers, 2, block_size,

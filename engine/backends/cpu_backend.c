@@ -293,9 +293,9 @@ typedef struct {
      * scales, exactly what the CUDA backend's cache gives back */
     int                   kv_fp8;
     float                 kv_k_scale, kv_v_scale;
+    int64_t               budget;      /* bytes reserved in the emulated
+                                          memory budget (cpu_budget.c) */
 } cpu_backend_t;
-
-
 
 
 static inline float
@@ -1369,6 +1369,7 @@ cpu_destroy(moe_backend_t *base)
     }
     cpu_pool_destroy(b->pool);
     cpu_free_scratch(b);
+    moe_cpu_budget_release(b->budget);
     free(b->kv);
     free(b->swap);
     free(b->counts);
@@ -1393,6 +1394,7 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     cpu_backend_t       *b;
     size_t               kv_floats, per_block;
     long                 ncpu;
+    int                  rc;
 
     *out = NULL;
     if (m == NULL || n_blocks <= 0 || block_size <= 0 || n_threads < 0
@@ -1423,6 +1425,17 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     if (b == NULL) {
         moe_errf(err, errlen, "cpu backend: out of memory");
         return MOE_ENOMEM;
+    }
+
+    /* the emulated device memory: weights + KV pool, as a GPU would hold */
+    per_block = (size_t) hp->n_layers * 2 * (size_t) block_size
+                * (size_t) hp->n_kv_heads * (size_t) hp->head_dim;
+    b->budget = moe_model_weight_bytes(m)
+                + (int64_t) (per_block * sizeof(float)) * n_blocks;
+    rc = moe_cpu_budget_reserve(b->budget, err, errlen);
+    if (rc != MOE_OK) {
+        free(b);
+        return rc;
     }
     b->model = m;
     b->hp = hp;

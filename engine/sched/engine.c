@@ -663,7 +663,8 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         }
     }
 
-    /* a guide compiled against another tokenizer cannot mask this one */
+    /* a guide compiled against another tokenizer cannot mask this one
+     * (forked choices, n_choices > 1, each carry their own guide state) */
     if (sp->guide != NULL
         && moe_guided_vocab(sp->guide) != moe_tokenizer_vocab_size(e->tok))
     {
