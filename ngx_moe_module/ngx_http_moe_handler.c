@@ -1895,13 +1895,6 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     }
 
     if (p->best_of > 1
-        && p->tools.format != MOE_TOOL_NONE)
-    {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                 "n > 1 with tools is not supported yet");
-    }
-
-    if (p->best_of > 1
         && ngx_http_moe_choices_init(ctx, p->best_of, p->n, p->stops,
                                      p->n_stops,
                                      (int) p->skip_special_tokens)
