@@ -1135,7 +1135,7 @@ ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
 {
     int64_t                    k, limit;
-    yajl_val                   v;
+    yajl_val                   v, t, f;
     ngx_http_moe_main_conf_t  *mcf;
 
     mcf = ngx_http_moe_main_conf(r);
@@ -1158,12 +1158,19 @@ ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
                                      limit, k);
         }
 
-        /* ngx_http_moe_guided ran first: a guide is already chosen */
-        if (k > 1 && p->guide_kind != MOE_GUIDED_NONE) {
+        /* guided decoding with several choices: each forked choice
+         * carries its own guide state; tool calls are parsed per request,
+         * not per choice, yet */
+        t = ngx_http_moe_json_get(root, "tools");
+        f = ngx_http_moe_json_get(root, "functions");
+
+        if (k > 1
+            && ((YAJL_IS_ARRAY(t) && t->u.array.len > 0)
+                || (YAJL_IS_ARRAY(f) && f->u.array.len > 0)))
+        {
             return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n > 1 with guided decoding "
-                                     "(response_format, guided_*, tools) "
-                                     "is not supported yet");
+                                     "n > 1 with tools is not supported "
+                                     "yet");
         }
 
         p->n = (ngx_uint_t) k;
@@ -1885,13 +1892,6 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
                                     (int) p->skip_special_tokens);
     if (ctx->ts == NULL) {
         return NGX_ERROR;
-    }
-
-    if (p->best_of > 1
-        && p->tools.format != MOE_TOOL_NONE)
-    {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                 "n > 1 with tools is not supported yet");
     }
 
     if (p->best_of > 1

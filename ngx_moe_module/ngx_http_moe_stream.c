@@ -1318,8 +1318,7 @@ static void
 ngx_http_moe_choice_cleanup(void *data)
 {
     ngx_http_moe_ctx_t  *ctx = data;
-
-    ngx_uint_t  c;
+    ngx_uint_t           c;
 
     for (c = 0; c < ctx->n_choices; c++) {
         if (ctx->choices[c].ts) {

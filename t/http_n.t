@@ -128,6 +128,31 @@ for (1 .. 100) {
 ok(defined $used && $used == 0, 'KV blocks all free afterwards')
     or diag json_encode($mem);
 
+# --- guided decoding with several choices: each choice its own matcher ----
+{
+    my %ok = map { ($_ => 1) } ('yes', 'no', 'maybe later');
+    my ($st2, undef, $g, $graw) = http(POST => $P, { %cmp, n => 3,
+        temperature => 1, seed => 3, max_tokens => 12,
+        ignore_eos => JSON::PP::false,
+        guided_choice => ['yes', 'no', 'maybe later'] });
+    is($st2, 200, 'guided_choice n=3: 200') or diag substr($graw, 0, 300);
+    my @t = map { $_->{text} } @{ $g->{choices} // [] };
+    is(scalar @t, 3, 'guided_choice n=3: three choices');
+    ok(!grep({ !$ok{$_} } @t), 'guided_choice n=3: each one of the '
+       . 'choices (' . join('|', @t) . ')');
+}
+
+# n > 1 with tools: refused (tool calls are parsed per request, not per
+# choice, yet)
+{
+    my ($st3, undef, $tj) = http(POST => $C, { %chat, n => 2,
+        tools => [{ type => 'function', function => { name => 'f',
+            parameters => { type => 'object' } } }] });
+    is($st3, 400, 'n=2 with tools: 400');
+    is(ref $tj eq 'HASH' ? $tj->{error}{param} : undef, 'n',
+       'n=2 with tools: param n');
+}
+
 # --- disconnect cancels every choice -------------------------------------------
 {
     my $cancelled = sub {

@@ -11,7 +11,11 @@
 #     tools to the template (vLLM's default); legacy functions render as
 #     tools;
 #   * tool_choice "auto" answers in the chat shape (content, or tool_calls
-#     with finish_reason tool_calls), streamed and not;
+#     with finish_reason tool_calls), streamed and not; with the output
+#     forced by guided_choice, the hermes parser splits content and call
+#     (streamed: no piece of the call leaks as content; the argument
+#     fragments make the arguments), malformed JSON stays content, and
+#     vllm.tool_call_parser: llama3_json reads its own form instead;
 #   * tool_choice "required" and a named function on the embedded model:
 #     the guided decoder makes the output a call whatever the model's
 #     skill: tool_calls with id call_..., the function's name, arguments
@@ -276,6 +280,72 @@ my %forced = (
                         : 'no object', '',
        'legacy: arguments validate against the schema');
 }
+
+# --- auto, end to end: the output forced by guided_choice ---------------
+# (tool_choice auto with a guide: the parser reads what the model wrote)
+
+my $said = "Sure. <tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
+    . "{\"city\": \"Rome\", \"days\": 3}}\n</tool_call>";
+my %forced_out = (%chat, tools => [$weather], max_tokens => 200,
+                  guided_choice => [$said]);
+($st, undef, $j, $raw) = http(POST => $C, \%forced_out);
+is($st, 200, 'auto, hermes output: 200') or diag $raw;
+$ch = $j->{choices}[0] // {};
+is($ch->{finish_reason}, 'tool_calls', 'auto, hermes output: tool_calls');
+is($ch->{message}{content}, 'Sure. ', 'auto, hermes output: the content '
+   . 'before the call');
+is_deeply([map { [$_->{function}{name}, json_decode($_->{function}{arguments})] }
+           @{ $ch->{message}{tool_calls} // [] }],
+          [['get_weather', { city => 'Rome', days => 3 }]],
+          'auto, hermes output: the call, arguments as written');
+
+$sse = sse($C, { %forced_out, stream => $T });
+my ($text, $leak, @deltas, $fin) = ('', 0);
+for my $chunk ($sse->chunks) {
+    my $c0 = $chunk->{choices}[0] // next;
+    $fin = $c0->{finish_reason} if $c0->{finish_reason};
+    my $t = $c0->{delta}{content} // '';
+    $text .= $t;
+    $leak ||= $t =~ /[<{]/;
+    push @deltas, @{ $c0->{delta}{tool_calls} // [] };
+}
+is($text, 'Sure. ', 'auto, streamed: content deltas hold no piece of the call');
+ok(!$leak, 'auto, streamed: no "<" or "{" went out as content');
+is($fin, 'tool_calls', 'auto, streamed: finish_reason tool_calls');
+ok(@deltas >= 2 && $deltas[0]{id} && $deltas[0]{function}{name} eq
+   'get_weather' && $deltas[0]{function}{arguments} eq '',
+   'auto, streamed: first delta id + name + arguments ""');
+is_deeply(json_decode(join '', map { $_->{function}{arguments} // '' }
+                                   @deltas),
+          { city => 'Rome', days => 3 },
+          'auto, streamed: the fragments make the arguments');
+
+# malformed JSON inside the tags: plain content, finish_reason stop
+my $bad = '<tool_call>{"name": "get_weather", "arguments": {oops}</tool_call>';
+($st, undef, $j) = http(POST => $C, { %forced_out, guided_choice => [$bad] });
+is($j->{choices}[0]{message}{content}, $bad,
+   'auto, malformed call: the text is content');
+is($j->{choices}[0]{finish_reason}, 'stop', 'auto, malformed call: stop');
+ok(!exists $j->{choices}[0]{message}{tool_calls},
+   'auto, malformed call: no tool_calls');
+
+# vllm.tool_call_parser from the YAML: llama3_json reads the JSON form and
+# takes the Hermes tags for content
+stop_server($s);
+$s = start_server(vllm => { max_model_len => 1024,
+    tool_call_parser => 'llama3_json' });
+$M = model_id();
+my $llama = '{"name": "get_time", "parameters": {"zone": "cet"}}';
+($st, undef, $j, $raw) = http(POST => $C, { %forced_out, model => $M,
+    guided_choice => [$llama], tools => [$weather, $time] });
+is($st, 200, 'tool_call_parser llama3_json: 200') or diag $raw;
+is_deeply([map { [$_->{function}{name}, json_decode($_->{function}{arguments})] }
+           @{ $j->{choices}[0]{message}{tool_calls} // [] }],
+          [['get_time', { zone => 'cet' }]],
+          'tool_call_parser llama3_json: {"name", "parameters"} is a call');
+($st, undef, $j) = http(POST => $C, { %forced_out, model => $M });
+is($j->{choices}[0]{message}{content}, $said,
+   'tool_call_parser llama3_json: <tool_call> text is content');
 
 finish();
 

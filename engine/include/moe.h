@@ -511,7 +511,7 @@ typedef struct {
     int       n_logit_bias;
     /* guided decoding: NULL = none.  moe_engine_submit() takes its own
      * reference (released when the sequence ends); the caller keeps and
-     * releases its own.  Not with n_choices > 1 (MOE_EINVAL). */
+     * releases its own (forked choices take one each). */
     moe_guide_t *guide;
 
     /* ---- logprobs detail (issue 10 item 4) ----

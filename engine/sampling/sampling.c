@@ -174,7 +174,7 @@ moe_logprobs_row(const float *logits, int V, float temperature,
     }
     sum = 0.0;
     for (i = 0; i < V; i++) {
-        sum += exp((double) ((logits[i] - mx) * inv_t));
+        sum += (double) expf((logits[i] - mx) * inv_t);
     }
     lse = (float) log(sum);
 

@@ -663,11 +663,10 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         }
     }
 
-    /* a guide compiled against another tokenizer cannot mask this one;
-     * forked choices (n_choices > 1) do not carry guide states yet */
+    /* a guide compiled against another tokenizer cannot mask this one
+     * (forked choices, n_choices > 1, each carry their own guide state) */
     if (sp->guide != NULL
-        && (moe_guided_vocab(sp->guide) != moe_tokenizer_vocab_size(e->tok)
-            || sp->n_choices > 1))
+        && moe_guided_vocab(sp->guide) != moe_tokenizer_vocab_size(e->tok))
     {
         return MOE_EINVAL;
     }

@@ -39,14 +39,16 @@ typedef struct moe_seq  moe_seq_t;
  * admitted (moe_seq_plan) and kept: the step only reads it.
  */
 typedef enum {
-    MOE_PLAN_ARGMAX = 1,    /* greedy, no penalty that applies, no
-                               logprobs: the backend's argmax (token_out),
-                               no logits copy */
+    MOE_PLAN_ARGMAX = 1,    /* greedy, no penalty that applies (logprobs
+                               only with a backend that has
+                               logprobs_tokens): the backend's argmax
+                               (token_out), no logits copy */
     MOE_PLAN_BACKEND,       /* drawn by a backend that samples
                                (sample_tokens): token_out with .sample, u
                                and the penalty list */
     MOE_PLAN_HOST           /* logits to the host, moe_sample() there
-                               (logprobs, or a backend that only does
+                               (logit_bias, logprobs on a backend without
+                               logprobs_tokens, a backend that only does
                                argmax, or the penalty list was lost) */
 } moe_plan_t;
 

@@ -632,77 +632,6 @@ moe_pen_reserve(moe_engine_t *e, size_t need)
 }
 
 
-/* ---------------------------------------------------- guided decoding */
-
-/*
- * The allowed-token mask of guided sequence s for batch row i, into
- * e->gmask's row i; s->guided_n gets the count (0: dead end; a negative
- * status: no memory; both fail the sequence after the forward).
- */
-static void
-moe_guided_step_mask(moe_engine_t *e, moe_seq_t *s, int i)
-{
-    s->guided_n = moe_guided_mask(s->guided,
-                                  e->gmask + (size_t) i
-                                             * (size_t) e->gmask_words,
-                                  (size_t) e->gmask_words);
-}
-
-
-/* the masked ids' logits to -inf (host sampling of a guided row): word
- * by word, all-allowed words skipped */
-static void
-moe_guided_apply(const uint32_t *mask, float *logits, int vocab)
-{
-    int       w, k, base, nw = (vocab + 31) / 32;
-    uint32_t  m;
-
-    for (w = 0; w < nw; w++) {
-        m = mask[w];
-        if (m == 0xffffffffu) {
-            continue;
-        }
-        base = w * 32;
-        for (k = 0; k < 32 && base + k < vocab; k++) {
-            if (!(m & (1u << k))) {
-                logits[base + k] = -INFINITY;
-            }
-        }
-    }
-}
-
-
-/*
- * End guided sequence s with an ERROR event (status MOE_EINVAL: its guide
- * allows no token here, or refused the sampled one) and free it.
- */
-static void
-moe_guided_fail(moe_engine_t *e, moe_seq_t *s, int status)
-{
-    moe_event_t  ev;
-    int          j;
-
-    for (j = 0; j < e->n_running; j++) {
-        if (e->running[j] == s) {
-            break;
-        }
-    }
-    moe_log(MOE_LOG_WARN, "request %llu: guided decoding dead end (%s)",
-            (unsigned long long) s->id, moe_strerror(status));
-    memset(&ev, 0, sizeof(ev));
-    ev.req_id = s->id;
-    ev.type = MOE_EV_ERROR;
-    ev.status = status;
-    moe_emit(e, &ev);
-    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
-    if (j < e->n_running) {
-        moe_running_remove(e, j);
-    }
-    moe_seq_free(s);
-    atomic_fetch_add_explicit(&e->st_finished, 1, memory_order_relaxed);
-}
-
-
 /* ---------------------------------------------- logprobs (issue 10) */
 
 /* 1 while s (choice 0 of a request with n_choices > 1) has yet to fork */
@@ -816,6 +745,79 @@ moe_token_lp(moe_engine_t *e, moe_seq_t *s, const float *logits, int32_t tok,
 }
 
 
+/* ---------------------------------------------------- guided decoding */
+
+/*
+ * The allowed-token mask of guided sequence s for batch row i, into
+ * e->gmask's row i; s->guided_n gets the count (0: dead end; a negative
+ * status: no memory; both fail the sequence after the forward).
+ */
+static void
+moe_guided_step_mask(moe_engine_t *e, moe_seq_t *s, int i)
+{
+    s->guided_n = moe_guided_mask(s->guided,
+                                  e->gmask + (size_t) i
+                                             * (size_t) e->gmask_words,
+                                  (size_t) e->gmask_words);
+}
+
+
+/* the masked ids' logits to -inf (host sampling of a guided row): word
+ * by word, all-allowed words skipped */
+static void
+moe_guided_apply(const uint32_t *mask, float *logits, int vocab)
+{
+    int       w, k, base, nw = (vocab + 31) / 32;
+    uint32_t  m;
+
+    for (w = 0; w < nw; w++) {
+        m = mask[w];
+        if (m == 0xffffffffu) {
+            continue;
+        }
+        base = w * 32;
+        for (k = 0; k < 32 && base + k < vocab; k++) {
+            if (!(m & (1u << k))) {
+                logits[base + k] = -INFINITY;
+            }
+        }
+    }
+}
+
+
+/*
+ * End guided sequence s with an ERROR event (status MOE_EINVAL: its guide
+ * allows no token here, or refused the sampled one) and free it.
+ */
+static void
+moe_guided_fail(moe_engine_t *e, moe_seq_t *s, int status)
+{
+    moe_event_t  ev;
+    int          j;
+
+    for (j = 0; j < e->n_running; j++) {
+        if (e->running[j] == s) {
+            break;
+        }
+    }
+    moe_log(MOE_LOG_WARN, "request %llu: guided decoding dead end (%s)",
+            (unsigned long long) s->id, moe_strerror(status));
+    memset(&ev, 0, sizeof(ev));
+    ev.req_id = s->id;
+    ev.type = MOE_EV_ERROR;
+    ev.status = status;
+    moe_emit(e, &ev);
+    moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+    if (j < e->n_running) {
+        moe_running_remove(e, j);
+    }
+    moe_seq_free(s);
+    atomic_fetch_add_explicit(&e->st_finished, 1, memory_order_relaxed);
+}
+
+
+/* ------------------------------------------ logit_bias (issue 10) */
+
 /* Row i's logit_bias for the backend to add (a token_out row of a
  * sequence on an ARGMAX / BACKEND plan: the backend has logit_bias_device;
  * the lists are the sequence's own copy, alive for the step) */
@@ -836,9 +838,10 @@ moe_row_bias(moe_engine_t *e, int i, const moe_seq_t *s)
 /*
  * The sampling plan of s, for its whole life: MOE_PLAN_ARGMAX when its
  * next token is always the plain argmax of its logits (what moe_sample()
- * does for it: greedy, no penalty that applies, no logprobs), so the
- * backend may pick it; MOE_PLAN_BACKEND when the backend can draw it
- * (sample_tokens, no logprobs, the penalty list complete); else
+ * does for it: greedy, no penalty that applies), so the backend may pick
+ * it; MOE_PLAN_BACKEND when the backend can draw it (sample_tokens, the
+ * penalty list complete); logprobs allow either only on a backend that
+ * computes them (logprobs_tokens); else
  * MOE_PLAN_HOST.  A logit_bias rides with the row (moe_row_bias) when
  * the backend adds it (logit_bias_device), greedy or drawn; else the
  * sequence takes MOE_PLAN_HOST (greedy too).
@@ -907,27 +910,24 @@ moe_step_outputs(moe_engine_t *e, int n)
         b->bias_ids = NULL;
         b->bias = NULL;
         b->n_bias = 0;
-        if (s->guided != NULL
-            && s->n_computed + b->n_tokens == s->n_tokens)
+        if (moe_seq_scoring(s)
+            && s->n_computed + b->n_tokens != s->n_tokens)
         {
-            /* the row that gives the next token: its allowed ids (also
-             * when it ends a prompt scored for its logprobs) */
-            moe_guided_step_mask(e, s, i);
-            b->mask = e->gmask + (size_t) i * (size_t) e->gmask_words;
-        }
-        if (moe_seq_to_fork(s)
-            && s->n_computed + b->n_tokens == s->n_tokens)
-        {
-            /* its choices draw their first token from these logits */
-            b->logits = e->logits + (size_t) i * e->info.vocab_size;
-            continue;
-        }
-        if (moe_seq_scoring(s)) {
-            /* every prompt position's logits, the last one's included */
+            /* a prompt position's logits, for its prompt logprobs */
             b->logits = e->logits + (size_t) i * e->info.vocab_size;
             continue;
         }
         if (s->n_computed + b->n_tokens != s->n_tokens) {
+            continue;
+        }
+        if (s->guided != NULL) {
+            moe_guided_step_mask(e, s, i);
+            b->mask = e->gmask + (size_t) i * (size_t) e->gmask_words;
+        }
+        if (moe_seq_to_fork(s) || moe_seq_scoring(s)) {
+            /* logits to the host: the choices draw their first token
+             * from them too / the prompt's last logprobs row */
+            b->logits = e->logits + (size_t) i * e->info.vocab_size;
             continue;
         }
         if (s->plan == MOE_PLAN_ARGMAX) {
@@ -1025,6 +1025,10 @@ moe_seq_fork(moe_engine_t *e, moe_seq_t *p, int idx, int row_free,
     s->id = p->id;
     s->order = p->order;
     s->sp = p->sp;
+    s->sp.logit_bias_ids = NULL;        /* its own copy, below */
+    s->sp.logit_bias = NULL;
+    s->sp.n_logit_bias = 0;
+    s->sp.guide = moe_guide_ref(p->sp.guide);   /* released with it */
     s->sp.prompt_logprobs = 0;
     s->n_prompt = p->n_prompt;
     s->cap = p->cap;
@@ -1041,9 +1045,18 @@ moe_seq_fork(moe_engine_t *e, moe_seq_t *p, int idx, int row_free,
     if (s->tokens == NULL || s->bhash == NULL
         || moe_sampling_bias_copy(&s->sp, &p->sp) != MOE_OK)
     {
-        s->sp.logit_bias_ids = NULL;
         moe_seq_free(s);
         return NULL;
+    }
+    if (s->sp.guide != NULL) {
+        /* nothing generated yet: the guide's start state, as p's */
+        s->guided = moe_guided_state_create(s->sp.guide, e->info.eos_ids,
+                                            e->info.n_eos);
+        if (s->guided == NULL) {
+            moe_seq_free(s);
+            return NULL;
+        }
+        s->guided_n = p->guided_n;
     }
     memcpy(s->tokens, p->tokens, sizeof(int32_t) * (size_t) p->n_prompt);
     memcpy(s->bhash, p->bhash, sizeof(uint64_t) * (size_t) p->n_published);
@@ -1173,6 +1186,7 @@ moe_fork_choices(moe_engine_t *e, moe_seq_t *p, int i, int *n)
         b = &e->batch[row];
         memset(b, 0, sizeof(*b));
         e->batch_seq[row] = s;
+        b->mask = e->batch[i].mask;     /* the same start state's mask */
         b->logits = e->logits + (size_t) row * V;
         memcpy(b->logits, e->batch[i].logits, sizeof(float) * V);
         (*n)++;
@@ -1497,18 +1511,12 @@ moe_sched_step(moe_engine_t *e)
             s->n_published = s->n_computed / e->cfg.block_size;
         }
 
-        if (moe_seq_to_fork(s) && s->n_computed == s->n_prompt
-            && e->batch[i].logits != NULL)
+        /* prompt logprobs: a prompt position before the last */
+        if (s->plp != NULL && !s->plp_sent && e->batch[i].logits != NULL
+            && s->n_computed < s->n_prompt)
         {
-            moe_fork_choices(e, s, i, &n);
-        }
-
-        if (s->plp != NULL && !s->plp_sent && e->batch[i].logits != NULL) {
-            if (s->n_computed < s->n_prompt) {
-                moe_seq_score(e, s, e->batch[i].logits);
-                continue;
-            }
-            moe_seq_send_prompt(e, s);
+            moe_seq_score(e, s, e->batch[i].logits);
+            continue;
         }
 
         if (s->guided != NULL && s->guided_n <= 0
@@ -1519,6 +1527,17 @@ moe_sched_step(moe_engine_t *e)
                                                   : MOE_EINVAL);
             continue;
         }
+
+        if (moe_seq_to_fork(s) && s->n_computed == s->n_prompt
+            && e->batch[i].logits != NULL)
+        {
+            moe_fork_choices(e, s, i, &n);
+        }
+
+        if (s->plp != NULL && !s->plp_sent && e->batch[i].logits != NULL) {
+            moe_seq_send_prompt(e, s);
+        }
+
         if (e->batch[i].token_out != NULL) {
             tok = e->tok_out[i];
             lp = e->batch[i].lp_out != NULL ? e->lp_val[i] : 0.0f;

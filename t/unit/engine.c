@@ -9,7 +9,8 @@
  * bad submissions are refused.  Greedy requests take the backend's argmax
  * (token_out): their tokens equal moe_sample()'s greedy pick over CPU
  * backend logits run by hand, and equal the engine's own host-sampling
- * path (logprobs on forces logits + moe_sample()).  Non-greedy requests
+ * path (logprobs on, with MOE_CPU_LOGPROBS_TOKENS=0, forces logits +
+ * moe_sample()).  Non-greedy requests
  * drawn by the backend (moe_seq_batch_t.sample) give the same seeded
  * streams as the engine's host sampler, penalties included.
  *
@@ -443,6 +444,11 @@ main(int argc, char **argv)
     }
 
     TAP_PLAN(35);
+
+    /* logprobs force the engine's host path here, as this test means (the
+     * CPU backend would otherwise compute them beside its own argmax or
+     * draw: t/logprobs.t checks that path against this one) */
+    setenv("MOE_CPU_LOGPROBS_TOKENS", "0", 1);
 
     e = make_engine(0, 16, 0);
     if (e == NULL) {
