@@ -14,7 +14,8 @@
  *    (-100 on the greedy token changes it, +100 forces a token) and
  *    seeded sampled requests; on the first no token is drawn by the host
  *    sampler (host_sampled_tokens stays 0, the sampled ones count in
- *    backend_sampled_tokens), on the second every one is.
+ *    backend_sampled_tokens), on the second every one is; an engine of
+ *    two tensor-parallel CPU ranks keeps the bias on the backend too.
  */
 
 #include <limits.h>
@@ -253,7 +254,7 @@ typedef struct {
 
 
 static moe_engine_t *
-make_engine(void)
+make_engine(int tp)
 {
     char           err[1024];
     moe_config_t   cfg;
@@ -269,6 +270,10 @@ make_engine(void)
     cfg.kv_cache_blocks = 64;
     cfg.max_num_seqs = 8;
     cfg.cpu_threads = 1;
+    if (tp > 1) {
+        cfg.tensor_parallel_size = tp;
+        cfg.cpu_tensor_parallel = 1;
+    }
     if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
         TAP_DIAG("engine: %s", err);
         return NULL;
@@ -353,9 +358,9 @@ test_engine(void)
     float           bval[2];
     int             ok, i, all;
 
-    e = make_engine();
+    e = make_engine(1);
     setenv("MOE_CPU_LOGIT_BIAS", "0", 1);
-    h = make_engine();
+    h = make_engine(1);
     unsetenv("MOE_CPU_LOGIT_BIAS");
     if (e == NULL || h == NULL) {
         TAP_OK(0, "engines start");
@@ -436,6 +441,23 @@ test_engine(void)
            "(%lld)", (long long) se.backend_sampled_tokens,
            (long long) se.host_sampled_tokens);
 
+    /* tensor parallel (2 CPU ranks): the wrapper takes rank 0's flag, the
+     * bias rides with rank 0's rows */
+    moe_engine_destroy(h);
+    h = make_engine(2);
+    sp.logprobs = 0;            /* the wrapper leaves logprobs to the host */
+    sp.top_logprobs = 0;
+    memset(&sh, 0, sizeof(sh));
+    ok = h != NULL && run(e, 8, prompt, 6, &sp, &a) == 0
+         && run(h, 9, prompt, 6, &sp, &b) == 0;
+    if (h != NULL) moe_engine_stats(h, &sh);
+    TAP_OK(ok && same_res(&a, &b, 0) && sh.host_sampled_tokens == 0
+           && sh.backend_sampled_tokens == NGEN,
+           "tensor_parallel_size 2: the same seeded biased stream, drawn "
+           "by the backend (%lld), none by the host (%lld)",
+           (long long) sh.backend_sampled_tokens,
+           (long long) sh.host_sampled_tokens);
+
     moe_engine_destroy(h);
     moe_engine_destroy(e);
 }
@@ -455,7 +477,7 @@ main(int argc, char **argv)
             if (slash) *slash = '\0';
         }
     }
-    TAP_PLAN(12);
+    TAP_PLAN(13);
     test_backend();
     test_engine();
     return TAP_DONE();
