@@ -238,8 +238,9 @@ typedef struct {
     int        used;
 } mc_slot_t;
 
-#define MC_SLOTS      1024          /* power of two */
-#define MC_MAX_FILL   768           /* then the cache stops growing */
+#define MC_SLOTS      512           /* power of two */
+#define MC_MAX_FILL   256           /* then it starts over: 256 masks are
+                                       4 MiB at a 128k vocabulary */
 
 struct moe_mask_cache {
     mc_slot_t  slot[MC_SLOTS];
@@ -314,8 +315,15 @@ mc_put(moe_guide_t *g, const sv_t *s, uint64_t h, const uint32_t *words,
     if (g->cache == NULL) {
         g->cache = calloc(1, sizeof(*g->cache));
     }
-    if (g->cache == NULL || g->cache->fill >= MC_MAX_FILL) {
+    if (g->cache == NULL) {
         return;
+    }
+    if (g->cache->fill >= MC_MAX_FILL) {
+        for (i = 0; i < MC_SLOTS; i++) {
+            free(g->cache->slot[i].key);
+            free(g->cache->slot[i].mask);
+        }
+        memset(g->cache, 0, sizeof(*g->cache));
     }
     for (i = 0; i < MC_SLOTS; i++) {
         sl = &g->cache->slot[(h + (uint64_t) i) & (MC_SLOTS - 1)];
