@@ -59,18 +59,22 @@ MOE_LIBS    := $(BUILD)/libmoe.a
 NGX_EXTRA_LIBS :=
 endif
 
+# the CUDA (and NCCL) choice as a file: objects and the nginx configure
+# depend on it
+CUDA_MARK   := $(BUILD)/.cuda-$(MOE_CUDA)$(if $(NCCL_CFLAGS),-nccl)
+
 .PHONY: all deps test run clean engine module unit kernels tsan bench
 
 all: engine unit module kernels bench
 
-engine: $(BUILD)/libmoe.a $(BUILD)/moe
+engine: $(BUILD)/libmoe.a $(BUILD)/moe $(BUILD)/quantize
 unit: $(UNIT_BINS)
 module: $(NGX_SO)
 kernels: $(KERNELS_A)
 
 # objects depend on the CUDA choice too (-DMOE_HAVE_CUDA changes engine.o)
 $(BUILD)/%.o: %.c $(ENGINE_HDRS) \
-              $(BUILD)/.cuda-$(MOE_CUDA)
+              $(CUDA_MARK)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
@@ -80,6 +84,16 @@ $(BUILD)/libmoe.a: $(ENGINE_OBJS) $(ENGINE_OBJS_CU)
 
 $(BUILD)/moe: engine/cli/moe.c $(BUILD)/libmoe.a $(KERNELS_A)
 	$(CC) $(CFLAGS) -o $@ $< $(MOE_LIBS) $(LDLIBS)
+
+# The quantizer (tools/quantize.c): quantized copies of a float model in
+# each layout libmoe loads (engine/model/quant.h), for t/quant.t and the
+# GPU tests; `make quant-models` writes them to build/quant/.
+$(BUILD)/quantize: tools/quantize.c $(BUILD)/libmoe.a $(KERNELS_A)
+	$(CC) $(CFLAGS) -o $@ $< $(MOE_LIBS) $(LDLIBS)
+
+.PHONY: quant-models
+quant-models: $(BUILD)/quantize
+	@tools/quant_models.sh $(BUILD)/quant
 
 $(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(KERNELS_A) $(wildcard t/unit/*.h)
 	@mkdir -p $(dir $@)
@@ -157,10 +171,10 @@ $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
 
 # The CUDA backend: engine code compiled by nvcc, calling the launchers.
 $(BUILD)/engine/%.o: engine/%.cu $(ENGINE_HDRS) $(wildcard kernels/*.h \
-                     kernels/*.cuh) $(BUILD)/.cuda-$(MOE_CUDA)
+                     kernels/*.cuh) $(CUDA_MARK)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -DMOE_HAVE_CUDA -Ikernels -Iengine/include -Iengine \
-	    -c -o $@ $<
+	$(NVCC) $(NVCCFLAGS) -DMOE_HAVE_CUDA $(NCCL_CFLAGS) -Ikernels \
+	    -Iengine/include -Iengine -c -o $@ $<
 
 $(BUILD)/libmoe_kernels.a: $(KERNEL_OBJS)
 	@mkdir -p $(dir $@)
@@ -168,7 +182,7 @@ $(BUILD)/libmoe_kernels.a: $(KERNEL_OBJS)
 
 # The dynamic module, built against Debian's nginx-dev tree with Debian's
 # own configure flags so that the .so loads into /usr/sbin/nginx.
-$(BUILD)/nginx/Makefile: config $(BUILD)/.cuda-$(MOE_CUDA)
+$(BUILD)/nginx/Makefile: config $(CUDA_MARK)
 	@test -d $(NGX_SRC) || { echo "nginx-dev missing: run make deps"; exit 1; }
 	rm -rf $(BUILD)/nginx && mkdir -p $(BUILD)/nginx
 	cp -r $(NGX_SRC)/. $(BUILD)/nginx/
@@ -180,7 +194,7 @@ $(BUILD)/nginx/Makefile: config $(BUILD)/.cuda-$(MOE_CUDA)
 	touch $@
 
 # reconfigure nginx when the CUDA choice changes
-$(BUILD)/.cuda-$(MOE_CUDA):
+$(CUDA_MARK):
 	@mkdir -p $(BUILD) && rm -f $(BUILD)/.cuda-* && touch $@
 
 $(NGX_SO): $(BUILD)/nginx/Makefile $(BUILD)/libmoe.a $(KERNELS_A) \

@@ -3,14 +3,36 @@
  * shapes, generated on the device (no files):
  *   1. device-to-device copy bandwidth (2 GiB buffers, bytes read+written)
  *      and cuBLAS bf16 GEMM rate (8192^3, fp32 accumulate): the ceilings;
- *   2. per model: decode tokens/s at batch 1..256 with context 512,
+ *   2. per model: decode tokens/s at batch 1..256 with context 512 (and
+ *      at batches 1 and 64 with contexts 8192 and 32768: long contexts),
  *      prefill tokens/s for 512- and 2048-token prompts, per-stage time,
  *      and each figure's ratio to its limit: decode = bytes the step must
  *      read (attention weights + the experts actually hit + router +
- *      lm_head + KV) / copy bandwidth; prefill = FLOPs / GEMM rate.
- * Usage: bench_engine [model,...]   (default: all four; names below)
- * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 run only those
- * decode batches / prefill prompts ("0": none), e.g. under ncu.
+ *      lm_head + KV) / copy bandwidth; prefill = FLOPs / GEMM rate;
+ *   3. the weight formats (mixtral-8x7b expert shape, one MoE layer's
+ *      experts, synthetic weights): the expert GEMVs of a decode step at
+ *      batch 1 and 64 in bf16, fp8 (e4m3, per-channel scales), AWQ and
+ *      GPTQ (4-bit, group 128), each next to its limit (the bytes of the
+ *      experts hit, scales included, / copy bandwidth);
+ *   4. decode attention alone (mixtral heads, one layer) at contexts 512,
+ *      8192 and 32768, batch 1 and 64, bf16 and fp8 KV cache, with the
+ *      default split grid and the long-context one, against KV bytes /
+ *      copy bandwidth.
+ * Usage: bench_engine [model,...] [--tp N] [--ep] [--nccl auto|on|off]
+ *   (models: default all four; names below)
+ * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 / BENCH_CTX=8192
+ * run only those decode batches / prefill prompts / decode contexts ("0":
+ * none), e.g. under ncu; BENCH_QUANT=0 / BENCH_ATT=0 skip parts 3 / 4;
+ * BENCH_TP=N, BENCH_EP=1, BENCH_NCCL=on as the options.
+ * Tensor / expert parallelism (--tp N, --ep): N ranks (tp.c), rank r on
+ * GPU r modulo the visible GPUs, so with fewer GPUs than N several ranks
+ * share one (the emulated placement: local sums, no graphs); on distinct
+ * GPUs the ranks all-reduce with NCCL (graphs kept) when the build has it.
+ * Each rank has its own random weights of its shard's shapes.  The
+ * collectives are timed with CUDA events recorded around each all-reduce
+ * (stage "collectives", moe_cuda_backend_profile; the wait for the other
+ * ranks included) and reported per layer (two all-reduces: after the
+ * attention output and after the FFN) and as a share of the step.
  * Output: a human table plus one "RESULT key=value ..." line per figure.
  */
 
@@ -27,10 +49,14 @@ extern "C" {
 #include "backends/backend.h"
 }
 #include "backends/cuda_backend.h"
+#include "attention.h"
 #include "gemm.h"
 #include "init.h"
+#include "moe_gemv.h"
+#include "quant_gemv.h"
+#include "silu_mul.h"
 
-#define CTX     512
+#define CTX_MAX 32768
 #define BS      16
 #define CAP     2048
 
@@ -50,6 +76,10 @@ static const shape_t shapes[] = {
 };
 
 static double copy_gbs, gemm_tfs;
+
+/* parallelism of the run (--tp, --ep, --nccl) */
+static int         opt_tp = 1, opt_ep;
+static const char *opt_nccl = "auto";
 
 
 /* Whether v is in the comma list of environment variable var (unset: all
@@ -177,7 +207,8 @@ static void
 print_stages(const char *what, const double *ms, int steps)
 {
     static const char *nm[MOE_CUDA_N_STAGES] = {
-        "attention", "router+permute", "expert GEMMs", "dense GEMMs", "other"
+        "attention", "router+permute", "expert GEMMs", "dense GEMMs", "other",
+        "collectives"
     };
     double tot = 0;
 
@@ -193,14 +224,125 @@ print_stages(const char *what, const double *ms, int steps)
 }
 
 
+/* Stage timing on every rank (the figures: rank 0's). */
+static int
+bench_profile(moe_backend_t *b, int enable, double *ms)
+{
+    moe_backend_t *r;
+    int            i, rc = MOE_OK;
+
+    for (i = 0; (r = moe_tp_backend_rank(b, i)) != NULL; i++) {
+        int x = moe_cuda_backend_profile(r, enable, i == 0 ? ms : NULL);
+
+        rc = rc == MOE_OK ? x : rc;
+    }
+    return rc;
+}
+
+
+/* The all-reduces' share: two per layer, event-timed on rank 0. */
+static void
+print_comm(const char *model, const char *kind, int size, const double *ms,
+    int steps, int layers)
+{
+    double tot = 0, c = ms[MOE_CUDA_ST_COMM] / steps;
+
+    if (opt_tp <= 1) {
+        return;
+    }
+    for (int i = 0; i < MOE_CUDA_N_STAGES; i++) {
+        tot += ms[i] / steps;
+    }
+    printf("    collectives: %.3f ms per layer (2 all-reduces), %.1f%% of "
+           "the step\n", c / layers, tot > 0 ? 100 * c / tot : 0);
+    printf("RESULT model=%s kind=collective phase=%s size=%d tp=%d ep=%d "
+           "ms_layer=%.4f share=%.4f\n", model, kind, size, opt_tp, opt_ep,
+           c / layers, tot > 0 ? c / tot : 0);
+}
+
+
+/*
+ * opt_tp ranks of random weights, rank r on GPU r % (visible GPUs),
+ * composed by tp.c; NCCL between distinct GPUs (opt_nccl), else the local
+ * sum.  *n_blocks: the pool of each rank (sized per GPU share);
+ * *n_gpus: distinct GPUs used.
+ */
+static int
+bench_create_ranks(const moe_hparams_t *hp, int *n_blocks,
+    moe_backend_t **out, int *n_gpus, char *err, size_t errlen)
+{
+    moe_backend_t *ranks[64] = { 0 };
+    void          *ctx[64];
+    moe_hparams_t  rhp;
+    int            ndev = moe_cuda_device_count(), dev[64], r, rc, per_dev;
+    int            distinct, nb = *n_blocks, avail;
+
+    rc = moe_hparams_shard_ep(hp, opt_tp, 0, opt_ep, &rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    for (r = 0; r < opt_tp; r++) {
+        dev[r] = r % ndev;
+    }
+    distinct = opt_tp <= ndev;
+    *n_gpus = distinct ? opt_tp : ndev;
+    per_dev = (opt_tp + ndev - 1) / ndev;
+    rc = moe_cuda_kv_blocks_for_hp(&rhp, BS, CAP, 0.92 / per_dev, 0, &avail,
+                                   err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    nb = avail < nb ? avail : nb;
+    if (!distinct || strcmp(opt_nccl, "off") == 0
+        || !moe_cuda_nccl_available())
+    {
+        rc = moe_cuda_peer_access(dev, opt_tp, err, errlen);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+    }
+    for (r = 0; r < opt_tp; r++) {
+        rc = moe_cuda_backend_create_random_rank(hp, 42, opt_tp, r, opt_ep,
+                                                 nb, BS, CAP, dev[r],
+                                                 &ranks[r], err, errlen);
+        if (rc != MOE_OK) {
+            break;
+        }
+        ctx[r] = ranks[r];
+    }
+    if (rc == MOE_OK && distinct && strcmp(opt_nccl, "off") != 0
+        && (moe_cuda_nccl_available() || strcmp(opt_nccl, "on") == 0))
+    {
+        rc = moe_cuda_nccl_attach(ranks, dev, opt_tp, err, errlen);
+    }
+    if (rc != MOE_OK) {
+        for (r = 0; r < opt_tp; r++) {
+            if (ranks[r] != NULL) {
+                ranks[r]->destroy(ranks[r]);
+            }
+        }
+        return rc == MOE_EUNSUPPORTED ? MOE_EBACKEND : rc;
+    }
+    printf("  %d ranks on GPUs %d..%d, all-reduce by %s\n", opt_tp, dev[0],
+           dev[opt_tp - 1], distinct && strcmp(opt_nccl, "off") != 0
+           && moe_cuda_nccl_available() ? "NCCL (graphs)"
+                                        : "local sums (no graphs)");
+    *n_blocks = nb;
+    return moe_tp_backend_wrap(ranks, NULL, opt_tp, moe_cuda_tp_ops(), ctx,
+                               moe_cuda_backend_set_reduce, out, err,
+                               errlen);
+}
+
+
 static int
 bench_model(const shape_t *sh)
 {
     moe_hparams_t   hp;
     moe_backend_t  *b = NULL;
     char            err[512];
-    int             rc, n_blocks, avail, per_seq;
+    int             rc, n_blocks, avail, per_seq, n_gpus = 1;
     static const int batches[] = { 1, 8, 32, 64, 128, 256 };
+    static const int ctxs[] = { 512, 8192, 32768 };
     static const int prompts[] = { 512, 2048 };
     double          t_create;
 
@@ -216,7 +358,7 @@ bench_model(const shape_t *sh)
     hp.n_experts = sh->experts;
     hp.top_k = sh->top_k;
     hp.vocab_size = sh->vocab;
-    hp.max_pos = 4096;
+    hp.max_pos = CTX_MAX + 64;
     hp.rope_theta = 1e6f;
     hp.norm_eps = 1e-5f;
     hp.bos_id = -1;
@@ -233,8 +375,10 @@ bench_model(const shape_t *sh)
            sh->experts, sh->top_k, sh->vocab, sh->note[0] ? "(" : "",
            sh->note, sh->note[0] ? ")" : "", wbytes / 1e9);
 
-    per_seq = (CTX + 16 + BS - 1) / BS + 1;
-    n_blocks = 256 * per_seq + CAP / BS + 8;
+    per_seq = (CTX_MAX + 16 + BS - 1) / BS + 1;
+    /* enough for 256 sequences at 512 or 64 at 8192 (the pool caps it
+     * below: then sequences share pages, still read from memory) */
+    n_blocks = 64 * ((8192 + 16 + BS - 1) / BS + 1) + CAP / BS + 8;
     rc = moe_cuda_kv_blocks_for_hp(&hp, BS, CAP, 0.92, 0, &avail, err,
                                    sizeof(err));
     if (rc != MOE_OK) {
@@ -242,20 +386,35 @@ bench_model(const shape_t *sh)
         printf("RESULT model=%s kind=skip\n", sh->name);
         return 0;
     }
+    if (opt_tp > 1) {
+        avail = n_blocks;       /* the ranks size their own pools */
+    }
     if (avail < n_blocks) {
         printf("  (KV pool %d blocks < %d wanted: sequences share pages)\n",
                avail, n_blocks);
         n_blocks = avail;
     }
     t_create = now_s();
-    rc = moe_cuda_backend_create_random(&hp, 42, n_blocks, BS, CAP, 0, &b,
-                                        err, sizeof(err));
+    if (opt_tp > 1) {
+        rc = bench_create_ranks(&hp, &n_blocks, &b, &n_gpus, err,
+                                sizeof(err));
+        if (rc == MOE_EUNSUPPORTED) {
+            printf("SKIP %s: %s\n", sh->name, err);
+            printf("RESULT model=%s kind=skip tp=%d ep=%d\n", sh->name,
+                   opt_tp, opt_ep);
+            return 0;
+        }
+    } else {
+        rc = moe_cuda_backend_create_random(&hp, 42, n_blocks, BS, CAP, 0,
+                                            &b, err, sizeof(err));
+    }
     if (rc != MOE_OK) {
         printf("FAIL %s: create: %s\n", sh->name, err);
         return -1;
     }
-    printf("  created in %.2f s (KV pool %d blocks of %d)\n",
-           now_s() - t_create, n_blocks, BS);
+    printf("  created in %.2f s (KV pool %d blocks of %d; tp %d%s on %d "
+           "GPU(s))\n", now_s() - t_create, n_blocks, BS, opt_tp,
+           opt_ep ? " expert parallel" : "", n_gpus);
 
     float   *logits = (float *) malloc(sizeof(float) * 256 * (size_t) V);
     int32_t *bt = (int32_t *) malloc(sizeof(int32_t) * 256 * per_seq);
@@ -270,13 +429,21 @@ bench_model(const shape_t *sh)
         tok[i] = (int32_t) ((i * 2654435761u) % (unsigned) sh->vocab);
     }
 
-    printf("  %-22s %10s %10s %10s %8s\n", "decode (ctx 512)", "tok/s",
+    for (size_t ci = 0; ci < sizeof(ctxs) / sizeof(ctxs[0]); ci++) {
+    int CTX = ctxs[ci];
+
+    if (!bench_wanted("BENCH_CTX", CTX)) {
+        continue;
+    }
+    printf("  decode (ctx %-5d)      %10s %10s %10s %8s\n", CTX, "tok/s",
            "ms/step", "limit ms", "of limit");
     for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++) {
         int    B = batches[bi], steps = 6;
         double t0, dt, ms[MOE_CUDA_N_STAGES];
 
-        if (!bench_wanted("BENCH_BATCHES", B)) {
+        if (!bench_wanted("BENCH_BATCHES", B)
+            || (CTX > 512 && B != 1 && B != 64))
+        {
             continue;
         }
 
@@ -304,13 +471,13 @@ bench_model(const shape_t *sh)
 
         /* experts hit in one step, and the stage split of 3 steps */
         memcpy(cnt0, b->expert_counts(b), sizeof(int64_t) * (size_t) (L * E));
-        moe_cuda_backend_profile(b, 1, NULL);
+        bench_profile(b, 1, NULL);
         for (int s = 0; s < 3; s++) {
             if ((rc = b->forward(b, sb, B)) != MOE_OK) {
                 goto fwd_fail;
             }
         }
-        moe_cuda_backend_profile(b, 0, ms);
+        bench_profile(b, 0, ms);
         {
             const int64_t *c1 = b->expert_counts(b);
             double         hit = 0;
@@ -324,16 +491,20 @@ bench_model(const shape_t *sh)
                            + hit * 3 * F * D * 2
                            + (E > 1 ? L * E * D * 4 : 0) + V * D * 2
                            + (double) B * (CTX + 1) * L * 2 * KVD * 2;
-            double lim = bytes / (copy_gbs * 1e9);
+            /* the ranks on n_gpus GPUs read these bytes in parallel */
+            double lim = bytes / (copy_gbs * 1e9 * n_gpus);
 
             printf("  batch %-16d %10.1f %10.2f %10.2f %7.0f%%\n", B, B / dt,
                    dt * 1e3, lim * 1e3, 100 * lim / dt);
             printf("RESULT model=%s kind=decode batch=%d tok_s=%.1f "
                    "ms_step=%.3f limit_ms=%.3f of_limit=%.3f "
-                   "experts_hit=%.0f\n", sh->name, B, B / dt, dt * 1e3,
-                   lim * 1e3, lim / dt, hit);
+                   "experts_hit=%.0f ctx=%d tp=%d ep=%d gpus=%d\n", sh->name,
+                   B, B / dt, dt * 1e3, lim * 1e3, lim / dt, hit, CTX,
+                   opt_tp, opt_ep, n_gpus);
             print_stages("", ms, 3);
+            print_comm(sh->name, "decode", B, ms, 3, sh->layers);
         }
+    }
     }
 
     printf("  %-22s %10s %10s %10s %8s\n", "prefill (1 sequence)", "tok/s",
@@ -366,11 +537,11 @@ bench_model(const shape_t *sh)
             }
         }
         dt = (now_s() - t0) / runs;
-        moe_cuda_backend_profile(b, 1, NULL);
+        bench_profile(b, 1, NULL);
         if ((rc = b->forward(b, sb, 1)) != MOE_OK) {
             goto fwd_fail;
         }
-        moe_cuda_backend_profile(b, 0, ms);
+        bench_profile(b, 0, ms);
 
         double flops = 2.0 * P * L * ((Q + 2 * KVD) * D + D * Q
                                       + K * 3 * F * D)
@@ -381,9 +552,11 @@ bench_model(const shape_t *sh)
         printf("  prompt %-15d %10.0f %10.2f %10.2f %7.0f%%\n", P, P / dt,
                dt * 1e3, lim * 1e3, 100 * lim / dt);
         printf("RESULT model=%s kind=prefill prompt=%d tok_s=%.1f ms=%.3f "
-               "limit_ms=%.3f of_limit=%.3f\n", sh->name, P, P / dt,
-               dt * 1e3, lim * 1e3, lim / dt);
+               "limit_ms=%.3f of_limit=%.3f tp=%d ep=%d gpus=%d\n",
+               sh->name, P, P / dt, dt * 1e3, lim * 1e3, lim / dt, opt_tp,
+               opt_ep, n_gpus);
         print_stages("", ms, 1);
+        print_comm(sh->name, "prefill", P, ms, 1, sh->layers);
     }
     rc = 0;
     goto done;
@@ -401,12 +574,373 @@ done:
 }
 
 
+/* ------------------------------ weight formats and long-context attention */
+
+/* Hash-random bytes (and mask): e4m3 with mask 0xf7 has no NaN code. */
+__global__ void
+k_bench_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t) gridDim.x * blockDim.x)
+    {
+        uint32_t h = (uint32_t) i * 2654435761u ^ seed;
+
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = (uint8_t) h & mask;
+    }
+}
+
+/* n fp16 values v (raw bits) */
+__global__ void
+k_bench_u16(uint16_t *p, size_t n, uint16_t v)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t) gridDim.x * blockDim.x)
+    {
+        p[i] = v;
+    }
+}
+
+
+/* ms per call of fn (after 2 warm-up calls), events on the null stream */
+template <typename Fn>
+static double
+bench_time(Fn fn, int iters)
+{
+    cudaEvent_t e0, e1;
+    float       ms = -1.0f;
+
+    for (int i = 0; i < 2; i++) {
+        if (fn() != 0) {
+            return -1.0;
+        }
+    }
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    cudaEventRecord(e0);
+    for (int i = 0; i < iters; i++) {
+        if (fn() != 0) {
+            return -1.0;
+        }
+    }
+    cudaEventRecord(e1);
+    if (cudaEventSynchronize(e1) != cudaSuccess) {
+        return -1.0;
+    }
+    cudaEventElapsedTime(&ms, e0, e1);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return (double) ms / iters;
+}
+
+
+/*
+ * Part 3: one MoE layer's expert GEMVs (mixtral-8x7b: D 4096, F 14336,
+ * 8 experts) per weight format at batch 1 (2 rows: experts 0 and 1) and
+ * 64 (128 rows, 16 per expert): gate|up (N 2F, K D), SwiGLU, down (N D,
+ * K F).  bf16: moe_cuda_gemv (SwiGLU fused); the others: the quantized
+ * GEMV, moe_cuda_silu_mul, the quantized GEMV.
+ */
+static int
+bench_quant(void)
+{
+    const int    D = 4096, F = 14336, E = 8, G = 128;
+    const size_t w13 = (size_t) 2 * F * D, w2 = (size_t) D * F;
+    const size_t nw = (size_t) E * (w13 + w2);  /* weights per layer */
+    static const char *fmts[4] = { "bf16", "fp8", "awq", "gptq" };
+    static const int   batches[2] = { 1, 64 };
+    uint8_t  *wbuf, *sbuf, *zbuf;
+    int32_t  *offs, *xrow, hoffs[9], hxrow[128];
+    moe_bf16_t *x, *h;
+    float    *y, *gu;
+    int       rc = 0;
+
+    if (cudaMalloc(&wbuf, nw * 2) != cudaSuccess          /* bf16 size */
+        || cudaMalloc(&sbuf, (size_t) E * (2 * F + D) * (D / G + F / G) * 2
+                             + (size_t) E * (2 * F + D) * 4) != cudaSuccess
+        || cudaMalloc(&zbuf, (size_t) E * (2 * F + D) * (D / G + F / G) / 2)
+           != cudaSuccess
+        || cudaMalloc(&x, (size_t) 128 * F * 2) != cudaSuccess
+        || cudaMalloc(&h, (size_t) 128 * F * 2) != cudaSuccess
+        || cudaMalloc(&y, (size_t) 128 * 2 * F * 4) != cudaSuccess
+        || cudaMalloc(&gu, (size_t) 128 * 2 * F * 4) != cudaSuccess
+        || cudaMalloc(&offs, 9 * 4) != cudaSuccess
+        || cudaMalloc(&xrow, 128 * 4) != cudaSuccess)
+    {
+        printf("FAIL quant bench: cudaMalloc\n");
+        return -1;
+    }
+    moe_cuda_fill_random_bf16(x, (int64_t) 128 * F, 5, 1.0f, 0);
+    moe_cuda_fill_random_bf16(h, (int64_t) 128 * F, 6, 1.0f, 0);
+    printf("\n== weight formats: one mixtral-8x7b MoE layer's expert GEMVs "
+           "(gate|up, SwiGLU, down)\n");
+    printf("  %-22s %10s %10s %8s %10s\n", "format / batch", "ms/layer",
+           "limit ms", "of limit", "GB read");
+    for (int f = 0; f < 4; f++) {
+        size_t bpw2 = f == 0 ? 4 : f == 1 ? 2 : 1;  /* bytes per weight x2 */
+
+        /* weights: bf16 random; fp8 NaN-free bytes; 4-bit any bits */
+        if (f == 0) {
+            moe_cuda_fill_random_bf16((moe_bf16_t *) wbuf, (int64_t) nw, 7,
+                                      0.02f, 0);
+        } else {
+            k_bench_bytes<<<4096, 256>>>(wbuf, nw * bpw2 / 2, 7u,
+                                         f == 1 ? 0xf7 : 0xff);
+        }
+        /* scales: fp8 per-channel fp32 1/448-ish; 4-bit fp16 0.01;
+         * zeros: any nibbles */
+        if (f == 1) {
+            moe_cuda_fill_random_f32((float *) sbuf, (int64_t) E * 2 * F, 8,
+                                     1e-4f, 2e-3f, 0);
+        } else if (f > 1) {
+            k_bench_u16<<<1024, 256>>>((uint16_t *) sbuf,
+                                       (size_t) E * 2 * F * (F / G),
+                                       0x211f);
+            k_bench_bytes<<<1024, 256>>>(zbuf, (size_t) E * 2 * F * (F / G)
+                                               / 2, 9u, 0xff);
+        }
+        for (int bi = 0; bi < 2; bi++) {
+            int    B = batches[bi], n = 2 * B, hit = B == 1 ? 2 : E;
+            double ms, bytes, lim;
+
+            for (int e = 0; e <= E; e++) {
+                hoffs[e] = B == 1 ? (e == 0 ? 0 : e == 1 ? 1 : 2)
+                                  : e * n / E;
+            }
+            for (int r = 0; r < n; r++) {
+                hxrow[r] = r;                   /* xdiv 2: token r / 2 */
+            }
+            cudaMemcpy(offs, hoffs, sizeof(hoffs), cudaMemcpyHostToDevice);
+            cudaMemcpy(xrow, hxrow, sizeof(hxrow), cudaMemcpyHostToDevice);
+
+            auto run = [&]() -> int {
+                if (f == 0) {
+                    const moe_bf16_t *W = (const moe_bf16_t *) wbuf;
+
+                    if (moe_cuda_gemv(x, D, xrow, 2, W, F, D, offs, E, n,
+                                      B == 1 ? 1 : 16, 1, NULL, h, F, NULL,
+                                      0) != 0)
+                    {
+                        return -1;
+                    }
+                    return moe_cuda_gemv(h, F, NULL, 1, W + E * w13, D, F,
+                                         offs, E, n, B == 1 ? 1 : 16, 0, y,
+                                         NULL, D, NULL, 0);
+                }
+                if (f == 1) {
+                    const float *sc = (const float *) sbuf;
+
+                    if (moe_cuda_qgemv_fp8(x, D, xrow, 2, wbuf, sc,
+                                           MOE_K_FP8_CHANNEL, 0, 2 * F, D,
+                                           offs, E, n, gu, 2 * F, 0) != 0
+                        || moe_cuda_silu_mul(gu, n, F, h, 0) != 0)
+                    {
+                        return -1;
+                    }
+                    return moe_cuda_qgemv_fp8(h, F, NULL, 1,
+                                              wbuf + E * w13, sc,
+                                              MOE_K_FP8_CHANNEL, 0, D, F,
+                                              offs, E, n, y, D, 0);
+                }
+                int             fmt = f == 2 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
+                const int32_t  *qw = (const int32_t *) wbuf;
+                const int32_t  *qz = (const int32_t *) zbuf;
+                const uint16_t *sc = (const uint16_t *) sbuf;
+
+                if (moe_cuda_qgemv_q4(fmt, x, D, xrow, 2, qw, qz, sc, NULL,
+                                      G, 1, 2 * F, D, offs, E, n, gu, 2 * F,
+                                      0) != 0
+                    || moe_cuda_silu_mul(gu, n, F, h, 0) != 0)
+                {
+                    return -1;
+                }
+                return moe_cuda_qgemv_q4(fmt, h, F, NULL, 1,
+                                         qw + E * w13 / 8, qz, sc, NULL, G,
+                                         1, D, F, offs, E, n, y, D, 0);
+            };
+            ms = bench_time(run, 20);
+            if (ms < 0) {
+                printf("FAIL quant bench %s batch %d: %s\n", fmts[f], B,
+                       moe_cuda_last_error());
+                rc = -1;
+                continue;
+            }
+            /* weights of the experts hit + their scales (+ zeros) */
+            bytes = (double) hit * (w13 + w2) * bpw2 / 2;
+            if (f == 1) {
+                bytes += (double) hit * (2 * F + D) * 4;
+            } else if (f > 1) {
+                bytes += (double) hit * (w13 + w2) / G * (2 + 0.5);
+            }
+            lim = bytes / (copy_gbs * 1e9) * 1e3;
+            printf("  %-6s batch %-9d %10.3f %10.3f %7.0f%% %10.3f\n",
+                   fmts[f], B, ms, lim, 100 * lim / ms, bytes / 1e9);
+            printf("RESULT kind=quant_experts format=%s batch=%d "
+                   "ms_layer=%.4f limit_ms=%.4f of_limit=%.3f\n", fmts[f], B,
+                   ms, lim, lim / ms);
+        }
+    }
+    cudaFree(wbuf);
+    cudaFree(sbuf);
+    cudaFree(zbuf);
+    cudaFree(x);
+    cudaFree(h);
+    cudaFree(y);
+    cudaFree(gu);
+    cudaFree(offs);
+    cudaFree(xrow);
+    return rc;
+}
+
+
+/*
+ * Part 4: decode attention of one layer (32 q heads, 8 kv heads, head_dim
+ * 128), every sequence its own pages (16 tokens each).
+ */
+static int
+bench_attention(void)
+{
+    const int    NH = 32, NKV = 8, HD = 128, LDQ = (NH + 2 * NKV) * HD;
+    static const int ctxs[3] = { 512, 8192, 32768 };
+    static const int batches[2] = { 1, 64 };
+    const size_t tok_bytes = (size_t) 2 * NKV * HD * 2;      /* bf16 K+V */
+    size_t       kv_bytes = (size_t) 64 * 32768 * tok_bytes;
+    uint8_t     *kv;
+    float       *q, *part;
+    moe_bf16_t  *out;
+    int32_t     *pos, *seq, *bt, *off;
+    int          rc = 0;
+    int64_t      wsf = moe_cuda_attention_ws_floats(NH, NKV, HD);
+
+    if (cudaMalloc(&kv, kv_bytes) != cudaSuccess
+        || cudaMalloc(&q, (size_t) 64 * LDQ * 4) != cudaSuccess
+        || cudaMalloc(&out, (size_t) 64 * NH * HD * 2) != cudaSuccess
+        || cudaMalloc(&part, (size_t) wsf * 4) != cudaSuccess
+        || cudaMalloc(&pos, 64 * 4) != cudaSuccess
+        || cudaMalloc(&seq, 64 * 4) != cudaSuccess
+        || cudaMalloc(&off, 64 * 4) != cudaSuccess
+        || cudaMalloc(&bt, (size_t) 64 * (32768 / BS) * 4) != cudaSuccess)
+    {
+        printf("SKIP attention bench: cudaMalloc of %.1f GB\n",
+               kv_bytes / 1e9);
+        return 0;
+    }
+    moe_cuda_fill_random_f32(q, (int64_t) 64 * LDQ, 11, 1.0f, 0.0f, 0);
+    moe_cuda_attention_ws_init(part, 0);
+    printf("\n== decode attention, one layer (32/8 heads, head_dim 128)\n");
+    printf("  %-34s %10s %10s %8s\n", "ctx / batch / cache / grid", "ms",
+           "limit ms", "of limit");
+    for (int kvf = 0; kvf < 2; kvf++) {
+        if (kvf == 0) {
+            moe_cuda_fill_random_bf16((moe_bf16_t *) kv,
+                                      (int64_t) (kv_bytes / 2), 12, 1.0f, 0);
+        } else {
+            k_bench_bytes<<<4096, 256>>>(kv, kv_bytes / 2, 13u, 0xb7);
+        }
+        for (int ci = 0; ci < 3; ci++) {
+            for (int bi = 0; bi < 2; bi++) {
+                int     ctx = ctxs[ci], B = batches[bi];
+                int     per = (ctx + BS - 1) / BS;
+                int32_t hp[64], hs[64], ho[64];
+                int32_t *hbt = (int32_t *) malloc((size_t) B * per * 4);
+
+                if (!bench_wanted("BENCH_CTX", ctx)) {
+                    free(hbt);
+                    continue;
+                }
+                for (int i = 0; i < B; i++) {
+                    hp[i] = ctx - 1;
+                    hs[i] = i;
+                    ho[i] = i * per;
+                }
+                for (int i = 0; i < B * per; i++) {
+                    hbt[i] = i;                 /* distinct pages */
+                }
+                cudaMemcpy(pos, hp, (size_t) B * 4, cudaMemcpyHostToDevice);
+                cudaMemcpy(seq, hs, (size_t) B * 4, cudaMemcpyHostToDevice);
+                cudaMemcpy(off, ho, (size_t) B * 4, cudaMemcpyHostToDevice);
+                cudaMemcpy(bt, hbt, (size_t) B * per * 4,
+                           cudaMemcpyHostToDevice);
+                free(hbt);
+                for (int grid = 0; grid < 2; grid++) {
+                    moe_cuda_att_kv_t o = { kvf, 1.0f, 1.0f,
+                                            grid ? ctx : 0 };
+                    double ms, lim;
+
+                    ms = bench_time([&]() -> int {
+                        return moe_cuda_attention_ex(q, LDQ, B, pos, seq, bt,
+                                                     off, kv, BS, NH, NKV,
+                                                     HD, 0, out, part, &o,
+                                                     NULL, 0);
+                    }, 20);
+                    if (ms < 0) {
+                        printf("FAIL attention bench: %s\n",
+                               moe_cuda_last_error());
+                        rc = -1;
+                        continue;
+                    }
+                    lim = (double) B * ctx * tok_bytes / (kvf ? 2 : 1)
+                          / (copy_gbs * 1e9) * 1e3;
+                    printf("  ctx %-6d batch %-3d %-4s %-9s %10.4f %10.4f "
+                           "%7.0f%%\n", ctx, B, kvf ? "fp8" : "bf16",
+                           grid ? "long" : "default", ms, lim,
+                           100 * lim / ms);
+                    printf("RESULT kind=attention ctx=%d batch=%d kv=%s "
+                           "grid=%s ms=%.4f limit_ms=%.4f of_limit=%.3f\n",
+                           ctx, B, kvf ? "fp8" : "bf16",
+                           grid ? "long" : "default", ms, lim, lim / ms);
+                }
+            }
+        }
+    }
+    cudaFree(kv);
+    cudaFree(q);
+    cudaFree(out);
+    cudaFree(part);
+    cudaFree(pos);
+    cudaFree(seq);
+    cudaFree(off);
+    cudaFree(bt);
+    return rc;
+}
+
+
 int
 main(int argc, char **argv)
 {
-    const char *want = argc > 1 ? argv[1] : NULL;
+    const char *want = NULL;
     int         fails = 0, ndev = moe_cuda_device_count();
     double      t0 = now_s();
+
+    if (getenv("BENCH_TP") != NULL) {
+        opt_tp = atoi(getenv("BENCH_TP"));
+    }
+    if (getenv("BENCH_EP") != NULL) {
+        opt_ep = atoi(getenv("BENCH_EP")) != 0;
+    }
+    if (getenv("BENCH_NCCL") != NULL) {
+        opt_nccl = getenv("BENCH_NCCL");
+    }
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--tp") == 0 && i + 1 < argc) {
+            opt_tp = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--ep") == 0) {
+            opt_ep = 1;
+        } else if (strcmp(argv[i], "--nccl") == 0 && i + 1 < argc) {
+            opt_nccl = argv[++i];
+        } else {
+            want = argv[i];
+        }
+    }
+    if (opt_tp < 1 || opt_tp > 64) {
+        printf("FAIL --tp %d: 1..64\n", opt_tp);
+        return 2;
+    }
+    printf("tensor parallel %d%s, nccl %s (this build: %s)\n", opt_tp,
+           opt_ep ? ", expert parallel" : "", opt_nccl,
+           moe_cuda_nccl_available() ? "with NCCL" : "without NCCL");
 
     if (ndev == 0) {
         printf("SKIP no CUDA device\n");
@@ -428,6 +962,12 @@ main(int argc, char **argv)
             continue;
         }
         fails += bench_model(&shapes[i]) != 0;
+    }
+    if (bench_wanted("BENCH_QUANT", 1)) {
+        fails += bench_quant() != 0;
+    }
+    if (bench_wanted("BENCH_ATT", 1)) {
+        fails += bench_attention() != 0;
     }
     printf("\nbench total %.1f s, %d failure(s)\n", now_s() - t0, fails);
     return fails ? 1 : 0;

@@ -43,6 +43,8 @@
 
 #include "common.cuh"
 #include "ptx.cuh"
+#include <cuda_fp8.h>
+#include <cuda_fp16.h>
 #include "attention.h"
 
 /* kernel_attention_prefill_simt */
@@ -63,6 +65,38 @@
 #define ATT_TC_MIN_T   64           /* fewest tokens sent to the kernel */
 
 typedef __nv_bfloat16 bf16;
+typedef uint8_t       fp8;          /* e4m3 cache element (fp8 KV cache) */
+
+
+/* 8 cache elements (16 bytes bf16, 8 bytes e4m3) at p to fp32, exact. */
+template <typename KV>
+__device__ __forceinline__ void
+att_ld8(const KV *p, float (&f)[8])
+{
+    if constexpr (sizeof(KV) == 1) {
+        uint2 raw = *reinterpret_cast<const uint2 *>(p);
+        const uint32_t w[2] = { raw.x, raw.y };
+
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(
+                (__nv_fp8x2_storage_t) (w[i >> 1] >> (16 * (i & 1))),
+                __NV_E4M3);
+            float2 v = __half22float2(*reinterpret_cast<__half2 *>(&r));
+
+            f[2 * i] = v.x;
+            f[2 * i + 1] = v.y;
+        }
+    } else {
+        uint4       raw = *reinterpret_cast<const uint4 *>(p);
+        const bf16 *b = reinterpret_cast<const bf16 *>(&raw);
+
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            f[i] = moe_bf2f(b[i]);
+        }
+    }
+}
 
 static_assert(ATT_WARPS * 32 == ATT_TC_BM, "simt skip test: a thread a row");
 
@@ -82,12 +116,12 @@ att_tc_runs(const int32_t *tok_seq, int T, int tile)
 }
 
 
-template <int G, int HDP>
+template <int G, int HDP, typename KV>
 __global__ void __launch_bounds__(ATT_WARPS * 32)
 kernel_attention_prefill_simt(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
-    const bf16 *kv_layer, int block_size, int n_heads, int n_kv, int hd,
-    int window, bf16 *out, float *part, int tc)
+    const KV *kv_layer, int block_size, int n_heads, int n_kv, int hd,
+    int window, bf16 *out, float *part, float ksc, float vsc, int tc)
 {
     constexpr int LPR = HDP / 8;          /* lanes per V row */
 
@@ -113,7 +147,7 @@ kernel_attention_prefill_simt(const float *qkv, int ld, const int32_t *tok_pos,
     bool  dval = d0 < hd;
     int   p = tok_pos[t], j0 = 0;
     int   kvd = n_kv * hd;
-    float scale = 1.0f / sqrtf((float) hd);
+    float scale = ksc / sqrtf((float) hd);
     const int32_t *table = bt + bt_off[tok_seq[t]];
 
     if (window > 0 && p - window + 1 > 0) {
@@ -157,22 +191,16 @@ kernel_attention_prefill_simt(const float *qkv, int ld, const int32_t *tok_pos,
             s[h] = 0.0f;
         }
         if (valid) {
-            const bf16 *kp =
+            const KV *kp =
                 kv_layer + ((size_t) table[j / block_size] * 2 * block_size
                             + j % block_size) * kvd + (size_t) g * hd;
 
 #pragma unroll 8
             for (int d = 0; d < HDP; d += 8) {
                 if (d < hd) {
-                    uint4       raw = *reinterpret_cast<const uint4 *>(
-                                          kp + d);
-                    const bf16 *kb = reinterpret_cast<const bf16 *>(&raw);
-                    float       kf[8];
+                    float kf[8];
 
-#pragma unroll
-                    for (int e = 0; e < 8; e++) {
-                        kf[e] = moe_bf2f(kb[e]);
-                    }
+                    att_ld8<KV>(kp + d, kf);
 #pragma unroll
                     for (int h = 0; h < G; h++) {
 #pragma unroll
@@ -209,20 +237,18 @@ kernel_attention_prefill_simt(const float *qkv, int ld, const int32_t *tok_pos,
                 pj[h] = __shfl_sync(0xffffffffu, pr[h], jj);
             }
             if (jp <= p && dval) {
-                const bf16 *vp =
+                const KV *vp =
                     kv_layer + (((size_t) table[jp / block_size] * 2 + 1)
                                 * block_size + jp % block_size) * kvd
                     + (size_t) g * hd + d0;
-                uint4       raw = *reinterpret_cast<const uint4 *>(vp);
-                const bf16 *vb = reinterpret_cast<const bf16 *>(&raw);
+                float     vf[8];
 
+                att_ld8<KV>(vp, vf);
 #pragma unroll
                 for (int e = 0; e < 8; e++) {
-                    float vf = moe_bf2f(vb[e]);
-
 #pragma unroll
                     for (int h = 0; h < G; h++) {
-                        acc[h][e] += pj[h] * vf;
+                        acc[h][e] += pj[h] * vf[e];
                     }
                 }
             }
@@ -274,6 +300,7 @@ kernel_attention_prefill_simt(const float *qkv, int ld, const int32_t *tok_pos,
                 o += a_s[w][h][d] * f;
             }
         }
+        o *= vsc;                           /* the V scale (fp8 cache) */
         if (ns == 1) {
             out[(size_t) t * n_heads * hd + (size_t) (g * grp + h) * hd + d] =
                 moe_f2bf(o / L);
@@ -307,9 +334,9 @@ struct att_shape {
  * buf (element e = tid + r * ATT_NT: K rows first, then V rows; chunk c of
  * row `row`).  Rows past nv and chunks past hd are not loaded.
  */
-template <int HDP>
+template <int HDP, typename KV>
 __device__ __forceinline__ void
-att_load_tile(uint4 (&buf)[att_shape<HDP>::LPT], const bf16 *kvg,
+att_load_tile(uint4 (&buf)[att_shape<HDP>::LPT], const KV *kvg,
     const int32_t *table, int block_size, int kvd, int hd, int jt, int nv)
 {
     typedef att_shape<HDP> S;
@@ -324,16 +351,23 @@ att_load_tile(uint4 (&buf)[att_shape<HDP>::LPT], const bf16 *kvg,
             int j = jt + row;
             int blk = table[j / block_size];
 
-            buf[r] = __ldg(reinterpret_cast<const uint4 *>(
-                         kvg + (((size_t) blk * 2 + sel) * block_size
-                                + j % block_size) * kvd + c * 8));
+            const KV *src = kvg + (((size_t) blk * 2 + sel) * block_size
+                                   + j % block_size) * kvd + c * 8;
+
+            if constexpr (sizeof(KV) == 1) {    /* 8 e4m3: 8 bytes */
+                uint2 v = __ldg(reinterpret_cast<const uint2 *>(src));
+
+                buf[r] = make_uint4(v.x, v.y, 0u, 0u);
+            } else {
+                buf[r] = __ldg(reinterpret_cast<const uint4 *>(src));
+            }
         }
     }
 }
 
 
 /* Store what att_load_tile loaded into kv_s[sel][row][chunk]. */
-template <int HDP>
+template <int HDP, typename KV>
 __device__ __forceinline__ void
 att_store_tile(const uint4 (&buf)[att_shape<HDP>::LPT],
     bf16 (*kv_s)[att_shape<HDP>::KT][att_shape<HDP>::ROW], int hd, int nv)
@@ -347,7 +381,21 @@ att_store_tile(const uint4 (&buf)[att_shape<HDP>::LPT],
         int row = rem / S::CPR, c = rem % S::CPR;
 
         if (row < nv && c * 8 < hd) {
-            *reinterpret_cast<uint4 *>(&kv_s[sel][row][c * 8]) = buf[r];
+            uint4 v = buf[r];
+
+            if constexpr (sizeof(KV) == 1) {    /* e4m3 -> bf16, exact */
+                float f[8];
+                uint4 o;
+                __nv_bfloat162 *o2 = reinterpret_cast<__nv_bfloat162 *>(&o);
+
+                att_ld8<fp8>(reinterpret_cast<const fp8 *>(&v), f);
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    o2[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+                }
+                v = o;
+            }
+            *reinterpret_cast<uint4 *>(&kv_s[sel][row][c * 8]) = v;
         }
     }
 }
@@ -359,12 +407,12 @@ att_store_tile(const uint4 (&buf)[att_shape<HDP>::LPT],
  * ATT_MAX_REC records of (m[grp], l[grp]), then ATT_MAX_REC records of
  * acc[grp][hd]; record of (pair, split) = pair * nsg + split.
  */
-template <int G, int HDP>
+template <int G, int HDP, typename KV>
 __global__ void __launch_bounds__(ATT_NT)
 kernel_attention_decode_split(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
-    const bf16 *kv_layer, int block_size, int n_heads, int n_kv, int hd,
-    int window, bf16 *out, float *part)
+    const KV *kv_layer, int block_size, int n_heads, int n_kv, int hd,
+    int window, bf16 *out, float *part, float ksc, float vsc, int tc)
 {
     typedef att_shape<HDP> S;
     constexpr int KT = S::KT, CPR = S::CPR, KG = S::KG;
@@ -403,15 +451,16 @@ kernel_attention_decode_split(const float *qkv, int ld, const int32_t *tok_pos,
     const int      ks = j0 + split * per;
     const int      ke = min(ks + per, p + 1);
     const int32_t *table = bt + bt_off[tok_seq[t]];
-    const bf16    *kvg = kv_layer + (size_t) g * hd;
-    const float    scale = 1.0f / sqrtf((float) hd);
+    const KV      *kvg = kv_layer + (size_t) g * hd;
+    const float    scale = ksc / sqrtf((float) hd);
     uint4          buf[S::LPT];
 
 #pragma unroll
     for (int r = 0; r < S::LPT; r++) {
         buf[r] = make_uint4(0u, 0u, 0u, 0u);
     }
-    att_load_tile<HDP>(buf, kvg, table, block_size, kvd, hd, ks,
+    (void) tc;
+    att_load_tile<HDP, KV>(buf, kvg, table, block_size, kvd, hd, ks,
                        min(KT, ke - ks));
     {
         const float *qrow = qkv + (size_t) t * ld + (size_t) g * grp * hd;
@@ -450,9 +499,9 @@ kernel_attention_decode_split(const float *qkv, int ld, const int32_t *tok_pos,
         int nv = min(KT, ke - jt);
 
         __syncthreads();                    /* last tile's readers done */
-        att_store_tile<HDP>(buf, kv_s, hd, nv);
+        att_store_tile<HDP, KV>(buf, kv_s, hd, nv);
         if (jt + KT < ke) {                 /* next tile in flight */
-            att_load_tile<HDP>(buf, kvg, table, block_size, kvd, hd,
+            att_load_tile<HDP, KV>(buf, kvg, table, block_size, kvd, hd,
                                jt + KT, min(KT, ke - jt - KT));
         }
         __syncthreads();
@@ -558,7 +607,15 @@ kernel_attention_decode_split(const float *qkv, int ld, const int32_t *tok_pos,
         }
     }
 
-    /* the block's state: m, l per head; acc summed over the key groups */
+    /* the block's state: m, l per head; acc summed over the key groups
+     * (times the V scale of an fp8 cache: linear, so the merge holds) */
+#pragma unroll
+    for (int h = 0; h < G; h++) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            acc[h][e] *= vsc;
+        }
+    }
 #pragma unroll
     for (int hh = 0; hh < HPW; hh++) {
         int h = warp + NW * hh;
@@ -1117,24 +1174,24 @@ att_split_count(int pairs, int bps)
 
 
 /* Launch the decode kernel (split) or the SIMT prefill kernel for G. */
-template <int G>
+template <int G, typename KV>
 static void
 att_launch_g(int split, int tc, int hdp, dim3 grid, cudaStream_t stream,
     const float *qkv, int ld, const int32_t *tok_pos, const int32_t *tok_seq,
-    const int32_t *bt, const int32_t *bt_off, const bf16 *kv,
+    const int32_t *bt, const int32_t *bt_off, const KV *kv,
     int block_size, int n_heads, int n_kv, int hd, int window, bf16 *out,
-    float *part)
+    float *part, float ksc, float vsc)
 {
 #define ATT_ARGS qkv, ld, tok_pos, tok_seq, bt, bt_off, kv, block_size,       \
-                 n_heads, n_kv, hd, window, out, part
+                 n_heads, n_kv, hd, window, out, part, ksc, vsc, tc
 #define ATT_L(H)                                                              \
     do {                                                                      \
         if (split) {                                                          \
-            kernel_attention_decode_split<G, H><<<grid, ATT_NT, 0, stream>>>( \
-                ATT_ARGS);                                                    \
+            kernel_attention_decode_split<G, H, KV>                           \
+                <<<grid, ATT_NT, 0, stream>>>(ATT_ARGS);                      \
         } else {                                                              \
-            kernel_attention_prefill_simt<G, H>                               \
-                <<<grid, ATT_WARPS * 32, 0, stream>>>(ATT_ARGS, tc);          \
+            kernel_attention_prefill_simt<G, H, KV>                           \
+                <<<grid, ATT_WARPS * 32, 0, stream>>>(ATT_ARGS);              \
         }                                                                     \
     } while (0)
     switch (hdp) {
@@ -1150,18 +1207,22 @@ att_launch_g(int split, int tc, int hdp, dim3 grid, cudaStream_t stream,
 }
 
 
-extern "C" int
-moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
+/*
+ * The shared body of the launchers: kv is the bf16 or the e4m3 cache
+ * (KV); the tensor-core prefill kernel reads bf16 only, so an fp8 cache
+ * takes the SIMT kernel for the whole prefill.
+ */
+template <typename KV>
+static int
+att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
-    const moe_bf16_t *kv_layer, int block_size, int n_heads, int n_kv,
-    int hd, int window, moe_bf16_t *out, float *part,
+    const KV *kv, int block_size, int n_heads, int n_kv, int hd, int window,
+    bf16 *o, float *part, float ksc, float vsc, int max_ctx,
     const moe_cuda_tuning_t *tune, cudaStream_t stream)
 {
     static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
-    const bf16 *kv = reinterpret_cast<const bf16 *>(kv_layer);
-    bf16       *o = reinterpret_cast<bf16 *>(out);
     float      *p4 = part != NULL ? part + ATT_CNT_FLOATS : NULL;
-    int         grp, hdp, ns = 1, split, tc = 0;
+    int         grp, hdp, ns = 1, split, tc = 0, bps;
     int64_t     pairs;
     dim3        grid;
 
@@ -1182,30 +1243,37 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
     pairs = (int64_t) T * n_kv;
     split = pairs <= ATT_MAX_PAIRS;
     if (split && part != NULL) {
-        ns = att_split_count((int) pairs, tune->att_split_bps > 0
-                                          ? tune->att_split_bps : 1);
+        /* long contexts (the caller's bound on this step's context
+         * lengths): the record's att_long_bps blocks per SM instead of
+         * att_split_bps (kernels/TUNING.md) */
+        bps = max_ctx > 0 && tune->att_long_ctx > 0
+              && max_ctx >= tune->att_long_ctx && tune->att_long_bps > 0
+              ? tune->att_long_bps : tune->att_split_bps;
+        ns = att_split_count((int) pairs, bps > 0 ? bps : 1);
     }
     /* prefill: tensor cores for the row tiles of few sequences, then the
      * SIMT kernel for the tokens of the tiles it refused (if any) */
-    if (!split && T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)) {
-        int rc = hd == 64
-                 ? att_tc_launch<64>(T, qkv, ld, tok_pos, tok_seq, bt,
-                                     bt_off, kv, block_size, n_heads, n_kv,
-                                     window, o, stream)
-                 : att_tc_launch<128>(T, qkv, ld, tok_pos, tok_seq, bt,
-                                      bt_off, kv, block_size, n_heads, n_kv,
-                                      window, o, stream);
+    if constexpr (sizeof(KV) == 2) {
+        if (!split && T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)) {
+            int rc = hd == 64
+                     ? att_tc_launch<64>(T, qkv, ld, tok_pos, tok_seq, bt,
+                                         bt_off, kv, block_size, n_heads,
+                                         n_kv, window, o, stream)
+                     : att_tc_launch<128>(T, qkv, ld, tok_pos, tok_seq, bt,
+                                          bt_off, kv, block_size, n_heads,
+                                          n_kv, window, o, stream);
 
-        if (rc != MOE_K_OK) {
-            return rc;
+            if (rc != MOE_K_OK) {
+                return rc;
+            }
+            tc = 1;
         }
-        tc = 1;
     }
     grid = dim3((unsigned) pairs, (unsigned) ns);
-#define ATT_G(G) att_launch_g<G>(split, tc, hdp, grid, stream, qkv, ld,      \
-                                 tok_pos, tok_seq, bt, bt_off, kv, block_size, \
-                                 n_heads, n_kv, hd, window, o,                 \
-                                 split ? part : p4)
+#define ATT_G(G) att_launch_g<G, KV>(split, tc, hdp, grid, stream, qkv, ld,  \
+                                     tok_pos, tok_seq, bt, bt_off, kv,        \
+                                     block_size, n_heads, n_kv, hd, window,   \
+                                     o, split ? part : p4, ksc, vsc)
     if (grp == 1) {
         ATT_G(1);
     } else if (grp == 2) {
@@ -1219,4 +1287,50 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
     MOE_CUDA_CHECK_LAUNCH(split ? "kernel_attention_decode_split"
                                 : "kernel_attention_prefill_simt");
     return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const moe_bf16_t *kv_layer, int block_size, int n_heads, int n_kv,
+    int hd, int window, moe_bf16_t *out, float *part,
+    const moe_cuda_tuning_t *tune, cudaStream_t stream)
+{
+    return att_run<bf16>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
+                         reinterpret_cast<const bf16 *>(kv_layer),
+                         block_size, n_heads, n_kv, hd, window,
+                         reinterpret_cast<bf16 *>(out), part, 1.0f, 1.0f, 0,
+                         tune, stream);
+}
+
+
+extern "C" int
+moe_cuda_attention_ex(const float *qkv, int ld, int T,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const void *kv_layer, int block_size,
+    int n_heads, int n_kv, int hd, int window, moe_bf16_t *out, float *part,
+    const moe_cuda_att_kv_t *kvo, const moe_cuda_tuning_t *tune,
+    cudaStream_t stream)
+{
+    bf16 *o = reinterpret_cast<bf16 *>(out);
+    int   max_ctx = kvo != NULL ? kvo->max_ctx : 0;
+
+    if (kvo != NULL && kvo->fp8) {
+        if (!(kvo->k_scale > 0.0f) || !(kvo->v_scale > 0.0f)) {
+            moe_cuda_set_error("attention: fp8 KV scales must be > 0 "
+                               "(k %g, v %g)", (double) kvo->k_scale,
+                               (double) kvo->v_scale);
+            return MOE_K_EINVAL;
+        }
+        return att_run<fp8>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
+                            reinterpret_cast<const fp8 *>(kv_layer),
+                            block_size, n_heads, n_kv, hd, window, o, part,
+                            kvo->k_scale, kvo->v_scale, max_ctx, tune,
+                            stream);
+    }
+    return att_run<bf16>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
+                         reinterpret_cast<const bf16 *>(kv_layer),
+                         block_size, n_heads, n_kv, hd, window, o, part,
+                         1.0f, 1.0f, max_ctx, tune, stream);
 }

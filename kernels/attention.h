@@ -37,6 +37,41 @@ int moe_cuda_attention(const float *qkv, int ld, int T,
     int n_heads, int n_kv, int hd, int window, moe_bf16_t *out,
     float *part, const moe_cuda_tuning_t *tune, cudaStream_t stream);
 
+/* ------------------------------------- fp8 KV cache, long contexts */
+
+/*
+ * Options of moe_cuda_attention_ex (NULL: a bf16 cache, no context bound):
+ * fp8 0: kv_layer is the bf16 cache above; 1: the same layout with e4m3
+ * elements (1 byte each), element = value / scale (per-tensor: k_scale
+ * for K, v_scale for V, both > 0; kernels/fp8.h rounds as the device
+ * does).  max_ctx: an upper bound of the context length (tok_pos + 1) of
+ * every token of the step, or 0 if unknown; with max_ctx >=
+ * tune->att_long_ctx the decode kernel's grid takes att_long_bps blocks
+ * per SM instead of att_split_bps (the split-K grid for long contexts;
+ * any value stays correct, so a graph captured with one bound replays
+ * correctly with another).
+ */
+typedef struct {
+    int   fp8;
+    float k_scale, v_scale;
+    int   max_ctx;
+} moe_cuda_att_kv_t;
+
+/*
+ * moe_cuda_attention with a bf16 or an fp8 cache (kvo above).  With an
+ * fp8 cache, prefill tokens take the SIMT kernel (the tensor-core prefill
+ * kernel reads bf16 only); decode the key-split kernel, converting each
+ * e4m3 tile to bf16 in shared memory (exact), the K scale folded into q
+ * and the V scale into the output.  Same limits and workspace.
+ * MOE_K_EINVAL for scales <= 0.
+ */
+int moe_cuda_attention_ex(const float *qkv, int ld, int T,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const void *kv_layer, int block_size,
+    int n_heads, int n_kv, int hd, int window, moe_bf16_t *out, float *part,
+    const moe_cuda_att_kv_t *kvo, const moe_cuda_tuning_t *tune,
+    cudaStream_t stream);
+
 /* Floats of the `part` workspace moe_cuda_attention needs (any T). */
 int64_t moe_cuda_attention_ws_floats(int n_heads, int n_kv, int hd);
 

@@ -4,8 +4,9 @@
 #
 #   make gpu        build/libmoe_kernels.a + build/gpu/test_kernels,
 #                   build/gpu/test_backend, build/gpu/test_sample,
-#                   build/gpu/test_ggemm, build/gpu/test_mask,
-#                   build/gpu/bench_engine
+#                   build/gpu/test_ggemm, build/gpu/test_quant,
+#                   build/gpu/test_kvfp8, build/gpu/bench_engine,
+#                   build/gpu/test_tp, build/gpu/test_mask
 #   make bench-dev  the kernel dev harness (bench/dev/*.cu):
 #                   build/bench/dev/attention, .../moe_gemv,
 #                   .../moe_ggemm; each
@@ -16,12 +17,38 @@
 CUDA_LIBDIR  := $(CUDA_HOME)/lib64
 CUDA_LDLIBS  := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublas -lcudart \
                 -lstdc++
+
+# NCCL (collectives between GPU ranks, engine/backends/cuda_backend.cu):
+# nccl.h beside the CUDA headers (or the system's), libnccl beside cuBLAS
+# or the system library (Debian/Ubuntu: libnccl2 + libnccl-dev).  Found:
+# -DMOE_HAVE_NCCL and libnccl linked; not found (or MOE_NCCL=0): the
+# tensor-parallel ranks keep the peer-access sum (kernels/tp_sum.cu).
+MOE_NCCL     ?= 1
+ifeq ($(MOE_NCCL),1)
+NCCL_H       := $(firstword $(wildcard $(CUDA_HOME)/include/nccl.h \
+                  /usr/include/nccl.h /usr/local/include/nccl.h))
+NCCL_SO      := $(firstword $(wildcard $(CUDA_LIBDIR)/libnccl.so \
+                  /usr/lib/x86_64-linux-gnu/libnccl.so \
+                  /lib/x86_64-linux-gnu/libnccl.so \
+                  /usr/lib/x86_64-linux-gnu/libnccl.so.2 \
+                  /lib/x86_64-linux-gnu/libnccl.so.2 \
+                  /usr/lib/aarch64-linux-gnu/libnccl.so))
+endif
+ifneq ($(and $(NCCL_H),$(NCCL_SO)),)
+NCCL_CFLAGS  := -DMOE_HAVE_NCCL -I$(dir $(NCCL_H))
+CUDA_LDLIBS  += -Wl,-rpath,$(dir $(NCCL_SO)) $(NCCL_SO)
+else
+NCCL_CFLAGS  :=
+endif
 GPU_NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
                  -Xcompiler -Wall,-Wextra,-Werror \
-                 -Ikernels -Iengine/include -Iengine -It/unit -It/gpu
+                 -Ikernels -Iengine/include -Iengine -It/unit -It/gpu \
+                 $(NCCL_CFLAGS)
 GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_sample $(BUILD)/gpu/bench_engine \
                 $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_convert \
+                $(BUILD)/gpu/test_tp \
+                $(BUILD)/gpu/test_quant $(BUILD)/gpu/test_kvfp8 \
                 $(BUILD)/gpu/test_mask
 
 .PHONY: gpu

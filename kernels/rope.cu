@@ -1,6 +1,7 @@
 /* RoPE (rotate_half) on q and k, fused with the paged K/V cache write. */
 #include "common.cuh"
 #include "rope.h"
+#include <cuda_fp8.h>
 
 
 /* Frequency i of token t: the table, or (dynamic NTK scaling) the
@@ -58,11 +59,12 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
  * copied to the cache; thread i owns the pair (i, i + hd / 2), so a
  * decode step waits for one memory round trip instead of 20.
  */
+template <typename KV>
 __global__ void
 kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     const int32_t *pos, const int32_t *slot, const float *inv_freq,
-    const float *tok_base, float attn, __nv_bfloat16 *kv_layer,
-    int block_size)
+    const float *tok_base, float attn, KV *kv_layer, int block_size,
+    float ksc, float vsc)
 {
     int            t = blockIdx.x, h = blockIdx.y, half = hd / 2;
     int            kvd = n_kv * hd, i = threadIdx.x;
@@ -88,16 +90,27 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     if (h >= n_heads) {
         int            s = slot[t], blk = s / block_size, off = s % block_size;
         int            kh = h - n_heads;
-        __nv_bfloat16 *d = kv_layer + ((size_t) blk * 2 * block_size + off)
+        KV            *d = kv_layer + ((size_t) blk * 2 * block_size + off)
                                       * kvd;
+        float          sc = ksc;
 
         if (kh >= n_kv) {
             kh -= n_kv;
             d += (size_t) block_size * kvd;     /* the V half of the block */
+            sc = vsc;
         }
         d += (size_t) kh * hd;
-        d[i] = moe_f2bf(x1);
-        d[i + half] = moe_f2bf(x2);
+        if constexpr (sizeof(KV) == 1) {        /* e4m3, saturating */
+            d[i] = (KV) __nv_cvt_float_to_fp8(x1 / sc, __NV_SATFINITE,
+                                              __NV_E4M3);
+            d[i + half] = (KV) __nv_cvt_float_to_fp8(x2 / sc,
+                                                     __NV_SATFINITE,
+                                                     __NV_E4M3);
+        } else {
+            (void) sc;
+            d[i] = moe_f2bf(x1);
+            d[i + half] = moe_f2bf(x2);
+        }
     }
 }
 
@@ -114,11 +127,12 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
     if (hd % 2 == 0 && hd / 2 <= 1024) {
         int threads = (hd / 2 + 31) / 32 * 32;
 
-        kernel_rope_kv_heads<<<dim3((unsigned) T,
-                                    (unsigned) (n_heads + 2 * n_kv)),
-                               threads, 0, stream>>>(qkv, ld, n_heads, n_kv,
-            hd, pos, slot, inv_freq, tok_base, attn,
-            reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size);
+        kernel_rope_kv_heads<__nv_bfloat16>
+            <<<dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads,
+               0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq,
+                            tok_base, attn,
+                            reinterpret_cast<__nv_bfloat16 *>(kv_layer),
+                            block_size, 1.0f, 1.0f);
         MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads");
         return MOE_K_OK;
     }
@@ -127,5 +141,34 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
         reinterpret_cast<__nv_bfloat16 *>(kv_layer),
         block_size);
     MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv");
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
+    int hd, const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, uint8_t *kv_layer, int block_size,
+    float k_scale, float v_scale, cudaStream_t stream)
+{
+    int threads = (hd / 2 + 31) / 32 * 32;
+
+    if (T <= 0) {
+        return MOE_K_OK;
+    }
+    if (hd <= 0 || hd % 2 != 0 || hd / 2 > 1024) {
+        moe_cuda_set_error("rope_kv_fp8: unsupported head_dim %d", hd);
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (!(k_scale > 0.0f) || !(v_scale > 0.0f)) {
+        moe_cuda_set_error("rope_kv_fp8: scales must be > 0 (k %g, v %g)",
+                           (double) k_scale, (double) v_scale);
+        return MOE_K_EINVAL;
+    }
+    kernel_rope_kv_heads<uint8_t>
+        <<<dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads, 0,
+           stream>>>(qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq,
+                     tok_base, attn, kv_layer, block_size, k_scale, v_scale);
+    MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads<fp8>");
     return MOE_K_OK;
 }

@@ -21,6 +21,18 @@ int moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv,
     int hd, const int32_t *pos, const int32_t *slot, const float *inv_freq,
     const float *tok_base, float attn, moe_bf16_t *kv_layer, int block_size,
     cudaStream_t stream);
+
+/*
+ * moe_cuda_rope_kv for an fp8 (e4m3) cache: the same rotation, then K and
+ * V written as e4m3(k / k_scale), e4m3(v / v_scale) (round to nearest
+ * even, saturating at +-448: kernels/fp8.h moe_fp8_from_f32) into
+ * kv_layer (n_blocks, 2, block_size, n_kv, hd) bytes.  Needs hd even and
+ * hd / 2 <= 1024 (MOE_K_EUNSUPPORTED) and scales > 0 (MOE_K_EINVAL).
+ */
+int moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
+    int hd, const int32_t *pos, const int32_t *slot, const float *inv_freq,
+    const float *tok_base, float attn, uint8_t *kv_layer, int block_size,
+    float k_scale, float v_scale, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -38,12 +38,19 @@ typedef struct {
     int att_split_bps;   /* MOE_CUDA_ATT_BPS 1..64: decode attention
                             (split kernel) grid sized for this many blocks
                             per SM (default 2) */
+    /* long contexts (split-K decode attention; kernels/TUNING.md) */
+    int att_long_ctx;    /* MOE_CUDA_ATT_LONG_CTX >= 0: steps whose longest
+                            context reaches this take att_long_bps
+                            (default 4096; 0: never) */
+    int att_long_bps;    /* MOE_CUDA_ATT_LONG_BPS 1..64: decode attention
+                            grid blocks per SM at long contexts
+                            (default 3: one wave at 3 resident blocks) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3 }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -14,6 +14,7 @@
 static void ngx_http_moe_gen_model(yajl_gen g, const moe_model_info_t *info);
 static void ngx_http_moe_gen_int(yajl_gen g, const char *key, int64_t n);
 static void ngx_http_moe_gen_double(yajl_gen g, const char *key, double d);
+static void ngx_http_moe_gen_rank_load(yajl_gen g, moe_engine_t *engine);
 static u_char *ngx_http_moe_metric(u_char *p, u_char *last,
     const char *name, const char *type, const char *help, ngx_str_t *model,
     int64_t value);
@@ -351,11 +352,39 @@ ngx_http_moe_stats_performance(ngx_http_request_t *r)
     }
 
     yajl_gen_array_close(g);
+    ngx_http_moe_gen_rank_load(g, mcf->engine);
     yajl_gen_map_close(g);
 
     yajl_gen_map_close(g);
 
     return ngx_http_moe_send_gen(r, NGX_HTTP_OK, g);
+}
+
+
+/*
+ * Expert parallelism: "rank_load", the (token, expert) rows each rank's
+ * experts computed, only when the engine places whole experts on ranks
+ * (so a skewed router shows as one busy GPU).
+ */
+static void
+ngx_http_moe_gen_rank_load(yajl_gen g, moe_engine_t *engine)
+{
+    int      n, i;
+    int64_t  load[64];
+
+    n = moe_engine_rank_load(engine, load, 64);
+    if (n <= 0) {
+        return;
+    }
+
+    ngx_http_moe_gen_lit(g, "rank_load");
+    yajl_gen_array_open(g);
+
+    for (i = 0; i < n; i++) {
+        yajl_gen_integer(g, load[i]);
+    }
+
+    yajl_gen_array_close(g);
 }
 
 

@@ -77,13 +77,25 @@ run test_sample  tests 60  build/gpu/test_sample  build/gpu/test_sample
 run test_backend tests 90  build/gpu/test_backend build/gpu/test_backend
 run test_ggemm   tests 60  build/gpu/test_ggemm   build/gpu/test_ggemm
 run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
+run test_tp      tests 90  build/gpu/test_tp      build/gpu/test_tp
+run test_quant   tests 60  build/gpu/test_quant   build/gpu/test_quant
+run test_kvfp8   tests 90  build/gpu/test_kvfp8   build/gpu/test_kvfp8
+run test_backend_kvfp8 tests 90 build/gpu/test_backend env MOE_TEST_KV_FP8=1 \
+    build/gpu/test_backend
 run test_mask    tests 60  build/gpu/test_mask    build/gpu/test_mask
 if [ "${GPU_SANITIZE:-0}" = 1 ]; then
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
     run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \
         --error-exitcode 1 build/gpu/test_kernels
 fi
-run bench_engine bench 150 build/gpu/bench_engine build/gpu/bench_engine \
+# quantized checkpoints (engine/model/quant.h): the C engine's CPU path
+# (build/moe) on every tiny quantized layout against transformers on its
+# dequantized reference, and transformers' own fp8 loading (information);
+# tools/ref_quant.py prints SKIP without torch.  Carry build/moe and
+# build/quantize.
+run quant_ref    tests 120 build/quantize bash -c \
+    'tools/quant_models.sh build/quant && python3 tools/ref_quant.py build/quant'
+run bench_engine bench 180 build/gpu/bench_engine build/gpu/bench_engine \
     "${BENCH_MODELS:-mixtral-8x7b}"
 run serve_smoke  serve 90  build/nginx/objs/ngx_http_moe_module.so \
     tools/gpu_serve_smoke.sh
@@ -127,11 +139,21 @@ if [ -f "$OUT/bench_engine.log" ]; then
         if (kv["kind"] == "copy_bw") printf "  copy bandwidth %s GB/s\n", kv["value"];
         else if (kv["kind"] == "gemm") printf "  bf16 GEMM      %s TFLOP/s\n", kv["value"];
         else if (kv["kind"] == "decode" && (kv["batch"] == 1 || kv["batch"] == 64))
-            printf "  %-14s decode  batch %-4s %9s tok/s %8s ms  %3.0f%% of limit\n",
-                   kv["model"], kv["batch"], kv["tok_s"], kv["ms_step"], 100 * kv["of_limit"];
+            printf "  %-14s decode  batch %-4s %9s tok/s %8s ms  %3.0f%% of limit (ctx %s)\n",
+                   kv["model"], kv["batch"], kv["tok_s"], kv["ms_step"], 100 * kv["of_limit"], kv["ctx"];
+        else if (kv["kind"] == "quant_experts")
+            printf "  experts %-6s batch %-4s %8s ms/layer  %3.0f%% of limit\n",
+                   kv["format"], kv["batch"], kv["ms_layer"], 100 * kv["of_limit"];
+        else if (kv["kind"] == "attention" && kv["ctx"] > 512)
+            printf "  attention ctx %-6s batch %-3s %-4s %-7s %8s ms  %3.0f%% of limit\n",
+                   kv["ctx"], kv["batch"], kv["kv"], kv["grid"], kv["ms"], 100 * kv["of_limit"];
         else if (kv["kind"] == "prefill" && kv["prompt"] == 2048)
             printf "  %-14s prefill %-10s %9s tok/s %8s ms  %3.0f%% of limit\n",
                    kv["model"], kv["prompt"], kv["tok_s"], kv["ms"], 100 * kv["of_limit"];
+        else if (kv["kind"] == "collective" && kv["phase"] == "decode" &&
+                 (kv["size"] == 1 || kv["size"] == 64))
+            printf "  %-14s tp %s ep %s batch %-4s all-reduces %s ms/layer, %.1f%% of the step\n",
+                   kv["model"], kv["tp"], kv["ep"], kv["size"], kv["ms_layer"], 100 * kv["share"];
     }'
 fi
 if [ -f "$OUT/bench_serve.json" ] && [ "${STATUS[serve_bench]:-}" = ok ]; then

@@ -159,10 +159,10 @@ dev_att_simt(const dev_att_t *a)
             ns = 1;
         }
     }
-    kernel_attention_prefill_simt<DEV_NH / DEV_NKV, DEV_HD>
+    kernel_attention_prefill_simt<DEV_NH / DEV_NKV, DEV_HD, bf16>
         <<<dim3((unsigned) pairs, (unsigned) ns), ATT_WARPS * 32>>>(
             a->qkv, a->ld, a->pos, a->seq, a->bt, a->bt_off, a->kv, DEV_BS,
-            DEV_NH, DEV_NKV, DEV_HD, 0, a->out, p4, 0);
+            DEV_NH, DEV_NKV, DEV_HD, 0, a->out, p4, 1.0f, 1.0f, 0);
     if (ns > 1) {
         kernel_dev_attention_combine<<<(unsigned) pairs, 128>>>(
             p4, ns, DEV_NH, DEV_NKV, DEV_HD, a->out);

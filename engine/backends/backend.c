@@ -87,13 +87,24 @@ moe_backend_load_model(const moe_backend_opts_t *o, const char *dir,
     t0 = be_now();
     /* the cuda backend reads the mapped files itself: no fp32 host copy
      * (a real model's fp32 copy does not fit in host memory) */
-    rc = (o->dummy ? moe_model_load_config
-                   : k == MOE_BACKEND_CUDA ? moe_model_open
-                                           : moe_model_load)(
-             dir, top_k_override > 0 ? top_k_override : 0, out, err,
-             errlen);
+    if (o->dummy) {
+        rc = moe_model_load_config(dir, top_k_override > 0
+                                   ? top_k_override : 0, out, err, errlen);
+    } else {
+        /* quantized checkpoints and vLLM's `quantization` (model/quant.h) */
+        rc = moe_model_load_quant(dir, top_k_override > 0
+                                  ? top_k_override : 0, o->quantization,
+                                  k == MOE_BACKEND_CUDA, out, err, errlen);
+    }
     if (rc != MOE_OK) {
         return rc;
+    }
+    if (!o->dummy && moe_model_quant(*out)->method != MOE_QM_NONE) {
+        /* quantized checkpoints (model/quant.h) */
+        moe_log(MOE_LOG_INFO, "model %s: quantization %s%s (%d-bit "
+                "weights)", dir, moe_model_quant(*out)->name,
+                moe_model_quant(*out)->method == MOE_QM_FP8_LOAD
+                ? " at load, per channel" : "", moe_model_quant(*out)->bits);
     }
     if (!o->dummy) {
         moe_log(MOE_LOG_INFO, "model %s: %.2f GB of weights in the files, "
@@ -126,6 +137,79 @@ be_free_ranks(moe_backend_t **ranks, moe_model_t **shards, int tp)
 }
 
 
+#ifdef MOE_HAVE_CUDA
+/*
+ * NCCL or the local (peer-access) sum for CUDA ranks on devs: NCCL cannot
+ * place two ranks on one GPU, so the emulated placement keeps the local
+ * sum; distinct devices use NCCL when this build has it (auto) or must
+ * (on).
+ */
+static int
+be_nccl_choice(int mode, const int *devs, int tp, int *use, char *err,
+    size_t errlen)
+{
+    int i, j, distinct = 1;
+
+    for (i = 0; i < tp; i++) {
+        for (j = 0; j < i; j++) {
+            distinct &= devs[i] != devs[j];
+        }
+    }
+    *use = 0;
+    if (mode == MOE_NCCL_OFF) {
+        return MOE_OK;
+    }
+    if (mode == MOE_NCCL_ON && !moe_cuda_nccl_available()) {
+        moe_errf(err, errlen, "%s", "nccl: on, but this build has no NCCL "
+                 "(nccl.h and libnccl were not found; README, NCCL)");
+        return MOE_EUNSUPPORTED;
+    }
+    if (mode == MOE_NCCL_ON && !distinct) {
+        moe_errf(err, errlen, "%s", "nccl: on, but several ranks share a "
+                 "GPU (NCCL cannot place two ranks on one device; "
+                 "nccl: auto sums them locally)");
+        return MOE_EUNSUPPORTED;
+    }
+    *use = distinct && moe_cuda_nccl_available();
+    return MOE_OK;
+}
+#endif
+
+
+/* ------------------------------------------------- KV cache dtype */
+
+/*
+ * After creating one backend (rank) *b with status rc: the fp8 KV cache
+ * when p asks for it (kv_cache_dtype fp8; scales 0 mean 1.0), the
+ * backend destroyed on failure.  Returns the status.
+ */
+static int
+be_kv_dtype(const moe_ranks_t *p, moe_backend_t **b, int rc, char *err,
+    size_t errlen)
+{
+    float ks, vs;
+
+    if (rc != MOE_OK || !p->kv_fp8 || *b == NULL) {
+        return rc;
+    }
+    ks = p->kv_k_scale > 0.0f ? p->kv_k_scale : 1.0f;
+    vs = p->kv_v_scale > 0.0f ? p->kv_v_scale : 1.0f;
+#ifdef MOE_HAVE_CUDA
+    if (p->kind == MOE_BACKEND_CUDA) {
+        rc = moe_cuda_backend_set_kv_fp8(*b, ks, vs, err, errlen);
+    } else
+#endif
+    {
+        rc = moe_cpu_backend_set_kv_fp8(*b, ks, vs, err, errlen);
+    }
+    if (rc != MOE_OK) {
+        (*b)->destroy(*b);
+        *b = NULL;
+    }
+    return rc;
+}
+
+
 int
 moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
     moe_backend_t **out, char *err, size_t errlen)
@@ -155,15 +239,26 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
     if (tp == 1) {
 #ifdef MOE_HAVE_CUDA
         if (p->kind == MOE_BACKEND_CUDA) {
-            return moe_cuda_backend_create(m, p->n_blocks, p->block_size,
-                                           p->max_batched_tokens,
-                                           p->devices != NULL
-                                           ? p->devices[0] : 0,
-                                           out, err, errlen);
+            int dev0 = p->devices != NULL ? p->devices[0] : 0;
+
+            rc = moe_cuda_backend_create(m, p->n_blocks, p->block_size,
+                                         p->max_batched_tokens, dev0, out,
+                                         err, errlen);
+            if (rc == MOE_OK && p->nccl == MOE_NCCL_ON) {
+                /* nccl: on with one rank: the communicator path, an
+                 * all-reduce over one rank (the identity) */
+                rc = moe_cuda_nccl_attach(out, &dev0, 1, err, errlen);
+                if (rc != MOE_OK) {
+                    (*out)->destroy(*out);
+                    *out = NULL;
+                }
+            }
+            return be_kv_dtype(p, out, rc, err, errlen);
         }
 #endif
-        return moe_cpu_backend_create(m, p->n_blocks, p->block_size,
-                                      p->n_threads, out, err, errlen);
+        rc = moe_cpu_backend_create(m, p->n_blocks, p->block_size,
+                                    p->n_threads, out, err, errlen);
+        return be_kv_dtype(p, out, rc, err, errlen);
     }
     if (tp > 64) {
         moe_errf(err, errlen, "tensor_parallel_size %d: at most 64", tp);
@@ -187,19 +282,27 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
 
 #ifdef MOE_HAVE_CUDA
     if (p->kind == MOE_BACKEND_CUDA) {
-        int ndev = moe_cuda_device_count(), dev[64];
+        int ndev = moe_cuda_device_count(), dev[64], use_nccl;
 
         for (r = 0; r < tp; r++) {
             dev[r] = p->devices != NULL ? p->devices[r]
                                         : r % (ndev > 0 ? ndev : 1);
         }
-        rc = moe_cuda_peer_access(dev, tp, err, errlen);
+        rc = be_nccl_choice(p->nccl, dev, tp, &use_nccl, err, errlen);
+        if (rc == MOE_OK && !use_nccl) {
+            rc = moe_cuda_peer_access(dev, tp, err, errlen);
+        }
         for (r = 0; r < tp && rc == MOE_OK; r++) {
-            rc = moe_cuda_backend_create_rank(m, tp, r, p->n_blocks,
-                                              p->block_size,
-                                              p->max_batched_tokens, dev[r],
-                                              &ranks[r], err, errlen);
+            rc = moe_cuda_backend_create_rank_ep(m, tp, r, p->ep,
+                                                 p->n_blocks, p->block_size,
+                                                 p->max_batched_tokens,
+                                                 dev[r], &ranks[r], err,
+                                                 errlen);
+            rc = be_kv_dtype(p, &ranks[r], rc, err, errlen);
             ctx[r] = ranks[r];
+        }
+        if (rc == MOE_OK && use_nccl) {
+            rc = moe_cuda_nccl_attach(ranks, dev, tp, err, errlen);
         }
         ops = moe_cuda_tp_ops();
         set_reduce = moe_cuda_backend_set_reduce;
@@ -207,9 +310,12 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
             const moe_hparams_t *hp = moe_model_hparams(m);
 
             moe_log(MOE_LOG_INFO, "cuda backend: %d tensor-parallel ranks "
-                    "(%d heads, %d kv heads, intermediate %d each), devices "
-                    "%d..%d", tp, hp->n_heads / tp, hp->n_kv_heads / tp,
-                    hp->ffn_dim / tp, dev[0], dev[tp - 1]);
+                    "(%d heads, %d kv heads, %s each), devices %d..%d, "
+                    "all-reduce by %s", tp, hp->n_heads / tp,
+                    hp->n_kv_heads / tp, p->ep ? "whole experts"
+                                               : "a slice of every expert",
+                    dev[0], dev[tp - 1],
+                    use_nccl ? "NCCL" : "peer-access sums");
         }
     }
 #endif
@@ -218,11 +324,13 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
          * threads */
         per = p->n_threads > 0 ? (p->n_threads + tp - 1) / tp : 0;
         for (r = 0; r < tp && rc == MOE_OK; r++) {
-            rc = moe_model_shard(m, tp, r, &shards[r], err, errlen);
+            rc = moe_model_shard_ep(m, tp, r, p->ep, &shards[r], err,
+                                    errlen);
             if (rc == MOE_OK) {
                 rc = moe_cpu_backend_create(shards[r], p->n_blocks,
                                             p->block_size, per, &ranks[r],
                                             err, errlen);
+                rc = be_kv_dtype(p, &ranks[r], rc, err, errlen);
             }
         }
     }
@@ -232,6 +340,9 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
     } else {
         rc = moe_tp_backend_wrap(ranks, shards, tp, ops, ctx, set_reduce,
                                  out, err, errlen);
+        if (rc == MOE_OK && p->ep) {
+            moe_tp_backend_set_ep(*out);
+        }
     }
     free(ranks);
     free(shards);
@@ -348,9 +459,13 @@ be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
      * 16 of an earlier session measured 200 tokens in 0.54 s on 4 ranks,
      * 0.37 on 1) */
     p.tp = o->cpu_tensor_parallel && tp > 1 ? tp : 1;
+    p.ep = o->expert_parallel && p.tp > 1;
     p.n_threads = o->cpu_threads;
     p.n_blocks = be_cpu_blocks(o, moe_model_hparams(m));
     p.block_size = o->block_size;
+    p.kv_fp8 = o->kv_fp8;
+    p.kv_k_scale = o->kv_k_scale;
+    p.kv_v_scale = o->kv_v_scale;
 
     if (tp > 1 && o->cpu_tensor_parallel) {
         moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
@@ -366,6 +481,22 @@ be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
 
 
 #ifdef MOE_HAVE_CUDA
+static int
+be_is_nccl(const moe_backend_opts_t *o, const char *mode)
+{
+    return o->nccl != NULL && strcmp(o->nccl, mode) == 0;
+}
+
+
+static int
+be_nccl_mode(const moe_backend_opts_t *o)
+{
+    return be_is_nccl(o, "on") ? MOE_NCCL_ON
+                               : be_is_nccl(o, "off") ? MOE_NCCL_OFF
+                                                      : MOE_NCCL_AUTO;
+}
+
+
 static int
 be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     moe_backend_t **out, char *err, size_t errlen)
@@ -404,7 +535,8 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
                                        : (dev + r) % (ndev > 0 ? ndev : 1);
         on_dev0 += devs[r] == devs[0];
     }
-    rc = moe_hparams_shard(hp, tp, &rhp, err, errlen);
+    rc = moe_hparams_shard_ep(hp, tp, 0, o->expert_parallel && tp > 1,
+                              &rhp, err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -423,19 +555,25 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
         }
     }
 
-    if (o->dummy) {
-        return moe_cuda_backend_create_random(hp, 1234, n_blocks,
-                                              o->block_size,
-                                              o->max_num_batched_tokens,
-                                              dev, out, err, errlen);
-    }
     memset(&p, 0, sizeof(p));
+    p.kv_fp8 = o->kv_fp8;
+    p.kv_k_scale = o->kv_k_scale;
+    p.kv_v_scale = o->kv_v_scale;
     p.kind = MOE_BACKEND_CUDA;
+    if (o->dummy) {
+        rc = moe_cuda_backend_create_random(hp, 1234, n_blocks,
+                                            o->block_size,
+                                            o->max_num_batched_tokens,
+                                            dev, out, err, errlen);
+        return be_kv_dtype(&p, out, rc, err, errlen);
+    }
     p.tp = tp;
     p.devices = devs;
     p.n_blocks = n_blocks;
     p.block_size = o->block_size;
     p.max_batched_tokens = o->max_num_batched_tokens;
+    p.ep = o->expert_parallel && tp > 1;
+    p.nccl = be_nccl_mode(o);
     return moe_backend_create_ranks(m, &p, out, err, errlen);
 }
 #endif

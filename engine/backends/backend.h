@@ -195,6 +195,20 @@ int moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
  * own rank 0; NULL for a rank out of range. */
 moe_backend_t *moe_tp_backend_rank(moe_backend_t *b, int rank);
 
+/* Expert parallelism: mark a tensor-parallel backend's ranks as holding
+ * whole experts (E / tp each, contiguous; moe_model_shard_ep), and ask
+ * it: the number of ranks when marked, else 0 (any backend). */
+void moe_tp_backend_set_ep(moe_backend_t *b);
+int  moe_tp_backend_ep_ranks(moe_backend_t *b);
+
+/* How CUDA ranks add their partial sums (moe_ranks_t.nccl). */
+enum {
+    MOE_NCCL_AUTO = 0,          /* NCCL when built with it and the ranks
+                                   are on distinct GPUs, else local sums */
+    MOE_NCCL_ON,                /* NCCL or fail; with one rank as well */
+    MOE_NCCL_OFF                /* peer-access sums (kernels/tp_sum.cu) */
+};
+
 
 
 /* ---------------------------------------------- the CPU backend (fp32) */
@@ -211,6 +225,17 @@ moe_backend_t *moe_tp_backend_rank(moe_backend_t *b, int rank);
 int moe_cpu_backend_create(const moe_model_t *m, int n_blocks,
     int block_size, int n_threads, moe_backend_t **out, char *err,
     size_t errlen);
+
+/*
+ * fp8 KV cache (kv_cache_dtype fp8): from now on the CPU backend stores
+ * every K / V value it writes rounded through e4m3 with these per-tensor
+ * scales (value = e4m3(x / scale) * scale, kernels/fp8.h), the values the
+ * CUDA backend's fp8 cache holds, so that both backends compute the same
+ * function.  Call before the first forward().  MOE_EINVAL for a scale
+ * that is not finite and > 0; reason in err.
+ */
+int moe_cpu_backend_set_kv_fp8(moe_backend_t *b, float k_scale,
+    float v_scale, char *err, size_t errlen);
 
 /* A CPU backend calls fn(ctx, partial, T * dim) after o_proj and after
  * the FFN of every layer (the row-parallel partial sums of a shard,
@@ -264,6 +289,8 @@ typedef struct {
     const char  *backend;        /* "auto" | "cpu" | "cuda"; NULL: auto */
     int          dummy;          /* load_format "dummy": config.json only,
                                     random weights made on the GPU */
+    const char  *quantization;   /* vLLM's key (model/quant.h); NULL or
+                                    "": as the checkpoint is */
 
     /* rank placement */
     int          tensor_parallel_size;   /* <= 1: one rank */
@@ -285,6 +312,15 @@ typedef struct {
     int          max_num_seqs;   /* the pool need not hold more than
                                     this many max_model_len sequences */
     int          max_num_batched_tokens; /* tokens per forward() */
+
+    /* scale-out (issue 11) */
+    int          expert_parallel; /* 1: whole experts per rank
+                                    (moe_model_shard_ep) */
+    const char  *nccl;           /* "auto" | "on" | "off"; NULL: auto */
+    /* KV cache element (kv_cache_dtype): 0 the model's dtype (auto);
+     * 1 fp8 e4m3 with per-tensor scales kv_k_scale / kv_v_scale (0: 1.0) */
+    int          kv_fp8;
+    float        kv_k_scale, kv_v_scale;
 } moe_backend_opts_t;
 
 /*
@@ -336,6 +372,12 @@ typedef struct {
     int                 block_size;
     int                 max_batched_tokens; /* CUDA: tokens per forward
                                         (workspaces) */
+    /* scale-out (issue 11) */
+    int                 ep;          /* 1: expert parallel shards */
+    int                 nccl;        /* CUDA: MOE_NCCL_* */
+    int                 kv_fp8;      /* fp8 KV cache on every rank
+                                        (moe_backend_opts_t) */
+    float               kv_k_scale, kv_v_scale;
 } moe_ranks_t;
 
 /*

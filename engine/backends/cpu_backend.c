@@ -31,6 +31,7 @@
 
 #include "backends/backend.h"
 #include "sampling/sampling.h"
+#include "fp8.h"
 
 #define CPU_MIN_PAR_WORK  (1 << 18)   /* multiply-adds worth a thread split;
                                          MOE_CPU_MIN_PAR_WORK overrides
@@ -286,6 +287,12 @@ typedef struct {
     float                *swap;        /* (n_swap_slots, n_layers, 2,
                                            block_size, n_kv_heads,
                                            head_dim) */
+
+    /* fp8 KV cache (kv_cache_dtype fp8, moe_cpu_backend_set_kv_fp8):
+     * K/V stored as fp32 values rounded through e4m3 with these per-tensor
+     * scales, exactly what the CUDA backend's cache gives back */
+    int                   kv_fp8;
+    float                 kv_k_scale, kv_v_scale;
 } cpu_backend_t;
 
 
@@ -407,6 +414,23 @@ cpu_kv_at(cpu_backend_t *b, int block, int layer, int which, int off)
 
     return b->kv + ((((size_t) block * hp->n_layers + layer) * 2 + which)
                     * b->block_size + off) * row;
+}
+
+
+/* fp8 KV cache: round the K and V rows just written at (block, layer,
+ * off) through e4m3 with the per-tensor scales (kernels/fp8.h, as the
+ * CUDA backend's rope_kv_fp8 stores them). */
+static void
+cpu_kv_round_fp8(cpu_backend_t *b, int block, int layer, int off)
+{
+    int    n = b->hp->n_kv_heads * b->hp->head_dim, i;
+    float *k = cpu_kv_at(b, block, layer, 0, off);
+    float *v = cpu_kv_at(b, block, layer, 1, off);
+
+    for (i = 0; i < n; i++) {
+        k[i] = moe_fp8_round(k[i], b->kv_k_scale);
+        v[i] = moe_fp8_round(v[i], b->kv_v_scale);
+    }
 }
 
 
@@ -770,6 +794,8 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
     int                  K = hp->top_k;
     size_t               lE = (size_t) layer * E, lu = (size_t) layer;
     int                  t, e, k, j, r, n_rows;
+    int                  El = moe_hp_local_experts(hp);
+    int                  e_lo = hp->expert_first, e_hi = e_lo + El;
 
     if (hp->layer_dense[layer]) {
         /* a dense layer of an MoE model (mlp_only_layers) */
@@ -858,8 +884,10 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
                (size_t) D * sizeof(float));
     }
 
-    for (e = 0; e < E; e++) {
-        size_t wi = (lE + e) * (size_t) F * D;
+    for (e = e_lo; e < e_hi; e++) {
+        /* expert parallel: only this rank's experts, stored from 0 */
+        size_t wi = (lu * (size_t) El + (size_t) (e - e_lo)) * (size_t) F
+                    * D;
         int    r0 = b->eoff[e];
 
         n_rows = b->ecount[e];
@@ -883,7 +911,7 @@ cpu_ffn(cpu_backend_t *b, int layer, int T)
         for (j = 0; j < D; j++) {
             o[j] = 0;
         }
-        for (e = 0; e < E; e++) {
+        for (e = e_lo; e < e_hi; e++) {
             for (k = 0; k < K; k++) {
                 if (b->sel[t * K + k] == e) {
                     const float *y = b->ye
@@ -1063,6 +1091,10 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             memcpy(cpu_kv_at(b, sq->block_table[p / b->block_size], l, 1,
                              p % b->block_size),
                    b->v + (size_t) t * KV, (size_t) KV * sizeof(float));
+            if (b->kv_fp8) {
+                cpu_kv_round_fp8(b, sq->block_table[p / b->block_size], l,
+                                 p % b->block_size);
+            }
         }
 
         at.b = b;
@@ -1430,4 +1462,26 @@ moe_cpu_backend_set_reduce(moe_backend_t *base, moe_reduce_fn fn, void *ctx)
 
     b->reduce = fn;
     b->reduce_ctx = ctx;
+}
+
+
+/* ------------------------------------------------------ fp8 KV cache */
+
+int
+moe_cpu_backend_set_kv_fp8(moe_backend_t *base, float k_scale,
+    float v_scale, char *err, size_t errlen)
+{
+    cpu_backend_t *b = (cpu_backend_t *) base;
+
+    if (!(k_scale > 0.0f) || !(v_scale > 0.0f) || !isfinite(k_scale)
+        || !isfinite(v_scale))
+    {
+        moe_errf(err, errlen, "cpu backend: fp8 KV scales must be finite "
+                 "and > 0 (k %g, v %g)", (double) k_scale, (double) v_scale);
+        return MOE_EINVAL;
+    }
+    b->kv_fp8 = 1;
+    b->kv_k_scale = k_scale;
+    b->kv_v_scale = v_scale;
+    return MOE_OK;
 }

@@ -74,6 +74,22 @@
 #include "rope.h"
 #include "silu_mul.h"
 #include "tp_sum.h"
+#ifdef MOE_HAVE_NCCL
+#include <nccl.h>
+
+/* An NCCL call: on failure the statement, file:line and NCCL's reason go
+ * to moe_cuda_last_error() and the caller returns MOE_EBACKEND. */
+#define MOE_NCCL_CHECK(stmt)                                                 \
+    do {                                                                     \
+        ncclResult_t moe_n_ = (stmt);                                        \
+        if (moe_n_ != ncclSuccess) {                                         \
+            moe_cuda_set_error("%s at %s:%d: %s (%s)", #stmt, __FILE__,      \
+                               __LINE__, ncclGetErrorString(moe_n_),         \
+                               ncclGetLastError(NULL));                      \
+            return MOE_K_EBACKEND;                                           \
+        }                                                                    \
+    } while (0)
+#endif
 
 extern "C" {
 #include "model/safetensors.h"
@@ -102,7 +118,7 @@ static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
 #define CB_NOGRAPH      (-1000)             /* internal: run eagerly */
 
 typedef struct {
-    int             T, n_out;
+    int             T, n_out, long_ctx;
     cudaGraphExec_t exec;
 } cb_graph_t;
 
@@ -115,6 +131,12 @@ typedef struct {
     int             tp, rank;       /* tensor-parallel rank (1, 0: all) */
     moe_reduce_fn   reduce;         /* all-reduce of the partial sums */
     void           *reduce_ctx;
+    /* NCCL (moe_cuda_nccl_attach): this rank's communicator, used instead
+     * of reduce; the owner (rank 0) also holds the clique to free */
+    void           *nccl;           /* ncclComm_t */
+    void          **nccl_all;       /* (nccl_n) on the owner, else NULL */
+    int             nccl_n;
+    int             El;             /* experts held (moe_hp_local_experts) */
     int             n_blocks;
     int             block_size;
     int             cap;           /* max tokens per forward */
@@ -156,7 +178,13 @@ typedef struct {
                                       ffn when ungated */
     int             dense_slot[MOE_MAX_LAYERS]; /* layer -> wd_* index */
 
-    bf16           *kv;            /* (L, n_blocks, 2, bs, n_kv, hd) */
+    bf16           *kv;            /* (L, n_blocks, 2, bs, n_kv, hd);
+                                      e4m3 bytes when kv_fp8 */
+    /* fp8 KV cache and long contexts (moe_cuda_backend_set_kv_fp8) */
+    int             kv_fp8;        /* 1: the cache holds e4m3 */
+    float           kv_ks, kv_vs;  /* its per-tensor K / V scales */
+    int             long_ctx;      /* this step's longest context reaches
+                                      tune.att_long_ctx (a graph key) */
 
     /* workspaces: one allocation, N = cap, NK = cap * K */
     void           *wsbuf;
@@ -289,6 +317,7 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
     cb_carve_t c = { 0 };
     size_t     L = (size_t) hp->n_layers, D = (size_t) hp->dim;
     size_t     V = (size_t) hp->vocab_size, E = (size_t) hp->n_experts;
+    size_t     EL = (size_t) moe_hp_local_experts(hp);
     size_t     F = (size_t) hp->ffn_dim, G = hp->ffn_ungated ? F : 2 * F;
     size_t     Q = (size_t) hp->n_heads * hp->head_dim;
     size_t     KV = (size_t) hp->n_kv_heads * hp->head_dim;
@@ -302,8 +331,9 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
     l->lm_head = hp->tie_embeddings ? l->embed : cb_take(&c, V * D * 2);
     l->wqkv = cb_take(&c, L * (Q + 2 * KV) * D * 2);
     l->wo = cb_take(&c, L * D * Q * 2);
-    l->w_gu = cb_take(&c, L * E * G * D * 2);
-    l->w_down = cb_take(&c, L * E * D * F * 2);
+    /* routed experts: the rank's own (expert parallel) or all */
+    l->w_gu = cb_take(&c, L * EL * G * D * 2);
+    l->w_down = cb_take(&c, L * EL * D * F * 2);
     l->attn_norm = cb_take(&c, L * D * 4);
     l->ffn_norm = cb_take(&c, L * D * 4);
     l->final_norm = cb_take(&c, D * 4);
@@ -593,6 +623,33 @@ moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
 
 /* ------------------------------------------------------------ lifecycle */
 
+/* The NCCL clique goes with its owner, the last rank (tp.c destroys the
+ * ranks in order, so every other rank and its captured graphs are gone by
+ * then): finalized as a group (one thread, several communicators), then
+ * destroyed. */
+static void
+cb_nccl_release(cuda_backend_t *b)
+{
+#ifdef MOE_HAVE_NCCL
+    int i;
+
+    if (b->nccl_all != NULL) {
+        (void) ncclGroupStart();
+        for (i = 0; i < b->nccl_n; i++) {
+            (void) ncclCommFinalize((ncclComm_t) b->nccl_all[i]);
+        }
+        (void) ncclGroupEnd();
+        for (i = 0; i < b->nccl_n; i++) {
+            (void) ncclCommDestroy((ncclComm_t) b->nccl_all[i]);
+        }
+        free(b->nccl_all);
+    }
+#endif
+    b->nccl_all = NULL;
+    b->nccl = NULL;
+}
+
+
 static void
 cb_destroy(moe_backend_t *base)
 {
@@ -616,6 +673,7 @@ cb_destroy(moe_backend_t *base)
     for (i = 0; i < b->n_graphs; i++) {
         (void) cudaGraphExecDestroy(b->graphs[i].exec);
     }
+    cb_nccl_release(b);             /* after this rank's captured graphs */
     free(b->ev);
     free(b->ev_stage);
     if (b->blas != NULL) {
@@ -725,6 +783,7 @@ cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
     size_t               l = (size_t) (t->layer > 0 ? t->layer : 0);
     size_t               e = (size_t) (t->expert > 0 ? t->expert : 0);
     size_t               D = (size_t) hp->dim, E = (size_t) hp->n_experts;
+    size_t               EL = (size_t) b->El;
     size_t               F = (size_t) hp->ffn_dim, G = (size_t) b->G;
     size_t               Q = (size_t) b->Q, KV = (size_t) b->KVD;
     size_t               HD = (size_t) hp->head_dim;
@@ -782,15 +841,23 @@ cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
         *bf = 0;
         return MOE_OK;
     case MOE_WK_GATE:
-        if (hp->ffn_ungated) {
+        if (hp->ffn_ungated || e >= EL) {
             return MOE_EINVAL;
         }
-        CB_H(b->w_gu, (l * E + e) * G * D);
+        CB_H(b->w_gu, (l * EL + e) * G * D);
         break;
     case MOE_WK_UP:
-        CB_H(b->w_gu, (l * E + e) * G * D + (hp->ffn_ungated ? 0 : F * D));
+        if (e >= EL) {
+            return MOE_EINVAL;
+        }
+        CB_H(b->w_gu, (l * EL + e) * G * D + (hp->ffn_ungated ? 0 : F * D));
         break;
-    case MOE_WK_DOWN:         CB_H(b->w_down, (l * E + e) * D * F); break;
+    case MOE_WK_DOWN:
+        if (e >= EL) {
+            return MOE_EINVAL;
+        }
+        CB_H(b->w_down, (l * EL + e) * D * F);
+        break;
     case MOE_WK_B_GATE:       CB_F(b->b_gu, l * 2 * F); break;
     case MOE_WK_B_UP:         CB_F(b->b_gu, l * 2 * F + F); break;
     case MOE_WK_B_DOWN:       CB_F(b->b_down, l * D); break;
@@ -941,8 +1008,9 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
     ld.wbytes = wl.total;
     ld.t0 = cb_now();
 
-    rc = moe_model_for_each_tensor_shard(m, b->tp, b->rank, cb_count, &ld,
-                                         err, errlen);
+    rc = moe_model_for_each_tensor_shard_ep(m, b->tp, b->rank,
+                                            b->hp.n_local_experts > 0,
+                                            cb_count, &ld, err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -968,8 +1036,9 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
         (void) cudaGetLastError();
         rc = ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
     } else {
-        rc = moe_model_for_each_tensor_shard(m, b->tp, b->rank, cb_put, &ld,
-                                             err, errlen);
+        rc = moe_model_for_each_tensor_shard_ep(m, b->tp, b->rank,
+                                                b->hp.n_local_experts > 0,
+                                                cb_put, &ld, err, errlen);
     }
     ce = cudaStreamSynchronize(b->stream);
     if (rc == MOE_OK && ce != cudaSuccess) {
@@ -1004,6 +1073,7 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
     const moe_hparams_t *hp = &b->hp;
     int64_t              L = hp->n_layers, D = hp->dim, V = hp->vocab_size;
     int64_t              E = hp->n_experts, F = hp->ffn_dim;
+    int64_t              EL = b->El;
     int64_t              Q = b->Q, KV = b->KVD;
     cudaStream_t         s = b->stream;
     float                sd = 1.0f / sqrtf((float) D);
@@ -1019,9 +1089,10 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
     MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->wo, L * D * Q,
                                       seed + 3, 1.0f / sqrtf((float) Q), s));
     MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_gu,
-                                      L * E * 2 * F * D, seed + 4, sd, s));
-    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_down, L * E * D * F,
-                                      seed + 5, 1.0f / sqrtf((float) F), s));
+                                      L * EL * 2 * F * D, seed + 4, sd, s));
+    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_down,
+                                      L * EL * D * F, seed + 5,
+                                      1.0f / sqrtf((float) F), s));
     MOE_TRY(moe_cuda_fill_random_f32(b->attn_norm, L * D, seed + 6, 0.0f,
                                      1.0f, s));
     MOE_TRY(moe_cuda_fill_random_f32(b->ffn_norm, L * D, seed + 7, 0.0f,
@@ -1293,6 +1364,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     b->block_size = block_size;
     b->cap = cap;
     b->K = hp->n_experts > 1 ? hp->top_k : 1;
+    b->El = moe_hp_local_experts(hp);
     b->Q = hp->n_heads * hp->head_dim;
     b->KVD = hp->n_kv_heads * hp->head_dim;
     b->G = hp->ffn_ungated ? hp->ffn_dim : 2 * hp->ffn_dim;
@@ -1377,6 +1449,17 @@ moe_cuda_backend_create_rank(const moe_model_t *m, int tp, int rank,
     int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen)
 {
+    return moe_cuda_backend_create_rank_ep(m, tp, rank, 0, n_blocks,
+                                           block_size, max_batched_tokens,
+                                           device, out, err, errlen);
+}
+
+
+extern "C" int
+moe_cuda_backend_create_rank_ep(const moe_model_t *m, int tp, int rank,
+    int ep, int n_blocks, int block_size, int max_batched_tokens, int device,
+    moe_backend_t **out, char *err, size_t errlen)
+{
     moe_hparams_t rhp;
     int           rc;
 
@@ -1386,7 +1469,8 @@ moe_cuda_backend_create_rank(const moe_model_t *m, int tp, int rank,
                  rank, tp);
         return MOE_EINVAL;
     }
-    rc = moe_hparams_shard(moe_model_hparams(m), tp, &rhp, err, errlen);
+    rc = moe_hparams_shard_ep(moe_model_hparams(m), tp, rank, ep && tp > 1,
+                              &rhp, err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -1415,6 +1499,37 @@ moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
 }
 
 
+extern "C" int
+moe_cuda_backend_create_random_rank(const moe_hparams_t *hp, uint64_t seed,
+    int tp, int rank, int ep, int n_blocks, int block_size,
+    int max_batched_tokens, int device, moe_backend_t **out, char *err,
+    size_t errlen)
+{
+    moe_hparams_t rhp;
+    int           rc;
+
+    *out = NULL;
+    if (hp == NULL || tp < 1 || rank < 0 || rank >= tp) {
+        moe_errf(err, errlen, "cuda backend: no hparams, or rank %d of %d",
+                 rank, tp);
+        return MOE_EINVAL;
+    }
+    if (cb_has_extras(hp)) {
+        moe_errf(err, errlen, "cuda backend: random weights only for the "
+               "Llama/Mistral/Mixtral feature set (%s)", hp->arch_name);
+        return MOE_EUNSUPPORTED;
+    }
+    rc = moe_hparams_shard_ep(hp, tp, rank, ep && tp > 1, &rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    /* each rank its own random values: shapes and timing, not outputs */
+    return cb_create(&rhp, NULL, seed + 7919 * (uint64_t) rank, n_blocks,
+                     block_size, max_batched_tokens, device, tp, rank, out,
+                     err, errlen);
+}
+
+
 /* ------------------------------------------------------------ profiling */
 
 extern "C" int
@@ -1434,7 +1549,7 @@ moe_cuda_backend_profile(moe_backend_t *base, int enable,
     }
     if (enable && b->ev == NULL) {
         MOE_CUDA_CHECK(cudaSetDevice(b->device));
-        b->ev_cap = 16 * b->hp.n_layers + 64 + 2 * (b->cap / CB_LOGIT_ROWS);
+        b->ev_cap = 20 * b->hp.n_layers + 64 + 2 * (b->cap / CB_LOGIT_ROWS);
         b->ev = (cudaEvent_t *) calloc((size_t) b->ev_cap,
                                        sizeof(cudaEvent_t));
         b->ev_stage = (int *) calloc((size_t) b->ev_cap, sizeof(int));
@@ -1618,6 +1733,11 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
     int                  K = b->K, e, r0;
     cudaStream_t         s = b->stream;
+    /* expert parallel: this rank computes experts [e0, e0 + EL) only;
+     * their row groups are offs[e0 .. e0 + EL] of the routing over all E
+     * experts, their weights stored from 0 */
+    int                  EL = b->El, e0 = hp->expert_first;
+    int32_t             *loffs = b->offs + e0;
 
     if (b->dense_slot[l] >= 0) {
         /* a dense layer of an MoE model (mlp_only_layers) */
@@ -1649,6 +1769,12 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     MOE_TRY(moe_cuda_moe_permute(sel, T * K, E, b->offs, b->erow,
                                  b->slot_of, b->d_ecounts + (size_t) l * E,
                                  s));
+    if (EL < E) {
+        /* rows of other ranks' experts stay 0: the weighted un-permute
+         * then adds only this rank's experts (the ranks' sum is whole) */
+        MOE_CUDA_CHECK(cudaMemsetAsync(b->ye, 0, (size_t) T * K * D
+                                       * sizeof(float), s));
+    }
     if (cb_ffn_gemv(b, T)) {
         /* tile for twice the mean rows per expert: a fuller expert takes
          * another pass over its weights (correct for any count) */
@@ -1657,14 +1783,14 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
         /* gate|up of every expert, rows gathered from xb, SiLU*up fused */
         MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, b->erow, K,
-                              (const moe_bf16_t *) (b->w_gu + (size_t) l * E
+                              (const moe_bf16_t *) (b->w_gu + (size_t) l * EL
                                                     * 2 * F * D),
-                              F, D, b->offs, E, T * K, mr, 1, NULL,
+                              F, D, loffs, EL, T * K, mr, 1, NULL,
                               (moe_bf16_t *) b->hbuf, F, &b->tune, s));
         MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->hbuf, F, NULL, 1,
-                              (const moe_bf16_t *) (b->w_down + (size_t) l * E
-                                                    * D * F),
-                              D, F, b->offs, E, T * K, mr, 0, b->ye, NULL, D,
+                              (const moe_bf16_t *) (b->w_down + (size_t) l
+                                                    * EL * D * F),
+                              D, F, loffs, EL, T * K, mr, 0, b->ye, NULL, D,
                               &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
@@ -1678,14 +1804,14 @@ cb_ffn(cuda_backend_t *b, int l, int T)
          * device: no host sync, so the step can be a graph */
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
         MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->xb, D, b->erow, K,
-                               (const moe_bf16_t *) (b->w_gu + (size_t) l * E
-                                                     * 2 * F * D),
-                               F, D, b->offs, E, T * K, 1, NULL,
+                               (const moe_bf16_t *) (b->w_gu + (size_t) l
+                                                     * EL * 2 * F * D),
+                               F, D, loffs, EL, T * K, 1, NULL,
                                (moe_bf16_t *) b->hbuf, F, s));
         MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->hbuf, F, NULL, 1,
                                (const moe_bf16_t *) (b->w_down + (size_t) l
-                                                     * E * D * F),
-                               D, F, b->offs, E, T * K, 0, b->ye, NULL, D,
+                                                     * EL * D * F),
+                               D, F, loffs, EL, T * K, 0, b->ye, NULL, D,
                                s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
@@ -1712,9 +1838,9 @@ cb_ffn(cuda_backend_t *b, int l, int T)
             return MOE_EBACKEND;
         }
     }
-    for (e = 0; e < E; e++) {
+    for (e = e0; e < e0 + EL; e++) {
         int    n = b->h_counts[e + 1] - b->h_counts[e];
-        size_t we = (size_t) l * E + e;
+        size_t we = (size_t) l * EL + (e - e0);
 
         r0 = b->h_counts[e];
         if (n > 0) {
@@ -1726,9 +1852,9 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         }
     }
     MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf, s));
-    for (e = 0; e < E; e++) {
+    for (e = e0; e < e0 + EL; e++) {
         int    n = b->h_counts[e + 1] - b->h_counts[e];
-        size_t we = (size_t) l * E + e;
+        size_t we = (size_t) l * EL + (e - e0);
 
         r0 = b->h_counts[e];
         if (n > 0) {
@@ -1752,12 +1878,24 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 static int
 cb_reduce(cuda_backend_t *b, int T)
 {
-    if (b->reduce == NULL) {
+    if (b->reduce == NULL && b->nccl == NULL) {
         return MOE_OK;
     }
+    /* the work before belongs to its stage, the collective to COMM */
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
+#ifdef MOE_HAVE_NCCL
+    if (b->nccl != NULL) {
+        /* on the rank's compute stream: ordered after the partial sum
+         * and before its readers, and captured with a graph */
+        MOE_NCCL_CHECK(ncclAllReduce(b->tmp, b->tmp, (size_t) T * b->hp.dim,
+                                     ncclFloat, ncclSum,
+                                     (ncclComm_t) b->nccl, b->stream));
+        return cb_mark(b, MOE_CUDA_ST_COMM);
+    }
+#endif
     MOE_CUDA_CHECK(cudaStreamSynchronize(b->stream));
     b->reduce(b->reduce_ctx, b->tmp, (size_t) T * b->hp.dim);
-    return MOE_OK;
+    return cb_mark(b, MOE_CUDA_ST_COMM);
 }
 
 
@@ -1791,7 +1929,10 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
 
     for (l = 0; l < L; l++) {
-        bf16 *kvl = b->kv + (size_t) l * kv_layer;
+        char *kvl = (char *) b->kv
+                    + (size_t) l * kv_layer * (b->kv_fp8 ? 1 : sizeof(bf16));
+        moe_cuda_att_kv_t kvo = { b->kv_fp8, b->kv_ks, b->kv_vs,
+                                  b->long_ctx ? b->tune.att_long_ctx : 0 };
 
         MOE_TRY(cb_norm(b, l == 0 ? NULL : b->tmp, NULL, T,
                         b->attn_norm + (size_t) l * D,
@@ -1815,18 +1956,30 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                           b->k_norm + (size_t) l * hd,
                                           hp->norm_eps, s));
         }
-        MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads, hp->n_kv_heads,
-                                 hd, d_pos, d_slot, b->d_rope_inv,
-                                 hp->rope_type == MOE_ROPE_DYNAMIC
-                                 ? (const float *) d_rbase : NULL,
-                                 b->rope_att, (moe_bf16_t *) kvl,
-                                 b->block_size, s));
-        MOE_TRY(moe_cuda_attention(b->qkv, QKV, T, d_pos, d_seq, d_bt,
-                                   d_btoff, (moe_bf16_t *) kvl,
-                                   b->block_size, hp->n_heads,
-                                   hp->n_kv_heads, hd, hp->sliding_window,
-                                   (moe_bf16_t *) b->att, b->att_part,
-                                   &b->tune, s));
+        if (b->kv_fp8) {
+            MOE_TRY(moe_cuda_rope_kv_fp8(b->qkv, QKV, T, hp->n_heads,
+                                         hp->n_kv_heads, hd, d_pos, d_slot,
+                                         b->d_rope_inv,
+                                         hp->rope_type == MOE_ROPE_DYNAMIC
+                                         ? (const float *) d_rbase : NULL,
+                                         b->rope_att, (uint8_t *) kvl,
+                                         b->block_size, b->kv_ks, b->kv_vs,
+                                         s));
+        } else {
+            MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads,
+                                     hp->n_kv_heads, hd, d_pos, d_slot,
+                                     b->d_rope_inv,
+                                     hp->rope_type == MOE_ROPE_DYNAMIC
+                                     ? (const float *) d_rbase : NULL,
+                                     b->rope_att, (moe_bf16_t *) kvl,
+                                     b->block_size, s));
+        }
+        MOE_TRY(moe_cuda_attention_ex(b->qkv, QKV, T, d_pos, d_seq, d_bt,
+                                      d_btoff, kvl, b->block_size,
+                                      hp->n_heads, hp->n_kv_heads, hd,
+                                      hp->sliding_window,
+                                      (moe_bf16_t *) b->att, b->att_part,
+                                      &kvo, &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
         MOE_TRY(cb_linear(b, T, D, b->Q, b->att, b->Q,
                           b->wo + (size_t) l * D * b->Q, b->tmp, D));
@@ -1873,7 +2026,9 @@ cb_body_graph(cuda_backend_t *b, int T, int n_out)
     int             i, rc;
 
     for (i = 0; i < b->n_graphs; i++) {
-        if (b->graphs[i].T == T && b->graphs[i].n_out == n_out) {
+        if (b->graphs[i].T == T && b->graphs[i].n_out == n_out
+            && b->graphs[i].long_ctx == b->long_ctx)
+        {
             MOE_CUDA_CHECK(cudaGraphLaunch(b->graphs[i].exec, b->stream));
             return MOE_OK;
         }
@@ -1901,6 +2056,7 @@ cb_body_graph(cuda_backend_t *b, int T, int n_out)
     }
     b->graphs[b->n_graphs].T = T;
     b->graphs[b->n_graphs].n_out = n_out;
+    b->graphs[b->n_graphs].long_ctx = b->long_ctx;
     b->graphs[b->n_graphs].exec = x;
     b->n_graphs++;
     MOE_CUDA_CHECK(cudaGraphLaunch(x, b->stream));
@@ -2078,7 +2234,9 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_stage, b->h_stage,
                                    n_stage * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, s));
-    if (b->use_graphs && !b->prof && b->reduce == NULL
+    /* NCCL's all-reduce is captured with the step; the host-side sum of
+     * the emulated placement is not capturable */
+    if (b->use_graphs && !b->prof && (b->reduce == NULL || b->nccl != NULL)
         && T <= CB_GRAPH_MAX_T && one
         && (b->hp.n_experts == 1 || cb_ffn_nosync(b, T)))
     {
@@ -2167,17 +2325,20 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
     int32_t             *h_rows = h_seq + N, *h_btoff = h_rows + N;
     int32_t             *h_nvalid = h_btoff + N, *h_rbase = h_nvalid + N;
     int32_t             *h_bt = h_rbase + N;
-    int                  T, s, i, t, n_out, rc;
+    int                  T, s, i, t, n_out, rc, max_ctx = 0;
 
     if (n < 0 || (n > 0 && seqs == NULL)) {
         return MOE_EINVAL;
     }
     /* validate everything before touching the cache */
     if (moe_batch_check(hp, seqs, n, b->n_blocks, b->block_size, INT_MAX,
-                        &T, &nbt, NULL) != MOE_OK)
+                        &T, &nbt, &max_ctx) != MOE_OK)
     {
         return MOE_EINVAL;
     }
+    /* the split-K attention grid for long contexts (a graph key) */
+    b->long_ctx = b->tune.att_long_ctx > 0
+                  && max_ctx >= b->tune.att_long_ctx;
     if (T > b->cap) {
         moe_cuda_set_error("cuda backend: step of more than %d tokens",
                            b->cap);
@@ -2429,7 +2590,8 @@ static int
 cb_swap_copy(cuda_backend_t *b, const int32_t *blocks, const int32_t *slots,
     int n, int dir)
 {
-    size_t  piece = (size_t) 2 * b->block_size * b->KVD * sizeof(bf16);
+    size_t  piece = (size_t) 2 * b->block_size * b->KVD
+                    * (b->kv_fp8 ? 1 : sizeof(bf16));
     size_t  dpitch = piece * (size_t) b->n_blocks;
     char   *dev, *host;
     int     i;
@@ -2600,5 +2762,181 @@ moe_cuda_peer_access(const int *devices, int n, char *err, size_t errlen)
             }
         }
     }
+    return MOE_OK;
+}
+
+
+/* ------------------------------------------------------------- NCCL */
+
+extern "C" int
+moe_cuda_nccl_available(void)
+{
+#ifdef MOE_HAVE_NCCL
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+
+extern "C" int
+moe_cuda_nccl_attach(moe_backend_t **ranks, const int *devices, int n,
+    char *err, size_t errlen)
+{
+#ifdef MOE_HAVE_NCCL
+    ncclComm_t     *comms;
+    ncclResult_t    nr;
+    cuda_backend_t *b;
+    int             i, j, version = 0;
+
+    if (n < 1 || n > 64 || ranks == NULL || devices == NULL) {
+        moe_errf(err, errlen, "nccl: %d ranks (1..64)", n);
+        return MOE_EINVAL;
+    }
+    for (i = 0; i < n; i++) {
+        for (j = 0; j < i; j++) {
+            if (devices[i] == devices[j]) {
+                moe_errf(err, errlen, "nccl: ranks %d and %d are both on "
+                         "GPU %d (NCCL places one rank per device)", j, i,
+                         devices[i]);
+                return MOE_EUNSUPPORTED;
+            }
+        }
+        b = (cuda_backend_t *) ranks[i];
+        if (b == NULL || b->base.forward != cb_forward || b->nccl != NULL) {
+            moe_errf(err, errlen, "nccl: rank %d is not a cuda backend "
+                     "without a communicator", i);
+            return MOE_EINVAL;
+        }
+    }
+    /* NVLink multicast (NVLS) stays off unless the user asks for it; every
+     * other NCCL_* variable is the user's */
+    (void) setenv("NCCL_NVLS_ENABLE", "0", 0);
+    comms = (ncclComm_t *) calloc((size_t) n, sizeof(*comms));
+    if (comms == NULL) {
+        moe_errf(err, errlen, "nccl: out of memory");
+        return MOE_ENOMEM;
+    }
+    nr = ncclCommInitAll(comms, n, devices);
+    if (nr != ncclSuccess) {
+        moe_errf(err, errlen, "nccl: ncclCommInitAll over %d device(s): %s "
+                 "(%s)", n, ncclGetErrorString(nr), ncclGetLastError(NULL));
+        free(comms);
+        return MOE_EBACKEND;
+    }
+    /* one all-reduce outside any graph: NCCL connects its peers lazily,
+     * and the first decode step may be captured */
+    (void) ncclGroupStart();
+    for (i = 0; i < n; i++) {
+        b = (cuda_backend_t *) ranks[i];
+        nr = ncclAllReduce(b->tmp, b->tmp, (size_t) b->hp.dim, ncclFloat,
+                           ncclSum, comms[i], b->stream);
+        if (nr != ncclSuccess) {
+            break;
+        }
+    }
+    if (ncclGroupEnd() != ncclSuccess || nr != ncclSuccess) {
+        moe_errf(err, errlen, "nccl: first all-reduce over %d device(s): "
+                 "%s", n, ncclGetLastError(NULL));
+        for (i = 0; i < n; i++) {
+            (void) ncclCommAbort(comms[i]);
+        }
+        free(comms);
+        return MOE_EBACKEND;
+    }
+    for (i = 0; i < n; i++) {
+        b = (cuda_backend_t *) ranks[i];
+        (void) cudaSetDevice(b->device);
+        if (cudaStreamSynchronize(b->stream) != cudaSuccess) {
+            moe_errf(err, errlen, "nccl: first all-reduce on device %d: %s",
+                     b->device, cudaGetErrorString(cudaGetLastError()));
+            for (j = 0; j < n; j++) {
+                (void) ncclCommAbort(comms[j]);
+            }
+            free(comms);
+            return MOE_EBACKEND;
+        }
+        b->nccl = (void *) comms[i];
+    }
+    b = (cuda_backend_t *) ranks[n - 1];
+    b->nccl_all = (void **) comms;
+    b->nccl_n = n;
+    (void) ncclGetVersion(&version);
+    moe_log(MOE_LOG_INFO, "nccl %d.%d.%d: one communicator over %d device(s) "
+            "(%d..%d), all-reduce of the partial sums on the ranks' "
+            "streams, NCCL_NVLS_ENABLE=%s", version / 10000,
+            version / 100 % 100, version % 100, n, devices[0],
+            devices[n - 1], getenv("NCCL_NVLS_ENABLE"));
+    return MOE_OK;
+#else
+    (void) ranks;
+    (void) devices;
+    (void) n;
+    moe_errf(err, errlen, "nccl: this build has no NCCL (nccl.h and libnccl "
+             "were not found at build time; README, NCCL)");
+    return MOE_EUNSUPPORTED;
+#endif
+}
+
+
+/* ------------------------------------------------------ fp8 KV cache */
+
+int
+moe_cuda_backend_set_kv_fp8(moe_backend_t *base, float k_scale,
+    float v_scale, char *err, size_t errlen)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    size_t          per, bytes;
+    cudaError_t     ce;
+    void           *kv = NULL;
+
+    if (!(k_scale > 0.0f) || !(v_scale > 0.0f) || !isfinite(k_scale)
+        || !isfinite(v_scale))
+    {
+        moe_errf(err, errlen, "cuda backend: fp8 KV scales must be finite "
+                 "and > 0 (k %g, v %g)", (double) k_scale, (double) v_scale);
+        return MOE_EINVAL;
+    }
+    if (b->kv_fp8) {
+        b->kv_ks = k_scale;
+        b->kv_vs = v_scale;
+        return MOE_OK;
+    }
+    if (b->base.n_swap_slots > 0) {
+        moe_errf(err, errlen, "%s", "cuda backend: the KV dtype is set "
+                 "before the swap pool");
+        return MOE_EINVAL;
+    }
+    /* the same blocks at one byte per element: the bf16 pool goes */
+    per = (size_t) b->base.kv_bytes_per_block / 2;
+    bytes = per * (size_t) b->n_blocks;
+    if (cudaSetDevice(b->device) != cudaSuccess
+        || cudaStreamSynchronize(b->stream) != cudaSuccess)
+    {
+        moe_errf(err, errlen, "cuda backend: %s",
+                 cudaGetErrorString(cudaGetLastError()));
+        return MOE_EBACKEND;
+    }
+    (void) cudaFree(b->kv);
+    b->kv = NULL;
+    ce = cudaMalloc(&kv, bytes);
+    if (ce == cudaSuccess) {
+        ce = cudaMemsetAsync(kv, 0, bytes, b->stream);
+    }
+    if (ce != cudaSuccess) {
+        (void) cudaFree(kv);
+        moe_errf(err, errlen, "cuda backend: fp8 KV cache (%d blocks, %zu "
+                 "MiB): %s", b->n_blocks, bytes >> 20,
+                 cudaGetErrorString(ce));
+        return ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
+    }
+    b->kv = (bf16 *) kv;
+    b->kv_fp8 = 1;
+    b->kv_ks = k_scale;
+    b->kv_vs = v_scale;
+    b->base.kv_bytes_per_block = (int64_t) per;
+    moe_log(MOE_LOG_INFO, "cuda backend: fp8 (e4m3) KV cache, %d blocks, "
+            "%zu MiB, scales k %g v %g", b->n_blocks, bytes >> 20,
+            (double) k_scale, (double) v_scale);
     return MOE_OK;
 }

@@ -63,6 +63,9 @@ enum {
     MOE_CUDA_ST_EXPERT,          /* expert (or dense FFN) GEMMs + SiLU */
     MOE_CUDA_ST_DENSE,           /* qkv, o, lm_head GEMMs */
     MOE_CUDA_ST_OTHER,           /* embed, norms, copies */
+    MOE_CUDA_ST_COMM,            /* the all-reduces between ranks (NCCL or
+                                    the local sum; waiting for the other
+                                    ranks included) */
     MOE_CUDA_N_STAGES
 };
 
@@ -99,6 +102,18 @@ int moe_cuda_backend_create(const moe_model_t *m, int n_blocks,
     char *err, size_t errlen);
 
 /*
+ * fp8 KV cache (kv_cache_dtype fp8): replace b's bf16 KV pool by an e4m3
+ * one of the same blocks (half the bytes; the freed memory stays free),
+ * K / V written as e4m3(x / scale) (moe_cuda_rope_kv_fp8) and read by
+ * moe_cuda_attention_ex.  Call right after creating b, before the first
+ * forward() and before the swap pool (kv_bytes_per_block halves).
+ * MOE_EINVAL (a scale not finite and > 0, or a swap pool already made),
+ * MOE_ENOMEM, MOE_EBACKEND; reason in err.
+ */
+int moe_cuda_backend_set_kv_fp8(moe_backend_t *b, float k_scale,
+    float v_scale, char *err, size_t errlen);
+
+/*
  * The same with synthetic bf16 weights generated on the GPU from `seed`
  * (benchmarks): uniform values scaled by 1/sqrt(fan_in), norms 1.  Only
  * the Llama/Mistral/Mixtral feature set (MOE_EUNSUPPORTED for any of the
@@ -122,6 +137,49 @@ int moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
 int moe_cuda_backend_create_rank(const moe_model_t *m, int tp, int rank,
     int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen);
+
+/*
+ * The same with expert parallelism when ep != 0 and tp > 1
+ * (moe_hparams_shard_ep): the rank holds experts [rank * E / tp, (rank +
+ * 1) * E / tp) whole (read by moe_model_for_each_tensor_shard_ep), routes
+ * over all E and computes only its experts' rows; the other rows of its
+ * FFN output are 0 before the all-reduce.  MOE_EUNSUPPORTED when tp does
+ * not divide the experts or the heads.
+ */
+int moe_cuda_backend_create_rank_ep(const moe_model_t *m, int tp, int rank,
+    int ep, int n_blocks, int block_size, int max_batched_tokens, int device,
+    moe_backend_t **out, char *err, size_t errlen);
+
+/* Random weights (moe_cuda_backend_create_random) for rank `rank` of tp,
+ * expert parallel when ep (benchmarks of the collectives: each rank's own
+ * random values, so only shapes and timing mean anything). */
+int moe_cuda_backend_create_random_rank(const moe_hparams_t *hp,
+    uint64_t seed, int tp, int rank, int ep, int n_blocks, int block_size,
+    int max_batched_tokens, int device, moe_backend_t **out, char *err,
+    size_t errlen);
+
+/*
+ * NCCL (built with MOE_HAVE_NCCL: the Makefile found nccl.h and libnccl).
+ *
+ * moe_cuda_nccl_available: 1 when this build has NCCL.
+ * moe_cuda_nccl_attach: one communicator over the n ranks' devices
+ *   (distinct; single process, ncclCommInitAll) with NCCL_NVLS_ENABLE=0
+ *   set unless the environment has it (other NCCL_* variables are the
+ *   user's), one warm-up all-reduce, then rank r all-reduces its partial
+ *   sums with ncclAllReduce (fp32, in place, on its own stream) instead
+ *   of the reduce hook, which lets its decode steps run as CUDA graphs
+ *   again (the collective is captured).  n == 1 is allowed (an identity
+ *   all-reduce: the communicator path on one GPU).  The clique is freed
+ *   with the last rank (destroy the ranks in order, as tp.c does).
+ *   MOE_EUNSUPPORTED (no NCCL in the build, two ranks on one device),
+ *   MOE_EINVAL, MOE_ENOMEM, MOE_EBACKEND (NCCL's reason in err); on
+ *   failure no rank is changed.  Caveat: a rank whose step
+ *   fails before a collective leaves its peers waiting in it (NCCL has no
+ *   timeout unless the user's environment sets one).
+ */
+int moe_cuda_nccl_available(void);
+int moe_cuda_nccl_attach(moe_backend_t **ranks, const int *devices, int n,
+    char *err, size_t errlen);
 
 /*
  * The all-reduce ops of CUDA ranks (moe_tp_backend_wrap): the op context

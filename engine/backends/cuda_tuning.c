@@ -29,6 +29,8 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_GGEMM_MAX_T",   CT_FIELD(ggemm_max_t),   0, CT_T_MAX },
     { "MOE_CUDA_GEMV_FMA",      CT_FIELD(gemv_fma_rows), 0, 4 },
     { "MOE_CUDA_ATT_BPS",       CT_FIELD(att_split_bps), 1, 64 },
+    { "MOE_CUDA_ATT_LONG_CTX",  CT_FIELD(att_long_ctx),  0, CT_T_MAX },
+    { "MOE_CUDA_ATT_LONG_BPS",  CT_FIELD(att_long_bps),  1, 64 },
 };
 
 
@@ -92,7 +94,8 @@ moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf, size_t len)
 {
     return snprintf(buf, len, "graphs=%d sample_tokens=%d gemv_max_t=%d "
                     "dense_gemv_t=%d ggemm_max_t=%d gemv_fma_rows=%d "
-                    "att_split_bps=%d", t->graphs, t->sample_tokens,
-                    t->gemv_max_t, t->dense_gemv_t, t->ggemm_max_t,
-                    t->gemv_fma_rows, t->att_split_bps);
+                    "att_split_bps=%d att_long_ctx=%d att_long_bps=%d",
+                    t->graphs, t->sample_tokens, t->gemv_max_t,
+                    t->dense_gemv_t, t->ggemm_max_t, t->gemv_fma_rows,
+                    t->att_split_bps, t->att_long_ctx, t->att_long_bps);
 }

@@ -5,7 +5,11 @@
  * rank in one process.  The row-parallel partial sums of o_proj and the
  * FFN are all-reduced with barriers; the adds and copies go through
  * moe_tp_ops_t (host loops here, a kernel over device buffers for CUDA
- * ranks), ranks in order, so every rank gets the same bits.
+ * ranks), ranks in order, so every rank gets the same bits.  CUDA ranks
+ * with an NCCL communicator (moe_cuda_nccl_attach) all-reduce on their own
+ * streams and never call the host reduce; the threads still run them.
+ * Expert parallel ranks (moe_tp_backend_set_ep) hold whole experts; their
+ * FFN partial sums are added by the same reduce.
  */
 
 #include <pthread.h>
@@ -48,6 +52,7 @@ struct tp_backend {
     void                  (*set_reduce)(moe_backend_t *b, moe_reduce_fn fn,
                                         void *ctx);
     int                     own_shards;
+    int                     ep;            /* ranks hold whole experts */
 
     /* all-reduce state */
     int                     active;        /* ranks still in this step */
@@ -247,7 +252,8 @@ tp_expert_counts(moe_backend_t *base)
 {
     tp_backend_t *b = (tp_backend_t *) base;
 
-    /* every rank routes the same tokens alike: rank 0's */
+    /* every rank routes the same tokens alike (the router is replicated,
+     * expert parallel or not): rank 0's */
     return b->rank[0]->expert_counts(b->rank[0]);
 }
 
@@ -505,3 +511,26 @@ moe_tp_backend_rank(moe_backend_t *base, int rank)
     return b->rank[rank];
 }
 
+
+
+/* ------------------------------------------------ expert parallelism */
+
+void
+moe_tp_backend_set_ep(moe_backend_t *base)
+{
+    if (base != NULL && base->forward == tp_forward) {
+        ((tp_backend_t *) base)->ep = 1;
+    }
+}
+
+
+int
+moe_tp_backend_ep_ranks(moe_backend_t *base)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+
+    if (base == NULL || base->forward != tp_forward || !b->ep) {
+        return 0;
+    }
+    return b->tp;
+}

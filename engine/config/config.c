@@ -71,8 +71,11 @@ static const char *const cfg_qtypes[] = { "fp16", "bf16", "fp32", NULL };
 static const char *const cfg_formats[] = { "auto", "safetensors", "dummy",
                                            NULL };
 static const char *const cfg_backends[] = { "auto", "cpu", "cuda", NULL };
+static const char *const cfg_nccl_modes[] = { "auto", "on", "off", NULL };
+static const char *const cfg_kv_dtypes[] = { "auto", "fp8", "fp8_e4m3",
+                                             NULL };
 static const char *const cfg_quants[] = {
-    "awq", "gptq", "squeezellm", "fp8", NULL
+    "awq", "gptq", "squeezellm", "fp8", "compressed-tensors", NULL
 };
 
 static const cfg_key_t cfg_model_keys[] = {
@@ -123,6 +126,15 @@ static const cfg_key_t cfg_vllm_keys[] = {
       cfg_formats },
     { "chat_template", CFG_STR, OFF(chat_template), SZ(chat_template), 0, 0,
       0, NULL },
+    /* scale-out: whole experts per rank */
+    { "expert_parallel", CFG_BOOL, OFF(expert_parallel), 0, 0, 1, 0, NULL },
+    /* fp8 KV cache (vLLM's key; the scales are LocalMoE's) */
+    { "kv_cache_dtype", CFG_ENUM, OFF(kv_cache_dtype), SZ(kv_cache_dtype),
+      0, 0, 0, cfg_kv_dtypes },
+    { "kv_cache_scale_k", CFG_DOUBLE, OFF(kv_cache_scale_k), 0, 0, 448.0,
+      CFG_OPEN_MIN, NULL },
+    { "kv_cache_scale_v", CFG_DOUBLE, OFF(kv_cache_scale_v), 0, 0, 448.0,
+      CFG_OPEN_MIN, NULL },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -143,6 +155,8 @@ static const cfg_key_t cfg_engine_keys[] = {
       INT_MAX, 0, NULL },
     { "max_waiting_tokens", CFG_INT, OFF(max_waiting_tokens), 0, 0,
       INT_MAX, 0, NULL },
+    /* scale-out: collectives between GPU ranks */
+    { "nccl", CFG_ENUM, OFF(nccl), SZ(nccl), 0, 0, 0, cfg_nccl_modes },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -484,12 +498,14 @@ cfg_set(cfg_ctx_t *ctx, const cfg_key_t *k, const yaml_node_t *v)
                 if (strcasecmp(s, k->values[i]) != 0) {
                     continue;
                 }
-                if (k->type == CFG_QUANT) {
+                if (k->type == CFG_QUANT
+                    && strcmp(k->values[i], "squeezellm") == 0)
+                {
                     /* a known method, but this engine has no kernels */
                     return cfg_err(ctx, MOE_EUNSUPPORTED, line,
                                    "quantization '%s' is not supported by "
-                                   "this build (weights must be "
-                                   "unquantized; set quantization: null)",
+                                   "this build (awq, gptq, fp8, "
+                                   "compressed-tensors or null)",
                                    k->values[i]);
                 }
                 cfg_copy(dst, k->size, k->values[i]);
@@ -1201,8 +1217,13 @@ moe_config_defaults(moe_config_t *c)
     c->prefill_step_ratio = 3.0;
     c->trust_remote_code = 0;
     strcpy(c->load_format, "auto");
+    strcpy(c->kv_cache_dtype, "auto");
+    c->kv_cache_scale_k = 1.0;
+    c->kv_cache_scale_v = 1.0;
 
     strcpy(c->backend, "auto");
+    strcpy(c->nccl, "auto");
+    c->expert_parallel = 0;
     c->cpu_threads = 0;
     c->kv_cache_blocks = 0;
     c->ring_size = 4096;
@@ -1285,6 +1306,17 @@ cfg_document(cfg_ctx_t *ctx)
         if (ctx->tp_line == 0) {
             c->tensor_parallel_size = c->instances[0].tensor_parallel_size;
         }
+    }
+
+    /* expert parallelism: whole experts on each rank */
+    if (c->expert_parallel && c->num_experts > 0
+        && c->num_experts % c->tensor_parallel_size != 0)
+    {
+        return cfg_err(ctx, MOE_EINVAL, ctx->tp_line > 0 ? ctx->tp_line : 1,
+                       "expert_parallel: tensor_parallel_size %d does not "
+                       "divide num_experts %d (each rank holds num_experts "
+                       "/ tensor_parallel_size whole experts)",
+                       c->tensor_parallel_size, c->num_experts);
     }
 
     /* admission: room for a few scheduler batches of waiting requests */

@@ -41,7 +41,9 @@ moe_model_check_dir(const moe_config_t *c, const char *name,
     if (strcmp(c->load_format, "dummy") == 0) {
         rc = moe_model_load_config(dir, 0, &m, why, sizeof(why));
     } else {
-        rc = moe_model_open(dir, 0, &m, why, sizeof(why));
+        /* the quantization config too (model/quant.h) */
+        rc = moe_model_load_quant(dir, 0, c->quantization, 1, &m, why,
+                                  sizeof(why));
     }
     moe_model_free(m);
 

@@ -48,6 +48,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "model/model.h"
+#include "model/quant.h"
 #include "model/safetensors.h"
 
 struct moe_model {
@@ -61,6 +62,9 @@ struct moe_model {
     int             shard;
     float          *owned[32];
     int             n_owned;
+    /* quantized checkpoints (model/quant.h): quantization_config, and the
+     * YAML `quantization` applied (MOE_QM_NONE: plain float weights) */
+    moe_qconfig_t   q;
 };
 
 static const char *supported_archs =
@@ -929,6 +933,9 @@ typedef struct {
     size_t               errlen;
     m_fn_t               fn;
     void                *ctx;
+    const moe_qconfig_t *q;         /* NULL or method NONE: float only */
+    int                  packed;    /* quantized pieces not dequantized
+                                       (moe_model_for_each_tensor_packed) */
 } m_ctx_t;
 
 
@@ -974,6 +981,15 @@ m_find(m_ctx_t *c, const char *name, int nd, const int64_t *shape,
               t->file, name, a, b);
         return MOE_EFORMAT;
     }
+    if (!moe_dtype_is_float(t->dtype)) {
+        moe_errf(c->err, c->errlen, "%s: tensor '%s' has dtype %s, but this "
+              "weight must be F32, F16 or BF16 (%s)", t->file, name,
+              moe_dtype_name(t->dtype), c->q == NULL
+              || c->q->method == MOE_QM_NONE
+              ? "config.json has no quantization_config"
+              : "it is not one the quantization_config quantizes");
+        return MOE_EFORMAT;
+    }
     *out = t;
     return MOE_OK;
 }
@@ -1003,19 +1019,31 @@ m_emit(m_ctx_t *c, const moe_st_tensor_t *t, int kind, int layer,
     r.cols = cols;
     r.transposed = transposed;
     r.ld = ld;
+    r.quant = NULL;
     return c->fn(c->ctx, &r);
 }
 
 
-/* The whole 1-D or 2-D tensor `name` (shape d0[, d1]) as one piece. */
+static int m_qload(m_ctx_t *c, const char *name, int kind, int layer,
+    int expert, int64_t N, int64_t K, int *done);
+
+
+/* The whole 1-D or 2-D tensor `name` (shape d0[, d1]) as one piece
+ * (a quantized linear weight: m_qload). */
 static int
 m_load(m_ctx_t *c, const char *name, int kind, int layer, int expert,
     int64_t d0, int64_t d1)
 {
     const moe_st_tensor_t *t;
     int64_t                shape[2] = { d0, d1 };
-    int                    rc;
+    int                    rc, done;
 
+    if (c->q != NULL && c->q->method != MOE_QM_NONE && d1 > 0) {
+        rc = m_qload(c, name, kind, layer, expert, d0, d1, &done);
+        if (rc != MOE_OK || done) {
+            return rc;
+        }
+    }
     rc = m_find(c, name, d1 > 0 ? 2 : 1, shape, &t);
     if (rc != MOE_OK) {
         return rc;
@@ -1039,6 +1067,21 @@ m_is_moe(const moe_hparams_t *hp)
 {
     return hp->arch == MOE_ARCH_MIXTRAL || hp->arch == MOE_ARCH_QWEN2_MOE
            || hp->arch == MOE_ARCH_QWEN3_MOE;
+}
+
+
+/* <base>.qweight exists for name "<base>.weight" (AWQ / GPTQ experts) */
+static int
+m_has_qweight(const moe_st_set_t *st, const char *name)
+{
+    char   q[300];
+    size_t n = strlen(name);
+
+    if (n < 7 || n + 2 > sizeof(q)) {
+        return 0;
+    }
+    snprintf(q, sizeof(q), "%.*sqweight", (int) (n - 6), name);
+    return moe_st_find(st, q) != NULL;
 }
 
 
@@ -1119,14 +1162,14 @@ m_walk_experts(m_ctx_t *c, const moe_hparams_t *hp, int l)
     /* per-expert layout: w1/w3/w2 (Mixtral) or gate/up/down_proj */
     snprintf(name, sizeof(name), "model.layers.%d.%s.experts.0.w1.weight", l,
              pre);
-    if (moe_st_find(c->st, name) != NULL) {
+    if (moe_st_find(c->st, name) != NULL || m_has_qweight(c->st, name)) {
         s_gate = "w1";
         s_up = "w3";
         s_down = "w2";
     } else {
         snprintf(name, sizeof(name),
                  "model.layers.%d.%s.experts.0.gate_proj.weight", l, pre);
-        if (moe_st_find(c->st, name) != NULL) {
+        if (moe_st_find(c->st, name) != NULL || m_has_qweight(c->st, name)) {
             s_gate = "gate_proj";
             s_up = "up_proj";
             s_down = "down_proj";
@@ -1246,10 +1289,11 @@ m_walk_gpt2(m_ctx_t *c, const moe_hparams_t *hp)
 }
 
 
-int
-moe_model_for_each_tensor(const moe_model_t *m,
-    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
-    size_t errlen)
+/* the walk; packed: quantized pieces as they are in the files
+ * (moe_model_for_each_tensor_packed) */
+static int
+m_walk(const moe_model_t *m, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, int packed, char *err, size_t errlen)
 {
     const moe_hparams_t *hp = &m->hp;
     m_ctx_t              c;
@@ -1268,6 +1312,8 @@ moe_model_for_each_tensor(const moe_model_t *m,
     c.errlen = errlen;
     c.fn = fn;
     c.ctx = ctx;
+    c.q = &m->q;
+    c.packed = packed;
 
     if (hp->arch == MOE_ARCH_GPT2) {
         return m_walk_gpt2(&c, hp);
@@ -1372,6 +1418,15 @@ moe_model_for_each_tensor(const moe_model_t *m,
 #undef LOAD
 #undef NAME
     return MOE_OK;
+}
+
+
+int
+moe_model_for_each_tensor(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
+{
+    return m_walk(m, fn, ctx, 0, err, errlen);
 }
 
 
@@ -1626,14 +1681,14 @@ moe_model_load_f32(moe_model_t *m, char *err, size_t errlen)
 
 /* what: 0 config only, 1 + tensors opened and checked, 2 + fp32 weights */
 static int m_load_model(const char *dir, int top_k_override, int what,
-    moe_model_t **out, char *err, size_t errlen);
+    const char *quantization, moe_model_t **out, char *err, size_t errlen);
 
 
 int
 moe_model_load(const char *dir, int top_k_override, moe_model_t **out,
     char *err, size_t errlen)
 {
-    return m_load_model(dir, top_k_override, 2, out, err, errlen);
+    return m_load_model(dir, top_k_override, 2, NULL, out, err, errlen);
 }
 
 
@@ -1641,7 +1696,7 @@ int
 moe_model_open(const char *dir, int top_k_override, moe_model_t **out,
     char *err, size_t errlen)
 {
-    return m_load_model(dir, top_k_override, 1, out, err, errlen);
+    return m_load_model(dir, top_k_override, 1, NULL, out, err, errlen);
 }
 
 
@@ -1649,13 +1704,17 @@ int
 moe_model_load_config(const char *dir, int top_k_override,
     moe_model_t **out, char *err, size_t errlen)
 {
-    return m_load_model(dir, top_k_override, 0, out, err, errlen);
+    return m_load_model(dir, top_k_override, 0, NULL, out, err, errlen);
 }
+
+
+static int m_quant_config(moe_model_t *m, const char *quantization,
+    char *err, size_t errlen);
 
 
 static int
 m_load_model(const char *dir, int top_k_override, int what,
-    moe_model_t **out, char *err, size_t errlen)
+    const char *quantization, moe_model_t **out, char *err, size_t errlen)
 {
     moe_model_t *m;
     int          rc;
@@ -1684,6 +1743,10 @@ m_load_model(const char *dir, int top_k_override, int what,
             goto fail;
         }
         m->hp.top_k = top_k_override;
+    }
+    rc = m_quant_config(m, quantization, err, errlen);
+    if (rc != MOE_OK) {
+        goto fail;
     }
 
     if (what == 0) {
@@ -1836,6 +1899,14 @@ int
 moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
     char *err, size_t errlen)
 {
+    return moe_model_shard_ep(m, tp, rank, 0, out, err, errlen);
+}
+
+
+int
+moe_model_shard_ep(const moe_model_t *m, int tp, int rank, int ep,
+    moe_model_t **out, char *err, size_t errlen)
+{
     const moe_hparams_t *hp = &m->hp;
     const moe_weights_t *w = &m->w;
     moe_model_t         *sh;
@@ -1857,7 +1928,9 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
     if (sh == NULL) {
         return MOE_ENOMEM;
     }
-    if (moe_hparams_shard(hp, tp, &sh->hp, err, errlen) != MOE_OK) {
+    if (moe_hparams_shard_ep(hp, tp, rank, ep, &sh->hp, err, errlen)
+        != MOE_OK)
+    {
         free(sh);
         return MOE_EUNSUPPORTED;
     }
@@ -1890,8 +1963,22 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
                          KV * hd);
     o->bv = m_slice_rows(sh, w->bv, L, KV * tp * hd, 1, r * KV * hd,
                          KV * hd);
-    o->w_gate = m_slice_rows(sh, w->w_gate, L * E, F * tp, D, r * F, F);
-    o->w_up = m_slice_rows(sh, w->w_up, L * E, F * tp, D, r * F, F);
+    if (ep) {
+        /* expert parallel: whole experts [e0, e0 + El) of every layer */
+        size_t El = (size_t) sh->hp.n_local_experts;
+        size_t e0 = (size_t) sh->hp.expert_first;
+
+        F = (size_t) hp->ffn_dim;
+        o->w_gate = m_slice_rows(sh, w->w_gate, L, E * F, D, e0 * F,
+                                 El * F);
+        o->w_up = m_slice_rows(sh, w->w_up, L, E * F, D, e0 * F, El * F);
+        o->w_down = m_slice_rows(sh, w->w_down, L, E * D, F, e0 * D,
+                                 El * D);
+    } else {
+        o->w_gate = m_slice_rows(sh, w->w_gate, L * E, F * tp, D, r * F, F);
+        o->w_up = m_slice_rows(sh, w->w_up, L * E, F * tp, D, r * F, F);
+        o->w_down = m_slice_cols(sh, w->w_down, L * E, D, F * tp, r * F, F);
+    }
     o->b_gate = m_slice_rows(sh, w->b_gate, L, F * tp, 1, r * F, F);
     o->b_up = m_slice_rows(sh, w->b_up, L, F * tp, 1, r * F, F);
     o->ws_gate = m_slice_rows(sh, w->ws_gate, L, FS * tp, D, r * FS, FS);
@@ -1900,7 +1987,6 @@ moe_model_shard(const moe_model_t *m, int tp, int rank, moe_model_t **out,
     o->wd_up = m_slice_rows(sh, w->wd_up, L, FD * tp, D, r * FD, FD);
     /* row-parallel (input columns split): partial sums, all-reduced */
     o->wo = m_slice_cols(sh, w->wo, L, D, H * tp * hd, r * H * hd, H * hd);
-    o->w_down = m_slice_cols(sh, w->w_down, L * E, D, F * tp, r * F, F);
     o->ws_down = m_slice_cols(sh, w->ws_down, L, D, FS * tp, r * FS, FS);
     o->wd_down = m_slice_cols(sh, w->wd_down, L, D, FD * tp, r * FD, FD);
     o->bo = m_rank0_bias(sh, w->bo, L * D, rank);
@@ -1935,6 +2021,48 @@ int
 moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
     char *err, size_t errlen)
 {
+    return moe_hparams_shard_ep(hp, tp, 0, 0, out, err, errlen);
+}
+
+
+int
+moe_hparams_shard_ep(const moe_hparams_t *hp, int tp, int rank, int ep,
+    moe_hparams_t *out, char *err, size_t errlen)
+{
+    if (ep) {
+        /* whole experts per rank: the routed FFN is not split */
+        if (hp->n_experts <= 1 || hp->n_local_experts > 0) {
+            moe_errf(err, errlen, "expert_parallel: the model has no routed "
+                     "experts to place on ranks (n_experts %d)",
+                     hp->n_experts);
+            return MOE_EUNSUPPORTED;
+        }
+        if (tp < 1 || rank < 0 || rank >= tp || hp->n_experts % tp) {
+            moe_errf(err, errlen, "expert_parallel: tensor_parallel_size "
+                     "%d must divide the number of experts (%d)", tp,
+                     hp->n_experts);
+            return MOE_EUNSUPPORTED;
+        }
+        if (hp->n_heads % tp || hp->n_kv_heads % tp
+            || hp->shared_ffn_dim % tp || hp->dense_ffn_dim % tp)
+        {
+            moe_errf(err, errlen, "expert_parallel: tensor_parallel_size "
+                     "%d must divide the attention heads (%d), kv heads "
+                     "(%d) and the shared / dense intermediate sizes (%d, "
+                     "%d)", tp, hp->n_heads, hp->n_kv_heads,
+                     hp->shared_ffn_dim, hp->dense_ffn_dim);
+            return MOE_EUNSUPPORTED;
+        }
+        *out = *hp;
+        out->n_heads /= tp;
+        out->n_kv_heads /= tp;
+        out->shared_ffn_dim /= tp;
+        out->dense_ffn_dim /= tp;
+        out->n_local_experts = hp->n_experts / tp;
+        out->expert_first = rank * out->n_local_experts;
+        return MOE_OK;
+    }
+
     if (tp < 1 || hp->n_heads % tp || hp->n_kv_heads % tp
         || hp->ffn_dim % tp || hp->shared_ffn_dim % tp
         || hp->dense_ffn_dim % tp)
@@ -1958,6 +2086,7 @@ moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
 
 typedef struct {
     int    tp, rank;
+    int    ep, e0, el;          /* expert parallel: experts [e0, e0 + el) */
     int  (*fn)(void *ctx, const moe_tensor_ref_t *t);
     void  *ctx;
     char  *err;
@@ -1974,6 +2103,22 @@ m_shard_piece(void *vctx, const moe_tensor_ref_t *t0)
     size_t            esz = t.dtype == MOE_DT_F32 ? 4 : 2;
     int64_t           n, start;
     int               slice;
+
+    if (c->ep && (t.kind == MOE_WK_GATE || t.kind == MOE_WK_UP
+                  || t.kind == MOE_WK_DOWN))
+    {
+        /* expert parallel: a routed expert goes whole to its rank */
+        if (t.expert < 0) {
+            moe_errf(c->err, c->errlen, "expert_parallel: %s is not one "
+                     "expert's weight", t.name);
+            return MOE_EUNSUPPORTED;
+        }
+        if (t.expert < c->e0 || t.expert >= c->e0 + c->el) {
+            return MOE_OK;
+        }
+        t.expert -= c->e0;
+        return c->fn(c->ctx, &t);
+    }
 
     switch (t.kind) {
     case MOE_WK_WQ: case MOE_WK_WK: case MOE_WK_WV:
@@ -2024,8 +2169,30 @@ moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
     int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
     size_t errlen)
 {
-    m_shard_ctx_t c;
+    return moe_model_for_each_tensor_shard_ep(m, tp, rank, 0, fn, ctx, err,
+                                              errlen);
+}
 
+
+int
+moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp, int rank,
+    int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx,
+    char *err, size_t errlen)
+{
+    m_shard_ctx_t  c;
+    moe_hparams_t  rhp;
+
+    memset(&c, 0, sizeof(c));
+    if (ep && tp > 1) {
+        if (moe_hparams_shard_ep(&m->hp, tp, rank, 1, &rhp, err, errlen)
+            != MOE_OK)
+        {
+            return MOE_EUNSUPPORTED;
+        }
+        c.ep = 1;
+        c.e0 = rhp.expert_first;
+        c.el = rhp.n_local_experts;
+    }
     if (tp <= 1) {
         return moe_model_for_each_tensor(m, fn, ctx, err, errlen);
     }
@@ -2040,4 +2207,227 @@ moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
     c.err = err;
     c.errlen = errlen;
     return moe_model_for_each_tensor(m, m_shard_piece, &c, err, errlen);
+}
+
+
+/* ------------------------------------------------ quantized weights */
+
+int
+moe_model_for_each_tensor_packed(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
+{
+    if (fn == NULL) {
+        moe_errf(err, errlen, "moe_model_for_each_tensor_packed: no "
+                 "callback");
+        return MOE_EINVAL;
+    }
+    return m_walk(m, fn, ctx, 1, err, errlen);
+}
+
+/*
+ * Quantized checkpoints (model/quant.h): config.json's quantization_config
+ * and the YAML `quantization` checked against each other at load; the
+ * walk hands each quantized linear weight over dequantized to fp32 (data,
+ * alive during the callback only) with its packed form in t->quant.
+ */
+
+int
+moe_model_load_quant(const char *dir, int top_k_override,
+    const char *quantization, int open_only, moe_model_t **out, char *err,
+    size_t errlen)
+{
+    return m_load_model(dir, top_k_override, open_only ? 1 : 2,
+                        quantization, out, err, errlen);
+}
+
+
+const moe_qconfig_t *
+moe_model_quant(const moe_model_t *m)
+{
+    return &m->q;
+}
+
+
+static int
+m_quant_config(moe_model_t *m, const char *quantization, char *err,
+    size_t errlen)
+{
+    char      path[MOE_PATH_MAX + 64];
+    yajl_val  root;
+    int       rc;
+
+    snprintf(path, sizeof(path), "%s/config.json", m->dir);
+    rc = m_parse_json(path, &root, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    rc = moe_qconfig_parse(root, path, &m->q, err, errlen);
+    yajl_tree_free(root);
+    if (rc == MOE_OK) {
+        rc = moe_qconfig_request(&m->q, quantization, m->dir, err, errlen);
+    }
+    if (rc == MOE_OK && m->q.method != MOE_QM_NONE
+        && m->hp.arch == MOE_ARCH_GPT2)
+    {
+        moe_errf(err, errlen, "%s: quantized GPT-2 checkpoints are not "
+                 "supported", m->dir);
+        rc = MOE_EUNSUPPORTED;
+    }
+    return rc;
+}
+
+
+static int
+m_is_linear(int kind)
+{
+    switch (kind) {
+    case MOE_WK_WQ: case MOE_WK_WK: case MOE_WK_WV: case MOE_WK_WO:
+    case MOE_WK_GATE: case MOE_WK_UP: case MOE_WK_DOWN:
+    case MOE_WK_WS_GATE: case MOE_WK_WS_UP: case MOE_WK_WS_DOWN:
+    case MOE_WK_WD_GATE: case MOE_WK_WD_UP: case MOE_WK_WD_DOWN:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+
+/* YAML fp8 on a float checkpoint: per output channel, scale amax / 448 */
+static int
+m_fp8_load(m_ctx_t *c, const char *name, moe_qtensor_t *qt, float *w,
+    uint8_t **qbuf, float **sbuf)
+{
+    const moe_st_tensor_t *t;
+    int64_t                N = qt->rows, K = qt->cols, shape[2] = { N, K };
+    int64_t                n, k;
+    float                  amax, s;
+    int                    rc;
+
+    rc = m_find(c, name, 2, shape, &t);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    *qbuf = malloc((size_t) (N * K));
+    *sbuf = malloc((size_t) N * sizeof(float));
+    if (*qbuf == NULL || *sbuf == NULL) {
+        moe_errf(c->err, c->errlen, "out of memory quantizing '%s'", name);
+        return MOE_ENOMEM;
+    }
+    (void) moe_st_to_f32(t, 0, N * K, w);
+    for (n = 0; n < N; n++) {
+        amax = 0.0f;
+        for (k = 0; k < K; k++) {
+            amax = fmaxf(amax, fabsf(w[n * K + k]));
+        }
+        s = amax > 0.0f ? amax / 448.0f : 1.0f;
+        (*sbuf)[n] = s;
+        for (k = 0; k < K; k++) {
+            (*qbuf)[n * K + k] = moe_f32_to_fp8_e4m3(w[n * K + k] / s);
+        }
+    }
+    qt->layout = MOE_QL_FP8_CHANNEL;
+    qt->name = t->name;
+    qt->file = t->file;
+    qt->qweight = *qbuf;
+    qt->qdtype = MOE_DT_F8_E4M3;
+    qt->scales = *sbuf;
+    qt->sdtype = MOE_DT_F32;
+    qt->s_rows = N;
+    qt->s_cols = 1;
+    return MOE_OK;
+}
+
+
+/*
+ * A linear weight `name` ("<module>.weight", logical (N, K)) that may be
+ * quantized: *done 1 when handled here (quantized piece emitted, or only
+ * checked when c->fn is NULL), 0 when it is a plain float tensor.
+ */
+static int
+m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
+    int64_t N, int64_t K, int *done)
+{
+    moe_qtensor_t     qt;
+    moe_tensor_ref_t  r;
+    char              base[300];
+    size_t            n = strlen(name);
+    float            *w = NULL, *sbuf = NULL;
+    uint8_t          *qbuf = NULL;
+    int               rc;
+
+    *done = 0;
+    if (!m_is_linear(kind) || n < 8 || strcmp(name + n - 7, ".weight") != 0
+        || n - 7 >= sizeof(base))
+    {
+        return MOE_OK;
+    }
+    snprintf(base, sizeof(base), "%.*s", (int) (n - 7), name);
+
+    if (c->q->method == MOE_QM_FP8_LOAD) {
+        if (c->fn == NULL) {
+            return MOE_OK;          /* the float tensor is checked as is */
+        }
+        memset(&qt, 0, sizeof(qt));
+        qt.rows = N;
+        qt.cols = K;
+    } else {
+        rc = moe_qtensor_find(c->st, c->q, c->dir, base, N, K, &qt, c->err,
+                              c->errlen);
+        if (rc <= 0) {
+            return rc;              /* 0: a float tensor; or the error */
+        }
+        if (c->fn == NULL) {
+            *done = 1;
+            return MOE_OK;
+        }
+    }
+    *done = 1;
+    if (c->packed && c->q->method != MOE_QM_FP8_LOAD) {
+        memset(&r, 0, sizeof(r));
+        r.kind = kind;
+        r.layer = layer;
+        r.expert = expert;
+        r.name = qt.name;
+        r.file = qt.file;
+        r.dtype = qt.qdtype;
+        r.data = qt.qweight;
+        r.rows = N;
+        r.cols = K;
+        r.ld = K;
+        r.quant = &qt;
+        return c->fn(c->ctx, &r);
+    }
+    w = malloc((size_t) (N * K) * sizeof(float));
+    if (w == NULL) {
+        moe_errf(c->err, c->errlen, "out of memory dequantizing '%s'", name);
+        return MOE_ENOMEM;
+    }
+    if (c->q->method == MOE_QM_FP8_LOAD) {
+        rc = m_fp8_load(c, name, &qt, w, &qbuf, &sbuf);
+    } else {
+        rc = MOE_OK;
+    }
+    if (rc == MOE_OK && !c->packed) {
+        rc = moe_qtensor_dequant(&qt, w);
+    }
+    if (rc == MOE_OK) {
+        memset(&r, 0, sizeof(r));
+        r.kind = kind;
+        r.layer = layer;
+        r.expert = expert;
+        r.name = qt.name;
+        r.file = qt.file;
+        r.dtype = c->packed ? qt.qdtype : MOE_DT_F32;
+        r.data = c->packed ? qt.qweight : w;
+        r.rows = N;
+        r.cols = K;
+        r.ld = K;
+        r.quant = &qt;
+        rc = c->fn(c->ctx, &r);
+    }
+    free(w);
+    free(qbuf);
+    free(sbuf);
+    return rc;
 }

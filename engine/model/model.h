@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "moe.h"
+#include "model/quant.h"
 
 typedef enum {
     MOE_ARCH_LLAMA = 1,      /* LlamaForCausalLM */
@@ -109,7 +110,24 @@ typedef struct {
     int        rope_truncate;   /* yarn truncate (default 1) */
     int        rope_factor_from_len; /* yarn: factor = max_pos / orig_max
                                    (original_max_position_embeddings given) */
+
+    /* Expert parallelism (a rank's shard, moe_hparams_shard_ep): this
+     * rank holds the whole experts [expert_first, expert_first +
+     * n_local_experts) of the n_experts its router scores; its expert
+     * weight arrays have n_local_experts entries per layer, and its FFN
+     * output holds only those experts' weighted rows (a partial sum the
+     * ranks add).  n_local_experts 0: every expert (no expert
+     * parallelism); use moe_hp_local_experts(). */
+    int        expert_first;
+    int        n_local_experts;
 } moe_hparams_t;
+
+/* Experts whose weights this model (or shard) holds, per layer. */
+static inline int
+moe_hp_local_experts(const moe_hparams_t *hp)
+{
+    return hp->n_local_experts > 0 ? hp->n_local_experts : hp->n_experts;
+}
 
 typedef enum {
     MOE_ROPE_DEFAULT = 0,
@@ -292,6 +310,12 @@ typedef struct {
     int64_t      rows, cols;  /* destination shape */
     int          transposed;  /* 1: source is (cols, ld), read by column */
     int64_t      ld;          /* source row stride, elements */
+    /* quantized checkpoints (model/quant.h): non-NULL for a quantized
+     * linear weight, its packed form (the whole tensor, rows x cols
+     * before any tensor-parallel narrowing); then dtype is F32 and data
+     * the exact fp32 dequantization, both alive during the callback
+     * only (copy what you keep) */
+    const struct moe_qtensor *quant;
 } moe_tensor_ref_t;
 
 /*
@@ -323,5 +347,62 @@ int moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
  * MOE_EUNSUPPORTED (err names the sizes) when tp does not divide them. */
 int moe_hparams_shard(const moe_hparams_t *hp, int tp, moe_hparams_t *out,
     char *err, size_t errlen);
+
+/* ---------------------------------------------- expert parallelism */
+
+/*
+ * The expert-parallel split (expert_parallel: true): attention, the
+ * shared expert and dense layers split over tp as moe_model_shard does;
+ * the routed experts are NOT split but placed whole, n_experts / tp
+ * contiguous experts per rank (rank r: experts [r * E / tp, (r + 1) * E /
+ * tp)), every rank keeping the whole router.  ep 0: exactly the
+ * tensor-parallel functions above.
+ *
+ * moe_hparams_shard_ep: as moe_hparams_shard, ffn_dim kept, expert_first
+ *   and n_local_experts set; MOE_EUNSUPPORTED (err says why) when the
+ *   model has no routed experts or tp does not divide n_experts.
+ * moe_model_shard_ep: the fp32 shard (expert arrays (n_layers,
+ *   n_local_experts, ...), sliced copies owned by the shard).
+ * moe_model_for_each_tensor_shard_ep: the walk; routed expert pieces of
+ *   other ranks are skipped, the rank's own passed whole with expert
+ *   renumbered from 0 (expert - expert_first).
+ */
+int moe_hparams_shard_ep(const moe_hparams_t *hp, int tp, int rank, int ep,
+    moe_hparams_t *out, char *err, size_t errlen);
+int moe_model_shard_ep(const moe_model_t *m, int tp, int rank, int ep,
+    moe_model_t **out, char *err, size_t errlen);
+int moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp,
+    int rank, int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, char *err, size_t errlen);
+/* ---- quantized checkpoints (model/quant.h) ---- */
+
+/*
+ * moe_model_load (open_only 0) or moe_model_open (1) with vLLM's
+ * `quantization` value (NULL or "": none) checked against config.json's
+ * quantization_config; "fp8" on an unquantized checkpoint quantizes every
+ * linear weight per output channel at load.  Quantized weights reach the
+ * fp32 arrays dequantized, and the tensor walk's pieces carry their packed
+ * form (moe_tensor_ref_t.quant).  A malformed quantization_config or
+ * quantized tensor, or a disagreeing `quantization`: MOE_EINVAL naming the
+ * file, tensor and problem.
+ */
+int moe_model_load_quant(const char *dir, int top_k_override,
+    const char *quantization, int open_only, moe_model_t **out, char *err,
+    size_t errlen);
+
+/*
+ * moe_model_for_each_tensor (one rank, no tensor parallelism) for a
+ * backend that reads quantized weights as they are: a quantized piece has
+ * quant set, data == quant->qweight and dtype == quant->qdtype, and
+ * nothing is dequantized (YAML fp8 at load still quantizes each weight,
+ * into buffers alive during the callback).  Other pieces as
+ * moe_model_for_each_tensor.  fn must not be NULL (MOE_EINVAL).
+ */
+int moe_model_for_each_tensor_packed(const moe_model_t *m,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen);
+
+/* The model's quantization (method MOE_QM_NONE: float weights). */
+const moe_qconfig_t *moe_model_quant(const moe_model_t *m);
 
 #endif /* MOE_MODEL_H */

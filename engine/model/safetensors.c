@@ -43,7 +43,21 @@ struct moe_st_set {
 size_t
 moe_dtype_size(moe_dtype_t dt)
 {
-    return dt == MOE_DT_F32 ? 4 : 2;
+    switch (dt) {
+    case MOE_DT_F32: case MOE_DT_I32:
+        return 4;
+    case MOE_DT_F16: case MOE_DT_BF16:
+        return 2;
+    default:
+        return 1;
+    }
+}
+
+
+int
+moe_dtype_is_float(moe_dtype_t dt)
+{
+    return dt == MOE_DT_F32 || dt == MOE_DT_F16 || dt == MOE_DT_BF16;
 }
 
 
@@ -54,6 +68,11 @@ moe_dtype_name(moe_dtype_t dt)
     case MOE_DT_F32:  return "F32";
     case MOE_DT_F16:  return "F16";
     case MOE_DT_BF16: return "BF16";
+    case MOE_DT_F8_E4M3: return "F8_E4M3";
+    case MOE_DT_F8_E5M2: return "F8_E5M2";
+    case MOE_DT_I32:  return "I32";
+    case MOE_DT_U8:   return "U8";
+    case MOE_DT_I8:   return "I8";
     }
     return "?";
 }
@@ -165,9 +184,20 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
         t.dtype = MOE_DT_F16;
     } else if (strcmp(dts, "BF16") == 0) {
         t.dtype = MOE_DT_BF16;
+    } else if (strcmp(dts, "F8_E4M3") == 0) {
+        t.dtype = MOE_DT_F8_E4M3;
+    } else if (strcmp(dts, "F8_E5M2") == 0) {
+        t.dtype = MOE_DT_F8_E5M2;
+    } else if (strcmp(dts, "I32") == 0) {
+        t.dtype = MOE_DT_I32;
+    } else if (strcmp(dts, "U8") == 0) {
+        t.dtype = MOE_DT_U8;
+    } else if (strcmp(dts, "I8") == 0) {
+        t.dtype = MOE_DT_I8;
     } else {
         moe_errf(err, errlen, "%s: tensor '%s': dtype '%.32s' is not supported "
-               "(supported: F32, F16, BF16)", f->path, name, dts);
+               "(supported: F32, F16, BF16, F8_E4M3, F8_E5M2, I32, U8, I8)",
+               f->path, name, dts);
         return MOE_EUNSUPPORTED;
     }
 
@@ -747,6 +777,32 @@ moe_f16_to_f32(uint16_t h)
 }
 
 
+/* e4m3fn: bias 7, subnormals man * 2^-9, S.1111.111 NaN, no inf */
+float
+moe_fp8_e4m3_to_f32(uint8_t b)
+{
+    int    e = (b >> 3) & 0xf, man = b & 7;
+    float  f;
+
+    if (e == 0xf && man == 7) {
+        f = NAN;
+    } else if (e == 0) {
+        f = ldexpf((float) man, -9);
+    } else {
+        f = ldexpf((float) (8 + man), e - 10);
+    }
+    return (b & 0x80) ? -f : f;
+}
+
+
+/* e5m2: the top byte of an IEEE half */
+float
+moe_fp8_e5m2_to_f32(uint8_t b)
+{
+    return moe_f16_to_f32((uint16_t) (b << 8));
+}
+
+
 int
 moe_st_to_f32(const moe_st_tensor_t *t, int64_t first, int64_t n,
     float *dst)
@@ -776,6 +832,34 @@ moe_st_to_f32(const moe_st_tensor_t *t, int64_t first, int64_t n,
         for (i = 0; i < n; i++) {
             h = (uint16_t) (p[2 * i] | (p[2 * i + 1] << 8));
             dst[i] = moe_bf16_to_f32(h);
+        }
+        break;
+    case MOE_DT_F8_E4M3:
+        for (i = 0; i < n; i++) {
+            dst[i] = moe_fp8_e4m3_to_f32(p[i]);
+        }
+        break;
+    case MOE_DT_F8_E5M2:
+        for (i = 0; i < n; i++) {
+            dst[i] = moe_fp8_e5m2_to_f32(p[i]);
+        }
+        break;
+    case MOE_DT_I32:
+        for (i = 0; i < n; i++) {
+            int32_t v;
+
+            memcpy(&v, p + 4 * i, sizeof(v));
+            dst[i] = (float) v;
+        }
+        break;
+    case MOE_DT_U8:
+        for (i = 0; i < n; i++) {
+            dst[i] = (float) p[i];
+        }
+        break;
+    case MOE_DT_I8:
+        for (i = 0; i < n; i++) {
+            dst[i] = (float) (int8_t) p[i];
         }
         break;
     default:

@@ -3,9 +3,10 @@
  *
  * A tensor set is one or more .safetensors files, each mmapped read-only
  * once.  The JSON header is parsed with yajl and every tensor is indexed by
- * name; lookups are O(1).  Only F32, F16 and BF16 tensors are accepted (the
- * dtypes Llama/Mistral/Mixtral checkpoints use); any other dtype fails the
- * open with MOE_EUNSUPPORTED naming the tensor.  Every offset is checked
+ * name; lookups are O(1).  F32, F16 and BF16 tensors are accepted (the
+ * dtypes Llama/Mistral/Mixtral checkpoints use), and F8_E4M3, F8_E5M2, I32,
+ * U8, I8 for quantized checkpoints (model/quant.h); any other dtype fails
+ * the open with MOE_EUNSUPPORTED naming the tensor.  Every offset is checked
  * against the file, so a malformed file fails with MOE_EFORMAT and never
  * makes a later read go out of bounds.
  */
@@ -23,7 +24,13 @@
 typedef enum {
     MOE_DT_F32  = 1,
     MOE_DT_F16  = 2,
-    MOE_DT_BF16 = 3
+    MOE_DT_BF16 = 3,
+    /* quantized checkpoints (model/quant.h): never a plain float weight */
+    MOE_DT_F8_E4M3 = 4,     /* fp8 e4m3fn (bias 7, max 448, no inf) */
+    MOE_DT_F8_E5M2 = 5,     /* fp8 e5m2 (bias 15, IEEE-like) */
+    MOE_DT_I32 = 6,         /* packed 4-bit weights, zeros, g_idx */
+    MOE_DT_U8 = 7,
+    MOE_DT_I8 = 8
 } moe_dtype_t;
 
 typedef struct {
@@ -40,10 +47,12 @@ typedef struct {
 
 typedef struct moe_st_set moe_st_set_t;
 
-/* Bytes per element of a dtype (4, 2 or 2). */
+/* Bytes per element of a dtype (F32/I32 4, F16/BF16 2, fp8/U8/I8 1). */
 size_t moe_dtype_size(moe_dtype_t dt);
-/* "F32" "F16" "BF16". */
+/* "F32" "F16" "BF16" "F8_E4M3" "F8_E5M2" "I32" "U8" "I8". */
 const char *moe_dtype_name(moe_dtype_t dt);
+/* 1 for F32, F16, BF16 (what a plain weight may be). */
+int moe_dtype_is_float(moe_dtype_t dt);
 
 /*
  * Open one .safetensors file as a set.  Fails with MOE_EIO (cannot open or
@@ -81,7 +90,8 @@ int64_t moe_st_total_bytes(const moe_st_set_t *s);
 
 /*
  * Convert elements [first, first + n) of t (flattened, row-major) to fp32
- * into dst.  Conversions are exact (subnormals, inf and NaN kept).  Fails
+ * into dst.  Conversions are exact (subnormals, inf and NaN kept; fp8 as
+ * the raw codes' values, unscaled; I32/U8/I8 as integers).  Fails
  * with MOE_EINVAL when the range is outside the tensor.
  */
 int moe_st_to_f32(const moe_st_tensor_t *t, int64_t first, int64_t n,
@@ -100,5 +110,8 @@ int moe_json_parse_object(const char *text, const char *path,
 /* Exact scalar conversions. */
 float moe_bf16_to_f32(uint16_t h);
 float moe_f16_to_f32(uint16_t h);
+/* fp8 e4m3fn / e5m2 codes, exactly (e4m3fn: S.1111.111 is NaN, no inf). */
+float moe_fp8_e4m3_to_f32(uint8_t b);
+float moe_fp8_e5m2_to_f32(uint8_t b);
 
 #endif /* MOE_SAFETENSORS_H */

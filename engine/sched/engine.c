@@ -291,12 +291,15 @@ moe_backend_opts(const moe_config_t *cfg, int max_model_len,
     o->file = cfg->file;
     o->backend = cfg->backend;
     o->dummy = strcmp(cfg->load_format, "dummy") == 0;
+    o->quantization = cfg->quantization;
     o->tensor_parallel_size = cfg->tensor_parallel_size;
     if (cfg->n_instances > 0 && cfg->instances[0].n_gpu_devices > 0) {
         o->gpu_devices = cfg->instances[0].gpu_devices;
         o->n_gpu_devices = cfg->instances[0].n_gpu_devices;
     }
     o->cpu_tensor_parallel = cfg->cpu_tensor_parallel;
+    o->expert_parallel = cfg->expert_parallel;
+    o->nccl = cfg->nccl[0] != '\0' ? cfg->nccl : NULL;
     o->cpu_threads = cfg->cpu_threads;
     o->kv_cache_blocks = cfg->kv_cache_blocks;
     o->gpu_memory_utilization = cfg->gpu_memory_utilization;
@@ -305,6 +308,10 @@ moe_backend_opts(const moe_config_t *cfg, int max_model_len,
     o->max_model_len = max_model_len;
     o->max_num_seqs = cfg->max_num_seqs;
     o->max_num_batched_tokens = cfg->max_num_batched_tokens;
+    /* fp8 KV cache (vllm.kv_cache_dtype) */
+    o->kv_fp8 = strncmp(cfg->kv_cache_dtype, "fp8", 3) == 0;
+    o->kv_k_scale = (float) cfg->kv_cache_scale_k;
+    o->kv_v_scale = (float) cfg->kv_cache_scale_v;
 }
 
 
@@ -434,6 +441,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     }
     snprintf(e->info.backend, sizeof(e->info.backend), "%s",
              e->backend->name);
+    e->ep_ranks = moe_tp_backend_ep_ranks(e->backend);
     n_blocks = e->backend->n_kv_blocks;
     e->info.kv_blocks_total = n_blocks;
 
@@ -833,4 +841,33 @@ moe_engine_expert_counts(const moe_engine_t *e, int64_t *counts, size_t n)
     }
 
     return (int) e->n_expert_counts;
+}
+
+
+/* ------------------------------------------------ expert parallelism */
+
+int
+moe_engine_rank_load(const moe_engine_t *e, int64_t *tokens, int n)
+{
+    size_t  i, E, per;
+    int     r;
+
+    if (e->ep_ranks <= 0) {
+        return 0;
+    }
+    if (n < e->ep_ranks) {
+        return MOE_EINVAL;
+    }
+    /* rank r owns experts [r * E / ranks, (r + 1) * E / ranks) */
+    E = (size_t) moe_model_hparams(e->model)->n_experts;
+    per = E / (size_t) e->ep_ranks;
+    for (r = 0; r < e->ep_ranks; r++) {
+        tokens[r] = 0;
+    }
+    for (i = 0; per > 0 && i < e->n_expert_counts; i++) {
+        r = (int) ((i % E) / per);
+        tokens[r] += atomic_load_explicit(&e->expert_counts[i],
+                                          memory_order_relaxed);
+    }
+    return e->ep_ranks;
 }

@@ -166,6 +166,9 @@ struct moe_engine {
     _Atomic int64_t    st_cost_milli[3];   /* cost.c x 1000 when cost.ok */
     _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */
     size_t             n_expert_counts;
+
+    /* expert parallelism: ranks holding whole experts (0: none) */
+    int                ep_ranks;
 };
 
 

@@ -6,8 +6,10 @@
  *     yet, a copy of it pointing at the fake model in t/data/conf/models is
  *     loaded instead (diagnostics say which);
  *   - the seed's recommended configurations (large, medium, several
- *     instances, local path) load with their values; its tuning advice with
- *     quantization "awq" fails at that line;
+ *     instances, local path) load with their values; its tuning advice
+ *     (quantization "awq", accepted here and checked against the model's
+ *     quantization_config at load, t/quant.t) fails only for want of a
+ *     model;
  *   - a key of every type, model path resolution (YAML dir, its parent,
  *     models/<org>/<name>, absolute);
  *   - the server: section (API keys: one, a list, key files resolved
@@ -63,10 +65,11 @@ static const bad_case_t bad_cases[] = {
     { "bad_model_missing.yaml", 4, MOE_EIO,
       "model 'nowhere/none' not found" },
     { "bad_model_noconfig.yaml", 2, MOE_EIO, "model 'models' not found" },
-    { "bad_quant_gptq.yaml", 3, MOE_EUNSUPPORTED,
-      "quantization 'gptq' is not supported by this build" },
+    { "bad_quant_squeezellm.yaml", 3, MOE_EUNSUPPORTED,
+      "quantization 'squeezellm' is not supported by this build" },
     { "bad_quant_unknown.yaml", 3, MOE_EINVAL,
-      "quantization must be null or awq, gptq, squeezellm, fp8, got "
+      "quantization must be null or awq, gptq, squeezellm, fp8, "
+      "compressed-tensors, got "
       "'\"int4\"'" },
     { "bad_load_format.yaml", 3, MOE_EINVAL,
       "load_format must be auto, safetensors, dummy, got '\"pt\"'" },
@@ -92,6 +95,11 @@ static const bad_case_t bad_cases[] = {
       "quantization_type must be fp16, bf16, fp32, got 'int8'" },
     { "bad_topk.yaml", 3, MOE_EINVAL,
       "top_k_experts (4) is larger than num_experts (2)" },
+    { "bad_expert_parallel.yaml", 5, MOE_EINVAL,
+      "expert_parallel: tensor_parallel_size 3 does not divide "
+      "num_experts 8" },
+    { "bad_nccl.yaml", 4, MOE_EINVAL,
+      "nccl must be auto, on, off, got 'maybe'" },
     { "bad_inst_len.yaml", 4, MOE_EINVAL,
       "gpu_devices has 3 entries but tensor_parallel_size is 2" },
     { "bad_inst_dup_gpu.yaml", 7, MOE_EINVAL,
@@ -124,8 +132,8 @@ static const bad_case_t bad_cases[] = {
       "admin_api_key: a key must be 1 to 255 bytes (value not shown)" },
     { "bad_server_key_file.yaml", 4, MOE_EINVAL,
       "api_key_file: expected a file name" },
-    { "seed_tuning.yaml", 10, MOE_EUNSUPPORTED,
-      "quantization 'awq' is not supported by this build" },
+    { "seed_tuning.yaml", 3, MOE_EINVAL,
+      "no model: set vllm.model_name" },
 };
 
 

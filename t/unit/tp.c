@@ -11,6 +11,12 @@
  * engine with tensor_parallel_size 2 gives the greedy streams of tp 1; and
  * the sharded tensor walk (moe_model_for_each_tensor_shard, what the CUDA
  * ranks load from the files) yields exactly moe_model_shard's weights.
+ * The same with expert parallelism (moe_model_shard_ep: whole experts,
+ * E / tp per rank): logits within 1e-5, greedy tokens and expert counts
+ * equal, the walk equal to the shards, a tp that does not divide the
+ * experts (or a dense model) refused by name, and the engine with
+ * expert_parallel gives tp 1's greedy streams and a per-rank load that
+ * sums to the routed rows.
  */
 
 #include <math.h>
@@ -78,14 +84,16 @@ argmax(const float *v, int n)
 
 /* tp CPU ranks through the factory (moe_backend_create_ranks). */
 static int
-cpu_ranks(const moe_model_t *m, int tp, int n_blocks, int block_size,
-    int n_threads, moe_backend_t **out, char *err, size_t errlen)
+cpu_ranks_ep(const moe_model_t *m, int tp, int ep, int n_blocks,
+    int block_size, int n_threads, moe_backend_t **out, char *err,
+    size_t errlen)
 {
     moe_ranks_t p;
 
     memset(&p, 0, sizeof(p));
     p.kind = MOE_BACKEND_CPU;
     p.tp = tp;
+    p.ep = ep;
     p.n_threads = n_threads;
     p.n_blocks = n_blocks;
     p.block_size = block_size;
@@ -93,9 +101,18 @@ cpu_ranks(const moe_model_t *m, int tp, int n_blocks, int block_size,
 }
 
 
+static int
+cpu_ranks(const moe_model_t *m, int tp, int n_blocks, int block_size,
+    int n_threads, moe_backend_t **out, char *err, size_t errlen)
+{
+    return cpu_ranks_ep(m, tp, 0, n_blocks, block_size, n_threads, out, err,
+                        errlen);
+}
+
+
 /* One model at one tp: 0 when skipped (tp does not divide), else tests. */
 static void
-test_model(const char *rel, int tp)
+test_model(const char *rel, int tp, int ep)
 {
     char                 dir[PATH_MAX + 64], err[512];
     moe_model_t         *m = NULL;
@@ -107,6 +124,7 @@ test_model(const char *rel, int tp)
     double               worst = 0;
     float               *l1 = NULL, *l2 = NULL;
     const char          *name = strrchr(rel, '/') + 1;
+    const char          *mode = ep ? " ep" : "";
 
     snprintf(dir, sizeof(dir), "%s/%s", srcdir, rel);
     if (moe_model_load(dir, 0, &m, err, sizeof(err)) != MOE_OK) {
@@ -114,12 +132,23 @@ test_model(const char *rel, int tp)
         return;
     }
     hp = moe_model_hparams(m);
-    if (hp->n_heads % tp || hp->n_kv_heads % tp || hp->ffn_dim % tp
+    if (ep && hp->n_experts <= 1) {
+        /* expert_parallel on a dense model: refused by name */
+        rc = cpu_ranks_ep(m, tp, 1, NB, BS, 1, &par, err, sizeof(err));
+        TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, "no routed experts"),
+               "%s tp %d ep: refused (%s)", name, tp, err);
+        moe_model_free(m);
+        return;
+    }
+    if (hp->n_heads % tp || hp->n_kv_heads % tp
+        || (ep ? hp->n_experts % tp : hp->ffn_dim % tp)
         || hp->shared_ffn_dim % tp || hp->dense_ffn_dim % tp)
     {
-        rc = cpu_ranks(m, tp, NB, BS, 1, &par, err, sizeof(err));
-        TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, "must divide") != NULL,
-               "%s tp %d: refused (%s)", name, tp, err);
+        rc = cpu_ranks_ep(m, tp, ep, NB, BS, 1, &par, err, sizeof(err));
+        TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, "must divide") != NULL
+               && (!ep || hp->n_experts % tp == 0
+                   || strstr(err, "number of experts") != NULL),
+               "%s tp %d%s: refused (%s)", name, tp, mode, err);
         moe_model_free(m);
         return;
     }
@@ -137,11 +166,16 @@ test_model(const char *rel, int tp)
     }
     if (moe_cpu_backend_create(m, NB, BS, 2, &one, err, sizeof(err))
         != MOE_OK
-        || cpu_ranks(m, tp, NB, BS, 2, &par, err, sizeof(err))
+        || cpu_ranks_ep(m, tp, ep, NB, BS, 2, &par, err, sizeof(err))
            != MOE_OK)
     {
-        TAP_OK(0, "%s tp %d: backends: %s", name, tp, err);
+        TAP_OK(0, "%s tp %d%s: backends: %s", name, tp, mode, err);
         goto out;
+    }
+    if (ep) {
+        TAP_OK(moe_tp_backend_ep_ranks(par) == tp, "%s tp %d ep: the "
+               "backend reports %d expert-parallel ranks", name, tp,
+               moe_tp_backend_ep_ranks(par));
     }
     /* chunked prefill of both, then decode; every step both backends */
     for (;;) {
@@ -170,14 +204,16 @@ test_model(const char *rel, int tp)
             break;
         }
         if (one->forward(one, sb, n) != MOE_OK) {
-            TAP_OK(0, "%s tp %d: step %d on one backend", name, tp, steps);
+            TAP_OK(0, "%s tp %d%s: step %d on one backend", name, tp, mode,
+                   steps);
             goto out;
         }
         for (int i = 0; i < n; i++) {
             sb[i].logits = l2 + (size_t) i * V;
         }
         if (par->forward(par, sb, n) != MOE_OK) {
-            TAP_OK(0, "%s tp %d: step %d on %d ranks", name, tp, steps, tp);
+            TAP_OK(0, "%s tp %d%s: step %d on %d ranks", name, tp, mode,
+                   steps, tp);
             goto out;
         }
         n = 0;
@@ -214,10 +250,11 @@ test_model(const char *rel, int tp)
             same &= c1[i] == c2[i];
         }
         TAP_OK(worst <= 1e-5 && greedy_bad == 0 && rows > 0 && same,
-               "%s tp %d: %d steps (chunked prefill + decode, 2 sequences), "
-               "%d logits rows: rel err max %.2e (<= 1e-5), greedy equal "
-               "(%d differ), expert counts equal (%s)", name, tp, steps, rows,
-               worst, greedy_bad, same ? "yes" : "no");
+               "%s tp %d%s: %d steps (chunked prefill + decode, 2 "
+               "sequences), %d logits rows: rel err max %.2e (<= 1e-5), "
+               "greedy equal (%d differ), expert counts equal (%s)", name,
+               tp, mode, steps, rows, worst, greedy_bad,
+               same ? "yes" : "no");
     }
 
 out:
@@ -302,7 +339,7 @@ walk_check(void *vctx, const moe_tensor_ref_t *t)
                                          + wk_field[t->kind]);
     int64_t      layer = t->layer > 0 ? t->layer : 0;
     int64_t      ex = t->expert > 0 ? t->expert : 0;
-    int64_t      E = t->expert >= 0 ? c->hp->n_experts : 1;
+    int64_t      E = t->expert >= 0 ? moe_hp_local_experts(c->hp) : 1;
     int64_t      off = (layer * E + ex) * t->rows * t->cols;
 
     c->pieces++;
@@ -324,7 +361,7 @@ walk_check(void *vctx, const moe_tensor_ref_t *t)
 
 
 static void
-test_walk(const char *rel, int tp)
+test_walk(const char *rel, int tp, int ep)
 {
     char         dir[PATH_MAX + 64], err[512] = "";
     moe_model_t *m = NULL, *sh = NULL;
@@ -332,6 +369,7 @@ test_walk(const char *rel, int tp)
     int          ok = 1, r, rc = MOE_OK;
     int64_t      checked = 0, bad = 0, pieces = 0;
     const char  *name = strrchr(rel, '/') + 1;
+    int          placed = 1;
 
     snprintf(dir, sizeof(dir), "%s/%s", srcdir, rel);
     if (moe_model_load(dir, 0, &m, err, sizeof(err)) != MOE_OK) {
@@ -339,15 +377,25 @@ test_walk(const char *rel, int tp)
         return;
     }
     for (r = 0; r < tp && ok; r++) {
-        rc = moe_model_shard(m, tp, r, &sh, err, sizeof(err));
+        rc = moe_model_shard_ep(m, tp, r, ep, &sh, err, sizeof(err));
         if (rc != MOE_OK) {
             break;
         }
         memset(&c, 0, sizeof(c));
         c.hp = moe_model_hparams(sh);
         c.w = moe_model_weights(sh);
-        ok = moe_model_for_each_tensor_shard(m, tp, r, walk_check, &c, err,
-                                             sizeof(err)) == MOE_OK;
+        if (ep) {
+            /* rank r: experts [r E / tp, (r + 1) E / tp), whole */
+            const moe_hparams_t *hp = moe_model_hparams(m);
+
+            placed &= c.hp->n_local_experts == hp->n_experts / tp
+                      && c.hp->expert_first == r * (hp->n_experts / tp)
+                      && c.hp->ffn_dim == hp->ffn_dim
+                      && c.hp->n_heads == hp->n_heads / tp;
+        }
+        ok = moe_model_for_each_tensor_shard_ep(m, tp, r, ep, walk_check,
+                                                &c, err, sizeof(err))
+             == MOE_OK;
         checked += c.checked;
         bad += c.bad;
         pieces += c.pieces;
@@ -358,10 +406,13 @@ test_walk(const char *rel, int tp)
         moe_model_free(m);
         return;
     }
-    TAP_OK(ok && rc == MOE_OK && bad == 0 && checked > 0, "%s tp %d: the "
-           "sharded tensor walk (%lld pieces, %lld elements over the ranks) "
-           "equals moe_model_shard's weights (%lld differ)", name, tp,
-           (long long) pieces, (long long) checked, (long long) bad);
+    TAP_OK(ok && rc == MOE_OK && bad == 0 && checked > 0 && placed,
+           "%s tp %d%s: the sharded tensor walk (%lld pieces, %lld elements "
+           "over the ranks) equals moe_model_shard%s's weights (%lld "
+           "differ)%s", name, tp, ep ? " ep" : "", (long long) pieces,
+           (long long) checked, ep ? "_ep" : "", (long long) bad,
+           ep ? (placed ? ", whole experts E / tp per rank" : ", MISPLACED")
+              : "");
     moe_model_free(m);
 }
 
@@ -424,7 +475,7 @@ test_swap(void)
 
 /* the engine with tensor_parallel_size tp: greedy streams of 6 requests */
 static int
-engine_run(int tp, int32_t out[6][16])
+engine_run(int tp, int ep, int32_t out[6][16])
 {
     char            err[1024];
     moe_config_t    cfg;
@@ -444,6 +495,7 @@ engine_run(int tp, int32_t out[6][16])
     cfg.kv_cache_blocks = 64;
     cfg.tensor_parallel_size = tp;
     cfg.cpu_tensor_parallel = 1;
+    cfg.expert_parallel = ep;
     cfg.cpu_threads = 2;
     if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
         TAP_DIAG("engine tp %d: %s", tp, err);
@@ -486,6 +538,30 @@ engine_run(int tp, int32_t out[6][16])
             }
         }
     }
+    if (ep) {
+        /* the per-rank load covers every routed row, on tp ranks */
+        int64_t load[8], counts[4096], sum = 0, lsum = 0;
+        int     n = moe_engine_rank_load(e, load, 8), c, busy = 0;
+
+        c = moe_engine_expert_counts(e, counts, 4096);
+        for (int i = 0; i < c; i++) {
+            sum += counts[i];
+        }
+        for (int i = 0; i < n; i++) {
+            lsum += load[i];
+            busy += load[i] > 0;
+        }
+        TAP_OK(n == tp && c > 0 && lsum == sum && sum > 0 && busy == tp
+               && moe_engine_rank_load(e, load, tp - 1) == MOE_EINVAL,
+               "engine tp %d ep: rank load over %d ranks (%lld + %lld ...) "
+               "sums to the %lld routed rows", tp, n, (long long) load[0],
+               (long long) (n > 1 ? load[1] : 0), (long long) sum);
+    } else if (tp == 1) {
+        int64_t load[8];
+
+        TAP_OK(moe_engine_rank_load(e, load, 8) == 0, "engine tp 1: no "
+               "expert-parallel ranks reported");
+    }
     moe_engine_destroy(e);
     return live == 0 ? 0 : -1;
 }
@@ -507,18 +583,31 @@ main(int argc, char **argv)
         }
     }
     for (size_t k = 0; k < sizeof(models) / sizeof(models[0]); k++) {
-        test_model(models[k], 2);
-        test_model(models[k], 4);
+        test_model(models[k], 2, 0);
+        test_model(models[k], 4, 0);
     }
     for (size_t k = 0; k < sizeof(models) / sizeof(models[0]); k++) {
-        test_walk(models[k], 2);
-        test_walk(models[k], 4);
+        test_walk(models[k], 2, 0);
+        test_walk(models[k], 4, 0);
+    }
+    /* expert parallelism: whole experts per rank, same logits */
+    for (size_t k = 0; k < sizeof(models) / sizeof(models[0]); k++) {
+        test_model(models[k], 2, 1);
+        test_model(models[k], 4, 1);
+    }
+    for (size_t k = 0; k < sizeof(models) / sizeof(models[0]); k++) {
+        test_walk(models[k], 2, 1);
+        test_walk(models[k], 4, 1);
     }
     test_swap();
-    TAP_OK(engine_run(1, a) == 0 && engine_run(2, b) == 0
+    TAP_OK(engine_run(1, 0, a) == 0 && engine_run(2, 0, b) == 0
            && memcmp(a, b, sizeof(a)) == 0, "engine: tensor_parallel_size 2 "
            "on the cpu gives the greedy streams of tp 1 (6 requests x 16 "
            "tokens)");
+    memset(b, 0, sizeof(b));
+    TAP_OK(engine_run(2, 1, b) == 0 && memcmp(a, b, sizeof(a)) == 0,
+           "engine: tensor_parallel_size 2 with expert_parallel on the cpu "
+           "gives the greedy streams of tp 1");
     TAP_PLAN(tap_n);
     return TAP_DONE();
 }

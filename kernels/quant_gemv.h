@@ -1,0 +1,110 @@
+/*
+ * Quantized weights on the device, in the checkpoints' own layouts:
+ * decode GEMVs that dequantize in registers (FP8 e4m3 and 4-bit AWQ /
+ * GPTQ), grouped per expert like moe_cuda_gemv (rows routed to each
+ * expert, offsets read on the device, no host sync, graph-safe grids),
+ * and dequantize-to-bf16 kernels for the tensor-core path (prefill and
+ * large batches: dequantize one layer's / expert's weights into a bf16
+ * scratch, then the existing bf16 GEMM / grouped GEMM; kernels/NOTES.md
+ * "Quantized weights").
+ *
+ * Shared terms:
+ *   E groups (experts) of rows [offs[e], offs[e+1]) of the step (offs NULL:
+ *   one group, rows [0, n)); input row of step row r: xr(r) = xrow ?
+ *   xrow[r] / xdiv : r; X bf16 with leading dimension ldx (>= K).
+ *   Ntot output features (a stacked gate|up weight has Ntot = 2 F; then
+ *   moe_cuda_silu_mul on Y gives the bf16 hidden rows).
+ *   Y[r * ldy + j] = sum_k X[xr(r), k] * deq(W_e)[j, k]  (fp32), j < Ntot.
+ *   n: the total rows (an upper bound of offs[E]); with n < E the grid
+ *   covers only n groups (moe_block_group).  n == 0: nothing to do.
+ */
+#ifndef MOE_KERNELS_QUANT_GEMV_H
+#define MOE_KERNELS_QUANT_GEMV_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* FP8 weight scale layouts (HF fp8 / compressed-tensors / block-wise). */
+enum {
+    MOE_K_FP8_TENSOR  = 0,  /* one fp32 per matrix; a stacked gate|up
+                               weight keeps both: scale[e * 2 + (j >= F)]
+                               with F = Ntot / 2 when `stacked` */
+    MOE_K_FP8_CHANNEL = 1,  /* one fp32 per output row: scale[e * Ntot + j] */
+    MOE_K_FP8_BLOCK   = 2   /* weight_scale_inv of 128x128 blocks:
+                               scale[e * nb + (j / 128) * ceil(K / 128)
+                               + k / 128], nb = ceil(Ntot / 128) *
+                               ceil(K / 128) */
+};
+
+/* 4-bit packings. */
+enum {
+    MOE_K_Q4_AWQ  = 0,   /* AutoAWQ GEMM: qweight (K, Ntot / 8) int32, the
+                            8 nibbles of word w holding columns 8w + c at
+                            bits 4 * {0,4,1,5,2,6,3,7}[c]; qzeros
+                            (K / G, Ntot / 8) packed the same way; scales
+                            (K / G, Ntot) fp16; w = (q - z) * s */
+    MOE_K_Q4_GPTQ = 1    /* GPTQ: qweight (K / 8, Ntot) int32, word (i, j)
+                            holding k = 8 i + b at bits 4 b; qzeros
+                            (K / G, Ntot / 8) with column 8 w + b at bits
+                            4 b; scales (K / G, Ntot) fp16; g_idx (K)
+                            int32 or NULL (group k / G); w = (q - z) * s,
+                            z = stored zero + zero_bias (1 for the
+                            original "gptq" checkpoint format, which
+                            stores zero - 1; 0 for "gptq_v2") */
+};
+
+/*
+ * FP8 grouped GEMV: W = the experts' e4m3 weights, expert e's (Ntot, K)
+ * row-major at W + e * Ntot * K (HF layout, [out][in]); scale by `mode`
+ * (above; stacked: 1 when Ntot is a gate|up pair with per-tensor scales).
+ * Every group's rows are done in passes of 4; any group size is correct.
+ * Needs K % 16 == 0, ldx % 8 == 0, X 16-byte aligned (else
+ * MOE_K_EUNSUPPORTED).  One warp per output feature, 16-byte weight loads.
+ */
+int moe_cuda_qgemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int stacked,
+    int Ntot, int K, const int32_t *offs, int E, int n, float *Y, int ldy,
+    cudaStream_t stream);
+
+/*
+ * 4-bit grouped GEMV (AWQ or GPTQ by fmt, tensors above; expert e's
+ * tensors at qweight + e * K * Ntot / 8, qzeros + e * (K / G) * Ntot / 8,
+ * scales + e * (K / G) * Ntot, g_idx + e * K).  G: group size (32, 64,
+ * 128, or K for one group).  Needs Ntot % 8 == 0, K % 8 == 0, K % G == 0,
+ * ldx % 8 == 0 (else MOE_K_EUNSUPPORTED).  The K dimension is split over
+ * blocks that add into Y with atomics: the launcher zeroes Y's rows
+ * [0, n) (columns [0, Ntot), enqueued on stream) first, so Y's other
+ * columns must not be needed by the caller, and the sums' order is not
+ * fixed (results vary in the last bits of fp32 between runs).
+ */
+int moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    float *Y, int ldy, cudaStream_t stream);
+
+/*
+ * Dequantize `count` consecutive FP8 matrices (rows, K) (expert e at
+ * W + e * rows * K, scales as for moe_cuda_qgemv_fp8 with Ntot = rows)
+ * into bf16 out (count, rows, K): out = bf16(float(q) * scale), the same
+ * fp32 product the GEMV forms.  K % 16 == 0.
+ */
+int moe_cuda_dequant_fp8(const uint8_t *W, const float *scale, int mode,
+    int stacked, int rows, int K, int count, moe_bf16_t *out,
+    cudaStream_t stream);
+
+/*
+ * Dequantize `count` consecutive 4-bit matrices (tensors and strides as
+ * for moe_cuda_qgemv_q4) into bf16 out (count, Ntot, K) row-major, the
+ * HF (out, in) layout the bf16 GEMMs take: out[j, k] = bf16((q - z) * s).
+ */
+int moe_cuda_dequant_q4(int fmt, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, int count, moe_bf16_t *out,
+    cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,640 @@
+/*
+ * Checks the quantized-weight kernels (kernels/quant_gemv.cu) and the
+ * host e4m3 helpers (kernels/fp8.h) against host references on fresh
+ * random data (the seed is printed; MOE_TEST_SEED=N repeats a run):
+ *  - fp8.h: moe_fp8_to_f32 equals the device's e4m3 -> fp32 conversion
+ *    for all 256 codes (NaN codes NaN on both), and moe_fp8_from_f32
+ *    equals the device's saturating round-to-nearest-even conversion for
+ *    2^20 fp32 values spread over every e4m3 binade (ties, subnormals,
+ *    values past 448 and NaN included);
+ *  - moe_cuda_dequant_fp8 (per-tensor, stacked per-tensor, per-channel,
+ *    128x128 block scales with ragged edges) and moe_cuda_dequant_q4
+ *    (AWQ and GPTQ, group sizes 32 / 64 / 128, GPTQ with g_idx
+ *    (desc_act), zero bias 0 and 1): every bf16 element bit-equal to the
+ *    host's fp32 dequantization rounded to bf16;
+ *  - moe_cuda_qgemv_fp8 and moe_cuda_qgemv_q4, grouped (3 experts with
+ *    1, 0 and 6 rows, input rows gathered through xrow / xdiv, a compact
+ *    grid with n < E too) and ungrouped (offs NULL): every output within
+ *    2e-4 x sum_k |x_k w_k| (+1e-6) of the host fp32 GEMV of the same
+ *    bf16 inputs and host-dequantized weights (fp32 accumulation order is
+ *    the only difference), the Y columns outside [0, N) untouched (fp8;
+ *    the q4 launcher zeroes them by contract only inside [0, N));
+ *  - bad shapes refused with MOE_K_EUNSUPPORTED.
+ * TAP; skips when there is no CUDA device.
+ */
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include "gpu_util.h"
+
+extern "C" {
+#include "tap.h"
+}
+#include "fp8.h"
+#include "quant_gemv.h"
+
+#define NE 3                 /* experts */
+
+static const int awq_pos[8] = { 0, 4, 1, 5, 2, 6, 3, 7 };
+static const int grp_rows[NE] = { 1, 0, 6 };
+static const char *fp8_mode_name[3] = { "tensor", "channel", "block" };
+
+
+/* ------------------------------------------------ fp8.h vs the device */
+
+__global__ void
+k_fp8_decode(float *out)
+{
+    __nv_fp8_e4m3 v;
+
+    v.__x = (__nv_fp8_storage_t) threadIdx.x;
+    out[threadIdx.x] = (float) v;
+}
+
+
+__global__ void
+k_fp8_encode(const float *in, uint8_t *out, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+
+    if (i < n) {
+        out[i] = (uint8_t) __nv_cvt_float_to_fp8(in[i], __NV_SATFINITE,
+                                                  __NV_E4M3);
+    }
+}
+
+
+static void
+test_fp8_host(void)
+{
+    const int n = 1 << 20;
+    float    *dv = (float *) gu_dev(256 * sizeof(float)), hv[256];
+    float    *hin = (float *) malloc(n * sizeof(float));
+    uint8_t  *hout = (uint8_t *) malloc(n);
+    float    *din;
+    uint8_t  *dout;
+    int       bad = 0, i, first = -1;
+
+    k_fp8_decode<<<1, 256>>>(dv);
+    gu_down(hv, dv, sizeof(hv));
+    for (i = 0; i < 256; i++) {
+        float h = moe_fp8_to_f32((uint8_t) i);
+
+        if (isnan(h) ? !isnan(hv[i]) : h != hv[i]) {
+            bad++;
+        }
+    }
+    TAP_OK(bad == 0, "fp8.h: moe_fp8_to_f32 equals the device for all 256 "
+           "codes (%d differ)", bad);
+
+    for (i = 0; i < n; i++) {
+        int   kind = (int) (gu_rand() % 16);
+        float v;
+
+        if (kind == 0) {                /* exact ties: midpoints of codes */
+            int c = (int) (gu_rand() % 126);
+
+            v = 0.5f * (moe_fp8_to_f32((uint8_t) c)
+                        + moe_fp8_to_f32((uint8_t) (c + 1)));
+        } else if (kind == 1) {         /* past the largest finite value */
+            v = 448.0f + (float) (gu_rand() % 100000) * 0.01f;
+        } else if (kind == 2) {
+            v = i % 97 == 0 ? NAN : 0.0f;
+        } else {                        /* every binade, 2^-12 .. 2^9 */
+            v = ldexpf(1.0f + (float) (gu_rand() & 0xfffff) / 1048576.0f,
+                       (int) (gu_rand() % 22) - 12);
+        }
+        hin[i] = (gu_rand() & 1) ? -v : v;
+    }
+    din = (float *) gu_up(hin, n * sizeof(float));
+    dout = (uint8_t *) gu_dev(n);
+    k_fp8_encode<<<(n + 255) / 256, 256>>>(din, dout, n);
+    gu_down(hout, dout, n);
+    bad = 0;
+    for (i = 0; i < n; i++) {
+        uint8_t h = moe_fp8_from_f32(hin[i]);
+        int     hn = (h & 0x7f) == 0x7f, dn = (hout[i] & 0x7f) == 0x7f;
+
+        if (hn != dn || (!hn && h != hout[i])) {
+            if (first < 0) {
+                first = i;
+            }
+            bad++;
+        }
+    }
+    if (first >= 0) {
+        TAP_DIAG("first: %.9g -> host 0x%02x device 0x%02x", hin[first],
+                 moe_fp8_from_f32(hin[first]), hout[first]);
+    }
+    TAP_OK(bad == 0, "fp8.h: moe_fp8_from_f32 equals the device's "
+           "satfinite RNE conversion on %d values (%d differ)", n, bad);
+    cudaFree(dv);
+    cudaFree(din);
+    cudaFree(dout);
+    free(hin);
+    free(hout);
+}
+
+
+/* --------------------------------------------------- host references */
+
+typedef struct {
+    int       fmt, G, zb, use_gidx, N, K;
+    int32_t  *qw, *qz, *gidx;
+    uint16_t *sc;
+} q4_t;
+
+static float
+h_half(uint16_t b)
+{
+    __half_raw r;
+
+    r.x = b;
+    return __half2float(__half(r));
+}
+
+static float
+q4_deq(const q4_t *q, int e, int j, int k)
+{
+    int      KG = q->K / q->G, g, nib, z, sh;
+    uint32_t w, zw;
+
+    if (q->fmt == MOE_K_Q4_AWQ) {
+        sh = awq_pos[j & 7];
+        w = (uint32_t) q->qw[((size_t) e * q->K + k) * (q->N / 8) + j / 8];
+        nib = (int) ((w >> (4 * sh)) & 15u);
+        g = k / q->G;
+    } else {
+        sh = j & 7;
+        w = (uint32_t) q->qw[((size_t) e * (q->K / 8) + k / 8) * q->N + j];
+        nib = (int) ((w >> (4 * (k & 7))) & 15u);
+        g = q->use_gidx ? q->gidx[(size_t) e * q->K + k] : k / q->G;
+    }
+    zw = (uint32_t) q->qz[((size_t) e * KG + g) * (q->N / 8) + j / 8];
+    z = (int) ((zw >> (4 * sh)) & 15u) + q->zb;
+    return ((float) nib - (float) z) * h_half(q->sc[((size_t) e * KG + g)
+                                                     * q->N + j]);
+}
+
+static void
+q4_make(q4_t *q, int fmt, int G, int zb, int use_gidx, int N, int K)
+{
+    int    KG = K / G;
+    size_t nw = (size_t) NE * K * N / 8, nz = (size_t) NE * KG * N / 8;
+
+    memset(q, 0, sizeof(*q));
+    q->fmt = fmt;
+    q->G = G;
+    q->zb = zb;
+    q->use_gidx = use_gidx;
+    q->N = N;
+    q->K = K;
+    q->qw = (int32_t *) malloc(nw * 4);
+    q->qz = (int32_t *) malloc(nz * 4);
+    q->sc = (uint16_t *) malloc((size_t) NE * KG * N * 2);
+    for (size_t i = 0; i < nw; i++) {
+        q->qw[i] = (int32_t) gu_rand() ^ (int32_t) (gu_rand() << 16);
+    }
+    for (size_t i = 0; i < nz; i++) {
+        /* asymmetric: any zero; zb 1 stores zero - 1 (0..14) */
+        uint32_t v = 0;
+
+        for (int b = 0; b < 8; b++) {
+            v |= (uint32_t) (gu_rand() % (zb ? 15 : 16)) << (4 * b);
+        }
+        q->qz[i] = (int32_t) v;
+    }
+    for (size_t i = 0; i < (size_t) NE * KG * N; i++) {
+        __half_raw r = __half(0.002f + 0.02f * fabsf(gu_uniform()));
+
+        q->sc[i] = r.x;
+    }
+    if (use_gidx) {
+        /* desc_act: group of k from a random permutation (G each) */
+        q->gidx = (int32_t *) malloc((size_t) NE * K * 4);
+        for (int e = 0; e < NE; e++) {
+            int *perm = q->gidx + (size_t) e * K;
+
+            for (int k = 0; k < K; k++) {
+                perm[k] = k;
+            }
+            for (int k = K - 1; k > 0; k--) {
+                int s = (int) (gu_rand() % (uint32_t) (k + 1)), t = perm[k];
+
+                perm[k] = perm[s];
+                perm[s] = t;
+            }
+            for (int k = 0; k < K; k++) {
+                perm[k] /= G;
+            }
+        }
+    }
+}
+
+static void
+q4_free(q4_t *q)
+{
+    free(q->qw);
+    free(q->qz);
+    free(q->sc);
+    free(q->gidx);
+}
+
+typedef struct {
+    int      mode, stacked, N, K;
+    uint8_t *w;
+    float   *sc;
+    size_t   nsc;
+} f8_t;
+
+static float
+f8_deq(const f8_t *f, int e, int j, int k)
+{
+    float s;
+    int   nbk = (f->K + 127) / 128, nb = (f->N + 127) / 128 * nbk;
+
+    if (f->mode == MOE_K_FP8_TENSOR) {
+        s = f->stacked ? f->sc[e * 2 + (j >= f->N / 2)] : f->sc[e];
+    } else if (f->mode == MOE_K_FP8_CHANNEL) {
+        s = f->sc[(size_t) e * f->N + j];
+    } else {
+        s = f->sc[(size_t) e * nb + (j / 128) * nbk + k / 128];
+    }
+    return moe_fp8_to_f32(f->w[((size_t) e * f->N + j) * f->K + k]) * s;
+}
+
+static void
+f8_make(f8_t *f, int mode, int stacked, int N, int K)
+{
+    size_t nw = (size_t) NE * N * K;
+    int    nb = (N + 127) / 128 * ((K + 127) / 128);
+
+    f->mode = mode;
+    f->stacked = stacked;
+    f->N = N;
+    f->K = K;
+    f->w = (uint8_t *) malloc(nw);
+    for (size_t i = 0; i < nw; i++) {
+        f->w[i] = moe_fp8_from_f32(gu_uniform() * 448.0f);
+    }
+    f->nsc = mode == MOE_K_FP8_TENSOR ? NE * 2
+             : mode == MOE_K_FP8_CHANNEL ? (size_t) NE * N : (size_t) NE * nb;
+    f->sc = (float *) malloc(f->nsc * sizeof(float));
+    for (size_t i = 0; i < f->nsc; i++) {
+        f->sc[i] = (0.2f + fabsf(gu_uniform())) / 448.0f;
+    }
+}
+
+
+/* The step's rows: groups of grp_rows (or one group of rows_total), xrow
+ * gathering input row xrow[r] / 2 of nx rows. */
+typedef struct {
+    int      n, nx, ldx;
+    int32_t  offs[NE + 1], xrow[16];
+    float   *x;                   /* (nx, ldx) bf16 values */
+    uint16_t *xb;
+} rows_t;
+
+static void
+rows_make(rows_t *rs, int K)
+{
+    rs->offs[0] = 0;
+    for (int e = 0; e < NE; e++) {
+        rs->offs[e + 1] = rs->offs[e] + grp_rows[e];
+    }
+    rs->n = rs->offs[NE];
+    rs->nx = 5;
+    rs->ldx = K + 8;
+    for (int r = 0; r < rs->n; r++) {
+        rs->xrow[r] = (int32_t) (gu_rand() % (uint32_t) rs->nx) * 2 + 1;
+    }
+    rs->x = (float *) malloc((size_t) rs->nx * rs->ldx * 4);
+    rs->xb = (uint16_t *) malloc((size_t) rs->nx * rs->ldx * 2);
+    gu_fill_bf(rs->x, rs->xb, (size_t) rs->nx * rs->ldx, 1.0f);
+}
+
+
+/*
+ * Compare Y (n rows of ldy) with the host GEMV of deq(e, j, k); grouped:
+ * row r of expert e by offs, input xrow[r] / 2; else one group (e 0),
+ * input row r.
+ */
+static int
+check_y(const char *what, const float *Y, int ldy, const rows_t *rs,
+    int grouped, int N, int K, float (*deq)(const void *, int, int, int),
+    const void *ctx)
+{
+    int    bad = 0, n = grouped ? rs->n : rs->nx;
+    double worst = 0;
+
+    for (int r = 0; r < n; r++) {
+        int e = 0, xr = r;
+
+        if (grouped) {
+            while (r >= rs->offs[e + 1]) {
+                e++;
+            }
+            xr = rs->xrow[r] / 2;
+        }
+        for (int j = 0; j < N; j++) {
+            double s = 0, a = 0;
+
+            for (int k = 0; k < K; k++) {
+                double p = (double) rs->x[(size_t) xr * rs->ldx + k]
+                           * deq(ctx, e, j, k);
+
+                s += p;
+                a += fabs(p);
+            }
+            double err = fabs((double) Y[(size_t) r * ldy + j] - s);
+            double tol = 2e-4 * a + 1e-6;
+
+            if (!(err <= tol)) {
+                if (bad == 0) {
+                    TAP_DIAG("%s: row %d col %d: %.7g vs %.7g", what, r, j,
+                             Y[(size_t) r * ldy + j], s);
+                }
+                bad++;
+            }
+            if (a > 0 && err / a > worst) {
+                worst = err / a;
+            }
+        }
+    }
+    TAP_DIAG("%s: worst error %.3g of sum |x w|", what, worst);
+    return bad;
+}
+
+static float
+q4_deq_v(const void *c, int e, int j, int k)
+{
+    return q4_deq((const q4_t *) c, e, j, k);
+}
+
+static float
+f8_deq_v(const void *c, int e, int j, int k)
+{
+    return f8_deq((const f8_t *) c, e, j, k);
+}
+
+
+/* -------------------------------------------------------------- tests */
+
+static void
+test_fp8(int mode, int stacked, int N, int K)
+{
+    f8_t      f;
+    rows_t    rs;
+    char      what[96];
+    int       ldy = N + 3, bad, nq = NE * N * K;
+    size_t    ny = 16 * (size_t) ldy;
+    float    *hy = (float *) malloc(ny * 4);
+    uint16_t *hd = (uint16_t *) malloc((size_t) nq * 2);
+    uint8_t  *dw;
+    float    *dsc, *dy;
+    uint16_t *dx, *dd;
+    int32_t  *doffs, *dxrow;
+    int       rc, untouched = 1;
+
+    f8_make(&f, mode, stacked, N, K);
+    rows_make(&rs, K);
+    dw = (uint8_t *) gu_up(f.w, (size_t) nq);
+    dsc = (float *) gu_up(f.sc, f.nsc * 4);
+    dx = (uint16_t *) gu_up(rs.xb, (size_t) rs.nx * rs.ldx * 2);
+    doffs = (int32_t *) gu_up(rs.offs, sizeof(rs.offs));
+    dxrow = (int32_t *) gu_up(rs.xrow, sizeof(rs.xrow));
+    dy = (float *) gu_dev(ny * 4);
+    dd = (uint16_t *) gu_dev((size_t) nq * 2);
+
+    /* dequantize: bit-equal */
+    rc = moe_cuda_dequant_fp8(dw, dsc, mode, stacked, N, K, NE, dd, 0);
+    gu_down(hd, dd, (size_t) nq * 2);
+    bad = 0;
+    for (int e = 0; e < NE; e++) {
+        for (int j = 0; j < N; j++) {
+            for (int k = 0; k < K; k++) {
+                size_t i = ((size_t) e * N + j) * K + k;
+
+                bad += hd[i] != gu_f2bf(f8_deq(&f, e, j, k));
+            }
+        }
+    }
+    TAP_OK(rc == MOE_K_OK && bad == 0, "dequant_fp8 %s%s N %d K %d: bit-"
+           "equal to the host (%d differ)", fp8_mode_name[mode],
+           stacked ? " stacked" : "", N, K, bad);
+
+    /* grouped GEMV, full grid then compact grid (n < E: use 2 rows) */
+    rc = moe_cuda_qgemv_fp8(dx, rs.ldx, dxrow, 2, dw, dsc, mode, stacked, N,
+                            K, doffs, NE, rs.n, dy, ldy, 0);
+    cudaDeviceSynchronize();
+    gu_down(hy, dy, ny * 4);
+    snprintf(what, sizeof(what), "qgemv_fp8 %s%s N %d K %d grouped",
+             fp8_mode_name[mode], stacked ? " stacked" : "", N, K);
+    bad = check_y(what, hy, ldy, &rs, 1, N, K, f8_deq_v, &f);
+    for (int r = 0; r < rs.n; r++) {
+        for (int j = N; j < ldy; j++) {
+            uint32_t u;
+
+            memcpy(&u, &hy[(size_t) r * ldy + j], 4);
+            untouched &= u == 0xffffffffu;
+        }
+    }
+    TAP_OK(rc == MOE_K_OK && bad == 0 && untouched, "%s: %d rows within "
+           "2e-4 of the host (%d bad%s)", what, rs.n, bad,
+           untouched ? "" : ", padding written");
+
+    /* ungrouped: one matrix (expert 0), rows 0..nx-1 */
+    cudaMemset(dy, 0xff, ny * 4);
+    rc = moe_cuda_qgemv_fp8(dx, rs.ldx, NULL, 1, dw, dsc, mode, stacked, N,
+                            K, NULL, 1, rs.nx, dy, ldy, 0);
+    cudaDeviceSynchronize();
+    gu_down(hy, dy, ny * 4);
+    snprintf(what, sizeof(what), "qgemv_fp8 %s%s N %d K %d dense",
+             fp8_mode_name[mode], stacked ? " stacked" : "", N, K);
+    bad = check_y(what, hy, ldy, &rs, 0, N, K, f8_deq_v, &f);
+    TAP_OK(rc == MOE_K_OK && bad == 0, "%s: %d rows within 2e-4 of the "
+           "host (%d bad)", what, rs.nx, bad);
+
+    cudaFree(dw);
+    cudaFree(dsc);
+    cudaFree(dx);
+    cudaFree(doffs);
+    cudaFree(dxrow);
+    cudaFree(dy);
+    cudaFree(dd);
+    free(f.w);
+    free(f.sc);
+    free(rs.x);
+    free(rs.xb);
+    free(hy);
+    free(hd);
+}
+
+
+static void
+test_q4(int fmt, int G, int zb, int use_gidx, int N, int K)
+{
+    q4_t      q;
+    rows_t    rs;
+    char      what[128];
+    int       ldy = N + 5, bad, KG = K / G, rc;
+    size_t    ny = 16 * (size_t) ldy, nq = (size_t) NE * N * K;
+    float    *hy = (float *) malloc(ny * 4);
+    uint16_t *hd = (uint16_t *) malloc(nq * 2);
+    int32_t  *dqw, *dqz, *dgidx = NULL, *doffs, *dxrow;
+    uint16_t *dsc, *dx, *dd;
+    float    *dy;
+
+    q4_make(&q, fmt, G, zb, use_gidx, N, K);
+    rows_make(&rs, K);
+    dqw = (int32_t *) gu_up(q.qw, nq / 8 * 4);
+    dqz = (int32_t *) gu_up(q.qz, (size_t) NE * KG * N / 8 * 4);
+    dsc = (uint16_t *) gu_up(q.sc, (size_t) NE * KG * N * 2);
+    if (use_gidx) {
+        dgidx = (int32_t *) gu_up(q.gidx, (size_t) NE * K * 4);
+    }
+    dx = (uint16_t *) gu_up(rs.xb, (size_t) rs.nx * rs.ldx * 2);
+    doffs = (int32_t *) gu_up(rs.offs, sizeof(rs.offs));
+    dxrow = (int32_t *) gu_up(rs.xrow, sizeof(rs.xrow));
+    dy = (float *) gu_dev(ny * 4);
+    dd = (uint16_t *) gu_dev(nq * 2);
+    snprintf(what, sizeof(what), "%s G %d zero bias %d%s N %d K %d",
+             fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, zb,
+             use_gidx ? " g_idx" : "", N, K);
+
+    rc = moe_cuda_dequant_q4(fmt, dqw, dqz, dsc, dgidx, G, zb, N, K, NE, dd,
+                             0);
+    gu_down(hd, dd, nq * 2);
+    bad = 0;
+    for (int e = 0; e < NE; e++) {
+        for (int j = 0; j < N; j++) {
+            for (int k = 0; k < K; k++) {
+                bad += hd[((size_t) e * N + j) * K + k]
+                       != gu_f2bf(q4_deq(&q, e, j, k));
+            }
+        }
+    }
+    TAP_OK(rc == MOE_K_OK && bad == 0, "dequant_q4 %s: bit-equal to the "
+           "host (%d differ)", what, bad);
+
+    rc = moe_cuda_qgemv_q4(fmt, dx, rs.ldx, dxrow, 2, dqw, dqz, dsc, dgidx,
+                           G, zb, N, K, doffs, NE, rs.n, dy, ldy, 0);
+    cudaDeviceSynchronize();
+    gu_down(hy, dy, ny * 4);
+    bad = check_y(what, hy, ldy, &rs, 1, N, K, q4_deq_v, &q);
+    TAP_OK(rc == MOE_K_OK && bad == 0, "qgemv_q4 %s grouped: %d rows within "
+           "2e-4 of the host (%d bad)", what, rs.n, bad);
+
+    /* compact grid: rows only in expert 2 (n = 2 < E = 3) */
+    {
+        int32_t offs2[NE + 1] = { 0, 0, 0, 2 };
+        rows_t  r2 = rs;
+
+        memcpy(r2.offs, offs2, sizeof(offs2));
+        r2.n = 2;
+        cudaMemcpy(doffs, offs2, sizeof(offs2), cudaMemcpyHostToDevice);
+        cudaMemset(dy, 0xff, ny * 4);
+        rc = moe_cuda_qgemv_q4(fmt, dx, rs.ldx, dxrow, 2, dqw, dqz, dsc,
+                               dgidx, G, zb, N, K, doffs, NE, 2, dy, ldy, 0);
+        cudaDeviceSynchronize();
+        gu_down(hy, dy, ny * 4);
+        bad = check_y(what, hy, ldy, &r2, 1, N, K, q4_deq_v, &q);
+        TAP_OK(rc == MOE_K_OK && bad == 0, "qgemv_q4 %s compact grid (2 "
+               "rows, expert 2): within 2e-4 (%d bad)", what, bad);
+    }
+
+    rc = moe_cuda_qgemv_q4(fmt, dx, rs.ldx, NULL, 1, dqw, dqz, dsc, dgidx,
+                           G, zb, N, K, NULL, 1, rs.nx, dy, ldy, 0);
+    cudaDeviceSynchronize();
+    gu_down(hy, dy, ny * 4);
+    bad = check_y(what, hy, ldy, &rs, 0, N, K, q4_deq_v, &q);
+    TAP_OK(rc == MOE_K_OK && bad == 0, "qgemv_q4 %s dense: %d rows within "
+           "2e-4 of the host (%d bad)", what, rs.nx, bad);
+
+    cudaFree(dqw);
+    cudaFree(dqz);
+    cudaFree(dsc);
+    cudaFree(dgidx);
+    cudaFree(dx);
+    cudaFree(doffs);
+    cudaFree(dxrow);
+    cudaFree(dy);
+    cudaFree(dd);
+    q4_free(&q);
+    free(rs.x);
+    free(rs.xb);
+    free(hy);
+    free(hd);
+}
+
+
+int
+main(void)
+{
+    int         ndev = 0;
+    const char *sv = getenv("MOE_TEST_SEED");
+    uint64_t    seed = sv != NULL ? strtoull(sv, NULL, 10)
+                                  : (uint64_t) time(NULL);
+
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
+        printf("1..0 # SKIP no CUDA device\n");
+        return 0;
+    }
+    TAP_PLAN(2 + 5 * 3 + 7 * 4 + 3);
+    gu_seed(seed);
+    TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
+             (unsigned long long) seed);
+
+    test_fp8_host();
+
+    test_fp8(MOE_K_FP8_TENSOR, 0, 96, 528);
+    test_fp8(MOE_K_FP8_TENSOR, 1, 96, 528);
+    test_fp8(MOE_K_FP8_CHANNEL, 0, 136, 2064);
+    test_fp8(MOE_K_FP8_BLOCK, 0, 200, 336);
+    test_fp8(MOE_K_FP8_BLOCK, 1, 256, 2048);
+
+    test_q4(MOE_K_Q4_AWQ, 128, 0, 0, 256, 512);
+    test_q4(MOE_K_Q4_AWQ, 32, 0, 0, 64, 2080);
+    test_q4(MOE_K_Q4_AWQ, 64, 0, 0, 1040, 256);
+    test_q4(MOE_K_Q4_GPTQ, 128, 1, 0, 264, 512);
+    test_q4(MOE_K_Q4_GPTQ, 64, 0, 0, 64, 2048);
+    test_q4(MOE_K_Q4_GPTQ, 32, 1, 1, 136, 384);
+    test_q4(MOE_K_Q4_GPTQ, 128, 0, 1, 128, 1024);
+
+    {
+        float *d = (float *) gu_dev(64);
+
+        TAP_OK(moe_cuda_qgemv_fp8((const moe_bf16_t *) d, 8, NULL, 1,
+                                  (const uint8_t *) d, d, 0, 0, 8, 24, NULL,
+                                  1, 1, d, 8, 0) == MOE_K_EUNSUPPORTED,
+               "qgemv_fp8: K %% 16 != 0 refused (%s)", moe_cuda_last_error());
+        TAP_OK(moe_cuda_qgemv_q4(MOE_K_Q4_AWQ, (const moe_bf16_t *) d, 64,
+                                 NULL, 1, (const int32_t *) d,
+                                 (const int32_t *) d, (const uint16_t *) d,
+                                 NULL, 48, 0, 64, 64, NULL, 1, 1, d, 64, 0)
+               == MOE_K_EUNSUPPORTED, "qgemv_q4: K %% G != 0 refused (%s)",
+               moe_cuda_last_error());
+        TAP_OK(moe_cuda_dequant_q4(7, (const int32_t *) d,
+                                   (const int32_t *) d, (const uint16_t *) d,
+                                   NULL, 32, 0, 64, 64, 1,
+                                   (moe_bf16_t *) d, 0) == MOE_K_EUNSUPPORTED,
+               "dequant_q4: format 7 refused (%s)", moe_cuda_last_error());
+        cudaFree(d);
+    }
+    {
+        cudaError_t e = cudaDeviceSynchronize();
+
+        if (e != cudaSuccess) {
+            TAP_DIAG("device error: %s", cudaGetErrorString(e));
+            return 1;
+        }
+    }
+    return TAP_DONE();
+}

@@ -1,0 +1,723 @@
+/*
+ * Checks quantized checkpoints (engine/model/quant.{h,c} and the loader):
+ *  - fp8 e4m3 / e5m2 decoding of hand-picked codes, e4m3 encoding (round
+ *    to nearest even, saturation at 448) and the round trip of every code;
+ *  - AWQ and GPTQ packing against hand-computed int32 words, unpacking
+ *    back, and the dequantization of hand-built fp8-block, AWQ and GPTQ
+ *    (g_idx, v1 zero + 1) tensors against the formula;
+ *  - every model in $MOE_QUANT_DIR (build/quant, tools/quant_models.sh)
+ *    loads on the CPU backend with its fp32 weights bitwise equal to its
+ *    dequantized reference (<name>.ref, written by the quantizer from its
+ *    own codes), logits at 12 prompt positions within 1e-4 (relative to
+ *    the largest logit) and 8 greedy tokens equal; the tensor walk hands
+ *    its linear weights with their packed form (quant != NULL, layout of
+ *    the format) except the modules the ignore list keeps in float, and
+ *    the packed walk (moe_model_for_each_tensor_packed) hands the files'
+ *    own bytes;
+ *  - YAML quantization: fp8 quantizes the float tiny model at load (per
+ *    channel, every weight within half an fp8 step of the original),
+ *    agreeing values load, disagreeing ones are refused with the message;
+ *  - malformed checkpoints and configs are refused with MOE_EINVAL and a
+ *    message naming the tensor / key and the problem.
+ */
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/stat.h>
+
+#include "backends/backend.h"
+#include "model/model.h"
+#include "model/quant.h"
+#include "model/safetensors.h"
+#include "tap.h"
+
+#define N_PROMPT  12
+#define N_GREEDY  8
+#define BS        4
+#define N_BLOCKS  16
+
+static char qdir[256];
+
+
+static void
+test_fp8(void)
+{
+    int c, bad = 0, rt = 0;
+
+    TAP_OK(moe_fp8_e4m3_to_f32(0x38) == 1.0f
+           && moe_fp8_e4m3_to_f32(0x3c) == 1.5f
+           && moe_fp8_e4m3_to_f32(0x7e) == 448.0f
+           && moe_fp8_e4m3_to_f32(0x08) == ldexpf(1.0f, -6)
+           && moe_fp8_e4m3_to_f32(0x01) == ldexpf(1.0f, -9)
+           && moe_fp8_e4m3_to_f32(0xb8) == -1.0f
+           && moe_fp8_e4m3_to_f32(0x00) == 0.0f
+           && isnan(moe_fp8_e4m3_to_f32(0x7f)),
+           "e4m3 decode: 1, 1.5, 448, 2^-6, 2^-9, -1, 0, NaN");
+    TAP_OK(moe_fp8_e5m2_to_f32(0x3c) == 1.0f
+           && moe_fp8_e5m2_to_f32(0x7b) == 57344.0f
+           && isinf(moe_fp8_e5m2_to_f32(0x7c)),
+           "e5m2 decode: 1, 57344, inf");
+    TAP_OK(moe_f32_to_fp8_e4m3(1.0f) == 0x38
+           && moe_f32_to_fp8_e4m3(448.0f) == 0x7e
+           && moe_f32_to_fp8_e4m3(1e6f) == 0x7e
+           && moe_f32_to_fp8_e4m3(-1e6f) == 0xfe
+           && moe_f32_to_fp8_e4m3(1.0625f) == 0x38     /* tie to even */
+           && moe_f32_to_fp8_e4m3(1.1875f) == 0x3a     /* tie to even */
+           && moe_f32_to_fp8_e4m3(ldexpf(1.0f, -10)) == 0x00
+           && moe_f32_to_fp8_e4m3(ldexpf(3.0f, -10)) == 0x02
+           && moe_f32_to_fp8_e4m3(ldexpf(15.5f, -10)) == 0x08,
+           "e4m3 encode: exact, saturating, ties to even, subnormals");
+    for (c = 0; c < 256; c++) {
+        float f = moe_fp8_e4m3_to_f32((uint8_t) c);
+
+        if (isnan(f)) {
+            continue;
+        }
+        rt++;
+        bad += moe_f32_to_fp8_e4m3(f) != c;
+    }
+    TAP_OK(bad == 0 && rt == 254, "every finite e4m3 code round-trips "
+           "(%d codes, %d bad)", rt, bad);
+}
+
+
+static void
+test_pack(void)
+{
+    uint8_t  codes[16], back[16];
+    int32_t  w[2];
+    uint32_t u;
+    int      i, ok;
+
+    for (i = 0; i < 8; i++) {
+        codes[i] = (uint8_t) i;
+    }
+    moe_awq_pack(codes, 1, 8, w);
+    memcpy(&u, &w[0], 4);
+    TAP_OK(u == 0x75316420u, "AWQ packs columns 0..7 as nibbles "
+           "0,2,4,6,1,3,5,7 -> 0x75316420 (got 0x%08x)", u);
+    ok = 1;
+    for (i = 0; i < 8; i++) {
+        ok &= moe_awq_get(w, 8, 0, i) == i;
+    }
+    TAP_OK(ok, "AWQ unpack gives the columns back");
+
+    /* GPTQ qweight: rows 0..7 of one column, codes 1..8 -> 0x87654321 */
+    for (i = 0; i < 8; i++) {
+        codes[i] = (uint8_t) (i + 1);
+    }
+    moe_gptq_pack_w(codes, 8, 1, w);
+    memcpy(&u, &w[0], 4);
+    TAP_OK(u == 0x87654321u, "GPTQ qweight packs rows in nibble order "
+           "-> 0x87654321 (got 0x%08x)", u);
+    ok = 1;
+    for (i = 0; i < 8; i++) {
+        ok &= moe_gptq_get_w(w, 1, i, 0) == i + 1;
+    }
+    TAP_OK(ok, "GPTQ qweight unpack");
+
+    for (i = 0; i < 16; i++) {
+        codes[i] = (uint8_t) (15 - i);
+    }
+    moe_gptq_pack_z(codes, 1, 16, w);
+    memcpy(&u, &w[1], 4);
+    for (i = 0; i < 16; i++) {
+        back[i] = (uint8_t) moe_gptq_get_z(w, 16, 0, i);
+    }
+    TAP_OK(u == 0x01234567u && memcmp(codes, back, 16) == 0,
+           "GPTQ qzeros: columns 8..15 sequential in the second word "
+           "(0x%08x) and back", u);
+}
+
+
+static uint16_t
+f16_of(float f)
+{
+    _Float16 h = (_Float16) f;
+    uint16_t u;
+
+    memcpy(&u, &h, 2);
+    return u;
+}
+
+
+static void
+test_dequant(void)
+{
+    moe_qtensor_t t;
+    uint8_t       q8[9], codes[16 * 8], zc[2 * 8];
+    float         s4[4] = { 0.5f, 2.0f, 0.25f, 4.0f }, out[16 * 8];
+    uint16_t      sc[2 * 8];
+    int32_t       qw[16 * 8 / 8 * 2], qz[4], gidx[16];
+    int           n, k, ok, g;
+
+    /* fp8 block 2x2 over a 3x3 weight: scales (2, 2) */
+    for (k = 0; k < 9; k++) {
+        q8[k] = 0x38;               /* 1.0 */
+    }
+    q8[4] = 0xc0;                   /* -2.0 */
+    memset(&t, 0, sizeof(t));
+    t.layout = MOE_QL_FP8_BLOCK;
+    t.rows = 3;
+    t.cols = 3;
+    t.qweight = q8;
+    t.qdtype = MOE_DT_F8_E4M3;
+    t.scales = s4;
+    t.sdtype = MOE_DT_F32;
+    t.s_rows = 2;
+    t.s_cols = 2;
+    t.block_n = 2;
+    t.block_k = 2;
+    ok = moe_qtensor_dequant(&t, out) == MOE_OK
+         && out[0] == 0.5f && out[1] == 0.5f && out[2] == 2.0f
+         && out[4] == -1.0f && out[5] == 2.0f && out[6] == 0.25f
+         && out[8] == 4.0f;
+    TAP_OK(ok, "fp8 block dequant: each element times its block's scale");
+
+    /* AWQ K 16, N 8, G 8: q = (k + n) % 16, zero = n, scale by group */
+    for (k = 0; k < 16; k++) {
+        for (n = 0; n < 8; n++) {
+            codes[k * 8 + n] = (uint8_t) ((k + n) % 16);
+        }
+    }
+    for (g = 0; g < 2; g++) {
+        for (n = 0; n < 8; n++) {
+            zc[g * 8 + n] = (uint8_t) n;
+            sc[g * 8 + n] = f16_of(g ? 0.25f : 0.5f);
+        }
+    }
+    moe_awq_pack(codes, 16, 8, qw);
+    moe_awq_pack(zc, 2, 8, qz);
+    memset(&t, 0, sizeof(t));
+    t.layout = MOE_QL_AWQ;
+    t.rows = 8;
+    t.cols = 16;
+    t.qweight = qw;
+    t.qdtype = MOE_DT_I32;
+    t.zeros = qz;
+    t.scales = sc;
+    t.sdtype = MOE_DT_F16;
+    t.group_size = 8;
+    t.n_groups = 2;
+    ok = moe_qtensor_dequant(&t, out) == MOE_OK;
+    for (n = 0; n < 8; n++) {
+        for (k = 0; k < 16; k++) {
+            ok &= out[n * 16 + k]
+                  == (float) ((k + n) % 16 - n) * (k < 8 ? 0.5f : 0.25f);
+        }
+    }
+    TAP_OK(ok, "AWQ dequant: (q - z) * s per group of 8 rows");
+
+    /* GPTQ, same codes as (K, N), g_idx reversed (row k in group
+     * 1 - k / 8), v1 zeros stored minus one */
+    for (k = 0; k < 16; k++) {
+        gidx[k] = 1 - k / 8;
+    }
+    for (g = 0; g < 2; g++) {
+        for (n = 0; n < 8; n++) {
+            zc[g * 8 + n] = (uint8_t) (n + g);          /* stored */
+        }
+    }
+    moe_gptq_pack_w(codes, 16, 8, qw);
+    moe_gptq_pack_z(zc, 2, 8, qz);
+    t.layout = MOE_QL_GPTQ;
+    t.zeros = qz;
+    t.g_idx = gidx;
+    t.zero_add = 1;
+    ok = moe_qtensor_dequant(&t, out) == MOE_OK;
+    for (n = 0; n < 8; n++) {
+        for (k = 0; k < 16; k++) {
+            g = 1 - k / 8;
+            ok &= out[n * 16 + k] == (float) ((k + n) % 16 - (n + g + 1))
+                                     * (g ? 0.25f : 0.5f);
+        }
+    }
+    TAP_OK(ok, "GPTQ dequant: g_idx picks the group, zero is stored + 1");
+}
+
+
+/* ------------------------------------------------------------ models */
+
+typedef struct {
+    int n_lin, n_quant, n_ignored_float, layout_ok, expect;
+    const char *ignore;     /* substring of names expected in float */
+} walk_t;
+
+
+static int
+walk_fn(void *ctx, const moe_tensor_ref_t *t)
+{
+    walk_t *w = ctx;
+    int     lin;
+
+    lin = t->kind == MOE_WK_WQ || t->kind == MOE_WK_WK
+          || t->kind == MOE_WK_WV || t->kind == MOE_WK_WO
+          || t->kind == MOE_WK_GATE || t->kind == MOE_WK_UP
+          || t->kind == MOE_WK_DOWN || t->kind == MOE_WK_WD_GATE
+          || t->kind == MOE_WK_WD_UP || t->kind == MOE_WK_WD_DOWN;
+    if (!lin) {
+        if (t->quant != NULL) {
+            w->layout_ok = 0;
+        }
+        return MOE_OK;
+    }
+    w->n_lin++;
+    if (t->quant == NULL) {
+        if (w->ignore != NULL && strstr(t->name, w->ignore) != NULL) {
+            w->n_ignored_float++;
+        }
+        return MOE_OK;
+    }
+    w->n_quant++;
+    if ((int) t->quant->layout != w->expect || t->dtype != MOE_DT_F32
+        || t->quant->rows != t->rows || t->quant->cols != t->cols)
+    {
+        w->layout_ok = 0;
+    }
+    return MOE_OK;
+}
+
+
+typedef struct {
+    int n_q, ok;
+} packed_t;
+
+
+static int
+packed_fn(void *ctx, const moe_tensor_ref_t *t)
+{
+    packed_t *p = ctx;
+
+    if (t->quant != NULL) {
+        p->n_q++;
+        if (t->data != t->quant->qweight || t->dtype != t->quant->qdtype
+            || t->dtype == MOE_DT_F32)
+        {
+            p->ok = 0;
+        }
+    }
+    return MOE_OK;
+}
+
+
+static int
+run(const moe_model_t *m, const int32_t *prompt, float *logits,
+    int32_t *greedy)
+{
+    moe_backend_t   *be;
+    moe_seq_batch_t  s;
+    int32_t          table[N_BLOCKS], toks[N_PROMPT + N_GREEDY];
+    char             err[512];
+    int              i, rc, V = moe_model_hparams(m)->vocab_size;
+    float           *last = malloc((size_t) V * sizeof(float));
+
+    for (i = 0; i < N_BLOCKS; i++) {
+        table[i] = i;
+    }
+    rc = moe_cpu_backend_create(m, N_BLOCKS, BS, 1, &be, err, sizeof(err));
+    if (rc != MOE_OK) {
+        TAP_DIAG("backend: %s", err);
+        free(last);
+        return rc;
+    }
+    memcpy(toks, prompt, N_PROMPT * sizeof(int32_t));
+    /* token by token: logits of every prompt position */
+    for (i = 0; i < N_PROMPT + N_GREEDY - 1 && rc == MOE_OK; i++) {
+        memset(&s, 0, sizeof(s));
+        s.tokens = toks + i;
+        s.n_tokens = 1;
+        s.pos = i;
+        s.block_table = table;
+        s.n_blocks = N_BLOCKS;
+        s.logits = i < N_PROMPT ? logits + (size_t) i * V : last;
+        rc = be->forward(be, &s, 1);
+        if (i >= N_PROMPT - 1) {
+            const float *x = i < N_PROMPT ? logits + (size_t) i * V : last;
+            int          j, best = 0;
+
+            for (j = 1; j < V; j++) {
+                best = x[j] > x[best] ? j : best;
+            }
+            greedy[i - (N_PROMPT - 1)] = best;
+            toks[i + 1] = best;
+        }
+    }
+    be->destroy(be);
+    free(last);
+    return rc;
+}
+
+
+static int
+arrays_equal(const moe_model_t *a, const moe_model_t *b, const char **what)
+{
+    const moe_hparams_t *hp = moe_model_hparams(a);
+    const moe_weights_t *x = moe_model_weights(a), *y = moe_model_weights(b);
+    size_t D = hp->dim, L = hp->n_layers, E = hp->n_experts;
+    size_t Q = (size_t) hp->n_heads * hp->head_dim;
+    size_t KV = (size_t) hp->n_kv_heads * hp->head_dim, F = hp->ffn_dim;
+    size_t FD = hp->dense_ffn_dim;
+
+#define SAME(f, n)                                                           \
+    if ((x->f == NULL) != (y->f == NULL)                                     \
+        || (x->f != NULL && memcmp(x->f, y->f, (n) * sizeof(float)) != 0)) { \
+        *what = #f;                                                          \
+        return 0;                                                            \
+    }
+    SAME(wq, L * Q * D);
+    SAME(wk, L * KV * D);
+    SAME(wv, L * KV * D);
+    SAME(wo, L * D * Q);
+    SAME(w_gate, L * E * F * D);
+    SAME(w_up, L * E * F * D);
+    SAME(w_down, L * E * D * F);
+    SAME(wd_gate, L * FD * D);
+    SAME(wd_down, L * D * FD);
+    SAME(embed, (size_t) hp->vocab_size * D);
+    SAME(lm_head, (size_t) hp->vocab_size * D);
+#undef SAME
+    return 1;
+}
+
+
+static int
+expect_layout(const char *name)
+{
+    if (strncmp(name, "fp8-tensor", 10) == 0) {
+        return MOE_QL_FP8_TENSOR;
+    }
+    if (strncmp(name, "fp8-block", 9) == 0) {
+        return MOE_QL_FP8_BLOCK;
+    }
+    if (strncmp(name, "ct-fp8-tensor", 13) == 0) {
+        return MOE_QL_FP8_TENSOR;
+    }
+    if (strncmp(name, "ct-fp8-block", 12) == 0) {
+        return MOE_QL_FP8_BLOCK;
+    }
+    if (strncmp(name, "ct-fp8", 6) == 0) {
+        return MOE_QL_FP8_CHANNEL;
+    }
+    return strncmp(name, "awq", 3) == 0 ? MOE_QL_AWQ : MOE_QL_GPTQ;
+}
+
+
+static void
+test_model(const char *name)
+{
+    char                 dir[700], ref[720], err[1024];
+    moe_model_t         *m = NULL, *r = NULL;
+    const char          *what = "";
+    walk_t               w;
+    int32_t              prompt[N_PROMPT], g1[N_GREEDY], g2[N_GREEDY];
+    float               *l1, *l2, diff = 0.0f, mx = 0.0f;
+    int                  i, V, rc;
+
+    snprintf(dir, sizeof(dir), "%s/%s", qdir, name);
+    snprintf(ref, sizeof(ref), "%s/%s.ref", qdir, name);
+    rc = moe_model_load_quant(dir, 0, NULL, 0, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_OK, "%s: loads on the CPU path%s%s", name,
+           rc ? ": " : "", rc ? err : "");
+    if (rc != MOE_OK || moe_model_load(ref, 0, &r, err, sizeof(err))
+        != MOE_OK)
+    {
+        TAP_DIAG("%s", err);
+        TAP_OK(0, "%s: reference loads", name);
+        moe_model_free(m);
+        return;
+    }
+    TAP_OK(arrays_equal(m, r, &what), "%s: fp32 weights bitwise equal to "
+           "the dequantized reference (%s)", name, what);
+
+    memset(&w, 0, sizeof(w));
+    w.layout_ok = 1;
+    w.expect = expect_layout(name);
+    w.ignore = strstr(name, "ignore") ? "o_proj" : NULL;
+    rc = moe_model_for_each_tensor(m, walk_fn, &w, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && w.layout_ok && w.n_quant > 0
+           && w.n_quant + w.n_ignored_float == w.n_lin
+           && (w.ignore == NULL) == (w.n_ignored_float == 0),
+           "%s: the walk gives %d of %d linear pieces quantized (layout %d),"
+           " %d kept float by the ignore list", name, w.n_quant, w.n_lin,
+           w.expect, w.n_ignored_float);
+
+    {
+        packed_t p = { 0, 1 };
+
+        rc = moe_model_for_each_tensor_packed(m, packed_fn, &p, err,
+                                              sizeof(err));
+        TAP_OK(rc == MOE_OK && p.ok && p.n_q == w.n_quant,
+               "%s: the packed walk hands the %d quantized pieces as the "
+               "files hold them (data == quant->qweight, dtype %s)", name,
+               p.n_q, w.expect <= MOE_QL_FP8_BLOCK ? "F8_E4M3" : "I32");
+    }
+
+    V = moe_model_hparams(m)->vocab_size;
+    for (i = 0; i < N_PROMPT; i++) {
+        prompt[i] = (int32_t) ((i * 37 + 11) % V);
+    }
+    l1 = calloc((size_t) N_PROMPT * V, sizeof(float));
+    l2 = calloc((size_t) N_PROMPT * V, sizeof(float));
+    rc = run(m, prompt, l1, g1);
+    if (rc == MOE_OK) {
+        rc = run(r, prompt, l2, g2);
+    }
+    for (i = 0; i < N_PROMPT * V; i++) {
+        diff = fmaxf(diff, fabsf(l1[i] - l2[i]));
+        mx = fmaxf(mx, fabsf(l2[i]));
+    }
+    TAP_OK(rc == MOE_OK && mx > 0 && diff <= 1e-4f * mx,
+           "%s: logits at %d positions within 1e-4 of the reference's "
+           "(max diff %.3g, max |logit| %.3g)", name, N_PROMPT, diff, mx);
+    TAP_OK(rc == MOE_OK && memcmp(g1, g2, sizeof(g1)) == 0,
+           "%s: %d greedy tokens equal", name, N_GREEDY);
+    free(l1);
+    free(l2);
+    moe_model_free(m);
+    moe_model_free(r);
+}
+
+
+/* ------------------------------------------------- refusals, YAML key */
+
+static void
+expect_fail(const char *dir, const char *quant, const char *what,
+    const char *msg, const char *msg2)
+{
+    moe_model_t *m = NULL;
+    char         err[1024] = "";
+    int          rc;
+
+    rc = moe_model_load_quant(dir, 0, quant, 1, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_EINVAL && strstr(err, msg) != NULL
+           && (msg2 == NULL || strstr(err, msg2) != NULL),
+           "%s: refused with \"%s\"%s%s (got %d: %s)", what, msg,
+           msg2 ? " ... " : "", msg2 ? msg2 : "", rc, err);
+    moe_model_free(m);
+}
+
+
+/* dir/config.json: models/localmoe-tiny's with quantization_config qc;
+ * the weights of `from` linked in */
+static void
+make_cfg(const char *dir, const char *from, const char *qc)
+{
+    char  path[1024], src[1024], *text, *end;
+    FILE *f;
+
+    mkdir(dir, 0755);
+    text = moe_read_file("models/localmoe-tiny/config.json", NULL);
+    end = text != NULL ? strrchr(text, '}') : NULL;
+    if (end == NULL) {
+        return;
+    }
+    *end = '\0';
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    f = fopen(path, "w");
+    if (f != NULL) {
+        fprintf(f, "%s, \"quantization_config\": %s }\n", text, qc);
+        fclose(f);
+    }
+    free(text);
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    if (realpath(from, src) != NULL) {
+        strcat(src, "/model.safetensors");
+        unlink(path);
+        if (symlink(src, path) != 0) {
+            TAP_DIAG("symlink %s: failed", path);
+        }
+    }
+}
+
+
+static void
+test_refusals(void)
+{
+    char d[700], tmp[600];
+
+    snprintf(d, sizeof(d), "%s/bad-fp8-noscale", qdir);
+    expect_fail(d, NULL, "fp8 without weight_scale", "missing tensor '",
+                ".weight_scale' (fp8 weight scale)");
+    snprintf(d, sizeof(d), "%s/bad-awq-noscale", qdir);
+    expect_fail(d, NULL, "AWQ without scales", "missing tensor '",
+                ".scales' (quantization_config awq)");
+    snprintf(d, sizeof(d), "%s/bad-gptq-gidx", qdir);
+    expect_fail(d, NULL, "GPTQ g_idx out of range", ".g_idx': g_idx[0] = ",
+                "is out of range [0, ");
+    snprintf(d, sizeof(d), "%s/bad-awq-scaleshape", qdir);
+    expect_fail(d, NULL, "AWQ scales one group short", ".scales' has shape "
+                "F16 [", "expected F16 [");
+
+    snprintf(tmp, sizeof(tmp), "%s/tmp-cfg", qdir);
+    snprintf(d, sizeof(d), "%s/awq-g32", qdir);
+#define CFG(qc, what, m1, m2)                                                \
+    do {                                                                     \
+        char from_[700];                                                     \
+        snprintf(from_, sizeof(from_), "%s", d);                             \
+        make_cfg(tmp, from_, qc);                                            \
+        expect_fail(tmp, NULL, what, m1, m2);                                \
+    } while (0)
+    CFG("{\"quant_method\": \"int3\"}", "unknown quant_method",
+        "quantization_config: quant_method 'int3' is not supported",
+        "config.json");
+    CFG("{\"quant_method\": \"awq\", \"bits\": 3, \"group_size\": 32}",
+        "AWQ bits 3", "quantization_config: awq bits must be 4 (got 3)",
+        NULL);
+    CFG("{\"quant_method\": \"gptq\", \"bits\": 8, \"group_size\": 32}",
+        "GPTQ bits 8", "quantization_config: gptq bits must be 4 (got 8)",
+        NULL);
+    CFG("{\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 48}",
+        "group_size 48", "group_size 48 is not supported", NULL);
+    CFG("{\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 128}",
+        "K not divisible by the group", "in_features 64 is not divisible "
+        "by group_size 128", ".qweight'");
+    CFG("{\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 32, "
+        "\"version\": \"gemv\"}", "AWQ gemv", "AWQ version 'gemv' is not "
+        "supported", NULL);
+    CFG("{\"quant_method\": \"gptq\", \"bits\": 4, \"group_size\": 32}",
+        "AWQ tensors under a GPTQ config", "qweight' has shape "
+        "I32 [", "expected I32 [");
+    snprintf(d, sizeof(d), "%s/gptq-g32-sym", qdir);
+    CFG("{\"quant_method\": \"gptq\", \"bits\": 4, \"group_size\": 32, "
+        "\"desc_act\": true}", "GPTQ desc_act without g_idx",
+        "g_idx' (GPTQ desc_act true)", "missing tensor '");
+    CFG("{\"quant_method\": \"fp8\", \"weight_block_size\": [128]}",
+        "weight_block_size of one number", "'weight_block_size' must be two "
+        "positive integers", NULL);
+    CFG("{\"quant_method\": \"compressed-tensors\", \"format\": "
+        "\"float-quantized\", \"config_groups\": {\"g\": {\"weights\": "
+        "{\"num_bits\": 8, \"type\": \"float\", \"strategy\": \"group\"}}}}",
+        "compressed-tensors strategy group", "weights strategy 'group' is "
+        "not supported", NULL);
+    CFG("{\"quant_method\": \"compressed-tensors\", \"format\": "
+        "\"pack-quantized\", \"config_groups\": {}}",
+        "compressed-tensors pack-quantized", "format 'pack-quantized' is "
+        "not supported", NULL);
+    snprintf(d, sizeof(d), "models/localmoe-tiny");
+    CFG("{\"quant_method\": \"fp8\"}", "fp8 config over bf16 weights",
+        "is BF16, but quantization_config fp8 quantizes '",
+        "(not in its ignore list)");
+    CFG("{\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 32}",
+        "AWQ config without qweight", "missing tensor '",
+        ".qweight' (quantization_config awq;");
+#undef CFG
+
+    /* the YAML key against the checkpoint */
+    snprintf(d, sizeof(d), "%s/fp8-tensor", qdir);
+    expect_fail(d, "awq", "YAML awq on an fp8 checkpoint",
+                "quantization 'awq' was requested, but the checkpoint's "
+                "quantization_config quant_method is 'fp8'", NULL);
+    snprintf(d, sizeof(d), "%s/awq-g32", qdir);
+    expect_fail(d, "gptq", "YAML gptq on an AWQ checkpoint",
+                "quant_method is 'awq'", NULL);
+    expect_fail(d, "fp8", "YAML fp8 on an AWQ checkpoint",
+                "quant_method is 'awq'", NULL);
+    expect_fail("models/localmoe-tiny", "awq", "YAML awq on a bf16 "
+                "checkpoint", "quantization 'awq' was requested, but the "
+                "checkpoint is not quantized", NULL);
+}
+
+
+static void
+test_yaml_ok(void)
+{
+    moe_model_t         *m = NULL, *f = NULL;
+    char                 err[1024] = "", d[700];
+    const moe_weights_t *a, *b;
+    const moe_hparams_t *hp;
+    walk_t               w;
+    size_t               n, i, r, K;
+    int                  rc, ok = 1, changed = 0;
+
+    snprintf(d, sizeof(d), "%s/awq-g32", qdir);
+    rc = moe_model_load_quant(d, 0, "awq", 1, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_OK, "YAML awq on an AWQ checkpoint loads %s", err);
+    moe_model_free(m);
+    snprintf(d, sizeof(d), "%s/ct-fp8-channel", qdir);
+    rc = moe_model_load_quant(d, 0, "fp8", 1, &m, err, sizeof(err));
+    TAP_OK(rc == MOE_OK, "YAML fp8 on a compressed-tensors fp8 checkpoint "
+           "loads %s", err);
+    moe_model_free(m);
+
+    rc = moe_model_load_quant("models/localmoe-tiny", 0, "fp8", 0, &m, err,
+                              sizeof(err));
+    TAP_OK(rc == MOE_OK && moe_model_quant(m)->method == MOE_QM_FP8_LOAD,
+           "YAML fp8 on the bf16 tiny model quantizes at load %s", err);
+    if (rc != MOE_OK
+        || moe_model_load("models/localmoe-tiny", 0, &f, err, sizeof(err))
+           != MOE_OK)
+    {
+        moe_model_free(m);
+        return;
+    }
+    hp = moe_model_hparams(m);
+    a = moe_model_weights(m);
+    b = moe_model_weights(f);
+    K = (size_t) hp->dim;
+    n = (size_t) hp->n_layers * hp->n_experts * hp->ffn_dim;    /* rows */
+    for (r = 0; r < n; r++) {
+        float amax = 0.0f;
+
+        for (i = 0; i < K; i++) {
+            amax = fmaxf(amax, fabsf(b->w_gate[r * K + i]));
+        }
+        for (i = 0; i < K; i++) {
+            float x = b->w_gate[r * K + i], y = a->w_gate[r * K + i];
+
+            changed += x != y;
+            /* e4m3 has 3 mantissa bits: half a step is 2^-4 relative,
+             * and values under 2^-6 * scale are spaced 2^-9 * scale */
+            ok &= fabsf(x - y) <= fabsf(x) / 16.0f
+                                  + amax / 448.0f * ldexpf(1.0f, -10);
+        }
+    }
+    TAP_OK(ok && changed > 0, "YAML fp8: every expert gate weight within "
+           "half an fp8 step of the bf16 one (%d of %zu changed)", changed,
+           n * K);
+    memset(&w, 0, sizeof(w));
+    w.layout_ok = 1;
+    w.expect = MOE_QL_FP8_CHANNEL;
+    rc = moe_model_for_each_tensor(m, walk_fn, &w, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && w.layout_ok && w.n_quant == w.n_lin
+           && w.n_lin > 0, "YAML fp8: the walk gives all %d linear pieces "
+           "fp8 per channel", w.n_lin);
+    moe_model_free(m);
+    moe_model_free(f);
+}
+
+
+int
+main(void)
+{
+    const char *env = getenv("MOE_QUANT_DIR");
+    char        list[300], line[200];
+    FILE       *f;
+
+    snprintf(qdir, sizeof(qdir), "%s", env && *env ? env : "build/quant");
+    test_fp8();
+    test_pack();
+    test_dequant();
+
+    snprintf(list, sizeof(list), "%s/MODELS", qdir);
+    f = fopen(list, "r");
+    if (f == NULL) {
+        TAP_OK(0, "%s: no list of quantized test models (run "
+               "tools/quant_models.sh %s)", list, qdir);
+        TAP_PLAN(tap_n);
+    return TAP_DONE();
+    }
+    while (fgets(line, sizeof(line), f) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        if (line[0] != '\0') {
+            test_model(line);
+        }
+    }
+    fclose(f);
+    test_refusals();
+    test_yaml_ok();
+    TAP_PLAN(tap_n);
+    return TAP_DONE();
+}

@@ -1,0 +1,49 @@
+#!/bin/sh
+# Quantized tiny test models (t/quant.t, the GPU tests): each layout
+# libmoe loads (engine/model/quant.h), written by build/quantize with its
+# dequantized f32 reference (<name>.ref), from models/localmoe-tiny (dim 64)
+# and a Qwen3-MoE with dim 128 and a dense layer (tools/make_tiny_model.py)
+# whose sizes allow group 128 and 128x128 fp8 blocks.  The list of names is
+# written to OUT/MODELS.  Usage: tools/quant_models.sh [OUT] (build/quant).
+set -eu
+out=${1:-build/quant}
+q=${QUANTIZE:-build/quantize}
+mkdir -p "$out"
+if [ ! -f "$out/base128/model.safetensors" ]; then
+    python3 tools/make_tiny_model.py --arch qwen3moe --dim 128 --layers 2 \
+        --heads 4 --kv-heads 2 --ffn 256 --moe-ffn 128 --experts 4 \
+        --top-k 2 --mlp-only 1 --dtype bf16 --merges 100 --seed 7 \
+        --out "$out/base128" > /dev/null
+fi
+tiny=models/localmoe-tiny
+: > "$out/MODELS.tmp"
+mk() {          # name base args...
+    name=$1; base=$2; shift 2
+    "$q" --in "$base" --out "$out/$name" --ref "$out/$name.ref" "$@"
+    echo "$name" >> "$out/MODELS.tmp"
+}
+mk fp8-tensor        $tiny --format fp8-tensor
+mk fp8-tensor-static $tiny --format fp8-tensor --static
+mk fp8-block-32x16   $tiny --format fp8-block --block 32,16
+mk ct-fp8-channel    $tiny --format ct-fp8
+mk ct-fp8-ignore     $tiny --format ct-fp8 --ignore o_proj
+mk awq-g32           $tiny --format awq --group 32
+mk awq-g64           $tiny --format awq --group 64
+mk awq-g32-ignore    $tiny --format awq --group 32 --ignore self_attn.o_proj
+mk gptq-g32-sym      $tiny --format gptq --group 32 --sym
+mk gptq-g64-asym-gidx $tiny --format gptq --group 64 --g-idx
+mk gptq-g32-asym-act $tiny --format gptq --group 32 --desc-act
+mk gptq-g64-sym-act  $tiny --format gptq --group 64 --sym --desc-act
+mk ct-fp8-tensor     $tiny --format ct-fp8-tensor
+mk fp8-block-128     "$out/base128" --format fp8-block --block 128,128
+mk ct-fp8-block-128  "$out/base128" --format ct-fp8-block --block 128,128
+mk ct-fp8-128        "$out/base128" --format ct-fp8 --static
+mk awq-g128          "$out/base128" --format awq --group 128
+mk gptq-g128-sym-act "$out/base128" --format gptq --group 128 --sym --desc-act
+mk gptq-g128-asym    "$out/base128" --format gptq --group 128
+# malformed copies for the refusal tests (no reference)
+"$q" --in $tiny --out "$out/bad-fp8-noscale" --format fp8-tensor --corrupt drop-scale
+"$q" --in $tiny --out "$out/bad-awq-noscale" --format awq --group 32 --corrupt drop-scale
+"$q" --in $tiny --out "$out/bad-gptq-gidx" --format gptq --group 32 --desc-act --corrupt gidx-range
+"$q" --in $tiny --out "$out/bad-awq-scaleshape" --format awq --group 32 --corrupt scale-shape
+mv "$out/MODELS.tmp" "$out/MODELS"

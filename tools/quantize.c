@@ -1,0 +1,653 @@
+/*
+ * quantize: write a quantized copy of a float Hugging Face model directory
+ * in one of the layouts libmoe loads (engine/model/quant.h), and optionally
+ * its "dequantized reference": the same weights dequantized, plain F32
+ * safetensors, no quantization_config.  Built by `make` (build/quantize);
+ * t/quant.t makes its test models with it.
+ *
+ *   build/quantize --in DIR --out DIR --format F [options] [--ref DIR]
+ *
+ *   F: fp8-tensor    quant_method fp8, per-tensor weight_scale (F32 [])
+ *      fp8-block     quant_method fp8, weight_block_size --block BN,BK
+ *                    (default 128,128), weight_scale_inv
+ *      ct-fp8        compressed-tensors float-quantized, per-channel
+ *                    weight_scale (BF16 [N, 1]); ct-fp8-tensor (F32 []),
+ *                    ct-fp8-block (--block, F32 blocks)
+ *      awq           AWQ gemm, 4 bit, --group G (32/64/128), zero points
+ *      gptq          GPTQ v1, 4 bit, --group G, --sym, --desc-act (a
+ *                    permuted g_idx), --g-idx (g_idx k / G written)
+ *   --static         fp8: activation_scheme static, input_scale written
+ *   --ignore S       keep modules whose name contains S in float and list
+ *                    S in modules_to_not_convert (ct-fp8: ignore, exact
+ *                    name "re:.*S.*")
+ *   --corrupt C      a malformed copy for the refusal tests:
+ *                    drop-scale (no scale tensor of the first quantized
+ *                    module), gidx-range (g_idx[0] = groups), scale-shape
+ *                    (the first scales tensor one row short)
+ *
+ * Quantized: 2-D tensors named *_proj.weight or experts.E.w{1,2,3}.weight
+ * (the dense projections and the experts); everything else is copied.
+ * Quantization is round to nearest with the scales rounded to their stored
+ * dtype first, so the reference is exactly what a loader dequantizes.
+ */
+
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "model/quant.h"
+#include "model/safetensors.h"
+
+#define MAX_OUT  4096
+
+typedef struct {
+    char     name[400];
+    int      dtype;           /* moe_dtype_t */
+    int      n_dims;
+    int64_t  shape[4];
+    void    *data;
+    size_t   nbytes;
+} out_t;
+
+typedef struct {
+    out_t    t[MAX_OUT];
+    int      n;
+} outset_t;
+
+static const char *fmt;
+static int         group = 128, sym, desc_act, write_gidx, static_act;
+static int         bn = 128, bk = 128;
+static const char *ignore_s;
+static const char *corrupt;
+static int         corrupted;
+
+
+static void
+die(const char *what)
+{
+    fprintf(stderr, "quantize: %s\n", what);
+    exit(1);
+}
+
+
+static void *
+xmalloc(size_t n)
+{
+    void *p = calloc(1, n ? n : 1);
+
+    if (p == NULL) {
+        die("out of memory");
+    }
+    return p;
+}
+
+
+static out_t *
+add(outset_t *o, const char *name, int dtype, int nd, int64_t d0,
+    int64_t d1)
+{
+    out_t  *t;
+    int64_t n;
+
+    if (o->n == MAX_OUT) {
+        die("too many tensors");
+    }
+    t = &o->t[o->n++];
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    t->dtype = dtype;
+    t->n_dims = nd;
+    t->shape[0] = d0;
+    t->shape[1] = d1;
+    n = nd == 0 ? 1 : nd == 1 ? d0 : d0 * d1;
+    t->nbytes = (size_t) n * moe_dtype_size((moe_dtype_t) dtype);
+    t->data = xmalloc(t->nbytes);
+    return t;
+}
+
+
+static uint16_t
+f32_to_bf16(float f)
+{
+    uint32_t u;
+
+    memcpy(&u, &f, sizeof(u));
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t) (u >> 16);
+}
+
+
+static uint16_t
+f32_to_f16(float f)
+{
+    _Float16 h = (_Float16) f;
+    uint16_t u;
+
+    memcpy(&u, &h, sizeof(u));
+    return u;
+}
+
+
+static int
+is_linear(const moe_st_tensor_t *t)
+{
+    size_t      n = strlen(t->name);
+    const char *e = ".weight";
+
+    if (t->n_dims != 2 || n < 8 || strcmp(t->name + n - 7, e) != 0) {
+        return 0;
+    }
+    return (n > 12 && strcmp(t->name + n - 12, "_proj.weight") == 0)
+           || (strstr(t->name, ".experts.") != NULL
+               && (strcmp(t->name + n - 10, ".w1.weight") == 0
+                   || strcmp(t->name + n - 10, ".w2.weight") == 0
+                   || strcmp(t->name + n - 10, ".w3.weight") == 0));
+}
+
+
+static void
+put_f32(out_t *t, int64_t i, float v)
+{
+    memcpy((char *) t->data + 4 * i, &v, 4);
+}
+
+
+/* fp8 codes of w / s into q */
+static void
+fp8_codes(const float *w, int64_t n, float s, uint8_t *q)
+{
+    int64_t i;
+
+    for (i = 0; i < n; i++) {
+        q[i] = moe_f32_to_fp8_e4m3(w[i] / s);
+    }
+}
+
+
+static float
+amax(const float *w, int64_t n)
+{
+    float   a = 0.0f;
+    int64_t i;
+
+    for (i = 0; i < n; i++) {
+        a = fmaxf(a, fabsf(w[i]));
+    }
+    return a;
+}
+
+
+/* quantize one (N, K) weight `w` of module base into o; deq (N, K): the
+ * values the codes and scales stand for, computed here from them */
+static void
+quantize(outset_t *o, const char *base, const float *w, int64_t N,
+    int64_t K, float *deq)
+{
+    char     nm[320];
+    out_t   *q, *s, *z, *gi;
+    uint8_t *codes, *zc;
+    int64_t  n, k, g, ng, G, r, c, i;
+    int32_t *gidx;
+    float    sc, lo, hi, x;
+    int      first = !corrupted && corrupt != NULL;
+
+    if (strncmp(fmt, "fp8", 3) == 0 || strncmp(fmt, "ct-fp8", 6) == 0) {
+        snprintf(nm, sizeof(nm), "%s.weight", base);
+        q = add(o, nm, MOE_DT_F8_E4M3, 2, N, K);
+        codes = q->data;
+        if (strcmp(fmt, "fp8-tensor") == 0
+            || strcmp(fmt, "ct-fp8-tensor") == 0)
+        {
+            snprintf(nm, sizeof(nm), "%s.weight_scale", base);
+            s = add(o, nm, MOE_DT_F32, 0, 0, 0);
+            sc = amax(w, N * K) / 448.0f;
+            sc = sc > 0 ? sc : 1.0f;
+            put_f32(s, 0, sc);
+            fp8_codes(w, N * K, sc, codes);
+            for (i = 0; i < N * K; i++) {
+                deq[i] = moe_fp8_e4m3_to_f32(codes[i]) * sc;
+            }
+        } else if (strcmp(fmt, "fp8-block") == 0
+                   || strcmp(fmt, "ct-fp8-block") == 0)
+        {
+            snprintf(nm, sizeof(nm), "%s.weight_scale%s", base,
+                     fmt[0] == 'f' ? "_inv" : "");
+            s = add(o, nm, MOE_DT_F32, 2, (N + bn - 1) / bn, (K + bk - 1) / bk);
+            for (r = 0; r < s->shape[0]; r++) {
+                for (c = 0; c < s->shape[1]; c++) {
+                    float a = 0.0f;
+
+                    for (n = r * bn; n < N && n < (r + 1) * bn; n++) {
+                        for (k = c * bk; k < K && k < (c + 1) * bk; k++) {
+                            a = fmaxf(a, fabsf(w[n * K + k]));
+                        }
+                    }
+                    sc = a > 0 ? a / 448.0f : 1.0f;
+                    put_f32(s, r * s->shape[1] + c, sc);
+                    for (n = r * bn; n < N && n < (r + 1) * bn; n++) {
+                        for (k = c * bk; k < K && k < (c + 1) * bk; k++) {
+                            codes[n * K + k] =
+                                moe_f32_to_fp8_e4m3(w[n * K + k] / sc);
+                            deq[n * K + k] =
+                                moe_fp8_e4m3_to_f32(codes[n * K + k]) * sc;
+                        }
+                    }
+                }
+            }
+        } else {
+            snprintf(nm, sizeof(nm), "%s.weight_scale", base);
+            s = add(o, nm, MOE_DT_BF16, 2, N, 1);
+            for (n = 0; n < N; n++) {
+                uint16_t b;
+
+                sc = amax(w + n * K, K) / 448.0f;
+                b = f32_to_bf16(sc > 0 ? sc : 1.0f);
+                memcpy((char *) s->data + 2 * n, &b, 2);
+                sc = moe_bf16_to_f32(b);
+                fp8_codes(w + n * K, K, sc, codes + n * K);
+                for (k = 0; k < K; k++) {
+                    deq[n * K + k] = moe_fp8_e4m3_to_f32(codes[n * K + k])
+                                     * sc;
+                }
+            }
+        }
+        if (static_act) {
+            snprintf(nm, sizeof(nm), "%s.input_scale", base);
+            put_f32(add(o, nm, MOE_DT_F32, 1, 1, 0), 0, 0.02f);
+        }
+        if (first && strcmp(corrupt, "drop-scale") == 0) {
+            snprintf(s->name, sizeof(s->name), "%s.scale_dropped", base);
+            corrupted = 1;
+        }
+        return;
+    }
+
+    /* 4-bit: codes (K, N), zero and scale per (group, column) */
+    G = group > 0 ? group : K;
+    ng = K / G;
+    codes = xmalloc((size_t) (K * N));
+    zc = xmalloc((size_t) (ng * N));
+    gidx = xmalloc((size_t) K * sizeof(int32_t));
+    for (k = 0; k < K; k++) {
+        gidx[k] = (int32_t) (k / G);
+    }
+    if (desc_act) {
+        /* act-order: input rows visited in a permuted order, groups of G
+         * consecutive visited rows; perm(i) = (i * 5 + 3) mod K, a
+         * permutation when K is odd or 5 is coprime with K */
+        for (i = 0; i < K; i++) {
+            gidx[(i * 5 + 3) % K] = (int32_t) (i / G);
+        }
+    }
+    snprintf(nm, sizeof(nm), "%s.scales", base);
+    s = add(o, nm, MOE_DT_F16, 2, ng, N);
+    for (g = 0; g < ng; g++) {
+        for (n = 0; n < N; n++) {
+            int zero;
+
+            lo = 0.0f;
+            hi = 0.0f;
+            for (k = 0; k < K; k++) {
+                if (gidx[k] == g) {
+                    lo = fminf(lo, w[n * K + k]);
+                    hi = fmaxf(hi, w[n * K + k]);
+                }
+            }
+            if (strcmp(fmt, "gptq") == 0 && sym) {
+                sc = fmaxf(fabsf(lo), fabsf(hi)) * 2.0f / 15.0f;
+                sc = moe_f16_to_f32(f32_to_f16(sc > 0 ? sc : 1.0f));
+                zero = 8;
+            } else {
+                sc = (hi - lo) / 15.0f;
+                sc = moe_f16_to_f32(f32_to_f16(sc > 0 ? sc : 1.0f));
+                zero = (int) rintf(-lo / sc);
+                /* GPTQ v1 stores zero - 1: keep zero >= 1 */
+                if (zero < (strcmp(fmt, "gptq") == 0 ? 1 : 0)) {
+                    zero = strcmp(fmt, "gptq") == 0 ? 1 : 0;
+                }
+                zero = zero > 15 ? 15 : zero;
+            }
+            {
+                uint16_t h = f32_to_f16(sc);
+
+                memcpy((char *) s->data + 2 * (g * N + n), &h, 2);
+            }
+            zc[g * N + n] = (uint8_t) zero;
+            for (k = 0; k < K; k++) {
+                if (gidx[k] == g) {
+                    x = rintf(w[n * K + k] / sc) + (float) zero;
+                    x = x < 0 ? 0 : x > 15 ? 15 : x;
+                    codes[k * N + n] = (uint8_t) x;
+                    deq[n * K + k] = (x - (float) zero) * sc;
+                }
+            }
+        }
+    }
+    snprintf(nm, sizeof(nm), "%s.qweight", base);
+    if (strcmp(fmt, "awq") == 0) {
+        q = add(o, nm, MOE_DT_I32, 2, K, N / 8);
+        moe_awq_pack(codes, K, N, q->data);
+        snprintf(nm, sizeof(nm), "%s.qzeros", base);
+        z = add(o, nm, MOE_DT_I32, 2, ng, N / 8);
+        moe_awq_pack(zc, ng, N, z->data);
+    } else {
+        q = add(o, nm, MOE_DT_I32, 2, K / 8, N);
+        moe_gptq_pack_w(codes, K, N, q->data);
+        for (i = 0; i < ng * N; i++) {
+            zc[i] = (uint8_t) (zc[i] - 1);      /* v1 */
+        }
+        snprintf(nm, sizeof(nm), "%s.qzeros", base);
+        z = add(o, nm, MOE_DT_I32, 2, ng, N / 8);
+        moe_gptq_pack_z(zc, ng, N, z->data);
+        if (desc_act || write_gidx) {
+            snprintf(nm, sizeof(nm), "%s.g_idx", base);
+            gi = add(o, nm, MOE_DT_I32, 1, K, 0);
+            memcpy(gi->data, gidx, (size_t) K * 4);
+            if (first && strcmp(corrupt, "gidx-range") == 0) {
+                int32_t bad = (int32_t) ng;
+
+                memcpy(gi->data, &bad, 4);
+                corrupted = 1;
+            }
+        }
+    }
+    if (first && strcmp(corrupt, "scale-shape") == 0) {
+        s->shape[0] -= 1;
+        s->nbytes -= (size_t) N * 2;
+        corrupted = 1;
+    }
+    if (first && strcmp(corrupt, "drop-scale") == 0) {
+        /* remove the scales tensor (s) by swapping in a dummy name */
+        snprintf(s->name, sizeof(s->name), "%s.scales_dropped", base);
+        corrupted = 1;
+    }
+    free(codes);
+    free(zc);
+    free(gidx);
+}
+
+
+static void
+write_st(const outset_t *o, const char *path)
+{
+    FILE    *f;
+    char    *hdr;
+    size_t   cap = 256 + (size_t) o->n * 400, len = 0, off = 0;
+    uint64_t hl;
+    int      i;
+
+    hdr = xmalloc(cap);
+    len += (size_t) snprintf(hdr + len, cap - len, "{");
+    for (i = 0; i < o->n; i++) {
+        const out_t *t = &o->t[i];
+
+        len += (size_t) snprintf(hdr + len, cap - len,
+                                 "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[",
+                                 i ? "," : "", t->name,
+                                 moe_dtype_name((moe_dtype_t) t->dtype));
+        if (t->n_dims >= 1) {
+            len += (size_t) snprintf(hdr + len, cap - len, "%lld",
+                                     (long long) t->shape[0]);
+        }
+        if (t->n_dims == 2) {
+            len += (size_t) snprintf(hdr + len, cap - len, ",%lld",
+                                     (long long) t->shape[1]);
+        }
+        len += (size_t) snprintf(hdr + len, cap - len,
+                                 "],\"data_offsets\":[%zu,%zu]}", off,
+                                 off + t->nbytes);
+        off += t->nbytes;
+    }
+    len += (size_t) snprintf(hdr + len, cap - len, "}");
+    while (len % 8 != 0) {
+        hdr[len++] = ' ';
+    }
+    f = fopen(path, "wb");
+    if (f == NULL) {
+        die(path);
+    }
+    hl = len;
+    fwrite(&hl, 8, 1, f);
+    fwrite(hdr, 1, len, f);
+    for (i = 0; i < o->n; i++) {
+        fwrite(o->t[i].data, 1, o->t[i].nbytes, f);
+    }
+    if (fclose(f) != 0) {
+        die(path);
+    }
+    free(hdr);
+}
+
+
+static void
+copy_file(const char *from, const char *to)
+{
+    FILE  *a = fopen(from, "rb"), *b;
+    char   buf[65536];
+    size_t n;
+
+    if (a == NULL) {
+        return;
+    }
+    b = fopen(to, "wb");
+    if (b == NULL) {
+        die(to);
+    }
+    while ((n = fread(buf, 1, sizeof(buf), a)) > 0) {
+        fwrite(buf, 1, n, b);
+    }
+    fclose(a);
+    fclose(b);
+}
+
+
+/* config.json with `qc` ("" none) as quantization_config: the source's
+ * text with its last '}' replaced */
+static void
+write_config(const char *in, const char *out, const char *qc)
+{
+    char   path[1024], *text, *end;
+    FILE  *f;
+
+    snprintf(path, sizeof(path), "%s/config.json", in);
+    text = moe_read_file(path, NULL);
+    if (text == NULL || (end = strrchr(text, '}')) == NULL) {
+        die("cannot read config.json");
+    }
+    *end = '\0';
+    snprintf(path, sizeof(path), "%s/config.json", out);
+    f = fopen(path, "w");
+    if (f == NULL) {
+        die(path);
+    }
+    while (end > text && (end[-1] == '\n' || end[-1] == ' ')) {
+        *--end = '\0';
+    }
+    fprintf(f, "%s%s%s\n}\n", text, qc[0] ? ",\n  \"quantization_config\": "
+            : "", qc);
+    fclose(f);
+    free(text);
+}
+
+
+static void
+copy_side_files(const char *in, const char *out)
+{
+    static const char *files[] = { "tokenizer.json", "tokenizer_config.json",
+                                   "generation_config.json" };
+    char a[1024], b[1024];
+    int  i;
+
+    for (i = 0; i < 3; i++) {
+        snprintf(a, sizeof(a), "%s/%s", in, files[i]);
+        snprintf(b, sizeof(b), "%s/%s", out, files[i]);
+        copy_file(a, b);
+    }
+}
+
+
+int
+main(int argc, char **argv)
+{
+    const char            *in = NULL, *out = NULL, *ref = NULL;
+    char                   err[1024], qc[1024], ign[256], path[1024];
+    moe_st_set_t          *st;
+    const moe_st_tensor_t *t;
+    static outset_t        oq, orf;
+    out_t                  *r;
+    float                  *w;
+    size_t                 i;
+    int                    a, j, quant;
+
+    for (a = 1; a < argc; a++) {
+        if (strcmp(argv[a], "--in") == 0 && a + 1 < argc) {
+            in = argv[++a];
+        } else if (strcmp(argv[a], "--out") == 0 && a + 1 < argc) {
+            out = argv[++a];
+        } else if (strcmp(argv[a], "--ref") == 0 && a + 1 < argc) {
+            ref = argv[++a];
+        } else if (strcmp(argv[a], "--format") == 0 && a + 1 < argc) {
+            fmt = argv[++a];
+        } else if (strcmp(argv[a], "--group") == 0 && a + 1 < argc) {
+            group = atoi(argv[++a]);
+        } else if (strcmp(argv[a], "--block") == 0 && a + 1 < argc) {
+            if (sscanf(argv[++a], "%d,%d", &bn, &bk) != 2 || bn < 1
+                || bk < 1)
+            {
+                die("--block BN,BK");
+            }
+        } else if (strcmp(argv[a], "--sym") == 0) {
+            sym = 1;
+        } else if (strcmp(argv[a], "--desc-act") == 0) {
+            desc_act = 1;
+        } else if (strcmp(argv[a], "--g-idx") == 0) {
+            write_gidx = 1;
+        } else if (strcmp(argv[a], "--static") == 0) {
+            static_act = 1;
+        } else if (strcmp(argv[a], "--ignore") == 0 && a + 1 < argc) {
+            ignore_s = argv[++a];
+        } else if (strcmp(argv[a], "--corrupt") == 0 && a + 1 < argc) {
+            corrupt = argv[++a];
+        } else {
+            fprintf(stderr, "usage: quantize --in DIR --out DIR --format "
+                    "fp8-tensor|fp8-block|ct-fp8[-tensor|-block]|awq|gptq "
+                    "[--group G] "
+                    "[--block BN,BK] [--sym] [--desc-act] [--g-idx] "
+                    "[--static] [--ignore S] [--corrupt C] [--ref DIR]\n");
+            return 2;
+        }
+    }
+    if (in == NULL || out == NULL || fmt == NULL) {
+        die("--in, --out and --format are required");
+    }
+    if (strcmp(fmt, "fp8-tensor") != 0 && strcmp(fmt, "fp8-block") != 0
+        && strcmp(fmt, "ct-fp8") != 0 && strcmp(fmt, "ct-fp8-tensor") != 0
+        && strcmp(fmt, "ct-fp8-block") != 0 && strcmp(fmt, "awq") != 0
+        && strcmp(fmt, "gptq") != 0)
+    {
+        die("unknown --format");
+    }
+
+    if (moe_st_open_dir(in, &st, err, sizeof(err)) != MOE_OK) {
+        die(err);
+    }
+    ign[0] = '\0';
+    if (ignore_s != NULL) {
+        snprintf(ign, sizeof(ign), strncmp(fmt, "ct-fp8", 6) == 0
+                 ? "\"re:.*%s.*\"" : "\"%s\"", ignore_s);
+    }
+    if (strcmp(fmt, "fp8-tensor") == 0) {
+        snprintf(qc, sizeof(qc), "{\"quant_method\": \"fp8\", "
+                 "\"activation_scheme\": \"%s\", \"modules_to_not_convert\""
+                 ": [%s]}", static_act ? "static" : "dynamic", ign);
+    } else if (strcmp(fmt, "fp8-block") == 0) {
+        snprintf(qc, sizeof(qc), "{\"quant_method\": \"fp8\", "
+                 "\"activation_scheme\": \"%s\", \"weight_block_size\": "
+                 "[%d, %d], \"modules_to_not_convert\": [%s]}", static_act
+                 ? "static" : "dynamic", bn, bk, ign);
+    } else if (strncmp(fmt, "ct-fp8", 6) == 0) {
+        char strat[96];
+
+        snprintf(strat, sizeof(strat), fmt[6] == '\0' ? "\"channel\""
+                 : fmt[7] == 't' ? "\"tensor\"" : "\"block\", "
+                 "\"block_structure\": [%d, %d]", bn, bk);
+        snprintf(qc, sizeof(qc), "{\"quant_method\": \"compressed-tensors\","
+                 " \"format\": \"float-quantized\", \"config_groups\": "
+                 "{\"group_0\": {\"targets\": [\"Linear\"], \"weights\": "
+                 "{\"num_bits\": 8, \"type\": \"float\", \"strategy\": "
+                 "%s, \"symmetric\": true, \"dynamic\": false}, "
+                 "\"input_activations\": {\"num_bits\": 8, \"type\": "
+                 "\"float\", \"strategy\": \"tensor\", \"dynamic\": %s}}}, "
+                 "\"ignore\": [\"lm_head\"%s%s]}", strat, static_act
+                 ? "false" : "true", ign[0] ? ", " : "", ign);
+    } else if (strcmp(fmt, "awq") == 0) {
+        snprintf(qc, sizeof(qc), "{\"quant_method\": \"awq\", \"bits\": 4, "
+                 "\"group_size\": %d, \"zero_point\": true, \"version\": "
+                 "\"gemm\", \"modules_to_not_convert\": [%s]}", group, ign);
+    } else {
+        snprintf(qc, sizeof(qc), "{\"quant_method\": \"gptq\", \"bits\": 4, "
+                 "\"group_size\": %d, \"desc_act\": %s, \"sym\": %s, "
+                 "\"checkpoint_format\": \"gptq\", \"modules_to_not_convert\""
+                 ": [%s]}", group, desc_act ? "true" : "false",
+                 sym ? "true" : "false", ign);
+    }
+    (void) mkdir(out, 0755);
+    if (ref != NULL) {
+        (void) mkdir(ref, 0755);
+    }
+
+    for (i = 0; i < moe_st_count(st); i++) {
+        int64_t N, K, n;
+        char    base[300];
+
+        t = moe_st_at(st, i);
+        n = t->numel;
+        w = xmalloc((size_t) n * sizeof(float));
+        if (moe_st_to_f32(t, 0, n, w) != MOE_OK) {
+            die("cannot convert a tensor");
+        }
+        quant = is_linear(t) && (ignore_s == NULL
+                                 || strstr(t->name, ignore_s) == NULL);
+        if (!quant) {
+            r = add(&oq, t->name, t->dtype, t->n_dims, t->shape[0],
+                    t->shape[1]);
+            memcpy(r->data, t->data, t->nbytes);
+            r->n_dims = t->n_dims;
+            for (j = 0; j < t->n_dims; j++) {
+                r->shape[j] = t->shape[j];
+            }
+            r = add(&orf, t->name, MOE_DT_F32, t->n_dims, t->shape[0],
+                    t->shape[1]);
+            memcpy(r->data, w, (size_t) n * 4);
+            for (j = 0; j < t->n_dims; j++) {
+                r->shape[j] = t->shape[j];
+            }
+            free(w);
+            continue;
+        }
+        N = t->shape[0];
+        K = t->shape[1];
+        snprintf(base, sizeof(base), "%.*s", (int) (strlen(t->name) - 7),
+                 t->name);
+        r = add(&orf, t->name, MOE_DT_F32, 2, N, K);
+        quantize(&oq, base, w, N, K, r->data);
+        free(w);
+    }
+
+    snprintf(path, sizeof(path), "%s/model.safetensors", out);
+    write_st(&oq, path);
+    write_config(in, out, qc);
+    copy_side_files(in, out);
+
+    if (ref != NULL) {
+        snprintf(path, sizeof(path), "%s/model.safetensors", ref);
+        write_st(&orf, path);
+        write_config(in, ref, "");
+        copy_side_files(in, ref);
+    }
+    moe_st_close(st);
+    return 0;
+}
