@@ -124,7 +124,8 @@ ASAN_FLAGS := -std=c11 -D_GNU_SOURCE -pthread $(WARN) -O1 -g \
               -fno-sanitize-recover=undefined -Iengine/include -Iengine \
               -Ikernels
 ASAN_TESTS := tokenizer jinja safetensors config engine sampling ring swap \
-              forward kjv tp backend cuda_tuning guided
+              forward kjv tp backend cuda_tuning guided logprobs choices \
+              toolcall
 ASAN_BINS  := $(patsubst %,$(BUILD)/asan/t/%,$(filter $(ASAN_TESTS), \
               $(UNIT_SRCS:t/unit/%.c=%)))
 ASAN_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/asan/%.o)

@@ -5,6 +5,14 @@
  * under an optional concurrency cap, streamed responses timed per event,
  * then TTFT, TPOT, ITL, E2E latency and throughput.
  *
+ * Multi-turn conversations (--turns T): --num-prompts conversations, each a
+ * system message of --random-input-len words and T user turns; turn t+1
+ * is sent when turn t has ended, with turn t's streamed reply as the
+ * assistant message, so later turns share their conversation's prefix.
+ * The report adds the prefix cache's hits (usage.prompt_tokens_details.
+ * cached_tokens over prompt tokens) and TTFT of first vs later turns: run
+ * against a router (bench/router.sh) with and without prefix affinity.
+ *
  * One thread, non-blocking sockets, epoll; one connection per request
  * (Connection: close), as vLLM's client does, so connect time is inside
  * TTFT.  Every run ends by itself: the request count bounds it, and
@@ -71,12 +79,14 @@ typedef struct {
     double       timeout;          /* whole run, seconds */
     int          chat;
     int          quiet;
+    int          turns;            /* per conversation; 1: single requests */
+    int          turn_len;         /* words of each later user message */
 } opts_t;
 
 
 /* ------------------------------------------------------------- requests */
 
-typedef struct {
+typedef struct req_s {
     int        in_len;             /* requested prompt tokens */
     int        out_len;            /* requested max_tokens */
     char      *http;               /* the whole HTTP request */
@@ -94,6 +104,15 @@ typedef struct {
     long       usage_out;          /* usage.completion_tokens; -1: none */
     long       usage_in;           /* usage.prompt_tokens; -1: none */
     char       err[ERR_LEN];
+
+    /* multi-turn (--turns): built when the previous turn has ended */
+    int        conv, turn;         /* conversation, turn (0-based) */
+    struct req_s *prev;            /* the previous turn; NULL: the first */
+    char      *user;               /* this turn's user message, JSON-escaped */
+    char      *sys;                /* first turn: the system message, same */
+    char      *reply;              /* streamed assistant text, raw */
+    size_t     reply_len, reply_cap;
+    long       usage_cached;       /* cached_tokens; -1: none */
 } req_t;
 
 
@@ -287,11 +306,14 @@ static const char *words[] = {
 
 /* builds the HTTP request of r (lengths already drawn) */
 
+static void http_wrap(req_t *r, char *b, size_t bl);
+
+
 static void
 build_request(req_t *r, int i)
 {
-    char    *b = NULL, *h = NULL;
-    size_t   bl = 0, bc = 0, hl = 0, hc = 0;
+    char    *b = NULL;
+    size_t   bl = 0, bc = 0;
     int      k;
 
     buf_add(&b, &bl, &bc, "{\"model\":", 9);
@@ -329,6 +351,18 @@ build_request(req_t *r, int i)
                ",\"stream\":true,\"ignore_eos\":%s"
                ",\"stream_options\":{\"include_usage\":true}}",
                r->out_len, o.temperature, o.ignore_eos ? "true" : "false");
+
+    http_wrap(r, b, bl);
+}
+
+
+/* r->http: the request head and the JSON body b (bl bytes, freed here) */
+
+static void
+http_wrap(req_t *r, char *b, size_t bl)
+{
+    char    *h = NULL;
+    size_t   hl = 0, hc = 0;
 
     buf_printf(&h, &hl, &hc, "POST %s%s HTTP/1.1\r\nHost: %s:%s\r\n",
                o.prefix, o.endpoint, o.host, o.port);
@@ -378,9 +412,149 @@ make_requests(int n, int first_index)
         rs[i].out_len = (int) rng_int(olo, ohi);
         rs[i].usage_in = -1;
         rs[i].usage_out = -1;
+        rs[i].usage_cached = -1;
         build_request(&rs[i], first_index + i);
     }
     return rs;
+}
+
+
+/* ------------------------------------------------- multi-turn (--turns) */
+
+/* n random words after a head word (JSON-safe text), malloc()ed */
+
+static char *
+turn_words(const char *head, int n)
+{
+    char    *s = NULL;
+    size_t   l = 0, c = 0;
+    int      k;
+
+    buf_add(&s, &l, &c, head, strlen(head));
+    for (k = 0; k < n; k++) {
+        buf_printf(&s, &l, &c, " %s",
+                   words[rng_next() % (sizeof(words) / sizeof(words[0]))]);
+    }
+    return s;
+}
+
+
+/*
+ * n conversations of o.turns turns each, conversation-major
+ * (rs[c * turns + t]).  A conversation: a system message of --random-
+ * input-len words headed by its number (distinct across conversations, so
+ * only a conversation's own turns share a prefix), then a user message of
+ * --turn-len words per turn.  The HTTP request of a later turn is built
+ * when the turn before it has ended (build_turn).
+ */
+
+static req_t *
+make_conversations(int n, int first_conv)
+{
+    int     c, t, T = o.turns;
+    long    olo, ohi;
+    char    head[64];
+    req_t  *rs, *r;
+
+    rs = calloc((size_t) n * (size_t) T, sizeof(req_t));
+    if (rs == NULL) {
+        die("out of memory");
+    }
+
+    olo = (long) floor(o.out_len * (1.0 - o.range_ratio));
+    ohi = (long) floor(o.out_len * (1.0 + o.range_ratio));
+    if (olo < 1) olo = 1;
+    if (ohi < olo) ohi = olo;
+
+    for (c = 0; c < n; c++) {
+        for (t = 0; t < T; t++) {
+            r = &rs[c * T + t];
+            r->conv = first_conv + c;
+            r->turn = t;
+            r->prev = t ? r - 1 : NULL;
+            r->in_len = o.in_len;
+            r->out_len = (int) rng_int(olo, ohi);
+            r->usage_in = -1;
+            r->usage_out = -1;
+            r->usage_cached = -1;
+            if (t == 0) {
+                snprintf(head, sizeof(head), "Conversation %d.", r->conv);
+                r->sys = turn_words(head, o.in_len);
+            }
+            snprintf(head, sizeof(head), "Turn %d:", t + 1);
+            r->user = turn_words(head, o.turn_len);
+        }
+    }
+    return rs;
+}
+
+
+/* the request of turn r: every earlier turn with its reply, then r's */
+
+static void
+build_turn(req_t *r)
+{
+    char          *b = NULL;
+    size_t         bl = 0, bc = 0;
+    const req_t   *p, *first;
+    int            t;
+
+    for (first = r; first->prev; first = first->prev) { /* void */ }
+
+    buf_add(&b, &bl, &bc, "{\"model\":", 9);
+    buf_json_str(&b, &bl, &bc, o.model);
+    buf_add(&b, &bl, &bc, ",\"messages\":[{\"role\":\"system\",\"content\":",
+            strlen(",\"messages\":[{\"role\":\"system\",\"content\":"));
+    buf_json_str(&b, &bl, &bc, first->sys);
+    buf_add(&b, &bl, &bc, "}", 1);
+
+    for (t = 0; t <= r->turn; t++) {
+        p = first + t;
+        buf_add(&b, &bl, &bc, ",{\"role\":\"user\",\"content\":",
+                strlen(",{\"role\":\"user\",\"content\":"));
+        buf_json_str(&b, &bl, &bc, p->user);
+        buf_add(&b, &bl, &bc, "}", 1);
+        if (t < r->turn) {
+            buf_add(&b, &bl, &bc, ",{\"role\":\"assistant\",\"content\":",
+                    strlen(",{\"role\":\"assistant\",\"content\":"));
+            buf_json_str(&b, &bl, &bc, p->reply ? p->reply : "");
+            buf_add(&b, &bl, &bc, "}", 1);
+        }
+    }
+
+    buf_printf(&b, &bl, &bc, "],\"max_tokens\":%d,\"temperature\":%g"
+               ",\"stream\":true,\"ignore_eos\":%s"
+               ",\"stream_options\":{\"include_usage\":true}}",
+               r->out_len, o.temperature, o.ignore_eos ? "true" : "false");
+
+    http_wrap(r, b, bl);
+}
+
+
+/* 1: r may start now (rel s after the phase start); 0: not yet; -1:
+ * never (an earlier turn of its conversation failed) */
+
+static int
+turn_ready(const req_t *r, double rel)
+{
+    if (r->prev == NULL) {
+        return r->arrival <= rel;
+    }
+    if (!r->prev->finished) {
+        return 0;
+    }
+    return r->prev->ok ? 1 : -1;
+}
+
+
+static void
+req_free(req_t *r)
+{
+    free(r->http);
+    free(r->itl);
+    free(r->user);
+    free(r->sys);
+    free(r->reply);
 }
 
 
@@ -437,6 +611,8 @@ sse_event(conn_t *c, const char *d, double t)
     const char  *p_us[] = { "usage", NULL };
     const char  *p_ct[] = { "completion_tokens", NULL };
     const char  *p_pt[] = { "prompt_tokens", NULL };
+    const char  *p_cached[] = { "prompt_tokens_details", "cached_tokens",
+                                NULL };
     const char  *p_text[] = { "text", NULL };
     const char  *p_delta[] = { "delta", "content", NULL };
 
@@ -487,6 +663,12 @@ sse_event(conn_t *c, const char *d, double t)
             }
             r->t_last = t;
             r->n_events++;
+            if (o.turns > 1) {
+                const char  *piece = YAJL_GET_STRING(txt);
+
+                buf_add(&r->reply, &r->reply_len, &r->reply_cap, piece,
+                        piece ? strlen(piece) : 0);
+            }
         }
     }
 
@@ -501,6 +683,10 @@ sse_event(conn_t *c, const char *d, double t)
         n = yajl_tree_get(v, p_pt, yajl_t_number);
         if (n && YAJL_IS_INTEGER(n)) {
             r->usage_in = (long) YAJL_GET_INTEGER(n);
+        }
+        n = yajl_tree_get(v, p_cached, yajl_t_number);
+        if (n && YAJL_IS_INTEGER(n)) {
+            r->usage_cached = (long) YAJL_GET_INTEGER(n);
         }
     }
 
@@ -1139,8 +1325,8 @@ run_phase(req_t *rs, int n, int max_conc, double deadline, int *peak)
 {
     struct epoll_event   evs[512];
     conn_t             **cs;
-    double               t0, t;
-    int                  next = 0, open = 0, over = 0, i, k;
+    double               t0, t, due;
+    int                  next = 0, open = 0, over = 0, i, k, rd;
 
     cs = calloc((size_t) (n ? n : 1), sizeof(conn_t *));
     if (cs == NULL) {
@@ -1158,12 +1344,39 @@ run_phase(req_t *rs, int n, int max_conc, double deadline, int *peak)
             break;
         }
 
-        while (next < n && (max_conc == 0 || open < max_conc)
-               && rs[next].arrival <= t - t0)
-        {
-            req_t  *r = &rs[next];
-            conn_t *c = conn_new(r, 1, ERRBODY_MAX);
+        /*
+         * start what is due, in order; `next` is the first request not
+         * started.  Single requests are due by arrival time, in index
+         * order; a later turn is due when its previous turn has ended, so
+         * with --turns every request not started is looked at.
+         */
+        for (i = next; i < n && (max_conc == 0 || open < max_conc); i++) {
+            req_t   *r = &rs[i];
+            conn_t  *c;
 
+            if (r->started) {
+                continue;
+            }
+            rd = turn_ready(r, t - t0);
+            if (rd == 0) {
+                if (o.turns > 1) {
+                    continue;
+                }
+                break;
+            }
+            if (rd < 0) {
+                r->started = 1;
+                r->finished = 1;
+                req_fail(r, "an earlier turn of conversation %d failed",
+                         r->conv);
+                over++;
+                continue;
+            }
+            if (r->http == NULL) {
+                build_turn(r);
+            }
+
+            c = conn_new(r, 1, ERRBODY_MAX);
             r->started = 1;
             r->t_start = now_s();
             if (conn_connect(c) < 0) {
@@ -1179,20 +1392,27 @@ run_phase(req_t *rs, int n, int max_conc, double deadline, int *peak)
                 if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) {
                     die("epoll_ctl: %s", strerror(errno));
                 }
-                cs[next] = c;
+                cs[i] = c;
                 open++;
                 if (open > *peak) {
                     *peak = open;
                 }
             }
+        }
+        while (next < n && rs[next].started) {
             next++;
         }
 
+        /* the next first turn's arrival (later turns wake on an end) */
         wait = deadline - t;
-        if (next < n && (max_conc == 0 || open < max_conc)
-            && rs[next].arrival - (t - t0) < wait)
-        {
-            wait = rs[next].arrival - (t - t0);
+        for (i = next; i < n && (max_conc == 0 || open < max_conc); i++) {
+            if (!rs[i].started && rs[i].prev == NULL) {
+                due = rs[i].arrival - (t - t0);
+                if (due < wait) {
+                    wait = due;
+                }
+                break;
+            }
         }
         ms = wait > 0 ? (int) ceil(wait * 1000) : 0;
         if (open == 0 && over == n) {
@@ -1379,6 +1599,9 @@ report(req_t *rs, int n, double dur, int peak)
     stat_t       s_ttft, s_tpot, s_itl, s_e2e;
     FILE        *f;
     size_t       total_itl = 0;
+    long long    c_in = 0, c_hit = 0;        /* prompt / cached tokens */
+    double       t_first = 0, t_later = 0;   /* TTFT sums by turn */
+    int          n_first = 0, n_later = 0;
 
     for (i = 0; i < n; i++) {
         total_itl += (size_t) rs[i].n_itl;
@@ -1414,6 +1637,17 @@ report(req_t *rs, int n, double dur, int peak)
         t1 = ttft_of(r);
         e2e[n_e2e++] = e;
         ttft[n_ttft++] = t1;
+        if (r->usage_cached >= 0 && r->usage_in >= 0) {
+            c_in += r->usage_in;
+            c_hit += r->usage_cached;
+        }
+        if (r->turn == 0) {
+            t_first += t1;
+            n_first++;
+        } else {
+            t_later += t1;
+            n_later++;
+        }
         if (out > 1) {
             tpot[n_tpot++] = (e - t1) / (double) (out - 1);
         }
@@ -1469,6 +1703,22 @@ report(req_t *rs, int n, double dur, int peak)
     printf("%-40s %-10.2f\n", "Mean E2EL (ms):", s_e2e.mean);
     printf("%-40s %-10.2f\n", "Median E2EL (ms):", s_e2e.median);
     printf("%-40s %-10.2f\n", "P99 E2EL (ms):", s_e2e.p99);
+    if (o.turns > 1 || c_hit > 0) {
+        printf("%s\n", "--------Prefix cache (usage.cached_tokens)--------");
+        if (o.turns > 1) {
+            printf("%-40s %-10d\n", "Conversations:",
+                   n / o.turns);
+            printf("%-40s %-10d\n", "Turns per conversation:", o.turns);
+        }
+        printf("%-40s %-10lld\n", "Prompt tokens (with usage):", c_in);
+        printf("%-40s %-10lld\n", "Cached prompt tokens:", c_hit);
+        printf("%-40s %-10.2f\n", "Prefix cache hit rate (%):",
+               c_in ? 100.0 * (double) c_hit / (double) c_in : 0.0);
+        printf("%-40s %-10.2f\n", "Mean TTFT, first turns (ms):",
+               n_first ? 1000.0 * t_first / n_first : 0.0);
+        printf("%-40s %-10.2f\n", "Mean TTFT, later turns (ms):",
+               n_later ? 1000.0 * t_later / n_later : 0.0);
+    }
     printf("%s\n", "==================================================");
     fflush(stdout);
 
@@ -1528,6 +1778,14 @@ report(req_t *rs, int n, double dur, int peak)
         json_stat(f, "tpot", &s_tpot);
         json_stat(f, "itl", &s_itl);
         json_stat(f, "e2el", &s_e2e);
+        fprintf(f, ",\n  \"turns\": %d,\n  \"prompt_tokens_with_usage\": "
+                "%lld,\n  \"cached_tokens\": %lld,\n"
+                "  \"prefix_cache_hit_rate\": ", o.turns, c_in, c_hit);
+        json_num(f, c_in ? (double) c_hit / (double) c_in : 0.0);
+        fprintf(f, ",\n  \"mean_ttft_first_turns_ms\": ");
+        json_num(f, n_first ? 1000.0 * t_first / n_first : NAN);
+        fprintf(f, ",\n  \"mean_ttft_later_turns_ms\": ");
+        json_num(f, n_later ? 1000.0 * t_later / n_later : NAN);
         fprintf(f, ",\n  \"first_error\": ");
         if (first_err) {
             json_fstr(f, first_err);
@@ -1615,6 +1873,12 @@ usage(FILE *f)
 "  --warmup K              K untimed requests first (default 0)\n"
 "  --timeout S             the whole run ends after S s (default 600)\n"
 "  --api-key KEY           Authorization: Bearer (default $OPENAI_API_KEY)\n"
+"  --turns T               multi-turn: --num-prompts conversations of T\n"
+"                          turns (chat only); turn t+1 is sent when turn t\n"
+"                          ended, with its reply; the system message has\n"
+"                          --random-input-len words (default 1: single\n"
+"                          requests)\n"
+"  --turn-len W            words per later user message (default 16)\n"
 "  --json FILE             machine-readable results (- for stdout)\n"
 "  --quiet                 no progress lines on stderr\n"
 "Exit: 0 all succeeded, 2 some failed, 1 usage or server unreachable.\n");
@@ -1701,7 +1965,7 @@ known_option(const char *name)
         "--num-prompts", "--request-rate", "--max-concurrency",
         "--random-input-len", "--random-output-len", "--random-range-ratio",
         "--seed", "--temperature", "--vocab-min", "--vocab-max", "--warmup",
-        "--timeout", "--json", "--api-key", NULL
+        "--timeout", "--json", "--api-key", "--turns", "--turn-len", NULL
     };
     int  i;
 
@@ -1729,6 +1993,8 @@ parse_args(int argc, char **argv)
     o.ignore_eos = 1;
     o.token_ids = 1;
     o.timeout = 600;
+    o.turns = 1;
+    o.turn_len = 16;
     o.api_key = getenv("OPENAI_API_KEY");
     if (o.api_key && *o.api_key == '\0') {
         o.api_key = NULL;
@@ -1821,6 +2087,10 @@ parse_args(int argc, char **argv)
             o.json_out = v;
         } else if (strcmp(name, "--api-key") == 0) {
             o.api_key = v;
+        } else if (strcmp(name, "--turns") == 0) {
+            o.turns = (int) num_arg(name, v, 1, 1000);
+        } else if (strcmp(name, "--turn-len") == 0) {
+            o.turn_len = (int) num_arg(name, v, 1, 1000000);
         } else {
             usage(stderr);
             die("unknown option %s", name);
@@ -1831,6 +2101,10 @@ parse_args(int argc, char **argv)
         die("--endpoint must start with / (got %s)", o.endpoint);
     }
     o.chat = strstr(o.endpoint, "chat") != NULL;
+    if (o.turns > 1 && !o.chat) {
+        die("--turns needs --endpoint /v1/chat/completions (conversations "
+            "are chat messages)");
+    }
 }
 
 
@@ -1841,7 +2115,7 @@ main(int argc, char **argv)
     struct rlimit     rl;
     req_t            *ws = NULL, *rs;
     double            t_begin, deadline, dur, t;
-    int               rc, peak, i, failed;
+    int               rc, peak, i, failed, n_req, n_warm;
 
     parse_args(argc, argv);
     signal(SIGPIPE, SIG_IGN);
@@ -1885,16 +2159,21 @@ main(int argc, char **argv)
     }
 
     rng_s = o.seed;
-    rs = make_requests(o.num_prompts, 0);
+    n_req = o.num_prompts * o.turns;
+    n_warm = o.warmup * o.turns;
+    rs = o.turns > 1 ? make_conversations(o.num_prompts, 0)
+                     : make_requests(o.num_prompts, 0);
     t = 0;
-    for (i = 0; i < o.num_prompts; i++) {
-        if (i > 0 && !isinf(o.rate)) {
+    for (i = 0; i < n_req; i++) {
+        /* arrivals are the conversations' (their first turns') */
+        if (i > 0 && !isinf(o.rate) && rs[i].prev == NULL) {
             t += -log(1.0 - rng_unif()) / o.rate;
         }
         rs[i].arrival = t;
     }
     if (o.warmup) {
-        ws = make_requests(o.warmup, o.num_prompts);
+        ws = o.turns > 1 ? make_conversations(o.warmup, o.num_prompts)
+                         : make_requests(o.warmup, o.num_prompts);
     }
 
     if (!o.quiet) {
@@ -1910,8 +2189,8 @@ main(int argc, char **argv)
         const char  *werr = NULL;
         int          wok = 0;
 
-        (void) run_phase(ws, o.warmup, o.max_conc, deadline, &peak);
-        for (i = 0; i < o.warmup; i++) {
+        (void) run_phase(ws, n_warm, o.max_conc, deadline, &peak);
+        for (i = 0; i < n_warm; i++) {
             wok += ws[i].ok;
             if (!ws[i].ok && werr == NULL) {
                 werr = ws[i].err;
@@ -1919,21 +2198,19 @@ main(int argc, char **argv)
         }
         if (!o.quiet || werr) {
             fprintf(stderr, "bench/serve: warmup: %d/%d succeeded%s%s\n",
-                    wok, o.warmup, werr ? "; first error: " : "",
+                    wok, n_warm, werr ? "; first error: " : "",
                     werr ? werr : "");
         }
     }
 
-    dur = run_phase(rs, o.num_prompts, o.max_conc, deadline, &peak);
-    failed = report(rs, o.num_prompts, dur, peak);
+    dur = run_phase(rs, n_req, o.max_conc, deadline, &peak);
+    failed = report(rs, n_req, dur, peak);
 
-    for (i = 0; i < o.num_prompts; i++) {
-        free(rs[i].http);
-        free(rs[i].itl);
+    for (i = 0; i < n_req; i++) {
+        req_free(&rs[i]);
     }
-    for (i = 0; ws && i < o.warmup; i++) {
-        free(ws[i].http);
-        free(ws[i].itl);
+    for (i = 0; ws && i < n_warm; i++) {
+        req_free(&ws[i]);
     }
     free(rs);
     free(ws);

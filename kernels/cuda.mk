@@ -6,7 +6,8 @@
 #                   build/gpu/test_backend, build/gpu/test_sample,
 #                   build/gpu/test_ggemm, build/gpu/test_quant,
 #                   build/gpu/test_kvfp8, build/gpu/bench_engine,
-#                   build/gpu/test_tp, build/gpu/test_mask
+#                   build/gpu/test_tp, build/gpu/test_mask,
+#                   build/gpu/test_logprobs
 #   make bench-dev  the kernel dev harness (bench/dev/*.cu):
 #                   build/bench/dev/attention, .../moe_gemv,
 #                   .../moe_ggemm; each
@@ -49,7 +50,8 @@ GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_convert \
                 $(BUILD)/gpu/test_tp \
                 $(BUILD)/gpu/test_quant $(BUILD)/gpu/test_kvfp8 \
-                $(BUILD)/gpu/test_mask
+                $(BUILD)/gpu/test_mask \
+                $(BUILD)/gpu/test_logprobs
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)

@@ -29,22 +29,19 @@
 
 
 static ngx_int_t ngx_http_moe_admit_reject(ngx_http_request_t *r,
-    ngx_http_moe_admit_t *a, ngx_http_moe_err_t *err, const char *fmt,
+    ngx_http_moe_inst_t *inst, ngx_http_moe_err_t *err, const char *fmt,
     ngx_uint_t what, uint64_t limit);
-
-
-static ngx_str_t  ngx_http_moe_retry_after = ngx_string("1");
 
 
 /* the limits from the engine YAML, once the worker starts */
 
 void
-ngx_http_moe_admit_init(ngx_http_moe_main_conf_t *mcf)
+ngx_http_moe_admit_init(ngx_http_moe_admit_t *a, const moe_config_t *config)
 {
-    ngx_memzero(&mcf->admit, sizeof(ngx_http_moe_admit_t));
+    ngx_memzero(a, sizeof(ngx_http_moe_admit_t));
 
-    mcf->admit.max_waiting = (ngx_uint_t) mcf->config->max_waiting_requests;
-    mcf->admit.max_tokens = (uint64_t) mcf->config->max_waiting_tokens;
+    a->max_waiting = (ngx_uint_t) config->max_waiting_requests;
+    a->max_tokens = (uint64_t) config->max_waiting_tokens;
 }
 
 
@@ -59,16 +56,15 @@ ngx_http_moe_admit(ngx_http_request_t *r, ngx_http_moe_ctx_t *ctx,
 {
     ngx_http_moe_admit_t  *a;
 
-    /* ctx->mcf, not the request's main conf: this file sits below
-     * ngx_http_moe_request.c, which holds the module's index */
-    a = &ctx->mcf->admit;
+    /* per instance: the one the request was routed to */
+    a = &ctx->inst->admit;
 
     if (ctx->waiting) {
         return NGX_OK;
     }
 
     if (a->max_waiting && a->waiting >= a->max_waiting) {
-        return ngx_http_moe_admit_reject(r, a, err,
+        return ngx_http_moe_admit_reject(r, ctx->inst, err,
                                          "the server is at capacity: %ui "
                                          "requests are waiting to run (the "
                                          "limit is %uL, "
@@ -98,7 +94,7 @@ ngx_http_moe_admit_tokens(ngx_http_request_t *r, ngx_http_moe_ctx_t *ctx,
 {
     ngx_http_moe_admit_t  *a;
 
-    a = &ctx->mcf->admit;
+    a = &ctx->inst->admit;
 
     if (!ctx->waiting) {
         return NGX_OK;
@@ -109,7 +105,7 @@ ngx_http_moe_admit_tokens(ngx_http_request_t *r, ngx_http_moe_ctx_t *ctx,
     {
         ngx_http_moe_admit_done(ctx);
 
-        return ngx_http_moe_admit_reject(r, a, err,
+        return ngx_http_moe_admit_reject(r, ctx->inst, err,
                                          "the server is at capacity: %ui "
                                          "prompt tokens are waiting to run "
                                          "(the limit is %uL, "
@@ -137,7 +133,7 @@ ngx_http_moe_admit_done(ngx_http_moe_ctx_t *ctx)
         return;
     }
 
-    a = &ctx->mcf->admit;
+    a = &ctx->inst->admit;
 
     a->waiting--;
     a->waiting_tokens -= ctx->waiting_tokens;
@@ -148,29 +144,17 @@ ngx_http_moe_admit_done(ngx_http_moe_ctx_t *ctx)
 
 
 static ngx_int_t
-ngx_http_moe_admit_reject(ngx_http_request_t *r, ngx_http_moe_admit_t *a,
+ngx_http_moe_admit_reject(ngx_http_request_t *r, ngx_http_moe_inst_t *inst,
     ngx_http_moe_err_t *err, const char *fmt, ngx_uint_t what,
     uint64_t limit)
 {
-    ngx_table_elt_t  *h;
+    inst->admit.rejected++;
 
-    a->rejected++;
-
-    /*
-     * Retry-After: 1.  The queue drains at the engine's pace, and a
-     * waiting request leaves it as soon as its prefill is done, so a slot
-     * is usually free within a second; a client that honours the header
-     * then finds one without polling in a loop.
-     */
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
+    if (ngx_http_moe_set_retry_after(r, ngx_http_moe_retry_after(inst))
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Retry-After");
-    h->value = ngx_http_moe_retry_after;
 
     (void) ngx_http_moe_fail(err, NGX_HTTP_TOO_MANY_REQUESTS, NULL, fmt,
                              what, limit);
@@ -179,4 +163,98 @@ ngx_http_moe_admit_reject(ngx_http_request_t *r, ngx_http_moe_admit_t *a,
     err->code = "rate_limit_exceeded";
 
     return NGX_DECLINED;
+}
+
+
+/*
+ * Retry-After, in seconds, for a 429 or a 503 of inst (at least 1, at most
+ * 600):
+ *   * serving: the work queued ahead of a new request over the engine's
+ *     throughput: (waiting prompt tokens, or waiting requests times the
+ *     mean tokens of a finished request when the prompts are not
+ *     tokenized yet, plus the running sequences' share) divided by the
+ *     tokens per second of the engine's busy time;
+ *   * loading: the last load's duration minus the time this one has run
+ *     (the time it has run, before any load finished).
+ */
+
+time_t
+ngx_http_moe_retry_after(ngx_http_moe_inst_t *inst)
+{
+    double                 tps, per_req, queued, sec;
+    ngx_msec_t             ran;
+    moe_stats_t            st;
+    ngx_http_moe_admit_t  *a;
+
+    if (inst == NULL) {
+        return 1;
+    }
+
+    if (inst->eng == NULL || inst->eng->engine == NULL) {
+        ran = ngx_current_msec - inst->load_start;
+        sec = inst->last_load_ms > ran
+              ? (double) (inst->last_load_ms - ran) / 1000
+              : (double) ran / 1000;
+        goto clamp;
+    }
+
+    moe_engine_stats(inst->eng->engine, &st);
+
+    tps = st.busy_ns > 0
+          ? (double) (st.prompt_tokens_total + st.generated_tokens_total)
+            * 1e9 / (double) st.busy_ns
+          : 0;
+
+    if (tps <= 0) {
+        return 1;
+    }
+
+    per_req = st.requests_finished > 0
+              ? (double) (st.prompt_tokens_total + st.generated_tokens_total)
+                / (double) st.requests_finished
+              : 16;
+
+    a = &inst->admit;
+
+    queued = a->waiting_tokens
+             ? (double) a->waiting_tokens
+             : (double) a->waiting * per_req;
+    queued += (double) st.seqs_running * per_req / 2;
+
+    sec = queued / tps;
+
+clamp:
+
+    if (sec < 1) {
+        return 1;
+    }
+
+    return sec > 600 ? 600 : (time_t) (sec + 0.999);
+}
+
+
+/* the Retry-After header of a 429 or 503 */
+
+ngx_int_t
+ngx_http_moe_set_retry_after(ngx_http_request_t *r, time_t sec)
+{
+    u_char           *p;
+    ngx_table_elt_t  *h;
+
+    p = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+    h->value.data = p;
+    h->value.len = ngx_sprintf(p, "%T", sec < 1 ? 1 : sec) - p;
+
+    return NGX_OK;
 }

@@ -67,6 +67,10 @@ typedef struct {
     const char                *stops[MOE_MAX_STOP];
     int                        n_stops;
 
+    /* tools, tool_choice, functions (ngx_http_moe_tools.c) */
+    ngx_http_moe_tools_t       tools;
+    ngx_uint_t                 skip_special_given;
+
     /* guided decoding: the guide a pool thread compiles (cached) */
     moe_guided_kind_t          guide_kind;
     const char                *guide_spec;
@@ -76,6 +80,13 @@ typedef struct {
                                                guide: kept while the guide
                                                compiles */
     size_t                     n_ids;
+    /* logprobs and echo (ngx_http_moe_lp_params), n and best_of
+     * (ngx_http_moe_n_params) */
+    ngx_uint_t                 n;
+    ngx_uint_t                 best_of;
+    ngx_uint_t                 echo;
+    u_char                    *echo_text;
+    size_t                     echo_len;
 } ngx_http_moe_params_t;
 
 
@@ -100,10 +111,16 @@ static ngx_int_t ngx_http_moe_params(ngx_http_request_t *r, yajl_val root,
     ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_fields(yajl_val root, ngx_uint_t chat,
     ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_params_tools(ngx_http_request_t *r,
+    yajl_val root, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_guided(ngx_http_request_t *r, yajl_val root,
     ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_guided_text(ngx_http_request_t *r, yajl_val v,
     ngx_http_moe_params_t *p);
+static ngx_int_t ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
+static ngx_int_t ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root,
+    ngx_uint_t chat, ngx_http_moe_params_t *p, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_logit_bias(ngx_http_request_t *r, yajl_val v,
     int vocab, moe_sampling_t *sp, ngx_http_moe_err_t *err);
 static ngx_int_t ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
@@ -157,19 +174,15 @@ static ngx_http_moe_float_param_t  ngx_http_moe_float_params[] = {
  * a 400 naming them rather than ignored, except the values that mean "off"
  * (null always counts as absent).  Fields with no effect on the output are
  * only type-checked.  Unknown fields are ignored, as OpenAI clients send
- * vendor extensions.  Fields with more shapes (tool_choice, function_call,
- * modalities, logprobs) are checked in ngx_http_moe_fields() itself;
- * guided decoding's (guided_*, response_format) in ngx_http_moe_guided().
+ * vendor extensions.  Fields with more shapes (modalities, logprobs) are
+ * checked in ngx_http_moe_fields() itself; guided decoding's (guided_*,
+ * response_format) in ngx_http_moe_guided(); tools, tool_choice,
+ * functions and function_call in ngx_http_moe_tools.c.
  */
 
 static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
 
-    { "tools", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
-    { "functions", NGX_HTTP_MOE_FIELD_ARRAY, 0 },
-    { "echo", NGX_HTTP_MOE_FIELD_FALSE, 0 },
     { "suffix", NGX_HTTP_MOE_FIELD_STRING, 0 },
-    { "best_of", NGX_HTTP_MOE_FIELD_INT, 1 },
-    { "top_logprobs", NGX_HTTP_MOE_FIELD_INT, 0 },
     { "min_tokens", NGX_HTTP_MOE_FIELD_INT, 0 },
     { "audio", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { "prediction", NGX_HTTP_MOE_FIELD_ANY, 0 },
@@ -180,6 +193,12 @@ static ngx_http_moe_field_t  ngx_http_moe_fields_table[] = {
     { "store", NGX_HTTP_MOE_FIELD_BOOL, 0 },
     { "user", NGX_HTTP_MOE_FIELD_TEXT, 0 },
     { "metadata", NGX_HTTP_MOE_FIELD_OBJECT, 0 },
+    /* strict checking (tools helper): the rest of OpenAI's chat fields */
+    { "service_tier", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "prompt_cache_key", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "safety_identifier", NGX_HTTP_MOE_FIELD_TEXT, 0 },
+    { "reasoning_effort", NGX_HTTP_MOE_FIELD_ANY, 0 },
+    { "verbosity", NGX_HTTP_MOE_FIELD_ANY, 0 },
     { NULL, NGX_HTTP_MOE_FIELD_ANY, 0 }
 };
 
@@ -244,7 +263,12 @@ ngx_http_moe_handler(ngx_http_request_t *r)
 
     mcf = ngx_http_moe_main_conf(r);
 
-    if (mcf->engine == NULL) {
+    /* no instance serves yet (loading, failed): 503 with the reason,
+     * Retry-After while loading; a switch is the admin's way out */
+
+    if (ngx_http_moe_inst_any(mcf) == NULL
+        && route->post != ngx_http_moe_switch)
+    {
         rc = ngx_http_discard_request_body(r);
         if (rc != NGX_OK) {
             return rc;
@@ -254,15 +278,7 @@ ngx_http_moe_handler(ngx_http_request_t *r)
             return ngx_http_moe_health(r);
         }
 
-        if (mcf->failed.len) {
-            return ngx_http_moe_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                           NULL, "the model failed to load: "
-                                           "%V", &mcf->failed);
-        }
-
-        return ngx_http_moe_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE, NULL,
-                                       "no engine is running (is "
-                                       "\"moe_engine\" configured?)");
+        return ngx_http_moe_inst_unavailable(r, mcf);
     }
 
     if (route->get) {
@@ -527,8 +543,7 @@ ngx_http_moe_chat(ngx_http_request_t *r, yajl_val root)
 static ngx_int_t
 ngx_http_moe_switch(ngx_http_request_t *r, yajl_val root)
 {
-    return ngx_http_moe_send_error(r, NGX_HTTP_NOT_IMPLEMENTED, NULL,
-                                   "model switching is not implemented yet");
+    return ngx_http_moe_inst_switch(r, root);
 }
 
 
@@ -544,6 +559,13 @@ ngx_http_moe_generate(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat)
     p = ngx_palloc(r->pool, sizeof(ngx_http_moe_params_t));
     if (p == NULL) {
         return ngx_http_moe_answer(r, NGX_ERROR, &err);
+    }
+
+    /* the instance "model" names (ngx_http_moe_inst.c): 404, or 503 while
+     * it loads */
+    rc = ngx_http_moe_check_model(r, root, &err);
+    if (rc != NGX_OK) {
+        return ngx_http_moe_answer(r, rc, &err);
     }
 
     /* 429 at once past the waiting limits (ngx_http_moe_admit.c) */
@@ -654,9 +676,6 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     ngx_uint_t                   b;
     const char                  *name;
     ngx_http_moe_float_param_t  *fp;
-    ngx_http_moe_main_conf_t    *mcf;
-
-    mcf = ngx_http_moe_main_conf(r);
 
     ngx_memzero(p, sizeof(ngx_http_moe_params_t));
     moe_sampling_defaults(&p->sp);
@@ -668,25 +687,6 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
 
     if (ngx_http_moe_check_model(r, root, err) != NGX_OK) {
         return NGX_DECLINED;
-    }
-
-    v = ngx_http_moe_json_get(root, "n");
-
-    if (v) {
-        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n must be an integer");
-        }
-
-        if (k < 1) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n must be at least 1");
-        }
-
-        if (k > 1) {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
-                                     "n > 1 is not supported yet");
-        }
     }
 
     v = ngx_http_moe_json_get(root, "stream");
@@ -738,14 +738,18 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
         return NGX_DECLINED;
     }
 
-    if (ngx_http_moe_guided(r, root, p, err) != NGX_OK) {
+    if (ngx_http_moe_guided(r, root, p, err) != NGX_OK
+        || ngx_http_moe_lp_params(root, chat, p, err) != NGX_OK
+        || ngx_http_moe_n_params(r, root, chat, p, err) != NGX_OK)
+    {
         return NGX_DECLINED;
     }
 
     v = ngx_http_moe_json_get(root, "logit_bias");
 
-    if (v && ngx_http_moe_logit_bias(r, v, mcf->info->vocab_size, &p->sp,
-                                      err)
+    if (v && ngx_http_moe_logit_bias(r, v,
+                                     ngx_http_moe_model_info(r)->vocab_size,
+                                     &p->sp, err)
              != NGX_OK)
     {
         return NGX_DECLINED;
@@ -848,6 +852,7 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
     }
 
     v = ngx_http_moe_json_get(root, "skip_special_tokens");
+    p->skip_special_given = (v != NULL);
 
     if (v && ngx_http_moe_json_bool(v, &p->skip_special_tokens) != NGX_OK) {
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
@@ -914,19 +919,70 @@ ngx_http_moe_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
 
         for (i = 0; i < v->u.array.len; i++) {
             if (ngx_http_moe_json_int(v->u.array.values[i], &k) != NGX_OK
-                || k < 0 || k >= mcf->info->vocab_size)
+                || k < 0 || k >= ngx_http_moe_model_info(r)->vocab_size)
             {
                 return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
                                          "stop_token_ids",
                                          "stop_token_ids must be token ids "
                                          "in [0, %d)",
-                                         mcf->info->vocab_size);
+                                         ngx_http_moe_model_info(r)
+                                             ->vocab_size);
             }
 
             p->sp.stop_token_ids[i] = (int32_t) k;
         }
 
         p->sp.n_stop_token_ids = (int) v->u.array.len;
+    }
+
+    if (ngx_http_moe_params_tools(r, root, p, err) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * tools, tool_choice, functions, function_call (ngx_http_moe_tools.c).
+ * The mistral and llama3_json parsers look for special tokens
+ * ([TOOL_CALLS], <|python_tag|>), so they are kept in the text unless
+ * the request says otherwise (as vLLM does for mistral).
+ */
+
+static ngx_int_t
+ngx_http_moe_params_tools(ngx_http_request_t *r, yajl_val root,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    const char  *name;
+
+    if (ngx_http_moe_tools_parse(r, root, p->chat, &p->tools, err)
+        != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    /* required / named: the guided decoder forces the tools' schema */
+    if (p->tools.guide_spec != NULL) {
+        name = p->tools.legacy ? "function_call" : "tool_choice";
+
+        if (p->guide_kind != MOE_GUIDED_NONE) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
+                                     "%s forcing a call cannot be combined "
+                                     "with %s", name, p->guide_param);
+        }
+
+        p->guide_kind = MOE_GUIDED_JSON;
+        p->guide_spec = (const char *) p->tools.guide_spec;
+        p->guide_len = p->tools.guide_len;
+        p->guide_param = name;
+    }
+
+    if (!p->skip_special_given
+        && (p->tools.format == MOE_TOOL_MISTRAL
+            || p->tools.format == MOE_TOOL_LLAMA3_JSON))
+    {
+        p->skip_special_tokens = 0;
     }
 
     return NGX_OK;
@@ -1032,58 +1088,6 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
                                  "%s is not supported yet", name);
     }
 
-    /* "none" and "auto" (no tools: nothing to call) are off */
-
-    name = "tool_choice";
-    v = ngx_http_moe_json_get(root, name);
-
-    if (v == NULL) {
-        name = "function_call";
-        v = ngx_http_moe_json_get(root, name);
-    }
-
-    if (YAJL_IS_STRING(v)) {
-        if (ngx_strcmp(v->u.string, "none") != 0
-            && ngx_strcmp(v->u.string, "auto") != 0)
-        {
-            if (name[0] == 't' && ngx_strcmp(v->u.string, "required") == 0) {
-                return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                         "%s \"required\" is not supported "
-                                         "yet", name);
-            }
-
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                     "%s must be \"none\", \"auto\"%s or an "
-                                     "object naming a function", name,
-                                     name[0] == 't' ? ", \"required\"" : "");
-        }
-
-    } else if (YAJL_IS_OBJECT(v)) {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                 "%s naming a function is not supported yet",
-                                 name);
-
-    } else if (v) {
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, name,
-                                 "%s must be a string or an object", name);
-    }
-
-    /* both given: the second one is checked too */
-
-    if (name[0] == 't') {
-        v = ngx_http_moe_json_get(root, "function_call");
-
-        if (v && !(YAJL_IS_STRING(v)
-                   && (ngx_strcmp(v->u.string, "none") == 0
-                       || ngx_strcmp(v->u.string, "auto") == 0)))
-        {
-            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
-                                     "function_call",
-                                     "function_call other than \"none\" or "
-                                     "\"auto\" is not supported yet");
-        }
-    }
-
     v = ngx_http_moe_json_get(root, "modalities");
 
     if (v) {
@@ -1112,21 +1116,217 @@ ngx_http_moe_fields(yajl_val root, ngx_uint_t chat, ngx_http_moe_err_t *err)
         }
     }
 
-    /* chat: a boolean; completions: an integer (0-5) or false */
+    /* logprobs, top_logprobs, echo: ngx_http_moe_lp_params() */
+
+    return NGX_OK;
+}
+
+
+/*
+ * n (chat and completions) and best_of (completions) into p: n in
+ * 1..min(MOE_MAX_CHOICES, max_num_seqs), best_of in n..that limit (the
+ * engine runs best_of choices; the answer has the n with the highest
+ * cumulative logprob), best_of > n not with stream (OpenAI's rule).
+ * NGX_DECLINED with a 400 naming the field.
+ */
+
+static ngx_int_t
+ngx_http_moe_n_params(ngx_http_request_t *r, yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    int64_t                    k, limit;
+    yajl_val                   v;
+    ngx_http_moe_main_conf_t  *mcf;
+
+    mcf = ngx_http_moe_main_conf(r);
+
+    limit = ngx_min(MOE_MAX_CHOICES, mcf->config->max_num_seqs);
+
+    p->n = 1;
+
+    v = ngx_http_moe_json_get(root, "n");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n must be an integer");
+        }
+
+        if (k < 1 || k > limit) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n must be in [1, %L], got %L",
+                                     limit, k);
+        }
+
+        /* ngx_http_moe_guided ran first: a guide is already chosen */
+        if (k > 1 && p->guide_kind != MOE_GUIDED_NONE) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                     "n > 1 with guided decoding "
+                                     "(response_format, guided_*, tools) "
+                                     "is not supported yet");
+        }
+
+        p->n = (ngx_uint_t) k;
+    }
+
+    p->best_of = p->n;
+
+    v = ngx_http_moe_json_get(root, "best_of");
+
+    if (v == NULL) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of must be an integer");
+    }
+
+    if (chat) {
+        if (k == 1) {
+            return NGX_OK;
+        }
+
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of is not supported on chat "
+                                 "completions (a completions field)");
+    }
+
+    if (k < (int64_t) p->n || k > limit) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of must be in [n, %L] (n is %ui), "
+                                 "got %L", limit, p->n, k);
+    }
+
+    if (k > (int64_t) p->n && p->stream) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "best_of",
+                                 "best_of cannot be used with stream "
+                                 "(choices are ranked once complete)");
+    }
+
+    p->best_of = (ngx_uint_t) k;
+
+    return NGX_OK;
+}
+
+
+/*
+ * logprobs, top_logprobs and echo into p.  Chat: logprobs a boolean,
+ * top_logprobs 0-20 with logprobs true; completions: logprobs an integer
+ * 0-5 (the top entries per token), echo a boolean (the prompt text, which
+ * must then be text, before the completion; with logprobs also the
+ * prompt tokens' logprobs, the first one null).  null is absent.
+ * NGX_DECLINED with a 400 naming the field.
+ */
+
+static ngx_int_t
+ngx_http_moe_lp_params(yajl_val root, ngx_uint_t chat,
+    ngx_http_moe_params_t *p, ngx_http_moe_err_t *err)
+{
+    int64_t     k, top;
+    yajl_val    v, t;
+    ngx_uint_t  b;
+
+    top = -1;
 
     v = ngx_http_moe_json_get(root, "logprobs");
 
-    if (v && !YAJL_IS_FALSE(v)) {
-        if (chat ? !YAJL_IS_TRUE(v) : ngx_http_moe_json_int(v, &k) != NGX_OK)
-        {
+    if (v && chat) {
+        if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
             return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
-                                     chat ? "logprobs must be a boolean"
-                                          : "logprobs must be an integer");
+                                     "logprobs must be a boolean");
         }
 
-        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
-                                 "logprobs are not supported yet");
+        p->sp.logprobs = (int) b;
+
+    } else if (v && !YAJL_IS_FALSE(v)) {
+        if (ngx_http_moe_json_int(v, &k) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                     "logprobs must be an integer");
+        }
+
+        if (k < 0 || k > 5) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "logprobs",
+                                     "logprobs must be in [0, 5], got %L",
+                                     k);
+        }
+
+        p->sp.logprobs = 1;
+        p->sp.top_logprobs = (int) k;
     }
+
+    v = ngx_http_moe_json_get(root, "top_logprobs");
+
+    if (v) {
+        if (ngx_http_moe_json_int(v, &top) != NGX_OK) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs must be an integer");
+        }
+
+        if (!chat) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs is a chat field: "
+                                     "completions take logprobs (0-5)");
+        }
+
+        if (top < 0 || top > MOE_MAX_TOP_LOGPROBS) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs must be in [0, %d], "
+                                     "got %L", MOE_MAX_TOP_LOGPROBS, top);
+        }
+
+        if (top > 0 && !p->sp.logprobs) {
+            return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
+                                     "top_logprobs",
+                                     "top_logprobs requires logprobs to be "
+                                     "true");
+        }
+
+        p->sp.top_logprobs = (int) top;
+    }
+
+    v = ngx_http_moe_json_get(root, "echo");
+
+    if (v == NULL) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_moe_json_bool(v, &b) != NGX_OK) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo must be a boolean");
+    }
+
+    if (!b) {
+        return NGX_OK;
+    }
+
+    if (chat) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo is not supported on chat "
+                                 "completions (a completions field)");
+    }
+
+    /* the text to echo: a string prompt, or an array holding one */
+
+    t = ngx_http_moe_json_get(root, "prompt");
+
+    if (YAJL_IS_ARRAY(t) && t->u.array.len == 1) {
+        t = t->u.array.values[0];
+    }
+
+    if (!YAJL_IS_STRING(t)) {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "echo",
+                                 "echo needs a text prompt (not token "
+                                 "ids)");
+    }
+
+    p->echo = 1;
+    p->echo_text = (u_char *) t->u.string;
+    p->echo_len = ngx_strlen(t->u.string);
+    p->sp.prompt_logprobs = p->sp.logprobs;
 
     return NGX_OK;
 }
@@ -1470,9 +1670,6 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
     yajl_val                   v, first;
     ngx_int_t                  rc;
     ngx_http_moe_text_t       *t;
-    ngx_http_moe_main_conf_t  *mcf;
-
-    mcf = ngx_http_moe_main_conf(r);
 
     t = ngx_http_moe_text_create(r, NGX_HTTP_MOE_TEXT_ENCODE);
     if (t == NULL) {
@@ -1494,6 +1691,12 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
         }
 
         rc = ngx_http_moe_messages(r, v, &t->msgs, &t->n_msgs, err);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        /* tools and tool calls: the template sees them as JSON */
+        rc = ngx_http_moe_tools_prompt(r, v, t->msgs, &p->tools, t, err);
         if (rc != NGX_OK) {
             return rc;
         }
@@ -1544,12 +1747,14 @@ ngx_http_moe_prompt(ngx_http_request_t *r, yajl_val root,
                                  "those");
     }
 
-    rc = ngx_http_moe_json_ids(v, mcf->info->vocab_size, ids, n, r->pool);
+    rc = ngx_http_moe_json_ids(v, ngx_http_moe_model_info(r)->vocab_size,
+                               ids, n, r->pool);
 
     if (rc == NGX_DECLINED) {
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "prompt",
                                  "prompt token ids must be integers in "
-                                 "[0, %d)", mcf->info->vocab_size);
+                                 "[0, %d)",
+                                 ngx_http_moe_model_info(r)->vocab_size);
     }
 
     if (rc != NGX_OK || p->guide_kind == MOE_GUIDED_NONE) {
@@ -1591,7 +1796,7 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     mlcf = ngx_http_moe_loc_conf(r);
 
     chat = p->chat;
-    max_len = (size_t) mcf->info->max_model_len;
+    max_len = (size_t) ngx_http_moe_model_info(r)->max_model_len;
 
     if (n == 0) {
         return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST,
@@ -1641,10 +1846,22 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
     ctx->continuous_usage = p->continuous_usage;
     ctx->n_prompt = (ngx_int_t) n;
     ctx->created = ngx_time();
+
+    ctx->logprobs = p->sp.logprobs ? 1 : 0;
+    ctx->lp_top = (ngx_uint_t) p->sp.top_logprobs;
+    ctx->echo_on = p->echo;
+    ctx->echo = p->echo_text;
+    ctx->echo_len = p->echo_len;
+
+    /* best_of ranks the choices by their cumulative logprob */
+    p->sp.n_choices = (int) p->best_of;
+    if (p->best_of > p->n) {
+        p->sp.logprobs = 1;
+    }
     ctx->keepalive_interval = mlcf->keepalive;
 
-    ctx->model.data = (u_char *) mcf->info->served_name;
-    ctx->model.len = ngx_strlen(mcf->info->served_name);
+    ctx->model.data = (u_char *) ctx->eng->info->served_name;
+    ctx->model.len = ngx_strlen(ctx->eng->info->served_name);
 
     prefix = chat ? "chatcmpl-" : "cmpl-";
 
@@ -1664,13 +1881,34 @@ ngx_http_moe_submit(ngx_http_request_t *r, ngx_http_moe_params_t *p,
         return NGX_ERROR;
     }
 
-    ctx->ts = moe_textstream_create(mcf->tokenizer, p->stops, p->n_stops,
+    ctx->ts = moe_textstream_create(ctx->eng->tokenizer, p->stops, p->n_stops,
                                     (int) p->skip_special_tokens);
     if (ctx->ts == NULL) {
         return NGX_ERROR;
     }
 
-    rc = moe_engine_submit(mcf->engine, ctx->id, ids, (int) n, &p->sp);
+    if (p->best_of > 1
+        && p->tools.format != MOE_TOOL_NONE)
+    {
+        return ngx_http_moe_fail(err, NGX_HTTP_BAD_REQUEST, "n",
+                                 "n > 1 with tools is not supported yet");
+    }
+
+    if (p->best_of > 1
+        && ngx_http_moe_choices_init(ctx, p->best_of, p->n, p->stops,
+                                     p->n_stops,
+                                     (int) p->skip_special_tokens)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    /* tool calls in the output (ngx_http_moe_stream.c) */
+    if (ngx_http_moe_stream_tools(ctx, &p->tools) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    rc = moe_engine_submit(ctx->eng->engine, ctx->id, ids, (int) n, &p->sp);
 
     switch (rc) {
 

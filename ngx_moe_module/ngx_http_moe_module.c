@@ -21,6 +21,8 @@ static char *ngx_http_moe_api(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_moe_thread_pool(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_moe_models_dir(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_http_moe_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_moe_init_process(ngx_cycle_t *cycle);
 static void ngx_http_moe_exit_process(ngx_cycle_t *cycle);
@@ -71,6 +73,20 @@ static ngx_command_t  ngx_http_moe_commands[] = {
       ngx_http_moe_thread_pool,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
+      NULL },
+
+    { ngx_string("moe_models_dir"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_moe_models_dir,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("moe_load_wait"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_moe_main_conf_t, load_wait),
       NULL },
 
     { ngx_string("moe_metrics"),
@@ -127,6 +143,8 @@ ngx_http_moe_create_main_conf(ngx_conf_t *cf)
 
     /* the files below this one find their configuration by this index */
     ngx_http_moe_ctx_index = ngx_http_moe_module.ctx_index;
+
+    mcf->load_wait = NGX_CONF_UNSET_MSEC;
 
     /*
      * set by ngx_pcalloc():
@@ -318,6 +336,51 @@ ngx_http_moe_thread_pool(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* moe_models_dir: POST /v1/models/switch loads only directories under it */
+
+static char *
+ngx_http_moe_models_dir(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_moe_main_conf_t *mcf = conf;
+
+    u_char           *p;
+    ngx_str_t        *value, name;
+    ngx_file_info_t   fi;
+
+    if (mcf->models_dir.data != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    name = value[1];
+
+    if (ngx_conf_full_name(cf->cycle, &name, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    /* NUL-terminated for realpath() on the loading thread */
+
+    p = ngx_pnalloc(cf->pool, name.len + 1);
+    if (p == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_cpystrn(p, name.data, name.len + 1);
+
+    if (ngx_file_info(p, &fi) == NGX_FILE_ERROR || !ngx_is_dir(&fi)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "moe_models_dir \"%s\" is not a readable "
+                           "directory", p);
+        return NGX_CONF_ERROR;
+    }
+
+    mcf->models_dir.data = p;
+    mcf->models_dir.len = name.len;
+
+    return NGX_CONF_OK;
+}
+
+
 static ngx_int_t
 ngx_http_moe_init_module(ngx_cycle_t *cycle)
 {
@@ -347,11 +410,7 @@ ngx_http_moe_init_module(ngx_cycle_t *cycle)
 static ngx_int_t
 ngx_http_moe_init_process(ngx_cycle_t *cycle)
 {
-    int                        fd, rc;
-    ngx_event_t               *rev;
-    ngx_connection_t          *c;
     ngx_http_moe_main_conf_t  *mcf;
-    char                       err[NGX_HTTP_MOE_ERR_LEN];
 
     mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_moe_module);
 
@@ -363,11 +422,6 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
     ngx_http_moe_ctx_index = ngx_http_moe_module.ctx_index;
 
     ngx_rbtree_init(&mcf->requests, &mcf->sentinel, ngx_rbtree_insert_value);
-
-    mcf->cancels = ngx_array_create(cycle->pool, 16, sizeof(uint64_t));
-    if (mcf->cancels == NULL) {
-        return NGX_ERROR;
-    }
 
     mcf->events = ngx_alloc(NGX_HTTP_MOE_DRAIN * sizeof(moe_event_t),
                             cycle->log);
@@ -381,74 +435,26 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
     mcf->cancel_timer.cancelable = 1;
 
     mcf->next_id = 1;
+    mcf->wake_handler = ngx_http_moe_wake_handler;
 
-    ngx_http_moe_admit_init(mcf);
-
-    err[0] = '\0';
+    if (mcf->load_wait == NGX_CONF_UNSET_MSEC) {
+        mcf->load_wait = 120000;
+    }
 
     /* engine messages (load progress, overrides, preemptions) go to the
      * error log; ngx_log_error() only writes to file descriptors, which is
-     * safe from the engine thread too */
+     * safe from the engine and loading threads too */
     moe_set_log(ngx_http_moe_engine_log, cycle->log);
 
-    rc = moe_engine_create(mcf->config, &mcf->engine, err, sizeof(err));
-    if (rc != MOE_OK) {
-        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
-                      "moe_engine \"%V\" failed to start: %s (%s); "
-                      "every request is answered 503 with the reason",
-                      &mcf->engine_file, err, moe_strerror(rc));
-        mcf->engine = NULL;
+    /*
+     * The engines are made on threads (ngx_http_moe_inst.c): the worker
+     * serves at once ("loading": 503 with Retry-After), waits for memory
+     * an old worker still holds, and never exits for a model that does
+     * not load (the master would be left with no worker, every client
+     * hanging).
+     */
 
-        /*
-         * The worker stays up and says why: exiting would leave the
-         * master holding the port with no worker ("fatal code 2"), and
-         * every client hanging.
-         */
-
-        ngx_free(mcf->events);
-        mcf->events = NULL;
-
-        mcf->failed.len = ngx_strlen(err) + sizeof(" ()") - 1
-                          + ngx_strlen(moe_strerror(rc));
-        mcf->failed.data = ngx_pnalloc(cycle->pool, mcf->failed.len + 1);
-        if (mcf->failed.data == NULL) {
-            return NGX_ERROR;
-        }
-
-        ngx_sprintf(mcf->failed.data, "%s (%s)%Z", err, moe_strerror(rc));
-
-        return NGX_OK;
-    }
-
-    mcf->info = moe_engine_info(mcf->engine);
-    mcf->tokenizer = moe_engine_tokenizer(mcf->engine);
-
-    fd = moe_engine_eventfd(mcf->engine);
-
-    c = ngx_get_connection(fd, cycle->log);
-    if (c == NULL) {
-        return NGX_ERROR;
-    }
-
-    c->data = mcf;
-
-    rev = c->read;
-    rev->handler = ngx_http_moe_wake_handler;
-    rev->log = cycle->log;
-
-    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
-        ngx_free_connection(c);
-        return NGX_ERROR;
-    }
-
-    mcf->wake = c;
-
-    ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
-                  "moe: serving \"%s\" (%s, %s backend, max_model_len %d)",
-                  mcf->info->served_name, mcf->info->architecture,
-                  mcf->info->backend, mcf->info->max_model_len);
-
-    return NGX_OK;
+    return ngx_http_moe_inst_init(cycle, mcf);
 }
 
 
@@ -472,47 +478,28 @@ ngx_http_moe_engine_log(void *ctx, int level, const char *msg)
 static void
 ngx_http_moe_exit_process(ngx_cycle_t *cycle)
 {
-    ngx_connection_t          *c;
     ngx_http_moe_main_conf_t  *mcf;
 
     mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_moe_module);
 
-    if (mcf == NULL || mcf->engine == NULL) {
+    if (mcf == NULL || mcf->config == NULL) {
         return;
     }
-
-    moe_set_log(NULL, NULL);
 
     /*
      * the thread pool module, a core module listed before this one, has
      * already run its exit_process: every text task posted has finished
-     * and the pool threads are gone, so none uses the tokenizer the engine
-     * frees below
+     * and the pool threads are gone, so none uses a tokenizer the engines
+     * free below
      */
-
-    c = mcf->wake;
-
-    if (c) {
-        if (c->read->active || c->read->disabled) {
-            ngx_del_event(c->read, NGX_READ_EVENT, NGX_CLOSE_EVENT);
-        }
-
-        if (c->read->timer_set) {
-            ngx_del_timer(c->read);
-        }
-
-        /* the engine owns and closes the eventfd */
-        c->fd = (ngx_socket_t) -1;
-        ngx_free_connection(c);
-        mcf->wake = NULL;
-    }
 
     if (mcf->cancel_timer.timer_set) {
         ngx_del_timer(&mcf->cancel_timer);
     }
 
-    moe_engine_destroy(mcf->engine);
-    mcf->engine = NULL;
+    ngx_http_moe_inst_exit(mcf);
+
+    moe_set_log(NULL, NULL);
 
     ngx_free(mcf->events);
     mcf->events = NULL;
@@ -520,7 +507,7 @@ ngx_http_moe_exit_process(ngx_cycle_t *cycle)
 
 
 /*
- * The engine thread wrote its eventfd: take every waiting event and hand
+ * An engine's thread wrote its eventfd: take every waiting event and hand
  * each one to its request.  Draining until the ring is empty makes this
  * correct for both edge- and level-triggered notification.
  */
@@ -532,17 +519,19 @@ ngx_http_moe_wake_handler(ngx_event_t *rev)
     moe_event_t               *ev;
     ngx_connection_t          *c, *conn;
     ngx_http_moe_ctx_t        *ctx;
+    ngx_http_moe_eng_t        *eng;
     ngx_http_moe_main_conf_t  *mcf;
 
     c = rev->data;
-    mcf = c->data;
+    eng = c->data;
+    mcf = eng->inst->mcf;
 
-    if (mcf->engine == NULL) {
+    if (eng->engine == NULL || eng->destroying) {
         return;
     }
 
     for ( ;; ) {
-        n = moe_engine_drain(mcf->engine, mcf->events, NGX_HTTP_MOE_DRAIN);
+        n = moe_engine_drain(eng->engine, mcf->events, NGX_HTTP_MOE_DRAIN);
 
         if (n == 0) {
             break;
@@ -555,6 +544,7 @@ ngx_http_moe_wake_handler(ngx_event_t *rev)
 
             ctx = ngx_http_moe_lookup(mcf, ev->req_id);
             if (ctx == NULL) {
+                moe_event_release(ev);
                 continue;
             }
 
@@ -562,12 +552,15 @@ ngx_http_moe_wake_handler(ngx_event_t *rev)
 
             ngx_http_moe_stream_event(ctx, ev);
 
+            /* its logprobs record, copied from by now */
+            moe_event_release(ev);
+
             ngx_http_run_posted_requests(conn);
         }
     }
 
-    if (mcf->cancels->nelts) {
-        ngx_http_moe_retry_cancels(mcf);
+    if (eng->cancels->nelts) {
+        ngx_http_moe_retry_cancels(eng);
     }
 
     if (ngx_handle_read_event(rev, 0) != NGX_OK) {

@@ -122,21 +122,22 @@ ngx_http_moe_unregister(ngx_http_moe_ctx_t *ctx)
  */
 
 void
-ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id)
+ngx_http_moe_cancel(ngx_http_moe_eng_t *eng, uint64_t id)
 {
-    uint64_t  *p;
+    uint64_t                  *p;
+    ngx_http_moe_main_conf_t  *mcf;
 
-    if (mcf->engine == NULL) {
+    if (eng == NULL || eng->engine == NULL) {
         return;
     }
 
-    if (mcf->cancels->nelts == 0
-        && moe_engine_cancel(mcf->engine, id) != MOE_EFULL)
+    if (eng->cancels->nelts == 0
+        && moe_engine_cancel(eng->engine, id) != MOE_EFULL)
     {
         return;
     }
 
-    p = ngx_array_push(mcf->cancels);
+    p = ngx_array_push(eng->cancels);
     if (p == NULL) {
         ngx_log_error(NGX_LOG_ALERT, ngx_cycle->log, 0,
                       "moe: cannot queue cancel of request %uL", id);
@@ -145,39 +146,55 @@ ngx_http_moe_cancel(ngx_http_moe_main_conf_t *mcf, uint64_t id)
 
     *p = id;
 
+    mcf = eng->inst->mcf;
+
     if (!mcf->cancel_timer.timer_set) {
         ngx_add_timer(&mcf->cancel_timer, NGX_HTTP_MOE_CANCEL_RETRY);
     }
 }
 
 
-/* mcf->cancel_timer: retries the cancels the full ring refused */
+/* mcf->cancel_timer: retries the cancels the full rings refused, on every
+ * engine (the current ones and those finishing after a switch) */
 
 void
 ngx_http_moe_cancel_handler(ngx_event_t *ev)
 {
+    ngx_uint_t                 i;
+    ngx_http_moe_eng_t        *eng;
     ngx_http_moe_main_conf_t  *mcf;
 
     mcf = ev->data;
 
-    ngx_http_moe_retry_cancels(mcf);
+    for (i = 0; i < mcf->n_inst; i++) {
+        if (mcf->inst[i].eng) {
+            ngx_http_moe_retry_cancels(mcf->inst[i].eng);
+        }
+
+        for (eng = mcf->inst[i].retired; eng; eng = eng->next) {
+            if (!eng->destroying) {
+                ngx_http_moe_retry_cancels(eng);
+            }
+        }
+    }
 }
 
 
 /* sends the queued cancels in order until the ring is full again */
 
 void
-ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf)
+ngx_http_moe_retry_cancels(ngx_http_moe_eng_t *eng)
 {
-    uint64_t    *ids;
-    ngx_uint_t   i, k;
+    uint64_t                  *ids;
+    ngx_uint_t                 i, k;
+    ngx_http_moe_main_conf_t  *mcf;
 
-    ids = mcf->cancels->elts;
+    ids = eng->cancels->elts;
 
-    for (i = 0, k = 0; i < mcf->cancels->nelts; i++) {
-        if (moe_engine_cancel(mcf->engine, ids[i]) == MOE_EFULL) {
+    for (i = 0, k = 0; i < eng->cancels->nelts; i++) {
+        if (moe_engine_cancel(eng->engine, ids[i]) == MOE_EFULL) {
             /* keep the order: later ones would fail the same way */
-            for ( /* void */ ; i < mcf->cancels->nelts; i++) {
+            for ( /* void */ ; i < eng->cancels->nelts; i++) {
                 ids[k++] = ids[i];
             }
 
@@ -185,10 +202,35 @@ ngx_http_moe_retry_cancels(ngx_http_moe_main_conf_t *mcf)
         }
     }
 
-    mcf->cancels->nelts = k;
+    eng->cancels->nelts = k;
+
+    mcf = eng->inst->mcf;
 
     if (k && !mcf->cancel_timer.timer_set) {
         ngx_add_timer(&mcf->cancel_timer, NGX_HTTP_MOE_CANCEL_RETRY);
+    }
+}
+
+
+/*
+ * A request's reference to its engine ends; a retired engine (switched
+ * out) with no reference left is destroyed by ngx_http_moe_inst.c's reap
+ * event.
+ */
+
+void
+ngx_http_moe_eng_unref(ngx_http_moe_eng_t *eng)
+{
+    if (eng->refs > 0) {
+        eng->refs--;
+    }
+
+    if (eng->refs == 0 && eng->retired && !eng->reap.posted
+        && !eng->destroying)
+    {
+        /* not here: the wake handler may be in the middle of this
+         * engine's events */
+        ngx_post_event(&eng->reap, &ngx_posted_events);
     }
 }
 
@@ -206,11 +248,17 @@ ngx_http_moe_ctx_cleanup(void *data)
     ngx_http_moe_admit_done(ctx);
 
     if (ctx->live) {
-        ngx_http_moe_cancel(ctx->mcf, ctx->id);
+        ngx_http_moe_cancel(ctx->eng, ctx->id);
         ctx->live = 0;
     }
 
     ngx_http_moe_unregister(ctx);
+
+    /* the engine may now retire (after a switch): the last reference */
+    if (ctx->eng) {
+        ngx_http_moe_eng_unref(ctx->eng);
+        ctx->eng = NULL;
+    }
 
     if (ctx->keepalive.timer_set) {
         ngx_del_timer(&ctx->keepalive);

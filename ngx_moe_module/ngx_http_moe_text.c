@@ -56,10 +56,10 @@ ngx_http_moe_text_create(ngx_http_request_t *r, ngx_uint_t op)
 {
     ngx_thread_task_t         *task;
     ngx_pool_cleanup_t        *cln;
+    ngx_http_moe_ctx_t        *ctx;
     ngx_http_moe_text_t       *t;
-    ngx_http_moe_main_conf_t  *mcf;
 
-    mcf = ngx_http_moe_main_conf(r);
+    ctx = ngx_http_moe_get_ctx(r);
 
     cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {
@@ -74,8 +74,11 @@ ngx_http_moe_text_create(ngx_http_request_t *r, ngx_uint_t op)
     t = task->ctx;
 
     t->op = op;
-    t->tokenizer = mcf->tokenizer;
-    t->chat_template = mcf->info->chat_template;
+    /* the engine the request was routed to (none yet: reading the body) */
+    if (ctx != NULL && ctx->eng != NULL) {
+        t->tokenizer = ctx->eng->tokenizer;
+        t->chat_template = ctx->eng->info->chat_template;
+    }
     t->task = task;
     t->request = r;
 
@@ -113,7 +116,7 @@ ngx_http_moe_text_post(ngx_http_request_t *r, ngx_http_moe_text_t *t,
      */
 
     if (t->op == NGX_HTTP_MOE_TEXT_ENCODE && t->msgs != NULL
-        && t->chat_template == NULL)
+        && t->chat_template == NULL && ctx != NULL && ctx->eng != NULL)
     {
         mcf = ngx_http_moe_main_conf(r);
 
@@ -124,7 +127,8 @@ ngx_http_moe_text_post(ngx_http_request_t *r, ngx_http_moe_text_t *t,
                                  "be rendered: add \"chat_template:\" (a "
                                  "Jinja template or a file) to the vllm "
                                  "section of %V, or use /v1/completions",
-                                 mcf->info->served_name, &mcf->engine_file);
+                                 ctx->eng->info->served_name,
+                                 &mcf->engine_file);
     }
 
     if (ctx == NULL || ctx->task != NULL || mlcf->thread_pool == NULL) {
@@ -265,7 +269,22 @@ ngx_http_moe_text_encode(ngx_http_moe_text_t *t)
         return;
     }
 
-    if (t->msgs) {
+    if (t->chat_json) {
+        /* tools or tool calls: the template gets them as JSON */
+        t->rc = moe_chat_render_json(t->tokenizer, t->chat_template,
+                                     t->chat_json, t->tools_json,
+                                     (int) t->add_generation_prompt,
+                                     &t->out_text, &t->out_len, t->msg,
+                                     sizeof(t->msg));
+        if (t->rc != MOE_OK) {
+            t->render_failed = 1;
+            return;
+        }
+
+        text = t->out_text;
+        len = t->out_len;
+
+    } else if (t->msgs) {
         t->rc = moe_chat_render(t->tokenizer, t->chat_template, t->msgs,
                                 (int) t->n_msgs,
                                 (int) t->add_generation_prompt,

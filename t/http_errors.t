@@ -60,7 +60,7 @@ my @cases = (
     ['temperature string', POST => $P, { %cmp, temperature => 'hot' }, 400],
     ['top_p 0', POST => $P, { %cmp, top_p => 0 }, 400],
     ['top_p 1.5', POST => $P, { %cmp, top_p => 1.5 }, 400],
-    ['n 2', POST => $C, { %chat, n => 2 }, 400],
+    ['n 0', POST => $C, { %chat, n => 0 }, 400],
     ['stream "yes"', POST => $C, { %chat, stream => 'yes' }, 400],
     ['stop with 5 entries', POST => $P,
         { %cmp, stop => [qw(a b c d e)] }, 400],
@@ -83,7 +83,8 @@ my @cases = (
     ['unknown path (POST)', POST => '/v2/completions', { %cmp }, 404],
     ['stream_options without stream', POST => $C,
         { %chat, stream_options => { include_usage => $T } }, 400],
-    ['logprobs true', POST => $C, { %chat, logprobs => $T }, 400],
+    ['top_logprobs without logprobs', POST => $C,
+        { %chat, top_logprobs => 2 }, 400],
     ['presence_penalty 5', POST => $P, { %cmp, presence_penalty => 5 }, 400],
     ['seed wrong type', POST => $P, { %cmp, seed => 'abc' }, 400],
 );

@@ -83,6 +83,7 @@ run test_kvfp8   tests 90  build/gpu/test_kvfp8   build/gpu/test_kvfp8
 run test_backend_kvfp8 tests 90 build/gpu/test_backend env MOE_TEST_KV_FP8=1 \
     build/gpu/test_backend
 run test_mask    tests 60  build/gpu/test_mask    build/gpu/test_mask
+run test_logprobs tests 60 build/gpu/test_logprobs build/gpu/test_logprobs
 if [ "${GPU_SANITIZE:-0}" = 1 ]; then
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
     run sanitizer tests 90 "${SAN:-compute-sanitizer}" "${SAN:-compute-sanitizer}" \

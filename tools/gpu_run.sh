@@ -66,6 +66,8 @@ step test_convert 60 build/gpu/test_convert
 step test_quant   60 build/gpu/test_quant
 step test_kvfp8   90 build/gpu/test_kvfp8
 step test_backend_kvfp8 120 env MOE_TEST_KV_FP8=1 build/gpu/test_backend
+# device logprobs (log-softmax + top-k) against the host computation
+step test_logprobs 60 build/gpu/test_logprobs
 step bench_engine 240 build/gpu/bench_engine $MODELS
 # the same decode without CUDA graphs (graph gain = difference)
 step bench_nograph 120 env MOE_CUDA_GRAPHS=0 BENCH_PROMPTS=0 \

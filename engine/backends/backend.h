@@ -73,6 +73,16 @@ typedef struct {
      * to logits (their masked ids read -inf) by backends that set
      * guided_mask; the scheduler applies it on the host otherwise. */
     const uint32_t *mask;
+    /* Logprobs (a backend with logprobs_tokens, with token_out): the
+     * chosen token's logprob under the row's distribution (the logits
+     * after the penalties, divided by sample's temperature, 1 when greedy
+     * or sample NULL; ids < n_valid) into *lp_out, and its lp_k (<=
+     * MOE_MAX_TOP_LOGPROBS) most likely entries into lp_top, exactly
+     * moe_logprobs_row() (sampling/sampling.h) up to float rounding; only
+     * these leave the device.  lp_out NULL: none. */
+    float               *lp_out;
+    moe_logprob_entry_t *lp_top;
+    int                  lp_k;
 } moe_seq_batch_t;
 
 /*
@@ -104,6 +114,10 @@ struct moe_backend {
     int         sample_tokens;
     /* 1: forward() honours moe_seq_batch_t.mask (on the device) */
     int         guided_mask;
+    /* 1: forward() honours moe_seq_batch_t.lp_out (logprobs computed
+     * where the logits are, only the entries copied); 0: the engine
+     * takes logits to the host for them */
+    int         logprobs_tokens;
     /* run one step over n sequences (each entry checked with
      * moe_batch_check first); MOE_OK or a status, the KV cache of the
      * step's blocks undefined after a failure */
@@ -212,6 +226,18 @@ enum {
 
 
 /* ---------------------------------------------- the CPU backend (fp32) */
+
+/*
+ * The CPU backend's emulated device-memory budget (cpu_budget.c): with
+ * MOE_CPU_MEMORY_LIMIT set, every process sharing MOE_CPU_MEMORY_FILE
+ * draws from one budget, as processes on one GPU share its memory.
+ * reserve: MOE_OK, or MOE_ENOMEM with err naming the budget and what holds
+ * it (MOE_EIO when the accounting file cannot be used); a no-op without a
+ * limit.  release: gives back what this process reserved.  Memory of a
+ * process that exited is free again (its entry is dropped).
+ */
+int moe_cpu_budget_reserve(int64_t bytes, char *err, size_t errlen);
+void moe_cpu_budget_release(int64_t bytes);
 
 /*
  * CPU backend (fp32 reference) over a model loaded with its fp32 weights

@@ -293,9 +293,9 @@ typedef struct {
      * scales, exactly what the CUDA backend's cache gives back */
     int                   kv_fp8;
     float                 kv_k_scale, kv_v_scale;
+    int64_t               budget;      /* bytes reserved in the emulated
+                                          memory budget (cpu_budget.c) */
 } cpu_backend_t;
-
-
 
 
 static inline float
@@ -545,9 +545,10 @@ cpu_free_scratch(cpu_backend_t *b)
 static int32_t
 cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
 {
-    int      V = b->hp->vocab_size, i, n;
-    float    lp;
-    int32_t  tok;
+    int             V = b->hp->vocab_size, i, n;
+    float           lp;
+    int32_t         tok;
+    moe_sampling_t  sp;
 
     n = sq->n_valid > 0 && sq->n_valid < V ? sq->n_valid : V;
     for (i = 0; i < sq->n_pen; i++) {
@@ -557,7 +558,9 @@ cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
         }
     }
     b->sampler.vocab = n;           /* scratch holds V >= n entries */
-    tok = moe_sample_u(&b->sampler, lg, sq->sample, b->pcounts, b->pseen,
+    sp = *sq->sample;
+    sp.logprobs = 0;                /* lp_out: cpu_logprobs_row() */
+    tok = moe_sample_u(&b->sampler, lg, &sp, b->pcounts, b->pseen,
                        sq->u, &lp);
     for (i = 0; i < sq->n_pen; i++) {
         if (sq->pen_tok[i] >= 0 && sq->pen_tok[i] < V) {
@@ -566,6 +569,22 @@ cpu_sample_row(cpu_backend_t *b, float *lg, const moe_seq_batch_t *sq)
         }
     }
     return tok;
+}
+
+
+/* lp_out / lp_top of a row whose token_out is set, from its logits as the
+ * draw left them (penalised in place) */
+static void
+cpu_logprobs_row(cpu_backend_t *b, const float *lg, const moe_seq_batch_t *sq)
+{
+    int    V = b->hp->vocab_size, n;
+    float  t;
+
+    n = sq->n_valid > 0 && sq->n_valid < V ? sq->n_valid : V;
+    t = sq->sample != NULL && b->base.sample_tokens
+        ? sq->sample->temperature : 0.0f;
+    *sq->lp_out = moe_logprobs_row(lg, n, t, *sq->token_out, sq->lp_k,
+                                   sq->lp_top);
 }
 
 
@@ -1148,6 +1167,9 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
             *seqs[s].token_out = cpu_argmax(lg, hp->vocab_size,
                                             seqs[s].n_valid);
         }
+        if (seqs[s].token_out != NULL && seqs[s].lp_out != NULL) {
+            cpu_logprobs_row(b, lg, &seqs[s]);
+        }
     }
     b->seqs = NULL;
     b->route_T = T;
@@ -1347,6 +1369,7 @@ cpu_destroy(moe_backend_t *base)
     }
     cpu_pool_destroy(b->pool);
     cpu_free_scratch(b);
+    moe_cpu_budget_release(b->budget);
     free(b->kv);
     free(b->swap);
     free(b->counts);
@@ -1371,6 +1394,7 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     cpu_backend_t       *b;
     size_t               kv_floats, per_block;
     long                 ncpu;
+    int                  rc;
 
     *out = NULL;
     if (m == NULL || n_blocks <= 0 || block_size <= 0 || n_threads < 0
@@ -1401,6 +1425,17 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     if (b == NULL) {
         moe_errf(err, errlen, "cpu backend: out of memory");
         return MOE_ENOMEM;
+    }
+
+    /* the emulated device memory: weights + KV pool, as a GPU would hold */
+    per_block = (size_t) hp->n_layers * 2 * (size_t) block_size
+                * (size_t) hp->n_kv_heads * (size_t) hp->head_dim;
+    b->budget = moe_model_weight_bytes(m)
+                + (int64_t) (per_block * sizeof(float)) * n_blocks;
+    rc = moe_cpu_budget_reserve(b->budget, err, errlen);
+    if (rc != MOE_OK) {
+        free(b);
+        return rc;
     }
     b->model = m;
     b->hp = hp;
@@ -1439,6 +1474,8 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
      * (the test of the two paths' equality) */
     env = getenv("MOE_CPU_SAMPLE_TOKENS");
     b->base.sample_tokens = env == NULL || atoi(env) != 0;
+    env = getenv("MOE_CPU_LOGPROBS_TOKENS");
+    b->base.logprobs_tokens = env == NULL || atoi(env) != 0;
     if (!b->kv || !b->counts || !b->scores || !b->ecount || !b->eoff
         || !b->pool || !b->pcounts || !b->pseen
         || moe_sampler_init(&b->sampler, hp->vocab_size) != MOE_OK

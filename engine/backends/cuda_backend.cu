@@ -62,6 +62,7 @@
 #include "convert.h"
 #include "sample.h"
 #include "mask.h"
+#include "logprobs.h"
 #include "attention.h"
 #include "embed.h"
 #include "gemm.h"
@@ -104,12 +105,21 @@ static_assert((int) MOE_K_DT_F32 == (int) MOE_DT_F32
               && (int) MOE_K_DT_F16 == (int) MOE_DT_F16
               && (int) MOE_K_DT_BF16 == (int) MOE_DT_BF16,
               "moe_cuda_convert's dtypes are the safetensors reader's");
+static_assert(MOE_K_LOGPROBS_MAX_K == MOE_MAX_TOP_LOGPROBS,
+              "kernels/logprobs.h and moe.h disagree on the top limit");
 static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
               "the device sampler's greedy threshold is the host's");
 }
 
 #define CB_ALIGN        256
 #define CB_LOGIT_ROWS   64                  /* lm_head rows per pass */
+/* the logprobs results buffer (cb_logprobs): values, top ids, top lps */
+#define CB_LP_K         MOE_K_LOGPROBS_MAX_K
+#define CB_LP_FLOATS    ((size_t) CB_LOGIT_ROWS * (1 + 2 * CB_LP_K))
+#define CB_LP_VAL(p)    (p)
+#define CB_LP_ID(p)     ((int32_t *) ((p) + CB_LOGIT_ROWS))
+#define CB_LP_TOP(p)    ((p) + CB_LOGIT_ROWS                               \
+                         + (size_t) CB_LOGIT_ROWS * CB_LP_K)
 #define CB_STAGE_FIXED  8                   /* staging arrays of cap ints */
 #define CB_BLAS_WS      ((size_t) 32 << 20)
 #define CB_SLACK        ((int64_t) 256 << 20)
@@ -237,6 +247,13 @@ typedef struct {
      * bits, pinned host + device, (CB_LOGIT_ROWS, mask_words) */
     uint32_t       *h_mask, *d_mask;
     size_t          mask_words;
+    /* logprobs on the device (moe_seq_batch_t.lp_out): per-row parameters
+     * and results, pinned host + device; the results are the rows'
+     * logprobs (CB_LOGIT_ROWS) floats, then their top ids and top
+     * logprobs (CB_LOGIT_ROWS, MOE_K_LOGPROBS_MAX_K) each: 10 KB, not the
+     * logits */
+    moe_cuda_logprobs_param_t *h_lpp, *d_lpp;
+    float          *h_lpo, *d_lpo;
     int            *out_seq;       /* (cap) sequence of each logits row */
     int64_t        *expert_counts; /* (L, E) */
     int             last_T;        /* tokens of the last step */
@@ -694,6 +711,10 @@ cb_destroy(moe_backend_t *base)
     (void) cudaFree(b->d_mask);
     (void) cudaFreeHost(b->h_pen);
     (void) cudaFree(b->d_pen);
+    (void) cudaFreeHost(b->h_lpp);
+    (void) cudaFree(b->d_lpp);
+    (void) cudaFreeHost(b->h_lpo);
+    (void) cudaFree(b->d_lpo);
     if (b->stream != NULL) {
         (void) cudaStreamDestroy(b->stream);
     }
@@ -1305,6 +1326,16 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     CB_CUDA(cudaMalloc(&b->d_mask, (size_t) CB_LOGIT_ROWS * b->mask_words
                                    * sizeof(uint32_t)),
             "guided masks");
+    CB_CUDA(cudaMallocHost(&b->h_lpp, (size_t) CB_LOGIT_ROWS
+                           * sizeof(moe_cuda_logprobs_param_t)),
+            "pinned logprobs parameters");
+    CB_CUDA(cudaMalloc(&b->d_lpp, (size_t) CB_LOGIT_ROWS
+                       * sizeof(moe_cuda_logprobs_param_t)),
+            "logprobs parameters");
+    CB_CUDA(cudaMallocHost(&b->h_lpo, CB_LP_FLOATS * sizeof(float)),
+            "pinned logprobs");
+    CB_CUDA(cudaMalloc(&b->d_lpo, CB_LP_FLOATS * sizeof(float)),
+            "logprobs");
 #undef CB_CUDA
 
     b->out_seq = (int *) calloc((size_t) b->cap, sizeof(int));
@@ -1399,6 +1430,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     b->base.sample_tokens = b->tune.sample_tokens;
     /* guided rows keep the device path: their masks are applied here */
     b->base.guided_mask = 1;
+    b->base.logprobs_tokens = 1;
     b->use_graphs = b->tune.graphs;
 
     rc = cb_alloc(b, err, errlen);
@@ -2214,6 +2246,68 @@ cb_sample(cuda_backend_t *b, const moe_seq_batch_t *seqs, int c0, int nc)
 }
 
 
+/*
+ * Rows c0 .. c0 + nc that ask for logprobs (lp_out): moe_cuda_logprobs_rows
+ * over b->logits as cb_sample left them (penalties applied in place; the
+ * row's temperature, 1 when greedy) at the ids in d_tokout, and the
+ * results' copy back (*any = 1), queued before the stream's sync.
+ */
+static int
+cb_logprobs(cuda_backend_t *b, const moe_seq_batch_t *seqs, int c0, int nc,
+    int *any)
+{
+    int    i, V = b->hp.vocab_size;
+    float  t;
+
+    *any = 0;
+    for (i = 0; i < nc; i++) {
+        const moe_seq_batch_t     *sq = &seqs[b->out_seq[c0 + i]];
+        moe_cuda_logprobs_param_t *p = &b->h_lpp[i];
+
+        memset(p, 0, sizeof(*p));
+        if (sq->token_out == NULL || sq->lp_out == NULL) {
+            continue;
+        }
+        t = sq->sample != NULL ? sq->sample->temperature : 0.0f;
+        p->enabled = 1;
+        p->k = sq->lp_k;
+        p->n_valid = sq->n_valid;
+        p->inv_temperature = t < MOE_K_GREEDY_TEMPERATURE ? 1.0f : 1.0f / t;
+        *any = 1;
+    }
+    if (!*any) {
+        return MOE_OK;
+    }
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_lpp, b->h_lpp, sizeof(*b->h_lpp)
+                                   * (size_t) nc, cudaMemcpyHostToDevice,
+                                   b->stream));
+    MOE_TRY(moe_cuda_logprobs_rows(b->logits, V, nc, V, b->d_lpp,
+                                   b->d_tokout, CB_LP_VAL(b->d_lpo),
+                                   CB_LP_ID(b->d_lpo), CB_LP_TOP(b->d_lpo),
+                                   b->stream));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_lpo, b->d_lpo,
+                                   CB_LP_FLOATS * sizeof(float),
+                                   cudaMemcpyDeviceToHost, b->stream));
+    return MOE_OK;
+}
+
+
+/* row i's results into its lp_out / lp_top (after the stream's sync) */
+static void
+cb_logprobs_take(cuda_backend_t *b, const moe_seq_batch_t *sq, int i)
+{
+    int            j, k = sq->lp_k;
+    const int32_t *id = CB_LP_ID(b->h_lpo) + (size_t) i * CB_LP_K;
+    const float   *lp = CB_LP_TOP(b->h_lpo) + (size_t) i * CB_LP_K;
+
+    *sq->lp_out = CB_LP_VAL(b->h_lpo)[i];
+    for (j = 0; j < k && j < CB_LP_K; j++) {
+        sq->lp_top[j].id = id[j];
+        sq->lp_top[j].logprob = lp[j];
+    }
+}
+
+
 /* The step after validation and staging; T tokens, n_out logits rows. */
 static int
 cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
@@ -2225,7 +2319,7 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
     int32_t             *d_rows = b->d_stage + 4 * N;
     int32_t             *d_nvalid = b->d_stage + 6 * N;
     cudaStream_t         s = b->stream;
-    int                  c0, i, j, rc = CB_NOGRAPH;
+    int                  c0, i, j, rc = CB_NOGRAPH, any_lp;
     int                  one = n_out <= CB_LOGIT_ROWS;
 
     MOE_CUDA_CHECK(cudaSetDevice(b->device));
@@ -2270,6 +2364,7 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
         }
         MOE_TRY(cb_mask(b, seqs, c0, nc, d_nvalid + c0));
         MOE_TRY(cb_sample(b, seqs, c0, nc));
+        MOE_TRY(cb_logprobs(b, seqs, c0, nc, &any_lp));
         /* the ids (one small copy), then the logits of runs of rows that
          * asked for them; token-only rows cost no vocab-wide copy */
         MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_tokout, b->d_tokout,
@@ -2297,6 +2392,9 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
 
             if (sq->token_out != NULL) {
                 *sq->token_out = b->h_tokout[i];
+            }
+            if (any_lp && sq->token_out != NULL && sq->lp_out != NULL) {
+                cb_logprobs_take(b, sq, i);
             }
             if (sq->logits != NULL) {
                 memcpy(sq->logits, b->h_logits + (size_t) i * hp->vocab_size,

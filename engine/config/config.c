@@ -74,6 +74,11 @@ static const char *const cfg_backends[] = { "auto", "cpu", "cuda", NULL };
 static const char *const cfg_nccl_modes[] = { "auto", "on", "off", NULL };
 static const char *const cfg_kv_dtypes[] = { "auto", "fp8", "fp8_e4m3",
                                              NULL };
+
+/* tool calling: vLLM's --tool-call-parser names; "auto": from the model */
+static const char *const cfg_tool_parsers[] = {
+    "auto", "hermes", "mistral", "llama3_json", "none", NULL
+};
 static const char *const cfg_quants[] = {
     "awq", "gptq", "squeezellm", "fp8", "compressed-tensors", NULL
 };
@@ -135,6 +140,11 @@ static const cfg_key_t cfg_vllm_keys[] = {
       CFG_OPEN_MIN, NULL },
     { "kv_cache_scale_v", CFG_DOUBLE, OFF(kv_cache_scale_v), 0, 0, 448.0,
       CFG_OPEN_MIN, NULL },
+    /* tool calling (vLLM's --tool-call-parser, --enable-auto-tool-choice) */
+    { "tool_call_parser", CFG_ENUM, OFF(tool_call_parser),
+      SZ(tool_call_parser), 0, 0, 0, cfg_tool_parsers },
+    { "enable_auto_tool_choice", CFG_BOOL, OFF(enable_auto_tool_choice), 0,
+      0, 1, 0, NULL },
     { NULL, 0, 0, 0, 0, 0, 0, NULL }
 };
 
@@ -1220,6 +1230,10 @@ moe_config_defaults(moe_config_t *c)
     strcpy(c->kv_cache_dtype, "auto");
     c->kv_cache_scale_k = 1.0;
     c->kv_cache_scale_v = 1.0;
+
+    /* tool calling */
+    strcpy(c->tool_call_parser, "auto");
+    c->enable_auto_tool_choice = 1;
 
     strcpy(c->backend, "auto");
     strcpy(c->nccl, "auto");

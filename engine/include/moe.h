@@ -140,6 +140,14 @@ typedef struct moe_config {
     char    kv_cache_dtype[16];
     double  kv_cache_scale_k, kv_cache_scale_v;
 
+    /* vllm: tool calling (vLLM's --tool-call-parser and
+     * --enable-auto-tool-choice) */
+    char    tool_call_parser[16];     /* "auto" (default: from the model's
+                                         template/architecture), "hermes",
+                                         "mistral", "llama3_json", "none" */
+    int     enable_auto_tool_choice;  /* 0/1, default 1: tool_choice "auto"
+                                         parses calls; 0: refused (400) */
+
     /* LocalMoE extensions (engine: section or top level keys) */
     char    backend[16];              /* "auto" | "cpu" | "cuda" */
     int     cpu_threads;              /* 0: all cores */
@@ -322,6 +330,111 @@ int moe_chat_render(const moe_tokenizer_t *t, const char *chat_template,
     char **out, size_t *out_len, char *err, size_t errlen);
 
 
+/* ------------------------------------------------- tool calls (chat tools) */
+
+/*
+ * Prompts with tools: the conversation and the tools as JSON texts, so a
+ * template sees messages with their structure (role "tool" with
+ * tool_call_id and name, assistant turns with tool_calls whose
+ * function.arguments may be objects) and `tools` as transformers passes
+ * them.  messages_json: a JSON array of message objects (NUL terminated);
+ * tools_json: a JSON array or NULL (the template sees tools = none).
+ * chat_template NULL: ChatML as moe_chat_render().  *out is malloc()ed;
+ * MOE_EINVAL with err set for malformed JSON or a template that fails.
+ */
+int moe_chat_render_json(const moe_tokenizer_t *t, const char *chat_template,
+    const char *messages_json, const char *tools_json,
+    int add_generation_prompt, char **out, size_t *out_len, char *err,
+    size_t errlen);
+
+/*
+ * How a model writes tool calls in its output (vLLM's tool_call_parser
+ * names), and the two shapes the guided decoder forces for tool_choice
+ * "required" (a JSON array of {"name", "parameters"}) and a named function
+ * (the whole output is that function's arguments).
+ */
+typedef enum {
+    MOE_TOOL_NONE        = 0,   /* no parsing: all output is content */
+    MOE_TOOL_HERMES      = 1,   /* <tool_call>{"name","arguments"}</tool_call> */
+    MOE_TOOL_MISTRAL     = 2,   /* [TOOL_CALLS][{"name","arguments"}, ...] */
+    MOE_TOOL_LLAMA3_JSON = 3,   /* {"name","parameters"} (after
+                                   <|python_tag|> or as the whole output),
+                                   several separated by ';' */
+    MOE_TOOL_REQUIRED    = 4,   /* [{"name","parameters"}, ...] */
+    MOE_TOOL_NAMED       = 5    /* the arguments of one named function */
+} moe_tool_format_t;
+
+/* "hermes" "mistral" "llama3_json" "none" -> the format; -1 unknown. */
+int moe_tool_format_from_name(const char *name);
+
+/* The vLLM name of a format ("hermes", ..., "required", "named"). */
+const char *moe_tool_format_name(int format);
+
+/*
+ * The parser for a model family: from the markers its chat template writes
+ * (<tool_call>, [TOOL_CALLS], <|python_tag|>/ipython), else from the
+ * architecture (Qwen -> hermes, Mistral/Mixtral -> mistral, Llama ->
+ * llama3_json), else hermes.  Either argument may be NULL.
+ */
+moe_tool_format_t moe_tool_format_detect(const char *architecture,
+    const char *chat_template);
+
+/*
+ * A tool-call parser over streamed output text.  Push text as it is
+ * decoded; then take events in order with moe_toolparse_next(): content
+ * that is safe to show (text that may be the start of a tool call is held
+ * back until it is known not to be one), the start of a call (index, id
+ * "call_" + random, or 9 random characters for mistral as its template
+ * wants; function name; arguments "") and fragments of its arguments (a
+ * JSON text).  A call whose JSON is malformed is given back as content.
+ * NAMED: the call starts at once and every pushed byte is arguments.
+ * Owned by one thread at a time.
+ */
+typedef struct moe_toolparse moe_toolparse_t;
+
+typedef enum {
+    MOE_TOOLEV_CONTENT   = 1,   /* text: content */
+    MOE_TOOLEV_CALL      = 2,   /* a call starts: index, id, name */
+    MOE_TOOLEV_ARGUMENTS = 3    /* text: a fragment of call index's
+                                   arguments */
+} moe_toolev_type_t;
+
+typedef struct {
+    int          type;          /* moe_toolev_type_t */
+    int          index;         /* CALL, ARGUMENTS: the call, from 0 */
+    const char  *id;            /* CALL */
+    const char  *name;          /* CALL */
+    const char  *text;          /* CONTENT, ARGUMENTS (not NUL terminated) */
+    size_t       len;
+} moe_toolev_t;
+
+/*
+ * A parser for `format`; fn_name: the function of a NAMED format (copied),
+ * else ignored; seed: for the call ids.  NULL when out of memory or
+ * NAMED without a name.
+ */
+moe_toolparse_t *moe_toolparse_create(moe_tool_format_t format,
+    const char *fn_name, uint64_t seed);
+void moe_toolparse_free(moe_toolparse_t *p);
+
+/* Push output text.  Events of an earlier push not yet taken stay queued.
+ * MOE_ENOMEM on failure (the parser is then unusable). */
+int moe_toolparse_push(moe_toolparse_t *p, const char *text, size_t len);
+
+/* End of output: what was held back is resolved (a last call without its
+ * closing tag is still a call when its JSON parses, as vLLM does). */
+int moe_toolparse_finish(moe_toolparse_t *p);
+
+/* The next event of the last push or finish: 1 and *ev (its strings live
+ * until the next push/finish/free), or 0 when there is none. */
+int moe_toolparse_next(moe_toolparse_t *p, moe_toolev_t *ev);
+
+/* Calls parsed so far, and call i whole (arguments: a JSON text). */
+int moe_toolparse_n_calls(const moe_toolparse_t *p);
+int moe_toolparse_call(const moe_toolparse_t *p, int i, const char **id,
+    const char **name, const char **args, size_t *args_len);
+
+
 /* ------------------------------------------------------- guided decoding */
 
 /*
@@ -367,6 +480,8 @@ int moe_guide_matches(const moe_guide_t *g, const moe_tokenizer_t *t);
 
 #define MOE_MAX_STOP_IDS 16
 #define MOE_MAX_LOGIT_BIAS 300     /* OpenAI's limit on logit_bias entries */
+#define MOE_MAX_TOP_LOGPROBS 20    /* OpenAI's limit on top_logprobs */
+#define MOE_MAX_CHOICES      16    /* sampling.n_choices limit */
 
 typedef struct {
     float     temperature;         /* 0: greedy; default 1 */
@@ -396,8 +511,29 @@ typedef struct {
     int       n_logit_bias;
     /* guided decoding: NULL = none.  moe_engine_submit() takes its own
      * reference (released when the sequence ends); the caller keeps and
-     * releases its own. */
+     * releases its own.  Not with n_choices > 1 (MOE_EINVAL). */
     moe_guide_t *guide;
+
+    /* ---- logprobs detail (issue 10 item 4) ----
+     * top_logprobs (0..MOE_MAX_TOP_LOGPROBS, needs logprobs): TOKEN events
+     * also carry (ev.lp) the top entries of the distribution the token was
+     * drawn from.  prompt_logprobs (0/1): one MOE_EV_PROMPT event before
+     * the first token gives each prompt token's logprob given its prefix
+     * (and top_logprobs entries per position); the prompt is then
+     * prefilled one position per step and skips the prefix cache. */
+    int       top_logprobs;
+    int       prompt_logprobs;
+
+    /* ---- several choices (issue 10 item 5) ----
+     * n_choices (0 or 1: one; up to MOE_MAX_CHOICES and max_num_seqs):
+     * the request is prefilled once, then forked into n_choices sequences
+     * that share the prompt's KV blocks (reference counts; the last
+     * partial block copied for each).  Choice i draws from its own stream
+     * (seed + i when seeded) and gets its own TOKEN and FINISH events
+     * (moe_event_t.index); the request has ended when every choice sent
+     * its FINISH or ERROR.  FINISH n_prompt / n_cached are the request's
+     * (count them once), n_generated the choice's. */
+    int       n_choices;
 } moe_sampling_t;
 
 void moe_sampling_defaults(moe_sampling_t *sp);
@@ -429,8 +565,35 @@ typedef struct {
 typedef enum {
     MOE_EV_TOKEN  = 1,   /* one generated token */
     MOE_EV_FINISH = 2,   /* sequence ended; usage counts are final */
-    MOE_EV_ERROR  = 3    /* sequence failed; status says why */
+    MOE_EV_ERROR  = 3,   /* sequence failed; status says why */
+    MOE_EV_PROMPT = 4    /* sampling.prompt_logprobs: ev.lp holds one row
+                            per prompt token, before the first TOKEN */
 } moe_event_type_t;
+
+/*
+ * Log-probabilities riding on an event (moe_event_t.lp): a side record so
+ * that events of requests that ask for none stay small.  Logprobs are of
+ * the distribution the token was drawn from: the logits after logit_bias
+ * and the penalties, divided by the temperature (1 when greedy), over the
+ * whole vocabulary (before top-k / top-p / min-p truncation), as vLLM
+ * reports them.  Prompt rows: the raw model distribution (no bias, no
+ * penalties, temperature 1).
+ */
+typedef struct {
+    int32_t  id;
+    float    logprob;
+} moe_logprob_entry_t;
+
+typedef struct {
+    int32_t              n_rows;   /* 1 for a TOKEN; n_prompt for PROMPT */
+    int32_t              k;        /* top entries per row (0..20) */
+    int32_t             *token;    /* (n_rows) the row's token */
+    float               *logprob;  /* (n_rows) its logprob; PROMPT row 0
+                                      (no prefix): NAN */
+    moe_logprob_entry_t *top;      /* (n_rows, k) logprob descending, ties
+                                      by ascending id; PROMPT row 0: all
+                                      id -1 */
+} moe_logprobs_t;
 
 typedef enum {
     MOE_FINISH_NONE      = 0,
@@ -453,7 +616,15 @@ typedef struct {
     int32_t   n_generated;     /* FINISH: tokens sampled, EOS included */
     float     logprob;         /* TOKEN: log-probability of the token
                                   (when sampling.logprobs), else 0 */
+    int32_t   index;           /* the choice (0..n_choices-1) */
+    moe_logprobs_t *lp;        /* TOKEN with top_logprobs > 0, PROMPT: a
+                                  malloc()ed record the drainer owns and
+                                  frees with moe_event_release(); else
+                                  NULL */
 } moe_event_t;
+
+/* Free what an event owns (ev->lp) and clear it.  Safe on any event. */
+void moe_event_release(moe_event_t *ev);
 
 typedef struct {
     int64_t  kv_blocks_total;
@@ -532,6 +703,13 @@ int moe_engine_submit(moe_engine_t *e, uint64_t req_id,
 int moe_engine_cancel(moe_engine_t *e, uint64_t req_id);
 
 /*
+ * The same for one choice of a request with n_choices > 1 (a stop string
+ * ended it): that choice's sequence is dropped (FINISH CANCELLED for its
+ * index), the others go on.  index -1: every choice, as moe_engine_cancel.
+ */
+int moe_engine_cancel_choice(moe_engine_t *e, uint64_t req_id, int index);
+
+/*
  * Hold the engine thread, for tests that must fix what the scheduler sees
  * at once rather than hope for it: after moe_engine_hold(e, n) with n >= 0
  * the engine takes at most n more scheduler steps, then parks between two
@@ -579,6 +757,44 @@ int moe_engine_expert_counts(const moe_engine_t *e, int64_t *counts,
  * is too small.
  */
 int moe_engine_rank_load(const moe_engine_t *e, int64_t *tokens, int n);
+/* ---------------------------------------------------------------------
+ * Prefix affinity key (engine/text/prefix_key.c), for a front nginx that
+ * routes conversations to the node holding their prefix in its KV cache.
+ * Pure computation on request bytes: no engine, no model, no tokenizer.
+ *
+ * The key covers the stable start of a request body, as a canonical byte
+ * string clipped to `budget` bytes:
+ *   chat ("messages"): role and text of each message up to and including
+ *     the first "user" message (text parts of array contents joined), so
+ *     later turns of a conversation, which repeat those messages and add
+ *     more, give the same key;
+ *   completions ("prompt"): the prompt's text (the first prompt of an
+ *     array), or its token ids written in decimal.
+ * JSON escapes are decoded first, so the same text spelled differently
+ * gives the same key.  The body may be fed in pieces (a spilled body is
+ * read in chunks); feeding stops being useful once the key is complete.
+ * --------------------------------------------------------------------- */
+
+typedef struct moe_prefix_key_s  moe_prefix_key_t;
+
+/* A fresh key computation over at most `budget` canonical bytes (0 picks
+ * 1024).  malloc()ed; free with moe_prefix_key_destroy.  NULL on ENOMEM. */
+moe_prefix_key_t *moe_prefix_key_create(size_t budget);
+
+/* Feeds the next len bytes of the body.  Returns 1 when the key is
+ * complete (more input would not change it), 0 when more input may
+ * matter, MOE_EINVAL when the body is not JSON (the key is then absent
+ * for good), MOE_ENOMEM. */
+int moe_prefix_key_feed(moe_prefix_key_t *k, const void *data, size_t len);
+
+/* Ends the input (the body is over, or the caller read all it will).
+ * MOE_OK with *hash set (a 64-bit hash of the canonical prefix) when the
+ * body yielded a prefix; MOE_EINVAL when it did not (not JSON, no
+ * "messages" or "prompt", a body cut before the prefix was complete). */
+int moe_prefix_key_finish(moe_prefix_key_t *k, uint64_t *hash);
+
+/* Frees k (NULL is fine). */
+void moe_prefix_key_destroy(moe_prefix_key_t *k);
 
 #ifdef __cplusplus
 }

@@ -148,22 +148,59 @@ moe_argmax(const float *l, int V)
 }
 
 
-/* log-sum-exp of the raw logits: only when the caller wants logprobs */
-static float
-moe_lse(const float *x, int V)
-{
-    int    i;
-    float  mx = x[0], sum = 0.0f;
+/* ------------------------------------------------------------ logprobs */
 
+/*
+ * Log-softmax of logits / T at `chosen` and, when k > 0, the k most likely
+ * entries (logprob descending, ties by ascending id) into top.  One pass
+ * for the maximum, one for the sum (double), one bounded insertion pass
+ * for the top k: only requests that ask for logprobs pay it.
+ */
+float
+moe_logprobs_row(const float *logits, int V, float temperature,
+    int32_t chosen, int k, moe_logprob_entry_t *top)
+{
+    int     i, j, n;
+    float   mx, inv_t, lse;
+    double  sum;
+
+    inv_t = temperature < MOE_GREEDY_TEMPERATURE ? 1.0f : 1.0f / temperature;
+
+    mx = logits[0];
     for (i = 1; i < V; i++) {
-        if (x[i] > mx) {
-            mx = x[i];
+        if (logits[i] > mx) {
+            mx = logits[i];
         }
     }
+    sum = 0.0;
     for (i = 0; i < V; i++) {
-        sum += expf(x[i] - mx);
+        sum += exp((double) ((logits[i] - mx) * inv_t));
     }
-    return mx + logf(sum);
+    lse = (float) log(sum);
+
+    if (k > V) {
+        k = V;
+    }
+    n = 0;
+    for (i = 0; k > 0 && i < V; i++) {
+        if (n == k && !(logits[i] > logits[top[n - 1].id])) {
+            continue;
+        }
+        j = n < k ? n++ : n - 1;
+        while (j > 0 && logits[i] > logits[top[j - 1].id]) {
+            top[j] = top[j - 1];
+            j--;
+        }
+        top[j].id = i;
+    }
+    for (j = 0; j < n; j++) {
+        top[j].logprob = (logits[top[j].id] - mx) * inv_t - lse;
+    }
+
+    if (chosen < 0 || chosen >= V) {
+        return NAN;
+    }
+    return (logits[chosen] - mx) * inv_t - lse;
 }
 
 
@@ -207,19 +244,13 @@ moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     const int32_t *counts, const uint8_t *seen, float u, float *logprob)
 {
     int      V = s->vocab, i, n, best, sorted;
-    float    mx, lse = 0.0f;
+    float    mx;
     double   sum, cum, thr;
     float   *p = s->probs;
     int32_t *ix = s->idx;
     int      want_lp = sp->logprobs;
 
     *logprob = 0.0f;
-
-    if (want_lp) {
-        /* the raw distribution, before penalties and temperature */
-        lse = moe_lse(logits, V);
-        memcpy(s->raw, logits, sizeof(float) * (size_t) V);
-    }
 
     /* logit_bias first (OpenAI: added to the logits before sampling) */
     for (i = 0; i < sp->n_logit_bias; i++) {
@@ -251,7 +282,8 @@ moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     if (moe_sampling_is_greedy(sp)) {
         best = moe_argmax(logits, V);
         if (want_lp) {
-            *logprob = s->raw[best] - lse;
+            *logprob = moe_logprobs_row(logits, V, sp->temperature, best,
+                                        0, NULL);
         }
         return best;
     }
@@ -324,7 +356,8 @@ moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
         /* only min_p > 1 removes the best token: take it */
         best = moe_argmax(logits, V);
         if (want_lp) {
-            *logprob = s->raw[best] - lse;
+            *logprob = moe_logprobs_row(logits, V, sp->temperature, best,
+                                        0, NULL);
         }
         return best;
     }
@@ -351,7 +384,8 @@ moe_sample_u(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
     }
 
     if (want_lp) {
-        *logprob = s->raw[best] - lse;
+        *logprob = moe_logprobs_row(logits, V, sp->temperature, best, 0,
+                                    NULL);
     }
     return best;
 }
@@ -369,6 +403,29 @@ moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
         u = moe_rng_uniform(rng);
     }
     return moe_sample_u(s, logits, sp, counts, seen, u, logprob);
+}
+
+
+moe_logprobs_t *
+moe_logprobs_alloc(int n_rows, int k)
+{
+    size_t           sz;
+    moe_logprobs_t  *lp;
+
+    /* struct, entries (8-byte aligned after it), tokens, logprobs */
+    sz = sizeof(moe_logprobs_t)
+         + (size_t) n_rows * (size_t) k * sizeof(moe_logprob_entry_t)
+         + (size_t) n_rows * (sizeof(int32_t) + sizeof(float));
+    lp = malloc(sz);
+    if (lp == NULL) {
+        return NULL;
+    }
+    lp->n_rows = n_rows;
+    lp->k = k;
+    lp->top = (moe_logprob_entry_t *) (lp + 1);
+    lp->token = (int32_t *) (lp->top + (size_t) n_rows * (size_t) k);
+    lp->logprob = (float *) (lp->token + n_rows);
+    return lp;
 }
 
 

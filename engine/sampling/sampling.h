@@ -61,8 +61,11 @@ void moe_sampler_destroy(moe_sampler_t *s);
  * modified in place).  counts: per-token occurrences in the generated
  * text (may be NULL when no penalty needs it); seen: 1 for tokens in
  * prompt or output (for repetition_penalty; may be NULL).  Returns the id;
- * *logprob receives log p(id) under the unpenalised, untempered
- * distribution.  Draws one moe_rng_uniform() from rng unless greedy
+ * when sp->logprobs, *logprob receives log p(id) under the distribution it
+ * was drawn from (moe_logprobs_row() of the biased, penalised logits at
+ * the temperature; 1 when greedy), else 0.  On return logits holds those
+ * biased, penalised logits (the caller may ask moe_logprobs_row() for the
+ * top entries).  Draws one moe_rng_uniform() from rng unless greedy
  * (moe_sampling_is_greedy), then does moe_sample_u() with it.
  */
 int32_t moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
@@ -77,5 +80,22 @@ int32_t moe_sample(moe_sampler_t *s, float *logits, const moe_sampling_t *sp,
 int32_t moe_sample_u(moe_sampler_t *s, float *logits,
     const moe_sampling_t *sp, const int32_t *counts, const uint8_t *seen,
     float u, float *logprob);
+
+/*
+ * Logprobs of one row: returns log softmax(logits / T)[chosen] (T =
+ * temperature, or 1 below MOE_GREEDY_TEMPERATURE; NAN when chosen is out
+ * of [0, V)) and, when k > 0, writes the min(k, V) most likely entries to
+ * top (logprob descending, ties by ascending id).  The reference of the
+ * device kernel (kernels/logprobs.cu).
+ */
+float moe_logprobs_row(const float *logits, int V, float temperature,
+    int32_t chosen, int k, moe_logprob_entry_t *top);
+
+/*
+ * A logprobs record of n_rows rows of k top entries in ONE malloc() (the
+ * arrays follow the struct), so free() releases it (moe_event_release()).
+ * NULL when out of memory.  Contents uninitialised.
+ */
+moe_logprobs_t *moe_logprobs_alloc(int n_rows, int k);
 
 #endif /* MOE_SAMPLING_H */

@@ -44,7 +44,7 @@ moe_drain_submit(moe_engine_t *e)
 
     while (moe_ring_pop(e->submit, &m) == 1) {
         if (m.type == MOE_MSG_CANCEL) {
-            moe_sched_cancel(e, m.req_id);
+            moe_sched_cancel(e, m.req_id, m.index);
             continue;
         }
 
@@ -467,6 +467,9 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     e->gmask_words = (hp->vocab_size + 31) / 32;
     e->gmask = calloc((size_t) cfg->max_num_seqs * (size_t) e->gmask_words,
                       sizeof(uint32_t));
+    e->lp_val = calloc((size_t) cfg->max_num_seqs, sizeof(float));
+    e->lp_top = calloc((size_t) cfg->max_num_seqs * MOE_MAX_TOP_LOGPROBS,
+                       sizeof(moe_logprob_entry_t));
     e->n_expert_counts = (size_t) hp->n_layers * (size_t) hp->n_experts;
     e->expert_counts = calloc(e->n_expert_counts, sizeof(_Atomic int64_t));
     e->submit = moe_ring_create((size_t) cfg->ring_size, sizeof(moe_msg_t));
@@ -475,6 +478,7 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
 
     if (e->running == NULL || e->batch == NULL || e->batch_seq == NULL
         || e->logits == NULL || e->tok_out == NULL || e->gmask == NULL
+        || e->lp_val == NULL || e->lp_top == NULL
         || e->expert_counts == NULL || e->submit == NULL
         || e->events == NULL
         || moe_sampler_init(&e->sampler, e->n_sample) != MOE_OK)
@@ -549,6 +553,18 @@ moe_engine_destroy(moe_engine_t *e)
 
     moe_sched_free_all(e);
 
+    /* logprobs records of events nobody drained */
+    if (e->events != NULL) {
+        moe_event_t  ev;
+
+        while (moe_ring_pop(e->events, &ev) == 1) {
+            moe_event_release(&ev);
+        }
+    }
+    while (e->overflow_pos < e->n_overflow) {
+        moe_event_release(&e->overflow[e->overflow_pos++]);
+    }
+
     if (e->backend != NULL) {
         e->backend->destroy(e->backend);
     }
@@ -567,6 +583,8 @@ moe_engine_destroy(moe_engine_t *e)
     free(e->logits);
     free(e->tok_out);
     free(e->gmask);
+    free(e->lp_val);
+    free(e->lp_top);
     free(e->pen_tok);
     free(e->pen_cnt);
     free(e->pen_seen);
@@ -626,7 +644,12 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         || sp->repetition_penalty <= 0.0f
         || sp->n_stop_token_ids < 0
         || sp->n_stop_token_ids > MOE_MAX_STOP_IDS
-        || sp->n_logit_bias < 0 || sp->n_logit_bias > MOE_MAX_LOGIT_BIAS)
+        || sp->n_logit_bias < 0 || sp->n_logit_bias > MOE_MAX_LOGIT_BIAS
+        || sp->top_logprobs < 0 || sp->top_logprobs > MOE_MAX_TOP_LOGPROBS
+        || (sp->top_logprobs > 0 && !sp->logprobs)
+        || (sp->prompt_logprobs != 0 && sp->prompt_logprobs != 1)
+        || sp->n_choices < 0 || sp->n_choices > MOE_MAX_CHOICES
+        || sp->n_choices > e->cfg.max_num_seqs)
     {
         return MOE_EINVAL;
     }
@@ -640,9 +663,11 @@ moe_engine_submit(moe_engine_t *e, uint64_t req_id, const int32_t *prompt,
         }
     }
 
-    /* a guide compiled against another tokenizer cannot mask this one */
+    /* a guide compiled against another tokenizer cannot mask this one;
+     * forked choices (n_choices > 1) do not carry guide states yet */
     if (sp->guide != NULL
-        && moe_guided_vocab(sp->guide) != moe_tokenizer_vocab_size(e->tok))
+        && (moe_guided_vocab(sp->guide) != moe_tokenizer_vocab_size(e->tok)
+            || sp->n_choices > 1))
     {
         return MOE_EINVAL;
     }
@@ -702,6 +727,26 @@ moe_engine_cancel(moe_engine_t *e, uint64_t req_id)
     memset(&m, 0, sizeof(m));
     m.type = MOE_MSG_CANCEL;
     m.req_id = req_id;
+    m.index = -1;
+
+    if (moe_ring_push(e->submit, &m) != MOE_OK) {
+        return MOE_EFULL;
+    }
+
+    moe_wake_engine(e);
+    return MOE_OK;
+}
+
+
+int
+moe_engine_cancel_choice(moe_engine_t *e, uint64_t req_id, int index)
+{
+    moe_msg_t  m;
+
+    memset(&m, 0, sizeof(m));
+    m.type = MOE_MSG_CANCEL;
+    m.req_id = req_id;
+    m.index = index < 0 ? -1 : index;
 
     if (moe_ring_push(e->submit, &m) != MOE_OK) {
         return MOE_EFULL;
@@ -737,6 +782,14 @@ moe_engine_hold(moe_engine_t *e, int steps)
     }
 
     return MOE_OK;
+}
+
+
+void
+moe_event_release(moe_event_t *ev)
+{
+    free(ev->lp);
+    ev->lp = NULL;
 }
 
 

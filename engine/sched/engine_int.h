@@ -29,6 +29,7 @@ typedef struct {
     uint64_t        req_id;
     int32_t        *prompt;        /* malloc()ed; the engine takes it */
     moe_sampling_t  sp;
+    int32_t         index;         /* CANCEL: the choice, -1 all */
 } moe_msg_t;
 
 typedef struct moe_seq  moe_seq_t;
@@ -88,6 +89,15 @@ struct moe_seq {
     int             n_slots;
     moe_rng_t       rng;
     moe_plan_t      plan;          /* set at first admission */
+    /* prompt logprobs (sp.prompt_logprobs): rows filled as the prompt is
+     * prefilled one position per step; sent (MOE_EV_PROMPT) before the
+     * first token, then owned by the event */
+    moe_logprobs_t *plp;
+    int             plp_sent;
+    /* choices (sp.n_choices > 1): choice 0 is the one submitted; it forks
+     * the others when its prompt is prefilled (forked = 1) */
+    int             choice;
+    int             forked;
     moe_seq_t      *prev, *next;   /* waiting or swapped queue links */
 
     /* guided decoding: the matcher of sp.guide (NULL: none); the step's
@@ -139,6 +149,10 @@ struct moe_engine {
     int32_t           *tok_out;    /* (max_num_seqs) greedy ids picked by
                                       the backend (moe_seq_batch_t
                                       token_out) */
+    float             *lp_val;     /* (max_num_seqs) logprobs a backend
+                                      with logprobs_tokens computed */
+    moe_logprob_entry_t *lp_top;   /* (max_num_seqs, MOE_MAX_TOP_LOGPROBS)
+                                      their top entries */
     int32_t           *pen_tok;    /* (cap_pen) the step's penalty lists,
                                       row after row */
     int32_t           *pen_cnt;
@@ -207,10 +221,10 @@ void moe_sched_submit(moe_engine_t *e, moe_msg_t *m);
 
 /*
  * Cancel request id wherever it is (running, waiting, swapped): its KV
- * blocks and swap slots freed now, FINISH(CANCELLED) sent.  An id that
- * already finished is ignored.
+ * blocks and swap slots freed now, FINISH(CANCELLED) sent (per choice).
+ * index >= 0: only that choice.  An id that already finished is ignored.
  */
-void moe_sched_cancel(moe_engine_t *e, uint64_t id);
+void moe_sched_cancel(moe_engine_t *e, uint64_t id, int index);
 
 /*
  * One scheduler step: chunks for the running sequences, resumes and

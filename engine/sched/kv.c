@@ -239,6 +239,23 @@ moe_blocks_release(moe_blocks_t *b, int32_t *table, int *n)
 
 
 int
+moe_blocks_share(moe_blocks_t *b, const int32_t *ids, int n,
+    int32_t **table, int *tn, int *cap)
+{
+    int  i;
+
+    if (moe_table_grow(table, cap, *tn + n) != MOE_OK) {
+        return MOE_ENOMEM;
+    }
+    for (i = 0; i < n; i++) {
+        b->refcnt[ids[i]]++;
+        (*table)[(*tn)++] = ids[i];
+    }
+    return MOE_OK;
+}
+
+
+int
 moe_blocks_match(moe_blocks_t *b, const int32_t *tokens, int max_tokens,
     int32_t **table, int *n, int *cap, uint64_t *hashes)
 {

@@ -79,6 +79,14 @@ int  moe_blocks_match(moe_blocks_t *b, const int32_t *tokens, int max_tokens,
     int32_t **table, int *n, int *cap, uint64_t *hashes);
 
 /*
+ * Append blocks ids[0..n) (in use by another sequence) to a table, one
+ * more reference each: a forked choice shares its parent's prompt blocks.
+ * MOE_OK, or MOE_ENOMEM with the table unchanged.
+ */
+int  moe_blocks_share(moe_blocks_t *b, const int32_t *ids, int n,
+    int32_t **table, int *tn, int *cap);
+
+/*
  * Publish the sequence's full blocks from index `from` to `to` - 1 (tokens
  * are the sequence's tokens from position 0; hashes holds the chain hashes
  * of blocks before `from` and receives the new ones).  A block whose prefix

@@ -18,6 +18,7 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include "sched/engine_int.h"
@@ -67,6 +68,7 @@ moe_seq_free(moe_seq_t *s)
     free(s->pen_ids);
     free(s->bhash);
     free(s->slots);
+    free(s->plp);
     moe_sampling_bias_free(&s->sp);
     moe_guided_state_free(s->guided);
     moe_guide_release(s->sp.guide);
@@ -98,6 +100,7 @@ moe_emit(moe_engine_t *e, const moe_event_t *ev)
             /* cannot happen in practice; the event is lost and logged */
             moe_log(MOE_LOG_ERROR, "event queue: out of memory, request "
                     "%llu loses an event", (unsigned long long) ev->req_id);
+            free(ev->lp);
             return;
         }
         e->overflow = p;
@@ -143,6 +146,7 @@ moe_finish_event(moe_engine_t *e, moe_seq_t *s, int reason, int32_t token)
     ev.n_prompt = s->n_prompt;
     ev.n_cached = s->n_cached;
     ev.n_generated = s->n_generated;
+    ev.index = s->choice;
     moe_emit(e, &ev);
 }
 
@@ -217,57 +221,109 @@ moe_running_remove(moe_engine_t *e, int i)
 }
 
 
+/* 1 when s is the only sequence left of its request (the choices of a
+ * request share its id): its end is the request's end. */
+static int
+moe_seq_last_choice(const moe_engine_t *e, const moe_seq_t *s)
+{
+    int               i, k;
+    const moe_seq_t  *o;
+    const moe_seq_queue_t *q[2] = { &e->waitq, &e->swapq };
+
+    if (s->sp.n_choices <= 1) {
+        return 1;
+    }
+    for (i = 0; i < e->n_running; i++) {
+        o = e->running[i];
+        if (o != s && o->id == s->id) {
+            return 0;
+        }
+    }
+    for (k = 0; k < 2; k++) {
+        for (o = q[k]->head; o != NULL; o = o->next) {
+            if (o != s && o->id == s->id) {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+
 /* Finish a running sequence: event, blocks back, memory freed. */
 static void
 moe_retire(moe_engine_t *e, int i, int reason, int32_t token)
 {
     moe_seq_t  *s = e->running[i];
 
+    int         last = moe_seq_last_choice(e, s);
+
     moe_finish_event(e, s, reason, token);
     moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
     moe_running_remove(e, i);
     moe_seq_free(s);
 
-    atomic_fetch_add_explicit(&e->st_finished, 1, memory_order_relaxed);
+    if (last) {
+        atomic_fetch_add_explicit(&e->st_finished, 1, memory_order_relaxed);
+    }
 }
 
 
-void
-moe_sched_cancel(moe_engine_t *e, uint64_t id)
+/* One sequence of request id (choice index, or any when index < 0)
+ * cancelled: 1, or 0 when there is none (left). */
+static int
+moe_sched_cancel_one(moe_engine_t *e, uint64_t id, int index)
 {
-    int               i, k;
+    int               i, k, last;
     moe_seq_t        *s;
     moe_seq_queue_t  *q[2] = { &e->waitq, &e->swapq };
 
     for (i = 0; i < e->n_running; i++) {
-        if (e->running[i]->id == id) {
+        s = e->running[i];
+        if (s->id == id && (index < 0 || s->choice == index)) {
+            if (moe_seq_last_choice(e, s)) {
+                atomic_fetch_add_explicit(&e->st_cancelled, 1,
+                                          memory_order_relaxed);
+            }
             moe_retire(e, i, MOE_FINISH_CANCELLED, -1);
-            atomic_fetch_add_explicit(&e->st_cancelled, 1,
-                                      memory_order_relaxed);
-            return;
+            return 1;
         }
     }
 
     /* waiting (maybe holding prefix blocks) or swapped (holding slots) */
     for (k = 0; k < 2; k++) {
         for (s = q[k]->head; s != NULL; s = s->next) {
-            if (s->id != id) {
+            if (s->id != id || (index >= 0 && s->choice != index)) {
                 continue;
             }
+            last = moe_seq_last_choice(e, s);
             moe_q_unlink(q[k], s);
             moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
             moe_seq_drop_slots(e, s);
             moe_finish_event(e, s, MOE_FINISH_CANCELLED, -1);
             moe_seq_free(s);
-            atomic_fetch_add_explicit(&e->st_finished, 1,
-                                      memory_order_relaxed);
-            atomic_fetch_add_explicit(&e->st_cancelled, 1,
-                                      memory_order_relaxed);
-            return;
+            if (last) {
+                atomic_fetch_add_explicit(&e->st_finished, 1,
+                                          memory_order_relaxed);
+                atomic_fetch_add_explicit(&e->st_cancelled, 1,
+                                          memory_order_relaxed);
+            }
+            return 1;
         }
     }
 
-    /* already finished: its FINISH event is on its way; nothing to do */
+    return 0;
+}
+
+
+void
+moe_sched_cancel(moe_engine_t *e, uint64_t id, int index)
+{
+    /* every choice of it; one already finished: its FINISH event is on
+     * its way, nothing to do */
+    while (moe_sched_cancel_one(e, id, index)) {
+        /* next */
+    }
 }
 
 
@@ -338,6 +394,20 @@ moe_seq_create(moe_engine_t *e, moe_msg_t *m)
         for (i = 0; i < s->n_prompt; i++) {
             moe_seq_pen_note(s, s->tokens[i]);
             s->seen[s->tokens[i]] = 1;
+        }
+    }
+
+    if (s->sp.prompt_logprobs) {
+        s->plp = moe_logprobs_alloc(s->n_prompt, s->sp.top_logprobs);
+        if (s->plp == NULL) {
+            moe_seq_free(s);
+            return NULL;
+        }
+        s->plp->token[0] = s->tokens[0];
+        s->plp->logprob[0] = NAN;
+        for (i = 0; i < s->sp.top_logprobs; i++) {
+            s->plp->top[i].id = -1;
+            s->plp->top[i].logprob = NAN;
         }
     }
 
@@ -639,6 +709,119 @@ moe_guided_fail(moe_engine_t *e, moe_seq_t *s, int status)
 }
 
 
+/* ---------------------------------------------- logprobs (issue 10) */
+
+/* 1 while s (choice 0 of a request with n_choices > 1) has yet to fork */
+static int
+moe_seq_to_fork(const moe_seq_t *s)
+{
+    return s->sp.n_choices > 1 && !s->forked;
+}
+
+
+/* 1 while s prefills its prompt one position per step for its prompt
+ * logprobs (each position's logits are needed) */
+static int
+moe_seq_scoring(const moe_seq_t *s)
+{
+    return s->plp != NULL && !s->plp_sent && s->n_computed < s->n_prompt;
+}
+
+
+/* the chunk s may take this step: one position while it scores */
+static int
+moe_seq_chunk(const moe_seq_t *s, int chunk)
+{
+    return moe_seq_scoring(s) && chunk > 1 ? 1 : chunk;
+}
+
+
+/* Row n_computed of s's prompt logprobs from the logits of the position
+ * before it (raw model distribution: temperature 1). */
+static void
+moe_seq_score(moe_engine_t *e, moe_seq_t *s, const float *logits)
+{
+    int              row = s->n_computed;
+    moe_logprobs_t  *lp = s->plp;
+
+    lp->token[row] = s->tokens[row];
+    lp->logprob[row] = moe_logprobs_row(logits, e->n_sample, 1.0f,
+                                        s->tokens[row], lp->k,
+                                        lp->top + (size_t) row * lp->k);
+}
+
+
+/* the prompt's last logits arrived: its rows are complete, send them */
+static void
+moe_seq_send_prompt(moe_engine_t *e, moe_seq_t *s)
+{
+    moe_event_t  ev;
+
+    memset(&ev, 0, sizeof(ev));
+    ev.req_id = s->id;
+    ev.type = MOE_EV_PROMPT;
+    ev.lp = s->plp;
+    s->plp = NULL;
+    s->plp_sent = 1;
+    moe_emit(e, &ev);
+}
+
+
+/* Row i's logprobs by the backend (a sequence with logprobs on an
+ * ARGMAX / BACKEND plan: the backend has logprobs_tokens) */
+static void
+moe_row_lp(moe_engine_t *e, int i, const moe_seq_t *s)
+{
+    moe_seq_batch_t  *b = &e->batch[i];
+
+    if (!s->sp.logprobs) {
+        return;
+    }
+    b->lp_out = e->lp_val + i;
+    b->lp_top = e->lp_top + (size_t) i * MOE_MAX_TOP_LOGPROBS;
+    b->lp_k = s->sp.top_logprobs;
+}
+
+
+/* A TOKEN event's top entries (sp.top_logprobs > 0) as the backend
+ * computed them (moe_row_lp); NULL (none sent) out of memory. */
+static moe_logprobs_t *
+moe_token_lp_backend(moe_engine_t *e, int i, moe_seq_t *s, int32_t tok)
+{
+    moe_logprobs_t  *r;
+
+    r = moe_logprobs_alloc(1, s->sp.top_logprobs);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->token[0] = tok;
+    r->logprob[0] = e->lp_val[i];
+    memcpy(r->top, e->lp_top + (size_t) i * MOE_MAX_TOP_LOGPROBS,
+           sizeof(moe_logprob_entry_t) * (size_t) r->k);
+    return r;
+}
+
+
+/* A TOKEN event's top entries (sp.top_logprobs > 0) from the biased,
+ * penalised logits moe_sample() left; NULL (none sent) out of memory. */
+static moe_logprobs_t *
+moe_token_lp(moe_engine_t *e, moe_seq_t *s, const float *logits, int32_t tok,
+    float lp)
+{
+    moe_logprobs_t  *r;
+
+    r = moe_logprobs_alloc(1, s->sp.top_logprobs);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->token[0] = tok;
+    r->logprob[0] = lp;
+    (void) moe_logprobs_row(logits, e->n_sample, s->sp.temperature, tok,
+                            r->k, r->top);
+    return r;
+}
+
+
 /*
  * The sampling plan of s, for its whole life: MOE_PLAN_ARGMAX when its
  * next token is always the plain argmax of its logits (what moe_sample()
@@ -652,6 +835,7 @@ static moe_plan_t
 moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
 {
     const moe_sampling_t *sp = &s->sp;
+    int                   lp_ok;
 
     if (sp->n_logit_bias > 0) {
         return MOE_PLAN_HOST;
@@ -661,7 +845,11 @@ moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
     if (s->guided != NULL && !e->backend->guided_mask) {
         return MOE_PLAN_HOST;
     }
-    if (moe_sampling_is_greedy(sp) && !sp->logprobs
+    /* logprobs: the backend's when it computes them (logprobs_tokens),
+     * else logits to the host */
+    lp_ok = !sp->logprobs || e->backend->logprobs_tokens;
+
+    if (moe_sampling_is_greedy(sp) && lp_ok
         && (s->seen == NULL || sp->repetition_penalty == 1.0f)
         && (s->counts == NULL
             || (sp->frequency_penalty == 0.0f
@@ -669,7 +857,7 @@ moe_seq_plan(const moe_engine_t *e, const moe_seq_t *s)
     {
         return MOE_PLAN_ARGMAX;
     }
-    if (e->backend->sample_tokens && !sp->logprobs && !s->pen_lost) {
+    if (e->backend->sample_tokens && lp_ok && !s->pen_lost) {
         return MOE_PLAN_BACKEND;
     }
     return MOE_PLAN_HOST;
@@ -697,19 +885,39 @@ moe_step_outputs(moe_engine_t *e, int n)
         b = &e->batch[i];
         b->logits = NULL;
         b->token_out = NULL;
+        b->lp_out = NULL;
+        b->lp_top = NULL;
+        b->lp_k = 0;
         b->sample = NULL;
         b->n_pen = 0;
         b->n_valid = e->n_sample;
         b->mask = NULL;
-        if (s->n_computed + b->n_tokens != s->n_tokens) {
-            continue;
-        }
-        if (s->guided != NULL) {
+        if (s->guided != NULL
+            && s->n_computed + b->n_tokens == s->n_tokens)
+        {
+            /* the row that gives the next token: its allowed ids (also
+             * when it ends a prompt scored for its logprobs) */
             moe_guided_step_mask(e, s, i);
             b->mask = e->gmask + (size_t) i * (size_t) e->gmask_words;
         }
+        if (moe_seq_to_fork(s)
+            && s->n_computed + b->n_tokens == s->n_tokens)
+        {
+            /* its choices draw their first token from these logits */
+            b->logits = e->logits + (size_t) i * e->info.vocab_size;
+            continue;
+        }
+        if (moe_seq_scoring(s)) {
+            /* every prompt position's logits, the last one's included */
+            b->logits = e->logits + (size_t) i * e->info.vocab_size;
+            continue;
+        }
+        if (s->n_computed + b->n_tokens != s->n_tokens) {
+            continue;
+        }
         if (s->plan == MOE_PLAN_ARGMAX) {
             b->token_out = e->tok_out + i;
+            moe_row_lp(e, i, s);
             continue;
         }
         /* no room for the penalty lists: the host samples this step */
@@ -720,6 +928,7 @@ moe_step_outputs(moe_engine_t *e, int n)
             continue;
         }
         b->token_out = e->tok_out + i;
+        moe_row_lp(e, i, s);
         b->sample = &s->sp;
         b->u = moe_sampling_is_greedy(&s->sp) ? 0.0f
                                                : moe_rng_uniform(&s->rng);
@@ -767,6 +976,193 @@ moe_batch_add(moe_engine_t *e, int i, moe_seq_t *s, int chunk)
 }
 
 
+/* ------------------------------------------------ choices (issue 10) */
+
+/*
+ * Choice idx of p, whose prompt was just prefilled (p->n_computed ==
+ * n_prompt), made with every prompt position's K/V when it can: p's full
+ * prompt blocks shared (reference counts) and a copy of the partial last
+ * one through one host swap slot (swap_out then swap_in, queued on the
+ * backend in order, before the next forward writes p's copy): *mode 2,
+ * running, its first token drawn this step from p's logits (the caller's
+ * step row `row`, which must be < max_num_seqs).  Without a free row, a
+ * swap slot or a block for the copy: *mode 1, running with the blocks
+ * wholly before the last prompt position shared, that tail recomputed by
+ * its own next chunk.  Without a running slot: *mode 0, waiting to
+ * prefill alone.  NULL (nothing changed) when out of memory.
+ */
+static moe_seq_t *
+moe_seq_fork(moe_engine_t *e, moe_seq_t *p, int idx, int row_free,
+    int *mode)
+{
+    int         bs = e->cfg.block_size, full, shared, rc;
+    int32_t     slot;
+    size_t      V = (size_t) e->info.vocab_size;
+    moe_seq_t  *s;
+
+    s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        return NULL;
+    }
+
+    s->id = p->id;
+    s->order = p->order;
+    s->sp = p->sp;
+    s->sp.prompt_logprobs = 0;
+    s->n_prompt = p->n_prompt;
+    s->cap = p->cap;
+    s->n_tokens = p->n_prompt;
+    s->n_cached = p->n_cached;
+    s->admitted = 1;
+    s->plan = p->plan;
+    s->choice = idx;
+    s->forked = 1;
+    s->pen_lost = p->pen_lost;
+
+    s->tokens = malloc(sizeof(int32_t) * (size_t) s->cap);
+    s->bhash = malloc(sizeof(uint64_t) * (size_t) (s->cap / bs + 1));
+    if (s->tokens == NULL || s->bhash == NULL
+        || moe_sampling_bias_copy(&s->sp, &p->sp) != MOE_OK)
+    {
+        s->sp.logit_bias_ids = NULL;
+        moe_seq_free(s);
+        return NULL;
+    }
+    memcpy(s->tokens, p->tokens, sizeof(int32_t) * (size_t) p->n_prompt);
+    memcpy(s->bhash, p->bhash, sizeof(uint64_t) * (size_t) p->n_published);
+
+    if (p->counts != NULL) {
+        s->counts = calloc(V, sizeof(int32_t));     /* nothing generated */
+    }
+    if (p->seen != NULL) {
+        s->seen = malloc(V);
+        if (s->seen != NULL) {
+            memcpy(s->seen, p->seen, V);
+        }
+    }
+    if (p->n_pen > 0) {
+        s->pen_ids = malloc(sizeof(int32_t) * (size_t) p->n_pen);
+        if (s->pen_ids != NULL) {
+            memcpy(s->pen_ids, p->pen_ids,
+                   sizeof(int32_t) * (size_t) p->n_pen);
+            s->n_pen = s->cap_pen = p->n_pen;
+        }
+    }
+    if ((p->counts != NULL && s->counts == NULL)
+        || (p->seen != NULL && s->seen == NULL)
+        || (p->n_pen > 0 && s->pen_ids == NULL))
+    {
+        moe_seq_free(s);
+        return NULL;
+    }
+
+    /* its own stream: seed + idx when seeded */
+    moe_rng_seed(&s->rng, p->sp.has_seed
+                          ? p->sp.seed + (uint64_t) idx
+                          : ((s->id * 0x9e3779b97f4a7c15ULL)
+                             ^ (uint64_t) moe_now_ns())
+                            + (uint64_t) idx);
+
+    if (e->n_running >= e->cfg.max_num_seqs) {
+        *mode = 0;
+        moe_q_insert(&e->waitq, s);
+        return s;
+    }
+
+    full = p->n_prompt / bs;
+    *mode = row_free
+            && (full * bs == p->n_prompt
+                || (e->backend->swap_out != NULL
+                    && e->backend->swap_in != NULL
+                    && e->slots.n_free > 0 && e->blocks.n_free > 0))
+            ? 2 : 1;
+    shared = *mode == 2 ? full : (p->n_prompt - 1) / bs;
+
+    if (moe_blocks_share(&e->blocks, p->blocks, shared, &s->blocks,
+                         &s->n_blocks, &s->cap_blocks) != MOE_OK)
+    {
+        moe_seq_free(s);
+        return NULL;
+    }
+    s->n_computed = shared * bs;
+    s->n_published = p->n_published < shared ? p->n_published : shared;
+
+    if (*mode == 2 && full * bs < p->n_prompt) {
+        /* copy on write of the partial last block, before p writes it */
+        rc = moe_blocks_reserve(&e->blocks, &s->blocks, &s->n_blocks,
+                                &s->cap_blocks, p->n_prompt);
+        if (rc == MOE_OK) {
+            (void) moe_slots_alloc(&e->slots, 1, &slot);
+            rc = e->backend->swap_out(e->backend, p->blocks + full, &slot, 1);
+            if (rc == MOE_OK) {
+                rc = e->backend->swap_in(e->backend, &slot,
+                                         s->blocks + full, 1);
+            }
+            moe_slots_free(&e->slots, &slot, 1);
+        }
+        if (rc != MOE_OK) {
+            /* prefill it alone */
+            moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
+            s->n_computed = 0;
+            s->n_published = 0;
+            *mode = 0;
+            moe_q_insert(&e->waitq, s);
+            return s;
+        }
+    }
+    if (*mode == 2) {
+        s->n_computed = p->n_prompt;
+    }
+
+    moe_running_insert(e, s);
+    return s;
+}
+
+
+/*
+ * p (row i of the step) has its prompt prefilled and its logits in row i:
+ * fork choices 1..n_choices-1.  Those with every prompt position get a
+ * step row of their own after the others (*n grows) with a copy of the
+ * logits, so that the step draws their first token as it draws p's.  A
+ * choice that cannot be made (no memory) ends at once with an ERROR
+ * event of its index.
+ */
+static void
+moe_fork_choices(moe_engine_t *e, moe_seq_t *p, int i, int *n)
+{
+    int               k, mode, row;
+    size_t            V = (size_t) e->info.vocab_size;
+    moe_seq_t        *s;
+    moe_event_t       ev;
+    moe_seq_batch_t  *b;
+
+    p->forked = 1;
+
+    for (k = 1; k < p->sp.n_choices; k++) {
+        row = *n;
+        s = moe_seq_fork(e, p, k, row < e->cfg.max_num_seqs, &mode);
+        if (s == NULL) {
+            memset(&ev, 0, sizeof(ev));
+            ev.req_id = p->id;
+            ev.type = MOE_EV_ERROR;
+            ev.status = MOE_ENOMEM;
+            ev.index = k;
+            moe_emit(e, &ev);
+            continue;
+        }
+        if (mode != 2) {
+            continue;
+        }
+        b = &e->batch[row];
+        memset(b, 0, sizeof(*b));
+        e->batch_seq[row] = s;
+        b->logits = e->logits + (size_t) row * V;
+        memcpy(b->logits, e->batch[i].logits, sizeof(float) * V);
+        (*n)++;
+    }
+}
+
+
 /*
  * Stall-free batching: the prefill chunk that fits the step's prefill
  * time (*pf_ns, < 0: no limit) for a sequence at pos wanting `chunk`
@@ -810,7 +1206,7 @@ int
 moe_sched_step(moe_engine_t *e)
 {
     int         i, n = 0, budget, want, chunk, rc, limit, reason;
-    int         preempted = 0, resumed;
+    int         preempted = 0, resumed, fork_room = 0, last;
     int32_t     tok;
     float       lp;
     int64_t     t0;
@@ -856,7 +1252,10 @@ moe_sched_step(moe_engine_t *e)
         if (chunk > limit) {
             chunk = limit;
         }
-        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+        chunk = moe_seq_chunk(s, chunk);
+        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0
+            && !moe_seq_scoring(s))
+        {
             continue;
         }
         if (want > 1) {
@@ -898,7 +1297,7 @@ moe_sched_step(moe_engine_t *e)
      * first (swapped ones were admitted before any never-admitted one);
      * not in a step that had to preempt (it would only swap back) */
     while (!preempted && (e->waitq.head != NULL || e->swapq.head != NULL)
-           && budget > 0 && e->n_running < e->cfg.max_num_seqs)
+           && budget > 0 && e->n_running + fork_room < e->cfg.max_num_seqs)
     {
         s = e->swapq.head;
         if (s != NULL
@@ -909,7 +1308,10 @@ moe_sched_step(moe_engine_t *e)
             if (chunk > limit) {
                 chunk = limit;
             }
-            if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+            chunk = moe_seq_chunk(s, chunk);
+            if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0
+                && !moe_seq_scoring(s))
+            {
                 break;
             }
             if (want > 1) {
@@ -937,10 +1339,21 @@ moe_sched_step(moe_engine_t *e)
 
         s = e->waitq.head;
 
+        /* a request of several choices waits for room for all of them
+         * (they fork from it after its prefill) */
+        if (moe_seq_to_fork(s)
+            && e->n_running + fork_room + s->sp.n_choices
+               > e->cfg.max_num_seqs)
+        {
+            break;
+        }
+
         /* prefix cache: reuse whole blocks of an equal prefix; the last
          * prompt token is always computed (its logits are needed, and its
          * block must be private since K/V will be written there) */
-        if (s->n_blocks == 0 && s->n_computed == 0) {
+        if (s->n_blocks == 0 && s->n_computed == 0
+            && !moe_seq_scoring(s))
+        {
             int hit = moe_blocks_match(&e->blocks, s->tokens,
                                        s->n_tokens - 1, &s->blocks,
                                        &s->n_blocks, &s->cap_blocks,
@@ -957,7 +1370,10 @@ moe_sched_step(moe_engine_t *e)
         if (chunk > limit) {
             chunk = limit;
         }
-        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0) {
+        chunk = moe_seq_chunk(s, chunk);
+        if (chunk < want && !e->cfg.enable_chunked_prefill && n > 0
+            && !moe_seq_scoring(s))
+        {
             chunk = 0;
         }
         if (chunk > 1) {
@@ -988,6 +1404,9 @@ moe_sched_step(moe_engine_t *e)
 
         moe_q_unlink(&e->waitq, s);
         moe_running_insert(e, s);
+        if (moe_seq_to_fork(s)) {
+            fork_room += s->sp.n_choices - 1;
+        }
 
         moe_batch_add(e, n++, s, chunk);
         budget -= chunk;
@@ -1031,16 +1450,20 @@ moe_sched_step(moe_engine_t *e)
             }
 
             s = e->running[i];
+            last = moe_seq_last_choice(e, s);
             memset(&ev, 0, sizeof(ev));
             ev.req_id = s->id;
             ev.type = MOE_EV_ERROR;
             ev.status = rc;
+            ev.index = s->choice;
             moe_emit(e, &ev);
             moe_blocks_release(&e->blocks, s->blocks, &s->n_blocks);
             moe_running_remove(e, i);
             moe_seq_free(s);
-            atomic_fetch_add_explicit(&e->st_finished, 1,
-                                      memory_order_relaxed);
+            if (last) {
+                atomic_fetch_add_explicit(&e->st_finished, 1,
+                                          memory_order_relaxed);
+            }
         }
         return MOE_OK;
     }
@@ -1057,6 +1480,20 @@ moe_sched_step(moe_engine_t *e)
             s->n_published = s->n_computed / e->cfg.block_size;
         }
 
+        if (moe_seq_to_fork(s) && s->n_computed == s->n_prompt
+            && e->batch[i].logits != NULL)
+        {
+            moe_fork_choices(e, s, i, &n);
+        }
+
+        if (s->plp != NULL && !s->plp_sent && e->batch[i].logits != NULL) {
+            if (s->n_computed < s->n_prompt) {
+                moe_seq_score(e, s, e->batch[i].logits);
+                continue;
+            }
+            moe_seq_send_prompt(e, s);
+        }
+
         if (s->guided != NULL && s->guided_n <= 0
             && (e->batch[i].token_out != NULL
                 || e->batch[i].logits != NULL))
@@ -1067,7 +1504,7 @@ moe_sched_step(moe_engine_t *e)
         }
         if (e->batch[i].token_out != NULL) {
             tok = e->tok_out[i];
-            lp = 0.0f;
+            lp = e->batch[i].lp_out != NULL ? e->lp_val[i] : 0.0f;
             if (e->batch[i].sample != NULL) {
                 atomic_fetch_add_explicit(&e->st_backend_sampled, 1,
                                           memory_order_relaxed);
@@ -1084,7 +1521,7 @@ moe_sched_step(moe_engine_t *e)
         }
         s->n_generated++;
         atomic_fetch_add_explicit(&e->st_gen_tokens, 1, memory_order_relaxed);
-        if (s->n_generated == 1) {
+        if (s->n_generated == 1 && s->choice == 0) {
             atomic_fetch_add_explicit(&e->st_prompt_tokens, s->n_prompt,
                                       memory_order_relaxed);
         }
@@ -1127,6 +1564,14 @@ moe_sched_step(moe_engine_t *e)
             ev.type = MOE_EV_TOKEN;
             ev.token = tok;
             ev.logprob = lp;
+            ev.index = s->choice;
+            if (s->sp.top_logprobs > 0 && e->batch[i].logits != NULL) {
+                ev.lp = moe_token_lp(e, s, e->batch[i].logits, tok, lp);
+            } else if (s->sp.top_logprobs > 0
+                       && e->batch[i].lp_out != NULL)
+            {
+                ev.lp = moe_token_lp_backend(e, i, s, tok);
+            }
             moe_emit(e, &ev);
 
             moe_seq_pen_note(s, tok);

@@ -171,3 +171,105 @@ moe_chat_render(const moe_tokenizer_t *t, const char *chat_template,
 
     return MOE_OK;
 }
+
+
+/* ---------------------------------------------- prompts with tools (JSON) */
+
+/* ChatML for a model without a template, over the JSON messages */
+static const char  moe_chat_chatml[] =
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}";
+
+
+/* appends s as a JSON string ("..." with escapes), or null for NULL */
+static int
+moe_chat_json_str(moe_buf_t *b, const char *s)
+{
+    int    rc;
+    char   esc[8];
+
+    if (s == NULL) {
+        return moe_buf_add(b, "null", 4);
+    }
+
+    rc = moe_buf_add(b, "\"", 1);
+
+    for ( /* void */ ; rc == MOE_OK && *s; s++) {
+        unsigned char  c = (unsigned char) *s;
+
+        if (c == '"' || c == '\\') {
+            esc[0] = '\\';
+            esc[1] = (char) c;
+            rc = moe_buf_add(b, esc, 2);
+
+        } else if (c < 0x20) {
+            snprintf(esc, sizeof(esc), "\\u%04x", c);
+            rc = moe_buf_add(b, esc, 6);
+
+        } else {
+            rc = moe_buf_add(b, s, 1);
+        }
+    }
+
+    return rc == MOE_OK ? moe_buf_add(b, "\"", 1) : rc;
+}
+
+
+int
+moe_chat_render_json(const moe_tokenizer_t *t, const char *chat_template,
+    const char *messages_json, const char *tools_json,
+    int add_generation_prompt, char **out, size_t *out_len, char *err,
+    size_t errlen)
+{
+    int                rc, owned;
+    moe_buf_t          b = { NULL, 0, 0 };
+    moe_jinja_tmpl_t  *tmpl;
+    const char        *bos, *eos;
+
+    if (messages_json == NULL) {
+        moe_errf(err, errlen, "messages must not be empty");
+        return MOE_EINVAL;
+    }
+
+    /* the variables transformers' apply_chat_template passes */
+    rc = moe_buf_add(&b, "{\"messages\":", 12);
+    if (rc == MOE_OK) rc = moe_buf_add(&b, messages_json,
+                                       strlen(messages_json));
+    if (rc == MOE_OK) rc = moe_buf_add(&b, ",\"tools\":", 9);
+    if (rc == MOE_OK) rc = tools_json
+                           ? moe_buf_add(&b, tools_json, strlen(tools_json))
+                           : moe_buf_add(&b, "null", 4);
+    if (rc == MOE_OK) rc = moe_buf_add(&b, ",\"documents\":null", 17);
+    if (rc == MOE_OK) rc = add_generation_prompt
+            ? moe_buf_add(&b, ",\"add_generation_prompt\":true", 29)
+            : moe_buf_add(&b, ",\"add_generation_prompt\":false", 30);
+    /* a missing bos/eos token stays undefined, as in moe_chat_render() */
+    bos = t ? moe_tokenizer_bos_token(t) : NULL;
+    eos = t ? moe_tokenizer_eos_token(t) : NULL;
+    if (rc == MOE_OK && bos) rc = moe_buf_add(&b, ",\"bos_token\":", 13);
+    if (rc == MOE_OK && bos) rc = moe_chat_json_str(&b, bos);
+    if (rc == MOE_OK && eos) rc = moe_buf_add(&b, ",\"eos_token\":", 13);
+    if (rc == MOE_OK && eos) rc = moe_chat_json_str(&b, eos);
+    if (rc == MOE_OK) rc = moe_buf_add(&b, "}", 1);
+
+    if (rc != MOE_OK) {
+        free(b.p);
+        moe_errf(err, errlen, "out of memory rendering the chat prompt");
+        return rc;
+    }
+
+    rc = moe_chat_template(chat_template ? chat_template : moe_chat_chatml,
+                           &tmpl, &owned, err, errlen);
+    if (rc == MOE_OK) {
+        rc = moe_jinja_render_json(tmpl, b.p, out, out_len, err, errlen);
+        if (owned) {
+            moe_jinja_free(tmpl);
+        }
+    }
+
+    free(b.p);
+
+    return rc;
+}

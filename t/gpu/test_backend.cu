@@ -58,6 +58,9 @@
  *  - the CUDA routing tables are well formed (experts in range, distinct
  *    per token and layer, -1 exactly on dense layers) and the CPU accepts
  *    them;
+ *  - logprobs on the device (test_backend_logprobs): equal to the host
+ *    computation over the copied CUDA logits, and to the CPU backend's
+ *    within bf16 bounds;
  *  - expert counts: per layer they add up to tokens * top_k, and (same
  *    routing) equal the CPU backend's per (layer, expert);
  *  - forward rejects a short block table and an out-of-vocab token
@@ -1465,6 +1468,138 @@ test_tuning_env(const char *dir)
     moe_model_free(m);
 }
 
+/*
+ * Logprobs on the device (moe_seq_batch_t.lp_out, kernels/logprobs.cu) in
+ * one step of two prompts on models/localmoe-tiny: A greedy, B drawn
+ * (samp's T 0.8 + top-k/p + min-p) with a frequency/presence/repetition
+ * penalty list; both ask for token_out, logits and lp_out with 5 top
+ * entries.  Checks: the CUDA logprobs equal moe_logprobs_row() over the
+ * CUDA logits copied back (penalised in place for B, at B's temperature)
+ * within 1e-4 with the same top ids in the same order; and against the
+ * CPU backend (fp32, its lp_out computed on the host) the logprob of the
+ * token both chose and of every top entry both list agree within
+ * 0.05 + 2e-2 |lp| (bf16 weights: logits within REL_TOL).
+ */
+static void
+test_backend_logprobs(const char *dir)
+{
+    moe_model_t         *m;
+    moe_backend_t       *gb = NULL, *cb = NULL;
+    char                 err[512];
+    int                  V, rc, q, j, k = 5, dev_bad = 0, cmp_bad = 0;
+    int                  cmp_n = 0;
+    int32_t              toks[2][12], bt[2][8], tok_g[2], tok_c[2];
+    int32_t              pen_tok[3] = { 5, 9, 17 }, pen_cnt[3] = { 2, 1, 0 };
+    uint8_t              pen_seen[3] = { 1, 1, 1 };
+    float               *lg = NULL, *lc = NULL, lp_g[2], lp_c[2];
+    moe_logprob_entry_t  top_g[2][5], top_c[2][5], ref[5];
+    moe_seq_batch_t      sb[2];
+    moe_sampling_t       sp = samp;
+
+    if (access(dir, R_OK) != 0) {
+        return;
+    }
+    if (moe_model_load(dir, 0, &m, err, sizeof(err)) != MOE_OK) {
+        TAP_OK(0, "logprobs: load %s: %s", dir, err);
+        return;
+    }
+    V = moe_model_hparams(m)->vocab_size;
+    sp.repetition_penalty = 1.2f;
+    sp.frequency_penalty = 0.5f;
+    sp.presence_penalty = 0.3f;
+    lg = (float *) malloc(sizeof(float) * 2 * (size_t) V);
+    lc = (float *) malloc(sizeof(float) * 2 * (size_t) V);
+    rc = moe_cpu_backend_create(m, 16, BS, 1, &cb, err, sizeof(err));
+    if (rc == MOE_OK) {
+        rc = moe_cuda_backend_create(m, 16, BS, 64, 0, &gb, err,
+                                     sizeof(err));
+    }
+    if (rc != MOE_OK || lg == NULL || lc == NULL) {
+        TAP_OK(0, "logprobs: backends: %s", err);
+        goto done;
+    }
+    TAP_OK(gb->logprobs_tokens == 1, "cuda backend computes logprobs on "
+           "the device (logprobs_tokens)");
+    for (q = 0; q < 2; q++) {
+        for (j = 0; j < 12; j++) {
+            toks[q][j] = (int32_t) (gu_rand() % (uint32_t) V);
+        }
+        for (j = 0; j < 8; j++) {
+            bt[q][j] = q * 8 + j;
+        }
+    }
+    for (int side = 0; side < 2; side++) {
+        moe_backend_t *b = side == 0 ? gb : cb;
+
+        memset(sb, 0, sizeof(sb));
+        for (q = 0; q < 2; q++) {
+            sb[q].tokens = toks[q];
+            sb[q].n_tokens = 12;
+            sb[q].pos = 0;
+            sb[q].block_table = bt[q];
+            sb[q].n_blocks = 8;
+            sb[q].logits = (side == 0 ? lg : lc) + (size_t) q * V;
+            sb[q].token_out = side == 0 ? &tok_g[q] : &tok_c[q];
+            sb[q].lp_out = side == 0 ? &lp_g[q] : &lp_c[q];
+            sb[q].lp_top = side == 0 ? top_g[q] : top_c[q];
+            sb[q].lp_k = k;
+        }
+        sb[1].sample = &sp;
+        sb[1].u = 0.37f;
+        sb[1].pen_tok = pen_tok;
+        sb[1].pen_cnt = pen_cnt;
+        sb[1].pen_seen = pen_seen;
+        sb[1].n_pen = 3;
+        if (b->forward(b, sb, 2) != MOE_OK) {
+            TAP_OK(0, "logprobs: %s forward failed", side == 0 ? "cuda"
+                                                              : "cpu");
+            goto done;
+        }
+    }
+    for (q = 0; q < 2; q++) {
+        float t = q == 0 ? 0.0f : sp.temperature;
+        float h = moe_logprobs_row(lg + (size_t) q * V, V, t, tok_g[q], k,
+                                   ref);
+
+        dev_bad += !(fabsf(h - lp_g[q]) <= 1e-4f);
+        for (j = 0; j < k; j++) {
+            dev_bad += ref[j].id != top_g[q][j].id
+                       || !(fabsf(ref[j].logprob - top_g[q][j].logprob)
+                            <= 1e-4f);
+        }
+        if (tok_g[q] == tok_c[q]) {
+            cmp_n++;
+            cmp_bad += !(fabsf(lp_g[q] - lp_c[q])
+                         <= 0.05f + 2e-2f * fabsf(lp_c[q]));
+        }
+        for (j = 0; j < k; j++) {
+            for (int i = 0; i < k; i++) {
+                if (top_c[q][j].id == top_g[q][i].id) {
+                    cmp_n++;
+                    cmp_bad += !(fabsf(top_c[q][j].logprob
+                                       - top_g[q][i].logprob)
+                                 <= 0.05f + 2e-2f
+                                    * fabsf(top_c[q][j].logprob));
+                }
+            }
+        }
+    }
+    TAP_OK(dev_bad == 0, "logprobs: device logprobs and top 5 == "
+           "moe_logprobs_row over the copied CUDA logits (greedy, and "
+           "drawn with penalties at T %.1f): %d differ", sp.temperature,
+           dev_bad);
+    TAP_OK(cmp_n >= 4 && cmp_bad == 0, "logprobs: cuda vs cpu backend "
+           "logprobs within 0.05 + 2e-2 |lp| (%d compared, %d over)",
+           cmp_n, cmp_bad);
+
+done:
+    if (gb != NULL) gb->destroy(gb);
+    if (cb != NULL) cb->destroy(cb);
+    free(lg);
+    free(lc);
+    moe_model_free(m);
+}
+
 
 int
 main(void)
@@ -1520,6 +1655,7 @@ main(void)
     test_engine_logit_bias("t/data/models/mixtral-gqa");
     test_engine_guided("models/localmoe-tiny");
     test_engine_tp("t/data/models/mixtral-gqa");
+    test_backend_logprobs("models/localmoe-tiny");
     if (tap_n == 0) {
         TAP_OK(0, "no test model found (run from the repository root)");
     }

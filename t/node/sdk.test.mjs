@@ -1,7 +1,9 @@
 // The official OpenAI Node SDK against LocalMoE: model list, streamed chat
 // (for await over chunks), non-stream chat, completions (plain and
-// streamed, with include_usage), and errors surfacing as the SDK's typed
-// errors (NotFoundError 404 for an unknown model, BadRequestError 400).
+// streamed, with include_usage), logprobs (chat top_logprobs streamed and
+// not, completions logprobs with echo), n = 2, and errors surfacing as the
+// SDK's typed errors (NotFoundError 404 for an unknown model,
+// BadRequestError 400).
 // Prints TAP.  Env: BASE_URL (http://127.0.0.1:PORT/v1), NODE_PATH with the
 // SDK's node_modules (installed by t/http_openai_sdk.t into build/npm-sdk).
 import { createRequire } from 'node:module';
@@ -106,6 +108,71 @@ await step('completion', async () => {
     { stream: text, plain: r.choices[0].text });
   ok(usage && usage.completion_tokens === r.usage.completion_tokens,
     'streamed completion: include_usage', usage);
+});
+
+// ---- logprobs and n (issue 10 items 4 and 5) ----
+await step('logprobs', async () => {
+  const r = await client.chat.completions.create({
+    model, messages, max_tokens: 6, temperature: 0, logprobs: true,
+    top_logprobs: 4,
+  });
+  const content = r.choices[0].logprobs?.content ?? [];
+  ok(content.length === 6, `chat logprobs: ${content.length} entries (6)`);
+  let good = content.length > 0;
+  for (const e of content) {
+    const top = e.top_logprobs ?? [];
+    const mass = top.reduce((a, t) => a + Math.exp(t.logprob), 0);
+    good &&= typeof e.token === 'string' && e.logprob <= 0
+      && Array.isArray(e.bytes) && top.length === 4 && mass <= 1 + 1e-5
+      && top.every((t, i) => i === 0 || t.logprob <= top[i - 1].logprob);
+  }
+  ok(good, 'chat logprobs: token, logprob <= 0, bytes, 4 sorted top entries '
+    + 'whose exp sums to <= 1', content[0]);
+  ok(content.map((e) => e.token).join('') === r.choices[0].message.content,
+    'chat logprobs: tokens spell the content');
+
+  const s = await client.chat.completions.create({
+    model, messages, max_tokens: 6, temperature: 0, logprobs: true,
+    top_logprobs: 2, stream: true,
+  });
+  const streamedLp = [];
+  for await (const chunk of s) {
+    for (const e of chunk.choices?.[0]?.logprobs?.content ?? []) streamedLp.push(e);
+  }
+  ok(streamedLp.length === 6 && streamedLp.every((e) => e.top_logprobs.length === 2),
+    `streamed chat logprobs: 6 entries with 2 top each (${streamedLp.length})`);
+
+  const c = await client.completions.create({
+    model, prompt: 'Hello, my name is', max_tokens: 4, temperature: 0,
+    logprobs: 3, echo: true,
+  });
+  const lp = c.choices[0].logprobs;
+  ok(lp && lp.tokens.length === lp.token_logprobs.length
+    && lp.tokens.length === lp.top_logprobs.length
+    && lp.tokens.length === lp.text_offset.length
+    && lp.token_logprobs[0] === null && lp.tokens.length === c.usage.prompt_tokens + 4,
+    'completion logprobs + echo: parallel lists over prompt and completion, '
+    + 'first logprob null', lp);
+  ok(c.choices[0].text.startsWith('Hello, my name is'), 'echo: the prompt first');
+});
+
+await step('n', async () => {
+  const r = await client.chat.completions.create({
+    model, messages, max_tokens: 5, temperature: 0, n: 2,
+  });
+  ok(r.choices.length === 2 && r.choices[0].index === 0 && r.choices[1].index === 1,
+    'n=2: two choices with index 0 and 1', r.choices);
+  ok(r.choices[0].message.content === r.choices[1].message.content,
+    'n=2 greedy: equal contents');
+  const s = await client.chat.completions.create({
+    model, messages, max_tokens: 5, temperature: 0, n: 2, stream: true,
+  });
+  const texts = ['', ''];
+  for await (const chunk of s) {
+    for (const c of chunk.choices ?? []) texts[c.index] += c.delta?.content ?? '';
+  }
+  ok(texts[0] === r.choices[0].message.content && texts[1] === texts[0],
+    'streamed n=2: both indexes carry the text', texts);
 });
 
 await step('errors', async () => {

@@ -73,6 +73,9 @@ static const bad_case_t bad_cases[] = {
       "'\"int4\"'" },
     { "bad_load_format.yaml", 3, MOE_EINVAL,
       "load_format must be auto, safetensors, dummy, got '\"pt\"'" },
+    { "bad_tool_call_parser.yaml", 3, MOE_EINVAL,
+      "tool_call_parser must be auto, hermes, mistral, llama3_json, none, "
+      "got 'pythonic'" },
     { "bad_block_size.yaml", 3, MOE_EINVAL,
       "block_size must be a power of two in 1..256, got 24" },
     { "bad_block_big.yaml", 3, MOE_EINVAL,
@@ -268,7 +271,10 @@ check_seed_values(const moe_config_t *c)
            /* admission: 4 x max_num_seqs, no token budget */
            && c->max_waiting_requests == 1024 && c->max_waiting_tokens == 0
            && c->chat_template[0] == '\0'
-           && c->chat_template_file[0] == '\0';
+           && c->chat_template_file[0] == '\0'
+           /* tool calling: parser from the model, auto choice on */
+           && strcmp(c->tool_call_parser, "auto") == 0
+           && c->enable_auto_tool_choice == 1;
 }
 
 
