@@ -454,7 +454,7 @@ ngx_http_moe_text_cleanup(void *data)
  * served (moe_guide_matches) and ages out.
  */
 
-#define NGX_HTTP_MOE_GUIDE_CACHE  64
+#define NGX_HTTP_MOE_GUIDE_CACHE  32
 
 typedef struct {
     moe_guide_t               *guide;

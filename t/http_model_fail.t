@@ -75,9 +75,17 @@ is($rc, 0, 'nginx -t passes (the tokenizer is parsed by the worker)')
 $s->start;
 $LocalMoE::Test::CURRENT = $s;
 
-my ($st, undef, $j) = http(GET => '/health');
+# the worker loads the model on a thread: /health says "loading" (also a
+# 503) until the load has failed; wait for that (a hang guard, not a
+# speed limit: a loaded machine only takes longer)
+my ($st, $j);
+for (1 .. 600) {
+    ($st, undef, $j) = http(GET => '/health');
+    last unless ref $j eq 'HASH' && ($j->{status} // '') eq 'loading';
+    select(undef, undef, undef, 0.1);
+}
 is($st, 503, '/health: 503');
-is($j->{status}, 'failed', '/health: status failed');
+is($j->{status}, 'failed', '/health: status failed (after loading)');
 like($j->{reason} // '', qr/tokenizer\.json/, '/health: the reason')
     or diag explain $j;
 

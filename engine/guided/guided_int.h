@@ -92,7 +92,12 @@ typedef struct {
     int               vocab;
     moe_trie_node_t  *node;       /* (n_node) */
     uint32_t          n_node;
-    int32_t          *tok;        /* token ids in node order */
+    int32_t          *tok;        /* token ids in node order; a node's
+                                     subtree holds tok[node.tok_first ..
+                                     first of node.end) */
+    uint32_t          n_tok;
+    uint32_t        (*desc)[8];   /* (n_node) bytes below each node (its
+                                     descendants' bytes, 256-bit set) */
     int               max_depth;
     char             *bytes;      /* all tokens' bytes */
     uint32_t         *boff;       /* (vocab + 1) token id's bytes offsets;

@@ -238,8 +238,9 @@ typedef struct {
     int        used;
 } mc_slot_t;
 
-#define MC_SLOTS      1024          /* power of two */
-#define MC_MAX_FILL   768           /* then the cache stops growing */
+#define MC_SLOTS      512           /* power of two */
+#define MC_MAX_FILL   256           /* then it starts over: 256 masks are
+                                       4 MiB at a 128k vocabulary */
 
 struct moe_mask_cache {
     mc_slot_t  slot[MC_SLOTS];
@@ -314,8 +315,15 @@ mc_put(moe_guide_t *g, const sv_t *s, uint64_t h, const uint32_t *words,
     if (g->cache == NULL) {
         g->cache = calloc(1, sizeof(*g->cache));
     }
-    if (g->cache == NULL || g->cache->fill >= MC_MAX_FILL) {
+    if (g->cache == NULL) {
         return;
+    }
+    if (g->cache->fill >= MC_MAX_FILL) {
+        for (i = 0; i < MC_SLOTS; i++) {
+            free(g->cache->slot[i].key);
+            free(g->cache->slot[i].mask);
+        }
+        memset(g->cache, 0, sizeof(*g->cache));
     }
     for (i = 0; i < MC_SLOTS; i++) {
         sl = &g->cache->slot[(h + (uint64_t) i) & (MC_SLOTS - 1)];
@@ -648,7 +656,7 @@ mask_walk(moe_guided_state_t *st, uint32_t *words)
     const moe_vocab_trie_t *t = st->g->trie;
     const moe_trie_node_t  *nd;
     moe_state_store_t      *ss;
-    uint32_t                i, k;
+    uint32_t                i, k, c, loop[8];
     int32_t                *sid, nx;
     int                     n_allowed = 0;
 
@@ -671,6 +679,20 @@ mask_walk(moe_guided_state_t *st, uint32_t *words)
         free(sid);
         return -1;
     }
+    /* the bytes that lead from the start state back to itself (the
+     * inside of a JSON string: every plain character): a subtree reached
+     * that way whose bytes are all such is allowed whole, unwalked */
+    memset(loop, 0, sizeof(loop));
+    for (c = 0; c < 256; c++) {
+        nx = store_next(st, ss, sid[0], c, &st->depth[0], &st->depth[1]);
+        if (nx == -3) {
+            free(sid);
+            return -1;
+        }
+        if (nx == sid[0]) {
+            loop[c >> 5] |= 1u << (c & 31);
+        }
+    }
     i = 0;
     while (i < t->n_node) {
         nd = &t->node[i];
@@ -683,6 +705,27 @@ mask_walk(moe_guided_state_t *st, uint32_t *words)
         if (nx == ST_DEAD) {
             i = nd->end;
             continue;
+        }
+        if (nx == sid[0] && nd->end > i + 1) {
+            const uint32_t *ds = t->desc[i];
+
+            for (c = 0; c < 8; c++) {
+                if (ds[c] & ~loop[c]) {
+                    break;
+                }
+            }
+            if (c == 8) {
+                uint32_t last = nd->end < t->n_node
+                                ? t->node[nd->end].tok_first : t->n_tok;
+
+                for (k = nd->tok_first; k < last; k++) {
+                    int32_t id = t->tok[k];
+                    words[id >> 5] |= 1u << (id & 31);
+                }
+                n_allowed += (int) (last - nd->tok_first);
+                i = nd->end;
+                continue;
+            }
         }
         sid[nd->depth] = nx;
         for (k = 0; k < nd->tok_n; k++) {
@@ -843,6 +886,7 @@ trie_free(void *p)
     }
     free(t->node);
     free(t->tok);
+    free(t->desc);
     free(t->bytes);
     free(t->boff);
     free(t);
@@ -857,7 +901,7 @@ trie_make(const moe_tokenizer_t *tk)
     int               vocab, id, n = 0, k, len;
     size_t            total = 0, cap = 1 << 16;
     char              buf[1024];
-    uint32_t          lcp, j, *open = NULL, nn, cap_node;
+    uint32_t          lcp, j, *open = NULL, nn, cap_node, *parent;
     int               d;
 
     vocab = moe_tokenizer_vocab_size(tk);
@@ -957,6 +1001,34 @@ trie_make(const moe_tokenizer_t *tk)
         t->node[open[--d]].end = nn;
     }
     t->n_node = nn;
+    t->n_tok = (uint32_t) n;
+
+    /* the bytes below each node: children fold into parents, deepest
+     * first (reverse preorder), parents found by a depth stack */
+    t->desc = calloc(nn ? nn : 1, sizeof(*t->desc));
+    parent = malloc(sizeof(uint32_t) * (nn ? nn : 1));
+    if (t->desc == NULL || parent == NULL) {
+        free(parent);
+        goto fail;
+    }
+    for (j = 0; j < nn; j++) {
+        d = t->node[j].depth;
+        open[d] = j;
+        parent[j] = d > 1 ? open[d - 1] : UINT32_MAX;
+    }
+    for (j = nn; j-- > 0;) {
+        uint32_t p = parent[j], w;
+        uint8_t  c = t->node[j].byte;
+
+        if (p == UINT32_MAX) {
+            continue;
+        }
+        t->desc[p][c >> 5] |= 1u << (c & 31);
+        for (w = 0; w < 8; w++) {
+            t->desc[p][w] |= t->desc[j][w];
+        }
+    }
+    free(parent);
     free(open);
     free(tb);
     return t;

@@ -776,6 +776,12 @@ moe_guided_apply(const uint32_t *mask, float *logits, int vocab)
             continue;
         }
         base = w * 32;
+        if (m == 0 && base + 32 <= vocab) {
+            for (k = 0; k < 32; k++) {          /* vectorizes */
+                logits[base + k] = -INFINITY;
+            }
+            continue;
+        }
         for (k = 0; k < 32 && base + k < vocab; k++) {
             if (!(m & (1u << k))) {
                 logits[base + k] = -INFINITY;

@@ -69,7 +69,14 @@
  *    swapped out to host slots, overwritten by another sequence, swapped
  *    in to other blocks and out again give bit-identical slot bytes (and
  *    the overwritten blocks do differ), and decoding after the swap-in
- *    still matches the CPU (never swapped) within the same bound.
+ *    still matches the CPU (never swapped) within the same bound;
+ *  - guided decoding through the engine (test_engine_guided): JSON Schema
+ *    outputs complete and accepted on cpu and cuda, greedy equal across
+ *    the backends (>= 3 of 4), sampled on cuda drawn on the device;
+ *  - logit_bias on the device (test_engine_logit_bias, _eq): -100 bans,
+ *    +100 forces, greedy and sampled, no token drawn by the host sampler;
+ *    24-entry lists on the device give the host sampler's streams (>= 7 of
+ *    8, greedy and seeded sampled with penalties).
  * TAP; skips when there is no CUDA device.
  */
 
@@ -84,6 +91,7 @@
 
 extern "C" {
 #include "backends/backend.h"
+#include "guided/guided.h"
 #include "sampling/sampling.h"
 #include "tap.h"
 }
@@ -1317,6 +1325,164 @@ test_engine_logit_bias_eq(const char *model)
 
 
 /*
+ * Guided decoding through the engine, cuda against cpu, on
+ * models/localmoe-tiny (a real tokenizer): a JSON Schema guide over 4
+ * prompts, greedy: every output on both backends is a complete string of
+ * the guide's language (the matcher accepts its tokens and it ends with
+ * EOS; the tiny model's own greedy text is not JSON, so on cuda this is
+ * the device mask of kernels/mask.cu at work), at least 3 of the 4 cuda
+ * outputs equal the cpu ones (a bf16 near tie may flip one); sampled
+ * (temperature 0.9, seeded) on cuda: accepted, and drawn by the device
+ * sampler (backend_sampled_tokens grows), so masked on the device too.
+ */
+#define GD_MAXT 200
+
+static int
+gd_run(moe_engine_t *e, uint64_t id, const int32_t *prompt, int np,
+    const moe_sampling_t *sp, int32_t *out, int *n_out, int *finish)
+{
+    moe_event_t  ev[64];
+    int          spins = 0, done = 0;
+
+    *n_out = 0;
+    *finish = 0;
+    if (moe_engine_submit(e, id, prompt, np, sp) != MOE_OK) {
+        return -1;
+    }
+    while (!done && spins < 60000) {
+        size_t n = moe_engine_drain(e, ev, 64);
+
+        if (n == 0) {
+            usleep(1000);
+            spins++;
+            continue;
+        }
+        for (size_t k = 0; k < n; k++) {
+            if (ev[k].req_id != id) {
+                continue;
+            }
+            if (ev[k].type == MOE_EV_TOKEN) {
+                if (*n_out < GD_MAXT) {
+                    out[(*n_out)++] = ev[k].token;
+                }
+            } else {
+                *finish = ev[k].type == MOE_EV_FINISH ? ev[k].finish_reason
+                                                      : -1;
+                done = 1;
+            }
+        }
+    }
+    return done ? 0 : -1;
+}
+
+
+static int
+gd_accepts(moe_guide_t *g, const moe_model_info_t *info, const int32_t *t,
+    int n)
+{
+    moe_guided_state_t *st = moe_guided_state_create(g, info->eos_ids,
+                                                     info->n_eos);
+    int                 ok = st != NULL;
+
+    for (int i = 0; ok && i < n; i++) {
+        ok = moe_guided_advance(st, t[i]) == MOE_OK;
+    }
+    ok = ok && moe_guided_is_accepting(st);
+    moe_guided_state_free(st);
+    return ok;
+}
+
+
+static void
+test_engine_guided(const char *model)
+{
+    static const char *schema =
+        "{\"type\":\"object\",\"properties\":{\"name\":{\"type\":"
+        "\"string\",\"maxLength\":10},\"n\":{\"type\":\"integer\"},"
+        "\"ok\":{\"type\":\"boolean\"}},\"required\":[\"name\",\"n\","
+        "\"ok\"],\"additionalProperties\":false}";
+    char            err[512];
+    moe_config_t    cfg;
+    moe_engine_t   *e;
+    moe_guide_t    *g;
+    moe_sampling_t  sp;
+    moe_stats_t     s0, s1;
+    int32_t         prompt[4][8], out[2][4][GD_MAXT];
+    int             nout[2][4], fin[2][4], acc = 1, same = 0, ran = 1;
+    int             sampled_ok = 1;
+
+    for (int p = 0; p < 4; p++) {
+        for (int j = 0; j < 8; j++) {
+            prompt[p][j] = (int32_t) ((p * 31 + j * 7 + 5) % 200);
+        }
+    }
+    for (int be = 0; be < 2; be++) {
+        moe_config_defaults(&cfg);
+        snprintf(cfg.model_path, sizeof(cfg.model_path), "%s", model);
+        snprintf(cfg.backend, sizeof(cfg.backend), be ? "cuda" : "cpu");
+        cfg.max_model_len = 256;
+        cfg.max_num_seqs = 8;
+        cfg.gpu_memory_utilization = 0.5;
+        if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
+            TAP_OK(0, "guided on %s: engine: %s", cfg.backend, err);
+            return;
+        }
+        if (moe_guide_compile(moe_engine_tokenizer(e), MOE_GUIDED_JSON,
+                              schema, strlen(schema), &g, err, sizeof(err))
+            != MOE_OK)
+        {
+            TAP_OK(0, "guided: compile: %s", err);
+            moe_engine_destroy(e);
+            return;
+        }
+        moe_sampling_defaults(&sp);
+        sp.max_tokens = GD_MAXT;
+        sp.temperature = 0.0f;
+        sp.guide = g;
+        moe_engine_stats(e, &s0);
+        for (int p = 0; p < 4; p++) {
+            ran &= gd_run(e, 10 + (uint64_t) p, prompt[p], 8, &sp,
+                          out[be][p], &nout[be][p], &fin[be][p]) == 0;
+            acc &= fin[be][p] == MOE_FINISH_STOP
+                   && gd_accepts(g, moe_engine_info(e), out[be][p],
+                                 nout[be][p]);
+        }
+        if (be == 1) {
+            int32_t t[GD_MAXT];
+            int     nt, f;
+
+            moe_engine_stats(e, &s1);
+            sp.temperature = 0.9f;
+            sp.has_seed = 1;
+            sp.seed = 3;
+            for (int p = 0; p < 4; p++) {
+                sampled_ok &= gd_run(e, 20 + (uint64_t) p, prompt[p], 8, &sp,
+                                     t, &nt, &f) == 0
+                              && f == MOE_FINISH_STOP
+                              && gd_accepts(g, moe_engine_info(e), t, nt);
+            }
+            moe_engine_stats(e, &s0);
+            sampled_ok &= s0.backend_sampled_tokens
+                          > s1.backend_sampled_tokens;
+        }
+        moe_guide_release(g);
+        moe_engine_destroy(e);
+    }
+    for (int p = 0; p < 4; p++) {
+        same += nout[0][p] == nout[1][p]
+                && memcmp(out[0][p], out[1][p],
+                          sizeof(int32_t) * (size_t) nout[0][p]) == 0;
+    }
+    TAP_OK(ran && acc, "%s: guided greedy on cpu and cuda: every output is "
+           "a complete document of the schema", strrchr(model, '/') + 1);
+    TAP_OK(same >= 3, "%s: guided greedy cuda == cpu on %d of 4 prompts "
+           "(>= 3)", strrchr(model, '/') + 1, same);
+    TAP_OK(sampled_ok, "guided sampled on cuda: accepted documents, drawn "
+           "by the device sampler");
+}
+
+
+/*
  * The engine with tensor_parallel_size 2 on the cuda backend (both ranks
  * on this GPU): 8 greedy requests complete, and their streams equal tp 1's
  * except where bf16 rounding of the differently ordered partial sums
@@ -1585,6 +1751,7 @@ main(void)
     test_engine_sampling("t/data/models/mixtral-gqa");
     test_engine_logit_bias("t/data/models/mixtral-gqa");
     test_engine_logit_bias_eq("t/data/models/mixtral-gqa");
+    test_engine_guided("models/localmoe-tiny");
     test_engine_tp("t/data/models/mixtral-gqa");
     test_backend_logprobs("models/localmoe-tiny");
     if (tap_n == 0) {

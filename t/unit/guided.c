@@ -651,6 +651,50 @@ main(void)
                               "(12+3)*4.5", eos_kjv, 1),
            "kjv vocab: gbnf masks equal brute force at every byte");
 
+    /* more states than the mask cache holds (256): it starts over and
+     * the masks stay those of a fresh guide's (cache empty) */
+    {
+        const char         *re = "[ab]{0,400}c";
+        moe_guide_t        *ga = NULL, *gb = NULL;
+        moe_guided_state_t *sa, *sb;
+        int                 nv = moe_tokenizer_vocab_size(t), pos, same = 1;
+        size_t              nw = (size_t) (nv + 31) / 32;
+        uint32_t           *wa = calloc(nw, 4), *wb = calloc(nw, 4);
+
+        moe_guide_compile(t, MOE_GUIDED_REGEX, re, strlen(re), &ga, err,
+                          sizeof(err));
+        sa = moe_guided_state_create(ga, eos_tiny, 1);
+        for (pos = 0; pos < 400 && same; pos++) {
+            moe_guided_mask(sa, wa, nw);
+            moe_guide_compile(t, MOE_GUIDED_REGEX, re, strlen(re), &gb, err,
+                              sizeof(err));
+            sb = moe_guided_state_create(gb, eos_tiny, 1);
+            moe_guided_feed(sb, "abababababababababababababababababababab"
+                            "abababababababababababababababababababab"
+                            "abababababababababababababababababababab"
+                            "abababababababababababababababababababab"
+                            "abababababababababababababababababababab"
+                            "abababababababababababababababababababab"
+                            "abababababababababababababababababababab"
+                            "abababababababababababababababababababab"
+                            "abababababababababababababababababababab"
+                            "abababababababababababababababababababab",
+                            (size_t) pos);
+            moe_guided_mask(sb, wb, nw);
+            same = memcmp(wa, wb, nw * 4) == 0;
+            moe_guided_state_free(sb);
+            moe_guide_release(gb);
+            moe_guided_feed(sa, pos % 2 ? "b" : "a", 1);
+        }
+        TAP_OK(same && pos == 400, "400 states through one guide (its mask "
+               "cache starts over at 256): masks equal a fresh guide's at "
+               "every step (stopped at %d)", pos);
+        moe_guided_state_free(sa);
+        moe_guide_release(ga);
+        free(wa);
+        free(wb);
+    }
+
     /* a complete language: only EOS */
     {
         moe_guide_t        *g = NULL;
