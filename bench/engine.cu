@@ -446,6 +446,17 @@ bench_model(const shape_t *sh)
         {
             continue;
         }
+        if ((double) B * CTX * 2.0 * L * KVD * 2.0 > 2.0 * wbytes
+            && B > 1)
+        {
+            /* 64 x 32k tokens of KV (268 GB for Mixtral) fit no GPU: the
+             * engine would never build that step (its KV pool and the
+             * backend's block-table staging refuse it) */
+            printf("  batch %-3d               skipped: %.0f GB of KV at "
+                   "ctx %d does not fit one GPU beside the weights\n", B,
+                   (double) B * CTX * 2.0 * L * KVD * 2.0 / 1e9, CTX);
+            continue;
+        }
 
         for (int i = 0; i < B; i++) {
             memset(&sb[i], 0, sizeof(sb[i]));

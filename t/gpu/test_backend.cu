@@ -128,10 +128,12 @@ static float   lb_val[1];
  * bytes), logits held to KV_FP8_TOL instead of REL_TOL: e4m3 keeps 3
  * mantissa bits, and a K/V value the two sides compute a bf16 step apart
  * can round to neighbouring e4m3 values (one e4m3 step is 6-12 %).  The
- * bound is a first estimate, to be set from the first device run's
- * printed worst errors.
+ * first device run (H200, 2026-12-02) measured 3.4e-2 to 5.1e-2 on the
+ * llama/mixtral/qwen models and 7.9e-2 on gpt2-tiny (LayerNorm, learned
+ * positions, 12-bit K ranges); 1e-1 is that with a little headroom, and
+ * the greedy-agreement check beside it still catches a wrong cache.
  */
-#define KV_FP8_TOL 6e-2
+#define KV_FP8_TOL 1e-1
 static int    kv_fp8;
 static double rel_tol = REL_TOL;
 #define MARGIN    0.05f

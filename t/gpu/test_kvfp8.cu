@@ -155,7 +155,8 @@ host_att(const float *q, int p, int window, const float *K, const float *V,
 
 /* Compare out (T, NH * HD) bf16 with ref; count the bad elements. */
 static int
-compare(const char *what, const uint16_t *out, const float *ref, int T)
+compare(const char *what, const uint16_t *out, const float *ref, int T,
+    double rms_tol)
 {
     int    bad = 0;
     double worst = 0;
@@ -172,7 +173,7 @@ compare(const char *what, const uint16_t *out, const float *ref, int T)
             for (int d = 0; d < HD; d++) {
                 float  o = gu_bf2f(out[((size_t) t * NH + h) * HD + d]);
                 double err = fabs((double) o - r[d]);
-                double tol = 8e-3 * fabs(r[d]) + 2e-3 * rms;
+                double tol = 8e-3 * fabs(r[d]) + rms_tol * rms;
 
                 if (!(err <= tol)) {
                     if (bad == 0) {
@@ -266,7 +267,14 @@ run_case(const char *name, const cache_t *c, int T, const int32_t *pos,
                  fp8 ? "fp8" : "bf16",
                  v == 0 ? " (moe_cuda_attention)"
                         : v == 1 ? " (_ex)" : " (_ex, long-context grid)");
-        bad = compare(what, out, fp8 ? ref8 : refb, T);
+        /* prefill with a bf16 cache takes the tensor-core kernel, which
+         * rounds the probabilities to bf16 (0.4 %) before P.V: its
+         * elements may be 2 % of the row rms off (test_kernels bounds it
+         * by 1e-2 relative overall); decode and the fp8 SIMT kernel keep
+         * P in fp32 (the first device run: 1.6e-2 of rms for bf16 prefill,
+         * 0 elements past 2e-3 otherwise) */
+        bad = compare(what, out, fp8 ? ref8 : refb, T,
+                      T > 64 && !fp8 ? 2.5e-2 : 2e-3);
         TAP_OK(rc == MOE_K_OK && bad == 0, "%s: %d tokens within bounds (%d "
                "bad) %s", what, T, bad, rc ? moe_cuda_last_error() : "");
     }
