@@ -1224,7 +1224,7 @@ moe_config_defaults(moe_config_t *c)
     c->enable_chunked_prefill = 1;
     c->use_v2_block_manager = 0;
     c->max_chunked_prefill_tokens = 0;
-    c->prefill_step_ratio = 3.0;
+    c->prefill_step_ratio = 5.0;
     c->trust_remote_code = 0;
     strcpy(c->load_format, "auto");
     strcpy(c->kv_cache_dtype, "auto");

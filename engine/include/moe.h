@@ -121,7 +121,7 @@ typedef struct moe_config {
     double  prefill_step_ratio;       /* stall-free batching: a step with
                                          decodes may take at most this
                                          times the decodes' own measured
-                                         cost; 0: off; default 3 */
+                                         cost; 0: off; default 5 */
     char    quantization[32];         /* "" (null) */
     int     trust_remote_code;        /* accepted; never runs remote code */
     char    load_format[32];          /* "auto" | "safetensors" */

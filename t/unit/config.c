@@ -320,7 +320,7 @@ main(int argc, char **argv)
            && strcmp(c.load_format, "auto") == 0
            && strcmp(c.backend, "auto") == 0 && c.cpu_threads == 0
            && c.kv_cache_blocks == 0 && c.ring_size == 4096
-           && c.prefill_step_ratio == 3.0
+           && c.prefill_step_ratio == 5.0
            && c.n_instances == 0,
            "moe_config_defaults() matches moe.h");
 
