@@ -1,7 +1,8 @@
 // The official OpenAI Node SDK against LocalMoE: model list, streamed chat
 // (for await over chunks), non-stream chat, completions (plain and
 // streamed, with include_usage), logprobs (chat top_logprobs streamed and
-// not, completions logprobs with echo), n = 2, and errors surfacing as the
+// not, completions logprobs with echo), n = 2, logit_bias (-100 on the
+// greedy token changes it, +100 forces it), and errors surfacing as the
 // SDK's typed errors (NotFoundError 404 for an unknown model,
 // BadRequestError 400).
 // Prints TAP.  Env: BASE_URL (http://127.0.0.1:PORT/v1), NODE_PATH with the
@@ -173,6 +174,38 @@ await step('n', async () => {
   }
   ok(texts[0] === r.choices[0].message.content && texts[1] === texts[0],
     'streamed n=2: both indexes carry the text', texts);
+});
+
+await step('logit_bias', async () => {
+  // the greedy first token of a prompt, its id from /tokenize (a prompt
+  // whose first token is one id by itself), then -100 on that id
+  const root = process.env.BASE_URL.replace(/\/v1$/, '');
+  let id = null, first = null, prompt = null;
+  for (const p of ['Hello, my name is', 'In the beginning', 'The quick brown fox',
+    'Once upon a time']) {
+    const r = await client.completions.create({ model, prompt: p, max_tokens: 1,
+      temperature: 0 });
+    const t = r.choices[0].text;
+    const tk = await fetch(`${root}/tokenize`, {
+      method: 'POST', headers: { 'Content-Type': 'application/json',
+        Authorization: 'Bearer sk-localmoe-test' },
+      body: JSON.stringify({ model, prompt: t, add_special_tokens: false }),
+    }).then((x) => x.json());
+    if (t.length > 0 && tk.tokens?.length === 1) {
+      id = tk.tokens[0]; first = t; prompt = p;
+      break;
+    }
+  }
+  ok(id !== null, 'a greedy first token that is one id', { id, first });
+  const b = await client.completions.create({ model, prompt, max_tokens: 1,
+    temperature: 0, logit_bias: { [id]: -100 } });
+  ok(b.choices[0].text !== first,
+    `logit_bias -100 on the greedy token (${JSON.stringify(first)}, id ${id}) changes it`,
+    b.choices[0].text);
+  const f = await client.completions.create({ model, prompt, max_tokens: 3,
+    temperature: 0.9, seed: 7, logit_bias: { [id]: 100 } });
+  ok(f.choices[0].text.startsWith(first),
+    'logit_bias +100 forces that token, sampled too', f.choices[0].text);
 });
 
 await step('errors', async () => {
