@@ -5,7 +5,8 @@
 # nginx, make gpu-bundle) is stopped by pid before the script exits.
 #   bench/gpu_serve.sh [CONCURRENCY] [NGINX]
 # Environment: INPUT_LEN, OUTPUT_LEN, NUM_PROMPTS, TEMPERATURE (default 0:
-# greedy; > 0: tokens drawn on the GPU).  Output: $OUT/bench_serve.json,
+# greedy; > 0: tokens drawn on the GPU), EXTRA_JSON (members added to every
+# request, e.g. a guided_json schema: bench/guided_serve.sh).  Output: $OUT/bench_serve.json,
 # $OUT/bench_serve.txt, $OUT/bench_serve_error.log.
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -32,4 +33,5 @@ build/bench/serve --base-url http://127.0.0.1:$PORT \
     --random-output-len "${OUTPUT_LEN:-256}" \
     --vocab-min 100 --vocab-max 31000 --warmup 4 --seed 0 \
     --temperature "${TEMPERATURE:-0}" \
+    ${EXTRA_JSON:+--extra-json "$EXTRA_JSON"} \
     --json "$OUT/bench_serve.json" | tee "$OUT/bench_serve.txt"

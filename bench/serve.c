@@ -71,6 +71,8 @@ typedef struct {
     double       range_ratio;
     uint64_t     seed;
     int          ignore_eos;
+    const char  *extra;            /* --extra-json: members added to every
+                                      request body, or NULL */
     int          token_ids;
     int          vocab_min;
     int          vocab_max;        /* 0: ask the server */
@@ -349,8 +351,9 @@ build_request(req_t *r, int i)
 
     buf_printf(&b, &bl, &bc, ",\"max_tokens\":%d,\"temperature\":%g"
                ",\"stream\":true,\"ignore_eos\":%s"
-               ",\"stream_options\":{\"include_usage\":true}}",
-               r->out_len, o.temperature, o.ignore_eos ? "true" : "false");
+               ",\"stream_options\":{\"include_usage\":true}%s%s}",
+               r->out_len, o.temperature, o.ignore_eos ? "true" : "false",
+               o.extra ? "," : "", o.extra ? o.extra : "");
 
     http_wrap(r, b, bl);
 }
@@ -524,8 +527,9 @@ build_turn(req_t *r)
 
     buf_printf(&b, &bl, &bc, "],\"max_tokens\":%d,\"temperature\":%g"
                ",\"stream\":true,\"ignore_eos\":%s"
-               ",\"stream_options\":{\"include_usage\":true}}",
-               r->out_len, o.temperature, o.ignore_eos ? "true" : "false");
+               ",\"stream_options\":{\"include_usage\":true}%s%s}",
+               r->out_len, o.temperature, o.ignore_eos ? "true" : "false",
+               o.extra ? "," : "", o.extra ? o.extra : "");
 
     http_wrap(r, b, bl);
 }
@@ -1873,6 +1877,8 @@ usage(FILE *f)
 "  --warmup K              K untimed requests first (default 0)\n"
 "  --timeout S             the whole run ends after S s (default 600)\n"
 "  --api-key KEY           Authorization: Bearer (default $OPENAI_API_KEY)\n"
+"  --extra-json MEMBERS    JSON members added to every request body, e.g.\n"
+"                          '\"response_format\":{\"type\":\"json_object\"}'\n"
 "  --turns T               multi-turn: --num-prompts conversations of T\n"
 "                          turns (chat only); turn t+1 is sent when turn t\n"
 "                          ended, with its reply; the system message has\n"
@@ -1965,7 +1971,8 @@ known_option(const char *name)
         "--num-prompts", "--request-rate", "--max-concurrency",
         "--random-input-len", "--random-output-len", "--random-range-ratio",
         "--seed", "--temperature", "--vocab-min", "--vocab-max", "--warmup",
-        "--timeout", "--json", "--api-key", "--turns", "--turn-len", NULL
+        "--timeout", "--json", "--api-key", "--turns", "--turn-len",
+        "--extra-json", NULL
     };
     int  i;
 
@@ -2087,6 +2094,8 @@ parse_args(int argc, char **argv)
             o.json_out = v;
         } else if (strcmp(name, "--api-key") == 0) {
             o.api_key = v;
+        } else if (strcmp(name, "--extra-json") == 0) {
+            o.extra = v;        /* members, e.g. "guided_json":{...} */
         } else if (strcmp(name, "--turns") == 0) {
             o.turns = (int) num_arg(name, v, 1, 1000);
         } else if (strcmp(name, "--turn-len") == 0) {
