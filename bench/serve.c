@@ -351,9 +351,13 @@ build_request(req_t *r, int i)
 
     buf_printf(&b, &bl, &bc, ",\"max_tokens\":%d,\"temperature\":%g"
                ",\"stream\":true,\"ignore_eos\":%s"
-               ",\"stream_options\":{\"include_usage\":true}%s%s}",
-               r->out_len, o.temperature, o.ignore_eos ? "true" : "false",
-               o.extra ? "," : "", o.extra ? o.extra : "");
+               ",\"stream_options\":{\"include_usage\":true}",
+               r->out_len, o.temperature, o.ignore_eos ? "true" : "false");
+    if (o.extra != NULL) {      /* any length: not through the printf */
+        buf_add(&b, &bl, &bc, ",", 1);
+        buf_add(&b, &bl, &bc, o.extra, strlen(o.extra));
+    }
+    buf_add(&b, &bl, &bc, "}", 1);
 
     http_wrap(r, b, bl);
 }
@@ -527,9 +531,13 @@ build_turn(req_t *r)
 
     buf_printf(&b, &bl, &bc, "],\"max_tokens\":%d,\"temperature\":%g"
                ",\"stream\":true,\"ignore_eos\":%s"
-               ",\"stream_options\":{\"include_usage\":true}%s%s}",
-               r->out_len, o.temperature, o.ignore_eos ? "true" : "false",
-               o.extra ? "," : "", o.extra ? o.extra : "");
+               ",\"stream_options\":{\"include_usage\":true}",
+               r->out_len, o.temperature, o.ignore_eos ? "true" : "false");
+    if (o.extra != NULL) {      /* any length: not through the printf */
+        buf_add(&b, &bl, &bc, ",", 1);
+        buf_add(&b, &bl, &bc, o.extra, strlen(o.extra));
+    }
+    buf_add(&b, &bl, &bc, "}", 1);
 
     http_wrap(r, b, bl);
 }
