@@ -38,6 +38,8 @@ static void ngx_http_moe_stream_writer(ngx_http_request_t *r);
 static ngx_int_t ngx_http_moe_stream_arm(ngx_http_request_t *r);
 static void ngx_http_moe_keepalive_handler(ngx_event_t *ev);
 static ngx_uint_t ngx_http_moe_status(int status);
+static ngx_int_t ngx_http_moe_text_end(ngx_http_moe_ctx_t *ctx,
+    moe_event_t *ev);
 static ngx_int_t ngx_http_moe_text_out(ngx_http_moe_ctx_t *ctx,
     const char *text, size_t len);
 static ngx_int_t ngx_http_moe_tool_events(ngx_http_moe_ctx_t *ctx);
@@ -180,9 +182,7 @@ ngx_http_moe_stream_start(ngx_http_moe_ctx_t *ctx)
 void
 ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
 {
-    size_t               len;
     ngx_int_t            rc;
-    const char          *text;
     ngx_http_moe_err_t   err;
 
     /* its first event: the request no longer waits to run */
@@ -236,21 +236,7 @@ ngx_http_moe_stream_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
         ctx->n_prompt = ev->n_prompt;
         ctx->n_cached = ev->n_cached;
         ctx->n_completion = ev->n_generated;
-        ctx->finish_reason = (ev->finish_reason == MOE_FINISH_LENGTH)
-                             ? "length" : "stop";
-
-        text = NULL;
-        len = 0;
-
-        if (moe_textstream_finish(ctx->ts, &text, &len) != MOE_OK) {
-            (void) ngx_http_moe_fail(&err, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     NULL, "detokenizer failed");
-            ngx_http_moe_fail_request(ctx, &err);
-            return;
-        }
-
-        if (len && ngx_http_moe_text(ctx, text, len) == NGX_ERROR) {
-            ngx_http_finalize_request(ctx->request, NGX_ERROR);
+        if (ngx_http_moe_text_end(ctx, ev) != NGX_OK) {
             return;
         }
 
@@ -330,6 +316,42 @@ ngx_http_moe_token(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
     }
 
     return stopped ? NGX_DONE : NGX_OK;
+}
+
+
+/*
+ * A FINISH event for the text loaded in ctx (the request's, or one
+ * choice's): the finish reason, then what its text stream held back (no
+ * stop string matched).  NGX_OK, or NGX_ERROR when the request was failed
+ * or finalized here.
+ */
+
+static ngx_int_t
+ngx_http_moe_text_end(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
+{
+    size_t               len;
+    const char          *text;
+    ngx_http_moe_err_t   err;
+
+    ctx->finish_reason = (ev->finish_reason == MOE_FINISH_LENGTH)
+                         ? "length" : "stop";
+
+    text = NULL;
+    len = 0;
+
+    if (moe_textstream_finish(ctx->ts, &text, &len) != MOE_OK) {
+        (void) ngx_http_moe_fail(&err, NGX_HTTP_INTERNAL_SERVER_ERROR, NULL,
+                                 "detokenizer failed");
+        ngx_http_moe_fail_request(ctx, &err);
+        return NGX_ERROR;
+    }
+
+    if (len && ngx_http_moe_text(ctx, text, len) == NGX_ERROR) {
+        ngx_http_finalize_request(ctx->request, NGX_ERROR);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
 }
 
 
@@ -1404,10 +1426,8 @@ ngx_http_moe_choices_echo(ngx_http_moe_ctx_t *ctx, ngx_uint_t role)
 static void
 ngx_http_moe_choice_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
 {
-    size_t                  len;
     ngx_int_t               rc;
     ngx_uint_t              c;
-    const char             *text;
     ngx_http_moe_err_t      err;
     ngx_http_moe_choice_t  *ch;
 
@@ -1472,21 +1492,7 @@ ngx_http_moe_choice_event(ngx_http_moe_ctx_t *ctx, moe_event_t *ev)
 
         ngx_http_moe_choice_load(ctx, c);
 
-        ctx->finish_reason = (ev->finish_reason == MOE_FINISH_LENGTH)
-                             ? "length" : "stop";
-
-        text = NULL;
-        len = 0;
-
-        if (moe_textstream_finish(ctx->ts, &text, &len) != MOE_OK) {
-            (void) ngx_http_moe_fail(&err, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     NULL, "detokenizer failed");
-            ngx_http_moe_fail_request(ctx, &err);
-            return;
-        }
-
-        if (len && ngx_http_moe_text(ctx, text, len) == NGX_ERROR) {
-            ngx_http_finalize_request(ctx->request, NGX_ERROR);
+        if (ngx_http_moe_text_end(ctx, ev) != NGX_OK) {
             return;
         }
 

@@ -14,7 +14,6 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
 use JSON::PP;
-use File::Copy qw(copy);
 use LocalMoE::Test;
 
 binmode(Test::More->builder->$_, ':encoding(UTF-8)')
@@ -198,42 +197,6 @@ for my $b (@bad) {
 }
 
 # ------------------------------------------------------ OpenAI Node SDK
-my $root = root_dir();
-my $sdk  = "$root/build/npm-sdk";
-if (!-f "$sdk/node_modules/openai/package.json") {
-    system('mkdir', '-p', $sdk) == 0 or die "mkdir $sdk";
-    copy("$root/t/node/package.json", "$sdk/package.json")
-        or die "copy package.json: $!";
-    my $out = `npm install --prefix '$sdk' --no-audit --no-fund 2>&1`;
-    is($? >> 8, 0, 'npm install openai') or diag $out;
-}
-{
-    local $ENV{BASE_URL}  = $s->url . '/v1';
-    local $ENV{NODE_PATH} = "$sdk/node_modules";
-    my $pid = open my $fh, '-|';
-    defined $pid or die "fork: $!";
-    if (!$pid) {
-        open STDERR, '>&', \*STDOUT;
-        exec 'node', "$root/t/node/guided.test.mjs" or exit 127;
-    }
-    my ($planned, $seen) = (undef, 0);
-    while (my $l = <$fh>) {
-        chomp $l;
-        if ($l =~ /^(not )?ok \d+ - (.*)$/) {
-            $seen++;
-            ok(!$1, "sdk: $2");
-        } elsif ($l =~ /^1\.\.(\d+)$/) {
-            $planned = $1;
-        } elsif ($l =~ /^# ?(.*)$/) {
-            diag("  $1");
-        } else {
-            diag("node: $l");
-        }
-    }
-    close $fh;
-    is($? >> 8, 0, 'node guided.test.mjs exits 0');
-    ok(defined $planned && $planned == $seen && $seen > 0,
-       'node ran all its tests (' . ($planned // 'no plan') . " planned, $seen seen)");
-}
+node_sdk_run($s, 'guided.test.mjs');
 
 finish();

@@ -1072,6 +1072,46 @@ gp_flatten(gp_t *p, moe_gram_t *g)
 
 
 /*
+ * The least fixpoint of "rule r has an alternative whose every element
+ * passes" (elements are character classes or rule references): a
+ * reference passes when its rule is already in flag[], a class unless
+ * classes_block.  classes_block 0: productive rules (derive some string);
+ * 1: nullable rules (derive the empty string).
+ */
+static void
+gp_closure(const gp_t *p, char *flag, int classes_block)
+{
+    int            r, k, changed, all;
+    const ivec_t  *b;
+
+    do {
+        changed = 0;
+        for (r = 0; r < p->n_rules; r++) {
+            if (flag[r]) {
+                continue;
+            }
+            b = &p->rules[r].body;
+            all = 1;
+            for (k = 0; k <= b->n; k++) {
+                if (k == b->n || b->v[k] == GE_ALT) {
+                    if (all) {
+                        flag[r] = 1;
+                        changed = 1;
+                        break;
+                    }
+                    all = 1;
+                } else if ((classes_block && GE_IS_CLASS(b->v[k]))
+                           || (GE_IS_REF(b->v[k]) && !flag[b->v[k] / 2]))
+                {
+                    all = 0;
+                }
+            }
+        }
+    } while (changed);
+}
+
+
+/*
  * Productive rules (derive some string) by fixpoint; then drop every
  * alternative that references an unproductive rule.
  */
@@ -1079,35 +1119,14 @@ static int
 gp_prune(gp_t *p, int root)
 {
     char   *prod;
-    int     r, k, changed, ok, start, w;
+    int     r, k, ok, start, w;
     ivec_t *b;
 
     prod = calloc((size_t) p->n_rules, 1);
     if (prod == NULL) {
         return gp_oom(p);
     }
-    do {
-        changed = 0;
-        for (r = 0; r < p->n_rules; r++) {
-            if (prod[r]) {
-                continue;
-            }
-            b = &p->rules[r].body;
-            ok = 1;
-            for (k = 0; k <= b->n; k++) {
-                if (k == b->n || b->v[k] == GE_ALT) {
-                    if (ok) {
-                        prod[r] = 1;
-                        changed = 1;
-                        break;
-                    }
-                    ok = 1;
-                } else if (GE_IS_REF(b->v[k]) && !prod[b->v[k] / 2]) {
-                    ok = 0;
-                }
-            }
-        }
-    } while (changed);
+    gp_closure(p, prod, 0);
     if (!prod[root]) {
         free(prod);
         return gp_fail(p, MOE_EINVAL, "the guide's language is empty (no "
@@ -1152,8 +1171,7 @@ static int
 gp_left_rec(gp_t *p)
 {
     char   *nul, *color;
-    int    *stk, *pos, r, k, changed, sp, all;
-    ivec_t *b;
+    int    *stk, *pos, r, sp;
 
     nul = calloc((size_t) p->n_rules, 1);
     color = calloc((size_t) p->n_rules, 1);
@@ -1163,30 +1181,7 @@ gp_left_rec(gp_t *p)
         free(nul); free(color); free(stk); free(pos);
         return gp_oom(p);
     }
-    do {
-        changed = 0;
-        for (r = 0; r < p->n_rules; r++) {
-            if (nul[r]) {
-                continue;
-            }
-            b = &p->rules[r].body;
-            all = 1;
-            for (k = 0; k <= b->n; k++) {
-                if (k == b->n || b->v[k] == GE_ALT) {
-                    if (all) {
-                        nul[r] = 1;
-                        changed = 1;
-                        break;
-                    }
-                    all = 1;
-                } else if (GE_IS_CLASS(b->v[k])
-                           || (GE_IS_REF(b->v[k]) && !nul[b->v[k] / 2]))
-                {
-                    all = 0;
-                }
-            }
-        }
-    } while (changed);
+    gp_closure(p, nul, 1);
 
     /* iterative DFS: pos[sp] walks rule stk[sp]'s body */
     for (r = 0; r < p->n_rules && p->rc == MOE_OK; r++) {

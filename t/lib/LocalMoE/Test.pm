@@ -37,7 +37,7 @@ our @EXPORT = qw(
     start_server stop_server finish server prepare_server nginx_test
     http sse sse_open sse_many tokenize model_id
     json_encode json_decode yaml_text free_port slurp
-    root_dir so_path model_dir nginx_bin
+    root_dir so_path model_dir nginx_bin node_sdk_run
 );
 
 my $ROOT  = abs_path(dirname(__FILE__) . '/../../..');
@@ -55,6 +55,60 @@ my  @SERVERS;          # every server started, stopped again in END
 my  $MODEL_ID;
 
 $SIG{PIPE} = 'IGNORE';  # a peer that closes early must not kill the test
+
+# node_sdk_run($server, $script): runs t/node/$script with the official
+# OpenAI Node SDK (npm `openai`, installed once into build/npm-sdk; a
+# failing install fails the test, no skip) against $server, relaying its
+# TAP lines as tests ("sdk: ..."); the node process must exit 0 and run
+# every test it planned.
+sub node_sdk_run {
+    my ($s, $script) = @_;
+    my $sdk = "$ROOT/build/npm-sdk";
+
+    if (!-f "$sdk/node_modules/openai/package.json") {
+        system('mkdir', '-p', $sdk) == 0 or die "mkdir $sdk";
+        require File::Copy;
+        File::Copy::copy("$ROOT/t/node/package.json", "$sdk/package.json")
+            or die "copy package.json: $!";
+        my $out = `npm install --prefix '$sdk' --no-audit --no-fund 2>&1`;
+        Test::More::is($? >> 8, 0, 'npm install openai')
+            or Test::More::diag($out);
+    }
+    Test::More::ok(-f "$sdk/node_modules/openai/package.json",
+                   'openai SDK installed');
+    my ($ver) = slurp("$sdk/node_modules/openai/package.json")
+        =~ /"version"\s*:\s*"([^"]+)"/;
+    Test::More::diag("openai SDK " . ($ver // '?') . ", "
+                     . `node --version`);
+
+    local $ENV{BASE_URL}  = $s->url . '/v1';
+    local $ENV{NODE_PATH} = "$sdk/node_modules";
+    my $pid = open my $fh, '-|';
+    defined $pid or die "fork: $!";
+    if (!$pid) {
+        open STDERR, '>&', \*STDOUT;
+        exec 'node', "$ROOT/t/node/$script" or exit 127;
+    }
+    my ($planned, $seen) = (undef, 0);
+    while (my $l = <$fh>) {
+        chomp $l;
+        if ($l =~ /^(not )?ok \d+ - (.*)$/) {
+            $seen++;
+            Test::More::ok(!$1, "sdk: $2");
+        } elsif ($l =~ /^1\.\.(\d+)$/) {
+            $planned = $1;
+        } elsif ($l =~ /^# ?(.*)$/) {
+            Test::More::diag("  $1");
+        } else {
+            Test::More::diag("node: $l");
+        }
+    }
+    close $fh;
+    Test::More::is($? >> 8, 0, "node $script exits 0");
+    Test::More::ok(defined $planned && $planned == $seen && $seen > 0,
+                   "node ran all its tests (" . ($planned // 'no plan')
+                   . " planned, $seen seen)");
+}
 
 sub root_dir  { $ROOT }
 sub so_path   { $SO }
