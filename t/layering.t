@@ -15,12 +15,13 @@ use Test::More;
 
 my $root = "$FindBin::Bin/..";
 
-# room => rooms it may include ("model" means engine/model/...)
+# room => rooms it may include ("model" means engine/model/...); util/
+# includes nothing of the engine (its helpers are the rooms' common base)
 my %allowed = (
     util     => [],
     config   => [],
-    text     => [qw(text)],
-    model    => [qw(model)],
+    text     => [qw(text util)],
+    model    => [qw(model util)],
     sampling => [qw(sampling guided)],
     guided   => [qw(guided text util)],
     backends => [qw(backends model sampling)],

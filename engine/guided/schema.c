@@ -27,6 +27,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "guided/guided_int.h"
+#include "util/json.h"
 
 
 const char moe_gbnf_json_rules[] =
@@ -92,17 +93,7 @@ sc_fail(sc_t *c, int rc, const char *fmt, const char *arg)
 static yajl_val
 sc_get(yajl_val o, const char *key)
 {
-    size_t i;
-
-    if (!YAJL_IS_OBJECT(o)) {
-        return NULL;
-    }
-    for (i = 0; i < o->u.object.len; i++) {
-        if (strcmp(o->u.object.keys[i], key) == 0) {
-            return o->u.object.values[i];
-        }
-    }
-    return NULL;
+    return moe_json_get(o, key);
 }
 
 

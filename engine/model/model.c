@@ -50,6 +50,7 @@
 #include "model/model.h"
 #include "model/quant.h"
 #include "model/safetensors.h"
+#include "util/json.h"
 
 struct moe_model {
     char            dir[MOE_PATH_MAX];
@@ -97,17 +98,7 @@ m_parse_json(const char *path, yajl_val *out, char *err, size_t errlen)
 static yajl_val
 m_get(yajl_val obj, const char *key)
 {
-    size_t i;
-
-    if (obj == NULL || !YAJL_IS_OBJECT(obj)) {
-        return NULL;
-    }
-    for (i = 0; i < obj->u.object.len; i++) {
-        if (strcmp(obj->u.object.keys[i], key) == 0) {
-            return obj->u.object.values[i];
-        }
-    }
-    return NULL;
+    return moe_json_get(obj, key);
 }
 
 

@@ -15,6 +15,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "model/quant.h"
+#include "util/json.h"
 
 const int moe_awq_nibble[8] = { 0, 4, 1, 5, 2, 6, 3, 7 };
 
@@ -24,17 +25,7 @@ const int moe_awq_nibble[8] = { 0, 4, 1, 5, 2, 6, 3, 7 };
 static yajl_val
 q_get(const struct yajl_val_s *obj, const char *key)
 {
-    size_t i;
-
-    if (obj == NULL || !YAJL_IS_OBJECT(obj)) {
-        return NULL;
-    }
-    for (i = 0; i < obj->u.object.len; i++) {
-        if (strcmp(obj->u.object.keys[i], key) == 0) {
-            return obj->u.object.values[i];
-        }
-    }
-    return NULL;
+    return moe_json_get(obj, key);
 }
 
 

@@ -21,6 +21,7 @@
 #include "text/tokenizer.h"
 #include "text/tokenizer_int.h"
 #include "text/utf8.h"
+#include "util/json.h"
 
 
 /* ---------------------------------------------------------- string arena */
@@ -68,17 +69,7 @@ arena_free(arena_blk_t *a)
 static yajl_val
 jget(yajl_val obj, const char *key)
 {
-    size_t i;
-
-    if (!YAJL_IS_OBJECT(obj)) {
-        return NULL;
-    }
-    for (i = 0; i < obj->u.object.len; i++) {
-        if (strcmp(obj->u.object.keys[i], key) == 0) {
-            return obj->u.object.values[i];
-        }
-    }
-    return NULL;
+    return moe_json_get(obj, key);
 }
 
 static const char *

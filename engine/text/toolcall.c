@@ -20,6 +20,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
+#include "util/json.h"
 
 enum {
     TP_CONTENT = 0,     /* plain text; looking for a start marker */
@@ -434,19 +435,7 @@ tp_gen_value(yajl_gen g, yajl_val v)
 static yajl_val
 tp_get(yajl_val obj, const char *key)
 {
-    size_t  i;
-
-    if (!YAJL_IS_OBJECT(obj)) {
-        return NULL;
-    }
-
-    for (i = 0; i < obj->u.object.len; i++) {
-        if (strcmp(obj->u.object.keys[i], key) == 0) {
-            return obj->u.object.values[i];
-        }
-    }
-
-    return NULL;
+    return moe_json_get(obj, key);
 }
 
 

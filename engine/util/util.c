@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "moe.h"
+#include "util/json.h"
 
 static moe_log_fn  moe_log_sink;
 static void       *moe_log_ctx;
@@ -122,4 +123,21 @@ moe_sampling_defaults(moe_sampling_t *sp)
     sp->min_p = 0.0f;
     sp->repetition_penalty = 1.0f;
     sp->max_tokens = 16;
+}
+
+
+yajl_val
+moe_json_get(const struct yajl_val_s *obj, const char *key)
+{
+    size_t i;
+
+    if (obj == NULL || !YAJL_IS_OBJECT(obj)) {
+        return NULL;
+    }
+    for (i = 0; i < obj->u.object.len; i++) {
+        if (strcmp(obj->u.object.keys[i], key) == 0) {
+            return obj->u.object.values[i];
+        }
+    }
+    return NULL;
 }
