@@ -30,6 +30,7 @@ static void ngx_http_moe_gen_chunk(ngx_http_moe_ctx_t *ctx, const char *text,
 static void ngx_http_moe_gen_head(ngx_http_moe_ctx_t *ctx,
     const char *object);
 static void ngx_http_moe_gen_usage(ngx_http_moe_ctx_t *ctx);
+static void ngx_http_moe_gen_chunk_usage(ngx_http_moe_ctx_t *ctx);
 static ngx_int_t ngx_http_moe_sse_gen(ngx_http_moe_ctx_t *ctx,
     ngx_uint_t flags);
 static ngx_int_t ngx_http_moe_sse_write(ngx_http_moe_ctx_t *ctx,
@@ -600,6 +601,22 @@ ngx_http_moe_gen_response(ngx_http_moe_ctx_t *ctx)
 }
 
 
+/* a stream chunk's usage: the counts so far (continuous_usage_stats), null
+ * (include_usage: only the last chunk has them), or none */
+
+static void
+ngx_http_moe_gen_chunk_usage(ngx_http_moe_ctx_t *ctx)
+{
+    if (ctx->continuous_usage) {
+        ngx_http_moe_gen_usage(ctx);
+
+    } else if (ctx->include_usage) {
+        ngx_http_moe_gen_lit(ctx->gen, "usage");
+        yajl_gen_null(ctx->gen);
+    }
+}
+
+
 /* a new document: opens the object and writes id, object, created, model */
 
 static void
@@ -712,13 +729,7 @@ ngx_http_moe_gen_chunk(ngx_http_moe_ctx_t *ctx, const char *text, size_t len,
     yajl_gen_map_close(g);
     yajl_gen_array_close(g);
 
-    if (ctx->continuous_usage) {
-        ngx_http_moe_gen_usage(ctx);
-
-    } else if (ctx->include_usage) {
-        ngx_http_moe_gen_lit(g, "usage");
-        yajl_gen_null(g);
-    }
+    ngx_http_moe_gen_chunk_usage(ctx);
 
     yajl_gen_map_close(g);
 }
@@ -1779,13 +1790,7 @@ ngx_http_moe_gen_tool_chunk(ngx_http_moe_ctx_t *ctx, moe_toolev_t *ev)
     yajl_gen_map_close(g);
     yajl_gen_array_close(g);
 
-    if (ctx->continuous_usage) {
-        ngx_http_moe_gen_usage(ctx);
-
-    } else if (ctx->include_usage) {
-        ngx_http_moe_gen_lit(g, "usage");
-        yajl_gen_null(g);
-    }
+    ngx_http_moe_gen_chunk_usage(ctx);
 
     yajl_gen_map_close(g);
 }

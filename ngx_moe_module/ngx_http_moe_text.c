@@ -269,27 +269,23 @@ ngx_http_moe_text_encode(ngx_http_moe_text_t *t)
         return;
     }
 
-    if (t->chat_json) {
-        /* tools or tool calls: the template gets them as JSON */
-        t->rc = moe_chat_render_json(t->tokenizer, t->chat_template,
-                                     t->chat_json, t->tools_json,
-                                     (int) t->add_generation_prompt,
-                                     &t->out_text, &t->out_len, t->msg,
-                                     sizeof(t->msg));
-        if (t->rc != MOE_OK) {
-            t->render_failed = 1;
-            return;
+    if (t->chat_json || t->msgs) {
+        if (t->chat_json) {
+            /* tools or tool calls: the template gets them as JSON */
+            t->rc = moe_chat_render_json(t->tokenizer, t->chat_template,
+                                         t->chat_json, t->tools_json,
+                                         (int) t->add_generation_prompt,
+                                         &t->out_text, &t->out_len, t->msg,
+                                         sizeof(t->msg));
+
+        } else {
+            t->rc = moe_chat_render(t->tokenizer, t->chat_template, t->msgs,
+                                    (int) t->n_msgs,
+                                    (int) t->add_generation_prompt,
+                                    &t->out_text, &t->out_len, t->msg,
+                                    sizeof(t->msg));
         }
 
-        text = t->out_text;
-        len = t->out_len;
-
-    } else if (t->msgs) {
-        t->rc = moe_chat_render(t->tokenizer, t->chat_template, t->msgs,
-                                (int) t->n_msgs,
-                                (int) t->add_generation_prompt,
-                                &t->out_text, &t->out_len, t->msg,
-                                sizeof(t->msg));
         if (t->rc != MOE_OK) {
             t->render_failed = 1;
             return;
