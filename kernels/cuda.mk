@@ -16,7 +16,7 @@
 #
 
 CUDA_LIBDIR  := $(CUDA_HOME)/lib64
-CUDA_LDLIBS  := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublas -lcudart \
+CUDA_LDLIBS  := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublasLt -lcublas -lcudart \
                 -lstdc++
 
 # NCCL (collectives between GPU ranks, engine/backends/cuda_backend.cu):
@@ -52,7 +52,7 @@ GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_quant $(BUILD)/gpu/test_kvfp8 \
                 $(BUILD)/gpu/test_mask \
                 $(BUILD)/gpu/test_logprobs \
-                $(BUILD)/gpu/test_logit_bias
+                $(BUILD)/gpu/test_logit_bias $(BUILD)/gpu/test_gemm_fp8
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)

@@ -1,0 +1,74 @@
+/*
+ * FP8 tensor-core GEMMs for prefill-sized steps (cuBLASLt, e4m3 x e4m3,
+ * fp32 accumulation): the weights are the checkpoint's e4m3 bytes with one
+ * scale per output row (per-channel; a per-tensor scale is given as a row
+ * vector of that value), the activations are quantized on the fly, one
+ * scale per row (token): s[r] = amax(X[r, :]) / 448 (vLLM's "dynamic
+ * per-token" scheme).  The product of the two scaled operands is what
+ * cuBLASLt's outer-vector scaling (CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F)
+ * computes; where the library refuses that mode, the GEMM runs with unit
+ * scales into fp32 and a second kernel multiplies row and column scales
+ * (moe_cuda_fp8_gemm_outer_vec says which one ran).
+ *
+ * The activations' rounding to e4m3 is the only difference from the bf16
+ * path (relative error up to 2^-4 per element, averaging out over K):
+ * tests bound the result against the host product of the dequantized
+ * operands (tight) and against the unquantized product (loose).
+ */
+#ifndef MOE_KERNELS_GEMM_FP8_H
+#define MOE_KERNELS_GEMM_FP8_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_fp8_gemm_s moe_fp8_gemm_t;
+
+/*
+ * A cuBLASLt handle and a plan cache for one device; workspace: device
+ * memory of ws_bytes the matmuls may use (>= 32 MiB recommended; owned by
+ * the caller, alive as long as the object).  MOE_K_OK / MOE_K_EBACKEND.
+ */
+int moe_cuda_fp8_gemm_create(void *workspace, size_t ws_bytes,
+    moe_fp8_gemm_t **out);
+void moe_cuda_fp8_gemm_destroy(moe_fp8_gemm_t *g);
+
+/* Force the unit-scale + rescale path (tests; 0 restores the default). */
+void moe_cuda_fp8_gemm_force_rescale(moe_fp8_gemm_t *g, int on);
+
+/* 1 when the last moe_cuda_gemm_fp8 on g used outer-vector scaling in
+ * cuBLASLt, 0 when it used the unit-scale GEMM + rescale kernel. */
+int moe_cuda_fp8_gemm_outer_vec(const moe_fp8_gemm_t *g);
+
+/*
+ * Dynamic per-row quantization: for r < M, row xr(r) = xrow ? xrow[r] /
+ * xdiv : r of X (bf16, leading dimension ldx):
+ *   s[r] = max(amax_k |X[xr(r), k]|, 1e-12) / 448,
+ *   Q[r * K + k] = e4m3_satfinite_rne(X[xr(r), k] / s[r]).
+ * K % 16 == 0, ldx % 8 == 0 (else MOE_K_EUNSUPPORTED).  One block per row.
+ */
+int moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, int M, int K, uint8_t *Q, float *s,
+    cudaStream_t stream);
+
+/*
+ * Row-major Y (M, N) = (Q * qs) . (W * ws)^T:
+ *   Y[r, j] = qs[r] * ws[j] * sum_k e4m3(Q[r, k]) * e4m3(W[j, k])
+ * Q (M, K) e4m3 rows of K bytes (moe_cuda_quant_rows_fp8), qs (M) fp32;
+ * W (N, K) e4m3 row-major (HF layout), ws (N) fp32.  Y: bf16 (y_bf16 1) or
+ * fp32, leading dimension ldy >= N; `accumulate` adds into Y (fp32 Y
+ * only).  tmp: fp32 scratch of M * N floats, used only by the rescale
+ * path (NULL: that path is refused with MOE_K_EUNSUPPORTED).  K % 16 == 0,
+ * N % 16 == 0 (cuBLASLt's fp8 alignment).  M == 0: nothing to do.
+ * Not capturable into a CUDA graph on the first call of a shape (the plan
+ * is chosen then); prefill steps run outside graphs.
+ */
+int moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K,
+    const uint8_t *Q, const float *qs, const uint8_t *W, const float *ws,
+    void *Y, int ldy, int y_bf16, int accumulate, float *tmp,
+    cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,391 @@
+/*
+ * Checks the fp8 prefill GEMM (kernels/gemm_fp8.cu) on fresh random inputs
+ * (seed printed; MOE_TEST_SEED=N repeats a run):
+ *  - moe_cuda_quant_rows_fp8: per-row scales equal the host's
+ *    max(amax, 1e-12) / 448 bit for bit and every e4m3 byte equals the host
+ *    rounding (kernels/fp8.h) of x / s, for rows of very different
+ *    magnitudes, an all-zero row, gathered rows (xdiv 2) and ldx > K;
+ *  - moe_cuda_gemm_fp8 against a double host product of the dequantized
+ *    operands (relative L2 error <= 1e-3 for fp32 output: the fp8 MMA's
+ *    accumulation precision, see FP32_TOL; 4e-3 for bf16),
+ *    through cuBLASLt's outer-vector scaling and through the forced
+ *    unit-scale + rescale path, fp32 and bf16 output, accumulate, ldy > N,
+ *    M from 1 to 300, K up to 4096 (a diagnostic says which path the
+ *    library took);
+ *  - quantize + GEMM against the unquantized bf16 x fp8-weight product:
+ *    relative L2 error <= 0.06 (the activations' e4m3 rounding);
+ *  - unsupported shapes give MOE_K_EUNSUPPORTED, M = 0 is a no-op.
+ * TAP; skips when there is no CUDA device.
+ */
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "gpu_util.h"
+
+extern "C" {
+#include "tap.h"
+}
+#include "fp8.h"
+#include "gemm_fp8.h"
+
+/* Hopper's fp8 tensor cores keep about 14 mantissa bits in their running
+ * sums (measured here: 1.3e-4 .. 2.2e-4 relative at K 16 .. 4096, with
+ * CUBLASLT_MATMUL_DESC_FAST_ACCUM off), so an fp32 result is exact only
+ * to about 2^-13; the bound leaves 4x headroom over that. */
+#define FP32_TOL 1e-3
+
+static int
+sync_ok(int rc, const char *what)
+{
+    cudaError_t e = cudaDeviceSynchronize();
+
+    if (rc != 0 || e != cudaSuccess) {
+        TAP_DIAG("%s: rc %d, %s / %s", what, rc, moe_cuda_last_error(),
+                 cudaGetErrorString(e));
+        return 0;
+    }
+    return 1;
+}
+
+/* a random finite e4m3 code (no NaN) */
+static uint8_t
+rand_e4m3(void)
+{
+    uint8_t c;
+
+    do {
+        c = (uint8_t) gu_rand();
+    } while ((c & 0x7f) == 0x7f);
+    return c;
+}
+
+static int
+test_quant(void)
+{
+    const int M = 9, K = 1040, ldx = 1056, rows = 18;
+    uint16_t *xb = (uint16_t *) calloc((size_t) rows * ldx, 2);
+    int32_t   xrow[9];
+    uint8_t  *q = (uint8_t *) malloc((size_t) M * K);
+    float     s[9];
+    int       bad_s = 0, bad_q = 0;
+
+    for (int r = 0; r < rows; r++) {
+        float mag = r == 4 ? 0.0f : powf(10.0f, (float) (r % 7) - 3.0f);
+
+        for (int k = 0; k < K; k++) {
+            xb[(size_t) r * ldx + k] = gu_f2bf(gu_uniform() * mag);
+        }
+    }
+    for (int r = 0; r < M; r++) {
+        xrow[r] = ((r * 5) % rows) * 2;      /* xdiv 2 */
+    }
+    xrow[0] = 4 * 2;                         /* the zero row */
+
+    void *dx = gu_up(xb, (size_t) rows * ldx * 2);
+    void *dr = gu_up(xrow, sizeof(xrow));
+    void *dq = gu_dev((size_t) M * K);
+    void *ds = gu_dev(sizeof(s));
+    int   rc = moe_cuda_quant_rows_fp8((const moe_bf16_t *) dx, ldx,
+                                       (const int32_t *) dr, 2, M, K,
+                                       (uint8_t *) dq, (float *) ds, 0);
+
+    if (!sync_ok(rc, "quant_rows_fp8")) {
+        TAP_OK(0, "quant_rows_fp8 ran");
+        return 1;
+    }
+    gu_down(q, dq, (size_t) M * K);
+    gu_down(s, ds, sizeof(s));
+    for (int r = 0; r < M; r++) {
+        const uint16_t *x = xb + (size_t) (xrow[r] / 2) * ldx;
+        float           amax = 0.0f, hs;
+
+        for (int k = 0; k < K; k++) {
+            amax = fmaxf(amax, fabsf(gu_bf2f(x[k])));
+        }
+        hs = fmaxf(amax, 1e-12f) / 448.0f;
+        if (memcmp(&hs, &s[r], 4) != 0) {
+            if (bad_s++ < 3) {
+                TAP_DIAG("row %d: scale %.9g, host %.9g", r, s[r], hs);
+            }
+            continue;
+        }
+        for (int k = 0; k < K; k++) {
+            uint8_t h = moe_fp8_from_f32(gu_bf2f(x[k]) / hs);
+
+            if (h != q[(size_t) r * K + k] && bad_q++ < 3) {
+                TAP_DIAG("row %d k %d: %#x, host %#x", r, k,
+                         q[(size_t) r * K + k], h);
+            }
+        }
+    }
+    TAP_OK(bad_s == 0, "quant_rows_fp8: per-row scales equal the host's");
+    TAP_OK(bad_q == 0, "quant_rows_fp8: e4m3 bytes equal the host rounding "
+           "(zero row, gathered rows, ldx > K)");
+    cudaFree(dx);
+    cudaFree(dr);
+    cudaFree(dq);
+    cudaFree(ds);
+    free(xb);
+    free(q);
+    return 0;
+}
+
+/* One GEMM case against the host; returns 1 when within tolerance. */
+static int
+gemm_case(moe_fp8_gemm_t *g, int M, int N, int K, int ldy, int y_bf16,
+    int acc, int rescale, const char *name)
+{
+    uint8_t *q = (uint8_t *) malloc((size_t) M * K);
+    uint8_t *w = (uint8_t *) malloc((size_t) N * K);
+    float   *qs = (float *) malloc((size_t) M * 4);
+    float   *ws = (float *) malloc((size_t) N * 4);
+    float   *y0 = (float *) malloc((size_t) M * ldy * 4);
+    float   *ref = (float *) malloc((size_t) M * N * 4);
+    float   *got = (float *) malloc((size_t) M * N * 4);
+    float   *qf = (float *) malloc((size_t) M * K * 4);
+    float   *wf = (float *) malloc((size_t) N * K * 4);
+    size_t   ybytes = (size_t) M * ldy * (y_bf16 ? 2 : 4);
+    int      rc, ok;
+    double   err;
+
+    for (size_t i = 0; i < (size_t) M * K; i++) {
+        q[i] = rand_e4m3();
+        qf[i] = moe_fp8_to_f32(q[i]);
+    }
+    for (size_t i = 0; i < (size_t) N * K; i++) {
+        w[i] = rand_e4m3();
+        wf[i] = moe_fp8_to_f32(w[i]);
+    }
+    for (int r = 0; r < M; r++) {
+        qs[r] = (0.5f + (gu_uniform() + 1.0f)) / 448.0f;
+    }
+    for (int j = 0; j < N; j++) {
+        ws[j] = (0.5f + (gu_uniform() + 1.0f)) * 1e-3f;
+    }
+    for (size_t i = 0; i < (size_t) M * ldy; i++) {
+        y0[i] = acc ? gu_uniform() : 0.0f;
+    }
+    for (int r = 0; r < M; r++) {
+        for (int j = 0; j < N; j++) {
+            double d = 0;
+
+            for (int k = 0; k < K; k++) {
+                d += (double) qf[(size_t) r * K + k] * wf[(size_t) j * K + k];
+            }
+            d *= (double) qs[r] * ws[j];
+            if (acc) {
+                d += y0[(size_t) r * ldy + j];
+            }
+            ref[(size_t) r * N + j] = (float) d;
+        }
+    }
+
+    void *dq = gu_up(q, (size_t) M * K);
+    void *dw = gu_up(w, (size_t) N * K);
+    void *dqs = gu_up(qs, (size_t) M * 4);
+    void *dws = gu_up(ws, (size_t) N * 4);
+    void *dy = gu_dev(ybytes);
+    void *dt = gu_dev((size_t) M * N * 4);
+
+    if (acc) {
+        cudaMemcpy(dy, y0, ybytes, cudaMemcpyHostToDevice);
+    }
+    moe_cuda_fp8_gemm_force_rescale(g, rescale);
+    rc = moe_cuda_gemm_fp8(g, M, N, K, (const uint8_t *) dq,
+                           (const float *) dqs, (const uint8_t *) dw,
+                           (const float *) dws, dy, ldy, y_bf16, acc,
+                           (float *) dt, 0);
+    ok = sync_ok(rc, name);
+    if (ok) {
+        if (y_bf16) {
+            uint16_t *yb = (uint16_t *) malloc(ybytes);
+
+            gu_down(yb, dy, ybytes);
+            for (int r = 0; r < M; r++) {
+                for (int j = 0; j < N; j++) {
+                    got[(size_t) r * N + j] = gu_bf2f(yb[(size_t) r * ldy
+                                                         + j]);
+                }
+            }
+            free(yb);
+        } else {
+            float *yf = (float *) malloc(ybytes);
+
+            gu_down(yf, dy, ybytes);
+            for (int r = 0; r < M; r++) {
+                memcpy(got + (size_t) r * N, yf + (size_t) r * ldy,
+                       (size_t) N * 4);
+            }
+            free(yf);
+        }
+        err = gu_relerr(got, ref, (size_t) M * N);
+        ok = err <= (y_bf16 ? 4e-3 : FP32_TOL);
+        TAP_DIAG("%s: rel err %.3g (%s)", name, err,
+                 moe_cuda_fp8_gemm_outer_vec(g) ? "cuBLASLt outer-vector "
+                 "scales" : "unit scales + rescale kernel");
+    }
+    moe_cuda_fp8_gemm_force_rescale(g, 0);
+    cudaFree(dq);
+    cudaFree(dw);
+    cudaFree(dqs);
+    cudaFree(dws);
+    cudaFree(dy);
+    cudaFree(dt);
+    free(q);
+    free(w);
+    free(qs);
+    free(ws);
+    free(y0);
+    free(ref);
+    free(got);
+    free(qf);
+    free(wf);
+    return ok;
+}
+
+/* quantize bf16 X, GEMM, compare with the unquantized product */
+static int
+end_to_end(moe_fp8_gemm_t *g, int M, int N, int K)
+{
+    uint16_t *xb = (uint16_t *) malloc((size_t) M * K * 2);
+    uint8_t  *w = (uint8_t *) malloc((size_t) N * K);
+    float    *ws = (float *) malloc((size_t) N * 4);
+    float    *ref = (float *) malloc((size_t) M * N * 4);
+    float    *got = (float *) malloc((size_t) M * N * 4);
+    int       rc, ok;
+    double    err = NAN;
+
+    for (size_t i = 0; i < (size_t) M * K; i++) {
+        xb[i] = gu_f2bf(gu_uniform() * (i % 97 == 0 ? 8.0f : 1.0f));
+    }
+    for (size_t i = 0; i < (size_t) N * K; i++) {
+        w[i] = rand_e4m3();
+    }
+    for (int j = 0; j < N; j++) {
+        ws[j] = (0.5f + (gu_uniform() + 1.0f)) * 1e-3f;
+    }
+    for (int r = 0; r < M; r++) {
+        for (int j = 0; j < N; j++) {
+            double d = 0;
+
+            for (int k = 0; k < K; k++) {
+                d += (double) gu_bf2f(xb[(size_t) r * K + k])
+                     * moe_fp8_to_f32(w[(size_t) j * K + k]);
+            }
+            ref[(size_t) r * N + j] = (float) (d * ws[j]);
+        }
+    }
+
+    void *dx = gu_up(xb, (size_t) M * K * 2);
+    void *dw = gu_up(w, (size_t) N * K);
+    void *dws = gu_up(ws, (size_t) N * 4);
+    void *dq = gu_dev((size_t) M * K);
+    void *dqs = gu_dev((size_t) M * 4);
+    void *dy = gu_dev((size_t) M * N * 4);
+    void *dt = gu_dev((size_t) M * N * 4);
+
+    rc = moe_cuda_quant_rows_fp8((const moe_bf16_t *) dx, K, NULL, 1, M, K,
+                                 (uint8_t *) dq, (float *) dqs, 0);
+    if (rc == 0) {
+        rc = moe_cuda_gemm_fp8(g, M, N, K, (const uint8_t *) dq,
+                               (const float *) dqs, (const uint8_t *) dw,
+                               (const float *) dws, dy, N, 0, 0,
+                               (float *) dt, 0);
+    }
+    ok = sync_ok(rc, "quantize + gemm");
+    if (ok) {
+        gu_down(got, dy, (size_t) M * N * 4);
+        err = gu_relerr(got, ref, (size_t) M * N);
+        ok = err <= 0.06;
+    }
+    TAP_OK(ok, "quantized activations x fp8 weights vs the bf16 x fp8 "
+           "product: rel err %.3g <= 0.06 (M %d N %d K %d)", err, M, N, K);
+    cudaFree(dx);
+    cudaFree(dw);
+    cudaFree(dws);
+    cudaFree(dq);
+    cudaFree(dqs);
+    cudaFree(dy);
+    cudaFree(dt);
+    free(xb);
+    free(w);
+    free(ws);
+    free(ref);
+    free(got);
+    return ok;
+}
+
+int
+main(void)
+{
+    static const struct {
+        int M, N, K, ldy, y_bf16, acc;
+    } cs[] = {
+        { 1, 16, 16, 16, 0, 0 },
+        { 7, 48, 64, 48, 0, 0 },
+        { 33, 256, 4096, 256, 0, 0 },
+        { 130, 96, 1024, 96, 1, 0 },
+        { 64, 128, 512, 160, 0, 0 },      /* ldy > N */
+        { 300, 64, 256, 64, 0, 1 },       /* accumulate */
+        { 17, 4096, 512, 4096, 1, 0 },
+    };
+    const int       ncs = (int) (sizeof(cs) / sizeof(cs[0]));
+    moe_fp8_gemm_t *g = NULL;
+    void           *lws = NULL;
+    const char     *seed_env = getenv("MOE_TEST_SEED");
+    uint64_t        seed;
+    int             ndev = 0, rc;
+
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+        printf("1..0 # SKIP no CUDA device\n");
+        return 0;
+    }
+    seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
+                            : (uint64_t) time(NULL);
+    gu_seed(seed);
+    TAP_PLAN(2 + 2 * ncs + 2 + 3);
+    TAP_DIAG("seed %llu", (unsigned long long) seed);
+
+    test_quant();
+
+    lws = gu_dev((size_t) 32 << 20);
+    rc = moe_cuda_fp8_gemm_create(lws, (size_t) 32 << 20, &g);
+    if (rc != 0) {
+        TAP_DIAG("fp8 gemm create: %s", moe_cuda_last_error());
+        return 1;
+    }
+    for (int i = 0; i < ncs; i++) {
+        for (int rs = 0; rs < 2; rs++) {
+            char name[128];
+
+            snprintf(name, sizeof(name), "gemm_fp8 M %d N %d K %d ldy %d "
+                     "%s%s, %s", cs[i].M, cs[i].N, cs[i].K, cs[i].ldy,
+                     cs[i].y_bf16 ? "bf16" : "fp32",
+                     cs[i].acc ? " accumulate" : "",
+                     rs ? "forced rescale path" : "default path");
+            TAP_OK(gemm_case(g, cs[i].M, cs[i].N, cs[i].K, cs[i].ldy,
+                             cs[i].y_bf16, cs[i].acc, rs, name), "%s", name);
+        }
+    }
+    end_to_end(g, 48, 256, 2048);
+    end_to_end(g, 5, 4096, 4096);
+
+    TAP_OK(moe_cuda_gemm_fp8(g, 0, 16, 16, NULL, NULL, NULL, NULL, NULL, 16,
+                             0, 0, NULL, 0) == MOE_K_OK,
+           "M = 0 is a no-op");
+    TAP_OK(moe_cuda_gemm_fp8(g, 4, 20, 16, NULL, NULL, NULL, NULL, NULL, 20,
+                             0, 0, NULL, 0) == MOE_K_EUNSUPPORTED
+           && moe_cuda_gemm_fp8(g, 4, 16, 24, NULL, NULL, NULL, NULL, NULL,
+                                16, 0, 0, NULL, 0) == MOE_K_EUNSUPPORTED,
+           "N or K not a multiple of 16: unsupported");
+    TAP_OK(moe_cuda_quant_rows_fp8(NULL, 8, NULL, 1, 2, 24, NULL, NULL, 0)
+           == MOE_K_EUNSUPPORTED, "quant_rows_fp8: K %% 16 != 0 refused");
+
+    moe_cuda_fp8_gemm_destroy(g);
+    cudaFree(lws);
+    return TAP_DONE();
+}
