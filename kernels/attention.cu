@@ -1,6 +1,13 @@
 /*
- * Paged attention, three kernels chosen by step shape (all graph-safe: the
+ * Paged attention, four kernels chosen by step shape (all graph-safe: the
  * grid depends on T, n_kv and the device, never on positions):
+ *
+ * kernel_attention_decode_tc: the key-split path below (small T * n_kv)
+ * for head_dim 64 and 128 unless the tuning record's att_decode_tc is 0:
+ * the same grid, splits, workspace and merge, the work on tensor cores
+ * (mma.sync; the G q heads as rows, keys per warp through a cp.async
+ * pipeline, e4m3 tiles converted to f16 operands in registers).  Its own
+ * comment below has the details.
  *
  * kernel_attention_decode_split: small T * n_kv (decode, and short
  * prefills: up to ATT_MAX_PAIRS (token, kv head) pairs).  One block of
