@@ -1577,13 +1577,16 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
 
 
 /* Raise the dynamic shared-memory limit of the four decode tensor-core
- * kernels (once per process; ws_init calls it before any graph capture). */
+ * kernels on the current device (once per device; ws_init calls it before
+ * any graph capture). */
 static int
 att_dtc_prepare(void)
 {
-    static int ready = 0;
+    static int ready[64];
+    int        dev = 0;
 
-    if (ready) {
+    MOE_CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev >= 0 && dev < 64 && ready[dev]) {
         return MOE_K_OK;
     }
 #define ATT_DTC_ATTR(H, KV)                                                   \
@@ -1595,7 +1598,9 @@ att_dtc_prepare(void)
     ATT_DTC_ATTR(64, fp8);
     ATT_DTC_ATTR(128, fp8);
 #undef ATT_DTC_ATTR
-    ready = 1;
+    if (dev >= 0 && dev < 64) {
+        ready[dev] = 1;
+    }
     return MOE_K_OK;
 }
 

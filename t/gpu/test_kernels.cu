@@ -15,12 +15,16 @@
  * sampling: vocabularies 512, 32000, 128256 and an odd 50257 with a row
  * stride, planted ties within a thread, a warp and across warps, coarse
  * values with ties everywhere, all-equal rows, n_valid limits that cut
- * off the maximum) against the host's first-maximum scan.  Attention covers both
- * kernels: the split kernel (decode and short prefills: contexts 1 to 2100
- * around the tile and split edges, one sequence (most splits) and batches,
- * windows, groups 1/2/4/6/8, head dims 8-256; each case runs twice on one
- * workspace so a split counter left non-zero fails) and the prefill
- * kernel (more than 1024 token x kv-head pairs).
+ * off the maximum) against the host's first-maximum scan.  Attention covers all
+ * kernels: the key-split decode kernels (decode and short prefills:
+ * contexts 1 to 2100 around the tile and split edges, one sequence (most
+ * splits) and batches, windows, groups 1/2/4/6/8, head dims 8-256; each
+ * case runs twice on one workspace so a split counter left non-zero
+ * fails), where head dims 64 / 128 reach the tensor-core decode kernel by
+ * default; then both decode kernels side by side (tuning att_decode_tc
+ * 1 / 0) on bf16 and e4m3 caches, contexts 1 to 33000, 1 and 64
+ * sequences, 1 to 64 splits; and the prefill kernels (more than 1024
+ * token x kv-head pairs).
  * Thresholds: relative L2 error 1e-5 for fp32-exact paths, 1e-2 where the
  * output is bf16.  TAP; skips when there is no CUDA device.
  */
