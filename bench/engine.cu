@@ -16,8 +16,9 @@
  *      experts hit, scales included, / copy bandwidth);
  *   4. decode attention alone (mixtral heads, one layer) at contexts 512,
  *      8192 and 32768, batch 1 and 64, bf16 and fp8 KV cache, with the
- *      default split grid and the long-context one, against KV bytes /
- *      copy bandwidth.
+ *      default split grid and the long-context one, each on the
+ *      tensor-core decode kernel and the SIMT one (tuning record
+ *      att_decode_tc 1 / 0), against KV bytes / copy bandwidth.
  * Usage: bench_engine [model,...] [--tp N] [--ep] [--nccl auto|on|off]
  *   (models: default all four; names below)
  * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 / BENCH_CTX=8192
@@ -841,8 +842,8 @@ bench_attention(void)
     moe_cuda_fill_random_f32(q, (int64_t) 64 * LDQ, 11, 1.0f, 0.0f, 0);
     moe_cuda_attention_ws_init(part, 0);
     printf("\n== decode attention, one layer (32/8 heads, head_dim 128)\n");
-    printf("  %-34s %10s %10s %8s\n", "ctx / batch / cache / grid", "ms",
-           "limit ms", "of limit");
+    printf("  %-39s %10s %10s %8s\n", "ctx / batch / cache / grid / kernel",
+           "ms", "limit ms", "of limit");
     for (int kvf = 0; kvf < 2; kvf++) {
         if (kvf == 0) {
             moe_cuda_fill_random_bf16((moe_bf16_t *) kv,
@@ -875,16 +876,19 @@ bench_attention(void)
                 cudaMemcpy(bt, hbt, (size_t) B * per * 4,
                            cudaMemcpyHostToDevice);
                 free(hbt);
-                for (int grid = 0; grid < 2; grid++) {
+                for (int gk = 0; gk < 4; gk++) {
+                    int               grid = gk >> 1, tc = !(gk & 1);
                     moe_cuda_att_kv_t o = { kvf, 1.0f, 1.0f,
                                             grid ? ctx : 0 };
-                    double ms, lim;
+                    moe_cuda_tuning_t tr = MOE_CUDA_TUNING_DEFAULTS;
+                    double            ms, lim;
 
+                    tr.att_decode_tc = tc;
                     ms = bench_time([&]() -> int {
                         return moe_cuda_attention_ex(q, LDQ, B, pos, seq, bt,
                                                      off, kv, BS, NH, NKV,
                                                      HD, 0, out, part, &o,
-                                                     NULL, 0);
+                                                     &tr, 0);
                     }, 20);
                     if (ms < 0) {
                         printf("FAIL attention bench: %s\n",
@@ -894,14 +898,15 @@ bench_attention(void)
                     }
                     lim = (double) B * ctx * tok_bytes / (kvf ? 2 : 1)
                           / (copy_gbs * 1e9) * 1e3;
-                    printf("  ctx %-6d batch %-3d %-4s %-9s %10.4f %10.4f "
-                           "%7.0f%%\n", ctx, B, kvf ? "fp8" : "bf16",
-                           grid ? "long" : "default", ms, lim,
-                           100 * lim / ms);
+                    printf("  ctx %-6d batch %-3d %-4s %-7s %-4s %10.4f "
+                           "%10.4f %7.0f%%\n", ctx, B, kvf ? "fp8" : "bf16",
+                           grid ? "long" : "default", tc ? "tc" : "simt",
+                           ms, lim, 100 * lim / ms);
                     printf("RESULT kind=attention ctx=%d batch=%d kv=%s "
-                           "grid=%s ms=%.4f limit_ms=%.4f of_limit=%.3f\n",
-                           ctx, B, kvf ? "fp8" : "bf16",
-                           grid ? "long" : "default", ms, lim, lim / ms);
+                           "grid=%s kernel=%s ms=%.4f limit_ms=%.4f "
+                           "of_limit=%.3f\n", ctx, B, kvf ? "fp8" : "bf16",
+                           grid ? "long" : "default", tc ? "tc" : "simt",
+                           ms, lim, lim / ms);
                 }
             }
         }

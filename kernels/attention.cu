@@ -1,6 +1,13 @@
 /*
- * Paged attention, three kernels chosen by step shape (all graph-safe: the
+ * Paged attention, four kernels chosen by step shape (all graph-safe: the
  * grid depends on T, n_kv and the device, never on positions):
+ *
+ * kernel_attention_decode_tc: the key-split path below (small T * n_kv)
+ * for head_dim 64 and 128 unless the tuning record's att_decode_tc is 0:
+ * the same grid, splits, workspace and merge, the work on tensor cores
+ * (mma.sync; the G q heads as rows, keys per warp through a cp.async
+ * pipeline, e4m3 tiles converted to f16 operands in registers).  Its own
+ * comment below has the details.
  *
  * kernel_attention_decode_split: small T * n_kv (decode, and short
  * prefills: up to ATT_MAX_PAIRS (token, kv head) pairs).  One block of
@@ -56,6 +63,10 @@
 #define ATT_MAX_PAIRS  1024         /* T * n_kv handled by the split kernel */
 #define ATT_MAX_REC    2048         /* split records in the workspace */
 #define ATT_CNT_FLOATS ATT_MAX_PAIRS    /* counters at the workspace start */
+
+/* kernel_attention_decode_tc */
+#define ATT_DTC_NW     4            /* warps per block (ATT_NT threads) */
+#define ATT_DTC_KT     16           /* keys per warp tile */
 
 /* kernel_attention_prefill_tc */
 #define ATT_TC_BM      128          /* query rows per CTA (8 warps x 16) */
@@ -402,6 +413,141 @@ att_store_tile(const uint4 (&buf)[att_shape<HDP>::LPT],
 
 
 /*
+ * The end of a decode block (both decode kernels), called by all ATT_NT
+ * threads after a barrier: o_s[h] holds the block's unnormalised output
+ * of q head g * grp + h (times the V scale), m_s[h] its maximum score
+ * (natural-log units) and l_s[h] its sum of exp(score - m_s[h]) over the
+ * block's keys.  One effective split (nse 1): the normalised bf16 output
+ * is written.  Several: the block writes its record (m, l, acc) to `part`
+ * (grid (T * n_kv, nsg): ATT_CNT_FLOATS unsigned counters, zero between
+ * launches, then ATT_MAX_REC records of (m[grp], l[grp]), then ATT_MAX_REC
+ * records of acc[grp][hd]; record of (pair, split) = pair * nsg + split),
+ * counts itself on the pair's counter, and the last of the nse blocks
+ * merges the records, writes the output and resets the counter.
+ */
+template <int G, int HDP>
+__device__ __forceinline__ void
+att_split_finish(float (*o_s)[HDP], const float *m_s, const float *l_s,
+    float (*f_s)[G], float *li_s, int *last_sp, int nse, int pair, int split,
+    int nsg, int t, int g, int grp, int hd, int n_heads, bf16 *out,
+    float *part)
+{
+    constexpr int HPW = (G + 3) / 4;        /* heads per warp (merge) */
+    constexpr int NW = ATT_NT / 32;
+    const int     tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int     h8 = hd / 8, h4 = hd / 4;
+    int          &last_s = *last_sp;
+
+    if (nse == 1) {
+        for (int i = tid; i < grp * h8; i += ATT_NT) {
+            int            h = i / h8, d = (i % h8) * 8;
+            float          inv = 1.0f / l_s[h];
+            uint4          pk;
+            __nv_bfloat162 *o2 = reinterpret_cast<__nv_bfloat162 *>(&pk);
+
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                o2[e] = __floats2bfloat162_rn(o_s[h][d + 2 * e] * inv,
+                                              o_s[h][d + 2 * e + 1] * inv);
+            }
+            *reinterpret_cast<uint4 *>(
+                out + ((size_t) t * n_heads + (size_t) g * grp + h) * hd + d)
+                = pk;
+        }
+        return;
+    }
+
+    /* several splits: write this one's record, the last block merges */
+    unsigned    *cnt = reinterpret_cast<unsigned *>(part);
+    float       *mlb = part + ATT_CNT_FLOATS;
+    float       *ob = mlb + (size_t) ATT_MAX_REC * 2 * grp;
+    const size_t rec0 = (size_t) pair * nsg;
+    const size_t rs = (size_t) grp * hd;
+
+    for (int i = tid; i < grp; i += ATT_NT) {
+        mlb[(rec0 + split) * 2 * grp + i] = m_s[i];
+        mlb[(rec0 + split) * 2 * grp + grp + i] = l_s[i];
+    }
+    for (int i = tid; i < grp * h4; i += ATT_NT) {
+        int h = i / h4, d = (i % h4) * 4;
+
+        *reinterpret_cast<float4 *>(ob + (rec0 + split) * rs
+                                    + (size_t) h * hd + d)
+            = make_float4(o_s[h][d], o_s[h][d + 1], o_s[h][d + 2],
+                          o_s[h][d + 3]);
+    }
+    __threadfence();                        /* record visible device-wide */
+    __syncthreads();
+    if (tid == 0) {
+        unsigned prev = atomicAdd(&cnt[pair], 1u);
+        int      last = prev == (unsigned) (nse - 1);
+
+        if (last) {
+            atomicExch(&cnt[pair], 0u);     /* ready for the next launch */
+        }
+        last_s = last;
+    }
+    __syncthreads();
+    if (!last_s) {
+        return;
+    }
+    __threadfence();
+
+    /* merge the nse records (L2 reads: other blocks wrote them) */
+#pragma unroll
+    for (int hh = 0; hh < HPW; hh++) {
+        int h = warp + NW * hh;
+
+        if (h < grp) {
+            float M = -INFINITY, L = 0.0f;
+
+            for (int s = lane; s < nse; s += 32) {
+                M = fmaxf(M, __ldcg(mlb + (rec0 + s) * 2 * grp + h));
+            }
+            M = moe_warp_max(M);
+            for (int s = lane; s < nse; s += 32) {
+                const float *r = mlb + (rec0 + s) * 2 * grp;
+                float        f = expf(__ldcg(r + h) - M);
+
+                f_s[s][h] = f;
+                L += f * __ldcg(r + grp + h);
+            }
+            L = moe_warp_sum(L);
+            if (lane == 0) {
+                li_s[h] = 1.0f / L;
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < grp * h4; i += ATT_NT) {
+        int          h = i / h4, d = (i % h4) * 4;
+        const float *src = ob + rec0 * rs + (size_t) h * hd + d;
+        float4       a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+#pragma unroll 8
+        for (int s = 0; s < nse; s++) {
+            float4 v = __ldcg(reinterpret_cast<const float4 *>(src + s * rs));
+            float  f = f_s[s][h];
+
+            a.x += f * v.x;
+            a.y += f * v.y;
+            a.z += f * v.z;
+            a.w += f * v.w;
+        }
+
+        float          inv = li_s[h];
+        uint2          pk;
+        __nv_bfloat162 *o2 = reinterpret_cast<__nv_bfloat162 *>(&pk);
+
+        o2[0] = __floats2bfloat162_rn(a.x * inv, a.y * inv);
+        o2[1] = __floats2bfloat162_rn(a.z * inv, a.w * inv);
+        *reinterpret_cast<uint2 *>(
+            out + ((size_t) t * n_heads + (size_t) g * grp + h) * hd + d) = pk;
+    }
+}
+
+
+/*
  * grid (T * n_kv, nsg), ATT_NT threads.  Workspace `part` (when nsg > 1):
  * ATT_CNT_FLOATS unsigned counters (zero between launches), then
  * ATT_MAX_REC records of (m[grp], l[grp]), then ATT_MAX_REC records of
@@ -651,114 +797,8 @@ kernel_attention_decode_split(const float *qkv, int ld, const int32_t *tok_pos,
         __syncthreads();
     }
 
-    const int h8 = hd / 8, h4 = hd / 4;
-
-    if (nse == 1) {
-        for (int i = tid; i < grp * h8; i += ATT_NT) {
-            int            h = i / h8, d = (i % h8) * 8;
-            float          inv = 1.0f / l_s[h];
-            uint4          pk;
-            __nv_bfloat162 *o2 = reinterpret_cast<__nv_bfloat162 *>(&pk);
-
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                o2[e] = __floats2bfloat162_rn(o_s[h][d + 2 * e] * inv,
-                                              o_s[h][d + 2 * e + 1] * inv);
-            }
-            *reinterpret_cast<uint4 *>(
-                out + ((size_t) t * n_heads + (size_t) g * grp + h) * hd + d)
-                = pk;
-        }
-        return;
-    }
-
-    /* several splits: write this one's record, the last block merges */
-    unsigned    *cnt = reinterpret_cast<unsigned *>(part);
-    float       *mlb = part + ATT_CNT_FLOATS;
-    float       *ob = mlb + (size_t) ATT_MAX_REC * 2 * grp;
-    const size_t rec0 = (size_t) pair * nsg;
-    const size_t rs = (size_t) grp * hd;
-
-    for (int i = tid; i < grp; i += ATT_NT) {
-        mlb[(rec0 + split) * 2 * grp + i] = m_s[i];
-        mlb[(rec0 + split) * 2 * grp + grp + i] = l_s[i];
-    }
-    for (int i = tid; i < grp * h4; i += ATT_NT) {
-        int h = i / h4, d = (i % h4) * 4;
-
-        *reinterpret_cast<float4 *>(ob + (rec0 + split) * rs
-                                    + (size_t) h * hd + d)
-            = make_float4(o_s[h][d], o_s[h][d + 1], o_s[h][d + 2],
-                          o_s[h][d + 3]);
-    }
-    __threadfence();                        /* record visible device-wide */
-    __syncthreads();
-    if (tid == 0) {
-        unsigned prev = atomicAdd(&cnt[pair], 1u);
-        int      last = prev == (unsigned) (nse - 1);
-
-        if (last) {
-            atomicExch(&cnt[pair], 0u);     /* ready for the next launch */
-        }
-        last_s = last;
-    }
-    __syncthreads();
-    if (!last_s) {
-        return;
-    }
-    __threadfence();
-
-    /* merge the nse records (L2 reads: other blocks wrote them) */
-#pragma unroll
-    for (int hh = 0; hh < HPW; hh++) {
-        int h = warp + NW * hh;
-
-        if (h < grp) {
-            float M = -INFINITY, L = 0.0f;
-
-            for (int s = lane; s < nse; s += 32) {
-                M = fmaxf(M, __ldcg(mlb + (rec0 + s) * 2 * grp + h));
-            }
-            M = moe_warp_max(M);
-            for (int s = lane; s < nse; s += 32) {
-                const float *r = mlb + (rec0 + s) * 2 * grp;
-                float        f = expf(__ldcg(r + h) - M);
-
-                f_s[s][h] = f;
-                L += f * __ldcg(r + grp + h);
-            }
-            L = moe_warp_sum(L);
-            if (lane == 0) {
-                li_s[h] = 1.0f / L;
-            }
-        }
-    }
-    __syncthreads();
-    for (int i = tid; i < grp * h4; i += ATT_NT) {
-        int          h = i / h4, d = (i % h4) * 4;
-        const float *src = ob + rec0 * rs + (size_t) h * hd + d;
-        float4       a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-
-#pragma unroll 8
-        for (int s = 0; s < nse; s++) {
-            float4 v = __ldcg(reinterpret_cast<const float4 *>(src + s * rs));
-            float  f = f_s[s][h];
-
-            a.x += f * v.x;
-            a.y += f * v.y;
-            a.z += f * v.z;
-            a.w += f * v.w;
-        }
-
-        float          inv = li_s[h];
-        uint2          pk;
-        __nv_bfloat162 *o2 = reinterpret_cast<__nv_bfloat162 *>(&pk);
-
-        o2[0] = __floats2bfloat162_rn(a.x * inv, a.y * inv);
-        o2[1] = __floats2bfloat162_rn(a.z * inv, a.w * inv);
-        *reinterpret_cast<uint2 *>(
-            out + ((size_t) t * n_heads + (size_t) g * grp + h) * hd + d) = pk;
-    }
+    att_split_finish<G, HDP>(o_s, m_s, l_s, f_s, li_s, &last_s, nse, pair,
+                             split, nsg, t, g, grp, hd, n_heads, out, part);
 }
 
 
@@ -1065,6 +1105,506 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
 }
 
 
+/* ------------------------------ decode: the tensor-core key-split kernel */
+
+/*
+ * Shared-memory tile of kernel_attention_decode_tc<HD, KV>, per warp: NST
+ * stages of ATT_DTC_KT keys, K rows then V rows, as the cache holds them
+ * (bf16, or e4m3 bytes).  Row strides (bytes) keep each access pattern
+ * free of bank conflicts: bf16 rows HD + 8 elements (ldmatrix, as in the
+ * prefill kernel); e4m3 K rows at 64 mod 128 bytes (lanes 4 g + q read 16
+ * bytes at row g, chunk q), e4m3 V rows at 16 mod 64 (lanes read rows 2q,
+ * 2q + 1 at byte HD / 8 * g).
+ */
+template <int HD, typename KV>
+struct att_dtc_shape {
+    static constexpr bool F8 = sizeof(KV) == 1;
+    static constexpr int  KROW = F8 ? (HD % 128 == 0 ? HD + 64 : HD)
+                                    : 2 * HD + 16;
+    static constexpr int  VROW = F8 ? HD + 16 : 2 * HD + 16;
+    static constexpr int  NST = F8 ? 4 : 3;                 /* stages */
+    static constexpr int  STAGE = ATT_DTC_KT * (KROW + VROW);
+    static constexpr int  WARP = NST * STAGE;               /* bytes */
+    static constexpr int  SMEM = ATT_DTC_NW * WARP;
+    static constexpr int  CPR = HD * (F8 ? 1 : 2) / 16;     /* 16 B / row */
+    static constexpr int  LPT = 2 * ATT_DTC_KT * CPR / 32;  /* per lane */
+    static_assert(LPT * 32 == 2 * ATT_DTC_KT * CPR, "tile load split");
+    static_assert(WARP >= (2 * 8 + 8 * HD) * 4, "warp state fits a tile");
+};
+
+
+/* Two e4m3 (the low 16 bits of v) to an f16 pair, exact (one cvt). */
+__device__ __forceinline__ uint32_t
+att_e4m3x2_f16x2(uint32_t v)
+{
+    __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(
+                        (__nv_fp8x2_storage_t) (v & 0xffffu), __NV_E4M3);
+
+    return (uint32_t) r.x | ((uint32_t) r.y << 16);
+}
+
+
+/*
+ * x, y as a pair of the mma operand type (f16 for an e4m3 cache, bf16
+ * otherwise; x the low half) and the pair of what that rounding left
+ * (x - hi, y - hi): hi + lo carries about twice the operand's mantissa.
+ */
+template <bool F8>
+__device__ __forceinline__ void
+att_hilo(float x, float y, uint32_t &hi, uint32_t &lo)
+{
+    if constexpr (F8) {
+        __half2 h = __floats2half2_rn(x, y);
+        float2  f = __half22float2(h);
+        __half2 r = __floats2half2_rn(x - f.x, y - f.y);
+
+        hi = *reinterpret_cast<uint32_t *>(&h);
+        lo = *reinterpret_cast<uint32_t *>(&r);
+    } else {
+        __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+        float2         f = __bfloat1622float2(h);
+        __nv_bfloat162 r = __floats2bfloat162_rn(x - f.x, y - f.y);
+
+        hi = *reinterpret_cast<uint32_t *>(&h);
+        lo = *reinterpret_cast<uint32_t *>(&r);
+    }
+}
+
+
+template <bool F8>
+__device__ __forceinline__ void
+att_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
+{
+    if constexpr (F8) {
+        moe_mma_f16(c, a[0], a[1], a[2], a[3], b0, b1);
+    } else {
+        moe_mma_bf16(c, a[0], a[1], a[2], a[3], b0, b1);
+    }
+}
+
+
+/*
+ * Decode attention on tensor cores (head_dim 64 / 128): the same grid,
+ * effective-split rule, workspace and last-block merge as
+ * kernel_attention_decode_split (att_split_finish), so the launcher swaps
+ * one for the other.  Block (token, kv head, split) of ATT_DTC_NW warps;
+ * the split's keys are cut into ATT_DTC_NW contiguous ranges of whole
+ * ATT_DTC_KT-key tiles, one per warp, and each warp runs its own NST-stage
+ * cp.async pipeline (16-byte copies straight from the pages; rows past the
+ * range zero-filled) and its own online softmax, synchronising with
+ * __syncwarp only; the warps' states are merged in shared memory at the
+ * end.  mma.sync m16n8k16, fp32 accumulate: the A rows are the group's G
+ * q heads (rows g < G) and, in rows g + 8, what rounding them to the
+ * operand type left (hi + lo: the padding rows make the products about
+ * fp32-exact at no extra mma), keys are N for S = Q K^T and K for O = P V.
+ * Scores in base 2 (log2 e / sqrt(hd) and the K scale folded into q).
+ *   bf16 cache: bf16 operands; K via ldmatrix, V via ldmatrix.trans.
+ *   e4m3 cache: f16 operands (e4m3 -> f16 is exact, one cvt per pair);
+ *   q rows scaled by a power of two into f16 range (undone on the
+ *   scores).  The dot product's d order is free, so lane 4 g + q reads K
+ *   row g as whole 16-byte chunks q, q + 4, .. and q takes the matching
+ *   d's; for P V lane g reads HD / 8 consecutive bytes of four V rows
+ *   (keys 2q, 2q + 1, 2q + 8, 2q + 9), pairs the keys with byte permutes,
+ *   and owns output columns d = HD / 8 * c + n (c: the C column, n: the
+ *   8-wide tile).  The V scale goes on the output.
+ */
+template <int HD, typename KV>
+__global__ void __launch_bounds__(ATT_NT, 2)
+kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const KV *kv_layer, int block_size, int n_heads, int n_kv, int window,
+    bf16 *out, float *part, float ksc, float vsc)
+{
+    typedef att_dtc_shape<HD, KV> S;
+    constexpr bool F8 = S::F8;
+    constexpr int  G = 8;                   /* q heads per block, at most */
+    constexpr int  KT = ATT_DTC_KT, NW = ATT_DTC_NW, NST = S::NST;
+    constexpr int  KS = HD / 16;            /* k steps of S = Q K^T */
+    constexpr int  DN = HD / 8;             /* 8-wide d tiles of O */
+    constexpr int  DPL = HD / 8;            /* e4m3 V bytes per lane */
+    static_assert(NW * 32 == ATT_NT, "one block of ATT_NT threads");
+
+    extern __shared__ __align__(128) unsigned char att_dtc_sm[];
+    __shared__ __align__(16) float o_s[G][HD];
+    __shared__ float m_s[G], l_s[G];
+    __shared__ float f_s[ATT_MAX_SPLIT][G];
+    __shared__ float li_s[G];
+    __shared__ int   last_s;
+
+    const int pair = blockIdx.x, split = blockIdx.y, nsg = gridDim.y;
+    const int t = pair / n_kv, g = pair % n_kv;
+    const int grp = n_heads / n_kv, kvd = n_kv * HD;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int p = tok_pos[t];
+    const int j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const int nkeys = p - j0 + 1;
+
+    /* effective splits: whole tiles of every warp each, at most nsg */
+    int per = (nkeys + nsg - 1) / nsg;
+
+    per = (per + NW * KT - 1) / (NW * KT) * (NW * KT);
+
+    const int nse = (nkeys + per - 1) / per;
+
+    if (split >= nse) {
+        return;                             /* whole block: no barrier */
+    }
+
+    const int ks = j0 + split * per;
+    const int ke = min(ks + per, p + 1);
+    const int pw = ((ke - ks + NW - 1) / NW + KT - 1) / KT * KT;
+    const int wks = min(ks + warp * pw, ke), wke = min(wks + pw, ke);
+    const int ntl = (wke - wks + KT - 1) / KT;
+    const int32_t *table = bt + bt_off[tok_seq[t]];
+    const KV      *kvg = kv_layer + (size_t) g * HD;
+    unsigned char *wsm = att_dtc_sm + warp * S::WARP;
+
+    /* cp.async of this warp's key tile i (K and V rows) into its stage */
+    auto load = [&](int i) {
+        const int      jt = wks + i * KT;
+        unsigned char *st = wsm + (i % NST) * S::STAGE;
+        long long      ro = 0;              /* lane r < KT: key jt + r */
+
+        if (lane < KT && jt + lane < wke) {
+            int j = jt + lane;
+
+            ro = ((long long) table[j / block_size] * 2 * block_size
+                  + j % block_size) * kvd;
+        }
+#pragma unroll
+        for (int c = 0; c < S::LPT; c++) {
+            int       e = lane + c * 32;
+            int       sel = e / (KT * S::CPR), rem = e % (KT * S::CPR);
+            int       row = rem / S::CPR, ch = rem % S::CPR;
+            long long r = __shfl_sync(0xffffffffu, ro, row);
+            bool      ok = jt + row < wke;
+            const KV *src = kvg;
+
+            if (ok) {
+                src = kvg + r + (long long) sel * block_size * kvd
+                      + ch * (16 / (int) sizeof(KV));
+            }
+            moe_cp_async16(reinterpret_cast<bf16 *>(
+                               st + (sel ? KT * S::KROW + row * S::VROW
+                                         : row * S::KROW) + ch * 16),
+                           reinterpret_cast<const bf16 *>(src), ok ? 16 : 0);
+        }
+    };
+
+#pragma unroll
+    for (int i = 0; i < NST - 1; i++) {     /* the pipeline's first stages */
+        if (i < ntl) {
+            load(i);
+        }
+        moe_cp_async_commit();
+    }
+
+    /* q of head gq (rows gq and gq + 8: hi and lo) as A fragments */
+    uint32_t qa[KS][4];
+    float    sscale = 1.0f;
+    {
+        const float *qrow = qkv + (size_t) t * ld
+                            + (size_t) (g * grp + gq) * HD;
+        const bool   qv = gq < grp;
+        float        x[KS][4], amax = 0.0f, qs;
+
+#pragma unroll
+        for (int k = 0; k < KS; k++) {
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+            if constexpr (F8) {             /* d = 16 (4 (k / 4) + q) + .. */
+                if (qv) {
+                    v = *reinterpret_cast<const float4 *>(
+                            qrow + 16 * (4 * (k / 4) + tq) + 4 * (k % 4));
+                }
+            } else if (qv) {                /* d = 16 k + 2 q (+1, +8, +9) */
+                float2 a = *reinterpret_cast<const float2 *>(
+                               qrow + 16 * k + 2 * tq);
+                float2 b = *reinterpret_cast<const float2 *>(
+                               qrow + 16 * k + 2 * tq + 8);
+
+                v = make_float4(a.x, a.y, b.x, b.y);
+            }
+            x[k][0] = v.x;
+            x[k][1] = v.y;
+            x[k][2] = v.z;
+            x[k][3] = v.w;
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)),
+                                     fmaxf(fabsf(v.z), fabsf(v.w))));
+        }
+        qs = ksc * 1.4426950408889634f * rsqrtf((float) HD);
+        if constexpr (F8) {
+            /* the row's largest |q qs| to [2^13, 2^14): f16 range */
+            int e;
+
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            amax *= qs;
+            if (amax > 0.0f && amax < INFINITY) {
+                frexpf(amax, &e);
+                e = min(max(14 - e, -100), 100);
+                qs = ldexpf(qs, e);
+                sscale = ldexpf(1.0f, -e);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < KS; k++) {
+            att_hilo<F8>(x[k][0] * qs, x[k][1] * qs, qa[k][0], qa[k][1]);
+            att_hilo<F8>(x[k][2] * qs, x[k][3] * qs, qa[k][2], qa[k][3]);
+        }
+    }
+
+    float o[DN][4], m = -INFINITY, l = 0.0f;
+
+#pragma unroll
+    for (int n = 0; n < DN; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            o[n][e] = 0.0f;
+        }
+    }
+
+    for (int i = 0; i < ntl; i++) {
+        if (i + NST - 1 < ntl) {
+            load(i + NST - 1);
+        }
+        moe_cp_async_commit();
+        moe_cp_async_wait<NST - 1>();       /* tile i has landed */
+        __syncwarp();
+
+        const unsigned char *kst = wsm + (i % NST) * S::STAGE;
+        const unsigned char *vst = kst + KT * S::KROW;
+        const int            nv = min(KT, wke - (wks + i * KT));
+        float                s[2][4];
+
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[n][e] = 0.0f;
+            }
+        }
+
+        /* S = Q K^T: keys n * 8 + g of the tile are the columns */
+        if constexpr (F8) {
+#pragma unroll
+            for (int mm = 0; mm < HD / 64; mm++) {
+#pragma unroll
+                for (int n = 0; n < 2; n++) {
+                    uint4    w = *reinterpret_cast<const uint4 *>(
+                                     kst + (n * 8 + gq) * S::KROW
+                                     + 16 * (4 * mm + tq));
+                    uint32_t wv[4] = { w.x, w.y, w.z, w.w };
+
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        att_mma<F8>(s[n], qa[4 * mm + c],
+                                    att_e4m3x2_f16x2(wv[c]),
+                                    att_e4m3x2_f16x2(wv[c] >> 16));
+                    }
+                }
+            }
+        } else {
+            const bf16 *kb = reinterpret_cast<const bf16 *>(
+                                 kst + ((lane & 7) + ((lane >> 4) << 3))
+                                       * S::KROW)
+                             + ((lane >> 3) & 1) * 8;
+
+#pragma unroll
+            for (int k = 0; k < KS; k++) {
+                uint32_t b0, b1, b2, b3;
+
+                moe_ldmatrix_x4(b0, b1, b2, b3, kb + k * 16);
+                att_mma<F8>(s[0], qa[k], b0, b1);
+                att_mma<F8>(s[1], qa[k], b2, b3);
+            }
+        }
+
+        /* online softmax of row gq: hi + lo rows, masked past nv; the
+         * four lanes of a row hold its 16 columns */
+        float sc[2][2], mx = -INFINITY, mn, corr, sum = 0.0f;
+
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float v = (s[n][e] + s[n][e + 2]) * sscale;
+
+                sc[n][e] = n * 8 + 2 * tq + e < nv ? v : -INFINITY;
+                mx = fmaxf(mx, sc[n][e]);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mn = fmaxf(m, mx);                  /* finite: nv >= 1 */
+        corr = exp2f(m - mn);
+        m = mn;
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                sc[n][e] = exp2f(sc[n][e] - mn);
+                sum += sc[n][e];
+            }
+        }
+        l = l * corr + sum;
+#pragma unroll
+        for (int n = 0; n < DN; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                o[n][e] *= corr;
+            }
+        }
+
+        /* O += P V: P (hi rows g, lo rows g + 8) over the tile's keys */
+        uint32_t pa[4];
+
+        att_hilo<F8>(sc[0][0], sc[0][1], pa[0], pa[1]);
+        att_hilo<F8>(sc[1][0], sc[1][1], pa[2], pa[3]);
+        if constexpr (F8) {
+            uint32_t w[4][DPL / 4];
+
+#pragma unroll
+            for (int r = 0; r < 4; r++) {   /* keys 2q, 2q+1, 2q+8, 2q+9 */
+                const unsigned char *vr = vst + (2 * tq + (r & 1)
+                                                 + 8 * (r >> 1)) * S::VROW
+                                          + DPL * gq;
+
+                if constexpr (DPL == 16) {
+                    uint4 v = *reinterpret_cast<const uint4 *>(vr);
+
+                    w[r][0] = v.x;
+                    w[r][1] = v.y;
+                    w[r][2] = v.z;
+                    w[r][3] = v.w;
+                } else {
+                    uint2 v = *reinterpret_cast<const uint2 *>(vr);
+
+                    w[r][0] = v.x;
+                    w[r][1] = v.y;
+                }
+            }
+#pragma unroll
+            for (int x = 0; x < DPL / 4; x++) {
+                /* bytes b of keys (2q, 2q+1) and (2q+8, 2q+9) paired */
+                uint32_t a01 = __byte_perm(w[0][x], w[1][x], 0x5140);
+                uint32_t c01 = __byte_perm(w[0][x], w[1][x], 0x7362);
+                uint32_t a23 = __byte_perm(w[2][x], w[3][x], 0x5140);
+                uint32_t c23 = __byte_perm(w[2][x], w[3][x], 0x7362);
+
+                att_mma<F8>(o[4 * x], pa, att_e4m3x2_f16x2(a01),
+                            att_e4m3x2_f16x2(a23));
+                att_mma<F8>(o[4 * x + 1], pa, att_e4m3x2_f16x2(a01 >> 16),
+                            att_e4m3x2_f16x2(a23 >> 16));
+                att_mma<F8>(o[4 * x + 2], pa, att_e4m3x2_f16x2(c01),
+                            att_e4m3x2_f16x2(c23));
+                att_mma<F8>(o[4 * x + 3], pa, att_e4m3x2_f16x2(c01 >> 16),
+                            att_e4m3x2_f16x2(c23 >> 16));
+            }
+        } else {
+            const bf16 *vb = reinterpret_cast<const bf16 *>(
+                                 vst + ((lane & 7) + ((lane >> 3) & 1) * 8)
+                                       * S::VROW)
+                             + (lane >> 4) * 8;
+
+#pragma unroll
+            for (int dp = 0; dp < DN / 2; dp++) {
+                uint32_t b0, b1, b2, b3;
+
+                moe_ldmatrix_x4_trans(b0, b1, b2, b3, vb + dp * 16);
+                att_mma<F8>(o[2 * dp], pa, b0, b1);
+                att_mma<F8>(o[2 * dp + 1], pa, b2, b3);
+            }
+        }
+        __syncwarp();                       /* stage free for a new load */
+    }
+    moe_cp_async_wait<0>();
+    __syncwarp();
+
+    /* this warp's state into its own tile memory: m[8], l[8], o[8][HD] */
+    {
+        float *ws = reinterpret_cast<float *>(wsm);
+
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        if (tq == 0) {
+            ws[gq] = m;
+            ws[8 + gq] = l;
+        }
+#pragma unroll
+        for (int n = 0; n < DN; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int d = F8 ? DPL * (2 * tq + e) + n : n * 8 + 2 * tq + e;
+
+                ws[16 + gq * HD + d] = o[n][e] + o[n][e + 2];
+            }
+        }
+    }
+    __syncthreads();
+
+    /* merge the warps (base 2), then the splits (att_split_finish) */
+    for (int i = tid; i < grp * HD; i += ATT_NT) {
+        int   h = i / HD, d = i % HD;
+        float M = -INFINITY, L = 0.0f, acc = 0.0f;
+
+        for (int w = 0; w < NW; w++) {
+            M = fmaxf(M, reinterpret_cast<const float *>(
+                             att_dtc_sm + w * S::WARP)[h]);
+        }
+        for (int w = 0; w < NW; w++) {
+            const float *ws = reinterpret_cast<const float *>(
+                                  att_dtc_sm + w * S::WARP);
+
+            if (ws[h] != -INFINITY) {       /* a warp without keys */
+                float f = exp2f(ws[h] - M);
+
+                L += ws[8 + h] * f;
+                acc += ws[16 + h * HD + d] * f;
+            }
+        }
+        o_s[h][d] = acc * vsc;
+        if (d == 0) {
+            m_s[h] = M * 0.6931471805599453f;   /* natural-log units */
+            l_s[h] = L;
+        }
+    }
+    __syncthreads();
+    att_split_finish<G, HD>(o_s, m_s, l_s, f_s, li_s, &last_s, nse, pair,
+                            split, nsg, t, g, grp, HD, n_heads, out, part);
+}
+
+
+/* Raise the dynamic shared-memory limit of the four decode tensor-core
+ * kernels on the current device (once per device; ws_init calls it before
+ * any graph capture). */
+static int
+att_dtc_prepare(void)
+{
+    static int ready[64];
+    int        dev = 0;
+
+    MOE_CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev >= 0 && dev < 64 && ready[dev]) {
+        return MOE_K_OK;
+    }
+#define ATT_DTC_ATTR(H, KV)                                                   \
+    MOE_CUDA_CHECK(cudaFuncSetAttribute(kernel_attention_decode_tc<H, KV>,    \
+        cudaFuncAttributeMaxDynamicSharedMemorySize,                          \
+        att_dtc_shape<H, KV>::SMEM))
+    ATT_DTC_ATTR(64, bf16);
+    ATT_DTC_ATTR(128, bf16);
+    ATT_DTC_ATTR(64, fp8);
+    ATT_DTC_ATTR(128, fp8);
+#undef ATT_DTC_ATTR
+    if (dev >= 0 && dev < 64) {
+        ready[dev] = 1;
+    }
+    return MOE_K_OK;
+}
+
+
 extern "C" int
 moe_cuda_attention_supported(int n_heads, int n_kv, int hd)
 {
@@ -1090,7 +1630,7 @@ moe_cuda_attention_ws_init(float *part, cudaStream_t stream)
 {
     MOE_CUDA_CHECK(cudaMemsetAsync(part, 0, ATT_CNT_FLOATS * sizeof(float),
                                    stream));
-    return MOE_K_OK;
+    return att_dtc_prepare();
 }
 
 
@@ -1118,6 +1658,24 @@ att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
         qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv, block_size, n_heads,
         n_kv, window, out);
     MOE_CUDA_CHECK_LAUNCH("kernel_attention_prefill_tc");
+    return MOE_K_OK;
+}
+
+
+/* Launch kernel_attention_decode_tc<HD, KV> on the decode kernel's grid. */
+template <int HD, typename KV>
+static int
+att_dtc_launch(dim3 grid, cudaStream_t stream, const float *qkv, int ld,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const KV *kv, int block_size, int n_heads,
+    int n_kv, int window, bf16 *out, float *part, float ksc, float vsc)
+{
+    MOE_TRY(att_dtc_prepare());
+    kernel_attention_decode_tc<HD, KV>
+        <<<grid, ATT_NT, att_dtc_shape<HD, KV>::SMEM, stream>>>(
+        qkv, ld, tok_pos, tok_seq, bt, bt_off, kv, block_size, n_heads,
+        n_kv, window, out, part, ksc, vsc);
+    MOE_CUDA_CHECK_LAUNCH("kernel_attention_decode_tc");
     return MOE_K_OK;
 }
 
@@ -1250,6 +1808,21 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
               && max_ctx >= tune->att_long_ctx && tune->att_long_bps > 0
               ? tune->att_long_bps : tune->att_split_bps;
         ns = att_split_count((int) pairs, bps > 0 ? bps : 1);
+    }
+    /* decode (the key-split path): tensor cores for head dims 64 / 128
+     * unless the record says otherwise; the SIMT decode kernel for the
+     * rest (same grid, workspace and result up to rounding) */
+    if (split && tune->att_decode_tc && (hd == 64 || hd == 128)) {
+        grid = dim3((unsigned) pairs, (unsigned) ns);
+        return hd == 64
+               ? att_dtc_launch<64, KV>(grid, stream, qkv, ld, tok_pos,
+                                        tok_seq, bt, bt_off, kv, block_size,
+                                        n_heads, n_kv, window, o, part, ksc,
+                                        vsc)
+               : att_dtc_launch<128, KV>(grid, stream, qkv, ld, tok_pos,
+                                         tok_seq, bt, bt_off, kv, block_size,
+                                         n_heads, n_kv, window, o, part,
+                                         ksc, vsc);
     }
     /* prefill: tensor cores for the row tiles of few sequences, then the
      * SIMT kernel for the tokens of the tiles it refused (if any) */

@@ -28,7 +28,8 @@ extern "C" {
  * positions), so a captured graph stays valid.  One stream at a time per
  * workspace.  tune (NULL: the defaults): att_split_bps sizes the split
  * grid.  Kernels by shape: T * n_kv <= 1024 the decode (key-split)
- * kernel; above, the tensor-core prefill kernel (T >= 64, hd 64 or 128)
+ * kernels, on tensor cores for hd 64 or 128 (att_decode_tc 0: the SIMT
+ * one); above, the tensor-core prefill kernel (T >= 64, hd 64 or 128)
  * and the SIMT prefill kernel for the rest.
  */
 int moe_cuda_attention(const float *qkv, int ld, int T,
@@ -60,9 +61,10 @@ typedef struct {
 /*
  * moe_cuda_attention with a bf16 or an fp8 cache (kvo above).  With an
  * fp8 cache, prefill tokens take the SIMT kernel (the tensor-core prefill
- * kernel reads bf16 only); decode the key-split kernel, converting each
- * e4m3 tile to bf16 in shared memory (exact), the K scale folded into q
- * and the V scale into the output.  Same limits and workspace.
+ * kernel reads bf16 only); decode the key-split kernels (tensor cores:
+ * e4m3 to f16 operands in registers; SIMT: e4m3 tiles to bf16 in shared
+ * memory; both exact), the K scale folded into q and the V scale into
+ * the output.  Same limits and workspace.
  * MOE_K_EINVAL for scales <= 0.
  */
 int moe_cuda_attention_ex(const float *qkv, int ld, int T,

@@ -1,7 +1,7 @@
 /*
  * Inline PTX shared by the tensor-core kernels (attention.cu, moe_gemv.cu,
- * moe_ggemm.cu): the bf16 mma.sync, ldmatrix, cp.async with its group
- * commit / wait, and the L2 evict-first policy.  sm_80 and newer.
+ * moe_ggemm.cu): the bf16 and f16 mma.sync, ldmatrix, cp.async with its
+ * group commit / wait, and the L2 evict-first policy.  sm_80 and newer.
  *
  * Fragment layouts are PTX's (m16n8k16, .row.col): lane l = 4 g + q holds
  * A rows g and g + 8, B column g, C rows g / g + 8 at columns 2q, 2q + 1.
@@ -19,6 +19,19 @@ moe_mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
     uint32_t a3, uint32_t b0, uint32_t b1)
 {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+
+/* The same with f16 operands (a0..a3, b0 b1 hold f16 pairs). */
+__device__ __forceinline__ void
+moe_mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+    uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                  "{%0, %1, %2, %3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])

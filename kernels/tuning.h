@@ -45,12 +45,16 @@ typedef struct {
     int att_long_bps;    /* MOE_CUDA_ATT_LONG_BPS 1..64: decode attention
                             grid blocks per SM at long contexts
                             (default 3: one wave at 3 resident blocks) */
+    int att_decode_tc;   /* MOE_CUDA_ATT_DECODE_TC 0|1: decode attention
+                            (the key-split path) on tensor cores for head
+                            dims 64 and 128 (default 1; 0: the SIMT
+                            kernel, for A/B runs) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -48,7 +48,7 @@ for b in test_kernels test_sample test_ggemm test_backend bench_engine; do
     [ -x build/gpu/$b ] || { echo "build/gpu/$b missing: run make gpu"; exit 2; }
 done
 
-step test_kernels 180 build/gpu/test_kernels
+step test_kernels 300 build/gpu/test_kernels
 step test_sample 120 build/gpu/test_sample
 step test_backend 120 build/gpu/test_backend
 # MOE_CUDA_* below: the CUDA backend's tuning record (kernels/TUNING.md),
@@ -88,7 +88,8 @@ for d in attention moe_gemv moe_ggemm; do
 done
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SAN" ]; then
-    step sanitizer 90 "$SAN" --error-exitcode 1 build/gpu/test_kernels
+    step sanitizer 150 env MOE_TEST_QUICK=1 "$SAN" --error-exitcode 1 \
+        build/gpu/test_kernels
     step sanitizer_sample 240 env MOE_TEST_NO_TIMING=1 "$SAN" \
         --error-exitcode 1 build/gpu/test_sample
     step racecheck_sample 100 env MOE_TEST_NO_TIMING=1 MOE_TEST_QUICK=1 "$SAN" \

@@ -3,8 +3,9 @@
  * attention shape (32 heads, 8 kv heads, head_dim 128, 16-token blocks).
  *
  * Decode (B sequences of C positions, one query each): the shipped
- * launcher (the key-split decode kernel, record att_split_bps 2), the same
- * with att_split_bps 1 and 4, and the variant that does not ship: the
+ * launcher (the tensor-core key-split decode kernel, record att_split_bps
+ * 2), the same with att_split_bps 1 and 4, the SIMT key-split kernel
+ * (record att_decode_tc 0), and the variant that does not ship: the
  * SIMT kernel with its own key splits plus a combine launch (the path
  * before the split kernel).  Rate: K/V bytes read / time.
  *
@@ -186,13 +187,18 @@ dev_decode(int B, int ctx)
     printf("decode: batch %d, context %d (%.1f MB of K/V)\n", B, ctx,
            bytes / 1e6);
     ms = dev_time(50, [&]() { return dev_att_shipped(&a, NULL, a.ref); });
-    dev_line("shipped (split kernel, bps 2)", ms, bytes, 0, -1, 0);
+    dev_line("shipped (tc split kernel, bps 2)", ms, bytes, 0, -1, 0);
     for (int bps = 1; bps <= 4; bps *= 4) {
         tune.att_split_bps = bps;
         ms = dev_time(50, [&]() { return dev_att_shipped(&a, &tune, a.out); });
         snprintf(name, sizeof(name), "record att_split_bps %d", bps);
         dev_line(name, ms, bytes, 0, dev_diff(a.out, a.ref, on, 1), 2e-2);
     }
+    tune.att_split_bps = 2;
+    tune.att_decode_tc = 0;
+    ms = dev_time(50, [&]() { return dev_att_shipped(&a, &tune, a.out); });
+    dev_line("record att_decode_tc 0 (SIMT split)", ms, bytes, 0,
+             dev_diff(a.out, a.ref, on, 1), 2e-2);
     ms = dev_time(50, [&]() { return dev_att_simt(&a); });
     dev_line("variant SIMT kernel + combine", ms, bytes, 0,
              dev_diff(a.out, a.ref, on, 1), 2e-2);

@@ -15,12 +15,16 @@
  * sampling: vocabularies 512, 32000, 128256 and an odd 50257 with a row
  * stride, planted ties within a thread, a warp and across warps, coarse
  * values with ties everywhere, all-equal rows, n_valid limits that cut
- * off the maximum) against the host's first-maximum scan.  Attention covers both
- * kernels: the split kernel (decode and short prefills: contexts 1 to 2100
- * around the tile and split edges, one sequence (most splits) and batches,
- * windows, groups 1/2/4/6/8, head dims 8-256; each case runs twice on one
- * workspace so a split counter left non-zero fails) and the prefill
- * kernel (more than 1024 token x kv-head pairs).
+ * off the maximum) against the host's first-maximum scan.  Attention covers all
+ * kernels: the key-split decode kernels (decode and short prefills:
+ * contexts 1 to 2100 around the tile and split edges, one sequence (most
+ * splits) and batches, windows, groups 1/2/4/6/8, head dims 8-256; each
+ * case runs twice on one workspace so a split counter left non-zero
+ * fails), where head dims 64 / 128 reach the tensor-core decode kernel by
+ * default; then both decode kernels side by side (tuning att_decode_tc
+ * 1 / 0) on bf16 and e4m3 caches, contexts 1 to 33000, 1 and 64
+ * sequences, 1 to 64 splits; and the prefill kernels (more than 1024
+ * token x kv-head pairs).
  * Thresholds: relative L2 error 1e-5 for fp32-exact paths, 1e-2 where the
  * output is bf16.  TAP; skips when there is no CUDA device.
  */
@@ -41,6 +45,7 @@ extern "C" {
 #include "argmax.h"
 #include "attention.h"
 #include "embed.h"
+#include "fp8.h"
 #include "gemm.h"
 #include "init.h"
 #include "moe_gemv.h"
@@ -277,6 +282,21 @@ test_rope(int nh, int nkv, int hd, float theta, int per_token, float attn)
 
 
 /*
+ * How test_attention_v calls the launcher: att_tune NULL and att_fp8 0:
+ * moe_cuda_attention with the default record (decode with head_dim 64 /
+ * 128: the tensor-core decode kernel); otherwise moe_cuda_attention_ex
+ * with that record (att_decode_tc 0: the SIMT decode kernel; att_split_bps:
+ * the split grid) and, att_fp8 1, an e4m3 cache holding e4m3(x / 0.5) for
+ * K and e4m3(x / 0.25) for V (the reference then uses those values).
+ */
+static const moe_cuda_tuning_t *att_tune = NULL;
+static int                      att_fp8 = 0;
+
+#define ATT_KSC 0.5f
+#define ATT_VSC 0.25f
+
+
+/*
  * Attention over ns sequences; seq s has len[s] cached positions and its
  * last nq[s] positions are the queries (decode: prefill 0, 1 query;
  * prefill 1: up to 70; prefill > 1: up to that many, so a chunk with
@@ -326,6 +346,16 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
 
     /* everything random, including the positions past each query */
     gu_fill_bf(cache, cbits, cache_n, 2.0f);
+    if (att_fp8) {                  /* the e4m3 cache, in cbits' bytes */
+        uint8_t *c8 = (uint8_t *) cbits;
+
+        for (size_t i = 0; i < cache_n; i++) {
+            float sc = (i / ((size_t) bs * kvd)) % 2 ? ATT_VSC : ATT_KSC;
+
+            c8[i] = moe_fp8_from_f32(cache[i] / sc);
+            cache[i] = moe_fp8_to_f32(c8[i]) * sc;
+        }
+    }
     gu_fill(qkv, (size_t) T * ld, 1.0f);
     int t = 0;
     for (int s = 0; s < ns; s++) {
@@ -389,10 +419,16 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
 
     for (int run = 0; run < 2 && ok; run++) {
         cudaMemset(d_out, 0xff, 2 * T * nh * hd);       /* poison */
-        int rc = moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt, d_off,
-                                    (moe_bf16_t *) d_cache, bs, nh, nkv, hd,
-                                    window, (moe_bf16_t *) d_out, d_part,
-                                    NULL, 0);
+        moe_cuda_att_kv_t kvo = { att_fp8, ATT_KSC, ATT_VSC, 0 };
+        int rc = att_tune == NULL && !att_fp8
+                 ? moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt,
+                                      d_off, (moe_bf16_t *) d_cache, bs, nh,
+                                      nkv, hd, window, (moe_bf16_t *) d_out,
+                                      d_part, NULL, 0)
+                 : moe_cuda_attention_ex(d_qkv, ld, T, d_pos, d_seq, d_bt,
+                                         d_off, d_cache, bs, nh, nkv, hd,
+                                         window, (moe_bf16_t *) d_out,
+                                         d_part, &kvo, att_tune, 0);
         ok = sync_ok(rc, "attention");
         gu_down(obits, d_out, 2 * T * nh * hd);
         gu_bf_to_f(out, obits, (size_t) T * nh * hd);
@@ -461,6 +497,58 @@ test_attention_tc_v(int tc, int nh, int nkv, int hd, int window, int ns,
 
     snprintf(w, sizeof(w), "%s %s", tc ? "tc" : "simt", what);
     test_attention_v(nh, nkv, hd, window, nq, ns, len, w);
+}
+
+
+/*
+ * A decode case (ns sequences, one query each) on one decode kernel:
+ * tc 1 the tensor-core kernel, 0 the SIMT one (record att_decode_tc);
+ * bps > 0 sets att_split_bps (1 at 64 sequences: one split per pair;
+ * 64 at one sequence: the most splits); fp8 1: an e4m3 cache.
+ */
+static void
+test_attention_dk(int tc, int fp8, int bps, int nh, int nkv, int hd,
+    int window, int ns, const int *len, const char *what)
+{
+    moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
+    char              w[128];
+
+    r.att_decode_tc = tc;
+    if (bps > 0) {
+        r.att_split_bps = bps;
+    }
+    att_tune = &r;
+    att_fp8 = fp8;
+    snprintf(w, sizeof(w), "%s: %s kernel, %s cache, bps %d", what,
+             tc ? "tc" : "simt", fp8 ? "fp8" : "bf16", r.att_split_bps);
+    test_attention_v(nh, nkv, hd, window, 0, ns, len, w);
+    att_tune = NULL;
+    att_fp8 = 0;
+}
+
+
+/* The same on both kernels and both cache types (4 TAP lines). */
+static void
+test_attention_dk4(int bps, int nh, int nkv, int hd, int window, int ns,
+    const int *len, const char *what)
+{
+    for (int fp8 = 0; fp8 < 2; fp8++) {
+        for (int tc = 1; tc >= 0; tc--) {
+            test_attention_dk(tc, fp8, bps, nh, nkv, hd, window, ns, len,
+                              what);
+        }
+    }
+}
+
+
+/* One sequence of ctx positions through test_attention_dk4. */
+static void
+test_attention_dk1(int bps, int nh, int nkv, int hd, int window, int ctx)
+{
+    char what[48];
+
+    snprintf(what, sizeof(what), "one seq ctx %d", ctx);
+    test_attention_dk4(bps, nh, nkv, hd, window, 1, &ctx, what);
 }
 
 
@@ -1528,6 +1616,53 @@ main(void)
                             "300/5/200 chunks of 120");
     }
     test_attention_batch(32, 8, 128, 0, 1, 40, 60);     /* mixed runs */
+    /* the decode kernels side by side (tensor-core / SIMT, bf16 / fp8
+     * cache): contexts around the 16-key warp tile and the 64-key split
+     * unit, long contexts, groups 1 / 4 / 8, head dims 64 / 128, windows,
+     * one split per pair (64 sequences at bps 1, or short contexts) and
+     * many (one sequence: default grid, bps 64) */
+    {
+        /* MOE_TEST_QUICK=1 (under compute-sanitizer): no long contexts */
+        static const int c2[] = { 1, 15, 16, 17, 63, 64, 65, 1000, 8192,
+                                  33000 };
+        int              quick = getenv("MOE_TEST_QUICK") != NULL;
+        int              lb[64];
+
+        for (size_t i = 0; i < sizeof(c2) / sizeof(c2[0]); i++) {
+            if (!quick || c2[i] <= 1000) {
+                test_attention_dk1(0, 32, 8, 128, 0, c2[i]);    /* mixtral */
+            }
+        }
+        if (!quick) {
+            test_attention_dk1(64, 32, 8, 128, 0, 8192);    /* 64 splits */
+            test_attention_dk1(1, 32, 8, 128, 0, 33000);    /* 17 splits */
+            test_attention_dk1(0, 32, 8, 128, 1000, 33000); /* window */
+        }
+        test_attention_dk1(0, 16, 16, 128, 0, 1000);        /* group 1 */
+        test_attention_dk1(0, 16, 16, 64, 0, 2100);
+        test_attention_dk1(0, 16, 4, 64, 0, quick ? 2000 : 8192); /* hd 64 */
+        test_attention_dk1(0, 16, 4, 64, 0, 17);
+        test_attention_dk1(0, 8, 1, 128, 0, 3000);          /* group 8 */
+        test_attention_dk1(0, 64, 8, 64, 0, 777);
+        test_attention_dk1(0, 12, 2, 64, 0, 1000);          /* group 6 */
+        test_attention_dk1(0, 32, 8, 128, 100, 2100);       /* windows */
+        test_attention_dk1(0, 32, 8, 128, 1, 512);
+        test_attention_dk1(0, 32, 8, 128, 16, 17);
+        test_attention_dk1(0, 16, 4, 64, 4096, 1000);       /* > ctx */
+        for (int s = 0; s < 64; s++) {
+            lb[s] = 1 + (int) (gu_rand() % (quick ? 200u : 1200u));
+        }
+        lb[0] = 1;
+        lb[1] = 16;
+        lb[2] = 17;
+        lb[3] = quick ? 200 : 1200;
+        test_attention_dk4(0, 32, 8, 128, 0, 64, lb, "64 mixed seqs");
+        test_attention_dk4(1, 32, 8, 128, 0, 64, lb, "64 mixed seqs");
+        test_attention_dk4(0, 32, 8, 128, 200, 64, lb,
+                           "64 mixed seqs window 200");
+        test_attention_dk4(0, 16, 16, 64, 0, 64, lb, "64 mixed seqs");
+        test_attention_dk4(0, 8, 1, 128, 0, 8, lb + 56, "8 seqs group 8");
+    }
     test_silu();
     test_route(50, 64, 8, 2, 1);
     test_route(40, 2048, 64, 8, 1);

@@ -8,7 +8,9 @@
  *    around each written row untouched;
  *  - moe_cuda_attention (bf16 cache) and moe_cuda_attention_ex (bf16 and
  *    fp8 caches, K scale 0.5, V scale 0.25, with and without the
- *    long-context bound max_ctx, so both split grids run) at batch 1 with
+ *    long-context bound max_ctx, so both split grids run; decode on the
+ *    tensor-core kernel, the default, and on the SIMT one through the
+ *    record's att_decode_tc 0, bf16 and fp8) at batch 1 with
  *    8192 and 32768 context and batch 64 at about 8k (Mixtral heads:
  *    32 q, 8 kv, head_dim 128; shuffled pages of 16), and an fp8 prefill
  *    of 160 tokens (the SIMT kernel) with and without a sliding window:
@@ -195,8 +197,9 @@ compare(const char *what, const uint16_t *out, const float *ref, int T,
 
 /*
  * T tokens attending to one cache (positions pos[t], window) through
- * the three launches: bf16 (moe_cuda_attention), fp8 (_ex, no context
- * bound), fp8 and bf16 (_ex with max_ctx): 4 TAP lines.
+ * the launches: bf16 (moe_cuda_attention), fp8 (_ex, no context bound),
+ * fp8 and bf16 (_ex with max_ctx), then fp8 and bf16 with the record's
+ * att_decode_tc 0 (the SIMT decode kernel): 6 TAP lines.
  */
 static void
 run_case(const char *name, const cache_t *c, int T, const int32_t *pos,
@@ -237,14 +240,17 @@ run_case(const char *name, const cache_t *c, int T, const int32_t *pos,
     dpart = (float *) gu_dev((size_t) wsf * 4);
     moe_cuda_attention_ws_init(dpart, 0);
 
-    for (int v = 0; v < 4; v++) {
+    for (int v = 0; v < 6; v++) {
         moe_cuda_att_kv_t o;
-        int               fp8 = v == 1 || v == 2;
+        moe_cuda_tuning_t simt = MOE_CUDA_TUNING_DEFAULTS;
+        int               fp8 = v == 1 || v == 2 || v == 4;
+
+        simt.att_decode_tc = 0;
 
         o.fp8 = fp8;
         o.k_scale = KSC;
         o.v_scale = VSC;
-        o.max_ctx = v >= 2 ? maxp + 1 : 0;
+        o.max_ctx = v == 2 || v == 3 ? maxp + 1 : 0;
         cudaMemset(dout, 0xff, (size_t) T * NH * HD * 2);
         if (v == 0) {
             rc = moe_cuda_attention(dq, LD, T, dpos, dseq, dbt, doff,
@@ -256,8 +262,8 @@ run_case(const char *name, const cache_t *c, int T, const int32_t *pos,
                                        fp8 ? (const void *) dkv8
                                            : (const void *) dkvb,
                                        BS, NH, NKV, HD, window,
-                                       (moe_bf16_t *) dout, dpart, &o, NULL,
-                                       0);
+                                       (moe_bf16_t *) dout, dpart, &o,
+                                       v >= 4 ? &simt : NULL, 0);
         }
         if (cudaDeviceSynchronize() != cudaSuccess) {
             rc = MOE_K_EBACKEND;
@@ -266,13 +272,16 @@ run_case(const char *name, const cache_t *c, int T, const int32_t *pos,
         snprintf(what, sizeof(what), "%s: %s cache%s", name,
                  fp8 ? "fp8" : "bf16",
                  v == 0 ? " (moe_cuda_attention)"
-                        : v == 1 ? " (_ex)" : " (_ex, long-context grid)");
+                        : v == 1 ? " (_ex)"
+                        : v >= 4 ? " (_ex, SIMT decode kernel)"
+                                 : " (_ex, long-context grid)");
         /* prefill with a bf16 cache takes the tensor-core kernel, which
          * rounds the probabilities to bf16 (0.4 %) before P.V: its
          * elements may be 2 % of the row rms off (test_kernels bounds it
          * by 1e-2 relative overall); decode and the fp8 SIMT kernel keep
          * P in fp32 (the first device run: 1.6e-2 of rms for bf16 prefill,
-         * 0 elements past 2e-3 otherwise) */
+         * 0 elements past 2e-3 otherwise), and so, nearly, does the
+         * tensor-core decode kernel (q and P as hi + lo operand pairs) */
         bad = compare(what, out, fp8 ? ref8 : refb, T,
                       T > 64 && !fp8 ? 2.5e-2 : 2e-3);
         TAP_OK(rc == MOE_K_OK && bad == 0, "%s: %d tokens within bounds (%d "
@@ -404,7 +413,7 @@ main(void)
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
     }
-    TAP_PLAN(4 + 4 * 5 + 1);
+    TAP_PLAN(4 + 6 * 5 + 1);
     gu_seed(seed);
     TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
              (unsigned long long) seed);
