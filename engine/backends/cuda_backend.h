@@ -150,6 +150,21 @@ int moe_cuda_backend_create_rank_ep(const moe_model_t *m, int tp, int rank,
     int ep, int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen);
 
+/*
+ * Random weights in a weight format (backends/qweights.h MOE_WF_BF16,
+ * _FP8, _AWQ, _GPTQ; load_format dummy with `quantization`, benchmarks):
+ * the linear parts packed on the device as a checkpoint of that format
+ * would be (fp8: per-channel scales; awq / gptq: group 128, no g_idx;
+ * parts whose shapes the kernels do not take stay bf16), generated on the
+ * GPU.  tp / rank / ep as moe_cuda_backend_create_random_rank (tp 1, rank
+ * 0: one GPU).  MOE_EINVAL for an unknown wfmt; else as
+ * moe_cuda_backend_create_random.
+ */
+int moe_cuda_backend_create_random_fmt(const moe_hparams_t *hp, int wfmt,
+    uint64_t seed, int tp, int rank, int ep, int n_blocks, int block_size,
+    int max_batched_tokens, int device, moe_backend_t **out, char *err,
+    size_t errlen);
+
 /* Random weights (moe_cuda_backend_create_random) for rank `rank` of tp,
  * expert parallel when ep (benchmarks of the collectives: each rank's own
  * random values, so only shapes and timing mean anything). */
@@ -202,9 +217,16 @@ int moe_cuda_peer_access(const int *devices, int n, char *err,
 void moe_cuda_backend_set_reduce(moe_backend_t *b, moe_reduce_fn fn,
     void *ctx);
 
-/* Device bytes of the weights and of the workspaces for these shapes. */
+/* Device bytes of the weights and of the workspaces for these shapes
+ * (bf16 weights; _fmt: the linear parts in weight format wfmt as
+ * moe_cuda_backend_create_random_fmt lays them out, packed bytes and
+ * scales counted, the dequantization scratch in the workspaces; -1 for
+ * an unknown wfmt). */
 int64_t moe_cuda_weight_bytes(const moe_hparams_t *hp);
 int64_t moe_cuda_workspace_bytes(const moe_hparams_t *hp,
+    int max_batched_tokens);
+int64_t moe_cuda_weight_bytes_fmt(const moe_hparams_t *hp, int wfmt);
+int64_t moe_cuda_workspace_bytes_fmt(const moe_hparams_t *hp, int wfmt,
     int max_batched_tokens);
 
 /*
@@ -219,6 +241,17 @@ int moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
 int moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
     int max_batched_tokens, double gpu_memory_utilization, int device,
     int *n_blocks, char *err, size_t errlen);
+/* ... with the weights in format wfmt (random weights), or as rank `rank`
+ * of tp (expert parallel when ep) of model m holds them (the packed
+ * layouts its checkpoint keeps on the device, qweights.h): an fp8 / 4-bit
+ * model gets the KV blocks its smaller weights leave free. */
+int moe_cuda_kv_blocks_for_fmt(const moe_hparams_t *hp, int wfmt,
+    int block_size, int max_batched_tokens, double gpu_memory_utilization,
+    int device, int *n_blocks, char *err, size_t errlen);
+int moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank,
+    int ep, int block_size, int max_batched_tokens,
+    double gpu_memory_utilization, int device, int *n_blocks, char *err,
+    size_t errlen);
 
 /*
  * Stage timing for benchmarks: enable != 0 turns it on (events recorded at
