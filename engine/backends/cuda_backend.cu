@@ -108,6 +108,10 @@ static_assert((int) MOE_K_DT_F32 == (int) MOE_DT_F32
               && (int) MOE_K_DT_F16 == (int) MOE_DT_F16
               && (int) MOE_K_DT_BF16 == (int) MOE_DT_BF16,
               "moe_cuda_convert's dtypes are the safetensors reader's");
+static_assert(MOE_QW_FP8_CHANNEL == MOE_K_FP8_CHANNEL
+              && MOE_QW_FP8_BLOCK == MOE_K_FP8_BLOCK
+              && MOE_QW_BLOCK == 128,
+              "qweights.h's fp8 modes are kernels/quant_gemv.h's");
 static_assert(MOE_K_LOGPROBS_MAX_K == MOE_MAX_TOP_LOGPROBS,
               "kernels/logprobs.h and moe.h disagree on the top limit");
 static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
@@ -1401,7 +1405,7 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
 /* Random values for one linear part (values like bf16's uniform
  * 1/sqrt(K) ones: fp8 codes over the whole e4m3 range with per-row
  * scales 1 / (sqrt(K) 448); 4-bit random codes and zeros with scales
- * 1 / (4 sqrt(K))). */
+ * 1 / (10 sqrt(K)), about the same spread). */
 static int
 cb_random_part(cuda_backend_t *b, const cb_qw_t *w, uint64_t seed)
 {
@@ -1419,7 +1423,7 @@ cb_random_part(cuda_backend_t *b, const cb_qw_t *w, uint64_t seed)
         MOE_TRY(moe_cuda_fill_random_u32((uint32_t *) w->zeros,
                                          n / w->G / 8, seed + 1, s));
         return moe_cuda_fill_random_f16(w->scales, n / w->G, seed + 2,
-                                        0.0f, sd / 4.0f, s);
+                                        0.0f, sd / 10.0f, s);
     default:
         /* a bf16 part is filled with its group (cb_random_weights) */
         return MOE_OK;
