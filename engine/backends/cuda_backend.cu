@@ -22,6 +22,10 @@
  * argmax kernel picks each row's greedy id (below its n_valid), and only
  * the ids plus the fp32 logits of rows that asked for logits are copied
  * back.  The residual stream stays fp32 throughout.
+ * Quantized checkpoints (backends/qweights.h): the linear parts stay
+ *   packed (fp8 / AWQ / GPTQ, kernels/quant_gemv.h); cb_dense_proj and
+ *   cb_expert_proj choose between the quantized GEMV (decode-sized steps)
+ *   and dequantizing one part into b->qscratch for the bf16 GEMMs.
  *
  * CUDA graphs: a step of T <= CB_GRAPH_MAX_T tokens with at most
  * CB_LOGIT_ROWS logits rows (decode, small prefill chunks) runs as a graph

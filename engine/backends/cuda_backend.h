@@ -9,10 +9,15 @@
  *   weights, one allocation, bf16 unless noted:
  *     embed      (vocab, dim)
  *     lm_head    (vocab, dim)             aliases embed when tied
- *     wqkv       (n_layers, q + 2 kv, dim)  rows: wq | wk | wv
- *     wo         (n_layers, dim, q)
- *     w_gu       (n_layers, n_experts, 2 ffn, dim)  rows: gate (w1) | up (w3)
- *     w_down     (n_layers, n_experts, dim, ffn)
+ *     per layer, each linear part in its plan's format (qweights.h;
+ *     bf16 unless the checkpoint is quantized, or random weights asked
+ *     for a format), carved layer by layer:
+ *       q|k|v     (q + 2 kv, dim)  stacked when bf16
+ *       o         (dim, q)
+ *       gate|up   (n_experts, 2 ffn, dim)  rows: gate (w1) | up (w3) when
+ *                 bf16; packed: gate and up apart, (n_experts, ffn, dim)
+ *       down      (n_experts, dim, ffn)
+ *     (absent in the dense layers of an MoE model)
  *     attn_norm, ffn_norm (n_layers, dim) fp32; final_norm (dim) fp32
  *     router     (n_layers, n_experts, dim) fp32 (absent when dense)
  *   optional pieces, present only when their hparams flag asks:
@@ -27,12 +32,11 @@
  *     b_gu       (n_layers, 2 ffn) fp32        mlp_bias (b_gate | b_up;
  *                                              gate part 0 when absent)
  *     b_down     (n_layers, dim) fp32          mlp_bias
- *     ws_gu      (n_layers, 2 fs, dim)         shared expert (fs =
- *     ws_down    (n_layers, dim, fs)            shared_ffn_dim): gate | up
+ *     shared expert gate|up (2 fs, dim), down (dim, fs), per MoE layer
+ *                (fs = shared_ffn_dim; parts like the experts')
  *     ws_gate_inp (n_layers, dim) fp32
- *     wd_gu      (n_dense, 2 fd, dim)          dense layers of an MoE model
- *     wd_down    (n_dense, dim, fd)             (fd = dense_ffn_dim), in
- *                                               layer order of layer_dense
+ *     dense MLP gate|up (2 fd, dim), down (dim, fd) in the dense layers of
+ *                an MoE model (fd = dense_ffn_dim)
  *   with q = n_heads * head_dim, kv = n_kv_heads * head_dim.
  *   KV pool: (n_layers, n_blocks, 2, block_size, n_kv_heads, head_dim) bf16
  *     (layer outermost, unlike the CPU backend's block-outermost pool; a
