@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "backends/qweights.h"
+#include "model/safetensors.h"
 
 
 static int
@@ -596,6 +597,29 @@ qw_plan_piece(void *ctx, const moe_tensor_ref_t *t)
 }
 
 
+/* Whether layer l's experts are one fused gate_up_proj tensor (the walk
+ * emits them float even under YAML fp8: m_walk_experts). */
+static int
+qw_fused_experts(const moe_model_t *m, int l)
+{
+    const moe_st_set_t *st = moe_model_tensors(m);
+    char                name[160];
+    int                 p, w;
+
+    for (p = 0; st != NULL && p < 2; p++) {
+        for (w = 0; w < 2; w++) {
+            snprintf(name, sizeof(name), "model.layers.%d.%s.experts."
+                     "gate_up_proj%s", l, p ? "mlp" : "block_sparse_moe",
+                     w ? ".weight" : "");
+            if (moe_st_find(st, name) != NULL) {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+
 int
 moe_qw_plan_model(const moe_model_t *m, int tp, int rank, int ep,
     moe_qplan_t *plan, char *err, size_t errlen)
@@ -613,8 +637,20 @@ moe_qw_plan_model(const moe_model_t *m, int tp, int rank, int ep,
         return rc;
     }
     if (q->method == MOE_QM_FP8_LOAD) {
-        /* quantized per channel at load: every linear weight */
-        return moe_qw_plan_uniform(&rhp, MOE_WF_FP8, plan);
+        /* quantized per channel at load: every linear weight the walk
+         * loads by name (fused expert tensors stay float there, so bf16
+         * here too: the CPU backend's values) */
+        rc = moe_qw_plan_uniform(&rhp, MOE_WF_FP8, plan);
+        for (int l = 0; rc == MOE_OK && l < rhp.n_layers
+                        && l < MOE_MAX_LAYERS; l++)
+        {
+            if (qw_fused_experts(m, l)) {
+                memset(&plan->f[l][MOE_QP_GATE], 0, sizeof(moe_qfmt_t));
+                memset(&plan->f[l][MOE_QP_UP], 0, sizeof(moe_qfmt_t));
+                memset(&plan->f[l][MOE_QP_DOWN], 0, sizeof(moe_qfmt_t));
+            }
+        }
+        return rc;
     }
     memset(&c, 0, sizeof(c));
     c.hp = &rhp;
