@@ -20,7 +20,12 @@
  *      tensor-core decode kernel and the SIMT one (tuning record
  *      att_decode_tc 1 / 0), against KV bytes / copy bandwidth.
  * Usage: bench_engine [model,...] [--tp N] [--ep] [--nccl auto|on|off]
- *   (models: default all four; names below)
+ *   [--weights bf16|fp8|awq|gptq]  (models: default all four; names below)
+ * --weights (BENCH_WEIGHTS): part 2's whole-model figures with the linear
+ * weights packed in that format (moe_cuda_backend_create_random_fmt: fp8
+ * per-channel scales, 4-bit group 128), the decode limit from the
+ * format's bytes (weights with scales and zeros, plus KV), the KV pool
+ * sized by them; RESULT lines carry weights=<format>.
  * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 / BENCH_CTX=8192
  * run only those decode batches / prefill prompts / decode contexts ("0":
  * none), e.g. under ncu; BENCH_QUANT=0 / BENCH_ATT=0 skip parts 3 / 4;
@@ -48,6 +53,7 @@
 
 extern "C" {
 #include "backends/backend.h"
+#include "backends/qweights.h"
 }
 #include "backends/cuda_backend.h"
 #include "attention.h"
@@ -81,6 +87,27 @@ static double copy_gbs, gemm_tfs;
 /* parallelism of the run (--tp, --ep, --nccl) */
 static int         opt_tp = 1, opt_ep;
 static const char *opt_nccl = "auto";
+/* part 2's weight format (--weights, BENCH_WEIGHTS): MOE_WF_* */
+static int         opt_wfmt = MOE_WF_BF16;
+
+
+/* Device bytes of one (N, K) weight in part 2's format, scales and zeros
+ * included (as moe_cuda_backend_create_random_fmt lays it out: fp8 per
+ * channel, 4-bit group 128; shapes the kernels do not take stay bf16). */
+static double
+bench_wbytes(double N, double K)
+{
+    switch (opt_wfmt) {
+    case MOE_WF_FP8:
+        return fmod(K, 16) == 0 ? N * K + 4 * N : 2 * N * K;
+    case MOE_WF_AWQ: case MOE_WF_GPTQ:
+        return fmod(K, 128) == 0 && fmod(N, 8) == 0
+               ? N * K / 2 + (K / 128) * N * 2 + (K / 128) * (N / 8) * 4
+               : 2 * N * K;
+    default:
+        return 2 * N * K;
+    }
+}
 
 
 /* Whether v is in the comma list of environment variable var (unset: all
@@ -288,8 +315,8 @@ bench_create_ranks(const moe_hparams_t *hp, int *n_blocks,
     distinct = opt_tp <= ndev;
     *n_gpus = distinct ? opt_tp : ndev;
     per_dev = (opt_tp + ndev - 1) / ndev;
-    rc = moe_cuda_kv_blocks_for_hp(&rhp, BS, CAP, 0.92 / per_dev, 0, &avail,
-                                   err, errlen);
+    rc = moe_cuda_kv_blocks_for_fmt(&rhp, opt_wfmt, BS, CAP, 0.92 / per_dev,
+                                    0, &avail, err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -303,9 +330,9 @@ bench_create_ranks(const moe_hparams_t *hp, int *n_blocks,
         }
     }
     for (r = 0; r < opt_tp; r++) {
-        rc = moe_cuda_backend_create_random_rank(hp, 42, opt_tp, r, opt_ep,
-                                                 nb, BS, CAP, dev[r],
-                                                 &ranks[r], err, errlen);
+        rc = moe_cuda_backend_create_random_fmt(hp, opt_wfmt, 42, opt_tp, r,
+                                                opt_ep, nb, BS, CAP, dev[r],
+                                                &ranks[r], err, errlen);
         if (rc != MOE_OK) {
             break;
         }
@@ -368,20 +395,21 @@ bench_model(const shape_t *sh)
     double Q = (double) hp.n_heads * hp.head_dim;
     double KVD = (double) hp.n_kv_heads * hp.head_dim;
     double V = hp.vocab_size, K = hp.top_k;
-    double wbytes = (double) moe_cuda_weight_bytes(&hp);
+    double wbytes = (double) moe_cuda_weight_bytes_fmt(&hp, opt_wfmt);
+    const char *wname = moe_qw_format_name(opt_wfmt);
 
     printf("\n== %s: dim %d, %d layers, %d/%d heads, ffn %d, %d experts "
-           "top-%d, vocab %d %s%s%s; weights %.1f GB bf16\n", sh->name,
+           "top-%d, vocab %d %s%s%s; weights %.1f GB %s\n", sh->name,
            sh->dim, sh->layers, sh->heads, sh->kv_heads, sh->ffn,
            sh->experts, sh->top_k, sh->vocab, sh->note[0] ? "(" : "",
-           sh->note, sh->note[0] ? ")" : "", wbytes / 1e9);
+           sh->note, sh->note[0] ? ")" : "", wbytes / 1e9, wname);
 
     per_seq = (CTX_MAX + 16 + BS - 1) / BS + 1;
     /* enough for 256 sequences at 512 or 64 at 8192 (the pool caps it
      * below: then sequences share pages, still read from memory) */
     n_blocks = 64 * ((8192 + 16 + BS - 1) / BS + 1) + CAP / BS + 8;
-    rc = moe_cuda_kv_blocks_for_hp(&hp, BS, CAP, 0.92, 0, &avail, err,
-                                   sizeof(err));
+    rc = moe_cuda_kv_blocks_for_fmt(&hp, opt_wfmt, BS, CAP, 0.92, 0, &avail,
+                                    err, sizeof(err));
     if (rc != MOE_OK) {
         printf("SKIP %s: %s\n", sh->name, err);
         printf("RESULT model=%s kind=skip\n", sh->name);
@@ -406,8 +434,9 @@ bench_model(const shape_t *sh)
             return 0;
         }
     } else {
-        rc = moe_cuda_backend_create_random(&hp, 42, n_blocks, BS, CAP, 0,
-                                            &b, err, sizeof(err));
+        rc = moe_cuda_backend_create_random_fmt(&hp, opt_wfmt, 42, 1, 0, 0,
+                                                n_blocks, BS, CAP, 0, &b, err,
+                                                sizeof(err));
     }
     if (rc != MOE_OK) {
         printf("FAIL %s: create: %s\n", sh->name, err);
@@ -499,8 +528,11 @@ bench_model(const shape_t *sh)
             }
             /* over 3 steps the set can only grow: an upper bound on one
              * step's, so the limit is conservative (never too small) */
-            double bytes = L * (Q + 2 * KVD) * D * 2 + L * D * Q * 2
-                           + hit * 3 * F * D * 2
+            /* weights in the run's format, scales and zeros included */
+            double bytes = L * (bench_wbytes(Q, D) + 2 * bench_wbytes(KVD, D)
+                                + bench_wbytes(D, Q))
+                           + hit * (2 * bench_wbytes(F, D)
+                                    + bench_wbytes(D, F))
                            + (E > 1 ? L * E * D * 4 : 0) + V * D * 2
                            + (double) B * (CTX + 1) * L * 2 * KVD * 2;
             /* the ranks on n_gpus GPUs read these bytes in parallel */
@@ -510,9 +542,9 @@ bench_model(const shape_t *sh)
                    dt * 1e3, lim * 1e3, 100 * lim / dt);
             printf("RESULT model=%s kind=decode batch=%d tok_s=%.1f "
                    "ms_step=%.3f limit_ms=%.3f of_limit=%.3f "
-                   "experts_hit=%.0f ctx=%d tp=%d ep=%d gpus=%d\n", sh->name,
-                   B, B / dt, dt * 1e3, lim * 1e3, lim / dt, hit, CTX,
-                   opt_tp, opt_ep, n_gpus);
+                   "experts_hit=%.0f ctx=%d tp=%d ep=%d gpus=%d "
+                   "weights=%s\n", sh->name, B, B / dt, dt * 1e3, lim * 1e3,
+                   lim / dt, hit, CTX, opt_tp, opt_ep, n_gpus, wname);
             print_stages("", ms, 3);
             print_comm(sh->name, "decode", B, ms, 3, sh->layers);
         }
@@ -564,9 +596,9 @@ bench_model(const shape_t *sh)
         printf("  prompt %-15d %10.0f %10.2f %10.2f %7.0f%%\n", P, P / dt,
                dt * 1e3, lim * 1e3, 100 * lim / dt);
         printf("RESULT model=%s kind=prefill prompt=%d tok_s=%.1f ms=%.3f "
-               "limit_ms=%.3f of_limit=%.3f tp=%d ep=%d gpus=%d\n",
-               sh->name, P, P / dt, dt * 1e3, lim * 1e3, lim / dt, opt_tp,
-               opt_ep, n_gpus);
+               "limit_ms=%.3f of_limit=%.3f tp=%d ep=%d gpus=%d "
+               "weights=%s\n", sh->name, P, P / dt, dt * 1e3, lim * 1e3,
+               lim / dt, opt_tp, opt_ep, n_gpus, wname);
         print_stages("", ms, 1);
         print_comm(sh->name, "prefill", P, ms, 1, sh->layers);
     }
@@ -939,6 +971,9 @@ main(int argc, char **argv)
     if (getenv("BENCH_NCCL") != NULL) {
         opt_nccl = getenv("BENCH_NCCL");
     }
+    if (getenv("BENCH_WEIGHTS") != NULL) {
+        opt_wfmt = moe_qw_format_by_name(getenv("BENCH_WEIGHTS"));
+    }
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--tp") == 0 && i + 1 < argc) {
             opt_tp = atoi(argv[++i]);
@@ -946,6 +981,8 @@ main(int argc, char **argv)
             opt_ep = 1;
         } else if (strcmp(argv[i], "--nccl") == 0 && i + 1 < argc) {
             opt_nccl = argv[++i];
+        } else if (strcmp(argv[i], "--weights") == 0 && i + 1 < argc) {
+            opt_wfmt = moe_qw_format_by_name(argv[++i]);
         } else {
             want = argv[i];
         }
@@ -954,9 +991,14 @@ main(int argc, char **argv)
         printf("FAIL --tp %d: 1..64\n", opt_tp);
         return 2;
     }
-    printf("tensor parallel %d%s, nccl %s (this build: %s)\n", opt_tp,
-           opt_ep ? ", expert parallel" : "", opt_nccl,
-           moe_cuda_nccl_available() ? "with NCCL" : "without NCCL");
+    if (opt_wfmt < 0) {
+        printf("FAIL --weights / BENCH_WEIGHTS: bf16, fp8, awq or gptq\n");
+        return 2;
+    }
+    printf("tensor parallel %d%s, nccl %s (this build: %s), weights %s\n",
+           opt_tp, opt_ep ? ", expert parallel" : "", opt_nccl,
+           moe_cuda_nccl_available() ? "with NCCL" : "without NCCL",
+           moe_qw_format_name(opt_wfmt));
 
     if (ndev == 0) {
         printf("SKIP no CUDA device\n");

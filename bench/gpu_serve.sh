@@ -23,7 +23,16 @@ trap 'gpu_nginx_stop; save_log' EXIT
 
 gpu_bench_tokenizer || exit 1
 [ -x build/bench/serve ] || { echo "build/bench/serve missing: make bench" >&2; exit 1; }
-gpu_nginx_start bench/conf/nginx-bench.conf $PORT $LOG || exit 1
+# BENCH_YAML=bench/conf/<x>.yaml serves another engine YAML (e.g.
+# mixtral-8x7b-fp8-dummy.yaml: fp8 weights packed on the GPU) through a
+# copy of the conf beside it (relative paths unchanged)
+CONF=bench/conf/nginx-bench.conf
+if [ -n "${BENCH_YAML:-}" ]; then
+    CONF=bench/conf/.nginx-bench-yaml.conf
+    sed "s|mixtral-8x7b-dummy.yaml|$(basename "$BENCH_YAML")|" \
+        bench/conf/nginx-bench.conf > $CONF
+fi
+gpu_nginx_start $CONF $PORT $LOG || exit 1
 gpu_wait_health $PORT 240 $LOG || { tail -20 $LOG; exit 1; }
 grep 'moe:' $LOG | tail -3
 set -o pipefail

@@ -1,6 +1,8 @@
 /* fp32 -> bf16 conversion and hash-based random fills. */
 #include "common.cuh"
 #include "init.h"
+#include <cuda_fp8.h>
+#include <cuda_fp16.h>
 
 
 __device__ __forceinline__ float
@@ -90,4 +92,70 @@ moe_cuda_fill_random_f32(float *dst, int64_t n, uint64_t seed, float scale,
         seed, scale, offset);
     MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_f32");
     return MOE_K_OK;
+}
+
+
+__global__ void
+kernel_fill_random_q(void *dst, int64_t n, uint64_t seed, int kind,
+    float scale, float offset)
+{
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
+         i += (int64_t) gridDim.x * blockDim.x)
+    {
+        float u = moe_hash_u(seed, (uint64_t) i);
+
+        if (kind == 0) {
+            __nv_fp8_e4m3 q(448.0f * u);
+
+            ((__nv_fp8_e4m3 *) dst)[i] = q;
+        } else if (kind == 1) {
+            /* two hashes' high bits: every nibble uniform */
+            uint32_t a = (uint32_t) ((u + 1.0f) * 65535.0f);
+            uint32_t c = (uint32_t) ((moe_hash_u(seed ^ 0x5bd1e995ULL,
+                                                 (uint64_t) i) + 1.0f)
+                                     * 65535.0f);
+
+            ((uint32_t *) dst)[i] = (a & 0xffffu) | (c << 16);
+        } else {
+            ((__half *) dst)[i] = __float2half(offset + scale * u);
+        }
+    }
+}
+
+
+static int
+moe_fill_q(void *dst, int64_t n, uint64_t seed, int kind, float scale,
+    float offset, cudaStream_t stream)
+{
+    if (n <= 0) {
+        return MOE_K_OK;
+    }
+    kernel_fill_random_q<<<moe_grid(n, 256 * 8), 256, 0, stream>>>(dst, n,
+        seed, kind, scale, offset);
+    MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_q");
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_fill_random_fp8(uint8_t *dst, int64_t n, uint64_t seed,
+    cudaStream_t stream)
+{
+    return moe_fill_q(dst, n, seed, 0, 1.0f, 0.0f, stream);
+}
+
+
+extern "C" int
+moe_cuda_fill_random_u32(uint32_t *dst, int64_t n, uint64_t seed,
+    cudaStream_t stream)
+{
+    return moe_fill_q(dst, n, seed, 1, 1.0f, 0.0f, stream);
+}
+
+
+extern "C" int
+moe_cuda_fill_random_f16(uint16_t *dst, int64_t n, uint64_t seed,
+    float scale, float offset, cudaStream_t stream)
+{
+    return moe_fill_q(dst, n, seed, 2, scale, offset, stream);
 }

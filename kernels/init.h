@@ -17,6 +17,18 @@ int moe_cuda_fill_random_bf16(moe_bf16_t *dst, int64_t n, uint64_t seed,
 /* Same in fp32, plus `offset`: dst[i] = offset + scale * u(seed, i). */
 int moe_cuda_fill_random_f32(float *dst, int64_t n, uint64_t seed,
     float scale, float offset, cudaStream_t stream);
+
+/* Synthetic packed weights (benchmarks of the quantized formats):
+ * moe_cuda_fill_random_fp8: dst[i] = e4m3(448 u(seed, i)) (finite codes,
+ *   the whole e4m3 range; pair with scales amax / 448);
+ * moe_cuda_fill_random_u32: dst[i] = 32 hash bits (4-bit codes / zeros);
+ * moe_cuda_fill_random_f16: dst[i] = fp16(offset + scale u(seed, i)). */
+int moe_cuda_fill_random_fp8(uint8_t *dst, int64_t n, uint64_t seed,
+    cudaStream_t stream);
+int moe_cuda_fill_random_u32(uint32_t *dst, int64_t n, uint64_t seed,
+    cudaStream_t stream);
+int moe_cuda_fill_random_f16(uint16_t *dst, int64_t n, uint64_t seed,
+    float scale, float offset, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

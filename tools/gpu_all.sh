@@ -97,6 +97,12 @@ fi
 # build/quantize.
 run quant_ref    tests 120 build/quantize bash -c \
     'tools/quant_models.sh build/quant && python3 tools/ref_quant.py build/quant'
+# quantized checkpoints on the CUDA backend (weights packed on the device)
+# against the CPU backend, every tiny quantized model, prefill / chunk /
+# decode, tp 1 and 2 ranks on one GPU (t/gpu/test_qbackend.cu); needs
+# build/quantize for the models
+run test_qbackend tests 120 build/gpu/test_qbackend bash -c \
+    'tools/quant_models.sh build/quant > /dev/null && build/gpu/test_qbackend'
 run bench_engine bench 180 build/gpu/bench_engine build/gpu/bench_engine \
     "${BENCH_MODELS:-mixtral-8x7b}"
 run serve_smoke  serve 90  build/nginx/objs/ngx_http_moe_module.so \

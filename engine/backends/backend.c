@@ -19,6 +19,7 @@
 #include "backends/backend.h"
 #ifdef MOE_HAVE_CUDA
 #include "backends/cuda_backend.h"
+#include "backends/qweights.h"
 #endif
 
 
@@ -507,7 +508,15 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     int                  tp, ndev, r, on_dev0 = 0, devs[64], rc;
     int                  dev = o->n_gpu_devices > 0 ? o->gpu_devices[0] : 0;
     int                  n_blocks = o->kv_cache_blocks;
+    /* load_format dummy: random weights in the `quantization` format */
+    int                  wfmt = moe_qw_format_by_name(o->quantization);
 
+    if (o->dummy && wfmt < 0) {
+        moe_errf(err, errlen, "%s: quantization '%s' with load_format "
+                 "dummy: random weights come as fp8, awq, gptq or bf16",
+                 be_file(o), o->quantization);
+        return MOE_EINVAL;
+    }
     tp = o->tensor_parallel_size > 1 ? o->tensor_parallel_size : 1;
     ndev = moe_cuda_device_count();
     if (tp > 1 && o->dummy) {
@@ -543,10 +552,23 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     if (n_blocks <= 0) {
         /* each rank holds its kv heads; ranks sharing a device share its
          * memory budget */
-        rc = moe_cuda_kv_blocks_for_hp(&rhp, o->block_size,
-                                       o->max_num_batched_tokens,
-                                       o->gpu_memory_utilization / on_dev0,
-                                       devs[0], &n_blocks, err, errlen);
+        /* the weights as the device holds them (packed formats count
+         * their own bytes) */
+        if (o->dummy) {
+            rc = moe_cuda_kv_blocks_for_fmt(&rhp, wfmt, o->block_size,
+                                            o->max_num_batched_tokens,
+                                            o->gpu_memory_utilization
+                                            / on_dev0, devs[0], &n_blocks,
+                                            err, errlen);
+        } else {
+            rc = moe_cuda_kv_blocks_for_rank(m, tp, 0,
+                                             o->expert_parallel && tp > 1,
+                                             o->block_size,
+                                             o->max_num_batched_tokens,
+                                             o->gpu_memory_utilization
+                                             / on_dev0, devs[0], &n_blocks,
+                                             err, errlen);
+        }
         if (rc != MOE_OK) {
             return rc;
         }
@@ -561,10 +583,14 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     p.kv_v_scale = o->kv_v_scale;
     p.kind = MOE_BACKEND_CUDA;
     if (o->dummy) {
-        rc = moe_cuda_backend_create_random(hp, 1234, n_blocks,
-                                            o->block_size,
-                                            o->max_num_batched_tokens,
-                                            dev, out, err, errlen);
+        if (wfmt != MOE_WF_BF16) {
+            moe_log(MOE_LOG_INFO, "load_format dummy: random %s weights",
+                    moe_qw_format_name(wfmt));
+        }
+        rc = moe_cuda_backend_create_random_fmt(hp, wfmt, 1234, 1, 0, 0,
+                                                n_blocks, o->block_size,
+                                                o->max_num_batched_tokens,
+                                                dev, out, err, errlen);
         return be_kv_dtype(&p, out, rc, err, errlen);
     }
     p.tp = tp;

@@ -22,6 +22,10 @@
  * argmax kernel picks each row's greedy id (below its n_valid), and only
  * the ids plus the fp32 logits of rows that asked for logits are copied
  * back.  The residual stream stays fp32 throughout.
+ * Quantized checkpoints (backends/qweights.h): the linear parts stay
+ *   packed (fp8 / AWQ / GPTQ, kernels/quant_gemv.h); cb_dense_proj and
+ *   cb_expert_proj choose between the quantized GEMV (decode-sized steps)
+ *   and dequantizing one part into b->qscratch for the bf16 GEMMs.
  *
  * CUDA graphs: a step of T <= CB_GRAPH_MAX_T tokens with at most
  * CB_LOGIT_ROWS logits rows (decode, small prefill chunks) runs as a graph
@@ -76,6 +80,7 @@
 #include "rope.h"
 #include "silu_mul.h"
 #include "tp_sum.h"
+#include "quant_gemv.h"
 #ifdef MOE_HAVE_NCCL
 #include <nccl.h>
 
@@ -95,6 +100,7 @@
 
 extern "C" {
 #include "model/safetensors.h"
+#include "backends/qweights.h"
 #include "sampling/sampling.h"
 
 static_assert((int) MOE_K_OK == (int) MOE_OK
@@ -106,6 +112,10 @@ static_assert((int) MOE_K_DT_F32 == (int) MOE_DT_F32
               && (int) MOE_K_DT_F16 == (int) MOE_DT_F16
               && (int) MOE_K_DT_BF16 == (int) MOE_DT_BF16,
               "moe_cuda_convert's dtypes are the safetensors reader's");
+static_assert(MOE_QW_FP8_CHANNEL == MOE_K_FP8_CHANNEL
+              && MOE_QW_FP8_BLOCK == MOE_K_FP8_BLOCK
+              && MOE_QW_BLOCK == 128,
+              "qweights.h's fp8 modes are kernels/quant_gemv.h's");
 static_assert(MOE_K_LOGPROBS_MAX_K == MOE_MAX_TOP_LOGPROBS,
               "kernels/logprobs.h and moe.h disagree on the top limit");
 static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
@@ -139,6 +149,23 @@ typedef struct {
 
 typedef __nv_bfloat16 bf16;
 
+/*
+ * One linear part of a layer on the device (qweights.h): count matrices
+ * (N, K) in format fmt.  bf16: w is the part's first row inside its
+ * stacked group, expert e at w + e * grows * K elements; packed formats:
+ * the kernels' layouts (kernels/quant_gemv.h), expert e at e times one
+ * matrix's size.  w NULL: the layer has no such part.
+ */
+typedef struct {
+    int             fmt, mode, G, zero_bias;
+    int             N, K, count, grows;
+    void           *w;             /* bf16 / e4m3 / qweight i32 */
+    float          *scale;         /* fp8 (count, n_scales) */
+    int32_t        *zeros;         /* 4-bit (count, K / G, N / 8) */
+    uint16_t       *scales;        /* 4-bit (count, K / G, N) f16 */
+    int32_t        *g_idx;         /* gptq (count, K) or NULL */
+} cb_qw_t;
+
 typedef struct {
     moe_backend_t   base;          /* first: the public interface */
     moe_hparams_t   hp;
@@ -165,10 +192,10 @@ typedef struct {
     void           *wbuf;
     bf16           *embed;         /* (vocab, dim) */
     bf16           *lm_head;       /* (vocab, dim) */
-    bf16           *wqkv;          /* (L, Q + 2 KVD, dim) */
-    bf16           *wo;            /* (L, dim, Q) */
-    bf16           *w_gu;          /* (L, E, 2 ffn, dim) */
-    bf16           *w_down;        /* (L, E, dim, ffn) */
+    /* the linear parts (q, k, v, o, experts, shared expert, dense
+     * layers), each in its plan's format: qw[l * MOE_QP_N + part] */
+    moe_qplan_t    *plan;
+    cb_qw_t        *qw;
     float          *attn_norm;     /* (L, dim) */
     float          *ffn_norm;      /* (L, dim) */
     float          *final_norm;    /* (dim) */
@@ -184,11 +211,7 @@ typedef struct {
     float          *k_norm;        /* (L, hd) qk_norm */
     float          *b_gu;          /* (L, 2 ffn) mlp_bias: gate | up */
     float          *b_down;        /* (L, dim) mlp_bias */
-    bf16           *ws_gu;         /* (L, 2 FS, dim) shared expert */
-    bf16           *ws_down;       /* (L, dim, FS) */
-    float          *ws_gate_inp;   /* (L, dim) */
-    bf16           *wd_gu;         /* (n_dense, 2 FD, dim) dense layers */
-    bf16           *wd_down;       /* (n_dense, dim, FD) */
+    float          *ws_gate_inp;   /* (L, dim) shared expert gate */
     int             G;             /* rows of w_gu per expert: 2 ffn, or
                                       ffn when ungated */
     int             dense_slot[MOE_MAX_LAYERS]; /* layer -> wd_* index */
@@ -226,6 +249,8 @@ typedef struct {
     float          *gu;            /* (NK, 2 ffn) */
     bf16           *hbuf;          /* (NK, ffn) */
     float          *ye;            /* (NK, dim) */
+    bf16           *qscratch;      /* one packed part dequantized (the
+                                      tensor-core path), or NULL */
     bf16           *xlast;         /* (CB_LOGIT_ROWS, dim) */
     float          *logits;        /* (CB_LOGIT_ROWS, vocab) */
     int32_t        *d_tokout;      /* (CB_LOGIT_ROWS) greedy ids */
@@ -307,10 +332,11 @@ cb_take(cb_carve_t *c, size_t bytes)
 
 
 typedef struct {
-    size_t embed, lm_head, wqkv, wo, w_gu, w_down, attn_norm, ffn_norm,
+    size_t embed, lm_head, attn_norm, ffn_norm,
            final_norm, router, pos_embed, attn_norm_b, ffn_norm_b,
-           final_norm_b, bqkv, bo, q_norm, k_norm, b_gu, b_down, ws_gu,
-           ws_down, ws_gate_inp, wd_gu, wd_down, total;
+           final_norm_b, bqkv, bo, q_norm, k_norm, b_gu, b_down,
+           ws_gate_inp, total;
+    moe_qoff_t *qoff;              /* (L, MOE_QP_N) or NULL: sizes only */
 } cb_wlayout_t;
 
 
@@ -338,29 +364,28 @@ cb_take_if(cb_carve_t *c, int on, size_t bytes)
 }
 
 
+/* The weight allocation for hp with its linear parts in plan's formats
+ * (qweights.h); l->qoff (set by the caller, or NULL) receives the parts'
+ * offsets. */
 static void
-cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
+cb_weight_layout(const moe_hparams_t *hp, const moe_qplan_t *plan,
+    cb_wlayout_t *l)
 {
     cb_carve_t c = { 0 };
     size_t     L = (size_t) hp->n_layers, D = (size_t) hp->dim;
     size_t     V = (size_t) hp->vocab_size, E = (size_t) hp->n_experts;
-    size_t     EL = (size_t) moe_hp_local_experts(hp);
-    size_t     F = (size_t) hp->ffn_dim, G = hp->ffn_ungated ? F : 2 * F;
+    size_t     F = (size_t) hp->ffn_dim;
     size_t     Q = (size_t) hp->n_heads * hp->head_dim;
     size_t     KV = (size_t) hp->n_kv_heads * hp->head_dim;
     size_t     HD = (size_t) hp->head_dim;
     size_t     FS = (size_t) (hp->shared_ffn_dim > 0 ? hp->shared_ffn_dim
                                                      : 0);
-    size_t     FD = (size_t) (hp->dense_ffn_dim > 0 ? hp->dense_ffn_dim : 0);
-    size_t     ND = (size_t) cb_n_dense(hp);
 
     l->embed = cb_take(&c, V * D * 2);
     l->lm_head = hp->tie_embeddings ? l->embed : cb_take(&c, V * D * 2);
-    l->wqkv = cb_take(&c, L * (Q + 2 * KV) * D * 2);
-    l->wo = cb_take(&c, L * D * Q * 2);
-    /* routed experts: the rank's own (expert parallel) or all */
-    l->w_gu = cb_take(&c, L * EL * G * D * 2);
-    l->w_down = cb_take(&c, L * EL * D * F * 2);
+    /* q/k/v, o, the rank's routed experts (expert parallel) or all, the
+     * shared expert and dense layers, per layer in the plan's formats */
+    c.off = moe_qw_layout(hp, plan, c.off, CB_ALIGN, l->qoff);
     l->attn_norm = cb_take(&c, L * D * 4);
     l->ffn_norm = cb_take(&c, L * D * 4);
     l->final_norm = cb_take(&c, D * 4);
@@ -377,11 +402,7 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
     l->k_norm = cb_take_if(&c, hp->qk_norm, L * HD * 4);
     l->b_gu = cb_take_if(&c, hp->mlp_bias, L * 2 * F * 4);
     l->b_down = cb_take_if(&c, hp->mlp_bias, L * D * 4);
-    l->ws_gu = cb_take_if(&c, FS > 0, L * 2 * FS * D * 2);
-    l->ws_down = cb_take_if(&c, FS > 0, L * D * FS * 2);
     l->ws_gate_inp = cb_take_if(&c, FS > 0, L * D * 4);
-    l->wd_gu = cb_take_if(&c, ND > 0, ND * 2 * FD * D * 2);
-    l->wd_down = cb_take_if(&c, ND > 0, ND * D * FD * 2);
     l->total = c.off;
 }
 
@@ -389,13 +410,16 @@ cb_weight_layout(const moe_hparams_t *hp, cb_wlayout_t *l)
 typedef struct {
     size_t x, tmp, xf, xb, qkv, att, sel, selw, slot_of, erow, counts, xe,
            gu, hbuf, ye, xlast, logits, tokout, stage, offs, ecounts,
-           att_part, margin, rlogits, total;
+           att_part, margin, rlogits, qscratch, total;
     size_t stage_ints, bt_cap;
 } cb_slayout_t;
 
 
+/* The workspaces; qscratch: bytes of the dequantization scratch
+ * (moe_qw_scratch_bytes, 0 without packed parts). */
 static void
-cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
+cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks,
+    size_t qscratch, cb_slayout_t *l)
 {
     cb_carve_t c = { 0 };
     size_t     N = (size_t) cap, D = (size_t) hp->dim;
@@ -442,27 +466,85 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks, cb_slayout_t *l)
     l->bt_cap = (size_t) n_blocks + 4 * N + 65536;
     l->stage_ints = CB_STAGE_FIXED * N + l->bt_cap;
     l->stage = cb_take(&c, l->stage_ints * 4);
+    l->qscratch = qscratch > 0 ? cb_take(&c, qscratch) : 0;
     l->total = c.off;
+}
+
+
+static int64_t
+cb_weight_bytes_plan(const moe_hparams_t *hp, const moe_qplan_t *plan)
+{
+    cb_wlayout_t l;
+
+    l.qoff = NULL;
+    cb_weight_layout(hp, plan, &l);
+    return (int64_t) l.total;
+}
+
+
+static int64_t
+cb_workspace_bytes_plan(const moe_hparams_t *hp, const moe_qplan_t *plan,
+    int max_batched_tokens)
+{
+    cb_slayout_t l;
+
+    cb_ws_layout(hp, max_batched_tokens, 0,
+                 moe_qw_scratch_bytes(hp, plan), &l);
+    return (int64_t) (l.total + CB_BLAS_WS);
+}
+
+
+/* A plan on the heap (moe_qplan_t is 50 KB): uniform wfmt (qweights.h);
+ * NULL when out of memory or wfmt is unknown. */
+static moe_qplan_t *
+cb_plan_new(const moe_hparams_t *hp, int wfmt)
+{
+    moe_qplan_t *p = (moe_qplan_t *) malloc(sizeof(*p));
+
+    if (p != NULL && moe_qw_plan_uniform(hp, wfmt, p) != MOE_OK) {
+        free(p);
+        p = NULL;
+    }
+    return p;
+}
+
+
+extern "C" int64_t
+moe_cuda_weight_bytes_fmt(const moe_hparams_t *hp, int wfmt)
+{
+    moe_qplan_t *p = cb_plan_new(hp, wfmt);
+    int64_t      n = p != NULL ? cb_weight_bytes_plan(hp, p) : -1;
+
+    free(p);
+    return n;
+}
+
+
+extern "C" int64_t
+moe_cuda_workspace_bytes_fmt(const moe_hparams_t *hp, int wfmt,
+    int max_batched_tokens)
+{
+    moe_qplan_t *p = cb_plan_new(hp, wfmt);
+    int64_t      n = p != NULL
+                     ? cb_workspace_bytes_plan(hp, p, max_batched_tokens)
+                     : -1;
+
+    free(p);
+    return n;
 }
 
 
 extern "C" int64_t
 moe_cuda_weight_bytes(const moe_hparams_t *hp)
 {
-    cb_wlayout_t l;
-
-    cb_weight_layout(hp, &l);
-    return (int64_t) l.total;
+    return moe_cuda_weight_bytes_fmt(hp, MOE_WF_BF16);
 }
 
 
 extern "C" int64_t
 moe_cuda_workspace_bytes(const moe_hparams_t *hp, int max_batched_tokens)
 {
-    cb_slayout_t l;
-
-    cb_ws_layout(hp, max_batched_tokens, 0, &l);
-    return (int64_t) (l.total + CB_BLAS_WS);
+    return moe_cuda_workspace_bytes_fmt(hp, MOE_WF_BF16, max_batched_tokens);
 }
 
 
@@ -592,13 +674,14 @@ moe_cuda_supports(const moe_hparams_t *hp, char *why, size_t n)
 }
 
 
-extern "C" int
-moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
-    int max_batched_tokens, double gpu_memory_utilization, int device,
-    int *n_blocks, char *err, size_t errlen)
+/* KV blocks that fit beside the weights of hp in plan's formats. */
+static int
+cb_kv_blocks(const moe_hparams_t *hp, const moe_qplan_t *plan,
+    int block_size, int max_batched_tokens, double gpu_memory_utilization,
+    int device, int *n_blocks, char *err, size_t errlen)
 {
     size_t  free_b = 0, total_b = 0;
-    int64_t budget, per;
+    int64_t budget, per, wb, sb;
     int     rc;
 
     *n_blocks = 0;
@@ -617,18 +700,18 @@ moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
                device, cudaGetErrorString(cudaGetLastError()));
         return MOE_EBACKEND;
     }
+    wb = cb_weight_bytes_plan(hp, plan);
+    sb = cb_workspace_bytes_plan(hp, plan, max_batched_tokens);
     budget = (int64_t) ((double) total_b * gpu_memory_utilization)
-             - (int64_t) (total_b - free_b) - moe_cuda_weight_bytes(hp)
-             - moe_cuda_workspace_bytes(hp, max_batched_tokens) - CB_SLACK;
+             - (int64_t) (total_b - free_b) - wb - sb - CB_SLACK;
     per = cb_kv_bytes_per_block(hp, block_size);
     if (budget < per) {
         moe_errf(err, errlen, "cuda backend: device %d: %lld MiB total, %lld "
                "MiB free, weights %lld MiB, workspaces %lld MiB: no room for "
                "the KV cache at gpu_memory_utilization %.2f", device,
                (long long) (total_b >> 20), (long long) (free_b >> 20),
-               (long long) (moe_cuda_weight_bytes(hp) >> 20),
-               (long long) (moe_cuda_workspace_bytes(hp, max_batched_tokens)
-                            >> 20), gpu_memory_utilization);
+               (long long) (wb >> 20), (long long) (sb >> 20),
+               gpu_memory_utilization);
         return MOE_ENOMEM;
     }
     *n_blocks = budget / per > (1 << 30) ? (1 << 30) : (int) (budget / per);
@@ -637,14 +720,79 @@ moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
 
 
 extern "C" int
+moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
+    int max_batched_tokens, double gpu_memory_utilization, int device,
+    int *n_blocks, char *err, size_t errlen)
+{
+    return moe_cuda_kv_blocks_for_fmt(hp, MOE_WF_BF16, block_size,
+                                      max_batched_tokens,
+                                      gpu_memory_utilization, device,
+                                      n_blocks, err, errlen);
+}
+
+
+extern "C" int
+moe_cuda_kv_blocks_for_fmt(const moe_hparams_t *hp, int wfmt,
+    int block_size, int max_batched_tokens, double gpu_memory_utilization,
+    int device, int *n_blocks, char *err, size_t errlen)
+{
+    moe_qplan_t *p;
+    int          rc;
+
+    *n_blocks = 0;
+    p = cb_plan_new(hp, wfmt);
+    if (p == NULL) {
+        moe_errf(err, errlen, "cuda backend: weight format %d unknown (or "
+                 "out of memory)", wfmt);
+        return MOE_EINVAL;
+    }
+    rc = cb_kv_blocks(hp, p, block_size, max_batched_tokens,
+                      gpu_memory_utilization, device, n_blocks, err, errlen);
+    free(p);
+    return rc;
+}
+
+
+extern "C" int
+moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank, int ep,
+    int block_size, int max_batched_tokens, double gpu_memory_utilization,
+    int device, int *n_blocks, char *err, size_t errlen)
+{
+    moe_hparams_t rhp;
+    moe_qplan_t  *p;
+    int           rc;
+
+    *n_blocks = 0;
+    rc = moe_hparams_shard_ep(moe_model_hparams(m), tp, rank, ep && tp > 1,
+                              &rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    p = (moe_qplan_t *) malloc(sizeof(*p));
+    if (p == NULL) {
+        moe_errf(err, errlen, "cuda backend: out of memory");
+        return MOE_ENOMEM;
+    }
+    rc = moe_qw_plan_model(m, tp, rank, ep, p, err, errlen);
+    if (rc == MOE_OK) {
+        rc = cb_kv_blocks(&rhp, p, block_size, max_batched_tokens,
+                          gpu_memory_utilization, device, n_blocks, err,
+                          errlen);
+    }
+    free(p);
+    return rc;
+}
+
+
+extern "C" int
 moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
     int max_batched_tokens, double gpu_memory_utilization, int device,
     int *n_blocks, char *err, size_t errlen)
 {
-    return moe_cuda_kv_blocks_for_hp(moe_model_hparams(m), block_size,
-                                     max_batched_tokens,
-                                     gpu_memory_utilization, device,
-                                     n_blocks, err, errlen);
+    return moe_cuda_kv_blocks_for_rank(m, 1, 0, 0, block_size,
+                                       max_batched_tokens,
+                                       gpu_memory_utilization, device,
+                                       n_blocks, err, errlen);
 }
 
 
@@ -733,6 +881,8 @@ cb_destroy(moe_backend_t *base)
     (void) cudaGetLastError();
     free(b->out_seq);
     free(b->expert_counts);
+    free(b->plan);
+    free(b->qw);
     free(b);
 }
 
@@ -800,6 +950,14 @@ cb_count(void *ctx, const moe_tensor_ref_t *t)
 {
     cb_loader_t *ld = (cb_loader_t *) ctx;
 
+    if (t->quant != NULL) {
+        /* packed: about a byte (fp8) or half a byte (4-bit) a weight */
+        ld->total += t->rows * t->cols
+                     / (t->quant->layout == MOE_QL_AWQ
+                        || t->quant->layout == MOE_QL_GPTQ ? 2 : 1);
+        ld->n_pieces++;
+        return MOE_OK;
+    }
     ld->total += cb_piece_bytes(t);
     ld->n_pieces++;
     return MOE_OK;
@@ -816,27 +974,26 @@ cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
     size_t               l = (size_t) (t->layer > 0 ? t->layer : 0);
     size_t               e = (size_t) (t->expert > 0 ? t->expert : 0);
     size_t               D = (size_t) hp->dim, E = (size_t) hp->n_experts;
-    size_t               EL = (size_t) b->El;
-    size_t               F = (size_t) hp->ffn_dim, G = (size_t) b->G;
+    size_t               F = (size_t) hp->ffn_dim;
     size_t               Q = (size_t) b->Q, KV = (size_t) b->KVD;
     size_t               HD = (size_t) hp->head_dim;
-    size_t               FS = (size_t) (hp->shared_ffn_dim > 0
-                                        ? hp->shared_ffn_dim : 0);
-    size_t               FD = (size_t) (hp->dense_ffn_dim > 0
-                                        ? hp->dense_ffn_dim : 0);
-    size_t               k = 0;
     bf16                *h = NULL;
     float               *f = NULL;
+    const cb_qw_t       *w;
+    int                  p = moe_qw_part_of(t->kind);
 
-    if (t->kind == MOE_WK_WD_GATE || t->kind == MOE_WK_WD_UP
-        || t->kind == MOE_WK_WD_DOWN)
-    {
-        if (t->layer < 0 || t->layer >= MOE_MAX_LAYERS
-            || b->dense_slot[t->layer] < 0)
-        {
+    if (p >= 0) {
+        /* a linear part kept bf16: its rows in the stacked group */
+        if (t->layer < 0 || t->layer >= hp->n_layers) {
             return MOE_EINVAL;
         }
-        k = (size_t) b->dense_slot[t->layer];
+        w = &b->qw[(size_t) t->layer * MOE_QP_N + p];
+        if (w->w == NULL || w->fmt != MOE_WF_BF16 || e >= (size_t) w->count) {
+            return MOE_EINVAL;
+        }
+        *dst = (char *) ((bf16 *) w->w + e * (size_t) w->grows * w->K);
+        *bf = 1;
+        return MOE_OK;
     }
 #define CB_F(p, off)  f = (p) != NULL ? (p) + (off) : NULL
 #define CB_H(p, off)  h = (p) != NULL ? (p) + (off) : NULL
@@ -855,14 +1012,6 @@ cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
     case MOE_WK_ATTN_NORM_B:  CB_F(b->attn_norm_b, l * D); break;
     case MOE_WK_FFN_NORM:     CB_F(b->ffn_norm, l * D); break;
     case MOE_WK_FFN_NORM_B:   CB_F(b->ffn_norm_b, l * D); break;
-    case MOE_WK_WQ:           CB_H(b->wqkv, l * (Q + 2 * KV) * D); break;
-    case MOE_WK_WK:
-        CB_H(b->wqkv, (l * (Q + 2 * KV) + Q) * D);
-        break;
-    case MOE_WK_WV:
-        CB_H(b->wqkv, (l * (Q + 2 * KV) + Q + KV) * D);
-        break;
-    case MOE_WK_WO:           CB_H(b->wo, l * D * Q); break;
     case MOE_WK_BQ:           CB_F(b->bqkv, l * (Q + 2 * KV)); break;
     case MOE_WK_BK:           CB_F(b->bqkv, l * (Q + 2 * KV) + Q); break;
     case MOE_WK_BV:           CB_F(b->bqkv, l * (Q + 2 * KV) + Q + KV); break;
@@ -873,34 +1022,10 @@ cb_dest(cuda_backend_t *b, const moe_tensor_ref_t *t, char **dst,
         *dst = b->router != NULL ? (char *) (b->router + l * E * D) : NULL;
         *bf = 0;
         return MOE_OK;
-    case MOE_WK_GATE:
-        if (hp->ffn_ungated || e >= EL) {
-            return MOE_EINVAL;
-        }
-        CB_H(b->w_gu, (l * EL + e) * G * D);
-        break;
-    case MOE_WK_UP:
-        if (e >= EL) {
-            return MOE_EINVAL;
-        }
-        CB_H(b->w_gu, (l * EL + e) * G * D + (hp->ffn_ungated ? 0 : F * D));
-        break;
-    case MOE_WK_DOWN:
-        if (e >= EL) {
-            return MOE_EINVAL;
-        }
-        CB_H(b->w_down, (l * EL + e) * D * F);
-        break;
     case MOE_WK_B_GATE:       CB_F(b->b_gu, l * 2 * F); break;
     case MOE_WK_B_UP:         CB_F(b->b_gu, l * 2 * F + F); break;
     case MOE_WK_B_DOWN:       CB_F(b->b_down, l * D); break;
-    case MOE_WK_WS_GATE:      CB_H(b->ws_gu, l * 2 * FS * D); break;
-    case MOE_WK_WS_UP:        CB_H(b->ws_gu, (l * 2 + 1) * FS * D); break;
-    case MOE_WK_WS_DOWN:      CB_H(b->ws_down, l * D * FS); break;
     case MOE_WK_WS_GATE_INP:  CB_F(b->ws_gate_inp, l * D); break;
-    case MOE_WK_WD_GATE:      CB_H(b->wd_gu, k * 2 * FD * D); break;
-    case MOE_WK_WD_UP:        CB_H(b->wd_gu, (k * 2 + 1) * FD * D); break;
-    case MOE_WK_WD_DOWN:      CB_H(b->wd_down, k * D * FD); break;
     default:
         return MOE_EINVAL;
     }
@@ -949,6 +1074,181 @@ cb_chunk(cb_loader_t *ld, const moe_tensor_ref_t *t, const void *src,
 }
 
 
+/* Copy a span's rows (qweights.h) packed to dst through the pinned
+ * staging pair, no conversion. */
+static int
+cb_span(cb_loader_t *ld, const moe_qspan_t *sp, char *dst)
+{
+    cudaStream_t s = ld->b->stream;
+    int64_t      per, r0, nr, i;
+    int          k;
+
+    if (sp->rows <= 0 || sp->bytes <= 0) {
+        return MOE_OK;
+    }
+    per = (int64_t) CB_STAGE_BYTES / sp->bytes;
+    if (per < 1) {
+        moe_cuda_set_error("a packed row of %lld bytes exceeds the staging "
+                           "buffer", (long long) sp->bytes);
+        return MOE_EUNSUPPORTED;
+    }
+    for (r0 = 0; r0 < sp->rows; r0 += nr) {
+        nr = sp->rows - r0 < per ? sp->rows - r0 : per;
+        k = ld->k;
+        ld->k ^= 1;
+        MOE_CUDA_CHECK(cudaEventSynchronize(ld->sent[k]));
+        for (i = 0; i < nr; i++) {
+            memcpy(ld->h_buf[k] + i * sp->bytes,
+                   (const char *) sp->base + (r0 + i) * sp->pitch,
+                   (size_t) sp->bytes);
+        }
+        MOE_CUDA_CHECK(cudaMemcpyAsync(dst + r0 * sp->bytes, ld->h_buf[k],
+                                       (size_t) (nr * sp->bytes),
+                                       cudaMemcpyHostToDevice, s));
+        MOE_CUDA_CHECK(cudaEventRecord(ld->sent[k], s));
+        ld->done += nr * sp->bytes;
+    }
+    return MOE_OK;
+}
+
+
+static int cb_put(void *ctx, const moe_tensor_ref_t *t);
+
+
+/*
+ * A quantized piece (t->quant): packed into its part when the plan keeps
+ * the part packed (moe_qw_slice's spans; fp8 scales converted to fp32 on
+ * the host; a gptq g_idx written where the plan stores one), else
+ * dequantized on the host (moe_qtensor_dequant, the CPU backend's values)
+ * and sent through the float path.
+ */
+static int
+cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
+{
+    cuda_backend_t      *b = ld->b;
+    const moe_qtensor_t *q = t->quant;
+    const cb_qw_t       *w = NULL;
+    int                  p = moe_qw_part_of(t->kind), rc;
+    size_t               e = (size_t) (t->expert > 0 ? t->expert : 0);
+    size_t               N, K, G, n;
+    moe_qslice_t         sl;
+    moe_tensor_ref_t     r;
+    moe_qspan_t          sp;
+    char                 why[160];
+    float               *f;
+    int32_t             *gi;
+
+    if (p >= 0 && t->layer >= 0 && t->layer < b->hp.n_layers) {
+        w = &b->qw[(size_t) t->layer * MOE_QP_N + p];
+    }
+    if (w == NULL || w->w == NULL || e >= (size_t) w->count
+        || t->rows != w->N || t->cols != w->K)
+    {
+        moe_errf(ld->err, ld->errlen, "cuda backend: no place for quantized "
+               "tensor '%s' (piece %d of layer %d, expert %d)", t->name,
+               t->kind, t->layer, t->expert);
+        return MOE_EINVAL;
+    }
+    if (w->fmt == MOE_WF_BF16) {
+        f = (float *) malloc((size_t) (q->rows * q->cols) * sizeof(float));
+        if (f == NULL) {
+            moe_errf(ld->err, ld->errlen, "cuda backend: out of host memory "
+                   "dequantizing '%s'", t->name);
+            return MOE_ENOMEM;
+        }
+        rc = moe_qtensor_dequant(q, f);
+        if (rc == MOE_OK) {
+            r = *t;
+            r.quant = NULL;
+            r.dtype = MOE_DT_F32;
+            r.data = f + t->q_row0 * q->cols + t->q_col0;
+            r.ld = q->cols;
+            r.transposed = 0;
+            r.q_row0 = r.q_col0 = 0;
+            rc = cb_put(ld, &r);
+        } else {
+            moe_errf(ld->err, ld->errlen, "cuda backend: cannot dequantize "
+                   "'%s'", t->name);
+        }
+        free(f);
+        return rc;
+    }
+
+    rc = moe_qw_slice(q, t->q_row0, t->rows, t->q_col0, t->cols, &sl, why,
+                      sizeof(why), ld->err, ld->errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (sl.f.fmt != w->fmt || sl.f.mode != w->mode
+        || (w->fmt != MOE_WF_FP8 && (sl.f.group != w->G
+                                     || sl.f.zero_bias != w->zero_bias)))
+    {
+        moe_errf(ld->err, ld->errlen, "cuda backend: tensor '%s': packed "
+               "layout differs from its part's (%s%s)", t->name,
+               moe_qw_format_name(sl.f.fmt), why);
+        return MOE_EINVAL;
+    }
+    N = (size_t) w->N;
+    K = (size_t) w->K;
+
+#define CB_PQ(call)                                                          \
+    do {                                                                     \
+        if ((call) != MOE_OK) {                                              \
+            moe_errf(ld->err, ld->errlen, "cuda backend: loading '%s' from " \
+                   "%s: %s", t->name, t->file, moe_cuda_last_error());       \
+            return MOE_EBACKEND;                                             \
+        }                                                                    \
+    } while (0)
+
+    if (w->fmt == MOE_WF_FP8) {
+        CB_PQ(cb_span(ld, &sl.w, (char *) w->w + e * N * K));
+        n = (size_t) sl.n_scales;
+        f = (float *) malloc(n * sizeof(float));
+        if (f == NULL) {
+            moe_errf(ld->err, ld->errlen, "cuda backend: out of host memory");
+            return MOE_ENOMEM;
+        }
+        moe_qw_fp8_scales(&sl, f);
+        sp.base = f;
+        sp.rows = 1;
+        sp.bytes = (int64_t) (n * sizeof(float));
+        sp.pitch = sp.bytes;
+        rc = cb_span(ld, &sp, (char *) (w->scale + e * n));
+        free(f);
+        CB_PQ(rc);
+        return MOE_OK;
+    }
+    G = (size_t) w->G;
+    CB_PQ(cb_span(ld, &sl.w, (char *) w->w + e * K * N / 2));
+    CB_PQ(cb_span(ld, &sl.zeros, (char *) (w->zeros + e * (K / G) * (N / 8))));
+    CB_PQ(cb_span(ld, &sl.scales, (char *) (w->scales + e * (K / G) * N)));
+    if (w->g_idx != NULL) {
+        /* this expert's own g_idx, or k / G where it has none */
+        gi = (int32_t *) malloc(K * sizeof(int32_t));
+        if (gi == NULL) {
+            moe_errf(ld->err, ld->errlen, "cuda backend: out of host memory");
+            return MOE_ENOMEM;
+        }
+        for (n = 0; n < K; n++) {
+            gi[n] = (int32_t) (n / G);
+        }
+        if (sl.g_idx != NULL) {
+            memcpy(gi, sl.g_idx, K * sizeof(int32_t));
+        }
+        sp.base = gi;
+        sp.rows = 1;
+        sp.bytes = (int64_t) (K * sizeof(int32_t));
+        sp.pitch = sp.bytes;
+        rc = cb_span(ld, &sp, (char *) (w->g_idx + e * K));
+        /* the copy out of the pinned buffer is queued; gi was copied in */
+        free(gi);
+        CB_PQ(rc);
+    }
+#undef CB_PQ
+    return MOE_OK;
+}
+
+
 /* moe_model_for_each_tensor callback: one piece onto the device. */
 static int
 cb_put(void *ctx, const moe_tensor_ref_t *t)
@@ -960,6 +1260,9 @@ cb_put(void *ctx, const moe_tensor_ref_t *t)
     char                *dst;
     int                  bf, rc;
 
+    if (t->quant != NULL) {
+        return cb_put_packed(ld, t);
+    }
     rc = cb_dest(ld->b, t, &dst, &bf);
     if (rc != MOE_OK) {
         moe_errf(ld->err, ld->errlen, "cuda backend: no place for tensor "
@@ -1037,13 +1340,15 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
     ld.err = err;
     ld.errlen = errlen;
     ld.next_pct = 10;
-    cb_weight_layout(&b->hp, &wl);
+    wl.qoff = NULL;
+    cb_weight_layout(&b->hp, b->plan, &wl);
     ld.wbytes = wl.total;
     ld.t0 = cb_now();
 
-    rc = moe_model_for_each_tensor_shard_ep(m, b->tp, b->rank,
-                                            b->hp.n_local_experts > 0,
-                                            cb_count, &ld, err, errlen);
+    rc = moe_model_for_each_tensor_packed_shard_ep(m, b->tp, b->rank,
+                                                   b->hp.n_local_experts > 0,
+                                                   cb_count, &ld, err,
+                                                   errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -1069,9 +1374,10 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
         (void) cudaGetLastError();
         rc = ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
     } else {
-        rc = moe_model_for_each_tensor_shard_ep(m, b->tp, b->rank,
-                                                b->hp.n_local_experts > 0,
-                                                cb_put, &ld, err, errlen);
+        rc = moe_model_for_each_tensor_packed_shard_ep(m, b->tp, b->rank,
+                                                       b->hp.n_local_experts
+                                                       > 0, cb_put, &ld, err,
+                                                       errlen);
     }
     ce = cudaStreamSynchronize(b->stream);
     if (rc == MOE_OK && ce != cudaSuccess) {
@@ -1100,16 +1406,46 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
 }
 
 
+/* Random values for one linear part (values like bf16's uniform
+ * 1/sqrt(K) ones: fp8 codes over the whole e4m3 range with per-row
+ * scales 1 / (sqrt(K) 448); 4-bit random codes and zeros with scales
+ * 1 / (10 sqrt(K)), about the same spread). */
+static int
+cb_random_part(cuda_backend_t *b, const cb_qw_t *w, uint64_t seed)
+{
+    cudaStream_t s = b->stream;
+    int64_t      n = (int64_t) w->count * w->N * w->K;
+    float        sd = 1.0f / sqrtf((float) w->K);
+
+    switch (w->fmt) {
+    case MOE_WF_FP8:
+        MOE_TRY(moe_cuda_fill_random_fp8((uint8_t *) w->w, n, seed, s));
+        return moe_cuda_fill_random_f32(w->scale, (int64_t) w->count * w->N,
+                                        seed + 1, 0.0f, sd / 448.0f, s);
+    case MOE_WF_AWQ: case MOE_WF_GPTQ:
+        MOE_TRY(moe_cuda_fill_random_u32((uint32_t *) w->w, n / 8, seed, s));
+        MOE_TRY(moe_cuda_fill_random_u32((uint32_t *) w->zeros,
+                                         n / w->G / 8, seed + 1, s));
+        return moe_cuda_fill_random_f16(w->scales, n / w->G, seed + 2,
+                                        0.0f, sd / 10.0f, s);
+    default:
+        /* a bf16 part is filled with its group (cb_random_weights) */
+        return MOE_OK;
+    }
+}
+
+
 static int
 cb_random_weights(cuda_backend_t *b, uint64_t seed)
 {
     const moe_hparams_t *hp = &b->hp;
     int64_t              L = hp->n_layers, D = hp->dim, V = hp->vocab_size;
-    int64_t              E = hp->n_experts, F = hp->ffn_dim;
-    int64_t              EL = b->El;
-    int64_t              Q = b->Q, KV = b->KVD;
+    int64_t              E = hp->n_experts;
     cudaStream_t         s = b->stream;
     float                sd = 1.0f / sqrtf((float) D);
+    const cb_qw_t       *w;
+    int64_t              l;
+    int                  p;
 
     MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->embed, V * D, seed,
                                       1.0f, s));
@@ -1117,15 +1453,26 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
         MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->lm_head, V * D,
                                           seed + 1, sd, s));
     }
-    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->wqkv,
-                                      L * (Q + 2 * KV) * D, seed + 2, sd, s));
-    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->wo, L * D * Q,
-                                      seed + 3, 1.0f / sqrtf((float) Q), s));
-    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_gu,
-                                      L * EL * 2 * F * D, seed + 4, sd, s));
-    MOE_TRY(moe_cuda_fill_random_bf16((moe_bf16_t *) b->w_down,
-                                      L * EL * D * F, seed + 5,
-                                      1.0f / sqrtf((float) F), s));
+    for (l = 0; l < L; l++) {
+        for (p = 0; p < MOE_QP_N; p++) {
+            moe_qshape_t sh;
+
+            w = &b->qw[l * MOE_QP_N + p];
+            moe_qw_shape(hp, (int) l, p, &sh);
+            if (w->w == NULL) {
+                continue;
+            }
+            if (w->fmt != MOE_WF_BF16) {
+                MOE_TRY(cb_random_part(b, w, seed + 1000 + 16 * (uint64_t) l
+                                       * MOE_QP_N + 16 * (uint64_t) p));
+            } else if (sh.first == p) {
+                MOE_TRY(moe_cuda_fill_random_bf16(
+                    (moe_bf16_t *) w->w, (int64_t) w->count * w->grows * w->K,
+                    seed + 1000 + 16 * (uint64_t) l * MOE_QP_N
+                    + 16 * (uint64_t) p, 1.0f / sqrtf((float) w->K), s));
+            }
+        }
+    }
     MOE_TRY(moe_cuda_fill_random_f32(b->attn_norm, L * D, seed + 6, 0.0f,
                                      1.0f, s));
     MOE_TRY(moe_cuda_fill_random_f32(b->ffn_norm, L * D, seed + 7, 0.0f,
@@ -1195,7 +1542,8 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
         return MOE_EBACKEND;
     }
 
-    cb_weight_layout(hp, &wl);
+    wl.qoff = NULL;
+    cb_weight_layout(hp, b->plan, &wl);
     {
         char msg[96];
 
@@ -1205,10 +1553,45 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     w = (char *) b->wbuf;
     b->embed = (bf16 *) (w + wl.embed);
     b->lm_head = (bf16 *) (w + wl.lm_head);
-    b->wqkv = (bf16 *) (w + wl.wqkv);
-    b->wo = (bf16 *) (w + wl.wo);
-    b->w_gu = (bf16 *) (w + wl.w_gu);
-    b->w_down = (bf16 *) (w + wl.w_down);
+    /* the linear parts: offsets from the layout, shapes from the plan */
+    wl.qoff = (moe_qoff_t *) calloc((size_t) hp->n_layers * MOE_QP_N,
+                                    sizeof(moe_qoff_t));
+    b->qw = (cb_qw_t *) calloc((size_t) hp->n_layers * MOE_QP_N,
+                               sizeof(cb_qw_t));
+    if (wl.qoff == NULL || b->qw == NULL) {
+        free(wl.qoff);
+        moe_errf(err, errlen, "cuda backend: out of host memory");
+        return MOE_ENOMEM;
+    }
+    cb_weight_layout(hp, b->plan, &wl);
+    for (int l = 0; l < hp->n_layers; l++) {
+        for (int p = 0; p < MOE_QP_N; p++) {
+            const moe_qfmt_t *f = &b->plan->f[l][p];
+            const moe_qoff_t *o = &wl.qoff[(size_t) l * MOE_QP_N + p];
+            cb_qw_t          *q = &b->qw[(size_t) l * MOE_QP_N + p];
+            moe_qshape_t      sh;
+
+            moe_qw_shape(hp, l, p, &sh);
+            if (!sh.present) {
+                continue;
+            }
+            q->fmt = f->fmt;
+            q->mode = f->mode;
+            q->G = f->group;
+            q->zero_bias = f->zero_bias;
+            q->N = (int) sh.N;
+            q->K = (int) sh.K;
+            q->count = sh.count;
+            q->grows = (int) sh.grows;
+            q->w = w + o->w;
+            q->scale = o->scale ? (float *) (w + o->scale) : NULL;
+            q->zeros = o->zeros ? (int32_t *) (w + o->zeros) : NULL;
+            q->scales = o->scales ? (uint16_t *) (w + o->scales) : NULL;
+            q->g_idx = o->g_idx ? (int32_t *) (w + o->g_idx) : NULL;
+        }
+    }
+    free(wl.qoff);
+    wl.qoff = NULL;
     b->attn_norm = (float *) (w + wl.attn_norm);
     b->ffn_norm = (float *) (w + wl.ffn_norm);
     b->final_norm = (float *) (w + wl.final_norm);
@@ -1225,11 +1608,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     CB_OPT(k_norm, float, hp->qk_norm);
     CB_OPT(b_gu, float, hp->mlp_bias);
     CB_OPT(b_down, float, hp->mlp_bias);
-    CB_OPT(ws_gu, bf16, hp->shared_ffn_dim > 0);
-    CB_OPT(ws_down, bf16, hp->shared_ffn_dim > 0);
     CB_OPT(ws_gate_inp, float, hp->shared_ffn_dim > 0);
-    CB_OPT(wd_gu, bf16, cb_n_dense(hp) > 0);
-    CB_OPT(wd_down, bf16, cb_n_dense(hp) > 0);
 #undef CB_OPT
 
     kv_bytes = (size_t) b->n_blocks * (size_t) b->base.kv_bytes_per_block;
@@ -1242,7 +1621,8 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     }
     CB_CUDA(cudaMemsetAsync(b->kv, 0, kv_bytes, b->stream), "KV memset");
 
-    cb_ws_layout(hp, b->cap, b->n_blocks, &sl);
+    cb_ws_layout(hp, b->cap, b->n_blocks,
+                 moe_qw_scratch_bytes(hp, b->plan), &sl);
     {
         char msg[96];
 
@@ -1291,6 +1671,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->gu = (float *) (s + sl.gu);
     b->hbuf = (bf16 *) (s + sl.hbuf);
     b->ye = (float *) (s + sl.ye);
+    b->qscratch = sl.qscratch > 0 ? (bf16 *) (s + sl.qscratch) : NULL;
     b->xlast = (bf16 *) (s + sl.xlast);
     b->logits = (float *) (s + sl.logits);
     b->d_tokout = (int32_t *) (s + sl.tokout);
@@ -1364,9 +1745,10 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
 
 
 static int
-cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
-    int n_blocks, int block_size, int cap, int device, int tp, int rank,
-    moe_backend_t **out, char *err, size_t errlen)
+cb_create(const moe_hparams_t *hp, const moe_model_t *m,
+    const moe_qplan_t *plan, uint64_t seed, int n_blocks, int block_size,
+    int cap, int device, int tp, int rank, moe_backend_t **out, char *err,
+    size_t errlen)
 {
     cuda_backend_t *b;
     int             rc, ndev;
@@ -1402,6 +1784,17 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
         return MOE_ENOMEM;
     }
     b->hp = *hp;
+    b->plan = (moe_qplan_t *) malloc(sizeof(moe_qplan_t));
+    if (b->plan == NULL) {
+        free(b);
+        moe_errf(err, errlen, "cuda backend: out of memory");
+        return MOE_ENOMEM;
+    }
+    if (plan != NULL) {
+        *b->plan = *plan;
+    } else {
+        moe_qw_plan_bf16(b->plan);
+    }
     b->device = device;
     b->tp = tp;
     b->rank = rank;
@@ -1429,8 +1822,31 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m, uint64_t seed,
     b->base.destroy = cb_destroy;
     rc = moe_cuda_tuning_read(&b->tune, hp->n_experts, err, errlen);
     if (rc != MOE_OK) {
+        free(b->plan);
         free(b);
         return rc;
+    }
+    {
+        /* which formats the linear parts keep (qweights.h) */
+        int  l, p, n[MOE_WF_COUNT] = { 0 };
+        char line[160];
+
+        for (l = 0; l < hp->n_layers; l++) {
+            for (p = 0; p < MOE_QP_N; p++) {
+                moe_qshape_t sh;
+
+                moe_qw_shape(hp, l, p, &sh);
+                n[b->plan->f[l][p].fmt] += sh.present;
+            }
+        }
+        if (n[MOE_WF_FP8] + n[MOE_WF_AWQ] + n[MOE_WF_GPTQ] > 0) {
+            snprintf(line, sizeof(line), "%d fp8, %d awq, %d gptq, %d bf16",
+                     n[MOE_WF_FP8], n[MOE_WF_AWQ], n[MOE_WF_GPTQ],
+                     n[MOE_WF_BF16]);
+            moe_log(MOE_LOG_INFO, "cuda backend: device %d: linear weights "
+                    "packed on the device (parts: %s), %.2f GB of weights",
+                    device, line, cb_weight_bytes_plan(hp, b->plan) / 1e9);
+        }
     }
     {
         char line[256];
@@ -1523,13 +1939,28 @@ moe_cuda_backend_create_rank_ep(const moe_model_t *m, int tp, int rank,
                  rank, tp);
         return MOE_EINVAL;
     }
+    moe_qplan_t  *plan;
+
     rc = moe_hparams_shard_ep(moe_model_hparams(m), tp, rank, ep && tp > 1,
                               &rhp, err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
-    return cb_create(&rhp, m, 0, n_blocks, block_size, max_batched_tokens,
-                     device, tp, rank, out, err, errlen);
+    /* which parts stay packed: the checkpoint's layouts the kernels take,
+     * on this rank's slice */
+    plan = (moe_qplan_t *) malloc(sizeof(*plan));
+    if (plan == NULL) {
+        moe_errf(err, errlen, "cuda backend: out of memory");
+        return MOE_ENOMEM;
+    }
+    rc = moe_qw_plan_model(m, tp, rank, ep, plan, err, errlen);
+    if (rc == MOE_OK) {
+        rc = cb_create(&rhp, m, plan, 0, n_blocks, block_size,
+                       max_batched_tokens, device, tp, rank, out, err,
+                       errlen);
+    }
+    free(plan);
+    return rc;
 }
 
 
@@ -1538,18 +1969,10 @@ moe_cuda_backend_create_random(const moe_hparams_t *hp, uint64_t seed,
     int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen)
 {
-    *out = NULL;
-    if (hp == NULL) {
-        moe_errf(err, errlen, "cuda backend: no hparams");
-        return MOE_EINVAL;
-    }
-    if (cb_has_extras(hp)) {
-        moe_errf(err, errlen, "cuda backend: random weights only for the "
-               "Llama/Mistral/Mixtral feature set (%s)", hp->arch_name);
-        return MOE_EUNSUPPORTED;
-    }
-    return cb_create(hp, NULL, seed, n_blocks, block_size,
-                     max_batched_tokens, device, 1, 0, out, err, errlen);
+    return moe_cuda_backend_create_random_fmt(hp, MOE_WF_BF16, seed, 1, 0, 0,
+                                              n_blocks, block_size,
+                                              max_batched_tokens, device,
+                                              out, err, errlen);
 }
 
 
@@ -1559,13 +1982,31 @@ moe_cuda_backend_create_random_rank(const moe_hparams_t *hp, uint64_t seed,
     int max_batched_tokens, int device, moe_backend_t **out, char *err,
     size_t errlen)
 {
-    moe_hparams_t rhp;
-    int           rc;
+    return moe_cuda_backend_create_random_fmt(hp, MOE_WF_BF16, seed, tp,
+                                              rank, ep, n_blocks, block_size,
+                                              max_batched_tokens, device,
+                                              out, err, errlen);
+}
+
+
+extern "C" int
+moe_cuda_backend_create_random_fmt(const moe_hparams_t *hp, int wfmt,
+    uint64_t seed, int tp, int rank, int ep, int n_blocks, int block_size,
+    int max_batched_tokens, int device, moe_backend_t **out, char *err,
+    size_t errlen)
+{
+    moe_hparams_t  rhp;
+    moe_qplan_t   *plan;
+    int            rc;
 
     *out = NULL;
     if (hp == NULL || tp < 1 || rank < 0 || rank >= tp) {
         moe_errf(err, errlen, "cuda backend: no hparams, or rank %d of %d",
                  rank, tp);
+        return MOE_EINVAL;
+    }
+    if (wfmt < 0 || wfmt >= MOE_WF_COUNT) {
+        moe_errf(err, errlen, "cuda backend: unknown weight format %d", wfmt);
         return MOE_EINVAL;
     }
     if (cb_has_extras(hp)) {
@@ -1577,10 +2018,17 @@ moe_cuda_backend_create_random_rank(const moe_hparams_t *hp, uint64_t seed,
     if (rc != MOE_OK) {
         return rc;
     }
+    plan = cb_plan_new(&rhp, wfmt);
+    if (plan == NULL) {
+        moe_errf(err, errlen, "cuda backend: out of memory");
+        return MOE_ENOMEM;
+    }
     /* each rank its own random values: shapes and timing, not outputs */
-    return cb_create(&rhp, NULL, seed + 7919 * (uint64_t) rank, n_blocks,
-                     block_size, max_batched_tokens, device, tp, rank, out,
-                     err, errlen);
+    rc = cb_create(&rhp, NULL, plan, seed + 7919 * (uint64_t) rank,
+                   n_blocks, block_size, max_batched_tokens, device, tp,
+                   rank, out, err, errlen);
+    free(plan);
+    return rc;
 }
 
 
@@ -1664,6 +2112,146 @@ cb_linear(cuda_backend_t *b, int T, int N, int Kd, const bf16 *X, int ldx,
 }
 
 
+/* ------------------------------------------------ packed linear parts */
+
+/* paths of cb_expert_proj */
+enum {
+    CB_PATH_GEMV = 0,   /* few rows per expert: GEMV over the weights */
+    CB_PATH_GGEMM,      /* grouped tensor-core GEMM, offsets on device */
+    CB_PATH_BLAS        /* per-expert cuBLAS, offsets in b->h_counts */
+};
+
+
+static const cb_qw_t *
+cb_part(const cuda_backend_t *b, int l, int p)
+{
+    return &b->qw[(size_t) l * MOE_QP_N + p];
+}
+
+
+/* The quantized GEMV of a packed part (kernels/quant_gemv.h), grouped
+ * over E experts by offs (NULL: one matrix, n rows). */
+static int
+cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *offs, int E, int n,
+    float *Y, int ldy)
+{
+    if (w->fmt == MOE_WF_FP8) {
+        return moe_cuda_qgemv_fp8((const moe_bf16_t *) X, ldx, xrow, xdiv,
+                                  (const uint8_t *) w->w, w->scale, w->mode,
+                                  0, w->N, w->K, offs, E, n, Y, ldy,
+                                  b->stream);
+    }
+    return moe_cuda_qgemv_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
+                                                  : MOE_K_Q4_GPTQ,
+                             (const moe_bf16_t *) X, ldx, xrow, xdiv,
+                             (const int32_t *) w->w, w->zeros, w->scales,
+                             w->g_idx, w->G, w->zero_bias, w->N, w->K, offs,
+                             E, n, Y, ldy, b->stream);
+}
+
+
+/* A packed part's `count` matrices dequantized into b->qscratch (bf16
+ * (count, N, K), the layout the bf16 GEMMs take). */
+static int
+cb_dequant(cuda_backend_t *b, const cb_qw_t *w)
+{
+    if (b->qscratch == NULL) {
+        moe_cuda_set_error("cuda backend: no dequantization scratch");
+        return MOE_EBACKEND;
+    }
+    if (w->fmt == MOE_WF_FP8) {
+        return moe_cuda_dequant_fp8((const uint8_t *) w->w, w->scale,
+                                    w->mode, 0, w->N, w->K, w->count,
+                                    (moe_bf16_t *) b->qscratch, b->stream);
+    }
+    return moe_cuda_dequant_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
+                                                    : MOE_K_Q4_GPTQ,
+                               (const int32_t *) w->w, w->zeros, w->scales,
+                               w->g_idx, w->G, w->zero_bias, w->N, w->K,
+                               w->count, (moe_bf16_t *) b->qscratch,
+                               b->stream);
+}
+
+
+/*
+ * One dense projection, any format: Y (T, N) fp32 (ldy) = X (T, K) . W^T.
+ * bf16: cb_linear (W's rows: the part's N; a stacked group calls
+ * cb_linear itself).  Packed: the quantized GEMV for T <= dense_gemv_t,
+ * else dequantize into the scratch and the bf16 GEMM.  The one place to
+ * swap in new packed kernels for the dense layers.
+ */
+static int
+cb_dense_proj(cuda_backend_t *b, const cb_qw_t *w, int T, const bf16 *X,
+    int ldx, float *Y, int ldy)
+{
+    if (w->fmt == MOE_WF_BF16) {
+        return cb_linear(b, T, w->N, w->K, X, ldx, (const bf16 *) w->w, Y,
+                         ldy);
+    }
+    if (T <= b->tune.dense_gemv_t && ldx % 8 == 0) {
+        return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, Y, ldy);
+    }
+    MOE_TRY(cb_dequant(b, w));
+    return moe_cuda_gemm(b->blas, T, w->N, w->K, (const moe_bf16_t *) X, ldx,
+                         (const moe_bf16_t *) b->qscratch, w->K, Y, ldy, 0,
+                         0.0f);
+}
+
+
+/*
+ * One expert projection (not fused), any format, over the rank's EL
+ * experts: rows [offs[e], offs[e + 1]) of the step (offs on the device;
+ * CB_PATH_BLAS reads b->h_counts, copied after the routing, with
+ * b->hp.expert_first) take input row xrow[r] / xdiv of X (xrow NULL:
+ * r), Y[r * ldy + j] fp32, j < N.  path: CB_PATH_GEMV (packed: the
+ * quantized GEMV; bf16: moe_cuda_gemv with tile mr), CB_PATH_GGEMM and
+ * CB_PATH_BLAS (packed: dequantize all EL experts into the scratch first).
+ * A bf16 part must not be a row slice of a stacked group (its expert
+ * stride is N K).  The one place to swap in new packed expert kernels.
+ */
+static int
+cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
+    int ldx, const int32_t *xrow, int xdiv, const int32_t *offs, int n,
+    int mr, float *Y, int ldy)
+{
+    const bf16 *W = (const bf16 *) w->w;
+    int         EL = w->count, e0 = b->hp.expert_first, e, r0, ne;
+
+    if (path == CB_PATH_GEMV) {
+        if (w->fmt != MOE_WF_BF16) {
+            return cb_qgemv(b, w, X, ldx, xrow, xdiv, offs, EL, n, Y, ldy);
+        }
+        return moe_cuda_gemv((const moe_bf16_t *) X, ldx, xrow, xdiv,
+                             (const moe_bf16_t *) W, w->N, w->K, offs, EL, n,
+                             mr, 0, Y, NULL, ldy, &b->tune, b->stream);
+    }
+    if (w->fmt != MOE_WF_BF16) {
+        MOE_TRY(cb_dequant(b, w));
+        W = b->qscratch;
+    }
+    if (path == CB_PATH_GGEMM) {
+        return moe_cuda_ggemm((const moe_bf16_t *) X, ldx, xrow, xdiv,
+                              (const moe_bf16_t *) W, w->N, w->K, offs, EL,
+                              n, 0, Y, NULL, ldy, b->stream);
+    }
+    for (e = e0; e < e0 + EL; e++) {
+        ne = b->h_counts[e + 1] - b->h_counts[e];
+        r0 = b->h_counts[e];
+        if (ne > 0) {
+            MOE_TRY(moe_cuda_gemm(b->blas, ne, w->N, w->K,
+                                  (const moe_bf16_t *) (X + (size_t) r0
+                                                        * ldx), ldx,
+                                  (const moe_bf16_t *) (W + (size_t) (e - e0)
+                                                        * w->N * w->K),
+                                  w->K, Y + (size_t) r0 * ldy, ldy, 0,
+                                  0.0f));
+        }
+    }
+    return MOE_OK;
+}
+
+
 /* Whether the MoE FFN of a T-token step takes the grouped GEMV. */
 static int
 cb_ffn_gemv(const cuda_backend_t *b, int T)
@@ -1714,20 +2302,32 @@ cb_norm(cuda_backend_t *b, const float *delta, const int32_t *rows,
 /*
  * One dense MLP over the T rows of b->xb into out (T, dim) fp32, as
  * cpu_mlp: gated: down(act(gate x + bg) * (up x + bu)) + bd; ungated
- * (gated == 0, wgu holds the F up rows only): down(act(up x + bu)) + bd.
- * wgu (gated ? 2F : F, dim) rows gate | up; wd (dim, F); biases may be
- * NULL.  Plain SwiGLU keeps the fused GEMV (small T) / cuBLAS path.
+ * (gated == 0, gate NULL): down(act(up x + bu)) + bd.  gate / up / down:
+ * the parts (one matrix each, count 1); biases may be NULL.  A bf16
+ * gate|up group runs stacked (plain SwiGLU keeps the fused GEMV (small
+ * T) / cuBLAS path); packed parts run one by one (cb_dense_proj) into
+ * their halves of b->gu.
  */
 static int
-cb_mlp(cuda_backend_t *b, int T, const bf16 *wgu, const bf16 *wd, int F,
-    int gated, const float *bg, const float *bu, const float *bd,
-    float *out)
+cb_mlp(cuda_backend_t *b, int T, const cb_qw_t *gate, const cb_qw_t *up,
+    const cb_qw_t *down, int gated, const float *bg, const float *bu,
+    const float *bd, float *out)
 {
     const moe_hparams_t *hp = &b->hp;
-    int                  D = hp->dim, G = gated ? 2 * F : F;
+    int                  D = hp->dim, F = up->N, G = gated ? 2 * F : F;
     cudaStream_t         s = b->stream;
+    const bf16          *wgu = (const bf16 *) (gated ? gate->w : up->w);
 
-    if (gated && hp->act == MOE_ACT_SILU && bg == NULL && bu == NULL) {
+    if (up->fmt != MOE_WF_BF16) {
+        if (gated) {
+            MOE_TRY(cb_dense_proj(b, gate, T, b->xb, D, b->gu, G));
+        }
+        MOE_TRY(cb_dense_proj(b, up, T, b->xb, D, gated ? b->gu + F : b->gu,
+                              G));
+        MOE_TRY(moe_cuda_act_mul(gated ? b->gu : NULL, G, bg,
+                                 gated ? b->gu + F : b->gu, G, bu, T, F,
+                                 hp->act, (moe_bf16_t *) b->hbuf, F, s));
+    } else if (gated && hp->act == MOE_ACT_SILU && bg == NULL && bu == NULL) {
         if (T <= b->tune.dense_gemv_t && T <= b->tune.gemv_max_t
             && moe_cuda_gemv_supported(D, D)
             && moe_cuda_gemv_supported(F, F))
@@ -1749,7 +2349,7 @@ cb_mlp(cuda_backend_t *b, int T, const bf16 *wgu, const bf16 *wd, int F,
                                  gated ? b->gu + F : b->gu, G, bu, T, F,
                                  hp->act, (moe_bf16_t *) b->hbuf, F, s));
     }
-    MOE_TRY(cb_linear(b, T, D, F, b->hbuf, F, wd, out, D));
+    MOE_TRY(cb_dense_proj(b, down, T, b->hbuf, F, out, D));
     if (bd != NULL) {
         MOE_TRY(moe_cuda_add_bias(out, D, T, D, bd, s));
     }
@@ -1763,20 +2363,80 @@ static int
 cb_shared(cuda_backend_t *b, int l, int T)
 {
     const moe_hparams_t *hp = &b->hp;
-    size_t               D = (size_t) hp->dim, FS;
+    size_t               D = (size_t) hp->dim;
 
     if (hp->shared_ffn_dim <= 0) {
         return MOE_OK;
     }
-    FS = (size_t) hp->shared_ffn_dim;
     /* ye is free once the routed rows are summed into tmp */
-    MOE_TRY(cb_mlp(b, T, b->ws_gu + (size_t) l * 2 * FS * D,
-                   b->ws_down + (size_t) l * D * FS, (int) FS, 1, NULL, NULL,
-                   NULL, b->ye));
+    MOE_TRY(cb_mlp(b, T, cb_part(b, l, MOE_QP_SGATE),
+                   cb_part(b, l, MOE_QP_SUP), cb_part(b, l, MOE_QP_SDOWN), 1,
+                   NULL, NULL, NULL, b->ye));
     MOE_TRY(moe_cuda_sigmoid_gate_add(b->tmp, b->ye, (int) D, b->xf,
                                       b->ws_gate_inp + (size_t) l * D, T,
                                       (int) D, b->stream));
     return cb_mark(b, MOE_CUDA_ST_EXPERT);
+}
+
+
+/*
+ * The routed experts' gate|up into b->hbuf (bf16 hidden rows) and down
+ * into b->ye, by path (CB_PATH_*; BLAS: inputs gathered into b->xe):
+ * a bf16 gate|up group keeps its fused launch (GEMV / grouped GEMM with
+ * SiLU, or cuBLAS on the stacked rows); packed gate and up run apart into
+ * b->gu's halves, then SiLU*up; down through cb_expert_proj.
+ */
+static int
+cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
+    const int32_t *loffs)
+{
+    const cb_qw_t *wg = cb_part(b, l, MOE_QP_GATE);
+    const cb_qw_t *wu = cb_part(b, l, MOE_QP_UP);
+    const cb_qw_t *wd = cb_part(b, l, MOE_QP_DOWN);
+    int            D = b->hp.dim, F = b->hp.ffn_dim, K = b->K, EL = b->El;
+    int            e0 = b->hp.expert_first, e, n, r0;
+    cudaStream_t   s = b->stream;
+    const bf16    *X = path == CB_PATH_BLAS ? b->xe : b->xb;
+    const int32_t *xrow = path == CB_PATH_BLAS ? NULL : b->erow;
+    int            xdiv = path == CB_PATH_BLAS ? 1 : K;
+
+    if (wg->fmt != MOE_WF_BF16) {
+        MOE_TRY(cb_expert_proj(b, wg, path, X, D, xrow, xdiv, loffs, T * K,
+                               mr, b->gu, 2 * F));
+        MOE_TRY(cb_expert_proj(b, wu, path, X, D, xrow, xdiv, loffs, T * K,
+                               mr, b->gu + F, 2 * F));
+        MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf,
+                                  s));
+    } else if (path == CB_PATH_GEMV) {
+        /* gate|up of every expert, rows gathered from xb, SiLU*up fused */
+        MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, b->erow, K,
+                              (const moe_bf16_t *) wg->w, F, D, loffs, EL,
+                              T * K, mr, 1, NULL, (moe_bf16_t *) b->hbuf, F,
+                              &b->tune, s));
+    } else if (path == CB_PATH_GGEMM) {
+        MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->xb, D, b->erow, K,
+                               (const moe_bf16_t *) wg->w, F, D, loffs, EL,
+                               T * K, 1, NULL, (moe_bf16_t *) b->hbuf, F, s));
+    } else {
+        for (e = e0; e < e0 + EL; e++) {
+            n = b->h_counts[e + 1] - b->h_counts[e];
+            r0 = b->h_counts[e];
+            if (n > 0) {
+                MOE_TRY(moe_cuda_gemm(b->blas, n, 2 * F, D,
+                                      (moe_bf16_t *) (b->xe + (size_t) r0
+                                                      * D), D,
+                                      (moe_bf16_t *) ((const bf16 *) wg->w
+                                                      + (size_t) (e - e0)
+                                                        * 2 * F * D),
+                                      D, b->gu + (size_t) r0 * 2 * F, 2 * F,
+                                      0, 0.0f));
+            }
+        }
+        MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf,
+                                  s));
+    }
+    return cb_expert_proj(b, wd, path, b->hbuf, F, NULL, 1, loffs, T * K, mr,
+                          b->ye, D);
 }
 
 
@@ -1785,7 +2445,7 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 {
     const moe_hparams_t *hp = &b->hp;
     int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
-    int                  K = b->K, e, r0;
+    int                  K = b->K, e, r0, path;
     cudaStream_t         s = b->stream;
     /* expert parallel: this rank computes experts [e0, e0 + EL) only;
      * their row groups are offs[e0 .. e0 + EL] of the routing over all E
@@ -1795,16 +2455,16 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 
     if (b->dense_slot[l] >= 0) {
         /* a dense layer of an MoE model (mlp_only_layers) */
-        size_t FD = (size_t) hp->dense_ffn_dim, k = (size_t) b->dense_slot[l];
-
-        MOE_TRY(cb_mlp(b, T, b->wd_gu + k * 2 * FD * D,
-                       b->wd_down + k * D * FD, (int) FD, 1, NULL, NULL,
-                       NULL, b->tmp));
+        MOE_TRY(cb_mlp(b, T, cb_part(b, l, MOE_QP_DGATE),
+                       cb_part(b, l, MOE_QP_DUP), cb_part(b, l, MOE_QP_DDOWN),
+                       1, NULL, NULL, NULL, b->tmp));
         return cb_mark(b, MOE_CUDA_ST_EXPERT);
     }
     if (E == 1) {
-        MOE_TRY(cb_mlp(b, T, b->w_gu + (size_t) l * b->G * D,
-                       b->w_down + (size_t) l * D * F, F, !hp->ffn_ungated,
+        MOE_TRY(cb_mlp(b, T, hp->ffn_ungated ? NULL
+                                             : cb_part(b, l, MOE_QP_GATE),
+                       cb_part(b, l, MOE_QP_UP), cb_part(b, l, MOE_QP_DOWN),
+                       !hp->ffn_ungated,
                        b->b_gu != NULL && !hp->ffn_ungated
                        ? b->b_gu + (size_t) l * 2 * F : NULL,
                        b->b_gu != NULL ? b->b_gu + (size_t) l * 2 * F + F
@@ -1829,44 +2489,16 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         MOE_CUDA_CHECK(cudaMemsetAsync(b->ye, 0, (size_t) T * K * D
                                        * sizeof(float), s));
     }
-    if (cb_ffn_gemv(b, T)) {
-        /* tile for twice the mean rows per expert: a fuller expert takes
-         * another pass over its weights (correct for any count) */
+    if (cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T)) {
+        /* GEMV: tile for twice the mean rows per expert (a fuller expert
+         * takes another pass over its weights; correct for any count);
+         * grouped GEMM: every expert in one launch per matrix.  Offsets
+         * read on the device: no host sync, so the step can be a graph */
         int avg = (T * K + E - 1) / E, mr = 2 * avg < T ? 2 * avg : T;
 
+        path = cb_ffn_gemv(b, T) ? CB_PATH_GEMV : CB_PATH_GGEMM;
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
-        /* gate|up of every expert, rows gathered from xb, SiLU*up fused */
-        MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->xb, D, b->erow, K,
-                              (const moe_bf16_t *) (b->w_gu + (size_t) l * EL
-                                                    * 2 * F * D),
-                              F, D, loffs, EL, T * K, mr, 1, NULL,
-                              (moe_bf16_t *) b->hbuf, F, &b->tune, s));
-        MOE_TRY(moe_cuda_gemv((moe_bf16_t *) b->hbuf, F, NULL, 1,
-                              (const moe_bf16_t *) (b->w_down + (size_t) l
-                                                    * EL * D * F),
-                              D, F, loffs, EL, T * K, mr, 0, b->ye, NULL, D,
-                              &b->tune, s));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
-        MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
-                                       T, K, b->tmp, s));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
-        return cb_shared(b, l, T);
-    }
-
-    if (cb_ffn_ggemm(b, T)) {
-        /* every expert in one launch per matrix, offsets read on the
-         * device: no host sync, so the step can be a graph */
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
-        MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->xb, D, b->erow, K,
-                               (const moe_bf16_t *) (b->w_gu + (size_t) l
-                                                     * EL * 2 * F * D),
-                               F, D, loffs, EL, T * K, 1, NULL,
-                               (moe_bf16_t *) b->hbuf, F, s));
-        MOE_TRY(moe_cuda_ggemm((moe_bf16_t *) b->hbuf, F, NULL, 1,
-                               (const moe_bf16_t *) (b->w_down + (size_t) l
-                                                     * EL * D * F),
-                               D, F, loffs, EL, T * K, 0, b->ye, NULL, D,
-                               s));
+        MOE_TRY(cb_experts(b, l, T, path, mr, loffs));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
                                        T, K, b->tmp, s));
@@ -1892,32 +2524,7 @@ cb_ffn(cuda_backend_t *b, int l, int T)
             return MOE_EBACKEND;
         }
     }
-    for (e = e0; e < e0 + EL; e++) {
-        int    n = b->h_counts[e + 1] - b->h_counts[e];
-        size_t we = (size_t) l * EL + (e - e0);
-
-        r0 = b->h_counts[e];
-        if (n > 0) {
-            MOE_TRY(moe_cuda_gemm(b->blas, n, 2 * F, D,
-                                  (moe_bf16_t *) (b->xe + (size_t) r0 * D), D,
-                                  (moe_bf16_t *) (b->w_gu + we * 2 * F * D),
-                                  D, b->gu + (size_t) r0 * 2 * F, 2 * F, 0,
-                                  0.0f));
-        }
-    }
-    MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf, s));
-    for (e = e0; e < e0 + EL; e++) {
-        int    n = b->h_counts[e + 1] - b->h_counts[e];
-        size_t we = (size_t) l * EL + (e - e0);
-
-        r0 = b->h_counts[e];
-        if (n > 0) {
-            MOE_TRY(moe_cuda_gemm(b->blas, n, D, F,
-                                  (moe_bf16_t *) (b->hbuf + (size_t) r0 * F),
-                                  F, (moe_bf16_t *) (b->w_down + we * D * F),
-                                  F, b->ye + (size_t) r0 * D, D, 0, 0.0f));
-        }
-    }
+    MOE_TRY(cb_experts(b, l, T, CB_PATH_BLAS, T, loffs));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
     MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of, T,
                                    K, b->tmp, s));
@@ -1993,8 +2600,19 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                         hp->norm_layer ? b->attn_norm_b + (size_t) l * D
                                        : NULL, b->xb, NULL));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
-        MOE_TRY(cb_linear(b, T, QKV, D, b->xb, D,
-                          b->wqkv + (size_t) l * QKV * D, b->qkv, QKV));
+        if (cb_part(b, l, MOE_QP_Q)->fmt == MOE_WF_BF16) {
+            /* the stacked q|k|v rows in one GEMM */
+            MOE_TRY(cb_linear(b, T, QKV, D, b->xb, D,
+                              (const bf16 *) cb_part(b, l, MOE_QP_Q)->w,
+                              b->qkv, QKV));
+        } else {
+            MOE_TRY(cb_dense_proj(b, cb_part(b, l, MOE_QP_Q), T, b->xb, D,
+                                  b->qkv, QKV));
+            MOE_TRY(cb_dense_proj(b, cb_part(b, l, MOE_QP_K), T, b->xb, D,
+                                  b->qkv + b->Q, QKV));
+            MOE_TRY(cb_dense_proj(b, cb_part(b, l, MOE_QP_V), T, b->xb, D,
+                                  b->qkv + b->Q + b->KVD, QKV));
+        }
         if (hp->qkv_bias) {
             MOE_TRY(moe_cuda_add_bias(b->qkv, QKV, T, QKV,
                                       b->bqkv + (size_t) l * QKV, s));
@@ -2035,8 +2653,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                       (moe_bf16_t *) b->att, b->att_part,
                                       &kvo, &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
-        MOE_TRY(cb_linear(b, T, D, b->Q, b->att, b->Q,
-                          b->wo + (size_t) l * D * b->Q, b->tmp, D));
+        MOE_TRY(cb_dense_proj(b, cb_part(b, l, MOE_QP_O), T, b->att, b->Q,
+                              b->tmp, D));
         if (hp->o_bias) {
             MOE_TRY(moe_cuda_add_bias(b->tmp, D, T, D,
                                       b->bo + (size_t) l * D, s));

@@ -9,10 +9,15 @@
  *   weights, one allocation, bf16 unless noted:
  *     embed      (vocab, dim)
  *     lm_head    (vocab, dim)             aliases embed when tied
- *     wqkv       (n_layers, q + 2 kv, dim)  rows: wq | wk | wv
- *     wo         (n_layers, dim, q)
- *     w_gu       (n_layers, n_experts, 2 ffn, dim)  rows: gate (w1) | up (w3)
- *     w_down     (n_layers, n_experts, dim, ffn)
+ *     per layer, each linear part in its plan's format (qweights.h;
+ *     bf16 unless the checkpoint is quantized, or random weights asked
+ *     for a format), carved layer by layer:
+ *       q|k|v     (q + 2 kv, dim)  stacked when bf16
+ *       o         (dim, q)
+ *       gate|up   (n_experts, 2 ffn, dim)  rows: gate (w1) | up (w3) when
+ *                 bf16; packed: gate and up apart, (n_experts, ffn, dim)
+ *       down      (n_experts, dim, ffn)
+ *     (absent in the dense layers of an MoE model)
  *     attn_norm, ffn_norm (n_layers, dim) fp32; final_norm (dim) fp32
  *     router     (n_layers, n_experts, dim) fp32 (absent when dense)
  *   optional pieces, present only when their hparams flag asks:
@@ -27,12 +32,11 @@
  *     b_gu       (n_layers, 2 ffn) fp32        mlp_bias (b_gate | b_up;
  *                                              gate part 0 when absent)
  *     b_down     (n_layers, dim) fp32          mlp_bias
- *     ws_gu      (n_layers, 2 fs, dim)         shared expert (fs =
- *     ws_down    (n_layers, dim, fs)            shared_ffn_dim): gate | up
+ *     shared expert gate|up (2 fs, dim), down (dim, fs), per MoE layer
+ *                (fs = shared_ffn_dim; parts like the experts')
  *     ws_gate_inp (n_layers, dim) fp32
- *     wd_gu      (n_dense, 2 fd, dim)          dense layers of an MoE model
- *     wd_down    (n_dense, dim, fd)             (fd = dense_ffn_dim), in
- *                                               layer order of layer_dense
+ *     dense MLP gate|up (2 fd, dim), down (dim, fd) in the dense layers of
+ *                an MoE model (fd = dense_ffn_dim)
  *   with q = n_heads * head_dim, kv = n_kv_heads * head_dim.
  *   KV pool: (n_layers, n_blocks, 2, block_size, n_kv_heads, head_dim) bf16
  *     (layer outermost, unlike the CPU backend's block-outermost pool; a
@@ -150,6 +154,21 @@ int moe_cuda_backend_create_rank_ep(const moe_model_t *m, int tp, int rank,
     int ep, int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen);
 
+/*
+ * Random weights in a weight format (backends/qweights.h MOE_WF_BF16,
+ * _FP8, _AWQ, _GPTQ; load_format dummy with `quantization`, benchmarks):
+ * the linear parts packed on the device as a checkpoint of that format
+ * would be (fp8: per-channel scales; awq / gptq: group 128, no g_idx;
+ * parts whose shapes the kernels do not take stay bf16), generated on the
+ * GPU.  tp / rank / ep as moe_cuda_backend_create_random_rank (tp 1, rank
+ * 0: one GPU).  MOE_EINVAL for an unknown wfmt; else as
+ * moe_cuda_backend_create_random.
+ */
+int moe_cuda_backend_create_random_fmt(const moe_hparams_t *hp, int wfmt,
+    uint64_t seed, int tp, int rank, int ep, int n_blocks, int block_size,
+    int max_batched_tokens, int device, moe_backend_t **out, char *err,
+    size_t errlen);
+
 /* Random weights (moe_cuda_backend_create_random) for rank `rank` of tp,
  * expert parallel when ep (benchmarks of the collectives: each rank's own
  * random values, so only shapes and timing mean anything). */
@@ -202,9 +221,16 @@ int moe_cuda_peer_access(const int *devices, int n, char *err,
 void moe_cuda_backend_set_reduce(moe_backend_t *b, moe_reduce_fn fn,
     void *ctx);
 
-/* Device bytes of the weights and of the workspaces for these shapes. */
+/* Device bytes of the weights and of the workspaces for these shapes
+ * (bf16 weights; _fmt: the linear parts in weight format wfmt as
+ * moe_cuda_backend_create_random_fmt lays them out, packed bytes and
+ * scales counted, the dequantization scratch in the workspaces; -1 for
+ * an unknown wfmt). */
 int64_t moe_cuda_weight_bytes(const moe_hparams_t *hp);
 int64_t moe_cuda_workspace_bytes(const moe_hparams_t *hp,
+    int max_batched_tokens);
+int64_t moe_cuda_weight_bytes_fmt(const moe_hparams_t *hp, int wfmt);
+int64_t moe_cuda_workspace_bytes_fmt(const moe_hparams_t *hp, int wfmt,
     int max_batched_tokens);
 
 /*
@@ -219,6 +245,17 @@ int moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
 int moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
     int max_batched_tokens, double gpu_memory_utilization, int device,
     int *n_blocks, char *err, size_t errlen);
+/* ... with the weights in format wfmt (random weights), or as rank `rank`
+ * of tp (expert parallel when ep) of model m holds them (the packed
+ * layouts its checkpoint keeps on the device, qweights.h): an fp8 / 4-bit
+ * model gets the KV blocks its smaller weights leave free. */
+int moe_cuda_kv_blocks_for_fmt(const moe_hparams_t *hp, int wfmt,
+    int block_size, int max_batched_tokens, double gpu_memory_utilization,
+    int device, int *n_blocks, char *err, size_t errlen);
+int moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank,
+    int ep, int block_size, int max_batched_tokens,
+    double gpu_memory_utilization, int device, int *n_blocks, char *err,
+    size_t errlen);
 
 /*
  * Stage timing for benchmarks: enable != 0 turns it on (events recorded at

@@ -1011,6 +1011,8 @@ m_emit(m_ctx_t *c, const moe_st_tensor_t *t, int kind, int layer,
     r.transposed = transposed;
     r.ld = ld;
     r.quant = NULL;
+    r.q_row0 = 0;
+    r.q_col0 = 0;
     return c->fn(c->ctx, &r);
 }
 
@@ -2139,6 +2141,17 @@ m_shard_piece(void *vctx, const moe_tensor_ref_t *t0)
     }
     n /= c->tp;
     start = n * c->rank;
+    if (t.quant != NULL) {
+        /* packed: the slice is named, the bytes stay whole */
+        if (slice == 0) {
+            t.q_row0 += start;
+            t.rows = n;
+        } else {
+            t.q_col0 += start;
+            t.cols = n;
+        }
+        return c->fn(c->ctx, &t);
+    }
     /* a destination row is a source row, or a source column when
      * transposed; likewise columns */
     if ((slice == 0) != (t.transposed != 0)) {
@@ -2165,10 +2178,38 @@ moe_model_for_each_tensor_shard(const moe_model_t *m, int tp, int rank,
 }
 
 
+static int m_shard_walk(const moe_model_t *m, int tp, int rank, int ep,
+    int packed, int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx,
+    char *err, size_t errlen);
+
+
 int
 moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp, int rank,
     int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx,
     char *err, size_t errlen)
+{
+    return m_shard_walk(m, tp, rank, ep, 0, fn, ctx, err, errlen);
+}
+
+
+int
+moe_model_for_each_tensor_packed_shard_ep(const moe_model_t *m, int tp,
+    int rank, int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, char *err, size_t errlen)
+{
+    if (fn == NULL) {
+        moe_errf(err, errlen, "moe_model_for_each_tensor_packed_shard_ep: "
+                 "no callback");
+        return MOE_EINVAL;
+    }
+    return m_shard_walk(m, tp, rank, ep, 1, fn, ctx, err, errlen);
+}
+
+
+static int
+m_shard_walk(const moe_model_t *m, int tp, int rank, int ep, int packed,
+    int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
+    size_t errlen)
 {
     m_shard_ctx_t  c;
     moe_hparams_t  rhp;
@@ -2185,7 +2226,7 @@ moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp, int rank,
         c.el = rhp.n_local_experts;
     }
     if (tp <= 1) {
-        return moe_model_for_each_tensor(m, fn, ctx, err, errlen);
+        return m_walk(m, fn, ctx, packed, err, errlen);
     }
     if (rank < 0 || rank >= tp || fn == NULL) {
         moe_errf(err, errlen, "tensor parallel: rank %d of %d", rank, tp);
@@ -2197,7 +2238,7 @@ moe_model_for_each_tensor_shard_ep(const moe_model_t *m, int tp, int rank,
     c.ctx = ctx;
     c.err = err;
     c.errlen = errlen;
-    return moe_model_for_each_tensor(m, m_shard_piece, &c, err, errlen);
+    return m_walk(m, m_shard_piece, &c, packed, err, errlen);
 }
 
 

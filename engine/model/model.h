@@ -316,6 +316,10 @@ typedef struct {
      * the exact fp32 dequantization, both alive during the callback
      * only (copy what you keep) */
     const struct moe_qtensor *quant;
+    /* moe_model_for_each_tensor_packed_shard_ep: a quantized piece is the
+     * slice [q_row0, q_row0 + rows) x [q_col0, q_col0 + cols) of the whole
+     * quant tensor (data / ld unchanged); 0 elsewhere */
+    int64_t      q_row0, q_col0;
 } moe_tensor_ref_t;
 
 /*
@@ -401,6 +405,18 @@ int moe_model_load_quant(const char *dir, int top_k_override,
 int moe_model_for_each_tensor_packed(const moe_model_t *m,
     int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
     size_t errlen);
+
+/*
+ * moe_model_for_each_tensor_packed restricted to rank `rank` of tp,
+ * expert parallel when ep (moe_model_for_each_tensor_shard_ep's split):
+ * float pieces narrowed as there; a quantized piece keeps quant, data
+ * and ld whole, with rows / cols the rank's and q_row0 / q_col0 where its
+ * slice starts (the backend cuts the packed form on the boundaries the
+ * format allows).  Errors as moe_model_for_each_tensor_shard_ep.
+ */
+int moe_model_for_each_tensor_packed_shard_ep(const moe_model_t *m, int tp,
+    int rank, int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, char *err, size_t errlen);
 
 /* The model's quantization (method MOE_QM_NONE: float weights). */
 const moe_qconfig_t *moe_model_quant(const moe_model_t *m);

@@ -1,0 +1,260 @@
+/*
+ * Quantized checkpoints on the CUDA backend (weights packed on the device,
+ * engine/backends/qweights.h) against the CPU backend (exact fp32
+ * dequantization, engine/model/quant.c) on every tiny quantized model of
+ * tools/quant_models.sh ($MOE_QUANT_DIR, default build/quant, list in
+ * MODELS: fp8 per tensor / per channel / 128x128 and 32x16 blocks
+ * (the latter dequantized to bf16 at upload), compressed-tensors, AWQ and
+ * GPTQ with groups 32 / 64 / 128, act-order g_idx, ignored modules).
+ *
+ * Per model and variant, one sequence of random tokens runs on both
+ * backends step by step: a 40-token prefill (above gemv_max_t and
+ * dense_gemv_t: packed parts dequantized into the bf16 scratch for the
+ * grouped / cuBLAS GEMMs), an 8-token chunk (dense GEMV path for the
+ * quantized dense projections, expert GEMV), then 6 decode steps (the
+ * quantized GEMVs, CUDA graphs), fed with the CPU's greedy tokens; each
+ * step's last-token logits are compared.  MoE routing: the CUDA step's
+ * experts are forced on the CPU step (as test_backend: router near-ties
+ * in random tiny models would otherwise flip under bf16).  Variants:
+ *   tp 1; tp 1 with MOE_CUDA_GGEMM_MAX_T=0 (the per-expert cuBLAS path
+ *   after the host sync); tp 2 (two ranks on this GPU) for fp8-tensor,
+ *   ct-fp8-channel, awq-g32 and gptq-g32-sym, tp 2 expert parallel for
+ *   awq-g32.
+ * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
+ * activations, and the dequantized scratch rounds weights to bf16: the
+ * bound test_backend uses for bf16 weights); greedy equal wherever the
+ * CPU's top-1 beats its top-2 by more than max(0.05, 6 sigma) (sigma:
+ * the row's RMS difference).  TAP; skips without a device or models.
+ * Run from the repository root: build/gpu/test_qbackend (after
+ * tools/quant_models.sh build/quant).
+ */
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "gpu_util.h"
+
+extern "C" {
+#include "backends/backend.h"
+#include "model/model.h"
+#include "tap.h"
+}
+#include "backends/cuda_backend.h"
+
+#define REL_TOL   2e-2
+#define BS        4
+#define N_BLOCKS  32
+#define PROMPT    40
+#define CHUNK     8
+#define N_DEC     6
+
+
+static int
+argmax_m(const float *v, int n, float *margin)
+{
+    int   b = 0;
+    float second = -INFINITY;
+
+    for (int i = 1; i < n; i++) {
+        if (v[i] > v[b]) {
+            b = i;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        if (i != b && v[i] > second) {
+            second = v[i];
+        }
+    }
+    *margin = v[b] - second;
+    return b;
+}
+
+
+/* variant: tp ranks (1: one backend), ep, blas: force the cuBLAS path */
+static void
+run_variant(const char *name, moe_model_t *m, int tp, int ep, int blas)
+{
+    const moe_hparams_t *hp = moe_model_hparams(m);
+    moe_backend_t       *gb = NULL, *cb = NULL, *g0;
+    moe_ranks_t          gp;
+    char                 err[512], what[128];
+    int32_t              toks[PROMPT + CHUNK + N_DEC + 1], bt[N_BLOCKS];
+    int32_t             *route = NULL;
+    float               *gl, *cl;
+    int                  V = hp->vocab_size, pos = 0, step = 0, ok = 1;
+    int                  greedy_ok = 1, n_greedy = 0, rc;
+    double               worst = 0;
+
+    snprintf(what, sizeof(what), "%s%s%s%s", name,
+             tp > 1 ? " tp 2" : "", ep ? " ep" : "",
+             blas ? " (cuBLAS expert path)" : "");
+    if (blas) {
+        setenv("MOE_CUDA_GGEMM_MAX_T", "0", 1);
+    }
+    rc = moe_cpu_backend_create(m, N_BLOCKS, BS, 1, &cb, err, sizeof(err));
+    if (rc == MOE_OK) {
+        if (tp > 1) {
+            memset(&gp, 0, sizeof(gp));
+            gp.kind = MOE_BACKEND_CUDA;
+            gp.tp = tp;
+            gp.ep = ep;
+            gp.n_blocks = N_BLOCKS;
+            gp.block_size = BS;
+            gp.max_batched_tokens = 64;
+            rc = moe_backend_create_ranks(m, &gp, &gb, err, sizeof(err));
+        } else {
+            rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
+                                         sizeof(err));
+        }
+    }
+    unsetenv("MOE_CUDA_GGEMM_MAX_T");
+    TAP_OK(rc == MOE_OK, "%s: backends created (%s)", what,
+           rc == MOE_OK ? "ok" : err);
+    if (rc != MOE_OK) {
+        if (cb != NULL) {
+            cb->destroy(cb);
+        }
+        return;
+    }
+    g0 = tp > 1 ? moe_tp_backend_rank(gb, 0) : gb;
+    gl = (float *) malloc(sizeof(float) * (size_t) V);
+    cl = (float *) malloc(sizeof(float) * (size_t) V);
+    route = (int32_t *) malloc(sizeof(int32_t) * (size_t) PROMPT
+                               * hp->n_layers * hp->top_k);
+    for (int i = 0; i < N_BLOCKS; i++) {
+        bt[i] = (i * 7 + 3) % N_BLOCKS;
+    }
+    for (int i = 0; i < PROMPT + CHUNK; i++) {
+        toks[i] = (int32_t) (gu_rand() % (uint32_t) V);
+    }
+
+    while (ok && step < 2 + N_DEC) {
+        moe_seq_batch_t sb;
+        int             T = step == 0 ? PROMPT : step == 1 ? CHUNK : 1;
+        float           marg, gmarg, sig = 0;
+        int             gt, ct;
+        double          e;
+
+        memset(&sb, 0, sizeof(sb));
+        sb.tokens = toks + pos;
+        sb.n_tokens = T;
+        sb.pos = pos;
+        sb.block_table = bt;
+        sb.n_blocks = N_BLOCKS;
+        sb.logits = gl;
+        if (gb->forward(gb, &sb, 1) != MOE_OK) {
+            TAP_DIAG("%s: cuda step %d: %s", what, step,
+                     moe_cuda_last_error());
+            ok = 0;
+            break;
+        }
+        if (hp->n_experts > 1) {
+            if (moe_cuda_backend_last_routing(g0, route, T) != MOE_OK
+                || moe_cpu_backend_force_routing(cb, route, T) != MOE_OK)
+            {
+                TAP_DIAG("%s: step %d: routing not forced", what, step);
+                ok = 0;
+                break;
+            }
+        }
+        sb.logits = cl;
+        if (cb->forward(cb, &sb, 1) != MOE_OK) {
+            TAP_DIAG("%s: cpu step %d", what, step);
+            ok = 0;
+            break;
+        }
+        e = gu_relerr(gl, cl, (size_t) V);
+        if (!(e <= worst)) {
+            worst = e;
+        }
+        for (int j = 0; j < V; j++) {
+            sig += (gl[j] - cl[j]) * (gl[j] - cl[j]);
+        }
+        sig = sqrtf(sig / (float) V);
+        ct = argmax_m(cl, V, &marg);
+        gt = argmax_m(gl, V, &gmarg);
+        if (marg > fmaxf(0.05f, 6.0f * sig)) {
+            n_greedy++;
+            if (gt != ct) {
+                TAP_DIAG("%s: step %d: cuda greedy %d, cpu %d (margin %.3f, "
+                         "sigma %.4f)", what, step, gt, ct, marg, sig);
+                greedy_ok = 0;
+            }
+        }
+        pos += T;
+        if (step >= 1) {
+            toks[pos] = ct;         /* teacher forcing: the cpu's token */
+        }
+        step++;
+    }
+    TAP_OK(ok && worst <= REL_TOL, "%s: %d steps (prefill %d, chunk %d, "
+           "decode), logits rel err max %.2e (<= %.0e)", what, step, PROMPT,
+           CHUNK, worst, REL_TOL);
+    TAP_OK(ok && greedy_ok, "%s: greedy equal on the %d clear steps", what,
+           n_greedy);
+    gb->destroy(gb);
+    cb->destroy(cb);
+    free(gl);
+    free(cl);
+    free(route);
+}
+
+
+int
+main(void)
+{
+    const char *qdir = getenv("MOE_QUANT_DIR");
+    char        path[512], line[128], err[512];
+    FILE       *f;
+
+    if (qdir == NULL) {
+        qdir = "build/quant";
+    }
+    if (moe_cuda_device_count() == 0) {
+        printf("1..0 # SKIP no CUDA device\n");
+        return 0;
+    }
+    snprintf(path, sizeof(path), "%s/MODELS", qdir);
+    f = fopen(path, "r");
+    if (f == NULL) {
+        printf("1..0 # SKIP no %s (run tools/quant_models.sh %s)\n", path,
+               qdir);
+        return 0;
+    }
+    gu_seed(20261202);
+    while (fgets(line, sizeof(line), f) != NULL) {
+        moe_model_t *m = NULL;
+        int          rc;
+
+        line[strcspn(line, "\r\n")] = '\0';
+        if (line[0] == '\0') {
+            continue;
+        }
+        snprintf(path, sizeof(path), "%s/%s", qdir, line);
+        rc = moe_model_load_quant(path, 0, NULL, 0, &m, err, sizeof(err));
+        TAP_OK(rc == MOE_OK, "%s: loads (%s)", line,
+               rc == MOE_OK ? "ok" : err);
+        if (rc != MOE_OK) {
+            continue;
+        }
+        run_variant(line, m, 1, 0, 0);
+        run_variant(line, m, 1, 0, 1);
+        if (strcmp(line, "fp8-tensor") == 0
+            || strcmp(line, "ct-fp8-channel") == 0
+            || strcmp(line, "awq-g32") == 0
+            || strcmp(line, "gptq-g32-sym") == 0)
+        {
+            run_variant(line, m, 2, 0, 0);
+        }
+        if (strcmp(line, "awq-g32") == 0) {
+            run_variant(line, m, 2, 1, 0);
+        }
+        moe_model_free(m);
+    }
+    fclose(f);
+    TAP_PLAN(tap_n);
+    return TAP_DONE();
+}
