@@ -629,6 +629,18 @@ moe_backend_create(const moe_backend_opts_t *o, moe_backend_kind_t kind,
     }
 
     need = be_blocks_per_seq(o);
+    if (b->kv_grow != NULL && b->n_kv_usable > 0 && b->n_kv_usable < need
+        && b->n_kv_blocks >= need)
+    {
+        /* a pool that grows but cannot hold one sequence yet: wait for
+         * memory (the module retries MOE_ENOMEM) */
+        moe_errf(err, errlen, "%s: the KV cache starts with %d blocks of "
+                 "%d tokens, fewer than one max_model_len (%d) sequence "
+                 "needs (%d); waiting for memory", be_file(o),
+                 b->n_kv_usable, o->block_size, o->max_model_len, need);
+        b->destroy(b);
+        return MOE_ENOMEM;
+    }
     if (b->n_kv_blocks < need) {
         moe_errf(err, errlen, "%s: the KV cache holds %d blocks of %d "
                  "tokens, fewer than one max_model_len (%d) sequence needs "

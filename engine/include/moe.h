@@ -627,7 +627,9 @@ typedef struct {
 void moe_event_release(moe_event_t *ev);
 
 typedef struct {
-    int64_t  kv_blocks_total;
+    int64_t  kv_blocks_total;      /* usable now (grows: kv_blocks_pending) */
+    int64_t  kv_blocks_pending;    /* blocks the pool still waits for (a
+                                      start beside the old worker) */
     int64_t  kv_blocks_used;
     int64_t  kv_blocks_cached;     /* free but holding a cached prefix */
     int64_t  block_size;
