@@ -236,7 +236,8 @@ sh_send(int fd, const void *buf, size_t len, int pass_fd)
 }
 
 
-/* One connection, on the server thread: 1 handed over, 0 not. */
+/* One connection, on the server thread: 1 handed over, 0 not, -1 a
+ * probe answered. */
 static int
 sh_serve_one(moe_share_server_t *s, int c, int64_t *pid)
 {
@@ -267,6 +268,10 @@ sh_serve_one(moe_share_server_t *s, int c, int64_t *pid)
     }
     ok = strcmp(req.key, s->hdr.key) == 0;
     hdr.status = ok ? MOE_SHARE_OK : MOE_SHARE_MISMATCH;
+    if (ok && (req.flags & MOE_SHARE_PROBE)) {
+        (void) sh_send(c, &hdr, sizeof(hdr), -1);
+        return -1;
+    }
     if (sh_send(c, &hdr, sizeof(hdr), ok ? s->fd : -1) != 0 || !ok) {
         return 0;
     }
@@ -339,7 +344,9 @@ sh_thread(void *arg)
         got = sh_serve_one(s, c, &pid);
         close(c);
         pthread_mutex_lock(&s->mu);
-        if (got) {
+        if (got < 0) {
+            /* a probe: neither a hand-over nor a failure */
+        } else if (got) {
             s->done++;
             s->last_pid = pid;
             s->last_ms = sh_now_ms() - t0;
@@ -486,8 +493,8 @@ moe_share_server_stop(moe_share_server_t *s)
 }
 
 
-int
-moe_share_fetch(const char *key, int timeout_ms, int *fd,
+static int
+sh_ask(const char *key, int flags, int timeout_ms, int *fd,
     moe_share_hdr_t *hdr, int *conn, char *err, size_t errlen)
 {
     struct sockaddr_un  sa;
@@ -529,6 +536,7 @@ moe_share_fetch(const char *key, int timeout_ms, int *fd,
     memset(&req, 0, sizeof(req));
     req.magic = MOE_SHARE_MAGIC;
     req.version = MOE_SHARE_VERSION;
+    req.flags = flags;
     req.pid = (int64_t) getpid();
     memcpy(req.key, key, strlen(key));
     if (sh_send(c, &req, sizeof(req), -1) != 0
@@ -574,6 +582,14 @@ moe_share_fetch(const char *key, int timeout_ms, int *fd,
                  (long long) hdr->pid);
         goto fail;
     }
+    if (flags & MOE_SHARE_PROBE) {
+        if (n_got != 0) {
+            moe_errf(err, errlen, "share: an fd came with a probe");
+            goto fail;
+        }
+        close(c);
+        return MOE_OK;
+    }
     if (n_got != 1 || hdr->bytes == 0) {
         moe_errf(err, errlen, "share: pid %lld sent %d fds for %llu bytes",
                  (long long) hdr->pid, n_got,
@@ -590,6 +606,25 @@ fail:
     }
     close(c);
     return MOE_EINVAL;
+}
+
+
+int
+moe_share_fetch(const char *key, int timeout_ms, int *fd,
+    moe_share_hdr_t *hdr, int *conn, char *err, size_t errlen)
+{
+    return sh_ask(key, 0, timeout_ms, fd, hdr, conn, err, errlen);
+}
+
+
+int
+moe_share_probe(const char *key, int timeout_ms, moe_share_hdr_t *hdr,
+    char *err, size_t errlen)
+{
+    int fd, conn;
+
+    return sh_ask(key, MOE_SHARE_PROBE, timeout_ms, &fd, hdr, &conn, err,
+                  errlen);
 }
 
 

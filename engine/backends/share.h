@@ -46,9 +46,13 @@ typedef struct {
     int          tp, rank, ep;
 } moe_share_key_in_t;
 
+#define MOE_SHARE_PROBE     1               /* header only: no fd, no ack */
+
 /* importer -> exporter */
 typedef struct {
     uint32_t  magic, version;
+    int32_t   flags;            /* MOE_SHARE_PROBE */
+    int32_t   pad;
     int64_t   pid;
     char      key[MOE_SHARE_KEY_MAX];
 } moe_share_req_t;
@@ -125,6 +129,14 @@ void moe_share_server_stop(moe_share_server_t *s);
  */
 int moe_share_fetch(const char *key, int timeout_ms, int *fd,
     moe_share_hdr_t *hdr, int *conn, char *err, size_t errlen);
+
+/*
+ * The header of key's exporter without its fd (what it sized, before
+ * importing): MOE_OK with *hdr, MOE_EIO (none), MOE_EINVAL (another key,
+ * malformed); reason in err.  Counts neither way on the server.
+ */
+int moe_share_probe(const char *key, int timeout_ms, moe_share_hdr_t *hdr,
+    char *err, size_t errlen);
 
 /* Tell the exporter whether the import worked, and close conn. */
 void moe_share_ack(int conn, int imported);

@@ -144,7 +144,7 @@ main(void)
     pid_t                child;
     FILE                *fp;
 
-    TAP_PLAN(31);
+    TAP_PLAN(33);
 
     /* ---- the key */
     if (mkdtemp(dir) == NULL) {
@@ -240,6 +240,14 @@ main(void)
     TAP_OK(moe_share_server_wait(s, 2000, &pid, &ms) == 1 && pid == child,
            "the exporter saw the hand-over to pid %lld (%.2f ms)",
            (long long) pid, ms);
+
+    /* ---- a probe: the header, no fd, not counted */
+    memset(&h, 0, sizeof(h));
+    rc = moe_share_probe(k1, 2000, &h, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && h.kv_blocks == 1234 && h.pid == getpid(),
+           "probe: the header without an fd");
+    rc = moe_share_probe(k3, 500, &h, err, sizeof(err));
+    TAP_OK(rc == MOE_EIO, "probe of a key nobody serves: %s", err);
 
     /* ---- the same key from this process, imported = 0 */
     rc = moe_share_fetch(k1, 2000, &got, &h, &conn, err, sizeof(err));
