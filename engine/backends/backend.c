@@ -480,6 +480,11 @@ be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
 }
 
 
+/* load_format dummy: the random weights' seed (the same in every worker,
+ * so a reload can take the old worker's) */
+#define BE_DUMMY_SEED  1234
+
+
 #ifdef MOE_HAVE_CUDA
 static int
 be_is_nccl(const moe_backend_opts_t *o, const char *mode)
@@ -547,6 +552,19 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
                                        o->max_num_batched_tokens,
                                        o->gpu_memory_utilization / on_dev0,
                                        devs[0], &n_blocks, err, errlen);
+        /* the old worker holds the GPU (nginx -s reload): when it serves
+         * these weights, take its pool's size; the backend imports the
+         * weights and backs the pool as the old worker's memory frees */
+        if (rc == MOE_ENOMEM && tp == 1
+            && moe_cuda_share_kv_hint(hp, o->dummy ? NULL : m,
+                                      o->dummy ? BE_DUMMY_SEED : 0, devs[0],
+                                      o->block_size, &n_blocks) == MOE_OK)
+        {
+            moe_log(MOE_LOG_INFO, "the old worker holds the GPU and serves "
+                    "the weights: importing them, KV pool of %d blocks "
+                    "backed as its memory frees", n_blocks);
+            rc = MOE_OK;
+        }
         if (rc != MOE_OK) {
             return rc;
         }
@@ -561,7 +579,7 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     p.kv_v_scale = o->kv_v_scale;
     p.kind = MOE_BACKEND_CUDA;
     if (o->dummy) {
-        rc = moe_cuda_backend_create_random(hp, 1234, n_blocks,
+        rc = moe_cuda_backend_create_random(hp, BE_DUMMY_SEED, n_blocks,
                                             o->block_size,
                                             o->max_num_batched_tokens,
                                             dev, out, err, errlen);

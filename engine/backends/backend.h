@@ -189,6 +189,15 @@ struct moe_backend {
      */
     int  n_kv_usable;
     int  (*kv_grow)(moe_backend_t *b);
+
+    /*
+     * Weights shared across a reload (CUDA, cuda_share.h): wait at most
+     * timeout_ms for the next worker to take them.  1 taken (*pid, *ms:
+     * the hand-over's duration), 0 nobody came, -1 nothing is shared.
+     * Any thread.  NULL: nothing is shared.
+     */
+    int  (*handover_wait)(moe_backend_t *b, int timeout_ms, int64_t *pid,
+                          double *ms);
 };
 
 #define MOE_KV_GROW_MS  250
