@@ -571,6 +571,19 @@ fail:
 }
 
 
+int
+moe_engine_handover_wait(moe_engine_t *e, int timeout_ms, int64_t *pid,
+    double *ms)
+{
+    if (e == NULL || e->backend == NULL
+        || e->backend->handover_wait == NULL)
+    {
+        return -1;
+    }
+    return e->backend->handover_wait(e->backend, timeout_ms, pid, ms);
+}
+
+
 void
 moe_engine_destroy(moe_engine_t *e)
 {
