@@ -7,7 +7,8 @@
 #                   build/gpu/test_ggemm, build/gpu/test_quant,
 #                   build/gpu/test_kvfp8, build/gpu/bench_engine,
 #                   build/gpu/test_tp, build/gpu/test_mask,
-#                   build/gpu/test_logprobs, build/gpu/test_logit_bias
+#                   build/gpu/test_logprobs, build/gpu/test_logit_bias,
+#                   build/gpu/test_share
 #   make bench-dev  the kernel dev harness (bench/dev/*.cu):
 #                   build/bench/dev/attention, .../moe_gemv,
 #                   .../moe_ggemm; each
@@ -52,7 +53,8 @@ GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_quant $(BUILD)/gpu/test_kvfp8 \
                 $(BUILD)/gpu/test_mask \
                 $(BUILD)/gpu/test_logprobs \
-                $(BUILD)/gpu/test_logit_bias
+                $(BUILD)/gpu/test_logit_bias \
+                $(BUILD)/gpu/test_share
 
 .PHONY: gpu
 gpu: $(KERNELS_A) $(GPU_BINS)
