@@ -548,25 +548,26 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     if (n_blocks <= 0) {
         /* each rank holds its kv heads; ranks sharing a device share its
          * memory budget */
-        rc = moe_cuda_kv_blocks_for_hp(&rhp, o->block_size,
-                                       o->max_num_batched_tokens,
-                                       o->gpu_memory_utilization / on_dev0,
-                                       devs[0], &n_blocks, err, errlen);
-        /* the old worker holds the GPU (nginx -s reload): when it serves
-         * these weights, take its pool's size; the backend imports the
-         * weights and backs the pool as the old worker's memory frees */
-        if (rc == MOE_ENOMEM && tp == 1
+        /* an old worker (nginx -s reload) that serves these weights: its
+         * pool's size (it was sized on a GPU without us); the backend
+         * imports the weights and backs the pool as that memory frees */
+        if (tp == 1
             && moe_cuda_share_kv_hint(hp, o->dummy ? NULL : m,
                                       o->dummy ? BE_DUMMY_SEED : 0, devs[0],
                                       o->block_size, &n_blocks) == MOE_OK)
         {
-            moe_log(MOE_LOG_INFO, "the old worker holds the GPU and serves "
-                    "the weights: importing them, KV pool of %d blocks "
-                    "backed as its memory frees", n_blocks);
-            rc = MOE_OK;
-        }
-        if (rc != MOE_OK) {
-            return rc;
+            moe_log(MOE_LOG_INFO, "a live worker serves these weights: "
+                    "importing them, KV pool of %d blocks backed as its "
+                    "memory frees", n_blocks);
+        } else {
+            rc = moe_cuda_kv_blocks_for_hp(&rhp, o->block_size,
+                                           o->max_num_batched_tokens,
+                                           o->gpu_memory_utilization
+                                           / on_dev0,
+                                           devs[0], &n_blocks, err, errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
         }
         if (n_blocks > be_blocks_per_seq(o) * o->max_num_seqs) {
             n_blocks = be_blocks_per_seq(o) * o->max_num_seqs;
