@@ -1437,13 +1437,12 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
 
     cb_weight_layout(hp, &wl);
     {
-        char msg[96];
-
+        /* imported from the old worker when it serves the same weights,
+         * else exportable to the next one ("reload" above) */
         int rc = moe_cuda_wmem_alloc(&b->wmem, b->device, wl.total,
                                      b->share_key[0] ? b->share_key : NULL,
                                      err, errlen);
 
-        (void) msg;
         if (rc != MOE_OK) {
             return rc;
         }

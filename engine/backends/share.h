@@ -24,6 +24,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define MOE_SHARE_KEY_MAX   640
 #define MOE_SHARE_MAGIC     0x53454f4dU     /* "MOES" */
 #define MOE_SHARE_VERSION   1
@@ -140,5 +144,9 @@ int moe_share_probe(const char *key, int timeout_ms, moe_share_hdr_t *hdr,
 
 /* Tell the exporter whether the import worked, and close conn. */
 void moe_share_ack(int conn, int imported);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* MOE_SHARE_H */
