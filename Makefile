@@ -125,7 +125,7 @@ ASAN_FLAGS := -std=c11 -D_GNU_SOURCE -pthread $(WARN) -O1 -g \
               -Ikernels
 ASAN_TESTS := tokenizer jinja safetensors config engine sampling ring swap \
               forward kjv tp backend cuda_tuning guided logprobs choices \
-              toolcall prefix_key stallfree rope logit_bias
+              toolcall prefix_key stallfree rope logit_bias share kv_grow
 ASAN_BINS  := $(patsubst %,$(BUILD)/asan/t/%,$(filter $(ASAN_TESTS), \
               $(UNIT_SRCS:t/unit/%.c=%)))
 ASAN_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/asan/%.o)

@@ -441,6 +441,8 @@ ngx_http_moe_gen_memory(yajl_gen g, ngx_http_moe_inst_t *inst)
     ngx_http_moe_gen_int(g, "blocks_free",
                          st.kv_blocks_total - st.kv_blocks_used);
     ngx_http_moe_gen_int(g, "blocks_cached", st.kv_blocks_cached);
+    /* a pool that still grows (weights imported beside the old worker) */
+    ngx_http_moe_gen_int(g, "blocks_pending", st.kv_blocks_pending);
     ngx_http_moe_gen_int(g, "block_size", st.block_size);
     ngx_http_moe_gen_int(g, "bytes_per_block", st.kv_bytes_per_block);
     ngx_http_moe_gen_double(g, "usage", usage);

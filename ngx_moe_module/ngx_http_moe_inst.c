@@ -900,6 +900,61 @@ ngx_http_moe_eng_destroy_thread(void *data)
 }
 
 
+/*
+ * A graceful exit (reload, quit; not terminate): the new worker usually
+ * took the weights long ago (it imports while this one still streams);
+ * otherwise wait, bounded by moe_handover_wait, so that it can still
+ * import them instead of reading the files.
+ */
+
+static void
+ngx_http_moe_inst_handover(ngx_http_moe_main_conf_t *mcf)
+{
+    int                   rc;
+    double                ms;
+    int64_t               pid;
+    ngx_uint_t            i;
+    ngx_msec_t            start, spent;
+    ngx_http_moe_inst_t  *inst;
+
+    if (!ngx_exiting || ngx_terminate || mcf->handover_wait == 0) {
+        return;
+    }
+
+    ngx_time_update();
+    start = ngx_current_msec;
+
+    for (i = 0; i < mcf->n_inst; i++) {
+        inst = &mcf->inst[i];
+
+        if (inst->eng == NULL) {
+            continue;
+        }
+
+        ngx_time_update();
+        spent = ngx_current_msec - start;
+
+        rc = moe_engine_handover_wait(inst->eng->engine,
+                                      spent < mcf->handover_wait
+                                      ? (int) (mcf->handover_wait - spent)
+                                      : 0,
+                                      &pid, &ms);
+
+        if (rc == 1) {
+            ngx_log_error(NGX_LOG_NOTICE, mcf->log, 0,
+                          "moe: model \"%V\": weights handed over to pid "
+                          "%L in %.1f ms", &inst->name, pid, ms);
+
+        } else if (rc == 0) {
+            ngx_log_error(NGX_LOG_NOTICE, mcf->log, 0,
+                          "moe: model \"%V\": no new worker took the "
+                          "weights within %M ms", &inst->name,
+                          mcf->handover_wait);
+        }
+    }
+}
+
+
 /* worker exit: every load joined, every engine destroyed */
 
 void
@@ -908,6 +963,8 @@ ngx_http_moe_inst_exit(ngx_http_moe_main_conf_t *mcf)
     ngx_uint_t            i;
     ngx_http_moe_eng_t   *eng, *next;
     ngx_http_moe_inst_t  *inst;
+
+    ngx_http_moe_inst_handover(mcf);
 
     for (i = 0; i < mcf->n_inst; i++) {
         inst = &mcf->inst[i];

@@ -89,6 +89,13 @@ static ngx_command_t  ngx_http_moe_commands[] = {
       offsetof(ngx_http_moe_main_conf_t, load_wait),
       NULL },
 
+    { ngx_string("moe_handover_wait"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_moe_main_conf_t, handover_wait),
+      NULL },
+
     { ngx_string("moe_metrics"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_enum_slot,
@@ -145,6 +152,7 @@ ngx_http_moe_create_main_conf(ngx_conf_t *cf)
     ngx_http_moe_ctx_index = ngx_http_moe_module.ctx_index;
 
     mcf->load_wait = NGX_CONF_UNSET_MSEC;
+    mcf->handover_wait = NGX_CONF_UNSET_MSEC;
 
     /*
      * set by ngx_pcalloc():
@@ -439,6 +447,10 @@ ngx_http_moe_init_process(ngx_cycle_t *cycle)
 
     if (mcf->load_wait == NGX_CONF_UNSET_MSEC) {
         mcf->load_wait = 120000;
+    }
+
+    if (mcf->handover_wait == NGX_CONF_UNSET_MSEC) {
+        mcf->handover_wait = 3000;
     }
 
     /* engine messages (load progress, overrides, preemptions) go to the

@@ -86,6 +86,10 @@ typedef struct {
                                                load retries while memory
                                                is held by another worker */
     ngx_msec_t                 switch_wait; /* moe_switch_drain_wait */
+    ngx_msec_t                 handover_wait; /* moe_handover_wait: how
+                                               long a gracefully exiting
+                                               worker waits for the next
+                                               one to take its weights */
     ngx_event_handler_pt       wake_handler;    /* engine eventfd reads */
     ngx_log_t                 *log;
 

@@ -13,6 +13,11 @@
 #   * the new worker then serves; the time from the reload to the first
 #     served request is printed (not judged: the machine may be busy);
 #   * no worker exits with a fatal code, nothing is respawned.
+# On a GPU with LOCALMOE_RELOAD_EXPECT_HANDOVER=1 (the CUDA backend shares
+# its weights, engine/backends/cuda_share.cu): the new worker imports the
+# old one's weights instead of waiting ("weights imported from pid N"),
+# the old one logs "weights handed over to pid N" when it exits, and the
+# first request is served within LOCALMOE_RELOAD_TARGET_S (default 1) s.
 use strict;
 use warnings;
 use FindBin;
@@ -35,6 +40,7 @@ my $model = "$root/models/localmoe-kjv";
 # served name; no emulated budget then.
 my $gpu_yaml = $ENV{LOCALMOE_RELOAD_YAML};
 my $served = $gpu_yaml ? ($ENV{LOCALMOE_RELOAD_MODEL} // 'mixtral-8x7b') : 'kjv';
+my $handover = $gpu_yaml && $ENV{LOCALMOE_RELOAD_EXPECT_HANDOVER};
 my $s;
 
 if ($gpu_yaml) {
@@ -129,9 +135,16 @@ diag(sprintf 'reload under 16 streams: first request served by the new worker '
      join(', ', map { "$_ x$seen{$_}" } sort keys %seen));
 ok(!$bad, 'meanwhile every answer was 200 or 503 with Retry-After and an error body');
 ok(!$slow, 'no request hung (none timed out)');
-ok(($seen{503} // 0) > 0, 'the new worker answered 503 while it waited for memory');
-ok($health{'503 loading'}, '... and /health said 503 "loading" meanwhile')
-    or diag explain \%health;
+if ($handover) {
+    my $target = $ENV{LOCALMOE_RELOAD_TARGET_S} // 1;
+    ok(defined $first_ok && $first_ok < $target,
+       sprintf('weights handed over: first request %.2f s after the reload '
+               . '(target < %s s)', $first_ok // -1, $target));
+} else {
+    ok(($seen{503} // 0) > 0, 'the new worker answered 503 while it waited for memory');
+    ok($health{'503 loading'}, '... and /health said 503 "loading" meanwhile')
+        or diag explain \%health;
+}
 is(scalar(grep { !/^(503 loading|200 ok)$/ } keys %health), 0,
    '... never anything but loading or ok') or diag explain \%health;
 
@@ -147,8 +160,24 @@ is($ok, 16, 'every stream finished with its 200 tokens: 0 dropped')
     or diag join "\n", map { $_->summary } @st;
 
 my $log = $s->error_log;
-like($log, qr/waiting for memory held by the old worker/,
-     'error.log: the new worker waited for the old one\'s memory');
+if ($handover) {
+    like($log, qr/weights imported from pid \d+/,
+         'error.log: the new worker imported the old one\'s weights');
+    # the old worker logs the hand-over when it exits, after its streams
+    my $until = time + 30;
+    while ($log !~ /weights handed over to pid \d+|no new worker took/
+           && time < $until) {
+        sleep 0.2;
+        $log = $s->error_log;
+    }
+    like($log, qr/weights handed over to pid \d+ in [\d.]+ ms/,
+         'error.log: the old worker handed its weights over');
+    my ($grew) = $log =~ /(KV pool backed for \d+ of \d+ blocks[^\n]*)/;
+    diag($grew // 'the KV pool has not grown to its full size yet');
+} else {
+    like($log, qr/waiting for memory held by the old worker/,
+         'error.log: the new worker waited for the old one\'s memory');
+}
 unlike($log, qr/exited with fatal code|respawn/, 'error.log: no fatal exit, no respawn');
 
 my ($st) = LocalMoE::Test::http(GET => '/health');

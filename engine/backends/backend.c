@@ -481,6 +481,11 @@ be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
 }
 
 
+/* load_format dummy: the random weights' seed (the same in every worker,
+ * so a reload can take the old worker's) */
+#define BE_DUMMY_SEED  1234
+
+
 #ifdef MOE_HAVE_CUDA
 static int
 be_is_nccl(const moe_backend_opts_t *o, const char *mode)
@@ -552,25 +557,38 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     if (n_blocks <= 0) {
         /* each rank holds its kv heads; ranks sharing a device share its
          * memory budget */
-        /* the weights as the device holds them (packed formats count
-         * their own bytes) */
-        if (o->dummy) {
-            rc = moe_cuda_kv_blocks_for_fmt(&rhp, wfmt, o->block_size,
-                                            o->max_num_batched_tokens,
-                                            o->gpu_memory_utilization
-                                            / on_dev0, devs[0], &n_blocks,
-                                            err, errlen);
+        /* an old worker (nginx -s reload) that serves these weights: its
+         * pool's size (it was sized on a GPU without us); the backend
+         * imports the weights and backs the pool as that memory frees */
+        if (tp == 1
+            && moe_cuda_share_kv_hint(hp, o->dummy ? NULL : m,
+                                      o->dummy ? BE_DUMMY_SEED : 0, devs[0],
+                                      o->block_size, &n_blocks) == MOE_OK)
+        {
+            moe_log(MOE_LOG_INFO, "a live worker serves these weights: "
+                    "importing them, KV pool of %d blocks backed as its "
+                    "memory frees", n_blocks);
         } else {
-            rc = moe_cuda_kv_blocks_for_rank(m, tp, 0,
-                                             o->expert_parallel && tp > 1,
-                                             o->block_size,
-                                             o->max_num_batched_tokens,
-                                             o->gpu_memory_utilization
-                                             / on_dev0, devs[0], &n_blocks,
-                                             err, errlen);
-        }
-        if (rc != MOE_OK) {
-            return rc;
+            /* the weights as the device holds them (packed formats
+             * count their own bytes) */
+            if (o->dummy) {
+                rc = moe_cuda_kv_blocks_for_fmt(&rhp, wfmt, o->block_size,
+                                                o->max_num_batched_tokens,
+                                                o->gpu_memory_utilization
+                                                / on_dev0, devs[0],
+                                                &n_blocks, err, errlen);
+            } else {
+                rc = moe_cuda_kv_blocks_for_rank(m, tp, 0,
+                                                 o->expert_parallel
+                                                 && tp > 1, o->block_size,
+                                                 o->max_num_batched_tokens,
+                                                 o->gpu_memory_utilization
+                                                 / on_dev0, devs[0],
+                                                 &n_blocks, err, errlen);
+            }
+            if (rc != MOE_OK) {
+                return rc;
+            }
         }
         if (n_blocks > be_blocks_per_seq(o) * o->max_num_seqs) {
             n_blocks = be_blocks_per_seq(o) * o->max_num_seqs;
@@ -587,7 +605,8 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
             moe_log(MOE_LOG_INFO, "load_format dummy: random %s weights",
                     moe_qw_format_name(wfmt));
         }
-        rc = moe_cuda_backend_create_random_fmt(hp, wfmt, 1234, 1, 0, 0,
+        rc = moe_cuda_backend_create_random_fmt(hp, wfmt, BE_DUMMY_SEED, 1, 0,
+                                                0,
                                                 n_blocks, o->block_size,
                                                 o->max_num_batched_tokens,
                                                 dev, out, err, errlen);
@@ -655,6 +674,18 @@ moe_backend_create(const moe_backend_opts_t *o, moe_backend_kind_t kind,
     }
 
     need = be_blocks_per_seq(o);
+    if (b->kv_grow != NULL && b->n_kv_usable > 0 && b->n_kv_usable < need
+        && b->n_kv_blocks >= need)
+    {
+        /* a pool that grows but cannot hold one sequence yet: wait for
+         * memory (the module retries MOE_ENOMEM) */
+        moe_errf(err, errlen, "%s: the KV cache starts with %d blocks of "
+                 "%d tokens, fewer than one max_model_len (%d) sequence "
+                 "needs (%d); waiting for memory", be_file(o),
+                 b->n_kv_usable, o->block_size, o->max_model_len, need);
+        b->destroy(b);
+        return MOE_ENOMEM;
+    }
     if (b->n_kv_blocks < need) {
         moe_errf(err, errlen, "%s: the KV cache holds %d blocks of %d "
                  "tokens, fewer than one max_model_len (%d) sequence needs "

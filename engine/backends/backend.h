@@ -174,7 +174,33 @@ struct moe_backend {
     int  (*swap_in)(moe_backend_t *b, const int32_t *slots,
                     const int32_t *blocks, int n);
     int  (*swap_read)(moe_backend_t *b, int32_t slot, void *dst);
+
+    /*
+     * A KV pool that grows: a backend whose pool memory is not all there
+     * at create (the CUDA backend that imported its weights from an old
+     * worker still holding the GPU) sets n_kv_usable below n_kv_blocks
+     * (0 reads as n_kv_blocks: a whole pool).  The engine hands out only
+     * ids below n_kv_usable and, between steps while the pool is short
+     * (every MOE_KV_GROW_MS), calls kv_grow, which makes more blocks
+     * usable if it can and returns the usable count (never below the
+     * last one; a failure is logged there and the last count returned:
+     * the engine goes on with the pool it has).  Engine thread only.
+     * NULL for a whole pool.
+     */
+    int  n_kv_usable;
+    int  (*kv_grow)(moe_backend_t *b);
+
+    /*
+     * Weights shared across a reload (CUDA, cuda_share.h): wait at most
+     * timeout_ms for the next worker to take them.  1 taken (*pid, *ms:
+     * the hand-over's duration), 0 nobody came, -1 nothing is shared.
+     * Any thread.  NULL: nothing is shared.
+     */
+    int  (*handover_wait)(moe_backend_t *b, int timeout_ms, int64_t *pid,
+                          double *ms);
 };
+
+#define MOE_KV_GROW_MS  250
 
 
 

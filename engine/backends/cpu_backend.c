@@ -292,6 +292,7 @@ typedef struct {
      * K/V stored as fp32 values rounded through e4m3 with these per-tensor
      * scales, exactly what the CUDA backend's cache gives back */
     int                   kv_fp8;
+    int                   kv_grow_step;  /* MOE_CPU_KV_GROW (tests) */
     float                 kv_k_scale, kv_v_scale;
     int64_t               budget;      /* bytes reserved in the emulated
                                           memory budget (cpu_budget.c) */
@@ -999,7 +1000,10 @@ cpu_forward_step(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
         return MOE_EINVAL;
     }
     /* validate everything before touching the cache */
-    if (moe_batch_check(hp, seqs, n, b->n_blocks, b->block_size, 1 << 24,
+    /* a pool that grows: ids past the usable ones are an engine bug */
+    if (moe_batch_check(hp, seqs, n, b->base.n_kv_usable > 0
+                                     ? b->base.n_kv_usable : b->n_blocks,
+                        b->block_size, 1 << 24,
                         &T, NULL, &ctx) != MOE_OK)
     {
         return MOE_EINVAL;
@@ -1408,6 +1412,18 @@ cpu_destroy(moe_backend_t *base)
 }
 
 
+/* MOE_CPU_KV_GROW: each call makes kv_grow_step more blocks usable. */
+static int
+cpu_kv_grow(moe_backend_t *base)
+{
+    cpu_backend_t *b = (cpu_backend_t *) base;
+    int            n = base->n_kv_usable + b->kv_grow_step;
+
+    base->n_kv_usable = n < base->n_kv_blocks ? n : base->n_kv_blocks;
+    return base->n_kv_usable;
+}
+
+
 int
 moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
     int n_threads, moe_backend_t **out, char *err, size_t errlen)
@@ -1503,6 +1519,22 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
      * host sampler adds it (the test of the two paths' equality) */
     env = getenv("MOE_CPU_LOGIT_BIAS");
     b->base.logit_bias_device = env == NULL || atoi(env) != 0;
+    /* MOE_CPU_KV_GROW=start,step (tests): the pool starts with `start`
+     * usable blocks and each kv_grow adds `step`, as the CUDA pool of a
+     * worker that imported its weights grows when the old one exits; the
+     * memory is all allocated here, only the limit moves */
+    env = getenv("MOE_CPU_KV_GROW");
+    if (env != NULL) {
+        int start = 0, step = 0;
+
+        if (sscanf(env, "%d,%d", &start, &step) == 2 && start > 0
+            && step > 0 && start < n_blocks)
+        {
+            b->base.n_kv_usable = start;
+            b->kv_grow_step = step;
+            b->base.kv_grow = cpu_kv_grow;
+        }
+    }
     if (!b->kv || !b->counts || !b->scores || !b->ecount || !b->eoff
         || !b->pool || !b->pcounts || !b->pseen
         || moe_sampler_init(&b->sampler, hp->vocab_size) != MOE_OK

@@ -61,6 +61,7 @@
 #include "common.cuh"
 #include "backends/cuda_backend.h"
 #include "backends/cuda_tuning.h"
+#include "backends/cuda_share.h"
 #include "arch.h"
 #include "argmax.h"
 #include "convert.h"
@@ -190,6 +191,9 @@ typedef struct {
 
     /* weights: one allocation, layout in cuda_backend.h */
     void           *wbuf;
+    moe_cuda_wmem_t wmem;          /* wbuf's memory: shared across reloads
+                                      (cuda_share.h; "Reload" below) */
+    char            share_key[MOE_SHARE_KEY_MAX]; /* "": not shared */
     bf16           *embed;         /* (vocab, dim) */
     bf16           *lm_head;       /* (vocab, dim) */
     /* the linear parts (q, k, v, o, experts, shared expert, dense
@@ -218,6 +222,8 @@ typedef struct {
 
     bf16           *kv;            /* (L, n_blocks, 2, bs, n_kv, hd);
                                       e4m3 bytes when kv_fp8 */
+    moe_cuda_kvpool_t kvpool;      /* kv's memory when it grows (base set:
+                                      weights imported, "Reload" below) */
     /* fp8 KV cache and long contexts (moe_cuda_backend_set_kv_fp8) */
     int             kv_fp8;        /* 1: the cache holds e4m3 */
     float           kv_ks, kv_vs;  /* its per-tensor K / V scales */
@@ -855,8 +861,12 @@ cb_destroy(moe_backend_t *base)
         (void) cublasDestroy(b->blas);
     }
     (void) cudaFree(b->blas_ws);
-    (void) cudaFree(b->wbuf);
-    (void) cudaFree(b->kv);
+    moe_cuda_wmem_free(&b->wmem);
+    if (b->kvpool.base != NULL) {
+        moe_cuda_kvpool_free(&b->kvpool);
+    } else {
+        (void) cudaFree(b->kv);
+    }
     (void) cudaFree(b->wsbuf);
     (void) cudaFree(b->d_rope_inv);
     (void) cudaFreeHost(b->h_stage);
@@ -1494,6 +1504,236 @@ static const int64_t *cb_expert_counts(moe_backend_t *base);
 static void cb_swap_destroy(moe_backend_t *base);
 static int cb_swap_alloc(moe_backend_t *base, int n_slots, char *err,
     size_t errlen);
+/* ------------------------------------------------------------- reload */
+
+/*
+ * The weights survive `nginx -s reload` (cuda_share.h): the buffer is a
+ * VMM allocation served under a key to the next worker, which imports it
+ * instead of loading, and starts with the KV blocks that fit beside the
+ * old worker; the rest are backed as the old worker's memory frees
+ * (cb_kv_grow, polled by the engine).  The block layout and the pool's
+ * base address never change, so captured graphs stay valid.
+ */
+
+/* The key of the weights a backend of hp would hold on device (m NULL:
+ * load_format dummy with that seed); "" when sharing is off
+ * (MOE_CUDA_SHARE=0) or the model cannot be resolved. */
+static void
+cb_share_key_for(const moe_hparams_t *hp, const moe_model_t *m,
+    uint64_t seed, int device, int tp, int rank, char *key, size_t keylen)
+{
+    const char         *env = getenv("MOE_CUDA_SHARE");
+    cudaDeviceProp      prop;
+    moe_share_key_in_t  in;
+    cb_wlayout_t        wl;
+    char                dev[96], err[256];
+    int                 i, n;
+
+    key[0] = '\0';
+    if ((env != NULL && atoi(env) == 0)
+        || cudaGetDeviceProperties(&prop, device) != cudaSuccess)
+    {
+        (void) cudaGetLastError();
+        return;
+    }
+    n = snprintf(dev, sizeof(dev), "%04x:%02x:%02x-", prop.pciDomainID,
+                 prop.pciBusID, prop.pciDeviceID);
+    for (i = 0; i < 16 && n + 2 < (int) sizeof(dev); i++, n += 2) {
+        snprintf(dev + n, sizeof(dev) - n, "%02x",
+                 (unsigned char) prop.uuid.bytes[i]);
+    }
+    cb_weight_layout(hp, &wl);
+    memset(&in, 0, sizeof(in));
+    in.device = dev;
+    in.model_dir = m != NULL ? moe_model_dir(m) : NULL;
+    in.seed = seed;
+    in.layout_bytes = wl.total;
+    in.layout_sum = moe_share_sum(0, &wl, sizeof(wl));
+    in.quant = "none";
+    in.dtype = "bf16";
+    in.tp = tp;
+    in.rank = rank;
+    in.ep = hp->n_local_experts > 0;
+    if (moe_share_key(&in, key, keylen, err, sizeof(err)) != MOE_OK) {
+        moe_log(MOE_LOG_INFO, "cuda share: weights not shared (%s)", err);
+        key[0] = '\0';
+    }
+}
+
+
+static void
+cb_share_key(cuda_backend_t *b, const moe_model_t *m, uint64_t seed)
+{
+    cb_share_key_for(&b->hp, m, seed, b->device, b->tp, b->rank,
+                     b->share_key, sizeof(b->share_key));
+}
+
+
+extern "C" int
+moe_cuda_share_kv_hint(const moe_hparams_t *hp, const moe_model_t *m,
+    uint64_t seed, int device, int block_size, int *n_blocks)
+{
+    moe_share_hdr_t hdr;
+    char            key[MOE_SHARE_KEY_MAX], err[256];
+    int64_t         per = cb_kv_bytes_per_block(hp, block_size), n;
+
+    *n_blocks = 0;
+    cb_share_key_for(hp, m, seed, device, 1, 0, key, sizeof(key));
+    if (key[0] == '\0' || per <= 0
+        || moe_share_probe(key, 2000, &hdr, err, sizeof(err)) != MOE_OK
+        || hdr.kv_blocks <= 0 || hdr.kv_bytes_per_block <= 0)
+    {
+        return MOE_EIO;
+    }
+    /* the old worker's pool in bytes, in our blocks */
+    n = hdr.kv_blocks * hdr.kv_bytes_per_block / per;
+    *n_blocks = n > (1 << 30) ? (1 << 30) : (int) n;
+    return *n_blocks > 0 ? MOE_OK : MOE_EIO;
+}
+
+
+static int
+cb_kv_usable(const cuda_backend_t *b)
+{
+    return b->base.n_kv_usable > 0 ? b->base.n_kv_usable : b->n_blocks;
+}
+
+
+/* The byte ranges blocks 0..u-1 cover: one per layer. */
+static int
+cb_kv_ranges(const cuda_backend_t *b, int u, size_t *lo, size_t *hi)
+{
+    size_t plb = (size_t) 2 * b->block_size * b->KVD
+                 * (b->kv_fp8 ? 1 : sizeof(bf16));
+    size_t S = plb * (size_t) b->n_blocks;
+    int    l;
+
+    for (l = 0; l < b->hp.n_layers; l++) {
+        lo[l] = (size_t) l * S;
+        hi[l] = lo[l] + plb * (size_t) u;
+    }
+    return b->hp.n_layers;
+}
+
+
+/* The most blocks (at least `from`) whose new backing fits in budget. */
+static int
+cb_kv_fit(const cuda_backend_t *b, int from, int64_t budget)
+{
+    size_t lo[MOE_MAX_LAYERS], hi[MOE_MAX_LAYERS];
+    int    a = from, z = b->n_blocks, mid, n;
+
+    while (a < z) {
+        mid = a + (z - a + 1) / 2;
+        n = cb_kv_ranges(b, mid, lo, hi);
+        if ((int64_t) moe_cuda_kvpool_cost(&b->kvpool, lo, hi, n) <= budget)
+        {
+            a = mid;
+        } else {
+            z = mid - 1;
+        }
+    }
+    return a;
+}
+
+
+static int64_t
+cb_free_bytes(const cuda_backend_t *b)
+{
+    size_t free_b = 0, total_b = 0;
+
+    if (cudaSetDevice(b->device) != cudaSuccess
+        || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess)
+    {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    return (int64_t) free_b - CB_SLACK;
+}
+
+
+/* Back blocks up to u; the usable count moves only when all is mapped. */
+static int
+cb_kv_map(cuda_backend_t *b, int u)
+{
+    size_t lo[MOE_MAX_LAYERS], hi[MOE_MAX_LAYERS];
+    int    n = cb_kv_ranges(b, u, lo, hi), rc;
+
+    rc = moe_cuda_kvpool_map(&b->kvpool, lo, hi, n, b->stream);
+    if (rc == MOE_OK) {
+        b->base.n_kv_usable = u;
+    }
+    return rc;
+}
+
+
+/* kv_grow (backend.h): what the old worker freed, up to the pool. */
+static int
+cb_kv_grow(moe_backend_t *base)
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+    int             cur = cb_kv_usable(b), u, rc;
+
+    if (cur >= b->n_blocks) {
+        return cur;
+    }
+    u = cb_kv_fit(b, cur, cb_free_bytes(b));
+    if (u <= cur) {
+        return cur;
+    }
+    rc = cb_kv_map(b, u);
+    if (rc != MOE_OK) {
+        moe_log(MOE_LOG_WARN, "cuda backend: growing the KV pool to %d "
+                "blocks failed (%s); %d usable", u, moe_strerror(rc), cur);
+        return cur;
+    }
+    moe_log(u == b->n_blocks ? MOE_LOG_INFO : MOE_LOG_DEBUG,
+            "cuda backend: KV pool backed for %d of %d blocks (%zu MiB)", u,
+            b->n_blocks, (b->kvpool.n_mapped * b->kvpool.gran) >> 20);
+    return u;
+}
+
+
+/* After create: back what fits now (at least one block). */
+static int
+cb_kv_start(cuda_backend_t *b, char *err, size_t errlen)
+{
+    const char *cap = getenv("MOE_CUDA_KV_START_BLOCKS");
+    int         u = cb_kv_fit(b, 0, cb_free_bytes(b)), rc;
+
+    /* a test switch: start smaller than memory allows, so that the
+     * growth runs on a GPU with room to spare (t/gpu/test_share.cu) */
+    if (cap != NULL && atoi(cap) > 0 && atoi(cap) < u) {
+        u = atoi(cap);
+    }
+    if (u < 1) {
+        moe_errf(err, errlen, "cuda backend: weights imported, but no "
+                 "device memory for a KV block yet");
+        return MOE_ENOMEM;
+    }
+    rc = cb_kv_map(b, u);
+    if (rc != MOE_OK) {
+        moe_errf(err, errlen, "cuda backend: backing %d KV blocks: %s", u,
+                 moe_strerror(rc));
+        return rc;
+    }
+    b->base.kv_grow = cb_kv_grow;
+    moe_log(MOE_LOG_INFO, "cuda backend: KV pool starts with %d of %d "
+            "blocks; the rest as the old worker's memory frees", u,
+            b->n_blocks);
+    return MOE_OK;
+}
+
+
+static int
+cb_handover_wait(moe_backend_t *base, int timeout_ms, int64_t *pid,
+    double *ms)
+{
+    return moe_cuda_wmem_wait(&((cuda_backend_t *) base)->wmem, timeout_ms,
+                              pid, ms);
+}
+
+
 static int cb_swap_out(moe_backend_t *base, const int32_t *blocks,
     const int32_t *slots, int n);
 static int cb_swap_in(moe_backend_t *base, const int32_t *slots,
@@ -1545,10 +1785,16 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     wl.qoff = NULL;
     cb_weight_layout(hp, b->plan, &wl);
     {
-        char msg[96];
+        /* imported from the old worker when it serves the same weights,
+         * else exportable to the next one ("reload" above) */
+        int rc = moe_cuda_wmem_alloc(&b->wmem, b->device, wl.total,
+                                     b->share_key[0] ? b->share_key : NULL,
+                                     err, errlen);
 
-        snprintf(msg, sizeof(msg), "weights (%zu MiB)", wl.total >> 20);
-        CB_CUDA(cudaMalloc(&b->wbuf, wl.total), msg);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        b->wbuf = b->wmem.ptr;
     }
     w = (char *) b->wbuf;
     b->embed = (bf16 *) (w + wl.embed);
@@ -1617,9 +1863,19 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
 
         snprintf(msg, sizeof(msg), "KV cache (%d blocks, %zu MiB)",
                  b->n_blocks, kv_bytes >> 20);
-        CB_CUDA(cudaMalloc(&b->kv, kv_bytes), msg);
+        /* imported weights: the old worker still holds its pool, so ours
+         * is backed later, as memory frees (cb_kv_start, cb_kv_grow) */
+        if (!b->wmem.imported
+            || moe_cuda_kvpool_reserve(&b->kvpool, b->device, kv_bytes,
+                                       msg, sizeof(msg)) != MOE_OK)
+        {
+            CB_CUDA(cudaMalloc(&b->kv, kv_bytes), msg);
+            CB_CUDA(cudaMemsetAsync(b->kv, 0, kv_bytes, b->stream),
+                    "KV memset");
+        } else {
+            b->kv = (bf16 *) b->kvpool.base;
+        }
     }
-    CB_CUDA(cudaMemsetAsync(b->kv, 0, kv_bytes, b->stream), "KV memset");
 
     cb_ws_layout(hp, b->cap, b->n_blocks,
                  moe_qw_scratch_bytes(hp, b->plan), &sl);
@@ -1871,8 +2127,9 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     }
     b->use_graphs = b->tune.graphs;
 
+    cb_share_key(b, m, seed);
     rc = cb_alloc(b, err, errlen);
-    if (rc == MOE_OK) {
+    if (rc == MOE_OK && !b->wmem.imported) {
         if (m != NULL) {
             rc = cb_load_weights(b, m, err, errlen);
         } else {
@@ -1888,10 +2145,17 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
                cudaGetErrorString(cudaGetLastError()));
         rc = MOE_EBACKEND;
     }
+    if (rc == MOE_OK && b->kvpool.base != NULL) {
+        rc = cb_kv_start(b, err, errlen);
+    }
     if (rc != MOE_OK) {
         cb_destroy(&b->base);
         return rc;
     }
+    /* the weights are whole: the next worker may take them */
+    moe_cuda_wmem_serve(&b->wmem, b->share_key, b->n_blocks,
+                        b->base.kv_bytes_per_block);
+    b->base.handover_wait = cb_handover_wait;
     /* swap space: allocated later by the engine (cb_swap_alloc) */
     b->base.destroy = cb_swap_destroy;
     b->base.swap_alloc = cb_swap_alloc;
@@ -3707,6 +3971,31 @@ moe_cuda_backend_set_kv_fp8(moe_backend_t *base, float k_scale,
         moe_errf(err, errlen, "cuda backend: %s",
                  cudaGetErrorString(cudaGetLastError()));
         return MOE_EBACKEND;
+    }
+    if (b->kvpool.base != NULL) {
+        /* a pool that grows: the same usable blocks at half the bytes */
+        int u = cb_kv_usable(b), rc;
+
+        moe_cuda_kvpool_free(&b->kvpool);
+        b->kv = NULL;
+        b->kv_fp8 = 1;
+        rc = moe_cuda_kvpool_reserve(&b->kvpool, b->device, bytes, err,
+                                     errlen);
+        if (rc == MOE_OK) {
+            b->kv = (bf16 *) b->kvpool.base;
+            rc = cb_kv_map(b, u);
+        }
+        if (rc != MOE_OK) {
+            b->kv_fp8 = 0;
+            moe_errf(err, errlen, "cuda backend: fp8 KV pool that grows "
+                     "(%d of %d blocks): %s", u, b->n_blocks,
+                     moe_strerror(rc));
+            return rc;
+        }
+        b->kv_ks = k_scale;
+        b->kv_vs = v_scale;
+        b->base.kv_bytes_per_block = (int64_t) per;
+        return MOE_OK;
     }
     (void) cudaFree(b->kv);
     b->kv = NULL;

@@ -247,6 +247,32 @@ tp_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
 }
 
 
+/* A pool that grows: every rank's that grows, the usable count the least
+ * of the ranks' (a block id is valid only when every rank holds it). */
+static int
+tp_rank_usable(moe_backend_t *r)
+{
+    return r->n_kv_usable > 0 ? r->n_kv_usable : r->n_kv_blocks;
+}
+
+
+static int
+tp_kv_grow(moe_backend_t *base)
+{
+    tp_backend_t *b = (tp_backend_t *) base;
+    int           r, n, least = base->n_kv_blocks;
+
+    for (r = 0; r < b->tp; r++) {
+        n = b->rank[r]->kv_grow != NULL ? b->rank[r]->kv_grow(b->rank[r])
+                                        : tp_rank_usable(b->rank[r]);
+        least = n < least ? n : least;
+    }
+    base->n_kv_usable = least > base->n_kv_usable ? least
+                                                  : base->n_kv_usable;
+    return base->n_kv_usable;
+}
+
+
 static const int64_t *
 tp_expert_counts(moe_backend_t *base)
 {
@@ -483,6 +509,17 @@ moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
     }
     b->base.name = b->rank[0]->name;
     b->base.n_kv_blocks = b->rank[0]->n_kv_blocks;
+    for (r = 0; r < tp; r++) {
+        if (b->rank[r]->kv_grow != NULL) {
+            b->base.kv_grow = tp_kv_grow;
+        }
+        if (tp_rank_usable(b->rank[r]) < b->base.n_kv_blocks
+            && (b->base.n_kv_usable == 0
+                || tp_rank_usable(b->rank[r]) < b->base.n_kv_usable))
+        {
+            b->base.n_kv_usable = tp_rank_usable(b->rank[r]);
+        }
+    }
     b->base.sample_tokens = b->rank[0]->sample_tokens;
     b->base.guided_mask = b->rank[0]->guided_mask;
     /* logit_bias rides with rank 0's rows, which alone give tokens */

@@ -627,7 +627,9 @@ typedef struct {
 void moe_event_release(moe_event_t *ev);
 
 typedef struct {
-    int64_t  kv_blocks_total;
+    int64_t  kv_blocks_total;      /* usable now (grows: kv_blocks_pending) */
+    int64_t  kv_blocks_pending;    /* blocks the pool still waits for (a
+                                      start beside the old worker) */
     int64_t  kv_blocks_used;
     int64_t  kv_blocks_cached;     /* free but holding a cached prefix */
     int64_t  block_size;
@@ -679,6 +681,17 @@ int moe_engine_create(const moe_config_t *cfg, moe_engine_t **out,
 
 /* Stop the engine thread, free everything.  NULL is a no-op. */
 void moe_engine_destroy(moe_engine_t *e);
+
+/*
+ * A graceful exit (nginx -s reload): wait at most timeout_ms for the next
+ * worker to take this engine's weights (CUDA, shared through a file
+ * descriptor; a hand-over that already happened returns at once).
+ * 1 taken (*pid the taker, *ms the hand-over's duration), 0 nobody came,
+ * -1 nothing is shared (CPU backend, tensor parallel ranks, a driver
+ * without VMM, MOE_CUDA_SHARE=0).  Any thread; before moe_engine_destroy.
+ */
+int moe_engine_handover_wait(moe_engine_t *e, int timeout_ms, int64_t *pid,
+    double *ms);
 
 /* Readable (EPOLLIN) when events are waiting; moe_engine_drain() clears it
  * when it takes the last waiting event (it stays readable after a drain that

@@ -63,7 +63,7 @@ moe_publish_stats(moe_engine_t *e)
     atomic_store_explicit(&e->st_running, e->n_running, memory_order_relaxed);
     atomic_store_explicit(&e->st_waiting, e->waitq.n, memory_order_relaxed);
     atomic_store_explicit(&e->st_blocks_used,
-                          e->blocks.n_total - e->blocks.n_free,
+                          e->blocks.n_usable - e->blocks.n_free,
                           memory_order_relaxed);
     atomic_store_explicit(&e->st_blocks_cached, e->blocks.n_cached,
                           memory_order_relaxed);
@@ -101,6 +101,38 @@ moe_hold_gate(moe_engine_t *e)
 }
 
 
+/* A pool that grows (moe_backend_t.kv_grow): ask the backend every
+ * MOE_KV_GROW_MS while blocks are missing; new ones are free at once. */
+static void
+moe_kv_poll_grow(moe_engine_t *e)
+{
+    struct timespec  ts;
+    int64_t          now;
+    int              n, added;
+
+    if (e->backend->kv_grow == NULL || e->blocks.n_usable >= e->blocks.n_total)
+    {
+        return;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    now = (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    if (now < e->kv_grow_next_ms) {
+        return;
+    }
+    e->kv_grow_next_ms = now + MOE_KV_GROW_MS;
+    n = e->backend->kv_grow(e->backend);
+    added = moe_blocks_grow(&e->blocks, n);
+    if (added > 0) {
+        atomic_store_explicit(&e->st_blocks_usable, e->blocks.n_usable,
+                              memory_order_relaxed);
+        moe_log(e->blocks.n_usable == e->blocks.n_total ? MOE_LOG_INFO
+                                                        : MOE_LOG_DEBUG,
+                "KV pool grew by %d blocks to %d of %d", added,
+                e->blocks.n_usable, e->blocks.n_total);
+    }
+}
+
+
 static void *
 moe_engine_main(void *arg)
 {
@@ -118,6 +150,7 @@ moe_engine_main(void *arg)
             moe_hold_gate(e);
         }
 
+        moe_kv_poll_grow(e);
         moe_drain_submit(e);
         moe_sched_flush_events(e);
 
@@ -451,6 +484,23 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
         moe_errf(err, errlen, "%s", "out of memory (block manager)");
         goto fail;
     }
+    if (e->backend->kv_grow != NULL && e->backend->n_kv_usable > 0
+        && e->backend->n_kv_usable < n_blocks)
+    {
+        (void) moe_blocks_limit(&e->blocks, e->backend->n_kv_usable);
+        moe_log(MOE_LOG_INFO, "KV pool starts with %d of %d blocks; the "
+                "rest as memory frees", e->blocks.n_usable, n_blocks);
+    }
+    atomic_store(&e->st_blocks_usable, e->blocks.n_usable);
+    {
+        struct timespec ts;
+
+        /* the first poll after one period: what is free now, the backend
+         * took at create */
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        e->kv_grow_next_ms = (int64_t) ts.tv_sec * 1000
+                             + ts.tv_nsec / 1000000 + MOE_KV_GROW_MS;
+    }
 
     rc = moe_slots_init(&e->slots, e->backend->n_swap_slots);
     if (rc != MOE_OK) {
@@ -518,6 +568,19 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
 fail:
     moe_engine_destroy(e);
     return rc;
+}
+
+
+int
+moe_engine_handover_wait(moe_engine_t *e, int timeout_ms, int64_t *pid,
+    double *ms)
+{
+    if (e == NULL || e->backend == NULL
+        || e->backend->handover_wait == NULL)
+    {
+        return -1;
+    }
+    return e->backend->handover_wait(e->backend, timeout_ms, pid, ms);
 }
 
 
@@ -844,7 +907,8 @@ moe_engine_stats(const moe_engine_t *e, moe_stats_t *o)
     moe_engine_t  *m = (moe_engine_t *) e;
 
     memset(o, 0, sizeof(*o));
-    o->kv_blocks_total = e->info.kv_blocks_total;
+    o->kv_blocks_total = atomic_load(&m->st_blocks_usable);
+    o->kv_blocks_pending = e->info.kv_blocks_total - o->kv_blocks_total;
     o->kv_blocks_used = atomic_load(&m->st_blocks_used);
     o->kv_blocks_cached = atomic_load(&m->st_blocks_cached);
     o->cached_tokens_total = atomic_load(&m->st_cached_tokens);

@@ -178,7 +178,8 @@ struct moe_engine {
                        st_blocks_used, st_blocks_cached, st_cached_tokens,
                        st_swap_outs, st_swap_ins, st_swap_blocks_out,
                        st_swapped, st_swap_used, st_backend_sampled,
-                       st_pf_limited;
+                       st_pf_limited, st_blocks_usable;
+    int64_t            kv_grow_next_ms;    /* next kv_grow poll */
     _Atomic int64_t    st_host_sampled;    /* moe_stats_t.host_sampled_tokens */
     _Atomic int64_t    st_cost_milli[3];   /* cost.c x 1000 when cost.ok */
     _Atomic int64_t   *expert_counts;  /* (n_layers * n_experts) */

@@ -59,11 +59,54 @@ moe_blocks_init(moe_blocks_t *b, int n_total, int block_size,
     b->n_plain = n_total;
     b->n_free = n_total;
     b->n_total = n_total;
+    b->n_usable = n_total;
     b->block_size = block_size;
     b->caching = prefix_caching;
     b->lru_head = b->lru_tail = -1;
 
     return MOE_OK;
+}
+
+
+int
+moe_blocks_limit(moe_blocks_t *b, int n_usable)
+{
+    int  i;
+
+    if (n_usable < 1 || n_usable > b->n_total || b->n_plain != b->n_usable
+        || b->n_free != b->n_usable)
+    {
+        return MOE_EINVAL;
+    }
+    for (i = 0; i < n_usable; i++) {
+        b->free_ids[i] = n_usable - 1 - i;
+    }
+    b->n_plain = n_usable;
+    b->n_free = n_usable;
+    b->n_usable = n_usable;
+    return MOE_OK;
+}
+
+
+int
+moe_blocks_grow(moe_blocks_t *b, int n_usable)
+{
+    int  id, added;
+
+    if (n_usable > b->n_total) {
+        n_usable = b->n_total;
+    }
+    if (n_usable <= b->n_usable) {
+        return 0;
+    }
+    /* pushed highest first: the lowest new id is handed out first */
+    for (id = n_usable - 1; id >= b->n_usable; id--) {
+        b->free_ids[b->n_plain++] = id;
+    }
+    added = n_usable - b->n_usable;
+    b->n_free += added;
+    b->n_usable = n_usable;
+    return added;
 }
 
 

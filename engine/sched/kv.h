@@ -24,6 +24,8 @@ typedef struct {
     int       n_plain;
     int       n_free;      /* plainly free + cached free */
     int       n_total;
+    int       n_usable;    /* ids 0..n_usable-1 handed out (n_total
+                              unless the pool grows: moe_blocks_grow) */
     int       block_size;
     int       caching;     /* prefix caching on */
 
@@ -47,6 +49,17 @@ typedef struct {
 int  moe_blocks_init(moe_blocks_t *b, int n_total, int block_size,
     int prefix_caching);
 void moe_blocks_destroy(moe_blocks_t *b);
+
+/*
+ * A pool that grows (a backend whose KV memory is not all there yet: the
+ * weights imported from an old worker that still holds the GPU).  limit:
+ * right after init, hand out only ids 0..n_usable-1 (1 <= n_usable <=
+ * n_total; MOE_EINVAL otherwise or when blocks are in use).  grow: ids up
+ * to n_usable-1 become free (a smaller or equal n_usable does nothing;
+ * capped at n_total); returns the number of blocks added.
+ */
+int  moe_blocks_limit(moe_blocks_t *b, int n_usable);
+int  moe_blocks_grow(moe_blocks_t *b, int n_usable);
 
 /* Blocks needed to hold n_tokens positions. */
 static inline int
