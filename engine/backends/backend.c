@@ -561,7 +561,7 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
          * pool's size (it was sized on a GPU without us); the backend
          * imports the weights and backs the pool as that memory frees */
         if (tp == 1
-            && moe_cuda_share_kv_hint(hp, o->dummy ? NULL : m,
+            && moe_cuda_share_kv_hint(hp, o->dummy ? NULL : m, wfmt,
                                       o->dummy ? BE_DUMMY_SEED : 0, devs[0],
                                       o->block_size, &n_blocks) == MOE_OK)
         {

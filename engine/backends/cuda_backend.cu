@@ -1515,12 +1515,30 @@ static int cb_swap_alloc(moe_backend_t *base, int n_slots, char *err,
  * base address never change, so captured graphs stay valid.
  */
 
+/* A short name of the plan's formats for the share key: "bf16" when
+ * every part is bf16, else the first packed part's format. */
+static const char *
+cb_plan_quant_name(const moe_qplan_t *plan)
+{
+    const unsigned char *p = (const unsigned char *) plan;
+    size_t               i;
+
+    for (i = 0; i < sizeof(*plan); i++) {
+        if (p[i] != 0) {
+            return "packed";
+        }
+    }
+    return "bf16";
+}
+
+
 /* The key of the weights a backend of hp would hold on device (m NULL:
  * load_format dummy with that seed); "" when sharing is off
  * (MOE_CUDA_SHARE=0) or the model cannot be resolved. */
 static void
-cb_share_key_for(const moe_hparams_t *hp, const moe_model_t *m,
-    uint64_t seed, int device, int tp, int rank, char *key, size_t keylen)
+cb_share_key_for(const moe_hparams_t *hp, const moe_qplan_t *plan,
+    const moe_model_t *m, uint64_t seed, int device, int tp, int rank,
+    char *key, size_t keylen)
 {
     const char         *env = getenv("MOE_CUDA_SHARE");
     cudaDeviceProp      prop;
@@ -1542,14 +1560,20 @@ cb_share_key_for(const moe_hparams_t *hp, const moe_model_t *m,
         snprintf(dev + n, sizeof(dev) - n, "%02x",
                  (unsigned char) prop.uuid.bytes[i]);
     }
-    cb_weight_layout(hp, &wl);
+    memset(&wl, 0, sizeof(wl));
+    wl.qoff = NULL;
+    cb_weight_layout(hp, plan, &wl);
     memset(&in, 0, sizeof(in));
     in.device = dev;
     in.model_dir = m != NULL ? moe_model_dir(m) : NULL;
     in.seed = seed;
     in.layout_bytes = wl.total;
-    in.layout_sum = moe_share_sum(0, &wl, sizeof(wl));
-    in.quant = "none";
+    /* the parts' formats (the plan is zeroed before it is filled, so its
+     * bytes are the same in every process) and the total size */
+    in.layout_sum = moe_share_sum(moe_share_sum(0, &wl.total,
+                                                sizeof(wl.total)),
+                                  plan, sizeof(*plan));
+    in.quant = cb_plan_quant_name(plan);
     in.dtype = "bf16";
     in.tp = tp;
     in.rank = rank;
@@ -1564,21 +1588,36 @@ cb_share_key_for(const moe_hparams_t *hp, const moe_model_t *m,
 static void
 cb_share_key(cuda_backend_t *b, const moe_model_t *m, uint64_t seed)
 {
-    cb_share_key_for(&b->hp, m, seed, b->device, b->tp, b->rank,
+    cb_share_key_for(&b->hp, b->plan, m, seed, b->device, b->tp, b->rank,
                      b->share_key, sizeof(b->share_key));
 }
 
 
 extern "C" int
 moe_cuda_share_kv_hint(const moe_hparams_t *hp, const moe_model_t *m,
-    uint64_t seed, int device, int block_size, int *n_blocks)
+    int wfmt, uint64_t seed, int device, int block_size, int *n_blocks)
 {
     moe_share_hdr_t hdr;
+    moe_qplan_t    *plan;
     char            key[MOE_SHARE_KEY_MAX], err[256];
     int64_t         per = cb_kv_bytes_per_block(hp, block_size), n;
+    int             rc;
 
     *n_blocks = 0;
-    cb_share_key_for(hp, m, seed, device, 1, 0, key, sizeof(key));
+    /* the plan the backend would make: the model's, or uniform wfmt */
+    plan = (moe_qplan_t *) calloc(1, sizeof(*plan));
+    if (plan == NULL) {
+        return MOE_ENOMEM;
+    }
+    rc = m != NULL ? moe_qw_plan_model(m, 1, 0, 0, plan, err, sizeof(err))
+                   : moe_qw_plan_uniform(hp, wfmt, plan);
+    if (rc == MOE_OK) {
+        cb_share_key_for(hp, plan, m, seed, device, 1, 0, key, sizeof(key));
+    }
+    free(plan);
+    if (rc != MOE_OK) {
+        return MOE_EIO;
+    }
     if (key[0] == '\0' || per <= 0
         || moe_share_probe(key, 2000, &hdr, err, sizeof(err)) != MOE_OK
         || hdr.kv_blocks <= 0 || hdr.kv_bytes_per_block <= 0)
@@ -2040,7 +2079,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
         return MOE_ENOMEM;
     }
     b->hp = *hp;
-    b->plan = (moe_qplan_t *) malloc(sizeof(moe_qplan_t));
+    b->plan = (moe_qplan_t *) calloc(1, sizeof(moe_qplan_t));
     if (b->plan == NULL) {
         free(b);
         moe_errf(err, errlen, "cuda backend: out of memory");

@@ -260,12 +260,13 @@ int moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank,
 /*
  * A reload beside the old worker (cuda_share.h): when a live worker serves
  * the weights a one-rank backend of hp would hold (m NULL: load_format
- * dummy with seed), the KV pool it sized, in blocks of block_size for hp
+ * dummy with seed and weight format wfmt, qweights.h), the KV pool it
+ * sized, in blocks of block_size for hp
  * (MOE_OK, *n_blocks); else MOE_EIO.  The backend created with that many
  * blocks imports the weights and grows its pool as the old one exits.
  */
 int moe_cuda_share_kv_hint(const moe_hparams_t *hp, const moe_model_t *m,
-    uint64_t seed, int device, int block_size, int *n_blocks);
+    int wfmt, uint64_t seed, int device, int block_size, int *n_blocks);
 
 /*
  * Stage timing for benchmarks: enable != 0 turns it on (events recorded at
