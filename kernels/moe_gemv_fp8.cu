@@ -160,18 +160,17 @@ f8_gv_compute(float (&acc)[MR][NT][4], const f8_stage<MR, UNR> &st,
         }
 #pragma unroll
         for (int p = 0; p < 2; p++) {
-            int k = c * F8_CK + q * 32 + p * 16;
-
-            if (k >= Kd) {
-                break;
-            }
+            /* k past Kd (a lane's part of the last chunk): the weights
+             * loaded as zeros, the activations are not read; no lane
+             * leaves the loop (mma.sync needs the whole warp) */
+            int      k = c * F8_CK + q * 32 + p * 16;
             uint32_t xb[NT][8];
 
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
 
-                if (bval[j]) {
+                if (bval[j] && k < Kd) {
                     const uint4 *xp =
                         reinterpret_cast<const uint4 *>(brow[j] + k);
 
