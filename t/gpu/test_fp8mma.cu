@@ -548,17 +548,19 @@ test_edges(void)
     in.mode = 5;
     TAP_OK(rc1 == MOE_K_EUNSUPPORTED && rc2 == MOE_K_EUNSUPPORTED
            && f8_run(&in, ENT_GEMV, 0, 0) == MOE_K_EUNSUPPORTED
-           && f8_run(&in, ENT_GGEMM, 0, 0) == MOE_K_EUNSUPPORTED
-           && f8_run(&in, ENT_GEMV, 3, 0) == MOE_K_EUNSUPPORTED,
-           "Kd 72, mode 5, GEMV tile 3: MOE_K_EUNSUPPORTED (%s)",
+           && f8_run(&in, ENT_GGEMM, 0, 0) == MOE_K_EUNSUPPORTED,
+           "Kd 72, mode 5: MOE_K_EUNSUPPORTED (%s)", moe_cuda_last_error());
+    in.mode = MOE_K_FP8_CHANNEL;
+    TAP_OK(f8_run(&in, ENT_GEMV, 3, 0) == MOE_K_EUNSUPPORTED
+           && f8_run(&in, ENT_GGEMM, 48, 0) == MOE_K_EUNSUPPORTED,
+           "GEMV tile 3, ggemm tile 48: not shipped (%s)",
            moe_cuda_last_error());
     in.mode = MOE_K_FP8_BLOCK;
     in.silu = 1;
     in.N = 72;
     TAP_OK(f8_run(&in, ENT_GEMV, 0, 0) == MOE_K_EUNSUPPORTED
-           && f8_run(&in, ENT_GGEMM, 0, 0) == MOE_K_EUNSUPPORTED
-           && f8_run(&in, ENT_GGEMM, 48, 0) == MOE_K_EUNSUPPORTED,
-           "block scales with SiLU and N 72, ggemm tile 48: refused");
+           && f8_run(&in, ENT_GGEMM, 0, 0) == MOE_K_EUNSUPPORTED,
+           "block scales with SiLU and N 72: refused");
     ok = sync_ok(0, "edges");
     TAP_OK(ok, "no launch error left after the refused calls");
     f8_free(&in, 1);
