@@ -29,7 +29,7 @@
  * kernel_ggemm_fp8 (8-64+ rows per group): kernel_ggemm's layout with
  * 128-k stages of e4m3 weights (64 rows x 128 bytes, rows padded to 144
  * bytes) and bf16 tokens (BT rows x 128, padded to 288 bytes) through a
- * 4-stage cp.async pipeline; A fragments read as 4-byte words from shared
+ * 3- or 4-stage cp.async pipeline; A fragments read as 4-byte words from shared
  * memory and converted, B as 8-byte words (conflict-free with those pads).
  */
 #include "common.cuh"
@@ -498,17 +498,20 @@ moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
 
 #define G8_NT   128                     /* threads per block */
 #define G8_BR   64                      /* weight rows per block */
-#define G8_ST   4                       /* pipeline stages */
 #define G8_WROW 144                     /* bytes per shared weight row */
 #define G8_XROW 144                     /* bf16 per shared token row */
 #define G8_WL   (G8_BR * (F8_CK / 16) / G8_NT)  /* 16 B weight copies */
 
+/* Tile constants of kernel_ggemm_fp8<BT>: ST pipeline stages, 3 at BT 32
+ * so that 4 blocks fit an SM (55 KB each, as kernel_ggemm's 32/1): the
+ * mixtral down projection's 512 blocks then run in one wave. */
 template <int BT>
 struct g8_cfg {
+    static constexpr int    ST = BT == 32 ? 3 : 4;
     static constexpr int    XL = BT * (F8_CK / 8) / G8_NT; /* x copies */
     static constexpr size_t WSZ = (size_t) G8_BR * G8_WROW;
     static constexpr size_t XSZ = (size_t) BT * G8_XROW * sizeof(bf16);
-    static constexpr size_t SMEM = G8_ST * (WSZ + XSZ);
+    static constexpr size_t SMEM = ST * (WSZ + XSZ);
     static_assert(BT % 16 == 0 && XL * G8_NT == BT * (F8_CK / 8),
                   "token tile load split");
 };
@@ -528,12 +531,12 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
     typedef g8_cfg<BT> C;
-    constexpr int  XL = C::XL, NP = BT / 16;
+    constexpr int  XL = C::XL, NP = BT / 16, ST = C::ST;
     constexpr bool BLK = MODE == MOE_K_FP8_BLOCK;
 
     extern __shared__ __align__(16) unsigned char g8_sm[];
     uint8_t       *w_s = g8_sm;                           /* [ST][BR][WROW] */
-    bf16          *x_s = reinterpret_cast<bf16 *>(g8_sm + G8_ST * C::WSZ);
+    bf16          *x_s = reinterpret_cast<bf16 *>(g8_sm + ST * C::WSZ);
     const int      tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int      g = lane >> 2, q = lane & 3;
     const int      lr = tid >> 3, ch = tid & 7;     /* weight copy row, 16 B */
@@ -636,20 +639,20 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         };
 
 #pragma unroll
-        for (int s = 0; s < G8_ST - 1; s++) {
+        for (int s = 0; s < ST - 1; s++) {
             if (s < nk) {
                 load(s, s);
             }
             moe_cp_async_commit();
         }
 
-        int cs = 0, ls = G8_ST - 1;
+        int cs = 0, ls = ST - 1;
 
         for (int kc = 0; kc < nk; kc++) {
-            moe_cp_async_wait<G8_ST - 2>();
+            moe_cp_async_wait<ST - 2>();
             __syncthreads();
-            if (kc + G8_ST - 1 < nk) {
-                load(kc + G8_ST - 1, ls);
+            if (kc + ST - 1 < nk) {
+                load(kc + ST - 1, ls);
             }
             moe_cp_async_commit();
 
@@ -700,8 +703,8 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     acc[t][3] = fmaf(shi, part[t][3], acc[t][3]);
                 }
             }
-            cs = cs == G8_ST - 1 ? 0 : cs + 1;
-            ls = ls == G8_ST - 1 ? 0 : ls + 1;
+            cs = cs == ST - 1 ? 0 : cs + 1;
+            ls = ls == ST - 1 ? 0 : ls + 1;
         }
 
         /* epilogue: lane (g, q) holds tile rows g (c0, c1) and g + 8
