@@ -11,7 +11,9 @@
  *      lm_head + KV) / copy bandwidth; prefill = FLOPs / GEMM rate;
  *   3. the weight formats (mixtral-8x7b expert shape, one MoE layer's
  *      experts, synthetic weights): the expert GEMVs of a decode step at
- *      batch 1 and 64 in bf16, fp8 (e4m3, per-channel scales), AWQ and
+ *      batch 1 and 64 in bf16, fp8 (e4m3, per-channel scales; CUDA-core
+ *      GEMV, and the tensor-core kernels with per-channel and block
+ *      scales: fp8-mma-*), AWQ and
  *      GPTQ (4-bit, group 128), each next to its limit (the bytes of the
  *      experts hit, scales included, / copy bandwidth);
  *   4. decode attention alone (mixtral heads, one layer) at contexts 512,
@@ -60,6 +62,7 @@ extern "C" {
 #include "gemm.h"
 #include "init.h"
 #include "moe_gemv.h"
+#include "moe_ggemm.h"
 #include "quant_gemv.h"
 #include "silu_mul.h"
 
@@ -684,8 +687,11 @@ bench_time(Fn fn, int iters)
  * Part 3: one MoE layer's expert GEMVs (mixtral-8x7b: D 4096, F 14336,
  * 8 experts) per weight format at batch 1 (2 rows: experts 0 and 1) and
  * 64 (128 rows, 16 per expert): gate|up (N 2F, K D), SwiGLU, down (N D,
- * K F).  bf16: moe_cuda_gemv (SwiGLU fused); the others: the quantized
- * GEMV, moe_cuda_silu_mul, the quantized GEMV.
+ * K F).  bf16: moe_cuda_gemv (SwiGLU fused); fp8 / awq / gptq: the
+ * quantized GEMV, moe_cuda_silu_mul, the quantized GEMV; fp8-mma-channel
+ * and fp8-mma-block (per-channel / 128x128 block scales): the e4m3
+ * tensor-core kernels, moe_cuda_gemv_fp8 at batch 1 and
+ * moe_cuda_ggemm_fp8 at batch 64 (SwiGLU fused in both).
  */
 static int
 bench_quant(void)
@@ -693,7 +699,8 @@ bench_quant(void)
     const int    D = 4096, F = 14336, E = 8, G = 128;
     const size_t w13 = (size_t) 2 * F * D, w2 = (size_t) D * F;
     const size_t nw = (size_t) E * (w13 + w2);  /* weights per layer */
-    static const char *fmts[4] = { "bf16", "fp8", "awq", "gptq" };
+    static const char *fmts[6] = { "bf16", "fp8", "awq", "gptq",
+                                   "fp8-mma-channel", "fp8-mma-block" };
     static const int   batches[2] = { 1, 64 };
     uint8_t  *wbuf, *sbuf, *zbuf;
     int32_t  *offs, *xrow, hoffs[9], hxrow[128];
@@ -720,10 +727,11 @@ bench_quant(void)
     moe_cuda_fill_random_bf16(h, (int64_t) 128 * F, 6, 1.0f, 0);
     printf("\n== weight formats: one mixtral-8x7b MoE layer's expert GEMVs "
            "(gate|up, SwiGLU, down)\n");
-    printf("  %-22s %10s %10s %8s %10s\n", "format / batch", "ms/layer",
+    printf("  %-26s %9s %10s %8s %10s\n", "format / batch", "ms/layer",
            "limit ms", "of limit", "GB read");
-    for (int f = 0; f < 4; f++) {
-        size_t bpw2 = f == 0 ? 4 : f == 1 ? 2 : 1;  /* bytes per weight x2 */
+    for (int f = 0; f < 6; f++) {
+        int    f8 = f == 1 || f >= 4;               /* e4m3 weights */
+        size_t bpw2 = f == 0 ? 4 : f8 ? 2 : 1;      /* bytes per weight x2 */
 
         /* weights: bf16 random; fp8 NaN-free bytes; 4-bit any bits */
         if (f == 0) {
@@ -731,14 +739,14 @@ bench_quant(void)
                                       0.02f, 0);
         } else {
             k_bench_bytes<<<4096, 256>>>(wbuf, nw * bpw2 / 2, 7u,
-                                         f == 1 ? 0xf7 : 0xff);
+                                         f8 ? 0xf7 : 0xff);
         }
-        /* scales: fp8 per-channel fp32 1/448-ish; 4-bit fp16 0.01;
-         * zeros: any nibbles */
-        if (f == 1) {
+        /* scales: fp8 per-channel (or 128x128 block: fewer) fp32
+         * 1/448-ish; 4-bit fp16 0.01; zeros: any nibbles */
+        if (f8) {
             moe_cuda_fill_random_f32((float *) sbuf, (int64_t) E * 2 * F, 8,
                                      1e-4f, 2e-3f, 0);
-        } else if (f > 1) {
+        } else {
             k_bench_u16<<<1024, 256>>>((uint16_t *) sbuf,
                                        (size_t) E * 2 * F * (F / G),
                                        0x211f);
@@ -788,6 +796,36 @@ bench_quant(void)
                                               MOE_K_FP8_CHANNEL, 0, D, F,
                                               offs, E, n, y, D, 0);
                 }
+                if (f >= 4) {
+                    /* the tensor-core fp8 kernels: GEMV with SwiGLU fused
+                     * at batch 1, grouped GEMM at batch 64 (16 rows per
+                     * expert: the backend's ggemm range) */
+                    const float *sc = (const float *) sbuf;
+                    int          md = f == 4 ? MOE_K_FP8_CHANNEL
+                                             : MOE_K_FP8_BLOCK;
+
+                    if (B == 1) {
+                        if (moe_cuda_gemv_fp8(x, D, xrow, 2, wbuf, sc, md, F,
+                                              D, offs, E, n, 1, 1, NULL, h,
+                                              F, NULL, 0) != 0)
+                        {
+                            return -1;
+                        }
+                        return moe_cuda_gemv_fp8(h, F, NULL, 1,
+                                                 wbuf + E * w13, sc, md, D,
+                                                 F, offs, E, n, 1, 0, y,
+                                                 NULL, D, NULL, 0);
+                    }
+                    if (moe_cuda_ggemm_fp8(x, D, xrow, 2, wbuf, sc, md, F, D,
+                                           offs, E, n, 1, NULL, h, F, 0)
+                        != 0)
+                    {
+                        return -1;
+                    }
+                    return moe_cuda_ggemm_fp8(h, F, NULL, 1, wbuf + E * w13,
+                                              sc, md, D, F, offs, E, n, 0, y,
+                                              NULL, D, 0);
+                }
                 int             fmt = f == 2 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
                 const int32_t  *qw = (const int32_t *) wbuf;
                 const int32_t  *qz = (const int32_t *) zbuf;
@@ -813,13 +851,16 @@ bench_quant(void)
             }
             /* weights of the experts hit + their scales (+ zeros) */
             bytes = (double) hit * (w13 + w2) * bpw2 / 2;
-            if (f == 1) {
+            if (f == 1 || f == 4) {
                 bytes += (double) hit * (2 * F + D) * 4;
+            } else if (f == 5) {
+                bytes += (double) hit * ((2 * F / 128) * (D / 128)
+                                         + (D / 128) * (F / 128)) * 4;
             } else if (f > 1) {
                 bytes += (double) hit * (w13 + w2) / G * (2 + 0.5);
             }
             lim = bytes / (copy_gbs * 1e9) * 1e3;
-            printf("  %-6s batch %-9d %10.3f %10.3f %7.0f%% %10.3f\n",
+            printf("  %-15s batch %-4d %9.3f %10.3f %7.0f%% %10.3f\n",
                    fmts[f], B, ms, lim, 100 * lim / ms, bytes / 1e9);
             printf("RESULT kind=quant_experts format=%s batch=%d "
                    "ms_layer=%.4f limit_ms=%.4f of_limit=%.3f\n", fmts[f], B,

@@ -4,7 +4,8 @@
 #
 #   make gpu        build/libmoe_kernels.a + build/gpu/test_kernels,
 #                   build/gpu/test_backend, build/gpu/test_sample,
-#                   build/gpu/test_ggemm, build/gpu/test_quant,
+#                   build/gpu/test_ggemm, build/gpu/test_fp8mma,
+#                   build/gpu/test_quant,
 #                   build/gpu/test_kvfp8, build/gpu/bench_engine,
 #                   build/gpu/test_tp, build/gpu/test_mask,
 #                   build/gpu/test_logprobs, build/gpu/test_logit_bias,
@@ -49,7 +50,8 @@ GPU_NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
                  $(NCCL_CFLAGS)
 GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_sample $(BUILD)/gpu/bench_engine \
-                $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_convert \
+                $(BUILD)/gpu/test_ggemm $(BUILD)/gpu/test_fp8mma \
+                $(BUILD)/gpu/test_convert \
                 $(BUILD)/gpu/test_tp \
                 $(BUILD)/gpu/test_quant $(BUILD)/gpu/test_kvfp8 \
                 $(BUILD)/gpu/test_mask \

@@ -3,7 +3,8 @@
  * weights are streamed from device memory once per 64 of its tokens, all
  * experts of a layer in one launch, the per-expert row ranges read on the
  * device (no host sync).  Two kernels: kernel_gemv_fma (CUDA cores, groups
- * of 1-4 rows per pass) and kernel_gemv_mma (tensor cores, more rows).
+ * of 1-4 rows per pass) and kernel_gemv_mma (tensor cores, more rows);
+ * with e4m3 weights kernel_gemv_fp8 (moe_gemv_fp8.cu, tensor cores).
  */
 #ifndef MOE_KERNELS_MOE_GEMV_H
 #define MOE_KERNELS_MOE_GEMV_H
@@ -38,6 +39,44 @@ int moe_cuda_gemv(const moe_bf16_t *X, int ldx, const int32_t *xrow,
 
 /* Whether moe_cuda_gemv supports this shape (Kd % 8 == 0, ldx % 8 == 0). */
 int moe_cuda_gemv_supported(int Kd, int ldx);
+
+/*
+ * moe_cuda_gemv's contract with e4m3 weights (kernels/moe_gemv_fp8.cu):
+ * W_e = W + e * R * Kd bytes, R = silu ? 2 N : N rows of Kd e4m3 (HF
+ * (out, in) layout), dequantized w[j][k] = e4m3(W_e[j][k]) * s(e, j, k):
+ *   mode MOE_K_FP8_TENSOR (quant_gemv.h): s = scale[e * (silu ? 2 : 1)
+ *        + (silu && j >= N)]  (gate and up keep their own tensor scales)
+ *   mode MOE_K_FP8_CHANNEL: s = scale[e * R + j]
+ *   mode MOE_K_FP8_BLOCK (128x128): s = scale[e * nb + (j / 128) * kb
+ *        + k / 128], kb = ceil(Kd / 128), nb = ceil(R / 128) * kb; with
+ *        silu N % 128 == 0 is required.
+ * Activations stay bf16; products (exact: e4m3 x bf16 fits the mma's
+ * fp32 product) accumulate in fp32.  Tensor / channel scales multiply
+ * the fp32 sum of a row; block scales multiply each 128-k fp32 partial
+ * sum, added in fp32.  The NaN codes 0x7f / 0xff decode as +-480.
+ * Requires Kd % 16 == 0, ldx % 8 == 0, ldx >= Kd, X and W 16-byte
+ * aligned (else MOE_K_EUNSUPPORTED, see moe_cuda_fp8_supported).
+ * max_rows picks the token tile (8, 16 or 32 rows per pass; larger
+ * groups take more passes over their weights); tune is unused (NULL).
+ * Graph-safe: the grid depends on N, E and n only.
+ */
+int moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int max_rows, int silu, float *Y,
+    moe_bf16_t *H, int ldy, const moe_cuda_tuning_t *tune,
+    cudaStream_t stream);
+
+/* moe_cuda_gemv_fp8 with the tile given: nt x 8 rows per pass, nt 1, 2
+ * or 4 (else MOE_K_EUNSUPPORTED); for tests and benchmarks. */
+int moe_cuda_gemv_fp8_tiled(const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
+    int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
+    float *Y, moe_bf16_t *H, int ldy, int nt, cudaStream_t stream);
+
+/* Whether the fp8 GEMV / grouped GEMM support this shape and mode:
+ * N > 0, Kd > 0, Kd % 16 == 0, ldx % 8 == 0, ldx >= Kd, mode one of
+ * MOE_K_FP8_*, and for block scales with silu N % 128 == 0. */
+int moe_cuda_fp8_supported(int mode, int N, int Kd, int ldx, int silu);
 #ifdef __cplusplus
 }
 #endif

@@ -59,6 +59,25 @@ int moe_cuda_ggemm_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, const moe_bf16_t *W, int N, int Kd, const int32_t *offs,
     int E, int n, int silu, float *Y, moe_bf16_t *H, int ldy, int bt,
     int mt, cudaStream_t stream);
+
+/*
+ * moe_cuda_ggemm's contract with e4m3 weights and scales by mode, exactly
+ * as moe_cuda_gemv_fp8 (moe_gemv.h: layouts, rounding, requirements
+ * Kd % 16 == 0, ldx % 8 == 0, block scales with silu need N % 128 == 0).
+ * kernel_ggemm_fp8 (moe_gemv_fp8.cu): 64 weight rows per block, token
+ * tile 16 / 32 / 64 picked from the mean rows per group (as
+ * moe_cuda_ggemm); any group size is correct.  Graph-safe.
+ */
+int moe_cuda_ggemm_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int silu, float *Y, moe_bf16_t *H,
+    int ldy, cudaStream_t stream);
+
+/* moe_cuda_ggemm_fp8 with the token tile bt (16, 32 or 64) given. */
+int moe_cuda_ggemm_fp8_tiled(const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
+    int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
+    float *Y, moe_bf16_t *H, int ldy, int bt, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -61,6 +61,8 @@ step test_backend_eager 120 env MOE_CUDA_GRAPHS=0 MOE_CUDA_GEMV_MAX_T=4 \
 step test_backend_ggemm 120 env MOE_CUDA_GEMV_MAX_T=0 \
     MOE_CUDA_GGEMM_MAX_T=100000 build/gpu/test_backend
 step test_ggemm 150 build/gpu/test_ggemm
+# the e4m3-weight tensor-core GEMV / grouped GEMM (kernels/moe_gemv_fp8.cu)
+step test_fp8mma 150 build/gpu/test_fp8mma
 # the weight-upload conversion and the tensor-parallel add (bit-exact)
 step test_convert 60 build/gpu/test_convert
 step test_quant   60 build/gpu/test_quant

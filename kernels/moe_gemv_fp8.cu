@@ -1,0 +1,872 @@
+/*
+ * Grouped GEMV and grouped GEMM with e4m3 weights on the tensor cores
+ * (contracts: moe_cuda_gemv_fp8 in moe_gemv.h, moe_cuda_ggemm_fp8 in
+ * moe_ggemm.h).  The weights move as e4m3 bytes (half the bytes of bf16)
+ * and are converted in registers into the bf16 A fragments of the same
+ * mma.sync m16n8k16 (bf16 in, fp32 accumulate) the bf16 kernels use.
+ *
+ * Conversion (f8_cvt4, exact for every code but the NaNs 0x7f / 0xff,
+ * which decode as +-480): e4m3 (s, e, m) placed as the bf16 bits
+ * (s = 0, exponent e, mantissa m << 4) is |w| * 2^-120 exactly, normal
+ * and subnormal codes alike (both formats' subnormals line up); one bf16x2
+ * multiply by +-2^120 carrying the sign restores w exactly.  Integer ops
+ * and one half-precision multiply, no conversion-unit instructions.  Four
+ * bytes b0..b3 become the words (b0, b2) and (b1, b3): the activations are
+ * paired the same way (one prmt per word), so the sum over k is unchanged.
+ *
+ * Scales: per tensor and per channel multiply the fp32 sums in the
+ * epilogue (exact up to one fp32 rounding); 128x128 blocks: every 128-k
+ * chunk of a 16-row tile lies in one block, so its fp32 partial sum is
+ * multiplied by that block's scale and added to the running fp32 sum.
+ *
+ * kernel_gemv_fp8 (decode, up to NT x 8 rows per pass): kernel_gemv_mma's
+ * layout; a block of 4 warps owns 16 output columns (and their up rows
+ * with SiLU) of one group, warps take interleaved 128-k chunks, a lane
+ * (g, q) streams 32 contiguous bytes of each of its rows per chunk
+ * (16-byte streaming loads, a row's 128 bytes per 4 lanes), two register
+ * stages of UNR chunks; partial sums added across warps in shared memory.
+ *
+ * kernel_ggemm_fp8 (8-64+ rows per group): kernel_ggemm's layout with
+ * 128-k stages of e4m3 weights (64 rows x 128 bytes, rows padded to 144
+ * bytes) and bf16 tokens (BT rows x 128, padded to 288 bytes) through a
+ * 3- or 4-stage cp.async pipeline; A fragments read as 4-byte words from shared
+ * memory and converted, B as 8-byte words (conflict-free with those pads).
+ */
+#include "common.cuh"
+#include "ptx.cuh"
+#include "moe_gemv.h"
+#include "moe_ggemm.h"
+#include "quant_gemv.h"
+
+typedef __nv_bfloat16 bf16;
+
+#define F8_WARPS 4
+#define F8_CK    128                    /* k per chunk / stage */
+
+
+/* bf16x2 a * b, round to nearest (sm_90), subnormals kept. */
+__device__ __forceinline__ uint32_t
+f8_mul_bf16x2(uint32_t a, uint32_t b)
+{
+    uint32_t d;
+
+    asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+
+/* Four e4m3 bytes b0..b3 of x -> bf16x2 words (b0, b2) and (b1, b3). */
+__device__ __forceinline__ void
+f8_cvt4(uint32_t x, uint32_t &w02, uint32_t &w13)
+{
+    const uint32_t em = 0x07f007f0u, sg = 0x80008000u, p120 = 0x7b807b80u;
+
+    w02 = f8_mul_bf16x2((x << 4) & em, ((x << 8) & sg) | p120);
+    w13 = f8_mul_bf16x2((x >> 4) & em, (x & sg) | p120);
+}
+
+
+/* bf16 activations x0..x3 (words x01, x23) paired like f8_cvt4. */
+__device__ __forceinline__ void
+f8_pair(uint32_t x01, uint32_t x23, uint32_t &b0, uint32_t &b1)
+{
+    b0 = __byte_perm(x01, x23, 0x5410);         /* (x0, x2) */
+    b1 = __byte_perm(x01, x23, 0x7632);         /* (x1, x3) */
+}
+
+
+/* Scale-table index base of weight row j (block mode: its block row). */
+__device__ __forceinline__ float
+f8_row_scale(const float *scale, int mode, int silu, int e, int N, int R,
+    int j)
+{
+    if (mode == MOE_K_FP8_TENSOR) {
+        return scale[e * (silu ? 2 : 1) + (silu && j >= N)];
+    }
+    if (mode == MOE_K_FP8_CHANNEL) {
+        return scale[(size_t) e * R + j];
+    }
+    return 1.0f;
+}
+
+
+/* ------------------------------------------------------------------ */
+/* kernel_gemv_fp8                                                     */
+
+/* A operands of UNR chunks: [chunk][row set][row half][16-byte piece] */
+template <int MR, int UNR>
+struct f8_stage {
+    uint4 a[UNR][MR][2][2];
+};
+
+
+template <int MR, int UNR>
+__device__ __forceinline__ void
+f8_gv_load(f8_stage<MR, UNR> &st, const uint8_t *const (&arow)[MR][2],
+    const bool (&aval)[MR][2], int c0, int nch, int Kd, int q)
+{
+#pragma unroll
+    for (int u = 0; u < UNR; u++) {
+        int c = c0 + u * F8_WARPS;
+
+#pragma unroll
+        for (int p = 0; p < 2; p++) {
+            int  k = c * F8_CK + q * 32 + p * 16;
+            bool kv = c < nch && k < Kd;
+
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    st.a[u][mr][h][p] = kv && aval[mr][h]
+                        ? __ldcs(reinterpret_cast<const uint4 *>(
+                              arow[mr][h] + k))
+                        : make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+    }
+}
+
+
+/* acc += the products of chunk c (A in st.a[u]); BLK: per-chunk partial
+ * sums times the block scales bs[mr]. */
+template <int NT, int MR, int UNR, bool BLK>
+__device__ __forceinline__ void
+f8_gv_compute(float (&acc)[MR][NT][4], const f8_stage<MR, UNR> &st,
+    const bf16 *const (&brow)[NT], const bool (&bval)[NT], int c0, int nch,
+    int Kd, int q, const float *const (&bsc)[MR])
+{
+#pragma unroll
+    for (int u = 0; u < UNR; u++) {
+        int   c = c0 + u * F8_WARPS;
+        float part[MR][NT][4];
+        float (&dst)[MR][NT][4] = BLK ? part : acc;
+
+        if (c >= nch) {
+            break;
+        }
+        if (BLK) {
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        part[mr][j][i] = 0.0f;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < 2; p++) {
+            /* k past Kd (a lane's part of the last chunk): the weights
+             * loaded as zeros, the activations are not read; no lane
+             * leaves the loop (mma.sync needs the whole warp) */
+            int      k = c * F8_CK + q * 32 + p * 16;
+            uint32_t xb[NT][8];
+
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
+
+                if (bval[j] && k < Kd) {
+                    const uint4 *xp =
+                        reinterpret_cast<const uint4 *>(brow[j] + k);
+
+                    v0 = __ldg(xp);
+                    v1 = __ldg(xp + 1);
+                }
+                f8_pair(v0.x, v0.y, xb[j][0], xb[j][1]);
+                f8_pair(v0.z, v0.w, xb[j][2], xb[j][3]);
+                f8_pair(v1.x, v1.y, xb[j][4], xb[j][5]);
+                f8_pair(v1.z, v1.w, xb[j][6], xb[j][7]);
+            }
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+                const uint4 &lo = st.a[u][mr][0][p], &hi = st.a[u][mr][1][p];
+                const uint32_t xl[4] = { lo.x, lo.y, lo.z, lo.w };
+                const uint32_t xh[4] = { hi.x, hi.y, hi.z, hi.w };
+
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    uint32_t l02, l13, h02, h13;
+
+                    f8_cvt4(xl[i], l02, l13);
+                    f8_cvt4(xh[i], h02, h13);
+#pragma unroll
+                    for (int j = 0; j < NT; j++) {
+                        moe_mma_bf16(dst[mr][j], l02, h02, l13, h13,
+                                     xb[j][2 * i], xb[j][2 * i + 1]);
+                    }
+                }
+            }
+        }
+        if (BLK) {
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+                /* bsc[mr]: the block-scale row of row set mr's rows */
+                float s = __ldg(bsc[mr] + c);
+
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        acc[mr][j][i] = fmaf(s, part[mr][j][i],
+                                             acc[mr][j][i]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+
+/*
+ * grid (ceil(N / 16), groups), F8_WARPS warps.  MR 2: SiLU (gate rows
+ * j0.., up rows N + j0..).  MODE: MOE_K_FP8_*.
+ */
+template <int NT, int MR, int UNR, int MODE>
+__global__ void __launch_bounds__(F8_WARPS * 32)
+kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const uint8_t *W, const float *scale, int N, int Kd,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+{
+    constexpr bool BLK = MODE == MOE_K_FP8_BLOCK;
+    __shared__ float red[F8_WARPS][MR * NT * 4][32];
+    const int        lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int        g = lane >> 2, q = lane & 3;
+    const int        e = moe_block_group(offs, E, lane);
+    const int        j0 = blockIdx.x * 16;
+    const int        R = MR * N;
+    const int        nch = (Kd + F8_CK - 1) / F8_CK;
+    int              r0, r1;
+
+    if (e < 0) {
+        return;                 /* fewer non-empty groups than gridDim.y */
+    }
+    r0 = offs != NULL ? offs[e] : 0;
+    r1 = offs != NULL ? offs[e + 1] : n;
+    if (r1 <= r0) {
+        return;                 /* uniform over the block */
+    }
+
+    const uint8_t *We = W + (size_t) e * R * Kd;
+    const uint8_t *arow[MR][2];
+    bool           aval[MR][2];
+    const float   *bsc[MR];
+
+#pragma unroll
+    for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int j = j0 + g + 8 * h;
+
+            aval[mr][h] = j < N;
+            arow[mr][h] = We + (size_t) (mr * N + (j < N ? j : 0)) * Kd;
+        }
+        bsc[mr] = scale;
+        if (BLK) {
+            int kb = nch;       /* ceil(Kd / 128) */
+
+            bsc[mr] = scale + (size_t) e * ((R + 127) / 128) * kb
+                      + (size_t) ((mr * N + j0) / 128) * kb;
+        }
+    }
+
+    for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
+        float       acc[MR][NT][4];
+        const bf16 *brow[NT];
+        bool        bval[NT];
+
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            int r = p0 + 8 * j + g;
+            int xr = 0;
+
+            bval[j] = r < r1;
+            if (bval[j]) {
+                xr = xrow != NULL ? xrow[r] / xdiv : r;
+            }
+            brow[j] = X + (size_t) xr * ldx;
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    acc[mr][j][c] = 0.0f;
+                }
+            }
+        }
+
+        /* two stages in registers: the weight loads of chunk set i + 1
+         * are in flight while set i is converted and multiplied */
+        f8_stage<MR, UNR> st[2];
+        const int         step = F8_WARPS * UNR;
+
+        if (warp < nch) {
+            f8_gv_load<MR, UNR>(st[0], arow, aval, warp, nch, Kd, q);
+            for (int c0 = warp;; c0 += 2 * step) {
+                f8_gv_load<MR, UNR>(st[1], arow, aval, c0 + step, nch, Kd,
+                                    q);
+                f8_gv_compute<NT, MR, UNR, BLK>(acc, st[0], brow, bval, c0,
+                                                nch, Kd, q, bsc);
+                if (c0 + step >= nch) {
+                    break;
+                }
+                f8_gv_load<MR, UNR>(st[0], arow, aval, c0 + 2 * step, nch,
+                                    Kd, q);
+                f8_gv_compute<NT, MR, UNR, BLK>(acc, st[1], brow, bval,
+                                                c0 + step, nch, Kd, q, bsc);
+                if (c0 + 2 * step >= nch) {
+                    break;
+                }
+            }
+        }
+
+#pragma unroll
+        for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    red[warp][(mr * NT + j) * 4 + c][lane] = acc[mr][j][c];
+                }
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < NT * 4 * 32; i += F8_WARPS * 32) {
+            int   l = i & 31, jc = i >> 5, j = jc >> 2, c = jc & 3;
+            int   col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
+            int   r = p0 + 8 * j + 2 * (l & 3) + (c & 1);
+            float v = 0.0f;
+
+#pragma unroll
+            for (int w = 0; w < F8_WARPS; w++) {
+                v += red[w][jc][l];
+            }
+            if (col < N && r < r1) {
+                v *= f8_row_scale(scale, MODE, MR == 2, e, N, R, col);
+                if (MR == 2) {
+                    float u = 0.0f;
+
+#pragma unroll
+                    for (int w = 0; w < F8_WARPS; w++) {
+                        u += red[w][NT * 4 + jc][l];
+                    }
+                    u *= f8_row_scale(scale, MODE, 1, e, N, R, N + col);
+                    H[(size_t) r * ldy + col] =
+                        moe_f2bf(v / (1.0f + expf(-v)) * u);
+                } else {
+                    Y[(size_t) r * ldy + col] = v;
+                }
+            }
+        }
+        __syncthreads();        /* red is rewritten by the next pass */
+    }
+}
+
+
+template <int NT, int MODE>
+static void
+f8_gv_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
+    int N, int Kd, const int32_t *offs, int E, int n, float *Y, bf16 *H,
+    int ldy)
+{
+    if (silu) {
+        kernel_gemv_fp8<NT, 2, 1, MODE><<<grid, F8_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy);
+    } else {
+        kernel_gemv_fp8<NT, 1, NT >= 4 ? 1 : 2, MODE><<<grid, F8_WARPS * 32, 0, s>>>(
+            X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy);
+    }
+}
+
+
+template <int NT>
+static void
+f8_gv_mode(int mode, dim3 grid, cudaStream_t s, int silu, const bf16 *X,
+    int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
+    const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy)
+{
+    if (mode == MOE_K_FP8_TENSOR) {
+        f8_gv_launch<NT, MOE_K_FP8_TENSOR>(grid, s, silu, X, ldx, xrow, xdiv,
+                                           W, scale, N, Kd, offs, E, n, Y, H,
+                                           ldy);
+    } else if (mode == MOE_K_FP8_CHANNEL) {
+        f8_gv_launch<NT, MOE_K_FP8_CHANNEL>(grid, s, silu, X, ldx, xrow,
+                                            xdiv, W, scale, N, Kd, offs, E,
+                                            n, Y, H, ldy);
+    } else {
+        f8_gv_launch<NT, MOE_K_FP8_BLOCK>(grid, s, silu, X, ldx, xrow, xdiv,
+                                          W, scale, N, Kd, offs, E, n, Y, H,
+                                          ldy);
+    }
+}
+
+
+extern "C" int
+moe_cuda_fp8_supported(int mode, int N, int Kd, int ldx, int silu)
+{
+    return N > 0 && Kd > 0 && Kd % 16 == 0 && ldx % 8 == 0 && ldx >= Kd
+           && (mode == MOE_K_FP8_TENSOR || mode == MOE_K_FP8_CHANNEL
+               || mode == MOE_K_FP8_BLOCK)
+           && !(mode == MOE_K_FP8_BLOCK && silu && N % 128 != 0);
+}
+
+
+/* The launch's group count (0 when n is 0), or -1 with the error set. */
+static int
+f8_groups(const char *who, int mode, int N, int Kd, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *offs, int E, int n,
+    int silu)
+{
+    if (!moe_cuda_fp8_supported(mode, N, Kd, ldx, silu) || E <= 0 || n < 0
+        || E > 65535 || (xrow != NULL && xdiv <= 0)
+        || (offs == NULL && E != 1))
+    {
+        moe_cuda_set_error("%s: unsupported shape (mode %d, N %d, Kd %d, "
+                           "ldx %d, E %d, n %d, silu %d)", who, mode, N, Kd,
+                           ldx, E, n, silu);
+        return -1;
+    }
+    return offs != NULL && n < E ? n : E;
+}
+
+
+extern "C" int
+moe_cuda_gemv_fp8_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int silu, float *Y, moe_bf16_t *H,
+    int ldy, int nt, cudaStream_t stream)
+{
+    const bf16 *x = reinterpret_cast<const bf16 *>(X);
+    bf16       *h = reinterpret_cast<bf16 *>(H);
+    int         groups = f8_groups("gemv_fp8", mode, N, Kd, ldx, xrow, xdiv,
+                                   offs, E, n, silu);
+    dim3        grid;
+
+    if (groups < 0) {
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (n == 0 || groups == 0) {
+        return MOE_K_OK;
+    }
+    grid = dim3((unsigned) ((N + 15) / 16), (unsigned) groups);
+    switch (nt) {
+    case 1:
+        f8_gv_mode<1>(mode, grid, stream, silu, x, ldx, xrow, xdiv, W, scale,
+                      N, Kd, offs, E, n, Y, h, ldy);
+        break;
+    case 2:
+        f8_gv_mode<2>(mode, grid, stream, silu, x, ldx, xrow, xdiv, W, scale,
+                      N, Kd, offs, E, n, Y, h, ldy);
+        break;
+    case 4:
+        f8_gv_mode<4>(mode, grid, stream, silu, x, ldx, xrow, xdiv, W, scale,
+                      N, Kd, offs, E, n, Y, h, ldy);
+        break;
+    default:
+        moe_cuda_set_error("gemv_fp8: tile of %d x 8 rows is not shipped "
+                           "(1, 2, 4)", nt);
+        return MOE_K_EUNSUPPORTED;
+    }
+    MOE_CUDA_CHECK_LAUNCH("kernel_gemv_fp8");
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int max_rows, int silu, float *Y,
+    moe_bf16_t *H, int ldy, const moe_cuda_tuning_t *tune,
+    cudaStream_t stream)
+{
+    (void) tune;        /* no knob yet: one kernel for every row count */
+    return moe_cuda_gemv_fp8_tiled(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
+                                   offs, E, n, silu, Y, H, ldy,
+                                   max_rows <= 8 ? 1 : max_rows <= 16 ? 2
+                                                                      : 4,
+                                   stream);
+}
+
+
+/* ------------------------------------------------------------------ */
+/* kernel_ggemm_fp8                                                    */
+
+#define G8_NT   128                     /* threads per block */
+#define G8_BR   64                      /* weight rows per block */
+#define G8_WROW 144                     /* bytes per shared weight row */
+#define G8_XROW 144                     /* bf16 per shared token row */
+#define G8_WL   (G8_BR * (F8_CK / 16) / G8_NT)  /* 16 B weight copies */
+
+/* Tile constants of kernel_ggemm_fp8<BT>: ST pipeline stages, 3 at BT 32
+ * so that 4 blocks fit an SM (55 KB each, as kernel_ggemm's 32/1): the
+ * mixtral down projection's 512 blocks then run in one wave. */
+template <int BT>
+struct g8_cfg {
+    static constexpr int    ST = BT == 32 ? 3 : 4;
+    static constexpr int    XL = BT * (F8_CK / 8) / G8_NT; /* x copies */
+    static constexpr size_t WSZ = (size_t) G8_BR * G8_WROW;
+    static constexpr size_t XSZ = (size_t) BT * G8_XROW * sizeof(bf16);
+    static constexpr size_t SMEM = ST * (WSZ + XSZ);
+    static_assert(BT % 16 == 0 && XL * G8_NT == BT * (F8_CK / 8),
+                  "token tile load split");
+};
+
+
+/*
+ * grid (ceil(N / (SILU ? 32 : 64)), groups), G8_NT threads,
+ * g8_cfg<BT>::SMEM bytes of dynamic shared memory.  Warp w owns m-tile w
+ * (16 weight rows): without SiLU columns j0 + 16 w .. + 15; with SiLU the
+ * gate rows of columns j0 + 8 w .. + 7 (tile rows 0-7) and their up rows
+ * (tile rows 8-15), as in kernel_ggemm.
+ */
+template <int BT, bool SILU, int MODE>
+__global__ void __launch_bounds__(G8_NT, 2)
+kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const uint8_t *W, const float *scale, int N, int Kd,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+{
+    typedef g8_cfg<BT> C;
+    constexpr int  XL = C::XL, NP = BT / 16, ST = C::ST;
+    constexpr bool BLK = MODE == MOE_K_FP8_BLOCK;
+
+    extern __shared__ __align__(16) unsigned char g8_sm[];
+    uint8_t       *w_s = g8_sm;                           /* [ST][BR][WROW] */
+    bf16          *x_s = reinterpret_cast<bf16 *>(g8_sm + ST * C::WSZ);
+    const int      tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int      g = lane >> 2, q = lane & 3;
+    const int      lr = tid >> 3, ch = tid & 7;     /* weight copy row, 16 B */
+    const int      xr0 = tid >> 4, xch = tid & 15;  /* token copy row, 16 B */
+    const int      e = moe_block_group(offs, E, lane);
+    const int      nk = (Kd + F8_CK - 1) / F8_CK;
+    const int      j0 = blockIdx.x * (SILU ? 32 : 64);
+    const int      R = (SILU ? 2 : 1) * N;
+    int            r0, r1;
+    uint64_t       pol;
+    const uint8_t *wsrc;
+    size_t         wstep;
+    unsigned       wval = 0;
+    const float   *bs_lo = scale, *bs_hi = scale;  /* block-scale rows */
+
+    if (e < 0) {
+        return;
+    }
+    r0 = offs != NULL ? offs[e] : 0;
+    r1 = offs != NULL ? offs[e + 1] : n;
+    if (r1 <= r0) {
+        return;
+    }
+    pol = moe_l2_evict_first();
+
+    {
+        const uint8_t *We = W + (size_t) e * R * Kd;
+        int            col0 = SILU ? j0 + (lr & 7) : j0 + lr;
+        int            row0 = SILU && lr >= 8 ? col0 + N : col0;
+
+#pragma unroll
+        for (int i = 0; i < G8_WL; i++) {
+            if (col0 + i * (SILU ? 8 : 16) < N) {
+                wval |= 1u << i;
+            }
+        }
+        wstep = (size_t) (SILU ? 8 : 16) * Kd;
+        wsrc = wval != 0 ? We + (size_t) row0 * Kd + ch * 16 : W;
+    }
+    if (BLK) {
+        /* this warp's tile rows g (lo) and g + 8 (hi) */
+        size_t base = (size_t) e * ((R + 127) / 128) * nk;
+        int    rlo = SILU ? j0 + warp * 8 : j0 + warp * 16;
+        int    rhi = SILU ? N + rlo : rlo;
+
+        bs_lo = scale + base + (size_t) (rlo / 128) * nk;
+        bs_hi = scale + base + (size_t) (rhi / 128) * nk;
+    }
+
+    for (int p0 = r0; p0 < r1; p0 += BT) {
+        const bf16 *xsrc[XL];
+        unsigned    xval = 0;
+        float       acc[2 * NP][4];
+
+#pragma unroll
+        for (int i = 0; i < XL; i++) {
+            int r = p0 + xr0 + 8 * i;
+
+            xsrc[i] = X;
+            if (r < r1) {
+                int xr = xrow != NULL ? xrow[r] / xdiv : r;
+
+                xsrc[i] = X + (size_t) xr * ldx + xch * 8;
+                xval |= 1u << i;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < 2 * NP; t++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                acc[t][c] = 0.0f;
+            }
+        }
+
+        /* cp.async of k chunk kc into stage st (k past Kd: zeros) */
+        auto load = [&](int kc, int st) {
+            int      k = kc * F8_CK;
+            bool     wk = k + ch * 16 < Kd;
+            bool     xk = k + xch * 8 < Kd;
+            uint8_t *wd = w_s + st * C::WSZ + lr * G8_WROW + ch * 16;
+            bf16    *xd = x_s + ((size_t) st * BT + xr0) * G8_XROW + xch * 8;
+
+#pragma unroll
+            for (int i = 0; i < G8_WL; i++) {
+                bool           ok = wk && ((wval >> i) & 1u);
+                const uint8_t *src = ok ? wsrc + i * wstep + k : W;
+
+                moe_cp_async16_pol(reinterpret_cast<bf16 *>(
+                                       wd + i * 16 * G8_WROW),
+                                   reinterpret_cast<const bf16 *>(src),
+                                   ok ? 16 : 0, pol);
+            }
+#pragma unroll
+            for (int i = 0; i < XL; i++) {
+                bool ok = xk && ((xval >> i) & 1u);
+
+                moe_cp_async16(xd + i * 8 * G8_XROW, ok ? xsrc[i] + k : X,
+                               ok ? 16 : 0);
+            }
+        };
+
+#pragma unroll
+        for (int s = 0; s < ST - 1; s++) {
+            if (s < nk) {
+                load(s, s);
+            }
+            moe_cp_async_commit();
+        }
+
+        int cs = 0, ls = ST - 1;
+
+        for (int kc = 0; kc < nk; kc++) {
+            moe_cp_async_wait<ST - 2>();
+            __syncthreads();
+            if (kc + ST - 1 < nk) {
+                load(kc + ST - 1, ls);
+            }
+            moe_cp_async_commit();
+
+            const uint8_t *ws = w_s + cs * C::WSZ + (warp * 16 + g) * G8_WROW
+                                + 4 * q;
+            const bf16    *xs = x_s + ((size_t) cs * BT + g) * G8_XROW
+                                + 4 * q;
+            float          part[2 * NP][4];
+            float (&dst)[2 * NP][4] = BLK ? part : acc;
+
+            if (BLK) {
+#pragma unroll
+                for (int t = 0; t < 2 * NP; t++) {
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        part[t][c] = 0.0f;
+                    }
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < F8_CK / 16; kk++) {
+                uint32_t lo = *reinterpret_cast<const uint32_t *>(
+                                  ws + kk * 16);
+                uint32_t hi = *reinterpret_cast<const uint32_t *>(
+                                  ws + 8 * G8_WROW + kk * 16);
+                uint32_t l02, l13, h02, h13;
+
+                f8_cvt4(lo, l02, l13);
+                f8_cvt4(hi, h02, h13);
+#pragma unroll
+                for (int t = 0; t < 2 * NP; t++) {
+                    uint2    xv = *reinterpret_cast<const uint2 *>(
+                                      xs + t * 8 * G8_XROW + kk * 16);
+                    uint32_t b0, b1;
+
+                    f8_pair(xv.x, xv.y, b0, b1);
+                    moe_mma_bf16(dst[t], l02, h02, l13, h13, b0, b1);
+                }
+            }
+            if (BLK) {
+                float slo = __ldg(bs_lo + kc), shi = __ldg(bs_hi + kc);
+
+#pragma unroll
+                for (int t = 0; t < 2 * NP; t++) {
+                    acc[t][0] = fmaf(slo, part[t][0], acc[t][0]);
+                    acc[t][1] = fmaf(slo, part[t][1], acc[t][1]);
+                    acc[t][2] = fmaf(shi, part[t][2], acc[t][2]);
+                    acc[t][3] = fmaf(shi, part[t][3], acc[t][3]);
+                }
+            }
+            cs = cs == ST - 1 ? 0 : cs + 1;
+            ls = ls == ST - 1 ? 0 : ls + 1;
+        }
+
+        /* epilogue: lane (g, q) holds tile rows g (c0, c1) and g + 8
+         * (c2, c3), tokens 2q and 2q + 1 of each n-tile */
+#pragma unroll
+        for (int t = 0; t < 2 * NP; t++) {
+            int r = p0 + t * 8 + 2 * q;
+
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (SILU) {
+                    int col = j0 + warp * 8 + g;
+
+                    if (col < N && r + h < r1) {
+                        float gt = acc[t][h], up = acc[t][2 + h];
+
+                        gt *= f8_row_scale(scale, MODE, 1, e, N, R, col);
+                        up *= f8_row_scale(scale, MODE, 1, e, N, R, N + col);
+                        H[(size_t) (r + h) * ldy + col] =
+                            moe_f2bf(gt / (1.0f + expf(-gt)) * up);
+                    }
+                } else {
+                    int col = j0 + warp * 16 + g + 8 * h;
+
+#pragma unroll
+                    for (int c = 0; c < 2; c++) {
+                        if (col < N && r + c < r1) {
+                            Y[(size_t) (r + c) * ldy + col] =
+                                acc[t][2 * h + c]
+                                * f8_row_scale(scale, MODE, 0, e, N, R, col);
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();        /* the next tile's prologue reuses stages */
+    }
+}
+
+
+template <int BT, bool SILU, int MODE>
+static int
+g8_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
+    int N, int Kd, const int32_t *offs, int E, int n, float *Y, bf16 *H,
+    int ldy)
+{
+    static int   ready = 0;
+    const size_t sm = g8_cfg<BT>::SMEM;
+    const int    cols = SILU ? 32 : 64;
+    dim3         grid((unsigned) ((N + cols - 1) / cols), groups);
+
+    if (!ready) {
+        MOE_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel_ggemm_fp8<BT, SILU, MODE>,
+            cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm));
+        MOE_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel_ggemm_fp8<BT, SILU, MODE>,
+            cudaFuncAttributePreferredSharedMemoryCarveout,
+            (int) cudaSharedmemCarveoutMaxShared));
+        ready = 1;
+    }
+    kernel_ggemm_fp8<BT, SILU, MODE><<<grid, G8_NT, sm, s>>>(
+        X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy);
+    MOE_CUDA_CHECK_LAUNCH("kernel_ggemm_fp8");
+    return MOE_K_OK;
+}
+
+
+template <int BT, bool SILU>
+static int
+g8_launch_m(int mode, unsigned groups, cudaStream_t s, const bf16 *X,
+    int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
+    const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy)
+{
+    if (mode == MOE_K_FP8_TENSOR) {
+        return g8_launch<BT, SILU, MOE_K_FP8_TENSOR>(groups, s, X, ldx, xrow,
+                                                     xdiv, W, scale, N, Kd,
+                                                     offs, E, n, Y, H, ldy);
+    }
+    if (mode == MOE_K_FP8_CHANNEL) {
+        return g8_launch<BT, SILU, MOE_K_FP8_CHANNEL>(groups, s, X, ldx,
+                                                      xrow, xdiv, W, scale,
+                                                      N, Kd, offs, E, n, Y,
+                                                      H, ldy);
+    }
+    return g8_launch<BT, SILU, MOE_K_FP8_BLOCK>(groups, s, X, ldx, xrow,
+                                                xdiv, W, scale, N, Kd, offs,
+                                                E, n, Y, H, ldy);
+}
+
+
+template <int BT>
+static int
+g8_launch_s(int silu, int mode, unsigned groups, cudaStream_t s,
+    const bf16 *X, int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
+    const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy)
+{
+    if (silu) {
+        return g8_launch_m<BT, true>(mode, groups, s, X, ldx, xrow, xdiv, W,
+                                     scale, N, Kd, offs, E, n, Y, H, ldy);
+    }
+    return g8_launch_m<BT, false>(mode, groups, s, X, ldx, xrow, xdiv, W,
+                                  scale, N, Kd, offs, E, n, Y, H, ldy);
+}
+
+
+extern "C" int
+moe_cuda_ggemm_fp8_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int silu, float *Y, moe_bf16_t *H,
+    int ldy, int bt, cudaStream_t stream)
+{
+    const bf16 *x = reinterpret_cast<const bf16 *>(X);
+    bf16       *h = reinterpret_cast<bf16 *>(H);
+    int         groups = f8_groups("ggemm_fp8", mode, N, Kd, ldx, xrow, xdiv,
+                                   offs, E, n, silu);
+
+    if (groups < 0) {
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (n == 0 || groups == 0) {
+        return MOE_K_OK;
+    }
+    switch (bt) {
+    case 16:
+        return g8_launch_s<16>(silu, mode, (unsigned) groups, stream, x, ldx,
+                               xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, h,
+                               ldy);
+    case 32:
+        return g8_launch_s<32>(silu, mode, (unsigned) groups, stream, x, ldx,
+                               xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, h,
+                               ldy);
+    case 64:
+        return g8_launch_s<64>(silu, mode, (unsigned) groups, stream, x, ldx,
+                               xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, h,
+                               ldy);
+    }
+    moe_cuda_set_error("ggemm_fp8: token tile %d is not shipped (16, 32, 64)",
+                       bt);
+    return MOE_K_EUNSUPPORTED;
+}
+
+
+extern "C" int
+moe_cuda_ggemm_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int silu, float *Y, moe_bf16_t *H,
+    int ldy, cudaStream_t stream)
+{
+    int groups = offs != NULL && n > 0 && n < E ? n : E;
+    int avg;
+
+    if (groups < 1) {
+        groups = 1;
+    }
+    /* token tile: about 1.5x the mean rows per group (as moe_cuda_ggemm) */
+    avg = (n + groups - 1) / groups;
+    return moe_cuda_ggemm_fp8_tiled(X, ldx, xrow, xdiv, W, scale, mode, N,
+                                    Kd, offs, E, n, silu, Y, H, ldy,
+                                    avg <= 10 ? 16 : avg <= 22 ? 32 : 64,
+                                    stream);
+}
