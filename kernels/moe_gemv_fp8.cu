@@ -29,8 +29,9 @@
  * kernel_ggemm_fp8 (8-64+ rows per group): kernel_ggemm's layout with
  * 128-k stages of e4m3 weights (64 rows x 128 bytes, rows padded to 144
  * bytes) and bf16 tokens (BT rows x 128, padded to 288 bytes) through a
- * 3- or 4-stage cp.async pipeline; A fragments read as 4-byte words from shared
- * memory and converted, B as 8-byte words (conflict-free with those pads).
+ * 3- or 4-stage cp.async pipeline (no L2 cache hint: see load()); A
+ * fragments read as 4-byte words from shared memory and converted, B as
+ * 8-byte words (conflict-free with those pads).
  */
 #include "common.cuh"
 #include "ptx.cuh"
@@ -546,7 +547,6 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int      j0 = blockIdx.x * (SILU ? 32 : 64);
     const int      R = (SILU ? 2 : 1) * N;
     int            r0, r1;
-    uint64_t       pol;
     const uint8_t *wsrc;
     size_t         wstep;
     unsigned       wval = 0;
@@ -560,7 +560,6 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     if (r1 <= r0) {
         return;
     }
-    pol = moe_l2_evict_first();
 
     {
         const uint8_t *We = W + (size_t) e * R * Kd;
@@ -624,10 +623,15 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 bool           ok = wk && ((wval >> i) & 1u);
                 const uint8_t *src = ok ? wsrc + i * wstep + k : W;
 
-                moe_cp_async16_pol(reinterpret_cast<bf16 *>(
-                                       wd + i * 16 * G8_WROW),
-                                   reinterpret_cast<const bf16 *>(src),
-                                   ok ? 16 : 0, pol);
+                /* no L2 cache hint: with one (moe_cp_async16_pol)
+                 * ptxas 13.0 emitted these prologue copies in an LDGSTS
+                 * form (opcode 0xdae) that no working kernel has, and
+                 * every launch died with "illegal instruction" on the
+                 * H200; without it they are the token copies' form */
+                moe_cp_async16(reinterpret_cast<bf16 *>(
+                                   wd + i * 16 * G8_WROW),
+                               reinterpret_cast<const bf16 *>(src),
+                               ok ? 16 : 0);
             }
 #pragma unroll
             for (int i = 0; i < XL; i++) {
