@@ -2437,8 +2437,17 @@ cb_part(const cuda_backend_t *b, int l, int p)
 static int
 cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *offs, int E, int n,
-    float *Y, int ldy)
+    int mr, float *Y, int ldy)
 {
+    if (w->fmt == MOE_WF_FP8
+        && moe_cuda_fp8_supported(w->mode, w->N, w->K, ldx, 0))
+    {
+        /* e4m3 on the tensor cores (kernels/moe_gemv_fp8.cu) */
+        return moe_cuda_gemv_fp8((const moe_bf16_t *) X, ldx, xrow, xdiv,
+                                 (const uint8_t *) w->w, w->scale, w->mode,
+                                 w->N, w->K, offs, E, n, mr, 0, Y, NULL, ldy,
+                                 NULL, b->stream);
+    }
     if (w->fmt == MOE_WF_FP8) {
         return moe_cuda_qgemv_fp8((const moe_bf16_t *) X, ldx, xrow, xdiv,
                                   (const uint8_t *) w->w, w->scale, w->mode,
@@ -2493,7 +2502,7 @@ cb_dense_proj(cuda_backend_t *b, const cb_qw_t *w, int T, const bf16 *X,
                          ldy);
     }
     if (T <= b->tune.dense_gemv_t && ldx % 8 == 0) {
-        return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, Y, ldy);
+        return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy);
     }
     MOE_TRY(cb_dequant(b, w));
     return moe_cuda_gemm(b->blas, T, w->N, w->K, (const moe_bf16_t *) X, ldx,
@@ -2523,11 +2532,21 @@ cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
 
     if (path == CB_PATH_GEMV) {
         if (w->fmt != MOE_WF_BF16) {
-            return cb_qgemv(b, w, X, ldx, xrow, xdiv, offs, EL, n, Y, ldy);
+            return cb_qgemv(b, w, X, ldx, xrow, xdiv, offs, EL, n, mr, Y,
+                            ldy);
         }
         return moe_cuda_gemv((const moe_bf16_t *) X, ldx, xrow, xdiv,
                              (const moe_bf16_t *) W, w->N, w->K, offs, EL, n,
                              mr, 0, Y, NULL, ldy, &b->tune, b->stream);
+    }
+    if (path == CB_PATH_GGEMM && w->fmt == MOE_WF_FP8
+        && moe_cuda_fp8_supported(w->mode, w->N, w->K, ldx, 0))
+    {
+        /* the e4m3 grouped GEMM reads the packed bytes (no scratch) */
+        return moe_cuda_ggemm_fp8((const moe_bf16_t *) X, ldx, xrow, xdiv,
+                                  (const uint8_t *) w->w, w->scale, w->mode,
+                                  w->N, w->K, offs, EL, n, 0, Y, NULL, ldy,
+                                  b->stream);
     }
     if (w->fmt != MOE_WF_BF16) {
         MOE_TRY(cb_dequant(b, w));
