@@ -22,11 +22,17 @@
  * Dequantize kernels: the same arithmetic, written as bf16 (N, K) rows
  * with 16-byte stores (8 consecutive k of one column per thread).
  */
+#include <string.h>
+
+#include <cooperative_groups.h>
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "ptx.cuh"
 #include "quant_gemv.h"
+
+namespace cg = cooperative_groups;
 
 typedef __nv_bfloat16 bf16;
 
@@ -245,7 +251,7 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int nthr = FMT == MOE_K_Q4_AWQ ? Ntot / 8 : Ntot;
     const int c = (int) blockIdx.x * Q4_NT + tid;   /* word column */
     const int k0 = (int) blockIdx.z * KC, k1 = min(K, k0 + KC);
-    const int KG = K / G;
+    const int KG = (K + G - 1) / G;
     int       r0, r1;
     const int e = q_group_rows(offs, E, n, &r0, &r1);
 
@@ -384,6 +390,418 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
+/* ------------------------------------------- 4-bit GEMV on tensor cores */
+
+/*
+ * kernel_qgemv_q4_mma: the weights are the A operand of mma.m16n8k16
+ * (rows = output columns, bf16 integers q - z, exact), the group's input
+ * rows the B operand (8 per n-tile, NT n-tiles per pass), fp32
+ * accumulators.  Nibbles become bf16 with one mask-and-or each: the
+ * nibbles at bits s and s + 16 of a word, or-ed into 0x4300 (bf16 128,
+ * mantissa unit 1), give the pair (128 + q_lo, 128 + q_hi); one bf16x2
+ * subtraction of (128 + z, 128 + z) leaves q - z.  mma sums over slot
+ * k of A[row][k] B[k][n]; any permutation of k used alike by A and B
+ * leaves the sum unchanged, which is how each format's nibble order maps
+ * onto the fragments without moving weights:
+ *
+ * GPTQ (word (i, j) = k 8 i .. 8 i + 7 of column j): lane (g, t) loads
+ * 16 bytes, columns c0 + 4 g .. + 3 of word row 4 r + t (a warp load:
+ * 4 rows x 128 contiguous bytes).  Columns 4 g + {0, 1} are rows g and
+ * g + 8 of m-tile 0, 4 g + {2, 3} of m-tile 1.  The word's nibble pairs
+ * (0, 4), (1, 5) feed the slots (2t, 2t+1), (2t+8, 2t+9) of one mma,
+ * (2, 6), (3, 7) those of a second; the input's 8 k of that word row are
+ * permuted alike with byte_perm.  A round: 32 k.
+ *
+ * AWQ (word (k, w) = columns 8 w + c at nibble {0,4,1,5,2,6,3,7}[c]):
+ * lane (g, t) loads WC words (4 WC bytes) at the 4 k rows 16 r + 4 t +
+ * {0..3}.  byte_perm puts the low halves of the words of rows 0 and 1
+ * into one register, nibble positions 0..3 (columns 0, 2, 4, 6) of row 0
+ * at bits 0..15 and of row 1 at bits 16..31; the high halves (columns 1,
+ * 3, 5, 7) into another: a shift by 4 m and the mask then give column
+ * 2 m (or 2 m + 1) at k rows 0 and 1, the slots (2t, 2t+1); rows 2 and 3
+ * fill (2t+8, 2t+9).  The input's natural order fits.  A round: 16 k.
+ *
+ * One iteration is nu rounds inside one quantization group (the launcher
+ * picks nu so that an iteration never crosses a group boundary): scales
+ * and zeros are loaded once per iteration, the iteration's mma sums are
+ * scaled (fp32) into the running outputs.  The K range of a column tile
+ * is split over the QM_WARPS warps of a block and the S blocks of a
+ * thread-block cluster (grid.z = S, contiguous iteration ranges); the
+ * partial outputs are added in shared memory (warps) and then through
+ * distributed shared memory (ranks), each sum in a fixed order: the
+ * result does not depend on timing, no atomics, no zeroing.
+ */
+
+#define QM_WARPS  8         /* q4 mma GEMV: warps per block */
+#define QM_SMAX   8         /* q4 mma GEMV: most blocks per cluster */
+
+/* bf16x2 (128 + nibble at bit s, 128 + nibble at bit s + 16) of w */
+__device__ __forceinline__ uint32_t
+q4m_nib2(uint32_t w, int s)
+{
+    return ((w >> s) & 0x000f000fu) | 0x43004300u;
+}
+
+
+/* bf16x2 (128 + z, 128 + z) */
+__device__ __forceinline__ uint32_t
+q4m_zz(uint32_t z)
+{
+    return 0x43004300u + z * 0x00010001u;
+}
+
+
+/* a - b, bf16x2, exact for the small integers here */
+__device__ __forceinline__ uint32_t
+q4m_sub(uint32_t a, uint32_t b)
+{
+    uint32_t d;
+
+    asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+
+__device__ __forceinline__ float
+q4m_h2f(uint32_t v, int hi)
+{
+    return __half2float(__ushort_as_half(
+        (unsigned short) (hi ? v >> 16 : v & 0xffffu)));
+}
+
+
+/*
+ * grid (column tiles, groups, S), cluster (1, 1, S), QM_WARPS warps.
+ * GPTQ: tile of 32 columns, WC 1 (unused).  AWQ: tile of 8 WC words
+ * (64 WC columns).  nu: rounds per iteration (1 .. QU).
+ */
+template <int FMT, int NT, int WC, int QU>
+__global__ void __launch_bounds__(QM_WARPS * 32, 2)
+kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
+    int G, int zero_bias, int Ntot, int K, int nu, const int32_t *offs,
+    int E, int n, float *Y, int ldy)
+{
+    constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
+    constexpr int     F = MT * NT * 4;       /* outputs per lane */
+    __shared__ float  red[QM_WARPS][F][32];
+
+    cg::cluster_group cl = cg::this_cluster();
+    const int         lane = (int) threadIdx.x & 31;
+    const int         warp = (int) threadIdx.x >> 5;
+    const int         g = lane >> 2, t = lane & 3;
+    const int         S = (int) gridDim.z;
+    const int         rank = (int) cl.block_rank();
+    const int         KG = (K + G - 1) / G, Nw = Ntot / 8;
+    const int         span = (FMT == MOE_K_Q4_AWQ ? 16 : 32) * nu;
+    const int         IT = (K + span - 1) / span;
+    const int         pw = (int) blockIdx.z * QM_WARPS + warp;
+    const int         it0 = (int) ((int64_t) IT * pw / (S * QM_WARPS));
+    const int         it1 = (int) ((int64_t) IT * (pw + 1) / (S * QM_WARPS));
+    int               r0, r1;
+    const int         e = q_group_rows(offs, E, n, &r0, &r1);
+
+    if (e < 0 || r1 <= r0) {
+        return;                 /* uniform over the cluster (same x, y) */
+    }
+
+    /* this lane's columns: GPTQ cc .. cc + 3; AWQ words wc .. wc+WC-1 */
+    const int  cc = (int) blockIdx.x * 32 + 4 * g;
+    const int  wc = (int) blockIdx.x * 8 * WC + WC * g;
+    const bool cv = FMT == MOE_K_Q4_AWQ ? wc < Nw : cc < Ntot;
+    const uint32_t *qw = reinterpret_cast<const uint32_t *>(qweight)
+                         + (size_t) e * K * Nw;
+
+    for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
+        const bf16 *xp[NT];
+        bool        xv[NT];
+        float       y[MT][NT][4];
+
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            int r = p0 + 8 * nt + g;
+
+            xv[nt] = r < r1;
+            xp[nt] = X + (size_t) (xv[nt] ? (xrow != NULL ? xrow[r] / xdiv
+                                                          : r) : 0) * ldx;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    y[mt][nt][i] = 0.0f;
+                }
+            }
+        }
+
+        for (int it = it0; it < it1; it++) {
+            const int    grp = it * span / G;
+            const size_t srow = (size_t) e * KG + grp;
+            float        c[MT][NT][4];
+
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        c[mt][nt][i] = 0.0f;
+                    }
+                }
+            }
+
+            if (FMT == MOE_K_Q4_GPTQ) {
+                uint4    wq[QU], xq[QU][NT];
+                uint32_t zz[4];
+                uint2    sr = make_uint2(0u, 0u);
+
+                /* zeros (4 nibbles of one word) and scales (8 bytes) */
+                if (cv) {
+                    uint32_t zw = (uint32_t) __ldg(qzeros + srow * Nw
+                                                   + cc / 8);
+
+                    sr = __ldg(reinterpret_cast<const uint2 *>(
+                        scales + srow * Ntot + cc));
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        zz[i] = q4m_zz(((zw >> (4 * ((cc & 7) + i))) & 15u)
+                                       + (uint32_t) zero_bias);
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        zz[i] = q4m_zz(0u);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < QU; u++) {
+                    int  wr = 4 * (it * nu + u) + t;     /* word row */
+                    bool kv = u < nu && 8 * wr < K;
+
+                    wq[u] = kv && cv
+                            ? __ldcs(reinterpret_cast<const uint4 *>(
+                                  qw + (size_t) wr * Ntot + cc))
+                            : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        xq[u][nt] = kv && xv[nt]
+                                    ? __ldg(reinterpret_cast<const uint4 *>(
+                                          xp[nt] + 8 * wr))
+                                    : make_uint4(0u, 0u, 0u, 0u);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < QU; u++) {
+                    if (u >= nu) {
+                        break;
+                    }
+                    const uint32_t w4[4] = { wq[u].x, wq[u].y, wq[u].z,
+                                             wq[u].w };
+
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        uint32_t b0[NT], b1[NT];
+
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            uint32_t lo = h ? xq[u][nt].y : xq[u][nt].x;
+                            uint32_t hi = h ? xq[u][nt].w : xq[u][nt].z;
+
+                            b0[nt] = __byte_perm(lo, hi, 0x5410);
+                            b1[nt] = __byte_perm(lo, hi, 0x7632);
+                        }
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            uint32_t wa = w4[2 * mt], wb = w4[2 * mt + 1];
+                            uint32_t a0 = q4m_sub(q4m_nib2(wa, 8 * h),
+                                                  zz[2 * mt]);
+                            uint32_t a1 = q4m_sub(q4m_nib2(wb, 8 * h),
+                                                  zz[2 * mt + 1]);
+                            uint32_t a2 = q4m_sub(q4m_nib2(wa, 8 * h + 4),
+                                                  zz[2 * mt]);
+                            uint32_t a3 = q4m_sub(q4m_nib2(wb, 8 * h + 4),
+                                                  zz[2 * mt + 1]);
+
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                moe_mma_bf16(c[mt][nt], a0, a1, a2, a3,
+                                             b0[nt], b1[nt]);
+                            }
+                        }
+                    }
+                }
+                /* scale the iteration's sums: rows g / g + 8 of m-tile
+                 * mt are columns cc + 2 mt / cc + 2 mt + 1 */
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    uint32_t sw = mt ? sr.y : sr.x;
+                    float    s0 = q4m_h2f(sw, 0), s1 = q4m_h2f(sw, 1);
+
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        y[mt][nt][0] += s0 * c[mt][nt][0];
+                        y[mt][nt][1] += s0 * c[mt][nt][1];
+                        y[mt][nt][2] += s1 * c[mt][nt][2];
+                        y[mt][nt][3] += s1 * c[mt][nt][3];
+                    }
+                }
+            } else {
+                uint32_t wq[QU][4][WC], zz[WC][8];
+                uint2    xq[QU][NT];
+                uint4    sr[WC];
+
+#pragma unroll
+                for (int j = 0; j < WC; j++) {
+                    uint32_t zw = cv ? (uint32_t) __ldg(qzeros + srow * Nw
+                                                        + wc + j) : 0u;
+
+                    sr[j] = cv ? __ldg(reinterpret_cast<const uint4 *>(
+                                     scales + srow * Ntot + 8 * (wc + j)))
+                               : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                    for (int p = 0; p < 8; p++) {
+                        zz[j][p] = q4m_zz(((zw >> (4 * p)) & 15u)
+                                          + (uint32_t) zero_bias);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < QU; u++) {
+                    int  k = 16 * (it * nu + u) + 4 * t;
+                    bool kv = u < nu && k < K;
+
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        const uint32_t *src = qw + (size_t) (k + q) * Nw + wc;
+
+                        if (WC == 2) {
+                            uint2 v = kv && cv
+                                      ? __ldcs(reinterpret_cast<const uint2 *>(
+                                            src))
+                                      : make_uint2(0u, 0u);
+
+                            wq[u][q][0] = v.x;
+                            wq[u][q][WC - 1] = v.y;
+                        } else {
+                            wq[u][q][0] = kv && cv
+                                          ? (uint32_t) __ldcs(
+                                                reinterpret_cast<const int *>(
+                                                    src))
+                                          : 0u;
+                        }
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        xq[u][nt] = kv && xv[nt]
+                                    ? __ldg(reinterpret_cast<const uint2 *>(
+                                          xp[nt] + k))
+                                    : make_uint2(0u, 0u);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < QU; u++) {
+                    if (u >= nu) {
+                        break;
+                    }
+#pragma unroll
+                    for (int j = 0; j < WC; j++) {
+                        uint32_t l01 = __byte_perm(wq[u][0][j], wq[u][1][j],
+                                                   0x5410);
+                        uint32_t h01 = __byte_perm(wq[u][0][j], wq[u][1][j],
+                                                   0x7632);
+                        uint32_t l23 = __byte_perm(wq[u][2][j], wq[u][3][j],
+                                                   0x5410);
+                        uint32_t h23 = __byte_perm(wq[u][2][j], wq[u][3][j],
+                                                   0x7632);
+
+#pragma unroll
+                        for (int m = 0; m < 4; m++) {
+                            /* column 2 m: nibble position m; 2 m + 1:
+                             * position m + 4 */
+                            uint32_t za = zz[j][m], zb = zz[j][m + 4];
+                            uint32_t a0 = q4m_sub(q4m_nib2(l01, 4 * m), za);
+                            uint32_t a1 = q4m_sub(q4m_nib2(h01, 4 * m), zb);
+                            uint32_t a2 = q4m_sub(q4m_nib2(l23, 4 * m), za);
+                            uint32_t a3 = q4m_sub(q4m_nib2(h23, 4 * m), zb);
+
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                moe_mma_bf16(c[4 * j + m][nt], a0, a1, a2,
+                                             a3, xq[u][nt].x, xq[u][nt].y);
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < WC; j++) {
+                    const uint32_t s4[4] = { sr[j].x, sr[j].y, sr[j].z,
+                                             sr[j].w };
+
+#pragma unroll
+                    for (int m = 0; m < 4; m++) {
+                        float s0 = q4m_h2f(s4[m], 0), s1 = q4m_h2f(s4[m], 1);
+
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            y[4 * j + m][nt][0] += s0 * c[4 * j + m][nt][0];
+                            y[4 * j + m][nt][1] += s0 * c[4 * j + m][nt][1];
+                            y[4 * j + m][nt][2] += s1 * c[4 * j + m][nt][2];
+                            y[4 * j + m][nt][3] += s1 * c[4 * j + m][nt][3];
+                        }
+                    }
+                }
+            }
+        }
+
+        /* the warps' partial sums, then the ranks', in a fixed order */
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    red[warp][(mt * NT + nt) * 4 + i][lane] = y[mt][nt][i];
+                }
+            }
+        }
+        __syncthreads();
+        for (int idx = (int) threadIdx.x; idx < F * 32;
+             idx += QM_WARPS * 32)
+        {
+            float v = 0.0f;
+
+            for (int w = 0; w < QM_WARPS; w++) {
+                v += red[w][idx / 32][idx % 32];
+            }
+            red[0][idx / 32][idx % 32] = v;
+        }
+        cl.sync();                          /* every rank's block sum */
+        for (int idx = rank * QM_WARPS * 32 + (int) threadIdx.x;
+             idx < F * 32; idx += S * QM_WARPS * 32)
+        {
+            int   f = idx / 32, l = idx % 32, i = f % 4;
+            int   nt = (f / 4) % NT, mt = f / (4 * NT);
+            int   lg = l >> 2, lt = l & 3;
+            int   row = p0 + 8 * nt + 2 * lt + (i & 1);
+            int   col;
+            float v = 0.0f;
+
+            if (FMT == MOE_K_Q4_AWQ) {
+                col = 8 * ((int) blockIdx.x * 8 * WC + WC * lg + mt / 4)
+                      + 2 * (mt % 4) + (i >> 1);
+            } else {
+                col = (int) blockIdx.x * 32 + 4 * lg + 2 * mt + (i >> 1);
+            }
+            for (int q = 0; q < S; q++) {
+                v += cl.map_shared_rank(&red[0][0][0], q)[idx];
+            }
+            if (row < r1 && col < Ntot) {
+                Y[(size_t) row * ldy + col] = v;
+            }
+        }
+        cl.sync();                          /* red free for the next pass */
+    }
+}
+
+
 /* grid-stride over count * rows * K / 16 chunks of 16 values */
 __global__ void
 kernel_dequant_fp8(const uint8_t *W, const float *scale, int mode,
@@ -427,7 +845,7 @@ kernel_dequant_q4(const int32_t *qweight, const int32_t *qzeros,
     int Ntot, int K, int count, bf16 *out)
 {
     const int     nthr = FMT == MOE_K_Q4_AWQ ? Ntot / 8 : Ntot;
-    const int     KG = K / G;
+    const int     KG = (K + G - 1) / G;
     const int64_t total = (int64_t) count * (K / 8) * nthr;
 
     for (int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
@@ -527,14 +945,122 @@ static int
 q4_check(const char *who, int fmt, int G, int Ntot, int K)
 {
     if ((fmt != MOE_K_Q4_AWQ && fmt != MOE_K_Q4_GPTQ) || Ntot <= 0
-        || Ntot % 8 != 0 || K <= 0 || K % 8 != 0 || G <= 0 || G % 8 != 0
-        || K % G != 0)
+        || Ntot % 8 != 0 || K <= 0 || K % 8 != 0 || G <= 0 || G % 8 != 0)
     {
         moe_cuda_set_error("%s: unsupported shape (format %d, N %d, K %d, "
                            "group %d)", who, fmt, Ntot, K, G);
         return MOE_K_EUNSUPPORTED;
     }
     return MOE_K_OK;
+}
+
+
+/* One launch of kernel_qgemv_q4_mma: grid (tiles, groups, S), cluster of
+ * the S blocks along z. */
+template <int FMT, int NT, int WC, int QU>
+static int
+q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
+    int Ntot, int K, int nu, const int32_t *offs, int E, int n, float *Y,
+    int ldy, cudaStream_t stream)
+{
+    cudaLaunchConfig_t  cfg;
+    cudaLaunchAttribute at[1];
+
+    memset(&cfg, 0, sizeof(cfg));
+    memset(at, 0, sizeof(at));
+    cfg.gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
+    cfg.blockDim = dim3(QM_WARPS * 32);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = 1;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = (unsigned) S;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
+                                      kernel_qgemv_q4_mma<FMT, NT, WC, QU>,
+                                      X, ldx, xrow, xdiv, qweight, qzeros,
+                                      scales, G, zero_bias, Ntot, K, nu, offs,
+                                      E, n, Y, ldy));
+    return MOE_K_OK;
+}
+
+
+/*
+ * The tensor-core 4-bit GEMV (kernel_qgemv_q4_mma) when the shapes allow
+ * it: no g_idx, G a multiple of a round (GPTQ 32 k, AWQ 16 k), aligned
+ * tensors.  Returns 1 when it does not apply (the caller takes the
+ * atomic kernel), else a MOE_K_* status.  Tile by rows per group (mr):
+ * GPTQ 8, 16 or 32 rows per pass; AWQ 8 rows (2 words per lane) or 16
+ * (1 word per lane).  S: blocks per cluster, so that the grid has about
+ * two blocks per SM, at most QM_SMAX, each warp at least one iteration.
+ */
+static int
+q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
+    const int32_t *g_idx, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int mr, float *Y, int ldy,
+    cudaStream_t stream)
+{
+    int Nw = Ntot / 8, ng = q_groups(offs, E, n);
+    int nt, wc = 1, qu, round, tiles, nu, it, S;
+
+    if ((fmt == MOE_K_Q4_GPTQ && g_idx != NULL)
+        || ((uintptr_t) X & 15u) != 0 || ((uintptr_t) qweight & 15u) != 0
+        || ((uintptr_t) scales & 15u) != 0
+        || ((uintptr_t) qzeros & 3u) != 0)
+    {
+        return 1;
+    }
+    if (fmt == MOE_K_Q4_GPTQ) {
+        nt = mr <= 8 ? 1 : mr <= 16 ? 2 : 4;
+        qu = nt == 4 ? 2 : 4;
+        round = 32;
+        tiles = (Ntot + 31) / 32;
+    } else {
+        nt = mr <= 8 && Nw % 2 == 0 ? 1 : 2;
+        wc = nt == 1 ? 2 : 1;
+        qu = nt == 1 ? 2 : 4;
+        round = 16;
+        tiles = (Nw + 8 * wc - 1) / (8 * wc);
+    }
+    if (G % round != 0) {
+        return 1;
+    }
+    for (nu = qu; nu > 1 && G % (round * nu) != 0; nu /= 2) {
+        /* an iteration stays inside one quantization group */
+    }
+    it = (K + round * nu - 1) / (round * nu);
+    S = (2 * q_sms() + tiles * ng - 1) / (tiles * ng);
+    if (S > QM_SMAX) {
+        S = QM_SMAX;
+    }
+    if (S > it / QM_WARPS) {
+        S = it / QM_WARPS;
+    }
+    if (S < 1) {
+        S = 1;
+    }
+
+#define Q4M_ARGS  tiles, ng, S, X, ldx, xrow, xdiv, qweight, qzeros, scales, \
+                  G, zero_bias, Ntot, K, nu, offs, E, n, Y, ldy, stream
+    if (fmt == MOE_K_Q4_GPTQ) {
+        if (nt == 1) {
+            return q4m_launch<MOE_K_Q4_GPTQ, 1, 1, 4>(Q4M_ARGS);
+        }
+        if (nt == 2) {
+            return q4m_launch<MOE_K_Q4_GPTQ, 2, 1, 4>(Q4M_ARGS);
+        }
+        return q4m_launch<MOE_K_Q4_GPTQ, 4, 1, 2>(Q4M_ARGS);
+    }
+    if (nt == 1) {
+        return q4m_launch<MOE_K_Q4_AWQ, 1, 2, 2>(Q4M_ARGS);
+    }
+    return q4m_launch<MOE_K_Q4_AWQ, 2, 1, 4>(Q4M_ARGS);
+#undef Q4M_ARGS
 }
 
 
@@ -545,7 +1071,20 @@ moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
     int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
     float *Y, int ldy, cudaStream_t stream)
 {
-    int  nthr, gx, ng, ks, KC;
+    return moe_cuda_qgemv_q4_rows(fmt, X, ldx, xrow, xdiv, qweight, qzeros,
+                                  scales, g_idx, G, zero_bias, Ntot, K, offs,
+                                  E, n, 0, Y, ldy, stream);
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    int max_rows, float *Y, int ldy, cudaStream_t stream)
+{
+    int  nthr, gx, ng, ks, KC, rc, mr;
     dim3 grid;
 
     if (n <= 0) {
@@ -556,9 +1095,20 @@ moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
         moe_cuda_set_error("qgemv_q4: unsupported ldx %d / E %d", ldx, E);
         return MOE_K_EUNSUPPORTED;
     }
+    ng = q_groups(offs, E, n);
+    mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
+    rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
+                 qweight, qzeros, scales, g_idx, G,
+                 fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
+                 mr, Y, ldy, stream);
+    if (rc != 1) {
+        return rc;
+    }
+
+    /* the CUDA-core kernel (GPTQ with g_idx, odd group sizes): K split
+     * over blocks that add into Y with atomics */
     nthr = fmt == MOE_K_Q4_AWQ ? Ntot / 8 : Ntot;
     gx = (nthr + Q4_NT - 1) / Q4_NT;
-    ng = q_groups(offs, E, n);
     /* K splits: about 4 blocks per SM over the grid, whole 8-k words,
      * at most Q4_KC_MAX k per block (the staged input rows) */
     ks = (4 * q_sms() + gx * ng - 1) / (gx * ng);
