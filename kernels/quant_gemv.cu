@@ -22,8 +22,6 @@
  * Dequantize kernels: the same arithmetic, written as bf16 (N, K) rows
  * with 16-byte stores (8 consecutive k of one column per thread).
  */
-#include <string.h>
-
 #include <cooperative_groups.h>
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
@@ -965,11 +963,9 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     int Ntot, int K, int nu, const int32_t *offs, int E, int n, float *Y,
     int ldy, cudaStream_t stream)
 {
-    cudaLaunchConfig_t  cfg;
-    cudaLaunchAttribute at[1];
+    cudaLaunchConfig_t  cfg = {};
+    cudaLaunchAttribute at[1] = {};
 
-    memset(&cfg, 0, sizeof(cfg));
-    memset(at, 0, sizeof(at));
     cfg.gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
     cfg.blockDim = dim3(QM_WARPS * 32);
     cfg.dynamicSmemBytes = 0;
