@@ -427,11 +427,15 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
  * thread-block cluster (grid.z = S, contiguous iteration ranges); the
  * partial outputs are added in shared memory (warps) and then through
  * distributed shared memory (ranks), each sum in a fixed order: the
- * result does not depend on timing, no atomics, no zeroing.
+ * result does not depend on timing, no atomics, no zeroing.  Each warp
+ * keeps the weights of its next QM_PF iterations on their way into L2
+ * (prefetch.global.L2), so a warp that waits for its loads waits for L2
+ * while DRAM streams the lines after them.
  */
 
 #define QM_WARPS  8         /* q4 mma GEMV: warps per block */
 #define QM_SMAX   8         /* q4 mma GEMV: most blocks per cluster */
+#define QM_PF     2         /* q4 mma GEMV: iterations prefetched ahead */
 
 /* bf16x2 (128 + nibble at bit s, 128 + nibble at bit s + 16) of w */
 __device__ __forceinline__ uint32_t
@@ -457,6 +461,53 @@ q4m_sub(uint32_t a, uint32_t b)
 
     asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
     return d;
+}
+
+
+/* Bring the 128-byte line of p into L2 (no register, no wait). */
+__device__ __forceinline__ void
+q4m_prefetch(const void *p)
+{
+    asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
+}
+
+
+/*
+ * Prefetch into L2 the weight words lane (g, t) will load in iteration
+ * it (the same addresses as the loads; nothing past K or Ntot).
+ */
+template <int FMT, int WC, int QU>
+__device__ __forceinline__ void
+q4m_prefetch_iter(const uint32_t *qw, int it, int nu, int t, int cc,
+    int wc, bool cv, int Ntot, int K)
+{
+    const int Nw = Ntot / 8;
+
+    if (!cv) {
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < QU; u++) {
+        if (u >= nu) {
+            break;
+        }
+        if (FMT == MOE_K_Q4_GPTQ) {
+            int wr = 4 * (it * nu + u) + t;
+
+            if (8 * wr < K) {
+                q4m_prefetch(qw + (size_t) wr * Ntot + cc);
+            }
+        } else {
+            int k = 16 * (it * nu + u) + 4 * t;
+
+            if (k < K) {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    q4m_prefetch(qw + (size_t) (k + q) * Nw + wc);
+                }
+            }
+        }
+    }
 }
 
 
@@ -531,10 +582,25 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             }
         }
 
+        /* QM_PF iterations ahead of the loads, in L2: the loads of an
+         * iteration then wait for L2, not DRAM (bytes in flight per SM
+         * without registers) */
+#pragma unroll
+        for (int d = 0; d < QM_PF; d++) {
+            if (it0 + d < it1) {
+                q4m_prefetch_iter<FMT, WC, QU>(qw, it0 + d, nu, t, cc, wc,
+                                               cv, Ntot, K);
+            }
+        }
         for (int it = it0; it < it1; it++) {
             const int    grp = it * span / G;
             const size_t srow = (size_t) e * KG + grp;
             float        c[MT][NT][4];
+
+            if (it + QM_PF < it1) {
+                q4m_prefetch_iter<FMT, WC, QU>(qw, it + QM_PF, nu, t, cc,
+                                               wc, cv, Ntot, K);
+            }
 
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
