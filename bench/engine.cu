@@ -603,6 +603,17 @@ k_bench_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask)
     }
 }
 
+/* g_idx of `rows` matrices of K columns each, trivial order: k / G */
+__global__ void
+k_bench_gidx(int32_t *p, int rows, int K, int G)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x;
+         i < (size_t) rows * K; i += (size_t) gridDim.x * blockDim.x)
+    {
+        p[i] = (int32_t) (i % (size_t) K) / G;
+    }
+}
+
 /* n fp16 values v (raw bits) */
 __global__ void
 k_bench_u16(uint16_t *p, size_t n, uint16_t v)
@@ -652,7 +663,9 @@ bench_time(Fn fn, int iters)
  * 8 experts) per weight format at batch 1 (2 rows: experts 0 and 1) and
  * 64 (128 rows, 16 per expert): gate|up (N 2F, K D), SwiGLU, down (N D,
  * K F).  bf16: moe_cuda_gemv (SwiGLU fused); the others: the quantized
- * GEMV, moe_cuda_silu_mul, the quantized GEMV.
+ * GEMV, moe_cuda_silu_mul, the quantized GEMV.  gptq_gidx: GPTQ with a
+ * g_idx (desc_act checkpoints; trivial order here), which takes the
+ * CUDA-core kernel with atomics instead of the tensor-core one.
  */
 static int
 bench_quant(void)
@@ -660,10 +673,11 @@ bench_quant(void)
     const int    D = 4096, F = 14336, E = 8, G = 128;
     const size_t w13 = (size_t) 2 * F * D, w2 = (size_t) D * F;
     const size_t nw = (size_t) E * (w13 + w2);  /* weights per layer */
-    static const char *fmts[4] = { "bf16", "fp8", "awq", "gptq" };
+    static const char *fmts[5] = { "bf16", "fp8", "awq", "gptq",
+                                   "gptq_gidx" };
     static const int   batches[2] = { 1, 64 };
     uint8_t  *wbuf, *sbuf, *zbuf;
-    int32_t  *offs, *xrow, hoffs[9], hxrow[128];
+    int32_t  *offs, *xrow, *gidx, hoffs[9], hxrow[128];
     moe_bf16_t *x, *h;
     float    *y, *gu;
     int       rc = 0;
@@ -678,18 +692,21 @@ bench_quant(void)
         || cudaMalloc(&y, (size_t) 128 * 2 * F * 4) != cudaSuccess
         || cudaMalloc(&gu, (size_t) 128 * 2 * F * 4) != cudaSuccess
         || cudaMalloc(&offs, 9 * 4) != cudaSuccess
-        || cudaMalloc(&xrow, 128 * 4) != cudaSuccess)
+        || cudaMalloc(&xrow, 128 * 4) != cudaSuccess
+        || cudaMalloc(&gidx, (size_t) E * (D + F) * 4) != cudaSuccess)
     {
         printf("FAIL quant bench: cudaMalloc\n");
         return -1;
     }
     moe_cuda_fill_random_bf16(x, (int64_t) 128 * F, 5, 1.0f, 0);
     moe_cuda_fill_random_bf16(h, (int64_t) 128 * F, 6, 1.0f, 0);
+    k_bench_gidx<<<1024, 256>>>(gidx, E, D, G);             /* gate|up */
+    k_bench_gidx<<<1024, 256>>>(gidx + E * D, E, F, G);     /* down */
     printf("\n== weight formats: one mixtral-8x7b MoE layer's expert GEMVs "
            "(gate|up, SwiGLU, down)\n");
     printf("  %-22s %10s %10s %8s %10s\n", "format / batch", "ms/layer",
            "limit ms", "of limit", "GB read");
-    for (int f = 0; f < 4; f++) {
+    for (int f = 0; f < 5; f++) {
         size_t bpw2 = f == 0 ? 4 : f == 1 ? 2 : 1;  /* bytes per weight x2 */
 
         /* weights: bf16 random; fp8 NaN-free bytes; 4-bit any bits */
@@ -756,11 +773,12 @@ bench_quant(void)
                                               offs, E, n, y, D, 0);
                 }
                 int             fmt = f == 2 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
+                const int32_t  *gi = f == 4 ? gidx : NULL;
                 const int32_t  *qw = (const int32_t *) wbuf;
                 const int32_t  *qz = (const int32_t *) zbuf;
                 const uint16_t *sc = (const uint16_t *) sbuf;
 
-                if (moe_cuda_qgemv_q4(fmt, x, D, xrow, 2, qw, qz, sc, NULL,
+                if (moe_cuda_qgemv_q4(fmt, x, D, xrow, 2, qw, qz, sc, gi,
                                       G, 1, 2 * F, D, offs, E, n, gu, 2 * F,
                                       0) != 0
                     || moe_cuda_silu_mul(gu, n, F, h, 0) != 0)
@@ -768,7 +786,8 @@ bench_quant(void)
                     return -1;
                 }
                 return moe_cuda_qgemv_q4(fmt, h, F, NULL, 1,
-                                         qw + E * w13 / 8, qz, sc, NULL, G,
+                                         qw + E * w13 / 8, qz, sc,
+                                         gi != NULL ? gi + E * D : NULL, G,
                                          1, D, F, offs, E, n, y, D, 0);
             };
             ms = bench_time(run, 20);
@@ -802,6 +821,7 @@ bench_quant(void)
     cudaFree(gu);
     cudaFree(offs);
     cudaFree(xrow);
+    cudaFree(gidx);
     return rc;
 }
 
