@@ -9,7 +9,12 @@
  * Block scales multiply each 16-value chunk's dot (a chunk never crosses
  * a 128-column block); tensor / channel scales multiply the sum.
  *
- * kernel_qgemv_q4: AWQ packs 8 output columns per int32 along N, GPTQ 8
+ * kernel_qgemv_q4_mma (below, with its own notes): the 4-bit GEMV on
+ * tensor cores, taken whenever there is no g_idx and the group size is a
+ * multiple of a round (the checkpoints' case); deterministic.
+ *
+ * kernel_qgemv_q4 (the fallback: GPTQ with g_idx, odd group sizes): AWQ
+ * packs 8 output columns per int32 along N, GPTQ 8
  * k per int32 along K; both keep consecutive words along N, so a thread
  * owns one word column (AWQ: 8 columns; GPTQ: 1 column, 8 k per word) and
  * walks k: every warp load is 128 contiguous bytes.  A block is QN
