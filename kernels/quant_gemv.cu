@@ -426,8 +426,8 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
  *
  * One iteration is nu rounds inside one quantization group (the launcher
  * picks nu so that an iteration never crosses a group boundary): scales
- * and zeros are loaded once per iteration, the iteration's mma sums are
- * scaled (fp32) into the running outputs.  The K range of a column tile
+ * and zeros are loaded once per iteration, the mma sums of a group are
+ * scaled (fp32) into the running outputs after its last iteration.  The K range of a column tile
  * is split over the QM_WARPS warps of a block and the S blocks of a
  * thread-block cluster (grid.z = S, contiguous iteration ranges); the
  * partial outputs are added in shared memory (warps) and then through
@@ -597,25 +597,27 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                                                cv, Ntot, K);
             }
         }
+        /* c: the current group's sums, scaled into y at its end */
+        float c[MT][NT][4];
+
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    c[mt][nt][i] = 0.0f;
+                }
+            }
+        }
         for (int it = it0; it < it1; it++) {
             const int    grp = it * span / G;
             const size_t srow = (size_t) e * KG + grp;
-            float        c[MT][NT][4];
+            const bool   fold = it + 1 >= it1 || (it + 1) * span / G != grp;
 
             if (it + QM_PF < it1) {
                 q4m_prefetch_iter<FMT, WC, QU>(qw, it + QM_PF, nu, t, cc,
                                                wc, cv, Ntot, K);
-            }
-
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        c[mt][nt][i] = 0.0f;
-                    }
-                }
             }
 
             if (FMT == MOE_K_Q4_GPTQ) {
@@ -698,8 +700,8 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         }
                     }
                 }
-                /* scale the iteration's sums: rows g / g + 8 of m-tile
-                 * mt are columns cc + 2 mt / cc + 2 mt + 1 */
+                /* at the group's end, scale its sums: rows g / g + 8 of
+                 * m-tile mt are columns cc + 2 mt / cc + 2 mt + 1 */
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
                     uint32_t sw = mt ? sr.y : sr.x;
@@ -707,10 +709,14 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
 #pragma unroll
                     for (int nt = 0; nt < NT; nt++) {
-                        y[mt][nt][0] += s0 * c[mt][nt][0];
-                        y[mt][nt][1] += s0 * c[mt][nt][1];
-                        y[mt][nt][2] += s1 * c[mt][nt][2];
-                        y[mt][nt][3] += s1 * c[mt][nt][3];
+                        if (fold) {
+                            y[mt][nt][0] += s0 * c[mt][nt][0];
+                            y[mt][nt][1] += s0 * c[mt][nt][1];
+                            y[mt][nt][2] += s1 * c[mt][nt][2];
+                            y[mt][nt][3] += s1 * c[mt][nt][3];
+                            c[mt][nt][0] = c[mt][nt][1] = 0.0f;
+                            c[mt][nt][2] = c[mt][nt][3] = 0.0f;
+                        }
                     }
                 }
             } else {
@@ -804,16 +810,22 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     const uint32_t s4[4] = { sr[j].x, sr[j].y, sr[j].z,
                                              sr[j].w };
 
+                    if (!fold) {
+                        break;
+                    }
 #pragma unroll
                     for (int m = 0; m < 4; m++) {
                         float s0 = q4m_h2f(s4[m], 0), s1 = q4m_h2f(s4[m], 1);
 
 #pragma unroll
                         for (int nt = 0; nt < NT; nt++) {
-                            y[4 * j + m][nt][0] += s0 * c[4 * j + m][nt][0];
-                            y[4 * j + m][nt][1] += s0 * c[4 * j + m][nt][1];
-                            y[4 * j + m][nt][2] += s1 * c[4 * j + m][nt][2];
-                            y[4 * j + m][nt][3] += s1 * c[4 * j + m][nt][3];
+                            float (&cm)[4] = c[4 * j + m][nt];
+
+                            y[4 * j + m][nt][0] += s0 * cm[0];
+                            y[4 * j + m][nt][1] += s0 * cm[1];
+                            y[4 * j + m][nt][2] += s1 * cm[2];
+                            y[4 * j + m][nt][3] += s1 * cm[3];
+                            cm[0] = cm[1] = cm[2] = cm[3] = 0.0f;
                         }
                     }
                 }
@@ -1057,13 +1069,42 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
 
 
 /*
+ * Blocks per cluster (K splits) for `blocks` column-tile x group blocks
+ * of `it` iterations each: the grid runs in waves of 2 blocks per SM
+ * (__launch_bounds__), and a last wave that is mostly empty leaves SMs
+ * idle, so the smallest S <= QM_SMAX whose waves are >= 90 % full (each
+ * warp keeping at least one iteration), else the fullest.
+ */
+static int
+q4m_split(int blocks, int it)
+{
+    int    slots = 2 * q_sms(), best = 1, S;
+    double fill, best_fill = 0.0;
+
+    for (S = 1; S <= QM_SMAX && (S == 1 || S * QM_WARPS <= it); S++) {
+        int64_t b = (int64_t) blocks * S;
+        int64_t waves = (b + slots - 1) / slots;
+
+        fill = (double) b / (double) (waves * slots);
+        if (fill >= 0.9) {
+            return S;
+        }
+        if (fill > best_fill + 1e-9) {
+            best_fill = fill;
+            best = S;
+        }
+    }
+    return best;
+}
+
+
+/*
  * The tensor-core 4-bit GEMV (kernel_qgemv_q4_mma) when the shapes allow
  * it: no g_idx, G a multiple of a round (GPTQ 32 k, AWQ 16 k), aligned
  * tensors.  Returns 1 when it does not apply (the caller takes the
  * atomic kernel), else a MOE_K_* status.  Tile by rows per group (mr):
  * GPTQ 8, 16 or 32 rows per pass; AWQ 8 rows (2 words per lane) or 16
- * (1 word per lane).  S: blocks per cluster, so that the grid has about
- * two blocks per SM, at most QM_SMAX, each warp at least one iteration.
+ * (1 word per lane).  S: blocks per cluster (q4m_split).
  */
 static int
 q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
@@ -1101,16 +1142,7 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         /* an iteration stays inside one quantization group */
     }
     it = (K + round * nu - 1) / (round * nu);
-    S = (2 * q_sms() + tiles * ng - 1) / (tiles * ng);
-    if (S > QM_SMAX) {
-        S = QM_SMAX;
-    }
-    if (S > it / QM_WARPS) {
-        S = it / QM_WARPS;
-    }
-    if (S < 1) {
-        S = 1;
-    }
+    S = q4m_split(tiles * ng, it);
 
 #define Q4M_ARGS  tiles, ng, S, X, ldx, xrow, xdiv, qweight, qzeros, scales, \
                   G, zero_bias, Ntot, K, nu, offs, E, n, Y, ldy, stream
