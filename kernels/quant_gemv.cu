@@ -20,9 +20,10 @@
  * walks k: every warp load is 128 contiguous bytes.  A block is QN
  * threads x a k range [k0, k1) (grid.z splits K so that small groups
  * still fill the machine), the group's input rows for that range staged
- * in shared memory as fp32, scales and zeros reloaded per quantization
- * group, 8 weight words in flight per thread; the partial sums are added
- * into Y with atomics (the launcher zeroes Y first).
+ * in shared memory as fp32 (and GPTQ's g_idx for the range, read once
+ * per block), scales and zeros reloaded when the group changes, 8 weight
+ * words in flight per thread; the partial sums are added into Y with
+ * atomics (the launcher zeroes Y first).
  *
  * Dequantize kernels: the same arithmetic, written as bf16 (N, K) rows
  * with 16-byte stores (8 consecutive k of one column per thread).
@@ -249,6 +250,7 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *offs, int E, int n, float *Y, int ldy)
 {
     __shared__ float xs[Q_R][Q4_KC_MAX];
+    __shared__ int   gs[Q4_KC_MAX];         /* GPTQ g_idx of [k0, k1) */
 
     const int tid = (int) threadIdx.x;
     const int nthr = FMT == MOE_K_Q4_AWQ ? Ntot / 8 : Ntot;
@@ -264,6 +266,12 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
     const bool valid = c < nthr;
 
+    if (FMT == MOE_K_Q4_GPTQ && g_idx != NULL) {
+        /* read once per block; the pass loop's first barrier orders it */
+        for (int i = tid; i < k1 - k0; i += Q4_NT) {
+            gs[i] = g_idx[(size_t) e * K + k0 + i];
+        }
+    }
     for (int rb = r0; rb < r1; rb += Q_R) {
         const int nr = min(Q_R, r1 - rb);
 
@@ -365,8 +373,7 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 #pragma unroll
                     for (int b = 0; b < 8; b++) {
                         int k = 8 * (kw + u) + b;
-                        int g = g_idx != NULL ? g_idx[(size_t) e * K + k]
-                                              : k / G;
+                        int g = g_idx != NULL ? gs[k - k0] : k / G;
                         float wv;
 
                         if (g != gp) {
