@@ -534,14 +534,15 @@ q4m_h2f(uint32_t v, int hi)
 /*
  * grid (column tiles, groups, S), cluster (1, 1, S), QM_WARPS warps.
  * GPTQ: tile of 32 columns, WC 1 (unused).  AWQ: tile of 8 WC words
- * (64 WC columns).  nu: rounds per iteration (1 .. QU).
+ * (64 WC columns).  nu: rounds per iteration (1 .. QU); pf: iterations
+ * prefetched ahead (QM_PF; bench/dev/quant_gemv varies it).
  */
 template <int FMT, int NT, int WC, int QU>
 __global__ void __launch_bounds__(QM_WARPS * 32, 2)
 kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
-    int G, int zero_bias, int Ntot, int K, int nu, const int32_t *offs,
-    int E, int n, float *Y, int ldy)
+    int G, int zero_bias, int Ntot, int K, int nu, int pf,
+    const int32_t *offs, int E, int n, float *Y, int ldy)
 {
     constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
     constexpr int     F = MT * NT * 4;       /* outputs per lane */
@@ -594,11 +595,10 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             }
         }
 
-        /* QM_PF iterations ahead of the loads, in L2: the loads of an
+        /* pf iterations ahead of the loads, in L2: the loads of an
          * iteration then wait for L2, not DRAM (bytes in flight per SM
          * without registers) */
-#pragma unroll
-        for (int d = 0; d < QM_PF; d++) {
+        for (int d = 0; d < pf; d++) {
             if (it0 + d < it1) {
                 q4m_prefetch_iter<FMT, WC, QU>(qw, it0 + d, nu, t, cc, wc,
                                                cv, Ntot, K);
@@ -622,9 +622,9 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             const size_t srow = (size_t) e * KG + grp;
             const bool   fold = it + 1 >= it1 || (it + 1) * span / G != grp;
 
-            if (it + QM_PF < it1) {
-                q4m_prefetch_iter<FMT, WC, QU>(qw, it + QM_PF, nu, t, cc,
-                                               wc, cv, Ntot, K);
+            if (pf > 0 && it + pf < it1) {
+                q4m_prefetch_iter<FMT, WC, QU>(qw, it + pf, nu, t, cc, wc,
+                                               cv, Ntot, K);
             }
 
             if (FMT == MOE_K_Q4_GPTQ) {
@@ -1050,8 +1050,8 @@ static int
 q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qweight,
     const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
-    int Ntot, int K, int nu, const int32_t *offs, int E, int n, float *Y,
-    int ldy, cudaStream_t stream)
+    int Ntot, int K, int nu, int pf, const int32_t *offs, int E, int n,
+    float *Y, int ldy, cudaStream_t stream)
 {
     cudaLaunchConfig_t  cfg = {};
     cudaLaunchAttribute at[1] = {};
@@ -1069,8 +1069,8 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
                                       kernel_qgemv_q4_mma<FMT, NT, WC, QU>,
                                       X, ldx, xrow, xdiv, qweight, qzeros,
-                                      scales, G, zero_bias, Ntot, K, nu, offs,
-                                      E, n, Y, ldy));
+                                      scales, G, zero_bias, Ntot, K, nu, pf,
+                                      offs, E, n, Y, ldy));
     return MOE_K_OK;
 }
 
@@ -1111,14 +1111,16 @@ q4m_split(int blocks, int it)
  * tensors.  Returns 1 when it does not apply (the caller takes the
  * atomic kernel), else a MOE_K_* status.  Tile by rows per group (mr):
  * GPTQ 8, 16 or 32 rows per pass; AWQ 8 rows (2 words per lane) or 16
- * (1 word per lane).  S: blocks per cluster (q4m_split).
+ * (1 word per lane).  S: blocks per cluster (q4m_split, or S_force
+ * when 1..QM_SMAX); pf: iterations prefetched ahead (QM_PF ships;
+ * bench/dev/quant_gemv sets both).
  */
 static int
 q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
     const int32_t *g_idx, int G, int zero_bias, int Ntot, int K,
-    const int32_t *offs, int E, int n, int mr, float *Y, int ldy,
-    cudaStream_t stream)
+    const int32_t *offs, int E, int n, int mr, int S_force, int pf,
+    float *Y, int ldy, cudaStream_t stream)
 {
     int Nw = Ntot / 8, ng = q_groups(offs, E, n);
     int nt, wc = 1, qu, round, tiles, nu, it, S;
@@ -1149,10 +1151,11 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         /* an iteration stays inside one quantization group */
     }
     it = (K + round * nu - 1) / (round * nu);
-    S = q4m_split(tiles * ng, it);
+    S = S_force > 0 && S_force <= QM_SMAX ? S_force : q4m_split(tiles * ng,
+                                                                it);
 
 #define Q4M_ARGS  tiles, ng, S, X, ldx, xrow, xdiv, qweight, qzeros, scales, \
-                  G, zero_bias, Ntot, K, nu, offs, E, n, Y, ldy, stream
+                  G, zero_bias, Ntot, K, nu, pf, offs, E, n, Y, ldy, stream
     if (fmt == MOE_K_Q4_GPTQ) {
         if (nt == 1) {
             return q4m_launch<MOE_K_Q4_GPTQ, 1, 1, 4>(Q4M_ARGS);
@@ -1206,7 +1209,7 @@ moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
     rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
                  qweight, qzeros, scales, g_idx, G,
                  fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
-                 mr, Y, ldy, stream);
+                 mr, 0, QM_PF, Y, ldy, stream);
     if (rc != 1) {
         return rc;
     }
