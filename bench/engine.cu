@@ -662,10 +662,12 @@ bench_time(Fn fn, int iters)
  * Part 3: one MoE layer's expert GEMVs (mixtral-8x7b: D 4096, F 14336,
  * 8 experts) per weight format at batch 1 (2 rows: experts 0 and 1) and
  * 64 (128 rows, 16 per expert): gate|up (N 2F, K D), SwiGLU, down (N D,
- * K F).  bf16: moe_cuda_gemv (SwiGLU fused); the others: the quantized
- * GEMV, moe_cuda_silu_mul, the quantized GEMV.  gptq_gidx: GPTQ with a
- * g_idx (desc_act checkpoints; trivial order here), which takes the
- * CUDA-core kernel with atomics instead of the tensor-core one.
+ * K F).  bf16: moe_cuda_gemv (SwiGLU fused); fp8: the quantized GEMV,
+ * moe_cuda_silu_mul, the quantized GEMV; awq / gptq: the 4-bit gate|up
+ * with SwiGLU fused (moe_cuda_qgemv_q4_silu), the 4-bit down.  gptq_gidx:
+ * GPTQ with a g_idx (desc_act checkpoints; trivial order here), which
+ * takes the CUDA-core kernel with atomics (then moe_cuda_silu_mul)
+ * instead of the tensor-core one.
  */
 static int
 bench_quant(void)
@@ -778,10 +780,11 @@ bench_quant(void)
                 const int32_t  *qz = (const int32_t *) zbuf;
                 const uint16_t *sc = (const uint16_t *) sbuf;
 
-                if (moe_cuda_qgemv_q4(fmt, x, D, xrow, 2, qw, qz, sc, gi,
-                                      G, 1, 2 * F, D, offs, E, n, gu, 2 * F,
-                                      0) != 0
-                    || moe_cuda_silu_mul(gu, n, F, h, 0) != 0)
+                /* SwiGLU fused where the tensor-core kernel applies
+                 * (gu: the fallback's fp32 scratch) */
+                if (moe_cuda_qgemv_q4_silu(fmt, x, D, xrow, 2, qw, qz, sc,
+                                           gi, G, 1, 2 * F, D, offs, E, n,
+                                           0, gu, h, 0) != 0)
                 {
                     return -1;
                 }

@@ -35,6 +35,7 @@
 #include "common.cuh"
 #include "ptx.cuh"
 #include "quant_gemv.h"
+#include "silu_mul.h"
 
 namespace cg = cooperative_groups;
 
@@ -434,20 +435,27 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
  * One iteration is nu rounds inside one quantization group (the launcher
  * picks nu so that an iteration never crosses a group boundary): scales
  * and zeros are loaded once per iteration, the mma sums of a group are
- * scaled (fp32) into the running outputs after its last iteration.  The K range of a column tile
- * is split over the QM_WARPS warps of a block and the S blocks of a
- * thread-block cluster (grid.z = S, contiguous iteration ranges); the
- * partial outputs are added in shared memory (warps) and then through
- * distributed shared memory (ranks), each sum in a fixed order: the
- * result does not depend on timing, no atomics, no zeroing.  Each warp
- * keeps the weights of its next QM_PF iterations on their way into L2
- * (prefetch.global.L2), so a warp that waits for its loads waits for L2
- * while DRAM streams the lines after them.
+ * scaled (fp32) into the running outputs after its last iteration.  The K
+ * range of a column tile is split over the QM_WARPS warps of a block and
+ * the S blocks of a thread-block cluster (grid.z = S, contiguous
+ * iteration ranges); the partial outputs are added in shared memory
+ * (warps) and then through distributed shared memory (ranks), each sum
+ * in a fixed order: the result does not depend on timing, no atomics, no
+ * zeroing.  Each warp keeps the weights of its next QM_PF iterations on
+ * their way into L2 (prefetch.global.L2), so a warp that waits for its
+ * loads waits for L2 while DRAM streams the lines after them.  A warp has
+ * only 4-7 iterations on mixtral shapes (gate|up 4, down 7 at batch 1),
+ * so QM_PF 8 requests its whole range at its start: 2 blocks x 8 warps x
+ * 8-14 KB, about 130-230 KB per SM in flight from the first cycle,
+ * without registers (the loads then wait on L2, not on DRAM); fused
+ * gate|up (S 1 at batch 1, 16 iterations per half) stays 8 ahead.
  */
 
 #define QM_WARPS  8         /* q4 mma GEMV: warps per block */
 #define QM_SMAX   8         /* q4 mma GEMV: most blocks per cluster */
-#define QM_PF     2         /* q4 mma GEMV: iterations prefetched ahead */
+#define QM_PF     8         /* q4 mma GEMV: iterations prefetched ahead
+                               (8: a warp's whole K range on mixtral
+                               shapes, requested at its start) */
 
 /* bf16x2 (128 + nibble at bit s, 128 + nibble at bit s + 16) of w */
 __device__ __forceinline__ uint32_t
@@ -536,16 +544,22 @@ q4m_h2f(uint32_t v, int hi)
  * GPTQ: tile of 32 columns, WC 1 (unused).  AWQ: tile of 8 WC words
  * (64 WC columns).  nu: rounds per iteration (1 .. QU); pf: iterations
  * prefetched ahead (QM_PF; bench/dev/quant_gemv varies it).
+ * MR 1: Y[r, j] for the Ntot columns.  MR 2 (SiLU fused): Ntot = 2 F
+ * stacked gate|up; the tiles cover F columns, a block does the tile's
+ * gate columns j, then its up columns F + j (the same lanes, the same
+ * reduction order), and writes H[r * ldy + j] = bf16(silu(g) * u), the
+ * arithmetic of kernel_silu_mul.
  */
-template <int FMT, int NT, int WC, int QU>
+template <int FMT, int NT, int WC, int QU, int MR>
 __global__ void __launch_bounds__(QM_WARPS * 32, 2)
 kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
     int G, int zero_bias, int Ntot, int K, int nu, int pf,
-    const int32_t *offs, int E, int n, float *Y, int ldy)
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
     constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
     constexpr int     F = MT * NT * 4;       /* outputs per lane */
+    constexpr int     HV = (F * 32 + QM_WARPS * 32 - 1) / (QM_WARPS * 32);
     __shared__ float  red[QM_WARPS][F][32];
 
     cg::cluster_group cl = cg::this_cluster();
@@ -567,17 +581,21 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         return;                 /* uniform over the cluster (same x, y) */
     }
 
-    /* this lane's columns: GPTQ cc .. cc + 3; AWQ words wc .. wc+WC-1 */
-    const int  cc = (int) blockIdx.x * 32 + 4 * g;
-    const int  wc = (int) blockIdx.x * 8 * WC + WC * g;
-    const bool cv = FMT == MOE_K_Q4_AWQ ? wc < Nw : cc < Ntot;
+    /* columns per half (MR 2: gate, then up at + Nh) */
+    const int  Nh = Ntot / MR;
+    /* this lane's columns in the half: GPTQ cl0 .. cl0 + 3; AWQ words
+     * wl0 .. wl0 + WC - 1 */
+    const int  cl0 = (int) blockIdx.x * 32 + 4 * g;
+    const int  wl0 = (int) blockIdx.x * 8 * WC + WC * g;
+    const bool cv = FMT == MOE_K_Q4_AWQ ? wl0 < Nh / 8 : cl0 < Nh;
     const uint32_t *qw = reinterpret_cast<const uint32_t *>(qweight)
                          + (size_t) e * K * Nw;
 
     for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
         const bf16 *xp[NT];
         bool        xv[NT];
-        float       y[MT][NT][4];
+        float       hv[HV];             /* MR 2: the gate sums this
+                                         * thread wrote in half 0 */
 
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -586,306 +604,346 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             xv[nt] = r < r1;
             xp[nt] = X + (size_t) (xv[nt] ? (xrow != NULL ? xrow[r] / xdiv
                                                           : r) : 0) * ldx;
+        }
+#pragma unroll
+        for (int q = 0; q < HV; q++) {
+            hv[q] = 0.0f;
+        }
+#pragma unroll 1
+        for (int half = 0; half < MR; half++) {
+            const int cc = cl0 + half * Nh;
+            const int wc = wl0 + half * (Nh / 8);
+            float     y[MT][NT][4];
+
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        y[mt][nt][i] = 0.0f;
+                    }
+                }
+            }
+
+            /* pf iterations ahead of the loads, in L2: the loads of an
+             * iteration then wait for L2, not DRAM (bytes in flight per SM
+             * without registers) */
+            for (int d = 0; d < pf; d++) {
+                if (it0 + d < it1) {
+                    q4m_prefetch_iter<FMT, WC, QU>(qw, it0 + d, nu, t, cc, wc,
+                                                   cv, Ntot, K);
+                }
+            }
+            /* c: the current group's sums, scaled into y at its end */
+            float c[MT][NT][4];
+
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    y[mt][nt][i] = 0.0f;
-                }
-            }
-        }
-
-        /* pf iterations ahead of the loads, in L2: the loads of an
-         * iteration then wait for L2, not DRAM (bytes in flight per SM
-         * without registers) */
-        for (int d = 0; d < pf; d++) {
-            if (it0 + d < it1) {
-                q4m_prefetch_iter<FMT, WC, QU>(qw, it0 + d, nu, t, cc, wc,
-                                               cv, Ntot, K);
-            }
-        }
-        /* c: the current group's sums, scaled into y at its end */
-        float c[MT][NT][4];
-
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    c[mt][nt][i] = 0.0f;
-                }
-            }
-        }
-        for (int it = it0; it < it1; it++) {
-            const int    grp = it * span / G;
-            const size_t srow = (size_t) e * KG + grp;
-            const bool   fold = it + 1 >= it1 || (it + 1) * span / G != grp;
-
-            if (pf > 0 && it + pf < it1) {
-                q4m_prefetch_iter<FMT, WC, QU>(qw, it + pf, nu, t, cc, wc,
-                                               cv, Ntot, K);
-            }
-
-            if (FMT == MOE_K_Q4_GPTQ) {
-                uint4    wq[QU], xq[QU][NT];
-                uint32_t zz[4];
-                uint2    sr = make_uint2(0u, 0u);
-
-                /* zeros (4 nibbles of one word) and scales (8 bytes) */
-                if (cv) {
-                    uint32_t zw = (uint32_t) __ldg(qzeros + srow * Nw
-                                                   + cc / 8);
-
-                    sr = __ldg(reinterpret_cast<const uint2 *>(
-                        scales + srow * Ntot + cc));
+                for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
                     for (int i = 0; i < 4; i++) {
-                        zz[i] = q4m_zz(((zw >> (4 * ((cc & 7) + i))) & 15u)
-                                       + (uint32_t) zero_bias);
-                    }
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        zz[i] = q4m_zz(0u);
+                        c[mt][nt][i] = 0.0f;
                     }
                 }
-#pragma unroll
-                for (int u = 0; u < QU; u++) {
-                    int  wr = 4 * (it * nu + u) + t;     /* word row */
-                    bool kv = u < nu && 8 * wr < K;
+            }
+            for (int it = it0; it < it1; it++) {
+                const int    grp = it * span / G;
+                const size_t srow = (size_t) e * KG + grp;
+                const bool   fold = it + 1 >= it1
+                                    || (it + 1) * span / G != grp;
 
-                    wq[u] = kv && cv
-                            ? __ldcs(reinterpret_cast<const uint4 *>(
-                                  qw + (size_t) wr * Ntot + cc))
-                            : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        xq[u][nt] = kv && xv[nt]
-                                    ? __ldg(reinterpret_cast<const uint4 *>(
-                                          xp[nt] + 8 * wr))
-                                    : make_uint4(0u, 0u, 0u, 0u);
-                    }
+                if (pf > 0 && it + pf < it1) {
+                    q4m_prefetch_iter<FMT, WC, QU>(qw, it + pf, nu, t, cc, wc,
+                                                   cv, Ntot, K);
                 }
+
+                if (FMT == MOE_K_Q4_GPTQ) {
+                    uint4    wq[QU], xq[QU][NT];
+                    uint32_t zz[4];
+                    uint2    sr = make_uint2(0u, 0u);
+
+                    /* zeros (4 nibbles of one word) and scales (8 bytes) */
+                    if (cv) {
+                        uint32_t zw = (uint32_t) __ldg(qzeros + srow * Nw
+                                                       + cc / 8);
+
+                        sr = __ldg(reinterpret_cast<const uint2 *>(
+                            scales + srow * Ntot + cc));
 #pragma unroll
-                for (int u = 0; u < QU; u++) {
-                    if (u >= nu) {
-                        break;
+                        for (int i = 0; i < 4; i++) {
+                            zz[i] = q4m_zz(((zw >> (4 * ((cc & 7) + i))) & 15u)
+                                           + (uint32_t) zero_bias);
+                        }
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            zz[i] = q4m_zz(0u);
+                        }
                     }
-                    const uint32_t w4[4] = { wq[u].x, wq[u].y, wq[u].z,
-                                             wq[u].w };
-
 #pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        uint32_t b0[NT], b1[NT];
+                    for (int u = 0; u < QU; u++) {
+                        int  wr = 4 * (it * nu + u) + t;     /* word row */
+                        bool kv = u < nu && 8 * wr < K;
 
+                        wq[u] = kv && cv
+                                ? __ldcs(reinterpret_cast<const uint4 *>(
+                                      qw + (size_t) wr * Ntot + cc))
+                                : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
                         for (int nt = 0; nt < NT; nt++) {
-                            uint32_t lo = h ? xq[u][nt].y : xq[u][nt].x;
-                            uint32_t hi = h ? xq[u][nt].w : xq[u][nt].z;
+                            const uint4 *xs4 = reinterpret_cast<
+                                const uint4 *>(xp[nt] + 8 * wr);
 
-                            b0[nt] = __byte_perm(lo, hi, 0x5410);
-                            b1[nt] = __byte_perm(lo, hi, 0x7632);
+                            xq[u][nt] = kv && xv[nt] ? __ldg(xs4)
+                                        : make_uint4(0u, 0u, 0u, 0u);
                         }
+                    }
 #pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-                            uint32_t wa = w4[2 * mt], wb = w4[2 * mt + 1];
-                            uint32_t a0 = q4m_sub(q4m_nib2(wa, 8 * h),
-                                                  zz[2 * mt]);
-                            uint32_t a1 = q4m_sub(q4m_nib2(wb, 8 * h),
-                                                  zz[2 * mt + 1]);
-                            uint32_t a2 = q4m_sub(q4m_nib2(wa, 8 * h + 4),
-                                                  zz[2 * mt]);
-                            uint32_t a3 = q4m_sub(q4m_nib2(wb, 8 * h + 4),
-                                                  zz[2 * mt + 1]);
+                    for (int u = 0; u < QU; u++) {
+                        if (u >= nu) {
+                            break;
+                        }
+                        const uint32_t w4[4] = { wq[u].x, wq[u].y, wq[u].z,
+                                                 wq[u].w };
+
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            uint32_t b0[NT], b1[NT];
 
 #pragma unroll
                             for (int nt = 0; nt < NT; nt++) {
-                                moe_mma_bf16(c[mt][nt], a0, a1, a2, a3,
-                                             b0[nt], b1[nt]);
+                                uint32_t lo = h ? xq[u][nt].y : xq[u][nt].x;
+                                uint32_t hi = h ? xq[u][nt].w : xq[u][nt].z;
+
+                                b0[nt] = __byte_perm(lo, hi, 0x5410);
+                                b1[nt] = __byte_perm(lo, hi, 0x7632);
+                            }
+#pragma unroll
+                            for (int mt = 0; mt < 2; mt++) {
+                                uint32_t wa = w4[2 * mt], wb = w4[2 * mt + 1];
+                                uint32_t a0 = q4m_sub(q4m_nib2(wa, 8 * h),
+                                                      zz[2 * mt]);
+                                uint32_t a1 = q4m_sub(q4m_nib2(wb, 8 * h),
+                                                      zz[2 * mt + 1]);
+                                uint32_t a2 = q4m_sub(q4m_nib2(wa, 8 * h + 4),
+                                                      zz[2 * mt]);
+                                uint32_t a3 = q4m_sub(q4m_nib2(wb, 8 * h + 4),
+                                                      zz[2 * mt + 1]);
+
+#pragma unroll
+                                for (int nt = 0; nt < NT; nt++) {
+                                    moe_mma_bf16(c[mt][nt], a0, a1, a2, a3,
+                                                 b0[nt], b1[nt]);
+                                }
                             }
                         }
                     }
-                }
-                /* at the group's end, scale its sums: rows g / g + 8 of
-                 * m-tile mt are columns cc + 2 mt / cc + 2 mt + 1 */
+                    /* at the group's end, scale its sums: rows g / g + 8 of
+                     * m-tile mt are columns cc + 2 mt / cc + 2 mt + 1 */
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++) {
-                    uint32_t sw = mt ? sr.y : sr.x;
-                    float    s0 = q4m_h2f(sw, 0), s1 = q4m_h2f(sw, 1);
+                    for (int mt = 0; mt < 2; mt++) {
+                        uint32_t sw = mt ? sr.y : sr.x;
+                        float    s0 = q4m_h2f(sw, 0), s1 = q4m_h2f(sw, 1);
 
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        if (fold) {
-                            y[mt][nt][0] += s0 * c[mt][nt][0];
-                            y[mt][nt][1] += s0 * c[mt][nt][1];
-                            y[mt][nt][2] += s1 * c[mt][nt][2];
-                            y[mt][nt][3] += s1 * c[mt][nt][3];
-                            c[mt][nt][0] = c[mt][nt][1] = 0.0f;
-                            c[mt][nt][2] = c[mt][nt][3] = 0.0f;
+                        for (int nt = 0; nt < NT; nt++) {
+                            if (fold) {
+                                y[mt][nt][0] += s0 * c[mt][nt][0];
+                                y[mt][nt][1] += s0 * c[mt][nt][1];
+                                y[mt][nt][2] += s1 * c[mt][nt][2];
+                                y[mt][nt][3] += s1 * c[mt][nt][3];
+                                c[mt][nt][0] = c[mt][nt][1] = 0.0f;
+                                c[mt][nt][2] = c[mt][nt][3] = 0.0f;
+                            }
                         }
                     }
-                }
-            } else {
-                uint32_t wq[QU][4][WC], zz[WC][8];
-                uint2    xq[QU][NT];
-                uint4    sr[WC];
+                } else {
+                    uint32_t wq[QU][4][WC], zz[WC][8];
+                    uint2    xq[QU][NT];
+                    uint4    sr[WC];
 
 #pragma unroll
-                for (int j = 0; j < WC; j++) {
-                    uint32_t zw = cv ? (uint32_t) __ldg(qzeros + srow * Nw
-                                                        + wc + j) : 0u;
+                    for (int j = 0; j < WC; j++) {
+                        uint32_t zw = cv ? (uint32_t) __ldg(qzeros + srow * Nw
+                                                            + wc + j) : 0u;
 
-                    sr[j] = cv ? __ldg(reinterpret_cast<const uint4 *>(
-                                     scales + srow * Ntot + 8 * (wc + j)))
-                               : make_uint4(0u, 0u, 0u, 0u);
+                        sr[j] = cv ? __ldg(reinterpret_cast<const uint4 *>(
+                                         scales + srow * Ntot + 8 * (wc + j)))
+                                   : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-                    for (int p = 0; p < 8; p++) {
-                        zz[j][p] = q4m_zz(((zw >> (4 * p)) & 15u)
-                                          + (uint32_t) zero_bias);
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < QU; u++) {
-                    int  k = 16 * (it * nu + u) + 4 * t;
-                    bool kv = u < nu && k < K;
-
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        const uint32_t *src = qw + (size_t) (k + q) * Nw + wc;
-
-                        if (WC == 2) {
-                            uint2 v = kv && cv
-                                      ? __ldcs(reinterpret_cast<const uint2 *>(
-                                            src))
-                                      : make_uint2(0u, 0u);
-
-                            wq[u][q][0] = v.x;
-                            wq[u][q][WC - 1] = v.y;
-                        } else {
-                            wq[u][q][0] = kv && cv
-                                          ? (uint32_t) __ldcs(
-                                                reinterpret_cast<const int *>(
-                                                    src))
-                                          : 0u;
+                        for (int p = 0; p < 8; p++) {
+                            zz[j][p] = q4m_zz(((zw >> (4 * p)) & 15u)
+                                              + (uint32_t) zero_bias);
                         }
                     }
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        xq[u][nt] = kv && xv[nt]
-                                    ? __ldg(reinterpret_cast<const uint2 *>(
-                                          xp[nt] + k))
-                                    : make_uint2(0u, 0u);
-                    }
-                }
+                    for (int u = 0; u < QU; u++) {
+                        int  k = 16 * (it * nu + u) + 4 * t;
+                        bool kv = u < nu && k < K;
+
 #pragma unroll
-                for (int u = 0; u < QU; u++) {
-                    if (u >= nu) {
-                        break;
+                        for (int q = 0; q < 4; q++) {
+                            const uint32_t *src = qw + (size_t) (k + q) * Nw
+                                                  + wc;
+
+                            if (WC == 2) {
+                                const uint2 *s2 =
+                                    reinterpret_cast<const uint2 *>(src);
+                                uint2        v = kv && cv
+                                                 ? __ldcs(s2)
+                                                 : make_uint2(0u, 0u);
+
+                                wq[u][q][0] = v.x;
+                                wq[u][q][WC - 1] = v.y;
+                            } else {
+                                const int *s1 =
+                                    reinterpret_cast<const int *>(src);
+
+                                wq[u][q][0] = kv && cv
+                                              ? (uint32_t) __ldcs(s1) : 0u;
+                            }
+                        }
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            const uint2 *xs2 = reinterpret_cast<
+                                const uint2 *>(xp[nt] + k);
+
+                            xq[u][nt] = kv && xv[nt] ? __ldg(xs2)
+                                        : make_uint2(0u, 0u);
+                        }
+                    }
+#pragma unroll
+                    for (int u = 0; u < QU; u++) {
+                        if (u >= nu) {
+                            break;
+                        }
+#pragma unroll
+                        for (int j = 0; j < WC; j++) {
+                            uint32_t l01 = __byte_perm(wq[u][0][j],
+                                                       wq[u][1][j],
+                                                       0x5410);
+                            uint32_t h01 = __byte_perm(wq[u][0][j],
+                                                       wq[u][1][j],
+                                                       0x7632);
+                            uint32_t l23 = __byte_perm(wq[u][2][j],
+                                                       wq[u][3][j],
+                                                       0x5410);
+                            uint32_t h23 = __byte_perm(wq[u][2][j],
+                                                       wq[u][3][j],
+                                                       0x7632);
+
+#pragma unroll
+                            for (int m = 0; m < 4; m++) {
+                                /* column 2 m: nibble position m; 2 m + 1:
+                                 * position m + 4 */
+                                uint32_t za = zz[j][m], zb = zz[j][m + 4];
+                                uint32_t a0 = q4m_sub(
+                                    q4m_nib2(l01, 4 * m), za);
+                                uint32_t a1 = q4m_sub(
+                                    q4m_nib2(h01, 4 * m), zb);
+                                uint32_t a2 = q4m_sub(
+                                    q4m_nib2(l23, 4 * m), za);
+                                uint32_t a3 = q4m_sub(
+                                    q4m_nib2(h23, 4 * m), zb);
+
+#pragma unroll
+                                for (int nt = 0; nt < NT; nt++) {
+                                    moe_mma_bf16(c[4 * j + m][nt], a0, a1, a2,
+                                                 a3, xq[u][nt].x, xq[u][nt].y);
+                                }
+                            }
+                        }
                     }
 #pragma unroll
                     for (int j = 0; j < WC; j++) {
-                        uint32_t l01 = __byte_perm(wq[u][0][j], wq[u][1][j],
-                                                   0x5410);
-                        uint32_t h01 = __byte_perm(wq[u][0][j], wq[u][1][j],
-                                                   0x7632);
-                        uint32_t l23 = __byte_perm(wq[u][2][j], wq[u][3][j],
-                                                   0x5410);
-                        uint32_t h23 = __byte_perm(wq[u][2][j], wq[u][3][j],
-                                                   0x7632);
+                        const uint32_t s4[4] = { sr[j].x, sr[j].y, sr[j].z,
+                                                 sr[j].w };
 
+                        if (!fold) {
+                            break;
+                        }
 #pragma unroll
                         for (int m = 0; m < 4; m++) {
-                            /* column 2 m: nibble position m; 2 m + 1:
-                             * position m + 4 */
-                            uint32_t za = zz[j][m], zb = zz[j][m + 4];
-                            uint32_t a0 = q4m_sub(q4m_nib2(l01, 4 * m), za);
-                            uint32_t a1 = q4m_sub(q4m_nib2(h01, 4 * m), zb);
-                            uint32_t a2 = q4m_sub(q4m_nib2(l23, 4 * m), za);
-                            uint32_t a3 = q4m_sub(q4m_nib2(h23, 4 * m), zb);
+                            float s0 = q4m_h2f(s4[m], 0);
+                            float s1 = q4m_h2f(s4[m], 1);
 
 #pragma unroll
                             for (int nt = 0; nt < NT; nt++) {
-                                moe_mma_bf16(c[4 * j + m][nt], a0, a1, a2,
-                                             a3, xq[u][nt].x, xq[u][nt].y);
+                                float (&cm)[4] = c[4 * j + m][nt];
+
+                                y[4 * j + m][nt][0] += s0 * cm[0];
+                                y[4 * j + m][nt][1] += s0 * cm[1];
+                                y[4 * j + m][nt][2] += s1 * cm[2];
+                                y[4 * j + m][nt][3] += s1 * cm[3];
+                                cm[0] = cm[1] = cm[2] = cm[3] = 0.0f;
                             }
                         }
                     }
                 }
-#pragma unroll
-                for (int j = 0; j < WC; j++) {
-                    const uint32_t s4[4] = { sr[j].x, sr[j].y, sr[j].z,
-                                             sr[j].w };
+            }
 
-                    if (!fold) {
-                        break;
-                    }
+            /* the warps' partial sums, then the ranks', in a fixed order */
 #pragma unroll
-                    for (int m = 0; m < 4; m++) {
-                        float s0 = q4m_h2f(s4[m], 0), s1 = q4m_h2f(s4[m], 1);
-
+            for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            float (&cm)[4] = c[4 * j + m][nt];
-
-                            y[4 * j + m][nt][0] += s0 * cm[0];
-                            y[4 * j + m][nt][1] += s0 * cm[1];
-                            y[4 * j + m][nt][2] += s1 * cm[2];
-                            y[4 * j + m][nt][3] += s1 * cm[3];
-                            cm[0] = cm[1] = cm[2] = cm[3] = 0.0f;
-                        }
+                for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        red[warp][(mt * NT + nt) * 4 + i][lane] = y[mt][nt][i];
                     }
                 }
             }
-        }
+            __syncthreads();
+            for (int idx = (int) threadIdx.x; idx < F * 32;
+                 idx += QM_WARPS * 32)
+            {
+                float v = 0.0f;
 
-        /* the warps' partial sums, then the ranks', in a fixed order */
+                for (int w = 0; w < QM_WARPS; w++) {
+                    v += red[w][idx / 32][idx % 32];
+                }
+                red[0][idx / 32][idx % 32] = v;
+            }
+            cl.sync();                          /* every rank's block sum */
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    red[warp][(mt * NT + nt) * 4 + i][lane] = y[mt][nt][i];
+            for (int q = 0; q < HV; q++) {
+                int   idx = rank * QM_WARPS * 32 + (int) threadIdx.x
+                            + q * S * QM_WARPS * 32;
+
+                if (idx >= F * 32) {
+                    break;
+                }
+                int   f = idx / 32, l = idx % 32, i = f % 4;
+                int   nt = (f / 4) % NT, mt = f / (4 * NT);
+                int   lg = l >> 2, lt = l & 3;
+                int   row = p0 + 8 * nt + 2 * lt + (i & 1);
+                int   col;
+                float v = 0.0f;
+
+                if (FMT == MOE_K_Q4_AWQ) {
+                    col = 8 * ((int) blockIdx.x * 8 * WC + WC * lg + mt / 4)
+                          + 2 * (mt % 4) + (i >> 1);
+                } else {
+                    col = (int) blockIdx.x * 32 + 4 * lg + 2 * mt + (i >> 1);
+                }
+                for (int rk = 0; rk < S; rk++) {
+                    v += cl.map_shared_rank(&red[0][0][0], rk)[idx];
+                }
+                if (row < r1 && col < Nh) {
+                    if (MR == 1) {
+                        Y[(size_t) row * ldy + col] = v;
+                    } else if (half == 0) {
+                        hv[q] = v;
+                    } else {
+                        H[(size_t) row * ldy + col] =
+                            moe_f2bf(hv[q] / (1.0f + expf(-hv[q])) * v);
+                    }
                 }
             }
+            cl.sync();                      /* red free for the next pass */
         }
-        __syncthreads();
-        for (int idx = (int) threadIdx.x; idx < F * 32;
-             idx += QM_WARPS * 32)
-        {
-            float v = 0.0f;
-
-            for (int w = 0; w < QM_WARPS; w++) {
-                v += red[w][idx / 32][idx % 32];
-            }
-            red[0][idx / 32][idx % 32] = v;
-        }
-        cl.sync();                          /* every rank's block sum */
-        for (int idx = rank * QM_WARPS * 32 + (int) threadIdx.x;
-             idx < F * 32; idx += S * QM_WARPS * 32)
-        {
-            int   f = idx / 32, l = idx % 32, i = f % 4;
-            int   nt = (f / 4) % NT, mt = f / (4 * NT);
-            int   lg = l >> 2, lt = l & 3;
-            int   row = p0 + 8 * nt + 2 * lt + (i & 1);
-            int   col;
-            float v = 0.0f;
-
-            if (FMT == MOE_K_Q4_AWQ) {
-                col = 8 * ((int) blockIdx.x * 8 * WC + WC * lg + mt / 4)
-                      + 2 * (mt % 4) + (i >> 1);
-            } else {
-                col = (int) blockIdx.x * 32 + 4 * lg + 2 * mt + (i >> 1);
-            }
-            for (int q = 0; q < S; q++) {
-                v += cl.map_shared_rank(&red[0][0][0], q)[idx];
-            }
-            if (row < r1 && col < Ntot) {
-                Y[(size_t) row * ldy + col] = v;
-            }
-        }
-        cl.sync();                          /* red free for the next pass */
     }
 }
 
@@ -1044,14 +1102,14 @@ q4_check(const char *who, int fmt, int G, int Ntot, int K)
 
 
 /* One launch of kernel_qgemv_q4_mma: grid (tiles, groups, S), cluster of
- * the S blocks along z. */
+ * the S blocks along z; H non-NULL: SiLU fused (MR 2, ldy H's). */
 template <int FMT, int NT, int WC, int QU>
 static int
 q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qweight,
     const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
     int Ntot, int K, int nu, int pf, const int32_t *offs, int E, int n,
-    float *Y, int ldy, cudaStream_t stream)
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
     cudaLaunchConfig_t  cfg = {};
     cudaLaunchAttribute at[1] = {};
@@ -1066,11 +1124,17 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     at[0].val.clusterDim.z = (unsigned) S;
     cfg.attrs = at;
     cfg.numAttrs = 1;
-    MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
-                                      kernel_qgemv_q4_mma<FMT, NT, WC, QU>,
-                                      X, ldx, xrow, xdiv, qweight, qzeros,
-                                      scales, G, zero_bias, Ntot, K, nu, pf,
-                                      offs, E, n, Y, ldy));
+    if (H != NULL) {
+        MOE_CUDA_CHECK(cudaLaunchKernelEx(
+            &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 2>, X, ldx, xrow,
+            xdiv, qweight, qzeros, scales, G, zero_bias, Ntot, K, nu, pf,
+            offs, E, n, Y, H, ldy));
+    } else {
+        MOE_CUDA_CHECK(cudaLaunchKernelEx(
+            &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 1>, X, ldx, xrow,
+            xdiv, qweight, qzeros, scales, G, zero_bias, Ntot, K, nu, pf,
+            offs, E, n, Y, H, ldy));
+    }
     return MOE_K_OK;
 }
 
@@ -1113,19 +1177,22 @@ q4m_split(int blocks, int it)
  * GPTQ 8, 16 or 32 rows per pass; AWQ 8 rows (2 words per lane) or 16
  * (1 word per lane).  S: blocks per cluster (q4m_split, or S_force
  * when 1..QM_SMAX); pf: iterations prefetched ahead (QM_PF ships;
- * bench/dev/quant_gemv sets both).
+ * bench/dev/quant_gemv sets both).  H non-NULL: SiLU fused, H (n, Ntot
+ * / 2) bf16 with leading dimension ldy (needs Ntot % 16 == 0).
  */
 static int
 q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
     const int32_t *g_idx, int G, int zero_bias, int Ntot, int K,
     const int32_t *offs, int E, int n, int mr, int S_force, int pf,
-    float *Y, int ldy, cudaStream_t stream)
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
-    int Nw = Ntot / 8, ng = q_groups(offs, E, n);
+    int Nh = H != NULL ? Ntot / 2 : Ntot, Nw = Nh / 8;
+    int ng = q_groups(offs, E, n);
     int nt, wc = 1, qu, round, tiles, nu, it, S;
 
     if ((fmt == MOE_K_Q4_GPTQ && g_idx != NULL)
+        || (H != NULL && Ntot % 16 != 0)
         || ((uintptr_t) X & 15u) != 0 || ((uintptr_t) qweight & 15u) != 0
         || ((uintptr_t) scales & 15u) != 0
         || ((uintptr_t) qzeros & 3u) != 0)
@@ -1136,7 +1203,7 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         nt = mr <= 8 ? 1 : mr <= 16 ? 2 : 4;
         qu = nt == 4 ? 2 : 4;
         round = 32;
-        tiles = (Ntot + 31) / 32;
+        tiles = (Nh + 31) / 32;
     } else {
         nt = mr <= 8 && Nw % 2 == 0 ? 1 : 2;
         wc = nt == 1 ? 2 : 1;
@@ -1155,7 +1222,8 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                                                                 it);
 
 #define Q4M_ARGS  tiles, ng, S, X, ldx, xrow, xdiv, qweight, qzeros, scales, \
-                  G, zero_bias, Ntot, K, nu, pf, offs, E, n, Y, ldy, stream
+                  G, zero_bias, Ntot, K, nu, pf, offs, E, n, Y, H, ldy, \
+                  stream
     if (fmt == MOE_K_Q4_GPTQ) {
         if (nt == 1) {
             return q4m_launch<MOE_K_Q4_GPTQ, 1, 1, 4>(Q4M_ARGS);
@@ -1209,7 +1277,7 @@ moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
     rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
                  qweight, qzeros, scales, g_idx, G,
                  fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
-                 mr, 0, QM_PF, Y, ldy, stream);
+                 mr, 0, QM_PF, Y, NULL, ldy, stream);
     if (rc != 1) {
         return rc;
     }
@@ -1245,6 +1313,50 @@ moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
     }
     MOE_CUDA_CHECK_LAUNCH("kernel_qgemv_q4");
     return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    int max_rows, float *Y, moe_bf16_t *H, cudaStream_t stream)
+{
+    int ng, mr, rc;
+
+    if (n <= 0) {
+        return MOE_K_OK;
+    }
+    MOE_TRY(q4_check("qgemv_q4_silu", fmt, G, Ntot, K));
+    if (ldx % 8 != 0 || E <= 0 || (offs == NULL && E != 1) || H == NULL
+        || Ntot % 16 != 0)
+    {
+        moe_cuda_set_error("qgemv_q4_silu: unsupported ldx %d / E %d / "
+                           "N %d (a multiple of 16) / H %p", ldx, E, Ntot,
+                           (void *) H);
+        return MOE_K_EUNSUPPORTED;
+    }
+    ng = q_groups(offs, E, n);
+    mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
+    rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
+                 qweight, qzeros, scales, g_idx, G,
+                 fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
+                 mr, 0, QM_PF, NULL, reinterpret_cast<bf16 *>(H), Ntot / 2,
+                 stream);
+    if (rc != 1) {
+        return rc;
+    }
+    /* no tensor-core path (g_idx, odd groups): fp32 Y, then SiLU */
+    if (Y == NULL) {
+        moe_cuda_set_error("qgemv_q4_silu: this shape needs the fp32 "
+                           "scratch Y (g_idx or group %d)", G);
+        return MOE_K_EUNSUPPORTED;
+    }
+    MOE_TRY(moe_cuda_qgemv_q4_rows(fmt, X, ldx, xrow, xdiv, qweight, qzeros,
+                                   scales, g_idx, G, zero_bias, Ntot, K,
+                                   offs, E, n, max_rows, Y, Ntot, stream));
+    return moe_cuda_silu_mul(Y, n, Ntot / 2, H, stream);
 }
 
 

@@ -85,6 +85,23 @@ int moe_cuda_qgemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
  * adding into Y with atomics; the launcher zeroes Y's rows [0, n)
  * (columns [0, Ntot)) first and the last bits of fp32 vary between runs.
  * Either way the caller must not rely on Y's other columns being kept.
+ *
+ * g_idx (GPTQ): pass NULL whenever g_idx[k] == k / G for every k (the
+ * trivial order, which most checkpoints store even without desc_act):
+ * the launcher does not inspect g_idx, and a non-NULL g_idx always takes
+ * the slow atomic kernel.  The backend checks this once at load (host
+ * side) and drops the tensor.  desc_act checkpoints (g_idx a permutation
+ * of groups): at load, sort k by g_idx (stable), perm[k'] = the k at
+ * sorted position k'; repack qweight so word row i holds k' = 8 i .. 8 i
+ * + 7 (nibble of old k = perm[k']), and keep qzeros / scales as they are
+ * (group of k' is g_idx[perm[k']], == k' / G when every group has G
+ * members, the GPTQ case: check it, else keep g_idx and the atomic
+ * kernel).  Then per step the input row must be permuted alike, X'[r,
+ * k'] = X[r, perm[k']] (a gather into a scratch, ldx = K), and the call
+ * takes X' with g_idx NULL.  For a down projection the permutation can
+ * be folded into the gate|up projection instead: permute the rows
+ * (output features) of gate and up by the down's perm at load, and the
+ * SwiGLU output comes out already in the down's k' order (no gather).
  */
 int moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qweight,
@@ -104,6 +121,22 @@ int moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
     const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
     int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
     int max_rows, float *Y, int ldy, cudaStream_t stream);
+
+/*
+ * gate|up with SiLU fused: Ntot = 2 F stacked (gate columns [0, F), up
+ * [F, 2 F), Ntot % 16 == 0), H (n, F) bf16 (leading dimension F) =
+ * bf16(silu(g) * u), the arithmetic of moe_cuda_silu_mul.  Where the
+ * tensor-core kernel applies (see moe_cuda_qgemv_q4) one launch writes H
+ * (a block does a tile's gate columns, then the same up columns); else
+ * moe_cuda_qgemv_q4_rows into the fp32 scratch Y (n, Ntot) and
+ * moe_cuda_silu_mul (Y may be NULL only when the tensor-core kernel
+ * applies; MOE_K_EUNSUPPORTED otherwise).
+ */
+int moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    int max_rows, float *Y, moe_bf16_t *H, cudaStream_t stream);
 
 /*
  * Dequantize `count` consecutive FP8 matrices (rows, K) (expert e at

@@ -4,9 +4,12 @@
  * down N 4096 K 14336), AWQ and GPTQ, r rows per expert hit (r = 1: two
  * experts hit, the batch-1 decode step; else all 8).  Lines: the shipped
  * launcher; the tensor-core tiles forced through max_rows (8 / 16 / 32
- * rows per pass); the same kernel with the cluster size S forced to 1, 2,
- * 4, 8 and the L2 prefetch distance 0, 1, 4 (2 ships); for GPTQ the
- * CUDA-core atomic kernel (a trivial g_idx sends it there).  Each is
+ * rows per pass); the same kernel with the cluster size S (0: the
+ * launcher's q4m_split, 1, 2, 4, 8) x the L2 prefetch distance (0, 1, 2,
+ * 4, 8, 32 iterations; QM_PF ships with S 0); for GPTQ the
+ * CUDA-core atomic kernel (a trivial g_idx sends it there); for gate|up
+ * the shipped GEMV + moe_cuda_silu_mul against moe_cuda_qgemv_q4_silu
+ * (one launch; bf16 H compared within 1e-2 relative RMS).  Each is
  * checked against the shipped output (relative RMS, fp32 order only).
  * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
  *
@@ -93,27 +96,55 @@ dev_shape(int fmt, int w13, int rows)
         return q4m_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
                        (const int32_t *) qz, sc, NULL, G,
                        fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K, d_offs, E, n,
-                       mr > 0 ? mr : rows, S, pf, y, N, 0);
+                       mr > 0 ? mr : rows, S, pf, y, NULL, N, 0);
     };
 
     printf("%s %s N %d K %d, %d rows x %d experts (%.0f MB)\n", fn,
            w13 ? "gate|up" : "down", N, K, rows, hit, bytes / 1e6);
     ms = dev_time(iters, [&]() { return run(0, 0, QM_PF, NULL, ref); });
     dev_line("shipped", ms, bytes, 0, -1, 0);
+    if (w13) {
+        /* SwiGLU: the GEMV + moe_cuda_silu_mul against the fused launch */
+        bf16 *h = (bf16 *) gu_dev((size_t) n * N * 2), *h2 = h + on / 2;
+
+        ms = dev_time(iters, [&]() {
+            return run(0, 0, QM_PF, NULL, ref) != 0
+                   ? -1 : moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) h,
+                                            0);
+        });
+        dev_line("shipped + silu_mul (2 launches)", ms, bytes, 0, -1, 0);
+        ms = dev_time(iters, [&]() {
+            return moe_cuda_qgemv_q4_silu(fmt, (const moe_bf16_t *) X, K,
+                                          NULL, 1, (const int32_t *) qw,
+                                          (const int32_t *) qz, sc, NULL, G,
+                                          1, N, K, d_offs, E, n, 0, NULL,
+                                          (moe_bf16_t *) h2, 0);
+        });
+        dev_line("SiLU fused (qgemv_q4_silu)", ms, bytes, 0,
+                 dev_diff(h2, h, on / 2, 1), 1e-2);
+        cudaFree(h);
+    }
     for (int mr = 1; mr <= 32; mr *= (mr == 1 ? 16 : 2)) {
         ms = dev_time(iters, [&]() { return run(mr, 0, QM_PF, NULL, out); });
         snprintf(name, sizeof(name), "max_rows %d", mr);
         dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
     }
-    for (int S = 1; S <= QM_SMAX; S *= 2) {
-        ms = dev_time(iters, [&]() { return run(0, S, QM_PF, NULL, out); });
-        snprintf(name, sizeof(name), "cluster S %d", S);
-        dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
-    }
-    for (int pf = 0; pf <= 4; pf += pf == 1 ? 3 : 1) {
-        ms = dev_time(iters, [&]() { return run(0, 0, pf, NULL, out); });
-        snprintf(name, sizeof(name), "L2 prefetch %d iterations", pf);
-        dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
+    /* cluster size x L2 prefetch distance (S 0: q4m_split's choice;
+     * pf 32: every warp's whole K range at its start, even at S 1) */
+    for (int S = 0; S <= QM_SMAX; S = S == 0 ? 1 : 2 * S) {
+        static const int pfs[6] = { 0, 1, 2, 4, 8, 32 };
+
+        for (int i = 0; i < 6; i++) {
+            int pf = pfs[i];
+
+            if (S == 0 && pf == QM_PF) {
+                continue;                       /* the shipped line */
+            }
+            ms = dev_time(iters, [&]() { return run(0, S, pf, NULL, out); });
+            snprintf(name, sizeof(name), "cluster S %d, L2 prefetch %d",
+                     S, pf);
+            dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
+        }
     }
     if (fmt == MOE_K_Q4_GPTQ) {
         ms = dev_time(iters, [&]() { return run(0, 0, QM_PF, gi, out); });

@@ -25,7 +25,9 @@
  *    grid, one group (G = K), group sizes 32 / 64 / 128 / 48 (AWQ; GPTQ
  *    48 takes the atomic kernel), K % G != 0, both formats, and the
  *    mixtral-8x7b expert shapes at batch 1: within 2e-4, nothing outside
- *    Y's rows x [0, N) written, two runs bit-equal;
+ *    Y's rows x [0, N) written, two runs bit-equal; and for each the
+ *    same call through moe_cuda_qgemv_q4_silu (SiLU fused, N = 2 F):
+ *    bf16 H within the sums' bounds carried through silu(g) u;
  *  - bad shapes refused with MOE_K_EUNSUPPORTED (G % 8 != 0: K % G != 0
  *    is taken now, the last group shorter).
  * TAP; skips when there is no CUDA device.
@@ -585,6 +587,79 @@ test_q4(int fmt, int G, int zb, int use_gidx, int N, int K)
 
 
 /*
+ * moe_cuda_qgemv_q4_silu on test_q4_rows' tensors (N = 2 F stacked
+ * gate|up, N % 16 == 0): H (n, F) bf16 against silu(g) u of the host's
+ * sums, within their 2e-4 x sum |x w| bounds carried through silu and
+ * the product plus bf16 rounding (2^-8 relative); H's row n untouched.
+ * Shapes the tensor-core kernel refuses go through the fp32 scratch dy
+ * and moe_cuda_silu_mul.
+ */
+static void
+test_q4_silu(const char *label, int fmt, int G, int zb, int N, int K,
+    int ne, int dense, int n, int hint, const uint16_t *dx, int ldx,
+    const int32_t *dxrow, const int32_t *dqw, const int32_t *dqz,
+    const uint16_t *dsc, const int32_t *doffs, float *dy, const double *ref,
+    const double *mag)
+{
+    int       F = N / 2, rc, bad = 0, kept = 1;
+    size_t    nh = (size_t) (n + 1) * F;
+    uint16_t *dh, *hh;
+    double    worst = 0;
+
+    if (N % 16 != 0) {
+        TAP_OK(0, "qgemv_q4_silu %s: N %d is not a multiple of 16 (test "
+               "table)", label, N);
+        return;
+    }
+    dh = (uint16_t *) gu_dev(nh * 2);
+    hh = (uint16_t *) malloc(nh * 2);
+    cudaMemset(dh, 0xff, nh * 2);
+    rc = moe_cuda_qgemv_q4_silu(fmt, (const moe_bf16_t *) dx, ldx,
+                                dense ? NULL : dxrow, 2, dqw, dqz, dsc, NULL,
+                                G, zb, N, K, dense ? NULL : doffs,
+                                dense ? 1 : ne, n, hint, dy,
+                                (moe_bf16_t *) dh, 0);
+    cudaDeviceSynchronize();
+    gu_down(hh, dh, nh * 2);
+    for (int r = 0; r < n + 1; r++) {
+        for (int j = 0; j < F; j++) {
+            uint16_t b = hh[(size_t) r * F + j];
+
+            if (r >= n) {
+                kept &= b == 0xffff;
+                continue;
+            }
+            double g = ref[(size_t) r * N + j];
+            double u = ref[(size_t) r * N + F + j];
+            double sg = g / (1.0 + exp(-g)), want = sg * u;
+            double tol = 2e-4 * (1.1 * mag[(size_t) r * N + j] * fabs(u)
+                                 + fabs(sg) * mag[(size_t) r * N + F + j])
+                         + fabs(want) / 128 + 1e-6;
+            double err = fabs((double) gu_bf2f(b) - want);
+
+            if (!(err <= tol)) {
+                if (bad == 0) {
+                    TAP_DIAG("%s silu hint %d: row %d col %d: %.7g vs %.7g",
+                             label, hint, r, j, (double) gu_bf2f(b), want);
+                }
+                bad++;
+            }
+            if (tol > 0 && err / tol > worst) {
+                worst = err / tol;
+            }
+        }
+    }
+    TAP_OK(rc == MOE_K_OK && bad == 0 && kept, "qgemv_q4_silu %s (%s G %d "
+           "N %d K %d, %d rows) max_rows %d: H within bounds (%d bad, "
+           "worst %.2f of the bound)%s", label,
+           fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, N, K, n, hint, bad,
+           worst, kept ? "" : ", row n written");
+    cudaFree(dh);
+    free(hh);
+}
+
+
+/*
  * moe_cuda_qgemv_q4_rows on ne groups of rows[e] rows each (dense: one
  * matrix, offs NULL, input row r; else inputs gathered through xrow /
  * xdiv 2), once per max_rows hint in hints (each picks a tile: 1 -> 8
@@ -709,6 +784,8 @@ test_q4_rows(const char *label, int fmt, int G, int zb, int N, int K,
                fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, zb, N, K, n,
                hints[h], bad, kept ? "" : ", outside Y written",
                !det ? "" : same ? ", deterministic" : ", runs differ");
+        test_q4_silu(label, fmt, G, zb, N, K, ne, dense, n, hints[h], dx,
+                     ldx, dxrow, dqw, dqz, dsc, doffs, dy, ref, mag);
     }
 
     cudaFree(dqw);
@@ -742,8 +819,9 @@ main(void)
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
     }
-    /* fp8.h 2, fp8 5 x 3, q4 8 x 4, q4 tiles 2 x 13 + 4, refusals 3 */
-    TAP_PLAN(2 + 5 * 3 + 8 * 4 + 2 * 13 + 4 + 3);
+    /* fp8.h 2, fp8 5 x 3, q4 8 x 4, q4 tiles (and each with SiLU fused)
+     * 2 x (2 x 13 + 4), refusals 3 */
+    TAP_PLAN(2 + 5 * 3 + 8 * 4 + 2 * (2 * 13 + 4) + 3);
     gu_seed(seed);
     TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
              (unsigned long long) seed);
