@@ -630,7 +630,8 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
              * iteration then wait for L2, not DRAM (bytes in flight per SM
              * without registers) */
             for (int d = 0; d < pf; d++) {
-                if (it0 + d < it1) {
+                /* half 1: half 0's last iterations prefetched these */
+                if (it0 + d < it1 && !(half == 1 && it1 - it0 >= pf)) {
                     q4m_prefetch_iter<FMT, WC, QU>(qw, it0 + d, nu, t, cc, wc,
                                                    cv, Ntot, K);
                 }
@@ -655,8 +656,16 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                                     || (it + 1) * span / G != grp;
 
                 if (pf > 0 && it + pf < it1) {
-                    q4m_prefetch_iter<FMT, WC, QU>(qw, it + pf, nu, t, cc, wc,
-                                                   cv, Ntot, K);
+                    q4m_prefetch_iter<FMT, WC, QU>(qw, it + pf, nu, t, cc,
+                                                   wc, cv, Ntot, K);
+                } else if (MR == 2 && half == 0 && pf > 0
+                           && it + pf - it1 < it1 - it0)
+                {
+                    /* the up half's first iterations, same lanes */
+                    q4m_prefetch_iter<FMT, WC, QU>(qw, it0 + it + pf - it1,
+                                                   nu, t, cc + Nh,
+                                                   wc + Nh / 8, cv, Ntot,
+                                                   K);
                 }
 
                 if (FMT == MOE_K_Q4_GPTQ) {
