@@ -546,9 +546,10 @@ q4m_h2f(uint32_t v, int hi)
  * prefetched ahead (QM_PF; bench/dev/quant_gemv varies it).
  * MR 1: Y[r, j] for the Ntot columns.  MR 2 (SiLU fused): Ntot = 2 F
  * stacked gate|up; the tiles cover F columns, a block does the tile's
- * gate columns j, then its up columns F + j (the same lanes, the same
- * reduction order), and writes H[r * ldy + j] = bf16(silu(g) * u), the
- * arithmetic of kernel_silu_mul.
+ * gate columns j (their cluster sums kept in gs, shared memory), then
+ * its up columns F + j (the same lanes, the same reduction order), and
+ * writes H[r * ldy + j] = bf16(silu(g) * u), the arithmetic of
+ * kernel_silu_mul.
  */
 template <int FMT, int NT, int WC, int QU, int MR>
 __global__ void __launch_bounds__(QM_WARPS * 32, 2)
@@ -559,8 +560,10 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 {
     constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
     constexpr int     F = MT * NT * 4;       /* outputs per lane */
-    constexpr int     HV = (F * 32 + QM_WARPS * 32 - 1) / (QM_WARPS * 32);
     __shared__ float  red[QM_WARPS][F][32];
+    __shared__ float  gs[MR == 2 ? F * 32 : 1];  /* MR 2: the gate sums,
+                                                  * each read back by the
+                                                  * thread that wrote it */
 
     cg::cluster_group cl = cg::this_cluster();
     const int         lane = (int) threadIdx.x & 31;
@@ -594,8 +597,6 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
         const bf16 *xp[NT];
         bool        xv[NT];
-        float       hv[HV];             /* MR 2: the gate sums this
-                                         * thread wrote in half 0 */
 
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -604,10 +605,6 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             xv[nt] = r < r1;
             xp[nt] = X + (size_t) (xv[nt] ? (xrow != NULL ? xrow[r] / xdiv
                                                           : r) : 0) * ldx;
-        }
-#pragma unroll
-        for (int q = 0; q < HV; q++) {
-            hv[q] = 0.0f;
         }
 #pragma unroll 1
         for (int half = 0; half < MR; half++) {
@@ -916,14 +913,9 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 red[0][idx / 32][idx % 32] = v;
             }
             cl.sync();                          /* every rank's block sum */
-#pragma unroll
-            for (int q = 0; q < HV; q++) {
-                int   idx = rank * QM_WARPS * 32 + (int) threadIdx.x
-                            + q * S * QM_WARPS * 32;
-
-                if (idx >= F * 32) {
-                    break;
-                }
+            for (int idx = rank * QM_WARPS * 32 + (int) threadIdx.x;
+                 idx < F * 32; idx += S * QM_WARPS * 32)
+            {
                 int   f = idx / 32, l = idx % 32, i = f % 4;
                 int   nt = (f / 4) % NT, mt = f / (4 * NT);
                 int   lg = l >> 2, lt = l & 3;
@@ -944,10 +936,12 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     if (MR == 1) {
                         Y[(size_t) row * ldy + col] = v;
                     } else if (half == 0) {
-                        hv[q] = v;
+                        gs[idx] = v;
                     } else {
+                        float gv = gs[idx];
+
                         H[(size_t) row * ldy + col] =
-                            moe_f2bf(hv[q] / (1.0f + expf(-hv[q])) * v);
+                            moe_f2bf(gv / (1.0f + expf(-gv)) * v);
                     }
                 }
             }
