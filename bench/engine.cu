@@ -639,6 +639,17 @@ k_bench_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask)
     }
 }
 
+/* g_idx of `rows` matrices of K columns each, trivial order: k / G */
+__global__ void
+k_bench_gidx(int32_t *p, int rows, int K, int G)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x;
+         i < (size_t) rows * K; i += (size_t) gridDim.x * blockDim.x)
+    {
+        p[i] = (int32_t) (i % (size_t) K) / G;
+    }
+}
+
 /* n fp16 values v (raw bits) */
 __global__ void
 k_bench_u16(uint16_t *p, size_t n, uint16_t v)
@@ -687,11 +698,15 @@ bench_time(Fn fn, int iters)
  * Part 3: one MoE layer's expert GEMVs (mixtral-8x7b: D 4096, F 14336,
  * 8 experts) per weight format at batch 1 (2 rows: experts 0 and 1) and
  * 64 (128 rows, 16 per expert): gate|up (N 2F, K D), SwiGLU, down (N D,
- * K F).  bf16: moe_cuda_gemv (SwiGLU fused); fp8 / awq / gptq: the
- * quantized GEMV, moe_cuda_silu_mul, the quantized GEMV; fp8-mma-channel
- * and fp8-mma-block (per-channel / 128x128 block scales): the e4m3
- * tensor-core kernels, moe_cuda_gemv_fp8 at batch 1 and
- * moe_cuda_ggemm_fp8 at batch 64 (SwiGLU fused in both).
+ * K F).  bf16: moe_cuda_gemv (SwiGLU fused); fp8: the quantized GEMV,
+ * moe_cuda_silu_mul, the quantized GEMV; awq / gptq: the 4-bit gate|up
+ * with SwiGLU fused (moe_cuda_qgemv_q4_silu), the 4-bit down.  gptq_gidx:
+ * GPTQ with a g_idx (desc_act checkpoints; trivial order here), which
+ * takes the CUDA-core kernel with atomics (then moe_cuda_silu_mul)
+ * instead of the tensor-core one.  fp8-mma-channel and fp8-mma-block
+ * (per-channel / 128x128 block scales): the e4m3 tensor-core kernels,
+ * moe_cuda_gemv_fp8 at batch 1 and moe_cuda_ggemm_fp8 at batch 64
+ * (SwiGLU fused in both).
  */
 static int
 bench_quant(void)
@@ -699,11 +714,12 @@ bench_quant(void)
     const int    D = 4096, F = 14336, E = 8, G = 128;
     const size_t w13 = (size_t) 2 * F * D, w2 = (size_t) D * F;
     const size_t nw = (size_t) E * (w13 + w2);  /* weights per layer */
-    static const char *fmts[6] = { "bf16", "fp8", "awq", "gptq",
-                                   "fp8-mma-channel", "fp8-mma-block" };
+    static const char *fmts[7] = { "bf16", "fp8", "awq", "gptq",
+                                   "gptq_gidx", "fp8-mma-channel",
+                                   "fp8-mma-block" };
     static const int   batches[2] = { 1, 64 };
     uint8_t  *wbuf, *sbuf, *zbuf;
-    int32_t  *offs, *xrow, hoffs[9], hxrow[128];
+    int32_t  *offs, *xrow, *gidx, hoffs[9], hxrow[128];
     moe_bf16_t *x, *h;
     float    *y, *gu;
     int       rc = 0;
@@ -718,19 +734,22 @@ bench_quant(void)
         || cudaMalloc(&y, (size_t) 128 * 2 * F * 4) != cudaSuccess
         || cudaMalloc(&gu, (size_t) 128 * 2 * F * 4) != cudaSuccess
         || cudaMalloc(&offs, 9 * 4) != cudaSuccess
-        || cudaMalloc(&xrow, 128 * 4) != cudaSuccess)
+        || cudaMalloc(&xrow, 128 * 4) != cudaSuccess
+        || cudaMalloc(&gidx, (size_t) E * (D + F) * 4) != cudaSuccess)
     {
         printf("FAIL quant bench: cudaMalloc\n");
         return -1;
     }
     moe_cuda_fill_random_bf16(x, (int64_t) 128 * F, 5, 1.0f, 0);
     moe_cuda_fill_random_bf16(h, (int64_t) 128 * F, 6, 1.0f, 0);
+    k_bench_gidx<<<1024, 256>>>(gidx, E, D, G);             /* gate|up */
+    k_bench_gidx<<<1024, 256>>>(gidx + E * D, E, F, G);     /* down */
     printf("\n== weight formats: one mixtral-8x7b MoE layer's expert GEMVs "
            "(gate|up, SwiGLU, down)\n");
     printf("  %-26s %9s %10s %8s %10s\n", "format / batch", "ms/layer",
            "limit ms", "of limit", "GB read");
-    for (int f = 0; f < 6; f++) {
-        int    f8 = f == 1 || f >= 4;               /* e4m3 weights */
+    for (int f = 0; f < 7; f++) {
+        int    f8 = f == 1 || f >= 5;               /* e4m3 weights */
         size_t bpw2 = f == 0 ? 4 : f8 ? 2 : 1;      /* bytes per weight x2 */
 
         /* weights: bf16 random; fp8 NaN-free bytes; 4-bit any bits */
@@ -796,12 +815,12 @@ bench_quant(void)
                                               MOE_K_FP8_CHANNEL, 0, D, F,
                                               offs, E, n, y, D, 0);
                 }
-                if (f >= 4) {
+                if (f >= 5) {
                     /* the tensor-core fp8 kernels: GEMV with SwiGLU fused
                      * at batch 1, grouped GEMM at batch 64 (16 rows per
                      * expert: the backend's ggemm range) */
                     const float *sc = (const float *) sbuf;
-                    int          md = f == 4 ? MOE_K_FP8_CHANNEL
+                    int          md = f == 5 ? MOE_K_FP8_CHANNEL
                                              : MOE_K_FP8_BLOCK;
 
                     if (B == 1) {
@@ -827,19 +846,22 @@ bench_quant(void)
                                               NULL, D, 0);
                 }
                 int             fmt = f == 2 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
+                const int32_t  *gi = f == 4 ? gidx : NULL;
                 const int32_t  *qw = (const int32_t *) wbuf;
                 const int32_t  *qz = (const int32_t *) zbuf;
                 const uint16_t *sc = (const uint16_t *) sbuf;
 
-                if (moe_cuda_qgemv_q4(fmt, x, D, xrow, 2, qw, qz, sc, NULL,
-                                      G, 1, 2 * F, D, offs, E, n, gu, 2 * F,
-                                      0) != 0
-                    || moe_cuda_silu_mul(gu, n, F, h, 0) != 0)
+                /* SwiGLU fused where the tensor-core kernel applies
+                 * (gu: the fallback's fp32 scratch) */
+                if (moe_cuda_qgemv_q4_silu(fmt, x, D, xrow, 2, qw, qz, sc,
+                                           gi, G, 1, 2 * F, D, offs, E, n,
+                                           0, gu, h, 0) != 0)
                 {
                     return -1;
                 }
                 return moe_cuda_qgemv_q4(fmt, h, F, NULL, 1,
-                                         qw + E * w13 / 8, qz, sc, NULL, G,
+                                         qw + E * w13 / 8, qz, sc,
+                                         gi != NULL ? gi + E * D : NULL, G,
                                          1, D, F, offs, E, n, y, D, 0);
             };
             ms = bench_time(run, 20);
@@ -851,9 +873,9 @@ bench_quant(void)
             }
             /* weights of the experts hit + their scales (+ zeros) */
             bytes = (double) hit * (w13 + w2) * bpw2 / 2;
-            if (f == 1 || f == 4) {
+            if (f == 1 || f == 5) {
                 bytes += (double) hit * (2 * F + D) * 4;
-            } else if (f == 5) {
+            } else if (f == 6) {
                 bytes += (double) hit * ((2 * F / 128) * (D / 128)
                                          + (D / 128) * (F / 128)) * 4;
             } else if (f > 1) {
@@ -876,6 +898,7 @@ bench_quant(void)
     cudaFree(gu);
     cudaFree(offs);
     cudaFree(xrow);
+    cudaFree(gidx);
     return rc;
 }
 

@@ -13,7 +13,7 @@
 #                   build/gpu/test_share
 #   make bench-dev  the kernel dev harness (bench/dev/*.cu):
 #                   build/bench/dev/attention, .../moe_gemv,
-#                   .../moe_ggemm; each
+#                   .../moe_ggemm, .../quant_gemv; each
 #                   runs the shipped launcher against the variants that do
 #                   not ship (kernels/TUNING.md)
 #

@@ -9,24 +9,35 @@
  * Block scales multiply each 16-value chunk's dot (a chunk never crosses
  * a 128-column block); tensor / channel scales multiply the sum.
  *
- * kernel_qgemv_q4: AWQ packs 8 output columns per int32 along N, GPTQ 8
+ * kernel_qgemv_q4_mma (below, with its own notes): the 4-bit GEMV on
+ * tensor cores, taken whenever there is no g_idx and the group size is a
+ * multiple of a round (the checkpoints' case); deterministic.
+ *
+ * kernel_qgemv_q4 (the fallback: GPTQ with g_idx, odd group sizes): AWQ
+ * packs 8 output columns per int32 along N, GPTQ 8
  * k per int32 along K; both keep consecutive words along N, so a thread
  * owns one word column (AWQ: 8 columns; GPTQ: 1 column, 8 k per word) and
  * walks k: every warp load is 128 contiguous bytes.  A block is QN
  * threads x a k range [k0, k1) (grid.z splits K so that small groups
  * still fill the machine), the group's input rows for that range staged
- * in shared memory as fp32, scales and zeros reloaded per quantization
- * group, 8 weight words in flight per thread; the partial sums are added
- * into Y with atomics (the launcher zeroes Y first).
+ * in shared memory as fp32 (and GPTQ's g_idx for the range, read once
+ * per block), scales and zeros reloaded when the group changes, 8 weight
+ * words in flight per thread; the partial sums are added into Y with
+ * atomics (the launcher zeroes Y first).
  *
  * Dequantize kernels: the same arithmetic, written as bf16 (N, K) rows
  * with 16-byte stores (8 consecutive k of one column per thread).
  */
+#include <cooperative_groups.h>
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "ptx.cuh"
 #include "quant_gemv.h"
+#include "silu_mul.h"
+
+namespace cg = cooperative_groups;
 
 typedef __nv_bfloat16 bf16;
 
@@ -240,12 +251,13 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *offs, int E, int n, float *Y, int ldy)
 {
     __shared__ float xs[Q_R][Q4_KC_MAX];
+    __shared__ int   gs[Q4_KC_MAX];         /* GPTQ g_idx of [k0, k1) */
 
     const int tid = (int) threadIdx.x;
     const int nthr = FMT == MOE_K_Q4_AWQ ? Ntot / 8 : Ntot;
     const int c = (int) blockIdx.x * Q4_NT + tid;   /* word column */
     const int k0 = (int) blockIdx.z * KC, k1 = min(K, k0 + KC);
-    const int KG = K / G;
+    const int KG = (K + G - 1) / G;
     int       r0, r1;
     const int e = q_group_rows(offs, E, n, &r0, &r1);
 
@@ -255,6 +267,12 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
     const bool valid = c < nthr;
 
+    if (FMT == MOE_K_Q4_GPTQ && g_idx != NULL) {
+        /* read once per block; the pass loop's first barrier orders it */
+        for (int i = tid; i < k1 - k0; i += Q4_NT) {
+            gs[i] = g_idx[(size_t) e * K + k0 + i];
+        }
+    }
     for (int rb = r0; rb < r1; rb += Q_R) {
         const int nr = min(Q_R, r1 - rb);
 
@@ -356,8 +374,7 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 #pragma unroll
                     for (int b = 0; b < 8; b++) {
                         int k = 8 * (kw + u) + b;
-                        int g = g_idx != NULL ? g_idx[(size_t) e * K + k]
-                                              : k / G;
+                        int g = g_idx != NULL ? gs[k - k0] : k / G;
                         float wv;
 
                         if (g != gp) {
@@ -379,6 +396,556 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     atomicAdd(&Y[(size_t) (rb + r) * ldy + c], acc[r]);
                 }
             }
+        }
+    }
+}
+
+
+/* ------------------------------------------- 4-bit GEMV on tensor cores */
+
+/*
+ * kernel_qgemv_q4_mma: the weights are the A operand of mma.m16n8k16
+ * (rows = output columns, bf16 integers q - z, exact), the group's input
+ * rows the B operand (8 per n-tile, NT n-tiles per pass), fp32
+ * accumulators.  Nibbles become bf16 with one mask-and-or each: the
+ * nibbles at bits s and s + 16 of a word, or-ed into 0x4300 (bf16 128,
+ * mantissa unit 1), give the pair (128 + q_lo, 128 + q_hi); one bf16x2
+ * subtraction of (128 + z, 128 + z) leaves q - z.  mma sums over slot
+ * k of A[row][k] B[k][n]; any permutation of k used alike by A and B
+ * leaves the sum unchanged, which is how each format's nibble order maps
+ * onto the fragments without moving weights:
+ *
+ * GPTQ (word (i, j) = k 8 i .. 8 i + 7 of column j): lane (g, t) loads
+ * 16 bytes, columns c0 + 4 g .. + 3 of word row 4 r + t (a warp load:
+ * 4 rows x 128 contiguous bytes).  Columns 4 g + {0, 1} are rows g and
+ * g + 8 of m-tile 0, 4 g + {2, 3} of m-tile 1.  The word's nibble pairs
+ * (0, 4), (1, 5) feed the slots (2t, 2t+1), (2t+8, 2t+9) of one mma,
+ * (2, 6), (3, 7) those of a second; the input's 8 k of that word row are
+ * permuted alike with byte_perm.  A round: 32 k.
+ *
+ * AWQ (word (k, w) = columns 8 w + c at nibble {0,4,1,5,2,6,3,7}[c]):
+ * lane (g, t) loads WC words (4 WC bytes) at the 4 k rows 16 r + 4 t +
+ * {0..3}.  byte_perm puts the low halves of the words of rows 0 and 1
+ * into one register, nibble positions 0..3 (columns 0, 2, 4, 6) of row 0
+ * at bits 0..15 and of row 1 at bits 16..31; the high halves (columns 1,
+ * 3, 5, 7) into another: a shift by 4 m and the mask then give column
+ * 2 m (or 2 m + 1) at k rows 0 and 1, the slots (2t, 2t+1); rows 2 and 3
+ * fill (2t+8, 2t+9).  The input's natural order fits.  A round: 16 k.
+ *
+ * One iteration is nu rounds inside one quantization group (the launcher
+ * picks nu so that an iteration never crosses a group boundary): scales
+ * and zeros are loaded once per iteration, the mma sums of a group are
+ * scaled (fp32) into the running outputs after its last iteration.  The K
+ * range of a column tile is split over the QM_WARPS warps of a block and
+ * the S blocks of a thread-block cluster (grid.z = S, contiguous
+ * iteration ranges); the partial outputs are added in shared memory
+ * (warps) and then through distributed shared memory (ranks), each sum
+ * in a fixed order: the result does not depend on timing, no atomics, no
+ * zeroing.  Each warp keeps the weights of its next QM_PF iterations on
+ * their way into L2 (prefetch.global.L2), so a warp that waits for its
+ * loads waits for L2 while DRAM streams the lines after them.  A warp has
+ * only 4-7 iterations on mixtral shapes (gate|up 4, down 7 at batch 1),
+ * so QM_PF 8 requests its whole range at its start: 2 blocks x 8 warps x
+ * 8-14 KB, about 130-230 KB per SM in flight from the first cycle,
+ * without registers (the loads then wait on L2, not on DRAM); fused
+ * gate|up (S 1 at batch 1, 16 iterations per half) stays 8 ahead.
+ */
+
+#define QM_WARPS  8         /* q4 mma GEMV: warps per block */
+#define QM_SMAX   8         /* q4 mma GEMV: most blocks per cluster */
+#define QM_PF     8         /* q4 mma GEMV: iterations prefetched ahead
+                               (8: a warp's whole K range on mixtral
+                               shapes, requested at its start) */
+
+/* bf16x2 (128 + nibble at bit s, 128 + nibble at bit s + 16) of w */
+__device__ __forceinline__ uint32_t
+q4m_nib2(uint32_t w, int s)
+{
+    return ((w >> s) & 0x000f000fu) | 0x43004300u;
+}
+
+
+/* bf16x2 (128 + z, 128 + z) */
+__device__ __forceinline__ uint32_t
+q4m_zz(uint32_t z)
+{
+    return 0x43004300u + z * 0x00010001u;
+}
+
+
+/* a - b, bf16x2, exact for the small integers here */
+__device__ __forceinline__ uint32_t
+q4m_sub(uint32_t a, uint32_t b)
+{
+    uint32_t d;
+
+    asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+
+/* Bring the 128-byte line of p into L2 (no register, no wait). */
+__device__ __forceinline__ void
+q4m_prefetch(const void *p)
+{
+    asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
+}
+
+
+/*
+ * Prefetch into L2 the weight words lane (g, t) will load in iteration
+ * it (the same addresses as the loads; nothing past K or Ntot).
+ */
+template <int FMT, int WC, int QU>
+__device__ __forceinline__ void
+q4m_prefetch_iter(const uint32_t *qw, int it, int nu, int t, int cc,
+    int wc, bool cv, int Ntot, int K)
+{
+    const int Nw = Ntot / 8;
+
+    if (!cv) {
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < QU; u++) {
+        if (u >= nu) {
+            break;
+        }
+        if (FMT == MOE_K_Q4_GPTQ) {
+            int wr = 4 * (it * nu + u) + t;
+
+            if (8 * wr < K) {
+                q4m_prefetch(qw + (size_t) wr * Ntot + cc);
+            }
+        } else {
+            int k = 16 * (it * nu + u) + 4 * t;
+
+            if (k < K) {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    q4m_prefetch(qw + (size_t) (k + q) * Nw + wc);
+                }
+            }
+        }
+    }
+}
+
+
+__device__ __forceinline__ float
+q4m_h2f(uint32_t v, int hi)
+{
+    return __half2float(__ushort_as_half(
+        (unsigned short) (hi ? v >> 16 : v & 0xffffu)));
+}
+
+
+/*
+ * grid (column tiles, groups, S), cluster (1, 1, S), QM_WARPS warps.
+ * GPTQ: tile of 32 columns, WC 1 (unused).  AWQ: tile of 8 WC words
+ * (64 WC columns).  nu: rounds per iteration (1 .. QU); pf: iterations
+ * prefetched ahead (QM_PF; bench/dev/quant_gemv varies it).
+ * MR 1: Y[r, j] for the Ntot columns.  MR 2 (SiLU fused): Ntot = 2 F
+ * stacked gate|up; the tiles cover F columns, a block does the tile's
+ * gate columns j (their cluster sums kept in gs, shared memory), then
+ * its up columns F + j (the same lanes, the same reduction order), and
+ * writes H[r * ldy + j] = bf16(silu(g) * u), the arithmetic of
+ * kernel_silu_mul.
+ */
+template <int FMT, int NT, int WC, int QU, int MR>
+__global__ void __launch_bounds__(QM_WARPS * 32, 2)
+kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
+    int G, int zero_bias, int Ntot, int K, int nu, int pf,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+{
+    constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
+    constexpr int     F = MT * NT * 4;       /* outputs per lane */
+    __shared__ float  red[QM_WARPS][F][32];
+    __shared__ float  gs[MR == 2 ? F * 32 : 1];  /* MR 2: the gate sums,
+                                                  * each read back by the
+                                                  * thread that wrote it */
+
+    cg::cluster_group cl = cg::this_cluster();
+    const int         lane = (int) threadIdx.x & 31;
+    const int         warp = (int) threadIdx.x >> 5;
+    const int         g = lane >> 2, t = lane & 3;
+    const int         S = (int) gridDim.z;
+    const int         rank = (int) cl.block_rank();
+    const int         KG = (K + G - 1) / G, Nw = Ntot / 8;
+    const int         span = (FMT == MOE_K_Q4_AWQ ? 16 : 32) * nu;
+    const int         IT = (K + span - 1) / span;
+    const int         pw = (int) blockIdx.z * QM_WARPS + warp;
+    const int         it0 = (int) ((int64_t) IT * pw / (S * QM_WARPS));
+    const int         it1 = (int) ((int64_t) IT * (pw + 1) / (S * QM_WARPS));
+    int               r0, r1;
+    const int         e = q_group_rows(offs, E, n, &r0, &r1);
+
+    if (e < 0 || r1 <= r0) {
+        return;                 /* uniform over the cluster (same x, y) */
+    }
+
+    /* columns per half (MR 2: gate, then up at + Nh) */
+    const int  Nh = Ntot / MR;
+    /* this lane's columns in the half: GPTQ cl0 .. cl0 + 3; AWQ words
+     * wl0 .. wl0 + WC - 1 */
+    const int  cl0 = (int) blockIdx.x * 32 + 4 * g;
+    const int  wl0 = (int) blockIdx.x * 8 * WC + WC * g;
+    const bool cv = FMT == MOE_K_Q4_AWQ ? wl0 < Nh / 8 : cl0 < Nh;
+    const uint32_t *qw = reinterpret_cast<const uint32_t *>(qweight)
+                         + (size_t) e * K * Nw;
+
+    for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
+        const bf16 *xp[NT];
+        bool        xv[NT];
+
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            int r = p0 + 8 * nt + g;
+
+            xv[nt] = r < r1;
+            xp[nt] = X + (size_t) (xv[nt] ? (xrow != NULL ? xrow[r] / xdiv
+                                                          : r) : 0) * ldx;
+        }
+#pragma unroll 1
+        for (int half = 0; half < MR; half++) {
+            const int cc = cl0 + half * Nh;
+            const int wc = wl0 + half * (Nh / 8);
+            float     y[MT][NT][4];
+
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        y[mt][nt][i] = 0.0f;
+                    }
+                }
+            }
+
+            /* pf iterations ahead of the loads, in L2: the loads of an
+             * iteration then wait for L2, not DRAM (bytes in flight per SM
+             * without registers) */
+            for (int d = 0; d < pf; d++) {
+                /* half 1: half 0's last iterations prefetched these */
+                if (it0 + d < it1 && !(half == 1 && it1 - it0 >= pf)) {
+                    q4m_prefetch_iter<FMT, WC, QU>(qw, it0 + d, nu, t, cc, wc,
+                                                   cv, Ntot, K);
+                }
+            }
+            /* c: the current group's sums, scaled into y at its end */
+            float c[MT][NT][4];
+
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        c[mt][nt][i] = 0.0f;
+                    }
+                }
+            }
+            for (int it = it0; it < it1; it++) {
+                const int    grp = it * span / G;
+                const size_t srow = (size_t) e * KG + grp;
+                const bool   fold = it + 1 >= it1
+                                    || (it + 1) * span / G != grp;
+
+                if (pf > 0 && it + pf < it1) {
+                    q4m_prefetch_iter<FMT, WC, QU>(qw, it + pf, nu, t, cc,
+                                                   wc, cv, Ntot, K);
+                } else if (MR == 2 && half == 0 && pf > 0
+                           && it + pf - it1 < it1 - it0)
+                {
+                    /* the up half's first iterations, same lanes */
+                    q4m_prefetch_iter<FMT, WC, QU>(qw, it0 + it + pf - it1,
+                                                   nu, t, cc + Nh,
+                                                   wc + Nh / 8, cv, Ntot,
+                                                   K);
+                }
+
+                if (FMT == MOE_K_Q4_GPTQ) {
+                    uint4    wq[QU], xq[QU][NT];
+                    uint32_t zz[4];
+                    uint2    sr = make_uint2(0u, 0u);
+
+                    /* zeros (4 nibbles of one word) and scales (8 bytes) */
+                    if (cv) {
+                        uint32_t zw = (uint32_t) __ldg(qzeros + srow * Nw
+                                                       + cc / 8);
+
+                        sr = __ldg(reinterpret_cast<const uint2 *>(
+                            scales + srow * Ntot + cc));
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            zz[i] = q4m_zz(((zw >> (4 * ((cc & 7) + i))) & 15u)
+                                           + (uint32_t) zero_bias);
+                        }
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            zz[i] = q4m_zz(0u);
+                        }
+                    }
+#pragma unroll
+                    for (int u = 0; u < QU; u++) {
+                        int  wr = 4 * (it * nu + u) + t;     /* word row */
+                        bool kv = u < nu && 8 * wr < K;
+
+                        wq[u] = kv && cv
+                                ? __ldcs(reinterpret_cast<const uint4 *>(
+                                      qw + (size_t) wr * Ntot + cc))
+                                : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            const uint4 *xs4 = reinterpret_cast<
+                                const uint4 *>(xp[nt] + 8 * wr);
+
+                            xq[u][nt] = kv && xv[nt] ? __ldg(xs4)
+                                        : make_uint4(0u, 0u, 0u, 0u);
+                        }
+                    }
+#pragma unroll
+                    for (int u = 0; u < QU; u++) {
+                        if (u >= nu) {
+                            break;
+                        }
+                        const uint32_t w4[4] = { wq[u].x, wq[u].y, wq[u].z,
+                                                 wq[u].w };
+
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            uint32_t b0[NT], b1[NT];
+
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                uint32_t lo = h ? xq[u][nt].y : xq[u][nt].x;
+                                uint32_t hi = h ? xq[u][nt].w : xq[u][nt].z;
+
+                                b0[nt] = __byte_perm(lo, hi, 0x5410);
+                                b1[nt] = __byte_perm(lo, hi, 0x7632);
+                            }
+#pragma unroll
+                            for (int mt = 0; mt < 2; mt++) {
+                                uint32_t wa = w4[2 * mt], wb = w4[2 * mt + 1];
+                                uint32_t a0 = q4m_sub(q4m_nib2(wa, 8 * h),
+                                                      zz[2 * mt]);
+                                uint32_t a1 = q4m_sub(q4m_nib2(wb, 8 * h),
+                                                      zz[2 * mt + 1]);
+                                uint32_t a2 = q4m_sub(q4m_nib2(wa, 8 * h + 4),
+                                                      zz[2 * mt]);
+                                uint32_t a3 = q4m_sub(q4m_nib2(wb, 8 * h + 4),
+                                                      zz[2 * mt + 1]);
+
+#pragma unroll
+                                for (int nt = 0; nt < NT; nt++) {
+                                    moe_mma_bf16(c[mt][nt], a0, a1, a2, a3,
+                                                 b0[nt], b1[nt]);
+                                }
+                            }
+                        }
+                    }
+                    /* at the group's end, scale its sums: rows g / g + 8 of
+                     * m-tile mt are columns cc + 2 mt / cc + 2 mt + 1 */
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        uint32_t sw = mt ? sr.y : sr.x;
+                        float    s0 = q4m_h2f(sw, 0), s1 = q4m_h2f(sw, 1);
+
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            if (fold) {
+                                y[mt][nt][0] += s0 * c[mt][nt][0];
+                                y[mt][nt][1] += s0 * c[mt][nt][1];
+                                y[mt][nt][2] += s1 * c[mt][nt][2];
+                                y[mt][nt][3] += s1 * c[mt][nt][3];
+                                c[mt][nt][0] = c[mt][nt][1] = 0.0f;
+                                c[mt][nt][2] = c[mt][nt][3] = 0.0f;
+                            }
+                        }
+                    }
+                } else {
+                    uint32_t wq[QU][4][WC], zz[WC][8];
+                    uint2    xq[QU][NT];
+                    uint4    sr[WC];
+
+#pragma unroll
+                    for (int j = 0; j < WC; j++) {
+                        uint32_t zw = cv ? (uint32_t) __ldg(qzeros + srow * Nw
+                                                            + wc + j) : 0u;
+
+                        sr[j] = cv ? __ldg(reinterpret_cast<const uint4 *>(
+                                         scales + srow * Ntot + 8 * (wc + j)))
+                                   : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                        for (int p = 0; p < 8; p++) {
+                            zz[j][p] = q4m_zz(((zw >> (4 * p)) & 15u)
+                                              + (uint32_t) zero_bias);
+                        }
+                    }
+#pragma unroll
+                    for (int u = 0; u < QU; u++) {
+                        int  k = 16 * (it * nu + u) + 4 * t;
+                        bool kv = u < nu && k < K;
+
+#pragma unroll
+                        for (int q = 0; q < 4; q++) {
+                            const uint32_t *src = qw + (size_t) (k + q) * Nw
+                                                  + wc;
+
+                            if (WC == 2) {
+                                const uint2 *s2 =
+                                    reinterpret_cast<const uint2 *>(src);
+                                uint2        v = kv && cv
+                                                 ? __ldcs(s2)
+                                                 : make_uint2(0u, 0u);
+
+                                wq[u][q][0] = v.x;
+                                wq[u][q][WC - 1] = v.y;
+                            } else {
+                                const int *s1 =
+                                    reinterpret_cast<const int *>(src);
+
+                                wq[u][q][0] = kv && cv
+                                              ? (uint32_t) __ldcs(s1) : 0u;
+                            }
+                        }
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            const uint2 *xs2 = reinterpret_cast<
+                                const uint2 *>(xp[nt] + k);
+
+                            xq[u][nt] = kv && xv[nt] ? __ldg(xs2)
+                                        : make_uint2(0u, 0u);
+                        }
+                    }
+#pragma unroll
+                    for (int u = 0; u < QU; u++) {
+                        if (u >= nu) {
+                            break;
+                        }
+#pragma unroll
+                        for (int j = 0; j < WC; j++) {
+                            uint32_t l01 = __byte_perm(wq[u][0][j],
+                                                       wq[u][1][j],
+                                                       0x5410);
+                            uint32_t h01 = __byte_perm(wq[u][0][j],
+                                                       wq[u][1][j],
+                                                       0x7632);
+                            uint32_t l23 = __byte_perm(wq[u][2][j],
+                                                       wq[u][3][j],
+                                                       0x5410);
+                            uint32_t h23 = __byte_perm(wq[u][2][j],
+                                                       wq[u][3][j],
+                                                       0x7632);
+
+#pragma unroll
+                            for (int m = 0; m < 4; m++) {
+                                /* column 2 m: nibble position m; 2 m + 1:
+                                 * position m + 4 */
+                                uint32_t za = zz[j][m], zb = zz[j][m + 4];
+                                uint32_t a0 = q4m_sub(
+                                    q4m_nib2(l01, 4 * m), za);
+                                uint32_t a1 = q4m_sub(
+                                    q4m_nib2(h01, 4 * m), zb);
+                                uint32_t a2 = q4m_sub(
+                                    q4m_nib2(l23, 4 * m), za);
+                                uint32_t a3 = q4m_sub(
+                                    q4m_nib2(h23, 4 * m), zb);
+
+#pragma unroll
+                                for (int nt = 0; nt < NT; nt++) {
+                                    moe_mma_bf16(c[4 * j + m][nt], a0, a1, a2,
+                                                 a3, xq[u][nt].x, xq[u][nt].y);
+                                }
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < WC; j++) {
+                        const uint32_t s4[4] = { sr[j].x, sr[j].y, sr[j].z,
+                                                 sr[j].w };
+
+                        if (!fold) {
+                            break;
+                        }
+#pragma unroll
+                        for (int m = 0; m < 4; m++) {
+                            float s0 = q4m_h2f(s4[m], 0);
+                            float s1 = q4m_h2f(s4[m], 1);
+
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                float (&cm)[4] = c[4 * j + m][nt];
+
+                                y[4 * j + m][nt][0] += s0 * cm[0];
+                                y[4 * j + m][nt][1] += s0 * cm[1];
+                                y[4 * j + m][nt][2] += s1 * cm[2];
+                                y[4 * j + m][nt][3] += s1 * cm[3];
+                                cm[0] = cm[1] = cm[2] = cm[3] = 0.0f;
+                            }
+                        }
+                    }
+                }
+            }
+
+            /* the warps' partial sums, then the ranks', in a fixed order */
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        red[warp][(mt * NT + nt) * 4 + i][lane] = y[mt][nt][i];
+                    }
+                }
+            }
+            __syncthreads();
+            for (int idx = (int) threadIdx.x; idx < F * 32;
+                 idx += QM_WARPS * 32)
+            {
+                float v = 0.0f;
+
+                for (int w = 0; w < QM_WARPS; w++) {
+                    v += red[w][idx / 32][idx % 32];
+                }
+                red[0][idx / 32][idx % 32] = v;
+            }
+            cl.sync();                          /* every rank's block sum */
+            for (int idx = rank * QM_WARPS * 32 + (int) threadIdx.x;
+                 idx < F * 32; idx += S * QM_WARPS * 32)
+            {
+                int   f = idx / 32, l = idx % 32, i = f % 4;
+                int   nt = (f / 4) % NT, mt = f / (4 * NT);
+                int   lg = l >> 2, lt = l & 3;
+                int   row = p0 + 8 * nt + 2 * lt + (i & 1);
+                int   col;
+                float v = 0.0f;
+
+                if (FMT == MOE_K_Q4_AWQ) {
+                    col = 8 * ((int) blockIdx.x * 8 * WC + WC * lg + mt / 4)
+                          + 2 * (mt % 4) + (i >> 1);
+                } else {
+                    col = (int) blockIdx.x * 32 + 4 * lg + 2 * mt + (i >> 1);
+                }
+                for (int rk = 0; rk < S; rk++) {
+                    v += cl.map_shared_rank(&red[0][0][0], rk)[idx];
+                }
+                if (row < r1 && col < Nh) {
+                    if (MR == 1) {
+                        Y[(size_t) row * ldy + col] = v;
+                    } else if (half == 0) {
+                        gs[idx] = v;
+                    } else {
+                        float gv = gs[idx];
+
+                        H[(size_t) row * ldy + col] =
+                            moe_f2bf(gv / (1.0f + expf(-gv)) * v);
+                    }
+                }
+            }
+            cl.sync();                      /* red free for the next pass */
         }
     }
 }
@@ -427,7 +994,7 @@ kernel_dequant_q4(const int32_t *qweight, const int32_t *qzeros,
     int Ntot, int K, int count, bf16 *out)
 {
     const int     nthr = FMT == MOE_K_Q4_AWQ ? Ntot / 8 : Ntot;
-    const int     KG = K / G;
+    const int     KG = (K + G - 1) / G;
     const int64_t total = (int64_t) count * (K / 8) * nthr;
 
     for (int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
@@ -527,14 +1094,153 @@ static int
 q4_check(const char *who, int fmt, int G, int Ntot, int K)
 {
     if ((fmt != MOE_K_Q4_AWQ && fmt != MOE_K_Q4_GPTQ) || Ntot <= 0
-        || Ntot % 8 != 0 || K <= 0 || K % 8 != 0 || G <= 0 || G % 8 != 0
-        || K % G != 0)
+        || Ntot % 8 != 0 || K <= 0 || K % 8 != 0 || G <= 0 || G % 8 != 0)
     {
         moe_cuda_set_error("%s: unsupported shape (format %d, N %d, K %d, "
                            "group %d)", who, fmt, Ntot, K, G);
         return MOE_K_EUNSUPPORTED;
     }
     return MOE_K_OK;
+}
+
+
+/* One launch of kernel_qgemv_q4_mma: grid (tiles, groups, S), cluster of
+ * the S blocks along z; H non-NULL: SiLU fused (MR 2, ldy H's). */
+template <int FMT, int NT, int WC, int QU>
+static int
+q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
+    int Ntot, int K, int nu, int pf, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
+{
+    cudaLaunchConfig_t  cfg = {};
+    cudaLaunchAttribute at[1] = {};
+
+    cfg.gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
+    cfg.blockDim = dim3(QM_WARPS * 32);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = 1;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = (unsigned) S;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    if (H != NULL) {
+        MOE_CUDA_CHECK(cudaLaunchKernelEx(
+            &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 2>, X, ldx, xrow,
+            xdiv, qweight, qzeros, scales, G, zero_bias, Ntot, K, nu, pf,
+            offs, E, n, Y, H, ldy));
+    } else {
+        MOE_CUDA_CHECK(cudaLaunchKernelEx(
+            &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 1>, X, ldx, xrow,
+            xdiv, qweight, qzeros, scales, G, zero_bias, Ntot, K, nu, pf,
+            offs, E, n, Y, H, ldy));
+    }
+    return MOE_K_OK;
+}
+
+
+/*
+ * Blocks per cluster (K splits) for `blocks` column-tile x group blocks
+ * of `it` iterations each: the grid runs in waves of 2 blocks per SM
+ * (__launch_bounds__), and a last wave that is mostly empty leaves SMs
+ * idle, so the smallest S <= QM_SMAX whose waves are >= 90 % full (each
+ * warp keeping at least one iteration), else the fullest.
+ */
+static int
+q4m_split(int blocks, int it)
+{
+    int    slots = 2 * q_sms(), best = 1, S;
+    double fill, best_fill = 0.0;
+
+    for (S = 1; S <= QM_SMAX && (S == 1 || S * QM_WARPS <= it); S++) {
+        int64_t b = (int64_t) blocks * S;
+        int64_t waves = (b + slots - 1) / slots;
+
+        fill = (double) b / (double) (waves * slots);
+        if (fill >= 0.9) {
+            return S;
+        }
+        if (fill > best_fill + 1e-9) {
+            best_fill = fill;
+            best = S;
+        }
+    }
+    return best;
+}
+
+
+/*
+ * The tensor-core 4-bit GEMV (kernel_qgemv_q4_mma) when the shapes allow
+ * it: no g_idx, G a multiple of a round (GPTQ 32 k, AWQ 16 k), aligned
+ * tensors.  Returns 1 when it does not apply (the caller takes the
+ * atomic kernel), else a MOE_K_* status.  Tile by rows per group (mr):
+ * GPTQ 8, 16 or 32 rows per pass; AWQ 8 rows (2 words per lane) or 16
+ * (1 word per lane).  S: blocks per cluster (q4m_split, or S_force
+ * when 1..QM_SMAX); pf: iterations prefetched ahead (QM_PF ships;
+ * bench/dev/quant_gemv sets both).  H non-NULL: SiLU fused, H (n, Ntot
+ * / 2) bf16 with leading dimension ldy (needs Ntot % 16 == 0).
+ */
+static int
+q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
+    const int32_t *g_idx, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int mr, int S_force, int pf,
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
+{
+    int Nh = H != NULL ? Ntot / 2 : Ntot, Nw = Nh / 8;
+    int ng = q_groups(offs, E, n);
+    int nt, wc = 1, qu, round, tiles, nu, it, S;
+
+    if ((fmt == MOE_K_Q4_GPTQ && g_idx != NULL)
+        || (H != NULL && Ntot % 16 != 0)
+        || ((uintptr_t) X & 15u) != 0 || ((uintptr_t) qweight & 15u) != 0
+        || ((uintptr_t) scales & 15u) != 0
+        || ((uintptr_t) qzeros & 3u) != 0)
+    {
+        return 1;
+    }
+    if (fmt == MOE_K_Q4_GPTQ) {
+        nt = mr <= 8 ? 1 : mr <= 16 ? 2 : 4;
+        qu = nt == 4 ? 2 : 4;
+        round = 32;
+        tiles = (Nh + 31) / 32;
+    } else {
+        nt = mr <= 8 && Nw % 2 == 0 ? 1 : 2;
+        wc = nt == 1 ? 2 : 1;
+        qu = nt == 1 ? 2 : 4;
+        round = 16;
+        tiles = (Nw + 8 * wc - 1) / (8 * wc);
+    }
+    if (G % round != 0) {
+        return 1;
+    }
+    for (nu = qu; nu > 1 && G % (round * nu) != 0; nu /= 2) {
+        /* an iteration stays inside one quantization group */
+    }
+    it = (K + round * nu - 1) / (round * nu);
+    S = S_force > 0 && S_force <= QM_SMAX ? S_force : q4m_split(tiles * ng,
+                                                                it);
+
+#define Q4M_ARGS  tiles, ng, S, X, ldx, xrow, xdiv, qweight, qzeros, scales, \
+                  G, zero_bias, Ntot, K, nu, pf, offs, E, n, Y, H, ldy, \
+                  stream
+    if (fmt == MOE_K_Q4_GPTQ) {
+        if (nt == 1) {
+            return q4m_launch<MOE_K_Q4_GPTQ, 1, 1, 4>(Q4M_ARGS);
+        }
+        if (nt == 2) {
+            return q4m_launch<MOE_K_Q4_GPTQ, 2, 1, 4>(Q4M_ARGS);
+        }
+        return q4m_launch<MOE_K_Q4_GPTQ, 4, 1, 2>(Q4M_ARGS);
+    }
+    if (nt == 1) {
+        return q4m_launch<MOE_K_Q4_AWQ, 1, 2, 2>(Q4M_ARGS);
+    }
+    return q4m_launch<MOE_K_Q4_AWQ, 2, 1, 4>(Q4M_ARGS);
+#undef Q4M_ARGS
 }
 
 
@@ -545,7 +1251,20 @@ moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
     int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
     float *Y, int ldy, cudaStream_t stream)
 {
-    int  nthr, gx, ng, ks, KC;
+    return moe_cuda_qgemv_q4_rows(fmt, X, ldx, xrow, xdiv, qweight, qzeros,
+                                  scales, g_idx, G, zero_bias, Ntot, K, offs,
+                                  E, n, 0, Y, ldy, stream);
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    int max_rows, float *Y, int ldy, cudaStream_t stream)
+{
+    int  nthr, gx, ng, ks, KC, rc, mr;
     dim3 grid;
 
     if (n <= 0) {
@@ -556,9 +1275,20 @@ moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
         moe_cuda_set_error("qgemv_q4: unsupported ldx %d / E %d", ldx, E);
         return MOE_K_EUNSUPPORTED;
     }
+    ng = q_groups(offs, E, n);
+    mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
+    rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
+                 qweight, qzeros, scales, g_idx, G,
+                 fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
+                 mr, 0, QM_PF, Y, NULL, ldy, stream);
+    if (rc != 1) {
+        return rc;
+    }
+
+    /* the CUDA-core kernel (GPTQ with g_idx, odd group sizes): K split
+     * over blocks that add into Y with atomics */
     nthr = fmt == MOE_K_Q4_AWQ ? Ntot / 8 : Ntot;
     gx = (nthr + Q4_NT - 1) / Q4_NT;
-    ng = q_groups(offs, E, n);
     /* K splits: about 4 blocks per SM over the grid, whole 8-k words,
      * at most Q4_KC_MAX k per block (the staged input rows) */
     ks = (4 * q_sms() + gx * ng - 1) / (gx * ng);
@@ -586,6 +1316,50 @@ moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
     }
     MOE_CUDA_CHECK_LAUNCH("kernel_qgemv_q4");
     return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    int max_rows, float *Y, moe_bf16_t *H, cudaStream_t stream)
+{
+    int ng, mr, rc;
+
+    if (n <= 0) {
+        return MOE_K_OK;
+    }
+    MOE_TRY(q4_check("qgemv_q4_silu", fmt, G, Ntot, K));
+    if (ldx % 8 != 0 || E <= 0 || (offs == NULL && E != 1) || H == NULL
+        || Ntot % 16 != 0)
+    {
+        moe_cuda_set_error("qgemv_q4_silu: unsupported ldx %d / E %d / "
+                           "N %d (a multiple of 16) / H %p", ldx, E, Ntot,
+                           (void *) H);
+        return MOE_K_EUNSUPPORTED;
+    }
+    ng = q_groups(offs, E, n);
+    mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
+    rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
+                 qweight, qzeros, scales, g_idx, G,
+                 fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
+                 mr, 0, QM_PF, NULL, reinterpret_cast<bf16 *>(H), Ntot / 2,
+                 stream);
+    if (rc != 1) {
+        return rc;
+    }
+    /* no tensor-core path (g_idx, odd groups): fp32 Y, then SiLU */
+    if (Y == NULL) {
+        moe_cuda_set_error("qgemv_q4_silu: this shape needs the fp32 "
+                           "scratch Y (g_idx or group %d)", G);
+        return MOE_K_EUNSUPPORTED;
+    }
+    MOE_TRY(moe_cuda_qgemv_q4_rows(fmt, X, ldx, xrow, xdiv, qweight, qzeros,
+                                   scales, g_idx, G, zero_bias, Ntot, K,
+                                   offs, E, n, max_rows, Y, Ntot, stream));
+    return moe_cuda_silu_mul(Y, n, Ntot / 2, H, stream);
 }
 
 

@@ -42,12 +42,12 @@ enum {
     MOE_K_Q4_AWQ  = 0,   /* AutoAWQ GEMM: qweight (K, Ntot / 8) int32, the
                             8 nibbles of word w holding columns 8w + c at
                             bits 4 * {0,4,1,5,2,6,3,7}[c]; qzeros
-                            (K / G, Ntot / 8) packed the same way; scales
-                            (K / G, Ntot) fp16; w = (q - z) * s */
+                            (KG, Ntot / 8) packed the same way; scales
+                            (KG, Ntot) fp16; w = (q - z) * s */
     MOE_K_Q4_GPTQ = 1    /* GPTQ: qweight (K / 8, Ntot) int32, word (i, j)
                             holding k = 8 i + b at bits 4 b; qzeros
-                            (K / G, Ntot / 8) with column 8 w + b at bits
-                            4 b; scales (K / G, Ntot) fp16; g_idx (K)
+                            (KG, Ntot / 8) with column 8 w + b at bits
+                            4 b; scales (KG, Ntot) fp16; g_idx (K)
                             int32 or NULL (group k / G); w = (q - z) * s,
                             z = stored zero + zero_bias (1 for the
                             original "gptq" checkpoint format, which
@@ -68,21 +68,75 @@ int moe_cuda_qgemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     cudaStream_t stream);
 
 /*
- * 4-bit grouped GEMV (AWQ or GPTQ by fmt, tensors above; expert e's
- * tensors at qweight + e * K * Ntot / 8, qzeros + e * (K / G) * Ntot / 8,
- * scales + e * (K / G) * Ntot, g_idx + e * K).  G: group size (32, 64,
- * 128, or K for one group).  Needs Ntot % 8 == 0, K % 8 == 0, K % G == 0,
- * ldx % 8 == 0 (else MOE_K_EUNSUPPORTED).  The K dimension is split over
- * blocks that add into Y with atomics: the launcher zeroes Y's rows
- * [0, n) (columns [0, Ntot), enqueued on stream) first, so Y's other
- * columns must not be needed by the caller, and the sums' order is not
- * fixed (results vary in the last bits of fp32 between runs).
+ * 4-bit grouped GEMV (AWQ or GPTQ by fmt, tensors above; KG = ceil(K / G)
+ * groups, the last one shorter when K % G != 0; expert e's tensors at
+ * qweight + e * K * Ntot / 8, qzeros + e * KG * Ntot / 8, scales + e *
+ * KG * Ntot, g_idx + e * K).  G: the group size (a multiple of 8; K for
+ * one group).  Needs Ntot % 8 == 0, K % 8 == 0, ldx % 8 == 0 (else
+ * MOE_K_EUNSUPPORTED).  zero_bias is used by GPTQ only.
+ *
+ * Without g_idx, with G a multiple of 32 (GPTQ) or 16 (AWQ) and 16-byte
+ * aligned X, qweight and scales (the checkpoints' case): tensor cores
+ * (mma on the bf16 integers q - z, exact; fp32 sums scaled per group),
+ * K split over the warps of a block and a thread-block cluster, partial
+ * sums added in a fixed order: Y's rows [0, n) columns [0, Ntot) are
+ * written (nothing else), the same bits every run.  Otherwise (GPTQ with
+ * g_idx, other group sizes): a CUDA-core kernel that splits K over blocks
+ * adding into Y with atomics; the launcher zeroes Y's rows [0, n)
+ * (columns [0, Ntot)) first and the last bits of fp32 vary between runs.
+ * Either way the caller must not rely on Y's other columns being kept.
+ *
+ * g_idx (GPTQ): pass NULL whenever g_idx[k] == k / G for every k (the
+ * trivial order, which most checkpoints store even without desc_act):
+ * the launcher does not inspect g_idx, and a non-NULL g_idx always takes
+ * the slow atomic kernel.  The backend checks this once at load (host
+ * side) and drops the tensor.  desc_act checkpoints (g_idx a permutation
+ * of groups): at load, sort k by g_idx (stable), perm[k'] = the k at
+ * sorted position k'; repack qweight so word row i holds k' = 8 i .. 8 i
+ * + 7 (nibble of old k = perm[k']), and keep qzeros / scales as they are
+ * (group of k' is g_idx[perm[k']], == k' / G when every group has G
+ * members, the GPTQ case: check it, else keep g_idx and the atomic
+ * kernel).  Then per step the input row must be permuted alike, X'[r,
+ * k'] = X[r, perm[k']] (a gather into a scratch, ldx = K), and the call
+ * takes X' with g_idx NULL.  For a down projection the permutation can
+ * be folded into the gate|up projection instead: permute the rows
+ * (output features) of gate and up by the down's perm at load, and the
+ * SwiGLU output comes out already in the down's k' order (no gather).
  */
 int moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qweight,
     const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
     int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
     float *Y, int ldy, cudaStream_t stream);
+
+/*
+ * moe_cuda_qgemv_q4 with a hint: max_rows, about the most rows a group
+ * has (0: the mean, ceil(n / groups)).  It picks the tensor-core tile
+ * (8, 16 or 32 rows per pass; a group with more rows takes several
+ * passes, each reading its weights again); any value gives the same
+ * results.
+ */
+int moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    int max_rows, float *Y, int ldy, cudaStream_t stream);
+
+/*
+ * gate|up with SiLU fused: Ntot = 2 F stacked (gate columns [0, F), up
+ * [F, 2 F), Ntot % 16 == 0), H (n, F) bf16 (leading dimension F) =
+ * bf16(silu(g) * u), the arithmetic of moe_cuda_silu_mul.  Where the
+ * tensor-core kernel applies (see moe_cuda_qgemv_q4) one launch writes H
+ * (a block does a tile's gate columns, then the same up columns); else
+ * moe_cuda_qgemv_q4_rows into the fp32 scratch Y (n, Ntot) and
+ * moe_cuda_silu_mul (Y may be NULL only when the tensor-core kernel
+ * applies; MOE_K_EUNSUPPORTED otherwise).
+ */
+int moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    int max_rows, float *Y, moe_bf16_t *H, cudaStream_t stream);
 
 /*
  * Dequantize `count` consecutive FP8 matrices (rows, K) (expert e at
@@ -96,7 +150,7 @@ int moe_cuda_dequant_fp8(const uint8_t *W, const float *scale, int mode,
 
 /*
  * Dequantize `count` consecutive 4-bit matrices (tensors and strides as
- * for moe_cuda_qgemv_q4) into bf16 out (count, Ntot, K) row-major, the
+ * for moe_cuda_qgemv_q4, ragged K too) into bf16 out (count, Ntot, K) row-major, the
  * HF (out, in) layout the bf16 GEMMs take: out[j, k] = bf16((q - z) * s).
  */
 int moe_cuda_dequant_q4(int fmt, const int32_t *qweight,

@@ -19,7 +19,17 @@
  *    bf16 inputs and host-dequantized weights (fp32 accumulation order is
  *    the only difference), the Y columns outside [0, N) untouched (fp8;
  *    the q4 launcher zeroes them by contract only inside [0, N));
- *  - bad shapes refused with MOE_K_EUNSUPPORTED.
+ *  - moe_cuda_qgemv_q4_rows, every tile of the tensor-core kernel forced
+ *    through max_rows (8 / 16 / 32 rows per pass, groups of 1, 2, 4, 16,
+ *    17 and 64 rows, so several passes too), empty groups, a compact
+ *    grid, one group (G = K), group sizes 32 / 64 / 128 / 48 (AWQ; GPTQ
+ *    48 takes the atomic kernel), K % G != 0, both formats, and the
+ *    mixtral-8x7b expert shapes at batch 1: within 2e-4, nothing outside
+ *    Y's rows x [0, N) written, two runs bit-equal; and for each the
+ *    same call through moe_cuda_qgemv_q4_silu (SiLU fused, N = 2 F):
+ *    bf16 H within the sums' bounds carried through silu(g) u;
+ *  - bad shapes refused with MOE_K_EUNSUPPORTED (G % 8 != 0: K % G != 0
+ *    is taken now, the last group shorter).
  * TAP; skips when there is no CUDA device.
  */
 
@@ -146,7 +156,7 @@ test_fp8_host(void)
 /* --------------------------------------------------- host references */
 
 typedef struct {
-    int       fmt, G, zb, use_gidx, N, K;
+    int       fmt, G, zb, use_gidx, N, K, ne;
     int32_t  *qw, *qz, *gidx;
     uint16_t *sc;
 } q4_t;
@@ -163,7 +173,7 @@ h_half(uint16_t b)
 static float
 q4_deq(const q4_t *q, int e, int j, int k)
 {
-    int      KG = q->K / q->G, g, nib, z, sh;
+    int      KG = (q->K + q->G - 1) / q->G, g, nib, z, sh;
     uint32_t w, zw;
 
     if (q->fmt == MOE_K_Q4_AWQ) {
@@ -184,10 +194,10 @@ q4_deq(const q4_t *q, int e, int j, int k)
 }
 
 static void
-q4_make(q4_t *q, int fmt, int G, int zb, int use_gidx, int N, int K)
+q4_make(q4_t *q, int ne, int fmt, int G, int zb, int use_gidx, int N, int K)
 {
-    int    KG = K / G;
-    size_t nw = (size_t) NE * K * N / 8, nz = (size_t) NE * KG * N / 8;
+    int    KG = (K + G - 1) / G;
+    size_t nw = (size_t) ne * K * N / 8, nz = (size_t) ne * KG * N / 8;
 
     memset(q, 0, sizeof(*q));
     q->fmt = fmt;
@@ -196,9 +206,10 @@ q4_make(q4_t *q, int fmt, int G, int zb, int use_gidx, int N, int K)
     q->use_gidx = use_gidx;
     q->N = N;
     q->K = K;
+    q->ne = ne;
     q->qw = (int32_t *) malloc(nw * 4);
     q->qz = (int32_t *) malloc(nz * 4);
-    q->sc = (uint16_t *) malloc((size_t) NE * KG * N * 2);
+    q->sc = (uint16_t *) malloc((size_t) ne * KG * N * 2);
     for (size_t i = 0; i < nw; i++) {
         q->qw[i] = (int32_t) gu_rand() ^ (int32_t) (gu_rand() << 16);
     }
@@ -211,15 +222,15 @@ q4_make(q4_t *q, int fmt, int G, int zb, int use_gidx, int N, int K)
         }
         q->qz[i] = (int32_t) v;
     }
-    for (size_t i = 0; i < (size_t) NE * KG * N; i++) {
+    for (size_t i = 0; i < (size_t) ne * KG * N; i++) {
         __half_raw r = __half(0.002f + 0.02f * fabsf(gu_uniform()));
 
         q->sc[i] = r.x;
     }
     if (use_gidx) {
         /* desc_act: group of k from a random permutation (G each) */
-        q->gidx = (int32_t *) malloc((size_t) NE * K * 4);
-        for (int e = 0; e < NE; e++) {
+        q->gidx = (int32_t *) malloc((size_t) ne * K * 4);
+        for (int e = 0; e < ne; e++) {
             int *perm = q->gidx + (size_t) e * K;
 
             for (int k = 0; k < K; k++) {
@@ -484,7 +495,7 @@ test_q4(int fmt, int G, int zb, int use_gidx, int N, int K)
     q4_t      q;
     rows_t    rs;
     char      what[128];
-    int       ldy = N + 5, bad, KG = K / G, rc;
+    int       ldy = N + 5, bad, KG = (K + G - 1) / G, rc;
     size_t    ny = 16 * (size_t) ldy, nq = (size_t) NE * N * K;
     float    *hy = (float *) malloc(ny * 4);
     uint16_t *hd = (uint16_t *) malloc(nq * 2);
@@ -492,7 +503,7 @@ test_q4(int fmt, int G, int zb, int use_gidx, int N, int K)
     uint16_t *dsc, *dx, *dd;
     float    *dy;
 
-    q4_make(&q, fmt, G, zb, use_gidx, N, K);
+    q4_make(&q, NE, fmt, G, zb, use_gidx, N, K);
     rows_make(&rs, K);
     dqw = (int32_t *) gu_up(q.qw, nq / 8 * 4);
     dqz = (int32_t *) gu_up(q.qz, (size_t) NE * KG * N / 8 * 4);
@@ -575,6 +586,227 @@ test_q4(int fmt, int G, int zb, int use_gidx, int N, int K)
 }
 
 
+/*
+ * moe_cuda_qgemv_q4_silu on test_q4_rows' tensors (N = 2 F stacked
+ * gate|up, N % 16 == 0): H (n, F) bf16 against silu(g) u of the host's
+ * sums, within their 2e-4 x sum |x w| bounds carried through silu and
+ * the product plus bf16 rounding (2^-8 relative); H's row n untouched.
+ * Shapes the tensor-core kernel refuses go through the fp32 scratch dy
+ * and moe_cuda_silu_mul.
+ */
+static void
+test_q4_silu(const char *label, int fmt, int G, int zb, int N, int K,
+    int ne, int dense, int n, int hint, const uint16_t *dx, int ldx,
+    const int32_t *dxrow, const int32_t *dqw, const int32_t *dqz,
+    const uint16_t *dsc, const int32_t *doffs, float *dy, const double *ref,
+    const double *mag)
+{
+    int       F = N / 2, rc, bad = 0, kept = 1;
+    size_t    nh = (size_t) (n + 1) * F;
+    uint16_t *dh, *hh;
+    double    worst = 0;
+
+    if (N % 16 != 0) {
+        TAP_OK(0, "qgemv_q4_silu %s: N %d is not a multiple of 16 (test "
+               "table)", label, N);
+        return;
+    }
+    dh = (uint16_t *) gu_dev(nh * 2);
+    hh = (uint16_t *) malloc(nh * 2);
+    cudaMemset(dh, 0xff, nh * 2);
+    rc = moe_cuda_qgemv_q4_silu(fmt, (const moe_bf16_t *) dx, ldx,
+                                dense ? NULL : dxrow, 2, dqw, dqz, dsc, NULL,
+                                G, zb, N, K, dense ? NULL : doffs,
+                                dense ? 1 : ne, n, hint, dy,
+                                (moe_bf16_t *) dh, 0);
+    cudaDeviceSynchronize();
+    gu_down(hh, dh, nh * 2);
+    for (int r = 0; r < n + 1; r++) {
+        for (int j = 0; j < F; j++) {
+            uint16_t b = hh[(size_t) r * F + j];
+
+            if (r >= n) {
+                kept &= b == 0xffff;
+                continue;
+            }
+            double g = ref[(size_t) r * N + j];
+            double u = ref[(size_t) r * N + F + j];
+            double sg = g / (1.0 + exp(-g)), want = sg * u;
+            double tol = 2e-4 * (1.1 * mag[(size_t) r * N + j] * fabs(u)
+                                 + fabs(sg) * mag[(size_t) r * N + F + j])
+                         + fabs(want) / 128 + 1e-6;
+            double err = fabs((double) gu_bf2f(b) - want);
+
+            if (!(err <= tol)) {
+                if (bad == 0) {
+                    TAP_DIAG("%s silu hint %d: row %d col %d: %.7g vs %.7g",
+                             label, hint, r, j, (double) gu_bf2f(b), want);
+                }
+                bad++;
+            }
+            if (tol > 0 && err / tol > worst) {
+                worst = err / tol;
+            }
+        }
+    }
+    TAP_OK(rc == MOE_K_OK && bad == 0 && kept, "qgemv_q4_silu %s (%s G %d "
+           "N %d K %d, %d rows) max_rows %d: H within bounds (%d bad, "
+           "worst %.2f of the bound)%s", label,
+           fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, N, K, n, hint, bad,
+           worst, kept ? "" : ", row n written");
+    cudaFree(dh);
+    free(hh);
+}
+
+
+/*
+ * moe_cuda_qgemv_q4_rows on ne groups of rows[e] rows each (dense: one
+ * matrix, offs NULL, input row r; else inputs gathered through xrow /
+ * xdiv 2), once per max_rows hint in hints (each picks a tile: 1 -> 8
+ * rows per pass, 16 -> 16, 32 -> 32 (GPTQ), 0 -> the mean): every output
+ * within 2e-4 x sum |x w| of the host, Y's columns past N and rows past n
+ * untouched, and, where the tensor-core kernel takes the shape (G a
+ * multiple of 32 for GPTQ, 16 for AWQ), a second run bit-equal to the
+ * first (its sums have a fixed order; the atomic kernel's do not).
+ */
+static void
+test_q4_rows(const char *label, int fmt, int G, int zb, int N, int K,
+    int ne, const int *rows, int dense, const int *hints, int nh)
+{
+    q4_t      q;
+    int       KG = (K + G - 1) / G, ldx = K + 8, ldy = N + 5, n = 0, nx;
+    int32_t  *offs = (int32_t *) malloc((size_t) (ne + 1) * 4), *xrow;
+    int32_t  *dqw, *dqz, *doffs, *dxrow;
+    uint16_t *xb, *dsc, *dx;
+    float    *x, *hy, *hy2, *dy;
+    double   *ref, *mag;
+    size_t    ny;
+    int       det = G % (fmt == MOE_K_Q4_GPTQ ? 32 : 16) == 0;
+
+    offs[0] = 0;
+    for (int e = 0; e < ne; e++) {
+        offs[e + 1] = offs[e] + rows[e];
+    }
+    n = offs[ne];
+    nx = dense ? n : 7;
+    ny = (size_t) (n + 2) * ldy;
+    q4_make(&q, ne, fmt, G, zb, 0, N, K);
+    xrow = (int32_t *) malloc((size_t) n * 4);
+    for (int r = 0; r < n; r++) {
+        xrow[r] = (int32_t) (gu_rand() % (uint32_t) nx) * 2 + 1;
+    }
+    x = (float *) malloc((size_t) nx * ldx * 4);
+    xb = (uint16_t *) malloc((size_t) nx * ldx * 2);
+    gu_fill_bf(x, xb, (size_t) nx * ldx, 1.0f);
+
+    /* host: every weight dequantized once, applied to its group's rows */
+    ref = (double *) calloc((size_t) n * N, sizeof(double));
+    mag = (double *) calloc((size_t) n * N, sizeof(double));
+    for (int e = 0; e < ne; e++) {
+        if (rows[e] == 0) {
+            continue;
+        }
+        for (int j = 0; j < N; j++) {
+            for (int k = 0; k < K; k++) {
+                double w = q4_deq(&q, e, j, k);
+
+                for (int r = offs[e]; r < offs[e + 1]; r++) {
+                    int    xr = dense ? r : xrow[r] / 2;
+                    double p = (double) x[(size_t) xr * ldx + k] * w;
+
+                    ref[(size_t) r * N + j] += p;
+                    mag[(size_t) r * N + j] += fabs(p);
+                }
+            }
+        }
+    }
+
+    dqw = (int32_t *) gu_up(q.qw, (size_t) ne * K * N / 8 * 4);
+    dqz = (int32_t *) gu_up(q.qz, (size_t) ne * KG * N / 8 * 4);
+    dsc = (uint16_t *) gu_up(q.sc, (size_t) ne * KG * N * 2);
+    dx = (uint16_t *) gu_up(xb, (size_t) nx * ldx * 2);
+    doffs = (int32_t *) gu_up(offs, (size_t) (ne + 1) * 4);
+    dxrow = (int32_t *) gu_up(xrow, (size_t) n * 4);
+    dy = (float *) gu_dev(ny * 4);
+    hy = (float *) malloc(ny * 4);
+    hy2 = (float *) malloc(ny * 4);
+
+    for (int h = 0; h < nh; h++) {
+        int    rc = -1, rc2 = -1, bad = 0, kept = 1, same;
+        double worst = 0;
+
+        for (int pass = 0; pass < 2; pass++) {
+            cudaMemset(dy, 0xff, ny * 4);
+            rc2 = moe_cuda_qgemv_q4_rows(fmt, (const moe_bf16_t *) dx, ldx,
+                                         dense ? NULL : dxrow, 2, dqw, dqz,
+                                         dsc, NULL, G, zb, N, K,
+                                         dense ? NULL : doffs,
+                                         dense ? 1 : ne, n, hints[h], dy,
+                                         ldy, 0);
+            cudaDeviceSynchronize();
+            gu_down(pass == 0 ? hy : hy2, dy, ny * 4);
+            if (pass == 0) {
+                rc = rc2;
+            }
+        }
+        same = !det || memcmp(hy, hy2, (size_t) n * ldy * 4) == 0;
+        for (int r = 0; r < n + 2; r++) {
+            for (int j = 0; j < ldy; j++) {
+                float    v = hy[(size_t) r * ldy + j];
+                uint32_t u;
+
+                if (r >= n || j >= N) {
+                    memcpy(&u, &v, 4);
+                    kept &= u == 0xffffffffu;
+                    continue;
+                }
+                double err = fabs((double) v - ref[(size_t) r * N + j]);
+                double a = mag[(size_t) r * N + j];
+
+                if (!(err <= 2e-4 * a + 1e-6)) {
+                    if (bad == 0) {
+                        TAP_DIAG("%s hint %d: row %d col %d: %.7g vs %.7g",
+                                 label, hints[h], r, j, v,
+                                 ref[(size_t) r * N + j]);
+                    }
+                    bad++;
+                }
+                if (a > 0 && err / a > worst) {
+                    worst = err / a;
+                }
+            }
+        }
+        TAP_DIAG("%s hint %d: worst error %.3g of sum |x w|", label,
+                 hints[h], worst);
+        TAP_OK(rc == MOE_K_OK && rc2 == MOE_K_OK && bad == 0 && kept
+               && same, "qgemv_q4 %s (%s G %d zb %d N %d K %d, %d rows) "
+               "max_rows %d: within 2e-4 (%d bad)%s%s", label,
+               fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, zb, N, K, n,
+               hints[h], bad, kept ? "" : ", outside Y written",
+               !det ? "" : same ? ", deterministic" : ", runs differ");
+        test_q4_silu(label, fmt, G, zb, N, K, ne, dense, n, hints[h], dx,
+                     ldx, dxrow, dqw, dqz, dsc, doffs, dy, ref, mag);
+    }
+
+    cudaFree(dqw);
+    cudaFree(dqz);
+    cudaFree(dsc);
+    cudaFree(dx);
+    cudaFree(doffs);
+    cudaFree(dxrow);
+    cudaFree(dy);
+    q4_free(&q);
+    free(offs);
+    free(xrow);
+    free(x);
+    free(xb);
+    free(hy);
+    free(hy2);
+    free(ref);
+    free(mag);
+}
+
+
 int
 main(void)
 {
@@ -587,7 +819,9 @@ main(void)
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
     }
-    TAP_PLAN(2 + 5 * 3 + 7 * 4 + 3);
+    /* fp8.h 2, fp8 5 x 3, q4 8 x 4, q4 tiles (and each with SiLU fused)
+     * 2 x (2 x 13 + 4), refusals 3 */
+    TAP_PLAN(2 + 5 * 3 + 8 * 4 + 2 * (2 * 13 + 4) + 3);
     gu_seed(seed);
     TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
              (unsigned long long) seed);
@@ -607,6 +841,46 @@ main(void)
     test_q4(MOE_K_Q4_GPTQ, 64, 0, 0, 64, 2048);
     test_q4(MOE_K_Q4_GPTQ, 32, 1, 1, 136, 384);
     test_q4(MOE_K_Q4_GPTQ, 128, 0, 1, 128, 1024);
+    test_q4(MOE_K_Q4_GPTQ, 128, 1, 1, 64, 1056);      /* ragged, g_idx */
+
+    {
+        static const int r_small[4] = { 1, 0, 2, 4 };
+        static const int r_mid[3] = { 16, 17, 0 };
+        static const int r_big[1] = { 64 };
+        static const int r_compact[4] = { 0, 0, 3, 0 };
+        static const int r_mix[2] = { 1, 1 };
+        static const int h_small[3] = { 0, 16, 32 };
+        static const int h_mid[3] = { 0, 1, 32 };
+        static const int h_big[2] = { 0, 8 };
+        static const int h_auto[1] = { 0 };
+
+        /* f: the format and GPTQ's zero bias (AWQ has none) */
+        for (int f = 0; f < 2; f++) {
+            int fmt = f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
+
+            test_q4_rows("rows 1,0,2,4", fmt, 128, f, 272, 1024, 4,
+                         r_small, 0, h_small, 3);
+            test_q4_rows("rows 16,17,0", fmt, 64, 0, 256, 768, 3, r_mid, 0,
+                         h_mid, 3);
+            test_q4_rows("dense 64 rows", fmt, 32, f, 128, 512, 1,
+                         r_big, 1, h_big, 2);
+            test_q4_rows("compact 0,0,3,0", fmt, 1024, f, 144, 1024, 4,
+                         r_compact, 0, h_auto, 1);
+            test_q4_rows("ragged K", fmt, 128, f, 160, 1056, 2, r_mix, 0,
+                         h_small, 3);
+            test_q4_rows("group 48", fmt, 48, f, 64, 480, 2, r_mix, 0,
+                         h_small, 1);
+        }
+        /* mixtral-8x7b experts at batch 1: gate|up, down (G 128) */
+        test_q4_rows("mixtral w13", MOE_K_Q4_AWQ, 128, 0, 28672, 4096, 2,
+                     r_mix, 0, h_auto, 1);
+        test_q4_rows("mixtral w2", MOE_K_Q4_AWQ, 128, 0, 4096, 14336, 2,
+                     r_mix, 0, h_auto, 1);
+        test_q4_rows("mixtral w13", MOE_K_Q4_GPTQ, 128, 1, 28672, 4096, 2,
+                     r_mix, 0, h_auto, 1);
+        test_q4_rows("mixtral w2", MOE_K_Q4_GPTQ, 128, 1, 4096, 14336, 2,
+                     r_mix, 0, h_auto, 1);
+    }
 
     {
         float *d = (float *) gu_dev(64);
@@ -618,8 +892,8 @@ main(void)
         TAP_OK(moe_cuda_qgemv_q4(MOE_K_Q4_AWQ, (const moe_bf16_t *) d, 64,
                                  NULL, 1, (const int32_t *) d,
                                  (const int32_t *) d, (const uint16_t *) d,
-                                 NULL, 48, 0, 64, 64, NULL, 1, 1, d, 64, 0)
-               == MOE_K_EUNSUPPORTED, "qgemv_q4: K %% G != 0 refused (%s)",
+                                 NULL, 36, 0, 64, 64, NULL, 1, 1, d, 64, 0)
+               == MOE_K_EUNSUPPORTED, "qgemv_q4: G %% 8 != 0 refused (%s)",
                moe_cuda_last_error());
         TAP_OK(moe_cuda_dequant_q4(7, (const int32_t *) d,
                                    (const int32_t *) d, (const uint16_t *) d,

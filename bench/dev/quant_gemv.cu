@@ -1,0 +1,184 @@
+/*
+ * Dev harness: the 4-bit GEMV (kernels/quant_gemv.cu) on one mixtral-8x7b
+ * MoE layer's expert shapes (8 experts, group 128; gate|up N 28672 K 4096,
+ * down N 4096 K 14336), AWQ and GPTQ, r rows per expert hit (r = 1: two
+ * experts hit, the batch-1 decode step; else all 8).  Lines: the shipped
+ * launcher; the tensor-core tiles forced through max_rows (8 / 16 / 32
+ * rows per pass); the same kernel with the cluster size S (0: the
+ * launcher's q4m_split, 1, 2, 4, 8) x the L2 prefetch distance (0, 1, 2,
+ * 4, 8, 32 iterations; QM_PF ships with S 0); for GPTQ the
+ * CUDA-core atomic kernel (a trivial g_idx sends it there); for gate|up
+ * the shipped GEMV + moe_cuda_silu_mul against moe_cuda_qgemv_q4_silu
+ * (one launch; bf16 H compared within 1e-2 relative RMS).  Each is
+ * checked against the shipped output (relative RMS, fp32 order only).
+ * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
+ *
+ *   build/bench/dev/quant_gemv [rows ...]      (default 1 16)
+ */
+#include "../../kernels/quant_gemv.cu"
+
+#include "dev.cuh"
+
+
+/* n hash-random 32-bit words */
+__global__ void
+dev_q4_words(uint32_t *p, size_t n, uint32_t seed)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t) gridDim.x * blockDim.x)
+    {
+        uint32_t h = (uint32_t) i * 2654435761u ^ seed;
+
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = h;
+    }
+}
+
+
+/* n fp16 scales 0.01 (raw 0x211f); g_idx k / G of `count` matrices */
+__global__ void
+dev_q4_fill(uint16_t *sc, size_t n, int32_t *gidx, int count, int K, int G)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t) gridDim.x * blockDim.x)
+    {
+        sc[i] = 0x211f;
+    }
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x;
+         i < (size_t) count * K; i += (size_t) gridDim.x * blockDim.x)
+    {
+        gidx[i] = (int32_t) (i % (size_t) K) / G;
+    }
+}
+
+
+static void
+dev_shape(int fmt, int w13, int rows)
+{
+    const int  E = 8, G = 128, iters = 50;
+    const int  N = w13 ? 28672 : 4096, K = w13 ? 4096 : 14336;
+    const int  KG = K / G, hit = rows == 1 ? 2 : E, n = hit * rows;
+    const char *fn = fmt == MOE_K_Q4_AWQ ? "awq" : "gptq";
+    size_t     nw = (size_t) E * K * N / 8, nz = (size_t) E * KG * N / 8;
+    size_t     ns = (size_t) E * KG * N, on = (size_t) n * N;
+    double     bytes = (double) hit * ((double) K * N / 2
+                                       + (double) KG * N * 2.5);
+    int32_t    offs[9];
+    char       name[64];
+    double     ms;
+
+    for (int e = 0; e <= E; e++) {
+        offs[e] = (e < hit ? e : hit) * rows;
+    }
+
+    uint32_t   *qw = (uint32_t *) gu_dev(nw * 4);
+    uint32_t   *qz = (uint32_t *) gu_dev(nz * 4);
+    uint16_t   *sc = (uint16_t *) gu_dev(ns * 2);
+    int32_t    *gi = (int32_t *) gu_dev((size_t) E * K * 4);
+    const bf16 *X = (const bf16 *) dev_rand_bf((size_t) n * K, 1.0f);
+    int32_t    *d_offs = (int32_t *) gu_up(offs, sizeof(offs));
+    float      *ref = (float *) gu_dev(on * 4), *out = (float *) gu_dev(on * 4);
+
+    dev_q4_words<<<4096, 256>>>(qw, nw, 7u);
+    dev_q4_words<<<1024, 256>>>(qz, nz, 9u);
+    dev_q4_fill<<<1024, 256>>>(sc, ns, gi, E, K, G);
+    DEV_CHECK(cudaDeviceSynchronize());
+
+    auto run = [&](int mr, int S, int pf, const int32_t *g, float *y) {
+        if (S == 0 && pf == QM_PF) {
+            return moe_cuda_qgemv_q4_rows(fmt, (const moe_bf16_t *) X, K,
+                                          NULL, 1, (const int32_t *) qw,
+                                          (const int32_t *) qz, sc, g, G, 1,
+                                          N, K, d_offs, E, n, mr, y, N, 0);
+        }
+        return q4m_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
+                       (const int32_t *) qz, sc, NULL, G,
+                       fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K, d_offs, E, n,
+                       mr > 0 ? mr : rows, S, pf, y, NULL, N, 0);
+    };
+
+    printf("%s %s N %d K %d, %d rows x %d experts (%.0f MB)\n", fn,
+           w13 ? "gate|up" : "down", N, K, rows, hit, bytes / 1e6);
+    ms = dev_time(iters, [&]() { return run(0, 0, QM_PF, NULL, ref); });
+    dev_line("shipped", ms, bytes, 0, -1, 0);
+    if (w13) {
+        /* SwiGLU: the GEMV + moe_cuda_silu_mul against the fused launch */
+        bf16 *h = (bf16 *) gu_dev((size_t) n * N * 2), *h2 = h + on / 2;
+
+        ms = dev_time(iters, [&]() {
+            return run(0, 0, QM_PF, NULL, ref) != 0
+                   ? -1 : moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) h,
+                                            0);
+        });
+        dev_line("shipped + silu_mul (2 launches)", ms, bytes, 0, -1, 0);
+        ms = dev_time(iters, [&]() {
+            return moe_cuda_qgemv_q4_silu(fmt, (const moe_bf16_t *) X, K,
+                                          NULL, 1, (const int32_t *) qw,
+                                          (const int32_t *) qz, sc, NULL, G,
+                                          1, N, K, d_offs, E, n, 0, NULL,
+                                          (moe_bf16_t *) h2, 0);
+        });
+        dev_line("SiLU fused (qgemv_q4_silu)", ms, bytes, 0,
+                 dev_diff(h2, h, on / 2, 1), 1e-2);
+        cudaFree(h);
+    }
+    for (int mr = 1; mr <= 32; mr *= (mr == 1 ? 16 : 2)) {
+        ms = dev_time(iters, [&]() { return run(mr, 0, QM_PF, NULL, out); });
+        snprintf(name, sizeof(name), "max_rows %d", mr);
+        dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
+    }
+    /* cluster size x L2 prefetch distance (S 0: q4m_split's choice;
+     * pf 32: every warp's whole K range at its start, even at S 1) */
+    for (int S = 0; S <= QM_SMAX; S = S == 0 ? 1 : 2 * S) {
+        static const int pfs[6] = { 0, 1, 2, 4, 8, 32 };
+
+        for (int i = 0; i < 6; i++) {
+            int pf = pfs[i];
+
+            if (S == 0 && pf == QM_PF) {
+                continue;                       /* the shipped line */
+            }
+            ms = dev_time(iters, [&]() { return run(0, S, pf, NULL, out); });
+            snprintf(name, sizeof(name), "cluster S %d, L2 prefetch %d",
+                     S, pf);
+            dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
+        }
+    }
+    if (fmt == MOE_K_Q4_GPTQ) {
+        ms = dev_time(iters, [&]() { return run(0, 0, QM_PF, gi, out); });
+        dev_line("CUDA cores + atomics (g_idx)", ms, bytes, 0,
+                 dev_diff(out, ref, on, 0), 1e-5);
+    }
+    cudaFree(qw); cudaFree(qz); cudaFree(sc); cudaFree(gi);
+    cudaFree((void *) X); cudaFree(d_offs); cudaFree(ref); cudaFree(out);
+}
+
+
+int
+main(int argc, char **argv)
+{
+    int rows[16], nr = 0;
+
+    for (int i = 1; i < argc && nr < 16; i++) {
+        rows[nr++] = atoi(argv[i]);
+    }
+    if (nr == 0) {
+        rows[nr++] = 1;
+        rows[nr++] = 16;
+    }
+    gu_seed(1);
+    dev_limits();
+    for (int i = 0; i < nr; i++) {
+        if (rows[i] < 1 || rows[i] > 64) {
+            fprintf(stderr, "rows per expert: 1..64\n");
+            return 2;
+        }
+        for (int f = 0; f < 2; f++) {
+            dev_shape(f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ, 1, rows[i]);
+            dev_shape(f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ, 0, rows[i]);
+        }
+    }
+    return dev_failed;
+}
