@@ -407,7 +407,10 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
                                "no scratch for the rescale path");
             return MOE_K_EUNSUPPORTED;
         }
-        MOE_TRY(fg_plan_get(g, M, N, K, 0, 0, 0, &p));
+        /* the unit-scale GEMM runs on M rounded up to 64 rows (Q holds
+         * them: gemm_fp8.h), so the many per-expert row counts of a
+         * prefill share a few plans; the rescale writes the M real rows */
+        MOE_TRY(fg_plan_get(g, (M + 63) / 64 * 64, N, K, 0, 0, 0, &p));
     }
 
     direct = outer && ldy == N;

@@ -57,8 +57,10 @@ int moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx,
  * Q (M, K) e4m3 rows of K bytes (moe_cuda_quant_rows_fp8), qs (M) fp32;
  * W (N, K) e4m3 row-major (HF layout), ws (N) fp32.  Y: bf16 (y_bf16 1) or
  * fp32, leading dimension ldy >= N; `accumulate` adds into Y (fp32 Y
- * only).  tmp: fp32 scratch of M * N floats, used only by the rescale
- * path (NULL: that path is refused with MOE_K_EUNSUPPORTED).  K % 16 == 0,
+ * only).  tmp: fp32 scratch of round_up(M, 64) * N floats, used only by
+ * the rescale path (NULL: that path is refused with MOE_K_EUNSUPPORTED),
+ * which multiplies round_up(M, 64) rows of Q: Q must have that many rows
+ * readable (their values do not matter).  K % 16 == 0,
  * N % 16 == 0 (cuBLASLt's fp8 alignment).  M == 0: nothing to do.
  * Not capturable into a CUDA graph on the first call of a shape (the plan
  * is chosen then); prefill steps run outside graphs.

@@ -109,6 +109,32 @@ run bench_engine bench 180 build/gpu/bench_engine build/gpu/bench_engine \
 run serve_smoke  serve 90  build/nginx/objs/ngx_http_moe_module.so \
     tools/gpu_serve_smoke.sh
 run serve_bench  serve 200 build/bench/serve bench/gpu_serve.sh "${SERVE_C:-64}"
+# the weight hand-over across processes (engine/backends/cuda_share.h)
+run test_share   tests 60  build/gpu/test_share   build/gpu/test_share
+# the whole model with its weights as quantized checkpoints hold them
+# (random packed weights on the device): fp8 e4m3 per-channel, AWQ 4-bit
+# group 128; decode at batch 1 and 64 (context 512), fp8 prefill 2048
+run bench_fp8    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
+    BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=2048 \
+    build/gpu/bench_engine mixtral-8x7b --weights fp8
+run bench_awq    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
+    BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
+    build/gpu/bench_engine mixtral-8x7b --weights awq
+# serving the fp8 model through nginx (bench/conf/mixtral-8x7b-fp8-dummy
+# .yaml), the same load as serve_bench; json under $OUT/fp8
+run serve_fp8    serve 200 build/bench/serve bash -c 'mkdir -p "$OUT/fp8" \
+    && OUT="$OUT/fp8" BENCH_YAML=bench/conf/mixtral-8x7b-fp8-dummy.yaml \
+    bench/gpu_serve.sh "${SERVE_C:-64}"'
+# nginx -s reload under streams with the model filling the GPU: the new
+# worker imports the old one's weights (t/http_reload.t).  The issue's goal
+# is 1 s to the first served request; measured 3.24 s on 2026-12-02 (was
+# 12.17 s loading from disk), so this step holds the line at 4 s
+run reload       serve 150 build/nginx/objs/ngx_http_moe_module.so bash -c \
+    '. tools/gpu_env.sh && gpu_bench_tokenizer && LOCALMOE_NGINX=$NGINX \
+    LOCALMOE_RELOAD_YAML=bench/conf/mixtral-8x7b-dummy.yaml \
+    LOCALMOE_RELOAD_MODEL=mixtral-8x7b LOCALMOE_RELOAD_EXPECT_HANDOVER=1 \
+    LOCALMOE_RELOAD_TARGET_S=${RELOAD_TARGET_S:-4} \
+    prove -v t/http_reload.t'
 
 tap() {         # "N ok, M not ok" of a TAP log, or its skip reason
     if grep -q '^1\.\.0' "$OUT/$1.log" 2>/dev/null; then

@@ -123,10 +123,10 @@ main(void)
         DEV_CHECK(cudaMalloc(&w, (size_t) N * K * 2));
         DEV_CHECK(cudaMalloc(&w8, (size_t) N * K));
         DEV_CHECK(cudaMalloc(&y, (size_t) M * N * 2));
-        DEV_CHECK(cudaMalloc(&q, (size_t) M * K));
+        DEV_CHECK(cudaMalloc(&q, (size_t) (M + 64) * K));
         DEV_CHECK(cudaMalloc(&qs, (size_t) M * 4));
         DEV_CHECK(cudaMalloc(&ws, (size_t) N * 4));
-        DEV_CHECK(cudaMalloc(&tmp, (size_t) M * N * 4));
+        DEV_CHECK(cudaMalloc(&tmp, (size_t) (M + 64) * N * 4));
         DEV_CHECK(cudaMemset(x, 0x3c, (size_t) M * K * 2));
         DEV_CHECK(cudaMemset(w, 0x3c, (size_t) N * K * 2));
         DEV_CHECK(cudaMemset(w8, 0x30, (size_t) N * K));

@@ -75,6 +75,7 @@
 #include "init.h"
 #include "moe_gemv.h"
 #include "moe_ggemm.h"
+#include "gemm_fp8.h"
 #include "moe_permute.h"
 #include "moe_route.h"
 #include "rmsnorm.h"
@@ -256,6 +257,9 @@ typedef struct {
     float          *gu;            /* (NK, 2 ffn) */
     bf16           *hbuf;          /* (NK, ffn) */
     float          *ye;            /* (NK, dim) */
+    size_t          qscratch_bytes;
+    moe_fp8_gemm_t *fp8g;          /* cuBLASLt fp8 GEMMs (prefill of fp8
+                                      per-channel parts; cb_fp8_gemm) */
     bf16           *qscratch;      /* one packed part dequantized (the
                                       tensor-core path), or NULL */
     bf16           *xlast;         /* (CB_LOGIT_ROWS, dim) */
@@ -858,6 +862,7 @@ cb_destroy(moe_backend_t *base)
     cb_nccl_release(b);             /* after this rank's captured graphs */
     free(b->ev);
     free(b->ev_stage);
+    moe_cuda_fp8_gemm_destroy(b->fp8g);
     if (b->blas != NULL) {
         (void) cublasDestroy(b->blas);
     }
@@ -1821,6 +1826,14 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
                "failed");
         return MOE_EBACKEND;
     }
+    /* fp8 prefill GEMMs share the cuBLAS workspace (one stream) */
+    if (moe_cuda_fp8_gemm_create(b->blas_ws, CB_BLAS_WS, &b->fp8g)
+        != MOE_K_OK)
+    {
+        moe_log(MOE_LOG_INFO, "cuda backend: no fp8 GEMMs (%s): fp8 "
+                "prefill dequantizes", moe_cuda_last_error());
+        b->fp8g = NULL;
+    }
 
     wl.qoff = NULL;
     cb_weight_layout(hp, b->plan, &wl);
@@ -1917,8 +1930,8 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
         }
     }
 
-    cb_ws_layout(hp, b->cap, b->n_blocks,
-                 moe_qw_scratch_bytes(hp, b->plan), &sl);
+    b->qscratch_bytes = moe_qw_scratch_bytes(hp, b->plan);
+    cb_ws_layout(hp, b->cap, b->n_blocks, b->qscratch_bytes, &sl);
     {
         char msg[96];
 
@@ -2495,6 +2508,61 @@ cb_dequant(cuda_backend_t *b, const cb_qw_t *w)
 
 
 /*
+ * Prefill-sized rows of an fp8 per-channel part on the fp8 tensor cores
+ * (kernels/gemm_fp8.h): the n rows of X (ldx) quantized per row into the
+ * dequantization scratch, then one cuBLASLt GEMM per matrix: count 1 (a
+ * dense part), or per expert e of the part with rows [h_counts[e],
+ * h_counts[e + 1]) of X (the gathered rows, CB_PATH_BLAS).  MOE_EUNSUPPORTED
+ * (nothing enqueued) when the part or the scratch does not allow it: the
+ * caller then dequantizes.  The scratch holds Q (rows + 64 padding) * K
+ * bytes, the row scales, and the GEMM's fp32 output of the largest
+ * matrix (rows rounded up to 64) * N.
+ */
+static int
+cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
+    int ldx, int experts, float *Y, int ldy)
+{
+    size_t   K = (size_t) w->K, N = (size_t) w->N, rows = (size_t) n + 64;
+    size_t   qb = (rows * K + 255) / 256 * 256, sb = (rows * 4 + 255) / 256
+                                                    * 256;
+    uint8_t *Q = (uint8_t *) b->qscratch;
+    float   *qs, *tmp;
+    int      e, e0 = b->hp.expert_first, r0, ne;
+
+    if (b->fp8g == NULL || w->fmt != MOE_WF_FP8
+        || w->mode != MOE_K_FP8_CHANNEL || n <= 0 || K % 16 != 0
+        || N % 16 != 0 || ldx % 8 != 0 || Q == NULL
+        || qb + sb + rows * N * 4 > b->qscratch_bytes)
+    {
+        return MOE_EUNSUPPORTED;
+    }
+    qs = (float *) (Q + qb);
+    tmp = (float *) (Q + qb + sb);
+    MOE_TRY(moe_cuda_quant_rows_fp8((const moe_bf16_t *) X, ldx, NULL, 1, n,
+                                    (int) K, Q, qs, b->stream));
+    if (!experts) {
+        return moe_cuda_gemm_fp8(b->fp8g, n, (int) N, (int) K, Q, qs,
+                                 (const uint8_t *) w->w, w->scale, Y, ldy, 0,
+                                 0, tmp, b->stream);
+    }
+    for (e = e0; e < e0 + w->count; e++) {
+        ne = b->h_counts[e + 1] - b->h_counts[e];
+        r0 = b->h_counts[e];
+        if (ne > 0) {
+            MOE_TRY(moe_cuda_gemm_fp8(b->fp8g, ne, (int) N, (int) K,
+                                      Q + (size_t) r0 * K, qs + r0,
+                                      (const uint8_t *) w->w
+                                      + (size_t) (e - e0) * N * K,
+                                      w->scale + (size_t) (e - e0) * N,
+                                      Y + (size_t) r0 * ldy, ldy, 0, 0, tmp,
+                                      b->stream));
+        }
+    }
+    return MOE_OK;
+}
+
+
+/*
  * One dense projection, any format: Y (T, N) fp32 (ldy) = X (T, K) . W^T.
  * bf16: cb_linear (W's rows: the part's N; a stacked group calls
  * cb_linear itself).  Packed: the quantized GEMV for T <= dense_gemv_t,
@@ -2524,6 +2592,13 @@ cb_dense_proj(cuda_backend_t *b, const cb_qw_t *w, int T, const bf16 *X,
     }
     if (T <= b->tune.dense_gemv_t && ldx % 8 == 0) {
         return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy);
+    }
+    {
+        int rc = cb_fp8_gemm(b, w, T, X, ldx, 0, Y, ldy);
+
+        if (rc != MOE_EUNSUPPORTED) {
+            return rc;
+        }
     }
     MOE_TRY(cb_dequant(b, w));
     return moe_cuda_gemm(b->blas, T, w->N, w->K, (const moe_bf16_t *) X, ldx,
@@ -2559,6 +2634,23 @@ cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
         return moe_cuda_gemv((const moe_bf16_t *) X, ldx, xrow, xdiv,
                              (const moe_bf16_t *) W, w->N, w->K, offs, EL, n,
                              mr, 0, Y, NULL, ldy, &b->tune, b->stream);
+    }
+    if (path == CB_PATH_GGEMM
+        && (w->fmt == MOE_WF_AWQ || w->fmt == MOE_WF_GPTQ))
+    {
+        /* the 4-bit GEMV takes any rows per expert (passes of up to 32)
+         * and reads the packed bytes: far cheaper than dequantizing every
+         * expert each step (first H200 run: AWQ batch 64 at 2 % of its
+         * limit through the scratch) */
+        return cb_qgemv(b, w, X, ldx, xrow, xdiv, offs, EL, n, mr, Y, ldy);
+    }
+    if (path == CB_PATH_BLAS && w->fmt == MOE_WF_FP8) {
+        /* prefill: the fp8 tensor cores, rows gathered per expert */
+        int rc = cb_fp8_gemm(b, w, n, X, ldx, 1, Y, ldy);
+
+        if (rc != MOE_EUNSUPPORTED) {
+            return rc;
+        }
     }
     if (path == CB_PATH_GGEMM && w->fmt == MOE_WF_FP8
         && moe_cuda_fp8_supported(w->mode, w->N, w->K, ldx, 0))

@@ -184,13 +184,16 @@ gemm_case(moe_fp8_gemm_t *g, int M, int N, int K, int ldy, int y_bf16,
         }
     }
 
-    void *dq = gu_up(q, (size_t) M * K);
+    /* Q and tmp with room for M rounded up to 64 rows (gemm_fp8.h) */
+    size_t Mp = (size_t) (M + 63) / 64 * 64;
+    void  *dq = gu_dev(Mp * K);
     void *dw = gu_up(w, (size_t) N * K);
     void *dqs = gu_up(qs, (size_t) M * 4);
     void *dws = gu_up(ws, (size_t) N * 4);
     void *dy = gu_dev(ybytes);
-    void *dt = gu_dev((size_t) M * N * 4);
+    void *dt = gu_dev(Mp * N * 4);
 
+    cudaMemcpy(dq, q, (size_t) M * K, cudaMemcpyHostToDevice);
     if (acc) {
         cudaMemcpy(dy, y0, ybytes, cudaMemcpyHostToDevice);
     }
@@ -283,10 +286,11 @@ end_to_end(moe_fp8_gemm_t *g, int M, int N, int K)
     void *dx = gu_up(xb, (size_t) M * K * 2);
     void *dw = gu_up(w, (size_t) N * K);
     void *dws = gu_up(ws, (size_t) N * 4);
-    void *dq = gu_dev((size_t) M * K);
-    void *dqs = gu_dev((size_t) M * 4);
-    void *dy = gu_dev((size_t) M * N * 4);
-    void *dt = gu_dev((size_t) M * N * 4);
+    size_t Mp = (size_t) (M + 63) / 64 * 64;
+    void  *dq = gu_dev(Mp * K);
+    void  *dqs = gu_dev((size_t) M * 4);
+    void  *dy = gu_dev((size_t) M * N * 4);
+    void  *dt = gu_dev(Mp * N * 4);
 
     rc = moe_cuda_quant_rows_fp8((const moe_bf16_t *) dx, K, NULL, 1, M, K,
                                  (uint8_t *) dq, (float *) dqs, 0);
