@@ -201,6 +201,7 @@ typedef struct {
      * layers), each in its plan's format: qw[l * MOE_QP_N + part] */
     moe_qplan_t    *plan;
     int             fp8_dense_warp_t;  /* cb_dense_proj: fp8 warp GEMV rows */
+    int             fp8_act;       /* cb_fp8_gemm allowed (fp8 activations) */
     cb_qw_t        *qw;
     float          *attn_norm;     /* (L, dim) */
     float          *ffn_norm;      /* (L, dim) */
@@ -2185,6 +2186,10 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
         const char *fw = getenv("MOE_CUDA_FP8_DENSE_WARP_T");
 
         b->fp8_dense_warp_t = fw != NULL ? atoi(fw) : 4;
+        /* MOE_CUDA_FP8_ACT=0: fp8 prefill dequantizes instead of
+         * quantizing activations (the exact path; test_qbackend) */
+        fw = getenv("MOE_CUDA_FP8_ACT");
+        b->fp8_act = fw == NULL || atoi(fw) != 0;
     }
 
     cb_share_key(b, m, seed);
@@ -2529,7 +2534,7 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
     float   *qs, *tmp;
     int      e, e0 = b->hp.expert_first, r0, ne;
 
-    if (b->fp8g == NULL || w->fmt != MOE_WF_FP8
+    if (b->fp8g == NULL || !b->fp8_act || w->fmt != MOE_WF_FP8
         || w->mode != MOE_K_FP8_CHANNEL || n <= 0 || K % 16 != 0
         || N % 16 != 0 || ldx % 8 != 0 || Q == NULL
         || qb + sb + rows * N * 4 > b->qscratch_bytes)

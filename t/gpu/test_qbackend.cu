@@ -45,6 +45,13 @@ extern "C" {
 #include "backends/cuda_backend.h"
 
 #define REL_TOL   2e-2
+/* fp8 prefill on the fp8 tensor cores quantizes activations per token to
+ * e4m3 (3 mantissa bits: up to 2^-4 relative per element, as vLLM's
+ * dynamic fp8), which the CPU reference does not: first H200 run of the
+ * tiny per-channel fp8 models 5.0e-2 .. 6.5e-2; the variant checks that
+ * path at 1e-1 (and its greedy tokens), every other variant runs with
+ * MOE_CUDA_FP8_ACT=0 (fp8 parts dequantized for prefill) at REL_TOL */
+#define ACT_TOL   1e-1
 #define BS        4
 #define N_BLOCKS  32
 #define PROMPT    40
@@ -75,7 +82,18 @@ argmax_m(const float *v, int n, float *margin)
 
 /* variant: tp ranks (1: one backend), ep, blas: force the cuBLAS path */
 static void
+run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
+    int act, double tol);
+
+static void
 run_variant(const char *name, moe_model_t *m, int tp, int ep, int blas)
+{
+    run_variant_tol(name, m, tp, ep, blas, 0, REL_TOL);
+}
+
+static void
+run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
+    int act, double tol)
 {
     const moe_hparams_t *hp = moe_model_hparams(m);
     moe_backend_t       *gb = NULL, *cb = NULL, *g0;
@@ -91,6 +109,10 @@ run_variant(const char *name, moe_model_t *m, int tp, int ep, int blas)
     snprintf(what, sizeof(what), "%s%s%s%s", name,
              tp > 1 ? " tp 2" : "", ep ? " ep" : "",
              blas ? " (cuBLAS expert path)" : "");
+    if (act) {
+        strncat(what, " (fp8 activations)", sizeof(what) - strlen(what) - 1);
+    }
+    setenv("MOE_CUDA_FP8_ACT", act ? "1" : "0", 1);
     if (blas) {
         setenv("MOE_CUDA_GGEMM_MAX_T", "0", 1);
     }
@@ -190,9 +212,9 @@ run_variant(const char *name, moe_model_t *m, int tp, int ep, int blas)
         }
         step++;
     }
-    TAP_OK(ok && worst <= REL_TOL, "%s: %d steps (prefill %d, chunk %d, "
+    TAP_OK(ok && worst <= tol, "%s: %d steps (prefill %d, chunk %d, "
            "decode), logits rel err max %.2e (<= %.0e)", what, step, PROMPT,
-           CHUNK, worst, REL_TOL);
+           CHUNK, worst, tol);
     TAP_OK(ok && greedy_ok, "%s: greedy equal on the %d clear steps", what,
            n_greedy);
     gb->destroy(gb);
@@ -251,6 +273,13 @@ main(void)
         }
         if (strcmp(line, "awq-g32") == 0) {
             run_variant(line, m, 2, 1, 0);
+        }
+        if (strcmp(line, "fp8-tensor") == 0
+            || strcmp(line, "ct-fp8-channel") == 0)
+        {
+            /* prefill through cuBLASLt fp8 (dense, then per expert) */
+            run_variant_tol(line, m, 1, 0, 0, 1, ACT_TOL);
+            run_variant_tol(line, m, 1, 0, 1, 1, ACT_TOL);
         }
         moe_model_free(m);
     }
