@@ -765,6 +765,39 @@ moe_cuda_kv_blocks_for_fmt(const moe_hparams_t *hp, int wfmt,
 }
 
 
+/*
+ * Rank `rank` of tp (expert parallel when ep): its hparams slice in *rhp
+ * and, on the heap (free() it), the plan of which parts stay packed (the
+ * checkpoint's layouts the kernels take, on this rank's slice).
+ */
+static int
+cb_rank_plan(const moe_model_t *m, int tp, int rank, int ep,
+    moe_hparams_t *rhp, moe_qplan_t **plan, char *err, size_t errlen)
+{
+    moe_qplan_t *p;
+    int          rc;
+
+    *plan = NULL;
+    rc = moe_hparams_shard_ep(moe_model_hparams(m), tp, rank, ep && tp > 1,
+                              rhp, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    p = (moe_qplan_t *) calloc(1, sizeof(*p));
+    if (p == NULL) {
+        moe_errf(err, errlen, "cuda backend: out of memory");
+        return MOE_ENOMEM;
+    }
+    rc = moe_qw_plan_model(m, tp, rank, ep, p, err, errlen);
+    if (rc != MOE_OK) {
+        free(p);
+        return rc;
+    }
+    *plan = p;
+    return MOE_OK;
+}
+
+
 extern "C" int
 moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank, int ep,
     int block_size, int max_batched_tokens, double gpu_memory_utilization,
@@ -775,17 +808,7 @@ moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank, int ep,
     int           rc;
 
     *n_blocks = 0;
-    rc = moe_hparams_shard_ep(moe_model_hparams(m), tp, rank, ep && tp > 1,
-                              &rhp, err, errlen);
-    if (rc != MOE_OK) {
-        return rc;
-    }
-    p = (moe_qplan_t *) malloc(sizeof(*p));
-    if (p == NULL) {
-        moe_errf(err, errlen, "cuda backend: out of memory");
-        return MOE_ENOMEM;
-    }
-    rc = moe_qw_plan_model(m, tp, rank, ep, p, err, errlen);
+    rc = cb_rank_plan(m, tp, rank, ep, &rhp, &p, err, errlen);
     if (rc == MOE_OK) {
         rc = cb_kv_blocks(&rhp, p, block_size, max_batched_tokens,
                           gpu_memory_utilization, device, n_blocks, err,
@@ -2270,19 +2293,7 @@ moe_cuda_backend_create_rank_ep(const moe_model_t *m, int tp, int rank,
     }
     moe_qplan_t  *plan;
 
-    rc = moe_hparams_shard_ep(moe_model_hparams(m), tp, rank, ep && tp > 1,
-                              &rhp, err, errlen);
-    if (rc != MOE_OK) {
-        return rc;
-    }
-    /* which parts stay packed: the checkpoint's layouts the kernels take,
-     * on this rank's slice */
-    plan = (moe_qplan_t *) malloc(sizeof(*plan));
-    if (plan == NULL) {
-        moe_errf(err, errlen, "cuda backend: out of memory");
-        return MOE_ENOMEM;
-    }
-    rc = moe_qw_plan_model(m, tp, rank, ep, plan, err, errlen);
+    rc = cb_rank_plan(m, tp, rank, ep, &rhp, &plan, err, errlen);
     if (rc == MOE_OK) {
         rc = cb_create(&rhp, m, plan, 0, n_blocks, block_size,
                        max_batched_tokens, device, tp, rank, out, err,
