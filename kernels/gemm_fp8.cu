@@ -390,40 +390,32 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
         return MOE_K_EUNSUPPORTED;
     }
 
-    outer = !g->force_rescale;
+    /* outer-vector scales straight into Y when its leading dimension is
+     * N, else into tmp (fp32) and a copy; a shape the library refuses
+     * them for (the plan remembers) takes unit scales + the rescale */
+    direct = ldy == N;
     rc = MOE_K_EUNSUPPORTED;
-    if (outer) {
-        /* straight into Y when its leading dimension is N; a shape the
-         * library refuses outer-vector scales for takes the rescale path */
-        rc = fg_plan_get(g, M, N, K, y_bf16, accumulate, 1, &p);
+    if (!g->force_rescale && (direct || tmp != NULL)) {
+        rc = fg_plan_get(g, M, N, K, direct ? y_bf16 : 0,
+                         direct ? accumulate : 0, 1, &p);
         if (rc != MOE_K_OK && rc != MOE_K_EUNSUPPORTED) {
             return rc;
         }
     }
-    if (rc != MOE_K_OK) {
-        outer = 0;
+    outer = rc == MOE_K_OK;
+    direct = direct && outer;
+    if (!outer) {
         if (tmp == NULL) {
-            moe_cuda_set_error("gemm_fp8: outer-vector scaling refused and "
-                               "no scratch for the rescale path");
+            moe_cuda_set_error("gemm_fp8: the rescale path needs the "
+                               "scratch (outer-vector scaling refused or "
+                               "ldy %d != N %d)", ldy, N);
             return MOE_K_EUNSUPPORTED;
         }
         /* the unit-scale GEMM runs on M rounded up to 64 rows (Q holds
          * them: gemm_fp8.h), so the many per-expert row counts of a
          * prefill share a few plans; the rescale writes the M real rows */
         MOE_TRY(fg_plan_get(g, (M + 63) / 64 * 64, N, K, 0, 0, 0, &p));
-    }
-
-    direct = outer && ldy == N;
-    if (outer && !direct && tmp == NULL) {
-        moe_cuda_set_error("gemm_fp8: ldy %d != N %d needs the scratch", ldy,
-                           N);
-        return MOE_K_EUNSUPPORTED;
-    }
-    if (outer) {
-        /* a plan made with bf16 D but written to tmp: use an fp32 plan */
-        if (!direct && y_bf16) {
-            MOE_TRY(fg_plan_get(g, M, N, K, 0, 0, 1, &p));
-        }
+    } else {
         FG_LT(cublasLtMatmulDescSetAttribute(p->desc,
                   CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws)));
         FG_LT(cublasLtMatmulDescSetAttribute(p->desc,

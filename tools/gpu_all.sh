@@ -131,17 +131,15 @@ run serve_fp8    serve 200 build/bench/serve bash -c 'mkdir -p "$OUT/fp8" \
 # request 3.24-3.48 s after the reload on 2026-12-02 (12.17 s loading from
 # disk), so `reload` holds the line at 4 s; without a swap pool
 # (`reload_noswap`, swap_space 0) 0.67 s, held at the issue's 1 s
-run reload       serve 150 build/nginx/objs/ngx_http_moe_module.so bash -c \
-    '. tools/gpu_env.sh && gpu_bench_tokenizer && LOCALMOE_NGINX=$NGINX \
-    LOCALMOE_RELOAD_YAML=bench/conf/mixtral-8x7b-dummy.yaml \
-    LOCALMOE_RELOAD_MODEL=mixtral-8x7b LOCALMOE_RELOAD_EXPECT_HANDOVER=1 \
-    LOCALMOE_RELOAD_TARGET_S=${RELOAD_TARGET_S:-4} \
-    prove -v t/http_reload.t'
-run reload_noswap serve 150 build/nginx/objs/ngx_http_moe_module.so bash -c \
-    '. tools/gpu_env.sh && gpu_bench_tokenizer && LOCALMOE_NGINX=$NGINX \
-    LOCALMOE_RELOAD_YAML=bench/conf/mixtral-8x7b-dummy-noswap.yaml \
-    LOCALMOE_RELOAD_MODEL=mixtral-8x7b LOCALMOE_RELOAD_EXPECT_HANDOVER=1 \
-    LOCALMOE_RELOAD_TARGET_S=1 prove -v t/http_reload.t'
+reload_step() {  # reload_step NAME YAML TARGET_S
+    run "$1" serve 150 build/nginx/objs/ngx_http_moe_module.so bash -c \
+        '. tools/gpu_env.sh && gpu_bench_tokenizer && LOCALMOE_NGINX=$NGINX \
+        LOCALMOE_RELOAD_MODEL=mixtral-8x7b LOCALMOE_RELOAD_EXPECT_HANDOVER=1 \
+        LOCALMOE_RELOAD_YAML="$0" LOCALMOE_RELOAD_TARGET_S="$1" \
+        prove -v t/http_reload.t' "$2" "$3"
+}
+reload_step reload bench/conf/mixtral-8x7b-dummy.yaml "${RELOAD_TARGET_S:-4}"
+reload_step reload_noswap bench/conf/mixtral-8x7b-dummy-noswap.yaml 1
 
 tap() {         # "N ok, M not ok" of a TAP log, or its skip reason
     if grep -q '^1\.\.0' "$OUT/$1.log" 2>/dev/null; then

@@ -200,7 +200,6 @@ typedef struct {
     /* the linear parts (q, k, v, o, experts, shared expert, dense
      * layers), each in its plan's format: qw[l * MOE_QP_N + part] */
     moe_qplan_t    *plan;
-    int             fp8_dense_warp_t;  /* cb_dense_proj: fp8 warp GEMV rows */
     int             fp8_act;       /* cb_fp8_gemm allowed (fp8 activations) */
     cb_qw_t        *qw;
     float          *attn_norm;     /* (L, dim) */
@@ -1545,23 +1544,6 @@ static int cb_swap_alloc(moe_backend_t *base, int n_slots, char *err,
  * base address never change, so captured graphs stay valid.
  */
 
-/* A short name of the plan's formats for the share key: "bf16" when
- * every part is bf16, else the first packed part's format. */
-static const char *
-cb_plan_quant_name(const moe_qplan_t *plan)
-{
-    const unsigned char *p = (const unsigned char *) plan;
-    size_t               i;
-
-    for (i = 0; i < sizeof(*plan); i++) {
-        if (p[i] != 0) {
-            return "packed";
-        }
-    }
-    return "bf16";
-}
-
-
 /* The key of the weights a backend of hp would hold on device (m NULL:
  * load_format dummy with that seed); "" when sharing is off
  * (MOE_CUDA_SHARE=0) or the model cannot be resolved. */
@@ -1603,7 +1585,7 @@ cb_share_key_for(const moe_hparams_t *hp, const moe_qplan_t *plan,
     in.layout_sum = moe_share_sum(moe_share_sum(0, &wl.total,
                                                 sizeof(wl.total)),
                                   plan, sizeof(*plan));
-    in.quant = cb_plan_quant_name(plan);
+    in.quant = NULL;                /* the formats: in layout_sum */
     in.dtype = "bf16";
     in.tp = tp;
     in.rank = rank;
@@ -2204,15 +2186,11 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     }
     b->use_graphs = b->tune.graphs;
     {
-        /* fp8 dense projections up to this many rows take the warp-per-
-         * row GEMV (cb_dense_proj); MOE_CUDA_FP8_DENSE_WARP_T: the A/B */
-        const char *fw = getenv("MOE_CUDA_FP8_DENSE_WARP_T");
-
-        b->fp8_dense_warp_t = fw != NULL ? atoi(fw) : 4;
         /* MOE_CUDA_FP8_ACT=0: fp8 prefill dequantizes instead of
          * quantizing activations (the exact path; test_qbackend) */
-        fw = getenv("MOE_CUDA_FP8_ACT");
-        b->fp8_act = fw == NULL || atoi(fw) != 0;
+        const char *fa = getenv("MOE_CUDA_FP8_ACT");
+
+        b->fp8_act = fa == NULL || atoi(fa) != 0;
     }
 
     cb_share_key(b, m, seed);
@@ -2592,19 +2570,6 @@ cb_dense_proj(cuda_backend_t *b, const cb_qw_t *w, int T, const bf16 *X,
     if (w->fmt == MOE_WF_BF16) {
         return cb_linear(b, T, w->N, w->K, X, ldx, (const bf16 *) w->w, Y,
                          ldy);
-    }
-    if (w->fmt == MOE_WF_FP8 && T <= b->fp8_dense_warp_t && ldx % 8 == 0
-        && w->K % 16 == 0)
-    {
-        /* a dense matrix at a few rows: one warp per output row (many
-         * short, independent weight streams) beats the tensor-core GEMV,
-         * whose blocks of 16 columns leave a 1024-row k / v projection on
-         * 64 blocks (first H200 run: dense GEMMs 1.46 ms of a 5.96 ms
-         * fp8 batch-1 step against 0.31 ms of bytes) */
-        return moe_cuda_qgemv_fp8((const moe_bf16_t *) X, ldx, NULL, 1,
-                                  (const uint8_t *) w->w, w->scale, w->mode,
-                                  0, w->N, w->K, NULL, 1, T, Y, ldy,
-                                  b->stream);
     }
     if (T <= b->tune.dense_gemv_t && ldx % 8 == 0) {
         return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy);
