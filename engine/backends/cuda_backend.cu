@@ -156,11 +156,19 @@ typedef __nv_bfloat16 bf16;
  * (N, K) in format fmt.  bf16: w is the part's first row inside its
  * stacked group, expert e at w + e * grows * K elements; packed formats:
  * the kernels' layouts (kernels/quant_gemv.h), expert e at e times one
- * matrix's size.  w NULL: the layer has no such part.
+ * matrix's size, except in a stacked fp8 group (stacked 1: expert e at
+ * w + e * grows * K bytes, scales at scale + e * s_es; such a part runs
+ * only as its group, cb_group).  w NULL: the layer has no such part.
  */
 typedef struct {
     int             fmt, mode, G, zero_bias;
     int             N, K, count, grows;
+    int             stacked;       /* in a stacked fp8 group */
+    int             view;          /* a whole stacked group (cb_group) */
+    size_t          w_es;          /* fp8: bytes from one expert to the
+                                      next */
+    size_t          s_es;          /* fp8: scales from one expert to the
+                                      next */
     void           *w;             /* bf16 / e4m3 / qweight i32 */
     float          *scale;         /* fp8 (count, n_scales) */
     int32_t        *zeros;         /* 4-bit (count, K / G, N / 8) */
@@ -1240,7 +1248,7 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
     } while (0)
 
     if (w->fmt == MOE_WF_FP8) {
-        CB_PQ(cb_span(ld, &sl.w, (char *) w->w + e * N * K));
+        CB_PQ(cb_span(ld, &sl.w, (char *) w->w + e * w->w_es));
         n = (size_t) sl.n_scales;
         f = (float *) malloc(n * sizeof(float));
         if (f == NULL) {
@@ -1252,7 +1260,7 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
         sp.rows = 1;
         sp.bytes = (int64_t) (n * sizeof(float));
         sp.pitch = sp.bytes;
-        rc = cb_span(ld, &sp, (char *) (w->scale + e * n));
+        rc = cb_span(ld, &sp, (char *) (w->scale + e * w->s_es));
         free(f);
         CB_PQ(rc);
         return MOE_OK;
@@ -1445,6 +1453,20 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
 }
 
 
+/* A stacked fp8 group (its first part: q, gate, shared / dense gate;
+ * first->stacked) as one part: count matrices (grows, K); the kernels
+ * take it like any per-expert (N, K) fp8 weight (q|k|v in one launch,
+ * gate|up with SiLU fused). */
+static void
+cb_group(const cb_qw_t *first, cb_qw_t *g)
+{
+    *g = *first;
+    g->N = g->grows;
+    g->stacked = 0;
+    g->view = 1;
+}
+
+
 /* Random values for one linear part (values like bf16's uniform
  * 1/sqrt(K) ones: fp8 codes over the whole e4m3 range with per-row
  * scales 1 / (sqrt(K) 448); 4-bit random codes and zeros with scales
@@ -1501,10 +1523,17 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
             if (w->w == NULL) {
                 continue;
             }
-            if (w->fmt != MOE_WF_BF16) {
+            if (w->stacked && sh.first == p) {
+                cb_qw_t g;
+
+                /* a stacked fp8 group: all its rows at once */
+                cb_group(w, &g);
+                MOE_TRY(cb_random_part(b, &g, seed + 1000 + 16 * (uint64_t) l
+                                       * MOE_QP_N + 16 * (uint64_t) p));
+            } else if (w->fmt != MOE_WF_BF16 && !w->stacked) {
                 MOE_TRY(cb_random_part(b, w, seed + 1000 + 16 * (uint64_t) l
                                        * MOE_QP_N + 16 * (uint64_t) p));
-            } else if (sh.first == p) {
+            } else if (w->fmt == MOE_WF_BF16 && sh.first == p) {
                 MOE_TRY(moe_cuda_fill_random_bf16(
                     (moe_bf16_t *) w->w, (int64_t) w->count * w->grows * w->K,
                     seed + 1000 + 16 * (uint64_t) l * MOE_QP_N
@@ -1893,6 +1922,12 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
             q->zeros = o->zeros ? (int32_t *) (w + o->zeros) : NULL;
             q->scales = o->scales ? (uint16_t *) (w + o->scales) : NULL;
             q->g_idx = o->g_idx ? (int32_t *) (w + o->g_idx) : NULL;
+            q->stacked = moe_qw_stacked(hp, b->plan, l, p);
+            q->w_es = (size_t) (q->stacked ? sh.grows : sh.N)
+                      * (size_t) sh.K;
+            q->s_es = moe_qw_fp8_scale_count(f->mode, q->stacked ? sh.grows
+                                                                 : sh.N,
+                                             sh.K);
         }
     }
     free(wl.qoff);
@@ -2501,6 +2536,22 @@ cb_dequant(cuda_backend_t *b, const cb_qw_t *w)
 }
 
 
+/* Local expert el of an fp8 part or group view dequantized into
+ * b->qscratch (bf16 (N, K)). */
+static int
+cb_dequant_expert(cuda_backend_t *b, const cb_qw_t *w, int el)
+{
+    if (b->qscratch == NULL || w->fmt != MOE_WF_FP8) {
+        moe_cuda_set_error("cuda backend: no dequantization scratch");
+        return MOE_EBACKEND;
+    }
+    return moe_cuda_dequant_fp8((const uint8_t *) w->w + (size_t) el
+                                * w->w_es, w->scale + (size_t) el * w->s_es,
+                                w->mode, 0, w->N, w->K, 1,
+                                (moe_bf16_t *) b->qscratch, b->stream);
+}
+
+
 /*
  * Prefill-sized rows of an fp8 per-channel part on the fp8 tensor cores
  * (kernels/gemm_fp8.h): the n rows of X (ldx) quantized per row into the
@@ -2546,8 +2597,8 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
             MOE_TRY(moe_cuda_gemm_fp8(b->fp8g, ne, (int) N, (int) K,
                                       Q + (size_t) r0 * K, qs + r0,
                                       (const uint8_t *) w->w
-                                      + (size_t) (e - e0) * N * K,
-                                      w->scale + (size_t) (e - e0) * N,
+                                      + (size_t) (e - e0) * w->w_es,
+                                      w->scale + (size_t) (e - e0) * w->s_es,
                                       Y + (size_t) r0 * ldy, ldy, 0, 0, tmp,
                                       b->stream));
         }
@@ -2642,6 +2693,28 @@ cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
                                   w->N, w->K, offs, EL, n, 0, Y, NULL, ldy,
                                   b->stream);
     }
+    if (w->view && w->count > 1) {
+        /* a stacked group's experts: the scratch holds one at a time */
+        if (path != CB_PATH_BLAS) {
+            moe_cuda_set_error("cuda backend: a stacked fp8 group the "
+                               "grouped kernels refuse");
+            return MOE_EBACKEND;
+        }
+        for (e = e0; e < e0 + EL; e++) {
+            ne = b->h_counts[e + 1] - b->h_counts[e];
+            r0 = b->h_counts[e];
+            if (ne > 0) {
+                MOE_TRY(cb_dequant_expert(b, w, e - e0));
+                MOE_TRY(moe_cuda_gemm(b->blas, ne, w->N, w->K,
+                                      (const moe_bf16_t *) (X + (size_t) r0
+                                                            * ldx), ldx,
+                                      (const moe_bf16_t *) b->qscratch,
+                                      w->K, Y + (size_t) r0 * ldy, ldy, 0,
+                                      0.0f));
+            }
+        }
+        return MOE_OK;
+    }
     if (w->fmt != MOE_WF_BF16) {
         MOE_TRY(cb_dequant(b, w));
         W = b->qscratch;
@@ -2734,7 +2807,15 @@ cb_mlp(cuda_backend_t *b, int T, const cb_qw_t *gate, const cb_qw_t *up,
     cudaStream_t         s = b->stream;
     const bf16          *wgu = (const bf16 *) (gated ? gate->w : up->w);
 
-    if (up->fmt != MOE_WF_BF16) {
+    if (up->fmt != MOE_WF_BF16 && gated && gate->stacked) {
+        cb_qw_t g;
+
+        /* fp8 gate|up stacked: one projection */
+        cb_group(gate, &g);
+        MOE_TRY(cb_dense_proj(b, &g, T, b->xb, D, b->gu, G));
+        MOE_TRY(moe_cuda_act_mul(b->gu, G, bg, b->gu + F, G, bu, T, F,
+                                 hp->act, (moe_bf16_t *) b->hbuf, F, s));
+    } else if (up->fmt != MOE_WF_BF16) {
         if (gated) {
             MOE_TRY(cb_dense_proj(b, gate, T, b->xb, D, b->gu, G));
         }
@@ -2816,7 +2897,35 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
     const int32_t *xrow = path == CB_PATH_BLAS ? NULL : b->erow;
     int            xdiv = path == CB_PATH_BLAS ? 1 : K;
 
-    if (wg->fmt != MOE_WF_BF16) {
+    if (wg->stacked) {
+        cb_qw_t g;
+
+        /* fp8 gate|up stacked: one launch with SiLU fused, or one GEMM
+         * per expert into gu and SiLU*up */
+        cb_group(wg, &g);
+        if (path == CB_PATH_GEMV
+            && moe_cuda_fp8_supported(g.mode, F, D, D, 1))
+        {
+            MOE_TRY(moe_cuda_gemv_fp8((const moe_bf16_t *) b->xb, D, b->erow,
+                                      K, (const uint8_t *) g.w, g.scale,
+                                      g.mode, F, D, loffs, EL, T * K, mr, 1,
+                                      NULL, (moe_bf16_t *) b->hbuf, F, NULL,
+                                      s));
+        } else if (path == CB_PATH_GGEMM
+                   && moe_cuda_fp8_supported(g.mode, F, D, D, 1))
+        {
+            MOE_TRY(moe_cuda_ggemm_fp8((const moe_bf16_t *) b->xb, D,
+                                       b->erow, K, (const uint8_t *) g.w,
+                                       g.scale, g.mode, F, D, loffs, EL,
+                                       T * K, 1, NULL,
+                                       (moe_bf16_t *) b->hbuf, F, s));
+        } else {
+            MOE_TRY(cb_expert_proj(b, &g, path, X, D, xrow, xdiv, loffs,
+                                   T * K, mr, b->gu, 2 * F));
+            MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F,
+                                      (moe_bf16_t *) b->hbuf, s));
+        }
+    } else if (wg->fmt != MOE_WF_BF16) {
         MOE_TRY(cb_expert_proj(b, wg, path, X, D, xrow, xdiv, loffs, T * K,
                                mr, b->gu, 2 * F));
         MOE_TRY(cb_expert_proj(b, wu, path, X, D, xrow, xdiv, loffs, T * K,
@@ -3021,6 +3130,12 @@ cb_body(cuda_backend_t *b, int T, int n_out)
             MOE_TRY(cb_linear(b, T, QKV, D, b->xb, D,
                               (const bf16 *) cb_part(b, l, MOE_QP_Q)->w,
                               b->qkv, QKV));
+        } else if (cb_part(b, l, MOE_QP_Q)->stacked) {
+            cb_qw_t g;
+
+            /* fp8 q|k|v stacked: one projection */
+            cb_group(cb_part(b, l, MOE_QP_Q), &g);
+            MOE_TRY(cb_dense_proj(b, &g, T, b->xb, D, b->qkv, QKV));
         } else {
             MOE_TRY(cb_dense_proj(b, cb_part(b, l, MOE_QP_Q), T, b->xb, D,
                                   b->qkv, QKV));

@@ -226,6 +226,55 @@ moe_qw_plan_settle(const moe_hparams_t *hp, moe_qplan_t *plan)
 }
 
 
+size_t
+moe_qw_fp8_scale_count(int mode, int64_t rows, int64_t K)
+{
+    size_t n = (size_t) rows, k = (size_t) K;
+
+    return mode == MOE_QW_FP8_BLOCK
+           ? ((n + MOE_QW_BLOCK - 1) / MOE_QW_BLOCK)
+             * ((k + MOE_QW_BLOCK - 1) / MOE_QW_BLOCK)
+           : n;
+}
+
+
+int
+moe_qw_stacked(const moe_hparams_t *hp, const moe_qplan_t *plan, int l,
+    int p)
+{
+    moe_qshape_t      s, t;
+    const moe_qfmt_t *f0, *f;
+    int               i;
+
+    if (l < 0 || l >= hp->n_layers || l >= MOE_MAX_LAYERS || p < 0
+        || p >= MOE_QP_N)
+    {
+        return 0;
+    }
+    moe_qw_shape(hp, l, p, &s);
+    if (!s.present || s.n < 2 || s.K % 16 != 0) {
+        return 0;
+    }
+    f0 = &plan->f[l][s.first];
+    if (f0->fmt != MOE_WF_FP8) {
+        return 0;
+    }
+    for (i = s.first; i < s.first + s.n; i++) {
+        moe_qw_shape(hp, l, i, &t);
+        f = &plan->f[l][i];
+        if (!t.present || f->fmt != MOE_WF_FP8 || f->mode != f0->mode) {
+            return 0;
+        }
+        if (f->mode == MOE_QW_FP8_BLOCK
+            && (t.N % MOE_QW_BLOCK != 0 || t.row0 % MOE_QW_BLOCK != 0))
+        {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+
 void
 moe_qw_part_bytes(const moe_qfmt_t *f, int64_t N, int64_t K, int count,
     size_t *w, size_t *scale, size_t *zeros, size_t *scales, size_t *g_idx)
@@ -237,10 +286,7 @@ moe_qw_part_bytes(const moe_qfmt_t *f, int64_t N, int64_t K, int count,
     switch (f->fmt) {
     case MOE_WF_FP8:
         *w = c * n * k;
-        *scale = c * 4 * (f->mode == MOE_QW_FP8_BLOCK
-                          ? ((n + MOE_QW_BLOCK - 1) / MOE_QW_BLOCK)
-                            * ((k + MOE_QW_BLOCK - 1) / MOE_QW_BLOCK)
-                          : n);
+        *scale = c * 4 * moe_qw_fp8_scale_count(f->mode, N, K);
         break;
     case MOE_WF_AWQ: case MOE_WF_GPTQ:
         *w = c * k * n / 2;
@@ -294,6 +340,17 @@ moe_qw_layout(const moe_hparams_t *hp, const moe_qplan_t *plan, size_t off,
                                             * (size_t) s.K * 2, align);
                 }
                 x.w = gw[s.first].w + (size_t) s.row0 * (size_t) s.K * 2;
+            } else if (s.present && moe_qw_stacked(hp, plan, l, p)) {
+                /* one (count, grows, K) e4m3 block and its scales */
+                if (s.first == p) {
+                    moe_qw_part_bytes(f, s.grows, s.K, s.count, &w, &sc, &z,
+                                      &ss, &gi);
+                    gw[p].w = qw_take(&off, w, align);
+                    gw[p].scale = qw_take(&off, sc, align);
+                }
+                x.w = gw[s.first].w + (size_t) s.row0 * (size_t) s.K;
+                x.scale = gw[s.first].scale + 4 * moe_qw_fp8_scale_count(
+                                                      f->mode, s.row0, s.K);
             } else if (s.present) {
                 moe_qw_part_bytes(f, s.N, s.K, s.count, &w, &sc, &z, &ss,
                                   &gi);
@@ -325,7 +382,12 @@ moe_qw_scratch_bytes(const moe_hparams_t *hp, const moe_qplan_t *plan)
             if (!s.present || plan->f[l][p].fmt == MOE_WF_BF16) {
                 continue;
             }
-            b = (size_t) s.count * (size_t) s.N * (size_t) s.K * 2;
+            if (moe_qw_stacked(hp, plan, l, p)) {
+                /* a stacked group: dequantized one expert at a time */
+                b = (size_t) s.grows * (size_t) s.K * 2;
+            } else {
+                b = (size_t) s.count * (size_t) s.N * (size_t) s.K * 2;
+            }
             best = b > best ? b : best;
         }
     }

@@ -21,9 +21,14 @@
  *                scales (count, K/G, N) f16, as the checkpoint holds them
  *   MOE_WF_GPTQ  qweight (count, K/8, N), qzeros, scales as AWQ's shapes,
  *                g_idx (count, K) i32 when any expert's g_idx is not k / G
- * A quantized projection group keeps its parts apart (q, k and v are three
+ * A 4-bit projection group keeps its parts apart (q, k and v are three
  * matrices; gate and up two), each run by its own GEMV / GEMM into its
- * columns of the fp32 output.  Every part of a group has one format:
+ * columns of the fp32 output.  An fp8 group whose parts share one scale
+ * mode (block scales: every part's rows on 128-row boundaries) and
+ * K % 16 == 0 is stacked as bf16's is (moe_qw_stacked): per expert the
+ * group's grows rows of e4m3, then its scales (per channel: grows per
+ * expert; blocks: grows / 128 block rows per expert), so one launch runs
+ * q|k|v or gate|up (SiLU fused).  Every part of a group has one format:
  * mixed groups (a module in an ignore list) become bf16.
  */
 #ifndef MOE_QWEIGHTS_H
@@ -120,6 +125,16 @@ int moe_qw_plan_model(const moe_model_t *m, int tp, int rank, int ep,
 /* Make the groups consistent: a group with a bf16 part is all bf16. */
 void moe_qw_plan_settle(const moe_hparams_t *hp, moe_qplan_t *plan);
 
+/* 1 when part p of layer l lies in a stacked fp8 group (above): its
+ * expert e at w + e * grows * K bytes + row0 * K, its scales at
+ * scale + e * moe_qw_fp8_scale_stride(grows) + the row0 offset. */
+int moe_qw_stacked(const moe_hparams_t *hp, const moe_qplan_t *plan, int l,
+    int p);
+
+/* fp32 scales of one fp8 matrix of `rows` rows and K columns in mode
+ * (per channel: rows; blocks: ceil(rows / 128) * ceil(K / 128)). */
+size_t moe_qw_fp8_scale_count(int mode, int64_t rows, int64_t K);
+
 /* offsets of one part in the weight allocation (0: none) */
 typedef struct {
     size_t  w;          /* bf16 group / fp8 bytes / q4 qweight */
@@ -138,8 +153,9 @@ typedef struct {
 size_t moe_qw_layout(const moe_hparams_t *hp, const moe_qplan_t *plan,
     size_t off, size_t align, moe_qoff_t *o);
 
-/* Bytes of the bf16 scratch the tensor-core path dequantizes one part
- * (all its experts) into: the largest quantized part; 0 if none. */
+/* Bytes of the bf16 scratch the tensor-core path dequantizes into: one
+ * part's experts (all of them), or one stacked group (a dense one whole;
+ * an expert group one expert at a time); the largest; 0 if none. */
 size_t moe_qw_scratch_bytes(const moe_hparams_t *hp,
     const moe_qplan_t *plan);
 

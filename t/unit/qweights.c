@@ -10,8 +10,10 @@
  *    take fall back to bf16 with a reason;
  *  - plan and layout: a uniform fp8 / awq plan of a Mixtral-shaped hparams
  *    takes the bytes the formats say (weights + scales + zeros), less than
- *    bf16; parts are aligned and disjoint; a group with one bf16 part is
- *    all bf16; the scratch is the largest part in bf16;
+ *    bf16; fp8 q|k|v and gate|up groups are stacked per expert (block
+ *    scales only on 128-row boundaries); every expert's rows and scales
+ *    of every part lie inside the layout, none overlapping; a group with
+ *    one bf16 part is all bf16; the scratch is the largest part in bf16;
  *  - plans of the tiny quantized checkpoints ($MOE_QUANT_DIR, from
  *    tools/quant_models.sh; skipped without them): which parts stay packed,
  *    fallbacks (fp8 blocks 32x16, an ignored o_proj), tensor parallel 2
@@ -356,6 +358,65 @@ mixtral_hp(moe_hparams_t *hp)
 }
 
 
+/* Every packed part's per-expert byte ranges (rows, scales) lie in
+ * [lo, hi) and overlap no other's. */
+typedef struct { size_t a, b; } rng_t;
+
+static int
+cmp_rng(const void *x, const void *y)
+{
+    const rng_t *p = x, *q = y;
+
+    return p->a < q->a ? -1 : p->a > q->a;
+}
+
+
+static int
+check_disjoint(const moe_hparams_t *hp, const moe_qplan_t *plan,
+    const moe_qoff_t *o, size_t lo, size_t hi)
+{
+    rng_t        *r = malloc(sizeof(*r) * 4096);
+    size_t        n = 0, i, ws, ss, ns;
+    moe_qshape_t  sh;
+    int           l, p, e, ok = 1;
+
+    for (l = 0; l < hp->n_layers; l++) {
+        for (p = 0; p < MOE_QP_N; p++) {
+            const moe_qoff_t *x = &o[l * MOE_QP_N + p];
+            const moe_qfmt_t *f = &plan->f[l][p];
+
+            moe_qw_shape(hp, l, p, &sh);
+            if (!sh.present || f->fmt != MOE_WF_FP8) {
+                continue;
+            }
+            ns = moe_qw_fp8_scale_count(f->mode, sh.N, sh.K);
+            if (moe_qw_stacked(hp, plan, l, p)) {
+                ws = (size_t) sh.grows * sh.K;
+                ss = moe_qw_fp8_scale_count(f->mode, sh.grows, sh.K);
+            } else {
+                ws = (size_t) sh.N * sh.K;
+                ss = ns;
+            }
+            for (e = 0; e < sh.count && n + 2 <= 4096; e++) {
+                r[n].a = x->w + e * ws;
+                r[n].b = r[n].a + (size_t) sh.N * sh.K;
+                n++;
+                r[n].a = x->scale + e * ss * 4;
+                r[n].b = r[n].a + ns * 4;
+                n++;
+            }
+        }
+    }
+    qsort(r, n, sizeof(*r), cmp_rng);
+    for (i = 0; i < n; i++) {
+        ok = ok && r[i].a >= lo && r[i].b <= hi
+             && (i == 0 || r[i].a >= r[i - 1].b);
+    }
+    free(r);
+    return ok && n > 0;
+}
+
+
 static void
 test_layout(void)
 {
@@ -407,28 +468,55 @@ test_layout(void)
            && moe_qw_scratch_bytes(&hp, bf) == 0,
            "scratch: one layer's expert projection in bf16; none for bf16");
 
-    /* offsets: aligned, inside, disjoint for packed parts */
+    /* offsets: every expert's rows and scales of every part inside the
+     * layout and disjoint from all others; stacked groups (q|k|v and
+     * gate|up here: fp8 per channel, K % 16 == 0) at their rows */
     o = calloc((size_t) 4 * MOE_QP_N, sizeof(*o));
-    (void) moe_qw_layout(&hp, f8, 1024, 256, o);
-    ok = 1;
-    for (l = 0; l < 4; l++) {
-        for (p = 0; p < MOE_QP_N; p++) {
-            moe_qoff_t *x = &o[l * MOE_QP_N + p];
+    tf = moe_qw_layout(&hp, f8, 1024, 256, o);
+    TAP_OK(moe_qw_stacked(&hp, f8, 0, MOE_QP_Q)
+           && moe_qw_stacked(&hp, f8, 0, MOE_QP_V)
+           && moe_qw_stacked(&hp, f8, 0, MOE_QP_UP)
+           && !moe_qw_stacked(&hp, f8, 0, MOE_QP_O)
+           && !moe_qw_stacked(&hp, f8, 0, MOE_QP_DOWN)
+           && !moe_qw_stacked(&hp, aw, 0, MOE_QP_Q)
+           && !moe_qw_stacked(&hp, bf, 0, MOE_QP_UP),
+           "fp8 q|k|v and gate|up stacked; o, down, awq and bf16 not");
+    TAP_OK(check_disjoint(&hp, f8, o, 1024, tf),
+           "fp8 parts: every expert's rows and scales inside the layout, "
+           "none overlapping");
+    TAP_OK(o[MOE_QP_UP].w == o[MOE_QP_GATE].w + (size_t) 14336 * 4096
+           && o[MOE_QP_UP].scale == o[MOE_QP_GATE].scale + (size_t) 14336 * 4
+           && o[MOE_QP_K].w == o[MOE_QP_Q].w + (size_t) 4096 * 4096
+           && o[MOE_QP_V].scale == o[MOE_QP_Q].scale + (size_t) 5120 * 4
+           && o[MOE_QP_GATE].w % 256 == 0 && o[MOE_QP_GATE].scale % 256 == 0,
+           "stacked fp8: up at row F of each expert's gate|up, v at row "
+           "Q + KV of q|k|v, scales alike");
+    {
+        /* 128x128 blocks stack on 128-row boundaries only */
+        moe_qplan_t *bk = malloc(sizeof(*bk));
+        moe_hparams_t h2 = hp;
 
-            moe_qw_shape(&hp, l, p, &sh);
-            if (!sh.present) {
-                ok = ok && x->w == 0;
-                continue;
-            }
-            ok = ok && x->w >= 1024 && x->w % 256 == 0 && x->scale % 256 == 0
-                 && x->scale >= x->w + (size_t) sh.count * sh.N * sh.K;
-            if (p + 1 < MOE_QP_N && o[l * MOE_QP_N + p + 1].w != 0) {
-                ok = ok && o[l * MOE_QP_N + p + 1].w
-                           >= x->scale + (size_t) sh.count * sh.N * 4;
+        memcpy(bk, f8, sizeof(*bk));
+        for (l = 0; l < 4; l++) {
+            for (p = 0; p < MOE_QP_N; p++) {
+                bk->f[l][p].mode = MOE_QW_FP8_BLOCK;
             }
         }
+        tf = moe_qw_layout(&hp, bk, 1024, 256, o);
+        ok = moe_qw_stacked(&hp, bk, 1, MOE_QP_GATE)
+             && check_disjoint(&hp, bk, o, 1024, tf)
+             && o[MOE_QP_UP].scale == o[MOE_QP_GATE].scale
+                                      + (size_t) (14336 / 128) * 32 * 4;
+        h2.n_kv_heads = 1;          /* k, v 64 rows: off a block */
+        h2.head_dim = 64;
+        ok = ok && !moe_qw_stacked(&h2, bk, 0, MOE_QP_Q)
+             && moe_qw_stacked(&h2, bk, 0, MOE_QP_GATE);
+        bk->f[2][MOE_QP_UP].mode = MOE_QW_FP8_CHANNEL;
+        ok = ok && !moe_qw_stacked(&hp, bk, 2, MOE_QP_GATE);
+        TAP_OK(ok, "fp8 blocks: stacked when every part is on 128-row "
+               "boundaries and the modes agree");
+        free(bk);
     }
-    TAP_OK(ok, "fp8 part offsets aligned and disjoint");
 
     /* settle: a bf16 k in an fp8 q|k|v group makes the group bf16 */
     f8->f[1][MOE_QP_K].fmt = MOE_WF_BF16;
