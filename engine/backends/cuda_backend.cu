@@ -156,15 +156,18 @@ typedef __nv_bfloat16 bf16;
  * (N, K) in format fmt.  bf16: w is the part's first row inside its
  * stacked group, expert e at w + e * grows * K elements; packed formats:
  * the kernels' layouts (kernels/quant_gemv.h), expert e at e times one
- * matrix's size, except in a stacked fp8 group (stacked 1: expert e at
- * w + e * grows * K bytes, scales at scale + e * s_es; such a part runs
- * only as its group, cb_group).  w NULL: the layer has no such part.
+ * matrix's size, except in a stacked group (stacked 1, qweights.h: fp8
+ * expert e at w + e * grows * K bytes, scales at scale + e * s_es; 4-bit
+ * tensors of ld = grows columns; such a part runs only as its group,
+ * cb_group).  w NULL: the layer has no such part.
  */
 typedef struct {
     int             fmt, mode, G, zero_bias;
     int             N, K, count, grows;
-    int             stacked;       /* in a stacked fp8 group */
+    int             stacked;       /* in a stacked group */
     int             view;          /* a whole stacked group (cb_group) */
+    int             ld;            /* 4-bit: the stored tensors' columns
+                                      (N; the group's grows when stacked) */
     size_t          w_es;          /* fp8: bytes from one expert to the
                                       next */
     size_t          s_es;          /* fp8: scales from one expert to the
@@ -1121,10 +1124,11 @@ cb_chunk(cb_loader_t *ld, const moe_tensor_ref_t *t, const void *src,
 }
 
 
-/* Copy a span's rows (qweights.h) packed to dst through the pinned
- * staging pair, no conversion. */
+/* Copy a span's rows (qweights.h) to dst, dpitch bytes apart there
+ * (>= sp->bytes; a stacked 4-bit part's rows are its columns of the
+ * group's), through the pinned staging pair, no conversion. */
 static int
-cb_span(cb_loader_t *ld, const moe_qspan_t *sp, char *dst)
+cb_span_to(cb_loader_t *ld, const moe_qspan_t *sp, char *dst, size_t dpitch)
 {
     cudaStream_t s = ld->b->stream;
     int64_t      per, r0, nr, i;
@@ -1149,13 +1153,28 @@ cb_span(cb_loader_t *ld, const moe_qspan_t *sp, char *dst)
                    (const char *) sp->base + (r0 + i) * sp->pitch,
                    (size_t) sp->bytes);
         }
-        MOE_CUDA_CHECK(cudaMemcpyAsync(dst + r0 * sp->bytes, ld->h_buf[k],
-                                       (size_t) (nr * sp->bytes),
-                                       cudaMemcpyHostToDevice, s));
+        if (dpitch == (size_t) sp->bytes) {
+            MOE_CUDA_CHECK(cudaMemcpyAsync(dst + r0 * sp->bytes, ld->h_buf[k],
+                                           (size_t) (nr * sp->bytes),
+                                           cudaMemcpyHostToDevice, s));
+        } else {
+            MOE_CUDA_CHECK(cudaMemcpy2DAsync(dst + (size_t) r0 * dpitch,
+                                             dpitch, ld->h_buf[k],
+                                             (size_t) sp->bytes,
+                                             (size_t) sp->bytes, (size_t) nr,
+                                             cudaMemcpyHostToDevice, s));
+        }
         MOE_CUDA_CHECK(cudaEventRecord(ld->sent[k], s));
         ld->done += nr * sp->bytes;
     }
     return MOE_OK;
+}
+
+
+static int
+cb_span(cb_loader_t *ld, const moe_qspan_t *sp, char *dst)
+{
+    return cb_span_to(ld, sp, dst, (size_t) sp->bytes);
 }
 
 
@@ -1177,7 +1196,7 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
     const cb_qw_t       *w = NULL;
     int                  p = moe_qw_part_of(t->kind), rc;
     size_t               e = (size_t) (t->expert > 0 ? t->expert : 0);
-    size_t               N, K, G, n;
+    size_t               N, K, G, C, n;
     moe_qslice_t         sl;
     moe_tensor_ref_t     r;
     moe_qspan_t          sp;
@@ -1266,9 +1285,13 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
         return MOE_OK;
     }
     G = (size_t) w->G;
-    CB_PQ(cb_span(ld, &sl.w, (char *) w->w + e * K * N / 2));
-    CB_PQ(cb_span(ld, &sl.zeros, (char *) (w->zeros + e * (K / G) * (N / 8))));
-    CB_PQ(cb_span(ld, &sl.scales, (char *) (w->scales + e * (K / G) * N)));
+    C = (size_t) w->ld;         /* the stored columns: N, or the group's */
+    CB_PQ(cb_span_to(ld, &sl.w, (char *) w->w + e * K * C / 2,
+                     w->fmt == MOE_WF_AWQ ? C / 2 : C * 4));
+    CB_PQ(cb_span_to(ld, &sl.zeros,
+                     (char *) (w->zeros + e * (K / G) * (C / 8)), C / 2));
+    CB_PQ(cb_span_to(ld, &sl.scales, (char *) (w->scales + e * (K / G) * C),
+                     C * 2));
     if (w->g_idx != NULL) {
         /* this expert's own g_idx, or k / G where it has none */
         gi = (int32_t *) malloc(K * sizeof(int32_t));
@@ -1453,15 +1476,16 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
 }
 
 
-/* A stacked fp8 group (its first part: q, gate, shared / dense gate;
+/* A stacked group (its first part: q, gate, shared / dense gate;
  * first->stacked) as one part: count matrices (grows, K); the kernels
- * take it like any per-expert (N, K) fp8 weight (q|k|v in one launch,
+ * take it like any per-expert (N, K) packed weight (q|k|v in one launch,
  * gate|up with SiLU fused). */
 static void
 cb_group(const cb_qw_t *first, cb_qw_t *g)
 {
     *g = *first;
     g->N = g->grows;
+    g->ld = g->grows;
     g->stacked = 0;
     g->view = 1;
 }
@@ -1526,7 +1550,7 @@ cb_random_weights(cuda_backend_t *b, uint64_t seed)
             if (w->stacked && sh.first == p) {
                 cb_qw_t g;
 
-                /* a stacked fp8 group: all its rows at once */
+                /* a stacked group: all its rows at once */
                 cb_group(w, &g);
                 MOE_TRY(cb_random_part(b, &g, seed + 1000 + 16 * (uint64_t) l
                                        * MOE_QP_N + 16 * (uint64_t) p));
@@ -1923,6 +1947,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
             q->scales = o->scales ? (uint16_t *) (w + o->scales) : NULL;
             q->g_idx = o->g_idx ? (int32_t *) (w + o->g_idx) : NULL;
             q->stacked = moe_qw_stacked(hp, b->plan, l, p);
+            q->ld = (int) (q->stacked ? sh.grows : sh.N);
             q->w_es = (size_t) (q->stacked ? sh.grows : sh.N)
                       * (size_t) sh.K;
             q->s_es = moe_qw_fp8_scale_count(f->mode, q->stacked ? sh.grows
@@ -2536,19 +2561,33 @@ cb_dequant(cuda_backend_t *b, const cb_qw_t *w)
 }
 
 
-/* Local expert el of an fp8 part or group view dequantized into
+/* Local expert el of a packed group view (cb_group) dequantized into
  * b->qscratch (bf16 (N, K)). */
 static int
 cb_dequant_expert(cuda_backend_t *b, const cb_qw_t *w, int el)
 {
-    if (b->qscratch == NULL || w->fmt != MOE_WF_FP8) {
+    size_t K = (size_t) w->K, C = (size_t) w->ld, KG;
+
+    if (b->qscratch == NULL || !w->view) {
         moe_cuda_set_error("cuda backend: no dequantization scratch");
         return MOE_EBACKEND;
     }
-    return moe_cuda_dequant_fp8((const uint8_t *) w->w + (size_t) el
-                                * w->w_es, w->scale + (size_t) el * w->s_es,
-                                w->mode, 0, w->N, w->K, 1,
-                                (moe_bf16_t *) b->qscratch, b->stream);
+    if (w->fmt == MOE_WF_FP8) {
+        return moe_cuda_dequant_fp8((const uint8_t *) w->w + (size_t) el
+                                    * w->w_es,
+                                    w->scale + (size_t) el * w->s_es,
+                                    w->mode, 0, w->N, w->K, 1,
+                                    (moe_bf16_t *) b->qscratch, b->stream);
+    }
+    KG = K / (size_t) w->G;
+    return moe_cuda_dequant_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
+                                                    : MOE_K_Q4_GPTQ,
+                               (const int32_t *) w->w + (size_t) el * K * C
+                                                        / 8,
+                               w->zeros + (size_t) el * KG * C / 8,
+                               w->scales + (size_t) el * KG * C, NULL, w->G,
+                               w->zero_bias, w->N, w->K, 1,
+                               (moe_bf16_t *) b->qscratch, b->stream);
 }
 
 
@@ -2696,7 +2735,7 @@ cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
     if (w->view && w->count > 1) {
         /* a stacked group's experts: the scratch holds one at a time */
         if (path != CB_PATH_BLAS) {
-            moe_cuda_set_error("cuda backend: a stacked fp8 group the "
+            moe_cuda_set_error("cuda backend: a stacked group the "
                                "grouped kernels refuse");
             return MOE_EBACKEND;
         }
@@ -2810,7 +2849,7 @@ cb_mlp(cuda_backend_t *b, int T, const cb_qw_t *gate, const cb_qw_t *up,
     if (up->fmt != MOE_WF_BF16 && gated && gate->stacked) {
         cb_qw_t g;
 
-        /* fp8 gate|up stacked: one projection */
+        /* gate|up stacked: one projection */
         cb_group(gate, &g);
         MOE_TRY(cb_dense_proj(b, &g, T, b->xb, D, b->gu, G));
         MOE_TRY(moe_cuda_act_mul(b->gu, G, bg, b->gu + F, G, bu, T, F,
@@ -2900,10 +2939,10 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
     if (wg->stacked) {
         cb_qw_t g;
 
-        /* fp8 gate|up stacked: one launch with SiLU fused, or one GEMM
-         * per expert into gu and SiLU*up */
+        /* gate|up stacked: one launch with SiLU fused, or one GEMM per
+         * expert into gu and SiLU*up */
         cb_group(wg, &g);
-        if (path == CB_PATH_GEMV
+        if (path == CB_PATH_GEMV && g.fmt == MOE_WF_FP8
             && moe_cuda_fp8_supported(g.mode, F, D, D, 1))
         {
             MOE_TRY(moe_cuda_gemv_fp8((const moe_bf16_t *) b->xb, D, b->erow,
@@ -2911,7 +2950,7 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
                                       g.mode, F, D, loffs, EL, T * K, mr, 1,
                                       NULL, (moe_bf16_t *) b->hbuf, F, NULL,
                                       s));
-        } else if (path == CB_PATH_GGEMM
+        } else if (path == CB_PATH_GGEMM && g.fmt == MOE_WF_FP8
                    && moe_cuda_fp8_supported(g.mode, F, D, D, 1))
         {
             MOE_TRY(moe_cuda_ggemm_fp8((const moe_bf16_t *) b->xb, D,
@@ -2919,6 +2958,18 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
                                        g.scale, g.mode, F, D, loffs, EL,
                                        T * K, 1, NULL,
                                        (moe_bf16_t *) b->hbuf, F, s));
+        } else if (path != CB_PATH_BLAS && g.fmt != MOE_WF_FP8) {
+            /* 4-bit: the quantized GEMV with SiLU fused (any rows per
+             * expert; gu is its fp32 scratch where it needs one) */
+            MOE_TRY(moe_cuda_qgemv_q4_silu(g.fmt == MOE_WF_AWQ
+                                           ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ,
+                                           (const moe_bf16_t *) b->xb, D,
+                                           b->erow, K,
+                                           (const int32_t *) g.w, g.zeros,
+                                           g.scales, NULL, g.G, g.zero_bias,
+                                           2 * F, D, loffs, EL, T * K, mr,
+                                           b->gu, (moe_bf16_t *) b->hbuf,
+                                           s));
         } else {
             MOE_TRY(cb_expert_proj(b, &g, path, X, D, xrow, xdiv, loffs,
                                    T * K, mr, b->gu, 2 * F));
@@ -3133,7 +3184,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
         } else if (cb_part(b, l, MOE_QP_Q)->stacked) {
             cb_qw_t g;
 
-            /* fp8 q|k|v stacked: one projection */
+            /* q|k|v stacked: one projection */
             cb_group(cb_part(b, l, MOE_QP_Q), &g);
             MOE_TRY(cb_dense_proj(b, &g, T, b->xb, D, b->qkv, QKV));
         } else {

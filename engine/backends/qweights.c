@@ -252,21 +252,30 @@ moe_qw_stacked(const moe_hparams_t *hp, const moe_qplan_t *plan, int l,
         return 0;
     }
     moe_qw_shape(hp, l, p, &s);
-    if (!s.present || s.n < 2 || s.K % 16 != 0) {
+    if (!s.present || s.n < 2) {
         return 0;
     }
     f0 = &plan->f[l][s.first];
-    if (f0->fmt != MOE_WF_FP8) {
+    if (f0->fmt == MOE_WF_BF16 || (f0->fmt == MOE_WF_FP8 && s.K % 16 != 0)) {
         return 0;
     }
     for (i = s.first; i < s.first + s.n; i++) {
         moe_qw_shape(hp, l, i, &t);
         f = &plan->f[l][i];
-        if (!t.present || f->fmt != MOE_WF_FP8 || f->mode != f0->mode) {
+        if (!t.present || f->fmt != f0->fmt) {
             return 0;
         }
-        if (f->mode == MOE_QW_FP8_BLOCK
-            && (t.N % MOE_QW_BLOCK != 0 || t.row0 % MOE_QW_BLOCK != 0))
+        if (f->fmt == MOE_WF_FP8
+            && (f->mode != f0->mode
+                || (f->mode == MOE_QW_FP8_BLOCK
+                    && (t.N % MOE_QW_BLOCK != 0
+                        || t.row0 % MOE_QW_BLOCK != 0))))
+        {
+            return 0;
+        }
+        if (f->fmt != MOE_WF_FP8
+            && (f->group != f0->group || f->zero_bias != f0->zero_bias
+                || f->g_idx || t.N % 8 != 0))
         {
             return 0;
         }
@@ -341,16 +350,28 @@ moe_qw_layout(const moe_hparams_t *hp, const moe_qplan_t *plan, size_t off,
                 }
                 x.w = gw[s.first].w + (size_t) s.row0 * (size_t) s.K * 2;
             } else if (s.present && moe_qw_stacked(hp, plan, l, p)) {
-                /* one (count, grows, K) e4m3 block and its scales */
+                /* the group's tensors as one part of grows outputs */
                 if (s.first == p) {
                     moe_qw_part_bytes(f, s.grows, s.K, s.count, &w, &sc, &z,
                                       &ss, &gi);
                     gw[p].w = qw_take(&off, w, align);
                     gw[p].scale = qw_take(&off, sc, align);
+                    gw[p].zeros = qw_take(&off, z, align);
+                    gw[p].scales = qw_take(&off, ss, align);
                 }
-                x.w = gw[s.first].w + (size_t) s.row0 * (size_t) s.K;
-                x.scale = gw[s.first].scale + 4 * moe_qw_fp8_scale_count(
-                                                      f->mode, s.row0, s.K);
+                if (f->fmt == MOE_WF_FP8) {
+                    /* e4m3 rows row0.. of each expert, their scales */
+                    x.w = gw[s.first].w + (size_t) s.row0 * (size_t) s.K;
+                    x.scale = gw[s.first].scale + 4 * moe_qw_fp8_scale_count(
+                                                  f->mode, s.row0, s.K);
+                } else {
+                    /* 4-bit: output columns row0.. of every row */
+                    x.w = gw[s.first].w + (f->fmt == MOE_WF_AWQ
+                                           ? (size_t) s.row0 / 2
+                                           : (size_t) s.row0 * 4);
+                    x.zeros = gw[s.first].zeros + (size_t) s.row0 / 2;
+                    x.scales = gw[s.first].scales + (size_t) s.row0 * 2;
+                }
             } else if (s.present) {
                 moe_qw_part_bytes(f, s.N, s.K, s.count, &w, &sc, &z, &ss,
                                   &gi);

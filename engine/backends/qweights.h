@@ -21,15 +21,17 @@
  *                scales (count, K/G, N) f16, as the checkpoint holds them
  *   MOE_WF_GPTQ  qweight (count, K/8, N), qzeros, scales as AWQ's shapes,
  *                g_idx (count, K) i32 when any expert's g_idx is not k / G
- * A 4-bit projection group keeps its parts apart (q, k and v are three
- * matrices; gate and up two), each run by its own GEMV / GEMM into its
- * columns of the fp32 output.  An fp8 group whose parts share one scale
- * mode (block scales: every part's rows on 128-row boundaries) and
- * K % 16 == 0 is stacked as bf16's is (moe_qw_stacked): per expert the
- * group's grows rows of e4m3, then its scales (per channel: grows per
- * expert; blocks: grows / 128 block rows per expert), so one launch runs
- * q|k|v or gate|up (SiLU fused).  Every part of a group has one format:
- * mixed groups (a module in an ignore list) become bf16.
+ * A packed projection group (q|k|v, gate|up) is stacked like bf16's
+ * (moe_qw_stacked) when its parts agree: one matrix of grows outputs per
+ * expert, so one launch runs q|k|v, or gate|up with SiLU fused.  fp8:
+ * one scale mode (block scales: every part's rows on 128-row boundaries)
+ * and K % 16 == 0; per expert the grows rows of e4m3, the scales per
+ * channel (grows) or per block row (grows / 128).  4-bit: one group size
+ * and zero_bias, no g_idx, every part N % 8 == 0; qweight, qzeros and
+ * scales hold the group's grows output columns (a part's columns from
+ * its row0 on).  Other groups keep their parts apart, each run by its own
+ * GEMV / GEMM into its columns of the fp32 output.  Every part of a group
+ * has one format: mixed groups (a module in an ignore list) become bf16.
  */
 #ifndef MOE_QWEIGHTS_H
 #define MOE_QWEIGHTS_H
@@ -125,9 +127,10 @@ int moe_qw_plan_model(const moe_model_t *m, int tp, int rank, int ep,
 /* Make the groups consistent: a group with a bf16 part is all bf16. */
 void moe_qw_plan_settle(const moe_hparams_t *hp, moe_qplan_t *plan);
 
-/* 1 when part p of layer l lies in a stacked fp8 group (above): its
- * expert e at w + e * grows * K bytes + row0 * K, its scales at
- * scale + e * moe_qw_fp8_scale_stride(grows) + the row0 offset. */
+/* 1 when part p of layer l lies in a stacked group (above): fp8: its
+ * expert e at w + e * grows * K bytes (w is at row0), scales at scale +
+ * e * moe_qw_fp8_scale_count(mode, grows, K); 4-bit: the tensors of
+ * grows columns (w, zeros, scales point at column row0). */
 int moe_qw_stacked(const moe_hparams_t *hp, const moe_qplan_t *plan, int l,
     int p);
 

@@ -358,8 +358,10 @@ mixtral_hp(moe_hparams_t *hp)
 }
 
 
-/* Every packed part's per-expert byte ranges (rows, scales) lie in
- * [lo, hi) and overlap no other's. */
+/* Every packed part's byte ranges lie in [lo, hi) and overlap no
+ * other's: fp8 each expert's rows and scales; 4-bit each expert's first
+ * and last row of qweight, qzeros and scales (a stacked part's rows are
+ * its columns of the group's rows). */
 typedef struct { size_t a, b; } rng_t;
 
 static int
@@ -371,14 +373,32 @@ cmp_rng(const void *x, const void *y)
 }
 
 
+static void
+add_rows(rng_t *r, size_t *n, size_t base, size_t pitch, size_t rows,
+    size_t bytes)
+{
+    if (*n + 2 > 16384 || bytes == 0) {
+        return;
+    }
+    r[*n].a = base;
+    r[*n].b = base + bytes;
+    (*n)++;
+    if (rows > 1) {
+        r[*n].a = base + (rows - 1) * pitch;
+        r[*n].b = r[*n].a + bytes;
+        (*n)++;
+    }
+}
+
+
 static int
 check_disjoint(const moe_hparams_t *hp, const moe_qplan_t *plan,
     const moe_qoff_t *o, size_t lo, size_t hi)
 {
-    rng_t        *r = malloc(sizeof(*r) * 4096);
-    size_t        n = 0, i, ws, ss, ns;
+    rng_t        *r = malloc(sizeof(*r) * 16384);
+    size_t        n = 0, i, ld, N, K, KG, ns, ss;
     moe_qshape_t  sh;
-    int           l, p, e, ok = 1;
+    int           l, p, e, st, ok = 1;
 
     for (l = 0; l < hp->n_layers; l++) {
         for (p = 0; p < MOE_QP_N; p++) {
@@ -386,24 +406,33 @@ check_disjoint(const moe_hparams_t *hp, const moe_qplan_t *plan,
             const moe_qfmt_t *f = &plan->f[l][p];
 
             moe_qw_shape(hp, l, p, &sh);
-            if (!sh.present || f->fmt != MOE_WF_FP8) {
+            if (!sh.present || f->fmt == MOE_WF_BF16) {
                 continue;
             }
-            ns = moe_qw_fp8_scale_count(f->mode, sh.N, sh.K);
-            if (moe_qw_stacked(hp, plan, l, p)) {
-                ws = (size_t) sh.grows * sh.K;
-                ss = moe_qw_fp8_scale_count(f->mode, sh.grows, sh.K);
-            } else {
-                ws = (size_t) sh.N * sh.K;
-                ss = ns;
-            }
-            for (e = 0; e < sh.count && n + 2 <= 4096; e++) {
-                r[n].a = x->w + e * ws;
-                r[n].b = r[n].a + (size_t) sh.N * sh.K;
-                n++;
-                r[n].a = x->scale + e * ss * 4;
-                r[n].b = r[n].a + ns * 4;
-                n++;
+            st = moe_qw_stacked(hp, plan, l, p);
+            N = (size_t) sh.N;
+            K = (size_t) sh.K;
+            ld = st ? (size_t) sh.grows : N;
+            for (e = 0; e < sh.count; e++) {
+                if (f->fmt == MOE_WF_FP8) {
+                    ns = moe_qw_fp8_scale_count(f->mode, sh.N, sh.K);
+                    ss = moe_qw_fp8_scale_count(f->mode, (int64_t) ld,
+                                                sh.K);
+                    add_rows(r, &n, x->w + e * ld * K, K, N, K);
+                    add_rows(r, &n, x->scale + e * ss * 4, 0, 1, ns * 4);
+                    continue;
+                }
+                KG = K / (size_t) f->group;
+                if (f->fmt == MOE_WF_AWQ) {
+                    add_rows(r, &n, x->w + e * K * ld / 2, ld / 2, K, N / 2);
+                } else {
+                    add_rows(r, &n, x->w + e * K * ld / 2, ld * 4, K / 8,
+                             N * 4);
+                }
+                add_rows(r, &n, x->zeros + e * KG * ld / 2, ld / 2, KG,
+                         N / 2);
+                add_rows(r, &n, x->scales + e * KG * ld * 2, ld * 2, KG,
+                         N * 2);
             }
         }
     }
@@ -478,9 +507,11 @@ test_layout(void)
            && moe_qw_stacked(&hp, f8, 0, MOE_QP_UP)
            && !moe_qw_stacked(&hp, f8, 0, MOE_QP_O)
            && !moe_qw_stacked(&hp, f8, 0, MOE_QP_DOWN)
-           && !moe_qw_stacked(&hp, aw, 0, MOE_QP_Q)
+           && moe_qw_stacked(&hp, aw, 0, MOE_QP_Q)
+           && moe_qw_stacked(&hp, aw, 3, MOE_QP_UP)
+           && !moe_qw_stacked(&hp, aw, 0, MOE_QP_O)
            && !moe_qw_stacked(&hp, bf, 0, MOE_QP_UP),
-           "fp8 q|k|v and gate|up stacked; o, down, awq and bf16 not");
+           "fp8 and awq q|k|v and gate|up stacked; o, down and bf16 not");
     TAP_OK(check_disjoint(&hp, f8, o, 1024, tf),
            "fp8 parts: every expert's rows and scales inside the layout, "
            "none overlapping");
@@ -516,6 +547,35 @@ test_layout(void)
         TAP_OK(ok, "fp8 blocks: stacked when every part is on 128-row "
                "boundaries and the modes agree");
         free(bk);
+    }
+    /* 4-bit: a part's columns of the group's rows */
+    ta = moe_qw_layout(&hp, aw, 1024, 256, o);
+    TAP_OK(check_disjoint(&hp, aw, o, 1024, ta),
+           "awq parts: every expert's rows of qweight, qzeros and scales "
+           "inside the layout, none overlapping");
+    TAP_OK(o[MOE_QP_UP].w == o[MOE_QP_GATE].w + 14336 / 2
+           && o[MOE_QP_UP].zeros == o[MOE_QP_GATE].zeros + 14336 / 2
+           && o[MOE_QP_UP].scales == o[MOE_QP_GATE].scales + 14336 * 2
+           && o[MOE_QP_V].w == o[MOE_QP_Q].w + 5120 / 2,
+           "stacked awq: up's columns at F of gate|up's rows, v's at Q + KV");
+    {
+        moe_qplan_t *gq = malloc(sizeof(*gq));
+
+        TAP_OK(moe_qw_plan_uniform(&hp, MOE_WF_GPTQ, gq) == MOE_OK
+               && moe_qw_stacked(&hp, gq, 0, MOE_QP_GATE)
+               && (ta = moe_qw_layout(&hp, gq, 1024, 256, o)) > 0
+               && check_disjoint(&hp, gq, o, 1024, ta)
+               && o[MOE_QP_UP].w == o[MOE_QP_GATE].w + (size_t) 14336 * 4,
+               "stacked gptq: qweight columns at F * 4 bytes, none "
+               "overlapping");
+        gq->f[1][MOE_QP_UP].g_idx = 1;
+        gq->f[2][MOE_QP_K].group = 64;
+        TAP_OK(!moe_qw_stacked(&hp, gq, 1, MOE_QP_GATE)
+               && !moe_qw_stacked(&hp, gq, 2, MOE_QP_Q)
+               && moe_qw_stacked(&hp, gq, 2, MOE_QP_GATE),
+               "gptq: a part with g_idx or another group size keeps its "
+               "group apart");
+        free(gq);
     }
 
     /* settle: a bf16 k in an fp8 q|k|v group makes the group bf16 */
