@@ -1196,7 +1196,7 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
     const cb_qw_t       *w = NULL;
     int                  p = moe_qw_part_of(t->kind), rc;
     size_t               e = (size_t) (t->expert > 0 ? t->expert : 0);
-    size_t               N, K, G, C, n;
+    size_t               K, G, C, n;
     moe_qslice_t         sl;
     moe_tensor_ref_t     r;
     moe_qspan_t          sp;
@@ -1254,7 +1254,6 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
                moe_qw_format_name(sl.f.fmt), why);
         return MOE_EINVAL;
     }
-    N = (size_t) w->N;
     K = (size_t) w->K;
 
 #define CB_PQ(call)                                                          \
