@@ -115,7 +115,7 @@ run test_share   tests 60  build/gpu/test_share   build/gpu/test_share
 # (random packed weights on the device): fp8 e4m3 per-channel, AWQ 4-bit
 # group 128; decode at batch 1 and 64 (context 512), fp8 prefill 2048
 run bench_fp8    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
-    BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=2048 \
+    BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=512,2048 \
     build/gpu/bench_engine mixtral-8x7b --weights fp8
 run bench_awq    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
@@ -125,6 +125,10 @@ run bench_awq    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
 run serve_fp8    serve 200 build/bench/serve bash -c 'mkdir -p "$OUT/fp8" \
     && OUT="$OUT/fp8" BENCH_YAML=bench/conf/mixtral-8x7b-fp8-dummy.yaml \
     bench/gpu_serve.sh "${SERVE_C:-64}"'
+# serving against bench/engine on the same work (decode steps at the
+# serving batch + the prompts at the engine's prefill rate, same run)
+run serve_vs_engine serve 20 "$OUT/fp8/bench_serve.json" \
+    tools/serve_vs_engine.py "$OUT/bench_fp8.log" "$OUT/fp8/bench_serve.json"
 # nginx -s reload under streams with the model filling the GPU: the new
 # worker imports the old one's weights (t/http_reload.t).  With the default
 # 4 GiB host swap pool the new worker spends ~2.8 s pinning it: first
