@@ -13,6 +13,11 @@
  * tensor cores, taken whenever there is no g_idx and the group size is a
  * multiple of a round (the checkpoints' case); deterministic.
  *
+ * kernel_qgemv_q4_fma (below, with its own notes): the 4-bit GEMV on
+ * CUDA cores for groups of 1-2 rows per pass (decode), taken before the
+ * tensor-core one when the rows hint is <= Q4S_MAXR and G % 32 == 0;
+ * weights streamed through per-thread cp.async rings, deterministic.
+ *
  * kernel_qgemv_q4 (the fallback: GPTQ with g_idx, odd group sizes): AWQ
  * packs 8 output columns per int32 along N, GPTQ 8
  * k per int32 along K; both keep consecutive words along N, so a thread

@@ -27,7 +27,13 @@
  *    mixtral-8x7b expert shapes at batch 1: within 2e-4, nothing outside
  *    Y's rows x [0, N) written, two runs bit-equal; and for each the
  *    same call through moe_cuda_qgemv_q4_silu (SiLU fused, N = 2 F):
- *    bf16 H within the sums' bounds carried through silu(g) u;
+ *    bf16 H within the sums' bounds carried through silu(g) u, two runs
+ *    bit-equal where a fused kernel applies;
+ *  - the same for the CUDA-core kernel (hints 1 and 2, or a mean of 1-2
+ *    rows): AWQ, GPTQ with zero bias 0 and 1, G 32 / 64 / 128 / K,
+ *    K % G != 0 and K % 32 != 0, K 5008 (K split over a cluster), N not
+ *    a multiple of the column tile, groups of 1-3 rows (3: two passes),
+ *    empty groups, compact grids, gathered and dense inputs;
  *  - bad shapes refused with MOE_K_EUNSUPPORTED (G % 8 != 0: K % G != 0
  *    is taken now, the last group shorter).
  * TAP; skips when there is no CUDA device.
