@@ -3,17 +3,23 @@
  * MoE layer's expert shapes (8 experts, group 128; gate|up N 28672 K 4096,
  * down N 4096 K 14336), AWQ and GPTQ, r rows per expert hit (r = 1: two
  * experts hit, the batch-1 decode step; else all 8).  Lines: the shipped
- * launcher; the tensor-core tiles forced through max_rows (8 / 16 / 32
- * rows per pass); the same kernel with the cluster size S (0: the
+ * launcher (at 1-2 rows per expert the CUDA-core kernel_qgemv_q4_fma,
+ * more: the tensor-core kernel); at rows <= Q4S_MAXR the CUDA-core
+ * kernel with its cluster size S forced (1, 2, 4, 8; raised to the
+ * inputs' minimum: K / 4096) and the tensor-core kernel at its 8-row
+ * tile next to it (q4m_try, shipped S and prefetch); the
+ * tensor-core tiles forced through max_rows (8 / 16 / 32
+ * rows per pass); the tensor-core kernel with the cluster size S (0: the
  * launcher's q4m_split, 1, 2, 4, 8) x the L2 prefetch distance (0, 1, 2,
  * 4, 8, 32 iterations; QM_PF ships with S 0); for GPTQ the
  * CUDA-core atomic kernel (a trivial g_idx sends it there); for gate|up
  * the shipped GEMV + moe_cuda_silu_mul against moe_cuda_qgemv_q4_silu
- * (one launch; bf16 H compared within 1e-2 relative RMS).  Each is
+ * (one launch; bf16 H compared within 1e-2 relative RMS), and at rows
+ * <= Q4S_MAXR the fused launch on tensor cores too.  Each is
  * checked against the shipped output (relative RMS, fp32 order only).
  * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
  *
- *   build/bench/dev/quant_gemv [rows ...]      (default 1 16)
+ *   build/bench/dev/quant_gemv [rows ...]      (default 1 2 16)
  */
 #include "../../kernels/quant_gemv.cu"
 
@@ -122,7 +128,39 @@ dev_shape(int fmt, int w13, int rows)
         });
         dev_line("SiLU fused (qgemv_q4_silu)", ms, bytes, 0,
                  dev_diff(h2, h, on / 2, 1), 1e-2);
+        if (rows <= Q4S_MAXR) {
+            ms = dev_time(iters, [&]() {
+                return q4m_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
+                               (const int32_t *) qz, sc, NULL, G,
+                               fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K, d_offs, E,
+                               n, 8, 0, QM_PF, NULL, h2, N / 2, 0);
+            });
+            dev_line("SiLU fused, tensor cores (mma 8)", ms, bytes, 0,
+                     dev_diff(h2, h, on / 2, 1), 1e-2);
+        }
         cudaFree(h);
+    }
+    if (rows <= Q4S_MAXR) {
+        /* the CUDA-core kernel's K splits, and the tensor cores at the
+         * same rows */
+        for (int S = 1; S <= Q4S_SMAX; S *= 2) {
+            ms = dev_time(iters, [&]() {
+                return q4s_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
+                               (const int32_t *) qz, sc, NULL, G,
+                               fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K, d_offs, E,
+                               n, rows, S, out, NULL, N, 0);
+            });
+            snprintf(name, sizeof(name), "CUDA cores (fma), cluster S %d", S);
+            dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
+        }
+        ms = dev_time(iters, [&]() {
+            return q4m_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
+                           (const int32_t *) qz, sc, NULL, G,
+                           fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K, d_offs, E, n,
+                           8, 0, QM_PF, out, NULL, N, 0);
+        });
+        dev_line("tensor cores (mma 8), shipped S / pf", ms, bytes, 0,
+                 dev_diff(out, ref, on, 0), 1e-5);
     }
     for (int mr = 1; mr <= 32; mr *= (mr == 1 ? 16 : 2)) {
         ms = dev_time(iters, [&]() { return run(mr, 0, QM_PF, NULL, out); });
@@ -166,6 +204,7 @@ main(int argc, char **argv)
     }
     if (nr == 0) {
         rows[nr++] = 1;
+        rows[nr++] = 2;
         rows[nr++] = 16;
     }
     gu_seed(1);

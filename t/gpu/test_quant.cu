@@ -27,7 +27,13 @@
  *    mixtral-8x7b expert shapes at batch 1: within 2e-4, nothing outside
  *    Y's rows x [0, N) written, two runs bit-equal; and for each the
  *    same call through moe_cuda_qgemv_q4_silu (SiLU fused, N = 2 F):
- *    bf16 H within the sums' bounds carried through silu(g) u;
+ *    bf16 H within the sums' bounds carried through silu(g) u, two runs
+ *    bit-equal where a fused kernel applies;
+ *  - the same for the CUDA-core kernel (hints 1 and 2, or a mean of 1-2
+ *    rows): AWQ, GPTQ with zero bias 0 and 1, G 32 / 64 / 128 / K,
+ *    K % G != 0 and K % 32 != 0, K 5008 (K split over a cluster), N not
+ *    a multiple of the column tile, groups of 1-3 rows (3: two passes),
+ *    empty groups, compact grids, gathered and dense inputs;
  *  - bad shapes refused with MOE_K_EUNSUPPORTED (G % 8 != 0: K % G != 0
  *    is taken now, the last group shorter).
  * TAP; skips when there is no CUDA device.
@@ -596,14 +602,14 @@ test_q4(int fmt, int G, int zb, int use_gidx, int N, int K)
  */
 static void
 test_q4_silu(const char *label, int fmt, int G, int zb, int N, int K,
-    int ne, int dense, int n, int hint, const uint16_t *dx, int ldx,
-    const int32_t *dxrow, const int32_t *dqw, const int32_t *dqz,
+    int ne, int dense, int n, int hint, int det, const uint16_t *dx,
+    int ldx, const int32_t *dxrow, const int32_t *dqw, const int32_t *dqz,
     const uint16_t *dsc, const int32_t *doffs, float *dy, const double *ref,
     const double *mag)
 {
-    int       F = N / 2, rc, bad = 0, kept = 1;
+    int       F = N / 2, rc, rc2, bad = 0, kept = 1, same = 1;
     size_t    nh = (size_t) (n + 1) * F;
-    uint16_t *dh, *hh;
+    uint16_t *dh, *hh, *hh2;
     double    worst = 0;
 
     if (N % 16 != 0) {
@@ -613,14 +619,23 @@ test_q4_silu(const char *label, int fmt, int G, int zb, int N, int K,
     }
     dh = (uint16_t *) gu_dev(nh * 2);
     hh = (uint16_t *) malloc(nh * 2);
-    cudaMemset(dh, 0xff, nh * 2);
-    rc = moe_cuda_qgemv_q4_silu(fmt, (const moe_bf16_t *) dx, ldx,
-                                dense ? NULL : dxrow, 2, dqw, dqz, dsc, NULL,
-                                G, zb, N, K, dense ? NULL : doffs,
-                                dense ? 1 : ne, n, hint, dy,
-                                (moe_bf16_t *) dh, 0);
-    cudaDeviceSynchronize();
-    gu_down(hh, dh, nh * 2);
+    hh2 = (uint16_t *) malloc(nh * 2);
+    rc = rc2 = -1;
+    for (int pass = 0; pass < 2; pass++) {
+        int r;
+
+        cudaMemset(dh, 0xff, nh * 2);
+        r = moe_cuda_qgemv_q4_silu(fmt, (const moe_bf16_t *) dx, ldx,
+                                   dense ? NULL : dxrow, 2, dqw, dqz, dsc,
+                                   NULL, G, zb, N, K, dense ? NULL : doffs,
+                                   dense ? 1 : ne, n, hint, dy,
+                                   (moe_bf16_t *) dh, 0);
+        cudaDeviceSynchronize();
+        gu_down(pass == 0 ? hh : hh2, dh, nh * 2);
+        *(pass == 0 ? &rc : &rc2) = r;
+    }
+    /* the fused kernels sum in a fixed order: two runs bit-equal */
+    same = !det || memcmp(hh, hh2, (size_t) n * F * 2) == 0;
     for (int r = 0; r < n + 1; r++) {
         for (int j = 0; j < F; j++) {
             uint16_t b = hh[(size_t) r * F + j];
@@ -649,13 +664,15 @@ test_q4_silu(const char *label, int fmt, int G, int zb, int N, int K,
             }
         }
     }
-    TAP_OK(rc == MOE_K_OK && bad == 0 && kept, "qgemv_q4_silu %s (%s G %d "
-           "N %d K %d, %d rows) max_rows %d: H within bounds (%d bad, "
-           "worst %.2f of the bound)%s", label,
+    TAP_OK(rc == MOE_K_OK && rc2 == MOE_K_OK && bad == 0 && kept && same,
+           "qgemv_q4_silu %s (%s G %d N %d K %d, %d rows) max_rows %d: H "
+           "within bounds (%d bad, worst %.2f of the bound)%s%s", label,
            fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, N, K, n, hint, bad,
-           worst, kept ? "" : ", row n written");
+           worst, kept ? "" : ", row n written",
+           !det ? "" : same ? ", deterministic" : ", runs differ");
     cudaFree(dh);
     free(hh);
+    free(hh2);
 }
 
 
@@ -784,8 +801,9 @@ test_q4_rows(const char *label, int fmt, int G, int zb, int N, int K,
                fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, zb, N, K, n,
                hints[h], bad, kept ? "" : ", outside Y written",
                !det ? "" : same ? ", deterministic" : ", runs differ");
-        test_q4_silu(label, fmt, G, zb, N, K, ne, dense, n, hints[h], dx,
-                     ldx, dxrow, dqw, dqz, dsc, doffs, dy, ref, mag);
+        test_q4_silu(label, fmt, G, zb, N, K, ne, dense, n, hints[h],
+                     det && N % 16 == 0, dx, ldx, dxrow, dqw, dqz, dsc,
+                     doffs, dy, ref, mag);
     }
 
     cudaFree(dqw);
@@ -820,8 +838,8 @@ main(void)
         return 0;
     }
     /* fp8.h 2, fp8 5 x 3, q4 8 x 4, q4 tiles (and each with SiLU fused)
-     * 2 x (2 x 13 + 4), refusals 3 */
-    TAP_PLAN(2 + 5 * 3 + 8 * 4 + 2 * (2 * 13 + 4) + 3);
+     * 2 x (2 x 13 + 4), the CUDA-core kernel 2 x 3 x 10, refusals 3 */
+    TAP_PLAN(2 + 5 * 3 + 8 * 4 + 2 * (2 * 13 + 4) + 2 * 3 * 10 + 3);
     gu_seed(seed);
     TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
              (unsigned long long) seed);
@@ -870,6 +888,46 @@ main(void)
                          h_small, 3);
             test_q4_rows("group 48", fmt, 48, f, 64, 480, 2, r_mix, 0,
                          h_small, 1);
+        }
+        /* the CUDA-core kernel (kernel_qgemv_q4_fma: hints 1, 2 and 0
+         * with a mean of 1-2 rows): both formats (GPTQ with zero bias 0
+         * and 1), G 32 / 64 / 128 / K, K % G != 0 and K % 32 != 0 (a
+         * partial warp unit), K past 4096 (clusters of K splits with a
+         * ragged last rank), N not a multiple of the column tile (GPTQ
+         * 32, AWQ 256; SiLU halves too), groups of 1 and 2 rows (and 3:
+         * two passes), empty groups, compact grids, gathered and dense
+         * input rows; each with SiLU fused, each run twice (bit-equal) */
+        {
+            static const int s_a[5] = { 1, 0, 2, 0, 1 };
+            static const int s_b[2] = { 2, 1 };
+            static const int s_c[3] = { 0, 1, 2 };
+            static const int s_d[2] = { 1, 1 };
+            static const int s_e[6] = { 0, 0, 1, 0, 1, 0 };
+            static const int s_f[1] = { 2 };
+            static const int s_g[3] = { 3, 0, 2 };
+            static const int hs_12[2] = { 1, 2 };
+            static const int hs_2[1] = { 2 };
+            static const int hs_0[1] = { 0 };
+
+            for (int f = 0; f < 3; f++) {
+                int fmt = f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
+                int zb = f == 2;
+
+                test_q4_rows("fma 1,0,2,0,1", fmt, 32, zb, 272, 1024, 5,
+                             s_a, 0, hs_12, 2);
+                test_q4_rows("fma G 64 K 1048", fmt, 64, zb, 288, 1048, 2,
+                             s_b, 0, hs_12, 2);
+                test_q4_rows("fma G = K", fmt, 512, zb, 64, 512, 3, s_c, 0,
+                             hs_2, 1);
+                test_q4_rows("fma K 5008", fmt, 128, zb, 96, 5008, 2, s_d,
+                             0, hs_12, 2);
+                test_q4_rows("fma compact", fmt, 128, zb, 544, 1024, 6, s_e,
+                             0, hs_0, 1);
+                test_q4_rows("fma dense 2 rows", fmt, 64, zb, 160, 512, 1,
+                             s_f, 1, hs_2, 1);
+                test_q4_rows("fma 3 rows hint 2", fmt, 32, zb, 800, 2080, 3,
+                             s_g, 0, hs_2, 1);
+            }
         }
         /* mixtral-8x7b experts at batch 1: gate|up, down (G 128) */
         test_q4_rows("mixtral w13", MOE_K_Q4_AWQ, 128, 0, 28672, 4096, 2,
