@@ -87,7 +87,8 @@ DEV_BINS := $(patsubst bench/dev/%.cu,$(BUILD)/bench/dev/%, \
 bench-dev: $(DEV_BINS)
 
 $(BUILD)/bench/dev/%.o: bench/dev/%.cu bench/dev/dev.cuh t/gpu/gpu_util.h \
-                        kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
+                        kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh) \
+                        $(wildcard bench/dev/*.cuh)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Ikernels -It/gpu -c -o $@ $<
 

@@ -80,14 +80,7 @@ int moe_cuda_qgemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
  * (mma on the bf16 integers q - z, exact; fp32 sums scaled per group),
  * K split over the warps of a block and a thread-block cluster, partial
  * sums added in a fixed order: Y's rows [0, n) columns [0, Ntot) are
- * written (nothing else), the same bits every run.  With at most
- * 2 rows per group (the rows hint below; decode), G a multiple of 32,
- * qzeros 8-byte aligned, K <= 32768 and, for AWQ at 1 row, Ntot a
- * multiple of 16: the CUDA-core kernel instead (exact fp32 products
- * x q, zeros and scales applied once per group, K split over warps and
- * a cluster the same way; the same contract: Y's rows [0, n) x [0,
- * Ntot) written, fixed order, the same bits every run; a group with more
- * rows than the hint is done in passes, still correct).  Otherwise (GPTQ with
+ * written (nothing else), the same bits every run.  Otherwise (GPTQ with
  * g_idx, other group sizes): a CUDA-core kernel that splits K over blocks
  * adding into Y with atomics; the launcher zeroes Y's rows [0, n)
  * (columns [0, Ntot)) first and the last bits of fp32 vary between runs.
@@ -118,12 +111,10 @@ int moe_cuda_qgemv_q4(int fmt, const moe_bf16_t *X, int ldx,
 
 /*
  * moe_cuda_qgemv_q4 with a hint: max_rows, about the most rows a group
- * has (0: the mean, ceil(n / groups)).  1 or 2: the CUDA-core kernel
- * (1 or 2 rows per pass) where it applies (above); more: the
- * tensor-core tile (8, 16 or 32 rows per pass).  A group with more rows
- * than a pass takes several passes, each reading its weights again; any
- * value gives correct results (the fp32 summation order depends on the
- * kernel picked, so on the hint).
+ * has (0: the mean, ceil(n / groups)).  It picks the tensor-core tile
+ * (8, 16 or 32 rows per pass; a group with more rows takes several
+ * passes, each reading its weights again); any value gives the same
+ * results.
  */
 int moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qweight,
@@ -135,13 +126,10 @@ int moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
  * gate|up with SiLU fused: Ntot = 2 F stacked (gate columns [0, F), up
  * [F, 2 F), Ntot % 16 == 0), H (n, F) bf16 (leading dimension F) =
  * bf16(silu(g) * u), the arithmetic of moe_cuda_silu_mul.  Where the
- * CUDA-core kernel (max_rows <= 2) or the tensor-core kernel applies
- * (see moe_cuda_qgemv_q4; the CUDA-core one needs Ntot % 32 == 0 for
- * AWQ at 1 row) one launch writes H (CUDA cores: half a block's warps
- * do a tile's gate columns, the other half the same up columns; tensor
- * cores: a block does the gate columns, then the up columns); else
+ * tensor-core kernel applies (see moe_cuda_qgemv_q4) one launch writes H
+ * (a block does a tile's gate columns, then the same up columns); else
  * moe_cuda_qgemv_q4_rows into the fp32 scratch Y (n, Ntot) and
- * moe_cuda_silu_mul (Y may be NULL only when one of the fused kernels
+ * moe_cuda_silu_mul (Y may be NULL only when the tensor-core kernel
  * applies; MOE_K_EUNSUPPORTED otherwise).
  */
 int moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,

@@ -3,9 +3,9 @@
  * MoE layer's expert shapes (8 experts, group 128; gate|up N 28672 K 4096,
  * down N 4096 K 14336), AWQ and GPTQ, r rows per expert hit (r = 1: two
  * experts hit, the batch-1 decode step; else all 8).  Lines: the shipped
- * launcher (at 1-2 rows per expert the CUDA-core kernel_qgemv_q4_fma,
- * more: the tensor-core kernel); at rows <= Q4S_MAXR the CUDA-core
- * kernel with its cluster size S forced (1, 2, 4, 8; raised to the
+ * launcher (the tensor-core kernel); at rows <= Q4S_MAXR the CUDA-core
+ * kernel_qgemv_q4_fma (q4_fma.cuh: measured slower, not shipped) with
+ * its cluster size S forced (1, 2, 4, 8; raised to the
  * inputs' minimum: K / 4096) and the tensor-core kernel at its 8-row
  * tile next to it (q4m_try, shipped S and prefetch); the
  * tensor-core tiles forced through max_rows (8 / 16 / 32
@@ -22,6 +22,7 @@
  *   build/bench/dev/quant_gemv [rows ...]      (default 1 2 16)
  */
 #include "../../kernels/quant_gemv.cu"
+#include "q4_fma.cuh"
 
 #include "dev.cuh"
 

@@ -2648,10 +2648,10 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
 /*
  * One dense projection, any format: Y (T, N) fp32 (ldy) = X (T, K) . W^T.
  * bf16: cb_linear (W's rows: the part's N; a stacked group calls
- * cb_linear itself).  Packed: the quantized GEMV for T <= dense_gemv_t;
- * up to ggemm_max_t the fp8 grouped GEMM (one group) or the 4-bit GEMV;
- * above, fp8 per channel on the fp8 tensor cores (cb_fp8_gemm), else
- * dequantize into the scratch and the bf16 GEMM.  The one place to swap
+ * cb_linear itself).  Packed: the quantized GEMV for T <= dense_gemv_t
+ * (4-bit: up to ggemm_max_t); above, fp8 per channel on the fp8 tensor
+ * cores (cb_fp8_gemm), else dequantize into the scratch and the bf16
+ * GEMM.  The one place to swap
  * in new packed kernels for the dense layers.
  */
 static int
@@ -2665,22 +2665,15 @@ cb_dense_proj(cuda_backend_t *b, const cb_qw_t *w, int T, const bf16 *X,
     if (T <= b->tune.dense_gemv_t && ldx % 8 == 0) {
         return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy);
     }
-    if (T <= b->tune.ggemm_max_t && ldx % 8 == 0) {
-        /* decode batches: the packed bytes read once or twice, no
-         * dequantization and no activation quantization (the AWQ dense
-         * projections at batch 64 took 6.8 of 41.8 ms dequantizing; H200
-         * 2026-12-02) */
-        if (w->fmt == MOE_WF_FP8
-            && moe_cuda_fp8_supported(w->mode, w->N, w->K, ldx, 0))
-        {
-            return moe_cuda_ggemm_fp8((const moe_bf16_t *) X, ldx, NULL, 1,
-                                      (const uint8_t *) w->w, w->scale,
-                                      w->mode, w->N, w->K, NULL, 1, T, 0, Y,
-                                      NULL, ldy, b->stream);
-        }
-        if (w->fmt == MOE_WF_AWQ || w->fmt == MOE_WF_GPTQ) {
-            return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy);
-        }
+    if (T <= b->tune.ggemm_max_t && ldx % 8 == 0
+        && (w->fmt == MOE_WF_AWQ || w->fmt == MOE_WF_GPTQ))
+    {
+        /* 4-bit decode batches: the packed bytes read once or twice
+         * rather than dequantized every step (AWQ batch 64: dense 5.3 ms
+         * of the step instead of 6.8; H200 2026-12-02).  fp8 keeps the
+         * cuBLASLt path here: the e4m3 grouped GEMM with one group took
+         * 2.13 ms of the batch-64 step against 1.39 */
+        return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy);
     }
     {
         int rc = cb_fp8_gemm(b, w, T, X, ldx, 0, Y, ldy);
@@ -2957,8 +2950,8 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
     if (wg->stacked) {
         cb_qw_t g;
 
-        /* gate|up stacked: one launch with SiLU fused, or one GEMM per
-         * expert into gu and SiLU*up */
+        /* gate|up stacked: fp8 one launch with SiLU fused; else one
+         * projection into gu (GEMV, or a GEMM per expert) and SiLU*up */
         cb_group(wg, &g);
         if (path == CB_PATH_GEMV && g.fmt == MOE_WF_FP8
             && moe_cuda_fp8_supported(g.mode, F, D, D, 1))
@@ -2976,19 +2969,11 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
                                        g.scale, g.mode, F, D, loffs, EL,
                                        T * K, 1, NULL,
                                        (moe_bf16_t *) b->hbuf, F, s));
-        } else if (path != CB_PATH_BLAS && g.fmt != MOE_WF_FP8) {
-            /* 4-bit: the quantized GEMV with SiLU fused (any rows per
-             * expert; gu is its fp32 scratch where it needs one) */
-            MOE_TRY(moe_cuda_qgemv_q4_silu(g.fmt == MOE_WF_AWQ
-                                           ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ,
-                                           (const moe_bf16_t *) b->xb, D,
-                                           b->erow, K,
-                                           (const int32_t *) g.w, g.zeros,
-                                           g.scales, NULL, g.G, g.zero_bias,
-                                           2 * F, D, loffs, EL, T * K, mr,
-                                           b->gu, (moe_bf16_t *) b->hbuf,
-                                           s));
         } else {
+            /* 4-bit: one GEMV over the 2 F stacked columns, then SiLU*up
+             * (the fused moe_cuda_qgemv_q4_silu has half the column
+             * tiles, each twice the work: 150 us against 85 + 3 for
+             * AWQ gate|up at batch 1, bench/dev/quant_gemv, H200) */
             MOE_TRY(cb_expert_proj(b, &g, path, X, D, xrow, xdiv, loffs,
                                    T * K, mr, b->gu, 2 * F));
             MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F,
