@@ -29,8 +29,10 @@
  *    same call through moe_cuda_qgemv_q4_silu (SiLU fused, N = 2 F):
  *    bf16 H within the sums' bounds carried through silu(g) u, two runs
  *    bit-equal where a fused kernel applies;
- *  - the same for the CUDA-core kernel (hints 1 and 2, or a mean of 1-2
- *    rows): AWQ, GPTQ with zero bias 0 and 1, G 32 / 64 / 128 / K,
+ *  - decode-sized groups (hints 1 and 2, or a mean of 1-2 rows; written
+ *    for the CUDA-core kernel that now lives in bench/dev, they run the
+ *    tensor-core kernel's small grids and cluster splits): AWQ, GPTQ with
+ *    zero bias 0 and 1, G 32 / 64 / 128 / K,
  *    K % G != 0 and K % 32 != 0, K 5008 (K split over a cluster), N not
  *    a multiple of the column tile, groups of 1-3 rows (3: two passes),
  *    empty groups, compact grids, gathered and dense inputs;
@@ -889,8 +891,8 @@ main(void)
             test_q4_rows("group 48", fmt, 48, f, 64, 480, 2, r_mix, 0,
                          h_small, 1);
         }
-        /* the CUDA-core kernel (kernel_qgemv_q4_fma: hints 1, 2 and 0
-         * with a mean of 1-2 rows): both formats (GPTQ with zero bias 0
+        /* decode-sized groups (hints 1, 2 and 0 with a mean of 1-2
+         * rows; the tensor-core kernel): both formats (GPTQ with zero bias 0
          * and 1), G 32 / 64 / 128 / K, K % G != 0 and K % 32 != 0 (a
          * partial warp unit), K past 4096 (clusters of K splits with a
          * ragged last rank), N not a multiple of the column tile (GPTQ
@@ -913,19 +915,19 @@ main(void)
                 int fmt = f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
                 int zb = f == 2;
 
-                test_q4_rows("fma 1,0,2,0,1", fmt, 32, zb, 272, 1024, 5,
+                test_q4_rows("1-2 rows 1,0,2,0,1", fmt, 32, zb, 272, 1024, 5,
                              s_a, 0, hs_12, 2);
-                test_q4_rows("fma G 64 K 1048", fmt, 64, zb, 288, 1048, 2,
+                test_q4_rows("1-2 rows G 64 K 1048", fmt, 64, zb, 288, 1048, 2,
                              s_b, 0, hs_12, 2);
-                test_q4_rows("fma G = K", fmt, 512, zb, 64, 512, 3, s_c, 0,
+                test_q4_rows("1-2 rows G = K", fmt, 512, zb, 64, 512, 3, s_c, 0,
                              hs_2, 1);
-                test_q4_rows("fma K 5008", fmt, 128, zb, 96, 5008, 2, s_d,
+                test_q4_rows("1-2 rows K 5008", fmt, 128, zb, 96, 5008, 2, s_d,
                              0, hs_12, 2);
-                test_q4_rows("fma compact", fmt, 128, zb, 544, 1024, 6, s_e,
+                test_q4_rows("1-2 rows compact", fmt, 128, zb, 544, 1024, 6, s_e,
                              0, hs_0, 1);
-                test_q4_rows("fma dense 2 rows", fmt, 64, zb, 160, 512, 1,
+                test_q4_rows("1-2 rows dense 2 rows", fmt, 64, zb, 160, 512, 1,
                              s_f, 1, hs_2, 1);
-                test_q4_rows("fma 3 rows hint 2", fmt, 32, zb, 800, 2080, 3,
+                test_q4_rows("1-2 rows 3 rows hint 2", fmt, 32, zb, 800, 2080, 3,
                              s_g, 0, hs_2, 1);
             }
         }
