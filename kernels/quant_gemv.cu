@@ -1106,6 +1106,25 @@ q4_check(const char *who, int fmt, int G, int Ntot, int K)
 }
 
 
+/* A launch of grid (tiles, groups, S) with the S blocks along z one
+ * thread-block cluster (at: one attribute). */
+static void
+q_cluster_cfg(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *at, int tiles,
+    int ng, int S, int threads, size_t smem, cudaStream_t stream)
+{
+    cfg->gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
+    cfg->blockDim = dim3((unsigned) threads);
+    cfg->dynamicSmemBytes = smem;
+    cfg->stream = stream;
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = 1;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = (unsigned) S;
+    cfg->attrs = at;
+    cfg->numAttrs = 1;
+}
+
+
 /* One launch of kernel_qgemv_q4_mma: grid (tiles, groups, S), cluster of
  * the S blocks along z; H non-NULL: SiLU fused (MR 2, ldy H's). */
 template <int FMT, int NT, int WC, int QU>
@@ -1119,16 +1138,7 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     cudaLaunchConfig_t  cfg = {};
     cudaLaunchAttribute at[1] = {};
 
-    cfg.gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
-    cfg.blockDim = dim3(QM_WARPS * 32);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = 1;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = (unsigned) S;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
+    q_cluster_cfg(&cfg, at, tiles, ng, S, QM_WARPS * 32, 0, stream);
     if (H != NULL) {
         MOE_CUDA_CHECK(cudaLaunchKernelEx(
             &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 2>, X, ldx, xrow,

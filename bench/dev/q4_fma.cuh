@@ -98,21 +98,6 @@ q4s_cp(void *dst, const void *src, int bytes)
 }
 
 
-__device__ __forceinline__ void
-q4s_commit(void)
-{
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-
-template <int N>
-__device__ __forceinline__ void
-q4s_wait(void)
-{
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-}
-
-
 /* q of nibble p (0..7) of w, hi = w >> 12, exactly, as fp32 */
 __device__ __forceinline__ float
 q4s_nib(uint32_t w, uint32_t hi, int p)
@@ -209,7 +194,7 @@ kernel_qgemv_q4_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     q4s_cp(slot0 + (size_t) (c % P) * NT * CB, src, CB);
                 }
             }
-            q4s_commit();
+            moe_cp_async_commit();
         };
 #pragma unroll 1
         for (int c = 0; c < P - 1; c++) {
@@ -346,7 +331,7 @@ kernel_qgemv_q4_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 load_sz(g);
             }
             issue(c + P - 1);
-            q4s_wait<P - 1>();
+            moe_cp_async_wait<P - 1>();
             if (step >= ST) {
                 continue;                       /* GPTQ K % 32 tail */
             }
@@ -422,7 +407,7 @@ kernel_qgemv_q4_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         if (gcur >= 0) {
             fold();
         }
-        q4s_wait<0>();
+        moe_cp_async_wait<0>();
         __syncthreads();                    /* ring and inputs free */
 
         /* lanes' sums: red[seg][kl][col in tile][r], kl = ws * KL + kq */
@@ -530,16 +515,8 @@ q4s_launch(int tiles, int ng, int S, int kmax, const bf16 *X, int ldx,
         *bps_out = bps;
         return MOE_K_OK;
     }
-    cfg.gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
-    cfg.blockDim = dim3(Q4S_WARPS * 32);
-    cfg.dynamicSmemBytes = q4s_smem(FMT, NR, MR, kmax);
-    cfg.stream = stream;
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = 1;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = (unsigned) S;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
+    q_cluster_cfg(&cfg, at, tiles, ng, S, Q4S_WARPS * 32,
+                  q4s_smem(FMT, NR, MR, kmax), stream);
     MOE_CUDA_CHECK(cudaLaunchKernelEx(
         &cfg, kernel_qgemv_q4_fma<FMT, NR, MR>, X, ldx, xrow, xdiv, qweight,
         qzeros, scales, G, zero_bias, Ntot, K, kmax, offs, E, n, Y, H, ldy));
