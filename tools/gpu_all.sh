@@ -113,13 +113,17 @@ run serve_bench  serve 200 build/bench/serve bench/gpu_serve.sh "${SERVE_C:-64}"
 run test_share   tests 60  build/gpu/test_share   build/gpu/test_share
 # the whole model with its weights as quantized checkpoints hold them
 # (random packed weights on the device): fp8 e4m3 per-channel, AWQ 4-bit
-# group 128; decode at batch 1 and 64 (context 512), fp8 prefill 2048
+# group 128 (and GPTQ, the same bytes); decode at batch 1 and 64 (context
+# 512), fp8 prefill 512 and 2048
 run bench_fp8    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=512,2048 \
     build/gpu/bench_engine mixtral-8x7b --weights fp8
 run bench_awq    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b --weights awq
+run bench_gptq   bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
+    BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
+    build/gpu/bench_engine mixtral-8x7b --weights gptq
 # serving the fp8 model through nginx (bench/conf/mixtral-8x7b-fp8-dummy
 # .yaml), the same load as serve_bench; json under $OUT/fp8
 run serve_fp8    serve 200 build/bench/serve bash -c 'mkdir -p "$OUT/fp8" \
