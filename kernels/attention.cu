@@ -1706,18 +1706,24 @@ att_sms(void)
  * Grid splits of the decode kernel for `pairs` (token, kv head) pairs:
  * enough blocks for bps per SM (the record's att_split_bps); a function of
  * the pair count only (graph-safe).  The kernel uses fewer when a token's
- * context is short.
+ * context is short.  tc: the tensor-core kernel runs.
  */
 static int
-att_split_count(int pairs, int bps)
+att_split_count(int pairs, int bps, int tc)
 {
     int want = bps * att_sms(), ns;
 
     if (pairs >= want) {
-        /* 1-2 blocks per SM (mixtral b64: 512 pairs, 3 resident per SM,
-         * 1.3 waves): 3 splits gave 3.75 ms of attention per step against
-         * 4.39 unsplit and 3.92 with 2 (run 4); from 4 per SM (b128) one
-         * split is best again (6.65 vs 7.41 ms with 2) */
+        /* SIMT kernel, 1-2 blocks per SM (mixtral b64: 512 pairs, 3
+         * resident per SM, 1.3 waves): 3 splits gave 3.75 ms of
+         * attention per step against 4.39 unsplit and 3.92 with 2 (run
+         * 4); from 4 per SM (b128) one split is best again (6.65 vs 7.41
+         * ms with 2).  The tensor-core kernel: one split (mixtral b64,
+         * context 700: 57.8 us against 81.9 with 3; H200, bench/dev/
+         * attention, 2026-12-02) */
+        if (tc) {
+            return 1;
+        }
         return pairs <= 2 * want && 3 * pairs <= ATT_MAX_REC ? 3 : 1;
     }
     ns = (want + pairs - 1) / pairs;
@@ -1807,7 +1813,8 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
         bps = max_ctx > 0 && tune->att_long_ctx > 0
               && max_ctx >= tune->att_long_ctx && tune->att_long_bps > 0
               ? tune->att_long_bps : tune->att_split_bps;
-        ns = att_split_count((int) pairs, bps > 0 ? bps : 1);
+        ns = att_split_count((int) pairs, bps > 0 ? bps : 1,
+                             tune->att_decode_tc && (hd == 64 || hd == 128));
     }
     /* decode (the key-split path): tensor cores for head dims 64 / 128
      * unless the record says otherwise; the SIMT decode kernel for the
