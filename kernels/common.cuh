@@ -26,6 +26,24 @@
         }                                                                    \
     } while (0)
 
+/* Let `kernel` take `bytes` of dynamic shared memory (past the 48 KB
+ * default) with the largest shared-memory carveout: the grouped GEMMs'
+ * cp.async stages.  Call once per kernel, before its first launch. */
+template <typename K>
+static inline cudaError_t
+moe_smem_max_carveout(K kernel, size_t bytes)
+{
+    cudaError_t e = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) bytes);
+
+    if (e == cudaSuccess) {
+        e = cudaFuncSetAttribute(
+            kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+            (int) cudaSharedmemCarveoutMaxShared);
+    }
+    return e;
+}
+
 /* Same for cuBLAS calls. */
 #define MOE_CUBLAS_CHECK(stmt)                                               \
     do {                                                                     \

@@ -762,13 +762,7 @@ g8_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
     dim3         grid((unsigned) ((N + cols - 1) / cols), groups);
 
     if (!ready) {
-        MOE_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel_ggemm_fp8<BT, SILU, MODE>,
-            cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm));
-        MOE_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel_ggemm_fp8<BT, SILU, MODE>,
-            cudaFuncAttributePreferredSharedMemoryCarveout,
-            (int) cudaSharedmemCarveoutMaxShared));
+        MOE_CUDA_CHECK(moe_smem_max_carveout(kernel_ggemm_fp8<BT, SILU, MODE>, sm));
         ready = 1;
     }
     kernel_ggemm_fp8<BT, SILU, MODE><<<grid, G8_NT, sm, s>>>(

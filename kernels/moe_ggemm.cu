@@ -298,13 +298,7 @@ gg_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
     dim3         grid((unsigned) ((N + cols - 1) / cols), groups);
 
     if (!ready) {
-        MOE_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel_ggemm<BT, MT, SILU>,
-            cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm));
-        MOE_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel_ggemm<BT, MT, SILU>,
-            cudaFuncAttributePreferredSharedMemoryCarveout,
-            (int) cudaSharedmemCarveoutMaxShared));
+        MOE_CUDA_CHECK(moe_smem_max_carveout(kernel_ggemm<BT, MT, SILU>, sm));
         ready = 1;
     }
     kernel_ggemm<BT, MT, SILU><<<grid, GG_NT, sm, s>>>(

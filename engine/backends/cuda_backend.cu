@@ -157,8 +157,8 @@ typedef __nv_bfloat16 bf16;
  * stacked group, expert e at w + e * grows * K elements; packed formats:
  * the kernels' layouts (kernels/quant_gemv.h), expert e at e times one
  * matrix's size, except in a stacked group (stacked 1, qweights.h: fp8
- * expert e at w + e * grows * K bytes, scales at scale + e * s_es; 4-bit
- * tensors of ld = grows columns; such a part runs only as its group,
+ * expert e at w + e * grows * K bytes, scales at scale + e *
+ * cb_fp8_sstride; 4-bit tensors of ld = grows columns; such a part runs only as its group,
  * cb_group).  w NULL: the layer has no such part.
  */
 typedef struct {
@@ -166,18 +166,30 @@ typedef struct {
     int             N, K, count, grows;
     int             stacked;       /* in a stacked group */
     int             view;          /* a whole stacked group (cb_group) */
-    int             ld;            /* 4-bit: the stored tensors' columns
-                                      (N; the group's grows when stacked) */
-    size_t          w_es;          /* fp8: bytes from one expert to the
-                                      next */
-    size_t          s_es;          /* fp8: scales from one expert to the
-                                      next */
+    int             ld;            /* rows (fp8) / columns (4-bit) stored
+                                      per expert: N, or the group's grows
+                                      when stacked */
     void           *w;             /* bf16 / e4m3 / qweight i32 */
     float          *scale;         /* fp8 (count, n_scales) */
     int32_t        *zeros;         /* 4-bit (count, K / G, N / 8) */
     uint16_t       *scales;        /* 4-bit (count, K / G, N) f16 */
     int32_t        *g_idx;         /* gptq (count, K) or NULL */
 } cb_qw_t;
+
+
+/* fp8: e4m3 bytes / fp32 scales from one expert's matrix to the next */
+static size_t
+cb_fp8_wstride(const cb_qw_t *w)
+{
+    return (size_t) w->ld * (size_t) w->K;
+}
+
+
+static size_t
+cb_fp8_sstride(const cb_qw_t *w)
+{
+    return moe_qw_fp8_scale_count(w->mode, w->ld, w->K);
+}
 
 typedef struct {
     moe_backend_t   base;          /* first: the public interface */
@@ -1178,7 +1190,34 @@ cb_span(cb_loader_t *ld, const moe_qspan_t *sp, char *dst)
 }
 
 
+/* `bytes` of host memory p (made at load) to dst, one row: the copy
+ * out of the pinned buffer is queued, p may be freed on return. */
+static int
+cb_put_host(cb_loader_t *ld, const void *p, size_t bytes, char *dst)
+{
+    moe_qspan_t sp;
+
+    sp.base = p;
+    sp.rows = 1;
+    sp.bytes = (int64_t) bytes;
+    sp.pitch = sp.bytes;
+    return cb_span(ld, &sp, dst);
+}
+
+
 static int cb_put(void *ctx, const moe_tensor_ref_t *t);
+
+
+/* In cb_put / cb_put_packed (loader ld, tensor t): a device copy that
+ * failed names the tensor and its file. */
+#define CB_PUT(call)                                                         \
+    do {                                                                     \
+        if ((call) != MOE_OK) {                                              \
+            moe_errf(ld->err, ld->errlen, "cuda backend: loading '%s' from "   \
+                   "%s: %s", t->name, t->file, moe_cuda_last_error());       \
+            return MOE_EBACKEND;                                             \
+        }                                                                    \
+    } while (0)
 
 
 /*
@@ -1199,7 +1238,6 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
     size_t               K, G, C, n;
     moe_qslice_t         sl;
     moe_tensor_ref_t     r;
-    moe_qspan_t          sp;
     char                 why[160];
     float               *f;
     int32_t             *gi;
@@ -1256,17 +1294,8 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
     }
     K = (size_t) w->K;
 
-#define CB_PQ(call)                                                          \
-    do {                                                                     \
-        if ((call) != MOE_OK) {                                              \
-            moe_errf(ld->err, ld->errlen, "cuda backend: loading '%s' from " \
-                   "%s: %s", t->name, t->file, moe_cuda_last_error());       \
-            return MOE_EBACKEND;                                             \
-        }                                                                    \
-    } while (0)
-
     if (w->fmt == MOE_WF_FP8) {
-        CB_PQ(cb_span(ld, &sl.w, (char *) w->w + e * w->w_es));
+        CB_PUT(cb_span(ld, &sl.w, (char *) w->w + e * cb_fp8_wstride(w)));
         n = (size_t) sl.n_scales;
         f = (float *) malloc(n * sizeof(float));
         if (f == NULL) {
@@ -1274,23 +1303,20 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
             return MOE_ENOMEM;
         }
         moe_qw_fp8_scales(&sl, f);
-        sp.base = f;
-        sp.rows = 1;
-        sp.bytes = (int64_t) (n * sizeof(float));
-        sp.pitch = sp.bytes;
-        rc = cb_span(ld, &sp, (char *) (w->scale + e * w->s_es));
+        rc = cb_put_host(ld, f, n * sizeof(float),
+                         (char *) (w->scale + e * cb_fp8_sstride(w)));
         free(f);
-        CB_PQ(rc);
+        CB_PUT(rc);
         return MOE_OK;
     }
     G = (size_t) w->G;
     C = (size_t) w->ld;         /* the stored columns: N, or the group's */
-    CB_PQ(cb_span_to(ld, &sl.w, (char *) w->w + e * K * C / 2,
+    CB_PUT(cb_span_to(ld, &sl.w, (char *) w->w + e * K * C / 2,
                      w->fmt == MOE_WF_AWQ ? C / 2 : C * 4));
-    CB_PQ(cb_span_to(ld, &sl.zeros,
+    CB_PUT(cb_span_to(ld, &sl.zeros,
                      (char *) (w->zeros + e * (K / G) * (C / 8)), C / 2));
-    CB_PQ(cb_span_to(ld, &sl.scales, (char *) (w->scales + e * (K / G) * C),
-                     C * 2));
+    CB_PUT(cb_span_to(ld, &sl.scales,
+                      (char *) (w->scales + e * (K / G) * C), C * 2));
     if (w->g_idx != NULL) {
         /* this expert's own g_idx, or k / G where it has none */
         gi = (int32_t *) malloc(K * sizeof(int32_t));
@@ -1304,16 +1330,12 @@ cb_put_packed(cb_loader_t *ld, const moe_tensor_ref_t *t)
         if (sl.g_idx != NULL) {
             memcpy(gi, sl.g_idx, K * sizeof(int32_t));
         }
-        sp.base = gi;
-        sp.rows = 1;
-        sp.bytes = (int64_t) (K * sizeof(int32_t));
-        sp.pitch = sp.bytes;
-        rc = cb_span(ld, &sp, (char *) (w->g_idx + e * K));
+        rc = cb_put_host(ld, gi, K * sizeof(int32_t),
+                         (char *) (w->g_idx + e * K));
         /* the copy out of the pinned buffer is queued; gi was copied in */
         free(gi);
-        CB_PQ(rc);
+        CB_PUT(rc);
     }
-#undef CB_PQ
     return MOE_OK;
 }
 
@@ -1351,15 +1373,6 @@ cb_put(void *ctx, const moe_tensor_ref_t *t)
                "its place in the weights", t->name);
         return MOE_EINVAL;
     }
-
-#define CB_PUT(call)                                                         \
-    do {                                                                     \
-        if ((call) != MOE_OK) {                                              \
-            moe_errf(ld->err, ld->errlen, "cuda backend: loading '%s' from "   \
-                   "%s: %s", t->name, t->file, moe_cuda_last_error());       \
-            return MOE_EBACKEND;                                             \
-        }                                                                    \
-    } while (0)
 
     if (!t->transposed && (t->ld == t->cols || t->rows == 1)) {
         /* contiguous: flat chunks of elements */
@@ -1947,11 +1960,6 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
             q->g_idx = o->g_idx ? (int32_t *) (w + o->g_idx) : NULL;
             q->stacked = moe_qw_stacked(hp, b->plan, l, p);
             q->ld = (int) (q->stacked ? sh.grows : sh.N);
-            q->w_es = (size_t) (q->stacked ? sh.grows : sh.N)
-                      * (size_t) sh.K;
-            q->s_es = moe_qw_fp8_scale_count(f->mode, q->stacked ? sh.grows
-                                                                 : sh.N,
-                                             sh.K);
         }
     }
     free(wl.qoff);
@@ -2573,8 +2581,8 @@ cb_dequant_expert(cuda_backend_t *b, const cb_qw_t *w, int el)
     }
     if (w->fmt == MOE_WF_FP8) {
         return moe_cuda_dequant_fp8((const uint8_t *) w->w + (size_t) el
-                                    * w->w_es,
-                                    w->scale + (size_t) el * w->s_es,
+                                    * cb_fp8_wstride(w),
+                                    w->scale + (size_t) el * cb_fp8_sstride(w),
                                     w->mode, 0, w->N, w->K, 1,
                                     (moe_bf16_t *) b->qscratch, b->stream);
     }
@@ -2635,8 +2643,8 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
             MOE_TRY(moe_cuda_gemm_fp8(b->fp8g, ne, (int) N, (int) K,
                                       Q + (size_t) r0 * K, qs + r0,
                                       (const uint8_t *) w->w
-                                      + (size_t) (e - e0) * w->w_es,
-                                      w->scale + (size_t) (e - e0) * w->s_es,
+                                      + (size_t) (e - e0) * cb_fp8_wstride(w),
+                                      w->scale + (size_t) (e - e0) * cb_fp8_sstride(w),
                                       Y + (size_t) r0 * ldy, ldy, 0, 0, tmp,
                                       b->stream));
         }

@@ -42,6 +42,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "gpu_tap.h"
 #include "gpu_util.h"
 
 extern "C" {
@@ -65,25 +66,22 @@ enum { ENT_GEMV = 0, ENT_GGEMM = 1 };
 static const char *f8_dead;
 
 
+/* gu_sync_ok, and a sticky error (the device unusable) noted in f8_dead */
 static int
 sync_ok(int rc, const char *what)
 {
-    cudaError_t e = cudaDeviceSynchronize();
+    cudaError_t e;
 
-    if (rc != 0 || e != cudaSuccess) {
-        TAP_DIAG("%s: rc %d, %s / %s", what, rc, moe_cuda_last_error(),
-                 cudaGetErrorString(e));
-        if (e != cudaSuccess) {
-            (void) cudaGetLastError();      /* clears a non-sticky one */
-            if (cudaDeviceSynchronize() != cudaSuccess) {
-                f8_dead = cudaGetErrorString(e);
-                TAP_DIAG("sticky CUDA error: the remaining cases are "
-                         "reported failed without running");
-            }
-        }
-        return 0;
+    if (gu_sync_ok(rc, what)) {
+        return 1;
     }
-    return 1;
+    e = cudaGetLastError();             /* clears a non-sticky one */
+    if (e != cudaSuccess && cudaDeviceSynchronize() != cudaSuccess) {
+        f8_dead = cudaGetErrorString(e);
+        TAP_DIAG("sticky CUDA error: the remaining cases are reported "
+                 "failed without running");
+    }
+    return 0;
 }
 
 

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "gpu_tap.h"
 #include "gpu_util.h"
 
 extern "C" {
@@ -38,18 +39,6 @@ extern "C" {
  * to about 2^-13; the bound leaves 4x headroom over that. */
 #define FP32_TOL 1e-3
 
-static int
-sync_ok(int rc, const char *what)
-{
-    cudaError_t e = cudaDeviceSynchronize();
-
-    if (rc != 0 || e != cudaSuccess) {
-        TAP_DIAG("%s: rc %d, %s / %s", what, rc, moe_cuda_last_error(),
-                 cudaGetErrorString(e));
-        return 0;
-    }
-    return 1;
-}
 
 /* a random finite e4m3 code (no NaN) */
 static uint8_t
@@ -93,7 +82,7 @@ test_quant(void)
                                        (const int32_t *) dr, 2, M, K,
                                        (uint8_t *) dq, (float *) ds, 0);
 
-    if (!sync_ok(rc, "quant_rows_fp8")) {
+    if (!gu_sync_ok(rc, "quant_rows_fp8")) {
         TAP_OK(0, "quant_rows_fp8 ran");
         return 1;
     }
@@ -202,7 +191,7 @@ gemm_case(moe_fp8_gemm_t *g, int M, int N, int K, int ldy, int y_bf16,
                            (const float *) dqs, (const uint8_t *) dw,
                            (const float *) dws, dy, ldy, y_bf16, acc,
                            (float *) dt, 0);
-    ok = sync_ok(rc, name);
+    ok = gu_sync_ok(rc, name);
     if (ok) {
         if (y_bf16) {
             uint16_t *yb = (uint16_t *) malloc(ybytes);
@@ -300,7 +289,7 @@ end_to_end(moe_fp8_gemm_t *g, int M, int N, int K)
                                (const float *) dws, dy, N, 0, 0,
                                (float *) dt, 0);
     }
-    ok = sync_ok(rc, "quantize + gemm");
+    ok = gu_sync_ok(rc, "quantize + gemm");
     if (ok) {
         gu_down(got, dy, (size_t) M * N * 4);
         err = gu_relerr(got, ref, (size_t) M * N);

@@ -32,6 +32,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "gpu_tap.h"
 #include "gpu_util.h"
 
 extern "C" {
@@ -43,19 +44,6 @@ extern "C" {
 
 #define F32_TOL  1e-5
 #define SILU_TOL 4e-3
-
-static int
-sync_ok(int rc, const char *what)
-{
-    cudaError_t e = cudaDeviceSynchronize();
-
-    if (rc != 0 || e != cudaSuccess) {
-        TAP_DIAG("%s: rc %d, %s / %s", what, rc, moe_cuda_last_error(),
-                 cudaGetErrorString(e));
-        return 0;
-    }
-    return 1;
-}
 
 
 /* bf16 bits of weight i (hash): sign, magnitude 2^-7 .. 2^-3, exact on
@@ -266,7 +254,7 @@ test_gg(int E, int N, int Kd, int maxr, int silu, int grouped, int xdiv,
                                     N, Kd, grouped ? d_offs : NULL, E,
                                     n + nplus, silu, (float *) d_y,
                                     (moe_bf16_t *) d_y, ldy, bt, mt, 0);
-    int ok = sync_ok(rc, "ggemm");
+    int ok = gu_sync_ok(rc, "ggemm");
 
     snprintf(what, sizeof(what), "ggemm E %d N %d Kd %d rows %d (max %d, n "
              "%d) %s %s%s tile %s%d/%d", E, N, Kd, n, maxr, n + nplus,
@@ -346,7 +334,7 @@ test_mixtral(const uint16_t *d_w, uint64_t wseed, int N, int Kd, int silu)
     int rc = moe_cuda_ggemm((moe_bf16_t *) d_x, ldx, silu ? d_xrow : NULL,
                             xdiv, (moe_bf16_t *) d_w, N, Kd, d_offs, E, n,
                             silu, (float *) d_y, (moe_bf16_t *) d_y, ldy, 0);
-    int ok = sync_ok(rc, "ggemm mixtral");
+    int ok = gu_sync_ok(rc, "ggemm mixtral");
 
     snprintf(what, sizeof(what), "ggemm mixtral-like E 8 rows %d N %d Kd %d "
              "%s, %d sampled columns", n, N, Kd,
@@ -411,7 +399,7 @@ test_graph(int silu)
     rc = moe_cuda_ggemm((moe_bf16_t *) d_x, ldx, d_xrow, xdiv,
                         (moe_bf16_t *) d_w, N, Kd, d_offs, E, nb, silu,
                         (float *) d_y, (moe_bf16_t *) d_y, ldy, 0);
-    ok = sync_ok(rc, "ggemm eager");
+    ok = gu_sync_ok(rc, "ggemm eager");
     ok = ok && cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)
                == cudaSuccess;
     ok = ok && cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal)
@@ -432,7 +420,7 @@ test_graph(int silu)
         cudaMemset(d_y, 0xff, 4 * (size_t) (nb + 2) * ldy);
         vok = vok && cudaGraphLaunch(exec, s) == cudaSuccess;
         vok = vok && cudaStreamSynchronize(s) == cudaSuccess;
-        vok = sync_ok(vok ? 0 : MOE_EBACKEND, "graph replay") && vok;
+        vok = gu_sync_ok(vok ? 0 : MOE_EBACKEND, "graph replay") && vok;
         snprintf(what, sizeof(what), "ggemm graph replay %d: rows %d of "
                  "bound %d, %s", v, offs[v][E], nb,
                  silu ? "SiLU bf16" : "fp32");
@@ -470,7 +458,7 @@ test_edges(void)
 
     rc = moe_cuda_ggemm(x, 64, NULL, 1, w, 64, 64, d_offs, 2, 0, 1,
                         (float *) d_y, (moe_bf16_t *) d_y, 64, 0);
-    ok = sync_ok(rc, "ggemm n 0");
+    ok = gu_sync_ok(rc, "ggemm n 0");
     gu_down(y, d_y, sizeof(y));
     for (int i = 0; i < 4 * 64; i++) {
         bad += y[i] != 0xffffffffu;
@@ -510,7 +498,7 @@ test_edges(void)
            && !moe_cuda_ggemm_supported(64, 60, 64)
            && !moe_cuda_ggemm_supported(64, 64, 60),
            "ggemm_supported: mixtral shapes yes, Kd 60 / ldx 60 no");
-    ok = sync_ok(0, "ggemm edges");
+    ok = gu_sync_ok(0, "ggemm edges");
     TAP_OK(ok, "ggemm: no launch error after the refused calls");
     cudaFree(d_offs); cudaFree(d_x); cudaFree(d_w); cudaFree(d_y);
 }
@@ -713,7 +701,7 @@ main(void)
         TAP_OK(0, "cudaMalloc of %zu bytes for the mixtral weights", 2 * wn);
     } else {
         kernel_fill_hash<<<4096, 256>>>(d_w, wn, wseed);
-        if (sync_ok(0, "fill weights")) {
+        if (gu_sync_ok(0, "fill weights")) {
             test_mixtral(d_w, wseed, 14336, 4096, 1);
             test_mixtral(d_w, wseed, 4096, 14336, 0);
             if (getenv("MOE_TEST_NO_TIMING") == NULL) {

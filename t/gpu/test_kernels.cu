@@ -36,6 +36,7 @@
 
 #include <cublas_v2.h>
 
+#include "gpu_tap.h"
 #include "gpu_util.h"
 
 extern "C" {
@@ -58,19 +59,6 @@ extern "C" {
 #define F32_TOL 1e-5
 #define BF_TOL  1e-2
 
-static int
-sync_ok(int rc, const char *what)
-{
-    cudaError_t e = cudaDeviceSynchronize();
-
-    if (rc != 0 || e != cudaSuccess) {
-        TAP_DIAG("%s: rc %d, %s / %s", what, rc, moe_cuda_last_error(),
-                 cudaGetErrorString(e));
-        return 0;
-    }
-    return 1;
-}
-
 
 static void
 test_embed(void)
@@ -91,7 +79,7 @@ test_embed(void)
     float *d_x = (float *) gu_dev(sizeof(float) * T * D);
     int rc = moe_cuda_embed((int32_t *) d_tok, T, (moe_bf16_t *) d_tab, D,
                             d_x, 0);
-    int ok = sync_ok(rc, "embed");
+    int ok = gu_sync_ok(rc, "embed");
 
     gu_down(out, d_x, sizeof(float) * T * D);
     double e = gu_relerr(out, ref, (size_t) T * D);
@@ -158,7 +146,7 @@ test_rmsnorm_d(int with_delta, int with_rows, int D)
     int rc = moe_cuda_add_rmsnorm(d_x, with_delta ? d_dl : NULL,
                                   with_rows ? d_rows : NULL, n, D, d_w, eps,
                                   (moe_bf16_t *) d_ob, d_of, 0);
-    int ok = sync_ok(rc, "rmsnorm");
+    int ok = gu_sync_ok(rc, "rmsnorm");
 
     gu_down(outf, d_of, sizeof(float) * n * D);
     gu_down(ob, d_ob, 2 * n * D);
@@ -244,7 +232,7 @@ test_rope(int nh, int nkv, int hd, float theta, int per_token, float attn)
                               theta > 0 ? d_inv : NULL,
                               per_token ? d_base : NULL, attn,
                               (moe_bf16_t *) d_cache, bs, 0);
-    int ok = sync_ok(rc, "rope_kv");
+    int ok = gu_sync_ok(rc, "rope_kv");
 
     gu_down(out, d_qkv, sizeof(float) * T * ld);
     gu_down(cache, d_cache, 2 * cache_n);
@@ -414,7 +402,7 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
     void *d_out = gu_dev(2 * T * nh * hd);
     float *d_part = (float *) gu_dev(
         4 * (size_t) moe_cuda_attention_ws_floats(nh, nkv, hd));
-    int ok = sync_ok(moe_cuda_attention_ws_init(d_part, 0), "ws_init");
+    int ok = gu_sync_ok(moe_cuda_attention_ws_init(d_part, 0), "ws_init");
     double e[2] = { NAN, NAN };
 
     for (int run = 0; run < 2 && ok; run++) {
@@ -429,7 +417,7 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
                                          d_off, d_cache, bs, nh, nkv, hd,
                                          window, (moe_bf16_t *) d_out,
                                          d_part, &kvo, att_tune, 0);
-        ok = sync_ok(rc, "attention");
+        ok = gu_sync_ok(rc, "attention");
         gu_down(obits, d_out, 2 * T * nh * hd);
         gu_bf_to_f(out, obits, (size_t) T * nh * hd);
         e[run] = gu_relerr(out, ref, (size_t) T * nh * hd);
@@ -637,7 +625,7 @@ test_argmax(int rows, int V, int ld, int mode, int with_nv)
     int32_t *d_nv = (int32_t *) gu_up(nv, sizeof(int32_t) * rows);
     int32_t *d_out = (int32_t *) gu_dev(sizeof(int32_t) * rows);
 
-    ok = sync_ok(moe_cuda_argmax_rows(d_x, ld, rows, V,
+    ok = gu_sync_ok(moe_cuda_argmax_rows(d_x, ld, rows, V,
                                       with_nv ? d_nv : NULL, d_out, 0),
                  "argmax");
     gu_down(out, d_out, sizeof(int32_t) * rows);
@@ -680,7 +668,7 @@ test_silu(void)
     }
     float *d_gu = (float *) gu_up(gu, sizeof(float) * R * 2 * F);
     void *d_h = gu_dev(2 * R * F);
-    int ok = sync_ok(moe_cuda_silu_mul(d_gu, R, F, (moe_bf16_t *) d_h, 0),
+    int ok = gu_sync_ok(moe_cuda_silu_mul(d_gu, R, F, (moe_bf16_t *) d_h, 0),
                      "silu_mul");
     gu_down(ob, d_h, 2 * R * F);
     gu_bf_to_f(out, ob, (size_t) R * F);
@@ -777,7 +765,7 @@ test_route(int T, int D, int E, int K, int renorm)
     float *d_w = (float *) gu_dev(sizeof(float) * T * K);
     float *d_mg = (float *) gu_dev(sizeof(float) * T);
     float *d_lg = (float *) gu_dev(sizeof(float) * T * E);
-    int ok = sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, renorm, d_lg, d_sel,
+    int ok = gu_sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, renorm, d_lg, d_sel,
                                     d_w, d_mg, 0), "route");
     gu_down(gmg, d_mg, sizeof(float) * T);
     double em = gu_relerr(gmg, mg, (size_t) T);
@@ -851,7 +839,7 @@ test_permute_one(int T, int E, int K)
     int rc = moe_cuda_moe_permute(d_sel, n, E, d_offs, d_erow, d_slot, d_tot,
                                   0);
     rc |= moe_cuda_moe_permute(d_sel, n, E, d_offs, d_erow, d_slot, d_tot, 0);
-    int ok = sync_ok(rc, "moe_permute");
+    int ok = gu_sync_ok(rc, "moe_permute");
 
     gu_down(goffs, d_offs, sizeof(int32_t) * (E + 1));
     gu_down(gerow, d_erow, sizeof(int32_t) * n);
@@ -958,7 +946,7 @@ test_gemv_t(int E, int N, int Kd, int maxr, int hint, int fma, int silu,
                            (moe_bf16_t *) d_w, N, Kd,
                            grouped ? d_offs : NULL, E, n, hint, silu,
                            (float *) d_y, (moe_bf16_t *) d_y, ldy, &tune, 0);
-    int ok = sync_ok(rc, "gemv");
+    int ok = gu_sync_ok(rc, "gemv");
     double err = 0, num = 0, den = 0;
 
     if (silu) {
@@ -1101,7 +1089,7 @@ test_permute(int T, int E, int K, int D)
         rc = moe_cuda_moe_unpermute(d_ye, D, d_sel, d_selw, d_slot, T, K,
                                     d_out, 0);
     }
-    int ok = sync_ok(rc, "permute");
+    int ok = gu_sync_ok(rc, "permute");
     gu_down(gcnt, d_cnt, sizeof(int32_t) * E);
     gu_down(gerow, d_erow, sizeof(int32_t) * n);
     gu_down(gslot, d_slot, sizeof(int32_t) * n);
@@ -1161,7 +1149,7 @@ test_gemm(cublasHandle_t h, int M, int N, int K, int ldx, int y_bf16,
                        : gu_up(Y0, sizeof(float) * M * N);
     int rc = moe_cuda_gemm(h, M, N, K, (moe_bf16_t *) d_X, ldx,
                            (moe_bf16_t *) d_W, K, d_Y, N, y_bf16, beta);
-    int ok = sync_ok(rc, "gemm");
+    int ok = gu_sync_ok(rc, "gemm");
     if (y_bf16) {
         gu_down(ob, d_Y, 2 * M * N);
         gu_bf_to_f(out, ob, (size_t) M * N);
@@ -1194,7 +1182,7 @@ test_init(void)
     }
     float *d_src = (float *) gu_up(src, sizeof(float) * n);
     void *d_dst = gu_dev(2 * n);
-    int ok = sync_ok(moe_cuda_f32_to_bf16(d_src, (moe_bf16_t *) d_dst, n, 0),
+    int ok = gu_sync_ok(moe_cuda_f32_to_bf16(d_src, (moe_bf16_t *) d_dst, n, 0),
                      "f32_to_bf16");
     gu_down(out, d_dst, 2 * n);
     for (int64_t i = 0; i < n; i++) {
@@ -1204,7 +1192,7 @@ test_init(void)
            bad);
 
     double mean = 0, m2 = 0, mx = 0;
-    ok = sync_ok(moe_cuda_fill_random_bf16((moe_bf16_t *) d_dst, n, 7, 0.5f,
+    ok = gu_sync_ok(moe_cuda_fill_random_bf16((moe_bf16_t *) d_dst, n, 7, 0.5f,
                                            0), "fill_random_bf16");
     gu_down(out, d_dst, 2 * n);
     gu_bf_to_f(rf, out, (size_t) n);
@@ -1295,7 +1283,7 @@ test_layernorm(int with_delta, int with_rows)
     int rc = moe_cuda_add_layernorm(d_x, with_delta ? d_dl : NULL,
                                     with_rows ? d_rows : NULL, n, D, d_w,
                                     d_b, eps, (moe_bf16_t *) d_ob, d_of, 0);
-    int ok = sync_ok(rc, "layernorm");
+    int ok = gu_sync_ok(rc, "layernorm");
 
     gu_down(outf, d_of, sizeof(float) * n * D);
     gu_down(ob, d_ob, 2 * n * D);
@@ -1333,7 +1321,7 @@ test_add_bias(void)
     }
     float *d_y = (float *) gu_up(y, sizeof(float) * T * ld);
     float *d_b = (float *) gu_up(bs, sizeof(float) * N);
-    int ok = sync_ok(moe_cuda_add_bias(d_y, ld, T, N, d_b, 0), "add_bias");
+    int ok = gu_sync_ok(moe_cuda_add_bias(d_y, ld, T, N, d_b, 0), "add_bias");
 
     gu_down(out, d_y, sizeof(float) * T * ld);
     double e = gu_relerr(out, ref, (size_t) T * ld);
@@ -1365,7 +1353,7 @@ test_head_rmsnorm(int nh, int hd)
     }
     float *d_x = (float *) gu_up(x, sizeof(float) * T * ld);
     float *d_w = (float *) gu_up(w, sizeof(float) * hd);
-    int ok = sync_ok(moe_cuda_head_rmsnorm(d_x, ld, T, nh, hd, d_w, eps, 0),
+    int ok = gu_sync_ok(moe_cuda_head_rmsnorm(d_x, ld, T, nh, hd, d_w, eps, 0),
                      "head_rmsnorm");
 
     gu_down(out, d_x, sizeof(float) * T * ld);
@@ -1417,7 +1405,7 @@ test_act_mul(int act, int gated, int bias)
     float *d_bg = (float *) gu_up(bg, sizeof(float) * F);
     float *d_bu = (float *) gu_up(bu, sizeof(float) * F);
     void *d_h = gu_dev(2 * R * ldh);
-    int ok = sync_ok(moe_cuda_act_mul(gated ? d_gu : NULL, ld,
+    int ok = gu_sync_ok(moe_cuda_act_mul(gated ? d_gu : NULL, ld,
                                       bias ? d_bg : NULL, d_gu + F, ld,
                                       bias ? d_bu : NULL, R, F, act,
                                       (moe_bf16_t *) d_h, ldh, 0),
@@ -1465,7 +1453,7 @@ test_sigmoid_gate_add(void)
     float *d_y = (float *) gu_up(y, sizeof(float) * T * ldy);
     float *d_xf = (float *) gu_up(xf, sizeof(float) * T * D);
     float *d_wg = (float *) gu_up(wg, sizeof(float) * D);
-    int ok = sync_ok(moe_cuda_sigmoid_gate_add(d_out, d_y, ldy, d_xf, d_wg,
+    int ok = gu_sync_ok(moe_cuda_sigmoid_gate_add(d_out, d_y, ldy, d_xf, d_wg,
                                                T, D, 0), "sigmoid_gate_add");
 
     gu_down(got, d_out, sizeof(float) * T * D);
@@ -1497,7 +1485,7 @@ test_add_pos(void)
     float *d_x = (float *) gu_up(x, sizeof(float) * T * D);
     float *d_pe = (float *) gu_up(pe, sizeof(float) * P * D);
     int32_t *d_pos = (int32_t *) gu_up(pos, sizeof(pos));
-    int ok = sync_ok(moe_cuda_add_pos(d_x, d_pos, T, D, d_pe, 0), "add_pos");
+    int ok = gu_sync_ok(moe_cuda_add_pos(d_x, d_pos, T, D, d_pe, 0), "add_pos");
 
     gu_down(got, d_x, sizeof(float) * T * D);
     double e = gu_relerr(got, ref, (size_t) T * D);

@@ -37,6 +37,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "gpu_tap.h"
 #include "gpu_util.h"
 
 extern "C" {
@@ -335,20 +336,6 @@ is_boundary(moe_sampler_t *s, const float *x0, float *tmp, int n,
 }
 
 
-static int
-sync_ok(int rc, const char *what)
-{
-    cudaError_t e = cudaDeviceSynchronize();
-
-    if (rc != 0 || e != cudaSuccess) {
-        TAP_DIAG("%s: rc %d, %s / %s", what, rc, moe_cuda_last_error(),
-                 cudaGetErrorString(e));
-        return 0;
-    }
-    return 1;
-}
-
-
 typedef struct {
     float   *x;
     void    *p;
@@ -418,7 +405,7 @@ test_vs_host(int V, int ld, int rows)
 
     make_batch(&b, V, ld, rows);
     dev_up(&d, &b);
-    ok = sync_ok(dev_run(&d, &b, 0), "sample");
+    ok = gu_sync_ok(dev_run(&d, &b, 0), "sample");
     gu_down(out, d.out, sizeof(int32_t) * rows);
     gu_down(xo, d.x, sizeof(float) * (size_t) rows * ld);
 
@@ -572,7 +559,7 @@ test_frequencies(void)
         b.p[r].u = (float) ((r + 0.5) / N);
     }
     dev_up(&d, &b);
-    ok = sync_ok(dev_run(&d, &b, 0), "sample frequencies");
+    ok = gu_sync_ok(dev_run(&d, &b, 0), "sample frequencies");
     gu_down(out, d.out, sizeof(int32_t) * N);
     for (int r = 0; ok && r < N; r++) {
         if (out[r] < 0 || out[r] >= V) {
@@ -624,7 +611,7 @@ run_rows(float *x, int V, int rows, moe_cuda_sample_param_t *p,
     b.seen = (uint8_t *) seen;
     b.n_pen = npen;
     dev_up(&d, &b);
-    ok = sync_ok(dev_run(&d, &b, 0), "sample rows");
+    ok = gu_sync_ok(dev_run(&d, &b, 0), "sample rows");
     gu_down(out, d.out, sizeof(int32_t) * rows);
     gu_down(x, d.x, sizeof(float) * (size_t) rows * V);
     dev_free(&d);
@@ -748,13 +735,13 @@ test_graph(void)
     xb = sizeof(float) * (size_t) rows * b.ld;
     dev_up(&d, &b);
     cudaStreamCreate(&st);
-    ok = sync_ok(dev_run(&d, &b, st), "sample eager");
+    ok = gu_sync_ok(dev_run(&d, &b, st), "sample eager");
     gu_down(a, d.out, sizeof(int32_t) * rows);
 
     /* again from the original logits (penalties work in place) */
     cudaMemcpy(d.x, b.x, xb, cudaMemcpyHostToDevice);
     cudaMemset(d.out, 0xff, sizeof(int32_t) * rows);
-    ok = ok && sync_ok(dev_run(&d, &b, st), "sample eager 2");
+    ok = ok && gu_sync_ok(dev_run(&d, &b, st), "sample eager 2");
     gu_down(e, d.out, sizeof(int32_t) * rows);
 
     cudaMemcpy(d.x, b.x, xb, cudaMemcpyHostToDevice);
@@ -771,7 +758,7 @@ test_graph(void)
             rc = -1;
         }
     }
-    ok = ok && sync_ok(rc, "sample graph");
+    ok = ok && gu_sync_ok(rc, "sample graph");
     gu_down(c, d.out, sizeof(int32_t) * rows);
     for (int r = 0; r < rows; r++) {
         same = same && a[r] == c[r];
@@ -814,7 +801,7 @@ test_args(void)
          && moe_cuda_sample_rows(x, 64, -3, 64,
                                  (moe_cuda_sample_param_t *) dp, NULL, NULL,
                                  NULL, o, 0) == MOE_OK;
-    ok = sync_ok(ok ? 0 : -1, "rows 0") && ok;
+    ok = gu_sync_ok(ok ? 0 : -1, "rows 0") && ok;
     gu_down(h, o, sizeof(h));
     TAP_OK(ok && h[0] == -1 && h[1] == -1, "rows <= 0: MOE_OK, nothing "
            "written");
@@ -881,7 +868,7 @@ time_rows(int V, int rows, int top_k, float top_p, float min_p, int npen)
         dev_run(&d, &b, 0);
     }
     cudaEventRecord(e1, 0);
-    if (sync_ok(0, "timing")) {
+    if (gu_sync_ok(0, "timing")) {
         cudaEventElapsedTime(&ms, e0, e1);
     }
     cudaEventDestroy(e0);

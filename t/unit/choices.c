@@ -26,6 +26,7 @@
 
 #include "moe.h"
 #include "tap.h"
+#include "tiny_engine.h"
 
 #define MAXC  8
 #define MAXT  16
@@ -45,27 +46,13 @@ static char  srcdir[PATH_MAX];
 static moe_engine_t *
 make_engine(double swap_gib, int max_seqs)
 {
-    char           err[1024];
-    moe_config_t   cfg;
-    moe_engine_t  *e;
+    moe_config_t cfg;
 
-    moe_config_defaults(&cfg);
-    snprintf(cfg.model_name, sizeof(cfg.model_name), "localmoe-tiny");
-    snprintf(cfg.model_path, sizeof(cfg.model_path),
-             "%.900s/models/localmoe-tiny", srcdir);
-    snprintf(cfg.backend, sizeof(cfg.backend), "cpu");
-    cfg.max_model_len = 128;
-    cfg.block_size = 4;
-    cfg.kv_cache_blocks = 64;
+    tu_tiny_config(&cfg, srcdir);
     cfg.max_num_seqs = max_seqs;
-    cfg.cpu_threads = 1;
     cfg.swap_space = swap_gib;
     cfg.enable_prefix_caching = 0;
-    if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
-        TAP_DIAG("engine: %s", err);
-        return NULL;
-    }
-    return e;
+    return tu_engine(&cfg);
 }
 
 

@@ -40,6 +40,7 @@
 #include "backends/backend.h"
 #include "sampling/sampling.h"
 #include "tap.h"
+#include "tiny_engine.h"
 #include "text/tokenizer.h"
 
 /* one logit_bias entry for the tests (moe_sampling_t points at it) */
@@ -355,17 +356,9 @@ static moe_engine_t *
 make_engine_with(int kv_blocks, int max_seqs, double swap_gib, int threads,
     int ring_size, int prefix_cache)
 {
-    char           err[1024];
-    moe_config_t   cfg;
-    moe_engine_t  *e;
+    moe_config_t cfg;
 
-    moe_config_defaults(&cfg);
-    snprintf(cfg.model_name, sizeof(cfg.model_name), "localmoe-tiny");
-    snprintf(cfg.model_path, sizeof(cfg.model_path),
-             "%.900s/models/localmoe-tiny", srcdir);
-    snprintf(cfg.backend, sizeof(cfg.backend), "cpu");
-    cfg.max_model_len = 128;
-    cfg.block_size = 4;
+    tu_tiny_config(&cfg, srcdir);
     cfg.kv_cache_blocks = kv_blocks;
     cfg.max_num_seqs = max_seqs;
     cfg.max_num_batched_tokens = 64;
@@ -380,12 +373,7 @@ make_engine_with(int kv_blocks, int max_seqs, double swap_gib, int threads,
     if (ring_size > 0) {
         cfg.ring_size = ring_size;
     }
-
-    if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
-        TAP_DIAG("engine: %s", err);
-        return NULL;
-    }
-    return e;
+    return tu_engine(&cfg);
 }
 
 

@@ -24,6 +24,7 @@
 #include "moe.h"
 #include "sched/kv.h"
 #include "tap.h"
+#include "tiny_engine.h"
 
 #define NREQ    6
 #define GEN     60
@@ -37,27 +38,14 @@ static char srcdir[PATH_MAX];
 static moe_engine_t *
 make_engine(void)
 {
-    char           err[1024];
-    moe_config_t   cfg;
-    moe_engine_t  *e;
+    moe_config_t cfg;
 
-    moe_config_defaults(&cfg);
-    snprintf(cfg.model_name, sizeof(cfg.model_name), "localmoe-tiny");
-    snprintf(cfg.model_path, sizeof(cfg.model_path),
-             "%.900s/models/localmoe-tiny", srcdir);
-    snprintf(cfg.backend, sizeof(cfg.backend), "cpu");
-    cfg.max_model_len = 128;
-    cfg.block_size = 4;
+    tu_tiny_config(&cfg, srcdir);
     cfg.kv_cache_blocks = BLOCKS;
     cfg.max_num_seqs = NREQ;
     cfg.max_num_batched_tokens = 64;
-    cfg.cpu_threads = 1;
     cfg.prefill_step_ratio = 0;
-    if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
-        TAP_DIAG("engine: %s", err);
-        return NULL;
-    }
-    return e;
+    return tu_engine(&cfg);
 }
 
 

@@ -30,6 +30,7 @@
 #include "model/model.h"
 #include "sampling/sampling.h"
 #include "tap.h"
+#include "tiny_engine.h"
 
 #define NGEN  8
 #define TOPK  5
@@ -256,29 +257,14 @@ typedef struct {
 static moe_engine_t *
 make_engine(int tp)
 {
-    char           err[1024];
-    moe_config_t   cfg;
-    moe_engine_t  *e;
+    moe_config_t cfg;
 
-    moe_config_defaults(&cfg);
-    snprintf(cfg.model_name, sizeof(cfg.model_name), "localmoe-tiny");
-    snprintf(cfg.model_path, sizeof(cfg.model_path),
-             "%.900s/models/localmoe-tiny", srcdir);
-    snprintf(cfg.backend, sizeof(cfg.backend), "cpu");
-    cfg.max_model_len = 128;
-    cfg.block_size = 4;
-    cfg.kv_cache_blocks = 64;
-    cfg.max_num_seqs = 8;
-    cfg.cpu_threads = 1;
+    tu_tiny_config(&cfg, srcdir);
     if (tp > 1) {
         cfg.tensor_parallel_size = tp;
         cfg.cpu_tensor_parallel = 1;
     }
-    if (moe_engine_create(&cfg, &e, err, sizeof(err)) != MOE_OK) {
-        TAP_DIAG("engine: %s", err);
-        return NULL;
-    }
-    return e;
+    return tu_engine(&cfg);
 }
 
 
