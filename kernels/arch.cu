@@ -9,6 +9,7 @@ kernel_add_layernorm(float *x, const float *delta, const int32_t *rows, int D,
     const float *w, const float *bias, float eps, __nv_bfloat16 *out,
     float *out_f32)
 {
+    moe_pdl_enter();
     __shared__ float sh[32];
     int              i = blockIdx.x;
     int              r = rows != NULL ? rows[i] : i;
@@ -55,9 +56,9 @@ moe_cuda_add_layernorm(float *x, const float *delta, const int32_t *rows,
     if (n_rows <= 0) {
         return MOE_K_OK;
     }
-    kernel_add_layernorm<<<n_rows, 256, 0, stream>>>(x, delta, rows, D, w,
-        bias, eps, reinterpret_cast<__nv_bfloat16 *>(out), out_f32);
-    MOE_CUDA_CHECK_LAUNCH("kernel_add_layernorm");
+    MOE_CUDA_CHECK(moe_launch(kernel_add_layernorm, n_rows, 256, 0, stream, x,
+        delta, rows, D, w, bias, eps, reinterpret_cast<__nv_bfloat16 *>(out),
+        out_f32));
     return MOE_K_OK;
 }
 
@@ -65,6 +66,7 @@ moe_cuda_add_layernorm(float *x, const float *delta, const int32_t *rows,
 __global__ void
 kernel_add_bias(float *y, int ldy, int64_t n, int N, const float *bias)
 {
+    moe_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
          i += (int64_t) gridDim.x * blockDim.x)
     {
@@ -84,9 +86,8 @@ moe_cuda_add_bias(float *y, int ldy, int T, int N, const float *bias,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    kernel_add_bias<<<moe_grid(n, 256), 256, 0, stream>>>(y, ldy, n, N,
-                                                          bias);
-    MOE_CUDA_CHECK_LAUNCH("kernel_add_bias");
+    MOE_CUDA_CHECK(moe_launch(kernel_add_bias, moe_grid(n, 256), 256, 0,
+        stream, y, ldy, n, N, bias));
     return MOE_K_OK;
 }
 
@@ -96,6 +97,7 @@ __global__ void
 kernel_head_rmsnorm(float *x, int ld, int T, int n_heads, int hd,
     const float *w, float eps)
 {
+    moe_pdl_enter();
     int   item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int   lane = threadIdx.x & 31;
     float ss = 0.0f, inv;
@@ -126,9 +128,9 @@ moe_cuda_head_rmsnorm(float *x, int ld, int T, int n_heads, int hd,
     if (items <= 0) {
         return MOE_K_OK;
     }
-    kernel_head_rmsnorm<<<(unsigned) ((items + 7) / 8), 256, 0, stream>>>(
-        x, ld, T, n_heads, hd, w, eps);
-    MOE_CUDA_CHECK_LAUNCH("kernel_head_rmsnorm");
+    MOE_CUDA_CHECK(moe_launch(kernel_head_rmsnorm,
+        (unsigned) ((items + 7) / 8), 256, 0, stream, x, ld, T, n_heads, hd, w,
+        eps));
     return MOE_K_OK;
 }
 
@@ -152,6 +154,7 @@ kernel_act_mul(const float *g, int ldg, const float *bg, const float *u,
     int ldu, const float *bu, int64_t n, int F, int act, __nv_bfloat16 *h,
     int ldh)
 {
+    moe_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
          i += (int64_t) gridDim.x * blockDim.x)
     {
@@ -190,9 +193,9 @@ moe_cuda_act_mul(const float *g, int ldg, const float *bg, const float *u,
         moe_cuda_set_error("act_mul: unknown activation %d", act);
         return MOE_K_EUNSUPPORTED;
     }
-    kernel_act_mul<<<moe_grid(n, 256), 256, 0, stream>>>(g, ldg, bg, u, ldu,
-        bu, n, F, act, reinterpret_cast<__nv_bfloat16 *>(h), ldh);
-    MOE_CUDA_CHECK_LAUNCH("kernel_act_mul");
+    MOE_CUDA_CHECK(moe_launch(kernel_act_mul, moe_grid(n, 256), 256, 0, stream,
+        g, ldg, bg, u, ldu, bu, n, F, act,
+        reinterpret_cast<__nv_bfloat16 *>(h), ldh));
     return MOE_K_OK;
 }
 
@@ -202,6 +205,7 @@ __global__ void
 kernel_sigmoid_gate_add(float *out, const float *y, int ldy, const float *xf,
     const float *wg, int D)
 {
+    moe_pdl_enter();
     __shared__ float sh[32];
     int              t = blockIdx.x;
     const float     *xr = xf + (size_t) t * D;
@@ -225,8 +229,8 @@ moe_cuda_sigmoid_gate_add(float *out, const float *y, int ldy,
     if (T <= 0) {
         return MOE_K_OK;
     }
-    kernel_sigmoid_gate_add<<<T, 256, 0, stream>>>(out, y, ldy, xf, wg, D);
-    MOE_CUDA_CHECK_LAUNCH("kernel_sigmoid_gate_add");
+    MOE_CUDA_CHECK(moe_launch(kernel_sigmoid_gate_add, T, 256, 0, stream, out,
+        y, ldy, xf, wg, D));
     return MOE_K_OK;
 }
 
@@ -235,6 +239,7 @@ __global__ void
 kernel_add_pos(float *x, const int32_t *pos, int64_t n, int D,
     const float *pe)
 {
+    moe_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
          i += (int64_t) gridDim.x * blockDim.x)
     {
@@ -254,7 +259,7 @@ moe_cuda_add_pos(float *x, const int32_t *pos, int T, int D, const float *pe,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    kernel_add_pos<<<moe_grid(n, 256), 256, 0, stream>>>(x, pos, n, D, pe);
-    MOE_CUDA_CHECK_LAUNCH("kernel_add_pos");
+    MOE_CUDA_CHECK(moe_launch(kernel_add_pos, moe_grid(n, 256), 256, 0, stream,
+        x, pos, n, D, pe));
     return MOE_K_OK;
 }

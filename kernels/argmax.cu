@@ -20,6 +20,7 @@ __global__ void
 kernel_argmax_rows(const float *x, int64_t ld, int V, const int32_t *n_valid,
     int32_t *out)
 {
+    moe_pdl_enter();
     __shared__ float sv[32];
     __shared__ int   si[32];
     const float     *row = x + (int64_t) blockIdx.x * ld;
@@ -90,8 +91,7 @@ moe_cuda_argmax_rows(const float *x, int64_t ld, int rows, int V,
                            (long long) ld);
         return MOE_K_EBACKEND;
     }
-    kernel_argmax_rows<<<rows, AM_THREADS, 0, stream>>>(x, ld, V, n_valid,
-                                                        out);
-    MOE_CUDA_CHECK_LAUNCH("kernel_argmax_rows");
+    MOE_CUDA_CHECK(moe_launch(kernel_argmax_rows, rows, AM_THREADS, 0, stream,
+        x, ld, V, n_valid, out));
     return MOE_K_OK;
 }

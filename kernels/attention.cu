@@ -134,6 +134,7 @@ kernel_attention_prefill_simt(const float *qkv, int ld, const int32_t *tok_pos,
     const KV *kv_layer, int block_size, int n_heads, int n_kv, int hd,
     int window, bf16 *out, float *part, float ksc, float vsc, int tc)
 {
+    moe_pdl_enter();
     constexpr int LPR = HDP / 8;          /* lanes per V row */
 
     /* after kernel_attention_prefill_tc: only the tokens of the tiles it
@@ -560,6 +561,7 @@ kernel_attention_decode_split(const float *qkv, int ld, const int32_t *tok_pos,
     const KV *kv_layer, int block_size, int n_heads, int n_kv, int hd,
     int window, bf16 *out, float *part, float ksc, float vsc, int tc)
 {
+    moe_pdl_enter();
     typedef att_shape<HDP> S;
     constexpr int KT = S::KT, CPR = S::CPR, KG = S::KG;
     constexpr int HPW = (G + 3) / 4;        /* heads per warp (softmax) */
@@ -842,6 +844,7 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
     const int32_t *bt_off, const bf16 *kv_layer, int block_size, int n_heads,
     int n_kv, int window, bf16 *out)
 {
+    moe_pdl_enter();
     constexpr int BM = ATT_TC_BM, BN = ATT_TC_BN, NT = ATT_TC_NT;
     constexpr int ROW = HD + 8;             /* bf16 per smem row */
     constexpr int CPR = HD / 8;             /* 16-byte chunks per row */
@@ -1215,6 +1218,7 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     const KV *kv_layer, int block_size, int n_heads, int n_kv, int window,
     bf16 *out, float *part, float ksc, float vsc)
 {
+    moe_pdl_enter();
     typedef att_dtc_shape<HD, KV> S;
     constexpr bool F8 = S::F8;
     constexpr int  G = 8;                   /* q heads per block, at most */
@@ -1654,10 +1658,9 @@ att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
             cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm));
         ready = 1;
     }
-    kernel_attention_prefill_tc<HD><<<grid, ATT_TC_NT, sm, stream>>>(
-        qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv, block_size, n_heads,
-        n_kv, window, out);
-    MOE_CUDA_CHECK_LAUNCH("kernel_attention_prefill_tc");
+    MOE_CUDA_CHECK(moe_launch(kernel_attention_prefill_tc<HD>, grid, ATT_TC_NT,
+        sm, stream, qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv, block_size,
+        n_heads, n_kv, window, out));
     return MOE_K_OK;
 }
 
@@ -1671,11 +1674,9 @@ att_dtc_launch(dim3 grid, cudaStream_t stream, const float *qkv, int ld,
     int n_kv, int window, bf16 *out, float *part, float ksc, float vsc)
 {
     MOE_TRY(att_dtc_prepare());
-    kernel_attention_decode_tc<HD, KV>
-        <<<grid, ATT_NT, att_dtc_shape<HD, KV>::SMEM, stream>>>(
-        qkv, ld, tok_pos, tok_seq, bt, bt_off, kv, block_size, n_heads,
-        n_kv, window, out, part, ksc, vsc);
-    MOE_CUDA_CHECK_LAUNCH("kernel_attention_decode_tc");
+    MOE_CUDA_CHECK(moe_launch(kernel_attention_decode_tc<HD, KV>, grid, ATT_NT,
+        att_dtc_shape<HD, KV>::SMEM, stream, qkv, ld, tok_pos, tok_seq, bt,
+        bt_off, kv, block_size, n_heads, n_kv, window, out, part, ksc, vsc));
     return MOE_K_OK;
 }
 
@@ -1751,11 +1752,11 @@ att_launch_g(int split, int tc, int hdp, dim3 grid, cudaStream_t stream,
 #define ATT_L(H)                                                              \
     do {                                                                      \
         if (split) {                                                          \
-            kernel_attention_decode_split<G, H, KV>                           \
-                <<<grid, ATT_NT, 0, stream>>>(ATT_ARGS);                      \
+            (void) moe_launch(kernel_attention_decode_split<G, H, KV>, grid,  \
+                              ATT_NT, 0, stream, ATT_ARGS);                   \
         } else {                                                              \
-            kernel_attention_prefill_simt<G, H, KV>                           \
-                <<<grid, ATT_WARPS * 32, 0, stream>>>(ATT_ARGS);              \
+            (void) moe_launch(kernel_attention_prefill_simt<G, H, KV>, grid,  \
+                              ATT_WARPS * 32, 0, stream, ATT_ARGS);           \
         }                                                                     \
     } while (0)
     switch (hdp) {

@@ -1,5 +1,6 @@
 /*
- * The per-thread error buffer behind MOE_CUDA_CHECK.
+ * The per-thread error buffer behind MOE_CUDA_CHECK; the process-wide
+ * programmatic-dependent-launch switch behind moe_launch.
  */
 
 #include <stdarg.h>
@@ -25,4 +26,21 @@ moe_cuda_set_error(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(moe_cuda_err, sizeof(moe_cuda_err), fmt, ap);
     va_end(ap);
+}
+
+
+static int moe_cuda_pdl = 1;
+
+
+extern "C" int
+moe_cuda_pdl_get(void)
+{
+    return __atomic_load_n(&moe_cuda_pdl, __ATOMIC_RELAXED);
+}
+
+
+extern "C" void
+moe_cuda_pdl_set(int on)
+{
+    __atomic_store_n(&moe_cuda_pdl, on ? 1 : 0, __ATOMIC_RELAXED);
 }

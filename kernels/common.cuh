@@ -44,6 +44,55 @@ moe_smem_max_carveout(K kernel, size_t bytes)
     return e;
 }
 
+/*
+ * Programmatic dependent launch (sm_90).  Every kernel in kernels/ starts
+ * with moe_pdl_enter(): griddepcontrol.wait (returns once the grid this
+ * one depends on has completed and its writes are visible; a no-op for a
+ * kernel launched without the attribute) and then
+ * griddepcontrol.launch_dependents (the next kernel on the stream, when
+ * launched with moe_launch and PDL on, may now be scheduled: its blocks
+ * take free SM slots and wait in their own moe_pdl_enter).  Nothing a
+ * kernel reads or writes in global memory may come before it, so the
+ * stream order of every buffer stays what it was without PDL; what
+ * overlaps is only the launch and block scheduling of the next kernel
+ * with the tail of this one.
+ */
+__device__ __forceinline__ void
+moe_pdl_enter(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+
+/*
+ * Launch `kernel` like kernel<<<grid, block, smem, s>>>(args...), with
+ * programmatic stream serialization when moe_cuda_pdl_get() (the kernel
+ * must begin with moe_pdl_enter()).  Returns the launch's status.
+ */
+template <typename... KArgs, typename... Args>
+static inline cudaError_t
+moe_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+    cudaStream_t s, Args &&...args)
+{
+    cudaLaunchConfig_t  cfg = {};
+    cudaLaunchAttribute at[1] = {};
+
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    if (moe_cuda_pdl_get()) {
+        at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = at;
+        cfg.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<Args &&>(args)...);
+}
+
 /* Same for cuBLAS calls. */
 #define MOE_CUBLAS_CHECK(stmt)                                               \
     do {                                                                     \

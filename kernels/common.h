@@ -41,6 +41,11 @@ const char *moe_cuda_last_error(void);
 void moe_cuda_set_error(const char *fmt, ...)
     __attribute__((format(printf, 1, 2)));
 
+/* Programmatic dependent launch for every launcher (default on; the CUDA
+ * backend sets it from its tuning record).  Process-wide. */
+void moe_cuda_pdl_set(int on);
+int moe_cuda_pdl_get(void);
+
 #ifdef __cplusplus
 }
 #endif

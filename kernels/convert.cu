@@ -10,6 +10,7 @@ kernel_convert(const void *src, int dtype, int64_t s0, int64_t ns,
     int64_t used, int64_t ld, int transposed, int64_t cols, void *dst,
     int out_bf16)
 {
+    moe_pdl_enter();
     int64_t n = ns * used;
 
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
@@ -57,8 +58,8 @@ moe_cuda_convert(const void *src, int dtype, int64_t s0, int64_t ns,
     if (ns == 0 || used == 0) {
         return MOE_K_OK;
     }
-    kernel_convert<<<moe_grid(ns * used, 256 * 4), 256, 0, stream>>>(
-        src, dtype, s0, ns, used, ld, transposed, cols, dst, out_bf16);
-    MOE_CUDA_CHECK_LAUNCH("kernel_convert");
+    MOE_CUDA_CHECK(moe_launch(kernel_convert, moe_grid(ns * used, 256 * 4),
+        256, 0, stream, src, dtype, s0, ns, used, ld, transposed, cols, dst,
+        out_bf16));
     return MOE_K_OK;
 }

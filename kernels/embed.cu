@@ -7,6 +7,7 @@ __global__ void
 kernel_embed(const int32_t *tokens, const __nv_bfloat16 *table, int D,
     float *x)
 {
+    moe_pdl_enter();
     int                  t = blockIdx.x;
     const __nv_bfloat16 *row = table + (size_t) tokens[t] * D;
     float               *o = x + (size_t) t * D;
@@ -24,8 +25,7 @@ moe_cuda_embed(const int32_t *tokens, int T, const moe_bf16_t *table, int D,
     if (T <= 0) {
         return MOE_K_OK;
     }
-    kernel_embed<<<T, 256, 0, stream>>>(tokens,
-        reinterpret_cast<const __nv_bfloat16 *>(table), D, x);
-    MOE_CUDA_CHECK_LAUNCH("kernel_embed");
+    MOE_CUDA_CHECK(moe_launch(kernel_embed, T, 256, 0, stream, tokens,
+        reinterpret_cast<const __nv_bfloat16 *>(table), D, x));
     return MOE_K_OK;
 }

@@ -255,6 +255,7 @@ __global__ void __launch_bounds__(FG_QUANT_NT)
 kernel_quant_rows_fp8(const __nv_bfloat16 *X, int ldx, const int32_t *xrow,
     int xdiv, int K, uint8_t *Q, float *s)
 {
+    moe_pdl_enter();
     __shared__ float red[FG_QUANT_NT / 32];
     __shared__ float sc;
     const int        r = blockIdx.x;
@@ -332,9 +333,8 @@ moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
                            "(K %% 16, ldx %% 8)", K, ldx, xdiv);
         return MOE_K_EUNSUPPORTED;
     }
-    kernel_quant_rows_fp8<<<M, FG_QUANT_NT, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat16 *>(X), ldx, xrow, xdiv, K, Q, s);
-    MOE_CUDA_CHECK_LAUNCH("kernel_quant_rows_fp8");
+    MOE_CUDA_CHECK(moe_launch(kernel_quant_rows_fp8, M, FG_QUANT_NT, 0, stream,
+        reinterpret_cast<const __nv_bfloat16 *>(X), ldx, xrow, xdiv, K, Q, s));
     return MOE_K_OK;
 }
 
@@ -347,6 +347,7 @@ __global__ void
 kernel_fp8_rescale(const float *tmp, int M, int N, const float *qs,
     const float *ws, void *Y, int ldy, int y_bf16, int acc)
 {
+    moe_pdl_enter();
     size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x;
 
     if (i >= (size_t) M * N) {
@@ -434,10 +435,9 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
         size_t n = (size_t) M * N;
         int    nb = (int) ((n + 255) / 256);
 
-        kernel_fp8_rescale<<<nb, 256, 0, stream>>>(tmp, M, N,
-            outer ? NULL : qs, outer ? NULL : ws, Y, ldy, y_bf16,
-            accumulate);
-        MOE_CUDA_CHECK_LAUNCH("kernel_fp8_rescale");
+        MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale, nb, 256, 0, stream, tmp,
+            M, N, outer ? NULL : qs, outer ? NULL : ws, Y, ldy, y_bf16,
+            accumulate));
     }
     return MOE_K_OK;
 }

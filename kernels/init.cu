@@ -21,6 +21,7 @@ moe_hash_u(uint64_t seed, uint64_t i)
 __global__ void
 kernel_f32_to_bf16(const float *src, __nv_bfloat16 *dst, int64_t n)
 {
+    moe_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
          i += (int64_t) gridDim.x * blockDim.x)
     {
@@ -33,6 +34,7 @@ __global__ void
 kernel_fill_random_bf16(__nv_bfloat16 *dst, int64_t n, uint64_t seed,
     float scale)
 {
+    moe_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
          i += (int64_t) gridDim.x * blockDim.x)
     {
@@ -45,6 +47,7 @@ __global__ void
 kernel_fill_random_f32(float *dst, int64_t n, uint64_t seed, float scale,
     float offset)
 {
+    moe_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
          i += (int64_t) gridDim.x * blockDim.x)
     {
@@ -60,9 +63,8 @@ moe_cuda_f32_to_bf16(const float *src, moe_bf16_t *dst, int64_t n,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    kernel_f32_to_bf16<<<moe_grid(n, 256), 256, 0, stream>>>(src,
-        reinterpret_cast<__nv_bfloat16 *>(dst), n);
-    MOE_CUDA_CHECK_LAUNCH("kernel_f32_to_bf16");
+    MOE_CUDA_CHECK(moe_launch(kernel_f32_to_bf16, moe_grid(n, 256), 256, 0,
+        stream, src, reinterpret_cast<__nv_bfloat16 *>(dst), n));
     return MOE_K_OK;
 }
 
@@ -74,9 +76,9 @@ moe_cuda_fill_random_bf16(moe_bf16_t *dst, int64_t n, uint64_t seed,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    kernel_fill_random_bf16<<<moe_grid(n, 256 * 8), 256, 0, stream>>>(
-        reinterpret_cast<__nv_bfloat16 *>(dst), n, seed, scale);
-    MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_bf16");
+    MOE_CUDA_CHECK(moe_launch(kernel_fill_random_bf16, moe_grid(n, 256 * 8),
+        256, 0, stream, reinterpret_cast<__nv_bfloat16 *>(dst), n, seed,
+        scale));
     return MOE_K_OK;
 }
 
@@ -88,9 +90,8 @@ moe_cuda_fill_random_f32(float *dst, int64_t n, uint64_t seed, float scale,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    kernel_fill_random_f32<<<moe_grid(n, 256 * 8), 256, 0, stream>>>(dst, n,
-        seed, scale, offset);
-    MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_f32");
+    MOE_CUDA_CHECK(moe_launch(kernel_fill_random_f32, moe_grid(n, 256 * 8),
+        256, 0, stream, dst, n, seed, scale, offset));
     return MOE_K_OK;
 }
 
@@ -99,6 +100,7 @@ __global__ void
 kernel_fill_random_q(void *dst, int64_t n, uint64_t seed, int kind,
     float scale, float offset)
 {
+    moe_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
          i += (int64_t) gridDim.x * blockDim.x)
     {
@@ -130,9 +132,8 @@ moe_fill_q(void *dst, int64_t n, uint64_t seed, int kind, float scale,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    kernel_fill_random_q<<<moe_grid(n, 256 * 8), 256, 0, stream>>>(dst, n,
-        seed, kind, scale, offset);
-    MOE_CUDA_CHECK_LAUNCH("kernel_fill_random_q");
+    MOE_CUDA_CHECK(moe_launch(kernel_fill_random_q, moe_grid(n, 256 * 8), 256,
+        0, stream, dst, n, seed, kind, scale, offset));
     return MOE_K_OK;
 }
 

@@ -11,6 +11,7 @@ kernel_logit_bias_rows(float *logits, int64_t ld, int rows, int V,
     const int32_t *off, const int32_t *cnt, const int32_t *ids,
     const float *bias)
 {
+    moe_pdl_enter();
     int       r = blockIdx.x * blockDim.x + threadIdx.x;
     int       j, o, n;
     float    *row;
@@ -46,8 +47,7 @@ moe_cuda_logit_bias_rows(float *logits, int64_t ld, int rows, int V,
                            (long long) ld);
         return MOE_K_EBACKEND;
     }
-    kernel_logit_bias_rows<<<(rows + 63) / 64, 64, 0, stream>>>(
-        logits, ld, rows, V, off, cnt, ids, bias);
-    MOE_CUDA_CHECK_LAUNCH("kernel_logit_bias_rows");
+    MOE_CUDA_CHECK(moe_launch(kernel_logit_bias_rows, (rows + 63) / 64, 64, 0,
+        stream, logits, ld, rows, V, off, cnt, ids, bias));
     return MOE_K_OK;
 }

@@ -40,6 +40,7 @@ kernel_logprobs_rows(const float *x, int64_t ld, int V,
     const moe_cuda_logprobs_param_t *params, const int32_t *chosen,
     float *lp, int32_t *top_id, float *top_lp)
 {
+    moe_pdl_enter();
     __shared__ float   shf[32];
     __shared__ double  shd[32];
     __shared__ float   sv[32];
@@ -196,8 +197,7 @@ moe_cuda_logprobs_rows(const float *logits, int64_t ld, int rows, int V,
                            "ld %lld)", V, (long long) ld);
         return MOE_K_EBACKEND;
     }
-    kernel_logprobs_rows<<<rows, LP_THREADS, 0, stream>>>(logits, ld, V,
-        params, chosen, lp, top_id, top_lp);
-    MOE_CUDA_CHECK_LAUNCH("kernel_logprobs_rows");
+    MOE_CUDA_CHECK(moe_launch(kernel_logprobs_rows, rows, LP_THREADS, 0,
+        stream, logits, ld, V, params, chosen, lp, top_id, top_lp));
     return MOE_K_OK;
 }

@@ -12,6 +12,7 @@ __global__ void
 kernel_mask_rows(float *logits, int64_t ld, int V, const uint32_t *mask,
     int64_t mask_ld)
 {
+    moe_pdl_enter();
     int64_t   w = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
     int64_t   id0 = w * 32;
     float    *row = logits + (int64_t) blockIdx.y * ld;
@@ -55,8 +56,7 @@ moe_cuda_mask_rows(float *logits, int64_t ld, int rows, int V,
     grid.x = (unsigned) ((words + MASK_THREADS - 1) / MASK_THREADS);
     grid.y = (unsigned) rows;
     grid.z = 1;
-    kernel_mask_rows<<<grid, MASK_THREADS, 0, stream>>>(logits, ld, V, mask,
-                                                        mask_ld);
-    MOE_CUDA_CHECK_LAUNCH("kernel_mask_rows");
+    MOE_CUDA_CHECK(moe_launch(kernel_mask_rows, grid, MASK_THREADS, 0, stream,
+        logits, ld, V, mask, mask_ld));
     return MOE_K_OK;
 }

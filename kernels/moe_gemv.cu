@@ -101,6 +101,7 @@ kernel_gemv_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const bf16 *W, int N, int Kd, const int32_t *offs, int E, int n,
     float *Y, bf16 *H, int ldy)
 {
+    moe_pdl_enter();
     __shared__ float red[GV_WARPS][MR * NT * 4][32];
     int              e = blockIdx.y;
     int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -270,6 +271,7 @@ kernel_gemv_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const bf16 *W, int N, int Kd, const int32_t *offs, int E, int n,
     float *Y, bf16 *H, int ldy)
 {
+    moe_pdl_enter();
     constexpr int RW = SILU ? 2 * GF_CW : GF_CW;
     int           lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int           e = moe_block_group(offs, E, lane);
@@ -391,11 +393,11 @@ gf_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
     if (silu) {
-        kernel_gemv_fma<NTF, true><<<grid, GF_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+        (void) moe_launch(kernel_gemv_fma<NTF, true>, grid, GF_WARPS * 32, 0,
+            s, X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
     } else {
-        kernel_gemv_fma<NTF, false><<<grid, GF_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+        (void) moe_launch(kernel_gemv_fma<NTF, false>, grid, GF_WARPS * 32, 0,
+            s, X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
     }
 }
 
@@ -418,11 +420,11 @@ gv_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
     constexpr bool PIPE = NT <= 2;
 
     if (silu) {
-        kernel_gemv_mma<NT, 2, 2, PIPE><<<grid, GV_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+        (void) moe_launch(kernel_gemv_mma<NT, 2, 2, PIPE>, grid, GV_WARPS * 32,
+            0, s, X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
     } else {
-        kernel_gemv_mma<NT, 1, 4, PIPE><<<grid, GV_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
+        (void) moe_launch(kernel_gemv_mma<NT, 1, 4, PIPE>, grid, GV_WARPS * 32,
+            0, s, X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy);
     }
 }
 

@@ -233,6 +233,7 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint8_t *W, const float *scale, int N, int Kd,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
+    moe_pdl_enter();
     constexpr bool BLK = MODE == MOE_K_FP8_BLOCK;
     __shared__ float red[F8_WARPS][MR * NT * 4][32];
     const int        lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -375,11 +376,12 @@ f8_gv_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
     int ldy)
 {
     if (silu) {
-        kernel_gemv_fp8<NT, 2, 1, MODE><<<grid, F8_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy);
+        (void) moe_launch(kernel_gemv_fp8<NT, 2, 1, MODE>, grid, F8_WARPS * 32,
+            0, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy);
     } else {
-        kernel_gemv_fp8<NT, 1, NT >= 4 ? 1 : 2, MODE><<<grid, F8_WARPS * 32, 0, s>>>(
-            X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy);
+        (void) moe_launch(kernel_gemv_fp8<NT, 1, (NT >= 4 ? 1 : 2), MODE>,
+            grid, F8_WARPS * 32, 0, s, X, ldx, xrow, xdiv, W, scale, N, Kd,
+            offs, E, n, Y, H, ldy);
     }
 }
 
@@ -531,6 +533,7 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint8_t *W, const float *scale, int N, int Kd,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
+    moe_pdl_enter();
     typedef g8_cfg<BT> C;
     constexpr int  XL = C::XL, NP = BT / 16, ST = C::ST;
     constexpr bool BLK = MODE == MOE_K_FP8_BLOCK;
@@ -765,9 +768,8 @@ g8_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
         MOE_CUDA_CHECK(moe_smem_max_carveout(kernel_ggemm_fp8<BT, SILU, MODE>, sm));
         ready = 1;
     }
-    kernel_ggemm_fp8<BT, SILU, MODE><<<grid, G8_NT, sm, s>>>(
-        X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy);
-    MOE_CUDA_CHECK_LAUNCH("kernel_ggemm_fp8");
+    MOE_CUDA_CHECK(moe_launch(kernel_ggemm_fp8<BT, SILU, MODE>, grid, G8_NT,
+        sm, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy));
     return MOE_K_OK;
 }
 

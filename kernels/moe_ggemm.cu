@@ -59,6 +59,7 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const bf16 *W, int N, int Kd, const int32_t *offs, int E, int n,
     float *Y, bf16 *H, int ldy, int pf)
 {
+    moe_pdl_enter();
     typedef gg_cfg<BT, MT> C;
     constexpr int BR = C::BR, ST = C::ST, WL = C::WL, XL = C::XL;
     constexpr int NP = BT / 16;                 /* n-tile pairs */
@@ -301,9 +302,8 @@ gg_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
         MOE_CUDA_CHECK(moe_smem_max_carveout(kernel_ggemm<BT, MT, SILU>, sm));
         ready = 1;
     }
-    kernel_ggemm<BT, MT, SILU><<<grid, GG_NT, sm, s>>>(
-        X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy, pf);
-    MOE_CUDA_CHECK_LAUNCH("kernel_ggemm");
+    MOE_CUDA_CHECK(moe_launch(kernel_ggemm<BT, MT, SILU>, grid, GG_NT, sm, s,
+        X, ldx, xrow, xdiv, W, N, Kd, offs, E, n, Y, H, ldy, pf));
     return MOE_K_OK;
 }
 

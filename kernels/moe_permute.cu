@@ -14,6 +14,7 @@
 __global__ void
 kernel_moe_count(const int32_t *sel, int n, int32_t *counts)
 {
+    moe_pdl_enter();
     __shared__ float sh[32];
     int              e = blockIdx.x;
     float            c = 0.0f;
@@ -34,6 +35,7 @@ __global__ void
 kernel_moe_scatter(const int32_t *sel, int n, const int32_t *counts,
     int32_t *erow, int32_t *slot_of)
 {
+    moe_pdl_enter();
     __shared__ int wsum[PERM_THREADS / 32];
     __shared__ int base_s;
     int            e = blockIdx.x;
@@ -92,6 +94,7 @@ __global__ void __launch_bounds__(PERM_ONE)
 kernel_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
     int32_t *erow, int32_t *slot_of, unsigned long long *tot)
 {
+    moe_pdl_enter();
     __shared__ int cnt[PERM_MAX_E];
     __shared__ int base[PERM_MAX_E];
     __shared__ int wcnt[PERM_ONE / 32][PERM_MAX_E];
@@ -161,6 +164,7 @@ __global__ void
 kernel_moe_gather(const __nv_bfloat16 *xb, int D, const int32_t *erow, int K,
     __nv_bfloat16 *xe)
 {
+    moe_pdl_enter();
     int                  r = blockIdx.x;
     const __nv_bfloat16 *src = xb + (size_t) (erow[r] / K) * D;
     __nv_bfloat16       *dst = xe + (size_t) r * D;
@@ -184,6 +188,7 @@ __global__ void
 kernel_moe_unpermute(const float *ye, int D, const int32_t *sel,
     const float *selw, const int32_t *slot_of, int K, float *out)
 {
+    moe_pdl_enter();
     __shared__ int   ord_row[UNPERM_MAX_K];
     __shared__ float ord_w[UNPERM_MAX_K];
     int              t = blockIdx.x;
@@ -225,6 +230,7 @@ kernel_moe_unpermute_v(const float *__restrict__ ye, int D,
     const int32_t *sel, const float *selw, const int32_t *slot_of, int K,
     float *__restrict__ out)
 {
+    moe_pdl_enter();
     __shared__ int   ord_row[UNPERM_MAX_K];
     __shared__ float ord_w[UNPERM_MAX_K];
     int              t = blockIdx.x;
@@ -267,8 +273,8 @@ moe_cuda_moe_count(const int32_t *sel, int n, int E, int32_t *counts,
     if (E <= 0) {
         return MOE_K_OK;
     }
-    kernel_moe_count<<<E, PERM_THREADS, 0, stream>>>(sel, n, counts);
-    MOE_CUDA_CHECK_LAUNCH("kernel_moe_count");
+    MOE_CUDA_CHECK(moe_launch(kernel_moe_count, E, PERM_THREADS, 0, stream,
+        sel, n, counts));
     return MOE_K_OK;
 }
 
@@ -280,9 +286,8 @@ moe_cuda_moe_scatter(const int32_t *sel, int n, int E, const int32_t *counts,
     if (E <= 0 || n <= 0) {
         return MOE_K_OK;
     }
-    kernel_moe_scatter<<<E, PERM_THREADS, 0, stream>>>(sel, n, counts, erow,
-                                                       slot_of);
-    MOE_CUDA_CHECK_LAUNCH("kernel_moe_scatter");
+    MOE_CUDA_CHECK(moe_launch(kernel_moe_scatter, E, PERM_THREADS, 0, stream,
+        sel, n, counts, erow, slot_of));
     return MOE_K_OK;
 }
 
@@ -295,10 +300,9 @@ moe_cuda_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
         moe_cuda_set_error("permute: %d experts not supported", E);
         return MOE_K_EUNSUPPORTED;
     }
-    kernel_moe_permute<<<1, PERM_ONE, 0, stream>>>(
-        sel, n, E, offs, erow, slot_of,
-        reinterpret_cast<unsigned long long *>(tot));
-    MOE_CUDA_CHECK_LAUNCH("kernel_moe_permute");
+    MOE_CUDA_CHECK(moe_launch(kernel_moe_permute, 1, PERM_ONE, 0, stream, sel,
+        n, E, offs, erow, slot_of,
+        reinterpret_cast<unsigned long long *>(tot)));
     return MOE_K_OK;
 }
 
@@ -310,10 +314,9 @@ moe_cuda_moe_gather(const moe_bf16_t *xb, int D, const int32_t *erow, int K,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    kernel_moe_gather<<<n, 128, 0, stream>>>(
+    MOE_CUDA_CHECK(moe_launch(kernel_moe_gather, n, 128, 0, stream,
         reinterpret_cast<const __nv_bfloat16 *>(xb), D, erow, K,
-        reinterpret_cast<__nv_bfloat16 *>(xe));
-    MOE_CUDA_CHECK_LAUNCH("kernel_moe_gather");
+        reinterpret_cast<__nv_bfloat16 *>(xe)));
     return MOE_K_OK;
 }
 
@@ -331,16 +334,13 @@ moe_cuda_moe_unpermute(const float *ye, int D, const int32_t *sel,
         return MOE_K_OK;
     }
     if (D % 4 == 0 && ((uintptr_t) ye | (uintptr_t) out) % 16 == 0) {
-        kernel_moe_unpermute_v<<<dim3((unsigned) T,
-                                      (unsigned) ((D + UNPERM_V_COLS - 1)
-                                                  / UNPERM_V_COLS)),
-                                 UNPERM_V_COLS / 4, 0, stream>>>(
-            ye, D, sel, selw, slot_of, K, out);
-        MOE_CUDA_CHECK_LAUNCH("kernel_moe_unpermute_v");
+        MOE_CUDA_CHECK(moe_launch(kernel_moe_unpermute_v,
+            dim3((unsigned) T,
+                 (unsigned) ((D + UNPERM_V_COLS - 1) / UNPERM_V_COLS)),
+            UNPERM_V_COLS / 4, 0, stream, ye, D, sel, selw, slot_of, K, out));
         return MOE_K_OK;
     }
-    kernel_moe_unpermute<<<T, 256, 0, stream>>>(ye, D, sel, selw, slot_of, K,
-                                                out);
-    MOE_CUDA_CHECK_LAUNCH("kernel_moe_unpermute");
+    MOE_CUDA_CHECK(moe_launch(kernel_moe_unpermute, T, 256, 0, stream, ye, D,
+        sel, selw, slot_of, K, out));
     return MOE_K_OK;
 }

@@ -30,6 +30,7 @@ __global__ void __launch_bounds__(ROUTE_THREADS)
 kernel_route_logits(const float *xf, int T, int D, const float *router,
     int E, float *logits)
 {
+    moe_pdl_enter();
     __shared__ float red[ROUTE_THREADS / 32][ROUTE_RT];
     int              e = blockIdx.x, t0 = blockIdx.y * ROUTE_RT;
     int              nt = T - t0 < ROUTE_RT ? T - t0 : ROUTE_RT;
@@ -97,6 +98,7 @@ __global__ void __launch_bounds__(TOPK_WARPS * 32)
 kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
     int32_t *sel, float *selw, float *margin)
 {
+    moe_pdl_enter();
     __shared__ float lgs[TOPK_WARPS][ROUTE_MAX_E];
     int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int              t = blockIdx.x * TOPK_WARPS + warp;
@@ -191,16 +193,14 @@ moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
     if (D % 4 == 0
         && ((uintptr_t) xf & 15) == 0 && ((uintptr_t) router & 15) == 0)
     {
-        kernel_route_logits<true><<<grid, ROUTE_THREADS, 0, stream>>>(
-            xf, T, D, router, E, logits);
+        MOE_CUDA_CHECK(moe_launch(kernel_route_logits<true>, grid,
+            ROUTE_THREADS, 0, stream, xf, T, D, router, E, logits));
     } else {
-        kernel_route_logits<false><<<grid, ROUTE_THREADS, 0, stream>>>(
-            xf, T, D, router, E, logits);
+        MOE_CUDA_CHECK(moe_launch(kernel_route_logits<false>, grid,
+            ROUTE_THREADS, 0, stream, xf, T, D, router, E, logits));
     }
-    MOE_CUDA_CHECK_LAUNCH("kernel_route_logits");
-    kernel_route_topk<<<(T + TOPK_WARPS - 1) / TOPK_WARPS, TOPK_WARPS * 32,
-                        0, stream>>>(logits, T, E, K, renorm, sel, selw,
-                                     margin);
-    MOE_CUDA_CHECK_LAUNCH("kernel_route_topk");
+    MOE_CUDA_CHECK(moe_launch(kernel_route_topk,
+        (T + TOPK_WARPS - 1) / TOPK_WARPS, TOPK_WARPS * 32, 0, stream, logits,
+        T, E, K, renorm, sel, selw, margin));
     return MOE_K_OK;
 }

@@ -7,6 +7,7 @@ __global__ void
 kernel_add_rmsnorm(float *x, const float *delta, const int32_t *rows, int D,
     const float *w, float eps, __nv_bfloat16 *out, float *out_f32)
 {
+    moe_pdl_enter();
     __shared__ float sh[32];
     int              i = blockIdx.x;
     int              r = rows != NULL ? rows[i] : i;
@@ -52,6 +53,7 @@ kernel_add_rmsnorm_v(float *__restrict__ x, const float *__restrict__ delta,
     const int32_t *rows, int D, const float *__restrict__ w, float eps,
     __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32)
 {
+    moe_pdl_enter();
     __shared__ float sh[32];
     int              i = blockIdx.x;
     int              r = rows != NULL ? rows[i] : i;
@@ -140,21 +142,20 @@ moe_cuda_add_rmsnorm(float *x, const float *delta, const int32_t *rows,
             | (uintptr_t) out_f32) % 16 != 0
         || (uintptr_t) out % 8 != 0)
     {
-        kernel_add_rmsnorm<<<n_rows, 256, 0, stream>>>(x, delta, rows, D, w,
-                                                       eps, o, out_f32);
+        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm, n_rows, 256, 0, stream,
+            x, delta, rows, D, w, eps, o, out_f32));
     } else if (nv <= 1) {
-        kernel_add_rmsnorm_v<1><<<n_rows, RMS_THREADS, 0, stream>>>(
-            x, delta, rows, D, w, eps, o, out_f32);
+        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm_v<1>, n_rows, RMS_THREADS,
+            0, stream, x, delta, rows, D, w, eps, o, out_f32));
     } else if (nv <= 2) {
-        kernel_add_rmsnorm_v<2><<<n_rows, RMS_THREADS, 0, stream>>>(
-            x, delta, rows, D, w, eps, o, out_f32);
+        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm_v<2>, n_rows, RMS_THREADS,
+            0, stream, x, delta, rows, D, w, eps, o, out_f32));
     } else if (nv <= 4) {
-        kernel_add_rmsnorm_v<4><<<n_rows, RMS_THREADS, 0, stream>>>(
-            x, delta, rows, D, w, eps, o, out_f32);
+        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm_v<4>, n_rows, RMS_THREADS,
+            0, stream, x, delta, rows, D, w, eps, o, out_f32));
     } else {
-        kernel_add_rmsnorm_v<8><<<n_rows, RMS_THREADS, 0, stream>>>(
-            x, delta, rows, D, w, eps, o, out_f32);
+        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm_v<8>, n_rows, RMS_THREADS,
+            0, stream, x, delta, rows, D, w, eps, o, out_f32));
     }
-    MOE_CUDA_CHECK_LAUNCH("kernel_add_rmsnorm");
     return MOE_K_OK;
 }

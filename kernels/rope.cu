@@ -22,6 +22,7 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
     const float *tok_base, float attn, __nv_bfloat16 *kv_layer,
     int block_size)
 {
+    moe_pdl_enter();
     int            t = blockIdx.x, half = hd / 2;
     int            kvd = n_kv * hd;
     int            nrot = inv_freq != NULL ? (n_heads + n_kv) * half : 0;
@@ -66,6 +67,7 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     const float *tok_base, float attn, KV *kv_layer, int block_size,
     float ksc, float vsc)
 {
+    moe_pdl_enter();
     int            t = blockIdx.x, h = blockIdx.y, half = hd / 2;
     int            kvd = n_kv * hd, i = threadIdx.x;
     float         *v = qkv + (size_t) t * ld + (size_t) h * hd;
@@ -127,20 +129,16 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
     if (hd % 2 == 0 && hd / 2 <= 1024) {
         int threads = (hd / 2 + 31) / 32 * 32;
 
-        kernel_rope_kv_heads<__nv_bfloat16>
-            <<<dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads,
-               0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq,
-                            tok_base, attn,
-                            reinterpret_cast<__nv_bfloat16 *>(kv_layer),
-                            block_size, 1.0f, 1.0f);
-        MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads");
+        MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<__nv_bfloat16>,
+            dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads, 0,
+            stream, qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq, tok_base,
+            attn, reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size,
+            1.0f, 1.0f));
         return MOE_K_OK;
     }
-    kernel_rope_kv<<<T, 128, 0, stream>>>(qkv, ld, n_heads, n_kv, hd, pos,
-        slot, inv_freq, tok_base, attn,
-        reinterpret_cast<__nv_bfloat16 *>(kv_layer),
-        block_size);
-    MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv");
+    MOE_CUDA_CHECK(moe_launch(kernel_rope_kv, T, 128, 0, stream, qkv, ld,
+        n_heads, n_kv, hd, pos, slot, inv_freq, tok_base, attn,
+        reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size));
     return MOE_K_OK;
 }
 
@@ -165,10 +163,9 @@ moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
                            (double) k_scale, (double) v_scale);
         return MOE_K_EINVAL;
     }
-    kernel_rope_kv_heads<uint8_t>
-        <<<dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads, 0,
-           stream>>>(qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq,
-                     tok_base, attn, kv_layer, block_size, k_scale, v_scale);
-    MOE_CUDA_CHECK_LAUNCH("kernel_rope_kv_heads<fp8>");
+    MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<uint8_t>,
+        dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads, 0,
+        stream, qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq, tok_base,
+        attn, kv_layer, block_size, k_scale, v_scale));
     return MOE_K_OK;
 }

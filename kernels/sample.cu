@@ -492,6 +492,7 @@ kernel_sample_rows(float *logits, int64_t ld, int V,
     const moe_cuda_sample_param_t *params, const int32_t *pen_tok,
     const int32_t *pen_cnt, const uint8_t *pen_seen, int32_t *out)
 {
+    moe_pdl_enter();
     __shared__ sm_smem_t     sh;
     moe_cuda_sample_param_t  p = params[blockIdx.x];
     float                   *row = logits + (int64_t) blockIdx.x * ld;
@@ -607,9 +608,7 @@ moe_cuda_sample_rows(float *logits, int64_t ld, int rows, int V,
                            (void *) out);
         return MOE_K_EINVAL;
     }
-    kernel_sample_rows<<<rows, SM_THREADS, 0, stream>>>(logits, ld, V, params,
-                                                        pen_tok, pen_cnt,
-                                                        pen_seen, out);
-    MOE_CUDA_CHECK_LAUNCH("kernel_sample_rows");
+    MOE_CUDA_CHECK(moe_launch(kernel_sample_rows, rows, SM_THREADS, 0, stream,
+        logits, ld, V, params, pen_tok, pen_cnt, pen_seen, out));
     return MOE_K_OK;
 }

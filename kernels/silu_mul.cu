@@ -6,6 +6,7 @@
 __global__ void
 kernel_silu_mul(const float *gu, int64_t n, int F, __nv_bfloat16 *h)
 {
+    moe_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < n;
          i += (int64_t) gridDim.x * blockDim.x)
     {
@@ -26,8 +27,7 @@ moe_cuda_silu_mul(const float *gu, int R, int F, moe_bf16_t *h,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    kernel_silu_mul<<<moe_grid(n, 256), 256, 0, stream>>>(gu, n, F,
-        reinterpret_cast<__nv_bfloat16 *>(h));
-    MOE_CUDA_CHECK_LAUNCH("kernel_silu_mul");
+    MOE_CUDA_CHECK(moe_launch(kernel_silu_mul, moe_grid(n, 256), 256, 0,
+        stream, gu, n, F, reinterpret_cast<__nv_bfloat16 *>(h)));
     return MOE_K_OK;
 }

@@ -13,6 +13,7 @@ typedef struct {
 __global__ void
 kernel_tp_sum(float *dst, tp_srcs_t s, int R, size_t lo, size_t hi)
 {
+    moe_pdl_enter();
     for (size_t i = lo + (size_t) blockIdx.x * blockDim.x + threadIdx.x;
          i < hi; i += (size_t) gridDim.x * blockDim.x)
     {
@@ -46,8 +47,8 @@ moe_cuda_tp_sum(float *dst, float *const *srcs, int R, size_t lo, size_t hi,
     for (int r = 0; r < R; r++) {
         sp.p[r] = srcs[r];
     }
-    kernel_tp_sum<<<moe_grid((int64_t) (hi - lo), 256 * 4), 256, 0,
-                    stream>>>(dst, sp, R, lo, hi);
-    MOE_CUDA_CHECK_LAUNCH("kernel_tp_sum");
+    MOE_CUDA_CHECK(moe_launch(kernel_tp_sum,
+        moe_grid((int64_t) (hi - lo), 256 * 4), 256, 0, stream, dst, sp, R, lo,
+        hi));
     return MOE_K_OK;
 }

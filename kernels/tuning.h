@@ -49,12 +49,17 @@ typedef struct {
                             (the key-split path) on tensor cores for head
                             dims 64 and 128 (default 1; 0: the SIMT
                             kernel, for A/B runs) */
+    int pdl;             /* MOE_CUDA_PDL 0|1: launch the kernels with
+                            programmatic dependent launch, so each one's
+                            blocks are scheduled while the one before it
+                            finishes (default 1; process-wide, see
+                            moe_cuda_pdl_set) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

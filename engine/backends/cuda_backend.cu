@@ -2252,6 +2252,9 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
         b->base.logit_bias_device = lb == NULL || atoi(lb) != 0;
     }
     b->use_graphs = b->tune.graphs;
+    /* process-wide (every backend of a process reads the same
+     * environment, so they agree) */
+    moe_cuda_pdl_set(b->tune.pdl);
     {
         /* MOE_CUDA_FP8_ACT=0: fp8 prefill dequantizes instead of
          * quantizing activations (the exact path; test_qbackend) */
