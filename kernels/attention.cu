@@ -1681,28 +1681,6 @@ att_dtc_launch(dim3 grid, cudaStream_t stream, const float *qkv, int ld,
 }
 
 
-/* Multiprocessors of the current device (132 if it cannot be read). */
-static int
-att_sms(void)
-{
-    static int n = 0;
-
-    if (n == 0) {
-        int dev = 0, v = 0;
-
-        if (cudaGetDevice(&dev) == cudaSuccess
-            && cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount,
-                                      dev) == cudaSuccess && v > 0)
-        {
-            n = v;
-        } else {
-            n = 132;
-        }
-    }
-    return n;
-}
-
-
 /*
  * Grid splits of the decode kernel for `pairs` (token, kv head) pairs:
  * enough blocks for bps per SM (the record's att_split_bps); a function of
@@ -1712,7 +1690,7 @@ att_sms(void)
 static int
 att_split_count(int pairs, int bps, int tc)
 {
-    int want = bps * att_sms(), ns;
+    int want = bps * moe_sm_count(), ns;
 
     if (pairs >= want) {
         /* SIMT kernel, 1-2 blocks per SM (mixtral b64: 512 pairs, 3

@@ -216,6 +216,29 @@ moe_f2bf(float v)
 }
 
 
+/* Multiprocessors of the current device (132, the H200's, if it cannot be
+ * read); read once per translation unit. */
+static inline int
+moe_sm_count(void)
+{
+    static int n = 0;
+
+    if (n == 0) {
+        int dev = 0, v = 0;
+
+        if (cudaGetDevice(&dev) == cudaSuccess
+            && cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount,
+                                      dev) == cudaSuccess && v > 0)
+        {
+            n = v;
+        } else {
+            n = 132;
+        }
+    }
+    return n;
+}
+
+
 /* Grid size for n items of `per` each, capped for grid-stride loops. */
 static inline unsigned
 moe_grid(int64_t n, int per)

@@ -73,6 +73,16 @@ int moe_cuda_gemv_fp8_tiled(const moe_bf16_t *X, int ldx,
     int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
     float *Y, moe_bf16_t *H, int ldy, int nt, cudaStream_t stream);
 
+/* moe_cuda_gemv_fp8_tiled with the block's warps given: 0 the launcher's
+ * rule (8 warps when a 1-tile launch without SiLU fits one wave of
+ * 8-warp blocks, else 4), 4, or 8 (nt 1 without SiLU only; else
+ * MOE_K_EUNSUPPORTED); for tests and benchmarks. */
+int moe_cuda_gemv_fp8_warps(const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
+    int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
+    float *Y, moe_bf16_t *H, int ldy, int nt, int warps,
+    cudaStream_t stream);
+
 /* Whether the fp8 GEMV / grouped GEMM support this shape and mode:
  * N > 0, Kd > 0, Kd % 16 == 0, ldx % 8 == 0, ldx >= Kd, mode one of
  * MOE_K_FP8_*, and for block scales with silu N % 128 == 0. */

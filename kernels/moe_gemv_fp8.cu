@@ -41,7 +41,8 @@
 
 typedef __nv_bfloat16 bf16;
 
-#define F8_WARPS 4
+#define F8_WARPS 4                      /* warps per block (W), and */
+#define F8_WARPS_WIDE 8                 /* for grids of under one wave */
 #define F8_CK    128                    /* k per chunk / stage */
 
 
@@ -101,14 +102,14 @@ struct f8_stage {
 };
 
 
-template <int MR, int UNR>
+template <int MR, int UNR, int NW>
 __device__ __forceinline__ void
 f8_gv_load(f8_stage<MR, UNR> &st, const uint8_t *const (&arow)[MR][2],
     const bool (&aval)[MR][2], int c0, int nch, int Kd, int q)
 {
 #pragma unroll
     for (int u = 0; u < UNR; u++) {
-        int c = c0 + u * F8_WARPS;
+        int c = c0 + u * NW;
 
 #pragma unroll
         for (int p = 0; p < 2; p++) {
@@ -132,7 +133,7 @@ f8_gv_load(f8_stage<MR, UNR> &st, const uint8_t *const (&arow)[MR][2],
 
 /* acc += the products of chunk c (A in st.a[u]); BLK: per-chunk partial
  * sums times the block scales bs[mr]. */
-template <int NT, int MR, int UNR, bool BLK>
+template <int NT, int MR, int UNR, int NW, bool BLK>
 __device__ __forceinline__ void
 f8_gv_compute(float (&acc)[MR][NT][4], const f8_stage<MR, UNR> &st,
     const bf16 *const (&brow)[NT], const bool (&bval)[NT], int c0, int nch,
@@ -140,7 +141,7 @@ f8_gv_compute(float (&acc)[MR][NT][4], const f8_stage<MR, UNR> &st,
 {
 #pragma unroll
     for (int u = 0; u < UNR; u++) {
-        int   c = c0 + u * F8_WARPS;
+        int   c = c0 + u * NW;
         float part[MR][NT][4];
         float (&dst)[MR][NT][4] = BLK ? part : acc;
 
@@ -223,21 +224,60 @@ f8_gv_compute(float (&acc)[MR][NT][4], const f8_stage<MR, UNR> &st,
 }
 
 
+/* Bring the 128-byte lines of the chunks c0, c0 + NW, .. (2 UNR of them:
+ * both register stages) of this lane's rows into L2 (lanes q == 0; no
+ * register, no wait). */
+template <int MR, int UNR, int NW>
+__device__ __forceinline__ void
+f8_gv_prefetch(const uint8_t *const (&arow)[MR][2],
+    const bool (&aval)[MR][2], int c0, int nch, int q)
+{
+    if (q != 0) {
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < 2 * UNR; u++) {
+        int c = c0 + u * NW;
+
+#pragma unroll
+        for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (c < nch && aval[mr][h]) {
+                    asm volatile("prefetch.global.L2 [%0];\n"
+                                 :: "l"(arow[mr][h] + (size_t) c * F8_CK));
+                }
+            }
+        }
+    }
+}
+
+
 /*
- * grid (ceil(N / 16), groups), F8_WARPS warps.  MR 2: SiLU (gate rows
- * j0.., up rows N + j0..).  MODE: MOE_K_FP8_*.
+ * grid (ceil(N / 16), groups), NW warps (F8_WARPS, or F8_WARPS_WIDE when
+ * the grid is under one wave: the K range in more pieces).  MR 2: SiLU
+ * (gate rows j0.., up rows N + j0..).  MODE: MOE_K_FP8_*.
+ * Dense (offs NULL): which weights a block reads does not depend on the
+ * kernels before it, so its first two stages' lines are requested into
+ * L2 before moe_pdl_enter (a prefetch is only a hint and L2 is coherent:
+ * safe even if the kernel before wrote them); with PDL that overlaps
+ * the end of the kernel before.  Grouped launches find their group in
+ * offs, written by the kernels before: they wait first.
  */
-template <int NT, int MR, int UNR, int MODE>
-__global__ void __launch_bounds__(F8_WARPS * 32)
+template <int NT, int MR, int UNR, int MODE, int NW>
+__global__ void __launch_bounds__(NW * 32)
 kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint8_t *W, const float *scale, int N, int Kd,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
-    moe_pdl_enter();
+    if (offs != NULL) {
+        moe_pdl_enter();
+    }
     constexpr bool BLK = MODE == MOE_K_FP8_BLOCK;
-    __shared__ float red[F8_WARPS][MR * NT * 4][32];
+    __shared__ float red[NW][MR * NT * 4][32];
     const int        lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int        g = lane >> 2, q = lane & 3;
+    /* offs NULL: blockIdx.y, nothing read */
     const int        e = moe_block_group(offs, E, lane);
     const int        j0 = blockIdx.x * 16;
     const int        R = MR * N;
@@ -276,6 +316,13 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
     }
 
+    if (offs == NULL) {
+        if (warp < nch) {
+            f8_gv_prefetch<MR, UNR, NW>(arow, aval, warp, nch, q);
+        }
+        moe_pdl_enter();
+    }
+
     for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
         float       acc[MR][NT][4];
         const bf16 *brow[NT];
@@ -303,22 +350,23 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         /* two stages in registers: the weight loads of chunk set i + 1
          * are in flight while set i is converted and multiplied */
         f8_stage<MR, UNR> st[2];
-        const int         step = F8_WARPS * UNR;
+        const int         step = NW * UNR;
 
         if (warp < nch) {
-            f8_gv_load<MR, UNR>(st[0], arow, aval, warp, nch, Kd, q);
+            f8_gv_load<MR, UNR, NW>(st[0], arow, aval, warp, nch, Kd, q);
             for (int c0 = warp;; c0 += 2 * step) {
-                f8_gv_load<MR, UNR>(st[1], arow, aval, c0 + step, nch, Kd,
-                                    q);
-                f8_gv_compute<NT, MR, UNR, BLK>(acc, st[0], brow, bval, c0,
-                                                nch, Kd, q, bsc);
+                f8_gv_load<MR, UNR, NW>(st[1], arow, aval, c0 + step, nch,
+                                        Kd, q);
+                f8_gv_compute<NT, MR, UNR, NW, BLK>(acc, st[0], brow, bval,
+                                                    c0, nch, Kd, q, bsc);
                 if (c0 + step >= nch) {
                     break;
                 }
-                f8_gv_load<MR, UNR>(st[0], arow, aval, c0 + 2 * step, nch,
-                                    Kd, q);
-                f8_gv_compute<NT, MR, UNR, BLK>(acc, st[1], brow, bval,
-                                                c0 + step, nch, Kd, q, bsc);
+                f8_gv_load<MR, UNR, NW>(st[0], arow, aval, c0 + 2 * step,
+                                        nch, Kd, q);
+                f8_gv_compute<NT, MR, UNR, NW, BLK>(acc, st[1], brow, bval,
+                                                    c0 + step, nch, Kd, q,
+                                                    bsc);
                 if (c0 + 2 * step >= nch) {
                     break;
                 }
@@ -336,14 +384,14 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             }
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < NT * 4 * 32; i += F8_WARPS * 32) {
+        for (int i = threadIdx.x; i < NT * 4 * 32; i += NW * 32) {
             int   l = i & 31, jc = i >> 5, j = jc >> 2, c = jc & 3;
             int   col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
             int   r = p0 + 8 * j + 2 * (l & 3) + (c & 1);
             float v = 0.0f;
 
 #pragma unroll
-            for (int w = 0; w < F8_WARPS; w++) {
+            for (int w = 0; w < NW; w++) {
                 v += red[w][jc][l];
             }
             if (col < N && r < r1) {
@@ -352,7 +400,7 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     float u = 0.0f;
 
 #pragma unroll
-                    for (int w = 0; w < F8_WARPS; w++) {
+                    for (int w = 0; w < NW; w++) {
                         u += red[w][NT * 4 + jc][l];
                     }
                     u *= f8_row_scale(scale, MODE, 1, e, N, R, N + col);
@@ -368,43 +416,78 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
+/* Whether a grid of `blocks` 4-warp blocks (NT 1, no SiLU) fits in one
+ * wave of F8_WARPS_WIDE-warp blocks: then the wide kernel splits each
+ * column tile's K range over twice the warps, and the SMs hold twice the
+ * loads in flight (mixtral's o projection at batch 1: 256 blocks on 132
+ * SMs, 8 of the 16 warps an SM can hold). */
+template <int MODE>
+static bool
+f8_gv_wide(int64_t blocks)
+{
+    static int per_sm = -1;
+
+    if (per_sm < 0) {
+        int nb = 0;
+
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &nb, kernel_gemv_fp8<1, 1, 2, MODE, F8_WARPS_WIDE>,
+                F8_WARPS_WIDE * 32, 0) != cudaSuccess)
+        {
+            (void) cudaGetLastError();
+            nb = 0;
+        }
+        per_sm = nb;
+    }
+    return blocks <= (int64_t) per_sm * moe_sm_count();
+}
+
+
+/* wide: -1 the rule above, 0 / 1 forced (NT 1 without SiLU only). */
 template <int NT, int MODE>
 static void
-f8_gv_launch(dim3 grid, cudaStream_t s, int silu, const bf16 *X, int ldx,
-    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
-    int N, int Kd, const int32_t *offs, int E, int n, float *Y, bf16 *H,
-    int ldy)
+f8_gv_launch(dim3 grid, cudaStream_t s, int silu, int wide, const bf16 *X,
+    int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
+    const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy)
 {
     if (silu) {
-        (void) moe_launch(kernel_gemv_fp8<NT, 2, 1, MODE>, grid, F8_WARPS * 32,
-            0, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy);
+        (void) moe_launch(kernel_gemv_fp8<NT, 2, 1, MODE, F8_WARPS>, grid,
+            F8_WARPS * 32, 0, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs,
+            E, n, Y, H, ldy);
+    } else if (NT == 1 && (wide < 0 ? f8_gv_wide<MODE>((int64_t) grid.x
+                                                       * grid.y)
+                                    : wide > 0)) {
+        (void) moe_launch(kernel_gemv_fp8<1, 1, 2, MODE, F8_WARPS_WIDE>,
+            grid, F8_WARPS_WIDE * 32, 0, s, X, ldx, xrow, xdiv, W, scale, N,
+            Kd, offs, E, n, Y, H, ldy);
     } else {
-        (void) moe_launch(kernel_gemv_fp8<NT, 1, (NT >= 4 ? 1 : 2), MODE>,
-            grid, F8_WARPS * 32, 0, s, X, ldx, xrow, xdiv, W, scale, N, Kd,
-            offs, E, n, Y, H, ldy);
+        (void) moe_launch(kernel_gemv_fp8<NT, 1, (NT >= 4 ? 1 : 2), MODE,
+            F8_WARPS>, grid, F8_WARPS * 32, 0, s, X, ldx, xrow, xdiv, W,
+            scale, N, Kd, offs, E, n, Y, H, ldy);
     }
 }
 
 
 template <int NT>
 static void
-f8_gv_mode(int mode, dim3 grid, cudaStream_t s, int silu, const bf16 *X,
-    int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
+f8_gv_mode(int mode, dim3 grid, cudaStream_t s, int silu, int wide,
+    const bf16 *X, int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
     const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
     float *Y, bf16 *H, int ldy)
 {
     if (mode == MOE_K_FP8_TENSOR) {
-        f8_gv_launch<NT, MOE_K_FP8_TENSOR>(grid, s, silu, X, ldx, xrow, xdiv,
-                                           W, scale, N, Kd, offs, E, n, Y, H,
-                                           ldy);
+        f8_gv_launch<NT, MOE_K_FP8_TENSOR>(grid, s, silu, wide, X, ldx, xrow,
+                                           xdiv, W, scale, N, Kd, offs, E, n,
+                                           Y, H, ldy);
     } else if (mode == MOE_K_FP8_CHANNEL) {
-        f8_gv_launch<NT, MOE_K_FP8_CHANNEL>(grid, s, silu, X, ldx, xrow,
-                                            xdiv, W, scale, N, Kd, offs, E,
-                                            n, Y, H, ldy);
+        f8_gv_launch<NT, MOE_K_FP8_CHANNEL>(grid, s, silu, wide, X, ldx,
+                                            xrow, xdiv, W, scale, N, Kd,
+                                            offs, E, n, Y, H, ldy);
     } else {
-        f8_gv_launch<NT, MOE_K_FP8_BLOCK>(grid, s, silu, X, ldx, xrow, xdiv,
-                                          W, scale, N, Kd, offs, E, n, Y, H,
-                                          ldy);
+        f8_gv_launch<NT, MOE_K_FP8_BLOCK>(grid, s, silu, wide, X, ldx, xrow,
+                                          xdiv, W, scale, N, Kd, offs, E, n,
+                                          Y, H, ldy);
     }
 }
 
@@ -439,11 +522,13 @@ f8_groups(const char *who, int mode, int N, int Kd, int ldx,
 
 
 extern "C" int
-moe_cuda_gemv_fp8_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+moe_cuda_gemv_fp8_warps(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
     const int32_t *offs, int E, int n, int silu, float *Y, moe_bf16_t *H,
-    int ldy, int nt, cudaStream_t stream)
+    int ldy, int nt, int warps, cudaStream_t stream)
 {
+    int wide = warps == F8_WARPS_WIDE ? 1 : warps == F8_WARPS ? 0 : -1;
+
     const bf16 *x = reinterpret_cast<const bf16 *>(X);
     bf16       *h = reinterpret_cast<bf16 *>(H);
     int         groups = f8_groups("gemv_fp8", mode, N, Kd, ldx, xrow, xdiv,
@@ -453,22 +538,29 @@ moe_cuda_gemv_fp8_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     if (groups < 0) {
         return MOE_K_EUNSUPPORTED;
     }
+    if (warps != 0 && (wide < 0 || (wide > 0 && (nt != 1 || silu)))) {
+        moe_cuda_set_error("gemv_fp8: %d warps per block with %d x 8 rows "
+                           "and silu %d is not shipped (0, %d, and %d at 8 "
+                           "rows without SiLU)", warps, nt, silu, F8_WARPS,
+                           F8_WARPS_WIDE);
+        return MOE_K_EUNSUPPORTED;
+    }
     if (n == 0 || groups == 0) {
         return MOE_K_OK;
     }
     grid = dim3((unsigned) ((N + 15) / 16), (unsigned) groups);
     switch (nt) {
     case 1:
-        f8_gv_mode<1>(mode, grid, stream, silu, x, ldx, xrow, xdiv, W, scale,
-                      N, Kd, offs, E, n, Y, h, ldy);
+        f8_gv_mode<1>(mode, grid, stream, silu, wide, x, ldx, xrow, xdiv, W,
+                      scale, N, Kd, offs, E, n, Y, h, ldy);
         break;
     case 2:
-        f8_gv_mode<2>(mode, grid, stream, silu, x, ldx, xrow, xdiv, W, scale,
-                      N, Kd, offs, E, n, Y, h, ldy);
+        f8_gv_mode<2>(mode, grid, stream, silu, wide, x, ldx, xrow, xdiv, W,
+                      scale, N, Kd, offs, E, n, Y, h, ldy);
         break;
     case 4:
-        f8_gv_mode<4>(mode, grid, stream, silu, x, ldx, xrow, xdiv, W, scale,
-                      N, Kd, offs, E, n, Y, h, ldy);
+        f8_gv_mode<4>(mode, grid, stream, silu, wide, x, ldx, xrow, xdiv, W,
+                      scale, N, Kd, offs, E, n, Y, h, ldy);
         break;
     default:
         moe_cuda_set_error("gemv_fp8: tile of %d x 8 rows is not shipped "
@@ -477,6 +569,18 @@ moe_cuda_gemv_fp8_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     }
     MOE_CUDA_CHECK_LAUNCH("kernel_gemv_fp8");
     return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_gemv_fp8_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int silu, float *Y, moe_bf16_t *H,
+    int ldy, int nt, cudaStream_t stream)
+{
+    return moe_cuda_gemv_fp8_warps(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
+                                   offs, E, n, silu, Y, H, ldy, nt, 0,
+                                   stream);
 }
 
 

@@ -260,28 +260,6 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
-/* Multiprocessors of the current device (132 if it cannot be read). */
-static int
-gg_sms(void)
-{
-    static int sms = 0;
-
-    if (sms <= 0) {
-        int dev = 0, v = 0;
-
-        if (cudaGetDevice(&dev) == cudaSuccess
-            && cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount,
-                                      dev) == cudaSuccess && v > 0)
-        {
-            sms = v;
-        } else {
-            sms = 132;
-        }
-    }
-    return sms;
-}
-
-
 /*
  * Launch kernel_ggemm<BT, MT, SILU> (raising its shared-memory limit once).
  * pf: the 256-byte L2 prefetch on the weight loads; the shipped launches
@@ -367,7 +345,7 @@ moe_cuda_ggemm_pick(int N, int E, int n, int silu, const int32_t *offs,
      * when that still gives 3 blocks per SM, else 64 rows (4 stages) */
     cols2 = silu ? 64 : 128;
     *mt = *bt <= 32 && (int64_t) ((N + cols2 - 1) / cols2) * groups
-                       >= 3 * (int64_t) gg_sms() ? 2 : 1;
+                       >= 3 * (int64_t) moe_sm_count() ? 2 : 1;
 }
 
 

@@ -8,7 +8,8 @@
  *  - each scale mode (per tensor, per channel, 128x128 blocks) with SiLU
  *    (bf16 H) and without (fp32 Y), through both entry points (automatic
  *    tile) and every shipped tile forced (GEMV 8/16/32 rows per pass,
- *    grouped GEMM 16/32/64 tokens);
+ *    grouped GEMM 16/32/64 tokens), and the GEMV's 4- and 8-warp blocks
+ *    forced (moe_cuda_gemv_fp8_warps; 8 warps with SiLU are refused);
  *  - groups of 0, 1, 3, 16, 17, 64 and 100 rows (more than every tile:
  *    several passes), E 8 and E 1 (dense: offs NULL, and with offsets),
  *    n < E (compact grid), n an over-estimate, gathered input rows (xdiv
@@ -287,6 +288,10 @@ f8_free(f8_in *in, int own_w)
 }
 
 
+/* GEMV "tiles" above this: 8 rows per pass and (tile - F8_TILE_WARPS)
+ * warps per block forced (moe_cuda_gemv_fp8_warps) */
+#define F8_TILE_WARPS 100
+
 /* Run entry point ent with tile (0: automatic) on stream s. */
 static int
 f8_run(const f8_in *in, int ent, int tile, cudaStream_t s)
@@ -304,6 +309,15 @@ f8_run(const f8_in *in, int ent, int tile, cudaStream_t s)
         maxr = in->nrows;
     }
     if (ent == ENT_GEMV) {
+        if (tile > F8_TILE_WARPS) {
+            /* 8 rows per pass with tile - F8_TILE_WARPS warps forced */
+            return moe_cuda_gemv_fp8_warps(x, in->ldx, in->d_xrow, in->xdiv,
+                                           in->d_w, in->d_scale, in->mode,
+                                           in->N, in->Kd, offs, in->E, in->n,
+                                           in->silu, (float *) in->d_y,
+                                           (moe_bf16_t *) in->d_y, in->ldy,
+                                           1, tile - F8_TILE_WARPS, s);
+        }
         if (tile == 0) {
             return moe_cuda_gemv_fp8(x, in->ldx, in->d_xrow, in->xdiv,
                                      in->d_w, in->d_scale, in->mode, in->N,
@@ -583,6 +597,21 @@ test_edges(void)
     rc1 = f8_run(&in, ENT_GEMV, 0, 0);
     rc2 = f8_run(&in, ENT_GGEMM, 0, 0);
     in.Kd = 64;
+    in.silu = 1;
+    rc1 = moe_cuda_gemv_fp8_warps((const moe_bf16_t *) in.d_x, in.ldx, NULL,
+                                  1, in.d_w, in.d_scale, in.mode, in.N,
+                                  in.Kd, in.d_offs, in.E, in.n, 1,
+                                  (float *) in.d_y, (moe_bf16_t *) in.d_y,
+                                  in.ldy, 1, 8, 0);
+    in.silu = 0;
+    rc2 = moe_cuda_gemv_fp8_warps((const moe_bf16_t *) in.d_x, in.ldx, NULL,
+                                  1, in.d_w, in.d_scale, in.mode, in.N,
+                                  in.Kd, in.d_offs, in.E, in.n, 0,
+                                  (float *) in.d_y, (moe_bf16_t *) in.d_y,
+                                  in.ldy, 1, 6, 0);
+    TAP_OK(rc1 == MOE_K_EUNSUPPORTED && rc2 == MOE_K_EUNSUPPORTED,
+           "gemv_fp8 8 warps with SiLU, and 6 warps: refused (%d, %d)", rc1,
+           rc2);
     in.mode = 5;
     TAP_OK(rc1 == MOE_K_EUNSUPPORTED && rc2 == MOE_K_EUNSUPPORTED
            && f8_run(&in, ENT_GEMV, 0, 0) == MOE_K_EUNSUPPORTED
@@ -783,6 +812,19 @@ main(void)
                           ENT_GGEMM, t);
             }
         }
+    }
+    /* the GEMV's 4- and 8-warp blocks forced (8 rows per pass, no SiLU):
+     * grouped with several passes, dense with a k tail, and the mixtral
+     * o projection's shape (the launcher's rule takes 8 warps there) */
+    for (int mode = 0; mode < 3; mode++) {
+        for (int w = 4; w <= 8; w += 4) {
+            test_case("warps", 8, g8, 0, 0, 128, 336, 0, mode, 2, 0,
+                      ENT_GEMV, F8_TILE_WARPS + w);
+            test_case("warps, dense", 1, NULL, 5, 0, 72, 4096 + 48, 0, mode,
+                      0, 0, ENT_GEMV, F8_TILE_WARPS + w);
+        }
+        test_case("dense o projection", 1, NULL, 1, 0, 4096, 4096, 0, mode,
+                  0, 0, ENT_GEMV, 0);
     }
     /* subnormal codes only: a flushing conversion gives zeros */
     for (int ent = 0; ent < 2; ent++) {
