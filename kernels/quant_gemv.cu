@@ -61,28 +61,6 @@ typedef __nv_bfloat16 bf16;
 __device__ __constant__ int q4_awq_pos[8] = { 0, 4, 1, 5, 2, 6, 3, 7 };
 
 
-/* Multiprocessors of the current device (132 if it cannot be read). */
-static int
-q_sms(void)
-{
-    static int n = 0;
-
-    if (n == 0) {
-        int dev = 0, v = 0;
-
-        if (cudaGetDevice(&dev) == cudaSuccess
-            && cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount,
-                                      dev) == cudaSuccess && v > 0)
-        {
-            n = v;
-        } else {
-            n = 132;
-        }
-    }
-    return n;
-}
-
-
 /* 16 e4m3 values (one uint4) to fp32, exact. */
 __device__ __forceinline__ void
 q_fp8x16(uint4 q, float (&f)[16])
@@ -157,6 +135,7 @@ kernel_qgemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint8_t *W, const float *scale, int mode, int stacked, int Ntot,
     int K, const int32_t *offs, int E, int n, float *Y, int ldy)
 {
+    moe_pdl_enter();
     const int lane = (int) threadIdx.x & 31, warp = (int) threadIdx.x >> 5;
     const int j = (int) blockIdx.x * QF_WARPS + warp;
     int       r0, r1;
@@ -259,6 +238,7 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *g_idx, int G, int zero_bias, int Ntot, int K, int KC,
     const int32_t *offs, int E, int n, float *Y, int ldy)
 {
+    moe_pdl_enter();
     __shared__ float xs[Q_R][Q4_KC_MAX];
     __shared__ int   gs[Q4_KC_MAX];         /* GPTQ g_idx of [k0, k1) */
 
@@ -564,6 +544,7 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     int G, int zero_bias, int Ntot, int K, int nu, int pf,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
+    moe_pdl_enter();
     constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
     constexpr int     F = MT * NT * 4;       /* outputs per lane */
     __shared__ float  red[QM_WARPS][F][32];
@@ -1152,6 +1133,7 @@ kernel_qgemv_q4_pipe(const bf16 *X, int ldx, const int32_t *xrow,
     const uint16_t *scales, int G, int zero_bias, int Ntot, int K, int nu,
     int cw, const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
+    moe_pdl_enter();
     typedef q4p_geo<FMT, WC, QU> geo;
     constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
     constexpr int     F = MT * NT * 4;       /* outputs per lane */
@@ -1533,6 +1515,7 @@ __global__ void
 kernel_dequant_fp8(const uint8_t *W, const float *scale, int mode,
     int stacked, int rows, int K, int count, bf16 *out)
 {
+    moe_pdl_enter();
     const int64_t kc = K / 16, total = (int64_t) count * rows * kc;
 
     for (int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
@@ -1570,6 +1553,7 @@ kernel_dequant_q4(const int32_t *qweight, const int32_t *qzeros,
     const uint16_t *scales, const int32_t *g_idx, int G, int zero_bias,
     int Ntot, int K, int count, bf16 *out)
 {
+    moe_pdl_enter();
     const int     nthr = FMT == MOE_K_Q4_AWQ ? Ntot / 8 : Ntot;
     const int     KG = (K + G - 1) / G;
     const int64_t total = (int64_t) count * (K / 8) * nthr;
@@ -1658,10 +1642,9 @@ moe_cuda_qgemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     }
     grid = dim3((unsigned) ((Ntot + QF_WARPS - 1) / QF_WARPS),
                 (unsigned) q_groups(offs, E, n));
-    kernel_qgemv_fp8<<<grid, QF_WARPS * 32, 0, stream>>>(
+    MOE_CUDA_CHECK(moe_launch(kernel_qgemv_fp8, grid, QF_WARPS * 32, 0, stream,
         reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv, W, scale, mode,
-        stacked, Ntot, K, offs, E, n, Y, ldy);
-    MOE_CUDA_CHECK_LAUNCH("kernel_qgemv_fp8");
+        stacked, Ntot, K, offs, E, n, Y, ldy));
     return MOE_K_OK;
 }
 
@@ -1682,7 +1665,8 @@ q4_check(const char *who, int fmt, int G, int Ntot, int K)
 
 
 /* A launch of grid (tiles, groups, S) with the S blocks along z one
- * thread-block cluster (at: one attribute). */
+ * thread-block cluster (at: room for two attributes: the cluster, and PDL
+ * when moe_cuda_pdl_get()). */
 static void
 q_cluster_cfg(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *at, int tiles,
     int ng, int S, int threads, size_t smem, cudaStream_t stream)
@@ -1697,6 +1681,11 @@ q_cluster_cfg(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *at, int tiles,
     at[0].val.clusterDim.z = (unsigned) S;
     cfg->attrs = at;
     cfg->numAttrs = 1;
+    if (moe_cuda_pdl_get()) {
+        at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[1].val.programmaticStreamSerializationAllowed = 1;
+        cfg->numAttrs = 2;
+    }
 }
 
 
@@ -1711,7 +1700,7 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
     cudaLaunchConfig_t  cfg = {};
-    cudaLaunchAttribute at[1] = {};
+    cudaLaunchAttribute at[2] = {};
 
     q_cluster_cfg(&cfg, at, tiles, ng, S, QM_WARPS * 32, 0, stream);
     if (H != NULL) {
@@ -1743,7 +1732,7 @@ q4p_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     const size_t        sm = (size_t) QM_WARPS * ST
                              * q4p_geo<FMT, WC, QU>::SLOT;
     cudaLaunchConfig_t  cfg = {};
-    cudaLaunchAttribute at[1] = {};
+    cudaLaunchAttribute at[2] = {};
     int                 dev = 0;
 
     MOE_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1786,7 +1775,7 @@ q4p_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
 static int
 q4m_split(int blocks, int it)
 {
-    int64_t want = ((int64_t) q_sms() * 9 + 9) / 10;
+    int64_t want = ((int64_t) moe_sm_count() * 9 + 9) / 10;
     int     S = 1;
 
     while (S < QM_SMAX && (int64_t) blocks * S < want
@@ -2019,7 +2008,7 @@ moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
     gx = (nthr + Q4_NT - 1) / Q4_NT;
     /* K splits: about 4 blocks per SM over the grid, whole 8-k words,
      * at most Q4_KC_MAX k per block (the staged input rows) */
-    ks = (4 * q_sms() + gx * ng - 1) / (gx * ng);
+    ks = (4 * moe_sm_count() + gx * ng - 1) / (gx * ng);
     if (ks > K / 8) {
         ks = K / 8;
     }
@@ -2033,16 +2022,16 @@ moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
                                      (size_t) Ntot * sizeof(float),
                                      (size_t) n, stream));
     if (fmt == MOE_K_Q4_AWQ) {
-        kernel_qgemv_q4<MOE_K_Q4_AWQ><<<grid, Q4_NT, 0, stream>>>(
-            reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv, qweight,
-            qzeros, scales, NULL, G, 0, Ntot, K, KC, offs, E, n, Y, ldy);
+        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4<MOE_K_Q4_AWQ>, grid, Q4_NT,
+            0, stream, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
+            qweight, qzeros, scales, nullptr, G, 0, Ntot, K, KC, offs, E, n, Y,
+            ldy));
     } else {
-        kernel_qgemv_q4<MOE_K_Q4_GPTQ><<<grid, Q4_NT, 0, stream>>>(
-            reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv, qweight,
-            qzeros, scales, g_idx, G, zero_bias, Ntot, K, KC, offs, E, n, Y,
-            ldy);
+        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4<MOE_K_Q4_GPTQ>, grid, Q4_NT,
+            0, stream, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
+            qweight, qzeros, scales, g_idx, G, zero_bias, Ntot, K, KC, offs, E,
+            n, Y, ldy));
     }
-    MOE_CUDA_CHECK_LAUNCH("kernel_qgemv_q4");
     return MOE_K_OK;
 }
 
@@ -2137,10 +2126,9 @@ moe_cuda_dequant_fp8(const uint8_t *W, const float *scale, int mode,
                            mode);
         return MOE_K_EUNSUPPORTED;
     }
-    kernel_dequant_fp8<<<moe_grid(total, 256), 256, 0, stream>>>(
-        W, scale, mode, stacked, rows, K, count,
-        reinterpret_cast<bf16 *>(out));
-    MOE_CUDA_CHECK_LAUNCH("kernel_dequant_fp8");
+    MOE_CUDA_CHECK(moe_launch(kernel_dequant_fp8, moe_grid(total, 256), 256, 0,
+        stream, W, scale, mode, stacked, rows, K, count,
+        reinterpret_cast<bf16 *>(out)));
     return MOE_K_OK;
 }
 
@@ -2160,16 +2148,14 @@ moe_cuda_dequant_q4(int fmt, const int32_t *qweight,
         return MOE_K_OK;
     }
     if (fmt == MOE_K_Q4_AWQ) {
-        kernel_dequant_q4<MOE_K_Q4_AWQ><<<moe_grid(total, 256), 256, 0,
-                                          stream>>>(
-            qweight, qzeros, scales, NULL, G, 0, Ntot, K, count,
-            reinterpret_cast<bf16 *>(out));
+        MOE_CUDA_CHECK(moe_launch(kernel_dequant_q4<MOE_K_Q4_AWQ>,
+            moe_grid(total, 256), 256, 0, stream, qweight, qzeros, scales,
+            nullptr, G, 0, Ntot, K, count, reinterpret_cast<bf16 *>(out)));
     } else {
-        kernel_dequant_q4<MOE_K_Q4_GPTQ><<<moe_grid(total, 256), 256, 0,
-                                           stream>>>(
-            qweight, qzeros, scales, g_idx, G, zero_bias, Ntot, K, count,
-            reinterpret_cast<bf16 *>(out));
+        MOE_CUDA_CHECK(moe_launch(kernel_dequant_q4<MOE_K_Q4_GPTQ>,
+            moe_grid(total, 256), 256, 0, stream, qweight, qzeros, scales,
+            g_idx, G, zero_bias, Ntot, K, count,
+            reinterpret_cast<bf16 *>(out)));
     }
-    MOE_CUDA_CHECK_LAUNCH("kernel_dequant_q4");
     return MOE_K_OK;
 }

@@ -125,6 +125,7 @@ kernel_qgemv_q4_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     int G, int zero_bias, int Ntot, int K, int kmax, const int32_t *offs,
     int E, int n, float *Y, bf16 *H, int ldy)
 {
+    moe_pdl_enter();
     typedef q4s_fmt<FMT, NR> F_;
     constexpr int CB = F_::CB, NL = F_::NL, KL = F_::KL, CL = F_::CL;
     constexpr int SK = F_::SK, TN = F_::TN;
@@ -498,7 +499,7 @@ q4s_launch(int tiles, int ng, int S, int kmax, const bf16 *X, int ldx,
     static int          ready = 0, bps = 1;
     const size_t        smax = q4s_smem(FMT, NR, MR, Q4S_KMAX);
     cudaLaunchConfig_t  cfg = {};
-    cudaLaunchAttribute at[1] = {};
+    cudaLaunchAttribute at[2] = {};
 
     if (!ready) {
         MOE_CUDA_CHECK(cudaFuncSetAttribute(
@@ -590,7 +591,7 @@ q4s_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     if (S_force >= 1 && S_force <= Q4S_SMAX) {
         S = S_force < smin ? smin : S_force;
     } else {
-        int    slots = bps * q_sms(), best = smin;
+        int    slots = bps * moe_sm_count(), best = smin;
         double best_fill = 0.0;
 
         for (S = smin; S <= Q4S_SMAX && (S == smin || S <= UB); S++) {
