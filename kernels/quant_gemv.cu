@@ -12,10 +12,6 @@
  * kernel_qgemv_q4_mma (below, with its own notes): the 4-bit GEMV on
  * tensor cores, taken whenever there is no g_idx and the group size is a
  * multiple of a round (the checkpoints' case); deterministic.
- * kernel_qgemv_q4_pipe: the same kernel with its weights, scales and
- * zeros streamed through per-warp cp.async rings in shared memory; what
- * the launchers take (q4m_try's pipe 0 keeps the register kernel for
- * A/B runs: bench/dev/quant_gemv, moe_cuda_qgemv_q4_mma).
  *
  * kernel_qgemv_q4_fma (below, with its own notes): the 4-bit GEMV on
  * CUDA cores for groups of 1-2 rows per pass (decode), taken before the
@@ -938,578 +934,6 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
-/* ------------------- 4-bit GEMV on tensor cores, weights via cp.async */
-
-/*
- * kernel_qgemv_q4_pipe: kernel_qgemv_q4_mma's geometry and arithmetic
- * (the same lanes, fragments, iterations, warp / cluster K split and
- * fixed-order reductions: the same sums, bit for bit), with the weight
- * words, scales and zeros of each iteration streamed into shared memory
- * by cp.async instead of into registers.  Each warp owns a ring of ST
- * slots (one iteration each: QU rounds of weights, the tile's scales and
- * zeros of the iteration's group) and keeps ST - 1 iterations in flight:
- * wait_group ST - 2, __syncwarp, refill the slot read one iteration ago,
- * then read this one's fragments; no block barrier in the main loop.  A
- * warp's jobs (pass, half, iteration) form one stream, so with SiLU
- * fused the up half's first loads are in flight during the gate half's
- * reduction, and a pass's during the previous one's.  The inputs X stay
- * __ldg loads into registers, issued before the wait (L2 hits).
- *
- * Slot layouts (bytes; a unit is 16 bytes = 4 words of one row):
- * GPTQ: round u at 512 u, lane l's 16 bytes (word row 4 r + t, columns
- *   4 g .. 4 g + 3) at 16 l: each lane copies and reads back its own
- *   unit; scales (32 fp16) at WB, zeros (4 words) at WB + 64.
- * AWQ: round u at 512 WC u: 16 k rows x 2 WC units; unit (t, c, q) =
- *   k row 4 t + q, tile words 4 c .. 4 c + 3, logical index (2 WC t + c)
- *   * 4 + q, stored at that index xor ((t ^ (c & 2)) & 3) (only q's two
- *   bits change): the copies (lane -> unit (row v / 2 WC, c = v % 2 WC),
- *   v = 32 i + lane) and the reads (lane (g, t): its WC words of row
- *   4 t + q, 8 or 4 bytes) each hit 8 distinct 16-byte bank groups per
- *   8 (copy) / 16 (8-byte read) / 32 (4-byte read) lanes; scales (8 WC
- *   words x 8 fp16) at WB, zeros (8 WC words) at WB + 128 WC.
- * Copies are 16 bytes (cp.async.cg) where the half's word count allows
- * (AWQ: Nw % 4 == 0; GPTQ always), else 8 / 4 bytes (cw); rows past K
- * and columns past the half are zero-filled (src-size 0).
- */
-
-#define Q4P_PIPE  1         /* q4m_try's pipe: 1 the cp.async kernel
-                               (shipped), 0 kernel_qgemv_q4_mma */
-
-template <int FMT, int WC, int QU>
-struct q4p_geo {
-    static constexpr int RB = FMT == MOE_K_Q4_AWQ ? 512 * WC : 512;
-    static constexpr int WB = RB * QU;                  /* weights */
-    static constexpr int SB = FMT == MOE_K_Q4_AWQ ? 128 * WC : 64;
-    static constexpr int ZB = FMT == MOE_K_Q4_AWQ ? 32 * WC : 16;
-    static constexpr int SLOT = WB + SB + ZB;           /* one iteration */
-};
-
-
-/* AWQ: byte offset of unit (t, c, q) inside a round */
-template <int WC>
-__device__ __forceinline__ int
-q4p_unit(int t, int c, int q)
-{
-    return 16 * ((((2 * WC * t + c) * 4) + q) ^ ((t ^ (c & 2)) & 3));
-}
-
-
-/* cp.async of 16 / 8 / 4 bytes; ok false: zeros, src not read */
-__device__ __forceinline__ void
-q4p_cp16(uint32_t dst, const void *src, bool ok)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
-}
-
-__device__ __forceinline__ void
-q4p_cp8(uint32_t dst, const void *src, bool ok)
-{
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n"
-                 :: "r"(dst), "l"(src), "r"(ok ? 8 : 0) : "memory");
-}
-
-__device__ __forceinline__ void
-q4p_cp4(uint32_t dst, const void *src, bool ok)
-{
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
-                 :: "r"(dst), "l"(src), "r"(ok ? 4 : 0) : "memory");
-}
-
-
-/*
- * Copy iteration `it` of half `half` of column tile `tile` into the slot
- * at shared address sl (this lane's part).  Nw: words per half (Nh / 8).
- */
-template <int FMT, int WC, int QU>
-__device__ __forceinline__ void
-q4p_issue(uint32_t sl, const uint32_t *qw, const int32_t *qzeros,
-    const uint16_t *scales, int lane, int tile, int half, int it, int nu,
-    int span, int G, size_t ekg, int Ntot, int Nh, int K, int cw)
-{
-    typedef q4p_geo<FMT, WC, QU> geo;
-    const int    NwT = Ntot / 8, Nw = Nh / 8;
-    const size_t srow = ekg + (size_t) (it * span / G);
-
-    if (FMT == MOE_K_Q4_GPTQ) {
-        const int  t = lane & 3;
-        const int  col = tile * 32 + 4 * (lane >> 2);
-        const bool cv = col < Nh;
-        const int  cc = col + half * Nh;
-
-#pragma unroll
-        for (int u = 0; u < QU; u++) {
-            int  wr = 4 * (it * nu + u) + t;
-            bool ok = cv && 8 * wr < K;
-
-            if (u < nu) {
-                q4p_cp16(sl + 512 * u + 16 * lane,
-                         ok ? qw + (size_t) wr * Ntot + cc : qw, ok);
-            }
-        }
-        if (lane < 4) {
-            int  c8 = tile * 32 + 8 * lane;
-            bool ok = c8 < Nh;
-
-            q4p_cp16(sl + geo::WB + 16 * lane,
-                     ok ? scales + srow * Ntot + half * Nh + c8 : scales, ok);
-        } else if (lane < 8) {
-            int  w = tile * 4 + lane - 4;
-            bool ok = w < Nw;
-
-            q4p_cp4(sl + geo::WB + geo::SB + 4 * (lane - 4),
-                    ok ? qzeros + srow * NwT + half * Nw + w : qzeros, ok);
-        }
-    } else {
-        const int tw = tile * 8 * WC;       /* the tile's first word */
-        const int hw = half * Nw;
-
-#pragma unroll
-        for (int u = 0; u < QU; u++) {
-            if (u >= nu) {
-                break;
-            }
-            const int kb = 16 * (it * nu + u);
-
-#pragma unroll
-            for (int i = 0; i < WC; i++) {
-                const int v = 32 * i + lane;
-                const int kk = v / (2 * WC), c = v % (2 * WC);
-                const uint32_t dst = sl + geo::RB * u
-                                     + q4p_unit<WC>(kk >> 2, c, kk & 3);
-                const bool kv = kb + kk < K;
-                const int  w0 = tw + 4 * c;
-                const uint32_t *src = qw + (size_t) (kb + kk) * NwT + hw
-                                      + w0;
-
-                if (cw == 16) {
-                    bool ok = kv && w0 < Nw;
-
-                    q4p_cp16(dst, ok ? src : qw, ok);
-                } else if (cw == 8) {
-#pragma unroll
-                    for (int pc = 0; pc < 2; pc++) {
-                        bool ok = kv && w0 + 2 * pc < Nw;
-
-                        q4p_cp8(dst + 8 * pc, ok ? src + 2 * pc : qw, ok);
-                    }
-                } else {
-#pragma unroll
-                    for (int pc = 0; pc < 4; pc++) {
-                        bool ok = kv && w0 + pc < Nw;
-
-                        q4p_cp4(dst + 4 * pc, ok ? src + pc : qw, ok);
-                    }
-                }
-            }
-        }
-        if (lane < 8 * WC) {
-            bool ok = tw + lane < Nw;
-
-            q4p_cp16(sl + geo::WB + 16 * lane,
-                     ok ? scales + srow * Ntot + 8 * (hw + tw + lane)
-                        : scales, ok);
-        } else if (lane >= 32 - 8 * WC) {
-            int  l = lane - (32 - 8 * WC);
-            bool ok = tw + l < Nw;
-
-            q4p_cp4(sl + geo::WB + geo::SB + 4 * l,
-                    ok ? qzeros + srow * NwT + hw + tw + l : qzeros, ok);
-        }
-    }
-}
-
-
-/*
- * grid (column tiles, groups, S), cluster (1, 1, S), QM_WARPS warps,
- * QM_WARPS * ST * SLOT bytes of dynamic shared memory; arguments as
- * kernel_qgemv_q4_mma's (no pf) plus cw, the copy width of the AWQ
- * weight units (16, 8 or 4 bytes).
- */
-template <int FMT, int NT, int WC, int QU, int MR, int ST>
-__global__ void __launch_bounds__(QM_WARPS * 32, 2)
-kernel_qgemv_q4_pipe(const bf16 *X, int ldx, const int32_t *xrow,
-    int xdiv, const int32_t *qweight, const int32_t *qzeros,
-    const uint16_t *scales, int G, int zero_bias, int Ntot, int K, int nu,
-    int cw, const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
-{
-    moe_pdl_enter();
-    typedef q4p_geo<FMT, WC, QU> geo;
-    constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
-    constexpr int     F = MT * NT * 4;       /* outputs per lane */
-    __shared__ float  red[QM_WARPS][F][32];
-    __shared__ float  gs[MR == 2 ? F * 32 : 1];
-    extern __shared__ __align__(128) uint8_t q4p_ring[];
-
-    static_assert(ST >= 2, "two stages at least");
-    static_assert(geo::SLOT % 16 == 0, "slots of whole units");
-
-    cg::cluster_group cl = cg::this_cluster();
-    const int         lane = (int) threadIdx.x & 31;
-    const int         warp = (int) threadIdx.x >> 5;
-    const int         g = lane >> 2, t = lane & 3;
-    const int         S = (int) gridDim.z;
-    const int         rank = (int) cl.block_rank();
-    const int         KG = (K + G - 1) / G;
-    const int         span = (FMT == MOE_K_Q4_AWQ ? 16 : 32) * nu;
-    const int         IT = (K + span - 1) / span;
-    const int         pw = (int) blockIdx.z * QM_WARPS + warp;
-    const int         it0 = (int) ((int64_t) IT * pw / (S * QM_WARPS));
-    const int         it1 = (int) ((int64_t) IT * (pw + 1) / (S * QM_WARPS));
-    const int         tile = (int) blockIdx.x;
-    int               r0, r1;
-    const int         e = q_group_rows(offs, E, n, &r0, &r1);
-
-    if (e < 0 || r1 <= r0) {
-        return;                 /* uniform over the cluster (same x, y) */
-    }
-
-    const int       Nh = Ntot / MR;
-    const uint32_t *qw = reinterpret_cast<const uint32_t *>(qweight)
-                         + (size_t) e * K * (Ntot / 8);
-    const size_t    ekg = (size_t) e * KG;
-    /* this warp's ring; jobs (pass, half, it) in order, nj of them */
-    const uint8_t  *ring = q4p_ring + (size_t) warp * ST * geo::SLOT;
-    const uint32_t  ring_s = (uint32_t) __cvta_generic_to_shared(ring);
-    const int       nit = it1 - it0;
-    const int       nj = nit * MR * ((r1 - r0 + 8 * NT - 1) / (8 * NT));
-    int             ji = 0, ih = 0, iit = it0, is = 0;  /* next copy */
-    int             cs = 0;                             /* next read */
-
-    /* copy job ji into slot is (an empty group past the last job, so
-     * that wait_group ST - 2 always means "job jc has landed") */
-    auto issue = [&]() {
-        if (ji < nj) {
-            q4p_issue<FMT, WC, QU>(ring_s + is * geo::SLOT, qw, qzeros,
-                                   scales, lane, tile, ih, iit, nu, span, G,
-                                   ekg, Ntot, Nh, K, cw);
-            if (++iit == it1) {
-                iit = it0;
-                ih = ih + 1 == MR ? 0 : ih + 1;
-            }
-        }
-        ji++;
-        is = is + 1 == ST ? 0 : is + 1;
-        moe_cp_async_commit();
-    };
-
-#pragma unroll 1
-    for (int s = 0; s < ST - 1; s++) {
-        issue();
-    }
-
-    for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
-        const bf16 *xp[NT];
-        bool        xv[NT];
-
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            int r = p0 + 8 * nt + g;
-
-            xv[nt] = r < r1;
-            xp[nt] = X + (size_t) (xv[nt] ? (xrow != NULL ? xrow[r] / xdiv
-                                                          : r) : 0) * ldx;
-        }
-#pragma unroll 1
-        for (int half = 0; half < MR; half++) {
-            float y[MT][NT][4], c[MT][NT][4];
-
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        y[mt][nt][i] = c[mt][nt][i] = 0.0f;
-                    }
-                }
-            }
-            for (int it = it0; it < it1; it++) {
-                const int      grp = it * span / G;
-                const bool     fold = it + 1 >= it1
-                                      || (it + 1) * span / G != grp;
-                const uint8_t *sl = ring + cs * geo::SLOT;
-
-                cs = cs + 1 == ST ? 0 : cs + 1;
-                if (FMT == MOE_K_Q4_GPTQ) {
-                    uint4    xq[QU][NT];
-                    uint32_t zz[4];
-
-#pragma unroll
-                    for (int u = 0; u < QU; u++) {
-                        int  wr = 4 * (it * nu + u) + t;     /* word row */
-                        bool kv = u < nu && 8 * wr < K;
-
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            const uint4 *xs4 = reinterpret_cast<
-                                const uint4 *>(xp[nt] + 8 * wr);
-
-                            xq[u][nt] = kv && xv[nt] ? __ldg(xs4)
-                                        : make_uint4(0u, 0u, 0u, 0u);
-                        }
-                    }
-                    moe_cp_async_wait<ST - 2>();   /* this job landed */
-                    __syncwarp();                  /* ... every lane's;
-                                                    * the slot read last
-                                                    * time is free */
-                    issue();
-
-                    const uint32_t zw = *reinterpret_cast<const uint32_t *>(
-                        sl + geo::WB + geo::SB + 4 * (g >> 1));
-
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        zz[i] = q4m_zz(((zw >> (4 * (4 * (g & 1) + i))) & 15u)
-                                       + (uint32_t) zero_bias);
-                    }
-#pragma unroll
-                    for (int u = 0; u < QU; u++) {
-                        if (u >= nu) {
-                            break;
-                        }
-                        const uint4    wq = *reinterpret_cast<const uint4 *>(
-                            sl + 512 * u + 16 * lane);
-                        const uint32_t w4[4] = { wq.x, wq.y, wq.z, wq.w };
-
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            uint32_t b0[NT], b1[NT];
-
-#pragma unroll
-                            for (int nt = 0; nt < NT; nt++) {
-                                uint32_t lo = h ? xq[u][nt].y : xq[u][nt].x;
-                                uint32_t hi = h ? xq[u][nt].w : xq[u][nt].z;
-
-                                b0[nt] = __byte_perm(lo, hi, 0x5410);
-                                b1[nt] = __byte_perm(lo, hi, 0x7632);
-                            }
-#pragma unroll
-                            for (int mt = 0; mt < 2; mt++) {
-                                uint32_t wa = w4[2 * mt], wb = w4[2 * mt + 1];
-                                uint32_t a0 = q4m_sub(q4m_nib2(wa, 8 * h),
-                                                      zz[2 * mt]);
-                                uint32_t a1 = q4m_sub(q4m_nib2(wb, 8 * h),
-                                                      zz[2 * mt + 1]);
-                                uint32_t a2 = q4m_sub(q4m_nib2(wa, 8 * h + 4),
-                                                      zz[2 * mt]);
-                                uint32_t a3 = q4m_sub(q4m_nib2(wb, 8 * h + 4),
-                                                      zz[2 * mt + 1]);
-
-#pragma unroll
-                                for (int nt = 0; nt < NT; nt++) {
-                                    moe_mma_bf16(c[mt][nt], a0, a1, a2, a3,
-                                                 b0[nt], b1[nt]);
-                                }
-                            }
-                        }
-                    }
-                    if (fold) {
-                        /* scales read now (the slot stays until the next
-                         * iteration's copy): no registers held */
-                        const uint2 sr = *reinterpret_cast<const uint2 *>(
-                            sl + geo::WB + 8 * g);
-
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-                            uint32_t sw = mt ? sr.y : sr.x;
-                            float    s0 = q4m_h2f(sw, 0);
-                            float    s1 = q4m_h2f(sw, 1);
-
-#pragma unroll
-                            for (int nt = 0; nt < NT; nt++) {
-                                y[mt][nt][0] += s0 * c[mt][nt][0];
-                                y[mt][nt][1] += s0 * c[mt][nt][1];
-                                y[mt][nt][2] += s1 * c[mt][nt][2];
-                                y[mt][nt][3] += s1 * c[mt][nt][3];
-                                c[mt][nt][0] = c[mt][nt][1] = 0.0f;
-                                c[mt][nt][2] = c[mt][nt][3] = 0.0f;
-                            }
-                        }
-                    }
-                } else {
-                    uint2    xq[QU][NT];
-                    uint32_t zz[WC][8];
-
-#pragma unroll
-                    for (int u = 0; u < QU; u++) {
-                        int  k = 16 * (it * nu + u) + 4 * t;
-                        bool kv = u < nu && k < K;
-
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            const uint2 *xs2 = reinterpret_cast<
-                                const uint2 *>(xp[nt] + k);
-
-                            xq[u][nt] = kv && xv[nt] ? __ldg(xs2)
-                                        : make_uint2(0u, 0u);
-                        }
-                    }
-                    moe_cp_async_wait<ST - 2>();
-                    __syncwarp();
-                    issue();
-
-#pragma unroll
-                    for (int j = 0; j < WC; j++) {
-                        uint32_t zw = *reinterpret_cast<const uint32_t *>(
-                            sl + geo::WB + geo::SB + 4 * (WC * g + j));
-
-#pragma unroll
-                        for (int p = 0; p < 8; p++) {
-                            zz[j][p] = q4m_zz(((zw >> (4 * p)) & 15u)
-                                              + (uint32_t) zero_bias);
-                        }
-                    }
-#pragma unroll
-                    for (int u = 0; u < QU; u++) {
-                        if (u >= nu) {
-                            break;
-                        }
-                        /* lane (g, t): words WC g .. WC g + WC - 1 of the
-                         * tile at k rows 4 t + q: unit c = WC g / 4 */
-                        uint32_t wq[4][WC];
-
-#pragma unroll
-                        for (int q = 0; q < 4; q++) {
-                            const uint8_t *p = sl + geo::RB * u
-                                               + q4p_unit<WC>(t, WC * g / 4,
-                                                              q)
-                                               + 4 * ((WC * g) & 3);
-
-                            if (WC == 2) {
-                                uint2 v = *reinterpret_cast<const uint2 *>(p);
-
-                                wq[q][0] = v.x;
-                                wq[q][WC - 1] = v.y;
-                            } else {
-                                wq[q][0] = *reinterpret_cast<
-                                    const uint32_t *>(p);
-                            }
-                        }
-#pragma unroll
-                        for (int j = 0; j < WC; j++) {
-                            uint32_t l01 = __byte_perm(wq[0][j], wq[1][j],
-                                                       0x5410);
-                            uint32_t h01 = __byte_perm(wq[0][j], wq[1][j],
-                                                       0x7632);
-                            uint32_t l23 = __byte_perm(wq[2][j], wq[3][j],
-                                                       0x5410);
-                            uint32_t h23 = __byte_perm(wq[2][j], wq[3][j],
-                                                       0x7632);
-
-#pragma unroll
-                            for (int m = 0; m < 4; m++) {
-                                uint32_t za = zz[j][m], zb = zz[j][m + 4];
-                                uint32_t a0 = q4m_sub(
-                                    q4m_nib2(l01, 4 * m), za);
-                                uint32_t a1 = q4m_sub(
-                                    q4m_nib2(h01, 4 * m), zb);
-                                uint32_t a2 = q4m_sub(
-                                    q4m_nib2(l23, 4 * m), za);
-                                uint32_t a3 = q4m_sub(
-                                    q4m_nib2(h23, 4 * m), zb);
-
-#pragma unroll
-                                for (int nt = 0; nt < NT; nt++) {
-                                    moe_mma_bf16(c[4 * j + m][nt], a0, a1, a2,
-                                                 a3, xq[u][nt].x, xq[u][nt].y);
-                                }
-                            }
-                        }
-                    }
-                    if (fold) {
-#pragma unroll
-                        for (int j = 0; j < WC; j++) {
-                            const uint4    sr = *reinterpret_cast<
-                                const uint4 *>(sl + geo::WB
-                                               + 16 * (WC * g + j));
-                            const uint32_t s4[4] = { sr.x, sr.y, sr.z,
-                                                     sr.w };
-
-#pragma unroll
-                            for (int m = 0; m < 4; m++) {
-                                float s0 = q4m_h2f(s4[m], 0);
-                                float s1 = q4m_h2f(s4[m], 1);
-
-#pragma unroll
-                                for (int nt = 0; nt < NT; nt++) {
-                                    float (&cm)[4] = c[4 * j + m][nt];
-
-                                    y[4 * j + m][nt][0] += s0 * cm[0];
-                                    y[4 * j + m][nt][1] += s0 * cm[1];
-                                    y[4 * j + m][nt][2] += s1 * cm[2];
-                                    y[4 * j + m][nt][3] += s1 * cm[3];
-                                    cm[0] = cm[1] = cm[2] = cm[3] = 0.0f;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-
-            /* the warps' partial sums, then the ranks', in a fixed order
-             * (kernel_qgemv_q4_mma's); this warp's next copies fly on */
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        red[warp][(mt * NT + nt) * 4 + i][lane] = y[mt][nt][i];
-                    }
-                }
-            }
-            __syncthreads();
-            for (int idx = (int) threadIdx.x; idx < F * 32;
-                 idx += QM_WARPS * 32)
-            {
-                float v = 0.0f;
-
-                for (int w = 0; w < QM_WARPS; w++) {
-                    v += red[w][idx / 32][idx % 32];
-                }
-                red[0][idx / 32][idx % 32] = v;
-            }
-            cl.sync();                          /* every rank's block sum */
-            for (int idx = rank * QM_WARPS * 32 + (int) threadIdx.x;
-                 idx < F * 32; idx += S * QM_WARPS * 32)
-            {
-                int   f = idx / 32, l = idx % 32, i = f % 4;
-                int   nt = (f / 4) % NT, mt = f / (4 * NT);
-                int   lg = l >> 2, lt = l & 3;
-                int   row = p0 + 8 * nt + 2 * lt + (i & 1);
-                int   col;
-                float v = 0.0f;
-
-                if (FMT == MOE_K_Q4_AWQ) {
-                    col = 8 * (tile * 8 * WC + WC * lg + mt / 4)
-                          + 2 * (mt % 4) + (i >> 1);
-                } else {
-                    col = tile * 32 + 4 * lg + 2 * mt + (i >> 1);
-                }
-                for (int rk = 0; rk < S; rk++) {
-                    v += cl.map_shared_rank(&red[0][0][0], rk)[idx];
-                }
-                if (row < r1 && col < Nh) {
-                    if (MR == 1) {
-                        Y[(size_t) row * ldy + col] = v;
-                    } else if (half == 0) {
-                        gs[idx] = v;
-                    } else {
-                        float gv = gs[idx];
-
-                        H[(size_t) row * ldy + col] =
-                            moe_f2bf(gv / (1.0f + expf(-gv)) * v);
-                    }
-                }
-            }
-            cl.sync();                      /* red free for the next pass */
-        }
-    }
-    moe_cp_async_wait<0>();                 /* only empty groups left */
-}
-
-
 /* grid-stride over count * rows * K / 16 chunks of 16 values */
 __global__ void
 kernel_dequant_fp8(const uint8_t *W, const float *scale, int mode,
@@ -1718,49 +1142,6 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
 }
 
 
-/* One launch of kernel_qgemv_q4_pipe (ST stages): grid (tiles, groups,
- * S), cluster of the S blocks along z; H non-NULL: SiLU fused. */
-template <int FMT, int NT, int WC, int QU, int ST>
-static int
-q4p_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
-    const int32_t *xrow, int xdiv, const int32_t *qweight,
-    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
-    int Ntot, int K, int nu, int cw, const int32_t *offs, int E, int n,
-    float *Y, bf16 *H, int ldy, cudaStream_t stream)
-{
-    static unsigned     ready;          /* devices with the attributes set */
-    const size_t        sm = (size_t) QM_WARPS * ST
-                             * q4p_geo<FMT, WC, QU>::SLOT;
-    cudaLaunchConfig_t  cfg = {};
-    cudaLaunchAttribute at[2] = {};
-    int                 dev = 0;
-
-    MOE_CUDA_CHECK(cudaGetDevice(&dev));
-    if (dev >= 32 || !(ready & (1u << dev))) {
-        MOE_CUDA_CHECK(moe_smem_max_carveout(
-            kernel_qgemv_q4_pipe<FMT, NT, WC, QU, 1, ST>, sm));
-        MOE_CUDA_CHECK(moe_smem_max_carveout(
-            kernel_qgemv_q4_pipe<FMT, NT, WC, QU, 2, ST>, sm));
-        if (dev < 32) {
-            ready |= 1u << dev;
-        }
-    }
-    q_cluster_cfg(&cfg, at, tiles, ng, S, QM_WARPS * 32, sm, stream);
-    if (H != NULL) {
-        MOE_CUDA_CHECK(cudaLaunchKernelEx(
-            &cfg, kernel_qgemv_q4_pipe<FMT, NT, WC, QU, 2, ST>, X, ldx,
-            xrow, xdiv, qweight, qzeros, scales, G, zero_bias, Ntot, K, nu,
-            cw, offs, E, n, Y, H, ldy));
-    } else {
-        MOE_CUDA_CHECK(cudaLaunchKernelEx(
-            &cfg, kernel_qgemv_q4_pipe<FMT, NT, WC, QU, 1, ST>, X, ldx,
-            xrow, xdiv, qweight, qzeros, scales, G, zero_bias, Ntot, K, nu,
-            cw, offs, E, n, Y, H, ldy));
-    }
-    return MOE_K_OK;
-}
-
-
 /*
  * Blocks per cluster (K splits) for `blocks` column-tile x group blocks
  * of `it` iterations each: 1 when the grid has about a block per SM (90
@@ -1787,32 +1168,27 @@ q4m_split(int blocks, int it)
 }
 
 
-/* What q4m_try launches: the tile, rounds per iteration, grid, copy
- * width (both tensor-core kernels share it). */
-typedef struct {
-    int fmt, nt, wc, qu, nu, tiles, ng, S, cw;
-} q4m_plan_t;
-
-
 /*
- * The tensor-core 4-bit GEMV's plan when the shapes allow it: no g_idx,
- * G a multiple of a round (GPTQ 32 k, AWQ 16 k), aligned tensors.
- * Returns 1 when it does not apply (the caller takes the atomic kernel),
- * else 0.  Tile by rows per group (mr): GPTQ 8, 16 or 32 rows per pass;
- * AWQ 8 rows (2 words per lane) or 16 (1 word per lane).  S: blocks per
- * cluster (q4m_split, or S_force when 1..QM_SMAX).  cw: the pipelined
- * kernel's AWQ copy width (16 bytes when the half's word count is a
- * multiple of 4, else 8 or 4).  H non-NULL: SiLU fused (needs Ntot % 16
- * == 0).
+ * The tensor-core 4-bit GEMV (kernel_qgemv_q4_mma) when the shapes allow
+ * it: no g_idx, G a multiple of a round (GPTQ 32 k, AWQ 16 k), aligned
+ * tensors.  Returns 1 when it does not apply (the caller takes the
+ * atomic kernel), else a MOE_K_* status.  Tile by rows per group (mr):
+ * GPTQ 8, 16 or 32 rows per pass; AWQ 8 rows (2 words per lane) or 16
+ * (1 word per lane).  S: blocks per cluster (q4m_split, or S_force
+ * when 1..QM_SMAX); pf: iterations prefetched ahead (QM_PF ships;
+ * bench/dev/quant_gemv sets both).  H non-NULL: SiLU fused, H (n, Ntot
+ * / 2) bf16 with leading dimension ldy (needs Ntot % 16 == 0).
  */
 static int
-q4m_plan(q4m_plan_t *pl, int fmt, const bf16 *X, const int32_t *qweight,
-    const int32_t *qzeros, const uint16_t *scales, const int32_t *g_idx,
-    int G, int Ntot, int K, const int32_t *offs, int E, int n, int mr,
-    int S_force, const bf16 *H)
+q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
+    const int32_t *g_idx, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int mr, int S_force, int pf,
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
     int Nh = H != NULL ? Ntot / 2 : Ntot, Nw = Nh / 8;
-    int round, it;
+    int ng = q_groups(offs, E, n);
+    int nt, wc = 1, qu, round, tiles, nu, it, S;
 
     if ((fmt == MOE_K_Q4_GPTQ && g_idx != NULL)
         || (H != NULL && Ntot % 16 != 0)
@@ -1822,142 +1198,45 @@ q4m_plan(q4m_plan_t *pl, int fmt, const bf16 *X, const int32_t *qweight,
     {
         return 1;
     }
-    pl->fmt = fmt;
-    pl->ng = q_groups(offs, E, n);
-    pl->wc = 1;
-    pl->cw = 16;
     if (fmt == MOE_K_Q4_GPTQ) {
-        pl->nt = mr <= 8 ? 1 : mr <= 16 ? 2 : 4;
-        pl->qu = pl->nt == 4 ? 2 : 4;
+        nt = mr <= 8 ? 1 : mr <= 16 ? 2 : 4;
+        qu = nt == 4 ? 2 : 4;
         round = 32;
-        pl->tiles = (Nh + 31) / 32;
+        tiles = (Nh + 31) / 32;
     } else {
-        pl->nt = mr <= 8 && Nw % 2 == 0 ? 1 : 2;
-        pl->wc = pl->nt == 1 ? 2 : 1;
-        pl->qu = pl->nt == 1 ? 2 : 4;
+        nt = mr <= 8 && Nw % 2 == 0 ? 1 : 2;
+        wc = nt == 1 ? 2 : 1;
+        qu = nt == 1 ? 2 : 4;
         round = 16;
-        pl->tiles = (Nw + 8 * pl->wc - 1) / (8 * pl->wc);
-        pl->cw = Nw % 4 == 0 ? 16 : Nw % 2 == 0 ? 8 : 4;
+        tiles = (Nw + 8 * wc - 1) / (8 * wc);
     }
     if (G % round != 0) {
         return 1;
     }
-    for (pl->nu = pl->qu; pl->nu > 1 && G % (round * pl->nu) != 0;
-         pl->nu /= 2)
-    {
+    for (nu = qu; nu > 1 && G % (round * nu) != 0; nu /= 2) {
         /* an iteration stays inside one quantization group */
     }
-    it = (K + round * pl->nu - 1) / (round * pl->nu);
-    pl->S = S_force > 0 && S_force <= QM_SMAX
-            ? S_force : q4m_split(pl->tiles * pl->ng, it);
-    return 0;
-}
+    it = (K + round * nu - 1) / (round * nu);
+    S = S_force > 0 && S_force <= QM_SMAX ? S_force : q4m_split(tiles * ng,
+                                                                it);
 
-
-/* The plan's stage count per tile for kernel_qgemv_q4_pipe (STG 0):
- * the deepest ring that keeps 2 blocks per SM (<= 113 KB per block with
- * red / gs): GPTQ 8 rows 6 x 2128 B x 8 warps + 8 KB, 16 rows 5 stages,
- * 32 rows (1 KB of weights per iteration) 8; AWQ 4 (2368 / 2208 B slots
- * and 32 KB of red). */
-#define Q4P_ST_G1  6
-#define Q4P_ST_G2  5
-#define Q4P_ST_G4  8
-#define Q4P_ST_A1  4
-#define Q4P_ST_A2  4
-
-#define Q4M_ARGS  pl->tiles, pl->ng, pl->S, X, ldx, xrow, xdiv, qweight, \
-                  qzeros, scales, G, zero_bias, Ntot, K, pl->nu
-
-/* kernel_qgemv_q4_pipe on a plan, STG stages (0: the tile's default) */
-template <int STG>
-static int
-q4p_run(const q4m_plan_t *pl, const bf16 *X, int ldx, const int32_t *xrow,
-    int xdiv, const int32_t *qweight, const int32_t *qzeros,
-    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
-    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy,
-    cudaStream_t stream)
-{
-#define Q4P_TAIL  pl->cw, offs, E, n, Y, H, ldy, stream
-    if (pl->fmt == MOE_K_Q4_GPTQ) {
-        if (pl->nt == 1) {
-            return q4p_launch<MOE_K_Q4_GPTQ, 1, 1, 4,
-                              STG ? STG : Q4P_ST_G1>(Q4M_ARGS, Q4P_TAIL);
+#define Q4M_ARGS  tiles, ng, S, X, ldx, xrow, xdiv, qweight, qzeros, scales, \
+                  G, zero_bias, Ntot, K, nu, pf, offs, E, n, Y, H, ldy, \
+                  stream
+    if (fmt == MOE_K_Q4_GPTQ) {
+        if (nt == 1) {
+            return q4m_launch<MOE_K_Q4_GPTQ, 1, 1, 4>(Q4M_ARGS);
         }
-        if (pl->nt == 2) {
-            return q4p_launch<MOE_K_Q4_GPTQ, 2, 1, 4,
-                              STG ? STG : Q4P_ST_G2>(Q4M_ARGS, Q4P_TAIL);
+        if (nt == 2) {
+            return q4m_launch<MOE_K_Q4_GPTQ, 2, 1, 4>(Q4M_ARGS);
         }
-        return q4p_launch<MOE_K_Q4_GPTQ, 4, 1, 2,
-                          STG ? STG : Q4P_ST_G4>(Q4M_ARGS, Q4P_TAIL);
+        return q4m_launch<MOE_K_Q4_GPTQ, 4, 1, 2>(Q4M_ARGS);
     }
-    if (pl->nt == 1) {
-        return q4p_launch<MOE_K_Q4_AWQ, 1, 2, 2,
-                          STG ? STG : Q4P_ST_A1>(Q4M_ARGS, Q4P_TAIL);
+    if (nt == 1) {
+        return q4m_launch<MOE_K_Q4_AWQ, 1, 2, 2>(Q4M_ARGS);
     }
-    return q4p_launch<MOE_K_Q4_AWQ, 2, 1, 4,
-                      STG ? STG : Q4P_ST_A2>(Q4M_ARGS, Q4P_TAIL);
-#undef Q4P_TAIL
-}
-
-
-/* kernel_qgemv_q4_mma (loads into registers) on a plan, pf iterations
- * prefetched into L2 */
-static int
-q4m_run(const q4m_plan_t *pl, const bf16 *X, int ldx, const int32_t *xrow,
-    int xdiv, const int32_t *qweight, const int32_t *qzeros,
-    const uint16_t *scales, int G, int zero_bias, int Ntot, int K, int pf,
-    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy,
-    cudaStream_t stream)
-{
-#define Q4M_TAIL  pf, offs, E, n, Y, H, ldy, stream
-    if (pl->fmt == MOE_K_Q4_GPTQ) {
-        if (pl->nt == 1) {
-            return q4m_launch<MOE_K_Q4_GPTQ, 1, 1, 4>(Q4M_ARGS, Q4M_TAIL);
-        }
-        if (pl->nt == 2) {
-            return q4m_launch<MOE_K_Q4_GPTQ, 2, 1, 4>(Q4M_ARGS, Q4M_TAIL);
-        }
-        return q4m_launch<MOE_K_Q4_GPTQ, 4, 1, 2>(Q4M_ARGS, Q4M_TAIL);
-    }
-    if (pl->nt == 1) {
-        return q4m_launch<MOE_K_Q4_AWQ, 1, 2, 2>(Q4M_ARGS, Q4M_TAIL);
-    }
-    return q4m_launch<MOE_K_Q4_AWQ, 2, 1, 4>(Q4M_ARGS, Q4M_TAIL);
-#undef Q4M_TAIL
-}
+    return q4m_launch<MOE_K_Q4_AWQ, 2, 1, 4>(Q4M_ARGS);
 #undef Q4M_ARGS
-
-
-/*
- * The tensor-core 4-bit GEMV when the shapes allow it (q4m_plan; returns
- * 1 when not, else a MOE_K_* status).  pipe: 1 (Q4P_PIPE, what the
- * launchers take) kernel_qgemv_q4_pipe with the tile's default stages,
- * 0 kernel_qgemv_q4_mma with pf iterations prefetched into L2 (QM_PF;
- * bench/dev/quant_gemv and t/gpu/test_quant A/B them).  S_force:
- * blocks per cluster when 1..QM_SMAX.  H non-NULL: SiLU fused, H (n,
- * Ntot / 2) bf16 with leading dimension ldy.
- */
-static int
-q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
-    const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
-    const int32_t *g_idx, int G, int zero_bias, int Ntot, int K,
-    const int32_t *offs, int E, int n, int mr, int S_force, int pf,
-    int pipe, float *Y, bf16 *H, int ldy, cudaStream_t stream)
-{
-    q4m_plan_t pl;
-
-    if (q4m_plan(&pl, fmt, X, qweight, qzeros, scales, g_idx, G, Ntot, K,
-                 offs, E, n, mr, S_force, H) != 0)
-    {
-        return 1;
-    }
-    if (pipe) {
-        return q4p_run<0>(&pl, X, ldx, xrow, xdiv, qweight, qzeros, scales,
-                          G, zero_bias, Ntot, K, offs, E, n, Y, H, ldy,
-                          stream);
-    }
-    return q4m_run(&pl, X, ldx, xrow, xdiv, qweight, qzeros, scales, G,
-                   zero_bias, Ntot, K, pf, offs, E, n, Y, H, ldy, stream);
 }
 
 
@@ -1997,7 +1276,7 @@ moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
     rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
                  qweight, qzeros, scales, g_idx, G,
                  fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
-                 mr, 0, QM_PF, Q4P_PIPE, Y, NULL, ldy, stream);
+                 mr, 0, QM_PF, Y, NULL, ldy, stream);
     if (rc != 1) {
         return rc;
     }
@@ -2062,8 +1341,7 @@ moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
     rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
                  qweight, qzeros, scales, g_idx, G,
                  fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
-                 mr, 0, QM_PF, Q4P_PIPE, NULL, reinterpret_cast<bf16 *>(H),
-                 Ntot / 2,
+                 mr, 0, QM_PF, NULL, reinterpret_cast<bf16 *>(H), Ntot / 2,
                  stream);
     if (rc != 1) {
         return rc;
@@ -2078,36 +1356,6 @@ moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
                                    scales, g_idx, G, zero_bias, Ntot, K,
                                    offs, E, n, max_rows, Y, Ntot, stream));
     return moe_cuda_silu_mul(Y, n, Ntot / 2, H, stream);
-}
-
-
-extern "C" int
-moe_cuda_qgemv_q4_mma(int fmt, int pipe, int S, const moe_bf16_t *X,
-    int ldx, const int32_t *xrow, int xdiv, const int32_t *qweight,
-    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
-    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
-    float *Y, moe_bf16_t *H, int ldy, cudaStream_t stream)
-{
-    int ng, mr;
-
-    if (n <= 0) {
-        return MOE_K_OK;
-    }
-    MOE_TRY(q4_check("qgemv_q4_mma", fmt, G, Ntot, K));
-    if (ldx % 8 != 0 || E <= 0 || (offs == NULL && E != 1)
-        || (H != NULL && Ntot % 16 != 0) || S < 0 || S > QM_SMAX)
-    {
-        moe_cuda_set_error("qgemv_q4_mma: unsupported ldx %d / E %d / N %d "
-                           "/ S %d", ldx, E, Ntot, S);
-        return MOE_K_EUNSUPPORTED;
-    }
-    ng = q_groups(offs, E, n);
-    mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
-    return q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
-                   qweight, qzeros, scales, NULL, G,
-                   fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
-                   mr, S, QM_PF, pipe != 0, Y, reinterpret_cast<bf16 *>(H),
-                   ldy, stream);
 }
 
 

@@ -139,23 +139,6 @@ int moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
     int max_rows, float *Y, moe_bf16_t *H, cudaStream_t stream);
 
 /*
- * The tensor-core 4-bit GEMV alone, for A/B runs and tests
- * (t/gpu/test_quant; the backend calls the two launchers above): pipe
- * 1 the kernel those take (kernel_qgemv_q4_pipe, weights through
- * per-warp cp.async rings), 0 the earlier kernel_qgemv_q4_mma (loads
- * into registers); S: blocks per cluster (K splits) 1..8, 0 the
- * launchers' rule.  H NULL: Y as moe_cuda_qgemv_q4_rows (ldy); else
- * SiLU fused as moe_cuda_qgemv_q4_silu with H's leading dimension ldy
- * (Y unused).  No g_idx.  Returns 1, launching nothing, where the
- * tensor-core kernel does not apply (group size, alignment).
- */
-int moe_cuda_qgemv_q4_mma(int fmt, int pipe, int S, const moe_bf16_t *X,
-    int ldx, const int32_t *xrow, int xdiv, const int32_t *qweight,
-    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
-    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
-    float *Y, moe_bf16_t *H, int ldy, cudaStream_t stream);
-
-/*
  * Dequantize `count` consecutive FP8 matrices (rows, K) (expert e at
  * W + e * rows * K, scales as for moe_cuda_qgemv_fp8 with Ntot = rows)
  * into bf16 out (count, rows, K): out = bf16(float(q) * scale), the same

@@ -3,24 +3,20 @@
  * MoE layer's expert shapes (8 experts, group 128; gate|up N 28672 K 4096,
  * down N 4096 K 14336), AWQ and GPTQ, r rows per expert hit (r = 1: two
  * experts hit, the batch-1 decode step; else all 8).  Lines: the shipped
- * launcher (kernel_qgemv_q4_pipe, weights through per-warp cp.async
- * rings); the same kernel with its ring depth forced (ST 2, 3, 4, 6, 8
- * stages; 6 and 8 hold one block per SM for AWQ) and with the cluster
- * size S forced (1, 2, 4, 8); the earlier kernel_qgemv_q4_mma (loads
- * into registers) with S (0: the launcher's q4m_split, as it shipped,
- * 1, 2, 4, 8) x its L2 prefetch distance (0, 1, 2, 4, 8, 32
- * iterations; pf 0 at S 0 is how it shipped); at rows <= Q4S_MAXR the
- * CUDA-core kernel_qgemv_q4_fma (q4_fma.cuh: measured slower, not
- * shipped) with its cluster size S forced (1, 2, 4, 8; raised to the
- * inputs' minimum: K / 4096) and both tensor-core kernels at their
- * 8-row tile next to it; the tiles forced through max_rows (8 / 16 / 32
- * rows per pass); for GPTQ the CUDA-core atomic kernel (a trivial g_idx
- * sends it there); for gate|up the shipped GEMV + moe_cuda_silu_mul
- * against moe_cuda_qgemv_q4_silu (one launch; bf16 H compared within
- * 1e-2 relative RMS) and the fused launch of both tensor-core kernels
- * and of the ring depths.  Each is checked against the shipped output
- * (relative RMS; the two tensor-core kernels add in the same order, so
- * theirs is 0 at equal S).
+ * launcher (the tensor-core kernel); at rows <= Q4S_MAXR the CUDA-core
+ * kernel_qgemv_q4_fma (q4_fma.cuh: measured slower, not shipped) with
+ * its cluster size S forced (1, 2, 4, 8; raised to the
+ * inputs' minimum: K / 4096) and the tensor-core kernel at its 8-row
+ * tile next to it (q4m_try, shipped S and prefetch); the
+ * tensor-core tiles forced through max_rows (8 / 16 / 32
+ * rows per pass); the tensor-core kernel with the cluster size S (0: the
+ * launcher's q4m_split, 1, 2, 4, 8) x the L2 prefetch distance (0, 1, 2,
+ * 4, 8, 32 iterations; QM_PF ships with S 0); for GPTQ the
+ * CUDA-core atomic kernel (a trivial g_idx sends it there); for gate|up
+ * the shipped GEMV + moe_cuda_silu_mul against moe_cuda_qgemv_q4_silu
+ * (one launch; bf16 H compared within 1e-2 relative RMS), and at rows
+ * <= Q4S_MAXR the fused launch on tensor cores too.  Each is
+ * checked against the shipped output (relative RMS, fp32 order only).
  * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
  *
  *   build/bench/dev/quant_gemv [rows ...]      (default 1 2 16)
@@ -97,46 +93,17 @@ dev_shape(int fmt, int w13, int rows)
     dev_q4_fill<<<1024, 256>>>(sc, ns, gi, E, K, G);
     DEV_CHECK(cudaDeviceSynchronize());
 
-    /* pipe 1: kernel_qgemv_q4_pipe (stg stages, 0: the tile's default),
-     * 0: kernel_qgemv_q4_mma (pf); S 0: the launcher's rule; h: SiLU
-     * fused into h */
-    auto run = [&](int mr, int S, int pf, const int32_t *g, float *y,
-                   int pipe = Q4P_PIPE, int stg = 0, bf16 *h = NULL) {
-        q4m_plan_t pl;
-        int        zb = fmt == MOE_K_Q4_AWQ ? 0 : 1;
-
-        if (g != NULL || (pipe == Q4P_PIPE && S == 0 && pf == QM_PF
-                          && stg == 0 && h == NULL))
-        {
+    auto run = [&](int mr, int S, int pf, const int32_t *g, float *y) {
+        if (S == 0 && pf == QM_PF) {
             return moe_cuda_qgemv_q4_rows(fmt, (const moe_bf16_t *) X, K,
                                           NULL, 1, (const int32_t *) qw,
                                           (const int32_t *) qz, sc, g, G, 1,
                                           N, K, d_offs, E, n, mr, y, N, 0);
         }
-        if (stg == 0) {
-            return q4m_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
-                           (const int32_t *) qz, sc, NULL, G, zb, N, K,
-                           d_offs, E, n, mr > 0 ? mr : rows, S, pf, pipe, y,
-                           h, h != NULL ? N / 2 : N, 0);
-        }
-        if (q4m_plan(&pl, fmt, X, (const int32_t *) qw,
-                     (const int32_t *) qz, sc, NULL, G, N, K, d_offs, E, n,
-                     mr > 0 ? mr : rows, S, h) != 0)
-        {
-            return 1;
-        }
-#define DEV_Q4P(ST_)                                                        \
-        q4p_run<ST_>(&pl, X, K, NULL, 1, (const int32_t *) qw,              \
-                     (const int32_t *) qz, sc, G, zb, N, K, d_offs, E, n, y,  \
-                     h, h != NULL ? N / 2 : N, 0)
-        switch (stg) {
-        case 2: return DEV_Q4P(2);
-        case 3: return DEV_Q4P(3);
-        case 4: return DEV_Q4P(4);
-        case 6: return DEV_Q4P(6);
-        default: return DEV_Q4P(8);
-        }
-#undef DEV_Q4P
+        return q4m_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
+                       (const int32_t *) qz, sc, NULL, G,
+                       fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K, d_offs, E, n,
+                       mr > 0 ? mr : rows, S, pf, y, NULL, N, 0);
     };
 
     printf("%s %s N %d K %d, %d rows x %d experts (%.0f MB)\n", fn,
@@ -162,20 +129,15 @@ dev_shape(int fmt, int w13, int rows)
         });
         dev_line("SiLU fused (qgemv_q4_silu)", ms, bytes, 0,
                  dev_diff(h2, h, on / 2, 1), 1e-2);
-        for (int pipe = 1; pipe >= 0; pipe--) {
+        if (rows <= Q4S_MAXR) {
             ms = dev_time(iters, [&]() {
-                return run(0, 0, QM_PF, NULL, NULL, pipe, 0, h2);
+                return q4m_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
+                               (const int32_t *) qz, sc, NULL, G,
+                               fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K, d_offs, E,
+                               n, 8, 0, QM_PF, NULL, h2, N / 2, 0);
             });
-            dev_line(pipe ? "SiLU fused, q4_pipe (cp.async)"
-                          : "SiLU fused, q4_mma (registers)", ms, bytes, 0,
+            dev_line("SiLU fused, tensor cores (mma 8)", ms, bytes, 0,
                      dev_diff(h2, h, on / 2, 1), 1e-2);
-        }
-        for (int stg = 2; stg <= 8; stg += stg < 4 ? 1 : 2) {
-            ms = dev_time(iters, [&]() {
-                return run(0, 0, QM_PF, NULL, NULL, 1, stg, h2);
-            });
-            snprintf(name, sizeof(name), "SiLU fused, q4_pipe ST %d", stg);
-            dev_line(name, ms, bytes, 0, dev_diff(h2, h, on / 2, 1), 1e-2);
         }
         cudaFree(h);
     }
@@ -192,47 +154,34 @@ dev_shape(int fmt, int w13, int rows)
             snprintf(name, sizeof(name), "CUDA cores (fma), cluster S %d", S);
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
         }
-        for (int pipe = 1; pipe >= 0; pipe--) {
-            ms = dev_time(iters, [&]() {
-                return run(8, 0, QM_PF, NULL, out, pipe);
-            });
-            dev_line(pipe ? "q4_pipe (mma 8), shipped S"
-                          : "q4_mma (mma 8), shipped S / pf", ms, bytes, 0,
-                     dev_diff(out, ref, on, 0), 1e-5);
-        }
-    }
-    /* the cp.async kernel: ring depth, cluster size */
-    for (int stg = 2; stg <= 8; stg += stg < 4 ? 1 : 2) {
         ms = dev_time(iters, [&]() {
-            return run(0, 0, QM_PF, NULL, out, 1, stg);
+            return q4m_try(fmt, X, K, NULL, 1, (const int32_t *) qw,
+                           (const int32_t *) qz, sc, NULL, G,
+                           fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K, d_offs, E, n,
+                           8, 0, QM_PF, out, NULL, N, 0);
         });
-        snprintf(name, sizeof(name), "q4_pipe ST %d, shipped S", stg);
-        dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
-    }
-    for (int S = 1; S <= QM_SMAX; S *= 2) {
-        ms = dev_time(iters, [&]() { return run(0, S, QM_PF, NULL, out); });
-        snprintf(name, sizeof(name), "q4_pipe, cluster S %d", S);
-        dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
+        dev_line("tensor cores (mma 8), shipped S / pf", ms, bytes, 0,
+                 dev_diff(out, ref, on, 0), 1e-5);
     }
     for (int mr = 1; mr <= 32; mr *= (mr == 1 ? 16 : 2)) {
         ms = dev_time(iters, [&]() { return run(mr, 0, QM_PF, NULL, out); });
         snprintf(name, sizeof(name), "max_rows %d", mr);
         dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
     }
-    /* the register kernel: cluster size x L2 prefetch distance (S 0:
-     * q4m_split's choice; pf 32: every warp's whole K range at its
-     * start, even at S 1) */
+    /* cluster size x L2 prefetch distance (S 0: q4m_split's choice;
+     * pf 32: every warp's whole K range at its start, even at S 1) */
     for (int S = 0; S <= QM_SMAX; S = S == 0 ? 1 : 2 * S) {
         static const int pfs[6] = { 0, 1, 2, 4, 8, 32 };
 
         for (int i = 0; i < 6; i++) {
             int pf = pfs[i];
 
-            ms = dev_time(iters, [&]() {
-                return run(0, S, pf, NULL, out, 0);
-            });
-            snprintf(name, sizeof(name), "q4_mma, cluster S %d, L2 pf %d", S,
-                     pf);
+            if (S == 0 && pf == QM_PF) {
+                continue;                       /* the shipped line */
+            }
+            ms = dev_time(iters, [&]() { return run(0, S, pf, NULL, out); });
+            snprintf(name, sizeof(name), "cluster S %d, L2 prefetch %d",
+                     S, pf);
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);
         }
     }

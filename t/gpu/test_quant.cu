@@ -28,12 +28,7 @@
  *    Y's rows x [0, N) written, two runs bit-equal; and for each the
  *    same call through moe_cuda_qgemv_q4_silu (SiLU fused, N = 2 F):
  *    bf16 H within the sums' bounds carried through silu(g) u, two runs
- *    bit-equal where a fused kernel applies; and for each hint the two
- *    tensor-core kernels through moe_cuda_qgemv_q4_mma: the register
- *    kernel (pipe 0) at the launchers' cluster size bit-equal to the
- *    shipped cp.async kernel, both at a forced cluster size (2..8 in
- *    turn) within 2e-4 and bit-equal to each other, and both SiLU-fused
- *    at that size within H's bounds;
+ *    bit-equal where a fused kernel applies;
  *  - decode-sized groups (hints 1 and 2, or a mean of 1-2 rows; written
  *    for the CUDA-core kernel that now lives in bench/dev, they run the
  *    tensor-core kernel's small grids and cluster splits): AWQ, GPTQ with
@@ -612,7 +607,7 @@ test_q4_silu(const char *label, int fmt, int G, int zb, int N, int K,
     int ne, int dense, int n, int hint, int det, const uint16_t *dx,
     int ldx, const int32_t *dxrow, const int32_t *dqw, const int32_t *dqz,
     const uint16_t *dsc, const int32_t *doffs, float *dy, const double *ref,
-    const double *mag, int pipe, int S)
+    const double *mag)
 {
     int       F = N / 2, rc, rc2, bad = 0, kept = 1, same = 1;
     size_t    nh = (size_t) (n + 1) * F;
@@ -632,17 +627,11 @@ test_q4_silu(const char *label, int fmt, int G, int zb, int N, int K,
         int r;
 
         cudaMemset(dh, 0xff, nh * 2);
-        r = pipe < 0
-            ? moe_cuda_qgemv_q4_silu(fmt, (const moe_bf16_t *) dx, ldx,
-                                     dense ? NULL : dxrow, 2, dqw, dqz, dsc,
-                                     NULL, G, zb, N, K, dense ? NULL : doffs,
-                                     dense ? 1 : ne, n, hint, dy,
-                                     (moe_bf16_t *) dh, 0)
-            : moe_cuda_qgemv_q4_mma(fmt, pipe, S, (const moe_bf16_t *) dx,
-                                    ldx, dense ? NULL : dxrow, 2, dqw, dqz,
-                                    dsc, G, zb, N, K, dense ? NULL : doffs,
-                                    dense ? 1 : ne, n, hint, NULL,
-                                    (moe_bf16_t *) dh, F, 0);
+        r = moe_cuda_qgemv_q4_silu(fmt, (const moe_bf16_t *) dx, ldx,
+                                   dense ? NULL : dxrow, 2, dqw, dqz, dsc,
+                                   NULL, G, zb, N, K, dense ? NULL : doffs,
+                                   dense ? 1 : ne, n, hint, dy,
+                                   (moe_bf16_t *) dh, 0);
         cudaDeviceSynchronize();
         gu_down(pass == 0 ? hh : hh2, dh, nh * 2);
         *(pass == 0 ? &rc : &rc2) = r;
@@ -677,22 +666,12 @@ test_q4_silu(const char *label, int fmt, int G, int zb, int N, int K,
             }
         }
     }
-    if (pipe >= 0 && !det) {
-        /* the tensor-core kernels do not take this shape */
-        TAP_OK(rc == 1 && rc2 == 1, "qgemv_q4_mma SiLU %s (%s G %d) pipe "
-               "%d: not taken (rc %d)", label,
-               fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, pipe, rc);
-    } else {
-        TAP_OK(rc == MOE_K_OK && rc2 == MOE_K_OK && bad == 0 && kept
-               && same, "qgemv_q4_%s %s (%s G %d N %d K %d, %d rows) "
-               "max_rows %d%s: H within bounds (%d bad, worst %.2f of the "
-               "bound)%s%s", pipe < 0 ? "silu" : pipe ? "mma SiLU pipe 1"
-                                                      : "mma SiLU pipe 0",
-               label, fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, N, K, n,
-               hint, pipe < 0 ? "" : S == 0 ? ", S auto" : ", S forced",
-               bad, worst, kept ? "" : ", row n written",
-               !det ? "" : same ? ", deterministic" : ", runs differ");
-    }
+    TAP_OK(rc == MOE_K_OK && rc2 == MOE_K_OK && bad == 0 && kept && same,
+           "qgemv_q4_silu %s (%s G %d N %d K %d, %d rows) max_rows %d: H "
+           "within bounds (%d bad, worst %.2f of the bound)%s%s", label,
+           fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, N, K, n, hint, bad,
+           worst, kept ? "" : ", row n written",
+           !det ? "" : same ? ", deterministic" : ", runs differ");
     cudaFree(dh);
     free(hh);
     free(hh2);
@@ -826,84 +805,7 @@ test_q4_rows(const char *label, int fmt, int G, int zb, int N, int K,
                !det ? "" : same ? ", deterministic" : ", runs differ");
         test_q4_silu(label, fmt, G, zb, N, K, ne, dense, n, hints[h],
                      det && N % 16 == 0, dx, ldx, dxrow, dqw, dqz, dsc,
-                     doffs, dy, ref, mag, -1, 0);
-
-        /* A/B of the two tensor-core kernels (moe_cuda_qgemv_q4_mma):
-         * the earlier one (pipe 0) at the launcher's S, bit-equal to the
-         * shipped output (same sums, same order); both at a forced
-         * cluster size Sf (cycling 2..8: odd sizes, warps with no
-         * iterations), within 2e-4 and bit-equal to each other */
-        {
-            static int cyc;
-            const int  Sf = 2 + cyc++ % 7;
-            const int  vp[3] = { 0, 1, 0 }, vs[3] = { 0, Sf, Sf };
-            float     *hv[3];
-            int        rcv[3], badv = 0, eq0, eqf;
-
-            for (int v = 0; v < 3; v++) {
-                hv[v] = (float *) malloc(ny * 4);
-                cudaMemset(dy, 0xff, ny * 4);
-                rcv[v] = moe_cuda_qgemv_q4_mma(
-                    fmt, vp[v], vs[v], (const moe_bf16_t *) dx, ldx,
-                    dense ? NULL : dxrow, 2, dqw, dqz, dsc, G, zb, N, K,
-                    dense ? NULL : doffs, dense ? 1 : ne, n, hints[h], dy,
-                    NULL, ldy, 0);
-                cudaDeviceSynchronize();
-                gu_down(hv[v], dy, ny * 4);
-                for (int r = 0; r < n + 2 && rcv[v] == MOE_K_OK; r++) {
-                    for (int j = 0; j < ldy; j++) {
-                        float    y = hv[v][(size_t) r * ldy + j];
-                        uint32_t u;
-
-                        if (r >= n || j >= N) {
-                            memcpy(&u, &y, 4);
-                            badv += u != 0xffffffffu;
-                            continue;
-                        }
-                        double err = fabs((double) y
-                                          - ref[(size_t) r * N + j]);
-
-                        if (!(err <= 2e-4 * mag[(size_t) r * N + j]
-                                     + 1e-6)) {
-                            if (badv == 0) {
-                                TAP_DIAG("%s hint %d pipe %d S %d: row %d "
-                                         "col %d: %.7g vs %.7g", label,
-                                         hints[h], vp[v], vs[v], r, j, y,
-                                         ref[(size_t) r * N + j]);
-                            }
-                            badv++;
-                        }
-                    }
-                }
-            }
-            eq0 = memcmp(hv[0], hy, (size_t) n * ldy * 4) == 0;
-            eqf = memcmp(hv[1], hv[2], (size_t) n * ldy * 4) == 0;
-            if (!det) {
-                TAP_OK(rcv[0] == 1 && rcv[1] == 1 && rcv[2] == 1,
-                       "qgemv_q4_mma %s (%s G %d): not taken (atomic "
-                       "kernel)", label,
-                       fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G);
-            } else {
-                TAP_OK(rcv[0] == MOE_K_OK && rcv[1] == MOE_K_OK
-                       && rcv[2] == MOE_K_OK && badv == 0 && eq0 && eqf,
-                       "qgemv_q4_mma %s (%s G %d N %d K %d, %d rows) "
-                       "max_rows %d: q4_mma (pipe 0) and at S %d both "
-                       "kernels within 2e-4 (%d bad); pipe 0 %s the "
-                       "shipped bits, pipe 1 %s pipe 0 at S %d", label,
-                       fmt == MOE_K_Q4_AWQ ? "awq" : "gptq", G, N, K, n,
-                       hints[h], Sf, badv, eq0 ? "==" : "!=",
-                       eqf ? "==" : "!=", Sf);
-            }
-            for (int v = 0; v < 3; v++) {
-                free(hv[v]);
-            }
-            /* SiLU fused: both kernels at Sf against the host */
-            for (int pp = 0; pp < 2; pp++) {
-                test_q4_silu(label, fmt, G, zb, N, K, ne, dense, n,
-                             hints[h], det && N % 16 == 0, dx, ldx, dxrow,
-                             dqw, dqz, dsc, doffs, dy, ref, mag, pp, Sf);
-            }
-        }
+                     doffs, dy, ref, mag);
     }
 
     cudaFree(dqw);
@@ -937,11 +839,9 @@ main(void)
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
     }
-    /* fp8.h 2, fp8 5 x 3, q4 8 x 4, q4 tiles (2 x 13 + 4 hint runs),
-     * decode-sized groups (3 x 10 hint runs), each hint run 5 lines
-     * (launcher, SiLU launcher, the kernels' A/B, SiLU A/B x 2),
-     * refusals 3 */
-    TAP_PLAN(2 + 5 * 3 + 8 * 4 + 5 * (2 * 13 + 4) + 5 * 3 * 10 + 3);
+    /* fp8.h 2, fp8 5 x 3, q4 8 x 4, q4 tiles (and each with SiLU fused)
+     * 2 x (2 x 13 + 4), the CUDA-core kernel 2 x 3 x 10, refusals 3 */
+    TAP_PLAN(2 + 5 * 3 + 8 * 4 + 2 * (2 * 13 + 4) + 2 * 3 * 10 + 3);
     gu_seed(seed);
     TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
              (unsigned long long) seed);
