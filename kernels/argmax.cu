@@ -5,7 +5,8 @@
 #include "common.cuh"
 #include "argmax.h"
 
-#define AM_THREADS 512
+#define AM_THREADS 1024
+#define AM_UNR     4        /* loads in flight per thread per round */
 
 
 /* (va, ia) beats (vb, ib): larger value, or equal value and lower id */
@@ -35,13 +36,27 @@ kernel_argmax_rows(const float *x, int64_t ld, int V, const int32_t *n_valid,
             n = k;
         }
     }
-    /* NaN compares false both ways: never taken */
-    for (i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = row[i];
+    /* NaN compares false both ways: never taken.  A round issues
+     * AM_UNR independent loads before comparing (one row per block: a
+     * loop of one load per trip waited a memory round trip per trip,
+     * 27 us for V 32000 on the H200, ncu 2026-12-02) */
+    for (i = threadIdx.x; i < n; i += AM_UNR * (int) blockDim.x) {
+        float v[AM_UNR];
 
-        if (am_better(v, i, bv, bi)) {
-            bv = v;
-            bi = i;
+#pragma unroll
+        for (int u = 0; u < AM_UNR; u++) {
+            int j = i + u * (int) blockDim.x;
+
+            v[u] = j < n ? row[j] : -INFINITY;
+        }
+#pragma unroll
+        for (int u = 0; u < AM_UNR; u++) {
+            int j = i + u * (int) blockDim.x;
+
+            if (j < n && am_better(v[u], j, bv, bi)) {
+                bv = v[u];
+                bi = j;
+            }
         }
     }
 #pragma unroll
