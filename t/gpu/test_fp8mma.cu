@@ -597,27 +597,19 @@ test_edges(void)
     rc1 = f8_run(&in, ENT_GEMV, 0, 0);
     rc2 = f8_run(&in, ENT_GGEMM, 0, 0);
     in.Kd = 64;
-    in.silu = 1;
-    rc1 = moe_cuda_gemv_fp8_warps((const moe_bf16_t *) in.d_x, in.ldx, NULL,
-                                  1, in.d_w, in.d_scale, in.mode, in.N,
-                                  in.Kd, in.d_offs, in.E, in.n, 1,
-                                  (float *) in.d_y, (moe_bf16_t *) in.d_y,
-                                  in.ldy, 1, 8, 0);
-    in.silu = 0;
-    rc2 = moe_cuda_gemv_fp8_warps((const moe_bf16_t *) in.d_x, in.ldx, NULL,
-                                  1, in.d_w, in.d_scale, in.mode, in.N,
-                                  in.Kd, in.d_offs, in.E, in.n, 0,
-                                  (float *) in.d_y, (moe_bf16_t *) in.d_y,
-                                  in.ldy, 1, 6, 0);
-    TAP_OK(rc1 == MOE_K_EUNSUPPORTED && rc2 == MOE_K_EUNSUPPORTED,
-           "gemv_fp8 8 warps with SiLU, and 6 warps: refused (%d, %d)", rc1,
-           rc2);
     in.mode = 5;
     TAP_OK(rc1 == MOE_K_EUNSUPPORTED && rc2 == MOE_K_EUNSUPPORTED
            && f8_run(&in, ENT_GEMV, 0, 0) == MOE_K_EUNSUPPORTED
            && f8_run(&in, ENT_GGEMM, 0, 0) == MOE_K_EUNSUPPORTED,
            "Kd 72, mode 5: MOE_K_EUNSUPPORTED (%s)", moe_cuda_last_error());
     in.mode = MOE_K_FP8_CHANNEL;
+    in.silu = 1;
+    rc1 = f8_run(&in, ENT_GEMV, F8_TILE_WARPS + 8, 0);
+    in.silu = 0;
+    rc2 = f8_run(&in, ENT_GEMV, F8_TILE_WARPS + 6, 0);
+    TAP_OK(rc1 == MOE_K_EUNSUPPORTED && rc2 == MOE_K_EUNSUPPORTED,
+           "gemv_fp8 8 warps with SiLU, and 6 warps: refused (%d, %d)", rc1,
+           rc2);
     TAP_OK(f8_run(&in, ENT_GEMV, 3, 0) == MOE_K_EUNSUPPORTED
            && f8_run(&in, ENT_GGEMM, 48, 0) == MOE_K_EUNSUPPORTED,
            "GEMV tile 3, ggemm tile 48: not shipped (%s)",
