@@ -5,10 +5,10 @@
  * expert GEMMs.
  */
 #include "common.cuh"
+#include "moe_permute.cuh"
 #include "moe_permute.h"
 
 #define PERM_THREADS 256
-#define UNPERM_MAX_K 64
 
 
 __global__ void
@@ -80,83 +80,15 @@ kernel_moe_scatter(const int32_t *sel, int n, const int32_t *counts,
 }
 
 
-/*
- * One block of PERM_ONE threads: counts by shared atomics, a prefix over
- * the experts, then windows of PERM_ONE slots in order: a slot's row is
- * its expert's base + the same expert's slots in earlier warps of the
- * window (per-warp counts in shared memory) + its rank among its warp's
- * lanes with that expert (__match_any_sync).
- */
-#define PERM_ONE    1024
-#define PERM_MAX_E  256
-
-__global__ void __launch_bounds__(PERM_ONE)
+/* One block of MOE_PERM_ONE threads: moe_permute_block (moe_permute.cuh). */
+__global__ void __launch_bounds__(MOE_PERM_ONE)
 kernel_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
     int32_t *erow, int32_t *slot_of, unsigned long long *tot)
 {
     moe_pdl_enter();
-    __shared__ int cnt[PERM_MAX_E];
-    __shared__ int base[PERM_MAX_E];
-    __shared__ int wcnt[PERM_ONE / 32][PERM_MAX_E];
-    int            lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ moe_perm_smem sm;
 
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        cnt[e] = 0;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        atomicAdd(&cnt[sel[i]], 1);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int o = 0;
-
-        for (int e = 0; e < E; e++) {
-            base[e] = o;
-            offs[e] = o;
-            o += cnt[e];
-        }
-        offs[E] = o;
-    }
-    if (tot != NULL) {
-        for (int e = threadIdx.x; e < E; e += blockDim.x) {
-            tot[e] += (unsigned long long) cnt[e];
-        }
-    }
-    for (int i0 = 0; i0 < n; i0 += PERM_ONE) {
-        int      i = i0 + threadIdx.x;
-        int      e = i < n ? sel[i] : -1;
-        unsigned peers = __match_any_sync(0xffffffffu, e);
-        int      rank = __popc(peers & ((1u << lane) - 1u));
-
-        for (int k = threadIdx.x; k < (PERM_ONE / 32) * E; k += PERM_ONE) {
-            wcnt[k / E][k % E] = 0;
-        }
-        __syncthreads();        /* base written, wcnt cleared */
-        if (e >= 0 && rank == 0) {
-            wcnt[warp][e] = __popc(peers);
-        }
-        __syncthreads();
-        if (e >= 0) {
-            int r = base[e] + rank;
-
-            for (int w = 0; w < warp; w++) {
-                r += wcnt[w][e];
-            }
-            erow[r] = i;
-            slot_of[i] = r;
-        }
-        __syncthreads();        /* all reads of base done */
-        for (int x = threadIdx.x; x < E; x += PERM_ONE) {
-            int s = 0;
-
-            for (int w = 0; w < PERM_ONE / 32; w++) {
-                s += wcnt[w][x];
-            }
-            base[x] += s;
-        }
-        __syncthreads();        /* wcnt read, base updated */
-    }
+    moe_permute_block(sel, n, E, offs, erow, slot_of, tot, sm);
 }
 
 
@@ -189,25 +121,13 @@ kernel_moe_unpermute(const float *ye, int D, const int32_t *sel,
     const float *selw, const int32_t *slot_of, int K, float *out)
 {
     moe_pdl_enter();
-    __shared__ int   ord_row[UNPERM_MAX_K];
-    __shared__ float ord_w[UNPERM_MAX_K];
+    __shared__ int   ord_row[MOE_UNPERM_MAX_K];
+    __shared__ float ord_w[MOE_UNPERM_MAX_K];
     int              t = blockIdx.x;
 
-    if (threadIdx.x < K) {
-        /* slot k's place in ascending expert order (ties by k: the top-k
-         * never picks one expert twice, so ties do not occur): its rank,
-         * computed by K threads at once (v2 ran a selection sort on one
-         * thread, ~K^2 dependent global loads) */
-        int k = threadIdx.x, ek = sel[(size_t) t * K + k], o = 0;
-
-        for (int j = 0; j < K; j++) {
-            int ej = sel[(size_t) t * K + j];
-
-            o += ej < ek || (ej == ek && j < k);
-        }
-        ord_row[o] = slot_of[(size_t) t * K + k];
-        ord_w[o] = selw[(size_t) t * K + k];
-    }
+    /* K threads rank the slots at once (v2 ran a selection sort on one
+     * thread, ~K^2 dependent global loads) */
+    moe_unperm_order(sel, selw, slot_of, t, K, ord_row, ord_w);
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc = 0.0f;
@@ -231,37 +151,16 @@ kernel_moe_unpermute_v(const float *__restrict__ ye, int D,
     float *__restrict__ out)
 {
     moe_pdl_enter();
-    __shared__ int   ord_row[UNPERM_MAX_K];
-    __shared__ float ord_w[UNPERM_MAX_K];
+    __shared__ int   ord_row[MOE_UNPERM_MAX_K];
+    __shared__ float ord_w[MOE_UNPERM_MAX_K];
     int              t = blockIdx.x;
     int              d = blockIdx.y * UNPERM_V_COLS + 4 * threadIdx.x;
 
-    if (threadIdx.x < K) {
-        int k = threadIdx.x, ek = sel[(size_t) t * K + k], o = 0;
-
-        for (int j = 0; j < K; j++) {
-            int ej = sel[(size_t) t * K + j];
-
-            o += ej < ek || (ej == ek && j < k);
-        }
-        ord_row[o] = slot_of[(size_t) t * K + k];
-        ord_w[o] = selw[(size_t) t * K + k];
-    }
+    moe_unperm_order(sel, selw, slot_of, t, K, ord_row, ord_w);
     __syncthreads();
     if (d < D) {
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-
-        for (int o = 0; o < K; o++) {
-            float4 y = *reinterpret_cast<const float4 *>(
-                           ye + (size_t) ord_row[o] * D + d);
-            float  wo = ord_w[o];
-
-            acc.x += y.x * wo;
-            acc.y += y.y * wo;
-            acc.z += y.z * wo;
-            acc.w += y.w * wo;
-        }
-        *reinterpret_cast<float4 *>(out + (size_t) t * D + d) = acc;
+        *reinterpret_cast<float4 *>(out + (size_t) t * D + d) =
+            moe_unperm_sum4(ye, D, ord_row, ord_w, K, d / 4);
     }
 }
 
@@ -296,12 +195,12 @@ extern "C" int
 moe_cuda_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
     int32_t *erow, int32_t *slot_of, int64_t *tot, cudaStream_t stream)
 {
-    if (E <= 0 || E > PERM_MAX_E) {
+    if (E <= 0 || E > MOE_PERM_MAX_E) {
         moe_cuda_set_error("permute: %d experts not supported", E);
         return MOE_K_EUNSUPPORTED;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_moe_permute, 1, PERM_ONE, 0, stream, sel,
-        n, E, offs, erow, slot_of,
+    MOE_CUDA_CHECK(moe_launch(kernel_moe_permute, 1, MOE_PERM_ONE, 0, stream,
+        sel, n, E, offs, erow, slot_of,
         reinterpret_cast<unsigned long long *>(tot)));
     return MOE_K_OK;
 }
@@ -326,7 +225,7 @@ moe_cuda_moe_unpermute(const float *ye, int D, const int32_t *sel,
     const float *selw, const int32_t *slot_of, int T, int K, float *out,
     cudaStream_t stream)
 {
-    if (K < 1 || K > UNPERM_MAX_K) {
+    if (K < 1 || K > MOE_UNPERM_MAX_K) {
         moe_cuda_set_error("unpermute: top-%d not supported", K);
         return MOE_K_EUNSUPPORTED;
     }

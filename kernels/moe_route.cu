@@ -17,7 +17,9 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "moe_permute.cuh"
 #include "moe_route.h"
+#include "rmsnorm.cuh"
 
 #define ROUTE_MAX_E    256
 #define ROUTE_RT       8           /* tokens per logits block */
@@ -25,30 +27,34 @@
 #define TOPK_WARPS     4           /* tokens per top-k block */
 
 
+/*
+ * Logit of expert e for tokens t0 .. t0 + ROUTE_RT - 1 (fewer at the end)
+ * by ROUTE_THREADS threads (tid: the thread's index among them; red: their
+ * ROUTE_THREADS / 32 x ROUTE_RT floats of shared memory).  Every thread of
+ * the block calls it (it syncs the block); on == false: the group has no
+ * expert this round and only syncs.
+ */
 template <bool VEC>
-__global__ void __launch_bounds__(ROUTE_THREADS)
-kernel_route_logits(const float *xf, int T, int D, const float *router,
-    int E, float *logits)
+__device__ __forceinline__ void
+route_logits_tile(const float *xf, int T, int D, const float *router, int E,
+    int e, int t0, float *logits, float (*red)[ROUTE_RT], int tid, bool on)
 {
-    moe_pdl_enter();
-    __shared__ float red[ROUTE_THREADS / 32][ROUTE_RT];
-    int              e = blockIdx.x, t0 = blockIdx.y * ROUTE_RT;
-    int              nt = T - t0 < ROUTE_RT ? T - t0 : ROUTE_RT;
-    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const float     *w = router + (size_t) e * D;
-    const float     *x = xf + (size_t) t0 * D;
-    float            acc[ROUTE_RT];
+    int          nt = T - t0 < ROUTE_RT ? T - t0 : ROUTE_RT;
+    int          lane = tid & 31, warp = tid >> 5;
+    const float *w = router + (size_t) e * D;
+    const float *x = xf + (size_t) t0 * D;
+    float        acc[ROUTE_RT];
 
 #pragma unroll
     for (int j = 0; j < ROUTE_RT; j++) {
         acc[j] = 0.0f;
     }
-    if (VEC) {
+    if (on && VEC) {
         const float4 *w4 = reinterpret_cast<const float4 *>(w);
         int           D4 = D >> 2;
 
 #pragma unroll 4
-        for (int i = threadIdx.x; i < D4; i += ROUTE_THREADS) {
+        for (int i = tid; i < D4; i += ROUTE_THREADS) {
             float4 wv = __ldg(w4 + i);
 
 #pragma unroll
@@ -62,8 +68,8 @@ kernel_route_logits(const float *xf, int T, int D, const float *router,
                 }
             }
         }
-    } else {
-        for (int i = threadIdx.x; i < D; i += ROUTE_THREADS) {
+    } else if (on) {
+        for (int i = tid; i < D; i += ROUTE_THREADS) {
             float wv = w[i];
 
 #pragma unroll
@@ -83,30 +89,41 @@ kernel_route_logits(const float *xf, int T, int D, const float *router,
         }
     }
     __syncthreads();
-    if (threadIdx.x < nt) {
+    if (on && tid < nt) {
         float s = 0.0f;
 
         for (int wi = 0; wi < ROUTE_THREADS / 32; wi++) {
-            s += red[wi][threadIdx.x];
+            s += red[wi][tid];
         }
-        logits[(size_t) (t0 + threadIdx.x) * E + e] = s;
+        logits[(size_t) (t0 + tid) * E + e] = s;
     }
 }
 
 
-__global__ void __launch_bounds__(TOPK_WARPS * 32)
-kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
-    int32_t *sel, float *selw, float *margin)
+template <bool VEC>
+__global__ void __launch_bounds__(ROUTE_THREADS)
+kernel_route_logits(const float *xf, int T, int D, const float *router,
+    int E, float *logits)
 {
     moe_pdl_enter();
-    __shared__ float lgs[TOPK_WARPS][ROUTE_MAX_E];
-    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int              t = blockIdx.x * TOPK_WARPS + warp;
-    float           *lg = lgs[warp];
+    __shared__ float red[ROUTE_THREADS / 32][ROUTE_RT];
 
-    if (t >= T) {
-        return;                 /* uniform over the warp; no block barrier */
-    }
+    route_logits_tile<VEC>(xf, T, D, router, E, blockIdx.x,
+                           blockIdx.y * ROUTE_RT, logits, red,
+                           threadIdx.x, true);
+}
+
+
+/*
+ * Softmax and top-k of token t by one warp (lg: E floats of shared memory
+ * for the warp): sel, selw, margin as moe_cuda_route writes them.
+ */
+__device__ __forceinline__ void
+route_topk_token(const float *logits, int t, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin, float *lg)
+{
+    int lane = threadIdx.x & 31;
+
     for (int e = lane; e < E; e += 32) {
         lg[e] = logits[(size_t) t * E + e];
     }
@@ -175,6 +192,79 @@ kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
 }
 
 
+__global__ void __launch_bounds__(TOPK_WARPS * 32)
+kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin)
+{
+    moe_pdl_enter();
+    __shared__ float lgs[TOPK_WARPS][ROUTE_MAX_E];
+    int              warp = threadIdx.x >> 5;
+    int              t = blockIdx.x * TOPK_WARPS + warp;
+
+    if (t >= T) {
+        return;                 /* uniform over the warp; no block barrier */
+    }
+    route_topk_token(logits, t, E, K, renorm, sel, selw, margin, lgs[warp]);
+}
+
+
+/*
+ * The decode steps' FFN entry in one block of MOE_RMS_THREADS threads
+ * (moe_cuda_norm_route): the rows' residual add + RMSNorm (moe_rms_row),
+ * the router logits by four groups of ROUTE_THREADS threads (an expert
+ * each per round, route_logits_tile), the top-k by one warp per token,
+ * the permutation (moe_permute_block).  Each stage is the separate
+ * kernels' code: the same results, bit for bit.
+ */
+#define NR_GROUPS (MOE_RMS_THREADS / ROUTE_THREADS)
+
+template <int NV, bool VEC>
+__global__ void __launch_bounds__(MOE_RMS_THREADS)
+kernel_norm_route(float *x, const float *delta, int T, int D, const float *w,
+    float eps, __nv_bfloat16 *xb, float *xf, const float *router, int E,
+    int K, int renorm, float *logits, int32_t *sel, float *selw,
+    float *margin, int32_t *offs, int32_t *erow, int32_t *slot_of,
+    unsigned long long *tot)
+{
+    moe_pdl_enter();
+    __shared__ float sh[32];
+    __shared__ float red[NR_GROUPS][ROUTE_THREADS / 32][ROUTE_RT];
+    __shared__ union {
+        float         lgs[MOE_NORM_ROUTE_MAX_T][ROUTE_MAX_E];
+        moe_perm_smem perm;
+    } u;
+    int              grp = threadIdx.x / ROUTE_THREADS;
+    int              warp = threadIdx.x >> 5;
+
+    for (int t = 0; t < T; t++) {
+        if (delta != NULL) {
+            moe_rms_row_delta dl = {
+                reinterpret_cast<const float4 *>(delta + (size_t) t * D) };
+
+            moe_rms_row<NV>(x + (size_t) t * D, dl, D, w, eps,
+                            xb + (size_t) t * D, xf + (size_t) t * D, sh);
+        } else {
+            moe_rms_row<NV>(x + (size_t) t * D, moe_rms_no_delta(), D, w,
+                            eps, xb + (size_t) t * D, xf + (size_t) t * D,
+                            sh);
+        }
+    }
+    __syncthreads();                    /* xf written */
+    for (int e0 = 0; e0 < E; e0 += NR_GROUPS) {
+        route_logits_tile<VEC>(xf, T, D, router, E, e0 + grp, 0, logits,
+                               red[grp], threadIdx.x % ROUTE_THREADS,
+                               e0 + grp < E);
+        __syncthreads();                /* red read before the next round */
+    }
+    if (warp < T) {
+        route_topk_token(logits, warp, E, K, renorm, sel, selw, margin,
+                         u.lgs[warp]);
+    }
+    __syncthreads();                    /* sel written, lgs free */
+    moe_permute_block(sel, T * K, E, offs, erow, slot_of, tot, u.perm);
+}
+
+
 extern "C" int
 moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
     int K, int renorm, float *logits, int32_t *sel, float *selw, float *margin,
@@ -202,5 +292,48 @@ moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
     MOE_CUDA_CHECK(moe_launch(kernel_route_topk,
         (T + TOPK_WARPS - 1) / TOPK_WARPS, TOPK_WARPS * 32, 0, stream, logits,
         T, E, K, renorm, sel, selw, margin));
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_norm_route(float *x, const float *delta, int T, int D,
+    const float *w, float eps, moe_bf16_t *xb, float *xf,
+    const float *router, int E, int K, int renorm, float *logits,
+    int32_t *sel, float *selw, float *margin, int32_t *offs, int32_t *erow,
+    int32_t *slot_of, int64_t *tot, cudaStream_t stream)
+{
+    int  nv = moe_rms_nv(D);
+    bool vec = ((uintptr_t) router & 15) == 0;
+
+    if (T < 1 || T > MOE_NORM_ROUTE_MAX_T || nv == 0 || E < 1
+        || E > ROUTE_MAX_E || E > MOE_PERM_MAX_E || K < 1 || K > E
+        || ((uintptr_t) x | (uintptr_t) delta | (uintptr_t) w
+            | (uintptr_t) xf) % 16 != 0
+        || (uintptr_t) xb % 8 != 0)
+    {
+        moe_cuda_set_error("norm_route: %d tokens, D %d, %d experts, "
+                           "top-%d or the alignment not supported", T, D, E,
+                           K);
+        return MOE_K_EUNSUPPORTED;
+    }
+#define NORM_ROUTE(NV, V)                                                  \
+    moe_launch(kernel_norm_route<NV, V>, 1, MOE_RMS_THREADS, 0, stream, x, \
+               delta, T, D, w, eps,                                        \
+               reinterpret_cast<__nv_bfloat16 *>(xb), xf, router, E, K,    \
+               renorm, logits, sel, selw, margin, offs, erow, slot_of,     \
+               reinterpret_cast<unsigned long long *>(tot))
+    if (vec) {
+        MOE_CUDA_CHECK(nv == 1 ? NORM_ROUTE(1, true)
+                       : nv == 2 ? NORM_ROUTE(2, true)
+                       : nv == 4 ? NORM_ROUTE(4, true)
+                       : NORM_ROUTE(8, true));
+    } else {
+        MOE_CUDA_CHECK(nv == 1 ? NORM_ROUTE(1, false)
+                       : nv == 2 ? NORM_ROUTE(2, false)
+                       : nv == 4 ? NORM_ROUTE(4, false)
+                       : NORM_ROUTE(8, false));
+    }
+#undef NORM_ROUTE
     return MOE_K_OK;
 }

@@ -1,5 +1,7 @@
 /* RMSNorm (fp32 statistics) fused with the residual add. */
 #include "common.cuh"
+#include "moe_permute.cuh"
+#include "rmsnorm.cuh"
 #include "rmsnorm.h"
 
 
@@ -40,15 +42,13 @@ kernel_add_rmsnorm(float *x, const float *delta, const int32_t *rows, int D,
 
 
 /*
- * The same with the row held in registers: NV float4 per thread of a
- * 1024-thread block (D % 4 == 0, D <= 4096 NV), so every load of a row is
- * in flight at once (decode runs one block: the loop above waits for one
+ * The same with the row held in registers: moe_rms_row (rmsnorm.cuh), NV
+ * float4 per thread of a 1024-thread block, so every load of a row is in
+ * flight at once (decode runs one block: the loop above waits for one
  * memory round trip per 256 elements, twice).
  */
-#define RMS_THREADS 1024
-
 template <int NV>
-__global__ void __launch_bounds__(RMS_THREADS)
+__global__ void __launch_bounds__(MOE_RMS_THREADS)
 kernel_add_rmsnorm_v(float *__restrict__ x, const float *__restrict__ delta,
     const int32_t *rows, int D, const float *__restrict__ w, float eps,
     __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32)
@@ -57,71 +57,58 @@ kernel_add_rmsnorm_v(float *__restrict__ x, const float *__restrict__ delta,
     __shared__ float sh[32];
     int              i = blockIdx.x;
     int              r = rows != NULL ? rows[i] : i;
-    int              D4 = D >> 2;
-    float4          *xr = reinterpret_cast<float4 *>(x + (size_t) r * D);
-    const float4    *dr = delta != NULL
-                          ? reinterpret_cast<const float4 *>(
-                                delta + (size_t) r * D)
-                          : NULL;
-    const float4    *w4 = reinterpret_cast<const float4 *>(w);
-    float4           v[NV], wv[NV];
-    float            ss = 0.0f, inv;
+    __nv_bfloat16   *o = out != NULL ? out + (size_t) i * D : NULL;
+    float           *of = out_f32 != NULL ? out_f32 + (size_t) i * D : NULL;
 
-#pragma unroll
-    for (int j = 0; j < NV; j++) {
-        int d = threadIdx.x + j * RMS_THREADS;
+    if (delta != NULL) {
+        moe_rms_row_delta dl = {
+            reinterpret_cast<const float4 *>(delta + (size_t) r * D) };
 
-        if (d < D4) {
-            v[j] = xr[d];
-            wv[j] = w4[d];
-            if (dr != NULL) {
-                float4 a = dr[d];
-
-                v[j].x += a.x; v[j].y += a.y; v[j].z += a.z; v[j].w += a.w;
-            }
-        } else {
-            v[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            wv[j] = v[j];
-        }
+        moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps, o, of, sh);
+    } else {
+        moe_rms_row<NV>(x + (size_t) r * D, moe_rms_no_delta(), D, w, eps, o,
+                        of, sh);
     }
-#pragma unroll
-    for (int j = 0; j < NV; j++) {
-        int d = threadIdx.x + j * RMS_THREADS;
+}
 
-        if (d < D4) {
-            if (dr != NULL) {
-                xr[d] = v[j];
-            }
-            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z
-                  + v[j].w * v[j].w;
-        }
+
+/* The delta of token r: the un-permute's weighted sum (moe_permute.cuh). */
+struct moe_rms_unperm_delta {
+    static constexpr bool present = true;
+    const float *ye;
+    const int   *ord_row;
+    const float *ord_w;
+    int          D, K;
+    __device__ float4 operator()(int d4) const
+    {
+        return moe_unperm_sum4(ye, D, ord_row, ord_w, K, d4);
     }
-    ss = moe_block_sum(ss, sh);
-    inv = 1.0f / sqrtf(ss / (float) D + eps);
-#pragma unroll
-    for (int j = 0; j < NV; j++) {
-        int    d = threadIdx.x + j * RMS_THREADS;
-        float4 o;
+};
 
-        if (d >= D4) {
-            continue;
-        }
-        o.x = wv[j].x * (v[j].x * inv);
-        o.y = wv[j].y * (v[j].y * inv);
-        o.z = wv[j].z * (v[j].z * inv);
-        o.w = wv[j].w * (v[j].w * inv);
-        if (out != NULL) {
-            __nv_bfloat162 p[2];
 
-            p[0] = __floats2bfloat162_rn(o.x, o.y);
-            p[1] = __floats2bfloat162_rn(o.z, o.w);
-            *reinterpret_cast<uint2 *>(out + (size_t) i * D + 4 * d) =
-                *reinterpret_cast<uint2 *>(p);
-        }
-        if (out_f32 != NULL) {
-            reinterpret_cast<float4 *>(out_f32 + (size_t) i * D)[d] = o;
-        }
-    }
+/* grid n_rows, MOE_RMS_THREADS: moe_cuda_unpermute_rmsnorm */
+template <int NV>
+__global__ void __launch_bounds__(MOE_RMS_THREADS)
+kernel_unpermute_rmsnorm(float *__restrict__ x, const float *__restrict__ ye,
+    const int32_t *sel, const float *selw, const int32_t *slot_of, int K,
+    const int32_t *rows, int D, const float *__restrict__ w, float eps,
+    __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32)
+{
+    moe_pdl_enter();
+    __shared__ float sh[32];
+    __shared__ int   ord_row[MOE_UNPERM_MAX_K];
+    __shared__ float ord_w[MOE_UNPERM_MAX_K];
+    int              i = blockIdx.x;
+    int              r = rows != NULL ? rows[i] : i;
+
+    moe_unperm_order(sel, selw, slot_of, r, K, ord_row, ord_w);
+    __syncthreads();
+
+    moe_rms_unperm_delta dl = { ye, ord_row, ord_w, D, K };
+
+    moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps,
+                    out != NULL ? out + (size_t) i * D : NULL,
+                    out_f32 != NULL ? out_f32 + (size_t) i * D : NULL, sh);
 }
 
 
@@ -134,28 +121,55 @@ moe_cuda_add_rmsnorm(float *x, const float *delta, const int32_t *rows,
         return MOE_K_OK;
     }
     __nv_bfloat16 *o = reinterpret_cast<__nv_bfloat16 *>(out);
-    int            nv = (D / 4 + RMS_THREADS - 1) / RMS_THREADS;
+    int            nv = moe_rms_nv(D);
 
     /* the vector kernel needs 16-byte aligned rows */
-    if (D % 4 != 0 || nv > 8
+    if (nv == 0
         || ((uintptr_t) x | (uintptr_t) delta | (uintptr_t) w
             | (uintptr_t) out_f32) % 16 != 0
         || (uintptr_t) out % 8 != 0)
     {
         MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm, n_rows, 256, 0, stream,
             x, delta, rows, D, w, eps, o, out_f32));
-    } else if (nv <= 1) {
-        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm_v<1>, n_rows, RMS_THREADS,
-            0, stream, x, delta, rows, D, w, eps, o, out_f32));
-    } else if (nv <= 2) {
-        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm_v<2>, n_rows, RMS_THREADS,
-            0, stream, x, delta, rows, D, w, eps, o, out_f32));
-    } else if (nv <= 4) {
-        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm_v<4>, n_rows, RMS_THREADS,
-            0, stream, x, delta, rows, D, w, eps, o, out_f32));
-    } else {
-        MOE_CUDA_CHECK(moe_launch(kernel_add_rmsnorm_v<8>, n_rows, RMS_THREADS,
-            0, stream, x, delta, rows, D, w, eps, o, out_f32));
+        return MOE_K_OK;
     }
+#define RMS_V(NV)                                                          \
+    moe_launch(kernel_add_rmsnorm_v<NV>, n_rows, MOE_RMS_THREADS, 0,       \
+               stream, x, delta, rows, D, w, eps, o, out_f32)
+    MOE_CUDA_CHECK(nv == 1 ? RMS_V(1) : nv == 2 ? RMS_V(2)
+                   : nv == 4 ? RMS_V(4) : RMS_V(8));
+#undef RMS_V
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_unpermute_rmsnorm(float *x, const float *ye, const int32_t *sel,
+    const float *selw, const int32_t *slot_of, int K, const int32_t *rows,
+    int n_rows, int D, const float *w, float eps, moe_bf16_t *out,
+    float *out_f32, cudaStream_t stream)
+{
+    __nv_bfloat16 *o = reinterpret_cast<__nv_bfloat16 *>(out);
+    int            nv = moe_rms_nv(D);
+
+    if (nv == 0 || K < 1 || K > MOE_UNPERM_MAX_K
+        || ((uintptr_t) x | (uintptr_t) ye | (uintptr_t) w
+            | (uintptr_t) out_f32) % 16 != 0
+        || (uintptr_t) out % 8 != 0)
+    {
+        moe_cuda_set_error("unpermute_rmsnorm: D %d, top-%d or the "
+                           "alignment not supported", D, K);
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (n_rows <= 0) {
+        return MOE_K_OK;
+    }
+#define UNPERM_RMS(NV)                                                     \
+    moe_launch(kernel_unpermute_rmsnorm<NV>, n_rows, MOE_RMS_THREADS, 0,   \
+               stream, x, ye, sel, selw, slot_of, K, rows, D, w, eps, o,   \
+               out_f32)
+    MOE_CUDA_CHECK(nv == 1 ? UNPERM_RMS(1) : nv == 2 ? UNPERM_RMS(2)
+                   : nv == 4 ? UNPERM_RMS(4) : UNPERM_RMS(8));
+#undef UNPERM_RMS
     return MOE_K_OK;
 }

@@ -16,6 +16,19 @@ extern "C" {
 int moe_cuda_add_rmsnorm(float *x, const float *delta, const int32_t *rows,
     int n_rows, int D, const float *w, float eps, moe_bf16_t *out,
     float *out_f32, cudaStream_t stream);
+/*
+ * The MoE un-permute fused into the next norm (decode: one launch instead
+ * of two): moe_cuda_add_rmsnorm with delta[r, :] the weighted sum of
+ * token r's expert rows, as moe_cuda_moe_unpermute computes it (ye, sel,
+ * selw, slot_of and K as there; r = rows ? rows[i] : i), bit for bit the
+ * two launches' results; the delta itself is not stored.  Needs D % 4 ==
+ * 0, D <= 32768, K <= 64, x / ye / w / out_f32 16-byte and out 8-byte
+ * aligned: MOE_K_EUNSUPPORTED otherwise (the caller runs the two).
+ */
+int moe_cuda_unpermute_rmsnorm(float *x, const float *ye, const int32_t *sel,
+    const float *selw, const int32_t *slot_of, int K, const int32_t *rows,
+    int n_rows, int D, const float *w, float eps, moe_bf16_t *out,
+    float *out_f32, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

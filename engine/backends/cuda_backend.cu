@@ -120,6 +120,8 @@ static_assert(MOE_QW_FP8_CHANNEL == MOE_K_FP8_CHANNEL
               "qweights.h's fp8 modes are kernels/quant_gemv.h's");
 static_assert(MOE_K_LOGPROBS_MAX_K == MOE_MAX_TOP_LOGPROBS,
               "kernels/logprobs.h and moe.h disagree on the top limit");
+static_assert(MOE_CUDA_NORM_ROUTE_T_MAX <= MOE_NORM_ROUTE_MAX_T,
+              "the tuning range of norm_route_t exceeds the kernel's");
 static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
               "the device sampler's greedy threshold is the host's");
 }
@@ -269,6 +271,9 @@ typedef struct {
                                       routing); layer l at l * NK */
     float          *selw;          /* (NK) */
     int32_t        *slot_of;       /* (NK) */
+    const int32_t  *unperm_sel;    /* non-NULL: the last routed layer's
+                                      un-permute is left to the next norm
+                                      (cb_norm; this layer's sel) */
     int32_t        *erow;          /* (NK) */
     int32_t        *counts;        /* (E) */
     int32_t        *offs;          /* (E + 1) */
@@ -2831,12 +2836,37 @@ cb_ffn_nosync(const cuda_backend_t *b, int T)
 }
 
 
+/*
+ * Whether a routed layer's weighted un-permute may run inside the next
+ * norm's launch: nothing reads the sum in between (no rank sum, no shared
+ * expert), the norm is RMSNorm, and the fused kernel takes the shapes.
+ */
+static int
+cb_fuse_unperm(const cuda_backend_t *b)
+{
+    return b->tune.fuse_unpermute && b->reduce == NULL && b->nccl == NULL
+           && b->hp.shared_ffn_dim <= 0 && !b->hp.norm_layer
+           && b->hp.dim % 4 == 0 && b->hp.dim <= 32768 && b->K <= 64;
+}
+
+
 /* The model's norm (RMSNorm, or LayerNorm with bias when norm_layer),
- * fused with the residual add: moe_cuda_add_rmsnorm's contract. */
+ * fused with the residual add: moe_cuda_add_rmsnorm's contract.
+ * With an un-permute pending (cb_fuse_unperm) and delta == b->tmp, the
+ * delta is that un-permute's sum (moe_cuda_unpermute_rmsnorm). */
 static int
 cb_norm(cuda_backend_t *b, const float *delta, const int32_t *rows,
     int n_rows, const float *w, const float *bias, bf16 *out, float *out_f32)
 {
+    if (delta == b->tmp && b->unperm_sel != NULL) {
+        /* the routed layer's sum is not in tmp: cb_ffn left its
+         * un-permute to this launch (cb_fuse_unperm) */
+        return moe_cuda_unpermute_rmsnorm(b->x, b->ye, b->unperm_sel,
+                                          b->selw, b->slot_of, b->K, rows,
+                                          n_rows, b->hp.dim, w,
+                                          b->hp.norm_eps, (moe_bf16_t *) out,
+                                          out_f32, b->stream);
+    }
     if (b->hp.norm_layer) {
         return moe_cuda_add_layernorm(b->x, delta, rows, n_rows, b->hp.dim,
                                       w, bias, b->hp.norm_eps,
@@ -3030,6 +3060,24 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
 }
 
 
+/* The routed rows' weighted sum into b->tmp, then the shared expert; or,
+ * when the next norm may do it (cb_fuse_unperm), left pending there. */
+static int
+cb_unpermute(cuda_backend_t *b, const int32_t *sel, int l, int T)
+{
+    if (cb_fuse_unperm(b)) {
+        b->unperm_sel = sel;
+        return MOE_OK;
+    }
+    MOE_TRY(moe_cuda_moe_unpermute(b->ye, b->hp.dim, sel, b->selw,
+                                   b->slot_of, T, b->K, b->tmp, b->stream));
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+    return cb_shared(b, l, T);
+}
+
+
+/* The FFN sublayer of layer l: its norm (with the router's stages fused
+ * into it at small T), then the dense MLP or the routed experts. */
 static int
 cb_ffn(cuda_backend_t *b, int l, int T)
 {
@@ -3042,6 +3090,42 @@ cb_ffn(cuda_backend_t *b, int l, int T)
      * experts, their weights stored from 0 */
     int                  EL = b->El, e0 = hp->expert_first;
     int32_t             *loffs = b->offs + e0;
+    int32_t             *sel = b->sel + (size_t) l * b->cap * K;
+    const float         *nw = b->ffn_norm + (size_t) l * D;
+    int                  routed = b->dense_slot[l] < 0 && E > 1, rc;
+
+    if (routed && T <= b->tune.norm_route_t && !hp->norm_layer) {
+        /* decode: norm, router, top-k and permutation in one launch */
+        rc = moe_cuda_norm_route(b->x, b->tmp, T, D, nw, hp->norm_eps,
+                                 (moe_bf16_t *) b->xb, b->xf,
+                                 b->router + (size_t) l * E * D, E, K,
+                                 !hp->router_no_renorm, b->rlogits, sel,
+                                 b->selw, b->margin + (size_t) l * b->cap,
+                                 b->offs, b->erow, b->slot_of,
+                                 b->d_ecounts + (size_t) l * E, s);
+        if (rc != MOE_K_EUNSUPPORTED) {
+            MOE_TRY(rc);
+        }
+    } else {
+        rc = MOE_K_EUNSUPPORTED;
+    }
+    if (rc == MOE_K_EUNSUPPORTED) {
+        MOE_TRY(cb_norm(b, b->tmp, NULL, T, nw,
+                        hp->norm_layer ? b->ffn_norm_b + (size_t) l * D
+                                       : NULL, b->xb,
+                        E > 1 || hp->shared_ffn_dim > 0 ? b->xf : NULL));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+        if (routed) {
+            MOE_TRY(moe_cuda_route(b->xf, T, D,
+                                   b->router + (size_t) l * E * D, E, K,
+                                   !hp->router_no_renorm, b->rlogits, sel,
+                                   b->selw, b->margin + (size_t) l * b->cap,
+                                   s));
+            MOE_TRY(moe_cuda_moe_permute(sel, T * K, E, b->offs, b->erow,
+                                         b->slot_of,
+                                         b->d_ecounts + (size_t) l * E, s));
+        }
+    }
 
     if (b->dense_slot[l] >= 0) {
         /* a dense layer of an MoE model (mlp_only_layers) */
@@ -3065,14 +3149,6 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         return cb_shared(b, l, T);
     }
 
-    int32_t *sel = b->sel + (size_t) l * b->cap * K;
-
-    MOE_TRY(moe_cuda_route(b->xf, T, D, b->router + (size_t) l * E * D, E, K,
-                           !hp->router_no_renorm, b->rlogits, sel, b->selw,
-                           b->margin + (size_t) l * b->cap, s));
-    MOE_TRY(moe_cuda_moe_permute(sel, T * K, E, b->offs, b->erow,
-                                 b->slot_of, b->d_ecounts + (size_t) l * E,
-                                 s));
     if (EL < E) {
         /* rows of other ranks' experts stay 0: the weighted un-permute
          * then adds only this rank's experts (the ranks' sum is whole) */
@@ -3090,10 +3166,7 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
         MOE_TRY(cb_experts(b, l, T, path, mr, loffs));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
-        MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of,
-                                       T, K, b->tmp, s));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
-        return cb_shared(b, l, T);
+        return cb_unpermute(b, sel, l, T);
     }
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->offs,
                                    (size_t) (E + 1) * sizeof(int32_t),
@@ -3116,10 +3189,7 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     }
     MOE_TRY(cb_experts(b, l, T, CB_PATH_BLAS, T, loffs));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
-    MOE_TRY(moe_cuda_moe_unpermute(b->ye, D, sel, b->selw, b->slot_of, T,
-                                   K, b->tmp, s));
-    MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
-    return cb_shared(b, l, T);
+    return cb_unpermute(b, sel, l, T);
 }
 
 
@@ -3173,6 +3243,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     cudaStream_t         s = b->stream;
     int                  l;
 
+    b->unperm_sel = NULL;
     MOE_TRY(moe_cuda_embed(d_tok, T, (moe_bf16_t *) b->embed, D, b->x, s));
     if (hp->learned_pos) {
         MOE_TRY(moe_cuda_add_pos(b->x, d_pos, T, D, b->pos_embed, s));
@@ -3189,6 +3260,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                         b->attn_norm + (size_t) l * D,
                         hp->norm_layer ? b->attn_norm_b + (size_t) l * D
                                        : NULL, b->xb, NULL));
+        b->unperm_sel = NULL;           /* consumed, if it was pending */
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
         if (cb_part(b, l, MOE_QP_Q)->fmt == MOE_WF_BF16) {
             /* the stacked q|k|v rows in one GEMM */
@@ -3257,13 +3329,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
         }
         MOE_TRY(cb_reduce(b, T));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_DENSE));
-        MOE_TRY(cb_norm(b, b->tmp, NULL, T, b->ffn_norm + (size_t) l * D,
-                        hp->norm_layer ? b->ffn_norm_b + (size_t) l * D
-                                       : NULL, b->xb,
-                        hp->n_experts > 1 || hp->shared_ffn_dim > 0
-                        ? b->xf : NULL));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
-        MOE_TRY(cb_ffn(b, l, T));
+        MOE_TRY(cb_ffn(b, l, T));       /* its norm first */
         MOE_TRY(cb_reduce(b, T));
     }
     if (n_out > 0 && n_out <= CB_LOGIT_ROWS) {

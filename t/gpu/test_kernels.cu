@@ -786,6 +786,250 @@ test_route(int T, int D, int E, int K, int renorm)
 
 
 /*
+ * moe_cuda_norm_route (one launch) against the four launches it replaces
+ * (add_rmsnorm, route, moe_permute) on the same fresh inputs: every output
+ * bit for bit (x, xb, xf, logits, sel, selw, margins, offsets, rows, the
+ * inverse, the running totals), and the choices against the CPU router.
+ * delta 0: no residual delta.
+ */
+static void
+test_norm_route(int T, int D, int E, int K, int renorm, int delta)
+{
+    size_t   nx = (size_t) T * D, nk = (size_t) T * K;
+    float   *x = (float *) malloc(sizeof(float) * nx);
+    float   *dl = (float *) malloc(sizeof(float) * nx);
+    float   *w = (float *) malloc(sizeof(float) * D);
+    float   *W = (float *) malloc(sizeof(float) * E * D);
+    float   *xr = (float *) malloc(sizeof(float) * nx);
+    float   *xn = (float *) malloc(sizeof(float) * D);
+    int     *sel = (int *) malloc(sizeof(int) * nk);
+    float   *selw = (float *) malloc(sizeof(float) * nk);
+    float   *mg = (float *) malloc(sizeof(float) * T);
+    /* the outputs, [0]: the separate launches, [1]: the fused one */
+    size_t   osz[11] = { 4 * nx, 2 * nx, 4 * nx, 4 * (size_t) T * E, 4 * nk,
+                         4 * nk, 4 * (size_t) T, 4 * (size_t) (E + 1),
+                         4 * nk, 4 * nk, 8 * (size_t) E };
+    void    *d[2][11], *h[2][11];
+    int      rc[2], bad = 0, cpu_bad = 0;
+    const char *name[11] = { "x", "xb", "xf", "logits", "sel", "selw",
+                             "margin", "offs", "erow", "slot_of", "tot" };
+
+    gu_fill(x, nx, 1.0f);
+    gu_fill(dl, nx, 0.5f);
+    gu_fill(w, (size_t) D, 1.0f);
+    gu_fill(W, (size_t) E * D, 1.0f);
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 11; i++) {
+            d[v][i] = gu_dev(osz[i]);
+            h[v][i] = malloc(osz[i]);
+            cudaMemset(d[v][i], 0, osz[i]);
+        }
+        cudaMemcpy(d[v][0], x, 4 * nx, cudaMemcpyHostToDevice);
+    }
+    float *d_dl = (float *) gu_up(dl, 4 * nx);
+    float *d_w = (float *) gu_up(w, 4 * (size_t) D);
+    float *d_W = (float *) gu_up(W, 4 * (size_t) E * D);
+    const float *dd = delta ? d_dl : NULL;
+
+    /* twice each: the totals add up, the rest is overwritten */
+    rc[0] = rc[1] = 0;
+    for (int rep = 0; rep < 2; rep++) {
+        if (rep == 1) {
+            cudaMemcpy(d[0][0], x, 4 * nx, cudaMemcpyHostToDevice);
+            cudaMemcpy(d[1][0], x, 4 * nx, cudaMemcpyHostToDevice);
+        }
+        rc[0] |= moe_cuda_add_rmsnorm((float *) d[0][0], dd, NULL, T, D,
+                                      d_w, 1e-5f, (moe_bf16_t *) d[0][1],
+                                      (float *) d[0][2], 0);
+        rc[0] |= moe_cuda_route((const float *) d[0][2], T, D, d_W, E, K,
+                                renorm, (float *) d[0][3],
+                                (int32_t *) d[0][4], (float *) d[0][5],
+                                (float *) d[0][6], 0);
+        rc[0] |= moe_cuda_moe_permute((const int32_t *) d[0][4], T * K, E,
+                                      (int32_t *) d[0][7],
+                                      (int32_t *) d[0][8],
+                                      (int32_t *) d[0][9],
+                                      (int64_t *) d[0][10], 0);
+        rc[1] |= moe_cuda_norm_route((float *) d[1][0], dd, T, D, d_w, 1e-5f,
+                                     (moe_bf16_t *) d[1][1],
+                                     (float *) d[1][2], d_W, E, K, renorm,
+                                     (float *) d[1][3], (int32_t *) d[1][4],
+                                     (float *) d[1][5], (float *) d[1][6],
+                                     (int32_t *) d[1][7],
+                                     (int32_t *) d[1][8],
+                                     (int32_t *) d[1][9],
+                                     (int64_t *) d[1][10], 0);
+    }
+    int ok = gu_sync_ok(rc[0] | rc[1], "norm_route");
+
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 11; i++) {
+            gu_down(h[v][i], d[v][i], osz[i]);
+        }
+    }
+    for (int i = 0; i < 11; i++) {
+        if (memcmp(h[0][i], h[1][i], osz[i]) != 0) {
+            bad++;
+            printf("# norm_route: %s differs\n", name[i]);
+        }
+    }
+    /* the CPU router on the CPU norm: the same experts */
+    for (int t = 0; t < T; t++) {
+        for (int j = 0; j < D; j++) {
+            xr[t * D + j] = x[t * D + j] + (delta ? dl[t * D + j] : 0.0f);
+        }
+        ref_rmsnorm(xn, xr + t * D, w, D, 1e-5f);
+        ref_route(xn, W, D, E, K, renorm, sel + t * K, selw + t * K, mg + t);
+    }
+    for (size_t i = 0; i < nk; i++) {
+        cpu_bad += ((int32_t *) h[1][4])[i] != sel[i];
+    }
+    TAP_OK(ok && bad == 0 && cpu_bad == 0, "norm_route T %d D %d E %d "
+           "top-%d renorm %d delta %d: the fused launch equals the four "
+           "(%d outputs differ; %d choices differ from the CPU's)", T, D,
+           E, K, renorm, delta, bad, cpu_bad);
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 11; i++) {
+            cudaFree(d[v][i]);
+            free(h[v][i]);
+        }
+    }
+    cudaFree(d_dl); cudaFree(d_w); cudaFree(d_W);
+    free(x); free(dl); free(w); free(W); free(xr); free(xn); free(sel);
+    free(selw); free(mg);
+}
+
+
+/*
+ * moe_cuda_unpermute_rmsnorm against moe_cuda_moe_unpermute +
+ * moe_cuda_add_rmsnorm on fresh inputs: x, bf16 and fp32 outputs bit for
+ * bit, with and without an output row list (the final norm's rows).
+ */
+static void
+test_unpermute_rmsnorm(int T, int D, int K, int with_rows)
+{
+    int      n = T * K, nr = with_rows ? (T + 1) / 2 : T, bad = 0;
+    size_t   nx = (size_t) T * D;
+    float   *x = (float *) malloc(4 * nx);
+    float   *ye = (float *) malloc(4 * (size_t) n * D);
+    float   *w = (float *) malloc(4 * (size_t) D);
+    float   *selw = (float *) malloc(4 * (size_t) n);
+    int32_t *sel = (int32_t *) malloc(4 * (size_t) n);
+    int32_t *slot = (int32_t *) malloc(4 * (size_t) n);
+    int32_t *rows = (int32_t *) malloc(4 * (size_t) T);
+    void    *hv[2][3];
+    size_t   osz[3] = { 4 * nx, 2 * (size_t) nr * D, 4 * (size_t) nr * D };
+
+    gu_fill(x, nx, 1.0f);
+    gu_fill(ye, (size_t) n * D, 1.0f);
+    gu_fill(w, (size_t) D, 1.0f);
+    for (int i = 0; i < n; i++) {
+        sel[i] = (int32_t) ((i % K) * 7 + (int) (gu_rand() % 3u));
+        selw[i] = gu_uniform();
+        slot[i] = (int32_t) ((i * 5 + 3) % n);      /* a permutation */
+    }
+    for (int i = 0; i < nr; i++) {
+        rows[i] = with_rows ? T - 1 - 2 * i : i;
+    }
+    float *d_ye = (float *) gu_up(ye, 4 * (size_t) n * D);
+    float *d_w = (float *) gu_up(w, 4 * (size_t) D);
+    float *d_selw = (float *) gu_up(selw, 4 * (size_t) n);
+    int32_t *d_sel = (int32_t *) gu_up(sel, 4 * (size_t) n);
+    int32_t *d_slot = (int32_t *) gu_up(slot, 4 * (size_t) n);
+    int32_t *d_rows = (int32_t *) gu_up(rows, 4 * (size_t) T);
+    float *d_tmp = (float *) gu_dev(4 * nx);
+    const int32_t *rl = with_rows ? d_rows : NULL;
+    void *dv[2][3];
+    int rc = 0;
+
+    for (int v = 0; v < 2; v++) {
+        dv[v][0] = gu_up(x, 4 * nx);
+        dv[v][1] = gu_dev(osz[1]);
+        dv[v][2] = gu_dev(osz[2]);
+    }
+    rc |= moe_cuda_moe_unpermute(d_ye, D, d_sel, d_selw, d_slot, T, K, d_tmp,
+                                 0);
+    rc |= moe_cuda_add_rmsnorm((float *) dv[0][0], d_tmp, rl, nr, D, d_w,
+                               1e-6f, (moe_bf16_t *) dv[0][1],
+                               (float *) dv[0][2], 0);
+    rc |= moe_cuda_unpermute_rmsnorm((float *) dv[1][0], d_ye, d_sel, d_selw,
+                                     d_slot, K, rl, nr, D, d_w, 1e-6f,
+                                     (moe_bf16_t *) dv[1][1],
+                                     (float *) dv[1][2], 0);
+    int ok = gu_sync_ok(rc, "unpermute_rmsnorm");
+
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 3; i++) {
+            hv[v][i] = malloc(osz[i]);
+            gu_down(hv[v][i], dv[v][i], osz[i]);
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        bad += memcmp(hv[0][i], hv[1][i], osz[i]) != 0;
+    }
+    /* the fused launch changed x at the listed rows only */
+    {
+        const float *xo = (const float *) hv[1][0];
+        int          moved = 0, listed = 0;
+
+        for (int t = 0; t < T; t++) {
+            int in = 0;
+
+            for (int i = 0; i < nr; i++) {
+                in |= rows[i] == t;
+            }
+            listed += in;
+            moved += memcmp(xo + (size_t) t * D, x + (size_t) t * D,
+                            4 * (size_t) D) != 0;
+        }
+        bad += moved != listed;
+    }
+    TAP_OK(ok && bad == 0, "unpermute_rmsnorm T %d D %d top-%d rows %d: "
+           "the fused launch equals un-permute + add_rmsnorm (%d "
+           "differences)", T, D, K, with_rows, bad);
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 3; i++) {
+            cudaFree(dv[v][i]);
+            free(hv[v][i]);
+        }
+    }
+    cudaFree(d_ye); cudaFree(d_w); cudaFree(d_selw); cudaFree(d_sel);
+    cudaFree(d_slot); cudaFree(d_rows); cudaFree(d_tmp);
+    free(x); free(ye); free(w); free(selw); free(sel); free(slot);
+    free(rows);
+}
+
+
+/* Shapes the fused launches refuse: MOE_K_EUNSUPPORTED, nothing run. */
+static void
+test_fused_refusals(void)
+{
+    float   *d_f = (float *) gu_dev(4 * 4096 * 16);
+    int32_t *d_i = (int32_t *) gu_dev(4 * 4096);
+    int      r1, r2, r3, r4;
+
+    r1 = moe_cuda_norm_route(d_f, NULL, MOE_NORM_ROUTE_MAX_T + 1, 64, d_f,
+                             1e-5f, (moe_bf16_t *) d_f, d_f, d_f, 8, 2, 1,
+                             d_f, d_i, d_f, NULL, d_i, d_i, d_i, NULL, 0);
+    r2 = moe_cuda_norm_route(d_f, NULL, 1, 66, d_f, 1e-5f,
+                             (moe_bf16_t *) d_f, d_f, d_f, 8, 2, 1, d_f, d_i,
+                             d_f, NULL, d_i, d_i, d_i, NULL, 0);
+    r3 = moe_cuda_unpermute_rmsnorm(d_f, d_f, d_i, d_f, d_i, 65, NULL, 1, 64,
+                                    d_f, 1e-5f, (moe_bf16_t *) d_f, NULL, 0);
+    r4 = moe_cuda_unpermute_rmsnorm(d_f + 1, d_f, d_i, d_f, d_i, 2, NULL, 1,
+                                    64, d_f, 1e-5f, (moe_bf16_t *) d_f, NULL,
+                                    0);
+    TAP_OK(r1 == MOE_K_EUNSUPPORTED && r2 == MOE_K_EUNSUPPORTED
+           && r3 == MOE_K_EUNSUPPORTED && r4 == MOE_K_EUNSUPPORTED
+           && cudaDeviceSynchronize() == cudaSuccess,
+           "fused decode kernels refuse T > %d, D %% 4 != 0, top-65 and a "
+           "misaligned x (%d %d %d %d)", MOE_NORM_ROUTE_MAX_T, r1, r2, r3,
+           r4);
+    cudaFree(d_f); cudaFree(d_i);
+}
+
+
+/*
  * moe_permute (one launch): offsets, the stable row order and its inverse
  * against the CPU, and the running totals after two calls.
  */
@@ -1667,6 +1911,16 @@ main(void)
     test_permute_one(3000, 8, 2);       /* several 1024-slot windows */
     test_permute_one(300, 64, 8);
     test_permute_one(1, 60, 4);
+    test_norm_route(1, 4096, 8, 2, 1, 1);       /* mixtral decode */
+    test_norm_route(4, 2048, 64, 8, 1, 1);      /* olmoe-like, 4 tokens */
+    test_norm_route(MOE_NORM_ROUTE_MAX_T, 200, 60, 4, 0, 1);
+    test_norm_route(3, 14000, 8, 2, 1, 0);      /* 4 float4 a thread */
+    test_norm_route(2, 4096, 256, 8, 1, 1);     /* the most experts */
+    test_unpermute_rmsnorm(1, 4096, 2, 0);
+    test_unpermute_rmsnorm(7, 2048, 8, 0);
+    test_unpermute_rmsnorm(9, 200, 4, 1);
+    test_unpermute_rmsnorm(5, 14000, 2, 1);
+    test_fused_refusals();
     test_gemv(8, 100, 264, 20, 0, 1, 2);        /* k tail, gathered rows */
     test_gemv(8, 72, 512, 70, 1, 1, 8);         /* SiLU, 2 passes */
     test_gemv(1, 1000, 256, 5, 0, 0, 1);        /* dense, no offsets */
