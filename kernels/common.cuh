@@ -67,6 +67,31 @@ moe_pdl_enter(void)
 }
 
 
+/* Bring the 128-byte line of p into L2: a hint (no register, no wait); L2
+ * is coherent, so it may come before moe_pdl_enter for data that the
+ * kernels before never write (weights). */
+__device__ __forceinline__ void
+moe_prefetch_l2(const void *p)
+{
+    asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
+}
+
+
+/* moe_prefetch_l2 over [p, p + bytes), the block's threads striding the
+ * lines. */
+__device__ __forceinline__ void
+moe_prefetch_l2_span(const void *p, size_t bytes)
+{
+    const char *c = static_cast<const char *>(p);
+
+    for (size_t o = (size_t) threadIdx.x * 128; o < bytes;
+         o += (size_t) blockDim.x * 128)
+    {
+        moe_prefetch_l2(c + o);
+    }
+}
+
+
 /*
  * Launch `kernel` like kernel<<<grid, block, smem, s>>>(args...), with
  * programmatic stream serialization when moe_cuda_pdl_get() (the kernel

@@ -13,6 +13,8 @@
  *    warp tree (the CPU sums in order): weights may differ from the CPU's
  *    in the last bits; the choices differ only where two probabilities tie
  *    within that.
+ * 3. kernel_norm_route (below): at decode, the FFN norm, the logits, the
+ *    top-k and the permutation in one block, handing over on chip.
  */
 #include <math.h>
 
@@ -27,34 +29,30 @@
 #define TOPK_WARPS     4           /* tokens per top-k block */
 
 
-/*
- * Logit of expert e for tokens t0 .. t0 + ROUTE_RT - 1 (fewer at the end)
- * by ROUTE_THREADS threads (tid: the thread's index among them; red: their
- * ROUTE_THREADS / 32 x ROUTE_RT floats of shared memory).  Every thread of
- * the block calls it (it syncs the block); on == false: the group has no
- * expert this round and only syncs.
- */
 template <bool VEC>
-__device__ __forceinline__ void
-route_logits_tile(const float *xf, int T, int D, const float *router, int E,
-    int e, int t0, float *logits, float (*red)[ROUTE_RT], int tid, bool on)
+__global__ void __launch_bounds__(ROUTE_THREADS)
+kernel_route_logits(const float *xf, int T, int D, const float *router,
+    int E, float *logits)
 {
-    int          nt = T - t0 < ROUTE_RT ? T - t0 : ROUTE_RT;
-    int          lane = tid & 31, warp = tid >> 5;
-    const float *w = router + (size_t) e * D;
-    const float *x = xf + (size_t) t0 * D;
-    float        acc[ROUTE_RT];
+    moe_pdl_enter();
+    __shared__ float red[ROUTE_THREADS / 32][ROUTE_RT];
+    int              e = blockIdx.x, t0 = blockIdx.y * ROUTE_RT;
+    int              nt = T - t0 < ROUTE_RT ? T - t0 : ROUTE_RT;
+    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float     *w = router + (size_t) e * D;
+    const float     *x = xf + (size_t) t0 * D;
+    float            acc[ROUTE_RT];
 
 #pragma unroll
     for (int j = 0; j < ROUTE_RT; j++) {
         acc[j] = 0.0f;
     }
-    if (on && VEC) {
+    if (VEC) {
         const float4 *w4 = reinterpret_cast<const float4 *>(w);
         int           D4 = D >> 2;
 
 #pragma unroll 4
-        for (int i = tid; i < D4; i += ROUTE_THREADS) {
+        for (int i = threadIdx.x; i < D4; i += ROUTE_THREADS) {
             float4 wv = __ldg(w4 + i);
 
 #pragma unroll
@@ -68,8 +66,8 @@ route_logits_tile(const float *xf, int T, int D, const float *router, int E,
                 }
             }
         }
-    } else if (on) {
-        for (int i = tid; i < D; i += ROUTE_THREADS) {
+    } else {
+        for (int i = threadIdx.x; i < D; i += ROUTE_THREADS) {
             float wv = w[i];
 
 #pragma unroll
@@ -89,43 +87,30 @@ route_logits_tile(const float *xf, int T, int D, const float *router, int E,
         }
     }
     __syncthreads();
-    if (on && tid < nt) {
+    if (threadIdx.x < nt) {
         float s = 0.0f;
 
         for (int wi = 0; wi < ROUTE_THREADS / 32; wi++) {
-            s += red[wi][tid];
+            s += red[wi][threadIdx.x];
         }
-        logits[(size_t) (t0 + tid) * E + e] = s;
+        logits[(size_t) (t0 + threadIdx.x) * E + e] = s;
     }
 }
 
 
-template <bool VEC>
-__global__ void __launch_bounds__(ROUTE_THREADS)
-kernel_route_logits(const float *xf, int T, int D, const float *router,
-    int E, float *logits)
-{
-    moe_pdl_enter();
-    __shared__ float red[ROUTE_THREADS / 32][ROUTE_RT];
-
-    route_logits_tile<VEC>(xf, T, D, router, E, blockIdx.x,
-                           blockIdx.y * ROUTE_RT, logits, red,
-                           threadIdx.x, true);
-}
-
-
 /*
- * Softmax and top-k of token t by one warp (lg: E floats of shared memory
- * for the warp): sel, selw, margin as moe_cuda_route writes them.
+ * Softmax and top-k of token t (its E logits at lrow) by one warp (lg: E
+ * floats of shared memory for the warp): sel, selw, margin as
+ * moe_cuda_route writes them.
  */
 __device__ __forceinline__ void
-route_topk_token(const float *logits, int t, int E, int K, int renorm,
+route_topk_token(const float *lrow, int t, int E, int K, int renorm,
     int32_t *sel, float *selw, float *margin, float *lg)
 {
     int lane = threadIdx.x & 31;
 
     for (int e = lane; e < E; e += 32) {
-        lg[e] = logits[(size_t) t * E + e];
+        lg[e] = lrow[e];
     }
     __syncwarp();
 
@@ -204,21 +189,35 @@ kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
     if (t >= T) {
         return;                 /* uniform over the warp; no block barrier */
     }
-    route_topk_token(logits, t, E, K, renorm, sel, selw, margin, lgs[warp]);
+    route_topk_token(logits + (size_t) t * E, t, E, K, renorm, sel, selw,
+                     margin, lgs[warp]);
 }
 
 
 /*
  * The decode steps' FFN entry in one block of MOE_RMS_THREADS threads
- * (moe_cuda_norm_route): the rows' residual add + RMSNorm (moe_rms_row),
- * the router logits by four groups of ROUTE_THREADS threads (an expert
- * each per round, route_logits_tile), the top-k by one warp per token,
- * the permutation (moe_permute_block).  Each stage is the separate
- * kernels' code: the same results, bit for bit.
+ * (moe_cuda_norm_route).  Separate launches cost a memory round trip each
+ * between stages that depend on each other (ncu, H200: norm 3.4, logits
+ * 4.0, top-k 4.2, permutation 3.6 us, and a one-block kernel chaining the
+ * same four stages through global memory took 15.6); here the stages hand
+ * over in registers and shared memory:
+ *  - before the PDL wait, the router and norm weights are prefetched into
+ *    L2 (weights: no kernel before writes them);
+ *  - each row's residual add + RMSNorm (moe_rms_row) leaves the thread's
+ *    normalized values in registers; the thread dots them with the same
+ *    elements of NR_EC router rows at a time, and the block sums those
+ *    (warp shuffles, then one warp per expert over the warps' sums in
+ *    shared memory) into the logits row in shared memory;
+ *  - one warp per token takes the top-k from there (route_topk_token);
+ *  - the permutation (moe_permute_block).
+ * Results: x, xb, xf, the permutation bit for bit as the separate
+ * launches; the logits in another fp32 summation order (so the weights
+ * and margins within fp32 rounding of theirs).
  */
-#define NR_GROUPS (MOE_RMS_THREADS / ROUTE_THREADS)
+#define NR_EC  8                 /* experts per logits round */
+#define NR_MAX_ROUNDS 8          /* most T * ceil(E / NR_EC) */
 
-template <int NV, bool VEC>
+template <int NV>
 __global__ void __launch_bounds__(MOE_RMS_THREADS)
 kernel_norm_route(float *x, const float *delta, int T, int D, const float *w,
     float eps, __nv_bfloat16 *xb, float *xf, const float *router, int E,
@@ -226,41 +225,81 @@ kernel_norm_route(float *x, const float *delta, int T, int D, const float *w,
     float *margin, int32_t *offs, int32_t *erow, int32_t *slot_of,
     unsigned long long *tot)
 {
+    moe_prefetch_l2_span(router, (size_t) E * D * sizeof(float));
+    moe_prefetch_l2_span(w, (size_t) D * sizeof(float));
     moe_pdl_enter();
     __shared__ float sh[32];
-    __shared__ float red[NR_GROUPS][ROUTE_THREADS / 32][ROUTE_RT];
+    __shared__ float part[MOE_RMS_THREADS / 32][NR_EC];
     __shared__ union {
-        float         lgs[MOE_NORM_ROUTE_MAX_T][ROUTE_MAX_E];
+        float         lg[MOE_NORM_ROUTE_MAX_T][2][ROUTE_MAX_E];
         moe_perm_smem perm;
     } u;
-    int              grp = threadIdx.x / ROUTE_THREADS;
-    int              warp = threadIdx.x >> 5;
+    const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int     D4 = D >> 2;
+    const float4 *r4 = reinterpret_cast<const float4 *>(router);
 
     for (int t = 0; t < T; t++) {
+        float4 o[NV];
+
         if (delta != NULL) {
             moe_rms_row_delta dl = {
                 reinterpret_cast<const float4 *>(delta + (size_t) t * D) };
 
             moe_rms_row<NV>(x + (size_t) t * D, dl, D, w, eps,
-                            xb + (size_t) t * D, xf + (size_t) t * D, sh);
+                            xb + (size_t) t * D, xf + (size_t) t * D, sh, o);
         } else {
             moe_rms_row<NV>(x + (size_t) t * D, moe_rms_no_delta(), D, w,
                             eps, xb + (size_t) t * D, xf + (size_t) t * D,
-                            sh);
+                            sh, o);
+        }
+        for (int e0 = 0; e0 < E; e0 += NR_EC) {
+            float p[NR_EC];
+
+#pragma unroll
+            for (int c = 0; c < NR_EC; c++) {
+                p[c] = 0.0f;
+            }
+#pragma unroll
+            for (int j = 0; j < NV; j++) {
+                int d = threadIdx.x + j * MOE_RMS_THREADS;
+
+#pragma unroll
+                for (int c = 0; c < NR_EC; c++) {
+                    if (d < D4 && e0 + c < E) {
+                        float4 rv = __ldg(r4 + (size_t) (e0 + c) * D4 + d);
+
+                        p[c] += rv.x * o[j].x + rv.y * o[j].y
+                                + rv.z * o[j].z + rv.w * o[j].w;
+                    }
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < NR_EC; c++) {
+                p[c] = moe_warp_sum(p[c]);
+            }
+            if (lane == 0) {
+#pragma unroll
+                for (int c = 0; c < NR_EC; c++) {
+                    part[warp][c] = p[c];
+                }
+            }
+            __syncthreads();
+            if (warp < NR_EC && e0 + warp < E) {
+                float v = moe_warp_sum(part[lane][warp]);
+
+                if (lane == 0) {
+                    u.lg[t][0][e0 + warp] = v;
+                    logits[(size_t) t * E + e0 + warp] = v;
+                }
+            }
+            __syncthreads();            /* part read before the next round */
         }
     }
-    __syncthreads();                    /* xf written */
-    for (int e0 = 0; e0 < E; e0 += NR_GROUPS) {
-        route_logits_tile<VEC>(xf, T, D, router, E, e0 + grp, 0, logits,
-                               red[grp], threadIdx.x % ROUTE_THREADS,
-                               e0 + grp < E);
-        __syncthreads();                /* red read before the next round */
-    }
     if (warp < T) {
-        route_topk_token(logits, warp, E, K, renorm, sel, selw, margin,
-                         u.lgs[warp]);
+        route_topk_token(u.lg[warp][0], warp, E, K, renorm, sel, selw, margin,
+                         u.lg[warp][1]);
     }
-    __syncthreads();                    /* sel written, lgs free */
+    __syncthreads();                    /* sel written, lg free */
     moe_permute_block(sel, T * K, E, offs, erow, slot_of, tot, u.perm);
 }
 
@@ -303,13 +342,13 @@ moe_cuda_norm_route(float *x, const float *delta, int T, int D,
     int32_t *sel, float *selw, float *margin, int32_t *offs, int32_t *erow,
     int32_t *slot_of, int64_t *tot, cudaStream_t stream)
 {
-    int  nv = moe_rms_nv(D);
-    bool vec = ((uintptr_t) router & 15) == 0;
+    int nv = moe_rms_nv(D);
 
     if (T < 1 || T > MOE_NORM_ROUTE_MAX_T || nv == 0 || E < 1
         || E > ROUTE_MAX_E || E > MOE_PERM_MAX_E || K < 1 || K > E
+        || T * ((E + NR_EC - 1) / NR_EC) > NR_MAX_ROUNDS
         || ((uintptr_t) x | (uintptr_t) delta | (uintptr_t) w
-            | (uintptr_t) xf) % 16 != 0
+            | (uintptr_t) xf | (uintptr_t) router) % 16 != 0
         || (uintptr_t) xb % 8 != 0)
     {
         moe_cuda_set_error("norm_route: %d tokens, D %d, %d experts, "
@@ -317,23 +356,14 @@ moe_cuda_norm_route(float *x, const float *delta, int T, int D,
                            K);
         return MOE_K_EUNSUPPORTED;
     }
-#define NORM_ROUTE(NV, V)                                                  \
-    moe_launch(kernel_norm_route<NV, V>, 1, MOE_RMS_THREADS, 0, stream, x, \
+#define NORM_ROUTE(NV)                                                     \
+    moe_launch(kernel_norm_route<NV>, 1, MOE_RMS_THREADS, 0, stream, x,    \
                delta, T, D, w, eps,                                        \
                reinterpret_cast<__nv_bfloat16 *>(xb), xf, router, E, K,    \
                renorm, logits, sel, selw, margin, offs, erow, slot_of,     \
                reinterpret_cast<unsigned long long *>(tot))
-    if (vec) {
-        MOE_CUDA_CHECK(nv == 1 ? NORM_ROUTE(1, true)
-                       : nv == 2 ? NORM_ROUTE(2, true)
-                       : nv == 4 ? NORM_ROUTE(4, true)
-                       : NORM_ROUTE(8, true));
-    } else {
-        MOE_CUDA_CHECK(nv == 1 ? NORM_ROUTE(1, false)
-                       : nv == 2 ? NORM_ROUTE(2, false)
-                       : nv == 4 ? NORM_ROUTE(4, false)
-                       : NORM_ROUTE(8, false));
-    }
+    MOE_CUDA_CHECK(nv == 1 ? NORM_ROUTE(1) : nv == 2 ? NORM_ROUTE(2)
+                   : nv == 4 ? NORM_ROUTE(4) : NORM_ROUTE(8));
 #undef NORM_ROUTE
     return MOE_K_OK;
 }

@@ -466,14 +466,6 @@ q4m_sub(uint32_t a, uint32_t b)
 }
 
 
-/* Bring the 128-byte line of p into L2 (no register, no wait). */
-__device__ __forceinline__ void
-q4m_prefetch(const void *p)
-{
-    asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
-}
-
-
 /*
  * Prefetch into L2 the weight words lane (g, t) will load in iteration
  * it (the same addresses as the loads; nothing past K or Ntot).
@@ -497,7 +489,7 @@ q4m_prefetch_iter(const uint32_t *qw, int it, int nu, int t, int cc,
             int wr = 4 * (it * nu + u) + t;
 
             if (8 * wr < K) {
-                q4m_prefetch(qw + (size_t) wr * Ntot + cc);
+                moe_prefetch_l2(qw + (size_t) wr * Ntot + cc);
             }
         } else {
             int k = 16 * (it * nu + u) + 4 * t;
@@ -505,7 +497,7 @@ q4m_prefetch_iter(const uint32_t *qw, int it, int nu, int t, int cc,
             if (k < K) {
 #pragma unroll
                 for (int q = 0; q < 4; q++) {
-                    q4m_prefetch(qw + (size_t) (k + q) * Nw + wc);
+                    moe_prefetch_l2(qw + (size_t) (k + q) * Nw + wc);
                 }
             }
         }

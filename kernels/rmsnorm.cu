@@ -59,15 +59,16 @@ kernel_add_rmsnorm_v(float *__restrict__ x, const float *__restrict__ delta,
     int              r = rows != NULL ? rows[i] : i;
     __nv_bfloat16   *o = out != NULL ? out + (size_t) i * D : NULL;
     float           *of = out_f32 != NULL ? out_f32 + (size_t) i * D : NULL;
+    float4           keep[NV];
 
     if (delta != NULL) {
         moe_rms_row_delta dl = {
             reinterpret_cast<const float4 *>(delta + (size_t) r * D) };
 
-        moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps, o, of, sh);
+        moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps, o, of, sh, keep);
     } else {
         moe_rms_row<NV>(x + (size_t) r * D, moe_rms_no_delta(), D, w, eps, o,
-                        of, sh);
+                        of, sh, keep);
     }
 }
 
@@ -94,6 +95,7 @@ kernel_unpermute_rmsnorm(float *__restrict__ x, const float *__restrict__ ye,
     const int32_t *rows, int D, const float *__restrict__ w, float eps,
     __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32)
 {
+    moe_prefetch_l2_span(w, (size_t) D * sizeof(float));    /* a weight */
     moe_pdl_enter();
     __shared__ float sh[32];
     __shared__ int   ord_row[MOE_UNPERM_MAX_K];
@@ -105,10 +107,12 @@ kernel_unpermute_rmsnorm(float *__restrict__ x, const float *__restrict__ ye,
     __syncthreads();
 
     moe_rms_unperm_delta dl = { ye, ord_row, ord_w, D, K };
+    float4               keep[NV];
 
     moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps,
                     out != NULL ? out + (size_t) i * D : NULL,
-                    out_f32 != NULL ? out_f32 + (size_t) i * D : NULL, sh);
+                    out_f32 != NULL ? out_f32 + (size_t) i * D : NULL, sh,
+                    keep);
 }
 
 

@@ -787,9 +787,10 @@ test_route(int T, int D, int E, int K, int renorm)
 
 /*
  * moe_cuda_norm_route (one launch) against the four launches it replaces
- * (add_rmsnorm, route, moe_permute) on the same fresh inputs: every output
- * bit for bit (x, xb, xf, logits, sel, selw, margins, offsets, rows, the
- * inverse, the running totals), and the choices against the CPU router.
+ * (add_rmsnorm, route, moe_permute) on the same fresh inputs: x, xb, xf,
+ * the choices, offsets, rows, the inverse and the running totals bit for
+ * bit; the logits, weights and margins (another fp32 summation order)
+ * within 1e-5 relative RMS; and the choices against the CPU router.
  * delta 0: no residual delta.
  */
 static void
@@ -867,8 +868,16 @@ test_norm_route(int T, int D, int E, int K, int renorm, int delta)
             gu_down(h[v][i], d[v][i], osz[i]);
         }
     }
+    double fe = 0.0;
+
     for (int i = 0; i < 11; i++) {
-        if (memcmp(h[0][i], h[1][i], osz[i]) != 0) {
+        if (i == 3 || i == 5 || i == 6) {       /* logits, selw, margin */
+            double e = gu_relerr((const float *) h[1][i],
+                                 (const float *) h[0][i], osz[i] / 4);
+
+            fe = e > fe ? e : fe;
+            bad += !(e <= 1e-5);
+        } else if (memcmp(h[0][i], h[1][i], osz[i]) != 0) {
             bad++;
             printf("# norm_route: %s differs\n", name[i]);
         }
@@ -885,9 +894,9 @@ test_norm_route(int T, int D, int E, int K, int renorm, int delta)
         cpu_bad += ((int32_t *) h[1][4])[i] != sel[i];
     }
     TAP_OK(ok && bad == 0 && cpu_bad == 0, "norm_route T %d D %d E %d "
-           "top-%d renorm %d delta %d: the fused launch equals the four "
-           "(%d outputs differ; %d choices differ from the CPU's)", T, D,
-           E, K, renorm, delta, bad, cpu_bad);
+           "top-%d renorm %d delta %d: the fused launch matches the four "
+           "(%d outputs differ; float err %.1e; %d choices differ from the "
+           "CPU's)", T, D, E, K, renorm, delta, bad, fe, cpu_bad);
     for (int v = 0; v < 2; v++) {
         for (int i = 0; i < 11; i++) {
             cudaFree(d[v][i]);
@@ -1006,7 +1015,7 @@ test_fused_refusals(void)
 {
     float   *d_f = (float *) gu_dev(4 * 4096 * 16);
     int32_t *d_i = (int32_t *) gu_dev(4 * 4096);
-    int      r1, r2, r3, r4;
+    int      r1, r2, r3, r4, r5;
 
     r1 = moe_cuda_norm_route(d_f, NULL, MOE_NORM_ROUTE_MAX_T + 1, 64, d_f,
                              1e-5f, (moe_bf16_t *) d_f, d_f, d_f, 8, 2, 1,
@@ -1014,17 +1023,21 @@ test_fused_refusals(void)
     r2 = moe_cuda_norm_route(d_f, NULL, 1, 66, d_f, 1e-5f,
                              (moe_bf16_t *) d_f, d_f, d_f, 8, 2, 1, d_f, d_i,
                              d_f, NULL, d_i, d_i, d_i, NULL, 0);
+    r5 = moe_cuda_norm_route(d_f, NULL, 2, 64, d_f, 1e-5f,
+                             (moe_bf16_t *) d_f, d_f, d_f, 60, 2, 1, d_f, d_i,
+                             d_f, NULL, d_i, d_i, d_i, NULL, 0);
     r3 = moe_cuda_unpermute_rmsnorm(d_f, d_f, d_i, d_f, d_i, 65, NULL, 1, 64,
                                     d_f, 1e-5f, (moe_bf16_t *) d_f, NULL, 0);
     r4 = moe_cuda_unpermute_rmsnorm(d_f + 1, d_f, d_i, d_f, d_i, 2, NULL, 1,
                                     64, d_f, 1e-5f, (moe_bf16_t *) d_f, NULL,
                                     0);
     TAP_OK(r1 == MOE_K_EUNSUPPORTED && r2 == MOE_K_EUNSUPPORTED
-           && r3 == MOE_K_EUNSUPPORTED && r4 == MOE_K_EUNSUPPORTED
+           && r5 == MOE_K_EUNSUPPORTED && r3 == MOE_K_EUNSUPPORTED
+           && r4 == MOE_K_EUNSUPPORTED
            && cudaDeviceSynchronize() == cudaSuccess,
-           "fused decode kernels refuse T > %d, D %% 4 != 0, top-65 and a "
-           "misaligned x (%d %d %d %d)", MOE_NORM_ROUTE_MAX_T, r1, r2, r3,
-           r4);
+           "fused decode kernels refuse T > %d, D %% 4 != 0, 2 x 8 expert "
+           "rounds, top-65 and a misaligned x (%d %d %d %d %d)",
+           MOE_NORM_ROUTE_MAX_T, r1, r2, r5, r3, r4);
     cudaFree(d_f); cudaFree(d_i);
 }
 
@@ -1912,10 +1925,10 @@ main(void)
     test_permute_one(300, 64, 8);
     test_permute_one(1, 60, 4);
     test_norm_route(1, 4096, 8, 2, 1, 1);       /* mixtral decode */
-    test_norm_route(4, 2048, 64, 8, 1, 1);      /* olmoe-like, 4 tokens */
-    test_norm_route(MOE_NORM_ROUTE_MAX_T, 200, 60, 4, 0, 1);
+    test_norm_route(1, 2048, 64, 8, 1, 1);      /* olmoe-like: 8 rounds */
+    test_norm_route(2, 200, 30, 4, 0, 1);       /* partial expert round */
+    test_norm_route(MOE_NORM_ROUTE_MAX_T, 4096, 8, 2, 1, 1);
     test_norm_route(3, 14000, 8, 2, 1, 0);      /* 4 float4 a thread */
-    test_norm_route(2, 4096, 256, 8, 1, 1);     /* the most experts */
     test_unpermute_rmsnorm(1, 4096, 2, 0);
     test_unpermute_rmsnorm(7, 2048, 8, 0);
     test_unpermute_rmsnorm(9, 200, 4, 1);
