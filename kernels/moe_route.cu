@@ -13,15 +13,11 @@
  *    warp tree (the CPU sums in order): weights may differ from the CPU's
  *    in the last bits; the choices differ only where two probabilities tie
  *    within that.
- * 3. kernel_norm_route (below): at decode, the FFN norm, the logits, the
- *    top-k and the permutation in one block, handing over on chip.
  */
 #include <math.h>
 
 #include "common.cuh"
-#include "moe_permute.cuh"
 #include "moe_route.h"
-#include "rmsnorm.cuh"
 
 #define ROUTE_MAX_E    256
 #define ROUTE_RT       8           /* tokens per logits block */
@@ -98,19 +94,21 @@ kernel_route_logits(const float *xf, int T, int D, const float *router,
 }
 
 
-/*
- * Softmax and top-k of token t (its E logits at lrow) by one warp (lg: E
- * floats of shared memory for the warp): sel, selw, margin as
- * moe_cuda_route writes them.
- */
-__device__ __forceinline__ void
-route_topk_token(const float *lrow, int t, int E, int K, int renorm,
-    int32_t *sel, float *selw, float *margin, float *lg)
+__global__ void __launch_bounds__(TOPK_WARPS * 32)
+kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin)
 {
-    int lane = threadIdx.x & 31;
+    moe_pdl_enter();
+    __shared__ float lgs[TOPK_WARPS][ROUTE_MAX_E];
+    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int              t = blockIdx.x * TOPK_WARPS + warp;
+    float           *lg = lgs[warp];
 
+    if (t >= T) {
+        return;                 /* uniform over the warp; no block barrier */
+    }
     for (int e = lane; e < E; e += 32) {
-        lg[e] = lrow[e];
+        lg[e] = logits[(size_t) t * E + e];
     }
     __syncwarp();
 
@@ -177,133 +175,6 @@ route_topk_token(const float *lrow, int t, int E, int K, int renorm,
 }
 
 
-__global__ void __launch_bounds__(TOPK_WARPS * 32)
-kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
-    int32_t *sel, float *selw, float *margin)
-{
-    moe_pdl_enter();
-    __shared__ float lgs[TOPK_WARPS][ROUTE_MAX_E];
-    int              warp = threadIdx.x >> 5;
-    int              t = blockIdx.x * TOPK_WARPS + warp;
-
-    if (t >= T) {
-        return;                 /* uniform over the warp; no block barrier */
-    }
-    route_topk_token(logits + (size_t) t * E, t, E, K, renorm, sel, selw,
-                     margin, lgs[warp]);
-}
-
-
-/*
- * The decode steps' FFN entry in one block of MOE_RMS_THREADS threads
- * (moe_cuda_norm_route).  Separate launches cost a memory round trip each
- * between stages that depend on each other (ncu, H200: norm 3.4, logits
- * 4.0, top-k 4.2, permutation 3.6 us, and a one-block kernel chaining the
- * same four stages through global memory took 15.6); here the stages hand
- * over in registers and shared memory:
- *  - before the PDL wait, the router and norm weights are prefetched into
- *    L2 (weights: no kernel before writes them);
- *  - each row's residual add + RMSNorm (moe_rms_row) leaves the thread's
- *    normalized values in registers; the thread dots them with the same
- *    elements of NR_EC router rows at a time, and the block sums those
- *    (warp shuffles, then one warp per expert over the warps' sums in
- *    shared memory) into the logits row in shared memory;
- *  - one warp per token takes the top-k from there (route_topk_token);
- *  - the permutation (moe_permute_block).
- * Results: x, xb, xf, the permutation bit for bit as the separate
- * launches; the logits in another fp32 summation order (so the weights
- * and margins within fp32 rounding of theirs).
- */
-#define NR_EC  8                 /* experts per logits round */
-#define NR_MAX_ROUNDS 8          /* most T * ceil(E / NR_EC) */
-
-template <int NV>
-__global__ void __launch_bounds__(MOE_RMS_THREADS)
-kernel_norm_route(float *x, const float *delta, int T, int D, const float *w,
-    float eps, __nv_bfloat16 *xb, float *xf, const float *router, int E,
-    int K, int renorm, float *logits, int32_t *sel, float *selw,
-    float *margin, int32_t *offs, int32_t *erow, int32_t *slot_of,
-    unsigned long long *tot)
-{
-    moe_prefetch_l2_span(router, (size_t) E * D * sizeof(float));
-    moe_prefetch_l2_span(w, (size_t) D * sizeof(float));
-    moe_pdl_enter();
-    __shared__ float sh[32];
-    __shared__ float part[MOE_RMS_THREADS / 32][NR_EC];
-    __shared__ union {
-        float         lg[MOE_NORM_ROUTE_MAX_T][2][ROUTE_MAX_E];
-        moe_perm_smem perm;
-    } u;
-    const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int     D4 = D >> 2;
-    const float4 *r4 = reinterpret_cast<const float4 *>(router);
-
-    for (int t = 0; t < T; t++) {
-        float4 o[NV];
-
-        if (delta != NULL) {
-            moe_rms_row_delta dl = {
-                reinterpret_cast<const float4 *>(delta + (size_t) t * D) };
-
-            moe_rms_row<NV>(x + (size_t) t * D, dl, D, w, eps,
-                            xb + (size_t) t * D, xf + (size_t) t * D, sh, o);
-        } else {
-            moe_rms_row<NV>(x + (size_t) t * D, moe_rms_no_delta(), D, w,
-                            eps, xb + (size_t) t * D, xf + (size_t) t * D,
-                            sh, o);
-        }
-        for (int e0 = 0; e0 < E; e0 += NR_EC) {
-            float p[NR_EC];
-
-#pragma unroll
-            for (int c = 0; c < NR_EC; c++) {
-                p[c] = 0.0f;
-            }
-#pragma unroll
-            for (int j = 0; j < NV; j++) {
-                int d = threadIdx.x + j * MOE_RMS_THREADS;
-
-#pragma unroll
-                for (int c = 0; c < NR_EC; c++) {
-                    if (d < D4 && e0 + c < E) {
-                        float4 rv = __ldg(r4 + (size_t) (e0 + c) * D4 + d);
-
-                        p[c] += rv.x * o[j].x + rv.y * o[j].y
-                                + rv.z * o[j].z + rv.w * o[j].w;
-                    }
-                }
-            }
-#pragma unroll
-            for (int c = 0; c < NR_EC; c++) {
-                p[c] = moe_warp_sum(p[c]);
-            }
-            if (lane == 0) {
-#pragma unroll
-                for (int c = 0; c < NR_EC; c++) {
-                    part[warp][c] = p[c];
-                }
-            }
-            __syncthreads();
-            if (warp < NR_EC && e0 + warp < E) {
-                float v = moe_warp_sum(part[lane][warp]);
-
-                if (lane == 0) {
-                    u.lg[t][0][e0 + warp] = v;
-                    logits[(size_t) t * E + e0 + warp] = v;
-                }
-            }
-            __syncthreads();            /* part read before the next round */
-        }
-    }
-    if (warp < T) {
-        route_topk_token(u.lg[warp][0], warp, E, K, renorm, sel, selw, margin,
-                         u.lg[warp][1]);
-    }
-    __syncthreads();                    /* sel written, lg free */
-    moe_permute_block(sel, T * K, E, offs, erow, slot_of, tot, u.perm);
-}
-
-
 extern "C" int
 moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
     int K, int renorm, float *logits, int32_t *sel, float *selw, float *margin,
@@ -331,39 +202,5 @@ moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
     MOE_CUDA_CHECK(moe_launch(kernel_route_topk,
         (T + TOPK_WARPS - 1) / TOPK_WARPS, TOPK_WARPS * 32, 0, stream, logits,
         T, E, K, renorm, sel, selw, margin));
-    return MOE_K_OK;
-}
-
-
-extern "C" int
-moe_cuda_norm_route(float *x, const float *delta, int T, int D,
-    const float *w, float eps, moe_bf16_t *xb, float *xf,
-    const float *router, int E, int K, int renorm, float *logits,
-    int32_t *sel, float *selw, float *margin, int32_t *offs, int32_t *erow,
-    int32_t *slot_of, int64_t *tot, cudaStream_t stream)
-{
-    int nv = moe_rms_nv(D);
-
-    if (T < 1 || T > MOE_NORM_ROUTE_MAX_T || nv == 0 || E < 1
-        || E > ROUTE_MAX_E || E > MOE_PERM_MAX_E || K < 1 || K > E
-        || T * ((E + NR_EC - 1) / NR_EC) > NR_MAX_ROUNDS
-        || ((uintptr_t) x | (uintptr_t) delta | (uintptr_t) w
-            | (uintptr_t) xf | (uintptr_t) router) % 16 != 0
-        || (uintptr_t) xb % 8 != 0)
-    {
-        moe_cuda_set_error("norm_route: %d tokens, D %d, %d experts, "
-                           "top-%d or the alignment not supported", T, D, E,
-                           K);
-        return MOE_K_EUNSUPPORTED;
-    }
-#define NORM_ROUTE(NV)                                                     \
-    moe_launch(kernel_norm_route<NV>, 1, MOE_RMS_THREADS, 0, stream, x,    \
-               delta, T, D, w, eps,                                        \
-               reinterpret_cast<__nv_bfloat16 *>(xb), xf, router, E, K,    \
-               renorm, logits, sel, selw, margin, offs, erow, slot_of,     \
-               reinterpret_cast<unsigned long long *>(tot))
-    MOE_CUDA_CHECK(nv == 1 ? NORM_ROUTE(1) : nv == 2 ? NORM_ROUTE(2)
-                   : nv == 4 ? NORM_ROUTE(4) : NORM_ROUTE(8));
-#undef NORM_ROUTE
     return MOE_K_OK;
 }

@@ -59,16 +59,15 @@ kernel_add_rmsnorm_v(float *__restrict__ x, const float *__restrict__ delta,
     int              r = rows != NULL ? rows[i] : i;
     __nv_bfloat16   *o = out != NULL ? out + (size_t) i * D : NULL;
     float           *of = out_f32 != NULL ? out_f32 + (size_t) i * D : NULL;
-    float4           keep[NV];
 
     if (delta != NULL) {
         moe_rms_row_delta dl = {
             reinterpret_cast<const float4 *>(delta + (size_t) r * D) };
 
-        moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps, o, of, sh, keep);
+        moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps, o, of, sh);
     } else {
         moe_rms_row<NV>(x + (size_t) r * D, moe_rms_no_delta(), D, w, eps, o,
-                        of, sh, keep);
+                        of, sh);
     }
 }
 
@@ -107,12 +106,10 @@ kernel_unpermute_rmsnorm(float *__restrict__ x, const float *__restrict__ ye,
     __syncthreads();
 
     moe_rms_unperm_delta dl = { ye, ord_row, ord_w, D, K };
-    float4               keep[NV];
 
     moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps,
                     out != NULL ? out + (size_t) i * D : NULL,
-                    out_f32 != NULL ? out_f32 + (size_t) i * D : NULL, sh,
-                    keep);
+                    out_f32 != NULL ? out_f32 + (size_t) i * D : NULL, sh);
 }
 
 

@@ -1,7 +1,7 @@
 /*
  * The row RMSNorm with the residual add as a device function, shared by
- * kernel_add_rmsnorm_v (rmsnorm.cu) and the fused decode kernels
- * (kernel_unpermute_rmsnorm, kernel_norm_route): the same loads, the same
+ * kernel_add_rmsnorm_v and the fused kernel_unpermute_rmsnorm (rmsnorm.cu):
+ * the same loads, the same
  * fp32 operations in the same order, so a fused launch writes the bits
  * the separate launches write.
  */
@@ -38,14 +38,13 @@ struct moe_rms_row_delta {
  * One row by the whole block (MOE_RMS_THREADS threads, NV float4 each,
  * D % 4 == 0, D <= 4096 NV): v = x + delta (stored back into x when there
  * is a delta), out = bf16(w * v / sqrt(mean(v^2) + eps)), out_f32 the same
- * in fp32 (either may be NULL).  sh: 32 floats (moe_block_sum).  keep:
- * the thread's fp32 results, float4 d4 = threadIdx.x + j MOE_RMS_THREADS
- * in keep[j] (zeros past D).  Every thread calls it; it syncs.
+ * in fp32 (either may be NULL).  sh: 32 floats (moe_block_sum).  Every
+ * thread calls it; it syncs.
  */
 template <int NV, class Delta>
 __device__ __forceinline__ void
 moe_rms_row(float *x, const Delta &delta, int D, const float *w, float eps,
-    __nv_bfloat16 *out, float *out_f32, float *sh, float4 (&keep)[NV])
+    __nv_bfloat16 *out, float *out_f32, float *sh)
 {
     int           D4 = D >> 2;
     float4       *xr = reinterpret_cast<float4 *>(x);
@@ -89,7 +88,6 @@ moe_rms_row(float *x, const Delta &delta, int D, const float *w, float eps,
         int    d = threadIdx.x + j * MOE_RMS_THREADS;
         float4 o;
 
-        keep[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (d >= D4) {
             continue;
         }
@@ -108,7 +106,6 @@ moe_rms_row(float *x, const Delta &delta, int D, const float *w, float eps,
         if (out_f32 != NULL) {
             reinterpret_cast<float4 *>(out_f32)[d] = o;
         }
-        keep[j] = o;
     }
 }
 

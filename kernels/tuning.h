@@ -54,22 +54,20 @@ typedef struct {
                             blocks are scheduled while the one before it
                             finishes (default 1; process-wide, see
                             moe_cuda_pdl_set) */
-    /* decode fusions (kernels/TUNING.md) */
-    int norm_route_t;    /* MOE_CUDA_NORM_ROUTE_T 0..8: MoE steps of up to
-                            this many tokens run the FFN norm, router,
-                            top-k and permutation as one launch
-                            (moe_cuda_norm_route; default 4; 0: never) */
+    /* decode overlap (kernels/TUNING.md) */
     int fuse_unpermute;  /* MOE_CUDA_FUSE_UNPERMUTE 0|1: the weighted
                             un-permute runs inside the next norm's launch
                             (moe_cuda_unpermute_rmsnorm) where nothing
                             else reads the sum (default 1) */
+    int l2_next;         /* MOE_CUDA_L2_NEXT 0|1: the decode attention
+                            requests the o projection's weights into L2
+                            while it runs (default 1) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
-#define MOE_CUDA_NORM_ROUTE_T_MAX 8   /* <= MOE_NORM_ROUTE_MAX_T */
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 4, 1 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -83,10 +83,10 @@ run test_quant   tests 120 build/gpu/test_quant   build/gpu/test_quant
 run test_kvfp8   tests 90  build/gpu/test_kvfp8   build/gpu/test_kvfp8
 run test_backend_kvfp8 tests 90 build/gpu/test_backend env MOE_TEST_KV_FP8=1 \
     build/gpu/test_backend
-# the decode fusions off (kernels/TUNING.md): the separate norm, router,
-# permutation and un-permute launches against the CPU backend
+# the un-permute fusion off (kernels/TUNING.md): the separate un-permute
+# and norm launches against the CPU backend
 run test_backend_unfused tests 90 build/gpu/test_backend env \
-    MOE_CUDA_NORM_ROUTE_T=0 MOE_CUDA_FUSE_UNPERMUTE=0 build/gpu/test_backend
+    MOE_CUDA_FUSE_UNPERMUTE=0 build/gpu/test_backend
 run test_mask    tests 60  build/gpu/test_mask    build/gpu/test_mask
 run test_logprobs tests 60 build/gpu/test_logprobs build/gpu/test_logprobs
 run test_logit_bias tests 60 build/gpu/test_logit_bias build/gpu/test_logit_bias
@@ -122,13 +122,15 @@ run test_share   tests 60  build/gpu/test_share   build/gpu/test_share
 run bench_fp8    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=512,2048 \
     build/gpu/bench_engine mixtral-8x7b --weights fp8
-# the decode fusions' A/B on the fp8 model: both off, then
-# both on with norm_route_t 8 (decode at batch 1 and 8)
-run bench_fuse   bench 150 build/gpu/bench_engine bash -c 'for f in 0 1; do \
-    echo "=== fusions $f"; MOE_CUDA_NORM_ROUTE_T=$((8 * f)) \
-    MOE_CUDA_FUSE_UNPERMUTE=$f BENCH_QUANT=0 BENCH_ATT=0 BENCH_CTX=512 \
-    BENCH_BATCHES=1,8 BENCH_PROMPTS=0 build/gpu/bench_engine \
-    mixtral-8x7b --weights fp8 || exit 1; done'
+# A/B of the decode overlap knobs (kernels/TUNING.md): fuse_unpermute and
+# l2_next each off and on, decode at batch 1 and 64, fp8 / bf16 / AWQ
+run bench_overlap bench 150 build/gpu/bench_engine bash -c 'for w in fp8 \
+    bf16 awq; do for c in "0 0" "1 0" "0 1" "1 1"; do set -- $c; \
+    echo "=== $w fuse_unpermute $1 l2_next $2"; MOE_CUDA_FUSE_UNPERMUTE=$1 \
+    MOE_CUDA_L2_NEXT=$2 BENCH_QUANT=0 BENCH_ATT=0 BENCH_CTX=512 \
+    BENCH_BATCHES=1,64 BENCH_PROMPTS=0 build/gpu/bench_engine \
+    mixtral-8x7b --weights $w 2>&1 | grep "RESULT.*decode" || exit 1; \
+    done; done'
 run bench_awq    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b --weights awq

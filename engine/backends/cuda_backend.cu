@@ -120,8 +120,6 @@ static_assert(MOE_QW_FP8_CHANNEL == MOE_K_FP8_CHANNEL
               "qweights.h's fp8 modes are kernels/quant_gemv.h's");
 static_assert(MOE_K_LOGPROBS_MAX_K == MOE_MAX_TOP_LOGPROBS,
               "kernels/logprobs.h and moe.h disagree on the top limit");
-static_assert(MOE_CUDA_NORM_ROUTE_T_MAX <= MOE_NORM_ROUTE_MAX_T,
-              "the tuning range of norm_route_t exceeds the kernel's");
 static_assert(MOE_K_GREEDY_TEMPERATURE == MOE_GREEDY_TEMPERATURE,
               "the device sampler's greedy threshold is the host's");
 }
@@ -2524,6 +2522,20 @@ cb_part(const cuda_backend_t *b, int l, int p)
 
 /* The quantized GEMV of a packed part (kernels/quant_gemv.h), grouped
  * over E experts by offs (NULL: one matrix, n rows). */
+/* Bytes of a part's weight array w (not its scales / zeros). */
+static size_t
+cb_part_bytes(const cb_qw_t *w)
+{
+    size_t nk = (size_t) w->N * w->K * (size_t) w->count;
+
+    switch (w->fmt) {
+    case MOE_WF_BF16: return nk * sizeof(bf16);
+    case MOE_WF_FP8:  return nk;
+    default:          return nk / 2;    /* 4-bit */
+    }
+}
+
+
 static int
 cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *offs, int E, int n,
@@ -3076,8 +3088,8 @@ cb_unpermute(cuda_backend_t *b, const int32_t *sel, int l, int T)
 }
 
 
-/* The FFN sublayer of layer l: its norm (with the router's stages fused
- * into it at small T), then the dense MLP or the routed experts. */
+/* The FFN sublayer of layer l: its norm, then the dense MLP or the
+ * router and the routed experts. */
 static int
 cb_ffn(cuda_backend_t *b, int l, int T)
 {
@@ -3092,39 +3104,19 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     int32_t             *loffs = b->offs + e0;
     int32_t             *sel = b->sel + (size_t) l * b->cap * K;
     const float         *nw = b->ffn_norm + (size_t) l * D;
-    int                  routed = b->dense_slot[l] < 0 && E > 1, rc;
+    int                  routed = b->dense_slot[l] < 0 && E > 1;
 
-    if (routed && T <= b->tune.norm_route_t && !hp->norm_layer) {
-        /* decode: norm, router, top-k and permutation in one launch */
-        rc = moe_cuda_norm_route(b->x, b->tmp, T, D, nw, hp->norm_eps,
-                                 (moe_bf16_t *) b->xb, b->xf,
-                                 b->router + (size_t) l * E * D, E, K,
-                                 !hp->router_no_renorm, b->rlogits, sel,
-                                 b->selw, b->margin + (size_t) l * b->cap,
-                                 b->offs, b->erow, b->slot_of,
-                                 b->d_ecounts + (size_t) l * E, s);
-        if (rc != MOE_K_EUNSUPPORTED) {
-            MOE_TRY(rc);
-        }
-    } else {
-        rc = MOE_K_EUNSUPPORTED;
-    }
-    if (rc == MOE_K_EUNSUPPORTED) {
-        MOE_TRY(cb_norm(b, b->tmp, NULL, T, nw,
-                        hp->norm_layer ? b->ffn_norm_b + (size_t) l * D
-                                       : NULL, b->xb,
-                        E > 1 || hp->shared_ffn_dim > 0 ? b->xf : NULL));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
-        if (routed) {
-            MOE_TRY(moe_cuda_route(b->xf, T, D,
-                                   b->router + (size_t) l * E * D, E, K,
-                                   !hp->router_no_renorm, b->rlogits, sel,
-                                   b->selw, b->margin + (size_t) l * b->cap,
-                                   s));
-            MOE_TRY(moe_cuda_moe_permute(sel, T * K, E, b->offs, b->erow,
-                                         b->slot_of,
-                                         b->d_ecounts + (size_t) l * E, s));
-        }
+    MOE_TRY(cb_norm(b, b->tmp, NULL, T, nw,
+                    hp->norm_layer ? b->ffn_norm_b + (size_t) l * D : NULL,
+                    b->xb, E > 1 || hp->shared_ffn_dim > 0 ? b->xf : NULL));
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+    if (routed) {
+        MOE_TRY(moe_cuda_route(b->xf, T, D, b->router + (size_t) l * E * D,
+                               E, K, !hp->router_no_renorm, b->rlogits, sel,
+                               b->selw, b->margin + (size_t) l * b->cap, s));
+        MOE_TRY(moe_cuda_moe_permute(sel, T * K, E, b->offs, b->erow,
+                                     b->slot_of,
+                                     b->d_ecounts + (size_t) l * E, s));
     }
 
     if (b->dense_slot[l] >= 0) {
@@ -3253,8 +3245,11 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     for (l = 0; l < L; l++) {
         char *kvl = (char *) b->kv
                     + (size_t) l * kv_layer * (b->kv_fp8 ? 1 : sizeof(bf16));
+        const cb_qw_t    *wo = cb_part(b, l, MOE_QP_O);
         moe_cuda_att_kv_t kvo = { b->kv_fp8, b->kv_ks, b->kv_vs,
-                                  b->long_ctx ? b->tune.att_long_ctx : 0 };
+                                  b->long_ctx ? b->tune.att_long_ctx : 0,
+                                  b->tune.l2_next ? wo->w : NULL,
+                                  cb_part_bytes(wo) };
 
         MOE_TRY(cb_norm(b, l == 0 ? NULL : b->tmp, NULL, T,
                         b->attn_norm + (size_t) l * D,

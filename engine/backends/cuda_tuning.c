@@ -33,9 +33,8 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_ATT_LONG_BPS",  CT_FIELD(att_long_bps),  1, 64 },
     { "MOE_CUDA_ATT_DECODE_TC", CT_FIELD(att_decode_tc), 0, 1 },
     { "MOE_CUDA_PDL",           CT_FIELD(pdl),           0, 1 },
-    { "MOE_CUDA_NORM_ROUTE_T",  CT_FIELD(norm_route_t),  0,
-      MOE_CUDA_NORM_ROUTE_T_MAX },
     { "MOE_CUDA_FUSE_UNPERMUTE", CT_FIELD(fuse_unpermute), 0, 1 },
+    { "MOE_CUDA_L2_NEXT",       CT_FIELD(l2_next),       0, 1 },
 };
 
 
@@ -100,11 +99,10 @@ moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf, size_t len)
     return snprintf(buf, len, "graphs=%d sample_tokens=%d gemv_max_t=%d "
                     "dense_gemv_t=%d ggemm_max_t=%d gemv_fma_rows=%d "
                     "att_split_bps=%d att_long_ctx=%d att_long_bps=%d "
-                    "att_decode_tc=%d pdl=%d norm_route_t=%d "
-                    "fuse_unpermute=%d",
+                    "att_decode_tc=%d pdl=%d fuse_unpermute=%d l2_next=%d",
                     t->graphs, t->sample_tokens, t->gemv_max_t,
                     t->dense_gemv_t, t->ggemm_max_t, t->gemv_fma_rows,
                     t->att_split_bps, t->att_long_ctx, t->att_long_bps,
-                    t->att_decode_tc, t->pdl, t->norm_route_t,
-                    t->fuse_unpermute);
+                    t->att_decode_tc, t->pdl, t->fuse_unpermute,
+                    t->l2_next);
 }

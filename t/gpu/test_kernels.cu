@@ -407,7 +407,11 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
 
     for (int run = 0; run < 2 && ok; run++) {
         cudaMemset(d_out, 0xff, 2 * T * nh * hd);       /* poison */
-        moe_cuda_att_kv_t kvo = { att_fp8, ATT_KSC, ATT_VSC, 0 };
+        /* run 1 also prefetches a span into L2 (l2_next: a hint that
+         * must not change the result) */
+        moe_cuda_att_kv_t kvo = { att_fp8, ATT_KSC, ATT_VSC, 0,
+                                  run == 1 ? d_cache : NULL,
+                                  run == 1 ? 2 * cache_n : 0 };
         int rc = att_tune == NULL && !att_fp8
                  ? moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt,
                                       d_off, (moe_bf16_t *) d_cache, bs, nh,
@@ -786,130 +790,6 @@ test_route(int T, int D, int E, int K, int renorm)
 
 
 /*
- * moe_cuda_norm_route (one launch) against the four launches it replaces
- * (add_rmsnorm, route, moe_permute) on the same fresh inputs: x, xb, xf,
- * the choices, offsets, rows, the inverse and the running totals bit for
- * bit; the logits, weights and margins (another fp32 summation order)
- * within 1e-5 relative RMS; and the choices against the CPU router.
- * delta 0: no residual delta.
- */
-static void
-test_norm_route(int T, int D, int E, int K, int renorm, int delta)
-{
-    size_t   nx = (size_t) T * D, nk = (size_t) T * K;
-    float   *x = (float *) malloc(sizeof(float) * nx);
-    float   *dl = (float *) malloc(sizeof(float) * nx);
-    float   *w = (float *) malloc(sizeof(float) * D);
-    float   *W = (float *) malloc(sizeof(float) * E * D);
-    float   *xr = (float *) malloc(sizeof(float) * nx);
-    float   *xn = (float *) malloc(sizeof(float) * D);
-    int     *sel = (int *) malloc(sizeof(int) * nk);
-    float   *selw = (float *) malloc(sizeof(float) * nk);
-    float   *mg = (float *) malloc(sizeof(float) * T);
-    /* the outputs, [0]: the separate launches, [1]: the fused one */
-    size_t   osz[11] = { 4 * nx, 2 * nx, 4 * nx, 4 * (size_t) T * E, 4 * nk,
-                         4 * nk, 4 * (size_t) T, 4 * (size_t) (E + 1),
-                         4 * nk, 4 * nk, 8 * (size_t) E };
-    void    *d[2][11], *h[2][11];
-    int      rc[2], bad = 0, cpu_bad = 0;
-    const char *name[11] = { "x", "xb", "xf", "logits", "sel", "selw",
-                             "margin", "offs", "erow", "slot_of", "tot" };
-
-    gu_fill(x, nx, 1.0f);
-    gu_fill(dl, nx, 0.5f);
-    gu_fill(w, (size_t) D, 1.0f);
-    gu_fill(W, (size_t) E * D, 1.0f);
-    for (int v = 0; v < 2; v++) {
-        for (int i = 0; i < 11; i++) {
-            d[v][i] = gu_dev(osz[i]);
-            h[v][i] = malloc(osz[i]);
-            cudaMemset(d[v][i], 0, osz[i]);
-        }
-        cudaMemcpy(d[v][0], x, 4 * nx, cudaMemcpyHostToDevice);
-    }
-    float *d_dl = (float *) gu_up(dl, 4 * nx);
-    float *d_w = (float *) gu_up(w, 4 * (size_t) D);
-    float *d_W = (float *) gu_up(W, 4 * (size_t) E * D);
-    const float *dd = delta ? d_dl : NULL;
-
-    /* twice each: the totals add up, the rest is overwritten */
-    rc[0] = rc[1] = 0;
-    for (int rep = 0; rep < 2; rep++) {
-        if (rep == 1) {
-            cudaMemcpy(d[0][0], x, 4 * nx, cudaMemcpyHostToDevice);
-            cudaMemcpy(d[1][0], x, 4 * nx, cudaMemcpyHostToDevice);
-        }
-        rc[0] |= moe_cuda_add_rmsnorm((float *) d[0][0], dd, NULL, T, D,
-                                      d_w, 1e-5f, (moe_bf16_t *) d[0][1],
-                                      (float *) d[0][2], 0);
-        rc[0] |= moe_cuda_route((const float *) d[0][2], T, D, d_W, E, K,
-                                renorm, (float *) d[0][3],
-                                (int32_t *) d[0][4], (float *) d[0][5],
-                                (float *) d[0][6], 0);
-        rc[0] |= moe_cuda_moe_permute((const int32_t *) d[0][4], T * K, E,
-                                      (int32_t *) d[0][7],
-                                      (int32_t *) d[0][8],
-                                      (int32_t *) d[0][9],
-                                      (int64_t *) d[0][10], 0);
-        rc[1] |= moe_cuda_norm_route((float *) d[1][0], dd, T, D, d_w, 1e-5f,
-                                     (moe_bf16_t *) d[1][1],
-                                     (float *) d[1][2], d_W, E, K, renorm,
-                                     (float *) d[1][3], (int32_t *) d[1][4],
-                                     (float *) d[1][5], (float *) d[1][6],
-                                     (int32_t *) d[1][7],
-                                     (int32_t *) d[1][8],
-                                     (int32_t *) d[1][9],
-                                     (int64_t *) d[1][10], 0);
-    }
-    int ok = gu_sync_ok(rc[0] | rc[1], "norm_route");
-
-    for (int v = 0; v < 2; v++) {
-        for (int i = 0; i < 11; i++) {
-            gu_down(h[v][i], d[v][i], osz[i]);
-        }
-    }
-    double fe = 0.0;
-
-    for (int i = 0; i < 11; i++) {
-        if (i == 3 || i == 5 || i == 6) {       /* logits, selw, margin */
-            double e = gu_relerr((const float *) h[1][i],
-                                 (const float *) h[0][i], osz[i] / 4);
-
-            fe = e > fe ? e : fe;
-            bad += !(e <= 1e-5);
-        } else if (memcmp(h[0][i], h[1][i], osz[i]) != 0) {
-            bad++;
-            printf("# norm_route: %s differs\n", name[i]);
-        }
-    }
-    /* the CPU router on the CPU norm: the same experts */
-    for (int t = 0; t < T; t++) {
-        for (int j = 0; j < D; j++) {
-            xr[t * D + j] = x[t * D + j] + (delta ? dl[t * D + j] : 0.0f);
-        }
-        ref_rmsnorm(xn, xr + t * D, w, D, 1e-5f);
-        ref_route(xn, W, D, E, K, renorm, sel + t * K, selw + t * K, mg + t);
-    }
-    for (size_t i = 0; i < nk; i++) {
-        cpu_bad += ((int32_t *) h[1][4])[i] != sel[i];
-    }
-    TAP_OK(ok && bad == 0 && cpu_bad == 0, "norm_route T %d D %d E %d "
-           "top-%d renorm %d delta %d: the fused launch matches the four "
-           "(%d outputs differ; float err %.1e; %d choices differ from the "
-           "CPU's)", T, D, E, K, renorm, delta, bad, fe, cpu_bad);
-    for (int v = 0; v < 2; v++) {
-        for (int i = 0; i < 11; i++) {
-            cudaFree(d[v][i]);
-            free(h[v][i]);
-        }
-    }
-    cudaFree(d_dl); cudaFree(d_w); cudaFree(d_W);
-    free(x); free(dl); free(w); free(W); free(xr); free(xn); free(sel);
-    free(selw); free(mg);
-}
-
-
-/*
  * moe_cuda_unpermute_rmsnorm against moe_cuda_moe_unpermute +
  * moe_cuda_add_rmsnorm on fresh inputs: x, bf16 and fp32 outputs bit for
  * bit, with and without an output row list (the final norm's rows).
@@ -1009,35 +889,27 @@ test_unpermute_rmsnorm(int T, int D, int K, int with_rows)
 }
 
 
-/* Shapes the fused launches refuse: MOE_K_EUNSUPPORTED, nothing run. */
+/* Shapes moe_cuda_unpermute_rmsnorm refuses: MOE_K_EUNSUPPORTED, nothing
+ * run. */
 static void
-test_fused_refusals(void)
+test_unpermute_rmsnorm_refusals(void)
 {
     float   *d_f = (float *) gu_dev(4 * 4096 * 16);
     int32_t *d_i = (int32_t *) gu_dev(4 * 4096);
-    int      r1, r2, r3, r4, r5;
+    int      r1, r2, r3;
 
-    r1 = moe_cuda_norm_route(d_f, NULL, MOE_NORM_ROUTE_MAX_T + 1, 64, d_f,
-                             1e-5f, (moe_bf16_t *) d_f, d_f, d_f, 8, 2, 1,
-                             d_f, d_i, d_f, NULL, d_i, d_i, d_i, NULL, 0);
-    r2 = moe_cuda_norm_route(d_f, NULL, 1, 66, d_f, 1e-5f,
-                             (moe_bf16_t *) d_f, d_f, d_f, 8, 2, 1, d_f, d_i,
-                             d_f, NULL, d_i, d_i, d_i, NULL, 0);
-    r5 = moe_cuda_norm_route(d_f, NULL, 2, 64, d_f, 1e-5f,
-                             (moe_bf16_t *) d_f, d_f, d_f, 60, 2, 1, d_f, d_i,
-                             d_f, NULL, d_i, d_i, d_i, NULL, 0);
-    r3 = moe_cuda_unpermute_rmsnorm(d_f, d_f, d_i, d_f, d_i, 65, NULL, 1, 64,
+    r1 = moe_cuda_unpermute_rmsnorm(d_f, d_f, d_i, d_f, d_i, 65, NULL, 1, 64,
                                     d_f, 1e-5f, (moe_bf16_t *) d_f, NULL, 0);
-    r4 = moe_cuda_unpermute_rmsnorm(d_f + 1, d_f, d_i, d_f, d_i, 2, NULL, 1,
+    r2 = moe_cuda_unpermute_rmsnorm(d_f + 1, d_f, d_i, d_f, d_i, 2, NULL, 1,
                                     64, d_f, 1e-5f, (moe_bf16_t *) d_f, NULL,
                                     0);
+    r3 = moe_cuda_unpermute_rmsnorm(d_f, d_f, d_i, d_f, d_i, 2, NULL, 1, 66,
+                                    d_f, 1e-5f, (moe_bf16_t *) d_f, NULL, 0);
     TAP_OK(r1 == MOE_K_EUNSUPPORTED && r2 == MOE_K_EUNSUPPORTED
-           && r5 == MOE_K_EUNSUPPORTED && r3 == MOE_K_EUNSUPPORTED
-           && r4 == MOE_K_EUNSUPPORTED
+           && r3 == MOE_K_EUNSUPPORTED
            && cudaDeviceSynchronize() == cudaSuccess,
-           "fused decode kernels refuse T > %d, D %% 4 != 0, 2 x 8 expert "
-           "rounds, top-65 and a misaligned x (%d %d %d %d %d)",
-           MOE_NORM_ROUTE_MAX_T, r1, r2, r5, r3, r4);
+           "unpermute_rmsnorm refuses top-65, a misaligned x and D %% 4 != "
+           "0 (%d %d %d)", r1, r2, r3);
     cudaFree(d_f); cudaFree(d_i);
 }
 
@@ -1924,16 +1796,11 @@ main(void)
     test_permute_one(3000, 8, 2);       /* several 1024-slot windows */
     test_permute_one(300, 64, 8);
     test_permute_one(1, 60, 4);
-    test_norm_route(1, 4096, 8, 2, 1, 1);       /* mixtral decode */
-    test_norm_route(1, 2048, 64, 8, 1, 1);      /* olmoe-like: 8 rounds */
-    test_norm_route(2, 200, 30, 4, 0, 1);       /* partial expert round */
-    test_norm_route(MOE_NORM_ROUTE_MAX_T, 4096, 8, 2, 1, 1);
-    test_norm_route(3, 14000, 8, 2, 1, 0);      /* 4 float4 a thread */
     test_unpermute_rmsnorm(1, 4096, 2, 0);
     test_unpermute_rmsnorm(7, 2048, 8, 0);
     test_unpermute_rmsnorm(9, 200, 4, 1);
     test_unpermute_rmsnorm(5, 14000, 2, 1);
-    test_fused_refusals();
+    test_unpermute_rmsnorm_refusals();
     test_gemv(8, 100, 264, 20, 0, 1, 2);        /* k tail, gathered rows */
     test_gemv(8, 72, 512, 70, 1, 1, 8);         /* SiLU, 2 passes */
     test_gemv(1, 1000, 256, 5, 0, 0, 1);        /* dense, no offsets */
