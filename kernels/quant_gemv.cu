@@ -433,7 +433,9 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
  * expert (bench/dev/quant_gemv, 2026-12-02), so QM_PF is 0.
  */
 
-#define QM_WARPS  8         /* q4 mma GEMV: warps per block */
+#define QM_WARPS  8         /* q4 mma GEMV: warps per block (NW) */
+#define QM_MINB   2         /* q4 mma GEMV: blocks per SM it is compiled
+                               for (MINB: 128 registers at 8 warps) */
 #define QM_SMAX   8         /* q4 mma GEMV: most blocks per cluster */
 #define QM_PF     0         /* q4 mma GEMV: iterations prefetched ahead
                                into L2 (0: none; 1-32 measured slower on
@@ -525,8 +527,9 @@ q4m_h2f(uint32_t v, int hi)
  * writes H[r * ldy + j] = bf16(silu(g) * u), the arithmetic of
  * kernel_silu_mul.
  */
-template <int FMT, int NT, int WC, int QU, int MR>
-__global__ void __launch_bounds__(QM_WARPS * 32, 2)
+template <int FMT, int NT, int WC, int QU, int MR, int NW = QM_WARPS,
+          int MINB = QM_MINB>
+__global__ void __launch_bounds__(NW * 32, MINB)
 kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
     int G, int zero_bias, int Ntot, int K, int nu, int pf,
@@ -535,7 +538,7 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     moe_pdl_enter();
     constexpr int     MT = FMT == MOE_K_Q4_AWQ ? 4 * WC : 2;
     constexpr int     F = MT * NT * 4;       /* outputs per lane */
-    __shared__ float  red[QM_WARPS][F][32];
+    __shared__ float  red[NW][F][32];
     __shared__ float  gs[MR == 2 ? F * 32 : 1];  /* MR 2: the gate sums,
                                                   * each read back by the
                                                   * thread that wrote it */
@@ -549,9 +552,9 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int         KG = (K + G - 1) / G, Nw = Ntot / 8;
     const int         span = (FMT == MOE_K_Q4_AWQ ? 16 : 32) * nu;
     const int         IT = (K + span - 1) / span;
-    const int         pw = (int) blockIdx.z * QM_WARPS + warp;
-    const int         it0 = (int) ((int64_t) IT * pw / (S * QM_WARPS));
-    const int         it1 = (int) ((int64_t) IT * (pw + 1) / (S * QM_WARPS));
+    const int         pw = (int) blockIdx.z * NW + warp;
+    const int         it0 = (int) ((int64_t) IT * pw / (S * NW));
+    const int         it1 = (int) ((int64_t) IT * (pw + 1) / (S * NW));
     int               r0, r1;
     const int         e = q_group_rows(offs, E, n, &r0, &r1);
 
@@ -878,18 +881,18 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             }
             __syncthreads();
             for (int idx = (int) threadIdx.x; idx < F * 32;
-                 idx += QM_WARPS * 32)
+                 idx += NW * 32)
             {
                 float v = 0.0f;
 
-                for (int w = 0; w < QM_WARPS; w++) {
+                for (int w = 0; w < NW; w++) {
                     v += red[w][idx / 32][idx % 32];
                 }
                 red[0][idx / 32][idx % 32] = v;
             }
             cl.sync();                          /* every rank's block sum */
-            for (int idx = rank * QM_WARPS * 32 + (int) threadIdx.x;
-                 idx < F * 32; idx += S * QM_WARPS * 32)
+            for (int idx = rank * NW * 32 + (int) threadIdx.x;
+                 idx < F * 32; idx += S * NW * 32)
             {
                 int   f = idx / 32, l = idx % 32, i = f % 4;
                 int   nt = (f / 4) % NT, mt = f / (4 * NT);
@@ -1107,7 +1110,7 @@ q_cluster_cfg(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *at, int tiles,
 
 /* One launch of kernel_qgemv_q4_mma: grid (tiles, groups, S), cluster of
  * the S blocks along z; H non-NULL: SiLU fused (MR 2, ldy H's). */
-template <int FMT, int NT, int WC, int QU>
+template <int FMT, int NT, int WC, int QU, int NW, int MINB>
 static int
 q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qweight,
@@ -1118,15 +1121,17 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     cudaLaunchConfig_t  cfg = {};
     cudaLaunchAttribute at[2] = {};
 
-    q_cluster_cfg(&cfg, at, tiles, ng, S, QM_WARPS * 32, 0, stream);
+    q_cluster_cfg(&cfg, at, tiles, ng, S, NW * 32, 0, stream);
     if (H != NULL) {
         MOE_CUDA_CHECK(cudaLaunchKernelEx(
-            &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 2>, X, ldx, xrow,
+            &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 2, NW, MINB>, X, ldx,
+            xrow,
             xdiv, qweight, qzeros, scales, G, zero_bias, Ntot, K, nu, pf,
             offs, E, n, Y, H, ldy));
     } else {
         MOE_CUDA_CHECK(cudaLaunchKernelEx(
-            &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 1>, X, ldx, xrow,
+            &cfg, kernel_qgemv_q4_mma<FMT, NT, WC, QU, 1, NW, MINB>, X, ldx,
+            xrow,
             xdiv, qweight, qzeros, scales, G, zero_bias, Ntot, K, nu, pf,
             offs, E, n, Y, H, ldy));
     }
@@ -1146,17 +1151,44 @@ q4m_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
  * 90 %) took S 4 for AWQ gate|up (98 us against 84 at S 1).
  */
 static int
-q4m_split(int blocks, int it)
+q4m_split(int blocks, int it, int nw)
 {
     int64_t want = ((int64_t) moe_sm_count() * 9 + 9) / 10;
     int     S = 1;
 
     while (S < QM_SMAX && (int64_t) blocks * S < want
-           && 2 * S * QM_WARPS <= it)
+           && 2 * S * nw <= it)
     {
         S *= 2;
     }
     return S;
+}
+
+
+/*
+ * The tile of kernel_qgemv_q4_mma for mr rows per group and Nh output
+ * columns: n-tiles per pass (*nt), AWQ words per lane (*wc), rounds per
+ * iteration at most (*qu), k per round (*round); returns the column
+ * tiles.  GPTQ: 8, 16 or 32 rows per pass, tiles of 32 columns; AWQ: 8
+ * rows (2 words per lane, when the words pair up) or 16 (1 word).
+ */
+static int
+q4m_shape(int fmt, int mr, int Nh, int *nt, int *wc, int *qu, int *round)
+{
+    int Nw = Nh / 8;
+
+    if (fmt == MOE_K_Q4_GPTQ) {
+        *nt = mr <= 8 ? 1 : mr <= 16 ? 2 : 4;
+        *wc = 1;
+        *qu = *nt == 4 ? 2 : 4;
+        *round = 32;
+        return (Nh + 31) / 32;
+    }
+    *nt = mr <= 8 && Nw % 2 == 0 ? 1 : 2;
+    *wc = *nt == 1 ? 2 : 1;
+    *qu = *nt == 1 ? 2 : 4;
+    *round = 16;
+    return (Nw + 8 * *wc - 1) / (8 * *wc);
 }
 
 
@@ -1171,6 +1203,7 @@ q4m_split(int blocks, int it)
  * bench/dev/quant_gemv sets both).  H non-NULL: SiLU fused, H (n, Ntot
  * / 2) bf16 with leading dimension ldy (needs Ntot % 16 == 0).
  */
+template <int NW = QM_WARPS, int MINB = QM_MINB>
 static int
 q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
@@ -1178,9 +1211,9 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int32_t *offs, int E, int n, int mr, int S_force, int pf,
     float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
-    int Nh = H != NULL ? Ntot / 2 : Ntot, Nw = Nh / 8;
+    int Nh = H != NULL ? Ntot / 2 : Ntot;
     int ng = q_groups(offs, E, n);
-    int nt, wc = 1, qu, round, tiles, nu, it, S;
+    int nt, wc, qu, round, tiles, nu, it, S;
 
     if ((fmt == MOE_K_Q4_GPTQ && g_idx != NULL)
         || (H != NULL && Ntot % 16 != 0)
@@ -1190,18 +1223,7 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     {
         return 1;
     }
-    if (fmt == MOE_K_Q4_GPTQ) {
-        nt = mr <= 8 ? 1 : mr <= 16 ? 2 : 4;
-        qu = nt == 4 ? 2 : 4;
-        round = 32;
-        tiles = (Nh + 31) / 32;
-    } else {
-        nt = mr <= 8 && Nw % 2 == 0 ? 1 : 2;
-        wc = nt == 1 ? 2 : 1;
-        qu = nt == 1 ? 2 : 4;
-        round = 16;
-        tiles = (Nw + 8 * wc - 1) / (8 * wc);
-    }
+    tiles = q4m_shape(fmt, mr, Nh, &nt, &wc, &qu, &round);
     if (G % round != 0) {
         return 1;
     }
@@ -1209,26 +1231,67 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         /* an iteration stays inside one quantization group */
     }
     it = (K + round * nu - 1) / (round * nu);
-    S = S_force > 0 && S_force <= QM_SMAX ? S_force : q4m_split(tiles * ng,
-                                                                it);
+    S = S_force > 0 && S_force <= QM_SMAX ? S_force
+                                          : q4m_split(tiles * ng, it, NW);
 
 #define Q4M_ARGS  tiles, ng, S, X, ldx, xrow, xdiv, qweight, qzeros, scales, \
                   G, zero_bias, Ntot, K, nu, pf, offs, E, n, Y, H, ldy, \
                   stream
     if (fmt == MOE_K_Q4_GPTQ) {
         if (nt == 1) {
-            return q4m_launch<MOE_K_Q4_GPTQ, 1, 1, 4>(Q4M_ARGS);
+            return q4m_launch<MOE_K_Q4_GPTQ, 1, 1, 4, NW, MINB>(Q4M_ARGS);
         }
         if (nt == 2) {
-            return q4m_launch<MOE_K_Q4_GPTQ, 2, 1, 4>(Q4M_ARGS);
+            return q4m_launch<MOE_K_Q4_GPTQ, 2, 1, 4, NW, MINB>(Q4M_ARGS);
         }
-        return q4m_launch<MOE_K_Q4_GPTQ, 4, 1, 2>(Q4M_ARGS);
+        return q4m_launch<MOE_K_Q4_GPTQ, 4, 1, 2, NW, MINB>(Q4M_ARGS);
     }
     if (nt == 1) {
-        return q4m_launch<MOE_K_Q4_AWQ, 1, 2, 2>(Q4M_ARGS);
+        return q4m_launch<MOE_K_Q4_AWQ, 1, 2, 2, NW, MINB>(Q4M_ARGS);
     }
-    return q4m_launch<MOE_K_Q4_AWQ, 2, 1, 4>(Q4M_ARGS);
+    return q4m_launch<MOE_K_Q4_AWQ, 2, 1, 4, NW, MINB>(Q4M_ARGS);
 #undef Q4M_ARGS
+}
+
+
+/*
+ * q4m_try with the block shape for the grid: warps per block x blocks per
+ * SM it is compiled for (registers), at 8 rows per pass (decode).  From
+ * bench/dev/quant_gemv on the H200 (2026-12-02, mixtral expert shapes, 1
+ * and 2 rows per expert; kernels/NOTES.md): GPTQ grids of >= 4 blocks
+ * per SM at 4 warps x 6 (gate|up 1 row 62.0 us against 78.1 with 8 x 2,
+ * 2 rows 220.9 against 290.8; down 2 rows 118.4 against 125.4), smaller
+ * ones keep 8 x 2 (down 1 row 34.5; 4 x 6: 47.2); AWQ grids of >= 2
+ * blocks per SM at 4 x 4 (gate|up 80.1 against 87.2, 2 rows 264.1
+ * against 276.9), smaller ones 16 x 1 (down 1 row 37.8 against 51.5, 2
+ * rows 132.2 against 135.0).  Other tiles keep 8 x 2.
+ */
+static int
+q4m_auto(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales,
+    const int32_t *g_idx, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int mr, float *Y, bf16 *H, int ldy,
+    cudaStream_t stream)
+{
+    int     nt, wc, qu, round;
+    int64_t blocks = (int64_t) q4m_shape(fmt, mr, H != NULL ? Ntot / 2
+                                                            : Ntot,
+                                         &nt, &wc, &qu, &round)
+                     * q_groups(offs, E, n);
+    int64_t sms = moe_sm_count();
+
+#define Q4M_AUTO_ARGS  fmt, X, ldx, xrow, xdiv, qweight, qzeros, scales,    \
+                       g_idx, G, zero_bias, Ntot, K, offs, E, n, mr, 0,     \
+                       QM_PF, Y, H, ldy, stream
+    if (nt == 1 && fmt == MOE_K_Q4_GPTQ && blocks >= 4 * sms) {
+        return q4m_try<4, 6>(Q4M_AUTO_ARGS);
+    }
+    if (nt == 1 && fmt == MOE_K_Q4_AWQ) {
+        return blocks >= 2 * sms ? q4m_try<4, 4>(Q4M_AUTO_ARGS)
+                                 : q4m_try<16, 1>(Q4M_AUTO_ARGS);
+    }
+    return q4m_try(Q4M_AUTO_ARGS);
+#undef Q4M_AUTO_ARGS
 }
 
 
@@ -1265,10 +1328,10 @@ moe_cuda_qgemv_q4_rows(int fmt, const moe_bf16_t *X, int ldx,
     }
     ng = q_groups(offs, E, n);
     mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
-    rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
-                 qweight, qzeros, scales, g_idx, G,
-                 fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
-                 mr, 0, QM_PF, Y, NULL, ldy, stream);
+    rc = q4m_auto(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
+                  qweight, qzeros, scales, g_idx, G,
+                  fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
+                  mr, Y, NULL, ldy, stream);
     if (rc != 1) {
         return rc;
     }
@@ -1330,11 +1393,10 @@ moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
     }
     ng = q_groups(offs, E, n);
     mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
-    rc = q4m_try(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
-                 qweight, qzeros, scales, g_idx, G,
-                 fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
-                 mr, 0, QM_PF, NULL, reinterpret_cast<bf16 *>(H), Ntot / 2,
-                 stream);
+    rc = q4m_auto(fmt, reinterpret_cast<const bf16 *>(X), ldx, xrow, xdiv,
+                  qweight, qzeros, scales, g_idx, G,
+                  fmt == MOE_K_Q4_AWQ ? 0 : zero_bias, Ntot, K, offs, E, n,
+                  mr, NULL, reinterpret_cast<bf16 *>(H), Ntot / 2, stream);
     if (rc != 1) {
         return rc;
     }

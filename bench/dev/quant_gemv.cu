@@ -15,7 +15,8 @@
  * CUDA-core atomic kernel (a trivial g_idx sends it there); for gate|up
  * the shipped GEMV + moe_cuda_silu_mul against moe_cuda_qgemv_q4_silu
  * (one launch; bf16 H compared within 1e-2 relative RMS), and at rows
- * <= Q4S_MAXR the fused launch on tensor cores too.  Each is
+ * <= Q4S_MAXR the fused launch on tensor cores too; the tensor-core
+ * kernel with other warps per block x blocks per SM (registers).  Each is
  * checked against the shipped output (relative RMS, fp32 order only).
  * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
  *
@@ -163,6 +164,32 @@ dev_shape(int fmt, int w13, int rows)
         dev_line("tensor cores (mma 8), shipped S / pf", ms, bytes, 0,
                  dev_diff(out, ref, on, 0), 1e-5);
     }
+    /* warps per block x blocks per SM compiled for (registers: 64 K /
+     * (32 NW MINB)); the shipped line picks one by grid (q4m_auto), 8 x 2
+     * (QM_WARPS x QM_MINB) was the only one before */
+#define DEV_NW(NW, MINB)                                                     \
+    do {                                                                     \
+        ms = dev_time(iters, [&]() {                                         \
+            return q4m_try<NW, MINB>(fmt, X, K, NULL, 1,                     \
+                                     (const int32_t *) qw,                   \
+                                     (const int32_t *) qz, sc, NULL, G,      \
+                                     fmt == MOE_K_Q4_AWQ ? 0 : 1, N, K,      \
+                                     d_offs, E, n, rows, 0, QM_PF, out,      \
+                                     NULL, N, 0);                            \
+        });                                                                  \
+        snprintf(name, sizeof(name), "%d warps, %d blocks per SM", NW,       \
+                 MINB);                                                      \
+        dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-5);       \
+    } while (0)
+    DEV_NW(8, 2);
+    DEV_NW(8, 1);
+    DEV_NW(8, 3);
+    DEV_NW(4, 2);
+    DEV_NW(4, 3);
+    DEV_NW(4, 4);
+    DEV_NW(4, 6);
+    DEV_NW(16, 1);
+#undef DEV_NW
     for (int mr = 1; mr <= 32; mr *= (mr == 1 ? 16 : 2)) {
         ms = dev_time(iters, [&]() { return run(mr, 0, QM_PF, NULL, out); });
         snprintf(name, sizeof(name), "max_rows %d", mr);

@@ -890,6 +890,12 @@ main(void)
                          h_small, 3);
             test_q4_rows("group 48", fmt, 48, f, 64, 480, 2, r_mix, 0,
                          h_small, 1);
+            /* grids wide enough for q4m_auto's other block shapes (GPTQ:
+             * >= 4 blocks per SM at 1 row, 4 warps x 6; AWQ: >= 2, 4 x
+             * 4; the small grids above take AWQ's 16 x 1) */
+            test_q4_rows("decode, wide grid", fmt, 128, f,
+                         fmt == MOE_K_Q4_GPTQ ? 8448 : 16896, 1024, 2,
+                         r_mix, 0, h_auto, 1);
         }
         /* decode-sized groups (hints 1, 2 and 0 with a mean of 1-2
          * rows; the tensor-core kernel): both formats (GPTQ with zero bias 0
