@@ -1216,14 +1216,8 @@ __global__ void __launch_bounds__(ATT_NT, 2)
 kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const KV *kv_layer, int block_size, int n_heads, int n_kv, int window,
-    bf16 *out, float *part, float ksc, float vsc, const void *l2,
-    size_t l2_bytes)
+    bf16 *out, float *part, float ksc, float vsc)
 {
-    if (l2 != NULL) {
-        /* the next weights on their way into L2 while this latency-bound
-         * kernel runs (moe_cuda_att_kv_t.l2_next; no kernel writes them) */
-        moe_prefetch_l2_grid(l2, l2_bytes);
-    }
     moe_pdl_enter();
     typedef att_dtc_shape<HD, KV> S;
     constexpr bool F8 = S::F8;
@@ -1677,14 +1671,12 @@ static int
 att_dtc_launch(dim3 grid, cudaStream_t stream, const float *qkv, int ld,
     const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
     const int32_t *bt_off, const KV *kv, int block_size, int n_heads,
-    int n_kv, int window, bf16 *out, float *part, float ksc, float vsc,
-    const void *l2, size_t l2_bytes)
+    int n_kv, int window, bf16 *out, float *part, float ksc, float vsc)
 {
     MOE_TRY(att_dtc_prepare());
     MOE_CUDA_CHECK(moe_launch(kernel_attention_decode_tc<HD, KV>, grid, ATT_NT,
         att_dtc_shape<HD, KV>::SMEM, stream, qkv, ld, tok_pos, tok_seq, bt,
-        bt_off, kv, block_size, n_heads, n_kv, window, out, part, ksc, vsc,
-        l2, l2_bytes));
+        bt_off, kv, block_size, n_heads, n_kv, window, out, part, ksc, vsc));
     return MOE_K_OK;
 }
 
@@ -1769,8 +1761,7 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const KV *kv, int block_size, int n_heads, int n_kv, int hd, int window,
     bf16 *o, float *part, float ksc, float vsc, int max_ctx,
-    const void *l2, size_t l2_bytes, const moe_cuda_tuning_t *tune,
-    cudaStream_t stream)
+    const moe_cuda_tuning_t *tune, cudaStream_t stream)
 {
     static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
     float      *p4 = part != NULL ? part + ATT_CNT_FLOATS : NULL;
@@ -1813,11 +1804,11 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
                ? att_dtc_launch<64, KV>(grid, stream, qkv, ld, tok_pos,
                                         tok_seq, bt, bt_off, kv, block_size,
                                         n_heads, n_kv, window, o, part, ksc,
-                                        vsc, l2, l2_bytes)
+                                        vsc)
                : att_dtc_launch<128, KV>(grid, stream, qkv, ld, tok_pos,
                                          tok_seq, bt, bt_off, kv, block_size,
                                          n_heads, n_kv, window, o, part,
-                                         ksc, vsc, l2, l2_bytes);
+                                         ksc, vsc);
     }
     /* prefill: tensor cores for the row tiles of few sequences, then the
      * SIMT kernel for the tokens of the tiles it refused (if any) */
@@ -1869,7 +1860,7 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
                          reinterpret_cast<const bf16 *>(kv_layer),
                          block_size, n_heads, n_kv, hd, window,
                          reinterpret_cast<bf16 *>(out), part, 1.0f, 1.0f, 0,
-                         NULL, 0, tune, stream);
+                         tune, stream);
 }
 
 
@@ -1881,10 +1872,8 @@ moe_cuda_attention_ex(const float *qkv, int ld, int T,
     const moe_cuda_att_kv_t *kvo, const moe_cuda_tuning_t *tune,
     cudaStream_t stream)
 {
-    bf16       *o = reinterpret_cast<bf16 *>(out);
-    int         max_ctx = kvo != NULL ? kvo->max_ctx : 0;
-    const void *l2 = kvo != NULL ? kvo->l2_next : NULL;
-    size_t      l2b = kvo != NULL ? kvo->l2_next_bytes : 0;
+    bf16 *o = reinterpret_cast<bf16 *>(out);
+    int   max_ctx = kvo != NULL ? kvo->max_ctx : 0;
 
     if (kvo != NULL && kvo->fp8) {
         if (!(kvo->k_scale > 0.0f) || !(kvo->v_scale > 0.0f)) {
@@ -1896,11 +1885,11 @@ moe_cuda_attention_ex(const float *qkv, int ld, int T,
         return att_run<fp8>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
                             reinterpret_cast<const fp8 *>(kv_layer),
                             block_size, n_heads, n_kv, hd, window, o, part,
-                            kvo->k_scale, kvo->v_scale, max_ctx, l2, l2b,
-                            tune, stream);
+                            kvo->k_scale, kvo->v_scale, max_ctx, tune,
+                            stream);
     }
     return att_run<bf16>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
                          reinterpret_cast<const bf16 *>(kv_layer),
                          block_size, n_heads, n_kv, hd, window, o, part,
-                         1.0f, 1.0f, max_ctx, l2, l2b, tune, stream);
+                         1.0f, 1.0f, max_ctx, tune, stream);
 }

@@ -50,19 +50,12 @@ int moe_cuda_attention(const float *qkv, int ld, int T,
  * tune->att_long_ctx the decode kernel's grid takes att_long_bps blocks
  * per SM instead of att_split_bps (the split-K grid for long contexts;
  * any value stays correct, so a graph captured with one bound replays
- * correctly with another).  l2_next: below.
+ * correctly with another).
  */
 typedef struct {
-    int         fp8;
-    float       k_scale, v_scale;
-    int         max_ctx;
-    const void *l2_next;        /* may be NULL: l2_next_bytes from here are */
-    size_t      l2_next_bytes;  /* requested into L2 by the tensor-core
-                                   decode kernel before it waits on the
-                                   kernel before it (a hint, never read:
-                                   weights the step reads next, the o
-                                   projection's, so that they come from
-                                   L2 instead of DRAM) */
+    int   fp8;
+    float k_scale, v_scale;
+    int   max_ctx;
 } moe_cuda_att_kv_t;
 
 /*

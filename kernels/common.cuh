@@ -92,24 +92,6 @@ moe_prefetch_l2_span(const void *p, size_t bytes)
 }
 
 
-/* moe_prefetch_l2 over [p, p + bytes), every thread of the grid striding
- * the lines (a large span costs each thread a few instructions). */
-__device__ __forceinline__ void
-moe_prefetch_l2_grid(const void *p, size_t bytes)
-{
-    const char *c = static_cast<const char *>(p);
-    size_t      nt = (size_t) gridDim.x * gridDim.y * gridDim.z * blockDim.x;
-    size_t      id = ((size_t) blockIdx.z * gridDim.y + blockIdx.y)
-                     * gridDim.x + blockIdx.x;
-
-    for (size_t o = (id * blockDim.x + threadIdx.x) * 128; o < bytes;
-         o += nt * 128)
-    {
-        moe_prefetch_l2(c + o);
-    }
-}
-
-
 /*
  * Launch `kernel` like kernel<<<grid, block, smem, s>>>(args...), with
  * programmatic stream serialization when moe_cuda_pdl_get() (the kernel

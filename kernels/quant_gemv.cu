@@ -1256,7 +1256,7 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
 /*
  * q4m_try with the block shape for the grid: warps per block x blocks per
- * SM it is compiled for (registers), at 8 rows per pass (decode).  From
+ * SM it is compiled for (registers).  At 8 rows per pass (decode), from
  * bench/dev/quant_gemv on the H200 (2026-12-02, mixtral expert shapes, 1
  * and 2 rows per expert; kernels/NOTES.md): GPTQ grids of >= 4 blocks
  * per SM at 4 warps x 6 (gate|up 1 row 62.0 us against 78.1 with 8 x 2,
@@ -1264,7 +1264,12 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
  * ones keep 8 x 2 (down 1 row 34.5; 4 x 6: 47.2); AWQ grids of >= 2
  * blocks per SM at 4 x 4 (gate|up 80.1 against 87.2, 2 rows 264.1
  * against 276.9), smaller ones 16 x 1 (down 1 row 37.8 against 51.5, 2
- * rows 132.2 against 135.0).  Other tiles keep 8 x 2.
+ * rows 132.2 against 135.0).  16 and 32 rows per pass (batch 64): grids
+ * of >= 4 blocks per SM at 4 x 4 (GPTQ gate|up 16 rows 322.8 against
+ * 377.0, 32 rows 538.1 against 593.4, down 155.9 / 262.7 against 164.2 /
+ * 267.9; AWQ gate|up 321.2 / 636.6 against 347.8 / 687.5); smaller
+ * grids keep 8 x 2: the AWQ down projection (512 blocks: 156.8 / 309.7
+ * against 160.4 / 318.8 at 4 x 4) and the dense projections.
  */
 static int
 q4m_auto(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
@@ -1289,6 +1294,9 @@ q4m_auto(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     if (nt == 1 && fmt == MOE_K_Q4_AWQ) {
         return blocks >= 2 * sms ? q4m_try<4, 4>(Q4M_AUTO_ARGS)
                                  : q4m_try<16, 1>(Q4M_AUTO_ARGS);
+    }
+    if (nt > 1 && blocks >= 4 * sms) {
+        return q4m_try<4, 4>(Q4M_AUTO_ARGS);
     }
     return q4m_try(Q4M_AUTO_ARGS);
 #undef Q4M_AUTO_ARGS

@@ -59,15 +59,12 @@ typedef struct {
                             un-permute runs inside the next norm's launch
                             (moe_cuda_unpermute_rmsnorm) where nothing
                             else reads the sum (default 1) */
-    int l2_next;         /* MOE_CUDA_L2_NEXT 0|1: the decode attention
-                            requests the o projection's weights into L2
-                            while it runs (default 1) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -122,15 +122,13 @@ run test_share   tests 60  build/gpu/test_share   build/gpu/test_share
 run bench_fp8    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=512,2048 \
     build/gpu/bench_engine mixtral-8x7b --weights fp8
-# A/B of the decode overlap knobs (kernels/TUNING.md): fuse_unpermute and
-# l2_next each off and on, decode at batch 1 and 64, fp8 / bf16 / AWQ
-run bench_overlap bench 150 build/gpu/bench_engine bash -c 'for w in fp8 \
-    bf16 awq; do for c in "0 0" "1 0" "0 1" "1 1"; do set -- $c; \
-    echo "=== $w fuse_unpermute $1 l2_next $2"; MOE_CUDA_FUSE_UNPERMUTE=$1 \
-    MOE_CUDA_L2_NEXT=$2 BENCH_QUANT=0 BENCH_ATT=0 BENCH_CTX=512 \
-    BENCH_BATCHES=1,64 BENCH_PROMPTS=0 build/gpu/bench_engine \
-    mixtral-8x7b --weights $w 2>&1 | grep "RESULT.*decode" || exit 1; \
-    done; done'
+# A/B of the un-permute fusion (kernels/TUNING.md, fuse_unpermute) on the
+# fp8 model at batch 1, off / on twice
+run bench_fuse   bench 60  build/gpu/bench_engine bash -c 'for f in 0 1 0 1; do \
+    echo "=== fuse_unpermute $f"; MOE_CUDA_FUSE_UNPERMUTE=$f BENCH_QUANT=0 \
+    BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
+    build/gpu/bench_engine mixtral-8x7b --weights fp8 2>&1 \
+    | grep "RESULT.*decode" || exit 1; done'
 run bench_awq    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b --weights awq

@@ -2522,20 +2522,6 @@ cb_part(const cuda_backend_t *b, int l, int p)
 
 /* The quantized GEMV of a packed part (kernels/quant_gemv.h), grouped
  * over E experts by offs (NULL: one matrix, n rows). */
-/* Bytes of a part's weight array w (not its scales / zeros). */
-static size_t
-cb_part_bytes(const cb_qw_t *w)
-{
-    size_t nk = (size_t) w->N * w->K * (size_t) w->count;
-
-    switch (w->fmt) {
-    case MOE_WF_BF16: return nk * sizeof(bf16);
-    case MOE_WF_FP8:  return nk;
-    default:          return nk / 2;    /* 4-bit */
-    }
-}
-
-
 static int
 cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *offs, int E, int n,
@@ -3245,11 +3231,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     for (l = 0; l < L; l++) {
         char *kvl = (char *) b->kv
                     + (size_t) l * kv_layer * (b->kv_fp8 ? 1 : sizeof(bf16));
-        const cb_qw_t    *wo = cb_part(b, l, MOE_QP_O);
         moe_cuda_att_kv_t kvo = { b->kv_fp8, b->kv_ks, b->kv_vs,
-                                  b->long_ctx ? b->tune.att_long_ctx : 0,
-                                  b->tune.l2_next ? wo->w : NULL,
-                                  cb_part_bytes(wo) };
+                                  b->long_ctx ? b->tune.att_long_ctx : 0 };
 
         MOE_TRY(cb_norm(b, l == 0 ? NULL : b->tmp, NULL, T,
                         b->attn_norm + (size_t) l * D,

@@ -34,7 +34,6 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_ATT_DECODE_TC", CT_FIELD(att_decode_tc), 0, 1 },
     { "MOE_CUDA_PDL",           CT_FIELD(pdl),           0, 1 },
     { "MOE_CUDA_FUSE_UNPERMUTE", CT_FIELD(fuse_unpermute), 0, 1 },
-    { "MOE_CUDA_L2_NEXT",       CT_FIELD(l2_next),       0, 1 },
 };
 
 
@@ -99,10 +98,9 @@ moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf, size_t len)
     return snprintf(buf, len, "graphs=%d sample_tokens=%d gemv_max_t=%d "
                     "dense_gemv_t=%d ggemm_max_t=%d gemv_fma_rows=%d "
                     "att_split_bps=%d att_long_ctx=%d att_long_bps=%d "
-                    "att_decode_tc=%d pdl=%d fuse_unpermute=%d l2_next=%d",
+                    "att_decode_tc=%d pdl=%d fuse_unpermute=%d",
                     t->graphs, t->sample_tokens, t->gemv_max_t,
                     t->dense_gemv_t, t->ggemm_max_t, t->gemv_fma_rows,
                     t->att_split_bps, t->att_long_ctx, t->att_long_bps,
-                    t->att_decode_tc, t->pdl, t->fuse_unpermute,
-                    t->l2_next);
+                    t->att_decode_tc, t->pdl, t->fuse_unpermute);
 }

@@ -407,11 +407,7 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
 
     for (int run = 0; run < 2 && ok; run++) {
         cudaMemset(d_out, 0xff, 2 * T * nh * hd);       /* poison */
-        /* run 1 also prefetches a span into L2 (l2_next: a hint that
-         * must not change the result) */
-        moe_cuda_att_kv_t kvo = { att_fp8, ATT_KSC, ATT_VSC, 0,
-                                  run == 1 ? d_cache : NULL,
-                                  run == 1 ? 2 * cache_n : 0 };
+        moe_cuda_att_kv_t kvo = { att_fp8, ATT_KSC, ATT_VSC, 0 };
         int rc = att_tune == NULL && !att_fp8
                  ? moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt,
                                       d_off, (moe_bf16_t *) d_cache, bs, nh,

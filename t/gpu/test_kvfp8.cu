@@ -247,7 +247,6 @@ run_case(const char *name, const cache_t *c, int T, const int32_t *pos,
 
         simt.att_decode_tc = 0;
 
-        memset(&o, 0, sizeof(o));
         o.fp8 = fp8;
         o.k_scale = KSC;
         o.v_scale = VSC;
@@ -439,7 +438,7 @@ main(void)
     cache_free(&c);
 
     {
-        moe_cuda_att_kv_t o = { 1, 0.0f, 1.0f, 0, NULL, 0 };
+        moe_cuda_att_kv_t o = { 1, 0.0f, 1.0f, 0 };
         float            *d = (float *) gu_dev(4096);
 
         TAP_OK(moe_cuda_attention_ex(d, LD, 1, (const int32_t *) d,
