@@ -80,15 +80,83 @@ kernel_moe_scatter(const int32_t *sel, int n, const int32_t *counts,
 }
 
 
-/* One block of MOE_PERM_ONE threads: moe_permute_block (moe_permute.cuh). */
-__global__ void __launch_bounds__(MOE_PERM_ONE)
+/*
+ * One block of PERM_ONE threads: counts by shared atomics, a prefix over
+ * the experts, then windows of PERM_ONE slots in order: a slot's row is
+ * its expert's base + the same expert's slots in earlier warps of the
+ * window (per-warp counts in shared memory) + its rank among its warp's
+ * lanes with that expert (__match_any_sync).
+ */
+#define PERM_ONE    1024
+#define PERM_MAX_E  256
+
+__global__ void __launch_bounds__(PERM_ONE)
 kernel_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
     int32_t *erow, int32_t *slot_of, unsigned long long *tot)
 {
     moe_pdl_enter();
-    __shared__ moe_perm_smem sm;
+    __shared__ int cnt[PERM_MAX_E];
+    __shared__ int base[PERM_MAX_E];
+    __shared__ int wcnt[PERM_ONE / 32][PERM_MAX_E];
+    int            lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-    moe_permute_block(sel, n, E, offs, erow, slot_of, tot, sm);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        cnt[e] = 0;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        atomicAdd(&cnt[sel[i]], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int o = 0;
+
+        for (int e = 0; e < E; e++) {
+            base[e] = o;
+            offs[e] = o;
+            o += cnt[e];
+        }
+        offs[E] = o;
+    }
+    if (tot != NULL) {
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            tot[e] += (unsigned long long) cnt[e];
+        }
+    }
+    for (int i0 = 0; i0 < n; i0 += PERM_ONE) {
+        int      i = i0 + threadIdx.x;
+        int      e = i < n ? sel[i] : -1;
+        unsigned peers = __match_any_sync(0xffffffffu, e);
+        int      rank = __popc(peers & ((1u << lane) - 1u));
+
+        for (int k = threadIdx.x; k < (PERM_ONE / 32) * E; k += PERM_ONE) {
+            wcnt[k / E][k % E] = 0;
+        }
+        __syncthreads();        /* base written, wcnt cleared */
+        if (e >= 0 && rank == 0) {
+            wcnt[warp][e] = __popc(peers);
+        }
+        __syncthreads();
+        if (e >= 0) {
+            int r = base[e] + rank;
+
+            for (int w = 0; w < warp; w++) {
+                r += wcnt[w][e];
+            }
+            erow[r] = i;
+            slot_of[i] = r;
+        }
+        __syncthreads();        /* all reads of base done */
+        for (int x = threadIdx.x; x < E; x += PERM_ONE) {
+            int s = 0;
+
+            for (int w = 0; w < PERM_ONE / 32; w++) {
+                s += wcnt[w][x];
+            }
+            base[x] += s;
+        }
+        __syncthreads();        /* wcnt read, base updated */
+    }
 }
 
 
@@ -195,12 +263,12 @@ extern "C" int
 moe_cuda_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
     int32_t *erow, int32_t *slot_of, int64_t *tot, cudaStream_t stream)
 {
-    if (E <= 0 || E > MOE_PERM_MAX_E) {
+    if (E <= 0 || E > PERM_MAX_E) {
         moe_cuda_set_error("permute: %d experts not supported", E);
         return MOE_K_EUNSUPPORTED;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_moe_permute, 1, MOE_PERM_ONE, 0, stream,
-        sel, n, E, offs, erow, slot_of,
+    MOE_CUDA_CHECK(moe_launch(kernel_moe_permute, 1, PERM_ONE, 0, stream, sel,
+        n, E, offs, erow, slot_of,
         reinterpret_cast<unsigned long long *>(tot)));
     return MOE_K_OK;
 }
