@@ -1263,8 +1263,10 @@ q4m_try(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
  * 2 rows 220.9 against 290.8; down 2 rows 118.4 against 125.4), smaller
  * ones keep 8 x 2 (down 1 row 34.5; 4 x 6: 47.2); AWQ grids of >= 2
  * blocks per SM at 4 x 4 (gate|up 80.1 against 87.2, 2 rows 264.1
- * against 276.9), smaller ones 16 x 1 (down 1 row 37.8 against 51.5, 2
- * rows 132.2 against 135.0).  16 and 32 rows per pass (batch 64): grids
+ * against 276.9), smaller ones with a long K at 16 x 1 (down, K 14336: 1
+ * row 37.8 against 51.5, 2 rows 132.2 against 135.0); the dense q|k|v and
+ * o (K 4096, 48 and 32 blocks) keep 8 x 2 (13.1 / 12.9 us; 16 x 1: 17.2 /
+ * 16.6).  16 and 32 rows per pass (batch 64): grids
  * of >= 4 blocks per SM at 4 x 4 (GPTQ gate|up 16 rows 322.8 against
  * 377.0, 32 rows 538.1 against 593.4, down 155.9 / 262.7 against 164.2 /
  * 267.9; AWQ gate|up 321.2 / 636.6 against 347.8 / 687.5); smaller
@@ -1291,9 +1293,11 @@ q4m_auto(int fmt, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     if (nt == 1 && fmt == MOE_K_Q4_GPTQ && blocks >= 4 * sms) {
         return q4m_try<4, 6>(Q4M_AUTO_ARGS);
     }
-    if (nt == 1 && fmt == MOE_K_Q4_AWQ) {
-        return blocks >= 2 * sms ? q4m_try<4, 4>(Q4M_AUTO_ARGS)
-                                 : q4m_try<16, 1>(Q4M_AUTO_ARGS);
+    if (nt == 1 && fmt == MOE_K_Q4_AWQ && blocks >= 2 * sms) {
+        return q4m_try<4, 4>(Q4M_AUTO_ARGS);
+    }
+    if (nt == 1 && fmt == MOE_K_Q4_AWQ && K >= 8192) {
+        return q4m_try<16, 1>(Q4M_AUTO_ARGS);
     }
     if (nt > 1 && blocks >= 4 * sms) {
         return q4m_try<4, 4>(Q4M_AUTO_ARGS);

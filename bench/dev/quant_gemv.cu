@@ -21,6 +21,7 @@
  * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
  *
  *   build/bench/dev/quant_gemv [rows ...]      (default 1 2 16)
+ *   DEV_DENSE=1: also the dense q|k|v and o projections (one matrix)
  */
 #include "../../kernels/quant_gemv.cu"
 #include "q4_fma.cuh"
@@ -62,12 +63,20 @@ dev_q4_fill(uint16_t *sc, size_t n, int32_t *gidx, int count, int K, int G)
 }
 
 
+/*
+ * w13 1: the experts' gate|up, 0: their down projection; 2: the dense
+ * q|k|v projection (N 6144 K 4096), 3: the dense o projection (N 4096 K
+ * 4096), one matrix (offs NULL).
+ */
 static void
 dev_shape(int fmt, int w13, int rows)
 {
-    const int  E = 8, G = 128, iters = 50;
-    const int  N = w13 ? 28672 : 4096, K = w13 ? 4096 : 14336;
-    const int  KG = K / G, hit = rows == 1 ? 2 : E, n = hit * rows;
+    const int  dense = w13 >= 2, G = 128, iters = 50;
+    const int  E = dense ? 1 : 8;
+    const int  N = w13 == 1 ? 28672 : w13 == 2 ? 6144 : 4096;
+    const int  K = w13 == 0 ? 14336 : 4096;
+    const int  KG = K / G, hit = dense ? 1 : rows == 1 ? 2 : E;
+    const int  n = hit * rows;
     const char *fn = fmt == MOE_K_Q4_AWQ ? "awq" : "gptq";
     size_t     nw = (size_t) E * K * N / 8, nz = (size_t) E * KG * N / 8;
     size_t     ns = (size_t) E * KG * N, on = (size_t) n * N;
@@ -86,7 +95,7 @@ dev_shape(int fmt, int w13, int rows)
     uint16_t   *sc = (uint16_t *) gu_dev(ns * 2);
     int32_t    *gi = (int32_t *) gu_dev((size_t) E * K * 4);
     const bf16 *X = (const bf16 *) dev_rand_bf((size_t) n * K, 1.0f);
-    int32_t    *d_offs = (int32_t *) gu_up(offs, sizeof(offs));
+    int32_t    *d_offs = dense ? NULL : (int32_t *) gu_up(offs, sizeof(offs));
     float      *ref = (float *) gu_dev(on * 4), *out = (float *) gu_dev(on * 4);
 
     dev_q4_words<<<4096, 256>>>(qw, nw, 7u);
@@ -108,10 +117,11 @@ dev_shape(int fmt, int w13, int rows)
     };
 
     printf("%s %s N %d K %d, %d rows x %d experts (%.0f MB)\n", fn,
-           w13 ? "gate|up" : "down", N, K, rows, hit, bytes / 1e6);
+           w13 == 1 ? "gate|up" : w13 == 2 ? "dense q|k|v"
+           : w13 == 3 ? "dense o" : "down", N, K, rows, hit, bytes / 1e6);
     ms = dev_time(iters, [&]() { return run(0, 0, QM_PF, NULL, ref); });
     dev_line("shipped", ms, bytes, 0, -1, 0);
-    if (w13) {
+    if (w13 == 1) {
         /* SwiGLU: the GEMV + moe_cuda_silu_mul against the fused launch */
         bf16 *h = (bf16 *) gu_dev((size_t) n * N * 2), *h2 = h + on / 2;
 
@@ -243,8 +253,13 @@ main(int argc, char **argv)
             return 2;
         }
         for (int f = 0; f < 2; f++) {
-            dev_shape(f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ, 1, rows[i]);
-            dev_shape(f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ, 0, rows[i]);
+            for (int w = 1; w >= 0; w--) {
+                dev_shape(f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ, w, rows[i]);
+            }
+            if (getenv("DEV_DENSE") != NULL) {
+                dev_shape(f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ, 2, rows[i]);
+                dev_shape(f == 0 ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ, 3, rows[i]);
+            }
         }
     }
     return dev_failed;

@@ -894,13 +894,15 @@ main(void)
                          h_small, 1);
             /* grids wide enough for q4m_auto's other block shapes (GPTQ:
              * >= 4 blocks per SM at 1 row, 4 warps x 6; AWQ: >= 2, 4 x
-             * 4; the small grids above take AWQ's 16 x 1; 16 and 32 rows
-             * per pass over 8 groups: 4 x 4) */
+             * 4; 16 and 32 rows per pass over 8 groups: 4 x 4; AWQ's 16
+             * x 1 takes small grids with K >= 8192, "long K" below) */
             test_q4_rows("decode, wide grid", fmt, 128, f,
                          fmt == MOE_K_Q4_GPTQ ? 8448 : 16896, 1024, 2,
                          r_mix, 0, h_auto, 1);
             test_q4_rows("16 rows, wide grid", fmt, 128, f, 8448, 512, 8,
                          r_wide, 0, h_wide, 2);
+            test_q4_rows("long K", fmt, 128, f, 256, 8320, 2, r_mix, 0,
+                         h_auto, 1);
         }
         /* decode-sized groups (hints 1, 2 and 0 with a mean of 1-2
          * rows; the tensor-core kernel): both formats (GPTQ with zero bias 0
