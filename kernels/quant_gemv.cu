@@ -11,12 +11,10 @@
  *
  * kernel_qgemv_q4_mma (below, with its own notes): the 4-bit GEMV on
  * tensor cores, taken whenever there is no g_idx and the group size is a
- * multiple of a round (the checkpoints' case); deterministic.
- *
- * kernel_qgemv_q4_fma (below, with its own notes): the 4-bit GEMV on
- * CUDA cores for groups of 1-2 rows per pass (decode), taken before the
- * tensor-core one when the rows hint is <= Q4S_MAXR and G % 32 == 0;
- * weights streamed through per-thread cp.async rings, deterministic.
+ * multiple of a round (the checkpoints' case); deterministic; its warps
+ * per block and register budget chosen by the grid (q4m_auto).  (A CUDA-
+ * core kernel for 1-2 rows per pass measured slower and lives in the dev
+ * harness, bench/dev/q4_fma.cuh.)
  *
  * kernel_qgemv_q4 (the fallback: GPTQ with g_idx, odd group sizes): AWQ
  * packs 8 output columns per int32 along N, GPTQ 8
