@@ -811,7 +811,7 @@ test_unpermute_rmsnorm(int T, int D, int K, int with_rows)
     for (int i = 0; i < n; i++) {
         sel[i] = (int32_t) ((i % K) * 7 + (int) (gu_rand() % 3u));
         selw[i] = gu_uniform();
-        slot[i] = (int32_t) ((i * 5 + 3) % n);      /* a permutation */
+        slot[i] = (int32_t) ((i * 5 + 3) % n);  /* repeats when 5 | n */
     }
     for (int i = 0; i < nr; i++) {
         rows[i] = with_rows ? T - 1 - 2 * i : i;
