@@ -77,21 +77,6 @@ moe_prefetch_l2(const void *p)
 }
 
 
-/* moe_prefetch_l2 over [p, p + bytes), the block's threads striding the
- * lines. */
-__device__ __forceinline__ void
-moe_prefetch_l2_span(const void *p, size_t bytes)
-{
-    const char *c = static_cast<const char *>(p);
-
-    for (size_t o = (size_t) threadIdx.x * 128; o < bytes;
-         o += (size_t) blockDim.x * 128)
-    {
-        moe_prefetch_l2(c + o);
-    }
-}
-
-
 /*
  * Launch `kernel` like kernel<<<grid, block, smem, s>>>(args...), with
  * programmatic stream serialization when moe_cuda_pdl_get() (the kernel
