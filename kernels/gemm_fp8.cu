@@ -342,32 +342,220 @@ moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
 /* ---- the rescale path ---- */
 
 /* Y[r * ldy + j] (+)= tmp[r * N + j] * qs[r] * ws[j] (outer: tmp already
- * scaled, qs / ws NULL: a plain strided copy). */
-__global__ void
-kernel_fp8_rescale(const float *tmp, int M, int N, const float *qs,
-    const float *ws, void *Y, int ldy, int y_bf16, int acc)
+ * scaled, qs / ws NULL: a plain strided copy).  One block per row r, four
+ * columns per thread and step (N % 16 == 0); vec: Y's rows allow the
+ * 16-byte (fp32) / 8-byte (bf16) stores of four columns. */
+#define FG_RESCALE_NT 256
+
+__global__ void __launch_bounds__(FG_RESCALE_NT)
+kernel_fp8_rescale(const float *tmp, int N, const float *qs,
+    const float *ws, void *Y, int ldy, int y_bf16, int acc, int vec)
 {
     moe_pdl_enter();
-    size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x;
+    const int     r = blockIdx.x;
+    const float4 *t4 = reinterpret_cast<const float4 *>(tmp + (size_t) r * N);
+    const float   q = qs != NULL ? qs[r] : 1.0f;
 
-    if (i >= (size_t) M * N) {
-        return;
+    for (int j4 = threadIdx.x; j4 < N / 4; j4 += FG_RESCALE_NT) {
+        float4 v = t4[j4];
+        float  o[4] = { v.x, v.y, v.z, v.w };
+        size_t y0 = (size_t) r * ldy + 4 * (size_t) j4;
+
+        if (qs != NULL) {
+            float4 w = reinterpret_cast<const float4 *>(ws)[j4];
+
+            o[0] *= q * w.x;
+            o[1] *= q * w.y;
+            o[2] *= q * w.z;
+            o[3] *= q * w.w;
+        }
+        if (y_bf16) {
+            __nv_bfloat16 *y = reinterpret_cast<__nv_bfloat16 *>(Y) + y0;
+
+            if (vec) {
+                __nv_bfloat162 p[2] = { __floats2bfloat162_rn(o[0], o[1]),
+                                        __floats2bfloat162_rn(o[2], o[3]) };
+
+                *reinterpret_cast<uint2 *>(y) =
+                    *reinterpret_cast<const uint2 *>(p);
+            } else {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    y[c] = __float2bfloat16_rn(o[c]);
+                }
+            }
+        } else {
+            float *y = reinterpret_cast<float *>(Y) + y0;
+
+            if (vec) {
+                float4 *y4 = reinterpret_cast<float4 *>(y);
+
+                if (acc) {
+                    float4 a = *y4;
+
+                    o[0] += a.x;
+                    o[1] += a.y;
+                    o[2] += a.z;
+                    o[3] += a.w;
+                }
+                *y4 = make_float4(o[0], o[1], o[2], o[3]);
+            } else {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    y[c] = acc ? y[c] + o[c] : o[c];
+                }
+            }
+        }
     }
+}
 
-    int   r = (int) (i / N), j = (int) (i % N);
-    float v = tmp[i];
 
-    if (qs != NULL) {
-        v *= qs[r] * ws[j];
+/* ---- SwiGLU of an unscaled gate|up product, quantized for fp8 ---- */
+
+/* bf16 pairs of a uint4 (8 values) as floats */
+__device__ __forceinline__ void
+fg_bf8(uint4 v, float f[8])
+{
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);
+
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float2 x = __bfloat1622float2(h[j]);
+
+        f[2 * j] = x.x;
+        f[2 * j + 1] = x.y;
     }
-    if (y_bf16) {
-        reinterpret_cast<__nv_bfloat16 *>(Y)[(size_t) r * ldy + j] =
-            __float2bfloat16_rn(v);
-    } else {
-        float *y = reinterpret_cast<float *>(Y) + (size_t) r * ldy + j;
+}
 
-        *y = acc ? *y + v : v;
+
+/*
+ * One block per row r: pass 1 writes h = bf16(silu(g) * u) over the gate
+ * half of G's row (g, u: the raw products times qs[r] * ws[col], the
+ * rescale kernel's arithmetic) and reduces amax |h|; pass 2 quantizes h
+ * as kernel_quant_rows_fp8 does.  Each thread rereads only the columns it
+ * wrote, so the passes need no barrier between them but the reduction's.
+ */
+__global__ void __launch_bounds__(FG_QUANT_NT)
+kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
+    const float *ws, uint8_t *Q, float *s)
+{
+    moe_pdl_enter();
+    __shared__ float red[FG_QUANT_NT / 32];
+    __shared__ float sc;
+    const int        r = blockIdx.x, n8 = F / 8;
+    uint4           *gh = reinterpret_cast<uint4 *>(G + (size_t) r * 2 * F);
+    const uint4     *up = reinterpret_cast<const uint4 *>(G + (size_t) r * 2 * F
+                                                          + F);
+    const float      q = qs[r];
+    float            amax = 0.0f;
+
+    for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
+        float          g[8], u[8], gw[8], uw[8];
+        __nv_bfloat162 hb[4];
+        const float4  *w4 = reinterpret_cast<const float4 *>(ws + 8 * i);
+        const float4  *u4 = reinterpret_cast<const float4 *>(ws + F + 8 * i);
+
+        fg_bf8(gh[i], g);
+        fg_bf8(up[i], u);
+        *reinterpret_cast<float4 *>(gw) = w4[0];
+        *reinterpret_cast<float4 *>(gw + 4) = w4[1];
+        *reinterpret_cast<float4 *>(uw) = u4[0];
+        *reinterpret_cast<float4 *>(uw + 4) = u4[1];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float a = g[2 * j] * (q * gw[2 * j]);
+            float b = g[2 * j + 1] * (q * gw[2 * j + 1]);
+            float c = u[2 * j] * (q * uw[2 * j]);
+            float d = u[2 * j + 1] * (q * uw[2 * j + 1]);
+            float2 hf;
+
+            hb[j] = __floats2bfloat162_rn(a / (1.0f + expf(-a)) * c,
+                                          b / (1.0f + expf(-b)) * d);
+            hf = __bfloat1622float2(hb[j]);
+            amax = fmaxf(amax, fmaxf(fabsf(hf.x), fabsf(hf.y)));
+        }
+        gh[i] = *reinterpret_cast<const uint4 *>(hb);
     }
+    amax = moe_warp_max(amax);
+    if ((threadIdx.x & 31) == 0) {
+        red[threadIdx.x >> 5] = amax;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = red[0];
+
+        for (int w = 1; w < FG_QUANT_NT / 32; w++) {
+            m = fmaxf(m, red[w]);
+        }
+        sc = fmaxf(m, 1e-12f) / FG_E4M3_MAX;
+        s[r] = sc;
+    }
+    __syncthreads();
+
+    const float d = sc;
+    uint2      *qo = reinterpret_cast<uint2 *>(Q + (size_t) r * F);
+
+    for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
+        float    h[8];
+        uint32_t w[2];
+
+        fg_bf8(gh[i], h);
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            float2 a = make_float2(h[4 * j] / d, h[4 * j + 1] / d);
+            float2 b = make_float2(h[4 * j + 2] / d, h[4 * j + 3] / d);
+            __nv_fp8x2_storage_t lo, hi;
+
+            lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, __NV_E4M3);
+            hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, __NV_E4M3);
+            w[j] = (uint32_t) lo | ((uint32_t) hi << 16);
+        }
+        qo[i] = make_uint2(w[0], w[1]);
+    }
+}
+
+
+extern "C" int
+moe_cuda_silu_quant_fp8(moe_bf16_t *G, int M, int F, const float *qs,
+    const float *ws, uint8_t *Q, float *s, cudaStream_t stream)
+{
+    if (M <= 0) {
+        return MOE_K_OK;
+    }
+    if (F <= 0 || F % 8 != 0 || (uintptr_t) G % 16 != 0
+        || (uintptr_t) ws % 16 != 0 || (uintptr_t) Q % 8 != 0)
+    {
+        moe_cuda_set_error("silu_quant_fp8: F %d unsupported (F %% 8, G and "
+                           "ws 16-byte, Q 8-byte aligned)", F);
+        return MOE_K_EUNSUPPORTED;
+    }
+    MOE_CUDA_CHECK(moe_launch(kernel_silu_quant_fp8, M, FG_QUANT_NT, 0,
+        stream, reinterpret_cast<__nv_bfloat16 *>(G), F, qs, ws, Q, s));
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
+    const uint8_t *Q, const uint8_t *W, moe_bf16_t *Y, cudaStream_t stream)
+{
+    fg_plan_t *p;
+    float      alpha = 1.0f, beta = 0.0f;
+
+    if (M <= 0 || N <= 0) {
+        return MOE_K_OK;
+    }
+    if (K % 16 != 0 || N % 16 != 0) {
+        moe_cuda_set_error("gemm_fp8_unscaled: M %d N %d K %d unsupported "
+                           "(K, N multiples of 16)", M, N, K);
+        return MOE_K_EUNSUPPORTED;
+    }
+    /* M rounded up to 64 rows, as the rescale path (gemm_fp8.h) */
+    MOE_TRY(fg_plan_get(g, (M + 63) / 64 * 64, N, K, 1, 0, 0, &p));
+    FG_LT(cublasLtMatmul(g->lt, p->desc, &alpha, W, p->a, Q, p->b, &beta, Y,
+                         p->c, Y, p->c, &p->algo, g->ws, g->ws_bytes,
+                         stream));
+    return MOE_K_OK;
 }
 
 
@@ -383,9 +571,12 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
     if (M <= 0 || N <= 0) {
         return MOE_K_OK;
     }
-    if (K % 16 != 0 || N % 16 != 0 || ldy < N || (accumulate && y_bf16)) {
+    if (K % 16 != 0 || N % 16 != 0 || ldy < N || (accumulate && y_bf16)
+        || (uintptr_t) ws % 16 != 0)
+    {
         moe_cuda_set_error("gemm_fp8: M %d N %d K %d ldy %d%s unsupported "
-                           "(K, N multiples of 16)", M, N, K, ldy,
+                           "(K, N multiples of 16, ws 16-byte aligned)", M,
+                           N, K, ldy,
                            accumulate && y_bf16 ? " (accumulate into bf16)"
                                                 : "");
         return MOE_K_EUNSUPPORTED;
@@ -432,12 +623,12 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
     }
     g->last_outer = outer;
     if (!direct) {
-        size_t n = (size_t) M * N;
-        int    nb = (int) ((n + 255) / 256);
+        int vec = ldy % 4 == 0
+                  && (uintptr_t) Y % (y_bf16 ? 8 : 16) == 0;
 
-        MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale, nb, 256, 0, stream, tmp,
-            M, N, outer ? NULL : qs, outer ? NULL : ws, Y, ldy, y_bf16,
-            accumulate));
+        MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale, M, FG_RESCALE_NT, 0,
+            stream, tmp, N, outer ? NULL : qs, outer ? NULL : ws, Y, ldy,
+            y_bf16, accumulate, vec));
     }
     return MOE_K_OK;
 }

@@ -61,7 +61,8 @@ int moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx,
  * the rescale path (NULL: that path is refused with MOE_K_EUNSUPPORTED),
  * which multiplies round_up(M, 64) rows of Q: Q must have that many rows
  * readable (their values do not matter).  K % 16 == 0,
- * N % 16 == 0 (cuBLASLt's fp8 alignment).  M == 0: nothing to do.
+ * N % 16 == 0 (cuBLASLt's fp8 alignment), ws 16-byte aligned.  M == 0:
+ * nothing to do.
  * Not capturable into a CUDA graph on the first call of a shape (the plan
  * is chosen then); prefill steps run outside graphs.
  */
@@ -69,6 +70,34 @@ int moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K,
     const uint8_t *Q, const float *qs, const uint8_t *W, const float *ws,
     void *Y, int ldy, int y_bf16, int accumulate, float *tmp,
     cudaStream_t stream);
+
+/*
+ * The unscaled product for a consumer that applies the scales itself:
+ * Y (round_up(M, 64), N) bf16 row-major, leading dimension N:
+ *   Y[r, j] = bf16(sum_k e4m3(Q[r, k]) * e4m3(W[j, k]))
+ * Q must have round_up(M, 64) readable rows and Y room for as many (the
+ * rows past M hold values of no meaning), so that a prefill's per-expert
+ * row counts share the rescale path's plans.  K % 16 == 0, N % 16 == 0.
+ * Raw sums of e4m3 products stay far inside bf16's range; the rounding
+ * adds 2^-9 relative per element.
+ */
+int moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
+    const uint8_t *Q, const uint8_t *W, moe_bf16_t *Y, cudaStream_t stream);
+
+/*
+ * SwiGLU of an unscaled gate|up product (moe_cuda_gemm_fp8_unscaled with
+ * N = 2F: gate columns 0..F-1, up columns F..2F-1 of each row of G),
+ * quantized per row for the next fp8 GEMM.  For r < M, j < F:
+ *   g = G[r, j] * (qs[r] * ws[j]),  u = G[r, F + j] * (qs[r] * ws[F + j]),
+ *   h[r, j] = bf16(g / (1 + exp(-g)) * u)     (moe_cuda_silu_mul's math)
+ * then s[r] and Q[r * F + j] from h exactly as moe_cuda_quant_rows_fp8
+ * computes them from a bf16 row.  G's gate half is overwritten with h.
+ * One fused pass instead of the rescale, SwiGLU and quantize kernels.
+ * F % 8 == 0; G, ws 16-byte and Q 8-byte aligned (else
+ * MOE_K_EUNSUPPORTED).
+ */
+int moe_cuda_silu_quant_fp8(moe_bf16_t *G, int M, int F, const float *qs,
+    const float *ws, uint8_t *Q, float *s, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

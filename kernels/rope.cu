@@ -55,10 +55,12 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
 
 
 /*
- * The same with one block per (token, head): q heads are rotated in
- * place, k heads rotated and written to the cache (and the row), v heads
- * copied to the cache; thread i owns the pair (i, i + hd / 2), so a
- * decode step waits for one memory round trip instead of 20.
+ * The same with blockDim.y heads of one token per block (grid: tokens x
+ * head groups): q heads are rotated in place, k heads rotated and written
+ * to the cache (and the row), v heads copied to the cache; thread (i, y)
+ * owns the pair (i, i + hd / 2) of its head, so a decode step waits for
+ * one memory round trip instead of 20.  Decode steps take one head per
+ * block (the most blocks); prefills rope_hpb heads (rope_hpb).
  */
 template <typename KV>
 __global__ void
@@ -68,12 +70,13 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     float ksc, float vsc)
 {
     moe_pdl_enter();
-    int            t = blockIdx.x, h = blockIdx.y, half = hd / 2;
+    int            t = blockIdx.x, half = hd / 2;
+    int            h = blockIdx.y * blockDim.y + threadIdx.y;
     int            kvd = n_kv * hd, i = threadIdx.x;
     float         *v = qkv + (size_t) t * ld + (size_t) h * hd;
     float          x1, x2;
 
-    if (i >= half) {
+    if (i >= half || h >= n_heads + 2 * n_kv) {
         return;
     }
     x1 = v[i];
@@ -117,6 +120,25 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
 }
 
 
+/*
+ * kernel_rope_kv_heads's launch shape for T tokens: one head per block
+ * below 64 tokens; above, up to 8 heads per block (at most 1024 threads),
+ * so that a 2048-token prefill runs 2048 x 6 blocks of 512 threads, not
+ * 2048 x 48 of 64 (block scheduling held that launch at 120 us on the
+ * H200, bench_engine fp8 prefill 2048 under ncu).
+ */
+static void
+rope_shape(int T, int hd, int heads, dim3 *grid, dim3 *block)
+{
+    int threads = (hd / 2 + 31) / 32 * 32;
+    int hpb = T >= 64 ? 1024 / threads : 1;
+
+    hpb = hpb > 8 ? 8 : hpb < 1 ? 1 : hpb;
+    *block = dim3((unsigned) threads, (unsigned) hpb);
+    *grid = dim3((unsigned) T, (unsigned) ((heads + hpb - 1) / hpb));
+}
+
+
 extern "C" int
 moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
     const int32_t *pos, const int32_t *slot, const float *inv_freq,
@@ -127,13 +149,14 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
         return MOE_K_OK;
     }
     if (hd % 2 == 0 && hd / 2 <= 1024) {
-        int threads = (hd / 2 + 31) / 32 * 32;
+        dim3 grid, block;
 
-        MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<__nv_bfloat16>,
-            dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads, 0,
-            stream, qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq, tok_base,
-            attn, reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size,
-            1.0f, 1.0f));
+        rope_shape(T, hd, n_heads + 2 * n_kv, &grid, &block);
+        MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<__nv_bfloat16>, grid,
+            block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot,
+            inv_freq, tok_base, attn,
+            reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size, 1.0f,
+            1.0f));
         return MOE_K_OK;
     }
     MOE_CUDA_CHECK(moe_launch(kernel_rope_kv, T, 128, 0, stream, qkv, ld,
@@ -149,7 +172,7 @@ moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
     const float *tok_base, float attn, uint8_t *kv_layer, int block_size,
     float k_scale, float v_scale, cudaStream_t stream)
 {
-    int threads = (hd / 2 + 31) / 32 * 32;
+    dim3 grid, block;
 
     if (T <= 0) {
         return MOE_K_OK;
@@ -163,8 +186,8 @@ moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
                            (double) k_scale, (double) v_scale);
         return MOE_K_EINVAL;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<uint8_t>,
-        dim3((unsigned) T, (unsigned) (n_heads + 2 * n_kv)), threads, 0,
+    rope_shape(T, hd, n_heads + 2 * n_kv, &grid, &block);
+    MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<uint8_t>, grid, block, 0,
         stream, qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq, tok_base,
         attn, kv_layer, block_size, k_scale, v_scale));
     return MOE_K_OK;

@@ -63,6 +63,8 @@ step test_backend_ggemm 120 env MOE_CUDA_GEMV_MAX_T=0 \
 step test_ggemm 150 build/gpu/test_ggemm
 # the e4m3-weight tensor-core GEMV / grouped GEMM (kernels/moe_gemv_fp8.cu)
 step test_fp8mma 150 build/gpu/test_fp8mma
+# the fp8 prefill GEMMs (cuBLASLt), rescale and fused SwiGLU quantization
+step test_gemm_fp8 60 build/gpu/test_gemm_fp8
 # the weight-upload conversion and the tensor-parallel add (bit-exact)
 step test_convert 60 build/gpu/test_convert
 step test_quant   60 build/gpu/test_quant

@@ -297,6 +297,13 @@ int moe_cuda_backend_route_margins(moe_backend_t *b, int T, float *out);
 int moe_cuda_backend_last_routing(moe_backend_t *b, int32_t *experts,
     int n_tokens);
 
+/*
+ * Tests: how many layers' routed experts ran as the fused fp8 prefill FFN
+ * (unscaled gate|up GEMM, SwiGLU quantized straight for the down GEMM)
+ * since b was created.
+ */
+int64_t moe_cuda_backend_fp8_ffn_layers(moe_backend_t *b);
+
 #ifdef __cplusplus
 }
 #endif

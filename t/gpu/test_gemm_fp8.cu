@@ -12,6 +12,11 @@
  *    unit-scale + rescale path, fp32 and bf16 output, accumulate, ldy > N,
  *    M from 1 to 300, K up to 4096 (a diagnostic says which path the
  *    library took);
+ *  - moe_cuda_gemm_fp8_unscaled: the raw sums in bf16 against a double
+ *    host sum (relative L2 error <= 4e-3);
+ *  - moe_cuda_silu_quant_fp8: scales, e4m3 bytes and the bf16 h written
+ *    back equal the host's (expf ulps may move one in 1000 by one
+ *    rounding step), a tiny-scale row, F up to 14336; F % 8 refused;
  *  - quantize + GEMM against the unquantized bf16 x fp8-weight product:
  *    relative L2 error <= 0.06 (the activations' e4m3 rounding);
  *  - unsupported shapes give MOE_K_EUNSUPPORTED, M = 0 is a no-op.
@@ -122,6 +127,163 @@ test_quant(void)
     free(q);
     return 0;
 }
+
+/* moe_cuda_gemm_fp8_unscaled: the raw e4m3 dot products in bf16, M rows
+ * of round_up(M, 64) written, against a double host sum. */
+static void
+test_unscaled(moe_fp8_gemm_t *g, int M, int N, int K)
+{
+    size_t    Mp = (size_t) (M + 63) / 64 * 64;
+    uint8_t  *q = (uint8_t *) malloc(Mp * K);
+    uint8_t  *w = (uint8_t *) malloc((size_t) N * K);
+    uint16_t *y = (uint16_t *) malloc(Mp * N * 2);
+    float    *ref = (float *) malloc((size_t) M * N * 4);
+    float    *got = (float *) malloc((size_t) M * N * 4);
+    double    err = NAN;
+    int       ok;
+
+    for (size_t i = 0; i < Mp * K; i++) {
+        q[i] = rand_e4m3();
+    }
+    for (size_t i = 0; i < (size_t) N * K; i++) {
+        w[i] = rand_e4m3();
+    }
+    for (int r = 0; r < M; r++) {
+        for (int j = 0; j < N; j++) {
+            double d = 0;
+
+            for (int k = 0; k < K; k++) {
+                d += (double) moe_fp8_to_f32(q[(size_t) r * K + k])
+                     * moe_fp8_to_f32(w[(size_t) j * K + k]);
+            }
+            ref[(size_t) r * N + j] = (float) d;
+        }
+    }
+    void *dq = gu_up(q, Mp * K);
+    void *dw = gu_up(w, (size_t) N * K);
+    void *dy = gu_dev(Mp * N * 2);
+    int   rc = moe_cuda_gemm_fp8_unscaled(g, M, N, K, (const uint8_t *) dq,
+                                          (const uint8_t *) dw,
+                                          (moe_bf16_t *) dy, 0);
+
+    ok = gu_sync_ok(rc, "gemm_fp8_unscaled");
+    if (ok) {
+        gu_down(y, dy, Mp * N * 2);
+        for (size_t i = 0; i < (size_t) M * N; i++) {
+            got[i] = gu_bf2f(y[i]);
+        }
+        err = gu_relerr(got, ref, (size_t) M * N);
+        ok = err <= 4e-3;
+    }
+    TAP_OK(ok, "gemm_fp8_unscaled M %d N %d K %d: raw sums in bf16, rel err "
+           "%.3g <= 4e-3", M, N, K, err);
+    cudaFree(dq);
+    cudaFree(dw);
+    cudaFree(dy);
+    free(q);
+    free(w);
+    free(y);
+    free(ref);
+    free(got);
+}
+
+
+/* moe_cuda_silu_quant_fp8 against the host: h = bf16(silu(g) * u) of the
+ * scaled halves, then the per-row scale and e4m3 bytes of
+ * moe_cuda_quant_rows_fp8.  The device's expf may differ from the host's
+ * by an ulp, which can move an h across a bf16 rounding boundary: a byte
+ * may then differ by one code, in at most 1 / 1000 of the values. */
+static void
+test_silu_quant(int M, int F)
+{
+    uint16_t *G = (uint16_t *) malloc((size_t) M * 2 * F * 2);
+    uint16_t *Gout = (uint16_t *) malloc((size_t) M * 2 * F * 2);
+    float    *qs = (float *) malloc((size_t) M * 4);
+    float    *ws = (float *) malloc((size_t) 2 * F * 4);
+    uint8_t  *Q = (uint8_t *) malloc((size_t) M * F);
+    float    *s = (float *) malloc((size_t) M * 4);
+    float    *h = (float *) malloc((size_t) F * 4);
+    int       bad_s = 0, off1 = 0, bad = 0, bad_h = 0;
+
+    for (size_t i = 0; i < (size_t) M * 2 * F; i++) {
+        /* raw e4m3 dot products: magnitudes in the thousands */
+        G[i] = gu_f2bf(gu_uniform() * 3000.0f);
+    }
+    for (int r = 0; r < M; r++) {
+        qs[r] = (0.2f + fabsf(gu_uniform())) * (r == 3 ? 1e-6f : 1e-3f);
+    }
+    for (int j = 0; j < 2 * F; j++) {
+        ws[j] = 0.5f + fabsf(gu_uniform());
+    }
+    void *dG = gu_up(G, (size_t) M * 2 * F * 2);
+    void *dqs = gu_up(qs, (size_t) M * 4);
+    void *dws = gu_up(ws, (size_t) 2 * F * 4);
+    void *dQ = gu_dev((size_t) M * F);
+    void *ds = gu_dev((size_t) M * 4);
+    int   rc = moe_cuda_silu_quant_fp8((moe_bf16_t *) dG, M, F,
+                                       (const float *) dqs,
+                                       (const float *) dws, (uint8_t *) dQ,
+                                       (float *) ds, 0);
+    int   ok = gu_sync_ok(rc, "silu_quant_fp8");
+
+    if (ok) {
+        gu_down(Gout, dG, (size_t) M * 2 * F * 2);
+        gu_down(Q, dQ, (size_t) M * F);
+        gu_down(s, ds, (size_t) M * 4);
+    }
+    for (int r = 0; ok && r < M; r++) {
+        float amax = 0.0f, hs;
+
+        for (int j = 0; j < F; j++) {
+            float gv = gu_bf2f(G[(size_t) r * 2 * F + j]) * (qs[r] * ws[j]);
+            float uv = gu_bf2f(G[(size_t) r * 2 * F + F + j])
+                       * (qs[r] * ws[F + j]);
+
+            h[j] = gu_bf2f(gu_f2bf(gv / (1.0f + expf(-gv)) * uv));
+            amax = fmaxf(amax, fabsf(h[j]));
+            if (gu_bf2f(Gout[(size_t) r * 2 * F + j]) != h[j]) {
+                bad_h++;
+            }
+        }
+        hs = fmaxf(amax, 1e-12f) / 448.0f;
+        if (fabsf(s[r] - hs) > 1e-6f * hs) {
+            if (bad_s++ < 3) {
+                TAP_DIAG("row %d: scale %.9g, host %.9g", r, s[r], hs);
+            }
+            continue;
+        }
+        for (int j = 0; j < F; j++) {
+            int c = moe_fp8_from_f32(h[j] / s[r]), d = Q[(size_t) r * F + j];
+
+            if (c != d) {
+                /* one code apart: the codes' magnitudes are adjacent */
+                if ((c ^ d) < 0x80 && abs((c & 0x7f) - (d & 0x7f)) == 1) {
+                    off1++;
+                } else if (bad++ < 3) {
+                    TAP_DIAG("row %d col %d: %#x, host %#x", r, j, d, c);
+                }
+            }
+        }
+    }
+    TAP_OK(ok && bad_s == 0 && bad == 0 && off1 * 1000 <= M * F
+           && bad_h * 1000 <= M * F,
+           "silu_quant_fp8 M %d F %d: scales, e4m3 bytes and h equal the "
+           "host's (%d bytes and %d h one rounding apart)", M, F, off1,
+           bad_h);
+    cudaFree(dG);
+    cudaFree(dqs);
+    cudaFree(dws);
+    cudaFree(dQ);
+    cudaFree(ds);
+    free(G);
+    free(Gout);
+    free(qs);
+    free(ws);
+    free(Q);
+    free(s);
+    free(h);
+}
+
 
 /* One GEMM case against the host; returns 1 when within tolerance. */
 static int
@@ -340,7 +502,7 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(2 + 2 * ncs + 2 + 3);
+    TAP_PLAN(2 + 2 * ncs + 5 + 2 + 3);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
 
     test_quant();
@@ -364,6 +526,12 @@ main(void)
                              cs[i].y_bf16, cs[i].acc, rs, name), "%s", name);
         }
     }
+    test_unscaled(g, 70, 256, 512);
+    test_unscaled(g, 1, 4096, 128);
+    test_silu_quant(9, 1032);
+    test_silu_quant(2, 14336);
+    TAP_OK(moe_cuda_silu_quant_fp8(NULL, 1, 12, NULL, NULL, NULL, NULL, 0)
+           == MOE_K_EUNSUPPORTED, "silu_quant_fp8: F %% 8 != 0 refused");
     end_to_end(g, 48, 256, 2048);
     end_to_end(g, 5, 4096, 4096);
 

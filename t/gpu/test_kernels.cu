@@ -193,19 +193,28 @@ ref_rope(float *v, int hd, int pos, float theta, float attn)
 
 
 /* theta <= 0: no rotation; per_token: the bases go per token (dynamic
- * NTK scaling: token t's base theta + 1000 t) instead of the table */
+ * NTK scaling: token t's base theta + 1000 t) instead of the table.  T
+ * tokens: from 64 the launcher puts several heads in one block
+ * (rope_shape), below one per block. */
 static void
-test_rope(int nh, int nkv, int hd, float theta, int per_token, float attn)
+test_rope_t(int T, int nh, int nkv, int hd, float theta, int per_token,
+    float attn)
 {
-    int    T = 19, bs = 4, nblk = 16, kvd = nkv * hd;
+    /* slots (t * 5 + 2) mod nblk * bs: distinct while 5 does not divide
+     * nblk * bs */
+    int    bs = 4, nblk = T < 60 ? 16 : (T + 3) / 4 + 2, kvd = nkv * hd;
+
+    nblk += nblk * bs % 5 == 0;
     int    ld = (nh + 2 * nkv) * hd;
     float *qkv = (float *) malloc(sizeof(float) * T * ld);
     float *ref = (float *) malloc(sizeof(float) * T * ld);
     float *out = (float *) malloc(sizeof(float) * T * ld);
     size_t cache_n = (size_t) nblk * 2 * bs * kvd;
     uint16_t *cache = (uint16_t *) malloc(2 * cache_n);
-    int32_t pos[19], slot[19];
-    float   inv[512], base[19];
+    int32_t *pos = (int32_t *) malloc(sizeof(int32_t) * T);
+    int32_t *slot = (int32_t *) malloc(sizeof(int32_t) * T);
+    float   *base = (float *) malloc(sizeof(float) * T);
+    float   inv[512];
     double  ek = 0, ev = 0, nk = 0, nv = 0;
 
     for (int i = 0; i < hd / 2; i++) {
@@ -223,11 +232,11 @@ test_rope(int nh, int nkv, int hd, float theta, int per_token, float attn)
         }
     }
     float *d_qkv = (float *) gu_up(qkv, sizeof(float) * T * ld);
-    int32_t *d_pos = (int32_t *) gu_up(pos, sizeof(pos));
-    int32_t *d_slot = (int32_t *) gu_up(slot, sizeof(slot));
+    int32_t *d_pos = (int32_t *) gu_up(pos, sizeof(int32_t) * T);
+    int32_t *d_slot = (int32_t *) gu_up(slot, sizeof(int32_t) * T);
     void *d_cache = gu_dev(2 * cache_n);
     float *d_inv = (float *) gu_up(inv, sizeof(float) * (hd / 2));
-    float *d_base = (float *) gu_up(base, sizeof(base));
+    float *d_base = (float *) gu_up(base, sizeof(float) * T);
     int rc = moe_cuda_rope_kv(d_qkv, ld, T, nh, nkv, hd, d_pos, d_slot,
                               theta > 0 ? d_inv : NULL,
                               per_token ? d_base : NULL, attn,
@@ -260,12 +269,20 @@ test_rope(int nh, int nkv, int hd, float theta, int per_token, float attn)
     ev = sqrt(ev / nv);
     /* positions up to 4000 rad: device and host sinf/cosf differ by ulps */
     TAP_OK(ok && eq <= 1e-4 && ek <= BF_TOL && ev <= BF_TOL,
-           "rope_kv heads %d/%d hd %d%s attn %.2f (q+k %.2e, cache k %.2e "
-           "v %.2e)", nh, nkv, hd, per_token ? " per-token bases" : "",
-           attn, eq, ek, ev);
+           "rope_kv %d tokens heads %d/%d hd %d%s attn %.2f (q+k %.2e, "
+           "cache k %.2e v %.2e)", T, nh, nkv, hd,
+           per_token ? " per-token bases" : "", attn, eq, ek, ev);
     cudaFree(d_inv); cudaFree(d_base);
     cudaFree(d_qkv); cudaFree(d_pos); cudaFree(d_slot); cudaFree(d_cache);
     free(qkv); free(ref); free(out); free(cache);
+    free(pos); free(slot); free(base);
+}
+
+
+static void
+test_rope(int nh, int nkv, int hd, float theta, int per_token, float attn)
+{
+    test_rope_t(19, nh, nkv, hd, theta, per_token, attn);
 }
 
 
@@ -649,10 +666,11 @@ test_argmax(int rows, int V, int ld, int mode, int with_nv)
 }
 
 
+/* F % 4 == 0 takes four columns per thread, else one; F > 1024: more
+ * than one column chunk per row */
 static void
-test_silu(void)
+test_silu(int R, int F)
 {
-    int       R = 33, F = 100;
     float    *gu = (float *) malloc(sizeof(float) * R * 2 * F);
     float    *ref = (float *) malloc(sizeof(float) * R * F);
     float    *out = (float *) malloc(sizeof(float) * R * F);
@@ -673,7 +691,7 @@ test_silu(void)
     gu_down(ob, d_h, 2 * R * F);
     gu_bf_to_f(out, ob, (size_t) R * F);
     double e = gu_relerr(out, ref, (size_t) R * F);
-    TAP_OK(ok && e <= BF_TOL, "silu_mul (err %.2e)", e);
+    TAP_OK(ok && e <= BF_TOL, "silu_mul %d x %d (err %.2e)", R, F, e);
     cudaFree(d_gu); cudaFree(d_h);
     free(gu); free(ref); free(out); free(ob);
 }
@@ -1642,6 +1660,10 @@ main(void)
     test_rope(32, 8, 128, 500000.0f, 0, 1.1386f);   /* yarn's cos/sin scale */
     test_rope(8, 2, 64, 10000.0f, 1, 1.0f);         /* dynamic NTK bases */
     test_rope(4, 4, 16, 0.0f, 0, 1.0f); /* learned positions: write only */
+    /* prefill-sized: several heads per block, a partial last group */
+    test_rope_t(70, 32, 8, 128, 1000000.0f, 0, 1.0f);
+    test_rope_t(70, 5, 1, 16, 10000.0f, 0, 1.0f);
+    test_rope_t(130, 8, 2, 64, 10000.0f, 1, 1.0f);
     test_attention(4, 4, 16, 0, 0, 200);
     test_attention(8, 2, 8, 0, 1, 200);
     test_attention(32, 8, 128, 0, 0, 200);
@@ -1776,7 +1798,9 @@ main(void)
         test_attention_dk4(0, 16, 16, 64, 0, 64, lb, "64 mixed seqs");
         test_attention_dk4(0, 8, 1, 128, 0, 8, lb + 56, "8 seqs group 8");
     }
-    test_silu();
+    test_silu(33, 100);
+    test_silu(5, 2050);
+    test_silu(3, 4104);
     test_route(50, 64, 8, 2, 1);
     test_route(40, 2048, 64, 8, 1);
     test_route(30, 128, 60, 4, 1);

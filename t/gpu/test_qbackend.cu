@@ -19,7 +19,9 @@
  *   tp 1; tp 1 with MOE_CUDA_GGEMM_MAX_T=0 (the per-expert cuBLAS path
  *   after the host sync); tp 2 (two ranks on this GPU) for fp8-tensor,
  *   ct-fp8-channel, awq-g32 and gptq-g32-sym, tp 2 expert parallel for
- *   awq-g32.
+ *   awq-g32.  With fp8 activations and the cuBLAS expert path the
+ *   prefill's routed layers must run as the fused fp8 FFN
+ *   (moe_cuda_backend_fp8_ffn_layers).
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
  * bound test_backend uses for bf16 weights); greedy equal wherever the
@@ -217,6 +219,16 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
            CHUNK, worst, tol);
     TAP_OK(ok && greedy_ok, "%s: greedy equal on the %d clear steps", what,
            n_greedy);
+    if (act && blas && tp == 1) {
+        /* the fused fp8 FFN (cb_fp8_ffn) took the routed layers of the
+         * 40-token prefill (the 8-token chunk and the decode steps are
+         * GEMV steps) */
+        int64_t n = moe_cuda_backend_fp8_ffn_layers(gb);
+
+        TAP_OK(n > 0 && n <= hp->n_layers, "%s: the fused fp8 prefill FFN "
+               "ran on %lld of %d layers", what, (long long) n,
+               hp->n_layers);
+    }
     gb->destroy(gb);
     cb->destroy(cb);
     free(gl);
