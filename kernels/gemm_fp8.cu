@@ -157,8 +157,9 @@ fg_plan_make(moe_fp8_gemm_t *g, fg_plan_t *p, int M, int N, int K,
     p->y_bf16 = y_bf16;
     p->acc = acc;
     p->outer = outer;
-    /* the rescale path writes fp32 into tmp (N x M column-major) */
-    dt = outer && y_bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    /* outer-vector plans write Y as asked; unit-scale plans write fp32
+     * into tmp (the rescale path) or bf16 (moe_cuda_gemm_fp8_unscaled) */
+    dt = y_bf16 ? CUDA_R_16BF : CUDA_R_32F;
 
     FG_LT(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F,
                                    CUDA_R_32F));
