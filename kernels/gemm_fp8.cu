@@ -429,22 +429,32 @@ fg_bf8(uint4 v, float f[8])
 }
 
 
+/* rows of up to this many columns keep h in shared memory (48 KB, no
+ * opt-in); longer ones write it over G's gate half */
+#define FG_SQ_SMEM_F 24576
+
 /*
- * One block per row r: pass 1 writes h = bf16(silu(g) * u) over the gate
- * half of G's row (g, u: the raw products times qs[r] * ws[col], the
- * rescale kernel's arithmetic) and reduces amax |h|; pass 2 quantizes h
- * as kernel_quant_rows_fp8 does.  Each thread rereads only the columns it
- * wrote, so the passes need no barrier between them but the reduction's.
+ * One block per row r: pass 1 writes h = bf16(silu(g) * u) (g, u: the raw
+ * products times qs[r] * ws[col], the rescale kernel's arithmetic) into
+ * shared memory (smem) or over the gate half of G's row, and reduces
+ * amax |h|; pass 2 quantizes h as kernel_quant_rows_fp8 does.  Each
+ * thread rereads only the columns it wrote, so the passes need no barrier
+ * between them but the reduction's.
  */
 __global__ void __launch_bounds__(FG_QUANT_NT)
 kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
-    const float *ws, uint8_t *Q, float *s)
+    const float *ws, uint8_t *Q, float *s, int smem)
 {
     moe_pdl_enter();
+    extern __shared__ __align__(16) unsigned char fg_sq_sm[];
     __shared__ float red[FG_QUANT_NT / 32];
     __shared__ float sc;
     const int        r = blockIdx.x, n8 = F / 8;
-    uint4           *gh = reinterpret_cast<uint4 *>(G + (size_t) r * 2 * F);
+    uint4           *gh = smem ? reinterpret_cast<uint4 *>(fg_sq_sm)
+                               : reinterpret_cast<uint4 *>(G + (size_t) r
+                                                             * 2 * F);
+    const uint4     *gt = reinterpret_cast<const uint4 *>(G + (size_t) r
+                                                          * 2 * F);
     const uint4     *up = reinterpret_cast<const uint4 *>(G + (size_t) r * 2 * F
                                                           + F);
     const float      q = qs[r];
@@ -456,7 +466,7 @@ kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
         const float4  *w4 = reinterpret_cast<const float4 *>(ws + 8 * i);
         const float4  *u4 = reinterpret_cast<const float4 *>(ws + F + 8 * i);
 
-        fg_bf8(gh[i], g);
+        fg_bf8(gt[i], g);
         fg_bf8(up[i], u);
         *reinterpret_cast<float4 *>(gw) = w4[0];
         *reinterpret_cast<float4 *>(gw + 4) = w4[1];
@@ -530,8 +540,11 @@ moe_cuda_silu_quant_fp8(moe_bf16_t *G, int M, int F, const float *qs,
                            "ws 16-byte, Q 8-byte aligned)", F);
         return MOE_K_EUNSUPPORTED;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_silu_quant_fp8, M, FG_QUANT_NT, 0,
-        stream, reinterpret_cast<__nv_bfloat16 *>(G), F, qs, ws, Q, s));
+    int smem = F <= FG_SQ_SMEM_F;
+
+    MOE_CUDA_CHECK(moe_launch(kernel_silu_quant_fp8, M, FG_QUANT_NT,
+        smem ? (size_t) F * 2 : 0, stream,
+        reinterpret_cast<__nv_bfloat16 *>(G), F, qs, ws, Q, s, smem));
     return MOE_K_OK;
 }
 

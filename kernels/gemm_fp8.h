@@ -91,8 +91,9 @@ int moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
  *   g = G[r, j] * (qs[r] * ws[j]),  u = G[r, F + j] * (qs[r] * ws[F + j]),
  *   h[r, j] = bf16(g / (1 + exp(-g)) * u)     (moe_cuda_silu_mul's math)
  * then s[r] and Q[r * F + j] from h exactly as moe_cuda_quant_rows_fp8
- * computes them from a bf16 row.  G's gate half is overwritten with h.
- * One fused pass instead of the rescale, SwiGLU and quantize kernels.
+ * computes them from a bf16 row.  h stays on chip for F <= 24576; with
+ * more columns G's gate half is overwritten with it.  One fused pass
+ * instead of the rescale, SwiGLU and quantize kernels.
  * F % 8 == 0; G, ws 16-byte and Q 8-byte aligned (else
  * MOE_K_EUNSUPPORTED).
  */

@@ -31,10 +31,7 @@
  * bytes) and bf16 tokens (BT rows x 128, padded to 288 bytes) through a
  * 3- or 4-stage cp.async pipeline (no L2 cache hint: see load()); A
  * fragments read as 4-byte words from shared memory and converted, B as
- * 8-byte words (conflict-free with those pads).  The 8-token n-tiles of a
- * pass that lie wholly past the group's rows skip their B reads and MMAs
- * (a decode batch of 64 gives Mixtral's experts about 16 rows each, so a
- * 32-token tile has one or two such n-tiles).
+ * 8-byte words (conflict-free with those pads).
  */
 #include "common.cuh"
 #include "ptx.cuh"
@@ -798,14 +795,10 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 f8_cvt4(hi, h02, h13);
 #pragma unroll
                 for (int t = 0; t < 2 * NP; t++) {
-                    uint2    xv;
+                    uint2    xv = *reinterpret_cast<const uint2 *>(
+                                      xs + t * 8 * G8_XROW + kk * 16);
                     uint32_t b0, b1;
 
-                    if (t > 0 && p0 + t * 8 >= r1) {
-                        break;          /* n-tiles past the group's rows */
-                    }
-                    xv = *reinterpret_cast<const uint2 *>(
-                             xs + t * 8 * G8_XROW + kk * 16);
                     f8_pair(xv.x, xv.y, b0, b1);
                     moe_mma_bf16(dst[t], l02, h02, l13, h13, b0, b1);
                 }
