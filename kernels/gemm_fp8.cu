@@ -35,6 +35,8 @@ struct moe_fp8_gemm_s {
     void             *ws;
     size_t            ws_bytes;
     int               force_rescale;
+    int               outer_refused;  /* outer-vector scaling refused once */
+    int               plans_made;     /* heuristic queries (tests) */
     int               last_outer;
     unsigned          clock;
     fg_plan_t         plans[FG_PLANS];
@@ -120,6 +122,13 @@ extern "C" void
 moe_cuda_fp8_gemm_force_rescale(moe_fp8_gemm_t *g, int on)
 {
     g->force_rescale = on != 0;
+}
+
+
+extern "C" int
+moe_cuda_fp8_gemm_plans_made(const moe_fp8_gemm_t *g)
+{
+    return g->plans_made;
 }
 
 
@@ -229,6 +238,7 @@ fg_plan_get(moe_fp8_gemm_t *g, int M, int N, int K, int y_bf16, int acc,
         }
     }
     fg_plan_free(victim);
+    g->plans_made++;
     rc = fg_plan_make(g, victim, M, N, K, y_bf16, acc, outer);
     victim->stamp = g->clock;
     if (rc == MOE_K_EUNSUPPORTED) {
@@ -601,12 +611,17 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
      * them for (the plan remembers) takes unit scales + the rescale */
     direct = ldy == N;
     rc = MOE_K_EUNSUPPORTED;
-    if (!g->force_rescale && (direct || tmp != NULL)) {
+    if (!g->force_rescale && !g->outer_refused && (direct || tmp != NULL)) {
         rc = fg_plan_get(g, M, N, K, direct ? y_bf16 : 0,
                          direct ? accumulate : 0, 1, &p);
         if (rc != MOE_K_OK && rc != MOE_K_EUNSUPPORTED) {
             return rc;
         }
+        /* the library takes or refuses the mode by architecture, not by
+         * shape (cuBLASLt 13.1 on sm_90: every shape refused); asking
+         * again for each new M (a prefill's per-expert row counts) cost
+         * a heuristic query per GEMM and evicted the useful plans */
+        g->outer_refused = rc == MOE_K_EUNSUPPORTED;
     }
     outer = rc == MOE_K_OK;
     direct = direct && outer;

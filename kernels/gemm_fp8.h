@@ -40,6 +40,13 @@ void moe_cuda_fp8_gemm_force_rescale(moe_fp8_gemm_t *g, int on);
  * cuBLASLt, 0 when it used the unit-scale GEMM + rescale kernel. */
 int moe_cuda_fp8_gemm_outer_vec(const moe_fp8_gemm_t *g);
 
+/* Plans made so far (one cuBLASLt heuristic query each; tests).  Once the
+ * library has refused outer-vector scaling for a shape, g stops asking
+ * (it decides by architecture: cuBLASLt 13.1 refuses it on sm_90 for
+ * every shape), so a prefill's many per-expert row counts share the
+ * rescale path's few plans. */
+int moe_cuda_fp8_gemm_plans_made(const moe_fp8_gemm_t *g);
+
 /*
  * Dynamic per-row quantization: for r < M, row xr(r) = xrow ? xrow[r] /
  * xdiv : r of X (bf16, leading dimension ldx):

@@ -12,6 +12,8 @@
  *    unit-scale + rescale path, fp32 and bf16 output, accumulate, ldy > N,
  *    M from 1 to 300, K up to 4096 (a diagnostic says which path the
  *    library took);
+ *  - after outer-vector scaling is refused, a second row count (same
+ *    rounded M) makes no new plan (no heuristic query per expert);
  *  - moe_cuda_gemm_fp8_unscaled: the raw sums in bf16 against a double
  *    host sum (relative L2 error <= 4e-3);
  *  - moe_cuda_silu_quant_fp8: scales, e4m3 bytes and G's gate half (h
@@ -508,7 +510,7 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(2 + 2 * ncs + 6 + 2 + 3);
+    TAP_PLAN(2 + 2 * ncs + 7 + 2 + 3);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
 
     test_quant();
@@ -531,6 +533,44 @@ main(void)
             TAP_OK(gemm_case(g, cs[i].M, cs[i].N, cs[i].K, cs[i].ldy,
                              cs[i].y_bf16, cs[i].acc, rs, name), "%s", name);
         }
+    }
+    {
+        /* a fresh object: once outer-vector scaling is refused, a new M
+         * (same rounded M) makes no plan; where the library takes the
+         * mode, each M has its own plan */
+        moe_fp8_gemm_t *g2 = NULL;
+        int             made = -1, outer = -1;
+
+        if (moe_cuda_fp8_gemm_create(lws, (size_t) 32 << 20, &g2) == 0) {
+            void *dq = gu_dev((size_t) 64 * 64), *dw = gu_dev(64 * 64);
+            void *dws = gu_dev(64 * 4), *dy = gu_dev(64 * 64 * 4);
+            void *dt = gu_dev(64 * 64 * 4);
+            int   rc1 = moe_cuda_gemm_fp8(g2, 5, 64, 64, (const uint8_t *) dq,
+                                          (const float *) dws,
+                                          (const uint8_t *) dw,
+                                          (const float *) dws, dy, 64, 0, 0,
+                                          (float *) dt, 0);
+            int   n1 = moe_cuda_fp8_gemm_plans_made(g2);
+
+            outer = moe_cuda_fp8_gemm_outer_vec(g2);
+            if (rc1 == 0
+                && moe_cuda_gemm_fp8(g2, 7, 64, 64, (const uint8_t *) dq,
+                                     (const float *) dws,
+                                     (const uint8_t *) dw,
+                                     (const float *) dws, dy, 64, 0, 0,
+                                     (float *) dt, 0) == 0)
+            {
+                made = moe_cuda_fp8_gemm_plans_made(g2) - n1;
+            }
+            cudaDeviceSynchronize();
+            cudaFree(dq); cudaFree(dw); cudaFree(dws); cudaFree(dy);
+            cudaFree(dt);
+            moe_cuda_fp8_gemm_destroy(g2);
+        }
+        TAP_OK(made == (outer ? 1 : 0), "a second row count makes %d plan(s) "
+               "(%s)", made, outer ? "outer-vector scales taken"
+                                   : "outer-vector scales refused: no new "
+                                     "query");
     }
     test_unscaled(g, 70, 256, 512);
     test_unscaled(g, 1, 4096, 128);
