@@ -352,20 +352,50 @@ moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
 
 /* ---- the rescale path ---- */
 
-/* Y[r * ldy + j] (+)= tmp[r * N + j] * qs[r] * ws[j] (outer: tmp already
- * scaled, qs / ws NULL: a plain strided copy).  One block per row r, four
- * columns per thread and step (N % 16 == 0); vec: Y's rows allow the
- * 16-byte (fp32) / 8-byte (bf16) stores of four columns. */
+/* The group of row r (offs NULL: 0): the e < E with offs[e] <= offs[0] + r
+ * < offs[e + 1] (rows of empty groups never ask). */
+__device__ __forceinline__ int
+fg_group(const int32_t *offs, int E, int r)
+{
+    int lo = 0, hi = E - 1, rr;
+
+    if (offs == NULL) {
+        return 0;
+    }
+    rr = offs[0] + r;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+
+        if (offs[mid] <= rr) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
+
+/* Y[r * ldy + j] (+)= tmp[r * N + j] * qs[r] * ws[e * ws_stride + j], e
+ * the row's group (fg_group; outer: tmp already scaled, qs / ws NULL: a
+ * plain strided copy).  One block per row r, four columns per thread and
+ * step (N % 16 == 0); vec: Y's rows allow the 16-byte (fp32) / 8-byte
+ * (bf16) stores of four columns. */
 #define FG_RESCALE_NT 256
 
 __global__ void __launch_bounds__(FG_RESCALE_NT)
 kernel_fp8_rescale(const float *tmp, int N, const float *qs,
-    const float *ws, void *Y, int ldy, int y_bf16, int acc, int vec)
+    const float *ws, size_t ws_stride, const int32_t *offs, int E, void *Y,
+    int ldy, int y_bf16, int acc, int vec)
 {
     moe_pdl_enter();
     const int     r = blockIdx.x;
     const float4 *t4 = reinterpret_cast<const float4 *>(tmp + (size_t) r * N);
     const float   q = qs != NULL ? qs[r] : 1.0f;
+
+    if (ws != NULL) {
+        ws += (size_t) fg_group(offs, E, r) * ws_stride;
+    }
 
     for (int j4 = threadIdx.x; j4 < N / 4; j4 += FG_RESCALE_NT) {
         float4 v = t4[j4];
@@ -453,9 +483,11 @@ fg_bf8(uint4 v, float f[8])
  */
 __global__ void __launch_bounds__(FG_QUANT_NT)
 kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
-    const float *ws, uint8_t *Q, float *s, int smem)
+    const float *ws, size_t ws_stride, const int32_t *offs, int E,
+    uint8_t *Q, float *s, int smem)
 {
     moe_pdl_enter();
+    ws += (size_t) fg_group(offs, E, (int) blockIdx.x) * ws_stride;
     extern __shared__ __align__(16) unsigned char fg_sq_sm[];
     __shared__ float red[FG_QUANT_NT / 32];
     __shared__ float sc;
@@ -538,30 +570,35 @@ kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
 
 extern "C" int
 moe_cuda_silu_quant_fp8(moe_bf16_t *G, int M, int F, const float *qs,
-    const float *ws, uint8_t *Q, float *s, cudaStream_t stream)
+    const float *ws, size_t ws_stride, const int32_t *offs, int E,
+    uint8_t *Q, float *s, cudaStream_t stream)
 {
     if (M <= 0) {
         return MOE_K_OK;
     }
     if (F <= 0 || F % 8 != 0 || (uintptr_t) G % 16 != 0
-        || (uintptr_t) ws % 16 != 0 || (uintptr_t) Q % 8 != 0)
+        || (uintptr_t) ws % 16 != 0 || (uintptr_t) Q % 8 != 0
+        || (offs != NULL && (E < 1 || ws_stride % 4 != 0)))
     {
         moe_cuda_set_error("silu_quant_fp8: F %d unsupported (F %% 8, G and "
-                           "ws 16-byte, Q 8-byte aligned)", F);
+                           "ws 16-byte, Q 8-byte aligned, ws_stride %% 4)",
+                           F);
         return MOE_K_EUNSUPPORTED;
     }
     int smem = F <= FG_SQ_SMEM_F;
 
     MOE_CUDA_CHECK(moe_launch(kernel_silu_quant_fp8, M, FG_QUANT_NT,
         smem ? (size_t) F * 2 : 0, stream,
-        reinterpret_cast<__nv_bfloat16 *>(G), F, qs, ws, Q, s, smem));
+        reinterpret_cast<__nv_bfloat16 *>(G), F, qs, ws, ws_stride, offs,
+        offs != NULL ? E : 1, Q, s, smem));
     return MOE_K_OK;
 }
 
 
 extern "C" int
 moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
-    const uint8_t *Q, const uint8_t *W, moe_bf16_t *Y, cudaStream_t stream)
+    const uint8_t *Q, const uint8_t *W, void *Y, int y_bf16,
+    cudaStream_t stream)
 {
     fg_plan_t *p;
     float      alpha = 1.0f, beta = 0.0f;
@@ -575,10 +612,35 @@ moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
         return MOE_K_EUNSUPPORTED;
     }
     /* M rounded up to 64 rows, as the rescale path (gemm_fp8.h) */
-    MOE_TRY(fg_plan_get(g, (M + 63) / 64 * 64, N, K, 1, 0, 0, &p));
+    MOE_TRY(fg_plan_get(g, (M + 63) / 64 * 64, N, K, y_bf16 != 0, 0, 0,
+                        &p));
     FG_LT(cublasLtMatmul(g->lt, p->desc, &alpha, W, p->a, Q, p->b, &beta, Y,
                          p->c, Y, p->c, &p->algo, g->ws, g->ws_bytes,
                          stream));
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_fp8_rescale_rows(const float *tmp, int M, int N, const float *qs,
+    const float *ws, size_t ws_stride, const int32_t *offs, int E, float *Y,
+    int ldy, cudaStream_t stream)
+{
+    if (M <= 0) {
+        return MOE_K_OK;
+    }
+    if (N % 16 != 0 || ldy < N || (uintptr_t) ws % 16 != 0
+        || (uintptr_t) tmp % 16 != 0 || ws_stride % 4 != 0
+        || (offs != NULL && E < 1))
+    {
+        moe_cuda_set_error("fp8_rescale_rows: N %d ldy %d unsupported (N %% "
+                           "16, tmp and ws 16-byte aligned, ws_stride %% 4)",
+                           N, ldy);
+        return MOE_K_EUNSUPPORTED;
+    }
+    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale, M, FG_RESCALE_NT, 0, stream,
+        tmp, N, qs, ws, ws_stride, offs, offs != NULL ? E : 1, (void *) Y,
+        ldy, 0, 0, (int) (ldy % 4 == 0 && (uintptr_t) Y % 16 == 0)));
     return MOE_K_OK;
 }
 
@@ -656,8 +718,8 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
                   && (uintptr_t) Y % (y_bf16 ? 8 : 16) == 0;
 
         MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale, M, FG_RESCALE_NT, 0,
-            stream, tmp, N, outer ? NULL : qs, outer ? NULL : ws, Y, ldy,
-            y_bf16, accumulate, vec));
+            stream, tmp, N, outer ? NULL : qs, outer ? NULL : ws, (size_t) 0,
+            (const int32_t *) NULL, 1, Y, ldy, y_bf16, accumulate, vec));
     }
     return MOE_K_OK;
 }

@@ -80,32 +80,56 @@ int moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K,
 
 /*
  * The unscaled product for a consumer that applies the scales itself:
- * Y (round_up(M, 64), N) bf16 row-major, leading dimension N:
- *   Y[r, j] = bf16(sum_k e4m3(Q[r, k]) * e4m3(W[j, k]))
+ * Y (round_up(M, 64), N) row-major, leading dimension N, bf16 (y_bf16 1)
+ * or fp32:
+ *   Y[r, j] = sum_k e4m3(Q[r, k]) * e4m3(W[j, k])
  * Q must have round_up(M, 64) readable rows and Y room for as many (the
- * rows past M hold values of no meaning), so that a prefill's per-expert
- * row counts share the rescale path's plans.  K % 16 == 0, N % 16 == 0.
- * Raw sums of e4m3 products stay far inside bf16's range; the rounding
+ * rows past M hold values of no meaning: a caller stacking groups' rows
+ * in one Y runs the groups in row order, so that each group's rows are
+ * written last by its own GEMM), so that a prefill's per-expert row
+ * counts share the rescale path's plans.  K % 16 == 0, N % 16 == 0.  Raw
+ * sums of e4m3 products stay far inside bf16's range; the bf16 rounding
  * adds 2^-9 relative per element.
  */
 int moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
-    const uint8_t *Q, const uint8_t *W, moe_bf16_t *Y, cudaStream_t stream);
+    const uint8_t *Q, const uint8_t *W, void *Y, int y_bf16,
+    cudaStream_t stream);
+
+/*
+ * Row groups (the experts of a prefill, one launch for all): with offs
+ * non-NULL, row r belongs to group e < E with offs[e] <= offs[0] + r <
+ * offs[e + 1] (offs on the device: the routing's row offsets from the
+ * first group's), and its weight scales are ws + e * ws_stride; offs
+ * NULL: every row uses ws.
+ */
 
 /*
  * SwiGLU of an unscaled gate|up product (moe_cuda_gemm_fp8_unscaled with
- * N = 2F: gate columns 0..F-1, up columns F..2F-1 of each row of G),
- * quantized per row for the next fp8 GEMM.  For r < M, j < F:
+ * N = 2F: gate columns 0..F-1, up columns F..2F-1 of each row of G, bf16),
+ * quantized per row for the next fp8 GEMM.  For r < M, j < F, with ws the
+ * row's group's scales (above):
  *   g = G[r, j] * (qs[r] * ws[j]),  u = G[r, F + j] * (qs[r] * ws[F + j]),
  *   h[r, j] = bf16(g / (1 + exp(-g)) * u)     (moe_cuda_silu_mul's math)
  * then s[r] and Q[r * F + j] from h exactly as moe_cuda_quant_rows_fp8
  * computes them from a bf16 row.  h stays on chip for F <= 24576; with
  * more columns G's gate half is overwritten with it.  One fused pass
- * instead of the rescale, SwiGLU and quantize kernels.
- * F % 8 == 0; G, ws 16-byte and Q 8-byte aligned (else
+ * instead of the rescale, SwiGLU and quantize kernels.  F % 8 == 0; G, ws
+ * 16-byte and Q 8-byte aligned, ws_stride % 4 == 0 (else
  * MOE_K_EUNSUPPORTED).
  */
 int moe_cuda_silu_quant_fp8(moe_bf16_t *G, int M, int F, const float *qs,
-    const float *ws, uint8_t *Q, float *s, cudaStream_t stream);
+    const float *ws, size_t ws_stride, const int32_t *offs, int E,
+    uint8_t *Q, float *s, cudaStream_t stream);
+
+/*
+ * The rescale of unscaled fp32 products (moe_cuda_gemm_fp8_unscaled,
+ * y_bf16 0) by row groups: Y[r * ldy + j] = tmp[r * N + j] * (qs[r] *
+ * ws[j]), ws the row's group's scales (above).  N % 16 == 0, tmp and ws
+ * 16-byte aligned, ws_stride % 4 == 0.
+ */
+int moe_cuda_fp8_rescale_rows(const float *tmp, int M, int N,
+    const float *qs, const float *ws, size_t ws_stride, const int32_t *offs,
+    int E, float *Y, int ldy, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

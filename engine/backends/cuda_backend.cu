@@ -2663,17 +2663,21 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
 /*
  * The routed experts of a prefill-sized step on the fp8 tensor cores when
  * gate|up is a stacked fp8 per-channel group g (2F rows per expert) and
- * down (wd) fp8 per channel: the gathered rows b->xe (offsets in
- * b->h_counts) quantized per row once; per expert the unscaled gate|up
- * product in bf16 (moe_cuda_gemm_fp8_unscaled) and moe_cuda_silu_quant_fp8
- * straight into the down projection's e4m3 input; then the down GEMMs
- * into b->ye.  That replaces the gate|up rescale pass over fp32, the
- * SwiGLU pass and the down input's quantization (cb_fp8_gemm twice):
- * bench_engine fp8 prefill 2048 spent 0.75 ms per layer rescaling and
- * 0.30 ms in SwiGLU (ncu, H200).  MOE_EUNSUPPORTED (nothing enqueued)
- * when the parts or the scratch do not allow it.  Scratch: Q (n + 64
- * rows of D bytes), qs, Qh (n + 64 rows of F), qh, then the larger of the
- * bf16 gate|up product and the down GEMM's fp32 rescale input.
+ * down (wd) fp8 per channel, rows gathered per expert (b->xe, offsets in
+ * b->h_counts and on the device in b->offs): the rank's rows quantized
+ * once; per expert the unscaled gate|up product in bf16
+ * (moe_cuda_gemm_fp8_unscaled, the experts' rows stacked in one buffer);
+ * one moe_cuda_silu_quant_fp8 over all rows (scales, SwiGLU and the down
+ * input's e4m3 quantization); per expert the unscaled down product in
+ * fp32; one moe_cuda_fp8_rescale_rows into b->ye.  That replaces the gate
+ * |up rescale pass over fp32, the SwiGLU pass and the down input's
+ * quantization (cb_fp8_gemm twice: bench_engine fp8 prefill 2048 spent
+ * 0.75 ms per layer rescaling and 0.30 ms in SwiGLU, ncu, H200) and
+ * needs 19 launches per layer instead of 33.  MOE_EUNSUPPORTED (nothing
+ * enqueued) when the parts or the scratch do not allow it.  Scratch: Q
+ * (n + 64 rows of D bytes), qs, Qh (n + 64 rows of F), qh, then the
+ * larger of the bf16 gate|up products and the fp32 down products (n + 64
+ * rows each).
  */
 static int
 cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
@@ -2686,58 +2690,67 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
                                                   : rows * D * 4;
     uint8_t *Q = (uint8_t *) b->qscratch, *Qh;
     float   *qs, *qh, *tmp;
-    int      e, e0 = b->hp.expert_first, r0, ne;
+    int      e, e0 = b->hp.expert_first, EL = g->count, r0, ne, R0, R;
 
     if (b->fp8g == NULL || !b->fp8_act || g->fmt != MOE_WF_FP8
         || wd->fmt != MOE_WF_FP8 || g->mode != MOE_K_FP8_CHANNEL
         || wd->mode != MOE_K_FP8_CHANNEL || (size_t) g->N != 2 * F
-        || (size_t) wd->N != D || D % 16 != 0 || F % 16 != 0 || n <= 0
-        || Q == NULL || qb + hb + 2 * sb + tb > b->qscratch_bytes)
+        || (size_t) wd->N != D || wd->count != EL || D % 16 != 0
+        || F % 16 != 0 || n <= 0 || Q == NULL
+        || qb + hb + 2 * sb + tb > b->qscratch_bytes)
     {
         return MOE_EUNSUPPORTED;
+    }
+    /* this rank's experts own rows [R0, R0 + R) of the step's n */
+    R0 = b->h_counts[e0];
+    R = b->h_counts[e0 + EL] - R0;
+    b->fp8_ffn_layers++;
+    if (R <= 0) {
+        return MOE_OK;
     }
     qs = (float *) (Q + qb);
     Qh = Q + qb + sb;
     qh = (float *) (Qh + hb);
     tmp = (float *) (Qh + hb + sb);
-    MOE_TRY(moe_cuda_quant_rows_fp8((const moe_bf16_t *) b->xe, (int) D,
-                                    NULL, 1, n, (int) D, Q, qs, b->stream));
-    for (e = e0; e < e0 + g->count; e++) {
+    MOE_TRY(moe_cuda_quant_rows_fp8((const moe_bf16_t *) b->xe
+                                    + (size_t) R0 * D, (int) D, NULL, 1, R,
+                                    (int) D, Q, qs, b->stream));
+    /* row order: each expert's GEMM writes 64-row-rounded tiles, the
+     * next expert's then overwrites the spill (gemm_fp8.h) */
+    for (e = e0; e < e0 + EL; e++) {
         ne = b->h_counts[e + 1] - b->h_counts[e];
-        r0 = b->h_counts[e];
-        if (ne <= 0) {
-            continue;
-        }
-        MOE_TRY(moe_cuda_gemm_fp8_unscaled(b->fp8g, ne, (int) (2 * F),
-                                           (int) D, Q + (size_t) r0 * D,
-                                           (const uint8_t *) g->w
-                                           + (size_t) (e - e0)
-                                             * cb_fp8_wstride(g),
-                                           (moe_bf16_t *) tmp, b->stream));
-        MOE_TRY(moe_cuda_silu_quant_fp8((moe_bf16_t *) tmp, ne, (int) F,
-                                        qs + r0,
-                                        g->scale + (size_t) (e - e0)
-                                                   * cb_fp8_sstride(g),
-                                        Qh + (size_t) r0 * F, qh + r0,
-                                        b->stream));
-    }
-    for (e = e0; e < e0 + wd->count; e++) {
-        ne = b->h_counts[e + 1] - b->h_counts[e];
-        r0 = b->h_counts[e];
+        r0 = b->h_counts[e] - R0;
         if (ne > 0) {
-            MOE_TRY(moe_cuda_gemm_fp8(b->fp8g, ne, (int) D, (int) F,
-                                      Qh + (size_t) r0 * F, qh + r0,
-                                      (const uint8_t *) wd->w
-                                      + (size_t) (e - e0)
-                                        * cb_fp8_wstride(wd),
-                                      wd->scale + (size_t) (e - e0)
-                                                  * cb_fp8_sstride(wd),
-                                      b->ye + (size_t) r0 * D, (int) D, 0, 0,
-                                      tmp, b->stream));
+            MOE_TRY(moe_cuda_gemm_fp8_unscaled(b->fp8g, ne, (int) (2 * F),
+                                               (int) D, Q + (size_t) r0 * D,
+                                               (const uint8_t *) g->w
+                                               + (size_t) (e - e0)
+                                                 * cb_fp8_wstride(g),
+                                               (moe_bf16_t *) tmp
+                                               + (size_t) r0 * 2 * F, 1,
+                                               b->stream));
         }
     }
-    b->fp8_ffn_layers++;
-    return MOE_OK;
+    MOE_TRY(moe_cuda_silu_quant_fp8((moe_bf16_t *) tmp, R, (int) F, qs,
+                                    g->scale, cb_fp8_sstride(g),
+                                    b->offs + e0, EL, Qh, qh, b->stream));
+    for (e = e0; e < e0 + EL; e++) {
+        ne = b->h_counts[e + 1] - b->h_counts[e];
+        r0 = b->h_counts[e] - R0;
+        if (ne > 0) {
+            MOE_TRY(moe_cuda_gemm_fp8_unscaled(b->fp8g, ne, (int) D, (int) F,
+                                               Qh + (size_t) r0 * F,
+                                               (const uint8_t *) wd->w
+                                               + (size_t) (e - e0)
+                                                 * cb_fp8_wstride(wd),
+                                               tmp + (size_t) r0 * D, 0,
+                                               b->stream));
+        }
+    }
+    return moe_cuda_fp8_rescale_rows(tmp, R, (int) D, qh, wd->scale,
+                                     cb_fp8_sstride(wd), b->offs + e0, EL,
+                                     b->ye + (size_t) R0 * D, (int) D,
+                                     b->stream);
 }
 
 

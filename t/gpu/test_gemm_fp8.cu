@@ -14,12 +14,15 @@
  *    library took);
  *  - after outer-vector scaling is refused, a second row count (same
  *    rounded M) makes no new plan (no heuristic query per expert);
- *  - moe_cuda_gemm_fp8_unscaled: the raw sums in bf16 against a double
- *    host sum (relative L2 error <= 4e-3);
+ *  - moe_cuda_gemm_fp8_unscaled: the raw sums in bf16 / fp32 against a
+ *    double host sum (relative L2 error <= 4e-3 / FP32_TOL);
  *  - moe_cuda_silu_quant_fp8: scales, e4m3 bytes and G's gate half (h
  *    kept on chip up to F 24576, written back above) equal the host's
  *    (expf ulps may move one in 1000 by one rounding step), a tiny-scale
- *    row, F up to 24584; F % 8 refused;
+ *    row, F up to 24584, row groups with their own scales (offsets from
+ *    5, an empty group); F % 8 refused;
+ *  - moe_cuda_fp8_rescale_rows: bit for bit the host's tmp * (qs * ws)
+ *    by row group, ldy > N; N % 16 refused;
  *  - quantize + GEMM against the unquantized bf16 x fp8-weight product:
  *    relative L2 error <= 0.06 (the activations' e4m3 rounding);
  *  - unsupported shapes give MOE_K_EUNSUPPORTED, M = 0 is a no-op.
@@ -131,15 +134,15 @@ test_quant(void)
     return 0;
 }
 
-/* moe_cuda_gemm_fp8_unscaled: the raw e4m3 dot products in bf16, M rows
- * of round_up(M, 64) written, against a double host sum. */
+/* moe_cuda_gemm_fp8_unscaled: the raw e4m3 dot products in bf16 or fp32,
+ * M rows of round_up(M, 64) written, against a double host sum. */
 static void
-test_unscaled(moe_fp8_gemm_t *g, int M, int N, int K)
+test_unscaled(moe_fp8_gemm_t *g, int M, int N, int K, int y_bf16)
 {
-    size_t    Mp = (size_t) (M + 63) / 64 * 64;
+    size_t    Mp = (size_t) (M + 63) / 64 * 64, yb = y_bf16 ? 2 : 4;
     uint8_t  *q = (uint8_t *) malloc(Mp * K);
     uint8_t  *w = (uint8_t *) malloc((size_t) N * K);
-    uint16_t *y = (uint16_t *) malloc(Mp * N * 2);
+    char     *y = (char *) malloc(Mp * N * yb);
     float    *ref = (float *) malloc((size_t) M * N * 4);
     float    *got = (float *) malloc((size_t) M * N * 4);
     double    err = NAN;
@@ -164,22 +167,24 @@ test_unscaled(moe_fp8_gemm_t *g, int M, int N, int K)
     }
     void *dq = gu_up(q, Mp * K);
     void *dw = gu_up(w, (size_t) N * K);
-    void *dy = gu_dev(Mp * N * 2);
+    void *dy = gu_dev(Mp * N * yb);
     int   rc = moe_cuda_gemm_fp8_unscaled(g, M, N, K, (const uint8_t *) dq,
-                                          (const uint8_t *) dw,
-                                          (moe_bf16_t *) dy, 0);
+                                          (const uint8_t *) dw, dy, y_bf16,
+                                          0);
+    double tol = y_bf16 ? 4e-3 : FP32_TOL;
 
     ok = gu_sync_ok(rc, "gemm_fp8_unscaled");
     if (ok) {
-        gu_down(y, dy, Mp * N * 2);
+        gu_down(y, dy, Mp * N * yb);
         for (size_t i = 0; i < (size_t) M * N; i++) {
-            got[i] = gu_bf2f(y[i]);
+            got[i] = y_bf16 ? gu_bf2f(((const uint16_t *) y)[i])
+                            : ((const float *) y)[i];
         }
         err = gu_relerr(got, ref, (size_t) M * N);
-        ok = err <= 4e-3;
+        ok = err <= tol;
     }
-    TAP_OK(ok, "gemm_fp8_unscaled M %d N %d K %d: raw sums in bf16, rel err "
-           "%.3g <= 4e-3", M, N, K, err);
+    TAP_OK(ok, "gemm_fp8_unscaled M %d N %d K %d: raw sums in %s, rel err "
+           "%.3g <= %g", M, N, K, y_bf16 ? "bf16" : "fp32", err, tol);
     cudaFree(dq);
     cudaFree(dw);
     cudaFree(dy);
@@ -196,13 +201,44 @@ test_unscaled(moe_fp8_gemm_t *g, int M, int N, int K)
  * moe_cuda_quant_rows_fp8.  The device's expf may differ from the host's
  * by an ulp, which can move an h across a bf16 rounding boundary: a byte
  * may then differ by one code, in at most 1 / 1000 of the values. */
+/* E > 1: row groups of uneven sizes (one empty) whose offsets start at 5
+ * (moe_cuda_silu_quant_fp8's offs), each with its own scales */
+static int32_t *
+grp_offs(int M, int E)
+{
+    int32_t *o = (int32_t *) malloc(sizeof(int32_t) * (size_t) (E + 1));
+
+    o[0] = 5;
+    for (int e = 1; e < E; e++) {
+        int left = M - (o[e - 1] - 5);
+
+        o[e] = o[e - 1] + (e == 2 ? 0 : left / 2);
+    }
+    o[E] = 5 + M;
+    return o;
+}
+
+
+static int
+grp_of(const int32_t *o, int E, int r)
+{
+    int e = 0;
+
+    while (e + 1 < E && o[e + 1] <= o[0] + r) {
+        e++;
+    }
+    return e;
+}
+
+
 static void
-test_silu_quant(int M, int F)
+test_silu_quant(int M, int F, int E)
 {
     uint16_t *G = (uint16_t *) malloc((size_t) M * 2 * F * 2);
     uint16_t *Gout = (uint16_t *) malloc((size_t) M * 2 * F * 2);
     float    *qs = (float *) malloc((size_t) M * 4);
-    float    *ws = (float *) malloc((size_t) 2 * F * 4);
+    float    *wsa = (float *) malloc((size_t) E * 2 * F * 4);
+    int32_t  *offs = grp_offs(M, E);
     uint8_t  *Q = (uint8_t *) malloc((size_t) M * F);
     float    *s = (float *) malloc((size_t) M * 4);
     float    *h = (float *) malloc((size_t) F * 4);
@@ -215,18 +251,20 @@ test_silu_quant(int M, int F)
     for (int r = 0; r < M; r++) {
         qs[r] = (0.2f + fabsf(gu_uniform())) * (r == 3 ? 1e-6f : 1e-3f);
     }
-    for (int j = 0; j < 2 * F; j++) {
-        ws[j] = 0.5f + fabsf(gu_uniform());
+    for (int j = 0; j < E * 2 * F; j++) {
+        wsa[j] = 0.5f + fabsf(gu_uniform());
     }
     void *dG = gu_up(G, (size_t) M * 2 * F * 2);
     void *dqs = gu_up(qs, (size_t) M * 4);
-    void *dws = gu_up(ws, (size_t) 2 * F * 4);
+    void *dws = gu_up(wsa, (size_t) E * 2 * F * 4);
+    void *dof = gu_up(offs, sizeof(int32_t) * (size_t) (E + 1));
     void *dQ = gu_dev((size_t) M * F);
     void *ds = gu_dev((size_t) M * 4);
     int   rc = moe_cuda_silu_quant_fp8((moe_bf16_t *) dG, M, F,
                                        (const float *) dqs,
-                                       (const float *) dws, (uint8_t *) dQ,
-                                       (float *) ds, 0);
+                                       (const float *) dws, (size_t) 2 * F,
+                                       E > 1 ? (const int32_t *) dof : NULL,
+                                       E, (uint8_t *) dQ, (float *) ds, 0);
     int   ok = gu_sync_ok(rc, "silu_quant_fp8");
 
     if (ok) {
@@ -235,7 +273,8 @@ test_silu_quant(int M, int F)
         gu_down(s, ds, (size_t) M * 4);
     }
     for (int r = 0; ok && r < M; r++) {
-        float amax = 0.0f, hs;
+        const float *ws = wsa + (size_t) grp_of(offs, E, r) * 2 * F;
+        float        amax = 0.0f, hs;
 
         for (int j = 0; j < F; j++) {
             float gv = gu_bf2f(G[(size_t) r * 2 * F + j]) * (qs[r] * ws[j]);
@@ -274,10 +313,13 @@ test_silu_quant(int M, int F)
     }
     TAP_OK(ok && bad_s == 0 && bad == 0 && off1 * 1000 <= M * F
            && bad_h * 1000 <= M * F,
-           "silu_quant_fp8 M %d F %d: scales, e4m3 bytes and G's gate half "
-           "(%s) equal the host's (%d bytes and %d h one rounding apart)",
-           M, F, F > 24576 ? "h written over it" : "unchanged, h on chip",
-           off1, bad_h);
+           "silu_quant_fp8 M %d F %d, %d group(s): scales, e4m3 bytes and "
+           "G's gate half (%s) equal the host's (%d bytes and %d h one "
+           "rounding apart)", M, F, E,
+           F > 24576 ? "h written over it" : "unchanged, h on chip", off1,
+           bad_h);
+    cudaFree(dof);
+    free(offs);
     cudaFree(dG);
     cudaFree(dqs);
     cudaFree(dws);
@@ -286,10 +328,76 @@ test_silu_quant(int M, int F)
     free(G);
     free(Gout);
     free(qs);
-    free(ws);
+    free(wsa);
     free(Q);
     free(s);
     free(h);
+}
+
+
+/* moe_cuda_fp8_rescale_rows: each row times its scale and its group's
+ * channel scales, bit for bit the host's fp32 tmp * (qs * ws). */
+static void
+test_rescale_rows(int M, int N, int E, int ldy)
+{
+    float   *tmp = (float *) malloc((size_t) M * N * 4);
+    float   *qs = (float *) malloc((size_t) M * 4);
+    float   *wsa = (float *) malloc((size_t) E * N * 4);
+    float   *y = (float *) malloc((size_t) M * ldy * 4);
+    int32_t *offs = grp_offs(M, E);
+    int      bad = 0;
+
+    for (size_t i = 0; i < (size_t) M * N; i++) {
+        tmp[i] = gu_uniform() * 5000.0f;
+    }
+    for (int r = 0; r < M; r++) {
+        qs[r] = (0.1f + fabsf(gu_uniform())) * 1e-3f;
+    }
+    for (int j = 0; j < E * N; j++) {
+        wsa[j] = (0.1f + fabsf(gu_uniform())) * 1e-2f;
+    }
+    void *dt = gu_up(tmp, (size_t) M * N * 4);
+    void *dqs = gu_up(qs, (size_t) M * 4);
+    void *dws = gu_up(wsa, (size_t) E * N * 4);
+    void *dof = gu_up(offs, sizeof(int32_t) * (size_t) (E + 1));
+    void *dy = gu_dev((size_t) M * ldy * 4);
+    int   rc = moe_cuda_fp8_rescale_rows((const float *) dt, M, N,
+                                         (const float *) dqs,
+                                         (const float *) dws, (size_t) N,
+                                         E > 1 ? (const int32_t *) dof
+                                               : NULL, E, (float *) dy, ldy,
+                                         0);
+    int   ok = gu_sync_ok(rc, "fp8_rescale_rows");
+
+    if (ok) {
+        gu_down(y, dy, (size_t) M * ldy * 4);
+        for (int r = 0; r < M; r++) {
+            const float *ws = wsa + (size_t) grp_of(offs, E, r) * N;
+
+            for (int j = 0; j < N; j++) {
+                float want = tmp[(size_t) r * N + j] * (qs[r] * ws[j]);
+
+                if (memcmp(&want, &y[(size_t) r * ldy + j], 4) != 0
+                    && bad++ < 3)
+                {
+                    TAP_DIAG("row %d col %d: %.9g, host %.9g", r, j,
+                             y[(size_t) r * ldy + j], want);
+                }
+            }
+        }
+    }
+    TAP_OK(ok && bad == 0, "fp8_rescale_rows M %d N %d, %d group(s), ldy "
+           "%d: bit for bit the host's", M, N, E, ldy);
+    cudaFree(dt);
+    cudaFree(dqs);
+    cudaFree(dws);
+    cudaFree(dof);
+    cudaFree(dy);
+    free(tmp);
+    free(qs);
+    free(wsa);
+    free(y);
+    free(offs);
 }
 
 
@@ -510,7 +618,7 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(2 + 2 * ncs + 7 + 2 + 3);
+    TAP_PLAN(2 + 2 * ncs + 12 + 2 + 3);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
 
     test_quant();
@@ -572,13 +680,21 @@ main(void)
                                    : "outer-vector scales refused: no new "
                                      "query");
     }
-    test_unscaled(g, 70, 256, 512);
-    test_unscaled(g, 1, 4096, 128);
-    test_silu_quant(9, 1032);
-    test_silu_quant(2, 14336);
-    test_silu_quant(2, 24584);
-    TAP_OK(moe_cuda_silu_quant_fp8(NULL, 1, 12, NULL, NULL, NULL, NULL, 0)
-           == MOE_K_EUNSUPPORTED, "silu_quant_fp8: F %% 8 != 0 refused");
+    test_unscaled(g, 70, 256, 512, 1);
+    test_unscaled(g, 1, 4096, 128, 1);
+    test_unscaled(g, 70, 256, 512, 0);
+    test_silu_quant(9, 1032, 1);
+    test_silu_quant(2, 14336, 1);
+    test_silu_quant(2, 24584, 1);
+    test_silu_quant(37, 1032, 5);
+    test_rescale_rows(37, 256, 5, 256);
+    test_rescale_rows(9, 4096, 1, 4098);    /* scalar stores */
+    TAP_OK(moe_cuda_silu_quant_fp8(NULL, 1, 12, NULL, NULL, 0, NULL, 1, NULL,
+                                   NULL, 0) == MOE_K_EUNSUPPORTED,
+           "silu_quant_fp8: F %% 8 != 0 refused");
+    TAP_OK(moe_cuda_fp8_rescale_rows(NULL, 1, 24, NULL, NULL, 0, NULL, 1,
+                                     NULL, 24, 0) == MOE_K_EUNSUPPORTED,
+           "fp8_rescale_rows: N %% 16 != 0 refused");
     end_to_end(g, 48, 256, 2048);
     end_to_end(g, 5, 4096, 4096);
 
