@@ -19,8 +19,10 @@
  *   tp 1; tp 1 with MOE_CUDA_GGEMM_MAX_T=0 (the per-expert cuBLAS path
  *   after the host sync); tp 2 (two ranks on this GPU) for fp8-tensor,
  *   ct-fp8-channel, awq-g32 and gptq-g32-sym, tp 2 expert parallel for
- *   awq-g32.  With fp8 activations and the cuBLAS expert path the
- *   prefill's routed layers must run as the fused fp8 FFN
+ *   awq-g32; fp8 activations on the cuBLAS expert path with tp 1 and tp 2
+ *   expert parallel for fp8-tensor and ct-fp8-channel.  With fp8
+ *   activations and the cuBLAS expert path the prefill's routed layers
+ *   must run as the fused fp8 FFN on every rank
  *   (moe_cuda_backend_fp8_ffn_layers).
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
@@ -219,15 +221,18 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
            CHUNK, worst, tol);
     TAP_OK(ok && greedy_ok, "%s: greedy equal on the %d clear steps", what,
            n_greedy);
-    if (act && blas && tp == 1) {
+    if (act && blas) {
         /* the fused fp8 FFN (cb_fp8_ffn) took the routed layers of the
-         * 40-token prefill (the 8-token chunk and the decode steps are
-         * GEMV steps) */
-        int64_t n = moe_cuda_backend_fp8_ffn_layers(gb);
+         * 40-token prefill on every rank (the 8-token chunk and the
+         * decode steps are GEMV steps) */
+        int64_t n0 = moe_cuda_backend_fp8_ffn_layers(g0), n1 = n0;
 
-        TAP_OK(n > 0 && n <= hp->n_layers, "%s: the fused fp8 prefill FFN "
-               "ran on %lld of %d layers", what, (long long) n,
-               hp->n_layers);
+        if (tp > 1) {
+            n1 = moe_cuda_backend_fp8_ffn_layers(moe_tp_backend_rank(gb, 1));
+        }
+        TAP_OK(n0 > 0 && n0 <= hp->n_layers && n1 == n0, "%s: the fused fp8 "
+               "prefill FFN ran on %lld of %d layers (rank 0), %lld (last "
+               "rank)", what, (long long) n0, hp->n_layers, (long long) n1);
     }
     gb->destroy(gb);
     cb->destroy(cb);
@@ -292,6 +297,9 @@ main(void)
             /* prefill through cuBLASLt fp8 (dense, then per expert) */
             run_variant_tol(line, m, 1, 0, 0, 1, ACT_TOL);
             run_variant_tol(line, m, 1, 0, 1, 1, ACT_TOL);
+            /* the fused fp8 FFN on expert-parallel ranks: rank 1's rows
+             * start past rank 0's */
+            run_variant_tol(line, m, 2, 1, 1, 1, ACT_TOL);
         }
         moe_model_free(m);
     }
