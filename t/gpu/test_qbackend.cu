@@ -21,9 +21,11 @@
  *   ct-fp8-channel, awq-g32 and gptq-g32-sym, tp 2 expert parallel for
  *   awq-g32; fp8 activations on the cuBLAS expert path with tp 1 and tp 2
  *   expert parallel for fp8-tensor and ct-fp8-channel.  With fp8
- *   activations and the cuBLAS expert path the prefill's routed layers
- *   must run as the fused fp8 FFN on every rank
- *   (moe_cuda_backend_fp8_ffn_layers).
+ *   activations, tp 1 and the cuBLAS expert path the prefill's routed
+ *   layers must run as the fused fp8 FFN
+ *   (moe_cuda_backend_fp8_ffn_layers); the expert-parallel ranks' scratch
+ *   is too small for it in these tiny models (they take the per-part
+ *   fp8 GEMMs).
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
  * bound test_backend uses for bf16 weights); greedy equal wherever the
@@ -221,18 +223,22 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
            CHUNK, worst, tol);
     TAP_OK(ok && greedy_ok, "%s: greedy equal on the %d clear steps", what,
            n_greedy);
-    if (act && blas) {
+    if (act && blas && tp == 1) {
         /* the fused fp8 FFN (cb_fp8_ffn) took the routed layers of the
-         * 40-token prefill on every rank (the 8-token chunk and the
-         * decode steps are GEMV steps) */
-        int64_t n0 = moe_cuda_backend_fp8_ffn_layers(g0), n1 = n0;
+         * 40-token prefill (the 8-token chunk and the decode steps are
+         * GEMV steps) */
+        int64_t n = moe_cuda_backend_fp8_ffn_layers(g0);
 
-        if (tp > 1) {
-            n1 = moe_cuda_backend_fp8_ffn_layers(moe_tp_backend_rank(gb, 1));
-        }
-        TAP_OK(n0 > 0 && n0 <= hp->n_layers && n1 == n0, "%s: the fused fp8 "
-               "prefill FFN ran on %lld of %d layers (rank 0), %lld (last "
-               "rank)", what, (long long) n0, hp->n_layers, (long long) n1);
+        TAP_OK(n > 0 && n <= hp->n_layers, "%s: the fused fp8 prefill FFN "
+               "ran on %lld of %d layers", what, (long long) n,
+               hp->n_layers);
+    } else if (act && blas) {
+        /* an expert-parallel rank of these tiny models has a scratch
+         * (sized by its largest dequantized part) too small for the
+         * fused FFN's buffers: it takes the per-part fp8 GEMMs, which
+         * the logits check above covers */
+        TAP_DIAG("%s: fused fp8 prefill FFN on %lld layers (rank 0)", what,
+                 (long long) moe_cuda_backend_fp8_ffn_layers(g0));
     }
     gb->destroy(gb);
     cb->destroy(cb);
