@@ -1760,7 +1760,7 @@ static int
 att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const KV *kv, int block_size, int n_heads, int n_kv, int hd, int window,
-    bf16 *o, float *part, float ksc, float vsc, int max_ctx,
+    bf16 *o, float *part, float ksc, float vsc, int max_ctx, int tc_whole,
     const moe_cuda_tuning_t *tune, cudaStream_t stream)
 {
     static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
@@ -1826,6 +1826,13 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
                 return rc;
             }
             tc = 1;
+            if (tc_whole) {
+                /* the caller checked the step's runs on the host: the
+                 * SIMT pass would find no refused tile (its 16 blocks
+                 * per token only to exit: 0.02 ms per layer at 2048
+                 * tokens) */
+                return MOE_K_OK;
+            }
         }
     }
     grid = dim3((unsigned) pairs, (unsigned) ns);
@@ -1860,7 +1867,7 @@ moe_cuda_attention(const float *qkv, int ld, int T, const int32_t *tok_pos,
                          reinterpret_cast<const bf16 *>(kv_layer),
                          block_size, n_heads, n_kv, hd, window,
                          reinterpret_cast<bf16 *>(out), part, 1.0f, 1.0f, 0,
-                         tune, stream);
+                         0, tune, stream);
 }
 
 
@@ -1874,6 +1881,7 @@ moe_cuda_attention_ex(const float *qkv, int ld, int T,
 {
     bf16 *o = reinterpret_cast<bf16 *>(out);
     int   max_ctx = kvo != NULL ? kvo->max_ctx : 0;
+    int   whole = kvo != NULL ? kvo->tc_whole != 0 : 0;
 
     if (kvo != NULL && kvo->fp8) {
         if (!(kvo->k_scale > 0.0f) || !(kvo->v_scale > 0.0f)) {
@@ -1885,11 +1893,31 @@ moe_cuda_attention_ex(const float *qkv, int ld, int T,
         return att_run<fp8>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
                             reinterpret_cast<const fp8 *>(kv_layer),
                             block_size, n_heads, n_kv, hd, window, o, part,
-                            kvo->k_scale, kvo->v_scale, max_ctx, tune,
+                            kvo->k_scale, kvo->v_scale, max_ctx, 0, tune,
                             stream);
     }
     return att_run<bf16>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
                          reinterpret_cast<const bf16 *>(kv_layer),
                          block_size, n_heads, n_kv, hd, window, o, part,
-                         1.0f, 1.0f, max_ctx, tune, stream);
+                         1.0f, 1.0f, max_ctx, whole, tune, stream);
+}
+
+
+extern "C" int
+moe_cuda_attention_tc_whole(const int32_t *tok_seq, int T, int hd)
+{
+    if (tok_seq == NULL || T < ATT_TC_MIN_T || (hd != 64 && hd != 128)) {
+        return 0;
+    }
+    for (int r0 = 0; r0 < T; r0 += ATT_TC_BM) {
+        int runs = 1, end = r0 + ATT_TC_BM < T ? r0 + ATT_TC_BM : T;
+
+        for (int r = r0 + 1; r < end; r++) {
+            runs += tok_seq[r] != tok_seq[r - 1];
+        }
+        if (runs > ATT_TC_RUNS) {
+            return 0;
+        }
+    }
+    return 1;
 }

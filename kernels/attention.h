@@ -50,13 +50,29 @@ int moe_cuda_attention(const float *qkv, int ld, int T,
  * tune->att_long_ctx the decode kernel's grid takes att_long_bps blocks
  * per SM instead of att_split_bps (the split-K grid for long contexts;
  * any value stays correct, so a graph captured with one bound replays
- * correctly with another).
+ * correctly with another).  tc_whole: 1 when the caller knows that the
+ * tensor-core prefill kernel takes every row tile of the step
+ * (moe_cuda_attention_tc_whole on the step's tok_seq said so): the SIMT
+ * pass after it, which would find no refused tile, is not launched; 0:
+ * unknown (the pass runs and checks on the device).  The hint belongs to
+ * one step's tok_seq: a graph replayed with other sequences must be
+ * captured with 0.
  */
 typedef struct {
     int   fp8;
     float k_scale, v_scale;
     int   max_ctx;
+    int   tc_whole;
 } moe_cuda_att_kv_t;
+
+/*
+ * Host side: 1 if moe_cuda_attention_ex's tensor-core prefill kernel takes
+ * every token of a step of T tokens whose sequence ids (in step order) are
+ * tok_seq (host memory), for head dim hd and a bf16 cache: T is at least
+ * its minimum and no 128-row tile spans more than 4 runs of equal
+ * sequence ids; else 0.  The tc_whole hint above.
+ */
+int moe_cuda_attention_tc_whole(const int32_t *tok_seq, int T, int hd);
 
 /*
  * moe_cuda_attention with a bf16 or an fp8 cache (kvo above).  With an

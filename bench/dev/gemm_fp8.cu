@@ -87,6 +87,203 @@ fp8_limit(void *lws, size_t lws_bytes)
 }
 
 
+/*
+ * Algorithm sweep: cuBLASLt's first heuristic answer against the best of
+ * its first FG_SWEEP answers, timed on the shape (unit scales, the TN
+ * form and output type the backend runs: bf16 for the experts' gate|up,
+ * fp32 for down and the dense projections).
+ */
+#define FG_SWEEP 16
+
+static void
+fp8_sweep(void *lws, size_t lws_bytes, int M, int N, int K, int y_bf16)
+{
+    cublasLtHandle_t                lt;
+    cublasLtMatmulDesc_t            desc;
+    cublasLtMatrixLayout_t          a, b, c;
+    cublasLtMatmulPreference_t      pref;
+    cublasLtMatmulHeuristicResult_t res[FG_SWEEP];
+    cublasOperation_t               ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    cudaDataType_t                  dt = y_bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    int                             nres = 0, best = -1;
+    float                           one = 1.0f, zero = 0.0f;
+    double                          ms0 = 0, msb = 1e30,
+                                    flops = 2.0 * M * (double) N * K;
+    void                           *w, *q, *y;
+
+    DEV_CHECK(cudaMalloc(&w, (size_t) N * K));
+    DEV_CHECK(cudaMalloc(&q, (size_t) M * K));
+    DEV_CHECK(cudaMalloc(&y, (size_t) M * N * 4));
+    DEV_CHECK(cudaMemset(w, 0x30, (size_t) N * K));
+    DEV_CHECK(cudaMemset(q, 0x30, (size_t) M * K));
+    if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)
+           != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA,
+                                          &ta, sizeof(ta))
+           != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB,
+                                          &tb, sizeof(tb))
+           != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatrixLayoutCreate(&a, CUDA_R_8F_E4M3, K, N, K)
+           != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, K, M, K)
+           != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatrixLayoutCreate(&c, dt, N, M, N)
+           != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatmulPreferenceSetAttribute(pref,
+               CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lws_bytes,
+               sizeof(lws_bytes)) != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatmulAlgoGetHeuristic(lt, desc, a, b, c, c, pref,
+                                          FG_SWEEP, res, &nres)
+           != CUBLAS_STATUS_SUCCESS || nres < 1)
+    {
+        fprintf(stderr, "sweep %dx%dx%d: no algorithm\n", M, N, K);
+        exit(2);
+    }
+    for (int i = 0; i < nres; i++) {
+        double ms;
+
+        if (res[i].state != CUBLAS_STATUS_SUCCESS) {
+            continue;
+        }
+        ms = dev_time(10, [&]() {
+            return (int) cublasLtMatmul(lt, desc, &one, w, a, q, b, &zero, y,
+                                        c, y, c, &res[i].algo, lws,
+                                        lws_bytes, 0);
+        });
+        if (i == 0) {
+            ms0 = ms;
+        }
+        if (ms < msb) {
+            msb = ms;
+            best = i;
+        }
+    }
+    printf("  sweep %5d x %5d x %5d %s: first %7.1f us (%5.0f TFLOP/s), "
+           "best #%d of %d %7.1f us (%5.0f TFLOP/s) %.3fx\n", M, N, K,
+           y_bf16 ? "bf16" : "fp32", ms0 * 1e3, flops / ms0 / 1e9, best,
+           nres, msb * 1e3, flops / msb / 1e9, ms0 / msb);
+    printf("RESULT kind=fp8_sweep shape=%d,%d,%d y_bf16=%d first_us=%.1f "
+           "best_us=%.1f best=%d n=%d\n", M, N, K, y_bf16, ms0 * 1e3,
+           msb * 1e3, best, nres);
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(a);
+    cublasLtMatrixLayoutDestroy(b);
+    cublasLtMatrixLayoutDestroy(c);
+    cublasLtMatmulDescDestroy(desc);
+    cublasLtDestroy(lt);
+    cudaFree(w);
+    cudaFree(q);
+    cudaFree(y);
+}
+
+
+/*
+ * One layer's routed experts (8 experts, rows[e] each) through the
+ * unscaled fp8 GEMMs of cb_fp8_ffn: gate|up (bf16 out) then down (fp32
+ * out), per expert in order on one stream, and spread over ns streams
+ * (expert e on stream e % ns, each stream its own handle and workspace,
+ * forked from and joined back to stream 0 with events).
+ */
+static void
+fp8_streams(const int *rows, int ns)
+{
+    const int       E = 8, D = 4096, F = 14336;
+    const size_t    wsb = (size_t) 32 << 20;
+    int             n = 0, off[9];
+    uint8_t        *wg, *wd, *q, *qh;
+    void           *tg, *td, *wsp[8];
+    moe_fp8_gemm_t *g[8];
+    cudaStream_t    st[8];
+    cudaEvent_t     fork, join[8];
+    double          flops, ms;
+
+    for (int e = 0; e < E; e++) {
+        off[e] = n;
+        n += rows[e];
+    }
+    off[E] = n;
+    flops = 2.0 * n * (2.0 * F * D + (double) D * F);
+    DEV_CHECK(cudaMalloc(&wg, (size_t) E * 2 * F * D));
+    DEV_CHECK(cudaMalloc(&wd, (size_t) E * D * F));
+    DEV_CHECK(cudaMalloc(&q, (size_t) (n + 64) * D));
+    DEV_CHECK(cudaMalloc(&qh, (size_t) (n + 64) * F));
+    DEV_CHECK(cudaMalloc(&tg, (size_t) (n + 64) * 2 * F * 2));
+    DEV_CHECK(cudaMalloc(&td, (size_t) (n + 64) * D * 4));
+    DEV_CHECK(cudaMemset(wg, 0x30, (size_t) E * 2 * F * D));
+    DEV_CHECK(cudaMemset(wd, 0x30, (size_t) E * D * F));
+    DEV_CHECK(cudaMemset(q, 0x30, (size_t) (n + 64) * D));
+    DEV_CHECK(cudaMemset(qh, 0x30, (size_t) (n + 64) * F));
+    DEV_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    for (int i = 0; i < ns; i++) {
+        DEV_CHECK(cudaMalloc(&wsp[i], wsb));
+        if (moe_cuda_fp8_gemm_create(wsp[i], wsb, &g[i]) != 0) {
+            fprintf(stderr, "fp8 gemm: %s\n", moe_cuda_last_error());
+            exit(2);
+        }
+        DEV_CHECK(cudaEventCreateWithFlags(&join[i],
+                                           cudaEventDisableTiming));
+        if (i == 0) {
+            st[i] = 0;
+        } else {
+            DEV_CHECK(cudaStreamCreateWithFlags(&st[i],
+                                                cudaStreamNonBlocking));
+        }
+    }
+    ms = dev_time(10, [&]() {
+        int rc = 0;
+
+        DEV_CHECK(cudaEventRecord(fork, 0));
+        for (int i = 1; i < ns; i++) {
+            DEV_CHECK(cudaStreamWaitEvent(st[i], fork, 0));
+        }
+        for (int e = 0; e < E && rc == 0; e++) {
+            rc = moe_cuda_gemm_fp8_unscaled(g[e % ns], rows[e], 2 * F, D,
+                                            q + (size_t) off[e] * D,
+                                            wg + (size_t) e * 2 * F * D,
+                                            (uint16_t *) tg
+                                            + (size_t) off[e] * 2 * F, 1,
+                                            st[e % ns]);
+        }
+        for (int e = 0; e < E && rc == 0; e++) {
+            rc = moe_cuda_gemm_fp8_unscaled(g[e % ns], rows[e], D, F,
+                                            qh + (size_t) off[e] * F,
+                                            wd + (size_t) e * D * F,
+                                            (float *) td
+                                            + (size_t) off[e] * D, 0,
+                                            st[e % ns]);
+        }
+        for (int i = 1; i < ns; i++) {
+            DEV_CHECK(cudaEventRecord(join[i], st[i]));
+            DEV_CHECK(cudaStreamWaitEvent(0, join[i], 0));
+        }
+        return rc;
+    });
+    printf("  experts %d rows (%d..), %d stream%s: %8.1f us %6.0f TFLOP/s "
+           "%5.1f%% of fp8 peak\n", n, rows[0], ns, ns > 1 ? "s" : "",
+           ms * 1e3, flops / ms / 1e9, 100.0 * flops / ms / 1e9 / fp8_peak);
+    printf("RESULT kind=fp8_expert_streams rows=%d streams=%d us=%.1f "
+           "tflops=%.1f\n", n, ns, ms * 1e3, flops / ms / 1e9);
+    for (int i = 0; i < ns; i++) {
+        moe_cuda_fp8_gemm_destroy(g[i]);
+        cudaFree(wsp[i]);
+        cudaEventDestroy(join[i]);
+        if (i > 0) {
+            cudaStreamDestroy(st[i]);
+        }
+    }
+    cudaEventDestroy(fork);
+    cudaFree(wg);
+    cudaFree(wd);
+    cudaFree(q);
+    cudaFree(qh);
+    cudaFree(tg);
+    cudaFree(td);
+}
+
+
 int
 main(void)
 {
@@ -176,6 +373,31 @@ main(void)
     printf("RESULT kind=fp8_gemm_layer bf16_ms=%.4f fp8_ms=%.4f "
            "of_fp8_peak=%.3f\n", lay_bf, lay_f8,
            lay_flops / lay_f8 / 1e9 / fp8_peak);
+    {
+        /* cuBLASLt's first answer against its best, per shape */
+        static const int sw[][4] = {
+            { 2048, 6144, 4096, 0 }, { 2048, 6144, 4096, 1 },
+            { 2048, 4096, 4096, 0 }, { 2048, 4096, 4096, 1 },
+            { 448, 28672, 4096, 1 }, { 512, 28672, 4096, 1 },
+            { 576, 28672, 4096, 1 }, { 640, 28672, 4096, 1 },
+            { 448, 4096, 14336, 0 }, { 512, 4096, 14336, 0 },
+            { 576, 4096, 14336, 0 }, { 640, 4096, 14336, 0 },
+        };
+        /* a 2048-token prompt's uneven routing, and the even one */
+        static const int uneven[8] = { 704, 640, 576, 512, 512, 448, 384,
+                                       320 };
+        static const int even[8] = { 512, 512, 512, 512, 512, 512, 512,
+                                     512 };
+
+        for (size_t i = 0; i < sizeof(sw) / sizeof(sw[0]); i++) {
+            fp8_sweep(lws, lws_bytes, sw[i][0], sw[i][1], sw[i][2],
+                      sw[i][3]);
+        }
+        for (int ns = 1; ns <= 4; ns *= 2) {
+            fp8_streams(even, ns);
+            fp8_streams(uneven, ns);
+        }
+    }
     moe_cuda_fp8_gemm_destroy(g);
     cublasDestroy(h);
     cudaFree(lws);

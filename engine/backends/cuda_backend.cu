@@ -254,6 +254,9 @@ typedef struct {
     float           kv_ks, kv_vs;  /* its per-tensor K / V scales */
     int             long_ctx;      /* this step's longest context reaches
                                       tune.att_long_ctx (a graph key) */
+    int             att_tc_whole;  /* this step's prefill attention is
+                                      all tensor-core tiles (never a
+                                      graph: T > CB_GRAPH_MAX_T) */
 
     /* workspaces: one allocation, N = cap, NK = cap * K */
     void           *wsbuf;
@@ -3334,7 +3337,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
         char *kvl = (char *) b->kv
                     + (size_t) l * kv_layer * (b->kv_fp8 ? 1 : sizeof(bf16));
         moe_cuda_att_kv_t kvo = { b->kv_fp8, b->kv_ks, b->kv_vs,
-                                  b->long_ctx ? b->tune.att_long_ctx : 0 };
+                                  b->long_ctx ? b->tune.att_long_ctx : 0,
+                                  b->att_tc_whole };
 
         MOE_TRY(cb_norm(b, l == 0 ? NULL : b->tmp, NULL, T,
                         b->attn_norm + (size_t) l * D,
@@ -3923,6 +3927,10 @@ cb_forward(moe_backend_t *base, const moe_seq_batch_t *seqs, int n)
         }
     }
 
+    /* steps graphs never capture: the host knows whether the tensor-core
+     * prefill attention covers every row tile (no SIMT pass then) */
+    b->att_tc_whole = T > CB_GRAPH_MAX_T
+                      && moe_cuda_attention_tc_whole(h_seq, T, hp->head_dim);
     rc = cb_run(b, seqs, n, T, n_out, CB_STAGE_FIXED * N + nbt);
     if (rc != MOE_OK) {
         moe_log(MOE_LOG_ERROR, "cuda backend: forward: %s",

@@ -422,10 +422,15 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
     int ok = gu_sync_ok(moe_cuda_attention_ws_init(d_part, 0), "ws_init");
     double e[2] = { NAN, NAN };
 
+    /* the second run passes the host's tc_whole hint (a bf16 cache): no
+     * SIMT pass when the tensor-core kernel takes every tile */
+    int whole = !att_fp8 && moe_cuda_attention_tc_whole(tseq, T, hd);
+
     for (int run = 0; run < 2 && ok; run++) {
         cudaMemset(d_out, 0xff, 2 * T * nh * hd);       /* poison */
-        moe_cuda_att_kv_t kvo = { att_fp8, ATT_KSC, ATT_VSC, 0 };
-        int rc = att_tune == NULL && !att_fp8
+        moe_cuda_att_kv_t kvo = { att_fp8, ATT_KSC, ATT_VSC, 0,
+                                  run == 1 ? whole : 0 };
+        int rc = att_tune == NULL && !att_fp8 && run == 0
                  ? moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt,
                                       d_off, (moe_bf16_t *) d_cache, bs, nh,
                                       nkv, hd, window, (moe_bf16_t *) d_out,
@@ -440,9 +445,9 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
         e[run] = gu_relerr(out, ref, (size_t) T * nh * hd);
     }
     TAP_OK(ok && e[0] <= BF_TOL && e[1] <= BF_TOL, "attention %s heads "
-           "%d/%d hd %d window %d %s (%d queries, err %.2e / rerun %.2e)",
+           "%d/%d hd %d window %d %s (%d queries, err %.2e / rerun %.2e%s)",
            prefill ? "prefill" : "decode", nh, nkv, hd, window, what, T,
-           e[0], e[1]);
+           e[0], e[1], whole ? ", no SIMT pass" : "");
     cudaFree(d_part);
     cudaFree(d_cache); cudaFree(d_qkv); cudaFree(d_bt); cudaFree(d_off);
     cudaFree(d_pos); cudaFree(d_seq); cudaFree(d_out);
@@ -502,6 +507,96 @@ test_attention_tc_v(int tc, int nh, int nkv, int hd, int window, int ns,
 
     snprintf(w, sizeof(w), "%s %s", tc ? "tc" : "simt", what);
     test_attention_v(nh, nkv, hd, window, nq, ns, len, w);
+}
+
+
+/*
+ * The tc_whole hint (moe_cuda_attention_ex): the host's run count per
+ * 128-row tile decides it (3 prompts of 300/5/200: 1; 7 prompts of 10..40
+ * in one tile: 0; fewer than 64 tokens or head dim 96: 0), and a hint of 1
+ * really skips the SIMT pass: on the 7-prompt step, whose tile the
+ * tensor-core kernel refuses, the rows stay as poisoned.
+ */
+static void
+test_attention_whole(void)
+{
+    int32_t  s3[505], s7[175];
+    int      T7 = 0, nh = 32, nkv = 8, hd = 128, ld = (nh + 2 * nkv) * hd;
+    int      l7[7] = { 20, 30, 10, 25, 40, 15, 35 };
+    int32_t  pos[175], bt[16], off[7];
+    int      nb = 0, untouched = 1;
+    size_t   written = 0;
+
+    for (int i = 0; i < 505; i++) {
+        s3[i] = i < 300 ? 0 : i < 305 ? 1 : 2;
+    }
+    for (int s = 0; s < 7; s++) {
+        off[s] = nb;
+        for (int i = 0; i < l7[s]; i++, T7++) {
+            s7[T7] = s;
+            pos[T7] = i;
+        }
+        nb += (l7[s] + 15) / 16;
+    }
+    for (int i = 0; i < nb; i++) {
+        bt[i] = i;
+    }
+    TAP_OK(moe_cuda_attention_tc_whole(s3, 505, 128) == 1
+           && moe_cuda_attention_tc_whole(s3, 505, 64) == 1
+           && moe_cuda_attention_tc_whole(s3, 505, 96) == 0
+           && moe_cuda_attention_tc_whole(s3, 63, 128) == 0
+           && moe_cuda_attention_tc_whole(s7, T7, 128) == 0
+           && moe_cuda_attention_tc_whole(NULL, 505, 128) == 0,
+           "attention tc_whole: 3 runs per tile 1, 7 runs 0, T < 64 0, "
+           "hd 96 0");
+
+    float    *qkv = (float *) malloc(sizeof(float) * T7 * ld);
+    uint16_t *kvb = (uint16_t *) malloc(2 * (size_t) nb * 2 * 16 * nkv * hd);
+    uint16_t *o = (uint16_t *) malloc(2 * (size_t) T7 * nh * hd);
+
+    for (int i = 0; i < T7 * ld; i++) {
+        qkv[i] = gu_uniform();
+    }
+    for (size_t i = 0; i < (size_t) nb * 2 * 16 * nkv * hd; i++) {
+        kvb[i] = 0x3c00;                        /* bf16 0.0078 */
+    }
+    float   *d_qkv = (float *) gu_up(qkv, sizeof(float) * T7 * ld);
+    void    *d_kv = gu_up(kvb, 2 * (size_t) nb * 2 * 16 * nkv * hd);
+    int32_t *d_pos = (int32_t *) gu_up(pos, sizeof(int32_t) * T7);
+    int32_t *d_seq = (int32_t *) gu_up(s7, sizeof(int32_t) * T7);
+    int32_t *d_bt = (int32_t *) gu_up(bt, sizeof(int32_t) * nb);
+    int32_t *d_off = (int32_t *) gu_up(off, sizeof(int32_t) * 7);
+    void    *d_out = gu_dev(2 * (size_t) T7 * nh * hd);
+    float   *d_part = (float *) gu_dev(
+        4 * (size_t) moe_cuda_attention_ws_floats(nh, nkv, hd));
+    int      ok = gu_sync_ok(moe_cuda_attention_ws_init(d_part, 0),
+                             "ws_init");
+    moe_cuda_att_kv_t kvo = { 0, 1.0f, 1.0f, 0, 1 };
+
+    cudaMemset(d_out, 0xff, 2 * (size_t) T7 * nh * hd);
+    ok = ok && gu_sync_ok(moe_cuda_attention_ex(d_qkv, ld, T7, d_pos, d_seq,
+                                                d_bt, d_off, d_kv, 16, nh,
+                                                nkv, hd, 0,
+                                                (moe_bf16_t *) d_out, d_part,
+                                                &kvo, NULL, 0),
+                          "attention tc_whole 1");
+    gu_down(o, d_out, 2 * (size_t) T7 * nh * hd);
+    /* rows 0..127 (6 runs: refused) keep the poison; rows 128.. (2 runs)
+     * the tensor-core kernel wrote */
+    for (size_t i = 0; i < (size_t) T7 * nh * hd; i++) {
+        if (i < (size_t) 128 * nh * hd) {
+            untouched &= o[i] == 0xffff;
+        } else {
+            written += o[i] != 0xffff;
+        }
+    }
+    TAP_OK(ok && untouched && written == (size_t) (T7 - 128) * nh * hd,
+           "attention tc_whole 1 on a refused tile: the SIMT pass skipped "
+           "(its 128 rows left as poisoned, the other %d written)",
+           T7 - 128);
+    cudaFree(d_qkv); cudaFree(d_kv); cudaFree(d_pos); cudaFree(d_seq);
+    cudaFree(d_bt); cudaFree(d_off); cudaFree(d_out); cudaFree(d_part);
+    free(qkv); free(kvb); free(o);
 }
 
 
@@ -1750,6 +1845,7 @@ main(void)
         test_attention_tc_v(1, 16, 8, 64, 0, 3, l3, 120,
                             "300/5/200 chunks of 120");
     }
+    test_attention_whole();
     test_attention_batch(32, 8, 128, 0, 1, 40, 60);     /* mixed runs */
     /* the decode kernels side by side (tensor-core / SIMT, bf16 / fp8
      * cache): contexts around the 16-key warp tile and the 64-key split

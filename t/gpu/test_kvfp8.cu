@@ -248,6 +248,7 @@ run_case(const char *name, const cache_t *c, int T, const int32_t *pos,
         simt.att_decode_tc = 0;
 
         o.fp8 = fp8;
+        o.tc_whole = 0;
         o.k_scale = KSC;
         o.v_scale = VSC;
         o.max_ctx = v == 2 || v == 3 ? maxp + 1 : 0;
@@ -438,7 +439,7 @@ main(void)
     cache_free(&c);
 
     {
-        moe_cuda_att_kv_t o = { 1, 0.0f, 1.0f, 0 };
+        moe_cuda_att_kv_t o = { 1, 0.0f, 1.0f, 0, 0 };
         float            *d = (float *) gu_dev(4096);
 
         TAP_OK(moe_cuda_attention_ex(d, LD, 1, (const int32_t *) d,
