@@ -10,13 +10,18 @@
  * before the split kernel).  Rate: K/V bytes read / time.
  *
  * Prefill (one sequence of T tokens, causal): the shipped launcher (the
- * tensor-core kernel) and the variant that does not ship: the SIMT kernel
- * for every tile.  Rate: 4 * heads * head_dim * T (T + 1) / 2 flops.
+ * tensor-core kernel) and the variants that do not ship: the SIMT kernel
+ * for every tile, and the FA2-style tensor-core kernel
+ * (att_prefill_v2.cuh: 4 warps of 32 rows) per template instance.  Rate:
+ * 4 * heads * head_dim * T (T + 1) / 2 flops.  Then the FA2-style kernels
+ * against the shipped launcher on several sequences per row tile (runs,
+ * a context before the queries) with and without a window.
  *
  *   build/bench/dev/attention
  */
 #include "../../kernels/attention.cu"
 
+#include "att_prefill_v2.cuh"
 #include "dev.cuh"
 
 #define DEV_NH     32
@@ -206,6 +211,78 @@ dev_decode(int B, int ctx)
 }
 
 
+/* The FA2-style prefill kernel's instances (att_prefill_v2.cuh): head dim,
+ * keys per loaded tile, keys per S sub-tile, cp.async stages, CTAs per SM
+ * in __launch_bounds__. */
+typedef int (*dev_fa2_fn)(int, const float *, int, const int32_t *,
+                          const int32_t *, const int32_t *, const int32_t *,
+                          const bf16 *, int, int, int, int, bf16 *,
+                          cudaStream_t);
+
+#define DEV_FA2(BN, BC, ST, MB)                                              \
+    { "fa2 bn" #BN " bc" #BC " st" #ST " mb" #MB,                            \
+      att_fa2_launch<DEV_HD, BN, BC, ST, MB>,                                \
+      att_fa2_occupancy<DEV_HD, BN, BC, ST, MB> }
+
+static const struct {
+    const char *name;
+    dev_fa2_fn  fn;
+    int       (*occ)(void);
+} dev_fa2[] = {
+    DEV_FA2(64, 16, 2, 2),              /* the default: no spills */
+    DEV_FA2(64, 32, 2, 2),
+    DEV_FA2(64, 64, 2, 2),
+    DEV_FA2(32, 32, 2, 2),
+    DEV_FA2(32, 32, 3, 2),
+    DEV_FA2(64, 32, 3, 1),
+};
+
+/* head dim 64 compiles too (not timed: the harness's shape is 128) */
+#define DEV_FA2_ARGS const float *, int, int, const int32_t *,               \
+    const int32_t *, const int32_t *, const int32_t *, const bf16 *, int,    \
+    int, int, int, bf16 *
+template __global__ void kernel_dev_prefill_fa2<64, 64, 32, 2, 2>(
+    DEV_FA2_ARGS);
+template __global__ void kernel_dev_prefill_fa2<64, 64, 64, 2, 2>(
+    DEV_FA2_ARGS);
+#undef DEV_FA2_ARGS
+
+
+/* The shipped launcher with a window. */
+static int
+dev_att_shipped_w(const dev_att_t *a, int window, bf16 *out)
+{
+    return moe_cuda_attention(a->qkv, a->ld, a->T, a->pos, a->seq, a->bt,
+                              a->bt_off, (const moe_bf16_t *) a->kv, DEV_BS,
+                              DEV_NH, DEV_NKV, DEV_HD, window,
+                              (moe_bf16_t *) out, a->part, NULL, 0);
+}
+
+
+/* Every FA2-style instance into a->out (cleared first: a tile it left
+ * alone shows), timed and checked against a->ref. */
+static void
+dev_fa2_lines(dev_att_t *a, int window, double flops, int iters)
+{
+    size_t on = (size_t) a->T * DEV_NH * DEV_HD;
+    char   name[64];
+
+    for (size_t v = 0; v < sizeof(dev_fa2) / sizeof(dev_fa2[0]); v++) {
+        double ms;
+
+        DEV_CHECK(cudaMemset(a->out, 0, on * 2));
+        ms = dev_time(iters, [&]() {
+            return dev_fa2[v].fn(a->T, a->qkv, a->ld, a->pos, a->seq, a->bt,
+                                 a->bt_off, a->kv, DEV_BS, DEV_NH, DEV_NKV,
+                                 window, a->out, 0);
+        });
+        snprintf(name, sizeof(name), "%s (%d/SM)", dev_fa2[v].name,
+                 dev_fa2[v].occ());
+        dev_line(name, ms, 0, flops, dev_diff(a->out, a->ref, on, 1), 2e-2);
+    }
+}
+
+
 static void
 dev_prefill(int T)
 {
@@ -223,6 +300,31 @@ dev_prefill(int T)
     ms = dev_time(10, [&]() { return dev_att_simt(&a); });
     dev_line("variant SIMT kernel only", ms, 0, flops,
              dev_diff(a.out, a.ref, on, 1), 2e-2);
+    dev_fa2_lines(&a, 0, flops, 10);
+    dev_att_free(&a);
+}
+
+
+/* ns sequences of q queries after ctx - q positions of context each (row
+ * tiles of up to two runs, key ranges not aligned to tiles), window w. */
+static void
+dev_prefill_mixed(int ns, int ctx, int q, int w)
+{
+    dev_att_t a;
+    double    keys = 0, ms;
+
+    dev_att_make(&a, ns, ctx, q);
+    for (int p = ctx - q; p < ctx; p++) {
+        keys += w > 0 && p + 1 > w ? w : p + 1;
+    }
+
+    double flops = 4.0 * DEV_NH * DEV_HD * ns * keys;
+
+    printf("prefill: %d sequences of %d queries at %d..%d, window %d "
+           "(%.1f GFLOP)\n", ns, q, ctx - q, ctx - 1, w, flops / 1e9);
+    ms = dev_time(5, [&]() { return dev_att_shipped_w(&a, w, a.ref); });
+    dev_line("shipped (tensor-core kernel)", ms, 0, flops, -1, 0);
+    dev_fa2_lines(&a, w, flops, 5);
     dev_att_free(&a);
 }
 
@@ -242,5 +344,7 @@ main(void)
     }
     dev_prefill(512);
     dev_prefill(2048);
+    dev_prefill_mixed(3, 1000, 300, 0);
+    dev_prefill_mixed(3, 1000, 300, 256);
     return dev_failed;
 }
