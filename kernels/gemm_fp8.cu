@@ -376,21 +376,41 @@ fg_group(const int32_t *offs, int E, int r)
 }
 
 
+/* Four consecutive values of an fp32 / bf16 row (16 / 8 bytes). */
+__device__ __forceinline__ float4
+fg_load4(const float *t, int j4)
+{
+    return reinterpret_cast<const float4 *>(t)[j4];
+}
+
+__device__ __forceinline__ float4
+fg_load4(const __nv_bfloat16 *t, int j4)
+{
+    uint2          u = reinterpret_cast<const uint2 *>(t)[j4];
+    __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162 *>(&u.x);
+    __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&u.y);
+    float2         fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
+
+    return make_float4(fa.x, fa.y, fb.x, fb.y);
+}
+
+
 /* Y[r * ldy + j] (+)= tmp[r * N + j] * qs[r] * ws[e * ws_stride + j], e
  * the row's group (fg_group; outer: tmp already scaled, qs / ws NULL: a
- * plain strided copy).  One block per row r, four columns per thread and
- * step (N % 16 == 0); vec: Y's rows allow the 16-byte (fp32) / 8-byte
- * (bf16) stores of four columns. */
+ * plain strided copy).  tmp fp32 or bf16 (TI).  One block per row r, four
+ * columns per thread and step (N % 16 == 0); vec: Y's rows allow the
+ * 16-byte (fp32) / 8-byte (bf16) stores of four columns. */
 #define FG_RESCALE_NT 256
 
+template <typename TI>
 __global__ void __launch_bounds__(FG_RESCALE_NT)
-kernel_fp8_rescale(const float *tmp, int N, const float *qs,
+kernel_fp8_rescale(const TI *tmp, int N, const float *qs,
     const float *ws, size_t ws_stride, const int32_t *offs, int E, void *Y,
     int ldy, int y_bf16, int acc, int vec)
 {
     moe_pdl_enter();
     const int     r = blockIdx.x;
-    const float4 *t4 = reinterpret_cast<const float4 *>(tmp + (size_t) r * N);
+    const TI     *t = tmp + (size_t) r * N;
     const float   q = qs != NULL ? qs[r] : 1.0f;
 
     if (ws != NULL) {
@@ -398,7 +418,7 @@ kernel_fp8_rescale(const float *tmp, int N, const float *qs,
     }
 
     for (int j4 = threadIdx.x; j4 < N / 4; j4 += FG_RESCALE_NT) {
-        float4 v = t4[j4];
+        float4 v = fg_load4(t, j4);
         float  o[4] = { v.x, v.y, v.z, v.w };
         size_t y0 = (size_t) r * ldy + 4 * (size_t) j4;
 
@@ -622,6 +642,32 @@ moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
 
 
 extern "C" int
+moe_cuda_fp8_rescale_rows_bf16(const moe_bf16_t *tmp, int M, int N,
+    const float *qs, const float *ws, size_t ws_stride, const int32_t *offs,
+    int E, float *Y, int ldy, cudaStream_t stream)
+{
+    if (M <= 0) {
+        return MOE_K_OK;
+    }
+    if (N % 16 != 0 || ldy < N || (uintptr_t) ws % 16 != 0
+        || (uintptr_t) tmp % 16 != 0 || ws_stride % 4 != 0
+        || (offs != NULL && E < 1))
+    {
+        moe_cuda_set_error("fp8_rescale_rows_bf16: N %d ldy %d unsupported "
+                           "(N %% 16, tmp and ws 16-byte aligned, ws_stride "
+                           "%% 4)", N, ldy);
+        return MOE_K_EUNSUPPORTED;
+    }
+    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<__nv_bfloat16>, M,
+        FG_RESCALE_NT, 0, stream,
+        reinterpret_cast<const __nv_bfloat16 *>(tmp), N, qs, ws, ws_stride,
+        offs, offs != NULL ? E : 1, (void *) Y, ldy, 0, 0,
+        (int) (ldy % 4 == 0 && (uintptr_t) Y % 16 == 0)));
+    return MOE_K_OK;
+}
+
+
+extern "C" int
 moe_cuda_fp8_rescale_rows(const float *tmp, int M, int N, const float *qs,
     const float *ws, size_t ws_stride, const int32_t *offs, int E, float *Y,
     int ldy, cudaStream_t stream)
@@ -638,7 +684,7 @@ moe_cuda_fp8_rescale_rows(const float *tmp, int M, int N, const float *qs,
                            N, ldy);
         return MOE_K_EUNSUPPORTED;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale, M, FG_RESCALE_NT, 0, stream,
+    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<float>, M, FG_RESCALE_NT, 0, stream,
         tmp, N, qs, ws, ws_stride, offs, offs != NULL ? E : 1, (void *) Y,
         ldy, 0, 0, (int) (ldy % 4 == 0 && (uintptr_t) Y % 16 == 0)));
     return MOE_K_OK;
@@ -717,7 +763,7 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
         int vec = ldy % 4 == 0
                   && (uintptr_t) Y % (y_bf16 ? 8 : 16) == 0;
 
-        MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale, M, FG_RESCALE_NT, 0,
+        MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<float>, M, FG_RESCALE_NT, 0,
             stream, tmp, N, outer ? NULL : qs, outer ? NULL : ws, (size_t) 0,
             (const int32_t *) NULL, 1, Y, ldy, y_bf16, accumulate, vec));
     }

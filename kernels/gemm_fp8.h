@@ -131,6 +131,17 @@ int moe_cuda_fp8_rescale_rows(const float *tmp, int M, int N,
     const float *qs, const float *ws, size_t ws_stride, const int32_t *offs,
     int E, float *Y, int ldy, cudaStream_t stream);
 
+/*
+ * The same from unscaled bf16 products (moe_cuda_gemm_fp8_unscaled,
+ * y_bf16 1: half the bytes written and read back; the bf16 rounding of
+ * the raw dot product, 2^-9 relative, is what a bf16 output would carry
+ * anyway): Y[r * ldy + j] = float(tmp[r * N + j]) * (qs[r] * ws[j]).
+ * Same conditions.
+ */
+int moe_cuda_fp8_rescale_rows_bf16(const moe_bf16_t *tmp, int M, int N,
+    const float *qs, const float *ws, size_t ws_stride, const int32_t *offs,
+    int E, float *Y, int ldy, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

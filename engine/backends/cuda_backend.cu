@@ -2642,9 +2642,14 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
     MOE_TRY(moe_cuda_quant_rows_fp8((const moe_bf16_t *) X, ldx, NULL, 1, n,
                                     (int) K, Q, qs, b->stream));
     if (!experts) {
-        return moe_cuda_gemm_fp8(b->fp8g, n, (int) N, (int) K, Q, qs,
-                                 (const uint8_t *) w->w, w->scale, Y, ldy, 0,
-                                 0, tmp, b->stream);
+        /* the unscaled product in bf16 (half the bytes of fp32 written and
+         * read back), then the scales into Y */
+        MOE_TRY(moe_cuda_gemm_fp8_unscaled(b->fp8g, n, (int) N, (int) K, Q,
+                                           (const uint8_t *) w->w, tmp, 1,
+                                           b->stream));
+        return moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) tmp, n,
+                                              (int) N, qs, w->scale, 0, NULL,
+                                              1, Y, ldy, b->stream);
     }
     for (e = e0; e < e0 + w->count; e++) {
         ne = b->h_counts[e + 1] - b->h_counts[e];
@@ -2672,14 +2677,14 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
  * (moe_cuda_gemm_fp8_unscaled, the experts' rows stacked in one buffer);
  * one moe_cuda_silu_quant_fp8 over all rows (scales, SwiGLU and the down
  * input's e4m3 quantization); per expert the unscaled down product in
- * fp32; one moe_cuda_fp8_rescale_rows into b->ye.  That replaces the gate
+ * bf16; one moe_cuda_fp8_rescale_rows_bf16 into b->ye.  That replaces the gate
  * |up rescale pass over fp32, the SwiGLU pass and the down input's
  * quantization (cb_fp8_gemm twice: bench_engine fp8 prefill 2048 spent
  * 0.75 ms per layer rescaling and 0.30 ms in SwiGLU, ncu, H200) and
  * needs 19 launches per layer instead of 33.  MOE_EUNSUPPORTED (nothing
  * enqueued) when the parts or the scratch do not allow it.  Scratch: Q
  * (n + 64 rows of D bytes), qs, Qh (n + 64 rows of F), qh, then the
- * larger of the bf16 gate|up products and the fp32 down products (n + 64
+ * larger of the bf16 gate|up products and the bf16 down products (n + 64
  * rows each).
  */
 static int
@@ -2689,8 +2694,8 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
     size_t   qb = (rows * D + 255) / 256 * 256;
     size_t   hb = (rows * F + 255) / 256 * 256;
     size_t   sb = (rows * 4 + 255) / 256 * 256;
-    size_t   tb = rows * 2 * F * 2 > rows * D * 4 ? rows * 2 * F * 2
-                                                  : rows * D * 4;
+    size_t   tb = rows * 2 * F * 2 > rows * D * 2 ? rows * 2 * F * 2
+                                                  : rows * D * 2;
     uint8_t *Q = (uint8_t *) b->qscratch, *Qh;
     float   *qs, *qh, *tmp;
     int      e, e0 = b->hp.expert_first, EL = g->count, r0, ne, R0, R;
@@ -2746,14 +2751,16 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
                                                (const uint8_t *) wd->w
                                                + (size_t) (e - e0)
                                                  * cb_fp8_wstride(wd),
-                                               tmp + (size_t) r0 * D, 0,
+                                               (moe_bf16_t *) tmp
+                                               + (size_t) r0 * D, 1,
                                                b->stream));
         }
     }
-    return moe_cuda_fp8_rescale_rows(tmp, R, (int) D, qh, wd->scale,
-                                     cb_fp8_sstride(wd), b->offs + e0, EL,
-                                     b->ye + (size_t) R0 * D, (int) D,
-                                     b->stream);
+    return moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) tmp, R,
+                                          (int) D, qh, wd->scale,
+                                          cb_fp8_sstride(wd), b->offs + e0,
+                                          EL, b->ye + (size_t) R0 * D,
+                                          (int) D, b->stream);
 }
 
 

@@ -335,10 +335,12 @@ test_silu_quant(int M, int F, int E)
 }
 
 
-/* moe_cuda_fp8_rescale_rows: each row times its scale and its group's
- * channel scales, bit for bit the host's fp32 tmp * (qs * ws). */
+/* moe_cuda_fp8_rescale_rows (bf 0: fp32 products) and
+ * moe_cuda_fp8_rescale_rows_bf16 (bf 1: bf16 products): each row times
+ * its scale and its group's channel scales, bit for bit the host's
+ * float(tmp) * (qs * ws). */
 static void
-test_rescale_rows(int M, int N, int E, int ldy)
+test_rescale_rows(int M, int N, int E, int ldy, int bf)
 {
     float   *tmp = (float *) malloc((size_t) M * N * 4);
     float   *qs = (float *) malloc((size_t) M * 4);
@@ -347,8 +349,14 @@ test_rescale_rows(int M, int N, int E, int ldy)
     int32_t *offs = grp_offs(M, E);
     int      bad = 0;
 
+    uint16_t *tb = (uint16_t *) malloc((size_t) M * N * 2);
+
     for (size_t i = 0; i < (size_t) M * N; i++) {
         tmp[i] = gu_uniform() * 5000.0f;
+        if (bf) {
+            tb[i] = gu_f2bf(tmp[i]);
+            tmp[i] = gu_bf2f(tb[i]);
+        }
     }
     for (int r = 0; r < M; r++) {
         qs[r] = (0.1f + fabsf(gu_uniform())) * 1e-3f;
@@ -356,17 +364,24 @@ test_rescale_rows(int M, int N, int E, int ldy)
     for (int j = 0; j < E * N; j++) {
         wsa[j] = (0.1f + fabsf(gu_uniform())) * 1e-2f;
     }
-    void *dt = gu_up(tmp, (size_t) M * N * 4);
+    void *dt = bf ? gu_up(tb, (size_t) M * N * 2)
+                  : gu_up(tmp, (size_t) M * N * 4);
     void *dqs = gu_up(qs, (size_t) M * 4);
     void *dws = gu_up(wsa, (size_t) E * N * 4);
     void *dof = gu_up(offs, sizeof(int32_t) * (size_t) (E + 1));
     void *dy = gu_dev((size_t) M * ldy * 4);
-    int   rc = moe_cuda_fp8_rescale_rows((const float *) dt, M, N,
-                                         (const float *) dqs,
-                                         (const float *) dws, (size_t) N,
-                                         E > 1 ? (const int32_t *) dof
-                                               : NULL, E, (float *) dy, ldy,
-                                         0);
+    int   rc = bf ? moe_cuda_fp8_rescale_rows_bf16(
+                           (const moe_bf16_t *) dt, M, N,
+                           (const float *) dqs, (const float *) dws,
+                           (size_t) N, E > 1 ? (const int32_t *) dof : NULL,
+                           E, (float *) dy, ldy, 0)
+                    : moe_cuda_fp8_rescale_rows((const float *) dt, M, N,
+                                                (const float *) dqs,
+                                                (const float *) dws,
+                                                (size_t) N,
+                                                E > 1 ? (const int32_t *) dof
+                                                      : NULL, E,
+                                                (float *) dy, ldy, 0);
     int   ok = gu_sync_ok(rc, "fp8_rescale_rows");
 
     if (ok) {
@@ -386,8 +401,10 @@ test_rescale_rows(int M, int N, int E, int ldy)
             }
         }
     }
-    TAP_OK(ok && bad == 0, "fp8_rescale_rows M %d N %d, %d group(s), ldy "
-           "%d: bit for bit the host's", M, N, E, ldy);
+    TAP_OK(ok && bad == 0, "fp8_rescale_rows%s M %d N %d, %d group(s), "
+           "ldy %d: bit for bit the host's", bf ? "_bf16" : "", M, N, E,
+           ldy);
+    free(tb);
     cudaFree(dt);
     cudaFree(dqs);
     cudaFree(dws);
@@ -618,7 +635,7 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(2 + 2 * ncs + 12 + 2 + 3);
+    TAP_PLAN(2 + 2 * ncs + 12 + 2 + 3 + 3);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
 
     test_quant();
@@ -687,14 +704,20 @@ main(void)
     test_silu_quant(2, 14336, 1);
     test_silu_quant(2, 24584, 1);
     test_silu_quant(37, 1032, 5);
-    test_rescale_rows(37, 256, 5, 256);
-    test_rescale_rows(9, 4096, 1, 4098);    /* scalar stores */
+    test_rescale_rows(37, 256, 5, 256, 0);
+    test_rescale_rows(9, 4096, 1, 4098, 0);     /* scalar stores */
+    test_rescale_rows(37, 256, 5, 256, 1);      /* bf16 products */
+    test_rescale_rows(9, 4096, 1, 4098, 1);
     TAP_OK(moe_cuda_silu_quant_fp8(NULL, 1, 12, NULL, NULL, 0, NULL, 1, NULL,
                                    NULL, 0) == MOE_K_EUNSUPPORTED,
            "silu_quant_fp8: F %% 8 != 0 refused");
     TAP_OK(moe_cuda_fp8_rescale_rows(NULL, 1, 24, NULL, NULL, 0, NULL, 1,
                                      NULL, 24, 0) == MOE_K_EUNSUPPORTED,
            "fp8_rescale_rows: N %% 16 != 0 refused");
+    TAP_OK(moe_cuda_fp8_rescale_rows_bf16(NULL, 1, 24, NULL, NULL, 0, NULL,
+                                          1, NULL, 24, 0)
+           == MOE_K_EUNSUPPORTED, "fp8_rescale_rows_bf16: N %% 16 != 0 "
+           "refused");
     end_to_end(g, 48, 256, 2048);
     end_to_end(g, 5, 4096, 4096);
 
