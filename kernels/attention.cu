@@ -30,8 +30,8 @@
  *
  * kernel_attention_prefill_tc: larger T (T >= ATT_TC_MIN_T, more than
  * ATT_MAX_PAIRS pairs, head_dim 64 or 128): tensor cores (mma.sync), one
- * CTA per (128-row tile, q head), keys streamed with cp.async.  It refuses
- * row tiles of more than ATT_TC_RUNS sequences.
+ * CTA of 4 warps per (128-row tile, q head), keys streamed with cp.async.
+ * It refuses row tiles of more than ATT_TC_RUNS sequences.
  *
  * kernel_attention_prefill_simt: the CUDA-core prefill kernel for the
  * rest: the tiles the tensor-core kernel refused (launched after it, with
@@ -68,10 +68,13 @@
 #define ATT_DTC_NW     4            /* warps per block (ATT_NT threads) */
 #define ATT_DTC_KT     16           /* keys per warp tile */
 
-/* kernel_attention_prefill_tc */
-#define ATT_TC_BM      128          /* query rows per CTA (8 warps x 16) */
-#define ATT_TC_BN      64           /* keys per tile */
-#define ATT_TC_NT      256          /* threads per CTA */
+/* kernel_attention_prefill_tc (the shipped instance; bench/dev/attention
+ * times the others) */
+#define ATT_TC_BM      128          /* query rows per CTA (4 warps x 32) */
+#define ATT_TC_BN      32           /* keys per loaded tile */
+#define ATT_TC_BC      32           /* keys per S sub-tile */
+#define ATT_TC_STAGES  2            /* cp.async stages of K, V tiles */
+#define ATT_TC_MINB    2            /* CTAs per SM (__launch_bounds__) */
 #define ATT_TC_RUNS    4            /* sequence runs per row tile, at most */
 #define ATT_TC_MIN_T   64           /* fewest tokens sent to the kernel */
 
@@ -815,48 +818,74 @@ att_pack(float x, float y)
 }
 
 
-/* Dynamic shared memory of kernel_attention_prefill_tc<HD>: Q, then
- * 2 x (K, V). */
+#define ATT_TC_NT      128          /* threads per CTA */
+#define ATT_TC_WM      32           /* rows per warp (two m16 tiles) */
+
+static_assert((ATT_TC_NT / 32) * ATT_TC_WM == ATT_TC_BM, "tc row split");
+static_assert(ATT_TC_NT >= ATT_TC_BM, "att_tc_runs: a thread a row");
+
+
+/* Dynamic shared memory of kernel_attention_prefill_tc<HD, BN, *, STAGES,
+ * *>: Q, then STAGES x (K, V). */
 static constexpr size_t
-att_tc_smem(int hd)
+att_tc_smem(int hd, int bn, int stages)
 {
-    return (size_t) (ATT_TC_BM + 4 * ATT_TC_BN) * (hd + 8) * sizeof(bf16);
+    return (size_t) (ATT_TC_BM + 2 * stages * bn) * (hd + 8) * sizeof(bf16);
 }
 
 
 /*
- * grid (n_heads, ceil(T / ATT_TC_BM)), ATT_TC_NT threads, att_tc_smem(HD)
- * bytes of dynamic shared memory.  CTA = ATT_TC_BM consecutive tokens
- * (rows) x one q head h; the last row tile goes first (the longest causal
- * ranges).  Warp w owns rows 16 w .. 16 w + 15: in mma fragments, lane
- * (gq = lane / 4, tq = lane % 4) holds rows gq and gq + 8 and columns
- * 2 tq, 2 tq + 1 of each 8-wide tile.  The rows are handled one run of
- * equal tok_seq at a time; a tile with more than ATT_TC_RUNS runs is left
- * to the SIMT kernel (launched after this one with its skip test).  Per run:
- * keys [min lo, max pos] of its rows in tiles of ATT_TC_BN, gathered
- * through the block table with cp.async (two stages), masked per row to
- * [lo, pos] (window and causal limit), online softmax in base 2.
+ * FA2-style (H200, bench/dev/attention, 2048-token causal prefill, 32 / 8
+ * heads, head dim 128: 194 us against 292 us for the previous 8-warp
+ * kernel of 16 rows per warp, which now lives in the dev harness).  CTA =
+ * ATT_TC_BM consecutive tokens (rows) x one q head; the last row tile
+ * goes first (the longest causal ranges).  4 warps of 32 rows, so each K
+ * and V fragment (ldmatrix) feeds 4 mma.sync instead of 2, and two CTAs
+ * per SM.  The rows are handled one run of equal tok_seq at a time; a
+ * tile with more than ATT_TC_RUNS runs is left to the SIMT kernel
+ * (launched after this one with its skip test).  Per run: keys [min lo,
+ * max pos] of its rows, gathered through the block table, masked per row
+ * to [lo, pos] (window and causal limit), online softmax in base 2.
+ *
+ * grid (n_heads, ceil(T / ATT_TC_BM)), ATT_TC_NT threads,
+ * att_tc_smem(HD, BN, STAGES) bytes of dynamic shared memory.  Lane
+ * (gq = lane / 4, tq = lane % 4) of warp w holds, for m tile mt (0, 1),
+ * rows 32 w + 16 mt + gq (fragment elements 0, 1) and + 8 (elements 2,
+ * 3), columns 2 tq, 2 tq + 1 of each 8-wide tile.  Key tiles of BN keys
+ * are loaded (cp.async, STAGES stages) and computed in sub-tiles of BC
+ * keys (S, its softmax and P V; BC < BN keeps S's registers down while
+ * the loads and barriers stay per BN).  The run's bookkeeping (key range,
+ * block-table offset, per-warp key range, per-m-tile mask-free range)
+ * lives in shared memory and is re-read after each barrier, which keeps
+ * it out of the registers the 2 x (HD / 8) x 4 accumulators need.
  */
-template <int HD>
-__global__ void __launch_bounds__(ATT_TC_NT, 1)
+template <int HD, int BN, int BC, int STAGES, int MINB>
+__global__ void __launch_bounds__(ATT_TC_NT, MINB)
 kernel_attention_prefill_tc(const float *qkv, int ld, int T,
     const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
     const int32_t *bt_off, const bf16 *kv_layer, int block_size, int n_heads,
     int n_kv, int window, bf16 *out)
 {
     moe_pdl_enter();
-    constexpr int BM = ATT_TC_BM, BN = ATT_TC_BN, NT = ATT_TC_NT;
+    constexpr int BM = ATT_TC_BM, NT = ATT_TC_NT, WM = ATT_TC_WM;
+    constexpr int NW = NT / 32;
     constexpr int ROW = HD + 8;             /* bf16 per smem row */
     constexpr int CPR = HD / 8;             /* 16-byte chunks per row */
     constexpr int KS = HD / 16;             /* k steps of S = Q K^T */
     constexpr int DN = HD / 8;              /* 8-wide d tiles of O */
-    constexpr int LPT = 2 * BN * CPR / NT;  /* cp.async per thread / tile */
-    static_assert(LPT * NT == 2 * BN * CPR, "tile load split");
+    constexpr int NN = BC / 8;              /* 8-wide key tiles of S */
+    constexpr int RPT = BN * CPR / NT;      /* K (and V) chunks per thread */
+    static_assert(RPT * NT == BN * CPR, "tile load split");
+    static_assert(BC % 16 == 0 && BN % BC == 0 && HD % 16 == 0, "shapes");
+    static_assert(STAGES >= 2, "stages");
 
     extern __shared__ __align__(16) unsigned char att_tc_sm[];
-    bf16 *q_s = reinterpret_cast<bf16 *>(att_tc_sm);     /* [BM][ROW] */
+    bf16 *q_s = reinterpret_cast<bf16 *>(att_tc_sm);    /* [BM][ROW] */
     bf16 *kv_s = q_s + BM * ROW;            /* [stage][K, V][BN][ROW] */
     __shared__ int seq_s[BM], pos_s[BM], lo_s[BM];
+    __shared__ int run_s[3];                /* kmin, kmax, bt_off[seq] */
+    __shared__ int wk_s[NW][2];             /* sub-tile starts a warp needs */
+    __shared__ int mf_s[NW][2][2];          /* ... an m tile sees unmasked */
 
     const int h = blockIdx.x;
     const int tile = (int) gridDim.y - 1 - (int) blockIdx.y;
@@ -864,7 +893,7 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
     const int grp = n_heads / n_kv, kvd = n_kv * HD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gq = lane >> 2, tq = lane & 3;
-    const int ra = warp * 16 + gq, rb = ra + 8;
+    const int wr0 = warp * WM;              /* this warp's first row */
     const bf16 *kvg = kv_layer + (size_t) (h / grp) * HD;
 
     if (tid < BM) {
@@ -883,24 +912,31 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
         return;                             /* the SIMT kernel does it */
     }
 
-    /* Q rows, scaled by log2(e) / sqrt(hd), to bf16 */
+    /* cp.async of the K and V rows of key tile i of [kmin, kmax] into
+     * stage st: a thread's K and V chunks share their row's page lookup */
+    auto load = [&](int i, int st, int kmin, int kmax, const int32_t *table)
     {
-        const float qs = 1.4426950408889634f * rsqrtf((float) HD);
+        const int kb = kmin + i * BN;
+        bf16     *dst = kv_s + st * 2 * BN * ROW;
 
-        for (int i = tid; i < BM * (HD / 4); i += NT) {
-            int    row = i / (HD / 4), d = (i % (HD / 4)) * 4;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int c = 0; c < RPT; c++) {
+            int  e = tid + c * NT;
+            int  row = e / CPR, ch = e % CPR;
+            int  j = kb + row;
+            bool ok = j <= kmax;
+            const bf16 *ksrc = kvg, *vsrc = kvg;
 
-            if (row < nrows) {
-                v = *reinterpret_cast<const float4 *>(
-                        qkv + (size_t) (r0 + row) * ld + (size_t) h * HD + d);
+            if (ok) {
+                ksrc = kvg + ((size_t) table[j / block_size] * 2 * block_size
+                              + j % block_size) * kvd + ch * 8;
+                vsrc = ksrc + (size_t) block_size * kvd;
             }
-            uint2 pk = make_uint2(att_pack(v.x * qs, v.y * qs),
-                                  att_pack(v.z * qs, v.w * qs));
-
-            *reinterpret_cast<uint2 *>(q_s + row * ROW + d) = pk;
+            moe_cp_async16(dst + row * ROW + ch * 8, ksrc, ok ? 16 : 0);
+            moe_cp_async16(dst + (BN + row) * ROW + ch * 8, vsrc,
+                           ok ? 16 : 0);
         }
-    }
+    };
 
     int rs = 0;
 
@@ -919,155 +955,232 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
             kmax = max(kmax, pos_s[r]);
         }
 
-        /* this warp's rows in the run, their key range and common part */
-        const int wlo = max(rs, warp * 16), whi = min(re, warp * 16 + 16);
-        int       wkmin = INT_MAX, wkmax = -1, wlomax = -1, wposmin = INT_MAX;
+        const int ntl = (kmax - kmin) / BN + 1;
 
-        for (int r = wlo; r < whi; r++) {
-            wkmin = min(wkmin, lo_s[r]);
-            wkmax = max(wkmax, pos_s[r]);
-            wlomax = max(wlomax, lo_s[r]);
-            wposmin = min(wposmin, pos_s[r]);
-        }
-
-        const bool wfull = wlo == warp * 16 && whi == warp * 16 + 16;
-        const bool acta = ra >= rs && ra < re, actb = rb >= rs && rb < re;
-        const int  pa = pos_s[ra], la = lo_s[ra];
-        const int  pb = pos_s[rb], lb = lo_s[rb];
-        const int32_t *table = bt + bt_off[cs];
-        const int  ntl = (kmax - kmin) / BN + 1;
-        float      o[DN][4], m[2], l[2];
+        /* this warp's rows in the run: the sub-tile starts kc it needs
+         * (kc + BC - 1 >= min lo, kc <= max pos), and per m tile the
+         * starts that need no mask (all 16 rows in the run, kc >= max lo,
+         * kc + BC - 1 <= min pos) */
+        {
+            int wkmin = INT_MAX, wkmax = -1, mfa[2], mfb[2];
 
 #pragma unroll
-        for (int n = 0; n < DN; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                o[n][e] = 0.0f;
-            }
-        }
-        m[0] = m[1] = -INFINITY;
-        l[0] = l[1] = 0.0f;
+            for (int mt = 0; mt < 2; mt++) {
+                const int b = wr0 + 16 * mt;
+                const int mlo = max(rs, b), mhi = min(re, b + 16);
+                int       lomax = -1, posmin = INT_MAX;
 
-        /* cp.async of K and V rows of key tile i into stage st */
-        auto load = [&](int i, int st) {
-            int kb = kmin + i * BN;
-
-#pragma unroll
-            for (int c = 0; c < LPT; c++) {
-                int  e = tid + c * NT;
-                int  sel = e / (BN * CPR), rem = e % (BN * CPR);
-                int  row = rem / CPR, ch = rem % CPR;
-                int  j = kb + row;
-                bool ok = j <= kmax;
-                const bf16 *src = kvg;
-
-                if (ok) {
-                    src = kvg + (((size_t) table[j / block_size] * 2 + sel)
-                                 * block_size + j % block_size) * kvd
-                          + ch * 8;
+                for (int r = mlo; r < mhi; r++) {
+                    lomax = max(lomax, lo_s[r]);
+                    posmin = min(posmin, pos_s[r]);
+                    wkmin = min(wkmin, lo_s[r]);
+                    wkmax = max(wkmax, pos_s[r]);
                 }
-                moe_cp_async16(kv_s + ((st * 2 + sel) * BN + row) * ROW
-                                   + ch * 8, src, ok ? 16 : 0);
+                mfa[mt] = mlo == b && mhi == b + 16 ? lomax : INT_MAX;
+                mfb[mt] = posmin - (BC - 1);
             }
-        };
+            if (lane == 0) {
+                wk_s[warp][0] = wkmin == INT_MAX ? INT_MAX : wkmin - (BC - 1);
+                wk_s[warp][1] = wkmax;
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mf_s[warp][mt][0] = mfa[mt];
+                    mf_s[warp][mt][1] = mfb[mt];
+                }
+            }
+            if (tid == 0) {
+                run_s[0] = kmin;
+                run_s[1] = kmax;
+                run_s[2] = bt_off[cs];
+            }
+            /* published by the first key tile's barrier; rewritten only
+             * after the run's last barrier */
+        }
 
-        load(0, 0);
-        moe_cp_async_commit();
+        float o[2][DN][4], m[2][2], l[2][2];
+
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+            for (int n = 0; n < DN; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    o[mt][n][e] = 0.0f;
+                }
+            }
+            m[mt][0] = m[mt][1] = -INFINITY;
+            l[mt][0] = l[mt][1] = 0.0f;
+        }
+
+        {
+            const int32_t *table = bt + bt_off[cs];
+
+#pragma unroll
+            for (int s = 0; s < STAGES - 1; s++) {
+                if (s < ntl) {
+                    load(s, s, kmin, kmax, table);
+                }
+                moe_cp_async_commit();
+            }
+        }
+
+        /* Q rows, scaled by log2(e) / sqrt(hd), to bf16, while the first
+         * key tiles are in flight (the first run only: later runs keep
+         * them; the first key tile's barrier publishes them) */
+        if (rs == 0) {
+            const float qs = 1.4426950408889634f * rsqrtf((float) HD);
+
+            for (int i = tid; i < BM * (HD / 4); i += NT) {
+                int    row = i / (HD / 4), d = (i % (HD / 4)) * 4;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+                if (row < nrows) {
+                    v = *reinterpret_cast<const float4 *>(
+                            qkv + (size_t) (r0 + row) * ld + (size_t) h * HD
+                            + d);
+                }
+                uint2 pk = make_uint2(att_pack(v.x * qs, v.y * qs),
+                                      att_pack(v.z * qs, v.w * qs));
+
+                *reinterpret_cast<uint2 *>(q_s + row * ROW + d) = pk;
+            }
+        }
+
+        int stc = 0, stl = STAGES - 1;      /* stages: compute, next load */
+
         for (int i = 0; i < ntl; i++) {
-            const int kb = kmin + i * BN;
+            moe_cp_async_wait<STAGES - 2>();
+            __syncthreads();                /* tile i in; stage stl free */
 
-            if (i + 1 < ntl) {
-                load(i + 1, (i + 1) & 1);
+            const int kmin_ = run_s[0];
+
+            if (i + STAGES - 1 < ntl) {
+                load(i + STAGES - 1, stl, kmin_, run_s[1], bt + run_s[2]);
             }
             moe_cp_async_commit();
-            moe_cp_async_wait<1>();
-            __syncthreads();
+            stl = stl + 1 == STAGES ? 0 : stl + 1;
 
-            if (wlo < whi && kb <= wkmax && kb + BN - 1 >= wkmin) {
-                const bf16 *ks = kv_s + ((i & 1) * 2) * BN * ROW;
+#pragma unroll 1
+            for (int sc = 0; sc < BN / BC; sc++) {
+                const int kc = kmin_ + i * BN + sc * BC;    /* sub-tile */
+
+                if (kc < wk_s[warp][0] || kc > wk_s[warp][1]) {
+                    continue;               /* none of the warp's rows */
+                }
+
+                const bf16 *ks = kv_s + (stc * 2 * BN + sc * BC) * ROW;
                 const bf16 *vs = ks + BN * ROW;
-                float       s[8][4];
+                float       s[2][NN][4];
 
 #pragma unroll
-                for (int n = 0; n < 8; n++) {
+                for (int mt = 0; mt < 2; mt++) {
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        s[n][e] = 0.0f;
+                    for (int n = 0; n < NN; n++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            s[mt][n][e] = 0.0f;
+                        }
                     }
                 }
+
+                /* S = Q K^T: each K fragment feeds 4 mma */
 #pragma unroll
                 for (int kk = 0; kk < KS; kk++) {
-                    uint32_t a0, a1, a2, a3;
+                    uint32_t a[2][4];
 
-                    moe_ldmatrix_x4(a0, a1, a2, a3,
-                                    q_s + (warp * 16 + (lane & 15)) * ROW
-                                        + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
-                    for (int np = 0; np < 4; np++) {
+                    for (int mt = 0; mt < 2; mt++) {
+                        moe_ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2],
+                                        a[mt][3],
+                                        q_s + (wr0 + 16 * mt + (lane & 15))
+                                              * ROW
+                                            + kk * 16 + (lane >> 4) * 8);
+                    }
+#pragma unroll
+                    for (int np = 0; np < BC / 16; np++) {
                         uint32_t b0, b1, b2, b3;
 
                         moe_ldmatrix_x4(b0, b1, b2, b3,
                                 ks + (np * 16 + (lane & 7) + ((lane >> 4) << 3))
                                      * ROW + kk * 16 + ((lane >> 3) & 1) * 8);
-                        moe_mma_bf16(s[2 * np], a0, a1, a2, a3, b0, b1);
-                        moe_mma_bf16(s[2 * np + 1], a0, a1, a2, a3, b2, b3);
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            moe_mma_bf16(s[mt][2 * np], a[mt][0], a[mt][1],
+                                         a[mt][2], a[mt][3], b0, b1);
+                            moe_mma_bf16(s[mt][2 * np + 1], a[mt][0],
+                                         a[mt][1], a[mt][2], a[mt][3], b2, b3);
+                        }
                     }
                 }
 
-                /* mask unless every row of the warp sees the whole tile */
-                if (!(wfull && kb >= wlomax && kb + BN - 1 <= wposmin)) {
+                /* mask an m tile unless each of its 16 rows is in the run
+                 * and sees the whole sub-tile */
 #pragma unroll
-                    for (int n = 0; n < 8; n++) {
+                for (int mt = 0; mt < 2; mt++) {
+                    if (kc < mf_s[warp][mt][0] || kc > mf_s[warp][mt][1]) {
 #pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int  j = kb + n * 8 + 2 * tq + (e & 1);
-                            bool ok = e < 2 ? acta && j >= la && j <= pa
-                                            : actb && j >= lb && j <= pb;
+                        for (int hf = 0; hf < 2; hf++) {
+                            const int  r = wr0 + 16 * mt + 8 * hf + gq;
+                            const bool act = r >= rs && r < re;
+                            const int  p = pos_s[r], lo = lo_s[r];
 
-                            if (!ok) {
-                                s[n][e] = -INFINITY;
+#pragma unroll
+                            for (int n = 0; n < NN; n++) {
+#pragma unroll
+                                for (int e = 0; e < 2; e++) {
+                                    int j = kc + n * 8 + 2 * tq + e;
+
+                                    if (!(act && j >= lo && j <= p)) {
+                                        s[mt][n][2 * hf + e] = -INFINITY;
+                                    }
+                                }
                             }
                         }
                     }
                 }
 
-                /* online softmax, rows a (e 0, 1) and b (e 2, 3) */
-#pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    float mx = -INFINITY, sum = 0.0f, mn, mu, corr;
+                /* online softmax per row (m tile mt, half hf); P packed to
+                 * bf16 pairs at once: p[mt][n][hf] = row hf's columns
+                 * 2 tq, 2 tq + 1 of 8-key tile n (an A fragment register) */
+                uint32_t p[2][NN][2];
 
 #pragma unroll
-                    for (int n = 0; n < 8; n++) {
-                        mx = fmaxf(mx, fmaxf(s[n][2 * hf], s[n][2 * hf + 1]));
-                    }
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    mn = fmaxf(m[hf], mx);
-                    mu = mn == -INFINITY ? 0.0f : mn;
-                    corr = exp2f(m[hf] - mu);
-                    m[hf] = mn;
+                for (int mt = 0; mt < 2; mt++) {
 #pragma unroll
-                    for (int n = 0; n < 8; n++) {
-                        s[n][2 * hf] = exp2f(s[n][2 * hf] - mu);
-                        s[n][2 * hf + 1] = exp2f(s[n][2 * hf + 1] - mu);
-                        sum += s[n][2 * hf] + s[n][2 * hf + 1];
-                    }
-                    l[hf] = l[hf] * corr + sum;
+                    for (int hf = 0; hf < 2; hf++) {
+                        float mx = -INFINITY, sum = 0.0f, mn, mu, corr;
+
 #pragma unroll
-                    for (int n = 0; n < DN; n++) {
-                        o[n][2 * hf] *= corr;
-                        o[n][2 * hf + 1] *= corr;
+                        for (int n = 0; n < NN; n++) {
+                            mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf],
+                                                 s[mt][n][2 * hf + 1]));
+                        }
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                        mn = fmaxf(m[mt][hf], mx);
+                        mu = mn == -INFINITY ? 0.0f : mn;
+                        corr = exp2f(m[mt][hf] - mu);
+                        m[mt][hf] = mn;
+#pragma unroll
+                        for (int n = 0; n < NN; n++) {
+                            float x = exp2f(s[mt][n][2 * hf] - mu);
+                            float y = exp2f(s[mt][n][2 * hf + 1] - mu);
+
+                            sum += x + y;
+                            p[mt][n][hf] = att_pack(x, y);
+                        }
+                        l[mt][hf] = l[mt][hf] * corr + sum;
+#pragma unroll
+                        for (int n = 0; n < DN; n++) {
+                            o[mt][n][2 * hf] *= corr;
+                            o[mt][n][2 * hf + 1] *= corr;
+                        }
                     }
                 }
 
-                /* O += P V: P from the S fragments, V transposed */
+                /* O += P V: each V fragment (transposed) feeds 4 mma */
 #pragma unroll
-                for (int kk = 0; kk < BN / 16; kk++) {
-                    uint32_t a0 = att_pack(s[2 * kk][0], s[2 * kk][1]);
-                    uint32_t a1 = att_pack(s[2 * kk][2], s[2 * kk][3]);
-                    uint32_t a2 = att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                    uint32_t a3 = att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-
+                for (int kk = 0; kk < BC / 16; kk++) {
 #pragma unroll
                     for (int dp = 0; dp < DN / 2; dp++) {
                         uint32_t b0, b1, b2, b3;
@@ -1076,30 +1189,46 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
                                  vs + (kk * 16 + (lane & 7)
                                        + ((lane >> 3) & 1) * 8) * ROW
                                     + (dp * 2 + (lane >> 4)) * 8);
-                        moe_mma_bf16(o[2 * dp], a0, a1, a2, a3, b0, b1);
-                        moe_mma_bf16(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            moe_mma_bf16(o[mt][2 * dp], p[mt][2 * kk][0],
+                                         p[mt][2 * kk][1],
+                                         p[mt][2 * kk + 1][0],
+                                         p[mt][2 * kk + 1][1], b0, b1);
+                            moe_mma_bf16(o[mt][2 * dp + 1], p[mt][2 * kk][0],
+                                         p[mt][2 * kk][1],
+                                         p[mt][2 * kk + 1][0],
+                                         p[mt][2 * kk + 1][1], b2, b3);
+                        }
                     }
                 }
             }
-            __syncthreads();                /* stage free for the next load */
+            stc = stc + 1 == STAGES ? 0 : stc + 1;
         }
+        __syncthreads();                    /* stages and run_s, wk_s, mf_s
+                                             * free for the next run */
 
         /* normalise and write the run's rows */
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            float sum = l[hf];
+        for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int r = wr0 + 16 * mt + 8 * hf + gq;
+                float     sum = l[mt][hf];
 
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            if (hf == 0 ? acta : actb) {
-                float inv = 1.0f / sum;
-                bf16 *orow = out + ((size_t) (r0 + (hf == 0 ? ra : rb))
-                                    * n_heads + h) * HD + 2 * tq;
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                if (r >= rs && r < re) {
+                    float inv = 1.0f / sum;
+                    bf16 *orow = out + ((size_t) (r0 + r) * n_heads + h) * HD
+                                 + 2 * tq;
 
 #pragma unroll
-                for (int n = 0; n < DN; n++) {
-                    *reinterpret_cast<uint32_t *>(orow + n * 8) =
-                        att_pack(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
+                    for (int n = 0; n < DN; n++) {
+                        *reinterpret_cast<uint32_t *>(orow + n * 8) =
+                            att_pack(o[mt][n][2 * hf] * inv,
+                                     o[mt][n][2 * hf + 1] * inv);
+                    }
                 }
             }
         }
@@ -1638,8 +1767,34 @@ moe_cuda_attention_ws_init(float *part, cudaStream_t stream)
 }
 
 
-/* Launch kernel_attention_prefill_tc<HD> (raising its shared-memory limit
- * once). */
+/* Launch kernel_attention_prefill_tc<HD, BN, BC, STAGES, MINB> (raising
+ * its shared-memory limit and carveout once); att_tc_launch is the shipped
+ * instance, bench/dev/attention times the others. */
+template <int HD, int BN, int BC, int STAGES, int MINB>
+static int
+att_tc_launch_v(int T, const float *qkv, int ld, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const bf16 *kv, int block_size, int n_heads, int n_kv, int window,
+    bf16 *out, cudaStream_t stream)
+{
+    static int   ready = 0;
+    const size_t sm = att_tc_smem(HD, BN, STAGES);
+    dim3         grid((unsigned) n_heads,
+                      (unsigned) ((T + ATT_TC_BM - 1) / ATT_TC_BM));
+
+    if (!ready) {
+        MOE_CUDA_CHECK(moe_smem_max_carveout(
+            kernel_attention_prefill_tc<HD, BN, BC, STAGES, MINB>, sm));
+        ready = 1;
+    }
+    MOE_CUDA_CHECK(moe_launch(
+        kernel_attention_prefill_tc<HD, BN, BC, STAGES, MINB>, grid,
+        ATT_TC_NT, sm, stream, qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv,
+        block_size, n_heads, n_kv, window, out));
+    return MOE_K_OK;
+}
+
+
 template <int HD>
 static int
 att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
@@ -1647,21 +1802,10 @@ att_tc_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
     const bf16 *kv, int block_size, int n_heads, int n_kv, int window,
     bf16 *out, cudaStream_t stream)
 {
-    static int   ready = 0;
-    const size_t sm = att_tc_smem(HD);
-    dim3         grid((unsigned) n_heads,
-                      (unsigned) ((T + ATT_TC_BM - 1) / ATT_TC_BM));
-
-    if (!ready) {
-        MOE_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel_attention_prefill_tc<HD>,
-            cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sm));
-        ready = 1;
-    }
-    MOE_CUDA_CHECK(moe_launch(kernel_attention_prefill_tc<HD>, grid, ATT_TC_NT,
-        sm, stream, qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv, block_size,
-        n_heads, n_kv, window, out));
-    return MOE_K_OK;
+    return att_tc_launch_v<HD, ATT_TC_BN, ATT_TC_BC, ATT_TC_STAGES,
+                           ATT_TC_MINB>(T, qkv, ld, tok_pos, tok_seq, bt,
+                                        bt_off, kv, block_size, n_heads,
+                                        n_kv, window, out, stream);
 }
 
 

@@ -35,6 +35,7 @@ struct moe_fp8_gemm_s {
     void             *ws;
     size_t            ws_bytes;
     int               force_rescale;
+    int               rows;           /* M rounding (gemm_fp8.h) */
     int               outer_refused;  /* outer-vector scaling refused once */
     int               plans_made;     /* heuristic queries (tests) */
     int               last_outer;
@@ -99,8 +100,20 @@ moe_cuda_fp8_gemm_create(void *workspace, size_t ws_bytes,
     g->ws = workspace;
     g->ws_bytes = workspace != NULL ? ws_bytes : 0;
     g->last_outer = -1;
+    {
+        const char *r = getenv("MOE_CUDA_FP8_GEMM_ROWS");
+
+        g->rows = r != NULL && atoi(r) == 128 ? 128 : 64;
+    }
     *out = g;
     return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_fp8_gemm_rows(const moe_fp8_gemm_t *g)
+{
+    return g != NULL ? g->rows : MOE_FP8_GEMM_ROWS;
 }
 
 
@@ -489,66 +502,54 @@ fg_bf8(uint4 v, float f[8])
 }
 
 
-/* rows of up to this many columns keep h in shared memory (48 KB, no
- * opt-in); longer ones write it over G's gate half */
-#define FG_SQ_SMEM_F 24576
+/* rows of up to FG_SQ_REG_IT x 8 x FG_QUANT_NT (24576) columns keep h in
+ * registers; longer ones write it over G's gate half */
+#define FG_SQ_REG_IT 12
 
-/*
- * One block per row r: pass 1 writes h = bf16(silu(g) * u) (g, u: the raw
- * products times qs[r] * ws[col], the rescale kernel's arithmetic) into
- * shared memory (smem) or over the gate half of G's row, and reduces
- * amax |h|; pass 2 quantizes h as kernel_quant_rows_fp8 does.  Each
- * thread rereads only the columns it wrote, so the passes need no barrier
- * between them but the reduction's.
- */
-__global__ void __launch_bounds__(FG_QUANT_NT)
-kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
-    const float *ws, size_t ws_stride, const int32_t *offs, int E,
-    uint8_t *Q, float *s, int smem)
+/* h = bf16(silu(g) * u) of the 8 columns 8 i .. 8 i + 7 of a row (g, u:
+ * the raw products times q * ws[col], the rescale kernel's arithmetic;
+ * SiLU with the fast exponential and division: a few ulp of fp32, far
+ * below h's bf16 rounding), amax |h| updated. */
+__device__ __forceinline__ uint4
+fg_silu8(const uint4 *gt, const uint4 *up, const float *ws, int F, int i,
+    float q, float *amax)
 {
-    moe_pdl_enter();
-    ws += (size_t) fg_group(offs, E, (int) blockIdx.x) * ws_stride;
-    extern __shared__ __align__(16) unsigned char fg_sq_sm[];
+    float          g[8], u[8], gw[8], uw[8];
+    __nv_bfloat162 hb[4];
+    const float4  *w4 = reinterpret_cast<const float4 *>(ws + 8 * i);
+    const float4  *u4 = reinterpret_cast<const float4 *>(ws + F + 8 * i);
+
+    fg_bf8(gt[i], g);
+    fg_bf8(up[i], u);
+    *reinterpret_cast<float4 *>(gw) = w4[0];
+    *reinterpret_cast<float4 *>(gw + 4) = w4[1];
+    *reinterpret_cast<float4 *>(uw) = u4[0];
+    *reinterpret_cast<float4 *>(uw + 4) = u4[1];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float  a = g[2 * j] * (q * gw[2 * j]);
+        float  b = g[2 * j + 1] * (q * gw[2 * j + 1]);
+        float  c = u[2 * j] * (q * uw[2 * j]);
+        float  d = u[2 * j + 1] * (q * uw[2 * j + 1]);
+        float2 hf;
+
+        hb[j] = __floats2bfloat162_rn(__fdividef(a, 1.0f + __expf(-a)) * c,
+                                      __fdividef(b, 1.0f + __expf(-b)) * d);
+        hf = __bfloat1622float2(hb[j]);
+        *amax = fmaxf(*amax, fmaxf(fabsf(hf.x), fabsf(hf.y)));
+    }
+    return *reinterpret_cast<const uint4 *>(hb);
+}
+
+
+/* The block's amax (every thread's) -> the row's scale: s[r] and the
+ * return value (a barrier inside: every thread calls it). */
+__device__ __forceinline__ float
+fg_row_scale(float amax, float *s, int r)
+{
     __shared__ float red[FG_QUANT_NT / 32];
     __shared__ float sc;
-    const int        r = blockIdx.x, n8 = F / 8;
-    uint4           *gh = smem ? reinterpret_cast<uint4 *>(fg_sq_sm)
-                               : reinterpret_cast<uint4 *>(G + (size_t) r
-                                                             * 2 * F);
-    const uint4     *gt = reinterpret_cast<const uint4 *>(G + (size_t) r
-                                                          * 2 * F);
-    const uint4     *up = reinterpret_cast<const uint4 *>(G + (size_t) r * 2 * F
-                                                          + F);
-    const float      q = qs[r];
-    float            amax = 0.0f;
 
-    for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
-        float          g[8], u[8], gw[8], uw[8];
-        __nv_bfloat162 hb[4];
-        const float4  *w4 = reinterpret_cast<const float4 *>(ws + 8 * i);
-        const float4  *u4 = reinterpret_cast<const float4 *>(ws + F + 8 * i);
-
-        fg_bf8(gt[i], g);
-        fg_bf8(up[i], u);
-        *reinterpret_cast<float4 *>(gw) = w4[0];
-        *reinterpret_cast<float4 *>(gw + 4) = w4[1];
-        *reinterpret_cast<float4 *>(uw) = u4[0];
-        *reinterpret_cast<float4 *>(uw + 4) = u4[1];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float a = g[2 * j] * (q * gw[2 * j]);
-            float b = g[2 * j + 1] * (q * gw[2 * j + 1]);
-            float c = u[2 * j] * (q * uw[2 * j]);
-            float d = u[2 * j + 1] * (q * uw[2 * j + 1]);
-            float2 hf;
-
-            hb[j] = __floats2bfloat162_rn(a / (1.0f + expf(-a)) * c,
-                                          b / (1.0f + expf(-b)) * d);
-            hf = __bfloat1622float2(hb[j]);
-            amax = fmaxf(amax, fmaxf(fabsf(hf.x), fabsf(hf.y)));
-        }
-        gh[i] = *reinterpret_cast<const uint4 *>(hb);
-    }
     amax = moe_warp_max(amax);
     if ((threadIdx.x & 31) == 0) {
         red[threadIdx.x >> 5] = amax;
@@ -564,26 +565,87 @@ kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
         s[r] = sc;
     }
     __syncthreads();
+    return sc;
+}
 
-    const float d = sc;
-    uint2      *qo = reinterpret_cast<uint2 *>(Q + (size_t) r * F);
 
-    for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
-        float    h[8];
-        uint32_t w[2];
+/* e4m3 codes of 8 bf16 values h / d (kernel_quant_rows_fp8's rounding) */
+__device__ __forceinline__ uint2
+fg_quant8(uint4 hv, float d)
+{
+    float    h[8];
+    uint32_t w[2];
 
-        fg_bf8(gh[i], h);
+    fg_bf8(hv, h);
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            float2 a = make_float2(h[4 * j] / d, h[4 * j + 1] / d);
-            float2 b = make_float2(h[4 * j + 2] / d, h[4 * j + 3] / d);
-            __nv_fp8x2_storage_t lo, hi;
+    for (int j = 0; j < 2; j++) {
+        float2 a = make_float2(h[4 * j] / d, h[4 * j + 1] / d);
+        float2 b = make_float2(h[4 * j + 2] / d, h[4 * j + 3] / d);
+        __nv_fp8x2_storage_t lo, hi;
 
-            lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, __NV_E4M3);
-            hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, __NV_E4M3);
-            w[j] = (uint32_t) lo | ((uint32_t) hi << 16);
+        lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, __NV_E4M3);
+        hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, __NV_E4M3);
+        w[j] = (uint32_t) lo | ((uint32_t) hi << 16);
+    }
+    return make_uint2(w[0], w[1]);
+}
+
+
+/*
+ * One block per row r: pass 1 computes h (fg_silu8) and reduces amax |h|;
+ * pass 2 quantizes h as kernel_quant_rows_fp8 does.  IT > 0: a thread's
+ * IT groups of 8 columns (columns 8 (threadIdx.x + k FG_QUANT_NT)) stay in
+ * its registers between the passes (no shared memory: the L1 keeps the
+ * channel scales every row of an expert reads); IT 0: h goes over the
+ * gate half of G's row (rows too long for the registers).  Each thread
+ * rereads only the columns it wrote, so the passes need no barrier
+ * between them but the reduction's.
+ */
+template <int IT>
+__global__ void __launch_bounds__(FG_QUANT_NT)
+kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
+    const float *ws, size_t ws_stride, const int32_t *offs, int E,
+    uint8_t *Q, float *s)
+{
+    moe_pdl_enter();
+    ws += (size_t) fg_group(offs, E, (int) blockIdx.x) * ws_stride;
+    const int    r = blockIdx.x, n8 = F / 8;
+    uint4       *gh = reinterpret_cast<uint4 *>(G + (size_t) r * 2 * F);
+    const uint4 *gt = reinterpret_cast<const uint4 *>(G + (size_t) r * 2 * F);
+    const uint4 *up = reinterpret_cast<const uint4 *>(G + (size_t) r * 2 * F
+                                                      + F);
+    uint2       *qo = reinterpret_cast<uint2 *>(Q + (size_t) r * F);
+    const float  q = qs[r];
+    float        amax = 0.0f, d;
+
+    if constexpr (IT > 0) {
+        uint4 hr[IT > 0 ? IT : 1];
+
+#pragma unroll
+        for (int k = 0; k < IT; k++) {
+            int i = threadIdx.x + k * FG_QUANT_NT;
+
+            if (i < n8) {
+                hr[k] = fg_silu8(gt, up, ws, F, i, q, &amax);
+            }
         }
-        qo[i] = make_uint2(w[0], w[1]);
+        d = fg_row_scale(amax, s, r);
+#pragma unroll
+        for (int k = 0; k < IT; k++) {
+            int i = threadIdx.x + k * FG_QUANT_NT;
+
+            if (i < n8) {
+                qo[i] = fg_quant8(hr[k], d);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
+            gh[i] = fg_silu8(gt, up, ws, F, i, q, &amax);
+        }
+        d = fg_row_scale(amax, s, r);
+        for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
+            qo[i] = fg_quant8(gh[i], d);
+        }
     }
 }
 
@@ -605,12 +667,28 @@ moe_cuda_silu_quant_fp8(moe_bf16_t *G, int M, int F, const float *qs,
                            F);
         return MOE_K_EUNSUPPORTED;
     }
-    int smem = F <= FG_SQ_SMEM_F;
+    {
+        /* groups of 8 columns per thread: h in registers up to 12 */
+        int it = (F / 8 + FG_QUANT_NT - 1) / FG_QUANT_NT;
+        __nv_bfloat16 *g16 = reinterpret_cast<__nv_bfloat16 *>(G);
+        int            e = offs != NULL ? E : 1;
 
-    MOE_CUDA_CHECK(moe_launch(kernel_silu_quant_fp8, M, FG_QUANT_NT,
-        smem ? (size_t) F * 2 : 0, stream,
-        reinterpret_cast<__nv_bfloat16 *>(G), F, qs, ws, ws_stride, offs,
-        offs != NULL ? E : 1, Q, s, smem));
+#define FG_SQ(IT)                                                            \
+        MOE_CUDA_CHECK(moe_launch(kernel_silu_quant_fp8<IT>, M, FG_QUANT_NT,  \
+            0, stream, g16, F, qs, ws, ws_stride, offs, e, Q, s))
+        if (it <= 2) {
+            FG_SQ(2);
+        } else if (it <= 4) {
+            FG_SQ(4);
+        } else if (it <= 7) {
+            FG_SQ(7);
+        } else if (it <= FG_SQ_REG_IT) {
+            FG_SQ(FG_SQ_REG_IT);
+        } else {
+            FG_SQ(0);
+        }
+#undef FG_SQ
+    }
     return MOE_K_OK;
 }
 
@@ -631,9 +709,9 @@ moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
                            "(K, N multiples of 16)", M, N, K);
         return MOE_K_EUNSUPPORTED;
     }
-    /* M rounded up to 64 rows, as the rescale path (gemm_fp8.h) */
-    MOE_TRY(fg_plan_get(g, (M + 63) / 64 * 64, N, K, y_bf16 != 0, 0, 0,
-                        &p));
+    /* M rounded up (moe_cuda_fp8_gemm_rows), as the rescale path */
+    MOE_TRY(fg_plan_get(g, (M + g->rows - 1) / g->rows * g->rows, N, K,
+                        y_bf16 != 0, 0, 0, &p));
     FG_LT(cublasLtMatmul(g->lt, p->desc, &alpha, W, p->a, Q, p->b, &beta, Y,
                          p->c, Y, p->c, &p->algo, g->ws, g->ws_bytes,
                          stream));
@@ -684,7 +762,8 @@ moe_cuda_fp8_rescale_rows(const float *tmp, int M, int N, const float *qs,
                            N, ldy);
         return MOE_K_EUNSUPPORTED;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<float>, M, FG_RESCALE_NT, 0, stream,
+    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<float>, M, FG_RESCALE_NT, 0,
+        stream,
         tmp, N, qs, ws, ws_stride, offs, offs != NULL ? E : 1, (void *) Y,
         ldy, 0, 0, (int) (ldy % 4 == 0 && (uintptr_t) Y % 16 == 0)));
     return MOE_K_OK;
@@ -743,7 +822,8 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
         /* the unit-scale GEMM runs on M rounded up to 64 rows (Q holds
          * them: gemm_fp8.h), so the many per-expert row counts of a
          * prefill share a few plans; the rescale writes the M real rows */
-        MOE_TRY(fg_plan_get(g, (M + 63) / 64 * 64, N, K, 0, 0, 0, &p));
+        MOE_TRY(fg_plan_get(g, (M + g->rows - 1) / g->rows * g->rows, N,
+                            K, 0, 0, 0, &p));
     } else {
         FG_LT(cublasLtMatmulDescSetAttribute(p->desc,
                   CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws)));
@@ -763,7 +843,8 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
         int vec = ldy % 4 == 0
                   && (uintptr_t) Y % (y_bf16 ? 8 : 16) == 0;
 
-        MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<float>, M, FG_RESCALE_NT, 0,
+        MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<float>, M,
+            FG_RESCALE_NT, 0,
             stream, tmp, N, outer ? NULL : qs, outer ? NULL : ws, (size_t) 0,
             (const int32_t *) NULL, 1, Y, ldy, y_bf16, accumulate, vec));
     }

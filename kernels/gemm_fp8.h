@@ -59,14 +59,29 @@ int moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx,
     cudaStream_t stream);
 
 /*
+ * The unit-scale GEMMs below run on M rounded up to round_up(M, R) rows,
+ * R = moe_cuda_fp8_gemm_rows(g): 64, or 128 with MOE_CUDA_FP8_GEMM_ROWS=128
+ * in the environment when the handle is made (a measuring switch).  Their
+ * plans are keyed by the rounded M, so a prefill's per-expert row counts
+ * share a few plans.  Buffers sized for MOE_FP8_GEMM_ROWS (the largest R)
+ * fit either.  H200 (bench/dev/gemm_fp8, Mixtral gate|up): cuBLASLt's
+ * first choice ran 448 rows in 95.1 us and 512 in 81.2, 576 in 101.0 and
+ * 640 in 96.2, yet the whole fp8 prefill 2048 with R 128 spent 48.5 ms in
+ * the expert stage against 46.8 with 64 (bench/RESULTS.md).
+ */
+#define MOE_FP8_GEMM_ROWS 128
+
+int moe_cuda_fp8_gemm_rows(const moe_fp8_gemm_t *g);
+
+/*
  * Row-major Y (M, N) = (Q * qs) . (W * ws)^T:
  *   Y[r, j] = qs[r] * ws[j] * sum_k e4m3(Q[r, k]) * e4m3(W[j, k])
  * Q (M, K) e4m3 rows of K bytes (moe_cuda_quant_rows_fp8), qs (M) fp32;
  * W (N, K) e4m3 row-major (HF layout), ws (N) fp32.  Y: bf16 (y_bf16 1) or
  * fp32, leading dimension ldy >= N; `accumulate` adds into Y (fp32 Y
- * only).  tmp: fp32 scratch of round_up(M, 64) * N floats, used only by
+ * only).  tmp: fp32 scratch of round_up(M, R) * N floats, used only by
  * the rescale path (NULL: that path is refused with MOE_K_EUNSUPPORTED),
- * which multiplies round_up(M, 64) rows of Q: Q must have that many rows
+ * which multiplies round_up(M, R) rows of Q: Q must have that many rows
  * readable (their values do not matter).  K % 16 == 0,
  * N % 16 == 0 (cuBLASLt's fp8 alignment), ws 16-byte aligned.  M == 0:
  * nothing to do.
@@ -80,10 +95,10 @@ int moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K,
 
 /*
  * The unscaled product for a consumer that applies the scales itself:
- * Y (round_up(M, 64), N) row-major, leading dimension N, bf16 (y_bf16 1)
+ * Y (round_up(M, R), N) row-major, leading dimension N, bf16 (y_bf16 1)
  * or fp32:
  *   Y[r, j] = sum_k e4m3(Q[r, k]) * e4m3(W[j, k])
- * Q must have round_up(M, 64) readable rows and Y room for as many (the
+ * Q must have round_up(M, R) readable rows and Y room for as many (the
  * rows past M hold values of no meaning: a caller stacking groups' rows
  * in one Y runs the groups in row order, so that each group's rows are
  * written last by its own GEMM), so that a prefill's per-expert row

@@ -10,12 +10,13 @@
  * before the split kernel).  Rate: K/V bytes read / time.
  *
  * Prefill (one sequence of T tokens, causal): the shipped launcher (the
- * tensor-core kernel) and the variants that do not ship: the SIMT kernel
- * for every tile, and the FA2-style tensor-core kernel
- * (att_prefill_v2.cuh: 4 warps of 32 rows) per template instance.  Rate:
- * 4 * heads * head_dim * T (T + 1) / 2 flops.  Then the FA2-style kernels
- * against the shipped launcher on several sequences per row tile (runs,
- * a context before the queries) with and without a window.
+ * tensor-core kernel, 4 warps of 32 rows) and the variants that do not
+ * ship: the SIMT kernel for every tile, the tensor-core kernel's other
+ * template instances and the 8-warp kernel shipped before
+ * (att_prefill_v2.cuh).  Rate: 4 * heads * head_dim * T (T + 1) / 2
+ * flops.  Then the same against the shipped launcher on several sequences
+ * per row tile (runs, a context before the queries) with and without a
+ * window.
  *
  *   build/bench/dev/attention
  */
@@ -211,42 +212,37 @@ dev_decode(int B, int ctx)
 }
 
 
-/* The FA2-style prefill kernel's instances (att_prefill_v2.cuh): head dim,
- * keys per loaded tile, keys per S sub-tile, cp.async stages, CTAs per SM
- * in __launch_bounds__. */
+/* The tensor-core prefill kernel's instances (kernels/attention.cu: head
+ * dim, keys per loaded tile, keys per S sub-tile, cp.async stages, CTAs
+ * per SM in __launch_bounds__; the shipped one is 32 / 32 / 2 / 2) and the
+ * previous 8-warp kernel (att_prefill_v2.cuh). */
 typedef int (*dev_fa2_fn)(int, const float *, int, const int32_t *,
                           const int32_t *, const int32_t *, const int32_t *,
                           const bf16 *, int, int, int, int, bf16 *,
                           cudaStream_t);
 
+static int
+dev_occ_8w(void)
+{
+    return 1;
+}
+
 #define DEV_FA2(BN, BC, ST, MB)                                              \
-    { "fa2 bn" #BN " bc" #BC " st" #ST " mb" #MB,                            \
-      att_fa2_launch<DEV_HD, BN, BC, ST, MB>,                                \
-      att_fa2_occupancy<DEV_HD, BN, BC, ST, MB> }
+    { "4w bn" #BN " bc" #BC " st" #ST " mb" #MB,                             \
+      att_tc_launch_v<DEV_HD, BN, BC, ST, MB>,                               \
+      att_tc_occupancy<DEV_HD, BN, BC, ST, MB> }
 
 static const struct {
     const char *name;
     dev_fa2_fn  fn;
     int       (*occ)(void);
 } dev_fa2[] = {
-    DEV_FA2(64, 16, 2, 2),              /* the default: no spills */
-    DEV_FA2(64, 32, 2, 2),
+    { "8w bn64 (shipped until 12-03)", att_8w_launch<DEV_HD>, dev_occ_8w },
+    DEV_FA2(64, 16, 2, 2),
     DEV_FA2(64, 64, 2, 2),
-    DEV_FA2(32, 32, 2, 2),
     DEV_FA2(32, 32, 3, 2),
-    DEV_FA2(64, 32, 3, 1),
+    DEV_FA2(32, 16, 2, 2),
 };
-
-/* head dim 64 compiles too (not timed: the harness's shape is 128) */
-#define DEV_FA2_ARGS const float *, int, int, const int32_t *,               \
-    const int32_t *, const int32_t *, const int32_t *, const bf16 *, int,    \
-    int, int, int, bf16 *
-template __global__ void kernel_dev_prefill_fa2<64, 64, 32, 2, 2>(
-    DEV_FA2_ARGS);
-template __global__ void kernel_dev_prefill_fa2<64, 64, 64, 2, 2>(
-    DEV_FA2_ARGS);
-#undef DEV_FA2_ARGS
-
 
 /* The shipped launcher with a window. */
 static int

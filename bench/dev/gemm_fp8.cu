@@ -208,14 +208,14 @@ fp8_streams(const int *rows, int ns)
     flops = 2.0 * n * (2.0 * F * D + (double) D * F);
     DEV_CHECK(cudaMalloc(&wg, (size_t) E * 2 * F * D));
     DEV_CHECK(cudaMalloc(&wd, (size_t) E * D * F));
-    DEV_CHECK(cudaMalloc(&q, (size_t) (n + 64) * D));
-    DEV_CHECK(cudaMalloc(&qh, (size_t) (n + 64) * F));
-    DEV_CHECK(cudaMalloc(&tg, (size_t) (n + 64) * 2 * F * 2));
-    DEV_CHECK(cudaMalloc(&td, (size_t) (n + 64) * D * 4));
+    DEV_CHECK(cudaMalloc(&q, (size_t) (n + MOE_FP8_GEMM_ROWS) * D));
+    DEV_CHECK(cudaMalloc(&qh, (size_t) (n + MOE_FP8_GEMM_ROWS) * F));
+    DEV_CHECK(cudaMalloc(&tg, (size_t) (n + MOE_FP8_GEMM_ROWS) * 2 * F * 2));
+    DEV_CHECK(cudaMalloc(&td, (size_t) (n + MOE_FP8_GEMM_ROWS) * D * 4));
     DEV_CHECK(cudaMemset(wg, 0x30, (size_t) E * 2 * F * D));
     DEV_CHECK(cudaMemset(wd, 0x30, (size_t) E * D * F));
-    DEV_CHECK(cudaMemset(q, 0x30, (size_t) (n + 64) * D));
-    DEV_CHECK(cudaMemset(qh, 0x30, (size_t) (n + 64) * F));
+    DEV_CHECK(cudaMemset(q, 0x30, (size_t) (n + MOE_FP8_GEMM_ROWS) * D));
+    DEV_CHECK(cudaMemset(qh, 0x30, (size_t) (n + MOE_FP8_GEMM_ROWS) * F));
     DEV_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
     for (int i = 0; i < ns; i++) {
         DEV_CHECK(cudaMalloc(&wsp[i], wsb));
@@ -320,10 +320,10 @@ main(void)
         DEV_CHECK(cudaMalloc(&w, (size_t) N * K * 2));
         DEV_CHECK(cudaMalloc(&w8, (size_t) N * K));
         DEV_CHECK(cudaMalloc(&y, (size_t) M * N * 2));
-        DEV_CHECK(cudaMalloc(&q, (size_t) (M + 64) * K));
+        DEV_CHECK(cudaMalloc(&q, (size_t) (M + MOE_FP8_GEMM_ROWS) * K));
         DEV_CHECK(cudaMalloc(&qs, (size_t) M * 4));
         DEV_CHECK(cudaMalloc(&ws, (size_t) N * 4));
-        DEV_CHECK(cudaMalloc(&tmp, (size_t) (M + 64) * N * 4));
+        DEV_CHECK(cudaMalloc(&tmp, (size_t) (M + MOE_FP8_GEMM_ROWS) * N * 4));
         DEV_CHECK(cudaMemset(x, 0x3c, (size_t) M * K * 2));
         DEV_CHECK(cudaMemset(w, 0x3c, (size_t) N * K * 2));
         DEV_CHECK(cudaMemset(w8, 0x30, (size_t) N * K));

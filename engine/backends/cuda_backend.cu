@@ -2615,7 +2615,8 @@ cb_dequant_expert(cuda_backend_t *b, const cb_qw_t *w, int el)
  * dense part), or per expert e of the part with rows [h_counts[e],
  * h_counts[e + 1]) of X (the gathered rows, CB_PATH_BLAS).  MOE_EUNSUPPORTED
  * (nothing enqueued) when the part or the scratch does not allow it: the
- * caller then dequantizes.  The scratch holds Q (rows + 64 padding) * K
+ * caller then dequantizes.  The scratch holds Q (rows + the GEMMs' row
+ * rounding, moe_cuda_fp8_gemm_rows) * K
  * bytes, the row scales, and the GEMM's fp32 output of the largest
  * matrix (rows rounded up to 64) * N.
  */
@@ -2623,7 +2624,8 @@ static int
 cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
     int ldx, int experts, float *Y, int ldy)
 {
-    size_t   K = (size_t) w->K, N = (size_t) w->N, rows = (size_t) n + 64;
+    size_t   K = (size_t) w->K, N = (size_t) w->N, rows = (size_t) n
+                   + (size_t) moe_cuda_fp8_gemm_rows(b->fp8g);
     size_t   qb = (rows * K + 255) / 256 * 256, sb = (rows * 4 + 255) / 256
                                                     * 256;
     uint8_t *Q = (uint8_t *) b->qscratch;
@@ -2683,14 +2685,15 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
  * 0.75 ms per layer rescaling and 0.30 ms in SwiGLU, ncu, H200) and
  * needs 19 launches per layer instead of 33.  MOE_EUNSUPPORTED (nothing
  * enqueued) when the parts or the scratch do not allow it.  Scratch: Q
- * (n + 64 rows of D bytes), qs, Qh (n + 64 rows of F), qh, then the
- * larger of the bf16 gate|up products and the bf16 down products (n + 64
- * rows each).
+ * (n + moe_cuda_fp8_gemm_rows rows of D bytes), qs, Qh (as many rows of F),
+ * qh, then the larger of the bf16 gate|up products and the bf16 down
+ * products (as many rows each).
  */
 static int
 cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
 {
-    size_t   D = (size_t) g->K, F = (size_t) wd->K, rows = (size_t) n + 64;
+    size_t   D = (size_t) g->K, F = (size_t) wd->K, rows = (size_t) n
+                   + (size_t) moe_cuda_fp8_gemm_rows(b->fp8g);
     size_t   qb = (rows * D + 255) / 256 * 256;
     size_t   hb = (rows * F + 255) / 256 * 256;
     size_t   sb = (rows * 4 + 255) / 256 * 256;

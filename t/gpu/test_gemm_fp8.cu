@@ -139,7 +139,8 @@ test_quant(void)
 static void
 test_unscaled(moe_fp8_gemm_t *g, int M, int N, int K, int y_bf16)
 {
-    size_t    Mp = (size_t) (M + 63) / 64 * 64, yb = y_bf16 ? 2 : 4;
+    size_t    Mp = (size_t) (M + MOE_FP8_GEMM_ROWS - 1)
+                 / MOE_FP8_GEMM_ROWS * MOE_FP8_GEMM_ROWS, yb = y_bf16 ? 2 : 4;
     uint8_t  *q = (uint8_t *) malloc(Mp * K);
     uint8_t  *w = (uint8_t *) malloc((size_t) N * K);
     char     *y = (char *) malloc(Mp * N * yb);
@@ -469,7 +470,8 @@ gemm_case(moe_fp8_gemm_t *g, int M, int N, int K, int ldy, int y_bf16,
     }
 
     /* Q and tmp with room for M rounded up to 64 rows (gemm_fp8.h) */
-    size_t Mp = (size_t) (M + 63) / 64 * 64;
+    size_t Mp = (size_t) (M + MOE_FP8_GEMM_ROWS - 1)
+                 / MOE_FP8_GEMM_ROWS * MOE_FP8_GEMM_ROWS;
     void  *dq = gu_dev(Mp * K);
     void *dw = gu_up(w, (size_t) N * K);
     void *dqs = gu_up(qs, (size_t) M * 4);
@@ -570,7 +572,8 @@ end_to_end(moe_fp8_gemm_t *g, int M, int N, int K)
     void *dx = gu_up(xb, (size_t) M * K * 2);
     void *dw = gu_up(w, (size_t) N * K);
     void *dws = gu_up(ws, (size_t) N * 4);
-    size_t Mp = (size_t) (M + 63) / 64 * 64;
+    size_t Mp = (size_t) (M + MOE_FP8_GEMM_ROWS - 1)
+                 / MOE_FP8_GEMM_ROWS * MOE_FP8_GEMM_ROWS;
     void  *dq = gu_dev(Mp * K);
     void  *dqs = gu_dev((size_t) M * 4);
     void  *dy = gu_dev((size_t) M * N * 4);
@@ -667,9 +670,10 @@ main(void)
         int             made = -1, outer = -1;
 
         if (moe_cuda_fp8_gemm_create(lws, (size_t) 32 << 20, &g2) == 0) {
-            void *dq = gu_dev((size_t) 64 * 64), *dw = gu_dev(64 * 64);
+            const size_t R = MOE_FP8_GEMM_ROWS;    /* rows multiplied */
+            void *dq = gu_dev(R * 64), *dw = gu_dev(64 * 64);
             void *dws = gu_dev(64 * 4), *dy = gu_dev(64 * 64 * 4);
-            void *dt = gu_dev(64 * 64 * 4);
+            void *dt = gu_dev(R * 64 * 4);
             int   rc1 = moe_cuda_gemm_fp8(g2, 5, 64, 64, (const uint8_t *) dq,
                                           (const float *) dws,
                                           (const uint8_t *) dw,
