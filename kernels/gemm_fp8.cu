@@ -519,8 +519,10 @@ fg_silu8(const uint4 *gt, const uint4 *up, const float *ws, int F, int i,
     const float4  *w4 = reinterpret_cast<const float4 *>(ws + 8 * i);
     const float4  *u4 = reinterpret_cast<const float4 *>(ws + F + 8 * i);
 
-    fg_bf8(gt[i], g);
-    fg_bf8(up[i], u);
+    /* G streams through once (evict-first loads): the L1 keeps the
+     * channel scales, which every row of the expert reads again */
+    fg_bf8(__ldcs(gt + i), g);
+    fg_bf8(__ldcs(up + i), u);
     *reinterpret_cast<float4 *>(gw) = w4[0];
     *reinterpret_cast<float4 *>(gw + 4) = w4[1];
     *reinterpret_cast<float4 *>(uw) = u4[0];
@@ -635,7 +637,7 @@ kernel_silu_quant_fp8(__nv_bfloat16 *G, int F, const float *qs,
             int i = threadIdx.x + k * FG_QUANT_NT;
 
             if (i < n8) {
-                qo[i] = fg_quant8(hr[k], d);
+                __stcs(qo + i, fg_quant8(hr[k], d));
             }
         }
     } else {

@@ -888,10 +888,40 @@ test_route(int T, int D, int E, int K, int renorm)
         mism += gsel[i] != sel[i];
     }
     double e = gu_relerr(gw, selw, (size_t) T * K);
+    /* from 256 tokens (E <= 16) the all-experts logits kernel runs: its
+     * logits bit for bit those of the per-expert grid, which steps of
+     * fewer tokens take (the same rows in chunks of 100) */
+    int lbad = -1;
+
+    if (T >= 256) {
+        float *l1 = (float *) malloc(sizeof(float) * T * E);
+        float *l2 = (float *) malloc(sizeof(float) * T * E);
+        float *d_l2 = (float *) gu_dev(sizeof(float) * T * E);
+
+        gu_down(l1, d_lg, sizeof(float) * T * E);
+        for (int t0 = 0; t0 < T && ok; t0 += 100) {
+            int n = T - t0 < 100 ? T - t0 : 100;
+
+            ok = gu_sync_ok(moe_cuda_route(d_x + (size_t) t0 * D, n, D, d_W,
+                                           E, K, renorm, d_l2 + t0 * E,
+                                           d_sel, d_w, d_mg, 0),
+                            "route chunks");
+        }
+        gu_down(l2, d_l2, sizeof(float) * T * E);
+        lbad = 0;
+        for (int i = 0; i < T * E; i++) {
+            lbad += memcmp(&l1[i], &l2[i], sizeof(float)) != 0;
+        }
+        cudaFree(d_l2);
+        free(l1);
+        free(l2);
+    }
     /* random logits are far apart: the same experts must be chosen */
-    TAP_OK(ok && mism == 0 && e <= 1e-4 && em <= 1e-3, "route E %d top-%d "
-           "renorm %d (%d of %d choices differ, weights err %.2e, margins "
-           "err %.2e)", E, K, renorm, mism, T * K, e, em);
+    TAP_OK(ok && mism == 0 && e <= 1e-4 && em <= 1e-3 && lbad <= 0,
+           "route T %d E %d top-%d renorm %d (%d of %d choices differ, "
+           "weights err %.2e, margins err %.2e%s%d)", T, E, K, renorm, mism,
+           T * K, e, em, lbad < 0 ? "" : ", logits differing from the "
+           "per-expert grid's: ", lbad < 0 ? 0 : lbad);
     cudaFree(d_mg); cudaFree(d_lg); free(mg); free(gmg);
     cudaFree(d_x); cudaFree(d_W); cudaFree(d_sel); cudaFree(d_w);
     free(x); free(W); free(sel); free(selw); free(gsel); free(gw);
@@ -1904,6 +1934,9 @@ main(void)
     test_route(19, 66, 8, 2, 1);        /* D % 4 != 0: scalar path */
     test_route(40, 128, 60, 4, 0);      /* raw top-k weights (Qwen2-MoE) */
     test_route(7, 64, 4, 2, 0);
+    test_route(300, 4096, 8, 2, 1);     /* prefill: all-experts kernel */
+    test_route(260, 256, 16, 4, 1);     /* the same for 9..16 experts */
+    test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);
     test_permute(1, 8, 2, 4096);        /* decode: 4 column blocks */
