@@ -100,11 +100,7 @@ moe_cuda_fp8_gemm_create(void *workspace, size_t ws_bytes,
     g->ws = workspace;
     g->ws_bytes = workspace != NULL ? ws_bytes : 0;
     g->last_outer = -1;
-    {
-        const char *r = getenv("MOE_CUDA_FP8_GEMM_ROWS");
-
-        g->rows = r != NULL && atoi(r) == 128 ? 128 : 64;
-    }
+    g->rows = 64;
     *out = g;
     return MOE_K_OK;
 }
@@ -114,6 +110,18 @@ extern "C" int
 moe_cuda_fp8_gemm_rows(const moe_fp8_gemm_t *g)
 {
     return g != NULL ? g->rows : MOE_FP8_GEMM_ROWS;
+}
+
+
+extern "C" int
+moe_cuda_fp8_gemm_set_rows(moe_fp8_gemm_t *g, int rows)
+{
+    if (g == NULL || (rows != 64 && rows != 128)) {
+        moe_cuda_set_error("fp8 gemm: row rounding %d (64 or 128)", rows);
+        return MOE_K_EINVAL;
+    }
+    g->rows = rows;
+    return MOE_K_OK;
 }
 
 

@@ -60,8 +60,8 @@ int moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx,
 
 /*
  * The unit-scale GEMMs below run on M rounded up to round_up(M, R) rows,
- * R = moe_cuda_fp8_gemm_rows(g): 64, or 128 with MOE_CUDA_FP8_GEMM_ROWS=128
- * in the environment when the handle is made (a measuring switch).  Their
+ * R = moe_cuda_fp8_gemm_rows(g): 64, or what moe_cuda_fp8_gemm_set_rows
+ * set (64 or 128; a measuring switch, before the first GEMM).  Their
  * plans are keyed by the rounded M, so a prefill's per-expert row counts
  * share a few plans.  Buffers sized for MOE_FP8_GEMM_ROWS (the largest R)
  * fit either.  H200 (bench/dev/gemm_fp8, Mixtral gate|up): cuBLASLt's
@@ -72,6 +72,7 @@ int moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx,
 #define MOE_FP8_GEMM_ROWS 128
 
 int moe_cuda_fp8_gemm_rows(const moe_fp8_gemm_t *g);
+int moe_cuda_fp8_gemm_set_rows(moe_fp8_gemm_t *g, int rows);
 
 /*
  * Row-major Y (M, N) = (Q * qs) . (W * ws)^T:

@@ -638,7 +638,7 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(2 + 2 * ncs + 12 + 2 + 3 + 3);
+    TAP_PLAN(2 + 2 * ncs + 12 + 2 + 3 + 3 + 1);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
 
     test_quant();
@@ -721,6 +721,14 @@ main(void)
     TAP_OK(moe_cuda_fp8_rescale_rows_bf16(NULL, 1, 24, NULL, NULL, 0, NULL,
                                           1, NULL, 24, 0)
            == MOE_K_EUNSUPPORTED, "fp8_rescale_rows_bf16: N %% 16 != 0 "
+           "refused");
+    TAP_OK(moe_cuda_fp8_gemm_rows(g) == 64
+           && moe_cuda_fp8_gemm_set_rows(g, 100) == MOE_K_EINVAL
+           && moe_cuda_fp8_gemm_set_rows(g, 128) == MOE_K_OK
+           && moe_cuda_fp8_gemm_rows(g) == 128
+           && moe_cuda_fp8_gemm_set_rows(g, 64) == MOE_K_OK
+           && moe_cuda_fp8_gemm_rows(g) == 64,
+           "fp8 gemm row rounding: 64 by default, 128 settable, 100 "
            "refused");
     end_to_end(g, 48, 256, 2048);
     end_to_end(g, 5, 4096, 4096);
