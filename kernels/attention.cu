@@ -818,6 +818,57 @@ att_pack(float x, float y)
 }
 
 
+/* A prefill row tile's per-row data, one thread per row (tid <
+ * ATT_TC_BM): sequence, position and window start (-1, -1, 0 past T) into
+ * shared memory; returns the tile's sequence runs (att_tc_runs, whose
+ * barrier publishes the rows).  Every thread of the CTA calls it. */
+__device__ __forceinline__ int
+att_tc_tile_rows(const int32_t *tok_seq, const int32_t *tok_pos, int T,
+    int tile, int window, int *seq_s, int *pos_s, int *lo_s)
+{
+    const int tid = (int) threadIdx.x, r0 = tile * ATT_TC_BM;
+
+    if (tid < ATT_TC_BM) {
+        int s = -1, p = -1, lo = 0;
+
+        if (r0 + tid < T) {
+            s = tok_seq[r0 + tid];
+            p = tok_pos[r0 + tid];
+            lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        }
+        seq_s[tid] = s;
+        pos_s[tid] = p;
+        lo_s[tid] = lo;
+    }
+    return att_tc_runs(tok_seq, T, tile);
+}
+
+
+/* Q rows r0 .. r0 + ATT_TC_BM - 1 of head h (zero past nrows), scaled by
+ * log2(e) / sqrt(HD), to bf16 rows of `row` elements in q_s; NT threads. */
+template <int HD, int NT>
+__device__ __forceinline__ void
+att_tc_load_q(const float *qkv, int ld, int r0, int nrows, int h, int row,
+    bf16 *q_s)
+{
+    const float qs = 1.4426950408889634f * rsqrtf((float) HD);
+
+    for (int i = (int) threadIdx.x; i < ATT_TC_BM * (HD / 4); i += NT) {
+        int    rw = i / (HD / 4), d = (i % (HD / 4)) * 4;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+        if (rw < nrows) {
+            v = *reinterpret_cast<const float4 *>(
+                    qkv + (size_t) (r0 + rw) * ld + (size_t) h * HD + d);
+        }
+        uint2 pk = make_uint2(att_pack(v.x * qs, v.y * qs),
+                              att_pack(v.z * qs, v.w * qs));
+
+        *reinterpret_cast<uint2 *>(q_s + rw * row + d) = pk;
+    }
+}
+
+
 #define ATT_TC_NT      128          /* threads per CTA */
 #define ATT_TC_WM      32           /* rows per warp (two m16 tiles) */
 
@@ -896,19 +947,9 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
     const int wr0 = warp * WM;              /* this warp's first row */
     const bf16 *kvg = kv_layer + (size_t) (h / grp) * HD;
 
-    if (tid < BM) {
-        int s = -1, p = -1, lo = 0;
-
-        if (tid < nrows) {
-            s = tok_seq[r0 + tid];
-            p = tok_pos[r0 + tid];
-            lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        }
-        seq_s[tid] = s;
-        pos_s[tid] = p;
-        lo_s[tid] = lo;
-    }
-    if (att_tc_runs(tok_seq, T, tile) > ATT_TC_RUNS) {
+    if (att_tc_tile_rows(tok_seq, tok_pos, T, tile, window, seq_s, pos_s,
+                         lo_s) > ATT_TC_RUNS)
+    {
         return;                             /* the SIMT kernel does it */
     }
 
@@ -1028,22 +1069,7 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
          * key tiles are in flight (the first run only: later runs keep
          * them; the first key tile's barrier publishes them) */
         if (rs == 0) {
-            const float qs = 1.4426950408889634f * rsqrtf((float) HD);
-
-            for (int i = tid; i < BM * (HD / 4); i += NT) {
-                int    row = i / (HD / 4), d = (i % (HD / 4)) * 4;
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-
-                if (row < nrows) {
-                    v = *reinterpret_cast<const float4 *>(
-                            qkv + (size_t) (r0 + row) * ld + (size_t) h * HD
-                            + d);
-                }
-                uint2 pk = make_uint2(att_pack(v.x * qs, v.y * qs),
-                                      att_pack(v.z * qs, v.w * qs));
-
-                *reinterpret_cast<uint2 *>(q_s + row * ROW + d) = pk;
-            }
+            att_tc_load_q<HD, NT>(qkv, ld, r0, nrows, h, ROW, q_s);
         }
 
         int stc = 0, stl = STAGES - 1;      /* stages: compute, next load */

@@ -106,6 +106,15 @@ moe_cuda_fp8_gemm_create(void *workspace, size_t ws_bytes,
 }
 
 
+/* M rounded up to the handle's row unit: the rows a unit-scale GEMM
+ * multiplies and its plan's key (gemm_fp8.h) */
+static int
+fg_round_rows(const moe_fp8_gemm_t *g, int M)
+{
+    return (M + g->rows - 1) / g->rows * g->rows;
+}
+
+
 extern "C" int
 moe_cuda_fp8_gemm_rows(const moe_fp8_gemm_t *g)
 {
@@ -283,32 +292,30 @@ fg_plan_get(moe_fp8_gemm_t *g, int M, int N, int K, int y_bf16, int acc,
 
 /* ---- dynamic per-row quantization ---- */
 
-__global__ void __launch_bounds__(FG_QUANT_NT)
-kernel_quant_rows_fp8(const __nv_bfloat16 *X, int ldx, const int32_t *xrow,
-    int xdiv, int K, uint8_t *Q, float *s)
+/* bf16 pairs of a uint4 (8 values) as floats */
+__device__ __forceinline__ void
+fg_bf8(uint4 v, float f[8])
 {
-    moe_pdl_enter();
-    __shared__ float red[FG_QUANT_NT / 32];
-    __shared__ float sc;
-    const int        r = blockIdx.x;
-    const int        src = xrow != NULL ? xrow[r] / xdiv : r;
-    const uint4     *x = reinterpret_cast<const uint4 *>(X + (size_t) src
-                                                          * ldx);
-    const int        n8 = K / 8;
-    float            amax = 0.0f;
-
-    for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
-        uint4                 v = x[i];
-        const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(
-                                      &v);
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);
 
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float2 f = __bfloat1622float2(h[j]);
+    for (int j = 0; j < 4; j++) {
+        float2 x = __bfloat1622float2(h[j]);
 
-            amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-        }
+        f[2 * j] = x.x;
+        f[2 * j + 1] = x.y;
     }
+}
+
+
+/* The block's amax (every thread's) -> the row's scale: s[r] and the
+ * return value (a barrier inside: every thread calls it). */
+__device__ __forceinline__ float
+fg_row_scale(float amax, float *s, int r)
+{
+    __shared__ float red[FG_QUANT_NT / 32];
+    __shared__ float sc;
+
     amax = moe_warp_max(amax);
     if ((threadIdx.x & 31) == 0) {
         red[threadIdx.x >> 5] = amax;
@@ -324,31 +331,56 @@ kernel_quant_rows_fp8(const __nv_bfloat16 *X, int ldx, const int32_t *xrow,
         s[r] = sc;
     }
     __syncthreads();
+    return sc;
+}
 
-    const float d = sc;
-    uint2      *q = reinterpret_cast<uint2 *>(Q + (size_t) r * K);
+
+/* e4m3 codes of 8 bf16 values h / d (kernel_quant_rows_fp8's rounding) */
+__device__ __forceinline__ uint2
+fg_quant8(uint4 hv, float d)
+{
+    float    h[8];
+    uint32_t w[2];
+
+    fg_bf8(hv, h);
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        float2 a = make_float2(h[4 * j] / d, h[4 * j + 1] / d);
+        float2 b = make_float2(h[4 * j + 2] / d, h[4 * j + 3] / d);
+        __nv_fp8x2_storage_t lo, hi;
+
+        lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, __NV_E4M3);
+        hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, __NV_E4M3);
+        w[j] = (uint32_t) lo | ((uint32_t) hi << 16);
+    }
+    return make_uint2(w[0], w[1]);
+}
+
+
+__global__ void __launch_bounds__(FG_QUANT_NT)
+kernel_quant_rows_fp8(const __nv_bfloat16 *X, int ldx, const int32_t *xrow,
+    int xdiv, int K, uint8_t *Q, float *s)
+{
+    moe_pdl_enter();
+    const int    r = blockIdx.x;
+    const int    src = xrow != NULL ? xrow[r] / xdiv : r;
+    const uint4 *x = reinterpret_cast<const uint4 *>(X + (size_t) src * ldx);
+    const int    n8 = K / 8;
+    uint2       *q = reinterpret_cast<uint2 *>(Q + (size_t) r * K);
+    float        amax = 0.0f, d;
 
     for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
-        uint4                 v = x[i];
-        const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(
-                                      &v);
-        uint32_t              w[2];
+        float f[8];
 
+        fg_bf8(x[i], f);
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            float2 a = __bfloat1622float2(h[2 * j]);
-            float2 b = __bfloat1622float2(h[2 * j + 1]);
-            __nv_fp8x2_storage_t lo, hi;
-
-            a.x /= d;
-            a.y /= d;
-            b.x /= d;
-            b.y /= d;
-            lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, __NV_E4M3);
-            hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, __NV_E4M3);
-            w[j] = (uint32_t) lo | ((uint32_t) hi << 16);
+        for (int j = 0; j < 8; j++) {
+            amax = fmaxf(amax, fabsf(f[j]));
         }
-        q[i] = make_uint2(w[0], w[1]);
+    }
+    d = fg_row_scale(amax, s, r);
+    for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
+        q[i] = fg_quant8(x[i], d);
     }
 }
 
@@ -494,22 +526,6 @@ kernel_fp8_rescale(const TI *tmp, int N, const float *qs,
 
 /* ---- SwiGLU of an unscaled gate|up product, quantized for fp8 ---- */
 
-/* bf16 pairs of a uint4 (8 values) as floats */
-__device__ __forceinline__ void
-fg_bf8(uint4 v, float f[8])
-{
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);
-
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        float2 x = __bfloat1622float2(h[j]);
-
-        f[2 * j] = x.x;
-        f[2 * j + 1] = x.y;
-    }
-}
-
-
 /* rows of up to FG_SQ_REG_IT x 8 x FG_QUANT_NT (24576) columns keep h in
  * registers; longer ones write it over G's gate half */
 #define FG_SQ_REG_IT 12
@@ -549,55 +565,6 @@ fg_silu8(const uint4 *gt, const uint4 *up, const float *ws, int F, int i,
         *amax = fmaxf(*amax, fmaxf(fabsf(hf.x), fabsf(hf.y)));
     }
     return *reinterpret_cast<const uint4 *>(hb);
-}
-
-
-/* The block's amax (every thread's) -> the row's scale: s[r] and the
- * return value (a barrier inside: every thread calls it). */
-__device__ __forceinline__ float
-fg_row_scale(float amax, float *s, int r)
-{
-    __shared__ float red[FG_QUANT_NT / 32];
-    __shared__ float sc;
-
-    amax = moe_warp_max(amax);
-    if ((threadIdx.x & 31) == 0) {
-        red[threadIdx.x >> 5] = amax;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float m = red[0];
-
-        for (int w = 1; w < FG_QUANT_NT / 32; w++) {
-            m = fmaxf(m, red[w]);
-        }
-        sc = fmaxf(m, 1e-12f) / FG_E4M3_MAX;
-        s[r] = sc;
-    }
-    __syncthreads();
-    return sc;
-}
-
-
-/* e4m3 codes of 8 bf16 values h / d (kernel_quant_rows_fp8's rounding) */
-__device__ __forceinline__ uint2
-fg_quant8(uint4 hv, float d)
-{
-    float    h[8];
-    uint32_t w[2];
-
-    fg_bf8(hv, h);
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-        float2 a = make_float2(h[4 * j] / d, h[4 * j + 1] / d);
-        float2 b = make_float2(h[4 * j + 2] / d, h[4 * j + 3] / d);
-        __nv_fp8x2_storage_t lo, hi;
-
-        lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, __NV_E4M3);
-        hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, __NV_E4M3);
-        w[j] = (uint32_t) lo | ((uint32_t) hi << 16);
-    }
-    return make_uint2(w[0], w[1]);
 }
 
 
@@ -720,8 +687,8 @@ moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
         return MOE_K_EUNSUPPORTED;
     }
     /* M rounded up (moe_cuda_fp8_gemm_rows), as the rescale path */
-    MOE_TRY(fg_plan_get(g, (M + g->rows - 1) / g->rows * g->rows, N, K,
-                        y_bf16 != 0, 0, 0, &p));
+    MOE_TRY(fg_plan_get(g, fg_round_rows(g, M), N, K, y_bf16 != 0, 0, 0,
+                        &p));
     FG_LT(cublasLtMatmul(g->lt, p->desc, &alpha, W, p->a, Q, p->b, &beta, Y,
                          p->c, Y, p->c, &p->algo, g->ws, g->ws_bytes,
                          stream));
@@ -729,8 +696,10 @@ moe_cuda_gemm_fp8_unscaled(moe_fp8_gemm_t *g, int M, int N, int K,
 }
 
 
-extern "C" int
-moe_cuda_fp8_rescale_rows_bf16(const moe_bf16_t *tmp, int M, int N,
+/* moe_cuda_fp8_rescale_rows(_bf16) from fp32 / bf16 products (TI). */
+template <typename TI>
+static int
+fg_rescale_rows(const char *name, const TI *tmp, int M, int N,
     const float *qs, const float *ws, size_t ws_stride, const int32_t *offs,
     int E, float *Y, int ldy, cudaStream_t stream)
 {
@@ -741,17 +710,26 @@ moe_cuda_fp8_rescale_rows_bf16(const moe_bf16_t *tmp, int M, int N,
         || (uintptr_t) tmp % 16 != 0 || ws_stride % 4 != 0
         || (offs != NULL && E < 1))
     {
-        moe_cuda_set_error("fp8_rescale_rows_bf16: N %d ldy %d unsupported "
-                           "(N %% 16, tmp and ws 16-byte aligned, ws_stride "
-                           "%% 4)", N, ldy);
+        moe_cuda_set_error("%s: N %d ldy %d unsupported (N %% 16, tmp and ws "
+                           "16-byte aligned, ws_stride %% 4)", name, N, ldy);
         return MOE_K_EUNSUPPORTED;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<__nv_bfloat16>, M,
-        FG_RESCALE_NT, 0, stream,
-        reinterpret_cast<const __nv_bfloat16 *>(tmp), N, qs, ws, ws_stride,
-        offs, offs != NULL ? E : 1, (void *) Y, ldy, 0, 0,
+    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<TI>, M, FG_RESCALE_NT, 0,
+        stream, tmp, N, qs, ws, ws_stride, offs, offs != NULL ? E : 1,
+        (void *) Y, ldy, 0, 0,
         (int) (ldy % 4 == 0 && (uintptr_t) Y % 16 == 0)));
     return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_fp8_rescale_rows_bf16(const moe_bf16_t *tmp, int M, int N,
+    const float *qs, const float *ws, size_t ws_stride, const int32_t *offs,
+    int E, float *Y, int ldy, cudaStream_t stream)
+{
+    return fg_rescale_rows("fp8_rescale_rows_bf16",
+                           reinterpret_cast<const __nv_bfloat16 *>(tmp), M, N,
+                           qs, ws, ws_stride, offs, E, Y, ldy, stream);
 }
 
 
@@ -760,23 +738,8 @@ moe_cuda_fp8_rescale_rows(const float *tmp, int M, int N, const float *qs,
     const float *ws, size_t ws_stride, const int32_t *offs, int E, float *Y,
     int ldy, cudaStream_t stream)
 {
-    if (M <= 0) {
-        return MOE_K_OK;
-    }
-    if (N % 16 != 0 || ldy < N || (uintptr_t) ws % 16 != 0
-        || (uintptr_t) tmp % 16 != 0 || ws_stride % 4 != 0
-        || (offs != NULL && E < 1))
-    {
-        moe_cuda_set_error("fp8_rescale_rows: N %d ldy %d unsupported (N %% "
-                           "16, tmp and ws 16-byte aligned, ws_stride %% 4)",
-                           N, ldy);
-        return MOE_K_EUNSUPPORTED;
-    }
-    MOE_CUDA_CHECK(moe_launch(kernel_fp8_rescale<float>, M, FG_RESCALE_NT, 0,
-        stream,
-        tmp, N, qs, ws, ws_stride, offs, offs != NULL ? E : 1, (void *) Y,
-        ldy, 0, 0, (int) (ldy % 4 == 0 && (uintptr_t) Y % 16 == 0)));
-    return MOE_K_OK;
+    return fg_rescale_rows("fp8_rescale_rows", tmp, M, N, qs, ws, ws_stride,
+                           offs, E, Y, ldy, stream);
 }
 
 
@@ -832,8 +795,7 @@ moe_cuda_gemm_fp8(moe_fp8_gemm_t *g, int M, int N, int K, const uint8_t *Q,
         /* the unit-scale GEMM runs on M rounded up to 64 rows (Q holds
          * them: gemm_fp8.h), so the many per-expert row counts of a
          * prefill share a few plans; the rescale writes the M real rows */
-        MOE_TRY(fg_plan_get(g, (M + g->rows - 1) / g->rows * g->rows, N,
-                            K, 0, 0, 0, &p));
+        MOE_TRY(fg_plan_get(g, fg_round_rows(g, M), N, K, 0, 0, 0, &p));
     } else {
         FG_LT(cublasLtMatmulDescSetAttribute(p->desc,
                   CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws)));

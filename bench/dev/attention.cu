@@ -13,7 +13,7 @@
  * tensor-core kernel, 4 warps of 32 rows) and the variants that do not
  * ship: the SIMT kernel for every tile, the tensor-core kernel's other
  * template instances and the 8-warp kernel shipped before
- * (att_prefill_v2.cuh).  Rate: 4 * heads * head_dim * T (T + 1) / 2
+ * (att_prefill_8w.cuh).  Rate: 4 * heads * head_dim * T (T + 1) / 2
  * flops.  Then the same against the shipped launcher on several sequences
  * per row tile (runs, a context before the queries) with and without a
  * window.
@@ -22,7 +22,7 @@
  */
 #include "../../kernels/attention.cu"
 
-#include "att_prefill_v2.cuh"
+#include "att_prefill_8w.cuh"
 #include "dev.cuh"
 
 #define DEV_NH     32
@@ -215,7 +215,7 @@ dev_decode(int B, int ctx)
 /* The tensor-core prefill kernel's instances (kernels/attention.cu: head
  * dim, keys per loaded tile, keys per S sub-tile, cp.async stages, CTAs
  * per SM in __launch_bounds__; the shipped one is 32 / 32 / 2 / 2) and the
- * previous 8-warp kernel (att_prefill_v2.cuh). */
+ * previous 8-warp kernel (att_prefill_8w.cuh). */
 typedef int (*dev_fa2_fn)(int, const float *, int, const int32_t *,
                           const int32_t *, const int32_t *, const int32_t *,
                           const bf16 *, int, int, int, int, bf16 *,

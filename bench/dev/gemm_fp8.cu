@@ -19,69 +19,95 @@
 
 static double fp8_peak;      /* TFLOP/s, scalar scales, 8192^3 */
 
-/* cuBLASLt e4m3 x e4m3 -> bf16, TN, unit scalar scales: the peak */
-static void
-fp8_limit(void *lws, size_t lws_bytes)
-{
-    const int                       M = 8192;
+#define FG_SWEEP 16
+
+/* The cuBLASLt objects of one e4m3 x e4m3 GEMM in the backend's TN form,
+ * Y (M, N) = Q (M, K) . W (N, K)^T with unit scales and output type dt,
+ * and the heuristic's first n (<= FG_SWEEP) answers; exits without one. */
+typedef struct {
     cublasLtHandle_t                lt;
     cublasLtMatmulDesc_t            desc;
     cublasLtMatrixLayout_t          a, b, c;
-    cublasLtMatmulPreference_t      pref;
-    cublasLtMatmulHeuristicResult_t res;
-    cublasOperation_t               ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    int                             nres = 0;
-    float                           one = 1.0f, zero = 0.0f;
-    void                           *x, *y;
-    double                          ms;
+    cublasLtMatmulHeuristicResult_t res[FG_SWEEP];
+    int                             nres;
+} fp8_lt_t;
 
-    DEV_CHECK(cudaMalloc(&x, (size_t) 2 * M * M));
-    DEV_CHECK(cudaMalloc(&y, (size_t) M * M * 2));
-    DEV_CHECK(cudaMemset(x, 0x30, (size_t) 2 * M * M));
-    if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)
+static void
+fp8_lt_make(fp8_lt_t *f, int M, int N, int K, cudaDataType_t dt,
+    size_t lws_bytes, int n)
+{
+    cublasLtMatmulPreference_t pref;
+    cublasOperation_t          ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+
+    f->nres = 0;
+    if (cublasLtCreate(&f->lt) != CUBLAS_STATUS_SUCCESS
+        || cublasLtMatmulDescCreate(&f->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)
            != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA,
-                                          &ta, sizeof(ta))
+        || cublasLtMatmulDescSetAttribute(f->desc,
+               CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta))
            != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB,
-                                          &tb, sizeof(tb))
+        || cublasLtMatmulDescSetAttribute(f->desc,
+               CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb))
            != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatrixLayoutCreate(&a, CUDA_R_8F_E4M3, M, M, M)
+        || cublasLtMatrixLayoutCreate(&f->a, CUDA_R_8F_E4M3, K, N, K)
            != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, M, M, M)
+        || cublasLtMatrixLayoutCreate(&f->b, CUDA_R_8F_E4M3, K, M, K)
            != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatrixLayoutCreate(&c, CUDA_R_16BF, M, M, M)
+        || cublasLtMatrixLayoutCreate(&f->c, dt, N, M, N)
            != CUBLAS_STATUS_SUCCESS
         || cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS
         || cublasLtMatmulPreferenceSetAttribute(pref,
                CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lws_bytes,
                sizeof(lws_bytes)) != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulAlgoGetHeuristic(lt, desc, a, b, c, c, pref, 1,
-                                          &res, &nres)
-           != CUBLAS_STATUS_SUCCESS || nres < 1)
+        || cublasLtMatmulAlgoGetHeuristic(f->lt, f->desc, f->a, f->b, f->c,
+                                          f->c, pref, n, f->res, &f->nres)
+           != CUBLAS_STATUS_SUCCESS || f->nres < 1)
     {
-        fprintf(stderr, "cuBLASLt fp8 8192^3: no algorithm\n");
+        fprintf(stderr, "cuBLASLt fp8 %dx%dx%d: no algorithm\n", M, N, K);
         exit(2);
     }
+    cublasLtMatmulPreferenceDestroy(pref);
+}
+
+static void
+fp8_lt_free(fp8_lt_t *f)
+{
+    cublasLtMatrixLayoutDestroy(f->a);
+    cublasLtMatrixLayoutDestroy(f->b);
+    cublasLtMatrixLayoutDestroy(f->c);
+    cublasLtMatmulDescDestroy(f->desc);
+    cublasLtDestroy(f->lt);
+}
+
+
+/* cuBLASLt e4m3 x e4m3 -> bf16, TN, unit scalar scales: the peak */
+static void
+fp8_limit(void *lws, size_t lws_bytes)
+{
+    const int   M = 8192;
+    fp8_lt_t    f;
+    float       one = 1.0f, zero = 0.0f;
+    void       *x, *y;
+    double      ms;
+
+    DEV_CHECK(cudaMalloc(&x, (size_t) 2 * M * M));
+    DEV_CHECK(cudaMalloc(&y, (size_t) M * M * 2));
+    DEV_CHECK(cudaMemset(x, 0x30, (size_t) 2 * M * M));
+    fp8_lt_make(&f, M, M, M, CUDA_R_16BF, lws_bytes, 1);
     const char *xa = (const char *) x;
 
     ms = dev_time(10, [&]() {
-        return (int) cublasLtMatmul(lt, desc, &one, xa, a,
-                                    xa + (size_t) M * M, b, &zero, y, c, y,
-                                    c, &res.algo, lws, lws_bytes, 0);
+        return (int) cublasLtMatmul(f.lt, f.desc, &one, xa, f.a,
+                                    xa + (size_t) M * M, f.b, &zero, y, f.c,
+                                    y, f.c, &f.res[0].algo, lws, lws_bytes,
+                                    0);
     });
     fp8_peak = 2.0 * M * (double) M * M / ms / 1e9;
     printf("limit: cuBLASLt e4m3 GEMM 8192^3 (scalar scales) %.0f TFLOP/s\n",
            fp8_peak);
     printf("RESULT kind=fp8_gemm_limit tflops=%.1f bf16_tflops=%.1f "
            "copy_gbs=%.0f\n", fp8_peak, dev_gemm_tflops, dev_copy_gbs);
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(a);
-    cublasLtMatrixLayoutDestroy(b);
-    cublasLtMatrixLayoutDestroy(c);
-    cublasLtMatmulDescDestroy(desc);
-    cublasLtDestroy(lt);
+    fp8_lt_free(&f);
     DEV_CHECK(cudaFree(x));
     DEV_CHECK(cudaFree(y));
 }
@@ -93,65 +119,32 @@ fp8_limit(void *lws, size_t lws_bytes)
  * form and output type the backend runs: bf16 for the experts' gate|up,
  * fp32 for down and the dense projections).
  */
-#define FG_SWEEP 16
-
 static void
 fp8_sweep(void *lws, size_t lws_bytes, int M, int N, int K, int y_bf16)
 {
-    cublasLtHandle_t                lt;
-    cublasLtMatmulDesc_t            desc;
-    cublasLtMatrixLayout_t          a, b, c;
-    cublasLtMatmulPreference_t      pref;
-    cublasLtMatmulHeuristicResult_t res[FG_SWEEP];
-    cublasOperation_t               ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    cudaDataType_t                  dt = y_bf16 ? CUDA_R_16BF : CUDA_R_32F;
-    int                             nres = 0, best = -1;
-    float                           one = 1.0f, zero = 0.0f;
-    double                          ms0 = 0, msb = 1e30,
-                                    flops = 2.0 * M * (double) N * K;
-    void                           *w, *q, *y;
+    fp8_lt_t f;
+    int      best = -1;
+    float    one = 1.0f, zero = 0.0f;
+    double   ms0 = 0, msb = 1e30, flops = 2.0 * M * (double) N * K;
+    void    *w, *q, *y;
 
     DEV_CHECK(cudaMalloc(&w, (size_t) N * K));
     DEV_CHECK(cudaMalloc(&q, (size_t) M * K));
     DEV_CHECK(cudaMalloc(&y, (size_t) M * N * 4));
     DEV_CHECK(cudaMemset(w, 0x30, (size_t) N * K));
     DEV_CHECK(cudaMemset(q, 0x30, (size_t) M * K));
-    if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)
-           != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA,
-                                          &ta, sizeof(ta))
-           != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB,
-                                          &tb, sizeof(tb))
-           != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatrixLayoutCreate(&a, CUDA_R_8F_E4M3, K, N, K)
-           != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, K, M, K)
-           != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatrixLayoutCreate(&c, dt, N, M, N)
-           != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulPreferenceSetAttribute(pref,
-               CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lws_bytes,
-               sizeof(lws_bytes)) != CUBLAS_STATUS_SUCCESS
-        || cublasLtMatmulAlgoGetHeuristic(lt, desc, a, b, c, c, pref,
-                                          FG_SWEEP, res, &nres)
-           != CUBLAS_STATUS_SUCCESS || nres < 1)
-    {
-        fprintf(stderr, "sweep %dx%dx%d: no algorithm\n", M, N, K);
-        exit(2);
-    }
-    for (int i = 0; i < nres; i++) {
+    fp8_lt_make(&f, M, N, K, y_bf16 ? CUDA_R_16BF : CUDA_R_32F, lws_bytes,
+                FG_SWEEP);
+    for (int i = 0; i < f.nres; i++) {
         double ms;
 
-        if (res[i].state != CUBLAS_STATUS_SUCCESS) {
+        if (f.res[i].state != CUBLAS_STATUS_SUCCESS) {
             continue;
         }
         ms = dev_time(10, [&]() {
-            return (int) cublasLtMatmul(lt, desc, &one, w, a, q, b, &zero, y,
-                                        c, y, c, &res[i].algo, lws,
-                                        lws_bytes, 0);
+            return (int) cublasLtMatmul(f.lt, f.desc, &one, w, f.a, q, f.b,
+                                        &zero, y, f.c, y, f.c,
+                                        &f.res[i].algo, lws, lws_bytes, 0);
         });
         if (i == 0) {
             ms0 = ms;
@@ -164,16 +157,11 @@ fp8_sweep(void *lws, size_t lws_bytes, int M, int N, int K, int y_bf16)
     printf("  sweep %5d x %5d x %5d %s: first %7.1f us (%5.0f TFLOP/s), "
            "best #%d of %d %7.1f us (%5.0f TFLOP/s) %.3fx\n", M, N, K,
            y_bf16 ? "bf16" : "fp32", ms0 * 1e3, flops / ms0 / 1e9, best,
-           nres, msb * 1e3, flops / msb / 1e9, ms0 / msb);
+           f.nres, msb * 1e3, flops / msb / 1e9, ms0 / msb);
     printf("RESULT kind=fp8_sweep shape=%d,%d,%d y_bf16=%d first_us=%.1f "
            "best_us=%.1f best=%d n=%d\n", M, N, K, y_bf16, ms0 * 1e3,
-           msb * 1e3, best, nres);
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(a);
-    cublasLtMatrixLayoutDestroy(b);
-    cublasLtMatrixLayoutDestroy(c);
-    cublasLtMatmulDescDestroy(desc);
-    cublasLtDestroy(lt);
+           msb * 1e3, best, f.nres);
+    fp8_lt_free(&f);
     cudaFree(w);
     cudaFree(q);
     cudaFree(y);

@@ -13,8 +13,8 @@
  *     tile BN, per S sub-tile BC, stages, CTAs per SM), launched through
  *     att_tc_launch_v; the shipped one is BN 32, BC 32, 2 stages, 2 CTAs.
  */
-#ifndef MOE_BENCH_DEV_ATT_PREFILL_V2_CUH
-#define MOE_BENCH_DEV_ATT_PREFILL_V2_CUH
+#ifndef MOE_BENCH_DEV_ATT_PREFILL_8W_CUH
+#define MOE_BENCH_DEV_ATT_PREFILL_8W_CUH
 
 #define ATT_8W_BN      64           /* keys per tile */
 #define ATT_8W_NT      256          /* threads per CTA (8 warps x 16 rows) */
@@ -71,40 +71,14 @@ kernel_dev_prefill_8w(const float *qkv, int ld, int T,
     const int ra = warp * 16 + gq, rb = ra + 8;
     const bf16 *kvg = kv_layer + (size_t) (h / grp) * HD;
 
-    if (tid < BM) {
-        int s = -1, p = -1, lo = 0;
-
-        if (tid < nrows) {
-            s = tok_seq[r0 + tid];
-            p = tok_pos[r0 + tid];
-            lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        }
-        seq_s[tid] = s;
-        pos_s[tid] = p;
-        lo_s[tid] = lo;
-    }
-    if (att_tc_runs(tok_seq, T, tile) > ATT_TC_RUNS) {
+    if (att_tc_tile_rows(tok_seq, tok_pos, T, tile, window, seq_s, pos_s,
+                         lo_s) > ATT_TC_RUNS)
+    {
         return;                             /* the SIMT kernel does it */
     }
 
     /* Q rows, scaled by log2(e) / sqrt(hd), to bf16 */
-    {
-        const float qs = 1.4426950408889634f * rsqrtf((float) HD);
-
-        for (int i = tid; i < BM * (HD / 4); i += NT) {
-            int    row = i / (HD / 4), d = (i % (HD / 4)) * 4;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-
-            if (row < nrows) {
-                v = *reinterpret_cast<const float4 *>(
-                        qkv + (size_t) (r0 + row) * ld + (size_t) h * HD + d);
-            }
-            uint2 pk = make_uint2(att_pack(v.x * qs, v.y * qs),
-                                  att_pack(v.z * qs, v.w * qs));
-
-            *reinterpret_cast<uint2 *>(q_s + row * ROW + d) = pk;
-        }
-    }
+    att_tc_load_q<HD, NT>(qkv, ld, r0, nrows, h, ROW, q_s);
 
     int rs = 0;
 
@@ -354,4 +328,4 @@ att_tc_occupancy(void)
     return n;
 }
 
-#endif /* MOE_BENCH_DEV_ATT_PREFILL_V2_CUH */
+#endif /* MOE_BENCH_DEV_ATT_PREFILL_8W_CUH */
