@@ -190,6 +190,51 @@ kernel_add_rmsnorm_v(float *__restrict__ x, const float *__restrict__ delta,
 }
 
 
+/* The residual delta: a row of unscaled fp8 products in bf16 times its
+ * row scale and the channel scales, as moe_cuda_fp8_rescale_rows_bf16
+ * computes it (kernels/gemm_fp8.cu). */
+struct moe_rms_q_delta {
+    static constexpr bool present = true;
+    const uint2  *row;
+    const float4 *ws;
+    float         q;
+    __device__ float4 operator()(int d4) const
+    {
+        uint2          u = row[d4];
+        float4         w = ws[d4];
+        __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162 *>(&u.x);
+        __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&u.y);
+        float2         fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
+
+        return make_float4(fa.x * (q * w.x), fa.y * (q * w.y),
+                           fb.x * (q * w.z), fb.y * (q * w.w));
+    }
+};
+
+
+/* grid n_rows, MOE_RMS_THREADS: moe_cuda_add_rmsnorm_q */
+template <int NV>
+__global__ void __launch_bounds__(MOE_RMS_THREADS)
+kernel_add_rmsnorm_q(float *__restrict__ x,
+    const __nv_bfloat16 *__restrict__ dq, const float *__restrict__ qs,
+    const float *__restrict__ ws, const int32_t *rows, int D,
+    const float *__restrict__ w, float eps, __nv_bfloat16 *__restrict__ out,
+    float *__restrict__ out_f32)
+{
+    moe_pdl_enter();
+    __shared__ float sh[32];
+    int              i = blockIdx.x;
+    int              r = rows != NULL ? rows[i] : i;
+    moe_rms_q_delta  dl = {
+        reinterpret_cast<const uint2 *>(dq + (size_t) r * D),
+        reinterpret_cast<const float4 *>(ws), qs[r] };
+
+    moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps,
+                    out != NULL ? out + (size_t) i * D : NULL,
+                    out_f32 != NULL ? out_f32 + (size_t) i * D : NULL, sh);
+}
+
+
 /* The delta of token r: the un-permute's weighted sum (moe_permute.cuh). */
 struct moe_rms_unperm_delta {
     static constexpr bool present = true;
@@ -223,6 +268,53 @@ kernel_unpermute_rmsnorm(float *__restrict__ x, const float *__restrict__ ye,
     __syncthreads();
 
     moe_rms_unperm_delta dl = { ye, ord_row, ord_w, D, K };
+
+    moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps,
+                    out != NULL ? out + (size_t) i * D : NULL,
+                    out_f32 != NULL ? out_f32 + (size_t) i * D : NULL, sh);
+}
+
+
+/* The delta of token r from unscaled fp8 products (moe_unperm_sum4_q). */
+struct moe_rms_unperm_q_delta {
+    static constexpr bool present = true;
+    const __nv_bfloat16 *yq;
+    const float         *qh, *ws;
+    size_t               ws_stride;
+    const int           *ord_row, *ord_e;
+    const float         *ord_w;
+    int                  D, K;
+    __device__ float4 operator()(int d4) const
+    {
+        return moe_unperm_sum4_q(yq, qh, ws, ws_stride, D, ord_row, ord_e,
+                                 ord_w, K, d4);
+    }
+};
+
+
+/* grid n_rows, MOE_RMS_THREADS: moe_cuda_unpermute_rmsnorm_q */
+template <int NV>
+__global__ void __launch_bounds__(MOE_RMS_THREADS)
+kernel_unpermute_rmsnorm_q(float *__restrict__ x,
+    const __nv_bfloat16 *__restrict__ yq, const float *__restrict__ qh,
+    const float *__restrict__ ws, size_t ws_stride, const int32_t *sel,
+    const float *selw, const int32_t *slot_of, int K, const int32_t *rows,
+    int D, const float *__restrict__ w, float eps,
+    __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32)
+{
+    moe_pdl_enter();
+    __shared__ float sh[32];
+    __shared__ int   ord_row[MOE_UNPERM_MAX_K];
+    __shared__ int   ord_e[MOE_UNPERM_MAX_K];
+    __shared__ float ord_w[MOE_UNPERM_MAX_K];
+    int              i = blockIdx.x;
+    int              r = rows != NULL ? rows[i] : i;
+
+    moe_unperm_order(sel, selw, slot_of, r, K, ord_row, ord_w, ord_e);
+    __syncthreads();
+
+    moe_rms_unperm_q_delta dl = { yq, qh, ws, ws_stride, ord_row, ord_e,
+                                  ord_w, D, K };
 
     moe_rms_row<NV>(x + (size_t) r * D, dl, D, w, eps,
                     out != NULL ? out + (size_t) i * D : NULL,
@@ -289,5 +381,71 @@ moe_cuda_unpermute_rmsnorm(float *x, const float *ye, const int32_t *sel,
     MOE_CUDA_CHECK(nv == 1 ? UNPERM_RMS(1) : nv == 2 ? UNPERM_RMS(2)
                    : nv == 4 ? UNPERM_RMS(4) : UNPERM_RMS(8));
 #undef UNPERM_RMS
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_unpermute_rmsnorm_q(float *x, const moe_bf16_t *yq, const float *qh,
+    const float *ws, size_t ws_stride, const int32_t *sel, const float *selw,
+    const int32_t *slot_of, int K, const int32_t *rows, int n_rows, int D,
+    const float *w, float eps, moe_bf16_t *out, float *out_f32,
+    cudaStream_t stream)
+{
+    __nv_bfloat16 *o = reinterpret_cast<__nv_bfloat16 *>(out);
+    int            nv = moe_rms_nv(D);
+
+    if (nv == 0 || K < 1 || K > MOE_UNPERM_MAX_K || ws_stride % 4 != 0
+        || ((uintptr_t) x | (uintptr_t) ws | (uintptr_t) w
+            | (uintptr_t) out_f32) % 16 != 0
+        || ((uintptr_t) yq | (uintptr_t) out) % 8 != 0)
+    {
+        moe_cuda_set_error("unpermute_rmsnorm_q: D %d, top-%d, the scale "
+                           "stride %zu or the alignment not supported", D, K,
+                           ws_stride);
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (n_rows <= 0) {
+        return MOE_K_OK;
+    }
+#define UNPERM_RMS_Q(NV)                                                   \
+    moe_launch(kernel_unpermute_rmsnorm_q<NV>, n_rows, MOE_RMS_THREADS, 0, \
+               stream, x, reinterpret_cast<const __nv_bfloat16 *>(yq), qh, \
+               ws, ws_stride, sel, selw, slot_of, K, rows, D, w, eps, o,   \
+               out_f32)
+    MOE_CUDA_CHECK(nv == 1 ? UNPERM_RMS_Q(1) : nv == 2 ? UNPERM_RMS_Q(2)
+                   : nv == 4 ? UNPERM_RMS_Q(4) : UNPERM_RMS_Q(8));
+#undef UNPERM_RMS_Q
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_add_rmsnorm_q(float *x, const moe_bf16_t *dq, const float *qs,
+    const float *ws, const int32_t *rows, int n_rows, int D, const float *w,
+    float eps, moe_bf16_t *out, float *out_f32, cudaStream_t stream)
+{
+    __nv_bfloat16 *o = reinterpret_cast<__nv_bfloat16 *>(out);
+    int            nv = moe_rms_nv(D);
+
+    if (nv == 0
+        || ((uintptr_t) x | (uintptr_t) ws | (uintptr_t) w
+            | (uintptr_t) out_f32) % 16 != 0
+        || ((uintptr_t) dq | (uintptr_t) out) % 8 != 0)
+    {
+        moe_cuda_set_error("add_rmsnorm_q: D %d or the alignment not "
+                           "supported", D);
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (n_rows <= 0) {
+        return MOE_K_OK;
+    }
+#define RMS_Q(NV)                                                          \
+    moe_launch(kernel_add_rmsnorm_q<NV>, n_rows, MOE_RMS_THREADS, 0,       \
+               stream, x, reinterpret_cast<const __nv_bfloat16 *>(dq), qs, \
+               ws, rows, D, w, eps, o, out_f32)
+    MOE_CUDA_CHECK(nv == 1 ? RMS_Q(1) : nv == 2 ? RMS_Q(2)
+                   : nv == 4 ? RMS_Q(4) : RMS_Q(8));
+#undef RMS_Q
     return MOE_K_OK;
 }

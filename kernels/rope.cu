@@ -62,12 +62,12 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
  * one memory round trip instead of 20.  Decode steps take one head per
  * block (the most blocks); prefills rope_hpb heads (rope_hpb).
  */
-template <typename KV>
+template <typename KV, bool QS>
 __global__ void
 kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     const int32_t *pos, const int32_t *slot, const float *inv_freq,
     const float *tok_base, float attn, KV *kv_layer, int block_size,
-    float ksc, float vsc)
+    float ksc, float vsc, moe_cuda_rope_src_t src)
 {
     moe_pdl_enter();
     int            t = blockIdx.x, half = hd / 2;
@@ -79,8 +79,22 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     if (i >= half || h >= n_heads + 2 * n_kv) {
         return;
     }
-    x1 = v[i];
-    x2 = v[i + half];
+    if constexpr (QS) {
+        /* the unscaled fp8 product times its scales, as
+         * moe_cuda_fp8_rescale_rows_bf16 stores it; the row gets it */
+        const __nv_bfloat16 *yq = reinterpret_cast<const __nv_bfloat16 *>(
+                                      src.yq) + (size_t) t * ld
+                                  + (size_t) h * hd;
+        const float         *ws = src.ws + (size_t) h * hd;
+        float                q = src.qs[t];
+
+        x1 = __bfloat162float(yq[i]) * (q * ws[i]);
+        x2 = __bfloat162float(yq[i + half]) * (q * ws[i + half]);
+    } else {
+        (void) src;
+        x1 = v[i];
+        x2 = v[i + half];
+    }
     if (inv_freq != NULL && h < n_heads + n_kv) {
         float inv = rope_inv(inv_freq, tok_base, t, i, hd);
         float ang = (float) pos[t] * inv;
@@ -90,6 +104,9 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
         x1 = y1;
         x2 = y2;
         v[i] = x1;
+        v[i + half] = x2;
+    } else if constexpr (QS) {
+        v[i] = x1;                      /* v heads: the scaled values */
         v[i + half] = x2;
     }
     if (h >= n_heads) {
@@ -152,11 +169,11 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
         dim3 grid, block;
 
         rope_shape(T, hd, n_heads + 2 * n_kv, &grid, &block);
-        MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<__nv_bfloat16>, grid,
-            block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot,
+        MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<__nv_bfloat16, false>,
+            grid, block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot,
             inv_freq, tok_base, attn,
             reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size, 1.0f,
-            1.0f));
+            1.0f, moe_cuda_rope_src_t()));
         return MOE_K_OK;
     }
     MOE_CUDA_CHECK(moe_launch(kernel_rope_kv, T, 128, 0, stream, qkv, ld,
@@ -187,8 +204,49 @@ moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
         return MOE_K_EINVAL;
     }
     rope_shape(T, hd, n_heads + 2 * n_kv, &grid, &block);
-    MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<uint8_t>, grid, block, 0,
-        stream, qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq, tok_base,
-        attn, kv_layer, block_size, k_scale, v_scale));
+    MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<uint8_t, false>, grid,
+        block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq,
+        tok_base, attn, kv_layer, block_size, k_scale, v_scale,
+        moe_cuda_rope_src_t()));
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_rope_kv_q(float *qkv, int ld, const moe_cuda_rope_src_t *src,
+    int T, int n_heads, int n_kv, int hd, const int32_t *pos,
+    const int32_t *slot, const float *inv_freq, const float *tok_base,
+    float attn, void *kv_layer, int kv_fp8, int block_size, float k_scale,
+    float v_scale, cudaStream_t stream)
+{
+    dim3 grid, block;
+
+    if (T <= 0) {
+        return MOE_K_OK;
+    }
+    if (src == NULL || src->yq == NULL || src->qs == NULL || src->ws == NULL
+        || hd <= 0 || hd % 2 != 0 || hd / 2 > 1024)
+    {
+        moe_cuda_set_error("rope_kv_q: unsupported head_dim %d or no "
+                           "source", hd);
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (kv_fp8 && (!(k_scale > 0.0f) || !(v_scale > 0.0f))) {
+        moe_cuda_set_error("rope_kv_q: scales must be > 0 (k %g, v %g)",
+                           (double) k_scale, (double) v_scale);
+        return MOE_K_EINVAL;
+    }
+    rope_shape(T, hd, n_heads + 2 * n_kv, &grid, &block);
+    if (kv_fp8) {
+        MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<uint8_t, true>, grid,
+            block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot,
+            inv_freq, tok_base, attn, (uint8_t *) kv_layer, block_size,
+            k_scale, v_scale, *src));
+    } else {
+        MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<__nv_bfloat16, true>,
+            grid, block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot,
+            inv_freq, tok_base, attn, (__nv_bfloat16 *) kv_layer,
+            block_size, 1.0f, 1.0f, *src));
+    }
     return MOE_K_OK;
 }

@@ -33,6 +33,27 @@ int moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
     int hd, const int32_t *pos, const int32_t *slot, const float *inv_freq,
     const float *tok_base, float attn, uint8_t *kv_layer, int block_size,
     float k_scale, float v_scale, cudaStream_t stream);
+
+/* An fp8 projection's unscaled q|k|v (moe_cuda_rope_kv_q). */
+typedef struct {
+    const moe_bf16_t *yq;   /* (T, ld) bf16 unscaled products */
+    const float      *qs;   /* (T) row scales */
+    const float      *ws;   /* (ld) channel scales */
+} moe_cuda_rope_src_t;
+
+/*
+ * moe_cuda_rope_kv (kv_fp8 0) / moe_cuda_rope_kv_fp8 (kv_fp8 1) with the
+ * q|k|v rows still unscaled: value (t, j) = yq[t * ld + j] * (qs[t] *
+ * ws[j]) in fp32, exactly what moe_cuda_fp8_rescale_rows_bf16 writes, so
+ * the rows left in qkv (every column, v too) and the cache are bit for bit
+ * that rescale followed by the rope launch; one pass over half the bytes.
+ * Needs hd even, hd / 2 <= 1024 (MOE_K_EUNSUPPORTED).
+ */
+int moe_cuda_rope_kv_q(float *qkv, int ld, const moe_cuda_rope_src_t *src,
+    int T, int n_heads, int n_kv, int hd, const int32_t *pos,
+    const int32_t *slot, const float *inv_freq, const float *tok_base,
+    float attn, void *kv_layer, int kv_fp8, int block_size, float k_scale,
+    float v_scale, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -275,6 +275,25 @@ typedef struct {
     const int32_t  *unperm_sel;    /* non-NULL: the last routed layer's
                                       un-permute is left to the next norm
                                       (cb_norm; this layer's sel) */
+    const bf16     *unperm_yq;     /* non-NULL with unperm_sel: the expert
+                                      rows are cb_fp8_ffn's unscaled down
+                                      products (bf16, in qscratch), scales
+                                      unperm_qh (rows) and unperm_ws
+                                      (unperm_ws_stride per expert), not
+                                      ye (moe_cuda_unpermute_rmsnorm_q) */
+    const float    *unperm_qh;
+    const float    *unperm_ws;
+    size_t          unperm_ws_stride;
+    const float    *dq_allow;      /* cb_fp8_gemm may leave a dense
+                                      projection into this Y (tmp: the
+                                      next cb_norm, qkv: the rope)
+                                      unscaled for its reader to scale */
+    const float    *dq_y;          /* the Y so left (with dq_yq) */
+    const bf16     *dq_yq;         /* non-NULL: dq_y's rows are these bf16
+                                      unscaled products (qscratch) times
+                                      dq_qs[row] * dq_ws[col] */
+    const float    *dq_qs;
+    const float    *dq_ws;
     int32_t        *erow;          /* (NK) */
     int32_t        *counts;        /* (E) */
     int32_t        *offs;          /* (E + 1) */
@@ -2608,6 +2627,9 @@ cb_dequant_expert(cuda_backend_t *b, const cb_qw_t *w, int el)
 }
 
 
+static int cb_fuse_unperm(const cuda_backend_t *b);
+
+
 /*
  * Prefill-sized rows of an fp8 per-channel part on the fp8 tensor cores
  * (kernels/gemm_fp8.h): the n rows of X (ldx) quantized per row into the
@@ -2649,6 +2671,18 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
         MOE_TRY(moe_cuda_gemm_fp8_unscaled(b->fp8g, n, (int) N, (int) K, Q,
                                            (const uint8_t *) w->w, tmp, 1,
                                            b->stream));
+        if (Y == b->dq_allow && ldy == (int) N
+            && (uintptr_t) w->scale % 16 == 0)
+        {
+            /* its reader scales it (cb_norm: moe_cuda_add_rmsnorm_q;
+             * the rope: moe_cuda_rope_kv_q): no fp32 copy written and
+             * read back */
+            b->dq_y = Y;
+            b->dq_yq = (const bf16 *) tmp;
+            b->dq_qs = qs;
+            b->dq_ws = w->scale;
+            return MOE_OK;
+        }
         return moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) tmp, n,
                                               (int) N, qs, w->scale, 0, NULL,
                                               1, Y, ldy, b->stream);
@@ -2723,9 +2757,11 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
     Qh = Q + qb + sb;
     qh = (float *) (Qh + hb);
     tmp = (float *) (Qh + hb + sb);
-    MOE_TRY(moe_cuda_quant_rows_fp8((const moe_bf16_t *) b->xe
-                                    + (size_t) R0 * D, (int) D, NULL, 1, R,
-                                    (int) D, Q, qs, b->stream));
+    /* the rows quantized straight from the normed tokens (row r is
+     * token erow[r] / K of xb): no gathered bf16 copy */
+    MOE_TRY(moe_cuda_quant_rows_fp8((const moe_bf16_t *) b->xb, (int) D,
+                                    b->erow + R0, b->K, R, (int) D, Q, qs,
+                                    b->stream));
     /* row order: each expert's GEMM writes 64-row-rounded tiles, the
      * next expert's then overwrites the spill (gemm_fp8.h) */
     for (e = e0; e < e0 + EL; e++) {
@@ -2758,6 +2794,16 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
                                                + (size_t) r0 * D, 1,
                                                b->stream));
         }
+    }
+    if (cb_fuse_unperm(b) && e0 == 0 && EL == b->hp.n_experts) {
+        /* the next norm's un-permute applies the scales as it sums
+         * (cb_unpermute leaves it pending, cb_norm runs
+         * moe_cuda_unpermute_rmsnorm_q): no rescaled fp32 copy in ye */
+        b->unperm_yq = (const bf16 *) tmp;
+        b->unperm_qh = qh;
+        b->unperm_ws = wd->scale;
+        b->unperm_ws_stride = cb_fp8_sstride(wd);
+        return MOE_OK;
     }
     return moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) tmp, R,
                                           (int) D, qh, wd->scale,
@@ -2964,6 +3010,18 @@ static int
 cb_norm(cuda_backend_t *b, const float *delta, const int32_t *rows,
     int n_rows, const float *w, const float *bias, bf16 *out, float *out_f32)
 {
+    if (delta == b->tmp && b->unperm_sel != NULL && b->unperm_yq != NULL) {
+        /* ... from the fp8 FFN's unscaled products (cb_fp8_ffn) */
+        return moe_cuda_unpermute_rmsnorm_q(b->x,
+                                            (const moe_bf16_t *) b->unperm_yq,
+                                            b->unperm_qh, b->unperm_ws,
+                                            b->unperm_ws_stride,
+                                            b->unperm_sel, b->selw,
+                                            b->slot_of, b->K, rows, n_rows,
+                                            b->hp.dim, w, b->hp.norm_eps,
+                                            (moe_bf16_t *) out, out_f32,
+                                            b->stream);
+    }
     if (delta == b->tmp && b->unperm_sel != NULL) {
         /* the routed layer's sum is not in tmp: cb_ffn left its
          * un-permute to this launch (cb_fuse_unperm) */
@@ -2972,6 +3030,30 @@ cb_norm(cuda_backend_t *b, const float *delta, const int32_t *rows,
                                           n_rows, b->hp.dim, w,
                                           b->hp.norm_eps, (moe_bf16_t *) out,
                                           out_f32, b->stream);
+    }
+    if (delta == b->tmp && b->dq_yq != NULL && b->dq_y == b->tmp) {
+        /* tmp was left unscaled by cb_fp8_gemm (dq_allow) */
+        const bf16 *yq = b->dq_yq;
+        int         rc;
+
+        b->dq_yq = NULL;
+        rc = moe_cuda_add_rmsnorm_q(b->x, (const moe_bf16_t *) yq, b->dq_qs,
+                                    b->dq_ws, rows, n_rows, b->hp.dim, w,
+                                    b->hp.norm_eps, (moe_bf16_t *) out,
+                                    out_f32, b->stream);
+        if (rc != MOE_EUNSUPPORTED) {
+            return rc;
+        }
+        if (rows != NULL) {
+            moe_cuda_set_error("cuda backend: a deferred fp8 rescale before "
+                               "a row-listed norm");
+            return MOE_EBACKEND;
+        }
+        /* shapes the fused norm refuses: the rescale, then the norm */
+        MOE_TRY(moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) yq,
+                                               n_rows, b->hp.dim, b->dq_qs,
+                                               b->dq_ws, 0, NULL, 1, b->tmp,
+                                               b->hp.dim, b->stream));
     }
     if (b->hp.norm_layer) {
         return moe_cuda_add_layernorm(b->x, delta, rows, n_rows, b->hp.dim,
@@ -3075,7 +3157,8 @@ cb_shared(cuda_backend_t *b, int l, int T)
 
 /*
  * The routed experts' gate|up into b->hbuf (bf16 hidden rows) and down
- * into b->ye, by path (CB_PATH_*; BLAS: inputs gathered into b->xe):
+ * into b->ye, by path (CB_PATH_*; BLAS: inputs gathered into b->xe, but
+ * cb_fp8_ffn reads xb):
  * a bf16 gate|up group keeps its fused launch (GEMV / grouped GEMM with
  * SiLU, or cuBLAS on the stacked rows); packed gate and up run apart into
  * b->gu's halves, then SiLU*up; down through cb_expert_proj.
@@ -3094,19 +3177,29 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
     const int32_t *xrow = path == CB_PATH_BLAS ? NULL : b->erow;
     int            xdiv = path == CB_PATH_BLAS ? 1 : K;
 
-    if (wg->stacked) {
+    if (path == CB_PATH_BLAS && wg->stacked) {
         cb_qw_t g;
         int     rc;
 
-        /* gate|up stacked: fp8 one launch with SiLU fused (prefill:
-         * cb_fp8_ffn, the down projection too); else one projection into
-         * gu (GEMV, or a GEMM per expert) and SiLU*up */
+        /* prefill, fp8 gate|up stacked: cb_fp8_ffn quantizes the rows
+         * from xb itself */
         cb_group(wg, &g);
-        if (path == CB_PATH_BLAS
-            && (rc = cb_fp8_ffn(b, &g, wd, T * K)) != MOE_EUNSUPPORTED)
-        {
+        if ((rc = cb_fp8_ffn(b, &g, wd, T * K)) != MOE_EUNSUPPORTED) {
             return rc;
         }
+    }
+    if (path == CB_PATH_BLAS) {
+        /* the per-expert GEMMs read their rows contiguous */
+        MOE_TRY(moe_cuda_moe_gather((moe_bf16_t *) b->xb, D, b->erow, K,
+                                    T * K, (moe_bf16_t *) b->xe, s));
+    }
+    if (wg->stacked) {
+        cb_qw_t g;
+
+        /* gate|up stacked: fp8 one launch with SiLU fused (prefill:
+         * cb_fp8_ffn above, the down projection too); else one
+         * projection into gu (GEMV, or a GEMM per expert) and SiLU*up */
+        cb_group(wg, &g);
         if (path == CB_PATH_GEMV && g.fmt == MOE_WF_FP8
             && moe_cuda_fp8_supported(g.mode, F, D, D, 1))
         {
@@ -3264,8 +3357,6 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->offs,
                                    (size_t) (E + 1) * sizeof(int32_t),
                                    cudaMemcpyDeviceToHost, s));
-    MOE_TRY(moe_cuda_moe_gather((moe_bf16_t *) b->xb, D, b->erow, K, T * K,
-                                (moe_bf16_t *) b->xe, s));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
     MOE_CUDA_CHECK(cudaStreamSynchronize(s));
 
@@ -3334,9 +3425,11 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     size_t               kv_layer = (size_t) b->n_blocks * 2
                                     * b->block_size * b->KVD;
     cudaStream_t         s = b->stream;
-    int                  l;
+    int                  l, rc;
 
     b->unperm_sel = NULL;
+    b->unperm_yq = NULL;
+    b->dq_yq = NULL;
     MOE_TRY(moe_cuda_embed(d_tok, T, (moe_bf16_t *) b->embed, D, b->x, s));
     if (hp->learned_pos) {
         MOE_TRY(moe_cuda_add_pos(b->x, d_pos, T, D, b->pos_embed, s));
@@ -3355,6 +3448,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                         hp->norm_layer ? b->attn_norm_b + (size_t) l * D
                                        : NULL, b->xb, NULL));
         b->unperm_sel = NULL;           /* consumed, if it was pending */
+        b->unperm_yq = NULL;
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
         if (cb_part(b, l, MOE_QP_Q)->fmt == MOE_WF_BF16) {
             /* the stacked q|k|v rows in one GEMM */
@@ -3364,9 +3458,14 @@ cb_body(cuda_backend_t *b, int T, int n_out)
         } else if (cb_part(b, l, MOE_QP_Q)->stacked) {
             cb_qw_t g;
 
-            /* q|k|v stacked: one projection */
+            /* q|k|v stacked: one projection; with fp8 tensor cores
+             * left unscaled for the rope to scale as it reads */
             cb_group(cb_part(b, l, MOE_QP_Q), &g);
-            MOE_TRY(cb_dense_proj(b, &g, T, b->xb, D, b->qkv, QKV));
+            b->dq_allow = !hp->qkv_bias && !hp->qk_norm && hd % 2 == 0
+                          && hd <= 2048 ? b->qkv : NULL;
+            rc = cb_dense_proj(b, &g, T, b->xb, D, b->qkv, QKV);
+            b->dq_allow = NULL;
+            MOE_TRY(rc);
         } else {
             MOE_TRY(cb_dense_proj(b, cb_part(b, l, MOE_QP_Q), T, b->xb, D,
                                   b->qkv, QKV));
@@ -3390,7 +3489,20 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                           b->k_norm + (size_t) l * hd,
                                           hp->norm_eps, s));
         }
-        if (b->kv_fp8) {
+        if (b->dq_yq != NULL && b->dq_y == b->qkv) {
+            moe_cuda_rope_src_t src = { (const moe_bf16_t *) b->dq_yq,
+                                        b->dq_qs, b->dq_ws };
+
+            b->dq_yq = NULL;
+            MOE_TRY(moe_cuda_rope_kv_q(b->qkv, QKV, &src, T, hp->n_heads,
+                                       hp->n_kv_heads, hd, d_pos, d_slot,
+                                       b->d_rope_inv,
+                                       hp->rope_type == MOE_ROPE_DYNAMIC
+                                       ? (const float *) d_rbase : NULL,
+                                       b->rope_att, kvl, b->kv_fp8,
+                                       b->block_size, b->kv_ks, b->kv_vs,
+                                       s));
+        } else if (b->kv_fp8) {
             MOE_TRY(moe_cuda_rope_kv_fp8(b->qkv, QKV, T, hp->n_heads,
                                          hp->n_kv_heads, hd, d_pos, d_slot,
                                          b->d_rope_inv,
@@ -3415,8 +3527,13 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                       (moe_bf16_t *) b->att, b->att_part,
                                       &kvo, &b->tune, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ATTENTION));
-        MOE_TRY(cb_dense_proj(b, cb_part(b, l, MOE_QP_O), T, b->att, b->Q,
-                              b->tmp, D));
+        /* nothing but the FFN's norm reads tmp before it is scaled */
+        b->dq_allow = !hp->o_bias && b->reduce == NULL && b->nccl == NULL
+                      && !hp->norm_layer ? b->tmp : NULL;
+        rc = cb_dense_proj(b, cb_part(b, l, MOE_QP_O), T, b->att, b->Q,
+                           b->tmp, D);
+        b->dq_allow = NULL;
+        MOE_TRY(rc);
         if (hp->o_bias) {
             MOE_TRY(moe_cuda_add_bias(b->tmp, D, T, D,
                                       b->bo + (size_t) l * D, s));

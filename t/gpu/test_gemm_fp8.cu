@@ -25,6 +25,19 @@
  *    by row group, ldy > N; N % 16 refused;
  *  - quantize + GEMM against the unquantized bf16 x fp8-weight product:
  *    relative L2 error <= 0.06 (the activations' e4m3 rounding);
+ *  - moe_cuda_add_rmsnorm_q (a dense fp8 projection's unscaled products
+ *    added scaled inside the next norm): bit for bit the rescale into fp32
+ *    + moe_cuda_add_rmsnorm, with and without a row list; D % 4 refused;
+ *  - moe_cuda_rope_kv_q (the stacked q|k|v fp8 projection's unscaled
+ *    products scaled inside the rope): the fp32 rows (q, k, v) and the
+ *    bf16 / e4m3 cache bit for bit the rescale + rope_kv(_fp8); an odd
+ *    head_dim refused;
+ *  - moe_cuda_unpermute_rmsnorm_q (the fused FFN's down products
+ *    un-permuted inside the next norm, scales applied on the way): bit for
+ *    bit moe_cuda_fp8_rescale_rows_bf16 by expert group into fp32 rows,
+ *    then moe_cuda_unpermute_rmsnorm, on a real routing (moe_cuda_moe_
+ *    permute of random distinct top-k experts), with and without a row
+ *    list; its refusals;
  *  - unsupported shapes give MOE_K_EUNSUPPORTED, M = 0 is a no-op.
  * TAP; skips when there is no CUDA device.
  */
@@ -43,6 +56,9 @@ extern "C" {
 }
 #include "fp8.h"
 #include "gemm_fp8.h"
+#include "moe_permute.h"
+#include "rmsnorm.h"
+#include "rope.h"
 
 /* Hopper's fp8 tensor cores keep about 14 mantissa bits in their running
  * sums (measured here: 1.3e-4 .. 2.2e-4 relative at K 16 .. 4096, with
@@ -610,6 +626,306 @@ end_to_end(moe_fp8_gemm_t *g, int M, int N, int K)
     return ok;
 }
 
+/*
+ * moe_cuda_unpermute_rmsnorm_q against the two launches it replaces:
+ * T tokens' top-K of E experts (distinct per token) permuted on the
+ * device; bf16 unscaled down products yq (T K, D), row scales qh, channel
+ * scales ws (E, D); reference = moe_cuda_fp8_rescale_rows_bf16 (groups
+ * by the device offsets) into fp32 ye + moe_cuda_unpermute_rmsnorm.
+ * x, bf16 out and fp32 out must agree bit for bit.
+ */
+static int
+test_unpermute_q(int T, int D, int E, int K, int with_rows)
+{
+    int       n = T * K, nr = with_rows ? (T + 1) / 2 : T, bad = 0, rc = 0;
+    size_t    nx = (size_t) T * D;
+    float    *x = (float *) malloc(4 * nx);
+    float    *w = (float *) malloc(4 * (size_t) D);
+    float    *ws = (float *) malloc(4 * (size_t) E * D);
+    float    *qh = (float *) malloc(4 * (size_t) n);
+    float    *selw = (float *) malloc(4 * (size_t) n);
+    uint16_t *yq = (uint16_t *) malloc(2 * (size_t) n * D);
+    int32_t  *sel = (int32_t *) malloc(4 * (size_t) n);
+    int32_t  *rows = (int32_t *) malloc(4 * (size_t) T);
+    size_t    osz[3] = { 4 * nx, 2 * (size_t) nr * D, 4 * (size_t) nr * D };
+    void     *dv[2][3], *hv[2][3];
+
+    for (size_t i = 0; i < nx; i++) {
+        x[i] = gu_uniform();
+    }
+    for (int i = 0; i < D; i++) {
+        w[i] = gu_uniform();
+    }
+    for (size_t i = 0; i < (size_t) E * D; i++) {
+        ws[i] = (0.5f + 0.5f * fabsf(gu_uniform())) / 448.0f;
+    }
+    for (size_t i = 0; i < (size_t) n * D; i++) {
+        yq[i] = gu_f2bf(gu_uniform() * 3000.0f);
+    }
+    for (int i = 0; i < n; i++) {
+        qh[i] = (0.25f + fabsf(gu_uniform())) / 448.0f;
+        selw[i] = gu_uniform();
+    }
+    for (int t = 0; t < T; t++) {
+        /* K distinct experts, unordered */
+        for (int k = 0; k < K; k++) {
+            int e, dup;
+
+            do {
+                e = (int) (gu_rand() % (uint32_t) E);
+                dup = 0;
+                for (int j = 0; j < k; j++) {
+                    dup |= sel[t * K + j] == e;
+                }
+            } while (dup);
+            sel[t * K + k] = e;
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        rows[i] = with_rows ? T - 1 - 2 * i : i;
+    }
+    int32_t *d_sel = (int32_t *) gu_up(sel, 4 * (size_t) n);
+    int32_t *d_rows = (int32_t *) gu_up(rows, 4 * (size_t) T);
+    int32_t *d_offs = (int32_t *) gu_dev(4 * (size_t) (E + 1));
+    int32_t *d_erow = (int32_t *) gu_dev(4 * (size_t) n);
+    int32_t *d_slot = (int32_t *) gu_dev(4 * (size_t) n);
+    float   *d_w = (float *) gu_up(w, 4 * (size_t) D);
+    float   *d_ws = (float *) gu_up(ws, 4 * (size_t) E * D);
+    float   *d_qh = (float *) gu_up(qh, 4 * (size_t) n);
+    float   *d_selw = (float *) gu_up(selw, 4 * (size_t) n);
+    void    *d_yq = gu_up(yq, 2 * (size_t) n * D);
+    float   *d_ye = (float *) gu_dev(4 * (size_t) n * D);
+    const int32_t *rl = with_rows ? d_rows : NULL;
+
+    for (int v = 0; v < 2; v++) {
+        dv[v][0] = gu_up(x, 4 * nx);
+        dv[v][1] = gu_dev(osz[1]);
+        dv[v][2] = gu_dev(osz[2]);
+    }
+    rc |= moe_cuda_moe_permute(d_sel, n, E, d_offs, d_erow, d_slot, NULL, 0);
+    rc |= moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) d_yq, n, D,
+                                         d_qh, d_ws, (size_t) D, d_offs, E,
+                                         d_ye, D, 0);
+    rc |= moe_cuda_unpermute_rmsnorm((float *) dv[0][0], d_ye, d_sel, d_selw,
+                                     d_slot, K, rl, nr, D, d_w, 1e-5f,
+                                     (moe_bf16_t *) dv[0][1],
+                                     (float *) dv[0][2], 0);
+    rc |= moe_cuda_unpermute_rmsnorm_q((float *) dv[1][0],
+                                       (const moe_bf16_t *) d_yq, d_qh, d_ws,
+                                       (size_t) D, d_sel, d_selw, d_slot, K,
+                                       rl, nr, D, d_w, 1e-5f,
+                                       (moe_bf16_t *) dv[1][1],
+                                       (float *) dv[1][2], 0);
+    int ok = gu_sync_ok(rc, "unpermute_rmsnorm_q");
+
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 3; i++) {
+            hv[v][i] = malloc(osz[i]);
+            gu_down(hv[v][i], dv[v][i], osz[i]);
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        bad += memcmp(hv[0][i], hv[1][i], osz[i]) != 0;
+    }
+    /* the reference moved x (a routing that did nothing would pass) */
+    bad += memcmp(hv[0][0], x, osz[0]) == 0;
+    TAP_OK(ok && bad == 0, "unpermute_rmsnorm_q T %d D %d E %d top-%d rows "
+           "%d: == fp8 rescale by group + unpermute_rmsnorm, bit for bit "
+           "(%d differences)", T, D, E, K, with_rows, bad);
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 3; i++) {
+            cudaFree(dv[v][i]);
+            free(hv[v][i]);
+        }
+    }
+    cudaFree(d_sel); cudaFree(d_rows); cudaFree(d_offs); cudaFree(d_erow);
+    cudaFree(d_slot); cudaFree(d_w); cudaFree(d_ws); cudaFree(d_qh);
+    cudaFree(d_selw); cudaFree(d_yq); cudaFree(d_ye);
+    free(x); free(w); free(ws); free(qh); free(selw); free(yq); free(sel);
+    free(rows);
+    return ok && bad == 0;
+}
+
+
+/*
+ * moe_cuda_add_rmsnorm_q against moe_cuda_fp8_rescale_rows_bf16 (no
+ * groups) into fp32 + moe_cuda_add_rmsnorm: x, bf16 and fp32 outputs bit
+ * for bit, with and without a row list.
+ */
+static int
+test_add_rmsnorm_q(int T, int D, int with_rows)
+{
+    int       nr = with_rows ? (T + 1) / 2 : T, bad = 0, rc = 0;
+    size_t    nx = (size_t) T * D;
+    float    *x = (float *) malloc(4 * nx);
+    float    *w = (float *) malloc(4 * (size_t) D);
+    float    *ws = (float *) malloc(4 * (size_t) D);
+    float    *qs = (float *) malloc(4 * (size_t) T);
+    uint16_t *dq = (uint16_t *) malloc(2 * nx);
+    int32_t  *rows = (int32_t *) malloc(4 * (size_t) T);
+    size_t    osz[3] = { 4 * nx, 2 * (size_t) nr * D, 4 * (size_t) nr * D };
+    void     *dv[2][3], *hv[2][3];
+
+    for (size_t i = 0; i < nx; i++) {
+        x[i] = gu_uniform();
+        dq[i] = gu_f2bf(gu_uniform() * 3000.0f);
+    }
+    for (int i = 0; i < D; i++) {
+        w[i] = gu_uniform();
+        ws[i] = (0.5f + 0.5f * fabsf(gu_uniform())) / 448.0f;
+    }
+    for (int t = 0; t < T; t++) {
+        qs[t] = (0.25f + fabsf(gu_uniform())) / 448.0f;
+    }
+    for (int i = 0; i < nr; i++) {
+        rows[i] = with_rows ? T - 1 - 2 * i : i;
+    }
+    int32_t *d_rows = (int32_t *) gu_up(rows, 4 * (size_t) T);
+    float   *d_w = (float *) gu_up(w, 4 * (size_t) D);
+    float   *d_ws = (float *) gu_up(ws, 4 * (size_t) D);
+    float   *d_qs = (float *) gu_up(qs, 4 * (size_t) T);
+    void    *d_dq = gu_up(dq, 2 * nx);
+    float   *d_tmp = (float *) gu_dev(4 * nx);
+    const int32_t *rl = with_rows ? d_rows : NULL;
+
+    for (int v = 0; v < 2; v++) {
+        dv[v][0] = gu_up(x, 4 * nx);
+        dv[v][1] = gu_dev(osz[1]);
+        dv[v][2] = gu_dev(osz[2]);
+    }
+    rc |= moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) d_dq, T, D,
+                                         d_qs, d_ws, 0, NULL, 1, d_tmp, D, 0);
+    rc |= moe_cuda_add_rmsnorm((float *) dv[0][0], d_tmp, rl, nr, D, d_w,
+                               1e-5f, (moe_bf16_t *) dv[0][1],
+                               (float *) dv[0][2], 0);
+    rc |= moe_cuda_add_rmsnorm_q((float *) dv[1][0],
+                                 (const moe_bf16_t *) d_dq, d_qs, d_ws, rl,
+                                 nr, D, d_w, 1e-5f, (moe_bf16_t *) dv[1][1],
+                                 (float *) dv[1][2], 0);
+    int ok = gu_sync_ok(rc, "add_rmsnorm_q");
+
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 3; i++) {
+            hv[v][i] = malloc(osz[i]);
+            gu_down(hv[v][i], dv[v][i], osz[i]);
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        bad += memcmp(hv[0][i], hv[1][i], osz[i]) != 0;
+    }
+    bad += memcmp(hv[0][0], x, osz[0]) == 0;
+    TAP_OK(ok && bad == 0, "add_rmsnorm_q T %d D %d rows %d: == fp8 rescale "
+           "+ add_rmsnorm, bit for bit (%d differences)", T, D, with_rows,
+           bad);
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 3; i++) {
+            cudaFree(dv[v][i]);
+            free(hv[v][i]);
+        }
+    }
+    cudaFree(d_rows); cudaFree(d_w); cudaFree(d_ws); cudaFree(d_qs);
+    cudaFree(d_dq); cudaFree(d_tmp);
+    free(x); free(w); free(ws); free(qs); free(dq); free(rows);
+    return ok && bad == 0;
+}
+
+
+/*
+ * moe_cuda_rope_kv_q against moe_cuda_fp8_rescale_rows_bf16 into fp32 q|k|v
+ * + moe_cuda_rope_kv (bf16 cache) / moe_cuda_rope_kv_fp8: every fp32 row
+ * value (q, k and v columns) and every cache byte bit for bit; T tokens
+ * at random positions written to random distinct slots.
+ */
+static int
+test_rope_q(int T, int nh, int nkv, int hd, int kv_fp8)
+{
+    int       ld = (nh + 2 * nkv) * hd, bs = 16, bad = 0, rc = 0;
+    int       nblk = (T + bs - 1) / bs + 2, kvd = nkv * hd;
+    size_t    nq = (size_t) T * ld;
+    size_t    kvb = (size_t) nblk * 2 * bs * kvd * (kv_fp8 ? 1 : 2);
+    uint16_t *yq = (uint16_t *) malloc(2 * nq);
+    float    *qs = (float *) malloc(4 * (size_t) T);
+    float    *ws = (float *) malloc(4 * (size_t) ld);
+    float    *inv = (float *) malloc(4 * (size_t) (hd / 2));
+    int32_t  *pos = (int32_t *) malloc(4 * (size_t) T);
+    int32_t  *slot = (int32_t *) malloc(4 * (size_t) T);
+    void     *hq[2], *hk[2], *dq[2], *dk[2];
+
+    for (size_t i = 0; i < nq; i++) {
+        yq[i] = gu_f2bf(gu_uniform() * 3000.0f);
+    }
+    for (int t = 0; t < T; t++) {
+        qs[t] = (0.25f + fabsf(gu_uniform())) / 448.0f;
+        pos[t] = (int32_t) (gu_rand() % 30000u);
+        slot[t] = t + bs;               /* past the first block */
+    }
+    for (int j = 0; j < ld; j++) {
+        ws[j] = (0.5f + 0.5f * fabsf(gu_uniform())) / 448.0f;
+    }
+    for (int i = 0; i < hd / 2; i++) {
+        inv[i] = 1.0f / powf(10000.0f, (float) (2 * i) / (float) hd);
+    }
+    void    *d_yq = gu_up(yq, 2 * nq);
+    float   *d_qs = (float *) gu_up(qs, 4 * (size_t) T);
+    float   *d_ws = (float *) gu_up(ws, 4 * (size_t) ld);
+    float   *d_inv = (float *) gu_up(inv, 4 * (size_t) (hd / 2));
+    int32_t *d_pos = (int32_t *) gu_up(pos, 4 * (size_t) T);
+    int32_t *d_slot = (int32_t *) gu_up(slot, 4 * (size_t) T);
+    moe_cuda_rope_src_t src = { (const moe_bf16_t *) d_yq, d_qs, d_ws };
+
+    for (int v = 0; v < 2; v++) {
+        dq[v] = gu_dev(4 * nq);
+        dk[v] = gu_dev(kvb);
+        cudaMemset(dq[v], 0x7f, 4 * nq);
+        cudaMemset(dk[v], 0x5a, kvb);
+    }
+    rc |= moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) d_yq, T, ld,
+                                         d_qs, d_ws, 0, NULL, 1,
+                                         (float *) dq[0], ld, 0);
+    if (kv_fp8) {
+        rc |= moe_cuda_rope_kv_fp8((float *) dq[0], ld, T, nh, nkv, hd, d_pos,
+                                   d_slot, d_inv, NULL, 1.0f,
+                                   (uint8_t *) dk[0], bs, 0.05f, 0.03f, 0);
+    } else {
+        rc |= moe_cuda_rope_kv((float *) dq[0], ld, T, nh, nkv, hd, d_pos,
+                               d_slot, d_inv, NULL, 1.0f,
+                               (moe_bf16_t *) dk[0], bs, 0);
+    }
+    rc |= moe_cuda_rope_kv_q((float *) dq[1], ld, &src, T, nh, nkv, hd,
+                             d_pos, d_slot, d_inv, NULL, 1.0f, dk[1], kv_fp8,
+                             bs, 0.05f, 0.03f, 0);
+    int ok = gu_sync_ok(rc, "rope_kv_q");
+
+    for (int v = 0; v < 2; v++) {
+        hq[v] = malloc(4 * nq);
+        hk[v] = malloc(kvb);
+        gu_down(hq[v], dq[v], 4 * nq);
+        gu_down(hk[v], dk[v], kvb);
+    }
+    bad += memcmp(hq[0], hq[1], 4 * nq) != 0;
+    bad += memcmp(hk[0], hk[1], kvb) != 0;
+    {
+        /* the reference wrote the cache (a no-op would compare equal) */
+        size_t changed = 0;
+
+        for (size_t i = 0; i < kvb; i++) {
+            changed += ((const uint8_t *) hk[0])[i] != 0x5a;
+        }
+        bad += changed == 0;
+    }
+    TAP_OK(ok && bad == 0, "rope_kv_q T %d heads %d/%d hd %d %s cache: == fp8 "
+           "rescale + rope, rows and cache bit for bit (%d differences)", T,
+           nh, nkv, hd, kv_fp8 ? "e4m3" : "bf16", bad);
+    for (int v = 0; v < 2; v++) {
+        cudaFree(dq[v]); cudaFree(dk[v]); free(hq[v]); free(hk[v]);
+    }
+    cudaFree(d_yq); cudaFree(d_qs); cudaFree(d_ws); cudaFree(d_inv);
+    cudaFree(d_pos); cudaFree(d_slot);
+    free(yq); free(qs); free(ws); free(inv); free(pos); free(slot);
+    return ok && bad == 0;
+}
+
+
 int
 main(void)
 {
@@ -638,7 +954,7 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(2 + 2 * ncs + 12 + 2 + 3 + 3 + 1);
+    TAP_PLAN(2 + 2 * ncs + 12 + 2 + 3 + 3 + 1 + 5 + 4 + 4);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
 
     test_quant();
@@ -730,6 +1046,50 @@ main(void)
            && moe_cuda_fp8_gemm_rows(g) == 64,
            "fp8 gemm row rounding: 64 by default, 128 settable, 100 "
            "refused");
+    test_add_rmsnorm_q(1, 4096, 0);
+    test_add_rmsnorm_q(70, 4096, 0);
+    test_add_rmsnorm_q(9, 14000, 1);
+    TAP_OK(moe_cuda_add_rmsnorm_q(NULL, NULL, NULL, NULL, NULL, 1, 66, NULL,
+                                  1e-5f, NULL, NULL, 0) == MOE_K_EUNSUPPORTED,
+           "add_rmsnorm_q refuses D %% 4 != 0");
+    test_rope_q(1, 32, 8, 128, 0);
+    test_rope_q(100, 32, 8, 128, 0);
+    test_rope_q(70, 4, 2, 64, 1);
+    TAP_OK(moe_cuda_rope_kv_q(NULL, 8, NULL, 1, 1, 1, 7, NULL, NULL, NULL,
+                              NULL, 1.0f, NULL, 0, 16, 1.0f, 1.0f, 0)
+           == MOE_K_EUNSUPPORTED, "rope_kv_q refuses an odd head_dim");
+    test_unpermute_q(1, 4096, 8, 2, 0);
+    test_unpermute_q(37, 4096, 8, 2, 0);
+    test_unpermute_q(9, 2048, 60, 4, 1);
+    test_unpermute_q(5, 14000, 16, 8, 1);
+    {
+        float   *d_f = (float *) gu_dev(4 * 4096 * 16);
+        int32_t *d_i = (int32_t *) gu_dev(4 * 4096);
+        int      r1, r2, r3, r4;
+
+        r1 = moe_cuda_unpermute_rmsnorm_q(d_f, (moe_bf16_t *) d_f, d_f, d_f,
+                                          64, d_i, d_f, d_i, 65, NULL, 1, 64,
+                                          d_f, 1e-5f, (moe_bf16_t *) d_f,
+                                          NULL, 0);
+        r2 = moe_cuda_unpermute_rmsnorm_q(d_f, (moe_bf16_t *) d_f, d_f, d_f,
+                                          66, d_i, d_f, d_i, 2, NULL, 1, 64,
+                                          d_f, 1e-5f, (moe_bf16_t *) d_f,
+                                          NULL, 0);
+        r3 = moe_cuda_unpermute_rmsnorm_q(d_f, (moe_bf16_t *) d_f + 1, d_f,
+                                          d_f, 64, d_i, d_f, d_i, 2, NULL, 1,
+                                          64, d_f, 1e-5f, (moe_bf16_t *) d_f,
+                                          NULL, 0);
+        r4 = moe_cuda_unpermute_rmsnorm_q(d_f, (moe_bf16_t *) d_f, d_f, d_f,
+                                          66, d_i, d_f, d_i, 2, NULL, 1, 66,
+                                          d_f, 1e-5f, (moe_bf16_t *) d_f,
+                                          NULL, 0);
+        TAP_OK(r1 == MOE_K_EUNSUPPORTED && r2 == MOE_K_EUNSUPPORTED
+               && r3 == MOE_K_EUNSUPPORTED && r4 == MOE_K_EUNSUPPORTED
+               && cudaDeviceSynchronize() == cudaSuccess,
+               "unpermute_rmsnorm_q refuses top-65, a scale stride %% 4, a "
+               "misaligned yq and D %% 4 (%d %d %d %d)", r1, r2, r3, r4);
+        cudaFree(d_f); cudaFree(d_i);
+    }
     end_to_end(g, 48, 256, 2048);
     end_to_end(g, 5, 4096, 4096);
 
