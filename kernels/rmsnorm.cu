@@ -206,8 +206,10 @@ struct moe_rms_q_delta {
         __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&u.y);
         float2         fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
 
-        return make_float4(fa.x * (q * w.x), fa.y * (q * w.y),
-                           fb.x * (q * w.z), fb.y * (q * w.w));
+        /* rounded products (no fma with the residual add that
+         * follows): the rescale pass stores exactly these */
+        return make_float4(__fmul_rn(fa.x, q * w.x), __fmul_rn(fa.y, q * w.y),
+                           __fmul_rn(fb.x, q * w.z), __fmul_rn(fb.y, q * w.w));
     }
 };
 

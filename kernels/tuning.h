@@ -59,12 +59,18 @@ typedef struct {
                             un-permute runs inside the next norm's launch
                             (moe_cuda_unpermute_rmsnorm) where nothing
                             else reads the sum (default 1) */
+    /* fp8 prefill */
+    int fold_scales;     /* MOE_CUDA_FOLD_SCALES 0|1: the fp8 tensor-core
+                            projections' scales applied by their readers
+                            (rope, the next norm, the un-permute) instead
+                            of a rescale pass each (default 1; 0 for A/B
+                            runs) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -2671,7 +2671,7 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
         MOE_TRY(moe_cuda_gemm_fp8_unscaled(b->fp8g, n, (int) N, (int) K, Q,
                                            (const uint8_t *) w->w, tmp, 1,
                                            b->stream));
-        if (Y == b->dq_allow && ldy == (int) N
+        if (b->tune.fold_scales && Y == b->dq_allow && ldy == (int) N
             && (uintptr_t) w->scale % 16 == 0)
         {
             /* its reader scales it (cb_norm: moe_cuda_add_rmsnorm_q;
@@ -2795,7 +2795,10 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
                                                b->stream));
         }
     }
-    if (cb_fuse_unperm(b) && e0 == 0 && EL == b->hp.n_experts) {
+    if (b->tune.fold_scales && cb_fuse_unperm(b) && e0 == 0
+        && EL == b->hp.n_experts && cb_fp8_sstride(wd) % 4 == 0
+        && (uintptr_t) wd->scale % 16 == 0)
+    {
         /* the next norm's un-permute applies the scales as it sums
          * (cb_unpermute leaves it pending, cb_norm runs
          * moe_cuda_unpermute_rmsnorm_q): no rescaled fp32 copy in ye */

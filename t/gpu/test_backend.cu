@@ -1668,18 +1668,28 @@ test_backend_logprobs(const char *dir)
         }
         if (tok_g[q] == tok_c[q]) {
             cmp_n++;
-            cmp_bad += !(fabsf(lp_g[q] - lp_c[q])
-                         <= 0.05f + 2e-2f * fabsf(lp_c[q]));
+            if (!(fabsf(lp_g[q] - lp_c[q])
+                  <= 0.05f + 2e-2f * fabsf(lp_c[q])))
+            {
+                cmp_bad++;
+                TAP_DIAG("prompt %d: chosen id %d logprob cuda %.5f cpu "
+                         "%.5f", q, tok_g[q], (double) lp_g[q],
+                         (double) lp_c[q]);
+            }
         }
         for (j = 0; j < k; j++) {
             for (int i = 0; i < k; i++) {
-                if (top_c[q][j].id == top_g[q][i].id) {
-                    cmp_n++;
-                    cmp_bad += !(fabsf(top_c[q][j].logprob
-                                       - top_g[q][i].logprob)
-                                 <= 0.05f + 2e-2f
-                                    * fabsf(top_c[q][j].logprob));
+                if (top_c[q][j].id == top_g[q][i].id
+                    && !(fabsf(top_c[q][j].logprob - top_g[q][i].logprob)
+                         <= 0.05f + 2e-2f * fabsf(top_c[q][j].logprob)))
+                {
+                    cmp_bad++;
+                    TAP_DIAG("prompt %d: top id %d logprob cuda %.5f "
+                             "(rank %d) cpu %.5f (rank %d)", q,
+                             top_c[q][j].id, (double) top_g[q][i].logprob,
+                             i, (double) top_c[q][j].logprob, j);
                 }
+                cmp_n += top_c[q][j].id == top_g[q][i].id;
             }
         }
     }
