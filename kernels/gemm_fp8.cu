@@ -357,6 +357,13 @@ fg_quant8(uint4 hv, float d)
 }
 
 
+/*
+ * One block per row.  IT > 0: a thread's IT groups of 8 values (columns
+ * 8 (threadIdx.x + k FG_QUANT_NT)) stay in its registers between the amax
+ * and the quantization (one read of the row, no second round trip); IT
+ * 0: the row is read twice (rows wider than the registers hold).
+ */
+template <int IT>
 __global__ void __launch_bounds__(FG_QUANT_NT)
 kernel_quant_rows_fp8(const __nv_bfloat16 *X, int ldx, const int32_t *xrow,
     int xdiv, int K, uint8_t *Q, float *s)
@@ -369,18 +376,48 @@ kernel_quant_rows_fp8(const __nv_bfloat16 *X, int ldx, const int32_t *xrow,
     uint2       *q = reinterpret_cast<uint2 *>(Q + (size_t) r * K);
     float        amax = 0.0f, d;
 
-    for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
-        float f[8];
+    if constexpr (IT > 0) {
+        uint4 xr[IT];
 
-        fg_bf8(x[i], f);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            amax = fmaxf(amax, fabsf(f[j]));
+        for (int k = 0; k < IT; k++) {
+            int i = threadIdx.x + k * FG_QUANT_NT;
+
+            xr[k] = i < n8 ? x[i] : make_uint4(0u, 0u, 0u, 0u);
         }
-    }
-    d = fg_row_scale(amax, s, r);
-    for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
-        q[i] = fg_quant8(x[i], d);
+#pragma unroll
+        for (int k = 0; k < IT; k++) {
+            float f[8];
+
+            fg_bf8(xr[k], f);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                amax = fmaxf(amax, fabsf(f[j]));
+            }
+        }
+        d = fg_row_scale(amax, s, r);
+#pragma unroll
+        for (int k = 0; k < IT; k++) {
+            int i = threadIdx.x + k * FG_QUANT_NT;
+
+            if (i < n8) {
+                q[i] = fg_quant8(xr[k], d);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
+            float f[8];
+
+            fg_bf8(x[i], f);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                amax = fmaxf(amax, fabsf(f[j]));
+            }
+        }
+        d = fg_row_scale(amax, s, r);
+        for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
+            q[i] = fg_quant8(x[i], d);
+        }
     }
 }
 
@@ -389,6 +426,9 @@ extern "C" int
 moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, int M, int K, uint8_t *Q, float *s, cudaStream_t stream)
 {
+    const __nv_bfloat16 *x = reinterpret_cast<const __nv_bfloat16 *>(X);
+    int                  it;
+
     if (M <= 0) {
         return MOE_K_OK;
     }
@@ -397,8 +437,13 @@ moe_cuda_quant_rows_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
                            "(K %% 16, ldx %% 8)", K, ldx, xdiv);
         return MOE_K_EUNSUPPORTED;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_quant_rows_fp8, M, FG_QUANT_NT, 0, stream,
-        reinterpret_cast<const __nv_bfloat16 *>(X), ldx, xrow, xdiv, K, Q, s));
+    it = (K / 8 + FG_QUANT_NT - 1) / FG_QUANT_NT;
+#define FG_QR(IT)                                                          \
+    moe_launch(kernel_quant_rows_fp8<IT>, M, FG_QUANT_NT, 0, stream, x,    \
+               ldx, xrow, xdiv, K, Q, s)
+    MOE_CUDA_CHECK(it <= 2 ? FG_QR(2) : it <= 4 ? FG_QR(4)
+                   : it <= 8 ? FG_QR(8) : it <= 12 ? FG_QR(12) : FG_QR(0));
+#undef FG_QR
     return MOE_K_OK;
 }
 

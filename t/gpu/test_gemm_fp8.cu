@@ -4,7 +4,8 @@
  *  - moe_cuda_quant_rows_fp8: per-row scales equal the host's
  *    max(amax, 1e-12) / 448 bit for bit and every e4m3 byte equals the host
  *    rounding (kernels/fp8.h) of x / s, for rows of very different
- *    magnitudes, an all-zero row, gathered rows (xdiv 2) and ldx > K;
+ *    magnitudes, an all-zero row, gathered rows (xdiv 2) and ldx > K, at
+ *    K 1040 .. 32768 (every register-held width and the two-read one);
  *  - moe_cuda_gemm_fp8 against a double host product of the dequantized
  *    operands (relative L2 error <= 1e-3 for fp32 output: the fp8 MMA's
  *    accumulation precision, see FP32_TOL; 4e-3 for bf16),
@@ -80,9 +81,9 @@ rand_e4m3(void)
 }
 
 static int
-test_quant(void)
+test_quant(int K, int ldx)
 {
-    const int M = 9, K = 1040, ldx = 1056, rows = 18;
+    const int M = 9, rows = 18;
     uint16_t *xb = (uint16_t *) calloc((size_t) rows * ldx, 2);
     int32_t   xrow[9];
     uint8_t  *q = (uint8_t *) malloc((size_t) M * K);
@@ -138,9 +139,10 @@ test_quant(void)
             }
         }
     }
-    TAP_OK(bad_s == 0, "quant_rows_fp8: per-row scales equal the host's");
-    TAP_OK(bad_q == 0, "quant_rows_fp8: e4m3 bytes equal the host rounding "
-           "(zero row, gathered rows, ldx > K)");
+    TAP_OK(bad_s == 0, "quant_rows_fp8 K %d: per-row scales equal the "
+           "host's", K);
+    TAP_OK(bad_q == 0, "quant_rows_fp8 K %d ldx %d: e4m3 bytes equal the "
+           "host rounding (zero row, gathered rows)", K, ldx);
     cudaFree(dx);
     cudaFree(dr);
     cudaFree(dq);
@@ -954,10 +956,17 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(2 + 2 * ncs + 12 + 2 + 3 + 3 + 1 + 5 + 4 + 4);
+    TAP_PLAN(12 + 2 * ncs + 12 + 2 + 3 + 3 + 1 + 5 + 4 + 4);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
 
-    test_quant();
+    /* K 1040 .. 24576: the rows held in registers (2, 4, 8, 12 groups
+     * of 8 per thread, partial ones too); 32768: read twice */
+    test_quant(1040, 1056);
+    test_quant(4096, 4096);
+    test_quant(8200, 8200);
+    test_quant(14336, 14344);
+    test_quant(24576, 24576);
+    test_quant(32768, 32768);
 
     lws = gu_dev((size_t) 32 << 20);
     rc = moe_cuda_fp8_gemm_create(lws, (size_t) 32 << 20, &g);
