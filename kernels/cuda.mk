@@ -84,7 +84,15 @@ DEV_BINS := $(patsubst bench/dev/%.cu,$(BUILD)/bench/dev/%, \
               $(wildcard bench/dev/*.cu))
 
 .PHONY: bench-dev
-bench-dev: $(DEV_BINS)
+bench-dev: $(DEV_BINS) $(BUILD)/bench/dev/libktrace.so
+
+# CUPTI kernel timeline (LD_PRELOAD; bench/dev/ktrace.c, tools/ktrace_gaps.py)
+$(BUILD)/bench/dev/libktrace.so: bench/dev/ktrace.c
+	@mkdir -p $(@D)
+	$(CC) -O2 -std=c11 -D_GNU_SOURCE -fPIC -shared -Wall -Wextra -Werror \
+	    -I$(CUDA_HOME)/include -o $@ $< -L$(CUDA_HOME)/lib64 \
+	    -Wl,-rpath,'$$ORIGIN' -Wl,-rpath,$(CUDA_HOME)/lib64 -lcupti
+	cp -L $(CUDA_HOME)/lib64/libcupti.so.13 $(@D)/ 2>/dev/null || true
 
 $(BUILD)/bench/dev/%.o: bench/dev/%.cu bench/dev/dev.cuh t/gpu/gpu_util.h \
                         kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh) \

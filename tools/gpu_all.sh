@@ -141,6 +141,14 @@ run bench_gptq   bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
 run serve_fp8    serve 200 build/bench/serve bash -c 'mkdir -p "$OUT/fp8" \
     && OUT="$OUT/fp8" BENCH_YAML=bench/conf/mixtral-8x7b-fp8-dummy.yaml \
     bench/gpu_serve.sh "${SERVE_C:-64}"'
+# the fp8 prefill 2048's kernel timeline (CUPTI, bench/dev/ktrace.c):
+# kernel time, the GPU's idle time and the kernel pairs around the gaps
+# (tools/ktrace_gaps.py); the timeline itself in $OUT/ktrace_fp8.txt
+run trace_fp8    bench 90  build/bench/dev/libktrace.so bash -c \
+    'BENCH_QUANT=0 BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=0 \
+    BENCH_PROMPTS=2048 KTRACE_OUT="$OUT/ktrace_fp8.txt" \
+    LD_PRELOAD=build/bench/dev/libktrace.so build/gpu/bench_engine \
+    mixtral-8x7b --weights fp8 && tools/ktrace_gaps.py "$OUT/ktrace_fp8.txt"'
 # serving against bench/engine on the same work (decode steps at the
 # serving batch + the prompts at the engine's prefill rate, same run)
 run serve_vs_engine serve 20 "$OUT/fp8/bench_serve.json" \

@@ -963,7 +963,7 @@ main(void)
      * of 8 per thread, partial ones too); 32768: read twice */
     test_quant(1040, 1056);
     test_quant(4096, 4096);
-    test_quant(8200, 8200);
+    test_quant(8208, 8208);
     test_quant(14336, 14344);
     test_quant(24576, 24576);
     test_quant(32768, 32768);
