@@ -92,7 +92,8 @@ $(BUILD)/bench/dev/libktrace.so: bench/dev/ktrace.c
 	$(CC) -O2 -std=c11 -D_GNU_SOURCE -fPIC -shared -Wall -Wextra -Werror \
 	    -I$(CUDA_HOME)/include -o $@ $< -L$(CUDA_HOME)/lib64 \
 	    -Wl,-rpath,'$$ORIGIN' -Wl,-rpath,$(CUDA_HOME)/lib64 -lcupti
-	cp -L $(CUDA_HOME)/lib64/libcupti.so.13 $(@D)/ 2>/dev/null || true
+	cp -L $(CUDA_HOME)/lib64/libcupti.so.13 $(@D)/ 2>/dev/null && \
+	    chmod +x $(@D)/libcupti.so.13 || true
 
 $(BUILD)/bench/dev/%.o: bench/dev/%.cu bench/dev/dev.cuh t/gpu/gpu_util.h \
                         kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh) \
