@@ -7,7 +7,7 @@
 Splits the timeline into steps at each launch of START_KERNEL (default
 kernel_embed, the first kernel of a forward), and for each step prints its
 span, the sum of kernel times, the idle time (the GPU running no kernel)
-and memcpy time; then, for the longest step of the most common kernel
+and memcpy time; then, for the median step of the most common kernel
 count, the idle time grouped by the kernel pair around each gap (largest
 first) and the ten largest gaps.
 """
@@ -17,6 +17,11 @@ from collections import defaultdict
 
 
 def short(name):
+    # CUPTI gives mangled names: _Z<len><identifier>... -> the identifier
+    m = re.match(r"_Z(?:N\d*)?(\d+)", name)
+    if m:
+        n = int(m.group(1))
+        return name[m.end():m.end() + n]
     name = re.sub(r"^void ", "", name)
     name = name.split("(")[0]
     return name[:60]
@@ -64,7 +69,10 @@ def main():
     for n, _, _ in stats:
         counts[n] += 1
     common = max(counts, key=lambda n: (counts[n], n))
-    pick = max((x for x in stats if x[0] == common), key=lambda x: x[1])[2]
+    # the median step of that count (the first is a warm-up: plans,
+    # heuristic queries)
+    same = sorted((x for x in stats if x[0] == common), key=lambda x: x[1])
+    pick = same[len(same) // 2][2]
     s = sorted(steps[pick])
     gaps = []
     end, prev = s[0][1], s[0][3]
