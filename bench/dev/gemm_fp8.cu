@@ -8,7 +8,11 @@
  *     cuBLAS GEMM the backend runs today and the fp8 path (per-token
  *     activation quantization + cuBLASLt with outer-vector scales), each
  *     in TFLOP/s and as a share of the fp8 peak;
- *   - one layer's GEMMs together (qkv + o + 8 experts' gate|up and down).
+ *   - one layer's GEMMs together (qkv + o + 8 experts' gate|up and down);
+ *   - cuBLASLt's first heuristic answer against its best of 16, per shape;
+ *   - one layer's experts per expert on 1, 2 and 4 streams, and as one
+ *     strided-batched call per matrix with the rows padded (even and a
+ *     2048-token prompt's uneven routing).
  * Output: a table and RESULT lines.  Usage: build/bench/dev/gemm_fp8
  */
 #include <cublasLt.h>
@@ -32,9 +36,25 @@ typedef struct {
     int                             nres;
 } fp8_lt_t;
 
+/* batch > 1: that many GEMMs of the shape in one call, each operand
+ * strided by its own size (cuBLASLt's strided batch) */
+static int
+fp8_lt_batch(cublasLtMatrixLayout_t l, int batch, int64_t stride)
+{
+    int32_t b = batch;
+
+    return batch <= 1
+           || (cublasLtMatrixLayoutSetAttribute(l,
+                   CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &b, sizeof(b))
+               == CUBLAS_STATUS_SUCCESS
+               && cublasLtMatrixLayoutSetAttribute(l,
+                   CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                   sizeof(stride)) == CUBLAS_STATUS_SUCCESS);
+}
+
 static void
-fp8_lt_make(fp8_lt_t *f, int M, int N, int K, cudaDataType_t dt,
-    size_t lws_bytes, int n)
+fp8_lt_make_b(fp8_lt_t *f, int M, int N, int K, cudaDataType_t dt,
+    size_t lws_bytes, int n, int batch)
 {
     cublasLtMatmulPreference_t pref;
     cublasOperation_t          ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
@@ -55,6 +75,9 @@ fp8_lt_make(fp8_lt_t *f, int M, int N, int K, cudaDataType_t dt,
            != CUBLAS_STATUS_SUCCESS
         || cublasLtMatrixLayoutCreate(&f->c, dt, N, M, N)
            != CUBLAS_STATUS_SUCCESS
+        || !fp8_lt_batch(f->a, batch, (int64_t) N * K)
+        || !fp8_lt_batch(f->b, batch, (int64_t) M * K)
+        || !fp8_lt_batch(f->c, batch, (int64_t) M * N)
         || cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS
         || cublasLtMatmulPreferenceSetAttribute(pref,
                CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lws_bytes,
@@ -63,10 +86,18 @@ fp8_lt_make(fp8_lt_t *f, int M, int N, int K, cudaDataType_t dt,
                                           f->c, pref, n, f->res, &f->nres)
            != CUBLAS_STATUS_SUCCESS || f->nres < 1)
     {
-        fprintf(stderr, "cuBLASLt fp8 %dx%dx%d: no algorithm\n", M, N, K);
+        fprintf(stderr, "cuBLASLt fp8 %dx%dx%d batch %d: no algorithm\n",
+                M, N, K, batch);
         exit(2);
     }
     cublasLtMatmulPreferenceDestroy(pref);
+}
+
+static void
+fp8_lt_make(fp8_lt_t *f, int M, int N, int K, cudaDataType_t dt,
+    size_t lws_bytes, int n)
+{
+    fp8_lt_make_b(f, M, N, K, dt, lws_bytes, n, 1);
 }
 
 static void
@@ -170,10 +201,10 @@ fp8_sweep(void *lws, size_t lws_bytes, int M, int N, int K, int y_bf16)
 
 /*
  * One layer's routed experts (8 experts, rows[e] each) through the
- * unscaled fp8 GEMMs of cb_fp8_ffn: gate|up (bf16 out) then down (fp32
- * out), per expert in order on one stream, and spread over ns streams
- * (expert e on stream e % ns, each stream its own handle and workspace,
- * forked from and joined back to stream 0 with events).
+ * unscaled fp8 GEMMs of cb_fp8_ffn: gate|up then down (bf16 out, as the
+ * engine writes both), per expert in order on one stream, and spread
+ * over ns streams (expert e on stream e % ns, each stream its own handle
+ * and workspace, forked from and joined back to stream 0 with events).
  */
 static void
 fp8_streams(const int *rows, int ns)
@@ -239,8 +270,8 @@ fp8_streams(const int *rows, int ns)
             rc = moe_cuda_gemm_fp8_unscaled(g[e % ns], rows[e], D, F,
                                             qh + (size_t) off[e] * F,
                                             wd + (size_t) e * D * F,
-                                            (float *) td
-                                            + (size_t) off[e] * D, 0,
+                                            (uint16_t *) td
+                                            + (size_t) off[e] * D, 1,
                                             st[e % ns]);
         }
         for (int i = 1; i < ns; i++) {
@@ -263,6 +294,70 @@ fp8_streams(const int *rows, int ns)
         }
     }
     cudaEventDestroy(fork);
+    cudaFree(wg);
+    cudaFree(wd);
+    cudaFree(q);
+    cudaFree(qh);
+    cudaFree(tg);
+    cudaFree(td);
+}
+
+
+/*
+ * The same layer's experts as fp8_streams, but each matrix of the 8
+ * experts in ONE strided-batched cuBLASLt call: every expert's rows padded
+ * to the largest count rounded up to 64 (the rows the engine would
+ * quantize into padded slots).  TFLOP/s counts the real rows only, so the
+ * padding is charged: the question is whether one large call (no per-call
+ * wave tail, one launch) beats 8 calls despite the padded rows.
+ */
+static void
+fp8_batched(const int *rows, void *lws, size_t lws_bytes)
+{
+    const int E = 8, D = 4096, F = 14336;
+    int       n = 0, mp = 0;
+    fp8_lt_t  fg, fd;
+    float     one = 1.0f, zero = 0.0f;
+    uint8_t  *wg, *wd, *q, *qh;
+    void     *tg, *td;
+    double    flops, ms;
+
+    for (int e = 0; e < E; e++) {
+        n += rows[e];
+        mp = rows[e] > mp ? rows[e] : mp;
+    }
+    mp = (mp + 63) / 64 * 64;
+    flops = 2.0 * n * (2.0 * F * D + (double) D * F);
+    DEV_CHECK(cudaMalloc(&wg, (size_t) E * 2 * F * D));
+    DEV_CHECK(cudaMalloc(&wd, (size_t) E * D * F));
+    DEV_CHECK(cudaMalloc(&q, (size_t) E * mp * D));
+    DEV_CHECK(cudaMalloc(&qh, (size_t) E * mp * F));
+    DEV_CHECK(cudaMalloc(&tg, (size_t) E * mp * 2 * F * 2));
+    DEV_CHECK(cudaMalloc(&td, (size_t) E * mp * D * 2));
+    DEV_CHECK(cudaMemset(wg, 0x30, (size_t) E * 2 * F * D));
+    DEV_CHECK(cudaMemset(wd, 0x30, (size_t) E * D * F));
+    DEV_CHECK(cudaMemset(q, 0x30, (size_t) E * mp * D));
+    DEV_CHECK(cudaMemset(qh, 0x30, (size_t) E * mp * F));
+    fp8_lt_make_b(&fg, mp, 2 * F, D, CUDA_R_16BF, lws_bytes, 1, E);
+    fp8_lt_make_b(&fd, mp, D, F, CUDA_R_16BF, lws_bytes, 1, E);
+    ms = dev_time(10, [&]() {
+        int rc = (int) cublasLtMatmul(fg.lt, fg.desc, &one, wg, fg.a, q,
+                                      fg.b, &zero, tg, fg.c, tg, fg.c,
+                                      &fg.res[0].algo, lws, lws_bytes, 0);
+
+        return rc != 0 ? rc
+               : (int) cublasLtMatmul(fd.lt, fd.desc, &one, wd, fd.a, qh,
+                                      fd.b, &zero, td, fd.c, td, fd.c,
+                                      &fd.res[0].algo, lws, lws_bytes, 0);
+    });
+    printf("  experts %d rows (%d..), one batched call per matrix, %d "
+           "rows each: %8.1f us %6.0f TFLOP/s %5.1f%% of fp8 peak (real "
+           "rows)\n", n, rows[0], mp, ms * 1e3, flops / ms / 1e9,
+           100.0 * flops / ms / 1e9 / fp8_peak);
+    printf("RESULT kind=fp8_expert_batched rows=%d padded=%d us=%.1f "
+           "tflops=%.1f\n", n, mp, ms * 1e3, flops / ms / 1e9);
+    fp8_lt_free(&fg);
+    fp8_lt_free(&fd);
     cudaFree(wg);
     cudaFree(wd);
     cudaFree(q);
@@ -385,6 +480,8 @@ main(void)
             fp8_streams(even, ns);
             fp8_streams(uneven, ns);
         }
+        fp8_batched(even, lws, lws_bytes);
+        fp8_batched(uneven, lws, lws_bytes);
     }
     moe_cuda_fp8_gemm_destroy(g);
     cublasDestroy(h);
