@@ -9,7 +9,7 @@ kernel_embed, the first kernel of a forward), and for each step prints its
 span, the sum of kernel times, the idle time (the GPU running no kernel)
 and memcpy time; then, for the median step of the most common kernel
 count, the idle time grouped by the kernel pair around each gap (largest
-first) and the ten largest gaps.
+first), the ten largest gaps and the kernel time by kernel name.
 """
 import re
 import sys
@@ -92,6 +92,17 @@ def main():
     print("\nlargest gaps")
     for g, a, b in sorted(gaps, reverse=True)[:10]:
         print("%10.1f us  %s -> %s" % (g / 1e3, a, b))
+    # kernel time by name in that step (cuBLAS's nvjet kernels together)
+    by_k = defaultdict(lambda: [0, 0])
+    for e in s:
+        if e[2] == "K":
+            k = "nvjet (cuBLASLt GEMMs)" if e[3].startswith("nvjet") \
+                else e[3]
+            by_k[k][0] += e[1] - e[0]
+            by_k[k][1] += 1
+    print("\nstep %d: kernel time by kernel" % pick)
+    for k, (t, n) in sorted(by_k.items(), key=lambda kv: -kv[1][0])[:20]:
+        print("%10.1f us %5d x  %s" % (t / 1e3, n, k))
 
 
 if __name__ == "__main__":
