@@ -135,6 +135,32 @@ moe_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
     } while (0)
 
 
+/* Four bf16 values (8 bytes, as loaded) as floats. */
+__device__ __forceinline__ float4
+moe_bf16x4(uint2 u)
+{
+    __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162 *>(&u.x);
+    __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&u.y);
+    float2         fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
+
+    return make_float4(fa.x, fa.y, fb.x, fb.y);
+}
+
+
+/*
+ * An unscaled fp8 GEMM product t with its row scale q and channel scale
+ * w: t * (q * w), rounded (never fused into an add that follows).  Every
+ * pass that applies the scales (the rescale kernel, and the readers that
+ * fold them in: rope, FFN norm, un-permute) calls this, so they agree bit
+ * for bit.
+ */
+__device__ __forceinline__ float
+moe_fp8_unscale(float t, float q, float w)
+{
+    return __fmul_rn(t, q * w);
+}
+
+
 __device__ __forceinline__ float
 moe_warp_sum(float v)
 {

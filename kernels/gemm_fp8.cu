@@ -335,6 +335,21 @@ fg_row_scale(float amax, float *s, int r)
 }
 
 
+/* amax updated with the magnitudes of 8 bf16 values */
+__device__ __forceinline__ float
+fg_amax8(uint4 v, float amax)
+{
+    float f[8];
+
+    fg_bf8(v, f);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        amax = fmaxf(amax, fabsf(f[j]));
+    }
+    return amax;
+}
+
+
 /* e4m3 codes of 8 bf16 values h / d (kernel_quant_rows_fp8's rounding) */
 __device__ __forceinline__ uint2
 fg_quant8(uint4 hv, float d)
@@ -387,13 +402,7 @@ kernel_quant_rows_fp8(const __nv_bfloat16 *X, int ldx, const int32_t *xrow,
         }
 #pragma unroll
         for (int k = 0; k < IT; k++) {
-            float f[8];
-
-            fg_bf8(xr[k], f);
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                amax = fmaxf(amax, fabsf(f[j]));
-            }
+            amax = fg_amax8(xr[k], amax);
         }
         d = fg_row_scale(amax, s, r);
 #pragma unroll
@@ -406,13 +415,7 @@ kernel_quant_rows_fp8(const __nv_bfloat16 *X, int ldx, const int32_t *xrow,
         }
     } else {
         for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
-            float f[8];
-
-            fg_bf8(x[i], f);
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                amax = fmaxf(amax, fabsf(f[j]));
-            }
+            amax = fg_amax8(x[i], amax);
         }
         d = fg_row_scale(amax, s, r);
         for (int i = threadIdx.x; i < n8; i += FG_QUANT_NT) {
@@ -484,12 +487,7 @@ fg_load4(const float *t, int j4)
 __device__ __forceinline__ float4
 fg_load4(const __nv_bfloat16 *t, int j4)
 {
-    uint2          u = reinterpret_cast<const uint2 *>(t)[j4];
-    __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162 *>(&u.x);
-    __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&u.y);
-    float2         fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
-
-    return make_float4(fa.x, fa.y, fb.x, fb.y);
+    return moe_bf16x4(reinterpret_cast<const uint2 *>(t)[j4]);
 }
 
 
@@ -523,10 +521,10 @@ kernel_fp8_rescale(const TI *tmp, int N, const float *qs,
         if (qs != NULL) {
             float4 w = reinterpret_cast<const float4 *>(ws)[j4];
 
-            o[0] *= q * w.x;
-            o[1] *= q * w.y;
-            o[2] *= q * w.z;
-            o[3] *= q * w.w;
+            o[0] = moe_fp8_unscale(o[0], q, w.x);
+            o[1] = moe_fp8_unscale(o[1], q, w.y);
+            o[2] = moe_fp8_unscale(o[2], q, w.z);
+            o[3] = moe_fp8_unscale(o[3], q, w.w);
         }
         if (y_bf16) {
             __nv_bfloat16 *y = reinterpret_cast<__nv_bfloat16 *>(Y) + y0;
@@ -598,10 +596,10 @@ fg_silu8(const uint4 *gt, const uint4 *up, const float *ws, int F, int i,
     *reinterpret_cast<float4 *>(uw + 4) = u4[1];
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        float  a = g[2 * j] * (q * gw[2 * j]);
-        float  b = g[2 * j + 1] * (q * gw[2 * j + 1]);
-        float  c = u[2 * j] * (q * uw[2 * j]);
-        float  d = u[2 * j + 1] * (q * uw[2 * j + 1]);
+        float  a = moe_fp8_unscale(g[2 * j], q, gw[2 * j]);
+        float  b = moe_fp8_unscale(g[2 * j + 1], q, gw[2 * j + 1]);
+        float  c = moe_fp8_unscale(u[2 * j], q, uw[2 * j]);
+        float  d = moe_fp8_unscale(u[2 * j + 1], q, uw[2 * j + 1]);
         float2 hf;
 
         hb[j] = __floats2bfloat162_rn(__fdividef(a, 1.0f + __expf(-a)) * c,

@@ -77,21 +77,18 @@ moe_unperm_sum4_q(const __nv_bfloat16 *yq, const float *qh, const float *ws,
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 
     for (int o = 0; o < K; o++) {
-        int            r = ord_row[o];
-        uint2          u = *(reinterpret_cast<const uint2 *>(
-                               yq + (size_t) r * D) + d4);
-        float4         w = *(reinterpret_cast<const float4 *>(
-                               ws + (size_t) ord_e[o] * ws_stride) + d4);
-        __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162 *>(&u.x);
-        __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&u.y);
-        float2         fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
-        float          q = qh[r], wo = ord_w[o];
-        float4         y;
+        int    r = ord_row[o];
+        float4 t = moe_bf16x4(*(reinterpret_cast<const uint2 *>(
+                                    yq + (size_t) r * D) + d4));
+        float4 w = *(reinterpret_cast<const float4 *>(
+                         ws + (size_t) ord_e[o] * ws_stride) + d4);
+        float  q = qh[r], wo = ord_w[o];
+        float4 y;
 
-        y.x = fa.x * (q * w.x);
-        y.y = fa.y * (q * w.y);
-        y.z = fb.x * (q * w.z);
-        y.w = fb.y * (q * w.w);
+        y.x = moe_fp8_unscale(t.x, q, w.x);
+        y.y = moe_fp8_unscale(t.y, q, w.y);
+        y.z = moe_fp8_unscale(t.z, q, w.z);
+        y.w = moe_fp8_unscale(t.w, q, w.w);
         acc.x += y.x * wo;
         acc.y += y.y * wo;
         acc.z += y.z * wo;

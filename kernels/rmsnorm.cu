@@ -1,4 +1,6 @@
 /* RMSNorm (fp32 statistics) fused with the residual add. */
+#include <type_traits>
+
 #include "common.cuh"
 #include "moe_permute.cuh"
 #include "rmsnorm.h"
@@ -159,6 +161,19 @@ moe_rms_nv(int D)
 }
 
 
+/* launch(std::integral_constant<int, NV>()) for NV = moe_rms_nv(D)'s
+ * value nv (1, 2, 4 or 8): each row-norm launcher's one dispatch */
+template <class Launch>
+static cudaError_t
+moe_rms_dispatch(int nv, Launch launch)
+{
+    return nv == 1 ? launch(std::integral_constant<int, 1>())
+           : nv == 2 ? launch(std::integral_constant<int, 2>())
+           : nv == 4 ? launch(std::integral_constant<int, 4>())
+           : launch(std::integral_constant<int, 8>());
+}
+
+
 /*
  * The same with the row held in registers: moe_rms_row (above), NV
  * float4 per thread of a 1024-thread block, so every load of a row is in
@@ -200,16 +215,14 @@ struct moe_rms_q_delta {
     float         q;
     __device__ float4 operator()(int d4) const
     {
-        uint2          u = row[d4];
-        float4         w = ws[d4];
-        __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162 *>(&u.x);
-        __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&u.y);
-        float2         fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
+        float4 t = moe_bf16x4(row[d4]), w = ws[d4];
 
-        /* rounded products (no fma with the residual add that
-         * follows): the rescale pass stores exactly these */
-        return make_float4(__fmul_rn(fa.x, q * w.x), __fmul_rn(fa.y, q * w.y),
-                           __fmul_rn(fb.x, q * w.z), __fmul_rn(fb.y, q * w.w));
+        /* rounded (no fma with the residual add that follows): the
+         * rescale pass's values */
+        return make_float4(moe_fp8_unscale(t.x, q, w.x),
+                           moe_fp8_unscale(t.y, q, w.y),
+                           moe_fp8_unscale(t.z, q, w.z),
+                           moe_fp8_unscale(t.w, q, w.w));
     }
 };
 
@@ -345,12 +358,11 @@ moe_cuda_add_rmsnorm(float *x, const float *delta, const int32_t *rows,
             x, delta, rows, D, w, eps, o, out_f32));
         return MOE_K_OK;
     }
-#define RMS_V(NV)                                                          \
-    moe_launch(kernel_add_rmsnorm_v<NV>, n_rows, MOE_RMS_THREADS, 0,       \
-               stream, x, delta, rows, D, w, eps, o, out_f32)
-    MOE_CUDA_CHECK(nv == 1 ? RMS_V(1) : nv == 2 ? RMS_V(2)
-                   : nv == 4 ? RMS_V(4) : RMS_V(8));
-#undef RMS_V
+    MOE_CUDA_CHECK(moe_rms_dispatch(nv, [&](auto NV) {
+        return moe_launch(kernel_add_rmsnorm_v<decltype(NV)::value>, n_rows,
+                          MOE_RMS_THREADS, 0, stream, x, delta, rows, D, w,
+                          eps, o, out_f32);
+    }));
     return MOE_K_OK;
 }
 
@@ -376,13 +388,11 @@ moe_cuda_unpermute_rmsnorm(float *x, const float *ye, const int32_t *sel,
     if (n_rows <= 0) {
         return MOE_K_OK;
     }
-#define UNPERM_RMS(NV)                                                     \
-    moe_launch(kernel_unpermute_rmsnorm<NV>, n_rows, MOE_RMS_THREADS, 0,   \
-               stream, x, ye, sel, selw, slot_of, K, rows, D, w, eps, o,   \
-               out_f32)
-    MOE_CUDA_CHECK(nv == 1 ? UNPERM_RMS(1) : nv == 2 ? UNPERM_RMS(2)
-                   : nv == 4 ? UNPERM_RMS(4) : UNPERM_RMS(8));
-#undef UNPERM_RMS
+    MOE_CUDA_CHECK(moe_rms_dispatch(nv, [&](auto NV) {
+        return moe_launch(kernel_unpermute_rmsnorm<decltype(NV)::value>, n_rows,
+                          MOE_RMS_THREADS, 0, stream, x, ye, sel, selw,
+                          slot_of, K, rows, D, w, eps, o, out_f32);
+    }));
     return MOE_K_OK;
 }
 
@@ -410,14 +420,14 @@ moe_cuda_unpermute_rmsnorm_q(float *x, const moe_bf16_t *yq, const float *qh,
     if (n_rows <= 0) {
         return MOE_K_OK;
     }
-#define UNPERM_RMS_Q(NV)                                                   \
-    moe_launch(kernel_unpermute_rmsnorm_q<NV>, n_rows, MOE_RMS_THREADS, 0, \
-               stream, x, reinterpret_cast<const __nv_bfloat16 *>(yq), qh, \
-               ws, ws_stride, sel, selw, slot_of, K, rows, D, w, eps, o,   \
-               out_f32)
-    MOE_CUDA_CHECK(nv == 1 ? UNPERM_RMS_Q(1) : nv == 2 ? UNPERM_RMS_Q(2)
-                   : nv == 4 ? UNPERM_RMS_Q(4) : UNPERM_RMS_Q(8));
-#undef UNPERM_RMS_Q
+    const __nv_bfloat16 *y = reinterpret_cast<const __nv_bfloat16 *>(yq);
+
+    MOE_CUDA_CHECK(moe_rms_dispatch(nv, [&](auto NV) {
+        return moe_launch(kernel_unpermute_rmsnorm_q<decltype(NV)::value>, n_rows,
+                          MOE_RMS_THREADS, 0, stream, x, y, qh, ws,
+                          ws_stride, sel, selw, slot_of, K, rows, D, w, eps,
+                          o, out_f32);
+    }));
     return MOE_K_OK;
 }
 
@@ -442,12 +452,12 @@ moe_cuda_add_rmsnorm_q(float *x, const moe_bf16_t *dq, const float *qs,
     if (n_rows <= 0) {
         return MOE_K_OK;
     }
-#define RMS_Q(NV)                                                          \
-    moe_launch(kernel_add_rmsnorm_q<NV>, n_rows, MOE_RMS_THREADS, 0,       \
-               stream, x, reinterpret_cast<const __nv_bfloat16 *>(dq), qs, \
-               ws, rows, D, w, eps, o, out_f32)
-    MOE_CUDA_CHECK(nv == 1 ? RMS_Q(1) : nv == 2 ? RMS_Q(2)
-                   : nv == 4 ? RMS_Q(4) : RMS_Q(8));
-#undef RMS_Q
+    const __nv_bfloat16 *d = reinterpret_cast<const __nv_bfloat16 *>(dq);
+
+    MOE_CUDA_CHECK(moe_rms_dispatch(nv, [&](auto NV) {
+        return moe_launch(kernel_add_rmsnorm_q<decltype(NV)::value>, n_rows,
+                          MOE_RMS_THREADS, 0, stream, x, d, qs, ws, rows, D,
+                          w, eps, o, out_f32);
+    }));
     return MOE_K_OK;
 }

@@ -88,8 +88,9 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
         const float         *ws = src.ws + (size_t) h * hd;
         float                q = src.qs[t];
 
-        x1 = __bfloat162float(yq[i]) * (q * ws[i]);
-        x2 = __bfloat162float(yq[i + half]) * (q * ws[i + half]);
+        x1 = moe_fp8_unscale(__bfloat162float(yq[i]), q, ws[i]);
+        x2 = moe_fp8_unscale(__bfloat162float(yq[i + half]), q,
+                             ws[i + half]);
     } else {
         (void) src;
         x1 = v[i];

@@ -2672,7 +2672,7 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
                                            (const uint8_t *) w->w, tmp, 1,
                                            b->stream));
         if (b->tune.fold_scales && Y == b->dq_allow && ldy == (int) N
-            && (uintptr_t) w->scale % 16 == 0)
+            && N % 4 == 0 && N <= 32768 && (uintptr_t) w->scale % 16 == 0)
         {
             /* its reader scales it (cb_norm: moe_cuda_add_rmsnorm_q;
              * the rope: moe_cuda_rope_kv_q): no fp32 copy written and
@@ -3035,28 +3035,16 @@ cb_norm(cuda_backend_t *b, const float *delta, const int32_t *rows,
                                           out_f32, b->stream);
     }
     if (delta == b->tmp && b->dq_yq != NULL && b->dq_y == b->tmp) {
-        /* tmp was left unscaled by cb_fp8_gemm (dq_allow) */
+        /* tmp was left unscaled by cb_fp8_gemm (dq_allow; it checked
+         * the shape this launch takes) */
         const bf16 *yq = b->dq_yq;
-        int         rc;
 
         b->dq_yq = NULL;
-        rc = moe_cuda_add_rmsnorm_q(b->x, (const moe_bf16_t *) yq, b->dq_qs,
-                                    b->dq_ws, rows, n_rows, b->hp.dim, w,
-                                    b->hp.norm_eps, (moe_bf16_t *) out,
-                                    out_f32, b->stream);
-        if (rc != MOE_EUNSUPPORTED) {
-            return rc;
-        }
-        if (rows != NULL) {
-            moe_cuda_set_error("cuda backend: a deferred fp8 rescale before "
-                               "a row-listed norm");
-            return MOE_EBACKEND;
-        }
-        /* shapes the fused norm refuses: the rescale, then the norm */
-        MOE_TRY(moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) yq,
-                                               n_rows, b->hp.dim, b->dq_qs,
-                                               b->dq_ws, 0, NULL, 1, b->tmp,
-                                               b->hp.dim, b->stream));
+        return moe_cuda_add_rmsnorm_q(b->x, (const moe_bf16_t *) yq,
+                                      b->dq_qs, b->dq_ws, rows, n_rows,
+                                      b->hp.dim, w, b->hp.norm_eps,
+                                      (moe_bf16_t *) out, out_f32,
+                                      b->stream);
     }
     if (b->hp.norm_layer) {
         return moe_cuda_add_layernorm(b->x, delta, rows, n_rows, b->hp.dim,
