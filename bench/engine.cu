@@ -271,6 +271,33 @@ bench_profile(moe_backend_t *b, int enable, double *ms)
 }
 
 
+/* How evenly the last forward spread the experts' rows (rank 0; resets
+ * the counts: call once before the forward to start from zero). */
+static void
+print_routing(moe_backend_t *b, int show)
+{
+    moe_backend_t *r = moe_tp_backend_rank(b, 0);
+    int64_t        st[MOE_CUDA_ROW_STATS];
+
+    moe_cuda_backend_expert_rows(r != NULL ? r : b, st);
+    if (!show || st[0] == 0) {
+        return;
+    }
+    printf("    expert rows per layer: %.0f in all, largest expert %.0f, "
+           "smallest %.0f (means over %lld layers); experts by 64-row "
+           "bucket:", (double) st[1] / st[0], (double) st[2] / st[0],
+           (double) st[3] / st[0], (long long) st[0]);
+    for (int i = 0; i < MOE_CUDA_ROW_STATS - 4; i++) {
+        if (st[4 + i] > 0) {
+            printf(" %d%s:%lld", 64 * i,
+                   i == MOE_CUDA_ROW_STATS - 5 ? "+" : "",
+                   (long long) st[4 + i]);
+        }
+    }
+    printf("\n");
+}
+
+
 /* The all-reduces' share: two per layer, event-timed on rank 0. */
 static void
 print_comm(const char *model, const char *kind, int size, const double *ms,
@@ -585,6 +612,7 @@ bench_model(const shape_t *sh)
         }
         dt = (now_s() - t0) / runs;
         bench_profile(b, 1, NULL);
+        print_routing(b, 0);
         if ((rc = b->forward(b, sb, 1)) != MOE_OK) {
             goto fwd_fail;
         }
@@ -603,6 +631,7 @@ bench_model(const shape_t *sh)
                "weights=%s\n", sh->name, P, P / dt, dt * 1e3, lim * 1e3,
                lim / dt, opt_tp, opt_ep, n_gpus, wname);
         print_stages("", ms, 1);
+        print_routing(b, 1);
         print_comm(sh->name, "prefill", P, ms, 1, sh->layers);
     }
     rc = 0;

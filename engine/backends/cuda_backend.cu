@@ -307,6 +307,7 @@ typedef struct {
     float          *ye;            /* (NK, dim) */
     size_t          qscratch_bytes;
     int64_t         fp8_ffn_layers; /* cb_fp8_ffn runs (tests) */
+    int64_t         row_stats[MOE_CUDA_ROW_STATS]; /* expert_rows */
     moe_fp8_gemm_t *fp8g;          /* cuBLASLt fp8 GEMMs (prefill of fp8
                                       per-channel parts; cb_fp8_gemm) */
     bf16           *qscratch;      /* one packed part dequantized (the
@@ -3352,15 +3353,28 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     MOE_CUDA_CHECK(cudaStreamSynchronize(s));
 
     /* h_counts holds the offsets: expert e owns rows [h[e], h[e + 1]) */
-    for (e = 0; e < E; e++) {
-        int n = b->h_counts[e + 1] - b->h_counts[e];
+    {
+        int64_t *st = b->row_stats;
+        int      lo = T * K, hi = 0;
 
-        r0 = b->h_counts[e];
-        if (n < 0 || r0 < 0 || r0 + n > T * K) {
-            moe_cuda_set_error("expert offsets corrupt (layer %d expert %d: "
-                               "%d)", l, e, n);
-            return MOE_EBACKEND;
+        for (e = 0; e < E; e++) {
+            int n = b->h_counts[e + 1] - b->h_counts[e];
+
+            r0 = b->h_counts[e];
+            if (n < 0 || r0 < 0 || r0 + n > T * K) {
+                moe_cuda_set_error("expert offsets corrupt (layer %d expert "
+                                   "%d: %d)", l, e, n);
+                return MOE_EBACKEND;
+            }
+            lo = n < lo ? n : lo;
+            hi = n > hi ? n : hi;
+            st[4 + (n / 64 < MOE_CUDA_ROW_STATS - 5 ? n / 64
+                                                    : MOE_CUDA_ROW_STATS - 5)]++;
         }
+        st[0]++;
+        st[1] += T * K;
+        st[2] += hi;
+        st[3] += lo;
     }
     MOE_TRY(cb_experts(b, l, T, CB_PATH_BLAS, T, loffs));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
@@ -4089,7 +4103,18 @@ moe_cuda_backend_route_margins(moe_backend_t *base, int T, float *out)
 }
 
 
-extern "C" int64_t
+extern "C" void
+moe_cuda_backend_expert_rows(moe_backend_t *base,
+    int64_t st[MOE_CUDA_ROW_STATS])
+{
+    cuda_backend_t *b = (cuda_backend_t *) base;
+
+    memcpy(st, b->row_stats, sizeof(b->row_stats));
+    memset(b->row_stats, 0, sizeof(b->row_stats));
+}
+
+
+int64_t
 moe_cuda_backend_fp8_ffn_layers(moe_backend_t *base)
 {
     return base != NULL ? ((cuda_backend_t *) base)->fp8_ffn_layers : 0;

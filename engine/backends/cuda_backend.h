@@ -304,6 +304,18 @@ int moe_cuda_backend_last_routing(moe_backend_t *b, int32_t *experts,
  */
 int64_t moe_cuda_backend_fp8_ffn_layers(moe_backend_t *b);
 
+/*
+ * Benchmarks: how evenly the routing spread the rows of the steps that
+ * ran the experts per expert (the per-expert GEMM path, after its host
+ * sync: prefill-sized steps), since the last call, which resets them.
+ * st[0] layer runs, st[1] rows (tokens x top_k), st[2] / st[3] the sums
+ * of each run's largest / smallest expert row count, st[4 + i] experts
+ * given 64 i .. 64 i + 63 rows (the last bucket: that many or more).
+ */
+#define MOE_CUDA_ROW_STATS 36
+void moe_cuda_backend_expert_rows(moe_backend_t *b,
+    int64_t st[MOE_CUDA_ROW_STATS]);
+
 #ifdef __cplusplus
 }
 #endif
