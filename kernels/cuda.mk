@@ -101,6 +101,13 @@ $(BUILD)/bench/dev/%.o: bench/dev/%.cu bench/dev/dev.cuh t/gpu/gpu_util.h \
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Ikernels -It/gpu -c -o $@ $<
 
+# harnesses named after a pass rather than their kernels/ file
+$(BUILD)/bench/dev/silu_quant.o: bench/dev/silu_quant.cu bench/dev/dev.cuh \
+                        t/gpu/gpu_util.h kernels/gemm_fp8.cu \
+                        $(wildcard kernels/*.h kernels/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Ikernels -It/gpu -c -o $@ $<
+
 $(BUILD)/bench/dev/%: $(BUILD)/bench/dev/%.o $(KERNELS_A)
 	$(CC) -o $@ $< $(KERNELS_A) $(CUDA_LDLIBS) -lm
 
