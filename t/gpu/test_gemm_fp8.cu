@@ -629,6 +629,60 @@ end_to_end(moe_fp8_gemm_t *g, int M, int N, int K)
 }
 
 /*
+ * The outputs a fused norm and its two-launch reference write: x updated
+ * in place (fp32, nx values) and the normed rows in bf16 and fp32 (nrd
+ * values each); side 0 is the reference, side 1 the fused launch.  Both
+ * sides start from the same x.
+ */
+typedef struct {
+    size_t sz[3];
+    void  *d[2][3];
+} norm_pair_t;
+
+static void
+norm_pair_init(norm_pair_t *p, const float *x, size_t nx, size_t nrd)
+{
+    p->sz[0] = 4 * nx;
+    p->sz[1] = 2 * nrd;
+    p->sz[2] = 4 * nrd;
+    for (int v = 0; v < 2; v++) {
+        p->d[v][0] = gu_up(x, p->sz[0]);
+        p->d[v][1] = gu_dev(p->sz[1]);
+        p->d[v][2] = gu_dev(p->sz[2]);
+    }
+}
+
+
+/* Copies both sides down and frees them; returns how many of the three
+ * outputs differ anywhere, plus 1 if the reference left x as it was (a
+ * step that did nothing would otherwise pass). */
+static int
+norm_pair_compare(norm_pair_t *p, const float *x)
+{
+    void *h[2][3];
+    int   bad = 0;
+
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 3; i++) {
+            h[v][i] = malloc(p->sz[i]);
+            gu_down(h[v][i], p->d[v][i], p->sz[i]);
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        bad += memcmp(h[0][i], h[1][i], p->sz[i]) != 0;
+    }
+    bad += memcmp(h[0][0], x, p->sz[0]) == 0;
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 3; i++) {
+            cudaFree(p->d[v][i]);
+            free(h[v][i]);
+        }
+    }
+    return bad;
+}
+
+
+/*
  * moe_cuda_unpermute_rmsnorm_q against the two launches it replaces:
  * T tokens' top-K of E experts (distinct per token) permuted on the
  * device; bf16 unscaled down products yq (T K, D), row scales qh, channel
@@ -649,8 +703,7 @@ test_unpermute_q(int T, int D, int E, int K, int with_rows)
     uint16_t *yq = (uint16_t *) malloc(2 * (size_t) n * D);
     int32_t  *sel = (int32_t *) malloc(4 * (size_t) n);
     int32_t  *rows = (int32_t *) malloc(4 * (size_t) T);
-    size_t    osz[3] = { 4 * nx, 2 * (size_t) nr * D, 4 * (size_t) nr * D };
-    void     *dv[2][3], *hv[2][3];
+    norm_pair_t np;
 
     for (size_t i = 0; i < nx; i++) {
         x[i] = gu_uniform();
@@ -699,47 +752,27 @@ test_unpermute_q(int T, int D, int E, int K, int with_rows)
     float   *d_ye = (float *) gu_dev(4 * (size_t) n * D);
     const int32_t *rl = with_rows ? d_rows : NULL;
 
-    for (int v = 0; v < 2; v++) {
-        dv[v][0] = gu_up(x, 4 * nx);
-        dv[v][1] = gu_dev(osz[1]);
-        dv[v][2] = gu_dev(osz[2]);
-    }
+    norm_pair_init(&np, x, nx, (size_t) nr * D);
     rc |= moe_cuda_moe_permute(d_sel, n, E, d_offs, d_erow, d_slot, NULL, 0);
     rc |= moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) d_yq, n, D,
                                          d_qh, d_ws, (size_t) D, d_offs, E,
                                          d_ye, D, 0);
-    rc |= moe_cuda_unpermute_rmsnorm((float *) dv[0][0], d_ye, d_sel, d_selw,
-                                     d_slot, K, rl, nr, D, d_w, 1e-5f,
-                                     (moe_bf16_t *) dv[0][1],
-                                     (float *) dv[0][2], 0);
-    rc |= moe_cuda_unpermute_rmsnorm_q((float *) dv[1][0],
+    rc |= moe_cuda_unpermute_rmsnorm((float *) np.d[0][0], d_ye, d_sel,
+                                     d_selw, d_slot, K, rl, nr, D, d_w,
+                                     1e-5f, (moe_bf16_t *) np.d[0][1],
+                                     (float *) np.d[0][2], 0);
+    rc |= moe_cuda_unpermute_rmsnorm_q((float *) np.d[1][0],
                                        (const moe_bf16_t *) d_yq, d_qh, d_ws,
                                        (size_t) D, d_sel, d_selw, d_slot, K,
                                        rl, nr, D, d_w, 1e-5f,
-                                       (moe_bf16_t *) dv[1][1],
-                                       (float *) dv[1][2], 0);
+                                       (moe_bf16_t *) np.d[1][1],
+                                       (float *) np.d[1][2], 0);
     int ok = gu_sync_ok(rc, "unpermute_rmsnorm_q");
 
-    for (int v = 0; v < 2; v++) {
-        for (int i = 0; i < 3; i++) {
-            hv[v][i] = malloc(osz[i]);
-            gu_down(hv[v][i], dv[v][i], osz[i]);
-        }
-    }
-    for (int i = 0; i < 3; i++) {
-        bad += memcmp(hv[0][i], hv[1][i], osz[i]) != 0;
-    }
-    /* the reference moved x (a routing that did nothing would pass) */
-    bad += memcmp(hv[0][0], x, osz[0]) == 0;
+    bad = norm_pair_compare(&np, x);
     TAP_OK(ok && bad == 0, "unpermute_rmsnorm_q T %d D %d E %d top-%d rows "
            "%d: == fp8 rescale by group + unpermute_rmsnorm, bit for bit "
            "(%d differences)", T, D, E, K, with_rows, bad);
-    for (int v = 0; v < 2; v++) {
-        for (int i = 0; i < 3; i++) {
-            cudaFree(dv[v][i]);
-            free(hv[v][i]);
-        }
-    }
     cudaFree(d_sel); cudaFree(d_rows); cudaFree(d_offs); cudaFree(d_erow);
     cudaFree(d_slot); cudaFree(d_w); cudaFree(d_ws); cudaFree(d_qh);
     cudaFree(d_selw); cudaFree(d_yq); cudaFree(d_ye);
@@ -765,8 +798,7 @@ test_add_rmsnorm_q(int T, int D, int with_rows)
     float    *qs = (float *) malloc(4 * (size_t) T);
     uint16_t *dq = (uint16_t *) malloc(2 * nx);
     int32_t  *rows = (int32_t *) malloc(4 * (size_t) T);
-    size_t    osz[3] = { 4 * nx, 2 * (size_t) nr * D, 4 * (size_t) nr * D };
-    void     *dv[2][3], *hv[2][3];
+    norm_pair_t np;
 
     for (size_t i = 0; i < nx; i++) {
         x[i] = gu_uniform();
@@ -790,41 +822,23 @@ test_add_rmsnorm_q(int T, int D, int with_rows)
     float   *d_tmp = (float *) gu_dev(4 * nx);
     const int32_t *rl = with_rows ? d_rows : NULL;
 
-    for (int v = 0; v < 2; v++) {
-        dv[v][0] = gu_up(x, 4 * nx);
-        dv[v][1] = gu_dev(osz[1]);
-        dv[v][2] = gu_dev(osz[2]);
-    }
+    norm_pair_init(&np, x, nx, (size_t) nr * D);
     rc |= moe_cuda_fp8_rescale_rows_bf16((const moe_bf16_t *) d_dq, T, D,
                                          d_qs, d_ws, 0, NULL, 1, d_tmp, D, 0);
-    rc |= moe_cuda_add_rmsnorm((float *) dv[0][0], d_tmp, rl, nr, D, d_w,
-                               1e-5f, (moe_bf16_t *) dv[0][1],
-                               (float *) dv[0][2], 0);
-    rc |= moe_cuda_add_rmsnorm_q((float *) dv[1][0],
+    rc |= moe_cuda_add_rmsnorm((float *) np.d[0][0], d_tmp, rl, nr, D, d_w,
+                               1e-5f, (moe_bf16_t *) np.d[0][1],
+                               (float *) np.d[0][2], 0);
+    rc |= moe_cuda_add_rmsnorm_q((float *) np.d[1][0],
                                  (const moe_bf16_t *) d_dq, d_qs, d_ws, rl,
-                                 nr, D, d_w, 1e-5f, (moe_bf16_t *) dv[1][1],
-                                 (float *) dv[1][2], 0);
+                                 nr, D, d_w, 1e-5f,
+                                 (moe_bf16_t *) np.d[1][1],
+                                 (float *) np.d[1][2], 0);
     int ok = gu_sync_ok(rc, "add_rmsnorm_q");
 
-    for (int v = 0; v < 2; v++) {
-        for (int i = 0; i < 3; i++) {
-            hv[v][i] = malloc(osz[i]);
-            gu_down(hv[v][i], dv[v][i], osz[i]);
-        }
-    }
-    for (int i = 0; i < 3; i++) {
-        bad += memcmp(hv[0][i], hv[1][i], osz[i]) != 0;
-    }
-    bad += memcmp(hv[0][0], x, osz[0]) == 0;
+    bad = norm_pair_compare(&np, x);
     TAP_OK(ok && bad == 0, "add_rmsnorm_q T %d D %d rows %d: == fp8 rescale "
            "+ add_rmsnorm, bit for bit (%d differences)", T, D, with_rows,
            bad);
-    for (int v = 0; v < 2; v++) {
-        for (int i = 0; i < 3; i++) {
-            cudaFree(dv[v][i]);
-            free(hv[v][i]);
-        }
-    }
     cudaFree(d_rows); cudaFree(d_w); cudaFree(d_ws); cudaFree(d_qs);
     cudaFree(d_dq); cudaFree(d_tmp);
     free(x); free(w); free(ws); free(qs); free(dq); free(rows);
