@@ -108,6 +108,11 @@ $(BUILD)/bench/dev/silu_quant.o: bench/dev/silu_quant.cu bench/dev/dev.cuh \
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Ikernels -It/gpu -c -o $@ $<
 
+$(BUILD)/bench/dev/wg_ggemm.o: bench/dev/wg_ggemm.cu bench/dev/dev.cuh \
+                        t/gpu/gpu_util.h $(wildcard kernels/*.h kernels/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Ikernels -It/gpu -c -o $@ $<
+
 $(BUILD)/bench/dev/%: $(BUILD)/bench/dev/%.o $(KERNELS_A)
 	$(CC) -o $@ $< $(KERNELS_A) $(CUDA_LDLIBS) -lm
 
