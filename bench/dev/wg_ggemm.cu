@@ -15,11 +15,14 @@
  * of 128 bytes loaded with cp.async (16-byte chunks, the 128-byte
  * swizzle: chunk c of row r at c ^ (r & 7)) into ST stages, DIST tiles
  * ahead, so that the wgmma of one tile runs while the next ones load;
- * MINB CTAs per SM.  Tile order: expert,
+ * MINB CTAs per SM.  kernel_dev_wg_ggemm_tma: the same tiles fed by TMA
+ * from a producer warp through mbarriers (see there).  Tile order: expert,
  * then column tile, then row tile (an expert's rows stay in L2 while its
  * weights stream once).  K % 128 == 0, N % 256 == 0.
  * Usage: build/bench/dev/wg_ggemm
  */
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_fp8.h>
 
 #include "common.cuh"
@@ -290,6 +293,243 @@ kernel_dev_wg_ggemm(const uint8_t *Q, const uint8_t *W, size_t wstride,
 }
 
 
+/* ---- the TMA + warp-specialised instance ---- */
+
+/*
+ * kernel_dev_wg_ggemm_tma: the same tiles (128 rows x 256 columns, tile
+ * order expert, column tile, row tile), three warpgroups: warpgroup 0's
+ * first thread is the producer (TMA 2-d tile loads, 128-byte swizzle,
+ * of the A rows and B rows of a K tile into stage s, completing on
+ * full[s] with the byte count), warpgroups 1 and 2 the consumers (64 rows
+ * each: wait full[s], 8 wgmma m64n128k32, release the previous stage on
+ * empty[] once its wgmma are done).  No block-wide barrier in the loop.
+ * A rows past the expert's are other rows of Q (or TMA's zero fill past
+ * Q's end): their results are not stored.
+ */
+#define WT_ST  4
+#define WT_NT  384
+#define WT_SMEM (WT_ST * (WG_BM + 256) * WG_BK + 1024)
+
+__device__ __forceinline__ void
+wt_mbar_init(uint64_t *b, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n"
+                 :: "r"((uint32_t) __cvta_generic_to_shared(b)), "r"(count)
+                 : "memory");
+}
+
+
+__device__ __forceinline__ void
+wt_mbar_wait(uint64_t *b, int parity)
+{
+    uint32_t a = (uint32_t) __cvta_generic_to_shared(b);
+
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "WT_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WT_WAIT;\n"
+        "}\n" :: "r"(a), "r"(parity) : "memory");
+}
+
+
+__device__ __forceinline__ void
+wt_mbar_arrive(uint64_t *b)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n"
+                 :: "r"((uint32_t) __cvta_generic_to_shared(b)) : "memory");
+}
+
+
+__device__ __forceinline__ void
+wt_mbar_expect(uint64_t *b, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
+                 :: "r"((uint32_t) __cvta_generic_to_shared(b)), "r"(bytes)
+                 : "memory");
+}
+
+
+/* a box of the 2-d map at (c0 = byte along K, c1 = row) into dst,
+ * completing on bar */
+__device__ __forceinline__ void
+wt_tma_2d(void *dst, const CUtensorMap *map, int c0, int c1, uint64_t *bar)
+{
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::"
+        "complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        :: "r"((uint32_t) __cvta_generic_to_shared(dst)),
+           "l"((uint64_t) map), "r"(c0), "r"(c1),
+           "r"((uint32_t) __cvta_generic_to_shared(bar))
+        : "memory");
+}
+
+
+__global__ void __launch_bounds__(WT_NT, 1)
+kernel_dev_wg_ggemm_tma(const __grid_constant__ CUtensorMap mq,
+    const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
+    int N, int K, __nv_bfloat16 *Y)
+{
+    extern __shared__ unsigned char wg_sm_raw[];
+    unsigned char *sm = (unsigned char *)
+        (((uintptr_t) wg_sm_raw + 1023) & ~(uintptr_t) 1023);
+    __shared__ __align__(8) uint64_t full[WT_ST], empty[WT_ST];
+    const int tid = threadIdx.x, ntn = N / 256;
+    int       bid = blockIdx.x, e = 0, mtiles = 0, rows = 0;
+
+    for (e = 0; e < E; e++) {
+        rows = offs[e + 1] - offs[e];
+        mtiles = (rows + WG_BM - 1) / WG_BM;
+        if (bid < mtiles * ntn) {
+            break;
+        }
+        bid -= mtiles * ntn;
+    }
+    if (e == E) {
+        return;
+    }
+
+    const int nt = bid / mtiles, mt = bid % mtiles;
+    const int r0 = offs[e] - offs[0] + mt * WG_BM;
+    const int mrows = min(WG_BM, rows - mt * WG_BM);
+    const int nk = K / WG_BK;
+    const int stage_bytes = (WG_BM + 256) * WG_BK;
+
+    if (tid == 0) {
+        for (int s = 0; s < WT_ST; s++) {
+            wt_mbar_init(&full[s], 1);
+            wt_mbar_init(&empty[s], 2);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (tid < 128) {
+        /* producer */
+        if (tid == 0) {
+            for (int kt = 0; kt < nk; kt++) {
+                const int s = kt % WT_ST;
+
+                if (kt >= WT_ST) {
+                    wt_mbar_wait(&empty[s], ((kt / WT_ST) - 1) & 1);
+                }
+                wt_mbar_expect(&full[s], (uint32_t) stage_bytes);
+                wt_tma_2d(sm + s * stage_bytes, &mq, kt * WG_BK, r0,
+                          &full[s]);
+                wt_tma_2d(sm + s * stage_bytes + WG_BM * WG_BK, &mw,
+                          kt * WG_BK, e * N + nt * 256, &full[s]);
+            }
+        }
+        return;
+    }
+
+    const int cw = (tid >> 7) - 1;      /* consumer: rows 64 cw .. */
+    float     d[2][64];
+
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int i = 0; i < 64; i++) {
+            d[h][i] = 0.0f;
+        }
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        const int s = kt % WT_ST;
+        const unsigned char *sa = sm + s * stage_bytes + cw * 64 * WG_BK;
+        const unsigned char *sb = sm + s * stage_bytes + WG_BM * WG_BK;
+        const uint64_t da = wg_desc(sa), db0 = wg_desc(sb),
+                       db1 = wg_desc(sb + 128 * WG_BK);
+
+        wt_mbar_wait(&full[s], (kt / WT_ST) & 1);
+        wg_fence_regs(d[0]);
+        wg_fence_regs(d[1]);
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < WG_BK / 32; ks++) {
+            wg_mma_e4m3_n128(d[0], da + 2 * ks, db0 + 2 * ks);
+            wg_mma_e4m3_n128(d[1], da + 2 * ks, db1 + 2 * ks);
+        }
+        wg_commit();
+        wg_fence_regs(d[0]);
+        wg_fence_regs(d[1]);
+        wg_wait<1>();                   /* tile kt - 1's wgmma done */
+        if (kt > 0 && (tid & 127) == 0) {
+            wt_mbar_arrive(&empty[(kt - 1) % WT_ST]);
+        }
+    }
+    wg_wait<0>();
+    wg_fence_regs(d[0]);
+    wg_fence_regs(d[1]);
+    {
+        const int lane = tid & 31, w = (tid >> 5) & 3;
+        const int ra = 64 * cw + 16 * w + (lane >> 2);
+
+#pragma unroll
+        for (int v = 0; v < 2; v++) {
+            const int r = ra + 8 * v;
+
+            if (r < mrows) {
+                __nv_bfloat16 *y = Y + (size_t) (r0 + r) * N
+                                   + (size_t) nt * 256 + 2 * (lane & 3);
+
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+#pragma unroll
+                    for (int j = 0; j < 16; j++) {
+                        __nv_bfloat162 p = __floats2bfloat162_rn(
+                            d[h][4 * j + 2 * v], d[h][4 * j + 2 * v + 1]);
+
+                        *reinterpret_cast<__nv_bfloat162 *>(
+                            y + 128 * h + 8 * j) = p;
+                    }
+                }
+            }
+        }
+    }
+}
+
+
+/* A 2-d e4m3 tensor map: rows of K bytes, boxes of box_rows x 128 bytes,
+ * 128-byte swizzle, zeros past the end; exits on failure (a dev tool). */
+static CUtensorMap
+wt_map(const void *base, size_t rows, int K, int box_rows)
+{
+    static PFN_cuTensorMapEncodeTiled_v12000 enc = NULL;
+    CUtensorMap                              m;
+    cuuint64_t                               dim[2] = { (cuuint64_t) K,
+                                                        rows };
+    cuuint64_t                               stride[1] = {
+                                                 (cuuint64_t) K };
+    cuuint32_t                               box[2] = {
+                                                 128, (cuuint32_t) box_rows };
+    cuuint32_t                               es[2] = { 1, 1 };
+
+    if (enc == NULL) {
+        cudaDriverEntryPointQueryResult q;
+
+        DEV_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled",
+                                                   (void **) &enc, 12000,
+                                                   cudaEnableDefault, &q));
+        if (enc == NULL || q != cudaDriverEntryPointSuccess) {
+            fprintf(stderr, "no cuTensorMapEncodeTiled\n");
+            exit(2);
+        }
+    }
+    CUresult r = enc(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *) base,
+                     dim, stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                     CU_TENSOR_MAP_SWIZZLE_128B,
+                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "cuTensorMapEncodeTiled: %d\n", (int) r);
+        exit(2);
+    }
+    return m;
+}
+
+
 /* Relative RMS difference of two bf16 arrays on the device (n values). */
 static double
 wg_diff(const void *a, const void *b, size_t n)
@@ -389,6 +629,31 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
     WG_V(128, 3, 1, 2);
     WG_V(128, 6, 4, 1);
 #undef WG_V
+    if (N % 256 == 0) {
+        CUtensorMap mq = wt_map(q, (size_t) n, K, WG_BM);
+        CUtensorMap mw = wt_map(w, (size_t) E * N, K, 256);
+
+        DEV_CHECK(cudaMemset(y1, 0, (size_t) n * N * 2));
+        DEV_CHECK(cudaFuncSetAttribute(kernel_dev_wg_ggemm_tma,
+                      cudaFuncAttributeMaxDynamicSharedMemorySize, WT_SMEM));
+        ms1 = dev_time(5, [&]() {
+            kernel_dev_wg_ggemm_tma<<<(unsigned) (mtiles * (N / 256)),
+                                      WT_NT, WT_SMEM>>>(mq, mw, doffs, E, N,
+                                                        K, (__nv_bfloat16 *)
+                                                        y1);
+            return (int) cudaGetLastError();
+        });
+        DEV_CHECK(cudaDeviceSynchronize());
+        double err = wg_diff(y0, y1, (size_t) n * N);
+
+        printf("  %-26s wgmma TMA, producer warp, BN 256 %8.1f us %6.0f "
+               "TFLOP/s %5.1f%%  diff %.2e %s\n", "", ms1 * 1e3,
+               flops / ms1 / 1e9, 100.0 * flops / ms1 / 1e9 / peak, err,
+               err <= 1e-2 ? "ok" : "FAIL");
+        printf("RESULT kind=wg_ggemm case=\"%s\" variant=wgmma_tma_ws "
+               "us=%.1f diff=%.3e\n", name, ms1 * 1e3, err);
+        dev_failed |= !(err <= 1e-2);
+    }
     cudaFree(q);
     cudaFree(w);
     cudaFree(doffs);
