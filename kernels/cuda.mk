@@ -13,9 +13,12 @@
 #                   build/gpu/test_share
 #   make bench-dev  the kernel dev harness (bench/dev/*.cu):
 #                   build/bench/dev/attention, .../moe_gemv,
-#                   .../moe_ggemm, .../quant_gemv; each
-#                   runs the shipped launcher against the variants that do
-#                   not ship (kernels/TUNING.md)
+#                   .../moe_ggemm, .../quant_gemv, .../gemm_fp8,
+#                   .../silu_quant; each runs the shipped launcher
+#                   against the variants that do not ship
+#                   (kernels/TUNING.md); .../wg_ggemm times a grouped
+#                   wgmma GEMM against the per-expert cuBLASLt calls;
+#                   libktrace.so records a kernel timeline
 #
 
 CUDA_LIBDIR  := $(CUDA_HOME)/lib64
