@@ -130,13 +130,80 @@ wg_fence_regs(float *d)
 }
 
 
-__device__ __forceinline__ void
-wg_cp16(void *dst, const void *src, int n)
+/* byte pointers as moe_cp_async16's (16 bytes copied, any type) */
+__device__ __forceinline__ __nv_bfloat16 *
+wg_b16(unsigned char *p)
 {
-    uint32_t s = (uint32_t) __cvta_generic_to_shared(dst);
+    return reinterpret_cast<__nv_bfloat16 *>(p);
+}
 
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(s), "l"(src), "r"(n) : "memory");
+__device__ __forceinline__ const __nv_bfloat16 *
+wg_b16(const uint8_t *p)
+{
+    return reinterpret_cast<const __nv_bfloat16 *>(p);
+}
+
+
+/* A CTA's tile: bid over (expert, column tile of bn, row tile of
+ * WG_BM) in that order; its expert e, column tile nt, first row r0 (from
+ * offs[0]) and rows mrows.  0 past the last tile. */
+struct wg_tile_t {
+    int e, nt, r0, mrows;
+};
+
+__device__ __forceinline__ int
+wg_tile(const int32_t *offs, int E, int ntn, int bid, wg_tile_t *t)
+{
+    for (int e = 0; e < E; e++) {
+        int rows = offs[e + 1] - offs[e];
+        int mtiles = (rows + WG_BM - 1) / WG_BM;
+
+        if (bid < mtiles * ntn) {
+            int mt = bid % mtiles;
+
+            t->e = e;
+            t->nt = bid / mtiles;
+            t->r0 = offs[e] - offs[0] + mt * WG_BM;
+            t->mrows = min(WG_BM, rows - mt * WG_BM);
+            return 1;
+        }
+        bid -= mtiles * ntn;
+    }
+    return 0;
+}
+
+
+/* A consumer warpgroup's accumulators d[h] (columns 128 h ..) as bf16
+ * into Y: d[h][4 j + c + 2 v] is row 64 wg + 16 warp + lane / 4 + 8 v of
+ * the tile, column c0 + 128 h + 8 j + 2 (lane % 4) + c; rows past mrows
+ * are not stored. */
+template <int NH>
+__device__ __forceinline__ void
+wg_store(float (*d)[64], int wg, const wg_tile_t *t, int N, int c0,
+    __nv_bfloat16 *Y)
+{
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
+    const int ra = 64 * wg + 16 * w + (lane >> 2);
+
+#pragma unroll
+    for (int v = 0; v < 2; v++) {
+        const int r = ra + 8 * v;
+
+        if (r < t->mrows) {
+            __nv_bfloat16 *y = Y + (size_t) (t->r0 + r) * N + c0
+                               + 2 * (lane & 3);
+
+#pragma unroll
+            for (int h = 0; h < NH; h++) {
+#pragma unroll
+                for (int j = 0; j < 16; j++) {
+                    *reinterpret_cast<__nv_bfloat162 *>(y + 128 * h + 8 * j)
+                        = __floats2bfloat162_rn(d[h][4 * j + 2 * v],
+                                                d[h][4 * j + 2 * v + 1]);
+                }
+            }
+        }
+    }
 }
 
 
@@ -151,27 +218,17 @@ kernel_dev_wg_ggemm(const uint8_t *Q, const uint8_t *W, size_t wstride,
     extern __shared__ unsigned char wg_sm_raw[];
     unsigned char *sm = (unsigned char *)
         (((uintptr_t) wg_sm_raw + 1023) & ~(uintptr_t) 1023);
-    const int tid = threadIdx.x, ntn = N / WG_BN;
-    int       bid = blockIdx.x, e = 0, mtiles = 0, rows = 0;
+    const int tid = threadIdx.x;
+    wg_tile_t t;
 
-    /* the tile: expert, column tile, row tile */
-    for (e = 0; e < E; e++) {
-        rows = offs[e + 1] - offs[e];
-        mtiles = (rows + WG_BM - 1) / WG_BM;
-        if (bid < mtiles * ntn) {
-            break;
-        }
-        bid -= mtiles * ntn;
-    }
-    if (e == E) {
+    if (!wg_tile(offs, E, N / WG_BN, blockIdx.x, &t)) {
         return;                         /* past the last tile */
     }
 
-    const int nt = bid / mtiles, mt = bid % mtiles;
-    const int r0 = offs[e] - offs[0] + mt * WG_BM;
-    const int mrows = min(WG_BM, rows - mt * WG_BM);
+    const int r0 = t.r0, mrows = t.mrows, nt = t.nt;
     const uint8_t *qa = Q + (size_t) r0 * K;
-    const uint8_t *wb = W + (size_t) e * wstride + (size_t) nt * WG_BN * K;
+    const uint8_t *wb = W + (size_t) t.e * wstride
+                        + (size_t) nt * WG_BN * K;
     const int nk = K / WG_BK;
 
     auto load = [&](int kt, int st) {
@@ -179,21 +236,23 @@ kernel_dev_wg_ggemm(const uint8_t *Q, const uint8_t *W, size_t wstride,
         unsigned char *sb = sa + WG_BM * WG_BK;
         const size_t   k0 = (size_t) kt * WG_BK;
 
+        /* 16-byte chunk ch of row r to its 128-byte swizzled place
+         * (chunk ch ^ (r & 7)); A rows past mrows as zeros */
 #pragma unroll
         for (int i = 0; i < WG_BM * 8 / WG_NT; i++) {
             int c = tid + i * WG_NT, r = c >> 3, ch = c & 7;
             int ok = r < mrows;
 
-            wg_cp16(sa + r * 128 + ((ch ^ (r & 7)) << 4),
-                    ok ? qa + (size_t) r * K + k0 + ch * 16 : qa,
-                    ok ? 16 : 0);
+            moe_cp_async16(wg_b16(sa + r * 128 + ((ch ^ (r & 7)) << 4)),
+                           wg_b16(ok ? qa + (size_t) r * K + k0 + ch * 16
+                                     : qa), ok ? 16 : 0);
         }
 #pragma unroll
         for (int i = 0; i < WG_BN * 8 / WG_NT; i++) {
             int c = tid + i * WG_NT, r = c >> 3, ch = c & 7;
 
-            wg_cp16(sb + r * 128 + ((ch ^ (r & 7)) << 4),
-                    wb + (size_t) r * K + k0 + ch * 16, 16);
+            moe_cp_async16(wg_b16(sb + r * 128 + ((ch ^ (r & 7)) << 4)),
+                           wg_b16(wb + (size_t) r * K + k0 + ch * 16), 16);
         }
     };
 
@@ -262,34 +321,7 @@ kernel_dev_wg_ggemm(const uint8_t *Q, const uint8_t *W, size_t wstride,
         wg_fence_regs(d[h]);
     }
 
-    /* d[h][4 j + c + 2 v]: row 64 wg + 16 warp + lane / 4 + 8 v, column
-     * 128 h + 8 j + 2 (lane % 4) + c */
-    {
-        const int lane = tid & 31, w = (tid >> 5) & 3;
-        const int ra = 64 * wg + 16 * w + (lane >> 2);
-
-#pragma unroll
-        for (int v = 0; v < 2; v++) {
-            const int r = ra + 8 * v;
-
-            if (r < mrows) {
-                __nv_bfloat16 *y = Y + (size_t) (r0 + r) * N
-                                   + (size_t) nt * WG_BN + 2 * (lane & 3);
-
-#pragma unroll
-                for (int h = 0; h < NH; h++) {
-#pragma unroll
-                    for (int j = 0; j < 16; j++) {
-                        __nv_bfloat162 p = __floats2bfloat162_rn(
-                            d[h][4 * j + 2 * v], d[h][4 * j + 2 * v + 1]);
-
-                        *reinterpret_cast<__nv_bfloat162 *>(
-                            y + 128 * h + 8 * j) = p;
-                    }
-                }
-            }
-        }
-    }
+    wg_store<NH>(d, wg, &t, N, nt * WG_BN, Y);
 }
 
 
@@ -375,24 +407,13 @@ kernel_dev_wg_ggemm_tma(const __grid_constant__ CUtensorMap mq,
     unsigned char *sm = (unsigned char *)
         (((uintptr_t) wg_sm_raw + 1023) & ~(uintptr_t) 1023);
     __shared__ __align__(8) uint64_t full[WT_ST], empty[WT_ST];
-    const int tid = threadIdx.x, ntn = N / 256;
-    int       bid = blockIdx.x, e = 0, mtiles = 0, rows = 0;
+    const int tid = threadIdx.x;
+    wg_tile_t t;
 
-    for (e = 0; e < E; e++) {
-        rows = offs[e + 1] - offs[e];
-        mtiles = (rows + WG_BM - 1) / WG_BM;
-        if (bid < mtiles * ntn) {
-            break;
-        }
-        bid -= mtiles * ntn;
-    }
-    if (e == E) {
+    if (!wg_tile(offs, E, N / 256, blockIdx.x, &t)) {
         return;
     }
 
-    const int nt = bid / mtiles, mt = bid % mtiles;
-    const int r0 = offs[e] - offs[0] + mt * WG_BM;
-    const int mrows = min(WG_BM, rows - mt * WG_BM);
     const int nk = K / WG_BK;
     const int stage_bytes = (WG_BM + 256) * WG_BK;
 
@@ -415,10 +436,10 @@ kernel_dev_wg_ggemm_tma(const __grid_constant__ CUtensorMap mq,
                     wt_mbar_wait(&empty[s], ((kt / WT_ST) - 1) & 1);
                 }
                 wt_mbar_expect(&full[s], (uint32_t) stage_bytes);
-                wt_tma_2d(sm + s * stage_bytes, &mq, kt * WG_BK, r0,
+                wt_tma_2d(sm + s * stage_bytes, &mq, kt * WG_BK, t.r0,
                           &full[s]);
                 wt_tma_2d(sm + s * stage_bytes + WG_BM * WG_BK, &mw,
-                          kt * WG_BK, e * N + nt * 256, &full[s]);
+                          kt * WG_BK, t.e * N + t.nt * 256, &full[s]);
             }
         }
         return;
@@ -461,32 +482,7 @@ kernel_dev_wg_ggemm_tma(const __grid_constant__ CUtensorMap mq,
     wg_wait<0>();
     wg_fence_regs(d[0]);
     wg_fence_regs(d[1]);
-    {
-        const int lane = tid & 31, w = (tid >> 5) & 3;
-        const int ra = 64 * cw + 16 * w + (lane >> 2);
-
-#pragma unroll
-        for (int v = 0; v < 2; v++) {
-            const int r = ra + 8 * v;
-
-            if (r < mrows) {
-                __nv_bfloat16 *y = Y + (size_t) (r0 + r) * N
-                                   + (size_t) nt * 256 + 2 * (lane & 3);
-
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-#pragma unroll
-                    for (int j = 0; j < 16; j++) {
-                        __nv_bfloat162 p = __floats2bfloat162_rn(
-                            d[h][4 * j + 2 * v], d[h][4 * j + 2 * v + 1]);
-
-                        *reinterpret_cast<__nv_bfloat162 *>(
-                            y + 128 * h + 8 * j) = p;
-                    }
-                }
-            }
-        }
-    }
+    wg_store<2>(d, cw, &t, N, t.nt * 256, Y);
 }
 
 
@@ -527,14 +523,6 @@ wt_map(const void *base, size_t rows, int K, int box_rows)
         exit(2);
     }
     return m;
-}
-
-
-/* Relative RMS difference of two bf16 arrays on the device (n values). */
-static double
-wg_diff(const void *a, const void *b, size_t n)
-{
-    return dev_diff(a, b, n, 1);
 }
 
 
@@ -600,30 +588,40 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
     printf("RESULT kind=wg_ggemm case=\"%s\" variant=cublaslt N=%d K=%d "
            "rows=%d us=%.1f\n", name, N, K, n, ms0 * 1e3);
 
-    /* the grouped wgmma instances: BN, stages, tiles in flight ahead,
-     * CTAs per SM */
+    /* one grouped instance: launch() into y1 timed, checked against y0,
+     * a table line (label) and a RESULT line (variant tag) */
+    auto run = [&](const char *label, const char *tag, auto launch) {
+        DEV_CHECK(cudaMemset(y1, 0, (size_t) n * N * 2));
+        ms1 = dev_time(5, [&]() {
+            launch();
+            return (int) cudaGetLastError();
+        });
+        DEV_CHECK(cudaDeviceSynchronize());
+
+        double err = dev_diff(y0, y1, (size_t) n * N, 1);
+
+        printf("  %-26s %-34s %8.1f us %6.0f TFLOP/s %5.1f%%  diff %.2e "
+               "%s\n", "", label, ms1 * 1e3, flops / ms1 / 1e9,
+               100.0 * flops / ms1 / 1e9 / peak, err,
+               err <= 1e-2 ? "ok" : "FAIL");
+        printf("RESULT kind=wg_ggemm case=\"%s\" variant=%s us=%.1f "
+               "diff=%.3e\n", name, tag, ms1 * 1e3, err);
+        dev_failed |= !(err <= 1e-2);
+    };
+
+    /* the multistage instances: BN, stages, tiles in flight ahead, CTAs
+     * per SM */
 #define WG_V(BN, ST, DIST, MINB)                                             \
     do {                                                                     \
         auto kf = kernel_dev_wg_ggemm<BN, ST, DIST, MINB>;                   \
-        DEV_CHECK(cudaMemset(y1, 0, (size_t) n * N * 2));                    \
         DEV_CHECK(cudaFuncSetAttribute(kf,                                   \
             cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem(BN, ST)));  \
-        ms1 = dev_time(5, [&]() {                                            \
-            kf<<<(unsigned) (mtiles * (N / BN)), WG_NT, wg_smem(BN, ST)>>>(  \
-                q, w, ws, doffs, E, N, K, (__nv_bfloat16 *) y1);             \
-            return (int) cudaGetLastError();                                 \
-        });                                                                  \
-        DEV_CHECK(cudaDeviceSynchronize());                                  \
-        double err = wg_diff(y0, y1, (size_t) n * N);                        \
-        printf("  %-26s wgmma BN %d st %d ahead %d %d/SM %8.1f us %6.0f "     \
-               "TFLOP/s %5.1f%%  diff %.2e %s\n", "", BN, ST, DIST, MINB,    \
-               ms1 * 1e3, flops / ms1 / 1e9,                                 \
-               100.0 * flops / ms1 / 1e9 / peak, err,                        \
-               err <= 1e-2 ? "ok" : "FAIL");                                 \
-        printf("RESULT kind=wg_ggemm case=\"%s\" variant=wgmma_%d_%d_%d_%d "  \
-               "us=%.1f diff=%.3e\n", name, BN, ST, DIST, MINB, ms1 * 1e3,   \
-               err);                                                         \
-        dev_failed |= !(err <= 1e-2);                                        \
+        run("wgmma BN " #BN " st " #ST " ahead " #DIST " " #MINB "/SM",      \
+            "wgmma_" #BN "_" #ST "_" #DIST "_" #MINB, [&]() {                \
+                kf<<<(unsigned) (mtiles * (N / BN)), WG_NT,                  \
+                     wg_smem(BN, ST)>>>(q, w, ws, doffs, E, N, K,            \
+                                        (__nv_bfloat16 *) y1);               \
+            });                                                              \
     } while (0)
     WG_V(256, 4, 2, 1);
     WG_V(128, 3, 1, 2);
@@ -633,26 +631,13 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
         CUtensorMap mq = wt_map(q, (size_t) n, K, WG_BM);
         CUtensorMap mw = wt_map(w, (size_t) E * N, K, 256);
 
-        DEV_CHECK(cudaMemset(y1, 0, (size_t) n * N * 2));
         DEV_CHECK(cudaFuncSetAttribute(kernel_dev_wg_ggemm_tma,
                       cudaFuncAttributeMaxDynamicSharedMemorySize, WT_SMEM));
-        ms1 = dev_time(5, [&]() {
-            kernel_dev_wg_ggemm_tma<<<(unsigned) (mtiles * (N / 256)),
-                                      WT_NT, WT_SMEM>>>(mq, mw, doffs, E, N,
-                                                        K, (__nv_bfloat16 *)
-                                                        y1);
-            return (int) cudaGetLastError();
+        run("wgmma TMA, producer warp, BN 256", "wgmma_tma_ws", [&]() {
+            kernel_dev_wg_ggemm_tma<<<(unsigned) (mtiles * (N / 256)), WT_NT,
+                                      WT_SMEM>>>(mq, mw, doffs, E, N, K,
+                                                 (__nv_bfloat16 *) y1);
         });
-        DEV_CHECK(cudaDeviceSynchronize());
-        double err = wg_diff(y0, y1, (size_t) n * N);
-
-        printf("  %-26s wgmma TMA, producer warp, BN 256 %8.1f us %6.0f "
-               "TFLOP/s %5.1f%%  diff %.2e %s\n", "", ms1 * 1e3,
-               flops / ms1 / 1e9, 100.0 * flops / ms1 / 1e9 / peak, err,
-               err <= 1e-2 ? "ok" : "FAIL");
-        printf("RESULT kind=wg_ggemm case=\"%s\" variant=wgmma_tma_ws "
-               "us=%.1f diff=%.3e\n", name, ms1 * 1e3, err);
-        dev_failed |= !(err <= 1e-2);
     }
     cudaFree(q);
     cudaFree(w);

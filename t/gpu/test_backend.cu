@@ -1602,6 +1602,7 @@ test_backend_logprobs(const char *dir)
     moe_seq_batch_t      sb[2];
     moe_sampling_t       sp = samp;
     int32_t             *route = NULL;
+    const int            step_n = (int) (sizeof(toks) / sizeof(toks[0][0]));
 
     if (access(dir, R_OK) != 0) {
         return;
@@ -1616,7 +1617,7 @@ test_backend_logprobs(const char *dir)
     sp.presence_penalty = 0.3f;
     lg = (float *) malloc(sizeof(float) * 2 * (size_t) V);
     lc = (float *) malloc(sizeof(float) * 2 * (size_t) V);
-    route = (int32_t *) malloc(sizeof(int32_t) * 24
+    route = (int32_t *) malloc(sizeof(int32_t) * (size_t) step_n
                                * (size_t) moe_model_hparams(m)->n_layers
                                * (size_t) (moe_model_hparams(m)->top_k > 0
                                            ? moe_model_hparams(m)->top_k
@@ -1668,8 +1669,9 @@ test_backend_logprobs(const char *dir)
             goto done;
         }
         if (side == 0 && moe_model_hparams(m)->n_experts > 1
-            && (moe_cuda_backend_last_routing(gb, route, 24) != MOE_OK
-                || moe_cpu_backend_force_routing(cb, route, 24) != MOE_OK))
+            && (moe_cuda_backend_last_routing(gb, route, step_n) != MOE_OK
+                || moe_cpu_backend_force_routing(cb, route, step_n)
+                   != MOE_OK))
         {
             TAP_OK(0, "logprobs: the cuda routing forced on the cpu step: "
                    "%s", moe_cuda_last_error());
