@@ -10,6 +10,7 @@
 #                   build/gpu/test_tp, build/gpu/test_mask,
 #                   build/gpu/test_logprobs, build/gpu/test_logit_bias,
 #                   build/gpu/test_qbackend, build/gpu/test_gemm_fp8,
+#                   build/gpu/test_fp8_grouped,
 #                   build/gpu/test_share
 #   make bench-dev  the kernel dev harness (bench/dev/*.cu):
 #                   build/bench/dev/attention, .../moe_gemv,
@@ -62,6 +63,7 @@ GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_logit_bias \
                 $(BUILD)/gpu/test_qbackend \
                 $(BUILD)/gpu/test_gemm_fp8 \
+                $(BUILD)/gpu/test_fp8_grouped \
                 $(BUILD)/gpu/test_share
 
 .PHONY: gpu

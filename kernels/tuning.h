@@ -65,12 +65,17 @@ typedef struct {
                             (rope, the next norm, the un-permute) instead
                             of a rescale pass each (default 1; 0 for A/B
                             runs) */
+    int fp8_grouped;     /* MOE_CUDA_FP8_GROUPED 0|1: the fp8 prefill's
+                            expert GEMMs as one grouped launch each
+                            (kernels/fp8_grouped.h: offsets on the device,
+                            no host sync per layer) where the shapes allow
+                            (default 1; 0: per-expert cuBLASLt calls) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

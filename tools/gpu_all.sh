@@ -78,6 +78,7 @@ run test_backend tests 90  build/gpu/test_backend build/gpu/test_backend
 run test_ggemm   tests 60  build/gpu/test_ggemm   build/gpu/test_ggemm
 run test_fp8mma  tests 90  build/gpu/test_fp8mma  build/gpu/test_fp8mma
 run test_gemm_fp8 tests 60 build/gpu/test_gemm_fp8 build/gpu/test_gemm_fp8
+run test_fp8_grouped tests 60 build/gpu/test_fp8_grouped build/gpu/test_fp8_grouped
 run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
 run test_tp      tests 90  build/gpu/test_tp      build/gpu/test_tp
 run test_quant   tests 120 build/gpu/test_quant   build/gpu/test_quant

@@ -65,6 +65,8 @@ step test_ggemm 150 build/gpu/test_ggemm
 step test_fp8mma 150 build/gpu/test_fp8mma
 # the fp8 prefill GEMMs (cuBLASLt), rescale and fused SwiGLU quantization
 step test_gemm_fp8 60 build/gpu/test_gemm_fp8
+# the grouped e4m3 GEMM of the fp8 prefill's experts (wgmma + TMA)
+step test_fp8_grouped 60 build/gpu/test_fp8_grouped
 # the weight-upload conversion and the tensor-parallel add (bit-exact)
 step test_convert 60 build/gpu/test_convert
 step test_quant   60 build/gpu/test_quant

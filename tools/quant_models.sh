@@ -2,8 +2,9 @@
 # Quantized tiny test models (t/quant.t, the GPU tests): each layout
 # libmoe loads (engine/model/quant.h), written by build/quantize with its
 # dequantized f32 reference (<name>.ref), from models/localmoe-tiny (dim 64)
-# and a Qwen3-MoE with dim 128 and a dense layer (tools/make_tiny_model.py)
-# whose sizes allow group 128 and 128x128 fp8 blocks.  The list of names is
+# a Qwen3-MoE with dim 128 and a dense layer (tools/make_tiny_model.py)
+# whose sizes allow group 128 and 128x128 fp8 blocks, and a Mixtral with
+# dim 256 whose experts fit the fp8 grouped GEMM's tiles.  The list of names is
 # written to OUT/MODELS.  Usage: tools/quant_models.sh [OUT] (build/quant).
 set -eu
 out=${1:-build/quant}
@@ -14,6 +15,13 @@ if [ ! -f "$out/base128/model.safetensors" ]; then
         --heads 4 --kv-heads 2 --ffn 256 --moe-ffn 128 --experts 4 \
         --top-k 2 --mlp-only 1 --dtype bf16 --merges 100 --seed 7 \
         --out "$out/base128" > /dev/null
+fi
+if [ ! -f "$out/base256/model.safetensors" ]; then
+    # Mixtral-like, sized for the fp8 grouped expert GEMM (N % 256, K %
+    # 128 for gate|up and down: dim 256, expert ffn 128)
+    python3 tools/make_tiny_model.py --arch mixtral --dim 256 --layers 2 \
+        --heads 4 --kv-heads 2 --ffn 128 --experts 4 --top-k 2 \
+        --dtype bf16 --merges 100 --seed 11 --out "$out/base256" > /dev/null
 fi
 tiny=models/localmoe-tiny
 : > "$out/MODELS.tmp"
@@ -38,6 +46,7 @@ mk ct-fp8-tensor     $tiny --format ct-fp8-tensor
 mk fp8-block-128     "$out/base128" --format fp8-block --block 128,128
 mk ct-fp8-block-128  "$out/base128" --format ct-fp8-block --block 128,128
 mk ct-fp8-128        "$out/base128" --format ct-fp8 --static
+mk ct-fp8-256        "$out/base256" --format ct-fp8
 mk awq-g128          "$out/base128" --format awq --group 128
 mk gptq-g128-sym-act "$out/base128" --format gptq --group 128 --sym --desc-act
 mk gptq-g128-asym    "$out/base128" --format gptq --group 128

@@ -1,7 +1,8 @@
 /*
- * A grouped fp8 GEMM on wgmma for the fp8 prefill's routed experts, a
- * first measurement (not shipped): every expert's tiles in one launch, so
- * no expert's GEMM ends in a partial wave of its own, against the
+ * Grouped fp8 GEMMs on wgmma for the fp8 prefill's routed experts, the
+ * shipped one and multistage cp.async variants: every expert's tiles in
+ * one launch, so no expert's GEMM ends in a partial wave of its own,
+ * against the
  * per-expert cuBLASLt calls the engine makes (moe_cuda_gemm_fp8_unscaled,
  * rows rounded to 64), on one layer's gate|up (N 28672, K 4096) and down
  * (N 4096, K 14336) at the engine's uneven routing of a 2048-token prompt
@@ -15,23 +16,25 @@
  * of 128 bytes loaded with cp.async (16-byte chunks, the 128-byte
  * swizzle: chunk c of row r at c ^ (r & 7)) into ST stages, DIST tiles
  * ahead, so that the wgmma of one tile runs while the next ones load;
- * MINB CTAs per SM.  kernel_dev_wg_ggemm_tma: the same tiles fed by TMA
- * from a producer warp through mbarriers (see there).  Tile order: expert,
+ * MINB CTAs per SM.  "shipped": kernels/fp8_grouped.cu, the same tiles
+ * (BN 256) fed by TMA from a producer warp through mbarriers.  Tile
+ * order: expert,
  * then column tile, then row tile (an expert's rows stay in L2 while its
  * weights stream once).  K % 128 == 0, N % 256 == 0.
  * Usage: build/bench/dev/wg_ggemm
  */
-#include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_fp8.h>
 
 #include "common.cuh"
 #include "gemm_fp8.h"
+#include "fp8_grouped.h"
+#include "fp8_grouped.cuh"
 #include "ptx.cuh"
+#include "wgmma.cuh"
 
 #include "dev.cuh"
 
-#define WG_BM  128
+#define WG_BM  FG_BM
 #define WG_BK  128
 #define WG_NT  256
 
@@ -42,93 +45,6 @@ wg_smem(int bn, int st)
 {
     return st * (WG_BM + bn) * WG_BK + 1024;
 }
-
-/* D (64 x 128, fp32: this warpgroup's fragment d[64]) += A (64 x 32
- * e4m3, descriptor da) . B (128 x 32 e4m3, descriptor db)^T, both K-major
- * in shared memory; asynchronous until wg_wait. */
-__device__ __forceinline__ void
-wg_mma_e4m3_n128(float *d, uint64_t da, uint64_t db)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, "
-        "%8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, "
-        "%24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, "
-        "%40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, "
-        "%56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
-          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
-          "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db));
-}
-
-
-/* a K-major e4m3 tile in shared memory, 128-byte rows, 128-byte swizzle,
- * 8-row groups 1024 bytes apart (the tile starts 1024-byte aligned) */
-__device__ __forceinline__ uint64_t
-wg_desc(const void *p)
-{
-    uint32_t a = (uint32_t) __cvta_generic_to_shared(p);
-
-    return (uint64_t) ((a & 0x3ffff) >> 4) | ((uint64_t) 1 << 16)
-           | ((uint64_t) (1024 >> 4) << 32) | ((uint64_t) 1 << 62);
-}
-
-
-__device__ __forceinline__ void
-wg_fence(void)
-{
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-
-
-__device__ __forceinline__ void
-wg_commit(void)
-{
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-
-
-template <int N>
-__device__ __forceinline__ void
-wg_wait(void)
-{
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
-}
-
-
-/* keep the compiler from moving accumulator reads / writes across the
- * asynchronous wgmma */
-__device__ __forceinline__ void
-wg_fence_regs(float *d)
-{
-#pragma unroll
-    for (int i = 0; i < 64; i++) {
-        asm volatile("" : "+f"(d[i]) :: "memory");
-    }
-}
-
 
 /* byte pointers as moe_cp_async16's (16 bytes copied, any type) */
 __device__ __forceinline__ __nv_bfloat16 *
@@ -144,69 +60,6 @@ wg_b16(const uint8_t *p)
 }
 
 
-/* A CTA's tile: bid over (expert, column tile of bn, row tile of
- * WG_BM) in that order; its expert e, column tile nt, first row r0 (from
- * offs[0]) and rows mrows.  0 past the last tile. */
-struct wg_tile_t {
-    int e, nt, r0, mrows;
-};
-
-__device__ __forceinline__ int
-wg_tile(const int32_t *offs, int E, int ntn, int bid, wg_tile_t *t)
-{
-    for (int e = 0; e < E; e++) {
-        int rows = offs[e + 1] - offs[e];
-        int mtiles = (rows + WG_BM - 1) / WG_BM;
-
-        if (bid < mtiles * ntn) {
-            int mt = bid % mtiles;
-
-            t->e = e;
-            t->nt = bid / mtiles;
-            t->r0 = offs[e] - offs[0] + mt * WG_BM;
-            t->mrows = min(WG_BM, rows - mt * WG_BM);
-            return 1;
-        }
-        bid -= mtiles * ntn;
-    }
-    return 0;
-}
-
-
-/* A consumer warpgroup's accumulators d[h] (columns 128 h ..) as bf16
- * into Y: d[h][4 j + c + 2 v] is row 64 wg + 16 warp + lane / 4 + 8 v of
- * the tile, column c0 + 128 h + 8 j + 2 (lane % 4) + c; rows past mrows
- * are not stored. */
-template <int NH>
-__device__ __forceinline__ void
-wg_store(float (*d)[64], int wg, const wg_tile_t *t, int N, int c0,
-    __nv_bfloat16 *Y)
-{
-    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
-    const int ra = 64 * wg + 16 * w + (lane >> 2);
-
-#pragma unroll
-    for (int v = 0; v < 2; v++) {
-        const int r = ra + 8 * v;
-
-        if (r < t->mrows) {
-            __nv_bfloat16 *y = Y + (size_t) (t->r0 + r) * N + c0
-                               + 2 * (lane & 3);
-
-#pragma unroll
-            for (int h = 0; h < NH; h++) {
-#pragma unroll
-                for (int j = 0; j < 16; j++) {
-                    *reinterpret_cast<__nv_bfloat162 *>(y + 128 * h + 8 * j)
-                        = __floats2bfloat162_rn(d[h][4 * j + 2 * v],
-                                                d[h][4 * j + 2 * v + 1]);
-                }
-            }
-        }
-    }
-}
-
-
 template <int BN, int ST, int DIST, int MINB>
 __global__ void __launch_bounds__(WG_NT, MINB)
 kernel_dev_wg_ggemm(const uint8_t *Q, const uint8_t *W, size_t wstride,
@@ -219,9 +72,9 @@ kernel_dev_wg_ggemm(const uint8_t *Q, const uint8_t *W, size_t wstride,
     unsigned char *sm = (unsigned char *)
         (((uintptr_t) wg_sm_raw + 1023) & ~(uintptr_t) 1023);
     const int tid = threadIdx.x;
-    wg_tile_t t;
+    fg_tile_t t;
 
-    if (!wg_tile(offs, E, N / WG_BN, blockIdx.x, &t)) {
+    if (!fg_tile(offs, E, N / WG_BN, blockIdx.x, &t)) {
         return;                         /* past the last tile */
     }
 
@@ -291,238 +144,37 @@ kernel_dev_wg_ggemm(const uint8_t *Q, const uint8_t *W, size_t wstride,
                                   + wg * 64 * WG_BK;
         const unsigned char *sb = sm + st * (WG_BM + WG_BN) * WG_BK
                                   + WG_BM * WG_BK;
-        const uint64_t da = wg_desc(sa);
+        const uint64_t da = moe_wg_desc(sa);
 
 #pragma unroll
         for (int h = 0; h < NH; h++) {
-            wg_fence_regs(d[h]);
+            moe_wg_fence_regs(d[h]);
         }
-        wg_fence();
+        moe_wg_fence();
 #pragma unroll
         for (int ks = 0; ks < WG_BK / 32; ks++) {
             /* 32 bytes of K further: the start address + 2 (16-byte
              * units); the swizzle is applied on the address bits */
 #pragma unroll
             for (int h = 0; h < NH; h++) {
-                wg_mma_e4m3_n128(d[h], da + 2 * ks,
-                                 wg_desc(sb + h * 128 * WG_BK) + 2 * ks);
+                moe_wg_mma_e4m3_n128(d[h], da + 2 * ks,
+                                 moe_wg_desc(sb + h * 128 * WG_BK) + 2 * ks);
             }
         }
-        wg_commit();
+        moe_wg_commit();
 #pragma unroll
         for (int h = 0; h < NH; h++) {
-            wg_fence_regs(d[h]);
+            moe_wg_fence_regs(d[h]);
         }
-        wg_wait<1>();                   /* tile kt - 1's wgmma done */
+        moe_wg_wait<1>();                   /* tile kt - 1's wgmma done */
     }
-    wg_wait<0>();
+    moe_wg_wait<0>();
 #pragma unroll
     for (int h = 0; h < NH; h++) {
-        wg_fence_regs(d[h]);
+        moe_wg_fence_regs(d[h]);
     }
 
-    wg_store<NH>(d, wg, &t, N, nt * WG_BN, Y);
-}
-
-
-/* ---- the TMA + warp-specialised instance ---- */
-
-/*
- * kernel_dev_wg_ggemm_tma: the same tiles (128 rows x 256 columns, tile
- * order expert, column tile, row tile), three warpgroups: warpgroup 0's
- * first thread is the producer (TMA 2-d tile loads, 128-byte swizzle,
- * of the A rows and B rows of a K tile into stage s, completing on
- * full[s] with the byte count), warpgroups 1 and 2 the consumers (64 rows
- * each: wait full[s], 8 wgmma m64n128k32, release the previous stage on
- * empty[] once its wgmma are done).  No block-wide barrier in the loop.
- * A rows past the expert's are other rows of Q (or TMA's zero fill past
- * Q's end): their results are not stored.
- */
-#define WT_ST  4
-#define WT_NT  384
-#define WT_SMEM (WT_ST * (WG_BM + 256) * WG_BK + 1024)
-
-__device__ __forceinline__ void
-wt_mbar_init(uint64_t *b, int count)
-{
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n"
-                 :: "r"((uint32_t) __cvta_generic_to_shared(b)), "r"(count)
-                 : "memory");
-}
-
-
-__device__ __forceinline__ void
-wt_mbar_wait(uint64_t *b, int parity)
-{
-    uint32_t a = (uint32_t) __cvta_generic_to_shared(b);
-
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "WT_WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        "@!p bra WT_WAIT;\n"
-        "}\n" :: "r"(a), "r"(parity) : "memory");
-}
-
-
-__device__ __forceinline__ void
-wt_mbar_arrive(uint64_t *b)
-{
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n"
-                 :: "r"((uint32_t) __cvta_generic_to_shared(b)) : "memory");
-}
-
-
-__device__ __forceinline__ void
-wt_mbar_expect(uint64_t *b, uint32_t bytes)
-{
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
-                 :: "r"((uint32_t) __cvta_generic_to_shared(b)), "r"(bytes)
-                 : "memory");
-}
-
-
-/* a box of the 2-d map at (c0 = byte along K, c1 = row) into dst,
- * completing on bar */
-__device__ __forceinline__ void
-wt_tma_2d(void *dst, const CUtensorMap *map, int c0, int c1, uint64_t *bar)
-{
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::"
-        "complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-        :: "r"((uint32_t) __cvta_generic_to_shared(dst)),
-           "l"((uint64_t) map), "r"(c0), "r"(c1),
-           "r"((uint32_t) __cvta_generic_to_shared(bar))
-        : "memory");
-}
-
-
-__global__ void __launch_bounds__(WT_NT, 1)
-kernel_dev_wg_ggemm_tma(const __grid_constant__ CUtensorMap mq,
-    const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
-    int N, int K, __nv_bfloat16 *Y)
-{
-    extern __shared__ unsigned char wg_sm_raw[];
-    unsigned char *sm = (unsigned char *)
-        (((uintptr_t) wg_sm_raw + 1023) & ~(uintptr_t) 1023);
-    __shared__ __align__(8) uint64_t full[WT_ST], empty[WT_ST];
-    const int tid = threadIdx.x;
-    wg_tile_t t;
-
-    if (!wg_tile(offs, E, N / 256, blockIdx.x, &t)) {
-        return;
-    }
-
-    const int nk = K / WG_BK;
-    const int stage_bytes = (WG_BM + 256) * WG_BK;
-
-    if (tid == 0) {
-        for (int s = 0; s < WT_ST; s++) {
-            wt_mbar_init(&full[s], 1);
-            wt_mbar_init(&empty[s], 2);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
-    if (tid < 128) {
-        /* producer */
-        if (tid == 0) {
-            for (int kt = 0; kt < nk; kt++) {
-                const int s = kt % WT_ST;
-
-                if (kt >= WT_ST) {
-                    wt_mbar_wait(&empty[s], ((kt / WT_ST) - 1) & 1);
-                }
-                wt_mbar_expect(&full[s], (uint32_t) stage_bytes);
-                wt_tma_2d(sm + s * stage_bytes, &mq, kt * WG_BK, t.r0,
-                          &full[s]);
-                wt_tma_2d(sm + s * stage_bytes + WG_BM * WG_BK, &mw,
-                          kt * WG_BK, t.e * N + t.nt * 256, &full[s]);
-            }
-        }
-        return;
-    }
-
-    const int cw = (tid >> 7) - 1;      /* consumer: rows 64 cw .. */
-    float     d[2][64];
-
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-#pragma unroll
-        for (int i = 0; i < 64; i++) {
-            d[h][i] = 0.0f;
-        }
-    }
-    for (int kt = 0; kt < nk; kt++) {
-        const int s = kt % WT_ST;
-        const unsigned char *sa = sm + s * stage_bytes + cw * 64 * WG_BK;
-        const unsigned char *sb = sm + s * stage_bytes + WG_BM * WG_BK;
-        const uint64_t da = wg_desc(sa), db0 = wg_desc(sb),
-                       db1 = wg_desc(sb + 128 * WG_BK);
-
-        wt_mbar_wait(&full[s], (kt / WT_ST) & 1);
-        wg_fence_regs(d[0]);
-        wg_fence_regs(d[1]);
-        wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < WG_BK / 32; ks++) {
-            wg_mma_e4m3_n128(d[0], da + 2 * ks, db0 + 2 * ks);
-            wg_mma_e4m3_n128(d[1], da + 2 * ks, db1 + 2 * ks);
-        }
-        wg_commit();
-        wg_fence_regs(d[0]);
-        wg_fence_regs(d[1]);
-        wg_wait<1>();                   /* tile kt - 1's wgmma done */
-        if (kt > 0 && (tid & 127) == 0) {
-            wt_mbar_arrive(&empty[(kt - 1) % WT_ST]);
-        }
-    }
-    wg_wait<0>();
-    wg_fence_regs(d[0]);
-    wg_fence_regs(d[1]);
-    wg_store<2>(d, cw, &t, N, t.nt * 256, Y);
-}
-
-
-/* A 2-d e4m3 tensor map: rows of K bytes, boxes of box_rows x 128 bytes,
- * 128-byte swizzle, zeros past the end; exits on failure (a dev tool). */
-static CUtensorMap
-wt_map(const void *base, size_t rows, int K, int box_rows)
-{
-    static PFN_cuTensorMapEncodeTiled_v12000 enc = NULL;
-    CUtensorMap                              m;
-    cuuint64_t                               dim[2] = { (cuuint64_t) K,
-                                                        rows };
-    cuuint64_t                               stride[1] = {
-                                                 (cuuint64_t) K };
-    cuuint32_t                               box[2] = {
-                                                 128, (cuuint32_t) box_rows };
-    cuuint32_t                               es[2] = { 1, 1 };
-
-    if (enc == NULL) {
-        cudaDriverEntryPointQueryResult q;
-
-        DEV_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled",
-                                                   (void **) &enc, 12000,
-                                                   cudaEnableDefault, &q));
-        if (enc == NULL || q != cudaDriverEntryPointSuccess) {
-            fprintf(stderr, "no cuTensorMapEncodeTiled\n");
-            exit(2);
-        }
-    }
-    CUresult r = enc(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *) base,
-                     dim, stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                     CU_TENSOR_MAP_SWIZZLE_128B,
-                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-
-    if (r != CUDA_SUCCESS) {
-        fprintf(stderr, "cuTensorMapEncodeTiled: %d\n", (int) r);
-        exit(2);
-    }
-    return m;
+    fg_store<NH>(d, wg, &t, N, nt * WG_BN, Y);
 }
 
 
@@ -627,16 +279,13 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
     WG_V(128, 3, 1, 2);
     WG_V(128, 6, 4, 1);
 #undef WG_V
-    if (N % 256 == 0) {
-        CUtensorMap mq = wt_map(q, (size_t) n, K, WG_BM);
-        CUtensorMap mw = wt_map(w, (size_t) E * N, K, 256);
-
-        DEV_CHECK(cudaFuncSetAttribute(kernel_dev_wg_ggemm_tma,
-                      cudaFuncAttributeMaxDynamicSharedMemorySize, WT_SMEM));
-        run("wgmma TMA, producer warp, BN 256", "wgmma_tma_ws", [&]() {
-            kernel_dev_wg_ggemm_tma<<<(unsigned) (mtiles * (N / 256)), WT_NT,
-                                      WT_SMEM>>>(mq, mw, doffs, E, N, K,
-                                                 (__nv_bfloat16 *) y1);
+    if (moe_cuda_fp8_grouped_supported(N, K, ws)) {
+        /* the shipped kernel (kernels/fp8_grouped.cu): TMA, a producer
+         * warp, 128 x 256 tiles, grid from the row bound */
+        run("shipped: TMA, producer warp, BN 256", "wgmma_tma_ws", [&]() {
+            (void) moe_cuda_fp8_grouped_gemm(q, n + MOE_FP8_GEMM_ROWS, w, ws,
+                                             doffs, E, n, N, K,
+                                             (moe_bf16_t *) y1, 0);
         });
     }
     cudaFree(q);

@@ -76,6 +76,7 @@
 #include "moe_gemv.h"
 #include "moe_ggemm.h"
 #include "gemm_fp8.h"
+#include "fp8_grouped.h"
 #include "moe_permute.h"
 #include "moe_route.h"
 #include "rmsnorm.h"
@@ -307,7 +308,15 @@ typedef struct {
     float          *ye;            /* (NK, dim) */
     size_t          qscratch_bytes;
     int64_t         fp8_ffn_layers; /* cb_fp8_ffn runs (tests) */
+    int64_t         fp8_grouped_layers; /* ... of them on the grouped
+                                      GEMM (kernels/fp8_grouped.h) */
     int64_t         row_stats[MOE_CUDA_ROW_STATS]; /* expert_rows */
+    /* expert offsets of the layers that ran without a host sync, copied
+     * asynchronously for the row statistics (cb_row_log): (L, E + 1)
+     * pinned, a flag per layer, the event of the last copy */
+    int32_t        *h_offs_log;
+    uint8_t        *offs_log_set;
+    cudaEvent_t     offs_log_ev;
     moe_fp8_gemm_t *fp8g;          /* cuBLASLt fp8 GEMMs (prefill of fp8
                                       per-channel parts; cb_fp8_gemm) */
     bf16           *qscratch;      /* one packed part dequantized (the
@@ -950,6 +959,11 @@ cb_destroy(moe_backend_t *base)
     (void) cudaFree(b->d_rope_inv);
     (void) cudaFreeHost(b->h_stage);
     (void) cudaFreeHost(b->h_counts);
+    (void) cudaFreeHost(b->h_offs_log);
+    free(b->offs_log_set);
+    if (b->offs_log_ev != NULL) {
+        (void) cudaEventDestroy(b->offs_log_ev);
+    }
     (void) cudaFreeHost(b->h_logits);
     (void) cudaFreeHost(b->h_tokout);
     (void) cudaFreeHost(b->h_sp);
@@ -2109,6 +2123,18 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     CB_CUDA(cudaMallocHost(&b->h_counts,
                            (size_t) (hp->n_experts + 1) * sizeof(int32_t)),
             "pinned counts");
+    CB_CUDA(cudaMallocHost(&b->h_offs_log, (size_t) hp->n_layers
+                                           * (hp->n_experts + 1)
+                                           * sizeof(int32_t)),
+            "pinned offsets log");
+    b->offs_log_set = (uint8_t *) calloc((size_t) hp->n_layers, 1);
+    if (b->offs_log_set == NULL) {
+        moe_errf(err, errlen, "cuda backend: out of memory (offsets log)");
+        return MOE_ENOMEM;
+    }
+    CB_CUDA(cudaEventCreateWithFlags(&b->offs_log_ev,
+                                     cudaEventDisableTiming),
+            "offsets log event");
     CB_CUDA(cudaMallocHost(&b->h_logits, (size_t) CB_LOGIT_ROWS
                                          * hp->vocab_size * sizeof(float)),
             "pinned logits");
@@ -2705,16 +2731,78 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
 }
 
 
+/* The scratch and shape conditions of cb_fp8_ffn for n rows (below). */
+static int
+cb_fp8_ffn_fits(const cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd,
+    int n)
+{
+    size_t D = (size_t) g->K, F = (size_t) wd->K, rows = (size_t) n
+               + (size_t) moe_cuda_fp8_gemm_rows(b->fp8g);
+    size_t qb = (rows * D + 255) / 256 * 256;
+    size_t hb = (rows * F + 255) / 256 * 256;
+    size_t sb = (rows * 4 + 255) / 256 * 256;
+    size_t tb = rows * 2 * F * 2 > rows * D * 2 ? rows * 2 * F * 2
+                                                : rows * D * 2;
+
+    return b->fp8g != NULL && b->fp8_act && g->fmt == MOE_WF_FP8
+           && wd->fmt == MOE_WF_FP8 && g->mode == MOE_K_FP8_CHANNEL
+           && wd->mode == MOE_K_FP8_CHANNEL && (size_t) g->N == 2 * F
+           && (size_t) wd->N == D && wd->count == g->count && D % 16 == 0
+           && F % 16 == 0 && n > 0 && b->qscratch != NULL
+           && qb + hb + 2 * sb + tb <= b->qscratch_bytes;
+}
+
+
+/* 1 when cb_fp8_ffn's two GEMMs may run as the grouped GEMM (the knob,
+ * the shapes, the alignment). */
+static int
+cb_fp8_grouped_fits(const cuda_backend_t *b, const cb_qw_t *g,
+    const cb_qw_t *wd)
+{
+    return b->tune.fp8_grouped
+           && moe_cuda_fp8_grouped_supported(g->N, g->K, cb_fp8_wstride(g))
+           && moe_cuda_fp8_grouped_supported(wd->N, wd->K,
+                                             cb_fp8_wstride(wd))
+           && (uintptr_t) g->w % 16 == 0 && (uintptr_t) wd->w % 16 == 0;
+}
+
+
+/* One of cb_fp8_ffn's grouped GEMMs: every expert of the rank in one
+ * launch, offsets read on the device.  Its shapes were checked
+ * (cb_fp8_grouped_fits), so a refusal is a backend error here: the
+ * quantized rows are already enqueued. */
+static int
+cb_fp8_grouped(cuda_backend_t *b, const uint8_t *Q, const cb_qw_t *w, int EL,
+    int R, bf16 *Y)
+{
+    int rc = moe_cuda_fp8_grouped_gemm(Q, R, (const uint8_t *) w->w,
+                                       cb_fp8_wstride(w),
+                                       b->offs + b->hp.expert_first, EL, R,
+                                       w->N, w->K, (moe_bf16_t *) Y,
+                                       b->stream);
+
+    if (rc == MOE_K_EUNSUPPORTED) {
+        moe_cuda_set_error("fp8 grouped GEMM refused N %d K %d", w->N, w->K);
+        return MOE_EBACKEND;
+    }
+    return rc;
+}
+
+
 /*
  * The routed experts of a prefill-sized step on the fp8 tensor cores when
  * gate|up is a stacked fp8 per-channel group g (2F rows per expert) and
- * down (wd) fp8 per channel, rows gathered per expert (b->xe, offsets in
- * b->h_counts and on the device in b->offs): the rank's rows quantized
- * once; per expert the unscaled gate|up product in bf16
- * (moe_cuda_gemm_fp8_unscaled, the experts' rows stacked in one buffer);
- * one moe_cuda_silu_quant_fp8 over all rows (scales, SwiGLU and the down
- * input's e4m3 quantization); per expert the unscaled down product in
- * bf16; one moe_cuda_fp8_rescale_rows_bf16 into b->ye.  That replaces the gate
+ * down (wd) fp8 per channel, the rank's experts owning rows [R0, R0 + R)
+ * of the step's n (offsets on the device in b->offs; on the host in
+ * b->h_counts only where the per-expert GEMMs run): the rank's rows
+ * quantized once; the unscaled gate|up product in bf16, the experts'
+ * rows stacked in one buffer: one grouped launch
+ * (moe_cuda_fp8_grouped_gemm, the offsets read on the device) where its
+ * shapes allow (cb_fp8_grouped_fits), else per expert
+ * (moe_cuda_gemm_fp8_unscaled); one moe_cuda_silu_quant_fp8 over all
+ * rows (scales, SwiGLU and the down input's e4m3 quantization); the
+ * unscaled down product in bf16 the same way; one
+ * moe_cuda_fp8_rescale_rows_bf16 into b->ye.  That replaces the gate
  * |up rescale pass over fp32, the SwiGLU pass and the down input's
  * quantization (cb_fp8_gemm twice: bench_engine fp8 prefill 2048 spent
  * 0.75 ms per layer rescaling and 0.30 ms in SwiGLU, ncu, H200) and
@@ -2725,32 +2813,24 @@ cb_fp8_gemm(cuda_backend_t *b, const cb_qw_t *w, int n, const bf16 *X,
  * products (as many rows each).
  */
 static int
-cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
+cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n,
+    int R0, int R)
 {
     size_t   D = (size_t) g->K, F = (size_t) wd->K, rows = (size_t) n
                    + (size_t) moe_cuda_fp8_gemm_rows(b->fp8g);
     size_t   qb = (rows * D + 255) / 256 * 256;
     size_t   hb = (rows * F + 255) / 256 * 256;
     size_t   sb = (rows * 4 + 255) / 256 * 256;
-    size_t   tb = rows * 2 * F * 2 > rows * D * 2 ? rows * 2 * F * 2
-                                                  : rows * D * 2;
     uint8_t *Q = (uint8_t *) b->qscratch, *Qh;
     float   *qs, *qh, *tmp;
-    int      e, e0 = b->hp.expert_first, EL = g->count, r0, ne, R0, R;
+    int      e, e0 = b->hp.expert_first, EL = g->count, r0, ne;
+    int      grouped = cb_fp8_grouped_fits(b, g, wd);
 
-    if (b->fp8g == NULL || !b->fp8_act || g->fmt != MOE_WF_FP8
-        || wd->fmt != MOE_WF_FP8 || g->mode != MOE_K_FP8_CHANNEL
-        || wd->mode != MOE_K_FP8_CHANNEL || (size_t) g->N != 2 * F
-        || (size_t) wd->N != D || wd->count != EL || D % 16 != 0
-        || F % 16 != 0 || n <= 0 || Q == NULL
-        || qb + hb + 2 * sb + tb > b->qscratch_bytes)
-    {
+    if (!cb_fp8_ffn_fits(b, g, wd, n)) {
         return MOE_EUNSUPPORTED;
     }
-    /* this rank's experts own rows [R0, R0 + R) of the step's n */
-    R0 = b->h_counts[e0];
-    R = b->h_counts[e0 + EL] - R0;
     b->fp8_ffn_layers++;
+    b->fp8_grouped_layers += grouped;
     if (R <= 0) {
         return MOE_OK;
     }
@@ -2765,7 +2845,7 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
                                     b->stream));
     /* row order: each expert's GEMM writes 64-row-rounded tiles, the
      * next expert's then overwrites the spill (gemm_fp8.h) */
-    for (e = e0; e < e0 + EL; e++) {
+    for (e = e0; !grouped && e < e0 + EL; e++) {
         ne = b->h_counts[e + 1] - b->h_counts[e];
         r0 = b->h_counts[e] - R0;
         if (ne > 0) {
@@ -2779,10 +2859,16 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n)
                                                b->stream));
         }
     }
+    if (grouped) {
+        MOE_TRY(cb_fp8_grouped(b, Q, g, EL, R, (bf16 *) tmp));
+    }
     MOE_TRY(moe_cuda_silu_quant_fp8((moe_bf16_t *) tmp, R, (int) F, qs,
                                     g->scale, cb_fp8_sstride(g),
                                     b->offs + e0, EL, Qh, qh, b->stream));
-    for (e = e0; e < e0 + EL; e++) {
+    if (grouped) {
+        MOE_TRY(cb_fp8_grouped(b, Qh, wd, EL, R, (bf16 *) tmp));
+    }
+    for (e = e0; !grouped && e < e0 + EL; e++) {
         ne = b->h_counts[e + 1] - b->h_counts[e];
         r0 = b->h_counts[e] - R0;
         if (ne > 0) {
@@ -3176,7 +3262,10 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
         /* prefill, fp8 gate|up stacked: cb_fp8_ffn quantizes the rows
          * from xb itself */
         cb_group(wg, &g);
-        if ((rc = cb_fp8_ffn(b, &g, wd, T * K)) != MOE_EUNSUPPORTED) {
+        if ((rc = cb_fp8_ffn(b, &g, wd, T * K, b->h_counts[e0],
+                             b->h_counts[e0 + EL] - b->h_counts[e0]))
+            != MOE_EUNSUPPORTED)
+        {
             return rc;
         }
     }
@@ -3274,6 +3363,88 @@ cb_unpermute(cuda_backend_t *b, const int32_t *sel, int l, int T)
 }
 
 
+/* The row statistics (moe_cuda_backend_expert_rows) of one layer's
+ * offsets h (E + 1, on the host) over n rows; 0 (nothing counted) when
+ * they are not ascending from 0 to n. */
+static int
+cb_row_stats_add(cuda_backend_t *b, const int32_t *h, int n)
+{
+    int64_t *st = b->row_stats;
+    int      E = b->hp.n_experts, e, lo = n, hi = 0;
+
+    if (h[0] != 0 || h[E] != n) {
+        return 0;
+    }
+    for (e = 0; e < E; e++) {
+        int c = h[e + 1] - h[e];
+
+        if (c < 0) {
+            return 0;
+        }
+        lo = c < lo ? c : lo;
+        hi = c > hi ? c : hi;
+    }
+    for (e = 0; e < E; e++) {
+        int c = h[e + 1] - h[e];
+
+        st[4 + (c / 64 < MOE_CUDA_ROW_STATS - 5 ? c / 64
+                                                : MOE_CUDA_ROW_STATS - 5)]++;
+    }
+    st[0]++;
+    st[1] += n;
+    st[2] += hi;
+    st[3] += lo;
+    return 1;
+}
+
+
+/* The logged offsets (cb_row_log) into the row statistics, once their
+ * copies are done (the event of the last one). */
+static int
+cb_row_fold(cuda_backend_t *b)
+{
+    int l, E = b->hp.n_experts, any = 0;
+
+    for (l = 0; l < b->hp.n_layers; l++) {
+        any |= b->offs_log_set[l];
+    }
+    if (!any) {
+        return MOE_OK;
+    }
+    MOE_CUDA_CHECK(cudaEventSynchronize(b->offs_log_ev));
+    for (l = 0; l < b->hp.n_layers; l++) {
+        if (b->offs_log_set[l]) {
+            const int32_t *h = b->h_offs_log + (size_t) l * (E + 1);
+
+            (void) cb_row_stats_add(b, h, h[E]);
+            b->offs_log_set[l] = 0;
+        }
+    }
+    return MOE_OK;
+}
+
+
+/* Layer l's expert offsets copied to the host behind the step's work (no
+ * sync), for the row statistics; a slot still pending from an earlier
+ * step (long done: every step ends in a sync) is folded first. */
+static int
+cb_row_log(cuda_backend_t *b, int l)
+{
+    int E = b->hp.n_experts;
+
+    if (b->offs_log_set[l]) {
+        MOE_TRY(cb_row_fold(b));
+    }
+    MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_offs_log + (size_t) l * (E + 1),
+                                   b->offs, (size_t) (E + 1)
+                                            * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost, b->stream));
+    MOE_CUDA_CHECK(cudaEventRecord(b->offs_log_ev, b->stream));
+    b->offs_log_set[l] = 1;
+    return MOE_OK;
+}
+
+
 /* The FFN sublayer of layer l: its norm, then the dense MLP or the
  * router and the routed experts. */
 static int
@@ -3346,6 +3517,28 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         return cb_unpermute(b, sel, l, T);
     }
+    if (EL == E) {
+        const cb_qw_t *wg = cb_part(b, l, MOE_QP_GATE);
+        const cb_qw_t *wd = cb_part(b, l, MOE_QP_DOWN);
+        cb_qw_t        g;
+
+        if (wg->stacked) {
+            cb_group(wg, &g);
+            if (cb_fp8_ffn_fits(b, &g, wd, T * K)
+                && cb_fp8_grouped_fits(b, &g, wd))
+            {
+                /* the fused fp8 FFN on the grouped GEMM: every row is
+                 * this rank's, the offsets are read on the device, so
+                 * no host sync (the offsets go to the row statistics
+                 * asynchronously) */
+                MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+                MOE_TRY(cb_row_log(b, l));
+                MOE_TRY(cb_fp8_ffn(b, &g, wd, T * K, 0, T * K));
+                MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
+                return cb_unpermute(b, sel, l, T);
+            }
+        }
+    }
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->offs,
                                    (size_t) (E + 1) * sizeof(int32_t),
                                    cudaMemcpyDeviceToHost, s));
@@ -3353,28 +3546,9 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     MOE_CUDA_CHECK(cudaStreamSynchronize(s));
 
     /* h_counts holds the offsets: expert e owns rows [h[e], h[e + 1]) */
-    {
-        int64_t *st = b->row_stats;
-        int      lo = T * K, hi = 0;
-
-        for (e = 0; e < E; e++) {
-            int n = b->h_counts[e + 1] - b->h_counts[e];
-
-            r0 = b->h_counts[e];
-            if (n < 0 || r0 < 0 || r0 + n > T * K) {
-                moe_cuda_set_error("expert offsets corrupt (layer %d expert "
-                                   "%d: %d)", l, e, n);
-                return MOE_EBACKEND;
-            }
-            lo = n < lo ? n : lo;
-            hi = n > hi ? n : hi;
-            st[4 + (n / 64 < MOE_CUDA_ROW_STATS - 5 ? n / 64
-                                                    : MOE_CUDA_ROW_STATS - 5)]++;
-        }
-        st[0]++;
-        st[1] += T * K;
-        st[2] += hi;
-        st[3] += lo;
+    if (!cb_row_stats_add(b, b->h_counts, T * K)) {
+        moe_cuda_set_error("expert offsets corrupt (layer %d)", l);
+        return MOE_EBACKEND;
     }
     MOE_TRY(cb_experts(b, l, T, CB_PATH_BLAS, T, loffs));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
@@ -4109,6 +4283,10 @@ moe_cuda_backend_expert_rows(moe_backend_t *base,
 {
     cuda_backend_t *b = (cuda_backend_t *) base;
 
+    (void) cudaSetDevice(b->device);
+    if (cb_row_fold(b) != MOE_OK) {
+        (void) cudaGetLastError();      /* statistics only */
+    }
     memcpy(st, b->row_stats, sizeof(b->row_stats));
     memset(b->row_stats, 0, sizeof(b->row_stats));
 }
@@ -4118,6 +4296,13 @@ int64_t
 moe_cuda_backend_fp8_ffn_layers(moe_backend_t *base)
 {
     return base != NULL ? ((cuda_backend_t *) base)->fp8_ffn_layers : 0;
+}
+
+
+int64_t
+moe_cuda_backend_fp8_grouped_layers(moe_backend_t *base)
+{
+    return base != NULL ? ((cuda_backend_t *) base)->fp8_grouped_layers : 0;
 }
 
 

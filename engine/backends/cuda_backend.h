@@ -304,10 +304,15 @@ int moe_cuda_backend_last_routing(moe_backend_t *b, int32_t *experts,
  */
 int64_t moe_cuda_backend_fp8_ffn_layers(moe_backend_t *b);
 
+/* Tests: how many of those ran their two GEMMs as the grouped GEMM
+ * (kernels/fp8_grouped.h; the tuning knob fp8_grouped). */
+int64_t moe_cuda_backend_fp8_grouped_layers(moe_backend_t *b);
+
 /*
  * Benchmarks: how evenly the routing spread the rows of the steps that
- * ran the experts per expert (the per-expert GEMM path, after its host
- * sync: prefill-sized steps), since the last call, which resets them.
+ * ran the experts per expert (prefill-sized steps: the per-expert GEMM
+ * path, after its host sync, and the fp8 grouped GEMM, whose offsets are
+ * copied behind the step), since the last call, which resets them.
  * st[0] layer runs, st[1] rows (tokens x top_k), st[2] / st[3] the sums
  * of each run's largest / smallest expert row count, st[4 + i] experts
  * given 64 i .. 64 i + 63 rows (the last bucket: that many or more).

@@ -25,7 +25,10 @@
  *   layers must run as the fused fp8 FFN
  *   (moe_cuda_backend_fp8_ffn_layers); the expert-parallel ranks' scratch
  *   is too small for it in these tiny models (they take the per-part
- *   fp8 GEMMs).
+ *   fp8 GEMMs).  ct-fp8-256 (experts sized for the grouped fp8 GEMM,
+ *   kernels/fp8_grouped.h): the fused FFN with MOE_CUDA_FP8_GROUPED 1
+ *   (every fused layer on the grouped GEMM, no host sync) and 0
+ *   (per-expert cuBLASLt, none), tp 1 and tp 2 expert parallel.
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
  * bound test_backend uses for bf16 weights); greedy equal wherever the
@@ -97,6 +100,9 @@ run_variant(const char *name, moe_model_t *m, int tp, int ep, int blas)
     run_variant_tol(name, m, tp, ep, blas, 0, REL_TOL);
 }
 
+/* MOE_CUDA_FP8_GROUPED for the next variants (-1: left unset) */
+static int g_grouped = -1;
+
 static void
 run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
     int act, double tol)
@@ -117,6 +123,11 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
              blas ? " (cuBLAS expert path)" : "");
     if (act) {
         strncat(what, " (fp8 activations)", sizeof(what) - strlen(what) - 1);
+    }
+    if (g_grouped >= 0) {
+        strncat(what, g_grouped ? " grouped fp8 GEMM" : " per-expert cuBLASLt",
+                sizeof(what) - strlen(what) - 1);
+        setenv("MOE_CUDA_FP8_GROUPED", g_grouped ? "1" : "0", 1);
     }
     setenv("MOE_CUDA_FP8_ACT", act ? "1" : "0", 1);
     if (blas) {
@@ -139,6 +150,7 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
         }
     }
     unsetenv("MOE_CUDA_GGEMM_MAX_T");
+    unsetenv("MOE_CUDA_FP8_GROUPED");
     TAP_OK(rc == MOE_OK, "%s: backends created (%s)", what,
            rc == MOE_OK ? "ok" : err);
     if (rc != MOE_OK) {
@@ -229,9 +241,17 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
          * GEMV steps) */
         int64_t n = moe_cuda_backend_fp8_ffn_layers(g0);
 
+        int64_t ng = moe_cuda_backend_fp8_grouped_layers(g0);
+
         TAP_OK(n > 0 && n <= hp->n_layers, "%s: the fused fp8 prefill FFN "
                "ran on %lld of %d layers", what, (long long) n,
                hp->n_layers);
+        if (g_grouped >= 0) {
+            /* the knob chose the GEMMs: all of those layers on the
+             * grouped GEMM (no host sync), or none */
+            TAP_OK(ng == (g_grouped ? n : 0), "%s: %lld of them on the "
+                   "grouped GEMM", what, (long long) ng);
+        }
     } else if (act && blas) {
         /* an expert-parallel rank of these tiny models has a scratch
          * (sized by its largest dequantized part) too small for the
@@ -306,6 +326,16 @@ main(void)
             /* the fused fp8 FFN on expert-parallel ranks: rank 1's rows
              * start past rank 0's */
             run_variant_tol(line, m, 2, 1, 1, 1, ACT_TOL);
+        }
+        if (strcmp(line, "ct-fp8-256") == 0) {
+            /* experts sized for the fp8 grouped GEMM: the fused fp8 FFN
+             * on it (no host sync) and on per-expert cuBLASLt, tp 1 and
+             * expert parallel (rank 1's rows start past rank 0's) */
+            for (g_grouped = 1; g_grouped >= 0; g_grouped--) {
+                run_variant_tol(line, m, 1, 0, 1, 1, ACT_TOL);
+                run_variant_tol(line, m, 2, 1, 1, 1, ACT_TOL);
+            }
+            g_grouped = -1;
         }
         moe_model_free(m);
     }

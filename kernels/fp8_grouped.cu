@@ -1,0 +1,247 @@
+/*
+ * The grouped e4m3 GEMM of the fp8 prefill's routed experts (fp8_grouped.h).
+ *
+ * One CTA per 128-row x 256-column output tile, tiles ordered by group
+ * (expert), then column tile, then row tile, so that an expert's rows
+ * (at most a few MB) stay in L2 while each of its weight tiles is read
+ * once per row tile from L2 and once from HBM.  The grid is sized from
+ * the host's upper bound on the rows (r_max); each CTA finds its tile
+ * from the offsets on the device and exits if it has none.
+ *
+ * Three warpgroups (384 threads).  Warpgroup 0's first thread is the
+ * producer: per K tile of 128 bytes it waits until stage s is free
+ * (empty[s]), announces the stage's bytes on full[s] and issues two TMA
+ * loads into it (the 128 A rows, the 256 B rows; 128-byte swizzle, what
+ * the wgmma descriptors read).  Warpgroups 1 and 2 are the consumers, 64
+ * rows each: wait full[s], issue 4 k steps x 2 column halves of wgmma
+ * m64n128k32 (fp32 accumulators: 128 registers a thread), commit, wait
+ * until the previous tile's wgmma are done and release its stage on
+ * empty[].  No block-wide barrier inside the K loop; 4 stages of 48 KB.
+ * A rows of the tile past the group's end are other rows (or TMA's zero
+ * fill past q_rows): their products are computed and not stored.
+ *
+ * Measured against cuBLASLt's per-expert calls on one Mixtral layer
+ * (bench/dev/wg_ggemm, H200; kernels/NOTES.md "FP8 prefill: the expert
+ * GEMMs against the routing's imbalance"): 0.95-1.0 of their time.
+ */
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include "common.cuh"
+#include "fp8_grouped.h"
+#include "fp8_grouped.cuh"
+#include "wgmma.cuh"
+
+#define FG_BN     256                   /* columns of a tile */
+#define FG_BK     128                   /* bytes of K per stage */
+#define FG_ST     4                     /* stages */
+#define FG_NT     384                   /* producer + 2 consumer WGs */
+#define FG_STAGE  ((FG_BM + FG_BN) * FG_BK)
+#define FG_SMEM   (FG_ST * FG_STAGE + 1024)   /* + alignment slack */
+
+
+__global__ void __launch_bounds__(FG_NT, 1)
+kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
+    const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
+    int N, int K, __nv_bfloat16 *Y)
+{
+    extern __shared__ unsigned char fg_sm_raw[];
+    unsigned char *sm = (unsigned char *)
+        (((uintptr_t) fg_sm_raw + 1023) & ~(uintptr_t) 1023);
+    __shared__ __align__(8) uint64_t full[FG_ST], empty[FG_ST];
+    const int tid = threadIdx.x;
+    fg_tile_t t;
+
+    if (tid == 0) {
+        moe_tma_prefetch_map(&mq);
+        moe_tma_prefetch_map(&mw);
+    }
+    moe_pdl_enter();
+    if (!fg_tile(offs, E, N / FG_BN, blockIdx.x, &t)) {
+        return;                         /* past the last tile */
+    }
+
+    const int nk = K / FG_BK;
+
+    if (tid == 0) {
+        for (int s = 0; s < FG_ST; s++) {
+            moe_mbar_init(&full[s], 1);
+            moe_mbar_init(&empty[s], 2);
+        }
+        moe_mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (tid < 128) {
+        /* the producer */
+        if (tid == 0) {
+            for (int kt = 0; kt < nk; kt++) {
+                const int s = kt % FG_ST;
+
+                if (kt >= FG_ST) {
+                    /* both consumers released tile kt - FG_ST */
+                    moe_mbar_wait(&empty[s], ((kt / FG_ST) - 1) & 1);
+                }
+                moe_mbar_expect(&full[s], (uint32_t) FG_STAGE);
+                moe_tma_2d(sm + s * FG_STAGE, &mq, kt * FG_BK, t.r0,
+                           &full[s]);
+                moe_tma_3d(sm + s * FG_STAGE + FG_BM * FG_BK, &mw,
+                           kt * FG_BK, t.nt * FG_BN, t.e, &full[s]);
+            }
+        }
+        return;
+    }
+
+    const int cw = (tid >> 7) - 1;      /* consumer: rows 64 cw .. */
+    float     d[2][64];
+
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int i = 0; i < 64; i++) {
+            d[h][i] = 0.0f;
+        }
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        const int s = kt % FG_ST;
+        const unsigned char *sa = sm + s * FG_STAGE + cw * 64 * FG_BK;
+        const unsigned char *sb = sm + s * FG_STAGE + FG_BM * FG_BK;
+        const uint64_t da = moe_wg_desc(sa), db0 = moe_wg_desc(sb),
+                       db1 = moe_wg_desc(sb + 128 * FG_BK);
+
+        moe_mbar_wait(&full[s], (kt / FG_ST) & 1);
+        moe_wg_fence_regs(d[0]);
+        moe_wg_fence_regs(d[1]);
+        moe_wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < FG_BK / 32; ks++) {
+            moe_wg_mma_e4m3_n128(d[0], da + 2 * ks, db0 + 2 * ks);
+            moe_wg_mma_e4m3_n128(d[1], da + 2 * ks, db1 + 2 * ks);
+        }
+        moe_wg_commit();
+        moe_wg_fence_regs(d[0]);
+        moe_wg_fence_regs(d[1]);
+        moe_wg_wait<1>();               /* tile kt - 1's wgmma done */
+        if (kt > 0 && (tid & 127) == 0) {
+            moe_mbar_arrive(&empty[(kt - 1) % FG_ST]);
+        }
+    }
+    moe_wg_wait<0>();
+    moe_wg_fence_regs(d[0]);
+    moe_wg_fence_regs(d[1]);
+    fg_store<2>(d, cw, &t, N, t.nt * FG_BN, Y);
+}
+
+
+/* cuTensorMapEncodeTiled through the runtime's driver entry point (no
+ * link against libcuda); NULL when the driver lacks it.  Races are
+ * benign: every caller stores the same pointer. */
+static PFN_cuTensorMapEncodeTiled_v12000
+fg_encoder(void)
+{
+    static PFN_cuTensorMapEncodeTiled_v12000 enc;
+    PFN_cuTensorMapEncodeTiled_v12000        e;
+    cudaDriverEntryPointQueryResult          q;
+
+    e = __atomic_load_n(&enc, __ATOMIC_ACQUIRE);
+    if (e != NULL) {
+        return e;
+    }
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled",
+                                         (void **) &e, 12000,
+                                         cudaEnableDefault, &q)
+            != cudaSuccess
+        || q != cudaDriverEntryPointSuccess)
+    {
+        (void) cudaGetLastError();
+        return NULL;
+    }
+    __atomic_store_n(&enc, e, __ATOMIC_RELEASE);
+    return e;
+}
+
+
+/* A map of `rank` dims (dim[0] bytes innermost, then rows, then groups;
+ * strides in bytes of dims 1..), boxes of 128 bytes x box_rows (x 1),
+ * 128-byte swizzle, zeros read past the end. */
+static int
+fg_map(CUtensorMap *m, const void *base, int rank, const cuuint64_t *dim,
+    const cuuint64_t *stride, int box_rows)
+{
+    PFN_cuTensorMapEncodeTiled_v12000 enc = fg_encoder();
+    cuuint32_t box[3] = { FG_BK, (cuuint32_t) box_rows, 1 };
+    cuuint32_t es[3] = { 1, 1, 1 };
+    CUresult   r;
+
+    if (enc == NULL) {
+        moe_cuda_set_error("fp8 grouped GEMM: the driver has no "
+                           "cuTensorMapEncodeTiled");
+        return MOE_K_EUNSUPPORTED;
+    }
+    r = enc(m, CU_TENSOR_MAP_DATA_TYPE_UINT8, (cuuint32_t) rank,
+            (void *) base, dim, stride, box, es,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        moe_cuda_set_error("fp8 grouped GEMM: cuTensorMapEncodeTiled: "
+                           "error %d", (int) r);
+        return MOE_K_EBACKEND;
+    }
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride)
+{
+    return N > 0 && K > 0 && N % FG_BN == 0 && K % FG_BK == 0
+           && wstride % 16 == 0 && wstride >= (size_t) N * (size_t) K;
+}
+
+
+extern "C" int
+moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
+    size_t wstride, const int32_t *offs, int E, int r_max, int N, int K,
+    moe_bf16_t *Y, cudaStream_t stream)
+{
+    CUtensorMap mq, mw;
+    cuuint64_t  qdim[2] = { (cuuint64_t) K, (cuuint64_t) q_rows };
+    cuuint64_t  qstr[1] = { (cuuint64_t) K };
+    cuuint64_t  wdim[3] = { (cuuint64_t) K, (cuuint64_t) N,
+                            (cuuint64_t) E };
+    cuuint64_t  wstr[2] = { (cuuint64_t) K, (cuuint64_t) wstride };
+    size_t      tiles;
+    int         rc;
+
+    if (!moe_cuda_fp8_grouped_supported(N, K, wstride) || E < 1
+        || q_rows < 1 || r_max < 0 || (uintptr_t) Q % 16 != 0
+        || (uintptr_t) W % 16 != 0 || offs == NULL || Y == NULL)
+    {
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (r_max == 0) {
+        return MOE_K_OK;
+    }
+    /* every group's row tiles: at most ceil(r_max / 128) + E, one
+     * partial tile per group */
+    tiles = ((size_t) (r_max + FG_BM - 1) / FG_BM + (size_t) E)
+            * (size_t) (N / FG_BN);
+    if (tiles > 0x7fffffff) {
+        return MOE_K_EUNSUPPORTED;
+    }
+    if ((rc = fg_map(&mq, Q, 2, qdim, qstr, FG_BM)) != MOE_K_OK
+        || (rc = fg_map(&mw, W, 3, wdim, wstr, FG_BN)) != MOE_K_OK)
+    {
+        return rc;
+    }
+    /* each call: the attribute belongs to the current device's context
+     * (tensor-parallel ranks run on several), and costs no sync */
+    MOE_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel_fp8_grouped, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        FG_SMEM));
+    MOE_CUDA_CHECK(moe_launch(kernel_fp8_grouped, dim3((unsigned) tiles),
+                              dim3(FG_NT), FG_SMEM, stream, mq, mw, offs, E,
+                              N, K, (__nv_bfloat16 *) Y));
+    return MOE_K_OK;
+}

@@ -1,0 +1,46 @@
+/*
+ * A grouped e4m3 GEMM for the fp8 prefill's routed experts: every
+ * expert's tiles in one launch, the group offsets read on the device (no
+ * host copy of the routing, so no host sync per layer), on Hopper's
+ * warpgroup tensor cores (wgmma) fed by TMA.  Same contract as the
+ * per-expert moe_cuda_gemm_fp8_unscaled calls it replaces (bf16, scales
+ * left to the reader), except that no row past a group's is written.
+ */
+#ifndef MOE_KERNELS_FP8_GROUPED_H
+#define MOE_KERNELS_FP8_GROUPED_H
+#include "common.h"
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * For each group e < E, the rows r of Q with offs[e] <= offs[0] + r <
+ * offs[e + 1] (offs: E + 1 ascending int32 on the device):
+ *   Y[r * N + j] = bf16(sum_k e4m3(Q[r * K + k]) * e4m3(W_e[j * K + k]))
+ * W_e = W + e * wstride bytes, (N, K) row-major (HF layout).  Q has
+ * q_rows rows of K bytes readable (rows of other groups inside a tile are
+ * read, their products not stored; rows past q_rows read as zeros).
+ * r_max >= offs[E] - offs[0] bounds the rows on the host (it sizes the
+ * grid: tiles past the last group's exit at once).  Rows of Y outside the
+ * groups are left as they were.
+ * N % 256 == 0, K % 128 == 0, wstride % 16 == 0, Q and W 16-byte
+ * aligned, E >= 1 (else MOE_K_EUNSUPPORTED, nothing enqueued: the caller
+ * keeps the per-expert GEMMs).  Tiles of 128 rows x 256 columns, one CTA
+ * each in the order group, column tile, row tile (a group's rows stay in
+ * L2 while its weights stream once); a 4-stage TMA pipeline fed by one
+ * producer thread, two consumer warpgroups of 64 rows.  Capturable into a
+ * CUDA graph (the tensor maps are kernel parameters, made on the host at
+ * each call).
+ */
+int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
+    const uint8_t *W, size_t wstride, const int32_t *offs, int E,
+    int r_max, int N, int K, moe_bf16_t *Y, cudaStream_t stream);
+
+/* 1 when moe_cuda_fp8_grouped_gemm takes this shape (its N, K, wstride
+ * conditions; alignment aside). */
+int moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

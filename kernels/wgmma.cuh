@@ -1,0 +1,204 @@
+/*
+ * Hopper (sm_90a) building blocks for the warpgroup tensor-core kernels:
+ * wgmma from shared-memory descriptors, mbarriers, and TMA tile loads.
+ * Device code only; include after common.cuh.
+ *
+ * Layout these helpers assume: an e4m3 operand tile stored K-major in
+ * shared memory as 128-byte rows with the 128-byte swizzle (the 16-byte
+ * chunk c of row r sits at chunk c ^ (r & 7)), 8-row groups 1024 bytes
+ * apart, the tile 1024-byte aligned.  That is what a TMA load with
+ * CU_TENSOR_MAP_SWIZZLE_128B and a 128-byte inner box writes.
+ */
+#ifndef MOE_KERNELS_WGMMA_CUH
+#define MOE_KERNELS_WGMMA_CUH
+
+#include <cuda.h>
+#include <stdint.h>
+
+/* The shared-memory matrix descriptor of such a tile at p: start address
+ * (16-byte units), leading byte offset 1 (unused with a swizzle), stride
+ * byte offset 1024 (8 rows), swizzle mode 1 (128 bytes).  One k step of
+ * 32 e4m3 bytes further along K is + 2 (the swizzle applies to the
+ * address bits, so the start moves by 32 bytes). */
+__device__ __forceinline__ uint64_t
+moe_wg_desc(const void *p)
+{
+    uint32_t a = (uint32_t) __cvta_generic_to_shared(p);
+
+    return (uint64_t) ((a & 0x3ffff) >> 4) | ((uint64_t) 1 << 16)
+           | ((uint64_t) (1024 >> 4) << 32) | ((uint64_t) 1 << 62);
+}
+
+
+/* D (64 x 128, fp32: the warpgroup's fragment d[64]) += A (64 x 32 e4m3,
+ * descriptor da) . B (128 x 32 e4m3, descriptor db)^T, both K-major in
+ * shared memory; asynchronous until moe_wg_wait.  Fragment: d[4 j + c +
+ * 2 v] of lane l in warp w is row 16 w + l / 4 + 8 v, column 8 j + 2 (l %
+ * 4) + c. */
+__device__ __forceinline__ void
+moe_wg_mma_e4m3_n128(float *d, uint64_t da, uint64_t db)
+{
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, "
+        "%40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, "
+        "%56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
+          "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db));
+}
+
+
+__device__ __forceinline__ void
+moe_wg_fence(void)
+{
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+
+__device__ __forceinline__ void
+moe_wg_commit(void)
+{
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+
+/* Wait until at most N committed wgmma groups are pending. */
+template <int N>
+__device__ __forceinline__ void
+moe_wg_wait(void)
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+
+
+/* Keep the compiler from moving accumulator reads / writes across the
+ * asynchronous wgmma. */
+__device__ __forceinline__ void
+moe_wg_fence_regs(float *d)
+{
+#pragma unroll
+    for (int i = 0; i < 64; i++) {
+        asm volatile("" : "+f"(d[i]) :: "memory");
+    }
+}
+
+
+/* ---- mbarriers (shared::cta) ---- */
+
+__device__ __forceinline__ void
+moe_mbar_init(uint64_t *b, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n"
+                 :: "r"((uint32_t) __cvta_generic_to_shared(b)), "r"(count)
+                 : "memory");
+}
+
+
+/* Make the initialised barriers visible to the async proxy (TMA). */
+__device__ __forceinline__ void
+moe_mbar_init_fence(void)
+{
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+
+/* Spin until the phase of parity `parity` of b has completed. */
+__device__ __forceinline__ void
+moe_mbar_wait(uint64_t *b, int parity)
+{
+    uint32_t a = (uint32_t) __cvta_generic_to_shared(b);
+
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "MOE_MBAR_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra MOE_MBAR_WAIT;\n"
+        "}\n" :: "r"(a), "r"(parity) : "memory");
+}
+
+
+__device__ __forceinline__ void
+moe_mbar_arrive(uint64_t *b)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n"
+                 :: "r"((uint32_t) __cvta_generic_to_shared(b)) : "memory");
+}
+
+
+/* Arrive and add `bytes` to the transaction count the phase waits for. */
+__device__ __forceinline__ void
+moe_mbar_expect(uint64_t *b, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
+                 :: "r"((uint32_t) __cvta_generic_to_shared(b)), "r"(bytes)
+                 : "memory");
+}
+
+
+/* ---- TMA tile loads (the map a __grid_constant__ kernel parameter) ---- */
+
+/* The box of a 2-d map at (c0 along the inner dimension, c1) into dst,
+ * completing on bar. */
+__device__ __forceinline__ void
+moe_tma_2d(void *dst, const CUtensorMap *map, int c0, int c1, uint64_t *bar)
+{
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::"
+        "complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        :: "r"((uint32_t) __cvta_generic_to_shared(dst)),
+           "l"((uint64_t) map), "r"(c0), "r"(c1),
+           "r"((uint32_t) __cvta_generic_to_shared(bar))
+        : "memory");
+}
+
+
+/* The same for a 3-d map at (c0, c1, c2). */
+__device__ __forceinline__ void
+moe_tma_3d(void *dst, const CUtensorMap *map, int c0, int c1, int c2,
+    uint64_t *bar)
+{
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::"
+        "complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+        :: "r"((uint32_t) __cvta_generic_to_shared(dst)),
+           "l"((uint64_t) map), "r"(c0), "r"(c1), "r"(c2),
+           "r"((uint32_t) __cvta_generic_to_shared(bar))
+        : "memory");
+}
+
+
+/* Fetch a tensor map (a kernel parameter) into the descriptor cache. */
+__device__ __forceinline__ void
+moe_tma_prefetch_map(const CUtensorMap *map)
+{
+    asm volatile("prefetch.tensormap [%0];\n"
+                 :: "l"((uint64_t) map) : "memory");
+}
+
+#endif /* MOE_KERNELS_WGMMA_CUH */
