@@ -1,12 +1,15 @@
 /*
  * The grouped e4m3 GEMM of the fp8 prefill's routed experts (fp8_grouped.h).
  *
- * One CTA per 128-row x 256-column output tile, tiles ordered by group
- * (expert), then column tile, then row tile, so that an expert's rows
- * (at most a few MB) stay in L2 while each of its weight tiles is read
- * once per row tile from L2 and once from HBM.  The grid is sized from
- * the host's upper bound on the rows (r_max); each CTA finds its tile
- * from the offsets on the device and exits if it has none.
+ * Output tiles of 128 rows x 256 columns, ordered by group (expert),
+ * then column tile, then row tile, so that an expert's rows (at most a
+ * few MB) stay in L2 while each of its weight tiles is read once per row
+ * tile from L2 and once from HBM.  The tile count is bounded from the
+ * host's bound on the rows (r_max); each CTA finds its tiles (blockIdx.x,
+ * then gridDim.x apart) from the offsets on the device and stops at the
+ * first past the last.  The launch: one CTA per SM (persistent), so
+ * that the producer loads the next tile's stages while the consumers
+ * store the last one's products.
  *
  * Three warpgroups (384 threads).  Warpgroup 0's first thread is the
  * producer: per K tile of 128 bytes it waits until stage s is free
@@ -38,6 +41,7 @@
 #define FG_NT     384                   /* producer + 2 consumer WGs */
 #define FG_STAGE  ((FG_BM + FG_BN) * FG_BK)
 #define FG_SMEM   (FG_ST * FG_STAGE + 1024)   /* + alignment slack */
+#define FG_CTAS   (-1)                  /* the launch: one CTA per SM */
 
 
 __global__ void __launch_bounds__(FG_NT, 1)
@@ -49,7 +53,7 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     unsigned char *sm = (unsigned char *)
         (((uintptr_t) fg_sm_raw + 1023) & ~(uintptr_t) 1023);
     __shared__ __align__(8) uint64_t full[FG_ST], empty[FG_ST];
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, ntn = N / FG_BN, nk = K / FG_BK;
     fg_tile_t t;
 
     if (tid == 0) {
@@ -57,12 +61,9 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
         moe_tma_prefetch_map(&mw);
     }
     moe_pdl_enter();
-    if (!fg_tile(offs, E, N / FG_BN, blockIdx.x, &t)) {
+    if (!fg_tile(offs, E, ntn, blockIdx.x, &t)) {
         return;                         /* past the last tile */
     }
-
-    const int nk = K / FG_BK;
-
     if (tid == 0) {
         for (int s = 0; s < FG_ST; s++) {
             moe_mbar_init(&full[s], 1);
@@ -72,21 +73,32 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     }
     __syncthreads();
 
+    /* the tiles blockIdx.x, + gridDim.x, ...: one per CTA when the grid
+     * covers them all, a persistent loop when it is one CTA per SM (the
+     * producer then fills the next tile's stages during the epilogue).
+     * `it` counts K tiles over the CTA's tiles: stage it % FG_ST, phase
+     * (it / FG_ST) & 1, the same sequence on both sides. */
     if (tid < 128) {
         /* the producer */
         if (tid == 0) {
-            for (int kt = 0; kt < nk; kt++) {
-                const int s = kt % FG_ST;
+            uint32_t it = 0;
 
-                if (kt >= FG_ST) {
-                    /* both consumers released tile kt - FG_ST */
-                    moe_mbar_wait(&empty[s], ((kt / FG_ST) - 1) & 1);
+            for (int bid = blockIdx.x; fg_tile(offs, E, ntn, bid, &t);
+                 bid += gridDim.x)
+            {
+                for (int kt = 0; kt < nk; kt++, it++) {
+                    const int s = it % FG_ST;
+
+                    if (it >= FG_ST) {
+                        /* both consumers released K tile it - FG_ST */
+                        moe_mbar_wait(&empty[s], ((it / FG_ST) - 1) & 1);
+                    }
+                    moe_mbar_expect(&full[s], (uint32_t) FG_STAGE);
+                    moe_tma_2d(sm + s * FG_STAGE, &mq, kt * FG_BK, t.r0,
+                               &full[s]);
+                    moe_tma_3d(sm + s * FG_STAGE + FG_BM * FG_BK, &mw,
+                               kt * FG_BK, t.nt * FG_BN, t.e, &full[s]);
                 }
-                moe_mbar_expect(&full[s], (uint32_t) FG_STAGE);
-                moe_tma_2d(sm + s * FG_STAGE, &mq, kt * FG_BK, t.r0,
-                           &full[s]);
-                moe_tma_3d(sm + s * FG_STAGE + FG_BM * FG_BK, &mw,
-                           kt * FG_BK, t.nt * FG_BN, t.e, &full[s]);
             }
         }
         return;
@@ -94,42 +106,52 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
 
     const int cw = (tid >> 7) - 1;      /* consumer: rows 64 cw .. */
     float     d[2][64];
+    uint32_t  it = 0;
 
+    for (int bid = blockIdx.x; fg_tile(offs, E, ntn, bid, &t);
+         bid += gridDim.x)
+    {
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < 2; h++) {
 #pragma unroll
-        for (int i = 0; i < 64; i++) {
-            d[h][i] = 0.0f;
+            for (int i = 0; i < 64; i++) {
+                d[h][i] = 0.0f;
+            }
         }
-    }
-    for (int kt = 0; kt < nk; kt++) {
-        const int s = kt % FG_ST;
-        const unsigned char *sa = sm + s * FG_STAGE + cw * 64 * FG_BK;
-        const unsigned char *sb = sm + s * FG_STAGE + FG_BM * FG_BK;
-        const uint64_t da = moe_wg_desc(sa), db0 = moe_wg_desc(sb),
-                       db1 = moe_wg_desc(sb + 128 * FG_BK);
+        for (int kt = 0; kt < nk; kt++, it++) {
+            const int s = it % FG_ST;
+            const unsigned char *sa = sm + s * FG_STAGE + cw * 64 * FG_BK;
+            const unsigned char *sb = sm + s * FG_STAGE + FG_BM * FG_BK;
+            const uint64_t da = moe_wg_desc(sa), db0 = moe_wg_desc(sb),
+                           db1 = moe_wg_desc(sb + 128 * FG_BK);
 
-        moe_mbar_wait(&full[s], (kt / FG_ST) & 1);
+            moe_mbar_wait(&full[s], (it / FG_ST) & 1);
+            moe_wg_fence_regs(d[0]);
+            moe_wg_fence_regs(d[1]);
+            moe_wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < FG_BK / 32; ks++) {
+                moe_wg_mma_e4m3_n128(d[0], da + 2 * ks, db0 + 2 * ks);
+                moe_wg_mma_e4m3_n128(d[1], da + 2 * ks, db1 + 2 * ks);
+            }
+            moe_wg_commit();
+            moe_wg_fence_regs(d[0]);
+            moe_wg_fence_regs(d[1]);
+            moe_wg_wait<1>();           /* K tile it - 1's wgmma done */
+            if (kt > 0 && (tid & 127) == 0) {
+                moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
+            }
+        }
+        moe_wg_wait<0>();
         moe_wg_fence_regs(d[0]);
         moe_wg_fence_regs(d[1]);
-        moe_wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < FG_BK / 32; ks++) {
-            moe_wg_mma_e4m3_n128(d[0], da + 2 * ks, db0 + 2 * ks);
-            moe_wg_mma_e4m3_n128(d[1], da + 2 * ks, db1 + 2 * ks);
+        if ((tid & 127) == 0) {
+            /* the tile's last stage: free for the next tile's loads,
+             * which then overlap this epilogue */
+            moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
         }
-        moe_wg_commit();
-        moe_wg_fence_regs(d[0]);
-        moe_wg_fence_regs(d[1]);
-        moe_wg_wait<1>();               /* tile kt - 1's wgmma done */
-        if (kt > 0 && (tid & 127) == 0) {
-            moe_mbar_arrive(&empty[(kt - 1) % FG_ST]);
-        }
+        fg_store<2>(d, cw, &t, N, t.nt * FG_BN, Y);
     }
-    moe_wg_wait<0>();
-    moe_wg_fence_regs(d[0]);
-    moe_wg_fence_regs(d[1]);
-    fg_store<2>(d, cw, &t, N, t.nt * FG_BN, Y);
 }
 
 
@@ -201,9 +223,9 @@ moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride)
 
 
 extern "C" int
-moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
-    size_t wstride, const int32_t *offs, int E, int r_max, int N, int K,
-    moe_bf16_t *Y, cudaStream_t stream)
+moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
+    const uint8_t *W, size_t wstride, const int32_t *offs, int E, int r_max,
+    int N, int K, moe_bf16_t *Y, int ctas, cudaStream_t stream)
 {
     CUtensorMap mq, mw;
     cuuint64_t  qdim[2] = { (cuuint64_t) K, (cuuint64_t) q_rows };
@@ -240,8 +262,29 @@ moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
     MOE_CUDA_CHECK(cudaFuncSetAttribute(
         kernel_fp8_grouped, cudaFuncAttributeMaxDynamicSharedMemorySize,
         FG_SMEM));
+    if (ctas < 0) {
+        int dev, sms;
+
+        MOE_CUDA_CHECK(cudaGetDevice(&dev));
+        MOE_CUDA_CHECK(cudaDeviceGetAttribute(
+            &sms, cudaDevAttrMultiProcessorCount, dev));
+        ctas = sms * -ctas;
+    }
+    if (ctas > 0 && (size_t) ctas < tiles) {
+        tiles = (size_t) ctas;
+    }
     MOE_CUDA_CHECK(moe_launch(kernel_fp8_grouped, dim3((unsigned) tiles),
                               dim3(FG_NT), FG_SMEM, stream, mq, mw, offs, E,
                               N, K, (__nv_bfloat16 *) Y));
     return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
+    size_t wstride, const int32_t *offs, int E, int r_max, int N, int K,
+    moe_bf16_t *Y, cudaStream_t stream)
+{
+    return moe_cuda_fp8_grouped_gemm_ctas(Q, q_rows, W, wstride, offs, E,
+                                          r_max, N, K, Y, FG_CTAS, stream);
 }

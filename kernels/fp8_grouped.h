@@ -25,16 +25,25 @@ extern "C" {
  * groups are left as they were.
  * N % 256 == 0, K % 128 == 0, wstride % 16 == 0, Q and W 16-byte
  * aligned, E >= 1 (else MOE_K_EUNSUPPORTED, nothing enqueued: the caller
- * keeps the per-expert GEMMs).  Tiles of 128 rows x 256 columns, one CTA
- * each in the order group, column tile, row tile (a group's rows stay in
- * L2 while its weights stream once); a 4-stage TMA pipeline fed by one
- * producer thread, two consumer warpgroups of 64 rows.  Capturable into a
+ * keeps the per-expert GEMMs).  Tiles of 128 rows x 256 columns in the
+ * order group, column tile, row tile (a group's rows stay in L2 while
+ * its weights stream once), one persistent CTA per SM looping over them;
+ * a 4-stage TMA pipeline fed by one producer thread, two consumer
+ * warpgroups of 64 rows.  Capturable into a
  * CUDA graph (the tensor maps are kernel parameters, made on the host at
  * each call).
  */
 int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
     int r_max, int N, int K, moe_bf16_t *Y, cudaStream_t stream);
+
+/* The same with the grid chosen (measurements, bench/dev/wg_ggemm):
+ * ctas 0: one CTA per tile; > 0: that many CTAs, each looping over the
+ * tiles ctas apart; < 0: -ctas CTAs per SM.  moe_cuda_fp8_grouped_gemm
+ * is ctas -1 (persistent, one CTA per SM). */
+int moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
+    const uint8_t *W, size_t wstride, const int32_t *offs, int E,
+    int r_max, int N, int K, moe_bf16_t *Y, int ctas, cudaStream_t stream);
 
 /* 1 when moe_cuda_fp8_grouped_gemm takes this shape (its N, K, wstride
  * conditions; alignment aside). */

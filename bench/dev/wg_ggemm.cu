@@ -16,8 +16,9 @@
  * of 128 bytes loaded with cp.async (16-byte chunks, the 128-byte
  * swizzle: chunk c of row r at c ^ (r & 7)) into ST stages, DIST tiles
  * ahead, so that the wgmma of one tile runs while the next ones load;
- * MINB CTAs per SM.  "shipped": kernels/fp8_grouped.cu, the same tiles
- * (BN 256) fed by TMA from a producer warp through mbarriers.  Tile
+ * MINB CTAs per SM.  kernels/fp8_grouped.cu: the same tiles (BN 256)
+ * fed by TMA from a producer warp through mbarriers, a CTA per tile and
+ * persistent (one CTA per SM, the shipped launch).  Tile
  * order: expert,
  * then column tile, then row tile (an expert's rows stay in L2 while its
  * weights stream once).  K % 128 == 0, N % 256 == 0.
@@ -281,8 +282,14 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
 #undef WG_V
     if (moe_cuda_fp8_grouped_supported(N, K, ws)) {
         /* the shipped kernel (kernels/fp8_grouped.cu): TMA, a producer
-         * warp, 128 x 256 tiles, grid from the row bound */
-        run("shipped: TMA, producer warp, BN 256", "wgmma_tma_ws", [&]() {
+         * warp, 128 x 256 tiles; one CTA per tile, and persistent (one
+         * CTA per SM: the shipped launch) */
+        run("TMA, producer warp, CTA per tile", "wgmma_tma_ws", [&]() {
+            (void) moe_cuda_fp8_grouped_gemm_ctas(q, n + MOE_FP8_GEMM_ROWS,
+                                                  w, ws, doffs, E, n, N, K,
+                                                  (moe_bf16_t *) y1, 0, 0);
+        });
+        run("shipped: the same, persistent", "wgmma_tma_persist", [&]() {
             (void) moe_cuda_fp8_grouped_gemm(q, n + MOE_FP8_GEMM_ROWS, w, ws,
                                              doffs, E, n, N, K,
                                              (moe_bf16_t *) y1, 0);
