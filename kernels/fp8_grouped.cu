@@ -42,8 +42,10 @@
 #define FG_STAGE  ((FG_BM + FG_BN) * FG_BK)
 #define FG_SMEM   (FG_ST * FG_STAGE + 1024)   /* + alignment slack */
 #define FG_CTAS   (-1)                  /* the launch: one CTA per SM */
+#define FG_WIDE   1                     /* m64n256k32 (else 2 x n128) */
 
 
+template <int WIDE>
 __global__ void __launch_bounds__(FG_NT, 1)
 kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
@@ -105,18 +107,15 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     }
 
     const int cw = (tid >> 7) - 1;      /* consumer: rows 64 cw .. */
-    float     d[2][64];
+    float     d[128];                   /* columns 0..127, 128..255 */
     uint32_t  it = 0;
 
     for (int bid = blockIdx.x; fg_tile(offs, E, ntn, bid, &t);
          bid += gridDim.x)
     {
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-#pragma unroll
-            for (int i = 0; i < 64; i++) {
-                d[h][i] = 0.0f;
-            }
+        for (int i = 0; i < 128; i++) {
+            d[i] = 0.0f;
         }
         for (int kt = 0; kt < nk; kt++, it++) {
             const int s = it % FG_ST;
@@ -126,31 +125,37 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
                            db1 = moe_wg_desc(sb + 128 * FG_BK);
 
             moe_mbar_wait(&full[s], (it / FG_ST) & 1);
-            moe_wg_fence_regs(d[0]);
-            moe_wg_fence_regs(d[1]);
+            moe_wg_fence_regs(d);
+            moe_wg_fence_regs(d + 64);
             moe_wg_fence();
 #pragma unroll
             for (int ks = 0; ks < FG_BK / 32; ks++) {
-                moe_wg_mma_e4m3_n128(d[0], da + 2 * ks, db0 + 2 * ks);
-                moe_wg_mma_e4m3_n128(d[1], da + 2 * ks, db1 + 2 * ks);
+                if (WIDE) {
+                    /* A read once for the 256 columns */
+                    moe_wg_mma_e4m3_n256(d, da + 2 * ks, db0 + 2 * ks);
+                } else {
+                    moe_wg_mma_e4m3_n128(d, da + 2 * ks, db0 + 2 * ks);
+                    moe_wg_mma_e4m3_n128(d + 64, da + 2 * ks, db1 + 2 * ks);
+                }
             }
             moe_wg_commit();
-            moe_wg_fence_regs(d[0]);
-            moe_wg_fence_regs(d[1]);
+            moe_wg_fence_regs(d);
+            moe_wg_fence_regs(d + 64);
             moe_wg_wait<1>();           /* K tile it - 1's wgmma done */
             if (kt > 0 && (tid & 127) == 0) {
                 moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
             }
         }
         moe_wg_wait<0>();
-        moe_wg_fence_regs(d[0]);
-        moe_wg_fence_regs(d[1]);
+        moe_wg_fence_regs(d);
+        moe_wg_fence_regs(d + 64);
         if ((tid & 127) == 0) {
             /* the tile's last stage: free for the next tile's loads,
              * which then overlap this epilogue */
             moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
         }
-        fg_store<2>(d, cw, &t, N, t.nt * FG_BN, Y);
+        fg_store<2>(reinterpret_cast<float (*)[64]>(d), cw, &t, N,
+                    t.nt * FG_BN, Y);
     }
 }
 
@@ -225,8 +230,11 @@ moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride)
 extern "C" int
 moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E, int r_max,
-    int N, int K, moe_bf16_t *Y, int ctas, cudaStream_t stream)
+    int N, int K, moe_bf16_t *Y, int ctas, int wide, cudaStream_t stream)
 {
+    void (*kf)(const CUtensorMap, const CUtensorMap, const int32_t *, int,
+               int, int, __nv_bfloat16 *) = wide ? kernel_fp8_grouped<1>
+                                                 : kernel_fp8_grouped<0>;
     CUtensorMap mq, mw;
     cuuint64_t  qdim[2] = { (cuuint64_t) K, (cuuint64_t) q_rows };
     cuuint64_t  qstr[1] = { (cuuint64_t) K };
@@ -260,8 +268,7 @@ moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     /* each call: the attribute belongs to the current device's context
      * (tensor-parallel ranks run on several), and costs no sync */
     MOE_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel_fp8_grouped, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        FG_SMEM));
+        kf, cudaFuncAttributeMaxDynamicSharedMemorySize, FG_SMEM));
     if (ctas < 0) {
         int dev, sms;
 
@@ -273,7 +280,7 @@ moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     if (ctas > 0 && (size_t) ctas < tiles) {
         tiles = (size_t) ctas;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_fp8_grouped, dim3((unsigned) tiles),
+    MOE_CUDA_CHECK(moe_launch(kf, dim3((unsigned) tiles),
                               dim3(FG_NT), FG_SMEM, stream, mq, mw, offs, E,
                               N, K, (__nv_bfloat16 *) Y));
     return MOE_K_OK;
@@ -286,5 +293,6 @@ moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
     moe_bf16_t *Y, cudaStream_t stream)
 {
     return moe_cuda_fp8_grouped_gemm_ctas(Q, q_rows, W, wstride, offs, E,
-                                          r_max, N, K, Y, FG_CTAS, stream);
+                                          r_max, N, K, Y, FG_CTAS, FG_WIDE,
+                                          stream);
 }

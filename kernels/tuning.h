@@ -65,11 +65,13 @@ typedef struct {
                             (rope, the next norm, the un-permute) instead
                             of a rescale pass each (default 1; 0 for A/B
                             runs) */
-    int fp8_grouped;     /* MOE_CUDA_FP8_GROUPED 0|1: the fp8 prefill's
+    int fp8_grouped;     /* MOE_CUDA_FP8_GROUPED 0..2: the fp8 prefill's
                             expert GEMMs as one grouped launch each
                             (kernels/fp8_grouped.h: offsets on the device,
                             no host sync per layer) where the shapes allow
-                            (default 1; 0: per-expert cuBLASLt calls) */
+                            (default 1; 0: per-expert cuBLASLt calls; 2:
+                            the grouped GEMM with a CTA per tile instead
+                            of persistent CTAs, for A/B runs) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)

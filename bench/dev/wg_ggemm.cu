@@ -282,14 +282,25 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
 #undef WG_V
     if (moe_cuda_fp8_grouped_supported(N, K, ws)) {
         /* the shipped kernel (kernels/fp8_grouped.cu): TMA, a producer
-         * warp, 128 x 256 tiles; one CTA per tile, and persistent (one
-         * CTA per SM: the shipped launch) */
-        run("TMA, producer warp, CTA per tile", "wgmma_tma_ws", [&]() {
-            (void) moe_cuda_fp8_grouped_gemm_ctas(q, n + MOE_FP8_GEMM_ROWS,
-                                                  w, ws, doffs, E, n, N, K,
-                                                  (moe_bf16_t *) y1, 0, 0);
-        });
-        run("shipped: the same, persistent", "wgmma_tma_persist", [&]() {
+         * warp, 128 x 256 tiles; one CTA per tile or persistent (one CTA
+         * per SM), two n128 wgmma per k step or one n256 */
+        static const struct {
+            const char *label, *tag;
+            int         ctas, wide;
+        } fv[3] = {
+            { "TMA, 2 x n128, CTA per tile", "wgmma_tma_ws", 0, 0 },
+            { "TMA, 2 x n128, persistent", "wgmma_tma_persist", -1, 0 },
+            { "TMA, n256, CTA per tile", "wgmma_tma_n256", 0, 1 },
+        };
+
+        for (int v = 0; v < 3; v++) {
+            run(fv[v].label, fv[v].tag, [&]() {
+                (void) moe_cuda_fp8_grouped_gemm_ctas(
+                    q, n + MOE_FP8_GEMM_ROWS, w, ws, doffs, E, n, N, K,
+                    (moe_bf16_t *) y1, fv[v].ctas, fv[v].wide, 0);
+            });
+        }
+        run("shipped: n256, persistent", "wgmma_tma_n256_persist", [&]() {
             (void) moe_cuda_fp8_grouped_gemm(q, n + MOE_FP8_GEMM_ROWS, w, ws,
                                              doffs, E, n, N, K,
                                              (moe_bf16_t *) y1, 0);

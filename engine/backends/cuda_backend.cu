@@ -2775,11 +2775,20 @@ static int
 cb_fp8_grouped(cuda_backend_t *b, const uint8_t *Q, const cb_qw_t *w, int EL,
     int R, bf16 *Y)
 {
-    int rc = moe_cuda_fp8_grouped_gemm(Q, R, (const uint8_t *) w->w,
-                                       cb_fp8_wstride(w),
-                                       b->offs + b->hp.expert_first, EL, R,
-                                       w->N, w->K, (moe_bf16_t *) Y,
-                                       b->stream);
+    /* fp8_grouped 2: a CTA per tile instead of the persistent launch
+     * (A/B runs) */
+    int rc = b->tune.fp8_grouped == 2
+             ? moe_cuda_fp8_grouped_gemm_ctas(Q, R, (const uint8_t *) w->w,
+                                              cb_fp8_wstride(w),
+                                              b->offs + b->hp.expert_first,
+                                              EL, R, w->N, w->K,
+                                              (moe_bf16_t *) Y, 0, 1,
+                                              b->stream)
+             : moe_cuda_fp8_grouped_gemm(Q, R, (const uint8_t *) w->w,
+                                         cb_fp8_wstride(w),
+                                         b->offs + b->hp.expert_first, EL, R,
+                                         w->N, w->K, (moe_bf16_t *) Y,
+                                         b->stream);
 
     if (rc == MOE_K_EUNSUPPORTED) {
         moe_cuda_set_error("fp8 grouped GEMM refused N %d K %d", w->N, w->K);

@@ -35,7 +35,7 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_PDL",           CT_FIELD(pdl),           0, 1 },
     { "MOE_CUDA_FUSE_UNPERMUTE", CT_FIELD(fuse_unpermute), 0, 1 },
     { "MOE_CUDA_FOLD_SCALES",   CT_FIELD(fold_scales),   0, 1 },
-    { "MOE_CUDA_FP8_GROUPED",   CT_FIELD(fp8_grouped),   0, 1 },
+    { "MOE_CUDA_FP8_GROUPED",   CT_FIELD(fp8_grouped),   0, 2 },
 };
 
 

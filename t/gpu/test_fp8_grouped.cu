@@ -9,9 +9,10 @@
  *    the errors of the K / 32 steps add up in one direction: first run,
  *    K 1024, up to 6.4e-4 of sum |q w|); and the relative L2 error <=
  *    4e-3;
- *  - three launches each: the shipped one (persistent, one CTA per SM),
- *    one CTA per tile, and 3 CTAs (each walks many tiles, so the stage
- *    ring and its phases carry over from tile to tile);
+ *  - four launches each: the shipped one (persistent, one CTA per SM,
+ *    wgmma n256), one CTA per tile, 3 CTAs (each walks many tiles, so the
+ *    stage ring and its phases carry over from tile to tile), and two
+ *    n128 wgmma per k step instead of one n256;
  *  - groups of 0, 1, 64, 130 and 257 rows (partial row tiles, an empty
  *    group), offsets starting past 0 (an expert-parallel rank's view),
  *    K from 128 (one stage) to 1024 (the 4-stage ring wraps twice), 1 to
@@ -205,9 +206,9 @@ prob_check(const fg_prob_t *p, const int32_t *offs, const char *what)
 
 
 /* the launch: ctas 1 the shipped one, else moe_cuda_fp8_grouped_gemm_ctas
- * with that grid (0: one CTA per tile) */
+ * with that grid (0: one CTA per tile) and wgmma width (wide 1: n256) */
 static int
-prob_run(fg_prob_t *p, int r_max, int ctas, cudaStream_t s)
+prob_run(fg_prob_t *p, int r_max, int ctas, int wide, cudaStream_t s)
 {
     if (ctas == 1) {
         return moe_cuda_fp8_grouped_gemm((const uint8_t *) p->dq, p->total,
@@ -222,16 +223,18 @@ prob_run(fg_prob_t *p, int r_max, int ctas, cudaStream_t s)
                                           (size_t) p->N * p->K,
                                           (const int32_t *) p->doffs, p->E,
                                           r_max, p->N, p->K,
-                                          (moe_bf16_t *) p->dy, ctas, s);
+                                          (moe_bf16_t *) p->dy, ctas, wide,
+                                          s);
 }
 
 
 static void
 test_case(const int *rows, int E, int N, int K, int base, int slack)
 {
-    static const int ctas[3] = { 1, 0, 3 };
-    static const char *const launch[3] = {
-        "persistent (shipped)", "a CTA per tile", "3 CTAs"
+    static const int ctas[4] = { 1, 0, 3, 0 }, wide[4] = { 1, 1, 1, 0 };
+    static const char *const launch[4] = {
+        "persistent n256 (shipped)", "n256, a CTA per tile", "n256, 3 CTAs",
+        "2 x n128, a CTA per tile"
     };
     fg_prob_t p;
     char      what[200];
@@ -248,10 +251,10 @@ test_case(const int *rows, int E, int N, int K, int base, int slack)
              ") N %d K %d, offsets from %d, row bound +%d", N, K, base,
              slack);
     head = strlen(what);
-    for (int c = 0; c < 3; c++) {
+    for (int c = 0; c < 4; c++) {
         snprintf(what + head, sizeof(what) - head, ", %s", launch[c]);
         prob_clear(&p);
-        rc = prob_run(&p, p.total + slack, ctas[c], 0);
+        rc = prob_run(&p, p.total + slack, ctas[c], wide[c], 0);
         ok = gu_sync_ok(rc, what) && prob_check(&p, p.offs, what);
         TAP_OK(ok, "grouped GEMM %s: every element within its bound, "
                "nothing written past the groups", what);
@@ -278,7 +281,7 @@ test_graph(void)
     prob_clear(&p);
     fg_ck(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal),
           "begin capture");
-    rc = prob_run(&p, p.total, 1, s);
+    rc = prob_run(&p, p.total, 1, 1, s);
     fg_ck(cudaStreamEndCapture(s, &gr), "end capture");
     fg_ck(cudaGraphInstantiate(&ge, gr, 0), "instantiate");
     /* 200 | 40 | 90 instead of 40 | 200 | 90 */
@@ -327,7 +330,7 @@ test_refusals(void)
                                    (const uint8_t *) p.dw, 256 * 256,
                                    (const int32_t *) p.doffs, 2, 30, 256,
                                    256, (moe_bf16_t *) p.dy, 0);
-    r5 = prob_run(&p, 0, 1, 0);
+    r5 = prob_run(&p, 0, 1, 1, 0);
     fg_ck(cudaDeviceSynchronize(), "sync");
     gu_down(&y0, p.dy, 2);
     nothing = y0 == SENTINEL;
@@ -364,7 +367,7 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(15);
+    TAP_PLAN(19);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
     test_case(r4, 4, 512, 1024, 5, 37);
     test_case(r8, 8, 768, 256, 0, 0);

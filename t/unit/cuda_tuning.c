@@ -119,7 +119,7 @@ main(void)
     refused("MOE_CUDA_GEMV_FMA", "5");
     refused("MOE_CUDA_FUSE_UNPERMUTE", "2");
     refused("MOE_CUDA_FOLD_SCALES", "-1");
-    refused("MOE_CUDA_FP8_GROUPED", "2");
+    refused("MOE_CUDA_FP8_GROUPED", "3");
     refused("MOE_CUDA_ATT_BPS", "0");
     refused("MOE_CUDA_ATT_BPS", "65");
     refused("MOE_CUDA_ATT_LONG_CTX", "-1");
