@@ -40,12 +40,83 @@
 #define FG_ST     4                     /* stages */
 #define FG_NT     384                   /* producer + 2 consumer WGs */
 #define FG_STAGE  ((FG_BM + FG_BN) * FG_BK)
+#define FG_EP     (64 * 128 * 2)        /* a consumer's staged half tile */
 #define FG_SMEM   (FG_ST * FG_STAGE + 1024)   /* + alignment slack */
+#define FG_SMEM_EP (FG_SMEM + 2 * FG_EP)  /* with the staged epilogue */
 #define FG_CTAS   (-1)                  /* the launch: one CTA per SM */
 #define FG_WIDE   1                     /* m64n256k32 (else 2 x n128) */
+#define FG_STAGED 0                     /* epilogue through shared memory */
 
 
-template <int WIDE>
+/* A barrier of consumer warpgroup cw's 128 threads (named barrier 1 or
+ * 2; constant ids, so the kernel reserves only those). */
+__device__ __forceinline__ void
+fg_bar_wg(int cw)
+{
+    if (cw == 0) {
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    } else {
+        asm volatile("bar.sync 2, 128;\n" ::: "memory");
+    }
+}
+
+
+/* The staged epilogue of consumer warpgroup cw (rows 64 cw .. of tile
+ * t): per half of 128 columns, the fragments go to its 16 KB buffer ep
+ * as bf16 pairs (row rr's 16-byte chunk j at chunk j ^ (rr & 7): the 8
+ * rows of a warp's store hit distinct banks), then the warpgroup reads
+ * them back as 16-byte chunks and writes whole rows (256 bytes, full
+ * sectors) to Y.  Named barrier 1 + cw (the warpgroup's 128 threads). */
+__device__ __forceinline__ void
+fg_store_staged(const float *d, int cw, const fg_tile_t *t, int N, int c0,
+    unsigned char *ep, __nv_bfloat16 *Y)
+{
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
+    const int q = lane & 3, ti = threadIdx.x & 127;
+    const int rows = t->mrows - 64 * cw;
+    uint32_t  pk[64];                   /* the products as bf16 pairs:
+                                           half the registers of d */
+
+#pragma unroll
+    for (int i = 0; i < 64; i++) {
+        __nv_bfloat162 p = __floats2bfloat162_rn(d[2 * i], d[2 * i + 1]);
+
+        pk[i] = *reinterpret_cast<uint32_t *>(&p);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int v = 0; v < 2; v++) {
+            const int      rr = 16 * w + (lane >> 2) + 8 * v;
+            unsigned char *er = ep + rr * 256 + 4 * q;
+
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                /* d[64 h + 4 j + 2 v], d[.. + 1] */
+                *reinterpret_cast<uint32_t *>(er + ((j ^ (rr & 7)) << 4))
+                    = pk[32 * h + 2 * j + v];
+            }
+        }
+        fg_bar_wg(cw);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int c = ti + 128 * i, rr = c >> 4, ch = c & 15;
+
+            if (rr < rows) {
+                uint4 x = *reinterpret_cast<const uint4 *>(
+                    ep + rr * 256 + ((ch ^ (rr & 7)) << 4));
+
+                *reinterpret_cast<uint4 *>(
+                    Y + (size_t) (t->r0 + 64 * cw + rr) * N + c0 + 128 * h
+                    + 8 * ch) = x;
+            }
+        }
+        fg_bar_wg(cw);
+    }
+}
+
+
+template <int WIDE, int STAGED>
 __global__ void __launch_bounds__(FG_NT, 1)
 kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
@@ -154,8 +225,13 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
              * which then overlap this epilogue */
             moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
         }
-        fg_store<2>(reinterpret_cast<float (*)[64]>(d), cw, &t, N,
-                    t.nt * FG_BN, Y);
+        if (STAGED) {
+            fg_store_staged(d, cw, &t, N, t.nt * FG_BN,
+                            sm + FG_ST * FG_STAGE + cw * FG_EP, Y);
+        } else {
+            fg_store<2>(reinterpret_cast<float (*)[64]>(d), cw, &t, N,
+                        t.nt * FG_BN, Y);
+        }
     }
 }
 
@@ -230,11 +306,16 @@ moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride)
 extern "C" int
 moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E, int r_max,
-    int N, int K, moe_bf16_t *Y, int ctas, int wide, cudaStream_t stream)
+    int N, int K, moe_bf16_t *Y, int ctas, int variant, cudaStream_t stream)
 {
-    void (*kf)(const CUtensorMap, const CUtensorMap, const int32_t *, int,
-               int, int, __nv_bfloat16 *) = wide ? kernel_fp8_grouped<1>
-                                                 : kernel_fp8_grouped<0>;
+    typedef void (*kf_t)(const CUtensorMap, const CUtensorMap,
+                         const int32_t *, int, int, int, __nv_bfloat16 *);
+    static const kf_t kfs[4] = {
+        kernel_fp8_grouped<0, 0>, kernel_fp8_grouped<1, 0>,
+        kernel_fp8_grouped<0, 1>, kernel_fp8_grouped<1, 1>
+    };
+    kf_t   kf = kfs[variant & 3];
+    size_t smem = (variant & MOE_FG_STAGED) ? FG_SMEM_EP : FG_SMEM;
     CUtensorMap mq, mw;
     cuuint64_t  qdim[2] = { (cuuint64_t) K, (cuuint64_t) q_rows };
     cuuint64_t  qstr[1] = { (cuuint64_t) K };
@@ -268,7 +349,7 @@ moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     /* each call: the attribute belongs to the current device's context
      * (tensor-parallel ranks run on several), and costs no sync */
     MOE_CUDA_CHECK(cudaFuncSetAttribute(
-        kf, cudaFuncAttributeMaxDynamicSharedMemorySize, FG_SMEM));
+        kf, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
     if (ctas < 0) {
         int dev, sms;
 
@@ -281,7 +362,7 @@ moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
         tiles = (size_t) ctas;
     }
     MOE_CUDA_CHECK(moe_launch(kf, dim3((unsigned) tiles),
-                              dim3(FG_NT), FG_SMEM, stream, mq, mw, offs, E,
+                              dim3(FG_NT), smem, stream, mq, mw, offs, E,
                               N, K, (__nv_bfloat16 *) Y));
     return MOE_K_OK;
 }
@@ -293,6 +374,8 @@ moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
     moe_bf16_t *Y, cudaStream_t stream)
 {
     return moe_cuda_fp8_grouped_gemm_ctas(Q, q_rows, W, wstride, offs, E,
-                                          r_max, N, K, Y, FG_CTAS, FG_WIDE,
+                                          r_max, N, K, Y, FG_CTAS,
+                                          FG_WIDE * MOE_FG_WIDE
+                                          | FG_STAGED * MOE_FG_STAGED,
                                           stream);
 }

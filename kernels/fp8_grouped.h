@@ -37,15 +37,19 @@ int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
     int r_max, int N, int K, moe_bf16_t *Y, cudaStream_t stream);
 
-/* The same with the grid and instruction chosen (measurements,
+/* The same with the grid and the kernel variant chosen (measurements,
  * bench/dev/wg_ggemm): ctas 0: one CTA per tile; > 0: that many CTAs,
- * each looping over the tiles ctas apart; < 0: -ctas CTAs per SM.  wide
- * 1: one wgmma m64n256k32 per k step and warpgroup, 0: two m64n128k32
- * (A read twice).  moe_cuda_fp8_grouped_gemm is ctas -1 (persistent, one
- * CTA per SM), wide 1. */
+ * each looping over the tiles ctas apart; < 0: -ctas CTAs per SM.
+ * variant: MOE_FG_WIDE one wgmma m64n256k32 per k step and warpgroup
+ * (else two m64n128k32, A read twice), MOE_FG_STAGED the products
+ * through shared memory, stored as whole rows (else straight from the
+ * fragments, 4 bytes a lane).  moe_cuda_fp8_grouped_gemm: kernels/
+ * fp8_grouped.cu's FG_CTAS, FG_WIDE and FG_STAGED. */
+#define MOE_FG_WIDE    1
+#define MOE_FG_STAGED  2
 int moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
-    int r_max, int N, int K, moe_bf16_t *Y, int ctas, int wide,
+    int r_max, int N, int K, moe_bf16_t *Y, int ctas, int variant,
     cudaStream_t stream);
 
 /* 1 when moe_cuda_fp8_grouped_gemm takes this shape (its N, K, wstride

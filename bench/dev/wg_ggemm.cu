@@ -283,24 +283,31 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
     if (moe_cuda_fp8_grouped_supported(N, K, ws)) {
         /* the shipped kernel (kernels/fp8_grouped.cu): TMA, a producer
          * warp, 128 x 256 tiles; one CTA per tile or persistent (one CTA
-         * per SM), two n128 wgmma per k step or one n256 */
+         * per SM), two n128 wgmma per k step or one n256, the epilogue
+         * from the fragments or staged through shared memory */
+        enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED };
         static const struct {
             const char *label, *tag;
-            int         ctas, wide;
-        } fv[3] = {
+            int         ctas, variant;
+        } fv[6] = {
             { "TMA, 2 x n128, CTA per tile", "wgmma_tma_ws", 0, 0 },
             { "TMA, 2 x n128, persistent", "wgmma_tma_persist", -1, 0 },
-            { "TMA, n256, CTA per tile", "wgmma_tma_n256", 0, 1 },
+            { "TMA, n256, CTA per tile", "wgmma_tma_n256", 0, W },
+            { "TMA, n256, persistent", "wgmma_tma_n256_persist", -1, W },
+            { "TMA, n256, staged, CTA per tile", "wgmma_tma_n256_st", 0,
+              W | S },
+            { "TMA, n256, staged, persistent", "wgmma_tma_n256_st_persist",
+              -1, W | S },
         };
 
-        for (int v = 0; v < 3; v++) {
+        for (int v = 0; v < 6; v++) {
             run(fv[v].label, fv[v].tag, [&]() {
                 (void) moe_cuda_fp8_grouped_gemm_ctas(
                     q, n + MOE_FP8_GEMM_ROWS, w, ws, doffs, E, n, N, K,
-                    (moe_bf16_t *) y1, fv[v].ctas, fv[v].wide, 0);
+                    (moe_bf16_t *) y1, fv[v].ctas, fv[v].variant, 0);
             });
         }
-        run("shipped: n256, persistent", "wgmma_tma_n256_persist", [&]() {
+        run("shipped", "wgmma_tma_shipped", [&]() {
             (void) moe_cuda_fp8_grouped_gemm(q, n + MOE_FP8_GEMM_ROWS, w, ws,
                                              doffs, E, n, N, K,
                                              (moe_bf16_t *) y1, 0);

@@ -2782,8 +2782,8 @@ cb_fp8_grouped(cuda_backend_t *b, const uint8_t *Q, const cb_qw_t *w, int EL,
                                               cb_fp8_wstride(w),
                                               b->offs + b->hp.expert_first,
                                               EL, R, w->N, w->K,
-                                              (moe_bf16_t *) Y, 0, 1,
-                                              b->stream)
+                                              (moe_bf16_t *) Y, 0,
+                                              MOE_FG_WIDE, b->stream)
              : moe_cuda_fp8_grouped_gemm(Q, R, (const uint8_t *) w->w,
                                          cb_fp8_wstride(w),
                                          b->offs + b->hp.expert_first, EL, R,

@@ -9,10 +9,10 @@
  *    the errors of the K / 32 steps add up in one direction: first run,
  *    K 1024, up to 6.4e-4 of sum |q w|); and the relative L2 error <=
  *    4e-3;
- *  - four launches each: the shipped one (persistent, one CTA per SM,
- *    wgmma n256), one CTA per tile, 3 CTAs (each walks many tiles, so the
- *    stage ring and its phases carry over from tile to tile), and two
- *    n128 wgmma per k step instead of one n256;
+ *  - six launches each: the shipped one, one CTA per tile, 3 CTAs (each
+ *    walks many tiles, so the stage ring and its phases carry over from
+ *    tile to tile), two n128 wgmma per k step instead of one n256, and
+ *    the epilogue staged through shared memory (a CTA per tile, 3 CTAs);
  *  - groups of 0, 1, 64, 130 and 257 rows (partial row tiles, an empty
  *    group), offsets starting past 0 (an expert-parallel rank's view),
  *    K from 128 (one stage) to 1024 (the 4-stage ring wraps twice), 1 to
@@ -206,9 +206,9 @@ prob_check(const fg_prob_t *p, const int32_t *offs, const char *what)
 
 
 /* the launch: ctas 1 the shipped one, else moe_cuda_fp8_grouped_gemm_ctas
- * with that grid (0: one CTA per tile) and wgmma width (wide 1: n256) */
+ * with that grid (0: one CTA per tile) and variant (MOE_FG_*) */
 static int
-prob_run(fg_prob_t *p, int r_max, int ctas, int wide, cudaStream_t s)
+prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
 {
     if (ctas == 1) {
         return moe_cuda_fp8_grouped_gemm((const uint8_t *) p->dq, p->total,
@@ -223,18 +223,21 @@ prob_run(fg_prob_t *p, int r_max, int ctas, int wide, cudaStream_t s)
                                           (size_t) p->N * p->K,
                                           (const int32_t *) p->doffs, p->E,
                                           r_max, p->N, p->K,
-                                          (moe_bf16_t *) p->dy, ctas, wide,
-                                          s);
+                                          (moe_bf16_t *) p->dy, ctas,
+                                          variant, s);
 }
 
 
 static void
 test_case(const int *rows, int E, int N, int K, int base, int slack)
 {
-    static const int ctas[4] = { 1, 0, 3, 0 }, wide[4] = { 1, 1, 1, 0 };
-    static const char *const launch[4] = {
-        "persistent n256 (shipped)", "n256, a CTA per tile", "n256, 3 CTAs",
-        "2 x n128, a CTA per tile"
+    enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED };
+    static const int ctas[6] = { 1, 0, 3, 0, 0, 3 };
+    static const int var[6] = { W, W, W, 0, W | S, W | S };
+    static const char *const launch[6] = {
+        "shipped", "n256, a CTA per tile", "n256, 3 CTAs",
+        "2 x n128, a CTA per tile", "n256 staged, a CTA per tile",
+        "n256 staged, 3 CTAs"
     };
     fg_prob_t p;
     char      what[200];
@@ -251,10 +254,10 @@ test_case(const int *rows, int E, int N, int K, int base, int slack)
              ") N %d K %d, offsets from %d, row bound +%d", N, K, base,
              slack);
     head = strlen(what);
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < 6; c++) {
         snprintf(what + head, sizeof(what) - head, ", %s", launch[c]);
         prob_clear(&p);
-        rc = prob_run(&p, p.total + slack, ctas[c], wide[c], 0);
+        rc = prob_run(&p, p.total + slack, ctas[c], var[c], 0);
         ok = gu_sync_ok(rc, what) && prob_check(&p, p.offs, what);
         TAP_OK(ok, "grouped GEMM %s: every element within its bound, "
                "nothing written past the groups", what);
@@ -367,7 +370,7 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(19);
+    TAP_PLAN(27);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
     test_case(r4, 4, 512, 1024, 5, 37);
     test_case(r8, 8, 768, 256, 0, 0);
