@@ -45,7 +45,7 @@
 #define FG_SMEM_EP (FG_SMEM + 2 * FG_EP)  /* with the staged epilogue */
 #define FG_CTAS   (-1)                  /* the launch: one CTA per SM */
 #define FG_WIDE   1                     /* m64n256k32 (else 2 x n128) */
-#define FG_STAGED 0                     /* epilogue through shared memory */
+#define FG_STAGED 1                     /* epilogue through shared memory */
 
 
 /* A barrier of consumer warpgroup cw's 128 threads (named barrier 1 or

@@ -2783,7 +2783,8 @@ cb_fp8_grouped(cuda_backend_t *b, const uint8_t *Q, const cb_qw_t *w, int EL,
                                               b->offs + b->hp.expert_first,
                                               EL, R, w->N, w->K,
                                               (moe_bf16_t *) Y, 0,
-                                              MOE_FG_WIDE, b->stream)
+                                              MOE_FG_WIDE | MOE_FG_STAGED,
+                                              b->stream)
              : moe_cuda_fp8_grouped_gemm(Q, R, (const uint8_t *) w->w,
                                          cb_fp8_wstride(w),
                                          b->offs + b->hp.expert_first, EL, R,
