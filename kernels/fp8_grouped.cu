@@ -62,29 +62,24 @@ fg_bar_wg(int cw)
 
 
 /* The staged epilogue of consumer warpgroup cw (rows 64 cw .. of tile
- * t): per half of 128 columns, the fragments go to its 16 KB buffer ep
- * as bf16 pairs (row rr's 16-byte chunk j at chunk j ^ (rr & 7): the 8
- * rows of a warp's store hit distinct banks), then the warpgroup reads
- * them back as 16-byte chunks and writes whole rows (256 bytes, full
- * sectors) to Y.  Named barrier 1 + cw (the warpgroup's 128 threads). */
+ * t): per half of 128 columns (NH of them), its bf16 pairs pk[32 h + 2 j
+ * + v] (row 16 warp + lane / 4 + 8 v, columns 8 j + 2 (lane % 4) + {0,
+ * 1}) go to its 16 KB buffer ep (row rr's 16-byte chunk j at chunk j ^
+ * (rr & 7): the 8 rows of a warp's store hit distinct banks), then the
+ * warpgroup reads them back as 16-byte chunks and writes whole rows (256
+ * bytes, full sectors) to Y (leading dimension ldy, from column c0).
+ * Rows past the tile's are not stored. */
+template <int NH>
 __device__ __forceinline__ void
-fg_store_staged(const float *d, int cw, const fg_tile_t *t, int N, int c0,
-    unsigned char *ep, __nv_bfloat16 *Y)
+fg_store_staged(const uint32_t *pk, int cw, const fg_tile_t *t, int ldy,
+    int c0, unsigned char *ep, __nv_bfloat16 *Y)
 {
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
     const int q = lane & 3, ti = threadIdx.x & 127;
     const int rows = t->mrows - 64 * cw;
-    uint32_t  pk[64];                   /* the products as bf16 pairs:
-                                           half the registers of d */
 
 #pragma unroll
-    for (int i = 0; i < 64; i++) {
-        __nv_bfloat162 p = __floats2bfloat162_rn(d[2 * i], d[2 * i + 1]);
-
-        pk[i] = *reinterpret_cast<uint32_t *>(&p);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
+    for (int h = 0; h < NH; h++) {
 #pragma unroll
         for (int v = 0; v < 2; v++) {
             const int      rr = 16 * w + (lane >> 2) + 8 * v;
@@ -92,7 +87,6 @@ fg_store_staged(const float *d, int cw, const fg_tile_t *t, int N, int c0,
 
 #pragma unroll
             for (int j = 0; j < 16; j++) {
-                /* d[64 h + 4 j + 2 v], d[.. + 1] */
                 *reinterpret_cast<uint32_t *>(er + ((j ^ (rr & 7)) << 4))
                     = pk[32 * h + 2 * j + v];
             }
@@ -107,7 +101,7 @@ fg_store_staged(const float *d, int cw, const fg_tile_t *t, int N, int c0,
                     ep + rr * 256 + ((ch ^ (rr & 7)) << 4));
 
                 *reinterpret_cast<uint4 *>(
-                    Y + (size_t) (t->r0 + 64 * cw + rr) * N + c0 + 128 * h
+                    Y + (size_t) (t->r0 + 64 * cw + rr) * ldy + c0 + 128 * h
                     + 8 * ch) = x;
             }
         }
@@ -116,11 +110,75 @@ fg_store_staged(const float *d, int cw, const fg_tile_t *t, int N, int c0,
 }
 
 
-template <int WIDE, int STAGED>
+/* bf16 pair of (a, b) as 32 bits */
+__device__ __forceinline__ uint32_t
+fg_pack(float a, float b)
+{
+    __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+
+    return *reinterpret_cast<uint32_t *>(&p);
+}
+
+
+/* The SwiGLU epilogue: d[0..63] the gate products, d[64..127] the up
+ * products of the same 128 columns (c0 .. of the F), unscaled, first
+ * rounded to bf16 pairs (as the unfused path stores them, and half the
+ * registers); with the row scale qs and the expert's channel scales ws
+ * (gate 0 .. F - 1, up F ..), pk[2 j + v] (row 16 warp + lane / 4 + 8 v,
+ * columns 8 j + 2 (lane % 4) + {0, 1}) = bf16(g / (1 + exp(-g)) * u), g =
+ * G * (qs[r] * ws[c]) as moe_cuda_silu_quant_fp8 computes it.  Rows past
+ * the tile's read no scale. */
+__device__ __forceinline__ void
+fg_swiglu(const float *d, int cw, const fg_tile_t *t, const float *qs,
+    const float *ws, int F, int c0, uint32_t *pk)
+{
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
+    const int q = lane & 3;
+    uint32_t  pu[32];
+
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        /* i = 2 j + v: d[4 j + 2 v], d[.. + 1] */
+        const int j = i >> 1, v = i & 1;
+
+        pk[i] = fg_pack(d[4 * j + 2 * v], d[4 * j + 2 * v + 1]);
+        pu[i] = fg_pack(d[64 + 4 * j + 2 * v], d[64 + 4 * j + 2 * v + 1]);
+    }
+#pragma unroll
+    for (int v = 0; v < 2; v++) {
+        const int   rr = 64 * cw + 16 * w + (lane >> 2) + 8 * v;
+        const float sr = rr < t->mrows ? qs[t->r0 + rr] : 0.0f;
+
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int      c = c0 + 8 * j + 2 * q;
+            const float2   wg = *reinterpret_cast<const float2 *>(ws + c);
+            const float2   wu = *reinterpret_cast<const float2 *>(ws + F + c);
+            __nv_bfloat162 G = *reinterpret_cast<__nv_bfloat162 *>(
+                                   &pk[2 * j + v]);
+            __nv_bfloat162 U = *reinterpret_cast<__nv_bfloat162 *>(
+                                   &pu[2 * j + v]);
+            float          g0 = __low2float(G) * (sr * wg.x);
+            float          g1 = __high2float(G) * (sr * wg.y);
+            float          u0 = __low2float(U) * (sr * wu.x);
+            float          u1 = __high2float(U) * (sr * wu.y);
+
+            pk[2 * j + v] = fg_pack(g0 / (1.0f + __expf(-g0)) * u0,
+                                    g1 / (1.0f + __expf(-g1)) * u1);
+            /* keep the next column's scale loads here: hoisted, they
+             * would hold 64 registers at once */
+            asm volatile("" ::: "memory");
+        }
+    }
+}
+
+
+template <int WIDE, int STAGED, int SWIGLU>
 __global__ void __launch_bounds__(FG_NT, 1)
 kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
-    int N, int K, __nv_bfloat16 *Y)
+    int N, int K, const float *qs, const float *ws, size_t ws_stride,
+    __nv_bfloat16 *Y)
 {
     extern __shared__ unsigned char fg_sm_raw[];
     unsigned char *sm = (unsigned char *)
@@ -169,8 +227,19 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
                     moe_mbar_expect(&full[s], (uint32_t) FG_STAGE);
                     moe_tma_2d(sm + s * FG_STAGE, &mq, kt * FG_BK, t.r0,
                                &full[s]);
-                    moe_tma_3d(sm + s * FG_STAGE + FG_BM * FG_BK, &mw,
-                               kt * FG_BK, t.nt * FG_BN, t.e, &full[s]);
+                    /* B: 256 rows from nt * 256, or (SwiGLU) 128 gate
+                     * rows from nt * 128 and the up rows F further */
+                    unsigned char *sb = sm + s * FG_STAGE + FG_BM * FG_BK;
+
+                    if (SWIGLU) {
+                        moe_tma_3d(sb, &mw, kt * FG_BK, t.nt * 128, t.e,
+                                   &full[s]);
+                        moe_tma_3d(sb + 128 * FG_BK, &mw, kt * FG_BK,
+                                   N / 2 + t.nt * 128, t.e, &full[s]);
+                    } else {
+                        moe_tma_3d(sb, &mw, kt * FG_BK, t.nt * FG_BN, t.e,
+                                   &full[s]);
+                    }
                 }
             }
         }
@@ -225,9 +294,26 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
              * which then overlap this epilogue */
             moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
         }
-        if (STAGED) {
-            fg_store_staged(d, cw, &t, N, t.nt * FG_BN,
-                            sm + FG_ST * FG_STAGE + cw * FG_EP, Y);
+        if (SWIGLU) {
+            uint32_t pk[32];
+
+            fg_swiglu(d, cw, &t, qs, ws + (size_t) t.e * ws_stride, N / 2,
+                      t.nt * 128, pk);
+            fg_store_staged<1>(pk, cw, &t, N / 2, t.nt * 128,
+                               sm + FG_ST * FG_STAGE + cw * FG_EP, Y);
+        } else if (STAGED) {
+            uint32_t pk[64];            /* half the registers of d */
+
+#pragma unroll
+            for (int i = 0; i < 64; i++) {
+                /* i = 32 h + 2 j + v: d[64 h + 4 j + 2 v], d[.. + 1] */
+                const int h = i >> 5, j = (i >> 1) & 15, v = i & 1;
+
+                pk[i] = fg_pack(d[64 * h + 4 * j + 2 * v],
+                                d[64 * h + 4 * j + 2 * v + 1]);
+            }
+            fg_store_staged<2>(pk, cw, &t, N, t.nt * FG_BN,
+                               sm + FG_ST * FG_STAGE + cw * FG_EP, Y);
         } else {
             fg_store<2>(reinterpret_cast<float (*)[64]>(d), cw, &t, N,
                         t.nt * FG_BN, Y);
@@ -303,19 +389,29 @@ moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride)
 }
 
 
-extern "C" int
-moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
-    const uint8_t *W, size_t wstride, const int32_t *offs, int E, int r_max,
-    int N, int K, moe_bf16_t *Y, int ctas, int variant, cudaStream_t stream)
+#define FG_SWIGLU 4                     /* fg_launch: the SwiGLU epilogue */
+
+/* Both entry points: the variant bits (MOE_FG_*, FG_SWIGLU), the grid
+ * (ctas as moe_cuda_fp8_grouped_gemm_ctas), the maps, the launch.  N:
+ * the weight rows per group (2 F with SwiGLU). */
+static int
+fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
+    const int32_t *offs, int E, int r_max, int N, int K, const float *qs,
+    const float *ws, size_t ws_stride, moe_bf16_t *Y, int ctas, int variant,
+    cudaStream_t stream)
 {
     typedef void (*kf_t)(const CUtensorMap, const CUtensorMap,
-                         const int32_t *, int, int, int, __nv_bfloat16 *);
-    static const kf_t kfs[4] = {
-        kernel_fp8_grouped<0, 0>, kernel_fp8_grouped<1, 0>,
-        kernel_fp8_grouped<0, 1>, kernel_fp8_grouped<1, 1>
+                         const int32_t *, int, int, int, const float *,
+                         const float *, size_t, __nv_bfloat16 *);
+    static const kf_t kfs[5] = {
+        kernel_fp8_grouped<0, 0, 0>, kernel_fp8_grouped<1, 0, 0>,
+        kernel_fp8_grouped<0, 1, 0>, kernel_fp8_grouped<1, 1, 0>,
+        kernel_fp8_grouped<1, 1, 1>
     };
-    kf_t   kf = kfs[variant & 3];
-    size_t smem = (variant & MOE_FG_STAGED) ? FG_SMEM_EP : FG_SMEM;
+    int         swiglu = (variant & FG_SWIGLU) != 0;
+    kf_t        kf = kfs[swiglu ? 4 : variant & 3];
+    size_t      smem = swiglu || (variant & MOE_FG_STAGED) ? FG_SMEM_EP
+                                                          : FG_SMEM;
     CUtensorMap mq, mw;
     cuuint64_t  qdim[2] = { (cuuint64_t) K, (cuuint64_t) q_rows };
     cuuint64_t  qstr[1] = { (cuuint64_t) K };
@@ -335,14 +431,15 @@ moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
         return MOE_K_OK;
     }
     /* every group's row tiles: at most ceil(r_max / 128) + E, one
-     * partial tile per group */
+     * partial tile per group; N / 256 column tiles (SwiGLU: F / 128) */
     tiles = ((size_t) (r_max + FG_BM - 1) / FG_BM + (size_t) E)
             * (size_t) (N / FG_BN);
     if (tiles > 0x7fffffff) {
         return MOE_K_EUNSUPPORTED;
     }
     if ((rc = fg_map(&mq, Q, 2, qdim, qstr, FG_BM)) != MOE_K_OK
-        || (rc = fg_map(&mw, W, 3, wdim, wstr, FG_BN)) != MOE_K_OK)
+        || (rc = fg_map(&mw, W, 3, wdim, wstr, swiglu ? 128 : FG_BN))
+           != MOE_K_OK)
     {
         return rc;
     }
@@ -363,8 +460,19 @@ moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     }
     MOE_CUDA_CHECK(moe_launch(kf, dim3((unsigned) tiles),
                               dim3(FG_NT), smem, stream, mq, mw, offs, E,
-                              N, K, (__nv_bfloat16 *) Y));
+                              N, K, qs, ws, ws_stride,
+                              (__nv_bfloat16 *) Y));
     return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
+    const uint8_t *W, size_t wstride, const int32_t *offs, int E, int r_max,
+    int N, int K, moe_bf16_t *Y, int ctas, int variant, cudaStream_t stream)
+{
+    return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, N, K, NULL,
+                     NULL, 0, Y, ctas, variant & 3, stream);
 }
 
 
@@ -373,9 +481,24 @@ moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
     size_t wstride, const int32_t *offs, int E, int r_max, int N, int K,
     moe_bf16_t *Y, cudaStream_t stream)
 {
-    return moe_cuda_fp8_grouped_gemm_ctas(Q, q_rows, W, wstride, offs, E,
-                                          r_max, N, K, Y, FG_CTAS,
-                                          FG_WIDE * MOE_FG_WIDE
-                                          | FG_STAGED * MOE_FG_STAGED,
-                                          stream);
+    return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, N, K, NULL,
+                     NULL, 0, Y, FG_CTAS,
+                     FG_WIDE * MOE_FG_WIDE | FG_STAGED * MOE_FG_STAGED,
+                     stream);
+}
+
+
+extern "C" int
+moe_cuda_fp8_grouped_swiglu(const uint8_t *Q, int q_rows, const uint8_t *W,
+    size_t wstride, const int32_t *offs, int E, int r_max, int F, int K,
+    const float *qs, const float *ws, size_t ws_stride, moe_bf16_t *H,
+    cudaStream_t stream)
+{
+    if (F <= 0 || F % 128 != 0 || qs == NULL || ws == NULL
+        || (uintptr_t) ws % 8 != 0 || ws_stride % 2 != 0)
+    {
+        return MOE_K_EUNSUPPORTED;
+    }
+    return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, 2 * F, K, qs,
+                     ws, ws_stride, H, FG_CTAS, FG_SWIGLU, stream);
 }

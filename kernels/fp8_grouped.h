@@ -52,6 +52,26 @@ int moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     int r_max, int N, int K, moe_bf16_t *Y, int ctas, int variant,
     cudaStream_t stream);
 
+/*
+ * The gate|up GEMM of the same groups with SwiGLU in its epilogue: W_e
+ * has 2F rows (gate 0 .. F - 1, up F .. 2F - 1, wstride bytes from one
+ * group to the next), qs the rows' e4m3 scales (moe_cuda_quant_rows_fp8,
+ * indexed like Q's rows), ws + e * ws_stride group e's 2F channel scales;
+ * for the groups' rows r and j < F:
+ *   g = gsum[r, j] * (qs[r] * ws_e[j]),  u = gsum[r, F + j] * (qs[r] *
+ *   ws_e[F + j]),  H[r * F + j] = bf16(g / (1 + exp(-g)) * u)
+ * (gsum: the e4m3 dot products in fp32, as above), moe_cuda_silu_quant_fp8's
+ * math on the unrounded sums.  H (rows, F) bf16; the next GEMM's input
+ * then comes from moe_cuda_quant_rows_fp8 on H.  F % 128 == 0, K % 128 ==
+ * 0, ws 8-byte aligned, ws_stride even, wstride % 16 == 0 (else
+ * MOE_K_EUNSUPPORTED).  A CTA's tile: 128 rows x 128 columns of H, its
+ * B the 128 gate rows and the 128 up rows of those columns.
+ */
+int moe_cuda_fp8_grouped_swiglu(const uint8_t *Q, int q_rows,
+    const uint8_t *W, size_t wstride, const int32_t *offs, int E,
+    int r_max, int F, int K, const float *qs, const float *ws,
+    size_t ws_stride, moe_bf16_t *H, cudaStream_t stream);
+
 /* 1 when moe_cuda_fp8_grouped_gemm takes this shape (its N, K, wstride
  * conditions; alignment aside). */
 int moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride);

@@ -312,6 +312,28 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
                                              doffs, E, n, N, K,
                                              (moe_bf16_t *) y1, 0);
         });
+        if (N >= 8192) {
+            /* gate|up with SwiGLU in the epilogue (H: rows x N / 2),
+             * unit scales: its time only (the math: test_fp8_grouped) */
+            float *sc;
+
+            DEV_CHECK(cudaMalloc(&sc, sizeof(float) * (size_t) (E * N
+                                                                + n + 1)));
+            DEV_CHECK(cudaMemset(sc, 0, sizeof(float) * (size_t) (E * N
+                                                                  + n + 1)));
+            double ms = dev_time(5, [&]() {
+                return moe_cuda_fp8_grouped_swiglu(q, n + MOE_FP8_GEMM_ROWS,
+                                                   w, ws, doffs, E, n, N / 2,
+                                                   K, sc + E * N, sc, N,
+                                                   (moe_bf16_t *) y1, 0);
+            });
+            printf("  %-26s %-34s %8.1f us %6.0f TFLOP/s %5.1f%%\n", "",
+                   "shipped + SwiGLU epilogue (H)", ms * 1e3,
+                   flops / ms / 1e9, 100.0 * flops / ms / 1e9 / peak);
+            printf("RESULT kind=wg_ggemm case=\"%s\" variant=swiglu "
+                   "us=%.1f\n", name, ms * 1e3);
+            cudaFree(sc);
+        }
     }
     cudaFree(q);
     cudaFree(w);

@@ -2754,7 +2754,8 @@ cb_fp8_ffn_fits(const cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd,
 
 
 /* 1 when cb_fp8_ffn's two GEMMs may run as the grouped GEMM (the knob,
- * the shapes, the alignment). */
+ * the shapes, the alignment: every launch of that path takes them, since
+ * without the host sync nothing could fall back). */
 static int
 cb_fp8_grouped_fits(const cuda_backend_t *b, const cb_qw_t *g,
     const cb_qw_t *wd)
@@ -2763,28 +2764,30 @@ cb_fp8_grouped_fits(const cuda_backend_t *b, const cb_qw_t *g,
            && moe_cuda_fp8_grouped_supported(g->N, g->K, cb_fp8_wstride(g))
            && moe_cuda_fp8_grouped_supported(wd->N, wd->K,
                                              cb_fp8_wstride(wd))
-           && (uintptr_t) g->w % 16 == 0 && (uintptr_t) wd->w % 16 == 0;
+           && (uintptr_t) g->w % 16 == 0 && (uintptr_t) wd->w % 16 == 0
+           && (uintptr_t) g->scale % 16 == 0 && cb_fp8_sstride(g) % 4 == 0
+           && wd->K % 128 == 0;
 }
 
 
 /* One of cb_fp8_ffn's grouped GEMMs: every expert of the rank in one
- * launch, offsets read on the device.  Its shapes were checked
+ * launch, offsets read on the device; qs non-NULL: gate|up with SwiGLU
+ * (moe_cuda_fp8_grouped_swiglu).  Its shapes were checked
  * (cb_fp8_grouped_fits), so a refusal is a backend error here: the
  * quantized rows are already enqueued. */
 static int
-cb_fp8_grouped(cuda_backend_t *b, const uint8_t *Q, const cb_qw_t *w, int EL,
-    int R, bf16 *Y)
+cb_fp8_grouped(cuda_backend_t *b, const uint8_t *Q, const float *qs,
+    const cb_qw_t *w, int EL, int R, bf16 *Y)
 {
-    /* fp8_grouped 2: a CTA per tile instead of the persistent launch
-     * (A/B runs) */
-    int rc = b->tune.fp8_grouped == 2
-             ? moe_cuda_fp8_grouped_gemm_ctas(Q, R, (const uint8_t *) w->w,
-                                              cb_fp8_wstride(w),
-                                              b->offs + b->hp.expert_first,
-                                              EL, R, w->N, w->K,
-                                              (moe_bf16_t *) Y, 0,
-                                              MOE_FG_WIDE | MOE_FG_STAGED,
-                                              b->stream)
+    /* swiglu: the gate|up group w with SwiGLU in the epilogue (qs the
+     * rows' scales), Y then (R, F) */
+    int rc = qs != NULL
+             ? moe_cuda_fp8_grouped_swiglu(Q, R, (const uint8_t *) w->w,
+                                           cb_fp8_wstride(w),
+                                           b->offs + b->hp.expert_first, EL,
+                                           R, w->N / 2, w->K, qs, w->scale,
+                                           cb_fp8_sstride(w),
+                                           (moe_bf16_t *) Y, b->stream)
              : moe_cuda_fp8_grouped_gemm(Q, R, (const uint8_t *) w->w,
                                          cb_fp8_wstride(w),
                                          b->offs + b->hp.expert_first, EL, R,
@@ -2869,14 +2872,24 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n,
                                                b->stream));
         }
     }
-    if (grouped) {
-        MOE_TRY(cb_fp8_grouped(b, Q, g, EL, R, (bf16 *) tmp));
+    if (grouped && b->tune.fp8_grouped == 1) {
+        /* SwiGLU in the gate|up GEMM's epilogue: h (R, F) bf16, then its
+         * per-row quantization for the down GEMM */
+        MOE_TRY(cb_fp8_grouped(b, Q, qs, g, EL, R, (bf16 *) tmp));
+        MOE_TRY(moe_cuda_quant_rows_fp8((const moe_bf16_t *) tmp, (int) F,
+                                        NULL, 1, R, (int) F, Qh, qh,
+                                        b->stream));
+    } else {
+        if (grouped) {
+            MOE_TRY(cb_fp8_grouped(b, Q, NULL, g, EL, R, (bf16 *) tmp));
+        }
+        MOE_TRY(moe_cuda_silu_quant_fp8((moe_bf16_t *) tmp, R, (int) F, qs,
+                                        g->scale, cb_fp8_sstride(g),
+                                        b->offs + e0, EL, Qh, qh,
+                                        b->stream));
     }
-    MOE_TRY(moe_cuda_silu_quant_fp8((moe_bf16_t *) tmp, R, (int) F, qs,
-                                    g->scale, cb_fp8_sstride(g),
-                                    b->offs + e0, EL, Qh, qh, b->stream));
     if (grouped) {
-        MOE_TRY(cb_fp8_grouped(b, Qh, wd, EL, R, (bf16 *) tmp));
+        MOE_TRY(cb_fp8_grouped(b, Qh, NULL, wd, EL, R, (bf16 *) tmp));
     }
     for (e = e0; !grouped && e < e0 + EL; e++) {
         ne = b->h_counts[e + 1] - b->h_counts[e];

@@ -23,6 +23,9 @@
  *  - captured into a CUDA graph and replayed after the offsets on the
  *    device changed: the replay follows the new offsets (they are read on
  *    the device, not baked into the launch);
+ *  - the SwiGLU epilogue (moe_cuda_fp8_grouped_swiglu) against the host's
+ *    SwiGLU of the plain GEMM's bf16 products with random row and channel
+ *    scales: within a bf16 rounding step; F % 128 refused;
  *  - refusals (MOE_K_EUNSUPPORTED, nothing written): N % 256, K % 128, a
  *    weight stride below N x K, a misaligned Q; r_max 0 is a no-op.
  * TAP; skips when there is no CUDA device.
@@ -307,6 +310,109 @@ test_graph(void)
 }
 
 
+/* moe_cuda_fp8_grouped_swiglu against the plain grouped GEMM's bf16
+ * products G (rows, 2F) and the host's SwiGLU of them with the scales
+ * (the kernel rounds its sums to bf16 first, as the unfused path): per
+ * element within one bf16 rounding step (2^-8 relative) + 1e-6 of the
+ * largest |h|; rows past the groups untouched. */
+static void
+test_swiglu(const int *rows, int E, int F, int K, int base)
+{
+    fg_prob_t p;
+    float    *qs, *ws;
+    void     *dqs, *dws, *dh;
+    uint16_t *G, *H;
+    size_t    hcap;
+    char      what[160];
+    int       rc, rc2, ok, bad = 0, bad_rest = 0;
+    double    hmax = 0;
+
+    prob_init(&p, rows, E, 2 * F, K, base);
+    hcap = p.ycap;
+    qs = (float *) malloc(sizeof(float) * (size_t) (p.total + 1));
+    ws = (float *) malloc(sizeof(float) * (size_t) E * 2 * F);
+    for (int r = 0; r < p.total; r++) {
+        qs[r] = (0.5f + fabsf(gu_uniform())) * 1e-2f;
+    }
+    for (int i = 0; i < E * 2 * F; i++) {
+        ws[i] = (0.5f + fabsf(gu_uniform())) * 1e-2f;
+    }
+    dqs = gu_up(qs, sizeof(float) * (size_t) (p.total + 1));
+    dws = gu_up(ws, sizeof(float) * (size_t) E * 2 * F);
+    dh = gu_dev(hcap * F * 2);
+    G = (uint16_t *) malloc(hcap * 2 * F * 2);
+    H = (uint16_t *) malloc(hcap * F * 2);
+    for (size_t i = 0; i < hcap * F; i++) {
+        H[i] = SENTINEL;
+    }
+    fg_ck(cudaMemcpy(dh, H, hcap * F * 2, cudaMemcpyHostToDevice), "H");
+    prob_clear(&p);
+    rc = prob_run(&p, p.total, 1, 0, 0);
+    rc2 = moe_cuda_fp8_grouped_swiglu((const uint8_t *) p.dq, p.total,
+                                      (const uint8_t *) p.dw,
+                                      (size_t) 2 * F * K,
+                                      (const int32_t *) p.doffs, E, p.total,
+                                      F, K, (const float *) dqs,
+                                      (const float *) dws, (size_t) 2 * F,
+                                      (moe_bf16_t *) dh, 0);
+    snprintf(what, sizeof(what), "grouped SwiGLU GEMM, %d groups, F %d K "
+             "%d, offsets from %d", E, F, K, base);
+    ok = gu_sync_ok(rc | rc2, what);
+    gu_down(G, p.dy, hcap * 2 * F * 2);
+    gu_down(H, dh, hcap * F * 2);
+    for (int e = 0; ok && e < E; e++) {
+        const float *we = ws + (size_t) e * 2 * F;
+
+        for (int r = p.offs[e] - base; r < p.offs[e + 1] - base; r++) {
+            for (int j = 0; j < F; j++) {
+                float g = gu_bf2f(G[(size_t) r * 2 * F + j])
+                          * (qs[r] * we[j]);
+                float u = gu_bf2f(G[(size_t) r * 2 * F + F + j])
+                          * (qs[r] * we[F + j]);
+                float ref = g / (1.0f + expf(-g)) * u;
+
+                hmax = fmax(hmax, fabs(ref));
+            }
+        }
+    }
+    for (int e = 0; ok && e < E; e++) {
+        const float *we = ws + (size_t) e * 2 * F;
+
+        for (int r = p.offs[e] - base; r < p.offs[e + 1] - base; r++) {
+            for (int j = 0; j < F; j++) {
+                float g = gu_bf2f(G[(size_t) r * 2 * F + j])
+                          * (qs[r] * we[j]);
+                float u = gu_bf2f(G[(size_t) r * 2 * F + F + j])
+                          * (qs[r] * we[F + j]);
+                float ref = g / (1.0f + expf(-g)) * u;
+                float got = gu_bf2f(H[(size_t) r * F + j]);
+
+                if (fabs(got - ref) > ldexp(fabs(ref), -8) + 1e-6 * hmax) {
+                    if (bad++ < 3) {
+                        TAP_DIAG("%s: row %d col %d: %.6g, host %.6g", what,
+                                 r, j, got, ref);
+                    }
+                }
+            }
+        }
+    }
+    for (size_t i = (size_t) p.total * F; i < hcap * F; i++) {
+        bad_rest += H[i] != SENTINEL;
+    }
+    TAP_OK(ok && bad == 0 && bad_rest == 0, "%s: h equal to the host's "
+           "SwiGLU of the bf16 products within a rounding step (%d off), "
+           "nothing written past the groups (%d)", what, bad, bad_rest);
+    cudaFree(dqs);
+    cudaFree(dws);
+    cudaFree(dh);
+    free(qs);
+    free(ws);
+    free(G);
+    free(H);
+    prob_free(&p);
+}
+
+
 static void
 test_refusals(void)
 {
@@ -370,13 +476,22 @@ main(void)
     seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
                             : (uint64_t) time(NULL);
     gu_seed(seed);
-    TAP_PLAN(27);
+    TAP_PLAN(30);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
     test_case(r4, 4, 512, 1024, 5, 37);
     test_case(r8, 8, 768, 256, 0, 0);
     test_case(r1, 1, 256, 128, 0, 0);
     test_case(r8 + 3, 3, 256, 512, 1000, 1);
+    test_swiglu(r4, 4, 256, 512, 5);
+    test_swiglu(r8, 3, 128, 256, 0);
     test_graph();
     test_refusals();
+    TAP_OK(moe_cuda_fp8_grouped_swiglu((const uint8_t *) 16, 1,
+                                       (const uint8_t *) 16, 384 * 128,
+                                       (const int32_t *) 16, 1, 1, 192, 128,
+                                       (const float *) 16,
+                                       (const float *) 16, 384,
+                                       (moe_bf16_t *) 16, 0)
+           == MOE_K_EUNSUPPORTED, "grouped SwiGLU refuses F 192 (F %% 128)");
     return TAP_DONE();
 }
