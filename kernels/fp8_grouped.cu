@@ -121,16 +121,16 @@ fg_pack(float a, float b)
 
 
 /* The SwiGLU epilogue: d[0..63] the gate products, d[64..127] the up
- * products of the same 128 columns (c0 .. of the F), unscaled, first
- * rounded to bf16 pairs (as the unfused path stores them, and half the
- * registers); with the row scale qs and the expert's channel scales ws
- * (gate 0 .. F - 1, up F ..), pk[2 j + v] (row 16 warp + lane / 4 + 8 v,
+ * products of the same 128 columns, unscaled, first rounded to bf16
+ * pairs (as the unfused path stores them, and half the registers); with
+ * the row scale qs and the tile's channel scales sws (shared memory:
+ * gate 0 .. 127, up 128 .. 255), pk[2 j + v] (row 16 warp + lane / 4 + 8 v,
  * columns 8 j + 2 (lane % 4) + {0, 1}) = bf16(g / (1 + exp(-g)) * u), g =
  * G * (qs[r] * ws[c]) as moe_cuda_silu_quant_fp8 computes it.  Rows past
  * the tile's read no scale. */
 __device__ __forceinline__ void
 fg_swiglu(const float *d, int cw, const fg_tile_t *t, const float *qs,
-    const float *ws, int F, int c0, uint32_t *pk)
+    const float *sws, uint32_t *pk)
 {
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
     const int q = lane & 3;
@@ -151,9 +151,10 @@ fg_swiglu(const float *d, int cw, const fg_tile_t *t, const float *qs,
 
 #pragma unroll
         for (int j = 0; j < 16; j++) {
-            const int      c = c0 + 8 * j + 2 * q;
-            const float2   wg = *reinterpret_cast<const float2 *>(ws + c);
-            const float2   wu = *reinterpret_cast<const float2 *>(ws + F + c);
+            const int      c = 8 * j + 2 * q;
+            const float2   wg = *reinterpret_cast<const float2 *>(sws + c);
+            const float2   wu = *reinterpret_cast<const float2 *>(sws + 128
+                                                                  + c);
             __nv_bfloat162 G = *reinterpret_cast<__nv_bfloat162 *>(
                                    &pk[2 * j + v]);
             __nv_bfloat162 U = *reinterpret_cast<__nv_bfloat162 *>(
@@ -165,9 +166,11 @@ fg_swiglu(const float *d, int cw, const fg_tile_t *t, const float *qs,
 
             pk[2 * j + v] = fg_pack(g0 / (1.0f + __expf(-g0)) * u0,
                                     g1 / (1.0f + __expf(-g1)) * u1);
-            /* keep the next column's scale loads here: hoisted, they
-             * would hold 64 registers at once */
-            asm volatile("" ::: "memory");
+            /* keep the next columns' scale reads (shared memory, a few
+             * cycles) here: hoisted, they would hold 64 registers */
+            if ((j & 3) == 3) {
+                asm volatile("" ::: "memory");
+            }
         }
     }
 }
@@ -257,6 +260,18 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
         for (int i = 0; i < 128; i++) {
             d[i] = 0.0f;
         }
+        if (SWIGLU) {
+            /* the tile's 128 gate and 128 up channel scales into the
+             * warpgroup's epilogue buffer, free until the epilogue (the
+             * last tile's store ended with a warpgroup barrier) */
+            const float *we = ws + (size_t) t.e * ws_stride + t.nt * 128;
+            float       *sws = reinterpret_cast<float *>(
+                                   sm + FG_ST * FG_STAGE + cw * FG_EP);
+            const int    ti = tid & 127;
+
+            sws[ti] = we[ti];
+            sws[128 + ti] = we[N / 2 + ti];
+        }
         for (int kt = 0; kt < nk; kt++, it++) {
             const int s = it % FG_ST;
             const unsigned char *sa = sm + s * FG_STAGE + cw * 64 * FG_BK;
@@ -295,12 +310,14 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
             moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
         }
         if (SWIGLU) {
-            uint32_t pk[32];
+            unsigned char *ep = sm + FG_ST * FG_STAGE + cw * FG_EP;
+            uint32_t       pk[32];
 
-            fg_swiglu(d, cw, &t, qs, ws + (size_t) t.e * ws_stride, N / 2,
-                      t.nt * 128, pk);
-            fg_store_staged<1>(pk, cw, &t, N / 2, t.nt * 128,
-                               sm + FG_ST * FG_STAGE + cw * FG_EP, Y);
+            fg_bar_wg(cw);              /* the scales in ep are in */
+            fg_swiglu(d, cw, &t, qs, reinterpret_cast<const float *>(ep),
+                      pk);
+            fg_bar_wg(cw);              /* ... and read: ep is free */
+            fg_store_staged<1>(pk, cw, &t, N / 2, t.nt * 128, ep, Y);
         } else if (STAGED) {
             uint32_t pk[64];            /* half the registers of d */
 

@@ -69,10 +69,10 @@ typedef struct {
                             expert GEMMs as one grouped launch each
                             (kernels/fp8_grouped.h: offsets on the device,
                             no host sync per layer) where the shapes allow
-                            (default 1: gate|up with SwiGLU in its
-                            epilogue; 2: gate|up, then the separate
-                            SwiGLU + quantization pass; 0: per-expert
-                            cuBLASLt calls) */
+                            (default 1: then the separate SwiGLU +
+                            quantization pass; 2: SwiGLU in the gate|up
+                            GEMM's epilogue, h quantized after it; 0:
+                            per-expert cuBLASLt calls) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)

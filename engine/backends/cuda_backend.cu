@@ -2872,7 +2872,7 @@ cb_fp8_ffn(cuda_backend_t *b, const cb_qw_t *g, const cb_qw_t *wd, int n,
                                                b->stream));
         }
     }
-    if (grouped && b->tune.fp8_grouped == 1) {
+    if (grouped && b->tune.fp8_grouped == 2) {
         /* SwiGLU in the gate|up GEMM's epilogue: h (R, F) bf16, then its
          * per-row quantization for the down GEMM */
         MOE_TRY(cb_fp8_grouped(b, Q, qs, g, EL, R, (bf16 *) tmp));

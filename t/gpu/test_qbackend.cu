@@ -27,8 +27,8 @@
  *   is too small for it in these tiny models (they take the per-part
  *   fp8 GEMMs).  ct-fp8-256 (experts sized for the grouped fp8 GEMM,
  *   kernels/fp8_grouped.h): the fused FFN with MOE_CUDA_FP8_GROUPED 1
- *   (every fused layer on the grouped GEMM, no host sync, SwiGLU in the
- *   gate|up epilogue), 2 (the same with the SwiGLU pass) and 0
+ *   (every fused layer on the grouped GEMM, no host sync, the SwiGLU
+ *   pass), 2 (SwiGLU in the gate|up epilogue) and 0
  *   (per-expert cuBLASLt, none), tp 1 and tp 2 expert parallel.
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
@@ -126,8 +126,8 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
         strncat(what, " (fp8 activations)", sizeof(what) - strlen(what) - 1);
     }
     if (g_grouped >= 0) {
-        strncat(what, g_grouped == 2 ? " grouped fp8 GEMM, SwiGLU pass"
-                      : g_grouped ? " grouped fp8 GEMM, SwiGLU epilogue"
+        strncat(what, g_grouped == 2 ? " grouped fp8 GEMM, SwiGLU epilogue"
+                      : g_grouped ? " grouped fp8 GEMM, SwiGLU pass"
                                   : " per-expert cuBLASLt",
                 sizeof(what) - strlen(what) - 1);
         setenv("MOE_CUDA_FP8_GROUPED", g_grouped ? "1" : "0", 1);
