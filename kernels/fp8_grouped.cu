@@ -13,19 +13,25 @@
  *
  * Three warpgroups (384 threads).  Warpgroup 0's first thread is the
  * producer: per K tile of 128 bytes it waits until stage s is free
- * (empty[s]), announces the stage's bytes on full[s] and issues two TMA
- * loads into it (the 128 A rows, the 256 B rows; 128-byte swizzle, what
+ * (empty[s]), announces the stage's bytes on full[s] and issues the TMA
+ * loads into it (the 128 A rows; the 256 B rows, or with SwiGLU the 128
+ * gate and the 128 up rows of the tile's columns; 128-byte swizzle, what
  * the wgmma descriptors read).  Warpgroups 1 and 2 are the consumers, 64
- * rows each: wait full[s], issue 4 k steps x 2 column halves of wgmma
- * m64n128k32 (fp32 accumulators: 128 registers a thread), commit, wait
- * until the previous tile's wgmma are done and release its stage on
- * empty[].  No block-wide barrier inside the K loop; 4 stages of 48 KB.
- * A rows of the tile past the group's end are other rows (or TMA's zero
- * fill past q_rows): their products are computed and not stored.
+ * rows each: wait full[s], issue 4 k steps of wgmma m64n256k32 (FG_WIDE;
+ * else 2 x m64n128k32; fp32 accumulators: 128 registers a thread),
+ * commit, wait until the previous K tile's wgmma are done and release
+ * its stage on empty[].  No block-wide barrier inside the K loop; 4
+ * stages of 48 KB.  A rows of the tile past the group's end are other
+ * rows (or TMA's zero fill past q_rows): their products are computed and
+ * not stored.  The epilogue (FG_STAGED) goes through a 16 KB buffer per
+ * consumer warpgroup and stores whole 256-byte rows; the SwiGLU variant
+ * computes h there from the sums and the scales.
  *
  * Measured against cuBLASLt's per-expert calls on one Mixtral layer
- * (bench/dev/wg_ggemm, H200; kernels/NOTES.md "FP8 prefill: the expert
- * GEMMs against the routing's imbalance"): 0.95-1.0 of their time.
+ * (bench/dev/wg_ggemm, H200; kernels/NOTES.md "FP8 prefill: our own
+ * grouped expert GEMM"): 0.96-0.97 of their time on gate|up and on even
+ * down, 1.01 on down at the engine's uneven routing; the SwiGLU variant
+ * 1.24-1.29 of the plain one (not the default).
  */
 #include <cuda.h>
 #include <cudaTypedefs.h>
