@@ -3475,7 +3475,7 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 {
     const moe_hparams_t *hp = &b->hp;
     int                  D = hp->dim, F = hp->ffn_dim, E = hp->n_experts;
-    int                  K = b->K, e, r0, path;
+    int                  K = b->K, path;
     cudaStream_t         s = b->stream;
     /* expert parallel: this rank computes experts [e0, e0 + EL) only;
      * their row groups are offs[e0 .. e0 + EL] of the routing over all E
