@@ -36,6 +36,18 @@ gu_seed(uint64_t seed)
     gu_rng = z != 0 ? z : 0x2545f4914f6cdd1dULL;
 }
 
+/* a random finite e4m3 code (no NaN) */
+static inline uint8_t
+gu_rand_e4m3(void)
+{
+    uint8_t c;
+
+    do {
+        c = (uint8_t) gu_rand();
+    } while ((c & 0x7f) == 0x7f);
+    return c;
+}
+
 /* uniform [-1, 1) */
 static inline float
 gu_uniform(void)

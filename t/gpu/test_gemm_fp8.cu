@@ -68,18 +68,6 @@ extern "C" {
 #define FP32_TOL 1e-3
 
 
-/* a random finite e4m3 code (no NaN) */
-static uint8_t
-rand_e4m3(void)
-{
-    uint8_t c;
-
-    do {
-        c = (uint8_t) gu_rand();
-    } while ((c & 0x7f) == 0x7f);
-    return c;
-}
-
 static int
 test_quant(int K, int ldx)
 {
@@ -168,10 +156,10 @@ test_unscaled(moe_fp8_gemm_t *g, int M, int N, int K, int y_bf16)
     int       ok;
 
     for (size_t i = 0; i < Mp * K; i++) {
-        q[i] = rand_e4m3();
+        q[i] = gu_rand_e4m3();
     }
     for (size_t i = 0; i < (size_t) N * K; i++) {
-        w[i] = rand_e4m3();
+        w[i] = gu_rand_e4m3();
     }
     for (int r = 0; r < M; r++) {
         for (int j = 0; j < N; j++) {
@@ -456,11 +444,11 @@ gemm_case(moe_fp8_gemm_t *g, int M, int N, int K, int ldy, int y_bf16,
     double   err;
 
     for (size_t i = 0; i < (size_t) M * K; i++) {
-        q[i] = rand_e4m3();
+        q[i] = gu_rand_e4m3();
         qf[i] = moe_fp8_to_f32(q[i]);
     }
     for (size_t i = 0; i < (size_t) N * K; i++) {
-        w[i] = rand_e4m3();
+        w[i] = gu_rand_e4m3();
         wf[i] = moe_fp8_to_f32(w[i]);
     }
     for (int r = 0; r < M; r++) {
@@ -570,7 +558,7 @@ end_to_end(moe_fp8_gemm_t *g, int M, int N, int K)
         xb[i] = gu_f2bf(gu_uniform() * (i % 97 == 0 ? 8.0f : 1.0f));
     }
     for (size_t i = 0; i < (size_t) N * K; i++) {
-        w[i] = rand_e4m3();
+        w[i] = gu_rand_e4m3();
     }
     for (int j = 0; j < N; j++) {
         ws[j] = (0.5f + (gu_uniform() + 1.0f)) * 1e-3f;
