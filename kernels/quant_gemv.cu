@@ -38,6 +38,7 @@
 #include "common.cuh"
 #include "ptx.cuh"
 #include "quant_gemv.h"
+#include "quant_common.cuh"
 #include "silu_mul.h"
 
 namespace cg = cooperative_groups;
@@ -107,20 +108,6 @@ q_fp8_blk_scale(const float *scale, int mode, int e, int j, int k, int rows,
 }
 
 
-/* Rows [r0, r1) of this block's group (r0 = r1 when it has none). */
-__device__ __forceinline__ int
-q_group_rows(const int32_t *offs, int E, int n, int *r0, int *r1)
-{
-    int e = moe_block_group(offs, E, (int) threadIdx.x & 31);
-
-    if (e < 0 || e >= E) {
-        *r0 = *r1 = 0;
-        return -1;
-    }
-    *r0 = offs != NULL ? offs[e] : 0;
-    *r1 = offs != NULL ? offs[e + 1] : n;
-    return e;
-}
 
 
 /* grid (ceil(Ntot / QF_WARPS), groups), QF_WARPS warps */
@@ -439,31 +426,6 @@ kernel_qgemv_q4(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                                into L2 (0: none; 1-32 measured slower on
                                the H200, bench/RESULTS.md 2026-12-02) */
 
-/* bf16x2 (128 + nibble at bit s, 128 + nibble at bit s + 16) of w */
-__device__ __forceinline__ uint32_t
-q4m_nib2(uint32_t w, int s)
-{
-    return ((w >> s) & 0x000f000fu) | 0x43004300u;
-}
-
-
-/* bf16x2 (128 + z, 128 + z) */
-__device__ __forceinline__ uint32_t
-q4m_zz(uint32_t z)
-{
-    return 0x43004300u + z * 0x00010001u;
-}
-
-
-/* a - b, bf16x2, exact for the small integers here */
-__device__ __forceinline__ uint32_t
-q4m_sub(uint32_t a, uint32_t b)
-{
-    uint32_t d;
-
-    asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
 
 
 /*

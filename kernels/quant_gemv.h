@@ -158,6 +158,49 @@ int moe_cuda_dequant_q4(int fmt, const int32_t *qweight,
     int G, int zero_bias, int Ntot, int K, int count, moe_bf16_t *out,
     cudaStream_t stream);
 
+/*
+ * Tiled 4-bit weights (kernels/q4_tiled.cu; kernels/NOTES.md "4-bit
+ * tiled layout"): an AWQ or GPTQ qweight repacked once at load so that
+ * each lane's 16-byte load is the tensor-core fragments of four
+ * products: tiles of 16 output features x 64 k (512 bytes, feature-tile
+ * major); qzeros and scales stay in the checkpoint's layout (fmt says
+ * which zero packing).  It applies when moe_cuda_q4t_supported: Ntot %
+ * 16 == 0, K % 64 == 0, G % 64 == 0 (so a tile lies in one group), and no
+ * g_idx (the caller checks that).  Same bytes as the original.
+ */
+int moe_cuda_q4t_supported(int fmt, int G, int Ntot, int K);
+
+/* Repack `count` consecutive qweight matrices (Ntot, K) of fmt in place
+ * into the tiled layout, through a device scratch of at least Ntot * K /
+ * 2 bytes (stream-ordered; the scratch is free once the stream reaches
+ * the end).  qweight 16-byte aligned. */
+int moe_cuda_q4t_pack(int fmt, int32_t *qweight, int Ntot, int K, int count,
+    void *scratch, size_t scratch_bytes, cudaStream_t stream);
+
+/*
+ * The 4-bit grouped GEMV on tiled weights qt (expert e's tiles at qt + e
+ * * Ntot * K / 8 words; qzeros, scales, G, zero_bias as for
+ * moe_cuda_qgemv_q4): the contract of moe_cuda_qgemv_q4_rows (Y rows [0,
+ * n) columns [0, Ntot) written, deterministic), or with H non-NULL the
+ * contract of moe_cuda_qgemv_q4_silu's fused path (Ntot = 2 F stacked
+ * gate|up, Ntot % 32 == 0, H (n, F) bf16, Y unused).  max_rows: the
+ * rows-per-group hint (8, 16 or 32 rows per pass); sk: K splits per
+ * feature tile (0: picked from the grid; else 1, 2, 4 or 8, at most 4
+ * with H, for the dev harness).  Needs ldx % 8 == 0, X and qt 16-byte
+ * aligned.
+ */
+int moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qt,
+    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
+    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
+    int sk, float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream);
+
+/* moe_cuda_dequant_q4 on tiled weights: bf16 (count, Ntot, K), the same
+ * values bit for bit. */
+int moe_cuda_dequant_q4t(int fmt, const int32_t *qt, const int32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K, int count,
+    moe_bf16_t *out, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,55 @@
+/*
+ * Device helpers shared by the 4-bit GEMV kernels (quant_gemv.cu,
+ * q4_tiled.cu): the rows of a block's expert group and the exact bf16
+ * integer arithmetic that turns nibbles into (q - z).
+ */
+#ifndef MOE_KERNELS_QUANT_COMMON_CUH
+#define MOE_KERNELS_QUANT_COMMON_CUH
+
+#include <stdint.h>
+
+#include "common.cuh"
+
+/* Rows [r0, r1) of this block's group (r0 = r1 when it has none). */
+__device__ __forceinline__ int
+q_group_rows(const int32_t *offs, int E, int n, int *r0, int *r1)
+{
+    int e = moe_block_group(offs, E, (int) threadIdx.x & 31);
+
+    if (e < 0 || e >= E) {
+        *r0 = *r1 = 0;
+        return -1;
+    }
+    *r0 = offs != NULL ? offs[e] : 0;
+    *r1 = offs != NULL ? offs[e + 1] : n;
+    return e;
+}
+
+
+/* bf16x2 (128 + nibble at bit s, 128 + nibble at bit s + 16) of w */
+__device__ __forceinline__ uint32_t
+q4m_nib2(uint32_t w, int s)
+{
+    return ((w >> s) & 0x000f000fu) | 0x43004300u;
+}
+
+
+/* bf16x2 (128 + z, 128 + z) */
+__device__ __forceinline__ uint32_t
+q4m_zz(uint32_t z)
+{
+    return 0x43004300u + z * 0x00010001u;
+}
+
+
+/* a - b, bf16x2, exact for the small integers here */
+__device__ __forceinline__ uint32_t
+q4m_sub(uint32_t a, uint32_t b)
+{
+    uint32_t d;
+
+    asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+#endif
