@@ -73,12 +73,21 @@ typedef struct {
                             quantization pass; 2: SwiGLU in the gate|up
                             GEMM's epilogue, h quantized after it; 0:
                             per-expert cuBLASLt calls) */
+    /* 4-bit weights */
+    int q4_tiled;        /* MOE_CUDA_Q4_TILED 0..2: AWQ / GPTQ weights
+                            repacked at load into the tiled layout
+                            (kernels/quant_gemv.h "Tiled 4-bit weights")
+                            where the shapes allow, their GEMV reading
+                            512 contiguous bytes per warp load (default 1:
+                            with SiLU fused into the gate|up GEMV; 2: tiled,
+                            SiLU a separate pass; 0: the checkpoints'
+                            layouts) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -19,9 +19,13 @@
  * kernel with other warps per block x blocks per SM (registers).  Each is
  * checked against the shipped output (relative RMS, fp32 order only).
  * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
+ * Right after the shipped line: the tiled layout (kernels/q4_tiled.cu,
+ * the weights repacked by moe_cuda_q4t_pack) with its K split picked
+ * (sk 0) and forced (1, 2, 4, 8), and for gate|up with SiLU fused.
  *
  *   build/bench/dev/quant_gemv [rows ...]      (default 1 2 16)
  *   DEV_DENSE=1: also the dense q|k|v and o projections (one matrix)
+ *   DEV_QUICK=1: only the shipped and the tiled lines
  */
 #include "../../kernels/quant_gemv.cu"
 #include "q4_fma.cuh"
@@ -121,6 +125,62 @@ dev_shape(int fmt, int w13, int rows)
            : w13 == 3 ? "dense o" : "down", N, K, rows, hit, bytes / 1e6);
     ms = dev_time(iters, [&]() { return run(0, 0, QM_PF, NULL, ref); });
     dev_line("shipped", ms, bytes, 0, -1, 0);
+    {
+        /* the tiled layout: a repacked copy of the same weights */
+        uint32_t *qt = (uint32_t *) gu_dev(nw * 4);
+        void     *scr = gu_dev((size_t) K * N / 2);
+        int       zb = fmt == MOE_K_Q4_AWQ ? 0 : 1;
+
+        DEV_CHECK(cudaMemcpy(qt, qw, nw * 4, cudaMemcpyDeviceToDevice));
+        if (moe_cuda_q4t_pack(fmt, (int32_t *) qt, N, K, E, scr,
+                              (size_t) K * N / 2, 0) != 0)
+        {
+            printf("  tiled: pack refused: %s\n", moe_cuda_last_error());
+            dev_failed = 1;
+        }
+        for (int sk = 0; sk <= 8; sk = sk == 0 ? 1 : 2 * sk) {
+            ms = dev_time(iters, [&]() {
+                return moe_cuda_qgemv_q4t(fmt, (const moe_bf16_t *) X, K,
+                                          NULL, 1, (const int32_t *) qt,
+                                          (const int32_t *) qz, sc, G, zb, N,
+                                          K, d_offs, E, n, 0, sk, out, N,
+                                          NULL, 0);
+            });
+            snprintf(name, sizeof(name), "tiled, sk %d%s", sk,
+                     sk == 0 ? " (picked)" : "");
+            dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
+        }
+        if (w13 == 1) {
+            bf16 *h = (bf16 *) gu_dev((size_t) n * N), *h2 = (bf16 *)
+                gu_dev((size_t) n * N);
+
+            DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) h, 0)
+                      == 0 ? cudaSuccess : cudaErrorUnknown);
+            for (int sk = 0; sk <= 4; sk = sk == 0 ? 1 : 2 * sk) {
+                ms = dev_time(iters, [&]() {
+                    return moe_cuda_qgemv_q4t(fmt, (const moe_bf16_t *) X, K,
+                                              NULL, 1, (const int32_t *) qt,
+                                              (const int32_t *) qz, sc, G,
+                                              zb, N, K, d_offs, E, n, 0, sk,
+                                              NULL, 0, (moe_bf16_t *) h2, 0);
+                });
+                snprintf(name, sizeof(name), "tiled + SiLU fused, sk %d%s",
+                         sk, sk == 0 ? " (picked)" : "");
+                dev_line(name, ms, bytes, 0, dev_diff(h2, h, on / 2, 1),
+                         1e-2);
+            }
+            cudaFree(h);
+            cudaFree(h2);
+        }
+        cudaFree(qt);
+        cudaFree(scr);
+    }
+    if (getenv("DEV_QUICK") != NULL) {
+        cudaFree(qw); cudaFree(qz); cudaFree(sc); cudaFree(gi);
+        cudaFree((void *) X); cudaFree(d_offs); cudaFree(ref);
+        cudaFree(out);
+        return;
+    }
     if (w13 == 1) {
         /* SwiGLU: the GEMV + moe_cuda_silu_mul against the fused launch */
         bf16 *h = (bf16 *) gu_dev((size_t) n * N * 2), *h2 = h + on / 2;

@@ -167,6 +167,9 @@ typedef struct {
     int             N, K, count, grows;
     int             stacked;       /* in a stacked group */
     int             view;          /* a whole stacked group (cb_group) */
+    int             tiled;         /* 4-bit: qweight in the tiled layout
+                                      (kernels/quant_gemv.h; a stacked
+                                      group's parts all alike) */
     int             ld;            /* rows (fp8) / columns (4-bit) stored
                                       per expert: N, or the group's grows
                                       when stacked */
@@ -310,6 +313,8 @@ typedef struct {
     int64_t         fp8_ffn_layers; /* cb_fp8_ffn runs (tests) */
     int64_t         fp8_grouped_layers; /* ... of them on the grouped
                                       GEMM (kernels/fp8_grouped.h) */
+    int64_t         q4_tiled_calls; /* 4-bit GEMVs on tiled weights
+                                      (tests) */
     int64_t         row_stats[MOE_CUDA_ROW_STATS]; /* expert_rows */
     /* expert offsets of the layers that ran without a host sync, copied
      * asynchronously for the row statistics (cb_row_log): (L, E + 1)
@@ -1691,6 +1696,22 @@ cb_share_key_for(const moe_hparams_t *hp, const moe_qplan_t *plan,
     in.layout_sum = moe_share_sum(moe_share_sum(0, &wl.total,
                                                 sizeof(wl.total)),
                                   plan, sizeof(*plan));
+    {
+        /* the 4-bit bytes' layout: tiled or the checkpoint's (q4_tiled
+         * 1 and 2 store alike) */
+        moe_cuda_tuning_t tu;
+        int               tiled;
+
+        if (moe_cuda_tuning_read(&tu, hp->n_experts, err, sizeof(err))
+            != MOE_OK)
+        {
+            moe_cuda_tuning_t d = MOE_CUDA_TUNING_DEFAULTS;
+
+            tu = d;
+        }
+        tiled = tu.q4_tiled != 0;
+        in.layout_sum = moe_share_sum(in.layout_sum, &tiled, sizeof(tiled));
+    }
     in.quant = NULL;                /* the formats: in layout_sum */
     in.dtype = "bf16";
     in.tp = tp;
@@ -1898,6 +1919,58 @@ static int cb_swap_in(moe_backend_t *base, const int32_t *slots,
 static int cb_swap_read(moe_backend_t *base, int32_t slot, void *dst);
 
 
+/* The kernels' 4-bit packing of a part (AWQ or GPTQ). */
+static int
+cb_q4_kfmt(const cb_qw_t *w)
+{
+    return w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ : MOE_K_Q4_GPTQ;
+}
+
+
+/* 1 when 4-bit part q keeps its qweight tiled (kernels/quant_gemv.h
+ * "Tiled 4-bit weights"): the knob q4_tiled, no g_idx, and the stored
+ * matrix (its group's, when stacked) on the layout's boundaries. */
+static int
+cb_q4_tiles(const cuda_backend_t *b, const cb_qw_t *q)
+{
+    return b->tune.q4_tiled != 0
+           && (q->fmt == MOE_WF_AWQ || q->fmt == MOE_WF_GPTQ)
+           && q->g_idx == NULL
+           && moe_cuda_q4t_supported(cb_q4_kfmt(q), q->G, q->ld, q->K);
+}
+
+
+/* Repack every tiled 4-bit matrix in place, once its checkpoint bytes
+ * are on the device (a stacked group once, from its first part, whose w
+ * is the group's first column), through the dequantization scratch. */
+static int
+cb_q4_tile_all(cuda_backend_t *b)
+{
+    int64_t n = 0;
+
+    for (int l = 0; l < b->hp.n_layers; l++) {
+        for (int p = 0; p < MOE_QP_N; p++) {
+            const cb_qw_t *q = &b->qw[(size_t) l * MOE_QP_N + p];
+            moe_qshape_t   sh;
+
+            moe_qw_shape(&b->hp, l, p, &sh);
+            if (q->w == NULL || !q->tiled || (q->stacked && sh.first != p)) {
+                continue;
+            }
+            MOE_TRY(moe_cuda_q4t_pack(cb_q4_kfmt(q), (int32_t *) q->w,
+                                      q->ld, q->K, q->count, b->qscratch,
+                                      b->qscratch_bytes, b->stream));
+            n++;
+        }
+    }
+    if (n > 0) {
+        moe_log(MOE_LOG_INFO, "cuda backend: %lld 4-bit weight groups "
+                "repacked into the tiled layout", (long long) n);
+    }
+    return MOE_OK;
+}
+
+
 /* Everything but the weights' values; MOE_* with err set. */
 static int
 cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
@@ -2001,6 +2074,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
             q->g_idx = o->g_idx ? (int32_t *) (w + o->g_idx) : NULL;
             q->stacked = moe_qw_stacked(hp, b->plan, l, p);
             q->ld = (int) (q->stacked ? sh.grows : sh.N);
+            q->tiled = cb_q4_tiles(b, q);
         }
     }
     free(wl.qoff);
@@ -2328,6 +2402,11 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
                        moe_cuda_last_error());
             }
         }
+        if (rc == MOE_OK && cb_q4_tile_all(b) != MOE_OK) {
+            moe_errf(err, errlen, "cuda backend: 4-bit repack: %s",
+                     moe_cuda_last_error());
+            rc = MOE_EBACKEND;
+        }
     }
     if (rc == MOE_OK && cudaStreamSynchronize(b->stream) != cudaSuccess) {
         moe_errf(err, errlen, "cuda backend: %s",
@@ -2592,6 +2671,14 @@ cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
                                   0, w->N, w->K, offs, E, n, Y, ldy,
                                   b->stream);
     }
+    if (w->tiled) {
+        b->q4_tiled_calls++;
+        return moe_cuda_qgemv_q4t(cb_q4_kfmt(w), (const moe_bf16_t *) X, ldx,
+                                  xrow, xdiv, (const int32_t *) w->w,
+                                  w->zeros, w->scales, w->G, w->zero_bias,
+                                  w->N, w->K, offs, E, n, mr, 0, Y, ldy,
+                                  NULL, b->stream);
+    }
     return moe_cuda_qgemv_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
                                                   : MOE_K_Q4_GPTQ,
                              (const moe_bf16_t *) X, ldx, xrow, xdiv,
@@ -2613,6 +2700,12 @@ cb_dequant(cuda_backend_t *b, const cb_qw_t *w)
     if (w->fmt == MOE_WF_FP8) {
         return moe_cuda_dequant_fp8((const uint8_t *) w->w, w->scale,
                                     w->mode, 0, w->N, w->K, w->count,
+                                    (moe_bf16_t *) b->qscratch, b->stream);
+    }
+    if (w->tiled) {
+        return moe_cuda_dequant_q4t(cb_q4_kfmt(w), (const int32_t *) w->w,
+                                    w->zeros, w->scales, w->G, w->zero_bias,
+                                    w->N, w->K, w->count,
                                     (moe_bf16_t *) b->qscratch, b->stream);
     }
     return moe_cuda_dequant_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
@@ -2643,6 +2736,14 @@ cb_dequant_expert(cuda_backend_t *b, const cb_qw_t *w, int el)
                                     (moe_bf16_t *) b->qscratch, b->stream);
     }
     KG = K / (size_t) w->G;
+    if (w->tiled) {
+        return moe_cuda_dequant_q4t(cb_q4_kfmt(w), (const int32_t *) w->w
+                                    + (size_t) el * K * C / 8,
+                                    w->zeros + (size_t) el * KG * C / 8,
+                                    w->scales + (size_t) el * KG * C, w->G,
+                                    w->zero_bias, w->N, w->K, 1,
+                                    (moe_bf16_t *) b->qscratch, b->stream);
+    }
     return moe_cuda_dequant_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
                                                     : MOE_K_Q4_GPTQ,
                                (const int32_t *) w->w + (size_t) el * K * C
@@ -3320,6 +3421,18 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
                                        g.scale, g.mode, F, D, loffs, EL,
                                        T * K, 1, NULL,
                                        (moe_bf16_t *) b->hbuf, F, s));
+        } else if (g.tiled && b->tune.q4_tiled == 1 && (2 * F) % 32 == 0
+                   && (path == CB_PATH_GEMV || path == CB_PATH_GGEMM))
+        {
+            /* 4-bit tiled: gate|up with SiLU fused (a block's warps do
+             * a gate tile and its up tile; kernels/q4_tiled.cu) */
+            b->q4_tiled_calls++;
+            MOE_TRY(moe_cuda_qgemv_q4t(cb_q4_kfmt(&g),
+                                       (const moe_bf16_t *) X, D, xrow, xdiv,
+                                       (const int32_t *) g.w, g.zeros,
+                                       g.scales, g.G, g.zero_bias, 2 * F, D,
+                                       loffs, EL, T * K, mr, 0, NULL, 0,
+                                       (moe_bf16_t *) b->hbuf, s));
         } else {
             /* 4-bit: one GEMV over the 2 F stacked columns, then SiLU*up
              * (the fused moe_cuda_qgemv_q4_silu has half the column
@@ -4326,6 +4439,13 @@ int64_t
 moe_cuda_backend_fp8_grouped_layers(moe_backend_t *base)
 {
     return base != NULL ? ((cuda_backend_t *) base)->fp8_grouped_layers : 0;
+}
+
+
+int64_t
+moe_cuda_backend_q4_tiled_calls(moe_backend_t *base)
+{
+    return base != NULL ? ((cuda_backend_t *) base)->q4_tiled_calls : 0;
 }
 
 

@@ -308,6 +308,11 @@ int64_t moe_cuda_backend_fp8_ffn_layers(moe_backend_t *b);
  * (kernels/fp8_grouped.h; the tuning knob fp8_grouped). */
 int64_t moe_cuda_backend_fp8_grouped_layers(moe_backend_t *b);
 
+/* Tests: 4-bit GEMV launches that read tiled weights (the tuning knob
+ * q4_tiled; kernels/quant_gemv.h "Tiled 4-bit weights") since b was
+ * created (graph replays not counted: the launches are recorded once). */
+int64_t moe_cuda_backend_q4_tiled_calls(moe_backend_t *b);
+
 /*
  * Benchmarks: how evenly the routing spread the rows of the steps that
  * ran the experts per expert (prefill-sized steps: the per-expert GEMM

@@ -30,6 +30,11 @@
  *   (every fused layer on the grouped GEMM, no host sync, the SwiGLU
  *   pass), 2 (SwiGLU in the gate|up epilogue) and 0
  *   (per-expert cuBLASLt, none), tp 1 and tp 2 expert parallel.
+ *   awq-g64, awq-g128 and gptq-g128-asym (shapes the tiled 4-bit layout
+ *   takes, kernels/q4_tiled.cu) with MOE_CUDA_Q4_TILED 2, 1 and 0, GEMV
+ *   and cuBLAS expert paths: with 1 / 2 the backend must have launched
+ *   4-bit GEMVs on tiled weights (moe_cuda_backend_q4_tiled_calls), with
+ *   0 none.
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
  * bound test_backend uses for bf16 weights); greedy equal wherever the
@@ -103,6 +108,8 @@ run_variant(const char *name, moe_model_t *m, int tp, int ep, int blas)
 
 /* MOE_CUDA_FP8_GROUPED for the next variants (-1: left unset) */
 static int g_grouped = -1;
+/* MOE_CUDA_Q4_TILED for the next variants (-1: left unset) */
+static int g_q4t = -1;
 
 static void
 run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
@@ -132,6 +139,16 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
                 sizeof(what) - strlen(what) - 1);
         setenv("MOE_CUDA_FP8_GROUPED", g_grouped ? "1" : "0", 1);
     }
+    if (g_q4t >= 0) {
+        char v[8];
+
+        strncat(what, g_q4t == 2 ? " tiled 4-bit, SiLU pass"
+                      : g_q4t ? " tiled 4-bit, SiLU fused"
+                              : " checkpoint 4-bit layout",
+                sizeof(what) - strlen(what) - 1);
+        snprintf(v, sizeof(v), "%d", g_q4t);
+        setenv("MOE_CUDA_Q4_TILED", v, 1);
+    }
     setenv("MOE_CUDA_FP8_ACT", act ? "1" : "0", 1);
     if (blas) {
         setenv("MOE_CUDA_GGEMM_MAX_T", "0", 1);
@@ -154,6 +171,7 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
     }
     unsetenv("MOE_CUDA_GGEMM_MAX_T");
     unsetenv("MOE_CUDA_FP8_GROUPED");
+    unsetenv("MOE_CUDA_Q4_TILED");
     TAP_OK(rc == MOE_OK, "%s: backends created (%s)", what,
            rc == MOE_OK ? "ok" : err);
     if (rc != MOE_OK) {
@@ -238,6 +256,14 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
            CHUNK, worst, tol);
     TAP_OK(ok && greedy_ok, "%s: greedy equal on the %d clear steps", what,
            n_greedy);
+    if (g_q4t >= 0 && tp == 1) {
+        /* the knob chose the 4-bit layout: GEMV launches on tiled
+         * weights in every step's layers, or none */
+        int64_t nq = moe_cuda_backend_q4_tiled_calls(g0);
+
+        TAP_OK(g_q4t ? nq > 0 : nq == 0, "%s: %lld 4-bit GEMV launches on "
+               "tiled weights", what, (long long) nq);
+    }
     if (act && blas && tp == 1) {
         /* the fused fp8 FFN (cb_fp8_ffn) took the routed layers of the
          * 40-token prefill (the 8-token chunk and the decode steps are
@@ -329,6 +355,18 @@ main(void)
             /* the fused fp8 FFN on expert-parallel ranks: rank 1's rows
              * start past rank 0's */
             run_variant_tol(line, m, 2, 1, 1, 1, ACT_TOL);
+        }
+        if (strcmp(line, "awq-g64") == 0 || strcmp(line, "awq-g128") == 0
+            || strcmp(line, "gptq-g128-asym") == 0)
+        {
+            /* shapes the tiled 4-bit layout takes: tiled with SiLU fused,
+             * tiled with the SiLU pass, the checkpoint's layout; GEMV
+             * and cuBLAS expert paths */
+            for (g_q4t = 2; g_q4t >= 0; g_q4t--) {
+                run_variant(line, m, 1, 0, 0);
+                run_variant(line, m, 1, 0, 1);
+            }
+            g_q4t = -1;
         }
         if (strcmp(line, "ct-fp8-256") == 0) {
             /* experts sized for the fp8 grouped GEMM: the fused fp8 FFN
