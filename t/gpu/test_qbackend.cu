@@ -140,7 +140,7 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
         setenv("MOE_CUDA_FP8_GROUPED", g_grouped ? "1" : "0", 1);
     }
     if (g_q4t >= 0) {
-        char v[8];
+        char v[16];
 
         strncat(what, g_q4t == 2 ? " tiled 4-bit, SiLU pass"
                       : g_q4t ? " tiled 4-bit, SiLU fused"
