@@ -506,7 +506,7 @@ moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
     NU = Ntot / 16 / MR;
     KT = K / 64;
     SK = sk > 0 ? sk : q4t_split(NU * ng, MR, KT);
-    if (SK * MR > Q4T_NW || (Q4T_NW / MR) % SK != 0) {
+    if (sk < 0 || SK * MR > Q4T_NW || (Q4T_NW / MR) % SK != 0) {
         moe_cuda_set_error("qgemv_q4t: k split %d (a power of two, at most "
                            "%d)", SK, Q4T_NW / MR);
         return MOE_K_EUNSUPPORTED;

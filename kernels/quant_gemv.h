@@ -186,8 +186,9 @@ int moe_cuda_q4t_pack(int fmt, int32_t *qweight, int Ntot, int K, int count,
  * gate|up, Ntot % 32 == 0, H (n, F) bf16, Y unused).  max_rows: the
  * rows-per-group hint (8, 16 or 32 rows per pass); sk: K splits per
  * feature tile (0: picked from the grid; else 1, 2, 4 or 8, at most 4
- * with H, for the dev harness).  Needs ldx % 8 == 0, X and qt 16-byte
- * aligned.
+ * with H, for the dev harness; others are refused).  With H, ldy is
+ * not read (H's leading dimension is F).  Needs ldx % 8 == 0, X and qt
+ * 16-byte aligned.
  */
 int moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qt,

@@ -1035,6 +1035,9 @@ test_graph(const qt_t *q, const char *name, const int *r1, const int *r2)
     for (int rep = 0; rep < 2; rep++) {
         step_set_rows(&s, q, rep == 0 ? r2 : r1);
         ck(cudaMemset(dy, 0xff, ny * 4), "memset Y");
+        /* the uploads and the memset ran on the legacy stream, which a
+         * non-blocking stream does not wait for */
+        ck(cudaDeviceSynchronize(), "sync before replay");
         ck(cudaGraphLaunch(ge, st), "replay");
         ck(cudaStreamSynchronize(st), "sync");
         ok &= gu_sync_ok(0, "graph replay");
