@@ -37,7 +37,27 @@
 typedef __nv_bfloat16 bf16;
 
 #define Q4T_NW   8          /* warps per block */
-#define Q4T_P    4          /* 16-byte weight loads in flight per lane */
+/*
+ * k-tiles in flight per warp.  The first H200 run loaded the input rows
+ * when used: every k-tile waited for L2, ~1000 cycles, 23-27 % of the copy
+ * bandwidth.  XM 1: the inputs ride in the stages too (registers: fewer
+ * stages for more rows); XM 0: they are prefetched into L1 as far ahead
+ * as the weights, and loaded when used; XM 2: each lane copies its input
+ * bytes into its own shared-memory ring with cp.async as far ahead as
+ * the weights (no registers; dynamic shared memory Q4T_XS bytes).
+ */
+#define Q4T_P(NT, XM) ((XM) == 0 ? 4 : (XM) == 2 ? ((NT) == 4 ? 2 : 4)     \
+                       : (NT) == 1 ? 4 : (NT) == 2 ? 3 : 2)
+#define Q4T_XS(NT, XM) ((XM) == 2 ? (size_t) Q4T_NW * Q4T_P(NT, XM) * (NT) \
+                                    * 32 * 32 : 0)
+
+
+/* Bring p's line into L1 (a hint). */
+__device__ __forceinline__ void
+q4t_prefetch_l1(const void *p)
+{
+    asm volatile("prefetch.global.L1 [%0];\n" :: "l"(p));
+}
 #define Q4T_MINB 2          /* blocks per SM the registers are sized for */
 
 
@@ -53,23 +73,65 @@ q4t_zshift(int fmt, int f)
 
 
 /* One pipeline stage: a lane's weights of one tile, the zero words and
- * the two fp16 scales of its features at the tile's group. */
+ * the two fp16 scales of its features at the tile's group, and its 16
+ * input values of the tile's k range for each of its NT rows. */
+template <int NT, int XM>
 struct q4t_stage {
     uint4    w;
     uint32_t z0, z1;
     uint32_t s;             /* scale of f0 (low half), f1 (high) */
+    uint4    xa[XM ? NT : 1], xb[XM ? NT : 1];
 };
 
 
+/* The input rows' 32 bytes of k-tile kt, or zeros past the rows. */
+template <int NT>
 __device__ __forceinline__ void
-q4t_load(q4t_stage &st, const uint4 *wp, const int32_t *zrow,
-    const uint16_t *srow, int f0)
+q4t_xload(uint4 (&xa)[NT], uint4 (&xb)[NT], const bf16 *const (&xp)[NT],
+    const bool (&xv)[NT], int kt)
+{
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const uint4 *x4 = reinterpret_cast<const uint4 *>(xp[nt] + 64 * kt);
+
+        xa[nt] = xv[nt] ? __ldg(x4) : make_uint4(0, 0, 0, 0);
+        xb[nt] = xv[nt] ? __ldg(x4 + 1) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+
+template <int NT, int XM>
+__device__ __forceinline__ void
+q4t_load(q4t_stage<NT, XM> &st, const uint4 *wp, const int32_t *zrow,
+    const uint16_t *srow, int f0, const bf16 *const (&xp)[NT],
+    const bool (&xv)[NT], int kt, uint4 *xring)
 {
     st.w = __ldcs(wp);
     st.z0 = (uint32_t) __ldg(zrow + f0 / 8);
     st.z1 = (uint32_t) __ldg(zrow + (f0 + 8) / 8);
     st.s = (uint32_t) __ldg(srow + f0)
            | ((uint32_t) __ldg(srow + f0 + 8) << 16);
+    if constexpr (XM == 2) {
+        /* this lane's slot of the stage: NT x 32 bytes */
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const bf16 *src = xp[nt] + 64 * kt;
+            bf16       *dst = reinterpret_cast<bf16 *>(xring + 2 * nt);
+
+            moe_cp_async16(dst, src, xv[nt] ? 16 : 0);
+            moe_cp_async16(dst + 8, src + 8, xv[nt] ? 16 : 0);
+        }
+        moe_cp_async_commit();
+    } else if constexpr (XM == 1) {
+        q4t_xload<NT>(st.xa, st.xb, xp, xv, kt);
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            if (xv[nt]) {
+                q4t_prefetch_l1(xp[nt] + 64 * kt);
+            }
+        }
+    }
 }
 
 
@@ -77,11 +139,11 @@ q4t_load(q4t_stage &st, const uint4 *wp, const int32_t *zrow,
  * grid (ceil(NU / CU), groups), Q4T_NW warps; NU = Ntot / 16 / MR units
  * (MR 1: a feature tile; MR 2: gate tile u and up tile NU + u, SiLU
  * fused), each split over SK warps along K (CU = Q4T_NW / (MR SK) units
- * per block).  A warp streams its tile's k-tiles [kt0, kt1) with Q4T_P
+ * per block).  A warp streams its tile's k-tiles [kt0, kt1) with Q4T_P(NT)
  * loads in flight; rows of the group in passes of 8 NT; the SK partial
  * sums are added in a fixed order (deterministic).
  */
-template <int FMT, int NT, int MR>
+template <int FMT, int NT, int MR, int XM>
 __global__ void __launch_bounds__(Q4T_NW * 32, Q4T_MINB)
 kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint4 *qt, const int32_t *qzeros, const uint16_t *scales, int G,
@@ -89,6 +151,7 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     int n, float *Y, bf16 *H, int ldy)
 {
     __shared__ float red[Q4T_NW][NT * 4][32];
+    extern __shared__ uint4 q4t_xs[];   /* XM 2: [warp][stage][lane][2 NT] */
 
     const int lane = (int) threadIdx.x & 31;
     const int warp = (int) threadIdx.x >> 5;
@@ -110,7 +173,7 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
          * wait (nothing before us writes them) */
         const uint4 *wp = qt + (size_t) tile * KT * 32 + lane;
 
-        for (int kt = kt0; kt < kt1 && kt < kt0 + Q4T_P; kt++) {
+        for (int kt = kt0; kt < kt1 && kt < kt0 + Q4T_P(NT, XM); kt++) {
             moe_prefetch_l2(wp + (size_t) kt * 32);
         }
     }
@@ -128,7 +191,8 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int       sh0 = q4t_zshift(FMT, f0), sh1 = q4t_zshift(FMT, f0 + 8);
 
     for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
-        const bf16 *xp[NT];
+        constexpr int P = Q4T_P(NT, XM);
+        const bf16   *xp[NT];
         bool        xv[NT];
         float       y[NT][4], c[NT][4];
 
@@ -147,45 +211,66 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             }
         }
         if (active && kt0 < kt1) {
-            q4t_stage st[Q4T_P];
+            q4t_stage<NT, XM> st[P];
+            uint4 *xr = q4t_xs + ((size_t) warp * P * 32 + lane) * 2 * NT;
 
 #pragma unroll
-            for (int s = 0; s < Q4T_P; s++) {
+            for (int s = 0; s < P; s++) {
                 int kt = kt0 + s;
 
                 if (kt < kt1) {
                     size_t grp = (size_t) (kt * 64 / G);
 
-                    q4t_load(st[s], wp + (size_t) kt * 32, zbase + grp * zs,
-                             sbase + grp * Ntot, f0);
+                    q4t_load<NT, XM>(st[s], wp + (size_t) kt * 32,
+                                 zbase + grp * zs, sbase + grp * Ntot, f0,
+                                 xp, xv, kt, xr + (size_t) s * 64 * NT);
+                } else if (XM == 2) {
+                    moe_cp_async_commit();      /* an empty group */
                 }
             }
-            for (int kb = kt0; kb < kt1; kb += Q4T_P) {
+            for (int kb = kt0; kb < kt1; kb += P) {
 #pragma unroll
-                for (int s = 0; s < Q4T_P; s++) {
+                for (int s = 0; s < P; s++) {
                     const int kt = kb + s;
 
                     if (kt >= kt1) {
                         break;
                     }
-                    const q4t_stage cur = st[s];
-
-                    if (kt + Q4T_P < kt1) {
-                        size_t grp = (size_t) ((kt + Q4T_P) * 64 / G);
-
-                        q4t_load(st[s], wp + (size_t) (kt + Q4T_P) * 32,
-                                 zbase + grp * zs, sbase + grp * Ntot, f0);
-                    }
+                    const q4t_stage<NT, XM> cur = st[s];
                     uint4 xa[NT], xb[NT];
 
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        const uint4 *x4 = reinterpret_cast<const uint4 *>(
-                            xp[nt] + 64 * kt);
+                    if constexpr (XM == 2) {
+                        /* this lane's own copies: complete once the
+                         * groups after kt's are all that may be pending */
+                        const uint4 *xs = xr + (size_t) s * 64 * NT;
 
-                        xa[nt] = xv[nt] ? __ldg(x4) : make_uint4(0, 0, 0, 0);
-                        xb[nt] = xv[nt] ? __ldg(x4 + 1)
-                                        : make_uint4(0, 0, 0, 0);
+                        moe_cp_async_wait<P - 1>();
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            xa[nt] = xs[2 * nt];
+                            xb[nt] = xs[2 * nt + 1];
+                        }
+                    }
+                    if (kt + P < kt1) {
+                        size_t grp = (size_t) ((kt + P) * 64 / G);
+
+                        q4t_load<NT, XM>(st[s], wp + (size_t) (kt + P) * 32,
+                                     zbase + grp * zs, sbase + grp * Ntot,
+                                     f0, xp, xv, kt + P,
+                                     xr + (size_t) s * 64 * NT);
+                    } else if (XM == 2) {
+                        moe_cp_async_commit();  /* keep the group count */
+                    }
+
+                    if constexpr (XM == 2) {
+                    } else if constexpr (XM == 1) {
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            xa[nt] = cur.xa[nt];
+                            xb[nt] = cur.xb[nt];
+                        }
+                    } else {
+                        q4t_xload<NT>(xa, xb, xp, xv, kt);
                     }
                     const uint32_t zz0 = q4m_zz(((cur.z0 >> sh0) & 15u)
                                                 + (uint32_t) zero_bias);
@@ -457,7 +542,7 @@ q4t_split(int units, int MR, int KT)
 }
 
 
-template <int FMT, int NT>
+template <int FMT, int NT, int XM>
 static int
 q4t_launch(int MR, dim3 grid, const bf16 *X, int ldx, const int32_t *xrow,
     int xdiv, const uint4 *qt, const int32_t *qzeros,
@@ -465,18 +550,32 @@ q4t_launch(int MR, dim3 grid, const bf16 *X, int ldx, const int32_t *xrow,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy,
     cudaStream_t stream)
 {
+    const size_t smem = Q4T_XS(NT, XM);
+    static bool  ready[2];          /* the shared-memory attribute set */
+
+    if (smem > 0 && !ready[MR - 1]) {
+        MOE_CUDA_CHECK(MR == 2
+                       ? moe_smem_max_carveout(kernel_qgemv_q4t<FMT, NT, 2,
+                                                                XM>, smem)
+                       : moe_smem_max_carveout(kernel_qgemv_q4t<FMT, NT, 1,
+                                                                XM>, smem));
+        ready[MR - 1] = true;
+    }
     if (MR == 2) {
-        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4t<FMT, NT, 2>, grid,
-            Q4T_NW * 32, 0, stream, X, ldx, xrow, xdiv, qt, qzeros, scales,
-            G, zero_bias, Ntot, K, SK, offs, E, n, Y, H, ldy));
+        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4t<FMT, NT, 2, XM>, grid,
+            Q4T_NW * 32, smem, stream, X, ldx, xrow, xdiv, qt, qzeros,
+            scales, G, zero_bias, Ntot, K, SK, offs, E, n, Y, H, ldy));
     } else {
-        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4t<FMT, NT, 1>, grid,
-            Q4T_NW * 32, 0, stream, X, ldx, xrow, xdiv, qt, qzeros, scales,
-            G, zero_bias, Ntot, K, SK, offs, E, n, Y, H, ldy));
+        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4t<FMT, NT, 1, XM>, grid,
+            Q4T_NW * 32, smem, stream, X, ldx, xrow, xdiv, qt, qzeros,
+            scales, G, zero_bias, Ntot, K, SK, offs, E, n, Y, H, ldy));
     }
     return MOE_K_OK;
 }
 
+
+/* The input rows' variant that ships (XM above). */
+#define Q4T_XM 2
 
 extern "C" int
 moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
@@ -484,6 +583,19 @@ moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
     const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
     int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
     int sk, float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream)
+{
+    return moe_cuda_qgemv_q4t_xm(fmt, X, ldx, xrow, xdiv, qt, qzeros, scales,
+                                 G, zero_bias, Ntot, K, offs, E, n, max_rows,
+                                 sk, Q4T_XM, Y, ldy, H, stream);
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4t_xm(int fmt, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qt,
+    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
+    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
+    int sk, int xm, float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream)
 {
     int  ng, mr, MR, NU, SK, CU, KT;
     dim3 grid;
@@ -522,13 +634,22 @@ moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
                   G, zero_bias, Ntot, K, SK, offs, E, n, Y,                  \
                   reinterpret_cast<bf16 *>(H), H != NULL ? Ntot / 2 : ldy,   \
                   stream
-    if (fmt == MOE_K_Q4_AWQ) {
-        return mr <= 8 ? q4t_launch<MOE_K_Q4_AWQ, 1>(Q4T_ARGS)
-             : mr <= 16 ? q4t_launch<MOE_K_Q4_AWQ, 2>(Q4T_ARGS)
-                        : q4t_launch<MOE_K_Q4_AWQ, 4>(Q4T_ARGS);
+#define Q4T_PICK(F, XMV)                                                     \
+    (mr <= 8 ? q4t_launch<F, 1, XMV>(Q4T_ARGS)                               \
+     : mr <= 16 ? q4t_launch<F, 2, XMV>(Q4T_ARGS)                            \
+                : q4t_launch<F, 4, XMV>(Q4T_ARGS))
+    if (xm < 0 || xm > 2) {
+        moe_cuda_set_error("qgemv_q4t: input variant %d (0..2)", xm);
+        return MOE_K_EUNSUPPORTED;
     }
-    return mr <= 8 ? q4t_launch<MOE_K_Q4_GPTQ, 1>(Q4T_ARGS)
-         : mr <= 16 ? q4t_launch<MOE_K_Q4_GPTQ, 2>(Q4T_ARGS)
-                    : q4t_launch<MOE_K_Q4_GPTQ, 4>(Q4T_ARGS);
+    if (fmt == MOE_K_Q4_AWQ) {
+        return xm == 2 ? Q4T_PICK(MOE_K_Q4_AWQ, 2)
+             : xm == 1 ? Q4T_PICK(MOE_K_Q4_AWQ, 1)
+                       : Q4T_PICK(MOE_K_Q4_AWQ, 0);
+    }
+    return xm == 2 ? Q4T_PICK(MOE_K_Q4_GPTQ, 2)
+         : xm == 1 ? Q4T_PICK(MOE_K_Q4_GPTQ, 1)
+                   : Q4T_PICK(MOE_K_Q4_GPTQ, 0);
+#undef Q4T_PICK
 #undef Q4T_ARGS
 }
