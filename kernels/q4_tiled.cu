@@ -52,6 +52,43 @@ typedef __nv_bfloat16 bf16;
                                     * 32 * 32 : 0)
 
 
+/*
+ * Loads issued where they stand (asm volatile: the compiler may not sink
+ * them toward their use, P k-tiles later); the weights are read once
+ * (no L1 allocation), the zeros and scales through the read-only path.
+ */
+__device__ __forceinline__ uint4
+q4t_ld_stream(const uint4 *p)
+{
+    uint4 v;
+
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, "
+                 "[%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+
+__device__ __forceinline__ uint32_t
+q4t_ld_u32(const int32_t *p)
+{
+    uint32_t v;
+
+    asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+    return v;
+}
+
+
+__device__ __forceinline__ uint32_t
+q4t_ld_u16(const uint16_t *p)
+{
+    unsigned short v;
+
+    asm volatile("ld.global.nc.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
+    return v;
+}
+
+
 /* Bring p's line into L1 (a hint). */
 __device__ __forceinline__ void
 q4t_prefetch_l1(const void *p)
@@ -106,11 +143,10 @@ q4t_load(q4t_stage<NT, XM> &st, const uint4 *wp, const int32_t *zrow,
     const uint16_t *srow, int f0, const bf16 *const (&xp)[NT],
     const bool (&xv)[NT], int kt, uint4 *xring)
 {
-    st.w = __ldcs(wp);
-    st.z0 = (uint32_t) __ldg(zrow + f0 / 8);
-    st.z1 = (uint32_t) __ldg(zrow + (f0 + 8) / 8);
-    st.s = (uint32_t) __ldg(srow + f0)
-           | ((uint32_t) __ldg(srow + f0 + 8) << 16);
+    st.w = q4t_ld_stream(wp);
+    st.z0 = q4t_ld_u32(zrow + f0 / 8);
+    st.z1 = q4t_ld_u32(zrow + (f0 + 8) / 8);
+    st.s = q4t_ld_u16(srow + f0) | (q4t_ld_u16(srow + f0 + 8) << 16);
     if constexpr (XM == 2) {
         /* this lane's slot of the stage: NT x 32 bytes */
 #pragma unroll
