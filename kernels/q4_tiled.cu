@@ -46,10 +46,12 @@ typedef __nv_bfloat16 bf16;
  * bytes into its own shared-memory ring with cp.async as far ahead as
  * the weights (no registers; dynamic shared memory Q4T_XS bytes).
  */
-#define Q4T_P(NT, XM) ((XM) == 0 ? 4 : (XM) == 2 ? ((NT) == 4 ? 2 : 4)     \
+#define Q4T_P(NT, XM) ((XM) == 0 ? 4                                       \
+                       : (XM) == 2 ? ((NT) == 1 ? 6 : (NT) == 2 ? 4 : 2)   \
                        : (NT) == 1 ? 4 : (NT) == 2 ? 3 : 2)
-#define Q4T_XS(NT, XM) ((XM) == 2 ? (size_t) Q4T_NW * Q4T_P(NT, XM) * (NT) \
-                                    * 32 * 32 : 0)
+#define Q4T_SLOT(NT)   (2 + 2 * (NT))     /* XM 2: uint4 per lane and stage */
+#define Q4T_XS(NT, XM) ((XM) == 2 ? (size_t) Q4T_NW * Q4T_P(NT, XM) * 32   \
+                                    * Q4T_SLOT(NT) * 16 : 0)
 
 
 /*
@@ -86,6 +88,16 @@ q4t_ld_u16(const uint16_t *p)
 
     asm volatile("ld.global.nc.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
     return v;
+}
+
+
+/* 4-byte global -> shared copy (cp.async, L1 allocating). */
+__device__ __forceinline__ void
+q4t_cp4(void *dst, const void *src)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+                 :: "r"((unsigned) __cvta_generic_to_shared(dst)), "l"(src)
+                 : "memory");
 }
 
 
@@ -137,28 +149,51 @@ q4t_xload(uint4 (&xa)[NT], uint4 (&xb)[NT], const bf16 *const (&xp)[NT],
 }
 
 
+/* Stage kt's loads: zp / sp point at the lane's zero word and scale in
+ * group 0 (feature f0; f0 + 8's zero word is the next one), a group zs
+ * words / ss scales on; gsh = log2(G / 64). */
 template <int NT, int XM>
 __device__ __forceinline__ void
-q4t_load(q4t_stage<NT, XM> &st, const uint4 *wp, const int32_t *zrow,
-    const uint16_t *srow, int f0, const bf16 *const (&xp)[NT],
-    const bool (&xv)[NT], int kt, uint4 *xring)
+q4t_load(q4t_stage<NT, XM> &st, const uint4 *wp, const int32_t *zp,
+    const uint16_t *sp, int zs, int ss, int gsh,
+    const bf16 *const (&xp)[NT], const bool (&xv)[NT], int kt,
+    uint4 *xring)
 {
-    st.w = q4t_ld_stream(wp);
-    st.z0 = q4t_ld_u32(zrow + f0 / 8);
-    st.z1 = q4t_ld_u32(zrow + (f0 + 8) / 8);
-    st.s = q4t_ld_u16(srow + f0) | (q4t_ld_u16(srow + f0 + 8) << 16);
+    const int grp = kt >> gsh;
+    const int32_t  *z = zp + grp * zs;
+    const uint16_t *s = sp + grp * ss;
+
     if constexpr (XM == 2) {
-        /* this lane's slot of the stage: NT x 32 bytes */
+        /* everything through this lane's slot of the stage (Q4T_SLOT
+         * uint4): weights, {zero f0, zero f0 + 8, the words holding the
+         * two scales}, then NT x 32 input bytes; one cp.async group */
+        uint32_t *zw = reinterpret_cast<uint32_t *>(xring + 1);
+
+        moe_cp_async16(reinterpret_cast<bf16 *>(xring),
+                       reinterpret_cast<const bf16 *>(wp + kt * 32), 16);
+        q4t_cp4(zw, z);
+        q4t_cp4(zw + 1, z + 1);
+        q4t_cp4(zw + 2, reinterpret_cast<const void *>(
+                            (uintptr_t) s & ~(uintptr_t) 3));
+        q4t_cp4(zw + 3, reinterpret_cast<const void *>(
+                            (uintptr_t) (s + 8) & ~(uintptr_t) 3));
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
             const bf16 *src = xp[nt] + 64 * kt;
-            bf16       *dst = reinterpret_cast<bf16 *>(xring + 2 * nt);
+            bf16       *dst = reinterpret_cast<bf16 *>(xring + 2 + 2 * nt);
 
             moe_cp_async16(dst, src, xv[nt] ? 16 : 0);
             moe_cp_async16(dst + 8, src + 8, xv[nt] ? 16 : 0);
         }
         moe_cp_async_commit();
-    } else if constexpr (XM == 1) {
+        return;
+    } else {
+        st.w = q4t_ld_stream(wp + kt * 32);
+        st.z0 = q4t_ld_u32(z);
+        st.z1 = q4t_ld_u32(z + 1);
+        st.s = q4t_ld_u16(s) | (q4t_ld_u16(s + 8) << 16);
+    }
+    if constexpr (XM == 1) {
         q4t_xload<NT>(st.xa, st.xb, xp, xv, kt);
     } else {
 #pragma unroll
@@ -222,8 +257,12 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         return;                 /* uniform over the block */
     }
     const uint4 *wp = qt + ((size_t) e * NTL + tile) * KT * 32 + lane;
-    const int32_t  *zbase = qzeros + (size_t) e * KG * zs;
-    const uint16_t *sbase = scales + (size_t) e * KG * Ntot;
+    /* the lane's zero word (f0's; f0 + 8's is the next) and scale in the
+     * expert's group 0 */
+    const int32_t  *zp = qzeros + (size_t) e * KG * zs + f0 / 8;
+    const uint16_t *sp = scales + (size_t) e * KG * Ntot + f0;
+    const int       gsh = __ffs(G / 64) - 1;        /* G / 64 a power of 2 */
+    const int       tgm = G / 64 - 1;
     const int       sh0 = q4t_zshift(FMT, f0), sh1 = q4t_zshift(FMT, f0 + 8);
 
     for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
@@ -248,18 +287,17 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
         if (active && kt0 < kt1) {
             q4t_stage<NT, XM> st[P];
-            uint4 *xr = q4t_xs + ((size_t) warp * P * 32 + lane) * 2 * NT;
+            /* XM 2: this lane's slot of stage 0; stage s 32 slots on */
+            uint4 *xr = q4t_xs + ((size_t) warp * P * 32 + lane)
+                                 * Q4T_SLOT(NT);
 
 #pragma unroll
             for (int s = 0; s < P; s++) {
                 int kt = kt0 + s;
 
                 if (kt < kt1) {
-                    size_t grp = (size_t) (kt * 64 / G);
-
-                    q4t_load<NT, XM>(st[s], wp + (size_t) kt * 32,
-                                 zbase + grp * zs, sbase + grp * Ntot, f0,
-                                 xp, xv, kt, xr + (size_t) s * 64 * NT);
+                    q4t_load<NT, XM>(st[s], wp, zp, sp, zs, Ntot, gsh, xp,
+                                     xv, kt, xr + s * 32 * Q4T_SLOT(NT));
                 } else if (XM == 2) {
                     moe_cp_async_commit();      /* an empty group */
                 }
@@ -272,28 +310,33 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     if (kt >= kt1) {
                         break;
                     }
-                    const q4t_stage<NT, XM> cur = st[s];
+                    q4t_stage<NT, XM> cur = st[s];
                     uint4 xa[NT], xb[NT];
 
                     if constexpr (XM == 2) {
                         /* this lane's own copies: complete once the
                          * groups after kt's are all that may be pending */
-                        const uint4 *xs = xr + (size_t) s * 64 * NT;
+                        const uint4 *xs = xr + s * 32 * Q4T_SLOT(NT);
+                        const int    hs = 16 * (g & 1);   /* f0's half */
 
                         moe_cp_async_wait<P - 1>();
+                        const uint4  zq = xs[1];
+
+                        cur.w = xs[0];
+                        cur.z0 = zq.x;
+                        cur.z1 = zq.y;
+                        cur.s = ((zq.z >> hs) & 0xffffu)
+                                | (((zq.w >> hs) & 0xffffu) << 16);
 #pragma unroll
                         for (int nt = 0; nt < NT; nt++) {
-                            xa[nt] = xs[2 * nt];
-                            xb[nt] = xs[2 * nt + 1];
+                            xa[nt] = xs[2 + 2 * nt];
+                            xb[nt] = xs[3 + 2 * nt];
                         }
                     }
                     if (kt + P < kt1) {
-                        size_t grp = (size_t) ((kt + P) * 64 / G);
-
-                        q4t_load<NT, XM>(st[s], wp + (size_t) (kt + P) * 32,
-                                     zbase + grp * zs, sbase + grp * Ntot,
-                                     f0, xp, xv, kt + P,
-                                     xr + (size_t) s * 64 * NT);
+                        q4t_load<NT, XM>(st[s], wp, zp, sp, zs, Ntot, gsh,
+                                         xp, xv, kt + P,
+                                         xr + s * 32 * Q4T_SLOT(NT));
                     } else if (XM == 2) {
                         moe_cp_async_commit();  /* keep the group count */
                     }
@@ -331,7 +374,7 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                             moe_mma_bf16(c[nt], a0, a1, a2, a3, b0, b1);
                         }
                     }
-                    if (kt + 1 == kt1 || ((kt + 1) * 64) % G == 0) {
+                    if (kt + 1 == kt1 || ((kt + 1) & tgm) == 0) {
                         /* the group ends here: scale its sums */
                         float s0 = __half2float(__ushort_as_half(
                             (unsigned short) (cur.s & 0xffffu)));
@@ -494,7 +537,7 @@ moe_cuda_q4t_supported(int fmt, int G, int Ntot, int K)
 {
     return (fmt == MOE_K_Q4_AWQ || fmt == MOE_K_Q4_GPTQ) && Ntot > 0
            && Ntot % 16 == 0 && K > 0 && K % 64 == 0 && G > 0
-           && G % 64 == 0;
+           && G % 64 == 0 && (G & (G - 1)) == 0;
 }
 
 
@@ -504,7 +547,8 @@ q4t_check(const char *who, int fmt, int G, int Ntot, int K)
     if (!moe_cuda_q4t_supported(fmt, G, Ntot, K)) {
         moe_cuda_set_error("%s: unsupported shape (format %d, N %d, K %d, "
                            "group %d: the tiled layout needs N %% 16, K %% "
-                           "64 and group %% 64 == 0)", who, fmt, Ntot, K, G);
+                           "64 == 0 and a power-of-two group >= 64)", who,
+                           fmt, Ntot, K, G);
         return MOE_K_EUNSUPPORTED;
     }
     return MOE_K_OK;
