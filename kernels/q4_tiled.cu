@@ -655,7 +655,7 @@ q4t_launch(int MR, dim3 grid, const bf16 *X, int ldx, const int32_t *xrow,
 
 
 /* The input rows' variant that ships (XM above). */
-#define Q4T_XM 2
+#define Q4T_XM 0
 
 extern "C" int
 moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,

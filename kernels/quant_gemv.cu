@@ -1385,6 +1385,77 @@ moe_cuda_qgemv_q4_silu(int fmt, const moe_bf16_t *X, int ldx,
 }
 
 
+/* One AWQ matrix's qweight (K, N / 8) -> GPTQ's (K / 8, N) in dst (a
+ * thread per output word: k = 8 i + b at bits 4 b of column j), and its
+ * qzeros (KG, N / 8) re-ordered in place (column 8 w + b at bits 4 b;
+ * a thread per word, read then written by the same thread). */
+__global__ void
+kernel_q4_awq_to_gptq(const uint32_t *src, uint32_t *dst, uint32_t *zeros,
+    int Ntot, int K, int KG)
+{
+    moe_pdl_enter();
+    const int64_t nw = (int64_t) (K / 8) * Ntot, nz = (int64_t) KG * (Ntot / 8);
+
+    for (int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+         i < nw + nz; i += (int64_t) gridDim.x * blockDim.x)
+    {
+        if (i < nw) {
+            const int j = (int) (i % Ntot), kb = (int) (i / Ntot);
+            const int sh = 4 * q4_awq_pos[j & 7];
+            uint32_t  w = 0;
+
+#pragma unroll
+            for (int b = 0; b < 8; b++) {
+                uint32_t q = src[(size_t) (8 * kb + b) * (Ntot / 8) + j / 8];
+
+                w |= ((q >> sh) & 15u) << (4 * b);
+            }
+            dst[i] = w;
+        } else {
+            const int64_t zi = i - nw;
+            const uint32_t z = zeros[zi];
+            uint32_t       w = 0;
+
+#pragma unroll
+            for (int b = 0; b < 8; b++) {
+                w |= ((z >> (4 * q4_awq_pos[b])) & 15u) << (4 * b);
+            }
+            zeros[zi] = w;
+        }
+    }
+}
+
+
+extern "C" int
+moe_cuda_q4_awq_to_gptq(int32_t *qweight, int32_t *qzeros, int Ntot, int K,
+    int G, int count, void *scratch, size_t scratch_bytes,
+    cudaStream_t stream)
+{
+    const size_t bytes = (size_t) Ntot * K / 2;
+    const int    KG = (K + G - 1) / G;
+
+    MOE_TRY(q4_check("q4_awq_to_gptq", MOE_K_Q4_AWQ, G, Ntot, K));
+    if (scratch == NULL || scratch_bytes < bytes) {
+        moe_cuda_set_error("q4_awq_to_gptq: scratch of %zu bytes for a "
+                           "%zu-byte matrix", scratch_bytes, bytes);
+        return MOE_K_EUNSUPPORTED;
+    }
+    for (int m = 0; m < count; m++) {
+        uint32_t *w = reinterpret_cast<uint32_t *>(qweight) + m * bytes / 4;
+        uint32_t *z = reinterpret_cast<uint32_t *>(qzeros)
+                      + (size_t) m * KG * (Ntot / 8);
+        int64_t   n = (int64_t) (K / 8) * Ntot + (int64_t) KG * (Ntot / 8);
+
+        MOE_CUDA_CHECK(moe_launch(kernel_q4_awq_to_gptq, moe_grid(n, 256),
+            256, 0, stream, (const uint32_t *) w, (uint32_t *) scratch, z,
+            Ntot, K, KG));
+        MOE_CUDA_CHECK(cudaMemcpyAsync(w, scratch, bytes,
+                                       cudaMemcpyDeviceToDevice, stream));
+    }
+    return MOE_K_OK;
+}
+
+
 extern "C" int
 moe_cuda_dequant_fp8(const uint8_t *W, const float *scale, int mode,
     int stacked, int rows, int K, int count, moe_bf16_t *out,

@@ -159,6 +159,18 @@ int moe_cuda_dequant_q4(int fmt, const int32_t *qweight,
     cudaStream_t stream);
 
 /*
+ * AWQ weights repacked into GPTQ's layout, in place (count matrices of
+ * qweight (K, Ntot / 8) and qzeros (KG, Ntot / 8), KG = ceil(K / G),
+ * through a device scratch of at least Ntot * K / 2 bytes): then they
+ * are GPTQ tensors with zero_bias 0 (scales unchanged) and every GPTQ
+ * kernel takes them, the same values bit for bit (the tensor-core GEMV
+ * on GPTQ's layout measured faster: kernels/NOTES.md "4-bit layouts").
+ */
+int moe_cuda_q4_awq_to_gptq(int32_t *qweight, int32_t *qzeros, int Ntot,
+    int K, int G, int count, void *scratch, size_t scratch_bytes,
+    cudaStream_t stream);
+
+/*
  * Tiled 4-bit weights (kernels/q4_tiled.cu; kernels/NOTES.md "4-bit
  * tiled layout"): an AWQ or GPTQ qweight repacked once at load so that
  * each lane's 16-byte load is the tensor-core fragments of four

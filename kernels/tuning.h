@@ -74,14 +74,15 @@ typedef struct {
                             GEMM's epilogue, h quantized after it; 0:
                             per-expert cuBLASLt calls) */
     /* 4-bit weights */
-    int q4_tiled;        /* MOE_CUDA_Q4_TILED 0..2: AWQ / GPTQ weights
-                            repacked at load into the tiled layout
-                            (kernels/quant_gemv.h "Tiled 4-bit weights")
-                            where the shapes allow, their GEMV reading
-                            512 contiguous bytes per warp load (default 1:
-                            with SiLU fused into the gate|up GEMV; 2: tiled,
-                            SiLU a separate pass; 0: the checkpoints'
-                            layouts) */
+    int q4_layout;       /* MOE_CUDA_Q4_LAYOUT 0..3: how 4-bit weights are
+                            kept on the device.  1 (default): AWQ repacked
+                            at load into GPTQ's layout (its tensor-core
+                            GEMV is the faster one), GPTQ as stored; 0: the
+                            checkpoints' layouts; 2: both repacked into the
+                            tiled layout (kernels/quant_gemv.h "Tiled
+                            4-bit weights"; measured slower, for
+                            development) with SiLU fused into the gate|up
+                            GEMV; 3: tiled, SiLU a separate pass */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)

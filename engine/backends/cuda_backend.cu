@@ -170,6 +170,10 @@ typedef struct {
     int             tiled;         /* 4-bit: qweight in the tiled layout
                                       (kernels/quant_gemv.h; a stacked
                                       group's parts all alike) */
+    int             awq_gptq;      /* AWQ repacked into GPTQ's layout at
+                                      load (q4_layout 1): fmt reads
+                                      MOE_WF_GPTQ, zero_bias 0, once the
+                                      bytes are (cb_q4_settle) */
     int             ld;            /* rows (fp8) / columns (4-bit) stored
                                       per expert: N, or the group's grows
                                       when stacked */
@@ -1697,8 +1701,8 @@ cb_share_key_for(const moe_hparams_t *hp, const moe_qplan_t *plan,
                                                 sizeof(wl.total)),
                                   plan, sizeof(*plan));
     {
-        /* the 4-bit bytes' layout: tiled or the checkpoint's (q4_tiled
-         * 1 and 2 store alike) */
+        /* the 4-bit bytes' layout: the checkpoint's, AWQ as GPTQ, or
+         * tiled (q4_layout 2 and 3 store alike) */
         moe_cuda_tuning_t tu;
         int               tiled;
 
@@ -1709,7 +1713,7 @@ cb_share_key_for(const moe_hparams_t *hp, const moe_qplan_t *plan,
 
             tu = d;
         }
-        tiled = tu.q4_tiled != 0;
+        tiled = tu.q4_layout == 3 ? 2 : tu.q4_layout;
         in.layout_sum = moe_share_sum(in.layout_sum, &tiled, sizeof(tiled));
     }
     in.quant = NULL;                /* the formats: in layout_sum */
@@ -1928,25 +1932,76 @@ cb_q4_kfmt(const cb_qw_t *w)
 
 
 /* 1 when 4-bit part q keeps its qweight tiled (kernels/quant_gemv.h
- * "Tiled 4-bit weights"): the knob q4_tiled, no g_idx, and the stored
- * matrix (its group's, when stacked) on the layout's boundaries. */
+ * "Tiled 4-bit weights"): the knob q4_layout 2 or 3, no g_idx, and the
+ * stored matrix (its group's, when stacked) on the layout's boundaries. */
 static int
 cb_q4_tiles(const cuda_backend_t *b, const cb_qw_t *q)
 {
-    return b->tune.q4_tiled != 0
+    return b->tune.q4_layout >= 2
            && (q->fmt == MOE_WF_AWQ || q->fmt == MOE_WF_GPTQ)
            && q->g_idx == NULL
            && moe_cuda_q4t_supported(cb_q4_kfmt(q), q->G, q->ld, q->K);
 }
 
 
-/* Repack every tiled 4-bit matrix in place, once its checkpoint bytes
- * are on the device (a stacked group once, from its first part, whose w
- * is the group's first column), through the dequantization scratch. */
+/* 1 when AWQ part q is kept in GPTQ's layout (q4_layout 1): groups of
+ * a multiple of 32 (the GPTQ tensor-core GEMV's round) dividing K. */
+static int
+cb_q4_as_gptq(const cuda_backend_t *b, const cb_qw_t *q)
+{
+    return b->tune.q4_layout == 1 && q->fmt == MOE_WF_AWQ && q->G > 0
+           && q->G % 32 == 0 && q->K % q->G == 0 && q->K % 8 == 0
+           && q->ld % 8 == 0;
+}
+
+
+/* The repacked AWQ parts read as GPTQ from now on (their bytes are: just
+ * repacked, or imported from the worker before, which repacked them). */
+static void
+cb_q4_settle(cuda_backend_t *b)
+{
+    for (size_t i = 0; i < (size_t) b->hp.n_layers * MOE_QP_N; i++) {
+        cb_qw_t *q = &b->qw[i];
+
+        if (q->w != NULL && q->awq_gptq && q->fmt == MOE_WF_AWQ) {
+            q->fmt = MOE_WF_GPTQ;
+            q->zero_bias = 0;
+        }
+    }
+}
+
+
+/* Repack every tiled or AWQ-as-GPTQ 4-bit matrix in place, once its
+ * checkpoint bytes are on the device (a stacked group once, from its
+ * first part, whose w is the group's first column), through the
+ * dequantization scratch. */
 static int
 cb_q4_tile_all(cuda_backend_t *b)
 {
-    int64_t n = 0;
+    int64_t n = 0, na = 0;
+
+    for (int l = 0; l < b->hp.n_layers; l++) {
+        for (int p = 0; p < MOE_QP_N; p++) {
+            const cb_qw_t *q = &b->qw[(size_t) l * MOE_QP_N + p];
+            moe_qshape_t   sh;
+
+            moe_qw_shape(&b->hp, l, p, &sh);
+            if (q->w == NULL || !q->awq_gptq || q->fmt != MOE_WF_AWQ
+                || (q->stacked && sh.first != p))
+            {
+                continue;
+            }
+            MOE_TRY(moe_cuda_q4_awq_to_gptq((int32_t *) q->w, q->zeros,
+                                            q->ld, q->K, q->G, q->count,
+                                            b->qscratch, b->qscratch_bytes,
+                                            b->stream));
+            na++;
+        }
+    }
+    if (na > 0) {
+        moe_log(MOE_LOG_INFO, "cuda backend: %lld AWQ weight groups "
+                "repacked into GPTQ's layout", (long long) na);
+    }
 
     for (int l = 0; l < b->hp.n_layers; l++) {
         for (int p = 0; p < MOE_QP_N; p++) {
@@ -2075,6 +2130,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
             q->stacked = moe_qw_stacked(hp, b->plan, l, p);
             q->ld = (int) (q->stacked ? sh.grows : sh.N);
             q->tiled = cb_q4_tiles(b, q);
+            q->awq_gptq = !q->tiled && cb_q4_as_gptq(b, q);
         }
     }
     free(wl.qoff);
@@ -2407,6 +2463,9 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
                      moe_cuda_last_error());
             rc = MOE_EBACKEND;
         }
+    }
+    if (rc == MOE_OK) {
+        cb_q4_settle(b);
     }
     if (rc == MOE_OK && cudaStreamSynchronize(b->stream) != cudaSuccess) {
         moe_errf(err, errlen, "cuda backend: %s",
@@ -3421,7 +3480,7 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
                                        g.scale, g.mode, F, D, loffs, EL,
                                        T * K, 1, NULL,
                                        (moe_bf16_t *) b->hbuf, F, s));
-        } else if (g.tiled && b->tune.q4_tiled == 1 && (2 * F) % 32 == 0
+        } else if (g.tiled && b->tune.q4_layout == 2 && (2 * F) % 32 == 0
                    && (path == CB_PATH_GEMV || path == CB_PATH_GGEMM))
         {
             /* 4-bit tiled: gate|up with SiLU fused (a block's warps do

@@ -309,7 +309,7 @@ int64_t moe_cuda_backend_fp8_ffn_layers(moe_backend_t *b);
 int64_t moe_cuda_backend_fp8_grouped_layers(moe_backend_t *b);
 
 /* Tests: 4-bit GEMV launches that read tiled weights (the tuning knob
- * q4_tiled; kernels/quant_gemv.h "Tiled 4-bit weights") since b was
+ * q4_layout 2 or 3; kernels/quant_gemv.h "Tiled 4-bit weights") since b was
  * created (graph replays not counted: the launches are recorded once). */
 int64_t moe_cuda_backend_q4_tiled_calls(moe_backend_t *b);
 

@@ -36,6 +36,10 @@
  *      original layout, H's row n untouched, two runs bit-equal, hints
  *      bit-equal; k split 8 with H refused (MOE_K_EUNSUPPORTED, H
  *      untouched);
+ *  - per AWQ shape, the weights repacked into GPTQ's layout
+ *    (moe_cuda_q4_awq_to_gptq, the backend's default): read by
+ *    moe_cuda_dequant_q4 as GPTQ with zero bias 0 they give the host's
+ *    values bit for bit; a scratch one byte short is refused;
  *  - refusals (MOE_K_EUNSUPPORTED, nothing written, the device fine): N %
  *    16, K % 64, G 32, X one element off, ldx % 8, H with N % 32, k split
  *    3, 8 with H, 16, misaligned tiles; n 0 is a no-op (MOE_K_OK);
@@ -794,6 +798,58 @@ test_dequant(const qt_t *q)
 }
 
 
+/*
+ * AWQ weights repacked into GPTQ's layout (moe_cuda_q4_awq_to_gptq, in
+ * place, all experts): moe_cuda_dequant_q4 reading them as GPTQ with
+ * zero bias 0 gives the host's bf16((q - z) s) bit for bit (the values
+ * every GPTQ kernel reads; the engine-level check is test_qbackend's AWQ
+ * models); a scratch one byte short is refused with qweight untouched.
+ */
+static void
+test_awq_gptq(const qt_t *q)
+{
+    size_t    nw = (size_t) q->ne * q->N * q->K / 8;
+    size_t    nz = (size_t) q->ne * q->KG * q->N / 8;
+    size_t    no = (size_t) q->ne * q->N * q->K;
+    int32_t  *w = (int32_t *) gu_dev(nw * 4), *z = (int32_t *) gu_dev(nz * 4);
+    uint16_t *d = (uint16_t *) gu_dev(no * 2);
+    uint16_t *h = (uint16_t *) malloc(no * 2);
+    int32_t  *hw = (int32_t *) malloc(nw * 4);
+    void     *scr = gu_dev((size_t) q->N * q->K / 2);
+    int       rc, rc0, ok;
+    long      bad = 0;
+    char      lab[96];
+
+    qt_label(q, lab, sizeof(lab));
+    ck(cudaMemcpy(w, q->dqw, nw * 4, cudaMemcpyDeviceToDevice), "copy");
+    ck(cudaMemcpy(z, q->dqz, nz * 4, cudaMemcpyDeviceToDevice), "copy");
+    rc0 = moe_cuda_q4_awq_to_gptq(w, z, q->N, q->K, q->G, q->ne, scr,
+                                  (size_t) q->N * q->K / 2 - 1, 0);
+    gu_down(hw, w, nw * 4);
+    TAP_OK(rc0 == MOE_K_EUNSUPPORTED && memcmp(hw, q->qw, nw * 4) == 0,
+           "awq_to_gptq %s: a scratch one byte short refused, qweight "
+           "untouched", lab);
+    rc = moe_cuda_q4_awq_to_gptq(w, z, q->N, q->K, q->G, q->ne, scr,
+                                 (size_t) q->N * q->K / 2, 0);
+    rc |= moe_cuda_dequant_q4(MOE_K_Q4_GPTQ, w, z, q->dsc, NULL, q->G, 0,
+                              q->N, q->K, q->ne, (moe_bf16_t *) d, 0);
+    ok = gu_sync_ok(rc, "awq_to_gptq");
+    gu_down(h, d, no * 2);
+    for (size_t i = 0; i < no; i++) {
+        bad += h[i] != gu_f2bf(q->w[i]);
+    }
+    TAP_OK(ok && bad == 0, "awq_to_gptq %s, %d experts: read as GPTQ (zero "
+           "bias 0), bit-equal to the host's bf16((q - z) s) (%ld differ)",
+           lab, q->ne, bad);
+    cudaFree(w);
+    cudaFree(z);
+    cudaFree(d);
+    cudaFree(scr);
+    free(h);
+    free(hw);
+}
+
+
 /* count 2 of 3 matrices packed in place: the host layout, the third
  * matrix as it was */
 static void
@@ -1116,7 +1172,15 @@ main(void)
     }
     /* supported 1, pack 2 + refusals 5, per shape: pack, dequant, Y and
      * H per step; qgemv refusals 13, graphs 2 */
-    TAP_PLAN(1 + 2 + 5 + NSHAPE * (2 + 2 * NRCFG) + 13 + 2);
+    {
+        int nawq = 0;
+
+        for (int si = 0; si < NSHAPE; si++) {
+            nawq += shapes[si].fmt == MOE_K_Q4_AWQ;
+        }
+        /* ... and per AWQ shape the repack into GPTQ's layout (2) */
+        TAP_PLAN(1 + 2 + 5 + NSHAPE * (2 + 2 * NRCFG) + 2 * nawq + 13 + 2);
+    }
     gu_seed(seed);
     TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
              (unsigned long long) seed);
@@ -1140,6 +1204,9 @@ main(void)
                "experts: every nibble where the tiled layout puts it (%ld "
                "differ)", lab, NEXP, q.pack_bad);
         test_dequant(&q);
+        if (sh->fmt == MOE_K_Q4_AWQ) {
+            test_awq_gptq(&q);
+        }
         for (int ri = 0; ri < NRCFG; ri++) {
             const rcfg_t *rc = &rcfgs[ri];
             step_t        s;

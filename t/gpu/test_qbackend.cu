@@ -31,10 +31,11 @@
  *   pass), 2 (SwiGLU in the gate|up epilogue) and 0
  *   (per-expert cuBLASLt, none), tp 1 and tp 2 expert parallel.
  *   awq-g64, awq-g128 and gptq-g128-asym (shapes the tiled 4-bit layout
- *   takes, kernels/q4_tiled.cu) with MOE_CUDA_Q4_TILED 2, 1 and 0, GEMV
- *   and cuBLAS expert paths: with 1 / 2 the backend must have launched
- *   4-bit GEMVs on tiled weights (moe_cuda_backend_q4_tiled_calls), with
- *   0 none.
+ *   takes, kernels/q4_tiled.cu) with MOE_CUDA_Q4_LAYOUT 3, 2 (tiled:
+ *   the backend must have launched 4-bit GEMVs on tiled weights,
+ *   moe_cuda_backend_q4_tiled_calls), 1 (the default: AWQ repacked into
+ *   GPTQ's layout; every other AWQ run above takes it too) and 0 (the
+ *   checkpoints' layouts), GEMV and cuBLAS expert paths.
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
  * bound test_backend uses for bf16 weights); greedy equal wherever the
@@ -108,7 +109,7 @@ run_variant(const char *name, moe_model_t *m, int tp, int ep, int blas)
 
 /* MOE_CUDA_FP8_GROUPED for the next variants (-1: left unset) */
 static int g_grouped = -1;
-/* MOE_CUDA_Q4_TILED for the next variants (-1: left unset) */
+/* MOE_CUDA_Q4_LAYOUT for the next variants (-1: left unset) */
 static int g_q4t = -1;
 
 static void
@@ -142,12 +143,13 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
     if (g_q4t >= 0) {
         char v[16];
 
-        strncat(what, g_q4t == 2 ? " tiled 4-bit, SiLU pass"
-                      : g_q4t ? " tiled 4-bit, SiLU fused"
-                              : " checkpoint 4-bit layout",
+        strncat(what, g_q4t == 3 ? " tiled 4-bit, SiLU pass"
+                      : g_q4t == 2 ? " tiled 4-bit, SiLU fused"
+                      : g_q4t == 1 ? " AWQ in GPTQ's layout"
+                                   : " checkpoint 4-bit layout",
                 sizeof(what) - strlen(what) - 1);
         snprintf(v, sizeof(v), "%d", g_q4t);
-        setenv("MOE_CUDA_Q4_TILED", v, 1);
+        setenv("MOE_CUDA_Q4_LAYOUT", v, 1);
     }
     setenv("MOE_CUDA_FP8_ACT", act ? "1" : "0", 1);
     if (blas) {
@@ -171,7 +173,7 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
     }
     unsetenv("MOE_CUDA_GGEMM_MAX_T");
     unsetenv("MOE_CUDA_FP8_GROUPED");
-    unsetenv("MOE_CUDA_Q4_TILED");
+    unsetenv("MOE_CUDA_Q4_LAYOUT");
     TAP_OK(rc == MOE_OK, "%s: backends created (%s)", what,
            rc == MOE_OK ? "ok" : err);
     if (rc != MOE_OK) {
@@ -261,8 +263,8 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
          * weights in every step's layers, or none */
         int64_t nq = moe_cuda_backend_q4_tiled_calls(g0);
 
-        TAP_OK(g_q4t ? nq > 0 : nq == 0, "%s: %lld 4-bit GEMV launches on "
-               "tiled weights", what, (long long) nq);
+        TAP_OK(g_q4t >= 2 ? nq > 0 : nq == 0, "%s: %lld 4-bit GEMV "
+               "launches on tiled weights", what, (long long) nq);
     }
     if (act && blas && tp == 1) {
         /* the fused fp8 FFN (cb_fp8_ffn) took the routed layers of the
@@ -362,7 +364,7 @@ main(void)
             /* shapes the tiled 4-bit layout takes: tiled with SiLU fused,
              * tiled with the SiLU pass, the checkpoint's layout; GEMV
              * and cuBLAS expert paths */
-            for (g_q4t = 2; g_q4t >= 0; g_q4t--) {
+            for (g_q4t = 3; g_q4t >= 0; g_q4t--) {
                 run_variant(line, m, 1, 0, 0);
                 run_variant(line, m, 1, 0, 1);
             }
