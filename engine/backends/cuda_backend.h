@@ -317,7 +317,8 @@ int64_t moe_cuda_backend_q4_tiled_calls(moe_backend_t *b);
  * Benchmarks: how evenly the routing spread the rows of the steps that
  * ran the experts per expert (prefill-sized steps: the per-expert GEMM
  * path, after its host sync, and the fp8 grouped GEMM, whose offsets are
- * copied behind the step), since the last call, which resets them.
+ * copied behind the step only while stage profiling is on:
+ * moe_cuda_backend_profile), since the last call, which resets them.
  * st[0] layer runs, st[1] rows (tokens x top_k), st[2] / st[3] the sums
  * of each run's largest / smallest expert row count, st[4 + i] experts
  * given 64 i .. 64 i + 63 rows (the last bucket: that many or more).
