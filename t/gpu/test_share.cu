@@ -18,6 +18,10 @@
  *               starts with 8 of 64 blocks; the same prompt on blocks
  *               0..2 gives E's logits; kv_grow backs the whole pool; the
  *               prompt on the high ids again gives E's logits
+ *   E, F again with AWQ-packed random weights (repacked into GPTQ's
+ *               layout by E after filling them): F imports the repacked
+ *               bytes, reads them as GPTQ without repacking again, and
+ *               gives E's logits
  *
  * Roles report "R <0|1> <what>" lines and "READY" on stdout; the
  * coordinator answers "go" on their stdin.  Run: build/gpu/test_share
@@ -39,6 +43,7 @@
 #include "backends/backend.h"
 #include "backends/cuda_backend.h"
 #include "backends/cuda_share.h"
+#include "backends/qweights.h"
 #include "tap.h"
 
 #define BYTES   ((size_t) 96 << 20 | 12345)
@@ -246,8 +251,12 @@ max_rel(const float *a, const float *b, int n)
 }
 
 
+/* role_backend with wfmt "awq": the same backend with AWQ-packed random
+ * weights, which the exporter repacks into GPTQ's layout after filling
+ * them (q4_layout 1): the importer must read them as they are (no second
+ * repack) and as GPTQ, or its logits differ. */
 static int
-role_backend(int second, const char *file)
+role_backend(int second, const char *file, const char *wfmt)
 {
     moe_hparams_t   hp;
     moe_backend_t  *b = NULL;
@@ -259,12 +268,18 @@ role_backend(int second, const char *file)
     int             rc, n;
     double          d;
 
+    const int awq = wfmt != NULL && strcmp(wfmt, "awq") == 0;
+    const char *tag = awq ? " (AWQ weights in GPTQ's layout)" : "";
+
     tiny_hp(&hp);
-    rc = moe_cuda_backend_create_random(&hp, 42, NBLK, BS, 256, 0, &b, err,
-                                        sizeof(err));
+    rc = awq ? moe_cuda_backend_create_random_fmt(&hp, MOE_WF_AWQ, 42, 1, 0,
+                                                  0, NBLK, BS, 256, 0, &b,
+                                                  err, sizeof(err))
+             : moe_cuda_backend_create_random(&hp, 42, NBLK, BS, 256, 0, &b,
+                                              err, sizeof(err));
     if (!second) {
         report(rc == MOE_OK && b->kv_grow == NULL,
-               "backend 1: created (%s)", rc == MOE_OK ? "ok" : err);
+               "backend 1%s: created (%s)", tag, rc == MOE_OK ? "ok" : err);
         rc = rc == MOE_OK ? prompt_logits(b, hi, mine) : rc;
         f = fopen(file, "wb");
         report(rc == MOE_OK && f != NULL
@@ -287,8 +302,8 @@ role_backend(int second, const char *file)
     }
     report(rc == MOE_OK && b->kv_grow != NULL && b->n_kv_usable == 8
            && b->n_kv_blocks == NBLK,
-           "backend 2: weights imported, KV pool starts with %d of %d "
-           "blocks (%s)", rc == MOE_OK ? b->n_kv_usable : -1,
+           "backend 2%s: weights imported, KV pool starts with %d of %d "
+           "blocks (%s)", tag, rc == MOE_OK ? b->n_kv_usable : -1,
            rc == MOE_OK ? b->n_kv_blocks : -1, rc == MOE_OK ? "ok" : err);
     if (rc != MOE_OK || b->kv_grow == NULL) {
         if (b != NULL) {
@@ -299,8 +314,8 @@ role_backend(int second, const char *file)
     rc = prompt_logits(b, lo, mine);
     d = max_rel(theirs, mine, VOCAB);
     report(rc == MOE_OK && n == VOCAB && d <= 1e-3,
-           "backend 2: the prompt on blocks 0..2 gives backend 1's logits "
-           "(max diff %.2e of rms)", d);
+           "backend 2%s: the prompt on blocks 0..2 gives backend 1's logits "
+           "(max diff %.2e of rms)", tag, d);
     n = b->kv_grow(b);
     report(n == NBLK && b->n_kv_usable == NBLK,
            "backend 2: kv_grow backs the whole pool (%d blocks)", n);
@@ -420,7 +435,8 @@ main(int argc, char **argv)
         return role_other(argv[2]);
     }
     if (argc >= 4 && strcmp(argv[1], "backend") == 0) {
-        return role_backend(atoi(argv[2]), argv[3]);
+        return role_backend(atoi(argv[2]), argv[3],
+                            argc >= 5 ? argv[4] : NULL);
     }
 
     if (!moe_cuda_share_available(0)) {
@@ -431,7 +447,7 @@ main(int argc, char **argv)
     snprintf(key, sizeof(key), "test_share pid=%d", (int) getpid());
     snprintf(file, sizeof(file), "/tmp/moe_test_share_%d.bin",
              (int) getpid());
-    TAP_PLAN(18);
+    TAP_PLAN(25);
 
     {
         const char *av[] = { self, "export", key, NULL };
@@ -472,6 +488,16 @@ main(int argc, char **argv)
         ok &= finish(&e);
     }
     TAP_OK(ok, "both backends ended cleanly");
+    {
+        const char *av1[] = { self, "backend", "0", file, "awq", NULL };
+        const char *av2[] = { self, "backend", "1", file, "awq", NULL };
+
+        ok = spawn(&e, av1, NULL) == 0 && relay(&e) == 1;
+        ok &= spawn(&f, av2, "MOE_CUDA_KV_START_BLOCKS=8") == 0
+              && finish(&f);
+        ok &= finish(&e);
+    }
+    TAP_OK(ok, "both AWQ backends ended cleanly");
     unlink(file);
     return TAP_DONE();
 }
