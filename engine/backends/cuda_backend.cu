@@ -1932,14 +1932,16 @@ cb_q4_kfmt(const cb_qw_t *w)
 
 
 /* 1 when 4-bit part q keeps its qweight tiled (kernels/quant_gemv.h
- * "Tiled 4-bit weights"): the knob q4_layout 2 or 3, no g_idx, and the
- * stored matrix (its group's, when stacked) on the layout's boundaries. */
+ * "Tiled 4-bit weights"): the knob q4_layout 2 or 3, no g_idx, whole
+ * groups along K (the layout counts K / G of them, the kernels ceil(K /
+ * G)), and the stored matrix (its group's, when stacked) on the layout's
+ * boundaries. */
 static int
 cb_q4_tiles(const cuda_backend_t *b, const cb_qw_t *q)
 {
     return b->tune.q4_layout >= 2
            && (q->fmt == MOE_WF_AWQ || q->fmt == MOE_WF_GPTQ)
-           && q->g_idx == NULL
+           && q->g_idx == NULL && q->G > 0 && q->K % q->G == 0
            && moe_cuda_q4t_supported(cb_q4_kfmt(q), q->G, q->ld, q->K);
 }
 
