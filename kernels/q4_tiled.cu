@@ -11,6 +11,15 @@
  * is exactly the A fragments of four m16n8k16 products, so a warp streams
  * 512 contiguous bytes per step with 4 steps in flight.
  *
+ * Measured (H200, 2026-12-03; kernels/NOTES.md "4-bit layouts"): correct
+ * but 1.5-2x slower than kernel_qgemv_q4_mma at every decode shape, in
+ * each of the three ways of feeding the input rows (XM below).  Both
+ * kernels issue ~140 warp instructions per 512 weight bytes, so the GEMV
+ * is issue-bound before it is bandwidth-bound; this layout's loads also
+ * waited on shared scoreboards.  It ships only as the development setting
+ * q4_layout 2 / 3 (the backend's default keeps GPTQ's layout, AWQ
+ * repacked into it: moe_cuda_q4_awq_to_gptq).
+ *
  * The layout, per matrix of Ntot x K (Ntot % 16 == 0, K % 64 == 0):
  * tiles of 16 output features x 64 k, 512 bytes each, feature tile
  * major: tile (nt, kt) at byte ((nt * K / 64) + kt) * 512.  Lane l = 4 g +
@@ -24,8 +33,8 @@
  * agree: the input's k for sub-product i are 16 t + 4 i + j too, so a
  * lane reads its 16 input values of a tile as two 16-byte loads.  The
  * zeros and scales keep the checkpoint's tensors and layout; a tile
- * never straddles a quantization group (G % 64 == 0), so each group's
- * fp32 sums are scaled once, as the mma kernel does.
+ * never straddles a quantization group (G a power of two >= 64), so
+ * each group's fp32 sums are scaled once, as the mma kernel does.
  */
 #include <cuda_fp16.h>
 

@@ -172,13 +172,15 @@ int moe_cuda_q4_awq_to_gptq(int32_t *qweight, int32_t *qzeros, int Ntot,
 
 /*
  * Tiled 4-bit weights (kernels/q4_tiled.cu; kernels/NOTES.md "4-bit
- * tiled layout"): an AWQ or GPTQ qweight repacked once at load so that
+ * layouts"; a development layout, measured slower than the GEMV on
+ * GPTQ's layout): an AWQ or GPTQ qweight repacked once at load so that
  * each lane's 16-byte load is the tensor-core fragments of four
  * products: tiles of 16 output features x 64 k (512 bytes, feature-tile
  * major); qzeros and scales stay in the checkpoint's layout (fmt says
  * which zero packing).  It applies when moe_cuda_q4t_supported: Ntot %
- * 16 == 0, K % 64 == 0, G % 64 == 0 (so a tile lies in one group), and no
- * g_idx (the caller checks that).  Same bytes as the original.
+ * 16 == 0, K % 64 == 0, G a power of two >= 64 (a tile lies in one
+ * group; the kernel finds it with a shift), and no g_idx (the caller
+ * checks that).  Same bytes as the original.
  */
 int moe_cuda_q4t_supported(int fmt, int G, int Ntot, int K);
 
