@@ -13,7 +13,7 @@
  *
  * Measured (H200, 2026-12-03; kernels/NOTES.md "4-bit layouts"): correct
  * but 1.5-2x slower than kernel_qgemv_q4_mma at every decode shape, in
- * each of the three ways of feeding the input rows (XM below).  Both
+ * each of three ways of feeding the input rows (q4t_load).  Both
  * kernels issue ~140 warp instructions per 512 weight bytes, so the GEMV
  * is issue-bound before it is bandwidth-bound; this layout's loads also
  * waited on shared scoreboards.  It ships only as the development setting
@@ -46,26 +46,13 @@
 typedef __nv_bfloat16 bf16;
 
 #define Q4T_NW   8          /* warps per block */
-/*
- * k-tiles in flight per warp.  The first H200 run loaded the input rows
- * when used: every k-tile waited for L2, ~1000 cycles, 23-27 % of the copy
- * bandwidth.  XM 1: the inputs ride in the stages too (registers: fewer
- * stages for more rows); XM 0: they are prefetched into L1 as far ahead
- * as the weights, and loaded when used; XM 2: each lane copies its input
- * bytes into its own shared-memory ring with cp.async as far ahead as
- * the weights (no registers; dynamic shared memory Q4T_XS bytes).
- */
-#define Q4T_P(NT, XM) ((XM) == 0 ? 4                                       \
-                       : (XM) == 2 ? ((NT) == 1 ? 6 : (NT) == 2 ? 4 : 2)   \
-                       : (NT) == 1 ? 4 : (NT) == 2 ? 3 : 2)
-#define Q4T_SLOT(NT)   (2 + 2 * (NT))     /* XM 2: uint4 per lane and stage */
-#define Q4T_XS(NT, XM) ((XM) == 2 ? (size_t) Q4T_NW * Q4T_P(NT, XM) * 32   \
-                                    * Q4T_SLOT(NT) * 16 : 0)
+#define Q4T_P    4          /* k-tiles in flight per warp */
+#define Q4T_MINB 2          /* blocks per SM the registers are sized for */
 
 
 /*
  * Loads issued where they stand (asm volatile: the compiler may not sink
- * them toward their use, P k-tiles later); the weights are read once
+ * them toward their use, Q4T_P k-tiles later); the weights are read once
  * (no L1 allocation), the zeros and scales through the read-only path.
  */
 __device__ __forceinline__ uint4
@@ -100,23 +87,12 @@ q4t_ld_u16(const uint16_t *p)
 }
 
 
-/* 4-byte global -> shared copy (cp.async, L1 allocating). */
-__device__ __forceinline__ void
-q4t_cp4(void *dst, const void *src)
-{
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
-                 :: "r"((unsigned) __cvta_generic_to_shared(dst)), "l"(src)
-                 : "memory");
-}
-
-
 /* Bring p's line into L1 (a hint). */
 __device__ __forceinline__ void
 q4t_prefetch_l1(const void *p)
 {
     asm volatile("prefetch.global.L1 [%0];\n" :: "l"(p));
 }
-#define Q4T_MINB 2          /* blocks per SM the registers are sized for */
 
 
 /* Nibble shift of column f's zero in a qzeros word. */
@@ -131,85 +107,41 @@ q4t_zshift(int fmt, int f)
 
 
 /* One pipeline stage: a lane's weights of one tile, the zero words and
- * the two fp16 scales of its features at the tile's group, and its 16
- * input values of the tile's k range for each of its NT rows. */
-template <int NT, int XM>
+ * the two fp16 scales of its features at the tile's group. */
 struct q4t_stage {
     uint4    w;
     uint32_t z0, z1;
     uint32_t s;             /* scale of f0 (low half), f1 (high) */
-    uint4    xa[XM ? NT : 1], xb[XM ? NT : 1];
 };
 
 
-/* The input rows' 32 bytes of k-tile kt, or zeros past the rows. */
+/*
+ * Stage kt's loads: zp / sp point at the lane's zero word and scale in
+ * group 0 (feature f0; f0 + 8's zero word is the next one), a group zs
+ * words / ss scales on; gsh = log2(G / 64).  The input rows' bytes of
+ * the same k-tile are prefetched into L1 and loaded when used.  (Two
+ * other ways measured slower, 2026-12-03, kernels/NOTES.md "4-bit
+ * layouts": the inputs in the register stages, and everything through a
+ * per-lane cp.async ring.)
+ */
 template <int NT>
 __device__ __forceinline__ void
-q4t_xload(uint4 (&xa)[NT], uint4 (&xb)[NT], const bf16 *const (&xp)[NT],
-    const bool (&xv)[NT], int kt)
-{
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-        const uint4 *x4 = reinterpret_cast<const uint4 *>(xp[nt] + 64 * kt);
-
-        xa[nt] = xv[nt] ? __ldg(x4) : make_uint4(0, 0, 0, 0);
-        xb[nt] = xv[nt] ? __ldg(x4 + 1) : make_uint4(0, 0, 0, 0);
-    }
-}
-
-
-/* Stage kt's loads: zp / sp point at the lane's zero word and scale in
- * group 0 (feature f0; f0 + 8's zero word is the next one), a group zs
- * words / ss scales on; gsh = log2(G / 64). */
-template <int NT, int XM>
-__device__ __forceinline__ void
-q4t_load(q4t_stage<NT, XM> &st, const uint4 *wp, const int32_t *zp,
+q4t_load(q4t_stage &st, const uint4 *wp, const int32_t *zp,
     const uint16_t *sp, int zs, int ss, int gsh,
-    const bf16 *const (&xp)[NT], const bool (&xv)[NT], int kt,
-    uint4 *xring)
+    const bf16 *const (&xp)[NT], const bool (&xv)[NT], int kt)
 {
-    const int grp = kt >> gsh;
+    const int       grp = kt >> gsh;
     const int32_t  *z = zp + grp * zs;
     const uint16_t *s = sp + grp * ss;
 
-    if constexpr (XM == 2) {
-        /* everything through this lane's slot of the stage (Q4T_SLOT
-         * uint4): weights, {zero f0, zero f0 + 8, the words holding the
-         * two scales}, then NT x 32 input bytes; one cp.async group */
-        uint32_t *zw = reinterpret_cast<uint32_t *>(xring + 1);
-
-        moe_cp_async16(reinterpret_cast<bf16 *>(xring),
-                       reinterpret_cast<const bf16 *>(wp + kt * 32), 16);
-        q4t_cp4(zw, z);
-        q4t_cp4(zw + 1, z + 1);
-        q4t_cp4(zw + 2, reinterpret_cast<const void *>(
-                            (uintptr_t) s & ~(uintptr_t) 3));
-        q4t_cp4(zw + 3, reinterpret_cast<const void *>(
-                            (uintptr_t) (s + 8) & ~(uintptr_t) 3));
+    st.w = q4t_ld_stream(wp + kt * 32);
+    st.z0 = q4t_ld_u32(z);
+    st.z1 = q4t_ld_u32(z + 1);
+    st.s = q4t_ld_u16(s) | (q4t_ld_u16(s + 8) << 16);
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const bf16 *src = xp[nt] + 64 * kt;
-            bf16       *dst = reinterpret_cast<bf16 *>(xring + 2 + 2 * nt);
-
-            moe_cp_async16(dst, src, xv[nt] ? 16 : 0);
-            moe_cp_async16(dst + 8, src + 8, xv[nt] ? 16 : 0);
-        }
-        moe_cp_async_commit();
-        return;
-    } else {
-        st.w = q4t_ld_stream(wp + kt * 32);
-        st.z0 = q4t_ld_u32(z);
-        st.z1 = q4t_ld_u32(z + 1);
-        st.s = q4t_ld_u16(s) | (q4t_ld_u16(s + 8) << 16);
-    }
-    if constexpr (XM == 1) {
-        q4t_xload<NT>(st.xa, st.xb, xp, xv, kt);
-    } else {
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            if (xv[nt]) {
-                q4t_prefetch_l1(xp[nt] + 64 * kt);
-            }
+    for (int nt = 0; nt < NT; nt++) {
+        if (xv[nt]) {
+            q4t_prefetch_l1(xp[nt] + 64 * kt);
         }
     }
 }
@@ -219,11 +151,11 @@ q4t_load(q4t_stage<NT, XM> &st, const uint4 *wp, const int32_t *zp,
  * grid (ceil(NU / CU), groups), Q4T_NW warps; NU = Ntot / 16 / MR units
  * (MR 1: a feature tile; MR 2: gate tile u and up tile NU + u, SiLU
  * fused), each split over SK warps along K (CU = Q4T_NW / (MR SK) units
- * per block).  A warp streams its tile's k-tiles [kt0, kt1) with Q4T_P(NT)
+ * per block).  A warp streams its tile's k-tiles [kt0, kt1) with Q4T_P
  * loads in flight; rows of the group in passes of 8 NT; the SK partial
  * sums are added in a fixed order (deterministic).
  */
-template <int FMT, int NT, int MR, int XM>
+template <int FMT, int NT, int MR>
 __global__ void __launch_bounds__(Q4T_NW * 32, Q4T_MINB)
 kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint4 *qt, const int32_t *qzeros, const uint16_t *scales, int G,
@@ -231,7 +163,6 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     int n, float *Y, bf16 *H, int ldy)
 {
     __shared__ float red[Q4T_NW][NT * 4][32];
-    extern __shared__ uint4 q4t_xs[];   /* XM 2: [warp][stage][lane][2 NT] */
 
     const int lane = (int) threadIdx.x & 31;
     const int warp = (int) threadIdx.x >> 5;
@@ -253,7 +184,7 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
          * wait (nothing before us writes them) */
         const uint4 *wp = qt + (size_t) tile * KT * 32 + lane;
 
-        for (int kt = kt0; kt < kt1 && kt < kt0 + Q4T_P(NT, XM); kt++) {
+        for (int kt = kt0; kt < kt1 && kt < kt0 + Q4T_P; kt++) {
             moe_prefetch_l2(wp + (size_t) kt * 32);
         }
     }
@@ -275,7 +206,7 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int       sh0 = q4t_zshift(FMT, f0), sh1 = q4t_zshift(FMT, f0 + 8);
 
     for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
-        constexpr int P = Q4T_P(NT, XM);
+        constexpr int P = Q4T_P;
         const bf16   *xp[NT];
         bool        xv[NT];
         float       y[NT][4], c[NT][4];
@@ -295,20 +226,13 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             }
         }
         if (active && kt0 < kt1) {
-            q4t_stage<NT, XM> st[P];
-            /* XM 2: this lane's slot of stage 0; stage s 32 slots on */
-            uint4 *xr = q4t_xs + ((size_t) warp * P * 32 + lane)
-                                 * Q4T_SLOT(NT);
+            q4t_stage st[P];
 
 #pragma unroll
             for (int s = 0; s < P; s++) {
-                int kt = kt0 + s;
-
-                if (kt < kt1) {
-                    q4t_load<NT, XM>(st[s], wp, zp, sp, zs, Ntot, gsh, xp,
-                                     xv, kt, xr + s * 32 * Q4T_SLOT(NT));
-                } else if (XM == 2) {
-                    moe_cp_async_commit();      /* an empty group */
+                if (kt0 + s < kt1) {
+                    q4t_load<NT>(st[s], wp, zp, sp, zs, Ntot, gsh, xp, xv,
+                                 kt0 + s);
                 }
             }
             for (int kb = kt0; kb < kt1; kb += P) {
@@ -319,46 +243,21 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     if (kt >= kt1) {
                         break;
                     }
-                    q4t_stage<NT, XM> cur = st[s];
-                    uint4 xa[NT], xb[NT];
+                    const q4t_stage cur = st[s];
+                    uint4           xa[NT], xb[NT];
 
-                    if constexpr (XM == 2) {
-                        /* this lane's own copies: complete once the
-                         * groups after kt's are all that may be pending */
-                        const uint4 *xs = xr + s * 32 * Q4T_SLOT(NT);
-                        const int    hs = 16 * (g & 1);   /* f0's half */
-
-                        moe_cp_async_wait<P - 1>();
-                        const uint4  zq = xs[1];
-
-                        cur.w = xs[0];
-                        cur.z0 = zq.x;
-                        cur.z1 = zq.y;
-                        cur.s = ((zq.z >> hs) & 0xffffu)
-                                | (((zq.w >> hs) & 0xffffu) << 16);
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            xa[nt] = xs[2 + 2 * nt];
-                            xb[nt] = xs[3 + 2 * nt];
-                        }
-                    }
                     if (kt + P < kt1) {
-                        q4t_load<NT, XM>(st[s], wp, zp, sp, zs, Ntot, gsh,
-                                         xp, xv, kt + P,
-                                         xr + s * 32 * Q4T_SLOT(NT));
-                    } else if (XM == 2) {
-                        moe_cp_async_commit();  /* keep the group count */
+                        q4t_load<NT>(st[s], wp, zp, sp, zs, Ntot, gsh, xp,
+                                     xv, kt + P);
                     }
-
-                    if constexpr (XM == 2) {
-                    } else if constexpr (XM == 1) {
 #pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            xa[nt] = cur.xa[nt];
-                            xb[nt] = cur.xb[nt];
-                        }
-                    } else {
-                        q4t_xload<NT>(xa, xb, xp, xv, kt);
+                    for (int nt = 0; nt < NT; nt++) {
+                        const uint4 *x4 = reinterpret_cast<const uint4 *>(
+                            xp[nt] + 64 * kt);
+
+                        xa[nt] = xv[nt] ? __ldg(x4) : make_uint4(0, 0, 0, 0);
+                        xb[nt] = xv[nt] ? __ldg(x4 + 1)
+                                        : make_uint4(0, 0, 0, 0);
                     }
                     const uint32_t zz0 = q4m_zz(((cur.z0 >> sh0) & 15u)
                                                 + (uint32_t) zero_bias);
@@ -631,7 +530,7 @@ q4t_split(int units, int MR, int KT)
 }
 
 
-template <int FMT, int NT, int XM>
+template <int FMT, int NT>
 static int
 q4t_launch(int MR, dim3 grid, const bf16 *X, int ldx, const int32_t *xrow,
     int xdiv, const uint4 *qt, const int32_t *qzeros,
@@ -639,32 +538,18 @@ q4t_launch(int MR, dim3 grid, const bf16 *X, int ldx, const int32_t *xrow,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy,
     cudaStream_t stream)
 {
-    const size_t smem = Q4T_XS(NT, XM);
-    static bool  ready[2];          /* the shared-memory attribute set */
-
-    if (smem > 0 && !ready[MR - 1]) {
-        MOE_CUDA_CHECK(MR == 2
-                       ? moe_smem_max_carveout(kernel_qgemv_q4t<FMT, NT, 2,
-                                                                XM>, smem)
-                       : moe_smem_max_carveout(kernel_qgemv_q4t<FMT, NT, 1,
-                                                                XM>, smem));
-        ready[MR - 1] = true;
-    }
     if (MR == 2) {
-        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4t<FMT, NT, 2, XM>, grid,
-            Q4T_NW * 32, smem, stream, X, ldx, xrow, xdiv, qt, qzeros,
-            scales, G, zero_bias, Ntot, K, SK, offs, E, n, Y, H, ldy));
+        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4t<FMT, NT, 2>, grid,
+            Q4T_NW * 32, 0, stream, X, ldx, xrow, xdiv, qt, qzeros, scales,
+            G, zero_bias, Ntot, K, SK, offs, E, n, Y, H, ldy));
     } else {
-        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4t<FMT, NT, 1, XM>, grid,
-            Q4T_NW * 32, smem, stream, X, ldx, xrow, xdiv, qt, qzeros,
-            scales, G, zero_bias, Ntot, K, SK, offs, E, n, Y, H, ldy));
+        MOE_CUDA_CHECK(moe_launch(kernel_qgemv_q4t<FMT, NT, 1>, grid,
+            Q4T_NW * 32, 0, stream, X, ldx, xrow, xdiv, qt, qzeros, scales,
+            G, zero_bias, Ntot, K, SK, offs, E, n, Y, H, ldy));
     }
     return MOE_K_OK;
 }
 
-
-/* The input rows' variant that ships (XM above). */
-#define Q4T_XM 0
 
 extern "C" int
 moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
@@ -672,19 +557,6 @@ moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
     const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
     int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
     int sk, float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream)
-{
-    return moe_cuda_qgemv_q4t_xm(fmt, X, ldx, xrow, xdiv, qt, qzeros, scales,
-                                 G, zero_bias, Ntot, K, offs, E, n, max_rows,
-                                 sk, Q4T_XM, Y, ldy, H, stream);
-}
-
-
-extern "C" int
-moe_cuda_qgemv_q4t_xm(int fmt, const moe_bf16_t *X, int ldx,
-    const int32_t *xrow, int xdiv, const int32_t *qt,
-    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
-    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
-    int sk, int xm, float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream)
 {
     int  ng, mr, MR, NU, SK, CU, KT;
     dim3 grid;
@@ -723,22 +595,12 @@ moe_cuda_qgemv_q4t_xm(int fmt, const moe_bf16_t *X, int ldx,
                   G, zero_bias, Ntot, K, SK, offs, E, n, Y,                  \
                   reinterpret_cast<bf16 *>(H), H != NULL ? Ntot / 2 : ldy,   \
                   stream
-#define Q4T_PICK(F, XMV)                                                     \
-    (mr <= 8 ? q4t_launch<F, 1, XMV>(Q4T_ARGS)                               \
-     : mr <= 16 ? q4t_launch<F, 2, XMV>(Q4T_ARGS)                            \
-                : q4t_launch<F, 4, XMV>(Q4T_ARGS))
-    if (xm < 0 || xm > 2) {
-        moe_cuda_set_error("qgemv_q4t: input variant %d (0..2)", xm);
-        return MOE_K_EUNSUPPORTED;
-    }
-    if (fmt == MOE_K_Q4_AWQ) {
-        return xm == 2 ? Q4T_PICK(MOE_K_Q4_AWQ, 2)
-             : xm == 1 ? Q4T_PICK(MOE_K_Q4_AWQ, 1)
-                       : Q4T_PICK(MOE_K_Q4_AWQ, 0);
-    }
-    return xm == 2 ? Q4T_PICK(MOE_K_Q4_GPTQ, 2)
-         : xm == 1 ? Q4T_PICK(MOE_K_Q4_GPTQ, 1)
-                   : Q4T_PICK(MOE_K_Q4_GPTQ, 0);
+#define Q4T_PICK(F)                                                          \
+    (mr <= 8 ? q4t_launch<F, 1>(Q4T_ARGS)                                    \
+     : mr <= 16 ? q4t_launch<F, 2>(Q4T_ARGS)                                 \
+                : q4t_launch<F, 4>(Q4T_ARGS))
+    return fmt == MOE_K_Q4_AWQ ? Q4T_PICK(MOE_K_Q4_AWQ)
+                               : Q4T_PICK(MOE_K_Q4_GPTQ);
 #undef Q4T_PICK
 #undef Q4T_ARGS
 }

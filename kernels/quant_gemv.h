@@ -210,15 +210,6 @@ int moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
     int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
     int sk, float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream);
 
-/* The same with the input rows' variant forced (dev harness,
- * kernels/q4_tiled.cu: xm 2 through a cp.async ring in shared memory, 1
- * in the register pipeline, 0 prefetched to L1). */
-int moe_cuda_qgemv_q4t_xm(int fmt, const moe_bf16_t *X, int ldx,
-    const int32_t *xrow, int xdiv, const int32_t *qt,
-    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
-    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
-    int sk, int xm, float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream);
-
 /* moe_cuda_dequant_q4 on tiled weights: bf16 (count, Ntot, K), the same
  * values bit for bit. */
 int moe_cuda_dequant_q4t(int fmt, const int32_t *qt, const int32_t *qzeros,

@@ -138,26 +138,18 @@ dev_shape(int fmt, int w13, int rows)
             printf("  tiled: pack refused: %s\n", moe_cuda_last_error());
             dev_failed = 1;
         }
-        /* inputs: 2 cp.async ring (ships), 1 register stages, 0 L1
-         * prefetch; the K split picked (0) and forced */
-        for (int xm = 2; xm >= 0; xm--) {
-            for (int sk = 0; sk <= 8; sk = sk == 0 ? 1 : 2 * sk) {
-                if (xm != 2 && sk != 0) {
-                    break;
-                }
-                ms = dev_time(iters, [&]() {
-                    return moe_cuda_qgemv_q4t_xm(fmt, (const moe_bf16_t *) X,
-                                                 K, NULL, 1,
-                                                 (const int32_t *) qt,
-                                                 (const int32_t *) qz, sc, G,
-                                                 zb, N, K, d_offs, E, n, 0,
-                                                 sk, xm, out, N, NULL, 0);
-                });
-                snprintf(name, sizeof(name), "tiled, inputs %d, sk %d%s", xm,
-                         sk, sk == 0 ? " (picked)" : "");
-                dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0),
-                         1e-4);
-            }
+        /* the K split picked (0) and forced */
+        for (int sk = 0; sk <= 8; sk = sk == 0 ? 1 : 2 * sk) {
+            ms = dev_time(iters, [&]() {
+                return moe_cuda_qgemv_q4t(fmt, (const moe_bf16_t *) X, K,
+                                          NULL, 1, (const int32_t *) qt,
+                                          (const int32_t *) qz, sc, G, zb, N,
+                                          K, d_offs, E, n, 0, sk, out, N,
+                                          NULL, 0);
+            });
+            snprintf(name, sizeof(name), "tiled, sk %d%s", sk,
+                     sk == 0 ? " (picked)" : "");
+            dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
         }
         if (w13 == 1) {
             bf16 *h = (bf16 *) gu_dev((size_t) n * N), *h2 = (bf16 *)

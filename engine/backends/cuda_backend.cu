@@ -1660,12 +1660,13 @@ static int cb_swap_alloc(moe_backend_t *base, int n_slots, char *err,
  */
 
 /* The key of the weights a backend of hp would hold on device (m NULL:
- * load_format dummy with that seed); "" when sharing is off
- * (MOE_CUDA_SHARE=0) or the model cannot be resolved. */
+ * load_format dummy with that seed; q4_layout: the tuning record's, how
+ * 4-bit bytes are stored); "" when sharing is off (MOE_CUDA_SHARE=0) or
+ * the model cannot be resolved. */
 static void
 cb_share_key_for(const moe_hparams_t *hp, const moe_qplan_t *plan,
     const moe_model_t *m, uint64_t seed, int device, int tp, int rank,
-    char *key, size_t keylen)
+    int q4_layout, char *key, size_t keylen)
 {
     const char         *env = getenv("MOE_CUDA_SHARE");
     cudaDeviceProp      prop;
@@ -1703,18 +1704,10 @@ cb_share_key_for(const moe_hparams_t *hp, const moe_qplan_t *plan,
     {
         /* the 4-bit bytes' layout: the checkpoint's, AWQ as GPTQ, or
          * tiled (q4_layout 2 and 3 store alike) */
-        moe_cuda_tuning_t tu;
-        int               tiled;
+        int stored = q4_layout == 3 ? 2 : q4_layout;
 
-        if (moe_cuda_tuning_read(&tu, hp->n_experts, err, sizeof(err))
-            != MOE_OK)
-        {
-            moe_cuda_tuning_t d = MOE_CUDA_TUNING_DEFAULTS;
-
-            tu = d;
-        }
-        tiled = tu.q4_layout == 3 ? 2 : tu.q4_layout;
-        in.layout_sum = moe_share_sum(in.layout_sum, &tiled, sizeof(tiled));
+        in.layout_sum = moe_share_sum(in.layout_sum, &stored,
+                                      sizeof(stored));
     }
     in.quant = NULL;                /* the formats: in layout_sum */
     in.dtype = "bf16";
@@ -1732,6 +1725,7 @@ static void
 cb_share_key(cuda_backend_t *b, const moe_model_t *m, uint64_t seed)
 {
     cb_share_key_for(&b->hp, b->plan, m, seed, b->device, b->tp, b->rank,
+                     b->tune.q4_layout,
                      b->share_key, sizeof(b->share_key));
 }
 
@@ -1755,7 +1749,19 @@ moe_cuda_share_kv_hint(const moe_hparams_t *hp, const moe_model_t *m,
     rc = m != NULL ? moe_qw_plan_model(m, 1, 0, 0, plan, err, sizeof(err))
                    : moe_qw_plan_uniform(hp, wfmt, plan);
     if (rc == MOE_OK) {
-        cb_share_key_for(hp, plan, m, seed, device, 1, 0, key, sizeof(key));
+        /* the tuning record the backend will read (the defaults when a
+         * variable is malformed: the backend then refuses to start) */
+        moe_cuda_tuning_t tu;
+
+        if (moe_cuda_tuning_read(&tu, hp->n_experts, err, sizeof(err))
+            != MOE_OK)
+        {
+            moe_cuda_tuning_t d = MOE_CUDA_TUNING_DEFAULTS;
+
+            tu = d;
+        }
+        cb_share_key_for(hp, plan, m, seed, device, 1, 0, tu.q4_layout, key,
+                         sizeof(key));
     }
     free(plan);
     if (rc != MOE_OK) {
@@ -1980,7 +1986,7 @@ cb_q4_settle(cuda_backend_t *b)
 static int
 cb_q4_tile_all(cuda_backend_t *b)
 {
-    int64_t n = 0, na = 0;
+    int64_t n[2] = { 0, 0 };        /* AWQ as GPTQ, tiled */
 
     for (int l = 0; l < b->hp.n_layers; l++) {
         for (int p = 0; p < MOE_QP_N; p++) {
@@ -1988,41 +1994,28 @@ cb_q4_tile_all(cuda_backend_t *b)
             moe_qshape_t   sh;
 
             moe_qw_shape(&b->hp, l, p, &sh);
-            if (q->w == NULL || !q->awq_gptq || q->fmt != MOE_WF_AWQ
-                || (q->stacked && sh.first != p))
-            {
+            if (q->w == NULL || (q->stacked && sh.first != p)) {
                 continue;
             }
-            MOE_TRY(moe_cuda_q4_awq_to_gptq((int32_t *) q->w, q->zeros,
-                                            q->ld, q->K, q->G, q->count,
-                                            b->qscratch, b->qscratch_bytes,
-                                            b->stream));
-            na++;
-        }
-    }
-    if (na > 0) {
-        moe_log(MOE_LOG_INFO, "cuda backend: %lld AWQ weight groups "
-                "repacked into GPTQ's layout", (long long) na);
-    }
-
-    for (int l = 0; l < b->hp.n_layers; l++) {
-        for (int p = 0; p < MOE_QP_N; p++) {
-            const cb_qw_t *q = &b->qw[(size_t) l * MOE_QP_N + p];
-            moe_qshape_t   sh;
-
-            moe_qw_shape(&b->hp, l, p, &sh);
-            if (q->w == NULL || !q->tiled || (q->stacked && sh.first != p)) {
-                continue;
+            if (q->awq_gptq && q->fmt == MOE_WF_AWQ) {
+                MOE_TRY(moe_cuda_q4_awq_to_gptq((int32_t *) q->w, q->zeros,
+                                                q->ld, q->K, q->G, q->count,
+                                                b->qscratch,
+                                                b->qscratch_bytes,
+                                                b->stream));
+                n[0]++;
+            } else if (q->tiled) {
+                MOE_TRY(moe_cuda_q4t_pack(cb_q4_kfmt(q), (int32_t *) q->w,
+                                          q->ld, q->K, q->count, b->qscratch,
+                                          b->qscratch_bytes, b->stream));
+                n[1]++;
             }
-            MOE_TRY(moe_cuda_q4t_pack(cb_q4_kfmt(q), (int32_t *) q->w,
-                                      q->ld, q->K, q->count, b->qscratch,
-                                      b->qscratch_bytes, b->stream));
-            n++;
         }
     }
-    if (n > 0) {
-        moe_log(MOE_LOG_INFO, "cuda backend: %lld 4-bit weight groups "
-                "repacked into the tiled layout", (long long) n);
+    if (n[0] + n[1] > 0) {
+        moe_log(MOE_LOG_INFO, "cuda backend: 4-bit weight groups repacked: "
+                "%lld AWQ into GPTQ's layout, %lld into the tiled layout",
+                (long long) n[0], (long long) n[1]);
     }
     return MOE_OK;
 }

@@ -11,6 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <time.h>
+
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 static uint64_t gu_rng = 0x2545f4914f6cdd1dULL;
@@ -34,6 +37,29 @@ gu_seed(uint64_t seed)
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
     z ^= z >> 31;
     gu_rng = z != 0 ? z : 0x2545f4914f6cdd1dULL;
+}
+
+/* The run's seed: MOE_TEST_SEED when set (it repeats a run), else the
+ * time; the generator restarted from it (the caller prints it). */
+static inline uint64_t
+gu_seed_env(void)
+{
+    const char *sv = getenv("MOE_TEST_SEED");
+    uint64_t    seed = sv != NULL ? strtoull(sv, NULL, 10)
+                                  : (uint64_t) time(NULL);
+
+    gu_seed(seed);
+    return seed;
+}
+
+/* fp16 bits -> float */
+static inline float
+gu_h2f(uint16_t b)
+{
+    __half_raw r;
+
+    r.x = b;
+    return __half2float(__half(r));
 }
 
 /* a random finite e4m3 code (no NaN) */

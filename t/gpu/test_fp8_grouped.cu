@@ -446,7 +446,6 @@ main(void)
     static const int r4[4] = { 0, 1, 130, 257 };
     static const int r8[8] = { 64, 3, 0, 129, 128, 300, 17, 1 };
     static const int r1[1] = { 64 };
-    const char      *seed_env = getenv("MOE_TEST_SEED");
     uint64_t         seed;
     int              ndev = 0;
 
@@ -454,9 +453,7 @@ main(void)
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
     }
-    seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
-                            : (uint64_t) time(NULL);
-    gu_seed(seed);
+    seed = gu_seed_env();
     TAP_PLAN(30);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
     test_case(r4, 4, 512, 1024, 5, 37);

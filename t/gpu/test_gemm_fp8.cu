@@ -947,7 +947,6 @@ main(void)
     const int       ncs = (int) (sizeof(cs) / sizeof(cs[0]));
     moe_fp8_gemm_t *g = NULL;
     void           *lws = NULL;
-    const char     *seed_env = getenv("MOE_TEST_SEED");
     uint64_t        seed;
     int             ndev = 0, rc;
 
@@ -955,9 +954,7 @@ main(void)
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
     }
-    seed = seed_env != NULL ? strtoull(seed_env, NULL, 10)
-                            : (uint64_t) time(NULL);
-    gu_seed(seed);
+    seed = gu_seed_env();
     TAP_PLAN(12 + 2 * ncs + 12 + 2 + 3 + 3 + 1 + 5 + 4 + 4);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
 

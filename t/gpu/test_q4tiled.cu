@@ -99,16 +99,6 @@ fmt_name(int fmt)
 }
 
 
-static float
-h_half(uint16_t b)
-{
-    __half_raw r;
-
-    r.x = b;
-    return __half2float(__half(r));
-}
-
-
 /* ------------------------------------------------ the layouts, host side */
 
 /* Nibble of feature f, input k of matrix m in fmt's checkpoint layout. */
@@ -247,7 +237,7 @@ qt_make(qt_t *q, int fmt, int G, int zb, int N, int K, int ne)
                 int      nib = orig_nib(fmt, q->qw, N, K, e, j, k);
 
                 q->w[((size_t) e * N + j) * K + k] =
-                    ((float) nib - (float) z) * h_half(q->sc[gr * N + j]);
+                    ((float) nib - (float) z) * gu_h2f(q->sc[gr * N + j]);
             }
         }
     }
@@ -1161,9 +1151,7 @@ main(void)
     static const int g_r2[NEXP] = { 0, 6, 2, 0, 9, 1, 6, 0 };
     static const int c_r1[NEXP] = { 0, 1, 0, 0, 0, 0, 1, 0 };
     static const int c_r2[NEXP] = { 0, 0, 0, 2, 0, 0, 0, 0 };
-    const char      *sv = getenv("MOE_TEST_SEED");
-    uint64_t         seed = sv != NULL ? strtoull(sv, NULL, 10)
-                                       : (uint64_t) time(NULL);
+    uint64_t         seed;
     int              ndev = 0;
 
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
@@ -1181,7 +1169,7 @@ main(void)
         /* ... and per AWQ shape the repack into GPTQ's layout (2) */
         TAP_PLAN(1 + 2 + 5 + NSHAPE * (2 + 2 * NRCFG) + 2 * nawq + 13 + 2);
     }
-    gu_seed(seed);
+    seed = gu_seed_env();
     TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
              (unsigned long long) seed);
 

@@ -169,14 +169,6 @@ typedef struct {
     uint16_t *sc;
 } q4_t;
 
-static float
-h_half(uint16_t b)
-{
-    __half_raw r;
-
-    r.x = b;
-    return __half2float(__half(r));
-}
 
 static float
 q4_deq(const q4_t *q, int e, int j, int k)
@@ -197,7 +189,7 @@ q4_deq(const q4_t *q, int e, int j, int k)
     }
     zw = (uint32_t) q->qz[((size_t) e * KG + g) * (q->N / 8) + j / 8];
     z = (int) ((zw >> (4 * sh)) & 15u) + q->zb;
-    return ((float) nib - (float) z) * h_half(q->sc[((size_t) e * KG + g)
+    return ((float) nib - (float) z) * gu_h2f(q->sc[((size_t) e * KG + g)
                                                      * q->N + j]);
 }
 
@@ -831,9 +823,7 @@ int
 main(void)
 {
     int         ndev = 0;
-    const char *sv = getenv("MOE_TEST_SEED");
-    uint64_t    seed = sv != NULL ? strtoull(sv, NULL, 10)
-                                  : (uint64_t) time(NULL);
+    uint64_t    seed;
 
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
         printf("1..0 # SKIP no CUDA device\n");
@@ -843,7 +833,7 @@ main(void)
      * printed up front, 172, fell behind the row cases added since (188
      * tests ran on the H200, 2026-12-03), which prove reports as a bad
      * plan; a run that dies early still fails for want of a plan */
-    gu_seed(seed);
+    seed = gu_seed_env();
     TAP_DIAG("seed %llu (MOE_TEST_SEED repeats it)",
              (unsigned long long) seed);
 
