@@ -6,6 +6,7 @@
 #                   build/gpu/test_backend, build/gpu/test_sample,
 #                   build/gpu/test_ggemm, build/gpu/test_fp8mma,
 #                   build/gpu/test_quant, build/gpu/test_q4tiled,
+#                   build/gpu/test_q4group,
 #                   build/gpu/test_kvfp8, build/gpu/bench_engine,
 #                   build/gpu/test_tp, build/gpu/test_mask,
 #                   build/gpu/test_logprobs, build/gpu/test_logit_bias,
@@ -59,6 +60,7 @@ GPU_BINS     := $(BUILD)/gpu/test_kernels $(BUILD)/gpu/test_backend \
                 $(BUILD)/gpu/test_tp \
                 $(BUILD)/gpu/test_quant $(BUILD)/gpu/test_kvfp8 \
                 $(BUILD)/gpu/test_q4tiled \
+                $(BUILD)/gpu/test_q4group \
                 $(BUILD)/gpu/test_mask \
                 $(BUILD)/gpu/test_logprobs \
                 $(BUILD)/gpu/test_logit_bias \

@@ -83,12 +83,18 @@ typedef struct {
                             4-bit weights"; measured slower, for
                             development) with SiLU fused into the gate|up
                             GEMV; 3: tiled, SiLU a separate pass */
+    int q4_gemv;         /* MOE_CUDA_Q4_GEMV 0|1: 4-bit weights in GPTQ's
+                            layout (q4_layout 0 / 1, no g_idx), groups of
+                            up to 8 rows: 1 (default) the GEMV by
+                            quantization group (kernels/q4_group.cu, SiLU
+                            fused into gate|up), 0 the tensor-core GEMV of
+                            quant_gemv.cu + the SiLU pass (for A/B runs) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
 
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
-    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1, 1 }
+    { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

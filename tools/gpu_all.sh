@@ -83,6 +83,7 @@ run test_convert tests 60  build/gpu/test_convert build/gpu/test_convert
 run test_tp      tests 90  build/gpu/test_tp      build/gpu/test_tp
 run test_quant   tests 120 build/gpu/test_quant   build/gpu/test_quant
 run test_q4tiled tests 60 build/gpu/test_q4tiled build/gpu/test_q4tiled
+run test_q4group tests 60 build/gpu/test_q4group build/gpu/test_q4group
 run test_kvfp8   tests 90  build/gpu/test_kvfp8   build/gpu/test_kvfp8
 run test_backend_kvfp8 tests 90 build/gpu/test_backend env MOE_TEST_KV_FP8=1 \
     build/gpu/test_backend

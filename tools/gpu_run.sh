@@ -71,6 +71,7 @@ step test_fp8_grouped 60 build/gpu/test_fp8_grouped
 step test_convert 60 build/gpu/test_convert
 step test_quant   60 build/gpu/test_quant
 step test_q4tiled 60 build/gpu/test_q4tiled
+step test_q4group 60 build/gpu/test_q4group
 step test_kvfp8   90 build/gpu/test_kvfp8
 step test_backend_kvfp8 120 env MOE_TEST_KV_FP8=1 build/gpu/test_backend
 # device logprobs (log-softmax + top-k) against the host computation

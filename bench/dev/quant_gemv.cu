@@ -28,6 +28,7 @@
  *   DEV_QUICK=1: only the shipped and the tiled lines
  */
 #include "../../kernels/quant_gemv.cu"
+#include "../../kernels/q4_group.cu"
 #include "q4_fma.cuh"
 
 #include "dev.cuh"
@@ -125,6 +126,78 @@ dev_shape(int fmt, int w13, int rows)
            : w13 == 3 ? "dense o" : "down", N, K, rows, hit, bytes / 1e6);
     ms = dev_time(iters, [&]() { return run(0, 0, QM_PF, NULL, ref); });
     dev_line("shipped", ms, bytes, 0, -1, 0);
+    {
+        /* the GEMV by quantization group (kernels/q4_group.cu) on GPTQ's
+         * layout (AWQ: a repacked copy, zero bias 0), block shapes 0
+         * (shipped) .. 6, the cluster size picked; shape 4 with S forced;
+         * for gate|up with SiLU fused too */
+        uint32_t *qg = (uint32_t *) qw, *zg = (uint32_t *) qz;
+        int       zb = fmt == MOE_K_Q4_AWQ ? 0 : 1;
+
+        if (fmt == MOE_K_Q4_AWQ) {
+            void *scr = gu_dev((size_t) K * N / 2);
+
+            qg = (uint32_t *) gu_dev(nw * 4);
+            zg = (uint32_t *) gu_dev(nz * 4);
+            DEV_CHECK(cudaMemcpy(qg, qw, nw * 4, cudaMemcpyDeviceToDevice));
+            DEV_CHECK(cudaMemcpy(zg, qz, nz * 4, cudaMemcpyDeviceToDevice));
+            if (moe_cuda_q4_awq_to_gptq((int32_t *) qg, (int32_t *) zg, N, K,
+                                        G, E, scr, (size_t) K * N / 2, 0)
+                != 0)
+            {
+                printf("  q4g: repack refused: %s\n", moe_cuda_last_error());
+                dev_failed = 1;
+            }
+            cudaFree(scr);
+        }
+        for (int sh = 0; sh <= 6; sh++) {
+            ms = dev_time(iters, [&]() {
+                return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, K, NULL, 1,
+                                          (const int32_t *) qg,
+                                          (const int32_t *) zg, sc, G, zb,
+                                          N, K, d_offs, E, n, sh, out, N,
+                                          NULL, 0);
+            });
+            snprintf(name, sizeof(name), "by group, shape %d%s", sh,
+                     sh == 0 ? " (shipped)" : "");
+            dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
+        }
+        for (int S = 1; S <= 8; S *= 2) {
+            ms = dev_time(iters, [&]() {
+                return q4g_pick_u<4, 4, 2, 1>(S, X, K, NULL, 1, qg, zg, sc, G,
+                                           zb, N, K, d_offs, E, n, out,
+                                           NULL, N, 0);
+            });
+            snprintf(name, sizeof(name), "by group, shape 4, S %d", S);
+            dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
+        }
+        if (w13 == 1) {
+            bf16 *h = (bf16 *) gu_dev((size_t) n * N), *h2 = (bf16 *)
+                gu_dev((size_t) n * N);
+
+            DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) h, 0)
+                      == 0 ? cudaSuccess : cudaErrorUnknown);
+            for (int sh = 0; sh <= 6; sh++) {
+                ms = dev_time(iters, [&]() {
+                    return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, K,
+                                              NULL, 1, (const int32_t *) qg,
+                                              (const int32_t *) zg, sc, G,
+                                              zb, N, K, d_offs, E, n, sh,
+                                              NULL, 0, (moe_bf16_t *) h2, 0);
+                });
+                snprintf(name, sizeof(name), "by group + SiLU fused, shape "
+                         "%d", sh);
+                dev_line(name, ms, bytes, 0, dev_diff(h2, h, on / 2, 1),
+                         1e-2);
+            }
+            cudaFree(h);
+            cudaFree(h2);
+        }
+        if (qg != qw) {
+            cudaFree(qg);
+            cudaFree(zg);
+        }
+    }
     {
         /* the tiled layout: a repacked copy of the same weights */
         uint32_t *qt = (uint32_t *) gu_dev(nw * 4);

@@ -319,6 +319,8 @@ typedef struct {
                                       GEMM (kernels/fp8_grouped.h) */
     int64_t         q4_tiled_calls; /* 4-bit GEMVs on tiled weights
                                       (tests) */
+    int64_t         q4g_calls;      /* 4-bit GEMVs by quantization group
+                                      (kernels/q4_group.cu; tests) */
     int64_t         row_stats[MOE_CUDA_ROW_STATS]; /* expert_rows */
     /* expert offsets of the layers that ran without a host sync, copied
      * asynchronously for the row statistics (cb_row_log): (L, E + 1)
@@ -2703,6 +2705,22 @@ cb_part(const cuda_backend_t *b, int l, int p)
 }
 
 
+/*
+ * 1 when part w takes the 4-bit GEMV by quantization group
+ * (kernels/q4_group.cu): the knob q4_gemv, GPTQ's layout (GPTQ, AWQ
+ * repacked by q4_layout 1) without g_idx, groups of up to 8 rows (mr; it
+ * reads the weights once per 8 rows, the tensor-core GEMV once per 16-32),
+ * and shapes it takes (silu: stacked gate|up with SiLU fused).
+ */
+static int
+cb_q4g_ok(const cuda_backend_t *b, const cb_qw_t *w, int mr, int silu)
+{
+    return b->tune.q4_gemv && w->fmt == MOE_WF_GPTQ && w->g_idx == NULL
+           && !w->tiled && mr >= 1 && mr <= 8
+           && moe_cuda_q4g_supported(w->G, w->N, w->K, silu);
+}
+
+
 /* The quantized GEMV of a packed part (kernels/quant_gemv.h), grouped
  * over E experts by offs (NULL: one matrix, n rows). */
 static int
@@ -2732,6 +2750,13 @@ cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
                                   w->zeros, w->scales, w->G, w->zero_bias,
                                   w->N, w->K, offs, E, n, mr, 0, Y, ldy,
                                   NULL, b->stream);
+    }
+    if (cb_q4g_ok(b, w, mr, 0)) {
+        b->q4g_calls++;
+        return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, ldx, xrow, xdiv,
+                                  (const int32_t *) w->w, w->zeros,
+                                  w->scales, w->G, w->zero_bias, w->N, w->K,
+                                  offs, E, n, 0, Y, ldy, NULL, b->stream);
     }
     return moe_cuda_qgemv_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
                                                   : MOE_K_Q4_GPTQ,
@@ -3486,6 +3511,17 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
                                        (const int32_t *) g.w, g.zeros,
                                        g.scales, g.G, g.zero_bias, 2 * F, D,
                                        loffs, EL, T * K, mr, 0, NULL, 0,
+                                       (moe_bf16_t *) b->hbuf, s));
+        } else if ((path == CB_PATH_GEMV || path == CB_PATH_GGEMM)
+                   && cb_q4g_ok(b, &g, mr, 1) && g.N == 2 * F)
+        {
+            /* 4-bit by quantization group, SiLU fused (a warp holds a
+             * tile's gate and up sums; kernels/q4_group.cu) */
+            b->q4g_calls++;
+            MOE_TRY(moe_cuda_qgemv_q4g((const moe_bf16_t *) X, D, xrow,
+                                       xdiv, (const int32_t *) g.w, g.zeros,
+                                       g.scales, g.G, g.zero_bias, 2 * F, D,
+                                       loffs, EL, T * K, 0, NULL, 0,
                                        (moe_bf16_t *) b->hbuf, s));
         } else {
             /* 4-bit: one GEMV over the 2 F stacked columns, then SiLU*up
@@ -4503,6 +4539,13 @@ int64_t
 moe_cuda_backend_q4_tiled_calls(moe_backend_t *base)
 {
     return base != NULL ? ((cuda_backend_t *) base)->q4_tiled_calls : 0;
+}
+
+
+int64_t
+moe_cuda_backend_q4g_calls(moe_backend_t *base)
+{
+    return base != NULL ? ((cuda_backend_t *) base)->q4g_calls : 0;
 }
 
 

@@ -313,6 +313,11 @@ int64_t moe_cuda_backend_fp8_grouped_layers(moe_backend_t *b);
  * created (graph replays not counted: the launches are recorded once). */
 int64_t moe_cuda_backend_q4_tiled_calls(moe_backend_t *b);
 
+/* Tests: 4-bit GEMV launches by quantization group (kernels/q4_group.cu;
+ * the tuning knob q4_gemv) since b was created (graph replays not
+ * counted). */
+int64_t moe_cuda_backend_q4g_calls(moe_backend_t *b);
+
 /*
  * Benchmarks: how evenly the routing spread the rows of the steps that
  * ran the experts per expert (prefill-sized steps: the per-expert GEMM

@@ -35,7 +35,11 @@
  *   the backend must have launched 4-bit GEMVs on tiled weights,
  *   moe_cuda_backend_q4_tiled_calls), 1 (the default: AWQ repacked into
  *   GPTQ's layout; every other AWQ run above takes it too) and 0 (the
- *   checkpoints' layouts), GEMV and cuBLAS expert paths.
+ *   checkpoints' layouts), GEMV and cuBLAS expert paths; with layout 1
+ *   the 4-bit GEMVs of the decode steps and the 8-token chunk must run
+ *   by quantization group (kernels/q4_group.cu,
+ *   moe_cuda_backend_q4g_calls > 0; none on tiled weights), and once
+ *   more with MOE_CUDA_Q4_GEMV 0 (the tensor-core GEMV: none by group).
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
  * bound test_backend uses for bf16 weights); greedy equal wherever the
@@ -111,6 +115,8 @@ run_variant(const char *name, moe_model_t *m, int tp, int ep, int blas)
 static int g_grouped = -1;
 /* MOE_CUDA_Q4_LAYOUT for the next variants (-1: left unset) */
 static int g_q4t = -1;
+/* MOE_CUDA_Q4_GEMV for the next variants (-1: left unset) */
+static int g_q4g = -1;
 
 static void
 run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
@@ -151,6 +157,12 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
         snprintf(v, sizeof(v), "%d", g_q4t);
         setenv("MOE_CUDA_Q4_LAYOUT", v, 1);
     }
+    if (g_q4g >= 0) {
+        strncat(what, g_q4g ? ", 4-bit GEMV by group"
+                            : ", 4-bit tensor-core GEMV",
+                sizeof(what) - strlen(what) - 1);
+        setenv("MOE_CUDA_Q4_GEMV", g_q4g ? "1" : "0", 1);
+    }
     setenv("MOE_CUDA_FP8_ACT", act ? "1" : "0", 1);
     if (blas) {
         setenv("MOE_CUDA_GGEMM_MAX_T", "0", 1);
@@ -174,6 +186,7 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
     unsetenv("MOE_CUDA_GGEMM_MAX_T");
     unsetenv("MOE_CUDA_FP8_GROUPED");
     unsetenv("MOE_CUDA_Q4_LAYOUT");
+    unsetenv("MOE_CUDA_Q4_GEMV");
     TAP_OK(rc == MOE_OK, "%s: backends created (%s)", what,
            rc == MOE_OK ? "ok" : err);
     if (rc != MOE_OK) {
@@ -265,6 +278,16 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
 
         TAP_OK(g_q4t >= 2 ? nq > 0 : nq == 0, "%s: %lld 4-bit GEMV "
                "launches on tiled weights", what, (long long) nq);
+    }
+    if (tp == 1 && (g_q4t == 1 || g_q4t >= 2)) {
+        /* GPTQ's layout: the decode GEMVs by quantization group unless
+         * the knob says no; tiled weights never */
+        int64_t ng = moe_cuda_backend_q4g_calls(g0);
+        int     want = g_q4t == 1 && g_q4g != 0;
+
+        TAP_OK(want ? ng > 0 : ng == 0, "%s: %lld 4-bit GEMV launches by "
+               "quantization group (%s)", what, (long long) ng,
+               want ? "some expected" : "none expected");
     }
     if (act && blas && tp == 1) {
         /* the fused fp8 FFN (cb_fp8_ffn) took the routed layers of the
@@ -368,6 +391,11 @@ main(void)
                 run_variant(line, m, 1, 0, 0);
                 run_variant(line, m, 1, 0, 1);
             }
+            /* GPTQ's layout on the tensor-core GEMV (MOE_CUDA_Q4_GEMV 0) */
+            g_q4t = 1;
+            g_q4g = 0;
+            run_variant(line, m, 1, 0, 0);
+            g_q4g = -1;
             g_q4t = -1;
         }
         if (strcmp(line, "ct-fp8-256") == 0) {

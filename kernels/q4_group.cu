@@ -1,0 +1,597 @@
+/*
+ * kernel_qgemv_q4g: the 4-bit decode GEMV (GPTQ's layout, which AWQ is
+ * repacked into at load) for groups of up to 8 rows, written to issue
+ * few instructions per weight byte (kernels/NOTES.md "4-bit GEMV by
+ * quantization group").
+ *
+ * Why: the tensor-core GEMV in quant_gemv.cu (kernel_qgemv_q4_mma)
+ * issued about 149 warp instructions per 512 weight bytes; at the H200's
+ * copy bandwidth an SM receives 512 bytes every ~16 clocks, in which its
+ * four schedulers issue at most 64, so that kernel was issue-bound at
+ * ~45 % of the bandwidth.  What this one does differently:
+ *
+ *  - the zero point leaves the inner loop: the weights enter the mma as
+ *    the exact bf16 integers 128 + q (one LOP3 per two values, shifts
+ *    shared by the word), and a second mma with an all-ones A gives each
+ *    row's sum of the inputs over the same k (sigma); at the group's end
+ *    sum (q - z) x = sum (128 + q) x - (128 + z) sigma, scaled by the
+ *    group's scale in fp32.  The 16 bf16 subtractions per 16 weight bytes
+ *    become 2 mma per 32 bytes;
+ *  - a warp streams 64 columns (two 16-byte loads per word row per lane:
+ *    two sub-tiles of 32), so the input fragments (one 16-byte load and
+ *    four byte_perm per word row), sigma and the loop cost are shared by
+ *    twice the weights;
+ *  - a warp's K range is whole quantization groups, walked in chunks of
+ *    32 U k (U word rows per lane), two chunks in flight in registers
+ *    (each chunk's zeros and scales load with its weights); no
+ *    predicates in the loop: rows past the group's end read its last row
+ *    (their results are dropped), shapes that do not tile are refused by
+ *    moe_cuda_q4g_supported and take kernel_qgemv_q4_mma.
+ *
+ * MR 2 fuses SwiGLU: sub-tile 0 is 32 gate columns, sub-tile 1 the same
+ * 32 up columns, so a lane holds both sums of its outputs and writes
+ * H = bf16(silu(g) * u) (the arithmetic of moe_cuda_silu_mul).
+ *
+ * A block's NW warps either split the K range of one tile (AN 0) or take
+ * NW adjacent tiles (AN 1: a word row is then read as NW x 256
+ * contiguous bytes, and the warps share their inputs in L1); the K range
+ * is further split over the S blocks of a thread-block cluster (grid.z).
+ * Partial sums are added in shared memory, then through distributed
+ * shared memory, in a fixed order (no atomics, no zeroing; the result
+ * does not depend on timing).
+ *
+ * Measured and not kept (kernels/NOTES.md): a variant streaming the
+ * weights into shared memory with bulk copies (cp.async.bulk on an
+ * mbarrier ring, 2-4 chunks in flight per warp) was 10-60 % slower at
+ * every block shape.
+ *
+ * fp32 note: sum (128 + q) x and (128 + z) sigma are ~20x larger than
+ * their difference, so the group sum keeps ~19 of fp32's 24 bits; the
+ * outputs are rounded to bf16 (8 bits) downstream.
+ */
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "common.cuh"
+#include "ptx.cuh"
+#include "quant_common.cuh"
+#include "quant_gemv.h"
+
+namespace cg = cooperative_groups;
+typedef __nv_bfloat16 bf16;
+
+#define Q4G_ONES  0x3f803f80u   /* bf16x2 (1, 1) */
+#define Q4G_SMAX  8             /* most blocks per cluster */
+
+
+/* One chunk of a lane's loads: U word rows (k 8 wr .. 8 wr + 7) of its
+ * 4 columns in each of the 2 sub-tiles, the 8 inputs of each word row,
+ * and the chunk's group's zeros (one word per sub-tile) and scales (4
+ * fp16 per sub-tile). */
+template <int U>
+struct q4g_stage {
+    uint4    w[U][2];
+    uint4    x[U];
+    uint32_t z[2];
+    uint2    s[2];
+};
+
+
+/*
+ * The lane's pointers: weights of word row t of sub-tile s at
+ * w0[s] (uint4, advancing by Ntot / 4 per word row), inputs of word row
+ * t at x0 (uint4, 1 per word row), zeros / scales of group 0 at z0[s] /
+ * s0[s] (advancing by Ntot / 8 words / Ntot / 4 uint2 per group).
+ */
+struct q4g_ptrs {
+    const uint4    *w0[2];
+    const uint4    *x0;
+    const uint32_t *z0[2];
+    const uint2    *s0[2];
+    int             wstep;      /* uint4 per word row: Ntot / 4 */
+    int             zstep;      /* words per group: Ntot / 8 */
+    int             sstep;      /* uint2 per group: Ntot / 4 */
+};
+
+
+template <int U>
+__device__ __forceinline__ void
+q4g_load(q4g_stage<U> &st, const q4g_ptrs &p, int ch, int grp)
+{
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int wr = ch * 4 * U + 4 * u;   /* + t: in the pointers */
+
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            st.w[u][s] = __ldcs(p.w0[s] + (size_t) wr * p.wstep);
+        }
+        st.x[u] = __ldg(p.x0 + wr);
+    }
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        st.z[s] = __ldg(p.z0[s] + (size_t) grp * p.zstep);
+        st.s[s] = __ldg(p.s0[s] + (size_t) grp * p.sstep);
+    }
+}
+
+
+/* q4m_nib2 in one LOP3 ((w >> s) & 0x000f000f | 0x43004300): written
+ * as a 3-input lop3 so that the compiler does not split the two
+ * immediates into an AND and an OR (it did: 2 LOP3 per pair). */
+__device__ __forceinline__ uint32_t
+q4g_nib2(uint32_t w, int s)
+{
+    uint32_t d;
+
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n"
+        : "=r"(d) : "r"(w >> s), "r"(0x000f000fu), "r"(0x43004300u));
+    return d;
+}
+
+
+/*
+ * The chunk's products: for each word row, the input pairs (k0, k4),
+ * (k1, k5) [slots 2t, 2t+1 / 2t+8, 2t+9 of the first mma] and (k2, k6),
+ * (k3, k7) [the second]; sub-tile s, m-tile mt: columns 4 g + 2 mt (rows
+ * g) and 4 g + 2 mt + 1 (rows g + 8), their nibble pairs in the same
+ * slots; sigma from the all-ones A with the same B.
+ */
+template <int U>
+__device__ __forceinline__ void
+q4g_mma(const uint4 (&w)[U][2], const uint4 (&x)[U], float (&c)[2][2][4],
+    float (&sg)[4])
+{
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const uint4    xv = x[u];
+        const uint32_t b00 = __byte_perm(xv.x, xv.z, 0x5410);
+        const uint32_t b01 = __byte_perm(xv.x, xv.z, 0x7632);
+        const uint32_t b10 = __byte_perm(xv.y, xv.w, 0x5410);
+        const uint32_t b11 = __byte_perm(xv.y, xv.w, 0x7632);
+
+        moe_mma_bf16(sg, Q4G_ONES, Q4G_ONES, Q4G_ONES, Q4G_ONES, b00, b01);
+        moe_mma_bf16(sg, Q4G_ONES, Q4G_ONES, Q4G_ONES, Q4G_ONES, b10, b11);
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            const uint32_t w4[4] = { w[u][s].x, w[u][s].y, w[u][s].z,
+                                     w[u][s].w };
+
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const uint32_t wa = w4[2 * mt], wb = w4[2 * mt + 1];
+
+                moe_mma_bf16(c[s][mt], q4g_nib2(wa, 0), q4g_nib2(wb, 0),
+                             q4g_nib2(wa, 4), q4g_nib2(wb, 4), b00, b01);
+                moe_mma_bf16(c[s][mt], q4g_nib2(wa, 8), q4g_nib2(wb, 8),
+                             q4g_nib2(wa, 12), q4g_nib2(wb, 12), b10, b11);
+            }
+        }
+    }
+}
+
+
+__device__ __forceinline__ float
+q4g_h2f(uint32_t v, int hi)
+{
+    return __half2float(__ushort_as_half(
+        (unsigned short) (hi ? v >> 16 : v & 0xffffu)));
+}
+
+
+/*
+ * The group's end: y += scale * (c - (128 + z + zero_bias) sigma) for the
+ * lane's 8 columns (c[s][mt][0..1]: column 4 g + 2 mt, rows 2t, 2t+1;
+ * [2..3]: the next column), then c and sigma restart.  zsh[s]: the bit
+ * of the lane's first zero in its word (0 or 16).
+ */
+__device__ __forceinline__ void
+q4g_fold(const uint32_t (&z)[2], const uint2 (&sc)[2], const int (&zsh)[2],
+    int zero_bias, float (&c)[2][2][4], float (&sg)[4], float (&y)[2][2][4])
+{
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        const uint32_t zw = z[s] >> zsh[s];
+
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            const uint32_t sw = mt ? sc[s].y : sc[s].x;
+            const float    z0 = (float) (int) (128u + ((zw >> (8 * mt))
+                                                       & 15u))
+                                + (float) zero_bias;
+            const float    z1 = (float) (int) (128u + ((zw >> (8 * mt + 4))
+                                                       & 15u))
+                                + (float) zero_bias;
+            const float    s0 = q4g_h2f(sw, 0), s1 = q4g_h2f(sw, 1);
+            float (&cm)[4] = c[s][mt];
+
+            y[s][mt][0] += s0 * fmaf(-z0, sg[0], cm[0]);
+            y[s][mt][1] += s0 * fmaf(-z0, sg[1], cm[1]);
+            y[s][mt][2] += s1 * fmaf(-z1, sg[2], cm[2]);
+            y[s][mt][3] += s1 * fmaf(-z1, sg[3], cm[3]);
+            cm[0] = cm[1] = cm[2] = cm[3] = 0.0f;
+        }
+    }
+    sg[0] = sg[1] = sg[2] = sg[3] = 0.0f;
+}
+
+
+/*
+ * The end of a pass: the warps' partial sums y (per lane: sub-tile s,
+ * m-tile mt, i) added in shared memory, then the ranks' through
+ * distributed shared memory, each in a fixed order, and written: Y
+ * (MR 1) or H = bf16(silu(gate) * up) (MR 2) for rows p0 .. < r1.
+ */
+template <int MR, int NW, int AN>
+__device__ __forceinline__ void
+q4g_reduce(float (&red)[NW][16][32], const float (&y)[2][2][4],
+    cg::cluster_group &cl, int warp, int lane, int S, int rank, int p0,
+    int r1, int cb0, int cb1, float *Y, bf16 *H, int ldy)
+{
+    /* AN 1: the warps' outputs are distinct columns (warp w's tile is
+     * this warp's + w - warp); AN 0: the warps' sums first */
+    const int F = MR == 2 ? 8 : 16;     /* outputs per lane written */
+    const int NO = AN ? NW : 1;         /* warps whose outputs differ */
+
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                red[warp][(s * 2 + mt) * 4 + i][lane] = y[s][mt][i];
+            }
+        }
+    }
+    __syncthreads();
+    if (!AN) {
+        for (int idx = (int) threadIdx.x; idx < 16 * 32; idx += NW * 32) {
+            float v = 0.0f;
+
+            for (int w = 0; w < NW; w++) {
+                v += red[w][idx / 32][idx % 32];
+            }
+            red[0][idx / 32][idx % 32] = v;
+        }
+    }
+    cl.sync();                              /* every rank's block sum */
+    for (int idx = rank * NW * 32 + (int) threadIdx.x;
+         idx < NO * F * 32; idx += S * NW * 32)
+    {
+        const int w = idx / (F * 32), fl = idx % (F * 32);
+        const int f = fl / 32, l = fl % 32, i = f % 4;
+        const int mt = (f / 4) % 2, s = f / 8;
+        const int lg = l >> 2, lt = l & 3;
+        const int row = p0 + 2 * lt + (i & 1);
+        const int dc = AN ? (w - warp) * (MR == 2 ? 32 : 64) : 0;
+        const int col = (s ? cb1 : cb0) + dc + 4 * lg + 2 * mt + (i >> 1);
+        float     v = 0.0f, u = 0.0f;
+
+        for (int rk = 0; rk < S; rk++) {
+            const float *rs = cl.map_shared_rank(&red[w][0][0], rk);
+
+            v += rs[fl];
+            if (MR == 2) {
+                u += rs[fl + 8 * 32];
+            }
+        }
+        if (row < r1) {
+            if (MR == 1) {
+                Y[(size_t) row * ldy + col] = v;
+            } else {
+                H[(size_t) row * ldy + col] =
+                    moe_f2bf(v / (1.0f + expf(-v)) * u);
+            }
+        }
+    }
+    cl.sync();                          /* red free for the next pass */
+}
+
+
+/*
+ * grid (column tiles, expert groups, S), cluster (1, 1, S), NW warps.
+ * MR 1: tile x = columns 64 x .. 64 x + 63 of Y (n, Ntot), sub-tiles of
+ * 32.  MR 2: Ntot = 2 F stacked gate|up, tile x = gate columns 32 x ..
+ * + 31 (sub-tile 0) and the same up columns F + 32 x .. (sub-tile 1); H
+ * (n, F), leading dimension ldy.  U: word rows per lane per chunk
+ * (chunk = 32 U k, G % (32 U) == 0).
+ */
+template <int MR, int U, int NW, int MINB, int AN>
+__global__ void __launch_bounds__(NW * 32, MINB)
+kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const uint32_t *qweight, const uint32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+{
+    moe_pdl_enter();
+    __shared__ float  red[NW][16][32];
+
+    cg::cluster_group cl = cg::this_cluster();
+    const int         lane = (int) threadIdx.x & 31;
+    const int         warp = (int) threadIdx.x >> 5;
+    const int         g = lane >> 2, t = lane & 3;
+    const int         S = (int) gridDim.z;
+    const int         rank = (int) cl.block_rank();
+    const int         KG = K / G, cpg = G / (32 * U);
+    /* AN 0: the block's warps split the tile's K range; AN 1: each warp
+     * has its own tile (the block's NW tiles adjacent along N, so a word
+     * row is read as NW x 256 contiguous bytes) and the whole K range of
+     * its rank */
+    const int         pw = AN ? (int) blockIdx.z : (int) blockIdx.z * NW + warp;
+    const int         pn = AN ? S : S * NW;
+    const int         g0 = (int) ((int64_t) KG * pw / pn);
+    const int         g1 = (int) ((int64_t) KG * (pw + 1) / pn);
+    const int         ch0 = g0 * cpg, ch1 = g1 * cpg;
+    const int         Nh = Ntot / MR;
+    const int         tile = AN ? (int) blockIdx.x * NW + warp
+                                : (int) blockIdx.x;
+    int               r0, r1;
+    const int         e = q_group_rows(offs, E, n, &r0, &r1);
+
+    if (e < 0 || r1 <= r0) {
+        return;                 /* uniform over the cluster (same x, y) */
+    }
+
+    /* the tile's sub-tile columns, and this lane's 4 in each */
+    const int cb0 = MR == 2 ? tile * 32 : tile * 64;
+    const int cb1 = MR == 2 ? cb0 + Nh : cb0 + 32;
+    const int lc[2] = { cb0 + 4 * g, cb1 + 4 * g };
+    const int zsh[2] = { 4 * (lc[0] & 7), 4 * (lc[1] & 7) };
+    q4g_ptrs  p;
+
+    p.wstep = Ntot / 4;
+    p.zstep = Ntot / 8;
+    p.sstep = Ntot / 4;
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        p.w0[s] = reinterpret_cast<const uint4 *>(
+                      qweight + (size_t) e * (K / 8) * Ntot
+                      + (size_t) t * Ntot + lc[s]);
+        p.z0[s] = qzeros + (size_t) e * KG * (Ntot / 8) + lc[s] / 8;
+        p.s0[s] = reinterpret_cast<const uint2 *>(
+                      scales + (size_t) e * KG * Ntot + lc[s]);
+    }
+
+    for (int p0 = r0; p0 < r1; p0 += 8) {
+        /* the B column g: row p0 + g (the group's last row past its end) */
+        const int rr = min(p0 + g, r1 - 1);
+        float     y[2][2][4], c[2][2][4], sg[4];
+
+        p.x0 = reinterpret_cast<const uint4 *>(
+                   X + (size_t) (xrow != NULL ? xrow[rr] / xdiv : rr) * ldx)
+               + t;
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    y[s][mt][i] = c[s][mt][i] = 0.0f;
+                }
+            }
+        }
+        sg[0] = sg[1] = sg[2] = sg[3] = 0.0f;
+
+        if (ch0 < ch1) {
+            /* cpg 1 (G = 32 U, e.g. 128): every chunk is a group */
+            const bool   one = cpg == 1;
+            q4g_stage<U> A, B;
+
+            q4g_load<U>(A, p, ch0, one ? ch0 : ch0 / cpg);
+            for (int ch = ch0;; ch += 2) {
+                if (ch + 1 < ch1) {
+                    q4g_load<U>(B, p, ch + 1, one ? ch + 1 : (ch + 1) / cpg);
+                }
+                q4g_mma<U>(A.w, A.x, c, sg);
+                if (one || (ch + 1) % cpg == 0) {
+                    q4g_fold(A.z, A.s, zsh, zero_bias, c, sg, y);
+                }
+                if (ch + 1 >= ch1) {
+                    break;
+                }
+                if (ch + 2 < ch1) {
+                    q4g_load<U>(A, p, ch + 2, one ? ch + 2 : (ch + 2) / cpg);
+                }
+                q4g_mma<U>(B.w, B.x, c, sg);
+                if (one || (ch + 2) % cpg == 0) {
+                    q4g_fold(B.z, B.s, zsh, zero_bias, c, sg, y);
+                }
+                if (ch + 2 >= ch1) {
+                    break;
+                }
+            }
+        }
+
+        q4g_reduce<MR, NW, AN>(red, y, cl, warp, lane, S, rank, p0, r1, cb0, cb1,
+                           Y, H, ldy);
+    }
+}
+
+
+extern "C" int
+moe_cuda_q4g_supported(int G, int Ntot, int K, int silu)
+{
+    int Nh = silu ? Ntot / 2 : Ntot;
+
+    return G > 0 && G % 32 == 0 && K > 0 && K % G == 0 && Ntot > 0
+           && (silu ? Ntot % 2 == 0 && Nh % 32 == 0 : Nh % 64 == 0);
+}
+
+
+/*
+ * Blocks per cluster (K splits): the smallest power of two that fills
+ * half the resident block slots (bps per SM), while each warp keeps at
+ * least 4 groups.  On the H200 (bench/dev/quant_gemv, 2026-12-04) every
+ * split of a grid that already had a block per SM was slower: S 1 for
+ * the batch-1 down projection (128 blocks of 8 warps) 25.3 us against
+ * 28.8 at S 2; gate|up (224 blocks of 4 warps) 47.2 against 51.9.
+ */
+static int
+q4g_split(int64_t blocks, int KG, int nw, int bps)
+{
+    int64_t want = ((int64_t) moe_sm_count() * bps + 1) / 2;
+    int     S = 1;
+
+    while (S < Q4G_SMAX && blocks * S < want && 2 * 2 * S * nw <= KG) {
+        S *= 2;
+    }
+    return S;
+}
+
+
+/* One launch: grid (tiles, groups, S), the S blocks of a z column one
+ * cluster (PDL when moe_cuda_pdl_get()). */
+template <int MR, int U, int NW, int MINB, int AN>
+static int
+q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const uint32_t *qw, const uint32_t *qz,
+    const uint16_t *sc, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy,
+    cudaStream_t stream)
+{
+    cudaLaunchConfig_t  cfg = {};
+    cudaLaunchAttribute at[2] = {};
+
+    cfg.gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
+    cfg.blockDim = dim3((unsigned) (NW * 32));
+    cfg.stream = stream;
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = 1;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = (unsigned) S;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    if (moe_cuda_pdl_get()) {
+        at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[1].val.programmaticStreamSerializationAllowed = 1;
+        cfg.numAttrs = 2;
+    }
+    MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel_qgemv_q4g<MR, U, NW, MINB, AN>,
+                                      X, ldx, xrow, xdiv, qw, qz, sc, G,
+                                      zero_bias, Ntot, K, offs, E, n, Y, H,
+                                      ldy));
+    return MOE_K_OK;
+}
+
+
+/* The launch for chunk size U (G % (32 U) == 0) and block shape; AN 1
+ * (the warps on adjacent tiles) when the tiles divide among the warps,
+ * else AN 0. */
+template <int U, int NW, int MINB, int AN>
+static int
+q4g_go(int S_force, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const uint32_t *qw, const uint32_t *qz, const uint16_t *sc, int G,
+    int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
+{
+    const int MRv = H != NULL ? 2 : 1;
+    const int wt = MRv == 2 ? Ntot / 2 / 32 : Ntot / 64;  /* warp tiles */
+    const int an = AN && wt % NW == 0;
+    const int tiles = an ? wt / NW : wt;
+    const int ng = offs != NULL && n < E ? n : E;
+    int       S = S_force > 0 && S_force <= Q4G_SMAX ? S_force : 0;
+
+    if (S == 0) {
+        S = an ? q4g_split((int64_t) tiles * ng, K / G, 1, MINB)
+               : q4g_split((int64_t) tiles * ng, K / G, NW, MINB);
+    }
+#define Q4G_L  tiles, ng, S, X, ldx, xrow, xdiv, qw, qz, sc, G, zero_bias, \
+               Ntot, K, offs, E, n
+    if (an) {
+        return H != NULL
+               ? q4g_launch<2, U, NW, MINB, 1>(Q4G_L, NULL, H, ldy, stream)
+               : q4g_launch<1, U, NW, MINB, 1>(Q4G_L, Y, NULL, ldy, stream);
+    }
+    return H != NULL
+           ? q4g_launch<2, U, NW, MINB, 0>(Q4G_L, NULL, H, ldy, stream)
+           : q4g_launch<1, U, NW, MINB, 0>(Q4G_L, Y, NULL, ldy, stream);
+#undef Q4G_L
+}
+
+
+/* The chunk size for G: UMAX word rows per lane (32 UMAX k) when G
+ * allows, else fewer. */
+template <int UMAX, int NW, int MINB, int AN>
+static int
+q4g_pick_u(int S_force, const bf16 *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
+{
+#define Q4G_ARGS  S_force, X, ldx, xrow, xdiv, qw, qz, sc, G, zero_bias, \
+                  Ntot, K, offs, E, n, Y, H, ldy, stream
+    if (UMAX >= 4 && G % 128 == 0) {
+        return q4g_go<UMAX >= 4 ? 4 : 1, NW, MINB, AN>(Q4G_ARGS);
+    }
+    if (UMAX >= 2 && G % 64 == 0) {
+        return q4g_go<UMAX >= 2 ? 2 : 1, NW, MINB, AN>(Q4G_ARGS);
+    }
+    return q4g_go<1, NW, MINB, AN>(Q4G_ARGS);
+#undef Q4G_ARGS
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const int32_t *qweight, const int32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int shape, float *Y, int ldy,
+    moe_bf16_t *H, cudaStream_t stream)
+{
+    const bf16     *Xb = reinterpret_cast<const bf16 *>(X);
+    const uint32_t *qw = reinterpret_cast<const uint32_t *>(qweight);
+    const uint32_t *qz = reinterpret_cast<const uint32_t *>(qzeros);
+    bf16           *Hb = reinterpret_cast<bf16 *>(H);
+
+    if (n <= 0) {
+        return MOE_K_OK;
+    }
+    if (!moe_cuda_q4g_supported(G, Ntot, K, H != NULL) || ldx % 8 != 0
+        || E <= 0 || (offs == NULL && E != 1) || (H == NULL && Y == NULL)
+        || ((uintptr_t) X & 15u) != 0 || ((uintptr_t) qweight & 15u) != 0
+        || ((uintptr_t) scales & 7u) != 0 || ((uintptr_t) qzeros & 3u) != 0)
+    {
+        moe_cuda_set_error("qgemv_q4g: unsupported shape (N %d, K %d, group "
+                           "%d, ldx %d, E %d, %s)", Ntot, K, G, ldx, E,
+                           H != NULL ? "SiLU fused" : "fp32 out");
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (H != NULL) {
+        ldy = Ntot / 2;
+    }
+#define Q4G_ARGS  0, Xb, ldx, xrow, xdiv, qw, qz, scales, G, zero_bias, \
+                  Ntot, K, offs, E, n, Y, Hb, ldy, stream
+    switch (shape) {
+    case 1:
+        return q4g_pick_u<4, 8, 1, 0>(Q4G_ARGS);
+    case 2:
+        return q4g_pick_u<2, 4, 3, 0>(Q4G_ARGS);
+    case 3:
+        return q4g_pick_u<4, 4, 2, 0>(Q4G_ARGS);
+    case 4:
+        return q4g_pick_u<4, 4, 2, 1>(Q4G_ARGS);
+    case 5:
+        return q4g_pick_u<4, 2, 4, 1>(Q4G_ARGS);
+    case 6:
+        return q4g_pick_u<4, 8, 1, 1>(Q4G_ARGS);
+    default:
+        break;
+    }
+    /* the shipped shapes (bench/dev/quant_gemv, H200, 2026-12-04: one
+     * Mixtral layer at 1 and 2 rows per expert): gate|up with SiLU on
+     * adjacent warp tiles (47-50 us, 157 us at 2 rows x 8 experts);
+     * grids of at most a block per SM at 8 warps (the batch-1 down
+     * projection: 25-29 us), larger ones at 4 warps x 2 (down at 2 rows
+     * x 8 experts: 82 us) */
+    if (H != NULL) {
+        return q4g_pick_u<4, 4, 2, 1>(Q4G_ARGS);
+    }
+    if ((int64_t) (Ntot / 64) * (offs != NULL && n < E ? n : E)
+        <= moe_sm_count())
+    {
+        return q4g_pick_u<4, 8, 1, 0>(Q4G_ARGS);
+    }
+    return q4g_pick_u<4, 4, 2, 0>(Q4G_ARGS);
+#undef Q4G_ARGS
+}
