@@ -63,6 +63,8 @@ typedef __nv_bfloat16 bf16;
 
 #define Q4G_ONES  0x3f803f80u   /* bf16x2 (1, 1) */
 #define Q4G_SMAX  8             /* most blocks per cluster */
+#define Q4G_PA    1             /* L2 prefetch: chunks past the register
+                                   stages (0: none; 1 measured best) */
 
 
 /* One chunk of a lane's loads: U word rows (k 8 wr .. 8 wr + 7) of its
@@ -302,9 +304,12 @@ __global__ void __launch_bounds__(NW * 32, MINB)
 kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint32_t *qweight, const uint32_t *qzeros,
     const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
-    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy, int pa)
 {
-    moe_pdl_enter();
+    /* register stages: chunk c + ST - 1 loads while c is multiplied (a
+     * third stage, inputs loaded at use to make room, measured slower:
+     * kernels/NOTES.md) */
+    constexpr int     ST = 2;
     __shared__ float  red[NW][16][32];
 
     cg::cluster_group cl = cg::this_cluster();
@@ -326,16 +331,36 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int         Nh = Ntot / MR;
     const int         tile = AN ? (int) blockIdx.x * NW + warp
                                 : (int) blockIdx.x;
+    /* the tile's sub-tile columns */
+    const int         cb0 = MR == 2 ? tile * 32 : tile * 64;
+    const int         cb1 = MR == 2 ? cb0 + Nh : cb0 + 32;
+    /* L2 prefetch of the chunk pa past the register stages (the one
+     * multiplied + ST - 1 + pa; pa 0: none): lane l fetches the 128-byte
+     * line of word row l % 4U, sub-tile l / 4U of a chunk (4 U rows x 2
+     * sub-tiles: U 4 one line a lane) */
+    const int         pf = pa > 0 ? ST - 1 + pa : 0;
+    const int         pr = lane % (4 * U), ps = (lane / (4 * U)) & 1;
+    const size_t      pfstep = (size_t) 4 * U * Ntot;
+    const uint32_t   *pfb = qweight + (size_t) pr * Ntot + (ps ? cb1 : cb0);
     int               r0, r1;
+
+    if (offs == NULL) {
+        /* one matrix: its weights are known before the kernel this one
+         * waits for has finished (weights are never written) */
+        for (int c = ch0; c < ch1 && c < ch0 + pf; c++) {
+            moe_prefetch_l2(pfb + (size_t) c * pfstep);
+        }
+    }
+    moe_pdl_enter();
+
     const int         e = q_group_rows(offs, E, n, &r0, &r1);
 
     if (e < 0 || r1 <= r0) {
         return;                 /* uniform over the cluster (same x, y) */
     }
 
-    /* the tile's sub-tile columns, and this lane's 4 in each */
-    const int cb0 = MR == 2 ? tile * 32 : tile * 64;
-    const int cb1 = MR == 2 ? cb0 + Nh : cb0 + 32;
+    /* this lane's 4 columns in each sub-tile */
+    const uint32_t *pfe = pfb + (size_t) e * (K / 8) * Ntot;
     const int lc[2] = { cb0 + 4 * g, cb1 + 4 * g };
     const int zsh[2] = { 4 * (lc[0] & 7), 4 * (lc[1] & 7) };
     q4g_ptrs  p;
@@ -376,29 +401,39 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         if (ch0 < ch1) {
             /* cpg 1 (G = 32 U, e.g. 128): every chunk is a group */
             const bool   one = cpg == 1;
-            q4g_stage<U> A, B;
+            q4g_stage<U> st[ST];
 
-            q4g_load<U>(A, p, ch0, one ? ch0 : ch0 / cpg);
-            for (int ch = ch0;; ch += 2) {
-                if (ch + 1 < ch1) {
-                    q4g_load<U>(B, p, ch + 1, one ? ch + 1 : (ch + 1) / cpg);
+#pragma unroll
+            for (int j = 0; j < ST - 1; j++) {
+                if (ch0 + j < ch1) {
+                    q4g_load<U>(st[j], p, ch0 + j,
+                                one ? ch0 + j : (ch0 + j) / cpg);
                 }
-                q4g_mma<U>(A.w, A.x, c, sg);
-                if (one || (ch + 1) % cpg == 0) {
-                    q4g_fold(A.z, A.s, zsh, zero_bias, c, sg, y);
+            }
+            if (offs != NULL || p0 > r0) {
+                for (int cc = ch0 + ST; cc < ch1 && cc < ch0 + pf; cc++) {
+                    moe_prefetch_l2(pfe + (size_t) cc * pfstep);
                 }
-                if (ch + 1 >= ch1) {
-                    break;
-                }
-                if (ch + 2 < ch1) {
-                    q4g_load<U>(A, p, ch + 2, one ? ch + 2 : (ch + 2) / cpg);
-                }
-                q4g_mma<U>(B.w, B.x, c, sg);
-                if (one || (ch + 2) % cpg == 0) {
-                    q4g_fold(B.z, B.s, zsh, zero_bias, c, sg, y);
-                }
-                if (ch + 2 >= ch1) {
-                    break;
+            }
+            for (int ch = ch0; ch < ch1; ch += ST) {
+#pragma unroll
+                for (int j = 0; j < ST; j++) {
+                    const int cj = ch + j, cn = cj + ST - 1;
+
+                    if (cj >= ch1) {
+                        break;
+                    }
+                    if (cn < ch1) {
+                        q4g_load<U>(st[(j + ST - 1) % ST], p, cn,
+                                    one ? cn : cn / cpg);
+                    }
+                    if (pf > 0 && cj + pf < ch1) {
+                        moe_prefetch_l2(pfe + (size_t) (cj + pf) * pfstep);
+                    }
+                    q4g_mma<U>(st[j].w, st[j].x, c, sg);
+                    if (one || (cj + 1) % cpg == 0) {
+                        q4g_fold(st[j].z, st[j].s, zsh, zero_bias, c, sg, y);
+                    }
                 }
             }
         }
@@ -447,7 +482,7 @@ static int
 q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const uint32_t *qw, const uint32_t *qz,
     const uint16_t *sc, int G, int zero_bias, int Ntot, int K,
-    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy, int pa,
     cudaStream_t stream)
 {
     cudaLaunchConfig_t  cfg = {};
@@ -470,7 +505,7 @@ q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel_qgemv_q4g<MR, U, NW, MINB, AN>,
                                       X, ldx, xrow, xdiv, qw, qz, sc, G,
                                       zero_bias, Ntot, K, offs, E, n, Y, H,
-                                      ldy));
+                                      ldy, pa));
     return MOE_K_OK;
 }
 
@@ -480,7 +515,7 @@ q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
  * else AN 0. */
 template <int U, int NW, int MINB, int AN>
 static int
-q4g_go(int S_force, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+q4g_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint32_t *qw, const uint32_t *qz, const uint16_t *sc, int G,
     int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
     float *Y, bf16 *H, int ldy, cudaStream_t stream)
@@ -500,12 +535,12 @@ q4g_go(int S_force, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                Ntot, K, offs, E, n
     if (an) {
         return H != NULL
-               ? q4g_launch<2, U, NW, MINB, 1>(Q4G_L, NULL, H, ldy, stream)
-               : q4g_launch<1, U, NW, MINB, 1>(Q4G_L, Y, NULL, ldy, stream);
+               ? q4g_launch<2, U, NW, MINB, 1>(Q4G_L, NULL, H, ldy, pa, stream)
+               : q4g_launch<1, U, NW, MINB, 1>(Q4G_L, Y, NULL, ldy, pa, stream);
     }
     return H != NULL
-           ? q4g_launch<2, U, NW, MINB, 0>(Q4G_L, NULL, H, ldy, stream)
-           : q4g_launch<1, U, NW, MINB, 0>(Q4G_L, Y, NULL, ldy, stream);
+           ? q4g_launch<2, U, NW, MINB, 0>(Q4G_L, NULL, H, ldy, pa, stream)
+           : q4g_launch<1, U, NW, MINB, 0>(Q4G_L, Y, NULL, ldy, pa, stream);
 #undef Q4G_L
 }
 
@@ -514,12 +549,13 @@ q4g_go(int S_force, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
  * allows, else fewer. */
 template <int UMAX, int NW, int MINB, int AN>
 static int
-q4g_pick_u(int S_force, const bf16 *X, int ldx, const int32_t *xrow,
+q4g_pick_u(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
     int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
     float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
-#define Q4G_ARGS  S_force, X, ldx, xrow, xdiv, qw, qz, sc, G, zero_bias, \
+#define Q4G_ARGS  S_force, pa, X, ldx, xrow, xdiv, qw, qz, sc, G, \
+                  zero_bias, \
                   Ntot, K, offs, E, n, Y, H, ldy, stream
     if (UMAX >= 4 && G % 128 == 0) {
         return q4g_go<UMAX >= 4 ? 4 : 1, NW, MINB, AN>(Q4G_ARGS);
@@ -532,11 +568,14 @@ q4g_pick_u(int S_force, const bf16 *X, int ldx, const int32_t *xrow,
 }
 
 
-extern "C" int
-moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
-    int xdiv, const int32_t *qweight, const int32_t *qzeros,
-    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
-    const int32_t *offs, int E, int n, int shape, float *Y, int ldy,
+/* moe_cuda_qgemv_q4g with the cluster size (0: picked) and the L2
+ * prefetch (chunks past the register stages, 0: none) forced
+ * (bench/dev/quant_gemv). */
+static int
+q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
+    int Ntot, int K, const int32_t *offs, int E, int n, float *Y, int ldy,
     moe_bf16_t *H, cudaStream_t stream)
 {
     const bf16     *Xb = reinterpret_cast<const bf16 *>(X);
@@ -560,7 +599,8 @@ moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     if (H != NULL) {
         ldy = Ntot / 2;
     }
-#define Q4G_ARGS  0, Xb, ldx, xrow, xdiv, qw, qz, scales, G, zero_bias, \
+#define Q4G_ARGS  S_force, pa, Xb, ldx, xrow, xdiv, qw, qz, scales, G, \
+                  zero_bias, \
                   Ntot, K, offs, E, n, Y, Hb, ldy, stream
     switch (shape) {
     case 1:
@@ -579,19 +619,31 @@ moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
         break;
     }
     /* the shipped shapes (bench/dev/quant_gemv, H200, 2026-12-04: one
-     * Mixtral layer at 1 and 2 rows per expert): gate|up with SiLU on
-     * adjacent warp tiles (47-50 us, 157 us at 2 rows x 8 experts);
-     * grids of at most a block per SM at 8 warps (the batch-1 down
-     * projection: 25-29 us), larger ones at 4 warps x 2 (down at 2 rows
-     * x 8 experts: 82 us) */
-    if (H != NULL) {
+     * Mixtral layer at 1 and 2 rows per expert): adjacent warp tiles at
+     * 4 warps x 2 blocks per SM for gate|up with SiLU (43.6 us at 1 row
+     * x 2 experts, 154 at 2 rows x 8) and for grids of more than a block
+     * per SM (down at 2 rows x 8 experts: 77.5 us, 81.3 with the warps
+     * splitting K); smaller grids split K over 8 warps (the batch-1 down
+     * projection: 22.3 us, 34 on adjacent tiles) */
+    if (H != NULL
+        || (int64_t) (Ntot / 64) * (offs != NULL && n < E ? n : E)
+           > moe_sm_count())
+    {
         return q4g_pick_u<4, 4, 2, 1>(Q4G_ARGS);
     }
-    if ((int64_t) (Ntot / 64) * (offs != NULL && n < E ? n : E)
-        <= moe_sm_count())
-    {
-        return q4g_pick_u<4, 8, 1, 0>(Q4G_ARGS);
-    }
-    return q4g_pick_u<4, 4, 2, 0>(Q4G_ARGS);
+    return q4g_pick_u<4, 8, 1, 0>(Q4G_ARGS);
 #undef Q4G_ARGS
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const int32_t *qweight, const int32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int shape, float *Y, int ldy,
+    moe_bf16_t *H, cudaStream_t stream)
+{
+    return q4g_run(shape, 0, Q4G_PA, X, ldx, xrow, xdiv, qweight, qzeros,
+                   scales, G, zero_bias, Ntot, K, offs, E, n, Y, ldy, H,
+                   stream);
 }

@@ -129,7 +129,8 @@ dev_shape(int fmt, int w13, int rows)
     {
         /* the GEMV by quantization group (kernels/q4_group.cu) on GPTQ's
          * layout (AWQ: a repacked copy, zero bias 0), block shapes 0
-         * (shipped) .. 6, the cluster size picked; shape 4 with S forced;
+         * (shipped) .. 6, the cluster size picked; shape 0 with S forced, and
+         * with the L2 prefetch (chunks past the register stages, pa);
          * for gate|up with SiLU fused too */
         uint32_t *qg = (uint32_t *) qw, *zg = (uint32_t *) qz;
         int       zb = fmt == MOE_K_Q4_AWQ ? 0 : 1;
@@ -162,13 +163,20 @@ dev_shape(int fmt, int w13, int rows)
                      sh == 0 ? " (shipped)" : "");
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
         }
-        for (int S = 1; S <= 8; S *= 2) {
+        /* shape 0 with the cluster size forced (pf 0), then with the L2
+         * prefetch distance (chunks ahead; S picked) */
+        for (int v = 1; v <= 9; v++) {
+            static const int pas[5] = { 0, 2, 3, 4, 6 };
+            int S = v <= 4 ? 1 << (v - 1) : 0, pf = v <= 4 ? 1 : pas[v - 5];
+
             ms = dev_time(iters, [&]() {
-                return q4g_pick_u<4, 4, 2, 1>(S, X, K, NULL, 1, qg, zg, sc, G,
-                                           zb, N, K, d_offs, E, n, out,
-                                           NULL, N, 0);
+                return q4g_run(0, S, pf, (const moe_bf16_t *) X, K, NULL, 1,
+                               (const int32_t *) qg, (const int32_t *) zg,
+                               sc, G, zb, N, K, d_offs, E, n, out, N, NULL,
+                               0);
             });
-            snprintf(name, sizeof(name), "by group, shape 4, S %d", S);
+            snprintf(name, sizeof(name), "by group, shape 0, S %d, pa %d",
+                     S, pf);
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
         }
         if (w13 == 1) {
