@@ -7,6 +7,8 @@
 #include "common.cuh"
 #include "moe_permute.cuh"
 #include "moe_permute.h"
+#include "moe_route.cuh"
+#include "moe_route.h"
 
 #define PERM_THREADS 256
 
@@ -90,14 +92,13 @@ kernel_moe_scatter(const int32_t *sel, int n, const int32_t *counts,
 #define PERM_ONE    1024
 #define PERM_MAX_E  256
 
-__global__ void __launch_bounds__(PERM_ONE)
-kernel_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
-    int32_t *erow, int32_t *slot_of, unsigned long long *tot)
+/* The body of kernel_moe_permute for a block of PERM_ONE threads (cnt,
+ * base: PERM_MAX_E ints, wcnt: PERM_ONE / 32 x PERM_MAX_E, all shared). */
+__device__ __forceinline__ void
+moe_permute_block(const int32_t *sel, int n, int E, int32_t *offs,
+    int32_t *erow, int32_t *slot_of, unsigned long long *tot, int *cnt,
+    int *base, int (*wcnt)[PERM_MAX_E])
 {
-    moe_pdl_enter();
-    __shared__ int cnt[PERM_MAX_E];
-    __shared__ int base[PERM_MAX_E];
-    __shared__ int wcnt[PERM_ONE / 32][PERM_MAX_E];
     int            lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
@@ -157,6 +158,51 @@ kernel_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
         }
         __syncthreads();        /* wcnt read, base updated */
     }
+}
+
+
+__global__ void __launch_bounds__(PERM_ONE)
+kernel_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
+    int32_t *erow, int32_t *slot_of, unsigned long long *tot)
+{
+    moe_pdl_enter();
+    __shared__ int cnt[PERM_MAX_E];
+    __shared__ int base[PERM_MAX_E];
+    __shared__ int wcnt[PERM_ONE / 32][PERM_MAX_E];
+
+    moe_permute_block(sel, n, E, offs, erow, slot_of, tot, cnt, base, wcnt);
+}
+
+
+/*
+ * The router's top-k (moe_route.cuh, one warp per token) and the
+ * permutation in one launch for steps of up to PERM_ONE / 32 tokens:
+ * one launch fewer per routed layer at decode.  The warps' logits and
+ * the permutation's per-warp counts share one shared buffer (used one
+ * after the other).
+ */
+__global__ void __launch_bounds__(PERM_ONE)
+kernel_route_topk_permute(const float *logits, int T, int E, int K,
+    int renorm, int32_t *sel, float *selw, float *margin, int32_t *offs,
+    int32_t *erow, int32_t *slot_of, unsigned long long *tot)
+{
+    moe_pdl_enter();
+    __shared__ int   cnt[PERM_MAX_E];
+    __shared__ int   base[PERM_MAX_E];
+    __shared__ union {
+        float lg[PERM_ONE / 32][ROUTE_MAX_E];
+        int   wcnt[PERM_ONE / 32][PERM_MAX_E];
+    } u;
+    int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    if (warp < T) {
+        moe_route_topk_warp(logits, warp, E, K, renorm, sel, selw, margin,
+                            u.lg[warp], lane);
+    }
+    __syncthreads();            /* sel written (global, this block) and
+                                 * u.lg read before it becomes wcnt */
+    moe_permute_block(sel, T * K, E, offs, erow, slot_of, tot, cnt, base,
+                      u.wcnt);
 }
 
 
@@ -309,5 +355,26 @@ moe_cuda_moe_unpermute(const float *ye, int D, const int32_t *sel,
     }
     MOE_CUDA_CHECK(moe_launch(kernel_moe_unpermute, T, 256, 0, stream, ye, D,
         sel, selw, slot_of, K, out));
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_route_permute(const float *xf, int T, int D, const float *router,
+    int E, int K, int renorm, float *logits, int32_t *sel, float *selw,
+    float *margin, int32_t *offs, int32_t *erow, int32_t *slot_of,
+    int64_t *tot, cudaStream_t stream)
+{
+    if (T <= 0 || T > PERM_ONE / 32 || E > PERM_MAX_E) {
+        MOE_TRY(moe_cuda_route(xf, T, D, router, E, K, renorm, logits, sel,
+                               selw, margin, stream));
+        return T <= 0 ? MOE_K_OK
+                      : moe_cuda_moe_permute(sel, T * K, E, offs, erow,
+                                             slot_of, tot, stream);
+    }
+    MOE_TRY(moe_cuda_route_logits(xf, T, D, router, E, K, logits, stream));
+    MOE_CUDA_CHECK(moe_launch(kernel_route_topk_permute, 1, PERM_ONE, 0,
+        stream, logits, T, E, K, renorm, sel, selw, margin, offs, erow,
+        slot_of, reinterpret_cast<unsigned long long *>(tot)));
     return MOE_K_OK;
 }

@@ -31,6 +31,17 @@ int moe_cuda_moe_scatter(const int32_t *sel, int n, int E,
 int moe_cuda_moe_permute(const int32_t *sel, int n, int E, int32_t *offs,
     int32_t *erow, int32_t *slot_of, int64_t *tot, cudaStream_t stream);
 
+/*
+ * moe_cuda_route (moe_route.h) then moe_cuda_moe_permute of its T * K
+ * choices, the same outputs bit for bit; steps of up to 32 tokens (E <=
+ * 256) run the top-k and the permutation as one launch (two in all
+ * instead of three).
+ */
+int moe_cuda_route_permute(const float *xf, int T, int D, const float *router,
+    int E, int K, int renorm, float *logits, int32_t *sel, float *selw,
+    float *margin, int32_t *offs, int32_t *erow, int32_t *slot_of,
+    int64_t *tot, cudaStream_t stream);
+
 /* xe[r, :] = xb[erow[r] / K, :] for r < n; xb, xe: (*, D) bf16. */
 int moe_cuda_moe_gather(const moe_bf16_t *xb, int D, const int32_t *erow,
     int K, int n, moe_bf16_t *xe, cudaStream_t stream);

@@ -17,9 +17,9 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "moe_route.cuh"
 #include "moe_route.h"
 
-#define ROUTE_MAX_E    256
 #define ROUTE_RT       8           /* tokens per logits block */
 #define ROUTE_THREADS  256
 #define TOPK_WARPS     4           /* tokens per top-k block */
@@ -185,83 +185,18 @@ kernel_route_topk(const float *logits, int T, int E, int K, int renorm,
     __shared__ float lgs[TOPK_WARPS][ROUTE_MAX_E];
     int              lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int              t = blockIdx.x * TOPK_WARPS + warp;
-    float           *lg = lgs[warp];
 
     if (t >= T) {
         return;                 /* uniform over the warp; no block barrier */
     }
-    for (int e = lane; e < E; e += 32) {
-        lg[e] = logits[(size_t) t * E + e];
-    }
-    __syncwarp();
-
-    float mx = -INFINITY, sum = 0.0f, ksum = 0.0f;
-
-    for (int e = lane; e < E; e += 32) {
-        mx = fmaxf(mx, lg[e]);
-    }
-    mx = moe_warp_max(mx);
-    for (int e = lane; e < E; e += 32) {
-        sum += expf(lg[e] - mx);
-    }
-    sum = moe_warp_sum(sum);
-    for (int e = lane; e < E; e += 32) {
-        lg[e] = expf(lg[e] - mx) / sum;
-    }
-    __syncwarp();
-    float pk = 0.0f;
-    int   rounds = margin != NULL && K < E ? K + 1 : K;
-
-    for (int k = 0; k < rounds; k++) {
-        float bv = -INFINITY;
-        int   be = -1;
-
-        for (int e = lane; e < E; e += 32) {
-            if (lg[e] > bv || (be < 0 && lg[e] >= bv)) {
-                bv = lg[e];
-                be = e;
-            }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int   oe = __shfl_xor_sync(0xffffffffu, be, o);
-
-            if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) {
-                bv = ov;
-                be = oe;
-            }
-        }
-        if (k == K) {           /* the (K+1)-th: margin only */
-            if (lane == 0) {
-                margin[t] = pk - bv;
-            }
-            break;
-        }
-        pk = bv;
-        __syncwarp();           /* all lanes read lg before it changes */
-        if (lane == 0) {
-            sel[(size_t) t * K + k] = be;
-            selw[(size_t) t * K + k] = bv;
-            lg[be] = -INFINITY;     /* taken */
-        }
-        ksum += bv;
-        __syncwarp();
-    }
-    if (margin != NULL && K == E && lane == 0) {
-        margin[t] = 1.0f;
-    }
-    __syncwarp();               /* lane 0's selw stores are visible */
-    for (int k = lane; renorm && k < K; k += 32) {
-        selw[(size_t) t * K + k] /= ksum;
-    }
+    moe_route_topk_warp(logits, t, E, K, renorm, sel, selw, margin,
+                        lgs[warp], lane);
 }
 
 
 extern "C" int
-moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
-    int K, int renorm, float *logits, int32_t *sel, float *selw, float *margin,
-    cudaStream_t stream)
+moe_cuda_route_logits(const float *xf, int T, int D, const float *router,
+    int E, int K, float *logits, cudaStream_t stream)
 {
     dim3 grid;
 
@@ -293,6 +228,19 @@ moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
     } else {
         MOE_CUDA_CHECK(moe_launch(kernel_route_logits<false>, grid,
             ROUTE_THREADS, 0, stream, xf, T, D, router, E, logits));
+    }
+    return MOE_K_OK;
+}
+
+
+extern "C" int
+moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
+    int K, int renorm, float *logits, int32_t *sel, float *selw, float *margin,
+    cudaStream_t stream)
+{
+    MOE_TRY(moe_cuda_route_logits(xf, T, D, router, E, K, logits, stream));
+    if (T <= 0) {
+        return MOE_K_OK;
     }
     MOE_CUDA_CHECK(moe_launch(kernel_route_topk,
         (T + TOPK_WARPS - 1) / TOPK_WARPS, TOPK_WARPS * 32, 0, stream, logits,

@@ -21,6 +21,11 @@ extern "C" {
 int moe_cuda_route(const float *xf, int T, int D, const float *router, int E,
     int K, int renorm, float *logits, int32_t *sel, float *selw, float *margin,
     cudaStream_t stream);
+
+/* The first of moe_cuda_route's launches alone: logits (T, E) (the same
+ * checks and refusals). */
+int moe_cuda_route_logits(const float *xf, int T, int D, const float *router,
+    int E, int K, float *logits, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -3694,12 +3694,15 @@ cb_ffn(cuda_backend_t *b, int l, int T)
                     b->xb, E > 1 || hp->shared_ffn_dim > 0 ? b->xf : NULL));
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
     if (routed) {
-        MOE_TRY(moe_cuda_route(b->xf, T, D, b->router + (size_t) l * E * D,
-                               E, K, !hp->router_no_renorm, b->rlogits, sel,
-                               b->selw, b->margin + (size_t) l * b->cap, s));
-        MOE_TRY(moe_cuda_moe_permute(sel, T * K, E, b->offs, b->erow,
-                                     b->slot_of,
-                                     b->d_ecounts + (size_t) l * E, s));
+        /* router, top-k and the permutation by expert (two launches up
+         * to 32 tokens, three above) */
+        MOE_TRY(moe_cuda_route_permute(b->xf, T, D,
+                                       b->router + (size_t) l * E * D, E, K,
+                                       !hp->router_no_renorm, b->rlogits, sel,
+                                       b->selw,
+                                       b->margin + (size_t) l * b->cap,
+                                       b->offs, b->erow, b->slot_of,
+                                       b->d_ecounts + (size_t) l * E, s));
     }
 
     if (b->dense_slot[l] >= 0) {

@@ -6,6 +6,9 @@
  * and GQA, several head dims, sliding window, shuffled block tables,
  * garbage in positions past each query), SiLU*up, routing (softmax/top-k/
  * renormalise), permute/count/gather/un-permute, the one-launch permute,
+ * the router + top-k + permutation of moe_cuda_route_permute bit for bit
+ * those of moe_cuda_route then moe_cuda_moe_permute (the fused top-k +
+ * permute launch up to 32 tokens, the separate ones above),
  * the grouped tensor-core GEMV (gathered rows, empty groups, several
  * passes, fused SiLU), cuBLAS GEMM (fp32 and bf16 out, beta), fp32->bf16
  * conversion and the random fill; the architecture pieces of arch.h
@@ -925,6 +928,81 @@ test_route(int T, int D, int E, int K, int renorm)
     cudaFree(d_mg); cudaFree(d_lg); free(mg); free(gmg);
     cudaFree(d_x); cudaFree(d_W); cudaFree(d_sel); cudaFree(d_w);
     free(x); free(W); free(sel); free(selw); free(gsel); free(gw);
+}
+
+
+/*
+ * moe_cuda_route_permute against moe_cuda_route + moe_cuda_moe_permute on
+ * the same fresh inputs: sel, selw, margin, offs, erow, slot_of and the
+ * running totals bit for bit (T <= 32 runs the fused top-k + permute
+ * launch, above it the separate ones), outputs poisoned first.
+ */
+static void
+test_route_permute(int T, int D, int E, int K, int renorm)
+{
+    int      n = T * K, bad = 0, ok;
+    float   *x = (float *) malloc(sizeof(float) * T * D);
+    float   *W = (float *) malloc(sizeof(float) * E * D);
+    int64_t  tot0[256];
+    size_t   isz = sizeof(int32_t) * (size_t) n;
+    void    *h[2][7];
+    size_t   sz[7] = { isz, sizeof(float) * (size_t) n,
+                       sizeof(float) * (size_t) T,
+                       sizeof(int32_t) * (size_t) (E + 1), isz, isz,
+                       sizeof(int64_t) * (size_t) E };
+    void    *d[2][7];
+
+    gu_fill(x, (size_t) T * D, 1.0f);
+    gu_fill(W, (size_t) E * D, 1.0f);
+    for (int e = 0; e < E; e++) {
+        tot0[e] = (int64_t) (gu_rand() % 1000u);
+    }
+    float *d_x = (float *) gu_up(x, sizeof(float) * T * D);
+    float *d_W = (float *) gu_up(W, sizeof(float) * E * D);
+    float *d_lg = (float *) gu_dev(sizeof(float) * T * E);
+
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 7; i++) {
+            d[v][i] = gu_dev(sz[i]);
+            h[v][i] = malloc(sz[i]);
+            cudaMemset(d[v][i], 0xff, sz[i]);           /* poison */
+        }
+        cudaMemcpy(d[v][6], tot0, sz[6], cudaMemcpyHostToDevice);
+    }
+    ok = gu_sync_ok(moe_cuda_route(d_x, T, D, d_W, E, K, renorm, d_lg,
+                                   (int32_t *) d[0][0], (float *) d[0][1],
+                                   (float *) d[0][2], 0), "route")
+         && gu_sync_ok(moe_cuda_moe_permute((int32_t *) d[0][0], n, E,
+                                            (int32_t *) d[0][3],
+                                            (int32_t *) d[0][4],
+                                            (int32_t *) d[0][5],
+                                            (int64_t *) d[0][6], 0),
+                       "permute")
+         && gu_sync_ok(moe_cuda_route_permute(d_x, T, D, d_W, E, K, renorm,
+                                              d_lg, (int32_t *) d[1][0],
+                                              (float *) d[1][1],
+                                              (float *) d[1][2],
+                                              (int32_t *) d[1][3],
+                                              (int32_t *) d[1][4],
+                                              (int32_t *) d[1][5],
+                                              (int64_t *) d[1][6], 0),
+                       "route_permute");
+    for (int i = 0; ok && i < 7; i++) {
+        gu_down(h[0][i], d[0][i], sz[i]);
+        gu_down(h[1][i], d[1][i], sz[i]);
+        bad += memcmp(h[0][i], h[1][i], sz[i]) != 0;
+    }
+    TAP_OK(ok && bad == 0, "route_permute T %d E %d top-%d renorm %d (%s "
+           "launch): sel, weights, margins, offsets, rows, slots and totals "
+           "equal to route + permute (%d of 7 differ)", T, E, K, renorm,
+           T <= 32 ? "fused top-k + permute" : "separate", bad);
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 7; i++) {
+            cudaFree(d[v][i]);
+            free(h[v][i]);
+        }
+    }
+    cudaFree(d_x); cudaFree(d_W); cudaFree(d_lg); free(x); free(W);
 }
 
 
@@ -1936,6 +2014,14 @@ main(void)
     test_route(7, 64, 4, 2, 0);
     test_route(300, 4096, 8, 2, 1);     /* prefill: all-experts kernel */
     test_route(260, 256, 16, 4, 1);     /* the same for 9..16 experts */
+    test_route_permute(1, 4096, 8, 2, 1);       /* decode, one token */
+    test_route_permute(7, 256, 8, 2, 1);
+    test_route_permute(32, 128, 60, 4, 1);      /* the most one launch takes */
+    test_route_permute(32, 128, 60, 4, 0);
+    test_route_permute(33, 128, 60, 4, 1);      /* separate launches */
+    test_route_permute(5, 64, 128, 8, 1);
+    test_route_permute(16, 64, 256, 8, 1);      /* E at the limit */
+    test_route_permute(24, 66, 8, 2, 1);        /* D % 4: scalar logits */
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);

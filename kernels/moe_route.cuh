@@ -1,0 +1,94 @@
+/*
+ * The router's top-k of one token by one warp (moe_route.cu's
+ * kernel_route_topk, and the fused top-k + permutation of
+ * moe_permute.cu, run the same code: the same choices and weights).
+ */
+#ifndef MOE_KERNELS_MOE_ROUTE_CUH
+#define MOE_KERNELS_MOE_ROUTE_CUH
+
+#include <math.h>
+
+#include "common.cuh"
+
+#define ROUTE_MAX_E    256
+
+
+/*
+ * Token t: softmax over its E logits (fp32, a warp tree), the K largest
+ * in descending order (ties to the lower expert) into sel / selw,
+ * renormalised when renorm; margin[t] (margin may be NULL) the K-th
+ * probability minus the (K+1)-th.  lg: ROUTE_MAX_E floats of shared
+ * memory owned by the warp.  The whole warp calls it.
+ */
+__device__ __forceinline__ void
+moe_route_topk_warp(const float *logits, int t, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin, float *lg, int lane)
+{
+    for (int e = lane; e < E; e += 32) {
+        lg[e] = logits[(size_t) t * E + e];
+    }
+    __syncwarp();
+
+    float mx = -INFINITY, sum = 0.0f, ksum = 0.0f;
+
+    for (int e = lane; e < E; e += 32) {
+        mx = fmaxf(mx, lg[e]);
+    }
+    mx = moe_warp_max(mx);
+    for (int e = lane; e < E; e += 32) {
+        sum += expf(lg[e] - mx);
+    }
+    sum = moe_warp_sum(sum);
+    for (int e = lane; e < E; e += 32) {
+        lg[e] = expf(lg[e] - mx) / sum;
+    }
+    __syncwarp();
+    float pk = 0.0f;
+    int   rounds = margin != NULL && K < E ? K + 1 : K;
+
+    for (int k = 0; k < rounds; k++) {
+        float bv = -INFINITY;
+        int   be = -1;
+
+        for (int e = lane; e < E; e += 32) {
+            if (lg[e] > bv || (be < 0 && lg[e] >= bv)) {
+                bv = lg[e];
+                be = e;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int   oe = __shfl_xor_sync(0xffffffffu, be, o);
+
+            if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) {
+                bv = ov;
+                be = oe;
+            }
+        }
+        if (k == K) {           /* the (K+1)-th: margin only */
+            if (lane == 0) {
+                margin[t] = pk - bv;
+            }
+            break;
+        }
+        pk = bv;
+        __syncwarp();           /* all lanes read lg before it changes */
+        if (lane == 0) {
+            sel[(size_t) t * K + k] = be;
+            selw[(size_t) t * K + k] = bv;
+            lg[be] = -INFINITY;     /* taken */
+        }
+        ksum += bv;
+        __syncwarp();
+    }
+    if (margin != NULL && K == E && lane == 0) {
+        margin[t] = 1.0f;
+    }
+    __syncwarp();               /* lane 0's selw stores are visible */
+    for (int k = lane; renorm && k < K; k += 32) {
+        selw[(size_t) t * K + k] /= ksum;
+    }
+}
+
+#endif
