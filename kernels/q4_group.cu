@@ -23,10 +23,17 @@
  *    twice the weights;
  *  - a warp's K range is whole quantization groups, walked in chunks of
  *    32 U k (U word rows per lane), two chunks in flight in registers
- *    (each chunk's zeros and scales load with its weights); no
- *    predicates in the loop: rows past the group's end read its last row
- *    (their results are dropped), shapes that do not tile are refused by
+ *    (each chunk's zeros and scales load with its weights) and the chunk
+ *    after them prefetched into L2 (for a dense matrix the first chunks
+ *    before the PDL wait: weights are never written); no predicated
+ *    loads: rows past the group's end read its last row (their results
+ *    are dropped), shapes that do not tile are refused by
  *    moe_cuda_q4g_supported and take kernel_qgemv_q4_mma.
+ *
+ * ncu of the first version (Mixtral gate|up, 1 row x 2 experts): 84
+ * warp instructions per 512 weight bytes, issue on 41 % of the cycles
+ * with 1.9 warps per scheduler: latency-bound, no longer issue-bound
+ * (kernels/NOTES.md has each later step's figures).
  *
  * MR 2 fuses SwiGLU: sub-tile 0 is 32 gate columns, sub-tile 1 the same
  * 32 up columns, so a lane holds both sums of its outputs and writes
