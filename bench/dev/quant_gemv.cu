@@ -19,13 +19,18 @@
  * kernel with other warps per block x blocks per SM (registers).  Each is
  * checked against the shipped output (relative RMS, fp32 order only).
  * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
- * Right after the shipped line: the tiled layout (kernels/q4_tiled.cu,
+ * Right after the shipped line: the GEMV by quantization group
+ * (kernels/q4_group.cu, GPTQ's layout; AWQ through a repacked copy) at
+ * block shapes 0 (its launcher's pick) .. 6, shape 0 with the cluster
+ * size forced (1, 2, 4, 8) and with the L2 prefetch (pa 0, 2, 3, 4, 6),
+ * and for gate|up with SiLU fused (H against moe_cuda_silu_mul of the
+ * shipped output); then the tiled layout (kernels/q4_tiled.cu,
  * the weights repacked by moe_cuda_q4t_pack) with its K split picked
  * (sk 0) and forced (1, 2, 4, 8), and for gate|up with SiLU fused.
  *
  *   build/bench/dev/quant_gemv [rows ...]      (default 1 2 16)
  *   DEV_DENSE=1: also the dense q|k|v and o projections (one matrix)
- *   DEV_QUICK=1: only the shipped and the tiled lines
+ *   DEV_QUICK=1: only the shipped, by-group and tiled lines
  */
 #include "../../kernels/quant_gemv.cu"
 #include "../../kernels/q4_group.cu"
