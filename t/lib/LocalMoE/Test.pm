@@ -134,14 +134,23 @@ sub spew {
     close $fh or die "close $f: $!";
 }
 
-# A port nobody listens on now (bind 0, read it, close).
+# A free TCP port on 127.0.0.1, never one this process was given before:
+# the kernel may hand out a port it just freed again, and a test that asks
+# for several ports for one nginx config must get distinct ones
+# (t/test_lib.t).
+my %FREE_PORT_GIVEN;
+
 sub free_port {
-    my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0,
-                                  Proto => 'tcp', Listen => 1, ReuseAddr => 1)
-        or die "bind: $!";
-    my $p = $s->sockport;
-    close $s;
-    return $p;
+    for (1 .. 1000) {
+        my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1',
+                                      LocalPort => 0, Proto => 'tcp',
+                                      Listen => 1, ReuseAddr => 1)
+            or die "bind: $!";
+        my $p = $s->sockport;
+        close $s;
+        return $p unless $FREE_PORT_GIVEN{$p}++;
+    }
+    die "free_port: no new free port in 1000 tries";
 }
 
 
