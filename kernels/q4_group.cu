@@ -181,14 +181,6 @@ q4g_mma(const uint4 (&w)[U][2], const uint4 (&x)[U], float (&c)[2][2][4],
 }
 
 
-__device__ __forceinline__ float
-q4g_h2f(uint32_t v, int hi)
-{
-    return __half2float(__ushort_as_half(
-        (unsigned short) (hi ? v >> 16 : v & 0xffffu)));
-}
-
-
 /*
  * The group's end: y += scale * (c - (128 + z + zero_bias) sigma) for the
  * lane's 8 columns (c[s][mt][0..1]: column 4 g + 2 mt, rows 2t, 2t+1;
@@ -212,7 +204,7 @@ q4g_fold(const uint32_t (&z)[2], const uint2 (&sc)[2], const int (&zsh)[2],
             const float    z1 = (float) (int) (128u + ((zw >> (8 * mt + 4))
                                                        & 15u))
                                 + (float) zero_bias;
-            const float    s0 = q4g_h2f(sw, 0), s1 = q4g_h2f(sw, 1);
+            const float    s0 = q4m_h2f(sw, 0), s1 = q4m_h2f(sw, 1);
             float (&cm)[4] = c[s][mt];
 
             y[s][mt][0] += s0 * fmaf(-z0, sg[0], cm[0]);

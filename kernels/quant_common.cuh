@@ -1,11 +1,13 @@
 /*
  * Device helpers shared by the 4-bit GEMV kernels (quant_gemv.cu,
- * q4_tiled.cu): the rows of a block's expert group and the exact bf16
- * integer arithmetic that turns nibbles into (q - z).
+ * q4_tiled.cu, q4_group.cu): the rows of a block's expert group, the
+ * exact bf16 integer arithmetic that turns nibbles into (q - z), and the
+ * fp16 scales as fp32.
  */
 #ifndef MOE_KERNELS_QUANT_COMMON_CUH
 #define MOE_KERNELS_QUANT_COMMON_CUH
 
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "common.cuh"
@@ -50,6 +52,15 @@ q4m_sub(uint32_t a, uint32_t b)
 
     asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
     return d;
+}
+
+/* the fp16 in the low (hi 0) or high (hi 1) half of v, as fp32 (an
+ * fp16x2 word of 4-bit scales) */
+__device__ __forceinline__ float
+q4m_h2f(uint32_t v, int hi)
+{
+    return __half2float(__ushort_as_half(
+        (unsigned short) (hi ? v >> 16 : v & 0xffffu)));
 }
 
 #endif

@@ -467,14 +467,6 @@ q4m_prefetch_iter(const uint32_t *qw, int it, int nu, int t, int cc,
 }
 
 
-__device__ __forceinline__ float
-q4m_h2f(uint32_t v, int hi)
-{
-    return __half2float(__ushort_as_half(
-        (unsigned short) (hi ? v >> 16 : v & 0xffffu)));
-}
-
-
 /*
  * grid (column tiles, groups, S), cluster (1, 1, S), QM_WARPS warps.
  * GPTQ: tile of 32 columns, WC 1 (unused).  AWQ: tile of 8 WC words
