@@ -78,10 +78,10 @@ typedef __nv_bfloat16 bf16;
  * 4 columns in each of the 2 sub-tiles, the 8 inputs of each word row,
  * and the chunk's group's zeros (one word per sub-tile) and scales (4
  * fp16 per sub-tile). */
-template <int U>
+template <int U, int NT>
 struct q4g_stage {
     uint4    w[U][2];
-    uint4    x[U];
+    uint4    x[U][NT];          /* n-tile nt: input rows 8 nt + g */
     uint32_t z[2];
     uint2    s[2];
 };
@@ -90,12 +90,12 @@ struct q4g_stage {
 /*
  * The lane's pointers: weights of word row t of sub-tile s at
  * w0[s] (uint4, advancing by Ntot / 4 per word row), inputs of word row
- * t at x0 (uint4, 1 per word row), zeros / scales of group 0 at z0[s] /
+ * t at x0[nt] (uint4, 1 per word row; n-tile nt), zeros / scales of group 0 at z0[s] /
  * s0[s] (advancing by Ntot / 8 words / Ntot / 4 uint2 per group).
  */
 struct q4g_ptrs {
     const uint4    *w0[2];
-    const uint4    *x0;
+    const uint4    *x0[2];      /* n-tiles 0 and 1 */
     const uint32_t *z0[2];
     const uint2    *s0[2];
     int             wstep;      /* uint4 per word row: Ntot / 4 */
@@ -104,9 +104,9 @@ struct q4g_ptrs {
 };
 
 
-template <int U>
+template <int U, int NT>
 __device__ __forceinline__ void
-q4g_load(q4g_stage<U> &st, const q4g_ptrs &p, int ch, int grp)
+q4g_load(q4g_stage<U, NT> &st, const q4g_ptrs &p, int ch, int grp)
 {
 #pragma unroll
     for (int u = 0; u < U; u++) {
@@ -116,7 +116,10 @@ q4g_load(q4g_stage<U> &st, const q4g_ptrs &p, int ch, int grp)
         for (int s = 0; s < 2; s++) {
             st.w[u][s] = __ldcs(p.w0[s] + (size_t) wr * p.wstep);
         }
-        st.x[u] = __ldg(p.x0 + wr);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            st.x[u][nt] = __ldg(p.x0[nt] + wr);
+        }
     }
 #pragma unroll
     for (int s = 0; s < 2; s++) {
@@ -147,21 +150,28 @@ q4g_nib2(uint32_t w, int s)
  * g) and 4 g + 2 mt + 1 (rows g + 8), their nibble pairs in the same
  * slots; sigma from the all-ones A with the same B.
  */
-template <int U>
+template <int U, int NT>
 __device__ __forceinline__ void
-q4g_mma(const uint4 (&w)[U][2], const uint4 (&x)[U], float (&c)[2][2][4],
-    float (&sg)[4])
+q4g_mma(const uint4 (&w)[U][2], const uint4 (&x)[U][NT],
+    float (&c)[2][2][NT][4], float (&sg)[NT][4])
 {
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const uint4    xv = x[u];
-        const uint32_t b00 = __byte_perm(xv.x, xv.z, 0x5410);
-        const uint32_t b01 = __byte_perm(xv.x, xv.z, 0x7632);
-        const uint32_t b10 = __byte_perm(xv.y, xv.w, 0x5410);
-        const uint32_t b11 = __byte_perm(xv.y, xv.w, 0x7632);
+        uint32_t b[NT][4];
 
-        moe_mma_bf16(sg, Q4G_ONES, Q4G_ONES, Q4G_ONES, Q4G_ONES, b00, b01);
-        moe_mma_bf16(sg, Q4G_ONES, Q4G_ONES, Q4G_ONES, Q4G_ONES, b10, b11);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const uint4 xv = x[u][nt];
+
+            b[nt][0] = __byte_perm(xv.x, xv.z, 0x5410);
+            b[nt][1] = __byte_perm(xv.x, xv.z, 0x7632);
+            b[nt][2] = __byte_perm(xv.y, xv.w, 0x5410);
+            b[nt][3] = __byte_perm(xv.y, xv.w, 0x7632);
+            moe_mma_bf16(sg[nt], Q4G_ONES, Q4G_ONES, Q4G_ONES, Q4G_ONES,
+                         b[nt][0], b[nt][1]);
+            moe_mma_bf16(sg[nt], Q4G_ONES, Q4G_ONES, Q4G_ONES, Q4G_ONES,
+                         b[nt][2], b[nt][3]);
+        }
 #pragma unroll
         for (int s = 0; s < 2; s++) {
             const uint32_t w4[4] = { w[u][s].x, w[u][s].y, w[u][s].z,
@@ -170,11 +180,18 @@ q4g_mma(const uint4 (&w)[U][2], const uint4 (&x)[U], float (&c)[2][2][4],
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
                 const uint32_t wa = w4[2 * mt], wb = w4[2 * mt + 1];
+                const uint32_t a0 = q4g_nib2(wa, 0), a1 = q4g_nib2(wb, 0);
+                const uint32_t a2 = q4g_nib2(wa, 4), a3 = q4g_nib2(wb, 4);
+                const uint32_t a4 = q4g_nib2(wa, 8), a5 = q4g_nib2(wb, 8);
+                const uint32_t a6 = q4g_nib2(wa, 12), a7 = q4g_nib2(wb, 12);
 
-                moe_mma_bf16(c[s][mt], q4g_nib2(wa, 0), q4g_nib2(wb, 0),
-                             q4g_nib2(wa, 4), q4g_nib2(wb, 4), b00, b01);
-                moe_mma_bf16(c[s][mt], q4g_nib2(wa, 8), q4g_nib2(wb, 8),
-                             q4g_nib2(wa, 12), q4g_nib2(wb, 12), b10, b11);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    moe_mma_bf16(c[s][mt][nt], a0, a1, a2, a3, b[nt][0],
+                                 b[nt][1]);
+                    moe_mma_bf16(c[s][mt][nt], a4, a5, a6, a7, b[nt][2],
+                                 b[nt][3]);
+                }
             }
         }
     }
@@ -187,9 +204,11 @@ q4g_mma(const uint4 (&w)[U][2], const uint4 (&x)[U], float (&c)[2][2][4],
  * [2..3]: the next column), then c and sigma restart.  zsh[s]: the bit
  * of the lane's first zero in its word (0 or 16).
  */
+template <int NT>
 __device__ __forceinline__ void
 q4g_fold(const uint32_t (&z)[2], const uint2 (&sc)[2], const int (&zsh)[2],
-    int zero_bias, float (&c)[2][2][4], float (&sg)[4], float (&y)[2][2][4])
+    int zero_bias, float (&c)[2][2][NT][4], float (&sg)[NT][4],
+    float (&y)[2][2][NT][4])
 {
 #pragma unroll
     for (int s = 0; s < 2; s++) {
@@ -205,34 +224,42 @@ q4g_fold(const uint32_t (&z)[2], const uint2 (&sc)[2], const int (&zsh)[2],
                                                        & 15u))
                                 + (float) zero_bias;
             const float    s0 = q4m_h2f(sw, 0), s1 = q4m_h2f(sw, 1);
-            float (&cm)[4] = c[s][mt];
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                float (&cm)[4] = c[s][mt][nt];
+                float (&ym)[4] = y[s][mt][nt];
 
-            y[s][mt][0] += s0 * fmaf(-z0, sg[0], cm[0]);
-            y[s][mt][1] += s0 * fmaf(-z0, sg[1], cm[1]);
-            y[s][mt][2] += s1 * fmaf(-z1, sg[2], cm[2]);
-            y[s][mt][3] += s1 * fmaf(-z1, sg[3], cm[3]);
-            cm[0] = cm[1] = cm[2] = cm[3] = 0.0f;
+                ym[0] += s0 * fmaf(-z0, sg[nt][0], cm[0]);
+                ym[1] += s0 * fmaf(-z0, sg[nt][1], cm[1]);
+                ym[2] += s1 * fmaf(-z1, sg[nt][2], cm[2]);
+                ym[3] += s1 * fmaf(-z1, sg[nt][3], cm[3]);
+                cm[0] = cm[1] = cm[2] = cm[3] = 0.0f;
+            }
         }
     }
-    sg[0] = sg[1] = sg[2] = sg[3] = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        sg[nt][0] = sg[nt][1] = sg[nt][2] = sg[nt][3] = 0.0f;
+    }
 }
 
 
 /*
  * The end of a pass: the warps' partial sums y (per lane: sub-tile s,
- * m-tile mt, i) added in shared memory, then the ranks' through
- * distributed shared memory, each in a fixed order, and written: Y
- * (MR 1) or H = bf16(silu(gate) * up) (MR 2) for rows p0 .. < r1.
+ * m-tile mt, n-tile nt, i; entry ((s 2 + mt) NT + nt) 4 + i) added in
+ * shared memory, then the ranks' through distributed shared memory, each
+ * in a fixed order, and written: Y (MR 1) or H = bf16(silu(gate) * up)
+ * (MR 2) for rows p0 .. < r1.
  */
-template <int MR, int NW, int AN>
+template <int MR, int NW, int AN, int NT>
 __device__ __forceinline__ void
-q4g_reduce(float (&red)[NW][16][32], const float (&y)[2][2][4],
+q4g_reduce(float (&red)[NW][16 * NT][32], const float (&y)[2][2][NT][4],
     cg::cluster_group &cl, int warp, int lane, int S, int rank, int p0,
     int r1, int cb0, int cb1, float *Y, bf16 *H, int ldy)
 {
     /* AN 1: the warps' outputs are distinct columns (warp w's tile is
      * this warp's + w - warp); AN 0: the warps' sums first */
-    const int F = MR == 2 ? 8 : 16;     /* outputs per lane written */
+    const int F = (MR == 2 ? 8 : 16) * NT;  /* outputs per lane written */
     const int NO = AN ? NW : 1;         /* warps whose outputs differ */
 
 #pragma unroll
@@ -240,14 +267,20 @@ q4g_reduce(float (&red)[NW][16][32], const float (&y)[2][2][4],
 #pragma unroll
         for (int mt = 0; mt < 2; mt++) {
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                red[warp][(s * 2 + mt) * 4 + i][lane] = y[s][mt][i];
+            for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    red[warp][((s * 2 + mt) * NT + nt) * 4 + i][lane] =
+                        y[s][mt][nt][i];
+                }
             }
         }
     }
     __syncthreads();
     if (!AN) {
-        for (int idx = (int) threadIdx.x; idx < 16 * 32; idx += NW * 32) {
+        for (int idx = (int) threadIdx.x; idx < 16 * NT * 32;
+             idx += NW * 32)
+        {
             float v = 0.0f;
 
             for (int w = 0; w < NW; w++) {
@@ -262,9 +295,10 @@ q4g_reduce(float (&red)[NW][16][32], const float (&y)[2][2][4],
     {
         const int w = idx / (F * 32), fl = idx % (F * 32);
         const int f = fl / 32, l = fl % 32, i = f % 4;
-        const int mt = (f / 4) % 2, s = f / 8;
+        const int nt = (f / 4) % NT, mt = (f / (4 * NT)) % 2;
+        const int s = f / (8 * NT);
         const int lg = l >> 2, lt = l & 3;
-        const int row = p0 + 2 * lt + (i & 1);
+        const int row = p0 + 8 * nt + 2 * lt + (i & 1);
         const int dc = AN ? (w - warp) * (MR == 2 ? 32 : 64) : 0;
         const int col = (s ? cb1 : cb0) + dc + 4 * lg + 2 * mt + (i >> 1);
         float     v = 0.0f, u = 0.0f;
@@ -274,7 +308,7 @@ q4g_reduce(float (&red)[NW][16][32], const float (&y)[2][2][4],
 
             v += rs[fl];
             if (MR == 2) {
-                u += rs[fl + 8 * 32];
+                u += rs[fl + 8 * NT * 32];
             }
         }
         if (row < r1) {
@@ -298,7 +332,7 @@ q4g_reduce(float (&red)[NW][16][32], const float (&y)[2][2][4],
  * (n, F), leading dimension ldy.  U: word rows per lane per chunk
  * (chunk = 32 U k, G % (32 U) == 0).
  */
-template <int MR, int U, int NW, int MINB, int AN>
+template <int MR, int U, int NW, int MINB, int AN, int NT>
 __global__ void __launch_bounds__(NW * 32, MINB)
 kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint32_t *qweight, const uint32_t *qzeros,
@@ -309,7 +343,7 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
      * third stage, inputs loaded at use to make room, measured slower:
      * kernels/NOTES.md) */
     constexpr int     ST = 2;
-    __shared__ float  red[NW][16][32];
+    __shared__ float  red[NW][16 * NT][32];
 
     cg::cluster_group cl = cg::this_cluster();
     const int         lane = (int) threadIdx.x & 31;
@@ -377,35 +411,44 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                       scales + (size_t) e * KG * Ntot + lc[s]);
     }
 
-    for (int p0 = r0; p0 < r1; p0 += 8) {
-        /* the B column g: row p0 + g (the group's last row past its end) */
-        const int rr = min(p0 + g, r1 - 1);
-        float     y[2][2][4], c[2][2][4], sg[4];
+    for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
+        float y[2][2][NT][4], c[2][2][NT][4], sg[NT][4];
 
-        p.x0 = reinterpret_cast<const uint4 *>(
-                   X + (size_t) (xrow != NULL ? xrow[rr] / xdiv : rr) * ldx)
-               + t;
 #pragma unroll
-        for (int s = 0; s < 2; s++) {
+        for (int nt = 0; nt < NT; nt++) {
+            /* the B column g of n-tile nt: row p0 + 8 nt + g (the
+             * group's last row past its end) */
+            const int rr = min(p0 + 8 * nt + g, r1 - 1);
+
+            p.x0[nt] = reinterpret_cast<const uint4 *>(
+                           X + (size_t) (xrow != NULL ? xrow[rr] / xdiv : rr)
+                               * ldx)
+                       + t;
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
+            for (int s = 0; s < 2; s++) {
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    y[s][mt][i] = c[s][mt][i] = 0.0f;
+                for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        y[s][mt][nt][i] = c[s][mt][nt][i] = 0.0f;
+                    }
                 }
             }
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                sg[nt][i] = 0.0f;
+            }
         }
-        sg[0] = sg[1] = sg[2] = sg[3] = 0.0f;
 
         if (ch0 < ch1) {
             /* cpg 1 (G = 32 U, e.g. 128): every chunk is a group */
             const bool   one = cpg == 1;
-            q4g_stage<U> st[ST];
+            q4g_stage<U, NT> st[ST];
 
 #pragma unroll
             for (int j = 0; j < ST - 1; j++) {
                 if (ch0 + j < ch1) {
-                    q4g_load<U>(st[j], p, ch0 + j,
+                    q4g_load<U, NT>(st[j], p, ch0 + j,
                                 one ? ch0 + j : (ch0 + j) / cpg);
                 }
             }
@@ -423,21 +466,22 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         break;
                     }
                     if (cn < ch1) {
-                        q4g_load<U>(st[(j + ST - 1) % ST], p, cn,
+                        q4g_load<U, NT>(st[(j + ST - 1) % ST], p, cn,
                                     one ? cn : cn / cpg);
                     }
                     if (pf > 0 && cj + pf < ch1) {
                         moe_prefetch_l2(pfe + (size_t) (cj + pf) * pfstep);
                     }
-                    q4g_mma<U>(st[j].w, st[j].x, c, sg);
+                    q4g_mma<U, NT>(st[j].w, st[j].x, c, sg);
                     if (one || (cj + 1) % cpg == 0) {
-                        q4g_fold(st[j].z, st[j].s, zsh, zero_bias, c, sg, y);
+                        q4g_fold<NT>(st[j].z, st[j].s, zsh, zero_bias, c,
+                                     sg, y);
                     }
                 }
             }
         }
 
-        q4g_reduce<MR, NW, AN>(red, y, cl, warp, lane, S, rank, p0, r1, cb0, cb1,
+        q4g_reduce<MR, NW, AN, NT>(red, y, cl, warp, lane, S, rank, p0, r1, cb0, cb1,
                            Y, H, ldy);
     }
 }
@@ -476,7 +520,7 @@ q4g_split(int64_t blocks, int KG, int nw, int bps)
 
 /* One launch: grid (tiles, groups, S), the S blocks of a z column one
  * cluster (PDL when moe_cuda_pdl_get()). */
-template <int MR, int U, int NW, int MINB, int AN>
+template <int MR, int U, int NW, int MINB, int AN, int NT>
 static int
 q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const uint32_t *qw, const uint32_t *qz,
@@ -501,7 +545,7 @@ q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
         at[1].val.programmaticStreamSerializationAllowed = 1;
         cfg.numAttrs = 2;
     }
-    MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel_qgemv_q4g<MR, U, NW, MINB, AN>,
+    MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel_qgemv_q4g<MR, U, NW, MINB, AN, NT>,
                                       X, ldx, xrow, xdiv, qw, qz, sc, G,
                                       zero_bias, Ntot, K, offs, E, n, Y, H,
                                       ldy, pa));
@@ -512,7 +556,7 @@ q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
 /* The launch for chunk size U (G % (32 U) == 0) and block shape; AN 1
  * (the warps on adjacent tiles) when the tiles divide among the warps,
  * else AN 0. */
-template <int U, int NW, int MINB, int AN>
+template <int U, int NW, int MINB, int AN, int NT>
 static int
 q4g_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint32_t *qw, const uint32_t *qz, const uint16_t *sc, int G,
@@ -534,19 +578,23 @@ q4g_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow, int xdi
                Ntot, K, offs, E, n
     if (an) {
         return H != NULL
-               ? q4g_launch<2, U, NW, MINB, 1>(Q4G_L, NULL, H, ldy, pa, stream)
-               : q4g_launch<1, U, NW, MINB, 1>(Q4G_L, Y, NULL, ldy, pa, stream);
+               ? q4g_launch<2, U, NW, MINB, 1, NT>(Q4G_L, NULL, H, ldy, pa,
+                                                   stream)
+               : q4g_launch<1, U, NW, MINB, 1, NT>(Q4G_L, Y, NULL, ldy, pa,
+                                                   stream);
     }
     return H != NULL
-           ? q4g_launch<2, U, NW, MINB, 0>(Q4G_L, NULL, H, ldy, pa, stream)
-           : q4g_launch<1, U, NW, MINB, 0>(Q4G_L, Y, NULL, ldy, pa, stream);
+           ? q4g_launch<2, U, NW, MINB, 0, NT>(Q4G_L, NULL, H, ldy, pa,
+                                               stream)
+           : q4g_launch<1, U, NW, MINB, 0, NT>(Q4G_L, Y, NULL, ldy, pa,
+                                               stream);
 #undef Q4G_L
 }
 
 
 /* The chunk size for G: UMAX word rows per lane (32 UMAX k) when G
  * allows, else fewer. */
-template <int UMAX, int NW, int MINB, int AN>
+template <int UMAX, int NW, int MINB, int AN, int NT = 1>
 static int
 q4g_pick_u(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
@@ -557,12 +605,12 @@ q4g_pick_u(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
                   zero_bias, \
                   Ntot, K, offs, E, n, Y, H, ldy, stream
     if (UMAX >= 4 && G % 128 == 0) {
-        return q4g_go<UMAX >= 4 ? 4 : 1, NW, MINB, AN>(Q4G_ARGS);
+        return q4g_go<UMAX >= 4 ? 4 : 1, NW, MINB, AN, NT>(Q4G_ARGS);
     }
     if (UMAX >= 2 && G % 64 == 0) {
-        return q4g_go<UMAX >= 2 ? 2 : 1, NW, MINB, AN>(Q4G_ARGS);
+        return q4g_go<UMAX >= 2 ? 2 : 1, NW, MINB, AN, NT>(Q4G_ARGS);
     }
-    return q4g_go<1, NW, MINB, AN>(Q4G_ARGS);
+    return q4g_go<1, NW, MINB, AN, NT>(Q4G_ARGS);
 #undef Q4G_ARGS
 }
 
@@ -574,8 +622,8 @@ static int
 q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qweight,
     const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
-    int Ntot, int K, const int32_t *offs, int E, int n, float *Y, int ldy,
-    moe_bf16_t *H, cudaStream_t stream)
+    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
+    float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream)
 {
     const bf16     *Xb = reinterpret_cast<const bf16 *>(X);
     const uint32_t *qw = reinterpret_cast<const uint32_t *>(qweight);
@@ -599,8 +647,10 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
         ldy = Ntot / 2;
     }
 #define Q4G_ARGS  S_force, pa, Xb, ldx, xrow, xdiv, qw, qz, scales, G, \
-                  zero_bias, \
-                  Ntot, K, offs, E, n, Y, Hb, ldy, stream
+                  zero_bias, Ntot, K, offs, E, n, Y, Hb, ldy, stream
+    const int ng = offs != NULL && n < E ? n : E;
+    const int mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
+
     switch (shape) {
     case 1:
         return q4g_pick_u<4, 8, 1, 0>(Q4G_ARGS);
@@ -614,8 +664,22 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
         return q4g_pick_u<4, 2, 4, 1>(Q4G_ARGS);
     case 6:
         return q4g_pick_u<4, 8, 1, 1>(Q4G_ARGS);
+    case 7:
+        return q4g_pick_u<2, 4, 2, 1, 2>(Q4G_ARGS);
+    case 8:
+        return q4g_pick_u<2, 4, 2, 0, 2>(Q4G_ARGS);
+    case 9:
+        return q4g_pick_u<2, 8, 1, 0, 2>(Q4G_ARGS);
     default:
         break;
+    }
+    /* more than 8 rows a group: 16 a pass (two n-tiles; 64 k a chunk to
+     * make room for their registers) */
+    if (mr > 8) {
+        if (H != NULL || (int64_t) (Ntot / 64) * ng > moe_sm_count()) {
+            return q4g_pick_u<2, 4, 2, 1, 2>(Q4G_ARGS);
+        }
+        return q4g_pick_u<2, 8, 1, 0, 2>(Q4G_ARGS);
     }
     /* the shipped shapes (bench/dev/quant_gemv, H200, 2026-12-04: one
      * Mixtral layer at 1 and 2 rows per expert): adjacent warp tiles at
@@ -624,10 +688,7 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
      * per SM (down at 2 rows x 8 experts: 77.5 us, 81.3 with the warps
      * splitting K); smaller grids split K over 8 warps (the batch-1 down
      * projection: 22.3 us, 34 on adjacent tiles) */
-    if (H != NULL
-        || (int64_t) (Ntot / 64) * (offs != NULL && n < E ? n : E)
-           > moe_sm_count())
-    {
+    if (H != NULL || (int64_t) (Ntot / 64) * ng > moe_sm_count()) {
         return q4g_pick_u<4, 4, 2, 1>(Q4G_ARGS);
     }
     return q4g_pick_u<4, 8, 1, 0>(Q4G_ARGS);
@@ -643,6 +704,19 @@ moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     moe_bf16_t *H, cudaStream_t stream)
 {
     return q4g_run(shape, 0, Q4G_PA, X, ldx, xrow, xdiv, qweight, qzeros,
-                   scales, G, zero_bias, Ntot, K, offs, E, n, Y, ldy, H,
+                   scales, G, zero_bias, Ntot, K, offs, E, n, 8, Y, ldy, H,
                    stream);
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const int32_t *qweight, const int32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int max_rows, float *Y, int ldy,
+    moe_bf16_t *H, cudaStream_t stream)
+{
+    return q4g_run(0, 0, Q4G_PA, X, ldx, xrow, xdiv, qweight, qzeros,
+                   scales, G, zero_bias, Ntot, K, offs, E, n, max_rows, Y,
+                   ldy, H, stream);
 }

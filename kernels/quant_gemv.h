@@ -177,10 +177,12 @@ int moe_cuda_q4_awq_to_gptq(int32_t *qweight, int32_t *qzeros, int Ntot,
  * moe_cuda_qgemv_q4_rows (Y (n, Ntot) fp32, leading dimension ldy) when H
  * is NULL, of moe_cuda_qgemv_q4_silu's fused path when not (Ntot = 2 F
  * stacked gate|up, H (n, F) = bf16(silu(g) * u)).  Groups with more rows
- * are correct but read the weights once per 8 rows.  It applies when
+ * are correct but read the weights once per 8 rows (moe_cuda_qgemv_q4g)
+ * or, with a max_rows hint above 8, once per 16 (..._q4g_rows).  It applies when
  * moe_cuda_q4g_supported(G, Ntot, K, H != NULL): G % 32 == 0, K % G ==
  * 0, and Ntot % 64 == 0 (fused: F % 32 == 0); else MOE_K_EUNSUPPORTED.
- * shape: 0 the shipped block shape, 1..6 others (bench/dev/quant_gemv).
+ * shape: 0 the shipped block shape, 1..6 others, 7..9 16 rows a pass
+ * (bench/dev/quant_gemv).
  */
 int moe_cuda_q4g_supported(int G, int Ntot, int K, int silu);
 int moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
@@ -188,6 +190,13 @@ int moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
     const int32_t *offs, int E, int n, int shape, float *Y, int ldy,
     moe_bf16_t *H, cudaStream_t stream);
+/* The same with the row hint of moe_cuda_qgemv_q4_rows (0: the mean):
+ * above 8, passes of 16 rows; shape 0. */
+int moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
+    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
+    float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream);
 
 /*
  * Tiled 4-bit weights (kernels/q4_tiled.cu; kernels/NOTES.md "4-bit

@@ -156,7 +156,7 @@ dev_shape(int fmt, int w13, int rows)
             }
             cudaFree(scr);
         }
-        for (int sh = 0; sh <= 6; sh++) {
+        for (int sh = 0; sh <= 9; sh++) {
             ms = dev_time(iters, [&]() {
                 return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, K, NULL, 1,
                                           (const int32_t *) qg,
@@ -177,8 +177,8 @@ dev_shape(int fmt, int w13, int rows)
             ms = dev_time(iters, [&]() {
                 return q4g_run(0, S, pf, (const moe_bf16_t *) X, K, NULL, 1,
                                (const int32_t *) qg, (const int32_t *) zg,
-                               sc, G, zb, N, K, d_offs, E, n, out, N, NULL,
-                               0);
+                               sc, G, zb, N, K, d_offs, E, n, 0, out, N,
+                               NULL, 0);
             });
             snprintf(name, sizeof(name), "by group, shape 0, S %d, pa %d",
                      S, pf);
@@ -190,7 +190,7 @@ dev_shape(int fmt, int w13, int rows)
 
             DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) h, 0)
                       == 0 ? cudaSuccess : cudaErrorUnknown);
-            for (int sh = 0; sh <= 6; sh++) {
+            for (int sh = 0; sh <= 9; sh++) {
                 ms = dev_time(iters, [&]() {
                     return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, K,
                                               NULL, 1, (const int32_t *) qg,

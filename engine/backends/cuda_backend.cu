@@ -2708,15 +2708,19 @@ cb_part(const cuda_backend_t *b, int l, int p)
 /*
  * 1 when part w takes the 4-bit GEMV by quantization group
  * (kernels/q4_group.cu): the knob q4_gemv, GPTQ's layout (GPTQ, AWQ
- * repacked by q4_layout 1) without g_idx, groups of up to 8 rows (mr; it
- * reads the weights once per 8 rows, the tensor-core GEMV once per 16-32),
- * and shapes it takes (silu: stacked gate|up with SiLU fused).
+ * repacked by q4_layout 1) without g_idx, row hints (mr) up to
+ * CB_Q4G_MAX_ROWS (it reads the weights once per 8 or 16 rows, the
+ * tensor-core GEMV once per 16-32), and shapes it takes (silu: stacked
+ * gate|up with SiLU fused).
  */
+#define CB_Q4G_MAX_ROWS  16     /* row hints up to this take the GEMV by
+                                   group (passes of 8, above 8 of 16) */
+
 static int
 cb_q4g_ok(const cuda_backend_t *b, const cb_qw_t *w, int mr, int silu)
 {
     return b->tune.q4_gemv && w->fmt == MOE_WF_GPTQ && w->g_idx == NULL
-           && !w->tiled && mr >= 1 && mr <= 8
+           && !w->tiled && mr >= 1 && mr <= CB_Q4G_MAX_ROWS
            && moe_cuda_q4g_supported(w->G, w->N, w->K, silu);
 }
 
@@ -2753,10 +2757,11 @@ cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
     }
     if (cb_q4g_ok(b, w, mr, 0)) {
         b->q4g_calls++;
-        return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, ldx, xrow, xdiv,
-                                  (const int32_t *) w->w, w->zeros,
-                                  w->scales, w->G, w->zero_bias, w->N, w->K,
-                                  offs, E, n, 0, Y, ldy, NULL, b->stream);
+        return moe_cuda_qgemv_q4g_rows((const moe_bf16_t *) X, ldx, xrow,
+                                       xdiv, (const int32_t *) w->w,
+                                       w->zeros, w->scales, w->G,
+                                       w->zero_bias, w->N, w->K, offs, E, n,
+                                       mr, Y, ldy, NULL, b->stream);
     }
     return moe_cuda_qgemv_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
                                                   : MOE_K_Q4_GPTQ,
@@ -3518,11 +3523,12 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
             /* 4-bit by quantization group, SiLU fused (a warp holds a
              * tile's gate and up sums; kernels/q4_group.cu) */
             b->q4g_calls++;
-            MOE_TRY(moe_cuda_qgemv_q4g((const moe_bf16_t *) X, D, xrow,
-                                       xdiv, (const int32_t *) g.w, g.zeros,
-                                       g.scales, g.G, g.zero_bias, 2 * F, D,
-                                       loffs, EL, T * K, 0, NULL, 0,
-                                       (moe_bf16_t *) b->hbuf, s));
+            MOE_TRY(moe_cuda_qgemv_q4g_rows((const moe_bf16_t *) X, D, xrow,
+                                            xdiv, (const int32_t *) g.w,
+                                            g.zeros, g.scales, g.G,
+                                            g.zero_bias, 2 * F, D, loffs, EL,
+                                            T * K, mr, NULL, 0,
+                                            (moe_bf16_t *) b->hbuf, s));
         } else {
             /* 4-bit: one GEMV over the 2 F stacked columns, then SiLU*up
              * (the fused moe_cuda_qgemv_q4_silu has half the column

@@ -26,7 +26,7 @@
  *      through xrow / 2), 8 experts of one row each, 8 experts with
  *      uneven rows and empty groups (3,0,1,0,9,2,0,17, gathered) and a
  *      compact grid (2 rows over 8 experts, gathered), each with every
- *      block shape 0 .. 6, each run twice: every output within the bound
+ *      block shape 0 .. 9, each run twice: every output within the bound
  *      below of the double host sum of x (q - z') s, within twice the
  *      bound of moe_cuda_qgemv_q4_rows (MOE_K_Q4_GPTQ) on the same
  *      tensors, Y's columns past N (ldy = N + 5) and its 2 rows past n
@@ -91,7 +91,7 @@ extern "C" {
 #include "quant_gemv.h"
 
 #define NEXP    8                   /* experts of a weight set */
-#define NSHAPE  7                   /* block shapes 0 .. 6 */
+#define NSHAPE  10                  /* block shapes 0 .. 9 */
 #define XROWS   7                   /* input rows of a gathered step */
 #define SENS_RC 4                   /* the step of the sensitivity check */
 
@@ -574,7 +574,7 @@ test_y(const qs_t *q, const step_t *s, const char *sname)
     TAP_DIAG("%s %s: worst error %.3g of the bound", lab, sname, t.worst);
     TAP_OK(rc_bad == 0 && ok_o && t.bad_ref == 0 && t.bad_orig == 0
            && t.written == 0 && diff_run == 0,
-           "qgemv_q4g %s, %s (%d rows): shapes 0..6 within the bound of "
+           "qgemv_q4g %s, %s (%d rows): shapes 0..9 within the bound of "
            "the host (%ld bad) and twice it of qgemv_q4_rows (%ld bad), "
            "nothing else written (%ld), runs bit-equal (%d differ), %d "
            "launches failed", lab, sname, s->n, t.bad_ref, t.bad_orig,
@@ -707,7 +707,7 @@ test_h(const qs_t *q, const step_t *s, const char *sname)
     TAP_DIAG("%s %s: H worst error %.3g of the bound", lab, sname, t.worst);
     TAP_OK(rc_bad == 0 && ok_o && t.bad_ref == 0 && t.bad_orig == 0
            && t.written == 0 && diff_run == 0,
-           "qgemv_q4g SiLU fused %s, %s (%d rows): shapes 0..6, H within "
+           "qgemv_q4g SiLU fused %s, %s (%d rows): shapes 0..9, H within "
            "bounds of the host's silu(g) u (%ld bad) and a bf16 step of "
            "qgemv_q4_silu (%ld bad), row n untouched (%ld), runs bit-equal "
            "(%d differ), %d launches failed", lab, sname, s->n, t.bad_ref,
