@@ -1,8 +1,9 @@
 /*
  * kernel_qgemv_q4g: the 4-bit decode GEMV (GPTQ's layout, which AWQ is
- * repacked into at load) for groups of up to 8 rows, written to issue
- * few instructions per weight byte (kernels/NOTES.md "4-bit GEMV by
- * quantization group").
+ * repacked into at load) for groups of up to 8 rows a pass (NT 1; NT 2:
+ * 16, two n-tiles of the mma sharing each decoded weight fragment),
+ * written to issue few instructions per weight byte (kernels/NOTES.md
+ * "4-bit GEMV by quantization group").
  *
  * Why: the tensor-core GEMV in quant_gemv.cu (kernel_qgemv_q4_mma)
  * issued about 149 warp instructions per 512 weight bytes; at the H200's

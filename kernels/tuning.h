@@ -84,8 +84,8 @@ typedef struct {
                             development) with SiLU fused into the gate|up
                             GEMV; 3: tiled, SiLU a separate pass */
     int q4_gemv;         /* MOE_CUDA_Q4_GEMV 0|1: 4-bit weights in GPTQ's
-                            layout (q4_layout 0 / 1, no g_idx), groups of
-                            up to 8 rows: 1 (default) the GEMV by
+                            layout (q4_layout 0 / 1, no g_idx), row hints
+                            up to 16: 1 (default) the GEMV by
                             quantization group (kernels/q4_group.cu, SiLU
                             fused into gate|up), 0 the tensor-core GEMV of
                             quant_gemv.cu + the SiLU pass (for A/B runs) */
