@@ -532,21 +532,10 @@ q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     cudaLaunchConfig_t  cfg = {};
     cudaLaunchAttribute at[2] = {};
 
-    cfg.gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
-    cfg.blockDim = dim3((unsigned) (NW * 32));
-    cfg.stream = stream;
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = 1;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = (unsigned) S;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    if (moe_cuda_pdl_get()) {
-        at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[1].val.programmaticStreamSerializationAllowed = 1;
-        cfg.numAttrs = 2;
-    }
-    MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel_qgemv_q4g<MR, U, NW, MINB, AN, NT>,
+    q_cluster_cfg(&cfg, at, tiles, ng, S, NW * 32, 0, stream);
+    MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
+                                      kernel_qgemv_q4g<MR, U, NW, MINB, AN,
+                                                       NT>,
                                       X, ldx, xrow, xdiv, qw, qz, sc, G,
                                       zero_bias, Ntot, K, offs, E, n, Y, H,
                                       ldy, pa));
@@ -568,7 +557,7 @@ q4g_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow, int xdi
     const int wt = MRv == 2 ? Ntot / 2 / 32 : Ntot / 64;  /* warp tiles */
     const int an = AN && wt % NW == 0;
     const int tiles = an ? wt / NW : wt;
-    const int ng = offs != NULL && n < E ? n : E;
+    const int ng = q_groups(offs, E, n);
     int       S = S_force > 0 && S_force <= Q4G_SMAX ? S_force : 0;
 
     if (S == 0) {
@@ -649,7 +638,7 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     }
 #define Q4G_ARGS  S_force, pa, Xb, ldx, xrow, xdiv, qw, qz, scales, G, \
                   zero_bias, Ntot, K, offs, E, n, Y, Hb, ldy, stream
-    const int ng = offs != NULL && n < E ? n : E;
+    const int ng = q_groups(offs, E, n);
     const int mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
 
     switch (shape) {

@@ -574,7 +574,7 @@ moe_cuda_qgemv_q4t(int fmt, const moe_bf16_t *X, int ldx,
                            "alignment", ldx, E, Ntot);
         return MOE_K_EUNSUPPORTED;
     }
-    ng = offs != NULL && n < E ? n : E;
+    ng = q_groups(offs, E, n);
     mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
     NU = Ntot / 16 / MR;
     KT = K / 64;

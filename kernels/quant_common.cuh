@@ -54,6 +54,40 @@ q4m_sub(uint32_t a, uint32_t b)
     return d;
 }
 
+/* Host side of the 4-bit launchers: the expert groups a grid covers
+ * (compact when n < E). */
+static inline int
+q_groups(const int32_t *offs, int E, int n)
+{
+    return offs != NULL && n < E ? n : E;
+}
+
+
+/* A launch of grid (tiles, groups, S) with the S blocks along z one
+ * thread-block cluster (at: room for two attributes: the cluster, and PDL
+ * when moe_cuda_pdl_get()). */
+static inline void
+q_cluster_cfg(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *at, int tiles,
+    int ng, int S, int threads, size_t smem, cudaStream_t stream)
+{
+    cfg->gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
+    cfg->blockDim = dim3((unsigned) threads);
+    cfg->dynamicSmemBytes = smem;
+    cfg->stream = stream;
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = 1;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = (unsigned) S;
+    cfg->attrs = at;
+    cfg->numAttrs = 1;
+    if (moe_cuda_pdl_get()) {
+        at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[1].val.programmaticStreamSerializationAllowed = 1;
+        cfg->numAttrs = 2;
+    }
+}
+
+
 /* the fp16 in the low (hi 0) or high (hi 1) half of v, as fp32 (an
  * fp16x2 word of 4-bit scales) */
 __device__ __forceinline__ float

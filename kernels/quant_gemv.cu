@@ -984,14 +984,6 @@ kernel_dequant_q4(const int32_t *qweight, const int32_t *qzeros,
 }
 
 
-/* Groups the grid covers (compact when n < E). */
-static int
-q_groups(const int32_t *offs, int E, int n)
-{
-    return offs != NULL && n < E ? n : E;
-}
-
-
 extern "C" int
 moe_cuda_qgemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, const uint8_t *W, const float *scale, int mode, int stacked,
@@ -1032,31 +1024,6 @@ q4_check(const char *who, int fmt, int G, int Ntot, int K)
         return MOE_K_EUNSUPPORTED;
     }
     return MOE_K_OK;
-}
-
-
-/* A launch of grid (tiles, groups, S) with the S blocks along z one
- * thread-block cluster (at: room for two attributes: the cluster, and PDL
- * when moe_cuda_pdl_get()). */
-static void
-q_cluster_cfg(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *at, int tiles,
-    int ng, int S, int threads, size_t smem, cudaStream_t stream)
-{
-    cfg->gridDim = dim3((unsigned) tiles, (unsigned) ng, (unsigned) S);
-    cfg->blockDim = dim3((unsigned) threads);
-    cfg->dynamicSmemBytes = smem;
-    cfg->stream = stream;
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = 1;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = (unsigned) S;
-    cfg->attrs = at;
-    cfg->numAttrs = 1;
-    if (moe_cuda_pdl_get()) {
-        at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[1].val.programmaticStreamSerializationAllowed = 1;
-        cfg->numAttrs = 2;
-    }
 }
 
 

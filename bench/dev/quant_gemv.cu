@@ -131,6 +131,16 @@ dev_shape(int fmt, int w13, int rows)
            : w13 == 3 ? "dense o" : "down", N, K, rows, hit, bytes / 1e6);
     ms = dev_time(iters, [&]() { return run(0, 0, QM_PF, NULL, ref); });
     dev_line("shipped", ms, bytes, 0, -1, 0);
+    /* gate|up: the shipped output's SwiGLU, the reference of every fused
+     * launch below (h2: their output) */
+    bf16 *href = NULL, *h2 = NULL;
+
+    if (w13 == 1) {
+        href = (bf16 *) gu_dev((size_t) n * N);
+        h2 = (bf16 *) gu_dev((size_t) n * N);
+        DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) href, 0)
+                  == 0 ? cudaSuccess : cudaErrorUnknown);
+    }
     {
         /* the GEMV by quantization group (kernels/q4_group.cu) on GPTQ's
          * layout (AWQ: a repacked copy, zero bias 0), block shapes 0
@@ -185,11 +195,6 @@ dev_shape(int fmt, int w13, int rows)
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
         }
         if (w13 == 1) {
-            bf16 *h = (bf16 *) gu_dev((size_t) n * N), *h2 = (bf16 *)
-                gu_dev((size_t) n * N);
-
-            DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) h, 0)
-                      == 0 ? cudaSuccess : cudaErrorUnknown);
             for (int sh = 0; sh <= 9; sh++) {
                 ms = dev_time(iters, [&]() {
                     return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, K,
@@ -200,11 +205,9 @@ dev_shape(int fmt, int w13, int rows)
                 });
                 snprintf(name, sizeof(name), "by group + SiLU fused, shape "
                          "%d", sh);
-                dev_line(name, ms, bytes, 0, dev_diff(h2, h, on / 2, 1),
+                dev_line(name, ms, bytes, 0, dev_diff(h2, href, on / 2, 1),
                          1e-2);
             }
-            cudaFree(h);
-            cudaFree(h2);
         }
         if (qg != qw) {
             cudaFree(qg);
@@ -238,11 +241,6 @@ dev_shape(int fmt, int w13, int rows)
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
         }
         if (w13 == 1) {
-            bf16 *h = (bf16 *) gu_dev((size_t) n * N), *h2 = (bf16 *)
-                gu_dev((size_t) n * N);
-
-            DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) h, 0)
-                      == 0 ? cudaSuccess : cudaErrorUnknown);
             for (int sk = 0; sk <= 4; sk = sk == 0 ? 1 : 2 * sk) {
                 ms = dev_time(iters, [&]() {
                     return moe_cuda_qgemv_q4t(fmt, (const moe_bf16_t *) X, K,
@@ -253,11 +251,9 @@ dev_shape(int fmt, int w13, int rows)
                 });
                 snprintf(name, sizeof(name), "tiled + SiLU fused, sk %d%s",
                          sk, sk == 0 ? " (picked)" : "");
-                dev_line(name, ms, bytes, 0, dev_diff(h2, h, on / 2, 1),
+                dev_line(name, ms, bytes, 0, dev_diff(h2, href, on / 2, 1),
                          1e-2);
             }
-            cudaFree(h);
-            cudaFree(h2);
         }
         cudaFree(qt);
         cudaFree(scr);
@@ -266,6 +262,7 @@ dev_shape(int fmt, int w13, int rows)
         cudaFree(qw); cudaFree(qz); cudaFree(sc); cudaFree(gi);
         cudaFree((void *) X); cudaFree(d_offs); cudaFree(ref);
         cudaFree(out);
+        cudaFree(href); cudaFree(h2);
         return;
     }
     if (w13 == 1) {
@@ -376,6 +373,7 @@ dev_shape(int fmt, int w13, int rows)
     }
     cudaFree(qw); cudaFree(qz); cudaFree(sc); cudaFree(gi);
     cudaFree((void *) X); cudaFree(d_offs); cudaFree(ref); cudaFree(out);
+    cudaFree(href); cudaFree(h2);
 }
 
 
