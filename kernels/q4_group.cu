@@ -641,6 +641,16 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     const int ng = q_groups(offs, E, n);
     const int mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
 
+    /* more than 16 rows a group (or shapes 10..13): the warpgroup
+     * tensor cores (kernels/q4_wgmma.cu) where they take the shape */
+    if (((shape >= 10 && shape <= 13) || (shape == 0 && mr > 16))
+        && moe_cuda_q4w_supported(G, Ntot, K, H != NULL))
+    {
+        return moe_cuda_qgemv_q4w(X, ldx, xrow, xdiv, qweight, qzeros,
+                                  scales, G, zero_bias, Ntot, K, offs, E, n,
+                                  mr, shape >= 10 ? shape - 9 : 0, Y, ldy, H,
+                                  stream);
+    }
     switch (shape) {
     case 1:
         return q4g_pick_u<4, 8, 1, 0>(Q4G_ARGS);

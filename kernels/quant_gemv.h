@@ -199,6 +199,26 @@ int moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx,
     float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream);
 
 /*
+ * The 4-bit GEMM on warpgroup tensor cores (kernels/q4_wgmma.cu) for
+ * expert groups of more than 16 rows: the contract of moe_cuda_qgemv_q4g
+ * (GPTQ's layout, no g_idx; Y fp32 when H is NULL, else H = bf16(silu(g)
+ * u) of stacked gate|up), rows in passes of 16 or 32.  It applies when
+ * moe_cuda_q4w_supported(G, Ntot, K, H != NULL): G % 64 == 0, K % G ==
+ * 0, Ntot % 128 == 0 (fused: F % 64 == 0); else MOE_K_EUNSUPPORTED.
+ * shape: 0 picked from max_rows (16 rows a pass up to 16, else 32; 128 k
+ * a chunk when G % 128 == 0), 1..4 forced: (16 rows, 64 k), (16, 128),
+ * (32, 64), (32, 128) (bench/dev/quant_gemv).  moe_cuda_qgemv_q4g_rows
+ * takes it for row hints above 16 (moe_cuda_qgemv_q4g: shapes 10..13 are
+ * its shapes 1..4).
+ */
+int moe_cuda_q4w_supported(int G, int Ntot, int K, int silu);
+int moe_cuda_qgemv_q4w(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const int32_t *qweight, const int32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int max_rows, int shape, float *Y,
+    int ldy, moe_bf16_t *H, cudaStream_t stream);
+
+/*
  * Tiled 4-bit weights (kernels/q4_tiled.cu; kernels/NOTES.md "4-bit
  * layouts"; a development layout, measured slower than the GEMV on
  * GPTQ's layout): an AWQ or GPTQ qweight repacked once at load so that

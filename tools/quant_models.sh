@@ -50,6 +50,7 @@ mk ct-fp8-256        "$out/base256" --format ct-fp8
 mk awq-g128          "$out/base128" --format awq --group 128
 mk gptq-g128-sym-act "$out/base128" --format gptq --group 128 --sym --desc-act
 mk gptq-g128-asym    "$out/base128" --format gptq --group 128
+mk gptq-g128-256     "$out/base256" --format gptq --group 128
 # malformed copies for the refusal tests (no reference)
 "$q" --in $tiny --out "$out/bad-fp8-noscale" --format fp8-tensor --corrupt drop-scale
 "$q" --in $tiny --out "$out/bad-awq-noscale" --format awq --group 32 --corrupt drop-scale

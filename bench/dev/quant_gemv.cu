@@ -21,7 +21,8 @@
  * Rate: bytes of the experts hit (weights, fp16 scales, zeros) / time.
  * Right after the shipped line: the GEMV by quantization group
  * (kernels/q4_group.cu, GPTQ's layout; AWQ through a repacked copy) at
- * block shapes 0 (its launcher's pick) .. 6, shape 0 with the cluster
+ * block shapes 0 (its launcher's pick) .. 9 and the warpgroup kernel
+ * (kernels/q4_wgmma.cu) as shapes 10..13, shape 0 with the cluster
  * size forced (1, 2, 4, 8) and with the L2 prefetch (pa 0, 2, 3, 4, 6),
  * and for gate|up with SiLU fused (H against moe_cuda_silu_mul of the
  * shipped output); then the tiled layout (kernels/q4_tiled.cu,
@@ -166,7 +167,7 @@ dev_shape(int fmt, int w13, int rows)
             }
             cudaFree(scr);
         }
-        for (int sh = 0; sh <= 9; sh++) {
+        for (int sh = 0; sh <= 13; sh++) {
             ms = dev_time(iters, [&]() {
                 return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, K, NULL, 1,
                                           (const int32_t *) qg,
@@ -176,6 +177,20 @@ dev_shape(int fmt, int w13, int rows)
             });
             snprintf(name, sizeof(name), "by group, shape %d%s", sh,
                      sh == 0 ? " (shipped)" : "");
+            dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
+        }
+        /* the warpgroup kernel's dev variants (kernels/q4_wgmma.cu shapes
+         * 5..7: no proxy fence, the fence before the loads, the rows
+         * staged once; 5 and 7 are unsafe / wrong: timing only) */
+        for (int sh = 5; sh <= 7; sh++) {
+            ms = dev_time(iters, [&]() {
+                return moe_cuda_qgemv_q4w((const moe_bf16_t *) X, K, NULL, 1,
+                                          (const int32_t *) qg,
+                                          (const int32_t *) zg, sc, G, zb,
+                                          N, K, d_offs, E, n, rows, sh, out,
+                                          N, NULL, 0);
+            });
+            snprintf(name, sizeof(name), "wgmma dev variant %d", sh);
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
         }
         /* shape 0 with the cluster size forced (pf 0), then with the L2
@@ -195,7 +210,7 @@ dev_shape(int fmt, int w13, int rows)
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
         }
         if (w13 == 1) {
-            for (int sh = 0; sh <= 9; sh++) {
+            for (int sh = 0; sh <= 13; sh++) {
                 ms = dev_time(iters, [&]() {
                     return moe_cuda_qgemv_q4g((const moe_bf16_t *) X, K,
                                               NULL, 1, (const int32_t *) qg,

@@ -321,6 +321,9 @@ typedef struct {
                                       (tests) */
     int64_t         q4g_calls;      /* 4-bit GEMVs by quantization group
                                       (kernels/q4_group.cu; tests) */
+    int64_t         q4w_calls;      /* ... of them with row hints above
+                                      CB_Q4G_MAX_ROWS: the warpgroup
+                                      kernel (kernels/q4_wgmma.cu) */
     int64_t         row_stats[MOE_CUDA_ROW_STATS]; /* expert_rows */
     /* expert offsets of the layers that ran without a host sync, copied
      * asynchronously for the row statistics (cb_row_log): (L, E + 1)
@@ -2707,21 +2710,24 @@ cb_part(const cuda_backend_t *b, int l, int p)
 
 /*
  * 1 when part w takes the 4-bit GEMV by quantization group
- * (kernels/q4_group.cu): the knob q4_gemv, GPTQ's layout (GPTQ, AWQ
- * repacked by q4_layout 1) without g_idx, row hints (mr) up to
- * CB_Q4G_MAX_ROWS (it reads the weights once per 8 or 16 rows, the
- * tensor-core GEMV once per 16-32), and shapes it takes (silu: stacked
- * gate|up with SiLU fused).
+ * (kernels/q4_group.cu, moe_cuda_qgemv_q4g_rows): the knob q4_gemv,
+ * GPTQ's layout (GPTQ, AWQ repacked by q4_layout 1) without g_idx, and
+ * shapes it takes (silu: stacked gate|up with SiLU fused).  Row hints
+ * (mr) up to CB_Q4G_MAX_ROWS run on mma.sync (passes of 8, above 8 of
+ * 16 rows); above, the warpgroup kernel (kernels/q4_wgmma.cu, passes of
+ * 32 rows) where it takes the shape, else the tensor-core GEMV
+ * (passes of 32: the by-group kernel would read the weights once per 16).
  */
-#define CB_Q4G_MAX_ROWS  16     /* row hints up to this take the GEMV by
-                                   group (passes of 8, above 8 of 16) */
+#define CB_Q4G_MAX_ROWS  16
 
 static int
 cb_q4g_ok(const cuda_backend_t *b, const cb_qw_t *w, int mr, int silu)
 {
     return b->tune.q4_gemv && w->fmt == MOE_WF_GPTQ && w->g_idx == NULL
-           && !w->tiled && mr >= 1 && mr <= CB_Q4G_MAX_ROWS
-           && moe_cuda_q4g_supported(w->G, w->N, w->K, silu);
+           && !w->tiled && mr >= 1
+           && (mr <= CB_Q4G_MAX_ROWS
+               ? moe_cuda_q4g_supported(w->G, w->N, w->K, silu)
+               : moe_cuda_q4w_supported(w->G, w->N, w->K, silu));
 }
 
 
@@ -2757,6 +2763,7 @@ cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
     }
     if (cb_q4g_ok(b, w, mr, 0)) {
         b->q4g_calls++;
+        b->q4w_calls += mr > CB_Q4G_MAX_ROWS;
         return moe_cuda_qgemv_q4g_rows((const moe_bf16_t *) X, ldx, xrow,
                                        xdiv, (const int32_t *) w->w,
                                        w->zeros, w->scales, w->G,
@@ -3523,6 +3530,7 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
             /* 4-bit by quantization group, SiLU fused (a warp holds a
              * tile's gate and up sums; kernels/q4_group.cu) */
             b->q4g_calls++;
+            b->q4w_calls += mr > CB_Q4G_MAX_ROWS;
             MOE_TRY(moe_cuda_qgemv_q4g_rows((const moe_bf16_t *) X, D, xrow,
                                             xdiv, (const int32_t *) g.w,
                                             g.zeros, g.scales, g.G,
@@ -4555,6 +4563,13 @@ int64_t
 moe_cuda_backend_q4g_calls(moe_backend_t *base)
 {
     return base != NULL ? ((cuda_backend_t *) base)->q4g_calls : 0;
+}
+
+
+int64_t
+moe_cuda_backend_q4w_calls(moe_backend_t *base)
+{
+    return base != NULL ? ((cuda_backend_t *) base)->q4w_calls : 0;
 }
 
 

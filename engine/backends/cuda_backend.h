@@ -318,6 +318,10 @@ int64_t moe_cuda_backend_q4_tiled_calls(moe_backend_t *b);
  * counted). */
 int64_t moe_cuda_backend_q4g_calls(moe_backend_t *b);
 
+/* Tests: ... of them with row hints above 16, on the warpgroup kernel
+ * (kernels/q4_wgmma.cu). */
+int64_t moe_cuda_backend_q4w_calls(moe_backend_t *b);
+
 /*
  * Benchmarks: how evenly the routing spread the rows of the steps that
  * ran the experts per expert (prefill-sized steps: the per-expert GEMM

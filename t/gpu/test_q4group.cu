@@ -11,10 +11,14 @@
  *    with and without SiLU) and refused ones (G 16, 48, 0, -32, K % G,
  *    N % 64 without SiLU, F % 32 with SiLU, N 0, K 0);
  *  - per weight set (G 32 / 64 / 96 / 128 / 256 and G = K; zero bias 0
- *    and 1; N 64 / 128 / 192 / 256 / 4096; K 256 .. 2048, G 32 with K
+ *    and 1; N 64 / 128 / 192 / 256 / 4096; K 256 .. 4096, G 32 with K
  *    1024 and 2048 so that K is split over clusters of 2 .. 8 blocks, G
  *    96 for 3 chunks a group; 8 experts, the N 4096 set 1 expert and
- *    dense steps only):
+ *    dense steps only; the sets with G % 64 == 0 and N % 128 == 0 also
+ *    reach the warpgroup kernel of kernels/q4_wgmma.cu through shapes
+ *    10..13, G 64 / N 256 / K 1024 and G 128 / N 128 / K 4096 with its K
+ *    split over clusters of 2 and 4, the others fall back to the
+ *    shape-0 pick):
  *      the bound's sensitivity, host only (dense 8 rows): the host sums
  *      with every zero off by one, or of the neighbour column j ^ 1,
  *      fall outside the bound for at least 60 % / 90 % of the outputs (a
@@ -22,11 +26,12 @@
  *      groups of zero-mean inputs: 78-100 % measured, so 80 % failed 1
  *      run in 13 at G 256 N 64);
  *      moe_cuda_qgemv_q4g into Y (H NULL) for dense steps (offs NULL,
- *      E 1) of 1, 2, 3, 7, 8, 9 and 17 rows (2, 7 and 17 gathered
- *      through xrow / 2), 8 experts of one row each, 8 experts with
- *      uneven rows and empty groups (3,0,1,0,9,2,0,17, gathered) and a
- *      compact grid (2 rows over 8 experts, gathered), each with every
- *      block shape 0 .. 9, each run twice: every output within the bound
+ *      E 1) of 1, 2, 3, 7, 8, 9, 17 and 40 rows (2, 7, 17 and 40
+ *      gathered through xrow / 2), 8 experts of one row each, 8 experts
+ *      with uneven rows and empty groups (3,0,1,0,9,2,0,17 and
+ *      33,0,18,1,0,70,5,16: passes of 16 and 32 rows with a partial
+ *      last pass, gathered) and a compact grid (2 rows over 8 experts,
+ *      gathered), each with every block shape 0 .. 13, each run twice: every output within the bound
  *      below of the double host sum of x (q - z') s, within twice the
  *      bound of moe_cuda_qgemv_q4_rows (MOE_K_Q4_GPTQ) on the same
  *      tensors, Y's columns past N (ldy = N + 5) and its 2 rows past n
@@ -91,7 +96,8 @@ extern "C" {
 #include "quant_gemv.h"
 
 #define NEXP    8                   /* experts of a weight set */
-#define NSHAPE  10                  /* block shapes 0 .. 9 */
+#define NSHAPE  14                  /* block shapes 0 .. 13 (10..13: the
+                                       warpgroup kernel, q4_wgmma.cu) */
 #define XROWS   7                   /* input rows of a gathered step */
 #define SENS_RC 4                   /* the step of the sensitivity check */
 
@@ -574,7 +580,7 @@ test_y(const qs_t *q, const step_t *s, const char *sname)
     TAP_DIAG("%s %s: worst error %.3g of the bound", lab, sname, t.worst);
     TAP_OK(rc_bad == 0 && ok_o && t.bad_ref == 0 && t.bad_orig == 0
            && t.written == 0 && diff_run == 0,
-           "qgemv_q4g %s, %s (%d rows): shapes 0..9 within the bound of "
+           "qgemv_q4g %s, %s (%d rows): shapes 0..13 within the bound of "
            "the host (%ld bad) and twice it of qgemv_q4_rows (%ld bad), "
            "nothing else written (%ld), runs bit-equal (%d differ), %d "
            "launches failed", lab, sname, s->n, t.bad_ref, t.bad_orig,
@@ -707,7 +713,7 @@ test_h(const qs_t *q, const step_t *s, const char *sname)
     TAP_DIAG("%s %s: H worst error %.3g of the bound", lab, sname, t.worst);
     TAP_OK(rc_bad == 0 && ok_o && t.bad_ref == 0 && t.bad_orig == 0
            && t.written == 0 && diff_run == 0,
-           "qgemv_q4g SiLU fused %s, %s (%d rows): shapes 0..9, H within "
+           "qgemv_q4g SiLU fused %s, %s (%d rows): shapes 0..13, H within "
            "bounds of the host's silu(g) u (%ld bad) and a bf16 step of "
            "qgemv_q4_silu (%ld bad), row n untouched (%ld), runs bit-equal "
            "(%d differ), %d launches failed", lab, sname, s->n, t.bad_ref,
@@ -940,6 +946,8 @@ static const set_t sets[] = {
     { 256, 1, 128, 256, NEXP, 0 },     /* G = K: one group */
     { 128, 0, 4096, 256, 1, 0 },       /* 64 tiles, dense steps only */
     { 128, 1, 128, 512, NEXP, 1 },     /* large inputs */
+    { 64, 0, 256, 1024, NEXP, 0 },     /* wgmma: 64 k chunks, clusters of 2 */
+    { 128, 0, 128, 4096, NEXP, 0 },    /* wgmma: clusters of 4 */
 };
 #define NSET ((int) (sizeof(sets) / sizeof(sets[0])))
 
@@ -956,14 +964,17 @@ static const rcfg_t rcfgs[] = {
     { "dense 8 rows", 1, 0, 8, { 0 } },             /* SENS_RC */
     { "dense 9 rows", 1, 0, 9, { 0 } },
     { "dense 17 rows gathered", 1, 1, 17, { 0 } },
+    { "dense 40 rows gathered", 1, 1, 40, { 0 } },
     { "8 experts, 1 row each", 0, 0, 0, { 1, 1, 1, 1, 1, 1, 1, 1 } },
     { "8 experts, rows 3,0,1,0,9,2,0,17, gathered", 0, 1, 0,
       { 3, 0, 1, 0, 9, 2, 0, 17 } },
     { "compact grid, rows 0,1,0,0,0,0,1,0, gathered", 0, 1, 0,
       { 0, 1, 0, 0, 0, 0, 1, 0 } },
+    { "8 experts, rows 33,0,18,1,0,70,5,16, gathered", 0, 1, 0,
+      { 33, 0, 18, 1, 0, 70, 5, 16 } },
 };
 #define NRCFG  ((int) (sizeof(rcfgs) / sizeof(rcfgs[0])))
-#define NDENSE 7                    /* the dense steps come first */
+#define NDENSE 8                    /* the dense steps come first */
 
 
 int

@@ -40,6 +40,10 @@
  *   by quantization group (kernels/q4_group.cu,
  *   moe_cuda_backend_q4g_calls > 0; none on tiled weights), and once
  *   more with MOE_CUDA_Q4_GEMV 0 (the tensor-core GEMV: none by group).
+ *   gptq-g128-256 (dim 256, group 128: shapes the warpgroup kernel of
+ *   kernels/q4_wgmma.cu takes): its 40-token prefill must run 4-bit
+ *   launches on that kernel (moe_cuda_backend_q4w_calls > 0), none with
+ *   MOE_CUDA_Q4_GEMV 0.
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
  * bound test_backend uses for bf16 weights); greedy equal wherever the
@@ -117,6 +121,7 @@ static int g_grouped = -1;
 static int g_q4t = -1;
 /* MOE_CUDA_Q4_GEMV for the next variants (-1: left unset) */
 static int g_q4g = -1;
+static int g_q4w = -1;      /* expect warpgroup launches (1) or none (0) */
 
 static void
 run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
@@ -289,6 +294,15 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
                "quantization group (%s)", what, (long long) ng,
                want ? "some expected" : "none expected");
     }
+    if (tp == 1 && g_q4w >= 0) {
+        /* dim 256, group 128: the 40-token prefill (grouped path, row
+         * hints of 40) on the warpgroup kernel unless the knob says no */
+        int64_t nw = moe_cuda_backend_q4w_calls(g0);
+
+        TAP_OK(g_q4w ? nw > 0 : nw == 0, "%s: %lld 4-bit launches on the "
+               "warpgroup kernel (%s)", what, (long long) nw,
+               g_q4w ? "some expected" : "none expected");
+    }
     if (act && blas && tp == 1) {
         /* the fused fp8 FFN (cb_fp8_ffn) took the routed layers of the
          * 40-token prefill (the 8-token chunk and the decode steps are
@@ -397,6 +411,17 @@ main(void)
             run_variant(line, m, 1, 0, 0);
             g_q4g = -1;
             g_q4t = -1;
+        }
+        if (strcmp(line, "gptq-g128-256") == 0) {
+            /* shapes the warpgroup kernel takes (kernels/q4_wgmma.cu):
+             * on it by default, not with MOE_CUDA_Q4_GEMV 0 */
+            g_q4w = 1;
+            run_variant(line, m, 1, 0, 0);
+            g_q4g = 0;
+            g_q4w = 0;
+            run_variant(line, m, 1, 0, 0);
+            g_q4g = -1;
+            g_q4w = -1;
         }
         if (strcmp(line, "ct-fp8-256") == 0) {
             /* experts sized for the fp8 grouped GEMM: the fused fp8 FFN

@@ -1,0 +1,642 @@
+/*
+ * kernel_qgemm_q4w: the 4-bit GEMV / small GEMM on warpgroup tensor cores
+ * (wgmma) for expert groups of more than 16 rows (decode at batch 32 and
+ * above), GPTQ's layout (AWQ repacked at load), no g_idx.
+ *
+ * Why: at 16-32 rows a pass the mma.sync kernels are bound by the tensor
+ * work, not the bytes.  A Mixtral decode step at batch 64 spent 25.4 of
+ * its 29.4 ms in kernel_qgemv_q4_mma (passes of 32 rows), 0.23 of the
+ * 4-bit bandwidth limit (bench/RESULTS.md, thirteenth session), and the
+ * GEMV by group's 16-row passes reached 42 % of the copy rate.  32 rows
+ * of 4-bit weights need 128 flops a weight byte; wgmma delivers that at
+ * the copy rate (about 16 SM clocks a 512-byte block of weights for
+ * m64n32k16 at the full bf16 rate), mma.sync at roughly half of it.
+ *
+ * How:
+ *  - a block is one warpgroup (4 warps); a warp owns 32 columns (its
+ *    lanes load 16 bytes, 4 columns x 8 k, per word row, as in
+ *    kernel_qgemv_q4g) and turns them into the A operand of wgmma in
+ *    registers: one LOP3 per two nibbles gives bf16 (128 + q), one bf16x2
+ *    subtraction of (128 + z') leaves q - z' exactly;
+ *  - the block's rows (B, N = 16 or 32 a pass) are staged by the block's
+ *    threads into shared memory per chunk of 32 U k, K-major with the
+ *    128-byte swizzle (wgmma.cuh's layout), their k permuted within each
+ *    32 k the way the nibble pairs sit in the A fragments (so no
+ *    register shuffles of the weights);
+ *  - wgmma accumulates each quantization group's sum of (q - z') x in
+ *    fp32 (restarting at a group's first k through scale-d 0), and the
+ *    group's scale multiplies it into the running output (exact integer
+ *    weights: no bf16 rounding of w);
+ *  - two chunks of weights in flight in registers, the next chunk's rows
+ *    in registers while the current chunk multiplies, an L2 prefetch one
+ *    chunk further; K split over a thread-block cluster of S blocks when
+ *    the grid is small, reduced in a fixed order through distributed
+ *    shared memory (deterministic);
+ *  - MR 2 fuses SwiGLU: warps 0 and 1 take 64 gate columns, warps 2 and
+ *    3 the same up columns, and the epilogue writes bf16 silu(g) u.
+ */
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "common.cuh"
+#include "quant_common.cuh"
+#include "quant_gemv.h"
+#include "wgmma.cuh"
+
+namespace cg = cooperative_groups;
+typedef __nv_bfloat16 bf16;
+
+#define Q4W_SMAX  8             /* most blocks per cluster */
+#define Q4W_PA    1             /* L2 prefetch: chunks past the loads */
+#define Q4W_NT    128           /* threads: one warpgroup */
+
+
+/* ---- wgmma with A from registers (bf16 m64nNk16, fp32 D) ---- */
+
+/* D (64 x 16) (+)= A (64 x 16, this warp's 16 rows in a0..a3, the
+ * mma.m16n8k16 A layout) . B (16 x 16, K-major at descriptor db)^T; sd 0:
+ * D = A B.  Fragment: d[4 j + c + 2 v] of lane l in warp w is row 16 w +
+ * l / 4 + 8 v, column 8 j + 2 (l % 4) + c. */
+__device__ __forceinline__ void
+q4w_mma16(float (&d)[8], const uint32_t (&a)[4], uint64_t db, int sd)
+{
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, "
+        "p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(sd)
+        : "memory");
+}
+
+
+/* The same with N 32 (d[16]). */
+__device__ __forceinline__ void
+q4w_mma32(float (&d)[16], const uint32_t (&a)[4], uint64_t db, int sd)
+{
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15}, "
+        "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(sd)
+        : "memory");
+}
+
+
+template <int NR>
+__device__ __forceinline__ void
+q4w_mma(float (&d)[NR / 2], const uint32_t (&a)[4], uint64_t db, int sd)
+{
+    if constexpr (NR == 16) {
+        q4w_mma16(d, a, db, sd);
+    } else {
+        q4w_mma32(d, a, db, sd);
+    }
+}
+
+
+/* Keep the compiler from moving accumulator accesses across the
+ * asynchronous wgmma. */
+template <int N>
+__device__ __forceinline__ void
+q4w_fence_regs(float (&d)[N])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        asm volatile("" : "+f"(d[i]) :: "memory");
+    }
+}
+
+
+/* Generic-proxy stores to shared memory visible to wgmma's reads. */
+__device__ __forceinline__ void
+q4w_fence_async(void)
+{
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+
+/* One chunk of a lane's weights: U word rows (k 8 wr .. 8 wr + 7 of its
+ * 4 columns), and its group's zeros (one word: 8 columns) and fp16
+ * scales (its 4 columns). */
+template <int U>
+struct q4w_stage {
+    uint4    w[U];
+    uint32_t z;
+    uint2    s;
+};
+
+
+/*
+ * Stage one chunk of the pass's rows as wgmma's B: task (row r, 32-k
+ * block u) takes the row's 64 bytes at k 32 U ch + 32 u (word rows t =
+ * 0..3 of the lanes) and writes two k16 steps (2 u + h): slots 0..7 the
+ * pairs (k 8t, k 8t + 4) [h 0] / (k 8t + 2, 8t + 6) [h 1] of t = 0..3,
+ * slots 8..15 (8t + 1, 8t + 5) / (8t + 3, 8t + 7): where the A fragment
+ * holds the nibbles of those k.  Rows of 128 bytes (64 logical k), 8-row
+ * groups 1024 bytes apart, 16-byte chunk c of row r at c ^ (r & 7).
+ */
+template <int U, int NR>
+__device__ __forceinline__ void
+q4w_xload(uint4 (&xr)[(NR * U + Q4W_NT - 1) / Q4W_NT][4],
+    const uint4 *const (&xp)[(NR * U + Q4W_NT - 1) / Q4W_NT], int ch)
+{
+    constexpr int XT = (NR * U + Q4W_NT - 1) / Q4W_NT;
+
+#pragma unroll
+    for (int i = 0; i < XT; i++) {
+        const int id = (int) threadIdx.x + Q4W_NT * i;
+
+        if (id < NR * U) {
+            const uint4 *p = xp[i] + (size_t) ch * 4 * U + 4 * (id % U);
+
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                xr[i][t] = __ldg(p + t);
+            }
+        }
+    }
+}
+
+
+template <int U, int NR>
+__device__ __forceinline__ void
+q4w_xstore(unsigned char *buf,
+    const uint4 (&xr)[(NR * U + Q4W_NT - 1) / Q4W_NT][4])
+{
+    constexpr int XT = (NR * U + Q4W_NT - 1) / Q4W_NT;
+
+#pragma unroll
+    for (int i = 0; i < XT; i++) {
+        const int id = (int) threadIdx.x + Q4W_NT * i;
+
+        if (id < NR * U) {
+            const int r = id / U, u = id % U;
+
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    uint4      o;
+                    const int  sel = hf ? 0x7632 : 0x5410;
+                    const int  cc = 2 * (2 * u + h) + hf;   /* 16-B chunk */
+                    const int  a = cc / 8, c = cc % 8;
+
+                    o.x = __byte_perm(h ? xr[i][0].y : xr[i][0].x,
+                                      h ? xr[i][0].w : xr[i][0].z, sel);
+                    o.y = __byte_perm(h ? xr[i][1].y : xr[i][1].x,
+                                      h ? xr[i][1].w : xr[i][1].z, sel);
+                    o.z = __byte_perm(h ? xr[i][2].y : xr[i][2].x,
+                                      h ? xr[i][2].w : xr[i][2].z, sel);
+                    o.w = __byte_perm(h ? xr[i][3].y : xr[i][3].x,
+                                      h ? xr[i][3].w : xr[i][3].z, sel);
+                    *reinterpret_cast<uint4 *>(
+                        buf + a * NR * 128 + (r >> 3) * 1024 + (r & 7) * 128
+                        + ((c ^ (r & 7)) << 4)) = o;
+                }
+            }
+        }
+    }
+}
+
+
+template <int U>
+__device__ __forceinline__ void
+q4w_load(q4w_stage<U> &st, const uint4 *wp, int wstep, const uint32_t *zp,
+    int zstep, const uint2 *sp, int sstep, int ch, int grp)
+{
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        st.w[u] = __ldcs(wp + (size_t) (ch * 4 * U + 4 * u) * wstep);
+    }
+    st.z = __ldg(zp + (size_t) grp * zstep);
+    st.s = __ldg(sp + (size_t) grp * sstep);
+}
+
+
+/*
+ * grid (column tiles, expert groups, S), cluster (1, 1, S), 128 threads.
+ * MR 1: tile x = columns 128 x .. + 127 of Y (n, Ntot) fp32; MR 2: Ntot
+ * = 2 F stacked gate|up, tile x = gate columns 64 x .. + 63 and the same
+ * up columns, H (n, F) bf16 (leading dimension ldy).  U: word rows a
+ * lane per chunk (chunk = 32 U k, G % (32 U) == 0, U 2 or 4); NR rows a
+ * pass (16 or 32).
+ */
+template <int MR, int U, int NR, int MINB, int FV>
+__global__ void __launch_bounds__(Q4W_NT, MINB)
+kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const uint32_t *qweight, const uint32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy, int pa)
+{
+    constexpr int ST = 2;
+    constexpr int BUF = U / 2 * NR * 128;       /* a chunk's B bytes */
+    constexpr int XT = (NR * U + Q4W_NT - 1) / Q4W_NT;
+    constexpr int ND = NR / 2;                   /* D registers a wgmma */
+    extern __shared__ unsigned char q4w_raw[];
+    unsigned char *sm = reinterpret_cast<unsigned char *>(
+        ((uintptr_t) q4w_raw + 1023) & ~(uintptr_t) 1023);
+    /* after a pass's chunks: the warps' sums [4][NR][32] (over the B
+     * buffers) */
+    float         *red = reinterpret_cast<float *>(sm);
+
+    cg::cluster_group cl = cg::this_cluster();
+    const int      lane = (int) threadIdx.x & 31;
+    const int      warp = (int) threadIdx.x >> 5;
+    const int      g = lane >> 2, t = lane & 3;
+    const int      S = (int) gridDim.z;
+    const int      rank = (int) cl.block_rank();
+    const int      KG = K / G, cpg = G / (32 * U);
+    const int      g0 = (int) ((int64_t) KG * rank / S);
+    const int      g1 = (int) ((int64_t) KG * (rank + 1) / S);
+    const int      ch0 = g0 * cpg, ch1 = g1 * cpg;
+    const int      Nh = Ntot / MR;
+    /* the warp's 32 columns */
+    const int      cbw = MR == 2
+                         ? (int) blockIdx.x * 64 + (warp & 1) * 32
+                           + (warp >> 1) * Nh
+                         : (int) blockIdx.x * 128 + warp * 32;
+    const int      lc = cbw + 4 * g;
+    const int      zsh = 4 * (lc & 7);
+    int            r0, r1;
+
+    moe_pdl_enter();
+
+    const int      e = q_group_rows(offs, E, n, &r0, &r1);
+
+    if (e < 0 || r1 <= r0) {
+        return;                 /* uniform over the cluster (same y) */
+    }
+
+    const uint32_t *we = qweight + (size_t) e * (K / 8) * Ntot;
+    const uint4    *wp = reinterpret_cast<const uint4 *>(
+                             we + (size_t) t * Ntot + lc);
+    const uint32_t *zp = qzeros + (size_t) e * KG * (Ntot / 8) + lc / 8;
+    const uint2    *sp = reinterpret_cast<const uint2 *>(
+                             scales + (size_t) e * KG * Ntot + lc);
+    const int       wstep = Ntot / 4, zstep = Ntot / 8, sstep = Ntot / 4;
+    /* L2 prefetch: lane l < 4 U fetches the warp's 128-byte line of word
+     * row l of a chunk */
+    const uint32_t *pfb = we + (size_t) (lane % (4 * U)) * Ntot + cbw;
+    const size_t    pfstep = (size_t) 4 * U * Ntot;
+
+    for (int p0 = r0; p0 < r1; p0 += NR) {
+        float          y[2][ND], d[2][ND];
+        const uint4   *xp[XT];
+
+#pragma unroll
+        for (int i = 0; i < XT; i++) {
+            const int id = (int) threadIdx.x + Q4W_NT * i;
+            const int rr = min(p0 + min(id / U, NR - 1), r1 - 1);
+
+            xp[i] = reinterpret_cast<const uint4 *>(
+                        X + (size_t) (xrow != NULL ? xrow[rr] / xdiv : rr)
+                            * ldx);
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+            for (int i = 0; i < ND; i++) {
+                y[mt][i] = d[mt][i] = 0.0f;
+            }
+        }
+
+        if (ch0 < ch1) {
+            const bool   one = cpg == 1;
+            q4w_stage<U> st[ST];
+            uint4        xr[XT][4];
+
+            q4w_load<U>(st[0], wp, wstep, zp, zstep, sp, sstep, ch0,
+                        one ? ch0 : ch0 / cpg);
+            if (ch0 + 1 < ch1) {
+                q4w_load<U>(st[1], wp, wstep, zp, zstep, sp, sstep, ch0 + 1,
+                            one ? ch0 + 1 : (ch0 + 1) / cpg);
+            }
+            q4w_xload<U, NR>(xr, xp, ch0);
+            q4w_xstore<U, NR>(sm, xr);
+            if (ch0 + 1 < ch1) {
+                q4w_xload<U, NR>(xr, xp, ch0 + 1);
+            }
+            q4w_fence_async();
+            __syncthreads();
+
+            for (int ch = ch0; ch < ch1; ch += ST) {
+#pragma unroll
+                for (int j = 0; j < ST; j++) {
+                    const int      cj = ch + j;
+
+                    if (cj >= ch1) {
+                        break;
+                    }
+
+                    unsigned char *buf = sm + j * BUF;
+                    const uint64_t db = moe_wg_desc(buf);
+                    const int      sd0 = one || cj % cpg == 0 ? 0 : 1;
+                    const uint2    sc = st[j].s;
+                    uint32_t       a[U][2][2][4];
+                    uint32_t       zz[4];
+
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        zz[i] = q4m_zz(((st[j].z >> (zsh + 4 * i)) & 15u)
+                                       + (uint32_t) zero_bias);
+                    }
+#pragma unroll
+                    for (int u = 0; u < U; u++) {
+                        const uint32_t w4[4] = { st[j].w[u].x, st[j].w[u].y,
+                                                 st[j].w[u].z,
+                                                 st[j].w[u].w };
+
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            const uint32_t wa = w4[2 * mt];
+                            const uint32_t wb = w4[2 * mt + 1];
+                            const uint32_t za = zz[2 * mt];
+                            const uint32_t zb = zz[2 * mt + 1];
+
+                            a[u][0][mt][0] = q4m_sub(q4m_nib2(wa, 0), za);
+                            a[u][0][mt][1] = q4m_sub(q4m_nib2(wb, 0), zb);
+                            a[u][0][mt][2] = q4m_sub(q4m_nib2(wa, 4), za);
+                            a[u][0][mt][3] = q4m_sub(q4m_nib2(wb, 4), zb);
+                            a[u][1][mt][0] = q4m_sub(q4m_nib2(wa, 8), za);
+                            a[u][1][mt][1] = q4m_sub(q4m_nib2(wb, 8), zb);
+                            a[u][1][mt][2] = q4m_sub(q4m_nib2(wa, 12), za);
+                            a[u][1][mt][3] = q4m_sub(q4m_nib2(wb, 12), zb);
+                        }
+                    }
+                    q4w_fence_regs(d[0]);
+                    q4w_fence_regs(d[1]);
+                    moe_wg_fence();
+#pragma unroll
+                    for (int u = 0; u < U; u++) {
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const int      kb = 2 * u + h;
+                            const uint64_t dk = db
+                                                + (uint64_t) ((kb / 4) * NR
+                                                              * 128 >> 4)
+                                                + 2 * (kb % 4);
+                            const int      sd = kb == 0 ? sd0 : 1;
+
+                            q4w_mma<NR>(d[0], a[u][h][0], dk, sd);
+                            q4w_mma<NR>(d[1], a[u][h][1], dk, sd);
+                        }
+                    }
+                    moe_wg_commit();
+                    /* while the tensor cores work: the weights two chunks
+                     * on, the rows of the next chunk into the other B
+                     * buffer (its readers, chunk cj - 1, have finished),
+                     * the rows after them into registers */
+                    if (FV == 2 && cj + 1 < ch1) {
+                        q4w_xstore<U, NR>(sm + (1 - j) * BUF, xr);
+                        q4w_fence_async();
+                    }
+                    if (cj + ST < ch1) {
+                        q4w_load<U>(st[j], wp, wstep, zp, zstep, sp, sstep,
+                                    cj + ST,
+                                    one ? cj + ST : (cj + ST) / cpg);
+                    }
+                    if (pa > 0 && cj + ST + pa - 1 < ch1 && lane < 4 * U) {
+                        moe_prefetch_l2(pfb + (size_t) (cj + ST + pa - 1)
+                                              * pfstep);
+                    }
+                    if (FV <= 1 && cj + 1 < ch1) {
+                        q4w_xstore<U, NR>(sm + (1 - j) * BUF, xr);
+                    }
+                    if (FV <= 2 && cj + 2 < ch1) {
+                        q4w_xload<U, NR>(xr, xp, cj + 2);
+                    }
+                    moe_wg_wait<0>();
+                    q4w_fence_regs(d[0]);
+                    q4w_fence_regs(d[1]);
+                    if (one || (cj + 1) % cpg == 0) {
+                        /* the group's end: y += scale x sum (q - z') x */
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            const uint32_t sw = mt ? sc.y : sc.x;
+                            const float    s0 = q4m_h2f(sw, 0);
+                            const float    s1 = q4m_h2f(sw, 1);
+
+#pragma unroll
+                            for (int i = 0; i < ND; i++) {
+                                y[mt][i] = fmaf((i & 2) ? s1 : s0, d[mt][i],
+                                                y[mt][i]);
+                            }
+                        }
+                    }
+                    if (FV == 1) {
+                        q4w_fence_async();
+                    }
+                    __syncthreads();
+                }
+            }
+        }
+
+        /* the warps' sums over the B buffers (every wgmma has finished and
+         * the block has synchronised), then the ranks' in a fixed order */
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+            for (int i = 0; i < ND; i++) {
+                red[(warp * NR + mt * ND + i) * 32 + lane] = y[mt][i];
+            }
+        }
+        cl.sync();
+        {
+            const int NO = (MR == 2 ? 2 : 4) * NR * 32;
+
+            for (int idx = rank * Q4W_NT + (int) threadIdx.x; idx < NO;
+                 idx += S * Q4W_NT)
+            {
+                const int w = idx / (NR * 32), fl = idx % (NR * 32);
+                const int f = fl / 32, l = fl % 32;
+                const int mt = f / ND, i = f % ND;
+                const int row = p0 + 8 * (i / 4) + 2 * (l & 3) + (i & 1);
+                const int cw = 4 * (l >> 2) + 2 * mt + ((i >> 1) & 1);
+                float     v = 0.0f, u = 0.0f;
+
+                for (int rk = 0; rk < S; rk++) {
+                    const float *rs = cl.map_shared_rank(red, rk);
+
+                    v += rs[w * NR * 32 + fl];
+                    if (MR == 2) {
+                        u += rs[(w + 2) * NR * 32 + fl];
+                    }
+                }
+                if (row < r1) {
+                    if (MR == 1) {
+                        Y[(size_t) row * ldy + (int) blockIdx.x * 128
+                          + w * 32 + cw] = v;
+                    } else {
+                        H[(size_t) row * ldy + (int) blockIdx.x * 64
+                          + w * 32 + cw] =
+                            __float2bfloat16(v / (1.0f + expf(-v)) * u);
+                    }
+                }
+            }
+        }
+        cl.sync();                      /* red / B free for the next pass */
+    }
+}
+
+
+extern "C" int
+moe_cuda_q4w_supported(int G, int Ntot, int K, int silu)
+{
+    return G > 0 && G % 64 == 0 && K > 0 && K % G == 0 && Ntot > 0
+           && (silu ? Ntot % 2 == 0 && (Ntot / 2) % 64 == 0
+                    : Ntot % 128 == 0);
+}
+
+
+/* Blocks per cluster: the smallest power of two that fills half the
+ * resident slots (bps a SM), each rank keeping at least 4 groups. */
+static int
+q4w_split(int64_t blocks, int KG, int bps)
+{
+    int64_t want = ((int64_t) moe_sm_count() * bps + 1) / 2;
+    int     S = 1;
+
+    while (S < Q4W_SMAX && blocks * S < want && 2 * 4 * S <= KG) {
+        S *= 2;
+    }
+    return S;
+}
+
+
+template <int MR, int U, int NR, int MINB, int FV>
+static int
+q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
+{
+    constexpr size_t    BUF = (size_t) U / 2 * NR * 128;
+    constexpr size_t    RED = (size_t) 4 * NR * 32 * sizeof(float);
+    constexpr size_t    SMEM = (2 * BUF > RED ? 2 * BUF : RED) + 1024;
+    const int           tiles = MR == 2 ? Ntot / 2 / 64 : Ntot / 128;
+    const int           ng = q_groups(offs, E, n);
+    const int           S = S_force > 0 && S_force <= Q4W_SMAX
+                            ? S_force
+                            : q4w_split((int64_t) tiles * ng, K / G, MINB);
+    cudaLaunchConfig_t  cfg = {};
+    cudaLaunchAttribute at[2] = {};
+
+    static_assert(SMEM <= 48 * 1024, "q4w: shared memory over 48 KB");
+    q_cluster_cfg(&cfg, at, tiles, ng, S, Q4W_NT, SMEM, stream);
+    MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
+                                      kernel_qgemm_q4w<MR, U, NR, MINB, FV>,
+                                      X, ldx, xrow, xdiv, qw, qz, sc, G,
+                                      zero_bias, Ntot, K, offs, E, n, Y, H,
+                                      ldy, pa));
+    return MOE_K_OK;
+}
+
+
+template <int U, int NR, int MINB, int FV = 1>
+static int
+q4w_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
+    int G, int zero_bias, int Ntot, int K, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy, cudaStream_t stream)
+{
+    if (H != NULL) {
+        return q4w_launch<2, U, NR, MINB, FV>(S_force, pa, X, ldx, xrow, xdiv,
+                                          qw, qz, sc, G, zero_bias, Ntot, K,
+                                          offs, E, n, NULL, H, ldy, stream);
+    }
+    return q4w_launch<1, U, NR, MINB, FV>(S_force, pa, X, ldx, xrow, xdiv, qw,
+                                      qz, sc, G, zero_bias, Ntot, K, offs, E,
+                                      n, Y, NULL, ldy, stream);
+}
+
+
+/* moe_cuda_qgemv_q4w with the cluster size (0: picked) and the L2
+ * prefetch (0: none) forced (bench/dev/quant_gemv). */
+static int
+q4w_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
+    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
+    float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream)
+{
+    const bf16     *Xb = reinterpret_cast<const bf16 *>(X);
+    const uint32_t *qw = reinterpret_cast<const uint32_t *>(qweight);
+    const uint32_t *qz = reinterpret_cast<const uint32_t *>(qzeros);
+    bf16           *Hb = reinterpret_cast<bf16 *>(H);
+
+    if (n <= 0) {
+        return MOE_K_OK;
+    }
+    if (!moe_cuda_q4w_supported(G, Ntot, K, H != NULL) || ldx % 8 != 0
+        || E <= 0 || (offs == NULL && E != 1) || (H == NULL && Y == NULL)
+        || shape < 0 || shape > 7
+        || ((uintptr_t) X & 15u) != 0 || ((uintptr_t) qweight & 15u) != 0
+        || ((uintptr_t) scales & 7u) != 0 || ((uintptr_t) qzeros & 3u) != 0)
+    {
+        moe_cuda_set_error("qgemv_q4w: unsupported shape (N %d, K %d, group "
+                           "%d, ldx %d, E %d, shape %d, %s)", Ntot, K, G,
+                           ldx, E, shape,
+                           H != NULL ? "SiLU fused" : "fp32 out");
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (H != NULL) {
+        ldy = Ntot / 2;
+    }
+    if (shape == 0) {
+        /* 16 rows a pass for hints up to 16, else 32; 128 k a chunk when
+         * the group allows */
+        shape = (max_rows > 16 ? 3 : 1) + (G % 128 == 0 ? 1 : 0);
+    }
+    if (G % 128 != 0 && (shape == 2 || shape == 4)) {
+        shape--;                        /* 128 k chunks need G % 128 */
+    }
+#define Q4W_ARGS  S_force, pa, Xb, ldx, xrow, xdiv, qw, qz, scales, G, \
+                  zero_bias, Ntot, K, offs, E, n, Y, Hb, ldy, stream
+    switch (shape) {
+    case 1:
+        return q4w_go<2, 16, 2>(Q4W_ARGS);
+    case 2:
+        return q4w_go<4, 16, 2>(Q4W_ARGS);
+    case 3:
+        return q4w_go<2, 32, 2>(Q4W_ARGS);
+    case 5:         /* dev: no proxy fence (unsafe: timing only) */
+        return q4w_go<4, 32, 2, 0>(Q4W_ARGS);
+    case 6:         /* dev: the fence before the loads */
+        return q4w_go<4, 32, 2, 2>(Q4W_ARGS);
+    case 7:         /* dev: rows staged once (wrong: timing only) */
+        return q4w_go<4, 32, 2, 3>(Q4W_ARGS);
+    default:
+        return q4w_go<4, 32, 2>(Q4W_ARGS);
+    }
+#undef Q4W_ARGS
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4w(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const int32_t *qweight, const int32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int max_rows, int shape, float *Y,
+    int ldy, moe_bf16_t *H, cudaStream_t stream)
+{
+    return q4w_run(shape, 0, Q4W_PA, X, ldx, xrow, xdiv, qweight, qzeros,
+                   scales, G, zero_bias, Ntot, K, offs, E, n, max_rows, Y,
+                   ldy, H, stream);
+}
