@@ -130,20 +130,6 @@ q4g_load(q4g_stage<U, NT> &st, const q4g_ptrs &p, int ch, int grp)
 }
 
 
-/* q4m_nib2 in one LOP3 ((w >> s) & 0x000f000f | 0x43004300): written
- * as a 3-input lop3 so that the compiler does not split the two
- * immediates into an AND and an OR (it did: 2 LOP3 per pair). */
-__device__ __forceinline__ uint32_t
-q4g_nib2(uint32_t w, int s)
-{
-    uint32_t d;
-
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n"
-        : "=r"(d) : "r"(w >> s), "r"(0x000f000fu), "r"(0x43004300u));
-    return d;
-}
-
-
 /*
  * The chunk's products: for each word row, the input pairs (k0, k4),
  * (k1, k5) [slots 2t, 2t+1 / 2t+8, 2t+9 of the first mma] and (k2, k6),
@@ -181,10 +167,10 @@ q4g_mma(const uint4 (&w)[U][2], const uint4 (&x)[U][NT],
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
                 const uint32_t wa = w4[2 * mt], wb = w4[2 * mt + 1];
-                const uint32_t a0 = q4g_nib2(wa, 0), a1 = q4g_nib2(wb, 0);
-                const uint32_t a2 = q4g_nib2(wa, 4), a3 = q4g_nib2(wb, 4);
-                const uint32_t a4 = q4g_nib2(wa, 8), a5 = q4g_nib2(wb, 8);
-                const uint32_t a6 = q4g_nib2(wa, 12), a7 = q4g_nib2(wb, 12);
+                const uint32_t a0 = q4m_nib2l(wa, 0), a1 = q4m_nib2l(wb, 0);
+                const uint32_t a2 = q4m_nib2l(wa, 4), a3 = q4m_nib2l(wb, 4);
+                const uint32_t a4 = q4m_nib2l(wa, 8), a5 = q4m_nib2l(wb, 8);
+                const uint32_t a6 = q4m_nib2l(wa, 12), a7 = q4m_nib2l(wb, 12);
 
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
@@ -498,6 +484,20 @@ moe_cuda_q4g_supported(int G, int Ntot, int K, int silu)
 }
 
 
+/* Row hints up to 16 on this kernel; above, the warpgroup kernel where
+ * it takes the shape in chunks of 128 k (G % 128 == 0: with 64-k chunks
+ * it measured no faster than the tensor-core GEMV, bench/dev/quant_gemv
+ * 32 rows, H200 2026-12-04). */
+extern "C" int
+moe_cuda_q4g_rows_ok(int G, int Ntot, int K, int silu, int max_rows)
+{
+    if (max_rows <= 16) {
+        return moe_cuda_q4g_supported(G, Ntot, K, silu);
+    }
+    return G % 128 == 0 && moe_cuda_q4w_supported(G, Ntot, K, silu);
+}
+
+
 /*
  * Blocks per cluster (K splits): the smallest power of two that fills
  * half the resident block slots (bps per SM), while each warp keeps at
@@ -643,8 +643,10 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
 
     /* more than 16 rows a group (or shapes 10..13): the warpgroup
      * tensor cores (kernels/q4_wgmma.cu) where they take the shape */
-    if (((shape >= 10 && shape <= 13) || (shape == 0 && mr > 16))
-        && moe_cuda_q4w_supported(G, Ntot, K, H != NULL))
+    if ((shape >= 10 && shape <= 13
+         && moe_cuda_q4w_supported(G, Ntot, K, H != NULL))
+        || (shape == 0 && mr > 16
+            && moe_cuda_q4g_rows_ok(G, Ntot, K, H != NULL, mr)))
     {
         return moe_cuda_qgemv_q4w(X, ldx, xrow, xdiv, qweight, qzeros,
                                   scales, G, zero_bias, Ntot, K, offs, E, n,

@@ -49,7 +49,8 @@ namespace cg = cooperative_groups;
 typedef __nv_bfloat16 bf16;
 
 #define Q4W_SMAX  8             /* most blocks per cluster */
-#define Q4W_PA    1             /* L2 prefetch: chunks past the loads */
+#define Q4W_PA    3             /* L2 prefetch: chunks past the loads
+                                   (0, 2, 3, 6 measured: 3) */
 #define Q4W_NT    128           /* threads: one warpgroup */
 
 
@@ -216,15 +217,27 @@ q4w_xstore(unsigned char *buf,
 }
 
 
+/* A chunk's weights, then (q4w_load_zs) its group's zeros and scales:
+ * apart, so that the loop loads a stage's scales only after its fold
+ * has used the old ones (a scale kept across the new load became a
+ * register copy that waited for the load: a third of the stall samples,
+ * ncu on the H200) */
 template <int U>
 __device__ __forceinline__ void
-q4w_load(q4w_stage<U> &st, const uint4 *wp, int wstep, const uint32_t *zp,
-    int zstep, const uint2 *sp, int sstep, int ch, int grp)
+q4w_load_w(q4w_stage<U> &st, const uint4 *wp, int wstep, int ch)
 {
 #pragma unroll
     for (int u = 0; u < U; u++) {
         st.w[u] = __ldcs(wp + (size_t) (ch * 4 * U + 4 * u) * wstep);
     }
+}
+
+
+template <int U>
+__device__ __forceinline__ void
+q4w_load_zs(q4w_stage<U> &st, const uint32_t *zp, int zstep,
+    const uint2 *sp, int sstep, int grp)
+{
     st.z = __ldg(zp + (size_t) grp * zstep);
     st.s = __ldg(sp + (size_t) grp * sstep);
 }
@@ -238,7 +251,7 @@ q4w_load(q4w_stage<U> &st, const uint4 *wp, int wstep, const uint32_t *zp,
  * lane per chunk (chunk = 32 U k, G % (32 U) == 0, U 2 or 4); NR rows a
  * pass (16 or 32).
  */
-template <int MR, int U, int NR, int MINB, int FV>
+template <int MR, int U, int NR, int MINB>
 __global__ void __launch_bounds__(Q4W_NT, MINB)
 kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint32_t *qweight, const uint32_t *qzeros,
@@ -322,11 +335,13 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             q4w_stage<U> st[ST];
             uint4        xr[XT][4];
 
-            q4w_load<U>(st[0], wp, wstep, zp, zstep, sp, sstep, ch0,
-                        one ? ch0 : ch0 / cpg);
+            q4w_load_w<U>(st[0], wp, wstep, ch0);
+            q4w_load_zs<U>(st[0], zp, zstep, sp, sstep,
+                           one ? ch0 : ch0 / cpg);
             if (ch0 + 1 < ch1) {
-                q4w_load<U>(st[1], wp, wstep, zp, zstep, sp, sstep, ch0 + 1,
-                            one ? ch0 + 1 : (ch0 + 1) / cpg);
+                q4w_load_w<U>(st[1], wp, wstep, ch0 + 1);
+                q4w_load_zs<U>(st[1], zp, zstep, sp, sstep,
+                               one ? ch0 + 1 : (ch0 + 1) / cpg);
             }
             q4w_xload<U, NR>(xr, xp, ch0);
             q4w_xstore<U, NR>(sm, xr);
@@ -348,7 +363,6 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     unsigned char *buf = sm + j * BUF;
                     const uint64_t db = moe_wg_desc(buf);
                     const int      sd0 = one || cj % cpg == 0 ? 0 : 1;
-                    const uint2    sc = st[j].s;
                     uint32_t       a[U][2][2][4];
                     uint32_t       zz[4];
 
@@ -370,14 +384,14 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                             const uint32_t za = zz[2 * mt];
                             const uint32_t zb = zz[2 * mt + 1];
 
-                            a[u][0][mt][0] = q4m_sub(q4m_nib2(wa, 0), za);
-                            a[u][0][mt][1] = q4m_sub(q4m_nib2(wb, 0), zb);
-                            a[u][0][mt][2] = q4m_sub(q4m_nib2(wa, 4), za);
-                            a[u][0][mt][3] = q4m_sub(q4m_nib2(wb, 4), zb);
-                            a[u][1][mt][0] = q4m_sub(q4m_nib2(wa, 8), za);
-                            a[u][1][mt][1] = q4m_sub(q4m_nib2(wb, 8), zb);
-                            a[u][1][mt][2] = q4m_sub(q4m_nib2(wa, 12), za);
-                            a[u][1][mt][3] = q4m_sub(q4m_nib2(wb, 12), zb);
+                            a[u][0][mt][0] = q4m_sub(q4m_nib2l(wa, 0), za);
+                            a[u][0][mt][1] = q4m_sub(q4m_nib2l(wb, 0), zb);
+                            a[u][0][mt][2] = q4m_sub(q4m_nib2l(wa, 4), za);
+                            a[u][0][mt][3] = q4m_sub(q4m_nib2l(wb, 4), zb);
+                            a[u][1][mt][0] = q4m_sub(q4m_nib2l(wa, 8), za);
+                            a[u][1][mt][1] = q4m_sub(q4m_nib2l(wb, 8), zb);
+                            a[u][1][mt][2] = q4m_sub(q4m_nib2l(wa, 12), za);
+                            a[u][1][mt][3] = q4m_sub(q4m_nib2l(wb, 12), zb);
                         }
                     }
                     q4w_fence_regs(d[0]);
@@ -403,23 +417,20 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                      * on, the rows of the next chunk into the other B
                      * buffer (its readers, chunk cj - 1, have finished),
                      * the rows after them into registers */
-                    if (FV == 2 && cj + 1 < ch1) {
+                    if (cj + 1 < ch1) {
+                        /* the proxy fence before the weight loads are
+                         * issued (measured 6-7 % faster than after) */
                         q4w_xstore<U, NR>(sm + (1 - j) * BUF, xr);
                         q4w_fence_async();
                     }
                     if (cj + ST < ch1) {
-                        q4w_load<U>(st[j], wp, wstep, zp, zstep, sp, sstep,
-                                    cj + ST,
-                                    one ? cj + ST : (cj + ST) / cpg);
+                        q4w_load_w<U>(st[j], wp, wstep, cj + ST);
                     }
                     if (pa > 0 && cj + ST + pa - 1 < ch1 && lane < 4 * U) {
                         moe_prefetch_l2(pfb + (size_t) (cj + ST + pa - 1)
                                               * pfstep);
                     }
-                    if (FV <= 1 && cj + 1 < ch1) {
-                        q4w_xstore<U, NR>(sm + (1 - j) * BUF, xr);
-                    }
-                    if (FV <= 2 && cj + 2 < ch1) {
+                    if (cj + 2 < ch1) {
                         q4w_xload<U, NR>(xr, xp, cj + 2);
                     }
                     moe_wg_wait<0>();
@@ -429,7 +440,7 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         /* the group's end: y += scale x sum (q - z') x */
 #pragma unroll
                         for (int mt = 0; mt < 2; mt++) {
-                            const uint32_t sw = mt ? sc.y : sc.x;
+                            const uint32_t sw = mt ? st[j].s.y : st[j].s.x;
                             const float    s0 = q4m_h2f(sw, 0);
                             const float    s1 = q4m_h2f(sw, 1);
 
@@ -440,8 +451,9 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                             }
                         }
                     }
-                    if (FV == 1) {
-                        q4w_fence_async();
+                    if (cj + ST < ch1) {
+                        q4w_load_zs<U>(st[j], zp, zstep, sp, sstep,
+                                       one ? cj + ST : (cj + ST) / cpg);
                     }
                     __syncthreads();
                 }
@@ -520,7 +532,7 @@ q4w_split(int64_t blocks, int KG, int bps)
 }
 
 
-template <int MR, int U, int NR, int MINB, int FV>
+template <int MR, int U, int NR, int MINB>
 static int
 q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
@@ -541,7 +553,7 @@ q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     static_assert(SMEM <= 48 * 1024, "q4w: shared memory over 48 KB");
     q_cluster_cfg(&cfg, at, tiles, ng, S, Q4W_NT, SMEM, stream);
     MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
-                                      kernel_qgemm_q4w<MR, U, NR, MINB, FV>,
+                                      kernel_qgemm_q4w<MR, U, NR, MINB>,
                                       X, ldx, xrow, xdiv, qw, qz, sc, G,
                                       zero_bias, Ntot, K, offs, E, n, Y, H,
                                       ldy, pa));
@@ -549,7 +561,7 @@ q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
 }
 
 
-template <int U, int NR, int MINB, int FV = 1>
+template <int U, int NR, int MINB>
 static int
 q4w_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
@@ -557,11 +569,11 @@ q4w_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
     if (H != NULL) {
-        return q4w_launch<2, U, NR, MINB, FV>(S_force, pa, X, ldx, xrow, xdiv,
+        return q4w_launch<2, U, NR, MINB>(S_force, pa, X, ldx, xrow, xdiv,
                                           qw, qz, sc, G, zero_bias, Ntot, K,
                                           offs, E, n, NULL, H, ldy, stream);
     }
-    return q4w_launch<1, U, NR, MINB, FV>(S_force, pa, X, ldx, xrow, xdiv, qw,
+    return q4w_launch<1, U, NR, MINB>(S_force, pa, X, ldx, xrow, xdiv, qw,
                                       qz, sc, G, zero_bias, Ntot, K, offs, E,
                                       n, Y, NULL, ldy, stream);
 }
@@ -616,12 +628,12 @@ q4w_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
         return q4w_go<4, 16, 2>(Q4W_ARGS);
     case 3:
         return q4w_go<2, 32, 2>(Q4W_ARGS);
-    case 5:         /* dev: no proxy fence (unsafe: timing only) */
-        return q4w_go<4, 32, 2, 0>(Q4W_ARGS);
-    case 6:         /* dev: the fence before the loads */
-        return q4w_go<4, 32, 2, 2>(Q4W_ARGS);
-    case 7:         /* dev: rows staged once (wrong: timing only) */
-        return q4w_go<4, 32, 2, 3>(Q4W_ARGS);
+    case 5:         /* dev: the L2 prefetch 0, 2, 6 chunks past the
+                     * loads (shape 4 otherwise) */
+    case 6:
+    case 7:
+        pa = shape == 5 ? 0 : shape == 6 ? 2 : 6;
+        return q4w_go<4, 32, 2>(Q4W_ARGS);
     default:
         return q4w_go<4, 32, 2>(Q4W_ARGS);
     }

@@ -36,6 +36,20 @@ q4m_nib2(uint32_t w, int s)
 }
 
 
+/* q4m_nib2 in one LOP3 ((w >> s) & 0x000f000f | 0x43004300): written
+ * as a 3-input lop3 so that the compiler does not split the two
+ * immediates into an AND and an OR (it does: 2 LOP3 a pair). */
+__device__ __forceinline__ uint32_t
+q4m_nib2l(uint32_t w, int s)
+{
+    uint32_t d;
+
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n"
+        : "=r"(d) : "r"(w >> s), "r"(0x000f000fu), "r"(0x43004300u));
+    return d;
+}
+
+
 /* bf16x2 (128 + z, 128 + z) */
 __device__ __forceinline__ uint32_t
 q4m_zz(uint32_t z)

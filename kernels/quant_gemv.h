@@ -185,6 +185,11 @@ int moe_cuda_q4_awq_to_gptq(int32_t *qweight, int32_t *qzeros, int Ntot,
  * (bench/dev/quant_gemv).
  */
 int moe_cuda_q4g_supported(int G, int Ntot, int K, int silu);
+/* Whether moe_cuda_qgemv_q4g_rows takes a shape at a row hint on its own
+ * kernels (hints up to 16: moe_cuda_q4g_supported; above: the warpgroup
+ * kernel, G % 128 == 0) rather than handing it to passes of 16 that
+ * read the weights once per 16 rows. */
+int moe_cuda_q4g_rows_ok(int G, int Ntot, int K, int silu, int max_rows);
 int moe_cuda_qgemv_q4g(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, const int32_t *qweight, const int32_t *qzeros,
     const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
@@ -207,9 +212,10 @@ int moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx,
  * 0, Ntot % 128 == 0 (fused: F % 64 == 0); else MOE_K_EUNSUPPORTED.
  * shape: 0 picked from max_rows (16 rows a pass up to 16, else 32; 128 k
  * a chunk when G % 128 == 0), 1..4 forced: (16 rows, 64 k), (16, 128),
- * (32, 64), (32, 128) (bench/dev/quant_gemv).  moe_cuda_qgemv_q4g_rows
- * takes it for row hints above 16 (moe_cuda_qgemv_q4g: shapes 10..13 are
- * its shapes 1..4).
+ * (32, 64), (32, 128) (bench/dev/quant_gemv; 5..7: shape 4 with other
+ * L2 prefetch distances).  moe_cuda_qgemv_q4g_rows takes it for row
+ * hints above 16 where moe_cuda_q4g_rows_ok (moe_cuda_qgemv_q4g: shapes
+ * 10..13 are its shapes 1..4).
  */
 int moe_cuda_q4w_supported(int G, int Ntot, int K, int silu);
 int moe_cuda_qgemv_q4w(const moe_bf16_t *X, int ldx, const int32_t *xrow,

@@ -2715,7 +2715,7 @@ cb_part(const cuda_backend_t *b, int l, int p)
  * shapes it takes (silu: stacked gate|up with SiLU fused).  Row hints
  * (mr) up to CB_Q4G_MAX_ROWS run on mma.sync (passes of 8, above 8 of
  * 16 rows); above, the warpgroup kernel (kernels/q4_wgmma.cu, passes of
- * 32 rows) where it takes the shape, else the tensor-core GEMV
+ * 32 rows) where moe_cuda_q4g_rows_ok, else the tensor-core GEMV
  * (passes of 32: the by-group kernel would read the weights once per 16).
  */
 #define CB_Q4G_MAX_ROWS  16
@@ -2725,9 +2725,7 @@ cb_q4g_ok(const cuda_backend_t *b, const cb_qw_t *w, int mr, int silu)
 {
     return b->tune.q4_gemv && w->fmt == MOE_WF_GPTQ && w->g_idx == NULL
            && !w->tiled && mr >= 1
-           && (mr <= CB_Q4G_MAX_ROWS
-               ? moe_cuda_q4g_supported(w->G, w->N, w->K, silu)
-               : moe_cuda_q4w_supported(w->G, w->N, w->K, silu));
+           && moe_cuda_q4g_rows_ok(w->G, w->N, w->K, silu, mr);
 }
 
 
