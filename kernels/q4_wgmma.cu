@@ -28,8 +28,8 @@
  *    group's scale multiplies it into the running output (exact integer
  *    weights: no bf16 rounding of w);
  *  - two chunks of weights in flight in registers, the next chunk's rows
- *    in registers while the current chunk multiplies, an L2 prefetch one
- *    chunk further; K split over a thread-block cluster of S blocks when
+ *    in registers while the current chunk multiplies, an L2 prefetch of
+ *    the chunk two past the register loads; K split over a thread-block cluster of S blocks when
  *    the grid is small, reduced in a fixed order through distributed
  *    shared memory (deterministic);
  *  - MR 2 fuses SwiGLU: warps 0 and 1 take 64 gate columns, warps 2 and
@@ -49,8 +49,10 @@ namespace cg = cooperative_groups;
 typedef __nv_bfloat16 bf16;
 
 #define Q4W_SMAX  8             /* most blocks per cluster */
-#define Q4W_PA    3             /* L2 prefetch: chunks past the loads
-                                   (0, 2, 3, 6 measured: 3) */
+#define Q4W_PA    3             /* L2 prefetch of chunk c + 1 + pa while
+                                   c multiplies (the registers load c +
+                                   2; 0: none, 1 the same chunk as the
+                                   loads; 0, 1, 2, 3, 6 measured: 3) */
 #define Q4W_NT    128           /* threads: one warpgroup */
 
 
@@ -628,8 +630,8 @@ q4w_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
         return q4w_go<4, 16, 2>(Q4W_ARGS);
     case 3:
         return q4w_go<2, 32, 2>(Q4W_ARGS);
-    case 5:         /* dev: the L2 prefetch 0, 2, 6 chunks past the
-                     * loads (shape 4 otherwise) */
+    case 5:         /* dev: the L2 prefetch pa 0, 2, 6 (Q4W_PA; shape
+                     * 4 otherwise) */
     case 6:
     case 7:
         pa = shape == 5 ? 0 : shape == 6 ? 2 : 6;

@@ -180,8 +180,8 @@ dev_shape(int fmt, int w13, int rows)
             dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-4);
         }
         /* the warpgroup kernel's dev variants (kernels/q4_wgmma.cu shapes
-         * 5..7: shape 4 (32 rows, 128 k) with the L2 prefetch 0, 2 and 6
-         * chunks past the loads; 3 ships) */
+         * 5..7: shape 4 (32 rows, 128 k) with the L2 prefetch pa 0, 2
+         * and 6 of q4_wgmma.cu's Q4W_PA; 3 ships) */
         for (int sh = 5; sh <= 7; sh++) {
             ms = dev_time(iters, [&]() {
                 return moe_cuda_qgemv_q4w((const moe_bf16_t *) X, K, NULL, 1,
