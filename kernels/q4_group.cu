@@ -509,13 +509,7 @@ moe_cuda_q4g_rows_ok(int G, int Ntot, int K, int silu, int max_rows)
 static int
 q4g_split(int64_t blocks, int KG, int nw, int bps)
 {
-    int64_t want = ((int64_t) moe_sm_count() * bps + 1) / 2;
-    int     S = 1;
-
-    while (S < Q4G_SMAX && blocks * S < want && 2 * 2 * S * nw <= KG) {
-        S *= 2;
-    }
-    return S;
+    return q_cluster_split(blocks, KG, 2 * nw, bps, Q4G_SMAX);
 }
 
 

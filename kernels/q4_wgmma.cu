@@ -56,82 +56,15 @@ typedef __nv_bfloat16 bf16;
 #define Q4W_NT    128           /* threads: one warpgroup */
 
 
-/* ---- wgmma with A from registers (bf16 m64nNk16, fp32 D) ---- */
-
-/* D (64 x 16) (+)= A (64 x 16, this warp's 16 rows in a0..a3, the
- * mma.m16n8k16 A layout) . B (16 x 16, K-major at descriptor db)^T; sd 0:
- * D = A B.  Fragment: d[4 j + c + 2 v] of lane l in warp w is row 16 w +
- * l / 4 + 8 v, column 8 j + 2 (l % 4) + c. */
-__device__ __forceinline__ void
-q4w_mma16(float (&d)[8], const uint32_t (&a)[4], uint64_t db, int sd)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %13, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, "
-        "p, 1, 1, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(sd)
-        : "memory");
-}
-
-
-/* The same with N 32 (d[16]). */
-__device__ __forceinline__ void
-q4w_mma32(float (&d)[16], const uint32_t (&a)[4], uint64_t db, int sd)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, "
-        "%8, %9, %10, %11, %12, %13, %14, %15}, "
-        "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(sd)
-        : "memory");
-}
-
-
 template <int NR>
 __device__ __forceinline__ void
 q4w_mma(float (&d)[NR / 2], const uint32_t (&a)[4], uint64_t db, int sd)
 {
     if constexpr (NR == 16) {
-        q4w_mma16(d, a, db, sd);
+        moe_wg_mma_bf16_rs_n16(d, a, db, sd);
     } else {
-        q4w_mma32(d, a, db, sd);
+        moe_wg_mma_bf16_rs_n32(d, a, db, sd);
     }
-}
-
-
-/* Keep the compiler from moving accumulator accesses across the
- * asynchronous wgmma. */
-template <int N>
-__device__ __forceinline__ void
-q4w_fence_regs(float (&d)[N])
-{
-#pragma unroll
-    for (int i = 0; i < N; i++) {
-        asm volatile("" : "+f"(d[i]) :: "memory");
-    }
-}
-
-
-/* Generic-proxy stores to shared memory visible to wgmma's reads. */
-__device__ __forceinline__ void
-q4w_fence_async(void)
-{
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 
@@ -350,7 +283,7 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
             if (ch0 + 1 < ch1) {
                 q4w_xload<U, NR>(xr, xp, ch0 + 1);
             }
-            q4w_fence_async();
+            moe_wg_fence_proxy_async();
             __syncthreads();
 
             for (int ch = ch0; ch < ch1; ch += ST) {
@@ -396,8 +329,8 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                             a[u][1][mt][3] = q4m_sub(q4m_nib2l(wb, 12), zb);
                         }
                     }
-                    q4w_fence_regs(d[0]);
-                    q4w_fence_regs(d[1]);
+                    moe_wg_fence_regs_n(d[0]);
+                    moe_wg_fence_regs_n(d[1]);
                     moe_wg_fence();
 #pragma unroll
                     for (int u = 0; u < U; u++) {
@@ -423,7 +356,7 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         /* the proxy fence before the weight loads are
                          * issued (measured 6-7 % faster than after) */
                         q4w_xstore<U, NR>(sm + (1 - j) * BUF, xr);
-                        q4w_fence_async();
+                        moe_wg_fence_proxy_async();
                     }
                     if (cj + ST < ch1) {
                         q4w_load_w<U>(st[j], wp, wstep, cj + ST);
@@ -436,8 +369,8 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         q4w_xload<U, NR>(xr, xp, cj + 2);
                     }
                     moe_wg_wait<0>();
-                    q4w_fence_regs(d[0]);
-                    q4w_fence_regs(d[1]);
+                    moe_wg_fence_regs_n(d[0]);
+                    moe_wg_fence_regs_n(d[1]);
                     if (one || (cj + 1) % cpg == 0) {
                         /* the group's end: y += scale x sum (q - z') x */
 #pragma unroll
@@ -519,21 +452,6 @@ moe_cuda_q4w_supported(int G, int Ntot, int K, int silu)
 }
 
 
-/* Blocks per cluster: the smallest power of two that fills half the
- * resident slots (bps a SM), each rank keeping at least 4 groups. */
-static int
-q4w_split(int64_t blocks, int KG, int bps)
-{
-    int64_t want = ((int64_t) moe_sm_count() * bps + 1) / 2;
-    int     S = 1;
-
-    while (S < Q4W_SMAX && blocks * S < want && 2 * 4 * S <= KG) {
-        S *= 2;
-    }
-    return S;
-}
-
-
 template <int MR, int U, int NR, int MINB>
 static int
 q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
@@ -548,7 +466,9 @@ q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     const int           ng = q_groups(offs, E, n);
     const int           S = S_force > 0 && S_force <= Q4W_SMAX
                             ? S_force
-                            : q4w_split((int64_t) tiles * ng, K / G, MINB);
+                            /* each rank at least 4 groups */
+                            : q_cluster_split((int64_t) tiles * ng, K / G, 4,
+                                              MINB, Q4W_SMAX);
     cudaLaunchConfig_t  cfg = {};
     cudaLaunchAttribute at[2] = {};
 

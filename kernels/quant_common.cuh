@@ -77,6 +77,23 @@ q_groups(const int32_t *offs, int E, int n)
 }
 
 
+/* Blocks per cluster (K splits) of a grid of `blocks`: the smallest power
+ * of two up to smax that fills half the resident block slots (bps a SM),
+ * while each of a block's K ranges keeps at least `per` groups (per: the
+ * split units a rank has times their minimum groups) of the KG. */
+static inline int
+q_cluster_split(int64_t blocks, int KG, int per, int bps, int smax)
+{
+    int64_t want = ((int64_t) moe_sm_count() * bps + 1) / 2;
+    int     S = 1;
+
+    while (S < smax && blocks * S < want && 2 * S * per <= KG) {
+        S *= 2;
+    }
+    return S;
+}
+
+
 /* A launch of grid (tiles, groups, S) with the S blocks along z one
  * thread-block cluster (at: room for two attributes: the cluster, and PDL
  * when moe_cuda_pdl_get()). */

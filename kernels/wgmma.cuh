@@ -175,6 +175,75 @@ moe_wg_fence_regs(float *d)
 }
 
 
+/* The same for an accumulator of any size. */
+template <int N>
+__device__ __forceinline__ void
+moe_wg_fence_regs_n(float (&d)[N])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        asm volatile("" : "+f"(d[i]) :: "memory");
+    }
+}
+
+
+/* Generic-proxy stores to shared memory (st.shared by the threads) made
+ * visible to the async proxy that wgmma reads B through; then a barrier. */
+__device__ __forceinline__ void
+moe_wg_fence_proxy_async(void)
+{
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+
+/* bf16 wgmma with A from registers: D (64 x 16, fp32 d[8]) (+)= A (64 x
+ * 16: this warp's 16 rows in a[0..3], the mma.m16n8k16 A layout) . B (16
+ * x 16, K-major at descriptor db)^T; sd 0: D = A B (the old D ignored).
+ * Fragment: d[4 j + c + 2 v] of lane l in warp w is row 16 w + l / 4 + 8
+ * v, column 8 j + 2 (l % 4) + c.  A's registers stay read until
+ * moe_wg_wait. */
+__device__ __forceinline__ void
+moe_wg_mma_bf16_rs_n16(float (&d)[8], const uint32_t (&a)[4], uint64_t db,
+    int sd)
+{
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, "
+        "p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(sd)
+        : "memory");
+}
+
+
+/* The same with N 32 (d[16]). */
+__device__ __forceinline__ void
+moe_wg_mma_bf16_rs_n32(float (&d)[16], const uint32_t (&a)[4], uint64_t db,
+    int sd)
+{
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15}, "
+        "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(sd)
+        : "memory");
+}
+
+
 /* ---- mbarriers (shared::cta) ---- */
 
 __device__ __forceinline__ void
