@@ -11,11 +11,14 @@
 # test_backend.log, test_backend_eager.log (graphs off, cuBLAS experts for
 # steps > 4 tokens), test_backend_ggemm.log (grouped GEMM for every MoE
 # step), test_ggemm.log, bench_engine.log, bench_nograph.log (mixtral decode,
-# graphs off), bench_fma0.log (mixtral batch 1, tensor-core GEMV only),
+# graphs off), bench_gptq.log / bench_fp8.log (mixtral decode with packed
+# weights, batches 1-64), bench_fma0.log (mixtral batch 1, tensor-core
+# GEMV only),
 # dev_attention.log / dev_moe_gemv.log / dev_moe_ggemm.log (the kernel dev
 # harness: shipped kernels against the variants that lost, when `make
 # bench-dev` built it), sanitizer.log / sanitizer_sample.log /
-# sanitizer_ggemm.log (memcheck), racecheck_sample.log, packed at the end
+# sanitizer_ggemm.log (memcheck), racecheck_sample.log (with Q4SAN=1 also
+# sanitizer_q4group.log / racecheck_q4group.log), packed at the end
 # into $OUT/gpu_run_logs.tar.gz (bench_engine.log also left as is);
 # a summary table
 # is printed last.  Each step has its own time limit so the whole run stays
@@ -82,6 +85,14 @@ step bench_engine 240 build/gpu/bench_engine $MODELS
 # the same decode without CUDA graphs (graph gain = difference)
 step bench_nograph 120 env MOE_CUDA_GRAPHS=0 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b
+# packed weights, decode at batch 1 / 8 / 32 / 64 (4-bit: the GEMV by
+# group up to 16 rows per expert, the warpgroup GEMM above; fp8: the e4m3
+# GEMV and grouped GEMM), each next to its limit
+for w in gptq fp8; do
+    step bench_$w 180 env BENCH_QUANT=0 BENCH_ATT=0 BENCH_CTX=512 \
+        BENCH_BATCHES=1,8,32,64 BENCH_PROMPTS=0 \
+        build/gpu/bench_engine mixtral-8x7b --weights $w
+done
 # A/B of the CUDA-core GEMV for 1-2 rows per expert (pass 7): tensor cores
 step bench_fma0 120 env MOE_CUDA_GEMV_FMA=0 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b
@@ -104,6 +115,15 @@ if [ -n "$SAN" ]; then
         --tool racecheck --error-exitcode 1 build/gpu/test_sample
     step sanitizer_ggemm 100 env MOE_TEST_NO_TIMING=1 "$SAN" \
         --error-exitcode 1 build/gpu/test_ggemm
+    if [ "${Q4SAN:-0}" = 1 ]; then
+        # the 4-bit kernels by group and on warpgroup tensor cores (shared
+        # memory, clusters, wgmma); opt-in: their time under the tools is
+        # not yet known to fit the run's budget
+        step sanitizer_q4group 240 "$SAN" --error-exitcode 1 \
+            build/gpu/test_q4group
+        step racecheck_q4group 240 "$SAN" --tool racecheck \
+            --error-exitcode 1 build/gpu/test_q4group
+    fi
 fi
 
 tap_summary() {     # ok / not ok counts of a TAP log
