@@ -2,7 +2,11 @@
  * The CUDA tuning record reader (engine/backends/cuda_tuning.c): defaults,
  * the automatic gemv_max_t, each MOE_CUDA_* override, and the refusal of
  * malformed or out-of-range values with a message naming the variable.
- * Plain C: runs in the CPU-only build too.
+ * Plain C: runs in the CPU-only build too.  With the CUDA build also the
+ * 4-bit kernel choice by shape and row hint (host functions of
+ * kernels/q4_group.cu and kernels/q4_wgmma.cu; no device needed): which
+ * shapes the GEMV by group, the warpgroup GEMM and
+ * moe_cuda_qgemv_q4g_rows' own paths take.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +23,63 @@ static const char *vars[] = {
     "MOE_CUDA_FOLD_SCALES", "MOE_CUDA_FP8_GROUPED", "MOE_CUDA_Q4_LAYOUT",
     "MOE_CUDA_Q4_GEMV"
 };
+
+
+#ifdef MOE_HAVE_CUDA
+/* kernels/quant_gemv.h (it needs the CUDA headers, which this plain C
+ * test is not built with) */
+int moe_cuda_q4g_supported(int G, int Ntot, int K, int silu);
+int moe_cuda_q4w_supported(int G, int Ntot, int K, int silu);
+int moe_cuda_q4g_rows_ok(int G, int Ntot, int K, int silu, int max_rows);
+
+
+/* The backend's 4-bit decode choice (cb_q4g_ok): row hints up to 16 on
+ * the GEMV by group, above on the warpgroup GEMM only with G % 128 (its
+ * 64-k chunks measured no faster than the tensor-core GEMV) and N % 128
+ * (fused SiLU: F % 64). */
+static void
+q4_choice(void)
+{
+    static const int hints[] = { 1, 8, 16, 17, 32, 64, 128 };
+    int              all = 1;
+
+    /* Mixtral, group 128: stacked gate|up with SiLU, down, q|k|v, o */
+    for (size_t i = 0; i < sizeof(hints) / sizeof(hints[0]); i++) {
+        all &= moe_cuda_q4g_rows_ok(128, 2 * 14336, 4096, 1, hints[i])
+               && moe_cuda_q4g_rows_ok(128, 4096, 14336, 0, hints[i])
+               && moe_cuda_q4g_rows_ok(128, 6144, 4096, 0, hints[i])
+               && moe_cuda_q4g_rows_ok(128, 4096, 4096, 0, hints[i]);
+    }
+    TAP_OK(all, "mixtral shapes, group 128: every row hint 1..128 on the "
+           "4-bit kernels by group / warpgroup");
+    TAP_OK(moe_cuda_q4g_rows_ok(64, 4096, 4096, 0, 16)
+           && !moe_cuda_q4g_rows_ok(64, 4096, 4096, 0, 17)
+           && moe_cuda_q4w_supported(64, 4096, 4096, 0),
+           "group 64: hints up to 16 by group, above not (the warpgroup "
+           "kernel takes the shape but is not chosen)");
+    TAP_OK(moe_cuda_q4g_rows_ok(32, 4096, 4096, 0, 8)
+           && !moe_cuda_q4g_rows_ok(32, 4096, 4096, 0, 32)
+           && !moe_cuda_q4w_supported(32, 4096, 4096, 0)
+           && moe_cuda_q4g_supported(32, 4096, 4096, 0),
+           "group 32: by group up to 16 rows; the warpgroup kernel refuses");
+    TAP_OK(moe_cuda_q4g_rows_ok(128, 192, 512, 0, 8)
+           && !moe_cuda_q4g_rows_ok(128, 192, 512, 0, 32)
+           && !moe_cuda_q4w_supported(128, 192, 512, 0)
+           && moe_cuda_q4w_supported(128, 256, 512, 0),
+           "N 192 (N %% 64, not %% 128): by group only; N 256 warpgroup");
+    TAP_OK(moe_cuda_q4g_rows_ok(128, 192, 512, 1, 8)
+           && !moe_cuda_q4g_rows_ok(128, 192, 512, 1, 32)
+           && moe_cuda_q4g_rows_ok(128, 256, 512, 1, 32),
+           "fused SiLU: F 96 by group only, F 128 on the warpgroup kernel");
+    TAP_OK(!moe_cuda_q4g_rows_ok(128, 4096, 4000, 0, 1)
+           && !moe_cuda_q4g_rows_ok(128, 4096, 4000, 0, 32)
+           && !moe_cuda_q4g_rows_ok(0, 4096, 4096, 0, 1)
+           && !moe_cuda_q4g_rows_ok(128, 0, 4096, 0, 32)
+           && !moe_cuda_q4g_rows_ok(16, 4096, 4096, 0, 1)
+           && !moe_cuda_q4w_supported(-128, 4096, 4096, 0),
+           "refused: K %% G, G 0, N 0, G 16, G < 0");
+}
+#endif
 
 
 static void
@@ -133,6 +194,9 @@ main(void)
     refused("MOE_CUDA_ATT_DECODE_TC", "2");
     refused("MOE_CUDA_PDL", "on");
     clear_env();
+#ifdef MOE_HAVE_CUDA
+    q4_choice();
+#endif
     TAP_PLAN(tap_n);
     return TAP_DONE();
 }
