@@ -88,16 +88,16 @@ struct q4w_stage {
  * holds the nibbles of those k.  Rows of 128 bytes (64 logical k), 8-row
  * groups 1024 bytes apart, 16-byte chunk c of row r at c ^ (r & 7).
  */
-template <int U, int NR>
+template <int U, int NR, int NT>
 __device__ __forceinline__ void
-q4w_xload(uint4 (&xr)[(NR * U + Q4W_NT - 1) / Q4W_NT][4],
-    const uint4 *const (&xp)[(NR * U + Q4W_NT - 1) / Q4W_NT], int ch)
+q4w_xload(uint4 (&xr)[(NR * U + NT - 1) / NT][4],
+    const uint4 *const (&xp)[(NR * U + NT - 1) / NT], int ch)
 {
-    constexpr int XT = (NR * U + Q4W_NT - 1) / Q4W_NT;
+    constexpr int XT = (NR * U + NT - 1) / NT;
 
 #pragma unroll
     for (int i = 0; i < XT; i++) {
-        const int id = (int) threadIdx.x + Q4W_NT * i;
+        const int id = (int) threadIdx.x + NT * i;
 
         if (id < NR * U) {
             const uint4 *p = xp[i] + (size_t) ch * 4 * U + 4 * (id % U);
@@ -111,16 +111,15 @@ q4w_xload(uint4 (&xr)[(NR * U + Q4W_NT - 1) / Q4W_NT][4],
 }
 
 
-template <int U, int NR>
+template <int U, int NR, int NT>
 __device__ __forceinline__ void
-q4w_xstore(unsigned char *buf,
-    const uint4 (&xr)[(NR * U + Q4W_NT - 1) / Q4W_NT][4])
+q4w_xstore(unsigned char *buf, const uint4 (&xr)[(NR * U + NT - 1) / NT][4])
 {
-    constexpr int XT = (NR * U + Q4W_NT - 1) / Q4W_NT;
+    constexpr int XT = (NR * U + NT - 1) / NT;
 
 #pragma unroll
     for (int i = 0; i < XT; i++) {
-        const int id = (int) threadIdx.x + Q4W_NT * i;
+        const int id = (int) threadIdx.x + NT * i;
 
         if (id < NR * U) {
             const int r = id / U, u = id % U;
@@ -186,21 +185,23 @@ q4w_load_zs(q4w_stage<U> &st, const uint32_t *zp, int zstep,
  * lane per chunk (chunk = 32 U k, G % (32 U) == 0, U 2 or 4); NR rows a
  * pass (16 or 32).
  */
-template <int MR, int U, int NR, int MINB>
-__global__ void __launch_bounds__(Q4W_NT, MINB)
+template <int MR, int U, int NR, int MINB, int WGS>
+__global__ void __launch_bounds__(Q4W_NT * WGS, MINB)
 kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint32_t *qweight, const uint32_t *qzeros,
     const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
     const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy, int pa)
 {
     constexpr int ST = 2;
+    constexpr int NT = Q4W_NT * WGS;            /* threads */
+    constexpr int NW = 4 * WGS;                 /* warps */
     constexpr int BUF = U / 2 * NR * 128;       /* a chunk's B bytes */
-    constexpr int XT = (NR * U + Q4W_NT - 1) / Q4W_NT;
+    constexpr int XT = (NR * U + NT - 1) / NT;
     constexpr int ND = NR / 2;                   /* D registers a wgmma */
     extern __shared__ unsigned char q4w_raw[];
     unsigned char *sm = reinterpret_cast<unsigned char *>(
         ((uintptr_t) q4w_raw + 1023) & ~(uintptr_t) 1023);
-    /* after a pass's chunks: the warps' sums [4][NR][32] (over the B
+    /* after a pass's chunks: the warps' sums [NW][NR][32] (over the B
      * buffers) */
     float         *red = reinterpret_cast<float *>(sm);
 
@@ -215,11 +216,16 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const int      g1 = (int) ((int64_t) KG * (rank + 1) / S);
     const int      ch0 = g0 * cpg, ch1 = g1 * cpg;
     const int      Nh = Ntot / MR;
-    /* the warp's 32 columns */
+    /* the warp's 32 columns (MR 2: the first half of the warps gate
+     * columns, the second the same up columns) */
     const int      cbw = MR == 2
-                         ? (int) blockIdx.x * 64 + (warp & 1) * 32
-                           + (warp >> 1) * Nh
-                         : (int) blockIdx.x * 128 + warp * 32;
+                         ? (WGS == 1
+                            ? (int) blockIdx.x * 64 + (warp & 1) * 32
+                              + (warp >> 1) * Nh
+                            : (int) blockIdx.x * 64 * WGS
+                              + (warp % (2 * WGS)) * 32
+                              + (warp / (2 * WGS)) * Nh)
+                         : (int) blockIdx.x * 128 * WGS + warp * 32;
     const int      lc = cbw + 4 * g;
     const int      zsh = 4 * (lc & 7);
     int            r0, r1;
@@ -250,7 +256,7 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
 #pragma unroll
         for (int i = 0; i < XT; i++) {
-            const int id = (int) threadIdx.x + Q4W_NT * i;
+            const int id = (int) threadIdx.x + NT * i;
             const int rr = min(p0 + min(id / U, NR - 1), r1 - 1);
 
             xp[i] = reinterpret_cast<const uint4 *>(
@@ -278,10 +284,10 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 q4w_load_zs<U>(st[1], zp, zstep, sp, sstep,
                                one ? ch0 + 1 : (ch0 + 1) / cpg);
             }
-            q4w_xload<U, NR>(xr, xp, ch0);
-            q4w_xstore<U, NR>(sm, xr);
+            q4w_xload<U, NR, NT>(xr, xp, ch0);
+            q4w_xstore<U, NR, NT>(sm, xr);
             if (ch0 + 1 < ch1) {
-                q4w_xload<U, NR>(xr, xp, ch0 + 1);
+                q4w_xload<U, NR, NT>(xr, xp, ch0 + 1);
             }
             moe_wg_fence_proxy_async();
             __syncthreads();
@@ -355,7 +361,7 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     if (cj + 1 < ch1) {
                         /* the proxy fence before the weight loads are
                          * issued (measured 6-7 % faster than after) */
-                        q4w_xstore<U, NR>(sm + (1 - j) * BUF, xr);
+                        q4w_xstore<U, NR, NT>(sm + (1 - j) * BUF, xr);
                         moe_wg_fence_proxy_async();
                     }
                     if (cj + ST < ch1) {
@@ -366,7 +372,7 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                                               * pfstep);
                     }
                     if (cj + 2 < ch1) {
-                        q4w_xload<U, NR>(xr, xp, cj + 2);
+                        q4w_xload<U, NR, NT>(xr, xp, cj + 2);
                     }
                     moe_wg_wait<0>();
                     moe_wg_fence_regs_n(d[0]);
@@ -406,10 +412,10 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
         cl.sync();
         {
-            const int NO = (MR == 2 ? 2 : 4) * NR * 32;
+            const int NO = (MR == 2 ? NW / 2 : NW) * NR * 32;
 
-            for (int idx = rank * Q4W_NT + (int) threadIdx.x; idx < NO;
-                 idx += S * Q4W_NT)
+            for (int idx = rank * NT + (int) threadIdx.x; idx < NO;
+                 idx += S * NT)
             {
                 const int w = idx / (NR * 32), fl = idx % (NR * 32);
                 const int f = fl / 32, l = fl % 32;
@@ -423,15 +429,15 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
                     v += rs[w * NR * 32 + fl];
                     if (MR == 2) {
-                        u += rs[(w + 2) * NR * 32 + fl];
+                        u += rs[(w + NW / 2) * NR * 32 + fl];
                     }
                 }
                 if (row < r1) {
                     if (MR == 1) {
-                        Y[(size_t) row * ldy + (int) blockIdx.x * 128
+                        Y[(size_t) row * ldy + (int) blockIdx.x * 128 * WGS
                           + w * 32 + cw] = v;
                     } else {
-                        H[(size_t) row * ldy + (int) blockIdx.x * 64
+                        H[(size_t) row * ldy + (int) blockIdx.x * 64 * WGS
                           + w * 32 + cw] =
                             __float2bfloat16(v / (1.0f + expf(-v)) * u);
                     }
@@ -452,7 +458,7 @@ moe_cuda_q4w_supported(int G, int Ntot, int K, int silu)
 }
 
 
-template <int MR, int U, int NR, int MINB>
+template <int MR, int U, int NR, int MINB, int WGS>
 static int
 q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
@@ -460,9 +466,10 @@ q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
     constexpr size_t    BUF = (size_t) U / 2 * NR * 128;
-    constexpr size_t    RED = (size_t) 4 * NR * 32 * sizeof(float);
+    constexpr size_t    RED = (size_t) 4 * WGS * NR * 32 * sizeof(float);
     constexpr size_t    SMEM = (2 * BUF > RED ? 2 * BUF : RED) + 1024;
-    const int           tiles = MR == 2 ? Ntot / 2 / 64 : Ntot / 128;
+    const int           tiles = MR == 2 ? Ntot / 2 / (64 * WGS)
+                                        : Ntot / (128 * WGS);
     const int           ng = q_groups(offs, E, n);
     const int           S = S_force > 0 && S_force <= Q4W_SMAX
                             ? S_force
@@ -473,9 +480,9 @@ q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     cudaLaunchAttribute at[2] = {};
 
     static_assert(SMEM <= 48 * 1024, "q4w: shared memory over 48 KB");
-    q_cluster_cfg(&cfg, at, tiles, ng, S, Q4W_NT, SMEM, stream);
+    q_cluster_cfg(&cfg, at, tiles, ng, S, Q4W_NT * WGS, SMEM, stream);
     MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
-                                      kernel_qgemm_q4w<MR, U, NR, MINB>,
+                                      kernel_qgemm_q4w<MR, U, NR, MINB, WGS>,
                                       X, ldx, xrow, xdiv, qw, qz, sc, G,
                                       zero_bias, Ntot, K, offs, E, n, Y, H,
                                       ldy, pa));
@@ -483,7 +490,7 @@ q4w_launch(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
 }
 
 
-template <int U, int NR, int MINB>
+template <int U, int NR, int MINB, int WGS = 1>
 static int
 q4w_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     int xdiv, const uint32_t *qw, const uint32_t *qz, const uint16_t *sc,
@@ -491,11 +498,11 @@ q4w_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow,
     float *Y, bf16 *H, int ldy, cudaStream_t stream)
 {
     if (H != NULL) {
-        return q4w_launch<2, U, NR, MINB>(S_force, pa, X, ldx, xrow, xdiv,
+        return q4w_launch<2, U, NR, MINB, WGS>(S_force, pa, X, ldx, xrow, xdiv,
                                           qw, qz, sc, G, zero_bias, Ntot, K,
                                           offs, E, n, NULL, H, ldy, stream);
     }
-    return q4w_launch<1, U, NR, MINB>(S_force, pa, X, ldx, xrow, xdiv, qw,
+    return q4w_launch<1, U, NR, MINB, WGS>(S_force, pa, X, ldx, xrow, xdiv, qw,
                                       qz, sc, G, zero_bias, Ntot, K, offs, E,
                                       n, Y, NULL, ldy, stream);
 }
@@ -520,7 +527,8 @@ q4w_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     }
     if (!moe_cuda_q4w_supported(G, Ntot, K, H != NULL) || ldx % 8 != 0
         || E <= 0 || (offs == NULL && E != 1) || (H == NULL && Y == NULL)
-        || shape < 0 || shape > 7
+        || shape < 0 || shape > 8
+        || (shape == 8 && (H != NULL ? (Ntot / 2) % 128 : Ntot % 256) != 0)
         || ((uintptr_t) X & 15u) != 0 || ((uintptr_t) qweight & 15u) != 0
         || ((uintptr_t) scales & 7u) != 0 || ((uintptr_t) qzeros & 3u) != 0)
     {
@@ -556,6 +564,9 @@ q4w_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     case 7:
         pa = shape == 5 ? 0 : shape == 6 ? 2 : 6;
         return q4w_go<4, 32, 2>(Q4W_ARGS);
+    case 8:         /* dev, unrun: two warpgroups a block sharing the
+                     * staged rows (256 / 128 + 128 columns), 1 a SM */
+        return q4w_go<4, 32, 1, 2>(Q4W_ARGS);
     default:
         return q4w_go<4, 32, 2>(Q4W_ARGS);
     }

@@ -213,7 +213,8 @@ int moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx,
  * shape: 0 picked from max_rows (16 rows a pass up to 16, else 32; 128 k
  * a chunk when G % 128 == 0), 1..4 forced: (16 rows, 64 k), (16, 128),
  * (32, 64), (32, 128) (bench/dev/quant_gemv; 5..7: shape 4 with other
- * L2 prefetch distances).  moe_cuda_qgemv_q4g_rows takes it for row
+ * L2 prefetch distances; 8: two warpgroups a block, N % 256 or F % 128,
+ * not yet run on a device).  moe_cuda_qgemv_q4g_rows takes it for row
  * hints above 16 where moe_cuda_q4g_rows_ok (moe_cuda_qgemv_q4g: shapes
  * 10..13 are its shapes 1..4).
  */
