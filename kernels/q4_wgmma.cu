@@ -29,9 +29,9 @@
  *    weights: no bf16 rounding of w);
  *  - two chunks of weights in flight in registers, the next chunk's rows
  *    in registers while the current chunk multiplies, an L2 prefetch of
- *    the chunk two past the register loads; K split over a thread-block cluster of S blocks when
- *    the grid is small, reduced in a fixed order through distributed
- *    shared memory (deterministic);
+ *    the chunk two past the register loads; K split over a thread-block
+ *    cluster of S blocks when the grid is small, reduced in a fixed
+ *    order through distributed shared memory (deterministic);
  *  - MR 2 fuses SwiGLU: warps 0 and 1 take 64 gate columns, warps 2 and
  *    3 the same up columns, and the epilogue writes bf16 silu(g) u.
  */

@@ -31,11 +31,12 @@
  *      with uneven rows and empty groups (3,0,1,0,9,2,0,17 and
  *      33,0,18,1,0,70,5,16: passes of 16 and 32 rows with a partial
  *      last pass, gathered) and a compact grid (2 rows over 8 experts,
- *      gathered), each with every block shape 0 .. 13, each run twice: every output within the bound
- *      below of the double host sum of x (q - z') s, within twice the
- *      bound of moe_cuda_qgemv_q4_rows (MOE_K_Q4_GPTQ) on the same
- *      tensors, Y's columns past N (ldy = N + 5) and its 2 rows past n
- *      keep their NaN sentinel, the two runs bit-equal;
+ *      gathered), each with every block shape 0 .. 13, each run twice:
+ *      every output within the bound below of the double host sum of
+ *      x (q - z') s, within twice the bound of moe_cuda_qgemv_q4_rows
+ *      (MOE_K_Q4_GPTQ) on the same tensors, Y's columns past N (ldy = N
+ *      + 5) and its 2 rows past n keep their NaN sentinel, the two runs
+ *      bit-equal;
  *      the same steps with H (SiLU fused, N = 2 F): bf16 H within the
  *      host's silu(g) u (the sums' bounds carried through silu, slope <=
  *      1.1, and the product, plus 2^-7 |h| for the bf16 rounding), within

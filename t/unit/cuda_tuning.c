@@ -31,6 +31,30 @@ static const char *vars[] = {
 int moe_cuda_q4g_supported(int G, int Ntot, int K, int silu);
 int moe_cuda_q4w_supported(int G, int Ntot, int K, int silu);
 int moe_cuda_q4g_rows_ok(int G, int Ntot, int K, int silu, int max_rows);
+struct CUstream_st;                     /* cudaStream_t */
+int moe_cuda_qgemv_q4w(const uint16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const int32_t *qweight, const int32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int max_rows, int shape, float *Y,
+    int ldy, uint16_t *H, struct CUstream_st *stream);
+const char *moe_cuda_last_error(void);
+
+
+/* One call of the warpgroup launcher that must be refused before any
+ * CUDA call (MOE_K_EUNSUPPORTED -6, the error naming it). */
+static int
+q4w_refused(const uint16_t *X, int ldx, int G, int N, int K,
+    const int32_t *offs, int E, int shape, float *Y, uint16_t *H)
+{
+    static const int32_t  qw[4] __attribute__((aligned(16)));
+    static const uint16_t sc[4] __attribute__((aligned(16)));
+    int                   rc;
+
+    rc = moe_cuda_qgemv_q4w(X, ldx, NULL, 1, qw, qw, sc, G, 0, N, K, offs, E,
+                            4, 32, shape, Y, N, H, NULL);
+
+    return rc == -6 && strstr(moe_cuda_last_error(), "qgemv_q4w") != NULL;
+}
 
 
 /* The backend's 4-bit decode choice (cb_q4g_ok): row hints up to 16 on
@@ -78,6 +102,30 @@ q4_choice(void)
            && !moe_cuda_q4g_rows_ok(16, 4096, 4096, 0, 1)
            && !moe_cuda_q4w_supported(-128, 4096, 4096, 0),
            "refused: K %% G, G 0, N 0, G 16, G < 0");
+    {
+        static uint16_t X[64] __attribute__((aligned(16)));
+        static float    Y[64];
+        static uint16_t H[64];
+        static int32_t  offs[3];
+
+        TAP_OK(q4w_refused(X, 8, 32, 256, 512, NULL, 1, 0, Y, NULL)
+               && q4w_refused(X, 8, 128, 192, 512, NULL, 1, 0, Y, NULL)
+               && q4w_refused(X, 8, 128, 192, 512, NULL, 1, 0, NULL, H)
+               && q4w_refused(X, 8, 128, 256, 512, NULL, 1, 9, Y, NULL)
+               && q4w_refused(X, 8, 128, 128, 512, NULL, 1, 8, Y, NULL)
+               && q4w_refused(X, 12, 128, 256, 512, NULL, 1, 0, Y, NULL)
+               && q4w_refused(X + 1, 8, 128, 256, 512, NULL, 1, 0, Y, NULL)
+               && q4w_refused(X, 8, 128, 256, 512, offs, 0, 0, Y, NULL)
+               && q4w_refused(X, 8, 128, 256, 512, NULL, 2, 0, Y, NULL)
+               && q4w_refused(X, 8, 128, 256, 512, NULL, 1, 0, NULL, NULL),
+               "moe_cuda_qgemv_q4w refuses (before any CUDA call) group 32, "
+               "N 192, F 96, shape 9, shape 8 with N 128, ldx 12, X off 16 "
+               "bytes, E 0, offs NULL with E 2, no output");
+        TAP_OK(moe_cuda_qgemv_q4w(X, 8, NULL, 1, NULL, NULL, NULL, 128, 0,
+                                  256, 512, NULL, 1, 0, 32, 0, Y, 256, NULL,
+                                  NULL) == 0,
+               "moe_cuda_qgemv_q4w with no rows: a no-op");
+    }
 }
 #endif
 
