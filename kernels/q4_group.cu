@@ -498,19 +498,6 @@ moe_cuda_q4g_rows_ok(int G, int Ntot, int K, int silu, int max_rows)
 }
 
 
-/*
- * Blocks per cluster (K splits): the smallest power of two that fills
- * half the resident block slots (bps per SM), while each warp keeps at
- * least 4 groups.  On the H200 (bench/dev/quant_gemv, 2026-12-04) every
- * split of a grid that already had a block per SM was slower: S 1 for
- * the batch-1 down projection (128 blocks of 8 warps) 25.3 us against
- * 28.8 at S 2; gate|up (224 blocks of 4 warps) 47.2 against 51.9.
- */
-static int
-q4g_split(int64_t blocks, int KG, int nw, int bps)
-{
-    return q_cluster_split(blocks, KG, 2 * nw, bps, Q4G_SMAX);
-}
 
 
 /* One launch: grid (tiles, groups, S), the S blocks of a z column one
@@ -555,8 +542,14 @@ q4g_go(int S_force, int pa, const bf16 *X, int ldx, const int32_t *xrow, int xdi
     int       S = S_force > 0 && S_force <= Q4G_SMAX ? S_force : 0;
 
     if (S == 0) {
-        S = an ? q4g_split((int64_t) tiles * ng, K / G, 1, MINB)
-               : q4g_split((int64_t) tiles * ng, K / G, NW, MINB);
+        /* K splits (q_cluster_split) keeping at least 4 groups a warp.
+         * On the H200 (bench/dev/quant_gemv, 2026-12-04) every split of a
+         * grid that already had a block per SM was slower: S 1 for the
+         * batch-1 down projection (128 blocks of 8 warps) 25.3 us against
+         * 28.8 at S 2; gate|up (224 blocks of 4 warps) 47.2 against
+         * 51.9. */
+        S = q_cluster_split((int64_t) tiles * ng, K / G, 2 * (an ? 1 : NW),
+                            MINB, Q4G_SMAX);
     }
 #define Q4G_L  tiles, ng, S, X, ldx, xrow, xdiv, qw, qz, sc, G, zero_bias, \
                Ntot, K, offs, E, n
@@ -617,10 +610,8 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    if (!moe_cuda_q4g_supported(G, Ntot, K, H != NULL) || ldx % 8 != 0
-        || E <= 0 || (offs == NULL && E != 1) || (H == NULL && Y == NULL)
-        || ((uintptr_t) X & 15u) != 0 || ((uintptr_t) qweight & 15u) != 0
-        || ((uintptr_t) scales & 7u) != 0 || ((uintptr_t) qzeros & 3u) != 0)
+    if (!moe_cuda_q4g_supported(G, Ntot, K, H != NULL)
+        || !q_gptq_args_ok(X, ldx, qweight, qzeros, scales, offs, E, Y, H))
     {
         moe_cuda_set_error("qgemv_q4g: unsupported shape (N %d, K %d, group "
                            "%d, ldx %d, E %d, %s)", Ntot, K, G, ldx, E,

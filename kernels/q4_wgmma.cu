@@ -525,12 +525,10 @@ q4w_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     if (n <= 0) {
         return MOE_K_OK;
     }
-    if (!moe_cuda_q4w_supported(G, Ntot, K, H != NULL) || ldx % 8 != 0
-        || E <= 0 || (offs == NULL && E != 1) || (H == NULL && Y == NULL)
+    if (!moe_cuda_q4w_supported(G, Ntot, K, H != NULL)
+        || !q_gptq_args_ok(X, ldx, qweight, qzeros, scales, offs, E, Y, H)
         || shape < 0 || shape > 8
-        || (shape == 8 && (H != NULL ? (Ntot / 2) % 128 : Ntot % 256) != 0)
-        || ((uintptr_t) X & 15u) != 0 || ((uintptr_t) qweight & 15u) != 0
-        || ((uintptr_t) scales & 7u) != 0 || ((uintptr_t) qzeros & 3u) != 0)
+        || (shape == 8 && (H != NULL ? (Ntot / 2) % 128 : Ntot % 256) != 0))
     {
         moe_cuda_set_error("qgemv_q4w: unsupported shape (N %d, K %d, group "
                            "%d, ldx %d, E %d, shape %d, %s)", Ntot, K, G,

@@ -94,6 +94,23 @@ q_cluster_split(int64_t blocks, int KG, int per, int bps, int smax)
 }
 
 
+/* The arguments the GPTQ-layout launchers by group (q4_group.cu,
+ * q4_wgmma.cu) share beyond their shapes: ldx % 8, E > 0 (offs NULL:
+ * E 1), an output (Y or H), X and qweight 16-byte, scales 8-byte, qzeros
+ * 4-byte aligned. */
+static inline int
+q_gptq_args_ok(const void *X, int ldx, const void *qweight,
+    const void *qzeros, const void *scales, const int32_t *offs, int E,
+    const void *Y, const void *H)
+{
+    return ldx % 8 == 0 && E > 0 && (offs != NULL || E == 1)
+           && (H != NULL || Y != NULL) && ((uintptr_t) X & 15u) == 0
+           && ((uintptr_t) qweight & 15u) == 0
+           && ((uintptr_t) scales & 7u) == 0
+           && ((uintptr_t) qzeros & 3u) == 0;
+}
+
+
 /* A launch of grid (tiles, groups, S) with the S blocks along z one
  * thread-block cluster (at: room for two attributes: the cluster, and PDL
  * when moe_cuda_pdl_get()). */
