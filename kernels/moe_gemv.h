@@ -56,8 +56,11 @@ int moe_cuda_gemv_supported(int Kd, int ldx);
  * sum, added in fp32.  The NaN codes 0x7f / 0xff decode as +-480.
  * Requires Kd % 16 == 0, ldx % 8 == 0, ldx >= Kd, X and W 16-byte
  * aligned (else MOE_K_EUNSUPPORTED, see moe_cuda_fp8_supported).
- * max_rows picks the token tile (8, 16 or 32 rows per pass; larger
- * groups take more passes over their weights); tune is unused (NULL).
+ * max_rows picks the kernel and its token tile: with tune->fp8_gemv
+ * (NULL: the defaults, on) and moe_cuda_fp8h_tp(Kd, max_rows) > 0 the
+ * f16-fragment kernel (moe_cuda_gemv_fp8h below, that many rows a pass),
+ * else 8, 16 or 32 rows a pass on bf16 fragments; larger groups take more
+ * passes over their weights.
  * Graph-safe: the grid depends on N, E and n only.
  */
 int moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
@@ -82,6 +85,34 @@ int moe_cuda_gemv_fp8_warps(const moe_bf16_t *X, int ldx,
     int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
     float *Y, moe_bf16_t *H, int ldy, int nt, int warps,
     cudaStream_t stream);
+
+/*
+ * moe_cuda_gemv_fp8's contract on f16 fragments (kernel_gemv_fp8h): each
+ * pass of tp (1..8) rows of a group is first staged in shared memory as
+ * f16, each row scaled by its own power of two (its largest |x| put in
+ * [2^14, 2^15), so bf16 values from 2^-29 of the row's largest up are
+ * exact and none overflows; the sums are scaled back in fp32); the e4m3
+ * weights convert exactly to f16 (cvt.rn.f16x2.e4m3x2), products
+ * accumulate in fp32 on mma.m16n8k16.f16: the same sums as the bf16
+ * kernel up to fp32 order.  Differences: the NaN codes 0x7f / 0xff give
+ * NaN, not +-480; activations under 2^-29 of their row's largest lose
+ * bits or flush (a row whose largest is under 2^-106 is scaled by 2^120
+ * only).  Requires what
+ * moe_cuda_fp8_supported requires and moe_cuda_fp8h_tp(Kd, tp) == tp
+ * (else MOE_K_EUNSUPPORTED).  variant (tests and benchmarks): 0 the
+ * launcher's rule, 1 twice the chunks a register stage, 2 eight warps a
+ * block, 3 four.
+ */
+int moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int tp, int silu, float *Y,
+    moe_bf16_t *H, int ldy, int variant, cudaStream_t stream);
+
+/* Rows a pass the f16-fragment GEMV stages for a row hint: min(max(hint,
+ * 1), 8) when that many rows of Kd f16 fit its shared-memory budget
+ * (72 KiB: 8 rows of Kd 4096, 2 of 14336), else 0 (moe_cuda_gemv_fp8
+ * then takes the bf16 kernel). */
+int moe_cuda_fp8h_tp(int Kd, int max_rows);
 
 /* Whether the fp8 GEMV / grouped GEMM support this shape and mode:
  * N > 0, Kd > 0, Kd % 16 == 0, ldx % 8 == 0, ldx >= Kd, mode one of

@@ -33,6 +33,8 @@
  * fragments read as 4-byte words from shared memory and converted, B as
  * 8-byte words (conflict-free with those pads).
  */
+#include <cuda_fp16.h>
+
 #include "common.cuh"
 #include "ptx.cuh"
 #include "moe_gemv.h"
@@ -416,6 +418,392 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
+/* ------------------------------------------------------------------ */
+/* kernel_gemv_fp8h: f16 fragments                                     */
+
+/* Bytes of staged f16 activations a block may use (TP x Kp x 2). */
+#define F8H_SMEM_MAX (72 * 1024)
+#define F8H_PAD      8                  /* f16 past each staged row */
+
+
+/* Two e4m3 codes of each half of w -> f16x2 lo (bytes 0, 1) and hi
+ * (bytes 2, 3), the lower byte in the lower half; exact (e4m3 is a
+ * subset of f16, subnormals included; the NaN codes stay NaN). */
+__device__ __forceinline__ void
+f8h_cvt(uint32_t w, uint32_t &lo, uint32_t &hi)
+{
+    asm("{\n\t.reg .b16 l, h;\n\t"
+        "mov.b32 {l, h}, %2;\n\t"
+        "cvt.rn.f16x2.e4m3x2 %0, l;\n\t"
+        "cvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
+        : "=r"(lo), "=r"(hi) : "r"(w));
+}
+
+
+/* A operands of UNR chunks: [chunk][row set][row half][16-byte piece p]
+ * (lane q's piece p of a chunk: bytes p * 64 + q * 16 of each row's 128) */
+template <int MR, int UNR, int NW>
+__device__ __forceinline__ void
+f8h_load(f8_stage<MR, UNR> &st, const uint8_t *const (&arow)[MR][2],
+    const bool (&aval)[MR][2], int c0, int nch, int Kd, int q)
+{
+#pragma unroll
+    for (int u = 0; u < UNR; u++) {
+        int c = c0 + u * NW;
+
+#pragma unroll
+        for (int p = 0; p < 2; p++) {
+            int  k = c * F8_CK + p * 64 + q * 16;
+            bool kv = c < nch && k < Kd;
+
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    st.a[u][mr][h][p] = kv && aval[mr][h]
+                        ? __ldcs(reinterpret_cast<const uint4 *>(
+                              arow[mr][h] + k))
+                        : make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+    }
+}
+
+
+/* acc += the products of the chunks of st (B: this lane's token row of the
+ * staged f16 activations xt, NULL for lanes past the pass's tokens). */
+template <int MR, int UNR, int NW, bool BLK>
+__device__ __forceinline__ void
+f8h_compute(float (&acc)[MR][4], const f8_stage<MR, UNR> &st,
+    const uint16_t *xt, int c0, int nch, int q, const float *const (&bsc)[MR])
+{
+#pragma unroll
+    for (int u = 0; u < UNR; u++) {
+        int   c = c0 + u * NW;
+        float part[MR][4];
+        float (&dst)[MR][4] = BLK ? part : acc;
+
+        if (c >= nch) {
+            break;
+        }
+        if (BLK) {
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    part[mr][i] = 0.0f;
+                }
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < 2; p++) {
+            /* the staged rows are zero past Kd up to the chunk's end */
+            uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
+
+            if (xt != NULL) {
+                const uint4 *xp = reinterpret_cast<const uint4 *>(
+                    xt + c * F8_CK + p * 64 + q * 16);
+
+                v0 = xp[0];
+                v1 = xp[1];
+            }
+            const uint32_t xb[8] = { v0.x, v0.y, v0.z, v0.w,
+                                     v1.x, v1.y, v1.z, v1.w };
+
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+                const uint4 &lo = st.a[u][mr][0][p], &hi = st.a[u][mr][1][p];
+                const uint32_t wl[4] = { lo.x, lo.y, lo.z, lo.w };
+                const uint32_t wh[4] = { hi.x, hi.y, hi.z, hi.w };
+
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    uint32_t l0, l1, h0, h1;
+
+                    /* word i: k pairs 4i, 4i+1 (l0 / h0) and 4i+2, 4i+3
+                     * (l1 / h1) of rows g / g + 8: the activation words
+                     * 2i and 2i + 1 */
+                    f8h_cvt(wl[i], l0, l1);
+                    f8h_cvt(wh[i], h0, h1);
+                    moe_mma_f16(dst[mr], l0, h0, l1, h1, xb[2 * i],
+                                xb[2 * i + 1]);
+                }
+            }
+        }
+        if (BLK) {
+#pragma unroll
+            for (int mr = 0; mr < MR; mr++) {
+                float s = __ldg(bsc[mr] + c);
+
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    acc[mr][i] = fmaf(s, part[mr][i], acc[mr][i]);
+                }
+            }
+        }
+    }
+}
+
+
+/*
+ * Stage the pass's tokens p0 .. p0 + TP - 1 (those below r1) into xs as
+ * f16, row t at xs + t * xsl, each scaled by its own power of two 2^d:
+ * d puts the row's largest |x| in [2^14, 2^15) (clamped to +-120), so
+ * every bf16 value from 2^-29 of the row's largest up is exact in f16
+ * and none overflows; the sums are multiplied back by sinv[t] = 2^-d.
+ * Rows past r1 and the columns Kd .. nch * 128 are zeros.
+ */
+template <int NW>
+__device__ __forceinline__ void
+f8h_stage(uint16_t *xs, int xsl, float *sinv, uint32_t (*smax)[8],
+    const bf16 *X, int ldx, const int32_t *xrow, int xdiv, int p0, int r1,
+    int TP, int Kd, int nch)
+{
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nv = Kd / 8, nvp = nch * (F8_CK / 8);
+    const uint4 *xr[8];
+    uint32_t     m[8];
+
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        int r = p0 + t;
+
+        xr[t] = NULL;
+        m[t] = 0;
+        if (t < TP && r < r1) {
+            int x = xrow != NULL ? xrow[r] / xdiv : r;
+
+            xr[t] = reinterpret_cast<const uint4 *>(X + (size_t) x * ldx);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        if (xr[t] == NULL) {
+            continue;
+        }
+        uint32_t mm = 0;
+
+        for (int v = tid; v < nv; v += NW * 32) {
+            uint4 w = __ldg(xr[t] + v);
+
+            mm = __vmaxu2(mm, w.x & 0x7fff7fffu);
+            mm = __vmaxu2(mm, w.y & 0x7fff7fffu);
+            mm = __vmaxu2(mm, w.z & 0x7fff7fffu);
+            mm = __vmaxu2(mm, w.w & 0x7fff7fffu);
+        }
+        mm = max(mm & 0xffffu, mm >> 16);
+        m[t] = __reduce_max_sync(0xffffffffu, mm);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            smax[warp][t] = m[t];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        uint32_t mx = 0;
+        int      d;
+        float    s;
+
+        if (t >= TP) {
+            break;
+        }
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            mx = max(mx, smax[w][t]);
+        }
+        /* bf16 exponent field E: |x| < 2^(E - 126) (Inf / NaN: 255) */
+        d = mx == 0 ? 0 : 141 - (int) (mx >> 7);
+        d = d < -120 ? -120 : d > 120 ? 120 : d;
+        s = __int_as_float((127 + d) << 23);
+        if (tid == 0) {
+            sinv[t] = __int_as_float((127 - d) << 23);
+        }
+        uint4 *dst = reinterpret_cast<uint4 *>(xs + (size_t) t * xsl);
+
+        for (int v = tid; v < nvp; v += NW * 32) {
+            uint4 w = make_uint4(0, 0, 0, 0), o;
+
+            if (xr[t] != NULL && v < nv) {
+                w = __ldg(xr[t] + v);
+            }
+            const uint32_t wi[4] = { w.x, w.y, w.z, w.w };
+            uint32_t       wo[4];
+
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float   a = __uint_as_float(wi[i] << 16) * s;
+                float   b = __uint_as_float(wi[i] & 0xffff0000u) * s;
+                __half2 hh = __floats2half2_rn(a, b);
+
+                wo[i] = *reinterpret_cast<uint32_t *>(&hh);
+            }
+            o = make_uint4(wo[0], wo[1], wo[2], wo[3]);
+            dst[v] = o;
+        }
+    }
+    __syncthreads();
+}
+
+
+/*
+ * kernel_gemv_fp8 on f16 fragments: the same grid, blocks and epilogue
+ * (one 16-column tile of one group, warps on interleaved 128-k chunks,
+ * two register stages of UNR chunks), but each pass's TP <= 8 token rows
+ * are first staged in shared memory as f16 (f8h_stage: per-row power-of-
+ * two scale), and the weights become f16 A fragments with one
+ * cvt.rn.f16x2.e4m3x2 per two weights for mma.m16n8k16.f16: ~1/3 of
+ * kernel_gemv_fp8's instructions per weight byte (its bf16 fragments
+ * take ~2.25 integer / bf16 instructions a weight, and the activations
+ * are re-read and paired per chunk).  Dynamic shared memory: TP rows of
+ * nch * 128 + F8H_PAD f16.
+ */
+template <int MR, int UNR, int MODE, int NW>
+__global__ void __launch_bounds__(NW * 32)
+kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const uint8_t *W, const float *scale, int N, int Kd,
+    const int32_t *offs, int E, int n, int TP, float *Y, bf16 *H, int ldy)
+{
+    if (offs != NULL) {
+        moe_pdl_enter();
+    }
+    constexpr bool BLK = MODE == MOE_K_FP8_BLOCK;
+    extern __shared__ uint4 f8h_dyn[];
+    __shared__ float    red[NW][MR * 4][32];
+    __shared__ uint32_t smax[NW][8];
+    __shared__ float    sinv[8];
+    uint16_t           *xs = reinterpret_cast<uint16_t *>(f8h_dyn);
+    const int           lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int           g = lane >> 2, q = lane & 3;
+    const int           e = moe_block_group(offs, E, lane);
+    const int           j0 = blockIdx.x * 16;
+    const int           R = MR * N;
+    const int           nch = (Kd + F8_CK - 1) / F8_CK;
+    const int           xsl = nch * F8_CK + F8H_PAD;
+    int                 r0, r1;
+
+    if (e < 0) {
+        return;
+    }
+    r0 = offs != NULL ? offs[e] : 0;
+    r1 = offs != NULL ? offs[e + 1] : n;
+    if (r1 <= r0) {
+        return;
+    }
+
+    const uint8_t *We = W + (size_t) e * R * Kd;
+    const uint8_t *arow[MR][2];
+    bool           aval[MR][2];
+    const float   *bsc[MR];
+
+#pragma unroll
+    for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int j = j0 + g + 8 * h;
+
+            aval[mr][h] = j < N;
+            arow[mr][h] = We + (size_t) (mr * N + (j < N ? j : 0)) * Kd;
+        }
+        bsc[mr] = scale;
+        if (BLK) {
+            bsc[mr] = scale + (size_t) e * ((R + 127) / 128) * nch
+                      + (size_t) ((mr * N + j0) / 128) * nch;
+        }
+    }
+
+    if (offs == NULL) {
+        if (warp < nch) {
+            f8_gv_prefetch<MR, UNR, NW>(arow, aval, warp, nch, q);
+        }
+        moe_pdl_enter();
+    }
+
+    for (int p0 = r0; p0 < r1; p0 += TP) {
+        float             acc[MR][4];
+        f8_stage<MR, UNR> st[2];
+        const int         step = NW * UNR;
+        const uint16_t   *xt = g < TP && p0 + g < r1
+                               ? xs + (size_t) g * xsl : NULL;
+
+#pragma unroll
+        for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                acc[mr][c] = 0.0f;
+            }
+        }
+        /* the first stage's weights are in flight while the rows are
+         * staged */
+        if (warp < nch) {
+            f8h_load<MR, UNR, NW>(st[0], arow, aval, warp, nch, Kd, q);
+        }
+        f8h_stage<NW>(xs, xsl, sinv, smax, X, ldx, xrow, xdiv, p0, r1, TP,
+                      Kd, nch);
+        if (warp < nch) {
+            for (int c0 = warp;; c0 += 2 * step) {
+                f8h_load<MR, UNR, NW>(st[1], arow, aval, c0 + step, nch, Kd,
+                                      q);
+                f8h_compute<MR, UNR, NW, BLK>(acc, st[0], xt, c0, nch, q,
+                                              bsc);
+                if (c0 + step >= nch) {
+                    break;
+                }
+                f8h_load<MR, UNR, NW>(st[0], arow, aval, c0 + 2 * step, nch,
+                                      Kd, q);
+                f8h_compute<MR, UNR, NW, BLK>(acc, st[1], xt, c0 + step,
+                                              nch, q, bsc);
+                if (c0 + 2 * step >= nch) {
+                    break;
+                }
+            }
+        }
+
+#pragma unroll
+        for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                red[warp][mr * 4 + c][lane] = acc[mr][c];
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < 4 * 32; i += NW * 32) {
+            int   l = i & 31, c = i >> 5;
+            int   col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
+            int   t = 2 * (l & 3) + (c & 1), r = p0 + t;
+            float v = 0.0f;
+
+#pragma unroll
+            for (int w = 0; w < NW; w++) {
+                v += red[w][c][l];
+            }
+            if (col < N && t < TP && r < r1) {
+                v = v * sinv[t] * f8_row_scale(scale, MODE, MR == 2, e, N,
+                                               R, col);
+                if (MR == 2) {
+                    float u = 0.0f;
+
+#pragma unroll
+                    for (int w = 0; w < NW; w++) {
+                        u += red[w][4 + c][l];
+                    }
+                    u = u * sinv[t] * f8_row_scale(scale, MODE, 1, e, N, R,
+                                                   N + col);
+                    H[(size_t) r * ldy + col] =
+                        moe_f2bf(v / (1.0f + expf(-v)) * u);
+                } else {
+                    Y[(size_t) r * ldy + col] = v;
+                }
+            }
+        }
+        __syncthreads();        /* red, xs and sinv are rewritten next */
+    }
+}
+
+
 /* Whether a grid of `blocks` 4-warp blocks (NT 1, no SiLU) fits in one
  * wave of F8_WARPS_WIDE-warp blocks: then the wide kernel splits each
  * column tile's K range over twice the warps, and the SMs hold twice the
@@ -591,7 +979,16 @@ moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     moe_bf16_t *H, int ldy, const moe_cuda_tuning_t *tune,
     cudaStream_t stream)
 {
-    (void) tune;        /* no knob yet: one kernel for every row count */
+    static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
+    int tp = (tune != NULL ? tune : &defaults)->fp8_gemv
+             ? moe_cuda_fp8h_tp(Kd, max_rows) : 0;
+
+    if (tp > 0) {
+        /* f16 fragments, the pass's rows staged (kernel_gemv_fp8h) */
+        return moe_cuda_gemv_fp8h(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
+                                  offs, E, n, tp, silu, Y, H, ldy, 0,
+                                  stream);
+    }
     return moe_cuda_gemv_fp8_tiled(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
                                    offs, E, n, silu, Y, H, ldy,
                                    max_rows <= 8 ? 1 : max_rows <= 16 ? 2
@@ -973,4 +1370,154 @@ moe_cuda_ggemm_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
                                     Kd, offs, E, n, silu, Y, H, ldy,
                                     avg <= 10 ? 16 : avg <= 22 ? 32 : 64,
                                     stream);
+}
+
+
+/* ------------------------------------------------------------------ */
+/* moe_cuda_gemv_fp8h                                                  */
+
+/* Staged f16 row length (elements) for Kd. */
+static int
+f8h_xsl(int Kd)
+{
+    return (Kd + F8_CK - 1) / F8_CK * F8_CK + F8H_PAD;
+}
+
+
+extern "C" int
+moe_cuda_fp8h_tp(int Kd, int max_rows)
+{
+    int rows = max_rows < 1 ? 1 : max_rows > 8 ? 8 : max_rows;
+
+    if (Kd <= 0) {
+        return 0;
+    }
+    return (int64_t) rows * f8h_xsl(Kd) * 2 <= F8H_SMEM_MAX ? rows : 0;
+}
+
+
+/* One instantiation's launch; its shared-memory limit raised to
+ * F8H_SMEM_MAX once per device. */
+template <int MR, int UNR, int MODE, int NW>
+static int
+f8h_go(dim3 grid, size_t smem, cudaStream_t s, const bf16 *X, int ldx,
+    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
+    int N, int Kd, const int32_t *offs, int E, int n, int tp, float *Y,
+    bf16 *H, int ldy)
+{
+    static bool ready[64];
+    int         dev = 0;
+
+    MOE_CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev < 0 || dev >= 64 || !ready[dev]) {
+        MOE_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel_gemv_fp8h<MR, UNR, MODE, NW>,
+            cudaFuncAttributeMaxDynamicSharedMemorySize, F8H_SMEM_MAX));
+        if (dev >= 0 && dev < 64) {
+            ready[dev] = true;
+        }
+    }
+    (void) moe_launch(kernel_gemv_fp8h<MR, UNR, MODE, NW>, grid, NW * 32,
+                      smem, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E,
+                      n, tp, Y, H, ldy);
+    MOE_CUDA_CHECK_LAUNCH("kernel_gemv_fp8h");
+    return MOE_K_OK;
+}
+
+
+/* Whether `blocks` blocks of the 8-warp kernel (no SiLU) fit one wave. */
+template <int MODE>
+static bool
+f8h_wide(int64_t blocks, size_t smem)
+{
+    int nb = 0;
+
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &nb, kernel_gemv_fp8h<1, 2, MODE, F8_WARPS_WIDE>,
+            F8_WARPS_WIDE * 32, smem) != cudaSuccess)
+    {
+        (void) cudaGetLastError();
+        nb = 0;
+    }
+    return blocks <= (int64_t) nb * moe_sm_count();
+}
+
+
+/* variant: 0 the rule (SiLU: 1 chunk a stage, 4 warps; else 2 chunks,
+ * 8 warps when the grid fits one wave of them), 1 twice the chunks a
+ * stage, 2 8 warps, 3 4 warps. */
+template <int MODE>
+static int
+f8h_mode(int variant, dim3 grid, size_t smem, cudaStream_t s, int silu,
+    const bf16 *X, int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
+    const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
+    int tp, float *Y, bf16 *H, int ldy)
+{
+#define F8H_ARGS grid, smem, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs, \
+                 E, n, tp, Y, H, ldy
+    if (silu) {
+        if (variant == 1) {
+            return f8h_go<2, 2, MODE, F8_WARPS>(F8H_ARGS);
+        }
+        if (variant == 2) {
+            return f8h_go<2, 1, MODE, F8_WARPS_WIDE>(F8H_ARGS);
+        }
+        return f8h_go<2, 1, MODE, F8_WARPS>(F8H_ARGS);
+    }
+    if (variant == 1) {
+        return f8h_go<1, 4, MODE, F8_WARPS>(F8H_ARGS);
+    }
+    if (variant == 2
+        || (variant == 0
+            && f8h_wide<MODE>((int64_t) grid.x * grid.y, smem)))
+    {
+        return f8h_go<1, 2, MODE, F8_WARPS_WIDE>(F8H_ARGS);
+    }
+    return f8h_go<1, 2, MODE, F8_WARPS>(F8H_ARGS);
+#undef F8H_ARGS
+}
+
+
+extern "C" int
+moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
+    const int32_t *offs, int E, int n, int tp, int silu, float *Y,
+    moe_bf16_t *H, int ldy, int variant, cudaStream_t stream)
+{
+    const bf16 *x = reinterpret_cast<const bf16 *>(X);
+    bf16       *h = reinterpret_cast<bf16 *>(H);
+    int         groups = f8_groups("gemv_fp8h", mode, N, Kd, ldx, xrow, xdiv,
+                                   offs, E, n, silu);
+    size_t      smem;
+    dim3        grid;
+
+    if (groups < 0) {
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (tp < 1 || tp > 8 || moe_cuda_fp8h_tp(Kd, tp) != tp || variant < 0
+        || variant > 3)
+    {
+        moe_cuda_set_error("gemv_fp8h: %d tokens a pass of Kd %d (at most 8 "
+                           "and %d bytes staged) or variant %d (0..3) not "
+                           "supported", tp, Kd, F8H_SMEM_MAX, variant);
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (n == 0 || groups == 0) {
+        return MOE_K_OK;
+    }
+    grid = dim3((unsigned) ((N + 15) / 16), (unsigned) groups);
+    smem = (size_t) tp * f8h_xsl(Kd) * 2;
+    if (mode == MOE_K_FP8_TENSOR) {
+        return f8h_mode<MOE_K_FP8_TENSOR>(variant, grid, smem, stream, silu,
+                                          x, ldx, xrow, xdiv, W, scale, N, Kd,
+                                          offs, E, n, tp, Y, h, ldy);
+    }
+    if (mode == MOE_K_FP8_CHANNEL) {
+        return f8h_mode<MOE_K_FP8_CHANNEL>(variant, grid, smem, stream, silu,
+                                           x, ldx, xrow, xdiv, W, scale, N,
+                                           Kd, offs, E, n, tp, Y, h, ldy);
+    }
+    return f8h_mode<MOE_K_FP8_BLOCK>(variant, grid, smem, stream, silu, x,
+                                     ldx, xrow, xdiv, W, scale, N, Kd, offs,
+                                     E, n, tp, Y, h, ldy);
 }

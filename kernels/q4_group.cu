@@ -626,17 +626,21 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     const int ng = q_groups(offs, E, n);
     const int mr = max_rows > 0 ? max_rows : (n + ng - 1) / ng;
 
-    /* more than 16 rows a group (or shapes 10..13): the warpgroup
+    /* more than 16 rows a group (or shapes 10..14): the warpgroup
      * tensor cores (kernels/q4_wgmma.cu) where they take the shape */
     if ((shape >= 10 && shape <= 13
          && moe_cuda_q4w_supported(G, Ntot, K, H != NULL))
+        || (shape == 14 && moe_cuda_q4w_supported(G, Ntot, K, H != NULL)
+            && G % 128 == 0
+            && (H != NULL ? (Ntot / 2) % 128 : Ntot % 256) == 0)
         || (shape == 0 && mr > 16
             && moe_cuda_q4g_rows_ok(G, Ntot, K, H != NULL, mr)))
     {
         return moe_cuda_qgemv_q4w(X, ldx, xrow, xdiv, qweight, qzeros,
                                   scales, G, zero_bias, Ntot, K, offs, E, n,
-                                  mr, shape >= 10 ? shape - 9 : 0, Y, ldy, H,
-                                  stream);
+                                  mr, shape == 14 ? 8
+                                      : shape >= 10 ? shape - 9 : 0,
+                                  Y, ldy, H, stream);
     }
     switch (shape) {
     case 1:

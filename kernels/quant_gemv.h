@@ -182,7 +182,8 @@ int moe_cuda_q4_awq_to_gptq(int32_t *qweight, int32_t *qzeros, int Ntot,
  * moe_cuda_q4g_supported(G, Ntot, K, H != NULL): G % 32 == 0, K % G ==
  * 0, and Ntot % 64 == 0 (fused: F % 32 == 0); else MOE_K_EUNSUPPORTED.
  * shape: 0 the shipped block shape, 1..6 others, 7..9 16 rows a pass
- * (bench/dev/quant_gemv).
+ * (bench/dev/quant_gemv), 10..14 the warpgroup kernel's shapes 1..4 and
+ * 8 where moe_cuda_qgemv_q4w takes the shape (else the shape-0 pick).
  */
 int moe_cuda_q4g_supported(int G, int Ntot, int K, int silu);
 /* Whether moe_cuda_qgemv_q4g_rows takes a shape at a row hint on its own
@@ -211,12 +212,13 @@ int moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx,
  * moe_cuda_q4w_supported(G, Ntot, K, H != NULL): G % 64 == 0, K % G ==
  * 0, Ntot % 128 == 0 (fused: F % 64 == 0); else MOE_K_EUNSUPPORTED.
  * shape: 0 picked from max_rows (16 rows a pass up to 16, else 32; 128 k
- * a chunk when G % 128 == 0), 1..4 forced: (16 rows, 64 k), (16, 128),
- * (32, 64), (32, 128) (bench/dev/quant_gemv; 5..7: shape 4 with other
- * L2 prefetch distances; 8: two warpgroups a block, N % 256 or F % 128,
- * not yet run on a device).  moe_cuda_qgemv_q4g_rows takes it for row
- * hints above 16 where moe_cuda_q4g_rows_ok (moe_cuda_qgemv_q4g: shapes
- * 10..13 are its shapes 1..4).
+ * a chunk when G % 128 == 0; (32, 128) on shape 8 where it fits), 1..4
+ * forced: (16 rows, 64 k), (16, 128), (32, 64), (32, 128)
+ * (bench/dev/quant_gemv; 5..7: shape 4 with other L2 prefetch distances);
+ * 8: shape 4 on two warpgroups a block sharing the staged rows (N % 256,
+ * fused F % 128; else MOE_K_EUNSUPPORTED).  moe_cuda_qgemv_q4g_rows takes
+ * it for row hints above 16 where moe_cuda_q4g_rows_ok
+ * (moe_cuda_qgemv_q4g: shapes 10..13 are its shapes 1..4, 14 its 8).
  */
 int moe_cuda_q4w_supported(int G, int Ntot, int K, int silu);
 int moe_cuda_qgemv_q4w(const moe_bf16_t *X, int ldx, const int32_t *xrow,

@@ -2743,7 +2743,7 @@ cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
         return moe_cuda_gemv_fp8((const moe_bf16_t *) X, ldx, xrow, xdiv,
                                  (const uint8_t *) w->w, w->scale, w->mode,
                                  w->N, w->K, offs, E, n, mr, 0, Y, NULL, ldy,
-                                 NULL, b->stream);
+                                 &b->tune, b->stream);
     }
     if (w->fmt == MOE_WF_FP8) {
         return moe_cuda_qgemv_fp8((const moe_bf16_t *) X, ldx, xrow, xdiv,
@@ -3500,8 +3500,8 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
             MOE_TRY(moe_cuda_gemv_fp8((const moe_bf16_t *) b->xb, D, b->erow,
                                       K, (const uint8_t *) g.w, g.scale,
                                       g.mode, F, D, loffs, EL, T * K, mr, 1,
-                                      NULL, (moe_bf16_t *) b->hbuf, F, NULL,
-                                      s));
+                                      NULL, (moe_bf16_t *) b->hbuf, F,
+                                      &b->tune, s));
         } else if (path == CB_PATH_GGEMM && g.fmt == MOE_WF_FP8
                    && moe_cuda_fp8_supported(g.mode, F, D, D, 1))
         {

@@ -1,15 +1,21 @@
 /*
- * Checks the e4m3-weight tensor-core kernels (moe_cuda_gemv_fp8 and
- * moe_cuda_ggemm_fp8, kernels/moe_gemv_fp8.cu) against a double-precision
+ * Checks the e4m3-weight tensor-core kernels (moe_cuda_gemv_fp8 on bf16
+ * and on f16 fragments, moe_cuda_gemv_fp8h, and moe_cuda_ggemm_fp8,
+ * kernels/moe_gemv_fp8.cu) against a double-precision
  * host reference on the dequantized weights (kernels/fp8.h), fresh random
  * inputs each run (the seed is printed; MOE_TEST_SEED=N repeats a run),
  * outputs poisoned (NaN) first, the poison checked past column N and past
  * the last row:
  *  - each scale mode (per tensor, per channel, 128x128 blocks) with SiLU
- *    (bf16 H) and without (fp32 Y), through both entry points (automatic
- *    tile) and every shipped tile forced (GEMV 8/16/32 rows per pass,
- *    grouped GEMM 16/32/64 tokens), and the GEMV's 4- and 8-warp blocks
- *    forced (moe_cuda_gemv_fp8_warps; 8 warps with SiLU are refused);
+ *    (bf16 H) and without (fp32 Y), through the three entry points
+ *    (automatic tile: the GEMV entry takes the f16 kernel for row hints
+ *    up to 8) and every shipped tile forced (GEMV 8/16/32 rows per pass,
+ *    grouped GEMM 16/32/64 tokens), the GEMV's 4- and 8-warp blocks
+ *    forced (moe_cuda_gemv_fp8_warps; 8 warps with SiLU are refused),
+ *    and the f16 GEMV's four variants at 1, 3 and 8 rows a pass;
+ *  - activations past f16's range (amplitude 1e6 and 1e-9) and rows
+ *    5e-12 .. 2e9 apart in one pass, each row checked on its own: the f16
+ *    GEMV's per-row power-of-two scale;
  *  - groups of 0, 1, 3, 16, 17, 64 and 100 rows (more than every tile:
  *    several passes), E 8 and E 1 (dense: offs NULL, and with offsets),
  *    n < E (compact grid), n an over-estimate, gathered input rows (xdiv
@@ -23,7 +29,8 @@
  *    conversion that flushed subnormals would return zeros;
  *  - a graph-captured launch of each entry point replayed with other
  *    group sizes;
- *  - n = 0 is a no-op, unsupported shapes give MOE_K_EUNSUPPORTED.
+ *  - n = 0 is a no-op, unsupported shapes give MOE_K_EUNSUPPORTED (and
+ *    the f16 GEMV's rows a pass past 8 or its staging budget).
  * Weights: random e4m3 codes except the NaNs (0x7f, 0xff); scales
  * uniform in [5e-4, 2e-3]; X bf16 uniform [-1, 1].
  * Thresholds (relative L2 over the checked outputs): fp32 Y 5e-5 (fp32
@@ -31,9 +38,11 @@
  * kernels ~1e-7), bf16 H 4e-3 (bf16 rounding of the output: 2^-9 at most
  * per element).  TAP; skips when there is no CUDA device.
  * Diagnostics (not tests, MOE_TEST_NO_TIMING unset): weight-streaming
- * bandwidth of the mixtral shapes at 1 row per expert (2 experts, GEMV)
- * and 16 rows per expert (8 experts, both entry points) next to the
- * device-to-device copy bandwidth of the same run.
+ * bandwidth of the mixtral shapes at 1 row per expert (2 experts) and 16
+ * rows per expert (8 experts), and of the dense q|k|v and o projections
+ * at 1 row, for the bf16- and f16-fragment GEMVs (each variant) and the
+ * grouped GEMM, next to the device-to-device copy bandwidth of the same
+ * run.
  */
 
 #include <math.h>
@@ -60,7 +69,25 @@ extern "C" {
 #define F32_TOL  5e-5
 #define SILU_TOL 4e-3
 
-enum { ENT_GEMV = 0, ENT_GGEMM = 1 };
+/* ENT_GEMVH: the GEMV on f16 fragments (moe_cuda_gemv_fp8h), "tile"
+ * tp | variant << 4 (tp 0: the auto entry's rows a pass) */
+enum { ENT_GEMV = 0, ENT_GGEMM = 1, ENT_GEMVH = 2, ENT_N = 3 };
+
+/* Activation amplitude of the next setups: each row's values uniform in
+ * [-g_xamp, g_xamp], or with g_xmix the row's amplitude from f8_mix by
+ * row (rows far apart in magnitude staged in one pass); g_xmix also makes
+ * f8_check hold every row to the tolerance on its own. */
+static double g_xamp = 1.0;
+static int    g_xmix;
+static const double f8_mix[5] = { 3e6, 1e-7, 1.0, 2e9, 5e-12 };
+
+
+static const char *
+f8_ent_name(int ent)
+{
+    return ent == ENT_GEMV ? "gemv_fp8" : ent == ENT_GGEMM ? "ggemm_fp8"
+                                                           : "gemv_fp8h";
+}
 
 /* A kernel fault (illegal instruction / address) is sticky: every later
  * CUDA call fails, so the remaining cases are reported failed unrun. */
@@ -246,6 +273,16 @@ f8_setup(f8_in *in, int E, const int *rows, int n0, int n_extra, int N,
         uint16_t *xb = (uint16_t *) malloc(2 * (size_t) in->nx * in->ldx);
 
         gu_fill_bf(in->x, xb, (size_t) in->nx * in->ldx, 1.0f);
+        for (int r = 0; r < in->nx && (g_xmix || g_xamp != 1.0); r++) {
+            double amp = g_xmix ? f8_mix[r % 5] : g_xamp;
+
+            for (int k = 0; k < in->ldx; k++) {
+                size_t i = (size_t) r * in->ldx + k;
+
+                xb[i] = gu_f2bf((float) (in->x[i] * amp));
+                in->x[i] = gu_bf2f(xb[i]);
+            }
+        }
         in->d_x = (uint16_t *) gu_up(xb, 2 * (size_t) in->nx * in->ldx);
         free(xb);
     }
@@ -308,6 +345,21 @@ f8_run(const f8_in *in, int ent, int tile, cudaStream_t s)
     if (!in->grouped) {
         maxr = in->nrows;
     }
+    if (ent == ENT_GEMVH) {
+        int tp = tile & 15;
+
+        if (tp == 0) {
+            tp = maxr < 1 ? 1 : maxr > 8 ? 8 : maxr;
+            while (tp > 1 && moe_cuda_fp8h_tp(in->Kd, tp) != tp) {
+                tp--;
+            }
+        }
+        return moe_cuda_gemv_fp8h(x, in->ldx, in->d_xrow, in->xdiv, in->d_w,
+                                  in->d_scale, in->mode, in->N, in->Kd, offs,
+                                  in->E, in->n, tp, in->silu,
+                                  (float *) in->d_y, (moe_bf16_t *) in->d_y,
+                                  in->ldy, tile >> 4, s);
+    }
     if (ent == ENT_GEMV) {
         if (tile > F8_TILE_WARPS) {
             /* 8 rows per pass with tile - F8_TILE_WARPS warps forced */
@@ -362,7 +414,9 @@ f8_check(const char *what, int ok, const f8_in *in, const int *cols, int nc)
     uint32_t *ow = (uint32_t *) out;
     double   *wg = (double *) malloc(sizeof(double) * in->Kd);
     double   *wu = (double *) malloc(sizeof(double) * in->Kd);
-    double    num = 0, den = 0, err;
+    double    num = 0, den = 0, err, rowerr = 0;
+    double   *rnum = (double *) calloc((size_t) nalloc, sizeof(double));
+    double   *rden = (double *) calloc((size_t) nalloc, sizeof(double));
 
     if (cols == NULL) {
         nc = N;
@@ -402,6 +456,8 @@ f8_check(const char *what, int ok, const f8_in *in, const int *cols, int nc)
                 }
                 num += d * d;
                 den += a * a;
+                rnum[r] += d * d;
+                rden[r] += a * a;
             }
         }
     }
@@ -418,12 +474,28 @@ f8_check(const char *what, int ok, const f8_in *in, const int *cols, int nc)
     if (!(err == err)) {
         err = INFINITY;
     }
+    for (int r = 0; r < in->nrows; r++) {
+        double e = rden[r] > 0 ? sqrt(rnum[r] / rden[r])
+                               : (rnum[r] > 0 ? 1 : 0);
+
+        if (!(e <= rowerr)) {
+            rowerr = e == e ? e : INFINITY;     /* NaN: a failure */
+        }
+    }
     {
         double tol = in->silu ? SILU_TOL : F32_TOL;
 
-        TAP_OK(ok && err <= tol && bad == 0 && den > 0, "%s (err %.2e, "
-               "%d stray writes)", what, err, bad);
+        if (g_xmix) {
+            TAP_OK(ok && err <= tol && rowerr <= tol && bad == 0 && den > 0,
+                   "%s (err %.2e, worst row %.2e, %d stray writes)", what,
+                   err, rowerr, bad);
+        } else {
+            TAP_OK(ok && err <= tol && bad == 0 && den > 0, "%s (err %.2e, "
+                   "%d stray writes)", what, err, bad);
+        }
     }
+    free(rnum);
+    free(rden);
     free(out);
     free(ob);
     free(wg);
@@ -451,8 +523,7 @@ test_case(const char *label, int E, const int *rows, int n0, int n_extra,
     uint64_t wseed = ((uint64_t) gu_rand() << 32) | gu_rand();
     int      ok, rc;
 
-    snprintf(what, sizeof(what), "%s %s: %s tile %d", ent == ENT_GEMV
-             ? "gemv_fp8" : "ggemm_fp8", f8_mode_name(mode), label, tile);
+    snprintf(what, sizeof(what), "%s %s: %s tile %d", f8_ent_name(ent), f8_mode_name(mode), label, tile);
     if (!f8_alive(what)) {
         return;
     }
@@ -461,7 +532,7 @@ test_case(const char *label, int E, const int *rows, int n0, int n_extra,
     rc = ok ? f8_run(&in, ent, tile, 0) : -1;
     ok = sync_ok(rc, label) && ok;
     snprintf(what, sizeof(what), "%s %s: %s, %s, E %d rows %d (n %d), N %d "
-             "Kd %d, %s, %s%s", ent == ENT_GEMV ? "gemv_fp8" : "ggemm_fp8",
+             "Kd %d, %s, %s%s", f8_ent_name(ent),
              tile ? "forced tile" : "auto", label, f8_mode_name(mode), E,
              in.nrows, in.n, N, Kd, silu ? "SiLU bf16" : "fp32",
              xdiv ? "gathered" : "direct", subn ? ", subnormal codes" : "");
@@ -483,7 +554,7 @@ test_all(const char *label, int E, const int *rows, int n0, int n_extra,
         for (int silu = 0; silu < 2; silu++) {
             int n = silu && mode == MOE_K_FP8_BLOCK && N % 128 ? 128 : N;
 
-            for (int ent = 0; ent < 2; ent++) {
+            for (int ent = 0; ent < ENT_N; ent++) {
                 test_case(label, E, rows, n0, n_extra, n, Kd, silu, mode,
                           xdiv, 0, ent, 0);
             }
@@ -506,9 +577,8 @@ test_graph(int ent, int silu)
     char             what[160];
     int              ok, rc = -1;
 
-    if (!f8_alive(ent == ENT_GEMV ? "gemv_fp8 graph replay"
-                                  : "ggemm_fp8 graph replay"))
-    {
+    snprintf(what, sizeof(what), "%s graph replay", f8_ent_name(ent));
+    if (!f8_alive(what)) {
         return;
     }
     ok = f8_setup(&in, 8, rows0, 0, 0, 136, 400, silu, MOE_K_FP8_CHANNEL,
@@ -536,7 +606,7 @@ test_graph(int ent, int silu)
         vok = vok && cudaStreamSynchronize(s) == cudaSuccess;
         vok = sync_ok(vok ? 0 : -1, "graph replay") && vok;
         snprintf(what, sizeof(what), "%s graph replay %d: %d rows, %s",
-                 ent == ENT_GEMV ? "gemv_fp8" : "ggemm_fp8", v,
+                 f8_ent_name(ent), v,
                  in.offs[8], silu ? "SiLU bf16" : "fp32");
         f8_check(what, vok, &in, NULL, 0);
     }
@@ -559,7 +629,7 @@ test_edges(void)
 {
     f8_in in;
     int   rows[2] = { 2, 1 };
-    int   rc1, rc2, ok;
+    int   rc1, rc2, rc3, ok;
 
     if (!f8_alive("n = 0 and refused shapes")) {
         return;
@@ -569,6 +639,7 @@ test_edges(void)
     in.n = 0;
     rc1 = f8_run(&in, ENT_GEMV, 0, 0);
     rc2 = f8_run(&in, ENT_GGEMM, 0, 0);
+    rc3 = f8_run(&in, ENT_GEMVH, 0, 0);
     ok = sync_ok(0, "n 0") && ok;
     {
         size_t    cnt = (size_t) (in.nrows + 2) * in.ldy;
@@ -579,9 +650,9 @@ test_edges(void)
         for (size_t i = 0; i < cnt; i++) {
             bad += o[i] != 0xffffffffu;
         }
-        TAP_OK(ok && rc1 == MOE_K_OK && rc2 == MOE_K_OK && bad == 0,
-               "n = 0: both entry points return OK and write nothing "
-               "(%d writes)", bad);
+        TAP_OK(ok && rc1 == MOE_K_OK && rc2 == MOE_K_OK && rc3 == MOE_K_OK
+               && bad == 0, "n = 0: the three entry points return OK and "
+               "write nothing (%d writes)", bad);
         free(o);
     }
     TAP_OK(!moe_cuda_fp8_supported(MOE_K_FP8_TENSOR, 64, 72, 80, 0)
@@ -614,11 +685,30 @@ test_edges(void)
            && f8_run(&in, ENT_GGEMM, 48, 0) == MOE_K_EUNSUPPORTED,
            "GEMV tile 3, ggemm tile 48: not shipped (%s)",
            moe_cuda_last_error());
+    TAP_OK(moe_cuda_fp8h_tp(4096, 1) == 1 && moe_cuda_fp8h_tp(4096, 8) == 8
+           && moe_cuda_fp8h_tp(4096, 100) == 8
+           && moe_cuda_fp8h_tp(4096, 0) == 1
+           && moe_cuda_fp8h_tp(14336, 2) == 2
+           && moe_cuda_fp8h_tp(14336, 3) == 0 && moe_cuda_fp8h_tp(0, 1) == 0,
+           "moe_cuda_fp8h_tp: hints clamped to 1..8, 0 past the staging "
+           "budget (Kd 14336: 2 rows)");
+    rc1 = f8_run(&in, ENT_GEMVH, 9, 0);
+    rc2 = f8_run(&in, ENT_GEMVH, 1 | 4 << 4, 0);
+    in.Kd = 14336;
+    in.ldx = 14336 + 8;
+    rc3 = f8_run(&in, ENT_GEMVH, 3, 0);
+    in.Kd = 64;
+    in.ldx = 72;
+    TAP_OK(rc1 == MOE_K_EUNSUPPORTED && rc2 == MOE_K_EUNSUPPORTED
+           && rc3 == MOE_K_EUNSUPPORTED && f8_run(&in, ENT_GEMVH, 8, 0) == 0,
+           "gemv_fp8h: 9 rows a pass, variant 4, 3 rows of Kd 14336 "
+           "refused; 8 rows of Kd 64 taken (%s)", moe_cuda_last_error());
     in.mode = MOE_K_FP8_BLOCK;
     in.silu = 1;
     in.N = 72;
     TAP_OK(f8_run(&in, ENT_GEMV, 0, 0) == MOE_K_EUNSUPPORTED
-           && f8_run(&in, ENT_GGEMM, 0, 0) == MOE_K_EUNSUPPORTED,
+           && f8_run(&in, ENT_GGEMM, 0, 0) == MOE_K_EUNSUPPORTED
+           && f8_run(&in, ENT_GEMVH, 0, 0) == MOE_K_EUNSUPPORTED,
            "block scales with SiLU and N 72: refused");
     ok = sync_ok(0, "edges");
     TAP_OK(ok, "no launch error left after the refused calls");
@@ -641,13 +731,12 @@ test_mixtral(uint8_t *d_w, uint64_t wseed, int N, int Kd, int silu,
         cols[i] = i < 64 ? (i < 32 ? i : N - 64 + i)
                          : (int) (gu_rand() % (uint32_t) N);
     }
-    for (int ent = 0; ent < 2; ent++) {
+    for (int ent = 0; ent < ENT_N; ent++) {
         int ok;
         int rc;
 
-        if (!f8_alive(ent == ENT_GEMV ? "gemv_fp8 mixtral"
-                                      : "ggemm_fp8 mixtral"))
-        {
+        snprintf(what, sizeof(what), "%s mixtral", f8_ent_name(ent));
+        if (!f8_alive(what)) {
             continue;
         }
         ok = f8_setup(&in, 8, rows, 0, 0, N, Kd, silu, mode, 2, 0, d_w,
@@ -656,7 +745,7 @@ test_mixtral(uint8_t *d_w, uint64_t wseed, int N, int Kd, int silu,
         ok = sync_ok(rc, "mixtral") && ok;
         snprintf(what, sizeof(what), "%s mixtral %s N %d Kd %d, %s scales, "
                  "%d rows, 192 sampled columns",
-                 ent == ENT_GEMV ? "gemv_fp8" : "ggemm_fp8",
+                 f8_ent_name(ent),
                  silu ? "gate|up SiLU" : "down", N, Kd, f8_mode_name(mode),
                  in.nrows);
         f8_check(what, ok, &in, cols, 192);
@@ -665,11 +754,48 @@ test_mixtral(uint8_t *d_w, uint64_t wseed, int N, int Kd, int silu,
 }
 
 
-/* Weight bytes / kernel time (20 launches) for the mixtral shapes. */
+/* Weight bytes / kernel time (20 launches) of one setup through one
+ * entry point and tile; a diagnostic line. */
+static void
+bench_one(const f8_in *in, int ent, int tile, const char *label,
+    const char *shape, double bytes, double copy_gbs)
+{
+    cudaEvent_t a, b;
+    float       ms = 0;
+    int         rc = 0;
+
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    rc |= f8_run(in, ent, tile, 0);
+    cudaEventRecord(a);
+    for (int i = 0; i < 20; i++) {
+        rc |= f8_run(in, ent, tile, 0);
+    }
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    cudaEventElapsedTime(&ms, a, b);
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    if (rc == 0 && ms > 0) {
+        double gbs = bytes / (ms / 20 * 1e-3) / 1e9;
+
+        TAP_DIAG("%-30s %-34s %8.1f us, %5.0f GB/s of e4m3 weights "
+                 "(%4.1f %% of copy %.0f GB/s)", label, shape, ms / 20 * 1e3,
+                 gbs, 100 * gbs / copy_gbs, copy_gbs);
+    } else {
+        (void) cudaGetLastError();
+    }
+}
+
+
+/* The mixtral shapes at 1 row per expert (2 experts: batch 1) and 16
+ * (8 experts), and the dense q|k|v and o projections at 1 row: the bf16-
+ * fragment GEMV, each f16-fragment variant, the grouped GEMM at 16. */
 static void
 bench_mixtral(uint8_t *d_w, double copy_gbs)
 {
     static const int per[2] = { 1, 16 };
+    char             shape[96], label[64];
 
     for (int silu = 1; silu >= 0; silu--) {
         int N = silu ? 14336 : 4096, Kd = silu ? 4096 : 14336;
@@ -677,11 +803,11 @@ bench_mixtral(uint8_t *d_w, double copy_gbs)
         for (int pi = 0; pi < 2; pi++) {
             int   rows[8], hit = per[pi] == 1 ? 2 : 8;
             f8_in in;
+            double bytes = (double) hit * (silu ? 2 : 1) * N * Kd;
 
             if (f8_dead != NULL) {
                 return;                 /* diagnostics only */
             }
-
             for (int e = 0; e < 8; e++) {
                 rows[e] = e < hit ? per[pi] : 0;
             }
@@ -690,38 +816,43 @@ bench_mixtral(uint8_t *d_w, double copy_gbs)
                 f8_free(&in, 0);
                 continue;
             }
-            for (int ent = 0; ent < 2; ent++) {
-                cudaEvent_t a, b;
-                float       ms = 0;
-                int         rc = 0;
-                double      bytes = (double) hit * (silu ? 2 : 1) * N * Kd;
-
-                cudaEventCreate(&a);
-                cudaEventCreate(&b);
-                rc |= f8_run(&in, ent, 0, 0);
-                cudaEventRecord(a);
-                for (int i = 0; i < 20; i++) {
-                    rc |= f8_run(&in, ent, 0, 0);
-                }
-                cudaEventRecord(b);
-                cudaEventSynchronize(b);
-                cudaEventElapsedTime(&ms, a, b);
-                cudaEventDestroy(a);
-                cudaEventDestroy(b);
-                if (rc == 0 && ms > 0) {
-                    double gbs = bytes / (ms / 20 * 1e-3) / 1e9;
-
-                    TAP_DIAG("%s %s %d row(s) x %d experts: %.1f us, "
-                             "%.0f GB/s of e4m3 weights (%.0f %% of copy "
-                             "%.0f GB/s)",
-                             ent == ENT_GEMV ? "gemv_fp8" : "ggemm_fp8",
-                             silu ? "gate|up" : "down", per[pi], hit,
-                             ms / 20 * 1e3, gbs, 100 * gbs / copy_gbs,
-                             copy_gbs);
-                }
+            snprintf(shape, sizeof(shape), "%s %d row(s) x %d experts",
+                     silu ? "gate|up" : "down", per[pi], hit);
+            bench_one(&in, ENT_GEMV, per[pi] == 1 ? 1 : 2,
+                      "gemv_fp8 (bf16 fragments)", shape, bytes, copy_gbs);
+            for (int v = 0; v < 4; v++) {
+                snprintf(label, sizeof(label), "gemv_fp8h variant %d", v);
+                bench_one(&in, ENT_GEMVH, v << 4, label, shape, bytes,
+                          copy_gbs);
+            }
+            if (per[pi] > 1) {
+                bench_one(&in, ENT_GGEMM, 0, "ggemm_fp8", shape, bytes,
+                          copy_gbs);
             }
             f8_free(&in, 0);
         }
+    }
+    for (int d = 0; d < 2; d++) {
+        int   N = d == 0 ? 6144 : 4096;
+        f8_in in;
+
+        if (!f8_setup(&in, 1, NULL, 1, 0, N, 4096, 0, MOE_K_FP8_CHANNEL, 0,
+                      0, d_w, 1)) {
+            f8_free(&in, 0);
+            continue;
+        }
+        snprintf(shape, sizeof(shape), "dense %s N %d K 4096, 1 row",
+                 d == 0 ? "q|k|v" : "o", N);
+        bench_one(&in, ENT_GEMV, F8_TILE_WARPS + 4, "gemv_fp8 4 warps",
+                  shape, (double) N * 4096, copy_gbs);
+        bench_one(&in, ENT_GEMV, F8_TILE_WARPS + 8, "gemv_fp8 8 warps",
+                  shape, (double) N * 4096, copy_gbs);
+        for (int v = 0; v < 4; v++) {
+            snprintf(label, sizeof(label), "gemv_fp8h variant %d", v);
+            bench_one(&in, ENT_GEMVH, v << 4, label, shape,
+                      (double) N * 4096, copy_gbs);
+        }
+        f8_free(&in, 0);
     }
 }
 
@@ -819,7 +950,7 @@ main(void)
                   0, 0, ENT_GEMV, 0);
     }
     /* subnormal codes only: a flushing conversion gives zeros */
-    for (int ent = 0; ent < 2; ent++) {
+    for (int ent = 0; ent < ENT_N; ent++) {
         test_case("subnormals", 8, g8b, 0, 0, 128, 208, 0,
                   MOE_K_FP8_CHANNEL, 0, 1, ent, 0);
         test_case("subnormals", 8, g8b, 0, 0, 128, 208, 1,
@@ -829,6 +960,41 @@ main(void)
     test_graph(ENT_GEMV, 1);
     test_graph(ENT_GGEMM, 0);
     test_graph(ENT_GGEMM, 1);
+    test_graph(ENT_GEMVH, 0);
+    test_graph(ENT_GEMVH, 1);
+    /* the f16-fragment GEMV: every variant at 1, 3 and 8 rows a pass over
+     * groups of 0..100 rows (many passes, partial last ones) */
+    for (int mode = 0; mode < 3; mode++) {
+        for (int silu = 0; silu < 2; silu++) {
+            for (int v = 0; v < 4; v++) {
+                for (int tp = 1; tp <= 8; tp += tp == 1 ? 2 : 5) {
+                    test_case("f16 variant", 8, g8, 0, 0, 128, 336, silu,
+                              mode, 2, 0, ENT_GEMVH, tp | v << 4);
+                }
+            }
+        }
+    }
+    /* activations past f16's range (1e6: overflow unscaled; 1e-9: under
+     * its normals), and rows 1e-12 .. 2e9 apart in one pass, each row
+     * held to the tolerance on its own: the per-row power-of-two scale.
+     * The bf16-fragment GEMV (tile 1) takes the same inputs. */
+    for (int a = 0; a < 3; a++) {
+        g_xamp = a == 0 ? 1e6 : a == 1 ? 1e-9 : 1.0;
+        g_xmix = a == 2;
+        for (int silu = 0; silu < 2; silu++) {
+            const char *lab = a == 0 ? "x ~1e6" : a == 1 ? "x ~1e-9"
+                                                         : "x rows 5e-12..2e9";
+
+            test_case(lab, 8, g8b, 0, 0, 136, 4096 + 48, silu,
+                      MOE_K_FP8_CHANNEL, 2, 0, ENT_GEMVH, 8);
+            test_case(lab, 1, NULL, 7, 0, 128, 1024, silu, MOE_K_FP8_BLOCK,
+                      0, 0, ENT_GEMVH, 0);
+            test_case(lab, 8, g8b, 0, 0, 136, 4096 + 48, silu,
+                      MOE_K_FP8_CHANNEL, 2, 0, ENT_GEMV, 1);
+        }
+    }
+    g_xamp = 1.0;
+    g_xmix = 0;
     test_edges();
 
     /* mixtral-like layers on hashed device weights (0.94 GB) */

@@ -16,7 +16,8 @@
  *    96 for 3 chunks a group; 8 experts, the N 4096 set 1 expert and
  *    dense steps only; the sets with G % 64 == 0 and N % 128 == 0 also
  *    reach the warpgroup kernel of kernels/q4_wgmma.cu through shapes
- *    10..13, G 64 / N 256 / K 1024 and G 128 / N 128 / K 4096 with its K
+ *    10..13 (14, two warpgroups a block: G % 128 and N % 256 / F % 128
+ *    only), G 64 / N 256 / K 1024 and G 128 / N 128 / K 4096 with its K
  *    split over clusters of 2 and 4, the others fall back to the
  *    shape-0 pick):
  *      the bound's sensitivity, host only (dense 8 rows): the host sums
@@ -97,7 +98,7 @@ extern "C" {
 #include "quant_gemv.h"
 
 #define NEXP    8                   /* experts of a weight set */
-#define NSHAPE  14                  /* block shapes 0 .. 13 (10..13: the
+#define NSHAPE  15                  /* block shapes 0 .. 14 (10..14: the
                                        warpgroup kernel, q4_wgmma.cu) */
 #define XROWS   7                   /* input rows of a gathered step */
 #define SENS_RC 4                   /* the step of the sensitivity check */
@@ -581,7 +582,7 @@ test_y(const qs_t *q, const step_t *s, const char *sname)
     TAP_DIAG("%s %s: worst error %.3g of the bound", lab, sname, t.worst);
     TAP_OK(rc_bad == 0 && ok_o && t.bad_ref == 0 && t.bad_orig == 0
            && t.written == 0 && diff_run == 0,
-           "qgemv_q4g %s, %s (%d rows): shapes 0..13 within the bound of "
+           "qgemv_q4g %s, %s (%d rows): shapes 0..14 within the bound of "
            "the host (%ld bad) and twice it of qgemv_q4_rows (%ld bad), "
            "nothing else written (%ld), runs bit-equal (%d differ), %d "
            "launches failed", lab, sname, s->n, t.bad_ref, t.bad_orig,
@@ -714,7 +715,7 @@ test_h(const qs_t *q, const step_t *s, const char *sname)
     TAP_DIAG("%s %s: H worst error %.3g of the bound", lab, sname, t.worst);
     TAP_OK(rc_bad == 0 && ok_o && t.bad_ref == 0 && t.bad_orig == 0
            && t.written == 0 && diff_run == 0,
-           "qgemv_q4g SiLU fused %s, %s (%d rows): shapes 0..13, H within "
+           "qgemv_q4g SiLU fused %s, %s (%d rows): shapes 0..14, H within "
            "bounds of the host's silu(g) u (%ld bad) and a bf16 step of "
            "qgemv_q4_silu (%ld bad), row n untouched (%ld), runs bit-equal "
            "(%d differ), %d launches failed", lab, sname, s->n, t.bad_ref,
