@@ -57,10 +57,10 @@ int moe_cuda_gemv_supported(int Kd, int ldx);
  * Requires Kd % 16 == 0, ldx % 8 == 0, ldx >= Kd, X and W 16-byte
  * aligned (else MOE_K_EUNSUPPORTED, see moe_cuda_fp8_supported).
  * max_rows picks the kernel and its token tile: with tune->fp8_gemv
- * (NULL: the defaults, on) and moe_cuda_fp8h_tp(Kd, max_rows) > 0 the
- * f16-fragment kernel (moe_cuda_gemv_fp8h below, that many rows a pass),
- * else 8, 16 or 32 rows a pass on bf16 fragments; larger groups take more
- * passes over their weights.
+ * (NULL: the defaults, on), max_rows <= 2 and moe_cuda_fp8h_tp(Kd,
+ * max_rows) > 0 the f16-fragment kernel (moe_cuda_gemv_fp8h below, that
+ * many rows a pass), else 8, 16 or 32 rows a pass on bf16 fragments;
+ * larger groups take more passes over their weights.
  * Graph-safe: the grid depends on N, E and n only.
  */
 int moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,

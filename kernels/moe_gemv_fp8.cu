@@ -424,6 +424,7 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 /* Bytes of staged f16 activations a block may use (TP x Kp x 2). */
 #define F8H_SMEM_MAX (72 * 1024)
 #define F8H_PAD      8                  /* f16 past each staged row */
+#define F8H_AUTO_ROWS 2                 /* moe_cuda_gemv_fp8 takes it up to */
 
 
 /* Two e4m3 codes of each half of w -> f16x2 lo (bytes 0, 1) and hi
@@ -546,6 +547,38 @@ f8h_compute(float (&acc)[MR][4], const f8_stage<MR, UNR> &st,
 }
 
 
+/* The power-of-two exponent d that puts a row whose largest |x| has the
+ * bf16 magnitude bits mx (0x7fff-masked; Inf / NaN: 0x7f80 and up) in
+ * [2^14, 2^15): bf16 exponent field E bounds |x| < 2^(E - 126); clamped
+ * to +-120 so that 2^d and 2^-d are normal floats (0 for a zero row). */
+__device__ __forceinline__ int
+f8h_exp(uint32_t mx)
+{
+    int d = mx == 0 ? 0 : 141 - (int) (mx >> 7);
+
+    return d < -120 ? -120 : d > 120 ? 120 : d;
+}
+
+
+/* Eight bf16 (w) times 2^d (s) -> eight f16 (round to nearest). */
+__device__ __forceinline__ uint4
+f8h_cvt_row8(uint4 w, float s)
+{
+    const uint32_t wi[4] = { w.x, w.y, w.z, w.w };
+    uint32_t       wo[4];
+
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float   a = __uint_as_float(wi[i] << 16) * s;
+        float   b = __uint_as_float(wi[i] & 0xffff0000u) * s;
+        __half2 hh = __floats2half2_rn(a, b);
+
+        wo[i] = *reinterpret_cast<uint32_t *>(&hh);
+    }
+    return make_uint4(wo[0], wo[1], wo[2], wo[3]);
+}
+
+
 /*
  * Stage the pass's tokens p0 .. p0 + TP - 1 (those below r1) into xs as
  * f16, row t at xs + t * xsl, each scaled by its own power of two 2^d:
@@ -611,13 +644,14 @@ f8h_stage(uint16_t *xs, int xsl, float *sinv, uint32_t (*smax)[8],
         if (t >= TP) {
             break;
         }
+        if (xr[t] == NULL) {
+            continue;           /* no lane reads an absent row */
+        }
 #pragma unroll
         for (int w = 0; w < NW; w++) {
             mx = max(mx, smax[w][t]);
         }
-        /* bf16 exponent field E: |x| < 2^(E - 126) (Inf / NaN: 255) */
-        d = mx == 0 ? 0 : 141 - (int) (mx >> 7);
-        d = d < -120 ? -120 : d > 120 ? 120 : d;
+        d = f8h_exp(mx);
         s = __int_as_float((127 + d) << 23);
         if (tid == 0) {
             sinv[t] = __int_as_float((127 - d) << 23);
@@ -625,24 +659,12 @@ f8h_stage(uint16_t *xs, int xsl, float *sinv, uint32_t (*smax)[8],
         uint4 *dst = reinterpret_cast<uint4 *>(xs + (size_t) t * xsl);
 
         for (int v = tid; v < nvp; v += NW * 32) {
-            uint4 w = make_uint4(0, 0, 0, 0), o;
+            uint4 w = make_uint4(0, 0, 0, 0);
 
             if (xr[t] != NULL && v < nv) {
                 w = __ldg(xr[t] + v);
             }
-            const uint32_t wi[4] = { w.x, w.y, w.z, w.w };
-            uint32_t       wo[4];
-
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                float   a = __uint_as_float(wi[i] << 16) * s;
-                float   b = __uint_as_float(wi[i] & 0xffff0000u) * s;
-                __half2 hh = __floats2half2_rn(a, b);
-
-                wo[i] = *reinterpret_cast<uint32_t *>(&hh);
-            }
-            o = make_uint4(wo[0], wo[1], wo[2], wo[3]);
-            dst[v] = o;
+            dst[v] = f8h_cvt_row8(w, s);
         }
     }
     __syncthreads();
@@ -980,7 +1002,12 @@ moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     cudaStream_t stream)
 {
     static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
+    /* f16 fragments up to F8H_AUTO_ROWS rows: each block stages its
+     * pass's rows itself, which at 4-8 rows costs as many instructions
+     * as the weights (measured, run 14b: batch 8 586.6 tok/s with hints
+     * of 4 on it against 637.4 on bf16 fragments) */
     int tp = (tune != NULL ? tune : &defaults)->fp8_gemv
+             && max_rows <= F8H_AUTO_ROWS
              ? moe_cuda_fp8h_tp(Kd, max_rows) : 0;
 
     if (tp > 0) {
@@ -1028,11 +1055,11 @@ struct g8_cfg {
  * gate rows of columns j0 + 8 w .. + 7 (tile rows 0-7) and their up rows
  * (tile rows 8-15), as in kernel_ggemm.
  */
-template <int BT, bool SILU, int MODE>
+template <int BT, bool SILU, int MODE, bool F16>
 __global__ void __launch_bounds__(G8_NT, 2)
 kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
-    const uint8_t *W, const float *scale, int N, int Kd,
-    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
+    const float *xsinv, const uint8_t *W, const float *scale, int N,
+    int Kd, const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
     moe_pdl_enter();
     typedef g8_cfg<BT> C;
@@ -1188,16 +1215,27 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                                   ws + 8 * G8_WROW + kk * 16);
                 uint32_t l02, l13, h02, h13;
 
-                f8_cvt4(lo, l02, l13);
-                f8_cvt4(hi, h02, h13);
+                if (F16) {
+                    /* f16 pairs in k order: (4q, 4q+1), (4q+2, 4q+3),
+                     * the tokens' 8 bytes at 4q as they are */
+                    f8h_cvt(lo, l02, l13);
+                    f8h_cvt(hi, h02, h13);
+                } else {
+                    f8_cvt4(lo, l02, l13);
+                    f8_cvt4(hi, h02, h13);
+                }
 #pragma unroll
                 for (int t = 0; t < 2 * NP; t++) {
                     uint2    xv = *reinterpret_cast<const uint2 *>(
                                       xs + t * 8 * G8_XROW + kk * 16);
-                    uint32_t b0, b1;
+                    uint32_t b0 = xv.x, b1 = xv.y;
 
-                    f8_pair(xv.x, xv.y, b0, b1);
-                    moe_mma_bf16(dst[t], l02, h02, l13, h13, b0, b1);
+                    if (F16) {
+                        moe_mma_f16(dst[t], l02, h02, l13, h13, b0, b1);
+                    } else {
+                        f8_pair(xv.x, xv.y, b0, b1);
+                        moe_mma_bf16(dst[t], l02, h02, l13, h13, b0, b1);
+                    }
                 }
             }
             if (BLK) {
@@ -1219,8 +1257,23 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
          * (c2, c3), tokens 2q and 2q + 1 of each n-tile */
 #pragma unroll
         for (int t = 0; t < 2 * NP; t++) {
-            int r = p0 + t * 8 + 2 * q;
+            int   r = p0 + t * 8 + 2 * q;
+            float si[2] = { 1.0f, 1.0f };       /* F16: rows' 2^-d */
 
+            if (F16) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    if (r + h < r1) {
+                        si[h] = __ldg(xsinv + (xrow != NULL
+                                               ? xrow[r + h] / xdiv
+                                               : r + h));
+                    }
+                }
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    acc[t][c] *= si[c & 1];
+                }
+            }
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 if (SILU) {
@@ -1256,21 +1309,35 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 template <int BT, bool SILU, int MODE>
 static int
 g8_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
-    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
-    int N, int Kd, const int32_t *offs, int E, int n, float *Y, bf16 *H,
-    int ldy)
+    const int32_t *xrow, int xdiv, const float *xsinv, const uint8_t *W,
+    const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
+    float *Y, bf16 *H, int ldy)
 {
-    static int   ready = 0;
+    static int   ready[2];
     const size_t sm = g8_cfg<BT>::SMEM;
     const int    cols = SILU ? 32 : 64;
+    const int    f16 = xsinv != NULL;
     dim3         grid((unsigned) ((N + cols - 1) / cols), groups);
 
-    if (!ready) {
-        MOE_CUDA_CHECK(moe_smem_max_carveout(kernel_ggemm_fp8<BT, SILU, MODE>, sm));
-        ready = 1;
+    if (!ready[f16]) {
+        if (f16) {
+            MOE_CUDA_CHECK(moe_smem_max_carveout(
+                kernel_ggemm_fp8<BT, SILU, MODE, true>, sm));
+        } else {
+            MOE_CUDA_CHECK(moe_smem_max_carveout(
+                kernel_ggemm_fp8<BT, SILU, MODE, false>, sm));
+        }
+        ready[f16] = 1;
     }
-    MOE_CUDA_CHECK(moe_launch(kernel_ggemm_fp8<BT, SILU, MODE>, grid, G8_NT,
-        sm, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, H, ldy));
+    if (f16) {
+        MOE_CUDA_CHECK(moe_launch(kernel_ggemm_fp8<BT, SILU, MODE, true>,
+            grid, G8_NT, sm, s, X, ldx, xrow, xdiv, xsinv, W, scale, N, Kd,
+            offs, E, n, Y, H, ldy));
+    } else {
+        MOE_CUDA_CHECK(moe_launch(kernel_ggemm_fp8<BT, SILU, MODE, false>,
+            grid, G8_NT, sm, s, X, ldx, xrow, xdiv, xsinv, W, scale, N, Kd,
+            offs, E, n, Y, H, ldy));
+    }
     return MOE_K_OK;
 }
 
@@ -1278,40 +1345,87 @@ g8_launch(unsigned groups, cudaStream_t s, const bf16 *X, int ldx,
 template <int BT, bool SILU>
 static int
 g8_launch_m(int mode, unsigned groups, cudaStream_t s, const bf16 *X,
-    int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
-    const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
-    float *Y, bf16 *H, int ldy)
+    int ldx, const int32_t *xrow, int xdiv, const float *xsinv,
+    const uint8_t *W, const float *scale, int N, int Kd, const int32_t *offs,
+    int E, int n, float *Y, bf16 *H, int ldy)
 {
     if (mode == MOE_K_FP8_TENSOR) {
         return g8_launch<BT, SILU, MOE_K_FP8_TENSOR>(groups, s, X, ldx, xrow,
-                                                     xdiv, W, scale, N, Kd,
-                                                     offs, E, n, Y, H, ldy);
+                                                     xdiv, xsinv, W, scale,
+                                                     N, Kd, offs, E, n, Y, H,
+                                                     ldy);
     }
     if (mode == MOE_K_FP8_CHANNEL) {
         return g8_launch<BT, SILU, MOE_K_FP8_CHANNEL>(groups, s, X, ldx,
-                                                      xrow, xdiv, W, scale,
-                                                      N, Kd, offs, E, n, Y,
-                                                      H, ldy);
+                                                      xrow, xdiv, xsinv, W,
+                                                      scale, N, Kd, offs, E,
+                                                      n, Y, H, ldy);
     }
     return g8_launch<BT, SILU, MOE_K_FP8_BLOCK>(groups, s, X, ldx, xrow,
-                                                xdiv, W, scale, N, Kd, offs,
-                                                E, n, Y, H, ldy);
+                                                xdiv, xsinv, W, scale, N, Kd,
+                                                offs, E, n, Y, H, ldy);
 }
 
 
 template <int BT>
 static int
 g8_launch_s(int silu, int mode, unsigned groups, cudaStream_t s,
-    const bf16 *X, int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
-    const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
-    float *Y, bf16 *H, int ldy)
+    const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
+    const float *xsinv, const uint8_t *W, const float *scale, int N, int Kd,
+    const int32_t *offs, int E, int n, float *Y, bf16 *H, int ldy)
 {
     if (silu) {
-        return g8_launch_m<BT, true>(mode, groups, s, X, ldx, xrow, xdiv, W,
-                                     scale, N, Kd, offs, E, n, Y, H, ldy);
+        return g8_launch_m<BT, true>(mode, groups, s, X, ldx, xrow, xdiv,
+                                     xsinv, W, scale, N, Kd, offs, E, n, Y,
+                                     H, ldy);
     }
-    return g8_launch_m<BT, false>(mode, groups, s, X, ldx, xrow, xdiv, W,
-                                  scale, N, Kd, offs, E, n, Y, H, ldy);
+    return g8_launch_m<BT, false>(mode, groups, s, X, ldx, xrow, xdiv, xsinv,
+                                  W, scale, N, Kd, offs, E, n, Y, H, ldy);
+}
+
+
+/* The grouped GEMM with the token tile bt (0: about 1.5x the mean rows
+ * per group, as moe_cuda_ggemm); xsinv: X holds f16 rows scaled by
+ * 1 / xsinv (moe_cuda_rows_f16), NULL: bf16. */
+static int
+g8_run(const char *who, const bf16 *x, int ldx, const int32_t *xrow,
+    int xdiv, const float *xsinv, const uint8_t *W, const float *scale,
+    int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
+    float *Y, bf16 *h, int ldy, int bt, cudaStream_t stream)
+{
+    int groups = f8_groups(who, mode, N, Kd, ldx, xrow, xdiv, offs, E, n,
+                           silu);
+
+    if (groups < 0) {
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (bt == 0) {
+        int g = groups < 1 ? 1 : groups, avg = (n + g - 1) / g;
+
+        bt = avg <= 10 ? 16 : avg <= 22 ? 32 : 64;
+    }
+    if (bt != 16 && bt != 32 && bt != 64) {
+        moe_cuda_set_error("%s: token tile %d is not shipped (16, 32, 64)",
+                           who, bt);
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (n == 0 || groups == 0) {
+        return MOE_K_OK;
+    }
+    switch (bt) {
+    case 16:
+        return g8_launch_s<16>(silu, mode, (unsigned) groups, stream, x, ldx,
+                               xrow, xdiv, xsinv, W, scale, N, Kd, offs, E,
+                               n, Y, h, ldy);
+    case 32:
+        return g8_launch_s<32>(silu, mode, (unsigned) groups, stream, x, ldx,
+                               xrow, xdiv, xsinv, W, scale, N, Kd, offs, E,
+                               n, Y, h, ldy);
+    default:
+        return g8_launch_s<64>(silu, mode, (unsigned) groups, stream, x, ldx,
+                               xrow, xdiv, xsinv, W, scale, N, Kd, offs, E,
+                               n, Y, h, ldy);
+    }
 }
 
 
@@ -1321,34 +1435,14 @@ moe_cuda_ggemm_fp8_tiled(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     const int32_t *offs, int E, int n, int silu, float *Y, moe_bf16_t *H,
     int ldy, int bt, cudaStream_t stream)
 {
-    const bf16 *x = reinterpret_cast<const bf16 *>(X);
-    bf16       *h = reinterpret_cast<bf16 *>(H);
-    int         groups = f8_groups("ggemm_fp8", mode, N, Kd, ldx, xrow, xdiv,
-                                   offs, E, n, silu);
-
-    if (groups < 0) {
+    if (bt == 0) {
+        moe_cuda_set_error("ggemm_fp8: token tile 0 is not shipped (16, "
+                           "32, 64)");
         return MOE_K_EUNSUPPORTED;
     }
-    if (n == 0 || groups == 0) {
-        return MOE_K_OK;
-    }
-    switch (bt) {
-    case 16:
-        return g8_launch_s<16>(silu, mode, (unsigned) groups, stream, x, ldx,
-                               xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, h,
-                               ldy);
-    case 32:
-        return g8_launch_s<32>(silu, mode, (unsigned) groups, stream, x, ldx,
-                               xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, h,
-                               ldy);
-    case 64:
-        return g8_launch_s<64>(silu, mode, (unsigned) groups, stream, x, ldx,
-                               xrow, xdiv, W, scale, N, Kd, offs, E, n, Y, h,
-                               ldy);
-    }
-    moe_cuda_set_error("ggemm_fp8: token tile %d is not shipped (16, 32, 64)",
-                       bt);
-    return MOE_K_EUNSUPPORTED;
+    return g8_run("ggemm_fp8", reinterpret_cast<const bf16 *>(X), ldx, xrow,
+                  xdiv, NULL, W, scale, mode, N, Kd, offs, E, n, silu, Y,
+                  reinterpret_cast<bf16 *>(H), ldy, bt, stream);
 }
 
 
@@ -1358,18 +1452,91 @@ moe_cuda_ggemm_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     const int32_t *offs, int E, int n, int silu, float *Y, moe_bf16_t *H,
     int ldy, cudaStream_t stream)
 {
-    int groups = offs != NULL && n > 0 && n < E ? n : E;
-    int avg;
+    return g8_run("ggemm_fp8", reinterpret_cast<const bf16 *>(X), ldx, xrow,
+                  xdiv, NULL, W, scale, mode, N, Kd, offs, E, n, silu, Y,
+                  reinterpret_cast<bf16 *>(H), ldy, 0, stream);
+}
 
-    if (groups < 1) {
-        groups = 1;
+
+extern "C" int
+moe_cuda_ggemm_fp8h(const uint16_t *Xh, int ldh, const float *sinv,
+    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
+    int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
+    float *Y, moe_bf16_t *H, int ldy, int bt, cudaStream_t stream)
+{
+    if (sinv == NULL) {
+        moe_cuda_set_error("ggemm_fp8h: no row scales");
+        return MOE_K_EUNSUPPORTED;
     }
-    /* token tile: about 1.5x the mean rows per group (as moe_cuda_ggemm) */
-    avg = (n + groups - 1) / groups;
-    return moe_cuda_ggemm_fp8_tiled(X, ldx, xrow, xdiv, W, scale, mode, N,
-                                    Kd, offs, E, n, silu, Y, H, ldy,
-                                    avg <= 10 ? 16 : avg <= 22 ? 32 : 64,
-                                    stream);
+    return g8_run("ggemm_fp8h", reinterpret_cast<const bf16 *>(Xh), ldh,
+                  xrow, xdiv, sinv, W, scale, mode, N, Kd, offs, E, n, silu,
+                  Y, reinterpret_cast<bf16 *>(H), ldy, bt, stream);
+}
+
+
+/* One block a row: its largest |x|, then the row times 2^d as f16. */
+__global__ void __launch_bounds__(256)
+kernel_rows_f16(const bf16 *X, int ldx, int Kd, uint16_t *Xh, int ldh,
+    float *sinv)
+{
+    moe_pdl_enter();
+    __shared__ uint32_t smax[8];
+    const int    r = blockIdx.x, tid = threadIdx.x, nv = Kd / 8;
+    const uint4 *src = reinterpret_cast<const uint4 *>(X + (size_t) r * ldx);
+    uint4       *dst = reinterpret_cast<uint4 *>(Xh + (size_t) r * ldh);
+    uint32_t     mm = 0;
+    int          d;
+    float        s;
+
+    for (int v = tid; v < nv; v += 256) {
+        uint4 w = __ldg(src + v);
+
+        mm = __vmaxu2(mm, w.x & 0x7fff7fffu);
+        mm = __vmaxu2(mm, w.y & 0x7fff7fffu);
+        mm = __vmaxu2(mm, w.z & 0x7fff7fffu);
+        mm = __vmaxu2(mm, w.w & 0x7fff7fffu);
+    }
+    mm = __reduce_max_sync(0xffffffffu, max(mm & 0xffffu, mm >> 16));
+    if ((tid & 31) == 0) {
+        smax[tid >> 5] = mm;
+    }
+    __syncthreads();
+    mm = 0;
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        mm = max(mm, smax[w]);
+    }
+    d = f8h_exp(mm);
+    s = __int_as_float((127 + d) << 23);
+    if (tid == 0) {
+        sinv[r] = __int_as_float((127 - d) << 23);
+    }
+    for (int v = tid; v < nv; v += 256) {
+        dst[v] = f8h_cvt_row8(__ldg(src + v), s);
+    }
+}
+
+
+extern "C" int
+moe_cuda_rows_f16(const moe_bf16_t *X, int ldx, int n, int Kd, uint16_t *Xh,
+    int ldh, float *sinv, cudaStream_t stream)
+{
+    if (n < 0 || Kd <= 0 || Kd % 8 != 0 || ldx < Kd || ldx % 8 != 0
+        || ldh < Kd || ldh % 8 != 0 || ((uintptr_t) X & 15) != 0
+        || ((uintptr_t) Xh & 15) != 0 || sinv == NULL)
+    {
+        moe_cuda_set_error("rows_f16: unsupported shape (n %d, Kd %d, ldx "
+                           "%d, ldh %d)", n, Kd, ldx, ldh);
+        return MOE_K_EUNSUPPORTED;
+    }
+    if (n == 0) {
+        return MOE_K_OK;
+    }
+    (void) moe_launch(kernel_rows_f16, dim3((unsigned) n), dim3(256), 0,
+                      stream, reinterpret_cast<const bf16 *>(X), ldx, Kd,
+                      Xh, ldh, sinv);
+    MOE_CUDA_CHECK_LAUNCH("kernel_rows_f16");
+    return MOE_K_OK;
 }
 
 

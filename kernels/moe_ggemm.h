@@ -78,6 +78,35 @@ int moe_cuda_ggemm_fp8_tiled(const moe_bf16_t *X, int ldx,
     const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
     int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
     float *Y, moe_bf16_t *H, int ldy, int bt, cudaStream_t stream);
+
+/*
+ * Rows [0, n) of X (bf16, Kd wide, ld ldx) as f16 into Xh (ld ldh), each
+ * row r times its own power of two 2^d, d chosen from the row's largest
+ * |x| so that it lands in [2^14, 2^15) (clamped to +-120): every bf16
+ * value from 2^-29 of the row's largest up is exact in f16 and none
+ * overflows; sinv[r] = 2^-d.  One block a row (kernel_rows_f16).  Kd %
+ * 8 == 0, ldx and ldh >= Kd and % 8 == 0, X and Xh 16-byte aligned, sinv
+ * not NULL (else MOE_K_EUNSUPPORTED); n 0 is a no-op.  Graph-safe.
+ */
+int moe_cuda_rows_f16(const moe_bf16_t *X, int ldx, int n, int Kd,
+    uint16_t *Xh, int ldh, float *sinv, cudaStream_t stream);
+
+/*
+ * moe_cuda_ggemm_fp8 on f16 fragments: the tokens are the f16 rows Xh
+ * (ld ldh) and their sinv made by moe_cuda_rows_f16 (gathered rows:
+ * xrow[r] / xdiv indexes both), the e4m3 weights convert exactly to f16
+ * (cvt.rn.f16x2.e4m3x2, one instruction per two weights against ~4.5
+ * for bf16 fragments), mma.m16n8k16.f16 with fp32 accumulation, each
+ * token's sums times its sinv.  Same sums as moe_cuda_ggemm_fp8 up to
+ * fp32 order and the f16 staging's flush below 2^-29 of a row's
+ * largest; the NaN codes give NaN.  bt: 16, 32, 64, or 0 picked as
+ * moe_cuda_ggemm_fp8 picks it.  Requirements as moe_cuda_ggemm_fp8 with
+ * ldh for ldx, sinv not NULL.
+ */
+int moe_cuda_ggemm_fp8h(const uint16_t *Xh, int ldh, const float *sinv,
+    const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
+    int mode, int N, int Kd, const int32_t *offs, int E, int n, int silu,
+    float *Y, moe_bf16_t *H, int ldy, int bt, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -90,12 +90,18 @@ typedef struct {
                             fused into gate|up), 0 the tensor-core GEMV of
                             quant_gemv.cu + the SiLU pass (for A/B runs) */
     /* fp8 weights */
-    int fp8_gemv;        /* MOE_CUDA_FP8_GEMV 0|1: e4m3 GEMV groups whose
-                            row hint (up to 8) fits the staged activations
-                            (moe_cuda_fp8h_tp): 1 (default) f16 fragments,
-                            the rows staged in shared memory
-                            (kernel_gemv_fp8h), 0 bf16 fragments
-                            (kernel_gemv_fp8, for A/B runs) */
+    int fp8_gemv;        /* MOE_CUDA_FP8_GEMV 0|1: e4m3 GEMV launches with
+                            row hints up to 2 (decode batch 1-2): 1
+                            (default) f16 fragments, each pass's rows
+                            staged in shared memory (kernel_gemv_fp8h),
+                            0 bf16 fragments (kernel_gemv_fp8, for A/B
+                            runs) */
+    int fp8_ggemm;       /* MOE_CUDA_FP8_GGEMM 0|1: the decode steps' e4m3
+                            grouped GEMM (ggemm path): 1 (default) f16
+                            fragments, the tokens first made f16 rows with
+                            per-row scales (moe_cuda_rows_f16 +
+                            moe_cuda_ggemm_fp8h), 0 bf16 fragments (for
+                            A/B runs) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -103,6 +109,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1, 1, 1, \
-      1 }
+      1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

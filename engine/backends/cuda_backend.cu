@@ -311,6 +311,8 @@ typedef struct {
     float          *rlogits;       /* (N, E) router logits */
     bf16           *xe;            /* (NK, dim) */
     float          *gu;            /* (NK, 2 ffn) */
+    size_t          gu_bytes;      /* its size (also the fp8 grouped
+                                      GEMM's f16 rows: cb_fp8_ggemm) */
     bf16           *hbuf;          /* (NK, ffn) */
     float          *ye;            /* (NK, dim) */
     size_t          qscratch_bytes;
@@ -2222,6 +2224,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     }
     b->xe = (bf16 *) (s + sl.xe);
     b->gu = (float *) (s + sl.gu);
+    b->gu_bytes = sl.hbuf - sl.gu;
     b->hbuf = (bf16 *) (s + sl.hbuf);
     b->ye = (float *) (s + sl.ye);
     b->qscratch = sl.qscratch > 0 ? (bf16 *) (s + sl.qscratch) : NULL;
@@ -2414,7 +2417,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
         }
     }
     {
-        char line[256];
+        char line[512];
 
         moe_cuda_tuning_format(&b->tune, line, sizeof(line));
         moe_log(MOE_LOG_INFO, "cuda backend: device %d tuning: %s", device,
@@ -3161,6 +3164,41 @@ cb_dense_proj(cuda_backend_t *b, const cb_qw_t *w, int T, const bf16 *X,
 
 
 /*
+ * The decode steps' e4m3 grouped GEMM (kernels/moe_ggemm.h) over xrows
+ * token rows X (gathered by xrow / xdiv).  With the knob fp8_ggemm the
+ * rows are first made f16 with per-row scales (moe_cuda_rows_f16) in the
+ * gu scratch, which the two callers leave free (gate|up with SiLU writes
+ * hbuf; the down projection reads hbuf), then moe_cuda_ggemm_fp8h; else,
+ * or when the rows do not fit gu, the bf16-fragment kernel.
+ */
+static int
+cb_fp8_ggemm(cuda_backend_t *b, const cb_qw_t *w, int N, const bf16 *X,
+    int ldx, int xrows, const int32_t *xrow, int xdiv, const int32_t *offs,
+    int E, int n, int silu, float *Y, bf16 *H, int ldy, cudaStream_t s)
+{
+    size_t hb = ((size_t) xrows * w->K * 2 + 255) / 256 * 256;
+
+    if (b->tune.fp8_ggemm && xrows > 0
+        && hb + (size_t) xrows * 4 <= b->gu_bytes)
+    {
+        uint16_t *xh = (uint16_t *) b->gu;
+        float    *sinv = (float *) ((char *) b->gu + hb);
+
+        MOE_TRY(moe_cuda_rows_f16((const moe_bf16_t *) X, ldx, xrows, w->K,
+                                  xh, w->K, sinv, s));
+        return moe_cuda_ggemm_fp8h(xh, w->K, sinv, xrow, xdiv,
+                                   (const uint8_t *) w->w, w->scale, w->mode,
+                                   N, w->K, offs, E, n, silu, Y,
+                                   (moe_bf16_t *) H, ldy, 0, s);
+    }
+    return moe_cuda_ggemm_fp8((const moe_bf16_t *) X, ldx, xrow, xdiv,
+                              (const uint8_t *) w->w, w->scale, w->mode, N,
+                              w->K, offs, E, n, silu, Y, (moe_bf16_t *) H,
+                              ldy, s);
+}
+
+
+/*
  * One expert projection (not fused), any format, over the rank's EL
  * experts: rows [offs[e], offs[e + 1]) of the step (offs on the device;
  * CB_PATH_BLAS reads b->h_counts, copied after the routing, with
@@ -3208,7 +3246,12 @@ cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
     if (path == CB_PATH_GGEMM && w->fmt == MOE_WF_FP8
         && moe_cuda_fp8_supported(w->mode, w->N, w->K, ldx, 0))
     {
-        /* the e4m3 grouped GEMM reads the packed bytes (no scratch) */
+        /* the e4m3 grouped GEMM reads the packed bytes; the f16 rows
+         * (cb_fp8_ggemm) only for the down projection: gu is free then */
+        if (X == b->hbuf) {
+            return cb_fp8_ggemm(b, w, w->N, X, ldx, n, xrow, xdiv, offs, EL,
+                                n, 0, Y, NULL, ldy, b->stream);
+        }
         return moe_cuda_ggemm_fp8((const moe_bf16_t *) X, ldx, xrow, xdiv,
                                   (const uint8_t *) w->w, w->scale, w->mode,
                                   w->N, w->K, offs, EL, n, 0, Y, NULL, ldy,
@@ -3505,11 +3548,8 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
         } else if (path == CB_PATH_GGEMM && g.fmt == MOE_WF_FP8
                    && moe_cuda_fp8_supported(g.mode, F, D, D, 1))
         {
-            MOE_TRY(moe_cuda_ggemm_fp8((const moe_bf16_t *) b->xb, D,
-                                       b->erow, K, (const uint8_t *) g.w,
-                                       g.scale, g.mode, F, D, loffs, EL,
-                                       T * K, 1, NULL,
-                                       (moe_bf16_t *) b->hbuf, F, s));
+            MOE_TRY(cb_fp8_ggemm(b, &g, F, b->xb, D, T, b->erow, K, loffs,
+                                 EL, T * K, 1, NULL, b->hbuf, F, s));
         } else if (g.tiled && b->tune.q4_layout == 2 && (2 * F) % 32 == 0
                    && (path == CB_PATH_GEMV || path == CB_PATH_GGEMM))
         {

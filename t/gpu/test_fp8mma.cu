@@ -1,21 +1,22 @@
 /*
  * Checks the e4m3-weight tensor-core kernels (moe_cuda_gemv_fp8 on bf16
- * and on f16 fragments, moe_cuda_gemv_fp8h, and moe_cuda_ggemm_fp8,
+ * and on f16 fragments, moe_cuda_gemv_fp8h, and moe_cuda_ggemm_fp8 on
+ * bf16 and on f16 fragments, moe_cuda_rows_f16 + moe_cuda_ggemm_fp8h,
  * kernels/moe_gemv_fp8.cu) against a double-precision
  * host reference on the dequantized weights (kernels/fp8.h), fresh random
  * inputs each run (the seed is printed; MOE_TEST_SEED=N repeats a run),
  * outputs poisoned (NaN) first, the poison checked past column N and past
  * the last row:
  *  - each scale mode (per tensor, per channel, 128x128 blocks) with SiLU
- *    (bf16 H) and without (fp32 Y), through the three entry points
+ *    (bf16 H) and without (fp32 Y), through the four entry points
  *    (automatic tile: the GEMV entry takes the f16 kernel for row hints
- *    up to 8) and every shipped tile forced (GEMV 8/16/32 rows per pass,
- *    grouped GEMM 16/32/64 tokens), the GEMV's 4- and 8-warp blocks
+ *    up to 2) and every shipped tile forced (GEMV 8/16/32 rows per pass,
+ *    grouped GEMMs 16/32/64 tokens), the GEMV's 4- and 8-warp blocks
  *    forced (moe_cuda_gemv_fp8_warps; 8 warps with SiLU are refused),
  *    and the f16 GEMV's four variants at 1, 3 and 8 rows a pass;
  *  - activations past f16's range (amplitude 1e6 and 1e-9) and rows
  *    5e-12 .. 2e9 apart in one pass, each row checked on its own: the f16
- *    GEMV's per-row power-of-two scale;
+ *    kernels' per-row power-of-two scale;
  *  - groups of 0, 1, 3, 16, 17, 64 and 100 rows (more than every tile:
  *    several passes), E 8 and E 1 (dense: offs NULL, and with offsets),
  *    n < E (compact grid), n an over-estimate, gathered input rows (xdiv
@@ -30,7 +31,8 @@
  *  - a graph-captured launch of each entry point replayed with other
  *    group sizes;
  *  - n = 0 is a no-op, unsupported shapes give MOE_K_EUNSUPPORTED (and
- *    the f16 GEMV's rows a pass past 8 or its staging budget).
+ *    the f16 GEMV's rows a pass past 8 or its staging budget, rows_f16's
+ *    bad shapes, ggemm_fp8h without scales).
  * Weights: random e4m3 codes except the NaNs (0x7f, 0xff); scales
  * uniform in [5e-4, 2e-3]; X bf16 uniform [-1, 1].
  * Thresholds (relative L2 over the checked outputs): fp32 Y 5e-5 (fp32
@@ -70,8 +72,11 @@ extern "C" {
 #define SILU_TOL 4e-3
 
 /* ENT_GEMVH: the GEMV on f16 fragments (moe_cuda_gemv_fp8h), "tile"
- * tp | variant << 4 (tp 0: the auto entry's rows a pass) */
-enum { ENT_GEMV = 0, ENT_GGEMM = 1, ENT_GEMVH = 2, ENT_N = 3 };
+ * tp | variant << 4 (tp 0: the auto entry's rows a pass); ENT_GGEMMH:
+ * moe_cuda_rows_f16 then the grouped GEMM on f16 fragments
+ * (moe_cuda_ggemm_fp8h), tile the token tile (0: picked) */
+enum { ENT_GEMV = 0, ENT_GGEMM = 1, ENT_GEMVH = 2, ENT_GGEMMH = 3,
+       ENT_N = 4 };
 
 /* Activation amplitude of the next setups: each row's values uniform in
  * [-g_xamp, g_xamp], or with g_xmix the row's amplitude from f8_mix by
@@ -86,7 +91,7 @@ static const char *
 f8_ent_name(int ent)
 {
     return ent == ENT_GEMV ? "gemv_fp8" : ent == ENT_GGEMM ? "ggemm_fp8"
-                                                           : "gemv_fp8h";
+           : ent == ENT_GEMVH ? "gemv_fp8h" : "ggemm_fp8h";
 }
 
 /* A kernel fault (illegal instruction / address) is sticky: every later
@@ -171,6 +176,8 @@ typedef struct {
     uint16_t *d_x;
     int32_t  *d_xrow, *d_offs;
     void     *d_y;
+    uint16_t *d_xh;             /* ENT_GGEMMH: the f16 rows (nx x ldx) */
+    float    *d_sinv;           /* and their scales (nx) */
 } f8_in;
 
 
@@ -304,6 +311,8 @@ f8_setup(f8_in *in, int E, const int *rows, int n0, int n_extra, int N,
         ? (int32_t *) gu_up(in->xrow, sizeof(int32_t) * in->nrows) : NULL;
     in->d_offs = (int32_t *) gu_up(in->offs, sizeof(int32_t) * (E + 1));
     in->d_y = gu_dev((size_t) (in->nrows + 2) * in->ldy * 4);
+    in->d_xh = (uint16_t *) gu_dev(2 * (size_t) in->nx * in->ldx);
+    in->d_sinv = (float *) gu_dev(sizeof(float) * in->nx);
     return sync_ok(0, "setup");
 }
 
@@ -319,6 +328,8 @@ f8_free(f8_in *in, int own_w)
     cudaFree(in->d_xrow);
     cudaFree(in->d_offs);
     cudaFree(in->d_y);
+    cudaFree(in->d_xh);
+    cudaFree(in->d_sinv);
     free(in->xrow);
     free(in->x);
     free(in->scale);
@@ -344,6 +355,20 @@ f8_run(const f8_in *in, int ent, int tile, cudaStream_t s)
     }
     if (!in->grouped) {
         maxr = in->nrows;
+    }
+    if (ent == ENT_GGEMMH) {
+        int rc = moe_cuda_rows_f16(x, in->ldx, in->nx, in->Kd, in->d_xh,
+                                   in->ldx, in->d_sinv, s);
+
+        if (rc != 0) {
+            return rc;
+        }
+        return moe_cuda_ggemm_fp8h(in->d_xh, in->ldx, in->d_sinv,
+                                   in->d_xrow, in->xdiv, in->d_w,
+                                   in->d_scale, in->mode, in->N, in->Kd,
+                                   offs, in->E, in->n, in->silu,
+                                   (float *) in->d_y, (moe_bf16_t *) in->d_y,
+                                   in->ldy, tile, s);
     }
     if (ent == ENT_GEMVH) {
         int tp = tile & 15;
@@ -640,6 +665,7 @@ test_edges(void)
     rc1 = f8_run(&in, ENT_GEMV, 0, 0);
     rc2 = f8_run(&in, ENT_GGEMM, 0, 0);
     rc3 = f8_run(&in, ENT_GEMVH, 0, 0);
+    rc3 = rc3 == MOE_K_OK ? f8_run(&in, ENT_GGEMMH, 0, 0) : rc3;
     ok = sync_ok(0, "n 0") && ok;
     {
         size_t    cnt = (size_t) (in.nrows + 2) * in.ldy;
@@ -703,12 +729,29 @@ test_edges(void)
            && rc3 == MOE_K_EUNSUPPORTED && f8_run(&in, ENT_GEMVH, 8, 0) == 0,
            "gemv_fp8h: 9 rows a pass, variant 4, 3 rows of Kd 14336 "
            "refused; 8 rows of Kd 64 taken (%s)", moe_cuda_last_error());
+    TAP_OK(moe_cuda_rows_f16((const moe_bf16_t *) in.d_x, in.ldx, 2, 60,
+                             in.d_xh, in.ldx, in.d_sinv, 0)
+               == MOE_K_EUNSUPPORTED
+           && moe_cuda_rows_f16((const moe_bf16_t *) in.d_x, in.ldx, 2, 64,
+                                in.d_xh, 56, in.d_sinv, 0)
+               == MOE_K_EUNSUPPORTED
+           && moe_cuda_rows_f16((const moe_bf16_t *) in.d_x, in.ldx, 2, 64,
+                                in.d_xh, in.ldx, NULL, 0)
+               == MOE_K_EUNSUPPORTED
+           && moe_cuda_ggemm_fp8h(in.d_xh, in.ldx, NULL, NULL, 1, in.d_w,
+                                  in.d_scale, in.mode, in.N, in.Kd, NULL, 1,
+                                  2, 0, (float *) in.d_y, NULL, in.ldy, 0, 0)
+               == MOE_K_EUNSUPPORTED
+           && f8_run(&in, ENT_GGEMMH, 48, 0) == MOE_K_EUNSUPPORTED,
+           "rows_f16: Kd 60, ldh < Kd, no sinv; ggemm_fp8h: no sinv, tile "
+           "48: refused (%s)", moe_cuda_last_error());
     in.mode = MOE_K_FP8_BLOCK;
     in.silu = 1;
     in.N = 72;
     TAP_OK(f8_run(&in, ENT_GEMV, 0, 0) == MOE_K_EUNSUPPORTED
            && f8_run(&in, ENT_GGEMM, 0, 0) == MOE_K_EUNSUPPORTED
-           && f8_run(&in, ENT_GEMVH, 0, 0) == MOE_K_EUNSUPPORTED,
+           && f8_run(&in, ENT_GEMVH, 0, 0) == MOE_K_EUNSUPPORTED
+           && f8_run(&in, ENT_GGEMMH, 0, 0) == MOE_K_EUNSUPPORTED,
            "block scales with SiLU and N 72: refused");
     ok = sync_ok(0, "edges");
     TAP_OK(ok, "no launch error left after the refused calls");
@@ -794,13 +837,13 @@ bench_one(const f8_in *in, int ent, int tile, const char *label,
 static void
 bench_mixtral(uint8_t *d_w, double copy_gbs)
 {
-    static const int per[2] = { 1, 16 };
+    static const int per[3] = { 1, 8, 16 };
     char             shape[96], label[64];
 
     for (int silu = 1; silu >= 0; silu--) {
         int N = silu ? 14336 : 4096, Kd = silu ? 4096 : 14336;
 
-        for (int pi = 0; pi < 2; pi++) {
+        for (int pi = 0; pi < 3; pi++) {
             int   rows[8], hit = per[pi] == 1 ? 2 : 8;
             f8_in in;
             double bytes = (double) hit * (silu ? 2 : 1) * N * Kd;
@@ -818,9 +861,9 @@ bench_mixtral(uint8_t *d_w, double copy_gbs)
             }
             snprintf(shape, sizeof(shape), "%s %d row(s) x %d experts",
                      silu ? "gate|up" : "down", per[pi], hit);
-            bench_one(&in, ENT_GEMV, per[pi] == 1 ? 1 : 2,
+            bench_one(&in, ENT_GEMV, per[pi] <= 8 ? 1 : 2,
                       "gemv_fp8 (bf16 fragments)", shape, bytes, copy_gbs);
-            for (int v = 0; v < 4; v++) {
+            for (int v = 0; v < 4 && per[pi] == 1; v++) {
                 snprintf(label, sizeof(label), "gemv_fp8h variant %d", v);
                 bench_one(&in, ENT_GEMVH, v << 4, label, shape, bytes,
                           copy_gbs);
@@ -828,6 +871,10 @@ bench_mixtral(uint8_t *d_w, double copy_gbs)
             if (per[pi] > 1) {
                 bench_one(&in, ENT_GGEMM, 0, "ggemm_fp8", shape, bytes,
                           copy_gbs);
+                bench_one(&in, ENT_GGEMMH, 0, "rows_f16 + ggemm_fp8h", shape,
+                          bytes, copy_gbs);
+                bench_one(&in, ENT_GGEMMH, 32, "rows_f16 + ggemm_fp8h bt 32",
+                          shape, bytes, copy_gbs);
             }
             f8_free(&in, 0);
         }
@@ -933,6 +980,8 @@ main(void)
             for (int t = 16; t <= 64; t *= 2) {
                 test_case("tile", 8, g8, 0, 0, 128, 336, silu, mode, 2, 0,
                           ENT_GGEMM, t);
+                test_case("tile", 8, g8, 0, 0, 128, 336, silu, mode, 2, 0,
+                          ENT_GGEMMH, t);
             }
         }
     }
@@ -962,6 +1011,8 @@ main(void)
     test_graph(ENT_GGEMM, 1);
     test_graph(ENT_GEMVH, 0);
     test_graph(ENT_GEMVH, 1);
+    test_graph(ENT_GGEMMH, 0);
+    test_graph(ENT_GGEMMH, 1);
     /* the f16-fragment GEMV: every variant at 1, 3 and 8 rows a pass over
      * groups of 0..100 rows (many passes, partial last ones) */
     for (int mode = 0; mode < 3; mode++) {
@@ -991,6 +1042,10 @@ main(void)
                       0, 0, ENT_GEMVH, 0);
             test_case(lab, 8, g8b, 0, 0, 136, 4096 + 48, silu,
                       MOE_K_FP8_CHANNEL, 2, 0, ENT_GEMV, 1);
+            test_case(lab, 8, g8, 0, 0, 256, 1024, silu, MOE_K_FP8_BLOCK,
+                      2, 0, ENT_GGEMMH, 0);
+            test_case(lab, 8, g8b, 0, 0, 136, 4096 + 48, silu,
+                      MOE_K_FP8_CHANNEL, 0, 0, ENT_GGEMMH, 32);
         }
     }
     g_xamp = 1.0;
