@@ -580,6 +580,15 @@ cb_workspace_bytes_plan(const moe_hparams_t *hp, const moe_qplan_t *plan,
 }
 
 
+/* Whether a plan's routed experts are e4m3 (the tuning record's
+ * automatic gemv_max_t depends on it). */
+static int
+cb_fp8_experts(const moe_qplan_t *plan)
+{
+    return plan != NULL && plan->f[0][MOE_QP_GATE].fmt == MOE_WF_FP8;
+}
+
+
 /* A plan on the heap (moe_qplan_t is 50 KB): uniform wfmt (qweights.h);
  * NULL when out of memory or wfmt is unknown. */
 static moe_qplan_t *
@@ -1760,8 +1769,8 @@ moe_cuda_share_kv_hint(const moe_hparams_t *hp, const moe_model_t *m,
          * variable is malformed: the backend then refuses to start) */
         moe_cuda_tuning_t tu;
 
-        if (moe_cuda_tuning_read(&tu, hp->n_experts, err, sizeof(err))
-            != MOE_OK)
+        if (moe_cuda_tuning_read(&tu, hp->n_experts, cb_fp8_experts(plan),
+                                 err, sizeof(err)) != MOE_OK)
         {
             moe_cuda_tuning_t d = MOE_CUDA_TUNING_DEFAULTS;
 
@@ -2388,7 +2397,8 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     b->base.forward = cb_forward;
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;
-    rc = moe_cuda_tuning_read(&b->tune, hp->n_experts, err, errlen);
+    rc = moe_cuda_tuning_read(&b->tune, hp->n_experts,
+                              cb_fp8_experts(b->plan), err, errlen);
     if (rc != MOE_OK) {
         free(b->plan);
         free(b);

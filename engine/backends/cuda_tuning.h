@@ -19,13 +19,14 @@ extern "C" {
 /*
  * Fill *t with the defaults, then apply every MOE_CUDA_* variable that is
  * set (and not empty) in the environment; resolve gemv_max_t's automatic
- * default for a model of n_experts experts per layer (1: dense).
+ * default for a model of n_experts experts per layer (1: dense) whose
+ * routed experts are e4m3 (fp8_experts 1) or not.
  * Returns MOE_OK, or MOE_EINVAL with err naming the variable, its value
  * and the accepted range when a value is not a whole number in range (the
  * backend then fails to start; *t holds the defaults).
  */
-int moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, char *err,
-    size_t errlen);
+int moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts,
+    int fp8_experts, char *err, size_t errlen);
 
 /*
  * The record as one line of "name=value" pairs (for the start-up log)

@@ -149,7 +149,7 @@ refused(const char *var, const char *val)
 
     clear_env();
     setenv(var, val, 1);
-    rc = moe_cuda_tuning_read(&t, 8, err, sizeof(err));
+    rc = moe_cuda_tuning_read(&t, 8, 0, err, sizeof(err));
     TAP_OK(rc == MOE_EINVAL && strstr(err, var) != NULL
            && strstr(err, val) != NULL && t.graphs == 1
            && t.att_split_bps == 2,
@@ -166,7 +166,7 @@ main(void)
     int               rc;
 
     clear_env();
-    rc = moe_cuda_tuning_read(&t, 8, err, sizeof(err));
+    rc = moe_cuda_tuning_read(&t, 8, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.graphs == 1 && t.sample_tokens == 1
            && t.gemv_max_t == 32 && t.dense_gemv_t == 16
            && t.ggemm_max_t == 64 && t.gemv_fma_rows == 2
@@ -175,15 +175,31 @@ main(void)
            && t.fp8_grouped == 1 && t.q4_layout == 1 && t.q4_gemv == 1
            && t.fp8_gemv == 1 && t.fp8_ggemm == 1,
            "defaults with no MOE_CUDA_* set (8 experts)");
-    rc = moe_cuda_tuning_read(&t, 1, err, sizeof(err));
+    rc = moe_cuda_tuning_read(&t, 1, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.gemv_max_t == 128, "dense model: gemv_max_t "
            "128 (%d)", t.gemv_max_t);
-    rc = moe_cuda_tuning_read(&t, 64, err, sizeof(err));
+    rc = moe_cuda_tuning_read(&t, 64, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.gemv_max_t == 256, "64 experts: gemv_max_t 256 "
            "(%d)", t.gemv_max_t);
-    rc = moe_cuda_tuning_read(&t, 16, err, sizeof(err));
+    rc = moe_cuda_tuning_read(&t, 16, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.gemv_max_t == 32, "16 experts: gemv_max_t 32 "
            "(%d)", t.gemv_max_t);
+    rc = moe_cuda_tuning_read(&t, 8, 1, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.gemv_max_t == 16, "8 e4m3 experts: gemv_max_t "
+           "16 (%d)", t.gemv_max_t);
+    rc = moe_cuda_tuning_read(&t, 64, 1, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.gemv_max_t == 256, "64 e4m3 experts: gemv_max_t "
+           "256 (%d)", t.gemv_max_t);
+    setenv("MOE_CUDA_FP8_GGEMM", "0", 1);
+    rc = moe_cuda_tuning_read(&t, 8, 1, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.gemv_max_t == 32, "8 e4m3 experts with "
+           "MOE_CUDA_FP8_GGEMM 0: gemv_max_t 32 (%d)", t.gemv_max_t);
+    setenv("MOE_CUDA_GEMV_MAX_T", "24", 1);
+    unsetenv("MOE_CUDA_FP8_GGEMM");
+    rc = moe_cuda_tuning_read(&t, 8, 1, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && t.gemv_max_t == 24, "8 e4m3 experts: an explicit "
+           "gemv_max_t is kept (%d)", t.gemv_max_t);
+    unsetenv("MOE_CUDA_GEMV_MAX_T");
 
     setenv("MOE_CUDA_GRAPHS", "0", 1);
     setenv("MOE_CUDA_SAMPLE_TOKENS", "0", 1);
@@ -203,7 +219,7 @@ main(void)
     setenv("MOE_CUDA_Q4_GEMV", "0", 1);
     setenv("MOE_CUDA_FP8_GEMV", "0", 1);
     setenv("MOE_CUDA_FP8_GGEMM", "0", 1);
-    rc = moe_cuda_tuning_read(&t, 8, err, sizeof(err));
+    rc = moe_cuda_tuning_read(&t, 8, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.graphs == 0 && t.sample_tokens == 0
            && t.gemv_max_t == 0 && t.dense_gemv_t == 7
            && t.ggemm_max_t == 100000 && t.gemv_fma_rows == 4
@@ -223,7 +239,7 @@ main(void)
            "the log line: %s", line);
     clear_env();
     setenv("MOE_CUDA_GRAPHS", "", 1);
-    rc = moe_cuda_tuning_read(&t, 8, err, sizeof(err));
+    rc = moe_cuda_tuning_read(&t, 8, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.graphs == 1, "an empty variable is unset");
 
     refused("MOE_CUDA_GRAPHS", "yes");
