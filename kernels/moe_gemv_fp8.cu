@@ -1592,19 +1592,29 @@ f8h_go(dim3 grid, size_t smem, cudaStream_t s, const bf16 *X, int ldx,
 }
 
 
-/* Whether `blocks` blocks of the 8-warp kernel (no SiLU) fit one wave. */
+/* Whether `blocks` blocks of the 8-warp kernel (no SiLU) fit one wave;
+ * the occupancy query cached for the last shared-memory size (eager
+ * steps launch with one or two sizes). */
 template <int MODE>
 static bool
 f8h_wide(int64_t blocks, size_t smem)
 {
-    int nb = 0;
+    static size_t last_smem = (size_t) -1;
+    static int    last_nb;
+    int           nb = 0;
 
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &nb, kernel_gemv_fp8h<1, 2, MODE, F8_WARPS_WIDE>,
-            F8_WARPS_WIDE * 32, smem) != cudaSuccess)
-    {
-        (void) cudaGetLastError();
-        nb = 0;
+    if (smem == last_smem) {
+        nb = last_nb;
+    } else {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &nb, kernel_gemv_fp8h<1, 2, MODE, F8_WARPS_WIDE>,
+                F8_WARPS_WIDE * 32, smem) != cudaSuccess)
+        {
+            (void) cudaGetLastError();
+            nb = 0;
+        }
+        last_nb = nb;
+        last_smem = smem;
     }
     return blocks <= (int64_t) nb * moe_sm_count();
 }
