@@ -12,8 +12,9 @@
 # steps > 4 tokens), test_backend_ggemm.log (grouped GEMM for every MoE
 # step), test_ggemm.log, bench_engine.log, bench_nograph.log (mixtral decode,
 # graphs off), bench_gptq.log / bench_fp8.log (mixtral decode with packed
-# weights, batches 1-64), bench_fma0.log (mixtral batch 1, tensor-core
-# GEMV only),
+# weights, batches 1-64), bench_fp8_bf16frag.log (fp8 on the bf16-
+# fragment kernels, for the A/B), bench_fma0.log (mixtral batch 1,
+# tensor-core GEMV only),
 # dev_attention.log / dev_moe_gemv.log / dev_moe_ggemm.log (the kernel dev
 # harness: shipped kernels against the variants that lost, when `make
 # bench-dev` built it), sanitizer.log / sanitizer_sample.log /
@@ -93,6 +94,11 @@ for w in gptq fp8; do
         BENCH_BATCHES=1,8,32,64 BENCH_PROMPTS=0 \
         build/gpu/bench_engine mixtral-8x7b --weights $w
 done
+# the same fp8 decode on bf16 fragments (fp8_gemv / fp8_ggemm 0, which
+# also restores gemv_max_t 32): the f16 fragments' gain, same run
+step bench_fp8_bf16frag 180 env MOE_CUDA_FP8_GEMV=0 MOE_CUDA_FP8_GGEMM=0 \
+    BENCH_QUANT=0 BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,32,64 \
+    BENCH_PROMPTS=0 build/gpu/bench_engine mixtral-8x7b --weights fp8
 # A/B of the CUDA-core GEMV for 1-2 rows per expert (pass 7): tensor cores
 step bench_fma0 120 env MOE_CUDA_GEMV_FMA=0 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b
