@@ -560,6 +560,26 @@ f8h_exp(uint32_t mx)
 }
 
 
+/* The largest bf16 magnitude bits (0x7fff-masked) of row src's nv
+ * 8-value vectors that this warp's lanes read (vectors tid, tid + stride,
+ * ..), the same in every lane; all 32 lanes call it. */
+__device__ __forceinline__ uint32_t
+f8h_warp_absmax(const uint4 *src, int nv, int tid, int stride)
+{
+    uint32_t mm = 0;
+
+    for (int v = tid; v < nv; v += stride) {
+        uint4 w = __ldg(src + v);
+
+        mm = __vmaxu2(mm, w.x & 0x7fff7fffu);
+        mm = __vmaxu2(mm, w.y & 0x7fff7fffu);
+        mm = __vmaxu2(mm, w.z & 0x7fff7fffu);
+        mm = __vmaxu2(mm, w.w & 0x7fff7fffu);
+    }
+    return __reduce_max_sync(0xffffffffu, max(mm & 0xffffu, mm >> 16));
+}
+
+
 /* Eight bf16 (w) times 2^d (s) -> eight f16 (round to nearest). */
 __device__ __forceinline__ uint4
 f8h_cvt_row8(uint4 w, float s)
@@ -615,18 +635,7 @@ f8h_stage(uint16_t *xs, int xsl, float *sinv, uint32_t (*smax)[8],
         if (xr[t] == NULL) {
             continue;
         }
-        uint32_t mm = 0;
-
-        for (int v = tid; v < nv; v += NW * 32) {
-            uint4 w = __ldg(xr[t] + v);
-
-            mm = __vmaxu2(mm, w.x & 0x7fff7fffu);
-            mm = __vmaxu2(mm, w.y & 0x7fff7fffu);
-            mm = __vmaxu2(mm, w.z & 0x7fff7fffu);
-            mm = __vmaxu2(mm, w.w & 0x7fff7fffu);
-        }
-        mm = max(mm & 0xffffu, mm >> 16);
-        m[t] = __reduce_max_sync(0xffffffffu, mm);
+        m[t] = f8h_warp_absmax(xr[t], nv, tid, NW * 32);
     }
     if (lane == 0) {
 #pragma unroll
@@ -1484,19 +1493,10 @@ kernel_rows_f16(const bf16 *X, int ldx, int Kd, uint16_t *Xh, int ldh,
     const int    r = blockIdx.x, tid = threadIdx.x, nv = Kd / 8;
     const uint4 *src = reinterpret_cast<const uint4 *>(X + (size_t) r * ldx);
     uint4       *dst = reinterpret_cast<uint4 *>(Xh + (size_t) r * ldh);
-    uint32_t     mm = 0;
+    uint32_t     mm = f8h_warp_absmax(src, nv, tid, 256);
     int          d;
     float        s;
 
-    for (int v = tid; v < nv; v += 256) {
-        uint4 w = __ldg(src + v);
-
-        mm = __vmaxu2(mm, w.x & 0x7fff7fffu);
-        mm = __vmaxu2(mm, w.y & 0x7fff7fffu);
-        mm = __vmaxu2(mm, w.z & 0x7fff7fffu);
-        mm = __vmaxu2(mm, w.w & 0x7fff7fffu);
-    }
-    mm = __reduce_max_sync(0xffffffffu, max(mm & 0xffffu, mm >> 16));
     if ((tid & 31) == 0) {
         smax[tid >> 5] = mm;
     }

@@ -631,8 +631,7 @@ q4g_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     if ((shape >= 10 && shape <= 13
          && moe_cuda_q4w_supported(G, Ntot, K, H != NULL))
         || (shape == 14 && moe_cuda_q4w_supported(G, Ntot, K, H != NULL)
-            && G % 128 == 0
-            && (H != NULL ? (Ntot / 2) % 128 : Ntot % 256) == 0)
+            && q4w_pair_ok(G, Ntot, H != NULL))
         || (shape == 0 && mr > 16
             && moe_cuda_q4g_rows_ok(G, Ntot, K, H != NULL, mr)))
     {

@@ -528,7 +528,7 @@ q4w_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
     if (!moe_cuda_q4w_supported(G, Ntot, K, H != NULL)
         || !q_gptq_args_ok(X, ldx, qweight, qzeros, scales, offs, E, Y, H)
         || shape < 0 || shape > 8
-        || (shape == 8 && (H != NULL ? (Ntot / 2) % 128 : Ntot % 256) != 0))
+        || (shape == 8 && !q4w_pair_ok(G, Ntot, H != NULL)))
     {
         moe_cuda_set_error("qgemv_q4w: unsupported shape (N %d, K %d, group "
                            "%d, ldx %d, E %d, shape %d, %s)", Ntot, K, G,
@@ -545,9 +545,7 @@ q4w_run(int shape, int S_force, int pa, const moe_bf16_t *X, int ldx,
          * where the columns allow (3.5 / 6 % faster than one on the
          * mixtral gate|up / down at 32 rows, 2026-12-04 run 14a) */
         shape = (max_rows > 16 ? 3 : 1) + (G % 128 == 0 ? 1 : 0);
-        if (shape == 4
-            && (H != NULL ? (Ntot / 2) % 128 : Ntot % 256) == 0)
-        {
+        if (shape == 4 && q4w_pair_ok(G, Ntot, H != NULL)) {
             shape = 8;
         }
     }

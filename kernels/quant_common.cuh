@@ -111,6 +111,17 @@ q_gptq_args_ok(const void *X, int ldx, const void *qweight,
 }
 
 
+/* Whether the warpgroup 4-bit GEMM's two-warpgroup shape (q4_wgmma.cu
+ * shape 8: 32 rows, 128-k chunks, 256 columns a block, or 128 + 128
+ * with SiLU fused) takes a shape moe_cuda_q4w_supported takes: G % 128
+ * (128-k chunks) and N % 256 (fused: F % 128). */
+static inline int
+q4w_pair_ok(int G, int Ntot, int silu)
+{
+    return G % 128 == 0 && (silu ? (Ntot / 2) % 128 : Ntot % 256) == 0;
+}
+
+
 /* A launch of grid (tiles, groups, S) with the S blocks along z one
  * thread-block cluster (at: room for two attributes: the cluster, and PDL
  * when moe_cuda_pdl_get()). */

@@ -215,8 +215,8 @@ int moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx,
  * a chunk when G % 128 == 0; (32, 128) on shape 8 where it fits), 1..4
  * forced: (16 rows, 64 k), (16, 128), (32, 64), (32, 128)
  * (bench/dev/quant_gemv; 5..7: shape 4 with other L2 prefetch distances);
- * 8: shape 4 on two warpgroups a block sharing the staged rows (N % 256,
- * fused F % 128; else MOE_K_EUNSUPPORTED).  moe_cuda_qgemv_q4g_rows takes
+ * 8: shape 4 on two warpgroups a block sharing the staged rows (G % 128,
+ * N % 256, fused F % 128; else MOE_K_EUNSUPPORTED).  moe_cuda_qgemv_q4g_rows takes
  * it for row hints above 16 where moe_cuda_q4g_rows_ok
  * (moe_cuda_qgemv_q4g: shapes 10..13 are its shapes 1..4, 14 its 8).
  */

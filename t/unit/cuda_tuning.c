@@ -121,6 +121,12 @@ q4_choice(void)
                "moe_cuda_qgemv_q4w refuses (before any CUDA call) group 32, "
                "N 192, F 96, shape 9, shape 8 with N 128, ldx 12, X off 16 "
                "bytes, E 0, offs NULL with E 2, no output");
+        /* shape 8 runs 128-k chunks: a group of 64 (taken by shapes 1 / 3)
+         * must be refused there, as its pick never chooses it */
+        TAP_OK(q4w_refused(X, 8, 64, 256, 512, NULL, 1, 8, Y, NULL)
+               && q4w_refused(X, 8, 64, 256, 512, NULL, 1, 8, NULL, H),
+               "moe_cuda_qgemv_q4w refuses shape 8 with group 64 (128-k "
+               "chunks), fp32 out and SiLU fused");
         TAP_OK(moe_cuda_qgemv_q4w(X, 8, NULL, 1, NULL, NULL, NULL, 128, 0,
                                   256, 512, NULL, 1, 0, 32, 0, Y, 256, NULL,
                                   NULL) == 0,
