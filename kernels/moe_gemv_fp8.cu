@@ -97,14 +97,47 @@ f8_row_scale(const float *scale, int mode, int silu, int e, int N, int R,
 /* ------------------------------------------------------------------ */
 /* kernel_gemv_fp8                                                     */
 
-/* A operands of UNR chunks: [chunk][row set][row half][16-byte piece] */
+/* The lane's weight rows of one group e's 16-column tile (columns j0 + g
+ * and j0 + g + 8 of each of the MR stacked matrices; aval false past N,
+ * the pointer then a valid row) and, BLK, each matrix's 128x128 block-
+ * scale row (nch = ceil(Kd / 128) scales a row); R = MR * N rows a
+ * group. */
+template <int MR, bool BLK>
+__device__ __forceinline__ void
+f8_gv_rows(const uint8_t *(&arow)[MR][2], bool (&aval)[MR][2],
+    const float *(&bsc)[MR], const uint8_t *W, const float *scale, int e,
+    int N, int R, int Kd, int j0, int g, int nch)
+{
+    const uint8_t *We = W + (size_t) e * R * Kd;
+
+#pragma unroll
+    for (int mr = 0; mr < MR; mr++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int j = j0 + g + 8 * h;
+
+            aval[mr][h] = j < N;
+            arow[mr][h] = We + (size_t) (mr * N + (j < N ? j : 0)) * Kd;
+        }
+        bsc[mr] = scale;
+        if (BLK) {
+            bsc[mr] = scale + (size_t) e * ((R + 127) / 128) * nch
+                      + (size_t) ((mr * N + j0) / 128) * nch;
+        }
+    }
+}
+
+
+/* A operands of UNR chunks: [chunk][row set][row half][16-byte piece p];
+ * lane q's piece p of a chunk is bytes q * 32 + p * 16 of each row's 128
+ * for the bf16 fragments, p * 64 + q * 16 for the f16 ones (F16) */
 template <int MR, int UNR>
 struct f8_stage {
     uint4 a[UNR][MR][2][2];
 };
 
 
-template <int MR, int UNR, int NW>
+template <int MR, int UNR, int NW, bool F16 = false>
 __device__ __forceinline__ void
 f8_gv_load(f8_stage<MR, UNR> &st, const uint8_t *const (&arow)[MR][2],
     const bool (&aval)[MR][2], int c0, int nch, int Kd, int q)
@@ -115,7 +148,8 @@ f8_gv_load(f8_stage<MR, UNR> &st, const uint8_t *const (&arow)[MR][2],
 
 #pragma unroll
         for (int p = 0; p < 2; p++) {
-            int  k = c * F8_CK + q * 32 + p * 16;
+            int  k = F16 ? c * F8_CK + p * 64 + q * 16
+                         : c * F8_CK + q * 32 + p * 16;
             bool kv = c < nch && k < Kd;
 
 #pragma unroll
@@ -295,28 +329,11 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         return;                 /* uniform over the block */
     }
 
-    const uint8_t *We = W + (size_t) e * R * Kd;
     const uint8_t *arow[MR][2];
     bool           aval[MR][2];
     const float   *bsc[MR];
 
-#pragma unroll
-    for (int mr = 0; mr < MR; mr++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int j = j0 + g + 8 * h;
-
-            aval[mr][h] = j < N;
-            arow[mr][h] = We + (size_t) (mr * N + (j < N ? j : 0)) * Kd;
-        }
-        bsc[mr] = scale;
-        if (BLK) {
-            int kb = nch;       /* ceil(Kd / 128) */
-
-            bsc[mr] = scale + (size_t) e * ((R + 127) / 128) * kb
-                      + (size_t) ((mr * N + j0) / 128) * kb;
-        }
-    }
+    f8_gv_rows<MR, BLK>(arow, aval, bsc, W, scale, e, N, R, Kd, j0, g, nch);
 
     if (offs == NULL) {
         if (warp < nch) {
@@ -438,37 +455,6 @@ f8h_cvt(uint32_t w, uint32_t &lo, uint32_t &hi)
         "cvt.rn.f16x2.e4m3x2 %0, l;\n\t"
         "cvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
         : "=r"(lo), "=r"(hi) : "r"(w));
-}
-
-
-/* A operands of UNR chunks: [chunk][row set][row half][16-byte piece p]
- * (lane q's piece p of a chunk: bytes p * 64 + q * 16 of each row's 128) */
-template <int MR, int UNR, int NW>
-__device__ __forceinline__ void
-f8h_load(f8_stage<MR, UNR> &st, const uint8_t *const (&arow)[MR][2],
-    const bool (&aval)[MR][2], int c0, int nch, int Kd, int q)
-{
-#pragma unroll
-    for (int u = 0; u < UNR; u++) {
-        int c = c0 + u * NW;
-
-#pragma unroll
-        for (int p = 0; p < 2; p++) {
-            int  k = c * F8_CK + p * 64 + q * 16;
-            bool kv = c < nch && k < Kd;
-
-#pragma unroll
-            for (int mr = 0; mr < MR; mr++) {
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    st.a[u][mr][h][p] = kv && aval[mr][h]
-                        ? __ldcs(reinterpret_cast<const uint4 *>(
-                              arow[mr][h] + k))
-                        : make_uint4(0, 0, 0, 0);
-                }
-            }
-        }
-    }
 }
 
 
@@ -725,26 +711,11 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         return;
     }
 
-    const uint8_t *We = W + (size_t) e * R * Kd;
     const uint8_t *arow[MR][2];
     bool           aval[MR][2];
     const float   *bsc[MR];
 
-#pragma unroll
-    for (int mr = 0; mr < MR; mr++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int j = j0 + g + 8 * h;
-
-            aval[mr][h] = j < N;
-            arow[mr][h] = We + (size_t) (mr * N + (j < N ? j : 0)) * Kd;
-        }
-        bsc[mr] = scale;
-        if (BLK) {
-            bsc[mr] = scale + (size_t) e * ((R + 127) / 128) * nch
-                      + (size_t) ((mr * N + j0) / 128) * nch;
-        }
-    }
+    f8_gv_rows<MR, BLK>(arow, aval, bsc, W, scale, e, N, R, Kd, j0, g, nch);
 
     if (offs == NULL) {
         if (warp < nch) {
@@ -770,21 +741,22 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         /* the first stage's weights are in flight while the rows are
          * staged */
         if (warp < nch) {
-            f8h_load<MR, UNR, NW>(st[0], arow, aval, warp, nch, Kd, q);
+            f8_gv_load<MR, UNR, NW, true>(st[0], arow, aval, warp, nch, Kd,
+                                          q);
         }
         f8h_stage<NW>(xs, xsl, sinv, smax, X, ldx, xrow, xdiv, p0, r1, TP,
                       Kd, nch);
         if (warp < nch) {
             for (int c0 = warp;; c0 += 2 * step) {
-                f8h_load<MR, UNR, NW>(st[1], arow, aval, c0 + step, nch, Kd,
-                                      q);
+                f8_gv_load<MR, UNR, NW, true>(st[1], arow, aval, c0 + step,
+                                              nch, Kd, q);
                 f8h_compute<MR, UNR, NW, BLK>(acc, st[0], xt, c0, nch, q,
                                               bsc);
                 if (c0 + step >= nch) {
                     break;
                 }
-                f8h_load<MR, UNR, NW>(st[0], arow, aval, c0 + 2 * step, nch,
-                                      Kd, q);
+                f8_gv_load<MR, UNR, NW, true>(st[0], arow, aval,
+                                              c0 + 2 * step, nch, Kd, q);
                 f8h_compute<MR, UNR, NW, BLK>(acc, st[1], xt, c0 + step,
                                               nch, q, bsc);
                 if (c0 + 2 * step >= nch) {
