@@ -134,6 +134,13 @@ moe_guide_compile(const moe_tokenizer_t *t, moe_guided_kind_t kind,
     g->n_words = (g->trie->vocab + 31) / 32;
     atomic_init(&g->refs, 1);
     pthread_mutex_init(&g->lock, NULL);
+    /* a guide whose start already expands past the matcher's limits
+     * could never produce a mask: refused here, by name */
+    rc = moe_guided_check_start(g, err, errlen);
+    if (rc != MOE_OK) {
+        moe_guide_release(g);
+        return rc;
+    }
     *out = g;
     return MOE_OK;
 }

@@ -460,7 +460,8 @@ typedef struct moe_guide moe_guide_t;
  * Compile spec (len bytes, not NUL-terminated necessarily) of the given kind
  * against tokenizer t.  MOE_OK with *out holding one reference; MOE_EINVAL
  * with err naming the problem (unsupported keyword, syntax error at offset,
- * a language with no string, a schema too large) otherwise.
+ * a language with no string, a schema too large, a guide too complex to
+ * match) otherwise.
  */
 int moe_guide_compile(const moe_tokenizer_t *t, moe_guided_kind_t kind,
     const char *spec, size_t len, moe_guide_t **out, char *err,

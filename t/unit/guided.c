@@ -295,6 +295,17 @@ static const case_t gbnf_u_cases[] = {
     { NULL, 0 }
 };
 
+static const case_t nested_opt_cases[] = {
+    { "", 1 }, { "a", 1 }, { "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", 1 },
+    { "b", 0 },
+    { NULL, 0 }
+};
+
+static const case_t nested_null_cases[] = {
+    { "", 1 }, { "abcab", 1 }, { "cccc", 1 }, { "abbbbc", 1 }, { "d", 0 },
+    { NULL, 0 }
+};
+
 static const case_t choice_cases[] = {
     { "yes", 1 }, { "no", 1 }, { "maybe \"so\"", 1 }, { "ye", 0 },
     { "yesno", 0 }, { "\"yes\"", 0 },
@@ -622,6 +633,17 @@ main(void)
     }
     check_error(t, MOE_GUIDED_CHOICE, "[]", "non-empty JSON array");
     check_error(t, MOE_GUIDED_CHOICE, "[\"a\",1]", "entry 1");
+
+    /* nullable repetitions nested in each other reach the same stack
+     * along exponentially many paths: the matcher expands each stack
+     * once (the start state used to fail as if out of memory), and one
+     * whose expansion is still over the limits is refused by name */
+    check_cases(t, MOE_GUIDED_REGEX, "nested optional repeats",
+                "((a?){0,20}){0,20}", nested_opt_cases);
+    check_cases(t, MOE_GUIDED_REGEX, "nested nullable repeats",
+                "((a|b?){0,30}c?){0,30}", nested_null_cases);
+    check_error(t, MOE_GUIDED_REGEX, "((a?){0,200}){0,200}",
+                "too complex to match");
 
     /* masks = brute force (tiny: EOS 0 stands in; kjv: its own vocab) */
     eos_tiny[0] = moe_tokenizer_token_to_id(t, moe_tokenizer_eos_token(t));
