@@ -15,6 +15,7 @@
 
 #include "guided/guided.h"
 #include "guided/guided_int.h"
+#include "util/json.h"
 
 
 /* a choice: a JSON array of strings -> root ::= "a" | "b" ... */
@@ -32,11 +33,16 @@ choice_to_gbnf(const char *spec, size_t len, gbuf_t *out, char *err,
         return MOE_ENOMEM;
     }
     perr[0] = '\0';
-    v = yajl_tree_parse(txt, perr, sizeof(perr));
+    v = moe_json_parse(txt, perr, sizeof(perr));
     free(txt);
     if (v == NULL || !YAJL_IS_ARRAY(v) || v->u.array.len == 0) {
         snprintf(err, errlen, "choice: expected a non-empty JSON array of "
-                 "strings");
+                 "strings%s%.100s", v == NULL ? ": " : "", perr);
+        for (txt = err; *txt; txt++) {
+            if (*txt == '\n' || *txt == '\r') {
+                *txt = ' ';
+            }
+        }
         yajl_tree_free(v);
         return MOE_EINVAL;
     }

@@ -386,7 +386,8 @@ moe_tool_format_t moe_tool_format_detect(const char *architecture,
  * back until it is known not to be one), the start of a call (index, id
  * "call_" + random, or 9 random characters for mistral as its template
  * wants; function name; arguments "") and fragments of its arguments (a
- * JSON text).  A call whose JSON is malformed is given back as content.
+ * JSON text).  A call whose JSON is malformed, or nested deeper than 128
+ * arrays and objects, is given back as content.
  * NAMED: the call starts at once and every pushed byte is arguments.
  * Owned by one thread at a time.
  */

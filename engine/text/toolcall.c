@@ -527,7 +527,7 @@ tp_parse_calls(moe_toolparse_t *p, const char *s, size_t len, int array_ok)
     memcpy(z, s, len);
     z[len] = '\0';
 
-    v = yajl_tree_parse(z, NULL, 0);
+    v = moe_json_parse(z, NULL, 0);
     free(z);
 
     if (v == NULL) {
@@ -857,7 +857,7 @@ tp_step_mistral_args(moe_toolparse_t *p, int final, int *more)
         }
         memcpy(z, args, (size_t) end);
         z[end] = '\0';
-        v = yajl_tree_parse(z, NULL, 0);
+        v = moe_json_parse(z, NULL, 0);
         free(z);
 
         if (!YAJL_IS_OBJECT(v)) {

@@ -20,6 +20,7 @@
 
 #include "moe.h"
 #include "guided/guided.h"
+#include "guided/guided_int.h"
 #include "text/tokenizer.h"
 #include "tap.h"
 
@@ -311,6 +312,76 @@ static const case_t choice_cases[] = {
     { "yesno", 0 }, { "\"yes\"", 0 },
     { NULL, 0 }
 };
+
+
+/* n '[' then n ']' (a document nested n deep), malloc()ed */
+static char *
+nested(size_t n)
+{
+    char *s = malloc(2 * n + 1);
+
+    if (s != NULL) {
+        memset(s, '[', n);
+        memset(s + n, ']', n);
+        s[2 * n] = '\0';
+    }
+    return s;
+}
+
+
+/*
+ * An OpenAI-style schema: `depth` levels of objects with `width`
+ * properties each (strings, integers, enums, arrays of strings), all
+ * required, the last property of each level the next level; and a
+ * document it accepts.  Both malloc()ed.
+ */
+static void
+wide_deep_schema(int depth, int width, char **schema, char **doc)
+{
+    gbuf_t  s = {0}, d = {0};
+    int     lv, k;
+
+    for (lv = 0; lv < depth; lv++) {
+        gb_puts(&s, "{\"type\":\"object\",\"properties\":{");
+        gb_puts(&d, "{");
+        for (k = 0; k < width; k++) {
+            gb_printf(&s, "%s\"p%d_%d\":", k ? "," : "", lv, k);
+            gb_printf(&d, "%s\"p%d_%d\":", k ? "," : "", lv, k);
+            if (k == width - 1 && lv < depth - 1) {
+                continue;               /* the next level follows */
+            }
+            switch (k % 4) {
+            case 0:
+                gb_puts(&s, "{\"type\":\"string\",\"description\":\"x\"}");
+                gb_puts(&d, "\"v\"");
+                break;
+            case 1:
+                gb_puts(&s, "{\"type\":\"integer\"}");
+                gb_puts(&d, "42");
+                break;
+            case 2:
+                gb_puts(&s, "{\"enum\":[\"a\",\"b\",\"c\"]}");
+                gb_puts(&d, "\"b\"");
+                break;
+            default:
+                gb_puts(&s, "{\"type\":\"array\",\"items\":{\"type\":"
+                        "\"string\"}}");
+                gb_puts(&d, "[\"x\",\"y\"]");
+                break;
+            }
+        }
+    }
+    for (lv = depth; lv-- > 0;) {
+        gb_puts(&s, "},\"required\":[");
+        for (k = 0; k < width; k++) {
+            gb_printf(&s, "%s\"p%d_%d\"", k ? "," : "", lv, k);
+        }
+        gb_puts(&s, "],\"additionalProperties\":false}");
+        gb_puts(&d, "}");
+    }
+    *schema = s.p;
+    *doc = d.p;
+}
 
 
 /* ------------------------------------------------------- generation */
@@ -644,6 +715,30 @@ main(void)
                 "((a|b?){0,30}c?){0,30}", nested_null_cases);
     check_error(t, MOE_GUIDED_REGEX, "((a?){0,200}){0,200}",
                 "too complex to match");
+
+    /* a JSON Schema or choice list nested a million deep (a 2 MB
+     * guided_json string) is refused before yajl builds a tree it would
+     * free recursively (a stack overflow) */
+    {
+        char *deep = nested(1000000);
+
+        check_error(t, MOE_GUIDED_JSON, deep, "nested deeper than 128");
+        check_error(t, MOE_GUIDED_CHOICE, deep, "nested deeper than 128");
+        free(deep);
+    }
+
+    /* the limits leave real schemas alone: 10 levels of 40 properties */
+    {
+        char *schema, *doc;
+
+        wide_deep_schema(10, 40, &schema, &doc);
+        TAP_OK(schema && doc
+               && accepts(tk, MOE_GUIDED_JSON, schema, doc) == 1,
+               "a schema of 10 nested levels of 40 properties compiles and "
+               "accepts its document (%zu bytes)", doc ? strlen(doc) : 0);
+        free(schema);
+        free(doc);
+    }
 
     /* masks = brute force (tiny: EOS 0 stands in; kjv: its own vocab) */
     eos_tiny[0] = moe_tokenizer_token_to_id(t, moe_tokenizer_eos_token(t));

@@ -6,7 +6,8 @@
  *     pushed in pieces of every size (the pieces reassemble to the same
  *     content and calls, and no piece of a call leaks out as content),
  *     several calls, malformed JSON given back as content, text that only
- *     looks like a marker, call ids;
+ *     looks like a marker, call ids, call JSON nested too deep to parse
+ *     safely given back as content;
  *   * the parser picked from a model family (real templates, architectures)
  *     and by name;
  *   * moe_chat_render_json(): tools and structured messages (tool_calls
@@ -336,6 +337,78 @@ test_parsers(void)
 }
 
 
+/*
+ * Output whose call JSON nests `depth` arrays deep in its arguments,
+ * pushed whole: the number of calls, and 1 in *all_content when every
+ * byte came back as content.
+ */
+static int
+deep_call(size_t depth, int *all_content)
+{
+    static const char  head[] = "<tool_call>{\"name\":\"f\",\"arguments\":"
+                                "{\"a\":";
+    static const char  tail[] = "}}</tool_call>";
+    moe_toolparse_t   *p;
+    moe_toolev_t       ev;
+    size_t             len, got = 0;
+    char              *out;
+    int                calls = 0;
+
+    len = sizeof(head) - 1 + 2 * depth + sizeof(tail) - 1;
+    out = malloc(len);
+    p = moe_toolparse_create(MOE_TOOL_HERMES, NULL, 7);
+    if (out == NULL || p == NULL) {
+        free(out);
+        moe_toolparse_free(p);
+        return -1;
+    }
+    memcpy(out, head, sizeof(head) - 1);
+    memset(out + sizeof(head) - 1, '[', depth);
+    memset(out + sizeof(head) - 1 + depth, ']', depth);
+    memcpy(out + len - (sizeof(tail) - 1), tail, sizeof(tail) - 1);
+    if (moe_toolparse_push(p, out, len) == MOE_OK) {
+        while (moe_toolparse_next(p, &ev)) {
+            calls += ev.type == MOE_TOOLEV_CALL;
+            got += ev.type == MOE_TOOLEV_CONTENT ? ev.len : 0;
+        }
+    }
+    if (moe_toolparse_finish(p) == MOE_OK) {
+        while (moe_toolparse_next(p, &ev)) {
+            calls += ev.type == MOE_TOOLEV_CALL;
+            got += ev.type == MOE_TOOLEV_CONTENT ? ev.len : 0;
+        }
+    }
+    *all_content = got == len;
+    moe_toolparse_free(p);
+    free(out);
+    return calls;
+}
+
+
+/*
+ * Call JSON nested deeper than yajl can write back (128) or than the
+ * stack can free recursively (a million arrays: the model emits "[[[["
+ * until max_tokens): not a call, given back as content, no crash; one
+ * nested 100 deep is still a call.
+ */
+static void
+test_deep(void)
+{
+    int  calls, content;
+
+    calls = deep_call(100, &content);
+    TAP_OK(calls == 1, "a call whose arguments nest 100 arrays deep is a "
+           "call (%d)", calls);
+    calls = deep_call(200, &content);
+    TAP_OK(calls == 0 && content, "arguments nested 200 deep (past "
+           "yajl_gen's 128): given back as content, not a call with "
+           "truncated arguments (%d calls)", calls);
+    calls = deep_call(1000000, &content);
+    TAP_OK(calls == 0 && content, "arguments nested a million deep: "
+           "given back as content, no stack overflow (%d calls)", calls);
+}
+
+
 static void
 test_detect(void)
 {
@@ -544,6 +617,7 @@ int
 main(void)
 {
     test_parsers();
+    test_deep();
     test_detect();
     test_render();
 
