@@ -7,7 +7,8 @@
  *     content and calls, and no piece of a call leaks out as content),
  *     several calls, malformed JSON given back as content, text that only
  *     looks like a marker, call ids, call JSON nested too deep to parse
- *     safely given back as content;
+ *     safely given back as content, long waits (a body that never ends)
+ *     in time linear in the output;
  *   * the parser picked from a model family (real templates, architectures)
  *     and by name;
  *   * moe_chat_render_json(): tools and structured messages (tool_calls
@@ -21,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "moe.h"
 #include "tap.h"
@@ -409,6 +411,70 @@ test_deep(void)
 }
 
 
+/*
+ * A long output that keeps a parser waiting (a call body that never
+ * ends, only blanks before a possible llama3 call), pushed in 100000
+ * pieces of 4 bytes as a model streams it: each push examines only the
+ * new text (every push used to rescan the whole body: 1.5 s of the nginx
+ * worker's event loop for 32000 pieces, quadratic), and at the end every
+ * byte is content.
+ */
+static void
+test_long(void)
+{
+    static const struct {
+        moe_tool_format_t  fmt;
+        const char        *head, *piece, *what;
+    } c[] = {
+        { MOE_TOOL_HERMES, "<tool_call>{\"name\":\"f\",\"arguments\":\"",
+          "abcd", "hermes, a string that never ends" },
+        { MOE_TOOL_HERMES, "<tool_call>", "abcd",
+          "hermes, a body that is not JSON, no closing tag" },
+        { MOE_TOOL_MISTRAL, "[TOOL_CALLS][", "{\"a\"",
+          "mistral, an array that never closes" },
+        { MOE_TOOL_MISTRAL, "[TOOL_CALLS]f[ARGS]{\"a\":\"", "abcd",
+          "mistral name[ARGS], arguments that never end" },
+        { MOE_TOOL_LLAMA3_JSON, "{\"name\":\"f\",\"parameters\":{\"a\":\"",
+          "abcd", "llama3_json, a call that never ends" },
+        { MOE_TOOL_LLAMA3_JSON, "", "  \n ", "llama3_json, only blanks" },
+    };
+    moe_toolparse_t  *p;
+    moe_toolev_t      ev;
+    struct timespec   t0, t1;
+    size_t            k, i, got, len;
+    double            secs;
+    int               ok;
+
+    for (k = 0; k < sizeof(c) / sizeof(c[0]); k++) {
+        p = moe_toolparse_create(c[k].fmt, NULL, 3);
+        len = strlen(c[k].head) + 100000 * strlen(c[k].piece);
+        got = 0;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        ok = p != NULL
+             && moe_toolparse_push(p, c[k].head, strlen(c[k].head))
+                == MOE_OK;
+        for (i = 0; ok && i < 100000; i++) {
+            ok = moe_toolparse_push(p, c[k].piece, strlen(c[k].piece))
+                 == MOE_OK;
+            while (moe_toolparse_next(p, &ev)) {
+                got += ev.type == MOE_TOOLEV_CONTENT ? ev.len : 0;
+            }
+        }
+        ok = ok && moe_toolparse_finish(p) == MOE_OK;
+        while (ok && moe_toolparse_next(p, &ev)) {
+            got += ev.type == MOE_TOOLEV_CONTENT ? ev.len : 0;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        secs = (double) (t1.tv_sec - t0.tv_sec)
+               + (double) (t1.tv_nsec - t0.tv_nsec) / 1e9;
+        TAP_OK(ok && got == len && moe_toolparse_n_calls(p) == 0
+               && secs < 2.0, "%s: 100000 pushes in %.3f s, all %zu bytes "
+               "content (%zu)", c[k].what, secs, len, got);
+        moe_toolparse_free(p);
+    }
+}
+
+
 static void
 test_detect(void)
 {
@@ -618,6 +684,7 @@ main(void)
 {
     test_parsers();
     test_deep();
+    test_long();
     test_detect();
     test_render();
 
