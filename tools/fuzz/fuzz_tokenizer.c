@@ -122,8 +122,8 @@ fz_decode(const moe_tokenizer_t *t, const int32_t *ids, size_t n, int skip,
         }
         return NULL;
     }
-    if (rc != MOE_OK || text == NULL || strlen(text) != tl) {
-        abort();
+    if (rc != MOE_OK || text == NULL || text[tl] != '\0') {
+        abort();                        /* (the text may hold NULs) */
     }
     d = moe_detok_create(t, skip);
     if (d == NULL) {
