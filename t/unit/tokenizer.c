@@ -345,6 +345,25 @@ detok_ok(const moe_tokenizer_t *t, const int32_t *ids, size_t n, int skip,
     return ok;
 }
 
+/* a token whose bytes are exactly byte b (<0xNN>, or a byte-level
+ * character), -1 if none */
+static int32_t
+byte_id(const moe_tokenizer_t *t, unsigned char b)
+{
+    int32_t id, n = moe_tokenizer_vocab_size(t);
+    char    buf[8];
+
+    for (id = 0; id < n; id++) {
+        if (!moe_tokenizer_is_special(t, id)
+            && moe_tokenizer_token_bytes(t, id, buf, sizeof(buf)) == 1
+            && (unsigned char) buf[0] == b)
+        {
+            return id;
+        }
+    }
+    return -1;
+}
+
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
 
 static uint32_t
@@ -604,6 +623,59 @@ check_tokenizer(tok_case_t *tc)
                "%s: out-of-range ids are MOE_EINVAL", tc->name);
         moe_detok_free(d);
         free(o);
+    }
+
+    /*
+     * Tokens that never end a character: 32000 of byte 0xE2 stream in
+     * linear time (each push decoded the whole run, which never became
+     * final: 49 s for Llama-2's <0xE2>, 20 s for Llama-3's), and random
+     * runs of the bytes of a euro sign, bad ones and 'A' stream as they
+     * decode.
+     */
+    {
+        int32_t          pick[4], *run;
+        moe_detok_t     *d;
+        char            *o = NULL, *want = NULL;
+        size_t           ol = 0, oc = 0, wl = 0, m;
+        struct timespec  a, b;
+        double           secs;
+        int              ok = 1, good = 0, r, j;
+
+        pick[0] = byte_id(t, 0xe2);
+        pick[1] = byte_id(t, 0x82);
+        pick[2] = byte_id(t, 0xac);
+        pick[3] = byte_id(t, 'A');
+        run = malloc(sizeof(int32_t) * 32000);
+        d = moe_detok_create(t, 0);
+        ok = run != NULL && d != NULL && pick[0] >= 0 && pick[1] >= 0
+             && pick[2] >= 0 && pick[3] >= 0;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (m = 0; ok && m < 32000; m++) {
+            run[m] = pick[0];
+            ok = moe_detok_push(d, pick[0], &o, &ol, &oc) == MOE_OK;
+        }
+        ok = ok && moe_detok_flush(d, &o, &ol, &oc) == MOE_OK;
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        secs = (double) (b.tv_sec - a.tv_sec)
+               + (double) (b.tv_nsec - a.tv_nsec) / 1e9;
+        ok = ok && moe_tokenizer_decode(t, run, 32000, 0, &want, &wl) == MOE_OK
+             && wl == ol && wl == 3 * 32000 && memcmp(want, o, wl) == 0;
+        TAP_OK(ok && secs < 2.0, "%s: 32000 tokens of byte 0xE2 stream in "
+               "%.3f s, as they decode", tc->name, secs);
+        for (r = 0; run != NULL && r < 300; r++) {
+            int n = 1 + (int) (rnd() % 40);
+
+            for (j = 0; j < n; j++) {
+                run[j] = pick[rnd() % 4];
+            }
+            good += detok_ok(t, run, (size_t) n, 0, good == r);
+        }
+        TAP_OK(good == 300, "%s: streamed detok == decode on %d/300 runs of "
+               "E2 82 AC 'A' byte tokens", tc->name, good);
+        moe_detok_free(d);
+        free(run);
+        free(o);
+        free(want);
     }
     moe_tokenizer_free(t);
 }
