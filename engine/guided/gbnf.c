@@ -704,6 +704,11 @@ gp_cp_class(gp_t *p, ivec_t *seq, cprange_t *r, int nr, int negate)
     if (p->rc != MOE_OK) {
         return p->rc;
     }
+    if (first) {
+        /* only surrogates: an empty body would match the empty string */
+        return gp_fail(p, MOE_EINVAL, "grammar: character class matches "
+                       "no character (surrogates only) at offset %zu", p->i);
+    }
     return gp_emit(p, seq, GE_REF(rid));
 }
 

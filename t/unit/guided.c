@@ -733,6 +733,13 @@ main(void)
         }
         check_error(t, MOE_GUIDED_GRAMMAR, big, "too large");
     }
+    /* a class of surrogates only has no UTF-8 character: it used to
+     * become an empty rule, matching "ab" here */
+    check_error(t, MOE_GUIDED_GRAMMAR,
+                "root ::= \"a\" [\\uD800-\\uDFFF] \"b\"",
+                "matches no character");
+    check_error(t, MOE_GUIDED_REGEX, "a[\\uD800-\\uDFFF]b",
+                "matches no character");
     check_error(t, MOE_GUIDED_CHOICE, "[]", "non-empty JSON array");
     check_error(t, MOE_GUIDED_CHOICE, "[\"a\",1]", "entry 1");
 
