@@ -209,6 +209,9 @@ tp_forget(moe_toolparse_t *p)
 static void
 tp_consume(moe_toolparse_t *p, size_t n)
 {
+    if (n == 0) {
+        return;         /* buf may be NULL: nothing was pushed yet */
+    }
     memmove(p->buf, p->buf + n, p->len - n);
     p->len -= n;
     tp_forget(p);

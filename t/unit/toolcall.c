@@ -333,6 +333,27 @@ test_parsers(void)
               == 0,
            "format none: all output is content");
 
+    /* an empty output (EOS at once): finish with nothing pushed (no
+     * buffer yet: UBSan saw memmove's pointer arithmetic on NULL) */
+    {
+        moe_tool_format_t  f;
+        int                ok = 1;
+
+        for (f = MOE_TOOL_NONE; f <= MOE_TOOL_NAMED; f++) {
+            moe_toolparse_t *p = moe_toolparse_create(f, "f", 1);
+            moe_toolev_t     ev;
+
+            ok = ok && p != NULL && moe_toolparse_finish(p) == MOE_OK
+                 && moe_toolparse_n_calls(p) == (f == MOE_TOOL_NAMED);
+            while (p != NULL && moe_toolparse_next(p, &ev)) {
+                ok = ok && ev.type == MOE_TOOLEV_CALL;
+            }
+            moe_toolparse_free(p);
+        }
+        TAP_OK(ok, "empty output, every format: finish gives no content "
+               "and no call (named: its one call)");
+    }
+
     TAP_OK(moe_toolparse_create(MOE_TOOL_NAMED, NULL, 1) == NULL
            && moe_toolparse_create((moe_tool_format_t) 9, NULL, 1) == NULL,
            "a named parser without a name, or an unknown format: NULL");
