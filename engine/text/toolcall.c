@@ -828,7 +828,10 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
         return MOE_OK;
     }
 
-    n = end > 0 ? (size_t) end : p->len;
+    /* not JSON: only the marker goes back, the text after it is looked at
+     * again as content (giving back all that had arrived hid a later call
+     * or not, depending on how the output was cut in pieces) */
+    n = end > 0 ? (size_t) end : end < 0 ? 0 : p->len;
     rc = (end > 0) ? tp_parse_calls(p, p->buf, n,
                                     p->fmt != MOE_TOOL_LLAMA3_JSON)
                    : 0;

@@ -280,6 +280,22 @@ test_parsers(void)
           "Here: {\"name\": \"f\", \"parameters\": {}}",
           "Here: {\"name\": \"f\", \"parameters\": {}}", 0, NULL, NULL, NULL);
 
+    {
+        const char  *nf[] = { "f" };
+        const char  *af[] = { "{}" };
+
+        /* text after the marker that is not JSON gives back the marker
+         * alone: a later call is still found, however the output is cut
+         * in pieces (the text that had arrived when the body failed went
+         * back whole: in one piece the call was content, in small ones a
+         * call) */
+        check("llama3_json: <|python_tag|> then text, then a call",
+              MOE_TOOL_LLAMA3_JSON, NULL,
+              "<|python_tag|>no json <|python_tag|>{\"name\": \"f\", "
+              "\"parameters\": {}}",
+              "<|python_tag|>no json ", 1, nf, af, NULL);
+    }
+
     check("llama3_json: a JSON object that is no call is content",
           MOE_TOOL_LLAMA3_JSON, NULL, "{\"answer\": 42}", "{\"answer\": 42}",
           0, NULL, NULL, NULL);
