@@ -900,8 +900,14 @@ tp_step_mistral_args(moe_toolparse_t *p, int final, int *more)
     args = p->buf + i + 6;
     end = tp_json_end(p, &p->scan_args, i + 6);
 
-    if (end <= 0) {
-        if (end < 0 || final) {
+    if (end < 0) {
+        /* not JSON: marker, name and [ARGS] go back, what follows is
+         * looked at again (as in tp_step_body) */
+        return tp_body_failed(p, i + 6);
+    }
+
+    if (end == 0) {
+        if (final) {
             return tp_body_failed(p, p->len);
         }
         *more = 0;

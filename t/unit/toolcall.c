@@ -294,6 +294,10 @@ test_parsers(void)
               "<|python_tag|>no json <|python_tag|>{\"name\": \"f\", "
               "\"parameters\": {}}",
               "<|python_tag|>no json ", 1, nf, af, NULL);
+        check("mistral: name[ARGS] then text, then a call",
+              MOE_TOOL_MISTRAL, NULL,
+              "[TOOL_CALLS]f[ARGS]no json [TOOL_CALLS]f[ARGS]{}",
+              "[TOOL_CALLS]f[ARGS]no json ", 1, nf, af, NULL);
     }
 
     check("llama3_json: a JSON object that is no call is content",
