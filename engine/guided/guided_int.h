@@ -22,14 +22,18 @@
  * The matcher's limits on one expansion (the stacks one byte leads to, or
  * the start state): nested rule references followed before a byte class
  * is reached, distinct intermediate stacks expanded, and the size of the
- * resulting state in int32 (records of every stack).  Beyond them the
- * guide is too complex to match (MOE_EUNSUPPORTED; refused at compile
- * time when its start state already is).  A JSON Schema with dozens of
+ * resulting state in int32 (records of every stack); and on one mask:
+ * stacks expanded by all the transitions of its vocabulary walk (about
+ * 0.3 s; typical guides take a few thousand on Llama-3's vocabulary, a
+ * choice among 5000 strings 75000).  Beyond them the guide is too complex
+ * to match (MOE_EUNSUPPORTED; refused at compile time when its start
+ * state or its first mask already is).  A JSON Schema with dozens of
  * properties nested ten deep stays far below them.
  */
 #define MOE_GUIDED_MAX_DEPTH   4096
 #define MOE_GUIDED_MAX_EXPAND  (1 << 16)
 #define MOE_GUIDED_MAX_STATE   (4096 * 64)
+#define MOE_GUIDED_MAX_WALK    (1 << 22)
 
 /*
  * A flat grammar: rule r's body starts at el[rule_start[r]], alternatives
@@ -132,9 +136,9 @@ struct moe_guide {
 };
 
 /*
- * Check that g's start state can be built within the matcher's limits:
- * MOE_OK, or MOE_EINVAL with err saying the guide is too complex,
- * MOE_ENOMEM.  (moe_guide_compile's last step.)
+ * Check that g's start state and its first mask (then cached) can be
+ * made within the matcher's limits: MOE_OK, or MOE_EINVAL with err saying
+ * the guide is too complex, MOE_ENOMEM.  (moe_guide_compile's last step.)
  */
 int  moe_guided_check_start(moe_guide_t *g, char *err, size_t errlen);
 

@@ -43,6 +43,8 @@ struct moe_guided_state {
     sv_t         *depth;        /* (max_depth + 1) trie walk states */
     int           n_depth;
     int           oom;
+    size_t        work;         /* expand() calls of this mask walk */
+    size_t        work_max;     /* their limit; 0 outside a mask walk */
 
     /* the stacks already expanded by the current expansion (one byte's
      * step, or the start state): one met again is skipped, its stacks
@@ -209,6 +211,9 @@ expand(moe_guided_state_t *st, size_t off, size_t len, sv_t *out, int depth)
 
     if (depth > MOE_GUIDED_MAX_DEPTH) {
         return EXP_COMPLEX;             /* a chain of rules this long */
+    }
+    if (st->work_max != 0 && ++st->work > st->work_max) {
+        return EXP_COMPLEX;             /* this mask costs too much */
     }
     if (len == 0 || GE_IS_CLASS(g->el[st->tmp.v[off + len - 1]])) {
         if (out->n + len + 1 > (size_t) MOE_GUIDED_MAX_STATE) {
@@ -779,12 +784,24 @@ moe_guided_check_start(moe_guide_t *g, char *err, size_t errlen)
     moe_guided_state_t *st;
     int                 rc;
 
+    uint32_t           *words;
+    int                 n;
+
     rc = state_new(g, NULL, 0, &st);
+    if (rc == 0) {
+        /* the first mask: cached for the first step of every sequence */
+        words = malloc(sizeof(uint32_t) * (size_t) (g->n_words + 1));
+        n = words == NULL ? MOE_ENOMEM
+                          : moe_guided_mask(st, words, (size_t) g->n_words);
+        rc = n == MOE_EUNSUPPORTED ? EXP_COMPLEX : n < 0 ? EXP_NOMEM : 0;
+        free(words);
+    }
     moe_guided_state_free(st);
     if (rc == EXP_COMPLEX) {
-        snprintf(err, errlen, "the guide is too complex to match (its "
-                 "start expands past the limits: %d nested rules, %d "
-                 "stacks)", MOE_GUIDED_MAX_DEPTH, MOE_GUIDED_MAX_EXPAND);
+        snprintf(err, errlen, "the guide is too complex to match (limits: "
+                 "%d nested rules, %d stacks a byte, %d a mask)",
+                 MOE_GUIDED_MAX_DEPTH, MOE_GUIDED_MAX_EXPAND,
+                 MOE_GUIDED_MAX_WALK);
         return MOE_EINVAL;
     }
     if (rc != 0) {
@@ -836,11 +853,26 @@ moe_guided_is_accepting(const moe_guided_state_t *st)
 /*
  * Walk the trie from state st->cur through the guide's state store (one
  * state id per depth); words get the allowed tokens.  Their count, or
- * MOE_ENOMEM / MOE_EUNSUPPORTED (a state over the matcher's limits).
- * g->lock held.
+ * MOE_ENOMEM / MOE_EUNSUPPORTED (a state over the matcher's limits, or
+ * the walk over MOE_GUIDED_MAX_WALK).  g->lock held.
  */
+static int mask_walk_run(moe_guided_state_t *st, uint32_t *words);
+
 static int
 mask_walk(moe_guided_state_t *st, uint32_t *words)
+{
+    int n;
+
+    st->work = 0;
+    st->work_max = MOE_GUIDED_MAX_WALK;
+    n = mask_walk_run(st, words);
+    st->work_max = 0;
+    return n;
+}
+
+
+static int
+mask_walk_run(moe_guided_state_t *st, uint32_t *words)
 {
     const moe_vocab_trie_t *t = st->g->trie;
     const moe_trie_node_t  *nd;
