@@ -21,8 +21,10 @@
 /*
  * The matcher's limits on one expansion (the stacks one byte leads to, or
  * the start state): nested rule references followed before a byte class
- * is reached, distinct intermediate stacks expanded, and the size of the
- * resulting state in int32 (records of every stack); and on one mask:
+ * is reached, distinct intermediate stacks expanded (their copies, kept
+ * to expand each once, at most 4 * MOE_GUIDED_MAX_STATE int32), and the
+ * size of the resulting state in int32 (records of every stack); and on
+ * one mask:
  * stacks expanded by all the transitions of its vocabulary walk (about
  * 0.3 s; typical guides take a few thousand on Llama-3's vocabulary, a
  * choice among 5000 strings 75000).  Beyond them the guide is too complex

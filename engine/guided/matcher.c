@@ -177,12 +177,12 @@ seen_add(moe_guided_state_t *st, const int32_t *v, size_t n)
             return 1;
         }
     }
-    if (st->n_seen >= MOE_GUIDED_MAX_EXPAND) {
-        return EXP_COMPLEX;
-    }
-    if (st->seen_pool.n + n + 1 > UINT32_MAX
-        || sv_reserve(&st->seen_pool, n + 1) != 0)
+    if (st->n_seen >= MOE_GUIDED_MAX_EXPAND
+        || st->seen_pool.n + n + 1 > (size_t) 4 * MOE_GUIDED_MAX_STATE)
     {
+        return EXP_COMPLEX;             /* (long stacks: bounded memory) */
+    }
+    if (sv_reserve(&st->seen_pool, n + 1) != 0) {
         return EXP_NOMEM;
     }
     st->seen[j].gen = st->seen_gen;
