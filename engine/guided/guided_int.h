@@ -24,13 +24,12 @@
  * is reached, distinct intermediate stacks expanded (their copies, kept
  * to expand each once, at most 4 * MOE_GUIDED_MAX_STATE int32), and the
  * size of the resulting state in int32 (records of every stack); and on
- * one mask:
- * stacks expanded by all the transitions of its vocabulary walk (about
- * 0.3 s; typical guides take a few thousand on Llama-3's vocabulary, a
- * choice among 5000 strings 75000).  Beyond them the guide is too complex
- * to match (MOE_EUNSUPPORTED; refused at compile time when its start
- * state or its first mask already is).  A JSON Schema with dozens of
- * properties nested ten deep stays far below them.
+ * one mask: stacks expanded by all the transitions of its vocabulary walk
+ * (about 0.3 s; typical guides take a few thousand on Llama-3's
+ * vocabulary, a choice among 5000 strings 75000).  Beyond them the guide
+ * is too complex to match (MOE_EUNSUPPORTED; refused at compile time
+ * when its start state or its first mask already is).  A JSON Schema
+ * with dozens of properties nested ten deep stays far below them.
  */
 #define MOE_GUIDED_MAX_DEPTH   4096
 #define MOE_GUIDED_MAX_EXPAND  (1 << 16)
