@@ -56,6 +56,7 @@ typedef struct {
     int     depth;
     int     str;
     int     esc;
+    int     not_call;   /* the JSON found parsed, and is no call */
 } tp_scan_t;
 
 struct moe_toolparse {
@@ -767,7 +768,7 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
         /* the JSON's own end first: "</tool_call>" may sit in a string */
         end = tp_json_end(p, &p->scan, 0);
 
-        if (end > 0) {
+        if (end > 0 && !p->scan.not_call) {
             for (n = (size_t) end; n < p->len && tp_blank(p->buf[n]); n++) {
                 /* void */
             }
@@ -794,6 +795,9 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
                 *more = 1;
                 return MOE_OK;
             }
+
+            p->scan.not_call = 1;   /* not parsed again while the closing
+                                       tag is awaited */
         }
 
         if (end == 0 && !final) {

@@ -454,7 +454,8 @@ test_deep(void)
 
 /*
  * A long output that keeps a parser waiting (a call body that never
- * ends, only blanks before a possible llama3 call), pushed in 100000
+ * ends, only blanks before a possible llama3 call, a JSON body that is no
+ * call while the closing tag is awaited), pushed in 100000
  * pieces of 4 bytes as a model streams it: each push examines only the
  * new text (every push used to rescan the whole body: 1.5 s of the nginx
  * worker's event loop for 32000 pieces, quadratic), and at the end every
@@ -463,6 +464,7 @@ test_deep(void)
 static void
 test_long(void)
 {
+    static char        big[64 + 4 * 10000];
     static const struct {
         moe_tool_format_t  fmt;
         const char        *head, *piece, *what;
@@ -478,6 +480,8 @@ test_long(void)
         { MOE_TOOL_LLAMA3_JSON, "{\"name\":\"f\",\"parameters\":{\"a\":\"",
           "abcd", "llama3_json, a call that never ends" },
         { MOE_TOOL_LLAMA3_JSON, "", "  \n ", "llama3_json, only blanks" },
+        { MOE_TOOL_HERMES, big, "abcd", "hermes, 40 KB of JSON that is no "
+          "call, then no closing tag (it was parsed again at every push)" },
     };
     moe_toolparse_t  *p;
     moe_toolev_t      ev;
@@ -485,6 +489,13 @@ test_long(void)
     size_t            k, i, got, len;
     double            secs;
     int               ok;
+
+    len = (size_t) sprintf(big, "<tool_call>{\"a\":[1");
+    for (k = 1; k < 10000; k++) {
+        memcpy(big + len, ",1", 2);
+        len += 2;
+    }
+    memcpy(big + len, "]} ", 4);
 
     for (k = 0; k < sizeof(c) / sizeof(c[0]); k++) {
         p = moe_toolparse_create(c[k].fmt, NULL, 3);
