@@ -7,15 +7,18 @@
  * Input: byte 0 picks the tokenizer (its value modulo the number loaded)
  * and the mode (bits 4-5); the rest is the text or the ids.
  *   mode 0, 1  encode the text (add_special_tokens = mode)
- *   mode 2, 3  decode the rest as ids, three bytes each (little endian,
- *              mapped to [-4, vocab + 4)), skip_special_tokens = mode & 1
+ *   mode 2, 3  byte 1 % 8 is the length of a stop string that follows;
+ *              the rest are ids, three bytes each (little endian, mapped
+ *              to [-4, vocab + 4)), skip_special_tokens = mode & 1
  *
  * Checks, beside ASan / UBSan / LeakSanitizer and libFuzzer's timeout and
  * RSS limit: encode succeeds and gives ids in [0, vocab); those ids decode;
  * on a byte-level tokenizer (ByteLevel pre-tokenizer and decoder), text
  * that is valid UTF-8 decodes back to itself; decode refuses a sequence
  * with an id out of range with MOE_EINVAL and accepts any other; the
- * streaming detokenizer's pieces plus its flush equal the decode.
+ * streaming detokenizer's pieces plus its flush equal the decode; a text
+ * stream with the stop string hands out the whole decode when it does not
+ * stop, else a prefix of it that the stop string follows.
  *
  * Tokenizers: models/localmoe-kjv's (byte-level BPE; relative to
  * $MOE_SRCDIR, default the working directory), plus build/tok/llama2's
@@ -149,13 +152,58 @@ fz_decode(const moe_tokenizer_t *t, const int32_t *ids, size_t n, int skip,
 }
 
 
+/* ids through a text stream with one stop string; full: their decode */
+static void
+fz_stream(const moe_tokenizer_t *t, const int32_t *ids, size_t n, int skip,
+    const char *stop, const char *full, size_t fl)
+{
+    moe_textstream_t *s;
+    const char       *stops[1] = { stop }, *piece;
+    char             *out = NULL;
+    size_t            ol = 0, pl, i, sl = strlen(stop);
+    int               stopped = 0;
+
+    s = moe_textstream_create(t, stops, 1, skip);
+    if (s == NULL) {
+        abort();
+    }
+    for (i = 0; i < n && !stopped; i++) {
+        if (moe_textstream_push(s, ids[i], &piece, &pl, &stopped) != MOE_OK
+            || (out = realloc(out, ol + pl + 1)) == NULL)
+        {
+            abort();
+        }
+        memcpy(out + ol, piece, pl);
+        ol += pl;
+    }
+    if (!stopped) {
+        if (moe_textstream_finish(s, &piece, &pl) != MOE_OK
+            || (out = realloc(out, ol + pl + 1)) == NULL)
+        {
+            abort();
+        }
+        memcpy(out + ol, piece, pl);
+        ol += pl;
+    }
+    if (ol > fl || (ol && memcmp(out, full, ol) != 0)
+        || (!stopped && ol != fl)
+        || (stopped && (sl == 0 || ol + sl > fl
+                        || memcmp(full + ol, stop, sl) != 0)))
+    {
+        abort();                        /* not the decode, or its stop */
+    }
+    moe_textstream_free(s);
+    free(out);
+}
+
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     const moe_tokenizer_t  *t;
     int32_t                *ids = NULL;
-    size_t                  n = 0, i, len, bad;
-    char                   *text;
+    size_t                  n = 0, i, len, bad, sl;
+    char                   *text, stop[8];
     int                     which, mode, vocab, valid = 1;
 
     if (size == 0) {
@@ -193,6 +241,15 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
 
+    stop[0] = '\0';
+    if (size > 0) {
+        sl = data[0] % 8;
+        sl = sl < size ? sl : size - 1;
+        memcpy(stop, data + 1, sl);
+        stop[sl] = '\0';
+        data += 1 + sl;
+        size -= 1 + sl;
+    }
     n = size / 3;
     ids = malloc(sizeof(int32_t) * (n ? n : 1));
     if (ids == NULL) {
@@ -211,6 +268,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         (void) moe_tokenizer_is_special(t, ids[i]);
     }
     text = fz_decode(t, ids, n, mode & 1, valid, &len);
+    if (text != NULL) {
+        fz_stream(t, ids, n, mode & 1, stop, text, len);
+    }
     free(text);
     free(ids);
     return 0;
