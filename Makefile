@@ -5,6 +5,7 @@
 #   make test       deps + build + prove -r t/
 #   make run        deps + build + serve conf/nginx.conf on 127.0.0.1:8000
 #   make asan       the unit tests under ASan + UBSan (build/asan/)
+#   make fuzz       libFuzzer harnesses, tools/fuzz/ (clang; build/fuzz/)
 #   make gpu-bundle .dev/: nginx + libraries + tokenizer for a GPU machine
 #   MOE_CUDA=0      force a CPU-only build even where nvcc exists
 
@@ -164,6 +165,34 @@ $(BUILD)/asan/t/%: t/unit/%.c $(BUILD)/asan/libmoe.a $(ASAN_YAJL) \
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_FLAGS) -It/unit -o $@ $< $(BUILD)/asan/libmoe.a \
 	    $(ASAN_YAJL) $(LDLIBS)
+
+# Coverage-guided fuzzing of what a client request controls (libFuzzer;
+# clang only; not part of all or test): each tools/fuzz/NAME.c is one
+# harness, linked against libmoe's C sources built with ASan + UBSan and
+# libFuzzer's coverage counters in build/fuzz/.  tools/fuzz/README.md says
+# how to run them.  yajl is the ASan build's copy (see below): its
+# allocation shims are compiled again here, by clang.
+FUZZ_CC    ?= clang
+FUZZ_FLAGS := $(ASAN_FLAGS) -fsanitize=fuzzer-no-link
+FUZZ_SRCS  := $(wildcard tools/fuzz/*.c)
+FUZZ_BINS  := $(FUZZ_SRCS:tools/fuzz/%.c=$(BUILD)/fuzz/%)
+FUZZ_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/fuzz/%.o)
+FUZZ_YAJL  := $(if $(BENCH_YAJL_A),$(BUILD)/asan/yajl.o \
+              $(BUILD)/fuzz/yajl_alloc.o)
+
+.PHONY: fuzz
+fuzz: $(FUZZ_BINS)
+$(BUILD)/fuzz/engine/%.o: engine/%.c $(ENGINE_HDRS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -c -o $@ $<
+$(BUILD)/fuzz/yajl_alloc.o: t/asan/yajl_alloc.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -c -o $@ $<
+$(BUILD)/fuzz/libmoe.a: $(FUZZ_OBJS)
+	rm -f $@ && ar rcs $@ $^
+$(BUILD)/fuzz/%: tools/fuzz/%.c $(BUILD)/fuzz/libmoe.a $(FUZZ_YAJL)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -o $@ $< \
+	    $(BUILD)/fuzz/libmoe.a $(FUZZ_YAJL) $(LDLIBS)
 
 # kernels/ sees only its own headers: it includes nothing from engine/.
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)

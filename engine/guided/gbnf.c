@@ -132,6 +132,10 @@ typedef struct {
     int          n_cls, cap_cls;
     long         n_el;            /* running total, for the limit */
     int          any_rule;        /* rule of ".", -1 until needed */
+    int         *name_slot;       /* (n_name_slot) named rules by name
+                                     hash, open addressing; -1 empty */
+    int          n_name_slot;     /* power of two (0: none yet) */
+    int          n_named;
     char        *err;
     size_t       errlen;
     int          rc;
@@ -227,19 +231,77 @@ gp_new_rule(gp_t *p, const char *name, size_t nl)
 }
 
 
+static uint32_t
+gp_name_hash(const char *name, size_t nl)
+{
+    uint32_t h = 2166136261u;
+    size_t   i;
+
+    for (i = 0; i < nl; i++) {
+        h = (h ^ (unsigned char) name[i]) * 16777619u;
+    }
+    return h;
+}
+
+
+/* the name table twice as large (or made): 0, or -1 out of memory */
+static int
+gp_names_grow(gp_t *p)
+{
+    int  n = p->n_name_slot ? p->n_name_slot * 2 : 256, *sl, i;
+    uint32_t j;
+
+    sl = malloc(sizeof(int) * (size_t) n);
+    if (sl == NULL) {
+        return -1;
+    }
+    memset(sl, 0xff, sizeof(int) * (size_t) n);
+    for (i = 0; i < p->n_rules; i++) {
+        if (p->rules[i].name == NULL) {
+            continue;
+        }
+        j = gp_name_hash(p->rules[i].name, strlen(p->rules[i].name))
+            & (uint32_t) (n - 1);
+        while (sl[j] >= 0) {
+            j = (j + 1) & (uint32_t) (n - 1);
+        }
+        sl[j] = i;
+    }
+    free(p->name_slot);
+    p->name_slot = sl;
+    p->n_name_slot = n;
+    return 0;
+}
+
+
+/* the rule named name (made on first mention): its index or -1 (hashed:
+ * a grammar of 20000 rules used to scan them all for every reference) */
 static int
 gp_rule_by_name(gp_t *p, const char *name, size_t nl)
 {
-    int i;
+    uint32_t  j;
+    int       r;
 
-    for (i = 0; i < p->n_rules; i++) {
-        if (p->rules[i].name != NULL && strlen(p->rules[i].name) == nl
-            && memcmp(p->rules[i].name, name, nl) == 0)
+    if ((p->n_named + 1) * 2 > p->n_name_slot && gp_names_grow(p) != 0) {
+        gp_oom(p);
+        return -1;
+    }
+    for (j = gp_name_hash(name, nl) & (uint32_t) (p->n_name_slot - 1);
+         (r = p->name_slot[j]) >= 0;
+         j = (j + 1) & (uint32_t) (p->n_name_slot - 1))
+    {
+        if (strlen(p->rules[r].name) == nl
+            && memcmp(p->rules[r].name, name, nl) == 0)
         {
-            return i;
+            return r;
         }
     }
-    return gp_new_rule(p, name, nl);
+    r = gp_new_rule(p, name, nl);
+    if (r >= 0) {
+        p->name_slot[j] = r;
+        p->n_named++;
+    }
+    return r;
 }
 
 
@@ -641,6 +703,11 @@ gp_cp_class(gp_t *p, ivec_t *seq, cprange_t *r, int nr, int negate)
     free(c);
     if (p->rc != MOE_OK) {
         return p->rc;
+    }
+    if (first) {
+        /* only surrogates: an empty body would match the empty string */
+        return gp_fail(p, MOE_EINVAL, "grammar: character class matches "
+                       "no character (surrogates only) at offset %zu", p->i);
     }
     return gp_emit(p, seq, GE_REF(rid));
 }
@@ -1076,38 +1143,105 @@ gp_flatten(gp_t *p, moe_gram_t *g)
  * passes" (elements are character classes or rule references): a
  * reference passes when its rule is already in flag[], a class unless
  * classes_block.  classes_block 0: productive rules (derive some string);
- * 1: nullable rules (derive the empty string).
+ * 1: nullable rules (derive the empty string).  Worklist: each
+ * alternative counts its references still unflagged, each rule lists the
+ * alternatives that reference it; linear in the grammar (repeated passes
+ * over every rule took one pass per rule of a chain).  MOE_OK or
+ * MOE_ENOMEM.
  */
-static void
-gp_closure(const gp_t *p, char *flag, int classes_block)
+static int
+gp_closure(gp_t *p, char *flag, int classes_block)
 {
-    int            r, k, changed, all;
+    int           *need = NULL, *alt_rule = NULL, *first = NULL;
+    int           *user = NULL, *queue = NULL;
+    int            r, k, n_alt = 0, a, live, nq = 0, q, i;
+    long           n_ref = 0;
     const ivec_t  *b;
 
-    do {
-        changed = 0;
-        for (r = 0; r < p->n_rules; r++) {
-            if (flag[r]) {
-                continue;
-            }
-            b = &p->rules[r].body;
-            all = 1;
-            for (k = 0; k <= b->n; k++) {
-                if (k == b->n || b->v[k] == GE_ALT) {
-                    if (all) {
-                        flag[r] = 1;
-                        changed = 1;
-                        break;
-                    }
-                    all = 1;
-                } else if ((classes_block && GE_IS_CLASS(b->v[k]))
-                           || (GE_IS_REF(b->v[k]) && !flag[b->v[k] / 2]))
-                {
-                    all = 0;
+    for (r = 0; r < p->n_rules; r++) {
+        b = &p->rules[r].body;
+        n_alt++;
+        for (k = 0; k < b->n; k++) {
+            n_alt += b->v[k] == GE_ALT;
+            n_ref += GE_IS_REF(b->v[k]);
+        }
+    }
+    need = malloc(sizeof(int) * (size_t) n_alt);
+    alt_rule = malloc(sizeof(int) * (size_t) n_alt);
+    first = calloc((size_t) p->n_rules + 1, sizeof(int));
+    user = malloc(sizeof(int) * (size_t) (n_ref + 1));
+    queue = malloc(sizeof(int) * (size_t) (p->n_rules + 1));
+    if (need == NULL || alt_rule == NULL || first == NULL || user == NULL
+        || queue == NULL)
+    {
+        free(need); free(alt_rule); free(first); free(user); free(queue);
+        return gp_oom(p);
+    }
+
+    /* per alternative: its rule and its unflagged references (-1: it has
+     * a class that blocks); per rule: how many references it has */
+    a = 0;
+    for (r = 0; r < p->n_rules; r++) {
+        b = &p->rules[r].body;
+        need[a] = 0;
+        alt_rule[a] = r;
+        for (k = 0; k <= b->n; k++) {
+            if (k == b->n || b->v[k] == GE_ALT) {
+                if (k < b->n) {
+                    need[++a] = 0;
+                    alt_rule[a] = r;
                 }
+            } else if (GE_IS_REF(b->v[k])) {
+                if (need[a] >= 0) {
+                    need[a]++;
+                }
+                first[b->v[k] / 2 + 1]++;
+            } else if (classes_block) {
+                need[a] = -1;
             }
         }
-    } while (changed);
+        a++;
+    }
+    for (r = 0; r < p->n_rules; r++) {
+        first[r + 1] += first[r];
+    }
+    /* user[first[s] ..]: the alternative of each reference to rule s */
+    a = 0;
+    for (r = 0; r < p->n_rules; r++) {
+        b = &p->rules[r].body;
+        for (k = 0; k < b->n; k++) {
+            if (b->v[k] == GE_ALT) {
+                a++;
+            } else if (GE_IS_REF(b->v[k])) {
+                user[first[b->v[k] / 2]++] = a;
+            }
+        }
+        a++;
+    }
+    for (r = p->n_rules; r > 0; r--) {     /* first[] back to the starts */
+        first[r] = first[r - 1];
+    }
+    first[0] = 0;
+
+    for (a = 0; a < n_alt; a++) {
+        if (need[a] == 0 && !flag[alt_rule[a]]) {
+            flag[alt_rule[a]] = 1;
+            queue[nq++] = alt_rule[a];
+        }
+    }
+    for (q = 0; q < nq; q++) {
+        r = queue[q];
+        for (i = first[r]; i < first[r + 1]; i++) {
+            a = user[i];
+            live = need[a] > 0;
+            if (live && --need[a] == 0 && !flag[alt_rule[a]]) {
+                flag[alt_rule[a]] = 1;
+                queue[nq++] = alt_rule[a];
+            }
+        }
+    }
+    free(need); free(alt_rule); free(first); free(user); free(queue);
+    return MOE_OK;
 }
 
 
@@ -1126,7 +1260,10 @@ gp_prune(gp_t *p, int root)
     if (prod == NULL) {
         return gp_oom(p);
     }
-    gp_closure(p, prod, 0);
+    if (gp_closure(p, prod, 0) != MOE_OK) {
+        free(prod);
+        return p->rc;
+    }
     if (!prod[root]) {
         free(prod);
         return gp_fail(p, MOE_EINVAL, "the guide's language is empty (no "
@@ -1170,20 +1307,29 @@ gp_prune(gp_t *p, int root)
 static int
 gp_left_rec(gp_t *p)
 {
-    char   *nul, *color;
+    char   *nul, *color, *lead;
     int    *stk, *pos, r, sp;
 
     nul = calloc((size_t) p->n_rules, 1);
     color = calloc((size_t) p->n_rules, 1);
+    lead = malloc((size_t) p->n_rules);
     stk = malloc(sizeof(int) * (size_t) p->n_rules);
     pos = malloc(sizeof(int) * (size_t) p->n_rules);
-    if (nul == NULL || color == NULL || stk == NULL || pos == NULL) {
-        free(nul); free(color); free(stk); free(pos);
+    if (nul == NULL || color == NULL || lead == NULL || stk == NULL
+        || pos == NULL)
+    {
+        free(nul); free(color); free(lead); free(stk); free(pos);
         return gp_oom(p);
     }
-    gp_closure(p, nul, 1);
+    if (gp_closure(p, nul, 1) != MOE_OK) {
+        free(nul); free(color); free(lead); free(stk); free(pos);
+        return p->rc;
+    }
 
-    /* iterative DFS: pos[sp] walks rule stk[sp]'s body */
+    /* iterative DFS: pos[sp] walks rule stk[sp]'s body; lead[sp]: every
+     * element before pos[sp] in its alternative is nullable (kept as the
+     * walk goes: scanning back from each element was quadratic in a long
+     * alternative) */
     for (r = 0; r < p->n_rules && p->rc == MOE_OK; r++) {
         if (color[r]) {
             continue;
@@ -1191,29 +1337,23 @@ gp_left_rec(gp_t *p)
         sp = 0;
         stk[0] = r;
         pos[0] = 0;
+        lead[0] = 1;
         color[r] = 1;
         while (sp >= 0 && p->rc == MOE_OK) {
             int     cur = stk[sp], found = -1;
             ivec_t *cb = &p->rules[cur].body;
 
             while (pos[sp] < cb->n) {
-                int k0 = pos[sp]++;
-                int at_start = k0 == 0 || cb->v[k0 - 1] == GE_ALT;
-                int j;
+                int32_t e = cb->v[pos[sp]++];
+                int     at_lead = lead[sp];
 
-                /* is element k0 at a nullable prefix of its alternative? */
-                if (!at_start) {
-                    for (j = k0 - 1; j >= 0 && cb->v[j] != GE_ALT; j--) {
-                        if (!(GE_IS_REF(cb->v[j]) && nul[cb->v[j] / 2])) {
-                            break;
-                        }
-                    }
-                    if (j >= 0 && cb->v[j] != GE_ALT) {
-                        continue;
-                    }
+                if (e == GE_ALT) {
+                    lead[sp] = 1;
+                    continue;
                 }
-                if (GE_IS_REF(cb->v[k0])) {
-                    found = cb->v[k0] / 2;
+                lead[sp] = at_lead && GE_IS_REF(e) && nul[e / 2];
+                if (at_lead && GE_IS_REF(e)) {
+                    found = e / 2;
                     break;
                 }
             }
@@ -1232,10 +1372,11 @@ gp_left_rec(gp_t *p)
                 color[found] = 1;
                 stk[++sp] = found;
                 pos[sp] = 0;
+                lead[sp] = 1;
             }
         }
     }
-    free(nul); free(color); free(stk); free(pos);
+    free(nul); free(color); free(lead); free(stk); free(pos);
     return p->rc;
 }
 
@@ -1291,6 +1432,7 @@ done:
     }
     free(p.rules);
     free(p.cls);
+    free(p.name_slot);
     if (p.rc != MOE_OK) {
         moe_gram_free(g);
     }

@@ -15,6 +15,7 @@
 
 #include "guided/guided.h"
 #include "guided/guided_int.h"
+#include "util/json.h"
 
 
 /* a choice: a JSON array of strings -> root ::= "a" | "b" ... */
@@ -32,11 +33,16 @@ choice_to_gbnf(const char *spec, size_t len, gbuf_t *out, char *err,
         return MOE_ENOMEM;
     }
     perr[0] = '\0';
-    v = yajl_tree_parse(txt, perr, sizeof(perr));
+    v = moe_json_parse(txt, perr, sizeof(perr));
     free(txt);
     if (v == NULL || !YAJL_IS_ARRAY(v) || v->u.array.len == 0) {
         snprintf(err, errlen, "choice: expected a non-empty JSON array of "
-                 "strings");
+                 "strings%s%.100s", v == NULL ? ": " : "", perr);
+        for (txt = err; *txt; txt++) {
+            if (*txt == '\n' || *txt == '\r') {
+                *txt = ' ';
+            }
+        }
         yajl_tree_free(v);
         return MOE_EINVAL;
     }
@@ -134,6 +140,13 @@ moe_guide_compile(const moe_tokenizer_t *t, moe_guided_kind_t kind,
     g->n_words = (g->trie->vocab + 31) / 32;
     atomic_init(&g->refs, 1);
     pthread_mutex_init(&g->lock, NULL);
+    /* a guide whose start already expands past the matcher's limits
+     * could never produce a mask: refused here, by name */
+    rc = moe_guided_check_start(g, err, errlen);
+    if (rc != MOE_OK) {
+        moe_guide_release(g);
+        return rc;
+    }
     *out = g;
     return MOE_OK;
 }

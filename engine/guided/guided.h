@@ -39,14 +39,17 @@ void moe_guided_state_free(moe_guided_state_t *st);
  * words[id >> 5] (n_words >= (vocab + 31) / 32; bits past the
  * tokenizer's vocabulary are 0).  Returns the number of allowed tokens
  * (0: a dead end, the sequence cannot continue), or a negative moe
- * status (MOE_ENOMEM).
+ * status: MOE_ENOMEM, or MOE_EUNSUPPORTED when a state the tokens lead
+ * to is over the matcher's limits (guided_int.h: the guide is too
+ * complex).
  */
 int moe_guided_mask(moe_guided_state_t *st, uint32_t *words, size_t n_words);
 
 /*
  * Feed the sampled token: MOE_OK (st moved on), or MOE_EINVAL when the
- * guide rejects it (st unchanged).  An EOS id is accepted only where the
- * language may end (st then takes nothing more).
+ * guide rejects it (st unchanged), MOE_ENOMEM / MOE_EUNSUPPORTED as
+ * moe_guided_mask.  An EOS id is accepted only where the language may
+ * end (st then takes nothing more).
  */
 int moe_guided_advance(moe_guided_state_t *st, int32_t token);
 
@@ -55,7 +58,8 @@ int moe_guided_is_accepting(const moe_guided_state_t *st);
 
 /*
  * Feed raw text (tests, tools): MOE_OK when every byte is accepted (st
- * moved on), MOE_EINVAL at the first rejected byte (st unchanged).
+ * moved on), MOE_EINVAL at the first rejected byte (st unchanged);
+ * MOE_ENOMEM / MOE_EUNSUPPORTED as moe_guided_mask.
  */
 int moe_guided_feed(moe_guided_state_t *st, const char *s, size_t n);
 

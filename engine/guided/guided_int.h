@@ -19,6 +19,24 @@
 #define MOE_GRAM_MAX_REPEAT    1000     /* {m,n} bounds */
 
 /*
+ * The matcher's limits on one expansion (the stacks one byte leads to, or
+ * the start state): nested rule references followed before a byte class
+ * is reached, distinct intermediate stacks expanded (their copies, kept
+ * to expand each once, at most 4 * MOE_GUIDED_MAX_STATE int32), and the
+ * size of the resulting state in int32 (records of every stack); and on
+ * one mask: stacks expanded by all the transitions of its vocabulary walk
+ * (about 0.3 s; typical guides take a few thousand on Llama-3's
+ * vocabulary, a choice among 5000 strings 75000).  Beyond them the guide
+ * is too complex to match (MOE_EUNSUPPORTED; refused at compile time
+ * when its start state or its first mask already is).  A JSON Schema
+ * with dozens of properties nested ten deep stays far below them.
+ */
+#define MOE_GUIDED_MAX_DEPTH   4096
+#define MOE_GUIDED_MAX_EXPAND  (1 << 16)
+#define MOE_GUIDED_MAX_STATE   (4096 * 64)
+#define MOE_GUIDED_MAX_WALK    (1 << 22)
+
+/*
  * A flat grammar: rule r's body starts at el[rule_start[r]], alternatives
  * separated by GE_ALT, the rule ended by GE_END.  An element e >= 0 is a
  * byte class (e even: class e / 2) or a rule reference (e odd: rule
@@ -117,6 +135,13 @@ struct moe_guide {
     moe_mask_cache_t        *cache;
     moe_state_store_t       *store;     /* interned states, transitions */
 };
+
+/*
+ * Check that g's start state and its first mask (then cached) can be
+ * made within the matcher's limits: MOE_OK, or MOE_EINVAL with err saying
+ * the guide is too complex, MOE_ENOMEM.  (moe_guide_compile's last step.)
+ */
+int  moe_guided_check_start(moe_guide_t *g, char *err, size_t errlen);
 
 /* t's trie with one more reference (NULL: no memory); _unref drops one */
 const moe_vocab_trie_t *moe_vocab_trie_get(const moe_tokenizer_t *t);

@@ -13,6 +13,7 @@
  * stored as [len, pos...] records in one int32 vector.
  */
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,6 +27,12 @@ typedef struct {
     size_t    n, cap;
 } sv_t;
 
+/* a slot of the expanded-stacks set: gen == the set's gen when used */
+typedef struct {
+    uint32_t  gen;
+    uint32_t  off;              /* into seen_pool */
+} seen_slot_t;
+
 struct moe_guided_state {
     moe_guide_t  *g;
     sv_t          cur;          /* the state: [len, pos...] records */
@@ -36,6 +43,19 @@ struct moe_guided_state {
     sv_t         *depth;        /* (max_depth + 1) trie walk states */
     int           n_depth;
     int           oom;
+    size_t        work;         /* expand() calls of this mask walk */
+    size_t        work_max;     /* their limit; 0 outside a mask walk */
+
+    /* the stacks already expanded by the current expansion (one byte's
+     * step, or the start state): one met again is skipped, its stacks
+     * are already out.  Without it nullable rules nested in each other
+     * ((a?){0,9}){0,9} ...) reach the same stack along exponentially
+     * many paths. */
+    sv_t          seen_pool;    /* [len, pos...] records */
+    seen_slot_t  *seen;         /* (n_seen_slot) open addressing */
+    size_t        n_seen_slot;  /* power of two */
+    size_t        n_seen;
+    uint32_t      seen_gen;     /* bumped to empty the set */
 };
 
 
@@ -64,11 +84,121 @@ sv_reserve(sv_t *s, size_t extra)
 
 /* ----------------------------------------------------------- expanding */
 
-#define MOE_GUIDED_MAX_STACKS  4096
+/* expand() and advance_byte() failures (0: done) */
+#define EXP_NOMEM    (-1)
+#define EXP_COMPLEX  (-2)       /* over a MOE_GUIDED_MAX_* limit */
+
+
+static int
+exp_status(int rc)
+{
+    return rc == EXP_COMPLEX ? MOE_EUNSUPPORTED : MOE_ENOMEM;
+}
+
+
+static uint64_t
+stack_hash(const int32_t *v, size_t n)
+{
+    uint64_t h = 1469598103934665603ull ^ n;
+    size_t   i;
+
+    for (i = 0; i < n; i++) {
+        h ^= (uint32_t) v[i];
+        h *= 1099511628211ull;
+    }
+    return h ^ (h >> 29);
+}
+
+
+/* start a new expansion: the set of expanded stacks is emptied */
+static void
+seen_reset(moe_guided_state_t *st)
+{
+    st->seen_pool.n = 0;
+    st->n_seen = 0;
+    if (++st->seen_gen == 0) {          /* wrapped: really clear */
+        if (st->seen != NULL) {
+            memset(st->seen, 0, sizeof(*st->seen) * st->n_seen_slot);
+        }
+        st->seen_gen = 1;
+    }
+}
+
+
+static int
+seen_grow(moe_guided_state_t *st)
+{
+    size_t        ns = st->n_seen_slot ? st->n_seen_slot * 2 : 256, j, i;
+    seen_slot_t  *sl = calloc(ns, sizeof(*sl));
+    const int32_t *rec;
+
+    if (sl == NULL) {
+        return EXP_NOMEM;
+    }
+    for (i = 0; i < st->seen_pool.n; i += (size_t) st->seen_pool.v[i] + 1) {
+        rec = st->seen_pool.v + i;
+        j = stack_hash(rec + 1, (size_t) rec[0]) & (ns - 1);
+        while (sl[j].gen != 0) {
+            j = (j + 1) & (ns - 1);
+        }
+        sl[j].gen = 1;
+        sl[j].off = (uint32_t) i;
+    }
+    free(st->seen);
+    st->seen = sl;
+    st->n_seen_slot = ns;
+    st->seen_gen = 1;
+    return 0;
+}
+
+
+/*
+ * Note stack v[0 .. n) as expanded: 1 when it already was, 0 when it is
+ * new, or an EXP_ failure (MOE_GUIDED_MAX_EXPAND distinct stacks).
+ */
+static int
+seen_add(moe_guided_state_t *st, const int32_t *v, size_t n)
+{
+    uint64_t  h;
+    size_t    j;
+    int32_t  *rec;
+
+    if ((st->n_seen + 1) * 2 > st->n_seen_slot && seen_grow(st) != 0) {
+        return EXP_NOMEM;
+    }
+    h = stack_hash(v, n);
+    for (j = h & (st->n_seen_slot - 1); st->seen[j].gen == st->seen_gen;
+         j = (j + 1) & (st->n_seen_slot - 1))
+    {
+        rec = st->seen_pool.v + st->seen[j].off;
+        if ((size_t) rec[0] == n
+            && memcmp(rec + 1, v, sizeof(int32_t) * n) == 0)
+        {
+            return 1;
+        }
+    }
+    if (st->n_seen >= MOE_GUIDED_MAX_EXPAND
+        || st->seen_pool.n + n + 1 > (size_t) 4 * MOE_GUIDED_MAX_STATE)
+    {
+        return EXP_COMPLEX;             /* (long stacks: bounded memory) */
+    }
+    if (sv_reserve(&st->seen_pool, n + 1) != 0) {
+        return EXP_NOMEM;
+    }
+    st->seen[j].gen = st->seen_gen;
+    st->seen[j].off = (uint32_t) st->seen_pool.n;
+    st->seen_pool.v[st->seen_pool.n++] = (int32_t) n;
+    memcpy(st->seen_pool.v + st->seen_pool.n, v, sizeof(int32_t) * n);
+    st->seen_pool.n += n;
+    st->n_seen++;
+    return 0;
+}
+
 
 /*
  * Expand the stack at tmp[off .. off + len) into out (unsorted records).
  * The stack's storage is tmp itself; new stacks are built past its end.
+ * 0, or an EXP_ failure.
  */
 static int
 expand(moe_guided_state_t *st, size_t off, size_t len, sv_t *out, int depth)
@@ -77,20 +207,29 @@ expand(moe_guided_state_t *st, size_t off, size_t len, sv_t *out, int depth)
     int32_t           p, e, nx;
     size_t            base, blen, mark;
     int32_t           a;
+    int               rc;
 
-    if (depth > 4096) {
-        return 0;                       /* cannot happen without left rec */
+    if (depth > MOE_GUIDED_MAX_DEPTH) {
+        return EXP_COMPLEX;             /* a chain of rules this long */
+    }
+    if (st->work_max != 0 && ++st->work > st->work_max) {
+        return EXP_COMPLEX;             /* this mask costs too much */
     }
     if (len == 0 || GE_IS_CLASS(g->el[st->tmp.v[off + len - 1]])) {
-        if (out->n > (size_t) MOE_GUIDED_MAX_STACKS * 64
-            || sv_reserve(out, len + 1) != 0)
-        {
-            return -1;
+        if (out->n + len + 1 > (size_t) MOE_GUIDED_MAX_STATE) {
+            return EXP_COMPLEX;
+        }
+        if (sv_reserve(out, len + 1) != 0) {
+            return EXP_NOMEM;
         }
         out->v[out->n++] = (int32_t) len;
         memcpy(out->v + out->n, st->tmp.v + off, sizeof(int32_t) * len);
         out->n += len;
         return 0;
+    }
+    rc = seen_add(st, st->tmp.v + off, len);
+    if (rc != 0) {
+        return rc < 0 ? rc : 0;         /* 1: expanded before */
     }
     p = st->tmp.v[off + len - 1];
     e = g->el[p];                       /* a reference */
@@ -101,7 +240,7 @@ expand(moe_guided_state_t *st, size_t off, size_t len, sv_t *out, int depth)
     for (;;) {
         mark = st->tmp.n;
         if (sv_reserve(&st->tmp, blen + 1) != 0) {
-            return -1;
+            return EXP_NOMEM;
         }
         base = st->tmp.n;
         memcpy(st->tmp.v + base, st->tmp.v + off,
@@ -113,8 +252,9 @@ expand(moe_guided_state_t *st, size_t off, size_t len, sv_t *out, int depth)
         if (g->el[a] >= 0) {
             st->tmp.v[st->tmp.n++] = a;
         }
-        if (expand(st, base, st->tmp.n - base, out, depth + 1) != 0) {
-            return -1;
+        rc = expand(st, base, st->tmp.n - base, out, depth + 1);
+        if (rc != 0) {
+            return rc;
         }
         st->tmp.n = mark;
         while (g->el[a] >= 0) {
@@ -187,15 +327,18 @@ canon(sv_t *s)
 }
 
 
-/* out = the stacks of `in` advanced by byte c (canonical); -1: no memory */
+/* out = the stacks of `in` advanced by byte c (canonical); 0 or an EXP_
+ * failure */
 static int
 advance_byte(moe_guided_state_t *st, const sv_t *in, unsigned c, sv_t *out)
 {
     const moe_gram_t *g = &st->g->g;
     size_t            i, len, nrec = 0;
     int32_t           top, e, nx;
+    int               rc;
 
     out->n = 0;
+    seen_reset(st);
     for (i = 0; i < in->n; i += len + 1) {
         len = (size_t) in->v[i];
         if (len == 0) {
@@ -209,7 +352,7 @@ advance_byte(moe_guided_state_t *st, const sv_t *in, unsigned c, sv_t *out)
         /* pop the class, push its successor, expand */
         st->tmp.n = 0;
         if (sv_reserve(&st->tmp, len + 1) != 0) {
-            return -1;
+            return EXP_NOMEM;
         }
         memcpy(st->tmp.v, in->v + i + 1, sizeof(int32_t) * (len - 1));
         st->tmp.n = len - 1;
@@ -217,13 +360,14 @@ advance_byte(moe_guided_state_t *st, const sv_t *in, unsigned c, sv_t *out)
         if (g->el[nx] >= 0) {
             st->tmp.v[st->tmp.n++] = nx;
         }
-        if (expand(st, 0, st->tmp.n, out, 0) != 0) {
-            return -1;
+        rc = expand(st, 0, st->tmp.n, out, 0);
+        if (rc != 0) {
+            return rc;
         }
         nrec++;
     }
     (void) nrec;
-    return canon(out);
+    return canon(out) != 0 ? EXP_NOMEM : 0;
 }
 
 
@@ -371,6 +515,8 @@ mc_put(moe_guide_t *g, const sv_t *s, uint64_t h, const uint32_t *words,
 #define ST_MAX_STATES  8192
 #define ST_UNKNOWN     (-2)
 #define ST_DEAD        (-1)
+#define ST_NOMEM       (-3)
+#define ST_COMPLEX     (-4)
 
 struct moe_state_store {
     sv_t        pool;           /* records of every state, back to back */
@@ -507,18 +653,19 @@ store_intern(moe_state_store_t *ss, const sv_t *s)
 }
 
 
-/* the state after byte c from state id; ST_DEAD, or -3 on no memory */
+/* the state after byte c from state id: ST_DEAD, or ST_NOMEM /
+ * ST_COMPLEX (advance_byte's EXP_ failures) */
 static int32_t
 store_next(moe_guided_state_t *st, moe_state_store_t *ss, int32_t id,
     unsigned c, sv_t *scratch_in, sv_t *scratch_out)
 {
     int32_t nx;
-    int     k;
+    int     k, rc;
 
     if (ss->trans[id] == NULL) {
         ss->trans[id] = malloc(sizeof(int32_t) * 256);
         if (ss->trans[id] == NULL) {
-            return -3;
+            return ST_NOMEM;
         }
         for (k = 0; k < 256; k++) {
             ss->trans[id][k] = ST_UNKNOWN;
@@ -531,20 +678,21 @@ store_next(moe_guided_state_t *st, moe_state_store_t *ss, int32_t id,
     /* the pool may move while interning: work on a copy */
     scratch_in->n = 0;
     if (sv_reserve(scratch_in, ss->len[id] + 1) != 0) {
-        return -3;
+        return ST_NOMEM;
     }
     memcpy(scratch_in->v, ss->pool.v + ss->off[id],
            sizeof(int32_t) * ss->len[id]);
     scratch_in->n = ss->len[id];
-    if (advance_byte(st, scratch_in, c, scratch_out) != 0) {
-        return -3;
+    rc = advance_byte(st, scratch_in, c, scratch_out);
+    if (rc != 0) {
+        return rc == EXP_COMPLEX ? ST_COMPLEX : ST_NOMEM;
     }
     if (scratch_out->n == 0) {
         nx = ST_DEAD;
     } else {
         nx = store_intern(ss, scratch_out);
         if (nx < 0) {
-            return -3;
+            return ST_NOMEM;
         }
     }
     ss->trans[id][c] = nx;
@@ -554,45 +702,27 @@ store_next(moe_guided_state_t *st, moe_state_store_t *ss, int32_t id,
 
 /* ---------------------------------------------------------------- API */
 
-moe_guided_state_t *
-moe_guided_state_create(moe_guide_t *g, const int32_t *eos, int n_eos)
+/* st->cur = the root's alternatives, expanded: 0 or an EXP_ failure */
+static int
+state_start(moe_guided_state_t *st)
 {
-    moe_guided_state_t *st;
-    const moe_gram_t   *gr;
+    const moe_gram_t   *gr = &st->g->g;
     int32_t             a;
+    int                 rc;
 
-    if (g == NULL) {
-        return NULL;
-    }
-    st = calloc(1, sizeof(*st));
-    if (st == NULL) {
-        return NULL;
-    }
-    st->g = moe_guide_ref(g);
-    for (st->n_eos = 0; st->n_eos < n_eos && st->n_eos < 8; st->n_eos++) {
-        st->eos[st->n_eos] = eos[st->n_eos];
-    }
-    st->n_depth = 2;                    /* the walk's two scratch states */
-    st->depth = calloc((size_t) st->n_depth, sizeof(sv_t));
-    if (st->depth == NULL) {
-        moe_guided_state_free(st);
-        return NULL;
-    }
-    /* the root's alternatives, expanded */
-    gr = &g->g;
+    seen_reset(st);
     a = gr->rule_start[gr->root];
     for (;;) {
         st->tmp.n = 0;
         if (sv_reserve(&st->tmp, 1) != 0) {
-            moe_guided_state_free(st);
-            return NULL;
+            return EXP_NOMEM;
         }
         if (gr->el[a] >= 0) {
             st->tmp.v[st->tmp.n++] = a;
         }
-        if (expand(st, 0, st->tmp.n, &st->cur, 0) != 0) {
-            moe_guided_state_free(st);
-            return NULL;
+        rc = expand(st, 0, st->tmp.n, &st->cur, 0);
+        if (rc != 0) {
+            return rc;
         }
         while (gr->el[a] >= 0) {
             a++;
@@ -602,11 +732,83 @@ moe_guided_state_create(moe_guide_t *g, const int32_t *eos, int n_eos)
         }
         a++;
     }
-    if (canon(&st->cur) != 0) {
+    return canon(&st->cur) != 0 ? EXP_NOMEM : 0;
+}
+
+
+/* a matcher of g at its start: 0 or an EXP_ failure (*out NULL) */
+static int
+state_new(moe_guide_t *g, const int32_t *eos, int n_eos,
+    moe_guided_state_t **out)
+{
+    moe_guided_state_t *st;
+    int                 rc;
+
+    *out = NULL;
+    st = calloc(1, sizeof(*st));
+    if (st == NULL) {
+        return EXP_NOMEM;
+    }
+    st->g = moe_guide_ref(g);
+    for (st->n_eos = 0; st->n_eos < n_eos && st->n_eos < 8; st->n_eos++) {
+        st->eos[st->n_eos] = eos[st->n_eos];
+    }
+    st->n_depth = 2;                    /* the walk's two scratch states */
+    st->depth = calloc((size_t) st->n_depth, sizeof(sv_t));
+    rc = st->depth == NULL ? EXP_NOMEM : state_start(st);
+    if (rc != 0) {
         moe_guided_state_free(st);
+        return rc;
+    }
+    *out = st;
+    return 0;
+}
+
+
+moe_guided_state_t *
+moe_guided_state_create(moe_guide_t *g, const int32_t *eos, int n_eos)
+{
+    moe_guided_state_t *st;
+
+    if (g == NULL) {
         return NULL;
     }
+    state_new(g, eos, n_eos, &st);
     return st;
+}
+
+
+int
+moe_guided_check_start(moe_guide_t *g, char *err, size_t errlen)
+{
+    moe_guided_state_t *st;
+    int                 rc;
+
+    uint32_t           *words;
+    int                 n;
+
+    rc = state_new(g, NULL, 0, &st);
+    if (rc == 0) {
+        /* the first mask: cached for the first step of every sequence */
+        words = malloc(sizeof(uint32_t) * (size_t) (g->n_words + 1));
+        n = words == NULL ? MOE_ENOMEM
+                          : moe_guided_mask(st, words, (size_t) g->n_words);
+        rc = n == MOE_EUNSUPPORTED ? EXP_COMPLEX : n < 0 ? EXP_NOMEM : 0;
+        free(words);
+    }
+    moe_guided_state_free(st);
+    if (rc == EXP_COMPLEX) {
+        snprintf(err, errlen, "the guide is too complex to match (limits: "
+                 "%d nested rules, %d stacks a byte, %d a mask)",
+                 MOE_GUIDED_MAX_DEPTH, MOE_GUIDED_MAX_EXPAND,
+                 MOE_GUIDED_MAX_WALK);
+        return MOE_EINVAL;
+    }
+    if (rc != 0) {
+        snprintf(err, errlen, "out of memory compiling the guide");
+        return MOE_ENOMEM;
+    }
+    return MOE_OK;
 }
 
 
@@ -624,6 +826,8 @@ moe_guided_state_free(moe_guided_state_t *st)
     free(st->depth);
     free(st->cur.v);
     free(st->tmp.v);
+    free(st->seen_pool.v);
+    free(st->seen);
     moe_guide_release(st->g);
     free(st);
 }
@@ -648,10 +852,27 @@ moe_guided_is_accepting(const moe_guided_state_t *st)
 
 /*
  * Walk the trie from state st->cur through the guide's state store (one
- * state id per depth); words get the allowed tokens.  g->lock held.
+ * state id per depth); words get the allowed tokens.  Their count, or
+ * MOE_ENOMEM / MOE_EUNSUPPORTED (a state over the matcher's limits, or
+ * the walk over MOE_GUIDED_MAX_WALK).  g->lock held.
  */
+static int mask_walk_run(moe_guided_state_t *st, uint32_t *words);
+
 static int
 mask_walk(moe_guided_state_t *st, uint32_t *words)
+{
+    int n;
+
+    st->work = 0;
+    st->work_max = MOE_GUIDED_MAX_WALK;
+    n = mask_walk_run(st, words);
+    st->work_max = 0;
+    return n;
+}
+
+
+static int
+mask_walk_run(moe_guided_state_t *st, uint32_t *words)
 {
     const moe_vocab_trie_t *t = st->g->trie;
     const moe_trie_node_t  *nd;
@@ -663,7 +884,7 @@ mask_walk(moe_guided_state_t *st, uint32_t *words)
     if (st->g->store == NULL) {
         st->g->store = calloc(1, sizeof(*st->g->store));
         if (st->g->store == NULL) {
-            return -1;
+            return MOE_ENOMEM;
         }
     }
     ss = st->g->store;
@@ -672,12 +893,12 @@ mask_walk(moe_guided_state_t *st, uint32_t *words)
     }
     sid = malloc(sizeof(int32_t) * (size_t) (t->max_depth + 2));
     if (sid == NULL) {
-        return -1;
+        return MOE_ENOMEM;
     }
     sid[0] = store_intern(ss, &st->cur);
     if (sid[0] < 0) {
         free(sid);
-        return -1;
+        return MOE_ENOMEM;
     }
     /* the bytes that lead from the start state back to itself (the
      * inside of a JSON string: every plain character): a subtree reached
@@ -685,9 +906,9 @@ mask_walk(moe_guided_state_t *st, uint32_t *words)
     memset(loop, 0, sizeof(loop));
     for (c = 0; c < 256; c++) {
         nx = store_next(st, ss, sid[0], c, &st->depth[0], &st->depth[1]);
-        if (nx == -3) {
+        if (nx <= ST_NOMEM) {
             free(sid);
-            return -1;
+            return nx == ST_COMPLEX ? MOE_EUNSUPPORTED : MOE_ENOMEM;
         }
         if (nx == sid[0]) {
             loop[c >> 5] |= 1u << (c & 31);
@@ -698,9 +919,9 @@ mask_walk(moe_guided_state_t *st, uint32_t *words)
         nd = &t->node[i];
         nx = store_next(st, ss, sid[nd->depth - 1], nd->byte, &st->depth[0],
                         &st->depth[1]);
-        if (nx == -3) {
+        if (nx <= ST_NOMEM) {
             free(sid);
-            return -1;
+            return nx == ST_COMPLEX ? MOE_EUNSUPPORTED : MOE_ENOMEM;
         }
         if (nx == ST_DEAD) {
             i = nd->end;
@@ -767,7 +988,7 @@ moe_guided_mask(moe_guided_state_t *st, uint32_t *words, size_t n_words)
         }
         pthread_mutex_unlock(&g->lock);
         if (n < 0) {
-            return MOE_ENOMEM;
+            return n;
         }
     } else {
         n = 0;
@@ -792,6 +1013,7 @@ moe_guided_feed(moe_guided_state_t *st, const char *s, size_t n)
 {
     sv_t    a = {0}, b = {0}, x;
     size_t  i;
+    int     rc;
 
     if (st->done) {
         return n == 0 ? MOE_OK : MOE_EINVAL;
@@ -802,10 +1024,11 @@ moe_guided_feed(moe_guided_state_t *st, const char *s, size_t n)
     memcpy(a.v, st->cur.v, sizeof(int32_t) * st->cur.n);
     a.n = st->cur.n;
     for (i = 0; i < n; i++) {
-        if (advance_byte(st, &a, (unsigned char) s[i], &b) != 0) {
+        rc = advance_byte(st, &a, (unsigned char) s[i], &b);
+        if (rc != 0) {
             free(a.v);
             free(b.v);
-            return MOE_ENOMEM;
+            return exp_status(rc);
         }
         if (b.n == 0) {
             free(a.v);

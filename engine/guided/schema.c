@@ -685,7 +685,7 @@ moe_schema_to_gbnf(const char *schema, size_t len, gbuf_t *out, char *err,
         return MOE_ENOMEM;
     }
     perr[0] = '\0';
-    c.root = yajl_tree_parse(txt, perr, sizeof(perr));
+    c.root = moe_json_parse(txt, perr, sizeof(perr));
     free(txt);
     if (c.root == NULL) {
         for (txt = perr; *txt; txt++) {

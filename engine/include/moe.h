@@ -386,7 +386,8 @@ moe_tool_format_t moe_tool_format_detect(const char *architecture,
  * back until it is known not to be one), the start of a call (index, id
  * "call_" + random, or 9 random characters for mistral as its template
  * wants; function name; arguments "") and fragments of its arguments (a
- * JSON text).  A call whose JSON is malformed is given back as content.
+ * JSON text).  A call whose JSON is malformed, or nested deeper than 128
+ * arrays and objects, is given back as content.
  * NAMED: the call starts at once and every pushed byte is arguments.
  * Owned by one thread at a time.
  */
@@ -460,7 +461,8 @@ typedef struct moe_guide moe_guide_t;
  * Compile spec (len bytes, not NUL-terminated necessarily) of the given kind
  * against tokenizer t.  MOE_OK with *out holding one reference; MOE_EINVAL
  * with err naming the problem (unsupported keyword, syntax error at offset,
- * a language with no string, a schema too large) otherwise.
+ * a language with no string, a schema too large, a guide too complex to
+ * match) otherwise.
  */
 int moe_guide_compile(const moe_tokenizer_t *t, moe_guided_kind_t kind,
     const char *spec, size_t len, moe_guide_t **out, char *err,

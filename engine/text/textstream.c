@@ -5,8 +5,16 @@
  * back; everything before it is final and handed out.  A stop string is
  * searched for across token boundaries because the held back text is kept
  * at the front of `pending`.
+ *
+ * Each stop string is matched by a Knuth-Morris-Pratt automaton fed only
+ * the new text of each push: its state (the longest end of the text that
+ * begins the stop string) is also how much must be held back.  Searching
+ * the held back text again at every push cost the stop string's length
+ * per token, and a client chooses that length (a 100 KB stop string made
+ * 20000 tokens take 1.1 s of the nginx worker's event loop).
  */
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,8 +24,10 @@ struct moe_textstream {
     moe_detok_t  *detok;
     char         *stops[MOE_MAX_STOP];
     size_t        stop_len[MOE_MAX_STOP];
+    size_t       *fail[MOE_MAX_STOP];    /* (stop_len) KMP failure links */
+    size_t        match[MOE_MAX_STOP];   /* bytes of stop i the text ends
+                                            with (< stop_len) */
     int           n_stops;
-    size_t        max_stop;
     char         *pending;     /* final text not yet handed out */
     size_t        pending_len;
     size_t        pending_cap;
@@ -25,6 +35,25 @@ struct moe_textstream {
     size_t        out_cap;
     int           stopped;
 };
+
+
+/* fail[k]: the longest proper border of stop[0 .. k] (KMP) */
+static void
+moe_textstream_kmp(const char *stop, size_t n, size_t *fail)
+{
+    size_t  k, b = 0;
+
+    fail[0] = 0;
+    for (k = 1; k < n; k++) {
+        while (b > 0 && stop[k] != stop[b]) {
+            b = fail[b - 1];
+        }
+        if (stop[k] == stop[b]) {
+            b++;
+        }
+        fail[k] = b;
+    }
+}
 
 
 moe_textstream_t *
@@ -61,9 +90,15 @@ moe_textstream_create(const moe_tokenizer_t *t, const char *const *stops,
         }
 
         s->stop_len[s->n_stops] = strlen(stops[i]);
-        if (s->stop_len[s->n_stops] > s->max_stop) {
-            s->max_stop = s->stop_len[s->n_stops];
+        s->fail[s->n_stops] = malloc(sizeof(size_t)
+                                     * s->stop_len[s->n_stops]);
+        if (s->fail[s->n_stops] == NULL) {
+            free(s->stops[s->n_stops]);
+            moe_textstream_free(s);
+            return NULL;
         }
+        moe_textstream_kmp(s->stops[s->n_stops], s->stop_len[s->n_stops],
+                           s->fail[s->n_stops]);
 
         s->n_stops++;
     }
@@ -84,6 +119,7 @@ moe_textstream_free(moe_textstream_t *s)
     moe_detok_free(s->detok);
     for (i = 0; i < s->n_stops; i++) {
         free(s->stops[i]);
+        free(s->fail[i]);
     }
     free(s->pending);
     free(s->out);
@@ -120,27 +156,30 @@ moe_textstream_emit(moe_textstream_t *s, size_t n, const char **text,
 }
 
 
-/* Length of the longest suffix of pending that is a proper prefix of a
- * stop string: that much must wait for more text. */
+/*
+ * Feed pending[from ..] to stop i's automaton: the offset in pending
+ * where the first whole match starts, or SIZE_MAX (s->match[i] then the
+ * bytes of the stop string the text ends with).
+ */
 static size_t
-moe_textstream_holdback(const moe_textstream_t *s)
+moe_textstream_scan(moe_textstream_t *s, int i, size_t from)
 {
-    int     i;
-    size_t  k, best = 0;
+    const char  *stop = s->stops[i];
+    size_t       m = s->match[i], k;
 
-    for (i = 0; i < s->n_stops; i++) {
-        for (k = s->stop_len[i] - 1; k > best; k--) {
-            if (k <= s->pending_len
-                && memcmp(s->pending + s->pending_len - k, s->stops[i], k)
-                   == 0)
-            {
-                best = k;
-                break;
-            }
+    for (k = from; k < s->pending_len; k++) {
+        while (m > 0 && s->pending[k] != stop[m]) {
+            m = s->fail[i][m - 1];
+        }
+        if (s->pending[k] == stop[m]) {
+            m++;
+        }
+        if (m == s->stop_len[i]) {
+            return k + 1 - m;
         }
     }
-
-    return best;
+    s->match[i] = m;
+    return SIZE_MAX;
 }
 
 
@@ -149,8 +188,7 @@ moe_textstream_push(moe_textstream_t *s, int32_t id, const char **text,
     size_t *len, int *stopped)
 {
     int     rc, i;
-    size_t  old_len, from, first = (size_t) -1;
-    char   *hit;
+    size_t  old_len, at, first = SIZE_MAX, hold = 0;
 
     *stopped = s->stopped;
     if (s->stopped) {
@@ -168,18 +206,18 @@ moe_textstream_push(moe_textstream_t *s, int32_t id, const char **text,
         return moe_textstream_emit(s, s->pending_len, text, len);
     }
 
-    /* a new match must end inside the new text */
-    from = old_len >= s->max_stop ? old_len - s->max_stop + 1 : 0;
-
+    /* a new match ends inside the new text; the earliest one wins */
     for (i = 0; i < s->n_stops; i++) {
-        hit = memmem(s->pending + from, s->pending_len - from, s->stops[i],
-                     s->stop_len[i]);
-        if (hit != NULL && (size_t) (hit - s->pending) < first) {
-            first = (size_t) (hit - s->pending);
+        at = moe_textstream_scan(s, i, old_len);
+        if (at < first) {
+            first = at;
+        }
+        if (s->match[i] > hold) {
+            hold = s->match[i];
         }
     }
 
-    if (first != (size_t) -1) {
+    if (first != SIZE_MAX) {
         s->stopped = 1;
         *stopped = 1;
         rc = moe_textstream_emit(s, first, text, len);
@@ -187,8 +225,8 @@ moe_textstream_push(moe_textstream_t *s, int32_t id, const char **text,
         return rc;
     }
 
-    return moe_textstream_emit(s, s->pending_len - moe_textstream_holdback(s),
-                               text, len);
+    /* what may begin a stop string waits (the automata's states) */
+    return moe_textstream_emit(s, s->pending_len - hold, text, len);
 }
 
 

@@ -100,6 +100,73 @@ ends_with_fffd(const char *s, size_t n)
     return n >= 3 && memcmp(s + n - 3, "\xef\xbf\xbd", 3) == 0;
 }
 
+/* Send text[prefix_len .. tl) (the window's text up to token `to`) and
+ * slide the window: prefix = read, read = to. */
+static int
+send(moe_detok_t *d, const char *text, size_t tl, size_t to, char **out,
+    size_t *len, size_t *cap)
+{
+    int rc;
+
+    rc = out_append(out, len, cap, text + d->prefix_len, tl - d->prefix_len);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    d->prefix = d->read;
+    d->read = to;
+    free(d->prefix_text);
+    d->prefix_text = NULL;
+    d->prefix_len = 0;
+    return moe_tokenizer_decode(d->t, d->ids + d->prefix, d->read - d->prefix,
+                                d->skip, &d->prefix_text, &d->prefix_len);
+}
+
+/*
+ * The window's text (full, fl bytes) is not final, but its text up to
+ * the last token may be: it is when it is a proper prefix of full and its
+ * last kept token is not a byte token.  A U+FFFD that a later token could
+ * still turn into a character comes from an incomplete UTF-8 sequence at
+ * the very end of the bytes; had that sequence begun before the last
+ * token, both texts would end in that same U+FFFD, one no longer than the
+ * other.  And no byte group spans a token that is not a byte token.
+ * Sending it slides the window, so a run of tokens that never ends a
+ * character ("\xc3\xa2" "\xc3\xa2" ... : byte 0xE2 over and over in a
+ * byte-level vocabulary) costs a few short decodes a token instead of a
+ * decode of the whole run (quadratic: 8000 such tokens took 1.2 s).
+ */
+static int
+step_part(moe_detok_t *d, const char *full, size_t fl, char **out,
+    size_t *len, size_t *cap)
+{
+    size_t  to = d->n - 1, k, pl = 0;
+    char   *part = NULL;
+    int     rc, byte = 0;
+
+    if (to <= d->read) {
+        return MOE_OK;
+    }
+    for (k = to; k-- > d->read;) {
+        if (d->skip && moe_tokenizer_is_special(d->t, d->ids[k])) {
+            continue;
+        }
+        byte = moe_tokenizer_is_byte_token(d->t, d->ids[k]);
+        break;
+    }
+    if (byte) {
+        return MOE_OK;
+    }
+    rc = moe_tokenizer_decode(d->t, d->ids + d->prefix, to - d->prefix,
+                              d->skip, &part, &pl);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (pl > d->prefix_len && pl < fl && memcmp(full, part, pl) == 0) {
+        rc = send(d, part, pl, to, out, len, cap);
+    }
+    free(part);
+    return rc;
+}
+
 /* Send the window's new text if `force` or it is final; slide on send. */
 static int
 step(moe_detok_t *d, int force, char **out, size_t *len, size_t *cap)
@@ -115,24 +182,19 @@ step(moe_detok_t *d, int force, char **out, size_t *len, size_t *cap)
     }
     if (fl <= d->prefix_len
         || memcmp(full, d->prefix_text ? d->prefix_text : "",
-                  d->prefix_len) != 0
-        || (!force && (ends_with_fffd(full, fl) || d->last_is_byte)))
+                  d->prefix_len) != 0)
     {
         free(full);
         return MOE_OK;
     }
-    rc = out_append(out, len, cap, full + d->prefix_len, fl - d->prefix_len);
-    free(full);
-    if (rc != MOE_OK) {
+    if (!force && (ends_with_fffd(full, fl) || d->last_is_byte)) {
+        rc = step_part(d, full, fl, out, len, cap);
+        free(full);
         return rc;
     }
-    d->prefix = d->read;
-    d->read = d->n;
-    free(d->prefix_text);
-    d->prefix_text = NULL;
-    d->prefix_len = 0;
-    return moe_tokenizer_decode(d->t, d->ids + d->prefix, d->read - d->prefix,
-                                d->skip, &d->prefix_text, &d->prefix_len);
+    rc = send(d, full, fl, d->n, out, len, cap);
+    free(full);
+    return rc;
 }
 
 int
@@ -141,6 +203,7 @@ moe_detok_push(moe_detok_t *d, int32_t id, char **out, size_t *len,
 {
     int32_t *v;
     size_t   c;
+    int      byte;
 
     if (d == NULL || out == NULL || len == NULL || cap == NULL) {
         return MOE_EINVAL;
@@ -163,7 +226,15 @@ moe_detok_push(moe_detok_t *d, int32_t id, char **out, size_t *len,
     if (d->skip && moe_tokenizer_is_special(d->t, id)) {
         return MOE_OK;                  /* adds no text */
     }
-    d->last_is_byte = moe_tokenizer_is_byte_token(d->t, id);
+    byte = moe_tokenizer_is_byte_token(d->t, id);
+    if (byte && d->last_is_byte) {
+        /* a byte group goes on: nothing before it can be sent (the last
+         * push saw to that) and the group itself is undecided until it
+         * ends, so no decode now (one per byte of a long run of byte
+         * tokens was quadratic: 32000 of them took 49 s) */
+        return MOE_OK;
+    }
+    d->last_is_byte = byte;
     return step(d, 0, out, len, cap);
 }
 

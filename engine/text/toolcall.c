@@ -42,6 +42,23 @@ typedef struct {
     size_t  len;
 } tp_event_t;
 
+/*
+ * The balanced scan of a call's JSON (tp_json_end) kept across pushes, so
+ * a body that arrives in many pieces is scanned once: buf[base .. at)
+ * scanned so far.  Forgotten whenever buf's front is consumed.
+ */
+typedef struct {
+    int     valid;
+    size_t  base;       /* where the JSON (and blanks before it) starts */
+    size_t  at;
+    size_t  end;        /* > 0: found, buf[base .. end) */
+    int     open;       /* its first '{' or '[' seen */
+    int     depth;
+    int     str;
+    int     esc;
+    int     not_call;   /* the JSON found parsed, and is no call */
+} tp_scan_t;
+
 struct moe_toolparse {
     moe_tool_format_t  fmt;
     uint64_t           rng;
@@ -53,6 +70,15 @@ struct moe_toolparse {
     char              *buf;         /* undecided text */
     size_t             len;
     size_t             cap;
+
+    /* how far buf was examined by waits that see nothing new until
+     * more text comes (each push would rescan it all: quadratic in a
+     * long output) */
+    tp_scan_t          scan;        /* the body's JSON */
+    tp_scan_t          scan_args;   /* mistral's name[ARGS]{...} */
+    size_t             close_at;    /* hermes: "</tool_call>" not in
+                                       buf[0 .. close_at) */
+    size_t             blank_at;    /* llama3: buf[0 .. blank_at) blank */
 
     tp_call_t         *calls;
     int                n_calls;
@@ -169,12 +195,27 @@ tp_grow(char **p, size_t *cap, size_t need)
 }
 
 
+/* what was examined of buf no longer holds (its front moved) */
+static void
+tp_forget(moe_toolparse_t *p)
+{
+    p->scan.valid = 0;
+    p->scan_args.valid = 0;
+    p->close_at = 0;
+    p->blank_at = 0;
+}
+
+
 /* drops the first n bytes of the undecided text */
 static void
 tp_consume(moe_toolparse_t *p, size_t n)
 {
+    if (n == 0) {
+        return;         /* buf may be NULL: nothing was pushed yet */
+    }
     memmove(p->buf, p->buf + n, p->len - n);
     p->len -= n;
+    tp_forget(p);
 }
 
 
@@ -339,55 +380,67 @@ tp_add_args(moe_toolparse_t *p, int i, const char *text, size_t len)
 /* ------------------------------------------------------------ JSON */
 
 /*
- * The end of the JSON object or array at the start of s (after blanks):
- * its length including the blanks before it, 0 while it is incomplete, -1
- * when s does not start with '{' or '['.
+ * The end of the JSON object or array at buf[base ..] (after blanks): its
+ * length including the blanks before it, 0 while it is incomplete, -1
+ * when it does not start with '{' or '['.  Resumes where the last call
+ * with the same scan and base stopped.
  */
 static long
-tp_json_end(const char *s, size_t len)
+tp_json_end(moe_toolparse_t *p, tp_scan_t *sc, size_t base)
 {
-    size_t  i = 0;
-    int     depth = 0, str = 0, esc = 0;
+    size_t  i;
 
-    while (i < len && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t'
-                       || s[i] == '\r'))
-    {
-        i++;
+    if (!sc->valid || sc->base != base) {
+        memset(sc, 0, sizeof(*sc));
+        sc->valid = 1;
+        sc->base = base;
+        sc->at = base;
     }
 
-    if (i == len) {
-        return 0;
+    if (sc->end > 0) {
+        return (long) (sc->end - base);
     }
 
-    if (s[i] != '{' && s[i] != '[') {
-        return -1;
-    }
+    for (i = sc->at; i < p->len; i++) {
+        char  ch = p->buf[i];
 
-    for ( /* void */ ; i < len; i++) {
-        char  ch = s[i];
+        if (!sc->open) {
+            if (ch == ' ' || ch == '\n' || ch == '\t' || ch == '\r') {
+                continue;
+            }
+            if (ch != '{' && ch != '[') {
+                sc->at = i;
+                return -1;
+            }
+            sc->open = 1;
+            sc->depth = 1;
+            continue;
+        }
 
-        if (str) {
-            if (esc) {
-                esc = 0;
+        if (sc->str) {
+            if (sc->esc) {
+                sc->esc = 0;
             } else if (ch == '\\') {
-                esc = 1;
+                sc->esc = 1;
             } else if (ch == '"') {
-                str = 0;
+                sc->str = 0;
             }
             continue;
         }
 
         if (ch == '"') {
-            str = 1;
+            sc->str = 1;
         } else if (ch == '{' || ch == '[') {
-            depth++;
+            sc->depth++;
         } else if (ch == '}' || ch == ']') {
-            if (--depth == 0) {
-                return (long) i + 1;
+            if (--sc->depth == 0) {
+                sc->end = i + 1;
+                return (long) (sc->end - base);
             }
         }
     }
 
+    sc->at = p->len;
     return 0;
 }
 
@@ -527,7 +580,7 @@ tp_parse_calls(moe_toolparse_t *p, const char *s, size_t len, int array_ok)
     memcpy(z, s, len);
     z[len] = '\0';
 
-    v = yajl_tree_parse(z, NULL, 0);
+    v = moe_json_parse(z, NULL, 0);
     free(z);
 
     if (v == NULL) {
@@ -631,14 +684,16 @@ tp_step_content(moe_toolparse_t *p, int final, int *more)
     if (m == NULL) {
         rc = tp_content(p, p->buf, p->len);
         p->len = 0;
+        tp_forget(p);
         return rc;
     }
 
     /* llama3_json: output that starts with '{' is a call too */
     if (p->fmt == MOE_TOOL_LLAMA3_JSON && !p->seen_text) {
-        for (i = 0; i < p->len && tp_blank(p->buf[i]); i++) {
+        for (i = p->blank_at; i < p->len && tp_blank(p->buf[i]); i++) {
             /* void */
         }
+        p->blank_at = i;
 
         if (i < p->len && p->buf[i] == '{') {
             tp_consume(p, i);
@@ -711,9 +766,9 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
 
     if (p->fmt == MOE_TOOL_HERMES) {
         /* the JSON's own end first: "</tool_call>" may sit in a string */
-        end = tp_json_end(p->buf, p->len);
+        end = tp_json_end(p, &p->scan, 0);
 
-        if (end > 0) {
+        if (end > 0 && !p->scan.not_call) {
             for (n = (size_t) end; n < p->len && tp_blank(p->buf[n]); n++) {
                 /* void */
             }
@@ -740,15 +795,22 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
                 *more = 1;
                 return MOE_OK;
             }
+
+            p->scan.not_call = 1;   /* not parsed again while the closing
+                                       tag is awaited */
         }
 
         if (end == 0 && !final) {
             return MOE_OK;
         }
 
-        close = tp_find(p->buf, p->len, "</tool_call>");
+        /* searched from where the last search ended (less the length
+         * of a tag that may straddle it) */
+        n = p->close_at > 11 ? p->close_at - 11 : 0;
+        close = tp_find(p->buf + n, p->len - n, "</tool_call>");
 
         if (close == NULL && !final) {
+            p->close_at = p->len;
             return MOE_OK;
         }
 
@@ -759,7 +821,7 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
 
     /* mistral, llama3_json, required: one JSON value */
 
-    end = tp_json_end(p->buf, p->len);
+    end = tp_json_end(p, &p->scan, 0);
 
     if (end < 0 && p->fmt == MOE_TOOL_MISTRAL) {
         /* Mistral's newer tokenizers (v11): name[ARGS]{arguments} */
@@ -770,7 +832,10 @@ tp_step_body(moe_toolparse_t *p, int final, int *more)
         return MOE_OK;
     }
 
-    n = end > 0 ? (size_t) end : p->len;
+    /* not JSON: only the marker goes back, the text after it is looked at
+     * again as content (giving back all that had arrived hid a later call
+     * or not, depending on how the output was cut in pieces) */
+    n = end > 0 ? (size_t) end : end < 0 ? 0 : p->len;
     rc = (end > 0) ? tp_parse_calls(p, p->buf, n,
                                     p->fmt != MOE_TOOL_LLAMA3_JSON)
                    : 0;
@@ -837,10 +902,16 @@ tp_step_mistral_args(moe_toolparse_t *p, int final, int *more)
     }
 
     args = p->buf + i + 6;
-    end = tp_json_end(args, p->len - i - 6);
+    end = tp_json_end(p, &p->scan_args, i + 6);
 
-    if (end <= 0) {
-        if (end < 0 || final) {
+    if (end < 0) {
+        /* not JSON: marker, name and [ARGS] go back, what follows is
+         * looked at again (as in tp_step_body) */
+        return tp_body_failed(p, i + 6);
+    }
+
+    if (end == 0) {
+        if (final) {
             return tp_body_failed(p, p->len);
         }
         *more = 0;
@@ -857,7 +928,7 @@ tp_step_mistral_args(moe_toolparse_t *p, int final, int *more)
         }
         memcpy(z, args, (size_t) end);
         z[end] = '\0';
-        v = yajl_tree_parse(z, NULL, 0);
+        v = moe_json_parse(z, NULL, 0);
         free(z);
 
         if (!YAJL_IS_OBJECT(v)) {
@@ -952,6 +1023,7 @@ tp_step_after(moe_toolparse_t *p, int final, int *more)
         int  rc = tp_content(p, p->buf, p->len);
 
         p->len = 0;
+        tp_forget(p);
         return rc;
     }
     *more = 1;

@@ -127,6 +127,38 @@ moe_sampling_defaults(moe_sampling_t *sp)
 
 
 yajl_val
+moe_json_parse(const char *text, char *err, size_t errlen)
+{
+    const char  *s;
+    int          depth = 0, str = 0;
+
+    /* the nesting as yajl's lexer sees it: brackets outside strings */
+    for (s = text; *s != '\0'; s++) {
+        if (str) {
+            if (*s == '\\' && s[1] != '\0') {
+                s++;
+            } else if (*s == '"') {
+                str = 0;
+            }
+        } else if (*s == '"') {
+            str = 1;
+        } else if (*s == '[' || *s == '{') {
+            if (++depth > MOE_JSON_MAX_DEPTH) {
+                if (err != NULL && errlen > 0) {
+                    snprintf(err, errlen, "nested deeper than %d levels",
+                             MOE_JSON_MAX_DEPTH);
+                }
+                return NULL;
+            }
+        } else if (*s == ']' || *s == '}') {
+            depth--;
+        }
+    }
+    return yajl_tree_parse(text, err, errlen);
+}
+
+
+yajl_val
 moe_json_get(const struct yajl_val_s *obj, const char *key)
 {
     size_t i;

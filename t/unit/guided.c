@@ -15,11 +15,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <yajl/yajl_tree.h>
 
 #include "moe.h"
 #include "guided/guided.h"
+#include "guided/guided_int.h"
 #include "text/tokenizer.h"
 #include "tap.h"
 
@@ -295,11 +297,122 @@ static const case_t gbnf_u_cases[] = {
     { NULL, 0 }
 };
 
+static const case_t nested_opt_cases[] = {
+    { "", 1 }, { "a", 1 }, { "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", 1 },
+    { "b", 0 },
+    { NULL, 0 }
+};
+
+static const case_t nested_null_cases[] = {
+    { "", 1 }, { "abcab", 1 }, { "cccc", 1 }, { "abbbbc", 1 }, { "d", 0 },
+    { NULL, 0 }
+};
+
 static const case_t choice_cases[] = {
     { "yes", 1 }, { "no", 1 }, { "maybe \"so\"", 1 }, { "ye", 0 },
     { "yesno", 0 }, { "\"yes\"", 0 },
     { NULL, 0 }
 };
+
+
+static double
+now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+
+/* compile spec as GBNF: its status and, in *secs, how long it took */
+static int
+compile_timed(const moe_tokenizer_t *t, const char *spec, double *secs)
+{
+    moe_guide_t *g = NULL;
+    char         err[256];
+    double       t0 = now_s();
+    int          rc;
+
+    rc = moe_guide_compile(t, MOE_GUIDED_GRAMMAR, spec, strlen(spec), &g,
+                           err, sizeof(err));
+    *secs = now_s() - t0;
+    if (rc != MOE_OK) {
+        TAP_DIAG("compile: %s", err);
+    }
+    moe_guide_release(g);
+    return rc;
+}
+
+
+/* n '[' then n ']' (a document nested n deep), malloc()ed */
+static char *
+nested(size_t n)
+{
+    char *s = malloc(2 * n + 1);
+
+    if (s != NULL) {
+        memset(s, '[', n);
+        memset(s + n, ']', n);
+        s[2 * n] = '\0';
+    }
+    return s;
+}
+
+
+/*
+ * An OpenAI-style schema: `depth` levels of objects with `width`
+ * properties each (strings, integers, enums, arrays of strings), all
+ * required, the last property of each level the next level; and a
+ * document it accepts.  Both malloc()ed.
+ */
+static void
+wide_deep_schema(int depth, int width, char **schema, char **doc)
+{
+    gbuf_t  s = {0}, d = {0};
+    int     lv, k;
+
+    for (lv = 0; lv < depth; lv++) {
+        gb_puts(&s, "{\"type\":\"object\",\"properties\":{");
+        gb_puts(&d, "{");
+        for (k = 0; k < width; k++) {
+            gb_printf(&s, "%s\"p%d_%d\":", k ? "," : "", lv, k);
+            gb_printf(&d, "%s\"p%d_%d\":", k ? "," : "", lv, k);
+            if (k == width - 1 && lv < depth - 1) {
+                continue;               /* the next level follows */
+            }
+            switch (k % 4) {
+            case 0:
+                gb_puts(&s, "{\"type\":\"string\",\"description\":\"x\"}");
+                gb_puts(&d, "\"v\"");
+                break;
+            case 1:
+                gb_puts(&s, "{\"type\":\"integer\"}");
+                gb_puts(&d, "42");
+                break;
+            case 2:
+                gb_puts(&s, "{\"enum\":[\"a\",\"b\",\"c\"]}");
+                gb_puts(&d, "\"b\"");
+                break;
+            default:
+                gb_puts(&s, "{\"type\":\"array\",\"items\":{\"type\":"
+                        "\"string\"}}");
+                gb_puts(&d, "[\"x\",\"y\"]");
+                break;
+            }
+        }
+    }
+    for (lv = depth; lv-- > 0;) {
+        gb_puts(&s, "},\"required\":[");
+        for (k = 0; k < width; k++) {
+            gb_printf(&s, "%s\"p%d_%d\"", k ? "," : "", lv, k);
+        }
+        gb_puts(&s, "],\"additionalProperties\":false}");
+        gb_puts(&d, "}");
+    }
+    *schema = s.p;
+    *doc = d.p;
+}
 
 
 /* ------------------------------------------------------- generation */
@@ -620,8 +733,86 @@ main(void)
         }
         check_error(t, MOE_GUIDED_GRAMMAR, big, "too large");
     }
+    /* a class of surrogates only has no UTF-8 character: it used to
+     * become an empty rule, matching "ab" here */
+    check_error(t, MOE_GUIDED_GRAMMAR,
+                "root ::= \"a\" [\\uD800-\\uDFFF] \"b\"",
+                "matches no character");
+    check_error(t, MOE_GUIDED_REGEX, "a[\\uD800-\\uDFFF]b",
+                "matches no character");
     check_error(t, MOE_GUIDED_CHOICE, "[]", "non-empty JSON array");
     check_error(t, MOE_GUIDED_CHOICE, "[\"a\",1]", "entry 1");
+
+    /* nullable repetitions nested in each other reach the same stack
+     * along exponentially many paths: the matcher expands each stack
+     * once (the start state used to fail as if out of memory), and one
+     * whose expansion is still over the limits is refused by name */
+    check_cases(t, MOE_GUIDED_REGEX, "nested optional repeats",
+                "((a?){0,20}){0,20}", nested_opt_cases);
+    check_cases(t, MOE_GUIDED_REGEX, "nested nullable repeats",
+                "((a|b?){0,30}c?){0,30}", nested_null_cases);
+    check_error(t, MOE_GUIDED_REGEX, "((a?){0,200}){0,200}",
+                "too complex to match");
+    /* one whose masks cost millions of stack expansions (0.4 s each on
+     * the kjv vocabulary, 3 s on Llama-3's, every step on the engine
+     * thread) is refused by its first mask, made at compile time */
+    check_error(tk, MOE_GUIDED_REGEX, "(.?.?.?.?.?.?.?.?.?.?){0,100}",
+                "too complex to match");
+
+    /* a JSON Schema or choice list nested a million deep (a 2 MB
+     * guided_json string) is refused before yajl builds a tree it would
+     * free recursively (a stack overflow) */
+    {
+        char *deep = nested(1000000);
+
+        check_error(t, MOE_GUIDED_JSON, deep, "nested deeper than 128");
+        check_error(t, MOE_GUIDED_CHOICE, deep, "nested deeper than 128");
+        free(deep);
+    }
+
+    /* GBNF's checks are linear in the grammar: a chain of 19000 rules
+     * (each rule found by name, productive only once the next one is:
+     * 5.6 s at -O2 with a name scan and one fixpoint pass per rule), and
+     * 399 repeats of a nullable rule in one alternative (46 s: the left
+     * recursion check scanned back over the nullable prefix from every
+     * element; refused as too complex to match) take well under 2 s */
+    {
+        gbuf_t  src = {0};
+        double  secs;
+        int     k, rc;
+
+        gb_puts(&src, "root ::= r0\n");
+        for (k = 0; k < 18999; k++) {
+            gb_printf(&src, "r%d ::= \"x\"{18} r%d\n", k, k + 1);
+        }
+        gb_puts(&src, "r18999 ::= \"y\"\n");
+        rc = src.p ? compile_timed(t, src.p, &secs) : MOE_ENOMEM;
+        TAP_OK(rc == MOE_OK && secs < 2.0, "a chain of 19000 GBNF rules "
+               "compiles in %.3f s", secs);
+        gb_free(&src);
+        gb_puts(&src, "root ::=");
+        for (k = 0; k < 399; k++) {
+            gb_puts(&src, " a{1000}");
+        }
+        gb_puts(&src, "\na ::= \"x\"?\n");
+        rc = src.p ? compile_timed(t, src.p, &secs) : MOE_ENOMEM;
+        TAP_OK(rc == MOE_EINVAL && secs < 2.0, "399000 nullable references "
+               "in one alternative: refused in %.3f s", secs);
+        gb_free(&src);
+    }
+
+    /* the limits leave real schemas alone: 10 levels of 40 properties */
+    {
+        char *schema, *doc;
+
+        wide_deep_schema(10, 40, &schema, &doc);
+        TAP_OK(schema && doc
+               && accepts(tk, MOE_GUIDED_JSON, schema, doc) == 1,
+               "a schema of 10 nested levels of 40 properties compiles and "
+               "accepts its document (%zu bytes)", doc ? strlen(doc) : 0);
+        free(schema);
+        free(doc);
+    }
 
     /* masks = brute force (tiny: EOS 0 stands in; kjv: its own vocab) */
     eos_tiny[0] = moe_tokenizer_token_to_id(t, moe_tokenizer_eos_token(t));

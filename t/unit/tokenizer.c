@@ -12,7 +12,9 @@
  *  - the incremental detokenizer: ids pushed one by one give pieces that are
  *    each whole UTF-8 and whose concatenation plus flush equals decode(),
  *    on the corpus and on random id sequences (byte tokens, specials);
- *  - encoding 10 KB of text takes < 20 ms of CPU time; error statuses.
+ *  - encoding 10 KB of text takes < 20 ms of CPU time; error statuses;
+ *  - text streams: stop strings found across tokens as a direct search
+ *    finds them, in time linear in the output whatever their length.
  * Run from the repository root (t/tokenizer.t does; it fetches the
  * tokenizer files first).  MOE_TOK_GOLDENS overrides the goldens folder,
  * MOE_TOK_CORPUS the corpus (for ad-hoc fuzzing against other references).
@@ -345,6 +347,25 @@ detok_ok(const moe_tokenizer_t *t, const int32_t *ids, size_t n, int skip,
     return ok;
 }
 
+/* a token whose bytes are exactly byte b (<0xNN>, or a byte-level
+ * character), -1 if none */
+static int32_t
+byte_id(const moe_tokenizer_t *t, unsigned char b)
+{
+    int32_t id, n = moe_tokenizer_vocab_size(t);
+    char    buf[8];
+
+    for (id = 0; id < n; id++) {
+        if (!moe_tokenizer_is_special(t, id)
+            && moe_tokenizer_token_bytes(t, id, buf, sizeof(buf)) == 1
+            && (unsigned char) buf[0] == b)
+        {
+            return id;
+        }
+    }
+    return -1;
+}
+
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
 
 static uint32_t
@@ -605,6 +626,59 @@ check_tokenizer(tok_case_t *tc)
         moe_detok_free(d);
         free(o);
     }
+
+    /*
+     * Tokens that never end a character: 32000 of byte 0xE2 stream in
+     * linear time (each push decoded the whole run, which never became
+     * final: 49 s for Llama-2's <0xE2>, 20 s for Llama-3's), and random
+     * runs of the bytes of a euro sign, bad ones and 'A' stream as they
+     * decode.
+     */
+    {
+        int32_t          pick[4], *run;
+        moe_detok_t     *d;
+        char            *o = NULL, *want = NULL;
+        size_t           ol = 0, oc = 0, wl = 0, m;
+        struct timespec  a, b;
+        double           secs;
+        int              ok = 1, good = 0, r, j;
+
+        pick[0] = byte_id(t, 0xe2);
+        pick[1] = byte_id(t, 0x82);
+        pick[2] = byte_id(t, 0xac);
+        pick[3] = byte_id(t, 'A');
+        run = malloc(sizeof(int32_t) * 32000);
+        d = moe_detok_create(t, 0);
+        ok = run != NULL && d != NULL && pick[0] >= 0 && pick[1] >= 0
+             && pick[2] >= 0 && pick[3] >= 0;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (m = 0; ok && m < 32000; m++) {
+            run[m] = pick[0];
+            ok = moe_detok_push(d, pick[0], &o, &ol, &oc) == MOE_OK;
+        }
+        ok = ok && moe_detok_flush(d, &o, &ol, &oc) == MOE_OK;
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        secs = (double) (b.tv_sec - a.tv_sec)
+               + (double) (b.tv_nsec - a.tv_nsec) / 1e9;
+        ok = ok && moe_tokenizer_decode(t, run, 32000, 0, &want, &wl) == MOE_OK
+             && wl == ol && wl == 3 * 32000 && memcmp(want, o, wl) == 0;
+        TAP_OK(ok && secs < 2.0, "%s: 32000 tokens of byte 0xE2 stream in "
+               "%.3f s, as they decode", tc->name, secs);
+        for (r = 0; run != NULL && r < 300; r++) {
+            int n = 1 + (int) (rnd() % 40);
+
+            for (j = 0; j < n; j++) {
+                run[j] = pick[rnd() % 4];
+            }
+            good += detok_ok(t, run, (size_t) n, 0, good == r);
+        }
+        TAP_OK(good == 300, "%s: streamed detok == decode on %d/300 runs of "
+               "E2 82 AC 'A' byte tokens", tc->name, good);
+        moe_detok_free(d);
+        free(run);
+        free(o);
+        free(want);
+    }
     moe_tokenizer_free(t);
 }
 
@@ -713,6 +787,163 @@ static const norm_case_t norm_cases[] = {
     { "seq_nfkd_nfc", FI_LIG, { 13, -1 } },
     { "seq_nfkd_nfc", ANGSTROM, { 14, -1 } },
 };
+
+/* text streamed through a textstream with stops: what it hands out, and
+ * whether it stopped; -1 on a failure */
+static int
+stream_text(const moe_tokenizer_t *t, const char *text,
+    const char *const *stops, int n_stops, char *got, size_t cap)
+{
+    moe_textstream_t *s = moe_textstream_create(t, stops, n_stops, 0);
+    int32_t          *ids = NULL;
+    size_t            n = 0, i, len, at = 0;
+    const char       *piece;
+    int               stopped = 0, rc = 0;
+
+    if (s == NULL || moe_tokenizer_encode(t, text, strlen(text), 0, &ids, &n)
+                     != MOE_OK)
+    {
+        moe_textstream_free(s);
+        return -1;
+    }
+    for (i = 0; i <= n && rc == 0 && !stopped; i++) {
+        if (i < n) {
+            rc = moe_textstream_push(s, ids[i], &piece, &len, &stopped);
+        } else {
+            rc = moe_textstream_finish(s, &piece, &len);
+        }
+        if (rc == 0 && at + len < cap) {
+            memcpy(got + at, piece, len);
+            at += len;
+        }
+    }
+    got[at] = '\0';
+    free(ids);
+    moe_textstream_free(s);
+    return rc != 0 ? -1 : stopped;
+}
+
+
+/*
+ * Text streams with stop strings (text/textstream.c) on the tiny model's
+ * byte-level tokenizer: on random texts and stops, the stream stops at the
+ * first token that completes a stop string and hands out the text before
+ * the earliest one then complete, as a direct search of the decoded
+ * prefixes finds it; and a 300 KB stop string costs nothing per token
+ * (the held back text was searched again at every push: 40000 tokens
+ * against it took seconds).
+ */
+static void
+check_textstream(void)
+{
+    moe_tokenizer_t *t = NULL;
+    char             err[256], text[64], stop[4][8], got[128], pre[64];
+    const char      *sp[4];
+    int              r, k, n_stops, ok = 0, st;
+    size_t           len, first, j, n_ids, m, pl;
+    int32_t         *ids;
+    char            *dec;
+
+    if (moe_tokenizer_load("models/localmoe-tiny/tokenizer.json", &t, err,
+                           sizeof(err)) != MOE_OK)
+    {
+        TAP_OK(0, "textstream: tokenizer: %s", err);
+        return;
+    }
+    for (r = 0; r < 500; r++) {
+        len = 1 + rnd() % 40;
+        for (j = 0; j < len; j++) {
+            text[j] = "ab "[rnd() % 3];
+        }
+        text[len] = '\0';
+        n_stops = 1 + (int) (rnd() % 3);
+        for (k = 0; k < n_stops; k++) {
+            size_t sl = 1 + rnd() % 4;
+
+            for (j = 0; j < sl; j++) {
+                stop[k][j] = "ab"[rnd() % 2];
+            }
+            stop[k][sl] = '\0';
+            sp[k] = stop[k];
+        }
+        /* the first decoded prefix (token by token) that holds a stop
+         * string, and the earliest start of one in it */
+        first = len;
+        ids = NULL;
+        n_ids = 0;
+        moe_tokenizer_encode(t, text, len, 0, &ids, &n_ids);
+        for (m = 1; m <= n_ids && first == len; m++) {
+            dec = NULL;
+            if (moe_tokenizer_decode(t, ids, m, 0, &dec, &pl) != MOE_OK
+                || pl >= sizeof(pre))
+            {
+                free(dec);
+                break;
+            }
+            memcpy(pre, dec, pl + 1);
+            free(dec);
+            for (k = 0; k < n_stops; k++) {
+                char *hit = strstr(pre, stop[k]);
+
+                if (hit != NULL && (size_t) (hit - pre) < first) {
+                    first = (size_t) (hit - pre);
+                }
+            }
+        }
+        free(ids);
+        st = stream_text(t, text, sp, n_stops, got, sizeof(got));
+        if (st == (first < len) && strlen(got) == first
+            && memcmp(got, text, first) == 0)
+        {
+            ok++;
+        } else if (ok == r) {
+            TAP_DIAG("text '%s' stops '%s' '%s' '%s': got '%s' (stopped "
+                     "%d)", text, stop[0], n_stops > 1 ? stop[1] : "",
+                     n_stops > 2 ? stop[2] : "", got, st);
+        }
+    }
+    TAP_OK(ok == 500, "textstream: the text before the earliest stop "
+           "string, as a direct search, on %d/500 random cases", ok);
+
+    {
+        size_t            sl = 300000, out = 0;
+        char             *big = malloc(sl + 1);
+        const char       *bp[1], *piece;
+        moe_textstream_t *s;
+        int32_t          *ids = NULL;
+        size_t            n = 0, i, pl;
+        struct timespec   a, b;
+        double            secs;
+        int               stopped = 0, good;
+
+        memset(big, 'a', sl);
+        big[sl - 1] = 'b';
+        big[sl] = '\0';
+        bp[0] = big;
+        s = moe_textstream_create(t, bp, 1, 0);
+        good = s != NULL && moe_tokenizer_encode(t, "a", 1, 0, &ids, &n)
+                            == MOE_OK && n == 1;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (i = 0; good && i < 40000; i++) {
+            good = moe_textstream_push(s, ids[0], &piece, &pl, &stopped)
+                   == MOE_OK && !stopped;
+            out += pl;
+        }
+        good = good && moe_textstream_finish(s, &piece, &pl) == MOE_OK;
+        out += pl;
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        secs = (double) (b.tv_sec - a.tv_sec)
+               + (double) (b.tv_nsec - a.tv_nsec) / 1e9;
+        TAP_OK(good && out == 40000 && secs < 2.0, "textstream: 40000 "
+               "tokens against a 300 KB stop string in %.3f s, all text "
+               "out at the end (%zu)", secs, out);
+        moe_textstream_free(s);
+        free(ids);
+        free(big);
+    }
+    moe_tokenizer_free(t);
+}
+
 
 static void
 check_normalizers(void)
@@ -832,6 +1063,7 @@ main(void)
     remove("build/t/tok_bad.json");
 
     check_normalizers();
+    check_textstream();
 
     for (i = 0; i < sizeof(toks) / sizeof(toks[0]); i++) {
         check_tokenizer(&toks[i]);

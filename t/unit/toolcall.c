@@ -6,7 +6,9 @@
  *     pushed in pieces of every size (the pieces reassemble to the same
  *     content and calls, and no piece of a call leaks out as content),
  *     several calls, malformed JSON given back as content, text that only
- *     looks like a marker, call ids;
+ *     looks like a marker, call ids, call JSON nested too deep to parse
+ *     safely given back as content, long waits (a body that never ends)
+ *     in time linear in the output;
  *   * the parser picked from a model family (real templates, architectures)
  *     and by name;
  *   * moe_chat_render_json(): tools and structured messages (tool_calls
@@ -20,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "moe.h"
 #include "tap.h"
@@ -277,6 +280,26 @@ test_parsers(void)
           "Here: {\"name\": \"f\", \"parameters\": {}}",
           "Here: {\"name\": \"f\", \"parameters\": {}}", 0, NULL, NULL, NULL);
 
+    {
+        const char  *nf[] = { "f" };
+        const char  *af[] = { "{}" };
+
+        /* text after the marker that is not JSON gives back the marker
+         * alone: a later call is still found, however the output is cut
+         * in pieces (the text that had arrived when the body failed went
+         * back whole: in one piece the call was content, in small ones a
+         * call) */
+        check("llama3_json: <|python_tag|> then text, then a call",
+              MOE_TOOL_LLAMA3_JSON, NULL,
+              "<|python_tag|>no json <|python_tag|>{\"name\": \"f\", "
+              "\"parameters\": {}}",
+              "<|python_tag|>no json ", 1, nf, af, NULL);
+        check("mistral: name[ARGS] then text, then a call",
+              MOE_TOOL_MISTRAL, NULL,
+              "[TOOL_CALLS]f[ARGS]no json [TOOL_CALLS]f[ARGS]{}",
+              "[TOOL_CALLS]f[ARGS]no json ", 1, nf, af, NULL);
+    }
+
     check("llama3_json: a JSON object that is no call is content",
           MOE_TOOL_LLAMA3_JSON, NULL, "{\"answer\": 42}", "{\"answer\": 42}",
           0, NULL, NULL, NULL);
@@ -330,9 +353,177 @@ test_parsers(void)
               == 0,
            "format none: all output is content");
 
+    /* an empty output (EOS at once): finish with nothing pushed (no
+     * buffer yet: UBSan saw memmove's pointer arithmetic on NULL) */
+    {
+        moe_tool_format_t  f;
+        int                ok = 1;
+
+        for (f = MOE_TOOL_NONE; f <= MOE_TOOL_NAMED; f++) {
+            moe_toolparse_t *p = moe_toolparse_create(f, "f", 1);
+            moe_toolev_t     ev;
+
+            ok = ok && p != NULL && moe_toolparse_finish(p) == MOE_OK
+                 && moe_toolparse_n_calls(p) == (f == MOE_TOOL_NAMED);
+            while (p != NULL && moe_toolparse_next(p, &ev)) {
+                ok = ok && ev.type == MOE_TOOLEV_CALL;
+            }
+            moe_toolparse_free(p);
+        }
+        TAP_OK(ok, "empty output, every format: finish gives no content "
+               "and no call (named: its one call)");
+    }
+
     TAP_OK(moe_toolparse_create(MOE_TOOL_NAMED, NULL, 1) == NULL
            && moe_toolparse_create((moe_tool_format_t) 9, NULL, 1) == NULL,
            "a named parser without a name, or an unknown format: NULL");
+}
+
+
+/*
+ * Output whose call JSON nests `depth` arrays deep in its arguments,
+ * pushed whole: the number of calls, and 1 in *all_content when every
+ * byte came back as content.
+ */
+static int
+deep_call(size_t depth, int *all_content)
+{
+    static const char  head[] = "<tool_call>{\"name\":\"f\",\"arguments\":"
+                                "{\"a\":";
+    static const char  tail[] = "}}</tool_call>";
+    moe_toolparse_t   *p;
+    moe_toolev_t       ev;
+    size_t             len, got = 0;
+    char              *out;
+    int                calls = 0;
+
+    len = sizeof(head) - 1 + 2 * depth + sizeof(tail) - 1;
+    out = malloc(len);
+    p = moe_toolparse_create(MOE_TOOL_HERMES, NULL, 7);
+    if (out == NULL || p == NULL) {
+        free(out);
+        moe_toolparse_free(p);
+        return -1;
+    }
+    memcpy(out, head, sizeof(head) - 1);
+    memset(out + sizeof(head) - 1, '[', depth);
+    memset(out + sizeof(head) - 1 + depth, ']', depth);
+    memcpy(out + len - (sizeof(tail) - 1), tail, sizeof(tail) - 1);
+    if (moe_toolparse_push(p, out, len) == MOE_OK) {
+        while (moe_toolparse_next(p, &ev)) {
+            calls += ev.type == MOE_TOOLEV_CALL;
+            got += ev.type == MOE_TOOLEV_CONTENT ? ev.len : 0;
+        }
+    }
+    if (moe_toolparse_finish(p) == MOE_OK) {
+        while (moe_toolparse_next(p, &ev)) {
+            calls += ev.type == MOE_TOOLEV_CALL;
+            got += ev.type == MOE_TOOLEV_CONTENT ? ev.len : 0;
+        }
+    }
+    *all_content = got == len;
+    moe_toolparse_free(p);
+    free(out);
+    return calls;
+}
+
+
+/*
+ * Call JSON nested deeper than yajl can write back (128) or than the
+ * stack can free recursively (a million arrays: the model emits "[[[["
+ * until max_tokens): not a call, given back as content, no crash; one
+ * nested 100 deep is still a call.
+ */
+static void
+test_deep(void)
+{
+    int  calls, content;
+
+    calls = deep_call(100, &content);
+    TAP_OK(calls == 1, "a call whose arguments nest 100 arrays deep is a "
+           "call (%d)", calls);
+    calls = deep_call(200, &content);
+    TAP_OK(calls == 0 && content, "arguments nested 200 deep (past "
+           "yajl_gen's 128): given back as content, not a call with "
+           "truncated arguments (%d calls)", calls);
+    calls = deep_call(1000000, &content);
+    TAP_OK(calls == 0 && content, "arguments nested a million deep: "
+           "given back as content, no stack overflow (%d calls)", calls);
+}
+
+
+/*
+ * A long output that keeps a parser waiting (a call body that never
+ * ends, only blanks before a possible llama3 call, a JSON body that is no
+ * call while the closing tag is awaited), pushed in 100000
+ * pieces of 4 bytes as a model streams it: each push examines only the
+ * new text (every push used to rescan the whole body: 1.5 s of the nginx
+ * worker's event loop for 32000 pieces, quadratic), and at the end every
+ * byte is content.
+ */
+static void
+test_long(void)
+{
+    static char        big[64 + 4 * 10000];
+    static const struct {
+        moe_tool_format_t  fmt;
+        const char        *head, *piece, *what;
+    } c[] = {
+        { MOE_TOOL_HERMES, "<tool_call>{\"name\":\"f\",\"arguments\":\"",
+          "abcd", "hermes, a string that never ends" },
+        { MOE_TOOL_HERMES, "<tool_call>", "abcd",
+          "hermes, a body that is not JSON, no closing tag" },
+        { MOE_TOOL_MISTRAL, "[TOOL_CALLS][", "{\"a\"",
+          "mistral, an array that never closes" },
+        { MOE_TOOL_MISTRAL, "[TOOL_CALLS]f[ARGS]{\"a\":\"", "abcd",
+          "mistral name[ARGS], arguments that never end" },
+        { MOE_TOOL_LLAMA3_JSON, "{\"name\":\"f\",\"parameters\":{\"a\":\"",
+          "abcd", "llama3_json, a call that never ends" },
+        { MOE_TOOL_LLAMA3_JSON, "", "  \n ", "llama3_json, only blanks" },
+        { MOE_TOOL_HERMES, big, "abcd", "hermes, 40 KB of JSON that is no "
+          "call, then no closing tag (it was parsed again at every push)" },
+    };
+    moe_toolparse_t  *p;
+    moe_toolev_t      ev;
+    struct timespec   t0, t1;
+    size_t            k, i, got, len;
+    double            secs;
+    int               ok;
+
+    len = (size_t) sprintf(big, "<tool_call>{\"a\":[1");
+    for (k = 1; k < 10000; k++) {
+        memcpy(big + len, ",1", 2);
+        len += 2;
+    }
+    memcpy(big + len, "]} ", 4);
+
+    for (k = 0; k < sizeof(c) / sizeof(c[0]); k++) {
+        p = moe_toolparse_create(c[k].fmt, NULL, 3);
+        len = strlen(c[k].head) + 100000 * strlen(c[k].piece);
+        got = 0;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        ok = p != NULL
+             && moe_toolparse_push(p, c[k].head, strlen(c[k].head))
+                == MOE_OK;
+        for (i = 0; ok && i < 100000; i++) {
+            ok = moe_toolparse_push(p, c[k].piece, strlen(c[k].piece))
+                 == MOE_OK;
+            while (moe_toolparse_next(p, &ev)) {
+                got += ev.type == MOE_TOOLEV_CONTENT ? ev.len : 0;
+            }
+        }
+        ok = ok && moe_toolparse_finish(p) == MOE_OK;
+        while (ok && moe_toolparse_next(p, &ev)) {
+            got += ev.type == MOE_TOOLEV_CONTENT ? ev.len : 0;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        secs = (double) (t1.tv_sec - t0.tv_sec)
+               + (double) (t1.tv_nsec - t0.tv_nsec) / 1e9;
+        TAP_OK(ok && got == len && moe_toolparse_n_calls(p) == 0
+               && secs < 2.0, "%s: 100000 pushes in %.3f s, all %zu bytes "
+               "content (%zu)", c[k].what, secs, len, got);
+        moe_toolparse_free(p);
+    }
 }
 
 
@@ -544,6 +735,8 @@ int
 main(void)
 {
     test_parsers();
+    test_deep();
+    test_long();
     test_detect();
     test_render();
 
