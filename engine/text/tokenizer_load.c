@@ -860,7 +860,7 @@ load_config(moe_tokenizer_t *t, const char *json_path)
     if (buf == NULL) {
         return;
     }
-    cfg = yajl_tree_parse(buf, NULL, 0);
+    cfg = moe_json_parse(buf, NULL, 0);
     free(buf);
     if (cfg == NULL) {
         return;       /* optional file: a broken one is ignored */
@@ -908,11 +908,9 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         moe_errf(err, errlen, "%s: %s", tokenizer_json_path, strerror(errno));
         return MOE_EIO;
     }
-    ebuf[0] = '\0';
-    root = yajl_tree_parse(buf, ebuf, sizeof(ebuf));
+    root = moe_json_parse(buf, ebuf, sizeof(ebuf));
     free(buf);
     if (root == NULL) {
-        ebuf[strcspn(ebuf, "\n")] = '\0';     /* yajl adds a context dump */
         moe_errf(err, errlen, "%s: bad JSON: %.200s", tokenizer_json_path,
                 ebuf);
         return MOE_EFORMAT;

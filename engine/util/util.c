@@ -126,6 +126,60 @@ moe_sampling_defaults(moe_sampling_t *sp)
 }
 
 
+/* 1 when text nests arrays / objects deeper than max outside strings */
+static int
+moe_json_too_deep(const char *text, int max)
+{
+    const char  *p;
+    int          depth = 0, in_str = 0;
+
+    for (p = text; *p != '\0'; p++) {
+        if (in_str) {
+            if (*p == '\\' && p[1] != '\0') {
+                p++;
+            } else if (*p == '"') {
+                in_str = 0;
+            }
+        } else if (*p == '"') {
+            in_str = 1;
+        } else if (*p == '[' || *p == '{') {
+            if (++depth > max) {
+                return 1;
+            }
+        } else if ((*p == ']' || *p == '}') && depth > 0) {
+            depth--;
+        }
+    }
+    return 0;
+}
+
+
+yajl_val
+moe_json_parse(const char *text, char *msg, size_t msglen)
+{
+    yajl_val  v;
+    char     *nl;
+
+    if (msg != NULL && msglen > 0) {
+        msg[0] = '\0';
+    }
+    if (moe_json_too_deep(text, MOE_JSON_MAX_DEPTH)) {
+        moe_errf(msg, msglen, "nested more than %d levels deep",
+                 MOE_JSON_MAX_DEPTH);
+        return NULL;
+    }
+    v = yajl_tree_parse(text, msg, msglen);
+    if (v == NULL && msg != NULL && msglen > 0) {
+        for (nl = msg; *nl; nl++) {      /* yajl adds a context dump */
+            if (*nl == '\n' || *nl == '\r') {
+                *nl = ' ';
+            }
+        }
+    }
+    return v;
+}
+
+
 yajl_val
 moe_json_get(const struct yajl_val_s *obj, const char *key)
 {

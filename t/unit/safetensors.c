@@ -7,8 +7,9 @@
  *  - malformed files fail with the right status and a message naming the
  *    file and tensor: truncated header, header length past EOF, bad JSON,
  *    offsets out of range, unknown dtype, shape/size mismatch, too many
- *    dims, negative dims, a tensor in two shards, an index naming a tensor
- *    its shard lacks, no weights at all.
+ *    dims, negative dims, a header nested deeper than MOE_JSON_MAX_DEPTH
+ *    (util/json.h), a tensor in two shards, an index naming a tensor its
+ *    shard lacks, no weights at all.
  * The bad files are generated into a temp dir by the test itself.
  */
 
@@ -211,6 +212,50 @@ test_conversions(void)
 }
 
 
+/* "{\"a\":" + depth '[' + depth ']' + "}" (malloc'ed) */
+static char *
+deep_json(size_t depth)
+{
+    char   *j = malloc(2 * depth + 16);
+    size_t  i, n = 0;
+
+    if (j == NULL) {
+        return NULL;
+    }
+    n += (size_t) sprintf(j, "{\"a\":");
+    for (i = 0; i < depth; i++) {
+        j[n++] = '[';
+    }
+    for (i = 0; i < depth; i++) {
+        j[n++] = ']';
+    }
+    strcpy(j + n, "}");
+    return j;
+}
+
+
+/*
+ * A header nested a million levels deep (2 MB, under the 100 MB header
+ * limit): yajl parses it, but yajl_tree_free() recursed once per level
+ * and overflowed the stack (fuzz_safetensors).  Refused before parsing,
+ * naming the file; nesting up to MOE_JSON_MAX_DEPTH (512) still parses.
+ */
+static void
+test_deep_header(void)
+{
+    char  *deep = deep_json(1u << 20), *ok = deep_json(511);
+
+    expect_bad("header nested 2^20 levels deep", "deep.safetensors",
+               deep ? deep : "", ~(uint64_t) 0, NULL, 0, MOE_EFORMAT,
+               "nested more than 512 levels deep");
+    expect_bad("header nested 512 levels deep still parses",
+               "deep.safetensors", ok ? ok : "", ~(uint64_t) 0, NULL, 0,
+               MOE_EFORMAT, "tensor 'a': entry is not an object");
+    free(deep);
+    free(ok);
+}
+
+
 static void
 test_malformed(void)
 {
@@ -268,6 +313,8 @@ test_malformed(void)
     expect_bad("entry not an object", "entry.safetensors",
                "{\"w\":[1,2]}", ~(uint64_t) 0, NULL, 0, MOE_EFORMAT,
                "tensor 'w': entry is not an object");
+
+    test_deep_header();
 
     s = NULL;
     rc = moe_st_open_file(tpath("does-not-exist.safetensors"), &s, err,
@@ -363,7 +410,7 @@ cleanup(void)
 {
     static const char *names[] = {
         "ok", "short", "hlen", "cut", "json", "offs", "rev", "dtype", "size",
-        "dims", "neg", "huge", "entry"
+        "dims", "neg", "huge", "entry", "deep"
     };
     size_t i;
     char   n[64];
