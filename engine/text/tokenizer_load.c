@@ -894,7 +894,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     size_t           len;
     yajl_val         root, model, added;
     const char      *type, *s;
-    char             ebuf[256];
+    char             ebuf[256], msg[384];
     int              rc, b;
 
     *out = NULL;
@@ -922,6 +922,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     }
     t->unk_id = -1;
     t->add_bos = t->add_eos = -1;
+    msg[0] = '\0';
     model = jget(root, "model");
     added = jget(root, "added_tokens");
     type = jstr(model, "type");
@@ -929,8 +930,8 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         type = "BPE";
     }
     if (type == NULL || strcmp(type, "BPE") != 0) {
-        moe_errf(err, errlen, "%s: model type %s not supported (BPE only)",
-                tokenizer_json_path, type ? type : "(none)");
+        moe_errf(msg, sizeof(msg), "model type %.64s not supported (BPE "
+                 "only)", type ? type : "(none)");
         rc = type ? MOE_EUNSUPPORTED : MOE_EFORMAT;
         goto fail;
     }
@@ -945,7 +946,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     t->ignore_merges = jbool(model, "ignore_merges", 0);
     t->byte_fallback = jbool(model, "byte_fallback", 0);
     t->fuse_unk = jbool(model, "fuse_unk", 0);
-    rc = load_vocab(t, model, added, err, errlen);
+    rc = load_vocab(t, model, added, msg, sizeof(msg));
     if (rc != MOE_OK) {
         goto fail;
     }
@@ -957,12 +958,12 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         snprintf(nm, sizeof(nm), "<0x%02X>", b);
         t->byte_id[b] = moe_tok_vocab_get(t, nm, 6);
     }
-    rc = load_merges(t, model, err, errlen);
+    rc = load_merges(t, model, msg, sizeof(msg));
     if (rc == MOE_OK) {
-        rc = load_pipeline(t, root, err, errlen);
+        rc = load_pipeline(t, root, msg, sizeof(msg));
     }
     if (rc == MOE_OK) {
-        rc = load_added(t, added, err, errlen);
+        rc = load_added(t, added, msg, sizeof(msg));
     }
     if (rc != MOE_OK) {
         goto fail;
@@ -979,9 +980,10 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     return MOE_OK;
 
 fail:
-    if (rc == MOE_ENOMEM) {
-        moe_errf(err, errlen, "%s: out of memory", tokenizer_json_path);
-    }
+    /* the parts' messages say what is wrong; this names the file */
+    moe_errf(err, errlen, "%s: %s", tokenizer_json_path,
+             rc == MOE_ENOMEM ? "out of memory"
+             : msg[0] != '\0' ? msg : moe_strerror(rc));
     yajl_tree_free(root);
     moe_tokenizer_free(t);
     return rc;

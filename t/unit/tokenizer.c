@@ -12,7 +12,9 @@
  *  - the incremental detokenizer: ids pushed one by one give pieces that are
  *    each whole UTF-8 and whose concatenation plus flush equals decode(),
  *    on the corpus and on random id sequences (byte tokens, specials);
- *  - encoding 10 KB of text takes < 20 ms of CPU time; error statuses.
+ *  - encoding 10 KB of text takes < 20 ms of CPU time; error statuses;
+ *    malformed tokenizer.json files fail with a message naming the file
+ *    and the problem (check_malformed).
  * Run from the repository root (t/tokenizer.t does; it fetches the
  * tokenizer files first).  MOE_TOK_GOLDENS overrides the goldens folder,
  * MOE_TOK_CORPUS the corpus (for ad-hoc fuzzing against other references).
@@ -783,6 +785,62 @@ check_normalizers(void)
            "unknown normalizer refused, named in the error (%s)", err);
 }
 
+/*
+ * Malformed tokenizer.json files: the load fails with the status and a
+ * message that names the file (the parts' messages once came without
+ * it; tools/fuzz/fuzz_tokenizer_json.c checks every failure) and says
+ * what is wrong.
+ */
+static void
+check_malformed(void)
+{
+    static const struct {
+        const char  *what;
+        const char  *json;
+        int          status;
+        const char  *reason;
+    } bad[] = {
+        { "no vocab", "{\"model\":{\"type\":\"BPE\"}}", MOE_EFORMAT,
+          "model.vocab missing or not an object" },
+        { "merge of unknown tokens",
+          "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},"
+          "\"merges\":[\"a b\"]}}", MOE_EFORMAT,
+          "merges[0]: token not in vocab" },
+        { "unknown normalizer",
+          "{\"normalizer\":{\"type\":\"Lowercase\"},\"model\":{"
+          "\"type\":\"BPE\",\"vocab\":{\"a\":0}}}", MOE_EUNSUPPORTED,
+          "normalizer Lowercase not supported" },
+    };
+    const char       *path = "build/t/tok_bad.json";
+    moe_tokenizer_t  *t;
+    char              err[512];
+    size_t            i;
+    int               rc;
+    FILE             *f;
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        f = fopen(path, "w");
+        if (f == NULL) {
+            TAP_OK(0, "cannot write %s", path);
+            return;
+        }
+        fputs(bad[i].json, f);
+        fclose(f);
+        t = NULL;
+        err[0] = '\0';
+        rc = moe_tokenizer_load(path, &t, err, sizeof(err));
+        TAP_OK(rc == bad[i].status && t == NULL
+               && strncmp(err, path, strlen(path)) == 0
+               && strstr(err, bad[i].reason) != NULL,
+               "malformed tokenizer.json, %s: status %d (want %d), "
+               "message names the file: %s", bad[i].what, rc,
+               bad[i].status, err);
+        moe_tokenizer_free(t);
+    }
+    remove(path);
+}
+
+
 int
 main(void)
 {
@@ -830,6 +888,7 @@ main(void)
            == MOE_EFORMAT && t == NULL, "truncated JSON: MOE_EFORMAT (%s)",
            err);
     remove("build/t/tok_bad.json");
+    check_malformed();
 
     check_normalizers();
 
