@@ -8,8 +8,9 @@
  * `quantization` value and moe_qconfig_ignored() on a few module names),
  * and loaded as a model directory with moe_model_load_config().  When that
  * succeeds the hyperparameters must be usable: positive sizes, heads that
- * divide, at most MOE_MAX_LAYERS layers, top_k within the experts, finite
- * positive rope_theta / rope factor and a finite non-negative norm_eps;
+ * divide, at most MOE_MAX_LAYERS layers, top_k within the experts, a
+ * finite non-negative norm_eps and, with RoPE (all but GPT-2), an even
+ * head_dim, finite positive rope_theta / rope factor;
  * the RoPE frequencies and a 2-way shard are computed, and the directory
  * is loaded again with the weights of models/localmoe-tiny
  * (moe_model_load_quant(), fp32 load), which must load or fail with a
@@ -121,22 +122,25 @@ check_hparams(const moe_hparams_t *hp)
              "n_layers %d", hp->n_layers);
     FF_CHECK(hp->n_heads % hp->n_kv_heads == 0, "heads %d kv %d",
              hp->n_heads, hp->n_kv_heads);
-    FF_CHECK(hp->head_dim >= 2 && hp->head_dim % 2 == 0, "head_dim %d",
-             hp->head_dim);
+    FF_CHECK(hp->head_dim >= 1, "head_dim %d", hp->head_dim);
     FF_CHECK(hp->n_experts >= 1 && hp->top_k >= 1
              && hp->top_k <= hp->n_experts, "experts %d top_k %d",
              hp->n_experts, hp->top_k);
     FF_CHECK(hp->n_eos >= 0 && hp->n_eos <= 8, "n_eos %d", hp->n_eos);
     FF_CHECK(hp->sliding_window >= 0, "sliding_window %d",
              hp->sliding_window);
+    FF_CHECK(isfinite(hp->norm_eps) && hp->norm_eps >= 0, "norm_eps %g",
+             hp->norm_eps);
+    if (hp->learned_pos) {
+        goto shard;                 /* GPT-2: no RoPE */
+    }
     FF_CHECK(isfinite(hp->rope_theta) && hp->rope_theta > 0,
              "rope_theta %g", hp->rope_theta);
     FF_CHECK(isfinite(hp->rope_factor) && hp->rope_factor > 0,
              "rope factor %g", hp->rope_factor);
     FF_CHECK(hp->rope_orig_max >= 1, "original_max_position_embeddings %d",
              hp->rope_orig_max);
-    FF_CHECK(isfinite(hp->norm_eps) && hp->norm_eps >= 0, "norm_eps %g",
-             hp->norm_eps);
+    FF_CHECK(hp->head_dim % 2 == 0, "RoPE head_dim %d", hp->head_dim);
 
     if (hp->head_dim <= 65536) {
         inv = malloc((size_t) hp->head_dim / 2 * sizeof(float));
@@ -147,6 +151,7 @@ check_hparams(const moe_hparams_t *hp)
         moe_rope_inv_freq_base(hp, base, inv);
         free(inv);
     }
+shard:
     err[0] = '\0';
     if (moe_hparams_shard(hp, 2, &sh, err, sizeof(err)) != MOE_OK) {
         FF_CHECK(err[0] != '\0', "shard failed without a message");
