@@ -63,6 +63,11 @@ def safetensors():
         ("t", "F32", [1, 1, 1, 2], struct.pack("<2f", 1, 2)),
     ]))
     put("safetensors", "no_tensors", st_file([], {"k": "v"}))
+    # fuzz_safetensors.c: '{' first: an index over shards a (x, y), b (z)
+    put("safetensors", "index", json.dumps({
+        "metadata": {"total_size": 15},
+        "weight_map": {"x": "a.safetensors", "y": "a.safetensors",
+                       "z": "b.safetensors"}}))
 
 
 def cfg_text(d):
