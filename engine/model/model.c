@@ -2337,8 +2337,8 @@ m_quant_config(moe_model_t *m, const char *quantization, char *err,
     if (rc == MOE_OK && m->q.method != MOE_QM_NONE
         && m->hp.arch == MOE_ARCH_GPT2)
     {
-        moe_errf(err, errlen, "%s: quantized GPT-2 checkpoints are not "
-                 "supported", m->dir);
+        moe_errf(err, errlen, "%s: quantization_config: quantized GPT-2 "
+                 "checkpoints are not supported", path);
         rc = MOE_EUNSUPPORTED;
     }
     return rc;

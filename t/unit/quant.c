@@ -605,6 +605,34 @@ test_refusals(void)
         ".qweight' (quantization_config awq;");
 #undef CFG
 
+    /* a quantized GPT-2: the message names config.json (it named only
+     * the directory; tools/fuzz/fuzz_config.c) */
+    {
+        moe_model_t *m = NULL;
+        char         err[1024] = "", path[700];
+        FILE        *f;
+        int          rc;
+
+        mkdir(tmp, 0755);
+        snprintf(path, sizeof(path), "%s/config.json", tmp);
+        f = fopen(path, "w");
+        if (f != NULL) {
+            fputs("{\"architectures\": [\"GPT2LMHeadModel\"], \"n_embd\": "
+                  "64, \"n_layer\": 2, \"n_head\": 4, \"vocab_size\": 512, "
+                  "\"quantization_config\": {\"quant_method\": \"fp8\"}}",
+                  f);
+            fclose(f);
+        }
+        rc = moe_model_load_config(tmp, 0, &m, err, sizeof(err));
+        TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, path) != NULL
+               && strstr(err, "quantized GPT-2 checkpoints are not "
+                         "supported") != NULL,
+               "quantized GPT-2 refused naming %s (got %d: %s)", path, rc,
+               err);
+        moe_model_free(m);
+        unlink(path);
+    }
+
     /* the YAML key against the checkpoint */
     snprintf(d, sizeof(d), "%s/fp8-tensor", qdir);
     expect_fail(d, "awq", "YAML awq on an fp8 checkpoint",
