@@ -573,6 +573,8 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
 {
     yajl_val     list, specials, item, sp, ids;
     size_t       i, j;
+    tpl_item_t  *tp;
+    const char  *nm;
 
     (void) step;
     if (strcmp(type, "ByteLevel") == 0) {
@@ -603,12 +605,11 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
             continue;
         }
         sp = jget(item, "SpecialToken");
-        ids = jget(jget(specials, jstr(sp, "id") ? jstr(sp, "id") : ""),
-                   "ids");
+        nm = jstr(sp, "id");
+        ids = jget(jget(specials, nm ? nm : ""), "ids");
         if (!YAJL_IS_ARRAY(ids)) {
-            moe_errf(err, errlen, "TemplateProcessing: special token %s "
-                    "not in special_tokens", jstr(sp, "id") ? jstr(sp, "id")
-                    : "?");
+            moe_errf(err, errlen, "TemplateProcessing: special token %.64s "
+                    "not in special_tokens", nm ? nm : "?");
             return MOE_EFORMAT;
         }
         t->tpl[t->n_tpl].ids = malloc((ids->u.array.len + 1)
@@ -616,16 +617,20 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         if (t->tpl[t->n_tpl].ids == NULL) {
             return MOE_ENOMEM;
         }
+        /* counted before it is filled: moe_tokenizer_free() frees it */
+        tp = &t->tpl[t->n_tpl++];
         for (j = 0; j < ids->u.array.len; j++) {
             yajl_val v = ids->u.array.values[j];
-            if (!YAJL_IS_INTEGER(v)) {
-                moe_errf(err, errlen, "TemplateProcessing: bad id");
+            if (!YAJL_IS_INTEGER(v) || YAJL_GET_INTEGER(v) < 0
+                || YAJL_GET_INTEGER(v) > INT32_MAX)
+            {
+                moe_errf(err, errlen, "TemplateProcessing: special token "
+                         "%.64s: ids must be token ids", nm ? nm : "?");
                 return MOE_EFORMAT;
             }
-            t->tpl[t->n_tpl].ids[j] = (int32_t) YAJL_GET_INTEGER(v);
+            tp->ids[j] = (int32_t) YAJL_GET_INTEGER(v);
+            tp->n = (int) j + 1;
         }
-        t->tpl[t->n_tpl].n = (int) j;
-        t->n_tpl++;
     }
     return MOE_OK;
 }
@@ -830,6 +835,32 @@ load_added(moe_tokenizer_t *t, yajl_val added, char *err, size_t errlen)
     return MOE_OK;
 }
 
+/*
+ * The ids a TemplateProcessing adds must be tokens (in the vocabulary or
+ * added): encode would otherwise return ids that decode refuses and the
+ * model has no embedding for.  Run once the added tokens are in.
+ */
+static int
+check_template(const moe_tokenizer_t *t, char *err, size_t errlen)
+{
+    int32_t  id;
+    int      i, j;
+
+    for (i = 0; i < t->n_tpl; i++) {
+        for (j = 0; j < t->tpl[i].n; j++) {
+            id = t->tpl[i].ids[j];
+            if (id < 0 || id >= t->n_ids || t->id_str[id] == NULL) {
+                moe_errf(err, errlen, "post_processor TemplateProcessing: "
+                         "special token id %d is not a token (%d ids)",
+                         (int) id, (int) t->n_ids);
+                return MOE_EFORMAT;
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+
 static char *
 config_token(moe_tokenizer_t *t, yajl_val cfg, const char *key)
 {
@@ -964,6 +995,9 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     }
     if (rc == MOE_OK) {
         rc = load_added(t, added, msg, sizeof(msg));
+    }
+    if (rc == MOE_OK) {
+        rc = check_template(t, msg, sizeof(msg));
     }
     if (rc != MOE_OK) {
         goto fail;

@@ -14,7 +14,8 @@
  *    on the corpus and on random id sequences (byte tokens, specials);
  *  - encoding 10 KB of text takes < 20 ms of CPU time; error statuses;
  *    malformed tokenizer.json files fail with a message naming the file
- *    and the problem (check_malformed).
+ *    and the problem (check_malformed), among them TemplateProcessing ids
+ *    that are no token.
  * Run from the repository root (t/tokenizer.t does; it fetches the
  * tokenizer files first).  MOE_TOK_GOLDENS overrides the goldens folder,
  * MOE_TOK_CORPUS the corpus (for ad-hoc fuzzing against other references).
@@ -810,6 +811,29 @@ check_malformed(void)
           "{\"normalizer\":{\"type\":\"Lowercase\"},\"model\":{"
           "\"type\":\"BPE\",\"vocab\":{\"a\":0}}}", MOE_EUNSUPPORTED,
           "normalizer Lowercase not supported" },
+        /* a template id that is no token (id 1 is a hole: vocab 0 and
+         * 2): encode returned it and decode refused it
+         * (fuzz_tokenizer_json) */
+        { "template id not a token",
+          "{\"post_processor\":{\"type\":\"TemplateProcessing\","
+          "\"single\":[{\"SpecialToken\":{\"id\":\"<s>\"}},"
+          "{\"Sequence\":{\"id\":\"A\"}}],\"special_tokens\":{"
+          "\"<s>\":{\"ids\":[1]}}},\"model\":{\"type\":\"BPE\","
+          "\"vocab\":{\"a\":0,\"b\":2}}}", MOE_EFORMAT,
+          "special token id 1 is not a token (3 ids)" },
+        { "template id past the vocabulary",
+          "{\"post_processor\":{\"type\":\"TemplateProcessing\","
+          "\"single\":[{\"SpecialToken\":{\"id\":\"<s>\"}}],"
+          "\"special_tokens\":{\"<s>\":{\"ids\":[0,7]}}},\"model\":{"
+          "\"type\":\"BPE\",\"vocab\":{\"a\":0}}}", MOE_EFORMAT,
+          "special token id 7 is not a token (1 ids)" },
+        /* the ids array of a rejected special token leaked (make asan) */
+        { "template id not an integer",
+          "{\"post_processor\":{\"type\":\"TemplateProcessing\","
+          "\"single\":[{\"SpecialToken\":{\"id\":\"<s>\"}}],"
+          "\"special_tokens\":{\"<s>\":{\"ids\":[0,\"x\"]}}},"
+          "\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0}}}",
+          MOE_EFORMAT, "special token <s>: ids must be token ids" },
     };
     const char       *path = "build/t/tok_bad.json";
     moe_tokenizer_t  *t;
