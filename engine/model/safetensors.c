@@ -214,12 +214,19 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
             return MOE_EFORMAT;
         }
         t.shape[i] = x;
-        if (x != 0 && numel > data_len / (uint64_t) x) {
+        if (x == 0) {
+            numel = 0;              /* empty, whatever the other dims */
+        }
+    }
+    for (i = 0; numel != 0 && i < shape->u.array.len; i++) {
+        uint64_t x = (uint64_t) t.shape[i];
+
+        if (numel > data_len / x) {
             /* more elements than bytes in the file: cannot be right */
             numel = UINT64_MAX;
-        } else if (numel != UINT64_MAX) {
-            numel *= (uint64_t) x;
+            break;
         }
+        numel *= x;
     }
 
     if (offs->u.array.len != 2

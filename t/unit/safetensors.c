@@ -3,6 +3,7 @@
  *  - a valid file with F32/F16/BF16 tensors and __metadata__ parses, shapes
  *    and bytes are right, lookups work, conversions are exact (all 65536
  *    f16 values against an independent formula; bf16 incl. inf/nan);
+ *    empty tensors open whatever their other dims;
  *  - sharded directories (index.json) and the test model shards load;
  *  - malformed files fail with the right status and a message naming the
  *    file and tensor: truncated header, header length past EOF, bad JSON,
@@ -310,6 +311,21 @@ test_malformed(void)
                "{\"w\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,"
                "4294967296],\"data_offsets\":[0,4]}}", ~(uint64_t) 0, zeros,
                4, MOE_EFORMAT, "tensor 'w'");
+    /* an empty tensor whose other dim exceeds the file's data (it was
+     * refused as "more elements than the file has bytes"; fuzz_quant) */
+    write_st(tpath("empty.safetensors"), "{\"e\":{\"dtype\":\"I32\","
+             "\"shape\":[4096,0],\"data_offsets\":[0,0]},\"f\":{\"dtype\":"
+             "\"F32\",\"shape\":[0,1099511627776,1099511627776],"
+             "\"data_offsets\":[0,0]}}", ~(uint64_t) 0, NULL, 0);
+    s = NULL;
+    rc = moe_st_open_file(tpath("empty.safetensors"), &s, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && moe_st_find(s, "e") != NULL
+           && moe_st_find(s, "e")->numel == 0
+           && moe_st_find(s, "e")->shape[0] == 4096
+           && moe_st_find(s, "f") != NULL && moe_st_find(s, "f")->numel == 0,
+           "empty tensors [4096, 0] and [0, 2^40, 2^40] in a file without "
+           "data open (%s)", rc ? err : "ok");
+    moe_st_close(s);
     expect_bad("entry not an object", "entry.safetensors",
                "{\"w\":[1,2]}", ~(uint64_t) 0, NULL, 0, MOE_EFORMAT,
                "tensor 'w': entry is not an object");
@@ -410,7 +426,7 @@ cleanup(void)
 {
     static const char *names[] = {
         "ok", "short", "hlen", "cut", "json", "offs", "rev", "dtype", "size",
-        "dims", "neg", "huge", "entry", "deep"
+        "dims", "neg", "huge", "entry", "deep", "empty"
     };
     size_t i;
     char   n[64];

@@ -42,7 +42,13 @@ check_tensor(const moe_st_set_t *s, const moe_st_tensor_t *t,
     for (i = 0; i < t->n_dims; i++) {
         FF_CHECK(t->shape[i] >= 0, "shape[%d] %lld", i,
                  (long long) t->shape[i]);
-        numel *= t->shape[i];
+        if (t->shape[i] == 0) {
+            numel = 0;
+        }
+    }
+    for (i = 0; numel != 0 && i < t->n_dims; i++) {
+        FF_CHECK(!__builtin_mul_overflow(numel, t->shape[i], &numel),
+                 "shape product overflows");
     }
     FF_CHECK(numel == t->numel, "numel %lld, shape gives %lld",
              (long long) t->numel, (long long) numel);
