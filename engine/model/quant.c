@@ -775,6 +775,12 @@ moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
     memset(out, 0, sizeof(*out));
     out->rows = N;
     out->cols = K;
+    if (q->method != MOE_QM_NONE && (N < 1 || K < 1)) {
+        /* group_size -1 takes G = K: K 0 would divide by zero */
+        moe_errf(err, errlen, "%s: '%s': logical shape [%lld, %lld] is "
+                 "empty", dir, base, (long long) N, (long long) K);
+        return MOE_EINVAL;
+    }
     switch (q->method) {
     case MOE_QM_FP8:
     case MOE_QM_CT_FP8:

@@ -4,7 +4,8 @@
  *    to nearest even, saturation at 448) and the round trip of every code;
  *  - AWQ and GPTQ packing against hand-computed int32 words, unpacking
  *    back, and the dequantization of hand-built fp8-block, AWQ and GPTQ
- *    (g_idx, v1 zero + 1) tensors against the formula;
+ *    (g_idx, v1 zero + 1) tensors against the formula; an empty logical
+ *    shape refused by moe_qtensor_find;
  *  - every model in $MOE_QUANT_DIR (build/quant, tools/quant_models.sh)
  *    loads on the CPU backend with its fp32 weights bitwise equal to its
  *    dequantized reference (<name>.ref, written by the quantizer from its
@@ -236,6 +237,50 @@ test_dequant(void)
         }
     }
     TAP_OK(ok, "GPTQ dequant: g_idx picks the group, zero is stored + 1");
+}
+
+
+/*
+ * moe_qtensor_find with K 0 under GPTQ group_size -1 (G = K): it divided
+ * by zero (fuzz_quant); refused as an empty logical shape.
+ */
+static void
+test_find_empty(void)
+{
+    static const char  hdr[] = "{\"m.qweight\":{\"dtype\":\"I32\","
+                               "\"shape\":[0,8],\"data_offsets\":[0,0]}}";
+    char               dir[] = "/tmp/moe-quant-XXXXXX", path[64];
+    char               err[512] = "";
+    unsigned char      len[8] = { sizeof(hdr) - 1 };
+    moe_st_set_t      *st = NULL;
+    moe_qconfig_t      q;
+    moe_qtensor_t      t;
+    FILE              *f;
+    int                rc = -100;
+
+    if (mkdtemp(dir) == NULL) {
+        TAP_OK(0, "mkdtemp");
+        return;
+    }
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    f = fopen(path, "wb");
+    if (f != NULL) {
+        fwrite(len, 1, 8, f);
+        fwrite(hdr, 1, sizeof(hdr) - 1, f);
+        fclose(f);
+    }
+    memset(&q, 0, sizeof(q));
+    q.method = MOE_QM_GPTQ;
+    q.bits = 4;
+    q.group_size = -1;
+    if (moe_st_open_file(path, &st, err, sizeof(err)) == MOE_OK) {
+        rc = moe_qtensor_find(st, &q, dir, "m", 8, 0, &t, err, sizeof(err));
+    }
+    TAP_OK(rc == MOE_EINVAL && strstr(err, "logical shape [8, 0] is empty"),
+           "GPTQ group_size -1 with K 0: refused (got %d: %s)", rc, err);
+    moe_st_close(st);
+    unlink(path);
+    rmdir(dir);
 }
 
 
@@ -728,6 +773,7 @@ main(void)
     test_fp8();
     test_pack();
     test_dequant();
+    test_find_empty();
 
     snprintf(list, sizeof(list), "%s/MODELS", qdir);
     f = fopen(list, "r");
