@@ -137,11 +137,13 @@ natural(int k, int method, int e5m2, int strategy, int64_t N, int64_t K,
 /*
  * A heap copy of the tensor of st whose data is p (exactly its nbytes, so
  * ASan sees a read past it), or NULL for NULL; the copy goes to *keep.
+ * An empty tensor written just before another shares its data pointer:
+ * the largest tensor at p is the one.
  */
 static const void *
 heap_copy(const moe_st_set_t *st, const void *p, void **keep)
 {
-    const moe_st_tensor_t  *t;
+    const moe_st_tensor_t  *t, *best = NULL;
     size_t                  i;
 
     *keep = NULL;
@@ -150,15 +152,15 @@ heap_copy(const moe_st_set_t *st, const void *p, void **keep)
     }
     for (i = 0; i < moe_st_count(st); i++) {
         t = moe_st_at(st, i);
-        if (t->data == p) {
-            *keep = malloc(t->nbytes ? t->nbytes : 1);
-            FF_CHECK(*keep != NULL, "malloc");
-            memcpy(*keep, p, t->nbytes);
-            return *keep;
+        if (t->data == p && (best == NULL || t->nbytes > best->nbytes)) {
+            best = t;
         }
     }
-    FF_CHECK(0, "pointer outside every tensor");
-    return NULL;
+    FF_CHECK(best != NULL, "pointer outside every tensor");
+    *keep = malloc(best->nbytes ? best->nbytes : 1);
+    FF_CHECK(*keep != NULL, "malloc");
+    memcpy(*keep, p, best->nbytes);
+    return *keep;
 }
 
 
