@@ -24,6 +24,14 @@
 #include "util/json.h"
 
 
+/*
+ * The largest token id a tokenizer.json may use.  The per-id tables are
+ * sized by it (27 bytes an id: 450 MB at the limit, whatever the
+ * file's size); real vocabularies stay below 300k.
+ */
+#define TOK_MAX_ID  (16 * 1024 * 1024)
+
+
 /* ---------------------------------------------------------- string arena */
 
 static char *
@@ -170,8 +178,9 @@ load_vocab(moe_tokenizer_t *t, yajl_val model, yajl_val added, char *err,
             }
         }
     }
-    if (max_id > 16 * 1024 * 1024) {
-        moe_errf(err, errlen, "token id %lld too large", max_id);
+    if (max_id > TOK_MAX_ID) {
+        moe_errf(err, errlen, "token id %lld too large (at most %d)", max_id,
+                 TOK_MAX_ID);
         return MOE_EFORMAT;
     }
     t->n_ids = (int32_t) (max_id + 1);
