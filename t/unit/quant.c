@@ -641,6 +641,11 @@ test_refusals(void)
         "\"pack-quantized\", \"config_groups\": {}}",
         "compressed-tensors pack-quantized", "format 'pack-quantized' is "
         "not supported", NULL);
+    CFG("{\"quant_method\": \"compressed-tensors\", \"config_groups\": "
+        "{\"g\": {\"weights\": {\"num_bits\": 8, \"type\": \"float\"}}}, "
+        "\"ignore\": [\"lm_head\", \"re:.*(o_proj\"]}",
+        "compressed-tensors ignore pattern that does not compile",
+        "'ignore'[1] is not a valid regular expression: ", "config.json");
     snprintf(d, sizeof(d), "models/localmoe-tiny");
     CFG("{\"quant_method\": \"fp8\"}", "fp8 config over bf16 weights",
         "is BF16, but quantization_config fp8 quantizes '",
