@@ -5,7 +5,6 @@
 #   make test       deps + build + prove -r t/
 #   make run        deps + build + serve conf/nginx.conf on 127.0.0.1:8000
 #   make asan       the unit tests under ASan + UBSan (build/asan/)
-#   make fuzz-files libFuzzer harnesses for model files and YAML (clang)
 #   make gpu-bundle .dev/: nginx + libraries + tokenizer for a GPU machine
 #   MOE_CUDA=0      force a CPU-only build even where nvcc exists
 
@@ -100,6 +99,33 @@ $(BUILD)/t/%: t/unit/%.c $(BUILD)/libmoe.a $(KERNELS_A) $(wildcard t/unit/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -It/unit -o $@ $< $(MOE_LIBS) $(LDLIBS)
 
+# libFuzzer harnesses for the files a user points the server at (model
+# directories, the YAML config): tools/fuzz/FILES.md.  clang only; not part
+# of all or test.  libmoe's C sources (CPU-only) are built with coverage,
+# ASan and UBSan in build/fuzz/files/.  yajl is the system library, not the
+# asan build's capacity-doubling copy: the fuzz inputs are small (-max_len),
+# so its quadratic realloc does not matter, and ASan then sees the exact
+# size of every array yajl allocates.
+FUZZF_CC   ?= clang
+FUZZF_FLAGS := -std=c11 -D_GNU_SOURCE -pthread $(WARN) -O1 -g \
+               -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+               -fno-omit-frame-pointer -Iengine/include -Iengine -Ikernels
+FUZZF_NAMES := safetensors config quant tokenizer_json yaml
+FUZZF_BINS  := $(FUZZF_NAMES:%=$(BUILD)/fuzz/fuzz_%)
+FUZZF_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/fuzz/files/%.o)
+
+.PHONY: fuzz-files
+fuzz-files: $(FUZZF_BINS)
+$(FUZZF_OBJS): $(BUILD)/fuzz/files/%.o: %.c $(ENGINE_HDRS)
+	@mkdir -p $(dir $@)
+	$(FUZZF_CC) $(FUZZF_FLAGS) -fsanitize=fuzzer-no-link -c -o $@ $<
+$(BUILD)/fuzz/files/libmoe.a: $(FUZZF_OBJS)
+	rm -f $@ && ar rcs $@ $^
+$(FUZZF_BINS): $(BUILD)/fuzz/%: tools/fuzz/%.c tools/fuzz/fuzz_files.h \
+                                $(BUILD)/fuzz/files/libmoe.a
+	$(FUZZF_CC) $(FUZZF_FLAGS) -fsanitize=fuzzer -o $@ $< \
+	    $(BUILD)/fuzz/files/libmoe.a $(LDLIBS)
+
 # The ring stress test, the tensor-parallel ranks (threads with a shared
 # all-reduce) and the engine test (engine thread, rings, wake-ups, the
 # hold hook) again under ThreadSanitizer (clang or gcc).
@@ -165,33 +191,6 @@ $(BUILD)/asan/t/%: t/unit/%.c $(BUILD)/asan/libmoe.a $(ASAN_YAJL) \
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_FLAGS) -It/unit -o $@ $< $(BUILD)/asan/libmoe.a \
 	    $(ASAN_YAJL) $(LDLIBS)
-
-# libFuzzer harnesses for the files a user points the server at (model
-# directories, the YAML config): tools/fuzz/FILES.md.  clang only; not part
-# of all or test.  libmoe's C sources (CPU-only) are built with coverage,
-# ASan and UBSan in build/fuzz/files/.  yajl is the system library, not the
-# asan build's capacity-doubling copy: the fuzz inputs are small (-max_len),
-# so its quadratic realloc does not matter, and ASan then sees the exact
-# size of every array yajl allocates.
-FUZZF_CC   ?= clang
-FUZZF_FLAGS := -std=c11 -D_GNU_SOURCE -pthread $(WARN) -O1 -g \
-               -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-               -fno-omit-frame-pointer -Iengine/include -Iengine -Ikernels
-FUZZF_NAMES := safetensors config quant tokenizer_json yaml
-FUZZF_BINS  := $(FUZZF_NAMES:%=$(BUILD)/fuzz/fuzz_%)
-FUZZF_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/fuzz/files/%.o)
-
-.PHONY: fuzz-files
-fuzz-files: $(FUZZF_BINS)
-$(FUZZF_OBJS): $(BUILD)/fuzz/files/%.o: %.c $(ENGINE_HDRS)
-	@mkdir -p $(dir $@)
-	$(FUZZF_CC) $(FUZZF_FLAGS) -fsanitize=fuzzer-no-link -c -o $@ $<
-$(BUILD)/fuzz/files/libmoe.a: $(FUZZF_OBJS)
-	rm -f $@ && ar rcs $@ $^
-$(FUZZF_BINS): $(BUILD)/fuzz/%: tools/fuzz/%.c tools/fuzz/fuzz_files.h \
-                                $(BUILD)/fuzz/files/libmoe.a
-	$(FUZZF_CC) $(FUZZF_FLAGS) -fsanitize=fuzzer -o $@ $< \
-	    $(BUILD)/fuzz/files/libmoe.a $(LDLIBS)
 
 # kernels/ sees only its own headers: it includes nothing from engine/.
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)
