@@ -166,11 +166,14 @@ $(BUILD)/asan/t/%: t/unit/%.c $(BUILD)/asan/libmoe.a $(ASAN_YAJL) \
 	$(CC) $(ASAN_FLAGS) -It/unit -o $@ $< $(BUILD)/asan/libmoe.a \
 	    $(ASAN_YAJL) $(LDLIBS)
 
-# Coverage-guided fuzzing of what a client request controls (libFuzzer;
-# clang only; not part of all or test): each tools/fuzz/NAME.c is one
-# harness, linked against libmoe's C sources built with ASan + UBSan and
-# libFuzzer's coverage counters in build/fuzz/.  tools/fuzz/README.md says
-# how to run them.  yajl is the ASan build's copy (see below): its
+# Coverage-guided fuzzing (libFuzzer; clang only; not part of all or
+# test): each tools/fuzz/NAME.c is one harness, linked against libmoe's C
+# sources built with ASan + UBSan and libFuzzer's coverage counters in
+# build/fuzz/.  What a client request controls (guides, prompt text, token
+# ids, tool-call output): tools/fuzz/README.md; the files a user points the
+# server at (safetensors, config.json and its quantization_config,
+# tokenizer.json, the YAML config; make fuzz-files builds just those):
+# tools/fuzz/FILES.md.  yajl is the ASan build's copy (see below): its
 # allocation shims are compiled again here, by clang.
 FUZZ_CC    ?= clang
 FUZZ_FLAGS := $(ASAN_FLAGS) -fsanitize=fuzzer-no-link
@@ -190,9 +193,14 @@ $(BUILD)/fuzz/yajl_alloc.o: t/asan/yajl_alloc.c
 	$(FUZZ_CC) $(FUZZ_FLAGS) -c -o $@ $<
 $(BUILD)/fuzz/libmoe.a: $(FUZZ_OBJS)
 	rm -f $@ && ar rcs $@ $^
-$(BUILD)/fuzz/%: tools/fuzz/%.c $(BUILD)/fuzz/libmoe.a $(FUZZ_YAJL)
+$(BUILD)/fuzz/%: tools/fuzz/%.c $(wildcard tools/fuzz/*.h) \
+                 $(BUILD)/fuzz/libmoe.a $(FUZZ_YAJL)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -o $@ $< \
 	    $(BUILD)/fuzz/libmoe.a $(FUZZ_YAJL) $(LDLIBS)
+
+FUZZ_FILES := safetensors config quant tokenizer_json yaml
+.PHONY: fuzz-files
+fuzz-files: $(FUZZ_FILES:%=$(BUILD)/fuzz/fuzz_%)
 
 # kernels/ sees only its own headers: it includes nothing from engine/.
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.h kernels/*.cuh)

@@ -25,6 +25,14 @@
 
 #define MOE_CFG_SHOW  64            /* bytes of a bad value quoted back */
 
+/*
+ * Keys one mapping may have: more than any section knows (the largest,
+ * vllm, about 40), so a longer mapping must hold an unknown or duplicate
+ * key.  Refused before the duplicate check, which compares every pair
+ * (100000 keys took most of a minute).
+ */
+#define MOE_CFG_MAX_KEYS  256
+
 typedef enum {
     CFG_INT,
     CFG_DOUBLE,
@@ -541,6 +549,14 @@ cfg_check_keys(cfg_ctx_t *ctx, const yaml_node_t *m, const char *where)
 {
     yaml_node_pair_t  *p, *q;
     yaml_node_t       *k, *k2;
+    size_t             n;
+
+    n = (size_t) (m->data.mapping.pairs.top - m->data.mapping.pairs.start);
+    if (n > MOE_CFG_MAX_KEYS) {
+        return cfg_err(ctx, MOE_EINVAL, cfg_line(m),
+                       "%s has %zu keys (at most %d)", where, n,
+                       MOE_CFG_MAX_KEYS);
+    }
 
     for (p = m->data.mapping.pairs.start; p < m->data.mapping.pairs.top;
          p++)

@@ -38,6 +38,8 @@
  */
 
 #include <errno.h>
+#include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -145,6 +147,31 @@ m_num(yajl_val obj, const char *file, const char *key, double def,
 }
 
 
+/*
+ * A number field kept as a float (an epsilon): absent or null -> def; it
+ * must be >= 0 and finite as a float (1e39 would be inf).
+ */
+static int
+m_eps(yajl_val obj, const char *file, const char *key, double def,
+    float *out, char *err, size_t errlen)
+{
+    double  d;
+    int     rc;
+
+    rc = m_num(obj, file, key, def, &d, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (!(d >= 0 && d <= FLT_MAX)) {
+        moe_errf(err, errlen, "%s: '%s' must be a number >= 0 and at most "
+                 "%g, got %g", file, key, (double) FLT_MAX, d);
+        return MOE_EFORMAT;
+    }
+    *out = (float) d;
+    return MOE_OK;
+}
+
+
 static int
 m_bool(yajl_val obj, const char *file, const char *key, int def, int *out,
     char *err, size_t errlen)
@@ -216,9 +243,12 @@ m_rope_num(yajl_val v, const char *file, const char *obj, const char *key,
         *out = def;
         return MOE_OK;
     }
-    if (!YAJL_IS_NUMBER(x) || !(YAJL_GET_DOUBLE(x) > 0)) {
-        moe_errf(err, errlen, "%s: %s.%s must be a number > 0", file, obj,
-                 key);
+    /* kept as floats: positive and finite once rounded to one */
+    if (!YAJL_IS_NUMBER(x) || !(YAJL_GET_DOUBLE(x) >= FLT_MIN)
+        || !(YAJL_GET_DOUBLE(x) <= FLT_MAX))
+    {
+        moe_errf(err, errlen, "%s: %s.%s must be a number > 0 (%g to %g)",
+                 file, obj, key, (double) FLT_MIN, (double) FLT_MAX);
         return MOE_EFORMAT;
     }
     *out = YAJL_GET_DOUBLE(x);
@@ -308,6 +338,12 @@ m_rope(yajl_val root, const char *file, double *theta, moe_hparams_t *hp,
         {
             rc = m_rope_num(v, file, o, "original_max_position_embeddings",
                             -1, &x, err, errlen);
+            if (rc == MOE_OK && !(x >= 1 && x <= INT_MAX)) {
+                moe_errf(err, errlen, "%s: %s.original_max_position_"
+                         "embeddings must be a length (1 to %d), got %g",
+                         file, o, INT_MAX, x);
+                rc = MOE_EFORMAT;
+            }
             if (rc != MOE_OK) {
                 return rc;
             }
@@ -589,7 +625,6 @@ m_parse_gpt2(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
     static const char *const k_voc[] = { "vocab_size", NULL };
     const char *act;
     long long   x;
-    double      d;
     int         b, rc;
 
 #define CHECK(expr) do { rc = (expr); if (rc != MOE_OK) return rc; } while (0)
@@ -616,9 +651,8 @@ m_parse_gpt2(yajl_val root, moe_hparams_t *hp, char *err, size_t errlen)
     hp->n_experts = 1;
     hp->top_k = 1;
     hp->rope_theta = 10000.0f;                /* unused: no RoPE */
-    CHECK(m_num(root, "config.json", "layer_norm_epsilon", 1e-5, &d, err,
-                errlen));
-    hp->norm_eps = (float) d;
+    CHECK(m_eps(root, "config.json", "layer_norm_epsilon", 1e-5,
+                &hp->norm_eps, err, errlen));
     CHECK(m_bool(root, "config.json", "tie_word_embeddings", 1,
                  &hp->tie_embeddings, err, errlen));
 
@@ -812,14 +846,15 @@ m_parse_config(const char *dir, moe_hparams_t *hp, char *err, size_t errlen)
     d = hp->arch == MOE_ARCH_MIXTRAL ? 1e6 : 1e4;
     CHECK(m_num(root, "config.json", "rope_theta", d, &d, err, errlen));
     CHECK(m_rope(root, "config.json", &d, hp, err, errlen));
-    if (!(d > 0)) {
-        moe_errf(err, errlen, "config.json: rope_theta must be > 0");
+    if (!(d >= FLT_MIN && d <= FLT_MAX)) {
+        moe_errf(err, errlen, "config.json: rope_theta must be > 0 (%g to "
+                 "%g), got %g", (double) FLT_MIN, (double) FLT_MAX, d);
         rc = MOE_EFORMAT;
         goto done;
     }
     hp->rope_theta = (float) d;
-    CHECK(m_num(root, "config.json", "rms_norm_eps", 1e-6, &d, err, errlen));
-    hp->norm_eps = (float) d;
+    CHECK(m_eps(root, "config.json", "rms_norm_eps", 1e-6, &hp->norm_eps,
+                err, errlen));
     CHECK(m_bool(root, "config.json", "tie_word_embeddings", 0,
                  &hp->tie_embeddings, err, errlen));
 
@@ -2302,8 +2337,8 @@ m_quant_config(moe_model_t *m, const char *quantization, char *err,
     if (rc == MOE_OK && m->q.method != MOE_QM_NONE
         && m->hp.arch == MOE_ARCH_GPT2)
     {
-        moe_errf(err, errlen, "%s: quantized GPT-2 checkpoints are not "
-                 "supported", m->dir);
+        moe_errf(err, errlen, "%s: quantization_config: quantized GPT-2 "
+                 "checkpoints are not supported", path);
         rc = MOE_EUNSUPPORTED;
     }
     return rc;

@@ -74,6 +74,31 @@ q_str(yajl_val o, const char *key)
 }
 
 
+/* a compressed-tensors "re:" ignore pattern must compile (a bad one
+ * would otherwise match nothing, silently) */
+static int
+q_regex_check(const char *pat, const char *file, const char *key, size_t i,
+    char *err, size_t errlen)
+{
+    pcre2_code   *re;
+    PCRE2_UCHAR   msg[128];
+    PCRE2_SIZE    eo;
+    int           ec;
+
+    re = pcre2_compile((PCRE2_SPTR) pat, PCRE2_ZERO_TERMINATED,
+                       PCRE2_ANCHORED, &ec, &eo, NULL);
+    if (re == NULL) {
+        pcre2_get_error_message(ec, msg, sizeof(msg));
+        moe_errf(err, errlen, "%s: quantization_config: '%s'[%zu] is not a "
+                 "valid regular expression: %s (at offset %zu)", file, key,
+                 i, (const char *) msg, (size_t) eo);
+        return MOE_EINVAL;
+    }
+    pcre2_code_free(re);
+    return MOE_OK;
+}
+
+
 /* an ignore list: null or a list of strings, appended to q->ignore */
 static int
 q_ignore_list(moe_qconfig_t *q, yajl_val v, const char *file,
@@ -98,6 +123,12 @@ q_ignore_list(moe_qconfig_t *q, yajl_val v, const char *file,
             moe_errf(err, errlen, "%s: quantization_config: '%s'[%zu] must "
                      "be a module name (1 to %zu bytes)", file, key, i,
                      sizeof(q->ignore[0]) - 1);
+            return MOE_EINVAL;
+        }
+        if (q->ignore_exact && strncmp(s->u.string, "re:", 3) == 0
+            && q_regex_check(s->u.string + 3, file, key, i, err, errlen)
+               != MOE_OK)
+        {
             return MOE_EINVAL;
         }
         if (q->n_ignore == MOE_Q_MAX_IGNORE) {
@@ -775,6 +806,12 @@ moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
     memset(out, 0, sizeof(*out));
     out->rows = N;
     out->cols = K;
+    if (q->method != MOE_QM_NONE && (N < 1 || K < 1)) {
+        /* group_size -1 takes G = K: K 0 would divide by zero */
+        moe_errf(err, errlen, "%s: '%s': logical shape [%lld, %lld] is "
+                 "empty", dir, base, (long long) N, (long long) K);
+        return MOE_EINVAL;
+    }
     switch (q->method) {
     case MOE_QM_FP8:
     case MOE_QM_CT_FP8:

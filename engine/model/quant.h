@@ -161,7 +161,8 @@ int moe_qconfig_ignored(const moe_qconfig_t *q, const char *module);
  * float tensor), or MOE_EINVAL naming the file, tensor and problem
  * (a float or missing weight for a module the config quantizes, missing
  * scale / zero tensors, wrong shape or dtype, K not divisible by the
- * group, g_idx out of range, ...).  dir names the model in errors.
+ * group, g_idx out of range, N or K below 1, ...).  dir names the model
+ * in errors.
  */
 int moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
     const char *dir, const char *base, int64_t N, int64_t K,

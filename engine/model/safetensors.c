@@ -20,6 +20,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "model/safetensors.h"
+#include "util/json.h"
 
 #define ST_MAX_HEADER  (100u * 1024 * 1024)   /* as the reference reader */
 
@@ -115,18 +116,12 @@ int
 moe_json_parse_object(const char *text, const char *path, const char *what,
     yajl_val *out, char *err, size_t errlen)
 {
-    char      jerr[256], *nl;
+    char      jerr[256];
     yajl_val  root;
 
     *out = NULL;
-    jerr[0] = '\0';
-    root = yajl_tree_parse(text, jerr, sizeof(jerr));
+    root = moe_json_parse(text, jerr, sizeof(jerr));
     if (root == NULL || !YAJL_IS_OBJECT(root)) {
-        for (nl = jerr; *nl; nl++) {
-            if (*nl == '\n' || *nl == '\r') {
-                *nl = ' ';
-            }
-        }
         moe_errf(err, errlen, "%s: %snot a JSON object%s%s", path, what,
                jerr[0] ? ": " : "", jerr);
         yajl_tree_free(root);
@@ -219,12 +214,19 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
             return MOE_EFORMAT;
         }
         t.shape[i] = x;
-        if (x != 0 && numel > data_len / (uint64_t) x) {
+        if (x == 0) {
+            numel = 0;              /* empty, whatever the other dims */
+        }
+    }
+    for (i = 0; numel != 0 && i < shape->u.array.len; i++) {
+        uint64_t x = (uint64_t) t.shape[i];
+
+        if (numel > data_len / x) {
             /* more elements than bytes in the file: cannot be right */
             numel = UINT64_MAX;
-        } else if (numel != UINT64_MAX) {
-            numel *= (uint64_t) x;
+            break;
         }
+        numel *= x;
     }
 
     if (offs->u.array.len != 2
@@ -483,12 +485,12 @@ st_open_index(moe_st_set_t *s, const char *dir, const char *ipath,
         moe_errf(err, errlen, "%s: %s", ipath, strerror(errno));
         return MOE_EIO;
     }
-    jerr[0] = '\0';
-    root = yajl_tree_parse(text, jerr, sizeof(jerr));
+    root = moe_json_parse(text, jerr, sizeof(jerr));
     free(text);
     wm = root ? yajl_tree_get(root, wm_path, yajl_t_object) : NULL;
     if (wm == NULL) {
-        moe_errf(err, errlen, "%s: no \"weight_map\" object", ipath);
+        moe_errf(err, errlen, "%s: no \"weight_map\" object%s%s", ipath,
+                 root == NULL ? ": " : "", root == NULL ? jerr : "");
         yajl_tree_free(root);
         return MOE_EFORMAT;
     }

@@ -204,7 +204,8 @@ moe_engine_main(void *arg)
 static char *
 moe_read_chat_template(const char *dir)
 {
-    char        path[MOE_PATH_MAX + 64], ebuf[128], *text, *res = NULL;
+    char        path[MOE_PATH_MAX + 64], ebuf[MOE_PATH_MAX + 384];
+    char       *text, *res = NULL;
     size_t      len;
     yajl_val    root, t;
     const char *key[] = { "chat_template", NULL };
@@ -217,11 +218,11 @@ moe_read_chat_template(const char *dir)
         return NULL;            /* absent or empty: no template */
     }
 
-    root = yajl_tree_parse(text, ebuf, sizeof(ebuf));
+    /* moe_json_parse_object refuses nesting yajl cannot free */
+    (void) moe_json_parse_object(text, path, "", &root, ebuf, sizeof(ebuf));
     free(text);
     if (root == NULL) {
-        moe_log(MOE_LOG_WARN, "%s: not valid JSON (%s); ignoring it", path,
-                ebuf);
+        moe_log(MOE_LOG_WARN, "%s; ignoring it", ebuf);
         return NULL;
     }
 

@@ -24,6 +24,14 @@
 #include "util/json.h"
 
 
+/*
+ * The largest token id a tokenizer.json may use.  The per-id tables are
+ * sized by it (27 bytes an id: 450 MB at the limit, whatever the
+ * file's size); real vocabularies stay below 300k.
+ */
+#define TOK_MAX_ID  (16 * 1024 * 1024)
+
+
 /* ---------------------------------------------------------- string arena */
 
 static char *
@@ -170,8 +178,9 @@ load_vocab(moe_tokenizer_t *t, yajl_val model, yajl_val added, char *err,
             }
         }
     }
-    if (max_id > 16 * 1024 * 1024) {
-        moe_errf(err, errlen, "token id %lld too large", max_id);
+    if (max_id > TOK_MAX_ID) {
+        moe_errf(err, errlen, "token id %lld too large (at most %d)", max_id,
+                 TOK_MAX_ID);
         return MOE_EFORMAT;
     }
     t->n_ids = (int32_t) (max_id + 1);
@@ -573,6 +582,8 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
 {
     yajl_val     list, specials, item, sp, ids;
     size_t       i, j;
+    tpl_item_t  *tp;
+    const char  *nm;
 
     (void) step;
     if (strcmp(type, "ByteLevel") == 0) {
@@ -603,12 +614,11 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
             continue;
         }
         sp = jget(item, "SpecialToken");
-        ids = jget(jget(specials, jstr(sp, "id") ? jstr(sp, "id") : ""),
-                   "ids");
+        nm = jstr(sp, "id");
+        ids = jget(jget(specials, nm ? nm : ""), "ids");
         if (!YAJL_IS_ARRAY(ids)) {
-            moe_errf(err, errlen, "TemplateProcessing: special token %s "
-                    "not in special_tokens", jstr(sp, "id") ? jstr(sp, "id")
-                    : "?");
+            moe_errf(err, errlen, "TemplateProcessing: special token %.64s "
+                    "not in special_tokens", nm ? nm : "?");
             return MOE_EFORMAT;
         }
         t->tpl[t->n_tpl].ids = malloc((ids->u.array.len + 1)
@@ -616,16 +626,20 @@ fill_post(moe_tokenizer_t *t, yajl_val n, const char *type, void *step,
         if (t->tpl[t->n_tpl].ids == NULL) {
             return MOE_ENOMEM;
         }
+        /* counted before it is filled: moe_tokenizer_free() frees it */
+        tp = &t->tpl[t->n_tpl++];
         for (j = 0; j < ids->u.array.len; j++) {
             yajl_val v = ids->u.array.values[j];
-            if (!YAJL_IS_INTEGER(v)) {
-                moe_errf(err, errlen, "TemplateProcessing: bad id");
+            if (!YAJL_IS_INTEGER(v) || YAJL_GET_INTEGER(v) < 0
+                || YAJL_GET_INTEGER(v) > INT32_MAX)
+            {
+                moe_errf(err, errlen, "TemplateProcessing: special token "
+                         "%.64s: ids must be token ids", nm ? nm : "?");
                 return MOE_EFORMAT;
             }
-            t->tpl[t->n_tpl].ids[j] = (int32_t) YAJL_GET_INTEGER(v);
+            tp->ids[j] = (int32_t) YAJL_GET_INTEGER(v);
+            tp->n = (int) j + 1;
         }
-        t->tpl[t->n_tpl].n = (int) j;
-        t->n_tpl++;
     }
     return MOE_OK;
 }
@@ -830,6 +844,32 @@ load_added(moe_tokenizer_t *t, yajl_val added, char *err, size_t errlen)
     return MOE_OK;
 }
 
+/*
+ * The ids a TemplateProcessing adds must be tokens (in the vocabulary or
+ * added): encode would otherwise return ids that decode refuses and the
+ * model has no embedding for.  Run once the added tokens are in.
+ */
+static int
+check_template(const moe_tokenizer_t *t, char *err, size_t errlen)
+{
+    int32_t  id;
+    int      i, j;
+
+    for (i = 0; i < t->n_tpl; i++) {
+        for (j = 0; j < t->tpl[i].n; j++) {
+            id = t->tpl[i].ids[j];
+            if (id < 0 || id >= t->n_ids || t->id_str[id] == NULL) {
+                moe_errf(err, errlen, "post_processor TemplateProcessing: "
+                         "special token id %d is not a token (%d ids)",
+                         (int) id, (int) t->n_ids);
+                return MOE_EFORMAT;
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+
 static char *
 config_token(moe_tokenizer_t *t, yajl_val cfg, const char *key)
 {
@@ -860,7 +900,7 @@ load_config(moe_tokenizer_t *t, const char *json_path)
     if (buf == NULL) {
         return;
     }
-    cfg = yajl_tree_parse(buf, NULL, 0);
+    cfg = moe_json_parse(buf, NULL, 0);
     free(buf);
     if (cfg == NULL) {
         return;       /* optional file: a broken one is ignored */
@@ -894,7 +934,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     size_t           len;
     yajl_val         root, model, added;
     const char      *type, *s;
-    char             ebuf[256];
+    char             ebuf[256], msg[384];
     int              rc, b;
 
     *out = NULL;
@@ -908,11 +948,9 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         moe_errf(err, errlen, "%s: %s", tokenizer_json_path, strerror(errno));
         return MOE_EIO;
     }
-    ebuf[0] = '\0';
-    root = yajl_tree_parse(buf, ebuf, sizeof(ebuf));
+    root = moe_json_parse(buf, ebuf, sizeof(ebuf));
     free(buf);
     if (root == NULL) {
-        ebuf[strcspn(ebuf, "\n")] = '\0';     /* yajl adds a context dump */
         moe_errf(err, errlen, "%s: bad JSON: %.200s", tokenizer_json_path,
                 ebuf);
         return MOE_EFORMAT;
@@ -924,6 +962,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     }
     t->unk_id = -1;
     t->add_bos = t->add_eos = -1;
+    msg[0] = '\0';
     model = jget(root, "model");
     added = jget(root, "added_tokens");
     type = jstr(model, "type");
@@ -931,8 +970,8 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         type = "BPE";
     }
     if (type == NULL || strcmp(type, "BPE") != 0) {
-        moe_errf(err, errlen, "%s: model type %s not supported (BPE only)",
-                tokenizer_json_path, type ? type : "(none)");
+        moe_errf(msg, sizeof(msg), "model type %.64s not supported (BPE "
+                 "only)", type ? type : "(none)");
         rc = type ? MOE_EUNSUPPORTED : MOE_EFORMAT;
         goto fail;
     }
@@ -947,7 +986,7 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     t->ignore_merges = jbool(model, "ignore_merges", 0);
     t->byte_fallback = jbool(model, "byte_fallback", 0);
     t->fuse_unk = jbool(model, "fuse_unk", 0);
-    rc = load_vocab(t, model, added, err, errlen);
+    rc = load_vocab(t, model, added, msg, sizeof(msg));
     if (rc != MOE_OK) {
         goto fail;
     }
@@ -959,12 +998,15 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
         snprintf(nm, sizeof(nm), "<0x%02X>", b);
         t->byte_id[b] = moe_tok_vocab_get(t, nm, 6);
     }
-    rc = load_merges(t, model, err, errlen);
+    rc = load_merges(t, model, msg, sizeof(msg));
     if (rc == MOE_OK) {
-        rc = load_pipeline(t, root, err, errlen);
+        rc = load_pipeline(t, root, msg, sizeof(msg));
     }
     if (rc == MOE_OK) {
-        rc = load_added(t, added, err, errlen);
+        rc = load_added(t, added, msg, sizeof(msg));
+    }
+    if (rc == MOE_OK) {
+        rc = check_template(t, msg, sizeof(msg));
     }
     if (rc != MOE_OK) {
         goto fail;
@@ -981,9 +1023,10 @@ moe_tokenizer_load(const char *tokenizer_json_path, moe_tokenizer_t **out,
     return MOE_OK;
 
 fail:
-    if (rc == MOE_ENOMEM) {
-        moe_errf(err, errlen, "%s: out of memory", tokenizer_json_path);
-    }
+    /* the parts' messages say what is wrong; this names the file */
+    moe_errf(err, errlen, "%s: %s", tokenizer_json_path,
+             rc == MOE_ENOMEM ? "out of memory"
+             : msg[0] != '\0' ? msg : moe_strerror(rc));
     yajl_tree_free(root);
     moe_tokenizer_free(t);
     return rc;

@@ -126,35 +126,57 @@ moe_sampling_defaults(moe_sampling_t *sp)
 }
 
 
-yajl_val
-moe_json_parse(const char *text, char *err, size_t errlen)
+/* 1 when text nests arrays / objects deeper than max outside strings */
+static int
+moe_json_too_deep(const char *text, int max)
 {
-    const char  *s;
-    int          depth = 0, str = 0;
+    const char  *p;
+    int          depth = 0, in_str = 0;
 
-    /* the nesting as yajl's lexer sees it: brackets outside strings */
-    for (s = text; *s != '\0'; s++) {
-        if (str) {
-            if (*s == '\\' && s[1] != '\0') {
-                s++;
-            } else if (*s == '"') {
-                str = 0;
+    for (p = text; *p != '\0'; p++) {
+        if (in_str) {
+            if (*p == '\\' && p[1] != '\0') {
+                p++;
+            } else if (*p == '"') {
+                in_str = 0;
             }
-        } else if (*s == '"') {
-            str = 1;
-        } else if (*s == '[' || *s == '{') {
-            if (++depth > MOE_JSON_MAX_DEPTH) {
-                if (err != NULL && errlen > 0) {
-                    snprintf(err, errlen, "nested deeper than %d levels",
-                             MOE_JSON_MAX_DEPTH);
-                }
-                return NULL;
+        } else if (*p == '"') {
+            in_str = 1;
+        } else if (*p == '[' || *p == '{') {
+            if (++depth > max) {
+                return 1;
             }
-        } else if (*s == ']' || *s == '}') {
+        } else if ((*p == ']' || *p == '}') && depth > 0) {
             depth--;
         }
     }
-    return yajl_tree_parse(text, err, errlen);
+    return 0;
+}
+
+
+yajl_val
+moe_json_parse(const char *text, char *msg, size_t msglen)
+{
+    yajl_val  v;
+    char     *nl;
+
+    if (msg != NULL && msglen > 0) {
+        msg[0] = '\0';
+    }
+    if (moe_json_too_deep(text, MOE_JSON_MAX_DEPTH)) {
+        moe_errf(msg, msglen, "nested deeper than %d levels",
+                 MOE_JSON_MAX_DEPTH);
+        return NULL;
+    }
+    v = yajl_tree_parse(text, msg, msglen);
+    if (v == NULL && msg != NULL && msglen > 0) {
+        for (nl = msg; *nl; nl++) {      /* yajl adds a context dump */
+            if (*nl == '\n' || *nl == '\r') {
+                *nl = ' ';
+            }
+        }
+    }
+    return v;
 }
 
 

@@ -15,12 +15,14 @@
  *   - the server: section (API keys: one, a list, key files resolved
  *     against the YAML's directory); its errors never quote a key;
  *   - a table of bad files in t/data/conf/ each fails with the expected
- *     status, "<file>:<line>: " prefix and reason substring.
+ *     status, "<file>:<line>: " prefix and reason substring; a section of
+ *     100000 keys is refused by count (in seconds, not minutes).
  * The source tree is found from argv[0] (build/t/config) or $MOE_SRCDIR.
  */
 
 #include <limits.h>
 #include <stdio.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -292,7 +294,7 @@ main(int argc, char **argv)
 
     n_bad = sizeof(bad_cases) / sizeof(bad_cases[0]);
 
-    TAP_PLAN(17 + n_bad);
+    TAP_PLAN(18 + n_bad);
 
     if (find_root(argv[0]) != 0) {
         TAP_DIAG("cannot find the source tree (t/data/conf) from %s; "
@@ -548,6 +550,37 @@ main(int argc, char **argv)
     rc = load("bad_unknown_key.yaml", &c, err, 8, path, sizeof(path));
     TAP_OK(rc == MOE_EINVAL && strlen(err) == 7 && err[8] == 'x',
            "errlen 8: message cut to 7 bytes, nothing written past it");
+
+    /* a section of 100000 distinct keys: refused by count; the pairwise
+     * duplicate check took most of a minute before naming the first
+     * unknown key */
+    ok = 0;
+    snprintf(tmp, sizeof(tmp), "/tmp/moe_config_keys_XXXXXX.yaml");
+    {
+        int      fd = mkstemps(tmp, 5), k;
+        FILE    *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+        clock_t  t0;
+        double   cpu = 0;
+
+        if (f != NULL) {
+            fprintf(f, "vllm:\n");
+            for (k = 0; k < 100000; k++) {
+                fprintf(f, "  k%d: 1\n", k);
+            }
+            fclose(f);
+            t0 = clock();
+            rc = moe_config_load(tmp, &c, err, sizeof(err));
+            cpu = (double) (clock() - t0) / CLOCKS_PER_SEC;
+            snprintf(want, sizeof(want), "%s:2: section 'vllm' has 100000 "
+                     "keys (at most 256)", tmp);
+            ok = rc == MOE_EINVAL && strcmp(err, want) == 0 && cpu < 10;
+            TAP_DIAG("%.2f s CPU: %s", cpu, err);
+            unlink(tmp);
+        } else if (fd >= 0) {
+            close(fd);
+        }
+    }
+    TAP_OK(ok, "a section of 100000 keys is refused by count, quickly");
 
     /* ---- bad files */
 

@@ -4,7 +4,8 @@
  *    to nearest even, saturation at 448) and the round trip of every code;
  *  - AWQ and GPTQ packing against hand-computed int32 words, unpacking
  *    back, and the dequantization of hand-built fp8-block, AWQ and GPTQ
- *    (g_idx, v1 zero + 1) tensors against the formula;
+ *    (g_idx, v1 zero + 1) tensors against the formula; an empty logical
+ *    shape refused by moe_qtensor_find;
  *  - every model in $MOE_QUANT_DIR (build/quant, tools/quant_models.sh)
  *    loads on the CPU backend with its fp32 weights bitwise equal to its
  *    dequantized reference (<name>.ref, written by the quantizer from its
@@ -236,6 +237,50 @@ test_dequant(void)
         }
     }
     TAP_OK(ok, "GPTQ dequant: g_idx picks the group, zero is stored + 1");
+}
+
+
+/*
+ * moe_qtensor_find with K 0 under GPTQ group_size -1 (G = K): it divided
+ * by zero (fuzz_quant); refused as an empty logical shape.
+ */
+static void
+test_find_empty(void)
+{
+    static const char  hdr[] = "{\"m.qweight\":{\"dtype\":\"I32\","
+                               "\"shape\":[0,8],\"data_offsets\":[0,0]}}";
+    char               dir[] = "/tmp/moe-quant-XXXXXX", path[64];
+    char               err[512] = "";
+    unsigned char      len[8] = { sizeof(hdr) - 1 };
+    moe_st_set_t      *st = NULL;
+    moe_qconfig_t      q;
+    moe_qtensor_t      t;
+    FILE              *f;
+    int                rc = -100;
+
+    if (mkdtemp(dir) == NULL) {
+        TAP_OK(0, "mkdtemp");
+        return;
+    }
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    f = fopen(path, "wb");
+    if (f != NULL) {
+        fwrite(len, 1, 8, f);
+        fwrite(hdr, 1, sizeof(hdr) - 1, f);
+        fclose(f);
+    }
+    memset(&q, 0, sizeof(q));
+    q.method = MOE_QM_GPTQ;
+    q.bits = 4;
+    q.group_size = -1;
+    if (moe_st_open_file(path, &st, err, sizeof(err)) == MOE_OK) {
+        rc = moe_qtensor_find(st, &q, dir, "m", 8, 0, &t, err, sizeof(err));
+    }
+    TAP_OK(rc == MOE_EINVAL && strstr(err, "logical shape [8, 0] is empty"),
+           "GPTQ group_size -1 with K 0: refused (got %d: %s)", rc, err);
+    moe_st_close(st);
+    unlink(path);
+    rmdir(dir);
 }
 
 
@@ -596,6 +641,11 @@ test_refusals(void)
         "\"pack-quantized\", \"config_groups\": {}}",
         "compressed-tensors pack-quantized", "format 'pack-quantized' is "
         "not supported", NULL);
+    CFG("{\"quant_method\": \"compressed-tensors\", \"config_groups\": "
+        "{\"g\": {\"weights\": {\"num_bits\": 8, \"type\": \"float\"}}}, "
+        "\"ignore\": [\"lm_head\", \"re:.*(o_proj\"]}",
+        "compressed-tensors ignore pattern that does not compile",
+        "'ignore'[1] is not a valid regular expression: ", "config.json");
     snprintf(d, sizeof(d), "models/localmoe-tiny");
     CFG("{\"quant_method\": \"fp8\"}", "fp8 config over bf16 weights",
         "is BF16, but quantization_config fp8 quantizes '",
@@ -604,6 +654,34 @@ test_refusals(void)
         "AWQ config without qweight", "missing tensor '",
         ".qweight' (quantization_config awq;");
 #undef CFG
+
+    /* a quantized GPT-2: the message names config.json (it named only
+     * the directory; tools/fuzz/fuzz_config.c) */
+    {
+        moe_model_t *m = NULL;
+        char         err[1024] = "", path[700];
+        FILE        *f;
+        int          rc;
+
+        mkdir(tmp, 0755);
+        snprintf(path, sizeof(path), "%s/config.json", tmp);
+        f = fopen(path, "w");
+        if (f != NULL) {
+            fputs("{\"architectures\": [\"GPT2LMHeadModel\"], \"n_embd\": "
+                  "64, \"n_layer\": 2, \"n_head\": 4, \"vocab_size\": 512, "
+                  "\"quantization_config\": {\"quant_method\": \"fp8\"}}",
+                  f);
+            fclose(f);
+        }
+        rc = moe_model_load_config(tmp, 0, &m, err, sizeof(err));
+        TAP_OK(rc == MOE_EUNSUPPORTED && strstr(err, path) != NULL
+               && strstr(err, "quantized GPT-2 checkpoints are not "
+                         "supported") != NULL,
+               "quantized GPT-2 refused naming %s (got %d: %s)", path, rc,
+               err);
+        moe_model_free(m);
+        unlink(path);
+    }
 
     /* the YAML key against the checkpoint */
     snprintf(d, sizeof(d), "%s/fp8-tensor", qdir);
@@ -700,6 +778,7 @@ main(void)
     test_fp8();
     test_pack();
     test_dequant();
+    test_find_empty();
 
     snprintf(list, sizeof(list), "%s/MODELS", qdir);
     f = fopen(list, "r");

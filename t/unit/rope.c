@@ -11,7 +11,9 @@
  * 1))^(d / (d - 2)).  (The end-to-end comparison with transformers' own
  * frequencies is t/forward.t's reference logits for the llama-rope-*
  * models.)  Also: config.json errors (a missing llama3 field, an unknown
- * type) are refused by name.
+ * type; rope_theta, rope factors, original_max_position_embeddings and
+ * rms_norm_eps out of range for the float or int they are kept in) are
+ * refused by name.
  */
 
 #include <math.h>
@@ -133,16 +135,36 @@ main(void)
            "dynamic: longer sequences get lower frequencies");
 
     {
-        static const struct { const char *scaling, *want; } bad[] = {
-            { "{\"rope_type\":\"llama3\",\"factor\":8,"
+        /* keys added to a valid Llama config.json; the last ones were
+         * accepted before and reached the model as inf, 0 or a negative
+         * epsilon (tools/fuzz/fuzz_config.c) */
+        static const struct { const char *keys, *want; } bad[] = {
+            { "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,"
               "\"high_freq_factor\":4,"
               "\"original_max_position_embeddings\":64}",
               "needs 'low_freq_factor'" },
-            { "{\"rope_type\":\"longrope\",\"factor\":8}",
-              "type 'longrope' is not supported" },
-            { "{\"rope_type\":\"linear\"}", "needs 'factor'" },
-            { "{\"rope_type\":\"yarn\",\"factor\":-1}",
+            { "\"rope_scaling\":{\"rope_type\":\"longrope\","
+              "\"factor\":8}", "type 'longrope' is not supported" },
+            { "\"rope_scaling\":{\"rope_type\":\"linear\"}",
+              "needs 'factor'" },
+            { "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":-1}",
               "factor must be a number > 0" },
+            { "\"rms_norm_eps\":-1e-5",
+              "'rms_norm_eps' must be a number >= 0" },
+            { "\"rms_norm_eps\":1e39",
+              "'rms_norm_eps' must be a number >= 0" },
+            { "\"rope_theta\":1e39", "rope_theta must be > 0" },
+            { "\"rope_theta\":1e-300", "rope_theta must be > 0" },
+            { "\"rope_scaling\":{\"rope_type\":\"linear\","
+              "\"factor\":1e39}", "factor must be a number > 0" },
+            { "\"rope_scaling\":{\"rope_type\":\"dynamic\","
+              "\"factor\":1e-50}", "factor must be a number > 0" },
+            { "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4,"
+              "\"original_max_position_embeddings\":1e12}",
+              "original_max_position_embeddings must be a length" },
+            { "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4,"
+              "\"original_max_position_embeddings\":0.5}",
+              "original_max_position_embeddings must be a length" },
         };
         char  dir[] = "/tmp/moe-rope-XXXXXX", path[512], err[512];
         FILE *f;
@@ -163,7 +185,7 @@ main(void)
                     "\"hidden_size\":64,\"intermediate_size\":64,"
                     "\"num_hidden_layers\":1,\"num_attention_heads\":4,"
                     "\"num_key_value_heads\":2,\"vocab_size\":512,"
-                    "\"rope_scaling\":%s}", bad[i].scaling);
+                    "%s}", bad[i].keys);
             fclose(f);
             err[0] = '\0';
             rc = moe_model_load(dir, 0, &m, err, sizeof(err));

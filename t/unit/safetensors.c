@@ -3,12 +3,14 @@
  *  - a valid file with F32/F16/BF16 tensors and __metadata__ parses, shapes
  *    and bytes are right, lookups work, conversions are exact (all 65536
  *    f16 values against an independent formula; bf16 incl. inf/nan);
+ *    empty tensors open whatever their other dims;
  *  - sharded directories (index.json) and the test model shards load;
  *  - malformed files fail with the right status and a message naming the
  *    file and tensor: truncated header, header length past EOF, bad JSON,
  *    offsets out of range, unknown dtype, shape/size mismatch, too many
- *    dims, negative dims, a tensor in two shards, an index naming a tensor
- *    its shard lacks, no weights at all.
+ *    dims, negative dims, a header nested deeper than MOE_JSON_MAX_DEPTH
+ *    (util/json.h), a tensor in two shards, an index naming a tensor its
+ *    shard lacks, no weights at all.
  * The bad files are generated into a temp dir by the test itself.
  */
 
@@ -211,6 +213,50 @@ test_conversions(void)
 }
 
 
+/* "{\"a\":" + depth '[' + depth ']' + "}" (malloc'ed) */
+static char *
+deep_json(size_t depth)
+{
+    char   *j = malloc(2 * depth + 16);
+    size_t  i, n = 0;
+
+    if (j == NULL) {
+        return NULL;
+    }
+    n += (size_t) sprintf(j, "{\"a\":");
+    for (i = 0; i < depth; i++) {
+        j[n++] = '[';
+    }
+    for (i = 0; i < depth; i++) {
+        j[n++] = ']';
+    }
+    strcpy(j + n, "}");
+    return j;
+}
+
+
+/*
+ * A header nested a million levels deep (2 MB, under the 100 MB header
+ * limit): yajl parses it, but yajl_tree_free() recursed once per level
+ * and overflowed the stack (fuzz_safetensors).  Refused before parsing,
+ * naming the file; nesting up to MOE_JSON_MAX_DEPTH (128) still parses.
+ */
+static void
+test_deep_header(void)
+{
+    char  *deep = deep_json(1u << 20), *ok = deep_json(127);
+
+    expect_bad("header nested 2^20 levels deep", "deep.safetensors",
+               deep ? deep : "", ~(uint64_t) 0, NULL, 0, MOE_EFORMAT,
+               "nested deeper than 128 levels");
+    expect_bad("header nested 128 levels deep still parses",
+               "deep.safetensors", ok ? ok : "", ~(uint64_t) 0, NULL, 0,
+               MOE_EFORMAT, "tensor 'a': entry is not an object");
+    free(deep);
+    free(ok);
+}
+
+
 static void
 test_malformed(void)
 {
@@ -265,9 +311,26 @@ test_malformed(void)
                "{\"w\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,"
                "4294967296],\"data_offsets\":[0,4]}}", ~(uint64_t) 0, zeros,
                4, MOE_EFORMAT, "tensor 'w'");
+    /* an empty tensor whose other dim exceeds the file's data (it was
+     * refused as "more elements than the file has bytes"; fuzz_quant) */
+    write_st(tpath("empty.safetensors"), "{\"e\":{\"dtype\":\"I32\","
+             "\"shape\":[4096,0],\"data_offsets\":[0,0]},\"f\":{\"dtype\":"
+             "\"F32\",\"shape\":[0,1099511627776,1099511627776],"
+             "\"data_offsets\":[0,0]}}", ~(uint64_t) 0, NULL, 0);
+    s = NULL;
+    rc = moe_st_open_file(tpath("empty.safetensors"), &s, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && moe_st_find(s, "e") != NULL
+           && moe_st_find(s, "e")->numel == 0
+           && moe_st_find(s, "e")->shape[0] == 4096
+           && moe_st_find(s, "f") != NULL && moe_st_find(s, "f")->numel == 0,
+           "empty tensors [4096, 0] and [0, 2^40, 2^40] in a file without "
+           "data open (%s)", rc ? err : "ok");
+    moe_st_close(s);
     expect_bad("entry not an object", "entry.safetensors",
                "{\"w\":[1,2]}", ~(uint64_t) 0, NULL, 0, MOE_EFORMAT,
                "tensor 'w': entry is not an object");
+
+    test_deep_header();
 
     s = NULL;
     rc = moe_st_open_file(tpath("does-not-exist.safetensors"), &s, err,
@@ -363,7 +426,7 @@ cleanup(void)
 {
     static const char *names[] = {
         "ok", "short", "hlen", "cut", "json", "offs", "rev", "dtype", "size",
-        "dims", "neg", "huge", "entry"
+        "dims", "neg", "huge", "entry", "deep", "empty"
     };
     size_t i;
     char   n[64];

@@ -13,6 +13,9 @@
  *    each whole UTF-8 and whose concatenation plus flush equals decode(),
  *    on the corpus and on random id sequences (byte tokens, specials);
  *  - encoding 10 KB of text takes < 20 ms of CPU time; error statuses;
+ *    malformed tokenizer.json files fail with a message naming the file
+ *    and the problem (check_malformed), among them TemplateProcessing ids
+ *    that are no token;
  *  - text streams: stop strings found across tokens as a direct search
  *    finds them, in time linear in the output whatever their length.
  * Run from the repository root (t/tokenizer.t does; it fetches the
@@ -1014,6 +1017,85 @@ check_normalizers(void)
            "unknown normalizer refused, named in the error (%s)", err);
 }
 
+/*
+ * Malformed tokenizer.json files: the load fails with the status and a
+ * message that names the file (the parts' messages once came without
+ * it; tools/fuzz/fuzz_tokenizer_json.c checks every failure) and says
+ * what is wrong.
+ */
+static void
+check_malformed(void)
+{
+    static const struct {
+        const char  *what;
+        const char  *json;
+        int          status;
+        const char  *reason;
+    } bad[] = {
+        { "no vocab", "{\"model\":{\"type\":\"BPE\"}}", MOE_EFORMAT,
+          "model.vocab missing or not an object" },
+        { "merge of unknown tokens",
+          "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},"
+          "\"merges\":[\"a b\"]}}", MOE_EFORMAT,
+          "merges[0]: token not in vocab" },
+        { "unknown normalizer",
+          "{\"normalizer\":{\"type\":\"Lowercase\"},\"model\":{"
+          "\"type\":\"BPE\",\"vocab\":{\"a\":0}}}", MOE_EUNSUPPORTED,
+          "normalizer Lowercase not supported" },
+        /* a template id that is no token (id 1 is a hole: vocab 0 and
+         * 2): encode returned it and decode refused it
+         * (fuzz_tokenizer_json) */
+        { "template id not a token",
+          "{\"post_processor\":{\"type\":\"TemplateProcessing\","
+          "\"single\":[{\"SpecialToken\":{\"id\":\"<s>\"}},"
+          "{\"Sequence\":{\"id\":\"A\"}}],\"special_tokens\":{"
+          "\"<s>\":{\"ids\":[1]}}},\"model\":{\"type\":\"BPE\","
+          "\"vocab\":{\"a\":0,\"b\":2}}}", MOE_EFORMAT,
+          "special token id 1 is not a token (3 ids)" },
+        { "template id past the vocabulary",
+          "{\"post_processor\":{\"type\":\"TemplateProcessing\","
+          "\"single\":[{\"SpecialToken\":{\"id\":\"<s>\"}}],"
+          "\"special_tokens\":{\"<s>\":{\"ids\":[0,7]}}},\"model\":{"
+          "\"type\":\"BPE\",\"vocab\":{\"a\":0}}}", MOE_EFORMAT,
+          "special token id 7 is not a token (1 ids)" },
+        /* the ids array of a rejected special token leaked (make asan) */
+        { "template id not an integer",
+          "{\"post_processor\":{\"type\":\"TemplateProcessing\","
+          "\"single\":[{\"SpecialToken\":{\"id\":\"<s>\"}}],"
+          "\"special_tokens\":{\"<s>\":{\"ids\":[0,\"x\"]}}},"
+          "\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0}}}",
+          MOE_EFORMAT, "special token <s>: ids must be token ids" },
+    };
+    const char       *path = "build/t/tok_bad.json";
+    moe_tokenizer_t  *t;
+    char              err[512];
+    size_t            i;
+    int               rc;
+    FILE             *f;
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        f = fopen(path, "w");
+        if (f == NULL) {
+            TAP_OK(0, "cannot write %s", path);
+            return;
+        }
+        fputs(bad[i].json, f);
+        fclose(f);
+        t = NULL;
+        err[0] = '\0';
+        rc = moe_tokenizer_load(path, &t, err, sizeof(err));
+        TAP_OK(rc == bad[i].status && t == NULL
+               && strncmp(err, path, strlen(path)) == 0
+               && strstr(err, bad[i].reason) != NULL,
+               "malformed tokenizer.json, %s: status %d (want %d), "
+               "message names the file: %s", bad[i].what, rc,
+               bad[i].status, err);
+        moe_tokenizer_free(t);
+    }
+    remove(path);
+}
+
+
 int
 main(void)
 {
@@ -1061,6 +1143,7 @@ main(void)
            == MOE_EFORMAT && t == NULL, "truncated JSON: MOE_EFORMAT (%s)",
            err);
     remove("build/t/tok_bad.json");
+    check_malformed();
 
     check_normalizers();
     check_textstream();
