@@ -319,6 +319,28 @@ ngx_http_moe_json_parse(ngx_http_request_t *r, u_char *data, size_t len,
 }
 
 
+/*
+ * A JSON text found inside a request (a string field that holds JSON, as
+ * an assistant tool call's "arguments"), NUL terminated: its tree, or
+ * NULL when it is not JSON, holds a \u0000, or is nested deeper than
+ * NGX_HTTP_MOE_MAX_DEPTH.  The body's own depth check does not see inside
+ * strings, and yajl_tree_free() recurses once per level: 800 KB of '['
+ * killed the worker.  The caller frees the tree with yajl_tree_free().
+ */
+
+yajl_val
+ngx_http_moe_json_parse_text(const char *text)
+{
+    u_char  *p = (u_char *) text;
+
+    if (ngx_http_moe_json_depth(p, p + ngx_strlen(p)) != NGX_OK) {
+        return NULL;
+    }
+
+    return yajl_tree_parse(text, NULL, 0);
+}
+
+
 static void
 ngx_http_moe_tree_cleanup(void *data)
 {

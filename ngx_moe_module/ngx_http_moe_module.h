@@ -437,6 +437,7 @@ ngx_int_t ngx_http_moe_send_error(ngx_http_request_t *r, ngx_uint_t status,
 void ngx_http_moe_gen_error(yajl_gen g, ngx_http_moe_err_t *err);
 ngx_int_t ngx_http_moe_json_parse(ngx_http_request_t *r, u_char *data,
     size_t len, yajl_val *root, ngx_http_moe_err_t *err);
+yajl_val ngx_http_moe_json_parse_text(const char *text);
 yajl_val ngx_http_moe_json_get(yajl_val obj, const char *key);
 yajl_val ngx_http_moe_json_find(yajl_val obj, const char *key);
 ngx_int_t ngx_http_moe_json_int(yajl_val v, int64_t *out);

@@ -785,8 +785,10 @@ ngx_http_moe_tools_message(yajl_gen g, yajl_val m, moe_chat_msg_t *msg,
             ngx_http_moe_gen_cstr(g, name->u.string);
             ngx_http_moe_gen_lit(g, "arguments");
 
+            /* arguments that are no JSON object, or nested too deep,
+             * reach the template as the string they are */
             parsed = YAJL_IS_STRING(args)
-                     ? yajl_tree_parse(args->u.string, NULL, 0) : NULL;
+                     ? ngx_http_moe_json_parse_text(args->u.string) : NULL;
 
             if (YAJL_IS_OBJECT(parsed)) {
                 ngx_http_moe_tools_gen_value(g, parsed);

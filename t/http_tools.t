@@ -347,6 +347,25 @@ is_deeply([map { [$_->{function}{name}, json_decode($_->{function}{arguments})] 
 is($j->{choices}[0]{message}{content}, $said,
    'tool_call_parser llama3_json: <tool_call> text is content');
 
+# An assistant tool call's arguments string nested 400000 levels deep (800
+# KB, under the 1 MB body limit): the body's own depth check does not see
+# inside a string, and the module parsed it with yajl, whose tree free
+# recursed once per level (the worker died).  Kept as the string it is
+# (the template then sees text), nothing crashes, the next request works.
+my $deep = ('[' x 400000) . (']' x 400000);
+($st, undef, $j, $raw) = http(POST => $C, { %chat, max_tokens => 1,
+    messages => [@user,
+        { role => 'assistant', content => undef, tool_calls => [
+            { id => 'call_deep', type => 'function', function => {
+                name => 'get_weather', arguments => $deep } }] },
+        { role => 'tool', tool_call_id => 'call_deep', content => '22C' }],
+    tools => [$weather] });
+ok($st == 200 || $st == 400,
+   'tool call arguments nested 400000 deep: an answer (200 or 400), '
+   . "not a dead worker (status $st)") or diag substr($raw // '', 0, 300);
+($st) = http(POST => $C, { %chat, max_tokens => 1 });
+is($st, 200, 'the next request after it: 200');
+
 finish();
 
 

@@ -10,6 +10,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "text/jinja_int.h"
+#include "util/json.h"
 
 
 /* Runs the template with the globals `vars` filled by fill(). */
@@ -170,7 +171,7 @@ moe_jinja_render_json(const moe_jinja_tmpl_t *t, const char *json,
     char **out, size_t *out_len, char *err, size_t errlen)
 {
     char      ebuf[128];
-    yajl_val  y = yajl_tree_parse(json, ebuf, sizeof(ebuf));
+    yajl_val  y = moe_json_parse(json, ebuf, sizeof(ebuf));
     int       rc;
 
     *out = NULL;
