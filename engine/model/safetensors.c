@@ -280,6 +280,68 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
 }
 
 
+/* qsort order of tensor pointers by their data's start */
+static int
+st_cmp_data(const void *a, const void *b)
+{
+    const unsigned char *x = (*(const moe_st_tensor_t *const *) a)->data;
+    const unsigned char *y = (*(const moe_st_tensor_t *const *) b)->data;
+
+    return x < y ? -1 : x > y;
+}
+
+
+/*
+ * The tensors [first, n_tensors) of file f (data buffer at data) must not
+ * share bytes, as the safetensors format requires (Hugging Face's reader
+ * refuses overlapping data_offsets): two weights on the same bytes are a
+ * broken or hostile file, not a model.  Empty tensors take no bytes.
+ */
+static int
+st_check_overlap(const moe_st_set_t *s, size_t first, const st_file_t *f,
+    const unsigned char *data, char *err, size_t errlen)
+{
+    size_t                  n = s->n_tensors - first, i, end = 0;
+    const moe_st_tensor_t **v, *a = NULL;
+    int                     rc = MOE_OK;
+
+    if (n < 2) {
+        return MOE_OK;
+    }
+    v = malloc(n * sizeof(*v));
+    if (v == NULL) {
+        moe_errf(err, errlen, "out of memory");
+        return MOE_ENOMEM;
+    }
+    for (i = 0; i < n; i++) {
+        v[i] = &s->tensors[first + i];
+    }
+    qsort(v, n, sizeof(*v), st_cmp_data);
+    /* a: the non-empty tensor reaching furthest so far, to byte end */
+    for (i = 0; i < n && rc == MOE_OK; i++) {
+        const moe_st_tensor_t *b = v[i];
+        size_t                 b0, b1;
+
+        if (b->nbytes == 0) {
+            continue;
+        }
+        b0 = (size_t) ((const unsigned char *) b->data - data);
+        b1 = b0 + b->nbytes;
+        if (a != NULL && end > b0) {
+            moe_errf(err, errlen, "%s: tensors '%s' [%zu, %zu] and '%s' "
+                     "[%zu, %zu] overlap in data_offsets", f->path,
+                     a->name, end - a->nbytes, end, b->name, b0, b1);
+            rc = MOE_EFORMAT;
+        } else if (b1 > end) {
+            a = b;
+            end = b1;
+        }
+    }
+    free(v);
+    return rc;
+}
+
+
 /* Map `path` and append its tensors to s. */
 static int
 st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
@@ -291,7 +353,7 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
     const unsigned char *p;
     char           *json;
     yajl_val        root;
-    size_t          i;
+    size_t          i, first;
 
     nf = realloc(s->files, (s->n_files + 1) * sizeof(*nf));
     if (nf == NULL) {
@@ -357,6 +419,7 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
         return rc;
     }
 
+    first = s->n_tensors;
     for (i = 0; i < root->u.object.len; i++) {
         const char *name = root->u.object.keys[i];
 
@@ -370,6 +433,9 @@ st_add_file(moe_st_set_t *s, const char *path, char *err, size_t errlen)
         }
     }
     yajl_tree_free(root);
+    if (rc == MOE_OK) {
+        rc = st_check_overlap(s, first, f, p + 8 + hlen, err, errlen);
+    }
     return rc;
 }
 

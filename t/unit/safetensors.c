@@ -9,7 +9,8 @@
  *    file and tensor: truncated header, header length past EOF, bad JSON,
  *    offsets out of range, unknown dtype, shape/size mismatch, too many
  *    dims, negative dims, a header nested deeper than MOE_JSON_MAX_DEPTH
- *    (util/json.h), a tensor in two shards, an index naming a tensor its
+ *    (util/json.h), tensors sharing bytes (adjacent ones and empty ones
+ *    still open), a tensor in two shards, an index naming a tensor its
  *    shard lacks, no weights at all.
  * The bad files are generated into a temp dir by the test itself.
  */
@@ -329,6 +330,33 @@ test_malformed(void)
     expect_bad("entry not an object", "entry.safetensors",
                "{\"w\":[1,2]}", ~(uint64_t) 0, NULL, 0, MOE_EFORMAT,
                "tensor 'w': entry is not an object");
+    /* two tensors on the same bytes (Hugging Face's reader refuses them;
+     * ours took them), also across an empty tensor between the two */
+    expect_bad("overlapping tensors", "overlap.safetensors",
+               "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],"
+               "\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\","
+               "\"shape\":[2],\"data_offsets\":[4,12]}}", ~(uint64_t) 0,
+               zeros, 12, MOE_EFORMAT,
+               "tensors 'a' [0, 8] and 'b' [4, 12] overlap");
+    expect_bad("overlap past an empty tensor", "overlap2.safetensors",
+               "{\"a\":{\"dtype\":\"F32\",\"shape\":[4],"
+               "\"data_offsets\":[0,16]},\"e\":{\"dtype\":\"F32\","
+               "\"shape\":[0],\"data_offsets\":[4,4]},\"b\":{\"dtype\":"
+               "\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
+               ~(uint64_t) 0, zeros, 16, MOE_EFORMAT,
+               "tensors 'a' [0, 16] and 'b' [8, 12] overlap");
+    write_st(tpath("adjacent.safetensors"), "{\"a\":{\"dtype\":\"F32\","
+             "\"shape\":[2],\"data_offsets\":[0,8]},\"e\":{\"dtype\":"
+             "\"F32\",\"shape\":[0],\"data_offsets\":[4,4]},\"b\":"
+             "{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}",
+             ~(uint64_t) 0, zeros, 16);
+    s = NULL;
+    rc = moe_st_open_file(tpath("adjacent.safetensors"), &s, err,
+                          sizeof(err));
+    TAP_OK(rc == MOE_OK && moe_st_count(s) == 3,
+           "adjacent tensors and an empty one inside another's bytes open "
+           "(%s)", rc ? err : "ok");
+    moe_st_close(s);
 
     test_deep_header();
 
