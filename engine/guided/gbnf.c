@@ -132,7 +132,7 @@ typedef struct {
     int          n_cls, cap_cls;
     long         n_el;            /* running total, for the limit */
     int          any_rule;        /* rule of ".", -1 until needed */
-    int         *name_slot;       /* (n_name_slot) named rules by name
+    int32_t     *name_slot;       /* (n_name_slot) named rules by name
                                      hash, open addressing; -1 empty */
     int          n_name_slot;     /* power of two (0: none yet) */
     int          n_named;
@@ -248,24 +248,19 @@ gp_name_hash(const char *name, size_t nl)
 static int
 gp_names_grow(gp_t *p)
 {
-    int  n = p->n_name_slot ? p->n_name_slot * 2 : 256, *sl, i;
-    uint32_t j;
+    int      n = p->n_name_slot ? p->n_name_slot * 2 : 256, i;
+    int32_t *sl = malloc(sizeof(int32_t) * (size_t) n);
 
-    sl = malloc(sizeof(int) * (size_t) n);
     if (sl == NULL) {
         return -1;
     }
-    memset(sl, 0xff, sizeof(int) * (size_t) n);
+    memset(sl, 0xff, sizeof(int32_t) * (size_t) n);
     for (i = 0; i < p->n_rules; i++) {
-        if (p->rules[i].name == NULL) {
-            continue;
+        if (p->rules[i].name != NULL) {
+            moe_gslot_put(sl, (size_t) n,
+                          gp_name_hash(p->rules[i].name,
+                                       strlen(p->rules[i].name)), i);
         }
-        j = gp_name_hash(p->rules[i].name, strlen(p->rules[i].name))
-            & (uint32_t) (n - 1);
-        while (sl[j] >= 0) {
-            j = (j + 1) & (uint32_t) (n - 1);
-        }
-        sl[j] = i;
     }
     free(p->name_slot);
     p->name_slot = sl;

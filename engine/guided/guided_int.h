@@ -37,6 +37,22 @@
 #define MOE_GUIDED_MAX_WALK    (1 << 22)
 
 /*
+ * The guided rooms' hash tables (gbnf.c's rule names, matcher.c's state
+ * store) are int32 slot arrays of n slots, n a power of two, -1 free,
+ * probed linearly: put v at the first free slot from hash h.
+ */
+static inline void
+moe_gslot_put(int32_t *sl, size_t n, uint64_t h, int32_t v)
+{
+    size_t  j = (size_t) h & (n - 1);
+
+    while (sl[j] >= 0) {
+        j = (j + 1) & (n - 1);
+    }
+    sl[j] = v;
+}
+
+/*
  * A flat grammar: rule r's body starts at el[rule_start[r]], alternatives
  * separated by GE_ALT, the rule ended by GE_END.  An element e >= 0 is a
  * byte class (e even: class e / 2) or a rule reference (e odd: rule

@@ -395,14 +395,7 @@ struct moe_mask_cache {
 static uint64_t
 state_hash(const sv_t *s)
 {
-    uint64_t h = 1469598103934665603ull;
-    size_t   i;
-
-    for (i = 0; i < s->n; i++) {
-        h ^= (uint32_t) s->v[i];
-        h *= 1099511628211ull;
-    }
-    return h ^ (h >> 29);
+    return stack_hash(s->v, s->n);
 }
 
 
@@ -569,7 +562,7 @@ store_clear(moe_state_store_t *ss)
 static int
 store_grow_slots(moe_state_store_t *ss)
 {
-    size_t   ns = ss->nslot ? ss->nslot * 2 : 1024, j;
+    size_t   ns = ss->nslot ? ss->nslot * 2 : 1024;
     int32_t *sl = malloc(sizeof(int32_t) * ns);
     int      i;
 
@@ -578,11 +571,7 @@ store_grow_slots(moe_state_store_t *ss)
     }
     memset(sl, 0xff, sizeof(int32_t) * ns);
     for (i = 0; i < ss->n; i++) {
-        j = ss->hash[i] & (ns - 1);
-        while (sl[j] >= 0) {
-            j = (j + 1) & (ns - 1);
-        }
-        sl[j] = i;
+        moe_gslot_put(sl, ns, ss->hash[i], i);
     }
     free(ss->slot);
     ss->slot = sl;
