@@ -252,6 +252,16 @@ moe_f2bf(float v)
 }
 
 
+/* SwiGLU's product silu(g) u = g / (1 + e^-g) u in fp32: the one
+ * formula every fused gate|up epilogue and the SwiGLU kernel use, so
+ * that the GEMV, grouped-GEMM and tensor-core paths agree to the bit. */
+__device__ __forceinline__ float
+moe_silu_mul(float g, float u)
+{
+    return g / (1.0f + expf(-g)) * u;
+}
+
+
 /* Multiprocessors of the current device (132, the H200's, if it cannot be
  * read); read once per translation unit. */
 static inline int

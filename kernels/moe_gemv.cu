@@ -223,7 +223,7 @@ kernel_gemv_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         u += red[w][NT * 4 + jc][l];
                     }
                     H[(size_t) r * ldy + col] =
-                        moe_f2bf(v / (1.0f + expf(-v)) * u);
+                        moe_f2bf(moe_silu_mul(v, u));
                 } else {
                     Y[(size_t) r * ldy + col] = v;
                 }
@@ -375,7 +375,7 @@ kernel_gemv_fma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     if (SILU) {
                         float g = acc[i][t], v = acc[RW - GF_CW + i][t];
 
-                        H[o] = moe_f2bf(g / (1.0f + expf(-g)) * v);
+                        H[o] = moe_f2bf(moe_silu_mul(g, v));
                     } else {
                         Y[o] = acc[i][t];
                     }

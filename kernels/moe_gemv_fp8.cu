@@ -424,7 +424,7 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     }
                     u *= f8_row_scale(scale, MODE, 1, e, N, R, N + col);
                     H[(size_t) r * ldy + col] =
-                        moe_f2bf(v / (1.0f + expf(-v)) * u);
+                        moe_f2bf(moe_silu_mul(v, u));
                 } else {
                     Y[(size_t) r * ldy + col] = v;
                 }
@@ -796,7 +796,7 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     u = u * sinv[t] * f8_row_scale(scale, MODE, 1, e, N, R,
                                                    N + col);
                     H[(size_t) r * ldy + col] =
-                        moe_f2bf(v / (1.0f + expf(-v)) * u);
+                        moe_f2bf(moe_silu_mul(v, u));
                 } else {
                     Y[(size_t) r * ldy + col] = v;
                 }
@@ -1266,7 +1266,7 @@ kernel_ggemm_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         gt *= f8_row_scale(scale, MODE, 1, e, N, R, col);
                         up *= f8_row_scale(scale, MODE, 1, e, N, R, N + col);
                         H[(size_t) (r + h) * ldy + col] =
-                            moe_f2bf(gt / (1.0f + expf(-gt)) * up);
+                            moe_f2bf(moe_silu_mul(gt, up));
                     }
                 } else {
                     int col = j0 + warp * 16 + g + 8 * h;

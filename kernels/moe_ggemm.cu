@@ -239,7 +239,7 @@ kernel_ggemm(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
                         if (col < N && r + h < r1) {
                             H[(size_t) (r + h) * ldy + col] =
-                                moe_f2bf(gt / (1.0f + expf(-gt)) * up);
+                                moe_f2bf(moe_silu_mul(gt, up));
                         }
                     } else {
                         int col = j0 + mt * 16 + g + 8 * h;

@@ -265,16 +265,7 @@ q4g_reduce(float (&red)[NW][16 * NT][32], const float (&y)[2][2][NT][4],
     }
     __syncthreads();
     if (!AN) {
-        for (int idx = (int) threadIdx.x; idx < 16 * NT * 32;
-             idx += NW * 32)
-        {
-            float v = 0.0f;
-
-            for (int w = 0; w < NW; w++) {
-                v += red[w][idx / 32][idx % 32];
-            }
-            red[0][idx / 32][idx % 32] = v;
-        }
+        q_warps_sum(red, 16 * NT * 32);
     }
     cl.sync();                              /* every rank's block sum */
     for (int idx = rank * NW * 32 + (int) threadIdx.x;
@@ -288,22 +279,16 @@ q4g_reduce(float (&red)[NW][16 * NT][32], const float (&y)[2][2][NT][4],
         const int row = p0 + 8 * nt + 2 * lt + (i & 1);
         const int dc = AN ? (w - warp) * (MR == 2 ? 32 : 64) : 0;
         const int col = (s ? cb1 : cb0) + dc + 4 * lg + 2 * mt + (i >> 1);
-        float     v = 0.0f, u = 0.0f;
+        float     u = 0.0f;
+        const float v = q_ranks_sum<MR == 2>(cl, &red[w][0][0], fl,
+                                             fl + 8 * NT * 32, S, &u);
 
-        for (int rk = 0; rk < S; rk++) {
-            const float *rs = cl.map_shared_rank(&red[w][0][0], rk);
-
-            v += rs[fl];
-            if (MR == 2) {
-                u += rs[fl + 8 * NT * 32];
-            }
-        }
         if (row < r1) {
             if (MR == 1) {
                 Y[(size_t) row * ldy + col] = v;
             } else {
                 H[(size_t) row * ldy + col] =
-                    moe_f2bf(v / (1.0f + expf(-v)) * u);
+                    moe_f2bf(moe_silu_mul(v, u));
             }
         }
     }

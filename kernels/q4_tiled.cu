@@ -338,7 +338,7 @@ kernel_qgemv_q4t(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 float gv = s[0];
 
                 H[(size_t) row * ldy + col] =
-                    moe_f2bf(gv / (1.0f + expf(-gv)) * s[MR - 1]);
+                    moe_f2bf(moe_silu_mul(gv, s[MR - 1]));
             }
         }
         __syncthreads();            /* red free for the next pass */

@@ -422,16 +422,11 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 const int mt = f / ND, i = f % ND;
                 const int row = p0 + 8 * (i / 4) + 2 * (l & 3) + (i & 1);
                 const int cw = 4 * (l >> 2) + 2 * mt + ((i >> 1) & 1);
-                float     v = 0.0f, u = 0.0f;
+                float     u = 0.0f;
+                const float v = q_ranks_sum<MR == 2>(
+                    cl, red, w * NR * 32 + fl, (w + NW / 2) * NR * 32 + fl,
+                    S, &u);
 
-                for (int rk = 0; rk < S; rk++) {
-                    const float *rs = cl.map_shared_rank(red, rk);
-
-                    v += rs[w * NR * 32 + fl];
-                    if (MR == 2) {
-                        u += rs[(w + NW / 2) * NR * 32 + fl];
-                    }
-                }
                 if (row < r1) {
                     if (MR == 1) {
                         Y[(size_t) row * ldy + (int) blockIdx.x * 128 * WGS
@@ -439,7 +434,7 @@ kernel_qgemm_q4w(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                     } else {
                         H[(size_t) row * ldy + (int) blockIdx.x * 64 * WGS
                           + w * 32 + cw] =
-                            __float2bfloat16(v / (1.0f + expf(-v)) * u);
+                            moe_f2bf(moe_silu_mul(v, u));
                     }
                 }
             }

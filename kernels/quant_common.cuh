@@ -1,12 +1,14 @@
 /*
  * Device helpers shared by the 4-bit GEMV kernels (quant_gemv.cu,
  * q4_tiled.cu, q4_group.cu): the rows of a block's expert group, the
- * exact bf16 integer arithmetic that turns nibbles into (q - z), and the
- * fp16 scales as fp32.
+ * exact bf16 integer arithmetic that turns nibbles into (q - z), the
+ * fp16 scales as fp32, and the K-split kernels' sums over a block's
+ * warps and a cluster's ranks.
  */
 #ifndef MOE_KERNELS_QUANT_COMMON_CUH
 #define MOE_KERNELS_QUANT_COMMON_CUH
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -67,6 +69,51 @@ q4m_sub(uint32_t a, uint32_t b)
     asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
     return d;
 }
+
+/* A block's warps' partial sums: red[w][f][l] over w < NW added into
+ * red[0][f][l], for the first n (f, l) entries, by the block's NW * 32
+ * threads.  Between two barriers: after the warps wrote red, before
+ * anything reads red[0]. */
+template <int NW, int F>
+__device__ __forceinline__ void
+q_warps_sum(float (&red)[NW][F][32], int n)
+{
+    for (int idx = (int) threadIdx.x; idx < n; idx += NW * 32) {
+        float v = 0.0f;
+
+        for (int w = 0; w < NW; w++) {
+            v += red[w][idx / 32][idx % 32];
+        }
+        red[0][idx / 32][idx % 32] = v;
+    }
+}
+
+
+/* Entry `off` of the shared array `base` summed over the cluster's S
+ * ranks in rank order (every rank adds an entry in the same order, so
+ * the K-split sum does not depend on which rank writes it); TWO: entry
+ * off2 the same way, into *u (a fused gate|up's up half). */
+template <bool TWO>
+__device__ __forceinline__ float
+q_ranks_sum(cooperative_groups::cluster_group &cl, float *base, int off,
+    int off2, int S, float *u)
+{
+    float v = 0.0f, w = 0.0f;
+
+    for (int rk = 0; rk < S; rk++) {
+        const float *rs = cl.map_shared_rank(base, rk);
+
+        v += rs[off];
+        if (TWO) {
+            w += rs[off2];
+        }
+    }
+    if (TWO) {
+        *u = w;
+    }
+    return v;
+}
+
 
 /* Host side of the 4-bit launchers: the expert groups a grid covers
  * (compact when n < E). */

@@ -832,16 +832,7 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 }
             }
             __syncthreads();
-            for (int idx = (int) threadIdx.x; idx < F * 32;
-                 idx += NW * 32)
-            {
-                float v = 0.0f;
-
-                for (int w = 0; w < NW; w++) {
-                    v += red[w][idx / 32][idx % 32];
-                }
-                red[0][idx / 32][idx % 32] = v;
-            }
+            q_warps_sum(red, F * 32);
             cl.sync();                          /* every rank's block sum */
             for (int idx = rank * NW * 32 + (int) threadIdx.x;
                  idx < F * 32; idx += S * NW * 32)
@@ -851,7 +842,6 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 int   lg = l >> 2, lt = l & 3;
                 int   row = p0 + 8 * nt + 2 * lt + (i & 1);
                 int   col;
-                float v = 0.0f;
 
                 if (FMT == MOE_K_Q4_AWQ) {
                     col = 8 * ((int) blockIdx.x * 8 * WC + WC * lg + mt / 4)
@@ -859,9 +849,9 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 } else {
                     col = (int) blockIdx.x * 32 + 4 * lg + 2 * mt + (i >> 1);
                 }
-                for (int rk = 0; rk < S; rk++) {
-                    v += cl.map_shared_rank(&red[0][0][0], rk)[idx];
-                }
+                const float v = q_ranks_sum<false>(cl, &red[0][0][0], idx,
+                                                   0, S, NULL);
+
                 if (row < r1 && col < Nh) {
                     if (MR == 1) {
                         Y[(size_t) row * ldy + col] = v;
@@ -871,7 +861,7 @@ kernel_qgemv_q4_mma(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         float gv = gs[idx];
 
                         H[(size_t) row * ldy + col] =
-                            moe_f2bf(gv / (1.0f + expf(-gv)) * v);
+                            moe_f2bf(moe_silu_mul(gv, v));
                     }
                 }
             }

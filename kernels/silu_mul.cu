@@ -10,13 +10,6 @@
 #define SM_NT 256
 
 
-__device__ __forceinline__ float
-silu_mul1(float g, float u)
-{
-    return g / (1.0f + expf(-g)) * u;
-}
-
-
 __global__ void __launch_bounds__(SM_NT)
 kernel_silu_mul(const float *gu, int F, __nv_bfloat16 *h)
 {
@@ -33,15 +26,17 @@ kernel_silu_mul(const float *gu, int F, __nv_bfloat16 *h)
         float4         a = *reinterpret_cast<const float4 *>(g + j);
         float4         b = *reinterpret_cast<const float4 *>(u + j);
         __nv_bfloat162 p[2] = {
-            __floats2bfloat162_rn(silu_mul1(a.x, b.x), silu_mul1(a.y, b.y)),
-            __floats2bfloat162_rn(silu_mul1(a.z, b.z), silu_mul1(a.w, b.w))
+            __floats2bfloat162_rn(moe_silu_mul(a.x, b.x),
+                                  moe_silu_mul(a.y, b.y)),
+            __floats2bfloat162_rn(moe_silu_mul(a.z, b.z),
+                                  moe_silu_mul(a.w, b.w))
         };
 
         *reinterpret_cast<uint2 *>(o + j) = *reinterpret_cast<uint2 *>(p);
         return;
     }
     for (int c = j; c < j + 4 && c < F; c++) {
-        o[c] = moe_f2bf(silu_mul1(g[c], u[c]));
+        o[c] = moe_f2bf(moe_silu_mul(g[c], u[c]));
     }
 }
 
