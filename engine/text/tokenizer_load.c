@@ -25,11 +25,16 @@
 
 
 /*
- * The largest token id a tokenizer.json may use.  The per-id tables are
- * sized by it (27 bytes an id: 450 MB at the limit, whatever the
- * file's size); real vocabularies stay below 300k.
+ * The largest token id a tokenizer.json may use, and how far its ids may
+ * run past the number of tokens it lists.  The per-id tables are sized
+ * by the largest id (27 bytes an id), so a file of a few tokens with one
+ * id near TOK_MAX_ID would set up 450 MB: the holes are held to
+ * TOK_MAX_HOLES ids (27 MB), the tables stay proportional to the file.
+ * Real vocabularies are dense (a few reserved holes at most) and below
+ * 300k ids.
  */
-#define TOK_MAX_ID  (16 * 1024 * 1024)
+#define TOK_MAX_ID     (16 * 1024 * 1024)
+#define TOK_MAX_HOLES  (1024 * 1024)
 
 
 /* ---------------------------------------------------------- string arena */
@@ -142,7 +147,7 @@ load_vocab(moe_tokenizer_t *t, yajl_val model, yajl_val added, char *err,
     size_t errlen)
 {
     yajl_val    vocab = jget(model, "vocab");
-    size_t      i, nv;
+    size_t      i, nv, n_listed;
     long long   id, max_id = -1;
 
     if (!YAJL_IS_OBJECT(vocab)) {
@@ -181,6 +186,13 @@ load_vocab(moe_tokenizer_t *t, yajl_val model, yajl_val added, char *err,
     if (max_id > TOK_MAX_ID) {
         moe_errf(err, errlen, "token id %lld too large (at most %d)", max_id,
                  TOK_MAX_ID);
+        return MOE_EFORMAT;
+    }
+    n_listed = nv + (YAJL_IS_ARRAY(added) ? added->u.array.len : 0);
+    if ((size_t) max_id >= n_listed + TOK_MAX_HOLES) {
+        moe_errf(err, errlen, "token id %lld leaves too many ids unused: "
+                 "%zu tokens listed, at most %d ids may be holes", max_id,
+                 n_listed, TOK_MAX_HOLES);
         return MOE_EFORMAT;
     }
     t->n_ids = (int32_t) (max_id + 1);

@@ -1058,6 +1058,21 @@ check_malformed(void)
           "\"special_tokens\":{\"<s>\":{\"ids\":[0,7]}}},\"model\":{"
           "\"type\":\"BPE\",\"vocab\":{\"a\":0}}}", MOE_EFORMAT,
           "special token id 7 is not a token (1 ids)" },
+        /* a few tokens with one id in the millions: the per-id tables
+         * (27 bytes an id) were sized by it, 450 MB for a 40-byte file
+         * (fuzz_tokenizer_json); now the holes are bounded */
+        { "ids far past the tokens listed",
+          "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,"
+          "\"b\":16000000}}}", MOE_EFORMAT,
+          "token id 16000000 leaves too many ids unused: 2 tokens listed" },
+        { "an added token's id far past the tokens listed",
+          "{\"added_tokens\":[{\"id\":1048578,\"content\":\"<x>\"}],"
+          "\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0}}}",
+          MOE_EFORMAT, "token id 1048578 leaves too many ids unused" },
+        { "id past TOK_MAX_ID",
+          "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,"
+          "\"b\":16777217}}}", MOE_EFORMAT,
+          "token id 16777217 too large (at most 16777216)" },
         /* the ids array of a rejected special token leaked (make asan) */
         { "template id not an integer",
           "{\"post_processor\":{\"type\":\"TemplateProcessing\","
@@ -1092,6 +1107,40 @@ check_malformed(void)
                bad[i].status, err);
         moe_tokenizer_free(t);
     }
+    remove(path);
+
+    /* holes below the bound still load: vocab ids 0 and 1048576 (the
+     * listed token count, 2, plus 2^20 - 2 holes), the tables sized by
+     * the largest id, and both tokens decode (no decoder: joined by a
+     * space, as Hugging Face's tokenizers do) */
+    f = fopen(path, "w");
+    if (f == NULL) {
+        TAP_OK(0, "cannot write %s", path);
+        return;
+    }
+    fputs("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,"
+          "\"b\":1048576}}}", f);
+    fclose(f);
+    t = NULL;
+    rc = moe_tokenizer_load(path, &t, err, sizeof(err));
+    {
+        int32_t  two[2] = { 1048576, 0 };
+        char    *txt = NULL;
+        size_t   tl = 0;
+
+        if (rc == MOE_OK) {
+            rc = moe_tokenizer_decode(t, two, 2, 0, &txt, &tl);
+        }
+        TAP_OK(rc == MOE_OK && t != NULL
+               && moe_tokenizer_vocab_size(t) == 1048577
+               && txt != NULL && tl == 3 && memcmp(txt, "b a", 3) == 0,
+               "a vocabulary with 2^20 - 2 holes loads (%d ids) and "
+               "decodes (\"%.*s\"): %s", t ? moe_tokenizer_vocab_size(t) : -1,
+               (int) tl, txt ? txt : "",
+               rc == MOE_OK ? "ok" : err);
+        free(txt);
+    }
+    moe_tokenizer_free(t);
     remove(path);
 }
 
