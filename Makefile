@@ -126,7 +126,8 @@ ASAN_FLAGS := -std=c11 -D_GNU_SOURCE -pthread $(WARN) -O1 -g \
               -Ikernels
 ASAN_TESTS := tokenizer jinja safetensors config engine sampling ring swap \
               forward kjv tp backend cuda_tuning guided logprobs choices \
-              toolcall prefix_key stallfree rope logit_bias share kv_grow
+              toolcall prefix_key stallfree rope logit_bias share kv_grow \
+              quant
 ASAN_BINS  := $(patsubst %,$(BUILD)/asan/t/%,$(filter $(ASAN_TESTS), \
               $(UNIT_SRCS:t/unit/%.c=%)))
 ASAN_OBJS  := $(ENGINE_SRCS:%.c=$(BUILD)/asan/%.o)
@@ -137,8 +138,9 @@ ASAN_ENV   := MOE_SRCDIR=$(CURDIR) \
               UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 .PHONY: asan asan-build
-asan: asan-build
+asan: asan-build $(BUILD)/quantize
 	@tools/fetch_tokenizers.sh > /dev/null
+	@tools/quant_models.sh $(BUILD)/quant
 	$(ASAN_ENV) prove --exec '' $(ASAN_BINS)
 asan-build: $(ASAN_BINS)
 

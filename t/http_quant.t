@@ -2,8 +2,11 @@
 # Serving quantized checkpoints through nginx (engine/model/quant.h): an
 # AWQ (group 32) copy of the tiny model made by build/quantize, served with
 # `quantization: awq`, answers a greedy completion with exactly the text
-# of its dequantized f32 reference served the same way; `quantization:
-# fp8` quantizes the bf16 tiny model at load and serves it; nginx -t
+# of its dequantized f32 reference served the same way, and so does a
+# compressed-tensors pack-quantized int4 copy (asymmetric, group 32,
+# actorder group) served with `quantization: compressed-tensors`;
+# `quantization: fp8` quantizes the bf16 tiny model at load and serves it;
+# nginx -t
 # refuses `quantization: gptq` for the AWQ checkpoint, naming both methods,
 # and `quantization: awq` for the unquantized model.
 use strict;
@@ -24,12 +27,20 @@ chmod 0755, $dir;
 is(system($q, '--in', model_dir(), '--out', "$dir/awq", '--ref',
           "$dir/awq.ref", '--format', 'awq', '--group', '32'), 0,
    'build/quantize wrote an AWQ g32 copy and its reference');
+is(system($q, '--in', model_dir(), '--out', "$dir/ct4", '--ref',
+          "$dir/ct4.ref", '--format', 'ct-int4', '--group', '32',
+          '--desc-act'), 0,
+   'build/quantize wrote a compressed-tensors int4 copy and its reference');
 
 my $req = { prompt => 'Hello there', max_tokens => 8, temperature => 0,
             ignore_eos => JSON::PP::true };
 my %text;
 for my $m (['awq', "$dir/awq", 'awq', qr/quantization awq \(4-bit weights\)/],
            ['reference', "$dir/awq.ref", undef, qr/loading model from/],
+           ['ct-int4', "$dir/ct4", 'compressed-tensors',
+            qr/quantization compressed-tensors \(4-bit weights\)/],
+           ['ct-int4 reference', "$dir/ct4.ref", undef,
+            qr/loading model from/],
            ['fp8 at load', model_dir(), 'fp8',
             qr/quantization fp8 at load, per channel \(8-bit weights\)/])
 {
@@ -48,6 +59,9 @@ for my $m (['awq', "$dir/awq", 'awq', qr/quantization awq \(4-bit weights\)/],
 }
 is($text{awq}, $text{reference},
    'the AWQ model says exactly what its dequantized reference says');
+is($text{'ct-int4'}, $text{'ct-int4 reference'},
+   'the compressed-tensors int4 model says exactly what its dequantized '
+   . 'reference says');
 
 my $s = prepare_server(vllm => { model_name => "$dir/awq",
                                  quantization => 'gptq' });

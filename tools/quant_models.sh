@@ -1,5 +1,6 @@
 #!/bin/sh
 # Quantized tiny test models (t/quant.t, the GPU tests): each layout
+# (fp8, compressed-tensors fp8 and int4, AWQ, GPTQ)
 # libmoe loads (engine/model/quant.h), written by build/quantize with its
 # dequantized f32 reference (<name>.ref), from models/localmoe-tiny (dim 64)
 # a Qwen3-MoE with dim 128 and a dense layer (tools/make_tiny_model.py)
@@ -51,9 +52,18 @@ mk awq-g128          "$out/base128" --format awq --group 128
 mk gptq-g128-sym-act "$out/base128" --format gptq --group 128 --sym --desc-act
 mk gptq-g128-asym    "$out/base128" --format gptq --group 128
 mk gptq-g128-256     "$out/base256" --format gptq --group 128
+mk ct4-g32-sym       $tiny --format ct-int4 --group 32 --sym
+mk ct4-g64-asym-ignore $tiny --format ct-int4 --group 64 --ignore o_proj
+mk ct4-ch-asym       $tiny --format ct-int4 --group -1
+mk ct4-g32-asym-act  $tiny --format ct-int4 --group 32 --desc-act
+mk ct4-g128-sym-act  "$out/base128" --format ct-int4 --group 128 --sym --desc-act
+mk ct4-g128-256      "$out/base256" --format ct-int4 --group 128
 # malformed copies for the refusal tests (no reference)
 "$q" --in $tiny --out "$out/bad-fp8-noscale" --format fp8-tensor --corrupt drop-scale
 "$q" --in $tiny --out "$out/bad-awq-noscale" --format awq --group 32 --corrupt drop-scale
 "$q" --in $tiny --out "$out/bad-gptq-gidx" --format gptq --group 32 --desc-act --corrupt gidx-range
 "$q" --in $tiny --out "$out/bad-awq-scaleshape" --format awq --group 32 --corrupt scale-shape
+"$q" --in $tiny --out "$out/bad-ct4-noscale" --format ct-int4 --group 32 --corrupt drop-scale
+"$q" --in $tiny --out "$out/bad-ct4-gidx" --format ct-int4 --group 32 --desc-act --corrupt gidx-range
+"$q" --in $tiny --out "$out/bad-ct4-shape" --format ct-int4 --group 32 --sym --corrupt wshape
 mv "$out/MODELS.tmp" "$out/MODELS"

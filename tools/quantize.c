@@ -16,6 +16,10 @@
  *      awq           AWQ gemm, 4 bit, --group G (32/64/128), zero points
  *      gptq          GPTQ v1, 4 bit, --group G, --sym, --desc-act (a
  *                    permuted g_idx), --g-idx (g_idx k / G written)
+ *      ct-int4       compressed-tensors pack-quantized int4 (W4A16),
+ *                    --group G (-1: strategy channel), --sym, --desc-act
+ *                    (actorder group: weight_g_idx), BF16 weight_scale,
+ *                    I64 weight_shape
  *   --static         fp8: activation_scheme static, input_scale written
  *   --ignore S       keep modules whose name contains S in float and list
  *                    S in modules_to_not_convert (ct-fp8: ignore, exact
@@ -23,7 +27,8 @@
  *   --corrupt C      a malformed copy for the refusal tests:
  *                    drop-scale (no scale tensor of the first quantized
  *                    module), gidx-range (g_idx[0] = groups), scale-shape
- *                    (the first scales tensor one row short)
+ *                    (the first scales tensor one row short), wshape
+ *                    (ct-int4: the first weight_shape 8 rows too many)
  *
  * Quantized: 2-D tensors named *_proj.weight or experts.E.w{1,2,3}.weight
  * (the dense projections and the experts); everything else is copied.
@@ -180,6 +185,15 @@ amax(const float *w, int64_t n)
 }
 
 
+/* a 4-bit scale as stored: F16, or BF16 (compressed-tensors) */
+static float
+scale_round(float sc, int bf16)
+{
+    return bf16 ? moe_bf16_to_f32(f32_to_bf16(sc))
+                : moe_f16_to_f32(f32_to_f16(sc));
+}
+
+
 /* quantize one (N, K) weight `w` of module base into o; deq (N, K): the
  * values the codes and scales stand for, computed here from them */
 static void
@@ -192,7 +206,7 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
     int64_t  n, k, g, ng, G, r, c, i;
     int32_t *gidx;
     float    sc, lo, hi, x;
-    int      first = !corrupted && corrupt != NULL;
+    int      first = !corrupted && corrupt != NULL, ct;
 
     if (strncmp(fmt, "fp8", 3) == 0 || strncmp(fmt, "ct-fp8", 6) == 0) {
         snprintf(nm, sizeof(nm), "%s.weight", base);
@@ -266,6 +280,7 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
     }
 
     /* 4-bit: codes (K, N), zero and scale per (group, column) */
+    ct = strcmp(fmt, "ct-int4") == 0;
     G = group > 0 ? group : K;
     ng = K / G;
     codes = xmalloc((size_t) (K * N));
@@ -282,8 +297,8 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
             gidx[(i * 5 + 3) % K] = (int32_t) (i / G);
         }
     }
-    snprintf(nm, sizeof(nm), "%s.scales", base);
-    s = add(o, nm, MOE_DT_F16, 2, ng, N);
+    snprintf(nm, sizeof(nm), "%s.%s", base, ct ? "weight_scale" : "scales");
+    s = ct ? add(o, nm, MOE_DT_BF16, 2, N, ng) : add(o, nm, MOE_DT_F16, 2, ng, N);
     for (g = 0; g < ng; g++) {
         for (n = 0; n < N; n++) {
             int zero;
@@ -296,13 +311,13 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
                     hi = fmaxf(hi, w[n * K + k]);
                 }
             }
-            if (strcmp(fmt, "gptq") == 0 && sym) {
+            if ((strcmp(fmt, "gptq") == 0 || ct) && sym) {
                 sc = fmaxf(fabsf(lo), fabsf(hi)) * 2.0f / 15.0f;
-                sc = moe_f16_to_f32(f32_to_f16(sc > 0 ? sc : 1.0f));
+                sc = scale_round(sc > 0 ? sc : 1.0f, ct);
                 zero = 8;
             } else {
                 sc = (hi - lo) / 15.0f;
-                sc = moe_f16_to_f32(f32_to_f16(sc > 0 ? sc : 1.0f));
+                sc = scale_round(sc > 0 ? sc : 1.0f, ct);
                 zero = (int) rintf(-lo / sc);
                 /* GPTQ v1 stores zero - 1: keep zero >= 1 */
                 if (zero < (strcmp(fmt, "gptq") == 0 ? 1 : 0)) {
@@ -311,9 +326,10 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
                 zero = zero > 15 ? 15 : zero;
             }
             {
-                uint16_t h = f32_to_f16(sc);
+                uint16_t h = ct ? f32_to_bf16(sc) : f32_to_f16(sc);
 
-                memcpy((char *) s->data + 2 * (g * N + n), &h, 2);
+                memcpy((char *) s->data + 2 * (ct ? n * ng + g : g * N + n),
+                       &h, 2);
             }
             zc[g * N + n] = (uint8_t) zero;
             for (k = 0; k < K; k++) {
@@ -327,7 +343,58 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
         }
     }
     snprintf(nm, sizeof(nm), "%s.qweight", base);
-    if (strcmp(fmt, "awq") == 0) {
+    if (ct) {
+        /* weight_packed (N, K/8): row n's k = 8j + i in nibble i of word
+         * j, as q + 8 = the unsigned code; zero points (N/8, groups) the
+         * same way along n */
+        snprintf(nm, sizeof(nm), "%s.weight_packed", base);
+        q = add(o, nm, MOE_DT_I32, 2, N, K / 8);
+        for (n = 0; n < N; n++) {
+            for (k = 0; k < K / 8; k++) {
+                uint32_t u = 0;
+
+                for (i = 0; i < 8; i++) {
+                    u |= (uint32_t) codes[(8 * k + i) * N + n] << (4 * i);
+                }
+                memcpy((char *) q->data + 4 * (n * (K / 8) + k), &u, 4);
+            }
+        }
+        if (!sym) {
+            snprintf(nm, sizeof(nm), "%s.weight_zero_point", base);
+            z = add(o, nm, MOE_DT_I32, 2, N / 8, ng);
+            for (r = 0; r < N / 8; r++) {
+                for (g = 0; g < ng; g++) {
+                    uint32_t u = 0;
+
+                    for (i = 0; i < 8; i++) {
+                        u |= (uint32_t) zc[g * N + 8 * r + i] << (4 * i);
+                    }
+                    memcpy((char *) z->data + 4 * (r * ng + g), &u, 4);
+                }
+            }
+        }
+        if (desc_act) {
+            snprintf(nm, sizeof(nm), "%s.weight_g_idx", base);
+            gi = add(o, nm, MOE_DT_I32, 1, K, 0);
+            memcpy(gi->data, gidx, (size_t) K * 4);
+            if (first && strcmp(corrupt, "gidx-range") == 0) {
+                int32_t bad = (int32_t) ng;
+
+                memcpy(gi->data, &bad, 4);
+                corrupted = 1;
+            }
+        }
+        snprintf(nm, sizeof(nm), "%s.weight_shape", base);
+        gi = add(o, nm, MOE_DT_I64, 1, 2, 0);
+        memcpy(gi->data, &N, 8);
+        memcpy((char *) gi->data + 8, &K, 8);
+        if (first && strcmp(corrupt, "wshape") == 0) {
+            int64_t bad = N + 8;
+
+            memcpy(gi->data, &bad, 8);
+            corrupted = 1;
+        }
+    } else if (strcmp(fmt, "awq") == 0) {
         q = add(o, nm, MOE_DT_I32, 2, K, N / 8);
         moe_awq_pack(codes, K, N, q->data);
         snprintf(nm, sizeof(nm), "%s.qzeros", base);
@@ -356,12 +423,13 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
     }
     if (first && strcmp(corrupt, "scale-shape") == 0) {
         s->shape[0] -= 1;
-        s->nbytes -= (size_t) N * 2;
+        s->nbytes -= (size_t) s->shape[1] * 2;
         corrupted = 1;
     }
     if (first && strcmp(corrupt, "drop-scale") == 0) {
         /* remove the scales tensor (s) by swapping in a dummy name */
-        snprintf(s->name, sizeof(s->name), "%s.scales_dropped", base);
+        snprintf(s->name, sizeof(s->name), "%s.%s_dropped", base,
+                 ct ? "weight_scale" : "scales");
         corrupted = 1;
     }
     free(codes);
@@ -533,7 +601,8 @@ main(int argc, char **argv)
             corrupt = argv[++a];
         } else {
             fprintf(stderr, "usage: quantize --in DIR --out DIR --format "
-                    "fp8-tensor|fp8-block|ct-fp8[-tensor|-block]|awq|gptq "
+                    "fp8-tensor|fp8-block|ct-fp8[-tensor|-block]|awq|gptq|"
+                    "ct-int4 "
                     "[--group G] "
                     "[--block BN,BK] [--sym] [--desc-act] [--g-idx] "
                     "[--static] [--ignore S] [--corrupt C] [--ref DIR]\n");
@@ -546,7 +615,7 @@ main(int argc, char **argv)
     if (strcmp(fmt, "fp8-tensor") != 0 && strcmp(fmt, "fp8-block") != 0
         && strcmp(fmt, "ct-fp8") != 0 && strcmp(fmt, "ct-fp8-tensor") != 0
         && strcmp(fmt, "ct-fp8-block") != 0 && strcmp(fmt, "awq") != 0
-        && strcmp(fmt, "gptq") != 0)
+        && strcmp(fmt, "gptq") != 0 && strcmp(fmt, "ct-int4") != 0)
     {
         die("unknown --format");
     }
@@ -556,7 +625,7 @@ main(int argc, char **argv)
     }
     ign[0] = '\0';
     if (ignore_s != NULL) {
-        snprintf(ign, sizeof(ign), strncmp(fmt, "ct-fp8", 6) == 0
+        snprintf(ign, sizeof(ign), strncmp(fmt, "ct-", 3) == 0
                  ? "\"re:.*%s.*\"" : "\"%s\"", ignore_s);
     }
     if (strcmp(fmt, "fp8-tensor") == 0) {
@@ -583,6 +652,23 @@ main(int argc, char **argv)
                  "\"float\", \"strategy\": \"tensor\", \"dynamic\": %s}}}, "
                  "\"ignore\": [\"lm_head\"%s%s]}", strat, static_act
                  ? "false" : "true", ign[0] ? ", " : "", ign);
+    } else if (strcmp(fmt, "ct-int4") == 0) {
+        char strat[64];
+
+        if (group > 0) {
+            snprintf(strat, sizeof(strat), "\"group\", \"group_size\": %d",
+                     group);
+        } else {
+            snprintf(strat, sizeof(strat), "\"channel\"");
+        }
+        snprintf(qc, sizeof(qc), "{\"quant_method\": \"compressed-tensors\","
+                 " \"format\": \"pack-quantized\", \"config_groups\": "
+                 "{\"group_0\": {\"targets\": [\"Linear\"], \"weights\": "
+                 "{\"num_bits\": 4, \"type\": \"int\", \"strategy\": %s, "
+                 "\"symmetric\": %s, \"dynamic\": false, \"actorder\": %s}, "
+                 "\"input_activations\": null}}, \"ignore\": [\"lm_head\""
+                 "%s%s]}", strat, sym ? "true" : "false",
+                 desc_act ? "\"group\"" : "null", ign[0] ? ", " : "", ign);
     } else if (strcmp(fmt, "awq") == 0) {
         snprintf(qc, sizeof(qc), "{\"quant_method\": \"awq\", \"bits\": 4, "
                  "\"group_size\": %d, \"zero_point\": true, \"version\": "

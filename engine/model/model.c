@@ -1098,17 +1098,22 @@ m_is_moe(const moe_hparams_t *hp)
 }
 
 
-/* <base>.qweight exists for name "<base>.weight" (AWQ / GPTQ experts) */
+/* <base>.qweight (AWQ / GPTQ) or <base>.weight_packed (compressed-tensors
+ * int4) exists for name "<base>.weight" (quantized experts) */
 static int
 m_has_qweight(const moe_st_set_t *st, const char *name)
 {
     char   q[300];
     size_t n = strlen(name);
 
-    if (n < 7 || n + 2 > sizeof(q)) {
+    if (n < 7 || n + 8 > sizeof(q)) {
         return 0;
     }
     snprintf(q, sizeof(q), "%.*sqweight", (int) (n - 6), name);
+    if (moe_st_find(st, q) != NULL) {
+        return 1;
+    }
+    snprintf(q, sizeof(q), "%.*sweight_packed", (int) (n - 6), name);
     return moe_st_find(st, q) != NULL;
 }
 
@@ -2450,6 +2455,33 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
         }
     }
     *done = 1;
+    if (c->packed && qt.layout == MOE_QL_CT4) {
+        /* compressed-tensors int4: the backends take GPTQ's layout */
+        moe_qtensor_t gq;
+        void         *mem;
+
+        rc = moe_qtensor_ct4_to_gptq(&qt, &gq, &mem);
+        if (rc != MOE_OK) {
+            moe_errf(c->err, c->errlen, "out of memory converting '%s' to "
+                     "the GPTQ layout", qt.name);
+            return rc;
+        }
+        memset(&r, 0, sizeof(r));
+        r.kind = kind;
+        r.layer = layer;
+        r.expert = expert;
+        r.name = gq.name;
+        r.file = gq.file;
+        r.dtype = gq.qdtype;
+        r.data = gq.qweight;
+        r.rows = N;
+        r.cols = K;
+        r.ld = K;
+        r.quant = &gq;
+        rc = c->fn(c->ctx, &r);
+        free(mem);
+        return rc;
+    }
     if (c->packed && c->q->method != MOE_QM_FP8_LOAD) {
         memset(&r, 0, sizeof(r));
         r.kind = kind;

@@ -209,27 +209,94 @@ q_parse_fp8(const struct yajl_val_s *qc, const char *file, moe_qconfig_t *q,
 }
 
 
+/*
+ * compressed-tensors pack-quantized int4 weights (W4A16, llm-compressor's
+ * GPTQ / AWQ / RTN output): weights {num_bits 4, type int, strategy group
+ * (group_size 32 / 64 / 128) or channel, symmetric true / false, actorder
+ * null / group / weight}, no activation quantization.
+ */
+static int
+q_parse_ct_int4(yajl_val g, yajl_val w, const char *file, const char *gname,
+    moe_qconfig_t *q, char *err, size_t errlen)
+{
+    yajl_val    a, ao;
+    const char *s;
+    long long   bits, gs;
+    int         sym;
+
+    q->method = MOE_QM_CT_INT4;
+    if (q_int(w, "num_bits", 4, &bits) != 0 || bits != 4) {
+        moe_errf(err, errlen, "%s: quantization_config: compressed-tensors "
+                 "pack-quantized weights must be num_bits 4 (int4)", file);
+        return MOE_EINVAL;
+    }
+    q->bits = 4;
+    s = q_str(w, "strategy");
+    if (s != NULL && strcmp(s, "channel") == 0) {
+        q->group_size = -1;
+    } else if (s != NULL && strcmp(s, "group") == 0) {
+        if (q_int(w, "group_size", -2, &gs) != 0 || gs == -2) {
+            moe_errf(err, errlen, "%s: quantization_config: config_groups."
+                     "%s.weights: strategy group needs an integer "
+                     "group_size", file, gname);
+            return MOE_EINVAL;
+        }
+        if (gs != 32 && gs != 64 && gs != 128) {
+            moe_errf(err, errlen, "%s: quantization_config: group_size %lld "
+                     "is not supported (32, 64, 128 or strategy channel)",
+                     file, gs);
+            return MOE_EINVAL;
+        }
+        q->group_size = (int) gs;
+    } else {
+        moe_errf(err, errlen, "%s: quantization_config: int4 weights "
+                 "strategy '%.32s' is not supported (group or channel)",
+                 file, s != NULL ? s : "(none)");
+        return MOE_EINVAL;
+    }
+    if (q_bool(w, "symmetric", 1, &sym) != 0) {
+        moe_errf(err, errlen, "%s: quantization_config: weights.symmetric "
+                 "must be true or false", file);
+        return MOE_EINVAL;
+    }
+    q->sym = sym;
+    ao = q_get(w, "actorder");
+    if (ao != NULL && !YAJL_IS_NULL(ao) && !YAJL_IS_FALSE(ao)
+        && !(YAJL_IS_STRING(ao) && (strcmp(ao->u.string, "group") == 0
+                                    || strcmp(ao->u.string, "weight") == 0
+                                    || strcmp(ao->u.string, "static") == 0)))
+    {
+        moe_errf(err, errlen, "%s: quantization_config: weights.actorder "
+                 "must be null, \"group\", \"weight\" or \"static\"",
+                 file);
+        return MOE_EINVAL;
+    }
+    q->desc_act = ao != NULL && YAJL_IS_STRING(ao)
+                  && strcmp(ao->u.string, "group") == 0;
+    a = q_get(g, "input_activations");
+    if (a != NULL && !YAJL_IS_NULL(a)) {
+        moe_errf(err, errlen, "%s: quantization_config: config_groups.%s "
+                 "quantizes input_activations: int4 weights with quantized "
+                 "activations (W4A8) are not supported, only W4A16", file,
+                 gname);
+        return MOE_EINVAL;
+    }
+    return MOE_OK;
+}
+
+
 static int
 q_parse_ct(const struct yajl_val_s *qc, const char *file, moe_qconfig_t *q,
     char *err, size_t errlen)
 {
     yajl_val    groups, g, w, a;
-    const char *s;
+    const char *s, *gf;
     long long   bits;
     int         dyn, rc;
 
     q->method = MOE_QM_CT_FP8;
     q->bits = 8;
     q->ignore_exact = 1;
-    s = q_str((yajl_val) qc, "format");
-    if (s != NULL && strcmp(s, "float-quantized") != 0
-        && strcmp(s, "naive-quantized") != 0)
-    {
-        moe_errf(err, errlen, "%s: quantization_config: compressed-tensors "
-                 "format '%.40s' is not supported (float-quantized fp8 "
-                 "only)", file, s);
-        return MOE_EINVAL;
-    }
     groups = q_get(qc, "config_groups");
     if (groups == NULL || !YAJL_IS_OBJECT(groups)
         || groups->u.object.len != 1)
@@ -239,18 +306,43 @@ q_parse_ct(const struct yajl_val_s *qc, const char *file, moe_qconfig_t *q,
         return MOE_EINVAL;
     }
     g = groups->u.object.values[0];
+    /* the group's format (newer files) or the config's */
+    s = q_str((yajl_val) qc, "format");
+    gf = YAJL_IS_OBJECT(g) ? q_str(g, "format") : NULL;
+    if (gf != NULL) {
+        s = gf;
+    }
+    if (s != NULL && strcmp(s, "float-quantized") != 0
+        && strcmp(s, "naive-quantized") != 0
+        && strcmp(s, "pack-quantized") != 0)
+    {
+        moe_errf(err, errlen, "%s: quantization_config: compressed-tensors "
+                 "format '%.40s' is not supported (float-quantized fp8, "
+                 "pack-quantized int4)", file, s);
+        return MOE_EINVAL;
+    }
     w = q_get(g, "weights");
     if (w == NULL || !YAJL_IS_OBJECT(w)) {
         moe_errf(err, errlen, "%s: quantization_config: config_groups.%s "
                  "has no 'weights'", file, groups->u.object.keys[0]);
         return MOE_EINVAL;
     }
+    if (s != NULL && strcmp(s, "pack-quantized") == 0) {
+        rc = q_parse_ct_int4(g, w, file, groups->u.object.keys[0], q, err,
+                             errlen);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        return q_ignore_list(q, q_get(qc, "ignore"), file, "ignore", err,
+                             errlen);
+    }
     s = q_str(w, "type");
     if (q_int(w, "num_bits", 8, &bits) != 0 || bits != 8 || s == NULL
         || strcmp(s, "float") != 0)
     {
         moe_errf(err, errlen, "%s: quantization_config: compressed-tensors "
-                 "weights must be num_bits 8, type float (fp8)", file);
+                 "weights must be num_bits 8, type float (fp8; int4 is "
+                 "format pack-quantized)", file);
         return MOE_EINVAL;
     }
     s = q_str(w, "strategy");
@@ -463,7 +555,8 @@ moe_qconfig_request(moe_qconfig_t *q, const char *quantization,
                || (strcasecmp(quantization, "gptq") == 0
                    && q->method == MOE_QM_GPTQ)
                || (strcasecmp(quantization, "compressed-tensors") == 0
-                   && q->method == MOE_QM_CT_FP8))
+                   && (q->method == MOE_QM_CT_FP8
+                       || q->method == MOE_QM_CT_INT4)))
     {
         return MOE_OK;
     }
@@ -795,6 +888,122 @@ q_find_int4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
 }
 
 
+/* compressed-tensors pack-quantized int4 (see quant.h) */
+static int
+q_find_ct4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
+    const char *base, int64_t N, int64_t K, const moe_st_tensor_t *w,
+    moe_qtensor_t *o, char *err, size_t errlen)
+{
+    const moe_st_tensor_t *z, *s, *gi, *sh;
+    char                   want[96], why[64];
+    int64_t                G, ng, k, v;
+    int                    rc;
+    int32_t                i32;
+
+    snprintf(why, sizeof(why), "quantization_config %s int4", q->name);
+    if (N % 8 != 0 || K % 8 != 0) {
+        moe_errf(err, errlen, "%s: tensor '%s': %lld x %lld is not a multiple "
+                 "of 8 (4-bit packing)", w->file, w->name, (long long) N,
+                 (long long) K);
+        return MOE_EINVAL;
+    }
+    if (w->dtype != MOE_DT_I32 || !q_shape_is(w, N, K / 8)) {
+        snprintf(want, sizeof(want), "I32 [%lld, %lld]", (long long) N,
+                 (long long) (K / 8));
+        return q_bad_shape(w, want, err, errlen);
+    }
+    G = q->group_size > 0 ? q->group_size : K;
+    if (K % G != 0) {
+        moe_errf(err, errlen, "%s: tensor '%s': in_features %lld is not "
+                 "divisible by group_size %lld", w->file, w->name,
+                 (long long) K, (long long) G);
+        return MOE_EINVAL;
+    }
+    ng = K / G;
+    rc = q_tensor(st, dir, base, "weight_scale", why, 1, &s, err, errlen);
+    if (rc == MOE_OK) {
+        rc = q_tensor(st, dir, base, "weight_zero_point",
+                      "weights.symmetric false", !q->sym, &z, err, errlen);
+    }
+    if (rc == MOE_OK) {
+        rc = q_tensor(st, dir, base, "weight_g_idx", "", 0, &gi, err,
+                      errlen);
+    }
+    if (rc == MOE_OK) {
+        rc = q_tensor(st, dir, base, "weight_shape", "", 0, &sh, err,
+                      errlen);
+    }
+    if (rc != MOE_OK) {
+        return rc;
+    }
+    if (!moe_dtype_is_float(s->dtype) || !q_shape_is(s, N, ng)) {
+        snprintf(want, sizeof(want), "F32/BF16/F16 [%lld, %lld] (group_size "
+                 "%lld)", (long long) N, (long long) ng, (long long) G);
+        return q_bad_shape(s, want, err, errlen);
+    }
+    if (q->sym) {
+        z = NULL;               /* symmetric: zero 0 whatever is stored */
+    } else if (z->dtype != MOE_DT_I32 || !q_shape_is(z, N / 8, ng)) {
+        snprintf(want, sizeof(want), "I32 [%lld, %lld] (group_size %lld)",
+                 (long long) (N / 8), (long long) ng, (long long) G);
+        return q_bad_shape(z, want, err, errlen);
+    }
+    if (sh != NULL) {
+        if ((sh->dtype != MOE_DT_I32 && sh->dtype != MOE_DT_I64)
+            || sh->n_dims != 1 || sh->shape[0] != 2)
+        {
+            return q_bad_shape(sh, "I32 [2] (out, in)", err, errlen);
+        }
+        for (k = 0; k < 2; k++) {
+            if (sh->dtype == MOE_DT_I32) {
+                memcpy(&i32, (const char *) sh->data + 4 * k, sizeof(i32));
+                v = i32;
+            } else {
+                memcpy(&v, (const char *) sh->data + 8 * k, sizeof(v));
+            }
+            if (v != (k == 0 ? N : K)) {
+                moe_errf(err, errlen, "%s: tensor '%s' says the weight is "
+                         "[%lld, ...] in dimension %lld, the model needs "
+                         "[%lld, %lld]", sh->file, sh->name, (long long) v,
+                         (long long) k, (long long) N, (long long) K);
+                return MOE_EINVAL;
+            }
+        }
+    }
+    if (gi != NULL) {
+        if (gi->dtype != MOE_DT_I32 || gi->n_dims != 1 || gi->shape[0] != K) {
+            snprintf(want, sizeof(want), "I32 [%lld]", (long long) K);
+            return q_bad_shape(gi, want, err, errlen);
+        }
+        for (k = 0; k < K; k++) {
+            memcpy(&i32, (const char *) gi->data + 4 * k, sizeof(i32));
+            if (i32 < 0 || i32 >= ng) {
+                moe_errf(err, errlen, "%s: tensor '%s': g_idx[%lld] = %d is "
+                         "out of range [0, %lld)", gi->file, gi->name,
+                         (long long) k, (int) i32, (long long) ng);
+                return MOE_EINVAL;
+            }
+        }
+    } else if (q->desc_act) {
+        moe_errf(err, errlen, "%s: missing tensor '%s.weight_g_idx' "
+                 "(weights.actorder group)", dir, base);
+        return MOE_EINVAL;
+    }
+    o->layout = MOE_QL_CT4;
+    o->qweight = w->data;
+    o->qdtype = MOE_DT_I32;
+    o->zeros = z != NULL ? z->data : NULL;
+    o->g_idx = gi != NULL ? gi->data : NULL;
+    o->scales = s->data;
+    o->sdtype = (int) s->dtype;
+    o->s_rows = N;
+    o->s_cols = ng;
+    o->group_size = (int) G;
+    o->n_groups = (int) ng;
+    return MOE_OK;
+}
+
+
 int
 moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
     const char *dir, const char *base, int64_t N, int64_t K,
@@ -845,6 +1054,23 @@ moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
             return MOE_EINVAL;
         }
         rc = q_find_int4(st, q, dir, base, N, K, w, out, err, errlen);
+        break;
+    case MOE_QM_CT_INT4:
+        rc = q_tensor(st, dir, base, "weight_packed", "", 0, &w, err,
+                      errlen);
+        (void) q_tensor(st, dir, base, "weight", "", 0, &f, err, errlen);
+        if (f != NULL && moe_dtype_is_float(f->dtype)
+            && moe_qconfig_ignored(q, base))
+        {
+            return 0;           /* the config's ignore list: float */
+        }
+        if (w == NULL) {
+            moe_errf(err, errlen, "%s: missing tensor '%s.weight_packed' "
+                     "(quantization_config %s pack-quantized; '%s' is not "
+                     "in its ignore list)", dir, base, q->name, base);
+            return MOE_EINVAL;
+        }
+        rc = q_find_ct4(st, q, dir, base, N, K, w, out, err, errlen);
         break;
     default:
         return 0;
@@ -943,9 +1169,151 @@ moe_qtensor_dequant(const moe_qtensor_t *t, float *dst)
             }
         }
         return MOE_OK;
+    case MOE_QL_CT4:
+        for (n = 0; n < N; n++) {
+            for (k = 0; k < K; k++) {
+                if (t->g_idx != NULL) {
+                    memcpy(&gi, (const char *) t->g_idx + 4 * k, sizeof(gi));
+                    g = gi;
+                } else {
+                    g = k / t->group_size;
+                }
+                z = t->zeros != NULL ? moe_ct4_get_z(t->zeros, t->n_groups,
+                                                     n, g)
+                                     : 8;
+                s = moe_q_scale_at(t->scales, t->sdtype, n * t->s_cols + g);
+                dst[n * K + k] = (float) (moe_ct4_get_w(qb, K, n, k) - z)
+                                 * s;
+            }
+        }
+        return MOE_OK;
     default:
         return MOE_EINVAL;
     }
+}
+
+
+int
+moe_ct4_get_w(const void *packed, int64_t K, int64_t n, int64_t k)
+{
+    return q_nib(packed, n * (K / 8) + k / 8, (int) (k % 8));
+}
+
+
+int
+moe_ct4_get_z(const void *zp, int64_t n_groups, int64_t n, int64_t g)
+{
+    return q_nib(zp, (n / 8) * n_groups + g, (int) (n % 8));
+}
+
+
+/* f as an F16 into *h when it is exactly one (finite, in range, no bits
+ * lost: a normal F16 keeps 10 mantissa bits, a subnormal one multiples of
+ * 2^-24); else 0.  By the bits: not every compiler has _Float16. */
+static int
+q_f16_exact(float f, uint16_t *h)
+{
+    uint32_t u, m, full;
+    uint16_t sign;
+    int      e, sh;
+
+    memcpy(&u, &f, sizeof(u));
+    sign = (uint16_t) ((u >> 16) & 0x8000u);
+    e = (int) ((u >> 23) & 0xffu) - 127;
+    m = u & 0x7fffffu;
+    if ((u & 0x7fffffffu) == 0) {
+        *h = sign;
+        return 1;
+    }
+    if (e > 15 || e < -24) {
+        return 0;               /* inf, nan, too large, too small */
+    }
+    if (e >= -14) {
+        if ((m & 0x1fffu) != 0) {
+            return 0;
+        }
+        *h = (uint16_t) (sign | ((e + 15) << 10) | (m >> 13));
+    } else {
+        full = m | 0x800000u;   /* f = full 2^(e - 23) = M 2^-24 */
+        sh = -(e + 1);
+        if ((full & ((1u << sh) - 1u)) != 0) {
+            return 0;
+        }
+        *h = (uint16_t) (sign | (full >> sh));
+    }
+    return moe_f16_to_f32(*h) == f;
+}
+
+
+int
+moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
+    void **mem)
+{
+    int64_t   N = ct->rows, K = ct->cols, ng = ct->n_groups, n, j, g, i;
+    size_t    wb = (size_t) (K / 8) * (size_t) N * 4;
+    size_t    zb = (size_t) ng * (size_t) (N / 8) * 4;
+    size_t    sb = (size_t) ng * (size_t) N * 4;
+    char     *m;
+    int32_t  *qw, *qz;
+    uint32_t  u;
+    uint16_t  h;
+    int       f16 = 1;
+
+    *mem = NULL;
+    if (ct->layout != MOE_QL_CT4) {
+        return MOE_EINVAL;
+    }
+    m = malloc(wb + zb + sb);
+    if (m == NULL) {
+        return MOE_ENOMEM;
+    }
+    qw = (int32_t *) m;
+    qz = (int32_t *) (m + wb);
+    /* the same words, transposed: (n, j) -> (j, n) */
+    for (n = 0; n < N; n++) {
+        for (j = 0; j < K / 8; j++) {
+            memcpy(&qw[j * N + n], (const char *) ct->qweight
+                   + 4 * (n * (K / 8) + j), 4);
+        }
+    }
+    /* zeros: (j, g) -> (g, j); symmetric: every zero 8 */
+    for (g = 0; g < ng; g++) {
+        for (j = 0; j < N / 8; j++) {
+            if (ct->zeros != NULL) {
+                memcpy(&u, (const char *) ct->zeros + 4 * (j * ng + g), 4);
+            } else {
+                u = 0x88888888u;
+            }
+            memcpy(&qz[g * (N / 8) + j], &u, 4);
+        }
+    }
+    /* scales (n, g) -> (g, n): F16 when all are exactly F16 */
+    for (i = 0; f16 && i < N * ng; i++) {
+        f16 = q_f16_exact(moe_q_scale_at(ct->scales, ct->sdtype, i), &h);
+    }
+    for (n = 0; n < N; n++) {
+        for (g = 0; g < ng; g++) {
+            float f = moe_q_scale_at(ct->scales, ct->sdtype, n * ng + g);
+
+            if (f16) {
+                (void) q_f16_exact(f, &h);
+                memcpy(m + wb + zb + 2 * (g * N + n), &h, 2);
+            } else {
+                memcpy(m + wb + zb + 4 * (g * N + n), &f, 4);
+            }
+        }
+    }
+    *out = *ct;
+    out->layout = MOE_QL_GPTQ;
+    out->qweight = qw;
+    out->zeros = qz;
+    out->scales = m + wb + zb;
+    out->sdtype = f16 ? MOE_DT_F16 : MOE_DT_F32;
+    out->s_rows = ng;
+    out->s_cols = N;
+    out->zero_add = 0;
+    *mem = m;
+    return MOE_OK;
 }
 
 

@@ -36,6 +36,19 @@
  *     <m>.g_idx I32 (K): the group of input row k (desc_act reorders it;
  *       absent: k / G); n_groups = ceil(K / G);
  *     W[n][k] = (q[k][n] - z[g][n]) * s[g][n], g = g_idx[k].
+ *   compressed-tensors, format pack-quantized (config or group), weights
+ *     {num_bits 4, type int, strategy group (group_size 32/64/128) or
+ *     channel (G = K), symmetric true/false, actorder}, W4A16:
+ *     <m>.weight_packed I32 (N, K/8): int32 (n, j) holds k = 8j..8j+7
+ *       of row n, k = 8j+i in nibble i, as q + 8 (q in -8..7);
+ *     <m>.weight_scale F32/BF16/F16 (N, K/G);
+ *     <m>.weight_zero_point I32 (N/8, K/G) when not symmetric: int32
+ *       (j, g) holds rows 8j..8j+7, row 8j+i in nibble i, as z + 8;
+ *     <m>.weight_g_idx I32 (K) (actorder group; absent: k / G);
+ *     <m>.weight_shape I32/I64 [2] = (N, K) (checked when present);
+ *     W[n][k] = (q - z) * s[n][g] (z 0 when symmetric), g = g_idx[k]:
+ *     GPTQ v2's arithmetic on transposed words.  The packed (GPU) load
+ *     converts each tensor to the GPTQ layout (moe_qtensor_ct4_to_gptq).
  *   group_size -1 (one group per column) is taken as G = K.
  *
  * Quantized: the dense projections (q/k/v/o, gate/up/down, the shared
@@ -67,6 +80,7 @@ typedef enum {
     MOE_QM_CT_FP8,          /* "compressed-tensors", float 8-bit */
     MOE_QM_AWQ,             /* "awq" */
     MOE_QM_GPTQ,            /* "gptq" */
+    MOE_QM_CT_INT4,         /* "compressed-tensors", pack-quantized int4 */
     MOE_QM_FP8_LOAD         /* no quantization_config; YAML fp8: quantized
                                per channel at load */
 } moe_qmethod_t;
@@ -78,7 +92,8 @@ typedef enum {
     MOE_QL_FP8_CHANNEL,     /* fp8 (N, K), scales (N) */
     MOE_QL_FP8_BLOCK,       /* fp8 (N, K), scales (ceil(N/bn), ceil(K/bk)) */
     MOE_QL_AWQ,             /* 4-bit, see the top of this file */
-    MOE_QL_GPTQ
+    MOE_QL_GPTQ,
+    MOE_QL_CT4              /* compressed-tensors pack-quantized int4 */
 } moe_qlayout_t;
 
 #define MOE_Q_MAX_IGNORE  64
@@ -115,13 +130,14 @@ typedef struct moe_qtensor {
     const char    *file;
     int64_t        rows, cols;
     const void    *qweight;       /* fp8 (N, K) bytes; awq I32 (K, N/8);
-                                     gptq I32 (K/8, N) */
+                                     gptq I32 (K/8, N); ct4 I32 (N, K/8) */
     int            qdtype;        /* moe_dtype_t of qweight */
     const void    *scales;        /* see the layout */
     int            sdtype;        /* F32, BF16 or F16 */
     int64_t        s_rows, s_cols;/* scales shape as used */
-    const void    *zeros;         /* awq / gptq I32 (n_groups, N/8) */
-    const void    *g_idx;         /* gptq I32 (K), or NULL: k / G */
+    const void    *zeros;         /* awq / gptq I32 (n_groups, N/8); ct4
+                                     I32 (N/8, n_groups) or NULL (sym) */
+    const void    *g_idx;         /* gptq / ct4 I32 (K), or NULL: k / G */
     int            group_size;    /* awq / gptq G (>= 1) */
     int            n_groups;
     int            block_n, block_k;
@@ -135,7 +151,8 @@ typedef struct moe_qtensor {
  * quant_method, bits other than 4 (awq/gptq) or 8 (fp8), group_size not
  * -1/32/64/128, an AWQ version other than gemm or without zero points,
  * malformed weight_block_size or ignore lists, compressed-tensors other
- * than fp8: MOE_EINVAL with "<file>: quantization_config: ..." in err.
+ * than float-quantized fp8 or pack-quantized int4 W4A16: MOE_EINVAL with
+ * "<file>: quantization_config: ..." in err.
  */
 struct yajl_val_s;
 int moe_qconfig_parse(const struct yajl_val_s *root, const char *file,
@@ -143,7 +160,8 @@ int moe_qconfig_parse(const struct yajl_val_s *root, const char *file,
 
 /*
  * Apply the YAML `quantization` value (NULL or "": none) to the parsed
- * config: agreement as vLLM checks it (see the top of this file); "fp8" on
+ * config: agreement as vLLM checks it (see the top of this file;
+ * "compressed-tensors" takes both its fp8 and int4 formats); "fp8" on
  * an unquantized checkpoint sets MOE_QM_FP8_LOAD.  Disagreement:
  * MOE_EINVAL naming dir and both methods.
  */
@@ -173,6 +191,18 @@ int moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
  * layout. */
 int moe_qtensor_dequant(const moe_qtensor_t *t, float *dst);
 
+/*
+ * A compressed-tensors int4 tensor (MOE_QL_CT4) in GPTQ's layout, for the
+ * backends that take packed GPTQ weights: *out a MOE_QL_GPTQ tensor of
+ * the same values (zeros as stored, v2: zero_add 0; symmetric: zero 8),
+ * its qweight, qzeros and scales in one allocation, *mem (the caller frees
+ * it after out's last use); g_idx and names as in ct.  Scales become F16
+ * when every one is exactly an F16, else stay F32 (the kernels then take
+ * the dequantized weights).  MOE_ENOMEM, or MOE_EINVAL for another layout.
+ */
+int moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
+    void **mem);
+
 /* The float of a scale element i (F32, BF16 or F16). */
 float moe_q_scale_at(const void *p, int dtype, int64_t i);
 
@@ -193,6 +223,11 @@ void moe_awq_pack(const uint8_t *codes, int64_t rows, int64_t N,
     int32_t *out);
 /* 4-bit code of GPTQ qweight (K/8 x N int32) at logical (k, n). */
 int moe_gptq_get_w(const void *qweight, int64_t N, int64_t k, int64_t n);
+/* 4-bit code of compressed-tensors weight_packed (N x K/8 int32) at
+ * logical (n, k), and of weight_zero_point (N/8 x n_groups) at (n, g);
+ * both as stored: the signed value + 8. */
+int moe_ct4_get_w(const void *packed, int64_t K, int64_t n, int64_t k);
+int moe_ct4_get_z(const void *zp, int64_t n_groups, int64_t n, int64_t g);
 /* 4-bit code of GPTQ qzeros (groups x N/8 int32) at (g, n). */
 int moe_gptq_get_z(const void *qzeros, int64_t N, int64_t g, int64_t n);
 /* Pack codes[k * N + n] (K x N) into K/8 x N int32 (GPTQ qweight). */

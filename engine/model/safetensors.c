@@ -45,6 +45,8 @@ size_t
 moe_dtype_size(moe_dtype_t dt)
 {
     switch (dt) {
+    case MOE_DT_I64:
+        return 8;
     case MOE_DT_F32: case MOE_DT_I32:
         return 4;
     case MOE_DT_F16: case MOE_DT_BF16:
@@ -74,6 +76,7 @@ moe_dtype_name(moe_dtype_t dt)
     case MOE_DT_I32:  return "I32";
     case MOE_DT_U8:   return "U8";
     case MOE_DT_I8:   return "I8";
+    case MOE_DT_I64:  return "I64";
     }
     return "?";
 }
@@ -189,9 +192,12 @@ st_parse_entry(moe_st_set_t *s, st_file_t *f, const char *name, yajl_val v,
         t.dtype = MOE_DT_U8;
     } else if (strcmp(dts, "I8") == 0) {
         t.dtype = MOE_DT_I8;
+    } else if (strcmp(dts, "I64") == 0) {
+        t.dtype = MOE_DT_I64;
     } else {
         moe_errf(err, errlen, "%s: tensor '%s': dtype '%.32s' is not supported "
-               "(supported: F32, F16, BF16, F8_E4M3, F8_E5M2, I32, U8, I8)",
+               "(supported: F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, U8, "
+               "I8)",
                f->path, name, dts);
         return MOE_EUNSUPPORTED;
     }
@@ -928,6 +934,14 @@ moe_st_to_f32(const moe_st_tensor_t *t, int64_t first, int64_t n,
     case MOE_DT_I8:
         for (i = 0; i < n; i++) {
             dst[i] = (float) (int8_t) p[i];
+        }
+        break;
+    case MOE_DT_I64:
+        for (i = 0; i < n; i++) {
+            int64_t v;
+
+            memcpy(&v, p + 8 * i, sizeof(v));
+            dst[i] = (float) v;
         }
         break;
     default:

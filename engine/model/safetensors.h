@@ -30,7 +30,9 @@ typedef enum {
     MOE_DT_F8_E5M2 = 5,     /* fp8 e5m2 (bias 15, IEEE-like) */
     MOE_DT_I32 = 6,         /* packed 4-bit weights, zeros, g_idx */
     MOE_DT_U8 = 7,
-    MOE_DT_I8 = 8
+    MOE_DT_I8 = 8,
+    MOE_DT_I64 = 9          /* e.g. compressed-tensors' weight_shape,
+                               position_ids buffers */
 } moe_dtype_t;
 
 typedef struct {

@@ -145,6 +145,132 @@ f16_of(float f)
 }
 
 
+/*
+ * compressed-tensors int4 by hand: N 8, K 16, G 8.  Row n's words hold
+ * codes u(n, k) = (k + n) % 16 (k = 8j + i in nibble i of word (n, j)),
+ * the zero points of row n are n + g (word (0, g), nibble n), scales
+ * (n, g) = 0.5 / 0.25; dequantized (u - z) * s, g_idx reversed.  Then its
+ * GPTQ form: the same values, zeros and qweight words transposed, scales
+ * F16; with a scale no F16 holds (1e-30) the scales stay F32; and a
+ * symmetric one (no zero points) dequantizes as (u - 8) * s.
+ */
+static void
+test_ct4(void)
+{
+    moe_qtensor_t t, gq;
+    int32_t       wp[8 * 2], zp[2], gidx[16];
+    uint16_t      sb[8 * 2];
+    float         sf[8 * 2], out[8 * 16], out2[8 * 16];
+    void         *mem = NULL;
+    uint32_t      u;
+    int           n, k, g, i, ok;
+
+    for (n = 0; n < 8; n++) {
+        for (int j = 0; j < 2; j++) {
+            u = 0;
+            for (i = 0; i < 8; i++) {
+                u |= (uint32_t) ((8 * j + i + n) % 16) << (4 * i);
+            }
+            memcpy(&wp[n * 2 + j], &u, 4);
+        }
+        for (g = 0; g < 2; g++) {
+            sb[n * 2 + g] = (uint16_t) (g ? 0x3e80 : 0x3f00);  /* bf16 */
+            sf[n * 2 + g] = g ? 0.25f : 0.5f;
+        }
+    }
+    for (g = 0; g < 2; g++) {
+        u = 0;
+        for (n = 0; n < 8; n++) {
+            u |= (uint32_t) (n + g) << (4 * n);
+        }
+        memcpy(&zp[g], &u, 4);
+    }
+    for (k = 0; k < 16; k++) {
+        gidx[k] = 1 - k / 8;
+    }
+    memset(&t, 0, sizeof(t));
+    t.layout = MOE_QL_CT4;
+    t.name = "m.weight_packed";
+    t.rows = 8;
+    t.cols = 16;
+    t.qweight = wp;
+    t.qdtype = MOE_DT_I32;
+    t.zeros = zp;
+    t.g_idx = gidx;
+    t.scales = sb;
+    t.sdtype = MOE_DT_BF16;
+    t.s_rows = 8;
+    t.s_cols = 2;
+    t.group_size = 8;
+    t.n_groups = 2;
+    ok = moe_qtensor_dequant(&t, out) == MOE_OK;
+    for (n = 0; n < 8; n++) {
+        for (k = 0; k < 16; k++) {
+            g = 1 - k / 8;
+            ok &= out[n * 16 + k] == (float) ((k + n) % 16 - (n + g))
+                                     * (g ? 0.25f : 0.5f);
+        }
+    }
+    TAP_OK(ok, "compressed-tensors int4 dequant: (u - z) * s, rows' words "
+           "along k, zero points packed along n, g_idx picks the group");
+
+    ok = moe_qtensor_ct4_to_gptq(&t, &gq, &mem) == MOE_OK
+         && gq.layout == MOE_QL_GPTQ && gq.zero_add == 0
+         && gq.sdtype == MOE_DT_F16 && gq.g_idx == (const void *) gidx
+         && moe_qtensor_dequant(&gq, out2) == MOE_OK
+         && memcmp(out, out2, sizeof(out)) == 0
+         && moe_gptq_get_w(gq.qweight, 8, 9, 3) == (9 + 3) % 16
+         && moe_gptq_get_z(gq.zeros, 8, 1, 5) == 6;
+    free(mem);
+    TAP_OK(ok, "... its GPTQ form (v2 zeros, F16 scales) dequantizes to the "
+           "same values bit for bit");
+
+    sf[5] = 1e-30f;
+    t.scales = sf;
+    t.sdtype = MOE_DT_F32;
+    ok = moe_qtensor_dequant(&t, out) == MOE_OK
+         && moe_qtensor_ct4_to_gptq(&t, &gq, &mem) == MOE_OK
+         && gq.sdtype == MOE_DT_F32
+         && moe_qtensor_dequant(&gq, out2) == MOE_OK
+         && memcmp(out, out2, sizeof(out)) == 0 && out[2 * 16 + 8] != 0.0f;
+    free(mem);
+    TAP_OK(ok, "... a scale no F16 holds (1e-30): the GPTQ form keeps F32 "
+           "scales, the same values");
+
+    /* F16 subnormals: 3 * 2^-24 is one (F16 scales), 2^-25 is not */
+    for (i = 0; i < 16; i++) {
+        sf[i] = ldexpf(3.0f, -24);
+    }
+    ok = moe_qtensor_ct4_to_gptq(&t, &gq, &mem) == MOE_OK
+         && gq.sdtype == MOE_DT_F16
+         && moe_q_scale_at(gq.scales, gq.sdtype, 0) == ldexpf(3.0f, -24);
+    free(mem);
+    sf[7] = ldexpf(1.0f, -25);
+    ok = ok && moe_qtensor_ct4_to_gptq(&t, &gq, &mem) == MOE_OK
+         && gq.sdtype == MOE_DT_F32;
+    free(mem);
+    TAP_OK(ok, "... F16 subnormal scales: 3 * 2^-24 converts to F16, "
+           "2^-25 keeps the scales F32");
+    for (i = 0; i < 16; i++) {
+        sf[i] = (i & 1) ? 0.25f : 0.5f;
+    }
+
+    t.zeros = NULL;             /* symmetric */
+    t.g_idx = NULL;
+    ok = moe_qtensor_dequant(&t, out) == MOE_OK
+         && moe_qtensor_ct4_to_gptq(&t, &gq, &mem) == MOE_OK
+         && moe_qtensor_dequant(&gq, out2) == MOE_OK
+         && memcmp(out, out2, sizeof(out)) == 0
+         && out[3 * 16 + 10] == (float) ((10 + 3) % 16 - 8) * sf[3 * 2 + 1];
+    free(mem);
+    TAP_OK(ok, "... symmetric (no zero points): (u - 8) * s, and so its "
+           "GPTQ form");
+    t.layout = MOE_QL_GPTQ;
+    TAP_OK(moe_qtensor_ct4_to_gptq(&t, &gq, &mem) == MOE_EINVAL
+           && mem == NULL, "... a tensor of another layout is refused");
+}
+
+
 static void
 test_dequant(void)
 {
@@ -237,6 +363,8 @@ test_dequant(void)
         }
     }
     TAP_OK(ok, "GPTQ dequant: g_idx picks the group, zero is stored + 1");
+
+    test_ct4();
 }
 
 
@@ -327,8 +455,45 @@ walk_fn(void *ctx, const moe_tensor_ref_t *t)
 
 
 typedef struct {
-    int n_q, ok;
+    int                 n_q, ok;
+    const moe_model_t  *ref;    /* compressed-tensors int4: its reference */
+    int                 n_f16;  /* converted tensors with F16 scales */
 } packed_t;
+
+
+/* A compressed-tensors int4 piece of the packed walk: converted to the
+ * GPTQ layout (v2 zeros), whose dequantization is bit for bit the
+ * reference's <module>.weight. */
+static int
+packed_ct4_ok(packed_t *p, const moe_tensor_ref_t *t)
+{
+    const moe_qtensor_t   *q = t->quant;
+    const moe_st_tensor_t *rt;
+    char                   nm[320];
+    size_t                 n = strlen(q->name);
+    float                 *a, *b;
+    int                    ok;
+
+    if (q->layout != MOE_QL_GPTQ || q->zero_add != 0 || q->zeros == NULL
+        || n < 14 || strcmp(q->name + n - 14, ".weight_packed") != 0)
+    {
+        return 0;
+    }
+    snprintf(nm, sizeof(nm), "%.*s.weight", (int) (n - 14), q->name);
+    rt = moe_st_find(moe_model_tensors(p->ref), nm);
+    if (rt == NULL || rt->numel != q->rows * q->cols) {
+        return 0;
+    }
+    a = malloc((size_t) rt->numel * sizeof(float));
+    b = malloc((size_t) rt->numel * sizeof(float));
+    ok = a != NULL && b != NULL && moe_qtensor_dequant(q, a) == MOE_OK
+         && moe_st_to_f32(rt, 0, rt->numel, b) == MOE_OK
+         && memcmp(a, b, (size_t) rt->numel * sizeof(float)) == 0;
+    p->n_f16 += q->sdtype == MOE_DT_F16;
+    free(a);
+    free(b);
+    return ok;
+}
 
 
 static int
@@ -339,7 +504,8 @@ packed_fn(void *ctx, const moe_tensor_ref_t *t)
     if (t->quant != NULL) {
         p->n_q++;
         if (t->data != t->quant->qweight || t->dtype != t->quant->qdtype
-            || t->dtype == MOE_DT_F32)
+            || t->dtype == MOE_DT_F32
+            || (p->ref != NULL && !packed_ct4_ok(p, t)))
         {
             p->ok = 0;
         }
@@ -446,6 +612,9 @@ expect_layout(const char *name)
     if (strncmp(name, "ct-fp8", 6) == 0) {
         return MOE_QL_FP8_CHANNEL;
     }
+    if (strncmp(name, "ct4", 3) == 0) {
+        return MOE_QL_CT4;
+    }
     return strncmp(name, "awq", 3) == 0 ? MOE_QL_AWQ : MOE_QL_GPTQ;
 }
 
@@ -490,14 +659,18 @@ test_model(const char *name)
            w.expect, w.n_ignored_float);
 
     {
-        packed_t p = { 0, 1 };
+        packed_t p = { 0, 1, NULL, 0 };
 
+        p.ref = w.expect == MOE_QL_CT4 ? r : NULL;
         rc = moe_model_for_each_tensor_packed(m, packed_fn, &p, err,
                                               sizeof(err));
-        TAP_OK(rc == MOE_OK && p.ok && p.n_q == w.n_quant,
-               "%s: the packed walk hands the %d quantized pieces as the "
-               "files hold them (data == quant->qweight, dtype %s)", name,
-               p.n_q, w.expect <= MOE_QL_FP8_BLOCK ? "F8_E4M3" : "I32");
+        TAP_OK(rc == MOE_OK && p.ok && p.n_q == w.n_quant
+               && (p.ref == NULL || p.n_f16 == p.n_q),
+               "%s: the packed walk hands the %d quantized pieces %s "
+               "(data == quant->qweight, dtype %s)", name, p.n_q,
+               p.ref != NULL ? "in GPTQ's layout, F16 scales, dequantizing "
+               "bit for bit to the reference" : "as the files hold them",
+               w.expect <= MOE_QL_FP8_BLOCK ? "F8_E4M3" : "I32");
     }
 
     V = moe_model_hparams(m)->vocab_size;
@@ -592,6 +765,16 @@ test_refusals(void)
     snprintf(d, sizeof(d), "%s/bad-gptq-gidx", qdir);
     expect_fail(d, NULL, "GPTQ g_idx out of range", ".g_idx': g_idx[0] = ",
                 "is out of range [0, ");
+    snprintf(d, sizeof(d), "%s/bad-ct4-noscale", qdir);
+    expect_fail(d, NULL, "compressed-tensors int4 without weight_scale",
+                "missing tensor '", ".weight_scale' (quantization_config "
+                "compressed-tensors int4)");
+    snprintf(d, sizeof(d), "%s/bad-ct4-gidx", qdir);
+    expect_fail(d, NULL, "compressed-tensors int4 g_idx out of range",
+                ".weight_g_idx': g_idx[0] = ", "is out of range [0, ");
+    snprintf(d, sizeof(d), "%s/bad-ct4-shape", qdir);
+    expect_fail(d, NULL, "compressed-tensors int4 weight_shape disagrees",
+                ".weight_shape' says the weight is [", "the model needs [");
     snprintf(d, sizeof(d), "%s/bad-awq-scaleshape", qdir);
     expect_fail(d, NULL, "AWQ scales one group short", ".scales' has shape "
                 "F16 [", "expected F16 [");
@@ -638,9 +821,56 @@ test_refusals(void)
         "compressed-tensors strategy group", "weights strategy 'group' is "
         "not supported", NULL);
     CFG("{\"quant_method\": \"compressed-tensors\", \"format\": "
-        "\"pack-quantized\", \"config_groups\": {}}",
-        "compressed-tensors pack-quantized", "format 'pack-quantized' is "
-        "not supported", NULL);
+        "\"marlin-24\", \"config_groups\": {\"g\": {\"weights\": "
+        "{\"num_bits\": 4, \"type\": \"int\"}}}}",
+        "compressed-tensors marlin-24", "format 'marlin-24' is not "
+        "supported (float-quantized fp8, pack-quantized int4)", NULL);
+#define CT4(w, more) "{\"quant_method\": \"compressed-tensors\", "       \
+        "\"format\": \"pack-quantized\", \"config_groups\": {\"group_0\": " \
+        "{\"targets\": [\"Linear\"], \"weights\": {" w "}" more "}}}"
+    CFG(CT4("\"num_bits\": 8, \"type\": \"int\", \"strategy\": "
+            "\"channel\"", ""), "pack-quantized int8",
+        "pack-quantized weights must be num_bits 4 (int4)", NULL);
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"tensor\"", ""), "pack-quantized strategy tensor",
+        "int4 weights strategy 'tensor' is not supported (group or "
+        "channel)", NULL);
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"group\", \"group_size\": 16", ""),
+        "pack-quantized group_size 16", "group_size 16 is not supported "
+        "(32, 64, 128 or strategy channel)", NULL);
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"group\"", ""), "pack-quantized group without a size",
+        "strategy group needs an integer group_size", NULL);
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"group\", \"group_size\": 32, \"actorder\": \"random\"",
+            ""), "pack-quantized actorder random",
+        "weights.actorder must be null", NULL);
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"group\", \"group_size\": 32",
+            ", \"input_activations\": {\"num_bits\": 8, \"type\": "
+            "\"int\"}"), "pack-quantized W4A8",
+        "(W4A8) are not supported, only W4A16", NULL);
+    /* GPTQ tensors under a compressed-tensors int4 config */
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"group\", \"group_size\": 32", ""),
+        "GPTQ tensors under a pack-quantized config",
+        ".weight_packed' (quantization_config compressed-tensors "
+        "pack-quantized;", "missing tensor '");
+    snprintf(d, sizeof(d), "%s/ct4-g32-sym", qdir);
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"group\", \"group_size\": 32, \"symmetric\": false", ""),
+        "pack-quantized asymmetric without zero points",
+        ".weight_zero_point' (weights.symmetric false)", "missing tensor");
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"group\", \"group_size\": 32, \"actorder\": \"group\"", ""),
+        "pack-quantized actorder group without g_idx",
+        ".weight_g_idx' (weights.actorder group)", "missing tensor");
+    CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
+            "\"group\", \"group_size\": 64", ""),
+        "pack-quantized scales of another group size",
+        ".weight_scale' has shape BF16 [", "expected F32/BF16/F16 [");
+#undef CT4
     CFG("{\"quant_method\": \"compressed-tensors\", \"config_groups\": "
         "{\"g\": {\"weights\": {\"num_bits\": 8, \"type\": \"float\"}}}, "
         "\"ignore\": [\"lm_head\", \"re:.*(o_proj\"]}",
@@ -688,6 +918,9 @@ test_refusals(void)
     expect_fail(d, "awq", "YAML awq on an fp8 checkpoint",
                 "quantization 'awq' was requested, but the checkpoint's "
                 "quantization_config quant_method is 'fp8'", NULL);
+    snprintf(d, sizeof(d), "%s/ct4-g32-sym", qdir);
+    expect_fail(d, "gptq", "YAML gptq on a compressed-tensors int4 "
+                "checkpoint", "quant_method is 'compressed-tensors'", NULL);
     snprintf(d, sizeof(d), "%s/awq-g32", qdir);
     expect_fail(d, "gptq", "YAML gptq on an AWQ checkpoint",
                 "quant_method is 'awq'", NULL);
@@ -713,6 +946,13 @@ test_yaml_ok(void)
     snprintf(d, sizeof(d), "%s/awq-g32", qdir);
     rc = moe_model_load_quant(d, 0, "awq", 1, &m, err, sizeof(err));
     TAP_OK(rc == MOE_OK, "YAML awq on an AWQ checkpoint loads %s", err);
+    moe_model_free(m);
+    snprintf(d, sizeof(d), "%s/ct4-g64-asym-ignore", qdir);
+    rc = moe_model_load_quant(d, 0, "compressed-tensors", 1, &m, err,
+                              sizeof(err));
+    TAP_OK(rc == MOE_OK && moe_model_quant(m)->method == MOE_QM_CT_INT4,
+           "YAML compressed-tensors on a pack-quantized int4 checkpoint "
+           "loads %s", err);
     moe_model_free(m);
     snprintf(d, sizeof(d), "%s/ct-fp8-channel", qdir);
     rc = moe_model_load_quant(d, 0, "fp8", 1, &m, err, sizeof(err));

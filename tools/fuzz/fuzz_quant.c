@@ -4,16 +4,19 @@
  * safetensors file and quantization_config that the input describes.
  *
  * Input bytes (a small program; missing bytes read as 0):
- *   0  method: fp8, compressed-tensors fp8, awq, gptq (mod 4)
+ *   0  method: fp8, compressed-tensors fp8, awq, gptq, compressed-tensors
+ *      pack-quantized int4 (mod 5)
  *   1  flags: 1 fmt e5m2, 2 static activations, 4 fp8 weight_block_size,
  *      8/16 compressed-tensors strategy (tensor, channel, block, none),
- *      32 desc_act, 64 sym, 128 checkpoint_format gptq_v2
+ *      32 desc_act (int4: actorder group), 64 sym, 128 checkpoint_format
+ *      gptq_v2
  *   2  group_size (-1, 32, 64, 128; mod 4); bit 4: the module is in the
  *      ignore list; bit 5: N and K are rounded up to a multiple of 8
  *   3, 4  block_n, block_k (1 + byte % 64)
  *   5, 6  N, K (0..255)
  *   then one descriptor per tensor of <m>: weight, weight_scale,
- *   weight_scale_inv, input_scale, qweight, qzeros, scales, g_idx:
+ *   weight_scale_inv, input_scale, qweight, qzeros, scales, g_idx,
+ *   weight_packed, weight_zero_point, weight_g_idx, weight_shape:
  *      d & 3 == 0  absent
  *              1  the shape and dtype the layout expects
  *              2  the expected shape, dtype 1 + (d >> 2) % 8
@@ -28,7 +31,9 @@
  * moe_qtensor_dequant() converts without reading outside the tensors
  * (ASan sees the mapped file only as a whole: the harness copies each
  * tensor into its own heap block first, see below), 0, or an error with a
- * message naming the file or the directory.
+ * message naming the file or the directory.  A compressed-tensors int4
+ * tensor found must also convert to GPTQ's layout
+ * (moe_qtensor_ct4_to_gptq) and dequantize there to the same values.
  */
 
 #include <math.h>
@@ -45,11 +50,13 @@
 #define BASE      "model.layers.0.mlp.down_proj"
 #define MAX_DATA  (256 * 1024)
 
-enum { T_W, T_S, T_SI, T_IN, T_QW, T_QZ, T_SC, T_GI, T_N };
+enum { T_W, T_S, T_SI, T_IN, T_QW, T_QZ, T_SC, T_GI, T_WP, T_WZ, T_WG,
+       T_WSH, T_N };
 
 static const char *const  suffix[T_N] = {
     "weight", "weight_scale", "weight_scale_inv", "input_scale", "qweight",
-    "qzeros", "scales", "g_idx"
+    "qzeros", "scales", "g_idx", "weight_packed", "weight_zero_point",
+    "weight_g_idx", "weight_shape"
 };
 
 typedef struct {
@@ -89,6 +96,12 @@ natural(int k, int method, int e5m2, int strategy, int64_t N, int64_t K,
 
     t->dtype = MOE_DT_F32;
     t->n_dims = 2;
+    if (method == 4 && k == T_S) {
+        t->dtype = MOE_DT_BF16;
+        t->shape[0] = N;
+        t->shape[1] = ng;
+        return;
+    }
     switch (k) {
     case T_W:
         t->dtype = e5m2 ? MOE_DT_F8_E5M2 : MOE_DT_F8_E4M3;
@@ -126,9 +139,25 @@ natural(int k, int method, int e5m2, int strategy, int64_t N, int64_t K,
         t->shape[1] = N;
         break;
     case T_GI:
+    case T_WG:
         t->dtype = MOE_DT_I32;
         t->n_dims = 1;
         t->shape[0] = K;
+        break;
+    case T_WP:
+        t->dtype = MOE_DT_I32;
+        t->shape[0] = N;
+        t->shape[1] = K / 8;
+        break;
+    case T_WZ:
+        t->dtype = MOE_DT_I32;
+        t->shape[0] = N / 8;
+        t->shape[1] = ng;
+        break;
+    case T_WSH:
+        t->dtype = MOE_DT_I64;
+        t->n_dims = 1;
+        t->shape[0] = 2;
         break;
     }
 }
@@ -199,7 +228,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     float            *w;
     void             *keep[4];
 
-    method = rd(&r) % 4;
+    method = rd(&r) % 5;
     flags = rd(&r);
     gsel = rd(&r);
     bn = 1 + (int) (rd(&r) % 64);
@@ -231,10 +260,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         natural(k, (int) method, flags & 1, strategy, N, K, G, bn, bk,
                 &td[k]);
         if ((d & 3) == 2) {
-            td[k].dtype = 1 + (int) ((d >> 2) % 8);
+            td[k].dtype = 1 + (int) ((d >> 2) % 9);
         } else if ((d & 3) == 3) {
             td[k].n_dims = (int) ((d >> 2) % 5);
-            td[k].dtype = 1 + (int) (d >> 5);
+            td[k].dtype = 1 + (int) ((d >> 5) % 9);
             for (i = 0; i < td[k].n_dims; i++) {
                 td[k].shape[i] = rd(&r);
             }
@@ -331,6 +360,25 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             i += snprintf(conf + i, sizeof(conf) - i,
                           ",\"ignore\":[\"re:.*mlp\\\\.down_proj$\"]");
         }
+    } else if (method == 4) {
+        i = snprintf(conf, sizeof(conf), "{\"quantization_config\":{"
+                     "\"quant_method\":\"compressed-tensors\","
+                     "\"format\":\"pack-quantized\",\"config_groups\":{"
+                     "\"group_0\":{\"weights\":{\"num_bits\":4,"
+                     "\"type\":\"int\",\"symmetric\":%s,\"actorder\":%s,",
+                     (flags & 64) ? "true" : "false",
+                     (flags & 32) ? "\"group\"" : "null");
+        if (group > 0) {
+            i += snprintf(conf + i, sizeof(conf) - i, "\"strategy\":"
+                          "\"group\",\"group_size\":%d}}}", group);
+        } else {
+            i += snprintf(conf + i, sizeof(conf) - i, "\"strategy\":"
+                          "\"channel\"}}}");
+        }
+        if (gsel & 16) {
+            i += snprintf(conf + i, sizeof(conf) - i,
+                          ",\"ignore\":[\"re:.*mlp\\\\.down_proj$\"]");
+        }
     } else {
         i = snprintf(conf, sizeof(conf), "{\"quantization_config\":{"
                      "\"quant_method\":\"%s\",\"bits\":4,"
@@ -379,6 +427,26 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         FF_CHECK(w != NULL, "malloc");
         rc = moe_qtensor_dequant(&qt, w);
         FF_CHECK(rc == MOE_OK, "dequant of a found tensor failed");
+        if (qt.layout == MOE_QL_CT4) {
+            moe_qtensor_t  gq;
+            void          *mem;
+            float         *w2 = malloc((size_t) (N * K + 1) * sizeof(float));
+            int64_t        e;
+
+            FF_CHECK(w2 != NULL, "malloc");
+            rc = moe_qtensor_ct4_to_gptq(&qt, &gq, &mem);
+            FF_CHECK(rc == MOE_OK && gq.layout == MOE_QL_GPTQ,
+                     "ct4 -> gptq failed");
+            FF_CHECK(moe_qtensor_dequant(&gq, w2) == MOE_OK,
+                     "dequant of the GPTQ form failed");
+            for (e = 0; e < N * K; e++) {
+                FF_CHECK(w[e] == w2[e] || (isnan(w[e]) && isnan(w2[e])),
+                         "GPTQ form differs at %lld: %g vs %g",
+                         (long long) e, w[e], w2[e]);
+            }
+            free(mem);
+            free(w2);
+        }
         free(w);
         for (i = 0; i < 4; i++) {
             free(keep[i]);

@@ -157,8 +157,10 @@ def configs():
 def quant():
     # fuzz_quant.c's byte programs: method, flags, group, bn, bk, N, K,
     # one descriptor per tensor (weight, weight_scale, weight_scale_inv,
-    # input_scale, qweight, qzeros, scales, g_idx; 1: as expected), data
+    # input_scale, qweight, qzeros, scales, g_idx, weight_packed,
+    # weight_zero_point, weight_g_idx, weight_shape; 1: as expected), data
     pool = bytes([1, 0, 0, 0, 0, 0, 0, 0, 0x38, 0x3c, 0x11, 0x80])
+    none4 = [0, 0, 0, 0]            # no compressed-tensors int4 tensors
     progs = {
         "fp8_tensor": [0, 0, 32, 0, 0, 16, 16, 1, 1, 0, 0, 0, 0, 0, 0],
         "fp8_static_e5m2": [0, 3, 32, 0, 0, 8, 24, 1, 1, 0, 1, 0, 0, 0, 0],
@@ -173,7 +175,19 @@ def quant():
         "gptq_desc_act": [3, 32, 33, 0, 0, 16, 64, 0, 0, 0, 0, 1, 1, 1, 1],
         "gptq_v2_g64": [3, 192, 34, 0, 0, 8, 128, 0, 0, 0, 0, 1, 1, 1, 0],
     }
+    # compressed-tensors int4: weight_scale, weight_packed, zero points
+    # (asymmetric), weight_g_idx (actorder group), weight_shape
+    ct4 = {
+        "ct4_g32_sym": [4, 64, 33, 0, 0, 16, 64, 0, 1, 0, 0, 0, 0, 0, 0,
+                        1, 0, 0, 1],
+        "ct4_g64_asym_act": [4, 32, 34, 0, 0, 16, 128, 0, 1, 0, 0, 0, 0,
+                             0, 0, 1, 1, 1, 1],
+        "ct4_channel_asym": [4, 0, 32, 0, 0, 8, 16, 0, 1, 0, 0, 0, 0, 0,
+                             0, 1, 1, 0, 0],
+    }
     for name, p in progs.items():
+        put("quant", name, bytes(p + none4) + pool)
+    for name, p in ct4.items():
         put("quant", name, bytes(p) + pool)
 
 
