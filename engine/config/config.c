@@ -87,8 +87,29 @@ static const char *const cfg_kv_dtypes[] = { "auto", "fp8", "fp8_e4m3",
 static const char *const cfg_tool_parsers[] = {
     "auto", "hermes", "mistral", "llama3_json", "none", NULL
 };
+/* 1 when s is one of the NULL-terminated list */
+static int
+cfg_in(const char *const *list, const char *s)
+{
+    for (; *list != NULL; list++) {
+        if (strcmp(*list, s) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+
+/* vLLM's `quantization` values: the methods this build loads, vLLM's
+ * Marlin-kernel names for them (awq_marlin, gptq_marlin: the same
+ * checkpoints, kept as awq / gptq), then methods known to vLLM whose
+ * checkpoints this build cannot load (refused by name) */
 static const char *const cfg_quants[] = {
-    "awq", "gptq", "squeezellm", "fp8", "compressed-tensors", NULL
+    "awq", "gptq", "fp8", "compressed-tensors", "awq_marlin", "gptq_marlin",
+    "squeezellm", "marlin", "bitsandbytes", "gguf", NULL
+};
+static const char *const cfg_quants_unsupported[] = {
+    "squeezellm", "marlin", "bitsandbytes", "gguf", NULL
 };
 
 static const cfg_key_t cfg_model_keys[] = {
@@ -517,14 +538,24 @@ cfg_set(cfg_ctx_t *ctx, const cfg_key_t *k, const yaml_node_t *v)
                     continue;
                 }
                 if (k->type == CFG_QUANT
-                    && strcmp(k->values[i], "squeezellm") == 0)
+                    && cfg_in(cfg_quants_unsupported, k->values[i]))
                 {
                     /* a known method, but this engine has no kernels */
                     return cfg_err(ctx, MOE_EUNSUPPORTED, line,
                                    "quantization '%s' is not supported by "
                                    "this build (awq, gptq, fp8, "
-                                   "compressed-tensors or null)",
-                                   k->values[i]);
+                                   "compressed-tensors, awq_marlin, "
+                                   "gptq_marlin or null)", k->values[i]);
+                }
+                if (k->type == CFG_QUANT
+                    && strstr(k->values[i], "_marlin") != NULL)
+                {
+                    /* vLLM's Marlin kernels for AWQ / GPTQ checkpoints:
+                     * here the same checkpoints on this build's kernels */
+                    snprintf(dst, k->size, "%.*s",
+                             (int) (strstr(k->values[i], "_marlin")
+                                    - k->values[i]), k->values[i]);
+                    return MOE_OK;
                 }
                 cfg_copy(dst, k->size, k->values[i]);
                 return MOE_OK;

@@ -70,9 +70,12 @@ static const bad_case_t bad_cases[] = {
     { "bad_quant_squeezellm.yaml", 3, MOE_EUNSUPPORTED,
       "quantization 'squeezellm' is not supported by this build" },
     { "bad_quant_unknown.yaml", 3, MOE_EINVAL,
-      "quantization must be null or awq, gptq, squeezellm, fp8, "
-      "compressed-tensors, got "
+      "quantization must be null or awq, gptq, fp8, compressed-tensors, "
+      "awq_marlin, gptq_marlin, squeezellm, marlin, bitsandbytes, gguf, got "
       "'\"int4\"'" },
+    { "bad_quant_bnb.yaml", 3, MOE_EUNSUPPORTED,
+      "quantization 'bitsandbytes' is not supported by this build (awq, "
+      "gptq, fp8, compressed-tensors, awq_marlin, gptq_marlin or null)" },
     { "bad_load_format.yaml", 3, MOE_EINVAL,
       "load_format must be auto, safetensors, dummy, got '\"pt\"'" },
     { "bad_tool_call_parser.yaml", 3, MOE_EINVAL,
@@ -492,6 +495,18 @@ main(int argc, char **argv)
            && c.trust_remote_code == 0
            && strcmp(c.load_format, "auto") == 0,
            "seed local-path example (./models/...) loads, realpath'd");
+
+    /* vLLM's Marlin names for AWQ / GPTQ: the same checkpoints here */
+    rc = load("quant_gptq_marlin.yaml", &c, err, sizeof(err), path,
+              sizeof(path));
+    TAP_OK(rc == MOE_OK && strcmp(c.quantization, "gptq") == 0,
+           "quantization: gptq_marlin is kept as gptq (%s)",
+           rc == MOE_OK ? c.quantization : err);
+    rc = load("quant_awq_marlin.yaml", &c, err, sizeof(err), path,
+              sizeof(path));
+    TAP_OK(rc == MOE_OK && strcmp(c.quantization, "awq") == 0,
+           "quantization: AWQ_Marlin (any case) is kept as awq (%s)",
+           rc == MOE_OK ? c.quantization : err);
 
     rc = load("seed_tuning_noquant.yaml", &c, err, sizeof(err), path,
               sizeof(path));
