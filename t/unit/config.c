@@ -297,7 +297,7 @@ main(int argc, char **argv)
 
     n_bad = sizeof(bad_cases) / sizeof(bad_cases[0]);
 
-    TAP_PLAN(18 + n_bad);
+    TAP_PLAN(20 + n_bad);
 
     if (find_root(argv[0]) != 0) {
         TAP_DIAG("cannot find the source tree (t/data/conf) from %s; "
