@@ -2,18 +2,21 @@
 # A/B of kernel candidates kept on branches, in one device call.
 #
 # Here (no GPU needed), after `make all gpu bench-dev gpu-bundle`:
-#   tools/gpu_ab.sh build NAME=BRANCH [NAME=BRANCH ...]
-#     builds AB_BINS (default: bench_engine test_fp8mma) of each branch in
-#     a git worktree (/tmp/ab-NAME) seeded with this tree's build/, so only
-#     what the branch changes is recompiled, into build/ab/NAME/ (with the
-#     branch's commit in build/ab/NAME/COMMIT); then tools/gpu_pack.sh packs
-#     them with the rest (xz: the variants cost little next to main's).
+#   tools/gpu_ab.sh build NAME=BRANCH[:TEST,TEST...] [...]
+#     builds bench_engine and the variant's tests (the TESTs named, else
+#     AB_TESTS: default test_fp8mma) of each branch in a git worktree
+#     (/tmp/ab-NAME) seeded with this tree's build/, so only what the
+#     branch changes is recompiled, into build/ab/NAME/ (with the branch's
+#     commit in build/ab/NAME/COMMIT); then tools/gpu_pack.sh packs them
+#     with the rest (xz: the variants cost little next to main's).
 #   tools/gpu_ab.sh list     the variants built, and their commits
 #
 # On the device, after `tar xJf .carry/bundle.txz && . tools/gpu_env.sh`:
 #   tools/gpu_ab.sh run
-#     every variant's AB_TESTS first (default: test_fp8mma; a variant whose
-#     test fails is not timed), then AB_ROUNDS (default 2) rounds of the
+#     every variant's tests first (the test binaries in build/ab/NAME; main
+#     runs each test some variant has; a variant whose test fails is not
+#     timed; MOE_TEST_QUICK=1 in the environment shortens test_kernels),
+#     then AB_ROUNDS (default 2) rounds of the
 #     benchmark, main and the variants in turn in each round (drift and
 #     clocks hit them alike); logs under $OUT/ab/, and $OUT/ab/summary.txt:
 #     each variant's median tok/s and share of the limit per batch, from the
@@ -23,7 +26,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-AB_BINS=${AB_BINS:-"bench_engine test_fp8mma"}
 AB_TESTS=${AB_TESTS:-"test_fp8mma"}
 AB_ROUNDS=${AB_ROUNDS:-2}
 AB_BENCH=${AB_BENCH:-"mixtral-8x7b --weights fp8"}
@@ -37,6 +39,8 @@ ab_build() {
     for spec in "$@"; do
         name=${spec%%=*}
         br=${spec#*=}
+        tests=$AB_TESTS
+        case $br in *:*) tests=$(echo "${br#*:}" | tr , ' '); br=${br%%:*};; esac
         [ -n "$name" ] && [ "$name" != "$spec" ] \
             || die "'$spec': NAME=BRANCH expected"
         case $name in *[!A-Za-z0-9_.-]*) die "'$name': letters, digits, _ . - only";; esac
@@ -62,14 +66,14 @@ ab_build() {
             [ -e "$wt/$f" ] && touch "$wt/$f"
         done
         targets=""
-        for b in $AB_BINS; do
+        for b in bench_engine $tests; do
             targets="$targets build/gpu/$b"
         done
         echo "gpu_ab: $name = $br ($(git rev-parse --short "$br")): changed:" $changed
         make -C "$wt" $targets > "/tmp/ab-$name.log" 2>&1 \
             || { tail -30 "/tmp/ab-$name.log"; die "$name: build failed (/tmp/ab-$name.log)"; }
         mkdir -p "build/ab/$name"
-        for b in $AB_BINS; do
+        for b in bench_engine $tests; do
             cp "$wt/build/gpu/$b" "build/ab/$name/$b"
         done
         git rev-parse "$br" > "build/ab/$name/COMMIT"
@@ -96,12 +100,18 @@ ab_run() {
         [ -f "$d/COMMIT" ] && variants="$variants $(basename "$d")"
     done
     bindir() { [ "$1" = main ] && echo build/gpu || echo "build/ab/$1"; }
+    vtests() {      # the tests of variant $1 (main: every variant's)
+        if [ "$1" = main ]; then
+            for d in build/ab/*/; do ls "$d"; done | grep '^test_' | sort -u
+        else
+            ls "build/ab/$1" | grep '^test_'
+        fi
+    }
     timed="main"
     for v in $variants; do
         ok=1
-        for t in $AB_TESTS; do
+        for t in $(vtests "$v"); do
             bin=$(bindir "$v")/$t
-            [ -x "$bin" ] || bin=build/gpu/$t   # the variant did not change it
             if "$bin" > "$out/$v.$t.log" 2>&1; then
                 echo "$v $t: $(grep -c '^ok' "$out/$v.$t.log") ok"
             else
