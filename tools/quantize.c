@@ -185,6 +185,19 @@ amax(const float *w, int64_t n)
 }
 
 
+/* --corrupt gidx-range: g_idx[0] = groups, one past the last */
+static void
+corrupt_gidx(out_t *gi, int64_t ng)
+{
+    int32_t bad = (int32_t) ng;
+
+    if (strcmp(corrupt, "gidx-range") == 0) {
+        memcpy(gi->data, &bad, 4);
+        corrupted = 1;
+    }
+}
+
+
 /* a 4-bit scale as stored: F16, or BF16 (compressed-tensors) */
 static float
 scale_round(float sc, int bf16)
@@ -377,11 +390,8 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
             snprintf(nm, sizeof(nm), "%s.weight_g_idx", base);
             gi = add(o, nm, MOE_DT_I32, 1, K, 0);
             memcpy(gi->data, gidx, (size_t) K * 4);
-            if (first && strcmp(corrupt, "gidx-range") == 0) {
-                int32_t bad = (int32_t) ng;
-
-                memcpy(gi->data, &bad, 4);
-                corrupted = 1;
+            if (first) {
+                corrupt_gidx(gi, ng);
             }
         }
         snprintf(nm, sizeof(nm), "%s.weight_shape", base);
@@ -413,11 +423,8 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
             snprintf(nm, sizeof(nm), "%s.g_idx", base);
             gi = add(o, nm, MOE_DT_I32, 1, K, 0);
             memcpy(gi->data, gidx, (size_t) K * 4);
-            if (first && strcmp(corrupt, "gidx-range") == 0) {
-                int32_t bad = (int32_t) ng;
-
-                memcpy(gi->data, &bad, 4);
-                corrupted = 1;
+            if (first) {
+                corrupt_gidx(gi, ng);
             }
         }
     }

@@ -2411,6 +2411,27 @@ m_fp8_load(m_ctx_t *c, const char *name, moe_qtensor_t *qt, float *w,
 }
 
 
+/* The walk's piece of quantized weight qt (its whole logical shape):
+ * data of dtype (packed bytes, or the fp32 dequantization). */
+static void
+m_qref(moe_tensor_ref_t *r, int kind, int layer, int expert,
+    const moe_qtensor_t *qt, int dtype, const void *data)
+{
+    memset(r, 0, sizeof(*r));
+    r->kind = kind;
+    r->layer = layer;
+    r->expert = expert;
+    r->name = qt->name;
+    r->file = qt->file;
+    r->dtype = dtype;
+    r->data = data;
+    r->rows = qt->rows;
+    r->cols = qt->cols;
+    r->ld = qt->cols;
+    r->quant = qt;
+}
+
+
 /*
  * A linear weight `name` ("<module>.weight", logical (N, K)) that may be
  * quantized: *done 1 when handled here (quantized piece emitted, or only
@@ -2466,35 +2487,13 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
                      "the GPTQ layout", qt.name);
             return rc;
         }
-        memset(&r, 0, sizeof(r));
-        r.kind = kind;
-        r.layer = layer;
-        r.expert = expert;
-        r.name = gq.name;
-        r.file = gq.file;
-        r.dtype = gq.qdtype;
-        r.data = gq.qweight;
-        r.rows = N;
-        r.cols = K;
-        r.ld = K;
-        r.quant = &gq;
+        m_qref(&r, kind, layer, expert, &gq, gq.qdtype, gq.qweight);
         rc = c->fn(c->ctx, &r);
         free(mem);
         return rc;
     }
     if (c->packed && c->q->method != MOE_QM_FP8_LOAD) {
-        memset(&r, 0, sizeof(r));
-        r.kind = kind;
-        r.layer = layer;
-        r.expert = expert;
-        r.name = qt.name;
-        r.file = qt.file;
-        r.dtype = qt.qdtype;
-        r.data = qt.qweight;
-        r.rows = N;
-        r.cols = K;
-        r.ld = K;
-        r.quant = &qt;
+        m_qref(&r, kind, layer, expert, &qt, qt.qdtype, qt.qweight);
         return c->fn(c->ctx, &r);
     }
     w = malloc((size_t) (N * K) * sizeof(float));
@@ -2511,18 +2510,9 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
         rc = moe_qtensor_dequant(&qt, w);
     }
     if (rc == MOE_OK) {
-        memset(&r, 0, sizeof(r));
-        r.kind = kind;
-        r.layer = layer;
-        r.expert = expert;
-        r.name = qt.name;
-        r.file = qt.file;
-        r.dtype = c->packed ? qt.qdtype : MOE_DT_F32;
-        r.data = c->packed ? qt.qweight : w;
-        r.rows = N;
-        r.cols = K;
-        r.ld = K;
-        r.quant = &qt;
+        m_qref(&r, kind, layer, expert, &qt,
+               c->packed ? qt.qdtype : MOE_DT_F32,
+               c->packed ? qt.qweight : (const void *) w);
         rc = c->fn(c->ctx, &r);
     }
     free(w);

@@ -795,6 +795,76 @@ q_find_fp8(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
 }
 
 
+/* A 4-bit tensor w of logical (N, K): N and K multiples of 8 and K of
+ * the group; *G and *ng (groups) out. */
+static int
+q_int4_dims(const moe_qconfig_t *q, const moe_st_tensor_t *w, int64_t N,
+    int64_t K, int64_t *G, int64_t *ng, char *err, size_t errlen)
+{
+    if (N % 8 != 0 || K % 8 != 0) {
+        moe_errf(err, errlen, "%s: tensor '%s': %lld x %lld is not a multiple "
+                 "of 8 (4-bit packing)", w->file, w->name, (long long) N,
+                 (long long) K);
+        return MOE_EINVAL;
+    }
+    *G = q->group_size > 0 ? q->group_size : K;
+    if (K % *G != 0) {
+        moe_errf(err, errlen, "%s: tensor '%s': in_features %lld is not "
+                 "divisible by group_size %lld", w->file, w->name,
+                 (long long) K, (long long) *G);
+        return MOE_EINVAL;
+    }
+    *ng = K / *G;
+    return MOE_OK;
+}
+
+
+/* o: a 4-bit tensor of `layout` from its packed words w, zeros z (may be
+ * NULL), scales s (s_rows x s_cols as used), group G, ng groups */
+static void
+q_set_int4(moe_qtensor_t *o, moe_qlayout_t layout, const moe_st_tensor_t *w,
+    const moe_st_tensor_t *z, const moe_st_tensor_t *s, int64_t s_rows,
+    int64_t s_cols, int64_t G, int64_t ng)
+{
+    o->layout = layout;
+    o->qweight = w->data;
+    o->qdtype = MOE_DT_I32;
+    o->zeros = z != NULL ? z->data : NULL;
+    o->scales = s->data;
+    o->sdtype = (int) s->dtype;
+    o->s_rows = s_rows;
+    o->s_cols = s_cols;
+    o->group_size = (int) G;
+    o->n_groups = (int) ng;
+}
+
+
+/* A g_idx tensor: I32 (K), every entry a group in [0, ng). */
+static int
+q_check_gidx(const moe_st_tensor_t *gi, int64_t K, int64_t ng, char *err,
+    size_t errlen)
+{
+    char    want[96];
+    int64_t k;
+    int32_t v;
+
+    if (gi->dtype != MOE_DT_I32 || gi->n_dims != 1 || gi->shape[0] != K) {
+        snprintf(want, sizeof(want), "I32 [%lld]", (long long) K);
+        return q_bad_shape(gi, want, err, errlen);
+    }
+    for (k = 0; k < K; k++) {
+        memcpy(&v, (const char *) gi->data + 4 * k, sizeof(v));
+        if (v < 0 || v >= ng) {
+            moe_errf(err, errlen, "%s: tensor '%s': g_idx[%lld] = %d is out "
+                     "of range [0, %lld)", gi->file, gi->name, (long long) k,
+                     (int) v, (long long) ng);
+            return MOE_EINVAL;
+        }
+    }
+    return MOE_OK;
+}
+
+
 static int
 q_find_int4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
     const char *base, int64_t N, int64_t K, const moe_st_tensor_t *w,
@@ -802,9 +872,8 @@ q_find_int4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
 {
     const moe_st_tensor_t *z, *s, *gi;
     char                   want[96], why[64];
-    int64_t                G, ng, k;
+    int64_t                G, ng;
     int                    awq = q->method == MOE_QM_AWQ, rc;
-    int32_t                v;
 
     snprintf(why, sizeof(why), "quantization_config %s", q->name);
     if (w->dtype != MOE_DT_I32) {
@@ -812,25 +881,15 @@ q_find_int4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
                  w->file, w->name, moe_dtype_name(w->dtype), q->name);
         return MOE_EINVAL;
     }
-    if (N % 8 != 0 || K % 8 != 0) {
-        moe_errf(err, errlen, "%s: tensor '%s': %lld x %lld is not a multiple "
-                 "of 8 (4-bit packing)", w->file, w->name, (long long) N,
-                 (long long) K);
-        return MOE_EINVAL;
+    rc = q_int4_dims(q, w, N, K, &G, &ng, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
     }
     if (awq ? !q_shape_is(w, K, N / 8) : !q_shape_is(w, K / 8, N)) {
         snprintf(want, sizeof(want), "I32 [%lld, %lld]",
                  (long long) (awq ? K : K / 8), (long long) (awq ? N / 8 : N));
         return q_bad_shape(w, want, err, errlen);
     }
-    G = q->group_size > 0 ? q->group_size : K;
-    if (K % G != 0) {
-        moe_errf(err, errlen, "%s: tensor '%s': in_features %lld is not "
-                 "divisible by group_size %lld", w->file, w->name,
-                 (long long) K, (long long) G);
-        return MOE_EINVAL;
-    }
-    ng = K / G;
     rc = q_tensor(st, dir, base, "qzeros", why, 1, &z, err, errlen);
     if (rc == MOE_OK) {
         rc = q_tensor(st, dir, base, "scales", why, 1, &s, err, errlen);
@@ -848,16 +907,7 @@ q_find_int4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
                  (long long) ng, (long long) N, (long long) G);
         return q_bad_shape(s, want, err, errlen);
     }
-    o->layout = awq ? MOE_QL_AWQ : MOE_QL_GPTQ;
-    o->qweight = w->data;
-    o->qdtype = MOE_DT_I32;
-    o->zeros = z->data;
-    o->scales = s->data;
-    o->sdtype = (int) s->dtype;
-    o->s_rows = ng;
-    o->s_cols = N;
-    o->group_size = (int) G;
-    o->n_groups = (int) ng;
+    q_set_int4(o, awq ? MOE_QL_AWQ : MOE_QL_GPTQ, w, z, s, ng, N, G, ng);
     if (awq) {
         return MOE_OK;
     }
@@ -870,21 +920,9 @@ q_find_int4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
     if (gi == NULL) {
         return MOE_OK;
     }
-    if (gi->dtype != MOE_DT_I32 || gi->n_dims != 1 || gi->shape[0] != K) {
-        snprintf(want, sizeof(want), "I32 [%lld]", (long long) K);
-        return q_bad_shape(gi, want, err, errlen);
-    }
-    for (k = 0; k < K; k++) {
-        memcpy(&v, (const char *) gi->data + 4 * k, sizeof(v));
-        if (v < 0 || v >= ng) {
-            moe_errf(err, errlen, "%s: tensor '%s': g_idx[%lld] = %d is out "
-                     "of range [0, %lld)", gi->file, gi->name, (long long) k,
-                     (int) v, (long long) ng);
-            return MOE_EINVAL;
-        }
-    }
+    rc = q_check_gidx(gi, K, ng, err, errlen);
     o->g_idx = gi->data;
-    return MOE_OK;
+    return rc;
 }
 
 
@@ -901,25 +939,15 @@ q_find_ct4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
     int32_t                i32;
 
     snprintf(why, sizeof(why), "quantization_config %s int4", q->name);
-    if (N % 8 != 0 || K % 8 != 0) {
-        moe_errf(err, errlen, "%s: tensor '%s': %lld x %lld is not a multiple "
-                 "of 8 (4-bit packing)", w->file, w->name, (long long) N,
-                 (long long) K);
-        return MOE_EINVAL;
+    rc = q_int4_dims(q, w, N, K, &G, &ng, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
     }
     if (w->dtype != MOE_DT_I32 || !q_shape_is(w, N, K / 8)) {
         snprintf(want, sizeof(want), "I32 [%lld, %lld]", (long long) N,
                  (long long) (K / 8));
         return q_bad_shape(w, want, err, errlen);
     }
-    G = q->group_size > 0 ? q->group_size : K;
-    if (K % G != 0) {
-        moe_errf(err, errlen, "%s: tensor '%s': in_features %lld is not "
-                 "divisible by group_size %lld", w->file, w->name,
-                 (long long) K, (long long) G);
-        return MOE_EINVAL;
-    }
-    ng = K / G;
     rc = q_tensor(st, dir, base, "weight_scale", why, 1, &s, err, errlen);
     if (rc == MOE_OK) {
         rc = q_tensor(st, dir, base, "weight_zero_point",
@@ -971,35 +999,17 @@ q_find_ct4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
         }
     }
     if (gi != NULL) {
-        if (gi->dtype != MOE_DT_I32 || gi->n_dims != 1 || gi->shape[0] != K) {
-            snprintf(want, sizeof(want), "I32 [%lld]", (long long) K);
-            return q_bad_shape(gi, want, err, errlen);
-        }
-        for (k = 0; k < K; k++) {
-            memcpy(&i32, (const char *) gi->data + 4 * k, sizeof(i32));
-            if (i32 < 0 || i32 >= ng) {
-                moe_errf(err, errlen, "%s: tensor '%s': g_idx[%lld] = %d is "
-                         "out of range [0, %lld)", gi->file, gi->name,
-                         (long long) k, (int) i32, (long long) ng);
-                return MOE_EINVAL;
-            }
+        rc = q_check_gidx(gi, K, ng, err, errlen);
+        if (rc != MOE_OK) {
+            return rc;
         }
     } else if (q->desc_act) {
         moe_errf(err, errlen, "%s: missing tensor '%s.weight_g_idx' "
                  "(weights.actorder group)", dir, base);
         return MOE_EINVAL;
     }
-    o->layout = MOE_QL_CT4;
-    o->qweight = w->data;
-    o->qdtype = MOE_DT_I32;
-    o->zeros = z != NULL ? z->data : NULL;
+    q_set_int4(o, MOE_QL_CT4, w, z, s, N, ng, G, ng);
     o->g_idx = gi != NULL ? gi->data : NULL;
-    o->scales = s->data;
-    o->sdtype = (int) s->dtype;
-    o->s_rows = N;
-    o->s_cols = ng;
-    o->group_size = (int) G;
-    o->n_groups = (int) ng;
     return MOE_OK;
 }
 
@@ -1010,7 +1020,7 @@ moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
     moe_qtensor_t *out, char *err, size_t errlen)
 {
     const moe_st_tensor_t *w, *f;
-    int                    rc;
+    int                    rc, ct;
 
     memset(out, 0, sizeof(*out));
     out->rows = N;
@@ -1042,22 +1052,10 @@ moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
         break;
     case MOE_QM_AWQ:
     case MOE_QM_GPTQ:
-        rc = q_tensor(st, dir, base, "qweight", "", 0, &w, err, errlen);
-        (void) q_tensor(st, dir, base, "weight", "", 0, &f, err, errlen);
-        if (f != NULL && moe_qconfig_ignored(q, base)) {
-            return 0;           /* the config says float */
-        }
-        if (w == NULL) {
-            moe_errf(err, errlen, "%s: missing tensor '%s.qweight' "
-                     "(quantization_config %s; '%s' is not in "
-                     "modules_to_not_convert)", dir, base, q->name, base);
-            return MOE_EINVAL;
-        }
-        rc = q_find_int4(st, q, dir, base, N, K, w, out, err, errlen);
-        break;
     case MOE_QM_CT_INT4:
-        rc = q_tensor(st, dir, base, "weight_packed", "", 0, &w, err,
-                      errlen);
+        ct = q->method == MOE_QM_CT_INT4;
+        rc = q_tensor(st, dir, base, ct ? "weight_packed" : "qweight", "", 0,
+                      &w, err, errlen);
         (void) q_tensor(st, dir, base, "weight", "", 0, &f, err, errlen);
         if (f != NULL && moe_dtype_is_float(f->dtype)
             && moe_qconfig_ignored(q, base))
@@ -1065,12 +1063,15 @@ moe_qtensor_find(const moe_st_set_t *st, const moe_qconfig_t *q,
             return 0;           /* the config's ignore list: float */
         }
         if (w == NULL) {
-            moe_errf(err, errlen, "%s: missing tensor '%s.weight_packed' "
-                     "(quantization_config %s pack-quantized; '%s' is not "
-                     "in its ignore list)", dir, base, q->name, base);
+            moe_errf(err, errlen, "%s: missing tensor '%s.%s' "
+                     "(quantization_config %s%s; '%s' is not in %s)", dir,
+                     base, ct ? "weight_packed" : "qweight", q->name,
+                     ct ? " pack-quantized" : "", base,
+                     ct ? "its ignore list" : "modules_to_not_convert");
             return MOE_EINVAL;
         }
-        rc = q_find_ct4(st, q, dir, base, N, K, w, out, err, errlen);
+        rc = ct ? q_find_ct4(st, q, dir, base, N, K, w, out, err, errlen)
+                : q_find_int4(st, q, dir, base, N, K, w, out, err, errlen);
         break;
     default:
         return 0;
@@ -1116,13 +1117,26 @@ moe_gptq_get_z(const void *qzeros, int64_t N, int64_t g, int64_t n)
 }
 
 
+/* the quantization group of input row k: g_idx[k], or k / G */
+static int64_t
+q_group_of(const moe_qtensor_t *t, int64_t k)
+{
+    int32_t gi;
+
+    if (t->g_idx == NULL) {
+        return k / t->group_size;
+    }
+    memcpy(&gi, (const char *) t->g_idx + 4 * k, sizeof(gi));
+    return gi;
+}
+
+
 int
 moe_qtensor_dequant(const moe_qtensor_t *t, float *dst)
 {
     const unsigned char *qb = t->qweight;
     int64_t              N = t->rows, K = t->cols, n, k, g;
     float                s, f;
-    int32_t              gi;
     int                  z;
 
     switch (t->layout) {
@@ -1155,12 +1169,7 @@ moe_qtensor_dequant(const moe_qtensor_t *t, float *dst)
         return MOE_OK;
     case MOE_QL_GPTQ:
         for (k = 0; k < K; k++) {
-            if (t->g_idx != NULL) {
-                memcpy(&gi, (const char *) t->g_idx + 4 * k, sizeof(gi));
-                g = gi;
-            } else {
-                g = k / t->group_size;
-            }
+            g = q_group_of(t, k);
             for (n = 0; n < N; n++) {
                 z = moe_gptq_get_z(t->zeros, N, g, n) + t->zero_add;
                 s = moe_q_scale_at(t->scales, t->sdtype, g * N + n);
@@ -1172,12 +1181,7 @@ moe_qtensor_dequant(const moe_qtensor_t *t, float *dst)
     case MOE_QL_CT4:
         for (n = 0; n < N; n++) {
             for (k = 0; k < K; k++) {
-                if (t->g_idx != NULL) {
-                    memcpy(&gi, (const char *) t->g_idx + 4 * k, sizeof(gi));
-                    g = gi;
-                } else {
-                    g = k / t->group_size;
-                }
+                g = q_group_of(t, k);
                 z = t->zeros != NULL ? moe_ct4_get_z(t->zeros, t->n_groups,
                                                      n, g)
                                      : 8;
