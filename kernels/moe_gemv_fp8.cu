@@ -289,6 +289,71 @@ f8_gv_prefetch(const uint8_t *const (&arow)[MR][2],
 }
 
 
+/* A pass's K loop, shared by kernel_gemv_fp8 and kernel_gemv_fp8h: two
+ * register stages of UNR chunks (st[0] already loaded by the caller),
+ * the weight loads of one in flight while the other goes through
+ * mul(stage, its first chunk). */
+template <int MR, int UNR, int NW, bool F16, typename M>
+__device__ __forceinline__ void
+f8_gv_loop(f8_stage<MR, UNR> (&st)[2], const uint8_t *const (&arow)[MR][2],
+    const bool (&aval)[MR][2], int warp, int nch, int Kd, int q, M mul)
+{
+    const int step = NW * UNR;
+
+    for (int c0 = warp;; c0 += 2 * step) {
+        f8_gv_load<MR, UNR, NW, F16>(st[1], arow, aval, c0 + step, nch, Kd,
+                                     q);
+        mul(st[0], c0);
+        if (c0 + step >= nch) {
+            break;
+        }
+        f8_gv_load<MR, UNR, NW, F16>(st[0], arow, aval, c0 + 2 * step, nch,
+                                     Kd, q);
+        mul(st[1], c0 + step);
+        if (c0 + 2 * step >= nch) {
+            break;
+        }
+    }
+}
+
+
+/* One output of a pass, shared by the two GEMV kernels' epilogues: the
+ * warps' sums of entry (f, l) of red (MR 2: and of the up half's entry
+ * (UP + f, l)), for column col of token row r when ok, times the
+ * weight row's scale (HS: and first the row's power-of-two hs[t]),
+ * written to Y, or silu(gate) up to H. */
+template <int MR, int NW, int MODE, int UP, bool HS, int F>
+__device__ __forceinline__ void
+f8_gv_out(const float (&red)[NW][F][32], int f, int l, bool ok,
+    const float *hs, int t, const float *scale, int e, int N, int R,
+    int col, int r, float *Y, bf16 *H, int ldy)
+{
+    float v = 0.0f;
+
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+        v += red[w][f][l];
+    }
+    if (!ok) {
+        return;
+    }
+    v = (HS ? v * hs[t] : v)
+        * f8_row_scale(scale, MODE, MR == 2, e, N, R, col);
+    if (MR == 2) {
+        float u = 0.0f;
+
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            u += red[w][UP + f][l];
+        }
+        u = (HS ? u * hs[t] : u)
+            * f8_row_scale(scale, MODE, 1, e, N, R, N + col);
+        H[(size_t) r * ldy + col] = moe_f2bf(moe_silu_mul(v, u));
+    } else {
+        Y[(size_t) r * ldy + col] = v;
+    }
+}
+
 /*
  * grid (ceil(N / 16), groups), NW warps (F8_WARPS, or F8_WARPS_WIDE when
  * the grid is under one wave: the K range in more pieces).  MR 2: SiLU
@@ -369,27 +434,15 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         /* two stages in registers: the weight loads of chunk set i + 1
          * are in flight while set i is converted and multiplied */
         f8_stage<MR, UNR> st[2];
-        const int         step = NW * UNR;
 
         if (warp < nch) {
             f8_gv_load<MR, UNR, NW>(st[0], arow, aval, warp, nch, Kd, q);
-            for (int c0 = warp;; c0 += 2 * step) {
-                f8_gv_load<MR, UNR, NW>(st[1], arow, aval, c0 + step, nch,
-                                        Kd, q);
-                f8_gv_compute<NT, MR, UNR, NW, BLK>(acc, st[0], brow, bval,
-                                                    c0, nch, Kd, q, bsc);
-                if (c0 + step >= nch) {
-                    break;
-                }
-                f8_gv_load<MR, UNR, NW>(st[0], arow, aval, c0 + 2 * step,
-                                        nch, Kd, q);
-                f8_gv_compute<NT, MR, UNR, NW, BLK>(acc, st[1], brow, bval,
-                                                    c0 + step, nch, Kd, q,
-                                                    bsc);
-                if (c0 + 2 * step >= nch) {
-                    break;
-                }
-            }
+            f8_gv_loop<MR, UNR, NW, false>(
+                st, arow, aval, warp, nch, Kd, q,
+                [&](const f8_stage<MR, UNR> &sg, int c0) {
+                    f8_gv_compute<NT, MR, UNR, NW, BLK>(acc, sg, brow, bval,
+                                                        c0, nch, Kd, q, bsc);
+                });
         }
 
 #pragma unroll
@@ -404,31 +457,13 @@ kernel_gemv_fp8(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
         __syncthreads();
         for (int i = threadIdx.x; i < NT * 4 * 32; i += NW * 32) {
-            int   l = i & 31, jc = i >> 5, j = jc >> 2, c = jc & 3;
-            int   col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
-            int   r = p0 + 8 * j + 2 * (l & 3) + (c & 1);
-            float v = 0.0f;
+            int l = i & 31, jc = i >> 5, j = jc >> 2, c = jc & 3;
+            int col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
+            int r = p0 + 8 * j + 2 * (l & 3) + (c & 1);
 
-#pragma unroll
-            for (int w = 0; w < NW; w++) {
-                v += red[w][jc][l];
-            }
-            if (col < N && r < r1) {
-                v *= f8_row_scale(scale, MODE, MR == 2, e, N, R, col);
-                if (MR == 2) {
-                    float u = 0.0f;
-
-#pragma unroll
-                    for (int w = 0; w < NW; w++) {
-                        u += red[w][NT * 4 + jc][l];
-                    }
-                    u *= f8_row_scale(scale, MODE, 1, e, N, R, N + col);
-                    H[(size_t) r * ldy + col] =
-                        moe_f2bf(moe_silu_mul(v, u));
-                } else {
-                    Y[(size_t) r * ldy + col] = v;
-                }
-            }
+            f8_gv_out<MR, NW, MODE, NT * 4, false>(
+                red, jc, l, col < N && r < r1, NULL, 0, scale, e, N, R,
+                col, r, Y, H, ldy);
         }
         __syncthreads();        /* red is rewritten by the next pass */
     }
@@ -727,7 +762,6 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     for (int p0 = r0; p0 < r1; p0 += TP) {
         float             acc[MR][4];
         f8_stage<MR, UNR> st[2];
-        const int         step = NW * UNR;
         const uint16_t   *xt = g < TP && p0 + g < r1
                                ? xs + (size_t) g * xsl : NULL;
 
@@ -747,22 +781,12 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         f8h_stage<NW>(xs, xsl, sinv, smax, X, ldx, xrow, xdiv, p0, r1, TP,
                       Kd, nch);
         if (warp < nch) {
-            for (int c0 = warp;; c0 += 2 * step) {
-                f8_gv_load<MR, UNR, NW, true>(st[1], arow, aval, c0 + step,
-                                              nch, Kd, q);
-                f8h_compute<MR, UNR, NW, BLK>(acc, st[0], xt, c0, nch, q,
-                                              bsc);
-                if (c0 + step >= nch) {
-                    break;
-                }
-                f8_gv_load<MR, UNR, NW, true>(st[0], arow, aval,
-                                              c0 + 2 * step, nch, Kd, q);
-                f8h_compute<MR, UNR, NW, BLK>(acc, st[1], xt, c0 + step,
-                                              nch, q, bsc);
-                if (c0 + 2 * step >= nch) {
-                    break;
-                }
-            }
+            f8_gv_loop<MR, UNR, NW, true>(
+                st, arow, aval, warp, nch, Kd, q,
+                [&](const f8_stage<MR, UNR> &sg, int c0) {
+                    f8h_compute<MR, UNR, NW, BLK>(acc, sg, xt, c0, nch, q,
+                                                  bsc);
+                });
         }
 
 #pragma unroll
@@ -774,33 +798,13 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
         __syncthreads();
         for (int i = threadIdx.x; i < 4 * 32; i += NW * 32) {
-            int   l = i & 31, c = i >> 5;
-            int   col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
-            int   t = 2 * (l & 3) + (c & 1), r = p0 + t;
-            float v = 0.0f;
+            int l = i & 31, c = i >> 5;
+            int col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
+            int t = 2 * (l & 3) + (c & 1), r = p0 + t;
 
-#pragma unroll
-            for (int w = 0; w < NW; w++) {
-                v += red[w][c][l];
-            }
-            if (col < N && t < TP && r < r1) {
-                v = v * sinv[t] * f8_row_scale(scale, MODE, MR == 2, e, N,
-                                               R, col);
-                if (MR == 2) {
-                    float u = 0.0f;
-
-#pragma unroll
-                    for (int w = 0; w < NW; w++) {
-                        u += red[w][4 + c][l];
-                    }
-                    u = u * sinv[t] * f8_row_scale(scale, MODE, 1, e, N, R,
-                                                   N + col);
-                    H[(size_t) r * ldy + col] =
-                        moe_f2bf(moe_silu_mul(v, u));
-                } else {
-                    Y[(size_t) r * ldy + col] = v;
-                }
-            }
+            f8_gv_out<MR, NW, MODE, 4, true>(
+                red, c, l, col < N && t < TP && r < r1, sinv, t, scale, e,
+                N, R, col, r, Y, H, ldy);
         }
         __syncthreads();        /* red, xs and sinv are rewritten next */
     }
