@@ -542,6 +542,7 @@ bench_model(const shape_t *sh)
 
         /* experts hit in one step, and the stage split of 3 steps */
         memcpy(cnt0, b->expert_counts(b), sizeof(int64_t) * (size_t) (L * E));
+        print_routing(b, 0);
         bench_profile(b, 1, NULL);
         for (int s = 0; s < 3; s++) {
             if ((rc = b->forward(b, sb, B)) != MOE_OK) {
@@ -576,6 +577,7 @@ bench_model(const shape_t *sh)
                    "weights=%s\n", sh->name, B, B / dt, dt * 1e3, lim * 1e3,
                    lim / dt, hit, CTX, opt_tp, opt_ep, n_gpus, wname);
             print_stages("", ms, 3);
+            print_routing(b, 1);
             print_comm(sh->name, "decode", B, ms, 3, sh->layers);
         }
     }

@@ -3804,6 +3804,9 @@ cb_ffn(cuda_backend_t *b, int l, int T)
 
         path = cb_ffn_gemv(b, T) ? CB_PATH_GEMV : CB_PATH_GGEMM;
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+        if (b->prof) {
+            MOE_TRY(cb_row_log(b, l));  /* rows per expert, profiling */
+        }
         MOE_TRY(cb_experts(b, l, T, path, mr, loffs));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         return cb_unpermute(b, sel, l, T);
