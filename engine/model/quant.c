@@ -225,6 +225,13 @@ q_parse_ct_int4(yajl_val g, yajl_val w, const char *file, const char *gname,
     int         sym;
 
     q->method = MOE_QM_CT_INT4;
+    s = q_str(w, "type");
+    if (s != NULL && strcmp(s, "int") != 0) {
+        moe_errf(err, errlen, "%s: quantization_config: compressed-tensors "
+                 "pack-quantized weights of type '%.16s' are not supported "
+                 "(int4)", file, s);
+        return MOE_EINVAL;
+    }
     if (q_int(w, "num_bits", 4, &bits) != 0 || bits != 4) {
         moe_errf(err, errlen, "%s: quantization_config: compressed-tensors "
                  "pack-quantized weights must be num_bits 4 (int4)", file);

@@ -831,6 +831,11 @@ test_refusals(void)
     CFG(CT4("\"num_bits\": 8, \"type\": \"int\", \"strategy\": "
             "\"channel\"", ""), "pack-quantized int8",
         "pack-quantized weights must be num_bits 4 (int4)", NULL);
+    /* 4-bit floats packed the same way (fp4) were taken for int4 */
+    CFG(CT4("\"num_bits\": 4, \"type\": \"float\", \"strategy\": "
+            "\"group\", \"group_size\": 32", ""), "pack-quantized fp4",
+        "pack-quantized weights of type 'float' are not supported (int4)",
+        NULL);
     CFG(CT4("\"num_bits\": 4, \"type\": \"int\", \"strategy\": "
             "\"tensor\"", ""), "pack-quantized strategy tensor",
         "int4 weights strategy 'tensor' is not supported (group or "
