@@ -1280,11 +1280,17 @@ moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
     }
     qw = (int32_t *) m;
     qz = (int32_t *) (m + wb);
-    /* the same words, transposed: (n, j) -> (j, n) */
-    for (n = 0; n < N; n++) {
-        for (j = 0; j < K / 8; j++) {
-            memcpy(&qw[j * N + n], (const char *) ct->qweight
-                   + 4 * (n * (K / 8) + j), 4);
+    /* the same words, transposed: (n, j) -> (j, n), in 16 x 16 tiles
+     * (a whole Mixtral's experts are ~23 GB of words: the cache-blind
+     * loop wrote one word a line) */
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        for (int64_t j0 = 0; j0 < K / 8; j0 += 16) {
+            for (n = n0; n < N && n < n0 + 16; n++) {
+                for (j = j0; j < K / 8 && j < j0 + 16; j++) {
+                    memcpy(&qw[j * N + n], (const char *) ct->qweight
+                           + 4 * (n * (K / 8) + j), 4);
+                }
+            }
         }
     }
     /* zeros: (j, g) -> (g, j); symmetric: every zero 8 */
