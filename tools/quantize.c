@@ -357,35 +357,22 @@ quantize(outset_t *o, const char *base, const float *w, int64_t N,
     }
     snprintf(nm, sizeof(nm), "%s.qweight", base);
     if (ct) {
-        /* weight_packed (N, K/8): row n's k = 8j + i in nibble i of word
-         * j, as q + 8 = the unsigned code; zero points (N/8, groups) the
-         * same way along n */
+        /* weight_packed (N, K/8) and weight_zero_point (N/8, groups):
+         * GPTQ's words transposed (k = 8j + i in nibble i of word (n, j),
+         * as q + 8 = the unsigned code; zeros the same way along n) */
+        int32_t *tmp = xmalloc((size_t) (K / 8) * (size_t) N * 4);
+
         snprintf(nm, sizeof(nm), "%s.weight_packed", base);
         q = add(o, nm, MOE_DT_I32, 2, N, K / 8);
-        for (n = 0; n < N; n++) {
-            for (k = 0; k < K / 8; k++) {
-                uint32_t u = 0;
-
-                for (i = 0; i < 8; i++) {
-                    u |= (uint32_t) codes[(8 * k + i) * N + n] << (4 * i);
-                }
-                memcpy((char *) q->data + 4 * (n * (K / 8) + k), &u, 4);
-            }
-        }
+        moe_gptq_pack_w(codes, K, N, tmp);
+        moe_q_transpose_words(tmp, K / 8, N, q->data);
         if (!sym) {
             snprintf(nm, sizeof(nm), "%s.weight_zero_point", base);
             z = add(o, nm, MOE_DT_I32, 2, N / 8, ng);
-            for (r = 0; r < N / 8; r++) {
-                for (g = 0; g < ng; g++) {
-                    uint32_t u = 0;
-
-                    for (i = 0; i < 8; i++) {
-                        u |= (uint32_t) zc[g * N + 8 * r + i] << (4 * i);
-                    }
-                    memcpy((char *) z->data + 4 * (r * ng + g), &u, 4);
-                }
-            }
+            moe_gptq_pack_z(zc, ng, N, tmp);
+            moe_q_transpose_words(tmp, ng, N / 8, z->data);
         }
+        free(tmp);
         if (desc_act) {
             snprintf(nm, sizeof(nm), "%s.weight_g_idx", base);
             gi = add(o, nm, MOE_DT_I32, 1, K, 0);

@@ -2476,25 +2476,26 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
         }
     }
     *done = 1;
-    if (c->packed && qt.layout == MOE_QL_CT4) {
-        /* compressed-tensors int4: the backends take GPTQ's layout */
-        moe_qtensor_t gq;
-        void         *mem;
+    if (c->packed && c->q->method != MOE_QM_FP8_LOAD) {
+        /* as the files hold it; compressed-tensors int4 in GPTQ's layout,
+         * which the backends take */
+        moe_qtensor_t        gq;
+        const moe_qtensor_t *p = &qt;
+        void                *mem = NULL;
 
-        rc = moe_qtensor_ct4_to_gptq(&qt, &gq, &mem);
-        if (rc != MOE_OK) {
-            moe_errf(c->err, c->errlen, "out of memory converting '%s' to "
-                     "the GPTQ layout", qt.name);
-            return rc;
+        if (qt.layout == MOE_QL_CT4) {
+            rc = moe_qtensor_ct4_to_gptq(&qt, &gq, &mem);
+            if (rc != MOE_OK) {
+                moe_errf(c->err, c->errlen, "out of memory converting '%s' "
+                         "to the GPTQ layout", qt.name);
+                return rc;
+            }
+            p = &gq;
         }
-        m_qref(&r, kind, layer, expert, &gq, gq.qdtype, gq.qweight);
+        m_qref(&r, kind, layer, expert, p, p->qdtype, p->qweight);
         rc = c->fn(c->ctx, &r);
         free(mem);
         return rc;
-    }
-    if (c->packed && c->q->method != MOE_QM_FP8_LOAD) {
-        m_qref(&r, kind, layer, expert, &qt, qt.qdtype, qt.qweight);
-        return c->fn(c->ctx, &r);
     }
     w = malloc((size_t) (N * K) * sizeof(float));
     if (w == NULL) {

@@ -941,9 +941,9 @@ q_find_ct4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
 {
     const moe_st_tensor_t *z, *s, *gi, *sh;
     char                   want[96], why[64];
-    int64_t                G, ng, k, v;
+    int64_t                G, ng, k;
+    float                  dims[2];
     int                    rc;
-    int32_t                i32;
 
     snprintf(why, sizeof(why), "quantization_config %s int4", q->name);
     rc = q_int4_dims(q, w, N, K, &G, &ng, err, errlen);
@@ -989,17 +989,12 @@ q_find_ct4(const moe_st_set_t *st, const moe_qconfig_t *q, const char *dir,
         {
             return q_bad_shape(sh, "I32 [2] (out, in)", err, errlen);
         }
+        (void) moe_st_to_f32(sh, 0, 2, dims);   /* exact below 2^24 */
         for (k = 0; k < 2; k++) {
-            if (sh->dtype == MOE_DT_I32) {
-                memcpy(&i32, (const char *) sh->data + 4 * k, sizeof(i32));
-                v = i32;
-            } else {
-                memcpy(&v, (const char *) sh->data + 8 * k, sizeof(v));
-            }
-            if (v != (k == 0 ? N : K)) {
+            if (dims[k] != (float) (k == 0 ? N : K)) {
                 moe_errf(err, errlen, "%s: tensor '%s' says the weight is "
-                         "[%lld, ...] in dimension %lld, the model needs "
-                         "[%lld, %lld]", sh->file, sh->name, (long long) v,
+                         "[%.0f, ...] in dimension %lld, the model needs "
+                         "[%lld, %lld]", sh->file, sh->name, dims[k],
                          (long long) k, (long long) N, (long long) K);
                 return MOE_EINVAL;
             }
@@ -1256,17 +1251,37 @@ q_f16_exact(float f, uint16_t *h)
 }
 
 
+void
+moe_q_transpose_words(const void *in, int64_t rows, int64_t cols,
+    int32_t *out)
+{
+    int64_t r, c;
+
+    /* 16 x 16 tiles: a whole Mixtral's experts are ~23 GB of words, and
+     * the cache-blind loop wrote one word a line (0.41 -> 0.70 GB/s) */
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+            for (r = r0; r < rows && r < r0 + 16; r++) {
+                for (c = c0; c < cols && c < c0 + 16; c++) {
+                    memcpy(&out[c * rows + r],
+                           (const char *) in + 4 * (r * cols + c), 4);
+                }
+            }
+        }
+    }
+}
+
+
 int
 moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
     void **mem)
 {
-    int64_t   N = ct->rows, K = ct->cols, ng = ct->n_groups, n, j, g, i;
+    int64_t   N = ct->rows, K = ct->cols, ng = ct->n_groups, n, g, i;
     size_t    wb = (size_t) (K / 8) * (size_t) N * 4;
     size_t    zb = (size_t) ng * (size_t) (N / 8) * 4;
     size_t    sb = (size_t) ng * (size_t) N * 4;
     char     *m;
     int32_t  *qw, *qz;
-    uint32_t  u;
     uint16_t  h;
     int       f16 = 1;
 
@@ -1280,28 +1295,14 @@ moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
     }
     qw = (int32_t *) m;
     qz = (int32_t *) (m + wb);
-    /* the same words, transposed: (n, j) -> (j, n), in 16 x 16 tiles
-     * (a whole Mixtral's experts are ~23 GB of words: the cache-blind
-     * loop wrote one word a line) */
-    for (int64_t n0 = 0; n0 < N; n0 += 16) {
-        for (int64_t j0 = 0; j0 < K / 8; j0 += 16) {
-            for (n = n0; n < N && n < n0 + 16; n++) {
-                for (j = j0; j < K / 8 && j < j0 + 16; j++) {
-                    memcpy(&qw[j * N + n], (const char *) ct->qweight
-                           + 4 * (n * (K / 8) + j), 4);
-                }
-            }
-        }
-    }
-    /* zeros: (j, g) -> (g, j); symmetric: every zero 8 */
-    for (g = 0; g < ng; g++) {
-        for (j = 0; j < N / 8; j++) {
-            if (ct->zeros != NULL) {
-                memcpy(&u, (const char *) ct->zeros + 4 * (j * ng + g), 4);
-            } else {
-                u = 0x88888888u;
-            }
-            memcpy(&qz[g * (N / 8) + j], &u, 4);
+    /* the same words, transposed: (n, j) -> (j, n); zeros (j, g) ->
+     * (g, j), symmetric: every zero 8 */
+    moe_q_transpose_words(ct->qweight, N, K / 8, qw);
+    if (ct->zeros != NULL) {
+        moe_q_transpose_words(ct->zeros, N / 8, ng, qz);
+    } else {
+        for (i = 0; i < ng * (N / 8); i++) {
+            qz[i] = (int32_t) 0x88888888u;
         }
     }
     /* scales (n, g) -> (g, n): F16 when all are exactly F16 */

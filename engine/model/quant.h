@@ -228,6 +228,10 @@ int moe_gptq_get_w(const void *qweight, int64_t N, int64_t k, int64_t n);
  * both as stored: the signed value + 8. */
 int moe_ct4_get_w(const void *packed, int64_t K, int64_t n, int64_t k);
 int moe_ct4_get_z(const void *zp, int64_t n_groups, int64_t n, int64_t g);
+/* out (cols x rows int32) = the transpose of in (rows x cols int32,
+ * unaligned): compressed-tensors int4 words <-> GPTQ's. */
+void moe_q_transpose_words(const void *in, int64_t rows, int64_t cols,
+    int32_t *out);
 /* 4-bit code of GPTQ qzeros (groups x N/8 int32) at (g, n). */
 int moe_gptq_get_z(const void *qzeros, int64_t N, int64_t g, int64_t n);
 /* Pack codes[k * N + n] (K x N) into K/8 x N int32 (GPTQ qweight). */
