@@ -1493,7 +1493,8 @@ cb_load_weights(cuda_backend_t *b, const moe_model_t *m, char *err,
     ld.wbytes = wl.total;
     ld.t0 = cb_now();
 
-    rc = moe_model_for_each_tensor_packed_shard_ep(m, b->tp, b->rank,
+    /* sizes only: described, not quantized / converted */
+    rc = moe_model_for_each_tensor_packed_describe(m, b->tp, b->rank,
                                                    b->hp.n_local_experts > 0,
                                                    cb_count, &ld, err,
                                                    errlen);

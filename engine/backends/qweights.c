@@ -745,7 +745,7 @@ moe_qw_plan_model(const moe_model_t *m, int tp, int rank, int ep,
         moe_errf(err, errlen, "out of memory");
         return MOE_ENOMEM;
     }
-    rc = moe_model_for_each_tensor_packed_shard_ep(m, tp, rank, ep && tp > 1,
+    rc = moe_model_for_each_tensor_packed_describe(m, tp, rank, ep && tp > 1,
                                                    qw_plan_piece, &c, err,
                                                    errlen);
     free(c.seen);

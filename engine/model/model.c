@@ -961,8 +961,12 @@ typedef struct {
     void                *ctx;
     const moe_qconfig_t *q;         /* NULL or method NONE: float only */
     int                  packed;    /* quantized pieces not dequantized
-                                       (moe_model_for_each_tensor_packed) */
+                                       (moe_model_for_each_tensor_packed);
+                                       M_DESCRIBE: described only
+                                       (..._packed_describe) */
 } m_ctx_t;
+
+#define M_DESCRIBE 2
 
 
 static void
@@ -2246,6 +2250,20 @@ moe_model_for_each_tensor_packed_shard_ep(const moe_model_t *m, int tp,
 }
 
 
+int
+moe_model_for_each_tensor_packed_describe(const moe_model_t *m, int tp,
+    int rank, int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, char *err, size_t errlen)
+{
+    if (fn == NULL) {
+        moe_errf(err, errlen, "moe_model_for_each_tensor_packed_describe: "
+                 "no callback");
+        return MOE_EINVAL;
+    }
+    return m_shard_walk(m, tp, rank, ep, M_DESCRIBE, fn, ctx, err, errlen);
+}
+
+
 static int
 m_shard_walk(const moe_model_t *m, int tp, int rank, int ep, int packed,
     int (*fn)(void *ctx, const moe_tensor_ref_t *t), void *ctx, char *err,
@@ -2476,15 +2494,39 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
         }
     }
     *done = 1;
+    if (c->packed == M_DESCRIBE && c->q->method == MOE_QM_FP8_LOAD) {
+        /* what m_fp8_load makes, not made: the data pointers the source
+         * tensor's (a plan or a size only reads the fields) */
+        const moe_st_tensor_t *t;
+        int64_t                shape[2] = { N, K };
+
+        rc = m_find(c, name, 2, shape, &t);
+        if (rc != MOE_OK) {
+            return rc;
+        }
+        qt.layout = MOE_QL_FP8_CHANNEL;
+        qt.name = t->name;
+        qt.file = t->file;
+        qt.qweight = t->data;
+        qt.qdtype = MOE_DT_F8_E4M3;
+        qt.scales = t->data;
+        qt.sdtype = MOE_DT_F32;
+        qt.s_rows = N;
+        qt.s_cols = 1;
+        m_qref(&r, kind, layer, expert, &qt, qt.qdtype, qt.qweight);
+        return c->fn(c->ctx, &r);
+    }
     if (c->packed && c->q->method != MOE_QM_FP8_LOAD) {
         /* as the files hold it; compressed-tensors int4 in GPTQ's layout,
-         * which the backends take */
+         * which the backends take (described only: not converted) */
         moe_qtensor_t        gq;
         const moe_qtensor_t *p = &qt;
         void                *mem = NULL;
 
         if (qt.layout == MOE_QL_CT4) {
-            rc = moe_qtensor_ct4_to_gptq(&qt, &gq, &mem);
+            rc = c->packed == M_DESCRIBE ? moe_qtensor_ct4_as_gptq(&qt, &gq)
+                                         : moe_qtensor_ct4_to_gptq(&qt, &gq,
+                                                                   &mem);
             if (rc != MOE_OK) {
                 moe_errf(c->err, c->errlen, "out of memory converting '%s' "
                          "to the GPTQ layout", qt.name);

@@ -418,6 +418,21 @@ int moe_model_for_each_tensor_packed_shard_ep(const moe_model_t *m, int tp,
     int rank, int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
     void *ctx, char *err, size_t errlen);
 
+/*
+ * moe_model_for_each_tensor_packed_shard_ep's pieces described, not made:
+ * the same calls with the same names, kinds, shapes, slices and quant
+ * fields (layout, dtypes, scale shape, groups), but a piece that the
+ * packed walk builds on the host (YAML fp8 quantized at load,
+ * compressed-tensors int4 converted to GPTQ's layout) is neither
+ * quantized nor converted: its data pointers point at the source tensors
+ * and must not be read.  For plans and sizes before the one walk that
+ * uploads (a Mixtral under YAML fp8: ~600 s of quantizing on one core
+ * per walk).
+ */
+int moe_model_for_each_tensor_packed_describe(const moe_model_t *m, int tp,
+    int rank, int ep, int (*fn)(void *ctx, const moe_tensor_ref_t *t),
+    void *ctx, char *err, size_t errlen);
+
 /* The model's quantization (method MOE_QM_NONE: float weights). */
 const moe_qconfig_t *moe_model_quant(const moe_model_t *m);
 

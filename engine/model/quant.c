@@ -1272,6 +1272,52 @@ moe_q_transpose_words(const void *in, int64_t rows, int64_t cols,
 }
 
 
+/* Whether every scale of ct is exactly an F16 (the converted scales'
+ * type). */
+static int
+q_ct4_scales_f16(const moe_qtensor_t *ct)
+{
+    int64_t  i, n = ct->rows * (int64_t) ct->n_groups;
+    uint16_t h;
+
+    for (i = 0; i < n; i++) {
+        if (!q_f16_exact(moe_q_scale_at(ct->scales, ct->sdtype, i), &h)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+
+/* The fields of ct's GPTQ form (data pointers left to the caller). */
+static void
+q_ct4_gptq_fields(const moe_qtensor_t *ct, int f16, moe_qtensor_t *out)
+{
+    *out = *ct;
+    out->layout = MOE_QL_GPTQ;
+    out->sdtype = f16 ? MOE_DT_F16 : MOE_DT_F32;
+    out->s_rows = ct->n_groups;
+    out->s_cols = ct->rows;
+    out->zero_add = 0;
+}
+
+
+int
+moe_qtensor_ct4_as_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out)
+{
+    if (ct->layout != MOE_QL_CT4) {
+        return MOE_EINVAL;
+    }
+    q_ct4_gptq_fields(ct, q_ct4_scales_f16(ct), out);
+    if (out->zeros == NULL) {
+        /* symmetric: the conversion makes zero points (all 8); a non-NULL
+         * stand-in of no smaller size, never read */
+        out->zeros = ct->qweight;
+    }
+    return MOE_OK;
+}
+
+
 int
 moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
     void **mem)
@@ -1283,7 +1329,7 @@ moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
     char     *m;
     int32_t  *qw, *qz;
     uint16_t  h;
-    int       f16 = 1;
+    int       f16;
 
     *mem = NULL;
     if (ct->layout != MOE_QL_CT4) {
@@ -1306,9 +1352,7 @@ moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
         }
     }
     /* scales (n, g) -> (g, n): F16 when all are exactly F16 */
-    for (i = 0; f16 && i < N * ng; i++) {
-        f16 = q_f16_exact(moe_q_scale_at(ct->scales, ct->sdtype, i), &h);
-    }
+    f16 = q_ct4_scales_f16(ct);
     for (n = 0; n < N; n++) {
         for (g = 0; g < ng; g++) {
             float f = moe_q_scale_at(ct->scales, ct->sdtype, n * ng + g);
@@ -1321,15 +1365,10 @@ moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
             }
         }
     }
-    *out = *ct;
-    out->layout = MOE_QL_GPTQ;
+    q_ct4_gptq_fields(ct, f16, out);
     out->qweight = qw;
     out->zeros = qz;
     out->scales = m + wb + zb;
-    out->sdtype = f16 ? MOE_DT_F16 : MOE_DT_F32;
-    out->s_rows = ng;
-    out->s_cols = N;
-    out->zero_add = 0;
     *mem = m;
     return MOE_OK;
 }
@@ -1340,30 +1379,35 @@ moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
 uint8_t
 moe_f32_to_fp8_e4m3(float f)
 {
-    uint8_t sign = signbit(f) ? 0x80 : 0;
-    float   a = fabsf(f), m;
-    int     ex, e;
+    uint32_t u, a, sign, r;
+    float    x;
 
-    if (isnan(f)) {
-        return 0x7f;
+    /* on the bits, no libm (a YAML fp8 load converts every weight of the
+     * model: frexpf / ldexpf / rintf made it 78 M values/s on one core
+     * here, ~600 s for a Mixtral) */
+    memcpy(&u, &f, sizeof(u));
+    sign = (u >> 24) & 0x80u;
+    a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        return 0x7f;                        /* NaN */
     }
-    if (a >= 448.0f) {
-        return sign | 0x7e;
+    if (a >= 0x43e00000u) {
+        return (uint8_t) (sign | 0x7eu);    /* >= 448, inf: saturate */
     }
-    if (a < 0.015625f) {                    /* below 2^-6: subnormal */
-        return sign | (uint8_t) rintf(a * 512.0f);   /* 8 = 2^-6 itself */
+    if (a < 0x3c800000u) {
+        /* below 2^-6: subnormal steps of 2^-9, x * 512 rounded to the
+         * nearest integer (ties to even) by adding and taking off 2^23
+         * (x * 512 < 8 is exact; 8 is the code of 2^-6 itself) */
+        memcpy(&x, &a, sizeof(x));
+        x = x * 512.0f + 8388608.0f;
+        return (uint8_t) (sign | (uint32_t) (x - 8388608.0f));
     }
-    (void) frexpf(a, &ex);
-    e = ex - 1;                             /* a = 1.x * 2^e */
-    m = rintf((ldexpf(a, -e) - 1.0f) * 8.0f);
-    if (m >= 8.0f) {
-        m = 0.0f;
-        e++;
-    }
-    if (e + 7 > 15 || (e + 7 == 15 && m > 6.0f)) {
-        return sign | 0x7e;
-    }
-    return sign | (uint8_t) (((e + 7) << 3) | (int) m);
+    /* 2^-6 <= |f| < 448: the top 3 of 23 mantissa bits rounded to nearest
+     * even (the carry may bump the exponent), fp32's bias 127 -> e4m3's
+     * 7; what rounds past 448 (the NaN code 0x7f) saturates */
+    r = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
+    r -= 120u << 3;
+    return (uint8_t) (sign | (r > 0x7eu ? 0x7eu : r));
 }
 
 

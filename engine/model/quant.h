@@ -203,6 +203,12 @@ int moe_qtensor_dequant(const moe_qtensor_t *t, float *dst);
 int moe_qtensor_ct4_to_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out,
     void **mem);
 
+/* moe_qtensor_ct4_to_gptq's *out without the conversion: every field but
+ * the data pointers, which stay ct's (zeros, which the conversion always
+ * makes: ct's qweight when ct has none); not in GPTQ's layout: for plans
+ * and sizes, never to be read.  MOE_EINVAL for another layout. */
+int moe_qtensor_ct4_as_gptq(const moe_qtensor_t *ct, moe_qtensor_t *out);
+
 /* The float of a scale element i (F32, BF16 or F16). */
 float moe_q_scale_at(const void *p, int dtype, int64_t i);
 

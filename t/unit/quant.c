@@ -619,6 +619,9 @@ expect_layout(const char *name)
 }
 
 
+static void test_describe(const char *what, const moe_model_t *m);
+
+
 static void
 test_model(const char *name)
 {
@@ -673,6 +676,8 @@ test_model(const char *name)
                w.expect <= MOE_QL_FP8_BLOCK ? "F8_E4M3" : "I32");
     }
 
+    test_describe(name, m);
+
     V = moe_model_hparams(m)->vocab_size;
     for (i = 0; i < N_PROMPT; i++) {
         prompt[i] = (int32_t) ((i * 37 + 11) % V);
@@ -696,6 +701,131 @@ test_model(const char *name)
     free(l2);
     moe_model_free(m);
     moe_model_free(r);
+}
+
+
+/* ------------------------------------------ the describe-only walk */
+
+/* One piece of a walk, as far as a plan or a size reads it. */
+typedef struct {
+    const char *name;
+    int         kind, layer, expert, dtype, transposed, quant;
+    int64_t     rows, cols, ld, q_row0, q_col0;
+    const void *data;                   /* float pieces only */
+    int         layout, qdtype, sdtype, group_size, n_groups, zero_add;
+    int         has_zeros, has_gidx, block_n, block_k;
+    int64_t     qrows, qcols, s_rows, s_cols;
+} piece_t;
+
+typedef struct {
+    piece_t *p;
+    int      n, cap;
+} pieces_t;
+
+
+static int
+piece_fn(void *ctx, const moe_tensor_ref_t *t)
+{
+    pieces_t *ps = ctx;
+    piece_t  *p;
+
+    if (ps->n == ps->cap) {
+        piece_t *np = realloc(ps->p, (size_t) (ps->cap * 2 + 16)
+                                     * sizeof(*np));
+
+        if (np == NULL) {
+            return MOE_ENOMEM;
+        }
+        ps->p = np;
+        ps->cap = ps->cap * 2 + 16;
+    }
+    p = &ps->p[ps->n++];
+    memset(p, 0, sizeof(*p));
+    p->name = t->name;
+    p->kind = t->kind;
+    p->layer = t->layer;
+    p->expert = t->expert;
+    p->dtype = t->dtype;
+    p->transposed = t->transposed;
+    p->rows = t->rows;
+    p->cols = t->cols;
+    p->ld = t->ld;
+    p->q_row0 = t->q_row0;
+    p->q_col0 = t->q_col0;
+    p->quant = t->quant != NULL;
+    if (t->quant == NULL) {
+        p->data = t->data;
+        return MOE_OK;
+    }
+    p->layout = t->quant->layout;
+    p->qdtype = t->quant->qdtype;
+    p->sdtype = t->quant->sdtype;
+    p->group_size = t->quant->group_size;
+    p->n_groups = t->quant->n_groups;
+    p->zero_add = t->quant->zero_add;
+    p->has_zeros = t->quant->zeros != NULL;
+    p->has_gidx = t->quant->g_idx != NULL;
+    p->block_n = t->quant->block_n;
+    p->block_k = t->quant->block_k;
+    p->qrows = t->quant->rows;
+    p->qcols = t->quant->cols;
+    p->s_rows = t->quant->s_rows;
+    p->s_cols = t->quant->s_cols;
+    return MOE_OK;
+}
+
+
+/* The describe-only walk gives the packed walk's pieces, field for field
+ * (names by content), one rank and two ranks, expert parallel or not. */
+static void
+test_describe(const char *what, const moe_model_t *m)
+{
+    static const int cfg[5][3] = { { 1, 0, 0 }, { 2, 0, 0 }, { 2, 1, 0 },
+                                   { 2, 0, 1 }, { 2, 1, 1 } };
+    char err[1024] = "";
+    int  ok = 1, nq = 0, np = 0, c, i;
+
+    for (c = 0; c < 5 && ok; c++) {
+        pieces_t a = { NULL, 0, 0 }, b = { NULL, 0, 0 };
+        int      tp = cfg[c][0], rank = cfg[c][1], ep = cfg[c][2];
+        int      ra, rb;
+
+        ra = moe_model_for_each_tensor_packed_shard_ep(m, tp, rank, ep,
+                                                       piece_fn, &a, err,
+                                                       sizeof(err));
+        rb = moe_model_for_each_tensor_packed_describe(m, tp, rank, ep,
+                                                       piece_fn, &b, err,
+                                                       sizeof(err));
+        if (ra != rb) {
+            TAP_DIAG("%s: tp %d rank %d ep %d: rc %d / %d (%s)", what, tp,
+                     rank, ep, ra, rb, err);
+            ok = 0;
+        }
+        ok &= a.n == b.n;
+        for (i = 0; ok && ra == MOE_OK && i < a.n; i++) {
+            piece_t *x = &a.p[i], *y = &b.p[i];
+            int      same = strcmp(x->name, y->name) == 0;
+            const void *xd = x->data, *yd = y->data;
+
+            x->name = y->name = NULL;
+            x->data = y->data = NULL;
+            same &= memcmp(x, y, sizeof(*x)) == 0 && xd == yd;
+            if (!same) {
+                TAP_DIAG("%s: tp %d rank %d ep %d: piece %d differs (kind "
+                         "%d layer %d layout %d / %d sdtype %d / %d)", what,
+                         tp, rank, ep, i, x->kind, x->layer, x->layout,
+                         y->layout, x->sdtype, y->sdtype);
+                ok = 0;
+            }
+            nq += x->quant;
+            np++;
+        }
+        free(a.p);
+        free(b.p);
+    }
+    TAP_OK(ok && nq > 0, "%s: the describe-only walk gives the packed "
+           "walk's pieces field for field (%d pieces, %d quantized, 1 and 2 "
+           "ranks, expert parallel or not)", what, np, nq);
 }
 
 
@@ -969,6 +1099,9 @@ test_yaml_ok(void)
                               sizeof(err));
     TAP_OK(rc == MOE_OK && moe_model_quant(m)->method == MOE_QM_FP8_LOAD,
            "YAML fp8 on the bf16 tiny model quantizes at load %s", err);
+    if (rc == MOE_OK) {
+        test_describe("YAML fp8 on the bf16 tiny model", m);
+    }
     if (rc != MOE_OK
         || moe_model_load("models/localmoe-tiny", 0, &f, err, sizeof(err))
            != MOE_OK)
