@@ -5,7 +5,8 @@
 # dequantized f32 reference (<name>.ref), from models/localmoe-tiny (dim 64)
 # a Qwen3-MoE with dim 128 and a dense layer (tools/make_tiny_model.py)
 # whose sizes allow group 128 and 128x128 fp8 blocks, and a Mixtral with
-# dim 256 whose experts fit the fp8 grouped GEMM's tiles.  The list of names is
+# dim 256 whose experts fit the fp8 grouped GEMM's tiles (and a dim-1024
+# bf16 layer for YAML fp8's threaded quantizer).  The list of names is
 # written to OUT/MODELS.  Usage: tools/quant_models.sh [OUT] (build/quant).
 set -eu
 out=${1:-build/quant}
@@ -23,6 +24,13 @@ if [ ! -f "$out/base256/model.safetensors" ]; then
     python3 tools/make_tiny_model.py --arch mixtral --dim 256 --layers 2 \
         --heads 4 --kv-heads 2 --ffn 128 --experts 4 --top-k 2 \
         --dtype bf16 --merges 100 --seed 11 --out "$out/base256" > /dev/null
+fi
+if [ ! -f "$out/base1024/model.safetensors" ]; then
+    # one layer of 1024 x 2048 expert matrices (2M weights: the YAML fp8
+    # quantizer splits them over threads), for t/unit/quant.c only
+    python3 tools/make_tiny_model.py --arch mixtral --dim 1024 --layers 1 \
+        --heads 8 --kv-heads 2 --ffn 2048 --experts 2 --top-k 2 \
+        --dtype bf16 --merges 100 --seed 13 --out "$out/base1024" > /dev/null
 fi
 tiny=models/localmoe-tiny
 : > "$out/MODELS.tmp"

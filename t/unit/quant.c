@@ -1067,6 +1067,95 @@ test_refusals(void)
 }
 
 
+/* YAML fp8 at load, bit for bit: each quantized piece's scales are
+ * amax / 448 of its source row and its codes moe_f32_to_fp8_e4m3(w / s),
+ * computed here row by row; big counts the pieces of 2M+ weights (the
+ * loader splits those over threads). */
+typedef struct {
+    const moe_model_t *m;
+    int                n, bad, big;
+} fp8x_t;
+
+
+static int
+fp8x_fn(void *ctx, const moe_tensor_ref_t *t)
+{
+    fp8x_t                *x = ctx;
+    const moe_qtensor_t   *q = t->quant;
+    const moe_st_tensor_t *st;
+    int64_t                N, K, n, k;
+    float                 *w;
+    const uint8_t         *codes;
+    const float           *sc;
+
+    if (q == NULL) {
+        return MOE_OK;
+    }
+    N = q->rows;
+    K = q->cols;
+    st = moe_st_find(moe_model_tensors(x->m), q->name);
+    w = malloc((size_t) K * sizeof(float));
+    if (st == NULL || w == NULL || q->layout != MOE_QL_FP8_CHANNEL
+        || q->sdtype != MOE_DT_F32)
+    {
+        free(w);
+        x->bad++;
+        return MOE_OK;
+    }
+    codes = q->qweight;
+    sc = q->scales;
+    x->n++;
+    x->big += N * K >= (1 << 21);
+    for (n = 0; n < N; n++) {
+        float amax = 0.0f, s;
+
+        if (moe_st_to_f32(st, n * K, K, w) != MOE_OK) {
+            x->bad++;
+            break;
+        }
+        for (k = 0; k < K; k++) {
+            amax = fmaxf(amax, fabsf(w[k]));
+        }
+        s = amax > 0.0f ? amax / 448.0f : 1.0f;
+        if (memcmp(&s, &sc[n], sizeof(s)) != 0) {
+            x->bad++;
+            break;
+        }
+        for (k = 0; k < K; k++) {
+            if (codes[n * K + k] != moe_f32_to_fp8_e4m3(w[k] / s)) {
+                x->bad++;
+                break;
+            }
+        }
+    }
+    free(w);
+    return MOE_OK;
+}
+
+
+static void
+test_yaml_fp8_exact(void)
+{
+    moe_model_t *m = NULL;
+    char         d[400], err[1024] = "";
+    fp8x_t       x = { NULL, 0, 0, 0 };
+    int          rc;
+
+    snprintf(d, sizeof(d), "%s/base1024", qdir);
+    rc = moe_model_load_quant(d, 0, "fp8", 1, &m, err, sizeof(err));
+    if (rc == MOE_OK) {
+        x.m = m;
+        rc = moe_model_for_each_tensor_packed(m, fp8x_fn, &x, err,
+                                              sizeof(err));
+    }
+    TAP_OK(rc == MOE_OK && x.bad == 0 && x.n >= 10 && x.big >= 6,
+           "YAML fp8 at load, dim-1024 layer: every scale and code of %d "
+           "pieces (%d of 2M+ weights, split over threads) equal to a "
+           "row-by-row quantization (%d bad) %s", x.n, x.big, x.bad, err);
+    moe_model_free(m);
+}
+
+
 static void
 test_yaml_ok(void)
 {
@@ -1175,6 +1264,7 @@ main(void)
     fclose(f);
     test_refusals();
     test_yaml_ok();
+    test_yaml_fp8_exact();
     TAP_PLAN(tap_n);
     return TAP_DONE();
 }
