@@ -41,7 +41,6 @@
 #include <float.h>
 #include <limits.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +53,7 @@
 #include "model/quant.h"
 #include "model/safetensors.h"
 #include "util/json.h"
+#include "util/par.h"
 
 struct moe_model {
     char            dir[MOE_PATH_MAX];
@@ -2384,31 +2384,26 @@ m_is_linear(int kind)
 }
 
 
-/* Rows [r0, r1) of a YAML fp8 quantization: the source rows to fp32,
- * then per row scale amax / 448 and the e4m3 codes of w / scale. */
+/* A YAML fp8 quantization's rows: the source rows to fp32, then per row
+ * scale amax / 448 and the e4m3 codes of w / scale. */
 typedef struct {
     const moe_st_tensor_t *t;
-    int64_t                K, r0, r1;
+    int64_t                K;
     float                 *w, *s;
     uint8_t               *q;
-    int                    rc;
 } m_fp8_rows_t;
 
-/* rows a thread at least: smaller tensors are not split */
-#define M_FP8_ROWS_MIN_ELEMS (1 << 20)
-#define M_FP8_THREADS_MAX    8
 
-
-static void *
-m_fp8_rows(void *arg)
+static int
+m_fp8_rows(void *arg, int64_t r0, int64_t r1)
 {
     m_fp8_rows_t *a = arg;
     int64_t       n, k, K = a->K;
     float         amax, s, *w;
+    int           rc;
 
-    a->rc = moe_st_to_f32(a->t, a->r0 * K, (a->r1 - a->r0) * K,
-                          a->w + a->r0 * K);
-    for (n = a->r0; a->rc == MOE_OK && n < a->r1; n++) {
+    rc = moe_st_to_f32(a->t, r0 * K, (r1 - r0) * K, a->w + r0 * K);
+    for (n = r0; rc == MOE_OK && n < r1; n++) {
         w = a->w + n * K;
         amax = 0.0f;
         for (k = 0; k < K; k++) {
@@ -2420,26 +2415,22 @@ m_fp8_rows(void *arg)
             a->q[n * K + k] = moe_f32_to_fp8_e4m3(w[k] / s);
         }
     }
-    return NULL;
+    return rc;
 }
 
 
 /* YAML fp8 on a float checkpoint: per output channel, scale amax / 448.
  * Every weight of the model goes through here once (the upload walk), so
- * large tensors are split by rows over up to M_FP8_THREADS_MAX threads
- * (the same values: rows are independent); a thread that cannot be
- * started leaves its rows to this one. */
+ * the rows are split over threads (moe_par_for: a thread per 1M weights;
+ * the same values, rows are independent). */
 static int
 m_fp8_load(m_ctx_t *c, const char *name, moe_qtensor_t *qt, float *w,
     uint8_t **qbuf, float **sbuf)
 {
     const moe_st_tensor_t *t;
     int64_t                N = qt->rows, K = qt->cols, shape[2] = { N, K };
-    m_fp8_rows_t           part[M_FP8_THREADS_MAX];
-    pthread_t              th[M_FP8_THREADS_MAX];
-    int                    started[M_FP8_THREADS_MAX] = { 0 };
-    long                   cpus;
-    int                    rc, nt, i;
+    m_fp8_rows_t           a;
+    int                    rc;
 
     rc = m_find(c, name, 2, shape, &t);
     if (rc != MOE_OK) {
@@ -2451,34 +2442,13 @@ m_fp8_load(m_ctx_t *c, const char *name, moe_qtensor_t *qt, float *w,
         moe_errf(c->err, c->errlen, "out of memory quantizing '%s'", name);
         return MOE_ENOMEM;
     }
-    cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    nt = (int) (N * K / M_FP8_ROWS_MIN_ELEMS);
-    nt = nt < 1 ? 1 : nt > M_FP8_THREADS_MAX ? M_FP8_THREADS_MAX : nt;
-    nt = cpus > 0 && nt > cpus ? (int) cpus : nt;
-    nt = (int64_t) nt > N ? (int) N : nt;
-    for (i = 0; i < nt; i++) {
-        part[i].t = t;
-        part[i].K = K;
-        part[i].r0 = N * i / nt;
-        part[i].r1 = N * (i + 1) / nt;
-        part[i].w = w;
-        part[i].s = *sbuf;
-        part[i].q = *qbuf;
-        part[i].rc = MOE_OK;
-    }
-    for (i = 1; i < nt; i++) {
-        started[i] = pthread_create(&th[i], NULL, m_fp8_rows, &part[i]) == 0;
-    }
-    (void) m_fp8_rows(&part[0]);
-    rc = part[0].rc;
-    for (i = 1; i < nt; i++) {
-        if (started[i]) {
-            (void) pthread_join(th[i], NULL);
-        } else {
-            (void) m_fp8_rows(&part[i]);
-        }
-        rc = rc != MOE_OK ? rc : part[i].rc;
-    }
+    a.t = t;
+    a.K = K;
+    a.w = w;
+    a.s = *sbuf;
+    a.q = *qbuf;
+    rc = moe_par_for(N, ((int64_t) 1 << 20) / (K > 0 ? K : 1), 1,
+                     m_fp8_rows, &a);
     if (rc != MOE_OK) {
         moe_errf(c->err, c->errlen, "'%s': cannot read it as floats", name);
         return rc;

@@ -16,6 +16,7 @@
 
 #include "model/quant.h"
 #include "util/json.h"
+#include "util/par.h"
 
 const int moe_awq_nibble[8] = { 0, 4, 1, 5, 2, 6, 3, 7 };
 
@@ -1251,24 +1252,46 @@ q_f16_exact(float f, uint16_t *h)
 }
 
 
-void
-moe_q_transpose_words(const void *in, int64_t rows, int64_t cols,
-    int32_t *out)
-{
-    int64_t r, c;
+typedef struct {
+    const void *in;
+    int64_t     rows, cols;
+    int32_t    *out;
+} q_tw_t;
 
-    /* 16 x 16 tiles: a whole Mixtral's experts are ~23 GB of words, and
-     * the cache-blind loop wrote one word a line (0.41 -> 0.70 GB/s) */
-    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-            for (r = r0; r < rows && r < r0 + 16; r++) {
+
+/* Rows [r0, r1) of a word transposition (r0 a multiple of 16). */
+static int
+q_transpose_rows(void *arg, int64_t r0, int64_t r1)
+{
+    const q_tw_t *a = arg;
+    int64_t       rows = a->rows, cols = a->cols, r, c, t0, c0;
+
+    /* 16 x 16 tiles: the cache-blind loop wrote one word a line (0.41 ->
+     * 0.70 GB/s on one core) */
+    for (t0 = r0; t0 < r1; t0 += 16) {
+        for (c0 = 0; c0 < cols; c0 += 16) {
+            for (r = t0; r < r1 && r < t0 + 16; r++) {
                 for (c = c0; c < cols && c < c0 + 16; c++) {
-                    memcpy(&out[c * rows + r],
-                           (const char *) in + 4 * (r * cols + c), 4);
+                    memcpy(&a->out[c * rows + r],
+                           (const char *) a->in + 4 * (r * cols + c), 4);
                 }
             }
         }
     }
+    return MOE_OK;
+}
+
+
+void
+moe_q_transpose_words(const void *in, int64_t rows, int64_t cols,
+    int32_t *out)
+{
+    q_tw_t a = { in, rows, cols, out };
+
+    /* a whole Mixtral's experts are ~23 GB of words: rows split over
+     * threads in 16-row tiles, a thread per 4M words */
+    (void) moe_par_for(rows, ((int64_t) 1 << 22) / (cols > 0 ? cols : 1),
+                       16, q_transpose_rows, &a);
 }
 
 

@@ -32,6 +32,7 @@
 #include "backends/backend.h"
 #include "model/model.h"
 #include "model/quant.h"
+#include "util/par.h"
 #include "model/safetensors.h"
 #include "tap.h"
 
@@ -82,6 +83,89 @@ test_fp8(void)
     }
     TAP_OK(bad == 0 && rt == 254, "every finite e4m3 code round-trips "
            "(%d codes, %d bad)", rt, bad);
+}
+
+
+/* moe_par_for: ranges cover [0, n) once, start on `align`, carry fn's
+ * status; and the threaded word transposition against a plain loop. */
+typedef struct {
+    unsigned char *hit;
+    int64_t        align, fail_at;
+    int            misaligned;
+} parx_t;
+
+
+static int
+parx_fn(void *arg, int64_t i0, int64_t i1)
+{
+    parx_t *p = arg;
+
+    p->misaligned |= i0 % p->align != 0;
+    for (int64_t i = i0; i < i1; i++) {
+        p->hit[i]++;
+    }
+    return p->fail_at >= i0 && p->fail_at < i1 ? MOE_EIO : MOE_OK;
+}
+
+
+static void
+test_par(void)
+{
+    static const int64_t ns[] = { 1, 15, 16, 17, 1000, 4101 };
+    static const int64_t grains[] = { 1, 100, (int64_t) 1 << 30 };
+    int                  ok = 1, rcok = 1;
+    int64_t              rows = 4101, cols = 2051, r, c, bad = 0;
+    int32_t             *in, *out;
+
+    for (size_t a = 0; a < sizeof(ns) / sizeof(ns[0]); a++) {
+        for (size_t g = 0; g < 3; g++) {
+            for (int64_t al = 1; al <= 16; al += 15) {
+                parx_t p = { calloc((size_t) ns[a], 1), al, -1, 0 };
+
+                if (p.hit == NULL) {
+                    ok = 0;
+                    continue;
+                }
+                ok &= moe_par_for(ns[a], grains[g], al, parx_fn, &p)
+                      == MOE_OK && !p.misaligned;
+                for (int64_t i = 0; i < ns[a]; i++) {
+                    ok &= p.hit[i] == 1;
+                }
+                memset(p.hit, 0, (size_t) ns[a]);
+                p.fail_at = ns[a] - 1;
+                rcok &= moe_par_for(ns[a], grains[g], al, parx_fn, &p)
+                        == MOE_EIO;
+                free(p.hit);
+            }
+        }
+    }
+    TAP_OK(ok && rcok, "moe_par_for: ranges cover [0, n) once, aligned, "
+           "for n 1..4101, grains 1 / 100 / 2^30, align 1 / 16; a range's "
+           "error comes back");
+
+    in = malloc((size_t) (rows * cols) * 4);
+    out = malloc((size_t) (rows * cols) * 4);
+    if (in == NULL || out == NULL) {
+        TAP_OK(0, "transpose: out of memory");
+        free(in);
+        free(out);
+        return;
+    }
+    for (r = 0; r < rows * cols; r++) {
+        in[r] = (int32_t) (r * 2654435761u);
+    }
+    moe_q_transpose_words(in, rows, cols, out);
+    for (r = 0; r < rows; r++) {
+        for (c = 0; c < cols; c++) {
+            bad += out[c * rows + r] != in[r * cols + c];
+        }
+    }
+    TAP_OK(bad == 0, "moe_q_transpose_words: %lld x %lld words (8.4M: "
+           "split over threads in 16-row tiles, partial last tiles) equal "
+           "to the plain transpose (%lld bad)", (long long) rows,
+           (long long) cols, (long long) bad);
+    free(in);
+    free(out);
 }
 
 
@@ -1243,6 +1327,7 @@ main(void)
 
     snprintf(qdir, sizeof(qdir), "%s", env && *env ? env : "build/quant");
     test_fp8();
+    test_par();
     test_pack();
     test_dequant();
     test_find_empty();
