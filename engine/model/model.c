@@ -2419,6 +2419,24 @@ m_fp8_rows(void *arg, int64_t r0, int64_t r1)
 }
 
 
+/* qt as YAML fp8 makes it from source tensor t: e4m3 codes q (N, K),
+ * F32 scales s (N, 1). */
+static void
+m_fp8_fields(moe_qtensor_t *qt, const moe_st_tensor_t *t, const void *q,
+    const void *s)
+{
+    qt->layout = MOE_QL_FP8_CHANNEL;
+    qt->name = t->name;
+    qt->file = t->file;
+    qt->qweight = q;
+    qt->qdtype = MOE_DT_F8_E4M3;
+    qt->scales = s;
+    qt->sdtype = MOE_DT_F32;
+    qt->s_rows = qt->rows;
+    qt->s_cols = 1;
+}
+
+
 /* YAML fp8 on a float checkpoint: per output channel, scale amax / 448.
  * Every weight of the model goes through here once (the upload walk), so
  * the rows are split over threads (moe_par_for: a thread per 1M weights;
@@ -2453,15 +2471,7 @@ m_fp8_load(m_ctx_t *c, const char *name, moe_qtensor_t *qt, float *w,
         moe_errf(c->err, c->errlen, "'%s': cannot read it as floats", name);
         return rc;
     }
-    qt->layout = MOE_QL_FP8_CHANNEL;
-    qt->name = t->name;
-    qt->file = t->file;
-    qt->qweight = *qbuf;
-    qt->qdtype = MOE_DT_F8_E4M3;
-    qt->scales = *sbuf;
-    qt->sdtype = MOE_DT_F32;
-    qt->s_rows = N;
-    qt->s_cols = 1;
+    m_fp8_fields(qt, t, *qbuf, *sbuf);
     return MOE_OK;
 }
 
@@ -2541,15 +2551,7 @@ m_qload(m_ctx_t *c, const char *name, int kind, int layer, int expert,
         if (rc != MOE_OK) {
             return rc;
         }
-        qt.layout = MOE_QL_FP8_CHANNEL;
-        qt.name = t->name;
-        qt.file = t->file;
-        qt.qweight = t->data;
-        qt.qdtype = MOE_DT_F8_E4M3;
-        qt.scales = t->data;
-        qt.sdtype = MOE_DT_F32;
-        qt.s_rows = N;
-        qt.s_cols = 1;
+        m_fp8_fields(&qt, t, t->data, t->data);
         m_qref(&r, kind, layer, expert, &qt, qt.qdtype, qt.qweight);
         return c->fn(c->ctx, &r);
     }
