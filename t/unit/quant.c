@@ -83,6 +83,58 @@ test_fp8(void)
     }
     TAP_OK(bad == 0 && rt == 254, "every finite e4m3 code round-trips "
            "(%d codes, %d bad)", rt, bad);
+
+    /* the encoder against a nearest-code search (ties to the even code,
+     * saturating at 448, NaN 0x7f) over 2^24 floats spread over every
+     * exponent, with low mantissa bits varied */
+    {
+        float    pos[127];
+        uint32_t u, i;
+        int64_t  wrong = 0, n = 0;
+
+        for (c = 0; c < 127; c++) {
+            pos[c] = moe_fp8_e4m3_to_f32((uint8_t) c);  /* increasing */
+        }
+        for (i = 0; i < (1u << 24); i++) {
+            float   x, a;
+            int     lo = 0, hi = 126, want;
+            uint8_t got;
+
+            u = (i << 8) | ((i * 2654435761u) >> 24);
+            memcpy(&x, &u, sizeof(x));
+            got = moe_f32_to_fp8_e4m3(x);
+            n++;
+            if (isnan(x)) {
+                wrong += got != 0x7f;
+                continue;
+            }
+            a = fabsf(x);
+            if (a >= 448.0f) {
+                want = 0x7e;
+            } else {
+                while (hi - lo > 1) {           /* pos[lo] <= a < pos[hi] */
+                    int mid = (lo + hi) / 2;
+
+                    if (pos[mid] <= a) {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                if (a - pos[lo] < pos[hi] - a) {
+                    want = lo;
+                } else if (a - pos[lo] > pos[hi] - a) {
+                    want = hi;
+                } else {
+                    want = (lo & 1) == 0 ? lo : hi;
+                }
+            }
+            wrong += got != (uint8_t) ((u >> 24 & 0x80) | (uint32_t) want);
+        }
+        TAP_OK(wrong == 0, "e4m3 encode equals a nearest-code search (ties "
+               "to even) on %lld floats over every exponent (%lld wrong)",
+               (long long) n, (long long) wrong);
+    }
 }
 
 
