@@ -131,9 +131,28 @@ test_fp8(void)
             }
             wrong += got != (uint8_t) ((u >> 24 & 0x80) | (uint32_t) want);
         }
+        /* every tie between neighbouring codes (exact in fp32), and one
+         * ulp either side of it, both signs */
+        for (c = 0; c < 126; c++) {
+            float mid = (pos[c] + pos[c + 1]) / 2.0f;
+            int   even = (c & 1) == 0 ? c : c + 1;
+
+            for (int sg = 0; sg < 2; sg++) {
+                uint8_t s8 = sg ? 0x80 : 0;
+                float   m = sg ? -mid : mid;
+
+                n += 3;
+                wrong += moe_f32_to_fp8_e4m3(m) != (uint8_t) (s8 | even);
+                wrong += moe_f32_to_fp8_e4m3(nextafterf(m, 0.0f))
+                         != (uint8_t) (s8 | c);
+                wrong += moe_f32_to_fp8_e4m3(nextafterf(m, sg ? -1e9f
+                                                               : 1e9f))
+                         != (uint8_t) (s8 | (c + 1));
+            }
+        }
         TAP_OK(wrong == 0, "e4m3 encode equals a nearest-code search (ties "
-               "to even) on %lld floats over every exponent (%lld wrong)",
-               (long long) n, (long long) wrong);
+               "to even) on %lld floats over every exponent and at every "
+               "tie (%lld wrong)", (long long) n, (long long) wrong);
     }
 }
 
