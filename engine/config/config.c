@@ -102,15 +102,14 @@ cfg_in(const char *const *list, const char *s)
 
 /* vLLM's `quantization` values: the methods this build loads, vLLM's
  * Marlin-kernel names for them (awq_marlin, gptq_marlin: the same
- * checkpoints, kept as awq / gptq), then methods known to vLLM whose
- * checkpoints this build cannot load (refused by name) */
+ * checkpoints, kept as awq / gptq), then, from CFG_QUANTS_LOADABLE on,
+ * methods known to vLLM whose checkpoints this build cannot load
+ * (refused by name) */
 static const char *const cfg_quants[] = {
     "awq", "gptq", "fp8", "compressed-tensors", "awq_marlin", "gptq_marlin",
     "squeezellm", "marlin", "bitsandbytes", "gguf", NULL
 };
-static const char *const cfg_quants_unsupported[] = {
-    "squeezellm", "marlin", "bitsandbytes", "gguf", NULL
-};
+#define CFG_QUANTS_LOADABLE 6
 
 static const cfg_key_t cfg_model_keys[] = {
     { "num_experts", CFG_INT, OFF(num_experts), 0, 1, INT_MAX, 0, NULL },
@@ -538,7 +537,7 @@ cfg_set(cfg_ctx_t *ctx, const cfg_key_t *k, const yaml_node_t *v)
                     continue;
                 }
                 if (k->type == CFG_QUANT
-                    && cfg_in(cfg_quants_unsupported, k->values[i]))
+                    && cfg_in(cfg_quants + CFG_QUANTS_LOADABLE, k->values[i]))
                 {
                     /* a known method, but this engine has no kernels */
                     return cfg_err(ctx, MOE_EUNSUPPORTED, line,

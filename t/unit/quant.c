@@ -1309,8 +1309,10 @@ test_yaml_fp8_exact(void)
     }
     TAP_OK(rc == MOE_OK && x.bad == 0 && x.n >= 10 && x.big >= 6,
            "YAML fp8 at load, dim-1024 layer: every scale and code of %d "
-           "pieces (%d of 2M+ weights, split over threads) equal to a "
-           "row-by-row quantization (%d bad) %s", x.n, x.big, x.bad, err);
+           "pieces (%d of 2M+ weights, split over threads on a machine of "
+           "2+ CPUs: %ld online) equal to a row-by-row quantization (%d "
+           "bad) %s", x.n, x.big, sysconf(_SC_NPROCESSORS_ONLN), x.bad,
+           err);
     moe_model_free(m);
 }
 
