@@ -1263,6 +1263,9 @@ kernel_attention_prefill_tc(const float *qkv, int ld, int T,
 }
 
 
+#include "attention_wg.cuh"
+
+
 /* ------------------------------ decode: the tensor-core key-split kernel */
 
 /*
@@ -1984,7 +1987,16 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
      * SIMT kernel for the tokens of the tiles it refused (if any) */
     if constexpr (sizeof(KV) == 2) {
         if (!split && T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)) {
-            int rc = hd == 64
+            int rc = tune->att_prefill_wg
+                     ? (hd == 64
+                        ? att_wg_launch<64>(T, qkv, ld, tok_pos, tok_seq, bt,
+                                            bt_off, kv, block_size, n_heads,
+                                            n_kv, window, o, stream)
+                        : att_wg_launch<128>(T, qkv, ld, tok_pos, tok_seq,
+                                             bt, bt_off, kv, block_size,
+                                             n_heads, n_kv, window, o,
+                                             stream))
+                     : hd == 64
                      ? att_tc_launch<64>(T, qkv, ld, tok_pos, tok_seq, bt,
                                          bt_off, kv, block_size, n_heads,
                                          n_kv, window, o, stream)

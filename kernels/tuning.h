@@ -102,6 +102,13 @@ typedef struct {
                             per-row scales (moe_cuda_rows_f16 +
                             moe_cuda_ggemm_fp8h), 0 bf16 fragments (for
                             A/B runs) */
+    /* prefill attention */
+    int att_prefill_wg;  /* MOE_CUDA_ATT_PREFILL_WG 0|1: prefill attention
+                            (bf16 cache, head dims 64 / 128) on warpgroup
+                            tensor cores (kernel_attention_prefill_wg,
+                            wgmma): 1 (default), 0 the FA2-style mma.sync
+                            kernel (kernel_attention_prefill_tc, for A/B
+                            runs) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -109,6 +116,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1 }
+      1, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

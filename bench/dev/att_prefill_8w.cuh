@@ -328,4 +328,22 @@ att_tc_occupancy(void)
     return n;
 }
 
+
+/* CTAs per SM of the warpgroup kernel's instance <HD, BN, STAGES>. */
+template <int HD, int BN, int STAGES>
+static int
+att_wg_occupancy(void)
+{
+    int n = 0;
+
+    if (moe_smem_max_carveout(kernel_attention_prefill_wg<HD, BN, STAGES>,
+                              att_wg_smem(HD, BN, STAGES)) != cudaSuccess
+        || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n,
+            kernel_attention_prefill_wg<HD, BN, STAGES>, ATT_WG_NT,
+            att_wg_smem(HD, BN, STAGES)) != cudaSuccess) {
+        return -1;
+    }
+    return n;
+}
+
 #endif /* MOE_BENCH_DEV_ATT_PREFILL_8W_CUH */

@@ -10,10 +10,12 @@
  * before the split kernel).  Rate: K/V bytes read / time.
  *
  * Prefill (one sequence of T tokens, causal): the shipped launcher (the
- * tensor-core kernel, 4 warps of 32 rows) and the variants that do not
- * ship: the SIMT kernel for every tile, the tensor-core kernel's other
- * template instances and the 8-warp kernel shipped before
- * (att_prefill_8w.cuh).  Rate: 4 * heads * head_dim * T (T + 1) / 2
+ * warpgroup kernel, kernel_attention_prefill_wg: key tiles of 128, two
+ * stages) and the variants that do not ship: the SIMT kernel for every
+ * tile, the FA2-style mma.sync kernel (4 warps of 32 rows; record
+ * att_prefill_wg 0) in its template instances, the warpgroup kernel's
+ * other instances, and the 8-warp kernel shipped before
+ * (att_prefill_8w.cuh); each checked against the shipped output.  Rate: 4 * heads * head_dim * T (T + 1) / 2
  * flops.  Then the same against the shipped launcher on several sequences
  * per row tile (runs, a context before the queries) with and without a
  * window.
@@ -232,6 +234,10 @@ dev_occ_8w(void)
       att_tc_launch_v<DEV_HD, BN, BC, ST, MB>,                               \
       att_tc_occupancy<DEV_HD, BN, BC, ST, MB> }
 
+#define DEV_WG(BN, ST)                                                       \
+    { "wg bn" #BN " st" #ST, att_wg_launch_v<DEV_HD, BN, ST>,                \
+      att_wg_occupancy<DEV_HD, BN, ST> }
+
 static const struct {
     const char *name;
     dev_fa2_fn  fn;
@@ -242,6 +248,10 @@ static const struct {
     DEV_FA2(64, 64, 2, 2),
     DEV_FA2(32, 32, 3, 2),
     DEV_FA2(32, 16, 2, 2),
+    DEV_FA2(32, 32, 2, 2),
+    DEV_WG(128, 2),
+    DEV_WG(64, 2),
+    DEV_WG(64, 3),
 };
 
 /* The shipped launcher with a window. */
@@ -340,6 +350,7 @@ main(void)
     }
     dev_prefill(512);
     dev_prefill(2048);
+    dev_prefill(8192);
     dev_prefill_mixed(3, 1000, 300, 0);
     dev_prefill_mixed(3, 1000, 300, 256);
     return dev_failed;

@@ -299,6 +299,7 @@ test_rope(int nh, int nkv, int hd, float theta, int per_token, float attn)
  */
 static const moe_cuda_tuning_t *att_tune = NULL;
 static int                      att_fp8 = 0;
+static const char              *att_tc_name = "wg";   /* labels */
 
 #define ATT_KSC 0.5f
 #define ATT_VSC 0.25f
@@ -496,7 +497,7 @@ test_attention_tc(int tc, int nh, int nkv, int hd, int window, int len,
     char what[64];
 
     snprintf(what, sizeof(what), "%s one seq ctx %d, %d queries",
-             tc ? "tc" : "simt", len, nq);
+             tc ? att_tc_name : "simt", len, nq);
     test_attention_v(nh, nkv, hd, window, nq, 1, &len, what);
 }
 
@@ -508,7 +509,7 @@ test_attention_tc_v(int tc, int nh, int nkv, int hd, int window, int ns,
 {
     char w[96];
 
-    snprintf(w, sizeof(w), "%s %s", tc ? "tc" : "simt", what);
+    snprintf(w, sizeof(w), "%s %s", tc ? att_tc_name : "simt", what);
     test_attention_v(nh, nkv, hd, window, nq, ns, len, w);
 }
 
@@ -1841,6 +1842,62 @@ test_add_pos(void)
 }
 
 
+/*
+ * The prefill cases: the tensor-core kernels (T >= 64 and T * n_kv >
+ * 1024, hd 64 / 128; wg 1: the warpgroup kernel, the default; wg 0: the
+ * mma.sync kernel through the record's att_prefill_wg), and the SIMT
+ * kernel (other head dims, short T, tiles of more than 4 runs).
+ */
+static void
+test_attention_prefill_kernels(int wg)
+{
+    moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
+
+    r.att_prefill_wg = wg;
+    att_tune = wg ? NULL : &r;
+    att_tc_name = wg ? "wg" : "mma";
+    test_attention_tc(1, 32, 32, 64, 0, 64, 64);        /* group 1 */
+    test_attention_tc(1, 32, 32, 128, 0, 64, 64);
+    test_attention_tc(1, 64, 16, 64, 0, 100, 100);      /* group 4 */
+    test_attention_tc(1, 64, 16, 128, 0, 100, 100);
+    test_attention_tc(1, 64, 8, 128, 0, 257, 257);      /* group 8 */
+    test_attention_tc(1, 32, 8, 128, 0, 257, 257);      /* mixtral */
+    test_attention_tc(1, 16, 4, 64, 0, 257, 257);
+    test_attention_tc(1, 8, 2, 128, 0, 2048, 2048);     /* long prompt */
+    test_attention_tc(1, 8, 8, 64, 0, 2048, 2048);
+    test_attention_tc(1, 8, 2, 128, 0, 2048, 512);      /* chunk pos 1536 */
+    test_attention_tc(1, 32, 8, 128, 0, 700, 300);      /* chunk pos 400 */
+    test_attention_tc(1, 16, 16, 64, 0, 333, 129);      /* chunk, 2 tiles */
+    test_attention_tc(1, 32, 8, 128, 100, 400, 400);    /* window */
+    test_attention_tc(1, 16, 16, 64, 300, 1000, 1000);
+    test_attention_tc(1, 32, 8, 128, 1, 300, 300);      /* window 1 */
+    test_attention_tc(1, 32, 8, 128, 64, 900, 200);     /* window, chunk */
+    /* the SIMT prefill kernel: head dims the tensor-core kernel lacks,
+     * and T < 64 with more than 1024 (token, kv head) pairs */
+    test_attention_tc(0, 32, 8, 96, 0, 257, 257);
+    test_attention_tc(0, 16, 8, 256, 0, 700, 300);
+    test_attention_tc(0, 32, 32, 64, 0, 100, 40);
+    test_attention_tc(0, 32, 32, 128, 0, 40, 40);
+    {
+        int l3[3] = { 300, 5, 200 }, l2[2] = { 70, 90 };
+        int l7[7] = { 20, 30, 10, 25, 40, 15, 35 };
+
+        /* tiles holding 2-3 runs; the 7 short prompts: > 4 runs per tile
+         * (the SIMT kernel via its skip test) */
+        test_attention_tc_v(1, 32, 8, 128, 0, 3, l3, 100000, "300/5/200");
+        test_attention_tc_v(1, 16, 16, 64, 50, 3, l3, 100000,
+                            "300/5/200 window 50");
+        test_attention_tc_v(1, 32, 8, 128, 0, 2, l2, 100000, "70/90");
+        test_attention_tc_v(1, 32, 8, 128, 0, 7, l7, 100000,
+                            "7 prompts of 10..40");
+        test_attention_tc_v(1, 16, 8, 64, 0, 3, l3, 120,
+                            "300/5/200 chunks of 120");
+    }
+    att_tune = NULL;
+    att_tc_name = "wg";
+}
+
+
 int
 main(void)
 {
@@ -1915,44 +1972,10 @@ main(void)
     test_attention_batch(16, 16, 64, 0, 0, 64, 300);    /* 1024 pairs */
     test_attention_batch(12, 2, 128, 0, 1, 6, 150);     /* short prefill */
     test_attention(64, 16, 64, 0, 1, 200);      /* 1792 pairs: tc, 3 runs */
-    /* tensor-core prefill: T >= 64 and T * n_kv > 1024, hd 64 / 128 */
-    test_attention_tc(1, 32, 32, 64, 0, 64, 64);        /* group 1 */
-    test_attention_tc(1, 32, 32, 128, 0, 64, 64);
-    test_attention_tc(1, 64, 16, 64, 0, 100, 100);      /* group 4 */
-    test_attention_tc(1, 64, 16, 128, 0, 100, 100);
-    test_attention_tc(1, 64, 8, 128, 0, 257, 257);      /* group 8 */
-    test_attention_tc(1, 32, 8, 128, 0, 257, 257);      /* mixtral */
-    test_attention_tc(1, 16, 4, 64, 0, 257, 257);
-    test_attention_tc(1, 8, 2, 128, 0, 2048, 2048);     /* long prompt */
-    test_attention_tc(1, 8, 8, 64, 0, 2048, 2048);
-    test_attention_tc(1, 8, 2, 128, 0, 2048, 512);      /* chunk pos 1536 */
-    test_attention_tc(1, 32, 8, 128, 0, 700, 300);      /* chunk pos 400 */
-    test_attention_tc(1, 16, 16, 64, 0, 333, 129);      /* chunk, 2 tiles */
-    test_attention_tc(1, 32, 8, 128, 100, 400, 400);    /* window */
-    test_attention_tc(1, 16, 16, 64, 300, 1000, 1000);
-    test_attention_tc(1, 32, 8, 128, 1, 300, 300);      /* window 1 */
-    test_attention_tc(1, 32, 8, 128, 64, 900, 200);     /* window, chunk */
-    /* the SIMT prefill kernel: head dims the tensor-core kernel lacks,
-     * and T < 64 with more than 1024 (token, kv head) pairs */
-    test_attention_tc(0, 32, 8, 96, 0, 257, 257);
-    test_attention_tc(0, 16, 8, 256, 0, 700, 300);
-    test_attention_tc(0, 32, 32, 64, 0, 100, 40);
-    test_attention_tc(0, 32, 32, 128, 0, 40, 40);
-    {
-        int l3[3] = { 300, 5, 200 }, l2[2] = { 70, 90 };
-        int l7[7] = { 20, 30, 10, 25, 40, 15, 35 };
-
-        /* tiles holding 2-3 runs; the 7 short prompts: > 4 runs per tile
-         * (the SIMT kernel via its skip test) */
-        test_attention_tc_v(1, 32, 8, 128, 0, 3, l3, 100000, "300/5/200");
-        test_attention_tc_v(1, 16, 16, 64, 50, 3, l3, 100000,
-                            "300/5/200 window 50");
-        test_attention_tc_v(1, 32, 8, 128, 0, 2, l2, 100000, "70/90");
-        test_attention_tc_v(1, 32, 8, 128, 0, 7, l7, 100000,
-                            "7 prompts of 10..40");
-        test_attention_tc_v(1, 16, 8, 64, 0, 3, l3, 120,
-                            "300/5/200 chunks of 120");
-    }
+    /* the tensor-core prefill kernels: the default (warpgroup, wgmma)
+     * and the FA2-style mma.sync kernel (record att_prefill_wg 0) */
+    test_attention_prefill_kernels(1);
+    test_attention_prefill_kernels(0);
     test_attention_whole();
     test_attention_batch(32, 8, 128, 0, 1, 40, 60);     /* mixed runs */
     /* the decode kernels side by side (tensor-core / SIMT, bf16 / fp8
