@@ -1,6 +1,7 @@
 /*
- * Paged attention, four kernels chosen by step shape (all graph-safe: the
- * grid depends on T, n_kv and the device, never on positions):
+ * Paged attention, five kernels chosen by step shape and the tuning record
+ * (all graph-safe: the grid depends on T, n_kv and the device, never on
+ * positions):
  *
  * kernel_attention_decode_tc: the key-split path below (small T * n_kv)
  * for head_dim 64 and 128 unless the tuning record's att_decode_tc is 0:
@@ -28,10 +29,16 @@
  * next launch (and a graph replay) finds it zero -- merges them: no second
  * launch.
  *
- * kernel_attention_prefill_tc: larger T (T >= ATT_TC_MIN_T, more than
- * ATT_MAX_PAIRS pairs, head_dim 64 or 128): tensor cores (mma.sync), one
- * CTA of 4 warps per (128-row tile, q head), keys streamed with cp.async.
- * It refuses row tiles of more than ATT_TC_RUNS sequences.
+ * kernel_attention_prefill_wg (attention_wg.cuh): larger T (T >=
+ * ATT_TC_MIN_T, more than ATT_MAX_PAIRS pairs, head_dim 64 or 128, a bf16
+ * cache) unless the record's att_prefill_wg is 0: warpgroup tensor cores
+ * (wgmma), one CTA of 2 warpgroups per (128-row tile, q head), keys
+ * streamed with cp.async into swizzled tiles.  It refuses row tiles of
+ * more than ATT_TC_RUNS sequences.
+ *
+ * kernel_attention_prefill_tc: the same steps with att_prefill_wg 0:
+ * tensor cores (mma.sync), one CTA of 4 warps per (128-row tile, q head),
+ * keys streamed with cp.async.  It refuses the same row tiles.
  *
  * kernel_attention_prefill_simt: the CUDA-core prefill kernel for the
  * rest: the tiles the tensor-core kernel refused (launched after it, with

@@ -14,8 +14,9 @@
  * stages) and the variants that do not ship: the SIMT kernel for every
  * tile, the FA2-style mma.sync kernel (4 warps of 32 rows; record
  * att_prefill_wg 0) in its template instances, the warpgroup kernel's
- * other instances, and the 8-warp kernel shipped before
- * (att_prefill_8w.cuh); each checked against the shipped output.  Rate: 4 * heads * head_dim * T (T + 1) / 2
+ * other instances, its overlapped version (att_prefill_wgp.cuh), and the
+ * 8-warp kernel shipped before (att_prefill_8w.cuh); each checked against
+ * the shipped output.  Rate: 4 * heads * head_dim * T (T + 1) / 2
  * flops.  Then the same against the shipped launcher on several sequences
  * per row tile (runs, a context before the queries) with and without a
  * window.
@@ -25,6 +26,7 @@
 #include "../../kernels/attention.cu"
 
 #include "att_prefill_8w.cuh"
+#include "att_prefill_wgp.cuh"
 #include "dev.cuh"
 
 #define DEV_NH     32
@@ -238,6 +240,11 @@ dev_occ_8w(void)
     { "wg bn" #BN " st" #ST, att_wg_launch_v<DEV_HD, BN, ST>,                \
       att_wg_occupancy<DEV_HD, BN, ST> }
 
+/* the overlapped version (att_prefill_wgp.cuh) */
+#define DEV_WGP(BN, ST)                                                      \
+    { "wgp bn" #BN " st" #ST, att_wgp_launch_v<DEV_HD, BN, ST>,              \
+      att_wgp_occupancy<DEV_HD, BN, ST> }
+
 static const struct {
     const char *name;
     dev_fa2_fn  fn;
@@ -252,6 +259,9 @@ static const struct {
     DEV_WG(128, 2),
     DEV_WG(64, 2),
     DEV_WG(64, 3),
+    DEV_WGP(128, 3),
+    DEV_WGP(64, 3),
+    DEV_WGP(64, 4),
 };
 
 /* The shipped launcher with a window. */

@@ -27,7 +27,9 @@
  * default; then both decode kernels side by side (tuning att_decode_tc
  * 1 / 0) on bf16 and e4m3 caches, contexts 1 to 33000, 1 and 64
  * sequences, 1 to 64 splits; and the prefill kernels (more than 1024
- * token x kv-head pairs).
+ * token x kv-head pairs): the warpgroup kernel (the default) and the
+ * mma.sync kernel (record att_prefill_wg 0) on the same cases, and the
+ * SIMT kernel.
  * Thresholds: relative L2 error 1e-5 for fp32-exact paths, 1e-2 where the
  * output is bf16.  TAP; skips when there is no CUDA device.
  */
