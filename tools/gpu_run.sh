@@ -106,7 +106,7 @@ step bench_fma0 120 env MOE_CUDA_GEMV_FMA=0 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
 # the copy bandwidth / cuBLAS rate next to the shipped kernel's
 for d in attention moe_gemv moe_ggemm; do
     if [ -x build/bench/dev/$d ]; then
-        step dev_$d 120 build/bench/dev/$d
+        step dev_$d 240 build/bench/dev/$d     # 3 timed rounds a line
     else
         echo "=== dev_$d: build/bench/dev/$d not built (make bench-dev): skipped"
     fi

@@ -41,33 +41,61 @@ static double dev_gemm_tflops;   /* cuBLAS bf16 GEMM, fp32 accumulate */
     } while (0)
 
 
-/* Mean milliseconds of one call of fn() over iters calls after 2 warm-up
- * calls; fn returns a launcher status (MOE_K_OK = 0). */
+/* Milliseconds of one call of fn(): the median of DEV_ROUNDS rounds of
+ * iters calls each (their mean), after warm-up calls for at least
+ * DEV_WARM_MS or 2 calls.  One round after two warm-up calls, as this was
+ * until 2026-12-05, timed the first variant after a setup or a change of
+ * shape 5-10 % slow (the attention harness's "shipped" lines, run 18a);
+ * fn returns a launcher status (MOE_K_OK = 0). */
+#define DEV_ROUNDS   3
+#define DEV_WARM_MS  20.0
+
 template <typename F>
 static double
 dev_time(int iters, F fn)
 {
     cudaEvent_t a, b;
     float       ms = 0;
+    double      r[DEV_ROUNDS];
+    int         warm = 0;
 
     DEV_CHECK(cudaEventCreate(&a));
     DEV_CHECK(cudaEventCreate(&b));
-    for (int i = 0; i < iters + 2; i++) {
-        if (i == 2) {
-            DEV_CHECK(cudaEventRecord(a, 0));
-        }
+    DEV_CHECK(cudaEventRecord(a, 0));
+    do {                                /* warm-up: >= 2 calls, >= 20 ms */
         if (fn() != 0) {
             fprintf(stderr, "launch failed\n");
             exit(2);
         }
+        DEV_CHECK(cudaEventRecord(b, 0));
+        DEV_CHECK(cudaEventSynchronize(b));
+        DEV_CHECK(cudaEventElapsedTime(&ms, a, b));
+    } while (++warm < 2 || ms < DEV_WARM_MS);
+    for (int k = 0; k < DEV_ROUNDS; k++) {
+        DEV_CHECK(cudaEventRecord(a, 0));
+        for (int i = 0; i < iters; i++) {
+            if (fn() != 0) {
+                fprintf(stderr, "launch failed\n");
+                exit(2);
+            }
+        }
+        DEV_CHECK(cudaEventRecord(b, 0));
+        DEV_CHECK(cudaEventSynchronize(b));
+        DEV_CHECK(cudaEventElapsedTime(&ms, a, b));
+        r[k] = (double) ms / iters;
     }
-    DEV_CHECK(cudaEventRecord(b, 0));
-    DEV_CHECK(cudaEventSynchronize(b));
-    DEV_CHECK(cudaEventElapsedTime(&ms, a, b));
     DEV_CHECK(cudaGetLastError());
     cudaEventDestroy(a);
     cudaEventDestroy(b);
-    return (double) ms / iters;
+    for (int i = 1; i < DEV_ROUNDS; i++) {      /* insertion sort */
+        for (int j = i; j > 0 && r[j] < r[j - 1]; j--) {
+            double x = r[j];
+
+            r[j] = r[j - 1];
+            r[j - 1] = x;
+        }
+    }
+    return r[DEV_ROUNDS / 2];
 }
 
 
