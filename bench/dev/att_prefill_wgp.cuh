@@ -295,10 +295,10 @@ kernel_dev_prefill_wgp(const float *qkv, int ld, int T,
                 }
             }
 
-            /* online softmax per row; P_i to bf16 pairs: pp[j][v] = row
-             * v's keys 8 j + 2 tq, + 1 (written after P_{i-1} V_{i-1}
-             * is done reading the registers) */
-            float    pf[NJ][2][2];
+            /* online softmax per row; P_i to bf16 pairs: pc[j][v] = row
+             * v's keys 8 j + 2 tq, + 1 (copied to pp once P_{i-1} V_{i-1}
+             * is done reading it) */
+            uint32_t pc[NJ][2];
             float    corr[2];
 
 #pragma unroll
@@ -322,8 +322,7 @@ kernel_dev_prefill_wgp(const float *qkv, int ld, int T,
                     float y = att_wgp_ex2(s[4 * j + 2 * v + 1] - mu);
 
                     sum += x + y;
-                    pf[j][v][0] = x;
-                    pf[j][v][1] = y;
+                    pc[j][v] = att_pack(x, y);
                 }
                 l[v] = l[v] * corr[v] + sum;
             }
@@ -346,8 +345,8 @@ kernel_dev_prefill_wgp(const float *qkv, int ld, int T,
             }
 #pragma unroll
             for (int j = 0; j < NJ; j++) {
-                pp[j][0] = att_pack(pf[j][0][0], pf[j][0][1]);
-                pp[j][1] = att_pack(pf[j][1][0], pf[j][1][1]);
+                pp[j][0] = pc[j][0];
+                pp[j][1] = pc[j][1];
             }
             vprev = vs;
         };

@@ -14,19 +14,23 @@
  * stages) and the variants that do not ship: the SIMT kernel for every
  * tile, the FA2-style mma.sync kernel (4 warps of 32 rows; record
  * att_prefill_wg 0) in its template instances, the warpgroup kernel's
- * other instances, its overlapped version (att_prefill_wgp.cuh), and the
- * 8-warp kernel shipped before (att_prefill_8w.cuh); each checked against
- * the shipped output.  Rate: 4 * heads * head_dim * T (T + 1) / 2
+ * other instances, its overlapped version (att_prefill_wgp.cuh), its
+ * warp-specialised version (att_prefill_ws.cuh, only with DEV_ATT_WS=1)
+ * and the 8-warp kernel shipped before (att_prefill_8w.cuh); each checked
+ * against the shipped output.  Rate: 4 * heads * head_dim * T (T + 1) / 2
  * flops.  Then the same against the shipped launcher on several sequences
  * per row tile (runs, a context before the queries) with and without a
  * window.
  *
  *   build/bench/dev/attention
  */
+#include <string.h>
+
 #include "../../kernels/attention.cu"
 
 #include "att_prefill_8w.cuh"
 #include "att_prefill_wgp.cuh"
+#include "att_prefill_ws.cuh"
 #include "dev.cuh"
 
 #define DEV_NH     32
@@ -245,6 +249,11 @@ dev_occ_8w(void)
     { "wgp bn" #BN " st" #ST, att_wgp_launch_v<DEV_HD, BN, ST>,              \
       att_wgp_occupancy<DEV_HD, BN, ST> }
 
+/* the warp-specialised version (att_prefill_ws.cuh; DEV_ATT_WS=1) */
+#define DEV_WS(BN, ST)                                                       \
+    { "ws bn" #BN " st" #ST, att_ws_launch_v<DEV_HD, BN, ST>,                \
+      att_ws_occupancy<DEV_HD, BN, ST> }
+
 static const struct {
     const char *name;
     dev_fa2_fn  fn;
@@ -262,6 +271,9 @@ static const struct {
     DEV_WGP(128, 3),
     DEV_WGP(64, 3),
     DEV_WGP(64, 4),
+    DEV_WS(128, 3),
+    DEV_WS(128, 2),
+    DEV_WS(64, 4),
 };
 
 /* The shipped launcher with a window. */
@@ -285,6 +297,11 @@ dev_fa2_lines(dev_att_t *a, int window, double flops, int iters)
 
     for (size_t v = 0; v < sizeof(dev_fa2) / sizeof(dev_fa2[0]); v++) {
         double ms;
+
+        if (strncmp(dev_fa2[v].name, "ws ", 3) == 0
+            && getenv("DEV_ATT_WS") == NULL) {
+            continue;                   /* not yet run once: opt-in */
+        }
 
         DEV_CHECK(cudaMemset(a->out, 0, on * 2));
         ms = dev_time(iters, [&]() {
