@@ -39,6 +39,18 @@ att_wg_smem(int hd, int bn, int stages)
 }
 
 
+/* The first ATT_WG_ALIGN-aligned byte at or after raw (the dynamic shared
+ * memory; att_wg_smem counts ATT_WG_ALIGN bytes of slack for this). */
+__device__ __forceinline__ unsigned char *
+att_wg_aligned(unsigned char *raw)
+{
+    const uint32_t a = (uint32_t) __cvta_generic_to_shared(raw);
+
+    return raw + ((ATT_WG_ALIGN - (a & (ATT_WG_ALIGN - 1)))
+                  & (ATT_WG_ALIGN - 1));
+}
+
+
 /* The byte offset of element d of row r in a swizzled tile of `rows` rows
  * (blocks of 64 columns, each rows x 128 bytes); d a multiple of 4. */
 __device__ __forceinline__ uint32_t
@@ -73,6 +85,267 @@ att_wg_qk(float (&s)[BN / 2], const unsigned char *q_s,
 }
 
 
+/* 2^x: FTZ one MUFU.EX2 (ex2.approx.ftz: subnormal results flushed to
+ * zero, a weight below 2^-126 of the row's largest, zero either way in
+ * bf16's P), else exp2f (the non-ftz ex2 with its subnormal fix-up). */
+template <bool FTZ>
+__device__ __forceinline__ float
+att_wg_ex2(float x)
+{
+    if constexpr (FTZ) {
+        float y;
+
+        asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+        return y;
+    } else {
+        return exp2f(x);
+    }
+}
+
+
+/* The run [rs, return) of equal seq_s starting at row rs of the tile's
+ * nrows, and its key range [*kmin, *kmax]; the same in every thread. */
+__device__ __forceinline__ int
+att_wg_run(const int *seq_s, const int *pos_s, const int *lo_s, int nrows,
+    int rs, int *kmin, int *kmax)
+{
+    const int cs = seq_s[rs];
+    int       re = rs + 1, a = INT_MAX, b = -1;
+
+    while (re < nrows && seq_s[re] == cs) {
+        re++;
+    }
+    for (int r = rs; r < re; r++) {
+        a = min(a, lo_s[r]);
+        b = max(b, pos_s[r]);
+    }
+    *kmin = a;
+    *kmax = b;
+    return re;
+}
+
+
+/* The tile starts kb that the warp's 16 rows from wr0 see unmasked in the
+ * run [rs, re) (all 16 rows in it, kb >= their largest lo, kb + BN - 1 <=
+ * their smallest pos): [*mfa, *mfb]. */
+template <int BN>
+__device__ __forceinline__ void
+att_wg_warp_unmasked(const int *pos_s, const int *lo_s, int rs, int re,
+    int wr0, int *mfa, int *mfb)
+{
+    const int mlo = max(rs, wr0), mhi = min(re, wr0 + 16);
+    int       lomax = -1, posmin = INT_MAX;
+
+    for (int r = mlo; r < mhi; r++) {
+        lomax = max(lomax, lo_s[r]);
+        posmin = min(posmin, pos_s[r]);
+    }
+    *mfa = mlo == wr0 && mhi == wr0 + 16 ? lomax : INT_MAX;
+    *mfb = posmin - (BN - 1);
+}
+
+
+/* cp.async of the K and V rows kb .. kb + BN - 1 (rows past kmax: zeros)
+ * of the kv head at kvg, through the block table, into the swizzled tiles
+ * at kd (K) and kd + BN * HD * 2 (V); NT threads, this one t; the loop
+ * unrolled UNR times (0: fully). */
+template <int HD, int BN, int NT, int UNR = 0>
+__device__ __forceinline__ void
+att_wg_load_kv(unsigned char *kd, const bf16 *kvg, const int32_t *table,
+    int kb, int kmax, int block_size, int kvd, int t)
+{
+    constexpr int CPR = HD / 8;             /* 16-byte chunks per row */
+    constexpr int RPT = BN * CPR / NT;      /* K (and V) chunks a thread */
+    constexpr int TB = BN * HD * 2;
+    constexpr int U = UNR > 0 ? UNR : RPT;
+    static_assert(RPT * NT == BN * CPR, "tile load split");
+
+#pragma unroll U
+    for (int c = 0; c < RPT; c++) {
+        int  e = t + c * NT;
+        int  row = e / CPR, ch = e % CPR;
+        int  j = kb + row;
+        bool ok = j <= kmax;
+        const bf16 *ksrc = kvg, *vsrc = kvg;
+        uint32_t    off = att_wg_off(BN, row, ch * 8);
+
+        if (ok) {
+            ksrc = kvg + ((size_t) table[j / block_size] * 2 * block_size
+                          + j % block_size) * kvd + ch * 8;
+            vsrc = ksrc + (size_t) block_size * kvd;
+        }
+        moe_cp_async16(reinterpret_cast<bf16 *>(kd + off), ksrc, ok ? 16 : 0);
+        moe_cp_async16(reinterpret_cast<bf16 *>(kd + TB + off), vsrc,
+                       ok ? 16 : 0);
+    }
+}
+
+
+/* Q rows r0 .. r0 + ATT_TC_BM - 1 of head h (zero past nrows), scaled by
+ * log2(e) / sqrt(HD), to bf16 in the swizzled layout at q_s; NT threads,
+ * this one t. */
+template <int HD, int NT>
+__device__ __forceinline__ void
+att_wg_load_q(unsigned char *q_s, const float *qkv, int ld, int r0,
+    int nrows, int h, int t)
+{
+    const float qs = 1.4426950408889634f * rsqrtf((float) HD);
+
+    for (int i = t; i < ATT_TC_BM * (HD / 4); i += NT) {
+        int    rw = i / (HD / 4), d = (i % (HD / 4)) * 4;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+        if (rw < nrows) {
+            v = *reinterpret_cast<const float4 *>(
+                    qkv + (size_t) (r0 + rw) * ld + (size_t) h * HD + d);
+        }
+        *reinterpret_cast<uint2 *>(q_s + att_wg_off(ATT_TC_BM, rw, d)) =
+            make_uint2(att_pack(v.x * qs, v.y * qs),
+                       att_pack(v.z * qs, v.w * qs));
+    }
+}
+
+
+/* S of the tile at key kb masked (-inf) outside each of this thread's rows
+ * wr0 + 8 v + gq: rows outside the run [rs, re) entirely, others to [lo,
+ * pos]. */
+template <int NJ>
+__device__ __forceinline__ void
+att_wg_mask(float (&s)[NJ * 4], int kb, int wr0, int gq, int tq, int rs,
+    int re, const int *pos_s, const int *lo_s)
+{
+#pragma unroll
+    for (int v = 0; v < 2; v++) {
+        const int  r = wr0 + 8 * v + gq;
+        const bool act = r >= rs && r < re;
+        const int  p = pos_s[r], lo = lo_s[r];
+
+#pragma unroll
+        for (int j = 0; j < NJ; j++) {
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                int key = kb + j * 8 + 2 * tq + c;
+
+                if (!(act && key >= lo && key <= p)) {
+                    s[4 * j + 2 * v + c] = -INFINITY;
+                }
+            }
+        }
+    }
+}
+
+
+/* The online softmax of the tile's S for this thread's two rows: the
+ * running maxima m and sums l updated, corr[v] the factor O's row v must
+ * be scaled by, p[j][v] row v's keys 8 j + 2 tq, + 1 as bf16 pairs (the
+ * mma A layout P V takes). */
+template <int NJ, bool FTZ>
+__device__ __forceinline__ void
+att_wg_softmax(const float (&s)[NJ * 4], float (&m)[2], float (&l)[2],
+    float (&corr)[2], uint32_t (&p)[NJ][2])
+{
+#pragma unroll
+    for (int v = 0; v < 2; v++) {
+        float mx = -INFINITY, sum = 0.0f, mn, mu;
+
+#pragma unroll
+        for (int j = 0; j < NJ; j++) {
+            mx = fmaxf(mx, fmaxf(s[4 * j + 2 * v], s[4 * j + 2 * v + 1]));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mn = fmaxf(m[v], mx);
+        mu = mn == -INFINITY ? 0.0f : mn;
+        corr[v] = att_wg_ex2<FTZ>(m[v] - mu);
+        m[v] = mn;
+#pragma unroll
+        for (int j = 0; j < NJ; j++) {
+            float x = att_wg_ex2<FTZ>(s[4 * j + 2 * v] - mu);
+            float y = att_wg_ex2<FTZ>(s[4 * j + 2 * v + 1] - mu);
+
+            sum += x + y;
+            p[j][v] = att_pack(x, y);
+        }
+        l[v] = l[v] * corr[v] + sum;
+    }
+}
+
+
+/* O's row v (this thread's columns) scaled by corr[v]. */
+template <int NA>
+__device__ __forceinline__ void
+att_wg_rescale(float (&o)[NA][32], const float (&corr)[2])
+{
+#pragma unroll
+    for (int hh = 0; hh < NA; hh++) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int v = 0; v < 2; v++) {
+                o[hh][4 * j + 2 * v] *= corr[v];
+                o[hh][4 * j + 2 * v + 1] *= corr[v];
+            }
+        }
+    }
+}
+
+
+/* O (64 x 64 NA, o[NA][32]) += P (this warpgroup's 64 rows x BN keys,
+ * bf16 pairs p[j][v]: row v's keys 8 j + 2 tq, + 1) V (BN x 64 NA at vs,
+ * MN-major); asynchronous until moe_wg_wait, p stays read until then. */
+template <int NA, int BN>
+__device__ __forceinline__ void
+att_wg_pv(float (&o)[NA][32], const uint32_t (&p)[BN / 8][2],
+    const unsigned char *vs)
+{
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) {
+        const uint32_t a[4] = { p[2 * kk][0], p[2 * kk][1],
+                                p[2 * kk + 1][0], p[2 * kk + 1][1] };
+
+#pragma unroll
+        for (int hh = 0; hh < NA; hh++) {
+            moe_wg_mma_bf16_rs_n64_tb(
+                o[hh], a, moe_wg_desc_mn(vs + hh * BN * 128 + kk * 16 * 128));
+        }
+    }
+}
+
+
+/* Normalise this thread's two rows of O by their sums (l reduced over the
+ * row's 4 lanes) and write those in the run [rs, re) to out (bf16, rows
+ * r0 + r of n_heads heads, head h). */
+template <int NA, int HD>
+__device__ __forceinline__ void
+att_wg_store(const float (&o)[NA][32], const float (&l)[2], bf16 *out,
+    int r0, int h, int n_heads, int wr0, int gq, int tq, int rs, int re)
+{
+#pragma unroll
+    for (int v = 0; v < 2; v++) {
+        const int r = wr0 + 8 * v + gq;
+        float     sum = l[v];
+
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (r >= rs && r < re) {
+            float inv = 1.0f / sum;
+            bf16 *orow = out + ((size_t) (r0 + r) * n_heads + h) * HD
+                         + 2 * tq;
+
+#pragma unroll
+            for (int hh = 0; hh < NA; hh++) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    *reinterpret_cast<uint32_t *>(orow + hh * 64 + j * 8) =
+                        att_pack(o[hh][4 * j + 2 * v] * inv,
+                                 o[hh][4 * j + 2 * v + 1] * inv);
+                }
+            }
+        }
+    }
+}
+
+
 /*
  * grid (n_heads, ceil(T / ATT_TC_BM)), ATT_WG_NT threads,
  * att_wg_smem(HD, BN, STAGES) bytes of dynamic shared memory.  Lane l of
@@ -89,20 +362,15 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
 {
     moe_pdl_enter();
     constexpr int BM = ATT_TC_BM, NT = ATT_WG_NT;
-    constexpr int CPR = HD / 8;             /* 16-byte chunks per row */
     constexpr int NA = HD / 64;             /* 64-column blocks */
     constexpr int NJ = BN / 8;              /* 8-key column tiles of S */
-    constexpr int RPT = BN * CPR / NT;      /* K (and V) chunks per thread */
     constexpr int TB = BN * HD * 2;         /* bytes of a K (or V) tile */
-    static_assert(RPT * NT == BN * CPR, "tile load split");
     static_assert(HD == 64 || HD == 128, "head dim");
     static_assert(BN == 64 || BN == 128, "key tile");
     static_assert(STAGES >= 2, "stages");
 
     extern __shared__ unsigned char att_wg_raw[];
-    unsigned char *q_s = att_wg_raw
-        + ((ATT_WG_ALIGN - ((uint32_t) __cvta_generic_to_shared(att_wg_raw)
-                            & (ATT_WG_ALIGN - 1))) & (ATT_WG_ALIGN - 1));
+    unsigned char *q_s = att_wg_aligned(att_wg_raw);
     unsigned char *kv_s = q_s + BM * HD * 2;    /* [stage][K, V] */
     __shared__ int seq_s[BM], pos_s[BM], lo_s[BM];
     __shared__ int run_s[3];                /* kmin, kmax, bt_off[seq] */
@@ -125,34 +393,6 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
         return;                             /* the SIMT kernel does it */
     }
 
-    /* cp.async of the K and V rows of key tile i of [kmin, kmax] into
-     * stage st (rows past kmax: zeros) */
-    auto load = [&](int i, int st, int kmin, int kmax, const int32_t *table)
-    {
-        const int      kb = kmin + i * BN;
-        unsigned char *kd = kv_s + st * 2 * TB;
-
-#pragma unroll
-        for (int c = 0; c < RPT; c++) {
-            int  e = tid + c * NT;
-            int  row = e / CPR, ch = e % CPR;
-            int  j = kb + row;
-            bool ok = j <= kmax;
-            const bf16 *ksrc = kvg, *vsrc = kvg;
-            uint32_t    off = att_wg_off(BN, row, ch * 8);
-
-            if (ok) {
-                ksrc = kvg + ((size_t) table[j / block_size] * 2 * block_size
-                              + j % block_size) * kvd + ch * 8;
-                vsrc = ksrc + (size_t) block_size * kvd;
-            }
-            moe_cp_async16(reinterpret_cast<bf16 *>(kd + off), ksrc,
-                           ok ? 16 : 0);
-            moe_cp_async16(reinterpret_cast<bf16 *>(kd + TB + off), vsrc,
-                           ok ? 16 : 0);
-        }
-    };
-
     float s[BN / 2], o[NA][32];
 
 #pragma unroll
@@ -163,36 +403,21 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
     int rs = 0;
 
     while (rs < nrows) {                    /* one run of a sequence */
+        int       kmin, kmax;               /* the run's key range */
+        const int re = att_wg_run(seq_s, pos_s, lo_s, nrows, rs, &kmin,
+                                  &kmax);
         const int cs = seq_s[rs];
-        int       re = rs + 1;
-
-        while (re < nrows && seq_s[re] == cs) {
-            re++;
-        }
-
-        int kmin = INT_MAX, kmax = -1;      /* the run's key range */
-
-        for (int r = rs; r < re; r++) {
-            kmin = min(kmin, lo_s[r]);
-            kmax = max(kmax, pos_s[r]);
-        }
-
         const int ntl = (kmax - kmin) / BN + 1;
 
         /* the keys this warpgroup's rows of the run need, and per warp
-         * the tile starts kb that need no mask (all 16 rows in the run,
-         * kb >= max lo, kb + BN - 1 <= min pos) */
+         * the tile starts kb that need no mask */
         {
-            const int b = wr0, mlo = max(rs, b), mhi = min(re, b + 16);
-            int       lomax = -1, posmin = INT_MAX;
+            int mfa, mfb;
 
-            for (int r = mlo; r < mhi; r++) {
-                lomax = max(lomax, lo_s[r]);
-                posmin = min(posmin, pos_s[r]);
-            }
+            att_wg_warp_unmasked<BN>(pos_s, lo_s, rs, re, wr0, &mfa, &mfb);
             if (lane == 0) {
-                mf_s[warp][0] = mlo == b && mhi == b + 16 ? lomax : INT_MAX;
-                mf_s[warp][1] = posmin - (BN - 1);
+                mf_s[warp][0] = mfa;
+                mf_s[warp][1] = mfb;
             }
             if ((tid & 127) == 0) {
                 const int glo = max(rs, wg * 64), ghi = min(re, wg * 64 + 64);
@@ -232,31 +457,18 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
 #pragma unroll
             for (int st = 0; st < STAGES - 1; st++) {
                 if (st < ntl) {
-                    load(st, st, kmin, kmax, table);
+                    att_wg_load_kv<HD, BN, NT>(kv_s + st * 2 * TB, kvg, table,
+                                               kmin + st * BN, kmax,
+                                               block_size, kvd, tid);
                 }
                 moe_cp_async_commit();
             }
         }
 
-        /* Q rows, scaled by log2(e) / sqrt(hd), to bf16 in the swizzled
-         * layout (the first run only; the first tile's barrier, after the
-         * proxy fence, publishes them) */
+        /* Q (the first run only; the first tile's barrier, after the proxy
+         * fence, publishes it) */
         if (rs == 0) {
-            const float qs = 1.4426950408889634f * rsqrtf((float) HD);
-
-            for (int i = tid; i < BM * (HD / 4); i += NT) {
-                int    rw = i / (HD / 4), d = (i % (HD / 4)) * 4;
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-
-                if (rw < nrows) {
-                    v = *reinterpret_cast<const float4 *>(
-                            qkv + (size_t) (r0 + rw) * ld + (size_t) h * HD
-                            + d);
-                }
-                *reinterpret_cast<uint2 *>(q_s + att_wg_off(BM, rw, d)) =
-                    make_uint2(att_pack(v.x * qs, v.y * qs),
-                               att_pack(v.z * qs, v.w * qs));
-            }
+            att_wg_load_q<HD, NT>(q_s, qkv, ld, r0, nrows, h, tid);
         }
 
         int stc = 0, stl = STAGES - 1;      /* stages: compute, next load */
@@ -270,7 +482,10 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
             const int kmin_ = run_s[0];
 
             if (i + STAGES - 1 < ntl) {
-                load(i + STAGES - 1, stl, kmin_, run_s[1], bt + run_s[2]);
+                att_wg_load_kv<HD, BN, NT>(kv_s + stl * 2 * TB, kvg,
+                                           bt + run_s[2],
+                                           kmin_ + (i + STAGES - 1) * BN,
+                                           run_s[1], block_size, kvd, tid);
             }
             moe_cp_async_commit();
             stl = stl + 1 == STAGES ? 0 : stl + 1;
@@ -295,82 +510,22 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
             /* mask unless each of the warp's 16 rows is in the run and sees
              * the whole tile */
             if (kb < mf_s[warp][0] || kb > mf_s[warp][1]) {
-#pragma unroll
-                for (int v = 0; v < 2; v++) {
-                    const int  r = wr0 + 8 * v + gq;
-                    const bool act = r >= rs && r < re;
-                    const int  p = pos_s[r], lo = lo_s[r];
-
-#pragma unroll
-                    for (int j = 0; j < NJ; j++) {
-#pragma unroll
-                        for (int c = 0; c < 2; c++) {
-                            int key = kb + j * 8 + 2 * tq + c;
-
-                            if (!(act && key >= lo && key <= p)) {
-                                s[4 * j + 2 * v + c] = -INFINITY;
-                            }
-                        }
-                    }
-                }
+                att_wg_mask<NJ>(s, kb, wr0, gq, tq, rs, re, pos_s, lo_s);
             }
 
-            /* online softmax per row; P to bf16 pairs: pr[j][v] = row v's
-             * keys 8 j + 2 tq, + 1 */
             uint32_t pr[NJ][2];
+            float    corr[2];
 
-#pragma unroll
-            for (int v = 0; v < 2; v++) {
-                float mx = -INFINITY, sum = 0.0f, mn, mu, corr;
+            att_wg_softmax<NJ, false>(s, m, l, corr, pr);
+            att_wg_rescale<NA>(o, corr);
 
-#pragma unroll
-                for (int j = 0; j < NJ; j++) {
-                    mx = fmaxf(mx, fmaxf(s[4 * j + 2 * v],
-                                         s[4 * j + 2 * v + 1]));
-                }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                mn = fmaxf(m[v], mx);
-                mu = mn == -INFINITY ? 0.0f : mn;
-                corr = exp2f(m[v] - mu);
-                m[v] = mn;
-#pragma unroll
-                for (int j = 0; j < NJ; j++) {
-                    float x = exp2f(s[4 * j + 2 * v] - mu);
-                    float y = exp2f(s[4 * j + 2 * v + 1] - mu);
-
-                    sum += x + y;
-                    pr[j][v] = att_pack(x, y);
-                }
-                l[v] = l[v] * corr + sum;
-#pragma unroll
-                for (int hh = 0; hh < NA; hh++) {
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        o[hh][4 * j + 2 * v] *= corr;
-                        o[hh][4 * j + 2 * v + 1] *= corr;
-                    }
-                }
-            }
-
-            /* O += P V: per 16 keys, one m64n64k16 per 64 columns */
+            /* O += P V */
 #pragma unroll
             for (int hh = 0; hh < NA; hh++) {
                 moe_wg_fence_regs_n(o[hh]);
             }
             moe_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                const uint32_t a[4] = { pr[2 * kk][0], pr[2 * kk][1],
-                                        pr[2 * kk + 1][0], pr[2 * kk + 1][1] };
-
-#pragma unroll
-                for (int hh = 0; hh < NA; hh++) {
-                    moe_wg_mma_bf16_rs_n64_tb(
-                        o[hh], a,
-                        moe_wg_desc_mn(vs + hh * BN * 128 + kk * 16 * 128));
-                }
-            }
+            att_wg_pv<NA, BN>(o, pr, vs);
             moe_wg_commit();
             moe_wg_wait<0>();
 #pragma unroll
@@ -382,37 +537,43 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
         __syncthreads();                    /* stages and run_s, wk_s, mf_s
                                              * free for the next run */
 
-        /* normalise and write the run's rows */
-#pragma unroll
-        for (int v = 0; v < 2; v++) {
-            const int r = wr0 + 8 * v + gq;
-            float     sum = l[v];
-
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            if (r >= rs && r < re) {
-                float inv = 1.0f / sum;
-                bf16 *orow = out + ((size_t) (r0 + r) * n_heads + h) * HD
-                             + 2 * tq;
-
-#pragma unroll
-                for (int hh = 0; hh < NA; hh++) {
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        *reinterpret_cast<uint32_t *>(orow + hh * 64 + j * 8)
-                            = att_pack(o[hh][4 * j + 2 * v] * inv,
-                                       o[hh][4 * j + 2 * v + 1] * inv);
-                    }
-                }
-            }
-        }
+        att_wg_store<NA, HD>(o, l, out, r0, h, n_heads, wr0, gq, tq, rs, re);
         rs = re;
     }
 }
 
 
-/* Launch kernel_attention_prefill_wg<HD, BN, STAGES> (raising its
- * shared-memory limit once). */
+/* The prefill kernels' signature (this one, and the dev harness's
+ * variants of it). */
+typedef void (*att_wg_kernel_t)(const float *, int, int, const int32_t *,
+                                const int32_t *, const int32_t *,
+                                const int32_t *, const bf16 *, int, int, int,
+                                int, bf16 *);
+
+/* Launch kernel k on the prefill grid (q heads x 128-row tiles) with nt
+ * threads and sm bytes of dynamic shared memory, raising k's
+ * shared-memory limit on the first call (*ready 0). */
+static int
+att_wg_launch_k(att_wg_kernel_t k, int nt, size_t sm, int *ready, int T,
+    const float *qkv, int ld, const int32_t *tok_pos, const int32_t *tok_seq,
+    const int32_t *bt, const int32_t *bt_off, const bf16 *kv, int block_size,
+    int n_heads, int n_kv, int window, bf16 *out, cudaStream_t stream)
+{
+    dim3 grid((unsigned) n_heads,
+              (unsigned) ((T + ATT_TC_BM - 1) / ATT_TC_BM));
+
+    if (!*ready) {
+        MOE_CUDA_CHECK(moe_smem_max_carveout(k, sm));
+        *ready = 1;
+    }
+    MOE_CUDA_CHECK(moe_launch(k, grid, nt, sm, stream, qkv, ld, T, tok_pos,
+                              tok_seq, bt, bt_off, kv, block_size, n_heads,
+                              n_kv, window, out));
+    return MOE_K_OK;
+}
+
+
+/* Launch kernel_attention_prefill_wg<HD, BN, STAGES>. */
 template <int HD, int BN, int STAGES>
 static int
 att_wg_launch_v(int T, const float *qkv, int ld, const int32_t *tok_pos,
@@ -420,21 +581,12 @@ att_wg_launch_v(int T, const float *qkv, int ld, const int32_t *tok_pos,
     const bf16 *kv, int block_size, int n_heads, int n_kv, int window,
     bf16 *out, cudaStream_t stream)
 {
-    static int   ready = 0;
-    const size_t sm = att_wg_smem(HD, BN, STAGES);
-    dim3         grid((unsigned) n_heads,
-                      (unsigned) ((T + ATT_TC_BM - 1) / ATT_TC_BM));
+    static int ready = 0;
 
-    if (!ready) {
-        MOE_CUDA_CHECK(moe_smem_max_carveout(
-            kernel_attention_prefill_wg<HD, BN, STAGES>, sm));
-        ready = 1;
-    }
-    MOE_CUDA_CHECK(moe_launch(
-        kernel_attention_prefill_wg<HD, BN, STAGES>, grid, ATT_WG_NT, sm,
-        stream, qkv, ld, T, tok_pos, tok_seq, bt, bt_off, kv, block_size,
-        n_heads, n_kv, window, out));
-    return MOE_K_OK;
+    return att_wg_launch_k(kernel_attention_prefill_wg<HD, BN, STAGES>,
+                           ATT_WG_NT, att_wg_smem(HD, BN, STAGES), &ready, T,
+                           qkv, ld, tok_pos, tok_seq, bt, bt_off, kv,
+                           block_size, n_heads, n_kv, window, out, stream);
 }
 
 

@@ -329,21 +329,30 @@ att_tc_occupancy(void)
 }
 
 
-/* CTAs per SM of the warpgroup kernel's instance <HD, BN, STAGES>. */
+/* CTAs per SM of a warpgroup prefill kernel k launched with nt threads
+ * and sm bytes of dynamic shared memory (its limit raised first); -1 on
+ * an error. */
+static int
+att_wg_occ_k(att_wg_kernel_t k, int nt, size_t sm)
+{
+    int n = 0;
+
+    if (moe_smem_max_carveout(k, sm) != cudaSuccess
+        || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, nt, sm)
+           != cudaSuccess) {
+        return -1;
+    }
+    return n;
+}
+
+
+/* The same for the shipped kernel's instance <HD, BN, STAGES>. */
 template <int HD, int BN, int STAGES>
 static int
 att_wg_occupancy(void)
 {
-    int n = 0;
-
-    if (moe_smem_max_carveout(kernel_attention_prefill_wg<HD, BN, STAGES>,
-                              att_wg_smem(HD, BN, STAGES)) != cudaSuccess
-        || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n,
-            kernel_attention_prefill_wg<HD, BN, STAGES>, ATT_WG_NT,
-            att_wg_smem(HD, BN, STAGES)) != cudaSuccess) {
-        return -1;
-    }
-    return n;
+    return att_wg_occ_k(kernel_attention_prefill_wg<HD, BN, STAGES>,
+                        ATT_WG_NT, att_wg_smem(HD, BN, STAGES));
 }
 
 #endif /* MOE_BENCH_DEV_ATT_PREFILL_8W_CUH */
