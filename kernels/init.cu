@@ -3,6 +3,15 @@
 #include "init.h"
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
+#include <stdio.h>
+
+/* The kernels use Hopper-only instructions (wgmma, setmaxnreg, TMA) and
+ * are compiled for sm_90a alone (Makefile's NVCCFLAGS);
+ * moe_cuda_kernels_runnable's message says so. */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+#error "kernels/ are built for sm_90a only (see moe_cuda_kernels_runnable)"
+#endif
+#define MOE_KERNELS_TARGET "sm_90a (compute capability 9.0: H100, H200, GH200)"
 
 
 __device__ __forceinline__ float
@@ -159,4 +168,68 @@ moe_cuda_fill_random_f16(uint16_t *dst, int64_t n, uint64_t seed,
     float scale, float offset, cudaStream_t stream)
 {
     return moe_fill_q(dst, n, seed, 2, scale, offset, stream);
+}
+
+
+/* The kernel the driver is asked about (never launched). */
+__global__ void
+kernel_runnable_probe(int *x)
+{
+    if (x != NULL) {
+        *x = 1;
+    }
+}
+
+
+extern "C" int
+moe_cuda_kernels_runnable(int device, char *why, size_t len)
+{
+    cudaDeviceProp      p;
+    cudaFuncAttributes  fa;
+    cudaError_t         e;
+    int                 n = 0, cur = -1;
+
+    if (why != NULL && len > 0) {
+        why[0] = '\0';
+    }
+    e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || device < 0 || device >= n) {
+        (void) cudaGetLastError();
+        if (why != NULL && len > 0) {
+            snprintf(why, len, "no CUDA device %d (%d visible%s%s)", device,
+                     e == cudaSuccess ? n : 0, e == cudaSuccess ? "" : ": ",
+                     e == cudaSuccess ? "" : cudaGetErrorString(e));
+        }
+        return 0;
+    }
+    e = cudaGetDeviceProperties(&p, device);
+    if (e != cudaSuccess) {
+        (void) cudaGetLastError();
+        if (why != NULL && len > 0) {
+            snprintf(why, len, "cannot query CUDA device %d: %s", device,
+                     cudaGetErrorString(e));
+        }
+        return 0;
+    }
+    if (cudaGetDevice(&cur) != cudaSuccess) {
+        cur = -1;
+    }
+    e = cudaSetDevice(device);
+    if (e == cudaSuccess) {
+        e = cudaFuncGetAttributes(&fa, kernel_runnable_probe);
+    }
+    (void) cudaGetLastError();
+    if (cur >= 0 && cur != device) {
+        (void) cudaSetDevice(cur);
+    }
+    if (e != cudaSuccess) {
+        if (why != NULL && len > 0) {
+            snprintf(why, len, "CUDA device %d (%s) has compute capability "
+                     "%d.%d; this build's kernels are for "
+                     MOE_KERNELS_TARGET " (%s)", device, p.name, p.major,
+                     p.minor, cudaGetErrorString(e));
+        }
+        return 0;
+    }
+    return 1;
 }

@@ -29,6 +29,13 @@ int moe_cuda_fill_random_u32(uint32_t *dst, int64_t n, uint64_t seed,
     cudaStream_t stream);
 int moe_cuda_fill_random_f16(uint16_t *dst, int64_t n, uint64_t seed,
     float scale, float offset, cudaStream_t stream);
+
+/* 1 if this build's kernels can run on CUDA device `device` (the driver
+ * has an image of them for it); else 0 with `why` (len bytes) saying
+ * which device it is, its compute capability and what the kernels were
+ * built for (sm_90a: compute capability 9.0, H100 / H200 / GH200).  The
+ * calling thread's current device is left as it was. */
+int moe_cuda_kernels_runnable(int device, char *why, size_t len);
 #ifdef __cplusplus
 }
 #endif

@@ -61,7 +61,17 @@ moe_backend_load_model(const moe_backend_opts_t *o, const char *dir,
     *out = NULL;
 #ifdef MOE_HAVE_CUDA
     if (!be_is(o, "cpu") && moe_cuda_device_count() > 0) {
-        k = MOE_BACKEND_CUDA;
+        char why[256];
+
+        if (moe_cuda_device_runnable(0, why, sizeof(why))) {
+            k = MOE_BACKEND_CUDA;
+        } else if (be_is(o, "cuda")) {
+            moe_errf(err, errlen, "%s: backend 'cuda' requested, but %s",
+                     be_file(o), why);
+            return MOE_EUNSUPPORTED;
+        } else {
+            moe_log(MOE_LOG_WARN, "%s; serving from the cpu backend", why);
+        }
     }
 #endif
     if (be_is(o, "cuda") && k != MOE_BACKEND_CUDA) {

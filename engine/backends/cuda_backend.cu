@@ -667,6 +667,19 @@ moe_cuda_device_count(void)
 }
 
 
+extern "C" int
+moe_cuda_device_runnable(int device, char *why, size_t n)
+{
+    char buf[256];
+    int  ok = moe_cuda_kernels_runnable(device, buf, sizeof(buf));
+
+    if (why != NULL && n > 0) {
+        snprintf(why, n, "%s", ok ? "" : buf);
+    }
+    return ok;
+}
+
+
 static int
 cb_check_shapes(const moe_hparams_t *hp, int block_size, int cap, char *err,
     size_t errlen)
@@ -2354,6 +2367,14 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
         moe_errf(err, errlen, "cuda backend: no CUDA device %d (%d found)",
                device, ndev);
         return MOE_EBACKEND;
+    }
+    {
+        char why[256];
+
+        if (!moe_cuda_device_runnable(device, why, sizeof(why))) {
+            moe_errf(err, errlen, "cuda backend: %s", why);
+            return MOE_EUNSUPPORTED;
+        }
     }
 
     b = (cuda_backend_t *) calloc(1, sizeof(*b));

@@ -83,6 +83,12 @@ int moe_cuda_supports(const moe_hparams_t *hp, char *why, size_t n);
 /* Number of CUDA devices; 0 when there is no driver or GPU (never fails). */
 int moe_cuda_device_count(void);
 
+/* 1 if the kernels of this build run on CUDA device `device`; else 0 with
+ * the one-line reason in why (n bytes; may be NULL): no such device, or
+ * its compute capability is not the one the kernels were built for
+ * (sm_90a).  Leaves the thread's current device as it was. */
+int moe_cuda_device_runnable(int device, char *why, size_t n);
+
 /* The last CUDA failure recorded on this thread ("" if none). */
 const char *moe_cuda_last_error(void);
 

@@ -15,7 +15,14 @@
  *    to the unsharded backend's; a tp that does not divide the kv heads
  *    is refused (MOE_EUNSUPPORTED, "must divide");
  *  - the backend a factory made steps and gives the logits of a CPU
- *    backend made directly (same model, same tokens: bit for bit).
+ *    backend made directly (same model, same tokens: bit for bit);
+ *  - with CUDA built in: moe_cuda_device_runnable (what "auto" asks
+ *    before it takes the GPU, and the cuda backend before it starts)
+ *    refuses devices -1 and past the last one, naming them, and on device
+ *    0 answers 1 where a GPU is visible (the device tests run on
+ *    H100 / H200) and 0 naming "no CUDA device 0" where none is; a
+ *    non-Hopper GPU (its refusal, "compute capability", and "auto"
+ *    serving from the CPU) is not available to test.
  */
 
 #include <limits.h>
@@ -25,6 +32,9 @@
 
 #include "moe.h"
 #include "backends/backend.h"
+#ifdef MOE_HAVE_CUDA
+#include "backends/cuda_backend.h"
+#endif
 #include "tap.h"
 
 #define BS  4
@@ -76,7 +86,11 @@ main(void)
     float              *l1, *l2;
     int                 rc, V;
 
+#ifdef MOE_HAVE_CUDA
+    TAP_PLAN(20);
+#else
     TAP_PLAN(17);
+#endif
 
     snprintf(dir, sizeof(dir), "%s/models/localmoe-tiny",
              src != NULL ? src : ".");
@@ -121,6 +135,27 @@ main(void)
         TAP_OK(1, "# SKIP a GPU is visible: cuda is not refused");
         TAP_OK(1, "# SKIP a GPU is visible: dummy is not refused");
     }
+
+#ifdef MOE_HAVE_CUDA
+    {
+        char why[256];
+        int  n = moe_cuda_device_count(), ok;
+
+        strcpy(why, "x");
+        ok = moe_cuda_device_runnable(-1, why, sizeof(why));
+        TAP_OK(ok == 0 && strstr(why, "no CUDA device -1") != NULL,
+               "device -1: not runnable (%s)", why);
+        ok = moe_cuda_device_runnable(n, why, sizeof(why));
+        TAP_OK(ok == 0 && strstr(why, "no CUDA device") != NULL
+               && moe_cuda_device_runnable(n, NULL, 0) == 0,
+               "device %d (one past the last): not runnable (%s)", n, why);
+        ok = moe_cuda_device_runnable(0, why, sizeof(why));
+        TAP_OK(n > 0 ? ok == 1 && why[0] == '\0'
+                     : ok == 0 && strstr(why, "no CUDA device 0") != NULL,
+               "device 0 with %d visible: %s (%s)", n,
+               ok ? "runnable" : "not runnable", why);
+    }
+#endif
 
     /* KV sizing */
     opts_init(&o, "cpu");
