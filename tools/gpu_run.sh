@@ -111,6 +111,11 @@ for d in attention moe_gemv moe_ggemm; do
         echo "=== dev_$d: build/bench/dev/$d not built (make bench-dev): skipped"
     fi
 done
+# the warp-specialised prefill attention (not yet run: a step of its own,
+# so a hang costs only this step)
+if [ -x build/bench/dev/attention ]; then
+    step dev_attention_ws 120 env DEV_ATT_WS=only build/bench/dev/attention
+fi
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SAN" ]; then
     step sanitizer 150 env MOE_TEST_QUICK=1 "$SAN" --error-exitcode 1 \
