@@ -1992,6 +1992,28 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
     }
     /* prefill: tensor cores for the row tiles of few sequences, then the
      * SIMT kernel for the tokens of the tiles it refused (if any) */
+    if constexpr (sizeof(KV) == 1) {
+        /* an e4m3 cache: the warpgroup kernel on f16 operands when the
+         * record asks for it (att_prefill_wg8: not yet measured, 0 by
+         * default), then the SIMT kernel for the tiles it refused */
+        if (!split && T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)
+            && tune->att_prefill_wg8)
+        {
+            int rc = hd == 64
+                     ? att_wg8_launch<64>(T, qkv, ld, tok_pos, tok_seq, bt,
+                                          bt_off, kv, block_size, n_heads,
+                                          n_kv, window, ksc, vsc, o, stream)
+                     : att_wg8_launch<128>(T, qkv, ld, tok_pos, tok_seq, bt,
+                                           bt_off, kv, block_size, n_heads,
+                                           n_kv, window, ksc, vsc, o,
+                                           stream);
+
+            if (rc != MOE_K_OK) {
+                return rc;
+            }
+            tc = 1;
+        }
+    }
     if constexpr (sizeof(KV) == 2) {
         if (!split && T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)) {
             int rc = tune->att_prefill_wg

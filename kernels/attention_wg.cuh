@@ -63,8 +63,9 @@ att_wg_off(int rows, int r, int d)
 }
 
 
-/* S (64 x BN, d[BN / 2]) = Q (this warpgroup's 64 rows) K^T over HD. */
-template <int HD, int BN>
+/* S (64 x BN, d[BN / 2]) = Q (this warpgroup's 64 rows) K^T over HD;
+ * bf16 operands, or f16 (F16: the fp8 cache's kernel). */
+template <int HD, int BN, bool F16 = false>
 __device__ __forceinline__ void
 att_wg_qk(float (&s)[BN / 2], const unsigned char *q_s,
     const unsigned char *k_s, int wg)
@@ -76,7 +77,11 @@ att_wg_qk(float (&s)[BN / 2], const unsigned char *q_s,
         const uint64_t db = moe_wg_desc(k_s + (kk >> 2) * BN * 128
                                         + (kk & 3) * 32);
 
-        if constexpr (BN == 128) {
+        if constexpr (F16 && BN == 128) {
+            moe_wg_mma_f16_ss_n128(s, da, db, kk > 0);
+        } else if constexpr (F16) {
+            moe_wg_mma_f16_ss_n64(s, da, db, kk > 0);
+        } else if constexpr (BN == 128) {
             moe_wg_mma_bf16_ss_n128(s, da, db, kk > 0);
         } else {
             moe_wg_mma_bf16_ss_n64(s, da, db, kk > 0);
@@ -100,6 +105,16 @@ att_wg_ex2(float x)
     } else {
         return exp2f(x);
     }
+}
+
+
+/* x, y as a pair of f16 (x in the low half), rounded to nearest. */
+__device__ __forceinline__ uint32_t
+att_wg_pack_f16(float x, float y)
+{
+    __half2 v = __floats2half2_rn(x, y);
+
+    return *reinterpret_cast<uint32_t *>(&v);
 }
 
 
@@ -183,13 +198,17 @@ att_wg_load_kv(unsigned char *kd, const bf16 *kvg, const int32_t *table,
 
 /* Q rows r0 .. r0 + ATT_TC_BM - 1 of head h (zero past nrows), scaled by
  * log2(e) / sqrt(HD), to bf16 in the swizzled layout at q_s; NT threads,
- * this one t. */
-template <int HD, int NT>
+ * this one t.  F16: f16, the scale times ksc (an fp8 cache's K scale). */
+template <int HD, int NT, bool F16 = false>
 __device__ __forceinline__ void
 att_wg_load_q(unsigned char *q_s, const float *qkv, int ld, int r0,
-    int nrows, int h, int t)
+    int nrows, int h, int t, float ksc = 1.0f)
 {
-    const float qs = 1.4426950408889634f * rsqrtf((float) HD);
+    float qs = 1.4426950408889634f * rsqrtf((float) HD);
+
+    if constexpr (F16) {
+        qs *= ksc;
+    }
 
     for (int i = t; i < ATT_TC_BM * (HD / 4); i += NT) {
         int    rw = i / (HD / 4), d = (i % (HD / 4)) * 4;
@@ -200,8 +219,10 @@ att_wg_load_q(unsigned char *q_s, const float *qkv, int ld, int r0,
                     qkv + (size_t) (r0 + rw) * ld + (size_t) h * HD + d);
         }
         *reinterpret_cast<uint2 *>(q_s + att_wg_off(ATT_TC_BM, rw, d)) =
-            make_uint2(att_pack(v.x * qs, v.y * qs),
-                       att_pack(v.z * qs, v.w * qs));
+            F16 ? make_uint2(att_wg_pack_f16(v.x * qs, v.y * qs),
+                             att_wg_pack_f16(v.z * qs, v.w * qs))
+                : make_uint2(att_pack(v.x * qs, v.y * qs),
+                             att_pack(v.z * qs, v.w * qs));
     }
 }
 
@@ -237,9 +258,9 @@ att_wg_mask(float (&s)[NJ * 4], int kb, int wr0, int gq, int tq, int rs,
 
 /* The online softmax of the tile's S for this thread's two rows: the
  * running maxima m and sums l updated, corr[v] the factor O's row v must
- * be scaled by, p[j][v] row v's keys 8 j + 2 tq, + 1 as bf16 pairs (the
- * mma A layout P V takes). */
-template <int NJ, bool FTZ>
+ * be scaled by, p[j][v] row v's keys 8 j + 2 tq, + 1 as bf16 pairs (f16
+ * with F16; the mma A layout P V takes). */
+template <int NJ, bool FTZ, bool F16 = false>
 __device__ __forceinline__ void
 att_wg_softmax(const float (&s)[NJ * 4], float (&m)[2], float (&l)[2],
     float (&corr)[2], uint32_t (&p)[NJ][2])
@@ -264,7 +285,7 @@ att_wg_softmax(const float (&s)[NJ * 4], float (&m)[2], float (&l)[2],
             float y = att_wg_ex2<FTZ>(s[4 * j + 2 * v + 1] - mu);
 
             sum += x + y;
-            p[j][v] = att_pack(x, y);
+            p[j][v] = F16 ? att_wg_pack_f16(x, y) : att_pack(x, y);
         }
         l[v] = l[v] * corr[v] + sum;
     }
@@ -291,9 +312,10 @@ att_wg_rescale(float (&o)[NA][32], const float (&corr)[2])
 
 
 /* O (64 x 64 NA, o[NA][32]) += P (this warpgroup's 64 rows x BN keys,
- * bf16 pairs p[j][v]: row v's keys 8 j + 2 tq, + 1) V (BN x 64 NA at vs,
- * MN-major); asynchronous until moe_wg_wait, p stays read until then. */
-template <int NA, int BN>
+ * bf16 pairs p[j][v]: row v's keys 8 j + 2 tq, + 1; f16 pairs with F16)
+ * V (BN x 64 NA at vs, MN-major); asynchronous until moe_wg_wait, p stays
+ * read until then. */
+template <int NA, int BN, bool F16 = false>
 __device__ __forceinline__ void
 att_wg_pv(float (&o)[NA][32], const uint32_t (&p)[BN / 8][2],
     const unsigned char *vs)
@@ -305,8 +327,14 @@ att_wg_pv(float (&o)[NA][32], const uint32_t (&p)[BN / 8][2],
 
 #pragma unroll
         for (int hh = 0; hh < NA; hh++) {
-            moe_wg_mma_bf16_rs_n64_tb(
-                o[hh], a, moe_wg_desc_mn(vs + hh * BN * 128 + kk * 16 * 128));
+            const uint64_t db =
+                moe_wg_desc_mn(vs + hh * BN * 128 + kk * 16 * 128);
+
+            if constexpr (F16) {
+                moe_wg_mma_f16_rs_n64_tb(o[hh], a, db);
+            } else {
+                moe_wg_mma_bf16_rs_n64_tb(o[hh], a, db);
+            }
         }
     }
 }
@@ -314,11 +342,13 @@ att_wg_pv(float (&o)[NA][32], const uint32_t (&p)[BN / 8][2],
 
 /* Normalise this thread's two rows of O by their sums (l reduced over the
  * row's 4 lanes) and write those in the run [rs, re) to out (bf16, rows
- * r0 + r of n_heads heads, head h). */
-template <int NA, int HD>
+ * r0 + r of n_heads heads, head h); VSC: times vsc too (an fp8 cache's V
+ * scale). */
+template <int NA, int HD, bool VSC = false>
 __device__ __forceinline__ void
 att_wg_store(const float (&o)[NA][32], const float (&l)[2], bf16 *out,
-    int r0, int h, int n_heads, int wr0, int gq, int tq, int rs, int re)
+    int r0, int h, int n_heads, int wr0, int gq, int tq, int rs, int re,
+    float vsc = 1.0f)
 {
 #pragma unroll
     for (int v = 0; v < 2; v++) {
@@ -332,6 +362,9 @@ att_wg_store(const float (&o)[NA][32], const float (&l)[2], bf16 *out,
             bf16 *orow = out + ((size_t) (r0 + r) * n_heads + h) * HD
                          + 2 * tq;
 
+            if constexpr (VSC) {
+                inv *= vsc;
+            }
 #pragma unroll
             for (int hh = 0; hh < NA; hh++) {
 #pragma unroll
@@ -540,6 +573,312 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
         att_wg_store<NA, HD>(o, l, out, r0, h, n_heads, wr0, gq, tq, rs, re);
         rs = re;
     }
+}
+
+
+/* ------------------------------------------------ an e4m3 (fp8) cache */
+
+/* Dynamic shared memory of kernel_attention_prefill_wg8<HD, BN, STAGES>:
+ * alignment slack, Q (f16), one K, V tile pair (f16, swizzled), STAGES
+ * staging tile pairs (e4m3 as the cache holds them). */
+static constexpr size_t
+att_wg8_smem(int hd, int bn, int stages)
+{
+    return (size_t) ATT_WG_ALIGN + (size_t) ATT_TC_BM * hd * 2
+           + (size_t) 2 * bn * hd * 2 + (size_t) stages * 2 * bn * hd;
+}
+
+
+/* cp.async of the e4m3 K and V rows kb .. kb + BN - 1 (rows past kmax:
+ * zeros) of the kv head at kvg into the staging pair at sd: K rows of HD
+ * bytes, then V rows; NT threads, this one t. */
+template <int HD, int BN, int NT>
+__device__ __forceinline__ void
+att_wg8_load_kv(unsigned char *sd, const fp8 *kvg, const int32_t *table,
+    int kb, int kmax, int block_size, int kvd, int t)
+{
+    constexpr int CPR = HD / 16;            /* 16-byte chunks per row */
+    constexpr int RPT = BN * CPR / NT;
+    static_assert(RPT * NT == BN * CPR, "tile load split");
+
+#pragma unroll
+    for (int c = 0; c < RPT; c++) {
+        int  e = t + c * NT;
+        int  row = e / CPR, ch = e % CPR;
+        int  j = kb + row;
+        bool ok = j <= kmax;
+        const fp8 *ksrc = kvg, *vsrc = kvg;
+
+        if (ok) {
+            ksrc = kvg + ((size_t) table[j / block_size] * 2 * block_size
+                          + j % block_size) * kvd + ch * 16;
+            vsrc = ksrc + (size_t) block_size * kvd;
+        }
+        moe_cp_async16(reinterpret_cast<bf16 *>(sd + row * HD + ch * 16),
+                       reinterpret_cast<const bf16 *>(ksrc), ok ? 16 : 0);
+        moe_cp_async16(
+            reinterpret_cast<bf16 *>(sd + BN * HD + row * HD + ch * 16),
+            reinterpret_cast<const bf16 *>(vsrc), ok ? 16 : 0);
+    }
+}
+
+
+/* Two e4m3 codes (the low one first) as two f16 in one word (exact). */
+__device__ __forceinline__ uint32_t
+att_wg8_cvt2(uint32_t two)
+{
+    __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t) two,
+                                               __NV_E4M3);
+
+    return (uint32_t) r.x | ((uint32_t) r.y << 16);
+}
+
+
+/* The staged e4m3 pair at sd to f16 (exact) in the swizzled K, V tiles at
+ * kd, kd + BN * HD * 2; NT threads, this one t. */
+template <int HD, int BN, int NT>
+__device__ __forceinline__ void
+att_wg8_convert(unsigned char *kd, const unsigned char *sd, int t)
+{
+    constexpr int CPR = HD / 8;             /* 8-element chunks per row */
+    constexpr int RPT = 2 * BN * CPR / NT;
+    static_assert(RPT * NT == 2 * BN * CPR, "tile convert split");
+
+#pragma unroll 4
+    for (int c = 0; c < RPT; c++) {
+        int   e = t + c * NT;
+        int   kv = e / (BN * CPR), rem = e % (BN * CPR);
+        int   row = rem / CPR, d = (rem % CPR) * 8;
+        uint2 raw = *reinterpret_cast<const uint2 *>(
+                        sd + kv * BN * HD + row * HD + d);
+        uint4 h = make_uint4(att_wg8_cvt2(raw.x & 0xffff),
+                             att_wg8_cvt2(raw.x >> 16),
+                             att_wg8_cvt2(raw.y & 0xffff),
+                             att_wg8_cvt2(raw.y >> 16));
+
+        *reinterpret_cast<uint4 *>(kd + kv * BN * HD * 2
+                                   + att_wg_off(BN, row, d)) = h;
+    }
+}
+
+
+/*
+ * The prefill attention over an e4m3 (fp8) cache: kernel_attention_
+ * prefill_wg's tiles, runs, masks and softmax, on f16 operands.  Each key
+ * tile's e4m3 K and V rows arrive by cp.async in a staging pair (STAGES
+ * of them), are converted to f16 (exact) into one swizzled K, V pair, and
+ * are read there by the wgmma; the K scale is folded into Q, the V scale
+ * into the output's normalisation.  Two barriers a tile (the staged tile
+ * in; the converted tile written).  grid and threads as
+ * kernel_attention_prefill_wg, att_wg8_smem(HD, BN, STAGES) bytes of
+ * dynamic shared memory.
+ *
+ * Written in the eighteenth session, compiled, not yet run on a GPU: the
+ * record's att_prefill_wg8 is 0 by default (prefill over an fp8 cache
+ * then runs the SIMT kernel, as before).
+ */
+template <int HD, int BN, int STAGES>
+__global__ void __launch_bounds__(ATT_WG_NT, 1)
+kernel_attention_prefill_wg8(const float *qkv, int ld, int T,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const fp8 *kv_layer, int block_size, int n_heads,
+    int n_kv, int window, float ksc, float vsc, bf16 *out)
+{
+    moe_pdl_enter();
+    constexpr int BM = ATT_TC_BM, NT = ATT_WG_NT;
+    constexpr int NA = HD / 64;             /* 64-column blocks */
+    constexpr int NJ = BN / 8;              /* 8-key column tiles of S */
+    constexpr int SB = 2 * BN * HD;         /* bytes of a staging pair */
+    static_assert(HD == 64 || HD == 128, "head dim");
+    static_assert(BN == 64 || BN == 128, "key tile");
+    static_assert(STAGES >= 2, "stages");
+
+    extern __shared__ unsigned char att_wg_raw[];
+    unsigned char *q_s = att_wg_aligned(att_wg_raw);
+    unsigned char *kv_s = q_s + BM * HD * 2;    /* K, V (f16) */
+    unsigned char *st_s = kv_s + 2 * BN * HD * 2;   /* [stage] K, V e4m3 */
+    __shared__ int seq_s[BM], pos_s[BM], lo_s[BM];
+    __shared__ int run_s[3];                /* kmin, kmax, bt_off[seq] */
+    __shared__ int wk_s[2][2];              /* keys a warpgroup needs */
+    __shared__ int mf_s[8][2];              /* tile starts a warp sees
+                                             * unmasked */
+
+    const int h = blockIdx.x;
+    const int tile = (int) gridDim.y - 1 - (int) blockIdx.y;
+    const int r0 = tile * BM, nrows = min(BM, T - r0);
+    const int grp = n_heads / n_kv, kvd = n_kv * HD;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = warp >> 2, gq = lane >> 2, tq = lane & 3;
+    const int wr0 = wg * 64 + (warp & 3) * 16;  /* this warp's first row */
+    const fp8 *kvg = kv_layer + (size_t) (h / grp) * HD;
+
+    if (att_tc_tile_rows(tok_seq, tok_pos, T, tile, window, seq_s, pos_s,
+                         lo_s) > ATT_TC_RUNS)
+    {
+        return;                             /* the SIMT kernel does it */
+    }
+
+    float s[BN / 2], o[NA][32];
+
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) {
+        s[i] = 0.0f;
+    }
+
+    int rs = 0;
+
+    while (rs < nrows) {                    /* one run of a sequence */
+        int       kmin, kmax;               /* the run's key range */
+        const int re = att_wg_run(seq_s, pos_s, lo_s, nrows, rs, &kmin,
+                                  &kmax);
+        const int cs = seq_s[rs];
+        const int ntl = (kmax - kmin) / BN + 1;
+
+        {
+            int mfa, mfb;
+
+            att_wg_warp_unmasked<BN>(pos_s, lo_s, rs, re, wr0, &mfa, &mfb);
+            if (lane == 0) {
+                mf_s[warp][0] = mfa;
+                mf_s[warp][1] = mfb;
+            }
+            if ((tid & 127) == 0) {
+                const int glo = max(rs, wg * 64), ghi = min(re, wg * 64 + 64);
+                int       wkmin = INT_MAX, wkmax = -1;
+
+                for (int r = glo; r < ghi; r++) {
+                    wkmin = min(wkmin, lo_s[r]);
+                    wkmax = max(wkmax, pos_s[r]);
+                }
+                wk_s[wg][0] = wkmin == INT_MAX ? INT_MAX : wkmin - (BN - 1);
+                wk_s[wg][1] = wkmax;
+            }
+            if (tid == 0) {
+                run_s[0] = kmin;
+                run_s[1] = kmax;
+                run_s[2] = bt_off[cs];
+            }
+        }
+
+        float m[2], l[2];
+
+#pragma unroll
+        for (int hh = 0; hh < NA; hh++) {
+#pragma unroll
+            for (int e = 0; e < 32; e++) {
+                o[hh][e] = 0.0f;
+            }
+        }
+        m[0] = m[1] = -INFINITY;
+        l[0] = l[1] = 0.0f;
+
+#pragma unroll
+        for (int st = 0; st < STAGES - 1; st++) {
+            if (st < ntl) {
+                att_wg8_load_kv<HD, BN, NT>(st_s + st * SB, kvg,
+                                            bt + bt_off[cs], kmin + st * BN,
+                                            kmax, block_size, kvd, tid);
+            }
+            moe_cp_async_commit();
+        }
+        if (rs == 0) {
+            att_wg_load_q<HD, NT, true>(q_s, qkv, ld, r0, nrows, h, tid,
+                                        ksc);
+        }
+
+        int stc = 0, stl = STAGES - 1;      /* stages: compute, next load */
+
+        for (int i = 0; i < ntl; i++) {
+            moe_cp_async_wait<STAGES - 2>();
+            __syncthreads();                /* tile i staged; the f16 pair
+                                             * and stage stl free */
+
+            const int kmin_ = run_s[0];
+
+            if (i + STAGES - 1 < ntl) {
+                att_wg8_load_kv<HD, BN, NT>(st_s + stl * SB, kvg,
+                                            bt + run_s[2],
+                                            kmin_ + (i + STAGES - 1) * BN,
+                                            run_s[1], block_size, kvd, tid);
+            }
+            moe_cp_async_commit();
+            stl = stl + 1 == STAGES ? 0 : stl + 1;
+            att_wg8_convert<HD, BN, NT>(kv_s, st_s + stc * SB, tid);
+            stc = stc + 1 == STAGES ? 0 : stc + 1;
+            moe_wg_fence_proxy_async();     /* the f16 pair and Q, to the
+                                             * async proxy */
+            __syncthreads();                /* the f16 pair written */
+
+            const int kb = kmin_ + i * BN;
+
+            if (kb < wk_s[wg][0] || kb > wk_s[wg][1]) {
+                continue;                   /* none of the warpgroup's rows
+                                             * (uniform in the warpgroup) */
+            }
+
+            moe_wg_fence_regs_n(s);
+            moe_wg_fence();
+            att_wg_qk<HD, BN, true>(s, q_s, kv_s, wg);
+            moe_wg_commit();
+            moe_wg_wait<0>();
+            moe_wg_fence_regs_n(s);
+            if (kb < mf_s[warp][0] || kb > mf_s[warp][1]) {
+                att_wg_mask<NJ>(s, kb, wr0, gq, tq, rs, re, pos_s, lo_s);
+            }
+
+            uint32_t pr[NJ][2];
+            float    corr[2];
+
+            att_wg_softmax<NJ, false, true>(s, m, l, corr, pr);
+            att_wg_rescale<NA>(o, corr);
+#pragma unroll
+            for (int hh = 0; hh < NA; hh++) {
+                moe_wg_fence_regs_n(o[hh]);
+            }
+            moe_wg_fence();
+            att_wg_pv<NA, BN, true>(o, pr, kv_s + BN * HD * 2);
+            moe_wg_commit();
+            moe_wg_wait<0>();
+#pragma unroll
+            for (int hh = 0; hh < NA; hh++) {
+                moe_wg_fence_regs_n(o[hh]);
+            }
+        }
+        moe_cp_async_wait<0>();
+        __syncthreads();                    /* stages and run_s, wk_s, mf_s
+                                             * free for the next run */
+
+        att_wg_store<NA, HD, true>(o, l, out, r0, h, n_heads, wr0, gq, tq,
+                                   rs, re, vsc);
+        rs = re;
+    }
+}
+
+
+/* Launch kernel_attention_prefill_wg8<HD, 128, 2> (raising its
+ * shared-memory limit once). */
+template <int HD>
+static int
+att_wg8_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const fp8 *kv, int block_size, int n_heads, int n_kv, int window,
+    float ksc, float vsc, bf16 *out, cudaStream_t stream)
+{
+    static int   ready = 0;
+    const size_t sm = att_wg8_smem(HD, 128, 2);
+    dim3         grid((unsigned) n_heads,
+                      (unsigned) ((T + ATT_TC_BM - 1) / ATT_TC_BM));
+
+    if (!ready) {
+        MOE_CUDA_CHECK(moe_smem_max_carveout(
+            kernel_attention_prefill_wg8<HD, 128, 2>, sm));
+        ready = 1;
+    }
+    MOE_CUDA_CHECK(moe_launch(kernel_attention_prefill_wg8<HD, 128, 2>, grid,
+                              ATT_WG_NT, sm, stream, qkv, ld, T, tok_pos,
+                              tok_seq, bt, bt_off, kv, block_size, n_heads,
+                              n_kv, window, ksc, vsc, out));
+    return MOE_K_OK;
 }
 
 

@@ -109,6 +109,12 @@ typedef struct {
                             wgmma): 1 (default), 0 the FA2-style mma.sync
                             kernel (kernel_attention_prefill_tc, for A/B
                             runs) */
+    int att_prefill_wg8; /* MOE_CUDA_ATT_PREFILL_WG8 0|1: prefill attention
+                            over an fp8 (e4m3) cache on the warpgroup
+                            kernel with f16 operands
+                            (kernel_attention_prefill_wg8): 1; 0
+                            (default until it has run on a GPU) the SIMT
+                            kernel */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -116,6 +122,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1 }
+      1, 1, 1, 0 }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -28,8 +28,9 @@
  * 1 / 0) on bf16 and e4m3 caches, contexts 1 to 33000, 1 and 64
  * sequences, 1 to 64 splits; and the prefill kernels (more than 1024
  * token x kv-head pairs): the warpgroup kernel (the default) and the
- * mma.sync kernel (record att_prefill_wg 0) on the same cases, and the
- * SIMT kernel.
+ * mma.sync kernel (record att_prefill_wg 0) on the same cases, the SIMT
+ * kernel, and the e4m3-cache warpgroup kernel (record att_prefill_wg8 1)
+ * on an e4m3 cache.
  * Thresholds: relative L2 error 1e-5 for fp32-exact paths, 1e-2 where the
  * output is bf16.  TAP; skips when there is no CUDA device.
  */
@@ -1900,6 +1901,42 @@ test_attention_prefill_kernels(int wg)
 }
 
 
+/*
+ * The prefill over an e4m3 cache on the warpgroup kernel (record
+ * att_prefill_wg8 1; f16 operands, K and V scales 0.5 / 0.25 folded in)
+ * against the fp32 reference on the same e4m3-rounded values: head dims
+ * 64 / 128, groups 1-8, a 2048-token prompt, chunks after cached
+ * positions, windows, tiles of 2-3 sequences and the 7-prompt tile it
+ * refuses (the SIMT kernel then takes it).
+ */
+static void
+test_attention_prefill_fp8(void)
+{
+    moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
+    int               l3[3] = { 300, 5, 200 };
+    int               l7[7] = { 20, 30, 10, 25, 40, 15, 35 };
+
+    r.att_prefill_wg8 = 1;
+    att_tune = &r;
+    att_fp8 = 1;
+    att_tc_name = "wg8 (fp8 cache)";
+    test_attention_tc(1, 32, 32, 64, 0, 64, 64);
+    test_attention_tc(1, 64, 16, 128, 0, 100, 100);
+    test_attention_tc(1, 32, 8, 128, 0, 257, 257);
+    test_attention_tc(1, 8, 2, 128, 0, 2048, 2048);
+    test_attention_tc(1, 8, 8, 64, 0, 2048, 2048);
+    test_attention_tc(1, 32, 8, 128, 0, 700, 300);
+    test_attention_tc(1, 32, 8, 128, 100, 400, 400);
+    test_attention_tc(1, 32, 8, 128, 64, 900, 200);
+    test_attention_tc_v(1, 32, 8, 128, 0, 3, l3, 100000, "300/5/200");
+    test_attention_tc_v(1, 32, 8, 128, 0, 7, l7, 100000,
+                        "7 prompts of 10..40");
+    att_tune = NULL;
+    att_fp8 = 0;
+    att_tc_name = "wg";
+}
+
+
 int
 main(void)
 {
@@ -1978,6 +2015,7 @@ main(void)
      * and the FA2-style mma.sync kernel (record att_prefill_wg 0) */
     test_attention_prefill_kernels(1);
     test_attention_prefill_kernels(0);
+    test_attention_prefill_fp8();
     test_attention_whole();
     test_attention_batch(32, 8, 128, 0, 1, 40, 60);     /* mixed runs */
     /* the decode kernels side by side (tensor-core / SIMT, bf16 / fp8
