@@ -18,7 +18,9 @@
  * warp-specialised version (att_prefill_ws.cuh, only with DEV_ATT_WS set;
  * DEV_ATT_WS=only: the prefill lines of the shipped kernel and of it)
  * and the 8-warp kernel shipped before (att_prefill_8w.cuh); each checked
- * against the shipped output.  Rate: 4 * heads * head_dim * T (T + 1) / 2
+ * against the shipped output.  Then the prefill over an e4m3 cache: the
+ * SIMT kernel against the warpgroup kernel on f16 operands (record
+ * att_prefill_wg8 1).  Rate: 4 * heads * head_dim * T (T + 1) / 2
  * flops.  Then the same against the shipped launcher on several sequences
  * per row tile (runs, a context before the queries) with and without a
  * window.
@@ -33,6 +35,7 @@
 #include "att_prefill_wgp.cuh"
 #include "att_prefill_ws.cuh"
 #include "dev.cuh"
+#include "init.h"
 
 #define DEV_NH     32
 #define DEV_NKV    8
@@ -342,6 +345,54 @@ dev_prefill(int T)
 }
 
 
+/* One sequence of T tokens over an e4m3 cache (random codes over the whole
+ * e4m3 range, K and V scales 1 / 448): the SIMT kernel (the default
+ * record) against the warpgroup kernel on f16 operands (record
+ * att_prefill_wg8 1, not yet run before this harness runs it), checked
+ * against the SIMT output. */
+static void
+dev_prefill_fp8(int T)
+{
+    dev_att_t         a;
+    double            flops = 4.0 * DEV_NH * DEV_HD * (double) T * (T + 1) / 2;
+    size_t            on, cn;
+    uint8_t          *c8;
+    double            ms;
+    moe_cuda_tuning_t wg8 = MOE_CUDA_TUNING_DEFAULTS;
+    moe_cuda_att_kv_t kvo = { 1, 1.0f / 448, 1.0f / 448, 0, 0 };
+
+    dev_att_make(&a, 1, T, T);
+    on = (size_t) a.T * DEV_NH * DEV_HD;
+    cn = (size_t) a.nblk * 2 * DEV_BS * DEV_NKV * DEV_HD;
+    c8 = (uint8_t *) gu_dev(cn);
+    if (moe_cuda_fill_random_fp8(c8, (int64_t) cn, 7, 0) != MOE_K_OK) {
+        fprintf(stderr, "fill_random_fp8: %s\n", moe_cuda_last_error());
+        exit(2);
+    }
+    wg8.att_prefill_wg8 = 1;
+    printf("prefill, fp8 (e4m3) cache: one sequence of %d tokens "
+           "(%.1f GFLOP)\n", T, flops / 1e9);
+    ms = dev_time(5, [&]() {
+        return moe_cuda_attention_ex(a.qkv, a.ld, a.T, a.pos, a.seq, a.bt,
+                                     a.bt_off, c8, DEV_BS, DEV_NH, DEV_NKV,
+                                     DEV_HD, 0, (moe_bf16_t *) a.ref, a.part,
+                                     &kvo, NULL, 0);
+    });
+    dev_line("shipped (SIMT kernel)", ms, 0, flops, -1, 0);
+    DEV_CHECK(cudaMemset(a.out, 0, on * 2));
+    ms = dev_time(5, [&]() {
+        return moe_cuda_attention_ex(a.qkv, a.ld, a.T, a.pos, a.seq, a.bt,
+                                     a.bt_off, c8, DEV_BS, DEV_NH, DEV_NKV,
+                                     DEV_HD, 0, (moe_bf16_t *) a.out, a.part,
+                                     &kvo, &wg8, 0);
+    });
+    dev_line("record att_prefill_wg8 1 (wg8)", ms, 0, flops,
+             dev_diff(a.out, a.ref, on, 1), 2e-2);
+    cudaFree(c8);
+    dev_att_free(&a);
+}
+
+
 /* ns sequences of q queries after ctx - q positions of context each (row
  * tiles of up to two runs, key ranges not aligned to tiles), window w. */
 static void
@@ -388,5 +439,9 @@ main(void)
     dev_prefill(8192);
     dev_prefill_mixed(3, 1000, 300, 0);
     dev_prefill_mixed(3, 1000, 300, 256);
+    if (ws == NULL || strcmp(ws, "only") != 0) {
+        dev_prefill_fp8(2048);
+        dev_prefill_fp8(8192);
+    }
     return dev_failed;
 }
