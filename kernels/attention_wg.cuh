@@ -379,6 +379,107 @@ att_wg_store(const float (&o)[NA][32], const float (&l)[2], bf16 *out,
 }
 
 
+/* The run's shared bookkeeping, written by the threads named: per warp
+ * (lane 0) the tile starts it sees unmasked (mf_s[warp]), per warpgroup
+ * (its thread 0) the first and last tile start any of its rows needs
+ * (wk_s[wg]: a tile kb is skipped when kb < [0] or kb > [1]), and (thread
+ * 0) the run's key range and block-table offset (run_s). */
+template <int BN>
+__device__ __forceinline__ void
+att_wg_run_book(const int *pos_s, const int *lo_s, int rs, int re, int wr0,
+    int kmin, int kmax, int off, int (*mf_s)[2], int (*wk_s)[2], int *run_s)
+{
+    const int tid = (int) threadIdx.x, warp = tid >> 5, wg = warp >> 2;
+    int       mfa, mfb;
+
+    att_wg_warp_unmasked<BN>(pos_s, lo_s, rs, re, wr0, &mfa, &mfb);
+    if ((tid & 31) == 0) {
+        mf_s[warp][0] = mfa;
+        mf_s[warp][1] = mfb;
+    }
+    if ((tid & 127) == 0) {
+        const int glo = max(rs, wg * 64), ghi = min(re, wg * 64 + 64);
+        int       wkmin = INT_MAX, wkmax = -1;
+
+        for (int r = glo; r < ghi; r++) {
+            wkmin = min(wkmin, lo_s[r]);
+            wkmax = max(wkmax, pos_s[r]);
+        }
+        wk_s[wg][0] = wkmin == INT_MAX ? INT_MAX : wkmin - (BN - 1);
+        wk_s[wg][1] = wkmax;
+    }
+    if (tid == 0) {
+        run_s[0] = kmin;
+        run_s[1] = kmax;
+        run_s[2] = off;
+    }
+}
+
+
+/* O, the running maxima and sums at the start of a run. */
+template <int NA>
+__device__ __forceinline__ void
+att_wg_zero(float (&o)[NA][32], float (&m)[2], float (&l)[2])
+{
+#pragma unroll
+    for (int hh = 0; hh < NA; hh++) {
+#pragma unroll
+        for (int e = 0; e < 32; e++) {
+            o[hh][e] = 0.0f;
+        }
+    }
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.0f;
+}
+
+
+/* One key tile (K at ks, V at vs, swizzled) of a warpgroup, synchronously:
+ * S = Q K^T, the mask unless the tile start kb is in the warp's unmasked
+ * [mfa, mfb], the online softmax, O rescaled, O += P V; bf16 operands, or
+ * f16 (F16). */
+template <int HD, int BN, bool F16>
+__device__ __forceinline__ void
+att_wg_tile(float (&s)[BN / 2], float (&o)[HD / 64][32], float (&m)[2],
+    float (&l)[2], const unsigned char *q_s, const unsigned char *ks,
+    const unsigned char *vs, int wg, int kb, int mfa, int mfb, int wr0,
+    int gq, int tq, int rs, int re, const int *pos_s, const int *lo_s)
+{
+    constexpr int NA = HD / 64, NJ = BN / 8;
+    uint32_t      pr[NJ][2];
+    float         corr[2];
+
+    /* S = Q K^T */
+    moe_wg_fence_regs_n(s);
+    moe_wg_fence();
+    att_wg_qk<HD, BN, F16>(s, q_s, ks, wg);
+    moe_wg_commit();
+    moe_wg_wait<0>();
+    moe_wg_fence_regs_n(s);
+
+    /* mask unless each of the warp's 16 rows is in the run and sees the
+     * whole tile */
+    if (kb < mfa || kb > mfb) {
+        att_wg_mask<NJ>(s, kb, wr0, gq, tq, rs, re, pos_s, lo_s);
+    }
+    att_wg_softmax<NJ, false, F16>(s, m, l, corr, pr);
+    att_wg_rescale<NA>(o, corr);
+
+    /* O += P V */
+#pragma unroll
+    for (int hh = 0; hh < NA; hh++) {
+        moe_wg_fence_regs_n(o[hh]);
+    }
+    moe_wg_fence();
+    att_wg_pv<NA, BN, F16>(o, pr, vs);
+    moe_wg_commit();
+    moe_wg_wait<0>();
+#pragma unroll
+    for (int hh = 0; hh < NA; hh++) {
+        moe_wg_fence_regs_n(o[hh]);
+    }
+}
+
+
 /*
  * grid (n_heads, ceil(T / ATT_TC_BM)), ATT_WG_NT threads,
  * att_wg_smem(HD, BN, STAGES) bytes of dynamic shared memory.  Lane l of
@@ -396,7 +497,6 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
     moe_pdl_enter();
     constexpr int BM = ATT_TC_BM, NT = ATT_WG_NT;
     constexpr int NA = HD / 64;             /* 64-column blocks */
-    constexpr int NJ = BN / 8;              /* 8-key column tiles of S */
     constexpr int TB = BN * HD * 2;         /* bytes of a K (or V) tile */
     static_assert(HD == 64 || HD == 128, "head dim");
     static_assert(BN == 64 || BN == 128, "key tile");
@@ -443,46 +543,14 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
         const int ntl = (kmax - kmin) / BN + 1;
 
         /* the keys this warpgroup's rows of the run need, and per warp
-         * the tile starts kb that need no mask */
-        {
-            int mfa, mfb;
-
-            att_wg_warp_unmasked<BN>(pos_s, lo_s, rs, re, wr0, &mfa, &mfb);
-            if (lane == 0) {
-                mf_s[warp][0] = mfa;
-                mf_s[warp][1] = mfb;
-            }
-            if ((tid & 127) == 0) {
-                const int glo = max(rs, wg * 64), ghi = min(re, wg * 64 + 64);
-                int       wkmin = INT_MAX, wkmax = -1;
-
-                for (int r = glo; r < ghi; r++) {
-                    wkmin = min(wkmin, lo_s[r]);
-                    wkmax = max(wkmax, pos_s[r]);
-                }
-                wk_s[wg][0] = wkmin == INT_MAX ? INT_MAX : wkmin - (BN - 1);
-                wk_s[wg][1] = wkmax;
-            }
-            if (tid == 0) {
-                run_s[0] = kmin;
-                run_s[1] = kmax;
-                run_s[2] = bt_off[cs];
-            }
-            /* published by the first key tile's barrier; rewritten only
-             * after the run's last barrier */
-        }
+         * the tile starts kb that need no mask (published by the first
+         * key tile's barrier; rewritten only after the run's last) */
+        att_wg_run_book<BN>(pos_s, lo_s, rs, re, wr0, kmin, kmax,
+                            bt_off[cs], mf_s, wk_s, run_s);
 
         float m[2], l[2];
 
-#pragma unroll
-        for (int hh = 0; hh < NA; hh++) {
-#pragma unroll
-            for (int e = 0; e < 32; e++) {
-                o[hh][e] = 0.0f;
-            }
-        }
-        m[0] = m[1] = -INFINITY;
-        l[0] = l[1] = 0.0f;
+        att_wg_zero<NA>(o, m, l);
 
         {
             const int32_t *table = bt + bt_off[cs];
@@ -532,39 +600,9 @@ kernel_attention_prefill_wg(const float *qkv, int ld, int T,
                                              * (uniform in the warpgroup) */
             }
 
-            /* S = Q K^T */
-            moe_wg_fence_regs_n(s);
-            moe_wg_fence();
-            att_wg_qk<HD, BN>(s, q_s, ks, wg);
-            moe_wg_commit();
-            moe_wg_wait<0>();
-            moe_wg_fence_regs_n(s);
-
-            /* mask unless each of the warp's 16 rows is in the run and sees
-             * the whole tile */
-            if (kb < mf_s[warp][0] || kb > mf_s[warp][1]) {
-                att_wg_mask<NJ>(s, kb, wr0, gq, tq, rs, re, pos_s, lo_s);
-            }
-
-            uint32_t pr[NJ][2];
-            float    corr[2];
-
-            att_wg_softmax<NJ, false>(s, m, l, corr, pr);
-            att_wg_rescale<NA>(o, corr);
-
-            /* O += P V */
-#pragma unroll
-            for (int hh = 0; hh < NA; hh++) {
-                moe_wg_fence_regs_n(o[hh]);
-            }
-            moe_wg_fence();
-            att_wg_pv<NA, BN>(o, pr, vs);
-            moe_wg_commit();
-            moe_wg_wait<0>();
-#pragma unroll
-            for (int hh = 0; hh < NA; hh++) {
-                moe_wg_fence_regs_n(o[hh]);
-            }
+            att_wg_tile<HD, BN, false>(s, o, m, l, q_s, ks, vs, wg, kb,
+                                       mf_s[warp][0], mf_s[warp][1], wr0,
+                                       gq, tq, rs, re, pos_s, lo_s);
         }
         moe_cp_async_wait<0>();
         __syncthreads();                    /* stages and run_s, wk_s, mf_s
@@ -687,7 +725,6 @@ kernel_attention_prefill_wg8(const float *qkv, int ld, int T,
     moe_pdl_enter();
     constexpr int BM = ATT_TC_BM, NT = ATT_WG_NT;
     constexpr int NA = HD / 64;             /* 64-column blocks */
-    constexpr int NJ = BN / 8;              /* 8-key column tiles of S */
     constexpr int SB = 2 * BN * HD;         /* bytes of a staging pair */
     static_assert(HD == 64 || HD == 128, "head dim");
     static_assert(BN == 64 || BN == 128, "key tile");
@@ -734,43 +771,15 @@ kernel_attention_prefill_wg8(const float *qkv, int ld, int T,
         const int cs = seq_s[rs];
         const int ntl = (kmax - kmin) / BN + 1;
 
-        {
-            int mfa, mfb;
-
-            att_wg_warp_unmasked<BN>(pos_s, lo_s, rs, re, wr0, &mfa, &mfb);
-            if (lane == 0) {
-                mf_s[warp][0] = mfa;
-                mf_s[warp][1] = mfb;
-            }
-            if ((tid & 127) == 0) {
-                const int glo = max(rs, wg * 64), ghi = min(re, wg * 64 + 64);
-                int       wkmin = INT_MAX, wkmax = -1;
-
-                for (int r = glo; r < ghi; r++) {
-                    wkmin = min(wkmin, lo_s[r]);
-                    wkmax = max(wkmax, pos_s[r]);
-                }
-                wk_s[wg][0] = wkmin == INT_MAX ? INT_MAX : wkmin - (BN - 1);
-                wk_s[wg][1] = wkmax;
-            }
-            if (tid == 0) {
-                run_s[0] = kmin;
-                run_s[1] = kmax;
-                run_s[2] = bt_off[cs];
-            }
-        }
+        /* the keys this warpgroup's rows of the run need, and per warp
+         * the tile starts kb that need no mask (published by the first
+         * key tile's barrier; rewritten only after the run's last) */
+        att_wg_run_book<BN>(pos_s, lo_s, rs, re, wr0, kmin, kmax,
+                            bt_off[cs], mf_s, wk_s, run_s);
 
         float m[2], l[2];
 
-#pragma unroll
-        for (int hh = 0; hh < NA; hh++) {
-#pragma unroll
-            for (int e = 0; e < 32; e++) {
-                o[hh][e] = 0.0f;
-            }
-        }
-        m[0] = m[1] = -INFINITY;
-        l[0] = l[1] = 0.0f;
+        att_wg_zero<NA>(o, m, l);
 
 #pragma unroll
         for (int st = 0; st < STAGES - 1; st++) {
@@ -816,33 +825,10 @@ kernel_attention_prefill_wg8(const float *qkv, int ld, int T,
                                              * (uniform in the warpgroup) */
             }
 
-            moe_wg_fence_regs_n(s);
-            moe_wg_fence();
-            att_wg_qk<HD, BN, true>(s, q_s, kv_s, wg);
-            moe_wg_commit();
-            moe_wg_wait<0>();
-            moe_wg_fence_regs_n(s);
-            if (kb < mf_s[warp][0] || kb > mf_s[warp][1]) {
-                att_wg_mask<NJ>(s, kb, wr0, gq, tq, rs, re, pos_s, lo_s);
-            }
-
-            uint32_t pr[NJ][2];
-            float    corr[2];
-
-            att_wg_softmax<NJ, false, true>(s, m, l, corr, pr);
-            att_wg_rescale<NA>(o, corr);
-#pragma unroll
-            for (int hh = 0; hh < NA; hh++) {
-                moe_wg_fence_regs_n(o[hh]);
-            }
-            moe_wg_fence();
-            att_wg_pv<NA, BN, true>(o, pr, kv_s + BN * HD * 2);
-            moe_wg_commit();
-            moe_wg_wait<0>();
-#pragma unroll
-            for (int hh = 0; hh < NA; hh++) {
-                moe_wg_fence_regs_n(o[hh]);
-            }
+            att_wg_tile<HD, BN, true>(s, o, m, l, q_s, kv_s,
+                                      kv_s + BN * HD * 2, wg, kb,
+                                      mf_s[warp][0], mf_s[warp][1], wr0, gq,
+                                      tq, rs, re, pos_s, lo_s);
         }
         moe_cp_async_wait<0>();
         __syncthreads();                    /* stages and run_s, wk_s, mf_s
