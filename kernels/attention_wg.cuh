@@ -20,6 +20,14 @@
  * keys.  K and V tiles arrive by cp.async (all 256 threads, STAGES
  * stages), made visible to the tensor cores' async proxy by a proxy fence
  * before the tile's barrier.
+ *
+ * kernel_attention_prefill_wg8 (below) is the same for an e4m3 (fp8)
+ * cache: the tiles staged as e4m3, converted to f16 in shared memory, the
+ * products on f16 operands (record att_prefill_wg8; not yet run on a GPU,
+ * off by default).  The pieces both kernels use (the run bookkeeping, the
+ * loads, the mask, the online softmax, one tile's products, the store)
+ * are the helpers before them; bench/dev's overlapped and warp-
+ * specialised variants use them too.
  */
 #include "wgmma.cuh"
 
