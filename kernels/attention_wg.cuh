@@ -488,140 +488,6 @@ att_wg_tile(float (&s)[BN / 2], float (&o)[HD / 64][32], float (&m)[2],
 }
 
 
-/*
- * grid (n_heads, ceil(T / ATT_TC_BM)), ATT_WG_NT threads,
- * att_wg_smem(HD, BN, STAGES) bytes of dynamic shared memory.  Lane l of
- * warp w (warpgroup wg = w / 4) holds rows 64 wg + 16 (w % 4) + l / 4 and
- * + 8 (v = 0, 1): S's d[4 j + 2 v + c] is key 8 j + 2 (l % 4) + c of the
- * tile, O's o[hh][4 j + 2 v + c] is column 64 hh + 8 j + 2 (l % 4) + c.
- */
-template <int HD, int BN, int STAGES>
-__global__ void __launch_bounds__(ATT_WG_NT, 1)
-kernel_attention_prefill_wg(const float *qkv, int ld, int T,
-    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
-    const int32_t *bt_off, const bf16 *kv_layer, int block_size, int n_heads,
-    int n_kv, int window, bf16 *out)
-{
-    moe_pdl_enter();
-    constexpr int BM = ATT_TC_BM, NT = ATT_WG_NT;
-    constexpr int NA = HD / 64;             /* 64-column blocks */
-    constexpr int TB = BN * HD * 2;         /* bytes of a K (or V) tile */
-    static_assert(HD == 64 || HD == 128, "head dim");
-    static_assert(BN == 64 || BN == 128, "key tile");
-    static_assert(STAGES >= 2, "stages");
-
-    extern __shared__ unsigned char att_wg_raw[];
-    unsigned char *q_s = att_wg_aligned(att_wg_raw);
-    unsigned char *kv_s = q_s + BM * HD * 2;    /* [stage][K, V] */
-    __shared__ int seq_s[BM], pos_s[BM], lo_s[BM];
-    __shared__ int run_s[3];                /* kmin, kmax, bt_off[seq] */
-    __shared__ int wk_s[2][2];              /* keys a warpgroup needs */
-    __shared__ int mf_s[8][2];              /* tile starts a warp sees
-                                             * unmasked */
-
-    const int h = blockIdx.x;
-    const int tile = (int) gridDim.y - 1 - (int) blockIdx.y;
-    const int r0 = tile * BM, nrows = min(BM, T - r0);
-    const int grp = n_heads / n_kv, kvd = n_kv * HD;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wg = warp >> 2, gq = lane >> 2, tq = lane & 3;
-    const int wr0 = wg * 64 + (warp & 3) * 16;  /* this warp's first row */
-    const bf16 *kvg = kv_layer + (size_t) (h / grp) * HD;
-
-    if (att_tc_tile_rows(tok_seq, tok_pos, T, tile, window, seq_s, pos_s,
-                         lo_s) > ATT_TC_RUNS)
-    {
-        return;                             /* the SIMT kernel does it */
-    }
-
-    float s[BN / 2], o[NA][32];
-
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) {
-        s[i] = 0.0f;
-    }
-
-    int rs = 0;
-
-    while (rs < nrows) {                    /* one run of a sequence */
-        int       kmin, kmax;               /* the run's key range */
-        const int re = att_wg_run(seq_s, pos_s, lo_s, nrows, rs, &kmin,
-                                  &kmax);
-        const int cs = seq_s[rs];
-        const int ntl = (kmax - kmin) / BN + 1;
-
-        /* the keys this warpgroup's rows of the run need, and per warp
-         * the tile starts kb that need no mask (published by the first
-         * key tile's barrier; rewritten only after the run's last) */
-        att_wg_run_book<BN>(pos_s, lo_s, rs, re, wr0, kmin, kmax,
-                            bt_off[cs], mf_s, wk_s, run_s);
-
-        float m[2], l[2];
-
-        att_wg_zero<NA>(o, m, l);
-
-        {
-            const int32_t *table = bt + bt_off[cs];
-
-#pragma unroll
-            for (int st = 0; st < STAGES - 1; st++) {
-                if (st < ntl) {
-                    att_wg_load_kv<HD, BN, NT>(kv_s + st * 2 * TB, kvg, table,
-                                               kmin + st * BN, kmax,
-                                               block_size, kvd, tid);
-                }
-                moe_cp_async_commit();
-            }
-        }
-
-        /* Q (the first run only; the first tile's barrier, after the proxy
-         * fence, publishes it) */
-        if (rs == 0) {
-            att_wg_load_q<HD, NT>(q_s, qkv, ld, r0, nrows, h, tid);
-        }
-
-        int stc = 0, stl = STAGES - 1;      /* stages: compute, next load */
-
-        for (int i = 0; i < ntl; i++) {
-            moe_cp_async_wait<STAGES - 2>();
-            moe_wg_fence_proxy_async();     /* this thread's copies and Q
-                                             * stores, to the async proxy */
-            __syncthreads();                /* tile i in; stage stl free */
-
-            const int kmin_ = run_s[0];
-
-            if (i + STAGES - 1 < ntl) {
-                att_wg_load_kv<HD, BN, NT>(kv_s + stl * 2 * TB, kvg,
-                                           bt + run_s[2],
-                                           kmin_ + (i + STAGES - 1) * BN,
-                                           run_s[1], block_size, kvd, tid);
-            }
-            moe_cp_async_commit();
-            stl = stl + 1 == STAGES ? 0 : stl + 1;
-
-            const int kb = kmin_ + i * BN;
-            const unsigned char *ks = kv_s + stc * 2 * TB, *vs = ks + TB;
-
-            stc = stc + 1 == STAGES ? 0 : stc + 1;
-            if (kb < wk_s[wg][0] || kb > wk_s[wg][1]) {
-                continue;                   /* none of the warpgroup's rows
-                                             * (uniform in the warpgroup) */
-            }
-
-            att_wg_tile<HD, BN, false>(s, o, m, l, q_s, ks, vs, wg, kb,
-                                       mf_s[warp][0], mf_s[warp][1], wr0,
-                                       gq, tq, rs, re, pos_s, lo_s);
-        }
-        moe_cp_async_wait<0>();
-        __syncthreads();                    /* stages and run_s, wk_s, mf_s
-                                             * free for the next run */
-
-        att_wg_store<NA, HD>(o, l, out, r0, h, n_heads, wr0, gq, tq, rs, re);
-        rs = re;
-    }
-}
-
-
 /* ------------------------------------------------ an e4m3 (fp8) cache */
 
 /* Dynamic shared memory of kernel_attention_prefill_wg8<HD, BN, STAGES>:
@@ -709,39 +575,46 @@ att_wg8_convert(unsigned char *kd, const unsigned char *sd, int t)
 
 
 /*
- * The prefill attention over an e4m3 (fp8) cache: kernel_attention_
- * prefill_wg's tiles, runs, masks and softmax, on f16 operands.  Each key
- * tile's e4m3 K and V rows arrive by cp.async in a staging pair (STAGES
- * of them), are converted to f16 (exact) into one swizzled K, V pair, and
- * are read there by the wgmma; the K scale is folded into Q, the V scale
- * into the output's normalisation.  Two barriers a tile (the staged tile
- * in; the converted tile written).  grid and threads as
- * kernel_attention_prefill_wg, att_wg8_smem(HD, BN, STAGES) bytes of
- * dynamic shared memory.
+ * The body of both prefill kernels: kernel_attention_prefill_wg (F8
+ * false: a bf16 cache, KV bf16, ksc and vsc unused) and
+ * kernel_attention_prefill_wg8 (F8: an e4m3 cache, KV fp8).
  *
- * Written in the eighteenth session, compiled, not yet run on a GPU: the
- * record's att_prefill_wg8 is 0 by default (prefill over an fp8 cache
- * then runs the SIMT kernel, as before).
+ * grid (n_heads, ceil(T / ATT_TC_BM)), ATT_WG_NT threads,
+ * att_wg_smem(HD, BN, STAGES) (bf16) or att_wg8_smem (e4m3) bytes of
+ * dynamic shared memory.  Lane l of warp w (warpgroup wg = w / 4) holds
+ * rows 64 wg + 16 (w % 4) + l / 4 and + 8 (v = 0, 1): S's d[4 j + 2 v +
+ * c] is key 8 j + 2 (l % 4) + c of the tile, O's o[hh][4 j + 2 v + c] is
+ * column 64 hh + 8 j + 2 (l % 4) + c.
+ *
+ * bf16: the K, V tiles land by cp.async in STAGES swizzled stages the
+ * wgmma reads directly (one barrier a tile).  e4m3: each tile's rows land
+ * in one of STAGES staging pairs as the cache holds them, are converted
+ * to f16 (exact) into one swizzled K, V pair, and the products run on f16
+ * operands, the K scale folded into Q, the V scale into the output (two
+ * barriers a tile: the staged tile in; the converted tile written).
  */
-template <int HD, int BN, int STAGES>
-__global__ void __launch_bounds__(ATT_WG_NT, 1)
-kernel_attention_prefill_wg8(const float *qkv, int ld, int T,
-    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
-    const int32_t *bt_off, const fp8 *kv_layer, int block_size, int n_heads,
-    int n_kv, int window, float ksc, float vsc, bf16 *out)
+template <int HD, int BN, int STAGES, bool F8, typename KV>
+__device__ __forceinline__ void
+att_wg_prefill(const float *qkv, int ld, int T, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const KV *kv_layer, int block_size, int n_heads, int n_kv, int window,
+    float ksc, float vsc, bf16 *out)
 {
     moe_pdl_enter();
     constexpr int BM = ATT_TC_BM, NT = ATT_WG_NT;
     constexpr int NA = HD / 64;             /* 64-column blocks */
-    constexpr int SB = 2 * BN * HD;         /* bytes of a staging pair */
+    constexpr int TB = BN * HD * 2;         /* bytes of a K (or V) tile */
+    constexpr int SB = 2 * BN * HD;         /* bytes of an e4m3 pair */
     static_assert(HD == 64 || HD == 128, "head dim");
     static_assert(BN == 64 || BN == 128, "key tile");
     static_assert(STAGES >= 2, "stages");
+    static_assert(sizeof(KV) == (F8 ? 1 : 2), "cache element");
 
     extern __shared__ unsigned char att_wg_raw[];
     unsigned char *q_s = att_wg_aligned(att_wg_raw);
-    unsigned char *kv_s = q_s + BM * HD * 2;    /* K, V (f16) */
-    unsigned char *st_s = kv_s + 2 * BN * HD * 2;   /* [stage] K, V e4m3 */
+    unsigned char *kv_s = q_s + BM * HD * 2;    /* bf16: [stage][K, V];
+                                                 * e4m3: K, V (f16) */
+    unsigned char *st_s = kv_s + 2 * TB;    /* e4m3: [stage] K, V */
     __shared__ int seq_s[BM], pos_s[BM], lo_s[BM];
     __shared__ int run_s[3];                /* kmin, kmax, bt_off[seq] */
     __shared__ int wk_s[2][2];              /* keys a warpgroup needs */
@@ -755,7 +628,21 @@ kernel_attention_prefill_wg8(const float *qkv, int ld, int T,
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, gq = lane >> 2, tq = lane & 3;
     const int wr0 = wg * 64 + (warp & 3) * 16;  /* this warp's first row */
-    const fp8 *kvg = kv_layer + (size_t) (h / grp) * HD;
+    const KV *kvg = kv_layer + (size_t) (h / grp) * HD;
+
+    /* cp.async of key tile i of [kmin, kmax] into stage st */
+    auto load = [&](int i, int st, int kmin, int kmax, const int32_t *table)
+    {
+        if constexpr (F8) {
+            att_wg8_load_kv<HD, BN, NT>(st_s + st * SB, kvg, table,
+                                        kmin + i * BN, kmax, block_size,
+                                        kvd, tid);
+        } else {
+            att_wg_load_kv<HD, BN, NT>(kv_s + st * 2 * TB, kvg, table,
+                                       kmin + i * BN, kmax, block_size, kvd,
+                                       tid);
+        }
+    };
 
     if (att_tc_tile_rows(tok_seq, tok_pos, T, tile, window, seq_s, pos_s,
                          lo_s) > ATT_TC_RUNS)
@@ -789,108 +676,128 @@ kernel_attention_prefill_wg8(const float *qkv, int ld, int T,
 
         att_wg_zero<NA>(o, m, l);
 
+        {
+            const int32_t *table = bt + bt_off[cs];
+
 #pragma unroll
-        for (int st = 0; st < STAGES - 1; st++) {
-            if (st < ntl) {
-                att_wg8_load_kv<HD, BN, NT>(st_s + st * SB, kvg,
-                                            bt + bt_off[cs], kmin + st * BN,
-                                            kmax, block_size, kvd, tid);
+            for (int st = 0; st < STAGES - 1; st++) {
+                if (st < ntl) {
+                    load(st, st, kmin, kmax, table);
+                }
+                moe_cp_async_commit();
             }
-            moe_cp_async_commit();
         }
+
+        /* Q (the first run only; the first tile's barrier, after the proxy
+         * fence, publishes it) */
         if (rs == 0) {
-            att_wg_load_q<HD, NT, true>(q_s, qkv, ld, r0, nrows, h, tid,
-                                        ksc);
+            att_wg_load_q<HD, NT, F8>(q_s, qkv, ld, r0, nrows, h, tid, ksc);
         }
 
         int stc = 0, stl = STAGES - 1;      /* stages: compute, next load */
 
         for (int i = 0; i < ntl; i++) {
             moe_cp_async_wait<STAGES - 2>();
-            __syncthreads();                /* tile i staged; the f16 pair
-                                             * and stage stl free */
+            if constexpr (!F8) {
+                moe_wg_fence_proxy_async(); /* this thread's copies and Q
+                                             * stores, to the async proxy */
+            }
+            __syncthreads();                /* tile i in; stage stl (and
+                                             * the f16 pair) free */
 
             const int kmin_ = run_s[0];
 
             if (i + STAGES - 1 < ntl) {
-                att_wg8_load_kv<HD, BN, NT>(st_s + stl * SB, kvg,
-                                            bt + run_s[2],
-                                            kmin_ + (i + STAGES - 1) * BN,
-                                            run_s[1], block_size, kvd, tid);
+                load(i + STAGES - 1, stl, kmin_, run_s[1], bt + run_s[2]);
             }
             moe_cp_async_commit();
             stl = stl + 1 == STAGES ? 0 : stl + 1;
-            att_wg8_convert<HD, BN, NT>(kv_s, st_s + stc * SB, tid);
-            stc = stc + 1 == STAGES ? 0 : stc + 1;
-            moe_wg_fence_proxy_async();     /* the f16 pair and Q, to the
-                                             * async proxy */
-            __syncthreads();                /* the f16 pair written */
 
             const int kb = kmin_ + i * BN;
+            const unsigned char *ks = kv_s, *vs = kv_s + TB;
 
+            if constexpr (F8) {
+                att_wg8_convert<HD, BN, NT>(kv_s, st_s + stc * SB, tid);
+                moe_wg_fence_proxy_async(); /* the f16 pair and Q, to the
+                                             * async proxy */
+                __syncthreads();            /* the f16 pair written */
+            } else {
+                ks = kv_s + stc * 2 * TB;
+                vs = ks + TB;
+            }
+            stc = stc + 1 == STAGES ? 0 : stc + 1;
             if (kb < wk_s[wg][0] || kb > wk_s[wg][1]) {
                 continue;                   /* none of the warpgroup's rows
                                              * (uniform in the warpgroup) */
             }
 
-            att_wg_tile<HD, BN, true>(s, o, m, l, q_s, kv_s,
-                                      kv_s + BN * HD * 2, wg, kb,
-                                      mf_s[warp][0], mf_s[warp][1], wr0, gq,
-                                      tq, rs, re, pos_s, lo_s);
+            att_wg_tile<HD, BN, F8>(s, o, m, l, q_s, ks, vs, wg, kb,
+                                    mf_s[warp][0], mf_s[warp][1], wr0, gq,
+                                    tq, rs, re, pos_s, lo_s);
         }
         moe_cp_async_wait<0>();
         __syncthreads();                    /* stages and run_s, wk_s, mf_s
                                              * free for the next run */
 
-        att_wg_store<NA, HD, true>(o, l, out, r0, h, n_heads, wr0, gq, tq,
-                                   rs, re, vsc);
+        att_wg_store<NA, HD, F8>(o, l, out, r0, h, n_heads, wr0, gq, tq, rs,
+                                 re, vsc);
         rs = re;
     }
 }
 
 
-/* Launch kernel_attention_prefill_wg8<HD, 128, 2> (raising its
- * shared-memory limit once). */
-template <int HD>
-static int
-att_wg8_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
-    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
-    const fp8 *kv, int block_size, int n_heads, int n_kv, int window,
-    float ksc, float vsc, bf16 *out, cudaStream_t stream)
+/* The prefill attention over a bf16 cache (att_wg_prefill has the
+ * details). */
+template <int HD, int BN, int STAGES>
+__global__ void __launch_bounds__(ATT_WG_NT, 1)
+kernel_attention_prefill_wg(const float *qkv, int ld, int T,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const bf16 *kv_layer, int block_size, int n_heads,
+    int n_kv, int window, bf16 *out)
 {
-    static int   ready = 0;
-    const size_t sm = att_wg8_smem(HD, 128, 2);
-    dim3         grid((unsigned) n_heads,
-                      (unsigned) ((T + ATT_TC_BM - 1) / ATT_TC_BM));
-
-    if (!ready) {
-        MOE_CUDA_CHECK(moe_smem_max_carveout(
-            kernel_attention_prefill_wg8<HD, 128, 2>, sm));
-        ready = 1;
-    }
-    MOE_CUDA_CHECK(moe_launch(kernel_attention_prefill_wg8<HD, 128, 2>, grid,
-                              ATT_WG_NT, sm, stream, qkv, ld, T, tok_pos,
-                              tok_seq, bt, bt_off, kv, block_size, n_heads,
-                              n_kv, window, ksc, vsc, out));
-    return MOE_K_OK;
+    att_wg_prefill<HD, BN, STAGES, false>(qkv, ld, T, tok_pos, tok_seq, bt,
+                                          bt_off, kv_layer, block_size,
+                                          n_heads, n_kv, window, 1.0f, 1.0f,
+                                          out);
 }
 
 
-/* The prefill kernels' signature (this one, and the dev harness's
- * variants of it). */
+/*
+ * The prefill attention over an e4m3 (fp8) cache, K and V scales ksc and
+ * vsc (att_wg_prefill has the details).  Written in the eighteenth
+ * session, compiled, not yet run on a GPU: the record's att_prefill_wg8
+ * is 0 by default (prefill over an fp8 cache then runs the SIMT kernel,
+ * as before).
+ */
+template <int HD, int BN, int STAGES>
+__global__ void __launch_bounds__(ATT_WG_NT, 1)
+kernel_attention_prefill_wg8(const float *qkv, int ld, int T,
+    const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
+    const int32_t *bt_off, const fp8 *kv_layer, int block_size, int n_heads,
+    int n_kv, int window, float ksc, float vsc, bf16 *out)
+{
+    att_wg_prefill<HD, BN, STAGES, true>(qkv, ld, T, tok_pos, tok_seq, bt,
+                                         bt_off, kv_layer, block_size,
+                                         n_heads, n_kv, window, ksc, vsc,
+                                         out);
+}
+
+
+/* The prefill kernels' signature over a bf16 cache (this file's, and the
+ * dev harness's variants of it). */
 typedef void (*att_wg_kernel_t)(const float *, int, int, const int32_t *,
                                 const int32_t *, const int32_t *,
                                 const int32_t *, const bf16 *, int, int, int,
                                 int, bf16 *);
 
-/* Launch kernel k on the prefill grid (q heads x 128-row tiles) with nt
- * threads and sm bytes of dynamic shared memory, raising k's
- * shared-memory limit on the first call (*ready 0). */
+/* Launch kernel k with arguments args on the prefill grid (n_heads q
+ * heads x 128-row tiles of T) with nt threads and sm bytes of dynamic
+ * shared memory, raising k's shared-memory limit on the first call
+ * (*ready 0). */
+template <typename K, typename... A>
 static int
-att_wg_launch_k(att_wg_kernel_t k, int nt, size_t sm, int *ready, int T,
-    const float *qkv, int ld, const int32_t *tok_pos, const int32_t *tok_seq,
-    const int32_t *bt, const int32_t *bt_off, const bf16 *kv, int block_size,
-    int n_heads, int n_kv, int window, bf16 *out, cudaStream_t stream)
+att_wg_launch_k(K k, int nt, size_t sm, int *ready, int T, int n_heads,
+    cudaStream_t stream, A... args)
 {
     dim3 grid((unsigned) n_heads,
               (unsigned) ((T + ATT_TC_BM - 1) / ATT_TC_BM));
@@ -899,10 +806,26 @@ att_wg_launch_k(att_wg_kernel_t k, int nt, size_t sm, int *ready, int T,
         MOE_CUDA_CHECK(moe_smem_max_carveout(k, sm));
         *ready = 1;
     }
-    MOE_CUDA_CHECK(moe_launch(k, grid, nt, sm, stream, qkv, ld, T, tok_pos,
-                              tok_seq, bt, bt_off, kv, block_size, n_heads,
-                              n_kv, window, out));
+    MOE_CUDA_CHECK(moe_launch(k, grid, nt, sm, stream, args...));
     return MOE_K_OK;
+}
+
+
+/* Launch kernel_attention_prefill_wg8<HD, 128, 2>. */
+template <int HD>
+static int
+att_wg8_launch(int T, const float *qkv, int ld, const int32_t *tok_pos,
+    const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
+    const fp8 *kv, int block_size, int n_heads, int n_kv, int window,
+    float ksc, float vsc, bf16 *out, cudaStream_t stream)
+{
+    static int ready = 0;
+
+    return att_wg_launch_k(kernel_attention_prefill_wg8<HD, 128, 2>,
+                           ATT_WG_NT, att_wg8_smem(HD, 128, 2), &ready, T,
+                           n_heads, stream, qkv, ld, T, tok_pos, tok_seq, bt,
+                           bt_off, kv, block_size, n_heads, n_kv, window,
+                           ksc, vsc, out);
 }
 
 
@@ -918,8 +841,9 @@ att_wg_launch_v(int T, const float *qkv, int ld, const int32_t *tok_pos,
 
     return att_wg_launch_k(kernel_attention_prefill_wg<HD, BN, STAGES>,
                            ATT_WG_NT, att_wg_smem(HD, BN, STAGES), &ready, T,
-                           qkv, ld, tok_pos, tok_seq, bt, bt_off, kv,
-                           block_size, n_heads, n_kv, window, out, stream);
+                           n_heads, stream, qkv, ld, T, tok_pos, tok_seq, bt,
+                           bt_off, kv, block_size, n_heads, n_kv, window,
+                           out);
 }
 
 

@@ -244,9 +244,9 @@ att_ws_launch_v(int T, const float *qkv, int ld, const int32_t *tok_pos,
     static int ready = 0;
 
     return att_wg_launch_k(kernel_dev_prefill_ws<HD, BN, STAGES>, ATT_WS_NT,
-                           att_ws_smem(HD, BN, STAGES), &ready, T,
-                           qkv, ld, tok_pos, tok_seq, bt, bt_off, kv,
-                           block_size, n_heads, n_kv, window, out, stream);
+                           att_ws_smem(HD, BN, STAGES), &ready, T, n_heads,
+                           stream, qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
+                           kv, block_size, n_heads, n_kv, window, out);
 }
 
 

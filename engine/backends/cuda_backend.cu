@@ -670,13 +670,7 @@ moe_cuda_device_count(void)
 extern "C" int
 moe_cuda_device_runnable(int device, char *why, size_t n)
 {
-    char buf[256];
-    int  ok = moe_cuda_kernels_runnable(device, buf, sizeof(buf));
-
-    if (why != NULL && n > 0) {
-        snprintf(why, n, "%s", ok ? "" : buf);
-    }
-    return ok;
+    return moe_cuda_kernels_runnable(device, why, n);
 }
 
 
