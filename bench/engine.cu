@@ -22,12 +22,17 @@
  *      tensor-core decode kernel and the SIMT one (tuning record
  *      att_decode_tc 1 / 0), against KV bytes / copy bandwidth.
  * Usage: bench_engine [model,...] [--tp N] [--ep] [--nccl auto|on|off]
- *   [--weights bf16|fp8|awq|gptq]  (models: default all four; names below)
+ *   [--weights bf16|fp8|awq|gptq] [--kv-cache-dtype auto|fp8]
+ *   (models: default all four; names below)
  * --weights (BENCH_WEIGHTS): part 2's whole-model figures with the linear
  * weights packed in that format (moe_cuda_backend_create_random_fmt: fp8
  * per-channel scales, 4-bit group 128), the decode limit from the
  * format's bytes (weights with scales and zeros, plus KV), the KV pool
  * sized by them; RESULT lines carry weights=<format>.
+ * --kv-cache-dtype fp8 (BENCH_KV_DTYPE): part 2's KV cache in e4m3 (unit
+ * scales; moe_cuda_backend_create_kv), the pool sized in e4m3 blocks and
+ * the decode limit counting one byte per KV element; RESULT lines carry
+ * kv=fp8 (else kv=bf16).
  * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 / BENCH_CTX=8192
  * run only those decode batches / prefill prompts / decode contexts ("0":
  * none), e.g. under ncu; BENCH_QUANT=0 / BENCH_ATT=0 skip parts 3 / 4;
@@ -92,6 +97,8 @@ static int         opt_tp = 1, opt_ep;
 static const char *opt_nccl = "auto";
 /* part 2's weight format (--weights, BENCH_WEIGHTS): MOE_WF_* */
 static int         opt_wfmt = MOE_WF_BF16;
+/* part 2's KV element (--kv-cache-dtype, BENCH_KV_DTYPE): 1 e4m3 */
+static int         opt_kvfp8;
 
 
 /* Device bytes of one (N, K) weight in part 2's format, scales and zeros
@@ -345,8 +352,8 @@ bench_create_ranks(const moe_hparams_t *hp, int *n_blocks,
     distinct = opt_tp <= ndev;
     *n_gpus = distinct ? opt_tp : ndev;
     per_dev = (opt_tp + ndev - 1) / ndev;
-    rc = moe_cuda_kv_blocks_for_fmt(&rhp, opt_wfmt, BS, CAP, 0.92 / per_dev,
-                                    0, &avail, err, errlen);
+    rc = moe_cuda_kv_blocks_for_fmt(&rhp, opt_wfmt, BS, opt_kvfp8, CAP,
+                                    0.92 / per_dev, 0, &avail, err, errlen);
     if (rc != MOE_OK) {
         return rc;
     }
@@ -360,9 +367,11 @@ bench_create_ranks(const moe_hparams_t *hp, int *n_blocks,
         }
     }
     for (r = 0; r < opt_tp; r++) {
-        rc = moe_cuda_backend_create_random_fmt(hp, opt_wfmt, 42, opt_tp, r,
-                                                opt_ep, nb, BS, CAP, dev[r],
-                                                &ranks[r], err, errlen);
+        moe_cuda_kv_t kv = { opt_kvfp8, 1.0f, 1.0f };
+
+        rc = moe_cuda_backend_create_kv(NULL, hp, opt_wfmt, 42, opt_tp, r,
+                                        opt_ep, nb, BS, CAP, dev[r], &kv,
+                                        &ranks[r], err, errlen);
         if (rc != MOE_OK) {
             break;
         }
@@ -427,6 +436,8 @@ bench_model(const shape_t *sh)
     double V = hp.vocab_size, K = hp.top_k;
     double wbytes = (double) moe_cuda_weight_bytes_fmt(&hp, opt_wfmt);
     const char *wname = moe_qw_format_name(opt_wfmt);
+    const char *kvname = opt_kvfp8 ? "fp8" : "bf16";
+    double      kvb = opt_kvfp8 ? 1.0 : 2.0;   /* bytes a KV element */
 
     printf("\n== %s: dim %d, %d layers, %d/%d heads, ffn %d, %d experts "
            "top-%d, vocab %d %s%s%s; weights %.1f GB %s\n", sh->name,
@@ -438,8 +449,8 @@ bench_model(const shape_t *sh)
     /* enough for 256 sequences at 512 or 64 at 8192 (the pool caps it
      * below: then sequences share pages, still read from memory) */
     n_blocks = 64 * ((8192 + 16 + BS - 1) / BS + 1) + CAP / BS + 8;
-    rc = moe_cuda_kv_blocks_for_fmt(&hp, opt_wfmt, BS, CAP, 0.92, 0, &avail,
-                                    err, sizeof(err));
+    rc = moe_cuda_kv_blocks_for_fmt(&hp, opt_wfmt, BS, opt_kvfp8, CAP, 0.92,
+                                    0, &avail, err, sizeof(err));
     if (rc != MOE_OK) {
         printf("SKIP %s: %s\n", sh->name, err);
         printf("RESULT model=%s kind=skip\n", sh->name);
@@ -464,16 +475,18 @@ bench_model(const shape_t *sh)
             return 0;
         }
     } else {
-        rc = moe_cuda_backend_create_random_fmt(&hp, opt_wfmt, 42, 1, 0, 0,
-                                                n_blocks, BS, CAP, 0, &b, err,
-                                                sizeof(err));
+        moe_cuda_kv_t kv = { opt_kvfp8, 1.0f, 1.0f };
+
+        rc = moe_cuda_backend_create_kv(NULL, &hp, opt_wfmt, 42, 1, 0, 0,
+                                        n_blocks, BS, CAP, 0, &kv, &b, err,
+                                        sizeof(err));
     }
     if (rc != MOE_OK) {
         printf("FAIL %s: create: %s\n", sh->name, err);
         return -1;
     }
-    printf("  created in %.2f s (KV pool %d blocks of %d; tp %d%s on %d "
-           "GPU(s))\n", now_s() - t_create, n_blocks, BS, opt_tp,
+    printf("  created in %.2f s (KV pool %d %s blocks of %d; tp %d%s on %d "
+           "GPU(s))\n", now_s() - t_create, n_blocks, kvname, BS, opt_tp,
            opt_ep ? " expert parallel" : "", n_gpus);
 
     float   *logits = (float *) malloc(sizeof(float) * 256 * (size_t) V);
@@ -506,7 +519,7 @@ bench_model(const shape_t *sh)
         {
             continue;
         }
-        if ((double) B * CTX * 2.0 * L * KVD * 2.0 > 2.0 * wbytes
+        if ((double) B * CTX * 2.0 * L * KVD * kvb > 2.0 * wbytes
             && B > 1)
         {
             /* 64 x 32k tokens of KV (268 GB for Mixtral) fit no GPU: the
@@ -514,7 +527,7 @@ bench_model(const shape_t *sh)
              * backend's block-table staging refuse it) */
             printf("  batch %-3d               skipped: %.0f GB of KV at "
                    "ctx %d does not fit one GPU beside the weights\n", B,
-                   (double) B * CTX * 2.0 * L * KVD * 2.0 / 1e9, CTX);
+                   (double) B * CTX * 2.0 * L * KVD * kvb / 1e9, CTX);
             continue;
         }
 
@@ -565,7 +578,7 @@ bench_model(const shape_t *sh)
                            + hit * (2 * bench_wbytes(F, D)
                                     + bench_wbytes(D, F))
                            + (E > 1 ? L * E * D * 4 : 0) + V * D * 2
-                           + (double) B * (CTX + 1) * L * 2 * KVD * 2;
+                           + (double) B * (CTX + 1) * L * 2 * KVD * kvb;
             /* the ranks on n_gpus GPUs read these bytes in parallel */
             double lim = bytes / (copy_gbs * 1e9 * n_gpus);
 
@@ -574,8 +587,9 @@ bench_model(const shape_t *sh)
             printf("RESULT model=%s kind=decode batch=%d tok_s=%.1f "
                    "ms_step=%.3f limit_ms=%.3f of_limit=%.3f "
                    "experts_hit=%.0f ctx=%d tp=%d ep=%d gpus=%d "
-                   "weights=%s\n", sh->name, B, B / dt, dt * 1e3, lim * 1e3,
-                   lim / dt, hit, CTX, opt_tp, opt_ep, n_gpus, wname);
+                   "weights=%s kv=%s\n", sh->name, B, B / dt, dt * 1e3,
+                   lim * 1e3, lim / dt, hit, CTX, opt_tp, opt_ep, n_gpus,
+                   wname, kvname);
             print_stages("", ms, 3);
             print_routing(b, 1);
             print_comm(sh->name, "decode", B, ms, 3, sh->layers);
@@ -630,8 +644,8 @@ bench_model(const shape_t *sh)
                dt * 1e3, lim * 1e3, 100 * lim / dt);
         printf("RESULT model=%s kind=prefill prompt=%d tok_s=%.1f ms=%.3f "
                "limit_ms=%.3f of_limit=%.3f tp=%d ep=%d gpus=%d "
-               "weights=%s\n", sh->name, P, P / dt, dt * 1e3, lim * 1e3,
-               lim / dt, opt_tp, opt_ep, n_gpus, wname);
+               "weights=%s kv=%s\n", sh->name, P, P / dt, dt * 1e3,
+               lim * 1e3, lim / dt, opt_tp, opt_ep, n_gpus, wname, kvname);
         print_stages("", ms, 1);
         print_routing(b, 1);
         print_comm(sh->name, "prefill", P, ms, 1, sh->layers);
@@ -1053,7 +1067,7 @@ bench_attention(void)
 int
 main(int argc, char **argv)
 {
-    const char *want = NULL;
+    const char *want = NULL, *kvdt = "auto";
     int         fails = 0, ndev = moe_cuda_device_count();
     double      t0 = now_s();
 
@@ -1069,6 +1083,9 @@ main(int argc, char **argv)
     if (getenv("BENCH_WEIGHTS") != NULL) {
         opt_wfmt = moe_qw_format_by_name(getenv("BENCH_WEIGHTS"));
     }
+    if (getenv("BENCH_KV_DTYPE") != NULL) {
+        kvdt = getenv("BENCH_KV_DTYPE");
+    }
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--tp") == 0 && i + 1 < argc) {
             opt_tp = atoi(argv[++i]);
@@ -1078,6 +1095,8 @@ main(int argc, char **argv)
             opt_nccl = argv[++i];
         } else if (strcmp(argv[i], "--weights") == 0 && i + 1 < argc) {
             opt_wfmt = moe_qw_format_by_name(argv[++i]);
+        } else if (strcmp(argv[i], "--kv-cache-dtype") == 0 && i + 1 < argc) {
+            kvdt = argv[++i];
         } else {
             want = argv[i];
         }
@@ -1090,10 +1109,18 @@ main(int argc, char **argv)
         printf("FAIL --weights / BENCH_WEIGHTS: bf16, fp8, awq or gptq\n");
         return 2;
     }
-    printf("tensor parallel %d%s, nccl %s (this build: %s), weights %s\n",
-           opt_tp, opt_ep ? ", expert parallel" : "", opt_nccl,
-           moe_cuda_nccl_available() ? "with NCCL" : "without NCCL",
-           moe_qw_format_name(opt_wfmt));
+    if (strcmp(kvdt, "fp8") == 0 || strcmp(kvdt, "fp8_e4m3") == 0) {
+        opt_kvfp8 = 1;
+    } else if (strcmp(kvdt, "auto") != 0 && strcmp(kvdt, "bf16") != 0) {
+        printf("FAIL --kv-cache-dtype / BENCH_KV_DTYPE '%s': auto or fp8\n",
+               kvdt);
+        return 2;
+    }
+    printf("tensor parallel %d%s, nccl %s (this build: %s), weights %s, KV "
+           "cache %s\n", opt_tp, opt_ep ? ", expert parallel" : "",
+           opt_nccl, moe_cuda_nccl_available() ? "with NCCL"
+                                               : "without NCCL",
+           moe_qw_format_name(opt_wfmt), opt_kvfp8 ? "fp8 (e4m3)" : "bf16");
 
     if (ndev == 0) {
         printf("SKIP no CUDA device\n");

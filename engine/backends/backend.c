@@ -190,9 +190,11 @@ be_nccl_choice(int mode, const int *devs, int tp, int *use, char *err,
 /* ------------------------------------------------- KV cache dtype */
 
 /*
- * After creating one backend (rank) *b with status rc: the fp8 KV cache
- * when p asks for it (kv_cache_dtype fp8; scales 0 mean 1.0), the
- * backend destroyed on failure.  Returns the status.
+ * After creating one CPU backend (rank) *b with status rc: the fp8 KV
+ * cache when p asks for it (kv_cache_dtype fp8; scales 0 mean 1.0), the
+ * backend destroyed on failure.  Returns the status.  (A CUDA backend is
+ * created with its KV element, be_cuda_kv: its pool's bytes depend on
+ * it.)
  */
 static int
 be_kv_dtype(const moe_ranks_t *p, moe_backend_t **b, int rc, char *err,
@@ -205,20 +207,28 @@ be_kv_dtype(const moe_ranks_t *p, moe_backend_t **b, int rc, char *err,
     }
     ks = p->kv_k_scale > 0.0f ? p->kv_k_scale : 1.0f;
     vs = p->kv_v_scale > 0.0f ? p->kv_v_scale : 1.0f;
-#ifdef MOE_HAVE_CUDA
-    if (p->kind == MOE_BACKEND_CUDA) {
-        rc = moe_cuda_backend_set_kv_fp8(*b, ks, vs, err, errlen);
-    } else
-#endif
-    {
-        rc = moe_cpu_backend_set_kv_fp8(*b, ks, vs, err, errlen);
-    }
+    rc = moe_cpu_backend_set_kv_fp8(*b, ks, vs, err, errlen);
     if (rc != MOE_OK) {
         (*b)->destroy(*b);
         *b = NULL;
     }
     return rc;
 }
+
+
+#ifdef MOE_HAVE_CUDA
+/* The CUDA backend's KV element as p asks for it. */
+static moe_cuda_kv_t
+be_cuda_kv(const moe_ranks_t *p)
+{
+    moe_cuda_kv_t kv;
+
+    kv.fp8 = p->kv_fp8;
+    kv.k_scale = p->kv_k_scale;
+    kv.v_scale = p->kv_v_scale;
+    return kv;
+}
+#endif
 
 
 int
@@ -250,11 +260,13 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
     if (tp == 1) {
 #ifdef MOE_HAVE_CUDA
         if (p->kind == MOE_BACKEND_CUDA) {
-            int dev0 = p->devices != NULL ? p->devices[0] : 0;
+            int           dev0 = p->devices != NULL ? p->devices[0] : 0;
+            moe_cuda_kv_t kv = be_cuda_kv(p);
 
-            rc = moe_cuda_backend_create(m, p->n_blocks, p->block_size,
-                                         p->max_batched_tokens, dev0, out,
-                                         err, errlen);
+            rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0,
+                                            p->n_blocks, p->block_size,
+                                            p->max_batched_tokens, dev0, &kv,
+                                            out, err, errlen);
             if (rc == MOE_OK && p->nccl == MOE_NCCL_ON) {
                 /* nccl: on with one rank: the communicator path, an
                  * all-reduce over one rank (the identity) */
@@ -264,7 +276,7 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
                     *out = NULL;
                 }
             }
-            return be_kv_dtype(p, out, rc, err, errlen);
+            return rc;
         }
 #endif
         rc = moe_cpu_backend_create(m, p->n_blocks, p->block_size,
@@ -293,7 +305,8 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
 
 #ifdef MOE_HAVE_CUDA
     if (p->kind == MOE_BACKEND_CUDA) {
-        int ndev = moe_cuda_device_count(), dev[64], use_nccl;
+        int           ndev = moe_cuda_device_count(), dev[64], use_nccl;
+        moe_cuda_kv_t kv = be_cuda_kv(p);
 
         for (r = 0; r < tp; r++) {
             dev[r] = p->devices != NULL ? p->devices[r]
@@ -304,12 +317,10 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
             rc = moe_cuda_peer_access(dev, tp, err, errlen);
         }
         for (r = 0; r < tp && rc == MOE_OK; r++) {
-            rc = moe_cuda_backend_create_rank_ep(m, tp, r, p->ep,
-                                                 p->n_blocks, p->block_size,
-                                                 p->max_batched_tokens,
-                                                 dev[r], &ranks[r], err,
-                                                 errlen);
-            rc = be_kv_dtype(p, &ranks[r], rc, err, errlen);
+            rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, tp, r, p->ep,
+                                            p->n_blocks, p->block_size,
+                                            p->max_batched_tokens, dev[r],
+                                            &kv, &ranks[r], err, errlen);
             ctx[r] = ranks[r];
         }
         if (rc == MOE_OK && use_nccl) {
@@ -573,7 +584,8 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
         if (tp == 1
             && moe_cuda_share_kv_hint(hp, o->dummy ? NULL : m, wfmt,
                                       o->dummy ? BE_DUMMY_SEED : 0, devs[0],
-                                      o->block_size, &n_blocks) == MOE_OK)
+                                      o->block_size, o->kv_fp8, &n_blocks)
+               == MOE_OK)
         {
             moe_log(MOE_LOG_INFO, "a live worker serves these weights: "
                     "importing them, KV pool of %d blocks backed as its "
@@ -583,6 +595,7 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
              * count their own bytes) */
             if (o->dummy) {
                 rc = moe_cuda_kv_blocks_for_fmt(&rhp, wfmt, o->block_size,
+                                                o->kv_fp8,
                                                 o->max_num_batched_tokens,
                                                 o->gpu_memory_utilization
                                                 / on_dev0, devs[0],
@@ -591,6 +604,7 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
                 rc = moe_cuda_kv_blocks_for_rank(m, tp, 0,
                                                  o->expert_parallel
                                                  && tp > 1, o->block_size,
+                                                 o->kv_fp8,
                                                  o->max_num_batched_tokens,
                                                  o->gpu_memory_utilization
                                                  / on_dev0, devs[0],
@@ -611,16 +625,16 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     p.kv_v_scale = o->kv_v_scale;
     p.kind = MOE_BACKEND_CUDA;
     if (o->dummy) {
+        moe_cuda_kv_t kv = be_cuda_kv(&p);
+
         if (wfmt != MOE_WF_BF16) {
             moe_log(MOE_LOG_INFO, "load_format dummy: random %s weights",
                     moe_qw_format_name(wfmt));
         }
-        rc = moe_cuda_backend_create_random_fmt(hp, wfmt, BE_DUMMY_SEED, 1, 0,
-                                                0,
-                                                n_blocks, o->block_size,
-                                                o->max_num_batched_tokens,
-                                                dev, out, err, errlen);
-        return be_kv_dtype(&p, out, rc, err, errlen);
+        return moe_cuda_backend_create_kv(NULL, hp, wfmt, BE_DUMMY_SEED, 1,
+                                          0, 0, n_blocks, o->block_size,
+                                          o->max_num_batched_tokens, dev,
+                                          &kv, out, err, errlen);
     }
     p.tp = tp;
     p.devices = devs;

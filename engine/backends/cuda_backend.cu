@@ -257,7 +257,7 @@ typedef struct {
                                       e4m3 bytes when kv_fp8 */
     moe_cuda_kvpool_t kvpool;      /* kv's memory when it grows (base set:
                                       weights imported, "Reload" below) */
-    /* fp8 KV cache and long contexts (moe_cuda_backend_set_kv_fp8) */
+    /* fp8 KV cache and long contexts (moe_cuda_backend_create_kv) */
     int             kv_fp8;        /* 1: the cache holds e4m3 */
     float           kv_ks, kv_vs;  /* its per-tensor K / V scales */
     int             long_ctx;      /* this step's longest context reaches
@@ -644,10 +644,11 @@ moe_cuda_workspace_bytes(const moe_hparams_t *hp, int max_batched_tokens)
 
 
 static int64_t
-cb_kv_bytes_per_block(const moe_hparams_t *hp, int block_size)
+cb_kv_bytes_per_block(const moe_hparams_t *hp, int block_size, int kv_fp8)
 {
+    /* bf16 elements, or e4m3 (one byte) with kv_cache_dtype fp8 */
     return (int64_t) hp->n_layers * 2 * block_size * hp->n_kv_heads
-           * hp->head_dim * 2;
+           * hp->head_dim * (kv_fp8 ? 1 : 2);
 }
 
 
@@ -779,8 +780,9 @@ moe_cuda_supports(const moe_hparams_t *hp, char *why, size_t n)
 /* KV blocks that fit beside the weights of hp in plan's formats. */
 static int
 cb_kv_blocks(const moe_hparams_t *hp, const moe_qplan_t *plan,
-    int block_size, int max_batched_tokens, double gpu_memory_utilization,
-    int device, int *n_blocks, char *err, size_t errlen)
+    int block_size, int kv_fp8, int max_batched_tokens,
+    double gpu_memory_utilization, int device, int *n_blocks, char *err,
+    size_t errlen)
 {
     size_t  free_b = 0, total_b = 0;
     int64_t budget, per, wb, sb;
@@ -806,7 +808,7 @@ cb_kv_blocks(const moe_hparams_t *hp, const moe_qplan_t *plan,
     sb = cb_workspace_bytes_plan(hp, plan, max_batched_tokens);
     budget = (int64_t) ((double) total_b * gpu_memory_utilization)
              - (int64_t) (total_b - free_b) - wb - sb - CB_SLACK;
-    per = cb_kv_bytes_per_block(hp, block_size);
+    per = cb_kv_bytes_per_block(hp, block_size, kv_fp8);
     if (budget < per) {
         moe_errf(err, errlen, "cuda backend: device %d: %lld MiB total, %lld "
                "MiB free, weights %lld MiB, workspaces %lld MiB: no room for "
@@ -826,7 +828,7 @@ moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
     int max_batched_tokens, double gpu_memory_utilization, int device,
     int *n_blocks, char *err, size_t errlen)
 {
-    return moe_cuda_kv_blocks_for_fmt(hp, MOE_WF_BF16, block_size,
+    return moe_cuda_kv_blocks_for_fmt(hp, MOE_WF_BF16, block_size, 0,
                                       max_batched_tokens,
                                       gpu_memory_utilization, device,
                                       n_blocks, err, errlen);
@@ -835,8 +837,9 @@ moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
 
 extern "C" int
 moe_cuda_kv_blocks_for_fmt(const moe_hparams_t *hp, int wfmt,
-    int block_size, int max_batched_tokens, double gpu_memory_utilization,
-    int device, int *n_blocks, char *err, size_t errlen)
+    int block_size, int kv_fp8, int max_batched_tokens,
+    double gpu_memory_utilization, int device, int *n_blocks, char *err,
+    size_t errlen)
 {
     moe_qplan_t *p;
     int          rc;
@@ -848,7 +851,7 @@ moe_cuda_kv_blocks_for_fmt(const moe_hparams_t *hp, int wfmt,
                  "out of memory)", wfmt);
         return MOE_EINVAL;
     }
-    rc = cb_kv_blocks(hp, p, block_size, max_batched_tokens,
+    rc = cb_kv_blocks(hp, p, block_size, kv_fp8, max_batched_tokens,
                       gpu_memory_utilization, device, n_blocks, err, errlen);
     free(p);
     return rc;
@@ -890,8 +893,9 @@ cb_rank_plan(const moe_model_t *m, int tp, int rank, int ep,
 
 extern "C" int
 moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank, int ep,
-    int block_size, int max_batched_tokens, double gpu_memory_utilization,
-    int device, int *n_blocks, char *err, size_t errlen)
+    int block_size, int kv_fp8, int max_batched_tokens,
+    double gpu_memory_utilization, int device, int *n_blocks, char *err,
+    size_t errlen)
 {
     moe_hparams_t rhp;
     moe_qplan_t  *p;
@@ -900,7 +904,7 @@ moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank, int ep,
     *n_blocks = 0;
     rc = cb_rank_plan(m, tp, rank, ep, &rhp, &p, err, errlen);
     if (rc == MOE_OK) {
-        rc = cb_kv_blocks(&rhp, p, block_size, max_batched_tokens,
+        rc = cb_kv_blocks(&rhp, p, block_size, kv_fp8, max_batched_tokens,
                           gpu_memory_utilization, device, n_blocks, err,
                           errlen);
     }
@@ -914,7 +918,7 @@ moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
     int max_batched_tokens, double gpu_memory_utilization, int device,
     int *n_blocks, char *err, size_t errlen)
 {
-    return moe_cuda_kv_blocks_for_rank(m, 1, 0, 0, block_size,
+    return moe_cuda_kv_blocks_for_rank(m, 1, 0, 0, block_size, 0,
                                        max_batched_tokens,
                                        gpu_memory_utilization, device,
                                        n_blocks, err, errlen);
@@ -1756,12 +1760,14 @@ cb_share_key(cuda_backend_t *b, const moe_model_t *m, uint64_t seed)
 
 extern "C" int
 moe_cuda_share_kv_hint(const moe_hparams_t *hp, const moe_model_t *m,
-    int wfmt, uint64_t seed, int device, int block_size, int *n_blocks)
+    int wfmt, uint64_t seed, int device, int block_size, int kv_fp8,
+    int *n_blocks)
 {
     moe_share_hdr_t hdr;
     moe_qplan_t    *plan;
     char            key[MOE_SHARE_KEY_MAX], err[256];
-    int64_t         per = cb_kv_bytes_per_block(hp, block_size), n;
+    int64_t         per = cb_kv_bytes_per_block(hp, block_size, kv_fp8);
+    int64_t         n;
     int             rc;
 
     *n_blocks = 0;
@@ -2177,8 +2183,8 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     {
         char msg[96];
 
-        snprintf(msg, sizeof(msg), "KV cache (%d blocks, %zu MiB)",
-                 b->n_blocks, kv_bytes >> 20);
+        snprintf(msg, sizeof(msg), "KV cache (%d blocks, %zu MiB, %s)",
+                 b->n_blocks, kv_bytes >> 20, b->kv_fp8 ? "e4m3" : "bf16");
         /* imported weights: the old worker still holds its pool, so ours
          * is backed later, as memory frees (cb_kv_start, cb_kv_grow) */
         if (!b->wmem.imported
@@ -2332,8 +2338,8 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
 static int
 cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     const moe_qplan_t *plan, uint64_t seed, int n_blocks, int block_size,
-    int cap, int device, int tp, int rank, moe_backend_t **out, char *err,
-    size_t errlen)
+    int cap, int device, int tp, int rank, const moe_cuda_kv_t *kv,
+    moe_backend_t **out, char *err, size_t errlen)
 {
     cuda_backend_t *b;
     int             rc, ndev;
@@ -2354,6 +2360,15 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     if (n_blocks <= 0 || (int64_t) n_blocks * block_size > (1 << 30)) {
         moe_errf(err, errlen, "cuda backend: bad KV pool (%d blocks of %d)",
                n_blocks, block_size);
+        return MOE_EINVAL;
+    }
+    if (kv != NULL && kv->fp8
+        && (!(kv->k_scale >= 0.0f) || !(kv->v_scale >= 0.0f)
+            || !isfinite(kv->k_scale) || !isfinite(kv->v_scale)))
+    {
+        moe_errf(err, errlen, "cuda backend: fp8 KV scales must be finite "
+                 "and > 0 (k %g, v %g)", (double) kv->k_scale,
+                 (double) kv->v_scale);
         return MOE_EINVAL;
     }
     ndev = moe_cuda_device_count();
@@ -2409,7 +2424,13 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     }
     b->base.name = "cuda";
     b->base.n_kv_blocks = n_blocks;
-    b->base.kv_bytes_per_block = cb_kv_bytes_per_block(hp, block_size);
+    /* the KV element (kv_cache_dtype): fp8 pools hold e4m3(x / scale),
+     * scales 0 meaning 1.0 */
+    b->kv_fp8 = kv != NULL && kv->fp8;
+    b->kv_ks = b->kv_fp8 && kv->k_scale > 0.0f ? kv->k_scale : 1.0f;
+    b->kv_vs = b->kv_fp8 && kv->v_scale > 0.0f ? kv->v_scale : 1.0f;
+    b->base.kv_bytes_per_block = cb_kv_bytes_per_block(hp, block_size,
+                                                       b->kv_fp8);
     b->base.forward = cb_forward;
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;
@@ -2448,6 +2469,12 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
         moe_cuda_tuning_format(&b->tune, line, sizeof(line));
         moe_log(MOE_LOG_INFO, "cuda backend: device %d tuning: %s", device,
                 line);
+    }
+    if (b->kv_fp8) {
+        moe_log(MOE_LOG_INFO, "cuda backend: device %d: fp8 (e4m3) KV "
+                "cache, %d blocks of %lld bytes, scales k %g v %g", device,
+                n_blocks, (long long) b->base.kv_bytes_per_block,
+                (double) b->kv_ks, (double) b->kv_vs);
     }
     /* sample_tokens 0 leaves non-greedy rows to the engine's host sampler
      * (the test of both paths) */
@@ -2550,25 +2577,10 @@ moe_cuda_backend_create_rank_ep(const moe_model_t *m, int tp, int rank,
     int ep, int n_blocks, int block_size, int max_batched_tokens, int device,
     moe_backend_t **out, char *err, size_t errlen)
 {
-    moe_hparams_t rhp;
-    int           rc;
-
-    *out = NULL;
-    if (m == NULL || tp < 1 || rank < 0 || rank >= tp) {
-        moe_errf(err, errlen, "cuda backend: no model, or rank %d of %d",
-                 rank, tp);
-        return MOE_EINVAL;
-    }
-    moe_qplan_t  *plan;
-
-    rc = cb_rank_plan(m, tp, rank, ep, &rhp, &plan, err, errlen);
-    if (rc == MOE_OK) {
-        rc = cb_create(&rhp, m, plan, 0, n_blocks, block_size,
-                       max_batched_tokens, device, tp, rank, out, err,
-                       errlen);
-    }
-    free(plan);
-    return rc;
+    return moe_cuda_backend_create_kv(m, NULL, MOE_WF_BF16, 0, tp, rank, ep,
+                                      n_blocks, block_size,
+                                      max_batched_tokens, device, NULL, out,
+                                      err, errlen);
 }
 
 
@@ -2603,15 +2615,39 @@ moe_cuda_backend_create_random_fmt(const moe_hparams_t *hp, int wfmt,
     int max_batched_tokens, int device, moe_backend_t **out, char *err,
     size_t errlen)
 {
+    return moe_cuda_backend_create_kv(NULL, hp, wfmt, seed, tp, rank, ep,
+                                      n_blocks, block_size,
+                                      max_batched_tokens, device, NULL, out,
+                                      err, errlen);
+}
+
+
+extern "C" int
+moe_cuda_backend_create_kv(const moe_model_t *m, const moe_hparams_t *hp,
+    int wfmt, uint64_t seed, int tp, int rank, int ep, int n_blocks,
+    int block_size, int max_batched_tokens, int device,
+    const moe_cuda_kv_t *kv, moe_backend_t **out, char *err, size_t errlen)
+{
     moe_hparams_t  rhp;
-    moe_qplan_t   *plan;
+    moe_qplan_t   *plan = NULL;
     int            rc;
 
     *out = NULL;
-    if (hp == NULL || tp < 1 || rank < 0 || rank >= tp) {
-        moe_errf(err, errlen, "cuda backend: no hparams, or rank %d of %d",
+    if ((m == NULL && hp == NULL) || tp < 1 || rank < 0 || rank >= tp) {
+        moe_errf(err, errlen, "cuda backend: no model, or rank %d of %d",
                  rank, tp);
         return MOE_EINVAL;
+    }
+    if (m != NULL) {
+        /* the checkpoint's weights, this rank's slice */
+        rc = cb_rank_plan(m, tp, rank, ep, &rhp, &plan, err, errlen);
+        if (rc == MOE_OK) {
+            rc = cb_create(&rhp, m, plan, 0, n_blocks, block_size,
+                           max_batched_tokens, device, tp, rank, kv, out,
+                           err, errlen);
+        }
+        free(plan);
+        return rc;
     }
     if (wfmt < 0 || wfmt >= MOE_WF_COUNT) {
         moe_errf(err, errlen, "cuda backend: unknown weight format %d", wfmt);
@@ -2634,7 +2670,7 @@ moe_cuda_backend_create_random_fmt(const moe_hparams_t *hp, int wfmt,
     /* each rank its own random values: shapes and timing, not outputs */
     rc = cb_create(&rhp, NULL, plan, seed + 7919 * (uint64_t) rank,
                    n_blocks, block_size, max_batched_tokens, device, tp,
-                   rank, out, err, errlen);
+                   rank, kv, out, err, errlen);
     free(plan);
     return rc;
 }
@@ -5086,92 +5122,4 @@ moe_cuda_nccl_attach(moe_backend_t **ranks, const int *devices, int n,
              "were not found at build time; README, NCCL)");
     return MOE_EUNSUPPORTED;
 #endif
-}
-
-
-/* ------------------------------------------------------ fp8 KV cache */
-
-int
-moe_cuda_backend_set_kv_fp8(moe_backend_t *base, float k_scale,
-    float v_scale, char *err, size_t errlen)
-{
-    cuda_backend_t *b = (cuda_backend_t *) base;
-    size_t          per, bytes;
-    cudaError_t     ce;
-    void           *kv = NULL;
-
-    if (!(k_scale > 0.0f) || !(v_scale > 0.0f) || !isfinite(k_scale)
-        || !isfinite(v_scale))
-    {
-        moe_errf(err, errlen, "cuda backend: fp8 KV scales must be finite "
-                 "and > 0 (k %g, v %g)", (double) k_scale, (double) v_scale);
-        return MOE_EINVAL;
-    }
-    if (b->kv_fp8) {
-        b->kv_ks = k_scale;
-        b->kv_vs = v_scale;
-        return MOE_OK;
-    }
-    if (b->base.n_swap_slots > 0) {
-        moe_errf(err, errlen, "%s", "cuda backend: the KV dtype is set "
-                 "before the swap pool");
-        return MOE_EINVAL;
-    }
-    /* the same blocks at one byte per element: the bf16 pool goes */
-    per = (size_t) b->base.kv_bytes_per_block / 2;
-    bytes = per * (size_t) b->n_blocks;
-    if (cudaSetDevice(b->device) != cudaSuccess
-        || cudaStreamSynchronize(b->stream) != cudaSuccess)
-    {
-        moe_errf(err, errlen, "cuda backend: %s",
-                 cudaGetErrorString(cudaGetLastError()));
-        return MOE_EBACKEND;
-    }
-    if (b->kvpool.base != NULL) {
-        /* a pool that grows: the same usable blocks at half the bytes */
-        int u = cb_kv_usable(b), rc;
-
-        moe_cuda_kvpool_free(&b->kvpool);
-        b->kv = NULL;
-        b->kv_fp8 = 1;
-        rc = moe_cuda_kvpool_reserve(&b->kvpool, b->device, bytes, err,
-                                     errlen);
-        if (rc == MOE_OK) {
-            b->kv = (bf16 *) b->kvpool.base;
-            rc = cb_kv_map(b, u);
-        }
-        if (rc != MOE_OK) {
-            b->kv_fp8 = 0;
-            moe_errf(err, errlen, "cuda backend: fp8 KV pool that grows "
-                     "(%d of %d blocks): %s", u, b->n_blocks,
-                     moe_strerror(rc));
-            return rc;
-        }
-        b->kv_ks = k_scale;
-        b->kv_vs = v_scale;
-        b->base.kv_bytes_per_block = (int64_t) per;
-        return MOE_OK;
-    }
-    (void) cudaFree(b->kv);
-    b->kv = NULL;
-    ce = cudaMalloc(&kv, bytes);
-    if (ce == cudaSuccess) {
-        ce = cudaMemsetAsync(kv, 0, bytes, b->stream);
-    }
-    if (ce != cudaSuccess) {
-        (void) cudaFree(kv);
-        moe_errf(err, errlen, "cuda backend: fp8 KV cache (%d blocks, %zu "
-                 "MiB): %s", b->n_blocks, bytes >> 20,
-                 cudaGetErrorString(ce));
-        return ce == cudaErrorMemoryAllocation ? MOE_ENOMEM : MOE_EBACKEND;
-    }
-    b->kv = (bf16 *) kv;
-    b->kv_fp8 = 1;
-    b->kv_ks = k_scale;
-    b->kv_vs = v_scale;
-    b->base.kv_bytes_per_block = (int64_t) per;
-    moe_log(MOE_LOG_INFO, "cuda backend: fp8 (e4m3) KV cache, %d blocks, "
-            "%zu MiB, scales k %g v %g", b->n_blocks, bytes >> 20,
-            (double) k_scale, (double) v_scale);
-    return MOE_OK;
 }

@@ -38,7 +38,8 @@
  *     dense MLP gate|up (2 fd, dim), down (dim, fd) in the dense layers of
  *                an MoE model (fd = dense_ffn_dim)
  *   with q = n_heads * head_dim, kv = n_kv_heads * head_dim.
- *   KV pool: (n_layers, n_blocks, 2, block_size, n_kv_heads, head_dim) bf16
+ *   KV pool: (n_layers, n_blocks, 2, block_size, n_kv_heads, head_dim) bf16,
+ *     or e4m3 with kv_cache_dtype fp8 (moe_cuda_backend_create_kv)
  *     (layer outermost, unlike the CPU backend's block-outermost pool; a
  *     block id means the same positions in both).
  *
@@ -111,17 +112,29 @@ int moe_cuda_backend_create(const moe_model_t *m, int n_blocks,
     int block_size, int max_batched_tokens, int device, moe_backend_t **out,
     char *err, size_t errlen);
 
+/* The KV cache's element, chosen when the backend is created. */
+typedef struct {
+    int   fp8;               /* 1: e4m3 (kv_cache_dtype fp8); 0: bf16 */
+    float k_scale, v_scale;  /* fp8: per-tensor scales; 0 means 1.0 */
+} moe_cuda_kv_t;
+
 /*
- * fp8 KV cache (kv_cache_dtype fp8): replace b's bf16 KV pool by an e4m3
- * one of the same blocks (half the bytes; the freed memory stays free),
- * K / V written as e4m3(x / scale) (moe_cuda_rope_kv_fp8) and read by
- * moe_cuda_attention_ex.  Call right after creating b, before the first
- * forward() and before the swap pool (kv_bytes_per_block halves).
- * MOE_EINVAL (a scale not finite and > 0, or a swap pool already made),
- * MOE_ENOMEM, MOE_EBACKEND; reason in err.
+ * Every way of creating the backend in one (the other create functions
+ * are this with kv NULL): m != NULL: rank `rank` of tp of model m
+ * (moe_cuda_backend_create_rank_ep; hp, wfmt and seed unused); m NULL:
+ * random weights of hp in format wfmt from seed
+ * (moe_cuda_backend_create_random_fmt).  kv (NULL: bf16): with kv->fp8
+ * the pool holds n_blocks blocks of e4m3 elements, half the bytes of bf16
+ * ones, so the same memory holds twice the blocks (size n_blocks with
+ * moe_cuda_kv_blocks_for_rank / _fmt given kv_fp8 1); K / V written as
+ * e4m3(x / scale) (moe_cuda_rope_kv_fp8), read by moe_cuda_attention_ex;
+ * (*out)->kv_bytes_per_block tells the block's bytes.  MOE_EINVAL also
+ * for a scale that is negative or not finite.
  */
-int moe_cuda_backend_set_kv_fp8(moe_backend_t *b, float k_scale,
-    float v_scale, char *err, size_t errlen);
+int moe_cuda_backend_create_kv(const moe_model_t *m, const moe_hparams_t *hp,
+    int wfmt, uint64_t seed, int tp, int rank, int ep, int n_blocks,
+    int block_size, int max_batched_tokens, int device,
+    const moe_cuda_kv_t *kv, moe_backend_t **out, char *err, size_t errlen);
 
 /*
  * The same with synthetic bf16 weights generated on the GPU from `seed`
@@ -244,6 +257,8 @@ int64_t moe_cuda_workspace_bytes_fmt(const moe_hparams_t *hp, int wfmt,
  * total * gpu_memory_utilization - (memory in use now) - weights -
  * workspaces - 256 MiB slack.  Call before creating the backend.
  * MOE_ENOMEM (with the numbers in err) when not even one block fits.
+ * The first two count bf16 blocks; _fmt and _rank count e4m3 ones (half
+ * the bytes, about twice as many) when kv_fp8 is 1.
  */
 int moe_cuda_kv_blocks_for(const moe_model_t *m, int block_size,
     int max_batched_tokens, double gpu_memory_utilization, int device,
@@ -256,10 +271,11 @@ int moe_cuda_kv_blocks_for_hp(const moe_hparams_t *hp, int block_size,
  * layouts its checkpoint keeps on the device, qweights.h): an fp8 / 4-bit
  * model gets the KV blocks its smaller weights leave free. */
 int moe_cuda_kv_blocks_for_fmt(const moe_hparams_t *hp, int wfmt,
-    int block_size, int max_batched_tokens, double gpu_memory_utilization,
-    int device, int *n_blocks, char *err, size_t errlen);
+    int block_size, int kv_fp8, int max_batched_tokens,
+    double gpu_memory_utilization, int device, int *n_blocks, char *err,
+    size_t errlen);
 int moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank,
-    int ep, int block_size, int max_batched_tokens,
+    int ep, int block_size, int kv_fp8, int max_batched_tokens,
     double gpu_memory_utilization, int device, int *n_blocks, char *err,
     size_t errlen);
 
@@ -267,12 +283,13 @@ int moe_cuda_kv_blocks_for_rank(const moe_model_t *m, int tp, int rank,
  * A reload beside the old worker (cuda_share.h): when a live worker serves
  * the weights a one-rank backend of hp would hold (m NULL: load_format
  * dummy with seed and weight format wfmt, qweights.h), the KV pool it
- * sized, in blocks of block_size for hp
+ * sized, in blocks of block_size for hp (e4m3 blocks when kv_fp8)
  * (MOE_OK, *n_blocks); else MOE_EIO.  The backend created with that many
  * blocks imports the weights and grows its pool as the old one exits.
  */
 int moe_cuda_share_kv_hint(const moe_hparams_t *hp, const moe_model_t *m,
-    int wfmt, uint64_t seed, int device, int block_size, int *n_blocks);
+    int wfmt, uint64_t seed, int device, int block_size, int kv_fp8,
+    int *n_blocks);
 
 /*
  * Stage timing for benchmarks: enable != 0 turns it on (events recorded at

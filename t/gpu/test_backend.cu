@@ -292,14 +292,16 @@ test_model(const char *dir)
         TAP_OK(0, "%s: cpu backend: %s", name, err);
         goto out_free;
     }
-    rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
-                                 sizeof(err));
+    {
+        /* with MOE_TEST_KV_FP8=1 the GPU pool is e4m3 from creation, as
+         * the engine makes it (moe_cuda_backend_create_kv) */
+        moe_cuda_kv_t kv = { kv_fp8, 1.0f, 1.0f };
+
+        rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
+                                        64, 0, &kv, &gb, err, sizeof(err));
+    }
     if (rc == MOE_OK && kv_fp8) {
         rc = moe_cpu_backend_set_kv_fp8(cb, 1.0f, 1.0f, err, sizeof(err));
-        if (rc == MOE_OK) {
-            rc = moe_cuda_backend_set_kv_fp8(gb, 1.0f, 1.0f, err,
-                                             sizeof(err));
-        }
     }
     TAP_OK(rc == MOE_OK, "%s: cuda backend created%s (%s)", name,
            kv_fp8 ? ", both with the fp8 KV cache" : "",
@@ -1521,6 +1523,119 @@ test_engine_tp(const char *model)
  * message naming the variable (never a silent default), and the next
  * creation without it succeeds.
  */
+/*
+ * The fp8 KV pool's size (moe_cuda_backend_create_kv, kv_cache_dtype
+ * fp8): an e4m3 block has half the bytes of a bf16 one, the same memory
+ * budget gives at least twice the blocks (moe_cuda_kv_blocks_for_rank
+ * with kv_fp8 1; floor(2x) >= 2 floor(x)), and the engine's factory
+ * (moe_backend_create with kv_fp8) makes a pool of that many blocks
+ * where a bf16 pool got half.  Negative or NaN scales are refused.
+ * Before this the fp8 pool kept the bf16 pool's block count: half the
+ * memory meant for the KV cache stayed unused.
+ */
+static void
+test_kv_fp8_pool(const char *dir)
+{
+    moe_model_t        *m;
+    moe_backend_t      *b16 = NULL, *b8 = NULL, *bad = NULL;
+    moe_backend_opts_t  o;
+    char                err[512];
+    int                 n16 = 0, n8 = 0, rc, r1, r2, refused;
+    int64_t             p16, p8;
+
+    if (access(dir, R_OK) != 0 || moe_model_open(dir, 0, &m, err,
+                                                 sizeof(err)) != MOE_OK)
+    {
+        TAP_DIAG("%s: missing, fp8 KV pool test skipped", dir);
+        return;
+    }
+    r1 = moe_cuda_kv_blocks_for_rank(m, 1, 0, 0, BS, 0, 64, 0.5, 0, &n16,
+                                     err, sizeof(err));
+    r2 = moe_cuda_kv_blocks_for_rank(m, 1, 0, 0, BS, 1, 64, 0.5, 0, &n8,
+                                     err, sizeof(err));
+    TAP_OK(r1 == MOE_OK && r2 == MOE_OK && n16 > 0 && n8 >= 2 * n16 - 2,
+           "fp8 KV: at gpu_memory_utilization 0.5, %d e4m3 blocks fit "
+           "where %d bf16 ones do (>= twice)", n8, n16);
+
+    {
+        moe_cuda_kv_t k8 = { 1, 0.0f, 0.0f };
+
+        rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
+                                        64, 0, NULL, &b16, err, sizeof(err));
+        if (rc == MOE_OK) {
+            rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS,
+                                            BS, 64, 0, &k8, &b8, err,
+                                            sizeof(err));
+        }
+    }
+    p16 = b16 != NULL ? b16->kv_bytes_per_block : 0;
+    p8 = b8 != NULL ? b8->kv_bytes_per_block : 0;
+    TAP_OK(rc == MOE_OK && p16 > 0 && 2 * p8 == p16
+           && b8->n_kv_blocks == N_BLOCKS,
+           "fp8 KV: an e4m3 block is %lld bytes, a bf16 one %lld; %d blocks "
+           "(%s)", (long long) p8, (long long) p16,
+           b8 != NULL ? b8->n_kv_blocks : 0, rc == MOE_OK ? "ok" : err);
+    if (b8 != NULL) {
+        b8->destroy(b8);
+    }
+    if (b16 != NULL) {
+        b16->destroy(b16);
+    }
+
+    refused = 0;
+    {
+        moe_cuda_kv_t kneg = { 1, -1.0f, 1.0f }, knan = { 1, 1.0f, NAN };
+
+        err[0] = '\0';
+        rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
+                                        64, 0, &kneg, &bad, err, sizeof(err));
+        refused += rc == MOE_EINVAL && bad == NULL
+                   && strstr(err, "scale") != NULL;
+        rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
+                                        64, 0, &knan, &bad, err, sizeof(err));
+        refused += rc == MOE_EINVAL && bad == NULL
+                   && strstr(err, "scale") != NULL;
+    }
+    TAP_OK(refused == 2, "fp8 KV: a negative and a NaN scale refused (%d of "
+           "2; %s)", refused, err);
+
+    /* the engine's factory: the pool sized from memory in either dtype */
+    memset(&o, 0, sizeof(o));
+    o.file = "test_kv_fp8_pool";
+    o.backend = "cuda";
+    /* 0.1 of an H100 / H200: 2-4 million e4m3 blocks of 16 tokens of
+     * this model, well under the cap of max_num_seqs sequences */
+    o.gpu_memory_utilization = 0.1;
+    o.block_size = 16;
+    o.max_model_len = 64;
+    o.max_num_seqs = 1 << 24;
+    o.max_num_batched_tokens = 64;
+    o.tensor_parallel_size = 1;
+    rc = moe_backend_create(&o, MOE_BACKEND_CUDA, m, &b16, err, sizeof(err));
+    if (rc == MOE_OK) {
+        n16 = b16->n_kv_blocks;
+        p16 = b16->kv_bytes_per_block;
+        b16->destroy(b16);
+        o.kv_fp8 = 1;
+        rc = moe_backend_create(&o, MOE_BACKEND_CUDA, m, &b8, err,
+                                sizeof(err));
+    }
+    /* the memory in use can move by a few MiB between the two calls
+     * (allocator caches): 1 % of slack, far from the ratio 1 of a pool
+     * that kept the bf16 block count */
+    TAP_OK(rc == MOE_OK && b8 != NULL && n16 > 0
+           && (double) b8->n_kv_blocks >= 1.98 * n16
+           && 2 * b8->kv_bytes_per_block == p16,
+           "fp8 KV through moe_backend_create: %d e4m3 blocks where bf16 "
+           "got %d (%s)", b8 != NULL ? b8->n_kv_blocks : 0, n16,
+           rc == MOE_OK ? "ok" : err);
+    if (b8 != NULL) {
+        b8->destroy(b8);
+    }
+    moe_model_free(m);
+}
+
+
 static void
 test_tuning_env(const char *dir)
 {
@@ -1801,6 +1916,7 @@ main(void)
     }
     test_swap("models/localmoe-tiny");
     test_tuning_env("models/localmoe-tiny");
+    test_kv_fp8_pool("models/localmoe-tiny");
     test_engine_sampling("t/data/models/mixtral-gqa");
     test_engine_logit_bias("t/data/models/mixtral-gqa");
     test_engine_logit_bias_eq("t/data/models/mixtral-gqa");

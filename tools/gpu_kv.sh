@@ -1,0 +1,57 @@
+#!/bin/bash
+# The fp8 KV cache's checks and figures in one device call (the nineteenth
+# session's open items: the pool created in e4m3 and sized in e4m3
+# blocks, moe_cuda_backend_create_kv), from a tree where `make gpu`
+# built build/gpu (carried as tools/gpu_pack.sh's bundle):
+#
+#   tools/gpu_kv.sh
+#
+# Steps, each with its own time limit, logs in $OUT (default ./gpu-out):
+#   test_backend        every CPU/CUDA comparison, and the fp8 pool's
+#                       sizes ("fp8 KV" lines: twice the blocks in the
+#                       same memory, through moe_backend_create too)
+#   test_backend_kvfp8  the comparison with both caches in fp8, the GPU
+#                       pool created e4m3 (MOE_TEST_KV_FP8=1)
+#   decode_kv_auto/fp8  bench_engine, fp8 weights, decode at contexts
+#                       8192 and 32768, batches 1 and 64, bf16 then e4m3
+#                       KV (each figure next to its limit counting KV bytes)
+#   prefill_wg8_1/0     bench_engine prefill 512 / 2048 over the e4m3 cache
+#                       with the record's att_prefill_wg8 1 and 0
+# then a summary.  About 6 minutes; exit status 0 when every step passed.
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+. tools/gpu_env.sh
+
+BENCH="build/gpu/bench_engine mixtral-8x7b --weights fp8"
+gpu_step test_backend 200 build/gpu/test_backend
+gpu_step test_backend_kvfp8 100 env MOE_TEST_KV_FP8=1 build/gpu/test_backend
+for kv in auto fp8; do
+    gpu_step decode_kv_$kv 110 env BENCH_QUANT=0 BENCH_ATT=0 \
+        BENCH_CTX=8192,32768 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
+        $BENCH --kv-cache-dtype $kv
+done
+for w in 1 0; do
+    gpu_step prefill_wg8_$w 80 env MOE_CUDA_ATT_PREFILL_WG8=$w BENCH_QUANT=0 \
+        BENCH_ATT=0 BENCH_CTX=0 BENCH_BATCHES=0 BENCH_PROMPTS=512,2048 \
+        $BENCH --kv-cache-dtype fp8
+done
+
+tapsum() {
+    echo "$(grep -c '^ok' "$1") ok, $(grep -c '^not ok' "$1") not ok"
+}
+echo "--- test_backend: $(tapsum "$OUT/test_backend.log")"
+grep -E '^not ok|fp8 KV' "$OUT/test_backend.log" | cut -c1-200 | head -20
+echo "--- test_backend_kvfp8: $(tapsum "$OUT/test_backend_kvfp8.log")"
+grep -E '^not ok' "$OUT/test_backend_kvfp8.log" | cut -c1-200 | head -10
+for f in decode_kv_auto decode_kv_fp8 prefill_wg8_1 prefill_wg8_0; do
+    echo "--- $f"
+    grep -E 'created in|^RESULT' "$OUT/$f.log" \
+        | sed -E 's/ (tp|ep|gpus|experts_hit)=[^ ]*//g' | cut -c1-200
+done
+fail=0
+for s in "${GPU_STEPS[@]}"; do
+    [ "${GPU_RC[$s]}" = 0 ] || fail=1
+done
+tar czf "$OUT/gpu_kv_logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls ./*.log)
+exit $fail
