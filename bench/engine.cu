@@ -367,7 +367,7 @@ bench_create_ranks(const moe_hparams_t *hp, int *n_blocks,
         }
     }
     for (r = 0; r < opt_tp; r++) {
-        moe_cuda_kv_t kv = { opt_kvfp8, 1.0f, 1.0f };
+        moe_cuda_kv_t kv = { opt_kvfp8, NULL, NULL };
 
         rc = moe_cuda_backend_create_kv(NULL, hp, opt_wfmt, 42, opt_tp, r,
                                         opt_ep, nb, BS, CAP, dev[r], &kv,
@@ -475,7 +475,7 @@ bench_model(const shape_t *sh)
             return 0;
         }
     } else {
-        moe_cuda_kv_t kv = { opt_kvfp8, 1.0f, 1.0f };
+        moe_cuda_kv_t kv = { opt_kvfp8, NULL, NULL };
 
         rc = moe_cuda_backend_create_kv(NULL, &hp, opt_wfmt, 42, 1, 0, 0,
                                         n_blocks, BS, CAP, 0, &kv, &b, err,

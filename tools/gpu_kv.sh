@@ -4,7 +4,9 @@
 # blocks, moe_cuda_backend_create_kv), from a tree where `make gpu`
 # built build/gpu (carried as tools/gpu_pack.sh's bundle):
 #
-#   tools/gpu_kv.sh
+#   tools/gpu_kv.sh [tests|bench]     (default: both; about 8 minutes,
+#                                      so under the 10-minute call limit
+#                                      split it in two when in doubt)
 #
 # Steps, each with its own time limit, logs in $OUT (default ./gpu-out):
 #   test_backend        every CPU/CUDA comparison, and the fp8 pool's
@@ -12,20 +14,29 @@
 #                       same memory, through moe_backend_create too)
 #   test_backend_kvfp8  the comparison with both caches in fp8, the GPU
 #                       pool created e4m3 (MOE_TEST_KV_FP8=1)
+#   test_qbackend       the quantized models on both backends; fp8-tensor-kv
+#                       also with the fp8 cache at the checkpoint's
+#                       per-layer scales
 #   decode_kv_auto/fp8  bench_engine, fp8 weights, decode at contexts
 #                       8192 and 32768, batches 1 and 64, bf16 then e4m3
 #                       KV (each figure next to its limit counting KV bytes)
 #   prefill_wg8_1/0     bench_engine prefill 512 / 2048 over the e4m3 cache
 #                       with the record's att_prefill_wg8 1 and 0
-# then a summary.  About 6 minutes; exit status 0 when every step passed.
+# then a summary.  Exit status 0 when every step passed.
 
 set -u
 cd "$(dirname "$0")/.." || exit 2
 . tools/gpu_env.sh
 
+what=${1:-all}
 BENCH="build/gpu/bench_engine mixtral-8x7b --weights fp8"
+if [ "$what" != bench ]; then
 gpu_step test_backend 200 build/gpu/test_backend
 gpu_step test_backend_kvfp8 100 env MOE_TEST_KV_FP8=1 build/gpu/test_backend
+gpu_step test_qbackend 150 bash -c \
+    'tools/quant_models.sh build/quant > /dev/null && build/gpu/test_qbackend'
+fi
+if [ "$what" != tests ]; then
 for kv in auto fp8; do
     gpu_step decode_kv_$kv 110 env BENCH_QUANT=0 BENCH_ATT=0 \
         BENCH_CTX=8192,32768 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
@@ -36,15 +47,18 @@ for w in 1 0; do
         BENCH_ATT=0 BENCH_CTX=0 BENCH_BATCHES=0 BENCH_PROMPTS=512,2048 \
         $BENCH --kv-cache-dtype fp8
 done
+fi
 
 tapsum() {
     echo "$(grep -c '^ok' "$1") ok, $(grep -c '^not ok' "$1") not ok"
 }
-echo "--- test_backend: $(tapsum "$OUT/test_backend.log")"
-grep -E '^not ok|fp8 KV' "$OUT/test_backend.log" | cut -c1-200 | head -20
-echo "--- test_backend_kvfp8: $(tapsum "$OUT/test_backend_kvfp8.log")"
-grep -E '^not ok' "$OUT/test_backend_kvfp8.log" | cut -c1-200 | head -10
+for f in test_backend test_backend_kvfp8 test_qbackend; do
+    [ -f "$OUT/$f.log" ] || continue
+    echo "--- $f: $(tapsum "$OUT/$f.log")"
+    grep -E '^not ok|fp8 KV|fp8-tensor-kv' "$OUT/$f.log" | cut -c1-200 | head -20
+done
 for f in decode_kv_auto decode_kv_fp8 prefill_wg8_1 prefill_wg8_0; do
+    [ -f "$OUT/$f.log" ] || continue
     echo "--- $f"
     grep -E 'created in|^RESULT' "$OUT/$f.log" \
         | sed -E 's/ (tp|ep|gpus|experts_hit)=[^ ]*//g' | cut -c1-200

@@ -66,6 +66,9 @@ mk ct4-ch-asym       $tiny --format ct-int4 --group -1
 mk ct4-g32-asym-act  $tiny --format ct-int4 --group 32 --desc-act
 mk ct4-g128-sym-act  "$out/base128" --format ct-int4 --group 128 --sym --desc-act
 mk ct4-g128-256      "$out/base256" --format ct-int4 --group 128
+# with per-layer fp8 KV cache scales (loaded, unused by a bf16 cache;
+# t/kv_fp8.t makes its own copies to test them)
+mk fp8-tensor-kv     $tiny --format fp8-tensor --kv-scales 0.5,0.25
 # malformed copies for the refusal tests (no reference)
 "$q" --in $tiny --out "$out/bad-fp8-noscale" --format fp8-tensor --corrupt drop-scale
 "$q" --in $tiny --out "$out/bad-awq-noscale" --format awq --group 32 --corrupt drop-scale

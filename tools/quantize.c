@@ -24,11 +24,22 @@
  *   --ignore S       keep modules whose name contains S in float and list
  *                    S in modules_to_not_convert (ct-fp8: ignore, exact
  *                    name "re:.*S.*")
+ *   --kv-scales K,V[,N]  per-layer fp8 KV cache scales, K * (1 + 0.3 l)
+ *                    and V * (1 + 0.3 l) for layer l (F32 scalars; their
+ *                    ratios are not powers of two, so the e4m3 grids of
+ *                    two layers differ and a test can tell which scale a
+ *                    layer used),
+ *                    named as N says: attn (default: self_attn.k_scale /
+ *                    v_scale), output (self_attn.k_proj.output_scale /
+ *                    v_proj.output_scale), kv (self_attn.kv_scale, K's)
  *   --corrupt C      a malformed copy for the refusal tests:
  *                    drop-scale (no scale tensor of the first quantized
  *                    module), gidx-range (g_idx[0] = groups), scale-shape
  *                    (the first scales tensor one row short), wshape
- *                    (ct-int4: the first weight_shape 8 rows too many)
+ *                    (ct-int4: the first weight_shape 8 rows too many),
+ *                    kv-missing (layer 1 without its V scale), kv-perhead
+ *                    (layer 0's K scale two values), kv-neg (layer 0's
+ *                    K scale negative)
  *
  * Quantized: 2-D tensors named *_proj.weight or experts.E.w{1,2,3}.weight
  * (the dense projections and the experts); everything else is copied.
@@ -69,6 +80,8 @@ static int         bn = 128, bk = 128;
 static const char *ignore_s;
 static const char *corrupt;
 static int         corrupted;
+static double      kv_k, kv_v;          /* --kv-scales; 0: none */
+static char        kv_naming[16] = "attn";
 
 
 static void
@@ -484,6 +497,65 @@ write_st(const outset_t *o, const char *path)
 }
 
 
+/* --kv-scales: each layer's K and V cache scales (the layers: those with
+ * a self_attn.k_proj.weight in the source) */
+static void
+add_kv_scales(outset_t *o, const moe_st_set_t *st)
+{
+    char   name[300];
+    out_t *r;
+    float  x;
+    int    l, w;
+
+    for (l = 0;; l++) {
+        snprintf(name, sizeof(name), "model.layers.%d.self_attn.k_proj.weight",
+                 l);
+        if (moe_st_find(st, name) == NULL) {
+            break;
+        }
+        for (w = 0; w < 2; w++) {
+            if (strcmp(kv_naming, "kv") == 0 && w == 1) {
+                break;
+            }
+            if (corrupt != NULL && strcmp(corrupt, "kv-missing") == 0
+                && l == 1 && w == 1)
+            {
+                corrupted = 1;
+                continue;
+            }
+            if (strcmp(kv_naming, "output") == 0) {
+                snprintf(name, sizeof(name), "model.layers.%d.self_attn."
+                         "%c_proj.output_scale", l, w ? 'v' : 'k');
+            } else if (strcmp(kv_naming, "kv") == 0) {
+                snprintf(name, sizeof(name), "model.layers.%d.self_attn."
+                         "kv_scale", l);
+            } else {
+                snprintf(name, sizeof(name), "model.layers.%d.self_attn."
+                         "%c_scale", l, w ? 'v' : 'k');
+            }
+            x = (float) ((w ? kv_v : kv_k) * (1.0 + 0.3 * l));
+            if (corrupt != NULL && l == 0 && w == 0
+                && strcmp(corrupt, "kv-perhead") == 0)
+            {
+                r = add(o, name, MOE_DT_F32, 1, 2, 0);
+                memcpy(r->data, &x, 4);
+                memcpy((char *) r->data + 4, &x, 4);
+                corrupted = 1;
+                continue;
+            }
+            if (corrupt != NULL && l == 0 && w == 0
+                && strcmp(corrupt, "kv-neg") == 0)
+            {
+                x = -x;
+                corrupted = 1;
+            }
+            r = add(o, name, MOE_DT_F32, 0, 0, 0);
+            memcpy(r->data, &x, 4);
+        }
+    }
+}
+
+
 static void
 copy_file(const char *from, const char *to)
 {
@@ -593,13 +665,23 @@ main(int argc, char **argv)
             ignore_s = argv[++a];
         } else if (strcmp(argv[a], "--corrupt") == 0 && a + 1 < argc) {
             corrupt = argv[++a];
+        } else if (strcmp(argv[a], "--kv-scales") == 0 && a + 1 < argc) {
+            if (sscanf(argv[++a], "%lf,%lf,%15s", &kv_k, &kv_v, kv_naming)
+                < 2 || !(kv_k > 0) || !(kv_v > 0)
+                || (strcmp(kv_naming, "attn") != 0
+                    && strcmp(kv_naming, "output") != 0
+                    && strcmp(kv_naming, "kv") != 0))
+            {
+                die("--kv-scales K,V[,attn|output|kv], K and V > 0");
+            }
         } else {
             fprintf(stderr, "usage: quantize --in DIR --out DIR --format "
                     "fp8-tensor|fp8-block|ct-fp8[-tensor|-block]|awq|gptq|"
                     "ct-int4 "
                     "[--group G] "
                     "[--block BN,BK] [--sym] [--desc-act] [--g-idx] "
-                    "[--static] [--ignore S] [--corrupt C] [--ref DIR]\n");
+                    "[--static] [--ignore S] [--kv-scales K,V[,N]] "
+                    "[--corrupt C] [--ref DIR]\n");
             return 2;
         }
     }
@@ -717,6 +799,9 @@ main(int argc, char **argv)
         free(w);
     }
 
+    if (kv_k > 0) {
+        add_kv_scales(&oq, st);
+    }
     snprintf(path, sizeof(path), "%s/model.safetensors", out);
     write_st(&oq, path);
     write_config(in, out, qc);

@@ -190,24 +190,53 @@ be_nccl_choice(int mode, const int *devs, int tp, int *use, char *err,
 /* ------------------------------------------------- KV cache dtype */
 
 /*
+ * The fp8 KV cache's scales of every layer into p (kv_cache_dtype fp8):
+ * the YAML's kv_cache_scale_k / _v where set, else the checkpoint's
+ * (moe_model_kv_scales), else 1.0 (vLLM's order).
+ */
+static void
+be_kv_scales(const moe_backend_opts_t *o, const moe_model_t *m,
+    moe_ranks_t *p)
+{
+    const moe_hparams_t *hp = moe_model_hparams(m);
+    float                ck[MOE_MAX_LAYERS], cv[MOE_MAX_LAYERS];
+    int                  l, has = moe_model_kv_scales(m, ck, cv);
+
+    p->kv_fp8 = o->kv_fp8;
+    for (l = 0; l < hp->n_layers; l++) {
+        p->kv_ks[l] = o->kv_k_scale > 0.0f ? o->kv_k_scale
+                                           : has ? ck[l] : 1.0f;
+        p->kv_vs[l] = o->kv_v_scale > 0.0f ? o->kv_v_scale
+                                           : has ? cv[l] : 1.0f;
+    }
+    if (!o->kv_fp8) {
+        return;
+    }
+    moe_log(MOE_LOG_INFO, "fp8 KV cache: K scale %s, V scale %s (layer 0: "
+            "k %g, v %g)", o->kv_k_scale > 0.0f ? "from the configuration"
+                           : has ? "from the checkpoint, per layer"
+                                 : "1.0 (the checkpoint has none)",
+            o->kv_v_scale > 0.0f ? "from the configuration"
+            : has ? "from the checkpoint, per layer"
+                  : "1.0 (the checkpoint has none)",
+            (double) p->kv_ks[0], (double) p->kv_vs[0]);
+}
+
+
+/*
  * After creating one CPU backend (rank) *b with status rc: the fp8 KV
- * cache when p asks for it (kv_cache_dtype fp8; scales 0 mean 1.0), the
- * backend destroyed on failure.  Returns the status.  (A CUDA backend is
- * created with its KV element, be_cuda_kv: its pool's bytes depend on
- * it.)
+ * cache when p asks for it (kv_cache_dtype fp8), the backend destroyed
+ * on failure.  Returns the status.  (A CUDA backend is created with its
+ * KV element, be_cuda_kv: its pool's bytes depend on it.)
  */
 static int
 be_kv_dtype(const moe_ranks_t *p, moe_backend_t **b, int rc, char *err,
     size_t errlen)
 {
-    float ks, vs;
-
     if (rc != MOE_OK || !p->kv_fp8 || *b == NULL) {
         return rc;
     }
-    ks = p->kv_k_scale > 0.0f ? p->kv_k_scale : 1.0f;
-    vs = p->kv_v_scale > 0.0f ? p->kv_v_scale : 1.0f;
-    rc = moe_cpu_backend_set_kv_fp8(*b, ks, vs, err, errlen);
+    rc = moe_cpu_backend_set_kv_fp8(*b, p->kv_ks, p->kv_vs, err, errlen);
     if (rc != MOE_OK) {
         (*b)->destroy(*b);
         *b = NULL;
@@ -224,8 +253,8 @@ be_cuda_kv(const moe_ranks_t *p)
     moe_cuda_kv_t kv;
 
     kv.fp8 = p->kv_fp8;
-    kv.k_scale = p->kv_k_scale;
-    kv.v_scale = p->kv_v_scale;
+    kv.k_scales = p->kv_ks;
+    kv.v_scales = p->kv_vs;
     return kv;
 }
 #endif
@@ -485,9 +514,7 @@ be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
     p.n_threads = o->cpu_threads;
     p.n_blocks = be_cpu_blocks(o, moe_model_hparams(m));
     p.block_size = o->block_size;
-    p.kv_fp8 = o->kv_fp8;
-    p.kv_k_scale = o->kv_k_scale;
-    p.kv_v_scale = o->kv_v_scale;
+    be_kv_scales(o, m, &p);
 
     if (tp > 1 && o->cpu_tensor_parallel) {
         moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
@@ -620,9 +647,7 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     }
 
     memset(&p, 0, sizeof(p));
-    p.kv_fp8 = o->kv_fp8;
-    p.kv_k_scale = o->kv_k_scale;
-    p.kv_v_scale = o->kv_v_scale;
+    be_kv_scales(o, m, &p);
     p.kind = MOE_BACKEND_CUDA;
     if (o->dummy) {
         moe_cuda_kv_t kv = be_cuda_kv(&p);

@@ -297,14 +297,15 @@ int moe_cpu_backend_create(const moe_model_t *m, int n_blocks,
 
 /*
  * fp8 KV cache (kv_cache_dtype fp8): from now on the CPU backend stores
- * every K / V value it writes rounded through e4m3 with these per-tensor
- * scales (value = e4m3(x / scale) * scale, kernels/fp8.h), the values the
- * CUDA backend's fp8 cache holds, so that both backends compute the same
+ * every K / V value it writes rounded through e4m3 with the per-tensor
+ * scales of its layer, k_scales[l] / v_scales[l] for the model's n_layers
+ * (value = e4m3(x / scale) * scale, kernels/fp8.h), the values the CUDA
+ * backend's fp8 cache holds, so that both backends compute the same
  * function.  Call before the first forward().  MOE_EINVAL for a scale
  * that is not finite and > 0; reason in err.
  */
-int moe_cpu_backend_set_kv_fp8(moe_backend_t *b, float k_scale,
-    float v_scale, char *err, size_t errlen);
+int moe_cpu_backend_set_kv_fp8(moe_backend_t *b, const float *k_scales,
+    const float *v_scales, char *err, size_t errlen);
 
 /* A CPU backend calls fn(ctx, partial, T * dim) after o_proj and after
  * the FFN of every layer (the row-parallel partial sums of a shard,
@@ -387,7 +388,8 @@ typedef struct {
                                     (moe_model_shard_ep) */
     const char  *nccl;           /* "auto" | "on" | "off"; NULL: auto */
     /* KV cache element (kv_cache_dtype): 0 the model's dtype (auto);
-     * 1 fp8 e4m3 with per-tensor scales kv_k_scale / kv_v_scale (0: 1.0) */
+     * 1 fp8 e4m3 with per-tensor scales kv_k_scale / kv_v_scale; 0:
+     * each layer's from the checkpoint (moe_model_kv_scales), else 1.0 */
     int          kv_fp8;
     float        kv_k_scale, kv_v_scale;
 } moe_backend_opts_t;
@@ -446,7 +448,8 @@ typedef struct {
     int                 nccl;        /* CUDA: MOE_NCCL_* */
     int                 kv_fp8;      /* fp8 KV cache on every rank
                                         (moe_backend_opts_t) */
-    float               kv_k_scale, kv_v_scale;
+    float               kv_ks[MOE_MAX_LAYERS];  /* its K / V scales by */
+    float               kv_vs[MOE_MAX_LAYERS];  /* layer (> 0) */
 } moe_ranks_t;
 
 /*

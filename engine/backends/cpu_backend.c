@@ -293,7 +293,8 @@ typedef struct {
      * scales, exactly what the CUDA backend's cache gives back */
     int                   kv_fp8;
     int                   kv_grow_step;  /* MOE_CPU_KV_GROW (tests) */
-    float                 kv_k_scale, kv_v_scale;
+    float                 kv_ks[MOE_MAX_LAYERS];  /* by layer */
+    float                 kv_vs[MOE_MAX_LAYERS];
     int64_t               budget;      /* bytes reserved in the emulated
                                           memory budget (cpu_budget.c) */
 } cpu_backend_t;
@@ -429,8 +430,8 @@ cpu_kv_round_fp8(cpu_backend_t *b, int block, int layer, int off)
     float *v = cpu_kv_at(b, block, layer, 1, off);
 
     for (i = 0; i < n; i++) {
-        k[i] = moe_fp8_round(k[i], b->kv_k_scale);
-        v[i] = moe_fp8_round(v[i], b->kv_v_scale);
+        k[i] = moe_fp8_round(k[i], b->kv_ks[layer]);
+        v[i] = moe_fp8_round(v[i], b->kv_vs[layer]);
     }
 }
 
@@ -1564,20 +1565,26 @@ moe_cpu_backend_set_reduce(moe_backend_t *base, moe_reduce_fn fn, void *ctx)
 /* ------------------------------------------------------ fp8 KV cache */
 
 int
-moe_cpu_backend_set_kv_fp8(moe_backend_t *base, float k_scale,
-    float v_scale, char *err, size_t errlen)
+moe_cpu_backend_set_kv_fp8(moe_backend_t *base, const float *k_scales,
+    const float *v_scales, char *err, size_t errlen)
 {
     cpu_backend_t *b = (cpu_backend_t *) base;
+    int            l;
 
-    if (!(k_scale > 0.0f) || !(v_scale > 0.0f) || !isfinite(k_scale)
-        || !isfinite(v_scale))
-    {
-        moe_errf(err, errlen, "cpu backend: fp8 KV scales must be finite "
-                 "and > 0 (k %g, v %g)", (double) k_scale, (double) v_scale);
-        return MOE_EINVAL;
+    for (l = 0; l < b->hp->n_layers; l++) {
+        if (!(k_scales[l] > 0.0f) || !(v_scales[l] > 0.0f)
+            || !isfinite(k_scales[l]) || !isfinite(v_scales[l]))
+        {
+            moe_errf(err, errlen, "cpu backend: fp8 KV scales must be "
+                     "finite and > 0 (layer %d: k %g, v %g)", l,
+                     (double) k_scales[l], (double) v_scales[l]);
+            return MOE_EINVAL;
+        }
+    }
+    for (l = 0; l < b->hp->n_layers; l++) {
+        b->kv_ks[l] = k_scales[l];
+        b->kv_vs[l] = v_scales[l];
     }
     b->kv_fp8 = 1;
-    b->kv_k_scale = k_scale;
-    b->kv_v_scale = v_scale;
     return MOE_OK;
 }

@@ -259,7 +259,8 @@ typedef struct {
                                       weights imported, "Reload" below) */
     /* fp8 KV cache and long contexts (moe_cuda_backend_create_kv) */
     int             kv_fp8;        /* 1: the cache holds e4m3 */
-    float           kv_ks, kv_vs;  /* its per-tensor K / V scales */
+    float           kv_ks[MOE_MAX_LAYERS];  /* its per-tensor K / V */
+    float           kv_vs[MOE_MAX_LAYERS];  /* scales, by layer */
     int             long_ctx;      /* this step's longest context reaches
                                       tune.att_long_ctx (a graph key) */
     int             att_tc_whole;  /* this step's prefill attention is
@@ -2362,14 +2363,17 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
                n_blocks, block_size);
         return MOE_EINVAL;
     }
-    if (kv != NULL && kv->fp8
-        && (!(kv->k_scale >= 0.0f) || !(kv->v_scale >= 0.0f)
-            || !isfinite(kv->k_scale) || !isfinite(kv->v_scale)))
-    {
-        moe_errf(err, errlen, "cuda backend: fp8 KV scales must be finite "
-                 "and > 0 (k %g, v %g)", (double) kv->k_scale,
-                 (double) kv->v_scale);
-        return MOE_EINVAL;
+    for (int l = 0; kv != NULL && kv->fp8 && l < hp->n_layers; l++) {
+        float ks = kv->k_scales != NULL ? kv->k_scales[l] : 1.0f;
+        float vs = kv->v_scales != NULL ? kv->v_scales[l] : 1.0f;
+
+        if (!(ks > 0.0f) || !(vs > 0.0f) || !isfinite(ks) || !isfinite(vs))
+        {
+            moe_errf(err, errlen, "cuda backend: fp8 KV scales must be "
+                     "finite and > 0 (layer %d: k %g, v %g)", l, (double) ks,
+                     (double) vs);
+            return MOE_EINVAL;
+        }
     }
     ndev = moe_cuda_device_count();
     if (device < 0 || device >= ndev) {
@@ -2427,8 +2431,12 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     /* the KV element (kv_cache_dtype): fp8 pools hold e4m3(x / scale),
      * scales 0 meaning 1.0 */
     b->kv_fp8 = kv != NULL && kv->fp8;
-    b->kv_ks = b->kv_fp8 && kv->k_scale > 0.0f ? kv->k_scale : 1.0f;
-    b->kv_vs = b->kv_fp8 && kv->v_scale > 0.0f ? kv->v_scale : 1.0f;
+    for (int l = 0; l < hp->n_layers; l++) {
+        b->kv_ks[l] = b->kv_fp8 && kv->k_scales != NULL ? kv->k_scales[l]
+                                                        : 1.0f;
+        b->kv_vs[l] = b->kv_fp8 && kv->v_scales != NULL ? kv->v_scales[l]
+                                                        : 1.0f;
+    }
     b->base.kv_bytes_per_block = cb_kv_bytes_per_block(hp, block_size,
                                                        b->kv_fp8);
     b->base.forward = cb_forward;
@@ -2472,9 +2480,9 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     }
     if (b->kv_fp8) {
         moe_log(MOE_LOG_INFO, "cuda backend: device %d: fp8 (e4m3) KV "
-                "cache, %d blocks of %lld bytes, scales k %g v %g", device,
-                n_blocks, (long long) b->base.kv_bytes_per_block,
-                (double) b->kv_ks, (double) b->kv_vs);
+                "cache, %d blocks of %lld bytes, layer 0 scales k %g v %g",
+                device, n_blocks, (long long) b->base.kv_bytes_per_block,
+                (double) b->kv_ks[0], (double) b->kv_vs[0]);
     }
     /* sample_tokens 0 leaves non-greedy rows to the engine's host sampler
      * (the test of both paths) */
@@ -3967,7 +3975,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
     for (l = 0; l < L; l++) {
         char *kvl = (char *) b->kv
                     + (size_t) l * kv_layer * (b->kv_fp8 ? 1 : sizeof(bf16));
-        moe_cuda_att_kv_t kvo = { b->kv_fp8, b->kv_ks, b->kv_vs,
+        moe_cuda_att_kv_t kvo = { b->kv_fp8, b->kv_ks[l], b->kv_vs[l],
                                   b->long_ctx ? b->tune.att_long_ctx : 0,
                                   b->att_tc_whole };
 
@@ -4028,7 +4036,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                        hp->rope_type == MOE_ROPE_DYNAMIC
                                        ? (const float *) d_rbase : NULL,
                                        b->rope_att, kvl, b->kv_fp8,
-                                       b->block_size, b->kv_ks, b->kv_vs,
+                                       b->block_size, b->kv_ks[l],
+                                       b->kv_vs[l],
                                        s));
         } else if (b->kv_fp8) {
             MOE_TRY(moe_cuda_rope_kv_fp8(b->qkv, QKV, T, hp->n_heads,
@@ -4037,7 +4046,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                          hp->rope_type == MOE_ROPE_DYNAMIC
                                          ? (const float *) d_rbase : NULL,
                                          b->rope_att, (uint8_t *) kvl,
-                                         b->block_size, b->kv_ks, b->kv_vs,
+                                         b->block_size, b->kv_ks[l],
+                                         b->kv_vs[l],
                                          s));
         } else {
             MOE_TRY(moe_cuda_rope_kv(b->qkv, QKV, T, hp->n_heads,

@@ -114,8 +114,9 @@ int moe_cuda_backend_create(const moe_model_t *m, int n_blocks,
 
 /* The KV cache's element, chosen when the backend is created. */
 typedef struct {
-    int   fp8;               /* 1: e4m3 (kv_cache_dtype fp8); 0: bf16 */
-    float k_scale, v_scale;  /* fp8: per-tensor scales; 0 means 1.0 */
+    int          fp8;        /* 1: e4m3 (kv_cache_dtype fp8); 0: bf16 */
+    const float *k_scales;   /* fp8: each layer's per-tensor K / V scale */
+    const float *v_scales;   /* (n_layers, > 0; NULL: 1.0), copied */
 } moe_cuda_kv_t;
 
 /*
@@ -129,7 +130,7 @@ typedef struct {
  * moe_cuda_kv_blocks_for_rank / _fmt given kv_fp8 1); K / V written as
  * e4m3(x / scale) (moe_cuda_rope_kv_fp8), read by moe_cuda_attention_ex;
  * (*out)->kv_bytes_per_block tells the block's bytes.  MOE_EINVAL also
- * for a scale that is negative or not finite.
+ * for a scale that is not finite and > 0.
  */
 int moe_cuda_backend_create_kv(const moe_model_t *m, const moe_hparams_t *hp,
     int wfmt, uint64_t seed, int tp, int rank, int ep, int n_blocks,

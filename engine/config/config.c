@@ -1274,8 +1274,9 @@ moe_config_defaults(moe_config_t *c)
     c->trust_remote_code = 0;
     strcpy(c->load_format, "auto");
     strcpy(c->kv_cache_dtype, "auto");
-    c->kv_cache_scale_k = 1.0;
-    c->kv_cache_scale_v = 1.0;
+    /* 0: unset, the checkpoint's per-layer scales, else 1.0 */
+    c->kv_cache_scale_k = 0.0;
+    c->kv_cache_scale_v = 0.0;
 
     /* tool calling */
     strcpy(c->tool_call_parser, "auto");

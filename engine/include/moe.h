@@ -135,8 +135,9 @@ typedef struct moe_config {
                                          errors; 0 unknown */
     /* the KV cache element (vllm.kv_cache_dtype): "auto" (the model's
      * dtype, default) | "fp8" | "fp8_e4m3" (e4m3 with per-tensor scales
-     * kv_cache_scale_k / _v, default 1.0: value = e4m3(x / scale) *
-     * scale) */
+     * kv_cache_scale_k / _v: value = e4m3(x / scale) * scale; 0 when
+     * unset: each layer's from the checkpoint's k_scale / v_scale
+     * tensors, else 1.0) */
     char    kv_cache_dtype[16];
     double  kv_cache_scale_k, kv_cache_scale_v;
 

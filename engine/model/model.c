@@ -69,6 +69,10 @@ struct moe_model {
     /* quantized checkpoints (model/quant.h): quantization_config, and the
      * YAML `quantization` applied (MOE_QM_NONE: plain float weights) */
     moe_qconfig_t   q;
+    /* the checkpoint's per-layer KV cache scales (m_kv_scales): kv_scales
+     * 1 when every layer has them, [0] K, [1] V */
+    int             kv_scales;
+    float           kv_scale[2][MOE_MAX_LAYERS];
 };
 
 static const char *supported_archs =
@@ -1748,6 +1752,7 @@ moe_model_load_config(const char *dir, int top_k_override,
 
 static int m_quant_config(moe_model_t *m, const char *quantization,
     char *err, size_t errlen);
+static int m_kv_scales(moe_model_t *m, char *err, size_t errlen);
 
 
 static int
@@ -1798,6 +1803,9 @@ m_load_model(const char *dir, int top_k_override, int what,
     }
     /* every tensor present with its shape before anything is allocated */
     rc = moe_model_for_each_tensor(m, NULL, NULL, err, errlen);
+    if (rc == MOE_OK) {
+        rc = m_kv_scales(m, err, errlen);
+    }
     if (rc == MOE_OK && what == 2) {
         rc = moe_model_load_f32(m, err, errlen);
     }
@@ -1973,6 +1981,9 @@ moe_model_shard_ep(const moe_model_t *m, int tp, int rank, int ep,
         return MOE_EUNSUPPORTED;
     }
     memcpy(sh->dir, m->dir, sizeof(sh->dir));
+    /* per-tensor KV scales: the same on every rank */
+    sh->kv_scales = m->kv_scales;
+    memcpy(sh->kv_scale, m->kv_scale, sizeof(sh->kv_scale));
     sh->w = *w;                     /* replicated tensors alias the parent */
     sh->st = m->st;
     sh->weight_bytes = m->weight_bytes / tp;
@@ -2337,6 +2348,114 @@ const moe_qconfig_t *
 moe_model_quant(const moe_model_t *m)
 {
     return &m->q;
+}
+
+
+/*
+ * The KV cache scale `which` (0 K, 1 V) of layer l in the checkpoint's
+ * namings, first found wins: self_attn.k_scale / v_scale (vLLM's, what
+ * llm-compressor's kv_cache_scheme writes), self_attn.k_proj.output_scale
+ * / v_proj.output_scale (older compressed-tensors), self_attn.kv_scale
+ * (AutoFP8: one for both).  *v 0 when the layer has none; a scale that is
+ * not one finite value > 0 is refused (per-head scales by name).
+ */
+static int
+m_kv_scale(const moe_model_t *m, int l, int which, float *v, char *err,
+    size_t errlen)
+{
+    static const char *const fmt[2][3] = {
+        { "model.layers.%d.self_attn.k_scale",
+          "model.layers.%d.self_attn.k_proj.output_scale",
+          "model.layers.%d.self_attn.kv_scale" },
+        { "model.layers.%d.self_attn.v_scale",
+          "model.layers.%d.self_attn.v_proj.output_scale",
+          "model.layers.%d.self_attn.kv_scale" }
+    };
+    const moe_st_tensor_t *t = NULL;
+    char                   name[128];
+    float                  x;
+    int                    i;
+
+    *v = 0.0f;
+    for (i = 0; i < 3 && t == NULL; i++) {
+        snprintf(name, sizeof(name), fmt[which][i], l);
+        t = moe_st_find(m->st, name);
+    }
+    if (t == NULL) {
+        return MOE_OK;
+    }
+    if (t->numel != 1) {
+        moe_errf(err, errlen, "%s: %s: %lld values; one per-tensor KV "
+                 "cache scale is supported (per-head scales are not: set "
+                 "kv_cache_scale_k / kv_cache_scale_v instead)", t->file,
+                 t->name, (long long) t->numel);
+        return MOE_EUNSUPPORTED;
+    }
+    if (t->dtype != MOE_DT_F32 && t->dtype != MOE_DT_F16
+        && t->dtype != MOE_DT_BF16)
+    {
+        moe_errf(err, errlen, "%s: %s: a KV cache scale must be F32, F16 or "
+                 "BF16", t->file, t->name);
+        return MOE_EFORMAT;
+    }
+    if (moe_st_to_f32(t, 0, 1, &x) != MOE_OK || !isfinite(x) || !(x > 0.0f))
+    {
+        moe_errf(err, errlen, "%s: %s: the KV cache scale %g is not finite "
+                 "and > 0", t->file, t->name, (double) x);
+        return MOE_EFORMAT;
+    }
+    *v = x;
+    return MOE_OK;
+}
+
+
+/* The checkpoint's KV cache scales: every layer's K and V, or none. */
+static int
+m_kv_scales(moe_model_t *m, char *err, size_t errlen)
+{
+    int l, w, n = 0, rc;
+
+    m->kv_scales = 0;
+    if (m->hp.arch == MOE_ARCH_GPT2) {
+        return MOE_OK;
+    }
+    for (l = 0; l < m->hp.n_layers; l++) {
+        for (w = 0; w < 2; w++) {
+            rc = m_kv_scale(m, l, w, &m->kv_scale[w][l], err, errlen);
+            if (rc != MOE_OK) {
+                return rc;
+            }
+            n += m->kv_scale[w][l] > 0.0f;
+        }
+    }
+    if (n == 0) {
+        return MOE_OK;
+    }
+    for (l = 0; l < m->hp.n_layers; l++) {
+        for (w = 0; w < 2; w++) {
+            if (m->kv_scale[w][l] == 0.0f) {
+                moe_errf(err, errlen, "%s: layer %d has no %s cache scale "
+                         "(model.layers.%d.self_attn.%s_scale) while other "
+                         "layers have them", m->dir, l, w ? "V" : "K", l,
+                         w ? "v" : "k");
+                return MOE_EFORMAT;
+            }
+        }
+    }
+    m->kv_scales = 1;
+    return MOE_OK;
+}
+
+
+int
+moe_model_kv_scales(const moe_model_t *m, float *k, float *v)
+{
+    if (m == NULL || !m->kv_scales) {
+        return 0;
+    }
+    memcpy(k, m->kv_scale[0], sizeof(float) * (size_t) m->hp.n_layers);
+    memcpy(v, m->kv_scale[1], sizeof(float) * (size_t) m->hp.n_layers);
+    return 1;
 }
 
 

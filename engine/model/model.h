@@ -254,6 +254,17 @@ const struct moe_st_set *moe_model_tensors(const moe_model_t *m);
 const char *moe_model_dir(const moe_model_t *m);
 
 /*
+ * The checkpoint's per-layer KV cache scales (fp8 KV cache, vLLM's
+ * self_attn.k_scale / v_scale, also k_proj/v_proj.output_scale and
+ * AutoFP8's kv_scale), read when the tensors are opened: 1 with
+ * hparams.n_layers values in k and v each, or 0 (the checkpoint has
+ * none, or load_format dummy).  A checkpoint with scales for some layers
+ * only, or a scale not one finite value > 0, fails to load (MOE_EFORMAT;
+ * per-head scales MOE_EUNSUPPORTED).  A shard has its parent's.
+ */
+int moe_model_kv_scales(const moe_model_t *m, float *k, float *v);
+
+/*
  * Open without the fp32 copy (the CUDA backend's load: weights go from the
  * mapped files straight to the device): config.json as moe_model_load(),
  * the safetensors set mapped, every tensor the hparams ask for checked

@@ -295,13 +295,18 @@ test_model(const char *dir)
     {
         /* with MOE_TEST_KV_FP8=1 the GPU pool is e4m3 from creation, as
          * the engine makes it (moe_cuda_backend_create_kv) */
-        moe_cuda_kv_t kv = { kv_fp8, 1.0f, 1.0f };
+        moe_cuda_kv_t kv = { kv_fp8, NULL, NULL };
 
         rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
                                         64, 0, &kv, &gb, err, sizeof(err));
     }
     if (rc == MOE_OK && kv_fp8) {
-        rc = moe_cpu_backend_set_kv_fp8(cb, 1.0f, 1.0f, err, sizeof(err));
+        float one[MOE_MAX_LAYERS];
+
+        for (int l = 0; l < MOE_MAX_LAYERS; l++) {
+            one[l] = 1.0f;
+        }
+        rc = moe_cpu_backend_set_kv_fp8(cb, one, one, err, sizeof(err));
     }
     TAP_OK(rc == MOE_OK, "%s: cuda backend created%s (%s)", name,
            kv_fp8 ? ", both with the fp8 KV cache" : "",
@@ -1558,7 +1563,7 @@ test_kv_fp8_pool(const char *dir)
            "where %d bf16 ones do (>= twice)", n8, n16);
 
     {
-        moe_cuda_kv_t k8 = { 1, 0.0f, 0.0f };
+        moe_cuda_kv_t k8 = { 1, NULL, NULL };
 
         rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
                                         64, 0, NULL, &b16, err, sizeof(err));
@@ -1584,7 +1589,13 @@ test_kv_fp8_pool(const char *dir)
 
     refused = 0;
     {
-        moe_cuda_kv_t kneg = { 1, -1.0f, 1.0f }, knan = { 1, 1.0f, NAN };
+        float         neg[MOE_MAX_LAYERS], nan1[MOE_MAX_LAYERS];
+        moe_cuda_kv_t kneg = { 1, neg, NULL }, knan = { 1, NULL, nan1 };
+
+        for (int l = 0; l < MOE_MAX_LAYERS; l++) {
+            neg[l] = l == 1 ? -1.0f : 1.0f;     /* the second layer's */
+            nan1[l] = l == 0 ? NAN : 1.0f;
+        }
 
         err[0] = '\0';
         rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,

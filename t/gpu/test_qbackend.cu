@@ -44,6 +44,10 @@
  *   kernels/q4_wgmma.cu takes): its 40-token prefill must run 4-bit
  *   launches on that kernel (moe_cuda_backend_q4w_calls > 0), none with
  *   MOE_CUDA_Q4_GEMV 0.
+ *   fp8-tensor-kv (per-layer KV cache scales in the checkpoint): both
+ *   backends with the fp8 KV cache at the checkpoint's scales (the CPU's
+ *   moe_cpu_backend_set_kv_fp8, the GPU's moe_cuda_backend_create_kv; tp
+ *   2 through moe_backend_create_ranks), held to KV_FP8_TOL.
  * Checks: relative L2 error of the logits <= 2e-2 at every step (bf16
  * activations, and the dequantized scratch rounds weights to bf16: the
  * bound test_backend uses for bf16 weights); greedy equal wherever the
@@ -76,6 +80,9 @@ extern "C" {
  * path at 1e-1 (and its greedy tokens), every other variant runs with
  * MOE_CUDA_FP8_ACT=0 (fp8 parts dequantized for prefill) at REL_TOL */
 #define ACT_TOL   1e-1
+/* both KV caches e4m3 (test_backend's KV_FP8_TOL: a value the two sides
+ * compute a bf16 step apart can round to neighbouring e4m3 values) */
+#define KV_FP8_TOL 1e-1
 #define BS        4
 #define N_BLOCKS  32
 #define PROMPT    40
@@ -122,6 +129,8 @@ static int g_q4t = -1;
 /* MOE_CUDA_Q4_GEMV for the next variants (-1: left unset) */
 static int g_q4g = -1;
 static int g_q4w = -1;      /* expect warpgroup launches (1) or none (0) */
+/* 1: both backends with the fp8 KV cache at the checkpoint's scales */
+static int g_kvfp8;
 
 static void
 run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
@@ -172,10 +181,23 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
     if (blas) {
         setenv("MOE_CUDA_GGEMM_MAX_T", "0", 1);
     }
+    memset(&gp, 0, sizeof(gp));
+    if (g_kvfp8) {
+        strncat(what, ", fp8 KV cache at the checkpoint's scales",
+                sizeof(what) - strlen(what) - 1);
+        gp.kv_fp8 = moe_model_kv_scales(m, gp.kv_ks, gp.kv_vs);
+        if (!gp.kv_fp8) {
+            TAP_OK(0, "%s: the checkpoint has no KV cache scales", what);
+            return;
+        }
+    }
     rc = moe_cpu_backend_create(m, N_BLOCKS, BS, 1, &cb, err, sizeof(err));
+    if (rc == MOE_OK && g_kvfp8) {
+        rc = moe_cpu_backend_set_kv_fp8(cb, gp.kv_ks, gp.kv_vs, err,
+                                        sizeof(err));
+    }
     if (rc == MOE_OK) {
         if (tp > 1) {
-            memset(&gp, 0, sizeof(gp));
             gp.kind = MOE_BACKEND_CUDA;
             gp.tp = tp;
             gp.ep = ep;
@@ -184,8 +206,11 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
             gp.max_batched_tokens = 64;
             rc = moe_backend_create_ranks(m, &gp, &gb, err, sizeof(err));
         } else {
-            rc = moe_cuda_backend_create(m, N_BLOCKS, BS, 64, 0, &gb, err,
-                                         sizeof(err));
+            moe_cuda_kv_t kv = { gp.kv_fp8, gp.kv_ks, gp.kv_vs };
+
+            rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS,
+                                            BS, 64, 0, &kv, &gb, err,
+                                            sizeof(err));
         }
     }
     unsetenv("MOE_CUDA_GGEMM_MAX_T");
@@ -384,6 +409,12 @@ main(void)
         }
         if (strcmp(line, "awq-g32") == 0) {
             run_variant(line, m, 2, 1, 0);
+        }
+        if (strcmp(line, "fp8-tensor-kv") == 0) {
+            g_kvfp8 = 1;
+            run_variant_tol(line, m, 1, 0, 0, 0, KV_FP8_TOL);
+            run_variant_tol(line, m, 2, 0, 0, 0, KV_FP8_TOL);
+            g_kvfp8 = 0;
         }
         if (strcmp(line, "fp8-tensor") == 0
             || strcmp(line, "ct-fp8-channel") == 0)

@@ -11,7 +11,18 @@
  *     logits differ from the default backend's but stay close (relative
  *     L2 < 0.3 on this tiny model: 3 mantissa bits, not garbage); a scale
  *     of 0 is refused by
- *     moe_cpu_backend_set_kv_fp8.
+ *     moe_cpu_backend_set_kv_fp8 (per layer: layer 1's).
+ *   - the checkpoint's per-layer scales ($MOE_KV_MODELS, t/kv_fp8.t: copies
+ *     of the tiny model with scales K (1 + 0.3 l), V (1 + 0.3 l)):
+ *     moe_model_kv_scales reads them in vLLM's naming (self_attn.k_scale /
+ *     v_scale), compressed-tensors' (k_proj / v_proj.output_scale) and
+ *     AutoFP8's (kv_scale, both); with kv_cache_dtype fp8 and no YAML
+ *     scales each layer's K / V values lie on the e4m3 grid of that
+ *     layer's scales and layer 1's not on layer 0's (the scales are used
+ *     per layer); a YAML kv_cache_scale_k replaces the checkpoint's K
+ *     scales only; a model without scale tensors has none; scales for
+ *     some layers only, per-head scales and a negative scale fail to
+ *     load with the tensor or layer named.
  * Run from the repository root or with MOE_SRCDIR.
  */
 
@@ -65,10 +76,11 @@ step(moe_backend_t *b, float *logits)
 
 
 /* Values of block `blk` (swapped out to slot 0): how many K / V values
- * are not on the e4m3 grid of their scale, and how many are nonzero. */
+ * are not on the e4m3 grid of their layer's scale (ks[l], vs[l]), and
+ * how many are nonzero. */
 static int
-grid_check(moe_backend_t *b, const moe_hparams_t *hp, int blk, float ks,
-    float vs, int *off_grid, int *nonzero)
+grid_check(moe_backend_t *b, const moe_hparams_t *hp, int blk,
+    const float *ks, const float *vs, int *off_grid, int *nonzero)
 {
     int32_t blocks[1] = { blk }, slots[1] = { 0 };
     size_t  n = (size_t) b->kv_bytes_per_block / sizeof(float);
@@ -90,7 +102,8 @@ grid_check(moe_backend_t *b, const moe_hparams_t *hp, int blk, float ks,
     }
     for (size_t i = 0; rc == MOE_OK && i < n; i++) {
         /* (n_layers, 2, block_size, n_kv, hd): K rows then V rows */
-        float sc = (i / row) % 2 == 0 ? ks : vs;
+        size_t l = i / (2 * row);
+        float  sc = (i / row) % 2 == 0 ? ks[l] : vs[l];
 
         *off_grid += moe_fp8_round(buf[i], sc) != buf[i];
         *nonzero += buf[i] != 0.0f;
@@ -98,6 +111,147 @@ grid_check(moe_backend_t *b, const moe_hparams_t *hp, int blk, float ks,
     free(buf);
     (void) b->swap_alloc(b, 0, err, sizeof(err));
     return rc;
+}
+
+
+/* Load dir/name on the CPU (fp32) into *m; the status. */
+static int
+load(const char *dir, const char *name, moe_model_t **m, char *err,
+    size_t errlen)
+{
+    moe_backend_opts_t o;
+    moe_backend_kind_t kind = 0;
+    char               path[PATH_MAX];
+
+    opts_init(&o);
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    *m = NULL;
+    return moe_backend_load_model(&o, path, 0, &kind, m, err, errlen);
+}
+
+
+/* Whether moe_model_kv_scales(m) gives K k0 (1 + 0.3 l), V v0 (...). */
+static int
+scales_are(const moe_model_t *m, double k0, double v0)
+{
+    float k[MOE_MAX_LAYERS], v[MOE_MAX_LAYERS];
+    int   l, ok = moe_model_kv_scales(m, k, v) == 1;
+
+    for (l = 0; ok && l < moe_model_hparams(m)->n_layers; l++) {
+        ok = k[l] == (float) (k0 * (1.0 + 0.3 * l))
+             && v[l] == (float) (v0 * (1.0 + 0.3 * l));
+        if (!ok) {
+            TAP_DIAG("layer %d: k %g v %g", l, (double) k[l], (double) v[l]);
+        }
+    }
+    return ok;
+}
+
+
+/* The checkpoint's per-layer scales (models in dir, t/kv_fp8.t). */
+static void
+test_ckpt_scales(const char *dir)
+{
+    static const struct {
+        const char *name;
+        int         rc;
+        const char *says;
+    } bad[] = {
+        { "bad-kv-missing", MOE_EFORMAT, "layer 1 has no V cache scale" },
+        { "bad-kv-perhead", MOE_EUNSUPPORTED,
+          "model.layers.0.self_attn.k_scale: 2 values" },
+        { "bad-kv-neg", MOE_EFORMAT,
+          "model.layers.0.self_attn.k_scale: the KV cache scale -0.6" },
+    };
+    moe_backend_opts_t  o;
+    moe_backend_t      *b = NULL;
+    moe_model_t        *m;
+    float               k[MOE_MAX_LAYERS], v[MOE_MAX_LAYERS];
+    float               k0[MOE_MAX_LAYERS], v0[MOE_MAX_LAYERS];
+    float               l8[512];
+    char                err[512];
+    int                 rc, off = -1, nz = 0, off0 = -1, nz0;
+    size_t              i;
+
+    rc = load(dir, "fp8-kv", &m, err, sizeof(err));
+    if (rc != MOE_OK) {
+        TAP_OK(0, "fp8-kv loads: %s", err);
+        return;
+    }
+    TAP_OK(scales_are(m, 0.6, 0.35), "fp8-kv: self_attn.k_scale / v_scale "
+           "read per layer");
+    (void) moe_model_kv_scales(m, k, v);
+    for (int l = 0; l < MOE_MAX_LAYERS; l++) {
+        k0[l] = k[0];
+        v0[l] = v[0];
+    }
+
+    /* no YAML scales: each layer's from the checkpoint */
+    opts_init(&o);
+    o.kv_fp8 = 1;
+    rc = moe_backend_create(&o, MOE_BACKEND_CPU, m, &b, err, sizeof(err));
+    if (rc == MOE_OK && moe_model_hparams(m)->vocab_size > 512) {
+        snprintf(err, sizeof(err), "vocab %d > 512",
+                 moe_model_hparams(m)->vocab_size);
+        rc = MOE_EINVAL;
+    }
+    if (rc == MOE_OK) {
+        rc = step(b, l8);
+    }
+    if (rc == MOE_OK) {
+        rc = grid_check(b, moe_model_hparams(m), 1, k, v, &off, &nz);
+    }
+    if (rc == MOE_OK) {
+        rc = grid_check(b, moe_model_hparams(m), 1, k0, v0, &off0, &nz0);
+    }
+    TAP_OK(rc == MOE_OK && off == 0 && nz > 0 && off0 > 0, "fp8 cache with "
+           "the checkpoint's scales: every K/V value on its layer's e4m3 "
+           "grid (%d off, %d nonzero); on layer 0's grid everywhere %d are "
+           "off (the check can fail) (%s)", off, nz, off0,
+           rc == MOE_OK ? "ok" : err);
+    if (b != NULL) {
+        b->destroy(b);
+        b = NULL;
+    }
+
+    /* a YAML K scale replaces the checkpoint's K scales only */
+    o.kv_k_scale = 0.9f;
+    for (int l = 0; l < MOE_MAX_LAYERS; l++) {
+        k0[l] = 0.9f;
+    }
+    off = -1;
+    rc = moe_backend_create(&o, MOE_BACKEND_CPU, m, &b, err, sizeof(err));
+    if (rc == MOE_OK) {
+        rc = step(b, l8);
+    }
+    if (rc == MOE_OK) {
+        rc = grid_check(b, moe_model_hparams(m), 1, k0, v, &off, &nz);
+    }
+    TAP_OK(rc == MOE_OK && off == 0 && nz > 0, "kv_cache_scale_k 0.9: K on "
+           "its grid, V on the checkpoint's per-layer grids (%d off) (%s)",
+           off, rc == MOE_OK ? "ok" : err);
+    if (b != NULL) {
+        b->destroy(b);
+    }
+    moe_model_free(m);
+
+    rc = load(dir, "ct-fp8-kv-output", &m, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && scales_are(m, 0.6, 0.35), "compressed-tensors' "
+           "k_proj / v_proj.output_scale read per layer (%s)",
+           rc == MOE_OK ? "ok" : err);
+    moe_model_free(m);
+    rc = load(dir, "awq-kv-one", &m, err, sizeof(err));
+    TAP_OK(rc == MOE_OK && scales_are(m, 0.75, 0.75), "AutoFP8's kv_scale "
+           "read per layer for K and V (%s)", rc == MOE_OK ? "ok" : err);
+    moe_model_free(m);
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err[0] = '\0';
+        rc = load(dir, bad[i].name, &m, err, sizeof(err));
+        TAP_OK(rc == bad[i].rc && m == NULL && strstr(err, bad[i].says),
+               "%s refused (rc %d): %s", bad[i].name, rc, err);
+        moe_model_free(m);
+    }
 }
 
 
@@ -115,10 +269,14 @@ main(void)
     int                 rc, V, off8 = -1, nz8 = 0, offd = -1, nzd = 0;
     int                 ran8 = 0, rand = 0;
     double              num = 0, den = 0;
+    float               ks05[MOE_MAX_LAYERS], vs025[MOE_MAX_LAYERS];
 
-    TAP_PLAN(8);
     if (c == NULL) {
         return 1;
+    }
+    for (int l = 0; l < MOE_MAX_LAYERS; l++) {
+        ks05[l] = 0.5f;
+        vs025[l] = 0.25f;
     }
     src = src != NULL ? src : ".";
 
@@ -126,9 +284,10 @@ main(void)
     snprintf(path, sizeof(path), "%s/t/data/conf/kvfp8_ok.yaml", src);
     rc = moe_config_load(path, c, err, sizeof(err));
     TAP_OK(rc == MOE_OK && strcmp(c->kv_cache_dtype, "fp8") == 0
-           && c->kv_cache_scale_k == 0.5 && c->kv_cache_scale_v == 1.0,
+           && c->kv_cache_scale_k == 0.5 && c->kv_cache_scale_v == 0.0,
            "kv_cache_dtype fp8, kv_cache_scale_k 0.5 loads, scale_v "
-           "defaults to 1.0 (%s)", rc == MOE_OK ? "ok" : err);
+           "unset (0: the checkpoint's, else 1.0) (%s)",
+           rc == MOE_OK ? "ok" : err);
     snprintf(path, sizeof(path), "%s/t/data/conf/bad_kv_dtype.yaml", src);
     rc = moe_config_load(path, c, err, sizeof(err));
     TAP_OK(rc == MOE_EINVAL && strstr(err, ":3:") != NULL
@@ -161,7 +320,7 @@ main(void)
         ran8 = rc == MOE_OK;
     }
     if (rc == MOE_OK) {
-        rc = grid_check(b8, moe_model_hparams(m), 1, 0.5f, 0.25f, &off8,
+        rc = grid_check(b8, moe_model_hparams(m), 1, ks05, vs025, &off8,
                         &nz8);
     }
     TAP_OK(rc == MOE_OK && off8 == 0 && nz8 > 0, "fp8 cache: every K/V "
@@ -175,7 +334,7 @@ main(void)
         rand = rc == MOE_OK;
     }
     if (rc == MOE_OK) {
-        rc = grid_check(bd, moe_model_hparams(m), 1, 0.5f, 0.25f, &offd,
+        rc = grid_check(bd, moe_model_hparams(m), 1, ks05, vs025, &offd,
                         &nzd);
     }
     TAP_OK(rc == MOE_OK && offd > 0, "default cache: fp32 values, %d of "
@@ -188,11 +347,22 @@ main(void)
     TAP_OK(ran8 && rand && num > 0 && sqrt(num / den) < 0.3, "fp8 logits differ from the "
            "default's by relative L2 %.3g (> 0, < 0.3)", sqrt(num / den));
 
-    TAP_OK(moe_cpu_backend_set_kv_fp8(bd, 0.0f, 1.0f, err, sizeof(err))
-           == MOE_EINVAL && strstr(err, "scales") != NULL,
-           "set_kv_fp8 scale 0 refused: %s", err);
-    TAP_OK(moe_cpu_backend_set_kv_fp8(bd, 1.0f, NAN, err, sizeof(err))
-           == MOE_EINVAL, "set_kv_fp8 scale NaN refused: %s", err);
+    {
+        float one[MOE_MAX_LAYERS], bad[MOE_MAX_LAYERS];
+
+        for (int l = 0; l < MOE_MAX_LAYERS; l++) {
+            one[l] = 1.0f;
+            bad[l] = l == 1 ? 0.0f : 1.0f;      /* the second layer's */
+        }
+        TAP_OK(moe_cpu_backend_set_kv_fp8(bd, bad, one, err, sizeof(err))
+               == MOE_EINVAL && strstr(err, "scales") != NULL
+               && strstr(err, "layer 1") != NULL,
+               "set_kv_fp8 scale 0 (layer 1's K) refused: %s", err);
+        bad[1] = NAN;
+        TAP_OK(moe_cpu_backend_set_kv_fp8(bd, one, bad, err, sizeof(err))
+               == MOE_EINVAL, "set_kv_fp8 scale NaN (layer 1's V) "
+               "refused: %s", err);
+    }
 
     if (b8 != NULL) {
         b8->destroy(b8);
@@ -200,9 +370,22 @@ main(void)
     if (bd != NULL) {
         bd->destroy(bd);
     }
+    {
+        float k[MOE_MAX_LAYERS], v[MOE_MAX_LAYERS];
+
+        TAP_OK(moe_model_kv_scales(m, k, v) == 0, "localmoe-tiny has no "
+               "KV cache scales");
+    }
     moe_model_free(m);
     free(l8);
     free(ld);
     free(c);
+    if (getenv("MOE_KV_MODELS") != NULL) {
+        test_ckpt_scales(getenv("MOE_KV_MODELS"));
+    } else {
+        TAP_DIAG("MOE_KV_MODELS unset: the checkpoint scale tests skipped "
+                 "(t/kv_fp8.t sets it)");
+    }
+    TAP_PLAN(tap_n);
     return TAP_DONE();
 }
