@@ -4,9 +4,10 @@
 # blocks, moe_cuda_backend_create_kv), from a tree where `make gpu`
 # built build/gpu (carried as tools/gpu_pack.sh's bundle):
 #
-#   tools/gpu_kv.sh [tests|bench]     (default: both; about 8 minutes,
-#                                      so under the 10-minute call limit
-#                                      split it in two when in doubt)
+#   tools/gpu_kv.sh [tests|bench|serve]   (default: tests and bench,
+#                                          about 8 minutes; under the
+#                                          10-minute call limit split it
+#                                          in two when in doubt)
 #
 # Steps, each with its own time limit, logs in $OUT (default ./gpu-out):
 #   test_backend        every CPU/CUDA comparison, and the fp8 pool's
@@ -22,6 +23,12 @@
 #                       KV (each figure next to its limit counting KV bytes)
 #   prefill_wg8_1/0     bench_engine prefill 512 / 2048 over the e4m3 cache
 #                       with the record's att_prefill_wg8 1 and 0
+#   serve_kv_auto/fp8   (serve only) bench/gpu_serve.sh, fp8 dummy weights,
+#                       16 streams of 8192-token prompts, 128 tokens out,
+#                       bf16 then e4m3 KV cache
+#                       (bench/conf/mixtral-8x7b-fp8-kvfp8-dummy.yaml):
+#                       the pools' block counts (engine ready line) and
+#                       TTFT / TPOT
 # then a summary.  Exit status 0 when every step passed.
 
 set -u
@@ -30,13 +37,30 @@ cd "$(dirname "$0")/.." || exit 2
 
 what=${1:-all}
 BENCH="build/gpu/bench_engine mixtral-8x7b --weights fp8"
-if [ "$what" != bench ]; then
+if [ "$what" = serve ]; then
+    for kv in auto fp8; do
+        yaml=bench/conf/mixtral-8x7b-fp8-dummy.yaml
+        [ $kv = fp8 ] && yaml=bench/conf/mixtral-8x7b-fp8-kvfp8-dummy.yaml
+        mkdir -p "$OUT/serve_$kv"
+        gpu_step serve_kv_$kv 240 env OUT="$OUT/serve_$kv" BENCH_YAML=$yaml \
+            INPUT_LEN=8192 OUTPUT_LEN=128 NUM_PROMPTS=32 \
+            bench/gpu_serve.sh 16
+    done
+    for kv in auto fp8; do
+        echo "--- serve_kv_$kv"
+        grep -E 'engine ready|KV cache' "$OUT/serve_$kv/bench_serve_error.log" \
+            | sed -E 's/.*\] //' | cut -c1-200 | tail -3
+        grep -E -i 'ttft|tpot|throughput' "$OUT/serve_$kv/bench_serve.txt" \
+            | head -8
+    done
+fi
+if [ "$what" = all ] || [ "$what" = tests ]; then
 gpu_step test_backend 200 build/gpu/test_backend
 gpu_step test_backend_kvfp8 100 env MOE_TEST_KV_FP8=1 build/gpu/test_backend
 gpu_step test_qbackend 150 bash -c \
     'tools/quant_models.sh build/quant > /dev/null && build/gpu/test_qbackend'
 fi
-if [ "$what" != tests ]; then
+if [ "$what" = all ] || [ "$what" = bench ]; then
 for kv in auto fp8; do
     gpu_step decode_kv_$kv 110 env BENCH_QUANT=0 BENCH_ATT=0 \
         BENCH_CTX=8192,32768 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
@@ -67,5 +91,6 @@ fail=0
 for s in "${GPU_STEPS[@]}"; do
     [ "${GPU_RC[$s]}" = 0 ] || fail=1
 done
-tar czf "$OUT/gpu_kv_logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls ./*.log)
+tar czf "$OUT/gpu_kv_logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls ./*.log) \
+    $(cd "$OUT" && ls -d serve_* 2>/dev/null)
 exit $fail
