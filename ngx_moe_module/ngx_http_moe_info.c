@@ -445,6 +445,8 @@ ngx_http_moe_gen_memory(yajl_gen g, ngx_http_moe_inst_t *inst)
     ngx_http_moe_gen_int(g, "blocks_pending", st.kv_blocks_pending);
     ngx_http_moe_gen_int(g, "block_size", st.block_size);
     ngx_http_moe_gen_int(g, "bytes_per_block", st.kv_bytes_per_block);
+    ngx_http_moe_gen_lit(g, "dtype");
+    ngx_http_moe_gen_cstr(g, inst->eng->info->kv_cache_dtype);
     ngx_http_moe_gen_double(g, "usage", usage);
     yajl_gen_map_close(g);
 

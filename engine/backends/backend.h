@@ -122,6 +122,9 @@ struct moe_backend {
                                      0..n_kv_blocks-1; on every rank) */
     int64_t     kv_bytes_per_block; /* one block, every layer, K and V
                                      (all ranks together) */
+    const char *kv_dtype;         /* the values the KV cache holds:
+                                     "float32" | "bfloat16" | "fp8_e4m3"
+                                     (the CPU keeps e4m3 values in fp32) */
     /* 1: forward() honours moe_seq_batch_t.sample (draws tokens itself,
      * no logits copy); 0: only greedy token_out */
     int         sample_tokens;

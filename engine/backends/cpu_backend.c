@@ -1490,6 +1490,7 @@ moe_cpu_backend_create(const moe_model_t *m, int n_blocks, int block_size,
                 * (size_t) hp->n_kv_heads * (size_t) hp->head_dim;
     kv_floats = per_block * (size_t) n_blocks;
     b->base.name = "cpu";
+    b->base.kv_dtype = "float32";
     b->base.n_kv_blocks = n_blocks;
     b->base.kv_bytes_per_block = (int64_t) (per_block * sizeof(float));
     b->base.forward = cpu_forward;
@@ -1586,5 +1587,6 @@ moe_cpu_backend_set_kv_fp8(moe_backend_t *base, const float *k_scales,
         b->kv_vs[l] = v_scales[l];
     }
     b->kv_fp8 = 1;
+    b->base.kv_dtype = "fp8_e4m3";
     return MOE_OK;
 }

@@ -2439,6 +2439,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     }
     b->base.kv_bytes_per_block = cb_kv_bytes_per_block(hp, block_size,
                                                        b->kv_fp8);
+    b->base.kv_dtype = b->kv_fp8 ? "fp8_e4m3" : "bfloat16";
     b->base.forward = cb_forward;
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;

@@ -508,6 +508,7 @@ moe_tp_backend_wrap(moe_backend_t **ranks, moe_model_t **shards, int tp,
         b->n_threads++;
     }
     b->base.name = b->rank[0]->name;
+    b->base.kv_dtype = b->rank[0]->kv_dtype;
     b->base.n_kv_blocks = b->rank[0]->n_kv_blocks;
     for (r = 0; r < tp; r++) {
         if (b->rank[r]->kv_grow != NULL) {

@@ -561,6 +561,8 @@ typedef struct {
     int      n_eos;
     int      block_size;
     int      kv_blocks_total;
+    char     kv_cache_dtype[16];         /* the KV values: "float32",
+                                            "bfloat16" or "fp8_e4m3" */
     const char *chat_template;           /* NULL: ChatML */
     long     created;                    /* unix time the model loaded */
 } moe_model_info_t;

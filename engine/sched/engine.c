@@ -478,6 +478,8 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     e->ep_ranks = moe_tp_backend_ep_ranks(e->backend);
     n_blocks = e->backend->n_kv_blocks;
     e->info.kv_blocks_total = n_blocks;
+    snprintf(e->info.kv_cache_dtype, sizeof(e->info.kv_cache_dtype), "%s",
+             e->backend->kv_dtype != NULL ? e->backend->kv_dtype : "auto");
 
     rc = moe_blocks_init(&e->blocks, n_blocks, cfg->block_size,
                          cfg->enable_prefix_caching);
@@ -557,10 +559,11 @@ moe_engine_create(const moe_config_t *cfg, moe_engine_t **out, char *err,
     for (i = 0; i < 1; i++) {
         moe_log(MOE_LOG_INFO, "engine ready: %s (%s, %d layers, %d experts "
                 "top-%d, vocab %d), backend %s, max_model_len %d, KV cache "
-                "%d blocks x %d tokens", e->info.served_name,
+                "%d blocks x %d tokens (%s)", e->info.served_name,
                 e->info.architecture, e->info.n_layers, e->info.n_experts,
                 e->info.top_k, e->info.vocab_size, e->info.backend,
-                e->info.max_model_len, n_blocks, cfg->block_size);
+                e->info.max_model_len, n_blocks, cfg->block_size,
+                e->info.kv_cache_dtype);
     }
 
     *out = e;
