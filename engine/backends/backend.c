@@ -230,7 +230,7 @@ be_kv_scales(const moe_backend_opts_t *o, const moe_model_t *m,
  * KV element, be_cuda_kv: its pool's bytes depend on it.)
  */
 static int
-be_kv_dtype(const moe_ranks_t *p, moe_backend_t **b, int rc, char *err,
+be_cpu_kv_fp8(const moe_ranks_t *p, moe_backend_t **b, int rc, char *err,
     size_t errlen)
 {
     if (rc != MOE_OK || !p->kv_fp8 || *b == NULL) {
@@ -310,7 +310,7 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
 #endif
         rc = moe_cpu_backend_create(m, p->n_blocks, p->block_size,
                                     p->n_threads, out, err, errlen);
-        return be_kv_dtype(p, out, rc, err, errlen);
+        return be_cpu_kv_fp8(p, out, rc, err, errlen);
     }
     if (tp > 64) {
         moe_errf(err, errlen, "tensor_parallel_size %d: at most 64", tp);
@@ -381,7 +381,7 @@ moe_backend_create_ranks(const moe_model_t *m, const moe_ranks_t *p,
                 rc = moe_cpu_backend_create(shards[r], p->n_blocks,
                                             p->block_size, per, &ranks[r],
                                             err, errlen);
-                rc = be_kv_dtype(p, &ranks[r], rc, err, errlen);
+                rc = be_cpu_kv_fp8(p, &ranks[r], rc, err, errlen);
             }
         }
     }
