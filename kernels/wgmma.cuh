@@ -187,6 +187,21 @@ moe_wg_fence_regs_n(float (&d)[N])
 }
 
 
+/* The same for A fragments in registers (bf16x2 / f16x2 pairs) that an
+ * in-flight wgmma reads: after the wait_group that retires it, so the
+ * compiler cannot give their registers to values computed before the
+ * wait (ptxas would then serialize every wgmma: warning C7513). */
+template <int N>
+__device__ __forceinline__ void
+moe_wg_fence_frag_n(uint32_t (&a)[N][2])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]) :: "memory");
+    }
+}
+
+
 /* Generic-proxy stores to shared memory (st.shared by the threads) made
  * visible to the async proxy that wgmma reads B through; then a barrier. */
 __device__ __forceinline__ void

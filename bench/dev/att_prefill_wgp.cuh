@@ -147,8 +147,13 @@ kernel_dev_prefill_wgp(const float *qkv, int ld, int T,
 
             stc = stc + 1 == STAGES ? 0 : stc + 1;
 
-            /* S_i = Q K_i^T, then P_{i-1} V_{i-1} */
+            /* S_i = Q K_i^T, then P_{i-1} V_{i-1} (the accumulators'
+             * last writes, the rescale, pinned before the fence) */
             moe_wg_fence_regs_n(s);
+#pragma unroll
+            for (int hh = 0; hh < NA; hh++) {
+                moe_wg_fence_regs_n(o[hh]);
+            }
             moe_wg_fence();
             att_wg_qk<HD, BN>(s, q_s, ks, wg);
             moe_wg_commit();
@@ -171,6 +176,9 @@ kernel_dev_prefill_wgp(const float *qkv, int ld, int T,
             att_wg_softmax<NJ, true>(s, m, l, corr, pc);
             if constexpr (!FIRST) {
                 moe_wg_wait<0>();           /* P_{i-1} V_{i-1} done */
+                /* P_{i-1}'s registers live until here: P_i may not be
+                 * written into them before the wait */
+                moe_wg_fence_frag_n(pp);
             }
 #pragma unroll
             for (int hh = 0; hh < NA; hh++) {

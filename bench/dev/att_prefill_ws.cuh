@@ -109,7 +109,9 @@ kernel_dev_prefill_ws(const float *qkv, int ld, int T,
             }
             rs = re;
         }
-        moe_cp_async_wait<0>();
+        /* the copies were never committed as groups (the full barriers
+         * track them): wait for all before the loader's threads end */
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
         return;
     }
 
@@ -167,8 +169,13 @@ kernel_dev_prefill_ws(const float *qkv, int ld, int T,
             moe_wg_fence_proxy_async();     /* the loader's copies, to
                                              * this thread's async proxy */
 
-            /* S_i = Q K_i^T, then P_{i-1} V_{i-1} */
+            /* S_i = Q K_i^T, then P_{i-1} V_{i-1} (the accumulators'
+             * last writes, the rescale, pinned before the fence) */
             moe_wg_fence_regs_n(s);
+#pragma unroll
+            for (int hh = 0; hh < NA; hh++) {
+                moe_wg_fence_regs_n(o[hh]);
+            }
             moe_wg_fence();
             att_wg_qk<HD, BN>(s, q_s, ks, cw);
             moe_wg_commit();
@@ -191,6 +198,9 @@ kernel_dev_prefill_ws(const float *qkv, int ld, int T,
             att_wg_softmax<NJ, true>(s, m, l, corr, pc);
             if constexpr (!FIRST) {
                 moe_wg_wait<0>();           /* P_{i-1} V_{i-1} done */
+                /* P_{i-1}'s registers live until here: P_i may not be
+                 * written into them before the wait */
+                moe_wg_fence_frag_n(pp);
                 moe_mbar_arrive(&empty[pst]);
             }
 #pragma unroll
