@@ -15,6 +15,8 @@
 #                       same memory, through moe_backend_create too)
 #   test_backend_kvfp8  the comparison with both caches in fp8, the GPU
 #                       pool created e4m3 (MOE_TEST_KV_FP8=1)
+#   test_kvfp8          the e4m3 cache's kernels (rope writes, attention
+#                       reads) against the fp32 reference
 #   test_qbackend       the quantized models on both backends; fp8-tensor-kv
 #                       also with the fp8 cache at the checkpoint's
 #                       per-layer scales
@@ -57,6 +59,7 @@ fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
 gpu_step test_backend 200 build/gpu/test_backend
 gpu_step test_backend_kvfp8 100 env MOE_TEST_KV_FP8=1 build/gpu/test_backend
+gpu_step test_kvfp8 60 build/gpu/test_kvfp8
 gpu_step test_qbackend 150 bash -c \
     'tools/quant_models.sh build/quant > /dev/null && build/gpu/test_qbackend'
 fi
@@ -76,7 +79,7 @@ fi
 tapsum() {
     echo "$(grep -c '^ok' "$1") ok, $(grep -c '^not ok' "$1") not ok"
 }
-for f in test_backend test_backend_kvfp8 test_qbackend; do
+for f in test_backend test_backend_kvfp8 test_kvfp8 test_qbackend; do
     [ -f "$OUT/$f.log" ] || continue
     echo "--- $f: $(tapsum "$OUT/$f.log")"
     grep -E '^not ok|fp8 KV|fp8-tensor-kv' "$OUT/$f.log" | cut -c1-200 | head -20
