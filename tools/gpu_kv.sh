@@ -4,10 +4,9 @@
 # blocks, moe_cuda_backend_create_kv), from a tree where `make gpu`
 # built build/gpu (carried as tools/gpu_pack.sh's bundle):
 #
-#   tools/gpu_kv.sh [tests|bench|serve]   (default: tests and bench,
-#                                          about 8 minutes; under the
-#                                          10-minute call limit split it
-#                                          in two when in doubt)
+#   tools/gpu_kv.sh [tests|bench|serve|all]   (default tests; all: tests
+#                                     then bench, which can take more
+#                                     than one 10-minute device call)
 #
 # Steps, each with its own time limit, logs in $OUT (default ./gpu-out):
 #   test_backend        every CPU/CUDA comparison, and the fp8 pool's
@@ -27,8 +26,9 @@
 #                       with the record's att_prefill_wg8 1 and 0
 #   serve_kv_auto/fp8   (serve only) bench/gpu_serve.sh, fp8 dummy weights,
 #                       16 streams of 8192-token prompts, 128 tokens out,
-#                       bf16 then e4m3 KV cache
-#                       (bench/conf/mixtral-8x7b-fp8-kvfp8-dummy.yaml):
+#                       max_model_len 32768, bf16 then e4m3 KV cache
+#                       (bench/conf/mixtral-8x7b-fp8-32k-dummy.yaml and
+#                       mixtral-8x7b-fp8-kvfp8-dummy.yaml):
 #                       the pools' block counts (engine ready line) and
 #                       TTFT / TPOT
 # then a summary.  Exit status 0 when every step passed.
@@ -37,11 +37,11 @@ set -u
 cd "$(dirname "$0")/.." || exit 2
 . tools/gpu_env.sh
 
-what=${1:-all}
+what=${1:-tests}
 BENCH="build/gpu/bench_engine mixtral-8x7b --weights fp8"
 if [ "$what" = serve ]; then
     for kv in auto fp8; do
-        yaml=bench/conf/mixtral-8x7b-fp8-dummy.yaml
+        yaml=bench/conf/mixtral-8x7b-fp8-32k-dummy.yaml
         [ $kv = fp8 ] && yaml=bench/conf/mixtral-8x7b-fp8-kvfp8-dummy.yaml
         mkdir -p "$OUT/serve_$kv"
         gpu_step serve_kv_$kv 240 env OUT="$OUT/serve_$kv" BENCH_YAML=$yaml \

@@ -192,17 +192,29 @@ be_nccl_choice(int mode, const int *devs, int tp, int *use, char *err,
 /*
  * The fp8 KV cache's scales of every layer into p (kv_cache_dtype fp8):
  * the YAML's kv_cache_scale_k / _v where set, else the checkpoint's
- * (moe_model_kv_scales), else 1.0 (vLLM's order).
+ * (moe_model_kv_scales), else 1.0 (vLLM's order).  The checkpoint's
+ * malformed scales fail (their status, reason in err naming o->file)
+ * only when an fp8 cache would use them.
  */
-static void
+static int
 be_kv_scales(const moe_backend_opts_t *o, const moe_model_t *m,
-    moe_ranks_t *p)
+    moe_ranks_t *p, char *err, size_t errlen)
 {
     const moe_hparams_t *hp = moe_model_hparams(m);
     float                ck[MOE_MAX_LAYERS], cv[MOE_MAX_LAYERS];
-    int                  l, has = moe_model_kv_scales(m, ck, cv);
+    char                 why[384];
+    int                  l, has;
 
+    has = moe_model_kv_scales(m, ck, cv, why, sizeof(why));
     p->kv_fp8 = o->kv_fp8;
+    if (has < 0) {
+        if (o->kv_fp8 && !(o->kv_k_scale > 0.0f && o->kv_v_scale > 0.0f)) {
+            moe_errf(err, errlen, "%s: kv_cache_dtype fp8: the checkpoint's "
+                     "KV cache scales: %s", be_file(o), why);
+            return has;
+        }
+        has = 0;
+    }
     for (l = 0; l < hp->n_layers; l++) {
         p->kv_ks[l] = o->kv_k_scale > 0.0f ? o->kv_k_scale
                                            : has ? ck[l] : 1.0f;
@@ -210,7 +222,7 @@ be_kv_scales(const moe_backend_opts_t *o, const moe_model_t *m,
                                            : has ? cv[l] : 1.0f;
     }
     if (!o->kv_fp8) {
-        return;
+        return MOE_OK;
     }
     moe_log(MOE_LOG_INFO, "fp8 KV cache: K scale %s, V scale %s (layer 0: "
             "k %g, v %g)", o->kv_k_scale > 0.0f ? "from the configuration"
@@ -220,6 +232,7 @@ be_kv_scales(const moe_backend_opts_t *o, const moe_model_t *m,
             : has ? "from the checkpoint, per layer"
                   : "1.0 (the checkpoint has none)",
             (double) p->kv_ks[0], (double) p->kv_vs[0]);
+    return MOE_OK;
 }
 
 
@@ -500,7 +513,7 @@ be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
     moe_backend_t **out, char *err, size_t errlen)
 {
     moe_ranks_t  p;
-    int          tp = o->tensor_parallel_size;
+    int          tp = o->tensor_parallel_size, rc;
 
     memset(&p, 0, sizeof(p));
     p.kind = MOE_BACKEND_CPU;
@@ -514,7 +527,10 @@ be_create_cpu(const moe_backend_opts_t *o, const moe_model_t *m,
     p.n_threads = o->cpu_threads;
     p.n_blocks = be_cpu_blocks(o, moe_model_hparams(m));
     p.block_size = o->block_size;
-    be_kv_scales(o, m, &p);
+    rc = be_kv_scales(o, m, &p, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
 
     if (tp > 1 && o->cpu_tensor_parallel) {
         moe_log(MOE_LOG_INFO, "tensor_parallel_size %d: the cpu backend "
@@ -647,7 +663,10 @@ be_create_cuda(const moe_backend_opts_t *o, const moe_model_t *m,
     }
 
     memset(&p, 0, sizeof(p));
-    be_kv_scales(o, m, &p);
+    rc = be_kv_scales(o, m, &p, err, errlen);
+    if (rc != MOE_OK) {
+        return rc;
+    }
     p.kind = MOE_BACKEND_CUDA;
     if (o->dummy) {
         moe_cuda_kv_t kv = be_cuda_kv(&p);

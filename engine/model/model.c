@@ -70,9 +70,12 @@ struct moe_model {
      * YAML `quantization` applied (MOE_QM_NONE: plain float weights) */
     moe_qconfig_t   q;
     /* the checkpoint's per-layer KV cache scales (m_kv_scales): kv_scales
-     * 1 when every layer has them, [0] K, [1] V */
+     * 1 when every layer has them, [0] K, [1] V; < 0 (a moe status) when
+     * they are malformed, why in kv_scale_err (refused only where an fp8
+     * KV cache would use them) */
     int             kv_scales;
     float           kv_scale[2][MOE_MAX_LAYERS];
+    char            kv_scale_err[320];
 };
 
 static const char *supported_archs =
@@ -1752,7 +1755,7 @@ moe_model_load_config(const char *dir, int top_k_override,
 
 static int m_quant_config(moe_model_t *m, const char *quantization,
     char *err, size_t errlen);
-static int m_kv_scales(moe_model_t *m, char *err, size_t errlen);
+static void m_kv_scales(moe_model_t *m);
 
 
 static int
@@ -1804,7 +1807,7 @@ m_load_model(const char *dir, int top_k_override, int what,
     /* every tensor present with its shape before anything is allocated */
     rc = moe_model_for_each_tensor(m, NULL, NULL, err, errlen);
     if (rc == MOE_OK) {
-        rc = m_kv_scales(m, err, errlen);
+        m_kv_scales(m);
     }
     if (rc == MOE_OK && what == 2) {
         rc = moe_model_load_f32(m, err, errlen);
@@ -1984,6 +1987,7 @@ moe_model_shard_ep(const moe_model_t *m, int tp, int rank, int ep,
     /* per-tensor KV scales: the same on every rank */
     sh->kv_scales = m->kv_scales;
     memcpy(sh->kv_scale, m->kv_scale, sizeof(sh->kv_scale));
+    memcpy(sh->kv_scale_err, m->kv_scale_err, sizeof(sh->kv_scale_err));
     sh->w = *w;                     /* replicated tensors alias the parent */
     sh->st = m->st;
     sh->weight_bytes = m->weight_bytes / tp;
@@ -2409,49 +2413,60 @@ m_kv_scale(const moe_model_t *m, int l, int which, float *v, char *err,
 }
 
 
-/* The checkpoint's KV cache scales: every layer's K and V, or none. */
-static int
-m_kv_scales(moe_model_t *m, char *err, size_t errlen)
+/* The checkpoint's KV cache scales: every layer's K and V, none, or
+ * malformed (kv_scales < 0, why in kv_scale_err; a bf16 cache never reads
+ * them, so the model still loads). */
+static void
+m_kv_scales(moe_model_t *m)
 {
-    int l, w, n = 0, rc;
+    char *err = m->kv_scale_err;
+    int   l, w, n = 0, rc;
 
     m->kv_scales = 0;
+    err[0] = '\0';
     if (m->hp.arch == MOE_ARCH_GPT2) {
-        return MOE_OK;
+        return;
     }
     for (l = 0; l < m->hp.n_layers; l++) {
         for (w = 0; w < 2; w++) {
-            rc = m_kv_scale(m, l, w, &m->kv_scale[w][l], err, errlen);
+            rc = m_kv_scale(m, l, w, &m->kv_scale[w][l], err,
+                            sizeof(m->kv_scale_err));
             if (rc != MOE_OK) {
-                return rc;
+                m->kv_scales = rc;
+                return;
             }
             n += m->kv_scale[w][l] > 0.0f;
         }
     }
     if (n == 0) {
-        return MOE_OK;
+        return;
     }
     for (l = 0; l < m->hp.n_layers; l++) {
         for (w = 0; w < 2; w++) {
             if (m->kv_scale[w][l] == 0.0f) {
-                moe_errf(err, errlen, "%s: layer %d has no %s cache scale "
-                         "(model.layers.%d.self_attn.%s_scale) while other "
-                         "layers have them", m->dir, l, w ? "V" : "K", l,
-                         w ? "v" : "k");
-                return MOE_EFORMAT;
+                moe_errf(err, sizeof(m->kv_scale_err), "%s: layer %d has no "
+                         "%s cache scale (model.layers.%d.self_attn.%s_scale)"
+                         " while other layers have them", m->dir, l,
+                         w ? "V" : "K", l, w ? "v" : "k");
+                m->kv_scales = MOE_EFORMAT;
+                return;
             }
         }
     }
     m->kv_scales = 1;
-    return MOE_OK;
 }
 
 
 int
-moe_model_kv_scales(const moe_model_t *m, float *k, float *v)
+moe_model_kv_scales(const moe_model_t *m, float *k, float *v, char *err,
+    size_t errlen)
 {
-    if (m == NULL || !m->kv_scales) {
+    if (m == NULL || m->kv_scales == 0) {
         return 0;
+    }
+    if (m->kv_scales < 0) {
+        moe_errf(err, errlen, "%s", m->kv_scale_err);
+        return m->kv_scales;
     }
     memcpy(k, m->kv_scale[0], sizeof(float) * (size_t) m->hp.n_layers);
     memcpy(v, m->kv_scale[1], sizeof(float) * (size_t) m->hp.n_layers);

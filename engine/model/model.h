@@ -258,11 +258,15 @@ const char *moe_model_dir(const moe_model_t *m);
  * self_attn.k_scale / v_scale, also k_proj/v_proj.output_scale and
  * AutoFP8's kv_scale), read when the tensors are opened: 1 with
  * hparams.n_layers values in k and v each, or 0 (the checkpoint has
- * none, or load_format dummy).  A checkpoint with scales for some layers
- * only, or a scale not one finite value > 0, fails to load (MOE_EFORMAT;
- * per-head scales MOE_EUNSUPPORTED).  A shard has its parent's.
+ * none, or load_format dummy).  Scales for some layers only, or a scale
+ * not one finite value > 0: MOE_EFORMAT (per-head scales:
+ * MOE_EUNSUPPORTED), the tensor or layer named in err.  Such a model
+ * still loads (a bf16 cache never reads them); the backend factory
+ * refuses it only for an fp8 cache without YAML scales.  A shard has its
+ * parent's.
  */
-int moe_model_kv_scales(const moe_model_t *m, float *k, float *v);
+int moe_model_kv_scales(const moe_model_t *m, float *k, float *v, char *err,
+    size_t errlen);
 
 /*
  * Open without the fp32 copy (the CUDA backend's load: weights go from the

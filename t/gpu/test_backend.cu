@@ -1582,9 +1582,11 @@ test_kv_fp8_pool(const char *dir)
            b8 != NULL ? b8->n_kv_blocks : 0, rc == MOE_OK ? "ok" : err);
     if (b8 != NULL) {
         b8->destroy(b8);
+        b8 = NULL;
     }
     if (b16 != NULL) {
         b16->destroy(b16);
+        b16 = NULL;
     }
 
     refused = 0;
@@ -1602,10 +1604,18 @@ test_kv_fp8_pool(const char *dir)
                                         64, 0, &kneg, &bad, err, sizeof(err));
         refused += rc == MOE_EINVAL && bad == NULL
                    && strstr(err, "scale") != NULL;
+        if (bad != NULL) {
+            bad->destroy(bad);
+            bad = NULL;
+        }
         rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
                                         64, 0, &knan, &bad, err, sizeof(err));
         refused += rc == MOE_EINVAL && bad == NULL
                    && strstr(err, "scale") != NULL;
+        if (bad != NULL) {
+            bad->destroy(bad);
+            bad = NULL;
+        }
     }
     TAP_OK(refused == 2, "fp8 KV: a negative and a NaN scale refused (%d of "
            "2; %s)", refused, err);
@@ -1627,6 +1637,7 @@ test_kv_fp8_pool(const char *dir)
         n16 = b16->n_kv_blocks;
         p16 = b16->kv_bytes_per_block;
         b16->destroy(b16);
+        b16 = NULL;
         o.kv_fp8 = 1;
         rc = moe_backend_create(&o, MOE_BACKEND_CUDA, m, &b8, err,
                                 sizeof(err));

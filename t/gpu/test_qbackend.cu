@@ -185,7 +185,8 @@ run_variant_tol(const char *name, moe_model_t *m, int tp, int ep, int blas,
     if (g_kvfp8) {
         strncat(what, ", fp8 KV cache at the checkpoint's scales",
                 sizeof(what) - strlen(what) - 1);
-        gp.kv_fp8 = moe_model_kv_scales(m, gp.kv_ks, gp.kv_vs);
+        gp.kv_fp8 = moe_model_kv_scales(m, gp.kv_ks, gp.kv_vs, err,
+                                        sizeof(err)) == 1;
         if (!gp.kv_fp8) {
             TAP_OK(0, "%s: the checkpoint has no KV cache scales", what);
             return;
