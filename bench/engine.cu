@@ -1071,6 +1071,8 @@ main(int argc, char **argv)
     int         fails = 0, ndev = moe_cuda_device_count();
     double      t0 = now_s();
 
+    /* line-buffered: a run killed by its time limit keeps its lines */
+    setvbuf(stdout, NULL, _IOLBF, 0);
     if (getenv("BENCH_TP") != NULL) {
         opt_tp = atoi(getenv("BENCH_TP"));
     }

@@ -291,8 +291,9 @@ dev_att_shipped_w(const dev_att_t *a, int window, bf16 *out)
 }
 
 
-/* Every FA2-style instance into a->out (cleared first: a tile it left
- * alone shows), timed and checked against a->ref. */
+/* Every FA2-style instance into a->out (filled with NaN first: a tile it
+ * left alone fails the check), timed and checked against a->ref; its
+ * name printed (and flushed) before it runs, so a hang names it. */
 static void
 dev_fa2_lines(dev_att_t *a, int window, double flops, int iters)
 {
@@ -310,7 +311,8 @@ dev_fa2_lines(dev_att_t *a, int window, double flops, int iters)
             continue;
         }
 
-        DEV_CHECK(cudaMemset(a->out, 0, on * 2));
+        fprintf(stderr, "running %s\n", dev_fa2[v].name);
+        DEV_CHECK(cudaMemset(a->out, 0xff, on * 2));   /* bf16 NaN */
         ms = dev_time(iters, [&]() {
             return dev_fa2[v].fn(a->T, a->qkv, a->ld, a->pos, a->seq, a->bt,
                                  a->bt_off, a->kv, DEV_BS, DEV_NH, DEV_NKV,
@@ -379,7 +381,7 @@ dev_prefill_fp8(int T)
                                      &kvo, NULL, 0);
     });
     dev_line("shipped (SIMT kernel)", ms, 0, flops, -1, 0);
-    DEV_CHECK(cudaMemset(a.out, 0, on * 2));
+    DEV_CHECK(cudaMemset(a.out, 0xff, on * 2));        /* bf16 NaN */
     ms = dev_time(5, [&]() {
         return moe_cuda_attention_ex(a.qkv, a.ld, a.T, a.pos, a.seq, a.bt,
                                      a.bt_off, c8, DEV_BS, DEV_NH, DEV_NKV,
@@ -427,6 +429,9 @@ main(void)
 
     const char *ws = getenv("DEV_ATT_WS");
 
+    /* line-buffered: a step killed by its time limit (a hung variant)
+     * keeps every line printed before */
+    setvbuf(stdout, NULL, _IOLBF, 0);
     gu_seed(3);
     dev_limits();
     for (size_t i = 0; i < sizeof(dec) / sizeof(dec[0]); i++) {
@@ -434,14 +439,16 @@ main(void)
             dev_decode(dec[i][0], dec[i][1]);
         }
     }
+    /* the fp8-cache lines first (they decide att_prefill_wg8), before
+     * the variants not yet run once, which could fault or hang */
+    if (ws == NULL || strcmp(ws, "only") != 0) {
+        dev_prefill_fp8(2048);
+        dev_prefill_fp8(8192);
+    }
     dev_prefill(512);
     dev_prefill(2048);
     dev_prefill(8192);
     dev_prefill_mixed(3, 1000, 300, 0);
     dev_prefill_mixed(3, 1000, 300, 256);
-    if (ws == NULL || strcmp(ws, "only") != 0) {
-        dev_prefill_fp8(2048);
-        dev_prefill_fp8(8192);
-    }
     return dev_failed;
 }

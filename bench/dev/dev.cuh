@@ -64,7 +64,8 @@ dev_time(int iters, F fn)
     DEV_CHECK(cudaEventRecord(a, 0));
     do {                                /* warm-up: >= 2 calls, >= 20 ms */
         if (fn() != 0) {
-            fprintf(stderr, "launch failed\n");
+            fprintf(stderr, "launch failed: %s\n",
+                    cudaGetErrorString(cudaGetLastError()));
             exit(2);
         }
         DEV_CHECK(cudaEventRecord(b, 0));
@@ -75,7 +76,8 @@ dev_time(int iters, F fn)
         DEV_CHECK(cudaEventRecord(a, 0));
         for (int i = 0; i < iters; i++) {
             if (fn() != 0) {
-                fprintf(stderr, "launch failed\n");
+                fprintf(stderr, "launch failed: %s\n",
+                        cudaGetErrorString(cudaGetLastError()));
                 exit(2);
             }
         }
@@ -198,7 +200,8 @@ dev_diff(const void *d_a, const void *d_b, size_t n, int bf16)
     }
     free(ha);
     free(hb);
-    num = den > 0 ? sqrt(num / den) : (num > 0 ? 1 : 0);
+    /* a NaN anywhere fails (num != 0 holds for NaN, num > 0 does not) */
+    num = den > 0 ? sqrt(num / den) : (num != 0 ? INFINITY : 0);
     return num == num ? num : INFINITY;
 }
 
