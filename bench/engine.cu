@@ -32,7 +32,8 @@
  * --kv-cache-dtype fp8 (BENCH_KV_DTYPE): part 2's KV cache in e4m3 (unit
  * scales; moe_cuda_backend_create_kv), the pool sized in e4m3 blocks and
  * the decode limit counting one byte per KV element; RESULT lines carry
- * kv=fp8 (else kv=bf16).
+ * kv=fp8 (else kv=bf16), decode lines kv_share= (the KV bytes' share of
+ * the bytes the step must read).
  * Environment: BENCH_BATCHES=1,64 / BENCH_PROMPTS=2048 / BENCH_CTX=8192
  * run only those decode batches / prefill prompts / decode contexts ("0":
  * none), e.g. under ncu; BENCH_QUANT=0 / BENCH_ATT=0 skip parts 3 / 4;
@@ -573,12 +574,13 @@ bench_model(const shape_t *sh)
             /* over 3 steps the set can only grow: an upper bound on one
              * step's, so the limit is conservative (never too small) */
             /* weights in the run's format, scales and zeros included */
+            double kvbytes = (double) B * (CTX + 1) * L * 2 * KVD * kvb;
             double bytes = L * (bench_wbytes(Q, D) + 2 * bench_wbytes(KVD, D)
                                 + bench_wbytes(D, Q))
                            + hit * (2 * bench_wbytes(F, D)
                                     + bench_wbytes(D, F))
                            + (E > 1 ? L * E * D * 4 : 0) + V * D * 2
-                           + (double) B * (CTX + 1) * L * 2 * KVD * kvb;
+                           + kvbytes;
             /* the ranks on n_gpus GPUs read these bytes in parallel */
             double lim = bytes / (copy_gbs * 1e9 * n_gpus);
 
@@ -587,9 +589,9 @@ bench_model(const shape_t *sh)
             printf("RESULT model=%s kind=decode batch=%d tok_s=%.1f "
                    "ms_step=%.3f limit_ms=%.3f of_limit=%.3f "
                    "experts_hit=%.0f ctx=%d tp=%d ep=%d gpus=%d "
-                   "weights=%s kv=%s\n", sh->name, B, B / dt, dt * 1e3,
-                   lim * 1e3, lim / dt, hit, CTX, opt_tp, opt_ep, n_gpus,
-                   wname, kvname);
+                   "weights=%s kv=%s kv_share=%.3f\n", sh->name, B, B / dt,
+                   dt * 1e3, lim * 1e3, lim / dt, hit, CTX, opt_tp, opt_ep,
+                   n_gpus, wname, kvname, kvbytes / bytes);
             print_stages("", ms, 3);
             print_routing(b, 1);
             print_comm(sh->name, "decode", B, ms, 3, sh->layers);

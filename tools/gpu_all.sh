@@ -133,6 +133,13 @@ run bench_fuse   bench 60  build/gpu/bench_engine bash -c 'for f in 0 1 0 1; do 
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b --weights fp8 2>&1 \
     | grep "RESULT.*decode" || exit 1; done'
+# long contexts on the fp8 model with the KV cache in e4m3 (the pool sized
+# in e4m3 blocks, the limit counting one byte per KV element; RESULT
+# kv=fp8 with kv_share): decode at 8k and 32k, batch 1 and 64, and the
+# prefill over the e4m3 cache
+run bench_kvfp8  bench 120 build/gpu/bench_engine env BENCH_QUANT=0 \
+    BENCH_ATT=0 BENCH_CTX=8192,32768 BENCH_BATCHES=1,64 BENCH_PROMPTS=2048 \
+    build/gpu/bench_engine mixtral-8x7b --weights fp8 --kv-cache-dtype fp8
 run bench_awq    bench 90  build/gpu/bench_engine env BENCH_QUANT=0 \
     BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
     build/gpu/bench_engine mixtral-8x7b --weights awq
