@@ -1599,22 +1599,19 @@ test_kv_fp8_pool(const char *dir)
             nan1[l] = l == 0 ? NAN : 1.0f;
         }
 
-        err[0] = '\0';
-        rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
-                                        64, 0, &kneg, &bad, err, sizeof(err));
-        refused += rc == MOE_EINVAL && bad == NULL
-                   && strstr(err, "scale") != NULL;
-        if (bad != NULL) {
-            bad->destroy(bad);
-            bad = NULL;
-        }
-        rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS, BS,
-                                        64, 0, &knan, &bad, err, sizeof(err));
-        refused += rc == MOE_EINVAL && bad == NULL
-                   && strstr(err, "scale") != NULL;
-        if (bad != NULL) {
-            bad->destroy(bad);
-            bad = NULL;
+        const moe_cuda_kv_t *kbad[2] = { &kneg, &knan };
+
+        for (int k = 0; k < 2; k++) {
+            err[0] = '\0';
+            rc = moe_cuda_backend_create_kv(m, NULL, 0, 0, 1, 0, 0, N_BLOCKS,
+                                            BS, 64, 0, kbad[k], &bad, err,
+                                            sizeof(err));
+            refused += rc == MOE_EINVAL && bad == NULL
+                       && strstr(err, "scale") != NULL;
+            if (bad != NULL) {
+                bad->destroy(bad);
+                bad = NULL;
+            }
         }
     }
     TAP_OK(refused == 2, "fp8 KV: a negative and a NaN scale refused (%d of "

@@ -132,6 +132,24 @@ load(const char *dir, const char *name, moe_model_t **m, char *err,
 }
 
 
+/* Create a CPU backend for m with o and destroy it; the status (err
+ * cleared first, the reason on failure). */
+static int
+create_only(const moe_backend_opts_t *o, moe_model_t *m, char *err,
+    size_t errlen)
+{
+    moe_backend_t *b = NULL;
+    int            rc;
+
+    err[0] = '\0';
+    rc = moe_backend_create(o, MOE_BACKEND_CPU, m, &b, err, errlen);
+    if (b != NULL) {
+        b->destroy(b);
+    }
+    return rc;
+}
+
+
 /* Whether moe_model_kv_scales(m) gives K k0 (1 + 0.3 l), V v0 (...). */
 static int
 scales_are(const moe_model_t *m, double k0, double v0)
@@ -249,8 +267,7 @@ test_ckpt_scales(const char *dir)
     moe_model_free(m);
 
     for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        err[0] = '\0';
-        int rc_def = -1, rc_yaml = -1, rc_ck;
+        int rc_def, rc_yaml, rc_ck;
 
         err[0] = '\0';
         rc = load(dir, bad[i].name, &m, err, sizeof(err));
@@ -259,41 +276,23 @@ test_ckpt_scales(const char *dir)
                    bad[i].name, err);
             continue;
         }
-        /* the default cache, and fp8 with both scales from the YAML */
+        /* the default cache; fp8 with both scales from the YAML; fp8
+         * with the checkpoint's V scales (refused) */
         opts_init(&o);
-        rc_def = moe_backend_create(&o, MOE_BACKEND_CPU, m, &b, err,
-                                    sizeof(err));
-        if (b != NULL) {
-            b->destroy(b);
-            b = NULL;
-        }
+        rc_def = create_only(&o, m, err, sizeof(err));
         o.kv_fp8 = 1;
         o.kv_k_scale = 0.5f;
         o.kv_v_scale = 0.5f;
-        if (rc_def == MOE_OK) {
-            rc_yaml = moe_backend_create(&o, MOE_BACKEND_CPU, m, &b, err,
-                                         sizeof(err));
-        }
-        if (b != NULL) {
-            b->destroy(b);
-            b = NULL;
-        }
-        /* fp8 with the checkpoint's V scales: refused */
+        rc_yaml = create_only(&o, m, err, sizeof(err));
         o.kv_v_scale = 0.0f;
-        err[0] = '\0';
-        rc_ck = moe_backend_create(&o, MOE_BACKEND_CPU, m, &b, err,
-                                   sizeof(err));
+        rc_ck = create_only(&o, m, err, sizeof(err));
         TAP_OK(rc_def == MOE_OK && rc_yaml == MOE_OK && rc_ck == bad[i].rc
-               && b == NULL && strstr(err, bad[i].says) != NULL
+               && strstr(err, bad[i].says) != NULL
                && strstr(err, "test.yaml") != NULL,
                "%s: loads, serves with the default cache (rc %d) and with "
                "both YAML scales (rc %d); an fp8 cache reading its scales "
                "refused (rc %d): %s", bad[i].name, rc_def, rc_yaml, rc_ck,
                err);
-        if (b != NULL) {
-            b->destroy(b);
-            b = NULL;
-        }
         moe_model_free(m);
     }
 }
