@@ -29,7 +29,9 @@ include bench/Makefile.inc
 
 ENGINE_SRCS := $(wildcard engine/*/*.c)
 ENGINE_SRCS := $(filter-out engine/cli/%,$(ENGINE_SRCS))
-ENGINE_HDRS := $(wildcard engine/*/*.h) engine/include/moe.h
+# the engine's C files include kernels/*.h too (tuning.h's defaults, fp8.h)
+ENGINE_HDRS := $(wildcard engine/*/*.h) engine/include/moe.h \
+               $(wildcard kernels/*.h)
 ENGINE_OBJS := $(ENGINE_SRCS:%.c=$(BUILD)/%.o)
 UNIT_SRCS   := $(wildcard t/unit/*.c)
 UNIT_BINS   := $(UNIT_SRCS:t/unit/%.c=$(BUILD)/t/%)

@@ -112,9 +112,8 @@ typedef struct {
     int att_prefill_wg8; /* MOE_CUDA_ATT_PREFILL_WG8 0|1: prefill attention
                             over an fp8 (e4m3) cache on the warpgroup
                             kernel with f16 operands
-                            (kernel_attention_prefill_wg8): 1; 0
-                            (default until it has run on a GPU) the SIMT
-                            kernel */
+                            (kernel_attention_prefill_wg8): 1 (default,
+                            device run 19a); 0 the SIMT kernel */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -122,6 +121,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1, 0 }
+      1, 1, 1, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */
