@@ -70,9 +70,19 @@ run() {
 }
 
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1 || echo "nvidia-smi failed (no GPU?)"
+# The bf16 Mixtral-8x7B dummy (89 GB of weights) fits an H200, not an
+# H100's 80 GB: on a smaller GPU the steps serving it are skipped with
+# that reason instead of failing on "no room for the KV cache" (run 19e)
+GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits \
+          2> /dev/null | head -1)
+if [ -n "$GPU_MIB" ] && [ "$GPU_MIB" -lt 100000 ]; then
+    echo "GPU 0 has $GPU_MIB MiB: the bf16 Mixtral steps (serve_bench," \
+         "reload, reload_noswap) are skipped (89 GB of weights)"
+    GPU_SKIP="${GPU_SKIP:+$GPU_SKIP,}serve_bench,reload,reload_noswap"
+fi
 head -1 .dev/MANIFEST 2>/dev/null || echo "no .dev/MANIFEST: make gpu-bundle and carry .dev"
 
-run test_kernels tests 90  build/gpu/test_kernels build/gpu/test_kernels
+run test_kernels tests 150 build/gpu/test_kernels build/gpu/test_kernels
 run test_sample  tests 60  build/gpu/test_sample  build/gpu/test_sample
 run test_backend tests 90  build/gpu/test_backend build/gpu/test_backend
 run test_ggemm   tests 60  build/gpu/test_ggemm   build/gpu/test_ggemm

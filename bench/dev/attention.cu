@@ -306,7 +306,7 @@ dev_fa2_lines(dev_att_t *a, int window, double flops, int iters)
         const char *ws = getenv("DEV_ATT_WS");
         int         is_ws = strncmp(dev_fa2[v].name, "ws ", 3) == 0;
 
-        if ((is_ws && ws == NULL)       /* not yet run once: opt-in */
+        if ((is_ws && ws == NULL)       /* slower (run 19a): opt-in */
             || (!is_ws && ws != NULL && strcmp(ws, "only") == 0)) {
             continue;
         }
@@ -439,8 +439,9 @@ main(void)
             dev_decode(dec[i][0], dec[i][1]);
         }
     }
-    /* the fp8-cache lines first (they decide att_prefill_wg8), before
-     * the variants not yet run once, which could fault or hang */
+    /* the fp8-cache lines first (the wg8 kernel against the SIMT one),
+     * before the variants, so a variant that faults or hangs (a new one
+     * not yet run) cannot cost them */
     if (ws == NULL || strcmp(ws, "only") != 0) {
         dev_prefill_fp8(2048);
         dev_prefill_fp8(8192);
