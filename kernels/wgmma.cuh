@@ -274,206 +274,123 @@ moe_wg_desc_mn(const void *p)
            | ((uint64_t) (1024 >> 4) << 32) | ((uint64_t) 1 << 62);
 }
 
-/* bf16 D (64 x 64, fp32 d[32]) (+)= A (64 x 16, K-major at descriptor
- * da) . B (64 x 16, K-major at db)^T, both 128-byte swizzled rows of 64
- * elements (moe_wg_desc); sd 0: D = A B (the old D ignored).  Fragment:
+/*
+ * The bf16 and f16 wgmma products the prefill attention uses, one
+ * definition per shape with the operand type a parameter (TY "bf16" or
+ * "f16": the same 2-byte layouts and fragments).  The accumulator's
+ * register list and its "+f" operands, of 32 and 64 floats:
+ */
+#define MOE_WG_R32 \
+    "{" \
+    "%0, %1, %2, %3, %4, %5, %6, %7, " \
+    "%8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, " \
+    "%24, %25, %26, %27, %28, %29, %30, %31" \
+    "}"
+
+#define MOE_WG_D32(d) \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
+    "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+    "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), \
+    "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+    "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+#define MOE_WG_R64 \
+    "{" \
+    "%0, %1, %2, %3, %4, %5, %6, %7, " \
+    "%8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, " \
+    "%24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, " \
+    "%40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, " \
+    "%56, %57, %58, %59, %60, %61, %62, %63" \
+    "}"
+
+#define MOE_WG_D64(d) \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
+    "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+    "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), \
+    "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+    "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+    "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+    "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), \
+    "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), \
+    "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
+    "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+
+/* D (64 x N, fp32 d[N / 2]) (+)= A (64 x 16, K-major at descriptor da) .
+ * B (N x 16, K-major at db)^T, both 128-byte swizzled rows of 64 elements
+ * (moe_wg_desc); sd 0: D = A B (the old D ignored).  Fragment:
  * d[4 j + c + 2 v] of lane l in warp w is row 16 w + l / 4 + 8 v, column
- * 8 j + 2 (l % 4) + c. */
-__device__ __forceinline__ void
-moe_wg_mma_bf16_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int sd)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, "
-        "%8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, "
-        "%24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(sd)
-        : "memory");
+ * 8 j + 2 (l % 4) + c.  N 64: NAME(float (&d)[32], ...), N 128: d[64]. */
+#define MOE_WG_SS_N64(NAME, TY)                                              \
+__device__ __forceinline__ void                                              \
+NAME(float (&d)[32], uint64_t da, uint64_t db, int sd)                       \
+{                                                                            \
+    asm volatile(                                                            \
+        "{\n"                                                                \
+        ".reg .pred p;\n"                                                    \
+        "setp.ne.b32 p, %34, 0;\n"                                           \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "          \
+        MOE_WG_R32 ", %32, %33, p, 1, 1, 0, 0;\n"                            \
+        "}\n"                                                                \
+        : MOE_WG_D32(d)                                                      \
+        : "l"(da), "l"(db), "r"(sd)                                          \
+        : "memory");                                                         \
+}
+#define MOE_WG_SS_N128(NAME, TY)                                             \
+__device__ __forceinline__ void                                              \
+NAME(float (&d)[64], uint64_t da, uint64_t db, int sd)                       \
+{                                                                            \
+    asm volatile(                                                            \
+        "{\n"                                                                \
+        ".reg .pred p;\n"                                                    \
+        "setp.ne.b32 p, %66, 0;\n"                                           \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "         \
+        MOE_WG_R64 ", %64, %65, p, 1, 1, 0, 0;\n"                            \
+        "}\n"                                                                \
+        : MOE_WG_D64(d)                                                      \
+        : "l"(da), "l"(db), "r"(sd)                                          \
+        : "memory");                                                         \
 }
 
-/* bf16 D (64 x 128, fp32 d[64]) (+)= A (64 x 16, K-major at descriptor
- * da) . B (128 x 16, K-major at db)^T, both 128-byte swizzled rows of 64
- * elements (moe_wg_desc); sd 0: D = A B (the old D ignored).  Fragment:
- * d[4 j + c + 2 v] of lane l in warp w is row 16 w + l / 4 + 8 v, column
- * 8 j + 2 (l % 4) + c. */
-__device__ __forceinline__ void
-moe_wg_mma_bf16_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int sd)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, "
-        "%8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, "
-        "%24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, "
-        "%40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, "
-        "%56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
-          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
-          "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(sd)
-        : "memory");
+/* D (64 x 64, fp32 d[32]) += A (64 x 16: this warp's 16 rows in a[0..3],
+ * the mma.m16n8k16 A layout) . B (16 x 64), B MN-major at db
+ * (moe_wg_desc_mn).  Fragment as the _ss_ products'.  A's registers stay
+ * read until moe_wg_wait (moe_wg_fence_frag_n). */
+#define MOE_WG_RS_N64_TB(NAME, TY)                                           \
+__device__ __forceinline__ void                                              \
+NAME(float (&d)[32], const uint32_t (&a)[4], uint64_t db)                    \
+{                                                                            \
+    asm volatile(                                                            \
+        "{\n"                                                                \
+        ".reg .pred p;\n"                                                    \
+        "setp.ne.b32 p, 1, 0;\n"                                             \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "          \
+        MOE_WG_R32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"              \
+        "}\n"                                                                \
+        : MOE_WG_D32(d)                                                      \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)                \
+        : "memory");                                                         \
 }
 
-
-/* bf16 D (64 x 64, fp32 d[32]) += A (64 x 16: this warp's 16 rows in
- * a[0..3], the mma.m16n8k16 A layout) . B (16 x 64), B MN-major at db
- * (moe_wg_desc_mn).  Fragment as moe_wg_mma_bf16_ss_n*'s.  A's registers
- * stay read until moe_wg_wait. */
-__device__ __forceinline__ void
-moe_wg_mma_bf16_rs_n64_tb(float (&d)[32], const uint32_t (&a)[4],
-    uint64_t db)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, "
-        "%8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, "
-        "%24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)
-        : "memory");
-}
-
-/* The same as moe_wg_mma_bf16_ss_n64 with f16 operands. */
-__device__ __forceinline__ void
-moe_wg_mma_f16_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int sd)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, "
-        "%8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, "
-        "%24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(sd)
-        : "memory");
-}
-
-/* The same as moe_wg_mma_bf16_ss_n128 with f16 operands. */
-__device__ __forceinline__ void
-moe_wg_mma_f16_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int sd)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, "
-        "%8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, "
-        "%24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, "
-        "%40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, "
-        "%56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
-          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
-          "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(sd)
-        : "memory");
-}
-
-
-/* The same as moe_wg_mma_bf16_rs_n64_tb with f16 operands. */
-__device__ __forceinline__ void
-moe_wg_mma_f16_rs_n64_tb(float (&d)[32], const uint32_t (&a)[4],
-    uint64_t db)
-{
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, "
-        "%8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, "
-        "%24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)
-        : "memory");
-}
+MOE_WG_SS_N64(moe_wg_mma_bf16_ss_n64, "bf16")
+MOE_WG_SS_N64(moe_wg_mma_f16_ss_n64, "f16")
+MOE_WG_SS_N128(moe_wg_mma_bf16_ss_n128, "bf16")
+MOE_WG_SS_N128(moe_wg_mma_f16_ss_n128, "f16")
+MOE_WG_RS_N64_TB(moe_wg_mma_bf16_rs_n64_tb, "bf16")
+MOE_WG_RS_N64_TB(moe_wg_mma_f16_rs_n64_tb, "f16")
 
 /* ---- mbarriers (shared::cta) ---- */
 

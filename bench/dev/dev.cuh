@@ -41,6 +41,18 @@ static double dev_gemm_tflops;   /* cuBLAS bf16 GEMM, fp32 accumulate */
     } while (0)
 
 
+/* One call of fn (0: launched); a failure exits with CUDA's reason. */
+template <typename F>
+static void
+dev_launch(F &fn)
+{
+    if (fn() != 0) {
+        fprintf(stderr, "launch failed: %s\n",
+                cudaGetErrorString(cudaGetLastError()));
+        exit(2);
+    }
+}
+
 /* Milliseconds of one call of fn(): the median of DEV_ROUNDS rounds of
  * iters calls each (their mean), after warm-up calls for at least
  * DEV_WARM_MS or 2 calls.  One round after two warm-up calls, as this was
@@ -63,11 +75,7 @@ dev_time(int iters, F fn)
     DEV_CHECK(cudaEventCreate(&b));
     DEV_CHECK(cudaEventRecord(a, 0));
     do {                                /* warm-up: >= 2 calls, >= 20 ms */
-        if (fn() != 0) {
-            fprintf(stderr, "launch failed: %s\n",
-                    cudaGetErrorString(cudaGetLastError()));
-            exit(2);
-        }
+        dev_launch(fn);
         DEV_CHECK(cudaEventRecord(b, 0));
         DEV_CHECK(cudaEventSynchronize(b));
         DEV_CHECK(cudaEventElapsedTime(&ms, a, b));
@@ -75,11 +83,7 @@ dev_time(int iters, F fn)
     for (int k = 0; k < DEV_ROUNDS; k++) {
         DEV_CHECK(cudaEventRecord(a, 0));
         for (int i = 0; i < iters; i++) {
-            if (fn() != 0) {
-                fprintf(stderr, "launch failed: %s\n",
-                        cudaGetErrorString(cudaGetLastError()));
-                exit(2);
-            }
+            dev_launch(fn);
         }
         DEV_CHECK(cudaEventRecord(b, 0));
         DEV_CHECK(cudaEventSynchronize(b));
