@@ -23,9 +23,24 @@
  * its stage on empty[].  No block-wide barrier inside the K loop; 4
  * stages of 48 KB.  A rows of the tile past the group's end are other
  * rows (or TMA's zero fill past q_rows): their products are computed and
- * not stored.  The epilogue (FG_STAGED) goes through a 16 KB buffer per
- * consumer warpgroup and stores whole 256-byte rows; the SwiGLU variant
- * computes h there from the sums and the scales.
+ * not stored, except (MOE_FG_HALF) where all 64 rows of consumer 1 are
+ * past it: that warpgroup then only waits and releases the stages, and
+ * consumer 0's wgmma have the tensor cores to themselves (the tile takes
+ * about half the time).  The epilogue (FG_STAGED) goes through a 16 KB
+ * buffer per consumer warpgroup and stores whole 256-byte rows; the
+ * SwiGLU variant computes h there from the sums and the scales.
+ *
+ * Tile order (MOE_FG_DYN): the tiles in the same order, but each CTA's
+ * producer takes the next tile from a counter in global memory (sched[0],
+ * atomicAdd) when it has issued its last tile's loads, and hands the
+ * index to the consumers through a two-slot ring in shared memory (its
+ * own mbarriers); -1 ends them.  A CTA that drew a short tile (few K
+ * rows done, a half tile) takes the next one sooner, so the grid ends
+ * within about a tile of balanced where the static order (blockIdx.x,
+ * gridDim.x apart) ends a whole wave late whenever the tiles are not a
+ * multiple of the SMs (down at 2048 tokens: 560 tiles on 132 SMs, 5
+ * waves of work for 4.2).  The last CTA out (sched[1] counts them)
+ * resets both words to zero for the next launch.
  *
  * Measured against cuBLASLt's per-expert calls on one Mixtral layer
  * (bench/dev/wg_ggemm, H200; kernels/NOTES.md "FP8 prefill: our own
@@ -182,17 +197,21 @@ fg_swiglu(const float *d, int cw, const fg_tile_t *t, const float *qs,
 }
 
 
-template <int WIDE, int STAGED, int SWIGLU>
+template <int WIDE, int STAGED, int SWIGLU, int SCH>
 __global__ void __launch_bounds__(FG_NT, 1)
 kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
     int N, int K, const float *qs, const float *ws, size_t ws_stride,
-    __nv_bfloat16 *Y)
+    __nv_bfloat16 *Y, uint32_t *sched)
 {
+    constexpr bool DYN = (SCH & MOE_FG_DYN) != 0;
+    constexpr bool HALF = (SCH & MOE_FG_HALF) != 0;
     extern __shared__ unsigned char fg_sm_raw[];
     unsigned char *sm = (unsigned char *)
         (((uintptr_t) fg_sm_raw + 1023) & ~(uintptr_t) 1023);
     __shared__ __align__(8) uint64_t full[FG_ST], empty[FG_ST];
+    __shared__ __align__(8) uint64_t tfull[2], tempty[2];
+    __shared__ int tslot[2];
     const int tid = threadIdx.x, ntn = N / FG_BN, nk = K / FG_BK;
     fg_tile_t t;
 
@@ -201,7 +220,7 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
         moe_tma_prefetch_map(&mw);
     }
     moe_pdl_enter();
-    if (!fg_tile(offs, E, ntn, blockIdx.x, &t)) {
+    if (!DYN && !fg_tile(offs, E, ntn, blockIdx.x, &t)) {
         return;                         /* past the last tile */
     }
     if (tid == 0) {
@@ -209,23 +228,47 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
             moe_mbar_init(&full[s], 1);
             moe_mbar_init(&empty[s], 2);
         }
+        if (DYN) {
+            for (int s = 0; s < 2; s++) {
+                moe_mbar_init(&tfull[s], 1);
+                moe_mbar_init(&tempty[s], FG_NT - 128);
+            }
+        }
         moe_mbar_init_fence();
     }
     __syncthreads();
 
-    /* the tiles blockIdx.x, + gridDim.x, ...: one per CTA when the grid
-     * covers them all, a persistent loop when it is one CTA per SM (the
-     * producer then fills the next tile's stages during the epilogue).
-     * `it` counts K tiles over the CTA's tiles: stage it % FG_ST, phase
-     * (it / FG_ST) & 1, the same sequence on both sides. */
+    /* static order: the tiles blockIdx.x, + gridDim.x, ...: one per CTA
+     * when the grid covers them all, a persistent loop when it is one
+     * CTA per SM (the producer then fills the next tile's stages during
+     * the epilogue); DYN: the counter's.  `it` counts K tiles over the
+     * CTA's tiles: stage it % FG_ST, phase (it / FG_ST) & 1, the same
+     * sequence on both sides; j counts the CTA's tiles (ring slot j & 1,
+     * phase (j / 2) & 1). */
     if (tid < 128) {
         /* the producer */
         if (tid == 0) {
             uint32_t it = 0;
+            int      bid = blockIdx.x;
 
-            for (int bid = blockIdx.x; fg_tile(offs, E, ntn, bid, &t);
-                 bid += gridDim.x)
-            {
+            for (int j = 0;; j++) {
+                int have;
+
+                if (DYN) {
+                    bid = (int) atomicAdd(&sched[0], 1u);
+                    have = fg_tile(offs, E, ntn, bid, &t);
+                    if (j >= 2) {
+                        /* every consumer thread read tile j - 2's index */
+                        moe_mbar_wait(&tempty[j & 1], ((j >> 1) - 1) & 1);
+                    }
+                    tslot[j & 1] = have ? bid : -1;
+                    moe_mbar_arrive(&tfull[j & 1]);
+                } else {
+                    have = fg_tile(offs, E, ntn, bid, &t);
+                }
+                if (!have) {
+                    break;
+                }
                 for (int kt = 0; kt < nk; kt++, it++) {
                     const int s = it % FG_ST;
 
@@ -250,6 +293,17 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
                                    &full[s]);
                     }
                 }
+                bid += gridDim.x;
+            }
+            if (DYN) {
+                /* this CTA's last draw is in: the last CTA out zeroes
+                 * the counters (every draw of the launch came before) */
+                __threadfence();
+                if (atomicAdd(&sched[1], 1u) == gridDim.x - 1) {
+                    __threadfence();
+                    atomicExch(&sched[0], 0u);
+                    atomicExch(&sched[1], 0u);
+                }
             }
         }
         return;
@@ -259,9 +313,33 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     float     d[128];                   /* columns 0..127, 128..255 */
     uint32_t  it = 0;
 
-    for (int bid = blockIdx.x; fg_tile(offs, E, ntn, bid, &t);
-         bid += gridDim.x)
-    {
+    for (int j = 0;; j++) {
+        int bid = blockIdx.x + j * gridDim.x;
+
+        if (DYN) {
+            moe_mbar_wait(&tfull[j & 1], (j >> 1) & 1);
+            bid = tslot[j & 1];
+            moe_mbar_arrive(&tempty[j & 1]);
+            if (bid < 0) {
+                break;
+            }
+        }
+        if (!fg_tile(offs, E, ntn, bid, &t)) {
+            break;
+        }
+        if (HALF && 64 * cw >= t.mrows) {
+            /* none of this warpgroup's rows in the tile: release each
+             * stage as it fills, no wgmma, no epilogue */
+            for (int kt = 0; kt < nk; kt++, it++) {
+                const int s = it % FG_ST;
+
+                moe_mbar_wait(&full[s], (it / FG_ST) & 1);
+                if ((tid & 127) == 0) {
+                    moe_mbar_arrive(&empty[s]);
+                }
+            }
+            continue;
+        }
 #pragma unroll
         for (int i = 0; i < 128; i++) {
             d[i] = 0.0f;
@@ -330,10 +408,10 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
 #pragma unroll
             for (int i = 0; i < 64; i++) {
                 /* i = 32 h + 2 j + v: d[64 h + 4 j + 2 v], d[.. + 1] */
-                const int h = i >> 5, j = (i >> 1) & 15, v = i & 1;
+                const int h = i >> 5, jj = (i >> 1) & 15, v = i & 1;
 
-                pk[i] = fg_pack(d[64 * h + 4 * j + 2 * v],
-                                d[64 * h + 4 * j + 2 * v + 1]);
+                pk[i] = fg_pack(d[64 * h + 4 * jj + 2 * v],
+                                d[64 * h + 4 * jj + 2 * v + 1]);
             }
             fg_store_staged<2>(pk, cw, &t, N, t.nt * FG_BN,
                                sm + FG_ST * FG_STAGE + cw * FG_EP, Y);
@@ -412,27 +490,48 @@ moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride)
 }
 
 
-#define FG_SWIGLU 4                     /* fg_launch: the SwiGLU epilogue */
+#define FG_SWIGLU 16                    /* fg_launch: the SwiGLU epilogue */
+
+typedef void (*fg_kf_t)(const CUtensorMap, const CUtensorMap,
+                        const int32_t *, int, int, int, const float *,
+                        const float *, size_t, __nv_bfloat16 *, uint32_t *);
+
+/* The instance of variant bits v (MOE_FG_*, FG_SWIGLU): every scheduling
+ * choice for the shipped shapes (wide, staged; with and without SwiGLU),
+ * the static order for the other two epilogue and wgmma choices. */
+static fg_kf_t
+fg_kernel(int v)
+{
+#define FG_SCH(W, S, G)                                                      \
+    { kernel_fp8_grouped<W, S, G, 0>, kernel_fp8_grouped<W, S, G, 1 * 4>,    \
+      kernel_fp8_grouped<W, S, G, 2 * 4>, kernel_fp8_grouped<W, S, G, 3 * 4> }
+    static const fg_kf_t ship[2][4] = { FG_SCH(1, 1, 0), FG_SCH(1, 1, 1) };
+#undef FG_SCH
+    static const fg_kf_t other[3] = {
+        kernel_fp8_grouped<0, 0, 0, 0>, kernel_fp8_grouped<1, 0, 0, 0>,
+        kernel_fp8_grouped<0, 1, 0, 0>
+    };
+    int sch = (v >> 2) & 3;
+
+    if ((v & FG_SWIGLU) || (v & 3) == 3) {
+        return ship[(v & FG_SWIGLU) != 0][sch];
+    }
+    return sch == 0 ? other[v & 3] : NULL;
+}
+
 
 /* Both entry points: the variant bits (MOE_FG_*, FG_SWIGLU), the grid
- * (ctas as moe_cuda_fp8_grouped_gemm_ctas), the maps, the launch.  N:
- * the weight rows per group (2 F with SwiGLU). */
+ * (ctas as moe_cuda_fp8_grouped_gemm_ctas), the counters (MOE_FG_DYN),
+ * the maps, the launch.  N: the weight rows per group (2 F with
+ * SwiGLU). */
 static int
 fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
     const int32_t *offs, int E, int r_max, int N, int K, const float *qs,
     const float *ws, size_t ws_stride, moe_bf16_t *Y, int ctas, int variant,
-    cudaStream_t stream)
+    uint32_t *sched, cudaStream_t stream)
 {
-    typedef void (*kf_t)(const CUtensorMap, const CUtensorMap,
-                         const int32_t *, int, int, int, const float *,
-                         const float *, size_t, __nv_bfloat16 *);
-    static const kf_t kfs[5] = {
-        kernel_fp8_grouped<0, 0, 0>, kernel_fp8_grouped<1, 0, 0>,
-        kernel_fp8_grouped<0, 1, 0>, kernel_fp8_grouped<1, 1, 0>,
-        kernel_fp8_grouped<1, 1, 1>
-    };
+    fg_kf_t     kf = fg_kernel(variant);
     int         swiglu = (variant & FG_SWIGLU) != 0;
-    kf_t        kf = kfs[swiglu ? 4 : variant & 3];
     size_t      smem = swiglu || (variant & MOE_FG_STAGED) ? FG_SMEM_EP
                                                           : FG_SMEM;
     CUtensorMap mq, mw;
@@ -444,6 +543,11 @@ fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
     size_t      tiles;
     int         rc;
 
+    if (kf == NULL || ((variant & MOE_FG_DYN) && sched == NULL)) {
+        moe_cuda_set_error("fp8 grouped GEMM: variant %d not built%s",
+                           variant, kf != NULL ? " (no counters)" : "");
+        return MOE_K_EINVAL;
+    }
     if (!moe_cuda_fp8_grouped_supported(N, K, wstride) || E < 1
         || q_rows < 1 || r_max < 0 || (uintptr_t) Q % 16 != 0
         || (uintptr_t) W % 16 != 0 || offs == NULL || Y == NULL)
@@ -484,7 +588,7 @@ fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
     MOE_CUDA_CHECK(moe_launch(kf, dim3((unsigned) tiles),
                               dim3(FG_NT), smem, stream, mq, mw, offs, E,
                               N, K, qs, ws, ws_stride,
-                              (__nv_bfloat16 *) Y));
+                              (__nv_bfloat16 *) Y, sched));
     return MOE_K_OK;
 }
 
@@ -492,22 +596,23 @@ fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
 extern "C" int
 moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E, int r_max,
-    int N, int K, moe_bf16_t *Y, int ctas, int variant, cudaStream_t stream)
+    int N, int K, moe_bf16_t *Y, int ctas, int variant, uint32_t *sched,
+    cudaStream_t stream)
 {
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, N, K, NULL,
-                     NULL, 0, Y, ctas, variant & 3, stream);
+                     NULL, 0, Y, ctas, variant & 15, sched, stream);
 }
 
 
 extern "C" int
 moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
     size_t wstride, const int32_t *offs, int E, int r_max, int N, int K,
-    moe_bf16_t *Y, cudaStream_t stream)
+    moe_bf16_t *Y, uint32_t *sched, int sch, cudaStream_t stream)
 {
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, N, K, NULL,
                      NULL, 0, Y, FG_CTAS,
-                     FG_WIDE * MOE_FG_WIDE | FG_STAGED * MOE_FG_STAGED,
-                     stream);
+                     FG_WIDE * MOE_FG_WIDE | FG_STAGED * MOE_FG_STAGED
+                     | (sch & (MOE_FG_DYN | MOE_FG_HALF)), sched, stream);
 }
 
 
@@ -515,7 +620,7 @@ extern "C" int
 moe_cuda_fp8_grouped_swiglu(const uint8_t *Q, int q_rows, const uint8_t *W,
     size_t wstride, const int32_t *offs, int E, int r_max, int F, int K,
     const float *qs, const float *ws, size_t ws_stride, moe_bf16_t *H,
-    cudaStream_t stream)
+    uint32_t *sched, int sch, cudaStream_t stream)
 {
     if (F <= 0 || F % 128 != 0 || qs == NULL || ws == NULL
         || (uintptr_t) ws % 8 != 0 || ws_stride % 2 != 0)
@@ -523,5 +628,7 @@ moe_cuda_fp8_grouped_swiglu(const uint8_t *Q, int q_rows, const uint8_t *W,
         return MOE_K_EUNSUPPORTED;
     }
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, 2 * F, K, qs,
-                     ws, ws_stride, H, FG_CTAS, FG_SWIGLU, stream);
+                     ws, ws_stride, H, FG_CTAS,
+                     FG_SWIGLU | (sch & (MOE_FG_DYN | MOE_FG_HALF)), sched,
+                     stream);
 }

@@ -32,10 +32,23 @@ extern "C" {
  * warpgroups of 64 rows.  Capturable into a
  * CUDA graph (the tensor maps are kernel parameters, made on the host at
  * each call).
+ * sch: scheduling bits, 0 for the static order above, or
+ *   MOE_FG_DYN   each CTA draws its next tile from the counter sched[0]
+ *                (the same order; a CTA done early takes more), so the
+ *                grid ends within about a tile of balanced instead of a
+ *                whole wave late; sched: two uint32 on the device, zero
+ *                before the first launch, left zero by each launch that
+ *                completes; one pair per stream that may run these
+ *                launches at the same time (else MOE_K_EINVAL);
+ *   MOE_FG_HALF  a tile with at most 64 rows in its group runs the
+ *                wgmma of those rows only (about half the time).
+ * The output is the same for every sch (each tile's sums are made the
+ * same way, whichever CTA makes them).
  */
 int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
-    int r_max, int N, int K, moe_bf16_t *Y, cudaStream_t stream);
+    int r_max, int N, int K, moe_bf16_t *Y, uint32_t *sched, int sch,
+    cudaStream_t stream);
 
 /* The same with the grid and the kernel variant chosen (measurements,
  * bench/dev/wg_ggemm): ctas 0: one CTA per tile; > 0: that many CTAs,
@@ -44,13 +57,17 @@ int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
  * (else two m64n128k32, A read twice), MOE_FG_STAGED the products
  * through shared memory, stored as whole rows (else straight from the
  * fragments, 4 bytes a lane).  moe_cuda_fp8_grouped_gemm: kernels/
- * fp8_grouped.cu's FG_CTAS, FG_WIDE and FG_STAGED. */
+ * fp8_grouped.cu's FG_CTAS, FG_WIDE and FG_STAGED.  MOE_FG_DYN and
+ * MOE_FG_HALF (sch above) are built for WIDE | STAGED only (else
+ * MOE_K_EINVAL). */
 #define MOE_FG_WIDE    1
 #define MOE_FG_STAGED  2
+#define MOE_FG_DYN     4
+#define MOE_FG_HALF    8
 int moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
     int r_max, int N, int K, moe_bf16_t *Y, int ctas, int variant,
-    cudaStream_t stream);
+    uint32_t *sched, cudaStream_t stream);
 
 /*
  * The gate|up GEMM of the same groups with SwiGLU in its epilogue: W_e
@@ -65,12 +82,14 @@ int moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
  * then comes from moe_cuda_quant_rows_fp8 on H.  F % 128 == 0, K % 128 ==
  * 0, ws 8-byte aligned, ws_stride even, wstride % 16 == 0 (else
  * MOE_K_EUNSUPPORTED).  A CTA's tile: 128 rows x 128 columns of H, its
- * B the 128 gate rows and the 128 up rows of those columns.
+ * B the 128 gate rows and the 128 up rows of those columns.  sched, sch:
+ * as moe_cuda_fp8_grouped_gemm's.
  */
 int moe_cuda_fp8_grouped_swiglu(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
     int r_max, int F, int K, const float *qs, const float *ws,
-    size_t ws_stride, moe_bf16_t *H, cudaStream_t stream);
+    size_t ws_stride, moe_bf16_t *H, uint32_t *sched, int sch,
+    cudaStream_t stream);
 
 /* 1 when moe_cuda_fp8_grouped_gemm takes this shape (its N, K, wstride
  * conditions; alignment aside). */

@@ -187,6 +187,7 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
     int      off[65], n = 0;
     uint8_t *q, *w;
     int32_t *doffs;
+    uint32_t *sched;
     void    *y0, *y1;
     size_t   ws = (size_t) N * K;
     double   ms0, ms1 = 0, flops;
@@ -202,6 +203,8 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
     DEV_CHECK(cudaMalloc(&q, (size_t) (n + MOE_FP8_GEMM_ROWS) * K));
     DEV_CHECK(cudaMalloc(&w, (size_t) E * ws));
     DEV_CHECK(cudaMalloc(&doffs, sizeof(int32_t) * (E + 1)));
+    DEV_CHECK(cudaMalloc(&sched, 2 * sizeof(uint32_t)));
+    DEV_CHECK(cudaMemset(sched, 0, 2 * sizeof(uint32_t)));
     DEV_CHECK(cudaMalloc(&y0, (size_t) (n + MOE_FP8_GEMM_ROWS) * N * 2));
     DEV_CHECK(cudaMalloc(&y1, (size_t) (n + MOE_FP8_GEMM_ROWS) * N * 2));
     {
@@ -285,11 +288,12 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
          * warp, 128 x 256 tiles; one CTA per tile or persistent (one CTA
          * per SM), two n128 wgmma per k step or one n256, the epilogue
          * from the fragments or staged through shared memory */
-        enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED };
+        enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED, D = MOE_FG_DYN,
+               H = MOE_FG_HALF };
         static const struct {
             const char *label, *tag;
             int         ctas, variant;
-        } fv[6] = {
+        } fv[9] = {
             { "TMA, 2 x n128, CTA per tile", "wgmma_tma_ws", 0, 0 },
             { "TMA, 2 x n128, persistent", "wgmma_tma_persist", -1, 0 },
             { "TMA, n256, CTA per tile", "wgmma_tma_n256", 0, W },
@@ -298,19 +302,24 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
               W | S },
             { "TMA, n256, staged, persistent", "wgmma_tma_n256_st_persist",
               -1, W | S },
+            /* the tile schedules (fp8_gsched): drawn tiles, half tiles */
+            { "persistent, drawn tiles", "gsched_1", -1, W | S | D },
+            { "persistent, half tiles", "gsched_2", -1, W | S | H },
+            { "persistent, drawn + half tiles", "gsched_3", -1,
+              W | S | D | H },
         };
 
-        for (int v = 0; v < 6; v++) {
+        for (int v = 0; v < 9; v++) {
             run(fv[v].label, fv[v].tag, [&]() {
                 (void) moe_cuda_fp8_grouped_gemm_ctas(
                     q, n + MOE_FP8_GEMM_ROWS, w, ws, doffs, E, n, N, K,
-                    (moe_bf16_t *) y1, fv[v].ctas, fv[v].variant, 0);
+                    (moe_bf16_t *) y1, fv[v].ctas, fv[v].variant, sched, 0);
             });
         }
         run("shipped", "wgmma_tma_shipped", [&]() {
             (void) moe_cuda_fp8_grouped_gemm(q, n + MOE_FP8_GEMM_ROWS, w, ws,
                                              doffs, E, n, N, K,
-                                             (moe_bf16_t *) y1, 0);
+                                             (moe_bf16_t *) y1, sched, 0, 0);
         });
         if (N >= 8192) {
             /* gate|up with SwiGLU in the epilogue (H: rows x N / 2),
@@ -321,23 +330,27 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
                                                                 + n + 1)));
             DEV_CHECK(cudaMemset(sc, 0, sizeof(float) * (size_t) (E * N
                                                                   + n + 1)));
-            double ms = dev_time(5, [&]() {
-                return moe_cuda_fp8_grouped_swiglu(q, n + MOE_FP8_GEMM_ROWS,
-                                                   w, ws, doffs, E, n, N / 2,
-                                                   K, sc + E * N, sc, N,
-                                                   (moe_bf16_t *) y1, 0);
-            });
-            printf("  %-26s %-34s %8.1f us %6.0f TFLOP/s %5.1f%%\n", "",
-                   "shipped + SwiGLU epilogue (H)", ms * 1e3,
-                   flops / ms / 1e9, 100.0 * flops / ms / 1e9 / peak);
-            printf("RESULT kind=wg_ggemm case=\"%s\" variant=swiglu "
-                   "us=%.1f\n", name, ms * 1e3);
+            for (int sch = 0; sch <= 3; sch += 3) {
+                double ms = dev_time(5, [&]() {
+                    return moe_cuda_fp8_grouped_swiglu(
+                        q, n + MOE_FP8_GEMM_ROWS, w, ws, doffs, E, n, N / 2,
+                        K, sc + E * N, sc, N, (moe_bf16_t *) y1, sched,
+                        sch ? MOE_FG_DYN | MOE_FG_HALF : 0, 0);
+                });
+                printf("  %-26s %-34s %8.1f us %6.0f TFLOP/s %5.1f%%\n", "",
+                       sch ? "SwiGLU epilogue, drawn + half tiles"
+                           : "shipped + SwiGLU epilogue (H)", ms * 1e3,
+                       flops / ms / 1e9, 100.0 * flops / ms / 1e9 / peak);
+                printf("RESULT kind=wg_ggemm case=\"%s\" variant=swiglu%s "
+                       "us=%.1f\n", name, sch ? "_gsched_3" : "", ms * 1e3);
+            }
             cudaFree(sc);
         }
     }
     cudaFree(q);
     cudaFree(w);
     cudaFree(doffs);
+    cudaFree(sched);
     cudaFree(y0);
     cudaFree(y1);
 }

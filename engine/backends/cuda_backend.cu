@@ -306,6 +306,8 @@ typedef struct {
     int32_t        *erow;          /* (NK) */
     int32_t        *counts;        /* (E) */
     int32_t        *offs;          /* (E + 1) */
+    uint32_t       *fgsched;       /* 2: the grouped fp8 GEMMs' tile
+                                      counters (MOE_FG_DYN), kept zero */
     int64_t        *d_ecounts;     /* (L, E) running totals */
     float          *att_part;      /* attention split partials */
     float          *margin;        /* (L, N) router margins, last step */
@@ -497,7 +499,7 @@ cb_weight_layout(const moe_hparams_t *hp, const moe_qplan_t *plan,
 typedef struct {
     size_t x, tmp, xf, xb, qkv, att, sel, selw, slot_of, erow, counts, xe,
            gu, hbuf, ye, xlast, logits, tokout, stage, offs, ecounts,
-           att_part, margin, rlogits, qscratch, total;
+           att_part, margin, rlogits, fgsched, qscratch, total;
     size_t stage_ints, bt_cap;
 } cb_slayout_t;
 
@@ -535,6 +537,7 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks,
     l->erow = cb_take(&c, NK * 4);
     l->counts = cb_take(&c, E * 4);
     l->offs = cb_take(&c, (E + 1) * 4);
+    l->fgsched = cb_take(&c, 2 * 4);
     l->margin = cb_take(&c, (size_t) hp->n_layers * N * 4);
     l->ecounts = cb_take(&c, (size_t) hp->n_layers * E * 8);
     l->rlogits = cb_take(&c, N * E * 4);
@@ -2222,6 +2225,7 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->erow = (int32_t *) (s + sl.erow);
     b->counts = (int32_t *) (s + sl.counts);
     b->offs = (int32_t *) (s + sl.offs);
+    b->fgsched = (uint32_t *) (s + sl.fgsched);
     b->margin = (float *) (s + sl.margin);
     b->rlogits = (float *) (s + sl.rlogits);
     b->d_ecounts = (int64_t *) (s + sl.ecounts);
@@ -2234,6 +2238,10 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     }
     CB_CUDA(cudaMemsetAsync(b->d_ecounts, 0, (size_t) hp->n_layers
                             * hp->n_experts * 8, b->stream), "counts memset");
+    /* the grouped GEMMs' tile counters start at zero (each launch leaves
+     * them so) */
+    CB_CUDA(cudaMemsetAsync(b->fgsched, 0, 2 * 4, b->stream),
+            "tile counters memset");
     /* dense layers of an MoE model never route: margin 1 for good */
     for (int l = 0; l < hp->n_layers; l++) {
         if (b->dense_slot[l] >= 0
@@ -3034,6 +3042,15 @@ cb_fp8_grouped_fits(const cuda_backend_t *b, const cb_qw_t *g,
 }
 
 
+/* The grouped GEMMs' scheduling bits from the fp8_gsched knob. */
+static int
+cb_fg_sch(const cuda_backend_t *b)
+{
+    return (b->tune.fp8_gsched & 1 ? MOE_FG_DYN : 0)
+           | (b->tune.fp8_gsched & 2 ? MOE_FG_HALF : 0);
+}
+
+
 /* One of cb_fp8_ffn's grouped GEMMs: every expert of the rank in one
  * launch, offsets read on the device; qs non-NULL: gate|up with SwiGLU
  * (moe_cuda_fp8_grouped_swiglu).  Its shapes were checked
@@ -3051,11 +3068,13 @@ cb_fp8_grouped(cuda_backend_t *b, const uint8_t *Q, const float *qs,
                                            b->offs + b->hp.expert_first, EL,
                                            R, w->N / 2, w->K, qs, w->scale,
                                            cb_fp8_sstride(w),
-                                           (moe_bf16_t *) Y, b->stream)
+                                           (moe_bf16_t *) Y, b->fgsched,
+                                           cb_fg_sch(b), b->stream)
              : moe_cuda_fp8_grouped_gemm(Q, R, (const uint8_t *) w->w,
                                          cb_fp8_wstride(w),
                                          b->offs + b->hp.expert_first, EL, R,
                                          w->N, w->K, (moe_bf16_t *) Y,
+                                         b->fgsched, cb_fg_sch(b),
                                          b->stream);
 
     if (rc == MOE_K_EUNSUPPORTED) {

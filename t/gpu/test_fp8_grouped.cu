@@ -9,10 +9,15 @@
  *    the errors of the K / 32 steps add up in one direction: first run,
  *    K 1024, up to 6.4e-4 of sum |q w|); and the relative L2 error <=
  *    4e-3;
- *  - six launches each: the shipped one, one CTA per tile, 3 CTAs (each
+ *  - ten launches each: the shipped one, one CTA per tile, 3 CTAs (each
  *    walks many tiles, so the stage ring and its phases carry over from
- *    tile to tile), two n128 wgmma per k step instead of one n256, and
- *    the epilogue staged through shared memory (a CTA per tile, 3 CTAs);
+ *    tile to tile), two n128 wgmma per k step instead of one n256, the
+ *    epilogue staged through shared memory (a CTA per tile, 3 CTAs), and
+ *    the tile schedules (MOE_FG_DYN: tiles drawn from a counter; MOE_FG_
+ *    HALF: tiles of at most 64 rows on one warpgroup) on the shipped
+ *    launch, on 3 CTAs and on a CTA per tile: each also bit for bit equal
+ *    to the shipped static launch's output, and the counters back at zero
+ *    after it (the next launch's start);
  *  - groups of 0, 1, 64, 130 and 257 rows (partial row tiles, an empty
  *    group), offsets starting past 0 (an expert-parallel rank's view),
  *    K from 128 (one stage) to 1024 (the 4-stage ring wraps twice), 1 to
@@ -22,12 +27,16 @@
  *    outside the groups);
  *  - captured into a CUDA graph and replayed after the offsets on the
  *    device changed: the replay follows the new offsets (they are read on
- *    the device, not baked into the launch);
+ *    the device, not baked into the launch); the same with the drawn
+ *    tiles, replayed twice (the counters reset by each replay);
  *  - the SwiGLU epilogue (moe_cuda_fp8_grouped_swiglu) against the host's
  *    SwiGLU of the plain GEMM's bf16 products with random row and channel
- *    scales: within a bf16 rounding step; F % 128 refused;
+ *    scales: within a bf16 rounding step, and bit for bit the same with
+ *    the tile schedules on; F % 128 refused;
  *  - refusals (MOE_K_EUNSUPPORTED, nothing written): N % 256, K % 128, a
- *    weight stride below N x K, a misaligned Q; r_max 0 is a no-op.
+ *    weight stride below N x K, a misaligned Q; r_max 0 is a no-op;
+ *    MOE_K_EINVAL: drawn tiles without counters, a schedule on a variant
+ *    not built with it.
  * TAP; skips when there is no CUDA device.
  */
 
@@ -68,6 +77,7 @@ typedef struct {
     int32_t  offs[17];
     uint8_t *q, *w;                     /* host */
     void    *dq, *dw, *doffs, *dy;      /* device */
+    uint32_t *dsched;                   /* the two tile counters */
     size_t   ycap;                      /* rows of dy (total + 16) */
 } fg_prob_t;
 
@@ -97,6 +107,22 @@ prob_init(fg_prob_t *p, const int *rows, int E, int N, int K, int base)
     p->doffs = gu_up(p->offs, sizeof(int32_t) * (size_t) (E + 1));
     p->ycap = (size_t) p->total + 16;
     p->dy = gu_dev(p->ycap * N * 2);
+    p->dsched = (uint32_t *) gu_dev(2 * sizeof(uint32_t));
+    fg_ck(cudaMemset(p->dsched, 0, 2 * sizeof(uint32_t)), "counters");
+}
+
+
+/* 1 when both tile counters are zero (as every launch must leave them) */
+static int
+prob_sched_zero(const fg_prob_t *p, const char *what)
+{
+    uint32_t c[2];
+
+    gu_down(c, p->dsched, sizeof(c));
+    if (c[0] != 0 || c[1] != 0) {
+        TAP_DIAG("%s: tile counters left at %u, %u", what, c[0], c[1]);
+    }
+    return c[0] == 0 && c[1] == 0;
 }
 
 
@@ -107,6 +133,7 @@ prob_free(fg_prob_t *p)
     cudaFree(p->dw);
     cudaFree(p->doffs);
     cudaFree(p->dy);
+    cudaFree(p->dsched);
     free(p->q);
     free(p->w);
 }
@@ -195,8 +222,9 @@ prob_check(const fg_prob_t *p, const int32_t *offs, const char *what)
 }
 
 
-/* the launch: ctas 1 the shipped one, else moe_cuda_fp8_grouped_gemm_ctas
- * with that grid (0: one CTA per tile) and variant (MOE_FG_*) */
+/* the launch: ctas 1 the shipped one (its schedule: variant's MOE_FG_DYN
+ * and MOE_FG_HALF bits), else moe_cuda_fp8_grouped_gemm_ctas with that
+ * grid (0: one CTA per tile) and variant (MOE_FG_*) */
 static int
 prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
 {
@@ -206,7 +234,9 @@ prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
                                          (size_t) p->N * p->K,
                                          (const int32_t *) p->doffs, p->E,
                                          r_max, p->N, p->K,
-                                         (moe_bf16_t *) p->dy, s);
+                                         (moe_bf16_t *) p->dy, p->dsched,
+                                         variant & (MOE_FG_DYN
+                                                    | MOE_FG_HALF), s);
     }
     return moe_cuda_fp8_grouped_gemm_ctas((const uint8_t *) p->dq, p->total,
                                           (const uint8_t *) p->dw,
@@ -214,25 +244,30 @@ prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
                                           (const int32_t *) p->doffs, p->E,
                                           r_max, p->N, p->K,
                                           (moe_bf16_t *) p->dy, ctas,
-                                          variant, s);
+                                          variant, p->dsched, s);
 }
 
 
 static void
 test_case(const int *rows, int E, int N, int K, int base, int slack)
 {
-    enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED };
-    static const int ctas[6] = { 1, 0, 3, 0, 0, 3 };
-    static const int var[6] = { W, W, W, 0, W | S, W | S };
-    static const char *const launch[6] = {
+    enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED, D = MOE_FG_DYN,
+           H = MOE_FG_HALF, NL = 10 };
+    static const int ctas[NL] = { 1, 0, 3, 0, 0, 3, 1, 3, 0, 3 };
+    static const int var[NL] = { W, W, W, 0, W | S, W | S, D | H,
+                                 W | S | D | H, W | S | D, W | S | H };
+    static const char *const launch[NL] = {
         "shipped", "n256, a CTA per tile", "n256, 3 CTAs",
         "2 x n128, a CTA per tile", "n256 staged, a CTA per tile",
-        "n256 staged, 3 CTAs"
+        "n256 staged, 3 CTAs", "shipped, drawn tiles + half tiles",
+        "staged, 3 CTAs, drawn + half tiles",
+        "staged, a CTA per tile, drawn tiles", "staged, 3 CTAs, half tiles"
     };
     fg_prob_t p;
     char      what[200];
     int       rc, ok;
-    size_t    head;
+    size_t    head, ybytes;
+    uint16_t *y0 = NULL, *y1;
 
     prob_init(&p, rows, E, N, K, base);
     snprintf(what, sizeof(what), "%d groups (rows", E);
@@ -244,22 +279,44 @@ test_case(const int *rows, int E, int N, int K, int base, int slack)
              ") N %d K %d, offsets from %d, row bound +%d", N, K, base,
              slack);
     head = strlen(what);
-    for (int c = 0; c < 6; c++) {
+    ybytes = p.ycap * (size_t) N * 2;
+    y1 = (uint16_t *) malloc(ybytes);
+    for (int c = 0; c < NL; c++) {
+        int same = 1;
+
         snprintf(what + head, sizeof(what) - head, ", %s", launch[c]);
         prob_clear(&p);
         rc = prob_run(&p, p.total + slack, ctas[c], var[c], 0);
         ok = gu_sync_ok(rc, what) && prob_check(&p, p.offs, what);
+        if (c == 0) {
+            y0 = (uint16_t *) malloc(ybytes);
+            gu_down(y0, p.dy, ybytes);
+        } else if (var[c] & (D | H)) {
+            /* the same tiles' sums, whichever CTA made them */
+            gu_down(y1, p.dy, ybytes);
+            same = memcmp(y0, y1, ybytes) == 0;
+            if (!same) {
+                TAP_DIAG("%s: output differs from the shipped static "
+                         "launch's", what);
+            }
+            ok = ok && same && prob_sched_zero(&p, what);
+        }
         TAP_OK(ok, "grouped GEMM %s: every element within its bound, "
-               "nothing written past the groups", what);
+               "nothing written past the groups%s", what,
+               var[c] & (D | H) ? "; bit for bit the static launch's, the "
+               "counters back at zero" : "");
     }
+    free(y0);
+    free(y1);
     prob_free(&p);
 }
 
 
-/* One launch captured into a graph, replayed after the device offsets
- * moved rows from one group to another (same total). */
+/* One launch (schedule bits sch) captured into a graph, replayed (reps
+ * times) after the device offsets moved rows from one group to another
+ * (same total). */
 static void
-test_graph(void)
+test_graph(int sch, int reps)
 {
     static const int rows[3] = { 40, 200, 90 };
     fg_prob_t        p;
@@ -274,7 +331,7 @@ test_graph(void)
     prob_clear(&p);
     fg_ck(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal),
           "begin capture");
-    rc = prob_run(&p, p.total, 1, 1, s);
+    rc = prob_run(&p, p.total, 1, sch, s);
     fg_ck(cudaStreamEndCapture(s, &gr), "end capture");
     fg_ck(cudaGraphInstantiate(&ge, gr, 0), "instantiate");
     /* 200 | 40 | 90 instead of 40 | 200 | 90 */
@@ -284,12 +341,17 @@ test_graph(void)
     offs2[3] = 330;
     fg_ck(cudaMemcpy(p.doffs, offs2, sizeof(offs2),
                      cudaMemcpyHostToDevice), "upload offsets");
-    fg_ck(cudaGraphLaunch(ge, s), "replay");
-    fg_ck(cudaStreamSynchronize(s), "sync");
-    ok = gu_sync_ok(rc, "graph capture")
-         && prob_check(&p, offs2, "graph replay, new offsets");
-    TAP_OK(ok, "grouped GEMM captured in a graph follows the offsets on the "
-           "device at replay");
+    ok = 1;
+    for (int i = 0; i < reps; i++) {
+        prob_clear(&p);
+        fg_ck(cudaGraphLaunch(ge, s), "replay");
+        fg_ck(cudaStreamSynchronize(s), "sync");
+        ok = ok && gu_sync_ok(rc, "graph capture")
+             && prob_check(&p, offs2, "graph replay, new offsets")
+             && prob_sched_zero(&p, "graph replay");
+    }
+    TAP_OK(ok, "grouped GEMM (schedule %d) captured in a graph follows the "
+           "offsets on the device at each of %d replays", sch, reps);
     cudaGraphExecDestroy(ge);
     cudaGraphDestroy(gr);
     cudaStreamDestroy(s);
@@ -341,7 +403,7 @@ test_swiglu(const int *rows, int E, int F, int K, int base)
                                       (const int32_t *) p.doffs, E, p.total,
                                       F, K, (const float *) dqs,
                                       (const float *) dws, (size_t) 2 * F,
-                                      (moe_bf16_t *) dh, 0);
+                                      (moe_bf16_t *) dh, p.dsched, 0, 0);
     snprintf(what, sizeof(what), "grouped SwiGLU GEMM, %d groups, F %d K "
              "%d, offsets from %d", E, F, K, base);
     ok = gu_sync_ok(rc | rc2, what);
@@ -383,6 +445,32 @@ test_swiglu(const int *rows, int E, int F, int K, int base)
     TAP_OK(ok && bad == 0 && bad_rest == 0, "%s: h equal to the host's "
            "SwiGLU of the bf16 products within a rounding step (%d off), "
            "nothing written past the groups (%d)", what, bad, bad_rest);
+    {
+        /* the same with drawn and half tiles: bit for bit */
+        uint16_t *H2 = (uint16_t *) malloc(hcap * F * 2);
+
+        for (size_t i = 0; i < hcap * F; i++) {
+            H2[i] = SENTINEL;
+        }
+        fg_ck(cudaMemcpy(dh, H2, hcap * F * 2, cudaMemcpyHostToDevice),
+              "H");
+        rc2 = moe_cuda_fp8_grouped_swiglu((const uint8_t *) p.dq, p.total,
+                                          (const uint8_t *) p.dw,
+                                          (size_t) 2 * F * K,
+                                          (const int32_t *) p.doffs, E,
+                                          p.total, F, K, (const float *) dqs,
+                                          (const float *) dws,
+                                          (size_t) 2 * F, (moe_bf16_t *) dh,
+                                          p.dsched,
+                                          MOE_FG_DYN | MOE_FG_HALF, 0);
+        ok = gu_sync_ok(rc2, what);
+        gu_down(H2, dh, hcap * F * 2);
+        TAP_OK(ok && memcmp(H, H2, hcap * F * 2) == 0
+               && prob_sched_zero(&p, what), "%s, drawn + half tiles: "
+               "bit for bit the static launch's h, counters back at zero",
+               what);
+        free(H2);
+    }
     cudaFree(dqs);
     cudaFree(dws);
     cudaFree(dh);
@@ -407,19 +495,23 @@ test_refusals(void)
     r1 = moe_cuda_fp8_grouped_gemm((const uint8_t *) p.dq, 30,
                                    (const uint8_t *) p.dw, 320 * 256,
                                    (const int32_t *) p.doffs, 2, 30, 320,
-                                   256, (moe_bf16_t *) p.dy, 0);
+                                   256, (moe_bf16_t *) p.dy, p.dsched, 0,
+                                   0);
     r2 = moe_cuda_fp8_grouped_gemm((const uint8_t *) p.dq, 30,
                                    (const uint8_t *) p.dw, 256 * 192,
                                    (const int32_t *) p.doffs, 2, 30, 256,
-                                   192, (moe_bf16_t *) p.dy, 0);
+                                   192, (moe_bf16_t *) p.dy, p.dsched, 0,
+                                   0);
     r3 = moe_cuda_fp8_grouped_gemm((const uint8_t *) p.dq, 30,
                                    (const uint8_t *) p.dw, 256 * 128,
                                    (const int32_t *) p.doffs, 2, 30, 256,
-                                   256, (moe_bf16_t *) p.dy, 0);
+                                   256, (moe_bf16_t *) p.dy, p.dsched, 0,
+                                   0);
     r4 = moe_cuda_fp8_grouped_gemm((const uint8_t *) p.dq + 1, 30,
                                    (const uint8_t *) p.dw, 256 * 256,
                                    (const int32_t *) p.doffs, 2, 30, 256,
-                                   256, (moe_bf16_t *) p.dy, 0);
+                                   256, (moe_bf16_t *) p.dy, p.dsched, 0,
+                                   0);
     r5 = prob_run(&p, 0, 1, 1, 0);
     fg_ck(cudaDeviceSynchronize(), "sync");
     gu_down(&y0, p.dy, 2);
@@ -436,6 +528,22 @@ test_refusals(void)
            && !moe_cuda_fp8_grouped_supported(64, 128, 64 * 128)
            && !moe_cuda_fp8_grouped_supported(256, 64, 256 * 64),
            "supported: Mixtral's gate|up and down; not N 64 or K 64");
+    r1 = moe_cuda_fp8_grouped_gemm((const uint8_t *) p.dq, 30,
+                                   (const uint8_t *) p.dw, 256 * 256,
+                                   (const int32_t *) p.doffs, 2, 30, 256,
+                                   256, (moe_bf16_t *) p.dy, NULL,
+                                   MOE_FG_DYN, 0);
+    r2 = moe_cuda_fp8_grouped_gemm_ctas((const uint8_t *) p.dq, 30,
+                                        (const uint8_t *) p.dw, 256 * 256,
+                                        (const int32_t *) p.doffs, 2, 30,
+                                        256, 256, (moe_bf16_t *) p.dy, 0,
+                                        MOE_FG_WIDE | MOE_FG_HALF, p.dsched,
+                                        0);
+    fg_ck(cudaDeviceSynchronize(), "sync");
+    gu_down(&y0, p.dy, 2);
+    TAP_OK(r1 == MOE_K_EINVAL && r2 == MOE_K_EINVAL && y0 == SENTINEL,
+           "refused: drawn tiles without counters (%d), half tiles on the "
+           "unstaged kernel, not built (%d); Y untouched", r1, r2);
     prob_free(&p);
 }
 
@@ -454,7 +562,7 @@ main(void)
         return 0;
     }
     seed = gu_seed_env();
-    TAP_PLAN(30);
+    TAP_PLAN(50);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
     test_case(r4, 4, 512, 1024, 5, 37);
     test_case(r8, 8, 768, 256, 0, 0);
@@ -462,14 +570,15 @@ main(void)
     test_case(r8 + 3, 3, 256, 512, 1000, 1);
     test_swiglu(r4, 4, 256, 512, 5);
     test_swiglu(r8, 3, 128, 256, 0);
-    test_graph();
+    test_graph(0, 1);
+    test_graph(MOE_FG_DYN | MOE_FG_HALF, 2);
     test_refusals();
     TAP_OK(moe_cuda_fp8_grouped_swiglu((const uint8_t *) 16, 1,
                                        (const uint8_t *) 16, 384 * 128,
                                        (const int32_t *) 16, 1, 1, 192, 128,
                                        (const float *) 16,
                                        (const float *) 16, 384,
-                                       (moe_bf16_t *) 16, 0)
+                                       (moe_bf16_t *) 16, NULL, 0, 0)
            == MOE_K_EUNSUPPORTED, "grouped SwiGLU refuses F 192 (F %% 128)");
     return TAP_DONE();
 }
