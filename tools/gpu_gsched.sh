@@ -19,6 +19,8 @@
 #                      record's fp8_gsched G (0, 3, 1), rounds R
 #   trace_gs3          the prefill 2048's kernel timeline with PDL off
 #                      (each kernel's own time), fp8_gsched 3
+#   ncu_gsG            ncu on the second forward's first gate|up and down
+#                      GEMMs, fp8_gsched 0 and 3 (speed of light, memory)
 # then a summary of the lines that matter.  Exit status: 0 when every
 # step passed.
 
@@ -29,11 +31,16 @@ cd "$(dirname "$0")/.." || exit 2
 declare -A RC
 STEPS=()
 
-step() {    # step NAME TIMEOUT CMD...
+T_START=$(date +%s)
+step() {    # step NAME TIMEOUT CMD... (skipped past GSCHED_BUDGET s in all)
     local name=$1 limit=$2 t0
     shift 2
-    STEPS+=("$name")
     t0=$(date +%s)
+    if [ $(( t0 - T_START + limit )) -gt "${GSCHED_BUDGET:-560}" ]; then
+        echo "=== $name: skipped (budget)"
+        return
+    fi
+    STEPS+=("$name")
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     RC[$name]=$?
     echo "=== $name: rc ${RC[$name]} in $(( $(date +%s) - t0 )) s"
@@ -59,6 +66,17 @@ step trace_gs3 60 env MOE_CUDA_FP8_GSCHED=3 MOE_CUDA_PDL=0 BENCH_QUANT=0 \
     LD_PRELOAD=build/bench/dev/libktrace.so build/gpu/bench_engine \
     mixtral-8x7b --weights fp8
 tools/ktrace_gaps.py "$OUT/ktrace_gs3.txt" > "$OUT/trace_gs3_gaps.log" 2>&1
+# ncu of the second forward's first gate|up and down (is the kernel bound
+# by L2's bandwidth? 48 KB a stage for 8.4 MFLOP)
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+for g in 0 3; do
+    step ncu_gs$g 90 env MOE_CUDA_FP8_GSCHED=$g BENCH_QUANT=0 BENCH_ATT=0 \
+        BENCH_CTX=512 BENCH_BATCHES=0 BENCH_PROMPTS=2048 "$NCU" \
+        --clock-control none --kernel-name regex:kernel_fp8_grouped \
+        --launch-skip 64 --launch-count 2 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy \
+        build/gpu/bench_engine mixtral-8x7b --weights fp8
+done
 
 # the summary: short enough for the call's 12,000-character output tail
 for t in test_fp8_grouped test_qbackend; do
@@ -79,6 +97,11 @@ echo "--- trace_gs3 (PDL off)"
 sed -n '/kernel time by kernel/,$p' "$OUT/trace_gs3_gaps.log" | head -22
 head -8 "$OUT/trace_gs3_gaps.log"
 rm -f "$OUT/ktrace_gs3.txt"
+for g in 0 3; do
+    echo "--- ncu_gs$g"
+    grep -E 'kernel_fp8_grouped|Duration|Throughput|Busy|Hit Rate|Bandwidth' \
+        "$OUT/ncu_gs$g.log" | grep -v -E '^ *-' | cut -c1-110 | head -30
+done
 
 fail=0
 for s in "${STEPS[@]}"; do
