@@ -25,6 +25,9 @@
  * Usage: build/bench/dev/wg_ggemm
  */
 #include <cuda_fp8.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "common.cuh"
 #include "gemm_fp8.h"
@@ -179,6 +182,38 @@ kernel_dev_wg_ggemm(const uint8_t *Q, const uint8_t *W, size_t wstride,
 }
 
 
+/* 1 when variant tag runs: DEV_FG_ONLY unset, or a comma list holding
+ * it. */
+static int
+wg_selected(const char *tag)
+{
+    const char *l = getenv("DEV_FG_ONLY");
+    size_t      n = strlen(tag);
+
+    while (l != NULL && *l != '\0') {
+        const char *e = strchr(l, ',');
+        size_t      m = e != NULL ? (size_t) (e - l) : strlen(l);
+
+        if (m == n && strncmp(l, tag, n) == 0) {
+            return 1;
+        }
+        l = e != NULL ? e + 1 : NULL;
+    }
+    return l == NULL && getenv("DEV_FG_ONLY") == NULL;
+}
+
+
+/* seconds on a monotonic clock */
+static double
+dev_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+}
+
+
 /* One matrix of one layer's experts: rows[e] rows each, N x K weights. */
 static void
 wg_case(const char *name, const int *rows, int E, int N, int K,
@@ -212,12 +247,21 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
          * random sign and mantissa): no NaN, sums far inside bf16 */
         size_t   nb = (size_t) E * ws > (size_t) n * K ? (size_t) E * ws
                                                         : (size_t) n * K;
-        uint8_t *h = (uint8_t *) malloc(nb);
+        uint8_t *h = (uint8_t *) malloc(nb + 8);
+        uint64_t x = 0x9e3779b97f4a7c15ull;
 
-        for (size_t i = 0; i < nb; i++) {
-            uint32_t r = (uint32_t) rand();
+        /* xorshift64, 8 codes a step (rand() per byte took ~15 s for
+         * gate|up's 940 MB) */
+        for (size_t i = 0; i < nb; i += 8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            for (int k = 0; k < 8; k++) {
+                uint32_t r = (uint32_t) (x >> (8 * k)) & 0xffu;
+                uint32_t m = (uint32_t) (x >> (4 * k + 3));
 
-            h[i] = (uint8_t) ((r & 0x87u) | ((4u + (r >> 8) % 7u) << 3));
+                h[i + k] = (uint8_t) ((r & 0x87u) | ((4u + m % 7u) << 3));
+            }
         }
         DEV_CHECK(cudaMemcpy(w, h, (size_t) E * ws, cudaMemcpyHostToDevice));
         DEV_CHECK(cudaMemcpy(q, h + 7, (size_t) n * K,
@@ -247,7 +291,28 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
     /* one grouped instance: launch() into y1 timed, checked against y0,
      * a table line (label) and a RESULT line (variant tag) */
     auto run = [&](const char *label, const char *tag, auto launch) {
+        if (!wg_selected(tag)) {
+            return;
+        }
         DEV_CHECK(cudaMemset(y1, 0, (size_t) n * N * 2));
+        {
+            /* one launch first, watched: a variant that never ends
+             * prints HANG and ends the run (a device call's limit
+             * would otherwise take every later line with it) */
+            double t0 = dev_now();
+
+            launch();
+            while (cudaStreamQuery(0) == cudaErrorNotReady) {
+                if (dev_now() - t0 > 10.0) {
+                    printf("  %-26s %-34s HANG (not done after 10 s)\n",
+                           name, label);
+                    printf("RESULT kind=wg_ggemm case=\"%s\" variant=%s "
+                           "hang=1\n", name, tag);
+                    fflush(stdout);
+                    _exit(3);
+                }
+            }
+        }
         ms1 = dev_time(5, [&]() {
             launch();
             return (int) cudaGetLastError();
@@ -321,7 +386,7 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
                                              doffs, E, n, N, K,
                                              (moe_bf16_t *) y1, sched, 0, 0);
         });
-        if (N >= 8192) {
+        if (N >= 8192 && wg_selected("swiglu")) {
             /* gate|up with SwiGLU in the epilogue (H: rows x N / 2),
              * unit scales: its time only (the math: test_fp8_grouped) */
             float *sc;
@@ -393,11 +458,29 @@ main(void)
         cudaFree(b);
         cudaFree(c);
     }
-    srand(11);
-    wg_case("small 130/1/64 N 512", small, 3, 512, 256, g, peak);
-    wg_case("gate|up uneven", uneven, 8, 28672, 4096, g, peak);
-    wg_case("down uneven", uneven, 8, 4096, 14336, g, peak);
-    wg_case("gate|up even", even, 8, 28672, 4096, g, peak);
-    wg_case("down even", even, 8, 4096, 14336, g, peak);
+    {
+        /* DEV_FG_CASES: a string of case digits (default all, 01234) */
+        const char *c = getenv("DEV_FG_CASES");
+
+        if (c == NULL || *c == '\0') {
+            c = "01234";
+        }
+        srand(11);
+        if (strchr(c, '0')) {
+            wg_case("small 130/1/64 N 512", small, 3, 512, 256, g, peak);
+        }
+        if (strchr(c, '1')) {
+            wg_case("gate|up uneven", uneven, 8, 28672, 4096, g, peak);
+        }
+        if (strchr(c, '2')) {
+            wg_case("down uneven", uneven, 8, 4096, 14336, g, peak);
+        }
+        if (strchr(c, '3')) {
+            wg_case("gate|up even", even, 8, 28672, 4096, g, peak);
+        }
+        if (strchr(c, '4')) {
+            wg_case("down even", even, 8, 4096, 14336, g, peak);
+        }
+    }
     return dev_failed;
 }
