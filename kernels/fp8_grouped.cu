@@ -23,24 +23,23 @@
  * its stage on empty[].  No block-wide barrier inside the K loop; 4
  * stages of 48 KB.  A rows of the tile past the group's end are other
  * rows (or TMA's zero fill past q_rows): their products are computed and
- * not stored, except (MOE_FG_HALF) where all 64 rows of consumer 1 are
- * past it: that warpgroup then only waits and releases the stages, and
- * consumer 0's wgmma have the tensor cores to themselves (the tile takes
- * about half the time).  The epilogue (FG_STAGED) goes through a 16 KB
- * buffer per consumer warpgroup and stores whole 256-byte rows; the
- * SwiGLU variant computes h there from the sums and the scales.
+ * not stored.  The epilogue (FG_STAGED) goes through a 16 KB buffer per
+ * consumer warpgroup and stores whole 256-byte rows; the SwiGLU variant
+ * computes h there from the sums and the scales.
  *
  * Tile order (MOE_FG_DYN): the tiles in the same order, but each CTA's
  * producer takes the next tile from a counter in global memory (sched[0],
  * atomicAdd) when it has issued its last tile's loads, and hands the
  * index to the consumers through a two-slot ring in shared memory (its
- * own mbarriers); -1 ends them.  A CTA that drew a short tile (few K
- * rows done, a half tile) takes the next one sooner, so the grid ends
- * within about a tile of balanced where the static order (blockIdx.x,
- * gridDim.x apart) ends a whole wave late whenever the tiles are not a
- * multiple of the SMs (down at 2048 tokens: 560 tiles on 132 SMs, 5
- * waves of work for 4.2).  The last CTA out (sched[1] counts them)
- * resets both words to zero for the next launch.
+ * own mbarriers: all 256 consumer threads arrive on a slot's "read"
+ * barrier, so no warp can fall two phases behind); -1 ends them.  A CTA
+ * that finished early takes the next tile sooner, so the grid ends within
+ * about a tile of balanced where the static order (blockIdx.x, gridDim.x
+ * apart) ends a whole wave late whenever the tiles are not a multiple of
+ * the SMs (down at 2048 tokens: 560 tiles on 132 SMs, 5 waves of work
+ * for 4.2).  The last CTA out (sched[1] counts them) resets both words
+ * to zero for the next launch.  Measured (H100, bench/dev/wg_ggemm,
+ * 1022..190 routing): gate|up 872.9 -> 831.5 us, down 427.3 -> 412.1.
  *
  * Measured against cuBLASLt's per-expert calls on one Mixtral layer
  * (bench/dev/wg_ggemm, H200; kernels/NOTES.md "FP8 prefill: our own
@@ -205,7 +204,6 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
     __nv_bfloat16 *Y, uint32_t *sched)
 {
     constexpr bool DYN = (SCH & MOE_FG_DYN) != 0;
-    constexpr bool HALF = (SCH & MOE_FG_HALF) != 0;
     extern __shared__ unsigned char fg_sm_raw[];
     unsigned char *sm = (unsigned char *)
         (((uintptr_t) fg_sm_raw + 1023) & ~(uintptr_t) 1023);
@@ -326,19 +324,6 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
         }
         if (!fg_tile(offs, E, ntn, bid, &t)) {
             break;
-        }
-        if (HALF && 64 * cw >= t.mrows) {
-            /* none of this warpgroup's rows in the tile: release each
-             * stage as it fills, no wgmma, no epilogue */
-            for (int kt = 0; kt < nk; kt++, it++) {
-                const int s = it % FG_ST;
-
-                moe_mbar_wait(&full[s], (it / FG_ST) & 1);
-                if ((tid & 127) == 0) {
-                    moe_mbar_arrive(&empty[s]);
-                }
-            }
-            continue;
         }
 #pragma unroll
         for (int i = 0; i < 128; i++) {
@@ -496,27 +481,28 @@ typedef void (*fg_kf_t)(const CUtensorMap, const CUtensorMap,
                         const int32_t *, int, int, int, const float *,
                         const float *, size_t, __nv_bfloat16 *, uint32_t *);
 
-/* The instance of variant bits v (MOE_FG_*, FG_SWIGLU): every scheduling
- * choice for the shipped shapes (wide, staged; with and without SwiGLU),
- * the static order for the other two epilogue and wgmma choices. */
+/* The instance of variant bits v (MOE_FG_*, FG_SWIGLU): both tile orders
+ * for the shipped shapes (wide, staged; with and without SwiGLU), the
+ * static order for the other epilogue and wgmma choices. */
 static fg_kf_t
 fg_kernel(int v)
 {
-#define FG_SCH(W, S, G)                                                      \
-    { kernel_fp8_grouped<W, S, G, 0>, kernel_fp8_grouped<W, S, G, 1 * 4>,    \
-      kernel_fp8_grouped<W, S, G, 2 * 4>, kernel_fp8_grouped<W, S, G, 3 * 4> }
-    static const fg_kf_t ship[2][4] = { FG_SCH(1, 1, 0), FG_SCH(1, 1, 1) };
-#undef FG_SCH
+    static const fg_kf_t ship[2][2] = {
+        { kernel_fp8_grouped<1, 1, 0, 0>,
+          kernel_fp8_grouped<1, 1, 0, MOE_FG_DYN> },
+        { kernel_fp8_grouped<1, 1, 1, 0>,
+          kernel_fp8_grouped<1, 1, 1, MOE_FG_DYN> }
+    };
     static const fg_kf_t other[3] = {
         kernel_fp8_grouped<0, 0, 0, 0>, kernel_fp8_grouped<1, 0, 0, 0>,
         kernel_fp8_grouped<0, 1, 0, 0>
     };
-    int sch = (v >> 2) & 3;
+    int dyn = (v & MOE_FG_DYN) != 0;
 
     if ((v & FG_SWIGLU) || (v & 3) == 3) {
-        return ship[(v & FG_SWIGLU) != 0][sch];
+        return ship[(v & FG_SWIGLU) != 0][dyn];
     }
-    return sch == 0 ? other[v & 3] : NULL;
+    return dyn ? NULL : other[v & 3];
 }
 
 
@@ -600,7 +586,7 @@ moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     cudaStream_t stream)
 {
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, N, K, NULL,
-                     NULL, 0, Y, ctas, variant & 15, sched, stream);
+                     NULL, 0, Y, ctas, variant & 7, sched, stream);
 }
 
 
@@ -612,7 +598,7 @@ moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, N, K, NULL,
                      NULL, 0, Y, FG_CTAS,
                      FG_WIDE * MOE_FG_WIDE | FG_STAGED * MOE_FG_STAGED
-                     | (sch & (MOE_FG_DYN | MOE_FG_HALF)), sched, stream);
+                     | (sch & MOE_FG_DYN), sched, stream);
 }
 
 
@@ -629,6 +615,5 @@ moe_cuda_fp8_grouped_swiglu(const uint8_t *Q, int q_rows, const uint8_t *W,
     }
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, 2 * F, K, qs,
                      ws, ws_stride, H, FG_CTAS,
-                     FG_SWIGLU | (sch & (MOE_FG_DYN | MOE_FG_HALF)), sched,
-                     stream);
+                     FG_SWIGLU | (sch & MOE_FG_DYN), sched, stream);
 }

@@ -32,18 +32,14 @@ extern "C" {
  * warpgroups of 64 rows.  Capturable into a
  * CUDA graph (the tensor maps are kernel parameters, made on the host at
  * each call).
- * sch: scheduling bits, 0 for the static order above, or
- *   MOE_FG_DYN   each CTA draws its next tile from the counter sched[0]
- *                (the same order; a CTA done early takes more), so the
- *                grid ends within about a tile of balanced instead of a
- *                whole wave late; sched: two uint32 on the device, zero
- *                before the first launch, left zero by each launch that
- *                completes; one pair per stream that may run these
- *                launches at the same time (else MOE_K_EINVAL);
- *   MOE_FG_HALF  a tile with at most 64 rows in its group runs the
- *                wgmma of those rows only (about half the time).
- * The output is the same for every sch (each tile's sums are made the
- * same way, whichever CTA makes them).
+ * sch: 0 for the static order above, or MOE_FG_DYN: each CTA draws its
+ * next tile from the counter sched[0] (the same order; a CTA done early
+ * takes more), so the grid ends within about a tile of balanced instead
+ * of a whole wave late.  sched: two uint32 on the device, zero before
+ * the first launch, left zero by each launch that completes; one pair per
+ * stream that may run these launches at the same time; NULL with
+ * MOE_FG_DYN is MOE_K_EINVAL.  The output is the same for both (each
+ * tile's sums are made the same way, whichever CTA makes them).
  */
 int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
@@ -57,13 +53,11 @@ int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
  * (else two m64n128k32, A read twice), MOE_FG_STAGED the products
  * through shared memory, stored as whole rows (else straight from the
  * fragments, 4 bytes a lane).  moe_cuda_fp8_grouped_gemm: kernels/
- * fp8_grouped.cu's FG_CTAS, FG_WIDE and FG_STAGED.  MOE_FG_DYN and
- * MOE_FG_HALF (sch above) are built for WIDE | STAGED only (else
- * MOE_K_EINVAL). */
+ * fp8_grouped.cu's FG_CTAS, FG_WIDE and FG_STAGED.  MOE_FG_DYN (sch
+ * above) is built for WIDE | STAGED only (else MOE_K_EINVAL). */
 #define MOE_FG_WIDE    1
 #define MOE_FG_STAGED  2
 #define MOE_FG_DYN     4
-#define MOE_FG_HALF    8
 int moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
     int r_max, int N, int K, moe_bf16_t *Y, int ctas, int variant,

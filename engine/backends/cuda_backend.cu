@@ -3042,12 +3042,11 @@ cb_fp8_grouped_fits(const cuda_backend_t *b, const cb_qw_t *g,
 }
 
 
-/* The grouped GEMMs' scheduling bits from the fp8_gsched knob. */
+/* The grouped GEMMs' tile order from the fp8_gsched knob. */
 static int
 cb_fg_sch(const cuda_backend_t *b)
 {
-    return (b->tune.fp8_gsched & 1 ? MOE_FG_DYN : 0)
-           | (b->tune.fp8_gsched & 2 ? MOE_FG_HALF : 0);
+    return b->tune.fp8_gsched ? MOE_FG_DYN : 0;
 }
 
 

@@ -13,11 +13,10 @@
  *    walks many tiles, so the stage ring and its phases carry over from
  *    tile to tile), two n128 wgmma per k step instead of one n256, the
  *    epilogue staged through shared memory (a CTA per tile, 3 CTAs), and
- *    the tile schedules (MOE_FG_DYN: tiles drawn from a counter; MOE_FG_
- *    HALF: tiles of at most 64 rows on one warpgroup) on the shipped
- *    launch, on 3 CTAs and on a CTA per tile: each also bit for bit equal
- *    to the shipped static launch's output, and the counters back at zero
- *    after it (the next launch's start);
+ *    tiles drawn from a counter (MOE_FG_DYN) on the shipped launch, on 3
+ *    CTAs and on a CTA per tile: each also bit for bit equal to the
+ *    shipped static launch's output, and the counters back at zero after
+ *    it (the next launch's start);
  *  - groups of 0, 1, 64, 130 and 257 rows (partial row tiles, an empty
  *    group), offsets starting past 0 (an expert-parallel rank's view),
  *    K from 128 (one stage) to 1024 (the 4-stage ring wraps twice), 1 to
@@ -32,11 +31,11 @@
  *  - the SwiGLU epilogue (moe_cuda_fp8_grouped_swiglu) against the host's
  *    SwiGLU of the plain GEMM's bf16 products with random row and channel
  *    scales: within a bf16 rounding step, and bit for bit the same with
- *    the tile schedules on; F % 128 refused;
+ *    the drawn tiles; F % 128 refused;
  *  - refusals (MOE_K_EUNSUPPORTED, nothing written): N % 256, K % 128, a
  *    weight stride below N x K, a misaligned Q; r_max 0 is a no-op;
- *    MOE_K_EINVAL: drawn tiles without counters, a schedule on a variant
- *    not built with it.
+ *    MOE_K_EINVAL: drawn tiles without counters, or on a variant not built
+ *    with them.
  * TAP; skips when there is no CUDA device.
  */
 
@@ -222,8 +221,8 @@ prob_check(const fg_prob_t *p, const int32_t *offs, const char *what)
 }
 
 
-/* the launch: ctas 1 the shipped one (its schedule: variant's MOE_FG_DYN
- * and MOE_FG_HALF bits), else moe_cuda_fp8_grouped_gemm_ctas with that
+/* the launch: ctas 1 the shipped one (its tile order: variant's
+ * MOE_FG_DYN bit), else moe_cuda_fp8_grouped_gemm_ctas with that
  * grid (0: one CTA per tile) and variant (MOE_FG_*) */
 static int
 prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
@@ -235,8 +234,7 @@ prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
                                          (const int32_t *) p->doffs, p->E,
                                          r_max, p->N, p->K,
                                          (moe_bf16_t *) p->dy, p->dsched,
-                                         variant & (MOE_FG_DYN
-                                                    | MOE_FG_HALF), s);
+                                         variant & MOE_FG_DYN, s);
     }
     return moe_cuda_fp8_grouped_gemm_ctas((const uint8_t *) p->dq, p->total,
                                           (const uint8_t *) p->dw,
@@ -251,17 +249,15 @@ prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
 static void
 test_case(const int *rows, int E, int N, int K, int base, int slack)
 {
-    enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED, D = MOE_FG_DYN,
-           H = MOE_FG_HALF, NL = 10 };
-    static const int ctas[NL] = { 1, 0, 3, 0, 0, 3, 1, 3, 0, 3 };
-    static const int var[NL] = { W, W, W, 0, W | S, W | S, D | H,
-                                 W | S | D | H, W | S | D, W | S | H };
+    enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED, D = MOE_FG_DYN, NL = 9 };
+    static const int ctas[NL] = { 1, 0, 3, 0, 0, 3, 1, 3, 0 };
+    static const int var[NL] = { W, W, W, 0, W | S, W | S, D, W | S | D,
+                                 W | S | D };
     static const char *const launch[NL] = {
         "shipped", "n256, a CTA per tile", "n256, 3 CTAs",
         "2 x n128, a CTA per tile", "n256 staged, a CTA per tile",
-        "n256 staged, 3 CTAs", "shipped, drawn tiles + half tiles",
-        "staged, 3 CTAs, drawn + half tiles",
-        "staged, a CTA per tile, drawn tiles", "staged, 3 CTAs, half tiles"
+        "n256 staged, 3 CTAs", "shipped, drawn tiles",
+        "staged, 3 CTAs, drawn tiles", "staged, a CTA per tile, drawn tiles"
     };
     fg_prob_t p;
     char      what[200];
@@ -291,7 +287,7 @@ test_case(const int *rows, int E, int N, int K, int base, int slack)
         if (c == 0) {
             y0 = (uint16_t *) malloc(ybytes);
             gu_down(y0, p.dy, ybytes);
-        } else if (var[c] & (D | H)) {
+        } else if (var[c] & D) {
             /* the same tiles' sums, whichever CTA made them */
             gu_down(y1, p.dy, ybytes);
             same = memcmp(y0, y1, ybytes) == 0;
@@ -303,7 +299,7 @@ test_case(const int *rows, int E, int N, int K, int base, int slack)
         }
         TAP_OK(ok, "grouped GEMM %s: every element within its bound, "
                "nothing written past the groups%s", what,
-               var[c] & (D | H) ? "; bit for bit the static launch's, the "
+               var[c] & D ? "; bit for bit the static launch's, the "
                "counters back at zero" : "");
     }
     free(y0);
@@ -446,7 +442,7 @@ test_swiglu(const int *rows, int E, int F, int K, int base)
            "SwiGLU of the bf16 products within a rounding step (%d off), "
            "nothing written past the groups (%d)", what, bad, bad_rest);
     {
-        /* the same with drawn and half tiles: bit for bit */
+        /* the same with drawn tiles: bit for bit */
         uint16_t *H2 = (uint16_t *) malloc(hcap * F * 2);
 
         for (size_t i = 0; i < hcap * F; i++) {
@@ -461,12 +457,11 @@ test_swiglu(const int *rows, int E, int F, int K, int base)
                                           p.total, F, K, (const float *) dqs,
                                           (const float *) dws,
                                           (size_t) 2 * F, (moe_bf16_t *) dh,
-                                          p.dsched,
-                                          MOE_FG_DYN | MOE_FG_HALF, 0);
+                                          p.dsched, MOE_FG_DYN, 0);
         ok = gu_sync_ok(rc2, what);
         gu_down(H2, dh, hcap * F * 2);
         TAP_OK(ok && memcmp(H, H2, hcap * F * 2) == 0
-               && prob_sched_zero(&p, what), "%s, drawn + half tiles: "
+               && prob_sched_zero(&p, what), "%s, drawn tiles: "
                "bit for bit the static launch's h, counters back at zero",
                what);
         free(H2);
@@ -537,12 +532,12 @@ test_refusals(void)
                                         (const uint8_t *) p.dw, 256 * 256,
                                         (const int32_t *) p.doffs, 2, 30,
                                         256, 256, (moe_bf16_t *) p.dy, 0,
-                                        MOE_FG_WIDE | MOE_FG_HALF, p.dsched,
+                                        MOE_FG_WIDE | MOE_FG_DYN, p.dsched,
                                         0);
     fg_ck(cudaDeviceSynchronize(), "sync");
     gu_down(&y0, p.dy, 2);
     TAP_OK(r1 == MOE_K_EINVAL && r2 == MOE_K_EINVAL && y0 == SENTINEL,
-           "refused: drawn tiles without counters (%d), half tiles on the "
+           "refused: drawn tiles without counters (%d), drawn tiles on the "
            "unstaged kernel, not built (%d); Y untouched", r1, r2);
     prob_free(&p);
 }
@@ -562,7 +557,7 @@ main(void)
         return 0;
     }
     seed = gu_seed_env();
-    TAP_PLAN(50);
+    TAP_PLAN(46);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
     test_case(r4, 4, 512, 1024, 5, 37);
     test_case(r8, 8, 768, 256, 0, 0);
@@ -571,7 +566,7 @@ main(void)
     test_swiglu(r4, 4, 256, 512, 5);
     test_swiglu(r8, 3, 128, 256, 0);
     test_graph(0, 1);
-    test_graph(MOE_FG_DYN | MOE_FG_HALF, 2);
+    test_graph(MOE_FG_DYN, 2);
     test_refusals();
     TAP_OK(moe_cuda_fp8_grouped_swiglu((const uint8_t *) 16, 1,
                                        (const uint8_t *) 16, 384 * 128,

@@ -182,7 +182,7 @@ main(void)
            && t.fuse_unpermute == 1 && t.fold_scales == 1
            && t.fp8_grouped == 1 && t.q4_layout == 1 && t.q4_gemv == 1
            && t.fp8_gemv == 1 && t.fp8_ggemm == 1 && t.att_prefill_wg == 1
-           && t.att_prefill_wg8 == 1 && t.fp8_gsched == 0,
+           && t.att_prefill_wg8 == 1 && t.fp8_gsched == 1,
            "defaults with no MOE_CUDA_* set (8 experts)");
     rc = moe_cuda_tuning_read(&t, 1, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.gemv_max_t == 128, "dense model: gemv_max_t "
@@ -230,7 +230,7 @@ main(void)
     setenv("MOE_CUDA_FP8_GGEMM", "0", 1);
     setenv("MOE_CUDA_ATT_PREFILL_WG", "0", 1);
     setenv("MOE_CUDA_ATT_PREFILL_WG8", "0", 1);
-    setenv("MOE_CUDA_FP8_GSCHED", "2", 1);
+    setenv("MOE_CUDA_FP8_GSCHED", "0", 1);
     rc = moe_cuda_tuning_read(&t, 8, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.graphs == 0 && t.sample_tokens == 0
            && t.gemv_max_t == 0 && t.dense_gemv_t == 7
@@ -240,7 +240,7 @@ main(void)
            && t.fuse_unpermute == 0 && t.fold_scales == 0
            && t.fp8_grouped == 0 && t.q4_layout == 3 && t.q4_gemv == 0
            && t.fp8_gemv == 0 && t.fp8_ggemm == 0 && t.att_prefill_wg == 0
-           && t.att_prefill_wg8 == 0 && t.fp8_gsched == 2,
+           && t.att_prefill_wg8 == 0 && t.fp8_gsched == 0,
            "every override applied (an explicit gemv_max_t 0 is kept)");
     moe_cuda_tuning_format(&t, line, sizeof(line));
     TAP_OK(strcmp(line, "graphs=0 sample_tokens=0 gemv_max_t=0 "
@@ -249,7 +249,7 @@ main(void)
                   "att_decode_tc=0 pdl=0 fuse_unpermute=0 "
                   "fold_scales=0 fp8_grouped=0 q4_layout=3 "
                   "q4_gemv=0 fp8_gemv=0 fp8_ggemm=0 "
-                  "att_prefill_wg=0 att_prefill_wg8=0 fp8_gsched=2") == 0,
+                  "att_prefill_wg=0 att_prefill_wg8=0 fp8_gsched=0") == 0,
            "the log line: %s", line);
     clear_env();
     setenv("MOE_CUDA_GRAPHS", "", 1);
@@ -273,7 +273,7 @@ main(void)
     refused("MOE_CUDA_FP8_GGEMM", "-1");
     refused("MOE_CUDA_ATT_PREFILL_WG", "2");
     refused("MOE_CUDA_ATT_PREFILL_WG8", "-1");
-    refused("MOE_CUDA_FP8_GSCHED", "4");
+    refused("MOE_CUDA_FP8_GSCHED", "2");
     refused("MOE_CUDA_ATT_BPS", "0");
     refused("MOE_CUDA_ATT_BPS", "65");
     refused("MOE_CUDA_ATT_LONG_CTX", "-1");
