@@ -196,133 +196,77 @@ fg_swiglu(const float *d, int cw, const fg_tile_t *t, const float *qs,
 }
 
 
+/* PAIR's tile of rank `rank` from cluster tile cbid over (group, column
+ * tile of ntn, pair of row tiles): row tile 2 mp + rank of the group; a
+ * rank past the group's last row tile gets rows 0 (it loads and
+ * multiplies rows it does not store).  0 when cbid is past the last. */
+__device__ __forceinline__ int
+fg_tile_pair(const int32_t *offs, int E, int ntn, int cbid, int rank,
+    fg_tile_t *t)
+{
+    int base = offs[0], lo = base;
+
+    for (int e = 0; e < E; e++) {
+        int hi = offs[e + 1], rows = hi - lo;
+        int mp = ((rows + FG_BM - 1) / FG_BM + 1) / 2;
+
+        if (cbid < mp * ntn) {
+            int mt = 2 * (cbid % mp) + rank;
+
+            t->e = e;
+            t->nt = cbid / mp;
+            t->r0 = lo - base + mt * FG_BM;
+            t->mrows = max(0, min(FG_BM, rows - mt * FG_BM));
+            return 1;
+        }
+        cbid -= mp * ntn;
+        lo = hi;
+    }
+    return 0;
+}
+
+
+/* A consumer warpgroup's part of kernel_fp8_grouped (threads 128..383;
+ * rows 64 cw .. of each tile): the tiles as the producer loads them (the
+ * static order, or DYN's slots), the wgmma of each stage, the stage's
+ * release (PAIR: on the peer's barrier too), the epilogue. */
 template <int WIDE, int STAGED, int SWIGLU, int SCH>
-__global__ void __launch_bounds__(FG_NT, 1)
-kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
-    const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
-    int N, int K, const float *qs, const float *ws, size_t ws_stride,
-    __nv_bfloat16 *Y, uint32_t *sched)
+__device__ __forceinline__ void
+fg_consume(unsigned char *sm, uint64_t *full, uint64_t *empty,
+    uint64_t *tfull, uint64_t *tempty, const int *tslot,
+    const int32_t *offs, int E, int N, int nk, const float *qs,
+    const float *ws, size_t ws_stride, __nv_bfloat16 *Y, int rank)
 {
     constexpr bool DYN = (SCH & MOE_FG_DYN) != 0;
-    extern __shared__ unsigned char fg_sm_raw[];
-    unsigned char *sm = (unsigned char *)
-        (((uintptr_t) fg_sm_raw + 1023) & ~(uintptr_t) 1023);
-    __shared__ __align__(8) uint64_t full[FG_ST], empty[FG_ST];
-    __shared__ __align__(8) uint64_t tfull[2], tempty[2];
-    __shared__ int tslot[2];
-    const int tid = threadIdx.x, ntn = N / FG_BN, nk = K / FG_BK;
-    fg_tile_t t;
-
-    if (tid == 0) {
-        moe_tma_prefetch_map(&mq);
-        moe_tma_prefetch_map(&mw);
-    }
-    moe_pdl_enter();
-    if (!DYN && !fg_tile(offs, E, ntn, blockIdx.x, &t)) {
-        return;                         /* past the last tile */
-    }
-    if (tid == 0) {
-        for (int s = 0; s < FG_ST; s++) {
-            moe_mbar_init(&full[s], 1);
-            moe_mbar_init(&empty[s], 2);
-        }
-        if (DYN) {
-            for (int s = 0; s < 2; s++) {
-                moe_mbar_init(&tfull[s], 1);
-                moe_mbar_init(&tempty[s], FG_NT - 128);
-            }
-        }
-        moe_mbar_init_fence();
-    }
-    __syncthreads();
-
-    /* static order: the tiles blockIdx.x, + gridDim.x, ...: one per CTA
-     * when the grid covers them all, a persistent loop when it is one
-     * CTA per SM (the producer then fills the next tile's stages during
-     * the epilogue); DYN: the counter's.  `it` counts K tiles over the
-     * CTA's tiles: stage it % FG_ST, phase (it / FG_ST) & 1, the same
-     * sequence on both sides; j counts the CTA's tiles (ring slot j & 1,
-     * phase (j / 2) & 1). */
-    if (tid < 128) {
-        /* the producer */
-        if (tid == 0) {
-            uint32_t it = 0;
-            int      bid = blockIdx.x;
-
-            for (int j = 0;; j++) {
-                int have;
-
-                if (DYN) {
-                    bid = (int) atomicAdd(&sched[0], 1u);
-                    have = fg_tile(offs, E, ntn, bid, &t);
-                    if (j >= 2) {
-                        /* every consumer thread read tile j - 2's index */
-                        moe_mbar_wait(&tempty[j & 1], ((j >> 1) - 1) & 1);
-                    }
-                    tslot[j & 1] = have ? bid : -1;
-                    moe_mbar_arrive(&tfull[j & 1]);
-                } else {
-                    have = fg_tile(offs, E, ntn, bid, &t);
-                }
-                if (!have) {
-                    break;
-                }
-                for (int kt = 0; kt < nk; kt++, it++) {
-                    const int s = it % FG_ST;
-
-                    if (it >= FG_ST) {
-                        /* both consumers released K tile it - FG_ST */
-                        moe_mbar_wait(&empty[s], ((it / FG_ST) - 1) & 1);
-                    }
-                    moe_mbar_expect(&full[s], (uint32_t) FG_STAGE);
-                    moe_tma_2d(sm + s * FG_STAGE, &mq, kt * FG_BK, t.r0,
-                               &full[s]);
-                    /* B: 256 rows from nt * 256, or (SwiGLU) 128 gate
-                     * rows from nt * 128 and the up rows F further */
-                    unsigned char *sb = sm + s * FG_STAGE + FG_BM * FG_BK;
-
-                    if (SWIGLU) {
-                        moe_tma_3d(sb, &mw, kt * FG_BK, t.nt * 128, t.e,
-                                   &full[s]);
-                        moe_tma_3d(sb + 128 * FG_BK, &mw, kt * FG_BK,
-                                   N / 2 + t.nt * 128, t.e, &full[s]);
-                    } else {
-                        moe_tma_3d(sb, &mw, kt * FG_BK, t.nt * FG_BN, t.e,
-                                   &full[s]);
-                    }
-                }
-                bid += gridDim.x;
-            }
-            if (DYN) {
-                /* this CTA's last draw is in: the last CTA out zeroes
-                 * the counters (every draw of the launch came before) */
-                __threadfence();
-                if (atomicAdd(&sched[1], 1u) == gridDim.x - 1) {
-                    __threadfence();
-                    atomicExch(&sched[0], 0u);
-                    atomicExch(&sched[1], 0u);
-                }
-            }
-        }
-        return;
-    }
-
+    constexpr bool PAIR = (SCH & MOE_FG_PAIR) != 0;
+    const int tid = threadIdx.x, ntn = N / FG_BN, peer = rank ^ 1;
     const int cw = (tid >> 7) - 1;      /* consumer: rows 64 cw .. */
     float     d[128];                   /* columns 0..127, 128..255 */
     uint32_t  it = 0;
+    fg_tile_t t;
 
     for (int j = 0;; j++) {
         int bid = blockIdx.x + j * gridDim.x;
 
         if (DYN) {
-            moe_mbar_wait(&tfull[j & 1], (j >> 1) & 1);
+            if (PAIR) {
+                moe_mbar_wait_cluster(&tfull[j & 1], (j >> 1) & 1);
+            } else {
+                moe_mbar_wait(&tfull[j & 1], (j >> 1) & 1);
+            }
             bid = tslot[j & 1];
-            moe_mbar_arrive(&tempty[j & 1]);
+            if (PAIR && rank == 1) {
+                moe_mbar_arrive_cluster(moe_cluster_map(&tempty[j & 1], 0));
+            } else {
+                moe_mbar_arrive(&tempty[j & 1]);
+            }
             if (bid < 0) {
                 break;
             }
         }
-        if (!fg_tile(offs, E, ntn, bid, &t)) {
+        if (PAIR ? !fg_tile_pair(offs, E, ntn, bid, rank, &t)
+                 : !fg_tile(offs, E, ntn, bid, &t))
+        {
             break;
         }
 #pragma unroll
@@ -368,6 +312,10 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
             moe_wg_wait<1>();           /* K tile it - 1's wgmma done */
             if (kt > 0 && (tid & 127) == 0) {
                 moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
+                if (PAIR) {
+                    moe_mbar_arrive_cluster(
+                        moe_cluster_map(&empty[(it - 1) % FG_ST], peer));
+                }
             }
         }
         moe_wg_wait<0>();
@@ -377,6 +325,10 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
             /* the tile's last stage: free for the next tile's loads,
              * which then overlap this epilogue */
             moe_mbar_arrive(&empty[(it - 1) % FG_ST]);
+            if (PAIR) {
+                moe_mbar_arrive_cluster(
+                    moe_cluster_map(&empty[(it - 1) % FG_ST], peer));
+            }
         }
         if (SWIGLU) {
             unsigned char *ep = sm + FG_ST * FG_STAGE + cw * FG_EP;
@@ -404,6 +356,164 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
             fg_store<2>(reinterpret_cast<float (*)[64]>(d), cw, &t, N,
                         t.nt * FG_BN, Y);
         }
+    }
+}
+
+
+template <int WIDE, int STAGED, int SWIGLU, int SCH>
+__global__ void __launch_bounds__(FG_NT, 1)
+kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
+    const __grid_constant__ CUtensorMap mw, const int32_t *offs, int E,
+    int N, int K, const float *qs, const float *ws, size_t ws_stride,
+    __nv_bfloat16 *Y, uint32_t *sched)
+{
+    constexpr bool DYN = (SCH & MOE_FG_DYN) != 0;
+    constexpr bool PAIR = (SCH & MOE_FG_PAIR) != 0;
+    static_assert(!PAIR || DYN, "pairs draw their tiles");
+    extern __shared__ unsigned char fg_sm_raw[];
+    unsigned char *sm = (unsigned char *)
+        (((uintptr_t) fg_sm_raw + 1023) & ~(uintptr_t) 1023);
+    __shared__ __align__(8) uint64_t full[FG_ST], empty[FG_ST];
+    __shared__ __align__(8) uint64_t tfull[2], tempty[2];
+    __shared__ int tslot[2];
+    const int tid = threadIdx.x, ntn = N / FG_BN, nk = K / FG_BK;
+    const int rank = PAIR ? (int) moe_cluster_rank() : 0, peer = rank ^ 1;
+    fg_tile_t t;
+
+    if (tid == 0) {
+        moe_tma_prefetch_map(&mq);
+        moe_tma_prefetch_map(&mw);
+    }
+    moe_pdl_enter();
+    if (!DYN && !fg_tile(offs, E, ntn, blockIdx.x, &t)) {
+        return;                         /* past the last tile */
+    }
+    if (tid == 0) {
+        for (int s = 0; s < FG_ST; s++) {
+            moe_mbar_init(&full[s], 1);
+            /* both consumers of this CTA, and with PAIR the peer's too
+             * (the producers write into both CTAs' stages) */
+            moe_mbar_init(&empty[s], PAIR ? 4 : 2);
+        }
+        if (DYN) {
+            for (int s = 0; s < 2; s++) {
+                moe_mbar_init(&tfull[s], 1);
+                /* every consumer thread reads the slot; PAIR: rank 0's
+                 * counts rank 1's consumers and producer too */
+                moe_mbar_init(&tempty[s], PAIR ? 2 * (FG_NT - 128) + 1
+                                               : FG_NT - 128);
+            }
+        }
+        moe_mbar_init_fence();
+    }
+    __syncthreads();
+    if (PAIR) {
+        moe_cluster_sync();             /* the peer's barriers are set */
+    }
+
+    /* static order: the tiles blockIdx.x, + gridDim.x, ...: one per CTA
+     * when the grid covers them all, a persistent loop when it is one
+     * CTA per SM (the producer then fills the next tile's stages during
+     * the epilogue); DYN: the counter's (PAIR: rank 0 draws the pair's
+     * tile, writes it into both CTAs' slot and arrives on both tfull).
+     * `it` counts K tiles over the CTA's tiles: stage it % FG_ST, phase
+     * (it / FG_ST) & 1, the same sequence on both sides; j counts the
+     * CTA's tiles (ring slot j & 1, phase (j / 2) & 1). */
+    if (tid < 128) {
+        /* the producer */
+        if (tid == 0) {
+            uint32_t it = 0;
+            int      bid = blockIdx.x;
+
+            for (int j = 0;; j++) {
+                int have;
+
+                if (PAIR && rank == 1) {
+                    moe_mbar_wait_cluster(&tfull[j & 1], (j >> 1) & 1);
+                    bid = tslot[j & 1];
+                    moe_mbar_arrive_cluster(
+                        moe_cluster_map(&tempty[j & 1], 0));
+                    have = bid >= 0
+                           && fg_tile_pair(offs, E, ntn, bid, rank, &t);
+                } else if (DYN) {
+                    bid = (int) atomicAdd(&sched[0], 1u);
+                    have = PAIR ? fg_tile_pair(offs, E, ntn, bid, rank, &t)
+                                : fg_tile(offs, E, ntn, bid, &t);
+                    if (j >= 2) {
+                        /* every reader took tile j - 2's index */
+                        moe_mbar_wait_cluster(&tempty[j & 1],
+                                              ((j >> 1) - 1) & 1);
+                    }
+                    tslot[j & 1] = have ? bid : -1;
+                    if (PAIR) {
+                        moe_st_cluster(moe_cluster_map(&tslot[j & 1], peer),
+                                       have ? bid : -1);
+                        moe_mbar_arrive_cluster(
+                            moe_cluster_map(&tfull[j & 1], peer));
+                    }
+                    moe_mbar_arrive(&tfull[j & 1]);
+                } else {
+                    have = fg_tile(offs, E, ntn, bid, &t);
+                }
+                if (!have) {
+                    break;
+                }
+                for (int kt = 0; kt < nk; kt++, it++) {
+                    const int s = it % FG_ST;
+
+                    if (it >= FG_ST) {
+                        /* every consumer released K tile it - FG_ST */
+                        moe_mbar_wait_cluster(&empty[s],
+                                              ((it / FG_ST) - 1) & 1);
+                    }
+                    moe_mbar_expect(&full[s], (uint32_t) FG_STAGE);
+                    moe_tma_2d(sm + s * FG_STAGE, &mq, kt * FG_BK, t.r0,
+                               &full[s]);
+                    /* B: 256 rows from nt * 256, or (SwiGLU) 128 gate
+                     * rows from nt * 128 and the up rows F further;
+                     * PAIR: this rank's 128 of them, into both CTAs */
+                    unsigned char *sb = sm + s * FG_STAGE + FG_BM * FG_BK;
+
+                    if (PAIR) {
+                        int row = SWIGLU ? rank * (N / 2) + t.nt * 128
+                                         : t.nt * FG_BN + rank * 128;
+
+                        moe_tma_3d_mc(sb + rank * 128 * FG_BK, &mw,
+                                      kt * FG_BK, row, t.e, &full[s], 3);
+                    } else if (SWIGLU) {
+                        moe_tma_3d(sb, &mw, kt * FG_BK, t.nt * 128, t.e,
+                                   &full[s]);
+                        moe_tma_3d(sb + 128 * FG_BK, &mw, kt * FG_BK,
+                                   N / 2 + t.nt * 128, t.e, &full[s]);
+                    } else {
+                        moe_tma_3d(sb, &mw, kt * FG_BK, t.nt * FG_BN, t.e,
+                                   &full[s]);
+                    }
+                }
+                bid += gridDim.x;
+            }
+            if (DYN && rank == 0) {
+                /* this CTA's (pair's) last draw is in: the last one out
+                 * zeroes the counters (every draw came before) */
+                const uint32_t n = PAIR ? gridDim.x / 2 : gridDim.x;
+
+                __threadfence();
+                if (atomicAdd(&sched[1], 1u) == n - 1) {
+                    __threadfence();
+                    atomicExch(&sched[0], 0u);
+                    atomicExch(&sched[1], 0u);
+                }
+            }
+        }
+    } else {
+        fg_consume<WIDE, STAGED, SWIGLU, SCH>(sm, full, empty, tfull,
+                                               tempty, tslot, offs, E, N,
+                                               nk, qs, ws, ws_stride, Y,
+                                               rank);
+    }
+    if (PAIR) {
+        /* no CTA leaves while its peer may still arrive on its barriers */
+        moe_cluster_sync();
     }
 }
 
@@ -475,41 +585,47 @@ moe_cuda_fp8_grouped_supported(int N, int K, size_t wstride)
 }
 
 
-#define FG_SWIGLU 16                    /* fg_launch: the SwiGLU epilogue */
+#define FG_SWIGLU 32                    /* fg_launch: the SwiGLU epilogue */
 
 typedef void (*fg_kf_t)(const CUtensorMap, const CUtensorMap,
                         const int32_t *, int, int, int, const float *,
                         const float *, size_t, __nv_bfloat16 *, uint32_t *);
 
-/* The instance of variant bits v (MOE_FG_*, FG_SWIGLU): both tile orders
+/* The instance of variant bits v (MOE_FG_*, FG_SWIGLU): every tile order
  * for the shipped shapes (wide, staged; with and without SwiGLU), the
- * static order for the other epilogue and wgmma choices. */
+ * static order for the other epilogue and wgmma choices; NULL for a
+ * combination not built. */
 static fg_kf_t
 fg_kernel(int v)
 {
-    static const fg_kf_t ship[2][2] = {
-        { kernel_fp8_grouped<1, 1, 0, 0>,
-          kernel_fp8_grouped<1, 1, 0, MOE_FG_DYN> },
-        { kernel_fp8_grouped<1, 1, 1, 0>,
-          kernel_fp8_grouped<1, 1, 1, MOE_FG_DYN> }
+    enum { D = MOE_FG_DYN, P = MOE_FG_DYN | MOE_FG_PAIR };
+    static const fg_kf_t ship[2][3] = {
+        { kernel_fp8_grouped<1, 1, 0, 0>, kernel_fp8_grouped<1, 1, 0, D>,
+          kernel_fp8_grouped<1, 1, 0, P> },
+        { kernel_fp8_grouped<1, 1, 1, 0>, kernel_fp8_grouped<1, 1, 1, D>,
+          kernel_fp8_grouped<1, 1, 1, P> }
     };
     static const fg_kf_t other[3] = {
         kernel_fp8_grouped<0, 0, 0, 0>, kernel_fp8_grouped<1, 0, 0, 0>,
         kernel_fp8_grouped<0, 1, 0, 0>
     };
-    int dyn = (v & MOE_FG_DYN) != 0;
+    int sch = v & (MOE_FG_DYN | MOE_FG_PAIR);
+    int o = sch == 0 ? 0 : sch == D ? 1 : sch == P ? 2 : -1;
 
-    if ((v & FG_SWIGLU) || (v & 3) == 3) {
-        return ship[(v & FG_SWIGLU) != 0][dyn];
+    if (o < 0) {
+        return NULL;                    /* pairs without drawn tiles */
     }
-    return dyn ? NULL : other[v & 3];
+    if ((v & FG_SWIGLU) || (v & 3) == 3) {
+        return ship[(v & FG_SWIGLU) != 0][o];
+    }
+    return o == 0 ? other[v & 3] : NULL;
 }
 
 
 /* Both entry points: the variant bits (MOE_FG_*, FG_SWIGLU), the grid
- * (ctas as moe_cuda_fp8_grouped_gemm_ctas), the counters (MOE_FG_DYN),
- * the maps, the launch.  N: the weight rows per group (2 F with
- * SwiGLU). */
+ * (ctas as moe_cuda_fp8_grouped_gemm_ctas; PAIR: CTAs in clusters of 2,
+ * an even count), the counters (MOE_FG_DYN), the maps, the launch.  N:
+ * the weight rows per group (2 F with SwiGLU). */
 static int
 fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
     const int32_t *offs, int E, int r_max, int N, int K, const float *qs,
@@ -518,6 +634,7 @@ fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
 {
     fg_kf_t     kf = fg_kernel(variant);
     int         swiglu = (variant & FG_SWIGLU) != 0;
+    int         pair = (variant & MOE_FG_PAIR) != 0;
     size_t      smem = swiglu || (variant & MOE_FG_STAGED) ? FG_SMEM_EP
                                                           : FG_SMEM;
     CUtensorMap mq, mw;
@@ -544,15 +661,20 @@ fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
         return MOE_K_OK;
     }
     /* every group's row tiles: at most ceil(r_max / 128) + E, one
-     * partial tile per group; N / 256 column tiles (SwiGLU: F / 128) */
+     * partial tile per group; N / 256 column tiles (SwiGLU: F / 128);
+     * PAIR: CTAs for as many (a pair's rank past its group's row tiles
+     * multiplies rows it does not store) */
     tiles = ((size_t) (r_max + FG_BM - 1) / FG_BM + (size_t) E)
             * (size_t) (N / FG_BN);
+    if (pair) {
+        tiles += tiles & 1;
+    }
     if (tiles > 0x7fffffff) {
         return MOE_K_EUNSUPPORTED;
     }
     if ((rc = fg_map(&mq, Q, 2, qdim, qstr, FG_BM)) != MOE_K_OK
-        || (rc = fg_map(&mw, W, 3, wdim, wstr, swiglu ? 128 : FG_BN))
-           != MOE_K_OK)
+        || (rc = fg_map(&mw, W, 3, wdim, wstr,
+                        swiglu || pair ? 128 : FG_BN)) != MOE_K_OK)
     {
         return rc;
     }
@@ -571,6 +693,34 @@ fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
     if (ctas > 0 && (size_t) ctas < tiles) {
         tiles = (size_t) ctas;
     }
+    if (pair) {
+        cudaLaunchConfig_t  cfg = {};
+        cudaLaunchAttribute at[2] = {};
+
+        tiles &= ~(size_t) 1;           /* whole clusters */
+        if (tiles < 2) {
+            tiles = 2;
+        }
+        cfg.gridDim = dim3((unsigned) tiles);
+        cfg.blockDim = dim3(FG_NT);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = stream;
+        at[0].id = cudaLaunchAttributeClusterDimension;
+        at[0].val.clusterDim.x = 2;
+        at[0].val.clusterDim.y = 1;
+        at[0].val.clusterDim.z = 1;
+        cfg.attrs = at;
+        cfg.numAttrs = 1;
+        if (moe_cuda_pdl_get()) {
+            at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            at[1].val.programmaticStreamSerializationAllowed = 1;
+            cfg.numAttrs = 2;
+        }
+        MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kf, mq, mw, offs, E, N, K,
+                                          qs, ws, ws_stride,
+                                          (__nv_bfloat16 *) Y, sched));
+        return MOE_K_OK;
+    }
     MOE_CUDA_CHECK(moe_launch(kf, dim3((unsigned) tiles),
                               dim3(FG_NT), smem, stream, mq, mw, offs, E,
                               N, K, qs, ws, ws_stride,
@@ -586,7 +736,9 @@ moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     cudaStream_t stream)
 {
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, N, K, NULL,
-                     NULL, 0, Y, ctas, variant & 7, sched, stream);
+                     NULL, 0, Y, ctas,
+                     variant & (3 | MOE_FG_DYN | MOE_FG_PAIR), sched,
+                     stream);
 }
 
 
@@ -598,7 +750,7 @@ moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows, const uint8_t *W,
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, N, K, NULL,
                      NULL, 0, Y, FG_CTAS,
                      FG_WIDE * MOE_FG_WIDE | FG_STAGED * MOE_FG_STAGED
-                     | (sch & MOE_FG_DYN), sched, stream);
+                     | (sch & (MOE_FG_DYN | MOE_FG_PAIR)), sched, stream);
 }
 
 
@@ -615,5 +767,6 @@ moe_cuda_fp8_grouped_swiglu(const uint8_t *Q, int q_rows, const uint8_t *W,
     }
     return fg_launch(Q, q_rows, W, wstride, offs, E, r_max, 2 * F, K, qs,
                      ws, ws_stride, H, FG_CTAS,
-                     FG_SWIGLU | (sch & MOE_FG_DYN), sched, stream);
+                     FG_SWIGLU | (sch & (MOE_FG_DYN | MOE_FG_PAIR)), sched,
+                     stream);
 }

@@ -38,8 +38,12 @@ extern "C" {
  * of a whole wave late.  sched: two uint32 on the device, zero before
  * the first launch, left zero by each launch that completes; one pair per
  * stream that may run these launches at the same time; NULL with
- * MOE_FG_DYN is MOE_K_EINVAL.  The output is the same for both (each
- * tile's sums are made the same way, whichever CTA makes them).
+ * MOE_FG_DYN is MOE_K_EINVAL.  MOE_FG_DYN | MOE_FG_PAIR: the CTAs in
+ * clusters of two, each pair on two row tiles of one group and column
+ * tile, each CTA loading half the tile's weight rows into both (TMA
+ * multicast): a third less read from L2 per tile (PAIR alone is
+ * MOE_K_EINVAL).  The output is the same for every sch (each tile's
+ * sums are made the same way, whichever CTA makes them).
  */
 int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
@@ -53,11 +57,14 @@ int moe_cuda_fp8_grouped_gemm(const uint8_t *Q, int q_rows,
  * (else two m64n128k32, A read twice), MOE_FG_STAGED the products
  * through shared memory, stored as whole rows (else straight from the
  * fragments, 4 bytes a lane).  moe_cuda_fp8_grouped_gemm: kernels/
- * fp8_grouped.cu's FG_CTAS, FG_WIDE and FG_STAGED.  MOE_FG_DYN (sch
- * above) is built for WIDE | STAGED only (else MOE_K_EINVAL). */
+ * fp8_grouped.cu's FG_CTAS, FG_WIDE and FG_STAGED.  MOE_FG_DYN and
+ * MOE_FG_PAIR (sch above) are built for WIDE | STAGED only (else
+ * MOE_K_EINVAL); with PAIR, ctas > 0 is rounded down to an even count
+ * (at least 2). */
 #define MOE_FG_WIDE    1
 #define MOE_FG_STAGED  2
 #define MOE_FG_DYN     4
+#define MOE_FG_PAIR    8
 int moe_cuda_fp8_grouped_gemm_ctas(const uint8_t *Q, int q_rows,
     const uint8_t *W, size_t wstride, const int32_t *offs, int E,
     int r_max, int N, int K, moe_bf16_t *Y, int ctas, int variant,

@@ -114,13 +114,14 @@ typedef struct {
                             kernel with f16 operands
                             (kernel_attention_prefill_wg8): 1 (default,
                             device run 19a); 0 the SIMT kernel */
-    int fp8_gsched;      /* MOE_CUDA_FP8_GSCHED 0|1: how the grouped fp8
+    int fp8_gsched;      /* MOE_CUDA_FP8_GSCHED 0..2: how the grouped fp8
                             expert GEMMs (fp8_grouped 1 or 2) share their
                             tiles among the SMs (kernels/fp8_grouped.h):
                             1 (default) each CTA draws its next tile from
-                            a counter (MOE_FG_DYN), 0 the static order
-                            (H100, 2026-12-05: prefill 2048 68.0 -> 65.9
-                            ms) */
+                            a counter (MOE_FG_DYN; H100, 2026-12-05:
+                            prefill 2048 68.0 -> 65.9 ms), 0 the static
+                            order, 2 drawn tiles on CTA pairs sharing
+                            their weight loads (MOE_FG_PAIR) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)

@@ -445,6 +445,81 @@ moe_mbar_expect(uint64_t *b, uint32_t bytes)
 }
 
 
+/* ---- thread block clusters ---- */
+
+/* This CTA's rank in its cluster. */
+__device__ __forceinline__ uint32_t
+moe_cluster_rank(void)
+{
+    uint32_t r;
+
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+
+
+/* The shared::cluster address of p (this CTA's shared memory) in the CTA
+ * of rank `rank` of the cluster. */
+__device__ __forceinline__ uint32_t
+moe_cluster_map(const void *p, uint32_t rank)
+{
+    uint32_t r;
+
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+                 : "=r"(r)
+                 : "r"((uint32_t) __cvta_generic_to_shared(p)), "r"(rank));
+    return r;
+}
+
+
+/* Arrive on the mbarrier at shared::cluster address a (another CTA's),
+ * releasing this thread's earlier writes at cluster scope. */
+__device__ __forceinline__ void
+moe_mbar_arrive_cluster(uint32_t a)
+{
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, "
+                 "[%0];\n" :: "r"(a) : "memory");
+}
+
+
+/* moe_mbar_wait acquiring at cluster scope (the phase completed by
+ * another CTA's arrivals, whose writes the waiter then reads). */
+__device__ __forceinline__ void
+moe_mbar_wait_cluster(uint64_t *b, int parity)
+{
+    uint32_t a = (uint32_t) __cvta_generic_to_shared(b);
+
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "MOE_MBAR_WAIT_CL:\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], "
+        "%1;\n"
+        "@!p bra MOE_MBAR_WAIT_CL;\n"
+        "}\n" :: "r"(a), "r"(parity) : "memory");
+}
+
+
+/* A 32-bit store into another CTA's shared memory (shared::cluster
+ * address a). */
+__device__ __forceinline__ void
+moe_st_cluster(uint32_t a, int v)
+{
+    asm volatile("st.shared::cluster.u32 [%0], %1;\n" :: "r"(a), "r"(v)
+                 : "memory");
+}
+
+
+/* Every thread of every CTA of the cluster: arrive and wait (release /
+ * acquire at cluster scope). */
+__device__ __forceinline__ void
+moe_cluster_sync(void)
+{
+    asm volatile("barrier.cluster.arrive.release.aligned;\n"
+                 "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+
 /* ---- TMA tile loads (the map a __grid_constant__ kernel parameter) ---- */
 
 /* The box of a 2-d map at (c0 along the inner dimension, c1) into dst,
@@ -473,6 +548,24 @@ moe_tma_3d(void *dst, const CUtensorMap *map, int c0, int c1, int c2,
         :: "r"((uint32_t) __cvta_generic_to_shared(dst)),
            "l"((uint64_t) map), "r"(c0), "r"(c1), "r"(c2),
            "r"((uint32_t) __cvta_generic_to_shared(bar))
+        : "memory");
+}
+
+
+/* moe_tma_3d into the same shared-memory offset of every CTA of the
+ * cluster in mask (bit r: rank r), completing on the mbarrier at bar's
+ * offset in each. */
+__device__ __forceinline__ void
+moe_tma_3d_mc(void *dst, const CUtensorMap *map, int c0, int c1, int c2,
+    uint64_t *bar, uint16_t mask)
+{
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::"
+        "complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3, %4}], "
+        "[%5], %6;\n"
+        :: "r"((uint32_t) __cvta_generic_to_shared(dst)),
+           "l"((uint64_t) map), "r"(c0), "r"(c1), "r"(c2),
+           "r"((uint32_t) __cvta_generic_to_shared(bar)), "h"(mask)
         : "memory");
 }
 

@@ -11,14 +11,15 @@
 #                      bit for bit equal to the static one, the counters
 #                      left at zero, graph replays
 #   test_qbackend      the tiny fp8 models through the backend (the
-#                      record's default fp8_gsched 1: drawn tiles)
+#                      record's default fp8_gsched 1: drawn tiles), and
+#                      with fp8_gsched 2 (CTA pairs)
 #   test_backend       the CUDA backend against the CPU one
 #   dev_wg_ggemm       bench/dev/wg_ggemm: one layer's gate|up and down at
 #                      the uneven and the even routing, the static and
 #                      the drawn tile order (+ the SwiGLU epilogue), next
 #                      to cuBLASLt's e4m3 rate of the same run
 #   engine_gsG_R       bench_engine fp8 prefill 512 / 2048 with the
-#                      record's fp8_gsched G (0, 1), rounds R
+#                      record's fp8_gsched G (0, 1, 2), rounds R
 #   trace_gs1          the prefill 2048's kernel timeline with PDL off
 #                      (each kernel's own time), fp8_gsched 1
 #   ncu_wg             ncu on the shipped grouped GEMM in the dev harness
@@ -55,13 +56,14 @@ step() {    # step NAME TIMEOUT CMD... (skipped past GSCHED_BUDGET s in all)
 step test_fp8_grouped 60 build/gpu/test_fp8_grouped
 step test_qbackend 120 bash -c 'tools/quant_models.sh build/quant \
     > /dev/null && build/gpu/test_qbackend'
+step test_qbackend_pair 90 env MOE_CUDA_FP8_GSCHED=2 build/gpu/test_qbackend
 step test_backend 120 build/gpu/test_backend
 step dev_wg_ggemm 100 env DEV_FG_CASES=1234 \
-    DEV_FG_ONLY=wgmma_tma_shipped,gsched_1,swiglu stdbuf -oL \
+    DEV_FG_ONLY=wgmma_tma_shipped,gsched_1,gsched_2,swiglu stdbuf -oL \
     build/bench/dev/wg_ggemm
 for r in 1 2; do
-    for g in 0 1; do
-        step engine_gs${g}_$r 40 env MOE_CUDA_FP8_GSCHED=$g \
+    for g in 0 1 2; do
+        step engine_gs${g}_$r 30 env MOE_CUDA_FP8_GSCHED=$g \
             BENCH_QUANT=0 BENCH_ATT=0 BENCH_CTX=512 BENCH_BATCHES=0 \
             BENCH_PROMPTS=512,2048 build/gpu/bench_engine mixtral-8x7b \
             --weights fp8
@@ -82,7 +84,7 @@ step ncu_wg 90 env DEV_FG_CASES=1 DEV_FG_ONLY=wgmma_tma_shipped "$NCU" \
     --section MemoryWorkloadAnalysis build/bench/dev/wg_ggemm
 
 # the summary: short enough for the call's 12,000-character output tail
-for t in test_fp8_grouped test_qbackend test_backend; do
+for t in test_fp8_grouped test_qbackend test_qbackend_pair test_backend; do
     echo "--- $t: $(grep -c '^ok' "$OUT/$t.log") ok"
     grep -E '^not ok|Bail|tile counters|differs' "$OUT/$t.log" \
         | cut -c1-200 | head -8

@@ -357,7 +357,7 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
         static const struct {
             const char *label, *tag;
             int         ctas, variant;
-        } fv[7] = {
+        } fv[8] = {
             { "TMA, 2 x n128, CTA per tile", "wgmma_tma_ws", 0, 0 },
             { "TMA, 2 x n128, persistent", "wgmma_tma_persist", -1, 0 },
             { "TMA, n256, CTA per tile", "wgmma_tma_n256", 0, W },
@@ -368,9 +368,11 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
               -1, W | S },
             /* the tile order (fp8_gsched): drawn from a counter */
             { "persistent, drawn tiles", "gsched_1", -1, W | S | D },
+            { "persistent, drawn, CTA pairs", "gsched_2", -1,
+              W | S | D | MOE_FG_PAIR },
         };
 
-        for (int v = 0; v < 7; v++) {
+        for (int v = 0; v < 8; v++) {
             run(fv[v].label, fv[v].tag, [&]() {
                 (void) moe_cuda_fp8_grouped_gemm_ctas(
                     q, n + MOE_FP8_GEMM_ROWS, w, ws, doffs, E, n, N, K,
@@ -391,19 +393,22 @@ wg_case(const char *name, const int *rows, int E, int N, int K,
                                                                 + n + 1)));
             DEV_CHECK(cudaMemset(sc, 0, sizeof(float) * (size_t) (E * N
                                                                   + n + 1)));
-            for (int sch = 0; sch <= 1; sch++) {
+            for (int sch = 0; sch <= 2; sch++) {
                 double ms = dev_time(5, [&]() {
                     return moe_cuda_fp8_grouped_swiglu(
                         q, n + MOE_FP8_GEMM_ROWS, w, ws, doffs, E, n, N / 2,
                         K, sc + E * N, sc, N, (moe_bf16_t *) y1, sched,
-                        sch ? MOE_FG_DYN : 0, 0);
+                        sch == 2 ? MOE_FG_DYN | MOE_FG_PAIR
+                        : sch ? MOE_FG_DYN : 0, 0);
                 });
                 printf("  %-26s %-34s %8.1f us %6.0f TFLOP/s %5.1f%%\n", "",
-                       sch ? "SwiGLU epilogue, drawn tiles"
+                       sch == 2 ? "SwiGLU epilogue, CTA pairs"
+                       : sch ? "SwiGLU epilogue, drawn tiles"
                            : "shipped + SwiGLU epilogue (H)", ms * 1e3,
                        flops / ms / 1e9, 100.0 * flops / ms / 1e9 / peak);
                 printf("RESULT kind=wg_ggemm case=\"%s\" variant=swiglu%s "
-                       "us=%.1f\n", name, sch ? "_gsched_1" : "", ms * 1e3);
+                       "us=%.1f\n", name, sch == 2 ? "_gsched_2" : sch ? "_gsched_1" : "",
+                       ms * 1e3);
             }
             cudaFree(sc);
         }

@@ -3046,7 +3046,8 @@ cb_fp8_grouped_fits(const cuda_backend_t *b, const cb_qw_t *g,
 static int
 cb_fg_sch(const cuda_backend_t *b)
 {
-    return b->tune.fp8_gsched ? MOE_FG_DYN : 0;
+    return b->tune.fp8_gsched == 2 ? MOE_FG_DYN | MOE_FG_PAIR
+           : b->tune.fp8_gsched ? MOE_FG_DYN : 0;
 }
 
 

@@ -42,7 +42,7 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_FP8_GGEMM",     CT_FIELD(fp8_ggemm),     0, 1 },
     { "MOE_CUDA_ATT_PREFILL_WG", CT_FIELD(att_prefill_wg), 0, 1 },
     { "MOE_CUDA_ATT_PREFILL_WG8", CT_FIELD(att_prefill_wg8), 0, 1 },
-    { "MOE_CUDA_FP8_GSCHED",    CT_FIELD(fp8_gsched),    0, 1 },
+    { "MOE_CUDA_FP8_GSCHED",    CT_FIELD(fp8_gsched),    0, 2 },
 };
 
 

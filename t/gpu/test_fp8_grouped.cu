@@ -14,9 +14,10 @@
  *    tile to tile), two n128 wgmma per k step instead of one n256, the
  *    epilogue staged through shared memory (a CTA per tile, 3 CTAs), and
  *    tiles drawn from a counter (MOE_FG_DYN) on the shipped launch, on 3
- *    CTAs and on a CTA per tile: each also bit for bit equal to the
- *    shipped static launch's output, and the counters back at zero after
- *    it (the next launch's start);
+ *    CTAs and on a CTA per tile, and drawn by CTA pairs sharing their
+ *    weight loads (MOE_FG_PAIR: shipped, 4 CTAs, a CTA per tile): each
+ *    also bit for bit equal to the shipped static launch's output, and
+ *    the counters back at zero after it (the next launch's start);
  *  - groups of 0, 1, 64, 130 and 257 rows (partial row tiles, an empty
  *    group), offsets starting past 0 (an expert-parallel rank's view),
  *    K from 128 (one stage) to 1024 (the 4-stage ring wraps twice), 1 to
@@ -31,11 +32,11 @@
  *  - the SwiGLU epilogue (moe_cuda_fp8_grouped_swiglu) against the host's
  *    SwiGLU of the plain GEMM's bf16 products with random row and channel
  *    scales: within a bf16 rounding step, and bit for bit the same with
- *    the drawn tiles; F % 128 refused;
+ *    the drawn tiles, alone and on CTA pairs; F % 128 refused;
  *  - refusals (MOE_K_EUNSUPPORTED, nothing written): N % 256, K % 128, a
  *    weight stride below N x K, a misaligned Q; r_max 0 is a no-op;
  *    MOE_K_EINVAL: drawn tiles without counters, or on a variant not built
- *    with them.
+ *    with them, pairs without drawn tiles.
  * TAP; skips when there is no CUDA device.
  */
 
@@ -234,7 +235,8 @@ prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
                                          (const int32_t *) p->doffs, p->E,
                                          r_max, p->N, p->K,
                                          (moe_bf16_t *) p->dy, p->dsched,
-                                         variant & MOE_FG_DYN, s);
+                                         variant & (MOE_FG_DYN
+                                                    | MOE_FG_PAIR), s);
     }
     return moe_cuda_fp8_grouped_gemm_ctas((const uint8_t *) p->dq, p->total,
                                           (const uint8_t *) p->dw,
@@ -249,15 +251,18 @@ prob_run(fg_prob_t *p, int r_max, int ctas, int variant, cudaStream_t s)
 static void
 test_case(const int *rows, int E, int N, int K, int base, int slack)
 {
-    enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED, D = MOE_FG_DYN, NL = 9 };
-    static const int ctas[NL] = { 1, 0, 3, 0, 0, 3, 1, 3, 0 };
+    enum { W = MOE_FG_WIDE, S = MOE_FG_STAGED, D = MOE_FG_DYN,
+           P = MOE_FG_DYN | MOE_FG_PAIR, NL = 12 };
+    static const int ctas[NL] = { 1, 0, 3, 0, 0, 3, 1, 3, 0, 1, 4, 0 };
     static const int var[NL] = { W, W, W, 0, W | S, W | S, D, W | S | D,
-                                 W | S | D };
+                                 W | S | D, P, W | S | P, W | S | P };
     static const char *const launch[NL] = {
         "shipped", "n256, a CTA per tile", "n256, 3 CTAs",
         "2 x n128, a CTA per tile", "n256 staged, a CTA per tile",
         "n256 staged, 3 CTAs", "shipped, drawn tiles",
-        "staged, 3 CTAs, drawn tiles", "staged, a CTA per tile, drawn tiles"
+        "staged, 3 CTAs, drawn tiles", "staged, a CTA per tile, drawn tiles",
+        "shipped, CTA pairs", "staged, 4 CTAs (2 pairs)",
+        "staged, a CTA per tile, pairs"
     };
     fg_prob_t p;
     char      what[200];
@@ -287,7 +292,7 @@ test_case(const int *rows, int E, int N, int K, int base, int slack)
         if (c == 0) {
             y0 = (uint16_t *) malloc(ybytes);
             gu_down(y0, p.dy, ybytes);
-        } else if (var[c] & D) {
+        } else if (var[c] & (D | P)) {
             /* the same tiles' sums, whichever CTA made them */
             gu_down(y1, p.dy, ybytes);
             same = memcmp(y0, y1, ybytes) == 0;
@@ -441,8 +446,9 @@ test_swiglu(const int *rows, int E, int F, int K, int base)
     TAP_OK(ok && bad == 0 && bad_rest == 0, "%s: h equal to the host's "
            "SwiGLU of the bf16 products within a rounding step (%d off), "
            "nothing written past the groups (%d)", what, bad, bad_rest);
-    {
-        /* the same with drawn tiles: bit for bit */
+    for (int v = 0; v < 2; v++) {
+        /* the same with drawn tiles, alone and on CTA pairs: bit for
+         * bit */
         uint16_t *H2 = (uint16_t *) malloc(hcap * F * 2);
 
         for (size_t i = 0; i < hcap * F; i++) {
@@ -457,13 +463,15 @@ test_swiglu(const int *rows, int E, int F, int K, int base)
                                           p.total, F, K, (const float *) dqs,
                                           (const float *) dws,
                                           (size_t) 2 * F, (moe_bf16_t *) dh,
-                                          p.dsched, MOE_FG_DYN, 0);
+                                          p.dsched,
+                                          v ? MOE_FG_DYN | MOE_FG_PAIR
+                                            : MOE_FG_DYN, 0);
         ok = gu_sync_ok(rc2, what);
         gu_down(H2, dh, hcap * F * 2);
         TAP_OK(ok && memcmp(H, H2, hcap * F * 2) == 0
-               && prob_sched_zero(&p, what), "%s, drawn tiles: "
+               && prob_sched_zero(&p, what), "%s, drawn tiles%s: "
                "bit for bit the static launch's h, counters back at zero",
-               what);
+               what, v ? " on CTA pairs" : "");
         free(H2);
     }
     cudaFree(dqs);
@@ -534,11 +542,18 @@ test_refusals(void)
                                         256, 256, (moe_bf16_t *) p.dy, 0,
                                         MOE_FG_WIDE | MOE_FG_DYN, p.dsched,
                                         0);
+    r3 = moe_cuda_fp8_grouped_gemm((const uint8_t *) p.dq, 30,
+                                   (const uint8_t *) p.dw, 256 * 256,
+                                   (const int32_t *) p.doffs, 2, 30, 256,
+                                   256, (moe_bf16_t *) p.dy, p.dsched,
+                                   MOE_FG_PAIR, 0);
     fg_ck(cudaDeviceSynchronize(), "sync");
     gu_down(&y0, p.dy, 2);
-    TAP_OK(r1 == MOE_K_EINVAL && r2 == MOE_K_EINVAL && y0 == SENTINEL,
+    TAP_OK(r1 == MOE_K_EINVAL && r2 == MOE_K_EINVAL && r3 == MOE_K_EINVAL
+           && y0 == SENTINEL,
            "refused: drawn tiles without counters (%d), drawn tiles on the "
-           "unstaged kernel, not built (%d); Y untouched", r1, r2);
+           "unstaged kernel, not built (%d), pairs without drawn tiles "
+           "(%d); Y untouched", r1, r2, r3);
     prob_free(&p);
 }
 
@@ -557,7 +572,7 @@ main(void)
         return 0;
     }
     seed = gu_seed_env();
-    TAP_PLAN(46);
+    TAP_PLAN(61);
     TAP_DIAG("seed %llu", (unsigned long long) seed);
     test_case(r4, 4, 512, 1024, 5, 37);
     test_case(r8, 8, 768, 256, 0, 0);
@@ -567,6 +582,7 @@ main(void)
     test_swiglu(r8, 3, 128, 256, 0);
     test_graph(0, 1);
     test_graph(MOE_FG_DYN, 2);
+    test_graph(MOE_FG_DYN | MOE_FG_PAIR, 2);
     test_refusals();
     TAP_OK(moe_cuda_fp8_grouped_swiglu((const uint8_t *) 16, 1,
                                        (const uint8_t *) 16, 384 * 128,

@@ -273,7 +273,7 @@ main(void)
     refused("MOE_CUDA_FP8_GGEMM", "-1");
     refused("MOE_CUDA_ATT_PREFILL_WG", "2");
     refused("MOE_CUDA_ATT_PREFILL_WG8", "-1");
-    refused("MOE_CUDA_FP8_GSCHED", "2");
+    refused("MOE_CUDA_FP8_GSCHED", "3");
     refused("MOE_CUDA_ATT_BPS", "0");
     refused("MOE_CUDA_ATT_BPS", "65");
     refused("MOE_CUDA_ATT_LONG_CTX", "-1");
