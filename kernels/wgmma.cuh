@@ -411,20 +411,27 @@ moe_mbar_init_fence(void)
 }
 
 
-/* Spin until the phase of parity `parity` of b has completed. */
-__device__ __forceinline__ void
-moe_mbar_wait(uint64_t *b, int parity)
-{
-    uint32_t a = (uint32_t) __cvta_generic_to_shared(b);
-
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "MOE_MBAR_WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        "@!p bra MOE_MBAR_WAIT;\n"
-        "}\n" :: "r"(a), "r"(parity) : "memory");
+/* Spin until the phase of parity `parity` of b has completed:
+ * moe_mbar_wait (acquire at CTA scope, the default), moe_mbar_wait_cluster
+ * (acquire at cluster scope: the phase completed by another CTA's
+ * arrivals, whose writes the waiter then reads). */
+#define MOE_MBAR_WAIT_FN(NAME, SEM)                                          \
+__device__ __forceinline__ void                                              \
+NAME(uint64_t *b, int parity)                                                \
+{                                                                            \
+    uint32_t a = (uint32_t) __cvta_generic_to_shared(b);                     \
+                                                                             \
+    asm volatile(                                                            \
+        "{\n"                                                                \
+        ".reg .pred p;\n"                                                    \
+        "MOE_MBAR_WAIT:\n"                                                   \
+        "mbarrier.try_wait.parity" SEM ".shared::cta.b64 p, [%0], %1;\n"     \
+        "@!p bra MOE_MBAR_WAIT;\n"                                           \
+        "}\n" :: "r"(a), "r"(parity) : "memory");                            \
 }
+
+MOE_MBAR_WAIT_FN(moe_mbar_wait, "")
+MOE_MBAR_WAIT_FN(moe_mbar_wait_cluster, ".acquire.cluster")
 
 
 __device__ __forceinline__ void
@@ -479,24 +486,6 @@ moe_mbar_arrive_cluster(uint32_t a)
 {
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, "
                  "[%0];\n" :: "r"(a) : "memory");
-}
-
-
-/* moe_mbar_wait acquiring at cluster scope (the phase completed by
- * another CTA's arrivals, whose writes the waiter then reads). */
-__device__ __forceinline__ void
-moe_mbar_wait_cluster(uint64_t *b, int parity)
-{
-    uint32_t a = (uint32_t) __cvta_generic_to_shared(b);
-
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "MOE_MBAR_WAIT_CL:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], "
-        "%1;\n"
-        "@!p bra MOE_MBAR_WAIT_CL;\n"
-        "}\n" :: "r"(a), "r"(parity) : "memory");
 }
 
 
