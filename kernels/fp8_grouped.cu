@@ -196,6 +196,20 @@ fg_swiglu(const float *d, int cw, const fg_tile_t *t, const float *qs,
 }
 
 
+/* A wait on one of this CTA's barriers: acquiring at cluster scope when
+ * the other CTA of a pair arrives on it (PAIR), else at CTA scope. */
+template <bool CLUSTER>
+__device__ __forceinline__ void
+fg_wait(uint64_t *b, int parity)
+{
+    if (CLUSTER) {
+        moe_mbar_wait_cluster(b, parity);
+    } else {
+        moe_mbar_wait(b, parity);
+    }
+}
+
+
 /* PAIR's tile of rank `rank` from cluster tile cbid over (group, column
  * tile of ntn, pair of row tiles): row tile 2 mp + rank of the group; a
  * rank past the group's last row tile gets rows 0 (it loads and
@@ -249,11 +263,7 @@ fg_consume(unsigned char *sm, uint64_t *full, uint64_t *empty,
         int bid = blockIdx.x + j * gridDim.x;
 
         if (DYN) {
-            if (PAIR) {
-                moe_mbar_wait_cluster(&tfull[j & 1], (j >> 1) & 1);
-            } else {
-                moe_mbar_wait(&tfull[j & 1], (j >> 1) & 1);
-            }
+            fg_wait<PAIR>(&tfull[j & 1], (j >> 1) & 1);
             bid = tslot[j & 1];
             if (PAIR && rank == 1) {
                 moe_mbar_arrive_cluster(moe_cluster_map(&tempty[j & 1], 0));
@@ -441,8 +451,7 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
                                 : fg_tile(offs, E, ntn, bid, &t);
                     if (j >= 2) {
                         /* every reader took tile j - 2's index */
-                        moe_mbar_wait_cluster(&tempty[j & 1],
-                                              ((j >> 1) - 1) & 1);
+                        fg_wait<PAIR>(&tempty[j & 1], ((j >> 1) - 1) & 1);
                     }
                     tslot[j & 1] = have ? bid : -1;
                     if (PAIR) {
@@ -463,8 +472,7 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
 
                     if (it >= FG_ST) {
                         /* every consumer released K tile it - FG_ST */
-                        moe_mbar_wait_cluster(&empty[s],
-                                              ((it / FG_ST) - 1) & 1);
+                        fg_wait<PAIR>(&empty[s], ((it / FG_ST) - 1) & 1);
                     }
                     moe_mbar_expect(&full[s], (uint32_t) FG_STAGE);
                     moe_tma_2d(sm + s * FG_STAGE, &mq, kt * FG_BK, t.r0,
