@@ -80,27 +80,45 @@ moe_prefetch_l2(const void *p)
 /*
  * Launch `kernel` like kernel<<<grid, block, smem, s>>>(args...), with
  * programmatic stream serialization when moe_cuda_pdl_get() (the kernel
- * must begin with moe_pdl_enter()).  Returns the launch's status.
+ * must begin with moe_pdl_enter()); moe_launch_cluster: in clusters of
+ * `cluster` CTAs along x (1: none; grid.x a multiple of it).  Returns
+ * the launch's status.
  */
 template <typename... KArgs, typename... Args>
 static inline cudaError_t
-moe_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-    cudaStream_t s, Args &&...args)
+moe_launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block,
+    size_t smem, cudaStream_t s, int cluster, Args &&...args)
 {
     cudaLaunchConfig_t  cfg = {};
-    cudaLaunchAttribute at[1] = {};
+    cudaLaunchAttribute at[2] = {};
+    unsigned            n = 0;
 
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
     if (moe_cuda_pdl_get()) {
-        at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = at;
-        cfg.numAttrs = 1;
+        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[n++].val.programmaticStreamSerializationAllowed = 1;
     }
+    if (cluster > 1) {
+        at[n].id = cudaLaunchAttributeClusterDimension;
+        at[n].val.clusterDim.x = (unsigned) cluster;
+        at[n].val.clusterDim.y = 1;
+        at[n++].val.clusterDim.z = 1;
+    }
+    cfg.attrs = n > 0 ? at : NULL;
+    cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, kernel, static_cast<Args &&>(args)...);
+}
+
+template <typename... KArgs, typename... Args>
+static inline cudaError_t
+moe_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+    cudaStream_t s, Args &&...args)
+{
+    return moe_launch_cluster(kernel, grid, block, smem, s, 1,
+                              static_cast<Args &&>(args)...);
 }
 
 /* Same for cuBLAS calls. */

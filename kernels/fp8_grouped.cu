@@ -210,36 +210,6 @@ fg_wait(uint64_t *b, int parity)
 }
 
 
-/* PAIR's tile of rank `rank` from cluster tile cbid over (group, column
- * tile of ntn, pair of row tiles): row tile 2 mp + rank of the group; a
- * rank past the group's last row tile gets rows 0 (it loads and
- * multiplies rows it does not store).  0 when cbid is past the last. */
-__device__ __forceinline__ int
-fg_tile_pair(const int32_t *offs, int E, int ntn, int cbid, int rank,
-    fg_tile_t *t)
-{
-    int base = offs[0], lo = base;
-
-    for (int e = 0; e < E; e++) {
-        int hi = offs[e + 1], rows = hi - lo;
-        int mp = ((rows + FG_BM - 1) / FG_BM + 1) / 2;
-
-        if (cbid < mp * ntn) {
-            int mt = 2 * (cbid % mp) + rank;
-
-            t->e = e;
-            t->nt = cbid / mp;
-            t->r0 = lo - base + mt * FG_BM;
-            t->mrows = max(0, min(FG_BM, rows - mt * FG_BM));
-            return 1;
-        }
-        cbid -= mp * ntn;
-        lo = hi;
-    }
-    return 0;
-}
-
-
 /* A consumer warpgroup's part of kernel_fp8_grouped (threads 128..383;
  * rows 64 cw .. of each tile): the tiles as the producer loads them (the
  * static order, or DYN's slots), the wgmma of each stage, the stage's
@@ -274,9 +244,7 @@ fg_consume(unsigned char *sm, uint64_t *full, uint64_t *empty,
                 break;
             }
         }
-        if (PAIR ? !fg_tile_pair(offs, E, ntn, bid, rank, &t)
-                 : !fg_tile(offs, E, ntn, bid, &t))
-        {
+        if (!fg_tile<PAIR ? 2 : 1>(offs, E, ntn, bid, &t, rank)) {
             break;
         }
 #pragma unroll
@@ -444,11 +412,11 @@ kernel_fp8_grouped(const __grid_constant__ CUtensorMap mq,
                     moe_mbar_arrive_cluster(
                         moe_cluster_map(&tempty[j & 1], 0));
                     have = bid >= 0
-                           && fg_tile_pair(offs, E, ntn, bid, rank, &t);
+                           && fg_tile<2>(offs, E, ntn, bid, &t, rank);
                 } else if (DYN) {
                     bid = (int) atomicAdd(&sched[0], 1u);
-                    have = PAIR ? fg_tile_pair(offs, E, ntn, bid, rank, &t)
-                                : fg_tile(offs, E, ntn, bid, &t);
+                    have = fg_tile<PAIR ? 2 : 1>(offs, E, ntn, bid, &t,
+                                                 rank);
                     if (j >= 2) {
                         /* every reader took tile j - 2's index */
                         fg_wait<PAIR>(&tempty[j & 1], ((j >> 1) - 1) & 1);
@@ -702,37 +670,16 @@ fg_launch(const uint8_t *Q, int q_rows, const uint8_t *W, size_t wstride,
         tiles = (size_t) ctas;
     }
     if (pair) {
-        cudaLaunchConfig_t  cfg = {};
-        cudaLaunchAttribute at[2] = {};
-
         tiles &= ~(size_t) 1;           /* whole clusters */
         if (tiles < 2) {
             tiles = 2;
         }
-        cfg.gridDim = dim3((unsigned) tiles);
-        cfg.blockDim = dim3(FG_NT);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = stream;
-        at[0].id = cudaLaunchAttributeClusterDimension;
-        at[0].val.clusterDim.x = 2;
-        at[0].val.clusterDim.y = 1;
-        at[0].val.clusterDim.z = 1;
-        cfg.attrs = at;
-        cfg.numAttrs = 1;
-        if (moe_cuda_pdl_get()) {
-            at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-            at[1].val.programmaticStreamSerializationAllowed = 1;
-            cfg.numAttrs = 2;
-        }
-        MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kf, mq, mw, offs, E, N, K,
-                                          qs, ws, ws_stride,
-                                          (__nv_bfloat16 *) Y, sched));
-        return MOE_K_OK;
     }
-    MOE_CUDA_CHECK(moe_launch(kf, dim3((unsigned) tiles),
-                              dim3(FG_NT), smem, stream, mq, mw, offs, E,
-                              N, K, qs, ws, ws_stride,
-                              (__nv_bfloat16 *) Y, sched));
+    MOE_CUDA_CHECK(moe_launch_cluster(kf, dim3((unsigned) tiles),
+                                      dim3(FG_NT), smem, stream,
+                                      pair ? 2 : 1, mq, mw, offs, E, N, K,
+                                      qs, ws, ws_stride,
+                                      (__nv_bfloat16 *) Y, sched));
     return MOE_K_OK;
 }
 

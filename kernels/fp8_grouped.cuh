@@ -10,13 +10,19 @@
 
 /* A CTA's tile from its index bid over (group, column tile of ntn, row
  * tile): its group e, column tile nt, first row r0 (from offs[0]) and
- * rows mrows.  0 when bid is past the last tile. */
+ * rows mrows.  0 when bid is past the last tile.  SPAN 2 (fp8_grouped.cu's
+ * CTA pairs): bid indexes pairs of row tiles, and the CTA of rank `rank`
+ * takes row tile 2 mp + rank of the pair; a rank past the group's last
+ * row tile gets mrows 0 (it loads and multiplies rows it does not
+ * store). */
 struct fg_tile_t {
     int e, nt, r0, mrows;
 };
 
+template <int SPAN = 1>
 __device__ __forceinline__ int
-fg_tile(const int32_t *offs, int E, int ntn, int bid, fg_tile_t *t)
+fg_tile(const int32_t *offs, int E, int ntn, int bid, fg_tile_t *t,
+    int rank = 0)
 {
     int base = offs[0], lo = base;
 
@@ -24,13 +30,19 @@ fg_tile(const int32_t *offs, int E, int ntn, int bid, fg_tile_t *t)
         int hi = offs[e + 1], rows = hi - lo;
         int mtiles = (rows + FG_BM - 1) / FG_BM;
 
+        if (SPAN > 1) {
+            mtiles = (mtiles + SPAN - 1) / SPAN;
+        }
         if (bid < mtiles * ntn) {
-            int mt = bid % mtiles;
+            int mt = SPAN * (bid % mtiles) + rank;
 
             t->e = e;
             t->nt = bid / mtiles;
             t->r0 = lo - base + mt * FG_BM;
             t->mrows = min(FG_BM, rows - mt * FG_BM);
+            if (SPAN > 1) {
+                t->mrows = max(0, t->mrows);
+            }
             return 1;
         }
         bid -= mtiles * ntn;
