@@ -121,7 +121,8 @@ typedef struct {
                             a counter (MOE_FG_DYN; H100, 2026-12-05:
                             prefill 2048 68.0 -> 65.9 ms), 0 the static
                             order, 2 drawn tiles on CTA pairs sharing
-                            their weight loads (MOE_FG_PAIR) */
+                            their weight loads (MOE_FG_PAIR; measured
+                            slower, run 21a: for A/B only) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)

@@ -1,0 +1,93 @@
+#!/bin/bash
+# Issue 12's target figures in one device call (bench/RESULTS.md), from a
+# tree where `make gpu bench-dev` built build/gpu and build/bench/dev
+# (carried as tools/gpu_pack.sh's bundle):
+#
+#   tools/gpu_targets.sh
+#
+# Every figure next to the limits measured in the same call: the copy
+# bandwidth and cuBLAS bf16 rate (bench_engine prints them each run) and
+# cuBLASLt's e4m3 rate (bench/dev/wg_ggemm's limit line).  Steps
+# (tools/gpu_env.sh's gpu_step: a time limit each, logs in $OUT, default
+# ./gpu-out), skipped once TARGETS_BUDGET seconds (default 540) would be
+# passed, or when TARGETS_SKIP (a comma list) names them:
+#   e4m3_peak        cuBLASLt e4m3 8192^3 (wg_ggemm, small case only)
+#   fp8_R            fp8 weights: decode batch 1 / 64 at context 512,
+#                    prefill 512 / 2048, rounds R
+#   awq, gptq        4-bit weights: decode batch 1 / 64 at context 512
+#   bf16_long_lB     bf16 weights (89 GB: GPUs with more than 100 GB only)
+#                    decode at context 8192 / 32768, batch 1 / 64, with
+#                    att_long_bps B (3, the default, and 2)
+#   kvfp8_long_lB    fp8 weights and an e4m3 KV cache, the same contexts
+#                    and batches, att_long_bps B
+# then a summary of the RESULT lines.  Exit status: 0 when every step that
+# ran passed.
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+. tools/gpu_env.sh
+
+T_START=$(date +%s)
+tstep() {   # tstep NAME LIMIT CMD...: gpu_step within TARGETS_BUDGET
+    local name=$1 limit=$2
+    case ",${TARGETS_SKIP:-}," in
+    *",$name,"*) echo "=== $name: skipped (TARGETS_SKIP)"; return ;;
+    esac
+    if [ $(( $(date +%s) - T_START + limit )) -gt "${TARGETS_BUDGET:-540}" ]
+    then
+        echo "=== $name: skipped (budget)"
+        return
+    fi
+    gpu_step "$@" > /dev/null
+    echo "=== $name: rc ${GPU_RC[$name]} in ${GPU_SEC[$name]} s"
+}
+BENCH="build/gpu/bench_engine mixtral-8x7b"
+NOQ="BENCH_QUANT=0 BENCH_ATT=0"
+GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits \
+          2> /dev/null | head -1)
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem \
+    --format=csv,noheader 2> /dev/null | head -1
+
+tstep e4m3_peak 60 env DEV_FG_CASES=0 DEV_FG_ONLY=wgmma_tma_shipped \
+    build/bench/dev/wg_ggemm
+for r in 1 2; do
+    tstep fp8_$r 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 \
+        BENCH_PROMPTS=512,2048 $BENCH --weights fp8
+done
+for w in awq gptq; do
+    tstep $w 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
+        $BENCH --weights $w
+done
+for b in 3 2; do
+    if [ -n "$GPU_MIB" ] && [ "$GPU_MIB" -gt 100000 ]; then
+        tstep bf16_long_l$b 120 env MOE_CUDA_ATT_LONG_BPS=$b $NOQ \
+            BENCH_CTX=8192,32768 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 $BENCH
+    else
+        echo "=== bf16_long_l$b: skipped (${GPU_MIB:-?} MiB: the bf16" \
+             "weights are 89 GB)"
+    fi
+    tstep kvfp8_long_l$b 90 env MOE_CUDA_ATT_LONG_BPS=$b $NOQ \
+        BENCH_CTX=8192,32768 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 $BENCH \
+        --weights fp8 --kv-cache-dtype fp8
+done
+
+# the summary: short enough for the call's 12,000-character output tail
+echo "--- limits"
+grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
+for s in "${GPU_STEPS[@]}"; do
+    case $s in e4m3_peak) continue ;; esac
+    echo "--- $s: $(grep -h -E '^RESULT kind=(copy_bw|gemm)' "$OUT/$s.log" \
+        | sed -E 's/.*kind=([a-z_]+) value=([0-9.]+) unit=(.*)/\1 \2 \3/' \
+        | tr '\n' ' ')"
+    grep -E '^RESULT .*kind=(decode|prefill)' "$OUT/$s.log" \
+        | sed -E -e 's/^RESULT model=[^ ]+ //' \
+                 -e 's/ (tp|ep|gpus|experts_hit)=[^ ]+//g' | cut -c1-150
+    grep -E '^RESULT' "$OUT/$s.log" > /dev/null \
+        || tail -3 "$OUT/$s.log" | cut -c1-200
+done
+
+fail=0
+for s in "${GPU_STEPS[@]}"; do
+    [ "${GPU_RC[$s]:-0}" = 0 ] || fail=1
+done
+exit $fail
