@@ -12,12 +12,18 @@
 # ./gpu-out), skipped once TARGETS_BUDGET seconds (default 540) would be
 # passed, or when TARGETS_SKIP (a comma list) names them:
 #   e4m3_peak        cuBLASLt e4m3 8192^3 (wg_ggemm, small case only)
-#   fp8_R            fp8 weights: decode batch 1 / 64 at context 512,
+#   test_qbackend_fp8g  the tiny quantized models against the CPU backend
+#                    with every step above 0 tokens on the fused fp8 FFN
+#                    (grouped e4m3 GEMM; decode steps as graphs)
+#   fp8_R            fp8 weights: decode batch 1 / 32 / 64 at context 512,
 #                    prefill 512 / 2048, rounds R
+#   fp8g_R           the same decode at batch 32 / 64 with ggemm_max_t 16:
+#                    the fused fp8 FFN instead of the f16 grouped GEMM
 #   awq, gptq        4-bit weights: decode batch 1 / 64 at context 512
 #   bf16_long_lB     bf16 weights (89 GB: GPUs with more than 100 GB only)
 #                    decode at context 8192 / 32768, batch 1 / 64, with
 #                    att_long_bps B (3, the default, and 2)
+#   trace_fp8g       batch 64's kernel timeline (PDL off) with fp8g
 #   kvfp8_long_lB    fp8 weights and an e4m3 KV cache, the same contexts
 #                    and batches, att_long_bps B
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
@@ -50,14 +56,31 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem \
 
 tstep e4m3_peak 60 env DEV_FG_CASES=0 DEV_FG_ONLY=wgmma_tma_shipped \
     build/bench/dev/wg_ggemm
+# decode steps above the GEMV on the prefill's grouped e4m3 GEMM (the
+# fused fp8 FFN, activations quantized per row) instead of the f16
+# grouped GEMM: first against the CPU backend (every step above 0 tokens
+# on it, decode steps as graphs), then the A/B at batch 32 / 64
+tstep test_qbackend_fp8g 120 bash -c 'tools/quant_models.sh build/quant \
+    > /dev/null && MOE_CUDA_GEMV_MAX_T=0 MOE_CUDA_GGEMM_MAX_T=0 \
+    build/gpu/test_qbackend'
 for r in 1 2; do
-    tstep fp8_$r 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 \
+    tstep fp8_$r 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,32,64 \
         BENCH_PROMPTS=512,2048 $BENCH --weights fp8
+    tstep fp8g_$r 60 env MOE_CUDA_GGEMM_MAX_T=16 $NOQ BENCH_CTX=512 \
+        BENCH_BATCHES=32,64 BENCH_PROMPTS=0 $BENCH --weights fp8
 done
 for w in awq gptq; do
     tstep $w 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
         $BENCH --weights $w
 done
+# batch 64's kernel timeline (PDL off) on the fused fp8 FFN
+tstep trace_fp8g 60 env MOE_CUDA_GGEMM_MAX_T=16 MOE_CUDA_PDL=0 $NOQ \
+    BENCH_CTX=512 BENCH_BATCHES=64 BENCH_PROMPTS=0 \
+    KTRACE_OUT="$OUT/ktrace_fp8g.txt" \
+    LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights fp8
+[ -f "$OUT/ktrace_fp8g.txt" ] && tools/ktrace_gaps.py \
+    "$OUT/ktrace_fp8g.txt" > "$OUT/trace_fp8g_gaps.log" 2>&1
+rm -f "$OUT/ktrace_fp8g.txt"
 for b in 3 2; do
     if [ -n "$GPU_MIB" ] && [ "$GPU_MIB" -gt 100000 ]; then
         tstep bf16_long_l$b 120 env MOE_CUDA_ATT_LONG_BPS=$b $NOQ \
@@ -75,7 +98,11 @@ done
 echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
 for s in "${GPU_STEPS[@]}"; do
-    case $s in e4m3_peak) continue ;; esac
+    case $s in e4m3_peak) continue ;;
+    test_*) echo "--- $s: $(grep -c '^ok' "$OUT/$s.log") ok"
+        grep -E '^not ok|Bail' "$OUT/$s.log" | cut -c1-200 | head -6
+        continue ;;
+    esac
     echo "--- $s: $(grep -h -E '^RESULT kind=(copy_bw|gemm)' "$OUT/$s.log" \
         | sed -E 's/.*kind=([a-z_]+) value=([0-9.]+) unit=(.*)/\1 \2 \3/' \
         | tr '\n' ' ')"
@@ -85,6 +112,10 @@ for s in "${GPU_STEPS[@]}"; do
     grep -E '^RESULT' "$OUT/$s.log" > /dev/null \
         || tail -3 "$OUT/$s.log" | cut -c1-200
 done
+
+[ -f "$OUT/trace_fp8g_gaps.log" ] && echo "--- trace_fp8g (PDL off)" \
+    && sed -n '/kernel time by kernel/,$p' "$OUT/trace_fp8g_gaps.log" \
+    | head -24
 
 fail=0
 for s in "${GPU_STEPS[@]}"; do

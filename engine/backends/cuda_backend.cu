@@ -3416,11 +3416,53 @@ cb_ffn_ggemm(const cuda_backend_t *b, int T)
 }
 
 
+/*
+ * Whether every routed layer of a T-token step above the GEMV and the
+ * grouped tensor-core GEMM takes the fused fp8 FFN on the grouped e4m3
+ * GEMM (cb_ffn's third branch: all experts on this rank, a stacked fp8
+ * gate|up group, the scratch and the shapes fit): its offsets are read
+ * on the device, so such a step has no host sync either.
+ */
+static int
+cb_ffn_fp8g(const cuda_backend_t *b, int T)
+{
+    const moe_hparams_t *hp = &b->hp;
+    int                  any = 0;
+
+    if (cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T) || b->El != hp->n_experts
+        || hp->n_experts <= 1)
+    {
+        return 0;
+    }
+    for (int l = 0; l < hp->n_layers; l++) {
+        const cb_qw_t *wg, *wd;
+        cb_qw_t        g;
+
+        if (b->dense_slot[l] >= 0) {
+            continue;           /* a dense layer: no routing, no sync */
+        }
+        wg = cb_part(b, l, MOE_QP_GATE);
+        wd = cb_part(b, l, MOE_QP_DOWN);
+        if (!wg->stacked) {
+            return 0;
+        }
+        cb_group(wg, &g);
+        if (!cb_fp8_ffn_fits(b, &g, wd, T * b->K)
+            || !cb_fp8_grouped_fits(b, &g, wd))
+        {
+            return 0;
+        }
+        any = 1;
+    }
+    return any;
+}
+
+
 /* Whether the MoE FFN of a T-token step runs without a host sync. */
 static int
 cb_ffn_nosync(const cuda_backend_t *b, int T)
 {
-    return cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T);
+    return cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T) || cb_ffn_fp8g(b, T);
 }
 
 
