@@ -123,6 +123,14 @@ typedef struct {
                             order, 2 drawn tiles on CTA pairs sharing
                             their weight loads (MOE_FG_PAIR; measured
                             slower, run 21a: for A/B only) */
+    int fp8_dgrouped;    /* MOE_CUDA_FP8_DGROUPED 0|1: decode steps above
+                            gemv_max_t up to ggemm_max_t with e4m3
+                            experts whose every routed layer fits the
+                            fused fp8 FFN on the grouped e4m3 GEMM
+                            (activations quantized per row, as prefill
+                            and the dense projections above dense_gemv_t
+                            do) take it instead of the f16 grouped GEMM;
+                            0 the f16 grouped GEMM */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -130,6 +138,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 3, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1, 1, 1 }
+      1, 1, 1, 1, 1, 0 }
 
 #endif /* MOE_KERNELS_TUNING_H */

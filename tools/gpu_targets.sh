@@ -17,7 +17,7 @@
 #                    (grouped e4m3 GEMM; decode steps as graphs)
 #   fp8_R            fp8 weights: decode batch 1 / 32 / 64 at context 512,
 #                    prefill 512 / 2048, rounds R
-#   fp8g_R           the same decode at batch 32 / 64 with ggemm_max_t 16:
+#   fp8g_R           the same decode at batch 32 / 64 with fp8_dgrouped 1:
 #                    the fused fp8 FFN instead of the f16 grouped GEMM
 #   awq, gptq        4-bit weights: decode batch 1 / 64 at context 512
 #   bf16_long_lB     bf16 weights (89 GB: GPUs with more than 100 GB only)
@@ -61,12 +61,12 @@ tstep e4m3_peak 60 env DEV_FG_CASES=0 DEV_FG_ONLY=wgmma_tma_shipped \
 # grouped GEMM: first against the CPU backend (every step above 0 tokens
 # on it, decode steps as graphs), then the A/B at batch 32 / 64
 tstep test_qbackend_fp8g 120 bash -c 'tools/quant_models.sh build/quant \
-    > /dev/null && MOE_CUDA_GEMV_MAX_T=0 MOE_CUDA_GGEMM_MAX_T=0 \
+    > /dev/null && MOE_CUDA_GEMV_MAX_T=0 MOE_CUDA_FP8_DGROUPED=1 \
     build/gpu/test_qbackend'
 for r in 1 2; do
     tstep fp8_$r 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,32,64 \
         BENCH_PROMPTS=512,2048 $BENCH --weights fp8
-    tstep fp8g_$r 60 env MOE_CUDA_GGEMM_MAX_T=16 $NOQ BENCH_CTX=512 \
+    tstep fp8g_$r 60 env MOE_CUDA_FP8_DGROUPED=1 $NOQ BENCH_CTX=512 \
         BENCH_BATCHES=32,64 BENCH_PROMPTS=0 $BENCH --weights fp8
 done
 for w in awq gptq; do
@@ -74,7 +74,7 @@ for w in awq gptq; do
         $BENCH --weights $w
 done
 # batch 64's kernel timeline (PDL off) on the fused fp8 FFN
-tstep trace_fp8g 60 env MOE_CUDA_GGEMM_MAX_T=16 MOE_CUDA_PDL=0 $NOQ \
+tstep trace_fp8g 60 env MOE_CUDA_FP8_DGROUPED=1 MOE_CUDA_PDL=0 $NOQ \
     BENCH_CTX=512 BENCH_BATCHES=64 BENCH_PROMPTS=0 \
     KTRACE_OUT="$OUT/ktrace_fp8g.txt" \
     LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights fp8

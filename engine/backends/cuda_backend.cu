@@ -3405,33 +3405,19 @@ cb_ffn_gemv(const cuda_backend_t *b, int T)
 }
 
 
-/* Whether it takes the grouped tensor-core GEMM (above the GEMV). */
-static int
-cb_ffn_ggemm(const cuda_backend_t *b, int T)
-{
-    return !cb_ffn_gemv(b, T) && T <= b->tune.ggemm_max_t
-           && moe_cuda_ggemm_supported(b->hp.ffn_dim, b->hp.dim, b->hp.dim)
-           && moe_cuda_ggemm_supported(b->hp.dim, b->hp.ffn_dim,
-                                       b->hp.ffn_dim);
-}
-
-
 /*
- * Whether every routed layer of a T-token step above the GEMV and the
- * grouped tensor-core GEMM takes the fused fp8 FFN on the grouped e4m3
- * GEMM (cb_ffn's third branch: all experts on this rank, a stacked fp8
- * gate|up group, the scratch and the shapes fit): its offsets are read
- * on the device, so such a step has no host sync either.
+ * Whether every routed layer of a T-token step may take the fused fp8 FFN
+ * on the grouped e4m3 GEMM (cb_ffn's third branch: all experts on this
+ * rank, a stacked fp8 gate|up group, the scratch and the shapes fit); its
+ * offsets are read on the device, so such a step has no host sync.
  */
 static int
-cb_ffn_fp8g(const cuda_backend_t *b, int T)
+cb_fp8g_layers(const cuda_backend_t *b, int T)
 {
     const moe_hparams_t *hp = &b->hp;
     int                  any = 0;
 
-    if (cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T) || b->El != hp->n_experts
-        || hp->n_experts <= 1)
-    {
+    if (b->El != hp->n_experts || hp->n_experts <= 1) {
         return 0;
     }
     for (int l = 0; l < hp->n_layers; l++) {
@@ -3455,6 +3441,29 @@ cb_ffn_fp8g(const cuda_backend_t *b, int T)
         any = 1;
     }
     return any;
+}
+
+
+/* Whether it takes the grouped tensor-core GEMM (above the GEMV): up to
+ * ggemm_max_t tokens, unless fp8_dgrouped hands such steps to the fused
+ * fp8 FFN (every routed layer must take it). */
+static int
+cb_ffn_ggemm(const cuda_backend_t *b, int T)
+{
+    return !cb_ffn_gemv(b, T) && T <= b->tune.ggemm_max_t
+           && moe_cuda_ggemm_supported(b->hp.ffn_dim, b->hp.dim, b->hp.dim)
+           && moe_cuda_ggemm_supported(b->hp.dim, b->hp.ffn_dim,
+                                       b->hp.ffn_dim)
+           && !(b->tune.fp8_dgrouped && cb_fp8g_layers(b, T));
+}
+
+
+/* Whether a step above the GEMV and the grouped GEMM takes the fused fp8
+ * FFN in every routed layer (no host sync). */
+static int
+cb_ffn_fp8g(const cuda_backend_t *b, int T)
+{
+    return !cb_ffn_gemv(b, T) && !cb_ffn_ggemm(b, T) && cb_fp8g_layers(b, T);
 }
 
 
