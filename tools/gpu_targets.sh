@@ -16,13 +16,13 @@
 #                    with every step above 0 tokens on the fused fp8 FFN
 #                    (grouped e4m3 GEMM; decode steps as graphs)
 #   fp8_R            fp8 weights: decode batch 1 / 32 / 64 at context 512,
-#                    prefill 512 / 2048, rounds R
-#   fp8g_R           the same decode at batch 32 / 64 with fp8_dgrouped 1:
-#                    the fused fp8 FFN instead of the f16 grouped GEMM
+#                    prefill 512 / 2048, rounds R (the defaults)
+#   fp8f16_R         the same decode at batch 32 / 64 with fp8_dgrouped 0:
+#                    the f16 grouped GEMM instead of the fused fp8 FFN
 #   awq, gptq        4-bit weights: decode batch 1 / 64 at context 512
 #   bf16_long_lB     bf16 weights (89 GB: GPUs with more than 100 GB only)
 #                    decode at context 8192 / 32768, batch 1 / 64, with
-#                    att_long_bps B (3, the default, and 2)
+#                    att_long_bps B (3, and 2, the default since run 21c)
 #   trace_fp8g       batch 64's kernel timeline (PDL off) with fp8g
 #   kvfp8_long_lB    fp8 weights and an e4m3 KV cache, the same contexts
 #                    and batches, att_long_bps B
@@ -66,7 +66,7 @@ tstep test_qbackend_fp8g 120 bash -c 'tools/quant_models.sh build/quant \
 for r in 1 2; do
     tstep fp8_$r 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,32,64 \
         BENCH_PROMPTS=512,2048 $BENCH --weights fp8
-    tstep fp8g_$r 60 env MOE_CUDA_FP8_DGROUPED=1 $NOQ BENCH_CTX=512 \
+    tstep fp8f16_$r 60 env MOE_CUDA_FP8_DGROUPED=0 $NOQ BENCH_CTX=512 \
         BENCH_BATCHES=32,64 BENCH_PROMPTS=0 $BENCH --weights fp8
 done
 for w in awq gptq; do
