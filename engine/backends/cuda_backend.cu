@@ -3406,36 +3406,44 @@ cb_ffn_gemv(const cuda_backend_t *b, int T)
 
 
 /*
- * Whether every routed layer of a T-token step may take the fused fp8 FFN
- * on the grouped e4m3 GEMM (cb_ffn's third branch: all experts on this
- * rank, a stacked fp8 gate|up group, the scratch and the shapes fit); its
- * offsets are read on the device, so such a step has no host sync.
+ * Whether routed layer l's FFN of n rows takes the fused fp8 FFN on the
+ * grouped e4m3 GEMM (cb_ffn's third branch): all experts on this rank, a
+ * stacked fp8 gate|up group, the scratch and the shapes fit.  Its offsets
+ * are read on the device: no host sync.  g: the gate|up group, *wd: the
+ * down part.
  */
+static int
+cb_fp8g_layer(const cuda_backend_t *b, int l, int n, cb_qw_t *g,
+    const cb_qw_t **wd)
+{
+    const cb_qw_t *wg = cb_part(b, l, MOE_QP_GATE);
+
+    *wd = cb_part(b, l, MOE_QP_DOWN);
+    if (b->El != b->hp.n_experts || !wg->stacked) {
+        return 0;
+    }
+    cb_group(wg, g);
+    return cb_fp8_ffn_fits(b, g, *wd, n) && cb_fp8_grouped_fits(b, g, *wd);
+}
+
+
+/* Whether every routed layer of a T-token step takes it (and there is
+ * one). */
 static int
 cb_fp8g_layers(const cuda_backend_t *b, int T)
 {
-    const moe_hparams_t *hp = &b->hp;
-    int                  any = 0;
+    const cb_qw_t *wd;
+    cb_qw_t        g;
+    int            any = 0;
 
-    if (b->El != hp->n_experts || hp->n_experts <= 1) {
+    if (b->hp.n_experts <= 1) {
         return 0;
     }
-    for (int l = 0; l < hp->n_layers; l++) {
-        const cb_qw_t *wg, *wd;
-        cb_qw_t        g;
-
+    for (int l = 0; l < b->hp.n_layers; l++) {
         if (b->dense_slot[l] >= 0) {
             continue;           /* a dense layer: no routing, no sync */
         }
-        wg = cb_part(b, l, MOE_QP_GATE);
-        wd = cb_part(b, l, MOE_QP_DOWN);
-        if (!wg->stacked) {
-            return 0;
-        }
-        cb_group(wg, &g);
-        if (!cb_fp8_ffn_fits(b, &g, wd, T * b->K)
-            || !cb_fp8_grouped_fits(b, &g, wd))
-        {
+        if (!cb_fp8g_layer(b, l, T * b->K, &g, &wd)) {
             return 0;
         }
         any = 1;
@@ -3458,20 +3466,12 @@ cb_ffn_ggemm(const cuda_backend_t *b, int T)
 }
 
 
-/* Whether a step above the GEMV and the grouped GEMM takes the fused fp8
- * FFN in every routed layer (no host sync). */
-static int
-cb_ffn_fp8g(const cuda_backend_t *b, int T)
-{
-    return !cb_ffn_gemv(b, T) && !cb_ffn_ggemm(b, T) && cb_fp8g_layers(b, T);
-}
-
-
-/* Whether the MoE FFN of a T-token step runs without a host sync. */
+/* Whether the MoE FFN of a T-token step runs without a host sync: the
+ * GEMV, the grouped GEMM, else the fused fp8 FFN in every routed layer. */
 static int
 cb_ffn_nosync(const cuda_backend_t *b, int T)
 {
-    return cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T) || cb_ffn_fp8g(b, T);
+    return cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T) || cb_fp8g_layers(b, T);
 }
 
 
@@ -3942,29 +3942,23 @@ cb_ffn(cuda_backend_t *b, int l, int T)
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
         return cb_unpermute(b, sel, l, T);
     }
-    if (EL == E) {
-        const cb_qw_t *wg = cb_part(b, l, MOE_QP_GATE);
-        const cb_qw_t *wd = cb_part(b, l, MOE_QP_DOWN);
+    {
+        const cb_qw_t *wd;
         cb_qw_t        g;
 
-        if (wg->stacked) {
-            cb_group(wg, &g);
-            if (cb_fp8_ffn_fits(b, &g, wd, T * K)
-                && cb_fp8_grouped_fits(b, &g, wd))
-            {
-                /* the fused fp8 FFN on the grouped GEMM: every row is
-                 * this rank's, the offsets are read on the device, so
-                 * no host sync (while profiling, the offsets go to the
-                 * row statistics asynchronously: the copy between two
-                 * kernels costs an unprofiled step a gap per layer) */
-                MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
-                if (b->prof) {
-                    MOE_TRY(cb_row_log(b, l));
-                }
-                MOE_TRY(cb_fp8_ffn(b, &g, wd, T * K, 0, T * K));
-                MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
-                return cb_unpermute(b, sel, l, T);
+        if (cb_fp8g_layer(b, l, T * K, &g, &wd)) {
+            /* the fused fp8 FFN on the grouped GEMM: every row is this
+             * rank's, the offsets are read on the device, so no host
+             * sync (while profiling, the offsets go to the row
+             * statistics asynchronously: the copy between two kernels
+             * costs an unprofiled step a gap per layer) */
+            MOE_TRY(cb_mark(b, MOE_CUDA_ST_ROUTE));
+            if (b->prof) {
+                MOE_TRY(cb_row_log(b, l));
             }
+            MOE_TRY(cb_fp8_ffn(b, &g, wd, T * K, 0, T * K));
+            MOE_TRY(cb_mark(b, MOE_CUDA_ST_EXPERT));
+            return cb_unpermute(b, sel, l, T);
         }
     }
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->h_counts, b->offs,
