@@ -57,8 +57,7 @@ kernel_route_logits(const float *xf, int T, int D, const float *router,
                     float4 xv = *(reinterpret_cast<const float4 *>(
                                       x + (size_t) j * D) + i);
 
-                    acc[j] += wv.x * xv.x + wv.y * xv.y + wv.z * xv.z
-                              + wv.w * xv.w;
+                    acc[j] = moe_route_dot4(acc[j], wv, xv);
                 }
             }
         }
@@ -145,8 +144,7 @@ kernel_route_logits_all(const float *xf, int T, int D, const float *router,
 
 #pragma unroll
                 for (int j = 0; j < RT; j++) {
-                    acc[j][e] += wv.x * xv[j].x + wv.y * xv[j].y
-                                 + wv.z * xv[j].z + wv.w * xv[j].w;
+                    acc[j][e] = moe_route_dot4(acc[j][e], wv, xv[j]);
                 }
             }
         }

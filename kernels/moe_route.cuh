@@ -13,6 +13,16 @@
 #define ROUTE_MAX_E    256
 
 
+/* acc + w . x over one float4 of an expert's router row: the one
+ * expression every logits kernel sums with (moe_route.cu, norm_route.cu),
+ * so their sums over the same float4 sequence are the same bits. */
+__device__ __forceinline__ float
+moe_route_dot4(float acc, float4 w, float4 x)
+{
+    return acc + (w.x * x.x + w.y * x.y + w.z * x.z + w.w * x.w);
+}
+
+
 /*
  * Token t: softmax over its E logits (fp32, a warp tree), the K largest
  * in descending order (ties to the lower expert) into sel / selw,

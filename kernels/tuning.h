@@ -134,6 +134,11 @@ typedef struct {
                             do) take it instead of the f16 grouped GEMM:
                             1 (default; H100 run 21c, batch 32 / 64
                             +5 % / +7.5 %), 0 the f16 grouped GEMM */
+    int route_fuse1;     /* MOE_CUDA_ROUTE_FUSE1 0|1: a one-token step's
+                            FFN norm, router, top-k and permutation in
+                            one launch (moe_cuda_norm_route1) instead of
+                            the norm's launch and the router's two: 1,
+                            0 (default until measured on a device) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -141,6 +146,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 2, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1, 1, 1, 1 }
+      1, 1, 1, 1, 1, 1, 0 }
 
 #endif /* MOE_KERNELS_TUNING_H */

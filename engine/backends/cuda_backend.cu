@@ -79,6 +79,7 @@
 #include "fp8_grouped.h"
 #include "moe_permute.h"
 #include "moe_route.h"
+#include "norm_route.h"
 #include "rmsnorm.h"
 #include "rope.h"
 #include "silu_mul.h"
@@ -3864,6 +3865,24 @@ cb_row_log(cuda_backend_t *b, int l)
 }
 
 
+/* Whether a T-token step's FFN norm and router run as one launch
+ * (moe_cuda_norm_route1, tuning route_fuse1): one token, an RMSNorm whose
+ * delta is the plain fp32 sum in tmp (cb_norm's last case: no un-permute
+ * or unscaled fp8 product pending), and a shape and alignment the kernel
+ * takes (D % 4 == 0 keeps every layer's rows at the bases' alignment). */
+static int
+cb_route1(const cuda_backend_t *b, int T)
+{
+    return T == 1 && b->tune.route_fuse1 && !b->hp.norm_layer
+           && b->unperm_sel == NULL
+           && !(b->dq_yq != NULL && b->dq_y == b->tmp)
+           && moe_cuda_norm_route1_ok(b->hp.dim, b->hp.n_experts, b->K)
+           && ((uintptr_t) b->x | (uintptr_t) b->tmp | (uintptr_t) b->xf
+               | (uintptr_t) b->ffn_norm | (uintptr_t) b->router) % 16 == 0
+           && (uintptr_t) b->xb % 8 == 0;
+}
+
+
 /* The FFN sublayer of layer l: its norm, then the dense MLP or the
  * router and the routed experts. */
 static int
@@ -3881,12 +3900,29 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     int32_t             *sel = b->sel + (size_t) l * b->cap * K;
     const float         *nw = b->ffn_norm + (size_t) l * D;
     int                  routed = b->dense_slot[l] < 0 && E > 1;
+    /* decided before cb_norm (which consumes a pending fp8 product) */
+    int                  r1 = routed && cb_route1(b, T);
 
-    MOE_TRY(cb_norm(b, b->tmp, NULL, T, nw,
-                    hp->norm_layer ? b->ffn_norm_b + (size_t) l * D : NULL,
-                    b->xb, E > 1 || hp->shared_ffn_dim > 0 ? b->xf : NULL));
-    MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
-    if (routed) {
+    if (r1) {
+        /* one token: the norm, router, top-k and permutation in one
+         * launch, what the three below write */
+        MOE_TRY(moe_cuda_norm_route1(b->x, b->tmp, D, nw, hp->norm_eps,
+                                     (moe_bf16_t *) b->xb, b->xf,
+                                     b->router + (size_t) l * E * D, E, K,
+                                     !hp->router_no_renorm, b->rlogits, sel,
+                                     b->selw, b->margin + (size_t) l * b->cap,
+                                     b->offs, b->erow, b->slot_of,
+                                     b->d_ecounts + (size_t) l * E, s));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+    } else {
+        MOE_TRY(cb_norm(b, b->tmp, NULL, T, nw,
+                        hp->norm_layer ? b->ffn_norm_b + (size_t) l * D
+                                       : NULL,
+                        b->xb, E > 1 || hp->shared_ffn_dim > 0 ? b->xf
+                                                               : NULL));
+        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
+    }
+    if (routed && !r1) {
         /* router, top-k and the permutation by expert (two launches up
          * to 32 tokens, three above) */
         MOE_TRY(moe_cuda_route_permute(b->xf, T, D,

@@ -8,7 +8,9 @@
  * renormalise), permute/count/gather/un-permute, the one-launch permute,
  * the router + top-k + permutation of moe_cuda_route_permute bit for bit
  * those of moe_cuda_route then moe_cuda_moe_permute (the fused top-k +
- * permute launch up to 32 tokens, the separate ones above),
+ * permute launch up to 32 tokens, the separate ones above), decode's norm
+ * + router of one token in one launch (moe_cuda_norm_route1) bit for bit
+ * the add + norm launch followed by moe_cuda_route_permute,
  * the grouped tensor-core GEMV (gathered rows, empty groups, several
  * passes, fused SiLU), cuBLAS GEMM (fp32 and bf16 out, beta), fp32->bf16
  * conversion and the random fill; the architecture pieces of arch.h
@@ -58,6 +60,7 @@ extern "C" {
 #include "moe_gemv.h"
 #include "moe_permute.h"
 #include "moe_route.h"
+#include "norm_route.h"
 #include "rmsnorm.h"
 #include "rope.h"
 #include "silu_mul.h"
@@ -932,6 +935,130 @@ test_route(int T, int D, int E, int K, int renorm)
     cudaFree(d_mg); cudaFree(d_lg); free(mg); free(gmg);
     cudaFree(d_x); cudaFree(d_W); cudaFree(d_sel); cudaFree(d_w);
     free(x); free(W); free(sel); free(selw); free(gsel); free(gw);
+}
+
+
+/*
+ * moe_cuda_norm_route1 (decode's FFN norm, router, top-k and permutation
+ * of one token in one launch) against moe_cuda_add_rmsnorm then
+ * moe_cuda_route_permute on the same fresh inputs: the residual row, the
+ * bf16 and fp32 normalized rows, the logits, sel, selw, margin, offs,
+ * erow, slot_of and the running totals bit for bit, outputs poisoned
+ * first (pdl: launched with PDL after the separate path's kernels, the
+ * router rows read before the wait).
+ */
+static void
+test_norm_route1(int D, int E, int K, int renorm, int pdl)
+{
+    enum { NB = 11 };
+    float   *x = (float *) malloc(sizeof(float) * D);
+    float   *dl = (float *) malloc(sizeof(float) * D);
+    float   *w = (float *) malloc(sizeof(float) * D);
+    float   *W = (float *) malloc(sizeof(float) * E * D);
+    int64_t  tot0[256];
+    size_t   isz = sizeof(int32_t) * (size_t) K;
+    size_t   sz[NB] = { sizeof(float) * D, sizeof(uint16_t) * D,
+                        sizeof(float) * D, sizeof(float) * E, isz,
+                        sizeof(float) * K, sizeof(float),
+                        sizeof(int32_t) * (E + 1), isz, isz,
+                        sizeof(int64_t) * E };
+    const char *nm[NB] = { "x", "out", "out_f32", "logits", "sel", "selw",
+                           "margin", "offs", "erow", "slot_of", "tot" };
+    void    *d[2][NB], *h[2][NB];
+    char     diff[256] = "";
+    int      ok, bad = 0, pdl0 = moe_cuda_pdl_get();
+
+    gu_fill(x, (size_t) D, 2.0f);
+    gu_fill(dl, (size_t) D, 1.0f);
+    gu_fill(w, (size_t) D, 1.0f);
+    gu_fill(W, (size_t) E * D, 0.5f);
+    for (int e = 0; e < E; e++) {
+        tot0[e] = (int64_t) (gu_rand() % 1000u);
+    }
+    float *d_dl = (float *) gu_up(dl, sizeof(float) * D);
+    float *d_w = (float *) gu_up(w, sizeof(float) * D);
+    float *d_W = (float *) gu_up(W, sizeof(float) * E * D);
+
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < NB; i++) {
+            d[v][i] = gu_dev(sz[i]);
+            h[v][i] = malloc(sz[i]);
+            cudaMemset(d[v][i], 0xff, sz[i]);           /* poison */
+        }
+        cudaMemcpy(d[v][0], x, sz[0], cudaMemcpyHostToDevice);
+        cudaMemcpy(d[v][10], tot0, sz[10], cudaMemcpyHostToDevice);
+    }
+    moe_cuda_pdl_set(pdl);
+#define NR_ARGS(v) (float *) d[v][3], (int32_t *) d[v][4], (float *) d[v][5], \
+                   (float *) d[v][6], (int32_t *) d[v][7],                    \
+                   (int32_t *) d[v][8], (int32_t *) d[v][9],                  \
+                   (int64_t *) d[v][10], 0
+    ok = moe_cuda_add_rmsnorm((float *) d[0][0], d_dl, NULL, 1, D, d_w, 1e-5f,
+                              (moe_bf16_t *) d[0][1], (float *) d[0][2], 0)
+         == MOE_K_OK
+         && moe_cuda_route_permute((float *) d[0][2], 1, D, d_W, E, K,
+                                   renorm, NR_ARGS(0)) == MOE_K_OK
+         && gu_sync_ok(moe_cuda_norm_route1((float *) d[1][0], d_dl, D, d_w,
+                                            1e-5f, (moe_bf16_t *) d[1][1],
+                                            (float *) d[1][2], d_W, E, K,
+                                            renorm, NR_ARGS(1)),
+                       "norm_route1");
+#undef NR_ARGS
+    moe_cuda_pdl_set(pdl0);
+    for (int i = 0; ok && i < NB; i++) {
+        gu_down(h[0][i], d[0][i], sz[i]);
+        gu_down(h[1][i], d[1][i], sz[i]);
+        if (memcmp(h[0][i], h[1][i], sz[i]) != 0) {
+            bad++;
+            snprintf(diff + strlen(diff), sizeof(diff) - strlen(diff),
+                     " %s", nm[i]);
+        }
+    }
+    TAP_OK(ok && bad == 0, "norm_route1 D %d E %d top-%d renorm %d pdl %d "
+           "(router rows %s): residual, normalized rows, logits, choices, "
+           "weights, margin, offsets, rows, slots and totals equal to "
+           "add_rmsnorm + route_permute (%d of %d differ:%s)", D, E, K,
+           renorm, pdl, E <= 8 && D <= 4096 ? "in registers" : "via L2",
+           bad, NB, diff);
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < NB; i++) {
+            cudaFree(d[v][i]);
+            free(h[v][i]);
+        }
+    }
+    cudaFree(d_dl); cudaFree(d_w); cudaFree(d_W);
+    free(x); free(dl); free(w); free(W);
+}
+
+
+/* moe_cuda_norm_route1's refusals: shapes it does not take, and no delta */
+static void
+test_norm_route1_refuse(void)
+{
+    float *d_b = (float *) gu_dev(sizeof(float) * 8192);
+    int    rc;
+
+    TAP_OK(moe_cuda_norm_route1_ok(4096, 8, 2)
+           && moe_cuda_norm_route1_ok(8192, 256, 32)
+           && !moe_cuda_norm_route1_ok(4098, 8, 2)
+           && !moe_cuda_norm_route1_ok(8196, 8, 2)
+           && !moe_cuda_norm_route1_ok(4096, 8, 33)
+           && !moe_cuda_norm_route1_ok(4096, 8, 9)
+           && !moe_cuda_norm_route1_ok(4096, 257, 2)
+           && !moe_cuda_norm_route1_ok(4096, 8, 0),
+           "norm_route1: shapes taken and refused (D %% 4, D > 8192, top-k "
+           "> 32 or > E, E > 256, top-0)");
+    rc = moe_cuda_norm_route1(d_b, d_b, 4098, d_b, 1e-5f, NULL, NULL, d_b, 8,
+                              2, 1, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                              NULL, 0);
+    TAP_OK(rc == MOE_K_EUNSUPPORTED, "norm_route1 D 4098: refused (%d)",
+           rc);
+    rc = moe_cuda_norm_route1(d_b, NULL, 4096, d_b, 1e-5f, NULL, NULL, d_b, 8,
+                              2, 1, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                              NULL, 0);
+    TAP_OK(rc == MOE_K_EUNSUPPORTED, "norm_route1 without a delta: refused "
+           "(%d)", rc);
+    cudaFree(d_b);
 }
 
 
@@ -2085,6 +2212,16 @@ main(void)
     test_route_permute(5, 64, 128, 8, 1);
     test_route_permute(16, 64, 256, 8, 1);      /* E at the limit */
     test_route_permute(24, 66, 8, 2, 1);        /* D % 4: scalar logits */
+    test_norm_route1(4096, 8, 2, 1, 0);     /* Mixtral: rows in registers */
+    test_norm_route1(4096, 8, 2, 1, 1);
+    test_norm_route1(1000, 8, 2, 1, 1);     /* part of a register tile */
+    test_norm_route1(2048, 60, 4, 1, 1);    /* Qwen-MoE: rows via L2 */
+    test_norm_route1(2048, 64, 8, 0, 1);    /* raw top-k weights */
+    test_norm_route1(7168, 256, 8, 1, 1);   /* two float4 a thread */
+    test_norm_route1(4100, 8, 2, 1, 0);
+    test_norm_route1(64, 4, 4, 1, 1);       /* K == E: margin 1 */
+    test_norm_route1(8192, 128, 32, 1, 1);  /* the largest taken */
+    test_norm_route1_refuse();
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);
