@@ -28,11 +28,14 @@ moe_route_dot4(float acc, float4 w, float4 x)
  * in descending order (ties to the lower expert) into sel / selw,
  * renormalised when renorm; margin[t] (margin may be NULL) the K-th
  * probability minus the (K+1)-th.  lg: ROUTE_MAX_E floats of shared
- * memory owned by the warp.  The whole warp calls it.
+ * memory owned by the warp; sel_sh (K ints of shared memory, may be NULL)
+ * gets the choices too, visible to the warp when it returns.  The whole
+ * warp calls it.
  */
 __device__ __forceinline__ void
 moe_route_topk_warp(const float *logits, int t, int E, int K, int renorm,
-    int32_t *sel, float *selw, float *margin, float *lg, int lane)
+    int32_t *sel, float *selw, float *margin, float *lg, int lane,
+    int *sel_sh = NULL)
 {
     for (int e = lane; e < E; e += 32) {
         lg[e] = logits[(size_t) t * E + e];
@@ -86,6 +89,9 @@ moe_route_topk_warp(const float *logits, int t, int E, int K, int renorm,
         __syncwarp();           /* all lanes read lg before it changes */
         if (lane == 0) {
             sel[(size_t) t * K + k] = be;
+            if (sel_sh != NULL) {
+                sel_sh[k] = be;
+            }
             selw[(size_t) t * K + k] = bv;
             lg[be] = -INFINITY;     /* taken */
         }

@@ -16,9 +16,15 @@
  *      order: kernel_route_logits<true>'s order for one token (256
  *      threads a block, the same sums), so the same bits;
  *   4. warp 0: moe_route_topk_warp (the same code as the top-k launches)
- *      on the logits in shared memory, then the permutation of its K slots
- *      (K <= 32: one slot a lane, ranks by a scan over the K choices, no
- *      barrier), the values moe_permute_block writes for one token.
+ *      on the logits in shared memory, its choices also into shared
+ *      memory, then the permutation of its K slots (K <= 32: one slot a
+ *      lane, ranks by a scan over the K choices, no barrier), the values
+ *      moe_permute_block writes for one token.
+ * Two kernels: kernel_norm_route1 (router rows in registers where they
+ * fit: 64 registers a thread, a whole SM's register file) and
+ * kernel_norm_route1_lean (router via L2, at most 32 registers, so it is
+ * resident beside the blocks of the kernel before it); the launcher's
+ * `lean` picks (tuning route_fuse1 1 / 2).
  */
 #include "common.cuh"
 #include "moe_route.cuh"
@@ -109,6 +115,7 @@ nr_body(float *x, const Delta &dl, int D, const float *w, float eps,
             }
         } else {
             if (e < E) {
+#pragma unroll 2
                 for (int i = gt; i < D4; i += NR_GROUP) {
                     acc = moe_route_dot4(acc, __ldg(r4 + (size_t) e * D4
                                                     + i), xs4[i]);
@@ -139,12 +146,8 @@ nr_body(float *x, const Delta &dl, int D, const float *w, float eps,
     }
 
     /* 4. top-k and the permutation of the K slots */
-    moe_route_topk_warp(lg_s, 0, E, K, renorm, sel, selw, margin, lgw, lane);
-    __syncwarp();                   /* sel stores visible to the warp */
-    if (lane < K) {
-        ssel[lane] = sel[lane];
-    }
-    __syncwarp();
+    moe_route_topk_warp(lg_s, 0, E, K, renorm, sel, selw, margin, lgw, lane,
+                        ssel);
     if (lane < K) {
         int ei = ssel[lane], r = 0;
 
@@ -187,6 +190,25 @@ kernel_norm_route1(float *__restrict__ x, const float *__restrict__ delta,
 }
 
 
+/* The lean variant: the router rows only asked into L2 before the wait,
+ * at most 32 registers a thread (two such blocks a SM), so the block
+ * fits beside the blocks of the GEMV before it and is resident early. */
+template <int NV>
+__global__ void __launch_bounds__(MOE_RMS_THREADS, 2)
+kernel_norm_route1_lean(float *__restrict__ x,
+    const float *__restrict__ delta, int D, const float *__restrict__ w,
+    float eps, __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32,
+    const float *__restrict__ router, int E, int K, int renorm,
+    float *logits, int32_t *sel, float *selw, float *margin, int32_t *offs,
+    int32_t *erow, int32_t *slot_of, unsigned long long *tot)
+{
+    moe_rms_row_delta dl = { reinterpret_cast<const float4 *>(delta) };
+
+    nr_body<NV, false>(x, dl, D, w, eps, out, out_f32, router, E, K, renorm,
+                       logits, sel, selw, margin, offs, erow, slot_of, tot);
+}
+
+
 extern "C" int
 moe_cuda_norm_route1_ok(int D, int E, int K)
 {
@@ -201,11 +223,11 @@ moe_cuda_norm_route1(float *x, const float *delta, int D, const float *w,
     float eps, moe_bf16_t *out, float *out_f32, const float *router, int E,
     int K, int renorm, float *logits, int32_t *sel, float *selw,
     float *margin, int32_t *offs, int32_t *erow, int32_t *slot_of,
-    int64_t *tot, cudaStream_t stream)
+    int64_t *tot, int lean, cudaStream_t stream)
 {
     __nv_bfloat16 *o = reinterpret_cast<__nv_bfloat16 *>(out);
     int            nv = moe_rms_nv(D);
-    bool           pre = E <= NR_PRE_E && D / 4 <= NR_PRE_D4;
+    bool           pre = !lean && E <= NR_PRE_E && D / 4 <= NR_PRE_D4;
 
     if (!moe_cuda_norm_route1_ok(D, E, K) || delta == NULL
         || ((uintptr_t) x | (uintptr_t) delta | (uintptr_t) w
@@ -219,7 +241,17 @@ moe_cuda_norm_route1(float *x, const float *delta, int D, const float *w,
     unsigned long long *t = reinterpret_cast<unsigned long long *>(tot);
 
     /* D <= NR_MAX_D: one or two float4 a thread (moe_rms_nv) */
-    if (nv == 1 && pre) {
+    if (lean) {
+        MOE_CUDA_CHECK(nv == 1
+            ? moe_launch(kernel_norm_route1_lean<1>, 1, MOE_RMS_THREADS, 0,
+                         stream, x, delta, D, w, eps, o, out_f32, router, E,
+                         K, renorm, logits, sel, selw, margin, offs, erow,
+                         slot_of, t)
+            : moe_launch(kernel_norm_route1_lean<2>, 1, MOE_RMS_THREADS, 0,
+                         stream, x, delta, D, w, eps, o, out_f32, router, E,
+                         K, renorm, logits, sel, selw, margin, offs, erow,
+                         slot_of, t));
+    } else if (nv == 1 && pre) {
         MOE_CUDA_CHECK(moe_launch(kernel_norm_route1<1, true>, 1,
             MOE_RMS_THREADS, 0, stream, x, delta, D, w, eps, o, out_f32,
             router, E, K, renorm, logits, sel, selw, margin, offs, erow,

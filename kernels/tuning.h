@@ -134,11 +134,15 @@ typedef struct {
                             do) take it instead of the f16 grouped GEMM:
                             1 (default; H100 run 21c, batch 32 / 64
                             +5 % / +7.5 %), 0 the f16 grouped GEMM */
-    int route_fuse1;     /* MOE_CUDA_ROUTE_FUSE1 0|1: a one-token step's
+    int route_fuse1;     /* MOE_CUDA_ROUTE_FUSE1 0..2: a one-token step's
                             FFN norm, router, top-k and permutation in
                             one launch (moe_cuda_norm_route1) instead of
-                            the norm's launch and the router's two: 1,
-                            0 (default until measured on a device) */
+                            the norm's launch and the router's two: 1
+                            with the router rows in registers (64 a
+                            thread: a whole SM), 2 the lean kernel (32
+                            registers, router via L2); 0 (default) the
+                            three launches (H100 run 22b: 1 lost 2.2 % at
+                            fp8 batch 1, won 1.3 % with GPTQ) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)

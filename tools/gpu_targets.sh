@@ -28,10 +28,10 @@
 #                    and batches, att_long_bps B
 #   route1_tests     the one-launch norm + router of a one-token step
 #                    (moe_cuda_norm_route1): test_kernels (quick) and,
-#                    with MOE_CUDA_ROUTE_FUSE1=1, test_backend and
+#                    with MOE_CUDA_ROUTE_FUSE1=1 and 2, test_backend and
 #                    test_qbackend against the CPU backend
 #   r1_W_F_R         decode batch 1 / 8 at context 512, weights W (fp8,
-#                    gptq), route_fuse1 F (0, 1), rounds R: the A/B
+#                    gptq), route_fuse1 F (0, 1, 2), rounds R: the A/B
 #   trace_b1_F       batch 1's kernel timeline (PDL off), fp8, route_fuse1 F
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
@@ -103,27 +103,30 @@ done
 
 # decode's norm + router in one launch at batch 1: the tests, then the
 # A/B alternated (fp8 and GPTQ), then the two timelines
-tstep route1_tests 240 bash -c 'tap() {  # tap NAME CMD...: counts
+tstep route1_tests 300 bash -c 'tap() {  # tap NAME CMD...: counts
     "${@:2}" > /tmp/r1.tap 2>&1; local rc=$?
     echo "$1: rc $rc, $(grep -c "^ok" /tmp/r1.tap) ok," \
          "$(grep -c "^not ok" /tmp/r1.tap) not ok," \
          "$(grep -c "^ok.*norm_route1" /tmp/r1.tap) ok norm_route1"
     grep -E "^not ok|Bail" /tmp/r1.tap | head -5; return $rc; }
     tools/quant_models.sh build/quant > /dev/null || exit 1
-    tap test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels; a=$?
-    tap test_backend env MOE_CUDA_ROUTE_FUSE1=1 build/gpu/test_backend; b=$?
-    tap test_qbackend env MOE_CUDA_ROUTE_FUSE1=1 build/gpu/test_qbackend
-    [ $? = 0 ] && [ $a = 0 ] && [ $b = 0 ]'
-for r in 1 2; do
+    tap test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
+    for f in 1 2; do
+        tap test_backend_$f env MOE_CUDA_ROUTE_FUSE1=$f \
+            build/gpu/test_backend || exit 1
+        tap test_qbackend_$f env MOE_CUDA_ROUTE_FUSE1=$f \
+            build/gpu/test_qbackend || exit 1
+    done'
+for r in 1 2 3; do
     for w in fp8 gptq; do
-        for f in 0 1; do
+        for f in 0 1 2; do
             tstep r1_${w}_${f}_$r 45 env MOE_CUDA_ROUTE_FUSE1=$f $NOQ \
                 BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
                 --weights $w
         done
     done
 done
-for f in 0 1; do
+for f in 0 1 2; do
     tstep trace_b1_$f 60 env MOE_CUDA_ROUTE_FUSE1=$f MOE_CUDA_PDL=0 $NOQ \
         BENCH_CTX=512 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
         KTRACE_OUT="$OUT/ktrace_b1.txt" \
@@ -140,6 +143,12 @@ for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
     route1_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" | cut -c1-200 \
         | head -20; continue ;;
+    r1_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
+        | sed -E 's/.*value=([0-9.]+).*/copy \1/')" \
+        "$(grep -E '^RESULT .*kind=decode' "$OUT/$s.log" \
+        | sed -E 's/.* batch=([0-9]+) tok_s=([0-9.]+) .* of_limit=([0-9.]+) .*/b\1 \2 (\3)/' \
+        | tr '\n' ' ')"
+        continue ;;
     test_*) echo "--- $s: $(grep -c '^ok' "$OUT/$s.log") ok"
         grep -E '^not ok|Bail' "$OUT/$s.log" | cut -c1-200 | head -6
         continue ;;
@@ -158,7 +167,7 @@ done
     && sed -n '/kernel time by kernel/,$p' "$OUT/trace_fp8g_gaps.log" \
     | head -24
 
-for f in 0 1; do
+for f in 0 1 2; do
     [ -f "$OUT/trace_b1_${f}_gaps.log" ] && echo "--- trace_b1_$f (PDL off)" \
         && sed -n '/kernel time by kernel/,$p' "$OUT/trace_b1_${f}_gaps.log" \
         | head -14

@@ -3912,7 +3912,8 @@ cb_ffn(cuda_backend_t *b, int l, int T)
                                      !hp->router_no_renorm, b->rlogits, sel,
                                      b->selw, b->margin + (size_t) l * b->cap,
                                      b->offs, b->erow, b->slot_of,
-                                     b->d_ecounts + (size_t) l * E, s));
+                                     b->d_ecounts + (size_t) l * E,
+                                     b->tune.route_fuse1 == 2, s));
         MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
     } else {
         MOE_TRY(cb_norm(b, b->tmp, NULL, T, nw,

@@ -948,7 +948,7 @@ test_route(int T, int D, int E, int K, int renorm)
  * router rows read before the wait).
  */
 static void
-test_norm_route1(int D, int E, int K, int renorm, int pdl)
+test_norm_route1(int D, int E, int K, int renorm, int pdl, int lean)
 {
     enum { NB = 11 };
     float   *x = (float *) malloc(sizeof(float) * D);
@@ -992,16 +992,16 @@ test_norm_route1(int D, int E, int K, int renorm, int pdl)
 #define NR_ARGS(v) (float *) d[v][3], (int32_t *) d[v][4], (float *) d[v][5], \
                    (float *) d[v][6], (int32_t *) d[v][7],                    \
                    (int32_t *) d[v][8], (int32_t *) d[v][9],                  \
-                   (int64_t *) d[v][10], 0
+                   (int64_t *) d[v][10]
     ok = moe_cuda_add_rmsnorm((float *) d[0][0], d_dl, NULL, 1, D, d_w, 1e-5f,
                               (moe_bf16_t *) d[0][1], (float *) d[0][2], 0)
          == MOE_K_OK
          && moe_cuda_route_permute((float *) d[0][2], 1, D, d_W, E, K,
-                                   renorm, NR_ARGS(0)) == MOE_K_OK
+                                   renorm, NR_ARGS(0), 0) == MOE_K_OK
          && gu_sync_ok(moe_cuda_norm_route1((float *) d[1][0], d_dl, D, d_w,
                                             1e-5f, (moe_bf16_t *) d[1][1],
                                             (float *) d[1][2], d_W, E, K,
-                                            renorm, NR_ARGS(1)),
+                                            renorm, NR_ARGS(1), lean, 0),
                        "norm_route1");
 #undef NR_ARGS
     moe_cuda_pdl_set(pdl0);
@@ -1015,10 +1015,12 @@ test_norm_route1(int D, int E, int K, int renorm, int pdl)
         }
     }
     TAP_OK(ok && bad == 0, "norm_route1 D %d E %d top-%d renorm %d pdl %d "
-           "(router rows %s): residual, normalized rows, logits, choices, "
+           "(%s): residual, normalized rows, logits, choices, "
            "weights, margin, offsets, rows, slots and totals equal to "
            "add_rmsnorm + route_permute (%d of %d differ:%s)", D, E, K,
-           renorm, pdl, E <= 8 && D <= 4096 ? "in registers" : "via L2",
+           renorm, pdl, lean ? "lean kernel, router via L2"
+                            : E <= 8 && D <= 4096 ? "router in registers"
+                                                  : "router via L2",
            bad, NB, diff);
     for (int v = 0; v < 2; v++) {
         for (int i = 0; i < NB; i++) {
@@ -1050,12 +1052,12 @@ test_norm_route1_refuse(void)
            "> 32 or > E, E > 256, top-0)");
     rc = moe_cuda_norm_route1(d_b, d_b, 4098, d_b, 1e-5f, NULL, NULL, d_b, 8,
                               2, 1, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                              NULL, 0);
+                              NULL, 0, 0);
     TAP_OK(rc == MOE_K_EUNSUPPORTED, "norm_route1 D 4098: refused (%d)",
            rc);
     rc = moe_cuda_norm_route1(d_b, NULL, 4096, d_b, 1e-5f, NULL, NULL, d_b, 8,
                               2, 1, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                              NULL, 0);
+                              NULL, 1, 0);
     TAP_OK(rc == MOE_K_EUNSUPPORTED, "norm_route1 without a delta: refused "
            "(%d)", rc);
     cudaFree(d_b);
@@ -2212,15 +2214,17 @@ main(void)
     test_route_permute(5, 64, 128, 8, 1);
     test_route_permute(16, 64, 256, 8, 1);      /* E at the limit */
     test_route_permute(24, 66, 8, 2, 1);        /* D % 4: scalar logits */
-    test_norm_route1(4096, 8, 2, 1, 0);     /* Mixtral: rows in registers */
-    test_norm_route1(4096, 8, 2, 1, 1);
-    test_norm_route1(1000, 8, 2, 1, 1);     /* part of a register tile */
-    test_norm_route1(2048, 60, 4, 1, 1);    /* Qwen-MoE: rows via L2 */
-    test_norm_route1(2048, 64, 8, 0, 1);    /* raw top-k weights */
-    test_norm_route1(7168, 256, 8, 1, 1);   /* two float4 a thread */
-    test_norm_route1(4100, 8, 2, 1, 0);
-    test_norm_route1(64, 4, 4, 1, 1);       /* K == E: margin 1 */
-    test_norm_route1(8192, 128, 32, 1, 1);  /* the largest taken */
+    for (int lean = 0; lean < 2; lean++) {
+        test_norm_route1(4096, 8, 2, 1, 0, lean);   /* Mixtral */
+        test_norm_route1(4096, 8, 2, 1, 1, lean);
+        test_norm_route1(1000, 8, 2, 1, 1, lean);   /* a partial tile */
+        test_norm_route1(2048, 60, 4, 1, 1, lean);  /* Qwen-MoE */
+        test_norm_route1(2048, 64, 8, 0, 1, lean);  /* raw top-k weights */
+        test_norm_route1(7168, 256, 8, 1, 1, lean); /* two float4 a thread */
+        test_norm_route1(4100, 8, 2, 1, 0, lean);
+        test_norm_route1(64, 4, 4, 1, 1, lean);     /* K == E: margin 1 */
+        test_norm_route1(8192, 128, 32, 1, 1, lean); /* the largest taken */
+    }
     test_norm_route1_refuse();
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
