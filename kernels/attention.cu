@@ -1381,9 +1381,11 @@ __global__ void __launch_bounds__(ATT_NT, 2)
 kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const KV *kv_layer, int block_size, int n_heads, int n_kv, int window,
-    bf16 *out, float *part, float ksc, float vsc)
+    bf16 *out, float *part, float ksc, float vsc, int early)
 {
-    moe_pdl_enter();
+    if (!early) {
+        moe_pdl_enter();
+    }
     typedef att_dtc_shape<HD, KV> S;
     constexpr bool F8 = S::F8;
     constexpr int  G = 8;                   /* q heads per block, at most */
@@ -1429,8 +1431,9 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     const KV      *kvg = kv_layer + (size_t) g * HD;
     unsigned char *wsm = att_dtc_sm + warp * S::WARP;
 
-    /* cp.async of this warp's key tile i (K and V rows) into its stage */
-    auto load = [&](int i) {
+    /* cp.async of this warp's key tile i (K and V rows) into its stage;
+     * mode 1: all but key p's rows, 2: key p's rows only (early) */
+    auto load = [&](int i, int mode) {
         const int      jt = wks + i * KT;
         unsigned char *st = wsm + (i % NST) * S::STAGE;
         long long      ro = 0;              /* lane r < KT: key jt + r */
@@ -1450,6 +1453,9 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
             bool      ok = jt + row < wke;
             const KV *src = kvg;
 
+            if (mode != 0 && (jt + row == p) != (mode == 2)) {
+                continue;
+            }
             if (ok) {
                 src = kvg + r + (long long) sel * block_size * kvd
                       + ch * (16 / (int) sizeof(KV));
@@ -1464,9 +1470,21 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
 #pragma unroll
     for (int i = 0; i < NST - 1; i++) {     /* the pipeline's first stages */
         if (i < ntl) {
-            load(i);
+            load(i, early ? 1 : 0);
         }
         moe_cp_async_commit();
+    }
+    if (early) {
+        /* everything above read what earlier steps wrote (positions,
+         * tables, keys before p); now the q rows and key p, which the
+         * kernel before (rope) writes */
+        moe_pdl_enter();
+        if (p >= wks && p < wke && (p - wks) / KT < NST - 1) {
+            load((p - wks) / KT, 2);
+            moe_cp_async_commit();
+            moe_cp_async_wait<0>();
+            __syncwarp();
+        }
     }
 
     /* q of head gq (rows gq and gq + 8: hi and lo) as A fragments */
@@ -1536,7 +1554,7 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
 
     for (int i = 0; i < ntl; i++) {
         if (i + NST - 1 < ntl) {
-            load(i + NST - 1);
+            load(i + NST - 1, 0);
         }
         moe_cp_async_commit();
         moe_cp_async_wait<NST - 1>();       /* tile i has landed */
@@ -1851,12 +1869,14 @@ static int
 att_dtc_launch(dim3 grid, cudaStream_t stream, const float *qkv, int ld,
     const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
     const int32_t *bt_off, const KV *kv, int block_size, int n_heads,
-    int n_kv, int window, bf16 *out, float *part, float ksc, float vsc)
+    int n_kv, int window, bf16 *out, float *part, float ksc, float vsc,
+    int early)
 {
     MOE_TRY(att_dtc_prepare());
     MOE_CUDA_CHECK(moe_launch(kernel_attention_decode_tc<HD, KV>, grid, ATT_NT,
         att_dtc_shape<HD, KV>::SMEM, stream, qkv, ld, tok_pos, tok_seq, bt,
-        bt_off, kv, block_size, n_heads, n_kv, window, out, part, ksc, vsc));
+        bt_off, kv, block_size, n_heads, n_kv, window, out, part, ksc, vsc,
+        early));
     return MOE_K_OK;
 }
 
@@ -1979,16 +1999,21 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
      * unless the record says otherwise; the SIMT decode kernel for the
      * rest (same grid, workspace and result up to rounding) */
     if (split && tune->att_decode_tc && (hd == 64 || hd == 128)) {
+        /* one token (att_early): the keys before its position are
+         * earlier steps' (the step's only rope writes key p), so the
+         * kernel reads them before its PDL wait */
+        int early = tune->att_early && T == 1;
+
         grid = dim3((unsigned) pairs, (unsigned) ns);
         return hd == 64
                ? att_dtc_launch<64, KV>(grid, stream, qkv, ld, tok_pos,
                                         tok_seq, bt, bt_off, kv, block_size,
                                         n_heads, n_kv, window, o, part, ksc,
-                                        vsc)
+                                        vsc, early)
                : att_dtc_launch<128, KV>(grid, stream, qkv, ld, tok_pos,
                                          tok_seq, bt, bt_off, kv, block_size,
                                          n_heads, n_kv, window, o, part,
-                                         ksc, vsc);
+                                         ksc, vsc, early);
     }
     /* prefill: tensor cores for the row tiles of few sequences, then the
      * SIMT kernel for the tokens of the tiles it refused (if any) */

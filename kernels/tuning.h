@@ -143,6 +143,13 @@ typedef struct {
                             registers, router via L2); 0 (default) the
                             three launches (H100 run 22b: 1 lost 2.2 % at
                             fp8 batch 1, won 1.3 % with GPTQ) */
+    int att_early;       /* MOE_CUDA_ATT_EARLY 0|1: a one-token step's
+                            decode attention (tensor-core kernel) reads
+                            its positions, block table and the keys
+                            before its own position before the PDL wait
+                            (they are earlier steps' writes), the q rows
+                            and its own key after: 1, 0 (default until
+                            measured on a device) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -150,6 +157,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 2, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1, 1, 1, 1, 0 }
+      1, 1, 1, 1, 1, 1, 0, 0 }
 
 #endif /* MOE_KERNELS_TUNING_H */

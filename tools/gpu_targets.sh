@@ -27,12 +27,15 @@
 #   kvfp8_long_lB    fp8 weights and an e4m3 KV cache, the same contexts
 #                    and batches, att_long_bps B
 #   route1_tests     the one-launch norm + router of a one-token step
-#                    (moe_cuda_norm_route1): test_kernels (quick) and,
-#                    with MOE_CUDA_ROUTE_FUSE1=1 and 2, test_backend and
-#                    test_qbackend against the CPU backend
-#   r1_W_F_R         decode batch 1 / 8 at context 512, weights W (fp8,
-#                    gptq), route_fuse1 F (0, 1, 2), rounds R: the A/B
-#   trace_b1_F       batch 1's kernel timeline (PDL off), fp8, route_fuse1 F
+#                    (moe_cuda_norm_route1) and the early reads of its
+#                    decode attention (att_early): test_kernels (quick)
+#                    and, with route_fuse1 1, and 2 with att_early 1,
+#                    test_backend and test_qbackend against the CPU
+#   r1_W_V_R         decode batch 1 / 8 at context 512, weights W (fp8,
+#                    gptq), variant V (base; r1 / r2: route_fuse1 1 / 2;
+#                    ae: att_early 1; r2ae both), rounds R: the A/B
+#   trace_b1_V       batch 1's kernel timeline (PDL off), fp8, variants
+#                    base, r2, ae
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -111,23 +114,28 @@ tstep route1_tests 300 bash -c 'tap() {  # tap NAME CMD...: counts
     grep -E "^not ok|Bail" /tmp/r1.tap | head -5; return $rc; }
     tools/quant_models.sh build/quant > /dev/null || exit 1
     tap test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    for f in 1 2; do
-        tap test_backend_$f env MOE_CUDA_ROUTE_FUSE1=$f \
-            build/gpu/test_backend || exit 1
-        tap test_qbackend_$f env MOE_CUDA_ROUTE_FUSE1=$f \
-            build/gpu/test_qbackend || exit 1
+    for v in "MOE_CUDA_ROUTE_FUSE1=1" \
+             "MOE_CUDA_ROUTE_FUSE1=2 MOE_CUDA_ATT_EARLY=1"; do
+        tap "test_backend $v" env $v build/gpu/test_backend || exit 1
+        tap "test_qbackend $v" env $v build/gpu/test_qbackend || exit 1
     done'
+R1_VARIANTS="base:MOE_CUDA_ROUTE_FUSE1=0 r1:MOE_CUDA_ROUTE_FUSE1=1
+    r2:MOE_CUDA_ROUTE_FUSE1=2 ae:MOE_CUDA_ATT_EARLY=1
+    r2ae:MOE_CUDA_ROUTE_FUSE1=2,MOE_CUDA_ATT_EARLY=1"
 for r in 1 2 3; do
     for w in fp8 gptq; do
-        for f in 0 1 2; do
-            tstep r1_${w}_${f}_$r 45 env MOE_CUDA_ROUTE_FUSE1=$f $NOQ \
+        for v in $R1_VARIANTS; do
+            e=${v#*:}
+            tstep r1_${w}_${v%%:*}_$r 45 env ${e//,/ } $NOQ \
                 BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
                 --weights $w
         done
     done
 done
-for f in 0 1 2; do
-    tstep trace_b1_$f 60 env MOE_CUDA_ROUTE_FUSE1=$f MOE_CUDA_PDL=0 $NOQ \
+for v in base:MOE_CUDA_ROUTE_FUSE1=0 r2:MOE_CUDA_ROUTE_FUSE1=2 \
+         ae:MOE_CUDA_ATT_EARLY=1; do
+    f=${v%%:*}
+    tstep trace_b1_$f 60 env ${v#*:} MOE_CUDA_PDL=0 $NOQ \
         BENCH_CTX=512 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
         KTRACE_OUT="$OUT/ktrace_b1.txt" \
         LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights fp8
@@ -167,7 +175,7 @@ done
     && sed -n '/kernel time by kernel/,$p' "$OUT/trace_fp8g_gaps.log" \
     | head -24
 
-for f in 0 1 2; do
+for f in base r2 ae; do
     [ -f "$OUT/trace_b1_${f}_gaps.log" ] && echo "--- trace_b1_$f (PDL off)" \
         && sed -n '/kernel time by kernel/,$p' "$OUT/trace_b1_${f}_gaps.log" \
         | head -14

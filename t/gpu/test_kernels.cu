@@ -28,7 +28,10 @@
  * fails), where head dims 64 / 128 reach the tensor-core decode kernel by
  * default; then both decode kernels side by side (tuning att_decode_tc
  * 1 / 0) on bf16 and e4m3 caches, contexts 1 to 33000, 1 and 64
- * sequences, 1 to 64 splits; and the prefill kernels (more than 1024
+ * sequences, 1 to 64 splits; the tensor-core decode kernel with
+ * att_early 1 (one token: its positions, table and earlier keys read
+ * before the PDL wait) at contexts around the tile, warp-range and split
+ * edges, both caches; and the prefill kernels (more than 1024
  * token x kv-head pairs): the warpgroup kernel (the default) and the
  * mma.sync kernel (record att_prefill_wg 0) on the same cases, the SIMT
  * kernel, and the e4m3-cache warpgroup kernel (record att_prefill_wg8 1)
@@ -648,6 +651,33 @@ test_attention_dk4(int bps, int nh, int nkv, int hd, int window, int ns,
                               what);
         }
     }
+}
+
+
+/*
+ * One sequence of ctx positions on the tensor-core decode kernel with
+ * att_early 1 (one token: positions, table and the keys before the last
+ * read before the PDL wait, the last key and q after it; the last key's
+ * rows loaded again on their own when they sit in the first stages).
+ */
+static void
+test_attention_early(int fp8, int bps, int nh, int nkv, int hd, int window,
+    int ctx)
+{
+    moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
+    char              w[128];
+
+    r.att_early = 1;
+    if (bps > 0) {
+        r.att_split_bps = bps;
+    }
+    att_tune = &r;
+    att_fp8 = fp8;
+    snprintf(w, sizeof(w), "one seq ctx %d: tc kernel, att_early 1, %s "
+             "cache, bps %d", ctx, fp8 ? "fp8" : "bf16", r.att_split_bps);
+    test_attention_v(nh, nkv, hd, window, 0, 1, &ctx, w);
+    att_tune = NULL;
+    att_fp8 = 0;
 }
 
 
@@ -2163,6 +2193,26 @@ main(void)
             if (!quick || c2[i] <= 1000) {
                 test_attention_dk1(0, 32, 8, 128, 0, c2[i]);    /* mixtral */
             }
+        }
+        {
+            /* att_early: the last key at the start, middle and end of a
+             * tile (16 keys), of a warp's range and of a split */
+            static const int ce[] = { 1, 2, 16, 17, 31, 64, 65, 200, 512,
+                                      1000, 2100 };
+
+            for (int i = 0; i < (int) (sizeof(ce) / sizeof(ce[0])); i++) {
+                test_attention_early(0, 0, 32, 8, 128, 0, ce[i]);
+                test_attention_early(1, 0, 32, 8, 128, 0, ce[i]);
+            }
+            if (!quick) {
+                test_attention_early(0, 64, 32, 8, 128, 0, 8192);
+                test_attention_early(1, 1, 32, 8, 128, 0, 9000);
+            }
+            test_attention_early(0, 64, 32, 8, 128, 0, 1000); /* 64 splits */
+            test_attention_early(0, 0, 16, 4, 64, 0, 777);     /* hd 64 */
+            test_attention_early(1, 0, 16, 4, 64, 0, 33);
+            test_attention_early(0, 0, 32, 8, 128, 100, 2100); /* window */
+            test_attention_early(1, 0, 32, 8, 128, 16, 17);
         }
         if (!quick) {
             test_attention_dk1(64, 32, 8, 128, 0, 8192);    /* 64 splits */
