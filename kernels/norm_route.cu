@@ -20,11 +20,11 @@
  *      memory, then the permutation of its K slots (K <= 32: one slot a
  *      lane, ranks by a scan over the K choices, no barrier), the values
  *      moe_permute_block writes for one token.
- * Two kernels: kernel_norm_route1 (router rows in registers where they
- * fit: 64 registers a thread, a whole SM's register file) and
- * kernel_norm_route1_lean (router via L2, at most 32 registers, so it is
- * resident beside the blocks of the kernel before it); the launcher's
- * `lean` picks (tuning route_fuse1 1 / 2).
+ * Two builds of the kernel: router rows in registers where they fit (64
+ * registers a thread, a whole SM's register file), and the lean one
+ * (router via L2, at most 32 registers, so it is resident beside the
+ * blocks of the kernel before it); the launcher's `lean` picks (tuning
+ * route_fuse1 1 / 2).
  */
 #include "common.cuh"
 #include "moe_route.cuh"
@@ -174,8 +174,12 @@ nr_body(float *x, const Delta &dl, int D, const float *w, float eps,
 }
 
 
-template <int NV, bool PRE>
-__global__ void __launch_bounds__(MOE_RMS_THREADS)
+/* MINB 1: router rows in registers where they fit (PRE), up to 64
+ * registers a thread; MINB 2 (the lean variant, PRE false): at most 32, so
+ * the block fits beside the blocks of the GEMV before it and is resident
+ * early, the router rows only asked into L2 before the wait. */
+template <int NV, bool PRE, int MINB>
+__global__ void __launch_bounds__(MOE_RMS_THREADS, MINB)
 kernel_norm_route1(float *__restrict__ x, const float *__restrict__ delta,
     int D, const float *__restrict__ w, float eps,
     __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32,
@@ -187,25 +191,6 @@ kernel_norm_route1(float *__restrict__ x, const float *__restrict__ delta,
 
     nr_body<NV, PRE>(x, dl, D, w, eps, out, out_f32, router, E, K, renorm,
                      logits, sel, selw, margin, offs, erow, slot_of, tot);
-}
-
-
-/* The lean variant: the router rows only asked into L2 before the wait,
- * at most 32 registers a thread (two such blocks a SM), so the block
- * fits beside the blocks of the GEMV before it and is resident early. */
-template <int NV>
-__global__ void __launch_bounds__(MOE_RMS_THREADS, 2)
-kernel_norm_route1_lean(float *__restrict__ x,
-    const float *__restrict__ delta, int D, const float *__restrict__ w,
-    float eps, __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32,
-    const float *__restrict__ router, int E, int K, int renorm,
-    float *logits, int32_t *sel, float *selw, float *margin, int32_t *offs,
-    int32_t *erow, int32_t *slot_of, unsigned long long *tot)
-{
-    moe_rms_row_delta dl = { reinterpret_cast<const float4 *>(delta) };
-
-    nr_body<NV, false>(x, dl, D, w, eps, out, out_f32, router, E, K, renorm,
-                       logits, sel, selw, margin, offs, erow, slot_of, tot);
 }
 
 
@@ -241,31 +226,15 @@ moe_cuda_norm_route1(float *x, const float *delta, int D, const float *w,
     unsigned long long *t = reinterpret_cast<unsigned long long *>(tot);
 
     /* D <= NR_MAX_D: one or two float4 a thread (moe_rms_nv) */
-    if (lean) {
-        MOE_CUDA_CHECK(nv == 1
-            ? moe_launch(kernel_norm_route1_lean<1>, 1, MOE_RMS_THREADS, 0,
-                         stream, x, delta, D, w, eps, o, out_f32, router, E,
-                         K, renorm, logits, sel, selw, margin, offs, erow,
-                         slot_of, t)
-            : moe_launch(kernel_norm_route1_lean<2>, 1, MOE_RMS_THREADS, 0,
-                         stream, x, delta, D, w, eps, o, out_f32, router, E,
-                         K, renorm, logits, sel, selw, margin, offs, erow,
-                         slot_of, t));
-    } else if (nv == 1 && pre) {
-        MOE_CUDA_CHECK(moe_launch(kernel_norm_route1<1, true>, 1,
-            MOE_RMS_THREADS, 0, stream, x, delta, D, w, eps, o, out_f32,
-            router, E, K, renorm, logits, sel, selw, margin, offs, erow,
-            slot_of, t));
-    } else if (nv == 1) {
-        MOE_CUDA_CHECK(moe_launch(kernel_norm_route1<1, false>, 1,
-            MOE_RMS_THREADS, 0, stream, x, delta, D, w, eps, o, out_f32,
-            router, E, K, renorm, logits, sel, selw, margin, offs, erow,
-            slot_of, t));
-    } else {
-        MOE_CUDA_CHECK(moe_launch(kernel_norm_route1<2, false>, 1,
-            MOE_RMS_THREADS, 0, stream, x, delta, D, w, eps, o, out_f32,
-            router, E, K, renorm, logits, sel, selw, margin, offs, erow,
-            slot_of, t));
-    }
+#define NR_LAUNCH(NV, PRE, MINB)                                              \
+    moe_launch(kernel_norm_route1<NV, PRE, MINB>, 1, MOE_RMS_THREADS, 0,      \
+               stream, x, delta, D, w, eps, o, out_f32, router, E, K, renorm, \
+               logits, sel, selw, margin, offs, erow, slot_of, t)
+    MOE_CUDA_CHECK(lean ? (nv == 1 ? NR_LAUNCH(1, false, 2)
+                                   : NR_LAUNCH(2, false, 2))
+                   : nv == 1 ? (pre ? NR_LAUNCH(1, true, 1)
+                                    : NR_LAUNCH(1, false, 1))
+                   : NR_LAUNCH(2, false, 1));
+#undef NR_LAUNCH
     return MOE_K_OK;
 }

@@ -83,14 +83,21 @@ for w in awq gptq; do
     tstep $w 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
         $BENCH --weights $w
 done
+# ttrace NAME BATCH VAR=VALUE...: the kernel timeline (PDL off) of fp8
+# decode at BATCH (context 512) with the variables given, its summary in
+# $OUT/NAME_gaps.log (tools/ktrace_gaps.py)
+ttrace() {
+    local name=$1 batch=$2
+    shift 2
+    tstep "$name" 60 env "$@" MOE_CUDA_PDL=0 $NOQ BENCH_CTX=512 \
+        BENCH_BATCHES="$batch" BENCH_PROMPTS=0 KTRACE_OUT="$OUT/ktrace.txt" \
+        LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights fp8
+    [ -f "$OUT/ktrace.txt" ] && tools/ktrace_gaps.py "$OUT/ktrace.txt" \
+        > "$OUT/${name}_gaps.log" 2>&1
+    rm -f "$OUT/ktrace.txt"
+}
 # batch 64's kernel timeline (PDL off) on the fused fp8 FFN
-tstep trace_fp8g 60 env MOE_CUDA_FP8_DGROUPED=1 MOE_CUDA_PDL=0 $NOQ \
-    BENCH_CTX=512 BENCH_BATCHES=64 BENCH_PROMPTS=0 \
-    KTRACE_OUT="$OUT/ktrace_fp8g.txt" \
-    LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights fp8
-[ -f "$OUT/ktrace_fp8g.txt" ] && tools/ktrace_gaps.py \
-    "$OUT/ktrace_fp8g.txt" > "$OUT/trace_fp8g_gaps.log" 2>&1
-rm -f "$OUT/ktrace_fp8g.txt"
+ttrace trace_fp8g 64 MOE_CUDA_FP8_DGROUPED=1
 for b in 3 2; do
     if [ -n "$GPU_MIB" ] && [ "$GPU_MIB" -gt 100000 ]; then
         tstep bf16_long_l$b 120 env MOE_CUDA_ATT_LONG_BPS=$b $NOQ \
@@ -132,17 +139,9 @@ for r in 1 2 3; do
         done
     done
 done
-for v in base:MOE_CUDA_ROUTE_FUSE1=0 r2:MOE_CUDA_ROUTE_FUSE1=2 \
-         ae:MOE_CUDA_ATT_EARLY=1; do
-    f=${v%%:*}
-    tstep trace_b1_$f 60 env ${v#*:} MOE_CUDA_PDL=0 $NOQ \
-        BENCH_CTX=512 BENCH_BATCHES=1 BENCH_PROMPTS=0 \
-        KTRACE_OUT="$OUT/ktrace_b1.txt" \
-        LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights fp8
-    [ -f "$OUT/ktrace_b1.txt" ] && tools/ktrace_gaps.py \
-        "$OUT/ktrace_b1.txt" > "$OUT/trace_b1_${f}_gaps.log" 2>&1
-    rm -f "$OUT/ktrace_b1.txt"
-done
+ttrace trace_b1_base 1 MOE_CUDA_ROUTE_FUSE1=0
+ttrace trace_b1_r2 1 MOE_CUDA_ROUTE_FUSE1=2
+ttrace trace_b1_ae 1 MOE_CUDA_ATT_EARLY=1
 
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
