@@ -140,16 +140,17 @@ typedef struct {
                             the norm's launch and the router's two: 1
                             with the router rows in registers (64 a
                             thread: a whole SM), 2 the lean kernel (32
-                            registers, router via L2); 0 (default) the
-                            three launches (H100 run 22b: 1 lost 2.2 % at
-                            fp8 batch 1, won 1.3 % with GPTQ) */
+                            registers, router via L2); 0 the three
+                            launches.  Default MOE_CUDA_TUNING_AUTO: 2
+                            for 4-bit experts, else 0 (H100 runs 22b-22d:
+                            GPTQ batch 1 +1.4 %, fp8 -1.7 %) */
     int att_early;       /* MOE_CUDA_ATT_EARLY 0|1: a one-token step's
                             decode attention (tensor-core kernel) reads
                             its positions, block table and the keys
                             before its own position before the PDL wait
                             (they are earlier steps' writes), the q rows
-                            and its own key after: 1, 0 (default until
-                            measured on a device) */
+                            and its own key after: 1 (default; H100 runs
+                            22c / 22d, fp8 batch 1 +1.2 %), 0 all after */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -157,6 +158,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 2, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1, 1, 1, 1, 0, 0 }
+      1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1 }
 
 #endif /* MOE_KERNELS_TUNING_H */

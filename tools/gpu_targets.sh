@@ -32,8 +32,9 @@
 #                    and, with route_fuse1 1, and 2 with att_early 1,
 #                    test_backend and test_qbackend against the CPU
 #   r1_W_V_R         decode batch 1 / 8 at context 512, weights W (fp8,
-#                    gptq), variant V (base; r1 / r2: route_fuse1 1 / 2;
-#                    ae: att_early 1; r2ae both), rounds R: the A/B
+#                    gptq), variant V (base: route_fuse1 0, att_early 0;
+#                    r1 / r2: route_fuse1 1 / 2; ae: att_early 1; r2ae
+#                    both), rounds R: the A/B
 #   trace_b1_V       batch 1's kernel timeline (PDL off), fp8, variants
 #                    base, r2, ae
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
@@ -126,8 +127,10 @@ tstep route1_tests 300 bash -c 'tap() {  # tap NAME CMD...: counts
         tap "test_backend $v" env $v build/gpu/test_backend || exit 1
         tap "test_qbackend $v" env $v build/gpu/test_qbackend || exit 1
     done'
-R1_VARIANTS="base:MOE_CUDA_ROUTE_FUSE1=0 r1:MOE_CUDA_ROUTE_FUSE1=1
-    r2:MOE_CUDA_ROUTE_FUSE1=2 ae:MOE_CUDA_ATT_EARLY=1
+R1_VARIANTS="base:MOE_CUDA_ROUTE_FUSE1=0,MOE_CUDA_ATT_EARLY=0
+    r1:MOE_CUDA_ROUTE_FUSE1=1,MOE_CUDA_ATT_EARLY=0
+    r2:MOE_CUDA_ROUTE_FUSE1=2,MOE_CUDA_ATT_EARLY=0
+    ae:MOE_CUDA_ROUTE_FUSE1=0,MOE_CUDA_ATT_EARLY=1
     r2ae:MOE_CUDA_ROUTE_FUSE1=2,MOE_CUDA_ATT_EARLY=1"
 for r in 1 2 3; do
     for w in fp8 gptq; do
@@ -139,9 +142,9 @@ for r in 1 2 3; do
         done
     done
 done
-ttrace trace_b1_base 1 MOE_CUDA_ROUTE_FUSE1=0
-ttrace trace_b1_r2 1 MOE_CUDA_ROUTE_FUSE1=2
-ttrace trace_b1_ae 1 MOE_CUDA_ATT_EARLY=1
+ttrace trace_b1_base 1 MOE_CUDA_ROUTE_FUSE1=0 MOE_CUDA_ATT_EARLY=0
+ttrace trace_b1_r2 1 MOE_CUDA_ROUTE_FUSE1=2 MOE_CUDA_ATT_EARLY=0
+ttrace trace_b1_ae 1 MOE_CUDA_ROUTE_FUSE1=0 MOE_CUDA_ATT_EARLY=1
 
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"

@@ -585,12 +585,17 @@ cb_workspace_bytes_plan(const moe_hparams_t *hp, const moe_qplan_t *plan,
 }
 
 
-/* Whether a plan's routed experts are e4m3 (the tuning record's
- * automatic gemv_max_t depends on it). */
+/* A plan's routed experts' format, MOE_CUDA_EXPERTS_* (the tuning
+ * record's automatic gemv_max_t and route_fuse1 depend on it). */
 static int
-cb_fp8_experts(const moe_qplan_t *plan)
+cb_expert_fmt(const moe_qplan_t *plan)
 {
-    return plan != NULL && plan->f[0][MOE_QP_GATE].fmt == MOE_WF_FP8;
+    int f = plan != NULL ? (int) plan->f[0][MOE_QP_GATE].fmt
+                         : (int) MOE_WF_BF16;
+
+    return f == MOE_WF_FP8 ? MOE_CUDA_EXPERTS_E4M3
+           : f == MOE_WF_AWQ || f == MOE_WF_GPTQ ? MOE_CUDA_EXPERTS_4BIT
+           : MOE_CUDA_EXPERTS_OTHER;
 }
 
 
@@ -1788,7 +1793,7 @@ moe_cuda_share_kv_hint(const moe_hparams_t *hp, const moe_model_t *m,
          * variable is malformed: the backend then refuses to start) */
         moe_cuda_tuning_t tu;
 
-        if (moe_cuda_tuning_read(&tu, hp->n_experts, cb_fp8_experts(plan),
+        if (moe_cuda_tuning_read(&tu, hp->n_experts, cb_expert_fmt(plan),
                                  err, sizeof(err)) != MOE_OK)
         {
             moe_cuda_tuning_t d = MOE_CUDA_TUNING_DEFAULTS;
@@ -2453,7 +2458,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     b->base.expert_counts = cb_expert_counts;
     b->base.destroy = cb_destroy;
     rc = moe_cuda_tuning_read(&b->tune, hp->n_experts,
-                              cb_fp8_experts(b->plan), err, errlen);
+                              cb_expert_fmt(b->plan), err, errlen);
     if (rc != MOE_OK) {
         free(b->plan);
         free(b);
@@ -3873,7 +3878,7 @@ cb_row_log(cuda_backend_t *b, int l)
 static int
 cb_route1(const cuda_backend_t *b, int T)
 {
-    return T == 1 && b->tune.route_fuse1 && !b->hp.norm_layer
+    return T == 1 && b->tune.route_fuse1 > 0 && !b->hp.norm_layer
            && b->unperm_sel == NULL
            && !(b->dq_yq != NULL && b->dq_y == b->tmp)
            && moe_cuda_norm_route1_ok(b->hp.dim, b->hp.n_experts, b->K)

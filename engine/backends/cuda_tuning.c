@@ -70,7 +70,7 @@ ct_parse(const char *v, int lo, int hi, int *out)
 
 
 int
-moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, int fp8_experts,
+moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, int expert_fmt,
     char *err, size_t errlen)
 {
     static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
@@ -98,7 +98,8 @@ moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, int fp8_experts,
          * olmoe (E 64) b256 cuBLAS 19.0 ms (128 launches + sync per
          * layer) vs GEMV b128 5.0 ms: many experts keep the GEMV longer */
         r.gemv_max_t = n_experts <= 1 ? 128 : n_experts > 16 ? 256 : 32;
-        if (fp8_experts && r.fp8_ggemm && n_experts > 1 && n_experts <= 16)
+        if (expert_fmt == MOE_CUDA_EXPERTS_E4M3 && r.fp8_ggemm
+            && n_experts > 1 && n_experts <= 16)
         {
             /* e4m3 experts: the grouped GEMM on f16 fragments beats the
              * GEMV's 16-row passes from 16 tokens on (H200, 2026-12-04
@@ -106,6 +107,13 @@ moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, int fp8_experts,
              * at 16) */
             r.gemv_max_t = 16;
         }
+    }
+    if (r.route_fuse1 == MOE_CUDA_TUNING_AUTO) {
+        /* a one-token step's norm + router in one launch: the lean kernel
+         * where the 4-bit GEMV before it leaves room on the SMs (H100,
+         * runs 22c / 22d, GPTQ batch 1 +1.4 %); fp8's o projection does
+         * not, and the launch lost there (-1.7 %) */
+        r.route_fuse1 = expert_fmt == MOE_CUDA_EXPERTS_4BIT ? 2 : 0;
     }
     *t = r;
     return MOE_OK;

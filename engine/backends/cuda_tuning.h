@@ -16,17 +16,25 @@
 extern "C" {
 #endif
 
+/* The routed experts' weight format, for the automatic defaults. */
+enum {
+    MOE_CUDA_EXPERTS_OTHER = 0,     /* bf16 (or no routed experts) */
+    MOE_CUDA_EXPERTS_E4M3 = 1,      /* fp8 */
+    MOE_CUDA_EXPERTS_4BIT = 2       /* AWQ / GPTQ */
+};
+
 /*
  * Fill *t with the defaults, then apply every MOE_CUDA_* variable that is
- * set (and not empty) in the environment; resolve gemv_max_t's automatic
- * default for a model of n_experts experts per layer (1: dense) whose
- * routed experts are e4m3 (fp8_experts 1) or not.
+ * set (and not empty) in the environment; resolve the automatic defaults
+ * (gemv_max_t, route_fuse1) for a model of n_experts experts per layer
+ * (1: dense) whose routed experts are in format expert_fmt
+ * (MOE_CUDA_EXPERTS_*).
  * Returns MOE_OK, or MOE_EINVAL with err naming the variable, its value
  * and the accepted range when a value is not a whole number in range (the
  * backend then fails to start; *t holds the defaults).
  */
 int moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts,
-    int fp8_experts, char *err, size_t errlen);
+    int expert_fmt, char *err, size_t errlen);
 
 /*
  * The record as one line of "name=value" pairs (for the start-up log)

@@ -186,8 +186,23 @@ main(void)
            && t.att_prefill_wg8 == 1 && t.fp8_gsched == 1
            && t.fp8_dgrouped == 1 && t.att_long_ctx == 4096
            && t.att_long_bps == 2 && t.route_fuse1 == 0
-           && t.att_early == 0,
+           && t.att_early == 1,
            "defaults with no MOE_CUDA_* set (8 experts)");
+    rc = moe_cuda_tuning_read(&t, 8, MOE_CUDA_EXPERTS_4BIT, err,
+                              sizeof(err));
+    TAP_OK(rc == MOE_OK && t.route_fuse1 == 2 && t.gemv_max_t == 32,
+           "4-bit experts: route_fuse1 2 (the lean one-launch router), "
+           "gemv_max_t 32 (%d, %d)", t.route_fuse1, t.gemv_max_t);
+    rc = moe_cuda_tuning_read(&t, 8, MOE_CUDA_EXPERTS_E4M3, err,
+                              sizeof(err));
+    TAP_OK(rc == MOE_OK && t.route_fuse1 == 0, "e4m3 experts: route_fuse1 "
+           "0 (%d)", t.route_fuse1);
+    setenv("MOE_CUDA_ROUTE_FUSE1", "0", 1);
+    rc = moe_cuda_tuning_read(&t, 8, MOE_CUDA_EXPERTS_4BIT, err,
+                              sizeof(err));
+    TAP_OK(rc == MOE_OK && t.route_fuse1 == 0, "4-bit experts: an explicit "
+           "route_fuse1 0 is kept (%d)", t.route_fuse1);
+    unsetenv("MOE_CUDA_ROUTE_FUSE1");
     rc = moe_cuda_tuning_read(&t, 1, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.gemv_max_t == 128, "dense model: gemv_max_t "
            "128 (%d)", t.gemv_max_t);
@@ -237,7 +252,7 @@ main(void)
     setenv("MOE_CUDA_FP8_GSCHED", "0", 1);
     setenv("MOE_CUDA_FP8_DGROUPED", "0", 1);
     setenv("MOE_CUDA_ROUTE_FUSE1", "2", 1);
-    setenv("MOE_CUDA_ATT_EARLY", "1", 1);
+    setenv("MOE_CUDA_ATT_EARLY", "0", 1);
     rc = moe_cuda_tuning_read(&t, 8, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.graphs == 0 && t.sample_tokens == 0
            && t.gemv_max_t == 0 && t.dense_gemv_t == 7
@@ -249,7 +264,7 @@ main(void)
            && t.fp8_gemv == 0 && t.fp8_ggemm == 0 && t.att_prefill_wg == 0
            && t.att_prefill_wg8 == 0 && t.fp8_gsched == 0
            && t.fp8_dgrouped == 0 && t.route_fuse1 == 2
-           && t.att_early == 1,
+           && t.att_early == 0,
            "every override applied (an explicit gemv_max_t 0 is kept)");
     moe_cuda_tuning_format(&t, line, sizeof(line));
     TAP_OK(strcmp(line, "graphs=0 sample_tokens=0 gemv_max_t=0 "
@@ -259,7 +274,7 @@ main(void)
                   "fold_scales=0 fp8_grouped=0 q4_layout=3 "
                   "q4_gemv=0 fp8_gemv=0 fp8_ggemm=0 "
                   "att_prefill_wg=0 att_prefill_wg8=0 fp8_gsched=0 "
-                  "fp8_dgrouped=0 route_fuse1=2 att_early=1") == 0,
+                  "fp8_dgrouped=0 route_fuse1=2 att_early=0") == 0,
            "the log line: %s", line);
     clear_env();
     setenv("MOE_CUDA_GRAPHS", "", 1);
