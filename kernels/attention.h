@@ -27,7 +27,10 @@ extern "C" {
  * The grid depends on T, n_kv, the device and tune only (never on the
  * positions), so a captured graph stays valid.  One stream at a time per
  * workspace.  tune (NULL: the defaults): att_split_bps sizes the split
- * grid.  Kernels by shape: T * n_kv <= 1024 the decode (key-split)
+ * grid; with att_early and T == 1 the decode kernel reads tok_pos,
+ * tok_seq, bt, bt_off and the cache at positions before p before its PDL
+ * wait, so the kernel launched right before it may write only q and
+ * position p's K/V (as rope_kv does).  Kernels by shape: T * n_kv <= 1024 the decode (key-split)
  * kernels, on tensor cores for hd 64 or 128 (att_decode_tc 0: the SIMT
  * one); above, the tensor-core prefill kernel (T >= 64, hd 64 or 128)
  * and the SIMT prefill kernel for the rest.
