@@ -39,13 +39,21 @@
 #define NR_PRE_D4   (4 * NR_GROUP)
 
 
-template <int NV, bool PRE, class Delta>
-__device__ __forceinline__ void
-nr_body(float *x, const Delta &dl, int D, const float *w, float eps,
-    __nv_bfloat16 *out, float *out_f32, const float *router, int E, int K,
-    int renorm, float *logits, int32_t *sel, float *selw, float *margin,
-    int32_t *offs, int32_t *erow, int32_t *slot_of, unsigned long long *tot)
+/* MINB 1: router rows in registers where they fit (PRE), up to 64
+ * registers a thread; MINB 2 (the lean variant, PRE false): at most 32, so
+ * the block fits beside the blocks of the GEMV before it and is resident
+ * early, the router rows only asked into L2 before the wait. */
+template <int NV, bool PRE, int MINB>
+__global__ void __launch_bounds__(MOE_RMS_THREADS, MINB)
+kernel_norm_route1(float *__restrict__ x, const float *__restrict__ delta,
+    int D, const float *__restrict__ w, float eps,
+    __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32,
+    const float *__restrict__ router, int E, int K, int renorm,
+    float *logits, int32_t *sel, float *selw, float *margin, int32_t *offs,
+    int32_t *erow, int32_t *slot_of, unsigned long long *tot)
 {
+    const moe_rms_row_delta         dl = {
+        reinterpret_cast<const float4 *>(delta) };
     __shared__ __align__(16) float4 xs4[NR_MAX_D / 4];
     __shared__ float                sh[32];
     __shared__ float                red[MOE_RMS_THREADS / 32]
@@ -171,26 +179,6 @@ nr_body(float *x, const Delta &dl, int D, const float *w, float eps,
             tot[e] += (unsigned long long) at;
         }
     }
-}
-
-
-/* MINB 1: router rows in registers where they fit (PRE), up to 64
- * registers a thread; MINB 2 (the lean variant, PRE false): at most 32, so
- * the block fits beside the blocks of the GEMV before it and is resident
- * early, the router rows only asked into L2 before the wait. */
-template <int NV, bool PRE, int MINB>
-__global__ void __launch_bounds__(MOE_RMS_THREADS, MINB)
-kernel_norm_route1(float *__restrict__ x, const float *__restrict__ delta,
-    int D, const float *__restrict__ w, float eps,
-    __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32,
-    const float *__restrict__ router, int E, int K, int renorm,
-    float *logits, int32_t *sel, float *selw, float *margin, int32_t *offs,
-    int32_t *erow, int32_t *slot_of, unsigned long long *tot)
-{
-    moe_rms_row_delta dl = { reinterpret_cast<const float4 *>(delta) };
-
-    nr_body<NV, PRE>(x, dl, D, w, eps, out, out_f32, router, E, K, renorm,
-                     logits, sel, selw, margin, offs, erow, slot_of, tot);
 }
 
 

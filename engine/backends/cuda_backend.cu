@@ -233,6 +233,10 @@ typedef struct {
      * layers), each in its plan's format: qw[l * MOE_QP_N + part] */
     moe_qplan_t    *plan;
     int             fp8_act;       /* cb_fp8_gemm allowed (fp8 activations) */
+    int             step_fp8g;     /* cb_fp8g_layers(b, T) of the step
+                                      cb_run is running (set once there,
+                                      0 for GEMV steps, which never ask:
+                                      cb_ffn asks per layer) */
     cb_qw_t        *qw;
     float          *attn_norm;     /* (L, dim) */
     float          *ffn_norm;      /* (L, dim) */
@@ -3458,9 +3462,10 @@ cb_fp8g_layers(const cuda_backend_t *b, int T)
 }
 
 
-/* Whether it takes the grouped tensor-core GEMM (above the GEMV): up to
- * ggemm_max_t tokens, unless fp8_dgrouped hands such steps to the fused
- * fp8 FFN (every routed layer must take it). */
+/* Whether the running T-token step takes the grouped tensor-core GEMM
+ * (above the GEMV): up to ggemm_max_t tokens, unless fp8_dgrouped hands
+ * such steps to the fused fp8 FFN (every routed layer must take it:
+ * b->step_fp8g). */
 static int
 cb_ffn_ggemm(const cuda_backend_t *b, int T)
 {
@@ -3468,16 +3473,17 @@ cb_ffn_ggemm(const cuda_backend_t *b, int T)
            && moe_cuda_ggemm_supported(b->hp.ffn_dim, b->hp.dim, b->hp.dim)
            && moe_cuda_ggemm_supported(b->hp.dim, b->hp.ffn_dim,
                                        b->hp.ffn_dim)
-           && !(b->tune.fp8_dgrouped && cb_fp8g_layers(b, T));
+           && !(b->tune.fp8_dgrouped && b->step_fp8g);
 }
 
 
-/* Whether the MoE FFN of a T-token step runs without a host sync: the
- * GEMV, the grouped GEMM, else the fused fp8 FFN in every routed layer. */
+/* Whether the MoE FFN of the running T-token step runs without a host
+ * sync: the GEMV, the grouped GEMM, else the fused fp8 FFN in every
+ * routed layer. */
 static int
 cb_ffn_nosync(const cuda_backend_t *b, int T)
 {
-    return cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T) || cb_fp8g_layers(b, T);
+    return cb_ffn_gemv(b, T) || cb_ffn_ggemm(b, T) || b->step_fp8g;
 }
 
 
@@ -3919,15 +3925,14 @@ cb_ffn(cuda_backend_t *b, int l, int T)
                                      b->offs, b->erow, b->slot_of,
                                      b->d_ecounts + (size_t) l * E,
                                      b->tune.route_fuse1 == 2, s));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
     } else {
         MOE_TRY(cb_norm(b, b->tmp, NULL, T, nw,
                         hp->norm_layer ? b->ffn_norm_b + (size_t) l * D
                                        : NULL,
                         b->xb, E > 1 || hp->shared_ffn_dim > 0 ? b->xf
                                                                : NULL));
-        MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
     }
+    MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
     if (routed && !r1) {
         /* router, top-k and the permutation by expert (two launches up
          * to 32 tokens, three above) */
@@ -4534,6 +4539,7 @@ cb_run(cuda_backend_t *b, const moe_seq_batch_t *seqs, int n, int T,
 
     MOE_CUDA_CHECK(cudaSetDevice(b->device));
     b->n_ev = 0;
+    b->step_fp8g = !cb_ffn_gemv(b, T) && cb_fp8g_layers(b, T);
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
     MOE_CUDA_CHECK(cudaMemcpyAsync(b->d_stage, b->h_stage,
                                    n_stage * sizeof(int32_t),

@@ -617,26 +617,38 @@ test_attention_whole(void)
  * A decode case (ns sequences, one query each) on one decode kernel:
  * tc 1 the tensor-core kernel, 0 the SIMT one (record att_decode_tc);
  * bps > 0 sets att_split_bps (1 at 64 sequences: one split per pair;
- * 64 at one sequence: the most splits); fp8 1: an e4m3 cache.
+ * 64 at one sequence: the most splits); fp8 1: an e4m3 cache; early:
+ * the record's att_early (the tensor-core kernel takes it at one token).
  */
 static void
-test_attention_dk(int tc, int fp8, int bps, int nh, int nkv, int hd,
-    int window, int ns, const int *len, const char *what)
+test_attention_dke(int tc, int early, int fp8, int bps, int nh, int nkv,
+    int hd, int window, int ns, const int *len, const char *what)
 {
     moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
     char              w[128];
 
     r.att_decode_tc = tc;
+    r.att_early = early;
     if (bps > 0) {
         r.att_split_bps = bps;
     }
     att_tune = &r;
     att_fp8 = fp8;
-    snprintf(w, sizeof(w), "%s: %s kernel, %s cache, bps %d", what,
-             tc ? "tc" : "simt", fp8 ? "fp8" : "bf16", r.att_split_bps);
+    snprintf(w, sizeof(w), "%s: %s kernel, att_early %d, %s cache, bps %d",
+             what, tc ? "tc" : "simt", early, fp8 ? "fp8" : "bf16",
+             r.att_split_bps);
     test_attention_v(nh, nkv, hd, window, 0, ns, len, w);
     att_tune = NULL;
     att_fp8 = 0;
+}
+
+
+/* The same with att_early 0. */
+static void
+test_attention_dk(int tc, int fp8, int bps, int nh, int nkv, int hd,
+    int window, int ns, const int *len, const char *what)
+{
+    test_attention_dke(tc, 0, fp8, bps, nh, nkv, hd, window, ns, len, what);
 }
 
 
@@ -664,20 +676,10 @@ static void
 test_attention_early(int fp8, int bps, int nh, int nkv, int hd, int window,
     int ctx)
 {
-    moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
-    char              w[128];
+    char what[48];
 
-    r.att_early = 1;
-    if (bps > 0) {
-        r.att_split_bps = bps;
-    }
-    att_tune = &r;
-    att_fp8 = fp8;
-    snprintf(w, sizeof(w), "one seq ctx %d: tc kernel, att_early 1, %s "
-             "cache, bps %d", ctx, fp8 ? "fp8" : "bf16", r.att_split_bps);
-    test_attention_v(nh, nkv, hd, window, 0, 1, &ctx, w);
-    att_tune = NULL;
-    att_fp8 = 0;
+    snprintf(what, sizeof(what), "one seq ctx %d", ctx);
+    test_attention_dke(1, 1, fp8, bps, nh, nkv, hd, window, 1, &ctx, what);
 }
 
 
