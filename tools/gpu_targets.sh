@@ -29,14 +29,16 @@
 #   route1_tests     the one-launch norm + router of a one-token step
 #                    (moe_cuda_norm_route1) and the early reads of its
 #                    decode attention (att_early): test_kernels (quick)
-#                    and, with route_fuse1 1, and 2 with att_early 1,
-#                    test_backend and test_qbackend against the CPU
+#                    and, with the defaults, with route_fuse1 1, and
+#                    with 2 and att_early 1, test_backend and
+#                    test_qbackend against the CPU
 #   r1_W_V_R         decode batch 1 / 8 at context 512, weights W (fp8,
 #                    gptq), variant V (base: route_fuse1 0, att_early 0;
 #                    r1 / r2: route_fuse1 1 / 2; ae: att_early 1; r2ae
 #                    both), rounds R: the A/B
 #   trace_b1_V       batch 1's kernel timeline (PDL off), fp8, variants
 #                    base, r2, ae
+#   trace_b1_gptq    the same, GPTQ weights, the defaults
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -84,15 +86,15 @@ for w in awq gptq; do
     tstep $w 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
         $BENCH --weights $w
 done
-# ttrace NAME BATCH VAR=VALUE...: the kernel timeline (PDL off) of fp8
-# decode at BATCH (context 512) with the variables given, its summary in
-# $OUT/NAME_gaps.log (tools/ktrace_gaps.py)
+# ttrace NAME BATCH VAR=VALUE...: the kernel timeline (PDL off) of
+# decode at BATCH (context 512), weights $TW (default fp8), with the
+# variables given, its summary in $OUT/NAME_gaps.log (tools/ktrace_gaps.py)
 ttrace() {
     local name=$1 batch=$2
     shift 2
     tstep "$name" 60 env "$@" MOE_CUDA_PDL=0 $NOQ BENCH_CTX=512 \
         BENCH_BATCHES="$batch" BENCH_PROMPTS=0 KTRACE_OUT="$OUT/ktrace.txt" \
-        LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights fp8
+        LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights "${TW:-fp8}"
     [ -f "$OUT/ktrace.txt" ] && tools/ktrace_gaps.py "$OUT/ktrace.txt" \
         > "$OUT/${name}_gaps.log" 2>&1
     rm -f "$OUT/ktrace.txt"
@@ -122,7 +124,7 @@ tstep route1_tests 300 bash -c 'tap() {  # tap NAME CMD...: counts
     grep -E "^not ok|Bail" /tmp/r1.tap | head -5; return $rc; }
     tools/quant_models.sh build/quant > /dev/null || exit 1
     tap test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    for v in "MOE_CUDA_ROUTE_FUSE1=1" \
+    for v in "" "MOE_CUDA_ROUTE_FUSE1=1" \
              "MOE_CUDA_ROUTE_FUSE1=2 MOE_CUDA_ATT_EARLY=1"; do
         tap "test_backend $v" env $v build/gpu/test_backend || exit 1
         tap "test_qbackend $v" env $v build/gpu/test_qbackend || exit 1
@@ -145,6 +147,8 @@ done
 ttrace trace_b1_base 1 MOE_CUDA_ROUTE_FUSE1=0 MOE_CUDA_ATT_EARLY=0
 ttrace trace_b1_r2 1 MOE_CUDA_ROUTE_FUSE1=2 MOE_CUDA_ATT_EARLY=0
 ttrace trace_b1_ae 1 MOE_CUDA_ROUTE_FUSE1=0 MOE_CUDA_ATT_EARLY=1
+# GPTQ batch 1 with the defaults
+TW=gptq ttrace trace_b1_gptq 1
 
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
@@ -177,7 +181,7 @@ done
     && sed -n '/kernel time by kernel/,$p' "$OUT/trace_fp8g_gaps.log" \
     | head -24
 
-for f in base r2 ae; do
+for f in base r2 ae gptq; do
     [ -f "$OUT/trace_b1_${f}_gaps.log" ] && echo "--- trace_b1_$f (PDL off)" \
         && sed -n '/kernel time by kernel/,$p' "$OUT/trace_b1_${f}_gaps.log" \
         | head -14
