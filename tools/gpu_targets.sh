@@ -10,7 +10,8 @@
 # cuBLASLt's e4m3 rate (bench/dev/wg_ggemm's limit line).  Steps
 # (tools/gpu_env.sh's gpu_step: a time limit each, logs in $OUT, default
 # ./gpu-out), skipped once TARGETS_BUDGET seconds (default 540) would be
-# passed, or when TARGETS_SKIP (a comma list) names them:
+# passed, when TARGETS_SKIP (a comma list) names them, or when
+# TARGETS_ONLY (a comma list) is set and does not:
 #   e4m3_peak        cuBLASLt e4m3 8192^3 (wg_ggemm, small case only)
 #   test_qbackend_fp8g  the tiny quantized models against the CPU backend
 #                    with every step above 0 tokens on the fused fp8 FFN
@@ -29,9 +30,9 @@
 #   route1_tests     the one-launch norm + router of a one-token step
 #                    (moe_cuda_norm_route1) and the early reads of its
 #                    decode attention (att_early): test_kernels (quick)
-#                    and, with the defaults, with route_fuse1 1, and
-#                    with 2 and att_early 1, test_backend and
-#                    test_qbackend against the CPU
+#                    and, with the defaults and with route_fuse1 2
+#                    and att_early 1, test_backend and test_qbackend
+#                    against the CPU
 #   r1_W_V_R         decode batch 1 / 8 at context 512, weights W (fp8,
 #                    gptq), variant V (base: route_fuse1 0, att_early 0;
 #                    r1 / r2: route_fuse1 1 / 2; ae: att_early 1; r2ae
@@ -51,6 +52,10 @@ tstep() {   # tstep NAME LIMIT CMD...: gpu_step within TARGETS_BUDGET
     local name=$1 limit=$2
     case ",${TARGETS_SKIP:-}," in
     *",$name,"*) echo "=== $name: skipped (TARGETS_SKIP)"; return ;;
+    esac
+    case ",${TARGETS_ONLY:-$name}," in
+    *",$name,"*) ;;
+    *) echo "=== $name: skipped (TARGETS_ONLY)"; return ;;
     esac
     if [ $(( $(date +%s) - T_START + limit )) -gt "${TARGETS_BUDGET:-540}" ]
     then
@@ -116,7 +121,7 @@ done
 
 # decode's norm + router in one launch at batch 1: the tests, then the
 # A/B alternated (fp8 and GPTQ), then the two timelines
-tstep route1_tests 300 bash -c 'tap() {  # tap NAME CMD...: counts
+tstep route1_tests 360 bash -c 'tap() {  # tap NAME CMD...: counts
     "${@:2}" > /tmp/r1.tap 2>&1; local rc=$?
     echo "$1: rc $rc, $(grep -c "^ok" /tmp/r1.tap) ok," \
          "$(grep -c "^not ok" /tmp/r1.tap) not ok," \
@@ -124,7 +129,7 @@ tstep route1_tests 300 bash -c 'tap() {  # tap NAME CMD...: counts
     grep -E "^not ok|Bail" /tmp/r1.tap | head -5; return $rc; }
     tools/quant_models.sh build/quant > /dev/null || exit 1
     tap test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    for v in "" "MOE_CUDA_ROUTE_FUSE1=1" \
+    for v in "" \
              "MOE_CUDA_ROUTE_FUSE1=2 MOE_CUDA_ATT_EARLY=1"; do
         tap "test_backend $v" env $v build/gpu/test_backend || exit 1
         tap "test_qbackend $v" env $v build/gpu/test_qbackend || exit 1
