@@ -20,6 +20,8 @@
 #                    prefill 512 / 2048, rounds R (the defaults)
 #   fp8f16_R         the same decode at batch 32 / 64 with fp8_dgrouped 0:
 #                    the f16 grouped GEMM instead of the fused fp8 FFN
+#   q4dev            the 4-bit GEMVs of one layer at batch 1, experts
+#                    and dense (bench/dev/quant_gemv, quick lines)
 #   awq, gptq        4-bit weights: decode batch 1 / 64 at context 512
 #   bf16_long_lB     bf16 weights (89 GB: GPUs with more than 100 GB only)
 #                    decode at context 8192 / 32768, batch 1 / 64, with
@@ -87,6 +89,8 @@ for r in 1 2; do
     tstep fp8f16_$r 60 env MOE_CUDA_FP8_DGROUPED=0 $NOQ BENCH_CTX=512 \
         BENCH_BATCHES=32,64 BENCH_PROMPTS=0 $BENCH --weights fp8
 done
+# the 4-bit GEMVs of one layer at batch 1, the dense projections too
+tstep q4dev 90 env DEV_DENSE=1 DEV_QUICK=1 build/bench/dev/quant_gemv 1
 for w in awq gptq; do
     tstep $w 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
         $BENCH --weights $w
@@ -160,6 +164,8 @@ echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
 for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
+    q4dev) echo "--- $s:"; grep -E -i 'copy|shipped|by group|shape 0' \
+        "$OUT/$s.log" | cut -c1-160 | head -24; continue ;;
     route1_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" | cut -c1-200 \
         | head -20; continue ;;
     r1_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
