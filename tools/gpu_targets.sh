@@ -164,8 +164,8 @@ echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
 for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
-    q4dev) echo "--- $s:"; grep -E -i 'copy|shipped|by group|shape 0' \
-        "$OUT/$s.log" | cut -c1-160 | head -24; continue ;;
+    q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
+        "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
     route1_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" | cut -c1-200 \
         | head -20; continue ;;
     r1_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
