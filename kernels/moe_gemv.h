@@ -59,8 +59,8 @@ int moe_cuda_gemv_supported(int Kd, int ldx);
  * max_rows picks the kernel and its token tile: with tune->fp8_gemv
  * (NULL: the defaults, on), max_rows <= 2 and moe_cuda_fp8h_tp(Kd,
  * max_rows) > 0 the f16-fragment kernel (moe_cuda_gemv_fp8h below, that
- * many rows a pass), else 8, 16 or 32 rows a pass on bf16 fragments;
- * larger groups take more passes over their weights.
+ * many rows a pass; tune->dense_pre: with MOE_FP8H_PRE), else 8, 16 or
+ * 32 rows a pass on bf16 fragments; larger groups take more passes over their weights.
  * Graph-safe: the grid depends on N, E and n only.
  */
 int moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
@@ -101,8 +101,12 @@ int moe_cuda_gemv_fp8_warps(const moe_bf16_t *X, int ldx,
  * moe_cuda_fp8_supported requires and moe_cuda_fp8h_tp(Kd, tp) == tp
  * (else MOE_K_EUNSUPPORTED).  variant (tests and benchmarks): 0 the
  * launcher's rule, 1 twice the chunks a register stage, 2 eight warps a
- * block, 3 four.
+ * block, 3 four; plus MOE_FP8H_PRE: one matrix (offs NULL) in one pass
+ * (n <= tp) loads both register stages of its weights before its PDL
+ * wait, the lines of the next two into L2 (the tuning record's
+ * dense_pre; moe_cuda_gemv_fp8 adds it from tune).  The same sums.
  */
+#define MOE_FP8H_PRE 4
 int moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
     const int32_t *offs, int E, int n, int tp, int silu, float *Y,

@@ -290,19 +290,23 @@ f8_gv_prefetch(const uint8_t *const (&arow)[MR][2],
 
 
 /* A pass's K loop, shared by kernel_gemv_fp8 and kernel_gemv_fp8h: two
- * register stages of UNR chunks (st[0] already loaded by the caller),
- * the weight loads of one in flight while the other goes through
- * mul(stage, its first chunk). */
+ * register stages of UNR chunks (st[0] already loaded by the caller, and
+ * st[1] too when pre1), the weight loads of one in flight while the
+ * other goes through mul(stage, its first chunk). */
 template <int MR, int UNR, int NW, bool F16, typename M>
 __device__ __forceinline__ void
 f8_gv_loop(f8_stage<MR, UNR> (&st)[2], const uint8_t *const (&arow)[MR][2],
-    const bool (&aval)[MR][2], int warp, int nch, int Kd, int q, M mul)
+    const bool (&aval)[MR][2], int warp, int nch, int Kd, int q, M mul,
+    bool pre1 = false)
 {
     const int step = NW * UNR;
 
     for (int c0 = warp;; c0 += 2 * step) {
-        f8_gv_load<MR, UNR, NW, F16>(st[1], arow, aval, c0 + step, nch, Kd,
-                                     q);
+        /* pre1: st[1] of the first round was loaded by the caller */
+        if (!pre1 || c0 != warp) {
+            f8_gv_load<MR, UNR, NW, F16>(st[1], arow, aval, c0 + step, nch,
+                                         Kd, q);
+        }
         mul(st[0], c0);
         if (c0 + step >= nch) {
             break;
@@ -713,8 +717,8 @@ f8h_stage(uint16_t *xs, int xsl, float *sinv, uint32_t (*smax)[8],
  * are re-read and paired per chunk).  Dynamic shared memory: TP rows of
  * nch * 128 + F8H_PAD f16.
  */
-template <int MR, int UNR, int MODE, int NW>
-__global__ void __launch_bounds__(NW * 32)
+template <int MR, int UNR, int MODE, int NW, bool PRE = false>
+__global__ void __launch_bounds__(NW * 32, PRE ? 3 : 0)
 kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint8_t *W, const float *scale, int N, int Kd,
     const int32_t *offs, int E, int n, int TP, float *Y, bf16 *H, int ldy)
@@ -752,16 +756,42 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
     f8_gv_rows<MR, BLK>(arow, aval, bsc, W, scale, e, N, R, Kd, j0, g, nch);
 
+    f8_stage<MR, UNR> stp[2];   /* PRE: the stages loaded before the wait */
+
+    /* PRE (its own instantiations, launched for one matrix, no SiLU:
+     * both register stages live across the staging take ~40 more
+     * registers, which the other launches should not pay; 8-warp blocks
+     * held to 128 so that two fit an SM), one pass: both register
+     * stages of weights are loaded before the wait, so they stream
+     * while the kernel before runs (weights are never written); else
+     * their first lines are only asked into L2 there */
+    bool pre = PRE && MR == 1 && offs == NULL && r1 - r0 <= TP;
     if (offs == NULL) {
         if (warp < nch) {
-            f8_gv_prefetch<MR, UNR, NW>(arow, aval, warp, nch, q);
+            if (pre) {
+                f8_gv_load<MR, UNR, NW, true>(stp[0], arow, aval, warp, nch,
+                                              Kd, q);
+                f8_gv_load<MR, UNR, NW, true>(stp[1], arow, aval,
+                                              warp + NW * UNR, nch, Kd, q);
+                /* and the next two stages' lines into L2 */
+                if (warp + 2 * NW * UNR < nch) {
+                    f8_gv_prefetch<MR, UNR, NW>(arow, aval,
+                                                warp + 2 * NW * UNR, nch, q);
+                }
+            } else {
+                f8_gv_prefetch<MR, UNR, NW>(arow, aval, warp, nch, q);
+            }
         }
         moe_pdl_enter();
     }
 
     for (int p0 = r0; p0 < r1; p0 += TP) {
         float             acc[MR][4];
-        f8_stage<MR, UNR> st[2];
+        f8_stage<MR, UNR> stl[2];
+        /* PRE: the stages declared outside the pass loop (so that those
+         * loaded before the wait are used in place); else inside it, as
+         * the other launches always had them (their registers: 128) */
+        f8_stage<MR, UNR> (&st)[2] = PRE ? stp : stl;
         const uint16_t   *xt = g < TP && p0 + g < r1
                                ? xs + (size_t) g * xsl : NULL;
 
@@ -774,7 +804,7 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
         /* the first stage's weights are in flight while the rows are
          * staged */
-        if (warp < nch) {
+        if (warp < nch && !pre) {
             f8_gv_load<MR, UNR, NW, true>(st[0], arow, aval, warp, nch, Kd,
                                           q);
         }
@@ -786,8 +816,9 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 [&](const f8_stage<MR, UNR> &sg, int c0) {
                     f8h_compute<MR, UNR, NW, BLK>(acc, sg, xt, c0, nch, q,
                                                   bsc);
-                });
+                }, pre);
         }
+        pre = false;
 
 #pragma unroll
         for (int mr = 0; mr < MR; mr++) {
@@ -998,8 +1029,9 @@ moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     if (tp > 0) {
         /* f16 fragments, the pass's rows staged (kernel_gemv_fp8h) */
         return moe_cuda_gemv_fp8h(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
-                                  offs, E, n, tp, silu, Y, H, ldy, 0,
-                                  stream);
+                                  offs, E, n, tp, silu, Y, H, ldy,
+                                  (tune != NULL ? tune : &defaults)->dense_pre
+                                  ? MOE_FP8H_PRE : 0, stream);
     }
     return moe_cuda_gemv_fp8_tiled(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
                                    offs, E, n, silu, Y, H, ldy,
@@ -1541,7 +1573,7 @@ moe_cuda_fp8h_tp(int Kd, int max_rows)
 
 /* One instantiation's launch; its shared-memory limit raised to
  * F8H_SMEM_MAX once per device. */
-template <int MR, int UNR, int MODE, int NW>
+template <int MR, int UNR, int MODE, int NW, bool PRE = false>
 static int
 f8h_go(dim3 grid, size_t smem, cudaStream_t s, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
@@ -1554,15 +1586,15 @@ f8h_go(dim3 grid, size_t smem, cudaStream_t s, const bf16 *X, int ldx,
     MOE_CUDA_CHECK(cudaGetDevice(&dev));
     if (dev < 0 || dev >= 64 || !ready[dev]) {
         MOE_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel_gemv_fp8h<MR, UNR, MODE, NW>,
+            kernel_gemv_fp8h<MR, UNR, MODE, NW, PRE>,
             cudaFuncAttributeMaxDynamicSharedMemorySize, F8H_SMEM_MAX));
         if (dev >= 0 && dev < 64) {
             ready[dev] = true;
         }
     }
-    (void) moe_launch(kernel_gemv_fp8h<MR, UNR, MODE, NW>, grid, NW * 32,
-                      smem, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs, E,
-                      n, tp, Y, H, ldy);
+    (void) moe_launch(kernel_gemv_fp8h<MR, UNR, MODE, NW, PRE>, grid,
+                      NW * 32, smem, s, X, ldx, xrow, xdiv, W, scale, N, Kd,
+                      offs, E, n, tp, Y, H, ldy);
     MOE_CUDA_CHECK_LAUNCH("kernel_gemv_fp8h");
     return MOE_K_OK;
 }
@@ -1604,7 +1636,7 @@ static int
 f8h_mode(int variant, dim3 grid, size_t smem, cudaStream_t s, int silu,
     const bf16 *X, int ldx, const int32_t *xrow, int xdiv, const uint8_t *W,
     const float *scale, int N, int Kd, const int32_t *offs, int E, int n,
-    int tp, float *Y, bf16 *H, int ldy)
+    int tp, float *Y, bf16 *H, int ldy, int pre)
 {
 #define F8H_ARGS grid, smem, s, X, ldx, xrow, xdiv, W, scale, N, Kd, offs, \
                  E, n, tp, Y, H, ldy
@@ -1619,6 +1651,13 @@ f8h_mode(int variant, dim3 grid, size_t smem, cudaStream_t s, int silu,
     }
     if (variant == 1) {
         return f8h_go<1, 4, MODE, F8_WARPS>(F8H_ARGS);
+    }
+    if (pre && variant == 0 && offs == NULL && n <= tp) {
+        /* dense_pre: 4 warps a block (the PRE kernel takes ~170
+         * registers a thread, so three such blocks fit an SM, where only
+         * one of 8 warps would: the whole q|k|v or o grid resident while
+         * the kernel before runs) */
+        return f8h_go<1, 2, MODE, F8_WARPS, true>(F8H_ARGS);
     }
     if (variant == 2
         || (variant == 0
@@ -1647,6 +1686,9 @@ moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     if (groups < 0) {
         return MOE_K_EUNSUPPORTED;
     }
+    const int   pre = (variant & MOE_FP8H_PRE) != 0;
+
+    variant &= ~MOE_FP8H_PRE;
     if (tp < 1 || tp > 8 || moe_cuda_fp8h_tp(Kd, tp) != tp || variant < 0
         || variant > 3)
     {
@@ -1663,14 +1705,15 @@ moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     if (mode == MOE_K_FP8_TENSOR) {
         return f8h_mode<MOE_K_FP8_TENSOR>(variant, grid, smem, stream, silu,
                                           x, ldx, xrow, xdiv, W, scale, N, Kd,
-                                          offs, E, n, tp, Y, h, ldy);
+                                          offs, E, n, tp, Y, h, ldy, pre);
     }
     if (mode == MOE_K_FP8_CHANNEL) {
         return f8h_mode<MOE_K_FP8_CHANNEL>(variant, grid, smem, stream, silu,
                                            x, ldx, xrow, xdiv, W, scale, N,
-                                           Kd, offs, E, n, tp, Y, h, ldy);
+                                           Kd, offs, E, n, tp, Y, h, ldy,
+                                           pre);
     }
     return f8h_mode<MOE_K_FP8_BLOCK>(variant, grid, smem, stream, silu, x,
                                      ldx, xrow, xdiv, W, scale, N, Kd, offs,
-                                     E, n, tp, Y, h, ldy);
+                                     E, n, tp, Y, h, ldy, pre);
 }

@@ -73,6 +73,10 @@ typedef __nv_bfloat16 bf16;
 #define Q4G_SMAX  8             /* most blocks per cluster */
 #define Q4G_PA    1             /* L2 prefetch: chunks past the register
                                    stages (0: none; 1 measured best) */
+#define Q4G_PRE   0x100         /* with pa: a dense matrix's weights of
+                                   both register stages before the wait */
+#define Q4G_PRE_L2 4            /* and the lines of this many chunks after
+                                   them asked into L2 there */
 
 
 /* One chunk of a lane's loads: U word rows (k 8 wr .. 8 wr + 7) of its
@@ -126,6 +130,46 @@ q4g_load(q4g_stage<U, NT> &st, const q4g_ptrs &p, int ch, int grp)
     for (int s = 0; s < 2; s++) {
         st.z[s] = __ldg(p.z0[s] + (size_t) grp * p.zstep);
         st.s[s] = __ldg(p.s0[s] + (size_t) grp * p.sstep);
+    }
+}
+
+
+/* q4g_load in two halves: the weights, zeros and scales (never written
+ * by the kernels before: they may load before the PDL wait) and the
+ * inputs (after it). */
+template <int U, int NT>
+__device__ __forceinline__ void
+q4g_load_w(q4g_stage<U, NT> &st, const q4g_ptrs &p, int ch, int grp)
+{
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int wr = ch * 4 * U + 4 * u;
+
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            st.w[u][s] = __ldcs(p.w0[s] + (size_t) wr * p.wstep);
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        st.z[s] = __ldg(p.z0[s] + (size_t) grp * p.zstep);
+        st.s[s] = __ldg(p.s0[s] + (size_t) grp * p.sstep);
+    }
+}
+
+
+template <int U, int NT>
+__device__ __forceinline__ void
+q4g_load_x(q4g_stage<U, NT> &st, const q4g_ptrs &p, int ch)
+{
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int wr = ch * 4 * U + 4 * u;
+
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            st.x[u][nt] = __ldg(p.x0[nt] + wr);
+        }
     }
 }
 
@@ -304,7 +348,7 @@ q4g_reduce(float (&red)[NW][16 * NT][32], const float (&y)[2][2][NT][4],
  * (n, F), leading dimension ldy.  U: word rows per lane per chunk
  * (chunk = 32 U k, G % (32 U) == 0).
  */
-template <int MR, int U, int NW, int MINB, int AN, int NT>
+template <int MR, int U, int NW, int MINB, int AN, int NT, bool PRE = false>
 __global__ void __launch_bounds__(NW * 32, MINB)
 kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint32_t *qweight, const uint32_t *qzeros,
@@ -348,19 +392,30 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const size_t      pfstep = (size_t) 4 * U * Ntot;
     const uint32_t   *pfb = qweight + (size_t) pr * Ntot + (ps ? cb1 : cb0);
     int               r0, r1;
-
-    if (offs == NULL) {
+    /* PRE (its own instantiations, launched for one matrix without
+     * SiLU), one pass: the weights, zeros and scales of both register
+     * stages load before the PDL wait, so they stream while the kernel
+     * before runs; the inputs after it */
+    bool              pre = PRE && MR == 1 && offs == NULL && n <= 8 * NT
+                            && xrow == NULL;
+    if (offs == NULL && !pre) {
         /* one matrix: its weights are known before the kernel this one
          * waits for has finished (weights are never written) */
         for (int c = ch0; c < ch1 && c < ch0 + pf; c++) {
             moe_prefetch_l2(pfb + (size_t) c * pfstep);
         }
     }
-    moe_pdl_enter();
+    if (!pre) {
+        moe_pdl_enter();
+    }
 
+    /* offs NULL: nothing read */
     const int         e = q_group_rows(offs, E, n, &r0, &r1);
 
     if (e < 0 || r1 <= r0) {
+        if (pre) {
+            moe_pdl_enter();
+        }
         return;                 /* uniform over the cluster (same x, y) */
     }
 
@@ -381,6 +436,25 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         p.z0[s] = qzeros + (size_t) e * KG * (Ntot / 8) + lc[s] / 8;
         p.s0[s] = reinterpret_cast<const uint2 *>(
                       scales + (size_t) e * KG * Ntot + lc[s]);
+    }
+
+    /* cpg 1 (G = 32 U, e.g. 128): every chunk is a group */
+    const bool       one = cpg == 1;
+    q4g_stage<U, NT> st[ST];
+
+    if (pre) {
+#pragma unroll
+        for (int j = 0; j < ST; j++) {
+            if (ch0 + j < ch1) {
+                q4g_load_w<U, NT>(st[j], p, ch0 + j,
+                                  one ? ch0 + j : (ch0 + j) / cpg);
+            }
+        }
+        /* and the next Q4G_PRE_L2 chunks' lines into L2 */
+        for (int c = ch0 + ST; c < ch1 && c < ch0 + ST + Q4G_PRE_L2; c++) {
+            moe_prefetch_l2(pfb + (size_t) c * pfstep);
+        }
+        moe_pdl_enter();
     }
 
     for (int p0 = r0; p0 < r1; p0 += 8 * NT) {
@@ -413,15 +487,15 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
 
         if (ch0 < ch1) {
-            /* cpg 1 (G = 32 U, e.g. 128): every chunk is a group */
-            const bool   one = cpg == 1;
-            q4g_stage<U, NT> st[ST];
-
 #pragma unroll
             for (int j = 0; j < ST - 1; j++) {
                 if (ch0 + j < ch1) {
-                    q4g_load<U, NT>(st[j], p, ch0 + j,
-                                one ? ch0 + j : (ch0 + j) / cpg);
+                    if (pre) {
+                        q4g_load_x<U, NT>(st[j], p, ch0 + j);
+                    } else {
+                        q4g_load<U, NT>(st[j], p, ch0 + j,
+                                        one ? ch0 + j : (ch0 + j) / cpg);
+                    }
                 }
             }
             if (offs != NULL || p0 > r0) {
@@ -438,8 +512,13 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                         break;
                     }
                     if (cn < ch1) {
-                        q4g_load<U, NT>(st[(j + ST - 1) % ST], p, cn,
-                                    one ? cn : cn / cpg);
+                        if (pre && cn < ch0 + ST) {
+                            /* its weights came before the wait */
+                            q4g_load_x<U, NT>(st[(j + ST - 1) % ST], p, cn);
+                        } else {
+                            q4g_load<U, NT>(st[(j + ST - 1) % ST], p, cn,
+                                            one ? cn : cn / cpg);
+                        }
                     }
                     if (pf > 0 && cj + pf < ch1) {
                         moe_prefetch_l2(pfe + (size_t) (cj + pf) * pfstep);
@@ -455,6 +534,7 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
         q4g_reduce<MR, NW, AN, NT>(red, y, cl, warp, lane, S, rank, p0, r1, cb0, cb1,
                            Y, H, ldy);
+        pre = false;
     }
 }
 
@@ -499,12 +579,28 @@ q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
     cudaLaunchAttribute at[2] = {};
 
     q_cluster_cfg(&cfg, at, tiles, ng, S, NW * 32, 0, stream);
+    if constexpr (MR == 1) {
+        if ((pa & Q4G_PRE) != 0 && offs == NULL && xrow == NULL
+            && n <= 8 * NT)
+        {
+            /* dense_pre: the instantiations that load before the wait */
+            MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
+                                              kernel_qgemv_q4g<MR, U, NW,
+                                                               MINB, AN, NT,
+                                                               true>,
+                                              X, ldx, xrow, xdiv, qw, qz, sc,
+                                              G, zero_bias, Ntot, K, offs, E,
+                                              n, Y, H, ldy,
+                                              pa & (Q4G_PRE - 1)));
+            return MOE_K_OK;
+        }
+    }
     MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
                                       kernel_qgemv_q4g<MR, U, NW, MINB, AN,
                                                        NT>,
                                       X, ldx, xrow, xdiv, qw, qz, sc, G,
                                       zero_bias, Ntot, K, offs, E, n, Y, H,
-                                      ldy, pa));
+                                      ldy, pa & (Q4G_PRE - 1)));
     return MOE_K_OK;
 }
 
@@ -691,7 +787,20 @@ moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     const int32_t *offs, int E, int n, int max_rows, float *Y, int ldy,
     moe_bf16_t *H, cudaStream_t stream)
 {
-    return q4g_run(0, 0, Q4G_PA, X, ldx, xrow, xdiv, qweight, qzeros,
-                   scales, G, zero_bias, Ntot, K, offs, E, n, max_rows, Y,
-                   ldy, H, stream);
+    return moe_cuda_qgemv_q4g_pre(X, ldx, xrow, xdiv, qweight, qzeros,
+                                  scales, G, zero_bias, Ntot, K, offs, E, n,
+                                  max_rows, Y, ldy, H, 0, stream);
+}
+
+
+extern "C" int
+moe_cuda_qgemv_q4g_pre(const moe_bf16_t *X, int ldx, const int32_t *xrow,
+    int xdiv, const int32_t *qweight, const int32_t *qzeros,
+    const uint16_t *scales, int G, int zero_bias, int Ntot, int K,
+    const int32_t *offs, int E, int n, int max_rows, float *Y, int ldy,
+    moe_bf16_t *H, int pre, cudaStream_t stream)
+{
+    return q4g_run(0, 0, Q4G_PA | (pre ? Q4G_PRE : 0), X, ldx, xrow, xdiv,
+                   qweight, qzeros, scales, G, zero_bias, Ntot, K, offs, E,
+                   n, max_rows, Y, ldy, H, stream);
 }

@@ -203,6 +203,16 @@ int moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx,
     const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
     int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
     float *Y, int ldy, moe_bf16_t *H, cudaStream_t stream);
+/* moe_cuda_qgemv_q4g_rows with pre (the tuning record's dense_pre): one
+ * matrix (offs NULL, xrow NULL) in one pass (n <= 8 on passes of 8, 16
+ * on passes of 16) loads the weights, zeros and scales of both register
+ * stages before its PDL wait and asks the next chunks' lines into L2
+ * there, the inputs after it; the same sums.  pre 0: exactly _rows. */
+int moe_cuda_qgemv_q4g_pre(const moe_bf16_t *X, int ldx,
+    const int32_t *xrow, int xdiv, const int32_t *qweight,
+    const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,
+    int Ntot, int K, const int32_t *offs, int E, int n, int max_rows,
+    float *Y, int ldy, moe_bf16_t *H, int pre, cudaStream_t stream);
 
 /*
  * The 4-bit GEMM on warpgroup tensor cores (kernels/q4_wgmma.cu) for

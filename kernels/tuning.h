@@ -151,6 +151,15 @@ typedef struct {
                             (they are earlier steps' writes), the q rows
                             and its own key after: 1 (default; H100 runs
                             22c / 22d, fp8 batch 1 +1.2 %), 0 all after */
+    int dense_pre;       /* MOE_CUDA_DENSE_PRE 0|1: a dense projection's
+                            GEMV of one pass (fp8 on f16 fragments, 4-bit
+                            by quantization group) loads both register
+                            stages of its weights before its PDL wait
+                            (and asks the next chunks into L2), so they
+                            stream while the kernel before (attention,
+                            the FFN's un-permute + norm) runs: 1, or 0
+                            (default until measured: only the first
+                            chunks asked into L2 there) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -158,6 +167,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 2, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1 }
+      1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1, 0 }
 
 #endif /* MOE_KERNELS_TUNING_H */

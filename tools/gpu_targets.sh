@@ -42,6 +42,12 @@
 #   trace_b1_V       batch 1's kernel timeline (PDL off), fp8, variants
 #                    base, r2, ae
 #   trace_b1_gptq    the same, GPTQ weights, the defaults
+#   pre_tests        dense_pre (the dense GEMVs' weights loaded before
+#                    the PDL wait): test_kernels (quick), test_fp8mma,
+#                    and with dense_pre 1 test_backend and test_qbackend
+#   pre_W_V_R        decode batch 1 / 8 at context 512, weights W (fp8,
+#                    gptq), dense_pre V, rounds R: the A/B
+#   trace_b1_{gptq_pre,fp8_pre,fp8}  batch 1's timelines (PDL off)
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -159,6 +165,34 @@ ttrace trace_b1_ae 1 MOE_CUDA_ROUTE_FUSE1=0 MOE_CUDA_ATT_EARLY=1
 # GPTQ batch 1 with the defaults
 TW=gptq ttrace trace_b1_gptq 1
 
+# dense_pre: the dense GEMVs' weights before the PDL wait; the tests,
+# then the A/B (fp8, GPTQ) alternated, then the GPTQ timeline with it
+tstep pre_tests 300 bash -c 'tap() {  # tap NAME CMD...: counts
+    "${@:2}" > /tmp/pre.tap 2>&1; local rc=$?
+    echo "$1: rc $rc, $(grep -c "^ok" /tmp/pre.tap) ok," \
+         "$(grep -c "^not ok" /tmp/pre.tap) not ok," \
+         "$(grep -c "^ok.*dense_pre" /tmp/pre.tap) ok dense_pre"
+    grep -E "^not ok|Bail" /tmp/pre.tap | head -5; return $rc; }
+    tools/quant_models.sh build/quant > /dev/null || exit 1
+    tap test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
+    tap test_fp8mma env MOE_TEST_NO_TIMING=1 build/gpu/test_fp8mma || exit 1
+    tap "test_backend pre" env MOE_CUDA_DENSE_PRE=1 build/gpu/test_backend \
+        || exit 1
+    tap "test_qbackend pre" env MOE_CUDA_DENSE_PRE=1 \
+        build/gpu/test_qbackend || exit 1'
+for r in 1 2 3; do
+    for w in fp8 gptq; do
+        for v in 0 1; do
+            tstep pre_${w}_${v}_$r 45 env MOE_CUDA_DENSE_PRE=$v $NOQ \
+                BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
+                --weights $w
+        done
+    done
+done
+TW=gptq ttrace trace_b1_gptq_pre 1 MOE_CUDA_DENSE_PRE=1
+TW=fp8 ttrace trace_b1_fp8_pre 1 MOE_CUDA_DENSE_PRE=1
+TW=fp8 ttrace trace_b1_fp8 1
+
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
@@ -166,9 +200,9 @@ for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
     q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
-    route1_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" | cut -c1-200 \
-        | head -20; continue ;;
-    r1_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
+    route1_tests|pre_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
+        | cut -c1-200 | head -20; continue ;;
+    r1_*|pre_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
         | sed -E 's/.*value=([0-9.]+).*/copy \1/')" \
         "$(grep -E '^RESULT .*kind=decode' "$OUT/$s.log" \
         | sed -E 's/.* batch=([0-9]+) tok_s=([0-9.]+) .* of_limit=([0-9.]+) .*/b\1 \2 (\3)/' \
@@ -192,7 +226,7 @@ done
     && sed -n '/kernel time by kernel/,$p' "$OUT/trace_fp8g_gaps.log" \
     | head -24
 
-for f in base r2 ae gptq; do
+for f in base r2 ae gptq gptq_pre fp8_pre fp8; do
     [ -f "$OUT/trace_b1_${f}_gaps.log" ] && echo "--- trace_b1_$f (PDL off)" \
         && sed -n '/kernel time by kernel/,$p' "$OUT/trace_b1_${f}_gaps.log" \
         | head -14

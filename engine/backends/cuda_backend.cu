@@ -2854,11 +2854,16 @@ cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
     if (cb_q4g_ok(b, w, mr, 0)) {
         b->q4g_calls++;
         b->q4w_calls += mr > CB_Q4G_MAX_ROWS;
-        return moe_cuda_qgemv_q4g_rows((const moe_bf16_t *) X, ldx, xrow,
-                                       xdiv, (const int32_t *) w->w,
-                                       w->zeros, w->scales, w->G,
-                                       w->zero_bias, w->N, w->K, offs, E, n,
-                                       mr, Y, ldy, NULL, b->stream);
+        /* dense_pre: a dense matrix's first weights load before the
+         * kernel's PDL wait (the kernel applies it to one pass of one
+         * matrix only) */
+        return moe_cuda_qgemv_q4g_pre((const moe_bf16_t *) X, ldx, xrow,
+                                      xdiv, (const int32_t *) w->w,
+                                      w->zeros, w->scales, w->G,
+                                      w->zero_bias, w->N, w->K, offs, E, n,
+                                      mr, Y, ldy, NULL,
+                                      b->tune.dense_pre && offs == NULL,
+                                      b->stream);
     }
     return moe_cuda_qgemv_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
                                                   : MOE_K_Q4_GPTQ,

@@ -719,7 +719,7 @@ test_edges(void)
            "moe_cuda_fp8h_tp: hints clamped to 1..8, 0 past the staging "
            "budget (Kd 14336: 2 rows)");
     rc1 = f8_run(&in, ENT_GEMVH, 9, 0);
-    rc2 = f8_run(&in, ENT_GEMVH, 1 | 4 << 4, 0);
+    rc2 = f8_run(&in, ENT_GEMVH, 1 | 8 << 4, 0);
     in.Kd = 14336;
     in.ldx = 14336 + 8;
     rc3 = f8_run(&in, ENT_GEMVH, 3, 0);
@@ -727,7 +727,7 @@ test_edges(void)
     in.ldx = 72;
     TAP_OK(rc1 == MOE_K_EUNSUPPORTED && rc2 == MOE_K_EUNSUPPORTED
            && rc3 == MOE_K_EUNSUPPORTED && f8_run(&in, ENT_GEMVH, 8, 0) == 0,
-           "gemv_fp8h: 9 rows a pass, variant 4, 3 rows of Kd 14336 "
+           "gemv_fp8h: 9 rows a pass, variant 8, 3 rows of Kd 14336 "
            "refused; 8 rows of Kd 64 taken (%s)", moe_cuda_last_error());
     TAP_OK(moe_cuda_rows_f16((const moe_bf16_t *) in.d_x, in.ldx, 2, 60,
                              in.d_xh, in.ldx, in.d_sinv, 0)

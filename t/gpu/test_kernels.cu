@@ -10,8 +10,10 @@
  * those of moe_cuda_route then moe_cuda_moe_permute (the fused top-k +
  * permute launch up to 32 tokens, the separate ones above), decode's norm
  * + router of one token in one launch (moe_cuda_norm_route1) bit for bit
- * the add + norm launch followed by moe_cuda_route_permute,
- * the grouped tensor-core GEMV (gathered rows, empty groups, several
+ * the add + norm launch followed by moe_cuda_route_permute, the dense
+ * GEMVs with dense_pre (fp8 and 4-bit weights loaded before the PDL
+ * wait) equal to dense_pre 0 while the kernel before writes their input
+ * late, the grouped tensor-core GEMV (gathered rows, empty groups, several
  * passes, fused SiLU), cuBLAS GEMM (fp32 and bf16 out, beta), fp32->bf16
  * conversion and the random fill; the architecture pieces of arch.h
  * (LayerNorm, bias add, per-head RMSNorm, SiLU/GELU with biases, gated
@@ -64,7 +66,9 @@ extern "C" {
 #include "moe_permute.h"
 #include "moe_route.h"
 #include "norm_route.h"
+#include "quant_gemv.h"
 #include "rmsnorm.h"
+#include "tuning.h"
 #include "rope.h"
 #include "silu_mul.h"
 
@@ -663,6 +667,151 @@ test_attention_dk4(int bps, int nh, int nkv, int hd, int window, int ns,
                               what);
         }
     }
+}
+
+
+/*
+ * A kernel before the dense_pre GEMVs: it lets the next kernel start at
+ * once (griddepcontrol.launch_dependents), spins for ns nanoseconds and
+ * only then writes the GEMV's input rows (X = src), so a GEMV that read
+ * its inputs before its PDL wait would see the poison X held before.
+ */
+__global__ void
+k_late_rows(uint16_t *X, const uint16_t *src, int n, unsigned long long ns)
+{
+    unsigned long long t0, t;
+
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        X[i] = src[i];
+    }
+}
+
+
+/*
+ * The dense GEMVs with dense_pre (weights of both register stages loaded
+ * before the PDL wait): fmt 0 e4m3 per channel (moe_cuda_gemv_fp8 with
+ * the record's dense_pre, f16 fragments), fmt 1 4-bit GPTQ layout
+ * (moe_cuda_qgemv_q4g_pre), n rows of X.  Run A: dense_pre 0, PDL off,
+ * after X is written.  Run B: dense_pre 1, PDL on, launched right after
+ * k_late_rows, which writes X 50 us after letting the GEMV start (X is
+ * NaN until then).  Y of B must equal A's (the same sums in the same
+ * order; relative L2 <= 1e-6 allowed for the compiler's freedom): a
+ * read of X before the wait would give NaN, a lost weight stage zeros.
+ */
+static void
+test_dense_pre(int fmt, int N, int K, int G, int n)
+{
+    size_t    nx = (size_t) n * K, ny = (size_t) n * N;
+    uint16_t *xb = (uint16_t *) malloc(2 * nx);
+    float    *xf = (float *) malloc(sizeof(float) * nx);
+    float    *y[2] = { (float *) malloc(sizeof(float) * ny),
+                       (float *) malloc(sizeof(float) * ny) };
+    void     *d_w = NULL, *d_z = NULL, *d_s = NULL;
+    uint16_t *d_src, *d_x;
+    float    *d_y[2];
+    int       pdl0 = moe_cuda_pdl_get(), ok = 1;
+    double    err;
+    cudaStream_t st = NULL;
+    moe_cuda_tuning_t tu = MOE_CUDA_TUNING_DEFAULTS;
+
+    gu_fill_bf(xf, xb, nx, 1.0f);
+    d_src = (uint16_t *) gu_up(xb, 2 * nx);
+    d_x = (uint16_t *) gu_dev(2 * nx);
+    for (int v = 0; v < 2; v++) {
+        d_y[v] = (float *) gu_dev(sizeof(float) * ny);
+    }
+    if (fmt == 0) {
+        uint8_t *w = (uint8_t *) malloc((size_t) N * K);
+        float   *sc = (float *) malloc(sizeof(float) * N);
+
+        for (size_t i = 0; i < (size_t) N * K; i++) {
+            w[i] = gu_rand_e4m3();
+        }
+        for (int i = 0; i < N; i++) {
+            sc[i] = 5e-4f + 1.5e-3f * gu_uniform();
+        }
+        d_w = gu_up(w, (size_t) N * K);
+        d_s = gu_up(sc, sizeof(float) * N);
+        free(w);
+        free(sc);
+    } else {
+        size_t    nw = (size_t) K / 8 * N, nz = (size_t) K / G * N / 8;
+        size_t    ns = (size_t) K / G * N;
+        uint32_t *w = (uint32_t *) malloc(4 * nw);
+        uint32_t *z = (uint32_t *) malloc(4 * nz);
+        uint16_t *sc = (uint16_t *) malloc(2 * ns);
+
+        for (size_t i = 0; i < nw; i++) {
+            w[i] = gu_rand();
+        }
+        for (size_t i = 0; i < nz; i++) {
+            z[i] = gu_rand();
+        }
+        for (size_t i = 0; i < ns; i++) {
+            sc[i] = (uint16_t) (0x1c00u + gu_rand() % 0x800u); /* ~2^-8 */
+        }
+        d_w = gu_up(w, 4 * nw);
+        d_z = gu_up(z, 4 * nz);
+        d_s = gu_up(sc, 2 * ns);
+        free(w);
+        free(z);
+        free(sc);
+    }
+    ok = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking)
+         == cudaSuccess;
+    for (int v = 0; v < 2 && ok; v++) {
+        int rc;
+
+        tu.dense_pre = v;
+        cudaMemsetAsync(d_x, 0xff, 2 * nx, st);        /* NaN rows */
+        if (v == 0) {
+            moe_cuda_pdl_set(0);
+            cudaMemcpyAsync(d_x, d_src, 2 * nx, cudaMemcpyDeviceToDevice,
+                            st);
+        } else {
+            moe_cuda_pdl_set(1);
+            k_late_rows<<<1, 256, 0, st>>>(d_x, d_src, (int) nx, 50000ull);
+        }
+        rc = fmt == 0
+             ? moe_cuda_gemv_fp8((const moe_bf16_t *) d_x, K, NULL, 1,
+                                 (const uint8_t *) d_w, (const float *) d_s,
+                                 MOE_K_FP8_CHANNEL, N, K, NULL, 1, n, n, 0,
+                                 d_y[v], NULL, N, &tu, st)
+             : moe_cuda_qgemv_q4g_pre((const moe_bf16_t *) d_x, K, NULL, 1,
+                                      (const int32_t *) d_w,
+                                      (const int32_t *) d_z,
+                                      (const uint16_t *) d_s, G, 1, N, K,
+                                      NULL, 1, n, n, d_y[v], N, NULL, v, st);
+        ok = rc == MOE_K_OK && gu_sync_ok(rc, "dense_pre");
+        moe_cuda_pdl_set(pdl0);
+        gu_down(y[v], d_y[v], sizeof(float) * ny);
+    }
+    err = ok ? gu_relerr(y[1], y[0], ny) : NAN;
+    TAP_OK(ok && err <= 1e-6, "dense_pre %s N %d K %d%s%.0d, %d row%s: "
+           "weights before the PDL wait, X written 50 us after the GEMV "
+           "may start; Y equal to dense_pre 0 (rel %.2e)",
+           fmt == 0 ? "e4m3 per channel" : "4-bit GPTQ", N, K,
+           fmt == 0 ? "" : " G ", fmt == 0 ? 0 : G, n, n > 1 ? "s" : "",
+           err);
+    if (st != NULL) {
+        cudaStreamDestroy(st);
+    }
+    cudaFree(d_w);
+    cudaFree(d_z);
+    cudaFree(d_s);
+    cudaFree(d_src);
+    cudaFree(d_x);
+    cudaFree(d_y[0]);
+    cudaFree(d_y[1]);
+    free(xb);
+    free(xf);
+    free(y[0]);
+    free(y[1]);
 }
 
 
@@ -2277,6 +2426,20 @@ main(void)
         test_norm_route1(64, 4, 4, 1, 1, lean);     /* K == E: margin 1 */
         test_norm_route1(8192, 128, 32, 1, 1, lean); /* the largest taken */
     }
+    /* dense_pre: mixtral's q|k|v and o at 1 and 2 rows, odd small
+     * shapes (a partial last chunk; fewer chunks than warps), 4-bit
+     * groups of 32 / 64 / 128 and a pass of 16 rows */
+    for (int n = 1; n <= 2; n++) {
+        test_dense_pre(0, 6144, 4096, 0, n);
+        test_dense_pre(0, 4096, 4096, 0, n);
+        test_dense_pre(1, 6144, 4096, 128, n);
+        test_dense_pre(1, 4096, 4096, 128, n);
+    }
+    test_dense_pre(0, 40, 208, 0, 1);
+    test_dense_pre(0, 136, 4096 + 48, 0, 2);
+    test_dense_pre(1, 128, 512, 32, 1);
+    test_dense_pre(1, 192, 1024, 64, 2);
+    test_dense_pre(1, 256, 4096, 128, 9);
     test_norm_route1_refuse();
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
