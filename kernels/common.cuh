@@ -57,9 +57,10 @@ moe_smem_max_carveout(K kernel, size_t bytes)
  * overlaps is only the launch and block scheduling of the next kernel
  * with the tail of this one.  The exceptions read, before the wait, only
  * what no kernel of the step's chain before them writes: weights (the
- * dense fp8 GEMV's L2 prefetch, norm_route.cu's router rows) and, in a
- * one-token decode attention (att_early), the step's positions and block
- * table and the keys of earlier steps.
+ * dense fp8 GEMV's L2 prefetch; with dense_pre the dense fp8 and 4-bit
+ * GEMVs' first two register stages; norm_route.cu's router rows) and,
+ * in a one-token decode attention (att_early), the step's positions and
+ * block table and the keys of earlier steps.
  */
 __device__ __forceinline__ void
 moe_pdl_enter(void)
