@@ -229,7 +229,7 @@ done
 for f in base r2 ae gptq gptq_pre fp8_pre fp8; do
     [ -f "$OUT/trace_b1_${f}_gaps.log" ] && echo "--- trace_b1_$f (PDL off)" \
         && sed -n '/kernel time by kernel/,$p' "$OUT/trace_b1_${f}_gaps.log" \
-        | head -14
+        | head -36
 done
 
 fail=0

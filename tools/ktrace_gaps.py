@@ -103,6 +103,20 @@ def main():
     print("\nstep %d: kernel time by kernel" % pick)
     for k, (t, n) in sorted(by_k.items(), key=lambda kv: -kv[1][0])[:20]:
         print("%10.1f us %5d x  %s" % (t / 1e3, n, k))
+    # the same split by the kernel launched before (a layer's GEMVs share
+    # one name: q|k|v after the norm, o after attention, gate|up after the
+    # router, down after gate|up)
+    by_p = defaultdict(lambda: [0, 0])
+    ks = [e for e in s if e[2] == "K"]
+    for a, b in zip(ks, ks[1:]):
+        by_p[(b[3], a[3])][0] += b[1] - b[0]
+        by_p[(b[3], a[3])][1] += 1
+    print("\nstep %d: kernel time by kernel, after the kernel before it" %
+          pick)
+    for (k, a), (t, n) in sorted(by_p.items(),
+                                 key=lambda kv: -kv[1][0])[:16]:
+        print("%10.1f us %5d x  %s (after %s): %.2f us each" %
+              (t / 1e3, n, k, a, t / 1e3 / n))
 
 
 if __name__ == "__main__":
