@@ -228,7 +228,7 @@ done
 
 for f in base r2 ae gptq gptq_pre fp8_pre fp8; do
     [ -f "$OUT/trace_b1_${f}_gaps.log" ] && echo "--- trace_b1_$f (PDL off)" \
-        && grep -E '^ +[0-9]+ +260 ' "$OUT/trace_b1_${f}_gaps.log" | head -1 \
+        && sed -n '1p;4p' "$OUT/trace_b1_${f}_gaps.log" \
         && sed -n '/after the kernel before it/,$p' \
            "$OUT/trace_b1_${f}_gaps.log" | head -12 | cut -c1-110
 done
