@@ -134,9 +134,11 @@ q4g_load(q4g_stage<U, NT> &st, const q4g_ptrs &p, int ch, int grp)
 }
 
 
-/* q4g_load in two halves: the weights, zeros and scales (never written
- * by the kernels before: they may load before the PDL wait) and the
- * inputs (after it). */
+/* q4g_load in two halves (dense_pre's kernels): the weights, zeros and
+ * scales (never written by the kernels before: they may load before the
+ * PDL wait) and the inputs (after it).  q4g_load keeps its own loop: made
+ * of these two it loads in another order, and the shipped kernels'
+ * machine code changed (16-1382 instructions a kernel, unmeasured). */
 template <int U, int NT>
 __device__ __forceinline__ void
 q4g_load_w(q4g_stage<U, NT> &st, const q4g_ptrs &p, int ch, int grp)
