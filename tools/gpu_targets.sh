@@ -131,18 +131,23 @@ done
 
 # decode's norm + router in one launch at batch 1: the tests, then the
 # A/B alternated (fp8 and GPTQ), then the two timelines
-tstep route1_tests 360 bash -c 'tap() {  # tap NAME CMD...: counts
-    "${@:2}" > /tmp/r1.tap 2>&1; local rc=$?
-    echo "$1: rc $rc, $(grep -c "^ok" /tmp/r1.tap) ok," \
-         "$(grep -c "^not ok" /tmp/r1.tap) not ok," \
-         "$(grep -c "^ok.*norm_route1" /tmp/r1.tap) ok norm_route1"
-    grep -E "^not ok|Bail" /tmp/r1.tap | head -5; return $rc; }
+# tap NAME WORD CMD...: run a TAP test, print its counts (and the oks
+# naming WORD) and its first failures; its exit status
+tap() {
+    "${@:3}" > /tmp/tap.$$ 2>&1; local rc=$?
+    echo "$1: rc $rc, $(grep -c "^ok" /tmp/tap.$$) ok," \
+         "$(grep -c "^not ok" /tmp/tap.$$) not ok," \
+         "$(grep -c "^ok.*$2" /tmp/tap.$$) ok $2"
+    grep -E "^not ok|Bail" /tmp/tap.$$ | head -5; return $rc
+}
+export -f tap
+tstep route1_tests 360 bash -c 'T() { tap "$1" norm_route1 "${@:2}"; }
     tools/quant_models.sh build/quant > /dev/null || exit 1
-    tap test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
+    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
     for v in "" \
              "MOE_CUDA_ROUTE_FUSE1=2 MOE_CUDA_ATT_EARLY=1"; do
-        tap "test_backend $v" env $v build/gpu/test_backend || exit 1
-        tap "test_qbackend $v" env $v build/gpu/test_qbackend || exit 1
+        T "test_backend $v" env $v build/gpu/test_backend || exit 1
+        T "test_qbackend $v" env $v build/gpu/test_qbackend || exit 1
     done'
 R1_VARIANTS="base:MOE_CUDA_ROUTE_FUSE1=0,MOE_CUDA_ATT_EARLY=0
     r1:MOE_CUDA_ROUTE_FUSE1=1,MOE_CUDA_ATT_EARLY=0
@@ -167,18 +172,13 @@ TW=gptq ttrace trace_b1_gptq 1
 
 # dense_pre: the dense GEMVs' weights before the PDL wait; the tests,
 # then the A/B (fp8, GPTQ) alternated, then the GPTQ timeline with it
-tstep pre_tests 300 bash -c 'tap() {  # tap NAME CMD...: counts
-    "${@:2}" > /tmp/pre.tap 2>&1; local rc=$?
-    echo "$1: rc $rc, $(grep -c "^ok" /tmp/pre.tap) ok," \
-         "$(grep -c "^not ok" /tmp/pre.tap) not ok," \
-         "$(grep -c "^ok.*dense_pre" /tmp/pre.tap) ok dense_pre"
-    grep -E "^not ok|Bail" /tmp/pre.tap | head -5; return $rc; }
+tstep pre_tests 300 bash -c 'T() { tap "$1" dense_pre "${@:2}"; }
     tools/quant_models.sh build/quant > /dev/null || exit 1
-    tap test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    tap test_fp8mma env MOE_TEST_NO_TIMING=1 build/gpu/test_fp8mma || exit 1
-    tap "test_backend pre" env MOE_CUDA_DENSE_PRE=1 build/gpu/test_backend \
+    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
+    T test_fp8mma env MOE_TEST_NO_TIMING=1 build/gpu/test_fp8mma || exit 1
+    T "test_backend pre" env MOE_CUDA_DENSE_PRE=1 build/gpu/test_backend \
         || exit 1
-    tap "test_qbackend pre" env MOE_CUDA_DENSE_PRE=1 \
+    T "test_qbackend pre" env MOE_CUDA_DENSE_PRE=1 \
         build/gpu/test_qbackend || exit 1'
 for r in 1 2 3; do
     for w in fp8 gptq; do
