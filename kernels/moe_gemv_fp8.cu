@@ -1030,7 +1030,7 @@ moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
         /* f16 fragments, the pass's rows staged (kernel_gemv_fp8h) */
         return moe_cuda_gemv_fp8h(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
                                   offs, E, n, tp, silu, Y, H, ldy,
-                                  (tune != NULL ? tune : &defaults)->dense_pre
+                                  (tune != NULL ? tune : &defaults)->dense_pre > 0
                                   ? MOE_FP8H_PRE : 0, stream);
     }
     return moe_cuda_gemv_fp8_tiled(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,

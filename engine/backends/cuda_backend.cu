@@ -2862,7 +2862,7 @@ cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
                                       w->zeros, w->scales, w->G,
                                       w->zero_bias, w->N, w->K, offs, E, n,
                                       mr, Y, ldy, NULL,
-                                      b->tune.dense_pre && offs == NULL,
+                                      b->tune.dense_pre > 0 && offs == NULL,
                                       b->stream);
     }
     return moe_cuda_qgemv_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ

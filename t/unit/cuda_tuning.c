@@ -190,19 +190,25 @@ main(void)
            "defaults with no MOE_CUDA_* set (8 experts)");
     rc = moe_cuda_tuning_read(&t, 8, MOE_CUDA_EXPERTS_4BIT, err,
                               sizeof(err));
-    TAP_OK(rc == MOE_OK && t.route_fuse1 == 2 && t.gemv_max_t == 32,
+    TAP_OK(rc == MOE_OK && t.route_fuse1 == 2 && t.gemv_max_t == 32
+           && t.dense_pre == 1,
            "4-bit experts: route_fuse1 2 (the lean one-launch router), "
-           "gemv_max_t 32 (%d, %d)", t.route_fuse1, t.gemv_max_t);
+           "gemv_max_t 32, dense_pre 1 (%d, %d, %d)", t.route_fuse1,
+           t.gemv_max_t, t.dense_pre);
     rc = moe_cuda_tuning_read(&t, 8, MOE_CUDA_EXPERTS_E4M3, err,
                               sizeof(err));
-    TAP_OK(rc == MOE_OK && t.route_fuse1 == 0, "e4m3 experts: route_fuse1 "
-           "0 (%d)", t.route_fuse1);
+    TAP_OK(rc == MOE_OK && t.route_fuse1 == 0 && t.dense_pre == 0,
+           "e4m3 experts: route_fuse1 0, dense_pre 0 (%d, %d)",
+           t.route_fuse1, t.dense_pre);
     setenv("MOE_CUDA_ROUTE_FUSE1", "0", 1);
+    setenv("MOE_CUDA_DENSE_PRE", "0", 1);
     rc = moe_cuda_tuning_read(&t, 8, MOE_CUDA_EXPERTS_4BIT, err,
                               sizeof(err));
-    TAP_OK(rc == MOE_OK && t.route_fuse1 == 0, "4-bit experts: an explicit "
-           "route_fuse1 0 is kept (%d)", t.route_fuse1);
+    TAP_OK(rc == MOE_OK && t.route_fuse1 == 0 && t.dense_pre == 0,
+           "4-bit experts: an explicit route_fuse1 0 and dense_pre 0 are "
+           "kept (%d, %d)", t.route_fuse1, t.dense_pre);
     unsetenv("MOE_CUDA_ROUTE_FUSE1");
+    unsetenv("MOE_CUDA_DENSE_PRE");
     rc = moe_cuda_tuning_read(&t, 1, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.gemv_max_t == 128, "dense model: gemv_max_t "
            "128 (%d)", t.gemv_max_t);
