@@ -60,7 +60,8 @@ int moe_cuda_gemv_supported(int Kd, int ldx);
  * (NULL: the defaults, on), max_rows <= 2 and moe_cuda_fp8h_tp(Kd,
  * max_rows) > 0 the f16-fragment kernel (moe_cuda_gemv_fp8h below, that
  * many rows a pass; tune->dense_pre: with MOE_FP8H_PRE), else 8, 16 or
- * 32 rows a pass on bf16 fragments; larger groups take more passes over their weights.
+ * 32 rows a pass on bf16 fragments; larger groups take more passes
+ * over their weights.
  * Graph-safe: the grid depends on N, E and n only.
  */
 int moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,

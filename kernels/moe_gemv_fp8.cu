@@ -758,10 +758,10 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 
     f8_stage<MR, UNR> stp[2];   /* PRE: the stages loaded before the wait */
 
-    /* PRE (its own instantiations, launched for one matrix, no SiLU:
-     * both register stages live across the staging take ~40 more
-     * registers, which the other launches should not pay; 8-warp blocks
-     * held to 128 so that two fit an SM), one pass: both register
+    /* PRE (its own instantiations, launched for one matrix without
+     * SiLU in 4-warp blocks held to three an SM: both register stages
+     * live across the wait and the staging take ~40 more registers,
+     * which the other launches should not pay), one pass: both register
      * stages of weights are loaded before the wait, so they stream
      * while the kernel before runs (weights are never written); else
      * their first lines are only asked into L2 there */
@@ -1028,10 +1028,11 @@ moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
 
     if (tp > 0) {
         /* f16 fragments, the pass's rows staged (kernel_gemv_fp8h) */
+        int pre = (tune != NULL ? tune : &defaults)->dense_pre > 0;
+
         return moe_cuda_gemv_fp8h(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
                                   offs, E, n, tp, silu, Y, H, ldy,
-                                  (tune != NULL ? tune : &defaults)->dense_pre > 0
-                                  ? MOE_FP8H_PRE : 0, stream);
+                                  pre ? MOE_FP8H_PRE : 0, stream);
     }
     return moe_cuda_gemv_fp8_tiled(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
                                    offs, E, n, silu, Y, H, ldy,
@@ -1630,7 +1631,8 @@ f8h_wide(int64_t blocks, size_t smem)
 
 /* variant: 0 the rule (SiLU: 1 chunk a stage, 4 warps; else 2 chunks,
  * 8 warps when the grid fits one wave of them), 1 twice the chunks a
- * stage, 2 8 warps, 3 4 warps. */
+ * stage, 2 8 warps, 3 4 warps; pre with variant 0, one matrix and one
+ * pass: the PRE kernel (4 warps). */
 template <int MODE>
 static int
 f8h_mode(int variant, dim3 grid, size_t smem, cudaStream_t s, int silu,
