@@ -162,7 +162,7 @@ typedef struct {
                             Default MOE_CUDA_TUNING_AUTO: 1 for 4-bit
                             experts (their dense projections are 4-bit
                             too), else 0 (H100 run 23b, batch 1: GPTQ
-                            +1.2 %, AWQ +1.6 %, fp8 -0.6 %) */
+                            +1.2 %, AWQ +1.6 %, fp8 -0.8 %) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)

@@ -119,7 +119,7 @@ moe_cuda_tuning_read(moe_cuda_tuning_t *t, int n_experts, int expert_fmt,
     if (r.dense_pre == MOE_CUDA_TUNING_AUTO) {
         /* the dense GEMVs' first weights before the PDL wait: the 4-bit
          * ones gain (H100, run 23b, batch 1: GPTQ +1.2 %, AWQ +1.6 %),
-         * the fp8 ones lose (-0.6 %: their PRE blocks of 4 warps are
+         * the fp8 ones lose (-0.8 %: their PRE blocks of 4 warps are
          * slower alone than the 8-warp ones, and twice the bytes) */
         r.dense_pre = expert_fmt == MOE_CUDA_EXPERTS_4BIT;
     }
