@@ -72,6 +72,24 @@ moe_pdl_enter(void)
 }
 
 
+/*
+ * griddepcontrol.launch_dependents alone, before moe_pdl_enter (the
+ * tuning record's pdl_early, moe_cuda_pdl_early_get): the next kernel's
+ * blocks may be scheduled as soon as every block of this one has started,
+ * one kernel earlier than moe_pdl_enter lets them; their own
+ * griddepcontrol.wait still returns only once this grid has completed
+ * (and so, transitively, every grid before it).  Nothing else changes:
+ * this kernel's reads still wait in moe_pdl_enter.
+ */
+__device__ __forceinline__ void
+moe_pdl_trigger(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+
 /* Bring the 128-byte line of p into L2: a hint (no register, no wait); L2
  * is coherent, so it may come before moe_pdl_enter for data that the
  * kernels before never write (weights). */

@@ -48,6 +48,18 @@
 #   pre_W_V_R        decode batch 1 / 8 at context 512, weights W (fp8,
 #                    gptq), dense_pre V, rounds R: the A/B
 #   trace_b1_{gptq_pre,fp8_pre,fp8}  batch 1's timelines (PDL off)
+#   smem_tests       dense_smem (the dense fp8 GEMV's whole weight tile
+#                    copied into shared memory before the PDL wait) and
+#                    pdl_early (the kernels before the dense projections
+#                    let the next one be scheduled before their wait):
+#                    test_kernels (quick), then test_backend and
+#                    test_qbackend with both on, and test_qbackend with
+#                    pdl_early and dense_pre
+#   sm_W_V_R         decode batch 1 / 8 at context 512, weights W (fp8,
+#                    gptq), variant V (base; e: pdl_early 1; s:
+#                    dense_smem 1; se: both; fp8 only for s / se),
+#                    rounds R: the A/B
+#   trace_b1_fp8_sm  batch 1's timeline (PDL off) with dense_smem 1
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -193,6 +205,32 @@ TW=gptq ttrace trace_b1_gptq_pre 1 MOE_CUDA_DENSE_PRE=1
 TW=fp8 ttrace trace_b1_fp8_pre 1 MOE_CUDA_DENSE_PRE=1
 TW=fp8 ttrace trace_b1_fp8 1
 
+# dense_smem and pdl_early: the tests, the A/B alternated, a timeline
+tstep smem_tests 300 bash -c 'T() { tap "$1" dense_smem "${@:2}"; }
+    tools/quant_models.sh build/quant > /dev/null || exit 1
+    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
+    E="MOE_CUDA_DENSE_SMEM=1 MOE_CUDA_PDL_EARLY=1"
+    T "test_backend smem+early" env $E build/gpu/test_backend || exit 1
+    T "test_qbackend smem+early" env $E build/gpu/test_qbackend || exit 1
+    T "test_qbackend pre+early" env MOE_CUDA_DENSE_PRE=1 \
+        MOE_CUDA_PDL_EARLY=1 build/gpu/test_qbackend || exit 1'
+SM_VARIANTS="base:MOE_CUDA_DENSE_SMEM=0,MOE_CUDA_PDL_EARLY=0
+    e:MOE_CUDA_DENSE_SMEM=0,MOE_CUDA_PDL_EARLY=1
+    s:MOE_CUDA_DENSE_SMEM=1,MOE_CUDA_PDL_EARLY=0
+    se:MOE_CUDA_DENSE_SMEM=1,MOE_CUDA_PDL_EARLY=1"
+for r in 1 2 3; do
+    for w in fp8 gptq; do
+        for v in $SM_VARIANTS; do
+            e=${v#*:}
+            case $w:${v%%:*} in gptq:s|gptq:se) continue ;; esac
+            tstep sm_${w}_${v%%:*}_$r 45 env ${e//,/ } $NOQ \
+                BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
+                --weights $w
+        done
+    done
+done
+TW=fp8 ttrace trace_b1_fp8_sm 1 MOE_CUDA_DENSE_SMEM=1
+
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
@@ -200,9 +238,9 @@ for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
     q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
-    route1_tests|pre_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
+    route1_tests|pre_tests|smem_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
         | cut -c1-200 | head -20; continue ;;
-    r1_*|pre_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
+    r1_*|pre_*|sm_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
         | sed -E 's/.*value=([0-9.]+).*/copy \1/')" \
         "$(grep -E '^RESULT .*kind=decode' "$OUT/$s.log" \
         | sed -E 's/.* batch=([0-9]+) tok_s=([0-9.]+) .* of_limit=([0-9.]+) .*/b\1 \2 (\3)/' \
@@ -226,7 +264,7 @@ done
     && sed -n '/kernel time by kernel/,$p' "$OUT/trace_fp8g_gaps.log" \
     | head -24
 
-for f in base r2 ae gptq gptq_pre fp8_pre fp8; do
+for f in base r2 ae gptq gptq_pre fp8_pre fp8 fp8_sm; do
     [ -f "$OUT/trace_b1_${f}_gaps.log" ] && echo "--- trace_b1_$f (PDL off)" \
         && sed -n '1p;4p' "$OUT/trace_b1_${f}_gaps.log" \
         && sed -n '/after the kernel before it/,$p' \

@@ -2521,6 +2521,7 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     /* process-wide (every backend of a process reads the same
      * environment, so they agree) */
     moe_cuda_pdl_set(b->tune.pdl);
+    moe_cuda_pdl_early_set(b->tune.pdl_early);
     {
         /* MOE_CUDA_FP8_ACT=0: fp8 prefill dequantizes instead of
          * quantizing activations (the exact path; test_qbackend) */

@@ -696,8 +696,12 @@ k_late_rows(uint16_t *X, const uint16_t *src, int n, unsigned long long ns)
  * The dense GEMVs with dense_pre (weights of both register stages loaded
  * before the PDL wait): fmt 0 e4m3 per channel (moe_cuda_gemv_fp8 with
  * the record's dense_pre, f16 fragments), fmt 1 4-bit GPTQ layout
- * (moe_cuda_qgemv_q4g_pre), n rows of X.  Run A: dense_pre 0, PDL off,
- * after X is written.  Run B: dense_pre 1, PDL on, launched right after
+ * (moe_cuda_qgemv_q4g_pre), n rows of X; with dense_smem (the whole
+ * weight tile copied into shared memory before the wait,
+ * kernel_gemv_fp8s): fmt 2 e4m3 per channel, fmt 3 e4m3 in 128x128
+ * blocks, fmt 4 one e4m3 scale.  Run A: dense_pre 0 (and dense_smem 0),
+ * PDL off, after X is written.  Run B: dense_pre 1 (fmt 2-4:
+ * dense_smem 1), PDL on, launched right after
  * k_late_rows, which writes X 50 us after letting the GEMV start (X is
  * NaN until then).  Y of B must equal A's (the same sums in the same
  * order; relative L2 <= 1e-6 allowed for the compiler's freedom): a
@@ -725,18 +729,25 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
     for (int v = 0; v < 2; v++) {
         d_y[v] = (float *) gu_dev(sizeof(float) * ny);
     }
-    if (fmt == 0) {
+    const int f8 = fmt != 1;
+    const int mode = fmt == 3 ? MOE_K_FP8_BLOCK
+                     : fmt == 4 ? MOE_K_FP8_TENSOR : MOE_K_FP8_CHANNEL;
+    const size_t nsc = fmt == 3 ? (size_t) ((N + 127) / 128)
+                                  * ((K + 127) / 128)
+                       : fmt == 4 ? 1 : (size_t) N;
+
+    if (f8) {
         uint8_t *w = (uint8_t *) malloc((size_t) N * K);
-        float   *sc = (float *) malloc(sizeof(float) * N);
+        float   *sc = (float *) malloc(sizeof(float) * nsc);
 
         for (size_t i = 0; i < (size_t) N * K; i++) {
             w[i] = gu_rand_e4m3();
         }
-        for (int i = 0; i < N; i++) {
+        for (size_t i = 0; i < nsc; i++) {
             sc[i] = 5e-4f + 1.5e-3f * gu_uniform();
         }
         d_w = gu_up(w, (size_t) N * K);
-        d_s = gu_up(sc, sizeof(float) * N);
+        d_s = gu_up(sc, sizeof(float) * nsc);
         free(w);
         free(sc);
     } else {
@@ -767,7 +778,8 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
     for (int v = 0; v < 2 && ok; v++) {
         int rc;
 
-        tu.dense_pre = v;
+        tu.dense_pre = fmt <= 1 ? v : 0;
+        tu.dense_smem = fmt >= 2 ? v : 0;
         cudaMemsetAsync(d_x, 0xff, 2 * nx, st);        /* NaN rows */
         if (v == 0) {
             moe_cuda_pdl_set(0);
@@ -777,10 +789,10 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
             moe_cuda_pdl_set(1);
             k_late_rows<<<1, 256, 0, st>>>(d_x, d_src, (int) nx, 50000ull);
         }
-        rc = fmt == 0
+        rc = f8
              ? moe_cuda_gemv_fp8((const moe_bf16_t *) d_x, K, NULL, 1,
                                  (const uint8_t *) d_w, (const float *) d_s,
-                                 MOE_K_FP8_CHANNEL, N, K, NULL, 1, n, n, 0,
+                                 mode, N, K, NULL, 1, n, n, 0,
                                  d_y[v], NULL, N, &tu, st)
              : moe_cuda_qgemv_q4g_pre((const moe_bf16_t *) d_x, K, NULL, 1,
                                       (const int32_t *) d_w,
@@ -792,12 +804,13 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
         gu_down(y[v], d_y[v], sizeof(float) * ny);
     }
     err = ok ? gu_relerr(y[1], y[0], ny) : NAN;
-    TAP_OK(ok && err <= 1e-6, "dense_pre %s N %d K %d%s%.0d, %d row%s: "
+    TAP_OK(ok && err <= 1e-6, "%s %s N %d K %d%s%.0d, %d row%s: "
            "weights before the PDL wait, X written 50 us after the GEMV "
            "may start; Y equal to dense_pre 0 (rel %.2e)",
-           fmt == 0 ? "e4m3 per channel" : "4-bit GPTQ", N, K,
-           fmt == 0 ? "" : " G ", fmt == 0 ? 0 : G, n, n > 1 ? "s" : "",
-           err);
+           fmt >= 2 ? "dense_smem" : "dense_pre",
+           fmt == 1 ? "4-bit GPTQ" : fmt == 3 ? "e4m3 128x128 blocks"
+           : fmt == 4 ? "e4m3 per tensor" : "e4m3 per channel", N, K,
+           f8 ? "" : " G ", f8 ? 0 : G, n, n > 1 ? "s" : "", err);
     if (st != NULL) {
         cudaStreamDestroy(st);
     }
@@ -2440,6 +2453,18 @@ main(void)
     test_dense_pre(1, 128, 512, 32, 1);
     test_dense_pre(1, 192, 1024, 64, 2);
     test_dense_pre(1, 256, 4096, 128, 9);
+    /* dense_smem: mixtral's q|k|v and o at 1 and 2 rows, each scale
+     * mode, odd shapes (a partial last tile and chunk, fewer chunks than
+     * warps), a K whose tile takes most of the 227 KB */
+    for (int n = 1; n <= 2; n++) {
+        test_dense_pre(2, 6144, 4096, 0, n);
+        test_dense_pre(2, 4096, 4096, 0, n);
+    }
+    test_dense_pre(3, 6144, 4096, 0, 1);
+    test_dense_pre(4, 4096, 4096, 0, 2);
+    test_dense_pre(2, 40, 208, 0, 1);
+    test_dense_pre(3, 136, 4096 + 48, 0, 2);
+    test_dense_pre(2, 72, 12288, 0, 1);
     test_norm_route1_refuse();
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
