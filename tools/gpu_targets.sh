@@ -57,7 +57,9 @@
 #                    pdl_early and dense_pre
 #   sm_W_V_R         decode batch 1 / 8 at context 512, weights W (fp8,
 #                    gptq), variant V (base; e: pdl_early 1; s:
-#                    dense_smem 1; se: both; fp8 only for s / se),
+#                    dense_smem 1; se: both; s2 / s2e: dense_smem 2, the
+#                    largest shared-memory carveout preferred for every
+#                    kernel; fp8 only for s*),
 #                    rounds R: the A/B
 #   trace_b1_fp8_sm  batch 1's timeline (PDL off) with dense_smem 1
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
@@ -217,12 +219,14 @@ tstep smem_tests 300 bash -c 'T() { tap "$1" dense_smem "${@:2}"; }
 SM_VARIANTS="base:MOE_CUDA_DENSE_SMEM=0,MOE_CUDA_PDL_EARLY=0
     e:MOE_CUDA_DENSE_SMEM=0,MOE_CUDA_PDL_EARLY=1
     s:MOE_CUDA_DENSE_SMEM=1,MOE_CUDA_PDL_EARLY=0
-    se:MOE_CUDA_DENSE_SMEM=1,MOE_CUDA_PDL_EARLY=1"
+    se:MOE_CUDA_DENSE_SMEM=1,MOE_CUDA_PDL_EARLY=1
+    s2:MOE_CUDA_DENSE_SMEM=2,MOE_CUDA_PDL_EARLY=0
+    s2e:MOE_CUDA_DENSE_SMEM=2,MOE_CUDA_PDL_EARLY=1"
 for r in 1 2 3; do
     for w in fp8 gptq; do
         for v in $SM_VARIANTS; do
             e=${v#*:}
-            case $w:${v%%:*} in gptq:s|gptq:se) continue ;; esac
+            case $w:${v%%:*} in gptq:s*) continue ;; esac
             tstep sm_${w}_${v%%:*}_$r 45 env ${e//,/ } $NOQ \
                 BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
                 --weights $w

@@ -2522,6 +2522,13 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
      * environment, so they agree) */
     moe_cuda_pdl_set(b->tune.pdl);
     moe_cuda_pdl_early_set(b->tune.pdl_early);
+    if (b->tune.dense_smem == 2) {
+        /* dense_smem 2: every kernel prefers the largest shared-memory
+         * carveout, so an SM kept busy by overlapping launches (PDL)
+         * never needs to drain to fit the 76 KB tiles */
+        (void) cudaSetDevice(device);
+        (void) cudaDeviceSetCacheConfig(cudaFuncCachePreferShared);
+    }
     {
         /* MOE_CUDA_FP8_ACT=0: fp8 prefill dequantizes instead of
          * quantizing activations (the exact path; test_qbackend) */

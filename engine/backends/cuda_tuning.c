@@ -47,7 +47,7 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_ROUTE_FUSE1",   CT_FIELD(route_fuse1),   0, 2 },
     { "MOE_CUDA_ATT_EARLY",     CT_FIELD(att_early),     0, 1 },
     { "MOE_CUDA_DENSE_PRE",     CT_FIELD(dense_pre),     0, 1 },
-    { "MOE_CUDA_DENSE_SMEM",    CT_FIELD(dense_smem),    0, 1 },
+    { "MOE_CUDA_DENSE_SMEM",    CT_FIELD(dense_smem),    0, 2 },
     { "MOE_CUDA_PDL_EARLY",     CT_FIELD(pdl_early),     0, 1 },
 };
 

@@ -316,7 +316,7 @@ main(void)
     refused("MOE_CUDA_ROUTE_FUSE1", "3");
     refused("MOE_CUDA_ATT_EARLY", "2");
     refused("MOE_CUDA_DENSE_PRE", "2");
-    refused("MOE_CUDA_DENSE_SMEM", "2");
+    refused("MOE_CUDA_DENSE_SMEM", "3");
     refused("MOE_CUDA_PDL_EARLY", "-1");
     refused("MOE_CUDA_ATT_BPS", "0");
     refused("MOE_CUDA_ATT_BPS", "65");
