@@ -252,9 +252,14 @@ moe_block_sum(float v, float *sh)
  * given and gridDim.y < E), the y-th non-empty group; -1 when there are
  * fewer non-empty groups than y + 1.  Called by all 32 lanes of a warp
  * (lane = threadIdx.x & 31); every warp of the block gets the same value.
+ * CG: offs read from L2 (ld.global.cg), for a read before the PDL wait
+ * of offs written two or more kernels earlier (the kernel before this
+ * one has waited for their completion before letting this one start; a
+ * line this SM's L1 kept from an earlier step could be stale).
  */
+template <bool CG>
 __device__ __forceinline__ int
-moe_block_group(const int32_t *offs, int E, int lane)
+moe_block_group_t(const int32_t *offs, int E, int lane)
 {
     int y = (int) blockIdx.y;
 
@@ -264,7 +269,10 @@ moe_block_group(const int32_t *offs, int E, int lane)
     for (int b0 = 0; b0 < E; b0 += 32) {
         int      ex = b0 + lane;
         unsigned m = __ballot_sync(0xffffffffu,
-                                   ex < E && offs[ex + 1] > offs[ex]);
+                                   ex < E
+                                   && (CG ? __ldcg(offs + ex + 1)
+                                            > __ldcg(offs + ex)
+                                          : offs[ex + 1] > offs[ex]));
         int      c = __popc(m);
 
         if (y < c) {
@@ -276,6 +284,13 @@ moe_block_group(const int32_t *offs, int E, int lane)
         y -= c;
     }
     return -1;
+}
+
+
+__device__ __forceinline__ int
+moe_block_group(const int32_t *offs, int E, int lane)
+{
+    return moe_block_group_t<false>(offs, E, lane);
 }
 
 

@@ -181,6 +181,14 @@ typedef struct {
                             next kernel still waits for their completion
                             (default 0: not yet measured; process-wide,
                             moe_cuda_pdl_early_set) */
+    int down_pre;        /* MOE_CUDA_DOWN_PRE 0|1: the grouped 4-bit down
+                            projection (by quantization group, up to 16
+                            rows an expert) reads its expert from the
+                            routing's offsets and loads both register
+                            stages of its weights before its PDL wait
+                            (the offsets were written before gate|up),
+                            so they stream during gate|up's last blocks
+                            (default 0: not yet measured) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -189,6 +197,6 @@ typedef struct {
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 2, 1, 1, 1, 1, 1, 1, 1, \
       1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1, MOE_CUDA_TUNING_AUTO, 0,   \
-      0 }
+      0, 0 }
 
 #endif /* MOE_KERNELS_TUNING_H */

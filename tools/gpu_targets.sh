@@ -62,6 +62,17 @@
 #                    kernel; fp8 only for s*),
 #                    rounds R: the A/B
 #   trace_b1_fp8_sm  batch 1's timeline (PDL off) with dense_smem 1
+#   ends_fp8_V       batch 1's timeline with PDL on, fp8, V base / sm
+#                    (dense_smem 1) / early (pdl_early 1): each kernel's
+#                    end past the end of the one before
+#                    (tools/ktrace_ends.py), in the summary
+#   down_tests       down_pre (the grouped 4-bit down projection's
+#                    expert and first weights before its PDL wait):
+#                    test_kernels (quick), then test_backend and
+#                    test_qbackend with it on
+#   dp_W_V_R         decode batch 1 / 8 at context 512, weights W (gptq,
+#                    awq), down_pre V, rounds R: the A/B
+#   ends_gptq_dV     batch 1's PDL-on timeline, GPTQ, down_pre V
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -234,6 +245,42 @@ for r in 1 2 3; do
     done
 done
 TW=fp8 ttrace trace_b1_fp8_sm 1 MOE_CUDA_DENSE_SMEM=1
+# tends NAME WEIGHTS VAR=VALUE...: batch 1's PDL-on timeline, summed by
+# tools/ktrace_ends.py into $OUT/NAME_ends.log
+tends() {
+    local name=$1 w=$2
+    shift 2
+    tstep "$name" 60 env "$@" $NOQ BENCH_CTX=512 BENCH_BATCHES=1 \
+        BENCH_PROMPTS=0 KTRACE_OUT="$OUT/ktrace.txt" \
+        LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights "$w"
+    [ -f "$OUT/ktrace.txt" ] && tools/ktrace_ends.py "$OUT/ktrace.txt" \
+        > "$OUT/${name}_ends.log" 2>&1
+    rm -f "$OUT/ktrace.txt"
+}
+tends ends_fp8_base fp8
+tends ends_fp8_sm fp8 MOE_CUDA_DENSE_SMEM=1
+tends ends_fp8_early fp8 MOE_CUDA_PDL_EARLY=1
+
+# down_pre: the grouped 4-bit down projection's first weights before its
+# PDL wait; the tests, the A/B alternated, the PDL-on timelines
+tstep down_tests 300 bash -c 'T() { tap "$1" down_pre "${@:2}"; }
+    tools/quant_models.sh build/quant > /dev/null || exit 1
+    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
+    T "test_backend down_pre" env MOE_CUDA_DOWN_PRE=1 \
+        build/gpu/test_backend || exit 1
+    T "test_qbackend down_pre" env MOE_CUDA_DOWN_PRE=1 \
+        build/gpu/test_qbackend || exit 1'
+for r in 1 2 3; do
+    for w in gptq awq; do
+        for v in 0 1; do
+            tstep dp_${w}_${v}_$r 45 env MOE_CUDA_DOWN_PRE=$v $NOQ \
+                BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
+                --weights $w
+        done
+    done
+done
+tends ends_gptq_d0 gptq MOE_CUDA_DOWN_PRE=0
+tends ends_gptq_d1 gptq MOE_CUDA_DOWN_PRE=1
 
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
@@ -242,9 +289,9 @@ for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
     q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
-    route1_tests|pre_tests|smem_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
+    route1_tests|pre_tests|smem_tests|down_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
         | cut -c1-200 | head -20; continue ;;
-    r1_*|pre_*|sm_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
+    r1_*|pre_*|sm_*|dp_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
         | sed -E 's/.*value=([0-9.]+).*/copy \1/')" \
         "$(grep -E '^RESULT .*kind=decode' "$OUT/$s.log" \
         | sed -E 's/.* batch=([0-9]+) tok_s=([0-9.]+) .* of_limit=([0-9.]+) .*/b\1 \2 (\3)/' \
@@ -273,6 +320,11 @@ for f in base r2 ae gptq gptq_pre fp8_pre fp8 fp8_sm; do
         && sed -n '1p;4p' "$OUT/trace_b1_${f}_gaps.log" \
         && sed -n '/after the kernel before it/,$p' \
            "$OUT/trace_b1_${f}_gaps.log" | head -12 | cut -c1-110
+done
+
+for f in fp8_base fp8_sm fp8_early gptq_d0 gptq_d1; do
+    [ -f "$OUT/ends_${f}_ends.log" ] && echo "--- ends_$f (PDL on)" \
+        && head -9 "$OUT/ends_${f}_ends.log" | cut -c1-100
 done
 
 fail=0

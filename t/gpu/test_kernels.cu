@@ -829,6 +829,131 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
 
 
 /*
+ * down_pre: the grouped 4-bit GEMV (GPTQ layout, group G) over E experts
+ * whose rows are given by cnt (some groups empty, so the grid is
+ * compact and each block finds its expert in offs), with pre 1: the
+ * blocks read their expert and rows from offs (through L2) and load
+ * their first weights before the PDL wait.  Run A: pre 0, PDL off, after
+ * X is written.  Run B: pre 1, PDL on; offs is written by a kernel two
+ * launches before the GEMV (as the routing before gate|up), then
+ * k_late_rows writes X 50 us after letting the GEMV start.  Y of B must
+ * equal A's (rows of empty experts untouched in both).
+ */
+__global__ void
+k_put_offs(int32_t *offs, const int32_t *src, int n)
+{
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        offs[i] = src[i];
+    }
+}
+
+
+static void
+test_down_pre(int N, int K, int G, int E, const int *cnt)
+{
+    int       n = 0;
+    int32_t   ho[65];
+    for (int e = 0; e < E; e++) {
+        ho[e] = n;
+        n += cnt[e];
+    }
+    ho[E] = n;
+
+    size_t    nx = (size_t) n * K, ny = (size_t) n * N;
+    size_t    nw = (size_t) E * K / 8 * N, nz = (size_t) E * K / G * N / 8;
+    size_t    ns = (size_t) E * K / G * N;
+    uint16_t *xb = (uint16_t *) malloc(2 * nx);
+    float    *xf = (float *) malloc(sizeof(float) * nx);
+    uint32_t *w = (uint32_t *) malloc(4 * nw);
+    uint32_t *z = (uint32_t *) malloc(4 * nz);
+    uint16_t *sc = (uint16_t *) malloc(2 * ns);
+    float    *y[2] = { (float *) malloc(sizeof(float) * ny),
+                       (float *) malloc(sizeof(float) * ny) };
+    int       pdl0 = moe_cuda_pdl_get(), ok, mr = 0;
+    double    err;
+    cudaStream_t st = NULL;
+
+    for (int e = 0; e < E; e++) {
+        mr = cnt[e] > mr ? cnt[e] : mr;
+    }
+    gu_fill_bf(xf, xb, nx, 1.0f);
+    for (size_t i = 0; i < nw; i++) {
+        w[i] = gu_rand();
+    }
+    for (size_t i = 0; i < nz; i++) {
+        z[i] = gu_rand();
+    }
+    for (size_t i = 0; i < ns; i++) {
+        sc[i] = (uint16_t) (0x1c00u + gu_rand() % 0x800u);
+    }
+
+    uint16_t *d_src = (uint16_t *) gu_up(xb, 2 * nx);
+    uint16_t *d_x = (uint16_t *) gu_dev(2 * nx);
+    void     *d_w = gu_up(w, 4 * nw), *d_z = gu_up(z, 4 * nz);
+    void     *d_s = gu_up(sc, 2 * ns);
+    int32_t  *d_ho = (int32_t *) gu_up(ho, sizeof(int32_t) * (E + 1));
+    int32_t  *d_offs = (int32_t *) gu_dev(sizeof(int32_t) * (E + 1));
+    float    *d_y[2] = { (float *) gu_dev(sizeof(float) * ny),
+                         (float *) gu_dev(sizeof(float) * ny) };
+
+    ok = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking)
+         == cudaSuccess;
+    for (int v = 0; v < 2 && ok; v++) {
+        int rc;
+
+        cudaMemsetAsync(d_x, 0xff, 2 * nx, st);        /* NaN rows */
+        cudaMemsetAsync(d_offs, 0x7f, sizeof(int32_t) * (E + 1), st);
+        cudaMemsetAsync(d_y[v], 0, sizeof(float) * ny, st);
+        if (v == 0) {
+            moe_cuda_pdl_set(0);
+            cudaMemcpyAsync(d_offs, d_ho, sizeof(int32_t) * (E + 1),
+                            cudaMemcpyDeviceToDevice, st);
+            cudaMemcpyAsync(d_x, d_src, 2 * nx, cudaMemcpyDeviceToDevice,
+                            st);
+        } else {
+            moe_cuda_pdl_set(1);
+            k_put_offs<<<1, 64, 0, st>>>(d_offs, d_ho, E + 1);
+            k_late_rows<<<1, 256, 0, st>>>(d_x, d_src, (int) nx, 50000ull);
+        }
+        rc = moe_cuda_qgemv_q4g_pre((const moe_bf16_t *) d_x, K, NULL, 1,
+                                    (const int32_t *) d_w,
+                                    (const int32_t *) d_z,
+                                    (const uint16_t *) d_s, G, 1, N, K,
+                                    d_offs, E, n, mr, d_y[v], N, NULL, v,
+                                    st);
+        ok = rc == MOE_K_OK && gu_sync_ok(rc, "down_pre");
+        moe_cuda_pdl_set(pdl0);
+        gu_down(y[v], d_y[v], sizeof(float) * ny);
+    }
+    err = ok ? gu_relerr(y[1], y[0], ny) : NAN;
+    TAP_OK(ok && err <= 1e-6, "down_pre 4-bit GPTQ N %d K %d G %d, %d "
+           "rows over %d experts (largest %d): expert and first weights "
+           "before the PDL wait, offs written two launches before, X 50 us "
+           "after the GEMV may start; Y equal to pre 0 (rel %.2e)", N, K,
+           G, n, E, mr, err);
+    if (st != NULL) {
+        cudaStreamDestroy(st);
+    }
+    cudaFree(d_w);
+    cudaFree(d_z);
+    cudaFree(d_s);
+    cudaFree(d_src);
+    cudaFree(d_x);
+    cudaFree(d_ho);
+    cudaFree(d_offs);
+    cudaFree(d_y[0]);
+    cudaFree(d_y[1]);
+    free(xb);
+    free(xf);
+    free(w);
+    free(z);
+    free(sc);
+    free(y[0]);
+    free(y[1]);
+}
+
+
+/*
  * One sequence of ctx positions on the tensor-core decode kernel with
  * att_early 1 (one token: positions, table and the keys before the last
  * read before the PDL wait, the last key and q after it; the last key's
@@ -2465,6 +2590,24 @@ main(void)
     test_dense_pre(2, 40, 208, 0, 1);
     test_dense_pre(3, 136, 4096 + 48, 0, 2);
     test_dense_pre(2, 72, 12288, 0, 1);
+    {
+        /* down_pre: Mixtral's down projection at batch 1 (2 of 8
+         * experts), batch 4 (8 rows over 5), 16 rows on one expert, a
+         * group of 32 and of 64, and 40 rows (the warpgroup kernel,
+         * which loads after its wait) */
+        static const int b1[8] = { 0, 1, 0, 0, 0, 1, 0, 0 };
+        static const int b4[8] = { 2, 0, 1, 2, 0, 1, 0, 2 };
+        static const int b16[8] = { 0, 0, 0, 16, 0, 0, 0, 0 };
+        static const int odd[4] = { 3, 0, 9, 1 };
+        static const int big[8] = { 40, 0, 0, 0, 0, 0, 0, 0 };
+
+        test_down_pre(4096, 14336, 128, 8, b1);
+        test_down_pre(4096, 14336, 128, 8, b4);
+        test_down_pre(4096, 14336, 128, 8, b16);
+        test_down_pre(256, 1024, 32, 4, odd);
+        test_down_pre(512, 2048, 64, 8, b4);
+        test_down_pre(1024, 1024, 128, 8, big);
+    }
     test_norm_route1_refuse();
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
