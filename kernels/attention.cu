@@ -1384,7 +1384,8 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     bf16 *out, float *part, float ksc, float vsc, int flags)
 {
     /* flags bit 0: att_early (the reads of earlier steps' data before
-     * the PDL wait); bit 1: pdl_early (the next kernel scheduled now) */
+     * the PDL wait); bit 1: pdl_early (the next kernel scheduled now);
+     * bits 8-23: att_split_min in units of 64 keys */
     const bool early = (flags & 1) != 0;
 
     if (flags & 2) {
@@ -1418,9 +1419,12 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     const int j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
     const int nkeys = p - j0 + 1;
 
-    /* effective splits: whole tiles of every warp each, at most nsg */
+    /* effective splits: whole tiles of every warp each, at most nsg,
+     * and (flags bits 8-23, att_split_min) at least that many units of
+     * NW * KT keys a split */
     int per = (nkeys + nsg - 1) / nsg;
 
+    per = max(per, ((flags >> 8) & 0xffff) * (NW * KT));
     per = (per + NW * KT - 1) / (NW * KT) * (NW * KT);
 
     const int nse = (nkeys + per - 1) / per;
@@ -2011,6 +2015,10 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
          * kernel reads them before its PDL wait */
         int early = (tune->att_early && T == 1 ? 1 : 0)
                     | (moe_cuda_pdl_early_get() ? 2 : 0);
+
+        /* att_split_min: at least that many keys a split (whole units
+         * of the kernel's 4 warps x 16 keys) */
+        early |= (tune->att_split_min + 63) / 64 << 8;
 
         grid = dim3((unsigned) pairs, (unsigned) ns);
         return hd == 64

@@ -189,6 +189,12 @@ typedef struct {
                             (the offsets were written before gate|up),
                             so they stream during gate|up's last blocks
                             (default 0: not yet measured) */
+    int att_split_min;   /* MOE_CUDA_ATT_SPLIT_MIN 0..65536: the decode
+                            attention on tensor cores gives each key
+                            split at least this many keys (rounded up to
+                            64), so short contexts take fewer splits and
+                            less merging (default 0: the grid's splits,
+                            64 keys a split at least) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -197,6 +203,6 @@ typedef struct {
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 2, 1, 1, 1, 1, 1, 1, 1, \
       1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1, MOE_CUDA_TUNING_AUTO, 0,   \
-      0, 0 }
+      0, 0, 0 }
 
 #endif /* MOE_KERNELS_TUNING_H */

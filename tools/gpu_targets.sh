@@ -73,6 +73,11 @@
 #   dp_W_V_R         decode batch 1 / 8 at context 512, weights W (gptq,
 #                    awq), down_pre V, rounds R: the A/B
 #   ends_gptq_dV     batch 1's PDL-on timeline, GPTQ, down_pre V
+#   asm_tests        att_split_min (fewer, longer decode attention
+#                    splits): test_kernels (quick), test_backend with 512
+#   asm_W_M_R        decode batch 1 / 8 at context 512 and 4000, weights
+#                    W (fp8, gptq), att_split_min M (0, 128, 256, 512),
+#                    rounds R: the A/B
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -282,6 +287,21 @@ done
 tends ends_gptq_d0 gptq MOE_CUDA_DOWN_PRE=0
 tends ends_gptq_d1 gptq MOE_CUDA_DOWN_PRE=1
 
+# att_split_min: the tests, then the A/B alternated
+tstep asm_tests 300 bash -c 'T() { tap "$1" att_split_min "${@:2}"; }
+    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
+    T "test_backend 512" env MOE_CUDA_ATT_SPLIT_MIN=512 \
+        build/gpu/test_backend || exit 1'
+for r in 1 2 3; do
+    for w in fp8 gptq; do
+        for m in 0 128 256 512; do
+            tstep asm_${w}_${m}_$r 45 env MOE_CUDA_ATT_SPLIT_MIN=$m $NOQ \
+                BENCH_CTX=512,4000 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 \
+                $BENCH --weights $w
+        done
+    done
+done
+
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
@@ -289,9 +309,9 @@ for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
     q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
-    route1_tests|pre_tests|smem_tests|down_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
+    route1_tests|pre_tests|smem_tests|down_tests|asm_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
         | cut -c1-200 | head -20; continue ;;
-    r1_*|pre_*|sm_*|dp_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
+    r1_*|pre_*|sm_*|dp_*|asm_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
         | sed -E 's/.*value=([0-9.]+).*/copy \1/')" \
         "$(grep -E '^RESULT .*kind=decode' "$OUT/$s.log" \
         | sed -E 's/.* batch=([0-9]+) tok_s=([0-9.]+) .* of_limit=([0-9.]+) .*/b\1 \2 (\3)/' \

@@ -50,6 +50,7 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_DENSE_SMEM",    CT_FIELD(dense_smem),    0, 2 },
     { "MOE_CUDA_PDL_EARLY",     CT_FIELD(pdl_early),     0, 1 },
     { "MOE_CUDA_DOWN_PRE",      CT_FIELD(down_pre),      0, 1 },
+    { "MOE_CUDA_ATT_SPLIT_MIN", CT_FIELD(att_split_min), 0, 65536 },
 };
 
 
@@ -142,7 +143,7 @@ moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf, size_t len)
                     "q4_gemv=%d fp8_gemv=%d fp8_ggemm=%d att_prefill_wg=%d "
                     "att_prefill_wg8=%d fp8_gsched=%d fp8_dgrouped=%d "
                     "route_fuse1=%d att_early=%d dense_pre=%d dense_smem=%d "
-                    "pdl_early=%d down_pre=%d",
+                    "pdl_early=%d down_pre=%d att_split_min=%d",
                     t->graphs, t->sample_tokens, t->gemv_max_t,
                     t->dense_gemv_t, t->ggemm_max_t, t->gemv_fma_rows,
                     t->att_split_bps, t->att_long_ctx, t->att_long_bps,
@@ -152,5 +153,5 @@ moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf, size_t len)
                     t->att_prefill_wg, t->att_prefill_wg8, t->fp8_gsched,
                     t->fp8_dgrouped, t->route_fuse1, t->att_early,
                     t->dense_pre, t->dense_smem, t->pdl_early,
-                    t->down_pre);
+                    t->down_pre, t->att_split_min);
 }

@@ -624,23 +624,27 @@ test_attention_whole(void)
  * 64 at one sequence: the most splits); fp8 1: an e4m3 cache; early:
  * the record's att_early (the tensor-core kernel takes it at one token).
  */
+static int att_smin;    /* the record's att_split_min for the next cases */
+
 static void
 test_attention_dke(int tc, int early, int fp8, int bps, int nh, int nkv,
     int hd, int window, int ns, const int *len, const char *what)
 {
     moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
-    char              w[128];
+    char              w[160];
 
     r.att_decode_tc = tc;
     r.att_early = early;
+    r.att_split_min = att_smin;
     if (bps > 0) {
         r.att_split_bps = bps;
     }
     att_tune = &r;
     att_fp8 = fp8;
-    snprintf(w, sizeof(w), "%s: %s kernel, att_early %d, %s cache, bps %d",
-             what, tc ? "tc" : "simt", early, fp8 ? "fp8" : "bf16",
-             r.att_split_bps);
+    snprintf(w, sizeof(w), "%s: %s kernel, att_early %d, %s cache, bps %d"
+             "%s%.0d", what, tc ? "tc" : "simt", early, fp8 ? "fp8" : "bf16",
+             r.att_split_bps, att_smin > 0 ? ", att_split_min " : "",
+             att_smin);
     test_attention_v(nh, nkv, hd, window, 0, ns, len, w);
     att_tune = NULL;
     att_fp8 = 0;
@@ -2502,6 +2506,16 @@ main(void)
             test_attention_early(1, 0, 16, 4, 64, 0, 33);
             test_attention_early(0, 0, 32, 8, 128, 100, 2100); /* window */
             test_attention_early(1, 0, 32, 8, 128, 16, 17);
+            /* att_split_min: fewer, longer splits (one at 512 keys for
+             * a context of 512; the merge of 2-16 otherwise) */
+            for (int sm = 0; sm < 3; sm++) {
+                att_smin = sm == 0 ? 128 : sm == 1 ? 512 : 4000;
+                test_attention_early(0, 0, 32, 8, 128, 0, 512);
+                test_attention_early(1, 0, 32, 8, 128, 0, 1000);
+                test_attention_early(0, 64, 32, 8, 128, 0, 9000);
+                test_attention_early(1, 0, 16, 4, 64, 100, 2100);
+            }
+            att_smin = 0;
         }
         if (!quick) {
             test_attention_dk1(64, 32, 8, 128, 0, 8192);    /* 64 splits */
