@@ -1381,16 +1381,8 @@ __global__ void __launch_bounds__(ATT_NT, 2)
 kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const KV *kv_layer, int block_size, int n_heads, int n_kv, int window,
-    bf16 *out, float *part, float ksc, float vsc, int flags)
+    bf16 *out, float *part, float ksc, float vsc, int early)
 {
-    /* flags bit 0: att_early (the reads of earlier steps' data before
-     * the PDL wait); bit 1: pdl_early (the next kernel scheduled now);
-     * bits 8-23: att_split_min in units of 64 keys */
-    const bool early = (flags & 1) != 0;
-
-    if (flags & 2) {
-        moe_pdl_trigger();
-    }
     if (!early) {
         moe_pdl_enter();
     }
@@ -1419,12 +1411,9 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     const int j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
     const int nkeys = p - j0 + 1;
 
-    /* effective splits: whole tiles of every warp each, at most nsg,
-     * and (flags bits 8-23, att_split_min) at least that many units of
-     * NW * KT keys a split */
+    /* effective splits: whole tiles of every warp each, at most nsg */
     int per = (nkeys + nsg - 1) / nsg;
 
-    per = max(per, ((flags >> 8) & 0xffff) * (NW * KT));
     per = (per + NW * KT - 1) / (NW * KT) * (NW * KT);
 
     const int nse = (nkeys + per - 1) / per;
@@ -1881,13 +1870,13 @@ att_dtc_launch(dim3 grid, cudaStream_t stream, const float *qkv, int ld,
     const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
     const int32_t *bt_off, const KV *kv, int block_size, int n_heads,
     int n_kv, int window, bf16 *out, float *part, float ksc, float vsc,
-    int flags)
+    int early)
 {
     MOE_TRY(att_dtc_prepare());
     MOE_CUDA_CHECK(moe_launch(kernel_attention_decode_tc<HD, KV>, grid, ATT_NT,
         att_dtc_shape<HD, KV>::SMEM, stream, qkv, ld, tok_pos, tok_seq, bt,
         bt_off, kv, block_size, n_heads, n_kv, window, out, part, ksc, vsc,
-        flags));
+        early));
     return MOE_K_OK;
 }
 
@@ -2013,12 +2002,7 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
         /* one token (att_early): the keys before its position are
          * earlier steps' (the step's only rope writes key p), so the
          * kernel reads them before its PDL wait */
-        int early = (tune->att_early && T == 1 ? 1 : 0)
-                    | (moe_cuda_pdl_early_get() ? 2 : 0);
-
-        /* att_split_min: at least that many keys a split (whole units
-         * of the kernel's 4 warps x 16 keys) */
-        early |= (tune->att_split_min + 63) / 64 << 8;
+        int early = tune->att_early && T == 1;
 
         grid = dim3((unsigned) pairs, (unsigned) ns);
         return hd == 64

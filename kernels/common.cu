@@ -44,20 +44,3 @@ moe_cuda_pdl_set(int on)
 {
     __atomic_store_n(&moe_cuda_pdl, on ? 1 : 0, __ATOMIC_RELAXED);
 }
-
-
-static int moe_cuda_pdl_early = 0;
-
-
-extern "C" int
-moe_cuda_pdl_early_get(void)
-{
-    return __atomic_load_n(&moe_cuda_pdl_early, __ATOMIC_RELAXED);
-}
-
-
-extern "C" void
-moe_cuda_pdl_early_set(int on)
-{
-    __atomic_store_n(&moe_cuda_pdl_early, on ? 1 : 0, __ATOMIC_RELAXED);
-}

@@ -72,24 +72,6 @@ moe_pdl_enter(void)
 }
 
 
-/*
- * griddepcontrol.launch_dependents alone, before moe_pdl_enter (the
- * tuning record's pdl_early, moe_cuda_pdl_early_get): the next kernel's
- * blocks may be scheduled as soon as every block of this one has started,
- * one kernel earlier than moe_pdl_enter lets them; their own
- * griddepcontrol.wait still returns only once this grid has completed
- * (and so, transitively, every grid before it).  Nothing else changes:
- * this kernel's reads still wait in moe_pdl_enter.
- */
-__device__ __forceinline__ void
-moe_pdl_trigger(void)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-
 /* Bring the 128-byte line of p into L2: a hint (no register, no wait); L2
  * is coherent, so it may come before moe_pdl_enter for data that the
  * kernels before never write (weights). */
@@ -252,14 +234,9 @@ moe_block_sum(float v, float *sh)
  * given and gridDim.y < E), the y-th non-empty group; -1 when there are
  * fewer non-empty groups than y + 1.  Called by all 32 lanes of a warp
  * (lane = threadIdx.x & 31); every warp of the block gets the same value.
- * CG: offs read from L2 (ld.global.cg), for a read before the PDL wait
- * of offs written two or more kernels earlier (the kernel before this
- * one has waited for their completion before letting this one start; a
- * line this SM's L1 kept from an earlier step could be stale).
  */
-template <bool CG>
 __device__ __forceinline__ int
-moe_block_group_t(const int32_t *offs, int E, int lane)
+moe_block_group(const int32_t *offs, int E, int lane)
 {
     int y = (int) blockIdx.y;
 
@@ -269,10 +246,7 @@ moe_block_group_t(const int32_t *offs, int E, int lane)
     for (int b0 = 0; b0 < E; b0 += 32) {
         int      ex = b0 + lane;
         unsigned m = __ballot_sync(0xffffffffu,
-                                   ex < E
-                                   && (CG ? __ldcg(offs + ex + 1)
-                                            > __ldcg(offs + ex)
-                                          : offs[ex + 1] > offs[ex]));
+                                   ex < E && offs[ex + 1] > offs[ex]);
         int      c = __popc(m);
 
         if (y < c) {
@@ -284,13 +258,6 @@ moe_block_group_t(const int32_t *offs, int E, int lane)
         y -= c;
     }
     return -1;
-}
-
-
-__device__ __forceinline__ int
-moe_block_group(const int32_t *offs, int E, int lane)
-{
-    return moe_block_group_t<false>(offs, E, lane);
 }
 
 

@@ -45,11 +45,6 @@ void moe_cuda_set_error(const char *fmt, ...)
  * backend sets it from its tuning record).  Process-wide. */
 void moe_cuda_pdl_set(int on);
 int moe_cuda_pdl_get(void);
-/* Process-wide: the kernels before the dense projections (un-permute +
- * norm, rope, decode attention) call moe_pdl_trigger before their PDL
- * wait (the tuning record's pdl_early; default 0). */
-void moe_cuda_pdl_early_set(int on);
-int moe_cuda_pdl_early_get(void);
 
 #ifdef __cplusplus
 }

@@ -108,13 +108,6 @@ int moe_cuda_gemv_fp8_warps(const moe_bf16_t *X, int ldx,
  * dense_pre; moe_cuda_gemv_fp8 adds it from tune).  The same sums.
  */
 #define MOE_FP8H_PRE 4
-/* plus MOE_FP8H_SMEM (variant 0, no SiLU, offs NULL, n <= tp, the tile
- * fitting 227 KB with the staged rows): the block's whole 16-row weight
- * tile is copied into shared memory before the PDL wait
- * (kernel_gemv_fp8s; the tuning record's dense_smem, added by
- * moe_cuda_gemv_fp8 from tune); it takes precedence over MOE_FP8H_PRE.
- * The same sums. */
-#define MOE_FP8H_SMEM 8
 int moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     int xdiv, const uint8_t *W, const float *scale, int mode, int N, int Kd,
     const int32_t *offs, int E, int n, int tp, int silu, float *Y,

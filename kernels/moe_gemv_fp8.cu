@@ -37,7 +37,6 @@
 
 #include "common.cuh"
 #include "ptx.cuh"
-#include "wgmma.cuh"
 #include "moe_gemv.h"
 #include "moe_ggemm.h"
 #include "quant_gemv.h"
@@ -843,141 +842,6 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
 }
 
 
-/* ------------------------------------------------------------------ */
-/* kernel_gemv_fp8s: the whole weight tile staged before the wait      */
-
-#define F8S_WARPS 8                     /* warps per block */
-#define F8S_RPAD  64                    /* bytes past each staged row */
-
-/* Bytes of one staged weight row: whole 128-k chunks plus F8S_RPAD, so a
- * row starts 64 bytes off the 128-byte bank period from the one before
- * (a quarter warp's 16-byte reads of rows g and g + 1 hit disjoint
- * banks). */
-static __host__ __device__ __forceinline__ int
-f8s_wsl(int Kd)
-{
-    return (Kd + F8_CK - 1) / F8_CK * F8_CK + F8S_RPAD;
-}
-
-
-/*
- * Dense one-pass GEMV (offs NULL, n <= TP rows, no SiLU) on f16
- * fragments with the block's whole 16-row weight tile in shared memory:
- * before its PDL wait the block asks for the tile with one bulk copy a
- * row (cp.async.bulk on an mbarrier; weights are never written by the
- * kernels before), so the bytes stream while the kernel before runs (the
- * decode attention before the o projection).  After the wait it stages
- * the rows as f16 (f8h_stage), waits for the tile and runs kernel_gemv_
- * fp8h's products from shared memory (conflict-free LDS.128), then its
- * epilogue; the warps' partial sums reuse the tile's memory.  The same
- * sums as kernel_gemv_fp8h.  Dynamic shared memory: f8s_smem().
- */
-template <int MODE, int NW>
-__global__ void __launch_bounds__(NW * 32)
-kernel_gemv_fp8s(const bf16 *X, int ldx, const uint8_t *W,
-    const float *scale, int N, int Kd, int n, int TP, float *Y, int ldy)
-{
-    constexpr bool BLK = MODE == MOE_K_FP8_BLOCK;
-    constexpr int  UNR = 2;
-    extern __shared__ uint4 f8h_dyn[];
-    __shared__ __align__(8) uint64_t bar;
-    __shared__ uint32_t smax[NW][8];
-    __shared__ float    sinv[8];
-    const int           lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int           g = lane >> 2, q = lane & 3;
-    const int           j0 = blockIdx.x * 16;
-    const int           nch = (Kd + F8_CK - 1) / F8_CK;
-    const int           xsl = nch * F8_CK + F8H_PAD, wsl = f8s_wsl(Kd);
-    uint16_t           *xs = reinterpret_cast<uint16_t *>(f8h_dyn);
-    uint8_t            *ws = reinterpret_cast<uint8_t *>(f8h_dyn)
-                             + (size_t) TP * xsl * 2;
-    const int           rows = min(16, N - j0);
-
-    if (warp == 0) {
-        if (lane == 0) {
-            moe_mbar_init(&bar, 1);
-            moe_mbar_init_fence();
-            moe_mbar_expect(&bar, (uint32_t) (rows * Kd));
-        }
-        __syncwarp();
-        if (lane < rows) {
-            moe_bulk_g2s(ws + (size_t) lane * wsl,
-                         W + (size_t) (j0 + lane) * Kd, (uint32_t) Kd, &bar);
-        }
-    }
-    moe_pdl_enter();
-
-    const uint8_t *arow[1][2];
-    bool           aval[1][2];
-    const float   *bsc[1];
-    float          acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
-
-    f8_gv_rows<1, BLK>(arow, aval, bsc, W, scale, 0, N, N, Kd, j0, g, nch);
-    /* its block barriers also publish the barrier's initialisation */
-    f8h_stage<NW>(xs, xsl, sinv, smax, X, ldx, NULL, 1, 0, n, TP, Kd, nch);
-    moe_mbar_wait(&bar, 0);
-
-    const uint16_t *xt = g < TP && g < n ? xs + (size_t) g * xsl : NULL;
-    const uint8_t  *wr[2] = { ws + (size_t) g * wsl,
-                              ws + (size_t) (g + 8) * wsl };
-
-    for (int c0 = warp; c0 < nch; c0 += NW * UNR) {
-        f8_stage<1, UNR> st;
-
-#pragma unroll
-        for (int u = 0; u < UNR; u++) {
-            int c = c0 + u * NW;
-
-#pragma unroll
-            for (int p = 0; p < 2; p++) {
-                int  k = c * F8_CK + p * 64 + q * 16;
-                bool kv = c < nch && k < Kd;
-
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    st.a[u][0][h][p] = kv && aval[0][h]
-                        ? *reinterpret_cast<const uint4 *>(wr[h] + k)
-                        : make_uint4(0, 0, 0, 0);
-                }
-            }
-        }
-        f8h_compute<1, UNR, NW, BLK>(acc, st, xt, c0, nch, q, bsc);
-    }
-    __syncthreads();            /* every warp is done with the tile */
-
-    float (&red)[NW][4][32] = *reinterpret_cast<float (*)[NW][4][32]>(ws);
-
-#pragma unroll
-    for (int c = 0; c < 4; c++) {
-        red[warp][c][lane] = acc[0][c];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < 4 * 32; i += NW * 32) {
-        int l = i & 31, c = i >> 5;
-        int col = j0 + (l >> 2) + (c >= 2 ? 8 : 0);
-        int t = 2 * (l & 3) + (c & 1);
-
-        f8_gv_out<1, NW, MODE, 4, true>(red, c, l, col < N && t < TP && t < n,
-                                        sinv, t, scale, 0, N, N, col, t, Y,
-                                        NULL, ldy);
-    }
-}
-
-
-/* Dynamic shared memory of kernel_gemv_fp8s: tp staged f16 rows, then
- * the weight tile (at least the warps' partial sums). */
-static size_t
-f8s_smem(int Kd, int tp)
-{
-    size_t xs = (size_t) tp * ((Kd + F8_CK - 1) / F8_CK * F8_CK + F8H_PAD)
-                * 2;
-    size_t wt = (size_t) 16 * f8s_wsl(Kd);
-    size_t rd = (size_t) F8S_WARPS * 4 * 32 * sizeof(float);
-
-    return xs + (wt > rd ? wt : rd);
-}
-
-
 /* Whether a grid of `blocks` 4-warp blocks (NT 1, no SiLU) fits in one
  * wave of F8_WARPS_WIDE-warp blocks: then the wide kernel splits each
  * column tile's K range over twice the warps, and the SMs hold twice the
@@ -1164,13 +1028,11 @@ moe_cuda_gemv_fp8(const moe_bf16_t *X, int ldx, const int32_t *xrow,
 
     if (tp > 0) {
         /* f16 fragments, the pass's rows staged (kernel_gemv_fp8h) */
-        const moe_cuda_tuning_t *t = tune != NULL ? tune : &defaults;
+        int pre = (tune != NULL ? tune : &defaults)->dense_pre > 0;
 
         return moe_cuda_gemv_fp8h(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
                                   offs, E, n, tp, silu, Y, H, ldy,
-                                  (t->dense_pre > 0 ? MOE_FP8H_PRE : 0)
-                                  | (t->dense_smem > 0 ? MOE_FP8H_SMEM : 0),
-                                  stream);
+                                  pre ? MOE_FP8H_PRE : 0, stream);
     }
     return moe_cuda_gemv_fp8_tiled(X, ldx, xrow, xdiv, W, scale, mode, N, Kd,
                                    offs, E, n, silu, Y, H, ldy,
@@ -1739,38 +1601,6 @@ f8h_go(dim3 grid, size_t smem, cudaStream_t s, const bf16 *X, int ldx,
 }
 
 
-/* The largest dynamic shared memory kernel_gemv_fp8s takes: the sm_90
- * per-block limit (227 KB) less 1 KB for its static shared memory (the
- * limit counts both). */
-#define F8S_SMEM_MAX (226 * 1024)
-
-
-/* kernel_gemv_fp8s's launch; its limits raised once per device. */
-template <int MODE>
-static int
-f8s_go(int N, size_t smem, cudaStream_t s, const bf16 *X, int ldx,
-    const uint8_t *W, const float *scale, int Kd, int n, int tp, float *Y,
-    int ldy)
-{
-    static bool ready[64];
-    int         dev = 0;
-
-    MOE_CUDA_CHECK(cudaGetDevice(&dev));
-    if (dev < 0 || dev >= 64 || !ready[dev]) {
-        MOE_CUDA_CHECK(moe_smem_max_carveout(
-            kernel_gemv_fp8s<MODE, F8S_WARPS>, F8S_SMEM_MAX));
-        if (dev >= 0 && dev < 64) {
-            ready[dev] = true;
-        }
-    }
-    (void) moe_launch(kernel_gemv_fp8s<MODE, F8S_WARPS>,
-                      dim3((unsigned) ((N + 15) / 16)), F8S_WARPS * 32, smem,
-                      s, X, ldx, W, scale, N, Kd, n, tp, Y, ldy);
-    MOE_CUDA_CHECK_LAUNCH("kernel_gemv_fp8s");
-    return MOE_K_OK;
-}
-
-
 /* Whether `blocks` blocks of the 8-warp kernel (no SiLU) fit one wave;
  * the occupancy query cached for the last shared-memory size (eager
  * steps launch with one or two sizes). */
@@ -1859,9 +1689,8 @@ moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
         return MOE_K_EUNSUPPORTED;
     }
     const int   pre = (variant & MOE_FP8H_PRE) != 0;
-    const int   stg = (variant & MOE_FP8H_SMEM) != 0;
 
-    variant &= ~(MOE_FP8H_PRE | MOE_FP8H_SMEM);
+    variant &= ~MOE_FP8H_PRE;
     if (tp < 1 || tp > 8 || moe_cuda_fp8h_tp(Kd, tp) != tp || variant < 0
         || variant > 3)
     {
@@ -1872,22 +1701,6 @@ moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     }
     if (n == 0 || groups == 0) {
         return MOE_K_OK;
-    }
-    if (stg && variant == 0 && !silu && offs == NULL && n <= tp
-        && f8s_smem(Kd, tp) <= F8S_SMEM_MAX)
-    {
-        /* dense_smem: the whole weight tile staged before the wait */
-        smem = f8s_smem(Kd, tp);
-        if (mode == MOE_K_FP8_TENSOR) {
-            return f8s_go<MOE_K_FP8_TENSOR>(N, smem, stream, x, ldx, W, scale,
-                                            Kd, n, tp, Y, ldy);
-        }
-        if (mode == MOE_K_FP8_CHANNEL) {
-            return f8s_go<MOE_K_FP8_CHANNEL>(N, smem, stream, x, ldx, W,
-                                             scale, Kd, n, tp, Y, ldy);
-        }
-        return f8s_go<MOE_K_FP8_BLOCK>(N, smem, stream, x, ldx, W, scale, Kd,
-                                       n, tp, Y, ldy);
     }
     grid = dim3((unsigned) ((N + 15) / 16), (unsigned) groups);
     smem = (size_t) tp * f8h_xsl(Kd) * 2;

@@ -394,16 +394,12 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const size_t      pfstep = (size_t) 4 * U * Ntot;
     const uint32_t   *pfb = qweight + (size_t) pr * Ntot + (ps ? cb1 : cb0);
     int               r0, r1;
-    /* PRE (its own instantiations, launched without SiLU for one matrix
-     * in one pass, dense_pre, or grouped, down_pre): the weights, zeros
-     * and scales of both register stages load before the PDL wait, so
-     * they stream while the kernel before runs; the inputs after it.
-     * Grouped, the block's group and rows are read before the wait too,
-     * from L2: the launcher's caller guarantees offs was written two or
-     * more kernels earlier (the down projection after gate|up) */
-    bool              pre = PRE && MR == 1
-                            && (offs != NULL
-                                || (n <= 8 * NT && xrow == NULL));
+    /* PRE (its own instantiations, launched for one matrix without
+     * SiLU), one pass: the weights, zeros and scales of both register
+     * stages load before the PDL wait, so they stream while the kernel
+     * before runs; the inputs after it */
+    bool              pre = PRE && MR == 1 && offs == NULL && n <= 8 * NT
+                            && xrow == NULL;
     if (offs == NULL && !pre) {
         /* one matrix: its weights are known before the kernel this one
          * waits for has finished (weights are never written) */
@@ -416,9 +412,7 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     }
 
     /* offs NULL: nothing read */
-    const int         e = PRE && pre ? q_group_rows<true>(offs, E, n, &r0,
-                                                          &r1)
-                                     : q_group_rows(offs, E, n, &r0, &r1);
+    const int         e = q_group_rows(offs, E, n, &r0, &r1);
 
     if (e < 0 || r1 <= r0) {
         if (pre) {
@@ -460,7 +454,7 @@ kernel_qgemv_q4g(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
         /* and the next Q4G_PRE_L2 chunks' lines into L2 */
         for (int c = ch0 + ST; c < ch1 && c < ch0 + ST + Q4G_PRE_L2; c++) {
-            moe_prefetch_l2(pfe + (size_t) c * pfstep);
+            moe_prefetch_l2(pfb + (size_t) c * pfstep);
         }
         moe_pdl_enter();
     }
@@ -588,11 +582,10 @@ q4g_launch(int tiles, int ng, int S, const bf16 *X, int ldx,
 
     q_cluster_cfg(&cfg, at, tiles, ng, S, NW * 32, 0, stream);
     if constexpr (MR == 1) {
-        if ((pa & Q4G_PRE) != 0
-            && (offs != NULL || (xrow == NULL && n <= 8 * NT)))
+        if ((pa & Q4G_PRE) != 0 && offs == NULL && xrow == NULL
+            && n <= 8 * NT)
         {
-            /* dense_pre (one matrix), down_pre (grouped): the
-             * instantiations that load before the wait */
+            /* dense_pre: the instantiations that load before the wait */
             MOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg,
                                               kernel_qgemv_q4g<MR, U, NW,
                                                                MINB, AN, NT,

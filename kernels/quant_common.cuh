@@ -14,20 +14,18 @@
 
 #include "common.cuh"
 
-/* Rows [r0, r1) of this block's group (r0 = r1 when it has none).
- * CG: offs read from L2 (moe_block_group_t), before the PDL wait. */
-template <bool CG = false>
+/* Rows [r0, r1) of this block's group (r0 = r1 when it has none). */
 __device__ __forceinline__ int
 q_group_rows(const int32_t *offs, int E, int n, int *r0, int *r1)
 {
-    int e = moe_block_group_t<CG>(offs, E, (int) threadIdx.x & 31);
+    int e = moe_block_group(offs, E, (int) threadIdx.x & 31);
 
     if (e < 0 || e >= E) {
         *r0 = *r1 = 0;
         return -1;
     }
-    *r0 = offs != NULL ? (CG ? __ldcg(offs + e) : offs[e]) : 0;
-    *r1 = offs != NULL ? (CG ? __ldcg(offs + e + 1) : offs[e + 1]) : n;
+    *r0 = offs != NULL ? offs[e] : 0;
+    *r1 = offs != NULL ? offs[e + 1] : n;
     return e;
 }
 

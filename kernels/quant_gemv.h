@@ -207,13 +207,7 @@ int moe_cuda_qgemv_q4g_rows(const moe_bf16_t *X, int ldx,
  * matrix (offs NULL, xrow NULL) in one pass (n <= 8 on passes of 8, 16
  * on passes of 16) loads the weights, zeros and scales of both register
  * stages before its PDL wait and asks the next chunks' lines into L2
- * there, the inputs after it; the same sums.  pre 0: exactly _rows.
- * Grouped (offs given, no SiLU, up to 16 rows a group: the tuning
- * record's down_pre) with pre 1, each block also reads its group and
- * rows from offs (through L2) before the wait, so offs must have been
- * written by a kernel two or more launches before this one on the
- * stream (the down projection after gate|up), never by the kernel just
- * before it: that one may still be running. */
+ * there, the inputs after it; the same sums.  pre 0: exactly _rows. */
 int moe_cuda_qgemv_q4g_pre(const moe_bf16_t *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *qweight,
     const int32_t *qzeros, const uint16_t *scales, int G, int zero_bias,

@@ -139,11 +139,8 @@ __global__ void __launch_bounds__(MOE_RMS_THREADS)
 kernel_unpermute_rmsnorm(float *__restrict__ x, const float *__restrict__ ye,
     const int32_t *sel, const float *selw, const int32_t *slot_of, int K,
     const int32_t *rows, int D, const float *__restrict__ w, float eps,
-    __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32, int early)
+    __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32)
 {
-    if (early) {
-        moe_pdl_trigger();
-    }
     moe_pdl_enter();
     __shared__ float sh[32];
     __shared__ int   ord_row[MOE_UNPERM_MAX_K];
@@ -187,11 +184,8 @@ kernel_unpermute_rmsnorm_q(float *__restrict__ x,
     const float *__restrict__ ws, size_t ws_stride, const int32_t *sel,
     const float *selw, const int32_t *slot_of, int K, const int32_t *rows,
     int D, const float *__restrict__ w, float eps,
-    __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32, int early)
+    __nv_bfloat16 *__restrict__ out, float *__restrict__ out_f32)
 {
-    if (early) {
-        moe_pdl_trigger();
-    }
     moe_pdl_enter();
     __shared__ float sh[32];
     __shared__ int   ord_row[MOE_UNPERM_MAX_K];
@@ -266,8 +260,7 @@ moe_cuda_unpermute_rmsnorm(float *x, const float *ye, const int32_t *sel,
     MOE_CUDA_CHECK(moe_rms_dispatch(nv, [&](auto NV) {
         return moe_launch(kernel_unpermute_rmsnorm<decltype(NV)::value>, n_rows,
                           MOE_RMS_THREADS, 0, stream, x, ye, sel, selw,
-                          slot_of, K, rows, D, w, eps, o, out_f32,
-                          moe_cuda_pdl_early_get());
+                          slot_of, K, rows, D, w, eps, o, out_f32);
     }));
     return MOE_K_OK;
 }
@@ -302,7 +295,7 @@ moe_cuda_unpermute_rmsnorm_q(float *x, const moe_bf16_t *yq, const float *qh,
         return moe_launch(kernel_unpermute_rmsnorm_q<decltype(NV)::value>, n_rows,
                           MOE_RMS_THREADS, 0, stream, x, y, qh, ws,
                           ws_stride, sel, selw, slot_of, K, rows, D, w, eps,
-                          o, out_f32, moe_cuda_pdl_early_get());
+                          o, out_f32);
     }));
     return MOE_K_OK;
 }

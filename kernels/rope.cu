@@ -67,11 +67,8 @@ __global__ void
 kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
     const int32_t *pos, const int32_t *slot, const float *inv_freq,
     const float *tok_base, float attn, KV *kv_layer, int block_size,
-    float ksc, float vsc, moe_cuda_rope_src_t src, int early)
+    float ksc, float vsc, moe_cuda_rope_src_t src)
 {
-    if (early) {
-        moe_pdl_trigger();
-    }
     moe_pdl_enter();
     int            t = blockIdx.x, half = hd / 2;
     int            h = blockIdx.y * blockDim.y + threadIdx.y;
@@ -177,7 +174,7 @@ moe_cuda_rope_kv(float *qkv, int ld, int T, int n_heads, int n_kv, int hd,
             grid, block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot,
             inv_freq, tok_base, attn,
             reinterpret_cast<__nv_bfloat16 *>(kv_layer), block_size, 1.0f,
-            1.0f, moe_cuda_rope_src_t(), moe_cuda_pdl_early_get()));
+            1.0f, moe_cuda_rope_src_t()));
         return MOE_K_OK;
     }
     MOE_CUDA_CHECK(moe_launch(kernel_rope_kv, T, 128, 0, stream, qkv, ld,
@@ -211,7 +208,7 @@ moe_cuda_rope_kv_fp8(float *qkv, int ld, int T, int n_heads, int n_kv,
     MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<uint8_t, false>, grid,
         block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot, inv_freq,
         tok_base, attn, kv_layer, block_size, k_scale, v_scale,
-        moe_cuda_rope_src_t(), moe_cuda_pdl_early_get()));
+        moe_cuda_rope_src_t()));
     return MOE_K_OK;
 }
 
@@ -245,12 +242,12 @@ moe_cuda_rope_kv_q(float *qkv, int ld, const moe_cuda_rope_src_t *src,
         MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<uint8_t, true>, grid,
             block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot,
             inv_freq, tok_base, attn, (uint8_t *) kv_layer, block_size,
-            k_scale, v_scale, *src, moe_cuda_pdl_early_get()));
+            k_scale, v_scale, *src));
     } else {
         MOE_CUDA_CHECK(moe_launch(kernel_rope_kv_heads<__nv_bfloat16, true>,
             grid, block, 0, stream, qkv, ld, n_heads, n_kv, hd, pos, slot,
             inv_freq, tok_base, attn, (__nv_bfloat16 *) kv_layer,
-            block_size, 1.0f, 1.0f, *src, moe_cuda_pdl_early_get()));
+            block_size, 1.0f, 1.0f, *src));
     }
     return MOE_K_OK;
 }

@@ -163,38 +163,6 @@ typedef struct {
                             experts (their dense projections are 4-bit
                             too), else 0 (H100 run 23b, batch 1: GPTQ
                             +1.2 %, AWQ +1.6 %, fp8 -0.8 %) */
-    int dense_smem;      /* MOE_CUDA_DENSE_SMEM 0|1: a dense fp8
-                            projection's GEMV of one pass copies each
-                            block's whole 16-row weight tile into shared
-                            memory before its PDL wait (kernel_gemv_fp8s,
-                            bulk copies), so the whole matrix can stream
-                            while the kernels before run; takes
-                            precedence over dense_pre (default 0: not
-                            yet measured) */
-    int pdl_early;       /* MOE_CUDA_PDL_EARLY 0|1: the kernels before the
-                            dense projections (the un-permute + norm,
-                            rope, the decode attention) let the next
-                            kernel be scheduled as they start, before
-                            their own PDL wait, so its blocks (and the
-                            weights dense_pre / dense_smem load before
-                            their wait) start one kernel earlier; the
-                            next kernel still waits for their completion
-                            (default 0: not yet measured; process-wide,
-                            moe_cuda_pdl_early_set) */
-    int down_pre;        /* MOE_CUDA_DOWN_PRE 0|1: the grouped 4-bit down
-                            projection (by quantization group, up to 16
-                            rows an expert) reads its expert from the
-                            routing's offsets and loads both register
-                            stages of its weights before its PDL wait
-                            (the offsets were written before gate|up),
-                            so they stream during gate|up's last blocks
-                            (default 0: not yet measured) */
-    int att_split_min;   /* MOE_CUDA_ATT_SPLIT_MIN 0..65536: the decode
-                            attention on tensor cores gives each key
-                            split at least this many keys (rounded up to
-                            64), so short contexts take fewer splits and
-                            less merging (default 0: the grid's splits,
-                            64 keys a split at least) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -202,7 +170,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 2, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1, MOE_CUDA_TUNING_AUTO, 0,   \
-      0, 0, 0 }
+      1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1, MOE_CUDA_TUNING_AUTO }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -485,23 +485,6 @@ moe_cluster_sync(void)
 }
 
 
-/* ---- bulk copies (no tensor map) ---- */
-
-/* `bytes` (a multiple of 16; src and dst 16-byte aligned) from global src
- * into this CTA's shared dst, completing on bar (whose phase must expect
- * them: moe_mbar_expect). */
-__device__ __forceinline__ void
-moe_bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar)
-{
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
-        "[%0], [%1], %2, [%3];\n"
-        :: "r"((uint32_t) __cvta_generic_to_shared(dst)), "l"(src),
-           "r"(bytes), "r"((uint32_t) __cvta_generic_to_shared(bar))
-        : "memory");
-}
-
-
 /* ---- TMA tile loads (the map a __grid_constant__ kernel parameter) ---- */
 
 /* The box of a 2-d map at (c0 along the inner dimension, c1) into dst,

@@ -48,36 +48,10 @@
 #   pre_W_V_R        decode batch 1 / 8 at context 512, weights W (fp8,
 #                    gptq), dense_pre V, rounds R: the A/B
 #   trace_b1_{gptq_pre,fp8_pre,fp8}  batch 1's timelines (PDL off)
-#   smem_tests       dense_smem (the dense fp8 GEMV's whole weight tile
-#                    copied into shared memory before the PDL wait) and
-#                    pdl_early (the kernels before the dense projections
-#                    let the next one be scheduled before their wait):
-#                    test_kernels (quick), then test_backend and
-#                    test_qbackend with both on, and test_qbackend with
-#                    pdl_early and dense_pre
-#   sm_W_V_R         decode batch 1 / 8 at context 512, weights W (fp8,
-#                    gptq), variant V (base; e: pdl_early 1; s:
-#                    dense_smem 1; se: both; s2 / s2e: dense_smem 2, the
-#                    largest shared-memory carveout preferred for every
-#                    kernel; fp8 only for s*),
-#                    rounds R: the A/B
-#   trace_b1_fp8_sm  batch 1's timeline (PDL off) with dense_smem 1
-#   ends_fp8_V       batch 1's timeline with PDL on, fp8, V base / sm
-#                    (dense_smem 1) / early (pdl_early 1): each kernel's
-#                    end past the end of the one before
-#                    (tools/ktrace_ends.py), in the summary
-#   down_tests       down_pre (the grouped 4-bit down projection's
-#                    expert and first weights before its PDL wait):
-#                    test_kernels (quick), then test_backend and
-#                    test_qbackend with it on
-#   dp_W_V_R         decode batch 1 / 8 at context 512, weights W (gptq,
-#                    awq), down_pre V, rounds R: the A/B
-#   ends_gptq_dV     batch 1's PDL-on timeline, GPTQ, down_pre V
-#   asm_tests        att_split_min (fewer, longer decode attention
-#                    splits): test_kernels (quick), test_backend with 512
-#   asm_W_M_R        decode batch 1 / 8 at context 512 and 4000, weights
-#                    W (fp8, gptq), att_split_min M (0, 128, 256, 512),
-#                    rounds R: the A/B
+#   ends_W           batch 1's timeline with PDL on (the defaults), W fp8
+#                    and gptq: each kernel's end past the end of the one
+#                    launched before it (tools/ktrace_ends.py), in the
+#                    summary
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -223,33 +197,6 @@ TW=gptq ttrace trace_b1_gptq_pre 1 MOE_CUDA_DENSE_PRE=1
 TW=fp8 ttrace trace_b1_fp8_pre 1 MOE_CUDA_DENSE_PRE=1
 TW=fp8 ttrace trace_b1_fp8 1
 
-# dense_smem and pdl_early: the tests, the A/B alternated, a timeline
-tstep smem_tests 300 bash -c 'T() { tap "$1" dense_smem "${@:2}"; }
-    tools/quant_models.sh build/quant > /dev/null || exit 1
-    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    E="MOE_CUDA_DENSE_SMEM=1 MOE_CUDA_PDL_EARLY=1"
-    T "test_backend smem+early" env $E build/gpu/test_backend || exit 1
-    T "test_qbackend smem+early" env $E build/gpu/test_qbackend || exit 1
-    T "test_qbackend pre+early" env MOE_CUDA_DENSE_PRE=1 \
-        MOE_CUDA_PDL_EARLY=1 build/gpu/test_qbackend || exit 1'
-SM_VARIANTS="base:MOE_CUDA_DENSE_SMEM=0,MOE_CUDA_PDL_EARLY=0
-    e:MOE_CUDA_DENSE_SMEM=0,MOE_CUDA_PDL_EARLY=1
-    s:MOE_CUDA_DENSE_SMEM=1,MOE_CUDA_PDL_EARLY=0
-    se:MOE_CUDA_DENSE_SMEM=1,MOE_CUDA_PDL_EARLY=1
-    s2:MOE_CUDA_DENSE_SMEM=2,MOE_CUDA_PDL_EARLY=0
-    s2e:MOE_CUDA_DENSE_SMEM=2,MOE_CUDA_PDL_EARLY=1"
-for r in 1 2 3; do
-    for w in fp8 gptq; do
-        for v in $SM_VARIANTS; do
-            e=${v#*:}
-            case $w:${v%%:*} in gptq:s*) continue ;; esac
-            tstep sm_${w}_${v%%:*}_$r 45 env ${e//,/ } $NOQ \
-                BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
-                --weights $w
-        done
-    done
-done
-TW=fp8 ttrace trace_b1_fp8_sm 1 MOE_CUDA_DENSE_SMEM=1
 # tends NAME WEIGHTS VAR=VALUE...: batch 1's PDL-on timeline, summed by
 # tools/ktrace_ends.py into $OUT/NAME_ends.log
 tends() {
@@ -262,45 +209,8 @@ tends() {
         > "$OUT/${name}_ends.log" 2>&1
     rm -f "$OUT/ktrace.txt"
 }
-tends ends_fp8_base fp8
-tends ends_fp8_sm fp8 MOE_CUDA_DENSE_SMEM=1
-tends ends_fp8_early fp8 MOE_CUDA_PDL_EARLY=1
-
-# down_pre: the grouped 4-bit down projection's first weights before its
-# PDL wait; the tests, the A/B alternated, the PDL-on timelines
-tstep down_tests 300 bash -c 'T() { tap "$1" down_pre "${@:2}"; }
-    tools/quant_models.sh build/quant > /dev/null || exit 1
-    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    T "test_backend down_pre" env MOE_CUDA_DOWN_PRE=1 \
-        build/gpu/test_backend || exit 1
-    T "test_qbackend down_pre" env MOE_CUDA_DOWN_PRE=1 \
-        build/gpu/test_qbackend || exit 1'
-for r in 1 2 3; do
-    for w in gptq awq; do
-        for v in 0 1; do
-            tstep dp_${w}_${v}_$r 45 env MOE_CUDA_DOWN_PRE=$v $NOQ \
-                BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
-                --weights $w
-        done
-    done
-done
-tends ends_gptq_d0 gptq MOE_CUDA_DOWN_PRE=0
-tends ends_gptq_d1 gptq MOE_CUDA_DOWN_PRE=1
-
-# att_split_min: the tests, then the A/B alternated
-tstep asm_tests 300 bash -c 'T() { tap "$1" att_split_min "${@:2}"; }
-    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    T "test_backend 512" env MOE_CUDA_ATT_SPLIT_MIN=512 \
-        build/gpu/test_backend || exit 1'
-for r in 1 2 3; do
-    for w in fp8 gptq; do
-        for m in 0 128 256 512; do
-            tstep asm_${w}_${m}_$r 45 env MOE_CUDA_ATT_SPLIT_MIN=$m $NOQ \
-                BENCH_CTX=512,4000 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 \
-                $BENCH --weights $w
-        done
-    done
-done
+tends ends_fp8 fp8
+tends ends_gptq gptq
 
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
@@ -309,9 +219,9 @@ for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
     q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
-    route1_tests|pre_tests|smem_tests|down_tests|asm_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
+    route1_tests|pre_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
         | cut -c1-200 | head -20; continue ;;
-    r1_*|pre_*|sm_*|dp_*|asm_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
+    r1_*|pre_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
         | sed -E 's/.*value=([0-9.]+).*/copy \1/')" \
         "$(grep -E '^RESULT .*kind=decode' "$OUT/$s.log" \
         | sed -E 's/.* batch=([0-9]+) tok_s=([0-9.]+) .* of_limit=([0-9.]+) .*/b\1 \2 (\3)/' \
@@ -335,16 +245,16 @@ done
     && sed -n '/kernel time by kernel/,$p' "$OUT/trace_fp8g_gaps.log" \
     | head -24
 
-for f in base r2 ae gptq gptq_pre fp8_pre fp8 fp8_sm; do
+for f in base r2 ae gptq gptq_pre fp8_pre fp8; do
     [ -f "$OUT/trace_b1_${f}_gaps.log" ] && echo "--- trace_b1_$f (PDL off)" \
         && sed -n '1p;4p' "$OUT/trace_b1_${f}_gaps.log" \
         && sed -n '/after the kernel before it/,$p' \
            "$OUT/trace_b1_${f}_gaps.log" | head -12 | cut -c1-110
 done
 
-for f in fp8_base fp8_sm fp8_early gptq_d0 gptq_d1; do
+for f in fp8 gptq; do
     [ -f "$OUT/ends_${f}_ends.log" ] && echo "--- ends_$f (PDL on)" \
-        && head -9 "$OUT/ends_${f}_ends.log" | cut -c1-100
+        && head -12 "$OUT/ends_${f}_ends.log" | cut -c1-110
 done
 
 fail=0

@@ -2521,14 +2521,6 @@ cb_create(const moe_hparams_t *hp, const moe_model_t *m,
     /* process-wide (every backend of a process reads the same
      * environment, so they agree) */
     moe_cuda_pdl_set(b->tune.pdl);
-    moe_cuda_pdl_early_set(b->tune.pdl_early);
-    if (b->tune.dense_smem == 2) {
-        /* dense_smem 2: every kernel prefers the largest shared-memory
-         * carveout, so an SM kept busy by overlapping launches (PDL)
-         * never needs to drain to fit the 76 KB tiles */
-        (void) cudaSetDevice(device);
-        (void) cudaDeviceSetCacheConfig(cudaFuncCachePreferShared);
-    }
     {
         /* MOE_CUDA_FP8_ACT=0: fp8 prefill dequantizes instead of
          * quantizing activations (the exact path; test_qbackend) */
@@ -2830,13 +2822,11 @@ cb_q4g_ok(const cuda_backend_t *b, const cb_qw_t *w, int mr, int silu)
 
 
 /* The quantized GEMV of a packed part (kernels/quant_gemv.h), grouped
- * over E experts by offs (NULL: one matrix, n rows).  late: offs was
- * written two or more launches before this one (the down projection),
- * so the grouped 4-bit GEMV may read it before its PDL wait (down_pre). */
+ * over E experts by offs (NULL: one matrix, n rows). */
 static int
 cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const int32_t *offs, int E, int n,
-    int mr, float *Y, int ldy, int late)
+    int mr, float *Y, int ldy)
 {
     if (w->fmt == MOE_WF_FP8
         && moe_cuda_fp8_supported(w->mode, w->N, w->K, ldx, 0))
@@ -2866,15 +2856,13 @@ cb_qgemv(cuda_backend_t *b, const cb_qw_t *w, const bf16 *X, int ldx,
         b->q4w_calls += mr > CB_Q4G_MAX_ROWS;
         /* dense_pre: a dense matrix's first weights load before the
          * kernel's PDL wait (the kernel applies it to one pass of one
-         * matrix only); down_pre: the same for the grouped down
-         * projection, its group read from offs there too */
+         * matrix only) */
         return moe_cuda_qgemv_q4g_pre((const moe_bf16_t *) X, ldx, xrow,
                                       xdiv, (const int32_t *) w->w,
                                       w->zeros, w->scales, w->G,
                                       w->zero_bias, w->N, w->K, offs, E, n,
                                       mr, Y, ldy, NULL,
-                                      offs == NULL ? b->tune.dense_pre > 0
-                                      : late && b->tune.down_pre > 0,
+                                      b->tune.dense_pre > 0 && offs == NULL,
                                       b->stream);
     }
     return moe_cuda_qgemv_q4(w->fmt == MOE_WF_AWQ ? MOE_K_Q4_AWQ
@@ -3254,7 +3242,7 @@ cb_dense_proj(cuda_backend_t *b, const cb_qw_t *w, int T, const bf16 *X,
                          ldy);
     }
     if (T <= b->tune.dense_gemv_t && ldx % 8 == 0) {
-        return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy, 0);
+        return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy);
     }
     if (T <= b->tune.ggemm_max_t && ldx % 8 == 0
         && (w->fmt == MOE_WF_AWQ || w->fmt == MOE_WF_GPTQ))
@@ -3264,7 +3252,7 @@ cb_dense_proj(cuda_backend_t *b, const cb_qw_t *w, int T, const bf16 *X,
          * of the step instead of 6.8; H200 2026-12-02).  fp8 keeps the
          * cuBLASLt path here: the e4m3 grouped GEMM with one group took
          * 2.13 ms of the batch-64 step against 1.39 */
-        return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy, 0);
+        return cb_qgemv(b, w, X, ldx, NULL, 1, NULL, 1, T, T, Y, ldy);
     }
     {
         int rc = cb_fp8_gemm(b, w, T, X, ldx, 0, Y, ldy);
@@ -3329,7 +3317,7 @@ cb_fp8_ggemm(cuda_backend_t *b, const cb_qw_t *w, int N, const bf16 *X,
 static int
 cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
     int ldx, const int32_t *xrow, int xdiv, const int32_t *offs, int n,
-    int mr, float *Y, int ldy, int late)
+    int mr, float *Y, int ldy)
 {
     const bf16 *W = (const bf16 *) w->w;
     int         EL = w->count, e0 = b->hp.expert_first, e, r0, ne;
@@ -3337,7 +3325,7 @@ cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
     if (path == CB_PATH_GEMV) {
         if (w->fmt != MOE_WF_BF16) {
             return cb_qgemv(b, w, X, ldx, xrow, xdiv, offs, EL, n, mr, Y,
-                            ldy, late);
+                            ldy);
         }
         return moe_cuda_gemv((const moe_bf16_t *) X, ldx, xrow, xdiv,
                              (const moe_bf16_t *) W, w->N, w->K, offs, EL, n,
@@ -3350,8 +3338,7 @@ cb_expert_proj(cuda_backend_t *b, const cb_qw_t *w, int path, const bf16 *X,
          * and reads the packed bytes: far cheaper than dequantizing every
          * expert each step (first H200 run: AWQ batch 64 at 2 % of its
          * limit through the scratch) */
-        return cb_qgemv(b, w, X, ldx, xrow, xdiv, offs, EL, n, mr, Y, ldy,
-                        late);
+        return cb_qgemv(b, w, X, ldx, xrow, xdiv, offs, EL, n, mr, Y, ldy);
     }
     if (path == CB_PATH_BLAS && w->fmt == MOE_WF_FP8) {
         /* prefill: the fp8 tensor cores, rows gathered per expert */
@@ -3752,15 +3739,15 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
              * tiles, each twice the work: 150 us against 85 + 3 for
              * AWQ gate|up at batch 1, bench/dev/quant_gemv, H200) */
             MOE_TRY(cb_expert_proj(b, &g, path, X, D, xrow, xdiv, loffs,
-                                   T * K, mr, b->gu, 2 * F, 0));
+                                   T * K, mr, b->gu, 2 * F));
             MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F,
                                       (moe_bf16_t *) b->hbuf, s));
         }
     } else if (wg->fmt != MOE_WF_BF16) {
         MOE_TRY(cb_expert_proj(b, wg, path, X, D, xrow, xdiv, loffs, T * K,
-                               mr, b->gu, 2 * F, 0));
+                               mr, b->gu, 2 * F));
         MOE_TRY(cb_expert_proj(b, wu, path, X, D, xrow, xdiv, loffs, T * K,
-                               mr, b->gu + F, 2 * F, 0));
+                               mr, b->gu + F, 2 * F));
         MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf,
                                   s));
     } else if (path == CB_PATH_GEMV) {
@@ -3791,10 +3778,8 @@ cb_experts(cuda_backend_t *b, int l, int T, int path, int mr,
         MOE_TRY(moe_cuda_silu_mul(b->gu, T * K, F, (moe_bf16_t *) b->hbuf,
                                   s));
     }
-    /* late 1: gate|up (or the SiLU after it) ran between the routing that
-     * wrote loffs and this launch */
     return cb_expert_proj(b, wd, path, b->hbuf, F, NULL, 1, loffs, T * K, mr,
-                          b->ye, D, 1);
+                          b->ye, D);
 }
 
 

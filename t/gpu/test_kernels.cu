@@ -624,27 +624,23 @@ test_attention_whole(void)
  * 64 at one sequence: the most splits); fp8 1: an e4m3 cache; early:
  * the record's att_early (the tensor-core kernel takes it at one token).
  */
-static int att_smin;    /* the record's att_split_min for the next cases */
-
 static void
 test_attention_dke(int tc, int early, int fp8, int bps, int nh, int nkv,
     int hd, int window, int ns, const int *len, const char *what)
 {
     moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
-    char              w[160];
+    char              w[128];
 
     r.att_decode_tc = tc;
     r.att_early = early;
-    r.att_split_min = att_smin;
     if (bps > 0) {
         r.att_split_bps = bps;
     }
     att_tune = &r;
     att_fp8 = fp8;
-    snprintf(w, sizeof(w), "%s: %s kernel, att_early %d, %s cache, bps %d"
-             "%s%.0d", what, tc ? "tc" : "simt", early, fp8 ? "fp8" : "bf16",
-             r.att_split_bps, att_smin > 0 ? ", att_split_min " : "",
-             att_smin);
+    snprintf(w, sizeof(w), "%s: %s kernel, att_early %d, %s cache, bps %d",
+             what, tc ? "tc" : "simt", early, fp8 ? "fp8" : "bf16",
+             r.att_split_bps);
     test_attention_v(nh, nkv, hd, window, 0, ns, len, w);
     att_tune = NULL;
     att_fp8 = 0;
@@ -700,12 +696,8 @@ k_late_rows(uint16_t *X, const uint16_t *src, int n, unsigned long long ns)
  * The dense GEMVs with dense_pre (weights of both register stages loaded
  * before the PDL wait): fmt 0 e4m3 per channel (moe_cuda_gemv_fp8 with
  * the record's dense_pre, f16 fragments), fmt 1 4-bit GPTQ layout
- * (moe_cuda_qgemv_q4g_pre), n rows of X; with dense_smem (the whole
- * weight tile copied into shared memory before the wait,
- * kernel_gemv_fp8s): fmt 2 e4m3 per channel, fmt 3 e4m3 in 128x128
- * blocks, fmt 4 one e4m3 scale.  Run A: dense_pre 0 (and dense_smem 0),
- * PDL off, after X is written.  Run B: dense_pre 1 (fmt 2-4:
- * dense_smem 1), PDL on, launched right after
+ * (moe_cuda_qgemv_q4g_pre), n rows of X.  Run A: dense_pre 0, PDL off,
+ * after X is written.  Run B: dense_pre 1, PDL on, launched right after
  * k_late_rows, which writes X 50 us after letting the GEMV start (X is
  * NaN until then).  Y of B must equal A's (the same sums in the same
  * order; relative L2 <= 1e-6 allowed for the compiler's freedom): a
@@ -733,25 +725,18 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
     for (int v = 0; v < 2; v++) {
         d_y[v] = (float *) gu_dev(sizeof(float) * ny);
     }
-    const int f8 = fmt != 1;
-    const int mode = fmt == 3 ? MOE_K_FP8_BLOCK
-                     : fmt == 4 ? MOE_K_FP8_TENSOR : MOE_K_FP8_CHANNEL;
-    const size_t nsc = fmt == 3 ? (size_t) ((N + 127) / 128)
-                                  * ((K + 127) / 128)
-                       : fmt == 4 ? 1 : (size_t) N;
-
-    if (f8) {
+    if (fmt == 0) {
         uint8_t *w = (uint8_t *) malloc((size_t) N * K);
-        float   *sc = (float *) malloc(sizeof(float) * nsc);
+        float   *sc = (float *) malloc(sizeof(float) * N);
 
         for (size_t i = 0; i < (size_t) N * K; i++) {
             w[i] = gu_rand_e4m3();
         }
-        for (size_t i = 0; i < nsc; i++) {
+        for (int i = 0; i < N; i++) {
             sc[i] = 5e-4f + 1.5e-3f * gu_uniform();
         }
         d_w = gu_up(w, (size_t) N * K);
-        d_s = gu_up(sc, sizeof(float) * nsc);
+        d_s = gu_up(sc, sizeof(float) * N);
         free(w);
         free(sc);
     } else {
@@ -782,8 +767,7 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
     for (int v = 0; v < 2 && ok; v++) {
         int rc;
 
-        tu.dense_pre = fmt <= 1 ? v : 0;
-        tu.dense_smem = fmt >= 2 ? v : 0;
+        tu.dense_pre = v;
         cudaMemsetAsync(d_x, 0xff, 2 * nx, st);        /* NaN rows */
         if (v == 0) {
             moe_cuda_pdl_set(0);
@@ -793,10 +777,10 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
             moe_cuda_pdl_set(1);
             k_late_rows<<<1, 256, 0, st>>>(d_x, d_src, (int) nx, 50000ull);
         }
-        rc = f8
+        rc = fmt == 0
              ? moe_cuda_gemv_fp8((const moe_bf16_t *) d_x, K, NULL, 1,
                                  (const uint8_t *) d_w, (const float *) d_s,
-                                 mode, N, K, NULL, 1, n, n, 0,
+                                 MOE_K_FP8_CHANNEL, N, K, NULL, 1, n, n, 0,
                                  d_y[v], NULL, N, &tu, st)
              : moe_cuda_qgemv_q4g_pre((const moe_bf16_t *) d_x, K, NULL, 1,
                                       (const int32_t *) d_w,
@@ -808,13 +792,12 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
         gu_down(y[v], d_y[v], sizeof(float) * ny);
     }
     err = ok ? gu_relerr(y[1], y[0], ny) : NAN;
-    TAP_OK(ok && err <= 1e-6, "%s %s N %d K %d%s%.0d, %d row%s: "
+    TAP_OK(ok && err <= 1e-6, "dense_pre %s N %d K %d%s%.0d, %d row%s: "
            "weights before the PDL wait, X written 50 us after the GEMV "
            "may start; Y equal to dense_pre 0 (rel %.2e)",
-           fmt >= 2 ? "dense_smem" : "dense_pre",
-           fmt == 1 ? "4-bit GPTQ" : fmt == 3 ? "e4m3 128x128 blocks"
-           : fmt == 4 ? "e4m3 per tensor" : "e4m3 per channel", N, K,
-           f8 ? "" : " G ", f8 ? 0 : G, n, n > 1 ? "s" : "", err);
+           fmt == 0 ? "e4m3 per channel" : "4-bit GPTQ", N, K,
+           fmt == 0 ? "" : " G ", fmt == 0 ? 0 : G, n, n > 1 ? "s" : "",
+           err);
     if (st != NULL) {
         cudaStreamDestroy(st);
     }
@@ -827,131 +810,6 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
     cudaFree(d_y[1]);
     free(xb);
     free(xf);
-    free(y[0]);
-    free(y[1]);
-}
-
-
-/*
- * down_pre: the grouped 4-bit GEMV (GPTQ layout, group G) over E experts
- * whose rows are given by cnt (some groups empty, so the grid is
- * compact and each block finds its expert in offs), with pre 1: the
- * blocks read their expert and rows from offs (through L2) and load
- * their first weights before the PDL wait.  Run A: pre 0, PDL off, after
- * X is written.  Run B: pre 1, PDL on; offs is written by a kernel two
- * launches before the GEMV (as the routing before gate|up), then
- * k_late_rows writes X 50 us after letting the GEMV start.  Y of B must
- * equal A's (rows of empty experts untouched in both).
- */
-__global__ void
-k_put_offs(int32_t *offs, const int32_t *src, int n)
-{
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        offs[i] = src[i];
-    }
-}
-
-
-static void
-test_down_pre(int N, int K, int G, int E, const int *cnt)
-{
-    int       n = 0;
-    int32_t   ho[65];
-    for (int e = 0; e < E; e++) {
-        ho[e] = n;
-        n += cnt[e];
-    }
-    ho[E] = n;
-
-    size_t    nx = (size_t) n * K, ny = (size_t) n * N;
-    size_t    nw = (size_t) E * K / 8 * N, nz = (size_t) E * K / G * N / 8;
-    size_t    ns = (size_t) E * K / G * N;
-    uint16_t *xb = (uint16_t *) malloc(2 * nx);
-    float    *xf = (float *) malloc(sizeof(float) * nx);
-    uint32_t *w = (uint32_t *) malloc(4 * nw);
-    uint32_t *z = (uint32_t *) malloc(4 * nz);
-    uint16_t *sc = (uint16_t *) malloc(2 * ns);
-    float    *y[2] = { (float *) malloc(sizeof(float) * ny),
-                       (float *) malloc(sizeof(float) * ny) };
-    int       pdl0 = moe_cuda_pdl_get(), ok, mr = 0;
-    double    err;
-    cudaStream_t st = NULL;
-
-    for (int e = 0; e < E; e++) {
-        mr = cnt[e] > mr ? cnt[e] : mr;
-    }
-    gu_fill_bf(xf, xb, nx, 1.0f);
-    for (size_t i = 0; i < nw; i++) {
-        w[i] = gu_rand();
-    }
-    for (size_t i = 0; i < nz; i++) {
-        z[i] = gu_rand();
-    }
-    for (size_t i = 0; i < ns; i++) {
-        sc[i] = (uint16_t) (0x1c00u + gu_rand() % 0x800u);
-    }
-
-    uint16_t *d_src = (uint16_t *) gu_up(xb, 2 * nx);
-    uint16_t *d_x = (uint16_t *) gu_dev(2 * nx);
-    void     *d_w = gu_up(w, 4 * nw), *d_z = gu_up(z, 4 * nz);
-    void     *d_s = gu_up(sc, 2 * ns);
-    int32_t  *d_ho = (int32_t *) gu_up(ho, sizeof(int32_t) * (E + 1));
-    int32_t  *d_offs = (int32_t *) gu_dev(sizeof(int32_t) * (E + 1));
-    float    *d_y[2] = { (float *) gu_dev(sizeof(float) * ny),
-                         (float *) gu_dev(sizeof(float) * ny) };
-
-    ok = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking)
-         == cudaSuccess;
-    for (int v = 0; v < 2 && ok; v++) {
-        int rc;
-
-        cudaMemsetAsync(d_x, 0xff, 2 * nx, st);        /* NaN rows */
-        cudaMemsetAsync(d_offs, 0x7f, sizeof(int32_t) * (E + 1), st);
-        cudaMemsetAsync(d_y[v], 0, sizeof(float) * ny, st);
-        if (v == 0) {
-            moe_cuda_pdl_set(0);
-            cudaMemcpyAsync(d_offs, d_ho, sizeof(int32_t) * (E + 1),
-                            cudaMemcpyDeviceToDevice, st);
-            cudaMemcpyAsync(d_x, d_src, 2 * nx, cudaMemcpyDeviceToDevice,
-                            st);
-        } else {
-            moe_cuda_pdl_set(1);
-            k_put_offs<<<1, 64, 0, st>>>(d_offs, d_ho, E + 1);
-            k_late_rows<<<1, 256, 0, st>>>(d_x, d_src, (int) nx, 50000ull);
-        }
-        rc = moe_cuda_qgemv_q4g_pre((const moe_bf16_t *) d_x, K, NULL, 1,
-                                    (const int32_t *) d_w,
-                                    (const int32_t *) d_z,
-                                    (const uint16_t *) d_s, G, 1, N, K,
-                                    d_offs, E, n, mr, d_y[v], N, NULL, v,
-                                    st);
-        ok = rc == MOE_K_OK && gu_sync_ok(rc, "down_pre");
-        moe_cuda_pdl_set(pdl0);
-        gu_down(y[v], d_y[v], sizeof(float) * ny);
-    }
-    err = ok ? gu_relerr(y[1], y[0], ny) : NAN;
-    TAP_OK(ok && err <= 1e-6, "down_pre 4-bit GPTQ N %d K %d G %d, %d "
-           "rows over %d experts (largest %d): expert and first weights "
-           "before the PDL wait, offs written two launches before, X 50 us "
-           "after the GEMV may start; Y equal to pre 0 (rel %.2e)", N, K,
-           G, n, E, mr, err);
-    if (st != NULL) {
-        cudaStreamDestroy(st);
-    }
-    cudaFree(d_w);
-    cudaFree(d_z);
-    cudaFree(d_s);
-    cudaFree(d_src);
-    cudaFree(d_x);
-    cudaFree(d_ho);
-    cudaFree(d_offs);
-    cudaFree(d_y[0]);
-    cudaFree(d_y[1]);
-    free(xb);
-    free(xf);
-    free(w);
-    free(z);
-    free(sc);
     free(y[0]);
     free(y[1]);
 }
@@ -2506,16 +2364,6 @@ main(void)
             test_attention_early(1, 0, 16, 4, 64, 0, 33);
             test_attention_early(0, 0, 32, 8, 128, 100, 2100); /* window */
             test_attention_early(1, 0, 32, 8, 128, 16, 17);
-            /* att_split_min: fewer, longer splits (one at 512 keys for
-             * a context of 512; the merge of 2-16 otherwise) */
-            for (int sm = 0; sm < 3; sm++) {
-                att_smin = sm == 0 ? 128 : sm == 1 ? 512 : 4000;
-                test_attention_early(0, 0, 32, 8, 128, 0, 512);
-                test_attention_early(1, 0, 32, 8, 128, 0, 1000);
-                test_attention_early(0, 64, 32, 8, 128, 0, 9000);
-                test_attention_early(1, 0, 16, 4, 64, 100, 2100);
-            }
-            att_smin = 0;
         }
         if (!quick) {
             test_attention_dk1(64, 32, 8, 128, 0, 8192);    /* 64 splits */
@@ -2592,36 +2440,6 @@ main(void)
     test_dense_pre(1, 128, 512, 32, 1);
     test_dense_pre(1, 192, 1024, 64, 2);
     test_dense_pre(1, 256, 4096, 128, 9);
-    /* dense_smem: mixtral's q|k|v and o at 1 and 2 rows, each scale
-     * mode, odd shapes (a partial last tile and chunk, fewer chunks than
-     * warps), a K whose tile takes most of the 227 KB */
-    for (int n = 1; n <= 2; n++) {
-        test_dense_pre(2, 6144, 4096, 0, n);
-        test_dense_pre(2, 4096, 4096, 0, n);
-    }
-    test_dense_pre(3, 6144, 4096, 0, 1);
-    test_dense_pre(4, 4096, 4096, 0, 2);
-    test_dense_pre(2, 40, 208, 0, 1);
-    test_dense_pre(3, 136, 4096 + 48, 0, 2);
-    test_dense_pre(2, 72, 12288, 0, 1);
-    {
-        /* down_pre: Mixtral's down projection at batch 1 (2 of 8
-         * experts), batch 4 (8 rows over 5), 16 rows on one expert, a
-         * group of 32 and of 64, and 40 rows (the warpgroup kernel,
-         * which loads after its wait) */
-        static const int b1[8] = { 0, 1, 0, 0, 0, 1, 0, 0 };
-        static const int b4[8] = { 2, 0, 1, 2, 0, 1, 0, 2 };
-        static const int b16[8] = { 0, 0, 0, 16, 0, 0, 0, 0 };
-        static const int odd[4] = { 3, 0, 9, 1 };
-        static const int big[8] = { 40, 0, 0, 0, 0, 0, 0, 0 };
-
-        test_down_pre(4096, 14336, 128, 8, b1);
-        test_down_pre(4096, 14336, 128, 8, b4);
-        test_down_pre(4096, 14336, 128, 8, b16);
-        test_down_pre(256, 1024, 32, 4, odd);
-        test_down_pre(512, 2048, 64, 8, b4);
-        test_down_pre(1024, 1024, 128, 8, big);
-    }
     test_norm_route1_refuse();
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
