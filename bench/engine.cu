@@ -1022,8 +1022,7 @@ bench_attention(void)
                 for (int gk = 0; gk < 4; gk++) {
                     int               grid = gk >> 1, tc = !(gk & 1);
                     moe_cuda_att_kv_t o = { kvf, 1.0f, 1.0f,
-                                            grid ? ctx : 0, 0, NULL, NULL,
-                                            NULL, 1.0f };
+                                            grid ? ctx : 0, 0 };
                     moe_cuda_tuning_t tr = MOE_CUDA_TUNING_DEFAULTS;
                     double            ms, lim;
 

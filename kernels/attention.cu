@@ -60,8 +60,6 @@
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
 #include "attention.h"
-#include "rope.h"
-#include "rope.cuh"
 
 /* kernel_attention_prefill_simt */
 #define ATT_WARPS      4
@@ -1378,80 +1376,13 @@ att_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
  *   and owns output columns d = HD / 8 * c + n (c: the C column, n: the
  *   8-wide tile).  The V scale goes on the output.
  */
-/* The head dimension d of q element (k, e) of lane quad tq in the decode
- * kernel's q load (below): bf16 cache 16 k + 2 tq (+1, +8, +9 for e 1,
- * 2, 3); e4m3 16 (4 (k / 4) + tq) + 4 (k % 4) + e. */
-template <int HD, bool F8>
-__device__ __forceinline__ int
-att_q_dim(int k, int e, int tq)
-{
-    return F8 ? 16 * (4 * (k / 4) + tq) + 4 * (k % 4) + e
-              : 16 * k + 2 * tq + (e & 1) + (e >> 1) * 8;
-}
-
-
-/* One K or V element into the cache as kernel_rope_kv_heads writes it. */
-__device__ __forceinline__ void
-att_put_kv(bf16 *d, float x, float sc)
-{
-    (void) sc;
-    *d = moe_f2bf(x);
-}
-
-__device__ __forceinline__ void
-att_put_kv(fp8 *d, float x, float sc)
-{
-    *d = (fp8) __nv_cvt_float_to_fp8(x / sc, __NV_SATFINITE, __NV_E4M3);
-}
-
-
-/* att_rope's K / V write for one kv head g of the token whose q|k|v row is
- * row (its position p, token index t), one warp: kernel_rope_kv_heads's
- * arithmetic (rotate_half of k by p * inv_freq, cos and sin times attn;
- * v as it is), into the cache rows kd / vd. */
-template <int HD, typename KV>
-__device__ __forceinline__ void
-att_rope_kv(const float *row, int n_heads, int n_kv, int g, KV *kd, KV *vd,
-    int p, int t, const float *rinv, const float *rbase, float ratt,
-    float ksc, float vsc, int lane)
-{
-    const float *kr = row + (size_t) (n_heads + g) * HD;
-    const float *vr = row + (size_t) (n_heads + n_kv + g) * HD;
-
-    for (int i = lane; i < HD / 2; i += 32) {
-        float x1 = kr[i], x2 = kr[i + HD / 2];
-
-        if (rinv != NULL) {
-            float inv = moe_rope_inv(rinv, rbase, t, i, HD);
-            float ang = (float) p * inv;
-            float c = cosf(ang) * ratt, sn = sinf(ang) * ratt;
-            float y1 = x1 * c - x2 * sn, y2 = x2 * c + x1 * sn;
-
-            x1 = y1;
-            x2 = y2;
-        }
-        att_put_kv(kd + i, x1, ksc);
-        att_put_kv(kd + i + HD / 2, x2, ksc);
-        att_put_kv(vd + i, vr[i], vsc);
-        att_put_kv(vd + i + HD / 2, vr[i + HD / 2], vsc);
-    }
-}
-
-
 template <int HD, typename KV>
 __global__ void __launch_bounds__(ATT_NT, 2)
 kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const KV *kv_layer, int block_size, int n_heads, int n_kv, int window,
-    bf16 *out, float *part, float ksc, float vsc, int flags,
-    const float *rinv, const float *rbase, float ratt)
+    bf16 *out, float *part, float ksc, float vsc, int early)
 {
-    /* flags bit 0: att_early (the reads of earlier steps' data before the
-     * PDL wait); bit 1 (with bit 0, one token): att_rope, the rope
-     * folded in (q and the step's K / V rows as the projection left
-     * them; rinv NULL: no rotation, the K / V write only) */
-    const bool early = (flags & 1) != 0, rope = (flags & 2) != 0;
-
     if (!early) {
         moe_pdl_enter();
     }
@@ -1543,45 +1474,11 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
         }
         moe_cp_async_commit();
     }
-    /* att_rope: cos and sin of the lane's 16 frequencies (its q elements
-     * d and their partners d +- HD / 2 share them: att_q_dim), from the
-     * position and the table alone, so before the wait */
-    float rc[4][4], rs[4][4];
-
-    if (rope && rinv != NULL) {
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int   i = att_q_dim<HD, F8>(k, e, tq) % (HD / 2);
-                const float ang = (float) p * moe_rope_inv(rinv, rbase, t,
-                                                           i, HD);
-
-                rc[k][e] = cosf(ang) * ratt;
-                rs[k][e] = sinf(ang) * ratt;
-            }
-        }
-    }
     if (early) {
         /* everything above read what earlier steps wrote (positions,
          * tables, keys before p); now the q rows and key p, which the
-         * kernel before (rope; att_rope: the projection) writes */
+         * kernel before (rope) writes */
         moe_pdl_enter();
-        if (rope && p >= wks && p < wke) {
-            /* att_rope: this warp holds key p: its K row (rotated) and
-             * V row of kv head g into the cache, as the rope launch
-             * would have written them, before they are loaded */
-            const long long ro = ((long long) table[p / block_size] * 2
-                                  * block_size + p % block_size) * kvd;
-
-            att_rope_kv<HD>(qkv + (size_t) t * ld, n_heads, n_kv, g,
-                            const_cast<KV *>(kv_layer) + ro + g * HD,
-                            const_cast<KV *>(kv_layer) + ro
-                            + (long long) block_size * kvd + g * HD,
-                            p, t, rinv, rbase, ratt, ksc, vsc, lane);
-            __threadfence_block();
-            __syncwarp();
-        }
         if (p >= wks && p < wke && (p - wks) / KT < NST - 1) {
             load((p - wks) / KT, 2);
             moe_cp_async_commit();
@@ -1620,40 +1517,8 @@ kernel_attention_decode_tc(const float *qkv, int ld, const int32_t *tok_pos,
             x[k][1] = v.y;
             x[k][2] = v.z;
             x[k][3] = v.w;
-        }
-        if (rope && rinv != NULL) {
-            /* att_rope: rotate_half on the lane's elements; the partner
-             * d +- HD / 2 of element (k, e) is element (k +- KS / 2, e)
-             * of this lane, or (F8, HD 64) element (k, e) of lane tq ^ 2 */
-            float y[KS][4];
-
-#pragma unroll
-            for (int k = 0; k < KS; k++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int   d = att_q_dim<HD, F8>(k, e, tq);
-                    const int   ki = F8 && HD == 64 ? k : k % (KS / 2);
-                    const float pr = F8 && HD == 64
-                        ? __shfl_xor_sync(0xffffffffu, x[k][e], 2)
-                        : x[(k + KS / 2) % KS][e];
-
-                    y[k][e] = d < HD / 2
-                              ? x[k][e] * rc[ki][e] - pr * rs[ki][e]
-                              : x[k][e] * rc[ki][e] + pr * rs[ki][e];
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < KS; k++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    x[k][e] = y[k][e];
-                }
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < KS; k++) {
-            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x[k][0]), fabsf(x[k][1])),
-                                     fmaxf(fabsf(x[k][2]), fabsf(x[k][3]))));
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)),
+                                     fmaxf(fabsf(v.z), fabsf(v.w))));
         }
         qs = ksc * 1.4426950408889634f * rsqrtf((float) HD);
         if constexpr (F8) {
@@ -2005,15 +1870,13 @@ att_dtc_launch(dim3 grid, cudaStream_t stream, const float *qkv, int ld,
     const int32_t *tok_pos, const int32_t *tok_seq, const int32_t *bt,
     const int32_t *bt_off, const KV *kv, int block_size, int n_heads,
     int n_kv, int window, bf16 *out, float *part, float ksc, float vsc,
-    int flags, const moe_cuda_att_kv_t *rope)
+    int early)
 {
     MOE_TRY(att_dtc_prepare());
     MOE_CUDA_CHECK(moe_launch(kernel_attention_decode_tc<HD, KV>, grid, ATT_NT,
         att_dtc_shape<HD, KV>::SMEM, stream, qkv, ld, tok_pos, tok_seq, bt,
         bt_off, kv, block_size, n_heads, n_kv, window, out, part, ksc, vsc,
-        flags, rope != NULL ? rope->rope_inv : NULL,
-        rope != NULL ? rope->rope_base : NULL,
-        rope != NULL ? rope->rope_att : 1.0f));
+        early));
     return MOE_K_OK;
 }
 
@@ -2098,8 +1961,7 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
     const int32_t *tok_seq, const int32_t *bt, const int32_t *bt_off,
     const KV *kv, int block_size, int n_heads, int n_kv, int hd, int window,
     bf16 *o, float *part, float ksc, float vsc, int max_ctx, int tc_whole,
-    const moe_cuda_tuning_t *tune, cudaStream_t stream,
-    const moe_cuda_att_kv_t *rope = NULL)
+    const moe_cuda_tuning_t *tune, cudaStream_t stream)
 {
     static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
     float      *p4 = part != NULL ? part + ATT_CNT_FLOATS : NULL;
@@ -2141,20 +2003,17 @@ att_run(const float *qkv, int ld, int T, const int32_t *tok_pos,
          * earlier steps' (the step's only rope writes key p), so the
          * kernel reads them before its PDL wait */
         int early = tune->att_early && T == 1;
-        /* att_rope (moe_cuda_attention_ex checked that it applies): the
-         * rope folded in */
-        int flags = early | (early && rope != NULL ? 2 : 0);
 
         grid = dim3((unsigned) pairs, (unsigned) ns);
         return hd == 64
                ? att_dtc_launch<64, KV>(grid, stream, qkv, ld, tok_pos,
                                         tok_seq, bt, bt_off, kv, block_size,
                                         n_heads, n_kv, window, o, part, ksc,
-                                        vsc, flags, rope)
+                                        vsc, early)
                : att_dtc_launch<128, KV>(grid, stream, qkv, ld, tok_pos,
                                          tok_seq, bt, bt_off, kv, block_size,
                                          n_heads, n_kv, window, o, part,
-                                         ksc, vsc, flags, rope);
+                                         ksc, vsc, early);
     }
     /* prefill: tensor cores for the row tiles of few sequences, then the
      * SIMT kernel for the tokens of the tiles it refused (if any) */
@@ -2256,17 +2115,9 @@ moe_cuda_attention_ex(const float *qkv, int ld, int T,
     const moe_cuda_att_kv_t *kvo, const moe_cuda_tuning_t *tune,
     cudaStream_t stream)
 {
-    static const moe_cuda_tuning_t defaults = MOE_CUDA_TUNING_DEFAULTS;
     bf16 *o = reinterpret_cast<bf16 *>(out);
     int   max_ctx = kvo != NULL ? kvo->max_ctx : 0;
     int   whole = kvo != NULL ? kvo->tc_whole != 0 : 0;
-    const moe_cuda_tuning_t *tu = tune != NULL ? tune : &defaults;
-    /* att_rope: the rope folded into the one-token decode kernel where
-     * it runs (tensor cores, att_early); else the rope launch first */
-    const int rope = kvo != NULL && kvo->rope_slot != NULL;
-    const int fold = rope && T == 1 && tu->att_early && tu->att_decode_tc
-                     && (hd == 64 || hd == 128) && n_kv <= ATT_MAX_PAIRS
-                     && moe_cuda_attention_supported(n_heads, n_kv, hd);
 
     if (kvo != NULL && kvo->fp8) {
         if (!(kvo->k_scale > 0.0f) || !(kvo->v_scale > 0.0f)) {
@@ -2275,35 +2126,16 @@ moe_cuda_attention_ex(const float *qkv, int ld, int T,
                                (double) kvo->v_scale);
             return MOE_K_EINVAL;
         }
-        if (rope && !fold) {
-            MOE_TRY(moe_cuda_rope_kv_fp8(const_cast<float *>(qkv), ld, T,
-                                         n_heads, n_kv, hd, tok_pos,
-                                         kvo->rope_slot, kvo->rope_inv,
-                                         kvo->rope_base, kvo->rope_att,
-                                         (uint8_t *) const_cast<void *>(
-                                             kv_layer),
-                                         block_size, kvo->k_scale,
-                                         kvo->v_scale, stream));
-        }
         return att_run<fp8>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
                             reinterpret_cast<const fp8 *>(kv_layer),
                             block_size, n_heads, n_kv, hd, window, o, part,
                             kvo->k_scale, kvo->v_scale, max_ctx, 0, tune,
-                            stream, fold ? kvo : NULL);
-    }
-    if (rope && !fold) {
-        MOE_TRY(moe_cuda_rope_kv(const_cast<float *>(qkv), ld, T, n_heads,
-                                 n_kv, hd, tok_pos, kvo->rope_slot,
-                                 kvo->rope_inv, kvo->rope_base,
-                                 kvo->rope_att,
-                                 (moe_bf16_t *) const_cast<void *>(kv_layer),
-                                 block_size, stream));
+                            stream);
     }
     return att_run<bf16>(qkv, ld, T, tok_pos, tok_seq, bt, bt_off,
                          reinterpret_cast<const bf16 *>(kv_layer),
                          block_size, n_heads, n_kv, hd, window, o, part,
-                         1.0f, 1.0f, max_ctx, whole, tune, stream,
-                         fold ? kvo : NULL);
+                         1.0f, 1.0f, max_ctx, whole, tune, stream);
 }
 
 

@@ -66,19 +66,6 @@ typedef struct {
     float k_scale, v_scale;
     int   max_ctx;
     int   tc_whole;
-    /* att_rope (the tuning record's knob): rope_slot non-NULL says that
-     * q and the step's K / V are still as the projection wrote them
-     * (unrotated in qkv, not in the cache): the attention does what
-     * moe_cuda_rope_kv (bf16 cache) / moe_cuda_rope_kv_fp8 would have
-     * done with these arguments (slot, inv_freq, tok_base, attn; pos is
-     * tok_pos), folded into the one-token decode kernel on tensor cores
-     * with att_early (q rotated in registers, key p written to the cache
-     * by the warp that holds it, the qkv row left unrotated), else by
-     * that launch first (the qkv rows rotated in place) */
-    const int32_t *rope_slot;
-    const float   *rope_inv;
-    const float   *rope_base;
-    float          rope_att;
 } moe_cuda_att_kv_t;
 
 /*

@@ -1,8 +1,19 @@
 /* RoPE (rotate_half) on q and k, fused with the paged K/V cache write. */
 #include "common.cuh"
 #include "rope.h"
-#include "rope.cuh"
 #include <cuda_fp8.h>
+
+
+/* Frequency i of token t: the table, or (dynamic NTK scaling) the
+ * token's own base as transformers computes it: 1 / base^(2i / hd). */
+__device__ __forceinline__ float
+rope_inv(const float *inv_freq, const float *tok_base, int t, int i, int hd)
+{
+    if (tok_base != NULL) {
+        return 1.0f / powf(tok_base[t], (float) (2 * i) / (float) hd);
+    }
+    return inv_freq[i];
+}
 
 
 __global__ void
@@ -27,7 +38,7 @@ kernel_rope_kv(float *qkv, int ld, int n_heads, int n_kv, int hd,
     for (int idx = threadIdx.x; idx < nrot; idx += blockDim.x) {
         int    h = idx / half, i = idx % half;
         float *v = row + (size_t) h * hd;
-        float  inv = moe_rope_inv(inv_freq, tok_base, t, i, hd);
+        float  inv = rope_inv(inv_freq, tok_base, t, i, hd);
         float  ang = p * inv;
         float  c = cosf(ang) * attn, sn = sinf(ang) * attn;
         float  x1 = v[i], x2 = v[i + half];
@@ -86,7 +97,7 @@ kernel_rope_kv_heads(float *qkv, int ld, int n_heads, int n_kv, int hd,
         x2 = v[i + half];
     }
     if (inv_freq != NULL && h < n_heads + n_kv) {
-        float inv = moe_rope_inv(inv_freq, tok_base, t, i, hd);
+        float inv = rope_inv(inv_freq, tok_base, t, i, hd);
         float ang = (float) pos[t] * inv;
         float c = cosf(ang) * attn, sn = sinf(ang) * attn;
         float y1 = x1 * c - x2 * sn, y2 = x2 * c + x1 * sn;

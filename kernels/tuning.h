@@ -163,12 +163,6 @@ typedef struct {
                             experts (their dense projections are 4-bit
                             too), else 0 (H100 run 23b, batch 1: GPTQ
                             +1.2 %, AWQ +1.6 %, fp8 -0.8 %) */
-    int att_rope;        /* MOE_CUDA_ATT_ROPE 0|1: the rope (q and k
-                            rotated, the step's K / V into the cache)
-                            folded into a one-token step's decode
-                            attention (tensor cores, att_early): one
-                            launch and one memory round trip fewer a
-                            layer (default 0: not yet measured) */
 } moe_cuda_tuning_t;
 
 #define MOE_CUDA_TUNING_AUTO  (-1)
@@ -176,6 +170,6 @@ typedef struct {
 /* The defaults, as an initializer (field order above). */
 #define MOE_CUDA_TUNING_DEFAULTS                                             \
     { 1, 1, MOE_CUDA_TUNING_AUTO, 16, 64, 2, 2, 4096, 2, 1, 1, 1, 1, 1, 1, 1, \
-      1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1, MOE_CUDA_TUNING_AUTO, 0 }
+      1, 1, 1, 1, 1, 1, MOE_CUDA_TUNING_AUTO, 1, MOE_CUDA_TUNING_AUTO }
 
 #endif /* MOE_KERNELS_TUNING_H */

@@ -48,14 +48,6 @@
 #   pre_W_V_R        decode batch 1 / 8 at context 512, weights W (fp8,
 #                    gptq), dense_pre V, rounds R: the A/B
 #   trace_b1_{gptq_pre,fp8_pre,fp8}  batch 1's timelines (PDL off)
-#   rope_tests       att_rope (the rope folded into the one-token decode
-#                    attention): test_kernels (quick), then test_backend,
-#                    test_qbackend and test_kvfp8 with it on
-#   ar_W_V_R         decode batch 1 / 8 at context 512, weights W (fp8,
-#                    gptq), att_rope V, rounds R: the A/B
-#   arkv_V           fp8 weights and an e4m3 cache, batch 1 at context
-#                    8192, att_rope V
-#   ends_fp8_rope    ends_fp8 with att_rope 1
 #   ends_W           batch 1's timeline with PDL on (the defaults), W fp8
 #                    and gptq: each kernel's end past the end of the one
 #                    launched before it (tools/ktrace_ends.py), in the
@@ -220,32 +212,6 @@ tends() {
 tends ends_fp8 fp8
 tends ends_gptq gptq
 
-# att_rope: the tests, the A/B alternated, an e4m3 cache at 8k, a timeline
-tstep rope_tests 300 bash -c 'T() { tap "$1" att_rope "${@:2}"; }
-    tools/quant_models.sh build/quant > /dev/null || exit 1
-    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    T "test_backend rope" env MOE_CUDA_ATT_ROPE=1 build/gpu/test_backend \
-        || exit 1
-    T "test_qbackend rope" env MOE_CUDA_ATT_ROPE=1 \
-        build/gpu/test_qbackend || exit 1
-    T "test_kvfp8 rope" env MOE_CUDA_ATT_ROPE=1 build/gpu/test_kvfp8 \
-        || exit 1'
-for r in 1 2 3; do
-    for w in fp8 gptq; do
-        for v in 0 1; do
-            tstep ar_${w}_${v}_$r 45 env MOE_CUDA_ATT_ROPE=$v $NOQ \
-                BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
-                --weights $w
-        done
-    done
-done
-for v in 0 1; do
-    tstep arkv_$v 60 env MOE_CUDA_ATT_ROPE=$v $NOQ BENCH_CTX=8192 \
-        BENCH_BATCHES=1 BENCH_PROMPTS=0 $BENCH --weights fp8 \
-        --kv-cache-dtype fp8
-done
-tends ends_fp8_rope fp8 MOE_CUDA_ATT_ROPE=1
-
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
@@ -253,9 +219,9 @@ for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
     q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
-    route1_tests|pre_tests|rope_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
+    route1_tests|pre_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
         | cut -c1-200 | head -20; continue ;;
-    r1_*|pre_*|ar_*|arkv_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
+    r1_*|pre_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
         | sed -E 's/.*value=([0-9.]+).*/copy \1/')" \
         "$(grep -E '^RESULT .*kind=decode' "$OUT/$s.log" \
         | sed -E 's/.* batch=([0-9]+) tok_s=([0-9.]+) .* of_limit=([0-9.]+) .*/b\1 \2 (\3)/' \
@@ -286,7 +252,7 @@ for f in base r2 ae gptq gptq_pre fp8_pre fp8; do
            "$OUT/trace_b1_${f}_gaps.log" | head -12 | cut -c1-110
 done
 
-for f in fp8 gptq fp8_rope; do
+for f in fp8 gptq; do
     [ -f "$OUT/ends_${f}_ends.log" ] && echo "--- ends_$f (PDL on)" \
         && head -12 "$OUT/ends_${f}_ends.log" | cut -c1-110
 done

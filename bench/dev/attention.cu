@@ -361,8 +361,7 @@ dev_prefill_fp8(int T)
     uint8_t          *c8;
     double            ms;
     moe_cuda_tuning_t wg8 = MOE_CUDA_TUNING_DEFAULTS;
-    moe_cuda_att_kv_t kvo = { 1, 1.0f / 448, 1.0f / 448, 0, 0, NULL, NULL,
-                              NULL, 1.0f };
+    moe_cuda_att_kv_t kvo = { 1, 1.0f / 448, 1.0f / 448, 0, 0 };
 
     dev_att_make(&a, 1, T, T);
     on = (size_t) a.T * DEV_NH * DEV_HD;

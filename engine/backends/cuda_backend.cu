@@ -4094,7 +4094,7 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                     + (size_t) l * kv_layer * (b->kv_fp8 ? 1 : sizeof(bf16));
         moe_cuda_att_kv_t kvo = { b->kv_fp8, b->kv_ks[l], b->kv_vs[l],
                                   b->long_ctx ? b->tune.att_long_ctx : 0,
-                                  b->att_tc_whole, NULL, NULL, NULL, 1.0f };
+                                  b->att_tc_whole };
 
         MOE_TRY(cb_norm(b, l == 0 ? NULL : b->tmp, NULL, T,
                         b->attn_norm + (size_t) l * D,
@@ -4156,14 +4156,6 @@ cb_body(cuda_backend_t *b, int T, int n_out)
                                        b->block_size, b->kv_ks[l],
                                        b->kv_vs[l],
                                        s));
-        } else if (b->tune.att_rope) {
-            /* att_rope: the attention launch does the rope (folded into
-             * its one-token decode kernel, else launched first) */
-            kvo.rope_slot = d_slot;
-            kvo.rope_inv = b->d_rope_inv;
-            kvo.rope_base = hp->rope_type == MOE_ROPE_DYNAMIC
-                            ? (const float *) d_rbase : NULL;
-            kvo.rope_att = b->rope_att;
         } else if (b->kv_fp8) {
             MOE_TRY(moe_cuda_rope_kv_fp8(b->qkv, QKV, T, hp->n_heads,
                                          hp->n_kv_heads, hd, d_pos, d_slot,

@@ -47,7 +47,6 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_ROUTE_FUSE1",   CT_FIELD(route_fuse1),   0, 2 },
     { "MOE_CUDA_ATT_EARLY",     CT_FIELD(att_early),     0, 1 },
     { "MOE_CUDA_DENSE_PRE",     CT_FIELD(dense_pre),     0, 1 },
-    { "MOE_CUDA_ATT_ROPE",      CT_FIELD(att_rope),      0, 1 },
 };
 
 
@@ -139,7 +138,7 @@ moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf, size_t len)
                     "fold_scales=%d fp8_grouped=%d q4_layout=%d "
                     "q4_gemv=%d fp8_gemv=%d fp8_ggemm=%d att_prefill_wg=%d "
                     "att_prefill_wg8=%d fp8_gsched=%d fp8_dgrouped=%d "
-                    "route_fuse1=%d att_early=%d dense_pre=%d att_rope=%d",
+                    "route_fuse1=%d att_early=%d dense_pre=%d",
                     t->graphs, t->sample_tokens, t->gemv_max_t,
                     t->dense_gemv_t, t->ggemm_max_t, t->gemv_fma_rows,
                     t->att_split_bps, t->att_long_ctx, t->att_long_bps,
@@ -148,5 +147,5 @@ moe_cuda_tuning_format(const moe_cuda_tuning_t *t, char *buf, size_t len)
                     t->q4_gemv, t->fp8_gemv, t->fp8_ggemm,
                     t->att_prefill_wg, t->att_prefill_wg8, t->fp8_gsched,
                     t->fp8_dgrouped, t->route_fuse1, t->att_early,
-                    t->dense_pre, t->att_rope);
+                    t->dense_pre);
 }

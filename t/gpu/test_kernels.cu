@@ -446,8 +446,7 @@ test_attention_v(int nh, int nkv, int hd, int window, int prefill, int ns,
     for (int run = 0; run < 2 && ok; run++) {
         cudaMemset(d_out, 0xff, 2 * T * nh * hd);       /* poison */
         moe_cuda_att_kv_t kvo = { att_fp8, ATT_KSC, ATT_VSC, 0,
-                                  run == 1 ? whole : 0, NULL, NULL, NULL,
-                                  1.0f };
+                                  run == 1 ? whole : 0 };
         int rc = att_tune == NULL && !att_fp8 && run == 0
                  ? moe_cuda_attention(d_qkv, ld, T, d_pos, d_seq, d_bt,
                                       d_off, (moe_bf16_t *) d_cache, bs, nh,
@@ -589,7 +588,7 @@ test_attention_whole(void)
         4 * (size_t) moe_cuda_attention_ws_floats(nh, nkv, hd));
     int      ok = gu_sync_ok(moe_cuda_attention_ws_init(d_part, 0),
                              "ws_init");
-    moe_cuda_att_kv_t kvo = { 0, 1.0f, 1.0f, 0, 1, NULL, NULL, NULL, 1.0f };
+    moe_cuda_att_kv_t kvo = { 0, 1.0f, 1.0f, 0, 1 };
 
     cudaMemset(d_out, 0xff, 2 * (size_t) T7 * nh * hd);
     ok = ok && gu_sync_ok(moe_cuda_attention_ex(d_qkv, ld, T7, d_pos, d_seq,
@@ -813,179 +812,6 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
     free(xf);
     free(y[0]);
     free(y[1]);
-}
-
-
-/*
- * att_rope: one token at position ctx - 1 whose q|k|v row is as the
- * projection left it.  Run A: moe_cuda_rope_kv(_fp8), then the decode
- * attention (tensor cores, att_early).  Run B: the attention alone with
- * the rope options (folded into its kernel).  Run C: the same options
- * with att_early 0 (the attention launches the rope first).  The cache
- * row of the new key (NaN before) and the outputs must agree: C equal
- * to A; B within rounding (the rotation's fp32 products may contract
- * differently; bf16 outputs and cache elements within one step of their
- * format).  dyn: dynamic NTK bases (tok_base) instead of the table; nr:
- * no rotation (inv_freq NULL, the K / V write only).
- */
-static void
-test_attention_rope(int fp8, int nh, int nkv, int hd, int window, int ctx,
-    int dyn, int nr)
-{
-    const int  bs = 16, nblk = (ctx + bs - 1) / bs + 3;
-    const int  kvd = nkv * hd, ld = (nh + 2 * nkv) * hd;
-    const int  esz = fp8 ? 1 : 2;
-    const size_t cache_n = (size_t) nblk * 2 * bs * kvd;
-    const float ksc = fp8 ? 0.05f : 1.0f, vsc = fp8 ? 0.04f : 1.0f;
-    int32_t   *bt = (int32_t *) malloc(sizeof(int32_t) * nblk);
-    float     *qkv = (float *) malloc(sizeof(float) * ld);
-    float      inv[128], base = 23456.0f;
-    uint8_t   *cache = (uint8_t *) malloc(cache_n * esz);
-    uint8_t   *cb[3] = { NULL, NULL, NULL };
-    uint16_t  *ob[3] = { NULL, NULL, NULL };
-    int        ok = 1, p = ctx - 1;
-    int32_t    pos = p, seq = 0, off = 0, slot;
-    moe_cuda_tuning_t r = MOE_CUDA_TUNING_DEFAULTS;
-    double     eo = 0.0, ec = 0.0, ea = 0.0;
-
-    for (int i = 0; i < nblk; i++) {
-        bt[i] = (i * 7 + 3) % nblk;             /* a permutation */
-    }
-    slot = bt[p / bs] * bs + p % bs;
-    for (int i = 0; i < ld; i++) {
-        qkv[i] = gu_uniform() * 2.0f;
-    }
-    for (size_t i = 0; i < cache_n; i++) {
-        if (fp8) {
-            cache[i] = gu_rand_e4m3();
-        } else {
-            ((uint16_t *) cache)[i] = gu_f2bf(gu_uniform());
-        }
-    }
-    /* the new key's rows: NaN until written */
-    {
-        size_t ro = ((size_t) bt[p / bs] * 2 * bs + p % bs) * kvd;
-
-        memset(cache + ro * esz, 0xff, (size_t) kvd * esz);
-        memset(cache + (ro + (size_t) bs * kvd) * esz, 0xff,
-               (size_t) kvd * esz);
-    }
-    for (int i = 0; i < hd / 2; i++) {
-        inv[i] = 1.0f / powf(10000.0f, (float) (2 * i) / (float) hd);
-    }
-
-    float   *d_inv = (float *) gu_up(inv, sizeof(float) * hd / 2);
-    float   *d_base = (float *) gu_up(&base, sizeof(float));
-    int32_t *d_bt = (int32_t *) gu_up(bt, sizeof(int32_t) * nblk);
-    int32_t *d_pos = (int32_t *) gu_up(&pos, 4);
-    int32_t *d_seq = (int32_t *) gu_up(&seq, 4);
-    int32_t *d_off = (int32_t *) gu_up(&off, 4);
-    int32_t *d_slot = (int32_t *) gu_up(&slot, 4);
-    float   *d_part = (float *) gu_dev(
-        4 * (size_t) moe_cuda_attention_ws_floats(nh, nkv, hd));
-    float   *d_qkv = (float *) gu_dev(sizeof(float) * ld);
-    void    *d_cache = gu_dev(cache_n * esz);
-    void    *d_out = gu_dev((size_t) 2 * nh * hd);
-
-    ok = gu_sync_ok(moe_cuda_attention_ws_init(d_part, 0), "ws_init");
-    for (int run = 0; run < 3 && ok; run++) {
-        moe_cuda_att_kv_t kvo = { fp8, ksc, vsc, 0, 0, NULL, NULL, NULL,
-                                  1.0f };
-        const float *ri = nr ? NULL : dyn ? NULL : d_inv;
-        const float *rb = !nr && dyn ? d_base : NULL;
-        int rc = MOE_K_OK;
-
-        if (dyn && !nr) {
-            ri = d_inv;         /* the table is ignored with tok_base */
-        }
-        cudaMemcpy(d_qkv, qkv, sizeof(float) * ld, cudaMemcpyHostToDevice);
-        cudaMemcpy(d_cache, cache, cache_n * esz, cudaMemcpyHostToDevice);
-        cudaMemset(d_out, 0xff, (size_t) 2 * nh * hd);
-        r.att_early = run == 2 ? 0 : 1;
-        r.att_decode_tc = 1;
-        if (run == 0) {
-            rc = fp8 ? moe_cuda_rope_kv_fp8(d_qkv, ld, 1, nh, nkv, hd, d_pos,
-                                            d_slot, ri, rb, 0.9f,
-                                            (uint8_t *) d_cache, bs, ksc,
-                                            vsc, 0)
-                     : moe_cuda_rope_kv(d_qkv, ld, 1, nh, nkv, hd, d_pos,
-                                        d_slot, ri, rb, 0.9f,
-                                        (moe_bf16_t *) d_cache, bs, 0);
-        } else {
-            kvo.rope_slot = d_slot;
-            kvo.rope_inv = ri;
-            kvo.rope_base = rb;
-            kvo.rope_att = 0.9f;
-        }
-        if (rc == MOE_K_OK) {
-            rc = moe_cuda_attention_ex(d_qkv, ld, 1, d_pos, d_seq, d_bt,
-                                       d_off, d_cache, bs, nh, nkv, hd,
-                                       window, (moe_bf16_t *) d_out, d_part,
-                                       &kvo, &r, 0);
-        }
-        ok = gu_sync_ok(rc, "attention rope");
-        cb[run] = (uint8_t *) malloc(cache_n * esz);
-        ob[run] = (uint16_t *) malloc((size_t) 2 * nh * hd);
-        gu_down(cb[run], d_cache, cache_n * esz);
-        gu_down(ob[run], d_out, (size_t) 2 * nh * hd);
-    }
-    if (ok) {
-        /* outputs: B and C against A (relative L2 over bf16 values) */
-        double num[2] = { 0, 0 }, den = 0;
-
-        for (int i = 0; i < nh * hd; i++) {
-            double a = gu_bf2f(ob[0][i]);
-
-            for (int v = 0; v < 2; v++) {
-                double d = gu_bf2f(ob[v + 1][i]) - a;
-
-                num[v] += d * d;
-            }
-            den += a * a;
-        }
-        eo = den > 0 ? sqrt(num[0] / den) : INFINITY;
-        ea = den > 0 ? sqrt(num[1] / den) : INFINITY;
-        /* the cache: everything equal but the new key's elements, which
-         * may differ by one step of their format */
-        for (size_t i = 0; i < cache_n; i++) {
-            float a, b;
-
-            if (memcmp(cb[0] + i * esz, cb[2] + i * esz, esz) != 0) {
-                ec = INFINITY;
-            }
-            if (memcmp(cb[0] + i * esz, cb[1] + i * esz, esz) == 0) {
-                continue;
-            }
-            if (fp8) {
-                a = moe_fp8_to_f32(cb[0][i]);
-                b = moe_fp8_to_f32(cb[1][i]);
-            } else {
-                a = gu_bf2f(((uint16_t *) cb[0])[i]);
-                b = gu_bf2f(((uint16_t *) cb[1])[i]);
-            }
-            /* one step: 2^-3 relative for e4m3, 2^-8 for bf16 */
-            if (!(fabsf(a - b) <= fabsf(a) * (fp8 ? 0.126f : 0.0079f))) {
-                ec = INFINITY;
-            } else if (fabsf(a - b) > ec) {
-                ec = fabsf(a - b);
-            }
-        }
-    }
-    TAP_OK(ok && eo <= 1e-2 && ea <= 1e-6 && ec < INFINITY,
-           "att_rope %s cache heads %d/%d hd %d window %d ctx %d%s: the "
-           "rope folded into the decode kernel against rope + attention "
-           "(outputs rel %.2e, fallback rel %.2e, cache max diff %.2e)",
-           fp8 ? "fp8" : "bf16", nh, nkv, hd, window, ctx,
-           nr ? ", no rotation" : dyn ? ", dynamic bases" : "", eo, ea,
-           ec);
-    for (int run = 0; run < 3; run++) {
-        free(cb[run]);
-        free(ob[run]);
-    }
-    cudaFree(d_inv); cudaFree(d_base); cudaFree(d_bt); cudaFree(d_pos);
-    cudaFree(d_seq); cudaFree(d_off); cudaFree(d_slot); cudaFree(d_part);
-    cudaFree(d_qkv); cudaFree(d_cache); cudaFree(d_out);
-    free(bt); free(qkv); free(cache);
 }
 
 
@@ -2538,27 +2364,6 @@ main(void)
             test_attention_early(1, 0, 16, 4, 64, 0, 33);
             test_attention_early(0, 0, 32, 8, 128, 100, 2100); /* window */
             test_attention_early(1, 0, 32, 8, 128, 16, 17);
-            /* att_rope: the rope folded into the one-token kernel; both
-             * caches, hd 128 and 64, the new key at the start, middle
-             * and end of a tile and a split, a window, dynamic bases,
-             * no rotation */
-            {
-                static const int rc[] = { 1, 2, 17, 64, 65, 512, 1000 };
-
-                for (int i = 0; i < (int) (sizeof(rc) / sizeof(rc[0]));
-                     i++)
-                {
-                    test_attention_rope(0, 32, 8, 128, 0, rc[i], 0, 0);
-                    test_attention_rope(1, 32, 8, 128, 0, rc[i], 0, 0);
-                }
-                test_attention_rope(0, 16, 4, 64, 0, 777, 0, 0);
-                test_attention_rope(1, 16, 4, 64, 0, 33, 0, 0);
-                test_attention_rope(0, 32, 8, 128, 100, 2100, 0, 0);
-                test_attention_rope(1, 32, 8, 128, 0, 300, 1, 0);
-                test_attention_rope(0, 16, 4, 64, 0, 90, 1, 0);
-                test_attention_rope(0, 32, 8, 128, 0, 200, 0, 1);
-                test_attention_rope(1, 32, 8, 128, 0, 8192, 0, 0);
-            }
         }
         if (!quick) {
             test_attention_dk1(64, 32, 8, 128, 0, 8192);    /* 64 splits */

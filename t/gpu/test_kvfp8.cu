@@ -241,8 +241,7 @@ run_case(const char *name, const cache_t *c, int T, const int32_t *pos,
     moe_cuda_attention_ws_init(dpart, 0);
 
     for (int v = 0; v < 6; v++) {
-        moe_cuda_att_kv_t o = { 0, 1.0f, 1.0f, 0, 0, NULL, NULL, NULL,
-                                1.0f };
+        moe_cuda_att_kv_t o;
         moe_cuda_tuning_t simt = MOE_CUDA_TUNING_DEFAULTS;
         int               fp8 = v == 1 || v == 2 || v == 4;
 
@@ -440,8 +439,7 @@ main(void)
     cache_free(&c);
 
     {
-        moe_cuda_att_kv_t o = { 1, 0.0f, 1.0f, 0, 0, NULL, NULL, NULL,
-                                1.0f };
+        moe_cuda_att_kv_t o = { 1, 0.0f, 1.0f, 0, 0 };
         float            *d = (float *) gu_dev(4096);
 
         TAP_OK(moe_cuda_attention_ex(d, LD, 1, (const int32_t *) d,

@@ -24,7 +24,7 @@ static const char *vars[] = {
     "MOE_CUDA_Q4_GEMV", "MOE_CUDA_FP8_GEMV", "MOE_CUDA_FP8_GGEMM",
     "MOE_CUDA_ATT_PREFILL_WG", "MOE_CUDA_ATT_PREFILL_WG8",
     "MOE_CUDA_FP8_GSCHED", "MOE_CUDA_FP8_DGROUPED", "MOE_CUDA_ROUTE_FUSE1",
-    "MOE_CUDA_ATT_EARLY", "MOE_CUDA_DENSE_PRE", "MOE_CUDA_ATT_ROPE"
+    "MOE_CUDA_ATT_EARLY", "MOE_CUDA_DENSE_PRE"
 };
 
 
@@ -186,7 +186,7 @@ main(void)
            && t.att_prefill_wg8 == 1 && t.fp8_gsched == 1
            && t.fp8_dgrouped == 1 && t.att_long_ctx == 4096
            && t.att_long_bps == 2 && t.route_fuse1 == 0
-           && t.att_early == 1 && t.dense_pre == 0 && t.att_rope == 0,
+           && t.att_early == 1 && t.dense_pre == 0,
            "defaults with no MOE_CUDA_* set (8 experts)");
     rc = moe_cuda_tuning_read(&t, 8, MOE_CUDA_EXPERTS_4BIT, err,
                               sizeof(err));
@@ -260,7 +260,6 @@ main(void)
     setenv("MOE_CUDA_ROUTE_FUSE1", "2", 1);
     setenv("MOE_CUDA_ATT_EARLY", "0", 1);
     setenv("MOE_CUDA_DENSE_PRE", "1", 1);
-    setenv("MOE_CUDA_ATT_ROPE", "1", 1);
     rc = moe_cuda_tuning_read(&t, 8, 0, err, sizeof(err));
     TAP_OK(rc == MOE_OK && t.graphs == 0 && t.sample_tokens == 0
            && t.gemv_max_t == 0 && t.dense_gemv_t == 7
@@ -272,7 +271,7 @@ main(void)
            && t.fp8_gemv == 0 && t.fp8_ggemm == 0 && t.att_prefill_wg == 0
            && t.att_prefill_wg8 == 0 && t.fp8_gsched == 0
            && t.fp8_dgrouped == 0 && t.route_fuse1 == 2
-           && t.att_early == 0 && t.dense_pre == 1 && t.att_rope == 1,
+           && t.att_early == 0 && t.dense_pre == 1,
            "every override applied (an explicit gemv_max_t 0 is kept)");
     moe_cuda_tuning_format(&t, line, sizeof(line));
     TAP_OK(strcmp(line, "graphs=0 sample_tokens=0 gemv_max_t=0 "
@@ -283,7 +282,7 @@ main(void)
                   "q4_gemv=0 fp8_gemv=0 fp8_ggemm=0 "
                   "att_prefill_wg=0 att_prefill_wg8=0 fp8_gsched=0 "
                   "fp8_dgrouped=0 route_fuse1=2 att_early=0 "
-                  "dense_pre=1 att_rope=1") == 0,
+                  "dense_pre=1") == 0,
            "the log line: %s", line);
     clear_env();
     setenv("MOE_CUDA_GRAPHS", "", 1);
@@ -312,7 +311,6 @@ main(void)
     refused("MOE_CUDA_ROUTE_FUSE1", "3");
     refused("MOE_CUDA_ATT_EARLY", "2");
     refused("MOE_CUDA_DENSE_PRE", "2");
-    refused("MOE_CUDA_ATT_ROPE", "2");
     refused("MOE_CUDA_ATT_BPS", "0");
     refused("MOE_CUDA_ATT_BPS", "65");
     refused("MOE_CUDA_ATT_LONG_CTX", "-1");
