@@ -17,25 +17,14 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ktrace_gaps import short  # noqa: E402
+from ktrace_gaps import read_steps  # noqa: E402
 
 
 def main():
     path = sys.argv[1]
     start_k = sys.argv[2] if len(sys.argv) > 2 else "kernel_embed"
-    ks = []
-    for line in open(path):
-        p = line.split(" ", 4)
-        if p[0] == "K":
-            ks.append((int(p[1]), int(p[2]), short(p[4].strip())))
-    ks.sort()
-    steps, cur = [], None
-    for k in ks:
-        if k[2].startswith(start_k):
-            cur = []
-            steps.append(cur)
-        if cur is not None:
-            cur.append(k)
+    steps = [[(e[0], e[1], e[3]) for e in s if e[2] == "K"]
+             for s in read_steps(path, start_k)]
     if len(steps) < 3:
         sys.exit("ktrace_ends: fewer than 3 steps in %s" % path)
     counts = defaultdict(int)

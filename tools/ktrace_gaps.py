@@ -27,9 +27,10 @@ def short(name):
     return name[:60]
 
 
-def main():
-    path = sys.argv[1]
-    start_k = sys.argv[2] if len(sys.argv) > 2 else "kernel_embed"
+def read_steps(path, start_k):
+    """The timeline's events (start ns, end ns, "K" or "M", name) in
+    start order, cut into steps at each kernel named start_k (events
+    before the first are left out); also used by tools/ktrace_ends.py."""
     ev = []
     for line in open(path):
         p = line.split(" ", 4)
@@ -46,6 +47,13 @@ def main():
             steps.append(cur)
         if cur is not None:
             cur.append(e)
+    return steps
+
+
+def main():
+    path = sys.argv[1]
+    start_k = sys.argv[2] if len(sys.argv) > 2 else "kernel_embed"
+    steps = read_steps(path, start_k)
     if not steps:
         sys.exit("ktrace_gaps: no %s in %s" % (start_k, path))
     print("%5s %6s %10s %10s %10s %10s" % ("step", "kern", "span us",
