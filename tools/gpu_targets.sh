@@ -105,18 +105,25 @@ for w in awq gptq; do
     tstep $w 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
         $BENCH --weights $w
 done
-# ttrace NAME BATCH VAR=VALUE...: the kernel timeline (PDL off) of
-# decode at BATCH (context 512), weights $TW (default fp8), with the
-# variables given, its summary in $OUT/NAME_gaps.log (tools/ktrace_gaps.py)
+# ktstep NAME BATCH TOOL SUFFIX VAR=VALUE...: decode at BATCH (context
+# 512), weights $TW (default fp8), with the variables given, under
+# libktrace; its timeline summed by TOOL into $OUT/NAME_SUFFIX.log
+ktstep() {
+    local name=$1 batch=$2 tool=$3 suf=$4
+    shift 4
+    tstep "$name" 60 env "$@" $NOQ BENCH_CTX=512 BENCH_BATCHES="$batch" \
+        BENCH_PROMPTS=0 KTRACE_OUT="$OUT/ktrace.txt" \
+        LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights "${TW:-fp8}"
+    [ -f "$OUT/ktrace.txt" ] && "$tool" "$OUT/ktrace.txt" \
+        > "$OUT/${name}_$suf.log" 2>&1
+    rm -f "$OUT/ktrace.txt"
+}
+# ttrace NAME BATCH VAR=VALUE...: the timeline with PDL off, summed by
+# tools/ktrace_gaps.py into $OUT/NAME_gaps.log
 ttrace() {
     local name=$1 batch=$2
     shift 2
-    tstep "$name" 60 env "$@" MOE_CUDA_PDL=0 $NOQ BENCH_CTX=512 \
-        BENCH_BATCHES="$batch" BENCH_PROMPTS=0 KTRACE_OUT="$OUT/ktrace.txt" \
-        LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights "${TW:-fp8}"
-    [ -f "$OUT/ktrace.txt" ] && tools/ktrace_gaps.py "$OUT/ktrace.txt" \
-        > "$OUT/${name}_gaps.log" 2>&1
-    rm -f "$OUT/ktrace.txt"
+    ktstep "$name" "$batch" tools/ktrace_gaps.py gaps "$@" MOE_CUDA_PDL=0
 }
 # batch 64's kernel timeline (PDL off) on the fused fp8 FFN
 ttrace trace_fp8g 64 MOE_CUDA_FP8_DGROUPED=1
@@ -197,20 +204,10 @@ TW=gptq ttrace trace_b1_gptq_pre 1 MOE_CUDA_DENSE_PRE=1
 TW=fp8 ttrace trace_b1_fp8_pre 1 MOE_CUDA_DENSE_PRE=1
 TW=fp8 ttrace trace_b1_fp8 1
 
-# tends NAME WEIGHTS VAR=VALUE...: batch 1's PDL-on timeline, summed by
-# tools/ktrace_ends.py into $OUT/NAME_ends.log
-tends() {
-    local name=$1 w=$2
-    shift 2
-    tstep "$name" 60 env "$@" $NOQ BENCH_CTX=512 BENCH_BATCHES=1 \
-        BENCH_PROMPTS=0 KTRACE_OUT="$OUT/ktrace.txt" \
-        LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights "$w"
-    [ -f "$OUT/ktrace.txt" ] && tools/ktrace_ends.py "$OUT/ktrace.txt" \
-        > "$OUT/${name}_ends.log" 2>&1
-    rm -f "$OUT/ktrace.txt"
-}
-tends ends_fp8 fp8
-tends ends_gptq gptq
+# batch 1's PDL-on timelines, summed by tools/ktrace_ends.py into
+# $OUT/NAME_ends.log
+TW=fp8 ktstep ends_fp8 1 tools/ktrace_ends.py ends
+TW=gptq ktstep ends_gptq 1 tools/ktrace_ends.py ends
 
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
