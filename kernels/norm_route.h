@@ -31,6 +31,67 @@ int moe_cuda_norm_route1(float *x, const float *delta, int D, const float *w,
 /* Whether moe_cuda_norm_route1 takes the shape: D % 4 == 0, D <= 8192,
  * 1 <= K <= min(E, 32), E <= 256 (no side effect). */
 int moe_cuda_norm_route1_ok(int D, int E, int K);
+
+/*
+ * The same work for one token done in the epilogue of the GEMV that
+ * writes its delta (the attention's o projection at batch 1:
+ * moe_cuda_gemv_fp8_route, moe_gemv.h), so that no launch of its own
+ * stands between that GEMV and the expert GEMVs.  Each of the GEMV's
+ * blocks adds its columns c of the delta y into the residual (x[c] +=
+ * y[c], in place: a column belongs to one block) and writes E + 1
+ * partial sums of its columns into part (router[e][c] * (w[c] * x[c])
+ * for each expert e, and x[c]^2); the last block to finish (a counter)
+ * adds the blocks' partials in block order, so the results do not
+ * depend on which block was last, and writes what moe_cuda_norm_route1
+ * writes: out (and out_f32 unless NULL) from the updated residual with
+ * inv = 1 / sqrt(sum x^2 / D + eps), logits[e] = inv * the expert's sum,
+ * then the top-k and the permutation with the same device code.  The
+ * residual is bit for bit the separate add's; the sums, hence out,
+ * logits and the weights, differ from the separate launches' by fp32
+ * summation order only (a choice can differ where two experts' logits
+ * are that close).  count must be 0 before the launch; the last block
+ * leaves it 0 again (graph replays).  part: moe_cuda_route_epi_floats(N,
+ * E) floats for a GEMV of N (= D) columns.
+ */
+typedef struct {
+    float        *x;            /* (D) residual, updated in place */
+    const float  *w;            /* (D) RMSNorm weight */
+    const float  *router;       /* (E, D) router rows */
+    moe_bf16_t   *out;          /* (D) normalized row */
+    float        *out_f32;      /* (D) or NULL */
+    float        *logits;       /* (E) */
+    int32_t      *sel;          /* (K) */
+    float        *selw;         /* (K) */
+    float        *margin;       /* (1) or NULL */
+    int32_t      *offs;         /* (E + 1) */
+    int32_t      *erow;         /* (K) */
+    int32_t      *slot_of;      /* (K) */
+    int64_t      *tot;          /* (E) running totals, or NULL */
+    float        *part;         /* scratch, moe_cuda_route_epi_floats */
+    unsigned int *count;        /* 0 between launches */
+    float         eps;
+    int           D, E, K, renorm;
+} moe_route_epi_t;
+
+/* Floats of part for a GEMV of N columns routing to E experts. */
+size_t moe_cuda_route_epi_floats(int N, int E);
+
+/* Whether an epilogue's fields are usable: moe_cuda_norm_route1_ok(D, E,
+ * K), every pointer but out_f32 / margin / tot set, x / w / router /
+ * out_f32 16-byte and out 8-byte aligned. */
+int moe_cuda_route_epi_ok(const moe_route_epi_t *ep);
+
+/*
+ * The fp8 dense GEMV of one row (moe_cuda_gemv_fp8's f16-fragment kernel,
+ * moe_gemv.h: Y (N) = X (Kd) times the e4m3 W (N, Kd) with its scales)
+ * with the epilogue ep (ep->D == N) in the same launch
+ * (kernels/moe_gemv_fp8.cu).  MOE_K_EUNSUPPORTED unless
+ * moe_cuda_route_epi_ok(ep), the fp8 GEMV takes the shape and mode with
+ * one staged row of Kd, and Y is 16-byte aligned.
+ */
+int moe_cuda_gemv_fp8_route(const moe_bf16_t *X, const uint8_t *W,
+    const float *scale, int mode, int N, int Kd, float *Y,
+    const moe_route_epi_t *ep, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

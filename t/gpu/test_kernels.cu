@@ -10,8 +10,10 @@
  * those of moe_cuda_route then moe_cuda_moe_permute (the fused top-k +
  * permute launch up to 32 tokens, the separate ones above), decode's norm
  * + router of one token in one launch (moe_cuda_norm_route1) bit for bit
- * the add + norm launch followed by moe_cuda_route_permute, the dense
- * GEMVs with dense_pre (fp8 and 4-bit weights loaded before the PDL
+ * the add + norm launch followed by moe_cuda_route_permute, the same
+ * chain in the epilogue of the fp8 o projection's GEMV
+ * (moe_cuda_gemv_fp8_route) against the GEMV and those two launches
+ * (fp32 order only), the dense GEMVs with dense_pre (fp8 and 4-bit weights loaded before the PDL
  * wait) equal to dense_pre 0 while the kernel before writes their input
  * late, the grouped tensor-core GEMV (gathered rows, empty groups, several
  * passes, fused SiLU), cuBLAS GEMM (fp32 and bf16 out, beta), fp32->bf16
@@ -812,6 +814,256 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
     free(xf);
     free(y[0]);
     free(y[1]);
+}
+
+/*
+ * moe_cuda_gemv_fp8_route: the fp8 o projection's GEMV of one token with
+ * the FFN's norm, router, top-k and permutation in its epilogue, against
+ * moe_cuda_gemv_fp8 then moe_cuda_add_rmsnorm then moe_cuda_route_permute
+ * on the same fresh inputs (e4m3 weights of the mode: 0 per tensor, 1
+ * per channel, 2 in 128x128 blocks; outputs poisoned first).  The delta
+ * Y and the residual must be bit for bit the separate path's; the other
+ * outputs come from sums in another fp32 order: the normalized row
+ * within 1 bf16 ulp (fp32 within 1e-6), the logits within 1e-5 of the
+ * largest; where the reference's margin (K-th minus (K+1)-th
+ * probability) exceeds 1e-3 the choices, offsets, rows, slots and totals
+ * equal and the weights and margin within 1e-5.  A second fused launch
+ * on the same inputs must give the same bits (the partials summed in
+ * block order, whichever block is last) and leave the counter 0.  pdl:
+ * the fused launch comes right after k_late_rows, which writes the
+ * residual 50 us after letting the GEMV start (poison NaN until then).
+ */
+static void
+test_route_epi(int Kd, int D, int E, int K, int renorm, int mode, int pdl)
+{
+    enum { NB = 12 };
+    const char *nm[NB] = { "y", "x", "out", "out_f32", "logits", "sel",
+                           "selw", "margin", "offs", "erow", "slot_of",
+                           "tot" };
+    size_t   isz = sizeof(int32_t) * (size_t) K;
+    size_t   sz[NB] = { sizeof(float) * D, sizeof(float) * D,
+                        sizeof(uint16_t) * D, sizeof(float) * D,
+                        sizeof(float) * E, isz, sizeof(float) * K,
+                        sizeof(float), sizeof(int32_t) * (E + 1), isz, isz,
+                        sizeof(int64_t) * E };
+    int      nsc = mode == MOE_K_FP8_TENSOR ? 1
+                   : mode == MOE_K_FP8_CHANNEL ? D
+                   : ((D + 127) / 128) * ((Kd + 127) / 128);
+    uint16_t *xa = (uint16_t *) malloc(2 * (size_t) Kd);
+    float    *xaf = (float *) malloc(sizeof(float) * Kd);
+    uint8_t  *wq = (uint8_t *) malloc((size_t) D * Kd);
+    float    *sc = (float *) malloc(sizeof(float) * nsc);
+    float    *x = (float *) malloc(sizeof(float) * D);
+    float    *w = (float *) malloc(sizeof(float) * D);
+    float    *R = (float *) malloc(sizeof(float) * E * D);
+    int64_t   tot0[256];
+    void     *d[3][NB], *h[3][NB];
+    int       ok = 1, pdl0 = moe_cuda_pdl_get(), bad = 0, same = 1;
+    unsigned  cnt = 1u;
+    char      diff[160] = "";
+    double    lmax = 0, ldiff = 0, fe = 0, wdiff = 0, mdiff = 0;
+    int       ulp = 0, choice_bad = 0, far;
+    moe_cuda_tuning_t tu = MOE_CUDA_TUNING_DEFAULTS;
+    cudaStream_t st = NULL;
+
+    gu_fill_bf(xaf, xa, (size_t) Kd, 1.0f);
+    for (size_t i = 0; i < (size_t) D * Kd; i++) {
+        wq[i] = gu_rand_e4m3();
+    }
+    for (int i = 0; i < nsc; i++) {
+        sc[i] = 5e-4f + 1.5e-3f * gu_uniform();
+    }
+    gu_fill(x, (size_t) D, 2.0f);
+    gu_fill(w, (size_t) D, 1.0f);
+    gu_fill(R, (size_t) E * D, 0.5f);
+    for (int e = 0; e < E; e++) {
+        tot0[e] = (int64_t) (gu_rand() % 1000u);
+    }
+    uint16_t *d_xa = (uint16_t *) gu_up(xa, 2 * (size_t) Kd);
+    uint8_t  *d_wq = (uint8_t *) gu_up(wq, (size_t) D * Kd);
+    float    *d_sc = (float *) gu_up(sc, sizeof(float) * nsc);
+    float    *d_w = (float *) gu_up(w, sizeof(float) * D);
+    float    *d_R = (float *) gu_up(R, sizeof(float) * E * D);
+    float    *d_x0 = (float *) gu_up(x, sizeof(float) * D);
+    size_t    np = moe_cuda_route_epi_floats(D, E);
+    float    *d_part = (float *) gu_dev(sizeof(float) * np);
+    unsigned *d_cnt = (unsigned *) gu_dev(sizeof(unsigned));
+
+    cudaMemset(d_cnt, 0, sizeof(unsigned));
+    for (int v = 0; v < 3; v++) {
+        for (int i = 0; i < NB; i++) {
+            d[v][i] = gu_dev(sz[i]);
+            h[v][i] = malloc(sz[i]);
+            cudaMemset(d[v][i], 0xff, sz[i]);           /* poison */
+        }
+        cudaMemcpy(d[v][11], tot0, sz[11], cudaMemcpyHostToDevice);
+    }
+    cudaMemcpy(d[0][1], x, sz[1], cudaMemcpyHostToDevice);
+    ok = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking)
+         == cudaSuccess;
+    /* the separate path */
+    tu.dense_pre = 0;
+    ok = ok
+         && moe_cuda_gemv_fp8((const moe_bf16_t *) d_xa, Kd, NULL, 1, d_wq,
+                              d_sc, mode, D, Kd, NULL, 1, 1, 1, 0,
+                              (float *) d[0][0], NULL, D, &tu, st)
+            == MOE_K_OK
+         && moe_cuda_add_rmsnorm((float *) d[0][1], (float *) d[0][0], NULL,
+                                 1, D, d_w, 1e-5f, (moe_bf16_t *) d[0][2],
+                                 (float *) d[0][3], st) == MOE_K_OK
+         && moe_cuda_route_permute((float *) d[0][3], 1, D, d_R, E, K,
+                                   renorm, (float *) d[0][4],
+                                   (int32_t *) d[0][5], (float *) d[0][6],
+                                   (float *) d[0][7], (int32_t *) d[0][8],
+                                   (int32_t *) d[0][9],
+                                   (int32_t *) d[0][10],
+                                   (int64_t *) d[0][11], st) == MOE_K_OK
+         && gu_sync_ok(MOE_K_OK, "separate path");
+    /* the fused launches */
+    for (int v = 1; v < 3 && ok; v++) {
+        moe_route_epi_t ep = {
+            (float *) d[v][1], d_w, d_R, (moe_bf16_t *) d[v][2],
+            (float *) d[v][3], (float *) d[v][4], (int32_t *) d[v][5],
+            (float *) d[v][6], (float *) d[v][7], (int32_t *) d[v][8],
+            (int32_t *) d[v][9], (int32_t *) d[v][10], (int64_t *) d[v][11],
+            d_part, d_cnt, 1e-5f, D, E, K, renorm };
+        int rc;
+
+        cudaMemsetAsync(d_part, 0xff, sizeof(float) * np, st);
+        if (pdl) {
+            cudaMemsetAsync(d[v][1], 0xff, sz[1], st);  /* NaN residual */
+            moe_cuda_pdl_set(1);
+            k_late_rows<<<1, 256, 0, st>>>((uint16_t *) d[v][1],
+                                           (const uint16_t *) d_x0,
+                                           2 * D, 50000ull);
+        } else {
+            moe_cuda_pdl_set(0);
+            cudaMemcpyAsync(d[v][1], d_x0, sz[1], cudaMemcpyDeviceToDevice,
+                            st);
+        }
+        rc = moe_cuda_gemv_fp8_route((const moe_bf16_t *) d_xa, d_wq, d_sc,
+                                     mode, D, Kd, (float *) d[v][0], &ep,
+                                     st);
+        ok = gu_sync_ok(rc, "gemv_fp8_route");
+        moe_cuda_pdl_set(pdl0);
+    }
+    for (int v = 0; v < 3 && ok; v++) {
+        for (int i = 0; i < NB; i++) {
+            gu_down(h[v][i], d[v][i], sz[i]);
+        }
+    }
+    gu_down(&cnt, d_cnt, sizeof(unsigned));
+    if (ok) {
+        const float    *lg0 = (const float *) h[0][4];
+        const float    *lg1 = (const float *) h[1][4];
+        const uint16_t *o0 = (const uint16_t *) h[0][2];
+        const uint16_t *o1 = (const uint16_t *) h[1][2];
+        const float    *w0 = (const float *) h[0][6];
+        const float    *w1 = (const float *) h[1][6];
+
+        for (int i = 0; i < 2; i++) {           /* y, x: bit for bit */
+            if (memcmp(h[0][i], h[1][i], sz[i]) != 0) {
+                bad++;
+                snprintf(diff + strlen(diff), sizeof(diff) - strlen(diff),
+                         " %s", nm[i]);
+            }
+        }
+        for (int i = 0; i < D; i++) {
+            int u = abs((int) o0[i] - (int) o1[i]);
+
+            ulp = u > ulp ? u : ulp;
+        }
+        fe = gu_relerr((const float *) h[1][3], (const float *) h[0][3],
+                       (size_t) D);
+        for (int e = 0; e < E; e++) {
+            double a = fabs((double) lg0[e] - lg1[e]);
+
+            lmax = fabs(lg0[e]) > lmax ? fabs(lg0[e]) : lmax;
+            ldiff = a > ldiff ? a : ldiff;
+        }
+        far = *(const float *) h[0][7] > 1e-3f;
+        if (far) {
+            for (int i = 5; i < NB; i++) {
+                if (i == 6 || i == 7) {
+                    continue;
+                }
+                if (memcmp(h[0][i], h[1][i], sz[i]) != 0) {
+                    choice_bad++;
+                    snprintf(diff + strlen(diff),
+                             sizeof(diff) - strlen(diff), " %s", nm[i]);
+                }
+            }
+            for (int k = 0; k < K; k++) {
+                double a = fabs((double) w0[k] - w1[k]);
+
+                wdiff = a > wdiff ? a : wdiff;
+            }
+            mdiff = fabs((double) *(const float *) h[0][7]
+                         - *(const float *) h[1][7]);
+        }
+        for (int i = 0; i < NB; i++) {
+            same &= memcmp(h[1][i], h[2][i], sz[i]) == 0;
+        }
+    } else {
+        far = 0;
+    }
+    TAP_OK(ok && bad == 0 && ulp <= 1 && fe <= 1e-6
+           && ldiff <= 1e-5 * (lmax > 1 ? lmax : 1) && choice_bad == 0
+           && wdiff <= 1e-5 && mdiff <= 1e-5 && same && cnt == 0u,
+           "gemv_fp8_route Kd %d D %d E %d top-%d renorm %d mode %d pdl %d: "
+           "y and residual bit for bit (%d differ:%s), out within %d ulp, "
+           "out_f32 rel %.1e, logits %.1e of %.1e, %s, the second launch "
+           "%s, counter %u", Kd, D, E, K, renorm, mode, pdl, bad + choice_bad,
+           diff, ulp, fe, ldiff, lmax,
+           far ? "choices, offsets, rows, slots, totals compared"
+               : "margin under 1e-3: choices not compared",
+           same ? "the same bits" : "DIFFERENT", cnt);
+    for (int v = 0; v < 3; v++) {
+        for (int i = 0; i < NB; i++) {
+            cudaFree(d[v][i]);
+            free(h[v][i]);
+        }
+    }
+    if (st != NULL) {
+        cudaStreamDestroy(st);
+    }
+    cudaFree(d_xa); cudaFree(d_wq); cudaFree(d_sc); cudaFree(d_w);
+    cudaFree(d_R); cudaFree(d_x0); cudaFree(d_part); cudaFree(d_cnt);
+    free(xa); free(xaf); free(wq); free(sc); free(x); free(w); free(R);
+}
+
+
+/* moe_cuda_gemv_fp8_route's refusals: an epilogue missing a buffer, D
+ * unlike N, a shape the norm does not take */
+static void
+test_route_epi_refuse(void)
+{
+    float          *d_b = (float *) gu_dev(1 << 20);
+    unsigned       *d_c = (unsigned *) gu_dev(sizeof(unsigned));
+    moe_route_epi_t ep = {
+        d_b, d_b, d_b, (moe_bf16_t *) d_b, NULL, d_b, (int32_t *) d_b, d_b,
+        NULL, (int32_t *) d_b, (int32_t *) d_b, (int32_t *) d_b, NULL, d_b,
+        d_c, 1e-5f, 256, 8, 2, 1 };
+    int             ok1 = moe_cuda_route_epi_ok(&ep), ok2, ok3, r1, r2;
+
+    ep.part = NULL;
+    ok2 = moe_cuda_route_epi_ok(&ep);
+    ep.part = d_b;
+    r1 = moe_cuda_gemv_fp8_route((const moe_bf16_t *) d_b,
+                                 (const uint8_t *) d_b, d_b,
+                                 MOE_K_FP8_CHANNEL, 128, 256, d_b, &ep, 0);
+    ep.D = 258;
+    ok3 = moe_cuda_route_epi_ok(&ep);
+    r2 = moe_cuda_gemv_fp8_route((const moe_bf16_t *) d_b,
+                                 (const uint8_t *) d_b, d_b,
+                                 MOE_K_FP8_CHANNEL, 258, 256, d_b, &ep, 0);
+    TAP_OK(ok1 && !ok2 && !ok3 && r1 == MOE_K_EUNSUPPORTED
+           && r2 == MOE_K_EUNSUPPORTED,
+           "gemv_fp8_route: a full epilogue taken, one without part "
+           "refused, N 128 against D 256 refused (%d), D %% 4 != 0 "
+           "refused (%d)", r1, r2);
+    cudaFree(d_b);
+    cudaFree(d_c);
 }
 
 
@@ -2441,6 +2693,19 @@ main(void)
     test_dense_pre(1, 192, 1024, 64, 2);
     test_dense_pre(1, 256, 4096, 128, 9);
     test_norm_route1_refuse();
+    /* the route epilogue: Mixtral (every scale mode, PDL on and off),
+     * Qwen-MoE's shapes, raw weights, E and top-k at the limits, a
+     * partial last column tile, one block */
+    for (int mode = 0; mode < 3; mode++) {
+        test_route_epi(4096, 4096, 8, 2, 1, mode, 0);
+        test_route_epi(4096, 4096, 8, 2, 1, mode, 1);
+    }
+    test_route_epi(2048, 2048, 60, 4, 1, MOE_K_FP8_CHANNEL, 1);
+    test_route_epi(4096, 2048, 128, 8, 0, MOE_K_FP8_CHANNEL, 1);
+    test_route_epi(1024, 8192, 256, 32, 1, MOE_K_FP8_CHANNEL, 1);
+    test_route_epi(256, 1000, 8, 2, 1, MOE_K_FP8_CHANNEL, 0);
+    test_route_epi(128, 16, 4, 4, 1, MOE_K_FP8_TENSOR, 1);
+    test_route_epi_refuse();
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);

@@ -1,0 +1,194 @@
+/*
+ * Device code of a one-token FFN norm + router (norm_route.h): the top-k
+ * and permutation tail kernel_norm_route1 ends with, and the epilogue a
+ * GEMV runs to do the whole chain in its own launch (moe_route_epi_t).
+ */
+#ifndef MOE_KERNELS_NORM_ROUTE_CUH
+#define MOE_KERNELS_NORM_ROUTE_CUH
+
+#include "common.cuh"
+#include "moe_route.cuh"
+#include "norm_route.h"
+
+#define NR_MAX_K    32
+#define RE_MAX_COLS 32                  /* columns a block of the GEMV owns */
+
+
+/*
+ * One warp (all lanes): the top-k of the E logits in shared memory lg_s
+ * (moe_route_topk_warp: sel, selw, margin) and the permutation of the K
+ * slots of the one token (K <= 32: one slot a lane, ranks by a scan over
+ * the K choices, no barrier): erow, slot_of, offs, and tot += the
+ * experts' counts.  lgw: ROUTE_MAX_E floats, ssel: NR_MAX_K ints of the
+ * warp's shared memory.
+ */
+__device__ __forceinline__ void
+moe_nr_topk_permute(const float *lg_s, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin, int32_t *offs, int32_t *erow,
+    int32_t *slot_of, unsigned long long *tot, float *lgw, int *ssel,
+    int lane)
+{
+    moe_route_topk_warp(lg_s, 0, E, K, renorm, sel, selw, margin, lgw, lane,
+                        ssel);
+    if (lane < K) {
+        int ei = ssel[lane], r = 0;
+
+        for (int j = 0; j < K; j++) {
+            int ej = ssel[j];
+
+            r += ej < ei || (ej == ei && j < lane);
+        }
+        erow[r] = lane;
+        slot_of[lane] = r;
+    }
+    for (int e = lane; e <= E; e += 32) {
+        int below = 0, at = 0;
+
+        for (int j = 0; j < K; j++) {
+            below += ssel[j] < e;
+            at += ssel[j] == e;
+        }
+        offs[e] = below;
+        if (e < E && tot != NULL) {
+            tot[e] += (unsigned long long) at;
+        }
+    }
+}
+
+
+/* Before the GEMV's PDL wait: the router's and the norm weight's lines of
+ * columns [c0, c0 + nc) asked into L2 (weights: no kernel writes them). */
+__device__ __forceinline__ void
+moe_route_epi_prefetch(const moe_route_epi_t &ep, int c0)
+{
+    int t = (int) threadIdx.x;
+
+    if (t < ep.E) {
+        moe_prefetch_l2(ep.router + (size_t) t * ep.D + c0);
+    } else if (t == ep.E) {
+        moe_prefetch_l2(ep.w + c0);
+    }
+}
+
+
+/*
+ * The epilogue (norm_route.h, moe_route_epi_t) of a GEMV block of NT
+ * threads that wrote the delta's columns [c0, c0 + nc) of its one row
+ * into Y (visible to the block: a __syncthreads after the writes); nc <=
+ * RE_MAX_COLS.  Every thread of every block calls it, after the GEMV's
+ * PDL wait.
+ */
+template <int NT>
+__device__ __forceinline__ void
+moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
+{
+    __shared__ float ev[RE_MAX_COLS];
+    __shared__ float sums[ROUTE_MAX_E + 1];
+    __shared__ float lgw[ROUTE_MAX_E];
+    __shared__ int   ssel[NR_MAX_K];
+    __shared__ int   last;
+    const int        lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int        E = ep.E, D = ep.D, Q = E + 1;
+    const unsigned   nblk = gridDim.x * gridDim.y;
+    const unsigned   bid = blockIdx.y * gridDim.x + blockIdx.x;
+
+    /* 1. the residual: x + y, as moe_rms_row adds it */
+    if ((int) threadIdx.x < nc) {
+        int c = c0 + threadIdx.x;
+
+        ev[threadIdx.x] = ep.x[c] + Y[c];
+    }
+    __syncthreads();
+    if ((int) threadIdx.x < nc) {
+        ep.x[c0 + threadIdx.x] = ev[threadIdx.x];
+    }
+
+    /* 2. the block's partial sums: expert q's router row times the
+     * weighted residual, and (q == E) the squares */
+    for (int q = warp; q < Q; q += NT / 32) {
+        float a = 0.0f;
+
+        if (lane < nc) {
+            int   c = c0 + lane;
+            float v = ev[lane];
+
+            a = q == E ? v * v : ep.router[(size_t) q * D + c] * (ep.w[c] * v);
+        }
+        a = moe_warp_sum(a);
+        if (lane == 0) {
+            ep.part[(size_t) bid * Q + q] = a;
+        }
+    }
+    /* every writer's residual and partials visible GPU-wide before the
+     * count says so */
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(ep.count, 1u) == nblk - 1;
+    }
+    __syncthreads();
+    if (!last) {
+        return;
+    }
+    __threadfence();
+
+    /* 3. the last block: the partials summed in block order (lane b sums
+     * blocks b, b + 32, ..; then the warp tree), so the same bits
+     * whichever block came last; read through L2 (other blocks wrote
+     * them) */
+    for (int q = warp; q < Q; q += NT / 32) {
+        float a = 0.0f;
+
+        for (unsigned b = lane; b < nblk; b += 32) {
+            a += __ldcg(ep.part + (size_t) b * Q + q);
+        }
+        a = moe_warp_sum(a);
+        if (lane == 0) {
+            sums[q] = a;
+        }
+    }
+    __syncthreads();
+
+    const float inv = 1.0f / sqrtf(sums[E] / (float) D + ep.eps);
+
+    /* 4. the normalized row (moe_rms_row's products) */
+    for (int d = threadIdx.x; d < D / 4; d += NT) {
+        float4 v = __ldcg(reinterpret_cast<const float4 *>(ep.x) + d);
+        float4 w = reinterpret_cast<const float4 *>(ep.w)[d];
+        float4 o;
+
+        o.x = w.x * (v.x * inv);
+        o.y = w.y * (v.y * inv);
+        o.z = w.z * (v.z * inv);
+        o.w = w.w * (v.w * inv);
+        __nv_bfloat162 p[2];
+
+        p[0] = __floats2bfloat162_rn(o.x, o.y);
+        p[1] = __floats2bfloat162_rn(o.z, o.w);
+        *reinterpret_cast<uint2 *>(ep.out + 4 * d) =
+            *reinterpret_cast<uint2 *>(p);
+        if (ep.out_f32 != NULL) {
+            reinterpret_cast<float4 *>(ep.out_f32)[d] = o;
+        }
+    }
+
+    /* 5. the logits, the top-k and the permutation */
+    if (warp == 0) {
+        for (int e = lane; e < E; e += 32) {
+            float l = sums[e] * inv;
+
+            sums[e] = l;
+            ep.logits[e] = l;
+        }
+        __syncwarp();
+        moe_nr_topk_permute(sums, E, ep.K, ep.renorm, ep.sel, ep.selw,
+                            ep.margin, ep.offs, ep.erow, ep.slot_of,
+                            reinterpret_cast<unsigned long long *>(ep.tot),
+                            lgw, ssel, lane);
+        if (lane == 0) {
+            *ep.count = 0u;             /* for the next launch */
+        }
+    }
+}
+
+#endif
