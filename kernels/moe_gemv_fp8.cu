@@ -719,7 +719,7 @@ f8h_stage(uint16_t *xs, int xsl, float *sinv, uint32_t (*smax)[8],
  * nch * 128 + F8H_PAD f16.
  */
 template <int MR, int UNR, int MODE, int NW, bool PRE = false,
-          bool ROUTE = false>
+          int ROUTE = 0>
 __global__ void __launch_bounds__(NW * 32, PRE ? 3 : 0)
 kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint8_t *W, const float *scale, int N, int Kd,
@@ -770,7 +770,7 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
      * their first lines are only asked into L2 there */
     bool pre = PRE && MR == 1 && offs == NULL && r1 - r0 <= TP;
     if (offs == NULL) {
-        if constexpr (ROUTE) {
+        if constexpr (ROUTE != 0) {
             moe_route_epi_prefetch(rep, j0);
         }
         if (warp < nch) {
@@ -788,7 +788,14 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 f8_gv_prefetch<MR, UNR, NW>(arow, aval, warp, nch, q);
             }
         }
-        moe_pdl_enter();
+        if constexpr (ROUTE == 2) {
+            /* the next launch only once this grid exits (no trigger) */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+        } else {
+            moe_pdl_enter();
+        }
     }
 
     for (int p0 = r0; p0 < r1; p0 += TP) {
@@ -845,7 +852,7 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
         }
         __syncthreads();        /* red, xs and sinv are rewritten next */
     }
-    if constexpr (ROUTE) {
+    if constexpr (ROUTE != 0) {
         /* one row (the launcher's condition): the FFN's norm and router
          * on the columns this block wrote (norm_route.h) */
         moe_route_epi<NW * 32>(rep, Y, j0, N - j0 < 16 ? N - j0 : 16);
@@ -1585,7 +1592,7 @@ moe_cuda_fp8h_tp(int Kd, int max_rows)
 /* One instantiation's launch; its shared-memory limit raised to
  * F8H_SMEM_MAX once per device. */
 template <int MR, int UNR, int MODE, int NW, bool PRE = false,
-          bool ROUTE = false>
+          int ROUTE = 0>
 static int
 f8h_go(dim3 grid, size_t smem, cudaStream_t s, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
@@ -1735,7 +1742,7 @@ moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
 
 /* moe_cuda_gemv_fp8_route's launch in the mode's instantiation: 8 warps a
  * block when the grid fits one wave of them (f8h_mode's rule), else 4 */
-template <int MODE>
+template <int MODE, int RT>
 static int
 f8h_route(const bf16 *X, int Kd, const uint8_t *W, const float *scale,
     int N, float *Y, const moe_route_epi_t *ep, cudaStream_t s)
@@ -1744,20 +1751,30 @@ f8h_route(const bf16 *X, int Kd, const uint8_t *W, const float *scale,
     size_t smem = (size_t) f8h_xsl(Kd) * 2;
 
     if (f8h_wide<MODE>((int64_t) grid.x, smem)) {
-        return f8h_go<1, 2, MODE, F8_WARPS_WIDE, false, true>(
+        return f8h_go<1, 2, MODE, F8_WARPS_WIDE, false, RT>(
             grid, smem, s, X, Kd, NULL, 1, W, scale, N, Kd, NULL, 1, 1, 1, Y,
             NULL, N, ep);
     }
-    return f8h_go<1, 2, MODE, F8_WARPS, false, true>(
+    return f8h_go<1, 2, MODE, F8_WARPS, false, RT>(
         grid, smem, s, X, Kd, NULL, 1, W, scale, N, Kd, NULL, 1, 1, 1, Y,
         NULL, N, ep);
+}
+
+
+template <int MODE>
+static int
+f8h_route_mode(const bf16 *X, int Kd, const uint8_t *W, const float *scale,
+    int N, float *Y, const moe_route_epi_t *ep, int late, cudaStream_t s)
+{
+    return late ? f8h_route<MODE, 2>(X, Kd, W, scale, N, Y, ep, s)
+                : f8h_route<MODE, 1>(X, Kd, W, scale, N, Y, ep, s);
 }
 
 
 extern "C" int
 moe_cuda_gemv_fp8_route(const moe_bf16_t *X, const uint8_t *W,
     const float *scale, int mode, int N, int Kd, float *Y,
-    const moe_route_epi_t *ep, cudaStream_t stream)
+    const moe_route_epi_t *ep, int late, cudaStream_t stream)
 {
     const bf16 *x = reinterpret_cast<const bf16 *>(X);
 
@@ -1772,11 +1789,13 @@ moe_cuda_gemv_fp8_route(const moe_bf16_t *X, const uint8_t *W,
         return MOE_K_EUNSUPPORTED;
     }
     if (mode == MOE_K_FP8_TENSOR) {
-        return f8h_route<MOE_K_FP8_TENSOR>(x, Kd, W, scale, N, Y, ep, stream);
+        return f8h_route_mode<MOE_K_FP8_TENSOR>(x, Kd, W, scale, N, Y, ep,
+                                                late, stream);
     }
     if (mode == MOE_K_FP8_CHANNEL) {
-        return f8h_route<MOE_K_FP8_CHANNEL>(x, Kd, W, scale, N, Y, ep,
-                                            stream);
+        return f8h_route_mode<MOE_K_FP8_CHANNEL>(x, Kd, W, scale, N, Y, ep,
+                                                 late, stream);
     }
-    return f8h_route<MOE_K_FP8_BLOCK>(x, Kd, W, scale, N, Y, ep, stream);
+    return f8h_route_mode<MOE_K_FP8_BLOCK>(x, Kd, W, scale, N, Y, ep, late,
+                                           stream);
 }

@@ -76,36 +76,38 @@ moe_route_epi_prefetch(const moe_route_epi_t &ep, int c0)
  * threads that wrote the delta's columns [c0, c0 + nc) of its one row
  * into Y (visible to the block: a __syncthreads after the writes); nc <=
  * RE_MAX_COLS.  Every thread of every block calls it, after the GEMV's
- * PDL wait.
+ * PDL wait.  part holds expert q's partial of block b at q * nblk + b,
+ * so that the last block reads each expert's partials in whole lines.
  */
 template <int NT>
 __device__ __forceinline__ void
 moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
 {
+    constexpr int    NWP = NT / 32;
     __shared__ float ev[RE_MAX_COLS];
     __shared__ float sums[ROUTE_MAX_E + 1];
     __shared__ float lgw[ROUTE_MAX_E];
     __shared__ int   ssel[NR_MAX_K];
     __shared__ int   last;
-    const int        lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int        t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const int        E = ep.E, D = ep.D, Q = E + 1;
     const unsigned   nblk = gridDim.x * gridDim.y;
     const unsigned   bid = blockIdx.y * gridDim.x + blockIdx.x;
 
-    /* 1. the residual: x + y, as moe_rms_row adds it */
-    if ((int) threadIdx.x < nc) {
-        int c = c0 + threadIdx.x;
+    /* 1. the residual: x + y, as moe_rms_row adds it (a column is read
+     * and written by one thread) */
+    if (t < nc) {
+        int   c = c0 + t;
+        float v = ep.x[c] + Y[c];
 
-        ev[threadIdx.x] = ep.x[c] + Y[c];
+        ev[t] = v;
+        ep.x[c] = v;
     }
     __syncthreads();
-    if ((int) threadIdx.x < nc) {
-        ep.x[c0 + threadIdx.x] = ev[threadIdx.x];
-    }
 
     /* 2. the block's partial sums: expert q's router row times the
      * weighted residual, and (q == E) the squares */
-    for (int q = warp; q < Q; q += NT / 32) {
+    for (int q = warp; q < Q; q += NWP) {
         float a = 0.0f;
 
         if (lane < nc) {
@@ -116,14 +118,16 @@ moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
         }
         a = moe_warp_sum(a);
         if (lane == 0) {
-            ep.part[(size_t) bid * Q + q] = a;
+            ep.part[(size_t) q * nblk + bid] = a;
         }
     }
-    /* every writer's residual and partials visible GPU-wide before the
+    /* the writers' residual and partials visible GPU-wide before the
      * count says so */
-    __threadfence();
+    if (t < nc || lane == 0) {
+        __threadfence();
+    }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (t == 0) {
         last = atomicAdd(ep.count, 1u) == nblk - 1;
     }
     __syncthreads();
@@ -132,15 +136,17 @@ moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
     }
     __threadfence();
 
-    /* 3. the last block: the partials summed in block order (lane b sums
-     * blocks b, b + 32, ..; then the warp tree), so the same bits
-     * whichever block came last; read through L2 (other blocks wrote
+    /* 3. the last block: each expert's partials summed in block order
+     * (lane l sums blocks l, l + 32, ..; then the warp tree), so the same
+     * bits whichever block came last; read through L2 (other blocks wrote
      * them) */
-    for (int q = warp; q < Q; q += NT / 32) {
-        float a = 0.0f;
+    for (int q = warp; q < Q; q += NWP) {
+        const float *p = ep.part + (size_t) q * nblk;
+        float        a = 0.0f;
 
+#pragma unroll 8
         for (unsigned b = lane; b < nblk; b += 32) {
-            a += __ldcg(ep.part + (size_t) b * Q + q);
+            a += __ldcg(p + b);
         }
         a = moe_warp_sum(a);
         if (lane == 0) {
@@ -151,28 +157,9 @@ moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
 
     const float inv = 1.0f / sqrtf(sums[E] / (float) D + ep.eps);
 
-    /* 4. the normalized row (moe_rms_row's products) */
-    for (int d = threadIdx.x; d < D / 4; d += NT) {
-        float4 v = __ldcg(reinterpret_cast<const float4 *>(ep.x) + d);
-        float4 w = reinterpret_cast<const float4 *>(ep.w)[d];
-        float4 o;
-
-        o.x = w.x * (v.x * inv);
-        o.y = w.y * (v.y * inv);
-        o.z = w.z * (v.z * inv);
-        o.w = w.w * (v.w * inv);
-        __nv_bfloat162 p[2];
-
-        p[0] = __floats2bfloat162_rn(o.x, o.y);
-        p[1] = __floats2bfloat162_rn(o.z, o.w);
-        *reinterpret_cast<uint2 *>(ep.out + 4 * d) =
-            *reinterpret_cast<uint2 *>(p);
-        if (ep.out_f32 != NULL) {
-            reinterpret_cast<float4 *>(ep.out_f32)[d] = o;
-        }
-    }
-
-    /* 5. the logits, the top-k and the permutation */
+    /* 4. warp 0: the logits, the top-k and the permutation; the other
+     * warps (all of them for a one-warp block, after) the normalized row
+     * with moe_rms_row's products */
     if (warp == 0) {
         for (int e = lane; e < E; e += 32) {
             float l = sums[e] * inv;
@@ -187,6 +174,30 @@ moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
                             lgw, ssel, lane);
         if (lane == 0) {
             *ep.count = 0u;             /* for the next launch */
+        }
+    }
+    if (warp != 0 || NWP == 1) {
+        const int t0 = NWP == 1 ? t : t - 32, nt = NWP == 1 ? NT : NT - 32;
+
+#pragma unroll 4
+        for (int d = t0; d < D / 4; d += nt) {
+            float4 v = __ldcg(reinterpret_cast<const float4 *>(ep.x) + d);
+            float4 w = reinterpret_cast<const float4 *>(ep.w)[d];
+            float4 o;
+
+            o.x = w.x * (v.x * inv);
+            o.y = w.y * (v.y * inv);
+            o.z = w.z * (v.z * inv);
+            o.w = w.w * (v.w * inv);
+            __nv_bfloat162 pr[2];
+
+            pr[0] = __floats2bfloat162_rn(o.x, o.y);
+            pr[1] = __floats2bfloat162_rn(o.z, o.w);
+            *reinterpret_cast<uint2 *>(ep.out + 4 * d) =
+                *reinterpret_cast<uint2 *>(pr);
+            if (ep.out_f32 != NULL) {
+                reinterpret_cast<float4 *>(ep.out_f32)[d] = o;
+            }
         }
     }
 }

@@ -87,11 +87,14 @@ int moe_cuda_route_epi_ok(const moe_route_epi_t *ep);
  * with the epilogue ep (ep->D == N) in the same launch
  * (kernels/moe_gemv_fp8.cu).  MOE_K_EUNSUPPORTED unless
  * moe_cuda_route_epi_ok(ep), the fp8 GEMV takes the shape and mode with
- * one staged row of Kd, and Y is 16-byte aligned.
+ * one staged row of Kd, and Y is 16-byte aligned.  late 0: the next
+ * launch on the stream is let in (PDL) once the GEMV's wait returns, as
+ * every kernel does; 1: only when this grid exits (its blocks then do
+ * not sit on the SMs while the last block works alone).
  */
 int moe_cuda_gemv_fp8_route(const moe_bf16_t *X, const uint8_t *W,
     const float *scale, int mode, int N, int Kd, float *Y,
-    const moe_route_epi_t *ep, cudaStream_t stream);
+    const moe_route_epi_t *ep, int late, cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -144,7 +144,9 @@ typedef struct {
                             epilogue of the fp8 o projection's GEMV
                             (moe_cuda_gemv_fp8_route: no launch of its
                             own; where that GEMV does not run, the
-                            three launches); 0 the three launches.  Default MOE_CUDA_TUNING_AUTO: 2
+                            three launches), 4 the same with the next
+                            launch let in only at that GEMV's exit; 0
+                            the three launches.  Default MOE_CUDA_TUNING_AUTO: 2
                             for 4-bit experts, else 0 (H100 runs 22b-22d:
                             GPTQ batch 1 +1.4 %, fp8 -1.7 %) */
     int att_early;       /* MOE_CUDA_ATT_EARLY 0|1: a one-token step's

@@ -56,8 +56,9 @@
 #                    projection's epilogue): test_kernels (quick), and
 #                    with it test_backend and test_qbackend
 #   re_fp8_V_R       decode batch 1 / 8 at context 512, fp8, route_fuse1
-#                    V (0, 3), rounds R: the A/B
-#   ends_fp8_re      ends_fp8 with route_fuse1 3
+#                    V (0, 3, 4), rounds R: the A/B
+#   ends_fp8_{re,rl,c2}  ends_fp8 with route_fuse1 3, 4 and the defaults,
+#                    each kernel keyed by the two launched before it
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -113,14 +114,15 @@ for w in awq gptq; do
 done
 # ktstep NAME BATCH TOOL SUFFIX VAR=VALUE...: decode at BATCH (context
 # 512), weights $TW (default fp8), with the variables given, under
-# libktrace; its timeline summed by TOOL into $OUT/NAME_SUFFIX.log
+# libktrace; its timeline summed by TOOL (the variables set for it too)
+# into $OUT/NAME_SUFFIX.log
 ktstep() {
     local name=$1 batch=$2 tool=$3 suf=$4
     shift 4
     tstep "$name" 60 env "$@" $NOQ BENCH_CTX=512 BENCH_BATCHES="$batch" \
         BENCH_PROMPTS=0 KTRACE_OUT="$OUT/ktrace.txt" \
         LD_PRELOAD=build/bench/dev/libktrace.so $BENCH --weights "${TW:-fp8}"
-    [ -f "$OUT/ktrace.txt" ] && "$tool" "$OUT/ktrace.txt" \
+    [ -f "$OUT/ktrace.txt" ] && env "$@" "$tool" "$OUT/ktrace.txt" \
         > "$OUT/${name}_$suf.log" 2>&1
     rm -f "$OUT/ktrace.txt"
 }
@@ -226,13 +228,17 @@ tstep re_tests 300 bash -c 'T() { tap "$1" gemv_fp8_route "${@:2}"; }
     T "test_qbackend re" env MOE_CUDA_ROUTE_FUSE1=3 \
         build/gpu/test_qbackend || exit 1'
 for r in 1 2 3; do
-    for v in 0 3; do
+    for v in 0 3 4; do
         tstep re_fp8_${v}_$r 45 env MOE_CUDA_ROUTE_FUSE1=$v $NOQ \
             BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
             --weights fp8
     done
 done
-TW=fp8 ktstep ends_fp8_re 1 tools/ktrace_ends.py ends MOE_CUDA_ROUTE_FUSE1=3
+TW=fp8 ktstep ends_fp8_re 1 tools/ktrace_ends.py ends MOE_CUDA_ROUTE_FUSE1=3 \
+    KTRACE_ENDS_CTX=2
+TW=fp8 ktstep ends_fp8_rl 1 tools/ktrace_ends.py ends MOE_CUDA_ROUTE_FUSE1=4 \
+    KTRACE_ENDS_CTX=2
+TW=fp8 ktstep ends_fp8_c2 1 tools/ktrace_ends.py ends KTRACE_ENDS_CTX=2
 
 # the summary: short enough for the call's 12,000-character output tail
 echo "--- limits"
@@ -274,7 +280,7 @@ for f in base r2 ae gptq gptq_pre fp8_pre fp8; do
            "$OUT/trace_b1_${f}_gaps.log" | head -12 | cut -c1-110
 done
 
-for f in fp8 gptq fp8_re; do
+for f in fp8 gptq fp8_re fp8_rl fp8_c2; do
     [ -f "$OUT/ends_${f}_ends.log" ] && echo "--- ends_$f (PDL on)" \
         && head -12 "$OUT/ends_${f}_ends.log" | cut -c1-110
 done

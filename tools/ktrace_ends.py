@@ -11,8 +11,10 @@ is the advance of each kernel's end past the end of the kernel launched
 before it: this prints, for the steps of the most common kernel count
 (the first and last left out), the mean advance and the mean duration
 (first block start to end) of each kernel, grouped by the kernel and
-the one launched before it, largest total first, and the step's span.
+the one launched before it (KTRACE_ENDS_CTX=2: and the one before
+that), largest total first, and the step's span.
 """
+import os
 import sys
 from collections import defaultdict
 
@@ -22,6 +24,7 @@ from ktrace_gaps import read_steps  # the script's folder is on sys.path
 def main():
     path = sys.argv[1]
     start_k = sys.argv[2] if len(sys.argv) > 2 else "kernel_embed"
+    ctx = int(os.environ.get("KTRACE_ENDS_CTX", "1"))
     steps = [[(e[0], e[1], e[3]) for e in s if e[2] == "K"]
              for s in read_steps(path, start_k)]
     if len(steps) < 3:
@@ -38,7 +41,8 @@ def main():
     for s in use:
         span += (max(k[1] for k in s) - s[0][0]) / 1e3
         for i in range(1, len(s)):
-            key = (s[i][2], s[i - 1][2])
+            key = (s[i][2], s[i - 1][2]) if ctx < 2 or i < 2 \
+                else (s[i][2], s[i - 1][2] + " after " + s[i - 2][2])
             adv[key] += (s[i][1] - s[i - 1][1]) / 1e3
             dur[key] += (s[i][1] - s[i][0]) / 1e3
             cnt[key] += 1

@@ -3934,7 +3934,7 @@ cb_o_route(cuda_backend_t *b, int l, int T)
     int                  D = hp->dim, E = hp->n_experts;
     moe_route_epi_t      ep;
 
-    if (T != 1 || b->tune.route_fuse1 != 3 || b->dense_slot[l] >= 0
+    if (T != 1 || b->tune.route_fuse1 < 3 || b->dense_slot[l] >= 0
         || E <= 1 || hp->o_bias || hp->norm_layer || b->reduce != NULL
         || b->nccl != NULL || hp->shared_ffn_dim > 0
         || b->unperm_sel != NULL || w->fmt != MOE_WF_FP8
@@ -3971,7 +3971,7 @@ cb_o_route(cuda_backend_t *b, int l, int T)
     MOE_TRY(moe_cuda_gemv_fp8_route((const moe_bf16_t *) b->att,
                                     (const uint8_t *) w->w, w->scale,
                                     w->mode, D, w->K, b->tmp, &ep,
-                                    b->stream));
+                                    b->tune.route_fuse1 == 4, b->stream));
     b->route_done = 1;
     return MOE_OK;
 }

@@ -828,8 +828,9 @@ test_dense_pre(int fmt, int N, int K, int G, int n)
  * largest; where the reference's margin (K-th minus (K+1)-th
  * probability) exceeds 1e-3 the choices, offsets, rows, slots and totals
  * equal and the weights and margin within 1e-5.  A second fused launch
- * on the same inputs must give the same bits (the partials summed in
- * block order, whichever block is last) and leave the counter 0.  pdl:
+ * on the same inputs (late 1: the next launch let in only at its exit)
+ * must give the same bits (the partials summed in block order, whichever
+ * block is last) and leave the counter 0.  pdl:
  * the fused launch comes right after k_late_rows, which writes the
  * residual 50 us after letting the GEMV start (poison NaN until then).
  */
@@ -943,7 +944,7 @@ test_route_epi(int Kd, int D, int E, int K, int renorm, int mode, int pdl)
         }
         rc = moe_cuda_gemv_fp8_route((const moe_bf16_t *) d_xa, d_wq, d_sc,
                                      mode, D, Kd, (float *) d[v][0], &ep,
-                                     st);
+                                     v == 2, st);
         ok = gu_sync_ok(rc, "gemv_fp8_route");
         moe_cuda_pdl_set(pdl0);
     }
@@ -1051,12 +1052,14 @@ test_route_epi_refuse(void)
     ep.part = d_b;
     r1 = moe_cuda_gemv_fp8_route((const moe_bf16_t *) d_b,
                                  (const uint8_t *) d_b, d_b,
-                                 MOE_K_FP8_CHANNEL, 128, 256, d_b, &ep, 0);
+                                 MOE_K_FP8_CHANNEL, 128, 256, d_b, &ep, 0,
+                                 0);
     ep.D = 258;
     ok3 = moe_cuda_route_epi_ok(&ep);
     r2 = moe_cuda_gemv_fp8_route((const moe_bf16_t *) d_b,
                                  (const uint8_t *) d_b, d_b,
-                                 MOE_K_FP8_CHANNEL, 258, 256, d_b, &ep, 0);
+                                 MOE_K_FP8_CHANNEL, 258, 256, d_b, &ep, 0,
+                                 0);
     TAP_OK(ok1 && !ok2 && !ok3 && r1 == MOE_K_EUNSUPPORTED
            && r2 == MOE_K_EUNSUPPORTED,
            "gemv_fp8_route: a full epilogue taken, one without part "

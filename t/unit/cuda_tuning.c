@@ -308,7 +308,7 @@ main(void)
     refused("MOE_CUDA_ATT_PREFILL_WG8", "-1");
     refused("MOE_CUDA_FP8_GSCHED", "3");
     refused("MOE_CUDA_FP8_DGROUPED", "2");
-    refused("MOE_CUDA_ROUTE_FUSE1", "4");
+    refused("MOE_CUDA_ROUTE_FUSE1", "5");
     refused("MOE_CUDA_ATT_EARLY", "2");
     refused("MOE_CUDA_DENSE_PRE", "2");
     refused("MOE_CUDA_ATT_BPS", "0");
