@@ -56,6 +56,87 @@ moe_nr_topk_permute(const float *lg_s, int E, int K, int renorm,
 }
 
 
+/*
+ * moe_nr_topk_permute for E <= 32 with one expert a lane: the softmax
+ * with moe_route_topk_warp's expressions and sums (one logit a lane,
+ * the same warp trees), each expert's rank in its order (probability
+ * descending, ties to the lower expert) counted against the others in
+ * shared memory instead of K + 1 rounds of warp argmax, the K chosen
+ * summed in rank order: so the same sel, selw and margin bits, without
+ * the rounds' shuffles or reading selw back for the renormalisation.
+ * lgw: ROUTE_MAX_E floats, ssel: NR_MAX_K ints of the warp's shared
+ * memory.
+ */
+__device__ __forceinline__ void
+moe_nr_topk_lanes(const float *lg_s, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin, int32_t *offs, int32_t *erow,
+    int32_t *slot_of, unsigned long long *tot, float *lgw, int *ssel,
+    int lane)
+{
+    float l = lane < E ? lg_s[lane] : -INFINITY;
+    float mx = moe_warp_max(l);
+    float p = lane < E ? expf(l - mx) : 0.0f;
+    float sum = moe_warp_sum(p);
+    int   r = 0;
+
+    p = p / sum;
+    if (lane < E) {
+        lgw[lane] = p;
+    }
+    __syncwarp();
+    for (int j = 0; j < E; j++) {
+        float q = lgw[j];
+
+        r += q > p || (q == p && j < lane);
+    }
+    __syncwarp();                       /* lgw is rewritten below */
+    if (lane < E && r < K) {
+        ssel[r] = lane;
+        lgw[r] = p;                     /* the chosen, in rank order */
+    }
+    __syncwarp();
+    float ksum = 0.0f;
+
+    for (int k = 0; k < K; k++) {
+        ksum += lgw[k];
+    }
+    if (lane < E && r <= K) {
+        if (r < K) {
+            sel[r] = lane;
+            selw[r] = renorm ? p / ksum : p;
+        } else if (margin != NULL) {
+            *margin = lgw[K - 1] - p;   /* the (K+1)-th */
+        }
+    }
+    if (margin != NULL && K == E && lane == 0) {
+        *margin = 1.0f;
+    }
+    if (lane < K) {
+        int ei = ssel[lane], rk = 0;
+
+        for (int j = 0; j < K; j++) {
+            int ej = ssel[j];
+
+            rk += ej < ei || (ej == ei && j < lane);
+        }
+        erow[rk] = lane;
+        slot_of[lane] = rk;
+    }
+    for (int e = lane; e <= E; e += 32) {
+        int below = 0, at = 0;
+
+        for (int j = 0; j < K; j++) {
+            below += ssel[j] < e;
+            at += ssel[j] == e;
+        }
+        offs[e] = below;
+        if (e < E && tot != NULL) {
+            tot[e] += (unsigned long long) at;
+        }
+    }
+}
+
+
 /* Before the GEMV's PDL wait: the router's and the norm weight's lines of
  * columns [c0, c0 + nc) asked into L2 (weights: no kernel writes them). */
 __device__ __forceinline__ void
@@ -84,7 +165,6 @@ __device__ __forceinline__ void
 moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
 {
     constexpr int    NWP = NT / 32;
-    __shared__ float ev[RE_MAX_COLS];
     __shared__ float sums[ROUTE_MAX_E + 1];
     __shared__ float lgw[ROUTE_MAX_E];
     __shared__ int   ssel[NR_MAX_K];
@@ -94,47 +174,58 @@ moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
     const unsigned   nblk = gridDim.x * gridDim.y;
     const unsigned   bid = blockIdx.y * gridDim.x + blockIdx.x;
 
-    /* 1. the residual: x + y, as moe_rms_row adds it (a column is read
-     * and written by one thread) */
-    if (t < nc) {
-        int   c = c0 + t;
-        float v = ep.x[c] + Y[c];
+    /* 1. every warp: its lanes' columns of the residual x + y (as
+     * moe_rms_row adds it), the norm weight and
+     * its experts' router entries, all loaded at once; then the block's
+     * partial sums: expert q's router entry times the weighted residual,
+     * and (q == E) the squares */
+    const int c = c0 + (lane < nc ? lane : 0);
+    float     v;
 
-        ev[t] = v;
-        ep.x[c] = v;
-    }
-    __syncthreads();
-
-    /* 2. the block's partial sums: expert q's router row times the
-     * weighted residual, and (q == E) the squares */
-    for (int q = warp; q < Q; q += NWP) {
-        float a = 0.0f;
+    {
+        float xv = 0.0f, yv = 0.0f, wv = 0.0f;
 
         if (lane < nc) {
-            int   c = c0 + lane;
-            float v = ev[lane];
+            xv = ep.x[c];
+            yv = Y[c];
+            wv = ep.w[c];
+        }
 
-            a = q == E ? v * v : ep.router[(size_t) q * D + c] * (ep.w[c] * v);
-        }
-        a = moe_warp_sum(a);
-        if (lane == 0) {
-            ep.part[(size_t) q * nblk + bid] = a;
+        v = xv + yv;
+        for (int q = warp; q < Q; q += NWP) {
+            float a = 0.0f;
+
+            if (lane < nc) {
+                a = q == E ? v * v : ep.router[(size_t) q * D + c] * (wv * v);
+            }
+            a = moe_warp_sum(a);
+            if (lane == 0) {
+                ep.part[(size_t) q * nblk + bid] = a;
+            }
         }
     }
-    /* the writers' residual and partials visible GPU-wide before the
-     * count says so */
-    if (t < nc || lane == 0) {
-        __threadfence();
-    }
+    /* warp 0 writes the residual back once every warp has read it; the
+     * block's residual and partials visible GPU-wide before the count
+     * says so (the pattern of cooperative groups' grid sync: the
+     * barrier, then one thread's fence) */
     __syncthreads();
-    if (t == 0) {
-        last = atomicAdd(ep.count, 1u) == nblk - 1;
+    if (warp == 0) {
+        if (lane < nc) {
+            ep.x[c] = v;
+        }
+        __syncwarp();
+        if (lane == 0) {
+            __threadfence();
+            last = atomicAdd(ep.count, 1u) == nblk - 1;
+            if (last) {
+                __threadfence();
+            }
+        }
     }
     __syncthreads();
     if (!last) {
         return;
     }
-    __threadfence();
 
     /* 3. the last block: each expert's partials summed in block order
      * (lane l sums blocks l, l + 32, ..; then the warp tree), so the same
@@ -168,10 +259,18 @@ moe_route_epi(const moe_route_epi_t &ep, const float *Y, int c0, int nc)
             ep.logits[e] = l;
         }
         __syncwarp();
-        moe_nr_topk_permute(sums, E, ep.K, ep.renorm, ep.sel, ep.selw,
-                            ep.margin, ep.offs, ep.erow, ep.slot_of,
-                            reinterpret_cast<unsigned long long *>(ep.tot),
-                            lgw, ssel, lane);
+        if (E <= 32) {
+            moe_nr_topk_lanes(sums, E, ep.K, ep.renorm, ep.sel, ep.selw,
+                              ep.margin, ep.offs, ep.erow, ep.slot_of,
+                              reinterpret_cast<unsigned long long *>(ep.tot),
+                              lgw, ssel, lane);
+        } else {
+            moe_nr_topk_permute(sums, E, ep.K, ep.renorm, ep.sel, ep.selw,
+                                ep.margin, ep.offs, ep.erow, ep.slot_of,
+                                reinterpret_cast<unsigned long long *>(
+                                    ep.tot),
+                                lgw, ssel, lane);
+        }
         if (lane == 0) {
             *ep.count = 0u;             /* for the next launch */
         }

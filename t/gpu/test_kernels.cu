@@ -2707,6 +2707,8 @@ main(void)
     test_route_epi(4096, 2048, 128, 8, 0, MOE_K_FP8_CHANNEL, 1);
     test_route_epi(1024, 8192, 256, 32, 1, MOE_K_FP8_CHANNEL, 1);
     test_route_epi(256, 1000, 8, 2, 1, MOE_K_FP8_CHANNEL, 0);
+    test_route_epi(512, 512, 32, 8, 1, MOE_K_FP8_CHANNEL, 1); /* E 32: lanes */
+    test_route_epi(512, 256, 17, 1, 0, MOE_K_FP8_CHANNEL, 0);
     test_route_epi(128, 16, 4, 4, 1, MOE_K_FP8_TENSOR, 1);
     test_route_epi_refuse();
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
