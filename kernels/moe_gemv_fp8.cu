@@ -40,7 +40,6 @@
 #include "moe_gemv.h"
 #include "moe_ggemm.h"
 #include "quant_gemv.h"
-#include "norm_route.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -718,13 +717,11 @@ f8h_stage(uint16_t *xs, int xsl, float *sinv, uint32_t (*smax)[8],
  * are re-read and paired per chunk).  Dynamic shared memory: TP rows of
  * nch * 128 + F8H_PAD f16.
  */
-template <int MR, int UNR, int MODE, int NW, bool PRE = false,
-          int ROUTE = 0>
+template <int MR, int UNR, int MODE, int NW, bool PRE = false>
 __global__ void __launch_bounds__(NW * 32, PRE ? 3 : 0)
 kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
     const uint8_t *W, const float *scale, int N, int Kd,
-    const int32_t *offs, int E, int n, int TP, float *Y, bf16 *H, int ldy,
-    moe_route_epi_t rep)
+    const int32_t *offs, int E, int n, int TP, float *Y, bf16 *H, int ldy)
 {
     if (offs != NULL) {
         moe_pdl_enter();
@@ -770,9 +767,6 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
      * their first lines are only asked into L2 there */
     bool pre = PRE && MR == 1 && offs == NULL && r1 - r0 <= TP;
     if (offs == NULL) {
-        if constexpr (ROUTE != 0) {
-            moe_route_epi_prefetch(rep, j0);
-        }
         if (warp < nch) {
             if (pre) {
                 f8_gv_load<MR, UNR, NW, true>(stp[0], arow, aval, warp, nch,
@@ -788,14 +782,7 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 f8_gv_prefetch<MR, UNR, NW>(arow, aval, warp, nch, q);
             }
         }
-        if constexpr (ROUTE == 2) {
-            /* the next launch only once this grid exits (no trigger) */
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-        } else {
-            moe_pdl_enter();
-        }
+        moe_pdl_enter();
     }
 
     for (int p0 = r0; p0 < r1; p0 += TP) {
@@ -851,11 +838,6 @@ kernel_gemv_fp8h(const bf16 *X, int ldx, const int32_t *xrow, int xdiv,
                 N, R, col, r, Y, H, ldy);
         }
         __syncthreads();        /* red, xs and sinv are rewritten next */
-    }
-    if constexpr (ROUTE != 0) {
-        /* one row (the launcher's condition): the FFN's norm and router
-         * on the columns this block wrote (norm_route.h) */
-        moe_route_epi<NW * 32>(rep, Y, j0, N - j0 < 16 ? N - j0 : 16);
     }
 }
 
@@ -1591,30 +1573,28 @@ moe_cuda_fp8h_tp(int Kd, int max_rows)
 
 /* One instantiation's launch; its shared-memory limit raised to
  * F8H_SMEM_MAX once per device. */
-template <int MR, int UNR, int MODE, int NW, bool PRE = false,
-          int ROUTE = 0>
+template <int MR, int UNR, int MODE, int NW, bool PRE = false>
 static int
 f8h_go(dim3 grid, size_t smem, cudaStream_t s, const bf16 *X, int ldx,
     const int32_t *xrow, int xdiv, const uint8_t *W, const float *scale,
     int N, int Kd, const int32_t *offs, int E, int n, int tp, float *Y,
-    bf16 *H, int ldy, const moe_route_epi_t *rep = NULL)
+    bf16 *H, int ldy)
 {
-    static bool           ready[64];
-    int                   dev = 0;
-    const moe_route_epi_t none = {};
+    static bool ready[64];
+    int         dev = 0;
 
     MOE_CUDA_CHECK(cudaGetDevice(&dev));
     if (dev < 0 || dev >= 64 || !ready[dev]) {
         MOE_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel_gemv_fp8h<MR, UNR, MODE, NW, PRE, ROUTE>,
+            kernel_gemv_fp8h<MR, UNR, MODE, NW, PRE>,
             cudaFuncAttributeMaxDynamicSharedMemorySize, F8H_SMEM_MAX));
         if (dev >= 0 && dev < 64) {
             ready[dev] = true;
         }
     }
-    (void) moe_launch(kernel_gemv_fp8h<MR, UNR, MODE, NW, PRE, ROUTE>, grid,
+    (void) moe_launch(kernel_gemv_fp8h<MR, UNR, MODE, NW, PRE>, grid,
                       NW * 32, smem, s, X, ldx, xrow, xdiv, W, scale, N, Kd,
-                      offs, E, n, tp, Y, H, ldy, rep != NULL ? *rep : none);
+                      offs, E, n, tp, Y, H, ldy);
     MOE_CUDA_CHECK_LAUNCH("kernel_gemv_fp8h");
     return MOE_K_OK;
 }
@@ -1737,65 +1717,4 @@ moe_cuda_gemv_fp8h(const moe_bf16_t *X, int ldx, const int32_t *xrow,
     return f8h_mode<MOE_K_FP8_BLOCK>(variant, grid, smem, stream, silu, x,
                                      ldx, xrow, xdiv, W, scale, N, Kd, offs,
                                      E, n, tp, Y, h, ldy, pre);
-}
-
-
-/* moe_cuda_gemv_fp8_route's launch in the mode's instantiation: 8 warps a
- * block when the grid fits one wave of them (f8h_mode's rule), else 4 */
-template <int MODE, int RT>
-static int
-f8h_route(const bf16 *X, int Kd, const uint8_t *W, const float *scale,
-    int N, float *Y, const moe_route_epi_t *ep, cudaStream_t s)
-{
-    dim3   grid((unsigned) ((N + 15) / 16), 1u);
-    size_t smem = (size_t) f8h_xsl(Kd) * 2;
-
-    if (f8h_wide<MODE>((int64_t) grid.x, smem)) {
-        return f8h_go<1, 2, MODE, F8_WARPS_WIDE, false, RT>(
-            grid, smem, s, X, Kd, NULL, 1, W, scale, N, Kd, NULL, 1, 1, 1, Y,
-            NULL, N, ep);
-    }
-    return f8h_go<1, 2, MODE, F8_WARPS, false, RT>(
-        grid, smem, s, X, Kd, NULL, 1, W, scale, N, Kd, NULL, 1, 1, 1, Y,
-        NULL, N, ep);
-}
-
-
-template <int MODE>
-static int
-f8h_route_mode(const bf16 *X, int Kd, const uint8_t *W, const float *scale,
-    int N, float *Y, const moe_route_epi_t *ep, int late, cudaStream_t s)
-{
-    return late ? f8h_route<MODE, 2>(X, Kd, W, scale, N, Y, ep, s)
-                : f8h_route<MODE, 1>(X, Kd, W, scale, N, Y, ep, s);
-}
-
-
-extern "C" int
-moe_cuda_gemv_fp8_route(const moe_bf16_t *X, const uint8_t *W,
-    const float *scale, int mode, int N, int Kd, float *Y,
-    const moe_route_epi_t *ep, int late, cudaStream_t stream)
-{
-    const bf16 *x = reinterpret_cast<const bf16 *>(X);
-
-    if (!moe_cuda_route_epi_ok(ep) || ep->D != N
-        || !moe_cuda_fp8_supported(mode, N, Kd, Kd, 0)
-        || moe_cuda_fp8h_tp(Kd, 1) != 1 || (uintptr_t) Y % 16 != 0)
-    {
-        moe_cuda_set_error("gemv_fp8_route: N %d (the norm's D %d), Kd %d, "
-                           "mode %d, the epilogue's shape or alignment not "
-                           "supported", N, ep != NULL ? ep->D : -1, Kd,
-                           mode);
-        return MOE_K_EUNSUPPORTED;
-    }
-    if (mode == MOE_K_FP8_TENSOR) {
-        return f8h_route_mode<MOE_K_FP8_TENSOR>(x, Kd, W, scale, N, Y, ep,
-                                                late, stream);
-    }
-    if (mode == MOE_K_FP8_CHANNEL) {
-        return f8h_route_mode<MOE_K_FP8_CHANNEL>(x, Kd, W, scale, N, Y, ep,
-                                                 late, stream);
-    }
-    return f8h_route_mode<MOE_K_FP8_BLOCK>(x, Kd, W, scale, N, Y, ep, late,
-                                           stream);
 }

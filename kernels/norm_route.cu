@@ -28,12 +28,13 @@
  */
 #include "common.cuh"
 #include "moe_route.cuh"
-#include "norm_route.cuh"
+#include "norm_route.h"
 #include "rmsnorm.cuh"
 
 #define NR_GROUP    256                         /* threads a logits group */
 #define NR_GROUPS   (MOE_RMS_THREADS / NR_GROUP)
 #define NR_MAX_D    8192                        /* the row in shared memory */
+#define NR_MAX_K    32
 #define NR_PRE_E    8                           /* router rows in registers */
 #define NR_PRE_D4   (4 * NR_GROUP)
 
@@ -153,8 +154,31 @@ kernel_norm_route1(float *__restrict__ x, const float *__restrict__ delta,
     }
 
     /* 4. top-k and the permutation of the K slots */
-    moe_nr_topk_permute(lg_s, E, K, renorm, sel, selw, margin, offs, erow,
-                        slot_of, tot, lgw, ssel, lane);
+    moe_route_topk_warp(lg_s, 0, E, K, renorm, sel, selw, margin, lgw, lane,
+                        ssel);
+    if (lane < K) {
+        int ei = ssel[lane], r = 0;
+
+        for (int j = 0; j < K; j++) {
+            int ej = ssel[j];
+
+            r += ej < ei || (ej == ei && j < lane);
+        }
+        erow[r] = lane;
+        slot_of[lane] = r;
+    }
+    for (int e = lane; e <= E; e += 32) {
+        int below = 0, at = 0;
+
+        for (int j = 0; j < K; j++) {
+            below += ssel[j] < e;
+            at += ssel[j] == e;
+        }
+        offs[e] = below;
+        if (e < E && tot != NULL) {
+            tot[e] += (unsigned long long) at;
+        }
+    }
 }
 
 
@@ -201,25 +225,4 @@ moe_cuda_norm_route1(float *x, const float *delta, int D, const float *w,
                    : NR_LAUNCH(2, false, 1));
 #undef NR_LAUNCH
     return MOE_K_OK;
-}
-
-
-extern "C" size_t
-moe_cuda_route_epi_floats(int N, int E)
-{
-    return N > 0 && E > 0 ? (size_t) ((N + 15) / 16) * (size_t) (E + 1) : 0;
-}
-
-
-extern "C" int
-moe_cuda_route_epi_ok(const moe_route_epi_t *ep)
-{
-    return ep != NULL && moe_cuda_norm_route1_ok(ep->D, ep->E, ep->K)
-           && ep->x != NULL && ep->w != NULL && ep->router != NULL
-           && ep->out != NULL && ep->logits != NULL && ep->sel != NULL
-           && ep->selw != NULL && ep->offs != NULL && ep->erow != NULL
-           && ep->slot_of != NULL && ep->part != NULL && ep->count != NULL
-           && ((uintptr_t) ep->x | (uintptr_t) ep->w | (uintptr_t) ep->router
-               | (uintptr_t) ep->out_f32) % 16 == 0
-           && (uintptr_t) ep->out % 8 == 0;
 }

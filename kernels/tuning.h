@@ -134,19 +134,14 @@ typedef struct {
                             do) take it instead of the f16 grouped GEMM:
                             1 (default; H100 run 21c, batch 32 / 64
                             +5 % / +7.5 %), 0 the f16 grouped GEMM */
-    int route_fuse1;     /* MOE_CUDA_ROUTE_FUSE1 0..3: a one-token step's
+    int route_fuse1;     /* MOE_CUDA_ROUTE_FUSE1 0..2: a one-token step's
                             FFN norm, router, top-k and permutation in
                             one launch (moe_cuda_norm_route1) instead of
                             the norm's launch and the router's two: 1
                             with the router rows in registers (64 a
                             thread: a whole SM), 2 the lean kernel (32
-                            registers, router via L2); 3 in the
-                            epilogue of the fp8 o projection's GEMV
-                            (moe_cuda_gemv_fp8_route: no launch of its
-                            own; where that GEMV does not run, the
-                            three launches), 4 the same with the next
-                            launch let in only at that GEMV's exit; 0
-                            the three launches.  Default MOE_CUDA_TUNING_AUTO: 2
+                            registers, router via L2); 0 the three
+                            launches.  Default MOE_CUDA_TUNING_AUTO: 2
                             for 4-bit experts, else 0 (H100 runs 22b-22d:
                             GPTQ batch 1 +1.4 %, fp8 -1.7 %) */
     int att_early;       /* MOE_CUDA_ATT_EARLY 0|1: a one-token step's

@@ -52,13 +52,8 @@
 #                    and gptq: each kernel's end past the end of the one
 #                    launched before it (tools/ktrace_ends.py), in the
 #                    summary
-#   re_tests         route_fuse1 3 (the FFN norm + router in the fp8 o
-#                    projection's epilogue): test_kernels (quick), and
-#                    with it test_backend and test_qbackend
-#   re_fp8_V_R       decode batch 1 / 8 at context 512, fp8, route_fuse1
-#                    V (0, 3, 4), rounds R: the A/B
-#   ends_fp8_{re,rl,c2}  ends_fp8 with route_fuse1 3, 4 and the defaults,
-#                    each kernel keyed by the two launched before it
+#   ends_fp8_c2      ends_fp8 with each kernel keyed by the two launched
+#                    before it (KTRACE_ENDS_CTX=2)
 # then a summary of the RESULT lines.  Exit status: 0 when every step that
 # ran passed.
 
@@ -217,27 +212,8 @@ TW=fp8 ttrace trace_b1_fp8 1
 TW=fp8 ktstep ends_fp8 1 tools/ktrace_ends.py ends
 TW=gptq ktstep ends_gptq 1 tools/ktrace_ends.py ends
 
-# route_fuse1 3: decode's FFN norm + router in the epilogue of the fp8 o
-# projection's GEMV; the tests, the A/B against the default alternated
-# (fp8), and its PDL-on timeline
-tstep re_tests 300 bash -c 'T() { tap "$1" gemv_fp8_route "${@:2}"; }
-    tools/quant_models.sh build/quant > /dev/null || exit 1
-    T test_kernels env MOE_TEST_QUICK=1 build/gpu/test_kernels || exit 1
-    T "test_backend re" env MOE_CUDA_ROUTE_FUSE1=3 build/gpu/test_backend \
-        || exit 1
-    T "test_qbackend re" env MOE_CUDA_ROUTE_FUSE1=3 \
-        build/gpu/test_qbackend || exit 1'
-for r in 1 2 3; do
-    for v in 0 3 4; do
-        tstep re_fp8_${v}_$r 45 env MOE_CUDA_ROUTE_FUSE1=$v $NOQ \
-            BENCH_CTX=512 BENCH_BATCHES=1,8 BENCH_PROMPTS=0 $BENCH \
-            --weights fp8
-    done
-done
-TW=fp8 ktstep ends_fp8_re 1 tools/ktrace_ends.py ends MOE_CUDA_ROUTE_FUSE1=3 \
-    KTRACE_ENDS_CTX=2
-TW=fp8 ktstep ends_fp8_rl 1 tools/ktrace_ends.py ends MOE_CUDA_ROUTE_FUSE1=4 \
-    KTRACE_ENDS_CTX=2
+# the defaults' PDL-on timeline with each kernel keyed by the two
+# launched before it (gate|up and down are told apart)
 TW=fp8 ktstep ends_fp8_c2 1 tools/ktrace_ends.py ends KTRACE_ENDS_CTX=2
 
 # the summary: short enough for the call's 12,000-character output tail
@@ -247,9 +223,9 @@ for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
     q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
-    route1_tests|pre_tests|re_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
+    route1_tests|pre_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
         | cut -c1-200 | head -20; continue ;;
-    r1_*|pre_*|re_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
+    r1_*|pre_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
         | sed -E 's/.*value=([0-9.]+).*/copy \1/')" \
         "$(grep -E '^RESULT .*kind=decode' "$OUT/$s.log" \
         | sed -E 's/.* batch=([0-9]+) tok_s=([0-9.]+) .* of_limit=([0-9.]+) .*/b\1 \2 (\3)/' \
@@ -280,7 +256,7 @@ for f in base r2 ae gptq gptq_pre fp8_pre fp8; do
            "$OUT/trace_b1_${f}_gaps.log" | head -12 | cut -c1-110
 done
 
-for f in fp8 gptq fp8_re fp8_rl fp8_c2; do
+for f in fp8 gptq fp8_c2; do
     [ -f "$OUT/ends_${f}_ends.log" ] && echo "--- ends_$f (PDL on)" \
         && head -12 "$OUT/ends_${f}_ends.log" | cut -c1-110
 done

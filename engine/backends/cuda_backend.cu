@@ -311,10 +311,6 @@ typedef struct {
     int32_t        *erow;          /* (NK) */
     int32_t        *counts;        /* (E) */
     int32_t        *offs;          /* (E + 1) */
-    float          *re_part;       /* the route epilogue's partials */
-    unsigned int   *re_count;      /* and its counter, kept zero */
-    int             route_done;    /* the o projection's epilogue did the
-                                      FFN's norm and routing (cb_ffn) */
     uint32_t       *fgsched;       /* 2: the grouped fp8 GEMMs' tile
                                       counters (MOE_FG_DYN), kept zero */
     int64_t        *d_ecounts;     /* (L, E) running totals */
@@ -508,8 +504,7 @@ cb_weight_layout(const moe_hparams_t *hp, const moe_qplan_t *plan,
 typedef struct {
     size_t x, tmp, xf, xb, qkv, att, sel, selw, slot_of, erow, counts, xe,
            gu, hbuf, ye, xlast, logits, tokout, stage, offs, ecounts,
-           att_part, margin, rlogits, fgsched, re_part, re_count, qscratch,
-           total;
+           att_part, margin, rlogits, fgsched, qscratch, total;
     size_t stage_ints, bt_cap;
 } cb_slayout_t;
 
@@ -548,12 +543,6 @@ cb_ws_layout(const moe_hparams_t *hp, int cap, int n_blocks,
     l->counts = cb_take(&c, E * 4);
     l->offs = cb_take(&c, (E + 1) * 4);
     l->fgsched = cb_take(&c, 2 * 4);
-    /* the o projection's route epilogue (route_fuse1 3): its blocks'
-     * partial sums, and its counter */
-    l->re_part = cb_take(&c, (E > 1 ? moe_cuda_route_epi_floats((int) D,
-                                                                (int) E)
-                                    : 0) * 4);
-    l->re_count = cb_take(&c, 4);
     l->margin = cb_take(&c, (size_t) hp->n_layers * N * 4);
     l->ecounts = cb_take(&c, (size_t) hp->n_layers * E * 8);
     l->rlogits = cb_take(&c, N * E * 4);
@@ -2247,8 +2236,6 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
     b->counts = (int32_t *) (s + sl.counts);
     b->offs = (int32_t *) (s + sl.offs);
     b->fgsched = (uint32_t *) (s + sl.fgsched);
-    b->re_part = (float *) (s + sl.re_part);
-    b->re_count = (unsigned int *) (s + sl.re_count);
     b->margin = (float *) (s + sl.margin);
     b->rlogits = (float *) (s + sl.rlogits);
     b->d_ecounts = (int64_t *) (s + sl.ecounts);
@@ -2265,8 +2252,6 @@ cb_alloc(cuda_backend_t *b, char *err, size_t errlen)
      * them so) */
     CB_CUDA(cudaMemsetAsync(b->fgsched, 0, 2 * 4, b->stream),
             "tile counters memset");
-    CB_CUDA(cudaMemsetAsync(b->re_count, 0, 4, b->stream),
-            "route epilogue counter memset");
     /* dense layers of an MoE model never route: margin 1 for good */
     for (int l = 0; l < hp->n_layers; l++) {
         if (b->dense_slot[l] >= 0
@@ -3914,69 +3899,6 @@ cb_route1(const cuda_backend_t *b, int T)
 }
 
 
-/*
- * Layer l's attention output projection for a one-token step with the
- * FFN's norm, router, top-k and permutation in its epilogue
- * (moe_cuda_gemv_fp8_route, norm_route.h; tuning route_fuse1 3): the
- * projection's delta goes to tmp as cb_dense_proj writes it, and cb_ffn
- * then finds x, xb, the logits, the choices and the permutation written
- * (b->route_done).  MOE_EUNSUPPORTED (nothing launched) unless the
- * layer is routed, the step is one token, the o projection takes the
- * fp8 GEMV on f16 fragments, nothing sums or biases the delta before
- * the norm (one rank, no o bias), the norm is RMSNorm, no shared expert
- * reads the fp32 row, and the epilogue takes the shapes.
- */
-static int
-cb_o_route(cuda_backend_t *b, int l, int T)
-{
-    const moe_hparams_t *hp = &b->hp;
-    const cb_qw_t       *w = cb_part(b, l, MOE_QP_O);
-    int                  D = hp->dim, E = hp->n_experts;
-    moe_route_epi_t      ep;
-
-    if (T != 1 || b->tune.route_fuse1 < 3 || b->dense_slot[l] >= 0
-        || E <= 1 || hp->o_bias || hp->norm_layer || b->reduce != NULL
-        || b->nccl != NULL || hp->shared_ffn_dim > 0
-        || b->unperm_sel != NULL || w->fmt != MOE_WF_FP8
-        || !b->tune.fp8_gemv || T > b->tune.dense_gemv_t || w->N != D
-        || !moe_cuda_fp8_supported(w->mode, w->N, w->K, w->K, 0)
-        || moe_cuda_fp8h_tp(w->K, 1) != 1)
-    {
-        return MOE_EUNSUPPORTED;
-    }
-    memset(&ep, 0, sizeof(ep));
-    ep.x = b->x;
-    ep.w = b->ffn_norm + (size_t) l * D;
-    ep.router = b->router + (size_t) l * E * D;
-    ep.out = (moe_bf16_t *) b->xb;
-    ep.out_f32 = NULL;
-    ep.logits = b->rlogits;
-    ep.sel = b->sel + (size_t) l * b->cap * b->K;
-    ep.selw = b->selw;
-    ep.margin = b->margin + (size_t) l * b->cap;
-    ep.offs = b->offs;
-    ep.erow = b->erow;
-    ep.slot_of = b->slot_of;
-    ep.tot = b->d_ecounts + (size_t) l * E;
-    ep.part = b->re_part;
-    ep.count = b->re_count;
-    ep.eps = hp->norm_eps;
-    ep.D = D;
-    ep.E = E;
-    ep.K = b->K;
-    ep.renorm = !hp->router_no_renorm;
-    if (!moe_cuda_route_epi_ok(&ep)) {
-        return MOE_EUNSUPPORTED;
-    }
-    MOE_TRY(moe_cuda_gemv_fp8_route((const moe_bf16_t *) b->att,
-                                    (const uint8_t *) w->w, w->scale,
-                                    w->mode, D, w->K, b->tmp, &ep,
-                                    b->tune.route_fuse1 == 4, b->stream));
-    b->route_done = 1;
-    return MOE_OK;
-}
-
-
 /* The FFN sublayer of layer l: its norm, then the dense MLP or the
  * router and the routed experts. */
 static int
@@ -3994,17 +3916,10 @@ cb_ffn(cuda_backend_t *b, int l, int T)
     int32_t             *sel = b->sel + (size_t) l * b->cap * K;
     const float         *nw = b->ffn_norm + (size_t) l * D;
     int                  routed = b->dense_slot[l] < 0 && E > 1;
-    /* the o projection's epilogue did the norm and the routing
-     * (cb_route_epi) */
-    int                  re = b->route_done;
     /* decided before cb_norm (which consumes a pending fp8 product) */
-    int                  r1 = routed && !re && cb_route1(b, T);
+    int                  r1 = routed && cb_route1(b, T);
 
-    b->route_done = 0;
-    if (re) {
-        /* x, xb, the logits, the choices and the permutation are
-         * written */
-    } else if (r1) {
+    if (r1) {
         /* one token: the norm, router, top-k and permutation in one
          * launch, what the three below write */
         MOE_TRY(moe_cuda_norm_route1(b->x, b->tmp, D, nw, hp->norm_eps,
@@ -4023,7 +3938,7 @@ cb_ffn(cuda_backend_t *b, int l, int T)
                                                                : NULL));
     }
     MOE_TRY(cb_mark(b, MOE_CUDA_ST_OTHER));
-    if (routed && !r1 && !re) {
+    if (routed && !r1) {
         /* router, top-k and the permutation by expert (two launches up
          * to 32 tokens, three above) */
         MOE_TRY(moe_cuda_route_permute(b->xf, T, D,
@@ -4270,11 +4185,8 @@ cb_body(cuda_backend_t *b, int T, int n_out)
         /* nothing but the FFN's norm reads tmp before it is scaled */
         b->dq_allow = !hp->o_bias && b->reduce == NULL && b->nccl == NULL
                       && !hp->norm_layer ? b->tmp : NULL;
-        rc = cb_o_route(b, l, T);
-        if (rc == MOE_EUNSUPPORTED) {
-            rc = cb_dense_proj(b, cb_part(b, l, MOE_QP_O), T, b->att, b->Q,
-                               b->tmp, D);
-        }
+        rc = cb_dense_proj(b, cb_part(b, l, MOE_QP_O), T, b->att, b->Q,
+                           b->tmp, D);
         b->dq_allow = NULL;
         MOE_TRY(rc);
         if (hp->o_bias) {

@@ -44,7 +44,7 @@ static const cuda_knob_t ct_knobs[] = {
     { "MOE_CUDA_ATT_PREFILL_WG8", CT_FIELD(att_prefill_wg8), 0, 1 },
     { "MOE_CUDA_FP8_GSCHED",    CT_FIELD(fp8_gsched),    0, 2 },
     { "MOE_CUDA_FP8_DGROUPED",  CT_FIELD(fp8_dgrouped),  0, 1 },
-    { "MOE_CUDA_ROUTE_FUSE1",   CT_FIELD(route_fuse1),   0, 4 },
+    { "MOE_CUDA_ROUTE_FUSE1",   CT_FIELD(route_fuse1),   0, 2 },
     { "MOE_CUDA_ATT_EARLY",     CT_FIELD(att_early),     0, 1 },
     { "MOE_CUDA_DENSE_PRE",     CT_FIELD(dense_pre),     0, 1 },
 };

@@ -257,7 +257,7 @@ main(void)
     setenv("MOE_CUDA_ATT_PREFILL_WG8", "0", 1);
     setenv("MOE_CUDA_FP8_GSCHED", "0", 1);
     setenv("MOE_CUDA_FP8_DGROUPED", "0", 1);
-    setenv("MOE_CUDA_ROUTE_FUSE1", "3", 1);
+    setenv("MOE_CUDA_ROUTE_FUSE1", "2", 1);
     setenv("MOE_CUDA_ATT_EARLY", "0", 1);
     setenv("MOE_CUDA_DENSE_PRE", "1", 1);
     rc = moe_cuda_tuning_read(&t, 8, 0, err, sizeof(err));
@@ -270,7 +270,7 @@ main(void)
            && t.fp8_grouped == 0 && t.q4_layout == 3 && t.q4_gemv == 0
            && t.fp8_gemv == 0 && t.fp8_ggemm == 0 && t.att_prefill_wg == 0
            && t.att_prefill_wg8 == 0 && t.fp8_gsched == 0
-           && t.fp8_dgrouped == 0 && t.route_fuse1 == 3
+           && t.fp8_dgrouped == 0 && t.route_fuse1 == 2
            && t.att_early == 0 && t.dense_pre == 1,
            "every override applied (an explicit gemv_max_t 0 is kept)");
     moe_cuda_tuning_format(&t, line, sizeof(line));
@@ -281,7 +281,7 @@ main(void)
                   "fold_scales=0 fp8_grouped=0 q4_layout=3 "
                   "q4_gemv=0 fp8_gemv=0 fp8_ggemm=0 "
                   "att_prefill_wg=0 att_prefill_wg8=0 fp8_gsched=0 "
-                  "fp8_dgrouped=0 route_fuse1=3 att_early=0 "
+                  "fp8_dgrouped=0 route_fuse1=2 att_early=0 "
                   "dense_pre=1") == 0,
            "the log line: %s", line);
     clear_env();
@@ -308,7 +308,7 @@ main(void)
     refused("MOE_CUDA_ATT_PREFILL_WG8", "-1");
     refused("MOE_CUDA_FP8_GSCHED", "3");
     refused("MOE_CUDA_FP8_DGROUPED", "2");
-    refused("MOE_CUDA_ROUTE_FUSE1", "5");
+    refused("MOE_CUDA_ROUTE_FUSE1", "3");
     refused("MOE_CUDA_ATT_EARLY", "2");
     refused("MOE_CUDA_DENSE_PRE", "2");
     refused("MOE_CUDA_ATT_BPS", "0");
