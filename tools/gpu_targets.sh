@@ -22,6 +22,8 @@
 #                    the f16 grouped GEMM instead of the fused fp8 FFN
 #   q4dev            the 4-bit GEMVs of one layer at batch 1, experts
 #                    and dense (bench/dev/quant_gemv, quick lines)
+#   q4rot            the shipped 4-bit GEMV of each of those matrices on
+#                    one set of weights and on ~20 GB of copies in turn
 #   awq, gptq        4-bit weights: decode batch 1 / 64 at context 512
 #   bf16_long_lB     bf16 weights (89 GB: GPUs with more than 100 GB only)
 #                    decode at context 8192 / 32768, batch 1 / 64, with
@@ -103,6 +105,9 @@ for r in 1 2; do
 done
 # the 4-bit GEMVs of one layer at batch 1, the dense projections too
 tstep q4dev 90 env DEV_DENSE=1 DEV_QUICK=1 build/bench/dev/quant_gemv 1
+# and the same kernel on ~20 GB of copies in turn (no L2 or TLB reuse
+# between calls, as in the model)
+tstep q4rot 120 env DEV_ROTATE=20 build/bench/dev/quant_gemv 1
 for w in awq gptq; do
     tstep $w 60 env $NOQ BENCH_CTX=512 BENCH_BATCHES=1,64 BENCH_PROMPTS=0 \
         $BENCH --weights $w
@@ -221,7 +226,7 @@ echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
 for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
-    q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
+    q4dev|q4rot) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
     route1_tests|pre_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
         | cut -c1-200 | head -20; continue ;;
