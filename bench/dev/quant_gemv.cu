@@ -399,11 +399,11 @@ dev_shape(int fmt, int w13, int rows)
 /*
  * DEV_ROTATE=n: the shipped GEMV by quantization group (GPTQ's layout,
  * shape 0) on one Mixtral layer's matrix (w13 as dev_shape's), timed
- * twice: on one set of weights called again and again (every other line
- * of this harness), then on n copies of it in turn, each call on the
- * next copy, so that no call finds its weights' lines in L2 or their
- * pages' translations cached from the call before, as in the model,
- * where a step's 32 layers read ~24 GB.  Shows whether the harness's
+ * on one set of weights called again and again (every other line of this
+ * harness), then on copies of it in turn, each call on the next copy:
+ * 3 copies (no line left in L2 from the call before, the pages few) and
+ * n (no page's translation cached either, as in the model, where a
+ * step's 32 layers read ~24 GB).  Shows whether the harness's
  * figures are the model's (run 23a: a layer's four matrices 86.7 us
  * here against 98.7 in the model's timeline).
  */
@@ -467,15 +467,20 @@ dev_rotate(int w13, int rows, int copies)
            copies, (double) copies * (nw * 4 + nz * 4 + ns * 2) / 1e9);
     ms = dev_time(iters, [&]() { return run(0, ref); });
     dev_line("by group, shape 0, the same weights", ms, bytes, 0, -1, 0);
-    ms = dev_time(iters, [&]() {
-        int i = c;
+    /* 3 copies (beyond L2, within any TLB's reach), then all */
+    for (int m = 3; m <= copies; m = m < copies ? copies : copies + 1) {
+        c = 0;
+        ms = dev_time(iters, [&]() {
+            int i = c;
 
-        c = (c + 1) % copies;
-        return run(i, out);
-    });
-    snprintf(name, sizeof(name), "by group, shape 0, %d copies in turn",
-             copies);
-    dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-6);
+            c = (c + 1) % m;
+            return run(i, out);
+        });
+        snprintf(name, sizeof(name), "by group, shape 0, %d copies in turn "
+                 "(%.1f GB)", m,
+                 (double) m * (nw * 4 + nz * 4 + ns * 2) / 1e9);
+        dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-6);
+    }
     for (int i = 0; i < copies; i++) {
         cudaFree(qw[i]);
         cudaFree(qz[i]);
@@ -503,7 +508,7 @@ main(int argc, char **argv)
     gu_seed(1);
     dev_limits();
     if (getenv("DEV_ROTATE") != NULL) {
-        /* weights of about 20 GB in turn (at least two copies) */
+        /* weights of about 20 GB in turn (at least three copies) */
         int gb = atoi(getenv("DEV_ROTATE"));
 
         gb = gb > 0 ? gb : 20;
@@ -511,7 +516,7 @@ main(int argc, char **argv)
             double one = w == 1 ? 0.485 : w == 0 ? 0.242 : w == 2 ? 0.013
                                                                    : 0.0087;
 
-            dev_rotate(w, rows[0], (int) (gb / one) < 2 ? 2
+            dev_rotate(w, rows[0], (int) (gb / one) < 3 ? 3
                                    : (int) (gb / one));
         }
         return dev_failed;
