@@ -481,13 +481,50 @@ dev_rotate(int w13, int rows, int copies)
                  (double) m * (nw * 4 + nz * 4 + ns * 2) / 1e9);
         dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-6);
     }
+    /* every block shape (0: the launcher's pick, as above), shape 0 with
+     * the cluster size S and the L2 prefetch distance pa forced, and for
+     * gate|up the SiLU-fused launch the model runs: all on the copies in
+     * turn, so a choice made on warm weights can be checked cold */
+    bf16 *href = NULL, *h2 = NULL;
+
+    if (w13 == 1) {
+        href = (bf16 *) gu_dev((size_t) n * N);
+        h2 = (bf16 *) gu_dev((size_t) n * N);
+        DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) href, 0)
+                  == 0 ? cudaSuccess : cudaErrorUnknown);
+    }
+    for (int silu = 0; silu <= (w13 == 1); silu++) {
+        for (int v = 0; v <= 18; v++) {
+            static const int pas[5] = { 0, 2, 3, 4, 6 };
+            int sh = v <= 9 ? v : 0;
+            int S = v >= 10 && v <= 13 ? 1 << (v - 10) : 0;
+            int pf = v >= 14 ? pas[v - 14] : Q4G_PA;
+
+            c = 0;
+            ms = dev_time(iters, [&]() {
+                int i = c;
+
+                c = (c + 1) % copies;
+                return q4g_run(sh, S, pf, (const moe_bf16_t *) X, K, NULL, 1,
+                               (const int32_t *) qw[i],
+                               (const int32_t *) qz[i], sc[i], G, 1, N, K,
+                               d_offs, E, n, 8, silu ? NULL : out, N,
+                               silu ? (moe_bf16_t *) h2 : NULL, 0);
+            });
+            snprintf(name, sizeof(name), "cold%s: shape %d, S %d, pa %d",
+                     silu ? ", SiLU fused" : "", sh, S, pf);
+            dev_line(name, ms, bytes, 0,
+                     silu ? dev_diff(h2, href, on / 2, 1)
+                          : dev_diff(out, ref, on, 0), silu ? 1e-2 : 1e-4);
+        }
+    }
     for (int i = 0; i < copies; i++) {
         cudaFree(qw[i]);
         cudaFree(qz[i]);
         cudaFree(sc[i]);
     }
     cudaFree(gi); cudaFree((void *) X); cudaFree(d_offs); cudaFree(ref);
-    cudaFree(out);
+    cudaFree(out); cudaFree(href); cudaFree(h2);
 }
 
 
