@@ -35,11 +35,13 @@
  *   DEV_ROTATE=GB: only the by-group kernel (GPTQ, the first rows given)
  *                  on the same weights and on copies of GB in turn, every
  *                  shape cold, the same bytes only read; then the e4m3
- *                  layer's matrices only read, cold
+ *                  layer's matrices only read, cold, and its expert
+ *                  GEMVs' variants (kernel_gemv_fp8h) cold
  */
 #include "../../kernels/quant_gemv.cu"
 #include "../../kernels/q4_group.cu"
 #include "q4_fma.cuh"
+#include "../../kernels/moe_gemv.h"     /* the e4m3 GEMV, from the library */
 
 #include "dev.cuh"
 
@@ -398,6 +400,18 @@ dev_shape(int fmt, int w13, int rows)
 }
 
 
+/* n floats of value v */
+__global__ void
+dev_fill_f32(float *p, size_t n, float v)
+{
+    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t) gridDim.x * blockDim.x)
+    {
+        p[i] = v;
+    }
+}
+
+
 /* The floor under a GEMV of these bytes: every 16-byte word of the three
  * arrays read once (non-coherent loads, four in flight a thread), XORed
  * into one word a block so the reads cannot be dropped. */
@@ -642,6 +656,46 @@ main(int argc, char **argv)
                 snprintf(name, sizeof(name), "e4m3 %s read only (%.0f MB), "
                          "cold", nm[w], mb[w]);
                 dev_line(name, ms, mb[w] * 1e6, 0, -2, 0);
+            }
+            /* the e4m3 expert GEMVs (kernel_gemv_fp8h, per-channel
+             * scales) at batch 1 on the same pool, two experts' weights
+             * taken in turn: the launcher's pick (variant 0) and its
+             * variants 1 (twice the chunks a stage), 2 (8 warps), 3 (4
+             * warps); gate|up stacked with SiLU fused, as the model runs */
+            for (int w = 0; w < 2; w++) {
+                const int N = w == 0 ? 14336 : 4096;
+                const int Kd = w == 0 ? 4096 : 14336;
+                const int rowsN = w == 0 ? 2 * N : N;  /* stacked gate|up */
+                size_t    wb = (size_t) 2 * rowsN * Kd; /* two experts */
+                size_t    slots = pool / wb, c = 0;
+                int32_t   offs[3] = { 0, 1, 2 };
+                int32_t  *d_offs = (int32_t *) gu_up(offs, sizeof(offs));
+                float    *scale = (float *) gu_dev(sizeof(float) * 2 * rowsN);
+                const bf16 *X = (const bf16 *) dev_rand_bf((size_t) 2 * Kd,
+                                                           1.0f);
+                float    *Y = (float *) gu_dev(sizeof(float) * 2 * N);
+                bf16     *H = (bf16 *) gu_dev(sizeof(bf16) * 2 * N);
+                char      name[96];
+
+                dev_fill_f32<<<64, 256>>>(scale, (size_t) 2 * rowsN, 1e-3f);
+                for (int v = 0; v <= 3; v++) {
+                    double ms = dev_time(50, [&]() {
+                        const uint8_t *W = (const uint8_t *) buf
+                                           + (c % slots) * wb;
+
+                        c++;
+                        return moe_cuda_gemv_fp8h(
+                            (const moe_bf16_t *) X, Kd, NULL, 1, W, scale,
+                            MOE_K_FP8_CHANNEL, N, Kd, d_offs, 2, 2, 1, w == 0,
+                            w == 0 ? NULL : Y, (moe_bf16_t *) H, N, v, 0);
+                    });
+
+                    snprintf(name, sizeof(name), "e4m3 %s GEMV, variant %d, "
+                             "cold", w == 0 ? "gate|up + SiLU" : "down", v);
+                    dev_line(name, ms, (double) wb, 0, -2, 0);
+                }
+                cudaFree(d_offs); cudaFree(scale); cudaFree((void *) X);
+                cudaFree(Y); cudaFree(H);
             }
             cudaFree(buf);
             cudaFree(sink);
