@@ -37,6 +37,7 @@
  *                  shape cold, the same bytes only read; then the e4m3
  *                  layer's matrices only read, cold, and its expert
  *                  GEMVs' variants (kernel_gemv_fp8h) cold
+ *                  (DEV_ROTATE_E4M3=1: only the e4m3 lines)
  */
 #include "../../kernels/quant_gemv.cu"
 #include "../../kernels/q4_group.cu"
@@ -622,7 +623,7 @@ main(int argc, char **argv)
         int gb = atoi(getenv("DEV_ROTATE"));
 
         gb = gb > 0 ? gb : 20;
-        for (int w = 0; w <= 3; w++) {
+        for (int w = 0; w <= 3 && getenv("DEV_ROTATE_E4M3") == NULL; w++) {
             double one = w == 1 ? 0.485 : w == 0 ? 0.242 : w == 2 ? 0.013
                                                                    : 0.0087;
 
