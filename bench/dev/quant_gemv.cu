@@ -82,6 +82,70 @@ dev_q4_fill(uint16_t *sc, size_t n, int32_t *gidx, int count, int K, int G)
 
 
 /*
+ * One Mixtral layer's matrix w13 (as dev_shape's) at `rows` rows per
+ * expert hit, GPTQ's layout, group 128: its shape, the experts' offsets,
+ * the bytes of the experts hit, and (dev_q4_layer_alloc) random weights,
+ * zeros, scales 0.01 and a trivial g_idx on the device.
+ */
+typedef struct {
+    int     dense, G, E, N, K, KG, hit, n;
+    size_t  nw, nz, ns, on;             /* words, zero words, scales, out */
+    double  bytes;
+    int32_t offs[9];
+} dev_q4_layer_t;
+
+
+static void
+dev_q4_layer(dev_q4_layer_t *L, int w13, int rows)
+{
+    L->dense = w13 >= 2;
+    L->G = 128;
+    L->E = L->dense ? 1 : 8;
+    L->N = w13 == 1 ? 28672 : w13 == 2 ? 6144 : 4096;
+    L->K = w13 == 0 ? 14336 : 4096;
+    L->KG = L->K / L->G;
+    L->hit = L->dense ? 1 : rows == 1 ? 2 : L->E;
+    L->n = L->hit * rows;
+    L->nw = (size_t) L->E * L->K * L->N / 8;
+    L->nz = (size_t) L->E * L->KG * L->N / 8;
+    L->ns = (size_t) L->E * L->KG * L->N;
+    L->on = (size_t) L->n * L->N;
+    L->bytes = (double) L->hit * ((double) L->K * L->N / 2
+                                  + (double) L->KG * L->N * 2.5);
+    for (int e = 0; e <= L->E; e++) {
+        L->offs[e] = (e < L->hit ? e : L->hit) * rows;
+    }
+}
+
+
+static void
+dev_q4_layer_alloc(const dev_q4_layer_t *L, uint32_t **qw, uint32_t **qz,
+    uint16_t **sc, int32_t **gi)
+{
+    *qw = (uint32_t *) gu_dev(L->nw * 4);
+    *qz = (uint32_t *) gu_dev(L->nz * 4);
+    *sc = (uint16_t *) gu_dev(L->ns * 2);
+    *gi = (int32_t *) gu_dev((size_t) L->E * L->K * 4);
+    dev_q4_words<<<4096, 256>>>(*qw, L->nw, 7u);
+    dev_q4_words<<<1024, 256>>>(*qz, L->nz, 9u);
+    dev_q4_fill<<<1024, 256>>>(*sc, L->ns, *gi, L->E, L->K, L->G);
+    DEV_CHECK(cudaDeviceSynchronize());
+}
+
+
+/* gate|up: the SwiGLU of the fp32 reference ref (n rows of N), the
+ * reference of the fused launches, into *href; *h2 their output */
+static void
+dev_silu_ref(const float *ref, int n, int N, bf16 **href, bf16 **h2)
+{
+    *href = (bf16 *) gu_dev((size_t) n * N);
+    *h2 = (bf16 *) gu_dev((size_t) n * N);
+    DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) *href, 0)
+              == 0 ? cudaSuccess : cudaErrorUnknown);
+}
+
+
+/*
  * w13 1: the experts' gate|up, 0: their down projection; 2: the dense
  * q|k|v projection (N 6144 K 4096), 3: the dense o projection (N 4096 K
  * 4096), one matrix (offs NULL).
@@ -89,37 +153,27 @@ dev_q4_fill(uint16_t *sc, size_t n, int32_t *gidx, int count, int K, int G)
 static void
 dev_shape(int fmt, int w13, int rows)
 {
-    const int  dense = w13 >= 2, G = 128, iters = 50;
-    const int  E = dense ? 1 : 8;
-    const int  N = w13 == 1 ? 28672 : w13 == 2 ? 6144 : 4096;
-    const int  K = w13 == 0 ? 14336 : 4096;
-    const int  KG = K / G, hit = dense ? 1 : rows == 1 ? 2 : E;
-    const int  n = hit * rows;
+    dev_q4_layer_t L;
+
+    dev_q4_layer(&L, w13, rows);
+
+    const int   dense = L.dense, G = L.G, iters = 50, E = L.E, N = L.N;
+    const int   K = L.K, hit = L.hit, n = L.n;
     const char *fn = fmt == MOE_K_Q4_AWQ ? "awq" : "gptq";
-    size_t     nw = (size_t) E * K * N / 8, nz = (size_t) E * KG * N / 8;
-    size_t     ns = (size_t) E * KG * N, on = (size_t) n * N;
-    double     bytes = (double) hit * ((double) K * N / 2
-                                       + (double) KG * N * 2.5);
-    int32_t    offs[9];
-    char       name[64];
-    double     ms;
+    size_t      nw = L.nw, nz = L.nz, on = L.on;
+    double      bytes = L.bytes;
+    char        name[64];
+    double      ms;
+    uint32_t   *qw, *qz;
+    uint16_t   *sc;
+    int32_t    *gi;
 
-    for (int e = 0; e <= E; e++) {
-        offs[e] = (e < hit ? e : hit) * rows;
-    }
+    dev_q4_layer_alloc(&L, &qw, &qz, &sc, &gi);
 
-    uint32_t   *qw = (uint32_t *) gu_dev(nw * 4);
-    uint32_t   *qz = (uint32_t *) gu_dev(nz * 4);
-    uint16_t   *sc = (uint16_t *) gu_dev(ns * 2);
-    int32_t    *gi = (int32_t *) gu_dev((size_t) E * K * 4);
     const bf16 *X = (const bf16 *) dev_rand_bf((size_t) n * K, 1.0f);
-    int32_t    *d_offs = dense ? NULL : (int32_t *) gu_up(offs, sizeof(offs));
+    int32_t    *d_offs = dense ? NULL : (int32_t *) gu_up(L.offs,
+                                                          sizeof(L.offs));
     float      *ref = (float *) gu_dev(on * 4), *out = (float *) gu_dev(on * 4);
-
-    dev_q4_words<<<4096, 256>>>(qw, nw, 7u);
-    dev_q4_words<<<1024, 256>>>(qz, nz, 9u);
-    dev_q4_fill<<<1024, 256>>>(sc, ns, gi, E, K, G);
-    DEV_CHECK(cudaDeviceSynchronize());
 
     auto run = [&](int mr, int S, int pf, const int32_t *g, float *y) {
         if (S == 0 && pf == QM_PF) {
@@ -144,10 +198,7 @@ dev_shape(int fmt, int w13, int rows)
     bf16 *href = NULL, *h2 = NULL;
 
     if (w13 == 1) {
-        href = (bf16 *) gu_dev((size_t) n * N);
-        h2 = (bf16 *) gu_dev((size_t) n * N);
-        DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) href, 0)
-                  == 0 ? cudaSuccess : cudaErrorUnknown);
+        dev_silu_ref(ref, n, N, &href, &h2);
     }
     {
         /* the GEMV by quantization group (kernels/q4_group.cu) on GPTQ's
@@ -463,40 +514,29 @@ dev_read3(const uint4 *a, size_t na, const uint4 *b, size_t nb,
 static void
 dev_rotate(int w13, int rows, int copies)
 {
-    const int  dense = w13 >= 2, G = 128, iters = 50;
-    const int  E = dense ? 1 : 8;
-    const int  N = w13 == 1 ? 28672 : w13 == 2 ? 6144 : 4096;
-    const int  K = w13 == 0 ? 14336 : 4096;
-    const int  KG = K / G, hit = dense ? 1 : rows == 1 ? 2 : E;
-    const int  n = hit * rows;
-    size_t     nw = (size_t) E * K * N / 8, nz = (size_t) E * KG * N / 8;
-    size_t     ns = (size_t) E * KG * N, on = (size_t) n * N;
-    double     bytes = (double) hit * ((double) K * N / 2
-                                       + (double) KG * N * 2.5);
-    int32_t    offs[9];
-    char       name[96];
-    double     ms;
-    int        c = 0;
-    uint32_t  *qw[256], *qz[256];
-    uint16_t  *sc[256];
+    dev_q4_layer_t L;
+
+    dev_q4_layer(&L, w13, rows);
+
+    const int    G = L.G, E = L.E, N = L.N, K = L.K, n = L.n, iters = 50;
+    const size_t nw = L.nw, nz = L.nz, ns = L.ns, on = L.on;
+    char        name[96];
+    double      ms;
+    int         c = 0;
+    uint32_t   *qw[256], *qz[256];
+    uint16_t   *sc[256];
+    int32_t    *gi;
 
     if (copies > 256) {
         copies = 256;
     }
-    for (int e = 0; e <= E; e++) {
-        offs[e] = (e < hit ? e : hit) * rows;
-    }
-    qw[0] = (uint32_t *) gu_dev(nw * 4);
-    qz[0] = (uint32_t *) gu_dev(nz * 4);
-    sc[0] = (uint16_t *) gu_dev(ns * 2);
-    int32_t    *gi = (int32_t *) gu_dev((size_t) E * K * 4);
+    dev_q4_layer_alloc(&L, &qw[0], &qz[0], &sc[0], &gi);
+
     const bf16 *X = (const bf16 *) dev_rand_bf((size_t) n * K, 1.0f);
-    int32_t    *d_offs = dense ? NULL : (int32_t *) gu_up(offs, sizeof(offs));
+    int32_t    *d_offs = L.dense ? NULL : (int32_t *) gu_up(L.offs,
+                                                          sizeof(L.offs));
     float      *ref = (float *) gu_dev(on * 4), *out = (float *) gu_dev(on * 4);
 
-    dev_q4_words<<<4096, 256>>>(qw[0], nw, 7u);
-    dev_q4_words<<<1024, 256>>>(qz[0], nz, 9u);
-    dev_q4_fill<<<1024, 256>>>(sc[0], ns, gi, E, K, G);
     for (int i = 1; i < copies; i++) {
         qw[i] = (uint32_t *) gu_dev(nw * 4);
         qz[i] = (uint32_t *) gu_dev(nz * 4);
@@ -516,10 +556,10 @@ dev_rotate(int w13, int rows, int copies)
 
     printf("gptq %s N %d K %d, %d rows x %d experts (%.0f MB), %d copies "
            "(%.1f GB)\n", w13 == 1 ? "gate|up" : w13 == 2 ? "dense q|k|v"
-           : w13 == 3 ? "dense o" : "down", N, K, rows, hit, bytes / 1e6,
+           : w13 == 3 ? "dense o" : "down", N, K, rows, L.hit, L.bytes / 1e6,
            copies, (double) copies * (nw * 4 + nz * 4 + ns * 2) / 1e9);
     ms = dev_time(iters, [&]() { return run(0, ref); });
-    dev_line("by group, shape 0, the same weights", ms, bytes, 0, -1, 0);
+    dev_line("by group, shape 0, the same weights", ms, L.bytes, 0, -1, 0);
     /* 3 copies (beyond L2, within any TLB's reach), then all */
     for (int m = 3; m <= copies; m = m < copies ? copies : copies + 1) {
         c = 0;
@@ -532,9 +572,9 @@ dev_rotate(int w13, int rows, int copies)
         snprintf(name, sizeof(name), "by group, shape 0, %d copies in turn "
                  "(%.1f GB)", m,
                  (double) m * (nw * 4 + nz * 4 + ns * 2) / 1e9);
-        dev_line(name, ms, bytes, 0, dev_diff(out, ref, on, 0), 1e-6);
+        dev_line(name, ms, L.bytes, 0, dev_diff(out, ref, on, 0), 1e-6);
     }
-    /* the floor: the same bytes (the experts hit: their words, zeros and
+    /* the floor: the same L.bytes (the experts L.hit: their words, zeros and
      * scales) only read, cold, in one launch of 4 blocks of 512 an SM */
     {
         unsigned *sink = (unsigned *) gu_dev(4096 * sizeof(unsigned));
@@ -546,12 +586,12 @@ dev_rotate(int w13, int rows, int copies)
 
             c = (c + 1) % copies;
             dev_read3<<<4 * moe_sm_count(), 512>>>(
-                (const uint4 *) qw[i], ew * hit / 4,
-                (const uint4 *) qz[i], ez * hit / 4,
-                (const uint4 *) sc[i], es * hit / 8, sink);
+                (const uint4 *) qw[i], ew * L.hit / 4,
+                (const uint4 *) qz[i], ez * L.hit / 4,
+                (const uint4 *) sc[i], es * L.hit / 8, sink);
             return (int) cudaGetLastError();
         });
-        dev_line("read only, the same bytes, copies in turn", ms, bytes, 0,
+        dev_line("read only, the same L.bytes, copies in turn", ms, L.bytes, 0,
                  -2, 0);
         cudaFree(sink);
     }
@@ -562,10 +602,7 @@ dev_rotate(int w13, int rows, int copies)
     bf16 *href = NULL, *h2 = NULL;
 
     if (w13 == 1) {
-        href = (bf16 *) gu_dev((size_t) n * N);
-        h2 = (bf16 *) gu_dev((size_t) n * N);
-        DEV_CHECK(moe_cuda_silu_mul(ref, n, N / 2, (moe_bf16_t *) href, 0)
-                  == 0 ? cudaSuccess : cudaErrorUnknown);
+        dev_silu_ref(ref, n, N, &href, &h2);
     }
     for (int silu = 0; silu <= (w13 == 1); silu++) {
         for (int v = 0; v <= 18; v++) {
@@ -587,7 +624,7 @@ dev_rotate(int w13, int rows, int copies)
             });
             snprintf(name, sizeof(name), "cold%s: shape %d, S %d, pa %d",
                      silu ? ", SiLU fused" : "", sh, S, pf);
-            dev_line(name, ms, bytes, 0,
+            dev_line(name, ms, L.bytes, 0,
                      silu ? dev_diff(h2, href, on / 2, 1)
                           : dev_diff(out, ref, on, 0), silu ? 1e-2 : 1e-4);
         }
