@@ -591,7 +591,7 @@ dev_rotate(int w13, int rows, int copies)
                 (const uint4 *) sc[i], es * L.hit / 8, sink);
             return (int) cudaGetLastError();
         });
-        dev_line("read only, the same L.bytes, copies in turn", ms, L.bytes, 0,
+        dev_line("read only, the same bytes, copies in turn", ms, L.bytes, 0,
                  -2, 0);
         cudaFree(sink);
     }
