@@ -226,8 +226,10 @@ echo "--- limits"
 grep -h -E '^limit: cuBLASLt' "$OUT/e4m3_peak.log" 2> /dev/null
 for s in "${GPU_STEPS[@]}"; do
     case $s in e4m3_peak) continue ;;
-    q4dev|q4rot) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
+    q4dev) echo "--- $s:"; grep -E 'N [0-9]+ K|copy|shipped|shape 0[,:( ]|shape 0$' \
         "$OUT/$s.log" | cut -c1-150 | head -40; continue ;;
+    q4rot) echo "--- $s:"; grep -E '^limits|N [0-9]+ K|same weights|in turn|read only|shape 0, S 0, pa 1|variant 0' \
+        "$OUT/$s.log" | sed -E 's/ +/ /g' | cut -c1-110 | head -40; continue ;;
     route1_tests|pre_tests) echo "--- $s:"; grep -v '^ok' "$OUT/$s.log" \
         | cut -c1-200 | head -20; continue ;;
     r1_*|pre_*) echo "--- $s: $(grep -h -E '^RESULT kind=copy_bw' "$OUT/$s.log" \
