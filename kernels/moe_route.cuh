@@ -33,7 +33,7 @@ moe_route_dot4(float acc, float4 w, float4 x)
  * warp calls it.
  */
 __device__ __forceinline__ void
-moe_route_topk_warp(const float *logits, int t, int E, int K, int renorm,
+moe_route_topk_rounds(const float *logits, int t, int E, int K, int renorm,
     int32_t *sel, float *selw, float *margin, float *lg, int lane,
     int *sel_sh = NULL)
 {
@@ -104,6 +104,81 @@ moe_route_topk_warp(const float *logits, int t, int E, int K, int renorm,
     __syncwarp();               /* lane 0's selw stores are visible */
     for (int k = lane; renorm && k < K; k += 32) {
         selw[(size_t) t * K + k] /= ksum;
+    }
+}
+
+
+/*
+ * moe_route_topk_warp for E <= 32, one expert a lane: the softmax with
+ * the rounds' expressions and sums (one logit a lane, the same warp
+ * trees), each expert's rank in their order (probability descending,
+ * ties to the lower expert) counted against the others in lg, the K
+ * chosen summed in rank order: the same sel, selw, margin and sel_sh
+ * bits as moe_route_topk_rounds without its K + 1 rounds of warp argmax
+ * or its read-back of selw for the renormalisation (t_kernels checks
+ * the two bit for bit, planted ties included).
+ */
+__device__ __forceinline__ void
+moe_route_topk_lanes(const float *logits, int t, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin, float *lg, int lane,
+    int *sel_sh = NULL)
+{
+    float l = lane < E ? logits[(size_t) t * E + lane] : -INFINITY;
+    float mx = moe_warp_max(l);
+    float p = lane < E ? expf(l - mx) : 0.0f;
+    float sum = moe_warp_sum(p);
+    int   r = 0;
+
+    p = p / sum;
+    if (lane < E) {
+        lg[lane] = p;
+    }
+    __syncwarp();
+    for (int j = 0; j < E; j++) {
+        float q = lg[j];
+
+        r += q > p || (q == p && j < lane);
+    }
+    if (lane < E && r < K) {
+        lg[32 + r] = p;                 /* the chosen, in rank order */
+        if (sel_sh != NULL) {
+            sel_sh[r] = lane;
+        }
+    }
+    __syncwarp();
+    float ksum = 0.0f;
+
+    for (int k = 0; k < K; k++) {
+        ksum += lg[32 + k];
+    }
+    if (lane < E && r < K) {
+        sel[(size_t) t * K + r] = lane;
+        selw[(size_t) t * K + r] = renorm ? p / ksum : p;
+    }
+    if (margin != NULL && lane < E && r == K) {
+        margin[t] = lg[32 + K - 1] - p; /* the (K+1)-th */
+    }
+    if (margin != NULL && K == E && lane == 0) {
+        margin[t] = 1.0f;
+    }
+    __syncwarp();
+}
+
+
+/* The top-k of one token by one warp (the contract above
+ * moe_route_topk_rounds): moe_route_topk_lanes up to 32 experts, else
+ * the rounds. */
+__device__ __forceinline__ void
+moe_route_topk_warp(const float *logits, int t, int E, int K, int renorm,
+    int32_t *sel, float *selw, float *margin, float *lg, int lane,
+    int *sel_sh = NULL)
+{
+    if (E <= 32) {
+        moe_route_topk_lanes(logits, t, E, K, renorm, sel, selw, margin, lg,
+                             lane, sel_sh);
+    } else {
+        moe_route_topk_rounds(logits, t, E, K, renorm, sel, selw, margin, lg,
+                              lane, sel_sh);
     }
 }
 

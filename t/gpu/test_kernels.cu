@@ -10,8 +10,9 @@
  * those of moe_cuda_route then moe_cuda_moe_permute (the fused top-k +
  * permute launch up to 32 tokens, the separate ones above), decode's norm
  * + router of one token in one launch (moe_cuda_norm_route1) bit for bit
- * the add + norm launch followed by moe_cuda_route_permute, the dense
- * GEMVs with dense_pre (fp8 and 4-bit weights loaded before the PDL
+ * the add + norm launch followed by moe_cuda_route_permute, the top-k
+ * with one expert a lane (E <= 32) bit for bit the rounds of warp
+ * argmax (planted ties), the dense GEMVs with dense_pre (fp8 and 4-bit weights loaded before the PDL
  * wait) equal to dense_pre 0 while the kernel before writes their input
  * late, the grouped tensor-core GEMV (gathered rows, empty groups, several
  * passes, fused SiLU), cuBLAS GEMM (fp32 and bf16 out, beta), fp32->bf16
@@ -65,6 +66,7 @@ extern "C" {
 #include "moe_gemv.h"
 #include "moe_permute.h"
 #include "moe_route.h"
+#include "moe_route.cuh"            /* the two top-k device paths */
 #include "norm_route.h"
 #include "quant_gemv.h"
 #include "rmsnorm.h"
@@ -1116,6 +1118,89 @@ test_route(int T, int D, int E, int K, int renorm)
     cudaFree(d_mg); cudaFree(d_lg); free(mg); free(gmg);
     cudaFree(d_x); cudaFree(d_W); cudaFree(d_sel); cudaFree(d_w);
     free(x); free(W); free(sel); free(selw); free(gsel); free(gw);
+}
+
+
+/* Token blockIdx.x's top-k by both device paths: warp 0 the rounds
+ * (moe_route_topk_rounds) into the outputs of set 0, warp 1 one expert a
+ * lane (moe_route_topk_lanes) into set 1; sel_sh copied out after. */
+__global__ void
+k_topk_both(const float *logits, int E, int K, int renorm, int32_t *sel,
+    float *selw, float *margin, int32_t *selsh, int T)
+{
+    __shared__ float lg[2][ROUTE_MAX_E];
+    __shared__ int   ss[2][32];
+    int              lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int              t = blockIdx.x;
+    size_t           o = (size_t) w * T;
+
+    if (w == 0) {
+        moe_route_topk_rounds(logits, t, E, K, renorm, sel + o * K,
+                              selw + o * K, margin + o, lg[0], lane, ss[0]);
+    } else {
+        moe_route_topk_lanes(logits, t, E, K, renorm, sel + o * K,
+                             selw + o * K, margin + o, lg[1], lane, ss[1]);
+    }
+    __syncwarp();
+    if (lane < K) {
+        selsh[(o + t) * K + lane] = ss[w][lane];
+    }
+}
+
+
+/*
+ * The two top-k paths of moe_route.cuh on the same logits, T tokens of E
+ * <= 32 experts: sel, selw, margin and the shared choices bit for bit.
+ * mode 0: random logits; 1: ties planted (each token's logits drawn from
+ * a few values, so probabilities tie within and across lanes); 2: coarse
+ * logits far apart (many probabilities underflow to 0 and tie).
+ */
+static void
+test_topk_paths(int T, int E, int K, int renorm, int mode)
+{
+    size_t   nl = (size_t) T * E, nk = (size_t) 2 * T * K;
+    float   *lg = (float *) malloc(sizeof(float) * nl);
+    int32_t *sel = (int32_t *) malloc(sizeof(int32_t) * nk);
+    int32_t *ssh = (int32_t *) malloc(sizeof(int32_t) * nk);
+    float   *sw = (float *) malloc(sizeof(float) * nk);
+    float   *mg = (float *) malloc(sizeof(float) * 2 * T);
+    int      bad = 0, ok;
+
+    for (size_t i = 0; i < nl; i++) {
+        lg[i] = mode == 0 ? 4.0f * (gu_uniform() - 0.5f)
+                : mode == 1 ? (float) (gu_rand() % 3u) * 0.75f
+                            : 60.0f * (float) (gu_rand() % 7u) - 200.0f;
+    }
+    float   *d_lg = (float *) gu_up(lg, sizeof(float) * nl);
+    int32_t *d_sel = (int32_t *) gu_dev(sizeof(int32_t) * nk);
+    int32_t *d_ssh = (int32_t *) gu_dev(sizeof(int32_t) * nk);
+    float   *d_sw = (float *) gu_dev(sizeof(float) * nk);
+    float   *d_mg = (float *) gu_dev(sizeof(float) * 2 * T);
+
+    cudaMemset(d_sel, 0xff, sizeof(int32_t) * nk);
+    cudaMemset(d_sw, 0xff, sizeof(float) * nk);
+    cudaMemset(d_mg, 0xff, sizeof(float) * 2 * T);
+    k_topk_both<<<T, 64>>>(d_lg, E, K, renorm, d_sel, d_sw, d_mg, d_ssh, T);
+    ok = gu_sync_ok(MOE_K_OK, "topk paths");
+    gu_down(sel, d_sel, sizeof(int32_t) * nk);
+    gu_down(ssh, d_ssh, sizeof(int32_t) * nk);
+    gu_down(sw, d_sw, sizeof(float) * nk);
+    gu_down(mg, d_mg, sizeof(float) * 2 * T);
+    for (size_t i = 0; i < (size_t) T * K; i++) {
+        bad += sel[i] != sel[T * K + i] || ssh[i] != ssh[T * K + i]
+               || memcmp(&sw[i], &sw[T * K + i], sizeof(float)) != 0;
+    }
+    for (int t = 0; t < T; t++) {
+        bad += memcmp(&mg[t], &mg[T + t], sizeof(float)) != 0;
+    }
+    TAP_OK(ok && bad == 0, "top-k, one expert a lane against the rounds: "
+           "T %d E %d top-%d renorm %d (%s): sel, selw, margin, shared "
+           "choices bit for bit (%d differ)", T, E, K, renorm,
+           mode == 0 ? "random" : mode == 1 ? "planted ties"
+                                            : "underflowed ties", bad);
+    cudaFree(d_lg); cudaFree(d_sel); cudaFree(d_ssh); cudaFree(d_sw);
+    cudaFree(d_mg);
+    free(lg); free(sel); free(ssh); free(sw); free(mg);
 }
 
 
@@ -2441,6 +2526,14 @@ main(void)
     test_dense_pre(1, 192, 1024, 64, 2);
     test_dense_pre(1, 256, 4096, 128, 9);
     test_norm_route1_refuse();
+    for (int mode = 0; mode < 3; mode++) {
+        test_topk_paths(200, 8, 2, 1, mode);        /* Mixtral */
+        test_topk_paths(200, 8, 2, 0, mode);
+        test_topk_paths(100, 32, 8, 1, mode);       /* E at the lane limit */
+        test_topk_paths(100, 17, 1, 1, mode);
+        test_topk_paths(50, 4, 4, 1, mode);         /* K == E: margin 1 */
+        test_topk_paths(50, 1, 1, 0, mode);
+    }
     test_route(300, 256, 60, 4, 1);     /* more experts: per-expert grid */
     test_permute(100, 8, 2, 64);
     test_permute(300, 64, 8, 40);
