@@ -27,10 +27,7 @@ moe_route_dot4(float acc, float4 w, float4 x)
  * Token t: softmax over its E logits (fp32, a warp tree), the K largest
  * in descending order (ties to the lower expert) into sel / selw,
  * renormalised when renorm; margin[t] (margin may be NULL) the K-th
- * probability minus the (K+1)-th.  A NaN probability (a NaN logit: then
- * every probability is NaN) counts as -inf: chosen last, ties to the
- * lower expert, so every slot holds an expert (before, a round that
- * found nothing to choose wrote lg[-1]).  lg: ROUTE_MAX_E floats of shared
+ * probability minus the (K+1)-th.  lg: ROUTE_MAX_E floats of shared
  * memory owned by the warp; sel_sh (K ints of shared memory, may be NULL)
  * gets the choices too, visible to the warp when it returns.  The whole
  * warp calls it.
@@ -56,9 +53,7 @@ moe_route_topk_rounds(const float *logits, int t, int E, int K, int renorm,
     }
     sum = moe_warp_sum(sum);
     for (int e = lane; e < E; e += 32) {
-        float p = expf(lg[e] - mx) / sum;
-
-        lg[e] = p == p ? p : -INFINITY; /* a NaN (a NaN logit) chosen last */
+        lg[e] = expf(lg[e] - mx) / sum;
     }
     __syncwarp();
     float pk = 0.0f;
@@ -120,7 +115,7 @@ moe_route_topk_rounds(const float *logits, int t, int E, int K, int renorm,
  * ties to the lower expert) counted against the others in lg, the K
  * chosen summed in rank order: the same sel, selw, margin and sel_sh
  * bits as moe_route_topk_rounds without its K + 1 rounds of warp argmax
- * or its read-back of selw for the renormalisation (test_kernels checks
+ * or its read-back of selw for the renormalisation (t_kernels checks
  * the two bit for bit, planted ties included).
  */
 __device__ __forceinline__ void
@@ -135,7 +130,6 @@ moe_route_topk_lanes(const float *logits, int t, int E, int K, int renorm,
     int   r = 0;
 
     p = p / sum;
-    p = p == p ? p : -INFINITY;         /* as the rounds: a NaN last */
     if (lane < E) {
         lg[lane] = p;
     }
