@@ -115,7 +115,7 @@ moe_route_topk_rounds(const float *logits, int t, int E, int K, int renorm,
  * ties to the lower expert) counted against the others in lg, the K
  * chosen summed in rank order: the same sel, selw, margin and sel_sh
  * bits as moe_route_topk_rounds without its K + 1 rounds of warp argmax
- * or its read-back of selw for the renormalisation (t_kernels checks
+ * or its read-back of selw for the renormalisation (test_kernels checks
  * the two bit for bit, planted ties included).
  */
 __device__ __forceinline__ void

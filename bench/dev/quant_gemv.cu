@@ -43,6 +43,7 @@
 #include "../../kernels/q4_group.cu"
 #include "q4_fma.cuh"
 #include "../../kernels/moe_gemv.h"     /* the e4m3 GEMV, from the library */
+#include "../../kernels/init.h"         /* moe_cuda_fill_random_f32 */
 
 #include "dev.cuh"
 
@@ -452,18 +453,6 @@ dev_shape(int fmt, int w13, int rows)
 }
 
 
-/* n floats of value v */
-__global__ void
-dev_fill_f32(float *p, size_t n, float v)
-{
-    for (size_t i = (size_t) blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t) gridDim.x * blockDim.x)
-    {
-        p[i] = v;
-    }
-}
-
-
 /* The floor under a GEMV of these bytes: every 16-byte word of the three
  * arrays read once (non-coherent loads, four in flight a thread), XORed
  * into one word a block so the reads cannot be dropped. */
@@ -512,7 +501,7 @@ dev_read3(const uint4 *a, size_t na, const uint4 *b, size_t nb,
  * here against 98.7 in the model's timeline).
  */
 static void
-dev_rotate(int w13, int rows, int copies)
+dev_rotate(int w13, int rows, int gb)
 {
     dev_q4_layer_t L;
 
@@ -520,22 +509,30 @@ dev_rotate(int w13, int rows, int copies)
 
     const int    G = L.G, E = L.E, N = L.N, K = L.K, n = L.n, iters = 50;
     const size_t nw = L.nw, nz = L.nz, ns = L.ns, on = L.on;
-    char        name[96];
-    double      ms;
-    int         c = 0;
-    uint32_t   *qw[256], *qz[256];
-    uint16_t   *sc[256];
-    int32_t    *gi;
+    const double copy_gb = (double) (nw * 4 + nz * 4 + ns * 2) / 1e9;
+    /* about gb of copies: at least 3, at most 256 */
+    const int    copies = gb / copy_gb < 3 ? 3
+                          : gb / copy_gb > 256 ? 256 : (int) (gb / copy_gb);
+    char         name[96];
+    double       ms;
+    int          c = 0;
+    uint32_t    *qw[256], *qz[256];
+    uint16_t    *sc[256];
+    int32_t     *gi;
+    /* the copy the next call takes, of the first m in turn */
+    auto         next = [&](int m) {
+        int i = c;
 
-    if (copies > 256) {
-        copies = 256;
-    }
+        c = (c + 1) % m;
+        return i;
+    };
     dev_q4_layer_alloc(&L, &qw[0], &qz[0], &sc[0], &gi);
 
     const bf16 *X = (const bf16 *) dev_rand_bf((size_t) n * K, 1.0f);
     int32_t    *d_offs = L.dense ? NULL : (int32_t *) gu_up(L.offs,
                                                           sizeof(L.offs));
-    float      *ref = (float *) gu_dev(on * 4), *out = (float *) gu_dev(on * 4);
+    float      *ref = (float *) gu_dev(on * 4);
+    float      *out = (float *) gu_dev(on * 4);
 
     for (int i = 1; i < copies; i++) {
         qw[i] = (uint32_t *) gu_dev(nw * 4);
@@ -557,24 +554,20 @@ dev_rotate(int w13, int rows, int copies)
     printf("gptq %s N %d K %d, %d rows x %d experts (%.0f MB), %d copies "
            "(%.1f GB)\n", w13 == 1 ? "gate|up" : w13 == 2 ? "dense q|k|v"
            : w13 == 3 ? "dense o" : "down", N, K, rows, L.hit, L.bytes / 1e6,
-           copies, (double) copies * (nw * 4 + nz * 4 + ns * 2) / 1e9);
+           copies, copies * copy_gb);
     ms = dev_time(iters, [&]() { return run(0, ref); });
     dev_line("by group, shape 0, the same weights", ms, L.bytes, 0, -1, 0);
-    /* 3 copies (beyond L2, within any TLB's reach), then all */
-    for (int m = 3; m <= copies; m = m < copies ? copies : copies + 1) {
-        c = 0;
-        ms = dev_time(iters, [&]() {
-            int i = c;
+    /* 3 copies (beyond L2, within any TLB's reach), then all of them */
+    for (int j = 0; j < 2 && (j == 0 || copies > 3); j++) {
+        const int m = j == 0 ? 3 : copies;
 
-            c = (c + 1) % m;
-            return run(i, out);
-        });
+        c = 0;
+        ms = dev_time(iters, [&]() { return run(next(m), out); });
         snprintf(name, sizeof(name), "by group, shape 0, %d copies in turn "
-                 "(%.1f GB)", m,
-                 (double) m * (nw * 4 + nz * 4 + ns * 2) / 1e9);
+                 "(%.1f GB)", m, m * copy_gb);
         dev_line(name, ms, L.bytes, 0, dev_diff(out, ref, on, 0), 1e-6);
     }
-    /* the floor: the same L.bytes (the experts L.hit: their words, zeros and
+    /* the floor: the same bytes (the experts hit: their words, zeros and
      * scales) only read, cold, in one launch of 4 blocks of 512 an SM */
     {
         unsigned *sink = (unsigned *) gu_dev(4096 * sizeof(unsigned));
@@ -582,9 +575,8 @@ dev_rotate(int w13, int rows, int copies)
 
         c = 0;
         ms = dev_time(iters, [&]() {
-            int i = c;
+            int i = next(copies);
 
-            c = (c + 1) % copies;
             dev_read3<<<4 * moe_sm_count(), 512>>>(
                 (const uint4 *) qw[i], ew * L.hit / 4,
                 (const uint4 *) qz[i], ez * L.hit / 4,
@@ -613,9 +605,8 @@ dev_rotate(int w13, int rows, int copies)
 
             c = 0;
             ms = dev_time(iters, [&]() {
-                int i = c;
+                int i = next(copies);
 
-                c = (c + 1) % copies;
                 return q4g_run(sh, S, pf, (const moe_bf16_t *) X, K, NULL, 1,
                                (const int32_t *) qw[i],
                                (const int32_t *) qz[i], sc[i], G, 1, N, K,
@@ -640,6 +631,87 @@ dev_rotate(int w13, int rows, int copies)
 
 
 
+/*
+ * DEV_ROTATE's e4m3 lines: the read-only floor of the e4m3 checkpoint's
+ * matrices of a batch-1 layer, and its expert GEMVs' variants, on bytes
+ * taken in turn from a pool of gb GB (cold).
+ */
+static void
+dev_e4m3_cold(int gb)
+{
+    static const double mb[4] = { 234.881, 117.441, 25.166, 16.777 };
+    static const char  *nm[4] = { "gate|up", "down", "q|k|v", "o" };
+    size_t    pool = (size_t) gb << 30;
+    uint4    *buf = (uint4 *) gu_dev(pool);
+    unsigned *sink = (unsigned *) gu_dev(4096 * sizeof(unsigned));
+
+    DEV_CHECK(cudaMemset(buf, 0x5a, pool));
+    /* the read-only floor of each matrix (two experts' gate|up and down,
+     * q|k|v, o) */
+    for (int w = 0; w < 4; w++) {
+        size_t nb = (size_t) (mb[w] * 1e6) / 16;
+        size_t slots = pool / 16 / nb, c = 0;
+        char   name[96];
+        double ms = dev_time(50, [&]() {
+            const uint4 *p = buf + (c % slots) * nb;
+
+            c++;
+            dev_read3<<<4 * moe_sm_count(), 512>>>(p, nb, p, 0, p, 0,
+                                                   sink);
+            return (int) cudaGetLastError();
+        });
+
+        snprintf(name, sizeof(name), "e4m3 %s read only (%.0f MB), "
+                 "cold", nm[w], mb[w]);
+        dev_line(name, ms, mb[w] * 1e6, 0, -2, 0);
+    }
+    /* the e4m3 expert GEMVs (kernel_gemv_fp8h, per-channel
+     * scales) at batch 1 on the same pool, two experts' weights
+     * taken in turn: the launcher's pick (variant 0) and its
+     * variants 1 (twice the chunks a stage), 2 (8 warps), 3 (4
+     * warps); gate|up stacked with SiLU fused, as the model runs */
+    for (int w = 0; w < 2; w++) {
+        const int N = w == 0 ? 14336 : 4096;
+        const int Kd = w == 0 ? 4096 : 14336;
+        const int rowsN = w == 0 ? 2 * N : N;  /* stacked gate|up */
+        size_t    wb = (size_t) 2 * rowsN * Kd; /* two experts */
+        size_t    slots = pool / wb, c = 0;
+        int32_t   offs[3] = { 0, 1, 2 };
+        int32_t  *d_offs = (int32_t *) gu_up(offs, sizeof(offs));
+        float    *scale = (float *) gu_dev(sizeof(float) * 2 * rowsN);
+        const bf16 *X = (const bf16 *) dev_rand_bf((size_t) 2 * Kd,
+                                                   1.0f);
+        float    *Y = (float *) gu_dev(sizeof(float) * 2 * N);
+        bf16     *H = (bf16 *) gu_dev(sizeof(bf16) * 2 * N);
+        char      name[96];
+
+        DEV_CHECK(moe_cuda_fill_random_f32(scale, 2 * rowsN, 3,
+                                           5e-4f, 1e-3f, 0) == 0
+                  ? cudaSuccess : cudaErrorUnknown);
+        for (int v = 0; v <= 3; v++) {
+            double ms = dev_time(50, [&]() {
+                const uint8_t *W = (const uint8_t *) buf
+                                   + (c % slots) * wb;
+
+                c++;
+                return moe_cuda_gemv_fp8h(
+                    (const moe_bf16_t *) X, Kd, NULL, 1, W, scale,
+                    MOE_K_FP8_CHANNEL, N, Kd, d_offs, 2, 2, 1, w == 0,
+                    w == 0 ? NULL : Y, (moe_bf16_t *) H, N, v, 0);
+            });
+
+            snprintf(name, sizeof(name), "e4m3 %s GEMV, variant %d, "
+                     "cold", w == 0 ? "gate|up + SiLU" : "down", v);
+            dev_line(name, ms, (double) wb, 0, -2, 0);
+        }
+        cudaFree(d_offs); cudaFree(scale); cudaFree((void *) X);
+        cudaFree(Y); cudaFree(H);
+    }
+    cudaFree(buf);
+    cudaFree(sink);
+}
+
+
 int
 main(int argc, char **argv)
 {
@@ -656,88 +728,14 @@ main(int argc, char **argv)
     gu_seed(1);
     dev_limits();
     if (getenv("DEV_ROTATE") != NULL) {
-        /* weights of about 20 GB in turn (at least three copies) */
+        /* weights of about 20 GB in turn */
         int gb = atoi(getenv("DEV_ROTATE"));
 
         gb = gb > 0 ? gb : 20;
         for (int w = 0; w <= 3 && getenv("DEV_ROTATE_E4M3") == NULL; w++) {
-            double one = w == 1 ? 0.485 : w == 0 ? 0.242 : w == 2 ? 0.013
-                                                                   : 0.0087;
-
-            dev_rotate(w, rows[0], (int) (gb / one) < 3 ? 3
-                                   : (int) (gb / one));
+            dev_rotate(w, rows[0], gb);
         }
-        /* and the read-only floor of the e4m3 checkpoint's matrices of a
-         * batch-1 layer (two experts' gate|up and down, q|k|v, o), the
-         * bytes taken in turn from a pool of GB */
-        {
-            static const double mb[4] = { 234.881, 117.441, 25.166, 16.777 };
-            static const char  *nm[4] = { "gate|up", "down", "q|k|v", "o" };
-            size_t    pool = (size_t) gb << 30;
-            uint4    *buf = (uint4 *) gu_dev(pool);
-            unsigned *sink = (unsigned *) gu_dev(4096 * sizeof(unsigned));
-
-            DEV_CHECK(cudaMemset(buf, 0x5a, pool));
-            for (int w = 0; w < 4; w++) {
-                size_t nb = (size_t) (mb[w] * 1e6) / 16;
-                size_t slots = pool / 16 / nb, c = 0;
-                char   name[96];
-                double ms = dev_time(50, [&]() {
-                    const uint4 *p = buf + (c % slots) * nb;
-
-                    c++;
-                    dev_read3<<<4 * moe_sm_count(), 512>>>(p, nb, p, 0, p, 0,
-                                                           sink);
-                    return (int) cudaGetLastError();
-                });
-
-                snprintf(name, sizeof(name), "e4m3 %s read only (%.0f MB), "
-                         "cold", nm[w], mb[w]);
-                dev_line(name, ms, mb[w] * 1e6, 0, -2, 0);
-            }
-            /* the e4m3 expert GEMVs (kernel_gemv_fp8h, per-channel
-             * scales) at batch 1 on the same pool, two experts' weights
-             * taken in turn: the launcher's pick (variant 0) and its
-             * variants 1 (twice the chunks a stage), 2 (8 warps), 3 (4
-             * warps); gate|up stacked with SiLU fused, as the model runs */
-            for (int w = 0; w < 2; w++) {
-                const int N = w == 0 ? 14336 : 4096;
-                const int Kd = w == 0 ? 4096 : 14336;
-                const int rowsN = w == 0 ? 2 * N : N;  /* stacked gate|up */
-                size_t    wb = (size_t) 2 * rowsN * Kd; /* two experts */
-                size_t    slots = pool / wb, c = 0;
-                int32_t   offs[3] = { 0, 1, 2 };
-                int32_t  *d_offs = (int32_t *) gu_up(offs, sizeof(offs));
-                float    *scale = (float *) gu_dev(sizeof(float) * 2 * rowsN);
-                const bf16 *X = (const bf16 *) dev_rand_bf((size_t) 2 * Kd,
-                                                           1.0f);
-                float    *Y = (float *) gu_dev(sizeof(float) * 2 * N);
-                bf16     *H = (bf16 *) gu_dev(sizeof(bf16) * 2 * N);
-                char      name[96];
-
-                dev_fill_f32<<<64, 256>>>(scale, (size_t) 2 * rowsN, 1e-3f);
-                for (int v = 0; v <= 3; v++) {
-                    double ms = dev_time(50, [&]() {
-                        const uint8_t *W = (const uint8_t *) buf
-                                           + (c % slots) * wb;
-
-                        c++;
-                        return moe_cuda_gemv_fp8h(
-                            (const moe_bf16_t *) X, Kd, NULL, 1, W, scale,
-                            MOE_K_FP8_CHANNEL, N, Kd, d_offs, 2, 2, 1, w == 0,
-                            w == 0 ? NULL : Y, (moe_bf16_t *) H, N, v, 0);
-                    });
-
-                    snprintf(name, sizeof(name), "e4m3 %s GEMV, variant %d, "
-                             "cold", w == 0 ? "gate|up + SiLU" : "down", v);
-                    dev_line(name, ms, (double) wb, 0, -2, 0);
-                }
-                cudaFree(d_offs); cudaFree(scale); cudaFree((void *) X);
-                cudaFree(Y); cudaFree(H);
-            }
-            cudaFree(buf);
-            cudaFree(sink);
-        }
+        dev_e4m3_cold(gb);
         return dev_failed;
     }
     for (int i = 0; i < nr; i++) {

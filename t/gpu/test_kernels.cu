@@ -12,11 +12,12 @@
  * + router of one token in one launch (moe_cuda_norm_route1) bit for bit
  * the add + norm launch followed by moe_cuda_route_permute, the top-k
  * with one expert a lane (E <= 32) bit for bit the rounds of warp
- * argmax (planted ties), the dense GEMVs with dense_pre (fp8 and 4-bit weights loaded before the PDL
- * wait) equal to dense_pre 0 while the kernel before writes their input
- * late, the grouped tensor-core GEMV (gathered rows, empty groups, several
- * passes, fused SiLU), cuBLAS GEMM (fp32 and bf16 out, beta), fp32->bf16
- * conversion and the random fill; the architecture pieces of arch.h
+ * argmax (planted ties), the dense GEMVs with dense_pre (fp8 and 4-bit
+ * weights loaded before the PDL wait) equal to dense_pre 0 while the
+ * kernel before writes their input late, the grouped tensor-core GEMV
+ * (gathered rows, empty groups, several passes, fused SiLU), cuBLAS
+ * GEMM (fp32 and bf16 out, beta), fp32->bf16 conversion and the random
+ * fill; the architecture pieces of arch.h
  * (LayerNorm, bias add, per-head RMSNorm, SiLU/GELU with biases, gated
  * and ungated, the sigmoid-gated shared-expert add, learned positions),
  * raw top-k routing and RoPE-less K/V write; the row argmax (greedy
@@ -1193,11 +1194,28 @@ test_topk_paths(int T, int E, int K, int renorm, int mode)
     for (int t = 0; t < T; t++) {
         bad += memcmp(&mg[t], &mg[T + t], sizeof(float)) != 0;
     }
-    TAP_OK(ok && bad == 0, "top-k, one expert a lane against the rounds: "
-           "T %d E %d top-%d renorm %d (%s): sel, selw, margin, shared "
-           "choices bit for bit (%d differ)", T, E, K, renorm,
+    /* and the choices real (equal poison would pass the comparison):
+     * distinct experts below E, the shared ones the same */
+    int invalid = 0;
+
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < K; k++) {
+            size_t  i = (size_t) T * K + (size_t) t * K;  /* set 1 */
+            int32_t e = sel[i + k];
+
+            invalid += e < 0 || e >= E || ssh[i + k] != e;
+            for (int j = 0; j < k; j++) {
+                invalid += sel[i + j] == e;
+            }
+        }
+    }
+    TAP_OK(ok && bad == 0 && invalid == 0, "top-k, one expert a lane "
+           "against the rounds: T %d E %d top-%d renorm %d (%s): sel, selw, "
+           "margin, shared choices bit for bit (%d differ), the choices "
+           "distinct experts (%d not)", T, E, K, renorm,
            mode == 0 ? "random" : mode == 1 ? "planted ties"
-                                            : "underflowed ties", bad);
+                                            : "underflowed ties", bad,
+           invalid);
     cudaFree(d_lg); cudaFree(d_sel); cudaFree(d_ssh); cudaFree(d_sw);
     cudaFree(d_mg);
     free(lg); free(sel); free(ssh); free(sw); free(mg);
